@@ -1,0 +1,32 @@
+//! Built-in policies.
+
+pub mod full;
+pub mod sliding_window;
+
+pub use full::FullPolicy;
+pub use sliding_window::SlidingWindowPolicy;
+
+use crate::{CacheShape, RowRef};
+
+/// Per-row state of a sequence, indexed by [`CacheShape::index`].
+#[derive(Debug, Clone)]
+pub(crate) struct Rows<T> {
+    shape: CacheShape,
+    rows: Vec<T>,
+}
+
+impl<T> Rows<T> {
+    pub(crate) fn new(shape: CacheShape, make: impl FnMut() -> T) -> Self {
+        let mut make = make;
+        Self { shape, rows: (0..shape.n_rows()).map(|_| make()).collect() }
+    }
+
+    pub(crate) fn get_mut(&mut self, row: RowRef) -> Option<&mut T> {
+        let i = self.shape.index(row);
+        self.valid(row).then(move || &mut self.rows[i])
+    }
+
+    fn valid(&self, row: RowRef) -> bool {
+        row.layer < self.shape.n_layers && row.head < self.shape.rows_per_layer
+    }
+}

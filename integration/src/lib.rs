@@ -1,1 +1,14 @@
-//! placeholder
+//! A mistral.rs-style inference engine whose KV cache is driven by a `dms-policy` cache policy.
+//!
+//! Layers: [`config`] (the engine config file), [`assets`] (fetching the default model),
+//! [`model`] (candle runtimes), [`kv_store`] (paged per-head storage), [`cache`] (one sequence's
+//! rows and policy), [`attention`] (kernels over the store), [`engine`] (loading and generation),
+//! [`trace`] (JSON Lines traces).
+
+pub mod attention;
+pub mod cache;
+pub mod kv_store;
+pub mod model;
+pub mod engine;
+pub mod gguf_tokenizer;
+pub mod trace;

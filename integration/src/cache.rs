@@ -1,0 +1,149 @@
+//! One sequence's view of the cache: its policy state and its rows in the shared store.
+//!
+//! Data flows one way: the model hands new K/V and decision scores for a layer; the policy plans
+//! (decide, evict); the store executes; after attention the policy plans compaction and the store
+//! executes it.
+
+use anyhow::{Context, Result};
+use dms_policy::{CacheShape, CompactPlan, EvictPlan, PolicyFactory, Pos, RowRef, SequencePolicy};
+
+use crate::kv_store::{KvStore, MemoryUsage, RowId};
+
+/// A sequence's policy state and rows (index `layer * kv_heads + head`).
+pub struct SequenceCache {
+    policy: Box<dyn SequencePolicy>,
+    shape: CacheShape,
+    rows: Vec<RowId>,
+    seen: Pos,
+    evict_plan: EvictPlan,
+    compact_plan: CompactPlan,
+    k_buf: Vec<f32>,
+    v_buf: Vec<f32>,
+}
+
+impl SequenceCache {
+    /// Creates the rows of a new sequence in `store`.
+    pub fn new(factory: &dyn PolicyFactory, shape: CacheShape, store: &mut KvStore) -> Self {
+        let rows = (0..shape.n_rows()).map(|i| store.add_row(i / shape.rows_per_layer)).collect();
+        Self {
+            policy: factory.new_sequence(shape),
+            shape,
+            rows,
+            seen: 0,
+            evict_plan: EvictPlan::default(),
+            compact_plan: CompactPlan::default(),
+            k_buf: Vec::new(),
+            v_buf: Vec::new(),
+        }
+    }
+
+    /// Releases every row back to the store.
+    pub fn release(self, store: &mut KvStore) {
+        for r in self.rows {
+            store.remove_row(r);
+        }
+    }
+
+    /// Tokens the sequence has fed through every layer.
+    pub fn seen(&self) -> Pos {
+        self.seen
+    }
+
+    /// The shape of the sequence's cache.
+    pub fn shape(&self) -> CacheShape {
+        self.shape
+    }
+
+    /// Rows of one layer, one per KV head.
+    pub fn layer_rows(&self, layer: usize) -> &[RowId] {
+        let n = self.shape.rows_per_layer;
+        &self.rows[layer * n..(layer + 1) * n]
+    }
+
+    /// Decides, evicts and writes `t` new tokens of `layer`. `k`/`v` are `[t, kv_heads, head_dim]`
+    /// and `scores` (if any) `[t, kv_heads]`, token-major.
+    pub fn append(&mut self, layer: usize, store: &mut KvStore, k: &[f32], v: &[f32], scores: Option<&[f32]>)
+        -> Result<()> {
+        let kv = self.shape.rows_per_layer;
+        let d = store.head_dim();
+        let t = k.len() / (kv * d);
+        let mut row_scores = Vec::new();
+        for head in 0..kv {
+            let row = RowRef { layer, head };
+            let s = scores.map(|s| {
+                row_scores.clear();
+                row_scores.extend((0..t).map(|i| s[i * kv + head]));
+                row_scores.as_slice()
+            });
+            self.policy.decide(row, self.seen, t, s)?;
+            self.policy.evict(row, self.seen, t, &mut self.evict_plan)?;
+            self.k_buf.clear();
+            self.v_buf.clear();
+            for i in 0..t {
+                let at = (i * kv + head) * d;
+                self.k_buf.extend_from_slice(&k[at..at + d]);
+                self.v_buf.extend_from_slice(&v[at..at + d]);
+            }
+            let id = self.rows[layer * kv + head];
+            store
+                .apply_evict(id, &self.evict_plan, self.seen, &self.k_buf, &self.v_buf)
+                .with_context(|| format!("layer {layer}, kv head {head}"))?;
+        }
+        Ok(())
+    }
+
+    /// Compacts the rows of `layer` after its attention ran.
+    pub fn compact(&mut self, layer: usize, store: &mut KvStore) -> Result<()> {
+        let kv = self.shape.rows_per_layer;
+        for head in 0..kv {
+            self.policy.compact(RowRef { layer, head }, &mut self.compact_plan)?;
+            store
+                .apply_compact(self.rows[layer * kv + head], &self.compact_plan)
+                .with_context(|| format!("layer {layer}, kv head {head}"))?;
+        }
+        Ok(())
+    }
+
+    /// Marks `t` tokens as fed through every layer.
+    pub fn advance(&mut self, t: usize) {
+        self.seen += t as Pos;
+    }
+
+    /// Memory used by this sequence.
+    pub fn usage(&self, store: &KvStore) -> MemoryUsage {
+        let mut u = MemoryUsage::default();
+        for &r in &self.rows {
+            u.add(store.row_usage(r));
+        }
+        u
+    }
+
+    /// Compression ratio (spec rule 6): 1 / mean over rows of kept slots / tokens seen.
+    pub fn compression_ratio(&self, store: &KvStore) -> f64 {
+        compression_ratio(self.rows.iter().map(|&r| store.row_usage(r)))
+    }
+
+    /// Sorted kept positions of every row of `layer`.
+    pub fn kept_positions(&self, layer: usize, store: &KvStore) -> Vec<Vec<Pos>> {
+        self.layer_rows(layer).iter().map(|&r| store.row(r).kept_positions()).collect()
+    }
+
+    /// Compression ratio of one layer.
+    pub fn layer_compression_ratio(&self, layer: usize, store: &KvStore) -> f64 {
+        compression_ratio(self.layer_rows(layer).iter().map(|&r| store.row_usage(r)))
+    }
+}
+
+/// 1 / mean(kept / seen) over rows that have seen at least one token.
+pub fn compression_ratio(rows: impl Iterator<Item = MemoryUsage>) -> f64 {
+    let (mut sum, mut n) = (0.0, 0usize);
+    for u in rows.filter(|u| u.tokens_seen > 0) {
+        sum += u.slots as f64 / u.tokens_seen as f64;
+        n += 1;
+    }
+    if n == 0 || sum == 0.0 {
+        1.0
+    } else {
+        n as f64 / sum
+    }
+}

@@ -1,0 +1,258 @@
+//! Loading a model and generating text through the policy-driven cache.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use dms_policy::{CacheShape, PolicyFactory, SignalNeed};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use tokenizers::Tokenizer;
+
+use crate::cache::SequenceCache;
+use crate::kv_store::{KvStore, MemoryUsage};
+use crate::model::{DecisionSource, Llama, ModelConfig, SeqInput, Weights};
+use crate::trace::TraceWriter;
+
+/// A model with its tokenizer (when it has one).
+pub struct LoadedModel {
+    /// The runtime.
+    pub model: Llama,
+    /// Tokenizer from `tokenizer.json` or GGUF metadata.
+    pub tokenizer: Option<Tokenizer>,
+}
+
+/// Loads an HF-style directory (config.json, *.safetensors, optional tokenizer.json) or a GGUF file.
+pub fn load_model(path: &Path, device: &Device, round_f16: bool) -> Result<LoadedModel> {
+    if path.is_dir() {
+        let cfg_path = path.join("config.json");
+        let text = std::fs::read_to_string(&cfg_path)
+            .with_context(|| format!("model directory {} has no readable config.json", path.display()))?;
+        let cfg = ModelConfig::from_hf_json(&text).with_context(|| format!("in {}", cfg_path.display()))?;
+        let mut shards: Vec<PathBuf> = std::fs::read_dir(path)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        shards.sort();
+        if shards.is_empty() {
+            bail!("model directory {} has no .safetensors files", path.display());
+        }
+        let weights = Weights::open_safetensors(&shards)?;
+        let model = Llama::load(cfg, &weights, device, round_f16)?;
+        let tok_path = path.join("tokenizer.json");
+        let tokenizer = if tok_path.exists() {
+            Some(Tokenizer::from_file(&tok_path).map_err(|e| anyhow::anyhow!("{}: {e}", tok_path.display()))?)
+        } else {
+            None
+        };
+        Ok(LoadedModel { model, tokenizer })
+    } else if path.is_file() {
+        let (weights, cfg) = Weights::open_gguf(path)?;
+        let tokenizer = match &weights {
+            Weights::Gguf { content, .. } => Some(crate::gguf_tokenizer::from_gguf(content)?),
+            Weights::Safetensors { .. } => None,
+        };
+        let model = Llama::load(cfg, &weights, device, round_f16)?;
+        Ok(LoadedModel { model, tokenizer })
+    } else {
+        bail!("model path {} does not exist (expected a GGUF file or an HF-style directory)", path.display())
+    }
+}
+
+/// Sampling and stopping settings.
+#[derive(Debug, Clone)]
+pub struct GenParams {
+    /// Tokens to generate at most.
+    pub max_tokens: usize,
+    /// 0 = greedy.
+    pub temperature: f64,
+    /// Nucleus sampling mass.
+    pub top_p: f64,
+    /// RNG seed.
+    pub seed: u64,
+    /// Stop at an end-of-sequence token.
+    pub stop_at_eos: bool,
+    /// Prompt tokens per prefill chunk (0 = the whole prompt at once).
+    pub prefill_chunk: usize,
+}
+
+/// What one generation produced and measured.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// Prompt length.
+    pub prompt_tokens: usize,
+    /// Generated token ids.
+    pub tokens: Vec<u32>,
+    /// Seconds spent in prefill.
+    pub prefill_secs: f64,
+    /// Seconds spent in decode steps.
+    pub decode_secs: f64,
+    /// Decode steps run (tokens fed back).
+    pub decode_steps: usize,
+    /// Memory at the end.
+    pub usage: MemoryUsage,
+    /// Peak allocated bytes.
+    pub peak_allocated: u64,
+    /// Compression ratio at the end (spec rule 6).
+    pub compression_ratio: f64,
+    /// Logits that produced each generated token (`[vocab]` each), when requested.
+    pub step_logits: Vec<Vec<f32>>,
+}
+
+/// A model, a block pool and a policy.
+pub struct Engine {
+    /// The runtime.
+    pub model: Llama,
+    /// The paged store.
+    pub store: KvStore,
+    /// The configured policy.
+    pub policy: Arc<dyn PolicyFactory>,
+    /// Keep every step's logits in [`Generation::step_logits`].
+    pub keep_logits: bool,
+}
+
+impl Engine {
+    /// An engine whose pool holds `capacity_blocks` blocks of `block_size` tokens.
+    pub fn new(model: Llama, policy: Arc<dyn PolicyFactory>, block_size: usize, capacity_blocks: usize) -> Result<Self> {
+        if policy.signal_need() == SignalNeed::DecisionScores && matches!(model.decision_source(), DecisionSource::None) {
+            bail!(
+                "cache policy `{}` needs DMS decision scores but the model has no decision source (no dms_* fields in its config)",
+                policy.name()
+            );
+        }
+        let store = KvStore::new(model.config().head_dim, block_size, capacity_blocks);
+        Ok(Self { model, store, policy, keep_logits: false })
+    }
+
+    /// Bytes of K+V for one token in every row of every layer.
+    pub fn bytes_per_token(&self) -> u64 {
+        let c = self.model.config();
+        (c.num_layers * c.num_kv_heads) as u64 * self.store.slot_bytes()
+    }
+
+    /// Creates the cache rows of a new sequence.
+    pub fn new_sequence(&mut self) -> SequenceCache {
+        let c = self.model.config();
+        let shape = CacheShape { n_layers: c.num_layers, rows_per_layer: c.num_kv_heads };
+        SequenceCache::new(self.policy.as_ref(), shape, &mut self.store)
+    }
+
+    /// Runs `tokens` of one sequence through the model; returns the last position's logits
+    /// (`[1, vocab]`), or every position's when `all_logits`.
+    pub fn step(&mut self, seq: &mut SequenceCache, tokens: &[u32], all_logits: bool) -> Result<Tensor> {
+        let wants = self.policy.signal_need() == SignalNeed::DecisionScores;
+        let mut inputs = [SeqInput { tokens, cache: seq }];
+        let mut out = self.model.forward(&mut inputs, &mut self.store, wants, all_logits)?;
+        Ok(out.pop().expect("one sequence in, one out"))
+    }
+
+    /// Prefills `prompt` (in chunks if asked) and generates.
+    pub fn generate(&mut self, prompt: &[u32], params: &GenParams, mut trace: Option<&mut TraceWriter>)
+        -> Result<Generation> {
+        if prompt.is_empty() {
+            bail!("the prompt is empty");
+        }
+        let mut seq = self.new_sequence();
+        let result = self.generate_in(&mut seq, prompt, params, &mut trace);
+        let seq_usage = seq.usage(&self.store);
+        let cr = seq.compression_ratio(&self.store);
+        seq.release(&mut self.store);
+        let mut g = result?;
+        g.usage = seq_usage;
+        g.compression_ratio = cr;
+        Ok(g)
+    }
+
+    fn generate_in(&mut self, seq: &mut SequenceCache, prompt: &[u32], params: &GenParams,
+        trace: &mut Option<&mut TraceWriter>) -> Result<Generation> {
+        let eos = self.model.config().eos_token_ids.clone();
+        let mut rng = StdRng::seed_from_u64(params.seed);
+        let t0 = Instant::now();
+        let chunk = if params.prefill_chunk == 0 { prompt.len() } else { params.prefill_chunk };
+        let mut logits = None;
+        for part in prompt.chunks(chunk) {
+            logits = Some(self.step(seq, part, false)?);
+        }
+        let mut logits = logits.expect("prompt is not empty").squeeze(0)?.to_vec1::<f32>()?;
+        let prefill_secs = t0.elapsed().as_secs_f64();
+        let mut peak = seq.usage(&self.store).bytes_allocated;
+        if let Some(t) = trace.as_deref_mut() {
+            t.record(0, seq, &self.store, &logits)?;
+        }
+        let mut tokens = Vec::new();
+        let mut step_logits = Vec::new();
+        let t1 = Instant::now();
+        let mut steps = 0;
+        while tokens.len() < params.max_tokens {
+            let next = sample(&logits, params, &mut rng);
+            if self.keep_logits {
+                step_logits.push(std::mem::take(&mut logits));
+            }
+            tokens.push(next);
+            if (params.stop_at_eos && eos.contains(&next)) || tokens.len() == params.max_tokens {
+                break;
+            }
+            logits = self.step(seq, &[next], false)?.squeeze(0)?.to_vec1::<f32>()?;
+            steps += 1;
+            peak = peak.max(seq.usage(&self.store).bytes_allocated);
+            if let Some(t) = trace.as_deref_mut() {
+                t.record(steps, seq, &self.store, &logits)?;
+            }
+        }
+        Ok(Generation {
+            prompt_tokens: prompt.len(),
+            tokens,
+            prefill_secs,
+            decode_secs: t1.elapsed().as_secs_f64(),
+            decode_steps: steps,
+            usage: MemoryUsage::default(),
+            peak_allocated: peak,
+            compression_ratio: 1.0,
+            step_logits,
+        })
+    }
+}
+
+/// Greedy when `temperature == 0`, else temperature + top-p sampling.
+pub fn sample(logits: &[f32], p: &GenParams, rng: &mut StdRng) -> u32 {
+    if p.temperature <= 0.0 {
+        return argmax(logits);
+    }
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let mut probs: Vec<(u32, f64)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (i as u32, ((l as f64 - max) / p.temperature).exp()))
+        .collect();
+    let total: f64 = probs.iter().map(|x| x.1).sum();
+    probs.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let mut kept = Vec::new();
+    let mut mass = 0.0;
+    for (i, w) in probs {
+        kept.push((i, w / total));
+        mass += w / total;
+        if mass >= p.top_p {
+            break;
+        }
+    }
+    let mut r = rng.random::<f64>() * mass;
+    for &(i, w) in &kept {
+        if r < w {
+            return i;
+        }
+        r -= w;
+    }
+    kept.last().map(|x| x.0).unwrap_or(0)
+}
+
+/// Index of the largest logit (first on ties).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}

@@ -1,0 +1,375 @@
+//! Paged KV store: rows of (sequence, layer, KV head) over one shared block pool.
+//!
+//! Each row owns a block table into the pool and, per physical slot, the absolute position of the
+//! key it holds and the last query position allowed to see it. The store never decides anything:
+//! it executes a policy's [`EvictPlan`] and [`CompactPlan`] and checks that they are consistent.
+
+use dms_policy::{CompactPlan, EvictPlan, Pos};
+
+/// Handle of one cache row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RowId(pub u32);
+
+/// Errors from executing plans.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum StoreError {
+    /// The pool has no free block left.
+    #[error("KV cache is full: {needed} more block(s) of {block_size} tokens needed, {free} free of {capacity} (raise [cache] memory_mb or max_tokens)")]
+    OutOfBlocks {
+        /// Blocks the operation needs.
+        needed: usize,
+        /// Blocks still free.
+        free: usize,
+        /// Pool capacity in blocks.
+        capacity: usize,
+        /// Tokens per block.
+        block_size: usize,
+    },
+    /// A plan does not fit the row's state (a policy bug).
+    #[error("invalid cache plan for row {row}: {message}")]
+    BadPlan {
+        /// Row index.
+        row: u32,
+        /// What is inconsistent.
+        message: String,
+    },
+    /// Input data has the wrong length.
+    #[error("K/V data for row {row} has {got} values, expected {expected}")]
+    BadData {
+        /// Row index.
+        row: u32,
+        /// Values given.
+        got: usize,
+        /// Values expected.
+        expected: usize,
+    },
+}
+
+/// One row's block table and slot metadata.
+#[derive(Debug, Clone, Default)]
+pub struct Row {
+    layer: usize,
+    blocks: Vec<u32>,
+    pos: Vec<Pos>,
+    last_visible: Vec<Pos>,
+    seen: Pos,
+}
+
+impl Row {
+    /// Decoder layer of the row.
+    pub fn layer(&self) -> usize {
+        self.layer
+    }
+    /// Physical slots in use.
+    pub fn len(&self) -> usize {
+        self.pos.len()
+    }
+    /// True when the row holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.pos.is_empty()
+    }
+    /// Absolute position of the key in each slot.
+    pub fn positions(&self) -> &[Pos] {
+        &self.pos
+    }
+    /// Last query position allowed to see each slot.
+    pub fn last_visible(&self) -> &[Pos] {
+        &self.last_visible
+    }
+    /// Tokens this row has seen.
+    pub fn seen(&self) -> Pos {
+        self.seen
+    }
+    /// Blocks held by the row.
+    pub fn blocks(&self) -> &[u32] {
+        &self.blocks
+    }
+    /// Sorted positions of the keys the row holds.
+    pub fn kept_positions(&self) -> Vec<Pos> {
+        let mut v = self.pos.clone();
+        v.sort_unstable();
+        v
+    }
+}
+
+/// Memory figures of the store or of one layer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MemoryUsage {
+    /// Bytes of K and V in occupied slots.
+    pub bytes_live: u64,
+    /// Bytes of K and V in blocks held by rows.
+    pub bytes_allocated: u64,
+    /// Occupied slots.
+    pub slots: u64,
+    /// Tokens seen, summed over rows (what a full cache would hold).
+    pub tokens_seen: u64,
+}
+
+impl MemoryUsage {
+    /// Adds another usage figure.
+    pub fn add(&mut self, other: MemoryUsage) {
+        self.bytes_live += other.bytes_live;
+        self.bytes_allocated += other.bytes_allocated;
+        self.slots += other.slots;
+        self.tokens_seen += other.tokens_seen;
+    }
+}
+
+/// The block pool and every row.
+#[derive(Debug)]
+pub struct KvStore {
+    head_dim: usize,
+    block_size: usize,
+    capacity_blocks: usize,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    grown_blocks: usize,
+    free_blocks: Vec<u32>,
+    rows: Vec<Option<Row>>,
+    free_rows: Vec<u32>,
+}
+
+impl KvStore {
+    /// A store of `capacity_blocks` blocks of `block_size` slots of `head_dim` floats for K and V.
+    /// Memory is taken from the system as blocks are first used.
+    pub fn new(head_dim: usize, block_size: usize, capacity_blocks: usize) -> Self {
+        Self {
+            head_dim,
+            block_size,
+            capacity_blocks,
+            k: Vec::new(),
+            v: Vec::new(),
+            grown_blocks: 0,
+            free_blocks: Vec::new(),
+            rows: Vec::new(),
+            free_rows: Vec::new(),
+        }
+    }
+
+    /// Floats per key (and per value).
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+    /// Slots per block.
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+    /// Pool capacity in blocks.
+    pub fn capacity_blocks(&self) -> usize {
+        self.capacity_blocks
+    }
+    /// Blocks not held by any row.
+    pub fn free_block_count(&self) -> usize {
+        self.capacity_blocks - self.grown_blocks + self.free_blocks.len()
+    }
+    /// Bytes of K+V of one slot.
+    pub fn slot_bytes(&self) -> u64 {
+        (2 * self.head_dim * std::mem::size_of::<f32>()) as u64
+    }
+
+    /// Creates an empty row for `layer`.
+    pub fn add_row(&mut self, layer: usize) -> RowId {
+        let row = Row { layer, ..Row::default() };
+        match self.free_rows.pop() {
+            Some(id) => {
+                self.rows[id as usize] = Some(row);
+                RowId(id)
+            }
+            None => {
+                self.rows.push(Some(row));
+                RowId(self.rows.len() as u32 - 1)
+            }
+        }
+    }
+
+    /// Drops a row and returns its blocks to the pool.
+    pub fn remove_row(&mut self, id: RowId) {
+        if let Some(row) = self.rows.get_mut(id.0 as usize).and_then(Option::take) {
+            self.free_blocks.extend(row.blocks);
+            self.free_rows.push(id.0);
+        }
+    }
+
+    /// The row's metadata.
+    pub fn row(&self, id: RowId) -> &Row {
+        self.rows[id.0 as usize].as_ref().expect("row was removed")
+    }
+
+    /// Applies a policy's evict plan for `n` new tokens starting at `first_pos`, writing their keys
+    /// and values (`n * head_dim` floats each, token-major).
+    pub fn apply_evict(&mut self, id: RowId, plan: &EvictPlan, first_pos: Pos, k_new: &[f32], v_new: &[f32])
+        -> Result<(), StoreError> {
+        let (d, bs) = (self.head_dim, self.block_size);
+        let n = plan.writes.len();
+        for data in [k_new, v_new] {
+            if data.len() != n * d {
+                return Err(StoreError::BadData { row: id.0, got: data.len(), expected: n * d });
+            }
+        }
+        let bad = |message: String| StoreError::BadPlan { row: id.0, message };
+        let row = self.rows[id.0 as usize].as_ref().ok_or_else(|| bad("row was removed".into()))?;
+        if first_pos != row.seen {
+            return Err(bad(format!("step starts at {first_pos} but the row has seen {}", row.seen)));
+        }
+        let old_len = row.len();
+        for &(slot, _) in &plan.hide {
+            if slot as usize >= old_len {
+                return Err(bad(format!("hide of slot {slot} beyond length {old_len}")));
+            }
+        }
+        let mut new_len = old_len;
+        for w in &plan.writes {
+            let s = w.slot as usize;
+            if s == new_len {
+                new_len += 1;
+            } else if s > new_len {
+                return Err(bad(format!("write to slot {s} skips slots (length {new_len})")));
+            }
+        }
+        let blocks_needed = new_len.div_ceil(bs).saturating_sub(row.blocks.len());
+        if blocks_needed > self.free_block_count() {
+            return Err(StoreError::OutOfBlocks {
+                needed: blocks_needed,
+                free: self.free_block_count(),
+                capacity: self.capacity_blocks,
+                block_size: bs,
+            });
+        }
+        let mut blocks = Vec::with_capacity(blocks_needed);
+        for _ in 0..blocks_needed {
+            blocks.push(self.take_block());
+        }
+        let row = self.rows[id.0 as usize].as_mut().expect("checked above");
+        row.blocks.extend(blocks);
+        for &(slot, last) in &plan.hide {
+            row.last_visible[slot as usize] = last;
+        }
+        for (i, w) in plan.writes.iter().enumerate() {
+            let s = w.slot as usize;
+            let p = first_pos + i as Pos;
+            if s < row.pos.len() {
+                if row.last_visible[s] >= first_pos {
+                    return Err(bad(format!(
+                        "token {p} overwrites slot {s} (position {}) which queries of this step still see",
+                        row.pos[s]
+                    )));
+                }
+                row.pos[s] = p;
+                row.last_visible[s] = w.last_visible;
+            } else {
+                row.pos.push(p);
+                row.last_visible.push(w.last_visible);
+            }
+            let at = (row.blocks[s / bs] as usize * bs + s % bs) * d;
+            self.k[at..at + d].copy_from_slice(&k_new[i * d..(i + 1) * d]);
+            self.v[at..at + d].copy_from_slice(&v_new[i * d..(i + 1) * d]);
+        }
+        row.seen = first_pos + n as Pos;
+        Ok(())
+    }
+
+    /// Applies a compaction plan: moves slots into dead ones, truncates and frees whole blocks.
+    pub fn apply_compact(&mut self, id: RowId, plan: &CompactPlan) -> Result<(), StoreError> {
+        let (d, bs) = (self.head_dim, self.block_size);
+        let bad = |message: String| StoreError::BadPlan { row: id.0, message };
+        let row = self.rows[id.0 as usize].as_mut().ok_or_else(|| bad("row was removed".into()))?;
+        let seen = row.seen;
+        let dead = |row: &Row, s: usize| row.last_visible[s] < seen;
+        for &(from, to) in &plan.moves {
+            let (f, t) = (from as usize, to as usize);
+            if f >= row.len() || t >= row.len() {
+                return Err(bad(format!("move {f}->{t} outside length {}", row.len())));
+            }
+            if !dead(row, t) {
+                return Err(bad(format!("move onto slot {t} holding visible position {}", row.pos[t])));
+            }
+            row.pos[t] = row.pos[f];
+            row.last_visible[t] = row.last_visible[f];
+            let src = (row.blocks[f / bs] as usize * bs + f % bs) * d;
+            let dst = (row.blocks[t / bs] as usize * bs + t % bs) * d;
+            self.k.copy_within(src..src + d, dst);
+            self.v.copy_within(src..src + d, dst);
+        }
+        let len = plan.len as usize;
+        if len > row.len() {
+            return Err(bad(format!("compaction to length {len} beyond {}", row.len())));
+        }
+        if let Some(s) = (len..row.len()).find(|&s| !dead(row, s)) {
+            return Err(bad(format!("truncation drops slot {s} holding visible position {}", row.pos[s])));
+        }
+        row.pos.truncate(len);
+        row.last_visible.truncate(len);
+        let keep = len.div_ceil(bs);
+        let freed: Vec<u32> = row.blocks.drain(keep..).collect();
+        self.free_blocks.extend(freed);
+        Ok(())
+    }
+
+    /// Memory used by one row.
+    pub fn row_usage(&self, id: RowId) -> MemoryUsage {
+        let row = self.row(id);
+        let sb = self.slot_bytes();
+        MemoryUsage {
+            bytes_live: row.len() as u64 * sb,
+            bytes_allocated: (row.blocks.len() * self.block_size) as u64 * sb,
+            slots: row.len() as u64,
+            tokens_seen: row.seen as u64,
+        }
+    }
+
+    /// Memory used by all rows, per layer (index = layer).
+    pub fn usage_by_layer(&self) -> Vec<MemoryUsage> {
+        let mut out: Vec<MemoryUsage> = Vec::new();
+        for (i, row) in self.rows.iter().enumerate() {
+            if let Some(row) = row {
+                if out.len() <= row.layer {
+                    out.resize(row.layer + 1, MemoryUsage::default());
+                }
+                out[row.layer].add(self.row_usage(RowId(i as u32)));
+            }
+        }
+        out
+    }
+
+    /// Memory used by all rows.
+    pub fn usage(&self) -> MemoryUsage {
+        let mut total = MemoryUsage::default();
+        for u in self.usage_by_layer() {
+            total.add(u);
+        }
+        total
+    }
+
+    /// Contiguous K and V of a block: `block_size * head_dim` floats each.
+    pub fn block(&self, block: u32) -> (&[f32], &[f32]) {
+        let n = self.block_size * self.head_dim;
+        let at = block as usize * n;
+        (&self.k[at..at + n], &self.v[at..at + n])
+    }
+
+    /// Copies the row's keys and values into `k_out` / `v_out` (slot order, `len * head_dim` each).
+    pub fn gather(&self, id: RowId, k_out: &mut Vec<f32>, v_out: &mut Vec<f32>) {
+        let row = self.row(id);
+        let (d, bs) = (self.head_dim, self.block_size);
+        k_out.clear();
+        v_out.clear();
+        for (b, &block) in row.blocks.iter().enumerate() {
+            let used = (row.len() - b * bs).min(bs);
+            let (k, v) = self.block(block);
+            k_out.extend_from_slice(&k[..used * d]);
+            v_out.extend_from_slice(&v[..used * d]);
+        }
+    }
+
+    fn take_block(&mut self) -> u32 {
+        if let Some(b) = self.free_blocks.pop() {
+            return b;
+        }
+        let b = self.grown_blocks as u32;
+        self.grown_blocks += 1;
+        let n = self.grown_blocks * self.block_size * self.head_dim;
+        self.k.resize(n, 0.0);
+        self.v.resize(n, 0.0);
+        b
+    }
+}

@@ -1,0 +1,299 @@
+//! Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2) whose attention reads only
+//! what the paged store holds.
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::Linear;
+use dms_policy::Pos;
+
+use super::config::ModelConfig;
+use super::weights::Weights;
+use crate::attention;
+use crate::cache::SequenceCache;
+use crate::kv_store::KvStore;
+
+/// Where DMS decision scores come from (spec rule 1).
+#[derive(Debug, Clone)]
+pub enum DecisionSource {
+    /// The model has no decision signal.
+    None,
+    /// Channel `head_dim - 1` of the first query head of each KV group, read before RoPE and
+    /// zeroed before and after RoPE.
+    QueryNeuron,
+    /// Per layer an RMSNorm + Linear(hidden -> n_kv_heads) on the residual stream.
+    Adapter,
+}
+
+/// The part of a batch that belongs to one sequence.
+pub struct SeqInput<'a> {
+    /// New tokens of the sequence.
+    pub tokens: &'a [u32],
+    /// The sequence's cache.
+    pub cache: &'a mut SequenceCache,
+}
+
+struct Layer {
+    input_norm: Tensor,
+    post_norm: Tensor,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    q_norm: Option<Tensor>,
+    k_norm: Option<Tensor>,
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+    adapter: Option<(Tensor, Linear)>,
+}
+
+/// A loaded Llama-family model.
+pub struct Llama {
+    cfg: ModelConfig,
+    device: Device,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Tensor,
+    inv_freq: Vec<f32>,
+    decision: DecisionSource,
+    neuron_mask: Option<Tensor>,
+}
+
+impl Llama {
+    /// Builds the model from its weights; `round_f16` rounds every weight through f16 (to compare
+    /// with references that ran on f16 copies of the same weights).
+    pub fn load(cfg: ModelConfig, w: &Weights, device: &Device, round_f16: bool) -> Result<Self> {
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        let get = |name: &str, shape: &[usize]| -> Result<Tensor> {
+            let t = w.get(name, shape, device)?;
+            Ok(if round_f16 { t.to_dtype(DType::F16)?.to_dtype(DType::F32)? } else { t })
+        };
+        let linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
+            let weight = get(&format!("{name}.weight"), &[out, inp])?;
+            let b = if bias { Some(get(&format!("{name}.bias"), &[out])?) } else { None };
+            Ok(Linear::new(weight, b))
+        };
+        let embed = get("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let decision = match cfg.dms.dms_separate_alpha {
+            None => DecisionSource::None,
+            Some(false) => DecisionSource::QueryNeuron,
+            Some(true) => DecisionSource::Adapter,
+        };
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let p = format!("model.layers.{i}");
+            let bias = cfg.attention_bias;
+            let adapter = if matches!(decision, DecisionSource::Adapter) {
+                let a = format!("{p}.self_attn.dms_proj_alpha");
+                Some((get(&format!("{a}_norm.weight"), &[h])?, linear(&a, cfg.num_kv_heads, h, false)?))
+            } else {
+                None
+            };
+            layers.push(Layer {
+                input_norm: get(&format!("{p}.input_layernorm.weight"), &[h])?,
+                post_norm: get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                q_proj: linear(&format!("{p}.self_attn.q_proj"), cfg.num_heads * hd, h, bias)?,
+                k_proj: linear(&format!("{p}.self_attn.k_proj"), cfg.num_kv_heads * hd, h, bias)?,
+                v_proj: linear(&format!("{p}.self_attn.v_proj"), cfg.num_kv_heads * hd, h, bias)?,
+                o_proj: linear(&format!("{p}.self_attn.o_proj"), h, cfg.num_heads * hd, false)?,
+                q_norm: if cfg.qk_norm { Some(get(&format!("{p}.self_attn.q_norm.weight"), &[hd])?) } else { None },
+                k_norm: if cfg.qk_norm { Some(get(&format!("{p}.self_attn.k_norm.weight"), &[hd])?) } else { None },
+                gate_proj: linear(&format!("{p}.mlp.gate_proj"), cfg.intermediate_size, h, false)?,
+                up_proj: linear(&format!("{p}.mlp.up_proj"), cfg.intermediate_size, h, false)?,
+                down_proj: linear(&format!("{p}.mlp.down_proj"), h, cfg.intermediate_size, false)?,
+                adapter,
+            });
+        }
+        let norm = get("model.norm.weight", &[h])?;
+        let lm_head = if cfg.tie_word_embeddings || !w.contains("lm_head.weight") {
+            if !cfg.tie_word_embeddings {
+                bail!("lm_head.weight is missing and the config does not tie word embeddings");
+            }
+            embed.clone()
+        } else {
+            get("lm_head.weight", &[cfg.vocab_size, h])?
+        };
+        let neuron_mask = match decision {
+            DecisionSource::QueryNeuron => {
+                let mut m = vec![1f32; cfg.num_heads * hd];
+                for kvh in 0..cfg.num_kv_heads {
+                    m[kvh * cfg.gqa() * hd + hd - 1] = 0.0;
+                }
+                Some(Tensor::from_vec(m, (1, cfg.num_heads, hd), device)?)
+            }
+            _ => None,
+        };
+        let inv_freq = cfg.rope_inv_freq().iter().map(|&f| f as f32).collect();
+        Ok(Self { cfg, device: device.clone(), embed, layers, norm, lm_head, inv_freq, decision, neuron_mask })
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// Where the model's DMS decision scores come from.
+    pub fn decision_source(&self) -> &DecisionSource {
+        &self.decision
+    }
+
+    /// Device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Bytes of the weights (f32).
+    pub fn weight_bytes(&self) -> u64 {
+        let mut n = self.embed.elem_count() + self.norm.elem_count();
+        if !self.cfg.tie_word_embeddings {
+            n += self.lm_head.elem_count();
+        }
+        for l in &self.layers {
+            for t in [&l.input_norm, &l.post_norm] {
+                n += t.elem_count();
+            }
+            for lin in [&l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj, &l.gate_proj, &l.up_proj, &l.down_proj] {
+                n += lin.weight().elem_count() + lin.bias().map_or(0, |b| b.elem_count());
+            }
+        }
+        (n * 4) as u64
+    }
+
+    /// Runs new tokens of one or more sequences through the model, updating their caches.
+    /// `scores_wanted` asks for DMS decision scores to be handed to the policies. Returns logits
+    /// per sequence: `[tokens, vocab]` when `all_logits`, else `[1, vocab]` for the last token.
+    pub fn forward(&self, seqs: &mut [SeqInput<'_>], store: &mut KvStore, scores_wanted: bool, all_logits: bool)
+        -> Result<Vec<Tensor>> {
+        let cfg = &self.cfg;
+        let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        let mut spans = Vec::new();
+        for s in seqs.iter() {
+            if s.tokens.is_empty() {
+                bail!("a sequence in the batch has no new tokens");
+            }
+            if let Some(&bad) = s.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+                bail!("token id {bad} is outside the vocabulary (size {})", cfg.vocab_size);
+            }
+            let first = s.cache.seen();
+            spans.push((ids.len(), s.tokens.len()));
+            ids.extend_from_slice(s.tokens);
+            positions.extend((0..s.tokens.len() as Pos).map(|i| first + i));
+        }
+        let n = ids.len();
+        let (cos, sin) = self.rope_tables(&positions)?;
+        let mut x = self.embed.index_select(&Tensor::new(ids.as_slice(), &self.device)?, 0)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        for (li, layer) in self.layers.iter().enumerate() {
+            let h = candle_nn::ops::rms_norm(&x, &layer.input_norm, cfg.rms_norm_eps as f32)?;
+            let mut q = layer.q_proj.forward(&h)?.reshape((n, nh, hd))?;
+            let mut k = layer.k_proj.forward(&h)?.reshape((n, nkv, hd))?;
+            let v = layer.v_proj.forward(&h)?.reshape((n, nkv, hd))?;
+            if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+                q = candle_nn::ops::rms_norm(&q.contiguous()?, qn, cfg.rms_norm_eps as f32)?;
+                k = candle_nn::ops::rms_norm(&k.contiguous()?, kn, cfg.rms_norm_eps as f32)?;
+            }
+            let scores = match (&self.decision, scores_wanted) {
+                (DecisionSource::QueryNeuron, true) => {
+                    let idx: Vec<u32> = (0..nkv).map(|j| (j * cfg.gqa()) as u32).collect();
+                    let s = q.narrow(2, hd - 1, 1)?.squeeze(2)?;
+                    Some(s.index_select(&Tensor::new(idx.as_slice(), &self.device)?, 1)?)
+                }
+                (DecisionSource::Adapter, true) => {
+                    let (norm_w, proj) = layer.adapter.as_ref().expect("adapter loaded with the model");
+                    let a = candle_nn::ops::rms_norm(&x, norm_w, cfg.rms_norm_eps as f32)?;
+                    Some(proj.forward(&a)?)
+                }
+                _ => None,
+            };
+            if let Some(mask) = &self.neuron_mask {
+                q = q.broadcast_mul(mask)?;
+            }
+            let mut q = rope(&q, &cos, &sin)?;
+            if let Some(mask) = &self.neuron_mask {
+                q = q.broadcast_mul(mask)?;
+            }
+            let k = rope(&k, &cos, &sin)?;
+            let scores = match scores {
+                Some(s) => Some(self.alpha_per_layer(s)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
+                None => None,
+            };
+            let k_host = k.flatten_all()?.to_vec1::<f32>()?;
+            let v_host = v.flatten_all()?.to_vec1::<f32>()?;
+            let q_host = if spans.iter().any(|&(_, t)| t == 1) { Some(q.flatten_all()?.to_vec1::<f32>()?) } else { None };
+            let mut outs = Vec::with_capacity(seqs.len());
+            for (s, &(start, t)) in seqs.iter_mut().zip(&spans) {
+                let kv_slice = start * nkv * hd..(start + t) * nkv * hd;
+                let sc = scores.as_ref().map(|sc| &sc[start * nkv..(start + t) * nkv]);
+                s.cache.append(li, store, &k_host[kv_slice.clone()], &v_host[kv_slice], sc)?;
+                let rows = s.cache.layer_rows(li);
+                let out = if t == 1 {
+                    let qh = q_host.as_ref().expect("computed for decode spans");
+                    let qs = &qh[start * nh * hd..(start + 1) * nh * hd];
+                    let mut o = vec![0f32; nh * hd];
+                    let g = nh / nkv;
+                    for (j, &row) in rows.iter().enumerate() {
+                        let span = j * g * hd..(j + 1) * g * hd;
+                        attention::decode_row(store, row, &qs[span.clone()], positions[start], scale as f32, &mut o[span]);
+                    }
+                    Tensor::from_vec(o, (1, nh * hd), &self.device)?
+                } else {
+                    attention::chunk_rows(store, rows, &q.narrow(0, start, t)?, &positions[start..start + t], scale)?
+                };
+                s.cache.compact(li, store)?;
+                outs.push(out);
+            }
+            let attn = if outs.len() == 1 { outs.pop().expect("one output") } else { Tensor::cat(&outs, 0)? };
+            x = (x + layer.o_proj.forward(&attn)?)?;
+            let h = candle_nn::ops::rms_norm(&x, &layer.post_norm, cfg.rms_norm_eps as f32)?;
+            let mlp = layer
+                .down_proj
+                .forward(&(candle_nn::ops::silu(&layer.gate_proj.forward(&h)?)? * layer.up_proj.forward(&h)?)?)?;
+            x = (x + mlp)?;
+        }
+        for (s, &(_, t)) in seqs.iter_mut().zip(&spans) {
+            s.cache.advance(t);
+        }
+        let mut logits = Vec::with_capacity(spans.len());
+        for &(start, t) in &spans {
+            let xs = if all_logits { x.narrow(0, start, t)? } else { x.narrow(0, start + t - 1, 1)? };
+            let xs = candle_nn::ops::rms_norm(&xs.contiguous()?, &self.norm, cfg.rms_norm_eps as f32)?;
+            logits.push(xs.matmul(&self.lm_head.t()?)?);
+        }
+        Ok(logits)
+    }
+
+    /// Applies `dms_alpha_per = "layer"`: head 0's score for every head.
+    fn alpha_per_layer(&self, s: Tensor) -> Result<Tensor> {
+        if self.cfg.dms.dms_alpha_per.as_deref() == Some("layer") {
+            let (n, kv) = s.dims2()?;
+            return Ok(s.narrow(1, 0, 1)?.broadcast_as((n, kv))?.contiguous()?);
+        }
+        Ok(s)
+    }
+
+    fn rope_tables(&self, positions: &[Pos]) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for &p in positions {
+            for &f in &self.inv_freq {
+                let a = (p as f32 * f) as f64;
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
+            }
+        }
+        let n = positions.len();
+        Ok((Tensor::from_vec(cos, (n, half), &self.device)?, Tensor::from_vec(sin, (n, half), &self.device)?))
+    }
+}
+
+/// Rotate-half RoPE on `[n, heads, head_dim]` with per-token tables `[n, head_dim/2]`.
+fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let x4 = x.transpose(0, 1)?.contiguous()?.unsqueeze(0)?;
+    let y = candle_nn::rotary_emb::rope(&x4, cos, sin)?;
+    Ok(y.squeeze(0)?.transpose(0, 1)?.contiguous()?)
+}
+

@@ -1,0 +1,279 @@
+//! Weight files: HF safetensors shards or a GGUF file, read under HF tensor names as f32.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use anyhow::{bail, Context, Result};
+use candle_core::quantized::gguf_file;
+use candle_core::{DType, Device, Tensor};
+
+use super::config::{Arch, DmsCheckpointFields, ModelConfig};
+
+/// Where weights come from.
+pub enum Weights {
+    /// Memory-mapped safetensors shards.
+    Safetensors {
+        /// The shards.
+        files: candle_core::safetensors::MmapedSafetensors,
+        /// Their paths (for messages).
+        paths: Vec<PathBuf>,
+    },
+    /// One GGUF file, dequantised tensor by tensor.
+    Gguf {
+        /// Parsed header.
+        content: gguf_file::Content,
+        /// Open file.
+        file: Mutex<File>,
+        /// Path (for messages).
+        path: PathBuf,
+        /// q/k rows are permuted for llama.cpp's interleaved RoPE and must be un-permuted.
+        unpermute: Option<(usize, usize)>,
+    },
+}
+
+impl std::fmt::Debug for Weights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Weights::Safetensors { paths, .. } => write!(f, "Safetensors({paths:?})"),
+            Weights::Gguf { path, .. } => write!(f, "Gguf({path:?})"),
+        }
+    }
+}
+
+impl Weights {
+    /// Opens safetensors shards.
+    pub fn open_safetensors(paths: &[PathBuf]) -> Result<Self> {
+        if paths.is_empty() {
+            bail!("no .safetensors files found");
+        }
+        for p in paths {
+            check_safetensors_extent(p)?;
+        }
+        // SAFETY: the files are not modified while mapped; this is how candle loads weights.
+        let files = unsafe { candle_core::safetensors::MmapedSafetensors::multi(paths) }
+            .with_context(|| format!("cannot map {paths:?}"))?;
+        Ok(Weights::Safetensors { files, paths: paths.to_vec() })
+    }
+
+    /// Opens a GGUF file, checks that every tensor lies inside it, and returns its config.
+    pub fn open_gguf(path: &Path) -> Result<(Self, ModelConfig)> {
+        let mut file = File::open(path).with_context(|| format!("cannot open GGUF file {}", path.display()))?;
+        let content = gguf_file::Content::read(&mut file)
+            .map_err(|e| anyhow::anyhow!("{} is not a valid GGUF file (truncated or corrupt?): {e}", path.display()))?;
+        let len = file.metadata()?.len();
+        for (name, info) in &content.tensor_infos {
+            let bytes = info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
+            let end = content.tensor_data_offset + info.offset + bytes as u64;
+            if end > len {
+                bail!(
+                    "GGUF file {} is truncated: tensor `{name}` ends at byte {end} but the file has {len} bytes",
+                    path.display()
+                );
+            }
+        }
+        let cfg = gguf_config(&content).with_context(|| format!("reading metadata of {}", path.display()))?;
+        let arch_meta = meta_str(&content, "general.architecture")?;
+        let unpermute = (arch_meta == "llama").then_some((cfg.num_heads, cfg.num_kv_heads));
+        Ok((Weights::Gguf { content, file: Mutex::new(file), path: path.to_path_buf(), unpermute }, cfg))
+    }
+
+    /// True when a tensor of that HF name exists.
+    pub fn contains(&self, name: &str) -> bool {
+        match self {
+            Weights::Safetensors { files, .. } => files.get(name).is_ok(),
+            Weights::Gguf { content, .. } => gguf_name(name).is_some_and(|g| content.tensor_infos.contains_key(&g)),
+        }
+    }
+
+    /// Loads a tensor by HF name as f32 on `dev`, checking that it has `shape`.
+    pub fn get(&self, name: &str, shape: &[usize], dev: &Device) -> Result<Tensor> {
+        let t = match self {
+            Weights::Safetensors { files, paths } => {
+                let view = files.get(name).map_err(|_| {
+                    anyhow::anyhow!("tensor `{name}` is missing from {}", display_paths(paths))
+                })?;
+                if view.shape() != shape {
+                    bail!(
+                        "tensor `{name}` has shape {:?} in the weights but the config implies {shape:?} (config.json does not match the weights)",
+                        view.shape()
+                    );
+                }
+                files.load(name, dev).with_context(|| format!("cannot load tensor `{name}`"))?
+            }
+            Weights::Gguf { content, file, path, unpermute } => {
+                let g = gguf_name(name).with_context(|| format!("no GGUF name for tensor `{name}`"))?;
+                let info = content
+                    .tensor_infos
+                    .get(&g)
+                    .with_context(|| format!("tensor `{g}` is missing from {}", path.display()))?;
+                if info.shape.dims() != shape {
+                    bail!(
+                        "tensor `{g}` has shape {:?} in {} but the metadata implies {shape:?}",
+                        info.shape.dims(),
+                        path.display()
+                    );
+                }
+                let mut f = file.lock().expect("weights file lock poisoned");
+                let q = content
+                    .tensor(&mut *f, &g, &Device::Cpu)
+                    .with_context(|| format!("cannot read tensor `{g}` from {}", path.display()))?;
+                let t = q.dequantize(&Device::Cpu)?;
+                let t = match (unpermute, name) {
+                    (Some((nh, _)), n) if n.ends_with("q_proj.weight") => unpermute_rows(&t, *nh)?,
+                    (Some((_, nkv)), n) if n.ends_with("k_proj.weight") => unpermute_rows(&t, *nkv)?,
+                    _ => t,
+                };
+                t.to_device(dev)?
+            }
+        };
+        Ok(t.to_dtype(DType::F32)?)
+    }
+}
+
+/// Reads a safetensors header and checks that every tensor's bytes lie inside the file, so that
+/// a truncated or corrupt shard is reported by name before anything is mapped.
+fn check_safetensors_extent(path: &Path) -> Result<()> {
+    use std::io::Read;
+    let bad = |why: String| anyhow::anyhow!("{} is not a valid safetensors file: {why}", path.display());
+    let mut f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let file_len = f.metadata()?.len();
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n).map_err(|_| bad("shorter than its 8-byte header length".into()))?;
+    let header_len = u64::from_le_bytes(n);
+    if header_len > file_len.saturating_sub(8) || header_len > 100_000_000 {
+        return Err(bad(format!("header length {header_len} exceeds the file ({file_len} bytes): truncated or corrupt")));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    f.read_exact(&mut header).map_err(|e| bad(e.to_string()))?;
+    let json: serde_json::Value =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("header is not JSON ({e})")))?;
+    let data_len = file_len - 8 - header_len;
+    let obj = json.as_object().ok_or_else(|| bad("header is not a JSON object".into()))?;
+    for (name, info) in obj.iter().filter(|(k, _)| k.as_str() != "__metadata__") {
+        let end = info
+            .get("data_offsets")
+            .and_then(|o| o.get(1))
+            .and_then(|e| e.as_u64())
+            .ok_or_else(|| bad(format!("tensor `{name}` has no data_offsets")))?;
+        if end > data_len {
+            return Err(bad(format!(
+                "truncated: tensor `{name}` ends at data byte {end} but the file holds {data_len} data bytes"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn display_paths(paths: &[PathBuf]) -> String {
+    paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+}
+
+/// Undoes llama.cpp's q/k row permutation: `(heads, hd/2, 2, in) -> (heads, 2, hd/2, in)`.
+fn unpermute_rows(w: &Tensor, heads: usize) -> Result<Tensor> {
+    let (out, inp) = w.dims2()?;
+    let hd = out / heads;
+    Ok(w.reshape((heads, hd / 2, 2, inp))?.transpose(1, 2)?.contiguous()?.reshape((out, inp))?)
+}
+
+/// GGUF tensor name of an HF tensor name.
+fn gguf_name(hf: &str) -> Option<String> {
+    let fixed = match hf {
+        "model.embed_tokens.weight" => Some("token_embd.weight"),
+        "model.norm.weight" => Some("output_norm.weight"),
+        "lm_head.weight" => Some("output.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, tail) = rest.split_once('.')?;
+    let mapped = match tail {
+        "input_layernorm.weight" => "attn_norm.weight",
+        "post_attention_layernorm.weight" => "ffn_norm.weight",
+        "self_attn.q_proj.weight" => "attn_q.weight",
+        "self_attn.k_proj.weight" => "attn_k.weight",
+        "self_attn.v_proj.weight" => "attn_v.weight",
+        "self_attn.q_proj.bias" => "attn_q.bias",
+        "self_attn.k_proj.bias" => "attn_k.bias",
+        "self_attn.v_proj.bias" => "attn_v.bias",
+        "self_attn.o_proj.weight" => "attn_output.weight",
+        "self_attn.q_norm.weight" => "attn_q_norm.weight",
+        "self_attn.k_norm.weight" => "attn_k_norm.weight",
+        "mlp.gate_proj.weight" => "ffn_gate.weight",
+        "mlp.up_proj.weight" => "ffn_up.weight",
+        "mlp.down_proj.weight" => "ffn_down.weight",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{mapped}"))
+}
+
+fn meta<'a>(c: &'a gguf_file::Content, key: &str) -> Result<&'a gguf_file::Value> {
+    c.metadata.get(key).with_context(|| format!("GGUF metadata key `{key}` is missing"))
+}
+
+fn meta_str(c: &gguf_file::Content, key: &str) -> Result<String> {
+    Ok(meta(c, key)?.to_string().map_err(|e| anyhow::anyhow!("GGUF `{key}`: {e}"))?.clone())
+}
+
+fn meta_usize(c: &gguf_file::Content, key: &str) -> Result<usize> {
+    let v = meta(c, key)?;
+    v.to_u64()
+        .map(|x| x as usize)
+        .or_else(|_| v.to_u32().map(|x| x as usize))
+        .or_else(|_| v.to_i32().map(|x| x as usize))
+        .map_err(|e| anyhow::anyhow!("GGUF `{key}`: {e}"))
+}
+
+fn meta_f64(c: &gguf_file::Content, key: &str) -> Result<Option<f64>> {
+    match c.metadata.get(key) {
+        None => Ok(None),
+        Some(v) => Ok(Some(v.to_f32().map(f64::from).map_err(|e| anyhow::anyhow!("GGUF `{key}`: {e}"))?)),
+    }
+}
+
+/// Model config from GGUF metadata.
+fn gguf_config(c: &gguf_file::Content) -> Result<ModelConfig> {
+    let a = meta_str(c, "general.architecture")?;
+    let arch = match a.as_str() {
+        "llama" => Arch::Llama,
+        "qwen2" => Arch::Qwen2,
+        "qwen3" => Arch::Qwen3,
+        other => bail!("GGUF architecture `{other}` is not supported (supported: llama, qwen2, qwen3)"),
+    };
+    let hidden = meta_usize(c, &format!("{a}.embedding_length"))?;
+    let heads = meta_usize(c, &format!("{a}.attention.head_count"))?;
+    let kv = meta_usize(c, &format!("{a}.attention.head_count_kv")).unwrap_or(heads);
+    let head_dim = meta_usize(c, &format!("{a}.attention.key_length")).unwrap_or(hidden / heads.max(1));
+    let vocab = match c.metadata.get("tokenizer.ggml.tokens") {
+        Some(v) => v.to_vec().map_err(|e| anyhow::anyhow!("GGUF tokens: {e}"))?.len(),
+        None => c
+            .tensor_infos
+            .get("token_embd.weight")
+            .map(|i| i.shape.dims()[0])
+            .context("cannot tell the vocabulary size")?,
+    };
+    let cfg = ModelConfig {
+        arch,
+        vocab_size: vocab,
+        hidden_size: hidden,
+        intermediate_size: meta_usize(c, &format!("{a}.feed_forward_length"))?,
+        num_layers: meta_usize(c, &format!("{a}.block_count"))?,
+        num_heads: heads,
+        num_kv_heads: kv,
+        head_dim,
+        rope_theta: meta_f64(c, &format!("{a}.rope.freq_base"))?.unwrap_or(10_000.0),
+        rope_scaling: None,
+        rms_norm_eps: meta_f64(c, &format!("{a}.attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5),
+        tie_word_embeddings: !c.tensor_infos.contains_key("output.weight"),
+        attention_bias: c.tensor_infos.contains_key("blk.0.attn_q.bias"),
+        qk_norm: arch == Arch::Qwen3,
+        max_position_embeddings: meta_usize(c, &format!("{a}.context_length")).unwrap_or(4096),
+        bos_token_id: meta_usize(c, "tokenizer.ggml.bos_token_id").ok().map(|x| x as u32),
+        eos_token_ids: meta_usize(c, "tokenizer.ggml.eos_token_id").ok().map(|x| vec![x as u32]).unwrap_or_default(),
+        dms: DmsCheckpointFields::default(),
+    };
+    cfg.validate()?;
+    Ok(cfg)
+}

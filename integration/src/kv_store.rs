@@ -103,6 +103,8 @@ pub struct MemoryUsage {
     pub slots: u64,
     /// Tokens seen, summed over rows (what a full cache would hold).
     pub tokens_seen: u64,
+    /// Bytes a full cache would hold for the same tokens.
+    pub bytes_full: u64,
 }
 
 impl MemoryUsage {
@@ -112,6 +114,7 @@ impl MemoryUsage {
         self.bytes_allocated += other.bytes_allocated;
         self.slots += other.slots;
         self.tokens_seen += other.tokens_seen;
+        self.bytes_full += other.bytes_full;
     }
 }
 
@@ -314,6 +317,7 @@ impl KvStore {
             bytes_allocated: (row.blocks.len() * self.block_size) as u64 * sb,
             slots: row.len() as u64,
             tokens_seen: row.seen as u64,
+            bytes_full: row.seen as u64 * sb,
         }
     }
 

@@ -12,3 +12,6 @@ pub mod model;
 pub mod engine;
 pub mod gguf_tokenizer;
 pub mod trace;
+pub mod assets;
+pub mod config;
+pub mod runner;

@@ -1,1 +1,202 @@
-fn main(){}
+//! `dms`: run a model through a policy-driven KV cache.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use dms_integration::config::EngineConfig;
+use dms_integration::runner::{build_engine, chatml, gen_params, summary_line};
+use dms_integration::trace::TraceWriter;
+
+#[derive(Parser)]
+#[command(name = "dms", version, about = "Dynamic Memory Sparsification and other KV-cache policies on a paged cache")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate from one prompt and print the text and a summary line.
+    Run(RunArgs),
+    /// Download and verify the default model (SmolLM2-135M-Instruct) into the cache directory.
+    Fetch,
+    /// List the registered cache policies.
+    Policies,
+}
+
+/// Options of `run`; each config-file option has a flag that overrides it.
+#[derive(Args)]
+struct RunArgs {
+    /// Engine config file (TOML).
+    #[arg(long)]
+    config: PathBuf,
+    /// Prompt text.
+    #[arg(long, conflicts_with = "prompt_ids")]
+    prompt: Option<String>,
+    /// Raw prompt token ids, comma-separated, used exactly as given (no BOS added).
+    #[arg(long, value_delimiter = ',')]
+    prompt_ids: Option<Vec<u32>>,
+    /// Tokens to generate at most (overrides [generation] max_tokens).
+    #[arg(long)]
+    max_tokens: Option<usize>,
+    /// Write a JSON Lines trace of kept positions and top logits per step.
+    #[arg(long)]
+    trace: Option<PathBuf>,
+    /// Wrap the prompt in the chat template.
+    #[arg(long)]
+    chat: bool,
+    /// Override [model] source.
+    #[arg(long)]
+    model: Option<String>,
+    /// Override [model] device.
+    #[arg(long)]
+    device: Option<String>,
+    /// Override [model] dtype.
+    #[arg(long)]
+    dtype: Option<String>,
+    /// Override [cache] block_size.
+    #[arg(long)]
+    block_size: Option<usize>,
+    /// Override [cache] memory_mb.
+    #[arg(long)]
+    memory_mb: Option<u64>,
+    /// Override [cache] max_tokens (pool size in full-cache tokens).
+    #[arg(long)]
+    cache_tokens: Option<u64>,
+    /// Override [cache] prefill_chunk.
+    #[arg(long)]
+    prefill_chunk: Option<usize>,
+    /// Override [cache.policy] name (the policy's other keys are dropped unless given with --policy-opt).
+    #[arg(long)]
+    policy: Option<String>,
+    /// Set a [cache.policy] key, e.g. --policy-opt window=64 (value parsed as TOML).
+    #[arg(long = "policy-opt", value_name = "KEY=VALUE")]
+    policy_opts: Vec<String>,
+    /// Override [generation] temperature.
+    #[arg(long)]
+    temperature: Option<f64>,
+    /// Override [generation] top_p.
+    #[arg(long)]
+    top_p: Option<f64>,
+    /// Override [generation] seed.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Keep generating past the end-of-sequence token.
+    #[arg(long)]
+    ignore_eos: bool,
+}
+
+fn apply_overrides(cfg: &mut EngineConfig, a: &RunArgs) -> Result<()> {
+    if let Some(v) = &a.model {
+        cfg.model.source = v.clone();
+    }
+    if let Some(v) = &a.device {
+        cfg.model.device = v.clone();
+    }
+    if let Some(v) = &a.dtype {
+        cfg.model.dtype = v.clone();
+    }
+    if let Some(v) = a.block_size {
+        cfg.cache.block_size = v;
+    }
+    if let Some(v) = a.memory_mb {
+        cfg.cache.memory_mb = Some(v);
+        cfg.cache.max_tokens = None;
+    }
+    if let Some(v) = a.cache_tokens {
+        cfg.cache.max_tokens = Some(v);
+        cfg.cache.memory_mb = None;
+    }
+    if let Some(v) = a.prefill_chunk {
+        cfg.cache.prefill_chunk = v;
+    }
+    if let Some(name) = &a.policy {
+        cfg.cache.policy = toml::Table::new();
+        cfg.cache.policy.insert("name".into(), toml::Value::String(name.clone()));
+    }
+    for kv in &a.policy_opts {
+        let (k, v) = kv.split_once('=').with_context(|| format!("--policy-opt `{kv}` is not KEY=VALUE"))?;
+        let parsed: toml::Table = toml::from_str(&format!("v = {v}"))
+            .or_else(|_| toml::from_str(&format!("v = {:?}", v)))
+            .with_context(|| format!("--policy-opt `{kv}`: bad value"))?;
+        cfg.cache.policy.insert(k.trim().to_string(), parsed["v"].clone());
+    }
+    if let Some(v) = a.max_tokens {
+        cfg.generation.max_tokens = v;
+    }
+    if let Some(v) = a.temperature {
+        cfg.generation.temperature = v;
+    }
+    if let Some(v) = a.top_p {
+        cfg.generation.top_p = v;
+    }
+    if let Some(v) = a.seed {
+        cfg.generation.seed = v;
+    }
+    if a.ignore_eos {
+        cfg.generation.stop_at_eos = false;
+    }
+    if a.chat {
+        cfg.generation.chat = true;
+    }
+    cfg.validate()
+}
+
+fn run(a: RunArgs) -> Result<()> {
+    let mut cfg = EngineConfig::load(&a.config)?;
+    apply_overrides(&mut cfg, &a)?;
+    let (mut engine, tokenizer) = build_engine(&cfg)?;
+    let prompt_ids: Vec<u32> = match (&a.prompt_ids, &a.prompt) {
+        (Some(ids), _) => ids.clone(),
+        (None, Some(text)) => {
+            let tok = tokenizer.as_ref().context("this model has no tokenizer: use --prompt-ids")?;
+            let text = if cfg.generation.chat { chatml(text) } else { text.clone() };
+            tok.encode(text, false).map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?.get_ids().to_vec()
+        }
+        (None, None) => bail!("give --prompt or --prompt-ids"),
+    };
+    let mut trace = match &a.trace {
+        Some(p) => Some(TraceWriter::new(Box::new(std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("cannot create trace file {}", p.display()))?,
+        )))),
+        None => None,
+    };
+    let g = engine.generate(&prompt_ids, &gen_params(&cfg), trace.as_mut())?;
+    if let Some(t) = trace.as_mut() {
+        t.flush()?;
+    }
+    let mut out = std::io::stdout().lock();
+    match &tokenizer {
+        Some(tok) => {
+            let text = tok.decode(&g.tokens, false).map_err(|e| anyhow::anyhow!("decoding: {e}"))?;
+            writeln!(out, "{text}")?;
+        }
+        None => writeln!(out, "{}", g.tokens.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(","))?,
+    }
+    writeln!(out, "{}", summary_line(&g, &engine.policy.describe()))?;
+    Ok(())
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(a) => run(a),
+        Command::Fetch => dms_integration::assets::fetch(&dms_integration::assets::SMOLLM2_135M).map(|p| println!("{}", p.display())),
+        Command::Policies => {
+            for n in dms_integration::runner::registry().names() {
+                println!("{n}");
+            }
+            Ok(())
+        }
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,215 @@
+//! The engine config file: model, device, cache and policy in one TOML file.
+//!
+//! Every table rejects unknown keys and every value is range-checked; errors name the key.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+
+/// The whole engine config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineConfig {
+    /// `[model]`.
+    pub model: ModelSection,
+    /// `[cache]`.
+    #[serde(default)]
+    pub cache: CacheSection,
+    /// `[generation]`.
+    #[serde(default)]
+    pub generation: GenerationSection,
+    /// Directory of the file, for relative model paths.
+    #[serde(skip)]
+    pub base_dir: Option<PathBuf>,
+}
+
+/// `[model]`: which weights, in which precision, on which device.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// A packaged model alias (`smollm2-135m`), a GGUF file or an HF-style directory.
+    pub source: String,
+    /// Compute precision: `f32` (CPU).
+    #[serde(default = "default_dtype")]
+    pub dtype: String,
+    /// `cpu`, or `cuda:N` with the `cuda` feature.
+    #[serde(default = "default_device")]
+    pub device: String,
+}
+
+/// `[cache]`: block pool and policy.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheSection {
+    /// Tokens per block.
+    #[serde(default = "default_block_size")]
+    pub block_size: usize,
+    /// Pool size in MiB (exclusive with `max_tokens`).
+    #[serde(default)]
+    pub memory_mb: Option<u64>,
+    /// Pool size as the tokens one full-cache sequence could hold (exclusive with `memory_mb`).
+    #[serde(default)]
+    pub max_tokens: Option<u64>,
+    /// Prompt tokens per prefill chunk (0 = the whole prompt in one pass).
+    #[serde(default)]
+    pub prefill_chunk: usize,
+    /// `[cache.policy]`: `name` plus the policy's own keys.
+    #[serde(default = "default_policy")]
+    pub policy: toml::Table,
+}
+
+/// `[generation]`: sampling and stopping.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerationSection {
+    /// Tokens to generate at most.
+    #[serde(default = "default_max_tokens")]
+    pub max_tokens: usize,
+    /// 0 = greedy.
+    #[serde(default)]
+    pub temperature: f64,
+    /// Nucleus mass in (0, 1].
+    #[serde(default = "default_top_p")]
+    pub top_p: f64,
+    /// RNG seed.
+    #[serde(default)]
+    pub seed: u64,
+    /// Stop at the model's end-of-sequence token.
+    #[serde(default = "default_true")]
+    pub stop_at_eos: bool,
+    /// Wrap prompts in the model's chat template (ChatML).
+    #[serde(default)]
+    pub chat: bool,
+}
+
+fn default_dtype() -> String {
+    "f32".into()
+}
+fn default_device() -> String {
+    "cpu".into()
+}
+fn default_block_size() -> usize {
+    16
+}
+fn default_max_tokens() -> usize {
+    64
+}
+fn default_top_p() -> f64 {
+    1.0
+}
+fn default_true() -> bool {
+    true
+}
+fn default_policy() -> toml::Table {
+    let mut t = toml::Table::new();
+    t.insert("name".into(), toml::Value::String("full".into()));
+    t
+}
+
+impl Default for CacheSection {
+    fn default() -> Self {
+        Self { block_size: 16, memory_mb: None, max_tokens: None, prefill_chunk: 0, policy: default_policy() }
+    }
+}
+
+impl Default for GenerationSection {
+    fn default() -> Self {
+        Self { max_tokens: 64, temperature: 0.0, top_p: 1.0, seed: 0, stop_at_eos: true, chat: false }
+    }
+}
+
+/// Default pool size when neither `memory_mb` nor `max_tokens` is given.
+pub const DEFAULT_MEMORY_MB: u64 = 1024;
+
+impl EngineConfig {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
+        let mut cfg = Self::parse(&text).with_context(|| format!("invalid config file {}", path.display()))?;
+        cfg.base_dir = path.parent().map(Path::to_path_buf);
+        Ok(cfg)
+    }
+
+    /// Parses and validates config text.
+    pub fn parse(text: &str) -> Result<Self> {
+        let cfg: EngineConfig = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Range-checks every value.
+    pub fn validate(&self) -> Result<()> {
+        let c = &self.cache;
+        if c.block_size == 0 {
+            bail!("[cache] block_size must be at least 1");
+        }
+        if c.memory_mb.is_some() && c.max_tokens.is_some() {
+            bail!("[cache] memory_mb and max_tokens are mutually exclusive: set one");
+        }
+        if c.memory_mb == Some(0) {
+            bail!("[cache] memory_mb must be positive");
+        }
+        if c.max_tokens == Some(0) {
+            bail!("[cache] max_tokens must be positive");
+        }
+        let g = &self.generation;
+        if g.max_tokens == 0 {
+            bail!("[generation] max_tokens must be at least 1");
+        }
+        if !(g.temperature >= 0.0 && g.temperature.is_finite()) {
+            bail!("[generation] temperature must be a finite number >= 0");
+        }
+        if !(g.top_p > 0.0 && g.top_p <= 1.0) {
+            bail!("[generation] top_p must be in (0, 1]");
+        }
+        match self.model.dtype.as_str() {
+            "f32" => {}
+            "bf16" | "f16" => bail!(
+                "[model] dtype `{}` is not supported yet: the CPU runtime computes in f32 (set dtype = \"f32\")",
+                self.model.dtype
+            ),
+            other => bail!("[model] dtype `{other}` is unknown (valid: f32)"),
+        }
+        device_ordinal(&self.model.device)?;
+        if self.model.source.trim().is_empty() {
+            bail!("[model] source is empty");
+        }
+        Ok(())
+    }
+
+    /// Pool capacity in blocks for a model with these per-token sizes.
+    pub fn capacity_blocks(&self, n_layers: usize, n_kv_heads: usize, head_dim: usize) -> usize {
+        let bs = self.cache.block_size;
+        match (self.cache.memory_mb, self.cache.max_tokens) {
+            (_, Some(tokens)) => (tokens as usize).div_ceil(bs) * n_layers * n_kv_heads,
+            (mb, None) => {
+                let bytes = mb.unwrap_or(DEFAULT_MEMORY_MB) * 1024 * 1024;
+                (bytes / (bs * 2 * head_dim * 4) as u64) as usize
+            }
+        }
+    }
+}
+
+/// Checks a device string: `None` for `cpu`, the ordinal for `cuda:N`.
+pub fn device_ordinal(s: &str) -> Result<Option<usize>> {
+    if s == "cpu" {
+        return Ok(None);
+    }
+    if let Some(n) = s.strip_prefix("cuda:").or(if s == "cuda" { Some("0") } else { None }) {
+        let n: usize = n.parse().with_context(|| format!("[model] device `{s}`: bad ordinal"))?;
+        if !cfg!(feature = "cuda") {
+            bail!("[model] device `{s}` needs a build with `--features cuda`");
+        }
+        return Ok(Some(n));
+    }
+    bail!("[model] device `{s}` is unknown (valid: cpu, cuda:N)")
+}
+
+/// Opens the device a config names.
+pub fn open_device(s: &str) -> Result<candle_core::Device> {
+    match device_ordinal(s)? {
+        None => Ok(candle_core::Device::Cpu),
+        Some(n) => candle_core::Device::new_cuda(n).with_context(|| format!("cannot open device `{s}`")),
+    }
+}

@@ -288,6 +288,8 @@ impl KvStore {
             }
             row.pos[t] = row.pos[f];
             row.last_visible[t] = row.last_visible[f];
+            // The source now holds a stale copy that no future query may see.
+            row.last_visible[f] = 0;
             let src = (row.blocks[f / bs] as usize * bs + f % bs) * d;
             let dst = (row.blocks[t / bs] as usize * bs + t % bs) * d;
             self.k.copy_within(src..src + d, dst);

@@ -9,12 +9,14 @@
 //! The engine executes the returned plans on its storage. Policies are built by name from a TOML
 //! table through a [`Registry`]; third parties can register their own.
 
+pub mod delayed;
 pub mod error;
 pub mod ledger;
 pub mod plan;
 pub mod policies;
 pub mod registry;
 
+pub use delayed::DelayedWindow;
 pub use error::PolicyError;
 pub use ledger::RowLedger;
 pub use plan::{CompactPlan, EvictPlan, Pos, Slot, Write, VISIBLE_FOREVER};
@@ -54,8 +56,11 @@ pub struct RowRef {
 pub enum SignalNeed {
     /// Nothing: the policy decides from positions alone.
     None,
-    /// One raw eviction score per (token, row), e.g. DMS's decision neuron or adapter output.
+    /// One raw eviction score per (token, row) from the model's DMS signal (decision neuron or
+    /// adapter output).
     DecisionScores,
+    /// The L2 norm of each (token, row) key.
+    KeyNorms,
 }
 
 /// A policy's per-sequence state. One instance serves every row of one sequence.
@@ -87,6 +92,10 @@ pub trait PolicyFactory: Send + Sync + std::fmt::Debug {
     /// What the model must compute for this policy.
     fn signal_need(&self) -> SignalNeed {
         SignalNeed::None
+    }
+    /// An adapter file (NVIDIA DMS format) the engine must load to produce decision scores.
+    fn adapter(&self) -> Option<&str> {
+        None
     }
     /// Creates the state for one new sequence.
     fn new_sequence(&self, shape: CacheShape) -> Box<dyn SequencePolicy>;

@@ -6,14 +6,14 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 
 use crate::policies::full::FullParams;
-use crate::policies::{FullPolicy, SlidingWindowPolicy};
+use crate::policies::{DmsPolicy, FullPolicy, SlidingWindowPolicy};
 use crate::{PolicyError, PolicyFactory};
 
 /// Builds a configured policy from its whole TOML table (including `name`).
 pub type PolicyBuilder =
     Arc<dyn Fn(&toml::Table) -> Result<Arc<dyn PolicyFactory>, PolicyError> + Send + Sync>;
 
-/// Named policy builders. [`Registry::with_builtins`] knows `full` and `sliding_window`;
+/// Named policy builders. [`Registry::with_builtins`] knows `full`, `sliding_window` and `dms`;
 /// third parties add theirs with [`Registry::register`].
 #[derive(Clone, Default)]
 pub struct Registry {
@@ -39,6 +39,7 @@ impl Registry {
             parse_params::<FullParams>("full", t)?;
             Ok(Arc::new(FullPolicy))
         });
+        r.register("dms", |t| Ok(Arc::new(DmsPolicy::new(parse_params("dms", t)?)?)));
         r.register("sliding_window", |t| {
             Ok(Arc::new(SlidingWindowPolicy::new(parse_params("sliding_window", t)?)?))
         });
@@ -56,6 +57,16 @@ impl Registry {
     /// Registered names, sorted.
     pub fn names(&self) -> Vec<String> {
         self.builders.keys().cloned().collect()
+    }
+
+    /// Checks that the table names a registered policy, without validating its parameters.
+    pub fn check_name(&self, table: &toml::Table) -> Result<(), PolicyError> {
+        let valid = self.names().join(", ");
+        match table.get("name").and_then(|v| v.as_str()) {
+            None => Err(PolicyError::MissingName { valid }),
+            Some(n) if self.builders.contains_key(n) => Ok(()),
+            Some(n) => Err(PolicyError::UnknownPolicy { name: n.to_string(), valid }),
+        }
     }
 
     /// Builds the policy named by the table's `name` key.
@@ -82,7 +93,14 @@ impl Registry {
 /// Deserialises a policy table into its parameter struct, turning serde's message into an error
 /// that names the policy and the offending key.
 pub fn parse_params<T: DeserializeOwned>(policy: &str, table: &toml::Table) -> Result<T, PolicyError> {
-    toml::Value::Table(table.clone()).try_into().map_err(|e: toml::de::Error| {
-        PolicyError::InvalidParams { policy: policy.into(), message: e.message().trim().to_string() }
+    let text = toml::to_string(table).unwrap_or_default();
+    toml::from_str(&text).map_err(|e: toml::de::Error| {
+        let at = e
+            .span()
+            .and_then(|sp| text.get(..sp.start).map(|before| before.rfind('\n').map_or(0, |i| i + 1)))
+            .and_then(|start| text[start..].lines().next())
+            .map(|line| format!(" (at `{}`)", line.trim()))
+            .unwrap_or_default();
+        PolicyError::InvalidParams { policy: policy.into(), message: format!("{}{at}", e.message().trim()) }
     })
 }

@@ -117,7 +117,9 @@ impl Engine {
     pub fn new(model: Llama, policy: Arc<dyn PolicyFactory>, block_size: usize, capacity_blocks: usize) -> Result<Self> {
         if policy.signal_need() == SignalNeed::DecisionScores && matches!(model.decision_source(), DecisionSource::None) {
             bail!(
-                "cache policy `{}` needs DMS decision scores but the model has no decision source (no dms_* fields in its config)",
+                "cache policy `{}` needs learned DMS decisions but the model has none (no dms_* fields or \
+                 dms_proj_alpha tensors): use a DMS checkpoint, set `adapter = \"DIR\"` in [cache.policy], \
+                 or choose `decision = \"key_norm\"` or `decision = \"random\"`",
                 policy.name()
             );
         }
@@ -141,9 +143,9 @@ impl Engine {
     /// Runs `tokens` of one sequence through the model; returns the last position's logits
     /// (`[1, vocab]`), or every position's when `all_logits`.
     pub fn step(&mut self, seq: &mut SequenceCache, tokens: &[u32], all_logits: bool) -> Result<Tensor> {
-        let wants = self.policy.signal_need() == SignalNeed::DecisionScores;
+        let signal = self.policy.signal_need();
         let mut inputs = [SeqInput { tokens, cache: seq }];
-        let mut out = self.model.forward(&mut inputs, &mut self.store, wants, all_logits)?;
+        let mut out = self.model.forward(&mut inputs, &mut self.store, signal, all_logits)?;
         Ok(out.pop().expect("one sequence in, one out"))
     }
 

@@ -1,5 +1,7 @@
 //! From an engine config to a running engine, and the `run` summary line.
 
+use std::path::Path;
+
 use anyhow::{Context, Result};
 use dms_policy::Registry;
 use tokenizers::Tokenizer;
@@ -7,6 +9,7 @@ use tokenizers::Tokenizer;
 use crate::assets::resolve_model;
 use crate::config::{open_device, EngineConfig};
 use crate::engine::{load_model, Engine, GenParams, Generation};
+use crate::model::{Llama, Weights};
 
 /// The policy registry the engine uses: every built-in policy.
 pub fn registry() -> Registry {
@@ -15,14 +18,80 @@ pub fn registry() -> Registry {
 
 /// Loads the model, builds the policy and sizes the pool as the config says.
 pub fn build_engine(cfg: &EngineConfig) -> Result<(Engine, Option<Tokenizer>)> {
-    let policy = registry().build(&cfg.cache.policy).context("[cache.policy]")?;
+    registry().check_name(&cfg.cache.policy).context("[cache.policy]")?;
     let device = open_device(&cfg.model.device)?;
     let path = resolve_model(&cfg.model.source, cfg.base_dir.as_deref())?;
-    let loaded = load_model(&path, &device, false).with_context(|| format!("loading model {}", path.display()))?;
+    let mut loaded = load_model(&path, &device, false).with_context(|| format!("loading model {}", path.display()))?;
+    let table = resolve_policy_table(&cfg.cache.policy, &mut loaded.model, cfg.base_dir.as_deref())?;
+    let policy = registry().build(&table).context("[cache.policy]")?;
     let mc = loaded.model.config();
     let blocks = cfg.capacity_blocks(mc.num_layers, mc.num_kv_heads, mc.head_dim);
     let engine = Engine::new(loaded.model, policy, cfg.cache.block_size, blocks)?;
     Ok((engine, loaded.tokenizer))
+}
+
+/// Completes a `dms` policy table from the model: loads a configured adapter into the model, then
+/// fills `window`, `alpha_scale`, `alpha_offset` and `disable_eviction` from the checkpoint's (or
+/// adapter's) `dms_*` fields where the config does not set them, and reports which values it used.
+pub fn resolve_policy_table(table: &toml::Table, model: &mut Llama, base: Option<&Path>) -> Result<toml::Table> {
+    let mut table = table.clone();
+    if table.get("name").and_then(|v| v.as_str()) != Some("dms") {
+        return Ok(table);
+    }
+    if let Some(adapter) = table.get("adapter").and_then(|v| v.as_str()) {
+        let dir = resolve_model(adapter, base).context("[cache.policy] adapter")?;
+        load_adapter(&dir, model)?;
+    }
+    let f = model.config().dms.clone();
+    let defaults: [(&str, Option<toml::Value>); 4] = [
+        ("window", f.dms_window_size.map(|x| toml::Value::Integer(x as i64))),
+        ("alpha_scale", f.dms_alpha_scale.map(|x| toml::Value::Float(x as f64))),
+        ("alpha_offset", f.dms_initial_alpha_offset.map(|x| toml::Value::Float(x as f64))),
+        ("disable_eviction", f.dms_disable_eviction.map(toml::Value::Boolean)),
+    ];
+    let mut used = Vec::new();
+    for (key, value) in defaults {
+        match (table.get(key), value) {
+            (Some(v), _) => used.push(format!("{key} = {v} (engine config)")),
+            (None, Some(v)) => {
+                used.push(format!("{key} = {v} (model checkpoint)"));
+                table.insert(key.into(), v);
+            }
+            (None, None) => {}
+        }
+    }
+    eprintln!("dms policy values: {}", used.join(", "));
+    Ok(table)
+}
+
+/// Loads an adapter in NVIDIA's DMS format: a directory with `config.json` (its `dms_*` fields)
+/// and safetensors holding `model.layers.N.self_attn.dms_proj_alpha{,_norm}.weight`.
+pub fn load_adapter(dir: &Path, model: &mut Llama) -> Result<()> {
+    let cfg_text = std::fs::read_to_string(dir.join("config.json"))
+        .with_context(|| format!("adapter directory {} has no readable config.json", dir.display()))?;
+    let fields: crate::model::config::DmsCheckpointFields =
+        serde_json::from_str(&cfg_text).with_context(|| format!("{}/config.json", dir.display()))?;
+    if fields.dms_separate_alpha == Some(false) {
+        anyhow::bail!("adapter {}: dms_separate_alpha is false, but an adapter file must hold dms_proj_alpha tensors", dir.display());
+    }
+    let mut shards: Vec<std::path::PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    shards.sort();
+    let w = Weights::open_safetensors(&shards).with_context(|| format!("adapter {}", dir.display()))?;
+    model.attach_adapter(&w, false).with_context(|| format!("adapter {}", dir.display()))?;
+    let d = model.dms_fields_mut();
+    let merged = crate::model::config::DmsCheckpointFields {
+        dms_window_size: fields.dms_window_size.or(d.dms_window_size),
+        dms_alpha_scale: fields.dms_alpha_scale.or(d.dms_alpha_scale),
+        dms_initial_alpha_offset: fields.dms_initial_alpha_offset.or(d.dms_initial_alpha_offset),
+        dms_separate_alpha: Some(true),
+        dms_alpha_per: fields.dms_alpha_per.or(d.dms_alpha_per.clone()),
+        dms_disable_eviction: fields.dms_disable_eviction.or(d.dms_disable_eviction),
+    };
+    *d = merged;
+    Ok(())
 }
 
 /// Generation settings from the config.

@@ -1,8 +1,10 @@
 //! Built-in policies.
 
+pub mod dms;
 pub mod full;
 pub mod sliding_window;
 
+pub use dms::DmsPolicy;
 pub use full::FullPolicy;
 pub use sliding_window::SlidingWindowPolicy;
 
@@ -19,6 +21,10 @@ impl<T> Rows<T> {
     pub(crate) fn new(shape: CacheShape, make: impl FnMut() -> T) -> Self {
         let mut make = make;
         Self { shape, rows: (0..shape.n_rows()).map(|_| make()).collect() }
+    }
+
+    pub(crate) fn get(&self, row: RowRef) -> Option<&T> {
+        self.valid(row).then(|| &self.rows[self.shape.index(row)])
     }
 
     pub(crate) fn get_mut(&mut self, row: RowRef) -> Option<&mut T> {

@@ -4,7 +4,7 @@
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::Linear;
-use dms_policy::Pos;
+use dms_policy::{Pos, SignalNeed};
 
 use super::config::ModelConfig;
 use super::weights::Weights;
@@ -128,6 +128,30 @@ impl Llama {
         Ok(Self { cfg, device: device.clone(), embed, layers, norm, lm_head, inv_freq, decision, neuron_mask })
     }
 
+    /// Attaches a DMS adapter (per layer `dms_proj_alpha` + `dms_proj_alpha_norm`, NVIDIA's
+    /// tensor names) so that the model produces decision scores.
+    pub fn attach_adapter(&mut self, w: &Weights, round_f16: bool) -> Result<()> {
+        let h = self.cfg.hidden_size;
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let a = format!("model.layers.{i}.self_attn.dms_proj_alpha");
+            let mut norm = w.get(&format!("{a}_norm.weight"), &[h], &self.device)?;
+            let mut proj = w.get(&format!("{a}.weight"), &[self.cfg.num_kv_heads, h], &self.device)?;
+            if round_f16 {
+                norm = norm.to_dtype(DType::F16)?.to_dtype(DType::F32)?;
+                proj = proj.to_dtype(DType::F16)?.to_dtype(DType::F32)?;
+            }
+            layer.adapter = Some((norm, Linear::new(proj, None)));
+        }
+        self.decision = DecisionSource::Adapter;
+        self.neuron_mask = None;
+        Ok(())
+    }
+
+    /// Mutable DMS fields (the adapter's `dms_*` values replace the checkpoint's).
+    pub fn dms_fields_mut(&mut self) -> &mut super::config::DmsCheckpointFields {
+        &mut self.cfg.dms
+    }
+
     /// The model's configuration.
     pub fn config(&self) -> &ModelConfig {
         &self.cfg
@@ -161,9 +185,9 @@ impl Llama {
     }
 
     /// Runs new tokens of one or more sequences through the model, updating their caches.
-    /// `scores_wanted` asks for DMS decision scores to be handed to the policies. Returns logits
+    /// `signal` says which per-(token, KV head) score the policies need. Returns logits
     /// per sequence: `[tokens, vocab]` when `all_logits`, else `[1, vocab]` for the last token.
-    pub fn forward(&self, seqs: &mut [SeqInput<'_>], store: &mut KvStore, scores_wanted: bool, all_logits: bool)
+    pub fn forward(&self, seqs: &mut [SeqInput<'_>], store: &mut KvStore, signal: SignalNeed, all_logits: bool)
         -> Result<Vec<Tensor>> {
         let cfg = &self.cfg;
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
@@ -195,13 +219,13 @@ impl Llama {
                 q = candle_nn::ops::rms_norm(&q.contiguous()?, qn, cfg.rms_norm_eps as f32)?;
                 k = candle_nn::ops::rms_norm(&k.contiguous()?, kn, cfg.rms_norm_eps as f32)?;
             }
-            let scores = match (&self.decision, scores_wanted) {
-                (DecisionSource::QueryNeuron, true) => {
+            let scores = match (&self.decision, signal) {
+                (DecisionSource::QueryNeuron, SignalNeed::DecisionScores) => {
                     let idx: Vec<u32> = (0..nkv).map(|j| (j * cfg.gqa()) as u32).collect();
-                    let s = q.narrow(2, hd - 1, 1)?.squeeze(2)?;
+                    let s = q.narrow(2, hd - 1, 1)?.squeeze(2)?.contiguous()?;
                     Some(s.index_select(&Tensor::new(idx.as_slice(), &self.device)?, 1)?)
                 }
-                (DecisionSource::Adapter, true) => {
+                (DecisionSource::Adapter, SignalNeed::DecisionScores) => {
                     let (norm_w, proj) = layer.adapter.as_ref().expect("adapter loaded with the model");
                     let a = candle_nn::ops::rms_norm(&x, norm_w, cfg.rms_norm_eps as f32)?;
                     Some(proj.forward(&a)?)
@@ -216,6 +240,7 @@ impl Llama {
                 q = q.broadcast_mul(mask)?;
             }
             let k = rope(&k, &cos, &sin)?;
+            let scores = if signal == SignalNeed::KeyNorms { Some(k.sqr()?.sum(2)?.sqrt()?) } else { scores };
             let scores = match scores {
                 Some(s) => Some(self.alpha_per_layer(s)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
                 None => None,

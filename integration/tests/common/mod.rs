@@ -14,9 +14,35 @@ pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
 }
 
-/// Loads a golden safetensors file.
+/// Loads a golden safetensors file (f32 as f32; i8/i32/i64 as i64).
 pub fn golden(path: &Path) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(path, &Device::Cpu).expect("golden file")
+    use safetensors::Dtype;
+    let bytes = std::fs::read(path).expect("golden file");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("golden file parses");
+    st.tensors()
+        .into_iter()
+        .map(|(name, v)| {
+            let d = v.data();
+            let shape = v.shape().to_vec();
+            let t = match v.dtype() {
+                Dtype::F32 => {
+                    let x: Vec<f32> = d.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+                    Tensor::from_vec(x, shape, &Device::Cpu)
+                }
+                Dtype::I8 => Tensor::from_vec(d.iter().map(|&b| b as i8 as i64).collect::<Vec<_>>(), shape, &Device::Cpu),
+                Dtype::I32 => {
+                    let x: Vec<i64> = d.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64).collect();
+                    Tensor::from_vec(x, shape, &Device::Cpu)
+                }
+                Dtype::I64 => {
+                    let x: Vec<i64> = d.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
+                    Tensor::from_vec(x, shape, &Device::Cpu)
+                }
+                other => panic!("unsupported golden dtype {other:?} for {name}"),
+            };
+            (name, t.unwrap())
+        })
+        .collect()
 }
 
 /// Tensor as u32 ids.

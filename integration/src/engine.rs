@@ -96,6 +96,8 @@ pub struct Generation {
     pub peak_allocated: u64,
     /// Compression ratio at the end (spec rule 6).
     pub compression_ratio: f64,
+    /// Kept fraction (kept slots / tokens seen) per layer at the end.
+    pub layer_kept_fraction: Vec<f64>,
     /// Logits that produced each generated token (`[vocab]` each), when requested.
     pub step_logits: Vec<Vec<f32>>,
 }
@@ -159,10 +161,13 @@ impl Engine {
         let result = self.generate_in(&mut seq, prompt, params, &mut trace);
         let seq_usage = seq.usage(&self.store);
         let cr = seq.compression_ratio(&self.store);
+        let layers: Vec<f64> =
+            (0..seq.shape().n_layers).map(|l| 1.0 / seq.layer_compression_ratio(l, &self.store)).collect();
         seq.release(&mut self.store);
         let mut g = result?;
         g.usage = seq_usage;
         g.compression_ratio = cr;
+        g.layer_kept_fraction = layers;
         Ok(g)
     }
 
@@ -211,6 +216,7 @@ impl Engine {
             usage: MemoryUsage::default(),
             peak_allocated: peak,
             compression_ratio: 1.0,
+            layer_kept_fraction: Vec::new(),
             step_logits,
         })
     }

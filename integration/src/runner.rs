@@ -129,7 +129,7 @@ pub fn summary_line(g: &Generation, policy: &str) -> String {
     let prefill = g.prompt_tokens as f64 / g.prefill_secs.max(1e-9);
     let decode = if g.decode_steps > 0 { g.decode_steps as f64 / g.decode_secs.max(1e-9) } else { 0.0 };
     format!(
-        "[summary] policy {policy} | tokens: prompt {}, generated {} | prefill {:.1} tok/s | decode {:.1} tok/s | KV live {} allocated {} (full cache {}) | compression ratio {:.2}x",
+        "[summary] policy {policy} | tokens: prompt {}, generated {} | prefill {:.1} tok/s | decode {:.1} tok/s | KV live {} allocated {} (full cache {}) | compression ratio {:.2}x | kept per layer {:.0}%-{:.0}%",
         g.prompt_tokens,
         g.tokens.len(),
         prefill,
@@ -137,6 +137,8 @@ pub fn summary_line(g: &Generation, policy: &str) -> String {
         fmt_bytes(g.usage.bytes_live),
         fmt_bytes(g.usage.bytes_allocated),
         fmt_bytes(g.usage.bytes_full),
-        g.compression_ratio
+        g.compression_ratio,
+        100.0 * g.layer_kept_fraction.iter().copied().fold(f64::INFINITY, f64::min).min(1.0),
+        100.0 * g.layer_kept_fraction.iter().copied().fold(0.0, f64::max),
     )
 }

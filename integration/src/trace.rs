@@ -1,4 +1,5 @@
-//! `--trace` output: JSON Lines with the kept positions per (step, layer) and the top logits per step.
+//! `--trace` output: JSON Lines with the kept positions, compression ratio, per-head kept
+//! fractions and bytes per (step, layer), and the top logits per step.
 
 use std::io::Write;
 
@@ -24,7 +25,16 @@ impl TraceWriter {
         for layer in 0..seq.shape().n_layers {
             let kept = seq.kept_positions(layer, store);
             let cr = seq.layer_compression_ratio(layer, store);
-            writeln!(self.out, "{}", json!({"step": step, "layer": layer, "kept": kept, "cr": cr}))?;
+            let seen = seq.seen().max(1) as f64;
+            let frac: Vec<f64> = kept.iter().map(|k| k.len() as f64 / seen).collect();
+            let live: u64 = seq.layer_rows(layer).iter().map(|&r| store.row_usage(r).bytes_live).sum();
+            let full: u64 = seq.layer_rows(layer).iter().map(|&r| store.row_usage(r).bytes_full).sum();
+            writeln!(
+                self.out,
+                "{}",
+                json!({"step": step, "layer": layer, "kept": kept, "cr": cr, "kept_fraction": frac,
+                       "bytes_live": live, "bytes_full": full})
+            )?;
         }
         let mut idx: Vec<usize> = (0..logits.len()).collect();
         idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));

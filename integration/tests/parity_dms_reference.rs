@@ -7,62 +7,15 @@
 //! logits 1e-3 (raw signal x 100). Decisions and kept sets must match exactly.
 
 mod common;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use candle_core::Device;
 use common::*;
 use dms_integration::engine::{load_model, Engine};
 use dms_integration::runner::resolve_policy_table;
-use dms_policy::{
-    CacheShape, CompactPlan, EvictPlan, PolicyError, PolicyFactory, Pos, Registry, RowRef, SequencePolicy, SignalNeed,
-};
+use dms_policy::{Pos, Registry};
 
-type Log = Arc<Mutex<Vec<(usize, usize, Pos, f32)>>>;
-
-/// Wraps a policy and records every decision score it receives.
-#[derive(Debug)]
-struct Recording {
-    inner: Arc<dyn PolicyFactory>,
-    log: Log,
-}
-
-struct RecordingSeq {
-    inner: Box<dyn SequencePolicy>,
-    log: Log,
-}
-
-impl PolicyFactory for Recording {
-    fn name(&self) -> &str {
-        self.inner.name()
-    }
-    fn signal_need(&self) -> SignalNeed {
-        self.inner.signal_need()
-    }
-    fn new_sequence(&self, shape: CacheShape) -> Box<dyn SequencePolicy> {
-        Box::new(RecordingSeq { inner: self.inner.new_sequence(shape), log: self.log.clone() })
-    }
-    fn describe(&self) -> String {
-        self.inner.describe()
-    }
-}
-
-impl SequencePolicy for RecordingSeq {
-    fn decide(&mut self, row: RowRef, first: Pos, n: usize, s: Option<&[f32]>) -> Result<(), PolicyError> {
-        if let Some(s) = s {
-            let mut log = self.log.lock().unwrap();
-            log.extend(s.iter().enumerate().map(|(i, &x)| (row.layer, row.head, first + i as Pos, x)));
-        }
-        self.inner.decide(row, first, n, s)
-    }
-    fn evict(&mut self, row: RowRef, first: Pos, n: usize, plan: &mut EvictPlan) -> Result<(), PolicyError> {
-        self.inner.evict(row, first, n, plan)
-    }
-    fn compact(&mut self, row: RowRef, plan: &mut CompactPlan) -> Result<(), PolicyError> {
-        self.inner.compact(row, plan)
-    }
-}
-
-fn dms_engine(variant: &str, extra: &str) -> (Engine, Log) {
+pub fn dms_engine(variant: &str, extra: &str) -> (Engine, Log) {
     let dir = fixture(&format!("qwen3_dms_tiny/{variant}/model"));
     let mut loaded = load_model(&dir, &Device::Cpu, false).unwrap();
     let table: toml::Table = toml::from_str(&format!("name = 'dms'\n{extra}")).unwrap();
@@ -215,4 +168,45 @@ fn window_override_changes_what_is_kept() {
             assert_eq!(kept, &want, "layer {l} head {h}");
         }
     }
+}
+
+#[test]
+fn adapter_directory_on_a_plain_model_reproduces_the_reference() {
+    // Build an NVIDIA-format adapter directory from the separate-alpha checkpoint and attach it to
+    // the plain qwen3_tiny model (same base weights): the outputs must match the reference.
+    let src = fixture("qwen3_dms_tiny/variant_separate_alpha/model");
+    let dir = std::env::temp_dir().join(format!("dms-adapter-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let all = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let adapter: std::collections::HashMap<String, candle_core::Tensor> =
+        all.into_iter().filter(|(k, _)| k.contains("dms_proj_alpha")).collect();
+    assert_eq!(adapter.len(), 4);
+    candle_core::safetensors::save(&adapter, dir.join("adapter.safetensors")).unwrap();
+    std::fs::write(dir.join("config.json"), r#"{"dms_window_size": 8, "dms_alpha_scale": 100.0,
+        "dms_initial_alpha_offset": 5.0, "dms_separate_alpha": true, "dms_alpha_per": "head"}"#).unwrap();
+
+    let mut loaded = load_model(&fixture("qwen3_tiny"), &Device::Cpu, false).unwrap();
+    let table: toml::Table = toml::from_str(&format!("name = 'dms'\nadapter = {:?}", dir.display().to_string())).unwrap();
+    let table = resolve_policy_table(&table, &mut loaded.model, None).unwrap();
+    assert_eq!(table["window"].as_integer(), Some(8), "window comes from the adapter's config");
+    let policy = Registry::with_builtins().build(&table).unwrap();
+    let mut eng = Engine::new(loaded.model, policy, 4, 1 << 12).unwrap();
+    let g = golden(&fixture("qwen3_dms_tiny/variant_separate_alpha/golden.safetensors"));
+    let prompt = ids(&g["prompt_ids"]);
+    let want = g["prefill_logits"].to_vec2::<f32>().unwrap();
+    let mut seq = eng.new_sequence();
+    let got = eng.step(&mut seq, &prompt, true).unwrap().to_vec2::<f32>().unwrap();
+    for t in 0..48 {
+        assert!(max_abs(&got[t], &want[t]) < 1e-4, "position {t}");
+    }
+    let kept: Vec<Vec<Vec<Pos>>> = (0..2).map(|l| seq.kept_positions(l, &eng.store)).collect();
+    assert_eq!(kept, presence(&g, 0));
+}
+
+#[test]
+fn dms_on_a_model_without_decisions_is_a_clear_error() {
+    let loaded = load_model(&fixture("qwen3_tiny"), &Device::Cpu, false).unwrap();
+    let policy = Registry::with_builtins().build(&toml::from_str("name = 'dms'\nwindow = 4").unwrap()).unwrap();
+    let err = Engine::new(loaded.model, policy, 4, 64).err().expect("must fail").to_string();
+    assert!(err.contains("no dms_* fields") && err.contains("key_norm"), "{err}");
 }

@@ -3,11 +3,13 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{Device, Tensor};
 use dms_integration::engine::{load_model, Engine};
-use dms_policy::Registry;
+use dms_policy::{
+    CacheShape, CompactPlan, EvictPlan, PolicyError, PolicyFactory, Pos, Registry, RowRef, SequencePolicy, SignalNeed,
+};
 
 /// Path of a fixture folder inside the repository.
 pub fn fixture(name: &str) -> PathBuf {
@@ -63,3 +65,50 @@ pub fn max_abs(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
+
+/// Recorded (layer, head, position, raw score).
+pub type Log = Arc<Mutex<Vec<(usize, usize, Pos, f32)>>>;
+
+/// Wraps a policy and records every decision score it receives.
+#[derive(Debug)]
+pub struct Recording {
+    pub inner: Arc<dyn PolicyFactory>,
+    pub log: Log,
+}
+
+struct RecordingSeq {
+    inner: Box<dyn SequencePolicy>,
+    log: Log,
+}
+
+impl PolicyFactory for Recording {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn signal_need(&self) -> SignalNeed {
+        self.inner.signal_need()
+    }
+    fn new_sequence(&self, shape: CacheShape) -> Box<dyn SequencePolicy> {
+        Box::new(RecordingSeq { inner: self.inner.new_sequence(shape), log: self.log.clone() })
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+impl SequencePolicy for RecordingSeq {
+    fn decide(&mut self, row: RowRef, first: Pos, n: usize, s: Option<&[f32]>) -> Result<(), PolicyError> {
+        if let Some(s) = s {
+            let mut log = self.log.lock().unwrap();
+            log.extend(s.iter().enumerate().map(|(i, &x)| (row.layer, row.head, first + i as Pos, x)));
+        }
+        self.inner.decide(row, first, n, s)
+    }
+    fn evict(&mut self, row: RowRef, first: Pos, n: usize, plan: &mut EvictPlan) -> Result<(), PolicyError> {
+        self.inner.evict(row, first, n, plan)
+    }
+    fn compact(&mut self, row: RowRef, plan: &mut CompactPlan) -> Result<(), PolicyError> {
+        self.inner.compact(row, plan)
+    }
+}
+

@@ -10,6 +10,8 @@ pub mod cache;
 pub mod kv_store;
 pub mod model;
 pub mod engine;
+#[cfg(feature = "cuda")]
+pub mod gpu;
 pub mod gguf_tokenizer;
 pub mod trace;
 pub mod assets;

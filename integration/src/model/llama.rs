@@ -152,6 +152,119 @@ impl Llama {
         &mut self.cfg.dms
     }
 
+    /// A model of the given shape with seeded random weights (N(0, 0.02), norms 1) in `dtype`,
+    /// for speed and memory work where weight values do not matter.
+    pub fn random(cfg: ModelConfig, device: &Device, dtype: DType) -> Result<Self> {
+        cfg.validate()?;
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        let w = |rows: usize, cols: usize| -> Result<Tensor> {
+            Ok(Tensor::randn(0f32, 0.02, (rows, cols), device)?.to_dtype(dtype)?)
+        };
+        let ones = |n: usize| -> Result<Tensor> { Ok(Tensor::ones(n, dtype, device)?) };
+        let lin = |out: usize, inp: usize| -> Result<Linear> { Ok(Linear::new(w(out, inp)?, None)) };
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for _ in 0..cfg.num_layers {
+            layers.push(Layer {
+                input_norm: ones(h)?,
+                post_norm: ones(h)?,
+                q_proj: lin(cfg.num_heads * hd, h)?,
+                k_proj: lin(cfg.num_kv_heads * hd, h)?,
+                v_proj: lin(cfg.num_kv_heads * hd, h)?,
+                o_proj: lin(h, cfg.num_heads * hd)?,
+                q_norm: if cfg.qk_norm { Some(ones(hd)?) } else { None },
+                k_norm: if cfg.qk_norm { Some(ones(hd)?) } else { None },
+                gate_proj: lin(cfg.intermediate_size, h)?,
+                up_proj: lin(cfg.intermediate_size, h)?,
+                down_proj: lin(h, cfg.intermediate_size)?,
+                adapter: None,
+            });
+        }
+        let embed = w(cfg.vocab_size, h)?;
+        let lm_head = if cfg.tie_word_embeddings { embed.clone() } else { w(cfg.vocab_size, h)? };
+        let inv_freq = cfg.rope_inv_freq().iter().map(|&f| f as f32).collect();
+        Ok(Self {
+            norm: ones(h)?,
+            cfg,
+            device: device.clone(),
+            embed,
+            layers,
+            lm_head,
+            inv_freq,
+            decision: DecisionSource::None,
+            neuron_mask: None,
+        })
+    }
+
+    /// The same model with every weight converted to `dtype`.
+    pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        let c = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(dtype)?) };
+        let cl = |l: &Linear| -> Result<Linear> { Ok(Linear::new(c(l.weight())?, l.bias().map(c).transpose()?)) };
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                Ok(Layer {
+                    input_norm: c(&l.input_norm)?,
+                    post_norm: c(&l.post_norm)?,
+                    q_proj: cl(&l.q_proj)?,
+                    k_proj: cl(&l.k_proj)?,
+                    v_proj: cl(&l.v_proj)?,
+                    o_proj: cl(&l.o_proj)?,
+                    q_norm: l.q_norm.as_ref().map(c).transpose()?,
+                    k_norm: l.k_norm.as_ref().map(c).transpose()?,
+                    gate_proj: cl(&l.gate_proj)?,
+                    up_proj: cl(&l.up_proj)?,
+                    down_proj: cl(&l.down_proj)?,
+                    adapter: match &l.adapter {
+                        Some((n, p)) => Some((c(n)?, cl(p)?)),
+                        None => None,
+                    },
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            cfg: self.cfg.clone(),
+            device: self.device.clone(),
+            embed: c(&self.embed)?,
+            layers,
+            norm: c(&self.norm)?,
+            lm_head: c(&self.lm_head)?,
+            inv_freq: self.inv_freq.clone(),
+            decision: self.decision.clone(),
+            neuron_mask: self.neuron_mask.clone(),
+        })
+    }
+
+    /// One decode step of `tokens.len()` sequences on the GPU cache: each sequence feeds one token
+    /// at its position. Returns logits `[batch, vocab]` (f32).
+    #[cfg(feature = "cuda")]
+    pub fn forward_gpu_decode(&self, tokens: &[u32], positions: &[Pos], cache: &mut crate::gpu::GpuCache,
+        decisions: &crate::gpu::StepDecisions, max_len_hint: usize) -> Result<Tensor> {
+        use crate::gpu::{Decisions, StepDecisions};
+        let cfg = &self.cfg;
+        let b = tokens.len();
+        let (cos, sin) = self.rope_tables(positions)?;
+        let mut x = self.embed.index_select(&Tensor::new(tokens, &self.device)?, 0)?;
+        let scale = 1.0 / (cfg.head_dim as f32).sqrt();
+        let signal = match decisions {
+            StepDecisions::Learned { .. } => SignalNeed::DecisionScores,
+            _ => SignalNeed::None,
+        };
+        for (li, layer) in self.layers.iter().enumerate() {
+            let (q, k, v, scores) = self.attn_inputs(layer, &x, &cos, &sin, signal)?;
+            let d = match (decisions, &scores) {
+                (StepDecisions::None, _) => Decisions::None,
+                (StepDecisions::Random { seed, rate }, _) => Decisions::Random { seed: *seed, rate: *rate },
+                (StepDecisions::Learned { scale, offset }, Some(s)) => Decisions::Scores { scores: s, scale: *scale, offset: *offset },
+                (StepDecisions::Learned { .. }, None) => bail!("learned decisions need a model with a DMS decision source"),
+            };
+            cache.update(li, &k.contiguous()?, &v, &d)?;
+            let attn = cache.attend(li, &q.contiguous()?, scale, max_len_hint)?;
+            x = self.finish_layer(layer, &x, &attn.reshape((b, cfg.num_heads * cfg.head_dim))?)?;
+        }
+        Ok(self.logits(&x)?.to_dtype(DType::F32)?)
+    }
+
     /// The model's configuration.
     pub fn config(&self) -> &ModelConfig {
         &self.cfg
@@ -206,43 +319,13 @@ impl Llama {
             ids.extend_from_slice(s.tokens);
             positions.extend((0..s.tokens.len() as Pos).map(|i| first + i));
         }
-        let n = ids.len();
         let (cos, sin) = self.rope_tables(&positions)?;
         let mut x = self.embed.index_select(&Tensor::new(ids.as_slice(), &self.device)?, 0)?;
         let scale = 1.0 / (hd as f64).sqrt();
         for (li, layer) in self.layers.iter().enumerate() {
-            let h = candle_nn::ops::rms_norm(&x, &layer.input_norm, cfg.rms_norm_eps as f32)?;
-            let mut q = layer.q_proj.forward(&h)?.reshape((n, nh, hd))?;
-            let mut k = layer.k_proj.forward(&h)?.reshape((n, nkv, hd))?;
-            let v = layer.v_proj.forward(&h)?.reshape((n, nkv, hd))?;
-            if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
-                q = candle_nn::ops::rms_norm(&q.contiguous()?, qn, cfg.rms_norm_eps as f32)?;
-                k = candle_nn::ops::rms_norm(&k.contiguous()?, kn, cfg.rms_norm_eps as f32)?;
-            }
-            let scores = match (&self.decision, signal) {
-                (DecisionSource::QueryNeuron, SignalNeed::DecisionScores) => {
-                    let idx: Vec<u32> = (0..nkv).map(|j| (j * cfg.gqa()) as u32).collect();
-                    let s = q.narrow(2, hd - 1, 1)?.squeeze(2)?.contiguous()?;
-                    Some(s.index_select(&Tensor::new(idx.as_slice(), &self.device)?, 1)?)
-                }
-                (DecisionSource::Adapter, SignalNeed::DecisionScores) => {
-                    let (norm_w, proj) = layer.adapter.as_ref().expect("adapter loaded with the model");
-                    let a = candle_nn::ops::rms_norm(&x, norm_w, cfg.rms_norm_eps as f32)?;
-                    Some(proj.forward(&a)?)
-                }
-                _ => None,
-            };
-            if let Some(mask) = &self.neuron_mask {
-                q = q.broadcast_mul(mask)?;
-            }
-            let mut q = rope(&q, &cos, &sin)?;
-            if let Some(mask) = &self.neuron_mask {
-                q = q.broadcast_mul(mask)?;
-            }
-            let k = rope(&k, &cos, &sin)?;
-            let scores = if signal == SignalNeed::KeyNorms { Some(k.sqr()?.sum(2)?.sqrt()?) } else { scores };
+            let (q, k, v, scores) = self.attn_inputs(layer, &x, &cos, &sin, signal)?;
             let scores = match scores {
-                Some(s) => Some(self.alpha_per_layer(s)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
+                Some(s) => Some(s.flatten_all()?.to_vec1::<f32>()?),
                 None => None,
             };
             let k_host = k.flatten_all()?.to_vec1::<f32>()?;
@@ -271,12 +354,7 @@ impl Llama {
                 outs.push(out);
             }
             let attn = if outs.len() == 1 { outs.pop().expect("one output") } else { Tensor::cat(&outs, 0)? };
-            x = (x + layer.o_proj.forward(&attn)?)?;
-            let h = candle_nn::ops::rms_norm(&x, &layer.post_norm, cfg.rms_norm_eps as f32)?;
-            let mlp = layer
-                .down_proj
-                .forward(&(candle_nn::ops::silu(&layer.gate_proj.forward(&h)?)? * layer.up_proj.forward(&h)?)?)?;
-            x = (x + mlp)?;
+            x = self.finish_layer(layer, &x, &attn)?;
         }
         for (s, &(_, t)) in seqs.iter_mut().zip(&spans) {
             s.cache.advance(t);
@@ -284,10 +362,57 @@ impl Llama {
         let mut logits = Vec::with_capacity(spans.len());
         for &(start, t) in &spans {
             let xs = if all_logits { x.narrow(0, start, t)? } else { x.narrow(0, start + t - 1, 1)? };
-            let xs = candle_nn::ops::rms_norm(&xs.contiguous()?, &self.norm, cfg.rms_norm_eps as f32)?;
-            logits.push(xs.matmul(&self.lm_head.t()?)?);
+            logits.push(self.logits(&xs)?);
         }
         Ok(logits)
+    }
+
+    /// Queries `[n, heads, hd]` and keys (after RoPE), values, and the per-(token, KV head) signal
+    /// the policy asked for (f32 `[n, kv_heads]`), for one layer. Applies the query-neuron zeroing
+    /// of DMS checkpoints (spec rule 1.3) whatever the policy.
+    fn attn_inputs(&self, layer: &Layer, x: &Tensor, cos: &Tensor, sin: &Tensor, signal: SignalNeed)
+        -> Result<(Tensor, Tensor, Tensor, Option<Tensor>)> {
+        let cfg = &self.cfg;
+        let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let n = x.dim(0)?;
+        let h = candle_nn::ops::rms_norm(x, &layer.input_norm, cfg.rms_norm_eps as f32)?;
+        let mut q = layer.q_proj.forward(&h)?.reshape((n, nh, hd))?;
+        let mut k = layer.k_proj.forward(&h)?.reshape((n, nkv, hd))?;
+        let v = layer.v_proj.forward(&h)?.reshape((n, nkv, hd))?;
+        if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+            q = candle_nn::ops::rms_norm(&q.contiguous()?, qn, cfg.rms_norm_eps as f32)?;
+            k = candle_nn::ops::rms_norm(&k.contiguous()?, kn, cfg.rms_norm_eps as f32)?;
+        }
+        let scores = match (&self.decision, signal) {
+            (DecisionSource::QueryNeuron, SignalNeed::DecisionScores) => {
+                let idx: Vec<u32> = (0..nkv).map(|j| (j * cfg.gqa()) as u32).collect();
+                let s = q.narrow(2, hd - 1, 1)?.squeeze(2)?.contiguous()?;
+                Some(s.index_select(&Tensor::new(idx.as_slice(), &self.device)?, 1)?)
+            }
+            (DecisionSource::Adapter, SignalNeed::DecisionScores) => {
+                let (norm_w, proj) = layer.adapter.as_ref().expect("adapter loaded with the model");
+                let a = candle_nn::ops::rms_norm(x, norm_w, cfg.rms_norm_eps as f32)?;
+                Some(proj.forward(&a)?)
+            }
+            _ => None,
+        };
+        if let Some(mask) = &self.neuron_mask {
+            q = q.broadcast_mul(&mask.to_dtype(q.dtype())?)?;
+        }
+        let mut q = rope(&q, cos, sin)?;
+        if let Some(mask) = &self.neuron_mask {
+            q = q.broadcast_mul(&mask.to_dtype(q.dtype())?)?;
+        }
+        let k = rope(&k, cos, sin)?;
+        let scores = if signal == SignalNeed::KeyNorms {
+            Some(k.to_dtype(DType::F32)?.sqr()?.sum(2)?.sqrt()?)
+        } else {
+            match scores {
+                Some(s) => Some(self.alpha_per_layer(s)?.to_dtype(DType::F32)?.contiguous()?),
+                None => None,
+            }
+        };
+        Ok((q, k, v.contiguous()?, scores))
     }
 
     /// Applies `dms_alpha_per = "layer"`: head 0's score for every head.
@@ -297,6 +422,22 @@ impl Llama {
             return Ok(s.narrow(1, 0, 1)?.broadcast_as((n, kv))?.contiguous()?);
         }
         Ok(s)
+    }
+
+    /// Output projection, residual, and the MLP block.
+    fn finish_layer(&self, layer: &Layer, x: &Tensor, attn: &Tensor) -> Result<Tensor> {
+        let x = (x + layer.o_proj.forward(attn)?)?;
+        let h = candle_nn::ops::rms_norm(&x, &layer.post_norm, self.cfg.rms_norm_eps as f32)?;
+        let mlp = layer
+            .down_proj
+            .forward(&(candle_nn::ops::silu(&layer.gate_proj.forward(&h)?)? * layer.up_proj.forward(&h)?)?)?;
+        Ok((x + mlp)?)
+    }
+
+    /// Final norm and lm_head for `[n, hidden]` rows.
+    fn logits(&self, xs: &Tensor) -> Result<Tensor> {
+        let xs = candle_nn::ops::rms_norm(&xs.contiguous()?, &self.norm, self.cfg.rms_norm_eps as f32)?;
+        Ok(xs.matmul(&self.lm_head.t()?)?)
     }
 
     fn rope_tables(&self, positions: &[Pos]) -> Result<(Tensor, Tensor)> {
@@ -311,7 +452,11 @@ impl Llama {
             }
         }
         let n = positions.len();
-        Ok((Tensor::from_vec(cos, (n, half), &self.device)?, Tensor::from_vec(sin, (n, half), &self.device)?))
+        let dt = self.embed.dtype();
+        Ok((
+            Tensor::from_vec(cos, (n, half), &self.device)?.to_dtype(dt)?,
+            Tensor::from_vec(sin, (n, half), &self.device)?.to_dtype(dt)?,
+        ))
     }
 }
 

@@ -1,0 +1,410 @@
+//! CUDA path (feature `cuda`): a device-resident paged KV cache whose DMS bookkeeping runs on the
+//! GPU (no host round trip per layer), and split-K paged decode attention over rows of different
+//! lengths. The element type is f32 (checks) or bf16 (benchmarks).
+
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::CudaDevice;
+use candle_core::{DType, Device, Storage, Tensor};
+use std::sync::Arc;
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/dms_kernels.ptx"));
+const MODULE: &str = "dms_kernels";
+const MAX_GQA: usize = 8;
+
+/// How the device decides which tokens to flag in a decode step.
+pub enum Decisions<'a> {
+    /// Never flag (full cache).
+    None,
+    /// Flag token p with probability `rate`, the same hash as dms-policy's `random` decisions.
+    Random {
+        /// Seed.
+        seed: u64,
+        /// Flag probability.
+        rate: f64,
+    },
+    /// Learned: flag iff `score * scale - offset > 0`; `scores` is f32 `[batch, kv_heads]` on the device.
+    Scores {
+        /// Raw decision scores of the new tokens.
+        scores: &'a Tensor,
+        /// alpha_scale.
+        scale: f32,
+        /// alpha_offset.
+        offset: f32,
+    },
+}
+
+fn drv<T, E: std::fmt::Debug>(r: std::result::Result<T, E>) -> Result<T> {
+    r.map_err(|e| anyhow!("CUDA driver: {e:?}"))
+}
+
+/// Shape of a device cache.
+#[derive(Debug, Clone, Copy)]
+pub struct GpuCacheShape {
+    /// Decoder layers.
+    pub layers: usize,
+    /// Sequences decoded together.
+    pub batch: usize,
+    /// KV heads per layer.
+    pub kv_heads: usize,
+    /// Head width.
+    pub head_dim: usize,
+    /// Slots per block.
+    pub block_size: usize,
+    /// DMS delay W (ring of W + 1 tokens per row); use any value for a full cache.
+    pub window: usize,
+    /// Most blocks one row may hold.
+    pub max_blocks_per_row: usize,
+    /// Blocks in the shared pool.
+    pub num_blocks: usize,
+}
+
+impl GpuCacheShape {
+    /// Rows per layer.
+    pub fn rows(&self) -> usize {
+        self.batch * self.kv_heads
+    }
+    /// Bytes of K+V per slot for an element type.
+    pub fn slot_bytes(&self, dtype: DType) -> u64 {
+        (2 * self.head_dim * dtype.size_in_bytes()) as u64
+    }
+}
+
+/// The device cache: pools, block tables, per-row lengths and DMS rings.
+pub struct GpuCache {
+    dev: CudaDevice,
+    stream: Arc<CudaStream>,
+    dtype: DType,
+    /// Shape.
+    pub shape: GpuCacheShape,
+    k_pool: Tensor,
+    v_pool: Tensor,
+    block_table: CudaSlice<i32>,
+    row_len: CudaSlice<i32>,
+    row_pos: CudaSlice<i32>,
+    ring_slot: CudaSlice<i32>,
+    ring_flag: CudaSlice<u8>,
+    pool_pos: CudaSlice<i32>,
+    free_list: CudaSlice<i32>,
+    free_top: CudaSlice<i32>,
+    err: CudaSlice<i32>,
+    part_acc: CudaSlice<f32>,
+    part_m: CudaSlice<f32>,
+    part_l: CudaSlice<f32>,
+    splits: usize,
+}
+
+/// Host-side initial state of every row (for synthetic benchmark caches).
+pub struct RowInit {
+    /// Slots in use per row (`layers * rows`).
+    pub len: Vec<i32>,
+    /// Tokens seen per row.
+    pub pos: Vec<i32>,
+    /// Ring contents (slot, flag) per row, `wc` entries, ring index = position % wc.
+    pub ring_slot: Vec<i32>,
+    /// Flags per ring entry.
+    pub ring_flag: Vec<u8>,
+}
+
+fn cuda_dev(device: &Device) -> Result<CudaDevice> {
+    match device {
+        Device::Cuda(d) => Ok(d.clone()),
+        _ => bail!("the GPU cache needs a CUDA device"),
+    }
+}
+
+/// Borrow the CUDA slice of a contiguous tensor as (storage guard) and run `f` with it.
+macro_rules! with_slice {
+    ($t:expr, $ty:ty, |$s:ident| $body:expr) => {{
+        let t = $t;
+        if !t.is_contiguous() {
+            bail!("tensor must be contiguous");
+        }
+        let (st, layout) = t.storage_and_layout();
+        let Storage::Cuda(cs) = &*st else { bail!("tensor is not on a CUDA device") };
+        let full = cs.as_cuda_slice::<$ty>().map_err(|e| anyhow!("{e}"))?;
+        let $s = full.slice(layout.start_offset()..);
+        $body
+    }};
+}
+
+impl GpuCache {
+    /// An empty cache (every row holds nothing) in `dtype` (f32 or bf16).
+    pub fn new(device: &Device, dtype: DType, shape: GpuCacheShape) -> Result<Self> {
+        let n_rows = shape.layers * shape.rows();
+        let wc = shape.window + 1;
+        let init = RowInit {
+            len: vec![0; n_rows],
+            pos: vec![0; n_rows],
+            ring_slot: vec![0; n_rows * wc],
+            ring_flag: vec![0; n_rows * wc],
+        };
+        Self::with_rows(device, dtype, shape, init)
+    }
+
+    /// A cache whose rows start in the given state; each row's slots occupy consecutive blocks.
+    pub fn with_rows(device: &Device, dtype: DType, shape: GpuCacheShape, init: RowInit) -> Result<Self> {
+        if !matches!(dtype, DType::F32 | DType::BF16) {
+            bail!("GPU cache dtype must be f32 or bf16");
+        }
+        if shape.head_dim > 256 || shape.head_dim % 32 != 0 {
+            bail!("head_dim {} unsupported by the decode kernel (multiple of 32, at most 256)", shape.head_dim);
+        }
+        let dev = cuda_dev(device)?;
+        let stream = dev.cuda_stream();
+        let n_rows = shape.layers * shape.rows();
+        let (bs, mb) = (shape.block_size, shape.max_blocks_per_row);
+        let mut table = vec![0i32; n_rows * mb];
+        let mut next = 0usize;
+        for r in 0..n_rows {
+            let blocks = (init.len[r] as usize).div_ceil(bs);
+            if blocks > mb {
+                bail!("row {r} needs {blocks} blocks, more than max_blocks_per_row {mb}");
+            }
+            for b in 0..blocks {
+                table[r * mb + b] = next as i32;
+                next += 1;
+            }
+        }
+        if next > shape.num_blocks {
+            bail!("initial rows need {next} blocks but the pool has {}", shape.num_blocks);
+        }
+        let free: Vec<i32> = (next as i32..shape.num_blocks as i32).rev().collect();
+        let slots = shape.num_blocks * bs;
+        let k_pool = Tensor::zeros((slots, shape.head_dim), dtype, device)?;
+        let v_pool = Tensor::zeros((slots, shape.head_dim), dtype, device)?;
+        let mut free_list = drv(stream.alloc_zeros::<i32>(shape.num_blocks.max(1)))?;
+        if !free.is_empty() {
+            drv(stream.memcpy_htod(&free, &mut free_list))?;
+        }
+        let mut cache = Self {
+            block_table: drv(stream.clone_htod(&table))?,
+            row_len: drv(stream.clone_htod(&init.len))?,
+            row_pos: drv(stream.clone_htod(&init.pos))?,
+            ring_slot: drv(stream.clone_htod(&init.ring_slot))?,
+            ring_flag: drv(stream.clone_htod(&init.ring_flag))?,
+            pool_pos: drv(stream.alloc_zeros::<i32>(slots))?,
+            free_list,
+            free_top: drv(stream.clone_htod(&[free.len() as i32]))?,
+            err: drv(stream.alloc_zeros::<i32>(1))?,
+            part_acc: drv(stream.alloc_zeros::<f32>(1))?,
+            part_m: drv(stream.alloc_zeros::<f32>(1))?,
+            part_l: drv(stream.alloc_zeros::<f32>(1))?,
+            splits: 0,
+            dev,
+            stream,
+            dtype,
+            shape,
+            k_pool,
+            v_pool,
+        };
+        cache.fill_random(7)?;
+        Ok(cache)
+    }
+
+    fn suffix(&self) -> &'static str {
+        if self.dtype == DType::F32 { "f32" } else { "bf16" }
+    }
+
+    fn func(&self, name: &str) -> Result<CudaFunction> {
+        let full = format!("{name}_{}", self.suffix());
+        Ok(self
+            .dev
+            .get_or_load_custom_func(&full, MODULE, PTX)
+            .with_context(|| format!("loading kernel {full}"))?
+            .into_cuda_function())
+    }
+
+    /// Overwrites both pools with pseudo-random values.
+    pub fn fill_random(&mut self, seed: u32) -> Result<()> {
+        let f = self.func("dms_fill")?;
+        for pool in [&self.k_pool, &self.v_pool] {
+            let n = pool.elem_count() as i64;
+            let cfg = LaunchConfig { grid_dim: (4096, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            if self.dtype == DType::F32 {
+                with_slice!(pool, f32, |s| {
+                    let mut b = self.stream.launch_builder(&f);
+                    b.arg(&s).arg(&n).arg(&seed);
+                    drv(unsafe { b.launch(cfg) })?;
+                });
+            } else {
+                with_slice!(pool, half::bf16, |s| {
+                    let mut b = self.stream.launch_builder(&f);
+                    b.arg(&s).arg(&n).arg(&seed);
+                    drv(unsafe { b.launch(cfg) })?;
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Decides, evicts and writes one new token per row of `layer`. `k_new`/`v_new`:
+    /// `[batch, kv_heads, head_dim]`, contiguous, in the cache dtype.
+    pub fn update(&mut self, layer: usize, k_new: &Tensor, v_new: &Tensor, decisions: &Decisions) -> Result<()> {
+        let s = self.shape;
+        let rows = s.rows();
+        let f = self.func("dms_decode_update")?;
+        let (mode, seed, rate, scale, offset): (i32, u64, f64, f32, f32) = match decisions {
+            Decisions::None => (0, 0, 0.0, 0.0, 0.0),
+            Decisions::Random { seed, rate } => (1, *seed, *rate, 0.0, 0.0),
+            Decisions::Scores { scale, offset, .. } => (2, 0, 0.0, *scale, *offset),
+        };
+        let dummy = Tensor::zeros(rows, DType::F32, &Device::Cuda(self.dev.clone()))?;
+        let scores = match decisions {
+            Decisions::Scores { scores, .. } => (*scores).clone(),
+            _ => dummy,
+        };
+        let (kv, d, bs, wc, mb, li) =
+            (s.kv_heads as i32, s.head_dim as i32, s.block_size as i32, (s.window + 1) as i32, s.max_blocks_per_row as i32, layer as i32);
+        let ro = layer * rows;
+        let table = self.block_table.slice(ro * s.max_blocks_per_row..(ro + rows) * s.max_blocks_per_row);
+        let lens = self.row_len.slice(ro..ro + rows);
+        let pos = self.row_pos.slice(ro..ro + rows);
+        let rs = self.ring_slot.slice(ro * (s.window + 1)..(ro + rows) * (s.window + 1));
+        let rf = self.ring_flag.slice(ro * (s.window + 1)..(ro + rows) * (s.window + 1));
+        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (s.head_dim as u32, 1, 1), shared_mem_bytes: 0 };
+        macro_rules! go {
+            ($ty:ty) => {
+                with_slice!(k_new, $ty, |kn| with_slice!(v_new, $ty, |vn| with_slice!(&self.k_pool, $ty, |kp| with_slice!(&self.v_pool, $ty, |vp| with_slice!(&scores, f32, |sc| {
+                    let mut b = self.stream.launch_builder(&f);
+                    b.arg(&kv).arg(&d).arg(&bs).arg(&wc).arg(&mb).arg(&li)
+                        .arg(&kn).arg(&vn).arg(&kp).arg(&vp)
+                        .arg(&table).arg(&lens).arg(&pos).arg(&rs).arg(&rf).arg(&self.pool_pos)
+                        .arg(&self.free_list).arg(&self.free_top).arg(&self.err)
+                        .arg(&mode).arg(&seed).arg(&rate).arg(&sc).arg(&scale).arg(&offset);
+                    drv(unsafe { b.launch(cfg) })?;
+                })))))
+            };
+        }
+        if k_new.dims() != [s.batch, s.kv_heads, s.head_dim] || v_new.dims() != k_new.dims() {
+            bail!("new K/V have shape {:?}, expected [{}, {}, {}]", k_new.dims(), s.batch, s.kv_heads, s.head_dim);
+        }
+        if self.dtype == DType::F32 { go!(f32) } else { go!(half::bf16) }
+        Ok(())
+    }
+
+    /// Decode attention of `q` (`[batch, n_heads, head_dim]`) over the rows of `layer`.
+    pub fn attend(&mut self, layer: usize, q: &Tensor, scale: f32, max_len_hint: usize) -> Result<Tensor> {
+        let s = self.shape;
+        let rows = s.rows();
+        let (b, nh, d) = q.dims3()?;
+        if b != s.batch || d != s.head_dim || nh % s.kv_heads != 0 || nh / s.kv_heads > MAX_GQA {
+            bail!("query shape {:?} does not fit the cache", q.dims());
+        }
+        let g = nh / s.kv_heads;
+        let splits = (1056 / rows).clamp(1, max_len_hint.div_ceil(64).max(1));
+        let need = rows * splits * g;
+        if self.splits * rows * g < need || self.part_m.len() < need {
+            self.part_acc = drv(self.stream.alloc_zeros::<f32>(need * d))?;
+            self.part_m = drv(self.stream.alloc_zeros::<f32>(need))?;
+            self.part_l = drv(self.stream.alloc_zeros::<f32>(need))?;
+        }
+        self.splits = splits;
+        let out = Tensor::zeros((b, nh, d), self.dtype, q.device())?;
+        let fp = self.func("dms_decode_partial")?;
+        let fr = self.func("dms_decode_reduce")?;
+        let (kv, gi, di, bs, mb, sp) =
+            (s.kv_heads as i32, g as i32, d as i32, s.block_size as i32, s.max_blocks_per_row as i32, splits as i32);
+        let ro = layer * rows;
+        let table = self.block_table.slice(ro * s.max_blocks_per_row..(ro + rows) * s.max_blocks_per_row);
+        let lens = self.row_len.slice(ro..ro + rows);
+        let c1 = LaunchConfig { grid_dim: (rows as u32, splits as u32, 1), block_dim: (d as u32, 1, 1), shared_mem_bytes: 0 };
+        let c2 = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (d as u32, 1, 1), shared_mem_bytes: 0 };
+        macro_rules! go {
+            ($ty:ty) => {
+                with_slice!(q, $ty, |qs| with_slice!(&self.k_pool, $ty, |kp| with_slice!(&self.v_pool, $ty, |vp| with_slice!(&out, $ty, |os| {
+                    let mut a = self.stream.launch_builder(&fp);
+                    a.arg(&kv).arg(&gi).arg(&di).arg(&bs).arg(&mb).arg(&scale).arg(&qs).arg(&kp).arg(&vp)
+                        .arg(&table).arg(&lens).arg(&self.part_acc).arg(&self.part_m).arg(&self.part_l);
+                    drv(unsafe { a.launch(c1) })?;
+                    let mut r = self.stream.launch_builder(&fr);
+                    r.arg(&kv).arg(&gi).arg(&di).arg(&sp).arg(&self.part_acc).arg(&self.part_m).arg(&self.part_l).arg(&os);
+                    drv(unsafe { r.launch(c2) })?;
+                }))))
+            };
+        }
+        if self.dtype == DType::F32 { go!(f32) } else { go!(half::bf16) }
+        Ok(out)
+    }
+
+    /// Fails if any kernel ran out of blocks.
+    pub fn check(&self) -> Result<()> {
+        let e = drv(self.stream.clone_dtoh(&self.err))?;
+        if e[0] != 0 {
+            bail!("the GPU KV cache ran out of blocks");
+        }
+        Ok(())
+    }
+
+    /// Slots in use per row (`layers * batch * kv_heads`, row = (layer, sequence, kv head)).
+    pub fn row_lengths(&self) -> Result<Vec<i32>> {
+        drv(self.stream.clone_dtoh(&self.row_len))
+    }
+
+    /// Sorted absolute positions held by every row (for checks; downloads the tables).
+    pub fn kept_positions(&self) -> Result<Vec<Vec<u32>>> {
+        let lens = self.row_lengths()?;
+        let table = drv(self.stream.clone_dtoh(&self.block_table))?;
+        let pos = drv(self.stream.clone_dtoh(&self.pool_pos))?;
+        let (bs, mb) = (self.shape.block_size, self.shape.max_blocks_per_row);
+        Ok(lens
+            .iter()
+            .enumerate()
+            .map(|(r, &n)| {
+                let mut v: Vec<u32> =
+                    (0..n as usize).map(|s| pos[table[r * mb + s / bs] as usize * bs + s % bs] as u32).collect();
+                v.sort_unstable();
+                v
+            })
+            .collect())
+    }
+
+    /// Keys and values of one row in slot order (for checks).
+    pub fn row_kv(&self, row: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        let lens = self.row_lengths()?;
+        let table = drv(self.stream.clone_dtoh(&self.block_table))?;
+        let (bs, mb, d) = (self.shape.block_size, self.shape.max_blocks_per_row, self.shape.head_dim);
+        let k = self.k_pool.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let v = self.v_pool.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut ko = Vec::new();
+        let mut vo = Vec::new();
+        for s in 0..lens[row] as usize {
+            let at = (table[row * mb + s / bs] as usize * bs + s % bs) * d;
+            ko.extend_from_slice(&k[at..at + d]);
+            vo.extend_from_slice(&v[at..at + d]);
+        }
+        Ok((ko, vo))
+    }
+
+    /// Bytes of K+V in occupied slots.
+    pub fn bytes_live(&self) -> Result<u64> {
+        let n: i64 = self.row_lengths()?.iter().map(|&x| x as i64).sum();
+        Ok(n as u64 * self.shape.slot_bytes(self.dtype))
+    }
+
+    /// Waits for the device.
+    pub fn synchronize(&self) -> Result<()> {
+        drv(self.stream.synchronize())
+    }
+}
+
+/// What decides evictions in a GPU decode step.
+#[derive(Debug, Clone, Copy)]
+pub enum StepDecisions {
+    /// Full cache.
+    None,
+    /// Synthetic decisions at a set rate.
+    Random {
+        /// Seed.
+        seed: u64,
+        /// Flag probability.
+        rate: f64,
+    },
+    /// The model's learned DMS signal.
+    Learned {
+        /// alpha_scale.
+        scale: f32,
+        /// alpha_offset.
+        offset: f32,
+    },
+}

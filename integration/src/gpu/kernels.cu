@@ -94,58 +94,93 @@ __device__ void decode_update(int kv_heads, int d_head, int bs, int wc, int max_
     }
 }
 
-#define TILE 64
+#define TILE 128
 #define MAXG 8
+#define MAXD 256
+#define THREADS 128
 
-// Split-K paged decode attention, first pass. grid = (rows, splits), block = D threads (D/32 warps).
+// 16-byte vector loads converted to floats.
+template <typename T> struct VecOf;
+template <> struct VecOf<float> { static const int N = 4; };
+template <> struct VecOf<bf16_t> { static const int N = 8; };
+__device__ __forceinline__ void load_vec(const float* p, float* o) {
+    float4 v = *reinterpret_cast<const float4*>(p);
+    o[0] = v.x; o[1] = v.y; o[2] = v.z; o[3] = v.w;
+}
+__device__ __forceinline__ void load_vec(const bf16_t* p, float* o) {
+    uint4 v = *reinterpret_cast<const uint4*>(p);
+    unsigned int w[4] = {v.x, v.y, v.z, v.w};
+    for (int i = 0; i < 4; i++) {
+        o[2 * i] = __uint_as_float(w[i] << 16);
+        o[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+}
+
+// Split-K paged decode attention, first pass. grid = (rows, splits), block = THREADS.
 // Row r = b * kv_heads + h holds the keys of KV head h of sequence b; its G query heads are
-// q[b, h*G .. h*G+G). Writes per (row, split, head) the running max, sum and unnormalised output.
-template <typename T>
-__device__ void decode_partial(int kv_heads, int g_heads, int d_head, int bs, int max_blocks, float scale,
+// q[b, h*G .. h*G+G). Scores: LPK lanes share one key (16-byte loads, log2(LPK) shuffles per
+// head), so a warp scores 32/LPK keys at once. Values: each thread owns one 16-byte vector of
+// dimensions for a subset of keys; the key groups are summed at the end. Writes per
+// (row, split, head) the running max, sum and unnormalised output.
+template <typename T, int G>
+__device__ void decode_partial_g(int kv_heads, int d_head, int bs, int max_blocks, float scale,
                                const T* q, const T* k_pool, const T* v_pool, const int* block_table,
                                const int* row_len, float* part_acc, float* part_m, float* part_l) {
+    const int VEC = VecOf<T>::N;
     int r = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
-    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
-    __shared__ float qs[MAXG][256];
+    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int nwarps = THREADS / 32;
+    __shared__ float qs[MAXG][MAXD];
     __shared__ float sc[MAXG][TILE];
-    __shared__ float s_alpha[MAXG];
-    __shared__ float s_m[MAXG];
-    __shared__ float s_l[MAXG];
+    __shared__ float s_alpha[MAXG], s_m[MAXG], s_l[MAXG];
     int b = r / kv_heads, h = r % kv_heads;
-    int n_heads = kv_heads * g_heads;
-    for (int g = 0; g < g_heads; g++)
-        for (int i = tid; i < d_head; i += blockDim.x)
-            qs[g][i] = to_f(q[((long long)b * n_heads + h * g_heads + g) * d_head + i]) * scale;
-    if (tid < g_heads) { s_m[tid] = -INFINITY; s_l[tid] = 0.0f; }
-    float acc[MAXG];
-    for (int g = 0; g < MAXG; g++) acc[g] = 0.0f;
+    int n_heads = kv_heads * G;
+    int nvec = d_head / VEC;                  // 16-byte vectors per key
+    int lpk = nvec < 4 ? nvec : 4;            // lanes per key when scoring
+    int vpl = nvec / lpk;                     // vectors per lane when scoring
+    int kpw = 32 / lpk;                       // keys per warp pass
+    int kpb = THREADS / nvec;                 // keys in flight in the value phase
+    for (int g = 0; g < G; g++)
+        for (int i = tid; i < d_head; i += THREADS)
+            qs[g][i] = to_f(q[((long long)b * n_heads + h * G + g) * d_head + i]) * scale;
+    if (tid < G) { s_m[tid] = -INFINITY; s_l[tid] = 0.0f; }
+    float acc[G][8];
+    for (int g = 0; g < G; g++)
+        for (int e = 0; e < 8; e++) acc[g][e] = 0.0f;
     int len = row_len[r];
     int chunk = (len + splits - 1) / splits;
     int start = split * chunk;
     int end = min(len, start + chunk);
     const int* table = block_table + (long long)r * max_blocks;
+    int my_key = lane / lpk, my_part = lane % lpk;
+    int v_key = tid / nvec, v_vec = tid % nvec;
     __syncthreads();
     for (int t0 = start; t0 < end; t0 += TILE) {
         int n = min(TILE, end - t0);
-        // Scores: each warp takes keys j = warp, warp + nwarps, ...; lanes split the head dimension.
-        for (int j = warp; j < n; j += nwarps) {
-            int slot = t0 + j;
-            long long base = ((long long)table[slot / bs] * bs + slot % bs) * d_head;
-            float part[MAXG];
-            for (int g = 0; g < g_heads; g++) part[g] = 0.0f;
-            for (int i = lane; i < d_head; i += 32) {
-                float kv = to_f(k_pool[base + i]);
-                for (int g = 0; g < g_heads; g++) part[g] += qs[g][i] * kv;
+        for (int j0 = warp * kpw; j0 < n; j0 += nwarps * kpw) {
+            int j = j0 + my_key;
+            float part[G];
+#pragma unroll
+            for (int g = 0; g < G; g++) part[g] = 0.0f;
+            if (my_key < kpw && j < n) {
+                int slot = t0 + j;
+                const T* kp = k_pool + ((long long)table[slot / bs] * bs + slot % bs) * d_head;
+                for (int c = 0; c < vpl; c++) {
+                    int v0 = (my_part * vpl + c) * VEC;
+                    float kv[8];
+                    load_vec(kp + v0, kv);
+                    for (int g = 0; g < G; g++)
+                        for (int e = 0; e < VEC; e++) part[g] += qs[g][v0 + e] * kv[e];
+                }
             }
-            for (int g = 0; g < g_heads; g++) {
+            for (int g = 0; g < G; g++) {
                 float x = part[g];
-                for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffff, x, o);
-                if (lane == 0) sc[g][j] = x;
+                for (int o = lpk / 2; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffff, x, o);
+                if (my_part == 0 && my_key < kpw && j < n) sc[g][j] = x;
             }
         }
         __syncthreads();
-        // Online softmax: one warp per head.
-        for (int g = warp; g < g_heads; g += nwarps) {
+        for (int g = warp; g < G; g += nwarps) {
             float mx = -INFINITY;
             for (int j = lane; j < n; j += 32) mx = fmaxf(mx, sc[g][j]);
             for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, o));
@@ -166,21 +201,37 @@ __device__ void decode_partial(int kv_heads, int g_heads, int d_head, int bs, in
             }
         }
         __syncthreads();
-        // Values: thread tid owns output dimension tid.
-        for (int g = 0; g < g_heads; g++) acc[g] *= s_alpha[g];
-        for (int j = 0; j < n; j++) {
-            int slot = t0 + j;
-            long long base = ((long long)table[slot / bs] * bs + slot % bs) * d_head;
-            float vv = (tid < d_head) ? to_f(v_pool[base + tid]) : 0.0f;
-            for (int g = 0; g < g_heads; g++) acc[g] += sc[g][j] * vv;
+        for (int g = 0; g < G; g++) {
+            float a = s_alpha[g];
+            for (int e = 0; e < VEC; e++) acc[g][e] *= a;
+        }
+        if (v_key < kpb) {
+            for (int j = v_key; j < n; j += kpb) {
+                int slot = t0 + j;
+                const T* vp = v_pool + ((long long)table[slot / bs] * bs + slot % bs) * d_head + v_vec * VEC;
+                float vv[8];
+                load_vec(vp, vv);
+                for (int g = 0; g < G; g++) {
+                    float p = sc[g][j];
+                    for (int e = 0; e < VEC; e++) acc[g][e] += p * vv[e];
+                }
+            }
         }
         __syncthreads();
     }
-    long long o = ((long long)r * splits + split) * g_heads;
-    for (int g = 0; g < g_heads; g++) {
-        if (tid < d_head) part_acc[(o + g) * d_head + tid] = acc[g];
+    // Sum the key groups: group k's thread (k, v) holds dims [v*VEC, v*VEC+VEC) of each head.
+    long long o = ((long long)r * splits + split) * G;
+    __shared__ float gsum[MAXD];
+    for (int g = 0; g < G; g++) {
+        for (int i = tid; i < d_head; i += THREADS) gsum[i] = 0.0f;
+        __syncthreads();
+        if (v_key < kpb)
+            for (int e = 0; e < VEC; e++) atomicAdd(&gsum[v_vec * VEC + e], acc[g][e]);
+        __syncthreads();
+        for (int i = tid; i < d_head; i += THREADS) part_acc[(o + g) * d_head + i] = gsum[i];
+        __syncthreads();
     }
-    if (tid < g_heads) { part_m[o + tid] = s_m[tid]; part_l[o + tid] = s_l[tid]; }
+    if (tid < G) { part_m[o + tid] = s_m[tid]; part_l[o + tid] = s_l[tid]; }
 }
 
 // Second pass: merge the splits of each row. grid = rows, block = D.
@@ -219,13 +270,6 @@ extern "C" __global__ void dms_decode_update_##SUF(                             
                      block_table, row_len, row_pos, ring_slot, ring_flag, pool_pos, free_list,       \
                      free_top, err, mode, seed, rate, scores, scale, offset);                        \
 }                                                                                                    \
-extern "C" __global__ void dms_decode_partial_##SUF(                                                 \
-    int kv_heads, int g_heads, int d_head, int bs, int max_blocks, float scale, const T* q,          \
-    const T* k_pool, const T* v_pool, const int* block_table, const int* row_len, float* part_acc,   \
-    float* part_m, float* part_l) {                                                                  \
-    decode_partial<T>(kv_heads, g_heads, d_head, bs, max_blocks, scale, q, k_pool, v_pool,           \
-                      block_table, row_len, part_acc, part_m, part_l);                               \
-}                                                                                                    \
 extern "C" __global__ void dms_decode_reduce_##SUF(                                                  \
     int kv_heads, int g_heads, int d_head, int splits, const float* part_acc, const float* part_m,   \
     const float* part_l, T* out) {                                                                   \
@@ -234,6 +278,20 @@ extern "C" __global__ void dms_decode_reduce_##SUF(                             
 
 INSTANTIATE(float, f32)
 INSTANTIATE(bf16_t, bf16)
+
+// One decode-attention kernel per GQA group size, so that per-head arrays stay in registers.
+#define PARTIAL(T, SUF, N)                                                                           \
+extern "C" __global__ void __launch_bounds__(THREADS) dms_decode_partial_##SUF##_g##N(              \
+    int kv_heads, int d_head, int bs, int max_blocks, float scale, const T* q, const T* k_pool,      \
+    const T* v_pool, const int* block_table, const int* row_len, float* part_acc, float* part_m,     \
+    float* part_l) {                                                                                 \
+    decode_partial_g<T, N>(kv_heads, d_head, bs, max_blocks, scale, q, k_pool, v_pool, block_table,  \
+                           row_len, part_acc, part_m, part_l);                                       \
+}
+#define PARTIALS(T, SUF) PARTIAL(T, SUF, 1) PARTIAL(T, SUF, 2) PARTIAL(T, SUF, 3) PARTIAL(T, SUF, 4) \
+    PARTIAL(T, SUF, 5) PARTIAL(T, SUF, 6) PARTIAL(T, SUF, 7) PARTIAL(T, SUF, 8)
+PARTIALS(float, f32)
+PARTIALS(bf16_t, bf16)
 
 // Fills a buffer with deterministic pseudo-random values in [-1, 1) (benchmark caches are never
 // timed on zeros).

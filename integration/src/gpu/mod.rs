@@ -147,8 +147,8 @@ impl GpuCache {
         if !matches!(dtype, DType::F32 | DType::BF16) {
             bail!("GPU cache dtype must be f32 or bf16");
         }
-        if shape.head_dim > 256 || shape.head_dim % 32 != 0 {
-            bail!("head_dim {} unsupported by the decode kernel (multiple of 32, at most 256)", shape.head_dim);
+        if shape.head_dim > 256 || shape.head_dim == 0 {
+            bail!("head_dim {} unsupported by the decode kernel (at most 256)", shape.head_dim);
         }
         let dev = cuda_dev(device)?;
         let stream = dev.cuda_stream();
@@ -292,7 +292,12 @@ impl GpuCache {
             bail!("query shape {:?} does not fit the cache", q.dims());
         }
         let g = nh / s.kv_heads;
-        let splits = (1056 / rows).clamp(1, max_len_hint.div_ceil(64).max(1));
+        let vec = 16 / self.dtype.size_in_bytes();
+        let nvec = d / vec;
+        if d % vec != 0 || 128 % nvec != 0 {
+            bail!("head_dim {d} unsupported by the decode kernel (a multiple of {vec}, at most 256, power-of-two vectors)");
+        }
+        let splits = (1056 / rows).clamp(1, max_len_hint.div_ceil(128).max(1));
         let need = rows * splits * g;
         if self.splits * rows * g < need || self.part_m.len() < need {
             self.part_acc = drv(self.stream.alloc_zeros::<f32>(need * d))?;
@@ -301,20 +306,25 @@ impl GpuCache {
         }
         self.splits = splits;
         let out = Tensor::zeros((b, nh, d), self.dtype, q.device())?;
-        let fp = self.func("dms_decode_partial")?;
+        let fp = self
+            .dev
+            .get_or_load_custom_func(&format!("dms_decode_partial_{}_g{g}", self.suffix()), MODULE, PTX)?
+            .into_cuda_function();
         let fr = self.func("dms_decode_reduce")?;
         let (kv, gi, di, bs, mb, sp) =
             (s.kv_heads as i32, g as i32, d as i32, s.block_size as i32, s.max_blocks_per_row as i32, splits as i32);
         let ro = layer * rows;
         let table = self.block_table.slice(ro * s.max_blocks_per_row..(ro + rows) * s.max_blocks_per_row);
         let lens = self.row_len.slice(ro..ro + rows);
-        let c1 = LaunchConfig { grid_dim: (rows as u32, splits as u32, 1), block_dim: (d as u32, 1, 1), shared_mem_bytes: 0 };
-        let c2 = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (d as u32, 1, 1), shared_mem_bytes: 0 };
+        // Whole warps: the score phase reduces across all 32 lanes.
+        let threads = d.div_ceil(32) as u32 * 32;
+        let c1 = LaunchConfig { grid_dim: (rows as u32, splits as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        let c2 = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
         macro_rules! go {
             ($ty:ty) => {
                 with_slice!(q, $ty, |qs| with_slice!(&self.k_pool, $ty, |kp| with_slice!(&self.v_pool, $ty, |vp| with_slice!(&out, $ty, |os| {
                     let mut a = self.stream.launch_builder(&fp);
-                    a.arg(&kv).arg(&gi).arg(&di).arg(&bs).arg(&mb).arg(&scale).arg(&qs).arg(&kp).arg(&vp)
+                    a.arg(&kv).arg(&di).arg(&bs).arg(&mb).arg(&scale).arg(&qs).arg(&kp).arg(&vp)
                         .arg(&table).arg(&lens).arg(&self.part_acc).arg(&self.part_m).arg(&self.part_l);
                     drv(unsafe { a.launch(c1) })?;
                     let mut r = self.stream.launch_builder(&fr);

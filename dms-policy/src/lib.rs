@@ -79,6 +79,11 @@ pub trait SequencePolicy: Send {
     /// future query can see no longer occupy memory. Clears and fills `plan`.
     fn compact(&mut self, row: RowRef, plan: &mut CompactPlan) -> Result<(), PolicyError>;
 
+    /// For a shadow policy: the slots the shadowed policy would keep in `row` (telemetry).
+    fn shadow_kept(&self, _row: RowRef) -> Option<usize> {
+        None
+    }
+
     /// Number of tokens currently flagged for eviction but still inside their window (telemetry).
     fn pending_evictions(&self, _row: RowRef) -> usize {
         0

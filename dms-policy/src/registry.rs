@@ -6,14 +6,16 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 
 use crate::policies::full::FullParams;
-use crate::policies::{DmsPolicy, FullPolicy, SlidingWindowPolicy};
+use crate::policies::shadow::ShadowParams;
+use crate::policies::{DmsPolicy, FullPolicy, ShadowPolicy, SlidingWindowPolicy};
 use crate::{PolicyError, PolicyFactory};
 
 /// Builds a configured policy from its whole TOML table (including `name`).
 pub type PolicyBuilder =
     Arc<dyn Fn(&toml::Table) -> Result<Arc<dyn PolicyFactory>, PolicyError> + Send + Sync>;
 
-/// Named policy builders. [`Registry::with_builtins`] knows `full`, `sliding_window` and `dms`;
+/// Named policy builders. [`Registry::with_builtins`] knows `full`, `sliding_window`, `dms` and
+/// `shadow` (its `inner` table may name the built-ins);
 /// third parties add theirs with [`Registry::register`].
 #[derive(Clone, Default)]
 pub struct Registry {
@@ -40,6 +42,14 @@ impl Registry {
             Ok(Arc::new(FullPolicy))
         });
         r.register("dms", |t| Ok(Arc::new(DmsPolicy::new(parse_params("dms", t)?)?)));
+        r.register("shadow", |t| {
+            let p: ShadowParams = parse_params("shadow", t)?;
+            let inner = Registry::with_builtins().build(&p.inner).map_err(|e| PolicyError::InvalidParams {
+                policy: "shadow".into(),
+                message: format!("`inner`: {e}"),
+            })?;
+            Ok(Arc::new(ShadowPolicy::new(inner)))
+        });
         r.register("sliding_window", |t| {
             Ok(Arc::new(SlidingWindowPolicy::new(parse_params("sliding_window", t)?)?))
         });

@@ -5,13 +5,15 @@
 //! executes it.
 
 use anyhow::{Context, Result};
-use dms_policy::{CacheShape, CompactPlan, EvictPlan, PolicyFactory, Pos, RowRef, SequencePolicy};
+use dms_policy::{CacheShape, CompactPlan, EvictPlan, PolicyFactory, Pos, RowRef, SequencePolicy, SignalNeed};
 
-use crate::kv_store::{KvStore, MemoryUsage, RowId};
+use crate::kv_store::{KvStore, MemoryUsage, RowId, SwappedRow};
 
 /// A sequence's policy state and rows (index `layer * kv_heads + head`).
 pub struct SequenceCache {
     policy: Box<dyn SequencePolicy>,
+    signal: SignalNeed,
+    policy_name: String,
     shape: CacheShape,
     rows: Vec<RowId>,
     seen: Pos,
@@ -27,6 +29,8 @@ impl SequenceCache {
         let rows = (0..shape.n_rows()).map(|i| store.add_row(i / shape.rows_per_layer)).collect();
         Self {
             policy: factory.new_sequence(shape),
+            signal: factory.signal_need(),
+            policy_name: factory.name().to_string(),
             shape,
             rows,
             seen: 0,
@@ -37,11 +41,54 @@ impl SequenceCache {
         }
     }
 
+    /// Moves every row out of the pool (preemption); the policy state stays with the sequence.
+    pub fn swap_out(&mut self, store: &mut KvStore) -> Vec<SwappedRow> {
+        self.rows.iter().map(|&r| store.swap_out(r)).collect()
+    }
+
+    /// Brings the rows back (after [`SequenceCache::swap_out`]); nothing changes on failure.
+    pub fn swap_in(&mut self, store: &mut KvStore, rows: Vec<SwappedRow>) -> std::result::Result<(), Vec<SwappedRow>> {
+        let need: usize = rows.iter().map(|r| r.blocks_needed(store.block_size())).sum();
+        if need > store.free_block_count() {
+            return Err(rows);
+        }
+        for (slot, row) in self.rows.iter_mut().zip(rows) {
+            *slot = store.swap_in(row).expect("capacity checked above");
+        }
+        Ok(())
+    }
+
+    /// Blocks the next decode step may take from the pool at most: one per row whose last block
+    /// is full.
+    pub fn blocks_for_next_token(&self, store: &KvStore) -> usize {
+        self.rows.iter().filter(|&&r| store.row(r).len() == store.row_blocks(r) * store.block_size()).count()
+    }
+
+    /// Blocks held by the sequence.
+    pub fn blocks_held(&self, store: &KvStore) -> usize {
+        self.rows.iter().map(|&r| store.row_blocks(r)).sum()
+    }
+
     /// Releases every row back to the store.
     pub fn release(self, store: &mut KvStore) {
         for r in self.rows {
             store.remove_row(r);
         }
+    }
+
+    /// The per-token signal this sequence's policy needs from the model.
+    pub fn signal_need(&self) -> SignalNeed {
+        self.signal
+    }
+
+    /// Registry name of the sequence's policy.
+    pub fn policy_name(&self) -> &str {
+        &self.policy_name
+    }
+
+    /// The sequence's policy state (read-only, for telemetry).
+    pub fn policy(&self) -> &dyn SequencePolicy {
+        self.policy.as_ref()
     }
 
     /// Tokens the sequence has fed through every layer.
@@ -121,6 +168,18 @@ impl SequenceCache {
     /// Compression ratio (spec rule 6): 1 / mean over rows of kept slots / tokens seen.
     pub fn compression_ratio(&self, store: &KvStore) -> f64 {
         compression_ratio(self.rows.iter().map(|&r| store.row_usage(r)))
+    }
+
+    /// For a shadow policy, the compression ratio the shadowed policy would reach.
+    pub fn shadow_compression_ratio(&self, store: &KvStore) -> Option<f64> {
+        let mut rows = Vec::with_capacity(self.rows.len());
+        for (i, &r) in self.rows.iter().enumerate() {
+            let row = RowRef { layer: i / self.shape.rows_per_layer, head: i % self.shape.rows_per_layer };
+            let kept = self.policy.shadow_kept(row)?;
+            let seen = store.row(r).seen() as u64;
+            rows.push(MemoryUsage { slots: kept as u64, tokens_seen: seen, ..MemoryUsage::default() });
+        }
+        Some(compression_ratio(rows.into_iter()))
     }
 
     /// Sorted kept positions of every row of `layer`.

@@ -117,17 +117,11 @@ pub struct Engine {
 impl Engine {
     /// An engine whose pool holds `capacity_blocks` blocks of `block_size` tokens.
     pub fn new(model: Llama, policy: Arc<dyn PolicyFactory>, block_size: usize, capacity_blocks: usize) -> Result<Self> {
-        if policy.signal_need() == SignalNeed::DecisionScores && matches!(model.decision_source(), DecisionSource::None) {
-            bail!(
-                "cache policy `{}` needs learned DMS decisions but the model has none (no dms_* fields or \
-                 dms_proj_alpha tensors): use a DMS checkpoint, set `adapter = \"DIR\"` in [cache.policy], \
-                 or choose `decision = \"key_norm\"` or `decision = \"random\"`",
-                policy.name()
-            );
-        }
+        check_signal(&model, policy.as_ref())?;
         let store = KvStore::new(model.config().head_dim, block_size, capacity_blocks);
         Ok(Self { model, store, policy, keep_logits: false })
     }
+
 
     /// Bytes of K+V for one token in every row of every layer.
     pub fn bytes_per_token(&self) -> u64 {
@@ -135,19 +129,29 @@ impl Engine {
         (c.num_layers * c.num_kv_heads) as u64 * self.store.slot_bytes()
     }
 
-    /// Creates the cache rows of a new sequence.
+    /// Creates the cache rows of a new sequence under the engine's policy.
     pub fn new_sequence(&mut self) -> SequenceCache {
+        let policy = self.policy.clone();
+        self.new_sequence_with(policy.as_ref())
+    }
+
+    /// Creates the cache rows of a new sequence under its own policy (per-request A/B).
+    pub fn new_sequence_with(&mut self, policy: &dyn PolicyFactory) -> SequenceCache {
         let c = self.model.config();
         let shape = CacheShape { n_layers: c.num_layers, rows_per_layer: c.num_kv_heads };
-        SequenceCache::new(self.policy.as_ref(), shape, &mut self.store)
+        SequenceCache::new(policy, shape, &mut self.store)
+    }
+
+    /// Checks that the model can feed a policy the signal it needs.
+    pub fn check_policy(&self, policy: &dyn PolicyFactory) -> Result<()> {
+        check_signal(&self.model, policy)
     }
 
     /// Runs `tokens` of one sequence through the model; returns the last position's logits
     /// (`[1, vocab]`), or every position's when `all_logits`.
     pub fn step(&mut self, seq: &mut SequenceCache, tokens: &[u32], all_logits: bool) -> Result<Tensor> {
-        let signal = self.policy.signal_need();
         let mut inputs = [SeqInput { tokens, cache: seq }];
-        let mut out = self.model.forward(&mut inputs, &mut self.store, signal, all_logits)?;
+        let mut out = self.model.forward(&mut inputs, &mut self.store, all_logits)?;
         Ok(out.pop().expect("one sequence in, one out"))
     }
 
@@ -220,6 +224,18 @@ impl Engine {
             step_logits,
         })
     }
+}
+
+fn check_signal(model: &Llama, policy: &dyn PolicyFactory) -> Result<()> {
+    if policy.signal_need() == SignalNeed::DecisionScores && matches!(model.decision_source(), DecisionSource::None) {
+        bail!(
+            "cache policy `{}` needs learned DMS decisions but the model has none (no dms_* fields or \
+             dms_proj_alpha tensors): use a DMS checkpoint, set `adapter = \"DIR\"` in [cache.policy], \
+             or choose `decision = \"key_norm\"` or `decision = \"random\"`",
+            policy.name()
+        );
+    }
+    Ok(())
 }
 
 /// Greedy when `temperature == 0`, else temperature + top-p sampling.

@@ -118,6 +118,24 @@ impl MemoryUsage {
     }
 }
 
+/// A row moved out of the pool by [`KvStore::swap_out`].
+#[derive(Debug, Clone)]
+pub struct SwappedRow {
+    layer: usize,
+    pos: Vec<Pos>,
+    last_visible: Vec<Pos>,
+    seen: Pos,
+    k: Vec<f32>,
+    v: Vec<f32>,
+}
+
+impl SwappedRow {
+    /// Blocks of `block_size` slots it needs back.
+    pub fn blocks_needed(&self, block_size: usize) -> usize {
+        self.pos.len().div_ceil(block_size)
+    }
+}
+
 /// The block pool and every row.
 #[derive(Debug)]
 pub struct KvStore {
@@ -308,6 +326,52 @@ impl KvStore {
         let freed: Vec<u32> = row.blocks.drain(keep..).collect();
         self.free_blocks.extend(freed);
         Ok(())
+    }
+
+    /// Moves a row's keys, values and metadata out of the pool (preemption) and frees its blocks.
+    pub fn swap_out(&mut self, id: RowId) -> SwappedRow {
+        let (mut k, mut v) = (Vec::new(), Vec::new());
+        self.gather(id, &mut k, &mut v);
+        let row = self.rows[id.0 as usize].take().expect("row was removed");
+        self.free_blocks.extend(row.blocks.iter().copied());
+        self.free_rows.push(id.0);
+        SwappedRow { layer: row.layer, pos: row.pos, last_visible: row.last_visible, seen: row.seen, k, v }
+    }
+
+    /// Brings a swapped row back into the pool, slot for slot.
+    pub fn swap_in(&mut self, s: SwappedRow) -> Result<RowId, StoreError> {
+        let blocks = s.pos.len().div_ceil(self.block_size);
+        if blocks > self.free_block_count() {
+            return Err(StoreError::OutOfBlocks {
+                needed: blocks,
+                free: self.free_block_count(),
+                capacity: self.capacity_blocks,
+                block_size: self.block_size,
+            });
+        }
+        let id = self.add_row(s.layer);
+        let (d, bs) = (self.head_dim, self.block_size);
+        let mut taken = Vec::with_capacity(blocks);
+        for _ in 0..blocks {
+            taken.push(self.take_block());
+        }
+        for (b, &block) in taken.iter().enumerate() {
+            let used = (s.pos.len() - b * bs).min(bs);
+            let at = block as usize * bs * d;
+            self.k[at..at + used * d].copy_from_slice(&s.k[b * bs * d..(b * bs + used) * d]);
+            self.v[at..at + used * d].copy_from_slice(&s.v[b * bs * d..(b * bs + used) * d]);
+        }
+        let row = self.rows[id.0 as usize].as_mut().expect("just added");
+        row.blocks = taken;
+        row.pos = s.pos;
+        row.last_visible = s.last_visible;
+        row.seen = s.seen;
+        Ok(id)
+    }
+
+    /// Blocks a row holds.
+    pub fn row_blocks(&self, id: RowId) -> usize {
+        self.row(id).blocks.len()
     }
 
     /// Memory used by one row.

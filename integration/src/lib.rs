@@ -3,7 +3,7 @@
 //! Layers: [`config`] (the engine config file), [`assets`] (fetching the default model),
 //! [`model`] (candle runtimes), [`kv_store`] (paged per-head storage), [`cache`] (one sequence's
 //! rows and policy), [`attention`] (kernels over the store), [`engine`] (loading and generation),
-//! [`trace`] (JSON Lines traces).
+//! [`trace`] (JSON Lines traces), [`scheduler`] (continuous batching with admission by free memory).
 
 pub mod attention;
 pub mod cache;
@@ -17,3 +17,4 @@ pub mod trace;
 pub mod assets;
 pub mod config;
 pub mod runner;
+pub mod scheduler;

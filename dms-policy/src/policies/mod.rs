@@ -2,10 +2,12 @@
 
 pub mod dms;
 pub mod full;
+pub mod shadow;
 pub mod sliding_window;
 
 pub use dms::DmsPolicy;
 pub use full::FullPolicy;
+pub use shadow::ShadowPolicy;
 pub use sliding_window::SlidingWindowPolicy;
 
 use crate::{CacheShape, RowRef};

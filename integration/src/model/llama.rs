@@ -32,6 +32,22 @@ pub struct SeqInput<'a> {
     pub cache: &'a mut SequenceCache,
 }
 
+/// Which per-(token, KV head) signals a forward pass must compute.
+#[derive(Debug, Clone, Copy, Default)]
+struct Needs {
+    decision: bool,
+    key_norms: bool,
+}
+
+/// One layer's attention inputs.
+struct AttnInputs {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    decision: Option<Tensor>,
+    key_norms: Option<Tensor>,
+}
+
 struct Layer {
     input_norm: Tensor,
     post_norm: Tensor,
@@ -246,12 +262,9 @@ impl Llama {
         let (cos, sin) = self.rope_tables(positions)?;
         let mut x = self.embed.index_select(&Tensor::new(tokens, &self.device)?, 0)?;
         let scale = 1.0 / (cfg.head_dim as f32).sqrt();
-        let signal = match decisions {
-            StepDecisions::Learned { .. } => SignalNeed::DecisionScores,
-            _ => SignalNeed::None,
-        };
+        let need = Needs { decision: matches!(decisions, StepDecisions::Learned { .. }), key_norms: false };
         for (li, layer) in self.layers.iter().enumerate() {
-            let (q, k, v, scores) = self.attn_inputs(layer, &x, &cos, &sin, signal)?;
+            let AttnInputs { q, k, v, decision: scores, .. } = self.attn_inputs(layer, &x, &cos, &sin, need)?;
             let d = match (decisions, &scores) {
                 (StepDecisions::None, _) => Decisions::None,
                 (StepDecisions::Random { seed, rate }, _) => Decisions::Random { seed: *seed, rate: *rate },
@@ -298,9 +311,9 @@ impl Llama {
     }
 
     /// Runs new tokens of one or more sequences through the model, updating their caches.
-    /// `signal` says which per-(token, KV head) score the policies need. Returns logits
+    /// Each sequence's cache says which per-(token, KV head) score its policy needs. Returns logits
     /// per sequence: `[tokens, vocab]` when `all_logits`, else `[1, vocab]` for the last token.
-    pub fn forward(&self, seqs: &mut [SeqInput<'_>], store: &mut KvStore, signal: SignalNeed, all_logits: bool)
+    pub fn forward(&self, seqs: &mut [SeqInput<'_>], store: &mut KvStore, all_logits: bool)
         -> Result<Vec<Tensor>> {
         let cfg = &self.cfg;
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
@@ -320,11 +333,22 @@ impl Llama {
             positions.extend((0..s.tokens.len() as Pos).map(|i| first + i));
         }
         let (cos, sin) = self.rope_tables(&positions)?;
+        let need = Needs {
+            decision: seqs.iter().any(|s| s.cache.signal_need() == SignalNeed::DecisionScores),
+            key_norms: seqs.iter().any(|s| s.cache.signal_need() == SignalNeed::KeyNorms),
+        };
+        if need.decision && matches!(self.decision, DecisionSource::None) {
+            bail!("a cache policy needs learned DMS decisions but the model has no decision source");
+        }
         let mut x = self.embed.index_select(&Tensor::new(ids.as_slice(), &self.device)?, 0)?;
         let scale = 1.0 / (hd as f64).sqrt();
         for (li, layer) in self.layers.iter().enumerate() {
-            let (q, k, v, scores) = self.attn_inputs(layer, &x, &cos, &sin, signal)?;
-            let scores = match scores {
+            let AttnInputs { q, k, v, decision, key_norms } = self.attn_inputs(layer, &x, &cos, &sin, need)?;
+            let decision = match decision {
+                Some(s) => Some(s.flatten_all()?.to_vec1::<f32>()?),
+                None => None,
+            };
+            let key_norms = match key_norms {
                 Some(s) => Some(s.flatten_all()?.to_vec1::<f32>()?),
                 None => None,
             };
@@ -334,7 +358,12 @@ impl Llama {
             let mut outs = Vec::with_capacity(seqs.len());
             for (s, &(start, t)) in seqs.iter_mut().zip(&spans) {
                 let kv_slice = start * nkv * hd..(start + t) * nkv * hd;
-                let sc = scores.as_ref().map(|sc| &sc[start * nkv..(start + t) * nkv]);
+                let source = match s.cache.signal_need() {
+                    SignalNeed::DecisionScores => decision.as_ref(),
+                    SignalNeed::KeyNorms => key_norms.as_ref(),
+                    SignalNeed::None => None,
+                };
+                let sc = source.map(|sc| &sc[start * nkv..(start + t) * nkv]);
                 s.cache.append(li, store, &k_host[kv_slice.clone()], &v_host[kv_slice], sc)?;
                 let rows = s.cache.layer_rows(li);
                 let out = if t == 1 {
@@ -370,8 +399,8 @@ impl Llama {
     /// Queries `[n, heads, hd]` and keys (after RoPE), values, and the per-(token, KV head) signal
     /// the policy asked for (f32 `[n, kv_heads]`), for one layer. Applies the query-neuron zeroing
     /// of DMS checkpoints (spec rule 1.3) whatever the policy.
-    fn attn_inputs(&self, layer: &Layer, x: &Tensor, cos: &Tensor, sin: &Tensor, signal: SignalNeed)
-        -> Result<(Tensor, Tensor, Tensor, Option<Tensor>)> {
+    fn attn_inputs(&self, layer: &Layer, x: &Tensor, cos: &Tensor, sin: &Tensor, need: Needs)
+        -> Result<AttnInputs> {
         let cfg = &self.cfg;
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let n = x.dim(0)?;
@@ -383,13 +412,13 @@ impl Llama {
             q = candle_nn::ops::rms_norm(&q.contiguous()?, qn, cfg.rms_norm_eps as f32)?;
             k = candle_nn::ops::rms_norm(&k.contiguous()?, kn, cfg.rms_norm_eps as f32)?;
         }
-        let scores = match (&self.decision, signal) {
-            (DecisionSource::QueryNeuron, SignalNeed::DecisionScores) => {
+        let scores = match (&self.decision, need.decision) {
+            (DecisionSource::QueryNeuron, true) => {
                 let idx: Vec<u32> = (0..nkv).map(|j| (j * cfg.gqa()) as u32).collect();
                 let s = q.narrow(2, hd - 1, 1)?.squeeze(2)?.contiguous()?;
                 Some(s.index_select(&Tensor::new(idx.as_slice(), &self.device)?, 1)?)
             }
-            (DecisionSource::Adapter, SignalNeed::DecisionScores) => {
+            (DecisionSource::Adapter, true) => {
                 let (norm_w, proj) = layer.adapter.as_ref().expect("adapter loaded with the model");
                 let a = candle_nn::ops::rms_norm(x, norm_w, cfg.rms_norm_eps as f32)?;
                 Some(proj.forward(&a)?)
@@ -404,15 +433,12 @@ impl Llama {
             q = q.broadcast_mul(&mask.to_dtype(q.dtype())?)?;
         }
         let k = rope(&k, cos, sin)?;
-        let scores = if signal == SignalNeed::KeyNorms {
-            Some(k.to_dtype(DType::F32)?.sqr()?.sum(2)?.sqrt()?)
-        } else {
-            match scores {
-                Some(s) => Some(self.alpha_per_layer(s)?.to_dtype(DType::F32)?.contiguous()?),
-                None => None,
-            }
+        let key_norms = if need.key_norms { Some(k.to_dtype(DType::F32)?.sqr()?.sum(2)?.sqrt()?) } else { None };
+        let decision = match scores {
+            Some(s) => Some(self.alpha_per_layer(s)?.to_dtype(DType::F32)?.contiguous()?),
+            None => None,
         };
-        Ok((q, k, v.contiguous()?, scores))
+        Ok(AttnInputs { q, k, v: v.contiguous()?, decision, key_norms })
     }
 
     /// Applies `dms_alpha_per = "layer"`: head 0's score for every head.

@@ -5,6 +5,7 @@
 //! rows and policy), [`attention`] (kernels over the store), [`engine`] (loading and generation),
 //! [`trace`] (JSON Lines traces), [`scheduler`] (continuous batching with admission by free memory).
 
+pub mod ab;
 pub mod attention;
 pub mod cache;
 pub mod kv_store;
@@ -16,5 +17,6 @@ pub mod gguf_tokenizer;
 pub mod trace;
 pub mod assets;
 pub mod config;
+pub mod corpus;
 pub mod runner;
 pub mod scheduler;

@@ -20,6 +20,8 @@ struct Cli {
 enum Command {
     /// Generate from one prompt and print the text and a summary line.
     Run(RunArgs),
+    /// Run one workload under every arm of an A/B file; print a table, write JSON and a plot.
+    Ab(AbArgs),
     /// Download and verify the default model (SmolLM2-135M-Instruct) into the cache directory.
     Fetch,
     /// List the registered cache policies.
@@ -86,6 +88,44 @@ struct RunArgs {
     /// Keep generating past the end-of-sequence token.
     #[arg(long)]
     ignore_eos: bool,
+}
+
+/// Options of `ab`.
+#[derive(Args)]
+struct AbArgs {
+    /// A/B file (TOML).
+    #[arg(long)]
+    config: PathBuf,
+    /// Override [output] json.
+    #[arg(long)]
+    json: Option<String>,
+    /// Override [output] plot.
+    #[arg(long)]
+    plot: Option<String>,
+}
+
+fn ab(a: AbArgs) -> Result<()> {
+    use dms_integration::ab;
+    let mut cfg = ab::AbConfig::load(&a.config)?;
+    if let Some(j) = a.json {
+        cfg.output.json = j;
+    }
+    if let Some(p) = a.plot {
+        cfg.output.plot = p;
+    }
+    let results = ab::run_ab(&cfg)?;
+    let json = ab::to_json(&cfg, &results);
+    std::fs::write(&cfg.output.json, serde_json::to_string_pretty(&json)?)
+        .with_context(|| format!("cannot write {}", cfg.output.json))?;
+    ab::plot(&results, std::path::Path::new(&cfg.output.plot))?;
+    println!("\n{}", ab::table(&results));
+    println!("model {} | {} prompts x {} tokens + {} continuation tokens (teacher-forced), {} at a time",
+        cfg.model.source, cfg.workload.prompts, cfg.workload.prompt_tokens, cfg.workload.continuation_tokens, cfg.workload.concurrency);
+    for r in &results {
+        println!("  {}: {}", r.name, r.policy);
+    }
+    println!("wrote {} and {}", cfg.output.json, cfg.output.plot);
+    Ok(())
 }
 
 fn apply_overrides(cfg: &mut EngineConfig, a: &RunArgs) -> Result<()> {
@@ -187,6 +227,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(a) => run(a),
+        Command::Ab(a) => ab(a),
         Command::Fetch => dms_integration::assets::fetch(&dms_integration::assets::SMOLLM2_135M).map(|p| println!("{}", p.display())),
         Command::Policies => {
             for n in dms_integration::runner::registry().names() {

@@ -1,0 +1,448 @@
+//! The A/B harness: one workload under every arm of a file, one table, JSON and a plot.
+//!
+//! Quality is measured teacher-forced on real text: each prompt is a window of the corpus and
+//! its continuation is the text that follows; every arm is fed the same continuation, so
+//! top-1 agreement and KL(baseline || arm) compare next-token distributions at identical
+//! positions, and perplexity is that of the true continuation. The baseline is the first arm
+//! whose policy is `full`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use dms_policy::PolicyFactory;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Deserialize;
+use serde_json::json;
+use tokenizers::Tokenizer;
+
+use crate::assets::resolve_model;
+use crate::config::{open_device, ModelSection};
+use crate::engine::{load_model, Engine, GenParams};
+use crate::kv_store::KvStore;
+use crate::runner::{fmt_bytes, registry, resolve_policy_table};
+use crate::scheduler::{run_batch, BatchStats, Finished, Request};
+
+/// An A/B file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AbConfig {
+    /// Default model of every arm.
+    pub model: ModelSection,
+    /// Pool for the quality run.
+    #[serde(default)]
+    pub cache: AbCache,
+    /// Prompts and lengths.
+    pub workload: Workload,
+    /// Optional concurrency experiment under a fixed memory budget.
+    #[serde(default)]
+    pub capacity: Option<Capacity>,
+    /// The arms (`[[arm]]`), at least one with policy `full`.
+    #[serde(rename = "arm")]
+    pub arms: Vec<Arm>,
+    /// Output files.
+    #[serde(default)]
+    pub output: Output,
+    /// Directory of the file (relative paths).
+    #[serde(skip)]
+    pub base_dir: Option<PathBuf>,
+}
+
+/// `[cache]` of an A/B file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AbCache {
+    /// Tokens per block.
+    #[serde(default = "d_block")]
+    pub block_size: usize,
+    /// Pool size in MiB.
+    #[serde(default = "d_mem")]
+    pub memory_mb: u64,
+    /// Prompt tokens per prefill pass (0 = whole prompt).
+    #[serde(default)]
+    pub prefill_chunk: usize,
+}
+
+/// `[workload]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Workload {
+    /// `brown-fiction` (held-out split, fetched with npm) or a UTF-8 text file.
+    #[serde(default = "d_corpus")]
+    pub corpus: String,
+    /// Number of prompts.
+    #[serde(default = "d_prompts")]
+    pub prompts: usize,
+    /// Tokens per prompt.
+    #[serde(default = "d_prompt_tokens")]
+    pub prompt_tokens: usize,
+    /// Continuation tokens scored after each prompt.
+    #[serde(default = "d_cont")]
+    pub continuation_tokens: usize,
+    /// Sequences decoding together.
+    #[serde(default = "d_conc")]
+    pub concurrency: usize,
+}
+
+/// `[capacity]`: how many sequences each arm sustains in a fixed pool.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Capacity {
+    /// Pool size in MiB.
+    pub memory_mb: f64,
+    /// Requests submitted at once.
+    pub requests: usize,
+    /// Tokens per prompt.
+    pub prompt_tokens: usize,
+    /// Tokens generated per request (greedy).
+    pub gen_tokens: usize,
+}
+
+/// One `[[arm]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Arm {
+    /// Label.
+    pub name: String,
+    /// Policy table (`name` plus its keys).
+    pub policy: toml::Table,
+    /// Model source overriding `[model] source`.
+    #[serde(default)]
+    pub model: Option<String>,
+}
+
+/// `[output]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Output {
+    /// JSON results.
+    #[serde(default = "d_json")]
+    pub json: String,
+    /// SVG plot of KV bytes vs tokens generated.
+    #[serde(default = "d_plot")]
+    pub plot: String,
+}
+
+fn d_block() -> usize {
+    16
+}
+fn d_mem() -> u64 {
+    1024
+}
+fn d_corpus() -> String {
+    "brown-fiction".into()
+}
+fn d_prompts() -> usize {
+    4
+}
+fn d_prompt_tokens() -> usize {
+    384
+}
+fn d_cont() -> usize {
+    32
+}
+fn d_conc() -> usize {
+    4
+}
+fn d_json() -> String {
+    "ab-results.json".into()
+}
+fn d_plot() -> String {
+    "ab-kv.svg".into()
+}
+
+impl Default for AbCache {
+    fn default() -> Self {
+        Self { block_size: 16, memory_mb: 1024, prefill_chunk: 0 }
+    }
+}
+
+impl Default for Output {
+    fn default() -> Self {
+        Self { json: d_json(), plot: d_plot() }
+    }
+}
+
+impl AbConfig {
+    /// Reads and validates an A/B file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read A/B file {}", path.display()))?;
+        let mut c: AbConfig = toml::from_str(&text).map_err(|e| anyhow::anyhow!("invalid A/B file {}: {e}", path.display()))?;
+        c.base_dir = path.parent().map(Path::to_path_buf);
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Range checks.
+    pub fn validate(&self) -> Result<()> {
+        let w = &self.workload;
+        for (k, v) in [("prompts", w.prompts), ("prompt_tokens", w.prompt_tokens), ("continuation_tokens", w.continuation_tokens), ("concurrency", w.concurrency)] {
+            if v == 0 {
+                bail!("[workload] {k} must be at least 1");
+            }
+        }
+        if self.cache.block_size == 0 || self.cache.memory_mb == 0 {
+            bail!("[cache] block_size and memory_mb must be positive");
+        }
+        if let Some(c) = &self.capacity {
+            if !(c.memory_mb > 0.0) || c.requests == 0 || c.prompt_tokens == 0 || c.gen_tokens == 0 {
+                bail!("[capacity] memory_mb, requests, prompt_tokens and gen_tokens must be positive");
+            }
+        }
+        if self.arms.is_empty() {
+            bail!("the A/B file has no [[arm]]");
+        }
+        if !self.arms.iter().any(|a| a.policy.get("name").and_then(|v| v.as_str()) == Some("full")) {
+            bail!("one [[arm]] must use policy `full`: it is the baseline of agreement and KL");
+        }
+        let mut seen = std::collections::HashSet::new();
+        for a in &self.arms {
+            if !seen.insert(&a.name) {
+                bail!("two arms are named `{}`", a.name);
+            }
+            registry().check_name(&a.policy).with_context(|| format!("[[arm]] `{}`", a.name))?;
+        }
+        Ok(())
+    }
+}
+
+/// Everything measured for one arm.
+#[derive(Debug, Clone)]
+pub struct ArmResult {
+    /// Label.
+    pub name: String,
+    /// Policy description.
+    pub policy: String,
+    /// Mean compression ratio over sequences (the shadowed one for `shadow`).
+    pub compression_ratio: f64,
+    /// Quality-run statistics.
+    pub stats: BatchStats,
+    /// Fraction of positions whose argmax equals the baseline's.
+    pub top1_agreement: f64,
+    /// Mean KL(baseline || arm) in nats.
+    pub mean_kl: f64,
+    /// Perplexity of the true continuation.
+    pub perplexity: f64,
+    /// Capacity run, when configured.
+    pub capacity: Option<BatchStats>,
+}
+
+fn log_softmax(l: &[f32]) -> Vec<f32> {
+    let m = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let z: f64 = l.iter().map(|&x| ((x - m) as f64).exp()).sum();
+    let lz = m as f64 + z.ln();
+    l.iter().map(|&x| (x as f64 - lz) as f32).collect()
+}
+
+fn kl(p_log: &[f32], q_log: &[f32]) -> f64 {
+    p_log.iter().zip(q_log).map(|(&p, &q)| (p as f64).exp() * (p as f64 - q as f64)).sum::<f64>().max(0.0)
+}
+
+/// Token windows of the corpus: `n` windows of `len` tokens at evenly spaced offsets.
+pub fn windows(tokens: &[u32], n: usize, len: usize) -> Result<Vec<Vec<u32>>> {
+    if tokens.len() < len {
+        bail!("the corpus has {} tokens, fewer than one window of {len}", tokens.len());
+    }
+    let span = tokens.len() - len;
+    Ok((0..n).map(|i| {
+        let at = if n == 1 { 0 } else { span * i / (n - 1) };
+        tokens[at..at + len].to_vec()
+    }).collect())
+}
+
+fn bar(len: u64, label: &str) -> ProgressBar {
+    let pb = ProgressBar::new(len);
+    pb.set_style(ProgressStyle::with_template("{prefix:>14} [{bar:30}] {pos}/{len} {msg} {elapsed}").expect("valid template").progress_chars("=> "));
+    pb.set_prefix(label.to_string());
+    pb
+}
+
+/// Runs every arm and returns the results in arm order.
+pub fn run_ab(cfg: &AbConfig) -> Result<Vec<ArmResult>> {
+    let device = open_device(&cfg.model.device)?;
+    let base = cfg.base_dir.as_deref();
+    let text = crate::corpus::load_text(&cfg.workload.corpus, base)?;
+    let mut engines: HashMap<String, (Engine, Option<Tokenizer>)> = HashMap::new();
+    let mut results = Vec::new();
+    let mut baseline: Option<Vec<Vec<Vec<f32>>>> = None;
+    let order: Vec<usize> = {
+        let b = cfg.arms.iter().position(|a| a.policy.get("name").and_then(|v| v.as_str()) == Some("full")).expect("validated");
+        std::iter::once(b).chain((0..cfg.arms.len()).filter(|&i| i != b)).collect()
+    };
+    let mut by_index: Vec<Option<ArmResult>> = vec![None; cfg.arms.len()];
+    for &ai in &order {
+        let arm = &cfg.arms[ai];
+        let source = arm.model.clone().unwrap_or_else(|| cfg.model.source.clone());
+        if !engines.contains_key(&source) {
+            let path = resolve_model(&source, base)?;
+            let loaded = load_model(&path, &device, false).with_context(|| format!("loading {}", path.display()))?;
+            let mc = loaded.model.config();
+            let blocks = (cfg.cache.memory_mb * 1024 * 1024 / (cfg.cache.block_size * 2 * mc.head_dim * 4) as u64) as usize;
+            let full = registry().build(&toml::from_str("name = 'full'").expect("valid"))?;
+            let engine = Engine::new(loaded.model, full, cfg.cache.block_size, blocks)?;
+            engines.insert(source.clone(), (engine, loaded.tokenizer));
+        }
+        let (engine, tok) = engines.get_mut(&source).expect("inserted");
+        let tok = tok.as_ref().with_context(|| format!("model {source} has no tokenizer; the A/B workload is text"))?;
+        let table = resolve_policy_table(&arm.policy, &mut engine.model, base).with_context(|| format!("arm `{}`", arm.name))?;
+        let policy: Arc<dyn PolicyFactory> = registry().build(&table).with_context(|| format!("arm `{}`", arm.name))?;
+        engine.check_policy(policy.as_ref()).with_context(|| format!("arm `{}`", arm.name))?;
+        let ids = tok.encode(text.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizing the corpus: {e}"))?.get_ids().to_vec();
+        let w = &cfg.workload;
+        let wins = windows(&ids, w.prompts, w.prompt_tokens + w.continuation_tokens)?;
+        let reqs: Vec<Request> = wins
+            .iter()
+            .enumerate()
+            .map(|(i, win)| Request {
+                id: i,
+                prompt: win[..w.prompt_tokens].to_vec(),
+                forced: Some(win[w.prompt_tokens..].to_vec()),
+                policy: policy.clone(),
+            })
+            .collect();
+        let params = GenParams { max_tokens: w.continuation_tokens, temperature: 0.0, top_p: 1.0, seed: 0, stop_at_eos: false, prefill_chunk: cfg.cache.prefill_chunk };
+        let pb = bar(reqs.len() as u64, &arm.name);
+        pb.set_message("quality");
+        let (done, stats) = run_batch(engine, reqs, &params, w.concurrency, true, |n| pb.set_position(n as u64))?;
+        pb.finish();
+        let logs: Vec<Vec<Vec<f32>>> = done.iter().map(|f| f.step_logits.iter().map(|l| log_softmax(l)).collect()).collect();
+        let (mut agree, mut kl_sum, mut nll, mut n) = (0usize, 0.0f64, 0.0f64, 0usize);
+        for (fi, f) in done.iter().enumerate() {
+            let forced = &wins[f.id][w.prompt_tokens..];
+            for (s, lp) in logs[fi].iter().enumerate() {
+                nll -= lp[forced[s] as usize] as f64;
+                n += 1;
+                if let Some(b) = &baseline {
+                    let bl = &b[fi][s];
+                    agree += (crate::engine::argmax(bl) == crate::engine::argmax(lp)) as usize;
+                    kl_sum += kl(bl, lp);
+                }
+            }
+        }
+        if baseline.is_none() {
+            agree = n;
+            baseline = Some(logs);
+        }
+        let cr = mean_cr(&done);
+        let capacity = match &cfg.capacity {
+            Some(c) => Some(capacity_run(engine, c, &ids, &policy, cfg.cache.block_size, &arm.name)?),
+            None => None,
+        };
+        by_index[ai] = Some(ArmResult {
+            name: arm.name.clone(),
+            policy: policy.describe(),
+            compression_ratio: cr,
+            stats,
+            top1_agreement: agree as f64 / n.max(1) as f64,
+            mean_kl: kl_sum / n.max(1) as f64,
+            perplexity: (nll / n.max(1) as f64).exp(),
+            capacity,
+        });
+    }
+    for r in by_index.into_iter().flatten() {
+        results.push(r);
+    }
+    Ok(results)
+}
+
+fn mean_cr(done: &[Finished]) -> f64 {
+    let v: Vec<f64> = done.iter().map(|f| f.shadow_compression_ratio.unwrap_or(f.compression_ratio)).collect();
+    v.iter().sum::<f64>() / v.len().max(1) as f64
+}
+
+fn capacity_run(engine: &mut Engine, c: &Capacity, ids: &[u32], policy: &Arc<dyn PolicyFactory>, block_size: usize, label: &str)
+    -> Result<BatchStats> {
+    let mc = engine.model.config();
+    let blocks = (c.memory_mb * 1024.0 * 1024.0 / (block_size * 2 * mc.head_dim * 4) as f64) as usize;
+    let saved = std::mem::replace(&mut engine.store, KvStore::new(mc.head_dim, block_size, blocks));
+    let wins = windows(ids, c.requests, c.prompt_tokens)?;
+    let reqs: Vec<Request> = wins.into_iter().enumerate().map(|(i, p)| Request { id: i, prompt: p, forced: None, policy: policy.clone() }).collect();
+    let params = GenParams { max_tokens: c.gen_tokens, temperature: 0.0, top_p: 1.0, seed: 0, stop_at_eos: false, prefill_chunk: 0 };
+    let pb = bar(reqs.len() as u64, label);
+    pb.set_message("capacity");
+    let r = run_batch(engine, reqs, &params, c.requests, false, |n| pb.set_position(n as u64));
+    pb.finish();
+    engine.store = saved;
+    Ok(r?.1)
+}
+
+/// The table the `ab` command prints.
+pub fn table(results: &[ArmResult]) -> String {
+    let mut s = String::new();
+    s.push_str("| arm | CR | KV live peak | KV alloc peak | KV live/alloc final | prefill tok/s | decode tok/s | top-1 agree | mean KL | PPL |");
+    let cap = results.iter().any(|r| r.capacity.is_some());
+    if cap {
+        s.push_str(" seqs sustained (mean/max) | agg decode tok/s | preemptions |");
+    }
+    s.push('\n');
+    s.push_str(&"|---".repeat(if cap { 13 } else { 10 }));
+    s.push_str("|\n");
+    for r in results {
+        let last = r.stats.memory_trace.last().copied().unwrap_or_default();
+        s.push_str(&format!(
+            "| {} | {:.2} | {} | {} | {} / {} | {:.1} | {:.1} | {:.3} | {:.4} | {:.2} |",
+            r.name, r.compression_ratio, fmt_bytes(r.stats.peak_live), fmt_bytes(r.stats.peak_allocated),
+            fmt_bytes(last.1), fmt_bytes(last.2),
+            r.stats.prefill_tokens as f64 / r.stats.prefill_secs.max(1e-9), r.stats.decode_tok_s(),
+            r.top1_agreement, r.mean_kl, r.perplexity
+        ));
+        if let Some(c) = &r.capacity {
+            s.push_str(&format!(" {:.1} / {} | {:.1} | {} |", c.mean_running(), c.max_running, c.decode_tok_s(), c.preemptions));
+        }
+        s.push('\n');
+    }
+    s
+}
+
+/// JSON of the results.
+pub fn to_json(cfg: &AbConfig, results: &[ArmResult]) -> serde_json::Value {
+    let base_tps = results.iter().find(|r| r.top1_agreement == 1.0 && r.mean_kl == 0.0).map(|r| r.stats.decode_tok_s());
+    json!({
+        "model": cfg.model.source,
+        "workload": {"corpus": cfg.workload.corpus, "prompts": cfg.workload.prompts, "prompt_tokens": cfg.workload.prompt_tokens,
+                     "continuation_tokens": cfg.workload.continuation_tokens, "concurrency": cfg.workload.concurrency},
+        "arms": results.iter().map(|r| json!({
+            "name": r.name, "policy": r.policy, "compression_ratio": r.compression_ratio,
+            "kv_bytes_live_peak": r.stats.peak_live, "kv_bytes_allocated_peak": r.stats.peak_allocated,
+            "kv_bytes_live_final": r.stats.memory_trace.last().map_or(0, |x| x.1),
+            "kv_bytes_allocated_final": r.stats.memory_trace.last().map_or(0, |x| x.2),
+            "prefill_tok_s": r.stats.prefill_tokens as f64 / r.stats.prefill_secs.max(1e-9),
+            "decode_tok_s": r.stats.decode_tok_s(),
+            "decode_tok_s_vs_baseline": base_tps.map(|b| r.stats.decode_tok_s() / b),
+            "top1_agreement": r.top1_agreement, "mean_kl": r.mean_kl, "perplexity": r.perplexity,
+            "memory_trace": r.stats.memory_trace,
+            "capacity": r.capacity.as_ref().map(|c| json!({"mean_running": c.mean_running(), "max_running": c.max_running,
+                "decode_tok_s": c.decode_tok_s(), "preemptions": c.preemptions})),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// Draws KV bytes live vs tokens generated, one line per arm, as SVG.
+pub fn plot(results: &[ArmResult], path: &Path) -> Result<()> {
+    use plotters::prelude::*;
+    let root = SVGBackend::new(path, (900, 520)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let max_x = results.iter().flat_map(|r| r.stats.memory_trace.iter().map(|p| p.0)).max().unwrap_or(1).max(1) as f64;
+    let max_y = results.iter().flat_map(|r| r.stats.memory_trace.iter().map(|p| p.1)).max().unwrap_or(1).max(1) as f64 / 1048576.0;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("KV cache bytes live vs tokens generated", ("sans-serif", 22))
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0f64..max_x * 1.02, 0f64..max_y * 1.1)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    chart.configure_mesh().x_desc("tokens generated (all sequences)").y_desc("KV live (MiB)").draw().map_err(|e| anyhow::anyhow!("{e}"))?;
+    for (i, r) in results.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        let pts: Vec<(f64, f64)> = r.stats.memory_trace.iter().map(|&(x, y, _)| (x as f64, y as f64 / 1048576.0)).collect();
+        chart
+            .draw_series(LineSeries::new(pts, color.stroke_width(2)))
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .label(format!("{} (CR {:.2})", r.name, r.compression_ratio))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+    }
+    chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(|e| anyhow::anyhow!("{e}"))?;
+    root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(())
+}

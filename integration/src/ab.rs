@@ -105,11 +105,43 @@ pub struct Capacity {
 pub struct Arm {
     /// Label.
     pub name: String,
-    /// Policy table (`name` plus its keys).
-    pub policy: toml::Table,
+    /// `dms` (this engine, the default) or `mistralrs` (the peer, full cache).
+    #[serde(default = "d_engine")]
+    pub engine: String,
+    /// Policy table (`name` plus its keys); required for this engine.
+    #[serde(default)]
+    pub policy: Option<toml::Table>,
     /// Model source overriding `[model] source`.
     #[serde(default)]
     pub model: Option<String>,
+    /// Skip the arm (with a notice) when this build cannot run it.
+    #[serde(default)]
+    pub optional: bool,
+}
+
+fn d_engine() -> String {
+    "dms".into()
+}
+
+/// What the peer engine produced next to ours.
+#[derive(Debug, Clone)]
+pub struct PeerResult {
+    /// Arm label.
+    pub name: String,
+    /// Mean number of leading greedy tokens equal to our full-cache arm's.
+    pub mean_agreeing_prefix: f64,
+    /// Greedy tokens compared per prompt.
+    pub tokens_per_prompt: usize,
+    /// First position where each prompt's greedy tokens differ (None = never).
+    pub first_divergence: Vec<Option<usize>>,
+    /// Our full-cache greedy decode tok/s in the same run.
+    pub ours_decode_tok_s: f64,
+    /// The peer's decode tok/s.
+    pub peer_decode_tok_s: f64,
+    /// Our prefill tok/s in the same run.
+    pub ours_prefill_tok_s: f64,
+    /// The peer's prefill tok/s.
+    pub peer_prefill_tok_s: f64,
 }
 
 /// `[output]`.
@@ -193,7 +225,7 @@ impl AbConfig {
         if self.arms.is_empty() {
             bail!("the A/B file has no [[arm]]");
         }
-        if !self.arms.iter().any(|a| a.policy.get("name").and_then(|v| v.as_str()) == Some("full")) {
+        if !self.arms.iter().any(|a| a.is_full()) {
             bail!("one [[arm]] must use policy `full`: it is the baseline of agreement and KL");
         }
         let mut seen = std::collections::HashSet::new();
@@ -201,9 +233,21 @@ impl AbConfig {
             if !seen.insert(&a.name) {
                 bail!("two arms are named `{}`", a.name);
             }
-            registry().check_name(&a.policy).with_context(|| format!("[[arm]] `{}`", a.name))?;
+            match (a.engine.as_str(), &a.policy) {
+                ("dms", Some(p)) => registry().check_name(p).with_context(|| format!("[[arm]] `{}`", a.name))?,
+                ("dms", None) => bail!("[[arm]] `{}` needs a `policy` table", a.name),
+                ("mistralrs", Some(_)) => bail!("[[arm]] `{}`: mistral.rs runs its own full cache and takes no `policy`", a.name),
+                ("mistralrs", None) => {}
+                (other, _) => bail!("[[arm]] `{}`: unknown engine `{other}` (valid: dms, mistralrs)", a.name),
+            }
         }
         Ok(())
+    }
+}
+
+impl Arm {
+    fn is_full(&self) -> bool {
+        self.engine == "dms" && self.policy.as_ref().and_then(|p| p.get("name")).and_then(|v| v.as_str()) == Some("full")
     }
 }
 
@@ -258,8 +302,8 @@ fn bar(len: u64, label: &str) -> ProgressBar {
     pb
 }
 
-/// Runs every arm and returns the results in arm order.
-pub fn run_ab(cfg: &AbConfig) -> Result<Vec<ArmResult>> {
+/// Runs every arm and returns our arms' results in arm order, and the peers'.
+pub fn run_ab(cfg: &AbConfig) -> Result<(Vec<ArmResult>, Vec<PeerResult>)> {
     let device = open_device(&cfg.model.device)?;
     let base = cfg.base_dir.as_deref();
     let text = crate::corpus::load_text(&cfg.workload.corpus, base)?;
@@ -267,8 +311,8 @@ pub fn run_ab(cfg: &AbConfig) -> Result<Vec<ArmResult>> {
     let mut results = Vec::new();
     let mut baseline: Option<Vec<Vec<Vec<f32>>>> = None;
     let order: Vec<usize> = {
-        let b = cfg.arms.iter().position(|a| a.policy.get("name").and_then(|v| v.as_str()) == Some("full")).expect("validated");
-        std::iter::once(b).chain((0..cfg.arms.len()).filter(|&i| i != b)).collect()
+        let b = cfg.arms.iter().position(Arm::is_full).expect("validated");
+        std::iter::once(b).chain((0..cfg.arms.len()).filter(|&i| i != b && cfg.arms[i].engine == "dms")).collect()
     };
     let mut by_index: Vec<Option<ArmResult>> = vec![None; cfg.arms.len()];
     for &ai in &order {
@@ -285,7 +329,8 @@ pub fn run_ab(cfg: &AbConfig) -> Result<Vec<ArmResult>> {
         }
         let (engine, tok) = engines.get_mut(&source).expect("inserted");
         let tok = tok.as_ref().with_context(|| format!("model {source} has no tokenizer; the A/B workload is text"))?;
-        let table = resolve_policy_table(&arm.policy, &mut engine.model, base).with_context(|| format!("arm `{}`", arm.name))?;
+        let table = resolve_policy_table(arm.policy.as_ref().expect("validated"), &mut engine.model, base)
+            .with_context(|| format!("arm `{}`", arm.name))?;
         let policy: Arc<dyn PolicyFactory> = registry().build(&table).with_context(|| format!("arm `{}`", arm.name))?;
         engine.check_policy(policy.as_ref()).with_context(|| format!("arm `{}`", arm.name))?;
         let ids = tok.encode(text.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizing the corpus: {e}"))?.get_ids().to_vec();
@@ -343,7 +388,88 @@ pub fn run_ab(cfg: &AbConfig) -> Result<Vec<ArmResult>> {
     for r in by_index.into_iter().flatten() {
         results.push(r);
     }
-    Ok(results)
+    let mut peers = Vec::new();
+    for arm in cfg.arms.iter().filter(|a| a.engine == "mistralrs") {
+        if !cfg!(feature = "mistralrs") {
+            if arm.optional {
+                eprintln!("skipping arm `{}`: this build has no mistral.rs (cargo feature `mistralrs`)", arm.name);
+                continue;
+            }
+            bail!("arm `{}` needs mistral.rs: build with `--features dms-integration/mistralrs` or mark the arm optional", arm.name);
+        }
+        let source = arm.model.clone().unwrap_or_else(|| cfg.model.source.clone());
+        let (engine, tok) = engines.get_mut(&source).with_context(|| format!("arm `{}`: no arm of this engine runs model {source}", arm.name))?;
+        let tok = tok.clone().context("the peer comparison needs a tokenizer")?;
+        peers.push(peer_run(cfg, arm, engine, &tok, &text, &source)?);
+    }
+    Ok((results, peers))
+}
+
+/// Greedy generation by our full-cache arm and by the peer on the same prompts.
+#[cfg(feature = "mistralrs")]
+fn peer_run(cfg: &AbConfig, arm: &Arm, engine: &mut Engine, tok: &Tokenizer, text: &str, source: &str) -> Result<PeerResult> {
+    let w = &cfg.workload;
+    let ids = tok.encode(text, false).map_err(|e| anyhow::anyhow!("tokenizing the corpus: {e}"))?.get_ids().to_vec();
+    let prompts: Vec<Vec<u32>> = windows(&ids, w.prompts, w.prompt_tokens + w.continuation_tokens)?
+        .into_iter()
+        .map(|v| v[..w.prompt_tokens].to_vec())
+        .collect();
+    let full = registry().build(&toml::from_str("name = 'full'").expect("valid"))?;
+    let reqs: Vec<Request> =
+        prompts.iter().enumerate().map(|(i, p)| Request { id: i, prompt: p.clone(), forced: None, policy: full.clone() }).collect();
+    let params = GenParams { max_tokens: w.continuation_tokens, temperature: 0.0, top_p: 1.0, seed: 0, stop_at_eos: false, prefill_chunk: 0 };
+    let pb = bar(2, &arm.name);
+    pb.set_message("greedy: ours, then mistral.rs");
+    let (ours, stats) = run_batch(engine, reqs, &params, w.concurrency, false, |_| {})?;
+    pb.inc(1);
+    let path = resolve_model(source, cfg.base_dir.as_deref())?;
+    let hf_dir = if path.is_dir() {
+        path
+    } else {
+        let d = crate::assets::cache_dir().join("hf-export").join(path.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default());
+        crate::export::export_gguf_as_hf(&path, &d)?;
+        d
+    };
+    let peer = crate::peer_mistralrs::MistralRsPeer::load_hf(&hf_dir, w.concurrency)?;
+    peer.generate(&prompts[..1], 2)?;
+    let run = peer.generate(&prompts, w.continuation_tokens)?;
+    pb.finish();
+    let mut first = Vec::new();
+    let mut prefix_sum = 0usize;
+    for (o, p) in ours.iter().zip(&run.tokens) {
+        let k = o.tokens.iter().zip(p).take_while(|(a, b)| a == b).count();
+        prefix_sum += k;
+        first.push((k < o.tokens.len()).then_some(k));
+    }
+    Ok(PeerResult {
+        name: arm.name.clone(),
+        mean_agreeing_prefix: prefix_sum as f64 / ours.len().max(1) as f64,
+        tokens_per_prompt: w.continuation_tokens,
+        first_divergence: first,
+        ours_decode_tok_s: stats.decode_tok_s(),
+        peer_decode_tok_s: run.decode_tok_s,
+        ours_prefill_tok_s: stats.prefill_tokens as f64 / stats.prefill_secs.max(1e-9),
+        peer_prefill_tok_s: run.prefill_tok_s,
+    })
+}
+
+#[cfg(not(feature = "mistralrs"))]
+fn peer_run(_: &AbConfig, arm: &Arm, _: &mut Engine, _: &Tokenizer, _: &str, _: &str) -> Result<PeerResult> {
+    bail!("arm `{}` needs the `mistralrs` feature", arm.name)
+}
+
+/// Lines describing the peer comparison.
+pub fn peer_lines(peers: &[PeerResult]) -> String {
+    let mut s = String::new();
+    for p in peers {
+        s.push_str(&format!(
+            "{}: greedy tokens equal to our full arm for {:.1} of {} tokens on average (first divergence per prompt: {:?}); \
+             decode tok/s ours {:.1} vs {} {:.1} (ratio ours/peer {:.2}); prefill tok/s ours {:.1} vs {:.1}\n",
+            p.name, p.mean_agreeing_prefix, p.tokens_per_prompt, p.first_divergence, p.ours_decode_tok_s, p.name,
+            p.peer_decode_tok_s, p.ours_decode_tok_s / p.peer_decode_tok_s.max(1e-9), p.ours_prefill_tok_s, p.peer_prefill_tok_s
+        ));
+    }
+    s
 }
 
 fn mean_cr(done: &[Finished]) -> f64 {
@@ -396,7 +522,7 @@ pub fn table(results: &[ArmResult]) -> String {
 }
 
 /// JSON of the results.
-pub fn to_json(cfg: &AbConfig, results: &[ArmResult]) -> serde_json::Value {
+pub fn to_json(cfg: &AbConfig, results: &[ArmResult], peers: &[PeerResult]) -> serde_json::Value {
     let base_tps = results.iter().find(|r| r.top1_agreement == 1.0 && r.mean_kl == 0.0).map(|r| r.stats.decode_tok_s());
     json!({
         "model": cfg.model.source,
@@ -414,6 +540,12 @@ pub fn to_json(cfg: &AbConfig, results: &[ArmResult]) -> serde_json::Value {
             "memory_trace": r.stats.memory_trace,
             "capacity": r.capacity.as_ref().map(|c| json!({"mean_running": c.mean_running(), "max_running": c.max_running,
                 "decode_tok_s": c.decode_tok_s(), "preemptions": c.preemptions})),
+        })).collect::<Vec<_>>(),
+        "peers": peers.iter().map(|p| json!({
+            "name": p.name, "mean_agreeing_prefix": p.mean_agreeing_prefix, "tokens_per_prompt": p.tokens_per_prompt,
+            "first_divergence": p.first_divergence, "ours_decode_tok_s": p.ours_decode_tok_s,
+            "peer_decode_tok_s": p.peer_decode_tok_s, "decode_ratio_ours_over_peer": p.ours_decode_tok_s / p.peer_decode_tok_s.max(1e-9),
+            "ours_prefill_tok_s": p.ours_prefill_tok_s, "peer_prefill_tok_s": p.peer_prefill_tok_s,
         })).collect::<Vec<_>>(),
     })
 }

@@ -7,10 +7,14 @@
 
 pub mod ab;
 pub mod attention;
+pub mod bench_grid;
 pub mod cache;
 pub mod kv_store;
 pub mod model;
+#[cfg(feature = "mistralrs")]
+pub mod peer_mistralrs;
 pub mod engine;
+pub mod export;
 #[cfg(feature = "cuda")]
 pub mod gpu;
 pub mod gguf_tokenizer;
@@ -19,4 +23,5 @@ pub mod assets;
 pub mod config;
 pub mod corpus;
 pub mod runner;
+pub mod retrofit;
 pub mod scheduler;

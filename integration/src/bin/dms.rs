@@ -22,6 +22,18 @@ enum Command {
     Run(RunArgs),
     /// Run one workload under every arm of an A/B file; print a table, write JSON and a plot.
     Ab(AbArgs),
+    /// Run a batch x context x arm grid end to end and write JSON (ratios to the full cache).
+    Bench {
+        /// Bench file (TOML).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Learn DMS decisions for a model by distillation; writes an NVIDIA-format adapter.
+    Retrofit {
+        /// Retrofit file (TOML).
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Download and verify the default model (SmolLM2-135M-Instruct) into the cache directory.
     Fetch,
     /// List the registered cache policies.
@@ -113,12 +125,13 @@ fn ab(a: AbArgs) -> Result<()> {
     if let Some(p) = a.plot {
         cfg.output.plot = p;
     }
-    let results = ab::run_ab(&cfg)?;
-    let json = ab::to_json(&cfg, &results);
+    let (results, peers) = ab::run_ab(&cfg)?;
+    let json = ab::to_json(&cfg, &results, &peers);
     std::fs::write(&cfg.output.json, serde_json::to_string_pretty(&json)?)
         .with_context(|| format!("cannot write {}", cfg.output.json))?;
     ab::plot(&results, std::path::Path::new(&cfg.output.plot))?;
     println!("\n{}", ab::table(&results));
+    print!("{}", ab::peer_lines(&peers));
     println!("model {} | {} prompts x {} tokens + {} continuation tokens (teacher-forced), {} at a time",
         cfg.model.source, cfg.workload.prompts, cfg.workload.prompt_tokens, cfg.workload.continuation_tokens, cfg.workload.concurrency);
     for r in &results {
@@ -228,6 +241,12 @@ fn main() {
     let result = match cli.command {
         Command::Run(a) => run(a),
         Command::Ab(a) => ab(a),
+        Command::Retrofit { config } => dms_integration::retrofit::RetrofitConfig::load(&config)
+            .and_then(|c| dms_integration::retrofit::run(&c))
+            .map(|out| println!("adapter written to {}", out.display())),
+        Command::Bench { config } => dms_integration::bench_grid::BenchConfig::load(&config)
+            .and_then(|c| dms_integration::bench_grid::run_grid(&c).map(|(_, t)| (c, t)))
+            .map(|(c, t)| println!("\n{t}wrote {}", c.grid.output)),
         Command::Fetch => dms_integration::assets::fetch(&dms_integration::assets::SMOLLM2_135M).map(|p| println!("{}", p.display())),
         Command::Policies => {
             for n in dms_integration::runner::registry().names() {

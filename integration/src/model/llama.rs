@@ -6,6 +6,8 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::Linear;
 use dms_policy::{Pos, SignalNeed};
 
+pub mod train;
+
 use super::config::ModelConfig;
 use super::weights::Weights;
 use crate::attention;

@@ -1,0 +1,148 @@
+//! Dense, differentiable forward passes for retrofitting DMS decisions: the teacher (the frozen
+//! model, full causal attention) and the student (the same model whose attention is softly
+//! masked by a trainable adapter's noisy decisions, dms-reference.md section 5).
+
+use anyhow::Result;
+use candle_core::{DType, Tensor, Var, D};
+use candle_nn::Module;
+
+use super::{Layer, Llama};
+
+/// Trainable DMS adapter: per layer an RMSNorm weight `[hidden]` and a projection
+/// `[n_kv_heads, hidden]` (NVIDIA's `dms_proj_alpha_norm` / `dms_proj_alpha`).
+pub struct AdapterParams {
+    /// RMSNorm weights, one per layer.
+    pub norms: Vec<Var>,
+    /// Projection weights, one per layer.
+    pub projs: Vec<Var>,
+}
+
+/// Student-pass settings.
+pub struct StudentOpts<'a> {
+    /// Delay W: keys within W of the query are never masked.
+    pub window: usize,
+    /// Decision logit = raw * alpha_scale - alpha_offset.
+    pub alpha_scale: f64,
+    /// See `alpha_scale`.
+    pub alpha_offset: f64,
+    /// Temperature of the relaxed decision.
+    pub tau: f64,
+    /// Logistic noise per layer, `[T, n_kv_heads]`.
+    pub noise: &'a [Tensor],
+}
+
+/// Output of a dense pass.
+pub struct DenseOut {
+    /// Logits `[T, vocab]`.
+    pub logits: Tensor,
+    /// Straight-through hard decisions per layer, `[T, n_kv_heads]` (student only).
+    pub decisions: Vec<Tensor>,
+}
+
+fn rms(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    Ok(candle_nn::ops::rms_norm_slow(x, w, eps as f32)?)
+}
+
+/// Differentiable rotate-half RoPE on `[T, heads, hd]` with tables `[T, hd/2]`.
+fn rope_diff(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let half = x.dim(2)? / 2;
+    let (c, s) = (cos.unsqueeze(1)?, sin.unsqueeze(1)?);
+    let x1 = x.narrow(2, 0, half)?;
+    let x2 = x.narrow(2, half, half)?;
+    let a = (x1.broadcast_mul(&c)? - x2.broadcast_mul(&s)?)?;
+    let b = (x2.broadcast_mul(&c)? + x1.broadcast_mul(&s)?)?;
+    Ok(Tensor::cat(&[&a, &b], 2)?)
+}
+
+/// log(1 + exp(z)), stable and differentiable.
+fn softplus(z: &Tensor) -> Result<Tensor> {
+    Ok((z.relu()? + ((z.abs()?.neg()?.exp()? + 1.0)?.log()?))?)
+}
+
+impl Llama {
+    /// Logits of every position of `ids` with dense attention. With `student`, each layer's
+    /// adapter produces noisy relaxed decisions; a key k outside the window of query q
+    /// (q - k > W) gets `log(1 - sigmoid(logit_{k+1}))` added to its score.
+    pub fn dense_forward(&self, ids: &[u32], student: Option<(&AdapterParams, &StudentOpts)>) -> Result<DenseOut> {
+        let cfg = &self.cfg;
+        let t = ids.len();
+        let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let g = nh / nkv;
+        let eps = cfg.rms_norm_eps;
+        let dev = &self.device;
+        let positions: Vec<u32> = (0..t as u32).collect();
+        let (cos, sin) = self.rope_tables(&positions)?;
+        let mut causal = vec![0f32; t * t];
+        let mut far = vec![0f32; t * t];
+        let w = student.map_or(usize::MAX, |(_, o)| o.window);
+        for q in 0..t {
+            for k in 0..t {
+                if k > q {
+                    causal[q * t + k] = -50000.0;
+                } else if q - k > w {
+                    far[q * t + k] = 1.0;
+                }
+            }
+        }
+        let causal = Tensor::from_vec(causal, (t, t), dev)?;
+        let far = Tensor::from_vec(far, (t, t), dev)?;
+        let mut x = self.embed.index_select(&Tensor::new(ids, dev)?, 0)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut decisions = Vec::new();
+        for (li, layer) in self.layers.iter().enumerate() {
+            let penalty = match student {
+                Some((ad, o)) => {
+                    let a = rms(&x, ad.norms[li].as_tensor(), eps)?;
+                    let raw = a.matmul(&ad.projs[li].as_tensor().t()?)?;
+                    let gate = ((raw * o.alpha_scale)? - o.alpha_offset)?;
+                    let noisy = ((gate + &o.noise[li])? / o.tau)?;
+                    let probs = candle_nn::ops::sigmoid(&noisy)?;
+                    let hard = probs.gt(0.5)?.to_dtype(DType::F32)?;
+                    decisions.push(((hard - probs.detach())? + &probs)?);
+                    let next = Tensor::cat(&[&noisy.narrow(0, 1, t - 1)?, &Tensor::zeros((1, nkv), DType::F32, dev)?], 0)?;
+                    Some(softplus(&next.t()?)?.neg()?.unsqueeze(1)?)
+                }
+                None => None,
+            };
+            x = self.dense_layer(layer, &x, &cos, &sin, &causal, &far, penalty.as_ref(), scale, (nh, nkv, hd, g))?;
+        }
+        let xs = rms(&x, &self.norm, eps)?;
+        Ok(DenseOut { logits: xs.matmul(&self.lm_head.t()?)?, decisions })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn dense_layer(&self, layer: &Layer, x: &Tensor, cos: &Tensor, sin: &Tensor, causal: &Tensor, far: &Tensor,
+        penalty: Option<&Tensor>, scale: f64, (nh, nkv, hd, g): (usize, usize, usize, usize)) -> Result<Tensor> {
+        let eps = self.cfg.rms_norm_eps;
+        let t = x.dim(0)?;
+        let h = rms(x, &layer.input_norm, eps)?;
+        let mut q = layer.q_proj.forward(&h)?.reshape((t, nh, hd))?;
+        let mut k = layer.k_proj.forward(&h)?.reshape((t, nkv, hd))?;
+        let v = layer.v_proj.forward(&h)?.reshape((t, nkv, hd))?;
+        if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+            q = rms(&q, qn, eps)?;
+            k = rms(&k, kn, eps)?;
+        }
+        if let Some(m) = &self.neuron_mask {
+            q = q.broadcast_mul(m)?;
+        }
+        let mut q = rope_diff(&q, cos, sin)?;
+        if let Some(m) = &self.neuron_mask {
+            q = q.broadcast_mul(m)?;
+        }
+        let k = rope_diff(&k, cos, sin)?;
+        let q = q.transpose(0, 1)?.contiguous()?.reshape((nkv, g, t, hd))?;
+        let k = k.transpose(0, 1)?.contiguous()?.unsqueeze(1)?;
+        let v = v.transpose(0, 1)?.contiguous()?.unsqueeze(1)?;
+        let mut scores = (q.broadcast_matmul(&k.transpose(2, 3)?)? * scale)?.broadcast_add(causal)?;
+        if let Some(p) = penalty {
+            scores = scores.broadcast_add(&far.unsqueeze(0)?.broadcast_mul(p)?.unsqueeze(1)?)?;
+        }
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let out = probs.broadcast_matmul(&v)?.reshape((nh, t, hd))?.transpose(0, 1)?.contiguous()?.reshape((t, nh * hd))?;
+        let x = (x + layer.o_proj.forward(&out)?)?;
+        let h = rms(&x, &layer.post_norm, eps)?;
+        let mlp = layer.down_proj.forward(&(layer.gate_proj.forward(&h)?.silu()? * layer.up_proj.forward(&h)?)?)?;
+        Ok((x + mlp)?)
+    }
+}

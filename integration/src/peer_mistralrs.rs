@@ -1,0 +1,121 @@
+//! mistral.rs (mistralrs-core 0.8.1) as the side-by-side peer: the same model, with its normal
+//! KV cache on the CPU, driven through its public API with no hub access.
+
+use std::num::NonZeroUsize;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use mistralrs_core::{
+    DefaultSchedulerMethod, DeviceMapSetting, MistralRs, MistralRsBuilder, ModelDType, NormalLoaderBuilder,
+    NormalRequest, NormalSpecificConfig, Request, RequestMessage, Response, SamplingParams, SchedulerConfig,
+    TokenSource,
+};
+
+/// A loaded mistral.rs engine.
+pub struct MistralRsPeer {
+    rt: tokio::runtime::Runtime,
+    mr: Arc<MistralRs>,
+}
+
+/// What one batch of greedy requests produced.
+pub struct PeerRun {
+    /// Generated ids per request.
+    pub tokens: Vec<Vec<u32>>,
+    /// Prompt tokens over summed prompt time.
+    pub prefill_tok_s: f64,
+    /// Decode steps over wall time after the last prompt step (aggregate over requests).
+    pub decode_tok_s: f64,
+}
+
+impl MistralRsPeer {
+    /// Loads an HF-style folder (config.json, model.safetensors, tokenizer.json) in f32 on the CPU
+    /// with the normal (non-paged) cache, no prefix cache, and `max_seqs` sequences per step.
+    pub fn load_hf(dir: &Path, max_seqs: usize) -> Result<Self> {
+        std::env::set_var("HF_HUB_OFFLINE", "1");
+        let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+        let loader = NormalLoaderBuilder::new(
+            NormalSpecificConfig::default(),
+            None,
+            None,
+            Some(dir.display().to_string()),
+            false,
+            None,
+        )
+        .build(None)
+        .map_err(|e| anyhow::anyhow!("mistral.rs loader: {e}"))?;
+        let pipeline = loader
+            .load_model_from_hf(
+                None,
+                TokenSource::None,
+                &ModelDType::F32,
+                &candle_core::Device::Cpu,
+                true,
+                DeviceMapSetting::dummy(),
+                None,
+                None,
+            )
+            .map_err(|e| anyhow::anyhow!("mistral.rs could not load {}: {e}", dir.display()))?;
+        let n = NonZeroUsize::new(max_seqs.max(1)).expect("positive");
+        let mr = rt.block_on(async move {
+            MistralRsBuilder::new(pipeline, SchedulerConfig::DefaultScheduler { method: DefaultSchedulerMethod::Fixed(n) }, false, None)
+                .with_no_prefix_cache(true)
+                .with_disable_eos_stop(true)
+                .build()
+                .await
+        });
+        Ok(Self { rt, mr })
+    }
+
+    /// Greedy generation of `max_tokens` tokens for every prompt, all submitted at once.
+    pub fn generate(&self, prompts: &[Vec<u32>], max_tokens: usize) -> Result<PeerRun> {
+        let mr = self.mr.clone();
+        let prompts = prompts.to_vec();
+        self.rt.block_on(async move {
+            let sender = mr.get_sender(None).map_err(|e| anyhow::anyhow!("mistral.rs: {e}"))?;
+            let mut rxs = Vec::new();
+            let t0 = Instant::now();
+            for p in prompts {
+                let (tx, rx) = tokio::sync::mpsc::channel(64);
+                let mut sp = SamplingParams::deterministic();
+                sp.max_len = Some(max_tokens);
+                sp.top_n_logprobs = 1;
+                let mut req = NormalRequest::new_simple(RequestMessage::CompletionTokens(p), sp, tx, mr.next_request_id(), None, None);
+                req.return_logprobs = true;
+                sender.send(Request::Normal(Box::new(req))).await.context("mistral.rs engine stopped")?;
+                rxs.push(rx);
+            }
+            let (mut tokens, mut prompt_toks, mut prompt_secs, mut completion_toks, mut last_prompt_end) =
+                (Vec::new(), 0usize, 0f64, 0usize, 0f64);
+            for mut rx in rxs {
+                match rx.recv().await {
+                    Some(Response::CompletionDone(r)) => {
+                        let lp = r.choices.first().and_then(|c| c.logprobs.as_ref()).and_then(|l| l.content.as_ref());
+                        let ids: Vec<u32> = lp
+                            .map(|c| c.iter().filter_map(|x| x.top_logprobs.first().map(|t| t.token)).collect())
+                            .unwrap_or_default();
+                        if ids.len() != max_tokens {
+                            bail!("mistral.rs returned {} token ids, expected {max_tokens}", ids.len());
+                        }
+                        tokens.push(ids);
+                        prompt_toks += r.usage.prompt_tokens;
+                        prompt_secs += r.usage.total_prompt_time_sec as f64;
+                        completion_toks += r.usage.completion_tokens.saturating_sub(1);
+                        last_prompt_end = f64::max(last_prompt_end, r.usage.total_prompt_time_sec as f64);
+                    }
+                    Some(Response::CompletionModelError(e, _)) => bail!("mistral.rs model error: {e}"),
+                    Some(Response::InternalError(e)) | Some(Response::ValidationError(e)) => bail!("mistral.rs: {e}"),
+                    Some(_) => bail!("mistral.rs: unexpected response kind"),
+                    None => bail!("mistral.rs closed the response channel"),
+                }
+            }
+            let wall = t0.elapsed().as_secs_f64();
+            Ok(PeerRun {
+                tokens,
+                prefill_tok_s: prompt_toks as f64 / prompt_secs.max(1e-9),
+                decode_tok_s: completion_toks as f64 / (wall - prompt_secs.min(wall * 0.9)).max(1e-9),
+            })
+        })
+    }
+}

@@ -1,0 +1,398 @@
+//! `retrofit`: learns DMS decisions for a model by distillation (dms-reference.md section 5).
+//!
+//! Trains only an adapter (per layer RMSNorm + Linear(hidden -> n_kv_heads), projection
+//! zero-initialised) with the base model frozen: logistic noise, temperature `tau`,
+//! straight-through hard decisions, the soft mask log(1 - sigmoid(logit_{k+1})) for keys outside
+//! the window, loss = KL(student || teacher) + max(target_fraction - fraction_evicted, 0) with
+//! the compression target rising linearly with the step, AdamW with gradient clipping.
+//! Deterministic for a seed; checkpoints hold the parameters and the optimiser moments, so a
+//! resumed run continues exactly. The output is NVIDIA's adapter format (config.json with
+//! `dms_*` fields + `dms_proj_alpha{,_norm}` tensors), loadable with `adapter = "DIR"`.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor, Var, D};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::config::{open_device, ModelSection};
+use crate::engine::load_model;
+use crate::model::llama::train::{AdapterParams, StudentOpts};
+use crate::model::Llama;
+
+/// A retrofit file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrofitConfig {
+    /// The model to retrofit.
+    pub model: ModelSection,
+    /// Training settings.
+    pub retrofit: RetrofitSection,
+    /// Directory of the file.
+    #[serde(skip)]
+    pub base_dir: Option<PathBuf>,
+}
+
+/// `[retrofit]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrofitSection {
+    /// DMS delay W (training and inference).
+    pub window: usize,
+    /// Compression ratio the schedule ends at.
+    pub target_cr: f64,
+    /// Optimiser steps.
+    pub steps: usize,
+    /// Steps over which the target rises linearly from CR 1 to `target_cr`.
+    pub ramp_steps: usize,
+    /// Tokens per training sequence.
+    pub seq_len: usize,
+    /// Learning rate.
+    pub lr: f64,
+    /// `brown-fiction-train` (the corpus's training split) or a UTF-8 text file.
+    #[serde(default = "d_corpus")]
+    pub corpus: String,
+    /// Relaxation temperature.
+    #[serde(default = "d_tau")]
+    pub tau: f64,
+    /// Decision scale.
+    #[serde(default = "d_scale")]
+    pub alpha_scale: f64,
+    /// Decision offset.
+    #[serde(default = "d_offset")]
+    pub alpha_offset: f64,
+    /// Seed (data order and noise).
+    #[serde(default = "d_seed")]
+    pub seed: u64,
+    /// Steps between checkpoints.
+    #[serde(default = "d_ckpt")]
+    pub checkpoint_every: usize,
+    /// Output directory.
+    pub output: String,
+    /// Gradient-norm clip.
+    #[serde(default = "d_clip")]
+    pub grad_clip: f64,
+    /// AdamW betas.
+    #[serde(default = "d_betas")]
+    pub betas: (f64, f64),
+    /// AdamW weight decay.
+    #[serde(default)]
+    pub weight_decay: f64,
+}
+
+fn d_corpus() -> String {
+    "brown-fiction-train".into()
+}
+fn d_tau() -> f64 {
+    0.1
+}
+fn d_scale() -> f64 {
+    100.0
+}
+fn d_offset() -> f64 {
+    5.0
+}
+fn d_seed() -> u64 {
+    42
+}
+fn d_ckpt() -> usize {
+    25
+}
+fn d_clip() -> f64 {
+    1.0
+}
+fn d_betas() -> (f64, f64) {
+    (0.9, 0.95)
+}
+
+impl RetrofitConfig {
+    /// Reads and validates a retrofit file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let mut c: RetrofitConfig = toml::from_str(&text).map_err(|e| anyhow::anyhow!("invalid retrofit file {}: {e}", path.display()))?;
+        c.base_dir = path.parent().map(Path::to_path_buf);
+        c.retrofit.validate()?;
+        Ok(c)
+    }
+}
+
+impl RetrofitSection {
+    /// Range checks.
+    pub fn validate(&self) -> Result<()> {
+        if self.steps == 0 || self.seq_len < 2 || self.ramp_steps == 0 {
+            bail!("[retrofit] steps, ramp_steps must be positive and seq_len at least 2");
+        }
+        if !(self.target_cr >= 1.0) {
+            bail!("[retrofit] target_cr must be at least 1");
+        }
+        if !(self.lr > 0.0 && self.tau > 0.0) {
+            bail!("[retrofit] lr and tau must be positive");
+        }
+        Ok(())
+    }
+
+    /// Target evicted fraction at a step: 1 - 1/CR(step), CR rising linearly from 1.
+    pub fn target_fraction(&self, step: usize) -> f64 {
+        let cr = 1.0 + (self.target_cr - 1.0) * (step as f64 / self.ramp_steps as f64).min(1.0);
+        1.0 - 1.0 / cr
+    }
+}
+
+/// AdamW with its moments, saved in checkpoints so that a resumed run continues exactly.
+pub struct AdamW {
+    m: Vec<Tensor>,
+    v: Vec<Tensor>,
+    t: usize,
+}
+
+impl AdamW {
+    /// Zero moments for these parameters.
+    pub fn new(params: &[&Var]) -> Result<Self> {
+        let z = |p: &&Var| p.as_tensor().zeros_like();
+        Ok(Self {
+            m: params.iter().map(z).collect::<candle_core::Result<_>>()?,
+            v: params.iter().map(z).collect::<candle_core::Result<_>>()?,
+            t: 0,
+        })
+    }
+
+    /// One update with gradients already clipped.
+    pub fn step(&mut self, params: &[&Var], grads: &[Tensor], s: &RetrofitSection) -> Result<()> {
+        self.t += 1;
+        let (b1, b2) = s.betas;
+        let (c1, c2) = (1.0 - b1.powi(self.t as i32), 1.0 - b2.powi(self.t as i32));
+        for (i, (p, g)) in params.iter().zip(grads).enumerate() {
+            self.m[i] = ((&self.m[i] * b1)? + (g * (1.0 - b1))?)?;
+            self.v[i] = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+            let upd = ((&self.m[i] / c1)? / ((&self.v[i] / c2)?.sqrt()? + 1e-8)?)?;
+            let decayed = (p.as_tensor() * (1.0 - s.lr * s.weight_decay))?;
+            p.set(&(decayed - (upd * s.lr)?)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Training state.
+pub struct Trainer {
+    /// The frozen model.
+    pub model: Llama,
+    /// The adapter being trained.
+    pub adapter: AdapterParams,
+    /// Optimiser.
+    pub opt: AdamW,
+    /// Steps done.
+    pub step: usize,
+    /// Settings.
+    pub cfg: RetrofitSection,
+    tokens: Vec<u32>,
+}
+
+/// Metrics of one step.
+#[derive(Debug, Clone, Copy)]
+pub struct StepStats {
+    /// Step index (1-based after the update).
+    pub step: usize,
+    /// Total loss.
+    pub loss: f64,
+    /// KL(student || teacher) per token.
+    pub kl: f64,
+    /// Achieved evicted fraction (hard decisions).
+    pub evicted: f64,
+    /// Target evicted fraction.
+    pub target: f64,
+}
+
+impl Trainer {
+    /// A fresh trainer: zero projections, unit norms.
+    pub fn new(model: Llama, cfg: RetrofitSection, tokens: Vec<u32>) -> Result<Self> {
+        if tokens.len() <= cfg.seq_len {
+            bail!("the training text has {} tokens, not more than seq_len {}", tokens.len(), cfg.seq_len);
+        }
+        let c = model.config().clone();
+        let dev = model.device().clone();
+        let mut norms = Vec::new();
+        let mut projs = Vec::new();
+        for _ in 0..c.num_layers {
+            norms.push(Var::from_tensor(&Tensor::ones(c.hidden_size, DType::F32, &dev)?)?);
+            projs.push(Var::from_tensor(&Tensor::zeros((c.num_kv_heads, c.hidden_size), DType::F32, &dev)?)?);
+        }
+        let adapter = AdapterParams { norms, projs };
+        let opt = AdamW::new(&params(&adapter))?;
+        Ok(Self { model, adapter, opt, step: 0, cfg, tokens })
+    }
+
+    fn sample(&self, step: usize) -> (Vec<u32>, Vec<Tensor>) {
+        let mut rng = StdRng::seed_from_u64(self.cfg.seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let at = rng.random_range(0..self.tokens.len() - self.cfg.seq_len);
+        let ids = self.tokens[at..at + self.cfg.seq_len].to_vec();
+        let c = self.model.config();
+        let noise = (0..c.num_layers)
+            .map(|_| {
+                let v: Vec<f32> = (0..self.cfg.seq_len * c.num_kv_heads)
+                    .map(|_| {
+                        let u: f64 = rng.random_range(1e-6..1.0 - 1e-6);
+                        (u.ln() - (1.0 - u).ln()) as f32
+                    })
+                    .collect();
+                Tensor::from_vec(v, (self.cfg.seq_len, c.num_kv_heads), self.model.device()).expect("noise tensor")
+            })
+            .collect();
+        (ids, noise)
+    }
+
+    /// Loss terms for one sequence with given noise (no update).
+    pub fn loss(&self, ids: &[u32], noise: &[Tensor], target: f64) -> Result<(Tensor, Tensor, Tensor)> {
+        let teacher = self.model.dense_forward(ids, None)?.logits.detach();
+        let opts = StudentOpts {
+            window: self.cfg.window,
+            alpha_scale: self.cfg.alpha_scale,
+            alpha_offset: self.cfg.alpha_offset,
+            tau: self.cfg.tau,
+            noise,
+        };
+        let out = self.model.dense_forward(ids, Some((&self.adapter, &opts)))?;
+        let ls = candle_nn::ops::log_softmax(&out.logits, D::Minus1)?;
+        let lt = candle_nn::ops::log_softmax(&teacher, D::Minus1)?;
+        let kl = (ls.exp()? * (&ls - &lt)?)?.sum(D::Minus1)?.mean_all()?;
+        let stacked = Tensor::stack(&out.decisions, 0)?;
+        let evicted = stacked.mean_all()?;
+        let hinge = (evicted.neg()? + target)?.relu()?;
+        Ok(((&kl + &hinge)?, kl, evicted))
+    }
+
+    /// One optimiser step.
+    pub fn train_step(&mut self) -> Result<StepStats> {
+        let (ids, noise) = self.sample(self.step);
+        let target = self.cfg.target_fraction(self.step);
+        let (loss, kl, evicted) = self.loss(&ids, &noise, target)?;
+        let grads = loss.backward()?;
+        let ps = params(&self.adapter);
+        let mut gs = Vec::with_capacity(ps.len());
+        let mut sq = 0f64;
+        for p in &ps {
+            let g = grads.get(p.as_tensor()).cloned().unwrap_or(p.as_tensor().zeros_like()?);
+            sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+            gs.push(g);
+        }
+        let norm = sq.sqrt();
+        if norm > self.cfg.grad_clip {
+            let f = self.cfg.grad_clip / norm;
+            gs = gs.into_iter().map(|g| (g * f).map_err(anyhow::Error::from)).collect::<Result<_>>()?;
+        }
+        self.opt.step(&ps, &gs, &self.cfg)?;
+        self.step += 1;
+        Ok(StepStats {
+            step: self.step,
+            loss: loss.to_scalar::<f32>()? as f64,
+            kl: kl.to_scalar::<f32>()? as f64,
+            evicted: evicted.to_scalar::<f32>()? as f64,
+            target,
+        })
+    }
+
+    /// Writes a checkpoint (parameters, moments, step) into `dir/checkpoint`.
+    pub fn save_checkpoint(&self, dir: &Path) -> Result<()> {
+        let ck = dir.join("checkpoint");
+        std::fs::create_dir_all(&ck)?;
+        let mut t: HashMap<String, Tensor> = HashMap::new();
+        for (i, p) in params(&self.adapter).iter().enumerate() {
+            t.insert(format!("param.{i}"), p.as_tensor().clone());
+            t.insert(format!("m.{i}"), self.opt.m[i].clone());
+            t.insert(format!("v.{i}"), self.opt.v[i].clone());
+        }
+        candle_core::safetensors::save(&t, ck.join("state.safetensors"))?;
+        std::fs::write(ck.join("state.json"), json!({"step": self.step, "adam_t": self.opt.t}).to_string())?;
+        Ok(())
+    }
+
+    /// Restores a checkpoint written by [`Trainer::save_checkpoint`], if there is one.
+    pub fn load_checkpoint(&mut self, dir: &Path) -> Result<bool> {
+        let ck = dir.join("checkpoint");
+        if !ck.join("state.json").exists() {
+            return Ok(false);
+        }
+        let st: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ck.join("state.json"))?)?;
+        let t = candle_core::safetensors::load(ck.join("state.safetensors"), self.model.device())?;
+        for (i, p) in params(&self.adapter).iter().enumerate() {
+            let get = |k: String| t.get(&k).cloned().with_context(|| format!("checkpoint lacks {k}"));
+            p.set(&get(format!("param.{i}"))?)?;
+            self.opt.m[i] = get(format!("m.{i}"))?;
+            self.opt.v[i] = get(format!("v.{i}"))?;
+        }
+        self.step = st["step"].as_u64().context("checkpoint step")? as usize;
+        self.opt.t = st["adam_t"].as_u64().context("checkpoint adam_t")? as usize;
+        Ok(true)
+    }
+
+    /// Writes the adapter in NVIDIA's format: config.json (`dms_*`) + adapter.safetensors.
+    pub fn save_adapter(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir)?;
+        let mut t: HashMap<String, Tensor> = HashMap::new();
+        for (i, (n, p)) in self.adapter.norms.iter().zip(&self.adapter.projs).enumerate() {
+            t.insert(format!("model.layers.{i}.self_attn.dms_proj_alpha_norm.weight"), n.as_tensor().clone());
+            t.insert(format!("model.layers.{i}.self_attn.dms_proj_alpha.weight"), p.as_tensor().clone());
+        }
+        candle_core::safetensors::save(&t, dir.join("adapter.safetensors"))?;
+        let c = &self.cfg;
+        let cfg = json!({
+            "dms_window_size": c.window, "dms_alpha_scale": c.alpha_scale, "dms_initial_alpha_offset": c.alpha_offset,
+            "dms_separate_alpha": true, "dms_alpha_per": "head", "dms_disable_eviction": false, "dms_tau": c.tau,
+            "dms_cr": c.target_cr, "retrofit_steps_done": self.step,
+        });
+        std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&cfg)?)?;
+        Ok(())
+    }
+}
+
+fn params(a: &AdapterParams) -> Vec<&Var> {
+    a.norms.iter().chain(a.projs.iter()).collect()
+}
+
+/// Training tokens of the configured corpus.
+pub fn training_tokens(cfg: &RetrofitConfig, tok: &tokenizers::Tokenizer) -> Result<Vec<u32>> {
+    let text = if cfg.retrofit.corpus == "brown-fiction-train" {
+        crate::corpus::fiction_text(crate::corpus::Split::Train)?
+    } else {
+        crate::corpus::load_text(&cfg.retrofit.corpus, cfg.base_dir.as_deref())?
+    };
+    Ok(tok.encode(text.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?.get_ids().to_vec())
+}
+
+/// Runs (or resumes) a retrofit with a progress bar; writes checkpoints, the training log and
+/// the adapter into `[retrofit] output`.
+pub fn run(cfg: &RetrofitConfig) -> Result<PathBuf> {
+    let device = open_device(&cfg.model.device)?;
+    let path = crate::assets::resolve_model(&cfg.model.source, cfg.base_dir.as_deref())?;
+    let loaded = load_model(&path, &device, false)?;
+    let tok = loaded.tokenizer.clone().context("retrofit needs a model with a tokenizer")?;
+    let tokens = training_tokens(cfg, &tok)?;
+    let out = PathBuf::from(&cfg.retrofit.output);
+    let mut trainer = Trainer::new(loaded.model, cfg.retrofit.clone(), tokens)?;
+    let resumed = trainer.load_checkpoint(&out)?;
+    if resumed {
+        eprintln!("resuming from step {}", trainer.step);
+    }
+    std::fs::create_dir_all(&out)?;
+    let mut log = std::fs::OpenOptions::new().create(true).append(true).open(out.join("training-log.jsonl"))?;
+    let pb = ProgressBar::new(cfg.retrofit.steps as u64);
+    pb.set_style(ProgressStyle::with_template("retrofit [{bar:30}] {pos}/{len} {msg} {elapsed}<{eta}").expect("template").progress_chars("=> "));
+    pb.set_position(trainer.step as u64);
+    while trainer.step < cfg.retrofit.steps {
+        let s = trainer.train_step()?;
+        writeln!(log, "{}", json!({"step": s.step, "loss": s.loss, "kl": s.kl, "evicted": s.evicted, "target": s.target}))?;
+        pb.set_position(s.step as u64);
+        pb.set_message(format!("loss {:.4} KL {:.4} evicted {:.3} target {:.3}", s.loss, s.kl, s.evicted, s.target));
+        if s.step % cfg.retrofit.checkpoint_every == 0 || s.step == cfg.retrofit.steps {
+            trainer.save_checkpoint(&out)?;
+            trainer.save_adapter(&out)?;
+        }
+    }
+    pb.finish();
+    trainer.save_adapter(&out)?;
+    Ok(out)
+}

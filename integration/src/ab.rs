@@ -134,6 +134,8 @@ pub struct PeerResult {
     pub tokens_per_prompt: usize,
     /// First position where each prompt's greedy tokens differ (None = never).
     pub first_divergence: Vec<Option<usize>>,
+    /// Our top-1 minus top-2 logit at each divergence (small = a numerical near-tie).
+    pub margin_at_divergence: Vec<Option<f32>>,
     /// Our full-cache greedy decode tok/s in the same run.
     pub ours_decode_tok_s: f64,
     /// The peer's decode tok/s.
@@ -420,7 +422,7 @@ fn peer_run(cfg: &AbConfig, arm: &Arm, engine: &mut Engine, tok: &Tokenizer, tex
     let params = GenParams { max_tokens: w.continuation_tokens, temperature: 0.0, top_p: 1.0, seed: 0, stop_at_eos: false, prefill_chunk: 0 };
     let pb = bar(2, &arm.name);
     pb.set_message("greedy: ours, then mistral.rs");
-    let (ours, stats) = run_batch(engine, reqs, &params, w.concurrency, false, |_| {})?;
+    let (ours, stats) = run_batch(engine, reqs, &params, w.concurrency, true, |_| {})?;
     pb.inc(1);
     let path = resolve_model(source, cfg.base_dir.as_deref())?;
     let hf_dir = if path.is_dir() {
@@ -435,17 +437,25 @@ fn peer_run(cfg: &AbConfig, arm: &Arm, engine: &mut Engine, tok: &Tokenizer, tex
     let run = peer.generate(&prompts, w.continuation_tokens)?;
     pb.finish();
     let mut first = Vec::new();
+    let mut margins = Vec::new();
     let mut prefix_sum = 0usize;
     for (o, p) in ours.iter().zip(&run.tokens) {
         let k = o.tokens.iter().zip(p).take_while(|(a, b)| a == b).count();
         prefix_sum += k;
         first.push((k < o.tokens.len()).then_some(k));
+        margins.push((k < o.tokens.len()).then(|| {
+            let l = &o.step_logits[k];
+            let mut v: Vec<f32> = l.clone();
+            v.sort_by(|a, b| b.total_cmp(a));
+            v[0] - v[1]
+        }));
     }
     Ok(PeerResult {
         name: arm.name.clone(),
         mean_agreeing_prefix: prefix_sum as f64 / ours.len().max(1) as f64,
         tokens_per_prompt: w.continuation_tokens,
         first_divergence: first,
+        margin_at_divergence: margins,
         ours_decode_tok_s: stats.decode_tok_s(),
         peer_decode_tok_s: run.decode_tok_s,
         ours_prefill_tok_s: stats.prefill_tokens as f64 / stats.prefill_secs.max(1e-9),
@@ -463,9 +473,10 @@ pub fn peer_lines(peers: &[PeerResult]) -> String {
     let mut s = String::new();
     for p in peers {
         s.push_str(&format!(
-            "{}: greedy tokens equal to our full arm for {:.1} of {} tokens on average (first divergence per prompt: {:?}); \
-             decode tok/s ours {:.1} vs {} {:.1} (ratio ours/peer {:.2}); prefill tok/s ours {:.1} vs {:.1}\n",
-            p.name, p.mean_agreeing_prefix, p.tokens_per_prompt, p.first_divergence, p.ours_decode_tok_s, p.name,
+            "{}: greedy tokens equal to our full arm for {:.1} of {} tokens on average (first divergence per prompt: {:?}; \
+             our top-1/top-2 logit margin there: {:?}); decode tok/s ours {:.1} vs {} {:.1} (ratio ours/peer {:.2}); \
+             prefill tok/s ours {:.1} vs {:.1}\n",
+            p.name, p.mean_agreeing_prefix, p.tokens_per_prompt, p.first_divergence, p.margin_at_divergence, p.ours_decode_tok_s, p.name,
             p.peer_decode_tok_s, p.ours_decode_tok_s / p.peer_decode_tok_s.max(1e-9), p.ours_prefill_tok_s, p.peer_prefill_tok_s
         ));
     }
@@ -543,7 +554,7 @@ pub fn to_json(cfg: &AbConfig, results: &[ArmResult], peers: &[PeerResult]) -> s
         })).collect::<Vec<_>>(),
         "peers": peers.iter().map(|p| json!({
             "name": p.name, "mean_agreeing_prefix": p.mean_agreeing_prefix, "tokens_per_prompt": p.tokens_per_prompt,
-            "first_divergence": p.first_divergence, "ours_decode_tok_s": p.ours_decode_tok_s,
+            "first_divergence": p.first_divergence, "margin_at_divergence": p.margin_at_divergence, "ours_decode_tok_s": p.ours_decode_tok_s,
             "peer_decode_tok_s": p.peer_decode_tok_s, "decode_ratio_ours_over_peer": p.ours_decode_tok_s / p.peer_decode_tok_s.max(1e-9),
             "ours_prefill_tok_s": p.ours_prefill_tok_s, "peer_prefill_tok_s": p.peer_prefill_tok_s,
         })).collect::<Vec<_>>(),

@@ -297,9 +297,8 @@ impl GpuCache {
         if d % vec != 0 || 128 % nvec != 0 {
             bail!("head_dim {d} unsupported by the decode kernel (a multiple of {vec}, at most 256, power-of-two vectors)");
         }
-        // Enough blocks for several waves over 132 SMs (up to 16 resident blocks each), and at
-        // least one 128-key tile per split.
-        let splits = (8448 / rows).clamp(1, max_len_hint.div_ceil(128).max(1));
+        // About eight blocks per SM of an H100/H200 (132 SMs), and at least one 128-key tile per split.
+        let splits = (1056 / rows).clamp(1, max_len_hint.div_ceil(128).max(1));
         let need = rows * splits * g;
         if self.splits * rows * g < need || self.part_m.len() < need {
             self.part_acc = drv(self.stream.alloc_zeros::<f32>(need * d))?;

@@ -57,10 +57,7 @@ impl RowLedger {
     /// skips or repeats positions.
     pub fn begin_step(&mut self, first_pos: Pos, plan: &mut EvictPlan) -> Result<(), String> {
         if first_pos != self.seen {
-            return Err(format!(
-                "step starts at position {first_pos} but the row has seen {} tokens",
-                self.seen
-            ));
+            return Err(format!("step starts at position {first_pos} but the row has seen {} tokens", self.seen));
         }
         plan.clear();
         self.chunk_first = first_pos;
@@ -70,15 +67,12 @@ impl RowLedger {
     /// Hides the key at `pos` from query `at` onwards. Its slot becomes reusable by this step's
     /// tokens when no query of the step can see it, otherwise it is left for compaction.
     pub fn release(&mut self, pos: Pos, at: Pos, plan: &mut EvictPlan) -> Result<(), String> {
-        let slot = self
-            .recent_slot(pos)
-            .ok_or_else(|| format!("position {pos} is not among the row's recent tokens"))?;
+        let slot =
+            self.recent_slot(pos).ok_or_else(|| format!("position {pos} is not among the row's recent tokens"))?;
         if self.slot_until[slot as usize] != VISIBLE_FOREVER {
             return Err(format!("position {pos} released twice"));
         }
-        let last_visible = at
-            .checked_sub(1)
-            .ok_or_else(|| "cannot hide a key from query 0".to_string())?;
+        let last_visible = at.checked_sub(1).ok_or_else(|| "cannot hide a key from query 0".to_string())?;
         self.slot_until[slot as usize] = last_visible;
         match pos.checked_sub(self.chunk_first) {
             Some(i) => plan.writes[i as usize].last_visible = last_visible,

@@ -67,13 +67,11 @@ pub enum SignalNeed {
 pub trait SequencePolicy: Send {
     /// Records this step's signals for the `n_new` tokens of `row` starting at absolute position
     /// `first_pos`. `scores` holds one raw score per new token when the policy asked for them.
-    fn decide(&mut self, row: RowRef, first_pos: Pos, n_new: usize, scores: Option<&[f32]>)
-        -> Result<(), PolicyError>;
+    fn decide(&mut self, row: RowRef, first_pos: Pos, n_new: usize, scores: Option<&[f32]>) -> Result<(), PolicyError>;
 
     /// Plans where this step's new tokens are written and which stored keys stop being visible
     /// during or because of this step. Clears and fills `plan`.
-    fn evict(&mut self, row: RowRef, first_pos: Pos, n_new: usize, plan: &mut EvictPlan)
-        -> Result<(), PolicyError>;
+    fn evict(&mut self, row: RowRef, first_pos: Pos, n_new: usize, plan: &mut EvictPlan) -> Result<(), PolicyError>;
 
     /// After the step's attention: slot moves and the new physical length of `row`, so that keys no
     /// future query can see no longer occupy memory. Clears and fills `plan`.

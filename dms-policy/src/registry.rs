@@ -11,8 +11,7 @@ use crate::policies::{DmsPolicy, FullPolicy, ShadowPolicy, SlidingWindowPolicy};
 use crate::{PolicyError, PolicyFactory};
 
 /// Builds a configured policy from its whole TOML table (including `name`).
-pub type PolicyBuilder =
-    Arc<dyn Fn(&toml::Table) -> Result<Arc<dyn PolicyFactory>, PolicyError> + Send + Sync>;
+pub type PolicyBuilder = Arc<dyn Fn(&toml::Table) -> Result<Arc<dyn PolicyFactory>, PolicyError> + Send + Sync>;
 
 /// Named policy builders. [`Registry::with_builtins`] knows `full`, `sliding_window`, `dms` and
 /// `shadow` (its `inner` table may name the built-ins);
@@ -50,9 +49,7 @@ impl Registry {
             })?;
             Ok(Arc::new(ShadowPolicy::new(inner)))
         });
-        r.register("sliding_window", |t| {
-            Ok(Arc::new(SlidingWindowPolicy::new(parse_params("sliding_window", t)?)?))
-        });
+        r.register("sliding_window", |t| Ok(Arc::new(SlidingWindowPolicy::new(parse_params("sliding_window", t)?)?)));
         r
     }
 
@@ -92,10 +89,7 @@ impl Registry {
             }
             None => return Err(PolicyError::MissingName { valid }),
         };
-        let builder = self
-            .builders
-            .get(&name)
-            .ok_or(PolicyError::UnknownPolicy { name: name.clone(), valid })?;
+        let builder = self.builders.get(&name).ok_or(PolicyError::UnknownPolicy { name: name.clone(), valid })?;
         builder(table)
     }
 }

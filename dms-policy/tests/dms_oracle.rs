@@ -106,7 +106,9 @@ fn disable_eviction_and_random_need_no_scores() {
     let reg = Registry::with_builtins();
     let f = reg.build(&toml::from_str("name = 'dms'\nwindow = 4\ndisable_eviction = true").unwrap()).unwrap();
     assert_eq!(f.signal_need(), SignalNeed::None);
-    let f = reg.build(&toml::from_str("name = 'dms'\nwindow = 4\ndecision = 'random'\nevict_rate = 0.75").unwrap()).unwrap();
+    let f = reg
+        .build(&toml::from_str("name = 'dms'\nwindow = 4\ndecision = 'random'\nevict_rate = 0.75").unwrap())
+        .unwrap();
     assert_eq!(f.signal_need(), SignalNeed::None);
     assert!(f.describe().contains("synthetic"));
     // Random decisions flag about evict_rate of the tokens: kept fraction of a long row ~ 1 - rate.

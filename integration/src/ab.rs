@@ -202,7 +202,8 @@ impl AbConfig {
     /// Reads and validates an A/B file.
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read A/B file {}", path.display()))?;
-        let mut c: AbConfig = toml::from_str(&text).map_err(|e| anyhow::anyhow!("invalid A/B file {}: {e}", path.display()))?;
+        let mut c: AbConfig =
+            toml::from_str(&text).map_err(|e| anyhow::anyhow!("invalid A/B file {}: {e}", path.display()))?;
         c.base_dir = path.parent().map(Path::to_path_buf);
         c.validate()?;
         Ok(c)
@@ -211,7 +212,12 @@ impl AbConfig {
     /// Range checks.
     pub fn validate(&self) -> Result<()> {
         let w = &self.workload;
-        for (k, v) in [("prompts", w.prompts), ("prompt_tokens", w.prompt_tokens), ("continuation_tokens", w.continuation_tokens), ("concurrency", w.concurrency)] {
+        for (k, v) in [
+            ("prompts", w.prompts),
+            ("prompt_tokens", w.prompt_tokens),
+            ("continuation_tokens", w.continuation_tokens),
+            ("concurrency", w.concurrency),
+        ] {
             if v == 0 {
                 bail!("[workload] {k} must be at least 1");
             }
@@ -238,7 +244,9 @@ impl AbConfig {
             match (a.engine.as_str(), &a.policy) {
                 ("dms", Some(p)) => registry().check_name(p).with_context(|| format!("[[arm]] `{}`", a.name))?,
                 ("dms", None) => bail!("[[arm]] `{}` needs a `policy` table", a.name),
-                ("mistralrs", Some(_)) => bail!("[[arm]] `{}`: mistral.rs runs its own full cache and takes no `policy`", a.name),
+                ("mistralrs", Some(_)) => {
+                    bail!("[[arm]] `{}`: mistral.rs runs its own full cache and takes no `policy`", a.name)
+                }
                 ("mistralrs", None) => {}
                 (other, _) => bail!("[[arm]] `{}`: unknown engine `{other}` (valid: dms, mistralrs)", a.name),
             }
@@ -249,7 +257,8 @@ impl AbConfig {
 
 impl Arm {
     fn is_full(&self) -> bool {
-        self.engine == "dms" && self.policy.as_ref().and_then(|p| p.get("name")).and_then(|v| v.as_str()) == Some("full")
+        self.engine == "dms"
+            && self.policy.as_ref().and_then(|p| p.get("name")).and_then(|v| v.as_str()) == Some("full")
     }
 }
 
@@ -291,15 +300,21 @@ pub fn windows(tokens: &[u32], n: usize, len: usize) -> Result<Vec<Vec<u32>>> {
         bail!("the corpus has {} tokens, fewer than one window of {len}", tokens.len());
     }
     let span = tokens.len() - len;
-    Ok((0..n).map(|i| {
-        let at = if n == 1 { 0 } else { span * i / (n - 1) };
-        tokens[at..at + len].to_vec()
-    }).collect())
+    Ok((0..n)
+        .map(|i| {
+            let at = if n == 1 { 0 } else { span * i / (n - 1) };
+            tokens[at..at + len].to_vec()
+        })
+        .collect())
 }
 
 fn bar(len: u64, label: &str) -> ProgressBar {
     let pb = ProgressBar::new(len);
-    pb.set_style(ProgressStyle::with_template("{prefix:>14} [{bar:30}] {pos}/{len} {msg} {elapsed}").expect("valid template").progress_chars("=> "));
+    pb.set_style(
+        ProgressStyle::with_template("{prefix:>14} [{bar:30}] {pos}/{len} {msg} {elapsed}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
     pb.set_prefix(label.to_string());
     pb
 }
@@ -324,7 +339,8 @@ pub fn run_ab(cfg: &AbConfig) -> Result<(Vec<ArmResult>, Vec<PeerResult>)> {
             let path = resolve_model(&source, base)?;
             let loaded = load_model(&path, &device, false).with_context(|| format!("loading {}", path.display()))?;
             let mc = loaded.model.config();
-            let blocks = (cfg.cache.memory_mb * 1024 * 1024 / (cfg.cache.block_size * 2 * mc.head_dim * 4) as u64) as usize;
+            let blocks =
+                (cfg.cache.memory_mb * 1024 * 1024 / (cfg.cache.block_size * 2 * mc.head_dim * 4) as u64) as usize;
             let full = registry().build(&toml::from_str("name = 'full'").expect("valid"))?;
             let engine = Engine::new(loaded.model, full, cfg.cache.block_size, blocks)?;
             engines.insert(source.clone(), (engine, loaded.tokenizer));
@@ -335,7 +351,11 @@ pub fn run_ab(cfg: &AbConfig) -> Result<(Vec<ArmResult>, Vec<PeerResult>)> {
             .with_context(|| format!("arm `{}`", arm.name))?;
         let policy: Arc<dyn PolicyFactory> = registry().build(&table).with_context(|| format!("arm `{}`", arm.name))?;
         engine.check_policy(policy.as_ref()).with_context(|| format!("arm `{}`", arm.name))?;
-        let ids = tok.encode(text.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizing the corpus: {e}"))?.get_ids().to_vec();
+        let ids = tok
+            .encode(text.as_str(), false)
+            .map_err(|e| anyhow::anyhow!("tokenizing the corpus: {e}"))?
+            .get_ids()
+            .to_vec();
         let w = &cfg.workload;
         let wins = windows(&ids, w.prompts, w.prompt_tokens + w.continuation_tokens)?;
         let reqs: Vec<Request> = wins
@@ -348,12 +368,20 @@ pub fn run_ab(cfg: &AbConfig) -> Result<(Vec<ArmResult>, Vec<PeerResult>)> {
                 policy: policy.clone(),
             })
             .collect();
-        let params = GenParams { max_tokens: w.continuation_tokens, temperature: 0.0, top_p: 1.0, seed: 0, stop_at_eos: false, prefill_chunk: cfg.cache.prefill_chunk };
+        let params = GenParams {
+            max_tokens: w.continuation_tokens,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+            stop_at_eos: false,
+            prefill_chunk: cfg.cache.prefill_chunk,
+        };
         let pb = bar(reqs.len() as u64, &arm.name);
         pb.set_message("quality");
         let (done, stats) = run_batch(engine, reqs, &params, w.concurrency, true, |n| pb.set_position(n as u64))?;
         pb.finish();
-        let logs: Vec<Vec<Vec<f32>>> = done.iter().map(|f| f.step_logits.iter().map(|l| log_softmax(l)).collect()).collect();
+        let logs: Vec<Vec<Vec<f32>>> =
+            done.iter().map(|f| f.step_logits.iter().map(|l| log_softmax(l)).collect()).collect();
         let (mut agree, mut kl_sum, mut nll, mut n) = (0usize, 0.0f64, 0.0f64, 0usize);
         for (fi, f) in done.iter().enumerate() {
             let forced = &wins[f.id][w.prompt_tokens..];
@@ -397,10 +425,15 @@ pub fn run_ab(cfg: &AbConfig) -> Result<(Vec<ArmResult>, Vec<PeerResult>)> {
                 eprintln!("skipping arm `{}`: this build has no mistral.rs (cargo feature `mistralrs`)", arm.name);
                 continue;
             }
-            bail!("arm `{}` needs mistral.rs: build with `--features dms-integration/mistralrs` or mark the arm optional", arm.name);
+            bail!(
+                "arm `{}` needs mistral.rs: build with `--features dms-integration/mistralrs` or mark the arm optional",
+                arm.name
+            );
         }
         let source = arm.model.clone().unwrap_or_else(|| cfg.model.source.clone());
-        let (engine, tok) = engines.get_mut(&source).with_context(|| format!("arm `{}`: no arm of this engine runs model {source}", arm.name))?;
+        let (engine, tok) = engines
+            .get_mut(&source)
+            .with_context(|| format!("arm `{}`: no arm of this engine runs model {source}", arm.name))?;
         let tok = tok.clone().context("the peer comparison needs a tokenizer")?;
         peers.push(peer_run(cfg, arm, engine, &tok, &text, &source)?);
     }
@@ -409,7 +442,14 @@ pub fn run_ab(cfg: &AbConfig) -> Result<(Vec<ArmResult>, Vec<PeerResult>)> {
 
 /// Greedy generation by our full-cache arm and by the peer on the same prompts.
 #[cfg(feature = "mistralrs")]
-fn peer_run(cfg: &AbConfig, arm: &Arm, engine: &mut Engine, tok: &Tokenizer, text: &str, source: &str) -> Result<PeerResult> {
+fn peer_run(
+    cfg: &AbConfig,
+    arm: &Arm,
+    engine: &mut Engine,
+    tok: &Tokenizer,
+    text: &str,
+    source: &str,
+) -> Result<PeerResult> {
     let w = &cfg.workload;
     let ids = tok.encode(text, false).map_err(|e| anyhow::anyhow!("tokenizing the corpus: {e}"))?.get_ids().to_vec();
     let prompts: Vec<Vec<u32>> = windows(&ids, w.prompts, w.prompt_tokens + w.continuation_tokens)?
@@ -417,9 +457,19 @@ fn peer_run(cfg: &AbConfig, arm: &Arm, engine: &mut Engine, tok: &Tokenizer, tex
         .map(|v| v[..w.prompt_tokens].to_vec())
         .collect();
     let full = registry().build(&toml::from_str("name = 'full'").expect("valid"))?;
-    let reqs: Vec<Request> =
-        prompts.iter().enumerate().map(|(i, p)| Request { id: i, prompt: p.clone(), forced: None, policy: full.clone() }).collect();
-    let params = GenParams { max_tokens: w.continuation_tokens, temperature: 0.0, top_p: 1.0, seed: 0, stop_at_eos: false, prefill_chunk: 0 };
+    let reqs: Vec<Request> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| Request { id: i, prompt: p.clone(), forced: None, policy: full.clone() })
+        .collect();
+    let params = GenParams {
+        max_tokens: w.continuation_tokens,
+        temperature: 0.0,
+        top_p: 1.0,
+        seed: 0,
+        stop_at_eos: false,
+        prefill_chunk: 0,
+    };
     let pb = bar(2, &arm.name);
     pb.set_message("greedy: ours, then mistral.rs");
     let (ours, stats) = run_batch(engine, reqs, &params, w.concurrency, true, |_| {})?;
@@ -428,7 +478,9 @@ fn peer_run(cfg: &AbConfig, arm: &Arm, engine: &mut Engine, tok: &Tokenizer, tex
     let hf_dir = if path.is_dir() {
         path
     } else {
-        let d = crate::assets::cache_dir().join("hf-export").join(path.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default());
+        let d = crate::assets::cache_dir()
+            .join("hf-export")
+            .join(path.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default());
         crate::export::export_gguf_as_hf(&path, &d)?;
         d
     };
@@ -488,14 +540,31 @@ fn mean_cr(done: &[Finished]) -> f64 {
     v.iter().sum::<f64>() / v.len().max(1) as f64
 }
 
-fn capacity_run(engine: &mut Engine, c: &Capacity, ids: &[u32], policy: &Arc<dyn PolicyFactory>, block_size: usize, label: &str)
-    -> Result<BatchStats> {
+fn capacity_run(
+    engine: &mut Engine,
+    c: &Capacity,
+    ids: &[u32],
+    policy: &Arc<dyn PolicyFactory>,
+    block_size: usize,
+    label: &str,
+) -> Result<BatchStats> {
     let mc = engine.model.config();
     let blocks = (c.memory_mb * 1024.0 * 1024.0 / (block_size * 2 * mc.head_dim * 4) as f64) as usize;
     let saved = std::mem::replace(&mut engine.store, KvStore::new(mc.head_dim, block_size, blocks));
     let wins = windows(ids, c.requests, c.prompt_tokens)?;
-    let reqs: Vec<Request> = wins.into_iter().enumerate().map(|(i, p)| Request { id: i, prompt: p, forced: None, policy: policy.clone() }).collect();
-    let params = GenParams { max_tokens: c.gen_tokens, temperature: 0.0, top_p: 1.0, seed: 0, stop_at_eos: false, prefill_chunk: 0 };
+    let reqs: Vec<Request> = wins
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| Request { id: i, prompt: p, forced: None, policy: policy.clone() })
+        .collect();
+    let params = GenParams {
+        max_tokens: c.gen_tokens,
+        temperature: 0.0,
+        top_p: 1.0,
+        seed: 0,
+        stop_at_eos: false,
+        prefill_chunk: 0,
+    };
     let pb = bar(reqs.len() as u64, label);
     pb.set_message("capacity");
     let r = run_batch(engine, reqs, &params, c.requests, false, |n| pb.set_position(n as u64));
@@ -519,13 +588,26 @@ pub fn table(results: &[ArmResult]) -> String {
         let last = r.stats.memory_trace.last().copied().unwrap_or_default();
         s.push_str(&format!(
             "| {} | {:.2} | {} | {} | {} / {} | {:.1} | {:.1} | {:.3} | {:.4} | {:.2} |",
-            r.name, r.compression_ratio, fmt_bytes(r.stats.peak_live), fmt_bytes(r.stats.peak_allocated),
-            fmt_bytes(last.1), fmt_bytes(last.2),
-            r.stats.prefill_tokens as f64 / r.stats.prefill_secs.max(1e-9), r.stats.decode_tok_s(),
-            r.top1_agreement, r.mean_kl, r.perplexity
+            r.name,
+            r.compression_ratio,
+            fmt_bytes(r.stats.peak_live),
+            fmt_bytes(r.stats.peak_allocated),
+            fmt_bytes(last.1),
+            fmt_bytes(last.2),
+            r.stats.prefill_tokens as f64 / r.stats.prefill_secs.max(1e-9),
+            r.stats.decode_tok_s(),
+            r.top1_agreement,
+            r.mean_kl,
+            r.perplexity
         ));
         if let Some(c) = &r.capacity {
-            s.push_str(&format!(" {:.1} / {} | {:.1} | {} |", c.mean_running(), c.max_running, c.decode_tok_s(), c.preemptions));
+            s.push_str(&format!(
+                " {:.1} / {} | {:.1} | {} |",
+                c.mean_running(),
+                c.max_running,
+                c.decode_tok_s(),
+                c.preemptions
+            ));
         }
         s.push('\n');
     }
@@ -567,7 +649,8 @@ pub fn plot(results: &[ArmResult], path: &Path) -> Result<()> {
     let root = SVGBackend::new(path, (900, 520)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
     let max_x = results.iter().flat_map(|r| r.stats.memory_trace.iter().map(|p| p.0)).max().unwrap_or(1).max(1) as f64;
-    let max_y = results.iter().flat_map(|r| r.stats.memory_trace.iter().map(|p| p.1)).max().unwrap_or(1).max(1) as f64 / 1048576.0;
+    let max_y = results.iter().flat_map(|r| r.stats.memory_trace.iter().map(|p| p.1)).max().unwrap_or(1).max(1) as f64
+        / 1048576.0;
     let mut chart = ChartBuilder::on(&root)
         .caption("KV cache bytes live vs tokens generated", ("sans-serif", 22))
         .margin(15)
@@ -575,17 +658,28 @@ pub fn plot(results: &[ArmResult], path: &Path) -> Result<()> {
         .y_label_area_size(60)
         .build_cartesian_2d(0f64..max_x * 1.02, 0f64..max_y * 1.1)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    chart.configure_mesh().x_desc("tokens generated (all sequences)").y_desc("KV live (MiB)").draw().map_err(|e| anyhow::anyhow!("{e}"))?;
+    chart
+        .configure_mesh()
+        .x_desc("tokens generated (all sequences)")
+        .y_desc("KV live (MiB)")
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     for (i, r) in results.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
-        let pts: Vec<(f64, f64)> = r.stats.memory_trace.iter().map(|&(x, y, _)| (x as f64, y as f64 / 1048576.0)).collect();
+        let pts: Vec<(f64, f64)> =
+            r.stats.memory_trace.iter().map(|&(x, y, _)| (x as f64, y as f64 / 1048576.0)).collect();
         chart
             .draw_series(LineSeries::new(pts, color.stroke_width(2)))
             .map_err(|e| anyhow::anyhow!("{e}"))?
             .label(format!("{} (CR {:.2})", r.name, r.compression_ratio))
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
     }
-    chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(|e| anyhow::anyhow!("{e}"))?;
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(())
 }

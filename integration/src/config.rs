@@ -125,7 +125,8 @@ pub const DEFAULT_MEMORY_MB: u64 = 1024;
 impl EngineConfig {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
         let mut cfg = Self::parse(&text).with_context(|| format!("invalid config file {}", path.display()))?;
         cfg.base_dir = path.parent().map(Path::to_path_buf);
         Ok(cfg)

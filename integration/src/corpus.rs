@@ -74,8 +74,8 @@ pub fn detag(tagged: &str) -> String {
         let mut glue_next = true;
         for w in &words {
             let closing_quote = w == "\"" && quote_open;
-            let attach_left = closing_quote
-                || matches!(w.as_str(), "." | "," | ";" | ":" | "!" | "?" | ")" | "'s" | "n't" | "'");
+            let attach_left =
+                closing_quote || matches!(w.as_str(), "." | "," | ";" | ":" | "!" | "?" | ")" | "'s" | "n't" | "'");
             if !glue_next && !attach_left {
                 out.push(' ');
             }
@@ -118,7 +118,8 @@ pub fn load_text(source: &str, base: Option<&Path>) -> Result<String> {
     }
     let p = PathBuf::from(source);
     let p = if p.exists() { p } else { base.map(|b| b.join(&p)).unwrap_or(p) };
-    std::fs::read_to_string(&p).with_context(|| format!("corpus `{source}` is neither `brown-fiction` nor a readable text file"))
+    std::fs::read_to_string(&p)
+        .with_context(|| format!("corpus `{source}` is neither `brown-fiction` nor a readable text file"))
 }
 
 #[cfg(test)]

@@ -116,12 +116,16 @@ pub struct Engine {
 
 impl Engine {
     /// An engine whose pool holds `capacity_blocks` blocks of `block_size` tokens.
-    pub fn new(model: Llama, policy: Arc<dyn PolicyFactory>, block_size: usize, capacity_blocks: usize) -> Result<Self> {
+    pub fn new(
+        model: Llama,
+        policy: Arc<dyn PolicyFactory>,
+        block_size: usize,
+        capacity_blocks: usize,
+    ) -> Result<Self> {
         check_signal(&model, policy.as_ref())?;
         let store = KvStore::new(model.config().head_dim, block_size, capacity_blocks);
         Ok(Self { model, store, policy, keep_logits: false })
     }
-
 
     /// Bytes of K+V for one token in every row of every layer.
     pub fn bytes_per_token(&self) -> u64 {
@@ -156,8 +160,12 @@ impl Engine {
     }
 
     /// Prefills `prompt` (in chunks if asked) and generates.
-    pub fn generate(&mut self, prompt: &[u32], params: &GenParams, mut trace: Option<&mut TraceWriter>)
-        -> Result<Generation> {
+    pub fn generate(
+        &mut self,
+        prompt: &[u32],
+        params: &GenParams,
+        mut trace: Option<&mut TraceWriter>,
+    ) -> Result<Generation> {
         if prompt.is_empty() {
             bail!("the prompt is empty");
         }
@@ -175,8 +183,13 @@ impl Engine {
         Ok(g)
     }
 
-    fn generate_in(&mut self, seq: &mut SequenceCache, prompt: &[u32], params: &GenParams,
-        trace: &mut Option<&mut TraceWriter>) -> Result<Generation> {
+    fn generate_in(
+        &mut self,
+        seq: &mut SequenceCache,
+        prompt: &[u32],
+        params: &GenParams,
+        trace: &mut Option<&mut TraceWriter>,
+    ) -> Result<Generation> {
         let eos = self.model.config().eos_token_ids.clone();
         let mut rng = StdRng::seed_from_u64(params.seed);
         let t0 = Instant::now();
@@ -244,11 +257,8 @@ pub fn sample(logits: &[f32], p: &GenParams, rng: &mut StdRng) -> u32 {
         return argmax(logits);
     }
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let mut probs: Vec<(u32, f64)> = logits
-        .iter()
-        .enumerate()
-        .map(|(i, &l)| (i as u32, ((l as f64 - max) / p.temperature).exp()))
-        .collect();
+    let mut probs: Vec<(u32, f64)> =
+        logits.iter().enumerate().map(|(i, &l)| (i as u32, ((l as f64 - max) / p.temperature).exp())).collect();
     let total: f64 = probs.iter().map(|x| x.1).sum();
     probs.sort_by(|a, b| b.1.total_cmp(&a.1));
     let mut kept = Vec::new();

@@ -13,7 +13,8 @@ use crate::model::{Arch, ModelConfig, Weights};
 
 /// Exports a GGUF file to `out` (skipped when `out/model.safetensors` already exists).
 pub fn export_gguf_as_hf(gguf: &Path, out: &Path) -> Result<()> {
-    if out.join("model.safetensors").exists() && out.join("config.json").exists() && out.join("tokenizer.json").exists() {
+    if out.join("model.safetensors").exists() && out.join("config.json").exists() && out.join("tokenizer.json").exists()
+    {
         return Ok(());
     }
     let (weights, cfg) = Weights::open_gguf(gguf)?;

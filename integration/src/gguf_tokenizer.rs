@@ -22,13 +22,11 @@ fn strings(c: &Content, key: &str) -> Result<Vec<String>> {
 /// The tokenizer described by `tokenizer.ggml.*` (model `gpt2`): BPE over the vocabulary and
 /// merges, single-digit splitting then byte-level pre-tokenisation, control tokens special.
 pub fn from_gguf(c: &Content) -> Result<Tokenizer> {
-    let model = c
-        .metadata
-        .get("tokenizer.ggml.model")
-        .and_then(|v| v.to_string().ok().cloned())
-        .unwrap_or_default();
+    let model = c.metadata.get("tokenizer.ggml.model").and_then(|v| v.to_string().ok().cloned()).unwrap_or_default();
     if model != "gpt2" {
-        bail!("GGUF tokenizer model `{model}` is not supported (supported: gpt2 byte-level BPE); pass a tokenizer.json");
+        bail!(
+            "GGUF tokenizer model `{model}` is not supported (supported: gpt2 byte-level BPE); pass a tokenizer.json"
+        );
     }
     let tokens = strings(c, "tokenizer.ggml.tokens")?;
     let merges: Vec<(String, String)> = strings(c, "tokenizer.ggml.merges")?
@@ -42,8 +40,7 @@ pub fn from_gguf(c: &Content) -> Result<Tokenizer> {
         Some(Value::Array(a)) => a.iter().map(|x| x.to_i32().map(i64::from).unwrap_or(1)).collect(),
         _ => vec![1; tokens.len()],
     };
-    let vocab: tokenizers::models::bpe::Vocab =
-        tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+    let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
     let bpe = BPE::builder()
         .vocab_and_merges(vocab, merges)
         .build()

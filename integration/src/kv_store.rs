@@ -218,8 +218,14 @@ impl KvStore {
 
     /// Applies a policy's evict plan for `n` new tokens starting at `first_pos`, writing their keys
     /// and values (`n * head_dim` floats each, token-major).
-    pub fn apply_evict(&mut self, id: RowId, plan: &EvictPlan, first_pos: Pos, k_new: &[f32], v_new: &[f32])
-        -> Result<(), StoreError> {
+    pub fn apply_evict(
+        &mut self,
+        id: RowId,
+        plan: &EvictPlan,
+        first_pos: Pos,
+        k_new: &[f32],
+        v_new: &[f32],
+    ) -> Result<(), StoreError> {
         let (d, bs) = (self.head_dim, self.block_size);
         let n = plan.writes.len();
         for data in [k_new, v_new] {

@@ -6,22 +6,22 @@
 //! [`trace`] (JSON Lines traces), [`scheduler`] (continuous batching with admission by free memory).
 
 pub mod ab;
+pub mod assets;
 pub mod attention;
 pub mod bench_grid;
 pub mod cache;
+pub mod config;
+pub mod corpus;
+pub mod engine;
+pub mod export;
+pub mod gguf_tokenizer;
+#[cfg(feature = "cuda")]
+pub mod gpu;
 pub mod kv_store;
 pub mod model;
 #[cfg(feature = "mistralrs")]
 pub mod peer_mistralrs;
-pub mod engine;
-pub mod export;
-#[cfg(feature = "cuda")]
-pub mod gpu;
-pub mod gguf_tokenizer;
-pub mod trace;
-pub mod assets;
-pub mod config;
-pub mod corpus;
-pub mod runner;
 pub mod retrofit;
+pub mod runner;
 pub mod scheduler;
+pub mod trace;

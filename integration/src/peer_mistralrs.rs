@@ -59,11 +59,16 @@ impl MistralRsPeer {
             .map_err(|e| anyhow::anyhow!("mistral.rs could not load {}: {e}", dir.display()))?;
         let n = NonZeroUsize::new(max_seqs.max(1)).expect("positive");
         let mr = rt.block_on(async move {
-            MistralRsBuilder::new(pipeline, SchedulerConfig::DefaultScheduler { method: DefaultSchedulerMethod::Fixed(n) }, false, None)
-                .with_no_prefix_cache(true)
-                .with_disable_eos_stop(true)
-                .build()
-                .await
+            MistralRsBuilder::new(
+                pipeline,
+                SchedulerConfig::DefaultScheduler { method: DefaultSchedulerMethod::Fixed(n) },
+                false,
+                None,
+            )
+            .with_no_prefix_cache(true)
+            .with_disable_eos_stop(true)
+            .build()
+            .await
         });
         Ok(Self { rt, mr })
     }
@@ -81,7 +86,14 @@ impl MistralRsPeer {
                 let mut sp = SamplingParams::deterministic();
                 sp.max_len = Some(max_tokens);
                 sp.top_n_logprobs = 1;
-                let mut req = NormalRequest::new_simple(RequestMessage::CompletionTokens(p), sp, tx, mr.next_request_id(), None, None);
+                let mut req = NormalRequest::new_simple(
+                    RequestMessage::CompletionTokens(p),
+                    sp,
+                    tx,
+                    mr.next_request_id(),
+                    None,
+                    None,
+                );
                 req.return_logprobs = true;
                 sender.send(Request::Normal(Box::new(req))).await.context("mistral.rs engine stopped")?;
                 rxs.push(rx);

@@ -72,7 +72,7 @@ pub struct RetrofitSection {
     /// Steps between checkpoints.
     #[serde(default = "d_ckpt")]
     pub checkpoint_every: usize,
-    /// Output directory.
+    /// Output directory (relative paths are relative to the retrofit file).
     pub output: String,
     /// Gradient-norm clip.
     #[serde(default = "d_clip")]
@@ -114,7 +114,8 @@ impl RetrofitConfig {
     /// Reads and validates a retrofit file.
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let mut c: RetrofitConfig = toml::from_str(&text).map_err(|e| anyhow::anyhow!("invalid retrofit file {}: {e}", path.display()))?;
+        let mut c: RetrofitConfig =
+            toml::from_str(&text).map_err(|e| anyhow::anyhow!("invalid retrofit file {}: {e}", path.display()))?;
         c.base_dir = path.parent().map(Path::to_path_buf);
         c.retrofit.validate()?;
         Ok(c)
@@ -371,7 +372,10 @@ pub fn run(cfg: &RetrofitConfig) -> Result<PathBuf> {
     let loaded = load_model(&path, &device, false)?;
     let tok = loaded.tokenizer.clone().context("retrofit needs a model with a tokenizer")?;
     let tokens = training_tokens(cfg, &tok)?;
-    let out = PathBuf::from(&cfg.retrofit.output);
+    let out = match &cfg.base_dir {
+        Some(base) if Path::new(&cfg.retrofit.output).is_relative() => base.join(&cfg.retrofit.output),
+        _ => PathBuf::from(&cfg.retrofit.output),
+    };
     let mut trainer = Trainer::new(loaded.model, cfg.retrofit.clone(), tokens)?;
     let resumed = trainer.load_checkpoint(&out)?;
     if resumed {
@@ -380,11 +384,19 @@ pub fn run(cfg: &RetrofitConfig) -> Result<PathBuf> {
     std::fs::create_dir_all(&out)?;
     let mut log = std::fs::OpenOptions::new().create(true).append(true).open(out.join("training-log.jsonl"))?;
     let pb = ProgressBar::new(cfg.retrofit.steps as u64);
-    pb.set_style(ProgressStyle::with_template("retrofit [{bar:30}] {pos}/{len} {msg} {elapsed}<{eta}").expect("template").progress_chars("=> "));
+    pb.set_style(
+        ProgressStyle::with_template("retrofit [{bar:30}] {pos}/{len} {msg} {elapsed}<{eta}")
+            .expect("template")
+            .progress_chars("=> "),
+    );
     pb.set_position(trainer.step as u64);
     while trainer.step < cfg.retrofit.steps {
         let s = trainer.train_step()?;
-        writeln!(log, "{}", json!({"step": s.step, "loss": s.loss, "kl": s.kl, "evicted": s.evicted, "target": s.target}))?;
+        writeln!(
+            log,
+            "{}",
+            json!({"step": s.step, "loss": s.loss, "kl": s.kl, "evicted": s.evicted, "target": s.target})
+        )?;
         pb.set_position(s.step as u64);
         pb.set_message(format!("loss {:.4} KL {:.4} evicted {:.3} target {:.3}", s.loss, s.kl, s.evicted, s.target));
         if s.step % cfg.retrofit.checkpoint_every == 0 || s.step == cfg.retrofit.steps {

@@ -72,7 +72,10 @@ pub fn load_adapter(dir: &Path, model: &mut Llama) -> Result<()> {
     let fields: crate::model::config::DmsCheckpointFields =
         serde_json::from_str(&cfg_text).with_context(|| format!("{}/config.json", dir.display()))?;
     if fields.dms_separate_alpha == Some(false) {
-        anyhow::bail!("adapter {}: dms_separate_alpha is false, but an adapter file must hold dms_proj_alpha tensors", dir.display());
+        anyhow::bail!(
+            "adapter {}: dms_separate_alpha is false, but an adapter file must hold dms_proj_alpha tensors",
+            dir.display()
+        );
     }
     let mut shards: Vec<std::path::PathBuf> = std::fs::read_dir(dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))

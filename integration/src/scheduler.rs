@@ -110,8 +110,14 @@ fn max_new(req: &Request, params: &GenParams) -> usize {
 /// Serves `requests` with at most `max_batch` sequences at once. `keep_logits` keeps every
 /// step's logits in the results. Sampling follows `params` (one RNG per request, seeded with
 /// `params.seed + id`).
-pub fn run_batch(engine: &mut Engine, requests: Vec<Request>, params: &GenParams, max_batch: usize, keep_logits: bool,
-    mut progress: impl FnMut(usize)) -> Result<(Vec<Finished>, BatchStats)> {
+pub fn run_batch(
+    engine: &mut Engine,
+    requests: Vec<Request>,
+    params: &GenParams,
+    max_batch: usize,
+    keep_logits: bool,
+    mut progress: impl FnMut(usize),
+) -> Result<(Vec<Finished>, BatchStats)> {
     if max_batch == 0 {
         bail!("max_batch must be at least 1");
     }
@@ -172,7 +178,15 @@ pub fn run_batch(engine: &mut Engine, requests: Vec<Request>, params: &GenParams
             stats.prefill_tokens += req.prompt.len();
             let logits = last.expect("prompt is not empty").squeeze(0)?.to_vec1::<f32>()?;
             rngs.insert(req.id, StdRng::seed_from_u64(params.seed.wrapping_add(req.id as u64)));
-            running.push(Running { req, cache, tokens: Vec::new(), logits, step_logits: Vec::new(), preemptions: 0, pending: false });
+            running.push(Running {
+                req,
+                cache,
+                tokens: Vec::new(),
+                logits,
+                step_logits: Vec::new(),
+                preemptions: 0,
+                pending: false,
+            });
         }
         if running.is_empty() {
             if waiting.is_empty() && swapped.is_empty() {

@@ -76,13 +76,19 @@ fn ab_runs_every_arm_against_the_full_baseline() {
 
 #[test]
 fn bad_ab_files_are_reported() {
-    let e = AbConfig::load(&write("nofull", &AB.replace("name = \"full\" }", "name = \"sliding_window\", window = 4 }"))).unwrap_err();
+    let e =
+        AbConfig::load(&write("nofull", &AB.replace("name = \"full\" }", "name = \"sliding_window\", window = 4 }")))
+            .unwrap_err();
     assert!(format!("{e:#}").contains("full"), "{e:#}");
     let e = AbConfig::load(&write("dup", &AB.replace("name = \"shadow-window\"", "name = \"window\""))).unwrap_err();
     assert!(format!("{e:#}").contains("two arms"), "{e:#}");
     let e = AbConfig::load(&write("unknown", &AB.replace("name = \"shadow\",", "name = \"shadw\","))).unwrap_err();
     assert!(format!("{e:#}").contains("shadw"), "{e:#}");
-    let e = AbConfig::load(&write("engine", &AB.replace("name = \"window\"\npolicy", "name = \"window\"\nengine = \"vllm\"\npolicy"))).unwrap_err();
+    let e = AbConfig::load(&write(
+        "engine",
+        &AB.replace("name = \"window\"\npolicy", "name = \"window\"\nengine = \"vllm\"\npolicy"),
+    ))
+    .unwrap_err();
     assert!(format!("{e:#}").contains("vllm"), "{e:#}");
     let e = AbConfig::load(&write("zero", &AB.replace("prompts = 2", "prompts = 0"))).unwrap_err();
     assert!(format!("{e:#}").contains("prompts"), "{e:#}");

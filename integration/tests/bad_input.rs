@@ -79,10 +79,15 @@ fn config_json_that_does_not_match_the_weights_is_reported() {
     let d = tmp_dir("mismatch");
     std::fs::copy(src.join("model.safetensors"), d.join("model.safetensors")).unwrap();
     let cfg = std::fs::read_to_string(src.join("config.json")).unwrap();
-    std::fs::write(d.join("config.json"), cfg.replace("\"intermediate_size\": 128", "\"intermediate_size\": 256")).unwrap();
+    std::fs::write(d.join("config.json"), cfg.replace("\"intermediate_size\": 128", "\"intermediate_size\": 256"))
+        .unwrap();
     let e = err_of(load_model(&d, &Device::Cpu, false));
     assert!(e.contains("does not match") && e.contains("mlp"), "{e}");
-    std::fs::write(d.join("config.json"), cfg.replace("\"model_type\": \"qwen3\"", "\"model_type\": \"gpt5\"").replace("Qwen3ForCausalLM", "Gpt5")).unwrap();
+    std::fs::write(
+        d.join("config.json"),
+        cfg.replace("\"model_type\": \"qwen3\"", "\"model_type\": \"gpt5\"").replace("Qwen3ForCausalLM", "Gpt5"),
+    )
+    .unwrap();
     let e = err_of(load_model(&d, &Device::Cpu, false));
     assert!(e.contains("unsupported architecture"), "{e}");
 }

@@ -77,7 +77,12 @@ fn shadow_mode_outputs_full_and_reports_the_shadowed_compression() {
     let window = policy(&mut eng, POLICIES[1]);
     let shadow = policy(&mut eng, POLICIES[3]);
     let forced: Vec<u32> = (0..15).map(|i| (i * 11 % 500) as u32 + 3).collect();
-    let mk = |policy: &Arc<dyn PolicyFactory>| Request { id: 0, prompt: p.clone(), forced: Some(forced.clone()), policy: policy.clone() };
+    let mk = |policy: &Arc<dyn PolicyFactory>| Request {
+        id: 0,
+        prompt: p.clone(),
+        forced: Some(forced.clone()),
+        policy: policy.clone(),
+    };
     let f = alone(&mut eng, &mk(&full), 15);
     let w = alone(&mut eng, &mk(&window), 15);
     let s = alone(&mut eng, &mk(&shadow), 15);
@@ -117,13 +122,19 @@ fn dms_sustains_more_concurrent_sequences_in_the_same_pool() {
     let run = |table: &str| {
         let mut eng = engine(160);
         let p = policy(&mut eng, table);
-        let reqs: Vec<Request> = (0..8).map(|i| Request { id: i, prompt: prompt(i, 8), forced: None, policy: p.clone() }).collect();
+        let reqs: Vec<Request> =
+            (0..8).map(|i| Request { id: i, prompt: prompt(i, 8), forced: None, policy: p.clone() }).collect();
         let (_, stats) = run_batch(&mut eng, reqs, &params(60), 8, false, |_| {}).unwrap();
         stats
     };
     let full = run(POLICIES[0]);
     let window = run(POLICIES[1]);
-    assert!(window.mean_running() > 1.5 * full.mean_running(), "window {} vs full {}", window.mean_running(), full.mean_running());
+    assert!(
+        window.mean_running() > 1.5 * full.mean_running(),
+        "window {} vs full {}",
+        window.mean_running(),
+        full.mean_running()
+    );
     assert!(full.preemptions > window.preemptions);
 }
 

@@ -70,7 +70,16 @@ fn sliding_window_trace_keeps_the_window() {
     let cfg = write_config("window", "name = \"sliding_window\"\nwindow = 8\nsinks = 2");
     let trace = cfg.with_file_name("trace.jsonl");
     let out = Command::new(env!("CARGO_BIN_EXE_dms"))
-        .args(["run", "--config", cfg.to_str().unwrap(), "--prompt-ids", "5,6,7,8,9,10,11,12,13,14,15,16", "--max-tokens", "3", "--trace"])
+        .args([
+            "run",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--prompt-ids",
+            "5,6,7,8,9,10,11,12,13,14,15,16",
+            "--max-tokens",
+            "3",
+            "--trace",
+        ])
         .arg(&trace)
         .output()
         .unwrap();

@@ -61,9 +61,16 @@ impl Dense {
             let p = format!("model.layers.{l}");
             let n1: Vec<f32> = g(&format!("{p}.input_layernorm.weight")).to_vec1().unwrap();
             let n2: Vec<f32> = g(&format!("{p}.post_attention_layernorm.weight")).to_vec1().unwrap();
-            let [wq, wk, wv, wo, wg, wu, wd] = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
-                .map(|n| mat(&g(&format!("{p}.{n}.weight"))));
+            let [wq, wk, wv, wo, wg, wu, wd] = [
+                "self_attn.q_proj",
+                "self_attn.k_proj",
+                "self_attn.v_proj",
+                "self_attn.o_proj",
+                "mlp.gate_proj",
+                "mlp.up_proj",
+                "mlp.down_proj",
+            ]
+            .map(|n| mat(&g(&format!("{p}.{n}.weight"))));
             let mut qs = Vec::new();
             let mut ks = Vec::new();
             let mut vs = Vec::new();
@@ -87,10 +94,13 @@ impl Dense {
                     let kvh = hh / gq;
                     let q = &qs[t][hh * hd..(hh + 1) * hd];
                     let keys: Vec<usize> = (0..=t).filter(|&k| visible(k, t)).collect();
-                    let sc: Vec<f64> = keys.iter().map(|&k| {
-                        q.iter().zip(&ks[k][kvh * hd..(kvh + 1) * hd]).map(|(a, b)| (*a * *b) as f64).sum::<f64>()
-                            / (hd as f64).sqrt()
-                    }).collect();
+                    let sc: Vec<f64> = keys
+                        .iter()
+                        .map(|&k| {
+                            q.iter().zip(&ks[k][kvh * hd..(kvh + 1) * hd]).map(|(a, b)| (*a * *b) as f64).sum::<f64>()
+                                / (hd as f64).sqrt()
+                        })
+                        .collect();
                     let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                     let e: Vec<f64> = sc.iter().map(|s| (s - m).exp()).collect();
                     let z: f64 = e.iter().sum();

@@ -26,7 +26,10 @@ fn naive(q: &[f32], list: &[(Vec<f32>, Vec<f32>)], scale: f32) -> Vec<f32> {
     let mut out = vec![0f32; G * D];
     for h in 0..G {
         let qh = &q[h * D..(h + 1) * D];
-        let s: Vec<f64> = list.iter().map(|(k, _)| qh.iter().zip(k).map(|(a, b)| (a * b) as f64).sum::<f64>() * scale as f64).collect();
+        let s: Vec<f64> = list
+            .iter()
+            .map(|(k, _)| qh.iter().zip(k).map(|(a, b)| (a * b) as f64).sum::<f64>() * scale as f64)
+            .collect();
         let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
         let z: f64 = e.iter().sum();

@@ -30,7 +30,12 @@ fn presence(g: &std::collections::HashMap<String, candle_core::Tensor>, state: u
     let p = g["cache_presence"].to_dtype(candle_core::DType::I64).unwrap().get(state).unwrap();
     let p: Vec<Vec<Vec<i64>>> = p.to_vec3().unwrap();
     p.iter()
-        .map(|layer| layer.iter().map(|row| row.iter().enumerate().filter(|(_, &x)| x == 1).map(|(i, _)| i as Pos).collect()).collect())
+        .map(|layer| {
+            layer
+                .iter()
+                .map(|row| row.iter().enumerate().filter(|(_, &x)| x == 1).map(|(i, _)| i as Pos).collect())
+                .collect()
+        })
         .collect()
 }
 
@@ -164,7 +169,8 @@ fn window_override_changes_what_is_kept() {
     // window; later layers see different attention outputs.
     for l in 0..1 {
         for (h, kept) in seq.kept_positions(l, &eng.store).iter().enumerate() {
-            let want: Vec<Pos> = (0..48u32).filter(|&k| !(k + 1 < 48 && d[l][h][k as usize + 1] == 1 && k + 2 + 1 <= 47)).collect();
+            let want: Vec<Pos> =
+                (0..48u32).filter(|&k| !(k + 1 < 48 && d[l][h][k as usize + 1] == 1 && k + 2 + 1 <= 47)).collect();
             assert_eq!(kept, &want, "layer {l} head {h}");
         }
     }
@@ -182,11 +188,16 @@ fn adapter_directory_on_a_plain_model_reproduces_the_reference() {
         all.into_iter().filter(|(k, _)| k.contains("dms_proj_alpha")).collect();
     assert_eq!(adapter.len(), 4);
     candle_core::safetensors::save(&adapter, dir.join("adapter.safetensors")).unwrap();
-    std::fs::write(dir.join("config.json"), r#"{"dms_window_size": 8, "dms_alpha_scale": 100.0,
-        "dms_initial_alpha_offset": 5.0, "dms_separate_alpha": true, "dms_alpha_per": "head"}"#).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        r#"{"dms_window_size": 8, "dms_alpha_scale": 100.0,
+        "dms_initial_alpha_offset": 5.0, "dms_separate_alpha": true, "dms_alpha_per": "head"}"#,
+    )
+    .unwrap();
 
     let mut loaded = load_model(&fixture("qwen3_tiny"), &Device::Cpu, false).unwrap();
-    let table: toml::Table = toml::from_str(&format!("name = 'dms'\nadapter = {:?}", dir.display().to_string())).unwrap();
+    let table: toml::Table =
+        toml::from_str(&format!("name = 'dms'\nadapter = {:?}", dir.display().to_string())).unwrap();
     let table = resolve_policy_table(&table, &mut loaded.model, None).unwrap();
     assert_eq!(table["window"].as_integer(), Some(8), "window comes from the adapter's config");
     let policy = Registry::with_builtins().build(&table).unwrap();

@@ -49,10 +49,11 @@ fn smollm2_logits_and_greedy_match_transformers() {
         let want_last = g[&format!("{name}.last_logits")].to_vec1::<f32>().unwrap();
         let want_greedy = ids(&g[&format!("{name}.greedy_ids")]);
         let entry = j["prompts"].as_array().unwrap().iter().find(|p| p["name"] == name).unwrap();
-        let margins: Vec<f64> = entry["greedy_step_top1_minus_top2"]
-            .as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+        let margins: Vec<f64> =
+            entry["greedy_step_top1_minus_top2"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
         let want_topk = g[&format!("{name}.topk_logits")].to_vec2::<f32>().unwrap();
-        let want_topk_ids = g[&format!("{name}.topk_ids")].to_dtype(candle_core::DType::I64).unwrap().to_vec2::<i64>().unwrap();
+        let want_topk_ids =
+            g[&format!("{name}.topk_ids")].to_dtype(candle_core::DType::I64).unwrap().to_vec2::<i64>().unwrap();
 
         let mut seq = eng.new_sequence();
         let all = eng.step(&mut seq, &prompt, true).unwrap().to_vec2::<f32>().unwrap();

@@ -61,7 +61,10 @@ fn soft_mask_gradient_matches_finite_differences() {
         p.set(&(r + 0.001 * i as f64).unwrap()).unwrap();
     }
     let ids = tokens(24, 3);
-    let noise: Vec<Tensor> = (0..2).map(|l| Tensor::randn(0f32, 1.0, (24, 2), &Device::Cpu).unwrap() * (0.5 + l as f64)).map(|t| t.unwrap()).collect();
+    let noise: Vec<Tensor> = (0..2)
+        .map(|l| Tensor::randn(0f32, 1.0, (24, 2), &Device::Cpu).unwrap() * (0.5 + l as f64))
+        .map(|t| t.unwrap())
+        .collect();
     // target 0: the hinge is zero, the loss is the KL through the soft mask only.
     let (loss, _, _) = t.loss(&ids, &noise, 0.0).unwrap();
     let grads = loss.backward().unwrap();
@@ -81,7 +84,10 @@ fn soft_mask_gradient_matches_finite_differences() {
         let fd = (at(h) - at(-h)) / (2.0 * h as f64);
         p.set(&Tensor::new(base.clone(), &Device::Cpu).unwrap()).unwrap();
         let an = g[r][c] as f64;
-        assert!((fd - an).abs() <= 0.05 * an.abs().max(fd.abs()) + 1e-5, "w[{r}][{c}]: analytic {an} vs finite difference {fd}");
+        assert!(
+            (fd - an).abs() <= 0.05 * an.abs().max(fd.abs()) + 1e-5,
+            "w[{r}][{c}]: analytic {an} vs finite difference {fd}"
+        );
         checked += (an.abs() > 1e-6) as usize;
     }
     assert!(checked >= 2, "the gradients checked must not all be zero");
@@ -101,7 +107,8 @@ fn training_reduces_loss_moves_eviction_to_target_and_the_adapter_reproduces_it(
     let dir = std::env::temp_dir().join(format!("dms-retrofit-{}", std::process::id()));
     t.save_adapter(&dir).unwrap();
     let mut loaded = load_model(&fixture("qwen3_tiny"), &Device::Cpu, false).unwrap();
-    let table: toml::Table = toml::from_str(&format!("name = 'dms'\nadapter = {:?}", dir.display().to_string())).unwrap();
+    let table: toml::Table =
+        toml::from_str(&format!("name = 'dms'\nadapter = {:?}", dir.display().to_string())).unwrap();
     let table = resolve_policy_table(&table, &mut loaded.model, None).unwrap();
     let log: Log = Arc::default();
     let policy = Arc::new(Recording { inner: Registry::with_builtins().build(&table).unwrap(), log: log.clone() });

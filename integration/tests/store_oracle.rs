@@ -4,9 +4,7 @@
 //! through the registry) so that hides, slot reuse, in-step releases and compaction moves all occur.
 
 use dms_integration::kv_store::KvStore;
-use dms_policy::{
-    CacheShape, CompactPlan, EvictPlan, PolicyError, Pos, Registry, RowLedger, RowRef, SequencePolicy,
-};
+use dms_policy::{CacheShape, CompactPlan, EvictPlan, PolicyError, Pos, Registry, RowLedger, RowRef, SequencePolicy};
 use proptest::prelude::*;
 
 /// Releases, at each new token t, the token `t - lag` when `pattern` says so.
@@ -43,8 +41,12 @@ fn key_of(p: Pos) -> [f32; D] {
 }
 
 /// Drives the store with `policy` and checks it against the naive model after every step.
-fn drive(policy: &mut dyn SequencePolicy, visible: impl Fn(Pos, Pos) -> bool, chunks: &[usize], block_size: usize)
-    -> Result<(), TestCaseError> {
+fn drive(
+    policy: &mut dyn SequencePolicy,
+    visible: impl Fn(Pos, Pos) -> bool,
+    chunks: &[usize],
+    block_size: usize,
+) -> Result<(), TestCaseError> {
     let mut store = KvStore::new(D, block_size, 10_000);
     let id = store.add_row(0);
     let row = RowRef { layer: 0, head: 0 };
@@ -59,8 +61,13 @@ fn drive(policy: &mut dyn SequencePolicy, visible: impl Fn(Pos, Pos) -> bool, ch
         // Every query of the chunk sees exactly the keys the naive rule allows.
         let r = store.row(id);
         for q in seen..seen + n as Pos {
-            let mut got: Vec<Pos> = r.positions().iter().zip(r.last_visible())
-                .filter(|(&p, &l)| p <= q && q <= l).map(|(&p, _)| p).collect();
+            let mut got: Vec<Pos> = r
+                .positions()
+                .iter()
+                .zip(r.last_visible())
+                .filter(|(&p, &l)| p <= q && q <= l)
+                .map(|(&p, _)| p)
+                .collect();
             got.sort_unstable();
             let want: Vec<Pos> = (0..=q).filter(|&k| visible(k, q)).collect();
             prop_assert_eq!(got, want, "visible set of query {}", q);

@@ -10,8 +10,8 @@ use serde::Deserialize;
 use super::full::{bad_row, protocol};
 use super::Rows;
 use crate::{
-    CacheShape, CompactPlan, DelayedWindow, EvictPlan, PolicyError, PolicyFactory, Pos, RowRef,
-    SequencePolicy, SignalNeed,
+    CacheShape, CompactPlan, DelayedWindow, EvictPlan, PolicyError, PolicyFactory, Pos, RowRef, SequencePolicy,
+    SignalNeed,
 };
 
 /// Where the raw decision signal comes from.
@@ -83,9 +83,8 @@ fn invalid(message: impl Into<String>) -> PolicyError {
 impl DmsPolicy {
     /// Validates the parameters (after checkpoint defaults were merged in).
     pub fn new(p: DmsParams) -> Result<Self, PolicyError> {
-        let window = p.window.ok_or_else(|| {
-            invalid("`window` is not set and the model's config has no dms_window_size")
-        })?;
+        let window =
+            p.window.ok_or_else(|| invalid("`window` is not set and the model's config has no dms_window_size"))?;
         let alpha_scale = p.alpha_scale.unwrap_or(100.0);
         let alpha_offset = p.alpha_offset.unwrap_or(5.0);
         if !alpha_scale.is_finite() || !alpha_offset.is_finite() {
@@ -174,8 +173,7 @@ fn hash_unit(seed: u64, row: RowRef, pos: Pos) -> f64 {
 }
 
 impl SequencePolicy for DmsState {
-    fn decide(&mut self, row: RowRef, first_pos: Pos, n_new: usize, scores: Option<&[f32]>)
-        -> Result<(), PolicyError> {
+    fn decide(&mut self, row: RowRef, first_pos: Pos, n_new: usize, scores: Option<&[f32]>) -> Result<(), PolicyError> {
         let cfg = &self.cfg;
         let r = self.rows.get_mut(row).ok_or_else(|| bad_row("dms", row))?;
         if cfg.disable_eviction {
@@ -185,10 +183,13 @@ impl SequencePolicy for DmsState {
         match cfg.decision {
             DecisionKind::Random => {
                 let (seed, rate) = (cfg.seed, cfg.evict_rate);
-                r.decide_shifted(first_pos, (0..n_new as Pos).map(|i| {
-                    let t = first_pos + i;
-                    t > 0 && hash_unit(seed, row, t - 1) < rate
-                }));
+                r.decide_shifted(
+                    first_pos,
+                    (0..n_new as Pos).map(|i| {
+                        let t = first_pos + i;
+                        t > 0 && hash_unit(seed, row, t - 1) < rate
+                    }),
+                );
             }
             DecisionKind::Model | DecisionKind::KeyNorm => {
                 let s = scores.ok_or_else(|| protocol("dms", "decision scores were not provided".into()))?;
@@ -202,8 +203,7 @@ impl SequencePolicy for DmsState {
         Ok(())
     }
 
-    fn evict(&mut self, row: RowRef, first_pos: Pos, n_new: usize, plan: &mut EvictPlan)
-        -> Result<(), PolicyError> {
+    fn evict(&mut self, row: RowRef, first_pos: Pos, n_new: usize, plan: &mut EvictPlan) -> Result<(), PolicyError> {
         let r = self.rows.get_mut(row).ok_or_else(|| bad_row("dms", row))?;
         r.evict(first_pos, n_new, plan).map_err(|m| protocol("dms", m))
     }

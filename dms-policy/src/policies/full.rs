@@ -3,10 +3,7 @@
 use serde::Deserialize;
 
 use super::Rows;
-use crate::{
-    CacheShape, CompactPlan, EvictPlan, PolicyError, PolicyFactory, Pos, RowLedger, RowRef,
-    SequencePolicy,
-};
+use crate::{CacheShape, CompactPlan, EvictPlan, PolicyError, PolicyFactory, Pos, RowLedger, RowRef, SequencePolicy};
 
 /// Parameters of `full` (it has none besides `name`).
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -50,8 +47,7 @@ impl SequencePolicy for FullState {
         Ok(())
     }
 
-    fn evict(&mut self, row: RowRef, first_pos: Pos, n_new: usize, plan: &mut EvictPlan)
-        -> Result<(), PolicyError> {
+    fn evict(&mut self, row: RowRef, first_pos: Pos, n_new: usize, plan: &mut EvictPlan) -> Result<(), PolicyError> {
         let ledger = self.rows.get_mut(row).ok_or_else(|| bad_row("full", row))?;
         ledger.begin_step(first_pos, plan).map_err(|m| protocol("full", m))?;
         for i in 0..n_new as Pos {

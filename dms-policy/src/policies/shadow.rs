@@ -6,8 +6,7 @@ use serde::Deserialize;
 use super::full::{bad_row, protocol};
 use super::Rows;
 use crate::{
-    CacheShape, CompactPlan, EvictPlan, PolicyError, PolicyFactory, Pos, RowLedger, RowRef, SequencePolicy,
-    SignalNeed,
+    CacheShape, CompactPlan, EvictPlan, PolicyError, PolicyFactory, Pos, RowLedger, RowRef, SequencePolicy, SignalNeed,
 };
 use std::sync::Arc;
 
@@ -68,13 +67,11 @@ struct ShadowState {
 }
 
 impl SequencePolicy for ShadowState {
-    fn decide(&mut self, row: RowRef, first_pos: Pos, n_new: usize, scores: Option<&[f32]>)
-        -> Result<(), PolicyError> {
+    fn decide(&mut self, row: RowRef, first_pos: Pos, n_new: usize, scores: Option<&[f32]>) -> Result<(), PolicyError> {
         self.inner.decide(row, first_pos, n_new, scores)
     }
 
-    fn evict(&mut self, row: RowRef, first_pos: Pos, n_new: usize, plan: &mut EvictPlan)
-        -> Result<(), PolicyError> {
+    fn evict(&mut self, row: RowRef, first_pos: Pos, n_new: usize, plan: &mut EvictPlan) -> Result<(), PolicyError> {
         self.inner.evict(row, first_pos, n_new, &mut self.scratch_evict)?;
         let len = self.shadow_len.get_mut(row).ok_or_else(|| bad_row("shadow", row))?;
         for w in &self.scratch_evict.writes {

@@ -4,10 +4,7 @@ use serde::Deserialize;
 
 use super::full::{bad_row, protocol};
 use super::Rows;
-use crate::{
-    CacheShape, CompactPlan, EvictPlan, PolicyError, PolicyFactory, Pos, RowLedger, RowRef,
-    SequencePolicy,
-};
+use crate::{CacheShape, CompactPlan, EvictPlan, PolicyError, PolicyFactory, Pos, RowLedger, RowRef, SequencePolicy};
 
 /// Parameters of `sliding_window`.
 #[derive(Debug, Clone, Deserialize)]
@@ -50,11 +47,7 @@ impl PolicyFactory for SlidingWindowPolicy {
     }
     fn new_sequence(&self, shape: CacheShape) -> Box<dyn SequencePolicy> {
         let cap = self.window as usize;
-        Box::new(WindowState {
-            window: self.window,
-            sinks: self.sinks,
-            rows: Rows::new(shape, || RowLedger::new(cap)),
-        })
+        Box::new(WindowState { window: self.window, sinks: self.sinks, rows: Rows::new(shape, || RowLedger::new(cap)) })
     }
     fn describe(&self) -> String {
         format!("sliding_window (window {}, sinks {})", self.window, self.sinks)
@@ -72,8 +65,7 @@ impl SequencePolicy for WindowState {
         Ok(())
     }
 
-    fn evict(&mut self, row: RowRef, first_pos: Pos, n_new: usize, plan: &mut EvictPlan)
-        -> Result<(), PolicyError> {
+    fn evict(&mut self, row: RowRef, first_pos: Pos, n_new: usize, plan: &mut EvictPlan) -> Result<(), PolicyError> {
         let name = "sliding_window";
         let ledger = self.rows.get_mut(row).ok_or_else(|| bad_row(name, row))?;
         ledger.begin_step(first_pos, plan).map_err(|m| protocol(name, m))?;

@@ -132,8 +132,14 @@ fn ab(a: AbArgs) -> Result<()> {
     ab::plot(&results, std::path::Path::new(&cfg.output.plot))?;
     println!("\n{}", ab::table(&results));
     print!("{}", ab::peer_lines(&peers));
-    println!("model {} | {} prompts x {} tokens + {} continuation tokens (teacher-forced), {} at a time",
-        cfg.model.source, cfg.workload.prompts, cfg.workload.prompt_tokens, cfg.workload.continuation_tokens, cfg.workload.concurrency);
+    println!(
+        "model {} | {} prompts x {} tokens + {} continuation tokens (teacher-forced), {} at a time",
+        cfg.model.source,
+        cfg.workload.prompts,
+        cfg.workload.prompt_tokens,
+        cfg.workload.continuation_tokens,
+        cfg.workload.concurrency
+    );
     for r in &results {
         println!("  {}: {}", r.name, r.policy);
     }
@@ -247,7 +253,9 @@ fn main() {
         Command::Bench { config } => dms_integration::bench_grid::BenchConfig::load(&config)
             .and_then(|c| dms_integration::bench_grid::run_grid(&c).map(|(_, t)| (c, t)))
             .map(|(c, t)| println!("\n{t}wrote {}", c.grid.output)),
-        Command::Fetch => dms_integration::assets::fetch(&dms_integration::assets::SMOLLM2_135M).map(|p| println!("{}", p.display())),
+        Command::Fetch => {
+            dms_integration::assets::fetch(&dms_integration::assets::SMOLLM2_135M).map(|p| println!("{}", p.display()))
+        }
         Command::Policies => {
             for n in dms_integration::runner::registry().names() {
                 println!("{n}");

@@ -76,14 +76,24 @@ fn round_bf16(v: &[f32]) -> Vec<f32> {
 fn check_kernels(dev: &Device, dtype: DType) -> Result<(f32, usize)> {
     let (layers, batch, kv, g, d, bs, w) = (2usize, 3usize, 2usize, 3usize, 64usize, 4usize, 5usize);
     let (seed, rate) = (3u64, 0.5f64);
-    let shape = GpuCacheShape { layers, batch, kv_heads: kv, head_dim: d, block_size: bs, window: w,
-        max_blocks_per_row: 64, num_blocks: 4096 };
+    let shape = GpuCacheShape {
+        layers,
+        batch,
+        kv_heads: kv,
+        head_dim: d,
+        block_size: bs,
+        window: w,
+        max_blocks_per_row: 64,
+        num_blocks: 4096,
+    };
     let mut gpu = GpuCache::new(dev, dtype, shape)?;
-    let factory = Registry::with_builtins()
-        .build(&toml::from_str(&format!("name='dms'\nwindow={w}\ndecision='random'\nevict_rate={rate}\nseed={seed}"))?)?;
+    let factory = Registry::with_builtins().build(&toml::from_str(&format!(
+        "name='dms'\nwindow={w}\ndecision='random'\nevict_rate={rate}\nseed={seed}"
+    ))?)?;
     let mut store = KvStore::new(d, bs, 1 << 14);
-    let mut seqs: Vec<SequenceCache> =
-        (0..batch).map(|_| SequenceCache::new(factory.as_ref(), CacheShape { n_layers: layers, rows_per_layer: kv }, &mut store)).collect();
+    let mut seqs: Vec<SequenceCache> = (0..batch)
+        .map(|_| SequenceCache::new(factory.as_ref(), CacheShape { n_layers: layers, rows_per_layer: kv }, &mut store))
+        .collect();
     let bf = dtype == DType::BF16;
     let mut worst = 0f32;
     let steps = 60;
@@ -92,7 +102,11 @@ fn check_kernels(dev: &Device, dtype: DType) -> Result<(f32, usize)> {
             let kn = rng_vec((step * 10 + layer) as u64 * 3 + 1, batch * kv * d);
             let vn = rng_vec((step * 10 + layer) as u64 * 3 + 2, batch * kv * d);
             let qn = rng_vec((step * 10 + layer) as u64 * 3 + 3, batch * kv * g * d);
-            let (kc, vc, qc) = if bf { (round_bf16(&kn), round_bf16(&vn), round_bf16(&qn)) } else { (kn.clone(), vn.clone(), qn.clone()) };
+            let (kc, vc, qc) = if bf {
+                (round_bf16(&kn), round_bf16(&vn), round_bf16(&qn))
+            } else {
+                (kn.clone(), vn.clone(), qn.clone())
+            };
             let kt = Tensor::from_vec(kn, (batch, kv, d), dev)?.to_dtype(dtype)?;
             let vt = Tensor::from_vec(vn, (batch, kv, d), dev)?.to_dtype(dtype)?;
             let qt = Tensor::from_vec(qn, (batch, kv * g, d), dev)?.to_dtype(dtype)?;
@@ -145,7 +159,9 @@ fn check_fixture(dev: &Device, root: &str, variant: &str) -> Result<(f32, usize)
         let d = v.data();
         Ok(match v.dtype() {
             safetensors::Dtype::I8 => d.iter().map(|&b| b as i8 as i64).collect(),
-            safetensors::Dtype::I32 => d.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64).collect(),
+            safetensors::Dtype::I32 => {
+                d.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64).collect()
+            }
             safetensors::Dtype::I64 => d.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect(),
             other => bail!("{name}: unexpected dtype {other:?}"),
         })
@@ -163,16 +179,28 @@ fn check_fixture(dev: &Device, root: &str, variant: &str) -> Result<(f32, usize)
     let presence = ints("cache_presence")?;
     let cfg = model.config().clone();
     let w = cfg.dms.dms_window_size.unwrap_or(8) as usize;
-    let shape = GpuCacheShape { layers: cfg.num_layers, batch: 1, kv_heads: cfg.num_kv_heads, head_dim: cfg.head_dim,
-        block_size: 4, window: w, max_blocks_per_row: 64, num_blocks: 1024 };
+    let shape = GpuCacheShape {
+        layers: cfg.num_layers,
+        batch: 1,
+        kv_heads: cfg.num_kv_heads,
+        head_dim: cfg.head_dim,
+        block_size: 4,
+        window: w,
+        max_blocks_per_row: 64,
+        num_blocks: 1024,
+    };
     let mut cache = GpuCache::new(dev, DType::F32, shape)?;
-    let dec = StepDecisions::Learned { scale: cfg.dms.dms_alpha_scale.unwrap_or(100.0), offset: cfg.dms.dms_initial_alpha_offset.unwrap_or(5.0) };
+    let dec = StepDecisions::Learned {
+        scale: cfg.dms.dms_alpha_scale.unwrap_or(100.0),
+        offset: cfg.dms.dms_initial_alpha_offset.unwrap_or(5.0),
+    };
     let mut tokens = prompt.clone();
     tokens.extend_from_slice(&generated[..24]);
     let mut worst = 0f32;
     let mut states = 0;
     for (t, &tok) in tokens.iter().enumerate() {
-        let logits = model.forward_gpu_decode(&[tok], &[t as u32], &mut cache, &dec, t + 1)?.squeeze(0)?.to_vec1::<f32>()?;
+        let logits =
+            model.forward_gpu_decode(&[tok], &[t as u32], &mut cache, &dec, t + 1)?.squeeze(0)?.to_vec1::<f32>()?;
         let want = if t < 48 { &prefill[t] } else { &decode[t - 48] };
         for (x, y) in logits.iter().zip(want) {
             worst = worst.max((x - y).abs());
@@ -198,10 +226,24 @@ fn check_fixture(dev: &Device, root: &str, variant: &str) -> Result<(f32, usize)
 
 fn model_shape(name: &str) -> Result<ModelConfig> {
     let base = |arch, vocab, hidden, inter, layers, heads, kv, hd, theta: f64, qk| ModelConfig {
-        arch, vocab_size: vocab, hidden_size: hidden, intermediate_size: inter, num_layers: layers, num_heads: heads,
-        num_kv_heads: kv, head_dim: hd, rope_theta: theta, rope_scaling: None, rms_norm_eps: 1e-5,
-        tie_word_embeddings: false, attention_bias: false, qk_norm: qk, max_position_embeddings: 131072,
-        bos_token_id: None, eos_token_ids: vec![], dms: Default::default(),
+        arch,
+        vocab_size: vocab,
+        hidden_size: hidden,
+        intermediate_size: inter,
+        num_layers: layers,
+        num_heads: heads,
+        num_kv_heads: kv,
+        head_dim: hd,
+        rope_theta: theta,
+        rope_scaling: None,
+        rms_norm_eps: 1e-5,
+        tie_word_embeddings: false,
+        attention_bias: false,
+        qk_norm: qk,
+        max_position_embeddings: 131072,
+        bos_token_id: None,
+        eos_token_ids: vec![],
+        dms: Default::default(),
     };
     Ok(match name {
         "llama3.1-8b" => base(Arch::Llama, 128256, 4096, 14336, 32, 32, 8, 128, 500000.0, false),
@@ -216,7 +258,10 @@ fn copy_bandwidth(dev: &Device) -> Result<f64> {
     let n = 1usize << 30;
     let a = Tensor::ones(n, DType::F32, dev)?;
     let _ = a.copy()?;
-    let cd = match dev { Device::Cuda(c) => c.clone(), _ => bail!("cuda") };
+    let cd = match dev {
+        Device::Cuda(c) => c.clone(),
+        _ => bail!("cuda"),
+    };
     cd.cuda_stream().synchronize().map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let t = Instant::now();
     let reps = 10;
@@ -233,8 +278,16 @@ struct Arm {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn bench_one(dev: &Device, model: &Llama, ctx: usize, arm: &Arm, batch: usize, w: usize, bs: usize, steps: usize)
-    -> Result<(f64, u64, f64)> {
+fn bench_one(
+    dev: &Device,
+    model: &Llama,
+    ctx: usize,
+    arm: &Arm,
+    batch: usize,
+    w: usize,
+    bs: usize,
+    steps: usize,
+) -> Result<(f64, u64, f64)> {
     let cfg = model.config();
     let (layers, kv) = (cfg.num_layers, cfg.num_kv_heads);
     let rows = batch * kv;
@@ -248,7 +301,12 @@ fn bench_one(dev: &Device, model: &Llama, ctx: usize, arm: &Arm, batch: usize, w
     let cap_tokens = kept + steps + 4;
     let max_blocks = cap_tokens.div_ceil(bs);
     let n_rows = layers * rows;
-    let mut init = RowInit { len: vec![kept as i32; n_rows], pos: vec![ctx as i32; n_rows], ring_slot: vec![0; n_rows * wc], ring_flag: vec![0; n_rows * wc] };
+    let mut init = RowInit {
+        len: vec![kept as i32; n_rows],
+        pos: vec![ctx as i32; n_rows],
+        ring_slot: vec![0; n_rows * wc],
+        ring_flag: vec![0; n_rows * wc],
+    };
     if rate > 0.0 {
         for r in 0..n_rows {
             let (layer, head) = ((r / rows) as u64, (r % kv) as u64);
@@ -260,12 +318,23 @@ fn bench_one(dev: &Device, model: &Llama, ctx: usize, arm: &Arm, batch: usize, w
             }
         }
     }
-    let shape = GpuCacheShape { layers, batch, kv_heads: kv, head_dim: cfg.head_dim, block_size: bs, window: w,
-        max_blocks_per_row: max_blocks, num_blocks: n_rows * max_blocks };
+    let shape = GpuCacheShape {
+        layers,
+        batch,
+        kv_heads: kv,
+        head_dim: cfg.head_dim,
+        block_size: bs,
+        window: w,
+        max_blocks_per_row: max_blocks,
+        num_blocks: n_rows * max_blocks,
+    };
     let mut cache = GpuCache::with_rows(dev, DType::BF16, shape, init)?;
     let dec = if rate > 0.0 { StepDecisions::Random { seed: 7, rate } } else { StepDecisions::None };
     let tokens: Vec<u32> = (0..batch).map(|i| (i * 31 % 1000) as u32 + 10).collect();
-    let cd = match dev { Device::Cuda(c) => c.clone(), _ => bail!("cuda") };
+    let cd = match dev {
+        Device::Cuda(c) => c.clone(),
+        _ => bail!("cuda"),
+    };
     let mut pos = ctx as u32;
     let mut run = |n: usize, pos: &mut u32| -> Result<f64> {
         cd.cuda_stream().synchronize().map_err(|e| anyhow::anyhow!("{e:?}"))?;
@@ -299,7 +368,15 @@ fn hash_unit(seed: u64, layer: u64, head: u64, pos: u64) -> f64 {
     (x >> 11) as f64 / (1u64 << 53) as f64
 }
 
-fn bench(dev: &Device, out: &str, budget_gib: f64, max_batch: usize, contexts: &str, models: &str, steps: usize) -> Result<()> {
+fn bench(
+    dev: &Device,
+    out: &str,
+    budget_gib: f64,
+    max_batch: usize,
+    contexts: &str,
+    models: &str,
+    steps: usize,
+) -> Result<()> {
     let bw = copy_bandwidth(dev)?;
     println!("measured device copy bandwidth: {:.0} GB/s", bw / 1e9);
     let (w, bs) = (512usize, 64usize);
@@ -316,14 +393,22 @@ fn bench(dev: &Device, out: &str, budget_gib: f64, max_batch: usize, contexts: &
             let mut full_fit = 0usize;
             for arm in &arms {
                 let kept = if arm.cr <= 1.0 { ctx } else { (ctx as f64 / arm.cr).round() as usize };
-                let per_seq = (cfg.num_layers * cfg.num_kv_heads * (kept + steps + 6).div_ceil(bs) * bs * 2 * cfg.head_dim * 2) as f64;
+                let per_seq =
+                    (cfg.num_layers * cfg.num_kv_heads * (kept + steps + 6).div_ceil(bs) * bs * 2 * cfg.head_dim * 2)
+                        as f64;
                 let fit = (budget / per_seq).floor() as usize;
-                if arm.cr <= 1.0 { full_fit = fit; }
+                if arm.cr <= 1.0 {
+                    full_fit = fit;
+                }
                 for (bi, batch) in [1usize, fit.min(max_batch)].into_iter().enumerate() {
-                    if batch == 0 { continue; }
+                    if batch == 0 {
+                        continue;
+                    }
                     let (step, live, cr) = bench_one(dev, &model, ctx, arm, batch, w, bs, steps)?;
                     let tps = batch as f64 / step;
-                    if arm.cr <= 1.0 { full_tps[bi] = tps; }
+                    if arm.cr <= 1.0 {
+                        full_tps[bi] = tps;
+                    }
                     let floor = (wbytes + live) as f64 / bw;
                     let r = json!({"model": mname, "context": ctx, "arm": arm.name, "batch": batch, "fits_in_budget": fit,
                         "step_ms": step * 1e3, "decode_tok_s": tps, "kv_gib": live as f64 / (1u64 << 30) as f64,
@@ -337,16 +422,29 @@ fn bench(dev: &Device, out: &str, budget_gib: f64, max_batch: usize, contexts: &
         }
         drop(model);
     }
-    std::fs::write(out, serde_json::to_string_pretty(&json!({"copy_bandwidth_gb_s": bw / 1e9, "budget_gib": budget_gib,
-        "window": w, "block_size": bs, "rows": rows}))?)?;
+    std::fs::write(
+        out,
+        serde_json::to_string_pretty(&json!({"copy_bandwidth_gb_s": bw / 1e9, "budget_gib": budget_gib,
+        "window": w, "block_size": bs, "rows": rows}))?,
+    )?;
     println!("\n| model | ctx | arm | batch | fits | step ms | floor ms | x floor | tok/s | vs full | KV GiB | CR |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
-        println!("| {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} |",
-            r["model"].as_str().unwrap_or(""), r["context"], r["arm"].as_str().unwrap_or(""), r["batch"], r["fits_in_budget"],
-            r["step_ms"].as_f64().unwrap_or(0.0), r["floor_ms"].as_f64().unwrap_or(0.0), r["step_over_floor"].as_f64().unwrap_or(0.0),
-            r["decode_tok_s"].as_f64().unwrap_or(0.0), r["tok_s_vs_full_same_batch_kind"].as_f64().unwrap_or(0.0),
-            r["kv_gib"].as_f64().unwrap_or(0.0), r["measured_cr"].as_f64().unwrap_or(0.0));
+        println!(
+            "| {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} |",
+            r["model"].as_str().unwrap_or(""),
+            r["context"],
+            r["arm"].as_str().unwrap_or(""),
+            r["batch"],
+            r["fits_in_budget"],
+            r["step_ms"].as_f64().unwrap_or(0.0),
+            r["floor_ms"].as_f64().unwrap_or(0.0),
+            r["step_over_floor"].as_f64().unwrap_or(0.0),
+            r["decode_tok_s"].as_f64().unwrap_or(0.0),
+            r["tok_s_vs_full_same_batch_kind"].as_f64().unwrap_or(0.0),
+            r["kv_gib"].as_f64().unwrap_or(0.0),
+            r["measured_cr"].as_f64().unwrap_or(0.0)
+        );
     }
     Ok(())
 }
@@ -358,14 +456,22 @@ fn main() -> Result<()> {
         Cmd::Check { fixtures } => {
             let (e32, n32) = check_kernels(&dev, DType::F32)?;
             println!("kernels f32: max abs error vs CPU {e32:.2e} over 60 steps, kept sets equal on {n32} rows");
-            if e32 > 1e-4 { bail!("f32 kernel error {e32} above 1e-4"); }
+            if e32 > 1e-4 {
+                bail!("f32 kernel error {e32} above 1e-4");
+            }
             let (e16, n16) = check_kernels(&dev, DType::BF16)?;
-            println!("kernels bf16: max abs error vs CPU (bf16-rounded inputs) {e16:.2e}, kept sets equal on {n16} rows");
-            if e16 > 2e-2 { bail!("bf16 kernel error {e16} above 2e-2"); }
+            println!(
+                "kernels bf16: max abs error vs CPU (bf16-rounded inputs) {e16:.2e}, kept sets equal on {n16} rows"
+            );
+            if e16 > 2e-2 {
+                bail!("bf16 kernel error {e16} above 2e-2");
+            }
             for v in ["variant_query_neuron", "variant_separate_alpha"] {
                 let (e, s) = check_fixture(&dev, &fixtures, v)?;
                 println!("NVIDIA DMS fixture {v} on GPU: logits max abs error {e:.2e} over 72 positions, kept sets equal in {s} states");
-                if e > 1e-3 { bail!("{v}: GPU logits error {e} above 1e-3"); }
+                if e > 1e-3 {
+                    bail!("{v}: GPU logits error {e} above 1e-3");
+                }
             }
             println!("GPU CHECKS PASSED");
         }

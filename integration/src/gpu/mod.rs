@@ -203,7 +203,11 @@ impl GpuCache {
     }
 
     fn suffix(&self) -> &'static str {
-        if self.dtype == DType::F32 { "f32" } else { "bf16" }
+        if self.dtype == DType::F32 {
+            "f32"
+        } else {
+            "bf16"
+        }
     }
 
     fn func(&self, name: &str) -> Result<CudaFunction> {
@@ -254,32 +258,67 @@ impl GpuCache {
             Decisions::Scores { scores, .. } => (*scores).clone(),
             _ => dummy,
         };
-        let (kv, d, bs, wc, mb, li) =
-            (s.kv_heads as i32, s.head_dim as i32, s.block_size as i32, (s.window + 1) as i32, s.max_blocks_per_row as i32, layer as i32);
+        let (kv, d, bs, wc, mb, li) = (
+            s.kv_heads as i32,
+            s.head_dim as i32,
+            s.block_size as i32,
+            (s.window + 1) as i32,
+            s.max_blocks_per_row as i32,
+            layer as i32,
+        );
         let ro = layer * rows;
         let table = self.block_table.slice(ro * s.max_blocks_per_row..(ro + rows) * s.max_blocks_per_row);
         let lens = self.row_len.slice(ro..ro + rows);
         let pos = self.row_pos.slice(ro..ro + rows);
         let rs = self.ring_slot.slice(ro * (s.window + 1)..(ro + rows) * (s.window + 1));
         let rf = self.ring_flag.slice(ro * (s.window + 1)..(ro + rows) * (s.window + 1));
-        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (s.head_dim as u32, 1, 1), shared_mem_bytes: 0 };
+        let cfg =
+            LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (s.head_dim as u32, 1, 1), shared_mem_bytes: 0 };
         macro_rules! go {
             ($ty:ty) => {
-                with_slice!(k_new, $ty, |kn| with_slice!(v_new, $ty, |vn| with_slice!(&self.k_pool, $ty, |kp| with_slice!(&self.v_pool, $ty, |vp| with_slice!(&scores, f32, |sc| {
-                    let mut b = self.stream.launch_builder(&f);
-                    b.arg(&kv).arg(&d).arg(&bs).arg(&wc).arg(&mb).arg(&li)
-                        .arg(&kn).arg(&vn).arg(&kp).arg(&vp)
-                        .arg(&table).arg(&lens).arg(&pos).arg(&rs).arg(&rf).arg(&self.pool_pos)
-                        .arg(&self.free_list).arg(&self.free_top).arg(&self.err)
-                        .arg(&mode).arg(&seed).arg(&rate).arg(&sc).arg(&scale).arg(&offset);
-                    drv(unsafe { b.launch(cfg) })?;
-                })))))
+                with_slice!(k_new, $ty, |kn| with_slice!(v_new, $ty, |vn| with_slice!(
+                    &self.k_pool,
+                    $ty,
+                    |kp| with_slice!(&self.v_pool, $ty, |vp| with_slice!(&scores, f32, |sc| {
+                        let mut b = self.stream.launch_builder(&f);
+                        b.arg(&kv)
+                            .arg(&d)
+                            .arg(&bs)
+                            .arg(&wc)
+                            .arg(&mb)
+                            .arg(&li)
+                            .arg(&kn)
+                            .arg(&vn)
+                            .arg(&kp)
+                            .arg(&vp)
+                            .arg(&table)
+                            .arg(&lens)
+                            .arg(&pos)
+                            .arg(&rs)
+                            .arg(&rf)
+                            .arg(&self.pool_pos)
+                            .arg(&self.free_list)
+                            .arg(&self.free_top)
+                            .arg(&self.err)
+                            .arg(&mode)
+                            .arg(&seed)
+                            .arg(&rate)
+                            .arg(&sc)
+                            .arg(&scale)
+                            .arg(&offset);
+                        drv(unsafe { b.launch(cfg) })?;
+                    }))
+                )))
             };
         }
         if k_new.dims() != [s.batch, s.kv_heads, s.head_dim] || v_new.dims() != k_new.dims() {
             bail!("new K/V have shape {:?}, expected [{}, {}, {}]", k_new.dims(), s.batch, s.kv_heads, s.head_dim);
         }
-        if self.dtype == DType::F32 { go!(f32) } else { go!(half::bf16) }
+        if self.dtype == DType::F32 {
+            go!(f32)
+        } else {
+            go!(half::bf16)
+        }
         Ok(())
     }
 
@@ -319,22 +358,49 @@ impl GpuCache {
         let lens = self.row_len.slice(ro..ro + rows);
         // Whole warps: the score phase reduces across all 32 lanes.
         let threads = d.div_ceil(32) as u32 * 32;
-        let c1 = LaunchConfig { grid_dim: (rows as u32, splits as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        let c1 =
+            LaunchConfig { grid_dim: (rows as u32, splits as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
         let c2 = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
         macro_rules! go {
             ($ty:ty) => {
-                with_slice!(q, $ty, |qs| with_slice!(&self.k_pool, $ty, |kp| with_slice!(&self.v_pool, $ty, |vp| with_slice!(&out, $ty, |os| {
-                    let mut a = self.stream.launch_builder(&fp);
-                    a.arg(&kv).arg(&di).arg(&bs).arg(&mb).arg(&scale).arg(&qs).arg(&kp).arg(&vp)
-                        .arg(&table).arg(&lens).arg(&self.part_acc).arg(&self.part_m).arg(&self.part_l);
-                    drv(unsafe { a.launch(c1) })?;
-                    let mut r = self.stream.launch_builder(&fr);
-                    r.arg(&kv).arg(&gi).arg(&di).arg(&sp).arg(&self.part_acc).arg(&self.part_m).arg(&self.part_l).arg(&os);
-                    drv(unsafe { r.launch(c2) })?;
-                }))))
+                with_slice!(q, $ty, |qs| with_slice!(&self.k_pool, $ty, |kp| with_slice!(
+                    &self.v_pool,
+                    $ty,
+                    |vp| with_slice!(&out, $ty, |os| {
+                        let mut a = self.stream.launch_builder(&fp);
+                        a.arg(&kv)
+                            .arg(&di)
+                            .arg(&bs)
+                            .arg(&mb)
+                            .arg(&scale)
+                            .arg(&qs)
+                            .arg(&kp)
+                            .arg(&vp)
+                            .arg(&table)
+                            .arg(&lens)
+                            .arg(&self.part_acc)
+                            .arg(&self.part_m)
+                            .arg(&self.part_l);
+                        drv(unsafe { a.launch(c1) })?;
+                        let mut r = self.stream.launch_builder(&fr);
+                        r.arg(&kv)
+                            .arg(&gi)
+                            .arg(&di)
+                            .arg(&sp)
+                            .arg(&self.part_acc)
+                            .arg(&self.part_m)
+                            .arg(&self.part_l)
+                            .arg(&os);
+                        drv(unsafe { r.launch(c2) })?;
+                    })
+                )))
             };
         }
-        if self.dtype == DType::F32 { go!(f32) } else { go!(half::bf16) }
+        if self.dtype == DType::F32 {
+            go!(f32)
+        } else {
+            go!(half::bf16)
+        }
         Ok(out)
     }
 

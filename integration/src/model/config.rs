@@ -241,11 +241,7 @@ fn llama3_scale(freq: f64, s: &Llama3RopeScaling) -> f64 {
 }
 
 fn parse_rope_scaling(v: &serde_json::Value) -> Result<Llama3RopeScaling> {
-    let kind = v
-        .get("rope_type")
-        .or_else(|| v.get("type"))
-        .and_then(|x| x.as_str())
-        .unwrap_or("");
+    let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(|x| x.as_str()).unwrap_or("");
     if kind != "llama3" {
         bail!("model config: rope_scaling type `{kind}` is not supported (supported: llama3)");
     }

@@ -256,8 +256,14 @@ impl Llama {
     /// One decode step of `tokens.len()` sequences on the GPU cache: each sequence feeds one token
     /// at its position. Returns logits `[batch, vocab]` (f32).
     #[cfg(feature = "cuda")]
-    pub fn forward_gpu_decode(&self, tokens: &[u32], positions: &[Pos], cache: &mut crate::gpu::GpuCache,
-        decisions: &crate::gpu::StepDecisions, max_len_hint: usize) -> Result<Tensor> {
+    pub fn forward_gpu_decode(
+        &self,
+        tokens: &[u32],
+        positions: &[Pos],
+        cache: &mut crate::gpu::GpuCache,
+        decisions: &crate::gpu::StepDecisions,
+        max_len_hint: usize,
+    ) -> Result<Tensor> {
         use crate::gpu::{Decisions, StepDecisions};
         let cfg = &self.cfg;
         let b = tokens.len();
@@ -270,8 +276,12 @@ impl Llama {
             let d = match (decisions, &scores) {
                 (StepDecisions::None, _) => Decisions::None,
                 (StepDecisions::Random { seed, rate }, _) => Decisions::Random { seed: *seed, rate: *rate },
-                (StepDecisions::Learned { scale, offset }, Some(s)) => Decisions::Scores { scores: s, scale: *scale, offset: *offset },
-                (StepDecisions::Learned { .. }, None) => bail!("learned decisions need a model with a DMS decision source"),
+                (StepDecisions::Learned { scale, offset }, Some(s)) => {
+                    Decisions::Scores { scores: s, scale: *scale, offset: *offset }
+                }
+                (StepDecisions::Learned { .. }, None) => {
+                    bail!("learned decisions need a model with a DMS decision source")
+                }
             };
             cache.update(li, &k.contiguous()?, &v, &d)?;
             let attn = cache.attend(li, &q.contiguous()?, scale, max_len_hint)?;
@@ -315,8 +325,7 @@ impl Llama {
     /// Runs new tokens of one or more sequences through the model, updating their caches.
     /// Each sequence's cache says which per-(token, KV head) score its policy needs. Returns logits
     /// per sequence: `[tokens, vocab]` when `all_logits`, else `[1, vocab]` for the last token.
-    pub fn forward(&self, seqs: &mut [SeqInput<'_>], store: &mut KvStore, all_logits: bool)
-        -> Result<Vec<Tensor>> {
+    pub fn forward(&self, seqs: &mut [SeqInput<'_>], store: &mut KvStore, all_logits: bool) -> Result<Vec<Tensor>> {
         let cfg = &self.cfg;
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let mut ids = Vec::new();
@@ -356,7 +365,8 @@ impl Llama {
             };
             let k_host = k.flatten_all()?.to_vec1::<f32>()?;
             let v_host = v.flatten_all()?.to_vec1::<f32>()?;
-            let q_host = if spans.iter().any(|&(_, t)| t == 1) { Some(q.flatten_all()?.to_vec1::<f32>()?) } else { None };
+            let q_host =
+                if spans.iter().any(|&(_, t)| t == 1) { Some(q.flatten_all()?.to_vec1::<f32>()?) } else { None };
             let mut outs = Vec::with_capacity(seqs.len());
             for (s, &(start, t)) in seqs.iter_mut().zip(&spans) {
                 let kv_slice = start * nkv * hd..(start + t) * nkv * hd;
@@ -375,7 +385,14 @@ impl Llama {
                     let g = nh / nkv;
                     for (j, &row) in rows.iter().enumerate() {
                         let span = j * g * hd..(j + 1) * g * hd;
-                        attention::decode_row(store, row, &qs[span.clone()], positions[start], scale as f32, &mut o[span]);
+                        attention::decode_row(
+                            store,
+                            row,
+                            &qs[span.clone()],
+                            positions[start],
+                            scale as f32,
+                            &mut o[span],
+                        );
                     }
                     Tensor::from_vec(o, (1, nh * hd), &self.device)?
                 } else {
@@ -401,8 +418,7 @@ impl Llama {
     /// Queries `[n, heads, hd]` and keys (after RoPE), values, and the per-(token, KV head) signal
     /// the policy asked for (f32 `[n, kv_heads]`), for one layer. Applies the query-neuron zeroing
     /// of DMS checkpoints (spec rule 1.3) whatever the policy.
-    fn attn_inputs(&self, layer: &Layer, x: &Tensor, cos: &Tensor, sin: &Tensor, need: Needs)
-        -> Result<AttnInputs> {
+    fn attn_inputs(&self, layer: &Layer, x: &Tensor, cos: &Tensor, sin: &Tensor, need: Needs) -> Result<AttnInputs> {
         let cfg = &self.cfg;
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let n = x.dim(0)?;
@@ -494,4 +510,3 @@ fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let y = candle_nn::rotary_emb::rope(&x4, cos, sin)?;
     Ok(y.squeeze(0)?.transpose(0, 1)?.contiguous()?)
 }
-

@@ -90,9 +90,9 @@ impl Weights {
     pub fn get(&self, name: &str, shape: &[usize], dev: &Device) -> Result<Tensor> {
         let t = match self {
             Weights::Safetensors { files, paths } => {
-                let view = files.get(name).map_err(|_| {
-                    anyhow::anyhow!("tensor `{name}` is missing from {}", display_paths(paths))
-                })?;
+                let view = files
+                    .get(name)
+                    .map_err(|_| anyhow::anyhow!("tensor `{name}` is missing from {}", display_paths(paths)))?;
                 if view.shape() != shape {
                     bail!(
                         "tensor `{name}` has shape {:?} in the weights but the config implies {shape:?} (config.json does not match the weights)",
@@ -142,7 +142,9 @@ fn check_safetensors_extent(path: &Path) -> Result<()> {
     f.read_exact(&mut n).map_err(|_| bad("shorter than its 8-byte header length".into()))?;
     let header_len = u64::from_le_bytes(n);
     if header_len > file_len.saturating_sub(8) || header_len > 100_000_000 {
-        return Err(bad(format!("header length {header_len} exceeds the file ({file_len} bytes): truncated or corrupt")));
+        return Err(bad(format!(
+            "header length {header_len} exceeds the file ({file_len} bytes): truncated or corrupt"
+        )));
     }
     let mut header = vec![0u8; header_len as usize];
     f.read_exact(&mut header).map_err(|e| bad(e.to_string()))?;

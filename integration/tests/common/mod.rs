@@ -31,9 +31,12 @@ pub fn golden(path: &Path) -> HashMap<String, Tensor> {
                     let x: Vec<f32> = d.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
                     Tensor::from_vec(x, shape, &Device::Cpu)
                 }
-                Dtype::I8 => Tensor::from_vec(d.iter().map(|&b| b as i8 as i64).collect::<Vec<_>>(), shape, &Device::Cpu),
+                Dtype::I8 => {
+                    Tensor::from_vec(d.iter().map(|&b| b as i8 as i64).collect::<Vec<_>>(), shape, &Device::Cpu)
+                }
                 Dtype::I32 => {
-                    let x: Vec<i64> = d.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64).collect();
+                    let x: Vec<i64> =
+                        d.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64).collect();
                     Tensor::from_vec(x, shape, &Device::Cpu)
                 }
                 Dtype::I64 => {
@@ -111,4 +114,3 @@ impl SequencePolicy for RecordingSeq {
         self.inner.compact(row, plan)
     }
 }
-

@@ -99,7 +99,8 @@ impl Llama {
                     let probs = candle_nn::ops::sigmoid(&noisy)?;
                     let hard = probs.gt(0.5)?.to_dtype(DType::F32)?;
                     decisions.push(((hard - probs.detach())? + &probs)?);
-                    let next = Tensor::cat(&[&noisy.narrow(0, 1, t - 1)?, &Tensor::zeros((1, nkv), DType::F32, dev)?], 0)?;
+                    let next =
+                        Tensor::cat(&[&noisy.narrow(0, 1, t - 1)?, &Tensor::zeros((1, nkv), DType::F32, dev)?], 0)?;
                     Some(softplus(&next.t()?)?.neg()?.unsqueeze(1)?)
                 }
                 None => None,
@@ -111,8 +112,18 @@ impl Llama {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn dense_layer(&self, layer: &Layer, x: &Tensor, cos: &Tensor, sin: &Tensor, causal: &Tensor, far: &Tensor,
-        penalty: Option<&Tensor>, scale: f64, (nh, nkv, hd, g): (usize, usize, usize, usize)) -> Result<Tensor> {
+    fn dense_layer(
+        &self,
+        layer: &Layer,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        causal: &Tensor,
+        far: &Tensor,
+        penalty: Option<&Tensor>,
+        scale: f64,
+        (nh, nkv, hd, g): (usize, usize, usize, usize),
+    ) -> Result<Tensor> {
         let eps = self.cfg.rms_norm_eps;
         let t = x.dim(0)?;
         let h = rms(x, &layer.input_norm, eps)?;
@@ -139,7 +150,8 @@ impl Llama {
             scores = scores.broadcast_add(&far.unsqueeze(0)?.broadcast_mul(p)?.unsqueeze(1)?)?;
         }
         let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
-        let out = probs.broadcast_matmul(&v)?.reshape((nh, t, hd))?.transpose(0, 1)?.contiguous()?.reshape((t, nh * hd))?;
+        let out =
+            probs.broadcast_matmul(&v)?.reshape((nh, t, hd))?.transpose(0, 1)?.contiguous()?.reshape((t, nh * hd))?;
         let x = (x + layer.o_proj.forward(&out)?)?;
         let h = rms(&x, &layer.post_norm, eps)?;
         let mlp = layer.down_proj.forward(&(layer.gate_proj.forward(&h)?.silu()? * layer.up_proj.forward(&h)?)?)?;

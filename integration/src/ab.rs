@@ -440,7 +440,8 @@ pub fn run_ab(cfg: &AbConfig) -> Result<(Vec<ArmResult>, Vec<PeerResult>)> {
     Ok((results, peers))
 }
 
-/// Greedy generation by our full-cache arm and by the peer on the same prompts.
+/// Greedy generation by our full-cache arm and by the peer on the same prompts, one sequence
+/// at a time on both sides.
 #[cfg(feature = "mistralrs")]
 fn peer_run(
     cfg: &AbConfig,
@@ -472,7 +473,8 @@ fn peer_run(
     };
     let pb = bar(2, &arm.name);
     pb.set_message("greedy: ours, then mistral.rs");
-    let (ours, stats) = run_batch(engine, reqs, &params, w.concurrency, true, |_| {})?;
+    // Batch 1 on both sides: mistral.rs 0.8.1 mixes the outputs of concurrent requests.
+    let (ours, stats) = run_batch(engine, reqs, &params, 1, true, |_| {})?;
     pb.inc(1);
     let path = resolve_model(source, cfg.base_dir.as_deref())?;
     let hf_dir = if path.is_dir() {
@@ -484,7 +486,7 @@ fn peer_run(
         crate::export::export_gguf_as_hf(&path, &d)?;
         d
     };
-    let peer = crate::peer_mistralrs::MistralRsPeer::load_hf(&hf_dir, w.concurrency)?;
+    let peer = crate::peer_mistralrs::MistralRsPeer::load_hf(&hf_dir, 1)?;
     peer.generate(&prompts[..1], 2)?;
     let run = peer.generate(&prompts, w.continuation_tokens)?;
     pb.finish();

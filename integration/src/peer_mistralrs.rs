@@ -73,14 +73,16 @@ impl MistralRsPeer {
         Ok(Self { rt, mr })
     }
 
-    /// Greedy generation of `max_tokens` tokens for every prompt, all submitted at once.
+    /// Greedy generation of `max_tokens` tokens for every prompt, one request at a time
+    /// (mistralrs-core 0.8.1 mixes the outputs of requests in flight together on the CPU:
+    /// measured with `examples/peer_probe.rs`).
     pub fn generate(&self, prompts: &[Vec<u32>], max_tokens: usize) -> Result<PeerRun> {
         let mr = self.mr.clone();
         let prompts = prompts.to_vec();
         self.rt.block_on(async move {
             let sender = mr.get_sender(None).map_err(|e| anyhow::anyhow!("mistral.rs: {e}"))?;
-            let mut rxs = Vec::new();
             let t0 = Instant::now();
+            let (mut tokens, mut prompt_toks, mut prompt_secs, mut completion_toks) = (Vec::new(), 0usize, 0f64, 0usize);
             for p in prompts {
                 let (tx, rx) = tokio::sync::mpsc::channel(64);
                 let mut sp = SamplingParams::deterministic();
@@ -96,11 +98,7 @@ impl MistralRsPeer {
                 );
                 req.return_logprobs = true;
                 sender.send(Request::Normal(Box::new(req))).await.context("mistral.rs engine stopped")?;
-                rxs.push(rx);
-            }
-            let (mut tokens, mut prompt_toks, mut prompt_secs, mut completion_toks, mut last_prompt_end) =
-                (Vec::new(), 0usize, 0f64, 0usize, 0f64);
-            for mut rx in rxs {
+                let mut rx = rx;
                 match rx.recv().await {
                     Some(Response::CompletionDone(r)) => {
                         let lp = r.choices.first().and_then(|c| c.logprobs.as_ref()).and_then(|l| l.content.as_ref());
@@ -114,7 +112,6 @@ impl MistralRsPeer {
                         prompt_toks += r.usage.prompt_tokens;
                         prompt_secs += r.usage.total_prompt_time_sec as f64;
                         completion_toks += r.usage.completion_tokens.saturating_sub(1);
-                        last_prompt_end = f64::max(last_prompt_end, r.usage.total_prompt_time_sec as f64);
                     }
                     Some(Response::CompletionModelError(e, _)) => bail!("mistral.rs model error: {e}"),
                     Some(Response::InternalError(e)) | Some(Response::ValidationError(e)) => bail!("mistral.rs: {e}"),

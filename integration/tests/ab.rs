@@ -107,7 +107,7 @@ fn mistralrs_peer_runs_the_same_prompts_and_agrees_with_our_full_arm() {
     let p = &peers[0];
     // Same f32 weights and the same greedy rule: both engines should agree token for token
     // except at numerical near-ties (different summation orders), so most tokens must match.
-    assert!(p.mean_agreeing_prefix >= 4.0, "agreeing prefix {} of {}", p.mean_agreeing_prefix, p.tokens_per_prompt);
+    assert!(p.mean_agreeing_prefix >= 6.0, "agreeing prefix {} of {}", p.mean_agreeing_prefix, p.tokens_per_prompt);
     assert!(p.peer_decode_tok_s > 0.0 && p.ours_decode_tok_s > 0.0);
 }
 

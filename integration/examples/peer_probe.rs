@@ -40,6 +40,10 @@ fn main() -> Result<()> {
     let (a, b) = (ids[..384].to_vec(), ids[1000..1384].to_vec());
     let alone = [a.clone(), b.clone()].map(|p| peer.generate(&[p], 4).map(|mut r| r.tokens.remove(0)));
     let together = peer.generate(&[a, b], 4)?.tokens;
-    println!("mistral.rs requests alone: {:?} {:?} | submitted together: {together:?}", alone[0].as_ref().ok(), alone[1].as_ref().ok());
+    println!(
+        "mistral.rs requests alone: {:?} {:?} | submitted together: {together:?}",
+        alone[0].as_ref().ok(),
+        alone[1].as_ref().ok()
+    );
     Ok(())
 }

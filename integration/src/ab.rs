@@ -283,14 +283,14 @@ pub struct ArmResult {
     pub capacity: Option<BatchStats>,
 }
 
-fn log_softmax(l: &[f32]) -> Vec<f32> {
+pub(crate) fn log_softmax(l: &[f32]) -> Vec<f32> {
     let m = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let z: f64 = l.iter().map(|&x| ((x - m) as f64).exp()).sum();
     let lz = m as f64 + z.ln();
     l.iter().map(|&x| (x as f64 - lz) as f32).collect()
 }
 
-fn kl(p_log: &[f32], q_log: &[f32]) -> f64 {
+pub(crate) fn kl(p_log: &[f32], q_log: &[f32]) -> f64 {
     p_log.iter().zip(q_log).map(|(&p, &q)| (p as f64).exp() * (p as f64 - q as f64)).sum::<f64>().max(0.0)
 }
 
@@ -308,7 +308,7 @@ pub fn windows(tokens: &[u32], n: usize, len: usize) -> Result<Vec<Vec<u32>>> {
         .collect())
 }
 
-fn bar(len: u64, label: &str) -> ProgressBar {
+pub(crate) fn bar(len: u64, label: &str) -> ProgressBar {
     let pb = ProgressBar::new(len);
     pb.set_style(
         ProgressStyle::with_template("{prefix:>14} [{bar:30}] {pos}/{len} {msg} {elapsed}")
@@ -340,7 +340,7 @@ pub fn run_ab(cfg: &AbConfig) -> Result<(Vec<ArmResult>, Vec<PeerResult>)> {
             let loaded = load_model(&path, &device, false).with_context(|| format!("loading {}", path.display()))?;
             let mc = loaded.model.config();
             let blocks =
-                (cfg.cache.memory_mb * 1024 * 1024 / (cfg.cache.block_size * 2 * mc.head_dim * 4) as u64) as usize;
+                (cfg.cache.memory_mb * 1024 * 1024 / (cfg.cache.block_size as u64 * mc.row_bytes_per_token())) as usize;
             let full = registry().build(&toml::from_str("name = 'full'").expect("valid"))?;
             let engine = Engine::new(loaded.model, full, cfg.cache.block_size, blocks)?;
             engines.insert(source.clone(), (engine, loaded.tokenizer));
@@ -551,8 +551,9 @@ fn capacity_run(
     label: &str,
 ) -> Result<BatchStats> {
     let mc = engine.model.config();
-    let blocks = (c.memory_mb * 1024.0 * 1024.0 / (block_size * 2 * mc.head_dim * 4) as f64) as usize;
-    let saved = std::mem::replace(&mut engine.store, KvStore::new(mc.head_dim, block_size, blocks));
+    let blocks = (c.memory_mb * 1024.0 * 1024.0 / (block_size as u64 * mc.row_bytes_per_token()) as f64) as usize;
+    let saved =
+        std::mem::replace(&mut engine.store, KvStore::with_value_dim(mc.head_dim, mc.value_dim(), block_size, blocks));
     let wins = windows(ids, c.requests, c.prompt_tokens)?;
     let reqs: Vec<Request> = wins
         .into_iter()

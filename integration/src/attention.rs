@@ -28,11 +28,14 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// Decode attention of the `g` query heads of one KV group (`q`: `g * head_dim`, head-major) at
-/// position `q_pos` over one row, read block by block. Writes `g * head_dim` floats into `out`.
-/// A query that sees no key gets zeros.
+/// position `q_pos` over one row, read block by block. Writes `g * dv` floats into `out`, where
+/// `dv` is the store's value width, or for latent rows (no separate values) `out.len() / g`
+/// floats taken from the front of each key. A query that sees no key gets zeros.
 pub fn decode_row(store: &KvStore, id: RowId, q: &[f32], q_pos: Pos, scale: f32, out: &mut [f32]) {
     let d = store.head_dim();
     let g = q.len() / d;
+    let dv = out.len() / g;
+    let latent = store.v_dim() == 0;
     let bs = store.block_size();
     let row = store.row(id);
     let n = row.len();
@@ -69,17 +72,17 @@ pub fn decode_row(store: &KvStore, id: RowId, q: &[f32], q_pos: Pos, scale: f32,
         }
     }
     for (b, &block) in row.blocks().iter().enumerate() {
-        let (_, vb) = store.block(block);
+        let (kb, vb) = store.block(block);
         let used = (n - b * bs).min(bs);
         for j in 0..used {
             let s = b * bs + j;
-            let val = &vb[j * d..(j + 1) * d];
+            let val = if latent { &kb[j * d..j * d + dv] } else { &vb[j * dv..(j + 1) * dv] };
             for h in 0..g {
                 let p = scores[h * n + s];
                 if p == 0.0 {
                     continue;
                 }
-                let o = &mut out[h * d..(h + 1) * d];
+                let o = &mut out[h * dv..(h + 1) * dv];
                 for (o, v) in o.iter_mut().zip(val) {
                     *o += p * v;
                 }
@@ -98,18 +101,51 @@ pub fn chunk_rows(
     q_pos: &[Pos],
     scale: f64,
 ) -> candle_core::Result<Tensor> {
+    let d = q.dim(2)?;
+    chunk_attention(store, rows, q, q_pos, scale, d)
+}
+
+/// [`chunk_rows`] for latent rows: the values are the first `value_dim` floats of each key.
+/// Returns `[t, n_heads * value_dim]`.
+pub fn chunk_latent_rows(
+    store: &KvStore,
+    rows: &[RowId],
+    q: &Tensor,
+    q_pos: &[Pos],
+    scale: f64,
+    value_dim: usize,
+) -> candle_core::Result<Tensor> {
+    chunk_attention(store, rows, q, q_pos, scale, value_dim)
+}
+
+fn chunk_attention(
+    store: &KvStore,
+    rows: &[RowId],
+    q: &Tensor,
+    q_pos: &[Pos],
+    scale: f64,
+    dv: usize,
+) -> candle_core::Result<Tensor> {
     let (t, n_heads, d) = q.dims3()?;
     let kv = rows.len();
     let g = n_heads / kv;
+    let latent = store.v_dim() == 0;
     let lmax = rows.iter().map(|&r| store.row(r).len()).max().unwrap_or(0).max(1);
     let mut k_all = vec![0f32; kv * lmax * d];
-    let mut v_all = vec![0f32; kv * lmax * d];
+    let mut v_all = vec![0f32; kv * lmax * dv];
     let mut mask = vec![f32::NEG_INFINITY; kv * t * lmax];
     let (mut kb, mut vb) = (Vec::new(), Vec::new());
     for (r, &id) in rows.iter().enumerate() {
         store.gather(id, &mut kb, &mut vb);
         k_all[r * lmax * d..r * lmax * d + kb.len()].copy_from_slice(&kb);
-        v_all[r * lmax * d..r * lmax * d + vb.len()].copy_from_slice(&vb);
+        if latent {
+            for (s, key) in kb.chunks_exact(d).enumerate() {
+                let at = (r * lmax + s) * dv;
+                v_all[at..at + dv].copy_from_slice(&key[..dv]);
+            }
+        } else {
+            v_all[r * lmax * dv..r * lmax * dv + vb.len()].copy_from_slice(&vb);
+        }
         let row = store.row(id);
         for (i, &qp) in q_pos.iter().enumerate() {
             let m = &mut mask[(r * t + i) * lmax..(r * t + i + 1) * lmax];
@@ -122,7 +158,7 @@ pub fn chunk_rows(
     }
     let dev = q.device();
     let k = Tensor::from_vec(k_all, (kv, lmax, d), &Device::Cpu)?.to_device(dev)?;
-    let v = Tensor::from_vec(v_all, (kv, lmax, d), &Device::Cpu)?.to_device(dev)?;
+    let v = Tensor::from_vec(v_all, (kv, lmax, dv), &Device::Cpu)?.to_device(dev)?;
     let mask = Tensor::from_vec(mask, (kv, 1, t, lmax), &Device::Cpu)?.to_device(dev)?;
     let q = q.reshape((t, kv, g, d))?.permute((1, 2, 0, 3))?.contiguous()?.reshape((kv, g * t, d))?;
     let scores = (q.matmul(&k.t()?)? * scale)?.reshape((kv, g, t, lmax))?;
@@ -130,7 +166,7 @@ pub fn chunk_rows(
     let probs = candle_nn::ops::softmax_last_dim(&scores)?;
     let probs = zero_fully_masked(&probs)?;
     let out = probs.reshape((kv, g * t, lmax))?.matmul(&v)?;
-    out.reshape((kv, g, t, d))?.permute((2, 0, 1, 3))?.contiguous()?.reshape((t, n_heads * d))
+    out.reshape((kv, g, t, dv))?.permute((2, 0, 1, 3))?.contiguous()?.reshape((t, n_heads * dv))
 }
 
 /// A query row whose every key is masked produces NaN from softmax; make it zeros instead.

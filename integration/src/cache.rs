@@ -108,7 +108,7 @@ impl SequenceCache {
     }
 
     /// Decides, evicts and writes `t` new tokens of `layer`. `k`/`v` are `[t, kv_heads, head_dim]`
-    /// and `scores` (if any) `[t, kv_heads]`, token-major.
+    /// and `[t, kv_heads, v_dim]` (empty for latent rows), and `scores` (if any) `[t, kv_heads]`, token-major.
     pub fn append(
         &mut self,
         layer: usize,
@@ -118,7 +118,7 @@ impl SequenceCache {
         scores: Option<&[f32]>,
     ) -> Result<()> {
         let kv = self.shape.rows_per_layer;
-        let d = store.head_dim();
+        let (d, dv) = (store.head_dim(), store.v_dim());
         let t = k.len() / (kv * d);
         let mut row_scores = Vec::new();
         for head in 0..kv {
@@ -133,9 +133,9 @@ impl SequenceCache {
             self.k_buf.clear();
             self.v_buf.clear();
             for i in 0..t {
-                let at = (i * kv + head) * d;
+                let (at, av) = ((i * kv + head) * d, (i * kv + head) * dv);
                 self.k_buf.extend_from_slice(&k[at..at + d]);
-                self.v_buf.extend_from_slice(&v[at..at + d]);
+                self.v_buf.extend_from_slice(&v[av..av + dv]);
             }
             let id = self.rows[layer * kv + head];
             store

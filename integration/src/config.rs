@@ -179,14 +179,15 @@ impl EngineConfig {
         Ok(())
     }
 
-    /// Pool capacity in blocks for a model with these per-token sizes.
-    pub fn capacity_blocks(&self, n_layers: usize, n_kv_heads: usize, head_dim: usize) -> usize {
+    /// Pool capacity in blocks for a model with these per-token sizes (`slot_bytes`: bytes of one
+    /// token in one row, keys plus values).
+    pub fn capacity_blocks(&self, n_layers: usize, n_kv_heads: usize, slot_bytes: u64) -> usize {
         let bs = self.cache.block_size;
         match (self.cache.memory_mb, self.cache.max_tokens) {
             (_, Some(tokens)) => (tokens as usize).div_ceil(bs) * n_layers * n_kv_heads,
             (mb, None) => {
                 let bytes = mb.unwrap_or(DEFAULT_MEMORY_MB) * 1024 * 1024;
-                (bytes / (bs * 2 * head_dim * 4) as u64) as usize
+                (bytes / (bs as u64 * slot_bytes)) as usize
             }
         }
     }

@@ -123,7 +123,8 @@ impl Engine {
         capacity_blocks: usize,
     ) -> Result<Self> {
         check_signal(&model, policy.as_ref())?;
-        let store = KvStore::new(model.config().head_dim, block_size, capacity_blocks);
+        let store =
+            KvStore::with_value_dim(model.config().head_dim, model.config().value_dim(), block_size, capacity_blocks);
         Ok(Self { model, store, policy, keep_logits: false })
     }
 

@@ -140,6 +140,7 @@ impl SwappedRow {
 #[derive(Debug)]
 pub struct KvStore {
     head_dim: usize,
+    v_dim: usize,
     block_size: usize,
     capacity_blocks: usize,
     k: Vec<f32>,
@@ -154,8 +155,15 @@ impl KvStore {
     /// A store of `capacity_blocks` blocks of `block_size` slots of `head_dim` floats for K and V.
     /// Memory is taken from the system as blocks are first used.
     pub fn new(head_dim: usize, block_size: usize, capacity_blocks: usize) -> Self {
+        Self::with_value_dim(head_dim, head_dim, block_size, capacity_blocks)
+    }
+
+    /// A store whose values have `v_dim` floats per slot (0 for latent rows, whose values are a
+    /// prefix of the key).
+    pub fn with_value_dim(head_dim: usize, v_dim: usize, block_size: usize, capacity_blocks: usize) -> Self {
         Self {
             head_dim,
+            v_dim,
             block_size,
             capacity_blocks,
             k: Vec::new(),
@@ -167,9 +175,13 @@ impl KvStore {
         }
     }
 
-    /// Floats per key (and per value).
+    /// Floats per key.
     pub fn head_dim(&self) -> usize {
         self.head_dim
+    }
+    /// Floats per value (0: latent rows, no separate values).
+    pub fn v_dim(&self) -> usize {
+        self.v_dim
     }
     /// Slots per block.
     pub fn block_size(&self) -> usize {
@@ -185,7 +197,7 @@ impl KvStore {
     }
     /// Bytes of K+V of one slot.
     pub fn slot_bytes(&self) -> u64 {
-        (2 * self.head_dim * std::mem::size_of::<f32>()) as u64
+        ((self.head_dim + self.v_dim) * std::mem::size_of::<f32>()) as u64
     }
 
     /// Creates an empty row for `layer`.
@@ -226,11 +238,11 @@ impl KvStore {
         k_new: &[f32],
         v_new: &[f32],
     ) -> Result<(), StoreError> {
-        let (d, bs) = (self.head_dim, self.block_size);
+        let (d, dv, bs) = (self.head_dim, self.v_dim, self.block_size);
         let n = plan.writes.len();
-        for data in [k_new, v_new] {
-            if data.len() != n * d {
-                return Err(StoreError::BadData { row: id.0, got: data.len(), expected: n * d });
+        for (data, w) in [(k_new, d), (v_new, dv)] {
+            if data.len() != n * w {
+                return Err(StoreError::BadData { row: id.0, got: data.len(), expected: n * w });
             }
         }
         let bad = |message: String| StoreError::BadPlan { row: id.0, message };
@@ -287,9 +299,9 @@ impl KvStore {
                 row.pos.push(p);
                 row.last_visible.push(w.last_visible);
             }
-            let at = (row.blocks[s / bs] as usize * bs + s % bs) * d;
-            self.k[at..at + d].copy_from_slice(&k_new[i * d..(i + 1) * d]);
-            self.v[at..at + d].copy_from_slice(&v_new[i * d..(i + 1) * d]);
+            let slot = row.blocks[s / bs] as usize * bs + s % bs;
+            self.k[slot * d..(slot + 1) * d].copy_from_slice(&k_new[i * d..(i + 1) * d]);
+            self.v[slot * dv..(slot + 1) * dv].copy_from_slice(&v_new[i * dv..(i + 1) * dv]);
         }
         row.seen = first_pos + n as Pos;
         Ok(())
@@ -297,7 +309,7 @@ impl KvStore {
 
     /// Applies a compaction plan: moves slots into dead ones, truncates and frees whole blocks.
     pub fn apply_compact(&mut self, id: RowId, plan: &CompactPlan) -> Result<(), StoreError> {
-        let (d, bs) = (self.head_dim, self.block_size);
+        let (d, dv, bs) = (self.head_dim, self.v_dim, self.block_size);
         let bad = |message: String| StoreError::BadPlan { row: id.0, message };
         let row = self.rows[id.0 as usize].as_mut().ok_or_else(|| bad("row was removed".into()))?;
         let seen = row.seen;
@@ -314,10 +326,10 @@ impl KvStore {
             row.last_visible[t] = row.last_visible[f];
             // The source now holds a stale copy that no future query may see.
             row.last_visible[f] = 0;
-            let src = (row.blocks[f / bs] as usize * bs + f % bs) * d;
-            let dst = (row.blocks[t / bs] as usize * bs + t % bs) * d;
-            self.k.copy_within(src..src + d, dst);
-            self.v.copy_within(src..src + d, dst);
+            let src = row.blocks[f / bs] as usize * bs + f % bs;
+            let dst = row.blocks[t / bs] as usize * bs + t % bs;
+            self.k.copy_within(src * d..(src + 1) * d, dst * d);
+            self.v.copy_within(src * dv..(src + 1) * dv, dst * dv);
         }
         let len = plan.len as usize;
         if len > row.len() {
@@ -356,16 +368,16 @@ impl KvStore {
             });
         }
         let id = self.add_row(s.layer);
-        let (d, bs) = (self.head_dim, self.block_size);
+        let (d, dv, bs) = (self.head_dim, self.v_dim, self.block_size);
         let mut taken = Vec::with_capacity(blocks);
         for _ in 0..blocks {
             taken.push(self.take_block());
         }
         for (b, &block) in taken.iter().enumerate() {
             let used = (s.pos.len() - b * bs).min(bs);
-            let at = block as usize * bs * d;
-            self.k[at..at + used * d].copy_from_slice(&s.k[b * bs * d..(b * bs + used) * d]);
-            self.v[at..at + used * d].copy_from_slice(&s.v[b * bs * d..(b * bs + used) * d]);
+            let at = block as usize * bs;
+            self.k[at * d..(at + used) * d].copy_from_slice(&s.k[b * bs * d..(b * bs + used) * d]);
+            self.v[at * dv..(at + used) * dv].copy_from_slice(&s.v[b * bs * dv..(b * bs + used) * dv]);
         }
         let row = self.rows[id.0 as usize].as_mut().expect("just added");
         row.blocks = taken;
@@ -416,24 +428,24 @@ impl KvStore {
         total
     }
 
-    /// Contiguous K and V of a block: `block_size * head_dim` floats each.
+    /// Contiguous K and V of a block: `block_size * head_dim` and `block_size * v_dim` floats.
     pub fn block(&self, block: u32) -> (&[f32], &[f32]) {
-        let n = self.block_size * self.head_dim;
-        let at = block as usize * n;
-        (&self.k[at..at + n], &self.v[at..at + n])
+        let (nk, nv) = (self.block_size * self.head_dim, self.block_size * self.v_dim);
+        let b = block as usize;
+        (&self.k[b * nk..(b + 1) * nk], &self.v[b * nv..(b + 1) * nv])
     }
 
     /// Copies the row's keys and values into `k_out` / `v_out` (slot order, `len * head_dim` each).
     pub fn gather(&self, id: RowId, k_out: &mut Vec<f32>, v_out: &mut Vec<f32>) {
         let row = self.row(id);
-        let (d, bs) = (self.head_dim, self.block_size);
+        let (d, dv, bs) = (self.head_dim, self.v_dim, self.block_size);
         k_out.clear();
         v_out.clear();
         for (b, &block) in row.blocks.iter().enumerate() {
             let used = (row.len() - b * bs).min(bs);
             let (k, v) = self.block(block);
             k_out.extend_from_slice(&k[..used * d]);
-            v_out.extend_from_slice(&v[..used * d]);
+            v_out.extend_from_slice(&v[..used * dv]);
         }
     }
 
@@ -443,9 +455,9 @@ impl KvStore {
         }
         let b = self.grown_blocks as u32;
         self.grown_blocks += 1;
-        let n = self.grown_blocks * self.block_size * self.head_dim;
-        self.k.resize(n, 0.0);
-        self.v.resize(n, 0.0);
+        let n = self.grown_blocks * self.block_size;
+        self.k.resize(n * self.head_dim, 0.0);
+        self.v.resize(n * self.v_dim, 0.0);
         b
     }
 }

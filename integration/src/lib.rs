@@ -13,6 +13,7 @@ pub mod cache;
 pub mod config;
 pub mod corpus;
 pub mod engine;
+pub mod eval;
 pub mod export;
 pub mod gguf_tokenizer;
 #[cfg(feature = "cuda")]

@@ -82,7 +82,8 @@ impl MistralRsPeer {
         self.rt.block_on(async move {
             let sender = mr.get_sender(None).map_err(|e| anyhow::anyhow!("mistral.rs: {e}"))?;
             let t0 = Instant::now();
-            let (mut tokens, mut prompt_toks, mut prompt_secs, mut completion_toks) = (Vec::new(), 0usize, 0f64, 0usize);
+            let (mut tokens, mut prompt_toks, mut prompt_secs, mut completion_toks) =
+                (Vec::new(), 0usize, 0f64, 0usize);
             for p in prompts {
                 let (tx, rx) = tokio::sync::mpsc::channel(64);
                 let mut sp = SamplingParams::deterministic();

@@ -25,7 +25,7 @@ pub fn build_engine(cfg: &EngineConfig) -> Result<(Engine, Option<Tokenizer>)> {
     let table = resolve_policy_table(&cfg.cache.policy, &mut loaded.model, cfg.base_dir.as_deref())?;
     let policy = registry().build(&table).context("[cache.policy]")?;
     let mc = loaded.model.config();
-    let blocks = cfg.capacity_blocks(mc.num_layers, mc.num_kv_heads, mc.head_dim);
+    let blocks = cfg.capacity_blocks(mc.num_layers, mc.num_kv_heads, mc.row_bytes_per_token());
     let engine = Engine::new(loaded.model, policy, cfg.cache.block_size, blocks)?;
     Ok((engine, loaded.tokenizer))
 }

@@ -28,6 +28,13 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Quality vs compression: policies calibrated to equal measured CR on held-out text, and a
+    /// needle-in-a-haystack test; writes a markdown table, JSON and a plot.
+    Eval {
+        /// Eval file (TOML).
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Learn DMS decisions for a model by distillation; writes an NVIDIA-format adapter.
     Retrofit {
         /// Retrofit file (TOML).
@@ -147,6 +154,20 @@ fn ab(a: AbArgs) -> Result<()> {
     Ok(())
 }
 
+fn eval(config: &std::path::Path) -> Result<()> {
+    use dms_integration::eval;
+    let cfg = eval::EvalConfig::load(config)?;
+    let report = eval::run_eval(&cfg)?;
+    let table = eval::table(&cfg, &report);
+    std::fs::write(&cfg.output.table, &table).with_context(|| format!("cannot write {}", cfg.output.table))?;
+    std::fs::write(&cfg.output.json, serde_json::to_string_pretty(&eval::to_json(&cfg, &report))?)
+        .with_context(|| format!("cannot write {}", cfg.output.json))?;
+    eval::plot(&report, std::path::Path::new(&cfg.output.plot))?;
+    println!("\n{table}");
+    println!("wrote {}, {} and {}", cfg.output.table, cfg.output.json, cfg.output.plot);
+    Ok(())
+}
+
 fn apply_overrides(cfg: &mut EngineConfig, a: &RunArgs) -> Result<()> {
     if let Some(v) = &a.model {
         cfg.model.source = v.clone();
@@ -247,6 +268,7 @@ fn main() {
     let result = match cli.command {
         Command::Run(a) => run(a),
         Command::Ab(a) => ab(a),
+        Command::Eval { config } => eval(&config),
         Command::Retrofit { config } => dms_integration::retrofit::RetrofitConfig::load(&config)
             .and_then(|c| dms_integration::retrofit::run(&c))
             .map(|out| println!("adapter written to {}", out.display())),

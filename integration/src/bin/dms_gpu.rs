@@ -244,6 +244,7 @@ fn model_shape(name: &str) -> Result<ModelConfig> {
         bos_token_id: None,
         eos_token_ids: vec![],
         dms: Default::default(),
+        mla: None,
     };
     Ok(match name {
         "llama3.1-8b" => base(Arch::Llama, 128256, 4096, 14336, 32, 32, 8, 128, 500000.0, false),

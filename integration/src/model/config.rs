@@ -14,6 +14,98 @@ pub enum Arch {
     Qwen2,
     /// Qwen3 (per-head RMSNorm on q and k).
     Qwen3,
+    /// DeepSeek V2 / V3: multi-head latent attention (see [`MlaConfig`]), dense or MoE MLPs.
+    DeepSeek,
+}
+
+/// Multi-head latent attention sizes (DeepSeek V2/V3).
+///
+/// The cache holds one latent row per token and layer: `c_kv` (after `kv_a_layernorm`,
+/// `kv_lora_rank` floats) followed by the rotated shared rope key (`qk_rope_head_dim` floats).
+/// For these models [`ModelConfig::num_kv_heads`] is 1 (rows per layer) and
+/// [`ModelConfig::head_dim`] is the latent row width.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MlaConfig {
+    /// Rank of the query compression (None: a plain `q_proj`).
+    pub q_lora_rank: Option<usize>,
+    /// Rank of the KV compression (the cached latent width).
+    pub kv_lora_rank: usize,
+    /// Per-head query/key width without RoPE.
+    pub qk_nope_head_dim: usize,
+    /// Width of the RoPE part (shared key, per-head query).
+    pub qk_rope_head_dim: usize,
+    /// Per-head value width.
+    pub v_head_dim: usize,
+    /// RoPE on interleaved pairs (x0,x1),(x2,x3)... (DeepSeek's layout) instead of halves.
+    pub rope_interleave: bool,
+    /// YaRN scaling, when configured.
+    pub yarn: Option<YarnScaling>,
+    /// Mixture-of-experts layers, when configured.
+    pub moe: Option<MoeConfig>,
+}
+
+/// YaRN RoPE scaling as DeepSeek V2/V3 configure it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct YarnScaling {
+    /// Context extension factor.
+    pub factor: f64,
+    /// Context length of pre-training.
+    pub original_max_position_embeddings: f64,
+    /// Fast boundary of the frequency ramp.
+    pub beta_fast: f64,
+    /// Slow boundary of the frequency ramp.
+    pub beta_slow: f64,
+    /// mscale of the rotary tables.
+    pub mscale: f64,
+    /// mscale applied to the softmax scale (squared).
+    pub mscale_all_dim: f64,
+}
+
+/// DeepSeek mixture-of-experts settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MoeConfig {
+    /// Routed experts.
+    pub n_routed_experts: usize,
+    /// Shared experts (one MLP of `n_shared * moe_intermediate_size`).
+    pub n_shared_experts: usize,
+    /// Experts per token.
+    pub num_experts_per_tok: usize,
+    /// Width of one expert.
+    pub moe_intermediate_size: usize,
+    /// Layers before this index are dense.
+    pub first_k_dense_replace: usize,
+    /// Every `moe_layer_freq`-th layer (from `first_k_dense_replace`) is MoE.
+    pub moe_layer_freq: usize,
+    /// Renormalise the chosen experts' weights.
+    pub norm_topk_prob: bool,
+    /// Factor on the routed experts' output.
+    pub routed_scaling_factor: f64,
+    /// `softmax` (V2) or `sigmoid` (V3, with `e_score_correction_bias`).
+    pub scoring_func: String,
+    /// `greedy`, `group_limited_greedy` (V2) or `noaux_tc` (V3).
+    pub topk_method: String,
+    /// Expert groups.
+    pub n_group: usize,
+    /// Groups a token may route to.
+    pub topk_group: usize,
+}
+
+impl MoeConfig {
+    /// Whether decoder layer `i` uses the MoE block.
+    pub fn is_moe_layer(&self, i: usize) -> bool {
+        i >= self.first_k_dense_replace && i % self.moe_layer_freq.max(1) == 0
+    }
+}
+
+impl YarnScaling {
+    /// DeepSeek's `yarn_get_mscale`.
+    pub fn get_mscale(scale: f64, mscale: f64) -> f64 {
+        if scale <= 1.0 {
+            1.0
+        } else {
+            0.1 * mscale * scale.ln() + 1.0
+        }
+    }
 }
 
 /// Llama 3 RoPE frequency scaling.
@@ -85,6 +177,8 @@ pub struct ModelConfig {
     pub eos_token_ids: Vec<u32>,
     /// DMS fields when the checkpoint carries them.
     pub dms: DmsCheckpointFields,
+    /// Latent attention sizes (DeepSeek); None for per-head K/V models.
+    pub mla: Option<MlaConfig>,
 }
 
 #[derive(Deserialize)]
@@ -125,6 +219,42 @@ struct HfConfig {
     bos_token_id: Option<u32>,
     #[serde(default)]
     eos_token_id: Option<OneOrMany>,
+    #[serde(default)]
+    q_lora_rank: Option<usize>,
+    #[serde(default)]
+    kv_lora_rank: Option<usize>,
+    #[serde(default)]
+    qk_nope_head_dim: Option<usize>,
+    #[serde(default)]
+    qk_rope_head_dim: Option<usize>,
+    #[serde(default)]
+    v_head_dim: Option<usize>,
+    #[serde(default)]
+    rope_interleave: Option<bool>,
+    #[serde(default)]
+    n_routed_experts: Option<usize>,
+    #[serde(default)]
+    n_shared_experts: Option<usize>,
+    #[serde(default)]
+    num_experts_per_tok: Option<usize>,
+    #[serde(default)]
+    moe_intermediate_size: Option<usize>,
+    #[serde(default)]
+    first_k_dense_replace: Option<usize>,
+    #[serde(default)]
+    moe_layer_freq: Option<usize>,
+    #[serde(default)]
+    norm_topk_prob: Option<bool>,
+    #[serde(default)]
+    routed_scaling_factor: Option<f64>,
+    #[serde(default)]
+    scoring_func: Option<String>,
+    #[serde(default)]
+    topk_method: Option<String>,
+    #[serde(default)]
+    n_group: Option<usize>,
+    #[serde(default)]
+    topk_group: Option<usize>,
     #[serde(flatten)]
     dms: DmsCheckpointFields,
 }
@@ -140,15 +270,26 @@ impl ModelConfig {
             ("qwen2", _) | (_, "Qwen2ForCausalLM") => Arch::Qwen2,
             ("mistral", _) | (_, "MistralForCausalLM") => Arch::Mistral,
             ("llama", _) | (_, "LlamaForCausalLM") => Arch::Llama,
+            ("deepseek_v2" | "deepseek_v3", _) | (_, "DeepseekV2ForCausalLM" | "DeepseekV3ForCausalLM") => {
+                Arch::DeepSeek
+            }
             _ => bail!(
-                "unsupported architecture (model_type `{model_type}`, architectures `{arch_name}`); supported: llama, mistral, qwen2, qwen3"
+                "unsupported architecture (model_type `{model_type}`, architectures `{arch_name}`); supported: llama, mistral, qwen2, qwen3, deepseek_v2, deepseek_v3"
             ),
         };
-        let rope_scaling = match &c.rope_scaling {
-            None | Some(serde_json::Value::Null) => None,
-            Some(v) => Some(parse_rope_scaling(v)?),
+        let is_v3 = model_type == "deepseek_v3" || arch_name == "DeepseekV3ForCausalLM";
+        let mla = if arch == Arch::DeepSeek { Some(parse_mla(&c, is_v3)?) } else { None };
+        let rope_scaling = match (&c.rope_scaling, arch) {
+            (None | Some(serde_json::Value::Null), _) | (_, Arch::DeepSeek) => None,
+            (Some(v), _) => Some(parse_rope_scaling(v)?),
         };
-        let num_kv_heads = c.num_key_value_heads.unwrap_or(c.num_attention_heads);
+        let (num_kv_heads, head_dim) = match &mla {
+            Some(m) => (1, m.kv_lora_rank + m.qk_rope_head_dim),
+            None => (
+                c.num_key_value_heads.unwrap_or(c.num_attention_heads),
+                c.head_dim.unwrap_or(c.hidden_size / c.num_attention_heads.max(1)),
+            ),
+        };
         let cfg = ModelConfig {
             arch,
             vocab_size: c.vocab_size,
@@ -157,7 +298,7 @@ impl ModelConfig {
             num_layers: c.num_hidden_layers,
             num_heads: c.num_attention_heads,
             num_kv_heads,
-            head_dim: c.head_dim.unwrap_or(c.hidden_size / c.num_attention_heads.max(1)),
+            head_dim,
             rope_theta: c.rope_theta.unwrap_or(10_000.0),
             rope_scaling,
             rms_norm_eps: c.rms_norm_eps.unwrap_or(1e-6),
@@ -171,7 +312,8 @@ impl ModelConfig {
                 Some(OneOrMany::One(x)) => vec![x],
                 Some(OneOrMany::Many(v)) => v,
             },
-            dms: c.dms,
+            dms: c.dms.clone(),
+            mla,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -205,6 +347,30 @@ impl ModelConfig {
         Ok(())
     }
 
+    /// Floats per cached value: `head_dim` for per-head K/V, 0 for latent rows (the values are
+    /// the first `kv_lora_rank` floats of the key).
+    pub fn value_dim(&self) -> usize {
+        if self.mla.is_some() {
+            0
+        } else {
+            self.head_dim
+        }
+    }
+
+    /// Bytes one token occupies in one cache row (f32).
+    pub fn row_bytes_per_token(&self) -> u64 {
+        ((self.head_dim + self.value_dim()) * 4) as u64
+    }
+
+    /// Floats per token per layer that a per-head K/V cache of the same attention shape would
+    /// hold (for MLA: `heads x (nope + rope + v)`, what decompressed caches store).
+    pub fn mha_equivalent_floats_per_token_layer(&self) -> usize {
+        match &self.mla {
+            Some(m) => self.num_heads * (m.qk_nope_head_dim + m.qk_rope_head_dim + m.v_head_dim),
+            None => self.num_kv_heads * 2 * self.head_dim,
+        }
+    }
+
     /// Query heads per KV head.
     pub fn gqa(&self) -> usize {
         self.num_heads / self.num_kv_heads
@@ -222,6 +388,141 @@ impl ModelConfig {
                 }
             })
             .collect()
+    }
+}
+
+fn parse_mla(c: &HfConfig, is_v3: bool) -> Result<MlaConfig> {
+    let need = |name: &str, v: Option<usize>| -> Result<usize> {
+        match v {
+            Some(x) if x > 0 => Ok(x),
+            _ => bail!("model config: DeepSeek models need a positive `{name}`"),
+        }
+    };
+    let yarn = match &c.rope_scaling {
+        None | Some(serde_json::Value::Null) => None,
+        Some(v) => {
+            let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(|x| x.as_str()).unwrap_or("");
+            if kind != "yarn" {
+                bail!("model config: rope_scaling type `{kind}` is not supported for DeepSeek (supported: yarn)");
+            }
+            let num = |k: &str, d: Option<f64>| -> Result<f64> {
+                match v.get(k).and_then(|x| x.as_f64()).or(d) {
+                    Some(x) => Ok(x),
+                    None => bail!("model config: rope_scaling.{k} is missing or not a number"),
+                }
+            };
+            Some(YarnScaling {
+                factor: num("factor", None)?,
+                original_max_position_embeddings: num("original_max_position_embeddings", None)?,
+                beta_fast: num("beta_fast", Some(32.0))?,
+                beta_slow: num("beta_slow", Some(1.0))?,
+                mscale: num("mscale", Some(1.0))?,
+                mscale_all_dim: num("mscale_all_dim", Some(0.0))?,
+            })
+        }
+    };
+    let moe = match c.n_routed_experts {
+        None | Some(0) => None,
+        Some(n) => {
+            let m = MoeConfig {
+                n_routed_experts: n,
+                n_shared_experts: c.n_shared_experts.unwrap_or(0),
+                num_experts_per_tok: need("num_experts_per_tok", c.num_experts_per_tok)?,
+                moe_intermediate_size: need("moe_intermediate_size", c.moe_intermediate_size)?,
+                first_k_dense_replace: c.first_k_dense_replace.unwrap_or(0),
+                moe_layer_freq: c.moe_layer_freq.unwrap_or(1).max(1),
+                norm_topk_prob: c.norm_topk_prob.unwrap_or(is_v3),
+                routed_scaling_factor: c.routed_scaling_factor.unwrap_or(1.0),
+                scoring_func: c
+                    .scoring_func
+                    .clone()
+                    .unwrap_or_else(|| (if is_v3 { "sigmoid" } else { "softmax" }).into()),
+                topk_method: c
+                    .topk_method
+                    .clone()
+                    .unwrap_or_else(|| (if is_v3 { "noaux_tc" } else { "greedy" }).into()),
+                n_group: c.n_group.unwrap_or(1).max(1),
+                topk_group: c.topk_group.unwrap_or(1).max(1),
+            };
+            if m.num_experts_per_tok > n || n % m.n_group != 0 || m.topk_group > m.n_group {
+                bail!(
+                    "model config: inconsistent MoE routing (experts {n}, per token {}, groups {}, topk_group {})",
+                    m.num_experts_per_tok,
+                    m.n_group,
+                    m.topk_group
+                );
+            }
+            if !matches!(m.scoring_func.as_str(), "softmax" | "sigmoid") {
+                bail!("model config: scoring_func `{}` is not supported (softmax, sigmoid)", m.scoring_func);
+            }
+            if !matches!(m.topk_method.as_str(), "greedy" | "group_limited_greedy" | "noaux_tc") {
+                bail!(
+                    "model config: topk_method `{}` is not supported (greedy, group_limited_greedy, noaux_tc)",
+                    m.topk_method
+                );
+            }
+            Some(m)
+        }
+    };
+    let rope = need("qk_rope_head_dim", c.qk_rope_head_dim)?;
+    if rope % 2 != 0 {
+        bail!("model config: qk_rope_head_dim {rope} must be even");
+    }
+    Ok(MlaConfig {
+        q_lora_rank: c.q_lora_rank.filter(|&r| r > 0),
+        kv_lora_rank: need("kv_lora_rank", c.kv_lora_rank)?,
+        qk_nope_head_dim: need("qk_nope_head_dim", c.qk_nope_head_dim)?,
+        qk_rope_head_dim: rope,
+        v_head_dim: need("v_head_dim", c.v_head_dim)?,
+        rope_interleave: c.rope_interleave.unwrap_or(true),
+        yarn,
+        moe,
+    })
+}
+
+impl MlaConfig {
+    /// RoPE inverse frequencies of the rope part (after YaRN, if configured).
+    pub fn rope_inv_freq(&self, theta: f64) -> Vec<f64> {
+        let d = self.qk_rope_head_dim;
+        let base: Vec<f64> = (0..d / 2).map(|i| 1.0 / theta.powf(2.0 * i as f64 / d as f64)).collect();
+        let Some(y) = &self.yarn else { return base };
+        let corr = |rot: f64| {
+            d as f64 * (y.original_max_position_embeddings / (rot * 2.0 * std::f64::consts::PI)).ln()
+                / (2.0 * theta.ln())
+        };
+        let low = corr(y.beta_fast).floor().max(0.0);
+        let high = corr(y.beta_slow).ceil().min(d as f64 - 1.0);
+        let high = if low == high { high + 0.001 } else { high };
+        base.iter()
+            .enumerate()
+            .map(|(i, &f)| {
+                let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+                let extra = 1.0 - ramp;
+                f / y.factor * (1.0 - extra) + f * extra
+            })
+            .collect()
+    }
+
+    /// Factor on the rotary cos/sin tables (YaRN mscale ratio; 1 without scaling).
+    pub fn rope_mscale(&self) -> f64 {
+        match &self.yarn {
+            Some(y) => {
+                YarnScaling::get_mscale(y.factor, y.mscale) / YarnScaling::get_mscale(y.factor, y.mscale_all_dim)
+            }
+            None => 1.0,
+        }
+    }
+
+    /// Softmax scale: `1/sqrt(nope + rope)`, times mscale(all_dim)^2 under YaRN.
+    pub fn softmax_scale(&self) -> f64 {
+        let base = 1.0 / ((self.qk_nope_head_dim + self.qk_rope_head_dim) as f64).sqrt();
+        match &self.yarn {
+            Some(y) if y.mscale_all_dim != 0.0 => {
+                let m = YarnScaling::get_mscale(y.factor, y.mscale_all_dim);
+                base * m * m
+            }
+            _ => base,
+        }
     }
 }
 

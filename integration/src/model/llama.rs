@@ -1,5 +1,5 @@
-//! Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2) whose attention reads only
-//! what the paged store holds.
+//! Decoder (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2 with per-head K/V; DeepSeek V2/V3 with
+//! latent attention and MoE) whose attention reads only what the paged store holds.
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Module, Tensor};
@@ -9,6 +9,8 @@ use dms_policy::{Pos, SignalNeed};
 pub mod train;
 
 use super::config::ModelConfig;
+use super::mla::{MlaAttention, MlaInputs};
+use super::moe::{Mlp, Moe};
 use super::weights::Weights;
 use crate::attention;
 use crate::cache::SequenceCache;
@@ -50,22 +52,67 @@ struct AttnInputs {
     key_norms: Option<Tensor>,
 }
 
-struct Layer {
-    input_norm: Tensor,
-    post_norm: Tensor,
+/// Per-head K/V attention weights.
+struct MhaWeights {
     q_proj: Linear,
     k_proj: Linear,
     v_proj: Linear,
     o_proj: Linear,
     q_norm: Option<Tensor>,
     k_norm: Option<Tensor>,
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
+}
+
+/// A layer's attention.
+enum Attention {
+    /// Per-head K/V (Llama family).
+    Mha(MhaWeights),
+    /// Latent attention (DeepSeek).
+    Mla(MlaAttention),
+}
+
+/// A layer's feed-forward block.
+enum FeedForward {
+    /// SwiGLU MLP.
+    Dense(Mlp),
+    /// Mixture of experts.
+    Moe(Moe),
+}
+
+impl FeedForward {
+    fn forward(&self, h: &Tensor) -> Result<Tensor> {
+        match self {
+            FeedForward::Dense(m) => m.forward(h),
+            FeedForward::Moe(m) => m.forward(h),
+        }
+    }
+
+    /// With elementary ops only (SwiGLU via `x * sigmoid(x)`), for gradients.
+    fn forward_differentiable(&self, h: &Tensor) -> Result<Tensor> {
+        match self {
+            FeedForward::Dense(m) => m.forward_differentiable(h),
+            FeedForward::Moe(m) => m.forward(h),
+        }
+    }
+}
+
+struct Layer {
+    input_norm: Tensor,
+    post_norm: Tensor,
+    attn: Attention,
+    ffn: FeedForward,
     adapter: Option<(Tensor, Linear)>,
 }
 
-/// A loaded Llama-family model.
+impl Layer {
+    fn mha(&self) -> &MhaWeights {
+        match &self.attn {
+            Attention::Mha(m) => m,
+            Attention::Mla(_) => unreachable!("per-head path on a latent-attention layer"),
+        }
+    }
+}
+
+/// A loaded decoder model.
 pub struct Llama {
     cfg: ModelConfig,
     device: Device,
@@ -98,6 +145,9 @@ impl Llama {
             Some(false) => DecisionSource::QueryNeuron,
             Some(true) => DecisionSource::Adapter,
         };
+        if cfg.mla.is_some() && matches!(decision, DecisionSource::QueryNeuron) {
+            bail!("DMS query-neuron decisions are not defined for latent attention; use an adapter (dms_separate_alpha = true)");
+        }
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let p = format!("model.layers.{i}");
@@ -108,18 +158,27 @@ impl Llama {
             } else {
                 None
             };
+            let attn = match &cfg.mla {
+                Some(_) => Attention::Mla(MlaAttention::load(&cfg, &format!("{p}.self_attn"), &get)?),
+                None => Attention::Mha(MhaWeights {
+                    q_proj: linear(&format!("{p}.self_attn.q_proj"), cfg.num_heads * hd, h, bias)?,
+                    k_proj: linear(&format!("{p}.self_attn.k_proj"), cfg.num_kv_heads * hd, h, bias)?,
+                    v_proj: linear(&format!("{p}.self_attn.v_proj"), cfg.num_kv_heads * hd, h, bias)?,
+                    o_proj: linear(&format!("{p}.self_attn.o_proj"), h, cfg.num_heads * hd, false)?,
+                    q_norm: if cfg.qk_norm { Some(get(&format!("{p}.self_attn.q_norm.weight"), &[hd])?) } else { None },
+                    k_norm: if cfg.qk_norm { Some(get(&format!("{p}.self_attn.k_norm.weight"), &[hd])?) } else { None },
+                }),
+            };
+            let moe = cfg.mla.as_ref().and_then(|m| m.moe.as_ref()).filter(|m| m.is_moe_layer(i));
+            let ffn = match moe {
+                Some(m) => FeedForward::Moe(Moe::load(&format!("{p}.mlp"), h, m, &get, &|n| w.contains(n))?),
+                None => FeedForward::Dense(Mlp::load(&format!("{p}.mlp"), h, cfg.intermediate_size, &get)?),
+            };
             layers.push(Layer {
                 input_norm: get(&format!("{p}.input_layernorm.weight"), &[h])?,
                 post_norm: get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-                q_proj: linear(&format!("{p}.self_attn.q_proj"), cfg.num_heads * hd, h, bias)?,
-                k_proj: linear(&format!("{p}.self_attn.k_proj"), cfg.num_kv_heads * hd, h, bias)?,
-                v_proj: linear(&format!("{p}.self_attn.v_proj"), cfg.num_kv_heads * hd, h, bias)?,
-                o_proj: linear(&format!("{p}.self_attn.o_proj"), h, cfg.num_heads * hd, false)?,
-                q_norm: if cfg.qk_norm { Some(get(&format!("{p}.self_attn.q_norm.weight"), &[hd])?) } else { None },
-                k_norm: if cfg.qk_norm { Some(get(&format!("{p}.self_attn.k_norm.weight"), &[hd])?) } else { None },
-                gate_proj: linear(&format!("{p}.mlp.gate_proj"), cfg.intermediate_size, h, false)?,
-                up_proj: linear(&format!("{p}.mlp.up_proj"), cfg.intermediate_size, h, false)?,
-                down_proj: linear(&format!("{p}.mlp.down_proj"), h, cfg.intermediate_size, false)?,
+                attn,
+                ffn,
                 adapter,
             });
         }
@@ -142,7 +201,7 @@ impl Llama {
             }
             _ => None,
         };
-        let inv_freq = cfg.rope_inv_freq().iter().map(|&f| f as f32).collect();
+        let inv_freq = rope_freqs(&cfg);
         Ok(Self { cfg, device: device.clone(), embed, layers, norm, lm_head, inv_freq, decision, neuron_mask })
     }
 
@@ -181,25 +240,28 @@ impl Llama {
         let ones = |n: usize| -> Result<Tensor> { Ok(Tensor::ones(n, dtype, device)?) };
         let lin = |out: usize, inp: usize| -> Result<Linear> { Ok(Linear::new(w(out, inp)?, None)) };
         let mut layers = Vec::with_capacity(cfg.num_layers);
-        for _ in 0..cfg.num_layers {
-            layers.push(Layer {
-                input_norm: ones(h)?,
-                post_norm: ones(h)?,
-                q_proj: lin(cfg.num_heads * hd, h)?,
-                k_proj: lin(cfg.num_kv_heads * hd, h)?,
-                v_proj: lin(cfg.num_kv_heads * hd, h)?,
-                o_proj: lin(h, cfg.num_heads * hd)?,
-                q_norm: if cfg.qk_norm { Some(ones(hd)?) } else { None },
-                k_norm: if cfg.qk_norm { Some(ones(hd)?) } else { None },
-                gate_proj: lin(cfg.intermediate_size, h)?,
-                up_proj: lin(cfg.intermediate_size, h)?,
-                down_proj: lin(h, cfg.intermediate_size)?,
-                adapter: None,
-            });
+        for i in 0..cfg.num_layers {
+            let attn = match &cfg.mla {
+                Some(_) => Attention::Mla(MlaAttention::random(&cfg, device, dtype)?),
+                None => Attention::Mha(MhaWeights {
+                    q_proj: lin(cfg.num_heads * hd, h)?,
+                    k_proj: lin(cfg.num_kv_heads * hd, h)?,
+                    v_proj: lin(cfg.num_kv_heads * hd, h)?,
+                    o_proj: lin(h, cfg.num_heads * hd)?,
+                    q_norm: if cfg.qk_norm { Some(ones(hd)?) } else { None },
+                    k_norm: if cfg.qk_norm { Some(ones(hd)?) } else { None },
+                }),
+            };
+            let moe = cfg.mla.as_ref().and_then(|m| m.moe.as_ref()).filter(|m| m.is_moe_layer(i));
+            let ffn = match moe {
+                Some(m) => FeedForward::Moe(Moe::random(h, m, device, dtype)?),
+                None => FeedForward::Dense(Mlp::random(h, cfg.intermediate_size, device, dtype)?),
+            };
+            layers.push(Layer { input_norm: ones(h)?, post_norm: ones(h)?, attn, ffn, adapter: None });
         }
         let embed = w(cfg.vocab_size, h)?;
         let lm_head = if cfg.tie_word_embeddings { embed.clone() } else { w(cfg.vocab_size, h)? };
-        let inv_freq = cfg.rope_inv_freq().iter().map(|&f| f as f32).collect();
+        let inv_freq = rope_freqs(&cfg);
         Ok(Self {
             norm: ones(h)?,
             cfg,
@@ -224,15 +286,21 @@ impl Llama {
                 Ok(Layer {
                     input_norm: c(&l.input_norm)?,
                     post_norm: c(&l.post_norm)?,
-                    q_proj: cl(&l.q_proj)?,
-                    k_proj: cl(&l.k_proj)?,
-                    v_proj: cl(&l.v_proj)?,
-                    o_proj: cl(&l.o_proj)?,
-                    q_norm: l.q_norm.as_ref().map(c).transpose()?,
-                    k_norm: l.k_norm.as_ref().map(c).transpose()?,
-                    gate_proj: cl(&l.gate_proj)?,
-                    up_proj: cl(&l.up_proj)?,
-                    down_proj: cl(&l.down_proj)?,
+                    attn: match &l.attn {
+                        Attention::Mha(m) => Attention::Mha(MhaWeights {
+                            q_proj: cl(&m.q_proj)?,
+                            k_proj: cl(&m.k_proj)?,
+                            v_proj: cl(&m.v_proj)?,
+                            o_proj: cl(&m.o_proj)?,
+                            q_norm: m.q_norm.as_ref().map(c).transpose()?,
+                            k_norm: m.k_norm.as_ref().map(c).transpose()?,
+                        }),
+                        Attention::Mla(m) => Attention::Mla(m.to_dtype(dtype)?),
+                    },
+                    ffn: match &l.ffn {
+                        FeedForward::Dense(m) => FeedForward::Dense(m.to_dtype(dtype)?),
+                        FeedForward::Moe(m) => FeedForward::Moe(m.to_dtype(dtype)?),
+                    },
                     adapter: match &l.adapter {
                         Some((n, p)) => Some((c(n)?, cl(p)?)),
                         None => None,
@@ -266,6 +334,9 @@ impl Llama {
     ) -> Result<Tensor> {
         use crate::gpu::{Decisions, StepDecisions};
         let cfg = &self.cfg;
+        if cfg.mla.is_some() {
+            bail!("the GPU decode path supports per-head K/V models only; latent-attention (MLA) models run on the CPU path");
+        }
         let b = tokens.len();
         let (cos, sin) = self.rope_tables(positions)?;
         let mut x = self.embed.index_select(&Tensor::new(tokens, &self.device)?, 0)?;
@@ -315,9 +386,18 @@ impl Llama {
             for t in [&l.input_norm, &l.post_norm] {
                 n += t.elem_count();
             }
-            for lin in [&l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj, &l.gate_proj, &l.up_proj, &l.down_proj] {
-                n += lin.weight().elem_count() + lin.bias().map_or(0, |b| b.elem_count());
+            match &l.attn {
+                Attention::Mha(m) => {
+                    for lin in [&m.q_proj, &m.k_proj, &m.v_proj, &m.o_proj] {
+                        n += lin.weight().elem_count() + lin.bias().map_or(0, |b| b.elem_count());
+                    }
+                }
+                Attention::Mla(m) => n += m.weight_count(),
             }
+            n += match &l.ffn {
+                FeedForward::Dense(m) => m.weight_count(),
+                FeedForward::Moe(m) => m.weight_count(),
+            };
         }
         (n * 4) as u64
     }
@@ -352,9 +432,16 @@ impl Llama {
             bail!("a cache policy needs learned DMS decisions but the model has no decision source");
         }
         let mut x = self.embed.index_select(&Tensor::new(ids.as_slice(), &self.device)?, 0)?;
-        let scale = 1.0 / (hd as f64).sqrt();
+        let scale = self.softmax_scale();
+        // Per-head models: values are `hd` wide; latent rows: the first `rank` floats of the key.
+        let (dv, latent_rank) = match &self.layers.first().map(|l| &l.attn) {
+            Some(Attention::Mla(m)) => (0, Some(m.rank())),
+            _ => (hd, None),
+        };
+        let out_d = latent_rank.unwrap_or(hd);
         for (li, layer) in self.layers.iter().enumerate() {
             let AttnInputs { q, k, v, decision, key_norms } = self.attn_inputs(layer, &x, &cos, &sin, need)?;
+            let qd = q.dim(2)?;
             let decision = match decision {
                 Some(s) => Some(s.flatten_all()?.to_vec1::<f32>()?),
                 None => None,
@@ -364,39 +451,45 @@ impl Llama {
                 None => None,
             };
             let k_host = k.flatten_all()?.to_vec1::<f32>()?;
-            let v_host = v.flatten_all()?.to_vec1::<f32>()?;
+            let v_host = if dv > 0 { v.flatten_all()?.to_vec1::<f32>()? } else { Vec::new() };
             let q_host =
                 if spans.iter().any(|&(_, t)| t == 1) { Some(q.flatten_all()?.to_vec1::<f32>()?) } else { None };
             let mut outs = Vec::with_capacity(seqs.len());
             for (s, &(start, t)) in seqs.iter_mut().zip(&spans) {
                 let kv_slice = start * nkv * hd..(start + t) * nkv * hd;
+                let v_slice = start * nkv * dv..(start + t) * nkv * dv;
                 let source = match s.cache.signal_need() {
                     SignalNeed::DecisionScores => decision.as_ref(),
                     SignalNeed::KeyNorms => key_norms.as_ref(),
                     SignalNeed::None => None,
                 };
                 let sc = source.map(|sc| &sc[start * nkv..(start + t) * nkv]);
-                s.cache.append(li, store, &k_host[kv_slice.clone()], &v_host[kv_slice], sc)?;
+                s.cache.append(li, store, &k_host[kv_slice], &v_host[v_slice], sc)?;
                 let rows = s.cache.layer_rows(li);
                 let out = if t == 1 {
                     let qh = q_host.as_ref().expect("computed for decode spans");
-                    let qs = &qh[start * nh * hd..(start + 1) * nh * hd];
-                    let mut o = vec![0f32; nh * hd];
+                    let qs = &qh[start * nh * qd..(start + 1) * nh * qd];
+                    let mut o = vec![0f32; nh * out_d];
                     let g = nh / nkv;
                     for (j, &row) in rows.iter().enumerate() {
-                        let span = j * g * hd..(j + 1) * g * hd;
                         attention::decode_row(
                             store,
                             row,
-                            &qs[span.clone()],
+                            &qs[j * g * qd..(j + 1) * g * qd],
                             positions[start],
                             scale as f32,
-                            &mut o[span],
+                            &mut o[j * g * out_d..(j + 1) * g * out_d],
                         );
                     }
-                    Tensor::from_vec(o, (1, nh * hd), &self.device)?
+                    Tensor::from_vec(o, (1, nh * out_d), &self.device)?
                 } else {
-                    attention::chunk_rows(store, rows, &q.narrow(0, start, t)?, &positions[start..start + t], scale)?
+                    let qc = q.narrow(0, start, t)?;
+                    match latent_rank {
+                        Some(r) => {
+                            attention::chunk_latent_rows(store, rows, &qc, &positions[start..start + t], scale, r)?
+                        }
+                        None => attention::chunk_rows(store, rows, &qc, &positions[start..start + t], scale)?,
+                    }
                 };
                 s.cache.compact(li, store)?;
                 outs.push(out);
@@ -423,10 +516,26 @@ impl Llama {
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let n = x.dim(0)?;
         let h = candle_nn::ops::rms_norm(x, &layer.input_norm, cfg.rms_norm_eps as f32)?;
-        let mut q = layer.q_proj.forward(&h)?.reshape((n, nh, hd))?;
-        let mut k = layer.k_proj.forward(&h)?.reshape((n, nkv, hd))?;
-        let v = layer.v_proj.forward(&h)?.reshape((n, nkv, hd))?;
-        if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+        if let Attention::Mla(mla) = &layer.attn {
+            let MlaInputs { q, latent } = mla.inputs(&h, cos, sin)?;
+            let decision = match (&self.decision, need.decision) {
+                (DecisionSource::Adapter, true) => {
+                    let (norm_w, proj) = layer.adapter.as_ref().expect("adapter loaded with the model");
+                    let a = candle_nn::ops::rms_norm(x, norm_w, cfg.rms_norm_eps as f32)?;
+                    Some(proj.forward(&a)?.to_dtype(DType::F32)?.contiguous()?)
+                }
+                _ => None,
+            };
+            let key_norms =
+                if need.key_norms { Some(latent.to_dtype(DType::F32)?.sqr()?.sum(2)?.sqrt()?) } else { None };
+            let v = Tensor::zeros((n, 1, 0), latent.dtype(), latent.device())?;
+            return Ok(AttnInputs { q, k: latent, v, decision, key_norms });
+        }
+        let m = layer.mha();
+        let mut q = m.q_proj.forward(&h)?.reshape((n, nh, hd))?;
+        let mut k = m.k_proj.forward(&h)?.reshape((n, nkv, hd))?;
+        let v = m.v_proj.forward(&h)?.reshape((n, nkv, hd))?;
+        if let (Some(qn), Some(kn)) = (&m.q_norm, &m.k_norm) {
             q = candle_nn::ops::rms_norm(&q.contiguous()?, qn, cfg.rms_norm_eps as f32)?;
             k = candle_nn::ops::rms_norm(&k.contiguous()?, kn, cfg.rms_norm_eps as f32)?;
         }
@@ -468,14 +577,23 @@ impl Llama {
         Ok(s)
     }
 
-    /// Output projection, residual, and the MLP block.
+    /// Output projection, residual, and the feed-forward block.
     fn finish_layer(&self, layer: &Layer, x: &Tensor, attn: &Tensor) -> Result<Tensor> {
-        let x = (x + layer.o_proj.forward(attn)?)?;
+        let o = match &layer.attn {
+            Attention::Mha(m) => m.o_proj.forward(attn)?,
+            Attention::Mla(m) => m.output(attn)?,
+        };
+        let x = (x + o)?;
         let h = candle_nn::ops::rms_norm(&x, &layer.post_norm, self.cfg.rms_norm_eps as f32)?;
-        let mlp = layer
-            .down_proj
-            .forward(&(candle_nn::ops::silu(&layer.gate_proj.forward(&h)?)? * layer.up_proj.forward(&h)?)?)?;
-        Ok((x + mlp)?)
+        Ok((x + layer.ffn.forward(&h)?)?)
+    }
+
+    /// Softmax scale of attention scores.
+    fn softmax_scale(&self) -> f64 {
+        match &self.cfg.mla {
+            Some(m) => m.softmax_scale(),
+            None => 1.0 / (self.cfg.head_dim as f64).sqrt(),
+        }
     }
 
     /// Final norm and lm_head for `[n, hidden]` rows.
@@ -486,13 +604,14 @@ impl Llama {
 
     fn rope_tables(&self, positions: &[Pos]) -> Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();
+        let m = self.cfg.mla.as_ref().map_or(1.0, |m| m.rope_mscale());
         let mut cos = Vec::with_capacity(positions.len() * half);
         let mut sin = Vec::with_capacity(positions.len() * half);
         for &p in positions {
             for &f in &self.inv_freq {
                 let a = (p as f32 * f) as f64;
-                cos.push(a.cos() as f32);
-                sin.push(a.sin() as f32);
+                cos.push((a.cos() * m) as f32);
+                sin.push((a.sin() * m) as f32);
             }
         }
         let n = positions.len();
@@ -502,6 +621,17 @@ impl Llama {
             Tensor::from_vec(sin, (n, half), &self.device)?.to_dtype(dt)?,
         ))
     }
+}
+
+/// RoPE inverse frequencies: of the rope part for latent attention, else of the whole head.
+fn rope_freqs(cfg: &ModelConfig) -> Vec<f32> {
+    match &cfg.mla {
+        Some(m) => m.rope_inv_freq(cfg.rope_theta),
+        None => cfg.rope_inv_freq(),
+    }
+    .iter()
+    .map(|&f| f as f32)
+    .collect()
 }
 
 /// Rotate-half RoPE on `[n, heads, head_dim]` with per-token tables `[n, head_dim/2]`.

@@ -2,8 +2,10 @@
 
 pub mod config;
 pub mod llama;
+pub mod mla;
+pub mod moe;
 pub mod weights;
 
-pub use config::{Arch, ModelConfig};
+pub use config::{Arch, MlaConfig, ModelConfig};
 pub use llama::{DecisionSource, Llama, SeqInput};
 pub use weights::Weights;

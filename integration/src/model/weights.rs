@@ -275,6 +275,7 @@ fn gguf_config(c: &gguf_file::Content) -> Result<ModelConfig> {
         bos_token_id: meta_usize(c, "tokenizer.ggml.bos_token_id").ok().map(|x| x as u32),
         eos_token_ids: meta_usize(c, "tokenizer.ggml.eos_token_id").ok().map(|x| vec![x as u32]).unwrap_or_default(),
         dms: DmsCheckpointFields::default(),
+        mla: None,
     };
     cfg.validate()?;
     Ok(cfg)

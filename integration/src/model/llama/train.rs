@@ -6,7 +6,8 @@ use anyhow::Result;
 use candle_core::{DType, Tensor, Var, D};
 use candle_nn::Module;
 
-use super::{Layer, Llama};
+use super::{Attention, Layer, Llama};
+use crate::model::mla::MlaInputs;
 
 /// Trainable DMS adapter: per layer an RMSNorm weight `[hidden]` and a projection
 /// `[n_kv_heads, hidden]` (NVIDIA's `dms_proj_alpha_norm` / `dms_proj_alpha`).
@@ -87,7 +88,7 @@ impl Llama {
         let causal = Tensor::from_vec(causal, (t, t), dev)?;
         let far = Tensor::from_vec(far, (t, t), dev)?;
         let mut x = self.embed.index_select(&Tensor::new(ids, dev)?, 0)?;
-        let scale = 1.0 / (hd as f64).sqrt();
+        let scale = self.softmax_scale();
         let mut decisions = Vec::new();
         for (li, layer) in self.layers.iter().enumerate() {
             let penalty = match student {
@@ -127,22 +128,33 @@ impl Llama {
         let eps = self.cfg.rms_norm_eps;
         let t = x.dim(0)?;
         let h = rms(x, &layer.input_norm, eps)?;
-        let mut q = layer.q_proj.forward(&h)?.reshape((t, nh, hd))?;
-        let mut k = layer.k_proj.forward(&h)?.reshape((t, nkv, hd))?;
-        let v = layer.v_proj.forward(&h)?.reshape((t, nkv, hd))?;
-        if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
-            q = rms(&q, qn, eps)?;
-            k = rms(&k, kn, eps)?;
-        }
-        if let Some(m) = &self.neuron_mask {
-            q = q.broadcast_mul(m)?;
-        }
-        let mut q = rope_diff(&q, cos, sin)?;
-        if let Some(m) = &self.neuron_mask {
-            q = q.broadcast_mul(m)?;
-        }
-        let k = rope_diff(&k, cos, sin)?;
-        let q = q.transpose(0, 1)?.contiguous()?.reshape((nkv, g, t, hd))?;
+        let (q, k, v) = match &layer.attn {
+            Attention::Mla(m) => {
+                // Latent rows are keys; values are their first `rank` floats.
+                let MlaInputs { q, latent } = m.inputs_with(&h, cos, sin, true)?;
+                let v = latent.narrow(2, 0, m.rank())?;
+                (q, latent, v)
+            }
+            Attention::Mha(m) => {
+                let mut q = m.q_proj.forward(&h)?.reshape((t, nh, hd))?;
+                let mut k = m.k_proj.forward(&h)?.reshape((t, nkv, hd))?;
+                let v = m.v_proj.forward(&h)?.reshape((t, nkv, hd))?;
+                if let (Some(qn), Some(kn)) = (&m.q_norm, &m.k_norm) {
+                    q = rms(&q, qn, eps)?;
+                    k = rms(&k, kn, eps)?;
+                }
+                if let Some(m) = &self.neuron_mask {
+                    q = q.broadcast_mul(m)?;
+                }
+                let mut q = rope_diff(&q, cos, sin)?;
+                if let Some(m) = &self.neuron_mask {
+                    q = q.broadcast_mul(m)?;
+                }
+                (q, rope_diff(&k, cos, sin)?, v)
+            }
+        };
+        let (dq, dv) = (q.dim(2)?, v.dim(2)?);
+        let q = q.transpose(0, 1)?.contiguous()?.reshape((nkv, g, t, dq))?;
         let k = k.transpose(0, 1)?.contiguous()?.unsqueeze(1)?;
         let v = v.transpose(0, 1)?.contiguous()?.unsqueeze(1)?;
         let mut scores = (q.broadcast_matmul(&k.transpose(2, 3)?)? * scale)?.broadcast_add(causal)?;
@@ -151,10 +163,13 @@ impl Llama {
         }
         let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
         let out =
-            probs.broadcast_matmul(&v)?.reshape((nh, t, hd))?.transpose(0, 1)?.contiguous()?.reshape((t, nh * hd))?;
-        let x = (x + layer.o_proj.forward(&out)?)?;
+            probs.broadcast_matmul(&v)?.reshape((nh, t, dv))?.transpose(0, 1)?.contiguous()?.reshape((t, nh * dv))?;
+        let o = match &layer.attn {
+            Attention::Mha(m) => m.o_proj.forward(&out)?,
+            Attention::Mla(m) => m.output(&out)?,
+        };
+        let x = (x + o)?;
         let h = rms(&x, &layer.post_norm, eps)?;
-        let mlp = layer.down_proj.forward(&(layer.gate_proj.forward(&h)?.silu()? * layer.up_proj.forward(&h)?)?)?;
-        Ok((x + mlp)?)
+        Ok((x + layer.ffn.forward_differentiable(&h)?)?)
     }
 }

@@ -1,0 +1,253 @@
+//! Latent attention (DeepSeek MLA) through the latent cache: parity with Hugging Face
+//! transformers on the tiny DeepSeek-V3 fixture, the spec's rule-8 oracle for latent rows, DMS on
+//! latent rows against a dense masked reference, retrofit on an MLA model, and memory accounting.
+
+mod common;
+use candle_core::{Device, Tensor};
+use common::*;
+use dms_integration::attention::{chunk_latent_rows, decode_row};
+use dms_integration::engine::{argmax, load_model, Engine};
+use dms_integration::kv_store::KvStore;
+use dms_integration::model::llama::train::StudentOpts;
+use dms_integration::retrofit::{RetrofitSection, Trainer};
+use dms_integration::runner::resolve_policy_table;
+use dms_policy::{CacheShape, CompactPlan, EvictPlan, Pos, Registry, RowRef};
+use proptest::prelude::*;
+
+const TOL: f32 = 1e-4;
+
+fn mla_dir() -> std::path::PathBuf {
+    fixture("deepseek_mla_tiny")
+}
+
+#[test]
+fn deepseek_mla_tiny_matches_transformers_through_the_latent_cache() {
+    let g = golden(&mla_dir().join("golden.safetensors"));
+    let prompt = ids(&g["prompt_ids"]);
+    let want_prompt = g["prompt_logits"].to_vec2::<f32>().unwrap();
+    let greedy = ids(&g["greedy_ids"]);
+    let want_steps = g["greedy_step_logits"].to_vec2::<f32>().unwrap();
+    let mut eng = engine(&mla_dir(), "name = \"full\"", 4);
+    let mc = eng.model.config().clone();
+    let m = mc.mla.clone().expect("parsed as MLA");
+    let inv: Vec<f32> = m.rope_inv_freq(mc.rope_theta).iter().map(|&x| x as f32).collect();
+    assert!(max_abs(&inv, &g["rope_inv_freq"].to_vec1::<f32>().unwrap()) < 1e-7);
+    assert_eq!((mc.num_kv_heads, mc.head_dim, mc.value_dim()), (1, 32 + 8, 0), "one latent row of c_kv + k_pe");
+
+    let mut seq = eng.new_sequence();
+    let all = eng.step(&mut seq, &prompt, true).unwrap().to_vec2::<f32>().unwrap();
+    for (t, (got, want)) in all.iter().zip(&want_prompt).enumerate() {
+        let err = max_abs(got, want);
+        assert!(err < TOL, "prompt position {t}: max abs error {err}");
+    }
+    let mut logits = all.last().unwrap().clone();
+    for (i, &want_id) in greedy.iter().enumerate() {
+        let err = max_abs(&logits, &want_steps[i]);
+        assert!(err < TOL, "greedy step {i}: max abs error {err}");
+        let got = argmax(&logits);
+        assert_eq!(got, want_id, "greedy step {i}");
+        logits = eng.step(&mut seq, &[got], false).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+    }
+    // The cache holds exactly one 40-float row per token and layer: 160 bytes, against the
+    // 4 heads x (16 + 8 + 16) = 160 floats (640 bytes) a per-head K/V cache would hold.
+    let tokens = (prompt.len() + greedy.len()) as u64;
+    let u = eng.store.usage();
+    assert_eq!(u.bytes_live, tokens * 2 * 40 * 4);
+    assert_eq!(mc.mha_equivalent_floats_per_token_layer(), 160);
+}
+
+#[test]
+fn chunked_prefill_of_the_latent_cache_equals_one_pass() {
+    let g = golden(&mla_dir().join("golden.safetensors"));
+    let prompt = ids(&g["prompt_ids"]);
+    let want = g["prompt_logits"].to_vec2::<f32>().unwrap();
+    for chunk in [1usize, 7, 16] {
+        let mut eng = engine(&mla_dir(), "name = \"full\"", 4);
+        let mut seq = eng.new_sequence();
+        let mut last = Vec::new();
+        for c in prompt.chunks(chunk) {
+            last = eng.step(&mut seq, c, true).unwrap().to_vec2::<f32>().unwrap();
+        }
+        let err = max_abs(last.last().unwrap(), want.last().unwrap());
+        assert!(err < TOL, "chunk {chunk}: last-position error {err}");
+    }
+}
+
+const R: usize = 6;
+const P: usize = 2;
+const NH: usize = 3;
+
+fn vecf(seed: u64, n: usize) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((x >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+        })
+        .collect()
+}
+
+/// Attention of NH absorbed queries over a list of latent rows (values = first R floats).
+fn naive_latent(q: &[f32], list: &[Vec<f32>], scale: f32) -> Vec<f32> {
+    let d = R + P;
+    let mut out = vec![0f32; NH * R];
+    for h in 0..NH {
+        let qh = &q[h * d..(h + 1) * d];
+        let s: Vec<f64> =
+            list.iter().map(|k| qh.iter().zip(k).map(|(a, b)| (a * b) as f64).sum::<f64>() * scale as f64).collect();
+        let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+        let z: f64 = e.iter().sum();
+        for (j, k) in list.iter().enumerate() {
+            for i in 0..R {
+                out[h * R + i] += (e[j] / z) as f32 * k[i];
+            }
+        }
+    }
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(100))]
+    /// Spec rule 8 for latent rows: the paged latent store driven by `dms` keeps the oracle's
+    /// positions and gives its attention outputs, decode and chunked.
+    #[test]
+    fn latent_rows_equal_the_list_oracle(w in 0u32..8, decisions in prop::collection::vec(any::<bool>(), 1..40),
+                                         chunks in prop::collection::vec(1usize..9, 1..4), bs in 1usize..6, seed in 0u64..1000) {
+        let d = R + P;
+        let n = decisions.len();
+        let rows = vecf(seed, n * d);
+        let qs = vecf(seed + 2, n * NH * d);
+        let scale = 0.6f32;
+        let mut list: Vec<(Pos, bool, Vec<f32>)> = Vec::new();
+        let (mut want_out, mut want_kept) = (Vec::new(), Vec::new());
+        for t in 0..n {
+            if let Some(l) = list.last_mut() { l.1 = decisions[t]; }
+            list.push((t as Pos, false, rows[t * d..(t + 1) * d].to_vec()));
+            if list.len() > w as usize + 1 && list[list.len() - w as usize - 2].1 {
+                list.remove(list.len() - w as usize - 2);
+            }
+            let ks: Vec<Vec<f32>> = list.iter().map(|e| e.2.clone()).collect();
+            want_out.push(naive_latent(&qs[t * NH * d..(t + 1) * NH * d], &ks, scale));
+            want_kept.push(list.iter().map(|e| e.0).collect::<Vec<_>>());
+        }
+        let f = Registry::with_builtins().build(&toml::from_str(&format!("name = 'dms'\nwindow = {w}")).unwrap()).unwrap();
+        let mut pol = f.new_sequence(CacheShape { n_layers: 1, rows_per_layer: 1 });
+        let mut store = KvStore::with_value_dim(d, 0, bs, 1000);
+        let id = store.add_row(0);
+        let row = RowRef { layer: 0, head: 0 };
+        let (mut ep, mut cp) = (EvictPlan::default(), CompactPlan::default());
+        let (mut seen, mut i) = (0usize, 0usize);
+        while seen < n {
+            let c = chunks[i % chunks.len()].min(n - seen);
+            i += 1;
+            let raw: Vec<f32> = decisions[seen..seen + c].iter().map(|&x| if x { 1.0 } else { -1.0 }).collect();
+            pol.decide(row, seen as Pos, c, Some(&raw)).unwrap();
+            pol.evict(row, seen as Pos, c, &mut ep).unwrap();
+            store.apply_evict(id, &ep, seen as Pos, &rows[seen * d..(seen + c) * d], &[]).unwrap();
+            let q = &qs[seen * NH * d..(seen + c) * NH * d];
+            let outs: Vec<Vec<f32>> = if c == 1 {
+                let mut o = vec![0f32; NH * R];
+                decode_row(&store, id, q, seen as Pos, scale, &mut o);
+                vec![o]
+            } else {
+                let qt = Tensor::from_slice(q, (c, NH, d), &Device::Cpu).unwrap();
+                let pos: Vec<Pos> = (seen..seen + c).map(|x| x as Pos).collect();
+                chunk_latent_rows(&store, &[id], &qt, &pos, scale as f64, R).unwrap().to_vec2::<f32>().unwrap()
+            };
+            for (j, o) in outs.iter().enumerate() {
+                let err = max_abs(o, &want_out[seen + j]);
+                prop_assert!(err < 1e-5, "query {}: error {}", seen + j, err);
+            }
+            seen += c;
+            pol.compact(row, &mut cp).unwrap();
+            store.apply_compact(id, &cp).unwrap();
+            prop_assert_eq!(store.row(id).kept_positions(), want_kept[seen - 1].clone(), "kept after {} tokens", seen);
+            prop_assert_eq!(store.usage().bytes_live, (store.row(id).len() * d * 4) as u64);
+        }
+    }
+}
+
+fn tokens(n: usize, seed: usize) -> Vec<u32> {
+    (0..n).map(|i| ((i * 7919 + seed * 104729) % 509) as u32 + 2).collect()
+}
+
+fn section(steps: usize) -> RetrofitSection {
+    toml::from_str::<toml::Table>(&format!(
+        "window = 4\ntarget_cr = 4.0\nsteps = {steps}\nramp_steps = 1\nseq_len = 32\nlr = 0.05\noutput = 'unused'"
+    ))
+    .unwrap()
+    .try_into()
+    .unwrap()
+}
+
+/// Retrofit on the MLA model (one decision per token and layer), then DMS on its latent rows:
+/// the engine's logits equal a dense forward in which every flagged key outside the window is
+/// masked, and memory is reclaimed.
+#[test]
+fn retrofit_on_mla_then_dms_on_latent_rows_matches_the_dense_masked_reference() {
+    let model = load_model(&mla_dir(), &Device::Cpu, false).unwrap().model;
+    let mut t = Trainer::new(model, section(30), tokens(3000, 1)).unwrap();
+    let stats: Vec<_> = (0..30).map(|_| t.train_step().unwrap()).collect();
+    // Step 0 runs at target 0; from step 1 the target is 0.75, where the zero-initialised
+    // adapter (nothing evicted) would pay a hinge of ~0.75.
+    let tail = &stats[20..];
+    let loss = tail.iter().map(|s| s.loss).sum::<f64>() / tail.len() as f64;
+    let evicted = tail.iter().map(|s| s.evicted).sum::<f64>() / tail.len() as f64;
+    assert!(
+        stats[0].evicted < 0.1 && evicted > 0.4,
+        "evicted fraction {} -> {evicted} (target 0.75)",
+        stats[0].evicted
+    );
+    assert!(loss < 0.5, "mean loss of the last steps {loss} vs ~0.75 untrained");
+
+    let dir = std::env::temp_dir().join(format!("dms-mla-retrofit-{}", std::process::id()));
+    t.save_adapter(&dir).unwrap();
+    let ids = tokens(48, 7);
+    // Reference: the dense pass with hard decisions (no noise, a vanishing temperature).
+    let zero: Vec<Tensor> =
+        (0..2).map(|_| Tensor::zeros((48, 1), candle_core::DType::F32, &Device::Cpu).unwrap()).collect();
+    let opts = StudentOpts { window: 4, alpha_scale: 100.0, alpha_offset: 5.0, tau: 1e-6, noise: &zero };
+    let want = t.model.dense_forward(&ids, Some((&t.adapter, &opts))).unwrap().logits.to_vec2::<f32>().unwrap();
+
+    let mut loaded = load_model(&mla_dir(), &Device::Cpu, false).unwrap();
+    let table: toml::Table =
+        toml::from_str(&format!("name = 'dms'\nadapter = {:?}", dir.display().to_string())).unwrap();
+    let table = resolve_policy_table(&table, &mut loaded.model, None).unwrap();
+    assert_eq!(table.get("window").and_then(|v| v.as_integer()), Some(4), "window from the adapter");
+    let policy = Registry::with_builtins().build(&table).unwrap();
+    for chunk in [48usize, 5, 1] {
+        let mut model = load_model(&mla_dir(), &Device::Cpu, false).unwrap().model;
+        resolve_policy_table(&table, &mut model, None).unwrap();
+        let mut eng = Engine::new(model, policy.clone(), 4, 1 << 12).unwrap();
+        let mut seq = eng.new_sequence();
+        let mut got = Vec::new();
+        for c in ids.chunks(chunk) {
+            got.extend(eng.step(&mut seq, c, true).unwrap().to_vec2::<f32>().unwrap());
+        }
+        for (p, (g, w)) in got.iter().zip(&want).enumerate() {
+            let err = max_abs(g, w);
+            assert!(err < 1e-4, "chunk {chunk}, position {p}: error {err}");
+        }
+        let cr = seq.compression_ratio(&eng.store);
+        assert!(cr > 1.3, "DMS must evict latent rows (CR {cr})");
+        let u = eng.store.usage();
+        let kept: u64 =
+            (0..2).map(|l| seq.kept_positions(l, &eng.store).iter().map(|r| r.len() as u64).sum::<u64>()).sum();
+        assert_eq!(u.bytes_live, kept * 40 * 4, "bytes live = kept latent rows x 160 B");
+        assert!(u.bytes_live < u.bytes_full, "memory reclaimed");
+    }
+}
+
+#[test]
+fn mla_configs_with_bad_fields_are_rejected_with_the_field_named() {
+    let text = std::fs::read_to_string(mla_dir().join("config.json")).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v.as_object_mut().unwrap().remove("kv_lora_rank");
+    let e = dms_integration::model::ModelConfig::from_hf_json(&v.to_string()).unwrap_err().to_string();
+    assert!(e.contains("kv_lora_rank"), "{e}");
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["rope_scaling"] = serde_json::json!({"type": "dynamic", "factor": 2.0});
+    let e = dms_integration::model::ModelConfig::from_hf_json(&v.to_string()).unwrap_err().to_string();
+    assert!(e.contains("rope_scaling") && e.contains("yarn"), "{e}");
+}

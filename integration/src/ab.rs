@@ -3,8 +3,10 @@
 //! Quality is measured teacher-forced on real text: each prompt is a window of the corpus and
 //! its continuation is the text that follows; every arm is fed the same continuation, so
 //! top-1 agreement and KL(baseline || arm) compare next-token distributions at identical
-//! positions, and perplexity is that of the true continuation. The baseline is the first arm
-//! whose policy is `full`.
+//! positions, and perplexity is that of the true continuation. Each model's baseline is its first
+//! arm whose policy is `full` (arms of a model without one report perplexity only). An arm whose
+//! model has no tokenizer (a random-weight model from a config.json) is fed the default model's
+//! token ids, provided its vocabulary covers them.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -281,6 +283,11 @@ pub struct ArmResult {
     pub perplexity: f64,
     /// Capacity run, when configured.
     pub capacity: Option<BatchStats>,
+    /// Bytes a per-head K/V cache of the model's attention shape would hold per token, over the
+    /// bytes this cache holds per token before eviction (1 for per-head K/V, > 1 for latent rows).
+    pub latent_factor: f64,
+    /// Whether a full-cache baseline of the same model exists (agreement and KL are defined).
+    pub has_baseline: bool,
 }
 
 pub(crate) fn log_softmax(l: &[f32]) -> Vec<f32> {
@@ -326,15 +333,31 @@ pub fn run_ab(cfg: &AbConfig) -> Result<(Vec<ArmResult>, Vec<PeerResult>)> {
     let text = crate::corpus::load_text(&cfg.workload.corpus, base)?;
     let mut engines: HashMap<String, (Engine, Option<Tokenizer>)> = HashMap::new();
     let mut results = Vec::new();
-    let mut baseline: Option<Vec<Vec<Vec<f32>>>> = None;
-    let order: Vec<usize> = {
-        let b = cfg.arms.iter().position(Arm::is_full).expect("validated");
-        std::iter::once(b).chain((0..cfg.arms.len()).filter(|&i| i != b && cfg.arms[i].engine == "dms")).collect()
+    let mut baselines: HashMap<String, Vec<Vec<Vec<f32>>>> = HashMap::new();
+    let source_of = |a: &Arm| a.model.clone().unwrap_or_else(|| cfg.model.source.clone());
+    // Full arms first (each model's first full arm is its baseline), then the others in file order.
+    let order: Vec<usize> = (0..cfg.arms.len())
+        .filter(|&i| cfg.arms[i].is_full())
+        .chain((0..cfg.arms.len()).filter(|&i| !cfg.arms[i].is_full() && cfg.arms[i].engine == "dms"))
+        .collect();
+    let default_tok = {
+        let path = resolve_model(&cfg.model.source, base)?;
+        let loaded = load_model(&path, &device, false).with_context(|| format!("loading {}", path.display()))?;
+        let tok = loaded.tokenizer.clone();
+        let mc = loaded.model.config();
+        let blocks =
+            (cfg.cache.memory_mb * 1024 * 1024 / (cfg.cache.block_size as u64 * mc.row_bytes_per_token())) as usize;
+        let full = registry().build(&toml::from_str("name = 'full'").expect("valid"))?;
+        engines.insert(
+            cfg.model.source.clone(),
+            (Engine::new(loaded.model, full, cfg.cache.block_size, blocks)?, tok.clone()),
+        );
+        tok
     };
     let mut by_index: Vec<Option<ArmResult>> = vec![None; cfg.arms.len()];
     for &ai in &order {
         let arm = &cfg.arms[ai];
-        let source = arm.model.clone().unwrap_or_else(|| cfg.model.source.clone());
+        let source = source_of(arm);
         if !engines.contains_key(&source) {
             let path = resolve_model(&source, base)?;
             let loaded = load_model(&path, &device, false).with_context(|| format!("loading {}", path.display()))?;
@@ -346,7 +369,14 @@ pub fn run_ab(cfg: &AbConfig) -> Result<(Vec<ArmResult>, Vec<PeerResult>)> {
             engines.insert(source.clone(), (engine, loaded.tokenizer));
         }
         let (engine, tok) = engines.get_mut(&source).expect("inserted");
-        let tok = tok.as_ref().with_context(|| format!("model {source} has no tokenizer; the A/B workload is text"))?;
+        let tok = match (tok.as_ref(), default_tok.as_ref()) {
+            (Some(t), _) => t,
+            (None, Some(t)) if t.get_vocab_size(true) <= engine.model.config().vocab_size => t,
+            _ => bail!(
+                "arm `{}`: model {source} has no tokenizer and its vocabulary cannot take the default model's token ids",
+                arm.name
+            ),
+        };
         let table = resolve_policy_table(arm.policy.as_ref().expect("validated"), &mut engine.model, base)
             .with_context(|| format!("arm `{}`", arm.name))?;
         let policy: Arc<dyn PolicyFactory> = registry().build(&table).with_context(|| format!("arm `{}`", arm.name))?;
@@ -383,21 +413,23 @@ pub fn run_ab(cfg: &AbConfig) -> Result<(Vec<ArmResult>, Vec<PeerResult>)> {
         let logs: Vec<Vec<Vec<f32>>> =
             done.iter().map(|f| f.step_logits.iter().map(|l| log_softmax(l)).collect()).collect();
         let (mut agree, mut kl_sum, mut nll, mut n) = (0usize, 0.0f64, 0.0f64, 0usize);
+        let baseline = baselines.get(&source);
         for (fi, f) in done.iter().enumerate() {
             let forced = &wins[f.id][w.prompt_tokens..];
             for (s, lp) in logs[fi].iter().enumerate() {
                 nll -= lp[forced[s] as usize] as f64;
                 n += 1;
-                if let Some(b) = &baseline {
+                if let Some(b) = baseline {
                     let bl = &b[fi][s];
                     agree += (crate::engine::argmax(bl) == crate::engine::argmax(lp)) as usize;
                     kl_sum += kl(bl, lp);
                 }
             }
         }
-        if baseline.is_none() {
+        let has_baseline = baseline.is_some() || arm.is_full();
+        if baseline.is_none() && arm.is_full() {
             agree = n;
-            baseline = Some(logs);
+            baselines.insert(source.clone(), logs);
         }
         let cr = mean_cr(&done);
         let capacity = match &cfg.capacity {
@@ -413,6 +445,8 @@ pub fn run_ab(cfg: &AbConfig) -> Result<(Vec<ArmResult>, Vec<PeerResult>)> {
             mean_kl: kl_sum / n.max(1) as f64,
             perplexity: (nll / n.max(1) as f64).exp(),
             capacity,
+            latent_factor: engine.model.config().latent_factor(),
+            has_baseline,
         });
     }
     for r in by_index.into_iter().flatten() {
@@ -579,19 +613,27 @@ fn capacity_run(
 /// The table the `ab` command prints.
 pub fn table(results: &[ArmResult]) -> String {
     let mut s = String::new();
-    s.push_str("| arm | CR | KV live peak | KV alloc peak | KV live/alloc final | prefill tok/s | decode tok/s | top-1 agree | mean KL | PPL |");
+    s.push_str("| arm | CR | KV saving vs per-head full (latent x CR) | KV live peak | KV alloc peak | KV live/alloc final | prefill tok/s | decode tok/s | top-1 agree | mean KL | PPL |");
     let cap = results.iter().any(|r| r.capacity.is_some());
     if cap {
         s.push_str(" seqs sustained (mean/max) | agg decode tok/s | preemptions |");
     }
     s.push('\n');
-    s.push_str(&"|---".repeat(if cap { 13 } else { 10 }));
+    s.push_str(&"|---".repeat(if cap { 14 } else { 11 }));
     s.push_str("|\n");
     for r in results {
         let last = r.stats.memory_trace.last().copied().unwrap_or_default();
+        let (agree, kl) = if r.has_baseline {
+            (format!("{:.3}", r.top1_agreement), format!("{:.4}", r.mean_kl))
+        } else {
+            ("-".into(), "-".into())
+        };
         s.push_str(&format!(
-            "| {} | {:.2} | {} | {} | {} / {} | {:.1} | {:.1} | {:.3} | {:.4} | {:.2} |",
+            "| {} | {:.2} | {:.2}x ({:.2} x {:.2}) | {} | {} | {} / {} | {:.1} | {:.1} | {agree} | {kl} | {:.2} |",
             r.name,
+            r.compression_ratio,
+            r.latent_factor * r.compression_ratio,
+            r.latent_factor,
             r.compression_ratio,
             fmt_bytes(r.stats.peak_live),
             fmt_bytes(r.stats.peak_allocated),
@@ -599,8 +641,6 @@ pub fn table(results: &[ArmResult]) -> String {
             fmt_bytes(last.2),
             r.stats.prefill_tokens as f64 / r.stats.prefill_secs.max(1e-9),
             r.stats.decode_tok_s(),
-            r.top1_agreement,
-            r.mean_kl,
             r.perplexity
         ));
         if let Some(c) = &r.capacity {
@@ -626,13 +666,16 @@ pub fn to_json(cfg: &AbConfig, results: &[ArmResult], peers: &[PeerResult]) -> s
                      "continuation_tokens": cfg.workload.continuation_tokens, "concurrency": cfg.workload.concurrency},
         "arms": results.iter().map(|r| json!({
             "name": r.name, "policy": r.policy, "compression_ratio": r.compression_ratio,
+            "latent_factor": r.latent_factor, "kv_saving_vs_per_head_full": r.latent_factor * r.compression_ratio,
+            "has_full_baseline": r.has_baseline,
             "kv_bytes_live_peak": r.stats.peak_live, "kv_bytes_allocated_peak": r.stats.peak_allocated,
             "kv_bytes_live_final": r.stats.memory_trace.last().map_or(0, |x| x.1),
             "kv_bytes_allocated_final": r.stats.memory_trace.last().map_or(0, |x| x.2),
             "prefill_tok_s": r.stats.prefill_tokens as f64 / r.stats.prefill_secs.max(1e-9),
             "decode_tok_s": r.stats.decode_tok_s(),
             "decode_tok_s_vs_baseline": base_tps.map(|b| r.stats.decode_tok_s() / b),
-            "top1_agreement": r.top1_agreement, "mean_kl": r.mean_kl, "perplexity": r.perplexity,
+            "top1_agreement": r.has_baseline.then_some(r.top1_agreement), "mean_kl": r.has_baseline.then_some(r.mean_kl),
+            "perplexity": r.perplexity,
             "memory_trace": r.stats.memory_trace,
             "capacity": r.capacity.as_ref().map(|c| json!({"mean_running": c.mean_running(), "max_running": c.max_running,
                 "decode_tok_s": c.decode_tok_s(), "preemptions": c.preemptions})),

@@ -23,8 +23,23 @@ pub struct LoadedModel {
     pub tokenizer: Option<Tokenizer>,
 }
 
-/// Loads an HF-style directory (config.json, *.safetensors, optional tokenizer.json) or a GGUF file.
+/// Loads an HF-style directory (config.json, *.safetensors, optional tokenizer.json), a GGUF file,
+/// or, given a bare `config.json` file, a model of that shape with random weights (for speed and
+/// memory work only; a `tokenizer.json` beside it is used if present).
 pub fn load_model(path: &Path, device: &Device, round_f16: bool) -> Result<LoadedModel> {
+    if path.is_file() && path.extension().is_some_and(|x| x == "json") {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let cfg = ModelConfig::from_hf_json(&text).with_context(|| format!("in {}", path.display()))?;
+        eprintln!("model {}: RANDOM weights of this shape (speed and memory work only)", path.display());
+        let model = Llama::random(cfg, device, candle_core::DType::F32)?;
+        let tok_path = path.with_file_name("tokenizer.json");
+        let tokenizer = if tok_path.exists() {
+            Some(Tokenizer::from_file(&tok_path).map_err(|e| anyhow::anyhow!("{}: {e}", tok_path.display()))?)
+        } else {
+            None
+        };
+        return Ok(LoadedModel { model, tokenizer });
+    }
     if path.is_dir() {
         let cfg_path = path.join("config.json");
         let text = std::fs::read_to_string(&cfg_path)

@@ -125,7 +125,7 @@ fn d_iters() -> usize {
     7
 }
 fn d_answer() -> usize {
-    8
+    16
 }
 fn d_system() -> String {
     "You are a helpful AI assistant named SmolLM, trained by Hugging Face".into()
@@ -331,9 +331,12 @@ fn calibrate(
             }
         }
     }
-    let mut side = 0i32;
+    // Regula falsi (on ln x for integer knobs, whose CR laws are close to power laws) alternating
+    // with bisection, so that the bracket at least halves every two runs.
+    let mut falsi = true;
     while runs < cal.max_runs.max(3) && best.0 > (1.0 + cal.tolerance).ln() {
-        let t = elo / (elo - ehi);
+        let t = if falsi { elo / (elo - ehi) } else { 0.5 };
+        falsi = !falsi;
         let mut x = if f.integer && lo > 0.0 {
             snap((lo.ln() + t * (hi.ln() - lo.ln())).exp())
         } else {
@@ -348,20 +351,11 @@ fn calibrate(
         let e = err(measure(x)?);
         runs += 1;
         note(x, e, &mut best);
+        tracing::debug!(knob = x, log_cr_error = e, "calibration run");
         if e.signum() == elo.signum() {
-            lo = x;
-            elo = e;
-            if side == -1 {
-                ehi /= 2.0;
-            }
-            side = -1;
+            (lo, elo) = (x, e);
         } else {
-            hi = x;
-            ehi = e;
-            if side == 1 {
-                elo /= 2.0;
-            }
-            side = 1;
+            (hi, ehi) = (x, e);
         }
     }
     Ok((best.1, best.0 <= (1.0 + cal.tolerance).ln()))
@@ -430,7 +424,7 @@ fn needle_prompts(n: &Needle, tok: &Tokenizer, hay: &[u32]) -> Result<Vec<Needle
     let head = enc(&format!("<|im_start|>system\n{}<|im_end|>\n<|im_start|>user\n", n.system))?;
     let question =
         enc("\n\nWhat is the pass key mentioned in the text above? Answer with the number only.<|im_end|>\n\
-         <|im_start|>assistant\nThe pass key is")?;
+         <|im_start|>assistant\n")?;
     let mut out = Vec::new();
     let mut i = 0usize;
     for &len in &n.context_tokens {
@@ -487,9 +481,7 @@ fn needle_run(
     let mut r = NeedleResult { trials: prompts.len(), cr: mean_cr(&done), ..Default::default() };
     for (f, p) in done.iter().zip(prompts) {
         let text = tok.decode(&f.tokens, true).map_err(|e| anyhow::anyhow!("decoding: {e}"))?;
-        let digits: String =
-            text.chars().skip_while(|c| !c.is_ascii_digit()).take_while(|c| c.is_ascii_digit()).collect();
-        r.hits += (digits == p.key) as usize;
+        r.hits += text.split(|c: char| !c.is_ascii_digit()).any(|run| run == p.key) as usize;
         r.answers.push(text.trim().to_string());
     }
     Ok(r)

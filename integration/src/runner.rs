@@ -145,3 +145,29 @@ pub fn summary_line(g: &Generation, policy: &str) -> String {
         100.0 * g.layer_kept_fraction.iter().copied().fold(0.0, f64::max),
     )
 }
+
+/// For latent-attention models, the two memory factors: latent rows vs the per-head K/V of the
+/// same attention shape, times the DMS compression ratio. None for per-head K/V models.
+pub fn memory_factors_line(cfg: &crate::model::ModelConfig, g: &Generation) -> Option<String> {
+    let m = cfg.mla.as_ref()?;
+    let latent = cfg.head_dim * 4;
+    let mha = cfg.mha_equivalent_floats_per_token_layer() * 4;
+    // One latent row per layer: tokens seen summed over rows = token-layers.
+    let per_head_full = g.usage.tokens_seen * mha as u64;
+    Some(format!(
+        "[memory] latent rows: {latent} B per token and layer (c_kv {} + k_pe {} floats) vs {mha} B of per-head K/V \
+         ({} heads x (nope {} + rope {} + v {})): {:.2}x; DMS compression {:.2}x; total {:.2}x \
+         ({} live vs {} for a per-head full cache)",
+        m.kv_lora_rank,
+        m.qk_rope_head_dim,
+        cfg.num_heads,
+        m.qk_nope_head_dim,
+        m.qk_rope_head_dim,
+        m.v_head_dim,
+        cfg.latent_factor(),
+        g.compression_ratio,
+        cfg.latent_factor() * g.compression_ratio,
+        fmt_bytes(g.usage.bytes_live),
+        fmt_bytes(per_head_full),
+    ))
+}

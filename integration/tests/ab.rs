@@ -122,3 +122,94 @@ fn mistralrs_arm_without_the_feature_is_skipped_if_optional_and_an_error_otherwi
     let e = run_ab(&cfg).unwrap_err();
     assert!(format!("{e:#}").contains("mistralrs"), "{e:#}");
 }
+
+#[test]
+fn mla_arms_use_their_own_full_baseline_and_report_latent_times_cr() {
+    let mla = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/models/mla-small/config.json");
+    let small = AB.replace("[capacity]\nmemory_mb = 3\nrequests = 3\nprompt_tokens = 24\ngen_tokens = 6\n", "");
+    let arms = format!(
+        "{small}[[arm]]\nname = \"mla-dms\"\nmodel = {m:?}\npolicy = {{ name = \"dms\", window = 4, decision = \"random\", evict_rate = 0.8 }}\n\
+         [[arm]]\nname = \"mla-full\"\nmodel = {m:?}\npolicy = {{ name = \"full\" }}\n",
+        m = mla.display().to_string()
+    );
+    let cfg = AbConfig::load(&write("mla", &arms)).unwrap();
+    let (r, _) = run_ab(&cfg).unwrap();
+    let by = |n: &str| r.iter().find(|a| a.name == n).unwrap();
+    let (full, mla_full, mla_dms) = (by("full"), by("mla-full"), by("mla-dms"));
+    // 9 heads x (64 + 32 + 64) floats of per-head K/V vs a 128 + 32 latent row.
+    assert_eq!((full.latent_factor, mla_full.latent_factor), (1.0, 9.0));
+    assert_eq!((mla_full.top1_agreement, mla_full.mean_kl), (1.0, 0.0), "MLA full is its own baseline");
+    assert!(mla_dms.has_baseline && mla_dms.compression_ratio > 2.0 && mla_dms.mean_kl > 0.0);
+    assert!(mla_dms.stats.peak_live < mla_full.stats.peak_live);
+    // 48 + 7 fed tokens x 12 layers x 160 floats x 4 B per sequence, 2 sequences, at the end.
+    assert_eq!(mla_full.stats.memory_trace.last().unwrap().1, 2 * 55 * 12 * 160 * 4);
+    let t = table(&r);
+    assert!(t.contains("9.00 x"), "{t}");
+    let e = AbConfig::load(&write(
+        "mla-vocab",
+        &arms.replace(&mla.display().to_string(), &fixture("deepseek_mla_tiny").display().to_string()),
+    ))
+    .and_then(|c| run_ab(&c).map(|_| ()))
+    .unwrap_err();
+    assert!(format!("{e:#}").contains("vocabulary"), "{e:#}");
+}
+
+#[test]
+fn eval_calibrates_each_family_to_the_target_cr_and_writes_the_report() {
+    use dms_integration::eval::{plot as eval_plot, run_eval, table as eval_table, to_json as eval_json, EvalConfig};
+    let text = r#"
+[model]
+source = "smollm2-135m"
+[cache]
+block_size = 8
+memory_mb = 256
+[quality]
+corpus = "corpus.txt"
+prompts = 2
+prompt_tokens = 64
+continuation_tokens = 8
+concurrency = 2
+[calibration]
+targets = [2.0, 3.0]
+tolerance = 0.05
+max_runs = 12
+[[family]]
+name = "window"
+policy = { name = "sliding_window", sinks = 2 }
+knob = "window"
+range = [2, 512]
+integer = true
+[[family]]
+name = "keynorm"
+policy = { name = "dms", decision = "key_norm", window = 4, alpha_scale = 1.0 }
+knob = "alpha_offset"
+range = [0.0, 80.0]
+[needle]
+context_tokens = [160]
+depths = [0.5]
+answer_tokens = 4
+"#;
+    let path = write("eval", text);
+    let cfg = EvalConfig::load(&path).unwrap();
+    let r = run_eval(&cfg).unwrap();
+    assert_eq!(r.cells.len(), 4);
+    for c in &r.cells {
+        assert!(c.matched, "{} at CR {}: measured {}", c.family, c.target, c.quality.cr);
+        assert!((c.quality.cr / c.target - 1.0).abs() <= 0.05, "{} at {}: {}", c.family, c.target, c.quality.cr);
+        assert!(c.quality.top1_agreement <= 1.0 && c.quality.mean_kl > 0.0 && c.quality.perplexity.is_finite());
+        let n = c.needle.as_ref().unwrap();
+        assert!((n.cr / c.target - 1.0).abs() <= 0.05, "needle CR {} vs {}", n.cr, c.target);
+        assert_eq!(n.trials, 1);
+    }
+    // Evicting more costs quality: the window's KL grows from CR 2 to CR 3.
+    assert!(r.cells[1].quality.mean_kl > r.cells[0].quality.mean_kl);
+    let t = eval_table(&cfg, &r);
+    assert!(t.contains("| window | 2 |") && t.contains("| keynorm | 3 |"), "{t}");
+    assert_eq!(eval_json(&cfg, &r)["cells"].as_array().unwrap().len(), 4);
+    let svg = path.with_file_name("q.svg");
+    eval_plot(&r, &svg).unwrap();
+    assert!(std::fs::read_to_string(&svg).unwrap().contains("keynorm"));
+    let bad = text.replace("targets = [2.0, 3.0]", "targets = [0.5]");
+    let e = EvalConfig::load(&write("eval-bad", &bad)).unwrap_err();
+    assert!(format!("{e:#}").contains("targets"), "{e:#}");
+}

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use dms_integration::config::EngineConfig;
-use dms_integration::runner::{build_engine, chatml, gen_params, summary_line};
+use dms_integration::runner::{build_engine, chatml, gen_params, memory_factors_line, summary_line};
 use dms_integration::trace::TraceWriter;
 
 #[derive(Parser)]
@@ -256,6 +256,9 @@ fn run(a: RunArgs) -> Result<()> {
         None => writeln!(out, "{}", g.tokens.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(","))?,
     }
     writeln!(out, "{}", summary_line(&g, &engine.policy.describe()))?;
+    if let Some(line) = memory_factors_line(engine.model.config(), &g) {
+        writeln!(out, "{line}")?;
+    }
     Ok(())
 }
 

@@ -371,6 +371,13 @@ impl ModelConfig {
         }
     }
 
+    /// Per-head K/V bytes of the same attention shape over the bytes this cache holds, per token
+    /// before eviction: 1 for per-head K/V models, the latent saving for MLA.
+    pub fn latent_factor(&self) -> f64 {
+        self.mha_equivalent_floats_per_token_layer() as f64
+            / (self.num_kv_heads * (self.head_dim + self.value_dim())) as f64
+    }
+
     /// Query heads per KV head.
     pub fn gqa(&self) -> usize {
         self.num_heads / self.num_kv_heads

@@ -2,6 +2,9 @@
 //! (up to float reordering) and the same kept positions as the naive list oracle, for random
 //! decisions, windows, block sizes, chunk sizes and prompt lengths.
 
+mod common;
+use common::vecf;
+
 use candle_core::{Device, Tensor};
 use dms_integration::attention::{chunk_rows, decode_row};
 use dms_integration::kv_store::KvStore;
@@ -10,16 +13,6 @@ use proptest::prelude::*;
 
 const D: usize = 8;
 const G: usize = 2;
-
-fn vecf(seed: u64, n: usize) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((x >> 33) as f32 / (1u64 << 31) as f32) - 0.5
-        })
-        .collect()
-}
 
 /// Attention of one query (G heads) over a list of (key, value).
 fn naive(q: &[f32], list: &[(Vec<f32>, Vec<f32>)], scale: f32) -> Vec<f32> {

@@ -77,16 +77,6 @@ const R: usize = 6;
 const P: usize = 2;
 const NH: usize = 3;
 
-fn vecf(seed: u64, n: usize) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((x >> 33) as f32 / (1u64 << 31) as f32) - 0.5
-        })
-        .collect()
-}
-
 /// Attention of NH absorbed queries over a list of latent rows (values = first R floats).
 fn naive_latent(q: &[f32], list: &[Vec<f32>], scale: f32) -> Vec<f32> {
     let d = R + P;

@@ -565,3 +565,45 @@ fn parse_rope_scaling(v: &serde_json::Value) -> Result<Llama3RopeScaling> {
         original_max_position_embeddings: num("original_max_position_embeddings")?,
     })
 }
+
+#[cfg(test)]
+mod mla_tests {
+    use super::*;
+
+    #[test]
+    fn deepseek_v2_lite_yarn_follows_the_published_formulas() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../configs/models/deepseek-v2-lite/config.json"
+        ))
+        .unwrap();
+        let c = ModelConfig::from_hf_json(&text).unwrap();
+        let m = c.mla.as_ref().unwrap();
+        assert_eq!((c.num_kv_heads, c.head_dim, c.value_dim()), (1, 576, 0));
+        assert!((c.latent_factor() - 5120.0 / 576.0).abs() < 1e-12);
+        // Correction dims: 64 ln(4096 / (2 pi beta)) / (2 ln 10000) = 10.47 (beta 32) and 22.5 (beta 1),
+        // so frequencies 0..=10 are kept, 23.. are divided by 40, and 11..22 blend linearly.
+        let inv = m.rope_inv_freq(10000.0);
+        let f = |i: usize| 10000f64.powf(-(2.0 * i as f64) / 64.0);
+        assert_eq!(inv.len(), 32);
+        for i in [0usize, 5, 10] {
+            assert!((inv[i] - f(i)).abs() < 1e-15 * f(i).max(1.0), "i {i}");
+        }
+        for i in [23usize, 31] {
+            assert!((inv[i] - f(i) / 40.0).abs() < 1e-15, "i {i}");
+        }
+        let r = (16.0 - 10.0) / 13.0;
+        assert!((inv[16] - (f(16) * (1.0 - r) + f(16) / 40.0 * r)).abs() < 1e-15);
+        // mscale 0.707 = mscale_all_dim: the rotary tables are unscaled and the softmax scale is
+        // (128 + 64)^-1/2 x (0.1 x 0.707 x ln 40 + 1)^2.
+        assert!((m.rope_mscale() - 1.0).abs() < 1e-12);
+        let ms = 0.1 * 0.707 * 40f64.ln() + 1.0;
+        assert!((m.softmax_scale() - ms * ms / 192f64.sqrt()).abs() < 1e-12);
+        let moe = m.moe.as_ref().unwrap();
+        assert!(!moe.is_moe_layer(0) && moe.is_moe_layer(1) && moe.is_moe_layer(26));
+        assert_eq!(
+            (moe.scoring_func.as_str(), moe.topk_method.as_str(), moe.norm_topk_prob),
+            ("softmax", "greedy", false)
+        );
+    }
+}

@@ -114,3 +114,14 @@ impl SequencePolicy for RecordingSeq {
         self.inner.compact(row, plan)
     }
 }
+
+/// Deterministic pseudo-random floats in [-0.5, 0.5) (an LCG; no RNG crate needed).
+pub fn vecf(seed: u64, n: usize) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((x >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+        })
+        .collect()
+}

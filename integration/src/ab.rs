@@ -269,6 +269,8 @@ impl Arm {
 pub struct ArmResult {
     /// Label.
     pub name: String,
+    /// Model source of the arm.
+    pub model: String,
     /// Policy description.
     pub policy: String,
     /// Mean compression ratio over sequences (the shadowed one for `shadow`).
@@ -408,8 +410,10 @@ pub fn run_ab(cfg: &AbConfig) -> Result<(Vec<ArmResult>, Vec<PeerResult>)> {
         };
         let pb = bar(reqs.len() as u64, &arm.name);
         pb.set_message("quality");
-        let (done, stats) = run_batch(engine, reqs, &params, w.concurrency, true, |n| pb.set_position(n as u64))?;
+        let (mut done, stats) = run_batch(engine, reqs, &params, w.concurrency, true, |n| pb.set_position(n as u64))?;
         pb.finish();
+        // Baselines are indexed by prompt: order by request id, not by completion.
+        done.sort_by_key(|f| f.id);
         let logs: Vec<Vec<Vec<f32>>> =
             done.iter().map(|f| f.step_logits.iter().map(|l| log_softmax(l)).collect()).collect();
         let (mut agree, mut kl_sum, mut nll, mut n) = (0usize, 0.0f64, 0.0f64, 0usize);
@@ -438,6 +442,7 @@ pub fn run_ab(cfg: &AbConfig) -> Result<(Vec<ArmResult>, Vec<PeerResult>)> {
         };
         by_index[ai] = Some(ArmResult {
             name: arm.name.clone(),
+            model: source.clone(),
             policy: policy.describe(),
             compression_ratio: cr,
             stats,
@@ -659,7 +664,13 @@ pub fn table(results: &[ArmResult]) -> String {
 
 /// JSON of the results.
 pub fn to_json(cfg: &AbConfig, results: &[ArmResult], peers: &[PeerResult]) -> serde_json::Value {
-    let base_tps = results.iter().find(|r| r.top1_agreement == 1.0 && r.mean_kl == 0.0).map(|r| r.stats.decode_tok_s());
+    // Each arm's speed relative to the full arm of its own model.
+    let base_tps = |model: &str| {
+        results
+            .iter()
+            .find(|r| r.model == model && r.has_baseline && r.top1_agreement == 1.0 && r.mean_kl == 0.0)
+            .map(|r| r.stats.decode_tok_s())
+    };
     json!({
         "model": cfg.model.source,
         "workload": {"corpus": cfg.workload.corpus, "prompts": cfg.workload.prompts, "prompt_tokens": cfg.workload.prompt_tokens,
@@ -673,7 +684,8 @@ pub fn to_json(cfg: &AbConfig, results: &[ArmResult], peers: &[PeerResult]) -> s
             "kv_bytes_allocated_final": r.stats.memory_trace.last().map_or(0, |x| x.2),
             "prefill_tok_s": r.stats.prefill_tokens as f64 / r.stats.prefill_secs.max(1e-9),
             "decode_tok_s": r.stats.decode_tok_s(),
-            "decode_tok_s_vs_baseline": base_tps.map(|b| r.stats.decode_tok_s() / b),
+            "model": r.model,
+            "decode_tok_s_vs_baseline": base_tps(&r.model).map(|b| r.stats.decode_tok_s() / b),
             "top1_agreement": r.has_baseline.then_some(r.top1_agreement), "mean_kl": r.has_baseline.then_some(r.mean_kl),
             "perplexity": r.perplexity,
             "memory_trace": r.stats.memory_trace,

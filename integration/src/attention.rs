@@ -60,6 +60,7 @@ pub fn decode_row(store: &KvStore, id: RowId, q: &[f32], q_pos: Pos, scale: f32,
         let sc = &mut scores[h * n..(h + 1) * n];
         let max = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         if max == f32::NEG_INFINITY {
+            sc.fill(0.0);
             continue;
         }
         let mut sum = 0.0;

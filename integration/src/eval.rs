@@ -2,8 +2,8 @@
 //!
 //! Every policy family has one knob (a window size, a decision offset) that sets how much it
 //! evicts. For each target compression ratio the knob is calibrated until the *measured* CR of
-//! the teacher-forced run is within `tolerance` of the target (bracketing, then Illinois
-//! regula falsi on log CR); the cell reports that run's quality against the full cache on
+//! the teacher-forced run is within `tolerance` of the target (bracketing, then regula falsi on
+//! log CR alternating with bisection); the cell reports that run's quality against the full cache on
 //! held-out text: top-1 agreement, mean KL(full || policy), perplexity. The needle test buries
 //! a pass key in corpus text at 2-4K tokens, asks for it at the end through the ChatML template,
 //! and counts exact retrievals; the knob is recalibrated on the needle prompt itself, so needle
@@ -240,6 +240,8 @@ pub struct NeedleResult {
     pub trials: usize,
     /// Answers, one per trial.
     pub answers: Vec<String>,
+    /// Whether the needle CR is within tolerance of the target (always true for the full cache).
+    pub matched: bool,
 }
 
 /// One (family, target) cell.
@@ -287,7 +289,8 @@ fn knob_value(f: &Family, x: f64) -> toml::Value {
 }
 
 /// Finds the knob whose measured CR is closest to `target`, evaluating with `measure` (which
-/// caches), by bracketing and Illinois regula falsi on ln CR. Returns (knob, matched).
+/// caches), by bracketing and regula falsi on ln CR alternating with bisection. Returns (knob,
+/// matched).
 fn calibrate(
     f: &Family,
     target: f64,
@@ -297,7 +300,7 @@ fn calibrate(
 ) -> Result<(f64, bool)> {
     let snap = |x: f64| if f.integer { x.round() } else { x };
     let err = |cr: f64| cr.ln() - target.ln();
-    let (mut lo, mut hi) = (f.range[0], f.range[1]);
+    let (mut lo, mut hi) = (snap(f.range[0]), snap(f.range[1]));
     let mut best = (f64::INFINITY, lo);
     let note = |x: f64, e: f64, best: &mut (f64, f64)| {
         if e.abs() < best.0 {
@@ -421,6 +424,11 @@ fn needle_prompts(n: &Needle, tok: &Tokenizer, hay: &[u32]) -> Result<Vec<Needle
     let enc = |s: &str| -> Result<Vec<u32>> {
         Ok(tok.encode(s, false).map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?.get_ids().to_vec())
     };
+    for special in ["<|im_start|>", "<|im_end|>"] {
+        if tok.token_to_id(special).is_none() {
+            bail!("[needle] uses the ChatML template, but the model's tokenizer has no `{special}` token");
+        }
+    }
     let head = enc(&format!("<|im_start|>system\n{}<|im_end|>\n<|im_start|>user\n", n.system))?;
     let question =
         enc("\n\nWhat is the pass key mentioned in the text above? Answer with the number only.<|im_end|>\n\
@@ -478,7 +486,7 @@ fn needle_run(
     };
     let (mut done, _) = run_batch(engine, reqs, &params, 1, false, |_| {})?;
     done.sort_by_key(|f| f.id);
-    let mut r = NeedleResult { trials: prompts.len(), cr: mean_cr(&done), ..Default::default() };
+    let mut r = NeedleResult { trials: prompts.len(), cr: mean_cr(&done), matched: true, ..Default::default() };
     for (f, p) in done.iter().zip(prompts) {
         let text = tok.decode(&f.tokens, true).map_err(|e| anyhow::anyhow!("decoding: {e}"))?;
         r.hits += text.split(|c: char| !c.is_ascii_digit()).any(|run| run == p.key) as usize;
@@ -573,7 +581,7 @@ pub fn run_eval(cfg: &EvalConfig) -> Result<EvalReport> {
             let needle = match (&cfg.needle, &needle_prompts) {
                 (Some(n), Some(p)) => {
                     pb.set_message(format!("CR {target}: needle"));
-                    let (nk, _) = calibrate(f, target, &cfg.calibration, Some(knob), |x| {
+                    let (nk, needle_matched) = calibrate(f, target, &cfg.calibration, Some(knob), |x| {
                         if let Some(cr) = needle_seen.get(&key(x)) {
                             return Ok(*cr);
                         }
@@ -585,6 +593,7 @@ pub fn run_eval(cfg: &EvalConfig) -> Result<EvalReport> {
                     })?;
                     let mut r = needle_run(&mut engine, &build(nk)?, p, n, &tok, chunk)?;
                     r.knob = Some(nk);
+                    r.matched = needle_matched;
                     Some(r)
                 }
                 _ => None,
@@ -633,7 +642,13 @@ pub fn table(cfg: &EvalConfig, r: &EvalReport) -> String {
             c.quality.perplexity
         ));
         if let Some(n) = &c.needle {
-            s.push_str(&format!(" {:.2} | {}/{} |", n.cr, n.hits, n.trials));
+            s.push_str(&format!(
+                " {:.2}{} | {}/{} |",
+                n.cr,
+                if n.matched { "" } else { " (off target)" },
+                n.hits,
+                n.trials
+            ));
         }
         s.push('\n');
     }
@@ -650,7 +665,7 @@ fn fmt_knob(x: f64) -> String {
 
 /// JSON of the report.
 pub fn to_json(cfg: &EvalConfig, r: &EvalReport) -> serde_json::Value {
-    let needle = |n: &NeedleResult| json!({"knob": n.knob, "cr": n.cr, "hits": n.hits, "trials": n.trials, "answers": n.answers});
+    let needle = |n: &NeedleResult| json!({"knob": n.knob, "cr": n.cr, "matched": n.matched, "hits": n.hits, "trials": n.trials, "answers": n.answers});
     json!({
         "model": cfg.model.source,
         "quality_workload": {"corpus": cfg.quality.corpus, "prompts": cfg.quality.prompts,

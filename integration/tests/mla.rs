@@ -240,4 +240,20 @@ fn mla_configs_with_bad_fields_are_rejected_with_the_field_named() {
     v["rope_scaling"] = serde_json::json!({"type": "dynamic", "factor": 2.0});
     let e = dms_integration::model::ModelConfig::from_hf_json(&v.to_string()).unwrap_err().to_string();
     assert!(e.contains("rope_scaling") && e.contains("yarn"), "{e}");
+    let bad = |patch: serde_json::Value| {
+        let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        for (k, x) in patch.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        dms_integration::model::ModelConfig::from_hf_json(&v.to_string()).unwrap_err().to_string()
+    };
+    let e = bad(
+        serde_json::json!({"rope_scaling": {"type": "yarn", "factor": 0.0, "original_max_position_embeddings": 64}}),
+    );
+    assert!(e.contains("factor > 0"), "{e}");
+    let e = bad(serde_json::json!({"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}));
+    assert!(e.contains("quantization_config"), "{e}");
+    let e =
+        bad(serde_json::json!({"first_k_dense_replace": 0, "n_group": 2, "topk_group": 1, "num_experts_per_tok": 3}));
+    assert!(e.contains("MoE routing"), "{e}");
 }

@@ -220,6 +220,8 @@ struct HfConfig {
     #[serde(default)]
     eos_token_id: Option<OneOrMany>,
     #[serde(default)]
+    quantization_config: Option<serde_json::Value>,
+    #[serde(default)]
     q_lora_rank: Option<usize>,
     #[serde(default)]
     kv_lora_rank: Option<usize>,
@@ -277,6 +279,12 @@ impl ModelConfig {
                 "unsupported architecture (model_type `{model_type}`, architectures `{arch_name}`); supported: llama, mistral, qwen2, qwen3, deepseek_v2, deepseek_v3"
             ),
         };
+        if c.quantization_config.as_ref().is_some_and(|q| !q.is_null()) {
+            bail!(
+                "model config: quantized checkpoints (`quantization_config`, e.g. FP8 block scales) are not supported; \
+                 use a bf16/f16/f32 copy of the weights"
+            );
+        }
         let is_v3 = model_type == "deepseek_v3" || arch_name == "DeepseekV3ForCausalLM";
         let mla = if arch == Arch::DeepSeek { Some(parse_mla(&c, is_v3)?) } else { None };
         let rope_scaling = match (&c.rope_scaling, arch) {
@@ -418,14 +426,25 @@ fn parse_mla(c: &HfConfig, is_v3: bool) -> Result<MlaConfig> {
                     None => bail!("model config: rope_scaling.{k} is missing or not a number"),
                 }
             };
-            Some(YarnScaling {
+            let y = YarnScaling {
                 factor: num("factor", None)?,
                 original_max_position_embeddings: num("original_max_position_embeddings", None)?,
                 beta_fast: num("beta_fast", Some(32.0))?,
                 beta_slow: num("beta_slow", Some(1.0))?,
                 mscale: num("mscale", Some(1.0))?,
                 mscale_all_dim: num("mscale_all_dim", Some(0.0))?,
-            })
+            };
+            if !(y.factor > 0.0
+                && y.original_max_position_embeddings > 0.0
+                && y.beta_slow > 0.0
+                && y.beta_fast > y.beta_slow)
+            {
+                bail!(
+                    "model config: rope_scaling (yarn) needs factor > 0, original_max_position_embeddings > 0 and \
+                     beta_fast > beta_slow > 0"
+                );
+            }
+            Some(y)
         }
     };
     let moe = match c.n_routed_experts {
@@ -451,7 +470,8 @@ fn parse_mla(c: &HfConfig, is_v3: bool) -> Result<MlaConfig> {
                 n_group: c.n_group.unwrap_or(1).max(1),
                 topk_group: c.topk_group.unwrap_or(1).max(1),
             };
-            if m.num_experts_per_tok > n || n % m.n_group != 0 || m.topk_group > m.n_group {
+            let reachable = if m.topk_method == "greedy" { n } else { m.topk_group * (n / m.n_group) };
+            if m.num_experts_per_tok > reachable || n % m.n_group != 0 || m.topk_group > m.n_group {
                 bail!(
                     "model config: inconsistent MoE routing (experts {n}, per token {}, groups {}, topk_group {})",
                     m.num_experts_per_tok,
@@ -471,6 +491,9 @@ fn parse_mla(c: &HfConfig, is_v3: bool) -> Result<MlaConfig> {
             Some(m)
         }
     };
+    if c.attention_bias == Some(true) {
+        bail!("model config: attention_bias = true is not supported for latent attention");
+    }
     let rope = need("qk_rope_head_dim", c.qk_rope_head_dim)?;
     if rope % 2 != 0 {
         bail!("model config: qk_rope_head_dim {rope} must be even");

@@ -585,7 +585,8 @@ pub fn run_eval(cfg: &EvalConfig) -> Result<EvalReport> {
                         if let Some(cr) = needle_seen.get(&key(x)) {
                             return Ok(*cr);
                         }
-                        let probe: Vec<&NeedlePrompt> = p.iter().step_by(n.depths.len()).collect();
+                        // All needle prompts: the cell reports their mean CR.
+                        let probe: Vec<&NeedlePrompt> = p.iter().collect();
                         let cr = needle_prefill_cr(&mut engine, build(x)?, &probe, chunk)?;
                         spent += 1;
                         needle_seen.insert(key(x), cr);

@@ -2,7 +2,8 @@
 //!
 //! Layers: [`config`] (the engine config file), [`assets`] (fetching the default model),
 //! [`model`] (candle runtimes), [`kv_store`] (paged per-head storage), [`cache`] (one sequence's
-//! rows and policy), [`attention`] (kernels over the store), [`engine`] (loading and generation),
+//! rows and policy), [`attention`] (kernels over the store), [`prefill`] (one-pass prompt prefill
+//! with DMS's visibility mask in tensor ops, any device), [`engine`] (loading and generation),
 //! [`trace`] (JSON Lines traces), [`scheduler`] (continuous batching with admission by free memory).
 
 pub mod ab;
@@ -22,6 +23,7 @@ pub mod kv_store;
 pub mod model;
 #[cfg(feature = "mistralrs")]
 pub mod peer_mistralrs;
+pub mod prefill;
 pub mod retrofit;
 pub mod runner;
 pub mod scheduler;

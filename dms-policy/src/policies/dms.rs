@@ -160,10 +160,12 @@ struct DmsState {
     rows: Rows<DelayedWindow>,
 }
 
-/// Deterministic uniform number in [0, 1) from (seed, layer, head, position).
-fn hash_unit(seed: u64, row: RowRef, pos: Pos) -> f64 {
+/// Deterministic uniform number in [0, 1) from (seed, layer, head, position): the `random`
+/// decision source flags token `pos` of a row iff this is below the eviction rate. Shared with
+/// the GPU kernels and synthetic benchmark caches so that every path flags the same tokens.
+pub fn random_flag_unit(seed: u64, layer: usize, head: usize, pos: Pos) -> f64 {
     let mut x = seed ^ 0x9E37_79B9_7F4A_7C15;
-    for v in [row.layer as u64, row.head as u64, pos as u64] {
+    for v in [layer as u64, head as u64, pos as u64] {
         x = (x ^ v).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         x ^= x >> 31;
         x = x.wrapping_mul(0x94D0_49BB_1331_11EB);
@@ -187,7 +189,7 @@ impl SequencePolicy for DmsState {
                     first_pos,
                     (0..n_new as Pos).map(|i| {
                         let t = first_pos + i;
-                        t > 0 && hash_unit(seed, row, t - 1) < rate
+                        t > 0 && random_flag_unit(seed, row.layer, row.head, t - 1) < rate
                     }),
                 );
             }

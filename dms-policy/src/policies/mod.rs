@@ -5,7 +5,7 @@ pub mod full;
 pub mod shadow;
 pub mod sliding_window;
 
-pub use dms::DmsPolicy;
+pub use dms::{random_flag_unit, DmsPolicy};
 pub use full::FullPolicy;
 pub use shadow::ShadowPolicy;
 pub use sliding_window::SlidingWindowPolicy;

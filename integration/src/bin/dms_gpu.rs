@@ -16,6 +16,7 @@ use dms_integration::engine::load_model;
 use dms_integration::gpu::{Decisions, GpuCache, GpuCacheShape, RowInit, StepDecisions};
 use dms_integration::kv_store::KvStore;
 use dms_integration::model::{Arch, Llama, ModelConfig};
+use dms_policy::policies::random_flag_unit;
 use dms_policy::{CacheShape, Registry};
 use serde_json::json;
 
@@ -310,12 +311,12 @@ fn bench_one(
     };
     if rate > 0.0 {
         for r in 0..n_rows {
-            let (layer, head) = ((r / rows) as u64, (r % kv) as u64);
+            let (layer, head) = (r / rows, r % kv);
             for j in 0..wc {
                 let p = ctx - wc + j;
                 let i = r * wc + p % wc;
                 init.ring_slot[i] = (kept - wc + j) as i32;
-                init.ring_flag[i] = (p + 1 < ctx && hash_unit(7, layer, head, p as u64) < rate) as u8;
+                init.ring_flag[i] = (p + 1 < ctx && random_flag_unit(7, layer, head, p as u32) < rate) as u8;
             }
         }
     }
@@ -356,17 +357,6 @@ fn bench_one(
     let mean_len = lens.iter().map(|&x| x as f64).sum::<f64>() / lens.len() as f64;
     let measured_cr = pos as f64 / mean_len;
     Ok((step, live, measured_cr))
-}
-
-fn hash_unit(seed: u64, layer: u64, head: u64, pos: u64) -> f64 {
-    let mut x = seed ^ 0x9E37_79B9_7F4A_7C15;
-    for v in [layer, head, pos] {
-        x = (x ^ v).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        x ^= x >> 31;
-        x = x.wrapping_mul(0x94D0_49BB_1331_11EB);
-        x ^= x >> 29;
-    }
-    (x >> 11) as f64 / (1u64 << 53) as f64
 }
 
 fn bench(

@@ -15,6 +15,7 @@ use super::weights::Weights;
 use crate::attention;
 use crate::cache::SequenceCache;
 use crate::kv_store::KvStore;
+use crate::prefill::{masked_prompt_attention, prompt_flags, PromptFlags};
 
 /// Where DMS decision scores come from (spec rule 1).
 #[derive(Debug, Clone)]
@@ -359,6 +360,75 @@ impl Llama {
             x = self.finish_layer(layer, &x, &attn.reshape((b, cfg.num_heads * cfg.head_dim))?)?;
         }
         Ok(self.logits(&x)?.to_dtype(DType::F32)?)
+    }
+
+    /// One prompt of one sequence (positions `0..T`) in a single pass with DMS's visibility mask
+    /// (spec rule 4.1, [`crate::prefill`]), on the model's device. `store(layer, k, v, flags)`
+    /// receives each layer's keys `[T, rows, d]` (after RoPE), values (`[T, rows, 0]` for latent
+    /// rows) and flags `[T, rows]` (f32, 1 = flagged) for the cache to keep what rule 4.2 says.
+    /// Returns f32 logits `[T, vocab]` when `all_logits`, else `[1, vocab]` for the last token.
+    pub fn forward_masked_prefill(
+        &self,
+        tokens: &[u32],
+        flags: &PromptFlags,
+        window: usize,
+        all_logits: bool,
+        mut store: impl FnMut(usize, &Tensor, &Tensor, &Tensor) -> Result<()>,
+    ) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        if tokens.is_empty() {
+            bail!("the prompt is empty");
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+            bail!("token id {bad} is outside the vocabulary (size {})", cfg.vocab_size);
+        }
+        let learned = matches!(flags, PromptFlags::Learned { .. });
+        if learned && matches!(self.decision, DecisionSource::None) {
+            bail!("learned prompt flags need a model with a DMS decision source");
+        }
+        let t = tokens.len();
+        let positions: Vec<Pos> = (0..t as Pos).collect();
+        let (cos, sin) = self.rope_tables(&positions)?;
+        let need = Needs { decision: learned, key_norms: false };
+        let mut x = self.embed.index_select(&Tensor::new(tokens, &self.device)?, 0)?;
+        let scale = self.softmax_scale();
+        for (li, layer) in self.layers.iter().enumerate() {
+            let AttnInputs { q, k, v, decision, .. } = self.attn_inputs(layer, &x, &cos, &sin, need)?;
+            let rows = k.dim(1)?;
+            let f = prompt_flags(flags, li, t, rows, decision.as_ref(), &self.device)?;
+            let values = match &layer.attn {
+                Attention::Mla(m) => k.narrow(2, 0, m.rank())?,
+                Attention::Mha(_) => v.clone(),
+            };
+            let attn = masked_prompt_attention(&q, &k, &values, &f, window, scale)?;
+            store(li, &k, &v, &f)?;
+            let (n, heads, width) = attn.dims3()?;
+            x = self.finish_layer(layer, &x, &attn.reshape((n, heads * width))?)?;
+        }
+        let xs = if all_logits { x } else { x.narrow(0, t - 1, 1)? };
+        Ok(self.logits(&xs)?.to_dtype(DType::F32)?)
+    }
+
+    /// A prompt into sequence `seq` of the GPU cache in one pass with DMS's visibility mask
+    /// ([`Self::forward_masked_prefill`]); the sequence's rows must be empty. The cache keeps
+    /// every unflagged token and the last `W + 1` tokens (rule 4.2) with no host round trip.
+    #[cfg(feature = "cuda")]
+    pub fn forward_gpu_prefill(
+        &self,
+        tokens: &[u32],
+        seq: usize,
+        cache: &mut crate::gpu::GpuCache,
+        flags: &PromptFlags,
+        all_logits: bool,
+    ) -> Result<Tensor> {
+        if self.cfg.mla.is_some() {
+            bail!("the GPU prefill path supports per-head K/V models only; latent-attention (MLA) models run on the CPU path");
+        }
+        let window = cache.shape.window;
+        let dtype = cache.dtype();
+        self.forward_masked_prefill(tokens, flags, window, all_logits, |li, k, v, f| {
+            cache.insert_prompt(li, seq, &k.to_dtype(dtype)?.contiguous()?, &v.to_dtype(dtype)?.contiguous()?, f)
+        })
     }
 
     /// The model's configuration.

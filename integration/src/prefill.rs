@@ -1,0 +1,212 @@
+//! One-pass prompt prefill with DMS's visibility mask (spec rule 4.1) in tensor ops, on any
+//! device: the prompt path of the GPU runtime, written so that the same code runs (and is
+//! checked against the reference fixtures) on the CPU.
+//!
+//! Per KV head, prompt token `t` is flagged by token `t + 1`'s decision (rule 2); a flagged key
+//! `k` is hidden from queries `q > k + W`. After the prompt, a row keeps every unflagged token
+//! plus the last `W + 1` tokens, which enter the delayed-eviction ring with their flags (rule 4.2).
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor};
+use dms_policy::policies::random_flag_unit;
+use dms_policy::Pos;
+
+/// Where the eviction flags of prompt tokens come from.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum PromptFlags {
+    /// Nothing is flagged (full cache).
+    None,
+    /// Token `t` of layer `l`, head `h` is flagged iff `random_flag_unit(seed, l, h, t) < rate`
+    /// (the `random` decision source of the `dms` policy).
+    Random {
+        /// Seed.
+        seed: u64,
+        /// Flag probability.
+        rate: f64,
+    },
+    /// The model's learned signal: token `t + 1` flags token `t` iff `score * scale - offset > 0`.
+    Learned {
+        /// alpha_scale.
+        scale: f32,
+        /// alpha_offset.
+        offset: f32,
+    },
+}
+
+/// Flags `[T, kv_heads]` (f32, 1 = flagged) of a prompt at positions `0..T` for one layer.
+/// `scores` (`[T, kv_heads]`, the raw decision signal of each token) is required for
+/// [`PromptFlags::Learned`]. The last token's flag is 0: its fate is decided by the next token.
+pub fn prompt_flags(
+    source: &PromptFlags,
+    layer: usize,
+    t: usize,
+    kv_heads: usize,
+    scores: Option<&Tensor>,
+    device: &Device,
+) -> Result<Tensor> {
+    match source {
+        PromptFlags::None => Ok(Tensor::zeros((t, kv_heads), DType::F32, device)?),
+        PromptFlags::Random { seed, rate } => {
+            let mut host = vec![0f32; t * kv_heads];
+            for p in 0..t.saturating_sub(1) {
+                for h in 0..kv_heads {
+                    host[p * kv_heads + h] = (random_flag_unit(*seed, layer, h, p as Pos) < *rate) as u8 as f32;
+                }
+            }
+            Ok(Tensor::from_vec(host, (t, kv_heads), device)?)
+        }
+        PromptFlags::Learned { scale, offset } => {
+            let Some(s) = scores else { bail!("learned prompt flags need the model's decision scores") };
+            if s.dims() != [t, kv_heads] {
+                bail!("decision scores have shape {:?}, expected [{t}, {kv_heads}]", s.dims());
+            }
+            let logit = s.to_dtype(DType::F32)?.affine(*scale as f64, -(*offset as f64))?;
+            let decided = logit.gt(0f64)?.to_dtype(DType::F32)?;
+            let last = Tensor::zeros((1, kv_heads), DType::F32, device)?;
+            if t == 1 {
+                return Ok(last);
+            }
+            Ok(Tensor::cat(&[&decided.narrow(0, 1, t - 1)?, &last], 0)?)
+        }
+    }
+}
+
+/// Positions each KV head keeps after a prompt of `t` tokens with these flags (`[t * kv_heads]`,
+/// row-major `[t, kv_heads]`): every unflagged token and the last `window + 1` tokens.
+pub fn kept_after_prompt(flags: &[f32], t: usize, kv_heads: usize, window: usize) -> Vec<Vec<Pos>> {
+    let ring_start = t.saturating_sub(window + 1);
+    (0..kv_heads)
+        .map(|h| (0..t).filter(|&p| p >= ring_start || flags[p * kv_heads + h] == 0.0).map(|p| p as Pos).collect())
+        .collect()
+}
+
+/// Bytes of f32 scores one query chunk may use.
+const SCORE_BYTES: usize = 1 << 30;
+
+/// Attention of every prompt query over the prompt keys it may see: causal, and a flagged key
+/// `k` hidden from queries `q > k + window`. `q`: `[T, n_heads, d]`, `k`: `[T, kv_heads, d]`,
+/// `v`: `[T, kv_heads, dv]`, `flags`: `[T, kv_heads]` f32. Query head `i` reads KV head
+/// `i / (n_heads / kv_heads)`. Scores and softmax in f32; queries in chunks that keep the scores
+/// under 1 GiB. Returns `[T, n_heads, dv]` in `q`'s dtype.
+pub fn masked_prompt_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    flags: &Tensor,
+    window: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    let (t, nh, d) = q.dims3()?;
+    let (tk, nkv, dk) = k.dims3()?;
+    let (tv, nkv_v, dv) = v.dims3()?;
+    if tk != t || tv != t || dk != d || nkv_v != nkv || nkv == 0 || nh % nkv != 0 {
+        bail!("prompt attention shapes do not match: q {:?}, k {:?}, v {:?}", q.dims(), k.dims(), v.dims());
+    }
+    if flags.dims() != [t, nkv] {
+        bail!("prompt flags have shape {:?}, expected [{t}, {nkv}]", flags.dims());
+    }
+    let g = nh / nkv;
+    let dev = q.device();
+    let qh = q.transpose(0, 1)?.contiguous()?.reshape((nkv, g, t, d))?;
+    let kh = k.transpose(0, 1)?.contiguous()?;
+    let vh = v.transpose(0, 1)?.contiguous()?;
+    let fl = flags.to_dtype(DType::F32)?.t()?.contiguous()?.unsqueeze(1)?;
+    let chunk = (SCORE_BYTES / (nh * t * 4)).clamp(1, t);
+    let mut outs = Vec::with_capacity(t.div_ceil(chunk));
+    for c0 in (0..t).step_by(chunk) {
+        let c = chunk.min(t - c0);
+        let kl = c0 + c;
+        let qc = qh.narrow(2, c0, c)?.contiguous()?.reshape((nkv, g * c, d))?;
+        let kc = kh.narrow(1, 0, kl)?.contiguous()?;
+        let vc = vh.narrow(1, 0, kl)?.contiguous()?;
+        let s = (qc.matmul(&kc.t()?)?.to_dtype(DType::F32)? * scale)?.reshape((nkv, g, c, kl))?;
+        let qi = Tensor::arange(c0 as u32, kl as u32, dev)?.to_dtype(DType::F32)?.reshape((c, 1))?;
+        let kj = Tensor::arange(0u32, kl as u32, dev)?.to_dtype(DType::F32)?.reshape((1, kl))?;
+        let causal = kj.broadcast_gt(&qi)?.to_dtype(DType::F32)?;
+        let far = (qi - window as f64)?.broadcast_gt(&kj)?.to_dtype(DType::F32)?;
+        // Causal and far are disjoint, so the sum is 0 (visible) or 1 (hidden).
+        let hidden = far.broadcast_mul(&fl.narrow(2, 0, kl)?)?.broadcast_add(&causal)?;
+        let s = s.broadcast_add(&(hidden * -1e30)?.unsqueeze(1)?)?;
+        let p = candle_nn::ops::softmax_last_dim(&s)?.to_dtype(vc.dtype())?.reshape((nkv, g * c, kl))?;
+        outs.push(p.matmul(&vc)?.reshape((nkv, g, c, dv))?);
+    }
+    let out = Tensor::cat(&outs, 2)?.reshape((nh, t, dv))?.transpose(0, 1)?.contiguous()?;
+    Ok(out.to_dtype(q.dtype())?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Rule-8 oracle: append tokens one by one to a list, deleting a flagged entry once it has
+    /// exactly W + 1 newer tokens.
+    fn oracle_kept(flags: &[bool], window: usize) -> Vec<Pos> {
+        let mut list: Vec<(Pos, bool)> = Vec::new();
+        for (t, _) in flags.iter().enumerate() {
+            if let Some(last) = list.last_mut() {
+                last.1 = flags[t - 1];
+            }
+            list.push((t as Pos, false));
+            if list.len() > window + 1 {
+                let i = list.len() - window - 2;
+                if list[i].1 {
+                    list.remove(i);
+                }
+            }
+        }
+        list.iter().map(|e| e.0).collect()
+    }
+
+    #[test]
+    fn kept_after_prompt_matches_the_sequential_oracle() {
+        for (t, window, rate) in [(1, 0, 0.5), (5, 0, 1.0), (40, 3, 0.5), (40, 8, 0.9), (12, 20, 0.7), (64, 1, 0.3)] {
+            let mut flags = vec![0f32; t * 2];
+            for p in 0..t.saturating_sub(1) {
+                for h in 0..2 {
+                    flags[p * 2 + h] = (random_flag_unit(3, 0, h, p as Pos) < rate) as u8 as f32;
+                }
+            }
+            let kept = kept_after_prompt(&flags, t, 2, window);
+            for h in 0..2 {
+                let f: Vec<bool> = (0..t).map(|p| flags[p * 2 + h] == 1.0).collect();
+                assert_eq!(kept[h], oracle_kept(&f, window), "t {t} W {window} head {h}");
+            }
+        }
+    }
+
+    #[test]
+    fn masked_attention_matches_a_per_query_loop() {
+        let dev = Device::Cpu;
+        let (t, nh, nkv, d, w) = (23, 4, 2, 8, 3);
+        let q = Tensor::randn(0f32, 1.0, (t, nh, d), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (t, nkv, d), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (t, nkv, d), &dev).unwrap();
+        let flags = prompt_flags(&PromptFlags::Random { seed: 1, rate: 0.6 }, 0, t, nkv, None, &dev).unwrap();
+        let got = masked_prompt_attention(&q, &k, &v, &flags, w, 0.3).unwrap().to_vec3::<f32>().unwrap();
+        let (qv, kv, vv) = (q.to_vec3::<f32>().unwrap(), k.to_vec3::<f32>().unwrap(), v.to_vec3::<f32>().unwrap());
+        let fv = flags.to_vec2::<f32>().unwrap();
+        for i in 0..t {
+            for hq in 0..nh {
+                let h = hq / (nh / nkv);
+                let vis: Vec<usize> = (0..=i).filter(|&j| fv[j][h] == 0.0 || i <= j + w).collect();
+                let s: Vec<f32> =
+                    vis.iter().map(|&j| 0.3 * (0..d).map(|e| qv[i][hq][e] * kv[j][h][e]).sum::<f32>()).collect();
+                let m = s.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let z: f32 = s.iter().map(|x| (x - m).exp()).sum();
+                for e in 0..d {
+                    let want: f32 = vis.iter().zip(&s).map(|(&j, x)| (x - m).exp() / z * vv[j][h][e]).sum();
+                    assert!((got[i][hq][e] - want).abs() < 1e-5, "query {i} head {hq} dim {e}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn learned_flags_shift_by_one_and_leave_the_last_token_open() {
+        let dev = Device::Cpu;
+        let s = Tensor::new(&[[0.06f32, 0.0], [0.04, 0.07], [0.09, 0.01]], &dev).unwrap();
+        let f = prompt_flags(&PromptFlags::Learned { scale: 100.0, offset: 5.0 }, 0, 3, 2, Some(&s), &dev).unwrap();
+        assert_eq!(f.to_vec2::<f32>().unwrap(), vec![vec![0.0, 1.0], vec![1.0, 0.0], vec![0.0, 0.0]]);
+        assert!(prompt_flags(&PromptFlags::Learned { scale: 1.0, offset: 0.0 }, 0, 3, 2, None, &dev).is_err());
+    }
+}

@@ -16,6 +16,7 @@ use dms_integration::engine::load_model;
 use dms_integration::gpu::{Decisions, GpuCache, GpuCacheShape, RowInit, StepDecisions};
 use dms_integration::kv_store::KvStore;
 use dms_integration::model::{Arch, Llama, ModelConfig};
+use dms_integration::prefill::{kept_after_prompt, prompt_flags, PromptFlags};
 use dms_policy::policies::random_flag_unit;
 use dms_policy::{CacheShape, Registry};
 use serde_json::json;
@@ -55,6 +56,22 @@ enum Cmd {
         #[arg(long, default_value_t = 8)]
         steps: usize,
     },
+    /// Real prompts end to end at batch 1: the masked one-pass prefill into the device cache,
+    /// then decode steps from the cache it left (full vs DMS CR 8 at random decisions).
+    Prefill {
+        /// JSON output file.
+        #[arg(long, default_value = "gpu-prefill.json")]
+        out: String,
+        /// Model shape (llama3.1-8b, qwen3-8b, smollm2-135m).
+        #[arg(long, default_value = "llama3.1-8b")]
+        model: String,
+        /// Comma-separated prompt lengths.
+        #[arg(long, default_value = "4096,16384,32768")]
+        contexts: String,
+        /// Timed decode steps after each prompt.
+        #[arg(long, default_value_t = 8)]
+        steps: usize,
+    },
 }
 
 fn rng_vec(seed: u64, n: usize) -> Vec<f32> {
@@ -73,8 +90,10 @@ fn round_bf16(v: &[f32]) -> Vec<f32> {
     v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect()
 }
 
-/// Device cache + kernels against the CPU store, policy and attention, random decisions.
-fn check_kernels(dev: &Device, dtype: DType) -> Result<(f32, usize)> {
+/// Device cache + kernels against the CPU store, policy and attention, random decisions. Each
+/// sequence `b` first gets a prompt of `prompts[b]` tokens through the prefill kernels (checked
+/// against [`kept_after_prompt`] and the stored K/V), then 60 decode steps.
+fn check_kernels(dev: &Device, dtype: DType, prompts: &[usize]) -> Result<(f32, usize)> {
     let (layers, batch, kv, g, d, bs, w) = (2usize, 3usize, 2usize, 3usize, 64usize, 4usize, 5usize);
     let (seed, rate) = (3u64, 0.5f64);
     let shape = GpuCacheShape {
@@ -96,6 +115,40 @@ fn check_kernels(dev: &Device, dtype: DType) -> Result<(f32, usize)> {
         .map(|_| SequenceCache::new(factory.as_ref(), CacheShape { n_layers: layers, rows_per_layer: kv }, &mut store))
         .collect();
     let bf = dtype == DType::BF16;
+    if prompts.len() != batch {
+        bail!("{} prompt lengths for a batch of {batch}", prompts.len());
+    }
+    let round = |v: Vec<f32>| if bf { round_bf16(&v) } else { v };
+    for layer in 0..layers {
+        for (b, &t) in prompts.iter().enumerate().filter(|(_, &t)| t > 0) {
+            let kn = round(rng_vec((1000 + layer * 10 + b) as u64 * 3 + 1, t * kv * d));
+            let vn = round(rng_vec((1000 + layer * 10 + b) as u64 * 3 + 2, t * kv * d));
+            let kt = Tensor::from_vec(kn.clone(), (t, kv, d), dev)?.to_dtype(dtype)?;
+            let vt = Tensor::from_vec(vn.clone(), (t, kv, d), dev)?.to_dtype(dtype)?;
+            let flags = prompt_flags(&PromptFlags::Random { seed, rate }, layer, t, kv, None, dev)?;
+            gpu.insert_prompt(layer, b, &kt, &vt, &flags)?;
+            seqs[b].append(layer, &mut store, &kn, &vn, None)?;
+            seqs[b].compact(layer, &mut store)?;
+            let want = kept_after_prompt(&flags.flatten_all()?.to_vec1::<f32>()?, t, kv, w);
+            let all = gpu.kept_positions()?;
+            for (h, want) in want.iter().enumerate() {
+                let r = layer * batch * kv + b * kv + h;
+                if &all[r] != want {
+                    bail!("prefill kept positions differ at layer {layer} seq {b} head {h}: gpu {:?} want {want:?}", all[r]);
+                }
+                let (ks, vs) = gpu.row_kv(r)?;
+                for (i, &p) in want.iter().enumerate() {
+                    let at = (p as usize * kv + h) * d;
+                    if ks[i * d..(i + 1) * d] != kn[at..at + d] || vs[i * d..(i + 1) * d] != vn[at..at + d] {
+                        bail!("prefill stored the wrong K/V for position {p} at layer {layer} seq {b} head {h}");
+                    }
+                }
+            }
+        }
+    }
+    for (b, &t) in prompts.iter().enumerate() {
+        seqs[b].advance(t);
+    }
     let mut worst = 0f32;
     let steps = 60;
     for step in 0..steps {
@@ -119,7 +172,7 @@ fn check_kernels(dev: &Device, dtype: DType) -> Result<(f32, usize)> {
                 for (h, &row) in seq.layer_rows(layer).iter().enumerate() {
                     let qs = &qc[(b * kv + h) * g * d..(b * kv + h + 1) * g * d];
                     let mut o = vec![0f32; g * d];
-                    decode_row(&store, row, qs, step as u32, 0.125, &mut o);
+                    decode_row(&store, row, qs, (prompts[b] + step) as u32, 0.125, &mut o);
                     let got = &out[(b * kv + h) * g * d..(b * kv + h + 1) * g * d];
                     for (x, y) in o.iter().zip(got) {
                         worst = worst.max((x - y).abs());
@@ -149,8 +202,9 @@ fn check_kernels(dev: &Device, dtype: DType) -> Result<(f32, usize)> {
     Ok((worst, compared))
 }
 
-/// The NVIDIA-reference DMS fixture decoded token by token on the GPU (f32).
-fn check_fixture(dev: &Device, root: &str, variant: &str) -> Result<(f32, usize)> {
+/// The NVIDIA-reference DMS fixture on the GPU (f32): the prompt token by token through the
+/// decode path, or in one pass through the masked prefill (`prefill`), then 24 decode steps.
+fn check_fixture(dev: &Device, root: &str, variant: &str, prefill: bool) -> Result<(f32, usize)> {
     let dir = std::path::Path::new(root).join("qwen3_dms_tiny").join(variant);
     let model = load_model(&dir.join("model"), dev, false)?.model;
     let bytes = std::fs::read(dir.join("golden.safetensors"))?;
@@ -175,7 +229,7 @@ fn check_fixture(dev: &Device, root: &str, variant: &str) -> Result<(f32, usize)
     let prompt: Vec<u32> = ints("prompt_ids")?.into_iter().map(|x| x as u32).collect();
     let generated: Vec<u32> = ints("generated_ids")?.into_iter().map(|x| x as u32).collect();
     let vocab = model.config().vocab_size;
-    let prefill = floats("prefill_logits", vocab)?;
+    let prefill_logits = floats("prefill_logits", vocab)?;
     let decode = floats("decode_step_logits", vocab)?;
     let presence = ints("cache_presence")?;
     let cfg = model.config().clone();
@@ -199,12 +253,29 @@ fn check_fixture(dev: &Device, root: &str, variant: &str) -> Result<(f32, usize)
     tokens.extend_from_slice(&generated[..24]);
     let mut worst = 0f32;
     let mut states = 0;
-    for (t, &tok) in tokens.iter().enumerate() {
-        let logits =
-            model.forward_gpu_decode(&[tok], &[t as u32], &mut cache, &dec, t + 1)?.squeeze(0)?.to_vec1::<f32>()?;
-        let want = if t < 48 { &prefill[t] } else { &decode[t - 48] };
-        for (x, y) in logits.iter().zip(want) {
+    let mut compare = |got: &[f32], want: &[f32]| {
+        for (x, y) in got.iter().zip(want) {
             worst = worst.max((x - y).abs());
+        }
+    };
+    let first = if prefill {
+        let StepDecisions::Learned { scale, offset } = dec else { unreachable!("learned decisions above") };
+        let all = model.forward_gpu_prefill(&prompt, 0, &mut cache, &PromptFlags::Learned { scale, offset }, true)?;
+        for (t, row) in all.to_vec2::<f32>()?.iter().enumerate() {
+            compare(row, &prefill_logits[t]);
+        }
+        prompt.len() - 1
+    } else {
+        0
+    };
+    for (t, &tok) in tokens.iter().enumerate() {
+        if prefill && t < first {
+            continue;
+        }
+        if !(prefill && t == first) {
+            let logits =
+                model.forward_gpu_decode(&[tok], &[t as u32], &mut cache, &dec, t + 1)?.squeeze(0)?.to_vec1::<f32>()?;
+            compare(&logits, if t < 48 { &prefill_logits[t] } else { &decode[t - 48] });
         }
         if t >= 47 {
             let state = t - 47;
@@ -274,6 +345,103 @@ fn copy_bandwidth(dev: &Device) -> Result<f64> {
     Ok((2 * n * 4 * reps) as f64 / t.elapsed().as_secs_f64())
 }
 
+/// Flag rate that leaves `ctx / cr` tokens per row after a prompt of `ctx` tokens with window
+/// `w` (the last `w + 1` are always kept), and the tokens kept.
+fn rate_for_cr(cr: f64, ctx: usize, w: usize) -> (f64, usize) {
+    if cr <= 1.0 || ctx <= w + 1 {
+        return (0.0, ctx);
+    }
+    let p = ((1.0 - 1.0 / cr) / (1.0 - (w + 1) as f64 / ctx as f64)).clamp(0.0, 1.0);
+    (p, ((1.0 - p) * (ctx - w - 1) as f64).round() as usize + w + 1)
+}
+
+/// Real prompts at batch 1: masked prefill time, then decode from the cache it left.
+fn bench_prefill(dev: &Device, out: &str, mname: &str, contexts: &str, steps: usize) -> Result<()> {
+    let cfg = model_shape(mname)?;
+    let model = Llama::random(cfg.clone(), dev, DType::BF16)?;
+    let (w, bs) = (512usize, 64usize);
+    let cd = match dev {
+        Device::Cuda(c) => c.clone(),
+        _ => bail!("cuda"),
+    };
+    let sync = || cd.cuda_stream().synchronize().map_err(|e| anyhow::anyhow!("{e:?}"));
+    let mut rows = Vec::new();
+    for ctx in contexts.split(',').map(|c| c.trim().parse::<usize>()) {
+        let ctx = ctx?;
+        let prompt: Vec<u32> = (0..ctx).map(|i| (i * 7919 % (cfg.vocab_size - 10)) as u32 + 5).collect();
+        let mut full = (0f64, 0f64);
+        for arm in [Arm { name: "full", cr: 1.0 }, Arm { name: "dms_cr8", cr: 8.0 }] {
+            let (rate, _) = rate_for_cr(arm.cr, ctx, w);
+            let max_blocks = (ctx + steps + 4).div_ceil(bs);
+            let shape = GpuCacheShape {
+                layers: cfg.num_layers,
+                batch: 1,
+                kv_heads: cfg.num_kv_heads,
+                head_dim: cfg.head_dim,
+                block_size: bs,
+                window: w,
+                max_blocks_per_row: max_blocks,
+                num_blocks: cfg.num_layers * cfg.num_kv_heads * max_blocks,
+            };
+            let mut cache = GpuCache::new(dev, DType::BF16, shape)?;
+            let (flags, dec) = if rate > 0.0 {
+                (PromptFlags::Random { seed: 7, rate }, StepDecisions::Random { seed: 7, rate })
+            } else {
+                (PromptFlags::None, StepDecisions::None)
+            };
+            sync()?;
+            let t0 = Instant::now();
+            let logits = model.forward_gpu_prefill(&prompt, 0, &mut cache, &flags, false)?;
+            sync()?;
+            let prefill_s = t0.elapsed().as_secs_f64();
+            let mut tok = dms_integration::engine::argmax(&logits.squeeze(0)?.to_vec1::<f32>()?);
+            cache.check()?;
+            let kept = cache.row_lengths()?;
+            let cr_after_prompt = ctx as f64 * kept.len() as f64 / kept.iter().map(|&x| x as f64).sum::<f64>();
+            let kv_gib = cache.bytes_live()? as f64 / (1u64 << 30) as f64;
+            sync()?;
+            let t1 = Instant::now();
+            for i in 0..steps {
+                let l = model.forward_gpu_decode(&[tok], &[(ctx + i) as u32], &mut cache, &dec, ctx + i + 1)?;
+                tok = dms_integration::engine::argmax(&l.squeeze(0)?.to_vec1::<f32>()?);
+            }
+            sync()?;
+            let step_ms = t1.elapsed().as_secs_f64() * 1e3 / steps.max(1) as f64;
+            cache.check()?;
+            let tps = ctx as f64 / prefill_s;
+            if arm.cr <= 1.0 {
+                full = (tps, step_ms);
+            }
+            let r = json!({"model": mname, "context": ctx, "arm": arm.name, "prefill_s": prefill_s,
+                "prefill_tok_s": tps, "prefill_vs_full": tps / full.0, "decode_step_ms": step_ms,
+                "decode_speedup_vs_full": full.1 / step_ms, "kv_gib_after_prompt": kv_gib,
+                "cr_after_prompt": cr_after_prompt});
+            eprintln!("{r}");
+            rows.push(r);
+        }
+    }
+    std::fs::write(out, serde_json::to_string_pretty(&json!({"window": w, "block_size": bs, "rows": rows}))?)?;
+    println!("\n| model | prompt | arm | prefill s | prefill tok/s | vs full | decode step ms | decode vs full | KV GiB | CR |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for r in &rows {
+        let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
+        println!(
+            "| {} | {} | {} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            r["model"].as_str().unwrap_or(""),
+            r["context"],
+            r["arm"].as_str().unwrap_or(""),
+            f("prefill_s"),
+            f("prefill_tok_s"),
+            f("prefill_vs_full"),
+            f("decode_step_ms"),
+            f("decode_speedup_vs_full"),
+            f("kv_gib_after_prompt"),
+            f("cr_after_prompt")
+        );
+    }
+    Ok(())
+}
+
 struct Arm {
     name: &'static str,
     cr: f64,
@@ -293,12 +461,7 @@ fn bench_one(
     let cfg = model.config();
     let (layers, kv) = (cfg.num_layers, cfg.num_kv_heads);
     let rows = batch * kv;
-    let (rate, kept) = if arm.cr <= 1.0 {
-        (0.0, ctx)
-    } else {
-        let p = ((1.0 - 1.0 / arm.cr) / (1.0 - (w + 1) as f64 / ctx as f64)).clamp(0.0, 1.0);
-        (p, ((1.0 - p) * (ctx - w - 1) as f64).round() as usize + w + 1)
-    };
+    let (rate, kept) = rate_for_cr(arm.cr, ctx, w);
     let wc = w + 1;
     let cap_tokens = kept + steps + 4;
     let max_blocks = cap_tokens.div_ceil(bs);
@@ -445,27 +608,35 @@ fn main() -> Result<()> {
     let dev = Device::new_cuda(0)?;
     match cli.cmd {
         Cmd::Check { fixtures } => {
-            let (e32, n32) = check_kernels(&dev, DType::F32)?;
-            println!("kernels f32: max abs error vs CPU {e32:.2e} over 60 steps, kept sets equal on {n32} rows");
-            if e32 > 1e-4 {
-                bail!("f32 kernel error {e32} above 1e-4");
-            }
-            let (e16, n16) = check_kernels(&dev, DType::BF16)?;
-            println!(
-                "kernels bf16: max abs error vs CPU (bf16-rounded inputs) {e16:.2e}, kept sets equal on {n16} rows"
-            );
-            if e16 > 2e-2 {
-                bail!("bf16 kernel error {e16} above 2e-2");
+            for (prompts, what) in [([0, 0, 0], "decode only"), ([3, 17, 40], "prompts of 3/17/40 tokens prefilled")] {
+                let (e32, n32) = check_kernels(&dev, DType::F32, &prompts)?;
+                println!(
+                    "kernels f32 ({what}): max abs error vs CPU {e32:.2e} over 60 steps, kept sets equal on {n32} rows"
+                );
+                if e32 > 1e-4 {
+                    bail!("f32 kernel error {e32} above 1e-4");
+                }
+                let (e16, n16) = check_kernels(&dev, DType::BF16, &prompts)?;
+                println!(
+                    "kernels bf16 ({what}): max abs error vs CPU (bf16-rounded inputs) {e16:.2e}, kept sets equal on {n16} rows"
+                );
+                if e16 > 2e-2 {
+                    bail!("bf16 kernel error {e16} above 2e-2");
+                }
             }
             for v in ["variant_query_neuron", "variant_separate_alpha"] {
-                let (e, s) = check_fixture(&dev, &fixtures, v)?;
-                println!("NVIDIA DMS fixture {v} on GPU: logits max abs error {e:.2e} over 72 positions, kept sets equal in {s} states");
-                if e > 1e-3 {
-                    bail!("{v}: GPU logits error {e} above 1e-3");
+                for prefill in [false, true] {
+                    let (e, s) = check_fixture(&dev, &fixtures, v, prefill)?;
+                    let how = if prefill { "masked one-pass prefill" } else { "prompt token by token" };
+                    println!("NVIDIA DMS fixture {v} on GPU ({how}): logits max abs error {e:.2e} over 72 positions, kept sets equal in {s} states");
+                    if e > 1e-3 {
+                        bail!("{v} ({how}): GPU logits error {e} above 1e-3");
+                    }
                 }
             }
             println!("GPU CHECKS PASSED");
         }
+        Cmd::Prefill { out, model, contexts, steps } => bench_prefill(&dev, &out, &model, &contexts, steps)?,
         Cmd::Bench { out, budget_gib, max_batch, contexts, models, steps } => {
             bench(&dev, &out, budget_gib, max_batch, &contexts, &models, steps)?;
         }

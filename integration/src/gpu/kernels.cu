@@ -259,6 +259,90 @@ __device__ void decode_reduce(int kv_heads, int g_heads, int d_head, int splits,
     }
 }
 
+// A prompt of T tokens into the empty rows of one sequence (rule 4.2): every unflagged token and
+// the last W+1 tokens are kept, in prompt order; the last W+1 enter the ring with their flags so
+// that their delayed evictions happen during decoding. Takes the row's blocks from the free list,
+// sets lengths, positions and pool positions, and writes each token's pool address (-1 if
+// dropped) to dst[h * T + t] for dms_prefill_write. grid = kv_heads, block = 256 (whole warps).
+// `flags` is f32 [T, kv_heads] (1 = flagged); pointers are already offset to the layer.
+extern "C" __global__ void dms_prefill_plan(int kv_heads, int bs, int wc, int max_blocks, int seq, int T,
+                                            const float* flags, int* block_table, int* row_len, int* row_pos,
+                                            int* ring_slot, unsigned char* ring_flag, int* pool_pos,
+                                            const int* free_list, int* free_top, int* err, long long* dst) {
+    int h = blockIdx.x, r = seq * kv_heads + h;
+    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
+    __shared__ int s_count, s_ok, s_base;
+    __shared__ int s_warp[32];
+    int ring_start = T - wc;
+    if (tid == 0) {
+        s_ok = (row_len[r] == 0 && row_pos[r] == 0);
+        if (!s_ok) atomicExch(err, 2);
+        s_count = 0;
+        s_base = 0;
+    }
+    __syncthreads();
+    if (!s_ok) return;
+    int mine = 0;
+    for (int t = tid; t < T; t += blockDim.x) mine += (t >= ring_start || flags[(long long)t * kv_heads + h] == 0.0f);
+    atomicAdd(&s_count, mine);
+    __syncthreads();
+    int* table = block_table + (long long)r * max_blocks;
+    if (tid == 0) {
+        int n = s_count, nb = (n + bs - 1) / bs;
+        int top = atomicSub(free_top, nb) - nb;
+        if (nb > max_blocks || top < 0) {
+            atomicExch(err, 1);
+            s_ok = 0;
+        } else {
+            for (int b = 0; b < nb; b++) table[b] = free_list[top + b];
+            row_len[r] = n;
+            row_pos[r] = T;
+        }
+    }
+    __syncthreads();
+    if (!s_ok) return;
+    for (int t0 = 0; t0 < T; t0 += blockDim.x) {
+        int t = t0 + tid;
+        bool flagged = t < T && flags[(long long)t * kv_heads + h] != 0.0f;
+        bool keep = t < T && (t >= ring_start || !flagged);
+        unsigned int m = __ballot_sync(0xffffffffu, keep);
+        if (lane == 0) s_warp[warp] = __popc(m);
+        __syncthreads();
+        if (keep) {
+            int slot = s_base + __popc(m & ((1u << lane) - 1u));
+            for (int w = 0; w < warp; w++) slot += s_warp[w];
+            long long addr = (long long)table[slot / bs] * bs + slot % bs;
+            pool_pos[addr] = t;
+            dst[(long long)h * T + t] = addr;
+            if (t >= ring_start) {
+                ring_slot[(long long)r * wc + t % wc] = slot;
+                ring_flag[(long long)r * wc + t % wc] = flagged ? 1 : 0;
+            }
+        } else if (t < T) {
+            dst[(long long)h * T + t] = -1;
+        }
+        __syncthreads();
+        if (tid == 0)
+            for (int w = 0; w < nwarps; w++) s_base += s_warp[w];
+        __syncthreads();
+    }
+}
+
+// Copies the kept prompt tokens' K and V ([T, kv_heads, D]) to their pool addresses.
+// grid = (T, kv_heads), block = min(D, 256).
+template <typename T>
+__device__ void prefill_write(int kv_heads, int d_head, int n_tok, const long long* dst, const T* k, const T* v,
+                              T* k_pool, T* v_pool) {
+    int t = blockIdx.x, h = blockIdx.y;
+    long long a = dst[(long long)h * n_tok + t];
+    if (a < 0) return;
+    long long src = ((long long)t * kv_heads + h) * d_head;
+    for (int i = threadIdx.x; i < d_head; i += blockDim.x) {
+        k_pool[a * d_head + i] = k[src + i];
+        v_pool[a * d_head + i] = v[src + i];
+    }
+}
+
 #define INSTANTIATE(T, SUF)                                                                          \
 extern "C" __global__ void dms_decode_update_##SUF(                                                  \
     int kv_heads, int d_head, int bs, int wc, int max_blocks, int layer, const T* k_new,             \
@@ -274,6 +358,10 @@ extern "C" __global__ void dms_decode_reduce_##SUF(                             
     int kv_heads, int g_heads, int d_head, int splits, const float* part_acc, const float* part_m,   \
     const float* part_l, T* out) {                                                                   \
     decode_reduce<T>(kv_heads, g_heads, d_head, splits, part_acc, part_m, part_l, out);              \
+}                                                                                                    \
+extern "C" __global__ void dms_prefill_write_##SUF(int kv_heads, int d_head, int n_tok,              \
+    const long long* dst, const T* k, const T* v, T* k_pool, T* v_pool) {                            \
+    prefill_write<T>(kv_heads, d_head, n_tok, dst, k, v, k_pool, v_pool);                            \
 }
 
 INSTANTIATE(float, f32)

@@ -322,6 +322,95 @@ impl GpuCache {
         Ok(())
     }
 
+    /// Element type of the pools.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Stores a prompt of sequence `seq` in `layer` (rule 4.2): keys and values `[T, kv_heads,
+    /// head_dim]` (contiguous, cache dtype), flags `[T, kv_heads]` f32 (1 = flagged, from
+    /// [`crate::prefill::prompt_flags`]). Keeps every unflagged token and the last W + 1 tokens,
+    /// which enter the ring with their flags; the sequence's rows of this layer must be empty.
+    /// Two kernels, no host round trip.
+    pub fn insert_prompt(&mut self, layer: usize, seq: usize, k: &Tensor, v: &Tensor, flags: &Tensor) -> Result<()> {
+        let s = self.shape;
+        let (t, kv, d) = k.dims3()?;
+        if layer >= s.layers || seq >= s.batch {
+            bail!("layer {layer} / sequence {seq} outside the cache ({} layers, batch {})", s.layers, s.batch);
+        }
+        if kv != s.kv_heads || d != s.head_dim || v.dims() != k.dims() || t == 0 {
+            bail!("prompt K/V have shapes {:?} / {:?}, expected [T >= 1, {}, {}]", k.dims(), v.dims(), s.kv_heads, s.head_dim);
+        }
+        if k.dtype() != self.dtype || v.dtype() != self.dtype {
+            bail!("prompt K/V are {:?}, the cache holds {:?}", k.dtype(), self.dtype);
+        }
+        if flags.dims() != [t, kv] || flags.dtype() != DType::F32 {
+            bail!("prompt flags are {:?} {:?}, expected f32 [{t}, {kv}]", flags.dtype(), flags.dims());
+        }
+        let flags = flags.contiguous()?;
+        let rows = s.rows();
+        let wc = s.window + 1;
+        let ro = layer * rows;
+        let mb = s.max_blocks_per_row;
+        let mut dst = drv(self.stream.alloc_zeros::<i64>(t * kv))?;
+        let plan = self
+            .dev
+            .get_or_load_custom_func("dms_prefill_plan", MODULE, PTX)
+            .context("loading kernel dms_prefill_plan")?
+            .into_cuda_function();
+        let write = self.func("dms_prefill_write")?;
+        let (kvi, bs, wci, mbi, seqi, ti, di) =
+            (kv as i32, s.block_size as i32, wc as i32, mb as i32, seq as i32, t as i32, d as i32);
+        let table = self.block_table.slice(ro * mb..(ro + rows) * mb);
+        let lens = self.row_len.slice(ro..ro + rows);
+        let pos = self.row_pos.slice(ro..ro + rows);
+        let rs = self.ring_slot.slice(ro * wc..(ro + rows) * wc);
+        let rf = self.ring_flag.slice(ro * wc..(ro + rows) * wc);
+        let c1 = LaunchConfig { grid_dim: (kv as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        with_slice!(&flags, f32, |fl| {
+            let mut b = self.stream.launch_builder(&plan);
+            b.arg(&kvi)
+                .arg(&bs)
+                .arg(&wci)
+                .arg(&mbi)
+                .arg(&seqi)
+                .arg(&ti)
+                .arg(&fl)
+                .arg(&table)
+                .arg(&lens)
+                .arg(&pos)
+                .arg(&rs)
+                .arg(&rf)
+                .arg(&self.pool_pos)
+                .arg(&self.free_list)
+                .arg(&self.free_top)
+                .arg(&self.err)
+                .arg(&mut dst);
+            drv(unsafe { b.launch(c1) })?;
+        });
+        let c2 =
+            LaunchConfig { grid_dim: (t as u32, kv as u32, 1), block_dim: (d.min(256) as u32, 1, 1), shared_mem_bytes: 0 };
+        macro_rules! go {
+            ($ty:ty) => {
+                with_slice!(k, $ty, |ks| with_slice!(v, $ty, |vs| with_slice!(&self.k_pool, $ty, |kp| with_slice!(
+                    &self.v_pool,
+                    $ty,
+                    |vp| {
+                        let mut b = self.stream.launch_builder(&write);
+                        b.arg(&kvi).arg(&di).arg(&ti).arg(&dst).arg(&ks).arg(&vs).arg(&kp).arg(&vp);
+                        drv(unsafe { b.launch(c2) })?;
+                    }
+                ))))
+            };
+        }
+        if self.dtype == DType::F32 {
+            go!(f32)
+        } else {
+            go!(half::bf16)
+        }
+        Ok(())
+    }
+
     /// Decode attention of `q` (`[batch, n_heads, head_dim]`) over the rows of `layer`.
     pub fn attend(&mut self, layer: usize, q: &Tensor, scale: f32, max_len_hint: usize) -> Result<Tensor> {
         let s = self.shape;
@@ -404,11 +493,13 @@ impl GpuCache {
         Ok(out)
     }
 
-    /// Fails if any kernel ran out of blocks.
+    /// Fails if any kernel ran out of blocks or prefilled a non-empty sequence.
     pub fn check(&self) -> Result<()> {
         let e = drv(self.stream.clone_dtoh(&self.err))?;
-        if e[0] != 0 {
-            bail!("the GPU KV cache ran out of blocks");
+        match e[0] {
+            0 => {}
+            2 => bail!("a prompt was written into rows that already hold tokens (GPU prefill needs an empty sequence)"),
+            _ => bail!("the GPU KV cache ran out of blocks"),
         }
         Ok(())
     }

@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 use dms_integration::attention::decode_row;
 use dms_integration::cache::SequenceCache;
 use dms_integration::engine::load_model;
-use dms_integration::gpu::{Decisions, GpuCache, GpuCacheShape, RowInit, StepDecisions};
+use dms_integration::gpu::{AttnKernel, AttnTuning, Decisions, GpuCache, GpuCacheShape, RowInit, StepDecisions};
 use dms_integration::kv_store::KvStore;
 use dms_integration::model::{Arch, Llama, ModelConfig};
 use dms_integration::prefill::{kept_after_prompt, prompt_flags, PromptFlags};
@@ -55,6 +55,36 @@ enum Cmd {
         /// Timed decode steps per configuration.
         #[arg(long, default_value_t = 8)]
         steps: usize,
+        /// First-pass decode kernel: tiled or warps.
+        #[arg(long, default_value = "tiled")]
+        kernel: String,
+        /// Blocks the decode grid aims for (rows x splits).
+        #[arg(long, default_value_t = 1056)]
+        target_blocks: usize,
+    },
+    /// Decode kernels and grid sizes side by side at the memory limit.
+    Tune {
+        /// JSON output file.
+        #[arg(long, default_value = "gpu-tune.json")]
+        out: String,
+        /// Comma-separated model shapes.
+        #[arg(long, default_value = "llama3.1-8b")]
+        models: String,
+        /// Context.
+        #[arg(long, default_value_t = 32768)]
+        context: usize,
+        /// KV memory budget in GiB.
+        #[arg(long, default_value_t = 64.0)]
+        budget_gib: f64,
+        /// Largest batch actually timed.
+        #[arg(long, default_value_t = 512)]
+        max_batch: usize,
+        /// Timed decode steps per configuration.
+        #[arg(long, default_value_t = 8)]
+        steps: usize,
+        /// Comma-separated grid targets (blocks).
+        #[arg(long, default_value = "1056,2112,4224")]
+        blocks: String,
     },
     /// Real prompts end to end at batch 1: the masked one-pass prefill into the device cache,
     /// then decode steps from the cache it left (full vs DMS CR 8 at random decisions).
@@ -93,7 +123,7 @@ fn round_bf16(v: &[f32]) -> Vec<f32> {
 /// Device cache + kernels against the CPU store, policy and attention, random decisions. Each
 /// sequence `b` first gets a prompt of `prompts[b]` tokens through the prefill kernels (checked
 /// against [`kept_after_prompt`] and the stored K/V), then 60 decode steps.
-fn check_kernels(dev: &Device, dtype: DType, prompts: &[usize]) -> Result<(f32, usize)> {
+fn check_kernels(dev: &Device, dtype: DType, prompts: &[usize], tuning: AttnTuning) -> Result<(f32, usize)> {
     let (layers, batch, kv, g, d, bs, w) = (2usize, 3usize, 2usize, 3usize, 64usize, 4usize, 5usize);
     let (seed, rate) = (3u64, 0.5f64);
     let shape = GpuCacheShape {
@@ -107,6 +137,7 @@ fn check_kernels(dev: &Device, dtype: DType, prompts: &[usize]) -> Result<(f32, 
         num_blocks: 4096,
     };
     let mut gpu = GpuCache::new(dev, dtype, shape)?;
+    gpu.set_tuning(tuning);
     let factory = Registry::with_builtins().build(&toml::from_str(&format!(
         "name='dms'\nwindow={w}\ndecision='random'\nevict_rate={rate}\nseed={seed}"
     ))?)?;
@@ -134,7 +165,10 @@ fn check_kernels(dev: &Device, dtype: DType, prompts: &[usize]) -> Result<(f32, 
             for (h, want) in want.iter().enumerate() {
                 let r = layer * batch * kv + b * kv + h;
                 if &all[r] != want {
-                    bail!("prefill kept positions differ at layer {layer} seq {b} head {h}: gpu {:?} want {want:?}", all[r]);
+                    bail!(
+                        "prefill kept positions differ at layer {layer} seq {b} head {h}: gpu {:?} want {want:?}",
+                        all[r]
+                    );
                 }
                 let (ks, vs) = gpu.row_kv(r)?;
                 for (i, &p) in want.iter().enumerate() {
@@ -204,7 +238,7 @@ fn check_kernels(dev: &Device, dtype: DType, prompts: &[usize]) -> Result<(f32, 
 
 /// The NVIDIA-reference DMS fixture on the GPU (f32): the prompt token by token through the
 /// decode path, or in one pass through the masked prefill (`prefill`), then 24 decode steps.
-fn check_fixture(dev: &Device, root: &str, variant: &str, prefill: bool) -> Result<(f32, usize)> {
+fn check_fixture(dev: &Device, root: &str, variant: &str, prefill: bool, tuning: AttnTuning) -> Result<(f32, usize)> {
     let dir = std::path::Path::new(root).join("qwen3_dms_tiny").join(variant);
     let model = load_model(&dir.join("model"), dev, false)?.model;
     let bytes = std::fs::read(dir.join("golden.safetensors"))?;
@@ -245,6 +279,7 @@ fn check_fixture(dev: &Device, root: &str, variant: &str, prefill: bool) -> Resu
         num_blocks: 1024,
     };
     let mut cache = GpuCache::new(dev, DType::F32, shape)?;
+    cache.set_tuning(tuning);
     let dec = StepDecisions::Learned {
         scale: cfg.dms.dms_alpha_scale.unwrap_or(100.0),
         offset: cfg.dms.dms_initial_alpha_offset.unwrap_or(5.0),
@@ -457,6 +492,7 @@ fn bench_one(
     w: usize,
     bs: usize,
     steps: usize,
+    tuning: AttnTuning,
 ) -> Result<(f64, u64, f64)> {
     let cfg = model.config();
     let (layers, kv) = (cfg.num_layers, cfg.num_kv_heads);
@@ -494,6 +530,7 @@ fn bench_one(
         num_blocks: n_rows * max_blocks,
     };
     let mut cache = GpuCache::with_rows(dev, DType::BF16, shape, init)?;
+    cache.set_tuning(tuning);
     let dec = if rate > 0.0 { StepDecisions::Random { seed: 7, rate } } else { StepDecisions::None };
     let tokens: Vec<u32> = (0..batch).map(|i| (i * 31 % 1000) as u32 + 10).collect();
     let cd = match dev {
@@ -522,6 +559,88 @@ fn bench_one(
     Ok((step, live, measured_cr))
 }
 
+/// Largest batch whose bf16 cache (at `ctx / cr` tokens per row, block rounded) fits `budget` bytes.
+fn fit_batch(cfg: &ModelConfig, ctx: usize, cr: f64, steps: usize, bs: usize, budget: f64) -> usize {
+    let kept = if cr <= 1.0 { ctx } else { (ctx as f64 / cr).round() as usize };
+    let per_seq =
+        (cfg.num_layers * cfg.num_kv_heads * (kept + steps + 6).div_ceil(bs) * bs * 2 * cfg.head_dim * 2) as f64;
+    (budget / per_seq).floor() as usize
+}
+
+fn parse_kernel(name: &str) -> Result<AttnKernel> {
+    match name {
+        "tiled" => Ok(AttnKernel::Tiled),
+        "warps" => Ok(AttnKernel::Warps),
+        other => bail!("unknown decode kernel {other:?} (tiled or warps)"),
+    }
+}
+
+/// Decode kernel and grid size at the memory limit, side by side in one run.
+#[allow(clippy::too_many_arguments)]
+fn tune(
+    dev: &Device,
+    out: &str,
+    models: &str,
+    ctx: usize,
+    budget_gib: f64,
+    max_batch: usize,
+    steps: usize,
+    blocks: &str,
+) -> Result<()> {
+    let bw = copy_bandwidth(dev)?;
+    let (w, bs) = (512usize, 64usize);
+    let budget = budget_gib * (1u64 << 30) as f64;
+    let blocks: Vec<usize> = blocks.split(',').map(|b| b.trim().parse()).collect::<Result<_, _>>()?;
+    let mut rows = Vec::new();
+    for mname in models.split(',') {
+        let cfg = model_shape(mname)?;
+        let model = Llama::random(cfg.clone(), dev, DType::BF16)?;
+        let wbytes = model.weight_bytes() / 2;
+        for arm in [Arm { name: "full", cr: 1.0 }, Arm { name: "dms_cr8", cr: 8.0 }] {
+            let batch = fit_batch(&cfg, ctx, arm.cr, steps, bs, budget).min(max_batch);
+            if batch == 0 {
+                continue;
+            }
+            let mut base = 0f64;
+            for kernel in [AttnKernel::Tiled, AttnKernel::Warps] {
+                for &target_blocks in &blocks {
+                    let tuning = AttnTuning { kernel, target_blocks };
+                    let (step, live, _) = bench_one(dev, &model, ctx, &arm, batch, w, bs, steps, tuning)?;
+                    if base == 0.0 {
+                        base = step;
+                    }
+                    let floor = (wbytes + live) as f64 / bw;
+                    let r = json!({"model": mname, "context": ctx, "arm": arm.name, "batch": batch,
+                        "kernel": format!("{kernel:?}"), "target_blocks": target_blocks, "step_ms": step * 1e3,
+                        "floor_ms": floor * 1e3, "step_over_floor": step / floor, "speedup_vs_first": base / step});
+                    eprintln!("{r}");
+                    rows.push(r);
+                }
+            }
+        }
+    }
+    std::fs::write(out, serde_json::to_string_pretty(&json!({"copy_bandwidth_gb_s": bw / 1e9, "rows": rows}))?)?;
+    println!("\n| model | ctx | arm | batch | kernel | target blocks | step ms | x floor | speedup |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for r in &rows {
+        let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.2} |",
+            r["model"].as_str().unwrap_or(""),
+            r["context"],
+            r["arm"].as_str().unwrap_or(""),
+            r["batch"],
+            r["kernel"].as_str().unwrap_or(""),
+            r["target_blocks"],
+            f("step_ms"),
+            f("step_over_floor"),
+            f("speedup_vs_first")
+        );
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
 fn bench(
     dev: &Device,
     out: &str,
@@ -530,6 +649,7 @@ fn bench(
     contexts: &str,
     models: &str,
     steps: usize,
+    tuning: AttnTuning,
 ) -> Result<()> {
     let bw = copy_bandwidth(dev)?;
     println!("measured device copy bandwidth: {:.0} GB/s", bw / 1e9);
@@ -546,11 +666,7 @@ fn bench(
             let mut full_tps = [0f64; 2];
             let mut full_fit = 0usize;
             for arm in &arms {
-                let kept = if arm.cr <= 1.0 { ctx } else { (ctx as f64 / arm.cr).round() as usize };
-                let per_seq =
-                    (cfg.num_layers * cfg.num_kv_heads * (kept + steps + 6).div_ceil(bs) * bs * 2 * cfg.head_dim * 2)
-                        as f64;
-                let fit = (budget / per_seq).floor() as usize;
+                let fit = fit_batch(&cfg, ctx, arm.cr, steps, bs, budget);
                 if arm.cr <= 1.0 {
                     full_fit = fit;
                 }
@@ -558,7 +674,7 @@ fn bench(
                     if batch == 0 {
                         continue;
                     }
-                    let (step, live, cr) = bench_one(dev, &model, ctx, arm, batch, w, bs, steps)?;
+                    let (step, live, cr) = bench_one(dev, &model, ctx, arm, batch, w, bs, steps, tuning)?;
                     let tps = batch as f64 / step;
                     if arm.cr <= 1.0 {
                         full_tps[bi] = tps;
@@ -579,7 +695,8 @@ fn bench(
     std::fs::write(
         out,
         serde_json::to_string_pretty(&json!({"copy_bandwidth_gb_s": bw / 1e9, "budget_gib": budget_gib,
-        "window": w, "block_size": bs, "rows": rows}))?,
+        "window": w, "block_size": bs, "kernel": format!("{:?}", tuning.kernel),
+        "target_blocks": tuning.target_blocks, "rows": rows}))?,
     )?;
     println!("\n| model | ctx | arm | batch | fits | step ms | floor ms | x floor | tok/s | vs full | KV GiB | CR |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
@@ -608,37 +725,46 @@ fn main() -> Result<()> {
     let dev = Device::new_cuda(0)?;
     match cli.cmd {
         Cmd::Check { fixtures } => {
-            for (prompts, what) in [([0, 0, 0], "decode only"), ([3, 17, 40], "prompts of 3/17/40 tokens prefilled")] {
-                let (e32, n32) = check_kernels(&dev, DType::F32, &prompts)?;
-                println!(
-                    "kernels f32 ({what}): max abs error vs CPU {e32:.2e} over 60 steps, kept sets equal on {n32} rows"
-                );
-                if e32 > 1e-4 {
-                    bail!("f32 kernel error {e32} above 1e-4");
+            for kernel in [AttnKernel::Tiled, AttnKernel::Warps] {
+                let tuning = AttnTuning { kernel, ..AttnTuning::default() };
+                for (prompts, what) in
+                    [([0, 0, 0], "decode only"), ([3, 17, 40], "prompts of 3/17/40 tokens prefilled")]
+                {
+                    let (e32, n32) = check_kernels(&dev, DType::F32, &prompts, tuning)?;
+                    println!(
+                        "{kernel:?} kernels f32 ({what}): max abs error vs CPU {e32:.2e} over 60 steps, kept sets equal on {n32} rows"
+                    );
+                    if e32 > 1e-4 {
+                        bail!("{kernel:?} f32 kernel error {e32} above 1e-4");
+                    }
+                    let (e16, n16) = check_kernels(&dev, DType::BF16, &prompts, tuning)?;
+                    println!(
+                        "{kernel:?} kernels bf16 ({what}): max abs error vs CPU (bf16-rounded inputs) {e16:.2e}, kept sets equal on {n16} rows"
+                    );
+                    if e16 > 2e-2 {
+                        bail!("{kernel:?} bf16 kernel error {e16} above 2e-2");
+                    }
                 }
-                let (e16, n16) = check_kernels(&dev, DType::BF16, &prompts)?;
-                println!(
-                    "kernels bf16 ({what}): max abs error vs CPU (bf16-rounded inputs) {e16:.2e}, kept sets equal on {n16} rows"
-                );
-                if e16 > 2e-2 {
-                    bail!("bf16 kernel error {e16} above 2e-2");
-                }
-            }
-            for v in ["variant_query_neuron", "variant_separate_alpha"] {
-                for prefill in [false, true] {
-                    let (e, s) = check_fixture(&dev, &fixtures, v, prefill)?;
-                    let how = if prefill { "masked one-pass prefill" } else { "prompt token by token" };
-                    println!("NVIDIA DMS fixture {v} on GPU ({how}): logits max abs error {e:.2e} over 72 positions, kept sets equal in {s} states");
-                    if e > 1e-3 {
-                        bail!("{v} ({how}): GPU logits error {e} above 1e-3");
+                for v in ["variant_query_neuron", "variant_separate_alpha"] {
+                    for prefill in [false, true] {
+                        let (e, s) = check_fixture(&dev, &fixtures, v, prefill, tuning)?;
+                        let how = if prefill { "masked one-pass prefill" } else { "prompt token by token" };
+                        println!("NVIDIA DMS fixture {v} on GPU ({kernel:?}, {how}): logits max abs error {e:.2e} over 72 positions, kept sets equal in {s} states");
+                        if e > 1e-3 {
+                            bail!("{v} ({kernel:?}, {how}): GPU logits error {e} above 1e-3");
+                        }
                     }
                 }
             }
             println!("GPU CHECKS PASSED");
         }
         Cmd::Prefill { out, model, contexts, steps } => bench_prefill(&dev, &out, &model, &contexts, steps)?,
-        Cmd::Bench { out, budget_gib, max_batch, contexts, models, steps } => {
-            bench(&dev, &out, budget_gib, max_batch, &contexts, &models, steps)?;
+        Cmd::Tune { out, models, context, budget_gib, max_batch, steps, blocks } => {
+            tune(&dev, &out, &models, context, budget_gib, max_batch, steps, &blocks)?
+        }
+        Cmd::Bench { out, budget_gib, max_batch, contexts, models, steps, kernel, target_blocks } => {
+            let tuning = AttnTuning { kernel: parse_kernel(&kernel)?, target_blocks };
+            bench(&dev, &out, budget_gib, max_batch, &contexts, &models, steps, tuning)?;
         }
     }
     Ok(())

@@ -234,6 +234,165 @@ __device__ void decode_partial_g(int kv_heads, int d_head, int bs, int max_block
     if (tid < G) { part_m[o + tid] = s_m[tid]; part_l[o + tid] = s_l[tid]; }
 }
 
+// 16-byte raw loads and their conversion to floats (4 f32 or 8 bf16).
+__device__ __forceinline__ uint4 ld16(const void* p) { return *reinterpret_cast<const uint4*>(p); }
+__device__ __forceinline__ void unpack(uint4 v, float* o, float) {
+    o[0] = __uint_as_float(v.x); o[1] = __uint_as_float(v.y); o[2] = __uint_as_float(v.z); o[3] = __uint_as_float(v.w);
+}
+__device__ __forceinline__ void unpack(uint4 v, float* o, bf16_t) {
+    unsigned int w[4] = {v.x, v.y, v.z, v.w};
+    for (int i = 0; i < 4; i++) {
+        o[2 * i] = __uint_as_float(w[i] << 16);
+        o[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+}
+
+// Split-K paged decode attention, first pass, "warps" variant: the warps of a block work
+// independently (no block barrier per tile). Each warp takes every nwarps-th pass of KPW keys of
+// the split, issues all of a pass's K and V loads (16 bytes each) before using any, and keeps its
+// own online softmax; the warps merge once at the end. Scores: LPK lanes per key. Values: lane
+// (kh, vv) owns 16-byte vector vv of the keys kh, kh + 32/nvec, ... of the pass. Needs
+// nvec = d_head / VEC a power of two <= 16 (bf16 head_dim <= 128, f32 <= 64).
+// grid = (rows, splits), block = THREADS.
+template <typename T, int G>
+__device__ void decode_partial_warps(int kv_heads, int d_head, int bs, int max_blocks, float scale,
+                                     const T* q, const T* k_pool, const T* v_pool, const int* block_table,
+                                     const int* row_len, float* part_acc, float* part_m, float* part_l) {
+    const int VEC = VecOf<T>::N;
+    const int NW = THREADS / 32;
+    int r = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
+    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    __shared__ float qs[G][MAXD];
+    __shared__ float s_acc[G][MAXD];
+    __shared__ float s_m[NW][G], s_l[NW][G];
+    int b = r / kv_heads, h = r % kv_heads, n_heads = kv_heads * G;
+    int nvec = d_head / VEC;
+    int lpk = nvec < 4 ? nvec : 4;   // lanes per key when scoring
+    int vpl = nvec / lpk;            // vectors per lane when scoring (<= 4)
+    int kpw = 32 / lpk;              // keys per pass
+    int khn = 32 / nvec;             // key lanes in the value phase
+    int nv = kpw / khn;              // value loads per lane per pass (<= 4)
+    int grp = lane / lpk, part = lane % lpk;
+    int kh = lane / nvec, vv = lane % nvec;
+    for (int g = 0; g < G; g++)
+        for (int i = tid; i < d_head; i += THREADS) {
+            qs[g][i] = to_f(q[((long long)b * n_heads + h * G + g) * d_head + i]) * scale;
+            s_acc[g][i] = 0.0f;
+        }
+    __syncthreads();
+    int len = row_len[r];
+    int chunk = (len + splits - 1) / splits;
+    int start = split * chunk;
+    int end = min(len, start + chunk);
+    const int* table = block_table + (long long)r * max_blocks;
+    float m[G], l[G], acc[G][8];
+#pragma unroll
+    for (int g = 0; g < G; g++) {
+        m[g] = -INFINITY;
+        l[g] = 0.0f;
+#pragma unroll
+        for (int e = 0; e < 8; e++) acc[g][e] = 0.0f;
+    }
+    for (int p0 = start + warp * kpw; p0 < end; p0 += NW * kpw) {
+        int j = p0 + grp;
+        uint4 kr[4], vr[4];
+#pragma unroll
+        for (int c = 0; c < 4; c++) kr[c] = vr[c] = make_uint4(0u, 0u, 0u, 0u);
+        if (j < end) {
+            const T* kp = k_pool + ((long long)table[j / bs] * bs + j % bs) * d_head + part * vpl * VEC;
+#pragma unroll
+            for (int c = 0; c < 4; c++)
+                if (c < vpl) kr[c] = ld16(kp + c * VEC);
+        }
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            int jv = p0 + kh + i * khn;
+            if (i < nv && jv < end)
+                vr[i] = ld16(v_pool + ((long long)table[jv / bs] * bs + jv % bs) * d_head + vv * VEC);
+        }
+        float p[G];
+#pragma unroll
+        for (int g = 0; g < G; g++) p[g] = 0.0f;
+#pragma unroll
+        for (int c = 0; c < 4; c++) {
+            if (c < vpl) {
+                float kf[8];
+                unpack(kr[c], kf, T());
+                int v0 = (part * vpl + c) * VEC;
+#pragma unroll
+                for (int g = 0; g < G; g++)
+#pragma unroll
+                    for (int e = 0; e < VEC; e++) p[g] += qs[g][v0 + e] * kf[e];
+            }
+        }
+#pragma unroll
+        for (int g = 0; g < G; g++) {
+            float x = p[g];
+            for (int o = lpk / 2; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+            if (j >= end) x = -INFINITY;
+            float mx = x;
+            for (int o = lpk; o < 32; o <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+            float m_new = fmaxf(m[g], mx);
+            float a = __expf(m[g] - m_new);
+            float e_x = __expf(x - m_new);
+            float sum = e_x;
+            for (int o = lpk; o < 32; o <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+            l[g] = l[g] * a + sum;
+            m[g] = m_new;
+            p[g] = e_x;
+#pragma unroll
+            for (int e = 0; e < 8; e++) acc[g][e] *= a;
+        }
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            if (i < nv) {
+                int key = kh + i * khn;
+                float vf[8];
+                unpack(vr[i], vf, T());
+#pragma unroll
+                for (int g = 0; g < G; g++) {
+                    float pi = __shfl_sync(0xffffffffu, p[g], key * lpk);
+                    if (p0 + key < end)
+#pragma unroll
+                        for (int e = 0; e < VEC; e++) acc[g][e] += pi * vf[e];
+                }
+            }
+        }
+    }
+    // Sum the key lanes (lanes with the same vector), then merge the warps.
+#pragma unroll
+    for (int g = 0; g < G; g++)
+#pragma unroll
+        for (int e = 0; e < 8; e++)
+            for (int o = nvec; o < 32; o <<= 1) acc[g][e] += __shfl_xor_sync(0xffffffffu, acc[g][e], o);
+    if (lane == 0)
+        for (int g = 0; g < G; g++) { s_m[warp][g] = m[g]; s_l[warp][g] = l[g]; }
+    __syncthreads();
+    if (lane < nvec) {
+#pragma unroll
+        for (int g = 0; g < G; g++) {
+            float mm = -INFINITY;
+            for (int w = 0; w < NW; w++) mm = fmaxf(mm, s_m[w][g]);
+            float wgt = (mm == -INFINITY || m[g] == -INFINITY) ? 0.0f : __expf(m[g] - mm);
+            for (int e = 0; e < VEC; e++) atomicAdd(&s_acc[g][vv * VEC + e], acc[g][e] * wgt);
+        }
+    }
+    __syncthreads();
+    long long o = ((long long)r * splits + split) * G;
+    for (int g = 0; g < G; g++)
+        for (int i = tid; i < d_head; i += THREADS) part_acc[(o + g) * d_head + i] = s_acc[g][i];
+    if (tid < G) {
+        float mm = -INFINITY;
+        for (int w = 0; w < NW; w++) mm = fmaxf(mm, s_m[w][tid]);
+        float ll = 0.0f;
+        if (mm != -INFINITY)
+            for (int w = 0; w < NW; w++)
+                if (s_m[w][tid] != -INFINITY) ll += s_l[w][tid] * __expf(s_m[w][tid] - mm);
+        part_m[o + tid] = mm;
+        part_l[o + tid] = ll;
+    }
+}
+
 // Second pass: merge the splits of each row. grid = rows, block = D.
 template <typename T>
 __device__ void decode_reduce(int kv_heads, int g_heads, int d_head, int splits, const float* part_acc,
@@ -375,6 +534,13 @@ extern "C" __global__ void __launch_bounds__(THREADS) dms_decode_partial_##SUF##
     float* part_l) {                                                                                 \
     decode_partial_g<T, N>(kv_heads, d_head, bs, max_blocks, scale, q, k_pool, v_pool, block_table,  \
                            row_len, part_acc, part_m, part_l);                                       \
+}                                                                                                    \
+extern "C" __global__ void __launch_bounds__(THREADS) dms_decode_warps_##SUF##_g##N(                \
+    int kv_heads, int d_head, int bs, int max_blocks, float scale, const T* q, const T* k_pool,      \
+    const T* v_pool, const int* block_table, const int* row_len, float* part_acc, float* part_m,     \
+    float* part_l) {                                                                                 \
+    decode_partial_warps<T, N>(kv_heads, d_head, bs, max_blocks, scale, q, k_pool, v_pool,           \
+                               block_table, row_len, part_acc, part_m, part_l);                      \
 }
 #define PARTIALS(T, SUF) PARTIAL(T, SUF, 1) PARTIAL(T, SUF, 2) PARTIAL(T, SUF, 3) PARTIAL(T, SUF, 4) \
     PARTIAL(T, SUF, 5) PARTIAL(T, SUF, 6) PARTIAL(T, SUF, 7) PARTIAL(T, SUF, 8)

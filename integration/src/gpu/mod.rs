@@ -34,6 +34,31 @@ pub enum Decisions<'a> {
     },
 }
 
+/// Which first-pass decode-attention kernel [`GpuCache::attend`] launches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttnKernel {
+    /// Block-synchronous tiles of 128 keys (scores, softmax, values, with a barrier between).
+    Tiled,
+    /// Independent warps, each with its own online softmax and all of a pass's loads in flight.
+    Warps,
+}
+
+/// Launch settings of the decode attention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttnTuning {
+    /// First-pass kernel.
+    pub kernel: AttnKernel,
+    /// Blocks the grid aims for (rows x splits); each split keeps at least 128 keys.
+    pub target_blocks: usize,
+}
+
+impl Default for AttnTuning {
+    /// The setting measured on the H200: tiled, 1056 blocks (eight per SM).
+    fn default() -> Self {
+        Self { kernel: AttnKernel::Tiled, target_blocks: 1056 }
+    }
+}
+
 fn drv<T, E: std::fmt::Debug>(r: std::result::Result<T, E>) -> Result<T> {
     r.map_err(|e| anyhow!("CUDA driver: {e:?}"))
 }
@@ -92,6 +117,7 @@ pub struct GpuCache {
     part_m: CudaSlice<f32>,
     part_l: CudaSlice<f32>,
     splits: usize,
+    tuning: AttnTuning,
 }
 
 /// Host-side initial state of every row (for synthetic benchmark caches).
@@ -191,6 +217,7 @@ impl GpuCache {
             part_m: drv(stream.alloc_zeros::<f32>(1))?,
             part_l: drv(stream.alloc_zeros::<f32>(1))?,
             splits: 0,
+            tuning: AttnTuning::default(),
             dev,
             stream,
             dtype,
@@ -322,6 +349,11 @@ impl GpuCache {
         Ok(())
     }
 
+    /// Sets the decode-attention launch settings.
+    pub fn set_tuning(&mut self, tuning: AttnTuning) {
+        self.tuning = tuning;
+    }
+
     /// Element type of the pools.
     pub fn dtype(&self) -> DType {
         self.dtype
@@ -339,7 +371,13 @@ impl GpuCache {
             bail!("layer {layer} / sequence {seq} outside the cache ({} layers, batch {})", s.layers, s.batch);
         }
         if kv != s.kv_heads || d != s.head_dim || v.dims() != k.dims() || t == 0 {
-            bail!("prompt K/V have shapes {:?} / {:?}, expected [T >= 1, {}, {}]", k.dims(), v.dims(), s.kv_heads, s.head_dim);
+            bail!(
+                "prompt K/V have shapes {:?} / {:?}, expected [T >= 1, {}, {}]",
+                k.dims(),
+                v.dims(),
+                s.kv_heads,
+                s.head_dim
+            );
         }
         if k.dtype() != self.dtype || v.dtype() != self.dtype {
             bail!("prompt K/V are {:?}, the cache holds {:?}", k.dtype(), self.dtype);
@@ -388,8 +426,11 @@ impl GpuCache {
                 .arg(&mut dst);
             drv(unsafe { b.launch(c1) })?;
         });
-        let c2 =
-            LaunchConfig { grid_dim: (t as u32, kv as u32, 1), block_dim: (d.min(256) as u32, 1, 1), shared_mem_bytes: 0 };
+        let c2 = LaunchConfig {
+            grid_dim: (t as u32, kv as u32, 1),
+            block_dim: (d.min(256) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
         macro_rules! go {
             ($ty:ty) => {
                 with_slice!(k, $ty, |ks| with_slice!(v, $ty, |vs| with_slice!(&self.k_pool, $ty, |kp| with_slice!(
@@ -425,8 +466,15 @@ impl GpuCache {
         if d % vec != 0 || 128 % nvec != 0 {
             bail!("head_dim {d} unsupported by the decode kernel (a multiple of {vec}, at most 256, power-of-two vectors)");
         }
-        // About eight blocks per SM of an H100/H200 (132 SMs), and at least one 128-key tile per split.
-        let splits = (1056 / rows).clamp(1, max_len_hint.div_ceil(128).max(1));
+        let AttnTuning { kernel, target_blocks } = self.tuning;
+        if kernel == AttnKernel::Warps && nvec > 32 {
+            bail!(
+                "head_dim {d} in {:?} is too wide for the warps decode kernel (at most 32 16-byte vectors)",
+                self.dtype
+            );
+        }
+        // At least one 128-key tile per split.
+        let splits = (target_blocks.max(1) / rows).clamp(1, max_len_hint.div_ceil(128).max(1));
         let need = rows * splits * g;
         if self.splits * rows * g < need || self.part_m.len() < need {
             self.part_acc = drv(self.stream.alloc_zeros::<f32>(need * d))?;
@@ -435,9 +483,13 @@ impl GpuCache {
         }
         self.splits = splits;
         let out = Tensor::zeros((b, nh, d), self.dtype, q.device())?;
+        let first = match kernel {
+            AttnKernel::Tiled => "dms_decode_partial",
+            AttnKernel::Warps => "dms_decode_warps",
+        };
         let fp = self
             .dev
-            .get_or_load_custom_func(&format!("dms_decode_partial_{}_g{g}", self.suffix()), MODULE, PTX)?
+            .get_or_load_custom_func(&format!("{first}_{}_g{g}", self.suffix()), MODULE, PTX)?
             .into_cuda_function();
         let fr = self.func("dms_decode_reduce")?;
         let (kv, gi, di, bs, mb, sp) =

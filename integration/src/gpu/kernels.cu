@@ -440,7 +440,10 @@ extern "C" __global__ void dms_prefill_plan(int kv_heads, int bs, int wc, int ma
         s_base = 0;
     }
     __syncthreads();
-    if (!s_ok) return;
+    if (!s_ok) {  // nothing of this row is written
+        for (int t = tid; t < T; t += blockDim.x) dst[(long long)h * T + t] = -1;
+        return;
+    }
     int mine = 0;
     for (int t = tid; t < T; t += blockDim.x) mine += (t >= ring_start || flags[(long long)t * kv_heads + h] == 0.0f);
     atomicAdd(&s_count, mine);
@@ -459,7 +462,10 @@ extern "C" __global__ void dms_prefill_plan(int kv_heads, int bs, int wc, int ma
         }
     }
     __syncthreads();
-    if (!s_ok) return;
+    if (!s_ok) {  // nothing of this row is written
+        for (int t = tid; t < T; t += blockDim.x) dst[(long long)h * T + t] = -1;
+        return;
+    }
     for (int t0 = 0; t0 < T; t0 += blockDim.x) {
         int t = t0 + tid;
         bool flagged = t < T && flags[(long long)t * kv_heads + h] != 0.0f;

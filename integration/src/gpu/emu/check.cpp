@@ -1,0 +1,273 @@
+// Runs the CUDA kernels of ../kernels.cu on the CPU (cuda_emu.h) against a naive oracle of the
+// DMS semantics (spec rule 8: per row a list of (position, k, v, flag); a flagged entry is
+// deleted once it has W + 1 newer tokens; attention over the whole list, in double):
+//   - prompts of 0 / 3 / 17 / 300 tokens through dms_prefill_plan + dms_prefill_write,
+//   - decode steps through dms_decode_update (random decisions, the kernel's own hash),
+//   - decode attention with both first-pass kernels (tiled, warps) at 1 and 3 splits + reduce,
+// comparing kept positions, the stored K/V of every kept slot, and attention outputs, for f32
+// and bf16 storage; plus the error codes for a prompt into a non-empty row and an exhausted pool.
+// Prints "EMULATED KERNEL CHECKS PASSED" and exits 0 when everything matches.
+
+#include "cuda_emu.h"
+#include "../kernels.cu"
+
+#include <cstdio>
+#include <random>
+#include <string>
+#include <type_traits>
+
+static int failures = 0;
+#define EXPECT(cond, ...)                          \
+    do {                                           \
+        if (!(cond)) {                             \
+            std::fprintf(stderr, "FAIL: ");        \
+            std::fprintf(stderr, __VA_ARGS__);     \
+            std::fprintf(stderr, "\n");            \
+            failures++;                            \
+        }                                          \
+    } while (0)
+
+struct Entry {
+    int pos;
+    std::vector<float> k, v;
+    bool flag;
+};
+using Row = std::vector<Entry>;
+
+// Spec rule 8. `decision` is the new token's decision, which applies to the previous token.
+static void oracle_append(Row& row, int pos, const float* k, const float* v, int d, bool decision, int window) {
+    if (!row.empty()) row.back().flag = decision;
+    row.push_back({pos, std::vector<float>(k, k + d), std::vector<float>(v, v + d), false});
+    if ((int)row.size() > window + 1) {
+        size_t i = row.size() - window - 2;
+        if (row[i].flag) row.erase(row.begin() + (long)i);
+    }
+}
+
+template <class T>
+static T to_t(float x) {
+    T out;
+    from_f(x, &out);
+    return out;
+}
+
+template <class T>
+struct Cache {
+    int L, B, KV, D, BS, W, MB, NB;
+    std::vector<int> table, len, pos, ring_slot, pool_pos, free_list;
+    std::vector<unsigned char> ring_flag;
+    int free_top, err = 0;
+    std::vector<T> kp, vp;
+    Cache(int l, int b, int kv, int d, int bs, int w, int mb, int nb)
+        : L(l), B(b), KV(kv), D(d), BS(bs), W(w), MB(mb), NB(nb), table(l * b * kv * mb), len(l * b * kv),
+          pos(l * b * kv), ring_slot(l * b * kv * (w + 1)), pool_pos(nb * bs), free_list(nb),
+          ring_flag(l * b * kv * (w + 1)), free_top(nb), kp((size_t)nb * bs * d), vp((size_t)nb * bs * d) {
+        for (int i = 0; i < nb; i++) free_list[i] = nb - 1 - i;
+    }
+    int rows() const { return B * KV; }
+    std::vector<int> kept(int r) const {
+        std::vector<int> out;
+        for (int s = 0; s < len[r]; s++) out.push_back(pool_pos[table[r * MB + s / BS] * BS + s % BS]);
+        std::sort(out.begin(), out.end());
+        return out;
+    }
+    long long addr_of(int r, int p) const {
+        for (int s = 0; s < len[r]; s++) {
+            long long a = (long long)table[r * MB + s / BS] * BS + s % BS;
+            if (pool_pos[a] == p) return a;
+        }
+        return -1;
+    }
+};
+
+static const unsigned long long SEED = 3;
+static const double RATE = 0.5;
+
+template <class T>
+static void prefill(Cache<T>& c, int layer, int seq, int n, const std::vector<float>& k, const std::vector<float>& v,
+                    const std::vector<float>& flags) {
+    int ro = layer * c.rows(), wc = c.W + 1;
+    std::vector<long long> dst((size_t)c.KV * n);
+    emu::launch({(unsigned)c.KV}, {256}, [&] {
+        dms_prefill_plan(c.KV, c.BS, wc, c.MB, seq, n, flags.data(), c.table.data() + ro * c.MB, c.len.data() + ro,
+                         c.pos.data() + ro, c.ring_slot.data() + ro * wc, c.ring_flag.data() + ro * wc,
+                         c.pool_pos.data(), c.free_list.data(), &c.free_top, &c.err, dst.data());
+    });
+    std::vector<T> kt(k.size()), vt(v.size());
+    for (size_t i = 0; i < k.size(); i++) kt[i] = to_t<T>(k[i]), vt[i] = to_t<T>(v[i]);
+    emu::launch({(unsigned)n, (unsigned)c.KV}, {(unsigned)std::min(c.D, 256)}, [&] {
+        if constexpr (std::is_same_v<T, float>)
+            dms_prefill_write_f32(c.KV, c.D, n, dst.data(), kt.data(), vt.data(), c.kp.data(), c.vp.data());
+        else
+            dms_prefill_write_bf16(c.KV, c.D, n, dst.data(), kt.data(), vt.data(), c.kp.data(), c.vp.data());
+    });
+}
+
+template <class T>
+static void update(Cache<T>& c, int layer, const std::vector<float>& k, const std::vector<float>& v) {
+    int ro = layer * c.rows(), wc = c.W + 1;
+    std::vector<T> kt(k.size()), vt(v.size());
+    for (size_t i = 0; i < k.size(); i++) kt[i] = to_t<T>(k[i]), vt[i] = to_t<T>(v[i]);
+    float dummy = 0.0f;
+    emu::launch({(unsigned)c.rows()}, {(unsigned)c.D}, [&] {
+        auto f = [&](auto kernel) {
+            kernel(c.KV, c.D, c.BS, wc, c.MB, layer, kt.data(), vt.data(), c.kp.data(), c.vp.data(),
+                   c.table.data() + ro * c.MB, c.len.data() + ro, c.pos.data() + ro, c.ring_slot.data() + ro * wc,
+                   c.ring_flag.data() + ro * wc, c.pool_pos.data(), c.free_list.data(), &c.free_top, &c.err, 1, SEED,
+                   RATE, &dummy, 0.0f, 0.0f);
+        };
+        if constexpr (std::is_same_v<T, float>)
+            f(dms_decode_update_f32);
+        else
+            f(dms_decode_update_bf16);
+    });
+}
+
+// Decode attention of q [B, KV*G, D] over `layer` with one first-pass kernel at `splits`.
+template <class T>
+static std::vector<float> attend(Cache<T>& c, int layer, const std::vector<float>& q, bool warps, int splits, float scale) {
+    const int G = 3;
+    int rows = c.rows(), ro = layer * rows;
+    std::vector<T> qt(q.size());
+    for (size_t i = 0; i < q.size(); i++) qt[i] = to_t<T>(q[i]);
+    std::vector<float> acc((size_t)rows * splits * G * c.D), m((size_t)rows * splits * G), l(m.size());
+    std::vector<T> out(q.size());
+    emu::launch({(unsigned)rows, (unsigned)splits}, {THREADS}, [&] {
+        auto f = [&](auto kernel) {
+            kernel(c.KV, c.D, c.BS, c.MB, scale, qt.data(), c.kp.data(), c.vp.data(), c.table.data() + ro * c.MB,
+                   c.len.data() + ro, acc.data(), m.data(), l.data());
+        };
+        if constexpr (std::is_same_v<T, float>) {
+            if (warps) f(dms_decode_warps_f32_g3); else f(dms_decode_partial_f32_g3);
+        } else {
+            if (warps) f(dms_decode_warps_bf16_g3); else f(dms_decode_partial_bf16_g3);
+        }
+    });
+    emu::launch({(unsigned)rows}, {(unsigned)((c.D + 31) / 32 * 32)}, [&] {
+        if constexpr (std::is_same_v<T, float>)
+            dms_decode_reduce_f32(c.KV, G, c.D, splits, acc.data(), m.data(), l.data(), out.data());
+        else
+            dms_decode_reduce_bf16(c.KV, G, c.D, splits, acc.data(), m.data(), l.data(), out.data());
+    });
+    std::vector<float> o(out.size());
+    for (size_t i = 0; i < out.size(); i++) o[i] = to_f(out[i]);
+    return o;
+}
+
+template <class T>
+static std::vector<float> rand_vec(std::mt19937& rng, size_t n) {
+    std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+    std::vector<float> v(n);
+    for (auto& x : v) x = to_f(to_t<T>(u(rng)));  // values the cache can hold exactly
+    return v;
+}
+
+template <class T>
+static void scenario(const char* name, float tol) {
+    const int L = 2, B = 4, KV = 2, G = 3, D = 64, BS = 4, W = 5, MB = 128, NB = 4096, STEPS = 8;
+    const int prompts[B] = {0, 3, 17, 300};
+    const float scale = 0.125f;
+    Cache<T> c(L, B, KV, D, BS, W, MB, NB);
+    std::vector<Row> oracle((size_t)L * B * KV);
+    std::mt19937 rng(42);
+    auto compare_state = [&](const std::string& when) {
+        for (int r = 0; r < L * B * KV; r++) {
+            std::vector<int> want;
+            for (auto& e : oracle[r]) want.push_back(e.pos);
+            auto got = c.kept(r);
+            EXPECT(got == want, "%s %s: row %d keeps %zu positions, oracle %zu", name, when.c_str(), r, got.size(),
+                   want.size());
+            if (got != want) continue;
+            for (auto& e : oracle[r]) {
+                long long a = c.addr_of(r, e.pos);
+                bool same = true;
+                for (int i = 0; i < D; i++)
+                    same &= to_f(c.kp[a * D + i]) == e.k[i] && to_f(c.vp[a * D + i]) == e.v[i];
+                EXPECT(same, "%s %s: row %d position %d holds the wrong K/V", name, when.c_str(), r, e.pos);
+            }
+        }
+    };
+    for (int layer = 0; layer < L; layer++)
+        for (int b = 0; b < B; b++) {
+            int n = prompts[b];
+            if (n == 0) continue;
+            auto k = rand_vec<T>(rng, (size_t)n * KV * D), v = rand_vec<T>(rng, (size_t)n * KV * D);
+            std::vector<float> flags((size_t)n * KV, 0.0f);
+            for (int t = 0; t + 1 < n; t++)
+                for (int h = 0; h < KV; h++) flags[t * KV + h] = hash_unit(SEED, layer, h, t) < RATE ? 1.0f : 0.0f;
+            prefill(c, layer, b, n, k, v, flags);
+            for (int h = 0; h < KV; h++) {
+                Row& row = oracle[(layer * B + b) * KV + h];
+                for (int t = 0; t < n; t++)
+                    oracle_append(row, t, &k[(t * KV + h) * D], &v[(t * KV + h) * D], D,
+                                  t > 0 && flags[(t - 1) * KV + h] != 0.0f, W);
+            }
+        }
+    compare_state("after the prompts");
+    float worst = 0.0f;
+    for (int step = 0; step < STEPS; step++)
+        for (int layer = 0; layer < L; layer++) {
+            auto k = rand_vec<T>(rng, (size_t)B * KV * D), v = rand_vec<T>(rng, (size_t)B * KV * D);
+            auto q = rand_vec<T>(rng, (size_t)B * KV * G * D);
+            update(c, layer, k, v);
+            for (int b = 0; b < B; b++)
+                for (int h = 0; h < KV; h++) {
+                    int p = prompts[b] + step;
+                    oracle_append(oracle[(layer * B + b) * KV + h], p, &k[(b * KV + h) * D], &v[(b * KV + h) * D], D,
+                                  p > 0 && hash_unit(SEED, layer, h, p - 1) < RATE, W);
+                }
+            for (int variant = 0; variant < 4; variant++) {
+                bool warps = variant >= 2;
+                int splits = variant % 2 ? 3 : 1;
+                auto out = attend(c, layer, q, warps, splits, scale);
+                for (int r = 0; r < B * KV; r++) {
+                    const Row& row = oracle[layer * B * KV + r];
+                    for (int g = 0; g < G; g++) {
+                        const float* qq = &q[((size_t)r * G + g) * D];
+                        std::vector<double> s;
+                        double mx = -1e300, z = 0.0;
+                        for (auto& e : row) {
+                            double x = 0.0;
+                            for (int i = 0; i < D; i++) x += (double)qq[i] * e.k[i];
+                            s.push_back(x * scale);
+                            mx = std::max(mx, s.back());
+                        }
+                        for (auto& x : s) z += std::exp(x - mx);
+                        for (int i = 0; i < D; i++) {
+                            double want = 0.0;
+                            for (size_t j = 0; j < row.size(); j++) want += std::exp(s[j] - mx) / z * row[j].v[i];
+                            float err = std::fabs(out[((size_t)r * G + g) * D + i] - (float)want);
+                            worst = std::max(worst, err);
+                            EXPECT(err <= tol, "%s step %d layer %d %s kernel, %d splits: row %d head %d dim %d off by %g",
+                                   name, step, layer, warps ? "warps" : "tiled", splits, r, g, i, err);
+                        }
+                    }
+                }
+            }
+            compare_state("after step " + std::to_string(step) + " layer " + std::to_string(layer));
+        }
+    EXPECT(c.err == 0, "%s: error flag %d", name, c.err);
+    std::printf("%s: prompts 0/3/17/300 + %d decode steps, kept sets and stored K/V equal the oracle, "
+                "attention (tiled and warps, 1 and 3 splits) max abs error %.2e\n", name, STEPS, worst);
+
+    // A prompt into rows that already hold tokens is refused with code 2.
+    std::vector<float> k1((size_t)2 * KV * D, 0.5f), f1((size_t)2 * KV, 0.0f);
+    prefill(c, 0, 3, 2, k1, k1, f1);
+    EXPECT(c.err == 2, "%s: a prompt into a non-empty row gives code %d, want 2", name, c.err);
+    // A pool too small for the prompt gives code 1.
+    Cache<T> small(1, 1, KV, D, BS, W, MB, 8);
+    std::vector<float> k2((size_t)100 * KV * D, 0.5f), f2((size_t)100 * KV, 0.0f);
+    prefill(small, 0, 0, 100, k2, k2, f2);
+    EXPECT(small.err == 1, "%s: an exhausted pool gives code %d, want 1", name, small.err);
+}
+
+int main() {
+    scenario<float>("f32", 2e-5f);
+    scenario<bf16_t>("bf16", 1e-2f);
+    if (failures) {
+        std::printf("EMULATED KERNEL CHECKS FAILED (%d)\n", failures);
+        return 1;
+    }
+    std::printf("EMULATED KERNEL CHECKS PASSED\n");
+    return 0;
+}

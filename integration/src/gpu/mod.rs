@@ -48,7 +48,8 @@ pub enum AttnKernel {
 pub struct AttnTuning {
     /// First-pass kernel.
     pub kernel: AttnKernel,
-    /// Blocks the grid aims for (rows x splits); each split keeps at least 128 keys.
+    /// Blocks the grid aims for (rows x splits); each split keeps at least 128 keys. 0 = four
+    /// full waves of the kernel's measured occupancy (SMs x resident blocks per SM x 4).
     pub target_blocks: usize,
 }
 
@@ -349,6 +350,14 @@ impl GpuCache {
         Ok(())
     }
 
+    /// Blocks in `waves` full waves of `f` (128 threads per block) on this device.
+    fn full_waves(&self, f: &CudaFunction, waves: usize) -> Result<usize> {
+        use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
+        let sms = drv(self.stream.context().attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT))?;
+        let per_sm = drv(f.occupancy_max_active_blocks_per_multiprocessor(128, 0, None))?;
+        Ok(sms.max(1) as usize * per_sm.max(1) as usize * waves)
+    }
+
     /// Sets the decode-attention launch settings.
     pub fn set_tuning(&mut self, tuning: AttnTuning) {
         self.tuning = tuning;
@@ -473,16 +482,6 @@ impl GpuCache {
                 self.dtype
             );
         }
-        // At least one 128-key tile per split.
-        let splits = (target_blocks.max(1) / rows).clamp(1, max_len_hint.div_ceil(128).max(1));
-        let need = rows * splits * g;
-        if self.splits * rows * g < need || self.part_m.len() < need {
-            self.part_acc = drv(self.stream.alloc_zeros::<f32>(need * d))?;
-            self.part_m = drv(self.stream.alloc_zeros::<f32>(need))?;
-            self.part_l = drv(self.stream.alloc_zeros::<f32>(need))?;
-        }
-        self.splits = splits;
-        let out = Tensor::zeros((b, nh, d), self.dtype, q.device())?;
         let first = match kernel {
             AttnKernel::Tiled => "dms_decode_partial",
             AttnKernel::Warps => "dms_decode_warps",
@@ -491,6 +490,17 @@ impl GpuCache {
             .dev
             .get_or_load_custom_func(&format!("{first}_{}_g{g}", self.suffix()), MODULE, PTX)?
             .into_cuda_function();
+        let target = if target_blocks == 0 { self.full_waves(&fp, 4)? } else { target_blocks };
+        // At least one 128-key tile per split.
+        let splits = (target.max(1) / rows).clamp(1, max_len_hint.div_ceil(128).max(1));
+        let need = rows * splits * g;
+        if self.splits * rows * g < need || self.part_m.len() < need {
+            self.part_acc = drv(self.stream.alloc_zeros::<f32>(need * d))?;
+            self.part_m = drv(self.stream.alloc_zeros::<f32>(need))?;
+            self.part_l = drv(self.stream.alloc_zeros::<f32>(need))?;
+        }
+        self.splits = splits;
+        let out = Tensor::zeros((b, nh, d), self.dtype, q.device())?;
         let fr = self.func("dms_decode_reduce")?;
         let (kv, gi, di, bs, mb, sp) =
             (s.kv_heads as i32, g as i32, d as i32, s.block_size as i32, s.max_blocks_per_row as i32, splits as i32);

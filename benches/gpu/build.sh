@@ -1,14 +1,22 @@
 #!/usr/bin/env bash
 # Builds the CUDA benchmark binary here (no GPU needed) and stages it in .gpu-bin/ (ignored by
-# git) with the launcher, ready to be carried to the GPU machine.
-#     bash benches/gpu/build.sh
+# git) with the launcher, ready to be carried to the GPU machine:
+#     bash benches/gpu/build.sh           # with mistral.rs's CUDA build linked in (peer arm)
+#     PEER=0 bash benches/gpu/build.sh    # without mistral.rs (a much shorter first build)
+# The binary is stripped and xz-compressed (the peer build is ~125 MB, ~18 MB compressed; a
+# device call carries at most 64 MiB); run.sh unpacks it on the GPU machine.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source ../shared/scripts/cuda-env.sh >/dev/null
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR_CUDA:-$HOME/.cache/dms-rs-target-cuda}"
-cargo build --release -p dms-integration --features cuda --bin dms-gpu
+features=mistralrs-cuda
+[ "${PEER:-1}" = 0 ] && features=cuda
+cargo build --release -p dms-integration --features "$features" --bin dms-gpu
 mkdir -p .gpu-bin
-cp "$CARGO_TARGET_DIR/release/dms-gpu" .gpu-bin/
+rm -f .gpu-bin/dms-gpu .gpu-bin/dms-gpu.xz
+strip -o .gpu-bin/dms-gpu.stripped "$CARGO_TARGET_DIR/release/dms-gpu"
+xz -T2 -6 -c .gpu-bin/dms-gpu.stripped > .gpu-bin/dms-gpu.xz
+rm .gpu-bin/dms-gpu.stripped
 cp ../shared/scripts/gpu-run.sh .gpu-bin/
 grep -qx '/.gpu-bin/' .git/info/exclude 2>/dev/null || echo '/.gpu-bin/' >> .git/info/exclude
-echo "staged .gpu-bin/dms-gpu; on the GPU machine run: bash benches/gpu/run.sh"
+echo "staged .gpu-bin/dms-gpu.xz ($(du -h .gpu-bin/dms-gpu.xz | cut -f1), features $features); on the GPU machine run: bash benches/gpu/run.sh"

@@ -1,12 +1,15 @@
-//! Writes a model as an HF-style folder (config.json, f32 model.safetensors, tokenizer.json):
-//! the same dequantised weights our engine runs, for peers that read HF folders (mistral.rs).
+//! Writes a model as an HF-style folder (config.json, model.safetensors, tokenizer.json) for peers
+//! that read HF folders (mistral.rs): a GGUF's dequantised weights (the same our engine runs), or
+//! random weights of a given shape for side-by-side speed runs.
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use serde_json::json;
+use tokenizers::models::wordlevel::WordLevel;
+use tokenizers::pre_tokenizers::whitespace::Whitespace;
 use tokenizers::Tokenizer;
 
 use crate::model::{Arch, ModelConfig, Weights};
@@ -25,39 +28,81 @@ pub fn export_gguf_as_hf(gguf: &Path, out: &Path) -> Result<()> {
     if cfg.arch != Arch::Llama {
         bail!("export supports Llama-architecture GGUF files only");
     }
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
-    let (h, hd) = (cfg.hidden_size, cfg.head_dim);
-    let mut put = |name: String, shape: &[usize]| -> Result<()> {
-        tensors.insert(name.clone(), weights.get(&name, shape, &Device::Cpu)?);
-        Ok(())
-    };
-    put("model.embed_tokens.weight".into(), &[cfg.vocab_size, h])?;
-    put("model.norm.weight".into(), &[h])?;
-    for i in 0..cfg.num_layers {
-        let p = format!("model.layers.{i}");
-        put(format!("{p}.input_layernorm.weight"), &[h])?;
-        put(format!("{p}.post_attention_layernorm.weight"), &[h])?;
-        put(format!("{p}.self_attn.q_proj.weight"), &[cfg.num_heads * hd, h])?;
-        put(format!("{p}.self_attn.k_proj.weight"), &[cfg.num_kv_heads * hd, h])?;
-        put(format!("{p}.self_attn.v_proj.weight"), &[cfg.num_kv_heads * hd, h])?;
-        put(format!("{p}.self_attn.o_proj.weight"), &[h, cfg.num_heads * hd])?;
-        put(format!("{p}.mlp.gate_proj.weight"), &[cfg.intermediate_size, h])?;
-        put(format!("{p}.mlp.up_proj.weight"), &[cfg.intermediate_size, h])?;
-        put(format!("{p}.mlp.down_proj.weight"), &[h, cfg.intermediate_size])?;
+    for (name, shape) in llama_tensor_shapes(&cfg) {
+        tensors.insert(name.clone(), weights.get(&name, &shape, &Device::Cpu)?);
+    }
+    write_folder(out, &cfg, &tensors, &tok)
+}
+
+/// Names and shapes of a Llama-architecture checkpoint's tensors (HF names).
+fn llama_tensor_shapes(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    let (h, hd, i) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
+    let mut v =
+        vec![("model.embed_tokens.weight".to_string(), vec![cfg.vocab_size, h]), ("model.norm.weight".into(), vec![h])];
+    for l in 0..cfg.num_layers {
+        let p = format!("model.layers.{l}");
+        v.push((format!("{p}.input_layernorm.weight"), vec![h]));
+        v.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+        v.push((format!("{p}.self_attn.q_proj.weight"), vec![cfg.num_heads * hd, h]));
+        v.push((format!("{p}.self_attn.k_proj.weight"), vec![cfg.num_kv_heads * hd, h]));
+        v.push((format!("{p}.self_attn.v_proj.weight"), vec![cfg.num_kv_heads * hd, h]));
+        v.push((format!("{p}.self_attn.o_proj.weight"), vec![h, cfg.num_heads * hd]));
+        v.push((format!("{p}.mlp.gate_proj.weight"), vec![i, h]));
+        v.push((format!("{p}.mlp.up_proj.weight"), vec![i, h]));
+        v.push((format!("{p}.mlp.down_proj.weight"), vec![h, i]));
     }
     if !cfg.tie_word_embeddings {
-        put("lm_head.weight".into(), &[cfg.vocab_size, h])?;
+        v.push(("lm_head.weight".into(), vec![cfg.vocab_size, h]));
     }
+    v
+}
+
+/// Writes a Llama-architecture model of shape `cfg` with random weights (N(0, 0.02) drawn on
+/// `device`, norms 1, stored as `dtype`) as an HF-style folder, with a word-level tokenizer
+/// (`t0` .. `t{vocab-1}`) so that engines that insist on a tokenizer can load it; for
+/// side-by-side speed runs of two engines on the same weights. Skipped when the folder is complete.
+pub fn write_random_hf(cfg: &ModelConfig, out: &Path, device: &Device, dtype: DType) -> Result<()> {
+    if out.join("model.safetensors").exists() && out.join("config.json").exists() && out.join("tokenizer.json").exists()
+    {
+        return Ok(());
+    }
+    if cfg.arch != Arch::Llama || cfg.qk_norm || cfg.attention_bias || cfg.mla.is_some() {
+        bail!("random HF folders are written for plain Llama-architecture shapes only");
+    }
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    for (name, shape) in llama_tensor_shapes(cfg) {
+        let t = if shape.len() == 1 {
+            Tensor::ones(shape, dtype, &Device::Cpu)?
+        } else {
+            Tensor::randn(0f32, 0.02, shape, device)?.to_dtype(dtype)?.to_device(&Device::Cpu)?
+        };
+        tensors.insert(name, t);
+    }
+    let vocab: HashMap<String, u32> = (0..cfg.vocab_size as u32).map(|i| (format!("t{i}"), i)).collect();
+    let model = WordLevel::builder()
+        .vocab(vocab.into_iter().collect())
+        .unk_token("t0".into())
+        .build()
+        .map_err(|e| anyhow::anyhow!("word-level tokenizer: {e}"))?;
+    let mut tok = Tokenizer::new(model);
+    tok.with_pre_tokenizer(Some(Whitespace {}));
+    write_folder(out, cfg, &tensors, &tok)
+}
+
+/// config.json, model.safetensors (written last, atomically) and tokenizer.json.
+fn write_folder(out: &Path, cfg: &ModelConfig, tensors: &HashMap<String, Tensor>, tok: &Tokenizer) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let tmp = out.join("model.safetensors.partial");
-    candle_core::safetensors::save(&tensors, &tmp)?;
-    std::fs::write(out.join("config.json"), serde_json::to_string_pretty(&hf_config(&cfg))?)?;
+    candle_core::safetensors::save(tensors, &tmp)?;
+    let dtype = tensors.values().next().map_or(DType::F32, |t| t.dtype());
+    std::fs::write(out.join("config.json"), serde_json::to_string_pretty(&hf_config(cfg, dtype))?)?;
     tok.save(out.join("tokenizer.json"), false).map_err(|e| anyhow::anyhow!("saving tokenizer.json: {e}"))?;
     std::fs::rename(tmp, out.join("model.safetensors"))?;
     Ok(())
 }
 
-fn hf_config(c: &ModelConfig) -> serde_json::Value {
+fn hf_config(c: &ModelConfig, dtype: DType) -> serde_json::Value {
     json!({
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -75,6 +120,48 @@ fn hf_config(c: &ModelConfig) -> serde_json::Value {
         "tie_word_embeddings": c.tie_word_embeddings,
         "bos_token_id": c.bos_token_id,
         "eos_token_id": c.eos_token_ids.first(),
-        "torch_dtype": "float32",
+        "torch_dtype": match dtype {
+            DType::BF16 => "bfloat16",
+            DType::F16 => "float16",
+            _ => "float32",
+        },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TINY: &str = r#"{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 16,
+        "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+        "head_dim": 8, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "vocab_size": 64,
+        "max_position_embeddings": 128, "tie_word_embeddings": false}"#;
+
+    #[test]
+    fn a_random_folder_loads_back_with_its_shape_and_tokenizer() {
+        let cfg = ModelConfig::from_hf_json(TINY).unwrap();
+        let dir = std::env::temp_dir().join(format!("dms-random-hf-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        write_random_hf(&cfg, &dir, &Device::Cpu, DType::BF16).unwrap();
+        let text = std::fs::read_to_string(dir.join("config.json")).unwrap();
+        let back = ModelConfig::from_hf_json(&text).unwrap();
+        assert_eq!(
+            (back.vocab_size, back.hidden_size, back.num_layers, back.num_heads, back.num_kv_heads, back.head_dim),
+            (64, 16, 2, 2, 1, 8)
+        );
+        let loaded = crate::engine::load_model(&dir, &Device::Cpu, false).unwrap();
+        let tok = loaded.tokenizer.expect("tokenizer.json written");
+        assert_eq!(tok.get_vocab_size(true), 64);
+        assert_eq!(tok.encode("t5 t63", false).unwrap().get_ids(), &[5, 63]);
+        let st = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+        assert_eq!(st["model.layers.1.self_attn.k_proj.weight"].dims(), &[8, 16]);
+        assert_eq!(st["model.layers.1.self_attn.k_proj.weight"].dtype(), DType::BF16);
+        let std = st["lm_head.weight"].to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+        let var = std.sqr().unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!((var.sqrt() - 0.02).abs() < 0.004, "weights drawn with std 0.02, got {}", var.sqrt());
+        let mut qwen = cfg.clone();
+        qwen.qk_norm = true;
+        assert!(write_random_hf(&qwen, &dir.join("q"), &Device::Cpu, DType::BF16).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -1,5 +1,6 @@
 //! mistral.rs (mistralrs-core 0.8.1) as the side-by-side peer: the same model, with its normal
-//! KV cache on the CPU, driven through its public API with no hub access.
+//! KV cache (on the CPU, or on a GPU with the `mistralrs-cuda` feature), driven through its public
+//! API with no hub access.
 
 use std::num::NonZeroUsize;
 use std::path::Path;
@@ -33,6 +34,12 @@ impl MistralRsPeer {
     /// Loads an HF-style folder (config.json, model.safetensors, tokenizer.json) in f32 on the CPU
     /// with the normal (non-paged) cache, no prefix cache, and `max_seqs` sequences per step.
     pub fn load_hf(dir: &Path, max_seqs: usize) -> Result<Self> {
+        Self::load_hf_on(dir, max_seqs, &candle_core::Device::Cpu, ModelDType::F32)
+    }
+
+    /// [`Self::load_hf`] on any device and activation dtype (a CUDA device needs mistral.rs built
+    /// with its `cuda` feature: our feature `mistralrs-cuda`).
+    pub fn load_hf_on(dir: &Path, max_seqs: usize, device: &candle_core::Device, dtype: ModelDType) -> Result<Self> {
         std::env::set_var("HF_HUB_OFFLINE", "1");
         let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
         let loader = NormalLoaderBuilder::new(
@@ -46,16 +53,7 @@ impl MistralRsPeer {
         .build(None)
         .map_err(|e| anyhow::anyhow!("mistral.rs loader: {e}"))?;
         let pipeline = loader
-            .load_model_from_hf(
-                None,
-                TokenSource::None,
-                &ModelDType::F32,
-                &candle_core::Device::Cpu,
-                true,
-                DeviceMapSetting::dummy(),
-                None,
-                None,
-            )
+            .load_model_from_hf(None, TokenSource::None, &dtype, device, true, DeviceMapSetting::dummy(), None, None)
             .map_err(|e| anyhow::anyhow!("mistral.rs could not load {}: {e}", dir.display()))?;
         let n = NonZeroUsize::new(max_seqs.max(1)).expect("positive");
         let mr = rt.block_on(async move {

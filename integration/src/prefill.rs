@@ -86,8 +86,9 @@ const SCORE_BYTES: usize = 1 << 30;
 /// Attention of every prompt query over the prompt keys it may see: causal, and a flagged key
 /// `k` hidden from queries `q > k + window`. `q`: `[T, n_heads, d]`, `k`: `[T, kv_heads, d]`,
 /// `v`: `[T, kv_heads, dv]`, `flags`: `[T, kv_heads]` f32. Query head `i` reads KV head
-/// `i / (n_heads / kv_heads)`. Scores and softmax in f32; queries in chunks that keep the scores
-/// under 1 GiB. Returns `[T, n_heads, dv]` in `q`'s dtype.
+/// `i / (n_heads / kv_heads)`. The score matmul runs in the inputs' dtype (bf16 rounding for bf16
+/// models, as in candle's own models), mask and softmax in f32; queries in chunks that keep the
+/// f32 scores under 1 GiB. Returns `[T, n_heads, dv]` in `q`'s dtype.
 pub fn masked_prompt_attention(
     q: &Tensor,
     k: &Tensor,

@@ -453,6 +453,7 @@ extern "C" __global__ void dms_prefill_plan(int kv_heads, int bs, int wc, int ma
         int n = s_count, nb = (n + bs - 1) / bs;
         int top = atomicSub(free_top, nb) - nb;
         if (nb > max_blocks || top < 0) {
+            atomicAdd(free_top, nb);  // give the blocks back
             atomicExch(err, 1);
             s_ok = 0;
         } else {

@@ -476,9 +476,9 @@ impl GpuCache {
             bail!("head_dim {d} unsupported by the decode kernel (a multiple of {vec}, at most 256, power-of-two vectors)");
         }
         let AttnTuning { kernel, target_blocks } = self.tuning;
-        if kernel == AttnKernel::Warps && nvec > 32 {
+        if kernel == AttnKernel::Warps && nvec > 16 {
             bail!(
-                "head_dim {d} in {:?} is too wide for the warps decode kernel (at most 32 16-byte vectors)",
+                "head_dim {d} in {:?} is too wide for the warps decode kernel (at most 16 16-byte vectors)",
                 self.dtype
             );
         }

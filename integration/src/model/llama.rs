@@ -411,7 +411,8 @@ impl Llama {
 
     /// A prompt into sequence `seq` of the GPU cache in one pass with DMS's visibility mask
     /// ([`Self::forward_masked_prefill`]); the sequence's rows must be empty. The cache keeps
-    /// every unflagged token and the last `W + 1` tokens (rule 4.2) with no host round trip.
+    /// every unflagged token and the last `W + 1` tokens (rule 4.2) with no host round trip per
+    /// layer; one check of the cache's error flag at the end (a failed prompt is an error).
     #[cfg(feature = "cuda")]
     pub fn forward_gpu_prefill(
         &self,
@@ -426,9 +427,11 @@ impl Llama {
         }
         let window = cache.shape.window;
         let dtype = cache.dtype();
-        self.forward_masked_prefill(tokens, flags, window, all_logits, |li, k, v, f| {
+        let logits = self.forward_masked_prefill(tokens, flags, window, all_logits, |li, k, v, f| {
             cache.insert_prompt(li, seq, &k.to_dtype(dtype)?.contiguous()?, &v.to_dtype(dtype)?.contiguous()?, f)
-        })
+        })?;
+        cache.check()?;
+        Ok(logits)
     }
 
     /// The model's configuration.

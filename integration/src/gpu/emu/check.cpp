@@ -124,9 +124,8 @@ static void update(Cache<T>& c, int layer, const std::vector<float>& k, const st
 }
 
 // Decode attention of q [B, KV*G, D] over `layer` with one first-pass kernel at `splits`.
-template <class T>
+template <class T, int G>
 static std::vector<float> attend(Cache<T>& c, int layer, const std::vector<float>& q, bool warps, int splits, float scale) {
-    const int G = 3;
     int rows = c.rows(), ro = layer * rows;
     std::vector<T> qt(q.size());
     for (size_t i = 0; i < q.size(); i++) qt[i] = to_t<T>(q[i]);
@@ -137,10 +136,14 @@ static std::vector<float> attend(Cache<T>& c, int layer, const std::vector<float
             kernel(c.KV, c.D, c.BS, c.MB, scale, qt.data(), c.kp.data(), c.vp.data(), c.table.data() + ro * c.MB,
                    c.len.data() + ro, acc.data(), m.data(), l.data());
         };
-        if constexpr (std::is_same_v<T, float>) {
+        if constexpr (std::is_same_v<T, float> && G == 3) {
             if (warps) f(dms_decode_warps_f32_g3); else f(dms_decode_partial_f32_g3);
-        } else {
+        } else if constexpr (std::is_same_v<T, float> && G == 4) {
+            if (warps) f(dms_decode_warps_f32_g4); else f(dms_decode_partial_f32_g4);
+        } else if constexpr (G == 3) {
             if (warps) f(dms_decode_warps_bf16_g3); else f(dms_decode_partial_bf16_g3);
+        } else {
+            if (warps) f(dms_decode_warps_bf16_g4); else f(dms_decode_partial_bf16_g4);
         }
     });
     emu::launch({(unsigned)rows}, {(unsigned)((c.D + 31) / 32 * 32)}, [&] {
@@ -162,10 +165,12 @@ static std::vector<float> rand_vec(std::mt19937& rng, size_t n) {
     return v;
 }
 
-template <class T>
-static void scenario(const char* name, float tol) {
-    const int L = 2, B = 4, KV = 2, G = 3, D = 64, BS = 4, W = 5, MB = 128, NB = 4096, STEPS = 8;
-    const int prompts[B] = {0, 3, 17, 300};
+// One scenario: L layers, B sequences with the given prompt lengths, KV heads of width D with G
+// query heads each, blocks of BS slots, window W, STEPS decode steps.
+template <class T, int G, int D>
+static void scenario(const char* name, float tol, std::vector<int> prompts, int BS, int W, int STEPS) {
+    const int L = 2, KV = 2, MB = 128, NB = 4096;
+    const int B = (int)prompts.size();
     const float scale = 0.125f;
     Cache<T> c(L, B, KV, D, BS, W, MB, NB);
     std::vector<Row> oracle((size_t)L * B * KV);
@@ -219,7 +224,7 @@ static void scenario(const char* name, float tol) {
             for (int variant = 0; variant < 4; variant++) {
                 bool warps = variant >= 2;
                 int splits = variant % 2 ? 3 : 1;
-                auto out = attend(c, layer, q, warps, splits, scale);
+                auto out = attend<T, G>(c, layer, q, warps, splits, scale);
                 for (int r = 0; r < B * KV; r++) {
                     const Row& row = oracle[layer * B * KV + r];
                     for (int g = 0; g < G; g++) {
@@ -247,23 +252,29 @@ static void scenario(const char* name, float tol) {
             compare_state("after step " + std::to_string(step) + " layer " + std::to_string(layer));
         }
     EXPECT(c.err == 0, "%s: error flag %d", name, c.err);
-    std::printf("%s: prompts 0/3/17/300 + %d decode steps, kept sets and stored K/V equal the oracle, "
-                "attention (tiled and warps, 1 and 3 splits) max abs error %.2e\n", name, STEPS, worst);
+    std::string lens;
+    for (int p : prompts) lens += (lens.empty() ? "" : "/") + std::to_string(p);
+    std::printf("%s (D %d, G %d, blocks of %d, W %d): prompts %s + %d decode steps, kept sets and stored K/V equal "
+                "the oracle, attention (tiled and warps, 1 and 3 splits) max abs error %.2e\n",
+                name, D, G, BS, W, lens.c_str(), STEPS, worst);
 
     // A prompt into rows that already hold tokens is refused with code 2.
     std::vector<float> k1((size_t)2 * KV * D, 0.5f), f1((size_t)2 * KV, 0.0f);
-    prefill(c, 0, 3, 2, k1, k1, f1);
+    prefill(c, 0, B - 1, 2, k1, k1, f1);
     EXPECT(c.err == 2, "%s: a prompt into a non-empty row gives code %d, want 2", name, c.err);
     // A pool too small for the prompt gives code 1.
-    Cache<T> small(1, 1, KV, D, BS, W, MB, 8);
-    std::vector<float> k2((size_t)100 * KV * D, 0.5f), f2((size_t)100 * KV, 0.0f);
-    prefill(small, 0, 0, 100, k2, k2, f2);
+    Cache<T> small(1, 1, KV, D, BS, W, MB, 2);
+    std::vector<float> k2((size_t)3 * BS * KV * D, 0.5f), f2((size_t)3 * BS * KV, 0.0f);
+    prefill(small, 0, 0, 3 * BS, k2, k2, f2);
     EXPECT(small.err == 1, "%s: an exhausted pool gives code %d, want 1", name, small.err);
+    EXPECT(small.free_top == 2, "%s: after failed prompts %d of 2 blocks are free", name, small.free_top);
 }
 
 int main() {
-    scenario<float>("f32", 2e-5f);
-    scenario<bf16_t>("bf16", 1e-2f);
+    scenario<float, 3, 64>("f32", 2e-5f, {0, 3, 17, 300}, 4, 5, 8);
+    scenario<bf16_t, 3, 64>("bf16", 1e-2f, {0, 3, 17, 300}, 4, 5, 8);
+    // The production shape: bf16, head_dim 128 (16 vectors per key), GQA 4, blocks of 64.
+    scenario<bf16_t, 4, 128>("bf16", 1e-2f, {0, 40, 200}, 64, 32, 3);
     if (failures) {
         std::printf("EMULATED KERNEL CHECKS FAILED (%d)\n", failures);
         return 1;

@@ -164,15 +164,16 @@ impl EngineConfig {
         if !(g.top_p > 0.0 && g.top_p <= 1.0) {
             bail!("[generation] top_p must be in (0, 1]");
         }
+        let on_gpu = device_ordinal(&self.model.device)?.is_some();
         match self.model.dtype.as_str() {
             "f32" => {}
+            "bf16" if on_gpu => {}
             "bf16" | "f16" => bail!(
-                "[model] dtype `{}` is not supported yet: the CPU runtime computes in f32 (set dtype = \"f32\")",
+                "[model] dtype `{}` is not supported here: the CPU runtime computes in f32 (bf16 needs a CUDA device)",
                 self.model.dtype
             ),
-            other => bail!("[model] dtype `{other}` is unknown (valid: f32)"),
+            other => bail!("[model] dtype `{other}` is unknown (valid: f32, or bf16 on a CUDA device)"),
         }
-        device_ordinal(&self.model.device)?;
         if self.model.source.trim().is_empty() {
             bail!("[model] source is empty");
         }

@@ -13,6 +13,7 @@ pub mod bench_grid;
 pub mod cache;
 pub mod config;
 pub mod corpus;
+pub mod device_policy;
 pub mod engine;
 pub mod eval;
 pub mod export;

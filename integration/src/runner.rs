@@ -18,16 +18,25 @@ pub fn registry() -> Registry {
 
 /// Loads the model, builds the policy and sizes the pool as the config says.
 pub fn build_engine(cfg: &EngineConfig) -> Result<(Engine, Option<Tokenizer>)> {
+    build_engine_with_table(cfg).map(|(e, t, _)| (e, t))
+}
+
+/// [`build_engine`], also returning the policy table completed from the model
+/// ([`resolve_policy_table`]).
+pub fn build_engine_with_table(cfg: &EngineConfig) -> Result<(Engine, Option<Tokenizer>, toml::Table)> {
     registry().check_name(&cfg.cache.policy).context("[cache.policy]")?;
     let device = open_device(&cfg.model.device)?;
     let path = resolve_model(&cfg.model.source, cfg.base_dir.as_deref())?;
     let mut loaded = load_model(&path, &device, false).with_context(|| format!("loading model {}", path.display()))?;
     let table = resolve_policy_table(&cfg.cache.policy, &mut loaded.model, cfg.base_dir.as_deref())?;
+    if cfg.model.dtype == "bf16" {
+        loaded.model = loaded.model.to_dtype(candle_core::DType::BF16)?;
+    }
     let policy = registry().build(&table).context("[cache.policy]")?;
     let mc = loaded.model.config();
     let blocks = cfg.capacity_blocks(mc.num_layers, mc.num_kv_heads, mc.row_bytes_per_token());
     let engine = Engine::new(loaded.model, policy, cfg.cache.block_size, blocks)?;
-    Ok((engine, loaded.tokenizer))
+    Ok((engine, loaded.tokenizer, table))
 }
 
 /// Completes a `dms` policy table from the model: loads a configured adapter into the model, then

@@ -42,6 +42,10 @@ fn config_errors_name_the_key() {
     assert!(e.contains("tpu"), "{e}");
     let e = err_of(EngineConfig::parse("[mdoel]\nsource = \"x\"\n"));
     assert!(e.contains("mdoel"), "{e}");
+    let e = err_of(EngineConfig::parse("[model]\nsource = \"x\"\ndtype = \"bf16\"\n"));
+    assert!(e.contains("bf16 needs a CUDA device"), "{e}");
+    let e = err_of(EngineConfig::parse("[model]\nsource = \"x\"\ndtype = \"fp8\"\n"));
+    assert!(e.contains("fp8"), "{e}");
 }
 
 #[test]

@@ -116,6 +116,26 @@ impl DmsPolicy {
     pub fn window(&self) -> u32 {
         self.window
     }
+
+    /// The decision source.
+    pub fn decision(&self) -> DecisionKind {
+        self.decision
+    }
+
+    /// `alpha_scale` and `alpha_offset`: a token is flagged iff `raw * scale - offset > 0`.
+    pub fn alpha(&self) -> (f32, f32) {
+        (self.alpha_scale, self.alpha_offset)
+    }
+
+    /// Whether eviction is disabled (nothing is ever flagged).
+    pub fn eviction_disabled(&self) -> bool {
+        self.disable_eviction
+    }
+
+    /// Seed and flag probability of `decision = "random"`.
+    pub fn random_decisions(&self) -> (u64, f64) {
+        (self.seed, self.evict_rate)
+    }
 }
 
 impl PolicyFactory for DmsPolicy {

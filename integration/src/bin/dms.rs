@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use dms_integration::config::EngineConfig;
-use dms_integration::runner::{build_engine, chatml, gen_params, memory_factors_line, summary_line};
+use dms_integration::runner::{build_engine_with_table, chatml, gen_params, memory_factors_line, summary_line};
 use dms_integration::trace::TraceWriter;
 
 #[derive(Parser)]
@@ -227,7 +227,7 @@ fn apply_overrides(cfg: &mut EngineConfig, a: &RunArgs) -> Result<()> {
 fn run(a: RunArgs) -> Result<()> {
     let mut cfg = EngineConfig::load(&a.config)?;
     apply_overrides(&mut cfg, &a)?;
-    let (mut engine, tokenizer) = build_engine(&cfg)?;
+    let (mut engine, tokenizer, table) = build_engine_with_table(&cfg)?;
     let prompt_ids: Vec<u32> = match (&a.prompt_ids, &a.prompt) {
         (Some(ids), _) => ids.clone(),
         (None, Some(text)) => {
@@ -243,7 +243,21 @@ fn run(a: RunArgs) -> Result<()> {
         )))),
         None => None,
     };
-    let g = engine.generate(&prompt_ids, &gen_params(&cfg), trace.as_mut())?;
+    let mut on_device = None;
+    if engine.model.device().is_cuda() {
+        match dms_integration::device_policy::device_policy(&table) {
+            Ok(p) if a.trace.is_none() => on_device = Some(p),
+            Ok(_) => eprintln!("note: --trace reads the host store; this run keeps the KV cache on the host"),
+            Err(why) => eprintln!("note: {why:#}; this run keeps the KV cache on the host (attention on the CPU)"),
+        }
+    }
+    if on_device.is_none() && engine.model.dtype() != candle_core::DType::F32 {
+        bail!("[model] dtype `{}` runs on the device cache only; use dtype = \"f32\" for this policy", cfg.model.dtype);
+    }
+    let g = match on_device {
+        Some(p) => run_on_device(&cfg, &engine, &prompt_ids, &p)?,
+        None => engine.generate(&prompt_ids, &gen_params(&cfg), trace.as_mut())?,
+    };
     if let Some(t) = trace.as_mut() {
         t.flush()?;
     }
@@ -256,10 +270,49 @@ fn run(a: RunArgs) -> Result<()> {
         None => writeln!(out, "{}", g.tokens.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(","))?,
     }
     writeln!(out, "{}", summary_line(&g, &engine.policy.describe()))?;
+    if on_device.is_some() {
+        writeln!(
+            out,
+            "[device] KV cache, DMS bookkeeping and attention on {} ({:?})",
+            cfg.model.device,
+            engine.model.dtype()
+        )?;
+    }
     if let Some(line) = memory_factors_line(engine.model.config(), &g) {
         writeln!(out, "{line}")?;
     }
     Ok(())
+}
+
+/// Generation with the KV cache on the GPU (`device = "cuda:N"`, policy `full` or `dms`).
+#[cfg(feature = "cuda")]
+fn run_on_device(
+    cfg: &EngineConfig,
+    engine: &dms_integration::engine::Engine,
+    prompt: &[u32],
+    policy: &dms_integration::device_policy::DevicePolicy,
+) -> Result<dms_integration::engine::Generation> {
+    let mc = engine.model.config();
+    let slot = (2 * mc.head_dim * engine.model.dtype().size_in_bytes()) as u64;
+    let blocks = cfg.capacity_blocks(mc.num_layers, mc.num_kv_heads, slot);
+    dms_integration::gpu::generate::generate_on_device(
+        &engine.model,
+        prompt,
+        &gen_params(cfg),
+        policy,
+        cfg.cache.block_size,
+        blocks,
+    )
+}
+
+#[cfg(not(feature = "cuda"))]
+fn run_on_device(
+    _: &EngineConfig,
+    _: &dms_integration::engine::Engine,
+    _: &[u32],
+    _: &dms_integration::device_policy::DevicePolicy,
+) -> Result<dms_integration::engine::Generation> {
+    bail!("a CUDA device needs a build with --features cuda")
 }
 
 fn main() {

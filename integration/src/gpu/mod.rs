@@ -8,6 +8,8 @@ use candle_core::cuda_backend::CudaDevice;
 use candle_core::{DType, Device, Storage, Tensor};
 use std::sync::Arc;
 
+pub mod generate;
+
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/dms_kernels.ptx"));
 const MODULE: &str = "dms_kernels";
 const MAX_GQA: usize = 8;

@@ -444,6 +444,11 @@ impl Llama {
         &self.decision
     }
 
+    /// Element type of the weights.
+    pub fn dtype(&self) -> DType {
+        self.embed.dtype()
+    }
+
     /// Device the weights live on.
     pub fn device(&self) -> &Device {
         &self.device

@@ -121,6 +121,8 @@ pub struct GpuCache {
     part_l: CudaSlice<f32>,
     splits: usize,
     tuning: AttnTuning,
+    /// Grid targets of `target_blocks = 0`, per first-pass kernel (driver queries, once each).
+    auto_blocks: std::collections::HashMap<String, usize>,
 }
 
 /// Host-side initial state of every row (for synthetic benchmark caches).
@@ -221,6 +223,7 @@ impl GpuCache {
             part_l: drv(stream.alloc_zeros::<f32>(1))?,
             splits: 0,
             tuning: AttnTuning::default(),
+            auto_blocks: Default::default(),
             dev,
             stream,
             dtype,
@@ -492,7 +495,16 @@ impl GpuCache {
             .dev
             .get_or_load_custom_func(&format!("{first}_{}_g{g}", self.suffix()), MODULE, PTX)?
             .into_cuda_function();
-        let target = if target_blocks == 0 { self.full_waves(&fp, 4)? } else { target_blocks };
+        let key = format!("{first}_{}_g{g}", self.suffix());
+        let target = match (target_blocks, self.auto_blocks.get(&key)) {
+            (0, Some(&n)) => n,
+            (0, None) => {
+                let n = self.full_waves(&fp, 4)?;
+                self.auto_blocks.insert(key, n);
+                n
+            }
+            (n, _) => n,
+        };
         // At least one 128-key tile per split.
         let splits = (target.max(1) / rows).clamp(1, max_len_hint.div_ceil(128).max(1));
         let need = rows * splits * g;

@@ -30,18 +30,6 @@ fn masked(
     (logits.to_vec2::<f32>().unwrap(), kept)
 }
 
-fn presence(g: &std::collections::HashMap<String, Tensor>) -> Vec<Vec<Vec<Pos>>> {
-    let p: Vec<Vec<Vec<i64>>> = g["cache_presence"].get(0).unwrap().to_vec3().unwrap();
-    p.iter()
-        .map(|layer| {
-            layer
-                .iter()
-                .map(|row| row.iter().enumerate().filter(|(_, &x)| x == 1).map(|(i, _)| i as Pos).collect())
-                .collect()
-        })
-        .collect()
-}
-
 #[test]
 fn nvidia_fixture_prefill_logits_and_kept_sets() {
     for variant in ["variant_query_neuron", "variant_separate_alpha"] {
@@ -58,7 +46,7 @@ fn nvidia_fixture_prefill_logits_and_kept_sets() {
             let e = max_abs(got, want);
             assert!(e < 1e-4, "{variant}: position {t}: {e}");
         }
-        let want_kept = presence(&g);
+        let want_kept = presence(&g, 0);
         assert_eq!(kept, want_kept, "{variant}: kept positions after the prompt");
         assert!(
             want_kept.iter().flatten().any(|row| row.len() < prompt.len()),

@@ -26,19 +26,6 @@ pub fn dms_engine(variant: &str, extra: &str) -> (Engine, Log) {
     (Engine::new(loaded.model, policy, 4, 1 << 12).unwrap(), log)
 }
 
-fn presence(g: &std::collections::HashMap<String, candle_core::Tensor>, state: usize) -> Vec<Vec<Vec<Pos>>> {
-    let p = g["cache_presence"].to_dtype(candle_core::DType::I64).unwrap().get(state).unwrap();
-    let p: Vec<Vec<Vec<i64>>> = p.to_vec3().unwrap();
-    p.iter()
-        .map(|layer| {
-            layer
-                .iter()
-                .map(|row| row.iter().enumerate().filter(|(_, &x)| x == 1).map(|(i, _)| i as Pos).collect())
-                .collect()
-        })
-        .collect()
-}
-
 fn check_variant(variant: &str) {
     let g = golden(&fixture(&format!("qwen3_dms_tiny/{variant}/golden.safetensors")));
     let prompt = ids(&g["prompt_ids"]);

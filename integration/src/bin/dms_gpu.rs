@@ -124,6 +124,28 @@ enum Cmd {
     },
 }
 
+/// Prints a markdown table (a blank line, the header, the rule, one line per row).
+fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    println!("\n| {} |", header.join(" | "));
+    println!("|{}", "---|".repeat(header.len()));
+    for r in rows {
+        println!("| {} |", r.join(" | "));
+    }
+}
+
+/// Field `k` of a JSON row as f64 (0 when absent).
+fn num(r: &serde_json::Value, k: &str) -> f64 {
+    r[k].as_f64().unwrap_or(0.0)
+}
+
+/// Field `k` of a JSON row as text.
+fn text(r: &serde_json::Value, k: &str) -> String {
+    match &r[k] {
+        serde_json::Value::String(s) => s.clone(),
+        v => v.to_string(),
+    }
+}
+
 fn rng_vec(seed: u64, n: usize) -> Vec<f32> {
     let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
     (0..n)
@@ -328,8 +350,7 @@ fn check_fixture(dev: &Device, root: &str, variant: &str, prefill: bool, tuning:
         }
     };
     let first = if prefill {
-        let StepDecisions::Learned { scale, offset } = dec else { unreachable!("learned decisions above") };
-        let all = model.forward_gpu_prefill(&prompt, 0, &mut cache, &PromptFlags::Learned { scale, offset }, true)?;
+        let all = model.forward_gpu_prefill(&prompt, 0, &mut cache, &dec, true)?;
         for (t, row) in all.to_vec2::<f32>()?.iter().enumerate() {
             compare(row, &prefill_logits[t]);
         }
@@ -424,21 +445,27 @@ fn rate_for_cr(cr: f64, ctx: usize, w: usize) -> (f64, usize) {
     (p, ((1.0 - p) * (ctx - w - 1) as f64).round() as usize + w + 1)
 }
 
-/// A throwaway 256-token prompt and two decode steps (module loading, cuBLAS setup and the memory
-/// pool's growth happen here, outside the timed runs).
-fn warm_up(dev: &Device, model: &Llama) -> Result<()> {
-    let cfg = model.config();
+/// A batch-1 bf16 device cache (blocks of 64) with room for `tokens` tokens per row.
+fn batch1_cache(dev: &Device, cfg: &ModelConfig, tokens: usize, window: usize) -> Result<GpuCache> {
+    let bs = 64usize;
+    let max_blocks = tokens.div_ceil(bs);
     let shape = GpuCacheShape {
         layers: cfg.num_layers,
         batch: 1,
         kv_heads: cfg.num_kv_heads,
         head_dim: cfg.head_dim,
-        block_size: 64,
-        window: 512,
-        max_blocks_per_row: 8,
-        num_blocks: cfg.num_layers * cfg.num_kv_heads * 8,
+        block_size: bs,
+        window,
+        max_blocks_per_row: max_blocks,
+        num_blocks: cfg.num_layers * cfg.num_kv_heads * max_blocks,
     };
-    let mut cache = GpuCache::new(dev, DType::BF16, shape)?;
+    GpuCache::new(dev, DType::BF16, shape)
+}
+
+/// A throwaway 256-token prompt and two decode steps (module loading, cuBLAS setup and the memory
+/// pool's growth happen here, outside the timed runs).
+fn warm_up(dev: &Device, model: &Llama) -> Result<()> {
+    let mut cache = batch1_cache(dev, model.config(), 512, 512)?;
     let prompt: Vec<u32> = (0..256u32).map(|i| i % 100 + 5).collect();
     model.forward_gpu_prefill(&prompt, 0, &mut cache, &PromptFlags::Random { seed: 1, rate: 0.5 }, false)?;
     for i in 0..2u32 {
@@ -466,19 +493,7 @@ fn bench_peer(dev: &Device, out: &str, models: &str, contexts: &str, gen: usize,
         for ctx in contexts.split(',').map(|c| c.trim().parse::<usize>()) {
             let ctx = ctx?;
             let prompt: Vec<u32> = (0..ctx).map(|i| (i * 7919 % (cfg.vocab_size - 10)) as u32 + 5).collect();
-            let bs = 64usize;
-            let max_blocks = (ctx + gen + 4).div_ceil(bs);
-            let shape = GpuCacheShape {
-                layers: cfg.num_layers,
-                batch: 1,
-                kv_heads: cfg.num_kv_heads,
-                head_dim: cfg.head_dim,
-                block_size: bs,
-                window: 512,
-                max_blocks_per_row: max_blocks,
-                num_blocks: cfg.num_layers * cfg.num_kv_heads * max_blocks,
-            };
-            let mut cache = GpuCache::new(dev, DType::BF16, shape)?;
+            let mut cache = batch1_cache(dev, &cfg, ctx + gen + 4, 512)?;
             sync(dev)?;
             let t1 = Instant::now();
             let logits = ours.forward_gpu_prefill(&prompt, 0, &mut cache, &PromptFlags::None, false)?;
@@ -509,23 +524,34 @@ fn bench_peer(dev: &Device, out: &str, models: &str, contexts: &str, gen: usize,
             std::fs::write(out, serde_json::to_string_pretty(&json!({"rows": rows}))?)?;
         }
     }
-    println!("\n| model | prompt | ours prefill tok/s | mistral.rs prefill tok/s | ours decode tok/s | mistral.rs decode tok/s | decode ours/mistral.rs | greedy prefix equal |");
-    println!("|---|---|---|---|---|---|---|---|");
-    for r in &rows {
-        let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
-        println!(
-            "| {} | {} | {:.0} | {:.0} | {:.1} | {:.1} | {:.2} | {}/{} |",
-            r["model"].as_str().unwrap_or(""),
-            r["context"],
-            f("ours_prefill_tok_s"),
-            f("mistralrs_prefill_tok_s"),
-            f("ours_decode_tok_s"),
-            f("mistralrs_decode_tok_s"),
-            f("decode_ours_over_mistralrs"),
-            r["greedy_prefix_agreement"],
-            r["gen"]
-        );
-    }
+    let table: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                text(r, "model"),
+                text(r, "context"),
+                format!("{:.0}", num(r, "ours_prefill_tok_s")),
+                format!("{:.0}", num(r, "mistralrs_prefill_tok_s")),
+                format!("{:.1}", num(r, "ours_decode_tok_s")),
+                format!("{:.1}", num(r, "mistralrs_decode_tok_s")),
+                format!("{:.2}", num(r, "decode_ours_over_mistralrs")),
+                format!("{}/{}", text(r, "greedy_prefix_agreement"), text(r, "gen")),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "model",
+            "prompt",
+            "ours prefill tok/s",
+            "mistral.rs prefill tok/s",
+            "ours decode tok/s",
+            "mistral.rs decode tok/s",
+            "decode ours/mistral.rs",
+            "greedy prefix equal",
+        ],
+        &table,
+    );
     Ok(())
 }
 
@@ -547,23 +573,9 @@ fn bench_prefill(dev: &Device, out: &str, mname: &str, contexts: &str, steps: us
         let mut full = (0f64, 0f64);
         for arm in [Arm { name: "full", cr: 1.0 }, Arm { name: "dms_cr8", cr: 8.0 }] {
             let (rate, _) = rate_for_cr(arm.cr, ctx, w);
-            let max_blocks = (ctx + steps + 4).div_ceil(bs);
-            let shape = GpuCacheShape {
-                layers: cfg.num_layers,
-                batch: 1,
-                kv_heads: cfg.num_kv_heads,
-                head_dim: cfg.head_dim,
-                block_size: bs,
-                window: w,
-                max_blocks_per_row: max_blocks,
-                num_blocks: cfg.num_layers * cfg.num_kv_heads * max_blocks,
-            };
-            let mut cache = GpuCache::new(dev, DType::BF16, shape)?;
-            let (flags, dec) = if rate > 0.0 {
-                (PromptFlags::Random { seed: 7, rate }, StepDecisions::Random { seed: 7, rate })
-            } else {
-                (PromptFlags::None, StepDecisions::None)
-            };
+            let mut cache = batch1_cache(dev, &cfg, ctx + steps + 4, w)?;
+            let flags = if rate > 0.0 { PromptFlags::Random { seed: 7, rate } } else { PromptFlags::None };
+            let dec = flags;
             sync()?;
             let t0 = Instant::now();
             let logits = model.forward_gpu_prefill(&prompt, 0, &mut cache, &flags, false)?;
@@ -596,24 +608,39 @@ fn bench_prefill(dev: &Device, out: &str, mname: &str, contexts: &str, steps: us
         }
     }
     std::fs::write(out, serde_json::to_string_pretty(&json!({"window": w, "block_size": bs, "rows": rows}))?)?;
-    println!("\n| model | prompt | arm | prefill s | prefill tok/s | vs full | decode step ms | decode vs full | KV GiB | CR |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
-    for r in &rows {
-        let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
-        println!(
-            "| {} | {} | {} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
-            r["model"].as_str().unwrap_or(""),
-            r["context"],
-            r["arm"].as_str().unwrap_or(""),
-            f("prefill_s"),
-            f("prefill_tok_s"),
-            f("prefill_vs_full"),
-            f("decode_step_ms"),
-            f("decode_speedup_vs_full"),
-            f("kv_gib_after_prompt"),
-            f("cr_after_prompt")
-        );
-    }
+    let table: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            let mut v = vec![text(r, "model"), text(r, "context"), text(r, "arm")];
+            for (k, p) in [
+                ("prefill_s", 2),
+                ("prefill_tok_s", 0),
+                ("prefill_vs_full", 2),
+                ("decode_step_ms", 2),
+                ("decode_speedup_vs_full", 2),
+                ("kv_gib_after_prompt", 2),
+                ("cr_after_prompt", 2),
+            ] {
+                v.push(format!("{:.p$}", num(r, k)));
+            }
+            v
+        })
+        .collect();
+    print_table(
+        &[
+            "model",
+            "prompt",
+            "arm",
+            "prefill s",
+            "prefill tok/s",
+            "vs full",
+            "decode step ms",
+            "decode vs full",
+            "KV GiB",
+            "CR",
+        ],
+        &table,
+    );
     Ok(())
 }
 
@@ -760,23 +787,18 @@ fn tune(
         }
     }
     std::fs::write(out, serde_json::to_string_pretty(&json!({"copy_bandwidth_gb_s": bw / 1e9, "rows": rows}))?)?;
-    println!("\n| model | ctx | arm | batch | kernel | target blocks | step ms | x floor | speedup |");
-    println!("|---|---|---|---|---|---|---|---|---|");
-    for r in &rows {
-        let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
-        println!(
-            "| {} | {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.2} |",
-            r["model"].as_str().unwrap_or(""),
-            r["context"],
-            r["arm"].as_str().unwrap_or(""),
-            r["batch"],
-            r["kernel"].as_str().unwrap_or(""),
-            r["target_blocks"],
-            f("step_ms"),
-            f("step_over_floor"),
-            f("speedup_vs_first")
-        );
-    }
+    let table: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            let mut v: Vec<String> =
+                ["model", "context", "arm", "batch", "kernel", "target_blocks"].iter().map(|k| text(r, k)).collect();
+            for k in ["step_ms", "step_over_floor", "speedup_vs_first"] {
+                v.push(format!("{:.2}", num(r, k)));
+            }
+            v
+        })
+        .collect();
+    print_table(&["model", "ctx", "arm", "batch", "kernel", "target blocks", "step ms", "x floor", "speedup"], &table);
     Ok(())
 }
 
@@ -838,25 +860,29 @@ fn bench(
         "window": w, "block_size": bs, "kernel": format!("{:?}", tuning.kernel),
         "target_blocks": tuning.target_blocks, "rows": rows}))?,
     )?;
-    println!("\n| model | ctx | arm | batch | fits | step ms | floor ms | x floor | tok/s | vs full | KV GiB | CR |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
-    for r in &rows {
-        println!(
-            "| {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} |",
-            r["model"].as_str().unwrap_or(""),
-            r["context"],
-            r["arm"].as_str().unwrap_or(""),
-            r["batch"],
-            r["fits_in_budget"],
-            r["step_ms"].as_f64().unwrap_or(0.0),
-            r["floor_ms"].as_f64().unwrap_or(0.0),
-            r["step_over_floor"].as_f64().unwrap_or(0.0),
-            r["decode_tok_s"].as_f64().unwrap_or(0.0),
-            r["tok_s_vs_full_same_batch_kind"].as_f64().unwrap_or(0.0),
-            r["kv_gib"].as_f64().unwrap_or(0.0),
-            r["measured_cr"].as_f64().unwrap_or(0.0)
-        );
-    }
+    let table: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            let mut v: Vec<String> =
+                ["model", "context", "arm", "batch", "fits_in_budget"].iter().map(|k| text(r, k)).collect();
+            for (k, p) in [
+                ("step_ms", 2),
+                ("floor_ms", 2),
+                ("step_over_floor", 2),
+                ("decode_tok_s", 0),
+                ("tok_s_vs_full_same_batch_kind", 2),
+                ("kv_gib", 2),
+                ("measured_cr", 2),
+            ] {
+                v.push(format!("{:.p$}", num(r, k)));
+            }
+            v
+        })
+        .collect();
+    print_table(
+        &["model", "ctx", "arm", "batch", "fits", "step ms", "floor ms", "x floor", "tok/s", "vs full", "KV GiB", "CR"],
+        &table,
+    );
     Ok(())
 }
 

@@ -12,7 +12,6 @@ use crate::device_policy::DevicePolicy;
 use crate::engine::{sample, GenParams, Generation};
 use crate::kv_store::MemoryUsage;
 use crate::model::Llama;
-use crate::prefill::PromptFlags;
 
 /// What the cache holds at the end of a device generation.
 fn usage(cache: &GpuCache, tokens_seen: usize) -> Result<(MemoryUsage, f64, Vec<f64>)> {
@@ -64,11 +63,7 @@ pub fn generate_on_device(
         num_blocks: capacity_blocks.min(cfg.num_layers * cfg.num_kv_heads * max_blocks_per_row),
     };
     let mut cache = GpuCache::new(model.device(), model.dtype(), shape)?;
-    let step = match policy.flags {
-        PromptFlags::None => StepDecisions::None,
-        PromptFlags::Random { seed, rate } => StepDecisions::Random { seed, rate },
-        PromptFlags::Learned { scale, offset } => StepDecisions::Learned { scale, offset },
-    };
+    let step: StepDecisions = policy.flags;
     let eos = cfg.eos_token_ids.clone();
     let mut rng = StdRng::seed_from_u64(params.seed);
     let t0 = Instant::now();

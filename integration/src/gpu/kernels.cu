@@ -103,18 +103,20 @@ __device__ void decode_update(int kv_heads, int d_head, int bs, int wc, int max_
 template <typename T> struct VecOf;
 template <> struct VecOf<float> { static const int N = 4; };
 template <> struct VecOf<bf16_t> { static const int N = 8; };
-__device__ __forceinline__ void load_vec(const float* p, float* o) {
-    float4 v = *reinterpret_cast<const float4*>(p);
-    o[0] = v.x; o[1] = v.y; o[2] = v.z; o[3] = v.w;
+__device__ __forceinline__ uint4 ld16(const void* p) { return *reinterpret_cast<const uint4*>(p); }
+__device__ __forceinline__ void unpack(uint4 v, float* o, float) {
+    o[0] = __uint_as_float(v.x); o[1] = __uint_as_float(v.y); o[2] = __uint_as_float(v.z); o[3] = __uint_as_float(v.w);
 }
-__device__ __forceinline__ void load_vec(const bf16_t* p, float* o) {
-    uint4 v = *reinterpret_cast<const uint4*>(p);
+__device__ __forceinline__ void unpack(uint4 v, float* o, bf16_t) {
     unsigned int w[4] = {v.x, v.y, v.z, v.w};
     for (int i = 0; i < 4; i++) {
         o[2 * i] = __uint_as_float(w[i] << 16);
         o[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
     }
 }
+
+template <typename T>
+__device__ __forceinline__ void load_vec(const T* p, float* o) { unpack(ld16(p), o, T()); }
 
 // Split-K paged decode attention, first pass. grid = (rows, splits), block = THREADS.
 // Row r = b * kv_heads + h holds the keys of KV head h of sequence b; its G query heads are
@@ -232,19 +234,6 @@ __device__ void decode_partial_g(int kv_heads, int d_head, int bs, int max_block
         __syncthreads();
     }
     if (tid < G) { part_m[o + tid] = s_m[tid]; part_l[o + tid] = s_l[tid]; }
-}
-
-// 16-byte raw loads and their conversion to floats (4 f32 or 8 bf16).
-__device__ __forceinline__ uint4 ld16(const void* p) { return *reinterpret_cast<const uint4*>(p); }
-__device__ __forceinline__ void unpack(uint4 v, float* o, float) {
-    o[0] = __uint_as_float(v.x); o[1] = __uint_as_float(v.y); o[2] = __uint_as_float(v.z); o[3] = __uint_as_float(v.w);
-}
-__device__ __forceinline__ void unpack(uint4 v, float* o, bf16_t) {
-    unsigned int w[4] = {v.x, v.y, v.z, v.w};
-    for (int i = 0; i < 4; i++) {
-        o[2 * i] = __uint_as_float(w[i] << 16);
-        o[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-    }
 }
 
 // Split-K paged decode attention, first pass, "warps" variant: the warps of a block work

@@ -632,23 +632,6 @@ impl GpuCache {
     }
 }
 
-/// What decides evictions in a GPU decode step.
-#[derive(Debug, Clone, Copy)]
-pub enum StepDecisions {
-    /// Full cache.
-    None,
-    /// Synthetic decisions at a set rate.
-    Random {
-        /// Seed.
-        seed: u64,
-        /// Flag probability.
-        rate: f64,
-    },
-    /// The model's learned DMS signal.
-    Learned {
-        /// alpha_scale.
-        scale: f32,
-        /// alpha_offset.
-        offset: f32,
-    },
-}
+/// What decides evictions in a GPU decode step: the same sources as a prompt's flags
+/// (none, random at a set rate, the model's learned signal).
+pub use crate::prefill::PromptFlags as StepDecisions;

@@ -125,3 +125,18 @@ pub fn vecf(seed: u64, n: usize) -> Vec<f32> {
         })
         .collect()
 }
+
+/// Kept positions per layer and row in cache state `state` of a DMS reference golden file
+/// (`cache_presence`: `[state, layer, row, position]`, 1 = kept).
+pub fn presence(g: &HashMap<String, Tensor>, state: usize) -> Vec<Vec<Vec<Pos>>> {
+    let p = g["cache_presence"].to_dtype(candle_core::DType::I64).unwrap().get(state).unwrap();
+    let p: Vec<Vec<Vec<i64>>> = p.to_vec3().unwrap();
+    p.iter()
+        .map(|layer| {
+            layer
+                .iter()
+                .map(|row| row.iter().enumerate().filter(|(_, &x)| x == 1).map(|(i, _)| i as Pos).collect())
+                .collect()
+        })
+        .collect()
+}

@@ -8,6 +8,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
+use tokenizers::decoders::byte_level::ByteLevel;
 use tokenizers::models::wordlevel::WordLevel;
 use tokenizers::pre_tokenizers::whitespace::Whitespace;
 use tokenizers::Tokenizer;
@@ -87,6 +88,8 @@ pub fn write_random_hf(cfg: &ModelConfig, out: &Path, device: &Device, dtype: DT
         .map_err(|e| anyhow::anyhow!("word-level tokenizer: {e}"))?;
     let mut tok = Tokenizer::new(model);
     tok.with_pre_tokenizer(Some(Whitespace {}));
+    // mistral.rs (through llguidance) wants a byte-level or byte-fallback decoder.
+    tok.with_decoder(Some(ByteLevel::default()));
     write_folder(out, cfg, &tensors, &tok)
 }
 

@@ -244,7 +244,9 @@ fn run(a: RunArgs) -> Result<()> {
         None => None,
     };
     let mut on_device = None;
-    if engine.model.device().is_cuda() {
+    if engine.model.device().is_cuda() && engine.model.config().mla.is_some() {
+        eprintln!("note: latent-attention (MLA) models keep the KV cache on the host (no MLA device kernels yet)");
+    } else if engine.model.device().is_cuda() {
         match dms_integration::device_policy::device_policy(&table) {
             Ok(p) if a.trace.is_none() => on_device = Some(p),
             Ok(_) => eprintln!("note: --trace reads the host store; this run keeps the KV cache on the host"),

@@ -5,10 +5,13 @@
 #   tune    decode kernels (tiled, warps) x grid sizes at the memory limit, Llama-3.1-8B 32K
 #   prefill real prompts through the masked one-pass prefill, then decode (batch 1)
 #   peer    ours vs mistral.rs (CUDA, normal cache) on the same random bf16 weights, batch 1
-#   engine  `dms run` with the KV cache on the GPU == the host engine (NVIDIA's DMS fixture)
+#   engine  `dms run` with the KV cache on the GPU == the host engine (NVIDIA's DMS fixture, and
+#           the tiny DeepSeek-V3 with DMS on its latent rows)
 #   grid    the decode benchmark grid (extra arguments go to `dms-gpu bench`)
+#   mla     DeepSeek-V2-Lite's latent attention (dense MLP): prefill + decode at batch 1, and the
+#           32K grid (full vs DMS CR4/CR8 at batch 1 and at the memory limit)
 # STEPS picks and orders the steps after check (default "engine tune prefill peer"; then a second call
-# with STEPS=grid). Each step has a time cap so that a call stays inside 10 device minutes.
+# with STEPS="grid mla"). Each step has a time cap so that a call stays inside 10 device minutes.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -30,16 +33,21 @@ for step in ${STEPS:-engine tune prefill peer}; do
   case $step in
     engine)
       unpack dms
-      args=(run --config configs/dms-fixture-tiny.toml --prompt-ids 37,235,396,72,255 --max-tokens 40)
-      host=$(timeout 60 bash .gpu-bin/gpu-run.sh /tmp/dms-gpu-bin/dms "${args[@]}" 2>/dev/null | grep -E '^[0-9]+(,[0-9]+)+$' | head -1)
-      timeout 60 bash .gpu-bin/gpu-run.sh /tmp/dms-gpu-bin/dms "${args[@]}" --device cuda:0 >"$OUT/engine.log" 2>&1
-      dev=$(grep -E '^[0-9]+(,[0-9]+)+$' "$OUT/engine.log" | head -1)
-      tail -3 "$OUT/engine.log"
-      if [ -n "$host" ] && [ "$host" = "$dev" ]; then echo "ENGINE: device cache == host engine (40 greedy tokens)"; else echo "ENGINE MISMATCH: host $host device $dev"; fi ;;
+      for cfg in dms-fixture-tiny mla-tiny-dms; do
+        args=(run --config configs/$cfg.toml --prompt-ids 37,235,396,72,255 --max-tokens 40)
+        host=$(timeout 60 bash .gpu-bin/gpu-run.sh /tmp/dms-gpu-bin/dms "${args[@]}" 2>/dev/null | grep -E '^[0-9]+(,[0-9]+)+$' | head -1)
+        timeout 60 bash .gpu-bin/gpu-run.sh /tmp/dms-gpu-bin/dms "${args[@]}" --device cuda:0 >"$OUT/engine-$cfg.log" 2>&1
+        dev=$(grep -E '^[0-9]+(,[0-9]+)+$' "$OUT/engine-$cfg.log" | head -1)
+        tail -3 "$OUT/engine-$cfg.log"
+        if [ -n "$host" ] && [ "$host" = "$dev" ]; then echo "ENGINE $cfg: device cache == host engine (40 greedy tokens)"; else echo "ENGINE $cfg MISMATCH: host $host device $dev"; fi
+      done ;;
+    mla)
+      timeout 100 bash .gpu-bin/gpu-run.sh "$BIN" prefill --model dsv2-lite-attn --out "$OUT/gpu-mla-prefill.json" 2>"$OUT/mla-prefill.err" | tee "$OUT/mla-prefill.log"; tail -3 "$OUT/mla-prefill.err"
+      timeout 120 bash .gpu-bin/gpu-run.sh "$BIN" bench --models dsv2-lite-attn --contexts 32768 --out "$OUT/gpu-mla-bench.json" 2>"$OUT/mla-bench.err" | tee "$OUT/mla-bench.log"; tail -3 "$OUT/mla-bench.err" ;;
     tune) timeout 90 bash .gpu-bin/gpu-run.sh "$BIN" tune --out "$OUT/gpu-tune.json" 2>"$OUT/tune.err" | tee "$OUT/tune.log"; tail -3 "$OUT/tune.err" ;;
     prefill) timeout 90 bash .gpu-bin/gpu-run.sh "$BIN" prefill --out "$OUT/gpu-prefill.json" 2>"$OUT/prefill.err" | tee "$OUT/prefill.log"; tail -3 "$OUT/prefill.err" ;;
     peer) timeout 150 bash .gpu-bin/gpu-run.sh "$BIN" peer --out "$OUT/gpu-peer.json" 2>"$OUT/peer.err" | tee "$OUT/peer.log"; tail -3 "$OUT/peer.err" ;;
     grid) timeout 290 bash .gpu-bin/gpu-run.sh "$BIN" bench --out "$OUT/gpu-bench.json" "$@" 2>"$OUT/bench.err" | tee "$OUT/bench.log"; tail -5 "$OUT/bench.err" ;;
-    *) echo "unknown step $step (engine, tune, prefill, peer, grid)"; exit 2 ;;
+    *) echo "unknown step $step (engine, tune, prefill, peer, grid, mla)"; exit 2 ;;
   esac
 done

@@ -159,8 +159,9 @@ pub fn summary_line(g: &Generation, policy: &str) -> String {
 /// same attention shape, times the DMS compression ratio. None for per-head K/V models.
 pub fn memory_factors_line(cfg: &crate::model::ModelConfig, g: &Generation) -> Option<String> {
     let m = cfg.mla.as_ref()?;
-    let latent = cfg.head_dim * 4;
-    let mha = cfg.mha_equivalent_floats_per_token_layer() * 4;
+    // Bytes per token and layer of the store that ran (f32 on the host, bf16 or f32 on a GPU).
+    let latent = g.usage.bytes_full / g.usage.tokens_seen.max(1);
+    let mha = cfg.mha_equivalent_floats_per_token_layer() as u64 * latent / cfg.head_dim as u64;
     // One latent row per layer: tokens seen summed over rows = token-layers.
     let per_head_full = g.usage.tokens_seen * mha as u64;
     Some(format!(

@@ -244,9 +244,7 @@ fn run(a: RunArgs) -> Result<()> {
         None => None,
     };
     let mut on_device = None;
-    if engine.model.device().is_cuda() && engine.model.config().mla.is_some() {
-        eprintln!("note: latent-attention (MLA) models keep the KV cache on the host (no MLA device kernels yet)");
-    } else if engine.model.device().is_cuda() {
+    if engine.model.device().is_cuda() {
         match dms_integration::device_policy::device_policy(&table) {
             Ok(p) if a.trace.is_none() => on_device = Some(p),
             Ok(_) => eprintln!("note: --trace reads the host store; this run keeps the KV cache on the host"),
@@ -295,7 +293,9 @@ fn run_on_device(
     policy: &dms_integration::device_policy::DevicePolicy,
 ) -> Result<dms_integration::engine::Generation> {
     let mc = engine.model.config();
-    let slot = (2 * mc.head_dim * engine.model.dtype().size_in_bytes()) as u64;
+    // Latent rows (MLA) hold one row per token and layer, per-head rows a key and a value.
+    let pools = if mc.mla.is_some() { 1 } else { 2 };
+    let slot = (pools * mc.head_dim * engine.model.dtype().size_in_bytes()) as u64;
     let blocks = cfg.capacity_blocks(mc.num_layers, mc.num_kv_heads, slot);
     dms_integration::gpu::generate::generate_on_device(
         &engine.model,

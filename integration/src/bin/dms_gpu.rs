@@ -49,7 +49,7 @@ enum Cmd {
         /// Comma-separated contexts.
         #[arg(long, default_value = "4096,16384,32768")]
         contexts: String,
-        /// Comma-separated model shapes (llama3.1-8b, qwen3-8b, smollm2-135m).
+        /// Comma-separated model shapes (llama3.1-8b, qwen3-8b, smollm2-135m, dsv2-lite-attn).
         #[arg(long, default_value = "llama3.1-8b,qwen3-8b,smollm2-135m")]
         models: String,
         /// Timed decode steps per configuration.
@@ -112,7 +112,7 @@ enum Cmd {
         /// JSON output file.
         #[arg(long, default_value = "gpu-prefill.json")]
         out: String,
-        /// Model shape (llama3.1-8b, qwen3-8b, smollm2-135m).
+        /// Model shape (llama3.1-8b, qwen3-8b, smollm2-135m, dsv2-lite-attn).
         #[arg(long, default_value = "llama3.1-8b")]
         model: String,
         /// Comma-separated prompt lengths.
@@ -194,6 +194,7 @@ fn check_kernels(dev: &Device, dtype: DType, c: &KernelCheck, tuning: AttnTuning
         window: w,
         max_blocks_per_row: longest.div_ceil(bs) + 1,
         num_blocks: layers * batch * kv * (longest.div_ceil(bs) + 1),
+        latent_rank: None,
     };
     let mut gpu = GpuCache::new(dev, dtype, shape)?;
     gpu.set_tuning(tuning);
@@ -294,28 +295,120 @@ fn check_kernels(dev: &Device, dtype: DType, c: &KernelCheck, tuning: AttnTuning
 
 /// The NVIDIA-reference DMS fixture on the GPU (f32): the prompt token by token through the
 /// decode path, or in one pass through the masked prefill (`prefill`), then 24 decode steps.
+/// Integer tensor `name` of a golden fixture.
+fn golden_ints(g: &safetensors::SafeTensors, name: &str) -> Result<Vec<i64>> {
+    let v = g.tensor(name)?;
+    let d = v.data();
+    Ok(match v.dtype() {
+        safetensors::Dtype::I8 => d.iter().map(|&b| b as i8 as i64).collect(),
+        safetensors::Dtype::I32 => d.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64).collect(),
+        safetensors::Dtype::I64 => d.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect(),
+        other => bail!("{name}: unexpected dtype {other:?}"),
+    })
+}
+
+/// f32 tensor `name` of a golden fixture as rows of `cols`.
+fn golden_rows(g: &safetensors::SafeTensors, name: &str, cols: usize) -> Result<Vec<Vec<f32>>> {
+    let d = g.tensor(name)?.data().to_vec();
+    let v: Vec<f32> = d.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    Ok(v.chunks(cols).map(|c| c.to_vec()).collect())
+}
+
+fn max_abs(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// The tiny DeepSeek-V3 (MLA) fixture on the GPU in f32, latent rows in the device cache:
+/// full cache against transformers' logits (the prompt in one masked pass, then its 24 greedy
+/// steps), and DMS on latent rows (random decisions at 0.7, W 8) against the host engine token by
+/// token (logits and kept sets after the prompt and after every step). Returns the two errors
+/// and the states compared.
+fn check_mla(dev: &Device, root: &str) -> Result<(f32, f32, usize)> {
+    let dir = std::path::Path::new(root).join("deepseek_mla_tiny");
+    let model = load_model(&dir, dev, false)?.model;
+    let bytes = std::fs::read(dir.join("golden.safetensors"))?;
+    let g = safetensors::SafeTensors::deserialize(&bytes)?;
+    let cfg = model.config().clone();
+    let Some(mla) = cfg.mla.clone() else { bail!("deepseek_mla_tiny did not load as a latent-attention model") };
+    let vocab = cfg.vocab_size;
+    let prompt: Vec<u32> = golden_ints(&g, "prompt_ids")?.into_iter().map(|x| x as u32).collect();
+    let greedy: Vec<u32> = golden_ints(&g, "greedy_ids")?.into_iter().map(|x| x as u32).collect();
+    let want_prompt = golden_rows(&g, "prompt_logits", vocab)?;
+    let want_steps = golden_rows(&g, "greedy_step_logits", vocab)?;
+    let cache_for = |window: usize| {
+        let shape = GpuCacheShape {
+            layers: cfg.num_layers,
+            batch: 1,
+            kv_heads: 1,
+            head_dim: cfg.head_dim,
+            block_size: 4,
+            window,
+            max_blocks_per_row: 32,
+            num_blocks: 256,
+            latent_rank: Some(mla.kv_lora_rank),
+        };
+        GpuCache::new(dev, DType::F32, shape)
+    };
+    let decode = |cache: &mut GpuCache, tok: u32, pos: usize, d: &StepDecisions| -> Result<Vec<f32>> {
+        Ok(model.forward_gpu_decode(&[tok], &[pos as u32], cache, d, pos + 1)?.squeeze(0)?.to_vec1::<f32>()?)
+    };
+    let mut cache = cache_for(0)?;
+    let all = model.forward_gpu_prefill(&prompt, 0, &mut cache, &PromptFlags::None, true)?.to_vec2::<f32>()?;
+    let mut full_err = all.iter().zip(&want_prompt).map(|(a, b)| max_abs(a, b)).fold(0.0, f32::max);
+    let mut logits = all.last().cloned().unwrap_or_default();
+    for (i, &want) in greedy.iter().enumerate() {
+        full_err = full_err.max(max_abs(&logits, &want_steps[i]));
+        let got = dms_integration::engine::argmax(&logits);
+        if got != want {
+            bail!("MLA fixture on GPU: greedy step {i} picks {got}, transformers {want}");
+        }
+        if i + 1 < greedy.len() {
+            logits = decode(&mut cache, got, prompt.len() + i, &StepDecisions::None)?;
+        }
+    }
+    cache.check()?;
+    let table: toml::Table = toml::from_str("name = 'dms'\nwindow = 8\ndecision = 'random'\nevict_rate = 0.7\nseed = 3")?;
+    let policy = Registry::with_builtins().build(&table)?;
+    let mut host = dms_integration::engine::Engine::new(load_model(&dir, &Device::Cpu, false)?.model, policy, 4, 1 << 12)?;
+    let mut seq = host.new_sequence();
+    let flags = PromptFlags::Random { seed: 3, rate: 0.7 };
+    let mut cache = cache_for(8)?;
+    let got = model.forward_gpu_prefill(&prompt, 0, &mut cache, &flags, true)?.to_vec2::<f32>()?;
+    let want = host.step(&mut seq, &prompt, true)?.to_vec2::<f32>()?;
+    let mut dms_err = got.iter().zip(&want).map(|(a, b)| max_abs(a, b)).fold(0.0, f32::max);
+    let same_kept = |cache: &GpuCache, host_kept: Vec<Vec<Vec<u32>>>, when: &str| -> Result<()> {
+        let gpu = cache.kept_positions()?;
+        for (l, rows) in host_kept.iter().enumerate() {
+            if rows.len() != 1 || gpu[l] != rows[0] {
+                bail!("MLA fixture with DMS: layer {l} keeps different positions on the GPU {when}");
+            }
+        }
+        Ok(())
+    };
+    let host_kept = |seq: &dms_integration::cache::SequenceCache, store: &KvStore| -> Vec<Vec<Vec<u32>>> {
+        (0..cfg.num_layers).map(|l| seq.kept_positions(l, store)).collect()
+    };
+    same_kept(&cache, host_kept(&seq, &host.store), "after the prompt")?;
+    let mut states = 1;
+    for (i, &tok) in greedy.iter().enumerate() {
+        let pos = prompt.len() + i;
+        let g = decode(&mut cache, tok, pos, &flags)?;
+        let h = host.step(&mut seq, &[tok], false)?.squeeze(0)?.to_vec1::<f32>()?;
+        dms_err = dms_err.max(max_abs(&g, &h));
+        same_kept(&cache, host_kept(&seq, &host.store), &format!("after step {i}"))?;
+        states += 1;
+    }
+    cache.check()?;
+    Ok((full_err, dms_err, states))
+}
+
 fn check_fixture(dev: &Device, root: &str, variant: &str, prefill: bool, tuning: AttnTuning) -> Result<(f32, usize)> {
     let dir = std::path::Path::new(root).join("qwen3_dms_tiny").join(variant);
     let model = load_model(&dir.join("model"), dev, false)?.model;
     let bytes = std::fs::read(dir.join("golden.safetensors"))?;
     let g = safetensors::SafeTensors::deserialize(&bytes)?;
-    let ints = |name: &str| -> Result<Vec<i64>> {
-        let v = g.tensor(name)?;
-        let d = v.data();
-        Ok(match v.dtype() {
-            safetensors::Dtype::I8 => d.iter().map(|&b| b as i8 as i64).collect(),
-            safetensors::Dtype::I32 => {
-                d.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64).collect()
-            }
-            safetensors::Dtype::I64 => d.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect(),
-            other => bail!("{name}: unexpected dtype {other:?}"),
-        })
-    };
-    let floats = |name: &str, cols: usize| -> Result<Vec<Vec<f32>>> {
-        let d = g.tensor(name)?.data().to_vec();
-        let v: Vec<f32> = d.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
-        Ok(v.chunks(cols).map(|c| c.to_vec()).collect())
-    };
+    let ints = |name: &str| golden_ints(&g, name);
+    let floats = |name: &str, cols: usize| golden_rows(&g, name, cols);
     let prompt: Vec<u32> = ints("prompt_ids")?.into_iter().map(|x| x as u32).collect();
     let generated: Vec<u32> = ints("generated_ids")?.into_iter().map(|x| x as u32).collect();
     let vocab = model.config().vocab_size;
@@ -333,6 +426,7 @@ fn check_fixture(dev: &Device, root: &str, variant: &str, prefill: bool, tuning:
         window: w,
         max_blocks_per_row: 64,
         num_blocks: 1024,
+        latent_rank: None,
     };
     let mut cache = GpuCache::new(dev, DType::F32, shape)?;
     cache.set_tuning(tuning);
@@ -386,6 +480,17 @@ fn check_fixture(dev: &Device, root: &str, variant: &str, prefill: bool, tuning:
     Ok((worst, states))
 }
 
+/// A DeepSeek config with a dense MLP in every layer: its latent attention exactly, without the
+/// MoE routing (which runs on the host and would time the router, not the cache).
+fn dense_mla_shape(hf_json: &str) -> Result<ModelConfig> {
+    let mut v: serde_json::Value = serde_json::from_str(hf_json)?;
+    let layers = v["num_hidden_layers"].clone();
+    v["first_k_dense_replace"] = layers;
+    ModelConfig::from_hf_json(&v.to_string())
+}
+
+/// A model shape by name; `dsv2-lite-attn` is DeepSeek-V2-Lite's latent attention (27 layers,
+/// 16 heads, kv_lora 512 + rope 64) with its dense MLP in every layer.
 fn model_shape(name: &str) -> Result<ModelConfig> {
     let base = |arch, vocab, hidden, inter, layers, heads, kv, hd, theta: f64, qk| ModelConfig {
         arch,
@@ -412,7 +517,8 @@ fn model_shape(name: &str) -> Result<ModelConfig> {
         "llama3.1-8b" => base(Arch::Llama, 128256, 4096, 14336, 32, 32, 8, 128, 500000.0, false),
         "qwen3-8b" => base(Arch::Qwen3, 151936, 4096, 12288, 36, 32, 8, 128, 1000000.0, true),
         "smollm2-135m" => base(Arch::Llama, 49152, 576, 1536, 30, 9, 3, 64, 100000.0, false),
-        other => bail!("unknown model shape {other}"),
+        "dsv2-lite-attn" => dense_mla_shape(include_str!("../../../configs/models/deepseek-v2-lite/config.json"))?,
+        other => bail!("unknown model shape {other} (llama3.1-8b, qwen3-8b, smollm2-135m, dsv2-lite-attn)"),
     })
 }
 
@@ -458,6 +564,7 @@ fn batch1_cache(dev: &Device, cfg: &ModelConfig, tokens: usize, window: usize) -
         window,
         max_blocks_per_row: max_blocks,
         num_blocks: cfg.num_layers * cfg.num_kv_heads * max_blocks,
+        latent_rank: cfg.mla.as_ref().map(|m| m.kv_lora_rank),
     };
     GpuCache::new(dev, DType::BF16, shape)
 }
@@ -695,6 +802,7 @@ fn bench_one(
         window: w,
         max_blocks_per_row: max_blocks,
         num_blocks: n_rows * max_blocks,
+        latent_rank: cfg.mla.as_ref().map(|m| m.kv_lora_rank),
     };
     let mut cache = GpuCache::with_rows(dev, DType::BF16, shape, init)?;
     cache.set_tuning(tuning);
@@ -729,8 +837,10 @@ fn bench_one(
 /// Largest batch whose bf16 cache (at `ctx / cr` tokens per row, block rounded) fits `budget` bytes.
 fn fit_batch(cfg: &ModelConfig, ctx: usize, cr: f64, steps: usize, bs: usize, budget: f64) -> usize {
     let kept = if cr <= 1.0 { ctx } else { (ctx as f64 / cr).round() as usize };
+    // A key and a value per slot; latent rows (MLA) hold one row.
+    let pools = if cfg.mla.is_some() { 1 } else { 2 };
     let per_seq =
-        (cfg.num_layers * cfg.num_kv_heads * (kept + steps + 6).div_ceil(bs) * bs * 2 * cfg.head_dim * 2) as f64;
+        (cfg.num_layers * cfg.num_kv_heads * (kept + steps + 6).div_ceil(bs) * bs * pools * cfg.head_dim * 2) as f64;
     (budget / per_seq).floor() as usize
 }
 
@@ -925,6 +1035,15 @@ fn main() -> Result<()> {
                         }
                     }
                 }
+            }
+            let (full, dms, states) = check_mla(&dev, &fixtures)?;
+            println!(
+                "DeepSeek-V3 MLA fixture on GPU (latent rows): full cache vs transformers max abs error {full:.2e} \
+                 (prompt + 24 greedy steps, same tokens); DMS on latent rows vs the host engine {dms:.2e}, kept sets \
+                 equal in {states} states"
+            );
+            if full > 1e-3 || dms > 1e-3 {
+                bail!("MLA fixture on GPU: logits error {full} / {dms} above 1e-3");
             }
             println!("GPU CHECKS PASSED");
         }

@@ -61,6 +61,7 @@ pub fn generate_on_device(
         window: policy.window,
         max_blocks_per_row,
         num_blocks: capacity_blocks.min(cfg.num_layers * cfg.num_kv_heads * max_blocks_per_row),
+        latent_rank: cfg.mla.as_ref().map(|m| m.kv_lora_rank),
     };
     let mut cache = GpuCache::new(model.device(), model.dtype(), shape)?;
     let step: StepDecisions = policy.flags;

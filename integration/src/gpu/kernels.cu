@@ -33,6 +33,7 @@ __device__ double hash_unit(unsigned long long seed, unsigned long long layer, u
 // One decode token per row: decide (mode 0 none, 1 random at `rate`, 2 scores*scale-offset>0),
 // evict the flagged token leaving the window of W+1 (reusing its slot) or append (taking a block
 // from the free list when needed), then write K and V. grid = rows of this layer, block = D.
+// Latent rows (MLA) pass the key pool as v_pool: the values are part of the key row.
 template <typename T>
 __device__ void decode_update(int kv_heads, int d_head, int bs, int wc, int max_blocks, int layer,
                               const T* k_new, const T* v_new, T* k_pool, T* v_pool,
@@ -90,7 +91,7 @@ __device__ void decode_update(int kv_heads, int d_head, int bs, int wc, int max_
     if (s_addr < 0) return;
     for (int i = threadIdx.x; i < d_head; i += blockDim.x) {
         k_pool[s_addr * d_head + i] = k_new[(long long)r * d_head + i];
-        v_pool[s_addr * d_head + i] = v_new[(long long)r * d_head + i];
+        if (v_pool != k_pool) v_pool[s_addr * d_head + i] = v_new[(long long)r * d_head + i];
     }
 }
 
@@ -483,7 +484,8 @@ extern "C" __global__ void dms_prefill_plan(int kv_heads, int bs, int wc, int ma
     }
 }
 
-// Copies the kept prompt tokens' K and V ([T, kv_heads, D]) to their pool addresses.
+// Copies the kept prompt tokens' K and V ([T, kv_heads, D]) to their pool addresses (only K
+// when v_pool is k_pool: latent rows).
 // grid = (T, kv_heads), block = min(D, 256).
 template <typename T>
 __device__ void prefill_write(int kv_heads, int d_head, int n_tok, const long long* dst, const T* k, const T* v,
@@ -494,7 +496,7 @@ __device__ void prefill_write(int kv_heads, int d_head, int n_tok, const long lo
     long long src = ((long long)t * kv_heads + h) * d_head;
     for (int i = threadIdx.x; i < d_head; i += blockDim.x) {
         k_pool[a * d_head + i] = k[src + i];
-        v_pool[a * d_head + i] = v[src + i];
+        if (v_pool != k_pool) v_pool[a * d_head + i] = v[src + i];
     }
 }
 
@@ -542,6 +544,136 @@ extern "C" __global__ void __launch_bounds__(THREADS) dms_decode_warps_##SUF##_g
     PARTIAL(T, SUF, 5) PARTIAL(T, SUF, 6) PARTIAL(T, SUF, 7) PARTIAL(T, SUF, 8)
 PARTIALS(float, f32)
 PARTIALS(bf16_t, bf16)
+
+#define MLA_TILE 64
+#define MLA_MAXDK 1024
+#define MLA_MAXHG 8
+
+// Split-K paged decode attention over latent rows (MLA, absorbed form): one row per sequence
+// holds c_kv (the first dv floats, the values) then the rotated k_pe, dk floats in all; every
+// query head scores the whole row and reads its first dv floats as the value. Block z handles
+// query heads [z*HG, z*HG+HG). Scores: a warp per key, lanes over the key's 16-byte vectors (one
+// coalesced read of the row). Values: thread (key group, vector) as in decode_partial_g.
+// Writes the same partials as decode_partial_g with G = heads, so decode_reduce merges them with
+// kv_heads = 1, g_heads = heads, d_head = dv. Needs dk <= MLA_MAXDK and dv / VEC <= THREADS.
+// grid = (batch, splits, heads / HG), block = THREADS.
+template <typename T, int HG>
+__device__ void mla_partial(int heads, int dk, int dv, int bs, int max_blocks, float scale, const T* q,
+                            const T* pool, const int* block_table, const int* row_len, float* part_acc,
+                            float* part_m, float* part_l) {
+    const int VEC = VecOf<T>::N;
+    const int NW = THREADS / 32;
+    int r = blockIdx.x, split = blockIdx.y, splits = gridDim.y, h0 = blockIdx.z * HG;
+    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    __shared__ float qs[HG][MLA_MAXDK];
+    __shared__ float sc[HG][MLA_TILE];
+    __shared__ float s_alpha[HG], s_m[HG], s_l[HG];
+    __shared__ float gsum[MLA_MAXDK];
+    int nvk = dk / VEC, nvv = dv / VEC;
+    int kpb = THREADS / nvv;  // keys in flight in the value phase
+    for (int g = 0; g < HG; g++)
+        for (int i = tid; i < dk; i += THREADS)
+            qs[g][i] = to_f(q[((long long)r * heads + h0 + g) * dk + i]) * scale;
+    if (tid < HG) { s_m[tid] = -INFINITY; s_l[tid] = 0.0f; }
+    float acc[HG][8];
+#pragma unroll
+    for (int g = 0; g < HG; g++)
+#pragma unroll
+        for (int e = 0; e < 8; e++) acc[g][e] = 0.0f;
+    int len = row_len[r];
+    int chunk = (len + splits - 1) / splits;
+    int start = split * chunk;
+    int end = min(len, start + chunk);
+    const int* table = block_table + (long long)r * max_blocks;
+    int v_key = tid / nvv, v_vec = tid % nvv;
+    __syncthreads();
+    for (int t0 = start; t0 < end; t0 += MLA_TILE) {
+        int n = min(MLA_TILE, end - t0);
+        for (int j = warp; j < n; j += NW) {
+            int slot = t0 + j;
+            const T* kp = pool + ((long long)table[slot / bs] * bs + slot % bs) * dk;
+            float part[HG];
+#pragma unroll
+            for (int g = 0; g < HG; g++) part[g] = 0.0f;
+            for (int c = lane; c < nvk; c += 32) {
+                float kv[8];
+                load_vec(kp + c * VEC, kv);
+#pragma unroll
+                for (int g = 0; g < HG; g++)
+                    for (int e = 0; e < VEC; e++) part[g] += qs[g][c * VEC + e] * kv[e];
+            }
+#pragma unroll
+            for (int g = 0; g < HG; g++) {
+                float x = part[g];
+                for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+                if (lane == 0) sc[g][j] = x;
+            }
+        }
+        __syncthreads();
+        for (int g = warp; g < HG; g += NW) {
+            float mx = -INFINITY;
+            for (int j = lane; j < n; j += 32) mx = fmaxf(mx, sc[g][j]);
+            for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+            float m_old = s_m[g];
+            float m_new = fmaxf(m_old, mx);
+            float sum = 0.0f;
+            for (int j = lane; j < n; j += 32) {
+                float p = __expf(sc[g][j] - m_new);
+                sc[g][j] = p;
+                sum += p;
+            }
+            for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+            if (lane == 0) {
+                float a = (m_old == -INFINITY) ? 0.0f : __expf(m_old - m_new);
+                s_alpha[g] = a;
+                s_l[g] = s_l[g] * a + sum;
+                s_m[g] = m_new;
+            }
+        }
+        __syncthreads();
+#pragma unroll
+        for (int g = 0; g < HG; g++) {
+            float a = s_alpha[g];
+#pragma unroll
+            for (int e = 0; e < 8; e++) acc[g][e] *= a;
+        }
+        if (v_key < kpb) {
+            for (int j = v_key; j < n; j += kpb) {
+                int slot = t0 + j;
+                float vv[8];
+                load_vec(pool + ((long long)table[slot / bs] * bs + slot % bs) * dk + v_vec * VEC, vv);
+#pragma unroll
+                for (int g = 0; g < HG; g++) {
+                    float p = sc[g][j];
+                    for (int e = 0; e < VEC; e++) acc[g][e] += p * vv[e];
+                }
+            }
+        }
+        __syncthreads();
+    }
+    long long o = ((long long)r * splits + split) * heads + h0;
+    for (int g = 0; g < HG; g++) {
+        for (int i = tid; i < dv; i += THREADS) gsum[i] = 0.0f;
+        __syncthreads();
+        if (v_key < kpb)
+            for (int e = 0; e < VEC; e++) atomicAdd(&gsum[v_vec * VEC + e], acc[g][e]);
+        __syncthreads();
+        for (int i = tid; i < dv; i += THREADS) part_acc[(o + g) * dv + i] = gsum[i];
+        __syncthreads();
+    }
+    if (tid < HG) { part_m[o + tid] = s_m[tid]; part_l[o + tid] = s_l[tid]; }
+}
+
+#define MLA(T, SUF, N)                                                                               \
+extern "C" __global__ void __launch_bounds__(THREADS) dms_mla_partial_##SUF##_h##N(                 \
+    int heads, int dk, int dv, int bs, int max_blocks, float scale, const T* q, const T* pool,       \
+    const int* block_table, const int* row_len, float* part_acc, float* part_m, float* part_l) {     \
+    mla_partial<T, N>(heads, dk, dv, bs, max_blocks, scale, q, pool, block_table, row_len, part_acc, \
+                      part_m, part_l);                                                               \
+}
+#define MLAS(T, SUF) MLA(T, SUF, 1) MLA(T, SUF, 2) MLA(T, SUF, 4) MLA(T, SUF, 8)
+MLAS(float, f32)
+MLAS(bf16_t, bf16)
 
 // Fills a buffer with deterministic pseudo-random values in [-1, 1) (benchmark caches are never
 // timed on zeros).

@@ -85,6 +85,10 @@ pub struct GpuCacheShape {
     pub max_blocks_per_row: usize,
     /// Blocks in the shared pool.
     pub num_blocks: usize,
+    /// `Some(rank)`: latent rows (MLA, `kv_heads = 1`): each key row is `c_kv` then the rotated
+    /// `k_pe`, the values are its first `rank` floats, and there is no V pool. `None`: per-head
+    /// K/V of `head_dim` each.
+    pub latent_rank: Option<usize>,
 }
 
 impl GpuCacheShape {
@@ -92,10 +96,53 @@ impl GpuCacheShape {
     pub fn rows(&self) -> usize {
         self.batch * self.kv_heads
     }
-    /// Bytes of K+V per slot for an element type.
+    /// Bytes of K+V per slot for an element type (the key row alone for latent rows).
     pub fn slot_bytes(&self, dtype: DType) -> u64 {
-        (2 * self.head_dim * dtype.size_in_bytes()) as u64
+        let pools = if self.latent_rank.is_some() { 1 } else { 2 };
+        (pools * self.head_dim * dtype.size_in_bytes()) as u64
     }
+
+    /// Checks what the kernels need of the widths.
+    fn validate(&self, dtype: DType) -> Result<()> {
+        let vec = 16 / dtype.size_in_bytes();
+        let d = self.head_dim;
+        if d == 0 || d % vec != 0 {
+            bail!("head_dim {d} unsupported by the GPU cache (a positive multiple of {vec} in {dtype:?})");
+        }
+        match self.latent_rank {
+            None if d > 256 => bail!("head_dim {d} unsupported by the decode kernel (at most 256)"),
+            None => Ok(()),
+            Some(r) => {
+                if self.kv_heads != 1 {
+                    bail!("latent rows need kv_heads = 1, got {}", self.kv_heads);
+                }
+                if d > 1024 || r == 0 || r > d || r % vec != 0 || r / vec > 128 {
+                    bail!(
+                        "latent row width {d} / rank {r} unsupported by the MLA decode kernel (row at most 1024, \
+                         rank a positive multiple of {vec} of at most {} in {dtype:?})",
+                        128 * vec
+                    );
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Runs `$body` with `$s` bound to the slice of the optional tensor `$t`, or, when it is `None`,
+/// to a view of the slice `$same` already borrowed: latent rows have no V pool and no values of
+/// their own, so the kernels get the key pointers twice (and then touch the keys only). A tensor
+/// is never borrowed twice.
+macro_rules! with_slice_or {
+    ($t:expr, $same:ident, $ty:ty, |$s:ident| $body:expr) => {{
+        match $t {
+            Some(t) => with_slice!(t, $ty, |$s| $body),
+            None => {
+                let $s = $same.slice(0..);
+                $body
+            }
+        }
+    }};
 }
 
 /// The device cache: pools, block tables, per-row lengths and DMS rings.
@@ -106,7 +153,7 @@ pub struct GpuCache {
     /// Shape.
     pub shape: GpuCacheShape,
     k_pool: Tensor,
-    v_pool: Tensor,
+    v_pool: Option<Tensor>,
     block_table: CudaSlice<i32>,
     row_len: CudaSlice<i32>,
     row_pos: CudaSlice<i32>,
@@ -119,7 +166,6 @@ pub struct GpuCache {
     part_acc: CudaSlice<f32>,
     part_m: CudaSlice<f32>,
     part_l: CudaSlice<f32>,
-    splits: usize,
     tuning: AttnTuning,
     /// Grid targets of `target_blocks = 0`, per first-pass kernel (driver queries, once each).
     auto_blocks: std::collections::HashMap<String, usize>,
@@ -178,9 +224,7 @@ impl GpuCache {
         if !matches!(dtype, DType::F32 | DType::BF16) {
             bail!("GPU cache dtype must be f32 or bf16");
         }
-        if shape.head_dim > 256 || shape.head_dim == 0 {
-            bail!("head_dim {} unsupported by the decode kernel (at most 256)", shape.head_dim);
-        }
+        shape.validate(dtype)?;
         let dev = cuda_dev(device)?;
         let stream = dev.cuda_stream();
         let n_rows = shape.layers * shape.rows();
@@ -203,7 +247,10 @@ impl GpuCache {
         let free: Vec<i32> = (next as i32..shape.num_blocks as i32).rev().collect();
         let slots = shape.num_blocks * bs;
         let k_pool = Tensor::zeros((slots, shape.head_dim), dtype, device)?;
-        let v_pool = Tensor::zeros((slots, shape.head_dim), dtype, device)?;
+        let v_pool = match shape.latent_rank {
+            None => Some(Tensor::zeros((slots, shape.head_dim), dtype, device)?),
+            Some(_) => None,
+        };
         let mut free_list = drv(stream.alloc_zeros::<i32>(shape.num_blocks.max(1)))?;
         if !free.is_empty() {
             drv(stream.memcpy_htod(&free, &mut free_list))?;
@@ -221,7 +268,6 @@ impl GpuCache {
             part_acc: drv(stream.alloc_zeros::<f32>(1))?,
             part_m: drv(stream.alloc_zeros::<f32>(1))?,
             part_l: drv(stream.alloc_zeros::<f32>(1))?,
-            splits: 0,
             tuning: AttnTuning::default(),
             auto_blocks: Default::default(),
             dev,
@@ -255,7 +301,7 @@ impl GpuCache {
     /// Overwrites both pools with pseudo-random values.
     pub fn fill_random(&mut self, seed: u32) -> Result<()> {
         let f = self.func("dms_fill")?;
-        for pool in [&self.k_pool, &self.v_pool] {
+        for pool in std::iter::once(&self.k_pool).chain(self.v_pool.as_ref()) {
             let n = pool.elem_count() as i64;
             let cfg = LaunchConfig { grid_dim: (4096, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
             if self.dtype == DType::F32 {
@@ -276,10 +322,25 @@ impl GpuCache {
     }
 
     /// Decides, evicts and writes one new token per row of `layer`. `k_new`/`v_new`:
-    /// `[batch, kv_heads, head_dim]`, contiguous, in the cache dtype.
+    /// `[batch, kv_heads, head_dim]`, contiguous, in the cache dtype (latent rows: `k_new` is the
+    /// latent row `[batch, 1, head_dim]` and `v_new` is not read).
     pub fn update(&mut self, layer: usize, k_new: &Tensor, v_new: &Tensor, decisions: &Decisions) -> Result<()> {
         let s = self.shape;
         let rows = s.rows();
+        if k_new.dims() != [s.batch, s.kv_heads, s.head_dim]
+            || (s.latent_rank.is_none() && v_new.dims() != k_new.dims())
+        {
+            bail!(
+                "new K/V have shapes {:?} / {:?}, expected [{}, {}, {}]",
+                k_new.dims(),
+                v_new.dims(),
+                s.batch,
+                s.kv_heads,
+                s.head_dim
+            );
+        }
+        // Latent rows: the values are part of the key row, so the kernel never reads `v_new`.
+        let v_sep = if s.latent_rank.is_some() { None } else { Some(v_new) };
         let f = self.func("dms_decode_update")?;
         let (mode, seed, rate, scale, offset): (i32, u64, f64, f32, f32) = match decisions {
             Decisions::None => (0, 0, 0.0, 0.0, 0.0),
@@ -309,10 +370,10 @@ impl GpuCache {
             LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (s.head_dim as u32, 1, 1), shared_mem_bytes: 0 };
         macro_rules! go {
             ($ty:ty) => {
-                with_slice!(k_new, $ty, |kn| with_slice!(v_new, $ty, |vn| with_slice!(
+                with_slice!(k_new, $ty, |kn| with_slice_or!(v_sep, kn, $ty, |vn| with_slice!(
                     &self.k_pool,
                     $ty,
-                    |kp| with_slice!(&self.v_pool, $ty, |vp| with_slice!(&scores, f32, |sc| {
+                    |kp| with_slice_or!(self.v_pool.as_ref(), kp, $ty, |vp| with_slice!(&scores, f32, |sc| {
                         let mut b = self.stream.launch_builder(&f);
                         b.arg(&kv)
                             .arg(&d)
@@ -344,9 +405,6 @@ impl GpuCache {
                 )))
             };
         }
-        if k_new.dims() != [s.batch, s.kv_heads, s.head_dim] || v_new.dims() != k_new.dims() {
-            bail!("new K/V have shape {:?}, expected [{}, {}, {}]", k_new.dims(), s.batch, s.kv_heads, s.head_dim);
-        }
         if self.dtype == DType::F32 {
             go!(f32)
         } else {
@@ -377,14 +435,15 @@ impl GpuCache {
     /// head_dim]` (contiguous, cache dtype), flags `[T, kv_heads]` f32 (1 = flagged, from
     /// [`crate::prefill::prompt_flags`]). Keeps every unflagged token and the last W + 1 tokens,
     /// which enter the ring with their flags; the sequence's rows of this layer must be empty.
-    /// Two kernels, no host round trip.
+    /// Two kernels, no host round trip. Latent rows: `k` is `[T, 1, head_dim]`, `v` is not read.
     pub fn insert_prompt(&mut self, layer: usize, seq: usize, k: &Tensor, v: &Tensor, flags: &Tensor) -> Result<()> {
         let s = self.shape;
         let (t, kv, d) = k.dims3()?;
         if layer >= s.layers || seq >= s.batch {
             bail!("layer {layer} / sequence {seq} outside the cache ({} layers, batch {})", s.layers, s.batch);
         }
-        if kv != s.kv_heads || d != s.head_dim || v.dims() != k.dims() || t == 0 {
+        let latent = s.latent_rank.is_some();
+        if kv != s.kv_heads || d != s.head_dim || (!latent && v.dims() != k.dims()) || t == 0 {
             bail!(
                 "prompt K/V have shapes {:?} / {:?}, expected [T >= 1, {}, {}]",
                 k.dims(),
@@ -393,7 +452,8 @@ impl GpuCache {
                 s.head_dim
             );
         }
-        if k.dtype() != self.dtype || v.dtype() != self.dtype {
+        let v_sep = if latent { None } else { Some(v) };
+        if k.dtype() != self.dtype || (!latent && v.dtype() != self.dtype) {
             bail!("prompt K/V are {:?}, the cache holds {:?}", k.dtype(), self.dtype);
         }
         if flags.dims() != [t, kv] || flags.dtype() != DType::F32 {
@@ -447,8 +507,9 @@ impl GpuCache {
         };
         macro_rules! go {
             ($ty:ty) => {
-                with_slice!(k, $ty, |ks| with_slice!(v, $ty, |vs| with_slice!(&self.k_pool, $ty, |kp| with_slice!(
-                    &self.v_pool,
+                with_slice!(k, $ty, |ks| with_slice_or!(v_sep, ks, $ty, |vs| with_slice!(&self.k_pool, $ty, |kp| with_slice_or!(
+                    self.v_pool.as_ref(),
+                    kp,
                     $ty,
                     |vp| {
                         let mut b = self.stream.launch_builder(&write);
@@ -466,8 +527,12 @@ impl GpuCache {
         Ok(())
     }
 
-    /// Decode attention of `q` (`[batch, n_heads, head_dim]`) over the rows of `layer`.
+    /// Decode attention of `q` (`[batch, n_heads, head_dim]`) over the rows of `layer`; returns
+    /// `[batch, n_heads, head_dim]`, or `[batch, n_heads, rank]` for latent rows.
     pub fn attend(&mut self, layer: usize, q: &Tensor, scale: f32, max_len_hint: usize) -> Result<Tensor> {
+        if let Some(rank) = self.shape.latent_rank {
+            return self.attend_latent(layer, q, scale, max_len_hint, rank);
+        }
         let s = self.shape;
         let rows = s.rows();
         let (b, nh, d) = q.dims3()?;
@@ -480,7 +545,7 @@ impl GpuCache {
         if d % vec != 0 || 128 % nvec != 0 {
             bail!("head_dim {d} unsupported by the decode kernel (a multiple of {vec}, at most 256, power-of-two vectors)");
         }
-        let AttnTuning { kernel, target_blocks } = self.tuning;
+        let kernel = self.tuning.kernel;
         if kernel == AttnKernel::Warps && nvec > 16 {
             bail!(
                 "head_dim {d} in {:?} is too wide for the warps decode kernel (at most 16 16-byte vectors)",
@@ -495,25 +560,10 @@ impl GpuCache {
             .dev
             .get_or_load_custom_func(&format!("{first}_{}_g{g}", self.suffix()), MODULE, PTX)?
             .into_cuda_function();
-        let key = format!("{first}_{}_g{g}", self.suffix());
-        let target = match (target_blocks, self.auto_blocks.get(&key)) {
-            (0, Some(&n)) => n,
-            (0, None) => {
-                let n = self.full_waves(&fp, 4)?;
-                self.auto_blocks.insert(key, n);
-                n
-            }
-            (n, _) => n,
-        };
+        let target = self.grid_target(format!("{first}_{}_g{g}", self.suffix()), &fp)?;
         // At least one 128-key tile per split.
         let splits = (target.max(1) / rows).clamp(1, max_len_hint.div_ceil(128).max(1));
-        let need = rows * splits * g;
-        if self.splits * rows * g < need || self.part_m.len() < need {
-            self.part_acc = drv(self.stream.alloc_zeros::<f32>(need * d))?;
-            self.part_m = drv(self.stream.alloc_zeros::<f32>(need))?;
-            self.part_l = drv(self.stream.alloc_zeros::<f32>(need))?;
-        }
-        self.splits = splits;
+        self.ensure_partials(rows * splits * g, d)?;
         let out = Tensor::zeros((b, nh, d), self.dtype, q.device())?;
         let fr = self.func("dms_decode_reduce")?;
         let (kv, gi, di, bs, mb, sp) =
@@ -528,8 +578,9 @@ impl GpuCache {
         let c2 = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
         macro_rules! go {
             ($ty:ty) => {
-                with_slice!(q, $ty, |qs| with_slice!(&self.k_pool, $ty, |kp| with_slice!(
-                    &self.v_pool,
+                with_slice!(q, $ty, |qs| with_slice!(&self.k_pool, $ty, |kp| with_slice_or!(
+                    self.v_pool.as_ref(),
+                    kp,
                     $ty,
                     |vp| with_slice!(&out, $ty, |os| {
                         let mut a = self.stream.launch_builder(&fp);
@@ -559,6 +610,98 @@ impl GpuCache {
                         drv(unsafe { r.launch(c2) })?;
                     })
                 )))
+            };
+        }
+        if self.dtype == DType::F32 {
+            go!(f32)
+        } else {
+            go!(half::bf16)
+        }
+        Ok(out)
+    }
+
+    /// Grid target of a first-pass kernel: the tuning's, or four full waves (queried once).
+    fn grid_target(&mut self, key: String, f: &CudaFunction) -> Result<usize> {
+        Ok(match (self.tuning.target_blocks, self.auto_blocks.get(&key)) {
+            (0, Some(&n)) => n,
+            (0, None) => {
+                let n = self.full_waves(f, 4)?;
+                self.auto_blocks.insert(key, n);
+                n
+            }
+            (n, _) => n,
+        })
+    }
+
+    /// Makes the split-K partial buffers hold `entries` (row, split, head) results of `width`.
+    fn ensure_partials(&mut self, entries: usize, width: usize) -> Result<()> {
+        if self.part_m.len() < entries || self.part_acc.len() < entries * width {
+            self.part_acc = drv(self.stream.alloc_zeros::<f32>(entries * width))?;
+            self.part_m = drv(self.stream.alloc_zeros::<f32>(entries))?;
+            self.part_l = drv(self.stream.alloc_zeros::<f32>(entries))?;
+        }
+        Ok(())
+    }
+
+    /// [`Self::attend`] over latent rows (MLA): `q` `[batch, heads, head_dim]` (absorbed queries),
+    /// output `[batch, heads, rank]` (the attention-weighted `c_kv`).
+    fn attend_latent(&mut self, layer: usize, q: &Tensor, scale: f32, max_len_hint: usize, rank: usize) -> Result<Tensor> {
+        let s = self.shape;
+        let (b, nh, d) = q.dims3()?;
+        if b != s.batch || d != s.head_dim || nh == 0 {
+            bail!("query shape {:?} does not fit the latent cache ([{}, heads, {}])", q.dims(), s.batch, s.head_dim);
+        }
+        let hg = [8, 4, 2, 1].into_iter().find(|g| nh % g == 0).expect("1 divides");
+        let key = format!("dms_mla_partial_{}_h{hg}", self.suffix());
+        let fp = self.dev.get_or_load_custom_func(&key, MODULE, PTX)?.into_cuda_function();
+        let target = self.grid_target(key, &fp)?;
+        let groups = nh / hg;
+        // At least one 64-key tile per split.
+        let splits = (target.max(1) / (b * groups)).clamp(1, max_len_hint.div_ceil(64).max(1));
+        self.ensure_partials(b * splits * nh, rank)?;
+        let out = Tensor::zeros((b, nh, rank), self.dtype, q.device())?;
+        let fr = self.func("dms_decode_reduce")?;
+        let (nhi, di, ri, bs, mb, sp, one) =
+            (nh as i32, d as i32, rank as i32, s.block_size as i32, s.max_blocks_per_row as i32, splits as i32, 1i32);
+        let ro = layer * b;
+        let table = self.block_table.slice(ro * s.max_blocks_per_row..(ro + b) * s.max_blocks_per_row);
+        let lens = self.row_len.slice(ro..ro + b);
+        let c1 = LaunchConfig {
+            grid_dim: (b as u32, splits as u32, groups as u32),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let c2 =
+            LaunchConfig { grid_dim: (b as u32, 1, 1), block_dim: (rank.div_ceil(32) as u32 * 32, 1, 1), shared_mem_bytes: 0 };
+        macro_rules! go {
+            ($ty:ty) => {
+                with_slice!(q, $ty, |qs| with_slice!(&self.k_pool, $ty, |kp| with_slice!(&out, $ty, |os| {
+                    let mut a = self.stream.launch_builder(&fp);
+                    a.arg(&nhi)
+                        .arg(&di)
+                        .arg(&ri)
+                        .arg(&bs)
+                        .arg(&mb)
+                        .arg(&scale)
+                        .arg(&qs)
+                        .arg(&kp)
+                        .arg(&table)
+                        .arg(&lens)
+                        .arg(&self.part_acc)
+                        .arg(&self.part_m)
+                        .arg(&self.part_l);
+                    drv(unsafe { a.launch(c1) })?;
+                    let mut r = self.stream.launch_builder(&fr);
+                    r.arg(&one)
+                        .arg(&nhi)
+                        .arg(&ri)
+                        .arg(&sp)
+                        .arg(&self.part_acc)
+                        .arg(&self.part_m)
+                        .arg(&self.part_l)
+                        .arg(&os);
+                    drv(unsafe { r.launch(c2) })?;
+                })))
             };
         }
         if self.dtype == DType::F32 {
@@ -603,19 +746,24 @@ impl GpuCache {
             .collect())
     }
 
-    /// Keys and values of one row in slot order (for checks).
+    /// Keys and values of one row in slot order (for checks; latent rows: the values are the
+    /// first `rank` floats of each key row).
     pub fn row_kv(&self, row: usize) -> Result<(Vec<f32>, Vec<f32>)> {
         let lens = self.row_lengths()?;
         let table = drv(self.stream.clone_dtoh(&self.block_table))?;
         let (bs, mb, d) = (self.shape.block_size, self.shape.max_blocks_per_row, self.shape.head_dim);
         let k = self.k_pool.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let v = self.v_pool.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let v = match &self.v_pool {
+            Some(v) => v.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+            None => Vec::new(),
+        };
+        let vw = self.shape.latent_rank.unwrap_or(d);
         let mut ko = Vec::new();
         let mut vo = Vec::new();
         for s in 0..lens[row] as usize {
             let at = (table[row * mb + s / bs] as usize * bs + s % bs) * d;
             ko.extend_from_slice(&k[at..at + d]);
-            vo.extend_from_slice(&v[at..at + d]);
+            vo.extend_from_slice(if v.is_empty() { &k[at..at + vw] } else { &v[at..at + d] });
         }
         Ok((ko, vo))
     }

@@ -335,13 +335,16 @@ impl Llama {
     ) -> Result<Tensor> {
         use crate::gpu::{Decisions, StepDecisions};
         let cfg = &self.cfg;
-        if cfg.mla.is_some() {
-            bail!("the GPU decode path supports per-head K/V models only; latent-attention (MLA) models run on the CPU path");
-        }
         let b = tokens.len();
+        if positions.len() != b {
+            bail!("{b} tokens but {} positions", positions.len());
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+            bail!("token id {bad} is outside the vocabulary (size {})", cfg.vocab_size);
+        }
         let (cos, sin) = self.rope_tables(positions)?;
         let mut x = self.embed.index_select(&Tensor::new(tokens, &self.device)?, 0)?;
-        let scale = 1.0 / (cfg.head_dim as f32).sqrt();
+        let scale = self.softmax_scale() as f32;
         let need = Needs { decision: matches!(decisions, StepDecisions::Learned { .. }), key_norms: false };
         for (li, layer) in self.layers.iter().enumerate() {
             let AttnInputs { q, k, v, decision: scores, .. } = self.attn_inputs(layer, &x, &cos, &sin, need)?;
@@ -356,8 +359,10 @@ impl Llama {
                 }
             };
             cache.update(li, &k.contiguous()?, &v, &d)?;
+            // Per-head rows give `[b, heads, head_dim]`, latent rows `[b, heads, rank]`.
             let attn = cache.attend(li, &q.contiguous()?, scale, max_len_hint)?;
-            x = self.finish_layer(layer, &x, &attn.reshape((b, cfg.num_heads * cfg.head_dim))?)?;
+            let width = attn.dim(2)?;
+            x = self.finish_layer(layer, &x, &attn.reshape((b, cfg.num_heads * width))?)?;
         }
         Ok(self.logits(&x)?.to_dtype(DType::F32)?)
     }
@@ -422,9 +427,6 @@ impl Llama {
         flags: &PromptFlags,
         all_logits: bool,
     ) -> Result<Tensor> {
-        if self.cfg.mla.is_some() {
-            bail!("the GPU prefill path supports per-head K/V models only; latent-attention (MLA) models run on the CPU path");
-        }
         let window = cache.shape.window;
         let dtype = cache.dtype();
         let logits = self.forward_masked_prefill(tokens, flags, window, all_logits, |li, k, v, f| {
@@ -606,7 +608,9 @@ impl Llama {
             };
             let key_norms =
                 if need.key_norms { Some(latent.to_dtype(DType::F32)?.sqr()?.sum(2)?.sqrt()?) } else { None };
-            let v = Tensor::zeros((n, 1, 0), latent.dtype(), latent.device())?;
+            // No values of their own (the first `rank` floats of the row); kept on the host so
+            // that no device allocation of zero bytes is ever asked for.
+            let v = Tensor::zeros((n, 1, 0), latent.dtype(), &Device::Cpu)?;
             return Ok(AttnInputs { q, k: latent, v, decision, key_norms });
         }
         let m = layer.mha();

@@ -5,7 +5,8 @@
 //   - decode steps through dms_decode_update (random decisions, the kernel's own hash),
 //   - decode attention with both first-pass kernels (tiled, warps) at 1 and 3 splits + reduce,
 // comparing kept positions, the stored K/V of every kept slot, and attention outputs, for f32
-// and bf16 storage; plus the error codes for a prompt into a non-empty row and an exhausted pool.
+// and bf16 storage; plus the error codes for a prompt into a non-empty row and an exhausted pool;
+// and the latent-row (MLA) path: one pool whose rows carry the values, dms_mla_partial + reduce.
 // Prints "EMULATED KERNEL CHECKS PASSED" and exits 0 when everything matches.
 
 #include "cuda_emu.h"
@@ -57,13 +58,16 @@ struct Cache {
     std::vector<int> table, len, pos, ring_slot, pool_pos, free_list;
     std::vector<unsigned char> ring_flag;
     int free_top, err = 0;
+    bool latent;  // MLA: one pool, values are the first floats of each key row
     std::vector<T> kp, vp;
-    Cache(int l, int b, int kv, int d, int bs, int w, int mb, int nb)
+    Cache(int l, int b, int kv, int d, int bs, int w, int mb, int nb, bool lat = false)
         : L(l), B(b), KV(kv), D(d), BS(bs), W(w), MB(mb), NB(nb), table(l * b * kv * mb), len(l * b * kv),
           pos(l * b * kv), ring_slot(l * b * kv * (w + 1)), pool_pos(nb * bs), free_list(nb),
-          ring_flag(l * b * kv * (w + 1)), free_top(nb), kp((size_t)nb * bs * d), vp((size_t)nb * bs * d) {
+          ring_flag(l * b * kv * (w + 1)), free_top(nb), latent(lat), kp((size_t)nb * bs * d),
+          vp(lat ? 0 : (size_t)nb * bs * d) {
         for (int i = 0; i < nb; i++) free_list[i] = nb - 1 - i;
     }
+    T* vpool() { return latent ? kp.data() : vp.data(); }
     int rows() const { return B * KV; }
     std::vector<int> kept(int r) const {
         std::vector<int> out;
@@ -79,6 +83,29 @@ struct Cache {
         return -1;
     }
 };
+
+// Kept positions and stored rows of every row of `c` against the oracle (latent caches: keys only).
+template <class T>
+static void compare_with_oracle(const Cache<T>& c, const std::vector<Row>& oracle, const char* name,
+                                const std::string& when) {
+    for (int r = 0; r < c.L * c.B * c.KV; r++) {
+        std::vector<int> want;
+        for (auto& e : oracle[r]) want.push_back(e.pos);
+        auto got = c.kept(r);
+        EXPECT(got == want, "%s %s: row %d keeps %zu positions, oracle %zu", name, when.c_str(), r, got.size(),
+               want.size());
+        if (got != want) continue;
+        for (auto& e : oracle[r]) {
+            long long a = c.addr_of(r, e.pos);
+            bool same = true;
+            for (int i = 0; i < c.D; i++) {
+                same &= to_f(c.kp[a * c.D + i]) == e.k[i];
+                if (!c.latent) same &= to_f(c.vp[a * c.D + i]) == e.v[i];
+            }
+            EXPECT(same, "%s %s: row %d position %d holds the wrong K/V", name, when.c_str(), r, e.pos);
+        }
+    }
+}
 
 static const unsigned long long SEED = 3;
 static const double RATE = 0.5;
@@ -97,9 +124,9 @@ static void prefill(Cache<T>& c, int layer, int seq, int n, const std::vector<fl
     for (size_t i = 0; i < k.size(); i++) kt[i] = to_t<T>(k[i]), vt[i] = to_t<T>(v[i]);
     emu::launch({(unsigned)n, (unsigned)c.KV}, {(unsigned)std::min(c.D, 256)}, [&] {
         if constexpr (std::is_same_v<T, float>)
-            dms_prefill_write_f32(c.KV, c.D, n, dst.data(), kt.data(), vt.data(), c.kp.data(), c.vp.data());
+            dms_prefill_write_f32(c.KV, c.D, n, dst.data(), kt.data(), vt.data(), c.kp.data(), c.vpool());
         else
-            dms_prefill_write_bf16(c.KV, c.D, n, dst.data(), kt.data(), vt.data(), c.kp.data(), c.vp.data());
+            dms_prefill_write_bf16(c.KV, c.D, n, dst.data(), kt.data(), vt.data(), c.kp.data(), c.vpool());
     });
 }
 
@@ -111,7 +138,7 @@ static void update(Cache<T>& c, int layer, const std::vector<float>& k, const st
     float dummy = 0.0f;
     emu::launch({(unsigned)c.rows()}, {(unsigned)c.D}, [&] {
         auto f = [&](auto kernel) {
-            kernel(c.KV, c.D, c.BS, wc, c.MB, layer, kt.data(), vt.data(), c.kp.data(), c.vp.data(),
+            kernel(c.KV, c.D, c.BS, wc, c.MB, layer, kt.data(), vt.data(), c.kp.data(), c.vpool(),
                    c.table.data() + ro * c.MB, c.len.data() + ro, c.pos.data() + ro, c.ring_slot.data() + ro * wc,
                    c.ring_flag.data() + ro * wc, c.pool_pos.data(), c.free_list.data(), &c.free_top, &c.err, 1, SEED,
                    RATE, &dummy, 0.0f, 0.0f);
@@ -175,23 +202,7 @@ static void scenario(const char* name, float tol, std::vector<int> prompts, int 
     Cache<T> c(L, B, KV, D, BS, W, MB, NB);
     std::vector<Row> oracle((size_t)L * B * KV);
     std::mt19937 rng(42);
-    auto compare_state = [&](const std::string& when) {
-        for (int r = 0; r < L * B * KV; r++) {
-            std::vector<int> want;
-            for (auto& e : oracle[r]) want.push_back(e.pos);
-            auto got = c.kept(r);
-            EXPECT(got == want, "%s %s: row %d keeps %zu positions, oracle %zu", name, when.c_str(), r, got.size(),
-                   want.size());
-            if (got != want) continue;
-            for (auto& e : oracle[r]) {
-                long long a = c.addr_of(r, e.pos);
-                bool same = true;
-                for (int i = 0; i < D; i++)
-                    same &= to_f(c.kp[a * D + i]) == e.k[i] && to_f(c.vp[a * D + i]) == e.v[i];
-                EXPECT(same, "%s %s: row %d position %d holds the wrong K/V", name, when.c_str(), r, e.pos);
-            }
-        }
-    };
+    auto compare_state = [&](const std::string& when) { compare_with_oracle(c, oracle, name, when); };
     for (int layer = 0; layer < L; layer++)
         for (int b = 0; b < B; b++) {
             int n = prompts[b];
@@ -270,11 +281,119 @@ static void scenario(const char* name, float tol, std::vector<int> prompts, int 
     EXPECT(small.free_top == 2, "%s: after failed prompts %d of 2 blocks are free", name, small.free_top);
 }
 
+// Latent (MLA) decode attention of q [B, H, DK] over `layer`: dms_mla_partial with HG heads per
+// block at `splits`, then dms_decode_reduce with one row per sequence and H heads of width DV.
+template <class T, int HG>
+static std::vector<float> mla_attend(Cache<T>& c, int layer, const std::vector<float>& q, int H, int DV, int splits,
+                                     float scale) {
+    int rows = c.B, ro = layer * rows;
+    std::vector<T> qt(q.size());
+    for (size_t i = 0; i < q.size(); i++) qt[i] = to_t<T>(q[i]);
+    std::vector<float> acc((size_t)rows * splits * H * DV), m((size_t)rows * splits * H), l(m.size());
+    std::vector<T> out((size_t)rows * H * DV);
+    emu::launch({(unsigned)rows, (unsigned)splits, (unsigned)(H / HG)}, {THREADS}, [&] {
+        auto f = [&](auto kernel) {
+            kernel(H, c.D, DV, c.BS, c.MB, scale, qt.data(), c.kp.data(), c.table.data() + ro * c.MB,
+                   c.len.data() + ro, acc.data(), m.data(), l.data());
+        };
+        if constexpr (std::is_same_v<T, float> && HG == 4) f(dms_mla_partial_f32_h4);
+        else if constexpr (std::is_same_v<T, float>) f(dms_mla_partial_f32_h8);
+        else if constexpr (HG == 4) f(dms_mla_partial_bf16_h4);
+        else f(dms_mla_partial_bf16_h8);
+    });
+    emu::launch({(unsigned)rows}, {(unsigned)((DV + 31) / 32 * 32)}, [&] {
+        if constexpr (std::is_same_v<T, float>)
+            dms_decode_reduce_f32(1, H, DV, splits, acc.data(), m.data(), l.data(), out.data());
+        else
+            dms_decode_reduce_bf16(1, H, DV, splits, acc.data(), m.data(), l.data(), out.data());
+    });
+    std::vector<float> o(out.size());
+    for (size_t i = 0; i < out.size(); i++) o[i] = to_f(out[i]);
+    return o;
+}
+
+// MLA: one latent row of width DK per (layer, sequence) whose first DV floats are the values,
+// H query heads (HG per block); prompts, decode steps and attention at 1 and 3 splits.
+template <class T, int HG>
+static void mla_scenario(const char* name, float tol, std::vector<int> prompts, int H, int DK, int DV, int BS, int W,
+                         int STEPS) {
+    const int L = 2, MB = 128, NB = 2048;
+    const int B = (int)prompts.size();
+    const float scale = 0.1f;
+    Cache<T> c(L, B, 1, DK, BS, W, MB, NB, true);
+    std::vector<Row> oracle((size_t)L * B);
+    std::mt19937 rng(7);
+    for (int layer = 0; layer < L; layer++)
+        for (int b = 0; b < B; b++) {
+            int n = prompts[b];
+            if (n == 0) continue;
+            auto k = rand_vec<T>(rng, (size_t)n * DK);
+            std::vector<float> flags((size_t)n, 0.0f);
+            for (int t = 0; t + 1 < n; t++) flags[t] = hash_unit(SEED, layer, 0, t) < RATE ? 1.0f : 0.0f;
+            prefill(c, layer, b, n, k, k, flags);
+            for (int t = 0; t < n; t++)
+                oracle_append(oracle[layer * B + b], t, &k[(size_t)t * DK], &k[(size_t)t * DK], DK,
+                              t > 0 && flags[t - 1] != 0.0f, W);
+        }
+    compare_with_oracle(c, oracle, name, "after the prompts");
+    float worst = 0.0f;
+    for (int step = 0; step < STEPS; step++)
+        for (int layer = 0; layer < L; layer++) {
+            auto k = rand_vec<T>(rng, (size_t)B * DK);
+            auto q = rand_vec<T>(rng, (size_t)B * H * DK);
+            update(c, layer, k, k);
+            for (int b = 0; b < B; b++) {
+                int p = prompts[b] + step;
+                oracle_append(oracle[layer * B + b], p, &k[(size_t)b * DK], &k[(size_t)b * DK], DK,
+                              p > 0 && hash_unit(SEED, layer, 0, p - 1) < RATE, W);
+            }
+            for (int splits : {1, 3}) {
+                auto out = mla_attend<T, HG>(c, layer, q, H, DV, splits, scale);
+                for (int b = 0; b < B; b++) {
+                    const Row& row = oracle[layer * B + b];
+                    for (int h = 0; h < H; h++) {
+                        const float* qq = &q[((size_t)b * H + h) * DK];
+                        std::vector<double> s;
+                        double mx = -1e300, z = 0.0;
+                        for (auto& e : row) {
+                            double x = 0.0;
+                            for (int i = 0; i < DK; i++) x += (double)qq[i] * e.k[i];
+                            s.push_back(x * scale);
+                            mx = std::max(mx, s.back());
+                        }
+                        for (auto& x : s) z += std::exp(x - mx);
+                        for (int i = 0; i < DV; i++) {
+                            double want = 0.0;
+                            for (size_t j = 0; j < row.size(); j++) want += std::exp(s[j] - mx) / z * row[j].k[i];
+                            float err = std::fabs(out[((size_t)b * H + h) * DV + i] - (float)want);
+                            worst = std::max(worst, err);
+                            EXPECT(err <= tol, "%s step %d layer %d, %d splits: sequence %d head %d dim %d off by %g",
+                                   name, step, layer, splits, b, h, i, err);
+                        }
+                    }
+                }
+            }
+            compare_with_oracle(c, oracle, name, "after step " + std::to_string(step) + " layer " + std::to_string(layer));
+        }
+    EXPECT(c.err == 0, "%s: error flag %d", name, c.err);
+    std::string lens;
+    for (int p : prompts) lens += (lens.empty() ? "" : "/") + std::to_string(p);
+    std::printf("%s MLA (latent rows of %d, values the first %d, %d heads, %d per block, blocks of %d, W %d): prompts "
+                "%s + %d decode steps, kept sets and stored rows equal the oracle, attention (1 and 3 splits) max abs "
+                "error %.2e\n",
+                name, DK, DV, H, HG, BS, W, lens.c_str(), STEPS, worst);
+}
+
 int main() {
     scenario<float, 3, 64>("f32", 2e-5f, {0, 3, 17, 300}, 4, 5, 8);
     scenario<bf16_t, 3, 64>("bf16", 1e-2f, {0, 3, 17, 300}, 4, 5, 8);
     // The production shape: bf16, head_dim 128 (16 vectors per key), GQA 4, blocks of 64.
     scenario<bf16_t, 4, 128>("bf16", 1e-2f, {0, 40, 200}, 64, 32, 3);
+    // Latent rows: the tiny DeepSeek-V3 fixture's shape (kv_lora 32 + rope 8), and DeepSeek-V3's
+    // own (512 + 64) with 16 of its heads.
+    mla_scenario<float, 4>("f32", 2e-5f, {0, 3, 150}, 8, 40, 32, 4, 5, 6);
+    mla_scenario<bf16_t, 4>("bf16", 1e-2f, {0, 3, 150}, 8, 40, 32, 4, 5, 6);
+    mla_scenario<bf16_t, 8>("bf16", 1e-2f, {2, 130}, 16, 576, 512, 64, 16, 2);
     if (failures) {
         std::printf("EMULATED KERNEL CHECKS FAILED (%d)\n", failures);
         return 1;

@@ -2,6 +2,8 @@
 # On the GPU machine, from the repository root, with .gpu-bin/ staged by benches/gpu/build.sh:
 #   check   GPU kernels and bookkeeping vs the CPU implementation and NVIDIA's DMS fixture
 #           (always first; nothing is timed unless it passes)
+#   profile where a decode step's time goes at the memory limit (attention kernels vs the rest),
+#           Llama-3.1-8B and DeepSeek-V2-Lite's latent attention, 32K
 #   tune    decode kernels (tiled, warps) x grid sizes at the memory limit, Llama-3.1-8B 32K
 #   prefill real prompts through the masked one-pass prefill, then decode (batch 1)
 #   peer    ours vs mistral.rs (CUDA, normal cache) on the same random bf16 weights, batch 1
@@ -10,8 +12,8 @@
 #   grid    the decode benchmark grid (extra arguments go to `dms-gpu bench`)
 #   mla     DeepSeek-V2-Lite's latent attention (dense MLP): prefill + decode at batch 1, and the
 #           32K grid (full vs DMS CR4/CR8 at batch 1 and at the memory limit)
-# STEPS picks and orders the steps after check (default "engine tune prefill peer"; then a second call
-# with STEPS="grid mla"). Each step has a time cap so that a call stays inside 10 device minutes.
+# STEPS picks and orders the steps after check (default "engine profile prefill peer tune"; then a
+# second call with STEPS="grid mla"). Each step has a time cap so that a call stays inside 10 device minutes.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -29,7 +31,7 @@ if ! timeout 150 bash .gpu-bin/gpu-run.sh "$BIN" check 2>&1 | tee "$OUT/check.lo
   echo "CHECK FAILED"; exit 1
 fi
 grep -q "GPU CHECKS PASSED" "$OUT/check.log" || { echo "CHECK FAILED"; exit 1; }
-for step in ${STEPS:-engine tune prefill peer}; do
+for step in ${STEPS:-engine profile prefill peer tune}; do
   case $step in
     engine)
       unpack dms
@@ -44,10 +46,11 @@ for step in ${STEPS:-engine tune prefill peer}; do
     mla)
       timeout 100 bash .gpu-bin/gpu-run.sh "$BIN" prefill --model dsv2-lite-attn --out "$OUT/gpu-mla-prefill.json" 2>"$OUT/mla-prefill.err" | tee "$OUT/mla-prefill.log"; tail -3 "$OUT/mla-prefill.err"
       timeout 120 bash .gpu-bin/gpu-run.sh "$BIN" bench --models dsv2-lite-attn --contexts 32768 --out "$OUT/gpu-mla-bench.json" 2>"$OUT/mla-bench.err" | tee "$OUT/mla-bench.log"; tail -3 "$OUT/mla-bench.err" ;;
+    profile) timeout 90 bash .gpu-bin/gpu-run.sh "$BIN" profile --models llama3.1-8b,dsv2-lite-attn --out "$OUT/gpu-profile.json" 2>"$OUT/profile.err" | tee "$OUT/profile.log"; tail -3 "$OUT/profile.err" ;;
     tune) timeout 90 bash .gpu-bin/gpu-run.sh "$BIN" tune --out "$OUT/gpu-tune.json" 2>"$OUT/tune.err" | tee "$OUT/tune.log"; tail -3 "$OUT/tune.err" ;;
     prefill) timeout 90 bash .gpu-bin/gpu-run.sh "$BIN" prefill --out "$OUT/gpu-prefill.json" 2>"$OUT/prefill.err" | tee "$OUT/prefill.log"; tail -3 "$OUT/prefill.err" ;;
     peer) timeout 150 bash .gpu-bin/gpu-run.sh "$BIN" peer --out "$OUT/gpu-peer.json" 2>"$OUT/peer.err" | tee "$OUT/peer.log"; tail -3 "$OUT/peer.err" ;;
     grid) timeout 290 bash .gpu-bin/gpu-run.sh "$BIN" bench --out "$OUT/gpu-bench.json" "$@" 2>"$OUT/bench.err" | tee "$OUT/bench.log"; tail -5 "$OUT/bench.err" ;;
-    *) echo "unknown step $step (engine, tune, prefill, peer, grid, mla)"; exit 2 ;;
+    *) echo "unknown step $step (engine, profile, tune, prefill, peer, grid, mla)"; exit 2 ;;
   esac
 done

@@ -86,6 +86,35 @@ enum Cmd {
         #[arg(long, default_value = "1056,2112,4224,0")]
         blocks: String,
     },
+    /// Where a decode step's time goes at the memory limit: the whole step, the attention kernels
+    /// alone (their achieved read bandwidth over the live K/V), and the rest (projections, MLP,
+    /// norms, RoPE, cache writes, launches) against the weights' floor.
+    Profile {
+        /// JSON output file.
+        #[arg(long, default_value = "gpu-profile.json")]
+        out: String,
+        /// Comma-separated model shapes.
+        #[arg(long, default_value = "llama3.1-8b")]
+        models: String,
+        /// Context.
+        #[arg(long, default_value_t = 32768)]
+        context: usize,
+        /// KV memory budget in GiB.
+        #[arg(long, default_value_t = 64.0)]
+        budget_gib: f64,
+        /// Largest batch actually timed.
+        #[arg(long, default_value_t = 512)]
+        max_batch: usize,
+        /// Timed decode steps per configuration.
+        #[arg(long, default_value_t = 8)]
+        steps: usize,
+        /// First-pass decode kernel: tiled or warps.
+        #[arg(long, default_value = "tiled")]
+        kernel: String,
+        /// Blocks the decode grid aims for (0 = four full waves at the kernel's occupancy).
+        #[arg(long, default_value_t = 1056)]
+        target_blocks: usize,
+    },
     /// Ours vs mistral.rs (its CUDA build, normal cache) on the same random bf16 weights at
     /// batch 1: prefill and decode speed from a real prompt, full cache on both sides. Needs the
     /// `mistralrs-cuda` feature.
@@ -301,7 +330,9 @@ fn golden_ints(g: &safetensors::SafeTensors, name: &str) -> Result<Vec<i64>> {
     let d = v.data();
     Ok(match v.dtype() {
         safetensors::Dtype::I8 => d.iter().map(|&b| b as i8 as i64).collect(),
-        safetensors::Dtype::I32 => d.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64).collect(),
+        safetensors::Dtype::I32 => {
+            d.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64).collect()
+        }
         safetensors::Dtype::I64 => d.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect(),
         other => bail!("{name}: unexpected dtype {other:?}"),
     })
@@ -367,9 +398,11 @@ fn check_mla(dev: &Device, root: &str) -> Result<(f32, f32, usize)> {
         }
     }
     cache.check()?;
-    let table: toml::Table = toml::from_str("name = 'dms'\nwindow = 8\ndecision = 'random'\nevict_rate = 0.7\nseed = 3")?;
+    let table: toml::Table =
+        toml::from_str("name = 'dms'\nwindow = 8\ndecision = 'random'\nevict_rate = 0.7\nseed = 3")?;
     let policy = Registry::with_builtins().build(&table)?;
-    let mut host = dms_integration::engine::Engine::new(load_model(&dir, &Device::Cpu, false)?.model, policy, 4, 1 << 12)?;
+    let mut host =
+        dms_integration::engine::Engine::new(load_model(&dir, &Device::Cpu, false)?.model, policy, 4, 1 << 12)?;
     let mut seq = host.new_sequence();
     let flags = PromptFlags::Random { seed: 3, rate: 0.7 };
     let mut cache = cache_for(8)?;
@@ -756,19 +789,20 @@ struct Arm {
     cr: f64,
 }
 
+/// A bf16 device cache in the state DMS leaves after a prompt of `ctx` tokens at the arm's
+/// compression (W = `w`, blocks of `bs`), with room for `steps` more tokens per row; the decode
+/// decisions that keep that rate; and the tokens kept per row.
 #[allow(clippy::too_many_arguments)]
-fn bench_one(
+fn synthetic_cache(
     dev: &Device,
-    model: &Llama,
+    cfg: &ModelConfig,
     ctx: usize,
     arm: &Arm,
     batch: usize,
     w: usize,
     bs: usize,
     steps: usize,
-    tuning: AttnTuning,
-) -> Result<(f64, u64, f64)> {
-    let cfg = model.config();
+) -> Result<(GpuCache, StepDecisions, usize)> {
     let (layers, kv) = (cfg.num_layers, cfg.num_kv_heads);
     let rows = batch * kv;
     let (rate, kept) = rate_for_cr(arm.cr, ctx, w);
@@ -804,9 +838,26 @@ fn bench_one(
         num_blocks: n_rows * max_blocks,
         latent_rank: cfg.mla.as_ref().map(|m| m.kv_lora_rank),
     };
-    let mut cache = GpuCache::with_rows(dev, DType::BF16, shape, init)?;
-    cache.set_tuning(tuning);
+    let cache = GpuCache::with_rows(dev, DType::BF16, shape, init)?;
     let dec = if rate > 0.0 { StepDecisions::Random { seed: 7, rate } } else { StepDecisions::None };
+    Ok((cache, dec, kept))
+}
+
+/// Decode step time (s), live KV bytes and measured compression of one configuration.
+#[allow(clippy::too_many_arguments)]
+fn bench_one(
+    dev: &Device,
+    model: &Llama,
+    ctx: usize,
+    arm: &Arm,
+    batch: usize,
+    w: usize,
+    bs: usize,
+    steps: usize,
+    tuning: AttnTuning,
+) -> Result<(f64, u64, f64)> {
+    let (mut cache, dec, kept) = synthetic_cache(dev, model.config(), ctx, arm, batch, w, bs, steps)?;
+    cache.set_tuning(tuning);
     let tokens: Vec<u32> = (0..batch).map(|i| (i * 31 % 1000) as u32 + 10).collect();
     let cd = match dev {
         Device::Cuda(c) => c.clone(),
@@ -996,6 +1047,108 @@ fn bench(
     Ok(())
 }
 
+/// Splits a decode step at the memory limit into the attention kernels and the rest.
+#[allow(clippy::too_many_arguments)]
+fn profile(
+    dev: &Device,
+    out: &str,
+    models: &str,
+    ctx: usize,
+    budget_gib: f64,
+    max_batch: usize,
+    steps: usize,
+    tuning: AttnTuning,
+) -> Result<()> {
+    let bw = copy_bandwidth(dev)?;
+    let (w, bs) = (512usize, 64usize);
+    let budget = budget_gib * (1u64 << 30) as f64;
+    let steps = steps.max(1);
+    let sync = || dev.synchronize().map_err(|e| anyhow::anyhow!("{e}"));
+    let mut rows = Vec::new();
+    for mname in models.split(',') {
+        let cfg = model_shape(mname)?;
+        let model = Llama::random(cfg.clone(), dev, DType::BF16)?;
+        let wbytes = model.weight_bytes() / 2;
+        for arm in [Arm { name: "full", cr: 1.0 }, Arm { name: "dms_cr8", cr: 8.0 }] {
+            let batch = fit_batch(&cfg, ctx, arm.cr, steps + 2, bs, budget).min(max_batch);
+            if batch == 0 {
+                continue;
+            }
+            let (step, live, _) = bench_one(dev, &model, ctx, &arm, batch, w, bs, steps, tuning)?;
+            let (mut cache, _, kept) = synthetic_cache(dev, &cfg, ctx, &arm, batch, w, bs, 0)?;
+            cache.set_tuning(tuning);
+            let q = Tensor::randn(0f32, 1.0, (batch, cfg.num_heads, cfg.head_dim), dev)?.to_dtype(DType::BF16)?;
+            let scale = 1.0 / (cfg.head_dim as f32).sqrt();
+            let attend_all = |cache: &mut GpuCache| -> Result<()> {
+                for li in 0..cfg.num_layers {
+                    cache.attend(li, &q, scale, kept)?;
+                }
+                Ok(())
+            };
+            attend_all(&mut cache)?;
+            sync()?;
+            let t = Instant::now();
+            for _ in 0..steps {
+                attend_all(&mut cache)?;
+            }
+            sync()?;
+            let attn = t.elapsed().as_secs_f64() / steps as f64;
+            let kv_bytes = cache.bytes_live()? as f64;
+            let rest = (step - attn).max(0.0);
+            let floor = (wbytes + live) as f64 / bw;
+            let r = json!({"model": mname, "context": ctx, "arm": arm.name, "batch": batch,
+                "step_ms": step * 1e3, "floor_ms": floor * 1e3, "step_over_floor": step / floor,
+                "attention_ms": attn * 1e3, "attention_share": attn / step,
+                "attention_gb_s": kv_bytes / attn / 1e9, "attention_vs_copy_bw": kv_bytes / attn / bw,
+                "rest_ms": rest * 1e3, "weights_floor_ms": wbytes as f64 / bw * 1e3,
+                "rest_over_weights_floor": rest / (wbytes as f64 / bw)});
+            eprintln!("{r}");
+            rows.push(r);
+        }
+    }
+    std::fs::write(
+        out,
+        serde_json::to_string_pretty(&json!({"copy_bandwidth_gb_s": bw / 1e9, "budget_gib": budget_gib,
+        "kernel": format!("{:?}", tuning.kernel), "target_blocks": tuning.target_blocks, "rows": rows}))?,
+    )?;
+    let table: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            let mut v: Vec<String> = ["model", "context", "arm", "batch"].iter().map(|k| text(r, k)).collect();
+            for (k, p) in [
+                ("step_ms", 2),
+                ("step_over_floor", 2),
+                ("attention_ms", 2),
+                ("attention_share", 2),
+                ("attention_vs_copy_bw", 2),
+                ("rest_ms", 2),
+                ("rest_over_weights_floor", 2),
+            ] {
+                v.push(format!("{:.p$}", num(r, k)));
+            }
+            v
+        })
+        .collect();
+    println!("measured device copy bandwidth: {:.0} GB/s", bw / 1e9);
+    print_table(
+        &[
+            "model",
+            "ctx",
+            "arm",
+            "batch",
+            "step ms",
+            "x floor",
+            "attn ms",
+            "attn share",
+            "attn BW / copy BW",
+            "rest ms",
+            "rest / weights floor",
+        ],
+        &table,
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let dev = Device::new_cuda(0)?;
@@ -1056,6 +1209,10 @@ fn main() -> Result<()> {
         Cmd::Prefill { out, model, contexts, steps } => bench_prefill(&dev, &out, &model, &contexts, steps)?,
         Cmd::Tune { out, models, context, budget_gib, max_batch, steps, blocks } => {
             tune(&dev, &out, &models, context, budget_gib, max_batch, steps, &blocks)?
+        }
+        Cmd::Profile { out, models, context, budget_gib, max_batch, steps, kernel, target_blocks } => {
+            let tuning = AttnTuning { kernel: parse_kernel(&kernel)?, target_blocks };
+            profile(&dev, &out, &models, context, budget_gib, max_batch, steps, tuning)?;
         }
         Cmd::Bench { out, budget_gib, max_batch, contexts, models, steps, kernel, target_blocks } => {
             let tuning = AttnTuning { kernel: parse_kernel(&kernel)?, target_blocks };

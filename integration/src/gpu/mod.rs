@@ -163,6 +163,8 @@ pub struct GpuCache {
     free_list: CudaSlice<i32>,
     free_top: CudaSlice<i32>,
     err: CudaSlice<i32>,
+    /// Passed as the scores of decode steps without learned decisions (never read).
+    no_scores: CudaSlice<f32>,
     part_acc: CudaSlice<f32>,
     part_m: CudaSlice<f32>,
     part_l: CudaSlice<f32>,
@@ -265,6 +267,7 @@ impl GpuCache {
             free_list,
             free_top: drv(stream.clone_htod(&[free.len() as i32]))?,
             err: drv(stream.alloc_zeros::<i32>(1))?,
+            no_scores: drv(stream.alloc_zeros::<f32>(1))?,
             part_acc: drv(stream.alloc_zeros::<f32>(1))?,
             part_m: drv(stream.alloc_zeros::<f32>(1))?,
             part_l: drv(stream.alloc_zeros::<f32>(1))?,
@@ -347,11 +350,23 @@ impl GpuCache {
             Decisions::Random { seed, rate } => (1, *seed, *rate, 0.0, 0.0),
             Decisions::Scores { scale, offset, .. } => (2, 0, 0.0, *scale, *offset),
         };
-        let dummy = Tensor::zeros(rows, DType::F32, &Device::Cuda(self.dev.clone()))?;
+        // Learned decisions read `scores [batch, kv_heads]`; the other modes never read the pointer.
         let scores = match decisions {
-            Decisions::Scores { scores, .. } => (*scores).clone(),
-            _ => dummy,
+            Decisions::Scores { scores, .. } => {
+                if scores.dims() != [s.batch, s.kv_heads] || scores.dtype() != DType::F32 {
+                    bail!(
+                        "decision scores are {:?} {:?}, expected f32 [{}, {}]",
+                        scores.dtype(),
+                        scores.dims(),
+                        s.batch,
+                        s.kv_heads
+                    );
+                }
+                Some(scores.contiguous()?)
+            }
+            _ => None,
         };
+        let no_scores = &self.no_scores;
         let (kv, d, bs, wc, mb, li) = (
             s.kv_heads as i32,
             s.head_dim as i32,
@@ -373,35 +388,40 @@ impl GpuCache {
                 with_slice!(k_new, $ty, |kn| with_slice_or!(v_sep, kn, $ty, |vn| with_slice!(
                     &self.k_pool,
                     $ty,
-                    |kp| with_slice_or!(self.v_pool.as_ref(), kp, $ty, |vp| with_slice!(&scores, f32, |sc| {
-                        let mut b = self.stream.launch_builder(&f);
-                        b.arg(&kv)
-                            .arg(&d)
-                            .arg(&bs)
-                            .arg(&wc)
-                            .arg(&mb)
-                            .arg(&li)
-                            .arg(&kn)
-                            .arg(&vn)
-                            .arg(&kp)
-                            .arg(&vp)
-                            .arg(&table)
-                            .arg(&lens)
-                            .arg(&pos)
-                            .arg(&rs)
-                            .arg(&rf)
-                            .arg(&self.pool_pos)
-                            .arg(&self.free_list)
-                            .arg(&self.free_top)
-                            .arg(&self.err)
-                            .arg(&mode)
-                            .arg(&seed)
-                            .arg(&rate)
-                            .arg(&sc)
-                            .arg(&scale)
-                            .arg(&offset);
-                        drv(unsafe { b.launch(cfg) })?;
-                    }))
+                    |kp| with_slice_or!(self.v_pool.as_ref(), kp, $ty, |vp| with_slice_or!(
+                        scores.as_ref(),
+                        no_scores,
+                        f32,
+                        |sc| {
+                            let mut b = self.stream.launch_builder(&f);
+                            b.arg(&kv)
+                                .arg(&d)
+                                .arg(&bs)
+                                .arg(&wc)
+                                .arg(&mb)
+                                .arg(&li)
+                                .arg(&kn)
+                                .arg(&vn)
+                                .arg(&kp)
+                                .arg(&vp)
+                                .arg(&table)
+                                .arg(&lens)
+                                .arg(&pos)
+                                .arg(&rs)
+                                .arg(&rf)
+                                .arg(&self.pool_pos)
+                                .arg(&self.free_list)
+                                .arg(&self.free_top)
+                                .arg(&self.err)
+                                .arg(&mode)
+                                .arg(&seed)
+                                .arg(&rate)
+                                .arg(&sc)
+                                .arg(&scale)
+                                .arg(&offset);
+                            drv(unsafe { b.launch(cfg) })?;
+                        }
+                    ))
                 )))
             };
         }
@@ -507,16 +527,15 @@ impl GpuCache {
         };
         macro_rules! go {
             ($ty:ty) => {
-                with_slice!(k, $ty, |ks| with_slice_or!(v_sep, ks, $ty, |vs| with_slice!(&self.k_pool, $ty, |kp| with_slice_or!(
-                    self.v_pool.as_ref(),
-                    kp,
+                with_slice!(k, $ty, |ks| with_slice_or!(v_sep, ks, $ty, |vs| with_slice!(
+                    &self.k_pool,
                     $ty,
-                    |vp| {
+                    |kp| with_slice_or!(self.v_pool.as_ref(), kp, $ty, |vp| {
                         let mut b = self.stream.launch_builder(&write);
                         b.arg(&kvi).arg(&di).arg(&ti).arg(&dst).arg(&ks).arg(&vs).arg(&kp).arg(&vp);
                         drv(unsafe { b.launch(c2) })?;
-                    }
-                ))))
+                    })
+                )))
             };
         }
         if self.dtype == DType::F32 {
@@ -645,7 +664,14 @@ impl GpuCache {
 
     /// [`Self::attend`] over latent rows (MLA): `q` `[batch, heads, head_dim]` (absorbed queries),
     /// output `[batch, heads, rank]` (the attention-weighted `c_kv`).
-    fn attend_latent(&mut self, layer: usize, q: &Tensor, scale: f32, max_len_hint: usize, rank: usize) -> Result<Tensor> {
+    fn attend_latent(
+        &mut self,
+        layer: usize,
+        q: &Tensor,
+        scale: f32,
+        max_len_hint: usize,
+        rank: usize,
+    ) -> Result<Tensor> {
         let s = self.shape;
         let (b, nh, d) = q.dims3()?;
         if b != s.batch || d != s.head_dim || nh == 0 {
@@ -671,8 +697,11 @@ impl GpuCache {
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
-        let c2 =
-            LaunchConfig { grid_dim: (b as u32, 1, 1), block_dim: (rank.div_ceil(32) as u32 * 32, 1, 1), shared_mem_bytes: 0 };
+        let c2 = LaunchConfig {
+            grid_dim: (b as u32, 1, 1),
+            block_dim: (rank.div_ceil(32) as u32 * 32, 1, 1),
+            shared_mem_bytes: 0,
+        };
         macro_rules! go {
             ($ty:ty) => {
                 with_slice!(q, $ty, |qs| with_slice!(&self.k_pool, $ty, |kp| with_slice!(&out, $ty, |os| {

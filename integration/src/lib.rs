@@ -4,7 +4,8 @@
 //! [`model`] (candle runtimes), [`kv_store`] (paged per-head storage), [`cache`] (one sequence's
 //! rows and policy), [`attention`] (kernels over the store), [`prefill`] (one-pass prompt prefill
 //! with DMS's visibility mask in tensor ops, any device), [`engine`] (loading and generation),
-//! [`trace`] (JSON Lines traces), [`scheduler`] (continuous batching with admission by free memory).
+//! [`trace`] (JSON Lines traces), [`scheduler`] (continuous batching with admission by free memory),
+//! [`split_plan`] (how many splits a GPU decode-attention grid uses).
 
 pub mod ab;
 pub mod assets;
@@ -28,4 +29,5 @@ pub mod prefill;
 pub mod retrofit;
 pub mod runner;
 pub mod scheduler;
+pub mod split_plan;
 pub mod trace;

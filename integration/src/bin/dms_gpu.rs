@@ -58,7 +58,7 @@ enum Cmd {
         /// First-pass decode kernel: tiled or warps.
         #[arg(long, default_value = "tiled")]
         kernel: String,
-        /// Blocks the decode grid aims for (rows x splits; 0 = four full waves at the kernel's occupancy).
+        /// Blocks the decode grid aims for (rows x splits; 0 = tail-aware: whole waves of the resident blocks).
         #[arg(long, default_value_t = 1056)]
         target_blocks: usize,
     },
@@ -82,8 +82,8 @@ enum Cmd {
         /// Timed decode steps per configuration.
         #[arg(long, default_value_t = 8)]
         steps: usize,
-        /// Comma-separated grid targets (blocks; 0 = four full waves at the kernel's occupancy).
-        #[arg(long, default_value = "1056,2112,4224,0")]
+        /// Comma-separated grid targets (blocks; 0 = tail-aware: whole waves of the resident blocks).
+        #[arg(long, default_value = "1056,2112,4224,8448,0")]
         blocks: String,
     },
     /// Where a decode step's time goes at the memory limit: the whole step, the attention kernels
@@ -111,7 +111,7 @@ enum Cmd {
         /// First-pass decode kernel: tiled or warps.
         #[arg(long, default_value = "tiled")]
         kernel: String,
-        /// Blocks the decode grid aims for (0 = four full waves at the kernel's occupancy).
+        /// Blocks the decode grid aims for (0 = tail-aware: whole waves of the resident blocks).
         #[arg(long, default_value_t = 1056)]
         target_blocks: usize,
     },

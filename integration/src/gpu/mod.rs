@@ -50,8 +50,9 @@ pub enum AttnKernel {
 pub struct AttnTuning {
     /// First-pass kernel.
     pub kernel: AttnKernel,
-    /// Blocks the grid aims for (rows x splits); each split keeps at least 128 keys. 0 = four
-    /// full waves of the kernel's measured occupancy (SMs x resident blocks per SM x 4).
+    /// Blocks the grid aims for (rows x splits); each split keeps at least 128 keys (64 for
+    /// latent rows). 0 = tail-aware: the split count that fills whole waves of the blocks the
+    /// kernel keeps resident ([`crate::split_plan::tail_aware_splits`]).
     pub target_blocks: usize,
 }
 
@@ -169,8 +170,9 @@ pub struct GpuCache {
     part_m: CudaSlice<f32>,
     part_l: CudaSlice<f32>,
     tuning: AttnTuning,
-    /// Grid targets of `target_blocks = 0`, per first-pass kernel (driver queries, once each).
-    auto_blocks: std::collections::HashMap<String, usize>,
+    /// Blocks resident at once per first-pass kernel, for `target_blocks = 0` (driver queries,
+    /// once each).
+    resident_blocks: std::collections::HashMap<String, usize>,
 }
 
 /// Host-side initial state of every row (for synthetic benchmark caches).
@@ -272,7 +274,7 @@ impl GpuCache {
             part_m: drv(stream.alloc_zeros::<f32>(1))?,
             part_l: drv(stream.alloc_zeros::<f32>(1))?,
             tuning: AttnTuning::default(),
-            auto_blocks: Default::default(),
+            resident_blocks: Default::default(),
             dev,
             stream,
             dtype,
@@ -579,9 +581,8 @@ impl GpuCache {
             .dev
             .get_or_load_custom_func(&format!("{first}_{}_g{g}", self.suffix()), MODULE, PTX)?
             .into_cuda_function();
-        let target = self.grid_target(format!("{first}_{}_g{g}", self.suffix()), &fp)?;
         // At least one 128-key tile per split.
-        let splits = (target.max(1) / rows).clamp(1, max_len_hint.div_ceil(128).max(1));
+        let splits = self.splits_for(format!("{first}_{}_g{g}", self.suffix()), &fp, rows, max_len_hint, 128)?;
         self.ensure_partials(rows * splits * g, d)?;
         let out = Tensor::zeros((b, nh, d), self.dtype, q.device())?;
         let fr = self.func("dms_decode_reduce")?;
@@ -639,16 +640,32 @@ impl GpuCache {
         Ok(out)
     }
 
-    /// Grid target of a first-pass kernel: the tuning's, or four full waves (queried once).
-    fn grid_target(&mut self, key: String, f: &CudaFunction) -> Result<usize> {
-        Ok(match (self.tuning.target_blocks, self.auto_blocks.get(&key)) {
-            (0, Some(&n)) => n,
-            (0, None) => {
-                let n = self.full_waves(f, 4)?;
-                self.auto_blocks.insert(key, n);
-                n
+    /// Splits per row of a first-pass kernel (`key`) over `units` (row, head group) pairs whose
+    /// longest row is `max_len` keys, each split at least `min_keys` long: the tuning's grid
+    /// target over `units`, or with `target_blocks = 0` the tail-aware choice
+    /// ([`crate::split_plan::tail_aware_splits`]) for the blocks this kernel keeps resident.
+    fn splits_for(
+        &mut self,
+        key: String,
+        f: &CudaFunction,
+        units: usize,
+        max_len: usize,
+        min_keys: usize,
+    ) -> Result<usize> {
+        let cap = max_len.div_ceil(min_keys).max(1);
+        Ok(match self.tuning.target_blocks {
+            0 => {
+                let resident = match self.resident_blocks.get(&key) {
+                    Some(&n) => n,
+                    None => {
+                        let n = self.full_waves(f, 1)?;
+                        self.resident_blocks.insert(key, n);
+                        n
+                    }
+                };
+                crate::split_plan::tail_aware_splits(units, max_len, resident, cap, 64)
             }
-            (n, _) => n,
+            n => (n / units.max(1)).clamp(1, cap),
         })
     }
 
@@ -680,10 +697,9 @@ impl GpuCache {
         let hg = [8, 4, 2, 1].into_iter().find(|g| nh % g == 0).expect("1 divides");
         let key = format!("dms_mla_partial_{}_h{hg}", self.suffix());
         let fp = self.dev.get_or_load_custom_func(&key, MODULE, PTX)?.into_cuda_function();
-        let target = self.grid_target(key, &fp)?;
         let groups = nh / hg;
         // At least one 64-key tile per split.
-        let splits = (target.max(1) / (b * groups)).clamp(1, max_len_hint.div_ceil(64).max(1));
+        let splits = self.splits_for(key, &fp, b * groups, max_len_hint, 64)?;
         self.ensure_partials(b * splits * nh, rank)?;
         let out = Tensor::zeros((b, nh, rank), self.dtype, q.device())?;
         let fr = self.func("dms_decode_reduce")?;

@@ -584,7 +584,9 @@ impl GpuCache {
         // At least one 128-key tile per split.
         let splits = self.splits_for(format!("{first}_{}_g{g}", self.suffix()), &fp, rows, max_len_hint, 128)?;
         self.ensure_partials(rows * splits * g, d)?;
-        let out = Tensor::zeros((b, nh, d), self.dtype, q.device())?;
+        // SAFETY: dms_decode_reduce writes every element (a block per row, a thread per
+        // dimension, every head of the row's group), so nothing uninitialised is ever read.
+        let out = unsafe { Tensor::empty((b, nh, d), self.dtype, q.device())? };
         let fr = self.func("dms_decode_reduce")?;
         let (kv, gi, di, bs, mb, sp) =
             (s.kv_heads as i32, g as i32, d as i32, s.block_size as i32, s.max_blocks_per_row as i32, splits as i32);
@@ -701,7 +703,9 @@ impl GpuCache {
         // At least one 64-key tile per split.
         let splits = self.splits_for(key, &fp, b * groups, max_len_hint, 64)?;
         self.ensure_partials(b * splits * nh, rank)?;
-        let out = Tensor::zeros((b, nh, rank), self.dtype, q.device())?;
+        // SAFETY: dms_decode_reduce writes every element (a block per sequence, a thread per
+        // latent dimension, every head), so nothing uninitialised is ever read.
+        let out = unsafe { Tensor::empty((b, nh, rank), self.dtype, q.device())? };
         let fr = self.func("dms_decode_reduce")?;
         let (nhi, di, ri, bs, mb, sp, one) =
             (nh as i32, d as i32, rank as i32, s.block_size as i32, s.max_blocks_per_row as i32, splits as i32, 1i32);

@@ -718,7 +718,6 @@ fn rope_freqs(cfg: &ModelConfig) -> Vec<f32> {
 
 /// Rotate-half RoPE on `[n, heads, head_dim]` with per-token tables `[n, head_dim/2]`.
 fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let x4 = x.transpose(0, 1)?.contiguous()?.unsqueeze(0)?;
-    let y = candle_nn::rotary_emb::rope(&x4, cos, sin)?;
-    Ok(y.squeeze(0)?.transpose(0, 1)?.contiguous()?)
+    // `[n, heads, d]` is candle's `[batch 1, time n, heads, d]` layout: one kernel, no transposes.
+    Ok(candle_nn::rotary_emb::rope_thd(&x.contiguous()?.unsqueeze(0)?, cos, sin)?.squeeze(0)?)
 }

@@ -40,27 +40,16 @@ enum Cmd {
         /// JSON output file.
         #[arg(long, default_value = "gpu-bench.json")]
         out: String,
-        /// KV memory budget in GiB.
-        #[arg(long, default_value_t = 64.0)]
-        budget_gib: f64,
-        /// Largest batch actually timed.
-        #[arg(long, default_value_t = 512)]
-        max_batch: usize,
+        #[command(flatten)]
+        limit: Limit,
         /// Comma-separated contexts.
         #[arg(long, default_value = "4096,16384,32768")]
         contexts: String,
         /// Comma-separated model shapes (llama3.1-8b, qwen3-8b, smollm2-135m, dsv2-lite-attn).
         #[arg(long, default_value = "llama3.1-8b,qwen3-8b,smollm2-135m")]
         models: String,
-        /// Timed decode steps per configuration.
-        #[arg(long, default_value_t = 8)]
-        steps: usize,
-        /// First-pass decode kernel: tiled or warps.
-        #[arg(long, default_value = "tiled")]
-        kernel: String,
-        /// Blocks the decode grid aims for (rows x splits; 0 = tail-aware: whole waves of the resident blocks).
-        #[arg(long, default_value_t = 1056)]
-        target_blocks: usize,
+        #[command(flatten)]
+        launch: LaunchArgs,
     },
     /// Decode kernels and grid sizes side by side at the memory limit.
     Tune {
@@ -73,15 +62,8 @@ enum Cmd {
         /// Context.
         #[arg(long, default_value_t = 32768)]
         context: usize,
-        /// KV memory budget in GiB.
-        #[arg(long, default_value_t = 64.0)]
-        budget_gib: f64,
-        /// Largest batch actually timed.
-        #[arg(long, default_value_t = 512)]
-        max_batch: usize,
-        /// Timed decode steps per configuration.
-        #[arg(long, default_value_t = 8)]
-        steps: usize,
+        #[command(flatten)]
+        limit: Limit,
         /// Comma-separated grid targets (blocks; 0 = tail-aware: whole waves of the resident blocks).
         #[arg(long, default_value = "1056,2112,4224,8448,0")]
         blocks: String,
@@ -99,21 +81,10 @@ enum Cmd {
         /// Context.
         #[arg(long, default_value_t = 32768)]
         context: usize,
-        /// KV memory budget in GiB.
-        #[arg(long, default_value_t = 64.0)]
-        budget_gib: f64,
-        /// Largest batch actually timed.
-        #[arg(long, default_value_t = 512)]
-        max_batch: usize,
-        /// Timed decode steps per configuration.
-        #[arg(long, default_value_t = 8)]
-        steps: usize,
-        /// First-pass decode kernel: tiled or warps.
-        #[arg(long, default_value = "tiled")]
-        kernel: String,
-        /// Blocks the decode grid aims for (0 = tail-aware: whole waves of the resident blocks).
-        #[arg(long, default_value_t = 1056)]
-        target_blocks: usize,
+        #[command(flatten)]
+        limit: Limit,
+        #[command(flatten)]
+        launch: LaunchArgs,
     },
     /// Ours vs mistral.rs (its CUDA build, normal cache) on the same random bf16 weights at
     /// batch 1: prefill and decode speed from a real prompt, full cache on both sides. Needs the
@@ -151,6 +122,44 @@ enum Cmd {
         #[arg(long, default_value_t = 8)]
         steps: usize,
     },
+}
+
+/// The memory limit the timing commands fill.
+#[derive(clap::Args, Clone, Copy)]
+struct Limit {
+    /// KV memory budget in GiB.
+    #[arg(long, default_value_t = 64.0)]
+    budget_gib: f64,
+    /// Largest batch actually timed.
+    #[arg(long, default_value_t = 512)]
+    max_batch: usize,
+    /// Timed decode steps per configuration.
+    #[arg(long, default_value_t = 8)]
+    steps: usize,
+}
+
+impl Limit {
+    /// The budget in bytes.
+    fn budget_bytes(&self) -> f64 {
+        self.budget_gib * (1u64 << 30) as f64
+    }
+}
+
+/// Decode-attention launch settings.
+#[derive(clap::Args, Clone)]
+struct LaunchArgs {
+    /// First-pass decode kernel: tiled or warps.
+    #[arg(long, default_value = "tiled")]
+    kernel: String,
+    /// Blocks the decode grid aims for (rows x splits; 0 = tail-aware: whole waves of the resident blocks).
+    #[arg(long, default_value_t = 1056)]
+    target_blocks: usize,
+}
+
+impl LaunchArgs {
+    fn tuning(&self) -> Result<AttnTuning> {
+        Ok(AttnTuning { kernel: parse_kernel(&self.kernel)?, target_blocks: self.target_blocks })
+    }
 }
 
 /// Prints a markdown table (a blank line, the header, the rule, one line per row).
@@ -904,20 +913,11 @@ fn parse_kernel(name: &str) -> Result<AttnKernel> {
 }
 
 /// Decode kernel and grid size at the memory limit, side by side in one run.
-#[allow(clippy::too_many_arguments)]
-fn tune(
-    dev: &Device,
-    out: &str,
-    models: &str,
-    ctx: usize,
-    budget_gib: f64,
-    max_batch: usize,
-    steps: usize,
-    blocks: &str,
-) -> Result<()> {
+fn tune(dev: &Device, out: &str, models: &str, ctx: usize, limit: Limit, blocks: &str) -> Result<()> {
     let bw = copy_bandwidth(dev)?;
     let (w, bs) = (512usize, 64usize);
-    let budget = budget_gib * (1u64 << 30) as f64;
+    let Limit { max_batch, steps, .. } = limit;
+    let budget = limit.budget_bytes();
     let blocks: Vec<usize> = blocks.split(',').map(|b| b.trim().parse()).collect::<Result<_, _>>()?;
     let mut rows = Vec::new();
     for mname in models.split(',') {
@@ -963,22 +963,13 @@ fn tune(
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn bench(
-    dev: &Device,
-    out: &str,
-    budget_gib: f64,
-    max_batch: usize,
-    contexts: &str,
-    models: &str,
-    steps: usize,
-    tuning: AttnTuning,
-) -> Result<()> {
+fn bench(dev: &Device, out: &str, limit: Limit, contexts: &str, models: &str, tuning: AttnTuning) -> Result<()> {
+    let Limit { budget_gib, max_batch, steps } = limit;
     let bw = copy_bandwidth(dev)?;
     println!("measured device copy bandwidth: {:.0} GB/s", bw / 1e9);
     let (w, bs) = (512usize, 64usize);
     let arms = [Arm { name: "full", cr: 1.0 }, Arm { name: "dms_cr4", cr: 4.0 }, Arm { name: "dms_cr8", cr: 8.0 }];
-    let budget = budget_gib * (1u64 << 30) as f64;
+    let budget = limit.budget_bytes();
     let mut rows = Vec::new();
     for mname in models.split(',') {
         let cfg = model_shape(mname)?;
@@ -1048,20 +1039,11 @@ fn bench(
 }
 
 /// Splits a decode step at the memory limit into the attention kernels and the rest.
-#[allow(clippy::too_many_arguments)]
-fn profile(
-    dev: &Device,
-    out: &str,
-    models: &str,
-    ctx: usize,
-    budget_gib: f64,
-    max_batch: usize,
-    steps: usize,
-    tuning: AttnTuning,
-) -> Result<()> {
+fn profile(dev: &Device, out: &str, models: &str, ctx: usize, limit: Limit, tuning: AttnTuning) -> Result<()> {
     let bw = copy_bandwidth(dev)?;
     let (w, bs) = (512usize, 64usize);
-    let budget = budget_gib * (1u64 << 30) as f64;
+    let Limit { budget_gib, max_batch, steps } = limit;
+    let budget = limit.budget_bytes();
     let steps = steps.max(1);
     let sync = || dev.synchronize().map_err(|e| anyhow::anyhow!("{e}"));
     let mut rows = Vec::new();
@@ -1207,16 +1189,12 @@ fn main() -> Result<()> {
         #[cfg(not(feature = "mistralrs"))]
         Cmd::Peer { .. } => bail!("this dms-gpu was built without mistral.rs: build with --features mistralrs-cuda"),
         Cmd::Prefill { out, model, contexts, steps } => bench_prefill(&dev, &out, &model, &contexts, steps)?,
-        Cmd::Tune { out, models, context, budget_gib, max_batch, steps, blocks } => {
-            tune(&dev, &out, &models, context, budget_gib, max_batch, steps, &blocks)?
+        Cmd::Tune { out, models, context, limit, blocks } => tune(&dev, &out, &models, context, limit, &blocks)?,
+        Cmd::Profile { out, models, context, limit, launch } => {
+            profile(&dev, &out, &models, context, limit, launch.tuning()?)?
         }
-        Cmd::Profile { out, models, context, budget_gib, max_batch, steps, kernel, target_blocks } => {
-            let tuning = AttnTuning { kernel: parse_kernel(&kernel)?, target_blocks };
-            profile(&dev, &out, &models, context, budget_gib, max_batch, steps, tuning)?;
-        }
-        Cmd::Bench { out, budget_gib, max_batch, contexts, models, steps, kernel, target_blocks } => {
-            let tuning = AttnTuning { kernel: parse_kernel(&kernel)?, target_blocks };
-            bench(&dev, &out, budget_gib, max_batch, &contexts, &models, steps, tuning)?;
+        Cmd::Bench { out, limit, contexts, models, launch } => {
+            bench(&dev, &out, limit, &contexts, &models, launch.tuning()?)?
         }
     }
     Ok(())

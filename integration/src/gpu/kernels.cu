@@ -119,6 +119,51 @@ __device__ __forceinline__ void unpack(uint4 v, float* o, bf16_t) {
 template <typename T>
 __device__ __forceinline__ void load_vec(const T* p, float* o) { unpack(ld16(p), o, T()); }
 
+// Online softmax over one tile of scores, a warp per head: turns sc[g][0..n) into
+// exp(score - new max) and updates the running max s_m, sum s_l and the rescale factor s_alpha
+// of the accumulated outputs. Callers put a block barrier before and after.
+template <int G, int TW>
+__device__ __forceinline__ void tile_softmax(float (*sc)[TW], float* s_alpha, float* s_m, float* s_l, int n, int warp,
+                                             int lane, int nwarps) {
+    for (int g = warp; g < G; g += nwarps) {
+        float mx = -INFINITY;
+        for (int j = lane; j < n; j += 32) mx = fmaxf(mx, sc[g][j]);
+        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+        float m_old = s_m[g];
+        float m_new = fmaxf(m_old, mx);
+        float sum = 0.0f;
+        for (int j = lane; j < n; j += 32) {
+            float p = __expf(sc[g][j] - m_new);
+            sc[g][j] = p;
+            sum += p;
+        }
+        for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+        if (lane == 0) {
+            float a = (m_old == -INFINITY) ? 0.0f : __expf(m_old - m_new);
+            s_alpha[g] = a;
+            s_l[g] = s_l[g] * a + sum;
+            s_m[g] = m_new;
+        }
+    }
+}
+
+// End of the value phase of the tiled kernels: thread (key group, vector v) holds dims
+// [v*VEC, v*VEC+VEC) of each of the G heads for its keys; sums the key groups through shared
+// `gsum` and writes head g's `width` floats to out[g * width ..]. Whole block, barriers inside.
+template <int G, int VEC>
+__device__ __forceinline__ void write_group_sums(float (*acc)[8], float* gsum, int width, bool active, int v_vec,
+                                                 int tid, float* out) {
+    for (int g = 0; g < G; g++) {
+        for (int i = tid; i < width; i += THREADS) gsum[i] = 0.0f;
+        __syncthreads();
+        if (active)
+            for (int e = 0; e < VEC; e++) atomicAdd(&gsum[v_vec * VEC + e], acc[g][e]);
+        __syncthreads();
+        for (int i = tid; i < width; i += THREADS) out[(long long)g * width + i] = gsum[i];
+        __syncthreads();
+    }
+}
+
 // Split-K paged decode attention, first pass. grid = (rows, splits), block = THREADS.
 // Row r = b * kv_heads + h holds the keys of KV head h of sequence b; its G query heads are
 // q[b, h*G .. h*G+G). Scores: LPK lanes share one key (16-byte loads, log2(LPK) shuffles per
@@ -183,26 +228,7 @@ __device__ void decode_partial_g(int kv_heads, int d_head, int bs, int max_block
             }
         }
         __syncthreads();
-        for (int g = warp; g < G; g += nwarps) {
-            float mx = -INFINITY;
-            for (int j = lane; j < n; j += 32) mx = fmaxf(mx, sc[g][j]);
-            for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, o));
-            float m_old = s_m[g];
-            float m_new = fmaxf(m_old, mx);
-            float sum = 0.0f;
-            for (int j = lane; j < n; j += 32) {
-                float p = __expf(sc[g][j] - m_new);
-                sc[g][j] = p;
-                sum += p;
-            }
-            for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffff, sum, o);
-            if (lane == 0) {
-                float a = (m_old == -INFINITY) ? 0.0f : __expf(m_old - m_new);
-                s_alpha[g] = a;
-                s_l[g] = s_l[g] * a + sum;
-                s_m[g] = m_new;
-            }
-        }
+        tile_softmax<G, TILE>(sc, s_alpha, s_m, s_l, n, warp, lane, nwarps);
         __syncthreads();
         for (int g = 0; g < G; g++) {
             float a = s_alpha[g];
@@ -222,18 +248,9 @@ __device__ void decode_partial_g(int kv_heads, int d_head, int bs, int max_block
         }
         __syncthreads();
     }
-    // Sum the key groups: group k's thread (k, v) holds dims [v*VEC, v*VEC+VEC) of each head.
     long long o = ((long long)r * splits + split) * G;
     __shared__ float gsum[MAXD];
-    for (int g = 0; g < G; g++) {
-        for (int i = tid; i < d_head; i += THREADS) gsum[i] = 0.0f;
-        __syncthreads();
-        if (v_key < kpb)
-            for (int e = 0; e < VEC; e++) atomicAdd(&gsum[v_vec * VEC + e], acc[g][e]);
-        __syncthreads();
-        for (int i = tid; i < d_head; i += THREADS) part_acc[(o + g) * d_head + i] = gsum[i];
-        __syncthreads();
-    }
+    write_group_sums<G, VecOf<T>::N>(acc, gsum, d_head, v_key < kpb, v_vec, tid, part_acc + o * d_head);
     if (tid < G) { part_m[o + tid] = s_m[tid]; part_l[o + tid] = s_l[tid]; }
 }
 
@@ -610,26 +627,7 @@ __device__ void mla_partial(int heads, int dk, int dv, int bs, int max_blocks, f
             }
         }
         __syncthreads();
-        for (int g = warp; g < HG; g += NW) {
-            float mx = -INFINITY;
-            for (int j = lane; j < n; j += 32) mx = fmaxf(mx, sc[g][j]);
-            for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-            float m_old = s_m[g];
-            float m_new = fmaxf(m_old, mx);
-            float sum = 0.0f;
-            for (int j = lane; j < n; j += 32) {
-                float p = __expf(sc[g][j] - m_new);
-                sc[g][j] = p;
-                sum += p;
-            }
-            for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-            if (lane == 0) {
-                float a = (m_old == -INFINITY) ? 0.0f : __expf(m_old - m_new);
-                s_alpha[g] = a;
-                s_l[g] = s_l[g] * a + sum;
-                s_m[g] = m_new;
-            }
-        }
+        tile_softmax<HG, MLA_TILE>(sc, s_alpha, s_m, s_l, n, warp, lane, NW);
         __syncthreads();
 #pragma unroll
         for (int g = 0; g < HG; g++) {
@@ -652,15 +650,7 @@ __device__ void mla_partial(int heads, int dk, int dv, int bs, int max_blocks, f
         __syncthreads();
     }
     long long o = ((long long)r * splits + split) * heads + h0;
-    for (int g = 0; g < HG; g++) {
-        for (int i = tid; i < dv; i += THREADS) gsum[i] = 0.0f;
-        __syncthreads();
-        if (v_key < kpb)
-            for (int e = 0; e < VEC; e++) atomicAdd(&gsum[v_vec * VEC + e], acc[g][e]);
-        __syncthreads();
-        for (int i = tid; i < dv; i += THREADS) part_acc[(o + g) * dv + i] = gsum[i];
-        __syncthreads();
-    }
+    write_group_sums<HG, VecOf<T>::N>(acc, gsum, dv, v_key < kpb, v_vec, tid, part_acc + o * dv);
     if (tid < HG) { part_m[o + tid] = s_m[tid]; part_l[o + tid] = s_l[tid]; }
 }
 

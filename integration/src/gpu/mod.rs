@@ -587,24 +587,19 @@ impl GpuCache {
         // SAFETY: dms_decode_reduce writes every element (a block per row, a thread per
         // dimension, every head of the row's group), so nothing uninitialised is ever read.
         let out = unsafe { Tensor::empty((b, nh, d), self.dtype, q.device())? };
-        let fr = self.func("dms_decode_reduce")?;
-        let (kv, gi, di, bs, mb, sp) =
-            (s.kv_heads as i32, g as i32, d as i32, s.block_size as i32, s.max_blocks_per_row as i32, splits as i32);
+        let (kv, di, bs, mb) = (s.kv_heads as i32, d as i32, s.block_size as i32, s.max_blocks_per_row as i32);
         let ro = layer * rows;
         let table = self.block_table.slice(ro * s.max_blocks_per_row..(ro + rows) * s.max_blocks_per_row);
         let lens = self.row_len.slice(ro..ro + rows);
-        // Whole warps: the score phase reduces across all 32 lanes.
-        let threads = d.div_ceil(32) as u32 * 32;
         let c1 =
             LaunchConfig { grid_dim: (rows as u32, splits as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-        let c2 = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
         macro_rules! go {
             ($ty:ty) => {
                 with_slice!(q, $ty, |qs| with_slice!(&self.k_pool, $ty, |kp| with_slice_or!(
                     self.v_pool.as_ref(),
                     kp,
                     $ty,
-                    |vp| with_slice!(&out, $ty, |os| {
+                    |vp| {
                         let mut a = self.stream.launch_builder(&fp);
                         a.arg(&kv)
                             .arg(&di)
@@ -620,17 +615,7 @@ impl GpuCache {
                             .arg(&self.part_m)
                             .arg(&self.part_l);
                         drv(unsafe { a.launch(c1) })?;
-                        let mut r = self.stream.launch_builder(&fr);
-                        r.arg(&kv)
-                            .arg(&gi)
-                            .arg(&di)
-                            .arg(&sp)
-                            .arg(&self.part_acc)
-                            .arg(&self.part_m)
-                            .arg(&self.part_l)
-                            .arg(&os);
-                        drv(unsafe { r.launch(c2) })?;
-                    })
+                    }
                 )))
             };
         }
@@ -639,6 +624,7 @@ impl GpuCache {
         } else {
             go!(half::bf16)
         }
+        self.merge_splits(s.kv_heads, g, d, splits, &out)?;
         Ok(out)
     }
 
@@ -706,9 +692,8 @@ impl GpuCache {
         // SAFETY: dms_decode_reduce writes every element (a block per sequence, a thread per
         // latent dimension, every head), so nothing uninitialised is ever read.
         let out = unsafe { Tensor::empty((b, nh, rank), self.dtype, q.device())? };
-        let fr = self.func("dms_decode_reduce")?;
-        let (nhi, di, ri, bs, mb, sp, one) =
-            (nh as i32, d as i32, rank as i32, s.block_size as i32, s.max_blocks_per_row as i32, splits as i32, 1i32);
+        let (nhi, di, ri, bs, mb) =
+            (nh as i32, d as i32, rank as i32, s.block_size as i32, s.max_blocks_per_row as i32);
         let ro = layer * b;
         let table = self.block_table.slice(ro * s.max_blocks_per_row..(ro + b) * s.max_blocks_per_row);
         let lens = self.row_len.slice(ro..ro + b);
@@ -717,14 +702,9 @@ impl GpuCache {
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
-        let c2 = LaunchConfig {
-            grid_dim: (b as u32, 1, 1),
-            block_dim: (rank.div_ceil(32) as u32 * 32, 1, 1),
-            shared_mem_bytes: 0,
-        };
         macro_rules! go {
             ($ty:ty) => {
-                with_slice!(q, $ty, |qs| with_slice!(&self.k_pool, $ty, |kp| with_slice!(&out, $ty, |os| {
+                with_slice!(q, $ty, |qs| with_slice!(&self.k_pool, $ty, |kp| {
                     let mut a = self.stream.launch_builder(&fp);
                     a.arg(&nhi)
                         .arg(&di)
@@ -740,17 +720,7 @@ impl GpuCache {
                         .arg(&self.part_m)
                         .arg(&self.part_l);
                     drv(unsafe { a.launch(c1) })?;
-                    let mut r = self.stream.launch_builder(&fr);
-                    r.arg(&one)
-                        .arg(&nhi)
-                        .arg(&ri)
-                        .arg(&sp)
-                        .arg(&self.part_acc)
-                        .arg(&self.part_m)
-                        .arg(&self.part_l)
-                        .arg(&os);
-                    drv(unsafe { r.launch(c2) })?;
-                })))
+                }))
             };
         }
         if self.dtype == DType::F32 {
@@ -758,7 +728,44 @@ impl GpuCache {
         } else {
             go!(half::bf16)
         }
+        self.merge_splits(1, nh, rank, splits, &out)?;
         Ok(out)
+    }
+
+    /// Second pass of the decode attention: merges the `splits` partial results of each of the
+    /// `out.dim(0) * kv_heads` rows (`g_heads` query heads of `width` each) into `out`.
+    fn merge_splits(&self, kv_heads: usize, g_heads: usize, width: usize, splits: usize, out: &Tensor) -> Result<()> {
+        let rows = out.dim(0)? * kv_heads;
+        let fr = self.func("dms_decode_reduce")?;
+        let (kv, g, w, sp) = (kv_heads as i32, g_heads as i32, width as i32, splits as i32);
+        // One thread per output dimension, in whole warps.
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (width.div_ceil(32) as u32 * 32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        macro_rules! go {
+            ($ty:ty) => {
+                with_slice!(out, $ty, |os| {
+                    let mut r = self.stream.launch_builder(&fr);
+                    r.arg(&kv)
+                        .arg(&g)
+                        .arg(&w)
+                        .arg(&sp)
+                        .arg(&self.part_acc)
+                        .arg(&self.part_m)
+                        .arg(&self.part_l)
+                        .arg(&os);
+                    drv(unsafe { r.launch(cfg) })?;
+                })
+            };
+        }
+        if self.dtype == DType::F32 {
+            go!(f32)
+        } else {
+            go!(half::bf16)
+        }
+        Ok(())
     }
 
     /// Fails if any kernel ran out of blocks or prefilled a non-empty sequence.

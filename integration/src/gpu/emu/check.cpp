@@ -45,6 +45,24 @@ static void oracle_append(Row& row, int pos, const float* k, const float* v, int
     }
 }
 
+// Attention of one query (width dk) over an oracle row, in double: softmax(q.k * scale) times
+// the values (the first dv floats of each key for latent rows, else the entry's own value).
+static std::vector<double> oracle_attention(const Row& row, const float* q, int dk, int dv, float scale, bool latent) {
+    std::vector<double> s;
+    double mx = -1e300, z = 0.0;
+    for (auto& e : row) {
+        double x = 0.0;
+        for (int i = 0; i < dk; i++) x += (double)q[i] * e.k[i];
+        s.push_back(x * scale);
+        mx = std::max(mx, s.back());
+    }
+    for (auto& x : s) z += std::exp(x - mx);
+    std::vector<double> out(dv, 0.0);
+    for (size_t j = 0; j < row.size(); j++)
+        for (int i = 0; i < dv; i++) out[i] += std::exp(s[j] - mx) / z * (latent ? row[j].k[i] : row[j].v[i]);
+    return out;
+}
+
 template <class T>
 static T to_t(float x) {
     T out;
@@ -239,20 +257,9 @@ static void scenario(const char* name, float tol, std::vector<int> prompts, int 
                 for (int r = 0; r < B * KV; r++) {
                     const Row& row = oracle[layer * B * KV + r];
                     for (int g = 0; g < G; g++) {
-                        const float* qq = &q[((size_t)r * G + g) * D];
-                        std::vector<double> s;
-                        double mx = -1e300, z = 0.0;
-                        for (auto& e : row) {
-                            double x = 0.0;
-                            for (int i = 0; i < D; i++) x += (double)qq[i] * e.k[i];
-                            s.push_back(x * scale);
-                            mx = std::max(mx, s.back());
-                        }
-                        for (auto& x : s) z += std::exp(x - mx);
+                        auto want = oracle_attention(row, &q[((size_t)r * G + g) * D], D, D, scale, false);
                         for (int i = 0; i < D; i++) {
-                            double want = 0.0;
-                            for (size_t j = 0; j < row.size(); j++) want += std::exp(s[j] - mx) / z * row[j].v[i];
-                            float err = std::fabs(out[((size_t)r * G + g) * D + i] - (float)want);
+                            float err = std::fabs(out[((size_t)r * G + g) * D + i] - (float)want[i]);
                             worst = std::max(worst, err);
                             EXPECT(err <= tol, "%s step %d layer %d %s kernel, %d splits: row %d head %d dim %d off by %g",
                                    name, step, layer, warps ? "warps" : "tiled", splits, r, g, i, err);
@@ -352,20 +359,9 @@ static void mla_scenario(const char* name, float tol, std::vector<int> prompts, 
                 for (int b = 0; b < B; b++) {
                     const Row& row = oracle[layer * B + b];
                     for (int h = 0; h < H; h++) {
-                        const float* qq = &q[((size_t)b * H + h) * DK];
-                        std::vector<double> s;
-                        double mx = -1e300, z = 0.0;
-                        for (auto& e : row) {
-                            double x = 0.0;
-                            for (int i = 0; i < DK; i++) x += (double)qq[i] * e.k[i];
-                            s.push_back(x * scale);
-                            mx = std::max(mx, s.back());
-                        }
-                        for (auto& x : s) z += std::exp(x - mx);
+                        auto want = oracle_attention(row, &q[((size_t)b * H + h) * DK], DK, DV, scale, true);
                         for (int i = 0; i < DV; i++) {
-                            double want = 0.0;
-                            for (size_t j = 0; j < row.size(); j++) want += std::exp(s[j] - mx) / z * row[j].k[i];
-                            float err = std::fabs(out[((size_t)b * H + h) * DV + i] - (float)want);
+                            float err = std::fabs(out[((size_t)b * H + h) * DV + i] - (float)want[i]);
                             worst = std::max(worst, err);
                             EXPECT(err <= tol, "%s step %d layer %d, %d splits: sequence %d head %d dim %d off by %g",
                                    name, step, layer, splits, b, h, i, err);

@@ -211,15 +211,23 @@ struct KernelCheck {
     steps: usize,
     /// Prompt length per sequence (0 = decode from empty).
     prompts: Vec<usize>,
+    /// `Some(rank)`: latent rows (MLA; `kv` = 1, `g` query heads, values = the first `rank`
+    /// floats of each `d`-wide key row).
+    latent: Option<usize>,
 }
 
 /// Device cache + kernels against the CPU store, policy and attention, random decisions. Each
 /// sequence `b` first gets a prompt of `prompts[b]` tokens through the prefill kernels (checked
 /// against [`kept_after_prompt`] and the stored K/V), then the decode steps; rows longer than
-/// 128 keys run the attention in several splits.
+/// 128 keys (64 for latent rows) run the attention in several splits.
 fn check_kernels(dev: &Device, dtype: DType, c: &KernelCheck, tuning: AttnTuning) -> Result<(f32, usize)> {
-    let KernelCheck { layers, kv, g, d, bs, w, steps, prompts } = c;
-    let (layers, kv, g, d, bs, w, steps) = (*layers, *kv, *g, *d, *bs, *w, *steps);
+    let KernelCheck { layers, kv, g, d, bs, w, steps, prompts, latent } = c;
+    let (layers, kv, g, d, bs, w, steps, latent) = (*layers, *kv, *g, *d, *bs, *w, *steps, *latent);
+    // Host values per slot (0 for latent rows) and attention output width per head.
+    let (v_dim, dv) = match latent {
+        Some(r) => (0, r),
+        None => (d, d),
+    };
     let batch = prompts.len();
     let (seed, rate) = (3u64, 0.5f64);
     let longest = prompts.iter().max().copied().unwrap_or(0) + steps;
@@ -232,14 +240,14 @@ fn check_kernels(dev: &Device, dtype: DType, c: &KernelCheck, tuning: AttnTuning
         window: w,
         max_blocks_per_row: longest.div_ceil(bs) + 1,
         num_blocks: layers * batch * kv * (longest.div_ceil(bs) + 1),
-        latent_rank: None,
+        latent_rank: latent,
     };
     let mut gpu = GpuCache::new(dev, dtype, shape)?;
     gpu.set_tuning(tuning);
     let factory = Registry::with_builtins().build(&toml::from_str(&format!(
         "name='dms'\nwindow={w}\ndecision='random'\nevict_rate={rate}\nseed={seed}"
     ))?)?;
-    let mut store = KvStore::new(d, bs, layers * batch * kv * (longest.div_ceil(bs) + 1));
+    let mut store = KvStore::with_value_dim(d, v_dim, bs, layers * batch * kv * (longest.div_ceil(bs) + 1));
     let mut seqs: Vec<SequenceCache> = (0..batch)
         .map(|_| SequenceCache::new(factory.as_ref(), CacheShape { n_layers: layers, rows_per_layer: kv }, &mut store))
         .collect();
@@ -248,9 +256,14 @@ fn check_kernels(dev: &Device, dtype: DType, c: &KernelCheck, tuning: AttnTuning
     for layer in 0..layers {
         for (b, &t) in prompts.iter().enumerate().filter(|(_, &t)| t > 0) {
             let kn = round(rng_vec((1000 + layer * 10 + b) as u64 * 3 + 1, t * kv * d));
-            let vn = round(rng_vec((1000 + layer * 10 + b) as u64 * 3 + 2, t * kv * d));
+            let vn = round(rng_vec((1000 + layer * 10 + b) as u64 * 3 + 2, t * kv * v_dim));
             let kt = Tensor::from_vec(kn.clone(), (t, kv, d), dev)?.to_dtype(dtype)?;
-            let vt = Tensor::from_vec(vn.clone(), (t, kv, d), dev)?.to_dtype(dtype)?;
+            // Latent rows carry their values in the key row (the cache does not read `v`).
+            let vt = if latent.is_some() {
+                kt.clone()
+            } else {
+                Tensor::from_vec(vn.clone(), (t, kv, d), dev)?.to_dtype(dtype)?
+            };
             let flags = prompt_flags(&PromptFlags::Random { seed, rate }, layer, t, kv, None, dev)?;
             gpu.insert_prompt(layer, b, &kt, &vt, &flags)?;
             seqs[b].append(layer, &mut store, &kn, &vn, None)?;
@@ -268,7 +281,8 @@ fn check_kernels(dev: &Device, dtype: DType, c: &KernelCheck, tuning: AttnTuning
                 let (ks, vs) = gpu.row_kv(r)?;
                 for (i, &p) in want.iter().enumerate() {
                     let at = (p as usize * kv + h) * d;
-                    if ks[i * d..(i + 1) * d] != kn[at..at + d] || vs[i * d..(i + 1) * d] != vn[at..at + d] {
+                    let v_want = if latent.is_some() { &kn[at..at + dv] } else { &vn[at..at + d] };
+                    if ks[i * d..(i + 1) * d] != kn[at..at + d] || vs[i * dv..(i + 1) * dv] != *v_want {
                         bail!("prefill stored the wrong K/V for position {p} at layer {layer} seq {b} head {h}");
                     }
                 }
@@ -282,7 +296,7 @@ fn check_kernels(dev: &Device, dtype: DType, c: &KernelCheck, tuning: AttnTuning
     for step in 0..steps {
         for layer in 0..layers {
             let kn = rng_vec((step * 10 + layer) as u64 * 3 + 1, batch * kv * d);
-            let vn = rng_vec((step * 10 + layer) as u64 * 3 + 2, batch * kv * d);
+            let vn = rng_vec((step * 10 + layer) as u64 * 3 + 2, batch * kv * v_dim);
             let qn = rng_vec((step * 10 + layer) as u64 * 3 + 3, batch * kv * g * d);
             let (kc, vc, qc) = if bf {
                 (round_bf16(&kn), round_bf16(&vn), round_bf16(&qn))
@@ -290,19 +304,24 @@ fn check_kernels(dev: &Device, dtype: DType, c: &KernelCheck, tuning: AttnTuning
                 (kn.clone(), vn.clone(), qn.clone())
             };
             let kt = Tensor::from_vec(kn, (batch, kv, d), dev)?.to_dtype(dtype)?;
-            let vt = Tensor::from_vec(vn, (batch, kv, d), dev)?.to_dtype(dtype)?;
+            let vt = if latent.is_some() {
+                kt.clone()
+            } else {
+                Tensor::from_vec(vn, (batch, kv, d), dev)?.to_dtype(dtype)?
+            };
             let qt = Tensor::from_vec(qn, (batch, kv * g, d), dev)?.to_dtype(dtype)?;
             gpu.update(layer, &kt, &vt, &Decisions::Random { seed, rate })?;
             let hint = prompts.iter().max().copied().unwrap_or(0) + step + 1;
             let out = gpu.attend(layer, &qt, 0.125, hint)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
             for (b, seq) in seqs.iter_mut().enumerate() {
                 let span = b * kv * d..(b + 1) * kv * d;
-                seq.append(layer, &mut store, &kc[span.clone()], &vc[span], None)?;
+                let v_span = b * kv * v_dim..(b + 1) * kv * v_dim;
+                seq.append(layer, &mut store, &kc[span], &vc[v_span], None)?;
                 for (h, &row) in seq.layer_rows(layer).iter().enumerate() {
                     let qs = &qc[(b * kv + h) * g * d..(b * kv + h + 1) * g * d];
-                    let mut o = vec![0f32; g * d];
+                    let mut o = vec![0f32; g * dv];
                     decode_row(&store, row, qs, (prompts[b] + step) as u32, 0.125, &mut o);
-                    let got = &out[(b * kv + h) * g * d..(b * kv + h + 1) * g * d];
+                    let got = &out[(b * kv + h) * g * dv..(b * kv + h + 1) * g * dv];
                     for (x, y) in o.iter().zip(got) {
                         worst = worst.max((x - y).abs());
                     }
@@ -1136,11 +1155,29 @@ fn main() -> Result<()> {
     let dev = Device::new_cuda(0)?;
     match cli.cmd {
         Cmd::Check { fixtures } => {
-            let small =
-                |prompts: Vec<usize>| KernelCheck { layers: 2, kv: 2, g: 3, d: 64, bs: 4, w: 5, steps: 60, prompts };
+            let small = |prompts: Vec<usize>| KernelCheck {
+                layers: 2,
+                kv: 2,
+                g: 3,
+                d: 64,
+                bs: 4,
+                w: 5,
+                steps: 60,
+                prompts,
+                latent: None,
+            };
             // Production-like: bf16, head_dim 128, GQA 4, blocks of 64, rows split up to 12 ways.
-            let large =
-                || KernelCheck { layers: 1, kv: 2, g: 4, d: 128, bs: 64, w: 32, steps: 12, prompts: vec![700, 1500] };
+            let large = || KernelCheck {
+                layers: 1,
+                kv: 2,
+                g: 4,
+                d: 128,
+                bs: 64,
+                w: 32,
+                steps: 12,
+                prompts: vec![700, 1500],
+                latent: None,
+            };
             for kernel in [AttnKernel::Tiled, AttnKernel::Warps] {
                 let tuning = AttnTuning { kernel, ..AttnTuning::default() };
                 let cases = [
@@ -1169,6 +1206,34 @@ fn main() -> Result<()> {
                             bail!("{v} ({kernel:?}, {how}): GPU logits error {e} above 1e-3");
                         }
                     }
+                }
+            }
+            // Latent rows (MLA): 8 heads in one group, 6 heads in three groups of 2, and DeepSeek's
+            // widths (512 + 64, 16 heads in two groups of 8), rows split up to 24 ways.
+            let latent = |g: usize, d: usize, r: usize, bs: usize, steps: usize, prompts: Vec<usize>| KernelCheck {
+                layers: 2,
+                kv: 1,
+                g,
+                d,
+                bs,
+                w: 8,
+                steps,
+                prompts,
+                latent: Some(r),
+            };
+            let cases = [
+                (DType::F32, latent(8, 40, 32, 4, 20, vec![300, 17, 0]), "f32 latent 32 + 8, 8 heads", 1e-4),
+                (DType::F32, latent(6, 40, 32, 4, 20, vec![100, 5]), "f32 latent 32 + 8, 6 heads", 1e-4),
+                (DType::BF16, latent(16, 576, 512, 64, 6, vec![700, 1500]), "bf16 latent 512 + 64, 16 heads", 2e-2),
+            ];
+            for (dtype, case, what, tol) in &cases {
+                let (e, n) = check_kernels(&dev, *dtype, case, AttnTuning::default())?;
+                println!(
+                    "MLA kernels ({what}, prompts {:?}): max abs error vs CPU {e:.2e} over {} steps, kept sets equal on {n} rows",
+                    case.prompts, case.steps
+                );
+                if e > *tol {
+                    bail!("MLA kernels ({what}): error {e} above {tol}");
                 }
             }
             let (full, dms, states) = check_mla(&dev, &fixtures)?;

@@ -72,6 +72,9 @@ pub fn generate_on_device(
         model.forward_gpu_prefill(prompt, 0, &mut cache, &policy.flags, false)?.squeeze(0)?.to_vec1::<f32>()?;
     let prefill_secs = t0.elapsed().as_secs_f64();
     let (after_prompt, _, _) = usage(&cache, prompt.len())?;
+    // Rows grow by at most one slot per step: the attention's split count follows the longest
+    // kept row, not the tokens seen (DMS rows are CR times shorter).
+    let longest_after_prompt = cache.row_lengths()?.into_iter().max().unwrap_or(0).max(0) as usize;
     let mut tokens = Vec::new();
     let t1 = Instant::now();
     let mut steps = 0;
@@ -83,7 +86,7 @@ pub fn generate_on_device(
         }
         let pos = prompt.len() + steps;
         logits = model
-            .forward_gpu_decode(&[next], &[pos as u32], &mut cache, &step, pos + 1)?
+            .forward_gpu_decode(&[next], &[pos as u32], &mut cache, &step, longest_after_prompt + steps + 1)?
             .squeeze(0)?
             .to_vec1::<f32>()?;
         steps += 1;

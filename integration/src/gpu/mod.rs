@@ -332,6 +332,9 @@ impl GpuCache {
     pub fn update(&mut self, layer: usize, k_new: &Tensor, v_new: &Tensor, decisions: &Decisions) -> Result<()> {
         let s = self.shape;
         let rows = s.rows();
+        if layer >= s.layers {
+            bail!("layer {layer} outside the cache ({} layers)", s.layers);
+        }
         if k_new.dims() != [s.batch, s.kv_heads, s.head_dim]
             || (s.latent_rank.is_none() && v_new.dims() != k_new.dims())
         {
@@ -435,12 +438,12 @@ impl GpuCache {
         Ok(())
     }
 
-    /// Blocks in `waves` full waves of `f` (128 threads per block) on this device.
-    fn full_waves(&self, f: &CudaFunction, waves: usize) -> Result<usize> {
+    /// Blocks of `f` (128 threads per block) resident at once on this device: one full wave.
+    fn full_wave(&self, f: &CudaFunction) -> Result<usize> {
         use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
         let sms = drv(self.stream.context().attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT))?;
         let per_sm = drv(f.occupancy_max_active_blocks_per_multiprocessor(128, 0, None))?;
-        Ok(sms.max(1) as usize * per_sm.max(1) as usize * waves)
+        Ok(sms.max(1) as usize * per_sm.max(1) as usize)
     }
 
     /// Sets the decode-attention launch settings.
@@ -549,8 +552,13 @@ impl GpuCache {
     }
 
     /// Decode attention of `q` (`[batch, n_heads, head_dim]`) over the rows of `layer`; returns
-    /// `[batch, n_heads, head_dim]`, or `[batch, n_heads, rank]` for latent rows.
+    /// `[batch, n_heads, head_dim]`, or `[batch, n_heads, rank]` for latent rows. `max_len_hint`
+    /// bounds the longest row's slot count: it sets the split count (every row is still read to
+    /// its real length, so a loose bound only costs empty splits).
     pub fn attend(&mut self, layer: usize, q: &Tensor, scale: f32, max_len_hint: usize) -> Result<Tensor> {
+        if layer >= self.shape.layers {
+            bail!("layer {layer} outside the cache ({} layers)", self.shape.layers);
+        }
         if let Some(rank) = self.shape.latent_rank {
             return self.attend_latent(layer, q, scale, max_len_hint, rank);
         }
@@ -646,7 +654,7 @@ impl GpuCache {
                 let resident = match self.resident_blocks.get(&key) {
                     Some(&n) => n,
                     None => {
-                        let n = self.full_waves(f, 1)?;
+                        let n = self.full_wave(f)?;
                         self.resident_blocks.insert(key, n);
                         n
                     }

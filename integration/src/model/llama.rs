@@ -323,7 +323,8 @@ impl Llama {
     }
 
     /// One decode step of `tokens.len()` sequences on the GPU cache: each sequence feeds one token
-    /// at its position. Returns logits `[batch, vocab]` (f32).
+    /// at its position; `max_len_hint` bounds the longest row after the step (see
+    /// [`crate::gpu::GpuCache::attend`]). Returns logits `[batch, vocab]` (f32).
     #[cfg(feature = "cuda")]
     pub fn forward_gpu_decode(
         &self,

@@ -303,8 +303,10 @@ static std::vector<float> mla_attend(Cache<T>& c, int layer, const std::vector<f
             kernel(H, c.D, DV, c.BS, c.MB, scale, qt.data(), c.kp.data(), c.table.data() + ro * c.MB,
                    c.len.data() + ro, acc.data(), m.data(), l.data());
         };
-        if constexpr (std::is_same_v<T, float> && HG == 4) f(dms_mla_partial_f32_h4);
+        if constexpr (std::is_same_v<T, float> && HG == 2) f(dms_mla_partial_f32_h2);
+        else if constexpr (std::is_same_v<T, float> && HG == 4) f(dms_mla_partial_f32_h4);
         else if constexpr (std::is_same_v<T, float>) f(dms_mla_partial_f32_h8);
+        else if constexpr (HG == 2) f(dms_mla_partial_bf16_h2);
         else if constexpr (HG == 4) f(dms_mla_partial_bf16_h4);
         else f(dms_mla_partial_bf16_h8);
     });
@@ -390,6 +392,10 @@ int main() {
     mla_scenario<float, 4>("f32", 2e-5f, {0, 3, 150}, 8, 40, 32, 4, 5, 6);
     mla_scenario<bf16_t, 4>("bf16", 1e-2f, {0, 3, 150}, 8, 40, 32, 4, 5, 6);
     mla_scenario<bf16_t, 8>("bf16", 1e-2f, {2, 130}, 16, 576, 512, 64, 16, 2);
+    // The widest f32 rows the cache accepts (rank 512: 128 vectors, one key in flight per pass),
+    // and a rank whose 12 bf16 vectors leave threads idle in the value phase, heads in 3 groups.
+    mla_scenario<float, 8>("f32", 2e-5f, {2, 70}, 8, 576, 512, 64, 16, 2);
+    mla_scenario<bf16_t, 2>("bf16", 1e-2f, {5, 90}, 6, 128, 96, 8, 4, 3);
     if (failures) {
         std::printf("EMULATED KERNEL CHECKS FAILED (%d)\n", failures);
         return 1;

@@ -12,8 +12,9 @@
 #   grid    the decode benchmark grid (extra arguments go to `dms-gpu bench`)
 #   mla     DeepSeek-V2-Lite's latent attention (dense MLP): prefill + decode at batch 1, and the
 #           32K grid (full vs DMS CR4/CR8 at batch 1 and at the memory limit)
+#   long    64K context: Llama-3.1-8B and DeepSeek-V2-Lite's attention, full vs DMS CR4/CR8
 # STEPS picks and orders the steps after check (default "engine profile prefill peer tune"; then a
-# second call with STEPS="grid mla"). Each step has a time cap so that a call stays inside 10 device minutes.
+# second call with STEPS="grid mla long"). Each step has a time cap so that a call stays inside 10 device minutes.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -46,11 +47,12 @@ for step in ${STEPS:-engine profile prefill peer tune}; do
     mla)
       timeout 100 bash .gpu-bin/gpu-run.sh "$BIN" prefill --model dsv2-lite-attn --out "$OUT/gpu-mla-prefill.json" 2>"$OUT/mla-prefill.err" | tee "$OUT/mla-prefill.log"; tail -3 "$OUT/mla-prefill.err"
       timeout 120 bash .gpu-bin/gpu-run.sh "$BIN" bench --models dsv2-lite-attn --contexts 32768 --out "$OUT/gpu-mla-bench.json" 2>"$OUT/mla-bench.err" | tee "$OUT/mla-bench.log"; tail -3 "$OUT/mla-bench.err" ;;
+    long) timeout 150 bash .gpu-bin/gpu-run.sh "$BIN" bench --models llama3.1-8b,dsv2-lite-attn --contexts 65536 --out "$OUT/gpu-long.json" "$@" 2>"$OUT/long.err" | tee "$OUT/long.log"; tail -3 "$OUT/long.err" ;;
     profile) timeout 90 bash .gpu-bin/gpu-run.sh "$BIN" profile --models llama3.1-8b,dsv2-lite-attn --out "$OUT/gpu-profile.json" 2>"$OUT/profile.err" | tee "$OUT/profile.log"; tail -3 "$OUT/profile.err" ;;
     tune) timeout 90 bash .gpu-bin/gpu-run.sh "$BIN" tune --out "$OUT/gpu-tune.json" 2>"$OUT/tune.err" | tee "$OUT/tune.log"; tail -3 "$OUT/tune.err" ;;
     prefill) timeout 90 bash .gpu-bin/gpu-run.sh "$BIN" prefill --out "$OUT/gpu-prefill.json" 2>"$OUT/prefill.err" | tee "$OUT/prefill.log"; tail -3 "$OUT/prefill.err" ;;
     peer) timeout 150 bash .gpu-bin/gpu-run.sh "$BIN" peer --out "$OUT/gpu-peer.json" 2>"$OUT/peer.err" | tee "$OUT/peer.log"; tail -3 "$OUT/peer.err" ;;
     grid) timeout 290 bash .gpu-bin/gpu-run.sh "$BIN" bench --out "$OUT/gpu-bench.json" "$@" 2>"$OUT/bench.err" | tee "$OUT/bench.log"; tail -5 "$OUT/bench.err" ;;
-    *) echo "unknown step $step (engine, profile, tune, prefill, peer, grid, mla)"; exit 2 ;;
+    *) echo "unknown step $step (engine, profile, tune, prefill, peer, grid, mla, long)"; exit 2 ;;
   esac
 done

@@ -13,6 +13,9 @@
 #   mla     DeepSeek-V2-Lite's latent attention (dense MLP): prefill + decode at batch 1, and the
 #           32K grid (full vs DMS CR4/CR8 at batch 1 and at the memory limit)
 #   long    64K context: Llama-3.1-8B and DeepSeek-V2-Lite's attention, full vs DMS CR4/CR8
+#   smollm2 SmolLM2-135M with its real weights (halves staged by MODEL_PARTS=1 build.sh; the first
+#           half stashed by an earlier call in /tmp/dms-model-parts): `dms run` on the device vs
+#           the host (full and retrofitted DMS, same text), then prefill + decode at 2K/8K
 # STEPS picks and orders the steps after check (default "engine profile prefill peer tune"; then a
 # second call with STEPS="grid mla long"). Each step has a time cap so that a call stays inside 10 device minutes.
 set -uo pipefail
@@ -47,12 +50,35 @@ for step in ${STEPS:-engine profile prefill peer tune}; do
     mla)
       timeout 100 bash .gpu-bin/gpu-run.sh "$BIN" prefill --model dsv2-lite-attn --out "$OUT/gpu-mla-prefill.json" 2>"$OUT/mla-prefill.err" | tee "$OUT/mla-prefill.log"; tail -3 "$OUT/mla-prefill.err"
       timeout 120 bash .gpu-bin/gpu-run.sh "$BIN" bench --models dsv2-lite-attn --contexts 32768 --out "$OUT/gpu-mla-bench.json" 2>"$OUT/mla-bench.err" | tee "$OUT/mla-bench.log"; tail -3 "$OUT/mla-bench.err" ;;
+    smollm2)
+      unpack dms
+      parts=/tmp/dms-model-parts
+      export DMS_CACHE_DIR=/tmp/dms-cache
+      gguf=$DMS_CACHE_DIR/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf
+      mkdir -p "$(dirname "$gguf")"
+      first=$(ls .gpu-model/part0/smollm2.gguf.0 "$parts/smollm2.gguf.0" 2>/dev/null | head -1)
+      if [ -z "$first" ] || [ ! -f .gpu-model/part1/smollm2.gguf.1 ]; then
+        echo "SMOLLM2 SKIPPED: needs .gpu-model/part0 (or $parts) and .gpu-model/part1"; continue
+      fi
+      cat "$first" .gpu-model/part1/smollm2.gguf.1 > "$gguf"
+      sum=$(python3 -c 'import hashlib,sys; print(hashlib.sha256(open(sys.argv[1],"rb").read()).hexdigest())' "$gguf")
+      if [ "$sum" != b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53 ]; then echo "SMOLLM2 SKIPPED: sha256 $sum"; continue; fi
+      for cfg in smollm2-full smollm2-dms; do
+        args=(run --config configs/$cfg.toml --prompt "The capital of France is" --max-tokens 48)
+        # The generated text: everything before the [summary] line.
+        host=$(timeout 90 bash .gpu-bin/gpu-run.sh /tmp/dms-gpu-bin/dms "${args[@]}" 2>/dev/null | sed '/^\[summary\]/,$d')
+        timeout 60 bash .gpu-bin/gpu-run.sh /tmp/dms-gpu-bin/dms "${args[@]}" --device cuda:0 >"$OUT/smollm2-$cfg.log" 2>"$OUT/smollm2-$cfg.err"
+        dev=$(sed '/^\[summary\]/,$d' "$OUT/smollm2-$cfg.log")
+        tail -3 "$OUT/smollm2-$cfg.log"; tail -2 "$OUT/smollm2-$cfg.err"
+        if [ -n "$host" ] && [ "$host" = "$dev" ]; then echo "SMOLLM2 $cfg: device == host text (48 greedy tokens)"; else echo "SMOLLM2 $cfg MISMATCH: host [$host] device [$dev]"; fi
+      done
+      timeout 100 bash .gpu-bin/gpu-run.sh "$BIN" prefill --model smollm2-135m --weights "$gguf" --contexts 2048,8192 --out "$OUT/gpu-smollm2.json" 2>"$OUT/smollm2.err" | tee "$OUT/smollm2.log"; tail -3 "$OUT/smollm2.err" ;;
     long) timeout 150 bash .gpu-bin/gpu-run.sh "$BIN" bench --models llama3.1-8b,dsv2-lite-attn --contexts 65536 --out "$OUT/gpu-long.json" "$@" 2>"$OUT/long.err" | tee "$OUT/long.log"; tail -3 "$OUT/long.err" ;;
     profile) timeout 90 bash .gpu-bin/gpu-run.sh "$BIN" profile --models llama3.1-8b,dsv2-lite-attn --out "$OUT/gpu-profile.json" 2>"$OUT/profile.err" | tee "$OUT/profile.log"; tail -3 "$OUT/profile.err" ;;
     tune) timeout 90 bash .gpu-bin/gpu-run.sh "$BIN" tune --out "$OUT/gpu-tune.json" 2>"$OUT/tune.err" | tee "$OUT/tune.log"; tail -3 "$OUT/tune.err" ;;
     prefill) timeout 90 bash .gpu-bin/gpu-run.sh "$BIN" prefill --out "$OUT/gpu-prefill.json" 2>"$OUT/prefill.err" | tee "$OUT/prefill.log"; tail -3 "$OUT/prefill.err" ;;
     peer) timeout 150 bash .gpu-bin/gpu-run.sh "$BIN" peer --out "$OUT/gpu-peer.json" 2>"$OUT/peer.err" | tee "$OUT/peer.log"; tail -3 "$OUT/peer.err" ;;
     grid) timeout 290 bash .gpu-bin/gpu-run.sh "$BIN" bench --out "$OUT/gpu-bench.json" "$@" 2>"$OUT/bench.err" | tee "$OUT/bench.log"; tail -5 "$OUT/bench.err" ;;
-    *) echo "unknown step $step (engine, profile, tune, prefill, peer, grid, mla, long)"; exit 2 ;;
+    *) echo "unknown step $step (engine, profile, tune, prefill, peer, grid, mla, long, smollm2)"; exit 2 ;;
   esac
 done

@@ -121,6 +121,10 @@ enum Cmd {
         /// Timed decode steps after each prompt.
         #[arg(long, default_value_t = 8)]
         steps: usize,
+        /// Real weights (a GGUF file or HF directory) instead of random ones of `--model`'s shape;
+        /// `--model` then only names the rows.
+        #[arg(long)]
+        weights: Option<std::path::PathBuf>,
     },
 }
 
@@ -724,9 +728,19 @@ fn bench_peer(dev: &Device, out: &str, models: &str, contexts: &str, gen: usize,
 }
 
 /// Real prompts at batch 1: masked prefill time, then decode from the cache it left.
-fn bench_prefill(dev: &Device, out: &str, mname: &str, contexts: &str, steps: usize) -> Result<()> {
-    let cfg = model_shape(mname)?;
-    let model = Llama::random(cfg.clone(), dev, DType::BF16)?;
+fn bench_prefill(
+    dev: &Device,
+    out: &str,
+    mname: &str,
+    contexts: &str,
+    steps: usize,
+    weights: Option<&std::path::Path>,
+) -> Result<()> {
+    let model = match weights {
+        Some(path) => load_model(path, dev, false)?.model.to_dtype(DType::BF16)?,
+        None => Llama::random(model_shape(mname)?, dev, DType::BF16)?,
+    };
+    let cfg = model.config().clone();
     warm_up(dev, &model)?;
     let (w, bs) = (512usize, 64usize);
     let cd = match dev {
@@ -767,7 +781,8 @@ fn bench_prefill(dev: &Device, out: &str, mname: &str, contexts: &str, steps: us
             if arm.cr <= 1.0 {
                 full = (tps, step_ms);
             }
-            let r = json!({"model": mname, "context": ctx, "arm": arm.name, "flag_rate": rate, "prefill_s": prefill_s,
+            let r = json!({"model": mname, "weights": if weights.is_some() { "real" } else { "random" },
+                "context": ctx, "arm": arm.name, "flag_rate": rate, "prefill_s": prefill_s,
                 "prefill_tok_s": tps, "prefill_vs_full": tps / full.0, "decode_step_ms": step_ms,
                 "decode_speedup_vs_full": full.1 / step_ms, "kv_gib_after_prompt": kv_gib,
                 "cr_after_prompt": cr_after_prompt});
@@ -1253,7 +1268,9 @@ fn main() -> Result<()> {
         }
         #[cfg(not(feature = "mistralrs"))]
         Cmd::Peer { .. } => bail!("this dms-gpu was built without mistral.rs: build with --features mistralrs-cuda"),
-        Cmd::Prefill { out, model, contexts, steps } => bench_prefill(&dev, &out, &model, &contexts, steps)?,
+        Cmd::Prefill { out, model, contexts, steps, weights } => {
+            bench_prefill(&dev, &out, &model, &contexts, steps, weights.as_deref())?
+        }
         Cmd::Tune { out, models, context, limit, blocks } => tune(&dev, &out, &models, context, limit, &blocks)?,
         Cmd::Profile { out, models, context, limit, launch } => {
             profile(&dev, &out, &models, context, limit, launch.tuning()?)?

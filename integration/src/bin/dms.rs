@@ -1,4 +1,7 @@
 //! `dms`: run a model through a policy-driven KV cache.
+// The flag docs are the CLI's help text and name config sections as `[model]`, `[cache]`: plain
+// text there, not intra-doc links.
+#![allow(rustdoc::broken_intra_doc_links)]
 
 use std::io::Write;
 use std::path::PathBuf;

@@ -45,7 +45,7 @@ for step in ${STEPS:-engine profile prefill peer tune}; do
         timeout 60 bash .gpu-bin/gpu-run.sh /tmp/dms-gpu-bin/dms "${args[@]}" --device cuda:0 >"$OUT/engine-$cfg.log" 2>&1
         dev=$(grep -E '^[0-9]+(,[0-9]+)+$' "$OUT/engine-$cfg.log" | head -1)
         tail -3 "$OUT/engine-$cfg.log"
-        if [ -n "$host" ] && [ "$host" = "$dev" ]; then echo "ENGINE $cfg: device cache == host engine (40 greedy tokens)"; else echo "ENGINE $cfg MISMATCH: host $host device $dev"; fi
+        if [ -n "$host" ] && [ "$host" = "$dev" ]; then echo "ENGINE $cfg: device cache == host engine (same greedy tokens, up to 40)"; else echo "ENGINE $cfg MISMATCH: host $host device $dev"; fi
       done ;;
     mla)
       timeout 100 bash .gpu-bin/gpu-run.sh "$BIN" prefill --model dsv2-lite-attn --out "$OUT/gpu-mla-prefill.json" 2>"$OUT/mla-prefill.err" | tee "$OUT/mla-prefill.log"; tail -3 "$OUT/mla-prefill.err"

@@ -163,7 +163,7 @@ pub fn memory_factors_line(cfg: &crate::model::ModelConfig, g: &Generation) -> O
     let latent = g.usage.bytes_full / g.usage.tokens_seen.max(1);
     let mha = cfg.mha_equivalent_floats_per_token_layer() as u64 * latent / cfg.head_dim as u64;
     // One latent row per layer: tokens seen summed over rows = token-layers.
-    let per_head_full = g.usage.tokens_seen * mha as u64;
+    let per_head_full = g.usage.tokens_seen * mha;
     Some(format!(
         "[memory] latent rows: {latent} B per token and layer (c_kv {} + k_pe {} floats) vs {mha} B of per-head K/V \
          ({} heads x (nope {} + rope {} + v {})): {:.2}x; DMS compression {:.2}x; total {:.2}x \

@@ -34,6 +34,9 @@ enum Cmd {
         /// Fixture root.
         #[arg(long, default_value = "integration/tests/fixtures")]
         fixtures: String,
+        /// Which checks: per-head K/V, latent rows (MLA), or both.
+        #[arg(long, value_enum, default_value = "all")]
+        part: CheckPart,
     },
     /// Decode benchmark grid.
     Bench {
@@ -126,6 +129,17 @@ enum Cmd {
         #[arg(long)]
         weights: Option<std::path::PathBuf>,
     },
+}
+
+/// A part of `dms-gpu check` (each gates the timing steps that use its code).
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq)]
+enum CheckPart {
+    /// Both parts.
+    All,
+    /// Per-head K/V kernels and NVIDIA's DMS fixture.
+    PerHead,
+    /// Latent-row (MLA) kernels and the tiny DeepSeek-V3 fixture.
+    Mla,
 }
 
 /// The memory limit the timing commands fill.
@@ -1165,102 +1179,121 @@ fn profile(dev: &Device, out: &str, models: &str, ctx: usize, limit: Limit, tuni
     Ok(())
 }
 
+/// Per-head K/V: both decode kernels against the CPU store, policy and attention, and NVIDIA's DMS
+/// fixture through both prompt paths.
+fn check_per_head(dev: &Device, fixtures: &str) -> Result<()> {
+    let small = |prompts: Vec<usize>| KernelCheck {
+        layers: 2,
+        kv: 2,
+        g: 3,
+        d: 64,
+        bs: 4,
+        w: 5,
+        steps: 60,
+        prompts,
+        latent: None,
+    };
+    // Production-like: bf16, head_dim 128, GQA 4, blocks of 64, rows split up to 12 ways.
+    let large = || KernelCheck {
+        layers: 1,
+        kv: 2,
+        g: 4,
+        d: 128,
+        bs: 64,
+        w: 32,
+        steps: 12,
+        prompts: vec![700, 1500],
+        latent: None,
+    };
+    for kernel in [AttnKernel::Tiled, AttnKernel::Warps] {
+        let tuning = AttnTuning { kernel, ..AttnTuning::default() };
+        let cases = [
+            (DType::F32, small(vec![0, 0, 0]), "f32, decode only", 1e-4),
+            (DType::BF16, small(vec![0, 0, 0]), "bf16, decode only", 2e-2),
+            (DType::F32, small(vec![3, 17, 40]), "f32, prompts of 3/17/40 tokens prefilled", 1e-4),
+            (DType::BF16, small(vec![3, 17, 40]), "bf16, prompts of 3/17/40 tokens prefilled", 2e-2),
+            (DType::BF16, large(), "bf16 d128 g4, prompts of 700/1500 tokens, split rows", 2e-2),
+        ];
+        for (dtype, case, what, tol) in &cases {
+            let (e, n) = check_kernels(dev, *dtype, case, tuning)?;
+            println!(
+                "{kernel:?} kernels ({what}): max abs error vs CPU {e:.2e} over {} steps, kept sets equal on {n} rows",
+                case.steps
+            );
+            if e > *tol {
+                bail!("{kernel:?} kernels ({what}): error {e} above {tol}");
+            }
+        }
+        for v in ["variant_query_neuron", "variant_separate_alpha"] {
+            for prefill in [false, true] {
+                let (e, s) = check_fixture(dev, fixtures, v, prefill, tuning)?;
+                let how = if prefill { "masked one-pass prefill" } else { "prompt token by token" };
+                println!("NVIDIA DMS fixture {v} on GPU ({kernel:?}, {how}): logits max abs error {e:.2e} over 72 positions, kept sets equal in {s} states");
+                if e > 1e-3 {
+                    bail!("{v} ({kernel:?}, {how}): GPU logits error {e} above 1e-3");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Latent rows (MLA): the latent kernels against the CPU store and attention, and the tiny
+/// DeepSeek-V3 fixture against transformers and the host engine.
+fn check_latent(dev: &Device, fixtures: &str) -> Result<()> {
+    // Latent rows (MLA): 8 heads in one group, 6 heads in three groups of 2, and DeepSeek's
+    // widths (512 + 64, 16 heads in two groups of 8), rows split up to 24 ways.
+    let latent = |g: usize, d: usize, r: usize, bs: usize, steps: usize, prompts: Vec<usize>| KernelCheck {
+        layers: 2,
+        kv: 1,
+        g,
+        d,
+        bs,
+        w: 8,
+        steps,
+        prompts,
+        latent: Some(r),
+    };
+    let cases = [
+        (DType::F32, latent(8, 40, 32, 4, 20, vec![300, 17, 0]), "f32 latent 32 + 8, 8 heads", 1e-4),
+        (DType::F32, latent(6, 40, 32, 4, 20, vec![100, 5]), "f32 latent 32 + 8, 6 heads", 1e-4),
+        (DType::BF16, latent(16, 576, 512, 64, 6, vec![700, 1500]), "bf16 latent 512 + 64, 16 heads", 2e-2),
+    ];
+    for (dtype, case, what, tol) in &cases {
+        let (e, n) = check_kernels(dev, *dtype, case, AttnTuning::default())?;
+        println!(
+            "MLA kernels ({what}, prompts {:?}): max abs error vs CPU {e:.2e} over {} steps, kept sets equal on {n} rows",
+            case.prompts, case.steps
+        );
+        if e > *tol {
+            bail!("MLA kernels ({what}): error {e} above {tol}");
+        }
+    }
+    let (full, dms, states) = check_mla(dev, fixtures)?;
+    println!(
+        "DeepSeek-V3 MLA fixture on GPU (latent rows): full cache vs transformers max abs error {full:.2e} \
+         (prompt + 24 greedy steps, same tokens); DMS on latent rows vs the host engine {dms:.2e}, kept sets \
+         equal in {states} states"
+    );
+    if full > 1e-3 || dms > 1e-3 {
+        bail!("MLA fixture on GPU: logits error {full} / {dms} above 1e-3");
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let dev = Device::new_cuda(0)?;
     match cli.cmd {
-        Cmd::Check { fixtures } => {
-            let small = |prompts: Vec<usize>| KernelCheck {
-                layers: 2,
-                kv: 2,
-                g: 3,
-                d: 64,
-                bs: 4,
-                w: 5,
-                steps: 60,
-                prompts,
-                latent: None,
-            };
-            // Production-like: bf16, head_dim 128, GQA 4, blocks of 64, rows split up to 12 ways.
-            let large = || KernelCheck {
-                layers: 1,
-                kv: 2,
-                g: 4,
-                d: 128,
-                bs: 64,
-                w: 32,
-                steps: 12,
-                prompts: vec![700, 1500],
-                latent: None,
-            };
-            for kernel in [AttnKernel::Tiled, AttnKernel::Warps] {
-                let tuning = AttnTuning { kernel, ..AttnTuning::default() };
-                let cases = [
-                    (DType::F32, small(vec![0, 0, 0]), "f32, decode only", 1e-4),
-                    (DType::BF16, small(vec![0, 0, 0]), "bf16, decode only", 2e-2),
-                    (DType::F32, small(vec![3, 17, 40]), "f32, prompts of 3/17/40 tokens prefilled", 1e-4),
-                    (DType::BF16, small(vec![3, 17, 40]), "bf16, prompts of 3/17/40 tokens prefilled", 2e-2),
-                    (DType::BF16, large(), "bf16 d128 g4, prompts of 700/1500 tokens, split rows", 2e-2),
-                ];
-                for (dtype, case, what, tol) in &cases {
-                    let (e, n) = check_kernels(&dev, *dtype, case, tuning)?;
-                    println!(
-                        "{kernel:?} kernels ({what}): max abs error vs CPU {e:.2e} over {} steps, kept sets equal on {n} rows",
-                        case.steps
-                    );
-                    if e > *tol {
-                        bail!("{kernel:?} kernels ({what}): error {e} above {tol}");
-                    }
-                }
-                for v in ["variant_query_neuron", "variant_separate_alpha"] {
-                    for prefill in [false, true] {
-                        let (e, s) = check_fixture(&dev, &fixtures, v, prefill, tuning)?;
-                        let how = if prefill { "masked one-pass prefill" } else { "prompt token by token" };
-                        println!("NVIDIA DMS fixture {v} on GPU ({kernel:?}, {how}): logits max abs error {e:.2e} over 72 positions, kept sets equal in {s} states");
-                        if e > 1e-3 {
-                            bail!("{v} ({kernel:?}, {how}): GPU logits error {e} above 1e-3");
-                        }
-                    }
-                }
+        Cmd::Check { fixtures, part } => {
+            if part != CheckPart::Mla {
+                check_per_head(&dev, &fixtures)?;
+                println!("GPU CHECKS PASSED (per-head)");
             }
-            // Latent rows (MLA): 8 heads in one group, 6 heads in three groups of 2, and DeepSeek's
-            // widths (512 + 64, 16 heads in two groups of 8), rows split up to 24 ways.
-            let latent = |g: usize, d: usize, r: usize, bs: usize, steps: usize, prompts: Vec<usize>| KernelCheck {
-                layers: 2,
-                kv: 1,
-                g,
-                d,
-                bs,
-                w: 8,
-                steps,
-                prompts,
-                latent: Some(r),
-            };
-            let cases = [
-                (DType::F32, latent(8, 40, 32, 4, 20, vec![300, 17, 0]), "f32 latent 32 + 8, 8 heads", 1e-4),
-                (DType::F32, latent(6, 40, 32, 4, 20, vec![100, 5]), "f32 latent 32 + 8, 6 heads", 1e-4),
-                (DType::BF16, latent(16, 576, 512, 64, 6, vec![700, 1500]), "bf16 latent 512 + 64, 16 heads", 2e-2),
-            ];
-            for (dtype, case, what, tol) in &cases {
-                let (e, n) = check_kernels(&dev, *dtype, case, AttnTuning::default())?;
-                println!(
-                    "MLA kernels ({what}, prompts {:?}): max abs error vs CPU {e:.2e} over {} steps, kept sets equal on {n} rows",
-                    case.prompts, case.steps
-                );
-                if e > *tol {
-                    bail!("MLA kernels ({what}): error {e} above {tol}");
-                }
+            if part != CheckPart::PerHead {
+                check_latent(&dev, &fixtures)?;
+                println!("GPU CHECKS PASSED (mla)");
             }
-            let (full, dms, states) = check_mla(&dev, &fixtures)?;
-            println!(
-                "DeepSeek-V3 MLA fixture on GPU (latent rows): full cache vs transformers max abs error {full:.2e} \
-                 (prompt + 24 greedy steps, same tokens); DMS on latent rows vs the host engine {dms:.2e}, kept sets \
-                 equal in {states} states"
-            );
-            if full > 1e-3 || dms > 1e-3 {
-                bail!("MLA fixture on GPU: logits error {full} / {dms} above 1e-3");
-            }
-            println!("GPU CHECKS PASSED");
         }
         #[cfg(feature = "mistralrs")]
         Cmd::Peer { out, models, contexts, gen, models_dir } => {

@@ -559,15 +559,6 @@ fn check_fixture(dev: &Device, root: &str, variant: &str, prefill: bool, tuning:
     Ok((worst, states))
 }
 
-/// A DeepSeek config with a dense MLP in every layer: its latent attention exactly, without the
-/// MoE routing (which runs on the host and would time the router, not the cache).
-fn dense_mla_shape(hf_json: &str) -> Result<ModelConfig> {
-    let mut v: serde_json::Value = serde_json::from_str(hf_json)?;
-    let layers = v["num_hidden_layers"].clone();
-    v["first_k_dense_replace"] = layers;
-    ModelConfig::from_hf_json(&v.to_string())
-}
-
 /// A model shape by name; `dsv2-lite-attn` is DeepSeek-V2-Lite's latent attention (27 layers,
 /// 16 heads, kv_lora 512 + rope 64) with its dense MLP in every layer.
 fn model_shape(name: &str) -> Result<ModelConfig> {
@@ -596,7 +587,10 @@ fn model_shape(name: &str) -> Result<ModelConfig> {
         "llama3.1-8b" => base(Arch::Llama, 128256, 4096, 14336, 32, 32, 8, 128, 500000.0, false),
         "qwen3-8b" => base(Arch::Qwen3, 151936, 4096, 12288, 36, 32, 8, 128, 1000000.0, true),
         "smollm2-135m" => base(Arch::Llama, 49152, 576, 1536, 30, 9, 3, 64, 100000.0, false),
-        "dsv2-lite-attn" => dense_mla_shape(include_str!("../../../configs/models/deepseek-v2-lite/config.json"))?,
+        "dsv2-lite-attn" => {
+            ModelConfig::from_hf_json(include_str!("../../../configs/models/deepseek-v2-lite/config.json"))?
+                .with_dense_mlp()
+        }
         other => bail!("unknown model shape {other} (llama3.1-8b, qwen3-8b, smollm2-135m, dsv2-lite-attn)"),
     })
 }

@@ -386,6 +386,16 @@ impl ModelConfig {
             / (self.num_kv_heads * (self.head_dim + self.value_dim())) as f64
     }
 
+    /// The same model with a dense MLP (of `intermediate_size`) in every layer: for latent
+    /// attention models, their attention exactly without the MoE blocks (benchmarks that time
+    /// the cache, not the router). Other models are returned unchanged.
+    pub fn with_dense_mlp(mut self) -> Self {
+        if let Some(m) = self.mla.as_mut() {
+            m.moe = None;
+        }
+        self
+    }
+
     /// Query heads per KV head.
     pub fn gqa(&self) -> usize {
         self.num_heads / self.num_kv_heads
@@ -603,6 +613,10 @@ mod mla_tests {
         let c = ModelConfig::from_hf_json(&text).unwrap();
         let m = c.mla.as_ref().unwrap();
         assert_eq!((c.num_kv_heads, c.head_dim, c.value_dim()), (1, 576, 0));
+        let dense = c.clone().with_dense_mlp();
+        assert!(m.moe.is_some() && dense.mla.as_ref().unwrap().moe.is_none(), "the MoE blocks go, nothing else");
+        assert_eq!((dense.head_dim, dense.num_heads, dense.intermediate_size), (576, 16, 10944));
+        assert_eq!(dense.mla.as_ref().unwrap().kv_lora_rank, 512);
         assert!((c.latent_factor() - 5120.0 / 576.0).abs() < 1e-12);
         // Correction dims: 64 ln(4096 / (2 pi beta)) / (2 ln 10000) = 10.47 (beta 32) and 22.5 (beta 1),
         // so frequencies 0..=10 are kept, 23.. are divided by 40, and 11..22 blend linearly.

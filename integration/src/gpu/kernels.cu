@@ -119,6 +119,14 @@ __device__ __forceinline__ void unpack(uint4 v, float* o, bf16_t) {
 template <typename T>
 __device__ __forceinline__ void load_vec(const T* p, float* o) { unpack(ld16(p), o, T()); }
 
+// Keys [start, end) of split `split` of `splits` over a row of `len` keys (even chunks; the
+// last splits may be empty).
+__device__ __forceinline__ void split_range(int len, int split, int splits, int& start, int& end) {
+    int chunk = (len + splits - 1) / splits;
+    start = split * chunk;
+    end = min(len, start + chunk);
+}
+
 // Online softmax over one tile of scores, a warp per head: turns sc[g][0..n) into
 // exp(score - new max) and updates the running max s_m, sum s_l and the rescale factor s_alpha
 // of the accumulated outputs. Callers put a block barrier before and after.
@@ -195,10 +203,8 @@ __device__ void decode_partial_g(int kv_heads, int d_head, int bs, int max_block
     float acc[G][8];
     for (int g = 0; g < G; g++)
         for (int e = 0; e < 8; e++) acc[g][e] = 0.0f;
-    int len = row_len[r];
-    int chunk = (len + splits - 1) / splits;
-    int start = split * chunk;
-    int end = min(len, start + chunk);
+    int start, end;
+    split_range(row_len[r], split, splits, start, end);
     const int* table = block_table + (long long)r * max_blocks;
     int my_key = lane / lpk, my_part = lane % lpk;
     int v_key = tid / nvec, v_vec = tid % nvec;
@@ -287,10 +293,8 @@ __device__ void decode_partial_warps(int kv_heads, int d_head, int bs, int max_b
             s_acc[g][i] = 0.0f;
         }
     __syncthreads();
-    int len = row_len[r];
-    int chunk = (len + splits - 1) / splits;
-    int start = split * chunk;
-    int end = min(len, start + chunk);
+    int start, end;
+    split_range(row_len[r], split, splits, start, end);
     const int* table = block_table + (long long)r * max_blocks;
     float m[G], l[G], acc[G][8];
 #pragma unroll
@@ -597,10 +601,8 @@ __device__ void mla_partial(int heads, int dk, int dv, int bs, int max_blocks, f
     for (int g = 0; g < HG; g++)
 #pragma unroll
         for (int e = 0; e < 8; e++) acc[g][e] = 0.0f;
-    int len = row_len[r];
-    int chunk = (len + splits - 1) / splits;
-    int start = split * chunk;
-    int end = min(len, start + chunk);
+    int start, end;
+    split_range(row_len[r], split, splits, start, end);
     const int* table = block_table + (long long)r * max_blocks;
     int v_key = tid / nvv, v_vec = tid % nvv;
     __syncthreads();

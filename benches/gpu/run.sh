@@ -19,8 +19,12 @@
 # STEPS picks and orders the steps after check (default "engine profile prefill peer tune"; then a
 # second call with STEPS="grid mla long"). Each step has a time cap so that a call stays inside 10 device minutes.
 set -uo pipefail
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
+# Logs and JSON go to a scratch folder; after the checks and after every step it is packed into
+# one file under the device tool's $OUT (which brings back at most 8 files).
+DEST=${OUT:-/tmp/out}
+OUT=/tmp/dms-gpu-out
+mkdir -p "$OUT" "$DEST"
+save() { tar czf "$DEST/results.tgz" -C "$OUT" . 2>/dev/null; }
 # Unpacks .gpu-bin/NAME.xz (staged by build.sh) to /tmp/dms-gpu-bin/NAME.
 unpack() {
   mkdir -p /tmp/dms-gpu-bin
@@ -34,10 +38,11 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 # Per-head checks gate every step; the MLA checks gate the MLA parts only (a fault there must not
 # cost the per-head measurements of a scarce device session).
 timeout 120 bash .gpu-bin/gpu-run.sh "$BIN" check --part per-head 2>&1 | tee "$OUT/check.log"
-grep -q "GPU CHECKS PASSED (per-head)" "$OUT/check.log" || { echo "CHECK FAILED"; exit 1; }
+grep -q "GPU CHECKS PASSED (per-head)" "$OUT/check.log" || { echo "CHECK FAILED"; save; exit 1; }
 timeout 60 bash .gpu-bin/gpu-run.sh "$BIN" check --part mla 2>&1 | tee "$OUT/check-mla.log"
 MLA_OK=0
 if grep -q "GPU CHECKS PASSED (mla)" "$OUT/check-mla.log"; then MLA_OK=1; else echo "MLA CHECK FAILED: MLA steps are skipped"; fi
+save
 # Model shapes of the mixed steps: DeepSeek-V2-Lite's attention only when the MLA checks passed.
 SHAPES=llama3.1-8b
 [ "$MLA_OK" = 1 ] && SHAPES=llama3.1-8b,dsv2-lite-attn
@@ -89,4 +94,5 @@ for step in ${STEPS:-engine profile prefill peer tune}; do
     grid) timeout 290 bash .gpu-bin/gpu-run.sh "$BIN" bench --out "$OUT/gpu-bench.json" "$@" 2>"$OUT/bench.err" | tee "$OUT/bench.log"; tail -5 "$OUT/bench.err" ;;
     *) echo "unknown step $step (engine, profile, tune, prefill, peer, grid, mla, long, smollm2)"; exit 2 ;;
   esac
+  save
 done

@@ -170,7 +170,7 @@ struct LaunchArgs {
     #[arg(long, default_value = "tiled")]
     kernel: String,
     /// Blocks the decode grid aims for (rows x splits; 0 = tail-aware: whole waves of the resident blocks).
-    #[arg(long, default_value_t = 1056)]
+    #[arg(long, default_value_t = 0)]
     target_blocks: usize,
 }
 

@@ -404,29 +404,30 @@ __device__ void decode_partial_warps(int kv_heads, int d_head, int bs, int max_b
     }
 }
 
-// Second pass: merge the splits of each row. grid = rows, block = D.
+// Second pass: merge the splits of each (row, query head). grid = (rows, g_heads), block = D.
 template <typename T>
 __device__ void decode_reduce(int kv_heads, int g_heads, int d_head, int splits, const float* part_acc,
                               const float* part_m, const float* part_l, T* out) {
-    int r = blockIdx.x, tid = threadIdx.x;
+    int r = blockIdx.x, g = blockIdx.y, tid = threadIdx.x;
     int b = r / kv_heads, h = r % kv_heads, n_heads = kv_heads * g_heads;
     if (tid >= d_head) return;
-    for (int g = 0; g < g_heads; g++) {
-        float mx = -INFINITY;
-        for (int s = 0; s < splits; s++) mx = fmaxf(mx, part_m[((long long)r * splits + s) * g_heads + g]);
-        float l = 0.0f, a = 0.0f;
-        if (mx != -INFINITY) {
-            for (int s = 0; s < splits; s++) {
-                long long o = ((long long)r * splits + s) * g_heads + g;
-                if (part_m[o] == -INFINITY) continue;
-                float w = __expf(part_m[o] - mx);
-                l += part_l[o] * w;
-                a += part_acc[o * d_head + tid] * w;
-            }
+    long long o0 = (long long)r * splits * g_heads + g;  // (r, split 0, g); splits are g_heads apart
+    float mx = -INFINITY;
+#pragma unroll 8
+    for (int s = 0; s < splits; s++) mx = fmaxf(mx, part_m[o0 + (long long)s * g_heads]);
+    float l = 0.0f, a = 0.0f;
+    if (mx != -INFINITY) {
+#pragma unroll 8
+        for (int s = 0; s < splits; s++) {
+            long long o = o0 + (long long)s * g_heads;
+            float m = part_m[o];
+            float w = (m == -INFINITY) ? 0.0f : __expf(m - mx);
+            l += part_l[o] * w;
+            a += part_acc[o * d_head + tid] * w;
         }
-        float v = (l > 0.0f) ? a / l : 0.0f;
-        from_f(v, &out[((long long)b * n_heads + h * g_heads + g) * d_head + tid]);
     }
+    float v = (l > 0.0f) ? a / l : 0.0f;
+    from_f(v, &out[((long long)b * n_heads + h * g_heads + g) * d_head + tid]);
 }
 
 // A prompt of T tokens into the empty rows of one sequence (rule 4.2): every unflagged token and
@@ -569,6 +570,7 @@ PARTIALS(bf16_t, bf16)
 #define MLA_TILE 64
 #define MLA_MAXDK 1024
 #define MLA_MAXHG 8
+#define MLA_KU 4
 
 // Split-K paged decode attention over latent rows (MLA, absorbed form): one row per sequence
 // holds c_kv (the first dv floats, the values) then the rotated k_pe, dk floats in all; every
@@ -608,24 +610,37 @@ __device__ void mla_partial(int heads, int dk, int dv, int bs, int max_blocks, f
     __syncthreads();
     for (int t0 = start; t0 < end; t0 += MLA_TILE) {
         int n = min(MLA_TILE, end - t0);
-        for (int j = warp; j < n; j += NW) {
-            int slot = t0 + j;
-            const T* kp = pool + ((long long)table[slot / bs] * bs + slot % bs) * dk;
-            float part[HG];
+        // MLA_KU keys per warp at once, so that their loads are in flight together.
+        for (int j0 = warp; j0 < n; j0 += NW * MLA_KU) {
+            const T* kp[MLA_KU];
+            float part[MLA_KU][HG];
 #pragma unroll
-            for (int g = 0; g < HG; g++) part[g] = 0.0f;
+            for (int u = 0; u < MLA_KU; u++) {
+                int j = min(j0 + u * NW, n - 1);  // past the tile: a valid row, result unused
+                int slot = t0 + j;
+                kp[u] = pool + ((long long)table[slot / bs] * bs + slot % bs) * dk;
+#pragma unroll
+                for (int g = 0; g < HG; g++) part[u][g] = 0.0f;
+            }
             for (int c = lane; c < nvk; c += 32) {
-                float kv[8];
-                load_vec(kp + c * VEC, kv);
+                float kv[MLA_KU][8];
 #pragma unroll
-                for (int g = 0; g < HG; g++)
-                    for (int e = 0; e < VEC; e++) part[g] += qs[g][c * VEC + e] * kv[e];
+                for (int u = 0; u < MLA_KU; u++) load_vec(kp[u] + c * VEC, kv[u]);
+#pragma unroll
+                for (int u = 0; u < MLA_KU; u++)
+#pragma unroll
+                    for (int g = 0; g < HG; g++)
+                        for (int e = 0; e < VEC; e++) part[u][g] += qs[g][c * VEC + e] * kv[u][e];
             }
 #pragma unroll
-            for (int g = 0; g < HG; g++) {
-                float x = part[g];
-                for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-                if (lane == 0) sc[g][j] = x;
+            for (int u = 0; u < MLA_KU; u++) {
+                int j = j0 + u * NW;
+#pragma unroll
+                for (int g = 0; g < HG; g++) {
+                    float x = part[u][g];
+                    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+                    if (lane == 0 && j < n) sc[g][j] = x;
+                }
             }
         }
         __syncthreads();
@@ -638,6 +653,7 @@ __device__ void mla_partial(int heads, int dk, int dv, int bs, int max_blocks, f
             for (int e = 0; e < 8; e++) acc[g][e] *= a;
         }
         if (v_key < kpb) {
+#pragma unroll 4
             for (int j = v_key; j < n; j += kpb) {
                 int slot = t0 + j;
                 float vv[8];

@@ -191,7 +191,7 @@ static std::vector<float> attend(Cache<T>& c, int layer, const std::vector<float
             if (warps) f(dms_decode_warps_bf16_g4); else f(dms_decode_partial_bf16_g4);
         }
     });
-    emu::launch({(unsigned)rows}, {(unsigned)((c.D + 31) / 32 * 32)}, [&] {
+    emu::launch({(unsigned)rows, (unsigned)G}, {(unsigned)((c.D + 31) / 32 * 32)}, [&] {
         if constexpr (std::is_same_v<T, float>)
             dms_decode_reduce_f32(c.KV, G, c.D, splits, acc.data(), m.data(), l.data(), out.data());
         else
@@ -310,7 +310,7 @@ static std::vector<float> mla_attend(Cache<T>& c, int layer, const std::vector<f
         else if constexpr (HG == 4) f(dms_mla_partial_bf16_h4);
         else f(dms_mla_partial_bf16_h8);
     });
-    emu::launch({(unsigned)rows}, {(unsigned)((DV + 31) / 32 * 32)}, [&] {
+    emu::launch({(unsigned)rows, (unsigned)H}, {(unsigned)((DV + 31) / 32 * 32)}, [&] {
         if constexpr (std::is_same_v<T, float>)
             dms_decode_reduce_f32(1, H, DV, splits, acc.data(), m.data(), l.data(), out.data());
         else

@@ -5,15 +5,14 @@
 
 use anyhow::Result;
 use candle_core::Device;
-use dms_integration::assets::{cache_dir, fetch, SMOLLM2_135M};
+use dms_integration::assets::{fetch, SMOLLM2_135M};
 use dms_integration::engine::{argmax, load_model, Engine};
 use dms_integration::peer_mistralrs::MistralRsPeer;
 use dms_policy::Registry;
 
 fn main() -> Result<()> {
     let gguf = fetch(&SMOLLM2_135M)?;
-    let hf = cache_dir().join("hf-export").join("SmolLM2-135M-Instruct.Q4_1");
-    dms_integration::export::export_gguf_as_hf(&gguf, &hf)?;
+    let hf = dms_integration::export::cached_hf_export(&gguf)?;
     let loaded = load_model(&gguf, &Device::Cpu, false)?;
     let tok = loaded.tokenizer.clone().expect("tokenizer");
     let full = Registry::with_builtins().build(&toml::from_str("name = 'full'")?)?;

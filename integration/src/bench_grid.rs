@@ -94,14 +94,18 @@ impl BenchConfig {
     }
 }
 
+/// `n` pseudo-random token ids below `vocab`, skipping the first 100 ids (special tokens in real
+/// vocabularies) when the vocabulary is large enough.
 fn ids(seed: usize, n: usize, vocab: usize) -> Vec<u32> {
+    let first = if vocab > 200 { 100 } else { 0 };
+    let span = (vocab - first).max(1) as u64;
     let mut x = (seed as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..n)
         .map(|_| {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            (x % (vocab as u64 - 100)) as u32 + 100
+            (x % span) as u32 + first as u32
         })
         .collect()
 }
@@ -185,4 +189,20 @@ pub fn run_grid(cfg: &BenchConfig) -> Result<(serde_json::Value, String)> {
     std::fs::write(&g.output, serde_json::to_string_pretty(&out)?)
         .with_context(|| format!("cannot write {}", g.output))?;
     Ok((out, table))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ids;
+
+    #[test]
+    fn ids_stay_inside_any_vocabulary() {
+        for vocab in [1, 2, 50, 100, 101, 200, 201, 49152] {
+            let v = ids(7, 2000, vocab);
+            assert!(v.iter().all(|&t| (t as usize) < vocab), "vocab {vocab}: an id out of range");
+            if vocab > 200 {
+                assert!(v.iter().all(|&t| t >= 100), "vocab {vocab}: a special-token id");
+            }
+        }
+    }
 }

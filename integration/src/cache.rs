@@ -7,7 +7,7 @@
 use anyhow::{Context, Result};
 use dms_policy::{CacheShape, CompactPlan, EvictPlan, PolicyFactory, Pos, RowRef, SequencePolicy, SignalNeed};
 
-use crate::kv_store::{KvStore, MemoryUsage, RowId, SwappedRow};
+use crate::kv_store::{KvStore, MemoryUsage, RowId, StoreError, SwappedRow};
 
 /// A sequence's policy state and rows (index `layer * kv_heads + head`).
 pub struct SequenceCache {
@@ -42,7 +42,7 @@ impl SequenceCache {
     }
 
     /// Moves every row out of the pool (preemption); the policy state stays with the sequence.
-    pub fn swap_out(&mut self, store: &mut KvStore) -> Vec<SwappedRow> {
+    pub fn swap_out(&mut self, store: &mut KvStore) -> std::result::Result<Vec<SwappedRow>, StoreError> {
         self.rows.iter().map(|&r| store.swap_out(r)).collect()
     }
 
@@ -61,7 +61,10 @@ impl SequenceCache {
     /// Blocks the next decode step may take from the pool at most: one per row whose last block
     /// is full.
     pub fn blocks_for_next_token(&self, store: &KvStore) -> usize {
-        self.rows.iter().filter(|&&r| store.row(r).len() == store.row_blocks(r) * store.block_size()).count()
+        self.rows
+            .iter()
+            .filter(|&&r| store.row(r).is_ok_and(|row| row.len() == row.blocks().len() * store.block_size()))
+            .count()
     }
 
     /// Blocks held by the sequence.
@@ -182,15 +185,18 @@ impl SequenceCache {
         for (i, &r) in self.rows.iter().enumerate() {
             let row = RowRef { layer: i / self.shape.rows_per_layer, head: i % self.shape.rows_per_layer };
             let kept = self.policy.shadow_kept(row)?;
-            let seen = store.row(r).seen() as u64;
+            let seen = store.row(r).map_or(0, |row| row.seen()) as u64;
             rows.push(MemoryUsage { slots: kept as u64, tokens_seen: seen, ..MemoryUsage::default() });
         }
         Some(compression_ratio(rows.into_iter()))
     }
 
-    /// Sorted kept positions of every row of `layer`.
+    /// Sorted kept positions of every row of `layer` (none for rows swapped out of the store).
     pub fn kept_positions(&self, layer: usize, store: &KvStore) -> Vec<Vec<Pos>> {
-        self.layer_rows(layer).iter().map(|&r| store.row(r).kept_positions()).collect()
+        self.layer_rows(layer)
+            .iter()
+            .map(|&r| store.row(r).map_or_else(|_| Vec::new(), |row| row.kept_positions()))
+            .collect()
     }
 
     /// Compression ratio of one layer.

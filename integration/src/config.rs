@@ -119,6 +119,9 @@ impl Default for GenerationSection {
     }
 }
 
+/// Largest `[cache] block_size` accepted (a block is allocated whole).
+pub const MAX_BLOCK_SIZE: usize = 1 << 16;
+
 /// Default pool size when neither `memory_mb` nor `max_tokens` is given.
 pub const DEFAULT_MEMORY_MB: u64 = 1024;
 
@@ -142,8 +145,8 @@ impl EngineConfig {
     /// Range-checks every value.
     pub fn validate(&self) -> Result<()> {
         let c = &self.cache;
-        if c.block_size == 0 {
-            bail!("[cache] block_size must be at least 1");
+        if c.block_size == 0 || c.block_size > MAX_BLOCK_SIZE {
+            bail!("[cache] block_size must be between 1 and {MAX_BLOCK_SIZE}");
         }
         if c.memory_mb.is_some() && c.max_tokens.is_some() {
             bail!("[cache] memory_mb and max_tokens are mutually exclusive: set one");
@@ -185,10 +188,14 @@ impl EngineConfig {
     pub fn capacity_blocks(&self, n_layers: usize, n_kv_heads: usize, slot_bytes: u64) -> usize {
         let bs = self.cache.block_size;
         match (self.cache.memory_mb, self.cache.max_tokens) {
-            (_, Some(tokens)) => (tokens as usize).div_ceil(bs) * n_layers * n_kv_heads,
+            // Saturating: a pool larger than addressable memory is simply unbounded (it grows
+            // block by block as rows need it).
+            (_, Some(tokens)) => {
+                usize::try_from(tokens).unwrap_or(usize::MAX).div_ceil(bs).saturating_mul(n_layers * n_kv_heads)
+            }
             (mb, None) => {
-                let bytes = mb.unwrap_or(DEFAULT_MEMORY_MB) * 1024 * 1024;
-                (bytes / (bs as u64 * slot_bytes)) as usize
+                let bytes = mb.unwrap_or(DEFAULT_MEMORY_MB).saturating_mul(1024 * 1024);
+                usize::try_from(bytes / (bs as u64).saturating_mul(slot_bytes).max(1)).unwrap_or(usize::MAX)
             }
         }
     }

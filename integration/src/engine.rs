@@ -30,6 +30,8 @@ pub fn load_model(path: &Path, device: &Device, round_f16: bool) -> Result<Loade
     if path.is_file() && path.extension().is_some_and(|x| x == "json") {
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
         let cfg = ModelConfig::from_hf_json(&text).with_context(|| format!("in {}", path.display()))?;
+        check_fits_in_memory(cfg.approx_weight_count() * 4)
+            .with_context(|| format!("random weights for {}", path.display()))?;
         eprintln!("model {}: RANDOM weights of this shape (speed and memory work only)", path.display());
         let model = Llama::random(cfg, device, candle_core::DType::F32)?;
         let tok_path = path.with_file_name("tokenizer.json");
@@ -73,6 +75,22 @@ pub fn load_model(path: &Path, device: &Device, round_f16: bool) -> Result<Loade
     } else {
         bail!("model path {} does not exist (expected a GGUF file or an HF-style directory)", path.display())
     }
+}
+
+/// Refuses an allocation of `bytes` that exceeds the machine's physical memory (read from
+/// `/proc/meminfo`; no limit where it cannot be read): the allocator would abort the process.
+fn check_fits_in_memory(bytes: u128) -> Result<()> {
+    let total_kib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines().find_map(|l| l.strip_prefix("MemTotal:")?.trim().strip_suffix("kB")?.trim().parse::<u128>().ok())
+    });
+    if let Some(kib) = total_kib.filter(|&k| bytes > k * 1024) {
+        bail!(
+            "a model of this shape needs about {:.1} GiB, more than this machine's {:.1} GiB of memory",
+            bytes as f64 / (1u64 << 30) as f64,
+            kib as f64 / (1u64 << 20) as f64
+        );
+    }
+    Ok(())
 }
 
 /// Sampling and stopping settings.

@@ -3,7 +3,7 @@
 //! random weights of a given shape for side-by-side speed runs.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -15,12 +15,24 @@ use tokenizers::Tokenizer;
 
 use crate::model::{Arch, ModelConfig, Weights};
 
-/// Exports a GGUF file to `out` (skipped when `out/model.safetensors` already exists).
-pub fn export_gguf_as_hf(gguf: &Path, out: &Path) -> Result<()> {
-    if out.join("model.safetensors").exists() && out.join("config.json").exists() && out.join("tokenizer.json").exists()
-    {
-        return Ok(());
+/// The HF-style export of a GGUF file in the cache directory (`hf-export/<file stem>`), written
+/// on first use (safe when several threads or processes ask at once).
+pub fn cached_hf_export(gguf: &Path) -> Result<PathBuf> {
+    let stem = gguf.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+    let target = crate::assets::cache_dir().join("hf-export").join(stem);
+    let complete = |p: &Path| ["model.safetensors", "config.json", "tokenizer.json"].iter().all(|f| p.join(f).exists());
+    if !complete(&target) {
+        crate::assets::build_cache_entry(&target, complete, |stage| {
+            let out = stage.join("hf");
+            export_gguf_as_hf(gguf, &out)?;
+            Ok(out)
+        })?;
     }
+    Ok(target)
+}
+
+/// Exports a GGUF file to `out`.
+pub fn export_gguf_as_hf(gguf: &Path, out: &Path) -> Result<()> {
     let (weights, cfg) = Weights::open_gguf(gguf)?;
     let tok: Tokenizer = match &weights {
         Weights::Gguf { content, .. } => crate::gguf_tokenizer::from_gguf(content)?,

@@ -33,6 +33,12 @@ pub enum StoreError {
         /// What is inconsistent.
         message: String,
     },
+    /// The row was removed (or swapped out) and is no longer in the store.
+    #[error("row {row} is not in the store (removed or swapped out)")]
+    RemovedRow {
+        /// Row index.
+        row: u32,
+    },
     /// Input data has the wrong length.
     #[error("K/V data for row {row} has {got} values, expected {expected}")]
     BadData {
@@ -223,9 +229,9 @@ impl KvStore {
         }
     }
 
-    /// The row's metadata.
-    pub fn row(&self, id: RowId) -> &Row {
-        self.rows[id.0 as usize].as_ref().expect("row was removed")
+    /// The row's metadata; an error for a row that was removed or swapped out.
+    pub fn row(&self, id: RowId) -> Result<&Row, StoreError> {
+        self.rows.get(id.0 as usize).and_then(Option::as_ref).ok_or(StoreError::RemovedRow { row: id.0 })
     }
 
     /// Applies a policy's evict plan for `n` new tokens starting at `first_pos`, writing their keys
@@ -246,7 +252,7 @@ impl KvStore {
             }
         }
         let bad = |message: String| StoreError::BadPlan { row: id.0, message };
-        let row = self.rows[id.0 as usize].as_ref().ok_or_else(|| bad("row was removed".into()))?;
+        let row = self.row(id)?;
         if first_pos != row.seen {
             return Err(bad(format!("step starts at {first_pos} but the row has seen {}", row.seen)));
         }
@@ -311,7 +317,8 @@ impl KvStore {
     pub fn apply_compact(&mut self, id: RowId, plan: &CompactPlan) -> Result<(), StoreError> {
         let (d, dv, bs) = (self.head_dim, self.v_dim, self.block_size);
         let bad = |message: String| StoreError::BadPlan { row: id.0, message };
-        let row = self.rows[id.0 as usize].as_mut().ok_or_else(|| bad("row was removed".into()))?;
+        let row =
+            self.rows.get_mut(id.0 as usize).and_then(Option::as_mut).ok_or(StoreError::RemovedRow { row: id.0 })?;
         let seen = row.seen;
         let dead = |row: &Row, s: usize| row.last_visible[s] < seen;
         for &(from, to) in &plan.moves {
@@ -347,13 +354,13 @@ impl KvStore {
     }
 
     /// Moves a row's keys, values and metadata out of the pool (preemption) and frees its blocks.
-    pub fn swap_out(&mut self, id: RowId) -> SwappedRow {
+    pub fn swap_out(&mut self, id: RowId) -> Result<SwappedRow, StoreError> {
         let (mut k, mut v) = (Vec::new(), Vec::new());
-        self.gather(id, &mut k, &mut v);
-        let row = self.rows[id.0 as usize].take().expect("row was removed");
+        self.gather(id, &mut k, &mut v)?;
+        let row = self.rows[id.0 as usize].take().ok_or(StoreError::RemovedRow { row: id.0 })?;
         self.free_blocks.extend(row.blocks.iter().copied());
         self.free_rows.push(id.0);
-        SwappedRow { layer: row.layer, pos: row.pos, last_visible: row.last_visible, seen: row.seen, k, v }
+        Ok(SwappedRow { layer: row.layer, pos: row.pos, last_visible: row.last_visible, seen: row.seen, k, v })
     }
 
     /// Brings a swapped row back into the pool, slot for slot.
@@ -387,14 +394,14 @@ impl KvStore {
         Ok(id)
     }
 
-    /// Blocks a row holds.
+    /// Blocks a row holds (none once removed or swapped out).
     pub fn row_blocks(&self, id: RowId) -> usize {
-        self.row(id).blocks.len()
+        self.row(id).map_or(0, |r| r.blocks.len())
     }
 
-    /// Memory used by one row.
+    /// Memory used by one row (nothing once removed or swapped out).
     pub fn row_usage(&self, id: RowId) -> MemoryUsage {
-        let row = self.row(id);
+        let Ok(row) = self.row(id) else { return MemoryUsage::default() };
         let sb = self.slot_bytes();
         MemoryUsage {
             bytes_live: row.len() as u64 * sb,
@@ -436,8 +443,8 @@ impl KvStore {
     }
 
     /// Copies the row's keys and values into `k_out` / `v_out` (slot order, `len * head_dim` each).
-    pub fn gather(&self, id: RowId, k_out: &mut Vec<f32>, v_out: &mut Vec<f32>) {
-        let row = self.row(id);
+    pub fn gather(&self, id: RowId, k_out: &mut Vec<f32>, v_out: &mut Vec<f32>) -> Result<(), StoreError> {
+        let row = self.row(id)?;
         let (d, dv, bs) = (self.head_dim, self.v_dim, self.block_size);
         k_out.clear();
         v_out.clear();
@@ -447,6 +454,7 @@ impl KvStore {
             k_out.extend_from_slice(&k[..used * d]);
             v_out.extend_from_slice(&v[..used * dv]);
         }
+        Ok(())
     }
 
     fn take_block(&mut self) -> u32 {

@@ -227,7 +227,7 @@ impl Trainer {
         Ok(Self { model, adapter, opt, step: 0, cfg, tokens })
     }
 
-    fn sample(&self, step: usize) -> (Vec<u32>, Vec<Tensor>) {
+    fn sample(&self, step: usize) -> Result<(Vec<u32>, Vec<Tensor>)> {
         let mut rng = StdRng::seed_from_u64(self.cfg.seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let at = rng.random_range(0..self.tokens.len() - self.cfg.seq_len);
         let ids = self.tokens[at..at + self.cfg.seq_len].to_vec();
@@ -240,10 +240,10 @@ impl Trainer {
                         (u.ln() - (1.0 - u).ln()) as f32
                     })
                     .collect();
-                Tensor::from_vec(v, (self.cfg.seq_len, c.num_kv_heads), self.model.device()).expect("noise tensor")
+                Ok(Tensor::from_vec(v, (self.cfg.seq_len, c.num_kv_heads), self.model.device())?)
             })
-            .collect();
-        (ids, noise)
+            .collect::<Result<_>>()?;
+        Ok((ids, noise))
     }
 
     /// Loss terms for one sequence with given noise (no update).
@@ -268,7 +268,7 @@ impl Trainer {
 
     /// One optimiser step.
     pub fn train_step(&mut self) -> Result<StepStats> {
-        let (ids, noise) = self.sample(self.step);
+        let (ids, noise) = self.sample(self.step)?;
         let target = self.cfg.target_fraction(self.step);
         let (loss, kl, evicted) = self.loss(&ids, &noise, target)?;
         let grads = loss.backward()?;

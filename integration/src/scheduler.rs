@@ -246,7 +246,7 @@ pub fn run_batch(
                 bail!("the pool is too small for a single sequence to continue (need {need} blocks)");
             }
             let mut victim = running.pop().expect("at least two running");
-            let rows = victim.cache.swap_out(&mut engine.store);
+            let rows = victim.cache.swap_out(&mut engine.store)?;
             victim.preemptions += 1;
             stats.preemptions += 1;
             swapped.push_front(Swapped { run: victim, rows });

@@ -78,7 +78,7 @@ proptest! {
             let q = &qs[seen * G * D..(seen + c) * G * D];
             let outs: Vec<Vec<f32>> = if c == 1 {
                 let mut o = vec![0f32; G * D];
-                decode_row(&store, id, q, seen as Pos, scale, &mut o);
+                decode_row(&store, id, q, seen as Pos, scale, &mut o).unwrap();
                 vec![o]
             } else {
                 let qt = Tensor::from_slice(q, (c, G, D), &Device::Cpu).unwrap();
@@ -93,7 +93,7 @@ proptest! {
             seen += c;
             pol.compact(row, &mut cp).unwrap();
             store.apply_compact(id, &cp).unwrap();
-            prop_assert_eq!(store.row(id).kept_positions(), want_kept[seen - 1].clone(), "kept after {} tokens", seen);
+            prop_assert_eq!(store.row(id).unwrap().kept_positions(), want_kept[seen - 1].clone(), "kept after {} tokens", seen);
         }
     }
 }

@@ -138,7 +138,7 @@ proptest! {
             let q = &qs[seen * NH * d..(seen + c) * NH * d];
             let outs: Vec<Vec<f32>> = if c == 1 {
                 let mut o = vec![0f32; NH * R];
-                decode_row(&store, id, q, seen as Pos, scale, &mut o);
+                decode_row(&store, id, q, seen as Pos, scale, &mut o).unwrap();
                 vec![o]
             } else {
                 let qt = Tensor::from_slice(q, (c, NH, d), &Device::Cpu).unwrap();
@@ -152,8 +152,8 @@ proptest! {
             seen += c;
             pol.compact(row, &mut cp).unwrap();
             store.apply_compact(id, &cp).unwrap();
-            prop_assert_eq!(store.row(id).kept_positions(), want_kept[seen - 1].clone(), "kept after {} tokens", seen);
-            prop_assert_eq!(store.usage().bytes_live, (store.row(id).len() * d * 4) as u64);
+            prop_assert_eq!(store.row(id).unwrap().kept_positions(), want_kept[seen - 1].clone(), "kept after {} tokens", seen);
+            prop_assert_eq!(store.usage().bytes_live, (store.row(id).unwrap().len() * d * 4) as u64);
         }
     }
 }

@@ -59,7 +59,7 @@ fn drive(
         policy.evict(row, seen, n, &mut ep).unwrap();
         store.apply_evict(id, &ep, seen, &k, &v).map_err(|e| TestCaseError::fail(e.to_string()))?;
         // Every query of the chunk sees exactly the keys the naive rule allows.
-        let r = store.row(id);
+        let r = store.row(id).unwrap();
         for q in seen..seen + n as Pos {
             let mut got: Vec<Pos> = r
                 .positions()
@@ -75,12 +75,12 @@ fn drive(
         seen += n as Pos;
         policy.compact(row, &mut cp).unwrap();
         store.apply_compact(id, &cp).map_err(|e| TestCaseError::fail(e.to_string()))?;
-        let r = store.row(id);
+        let r = store.row(id).unwrap();
         let last = seen - 1;
         let want: Vec<Pos> = (0..seen).filter(|&k| visible(k, last)).collect();
         prop_assert_eq!(r.kept_positions(), want.clone(), "kept after step ending at {}", last);
         let (mut kb, mut vb) = (Vec::new(), Vec::new());
-        store.gather(id, &mut kb, &mut vb);
+        store.gather(id, &mut kb, &mut vb).unwrap();
         for (s, &p) in r.positions().iter().enumerate() {
             prop_assert_eq!(&kb[s * D..(s + 1) * D], &key_of(p)[..], "key data of slot {}", s);
             prop_assert_eq!(vb[s * D], 2.0 * p as f32);
@@ -127,6 +127,6 @@ fn exhausted_pool_is_a_clear_error_and_changes_nothing() {
     let k = vec![0.0; 5 * D];
     let err = store.apply_evict(id, &ep, 0, &k, &k).unwrap_err().to_string();
     assert!(err.contains("KV cache is full"), "{err}");
-    assert_eq!(store.row(id).len(), 0);
+    assert_eq!(store.row(id).unwrap().len(), 0);
     assert_eq!(store.free_block_count(), 2);
 }

@@ -338,7 +338,7 @@ fn check_kernels(dev: &Device, dtype: DType, c: &KernelCheck, tuning: AttnTuning
                 for (h, &row) in seq.layer_rows(layer).iter().enumerate() {
                     let qs = &qc[(b * kv + h) * g * d..(b * kv + h + 1) * g * d];
                     let mut o = vec![0f32; g * dv];
-                    decode_row(&store, row, qs, (prompts[b] + step) as u32, 0.125, &mut o);
+                    decode_row(&store, row, qs, (prompts[b] + step) as u32, 0.125, &mut o)?;
                     let got = &out[(b * kv + h) * g * dv..(b * kv + h + 1) * g * dv];
                     for (x, y) in o.iter().zip(got) {
                         worst = worst.max((x - y).abs());

@@ -132,10 +132,23 @@ pub struct DmsCheckpointFields {
     pub dms_initial_alpha_offset: Option<f32>,
     /// True: adapter variant; false: query-neuron variant.
     pub dms_separate_alpha: Option<bool>,
-    /// `"head"` or `"layer"`.
+    /// `"head"` or `"layer"` (anything else is rejected when the config is read).
+    #[serde(default, deserialize_with = "alpha_per")]
     pub dms_alpha_per: Option<String>,
     /// Never flag anything.
     pub dms_disable_eviction: Option<bool>,
+}
+
+/// Reads `dms_alpha_per`: absent, null, `"head"` or `"layer"` (spec rule 1.5). Any other value is
+/// an error naming the field, so that a misspelt granularity is never read as `"head"`.
+fn alpha_per<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<String>, D::Error> {
+    match Option::<serde_json::Value>::deserialize(d)? {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(s)) if s == "head" || s == "layer" => Ok(Some(s)),
+        Some(other) => {
+            Err(serde::de::Error::custom(format!("`dms_alpha_per` must be \"head\" or \"layer\", not {other}")))
+        }
+    }
 }
 
 /// Everything the runtime needs to build a Llama-family decoder.
@@ -352,7 +365,62 @@ impl ModelConfig {
         if self.head_dim % 2 != 0 {
             bail!("model config: head_dim {} must be even for RoPE", self.head_dim);
         }
+        // Far above any published model: a value beyond these is a corrupt file, and taking it at
+        // its word would mean allocating without bound.
+        for (name, v, max) in [
+            ("vocab_size", self.vocab_size, 1 << 23),
+            ("hidden_size", self.hidden_size, 1 << 17),
+            ("intermediate_size", self.intermediate_size, 1 << 20),
+            ("num_hidden_layers", self.num_layers, 1 << 12),
+            ("num_attention_heads", self.num_heads, 1 << 12),
+            ("head_dim", self.head_dim, 1 << 14),
+            ("max_position_embeddings", self.max_position_embeddings, 1 << 26),
+        ] {
+            if v > max {
+                bail!("model config: `{name}` is {v}, above the limit of {max}: corrupt config?");
+            }
+        }
+        if let Some(m) = &self.mla {
+            let moe = m.moe.as_ref();
+            for (name, v, max) in [
+                ("q_lora_rank", m.q_lora_rank.unwrap_or(0), 1 << 16),
+                ("kv_lora_rank", m.kv_lora_rank, 1 << 14),
+                ("qk_nope_head_dim", m.qk_nope_head_dim, 1 << 14),
+                ("qk_rope_head_dim", m.qk_rope_head_dim, 1 << 14),
+                ("v_head_dim", m.v_head_dim, 1 << 14),
+                ("n_routed_experts", moe.map_or(0, |e| e.n_routed_experts), 1 << 16),
+                ("n_shared_experts", moe.map_or(0, |e| e.n_shared_experts), 1 << 8),
+                ("moe_intermediate_size", moe.map_or(0, |e| e.moe_intermediate_size), 1 << 20),
+            ] {
+                if v > max {
+                    bail!("model config: `{name}` is {v}, above the limit of {max}: corrupt config?");
+                }
+            }
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            bail!("model config: rope_theta {} must be a finite positive number", self.rope_theta);
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0) {
+            bail!("model config: rms_norm_eps {} must be a finite number >= 0", self.rms_norm_eps);
+        }
         Ok(())
+    }
+
+    /// Approximate number of weights of a model of this shape (embeddings, attention and MLP
+    /// projections; MoE experts counted once, as the random-weight runtime shares them).
+    pub fn approx_weight_count(&self) -> u128 {
+        let (v, h, i, l) = (
+            self.vocab_size as u128,
+            self.hidden_size as u128,
+            self.intermediate_size as u128,
+            self.num_layers as u128,
+        );
+        let q = (self.num_heads * self.head_dim) as u128;
+        let kv = (self.num_kv_heads * self.head_dim) as u128;
+        let moe = self.mla.as_ref().and_then(|m| m.moe.as_ref()).map_or(0, |m| {
+            3 * h * (m.moe_intermediate_size * (1 + m.n_shared_experts)) as u128 + h * m.n_routed_experts as u128
+        });
+        2 * v * h + l * (2 * h * q + 2 * h * kv + 3 * h * i + moe)
     }
 
     /// Floats per cached value: `head_dim` for per-head K/V, 0 for latent rows (the values are
@@ -480,7 +548,7 @@ fn parse_mla(c: &HfConfig, is_v3: bool) -> Result<MlaConfig> {
                 n_group: c.n_group.unwrap_or(1).max(1),
                 topk_group: c.topk_group.unwrap_or(1).max(1),
             };
-            let reachable = if m.topk_method == "greedy" { n } else { m.topk_group * (n / m.n_group) };
+            let reachable = if m.topk_method == "greedy" { n } else { m.topk_group.saturating_mul(n / m.n_group) };
             if m.num_experts_per_tok > reachable || n % m.n_group != 0 || m.topk_group > m.n_group {
                 bail!(
                     "model config: inconsistent MoE routing (experts {n}, per token {}, groups {}, topk_group {})",

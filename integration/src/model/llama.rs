@@ -344,7 +344,7 @@ impl Llama {
             bail!("token id {bad} is outside the vocabulary (size {})", cfg.vocab_size);
         }
         let (cos, sin) = self.rope_tables(positions)?;
-        let mut x = self.embed.index_select(&Tensor::new(tokens, &self.device)?, 0)?;
+        let mut x = self.embed_tokens(tokens)?;
         let scale = self.softmax_scale() as f32;
         let need = Needs { decision: matches!(decisions, StepDecisions::Learned { .. }), key_norms: false };
         for (li, layer) in self.layers.iter().enumerate() {
@@ -396,7 +396,7 @@ impl Llama {
         let positions: Vec<Pos> = (0..t as Pos).collect();
         let (cos, sin) = self.rope_tables(&positions)?;
         let need = Needs { decision: learned, key_norms: false };
-        let mut x = self.embed.index_select(&Tensor::new(tokens, &self.device)?, 0)?;
+        let mut x = self.embed_tokens(tokens)?;
         let scale = self.softmax_scale();
         for (li, layer) in self.layers.iter().enumerate() {
             let AttnInputs { q, k, v, decision, .. } = self.attn_inputs(layer, &x, &cos, &sin, need)?;
@@ -512,7 +512,7 @@ impl Llama {
         if need.decision && matches!(self.decision, DecisionSource::None) {
             bail!("a cache policy needs learned DMS decisions but the model has no decision source");
         }
-        let mut x = self.embed.index_select(&Tensor::new(ids.as_slice(), &self.device)?, 0)?;
+        let mut x = self.embed_tokens(&ids)?;
         let scale = self.softmax_scale();
         // Per-head models: values are `hd` wide; latent rows: the first `rank` floats of the key.
         let (dv, latent_rank) = match &self.layers.first().map(|l| &l.attn) {
@@ -560,7 +560,7 @@ impl Llama {
                             positions[start],
                             scale as f32,
                             &mut o[j * g * out_d..(j + 1) * g * out_d],
-                        );
+                        )?;
                     }
                     Tensor::from_vec(o, (1, nh * out_d), &self.device)?
                 } else {
@@ -649,6 +649,14 @@ impl Llama {
             None => None,
         };
         Ok(AttnInputs { q, k, v: v.contiguous()?, decision, key_norms })
+    }
+
+    /// Embeddings of `tokens`; an error naming the first id outside the vocabulary.
+    fn embed_tokens(&self, tokens: &[u32]) -> Result<Tensor> {
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+            bail!("token id {t} is outside the model's vocabulary of {} tokens", self.cfg.vocab_size);
+        }
+        Ok(self.embed.index_select(&Tensor::new(tokens, &self.device)?, 0)?)
     }
 
     /// Applies `dms_alpha_per = "layer"`: head 0's score for every head.

@@ -1,6 +1,7 @@
 //! Model runtimes on candle.
 
 pub mod config;
+pub mod gguf_header;
 pub mod llama;
 pub mod mla;
 pub mod moe;

@@ -9,6 +9,7 @@ use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
 
 use super::config::{Arch, DmsCheckpointFields, ModelConfig};
+use super::gguf_header::read_gguf_header;
 
 /// Where weights come from.
 pub enum Weights {
@@ -56,22 +57,11 @@ impl Weights {
         Ok(Weights::Safetensors { files, paths: paths.to_vec() })
     }
 
-    /// Opens a GGUF file, checks that every tensor lies inside it, and returns its config.
+    /// Opens a GGUF file, checks its header (every tensor lies inside it, see
+    /// [`read_gguf_header`]), and returns its config.
     pub fn open_gguf(path: &Path) -> Result<(Self, ModelConfig)> {
-        let mut file = File::open(path).with_context(|| format!("cannot open GGUF file {}", path.display()))?;
-        let content = gguf_file::Content::read(&mut file)
-            .map_err(|e| anyhow::anyhow!("{} is not a valid GGUF file (truncated or corrupt?): {e}", path.display()))?;
-        let len = file.metadata()?.len();
-        for (name, info) in &content.tensor_infos {
-            let bytes = info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
-            let end = content.tensor_data_offset + info.offset + bytes as u64;
-            if end > len {
-                bail!(
-                    "GGUF file {} is truncated: tensor `{name}` ends at byte {end} but the file has {len} bytes",
-                    path.display()
-                );
-            }
-        }
+        let content = read_gguf_header(path)?;
+        let file = File::open(path).with_context(|| format!("cannot open GGUF file {}", path.display()))?;
         let cfg = gguf_config(&content).with_context(|| format!("reading metadata of {}", path.display()))?;
         let arch_meta = meta_str(&content, "general.architecture")?;
         let unpermute = (arch_meta == "llama").then_some((cfg.num_heads, cfg.num_kv_heads));
@@ -220,12 +210,26 @@ fn meta_str(c: &gguf_file::Content, key: &str) -> Result<String> {
 }
 
 fn meta_usize(c: &gguf_file::Content, key: &str) -> Result<usize> {
+    use gguf_file::Value as V;
     let v = meta(c, key)?;
-    v.to_u64()
-        .map(|x| x as usize)
-        .or_else(|_| v.to_u32().map(|x| x as usize))
-        .or_else(|_| v.to_i32().map(|x| x as usize))
-        .map_err(|e| anyhow::anyhow!("GGUF `{key}`: {e}"))
+    let x = match v {
+        V::U8(x) => Some(u64::from(*x)),
+        V::U16(x) => Some(u64::from(*x)),
+        V::U32(x) => Some(u64::from(*x)),
+        V::U64(x) => Some(*x),
+        V::I8(x) => u64::try_from(*x).ok(),
+        V::I16(x) => u64::try_from(*x).ok(),
+        V::I32(x) => u64::try_from(*x).ok(),
+        V::I64(x) => u64::try_from(*x).ok(),
+        _ => None,
+    };
+    x.and_then(|x| usize::try_from(x).ok())
+        .with_context(|| format!("GGUF `{key}` is {v:?}, not a non-negative integer"))
+}
+
+/// An optional integer key: absent is `None`, present but not a non-negative integer an error.
+fn meta_opt_usize(c: &gguf_file::Content, key: &str) -> Result<Option<usize>> {
+    c.metadata.get(key).map(|_| meta_usize(c, key)).transpose()
 }
 
 fn meta_f64(c: &gguf_file::Content, key: &str) -> Result<Option<f64>> {
@@ -246,14 +250,14 @@ fn gguf_config(c: &gguf_file::Content) -> Result<ModelConfig> {
     };
     let hidden = meta_usize(c, &format!("{a}.embedding_length"))?;
     let heads = meta_usize(c, &format!("{a}.attention.head_count"))?;
-    let kv = meta_usize(c, &format!("{a}.attention.head_count_kv")).unwrap_or(heads);
-    let head_dim = meta_usize(c, &format!("{a}.attention.key_length")).unwrap_or(hidden / heads.max(1));
+    let kv = meta_opt_usize(c, &format!("{a}.attention.head_count_kv"))?.unwrap_or(heads);
+    let head_dim = meta_opt_usize(c, &format!("{a}.attention.key_length"))?.unwrap_or(hidden / heads.max(1));
     let vocab = match c.metadata.get("tokenizer.ggml.tokens") {
         Some(v) => v.to_vec().map_err(|e| anyhow::anyhow!("GGUF tokens: {e}"))?.len(),
         None => c
             .tensor_infos
             .get("token_embd.weight")
-            .map(|i| i.shape.dims()[0])
+            .and_then(|i| i.shape.dims().first().copied())
             .context("cannot tell the vocabulary size")?,
     };
     let cfg = ModelConfig {
@@ -271,9 +275,13 @@ fn gguf_config(c: &gguf_file::Content) -> Result<ModelConfig> {
         tie_word_embeddings: !c.tensor_infos.contains_key("output.weight"),
         attention_bias: c.tensor_infos.contains_key("blk.0.attn_q.bias"),
         qk_norm: arch == Arch::Qwen3,
-        max_position_embeddings: meta_usize(c, &format!("{a}.context_length")).unwrap_or(4096),
-        bos_token_id: meta_usize(c, "tokenizer.ggml.bos_token_id").ok().map(|x| x as u32),
-        eos_token_ids: meta_usize(c, "tokenizer.ggml.eos_token_id").ok().map(|x| vec![x as u32]).unwrap_or_default(),
+        max_position_embeddings: meta_opt_usize(c, &format!("{a}.context_length"))?.unwrap_or(4096),
+        bos_token_id: meta_usize(c, "tokenizer.ggml.bos_token_id").ok().and_then(|x| u32::try_from(x).ok()),
+        eos_token_ids: meta_usize(c, "tokenizer.ggml.eos_token_id")
+            .ok()
+            .and_then(|x| u32::try_from(x).ok())
+            .map(|x| vec![x])
+            .unwrap_or_default(),
         dms: DmsCheckpointFields::default(),
         mla: None,
     };

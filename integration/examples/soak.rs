@@ -3,7 +3,7 @@
 //! usage over time and checks that memory stays flat and every block is back in the pool at the
 //! end. Writes JSON and prints one line per wave.
 //!
-//! `cargo run --release -p dms-integration --example soak -- --decode-tokens 100000`
+//! `cargo run --release -p dms-integration --example soak -- --decode-steps 100000`
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -16,14 +16,14 @@ use dms_integration::scheduler::{run_batch, Request};
 
 #[derive(Parser)]
 struct Args {
-    /// Decode tokens (summed over sequences) per policy.
+    /// Decode steps (batched forward passes) per policy.
     #[arg(long, default_value_t = 100_000)]
-    decode_tokens: usize,
+    decode_steps: usize,
     /// Model: an HF-style directory, a GGUF file or a bare config.json.
     #[arg(long, default_value = "integration/tests/fixtures/qwen3_tiny")]
     model: PathBuf,
     /// Pool size in blocks of 16 tokens (small enough that the scheduler must preempt).
-    #[arg(long, default_value_t = 160)]
+    #[arg(long, default_value_t = 128)]
     pool_blocks: usize,
     /// Sequences decoding at once at most.
     #[arg(long, default_value_t = 16)]
@@ -61,7 +61,7 @@ fn main() -> Result<()> {
         let mut engine = Engine::new(loaded.model, policy.clone(), 16, a.pool_blocks)?;
         let capacity = engine.store.capacity_blocks();
         let t0 = Instant::now();
-        let (mut decoded, mut wave, mut preemptions) = (0usize, 0usize, 0usize);
+        let (mut steps, mut decoded, mut wave, mut preemptions) = (0usize, 0usize, 0usize, 0usize);
         let mut waves = Vec::new();
         let mut x = 0x9E37_79B9_7F4A_7C15u64;
         let mut next = |m: u64| {
@@ -70,7 +70,7 @@ fn main() -> Result<()> {
             x ^= x << 17;
             x % m
         };
-        while decoded < a.decode_tokens {
+        while steps < a.decode_steps {
             let reqs: Vec<Request> = (0..a.wave)
                 .map(|i| {
                     let prompt_len = 8 + next(120) as usize;
@@ -103,12 +103,13 @@ fn main() -> Result<()> {
                     engine.store.free_block_count()
                 );
             }
+            steps += stats.decode_steps;
             decoded += stats.decode_tokens;
             preemptions += stats.preemptions;
             let (hwm, rss) = rss_kib();
             let peak_pool = stats.memory_trace.iter().map(|m| m.2).max().unwrap_or(0);
             println!(
-                "{name} wave {wave}: decoded {decoded}, mean running {:.1}, preemptions {}, pool peak {:.1}% of {capacity} blocks, RSS {:.1} MiB (peak {:.1})",
+                "{name} wave {wave}: steps {steps}, decoded {decoded}, mean running {:.1}, preemptions {}, pool peak {:.1}% of {capacity} blocks, RSS {:.1} MiB (peak {:.1})",
                 stats.mean_running(),
                 stats.preemptions,
                 100.0 * peak_pool as f64 / (capacity as u64 * 16 * engine.store.slot_bytes()) as f64,
@@ -116,7 +117,7 @@ fn main() -> Result<()> {
                 hwm as f64 / 1024.0
             );
             waves.push(serde_json::json!({
-                "wave": wave, "decoded": decoded, "mean_running": stats.mean_running(),
+                "wave": wave, "decode_steps": steps, "decoded": decoded, "mean_running": stats.mean_running(),
                 "preemptions": stats.preemptions, "pool_peak_bytes": peak_pool, "rss_kib": rss, "peak_rss_kib": hwm,
             }));
             wave += 1;
@@ -127,7 +128,7 @@ fn main() -> Result<()> {
         let last = *rss.last().unwrap_or(&0);
         let growth = last as f64 / settled.max(1) as f64;
         println!(
-            "{name}: {decoded} decode tokens in {wave} waves, {preemptions} preemptions, {:.0} s; RSS {:.1} MiB after warm-up, {:.1} MiB at the end ({growth:.3}x); every block back in the pool",
+            "{name}: {steps} decode steps ({decoded} tokens) in {wave} waves, {preemptions} preemptions, {:.0} s; RSS {:.1} MiB after warm-up, {:.1} MiB at the end ({growth:.3}x); every block back in the pool",
             t0.elapsed().as_secs_f64(),
             settled as f64 / 1024.0,
             last as f64 / 1024.0
@@ -136,7 +137,7 @@ fn main() -> Result<()> {
             bail!("{name}: RSS grew {growth:.3}x after warm-up");
         }
         report.push(serde_json::json!({
-            "policy": name, "decode_tokens": decoded, "waves": wave, "preemptions": preemptions,
+            "policy": name, "decode_steps": steps, "decode_tokens": decoded, "waves": wave, "preemptions": preemptions,
             "pool_blocks": capacity, "rss_growth_after_warmup": growth, "per_wave": waves,
         }));
     }

@@ -39,13 +39,22 @@ pub fn build_engine_with_table(cfg: &EngineConfig) -> Result<(Engine, Option<Tok
     Ok((engine, loaded.tokenizer, table))
 }
 
-/// Completes a `dms` policy table from the model: loads a configured adapter into the model, then
-/// fills `window`, `alpha_scale`, `alpha_offset` and `disable_eviction` from the checkpoint's (or
-/// adapter's) `dms_*` fields where the config does not set them, and reports which values it used.
+/// Completes a `dms` policy table (also one shadowed by `shadow`'s `inner`) from the model: loads
+/// a configured adapter into the model, then fills `window`, `alpha_scale`, `alpha_offset` and
+/// `disable_eviction` from the checkpoint's (or adapter's) `dms_*` fields where the config does
+/// not set them, and reports which values it used.
 pub fn resolve_policy_table(table: &toml::Table, model: &mut Llama, base: Option<&Path>) -> Result<toml::Table> {
     let mut table = table.clone();
-    if table.get("name").and_then(|v| v.as_str()) != Some("dms") {
-        return Ok(table);
+    match table.get("name").and_then(|v| v.as_str()) {
+        Some("dms") => {}
+        Some("shadow") => {
+            if let Some(toml::Value::Table(inner)) = table.get("inner") {
+                let inner = resolve_policy_table(inner, model, base).context("shadow `inner`")?;
+                table.insert("inner".into(), toml::Value::Table(inner));
+            }
+            return Ok(table);
+        }
+        _ => return Ok(table),
     }
     if let Some(adapter) = table.get("adapter").and_then(|v| v.as_str()) {
         let dir = resolve_model(adapter, base).context("[cache.policy] adapter")?;

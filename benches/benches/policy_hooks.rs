@@ -9,7 +9,7 @@ const PROMPT: usize = 1024;
 
 /// A deterministic score that flags about 3 tokens in 4 (DMS at roughly 4x compression).
 fn score(layer: usize, head: usize, pos: usize) -> f32 {
-    if (layer * 31 + head * 17 + pos * 13) % 4 == 0 {
+    if (layer * 31 + head * 17 + pos * 13).is_multiple_of(4) {
         -1.0
     } else {
         1.0

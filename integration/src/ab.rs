@@ -228,7 +228,12 @@ impl AbConfig {
             bail!("[cache] block_size and memory_mb must be positive");
         }
         if let Some(c) = &self.capacity {
-            if !(c.memory_mb > 0.0) || c.requests == 0 || c.prompt_tokens == 0 || c.gen_tokens == 0 {
+            if c.memory_mb.is_nan()
+                || c.memory_mb <= 0.0
+                || c.requests == 0
+                || c.prompt_tokens == 0
+                || c.gen_tokens == 0
+            {
                 bail!("[capacity] memory_mb, requests, prompt_tokens and gen_tokens must be positive");
             }
         }

@@ -172,7 +172,7 @@ impl EvalConfig {
             bail!("[quality] prompts, prompt_tokens, continuation_tokens and concurrency must be at least 1");
         }
         let c = &self.calibration;
-        if c.targets.is_empty() || c.targets.iter().any(|t| !(*t >= 1.0)) {
+        if c.targets.is_empty() || c.targets.iter().any(|t| t.is_nan() || *t < 1.0) {
             bail!("[calibration] targets must be a non-empty list of ratios >= 1");
         }
         if !(c.tolerance > 0.0 && c.tolerance < 1.0) || c.max_runs < 2 {
@@ -700,7 +700,9 @@ pub fn plot(r: &EvalReport, path: &Path) -> Result<()> {
     };
     let max_cr = r.cells.iter().map(|c| c.quality.cr).fold(1.0, f64::max) * 1.1;
     let max_kl = r.cells.iter().map(|c| c.quality.mean_kl).fold(1e-3, f64::max) * 1.1;
-    let specs: [(&str, &str, f64, fn(&Quality) -> f64); 2] = [
+    // (title, y label, y max, the plotted figure)
+    type PanelSpec = (&'static str, &'static str, f64, fn(&Quality) -> f64);
+    let specs: [PanelSpec; 2] = [
         ("mean KL(full || policy) vs measured CR", "mean KL (nats)", max_kl, |q| q.mean_kl),
         ("top-1 agreement with the full cache vs measured CR", "top-1 agreement", 1.02, |q| q.top1_agreement),
     ];

@@ -128,7 +128,7 @@ impl RetrofitSection {
         if self.steps == 0 || self.seq_len < 2 || self.ramp_steps == 0 {
             bail!("[retrofit] steps, ramp_steps must be positive and seq_len at least 2");
         }
-        if !(self.target_cr >= 1.0) {
+        if self.target_cr.is_nan() || self.target_cr < 1.0 {
             bail!("[retrofit] target_cr must be at least 1");
         }
         if !(self.lr > 0.0 && self.tau > 0.0) {

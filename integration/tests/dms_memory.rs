@@ -33,23 +33,21 @@ fn long_generation_memory_matches_kept_positions() {
     }
     let (mut live, mut alloc, mut frac) = (0u64, 0u64, 0f64);
     let slot = 2 * 16 * 4;
-    for l in 0..2 {
-        for h in 0..2 {
-            // Rule 8 list oracle.
-            let mut list: Vec<bool> = Vec::new();
-            for t in 0..n {
-                if let Some(x) = list.last_mut() {
-                    *x = decisions[l][h][t];
-                }
-                list.push(false);
-                if list.len() > w + 1 && list[list.len() - w - 2] {
-                    list.remove(list.len() - w - 2);
-                }
+    for row in decisions.iter().flatten() {
+        // Rule 8 list oracle.
+        let mut list: Vec<bool> = Vec::new();
+        for &d in row {
+            if let Some(x) = list.last_mut() {
+                *x = d;
             }
-            live += list.len() as u64 * slot;
-            alloc += (list.len().div_ceil(bs) * bs) as u64 * slot;
-            frac += list.len() as f64 / n as f64;
+            list.push(false);
+            if list.len() > w + 1 && list[list.len() - w - 2] {
+                list.remove(list.len() - w - 2);
+            }
         }
+        live += list.len() as u64 * slot;
+        alloc += (list.len().div_ceil(bs) * bs) as u64 * slot;
+        frac += list.len() as f64 / n as f64;
     }
     assert_eq!(g.usage.bytes_live, live);
     assert_eq!(g.usage.bytes_allocated, alloc);

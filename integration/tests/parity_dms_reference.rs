@@ -88,8 +88,8 @@ fn check_disable_eviction(variant: &str) {
     let (mut eng, log) = dms_engine(variant, "disable_eviction = true");
     let mut seq = eng.new_sequence();
     let mut got = eng.step(&mut seq, &prompt, true).unwrap().to_vec2::<f32>().unwrap();
-    for s in 0..24 {
-        got.push(eng.step(&mut seq, &[generated[s]], false).unwrap().squeeze(0).unwrap().to_vec1().unwrap());
+    for &token in &generated[..24] {
+        got.push(eng.step(&mut seq, &[token], false).unwrap().squeeze(0).unwrap().to_vec1().unwrap());
     }
     let mut vanilla_diff = 0f32;
     for t in 0..72 {
@@ -154,12 +154,10 @@ fn window_override_changes_what_is_kept() {
     let d: Vec<Vec<Vec<i64>>> = g["decisions"].to_dtype(candle_core::DType::I64).unwrap().to_vec3().unwrap();
     // Layer 0's adapter reads the embeddings, so its decisions are the reference's whatever the
     // window; later layers see different attention outputs.
-    for l in 0..1 {
-        for (h, kept) in seq.kept_positions(l, &eng.store).iter().enumerate() {
-            let want: Vec<Pos> =
-                (0..48u32).filter(|&k| !(k + 1 < 48 && d[l][h][k as usize + 1] == 1 && k + 2 + 1 <= 47)).collect();
-            assert_eq!(kept, &want, "layer {l} head {h}");
-        }
+    for (h, kept) in seq.kept_positions(0, &eng.store).iter().enumerate() {
+        let want: Vec<Pos> =
+            (0..48u32).filter(|&k| !(k + 1 < 48 && d[0][h][k as usize + 1] == 1 && k + 2 < 47)).collect();
+        assert_eq!(kept, &want, "layer 0 head {h}");
     }
 }
 

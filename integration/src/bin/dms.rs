@@ -22,7 +22,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Generate from one prompt and print the text and a summary line.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Run one workload under every arm of an A/B file; print a table, write JSON and a plot.
     Ab(AbArgs),
     /// Run a batch x context x arm grid end to end and write JSON (ratios to the full cache).
@@ -327,7 +327,7 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(a) => run(a),
+        Command::Run(a) => run(*a),
         Command::Ab(a) => ab(a),
         Command::Eval { config } => eval(&config),
         Command::Retrofit { config } => dms_integration::retrofit::RetrofitConfig::load(&config)

@@ -93,7 +93,7 @@ pub struct MoeConfig {
 impl MoeConfig {
     /// Whether decoder layer `i` uses the MoE block.
     pub fn is_moe_layer(&self, i: usize) -> bool {
-        i >= self.first_k_dense_replace && i % self.moe_layer_freq.max(1) == 0
+        i >= self.first_k_dense_replace && i.is_multiple_of(self.moe_layer_freq.max(1))
     }
 }
 
@@ -355,14 +355,14 @@ impl ModelConfig {
                 bail!("model config: `{name}` must be positive");
             }
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             bail!(
                 "model config: num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.num_heads,
                 self.num_kv_heads
             );
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             bail!("model config: head_dim {} must be even for RoPE", self.head_dim);
         }
         // Far above any published model: a value beyond these is a corrupt file, and taking it at

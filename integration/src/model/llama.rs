@@ -68,7 +68,7 @@ enum Attention {
     /// Per-head K/V (Llama family).
     Mha(MhaWeights),
     /// Latent attention (DeepSeek).
-    Mla(MlaAttention),
+    Mla(Box<MlaAttention>),
 }
 
 /// A layer's feed-forward block.
@@ -160,7 +160,7 @@ impl Llama {
                 None
             };
             let attn = match &cfg.mla {
-                Some(_) => Attention::Mla(MlaAttention::load(&cfg, &format!("{p}.self_attn"), &get)?),
+                Some(_) => Attention::Mla(Box::new(MlaAttention::load(&cfg, &format!("{p}.self_attn"), &get)?)),
                 None => Attention::Mha(MhaWeights {
                     q_proj: linear(&format!("{p}.self_attn.q_proj"), cfg.num_heads * hd, h, bias)?,
                     k_proj: linear(&format!("{p}.self_attn.k_proj"), cfg.num_kv_heads * hd, h, bias)?,
@@ -243,7 +243,7 @@ impl Llama {
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let attn = match &cfg.mla {
-                Some(_) => Attention::Mla(MlaAttention::random(&cfg, device, dtype)?),
+                Some(_) => Attention::Mla(Box::new(MlaAttention::random(&cfg, device, dtype)?)),
                 None => Attention::Mha(MhaWeights {
                     q_proj: lin(cfg.num_heads * hd, h)?,
                     k_proj: lin(cfg.num_kv_heads * hd, h)?,
@@ -296,7 +296,7 @@ impl Llama {
                             q_norm: m.q_norm.as_ref().map(c).transpose()?,
                             k_norm: m.k_norm.as_ref().map(c).transpose()?,
                         }),
-                        Attention::Mla(m) => Attention::Mla(m.to_dtype(dtype)?),
+                        Attention::Mla(m) => Attention::Mla(Box::new(m.to_dtype(dtype)?)),
                     },
                     ffn: match &l.ffn {
                         FeedForward::Dense(m) => FeedForward::Dense(m.to_dtype(dtype)?),

@@ -295,6 +295,9 @@ pub struct ArmResult {
     pub latent_factor: f64,
     /// Whether a full-cache baseline of the same model exists (agreement and KL are defined).
     pub has_baseline: bool,
+    /// The arm's model has random weights: perplexity and top-1 agreement mean nothing (KL
+    /// against its own full arm still measures what eviction changes).
+    pub random_weights: bool,
 }
 
 pub(crate) fn log_softmax(l: &[f32]) -> Vec<f32> {
@@ -457,6 +460,7 @@ pub fn run_ab(cfg: &AbConfig) -> Result<(Vec<ArmResult>, Vec<PeerResult>)> {
             capacity,
             latent_factor: engine.model.config().latent_factor(),
             has_baseline,
+            random_weights: engine.model.has_random_weights(),
         });
     }
     for r in by_index.into_iter().flatten() {
@@ -625,13 +629,14 @@ pub fn table(results: &[ArmResult]) -> String {
     s.push_str("|\n");
     for r in results {
         let last = r.stats.memory_trace.last().copied().unwrap_or_default();
-        let (agree, kl) = if r.has_baseline {
-            (format!("{:.3}", r.top1_agreement), format!("{:.4}", r.mean_kl))
-        } else {
-            ("-".into(), "-".into())
+        let (agree, kl) = match (r.has_baseline, r.random_weights) {
+            (true, false) => (format!("{:.3}", r.top1_agreement), format!("{:.4}", r.mean_kl)),
+            (true, true) => ("n/a".into(), format!("{:.4}", r.mean_kl)),
+            (false, _) => ("-".into(), "-".into()),
         };
+        let ppl = if r.random_weights { "n/a".to_string() } else { format!("{:.2}", r.perplexity) };
         s.push_str(&format!(
-            "| {} | {:.2} | {:.2}x ({:.2} x {:.2}) | {} | {} | {} / {} | {:.1} | {:.1} | {agree} | {kl} | {:.2} |",
+            "| {} | {:.2} | {:.2}x ({:.2} x {:.2}) | {} | {} | {} / {} | {:.1} | {:.1} | {agree} | {kl} | {ppl} |",
             r.name,
             r.compression_ratio,
             r.latent_factor * r.compression_ratio,
@@ -642,8 +647,7 @@ pub fn table(results: &[ArmResult]) -> String {
             fmt_bytes(last.1),
             fmt_bytes(last.2),
             r.stats.prefill_tokens as f64 / r.stats.prefill_secs.max(1e-9),
-            r.stats.decode_tok_s(),
-            r.perplexity
+            r.stats.decode_tok_s()
         ));
         if let Some(c) = &r.capacity {
             s.push_str(&format!(
@@ -683,8 +687,10 @@ pub fn to_json(cfg: &AbConfig, results: &[ArmResult], peers: &[PeerResult]) -> s
             "decode_tok_s": r.stats.decode_tok_s(),
             "model": r.model,
             "decode_tok_s_vs_baseline": base_tps(&r.model).map(|b| r.stats.decode_tok_s() / b),
-            "top1_agreement": r.has_baseline.then_some(r.top1_agreement), "mean_kl": r.has_baseline.then_some(r.mean_kl),
-            "perplexity": r.perplexity,
+            "random_weights": r.random_weights,
+            "top1_agreement": (r.has_baseline && !r.random_weights).then_some(r.top1_agreement),
+            "mean_kl": r.has_baseline.then_some(r.mean_kl),
+            "perplexity": (!r.random_weights).then_some(r.perplexity),
             "memory_trace": r.stats.memory_trace,
             "capacity": r.capacity.as_ref().map(|c| json!({"mean_running": c.mean_running(), "max_running": c.max_running,
                 "decode_tok_s": c.decode_tok_s(), "preemptions": c.preemptions})),

@@ -56,23 +56,31 @@ pub fn resolve_policy_table(table: &toml::Table, model: &mut Llama, base: Option
         }
         _ => return Ok(table),
     }
-    if let Some(adapter) = table.get("adapter").and_then(|v| v.as_str()) {
-        let dir = resolve_model(adapter, base).context("[cache.policy] adapter")?;
-        load_adapter(&dir, model)?;
-    }
+    let adapter = match table.get("adapter").and_then(|v| v.as_str()) {
+        Some(a) => {
+            let dir = resolve_model(a, base).context("[cache.policy] adapter")?;
+            load_adapter(&dir, model)?
+        }
+        None => Default::default(),
+    };
     let f = model.config().dms.clone();
-    let defaults: [(&str, Option<toml::Value>); 4] = [
-        ("window", f.dms_window_size.map(|x| toml::Value::Integer(x as i64))),
-        ("alpha_scale", f.dms_alpha_scale.map(|x| toml::Value::Float(x as f64))),
-        ("alpha_offset", f.dms_initial_alpha_offset.map(|x| toml::Value::Float(x as f64))),
-        ("disable_eviction", f.dms_disable_eviction.map(toml::Value::Boolean)),
+    let defaults: [(&str, Option<toml::Value>, bool); 4] = [
+        ("window", f.dms_window_size.map(|x| toml::Value::Integer(x as i64)), adapter.dms_window_size.is_some()),
+        ("alpha_scale", f.dms_alpha_scale.map(|x| toml::Value::Float(x as f64)), adapter.dms_alpha_scale.is_some()),
+        (
+            "alpha_offset",
+            f.dms_initial_alpha_offset.map(|x| toml::Value::Float(x as f64)),
+            adapter.dms_initial_alpha_offset.is_some(),
+        ),
+        ("disable_eviction", f.dms_disable_eviction.map(toml::Value::Boolean), adapter.dms_disable_eviction.is_some()),
     ];
     let mut used = Vec::new();
-    for (key, value) in defaults {
+    for (key, value, from_adapter) in defaults {
         match (table.get(key), value) {
             (Some(v), _) => used.push(format!("{key} = {v} (engine config)")),
             (None, Some(v)) => {
-                used.push(format!("{key} = {v} (model checkpoint)"));
+                let source = if from_adapter { "adapter" } else { "model checkpoint" };
+                used.push(format!("{key} = {v} ({source})"));
                 table.insert(key.into(), v);
             }
             (None, None) => {}
@@ -83,8 +91,9 @@ pub fn resolve_policy_table(table: &toml::Table, model: &mut Llama, base: Option
 }
 
 /// Loads an adapter in NVIDIA's DMS format: a directory with `config.json` (its `dms_*` fields)
-/// and safetensors holding `model.layers.N.self_attn.dms_proj_alpha{,_norm}.weight`.
-pub fn load_adapter(dir: &Path, model: &mut Llama) -> Result<()> {
+/// and safetensors holding `model.layers.N.self_attn.dms_proj_alpha{,_norm}.weight`. The model's
+/// `dms_*` fields take the adapter's where it sets them; returns the adapter's own fields.
+pub fn load_adapter(dir: &Path, model: &mut Llama) -> Result<crate::model::config::DmsCheckpointFields> {
     let cfg_text = std::fs::read_to_string(dir.join("config.json"))
         .with_context(|| format!("adapter directory {} has no readable config.json", dir.display()))?;
     let fields: crate::model::config::DmsCheckpointFields =
@@ -108,11 +117,11 @@ pub fn load_adapter(dir: &Path, model: &mut Llama) -> Result<()> {
         dms_alpha_scale: fields.dms_alpha_scale.or(d.dms_alpha_scale),
         dms_initial_alpha_offset: fields.dms_initial_alpha_offset.or(d.dms_initial_alpha_offset),
         dms_separate_alpha: Some(true),
-        dms_alpha_per: fields.dms_alpha_per.or(d.dms_alpha_per.clone()),
+        dms_alpha_per: fields.dms_alpha_per.clone().or(d.dms_alpha_per.clone()),
         dms_disable_eviction: fields.dms_disable_eviction.or(d.dms_disable_eviction),
     };
     *d = merged;
-    Ok(())
+    Ok(fields)
 }
 
 /// Generation settings from the config.

@@ -145,6 +145,14 @@ fn mla_arms_use_their_own_full_baseline_and_report_latent_times_cr() {
     assert_eq!(mla_full.stats.memory_trace.last().unwrap().1, 2 * 55 * 12 * 160 * 4);
     let t = table(&r);
     assert!(t.contains("9.00 x"), "{t}");
+    // Random weights: perplexity and top-1 agreement are printed as n/a, KL against its own full arm.
+    assert!(mla_dms.random_weights && !full.random_weights);
+    let row = |n: &str| t.lines().find(|l| l.starts_with(&format!("| {n} |"))).unwrap().to_string();
+    let cells = |l: String| l.split('|').map(|c| c.trim().to_string()).collect::<Vec<_>>();
+    let (dms_row, full_row) = (cells(row("mla-dms")), cells(row("full")));
+    assert_eq!((dms_row[9].as_str(), dms_row[11].as_str()), ("n/a", "n/a"), "{t}");
+    assert_eq!(dms_row[10], format!("{:.4}", mla_dms.mean_kl), "{t}");
+    assert_eq!(full_row[11], format!("{:.2}", full.perplexity), "{t}");
     let e = AbConfig::load(&write(
         "mla-vocab",
         &arms.replace(&mla.display().to_string(), &fixture("deepseek_mla_tiny").display().to_string()),

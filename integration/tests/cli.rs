@@ -102,3 +102,31 @@ fn cli_reports_bad_config_without_panicking() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("unknown cache policy `nope`") && !err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn run_names_the_adapter_as_the_source_of_its_dms_values() {
+    let cfg = write_config("adapter-label", "name = \"dms\"\nadapter = \"adapter\"");
+    let adapter = cfg.with_file_name("adapter");
+    std::fs::create_dir_all(&adapter).unwrap();
+    let mut t = std::collections::HashMap::new();
+    for l in 0..2 {
+        let p = format!("model.layers.{l}.self_attn.dms_proj_alpha");
+        t.insert(
+            format!("{p}.weight"),
+            candle_core::Tensor::zeros((2, 64), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap(),
+        );
+        t.insert(
+            format!("{p}_norm.weight"),
+            candle_core::Tensor::ones(64, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap(),
+        );
+    }
+    candle_core::safetensors::save(&t, adapter.join("adapter.safetensors")).unwrap();
+    std::fs::write(adapter.join("config.json"), r#"{"dms_window_size": 4, "dms_separate_alpha": true}"#).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_dms"))
+        .args(["run", "--config", cfg.to_str().unwrap(), "--prompt-ids", "1,2,3", "--max-tokens", "2"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("window = 4 (adapter)"), "{stderr}");
+}

@@ -124,6 +124,7 @@ pub struct Llama {
     inv_freq: Vec<f32>,
     decision: DecisionSource,
     neuron_mask: Option<Tensor>,
+    random_weights: bool,
 }
 
 impl Llama {
@@ -203,7 +204,18 @@ impl Llama {
             _ => None,
         };
         let inv_freq = rope_freqs(&cfg);
-        Ok(Self { cfg, device: device.clone(), embed, layers, norm, lm_head, inv_freq, decision, neuron_mask })
+        Ok(Self {
+            cfg,
+            device: device.clone(),
+            embed,
+            layers,
+            norm,
+            lm_head,
+            inv_freq,
+            decision,
+            neuron_mask,
+            random_weights: false,
+        })
     }
 
     /// Attaches a DMS adapter (per layer `dms_proj_alpha` + `dms_proj_alpha_norm`, NVIDIA's
@@ -273,7 +285,13 @@ impl Llama {
             inv_freq,
             decision: DecisionSource::None,
             neuron_mask: None,
+            random_weights: true,
         })
+    }
+
+    /// True for a model built by [`Llama::random`]: its outputs say nothing about quality.
+    pub fn has_random_weights(&self) -> bool {
+        self.random_weights
     }
 
     /// The same model with every weight converted to `dtype`.
@@ -319,6 +337,7 @@ impl Llama {
             inv_freq: self.inv_freq.clone(),
             decision: self.decision.clone(),
             neuron_mask: self.neuron_mask.clone(),
+            random_weights: self.random_weights,
         })
     }
 

@@ -20,7 +20,7 @@ use serde_json::json;
 use tokenizers::Tokenizer;
 
 use crate::assets::resolve_model;
-use crate::config::{open_device, ModelSection};
+use crate::config::{open_device, ModelSection, PoolSize};
 use crate::engine::{load_model, Engine, GenParams};
 use crate::kv_store::KvStore;
 use crate::runner::{fmt_bytes, registry, resolve_policy_table};
@@ -269,6 +269,18 @@ impl Arm {
     }
 }
 
+/// An engine for the arms of one model: a `[cache] memory_mb` pool (each arm brings its policy).
+fn arm_engine(model: crate::model::Llama, cache: &AbCache) -> Result<Engine> {
+    let mc = model.config();
+    let blocks = PoolSize::MiB(cache.memory_mb as f64).blocks(
+        cache.block_size,
+        mc.num_layers * mc.num_kv_heads,
+        mc.row_bytes_per_token(),
+    );
+    let full = registry().build(&toml::from_str("name = 'full'")?)?;
+    Engine::new(model, full, cache.block_size, blocks)
+}
+
 /// Everything measured for one arm.
 #[derive(Debug, Clone)]
 pub struct ArmResult {
@@ -354,14 +366,7 @@ pub fn run_ab(cfg: &AbConfig) -> Result<(Vec<ArmResult>, Vec<PeerResult>)> {
         let path = resolve_model(&cfg.model.source, base)?;
         let loaded = load_model(&path, &device, false).with_context(|| format!("loading {}", path.display()))?;
         let tok = loaded.tokenizer.clone();
-        let mc = loaded.model.config();
-        let blocks =
-            (cfg.cache.memory_mb * 1024 * 1024 / (cfg.cache.block_size as u64 * mc.row_bytes_per_token())) as usize;
-        let full = registry().build(&toml::from_str("name = 'full'").expect("valid"))?;
-        engines.insert(
-            cfg.model.source.clone(),
-            (Engine::new(loaded.model, full, cfg.cache.block_size, blocks)?, tok.clone()),
-        );
+        engines.insert(cfg.model.source.clone(), (arm_engine(loaded.model, &cfg.cache)?, tok.clone()));
         tok
     };
     let mut by_index: Vec<Option<ArmResult>> = vec![None; cfg.arms.len()];
@@ -371,12 +376,7 @@ pub fn run_ab(cfg: &AbConfig) -> Result<(Vec<ArmResult>, Vec<PeerResult>)> {
         if !engines.contains_key(&source) {
             let path = resolve_model(&source, base)?;
             let loaded = load_model(&path, &device, false).with_context(|| format!("loading {}", path.display()))?;
-            let mc = loaded.model.config();
-            let blocks =
-                (cfg.cache.memory_mb * 1024 * 1024 / (cfg.cache.block_size as u64 * mc.row_bytes_per_token())) as usize;
-            let full = registry().build(&toml::from_str("name = 'full'").expect("valid"))?;
-            let engine = Engine::new(loaded.model, full, cfg.cache.block_size, blocks)?;
-            engines.insert(source.clone(), (engine, loaded.tokenizer));
+            engines.insert(source.clone(), (arm_engine(loaded.model, &cfg.cache)?, loaded.tokenizer));
         }
         let (engine, tok) = engines.get_mut(&source).expect("inserted");
         let tok = match (tok.as_ref(), default_tok.as_ref()) {
@@ -591,7 +591,8 @@ fn capacity_run(
     label: &str,
 ) -> Result<BatchStats> {
     let mc = engine.model.config();
-    let blocks = (c.memory_mb * 1024.0 * 1024.0 / (block_size as u64 * mc.row_bytes_per_token()) as f64) as usize;
+    let blocks =
+        PoolSize::MiB(c.memory_mb).blocks(block_size, mc.num_layers * mc.num_kv_heads, mc.row_bytes_per_token());
     let saved =
         std::mem::replace(&mut engine.store, KvStore::with_value_dim(mc.head_dim, mc.value_dim(), block_size, blocks));
     let wins = windows(ids, c.requests, c.prompt_tokens)?;

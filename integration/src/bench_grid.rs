@@ -117,11 +117,13 @@ pub fn run_grid(cfg: &BenchConfig) -> Result<(serde_json::Value, String)> {
     let loaded = load_model(&path, &device, false)?;
     let g = &cfg.grid;
     let mc = loaded.model.config().clone();
-    let max_tokens = g.contexts.iter().max().copied().unwrap_or(0) + g.decode_tokens + g.block_size;
-    let blocks = g.batches.iter().max().copied().unwrap_or(1)
-        * mc.num_layers
-        * mc.num_kv_heads
-        * (max_tokens.div_ceil(g.block_size) + 1);
+    // The longest context and its decode tokens, plus two blocks of headroom per row.
+    let max_tokens = g.contexts.iter().max().copied().unwrap_or(0) + g.decode_tokens + 2 * g.block_size;
+    let blocks = crate::config::PoolSize::Tokens {
+        tokens: max_tokens as u64,
+        sequences: g.batches.iter().max().copied().unwrap_or(1),
+    }
+    .blocks(g.block_size, mc.num_layers * mc.num_kv_heads, mc.row_bytes_per_token());
     let full = registry().build(&toml::from_str("name = 'full'").expect("valid"))?;
     let mut engine = Engine::new(loaded.model, full, g.block_size, blocks)?;
     let mut policies: Vec<(String, Arc<dyn PolicyFactory>)> = Vec::new();

@@ -183,19 +183,50 @@ impl EngineConfig {
         Ok(())
     }
 
+    /// The pool size `[cache]` asks for.
+    pub fn pool_size(&self) -> PoolSize {
+        match (self.cache.memory_mb, self.cache.max_tokens) {
+            (_, Some(tokens)) => PoolSize::Tokens { tokens, sequences: 1 },
+            (mb, None) => PoolSize::MiB(mb.unwrap_or(DEFAULT_MEMORY_MB) as f64),
+        }
+    }
+
     /// Pool capacity in blocks for a model with these per-token sizes (`slot_bytes`: bytes of one
     /// token in one row, keys plus values).
     pub fn capacity_blocks(&self, n_layers: usize, n_kv_heads: usize, slot_bytes: u64) -> usize {
-        let bs = self.cache.block_size;
-        match (self.cache.memory_mb, self.cache.max_tokens) {
-            // Saturating: a pool larger than addressable memory is simply unbounded (it grows
-            // block by block as rows need it).
-            (_, Some(tokens)) => {
-                usize::try_from(tokens).unwrap_or(usize::MAX).div_ceil(bs).saturating_mul(n_layers * n_kv_heads)
-            }
-            (mb, None) => {
-                let bytes = mb.unwrap_or(DEFAULT_MEMORY_MB).saturating_mul(1024 * 1024);
-                usize::try_from(bytes / (bs as u64).saturating_mul(slot_bytes).max(1)).unwrap_or(usize::MAX)
+        self.pool_size().blocks(self.cache.block_size, n_layers * n_kv_heads, slot_bytes)
+    }
+}
+
+/// The size of a KV block pool. [`PoolSize::blocks`] is the one rule every engine, harness and
+/// device cache uses to turn it into blocks.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum PoolSize {
+    /// A memory budget in MiB.
+    MiB(f64),
+    /// Room for `sequences` sequences of `tokens` tokens each with a full cache.
+    Tokens {
+        /// Tokens per sequence.
+        tokens: u64,
+        /// Sequences.
+        sequences: usize,
+    },
+}
+
+impl PoolSize {
+    /// Blocks of `block_size` slots, for sequences of `rows_per_sequence` rows whose slots hold
+    /// `slot_bytes` bytes each. Saturating: a pool larger than addressable memory is simply
+    /// unbounded (the store grows block by block as rows need it).
+    pub fn blocks(&self, block_size: usize, rows_per_sequence: usize, slot_bytes: u64) -> usize {
+        match *self {
+            PoolSize::Tokens { tokens, sequences } => usize::try_from(tokens)
+                .unwrap_or(usize::MAX)
+                .div_ceil(block_size)
+                .saturating_mul(rows_per_sequence)
+                .saturating_mul(sequences),
+            PoolSize::MiB(mb) => {
+                let block_bytes = (block_size as u64).saturating_mul(slot_bytes).max(1);
+                (mb.max(0.0) * (1024.0 * 1024.0) / block_bytes as f64) as usize
             }
         }
     }

@@ -520,8 +520,11 @@ pub fn run_eval(cfg: &EvalConfig) -> Result<EvalReport> {
     let loaded = load_model(&path, &device, false).with_context(|| format!("loading {}", path.display()))?;
     let tok = loaded.tokenizer.clone().context("the eval workload is text: the model needs a tokenizer")?;
     let mc = loaded.model.config();
-    let blocks =
-        (cfg.cache.memory_mb * 1024 * 1024 / (cfg.cache.block_size as u64 * mc.row_bytes_per_token())) as usize;
+    let blocks = crate::config::PoolSize::MiB(cfg.cache.memory_mb as f64).blocks(
+        cfg.cache.block_size,
+        mc.num_layers * mc.num_kv_heads,
+        mc.row_bytes_per_token(),
+    );
     let full = registry().build(&toml::from_str("name = 'full'").expect("valid"))?;
     let mut engine = Engine::new(loaded.model, full.clone(), cfg.cache.block_size, blocks)?;
     let chunk = cfg.cache.prefill_chunk;

@@ -111,7 +111,7 @@ impl GpuCacheShape {
     fn validate(&self, dtype: DType) -> Result<()> {
         let vec = 16 / dtype.size_in_bytes();
         let d = self.head_dim;
-        if d == 0 || d % vec != 0 {
+        if d == 0 || !d.is_multiple_of(vec) {
             bail!("head_dim {d} unsupported by the GPU cache (a positive multiple of {vec} in {dtype:?})");
         }
         match self.latent_rank {

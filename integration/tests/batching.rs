@@ -5,28 +5,10 @@
 mod common;
 use std::sync::Arc;
 
-use candle_core::Device;
 use common::*;
-use dms_integration::engine::{load_model, Engine, GenParams};
-use dms_integration::runner::resolve_policy_table;
+use dms_integration::engine::Engine;
 use dms_integration::scheduler::{run_batch, Finished, Request};
-use dms_policy::{PolicyFactory, Registry};
-
-fn engine(capacity_blocks: usize) -> Engine {
-    let dir = fixture("qwen3_dms_tiny/variant_separate_alpha/model");
-    let loaded = load_model(&dir, &Device::Cpu, false).unwrap();
-    let full = Registry::with_builtins().build(&toml::from_str("name = 'full'").unwrap()).unwrap();
-    Engine::new(loaded.model, full, 4, capacity_blocks).unwrap()
-}
-
-fn policy(eng: &mut Engine, table: &str) -> Arc<dyn PolicyFactory> {
-    let t = resolve_policy_table(&toml::from_str(table).unwrap(), &mut eng.model, None).unwrap();
-    Registry::with_builtins().build(&t).unwrap()
-}
-
-fn params(n: usize) -> GenParams {
-    GenParams { max_tokens: n, temperature: 0.0, top_p: 1.0, seed: 1, stop_at_eos: false, prefill_chunk: 0 }
-}
+use dms_policy::PolicyFactory;
 
 fn prompt(seed: usize, len: usize) -> Vec<u32> {
     (0..len).map(|i| ((i * 7 + seed * 131) % 500) as u32 + 3).collect()
@@ -41,21 +23,26 @@ const POLICIES: [&str; 4] = [
 
 fn requests(eng: &mut Engine) -> Vec<Request> {
     (0..5)
-        .map(|i| Request { id: i, prompt: prompt(i, 9 + 5 * i), forced: None, policy: policy(eng, POLICIES[i % 4]) })
+        .map(|i| Request {
+            id: i,
+            prompt: prompt(i, 9 + 5 * i),
+            forced: None,
+            policy: resolved_policy(eng, POLICIES[i % 4]),
+        })
         .collect()
 }
 
 fn alone(eng: &mut Engine, r: &Request, n: usize) -> Finished {
-    let (mut f, _) = run_batch(eng, vec![r.clone()], &params(n), 1, true, |_| {}).unwrap();
+    let (mut f, _) = run_batch(eng, vec![r.clone()], &greedy_params(n), 1, true, |_| {}).unwrap();
     f.pop().unwrap()
 }
 
 #[test]
 fn batched_decode_equals_each_sequence_alone_with_per_request_policies() {
-    let mut eng = engine(1 << 14);
+    let mut eng = batch_engine(1 << 14);
     let reqs = requests(&mut eng);
     let refs: Vec<Finished> = reqs.iter().map(|r| alone(&mut eng, r, 20)).collect();
-    let (got, stats) = run_batch(&mut eng, reqs, &params(20), 8, true, |_| {}).unwrap();
+    let (got, stats) = run_batch(&mut eng, reqs, &greedy_params(20), 8, true, |_| {}).unwrap();
     assert_eq!(stats.max_running, 5, "all five decode together");
     for (g, r) in got.iter().zip(&refs) {
         assert_eq!(g.tokens, r.tokens, "request {}", g.id);
@@ -71,11 +58,11 @@ fn batched_decode_equals_each_sequence_alone_with_per_request_policies() {
 
 #[test]
 fn shadow_mode_outputs_full_and_reports_the_shadowed_compression() {
-    let mut eng = engine(1 << 14);
+    let mut eng = batch_engine(1 << 14);
     let p = prompt(3, 20);
-    let full = policy(&mut eng, POLICIES[0]);
-    let window = policy(&mut eng, POLICIES[1]);
-    let shadow = policy(&mut eng, POLICIES[3]);
+    let full = resolved_policy(&mut eng, POLICIES[0]);
+    let window = resolved_policy(&mut eng, POLICIES[1]);
+    let shadow = resolved_policy(&mut eng, POLICIES[3]);
     let forced: Vec<u32> = (0..15).map(|i| (i * 11 % 500) as u32 + 3).collect();
     let mk = |policy: &Arc<dyn PolicyFactory>| Request {
         id: 0,
@@ -97,14 +84,14 @@ fn shadow_mode_outputs_full_and_reports_the_shadowed_compression() {
 
 #[test]
 fn preempted_sequences_resume_with_identical_output() {
-    let mut big = engine(1 << 14);
-    let full = policy(&mut big, POLICIES[0]);
+    let mut big = batch_engine(1 << 14);
+    let full = resolved_policy(&mut big, POLICIES[0]);
     let reqs: Vec<Request> =
         (0..4).map(|i| Request { id: i, prompt: prompt(i, 12), forced: None, policy: full.clone() }).collect();
-    let (want, _) = run_batch(&mut big, reqs.clone(), &params(30), 8, true, |_| {}).unwrap();
+    let (want, _) = run_batch(&mut big, reqs.clone(), &greedy_params(30), 8, true, |_| {}).unwrap();
     // Each sequence ends with 41 tokens: 11 blocks x 4 rows = 44 blocks; 100 blocks hold two.
-    let mut small = engine(100);
-    let (got, stats) = run_batch(&mut small, reqs, &params(30), 8, true, |_| {}).unwrap();
+    let mut small = batch_engine(100);
+    let (got, stats) = run_batch(&mut small, reqs, &greedy_params(30), 8, true, |_| {}).unwrap();
     assert!(stats.preemptions > 0, "the pool forces preemption");
     assert!(stats.max_running >= 2);
     for (g, w) in got.iter().zip(&want) {
@@ -120,11 +107,11 @@ fn preempted_sequences_resume_with_identical_output() {
 #[test]
 fn dms_sustains_more_concurrent_sequences_in_the_same_pool() {
     let run = |table: &str| {
-        let mut eng = engine(160);
-        let p = policy(&mut eng, table);
+        let mut eng = batch_engine(160);
+        let p = resolved_policy(&mut eng, table);
         let reqs: Vec<Request> =
             (0..8).map(|i| Request { id: i, prompt: prompt(i, 8), forced: None, policy: p.clone() }).collect();
-        let (_, stats) = run_batch(&mut eng, reqs, &params(60), 8, false, |_| {}).unwrap();
+        let (_, stats) = run_batch(&mut eng, reqs, &greedy_params(60), 8, false, |_| {}).unwrap();
         stats
     };
     let full = run(POLICIES[0]);
@@ -140,9 +127,9 @@ fn dms_sustains_more_concurrent_sequences_in_the_same_pool() {
 
 #[test]
 fn a_request_too_large_for_the_pool_is_a_clear_error() {
-    let mut eng = engine(8);
-    let full = policy(&mut eng, POLICIES[0]);
+    let mut eng = batch_engine(8);
+    let full = resolved_policy(&mut eng, POLICIES[0]);
     let r = Request { id: 7, prompt: prompt(0, 40), forced: None, policy: full };
-    let err = run_batch(&mut eng, vec![r], &params(4), 4, false, |_| {}).err().unwrap().to_string();
+    let err = run_batch(&mut eng, vec![r], &greedy_params(4), 4, false, |_| {}).err().unwrap().to_string();
     assert!(err.contains("request 7") && err.contains("blocks"), "{err}");
 }

@@ -12,10 +12,10 @@ use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 use common::*;
-use dms_integration::engine::{argmax, load_model, Engine, GenParams};
+use dms_integration::engine::{argmax, load_model, Engine};
 use dms_integration::runner::{load_adapter, resolve_policy_table};
 use dms_integration::scheduler::{run_batch, Finished, Request};
-use dms_policy::{PolicyFactory, Pos, Registry};
+use dms_policy::{Pos, Registry};
 use serde_json::{json, Value};
 
 // ---------------------------------------------------------------------------------------------
@@ -402,29 +402,14 @@ fn adapter_config_overrides_the_checkpoint_and_the_engine_config_overrides_both(
 // ---------------------------------------------------------------------------------------------
 // Preemption with evicting policies
 
-fn batch_engine(capacity_blocks: usize) -> Engine {
-    let loaded = load_model(&fixture(&format!("{SEPARATE_ALPHA}/model")), &Device::Cpu, false).unwrap();
-    let full = Registry::with_builtins().build(&toml::from_str("name = 'full'").unwrap()).unwrap();
-    Engine::new(loaded.model, full, 4, capacity_blocks).unwrap()
-}
-
-fn batch_policy(eng: &mut Engine, table: &str) -> Arc<dyn PolicyFactory> {
-    let t = resolve_policy_table(&toml::from_str(table).unwrap(), &mut eng.model, None).unwrap();
-    Registry::with_builtins().build(&t).unwrap()
-}
-
-fn params(n: usize) -> GenParams {
-    GenParams { max_tokens: n, temperature: 0.0, top_p: 1.0, seed: 1, stop_at_eos: false, prefill_chunk: 0 }
-}
-
 /// A preempted sequence of an evicting policy resumes with the output it has alone in a pool that
 /// never preempts. A `full` request admitted first grows until the pool runs short, so the
 /// evicting requests (admitted after it) are the ones swapped out, mid-decode, after their slots
 /// were reused in place and compacted out of position order.
 fn preempted_sequences_resume_with_identical_output(table: &str) {
     let mut big = batch_engine(1 << 14);
-    let full = batch_policy(&mut big, "name = 'full'");
-    let evicting = batch_policy(&mut big, table);
+    let full = resolved_policy(&mut big, "name = 'full'");
+    let evicting = resolved_policy(&mut big, table);
     let reqs: Vec<Request> = (0..4)
         .map(|i| Request {
             id: i,
@@ -435,11 +420,11 @@ fn preempted_sequences_resume_with_identical_output(table: &str) {
         .collect();
     let alone: Vec<Finished> = reqs
         .iter()
-        .map(|r| run_batch(&mut big, vec![r.clone()], &params(40), 1, true, |_| {}).unwrap().0.pop().unwrap())
+        .map(|r| run_batch(&mut big, vec![r.clone()], &greedy_params(40), 1, true, |_| {}).unwrap().0.pop().unwrap())
         .collect();
     // 80 blocks of 4 tokens: the full request alone ends at 13 blocks x 4 rows.
     let mut small = batch_engine(80);
-    let (got, stats) = run_batch(&mut small, reqs, &params(40), 8, true, |_| {}).unwrap();
+    let (got, stats) = run_batch(&mut small, reqs, &greedy_params(40), 8, true, |_| {}).unwrap();
     assert!(stats.max_running >= 3, "sequences decode together ({})", stats.max_running);
     assert!(got[1..].iter().any(|f| f.preemptions > 0), "an evicting request was preempted");
     for (g, w) in got.iter().zip(&alone) {

@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use candle_core::{Device, Tensor};
-use dms_integration::engine::{load_model, Engine};
+use dms_integration::engine::{load_model, Engine, GenParams};
+use dms_integration::runner::resolve_policy_table;
 use dms_policy::{
     CacheShape, CompactPlan, EvictPlan, PolicyError, PolicyFactory, Pos, Registry, RowRef, SequencePolicy, SignalNeed,
 };
@@ -139,4 +140,23 @@ pub fn presence(g: &HashMap<String, Tensor>, state: usize) -> Vec<Vec<Vec<Pos>>>
                 .collect()
         })
         .collect()
+}
+
+/// A full-cache engine on the separate-alpha DMS fixture (block size 4) with a pool of
+/// `capacity_blocks`, for scheduler tests whose requests bring their own policies.
+pub fn batch_engine(capacity_blocks: usize) -> Engine {
+    let loaded = load_model(&fixture("qwen3_dms_tiny/variant_separate_alpha/model"), &Device::Cpu, false).unwrap();
+    let full = Registry::with_builtins().build(&toml::from_str("name = 'full'").unwrap()).unwrap();
+    Engine::new(loaded.model, full, 4, capacity_blocks).unwrap()
+}
+
+/// A policy from a TOML table, completed from the engine's model as the CLI completes it.
+pub fn resolved_policy(eng: &mut Engine, table: &str) -> Arc<dyn PolicyFactory> {
+    let t = resolve_policy_table(&toml::from_str(table).unwrap(), &mut eng.model, None).unwrap();
+    Registry::with_builtins().build(&t).unwrap()
+}
+
+/// Greedy generation of `n` tokens that ignores end-of-sequence.
+pub fn greedy_params(n: usize) -> GenParams {
+    GenParams { max_tokens: n, temperature: 0.0, top_p: 1.0, seed: 1, stop_at_eos: false, prefill_chunk: 0 }
 }

@@ -96,6 +96,8 @@ struct Running {
     preemptions: usize,
     /// The last chosen token has not been fed yet.
     pending: bool,
+    /// This request's sampler (seeded with `params.seed + id`).
+    rng: StdRng,
 }
 
 struct Swapped {
@@ -109,7 +111,7 @@ fn max_new(req: &Request, params: &GenParams) -> usize {
 
 /// Serves `requests` with at most `max_batch` sequences at once. `keep_logits` keeps every
 /// step's logits in the results. Sampling follows `params` (one RNG per request, seeded with
-/// `params.seed + id`).
+/// `params.seed + id`). `progress` is told how many requests have finished after each one.
 pub fn run_batch(
     engine: &mut Engine,
     requests: Vec<Request>,
@@ -118,46 +120,124 @@ pub fn run_batch(
     keep_logits: bool,
     mut progress: impl FnMut(usize),
 ) -> Result<(Vec<Finished>, BatchStats)> {
-    if max_batch == 0 {
-        bail!("max_batch must be at least 1");
+    let mut sched = Scheduler::new(params.clone(), max_batch, keep_logits)?;
+    for r in requests {
+        sched.submit(engine, r)?;
     }
-    for r in &requests {
-        engine.check_policy(r.policy.as_ref())?;
-        if r.prompt.is_empty() {
-            bail!("request {} has an empty prompt", r.id);
+    let mut done = Vec::new();
+    while !sched.is_idle() {
+        for f in sched.step(engine)? {
+            done.push(f);
+            progress(done.len());
         }
     }
-    let c = engine.model.config();
-    let rows = c.num_layers * c.num_kv_heads;
-    let bs = engine.store.block_size();
-    let eos = c.eos_token_ids.clone();
-    let mut waiting: VecDeque<Request> = requests.into();
-    let mut running: Vec<Running> = Vec::new();
-    let mut swapped: VecDeque<Swapped> = VecDeque::new();
-    let mut done = Vec::new();
-    let mut stats = BatchStats::default();
-    let mut rngs: std::collections::HashMap<usize, StdRng> = std::collections::HashMap::new();
-    let mut generated_total = 0usize;
-    loop {
-        let reserve = |running: &[Running]| running.len() * rows;
-        while let Some(s) = swapped.front() {
-            let need: usize = s.rows.iter().map(|r| r.blocks_needed(bs)).sum::<usize>() + reserve(&running) + rows;
-            if running.len() >= max_batch || need > engine.store.free_block_count() {
+    done.sort_by_key(|f| f.id);
+    Ok((done, sched.stats))
+}
+
+/// Continuous batching, one iteration at a time: requests can be submitted between steps (a
+/// server) or all at once ([`run_batch`]).
+///
+/// Each [`Scheduler::step`] resumes swapped-out sequences and admits waiting requests while the
+/// pool has room (prompt without eviction plus one block per row of every running sequence),
+/// chooses each running sequence's next token and retires the finished ones, preempts the most
+/// recently admitted sequences until every row that may need a block has one, and runs one
+/// batched decode step.
+pub struct Scheduler {
+    params: GenParams,
+    max_batch: usize,
+    keep_logits: bool,
+    waiting: VecDeque<Request>,
+    running: Vec<Running>,
+    swapped: VecDeque<Swapped>,
+    generated_total: usize,
+    /// Figures of everything run so far.
+    pub stats: BatchStats,
+}
+
+impl Scheduler {
+    /// An idle scheduler running at most `max_batch` sequences at once.
+    pub fn new(params: GenParams, max_batch: usize, keep_logits: bool) -> Result<Self> {
+        if max_batch == 0 {
+            bail!("max_batch must be at least 1");
+        }
+        Ok(Self {
+            params,
+            max_batch,
+            keep_logits,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            swapped: VecDeque::new(),
+            generated_total: 0,
+            stats: BatchStats::default(),
+        })
+    }
+
+    /// Queues a request after checking that the engine's model can serve its policy.
+    pub fn submit(&mut self, engine: &Engine, req: Request) -> Result<()> {
+        engine.check_policy(req.policy.as_ref())?;
+        if req.prompt.is_empty() {
+            bail!("request {} has an empty prompt", req.id);
+        }
+        self.waiting.push_back(req);
+        Ok(())
+    }
+
+    /// True when nothing is waiting, running or swapped out.
+    pub fn is_idle(&self) -> bool {
+        self.waiting.is_empty() && self.running.is_empty() && self.swapped.is_empty()
+    }
+
+    /// One iteration (see [`Scheduler`]); returns the requests that finished in it.
+    pub fn step(&mut self, engine: &mut Engine) -> Result<Vec<Finished>> {
+        self.resume(engine);
+        self.admit(engine)?;
+        if self.running.is_empty() {
+            if self.is_idle() {
+                return Ok(Vec::new());
+            }
+            bail!("no sequence can run: the pool is too small for the waiting requests");
+        }
+        let finished = self.choose_and_retire(engine);
+        if !self.running.is_empty() {
+            self.make_room(engine)?;
+            self.decode(engine)?;
+        }
+        Ok(finished)
+    }
+
+    fn rows_per_sequence(engine: &Engine) -> usize {
+        let c = engine.model.config();
+        c.num_layers * c.num_kv_heads
+    }
+
+    /// Swaps preempted sequences back in, oldest preemption first, while they fit.
+    fn resume(&mut self, engine: &mut Engine) {
+        let (rows, bs) = (Self::rows_per_sequence(engine), engine.store.block_size());
+        while let Some(s) = self.swapped.front() {
+            let need: usize =
+                s.rows.iter().map(|r| r.blocks_needed(bs)).sum::<usize>() + self.running.len() * rows + rows;
+            if self.running.len() >= self.max_batch || need > engine.store.free_block_count() {
                 break;
             }
-            let mut s = swapped.pop_front().expect("front exists");
+            let mut s = self.swapped.pop_front().expect("front exists");
             if let Err(rows_back) = s.run.cache.swap_in(&mut engine.store, s.rows) {
                 s.rows = rows_back;
-                swapped.push_front(s);
+                self.swapped.push_front(s);
                 break;
             }
-            running.push(s.run);
+            self.running.push(s.run);
         }
-        while swapped.is_empty() && running.len() < max_batch {
-            let Some(req) = waiting.front() else { break };
-            let need = req.prompt.len().div_ceil(bs) * rows + reserve(&running);
+    }
+
+    /// Admits waiting requests in order (none while a preempted sequence waits) and prefills them.
+    fn admit(&mut self, engine: &mut Engine) -> Result<()> {
+        let (rows, bs) = (Self::rows_per_sequence(engine), engine.store.block_size());
+        while self.swapped.is_empty() && self.running.len() < self.max_batch {
+            let Some(req) = self.waiting.front() else { break };
+            let need = req.prompt.len().div_ceil(bs) * rows + self.running.len() * rows;
             if need > engine.store.free_block_count() {
-                if running.is_empty() {
+                if self.running.is_empty() {
                     bail!(
                         "request {} cannot be served: its prompt of {} tokens needs {} blocks but the pool has {} free of {}",
                         req.id, req.prompt.len(), need, engine.store.free_block_count(), engine.store.capacity_blocks()
@@ -165,20 +245,20 @@ pub fn run_batch(
                 }
                 break;
             }
-            let req = waiting.pop_front().expect("front exists");
+            let req = self.waiting.pop_front().expect("front exists");
             let mut cache = engine.new_sequence_with(req.policy.as_ref());
             let t0 = Instant::now();
-            let chunk = if params.prefill_chunk == 0 { req.prompt.len() } else { params.prefill_chunk };
+            let chunk = if self.params.prefill_chunk == 0 { req.prompt.len() } else { self.params.prefill_chunk };
             let mut last = None;
             for part in req.prompt.chunks(chunk) {
                 let mut input = [SeqInput { tokens: part, cache: &mut cache }];
                 last = engine.model.forward(&mut input, &mut engine.store, false)?.pop();
             }
-            stats.prefill_secs += t0.elapsed().as_secs_f64();
-            stats.prefill_tokens += req.prompt.len();
+            self.stats.prefill_secs += t0.elapsed().as_secs_f64();
+            self.stats.prefill_tokens += req.prompt.len();
             let logits = last.expect("prompt is not empty").squeeze(0)?.to_vec1::<f32>()?;
-            rngs.insert(req.id, StdRng::seed_from_u64(params.seed.wrapping_add(req.id as u64)));
-            running.push(Running {
+            let rng = StdRng::seed_from_u64(self.params.seed.wrapping_add(req.id as u64));
+            self.running.push(Running {
                 req,
                 cache,
                 tokens: Vec::new(),
@@ -186,18 +266,19 @@ pub fn run_batch(
                 step_logits: Vec::new(),
                 preemptions: 0,
                 pending: false,
+                rng,
             });
         }
-        if running.is_empty() {
-            if waiting.is_empty() && swapped.is_empty() {
-                break;
-            }
-            bail!("no sequence can run: the pool is too small for the waiting requests");
-        }
-        // Choose each running sequence's next token from its last logits; retire finished ones.
+        Ok(())
+    }
+
+    /// Chooses each running sequence's next token from its last logits; retires finished ones.
+    fn choose_and_retire(&mut self, engine: &mut Engine) -> Vec<Finished> {
+        let mut finished = Vec::new();
+        let eos = &engine.model.config().eos_token_ids;
         let mut i = 0;
-        while i < running.len() {
-            let r = &mut running[i];
+        while i < self.running.len() {
+            let r = &mut self.running[i];
             if r.pending {
                 i += 1;
                 continue;
@@ -205,22 +286,22 @@ pub fn run_batch(
             let step = r.tokens.len();
             let next = match &r.req.forced {
                 Some(f) => f[step],
-                None => sample(&r.logits, params, rngs.get_mut(&r.req.id).expect("rng per request")),
+                None => sample(&r.logits, &self.params, &mut r.rng),
             };
-            if keep_logits {
+            if self.keep_logits {
                 r.step_logits.push(std::mem::take(&mut r.logits));
             }
             r.tokens.push(next);
             r.pending = true;
-            generated_total += 1;
-            let stop = r.tokens.len() >= max_new(&r.req, params)
-                || (r.req.forced.is_none() && params.stop_at_eos && eos.contains(&next));
+            self.generated_total += 1;
+            let stop = r.tokens.len() >= max_new(&r.req, &self.params)
+                || (r.req.forced.is_none() && self.params.stop_at_eos && eos.contains(&next));
             if stop {
-                let r = running.remove(i);
+                let r = self.running.remove(i);
                 let cr = r.cache.compression_ratio(&engine.store);
                 let shadow_cr = r.cache.shadow_compression_ratio(&engine.store);
                 r.cache.release(&mut engine.store);
-                done.push(Finished {
+                finished.push(Finished {
                     id: r.req.id,
                     tokens: r.tokens,
                     step_logits: r.step_logits,
@@ -228,49 +309,53 @@ pub fn run_batch(
                     shadow_compression_ratio: shadow_cr,
                     preemptions: r.preemptions,
                 });
-                progress(done.len());
             } else {
                 i += 1;
             }
         }
-        if running.is_empty() {
-            continue;
-        }
-        // Make room for the step: preempt the most recently admitted sequences if needed.
+        finished
+    }
+
+    /// Preempts the most recently admitted sequences until the next step's blocks are free.
+    fn make_room(&mut self, engine: &mut Engine) -> Result<()> {
         loop {
-            let need: usize = running.iter().map(|r| r.cache.blocks_for_next_token(&engine.store)).sum();
+            let need: usize = self.running.iter().map(|r| r.cache.blocks_for_next_token(&engine.store)).sum();
             if need <= engine.store.free_block_count() {
-                break;
+                return Ok(());
             }
-            if running.len() == 1 {
+            if self.running.len() == 1 {
                 bail!("the pool is too small for a single sequence to continue (need {need} blocks)");
             }
-            let mut victim = running.pop().expect("at least two running");
+            let mut victim = self.running.pop().expect("at least two running");
             let rows = victim.cache.swap_out(&mut engine.store)?;
             victim.preemptions += 1;
-            stats.preemptions += 1;
-            swapped.push_front(Swapped { run: victim, rows });
+            self.stats.preemptions += 1;
+            self.swapped.push_front(Swapped { run: victim, rows });
         }
-        stats.max_running = stats.max_running.max(running.len());
+    }
+
+    /// One batched decode step of every running sequence's chosen token.
+    fn decode(&mut self, engine: &mut Engine) -> Result<()> {
+        self.stats.max_running = self.stats.max_running.max(self.running.len());
         let t0 = Instant::now();
-        let toks: Vec<[u32; 1]> = running.iter().map(|r| [*r.tokens.last().expect("one token chosen")]).collect();
+        let toks: Vec<[u32; 1]> = self.running.iter().map(|r| [*r.tokens.last().expect("one token chosen")]).collect();
         let logits = {
             let mut inputs: Vec<SeqInput> =
-                running.iter_mut().zip(&toks).map(|(r, t)| SeqInput { tokens: t, cache: &mut r.cache }).collect();
+                self.running.iter_mut().zip(&toks).map(|(r, t)| SeqInput { tokens: t, cache: &mut r.cache }).collect();
             engine.model.forward(&mut inputs, &mut engine.store, false)?
         };
-        for (r, l) in running.iter_mut().zip(logits) {
+        for (r, l) in self.running.iter_mut().zip(logits) {
             r.logits = l.squeeze(0)?.to_vec1::<f32>()?;
             r.pending = false;
         }
+        let stats = &mut self.stats;
         stats.decode_secs += t0.elapsed().as_secs_f64();
         stats.decode_steps += 1;
-        stats.decode_tokens += running.len();
+        stats.decode_tokens += self.running.len();
         let u = engine.store.usage();
         stats.peak_allocated = stats.peak_allocated.max(u.bytes_allocated);
         stats.peak_live = stats.peak_live.max(u.bytes_live);
-        stats.memory_trace.push((generated_total, u.bytes_live, u.bytes_allocated));
+        stats.memory_trace.push((self.generated_total, u.bytes_live, u.bytes_allocated));
+        Ok(())
     }
-    done.sort_by_key(|f| f.id);
-    Ok((done, stats))
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use common::*;
 use dms_integration::engine::Engine;
-use dms_integration::scheduler::{run_batch, Finished, Request};
+use dms_integration::scheduler::{run_batch, Finished, Request, Scheduler};
 use dms_policy::PolicyFactory;
 
 fn prompt(seed: usize, len: usize) -> Vec<u32> {
@@ -53,6 +53,37 @@ fn batched_decode_equals_each_sequence_alone_with_per_request_policies() {
     }
     assert!(got[1].compression_ratio > 1.5, "the sliding-window request evicts");
     assert!((got[0].compression_ratio - 1.0).abs() < 1e-12, "the full request keeps everything");
+    assert_eq!(eng.store.free_block_count(), eng.store.capacity_blocks(), "every block returned");
+}
+
+/// Requests submitted while others decode join the running batch between steps (what a server
+/// does) and still produce what each produces alone.
+#[test]
+fn requests_joining_a_running_batch_equal_each_sequence_alone() {
+    let mut eng = batch_engine(1 << 14);
+    let reqs = requests(&mut eng);
+    let refs: Vec<Finished> = reqs.iter().map(|r| alone(&mut eng, r, 20)).collect();
+    let mut sched = Scheduler::new(greedy_params(20), 8, true).unwrap();
+    let mut got = Vec::new();
+    for (i, r) in reqs.into_iter().enumerate() {
+        sched.submit(&eng, r).unwrap();
+        // Each later request arrives a few steps after the previous one.
+        for _ in 0..3 * i {
+            got.extend(sched.step(&mut eng).unwrap());
+        }
+    }
+    while !sched.is_idle() {
+        got.extend(sched.step(&mut eng).unwrap());
+    }
+    got.sort_by_key(|f| f.id);
+    assert_eq!(got.len(), refs.len());
+    assert!(sched.stats.max_running >= 4, "the joiners overlap (max running {})", sched.stats.max_running);
+    for (g, r) in got.iter().zip(&refs) {
+        assert_eq!(g.tokens, r.tokens, "request {}", g.id);
+        for (a, b) in g.step_logits.iter().zip(&r.step_logits) {
+            assert!(max_abs(a, b) < 1e-4, "request {} logits", g.id);
+        }
+    }
     assert_eq!(eng.store.free_block_count(), eng.store.capacity_blocks(), "every block returned");
 }
 

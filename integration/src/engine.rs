@@ -2,18 +2,16 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use dms_policy::{CacheShape, PolicyFactory, SignalNeed};
-use rand::{rngs::StdRng, Rng, SeedableRng};
+use rand::{rngs::StdRng, Rng};
 use tokenizers::Tokenizer;
 
 use crate::cache::SequenceCache;
 use crate::kv_store::{KvStore, MemoryUsage};
 use crate::model::{DecisionSource, Llama, ModelConfig, SeqInput, Weights};
-use crate::trace::TraceWriter;
 
 /// A model with its tokenizer (when it has one).
 pub struct LoadedModel {
@@ -191,85 +189,6 @@ impl Engine {
         let mut inputs = [SeqInput { tokens, cache: seq }];
         let mut out = self.model.forward(&mut inputs, &mut self.store, all_logits)?;
         Ok(out.pop().expect("one sequence in, one out"))
-    }
-
-    /// Prefills `prompt` (in chunks if asked) and generates.
-    pub fn generate(
-        &mut self,
-        prompt: &[u32],
-        params: &GenParams,
-        mut trace: Option<&mut TraceWriter>,
-    ) -> Result<Generation> {
-        if prompt.is_empty() {
-            bail!("the prompt is empty");
-        }
-        let mut seq = self.new_sequence();
-        let result = self.generate_in(&mut seq, prompt, params, &mut trace);
-        let seq_usage = seq.usage(&self.store);
-        let cr = seq.compression_ratio(&self.store);
-        let layers: Vec<f64> =
-            (0..seq.shape().n_layers).map(|l| 1.0 / seq.layer_compression_ratio(l, &self.store)).collect();
-        seq.release(&mut self.store);
-        let mut g = result?;
-        g.usage = seq_usage;
-        g.compression_ratio = cr;
-        g.layer_kept_fraction = layers;
-        Ok(g)
-    }
-
-    fn generate_in(
-        &mut self,
-        seq: &mut SequenceCache,
-        prompt: &[u32],
-        params: &GenParams,
-        trace: &mut Option<&mut TraceWriter>,
-    ) -> Result<Generation> {
-        let eos = self.model.config().eos_token_ids.clone();
-        let mut rng = StdRng::seed_from_u64(params.seed);
-        let t0 = Instant::now();
-        let chunk = if params.prefill_chunk == 0 { prompt.len() } else { params.prefill_chunk };
-        let mut logits = None;
-        for part in prompt.chunks(chunk) {
-            logits = Some(self.step(seq, part, false)?);
-        }
-        let mut logits = logits.expect("prompt is not empty").squeeze(0)?.to_vec1::<f32>()?;
-        let prefill_secs = t0.elapsed().as_secs_f64();
-        let mut peak = seq.usage(&self.store).bytes_allocated;
-        if let Some(t) = trace.as_deref_mut() {
-            t.record(0, seq, &self.store, &logits)?;
-        }
-        let mut tokens = Vec::new();
-        let mut step_logits = Vec::new();
-        let t1 = Instant::now();
-        let mut steps = 0;
-        while tokens.len() < params.max_tokens {
-            let next = sample(&logits, params, &mut rng);
-            if self.keep_logits {
-                step_logits.push(std::mem::take(&mut logits));
-            }
-            tokens.push(next);
-            if (params.stop_at_eos && eos.contains(&next)) || tokens.len() == params.max_tokens {
-                break;
-            }
-            logits = self.step(seq, &[next], false)?.squeeze(0)?.to_vec1::<f32>()?;
-            steps += 1;
-            peak = peak.max(seq.usage(&self.store).bytes_allocated);
-            if let Some(t) = trace.as_deref_mut() {
-                t.record(steps, seq, &self.store, &logits)?;
-            }
-        }
-        Ok(Generation {
-            prompt_tokens: prompt.len(),
-            tokens,
-            prefill_secs,
-            decode_secs: t1.elapsed().as_secs_f64(),
-            decode_steps: steps,
-            usage: MemoryUsage::default(),
-            peak_allocated: peak,
-            compression_ratio: 1.0,
-            layer_kept_fraction: Vec::new(),
-            step_logits,
-        })
     }
 }
 

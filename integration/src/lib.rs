@@ -3,7 +3,7 @@
 //! Layers: [`config`] (the engine config file), [`assets`] (fetching the default model),
 //! [`model`] (candle runtimes), [`kv_store`] (paged per-head storage), [`cache`] (one sequence's
 //! rows and policy), [`attention`] (kernels over the store), [`prefill`] (one-pass prompt prefill
-//! with DMS's visibility mask in tensor ops, any device), [`engine`] (loading and generation),
+//! with DMS's visibility mask in tensor ops, any device), [`engine`] (loading, executing steps), [`generation`] (one request through the scheduler),
 //! [`trace`] (JSON Lines traces), [`scheduler`] (continuous batching with admission by free memory),
 //! [`split_plan`] (how many splits a GPU decode-attention grid uses).
 
@@ -18,6 +18,7 @@ pub mod device_policy;
 pub mod engine;
 pub mod eval;
 pub mod export;
+pub mod generation;
 pub mod gguf_tokenizer;
 #[cfg(feature = "cuda")]
 pub mod gpu;

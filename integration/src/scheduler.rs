@@ -17,7 +17,7 @@ use rand::{rngs::StdRng, SeedableRng};
 
 use crate::cache::SequenceCache;
 use crate::engine::{sample, Engine, GenParams};
-use crate::kv_store::SwappedRow;
+use crate::kv_store::{KvStore, MemoryUsage, SwappedRow};
 use crate::model::SeqInput;
 
 /// One generation request.
@@ -48,6 +48,12 @@ pub struct Finished {
     pub shadow_compression_ratio: Option<f64>,
     /// Times the sequence was preempted.
     pub preemptions: usize,
+    /// Memory the sequence held when it finished.
+    pub usage: MemoryUsage,
+    /// Most bytes of blocks the sequence held at once.
+    pub peak_allocated: u64,
+    /// Kept fraction (slots over tokens seen) of each layer when it finished.
+    pub layer_kept_fraction: Vec<f64>,
 }
 
 /// Aggregate figures of a batch run.
@@ -98,6 +104,8 @@ struct Running {
     pending: bool,
     /// This request's sampler (seeded with `params.seed + id`).
     rng: StdRng,
+    /// Most bytes of blocks held so far.
+    peak_allocated: u64,
 }
 
 struct Swapped {
@@ -134,6 +142,23 @@ pub fn run_batch(
     done.sort_by_key(|f| f.id);
     Ok((done, sched.stats))
 }
+
+/// A sequence's state shown to a [`Scheduler::step_observed`] observer.
+pub struct Observed<'a> {
+    /// The request's id.
+    pub id: usize,
+    /// 0 after the prompt, s after the s-th chosen token was fed.
+    pub step: usize,
+    /// The sequence's rows and policy.
+    pub cache: &'a SequenceCache,
+    /// The store holding them.
+    pub store: &'a KvStore,
+    /// Its next-token logits.
+    pub logits: &'a [f32],
+}
+
+/// A callback shown each [`Observed`] state.
+pub type Observer<'o> = dyn FnMut(Observed<'_>) -> Result<()> + 'o;
 
 /// Continuous batching, one iteration at a time: requests can be submitted between steps (a
 /// server) or all at once ([`run_batch`]).
@@ -190,8 +215,14 @@ impl Scheduler {
 
     /// One iteration (see [`Scheduler`]); returns the requests that finished in it.
     pub fn step(&mut self, engine: &mut Engine) -> Result<Vec<Finished>> {
+        self.step_observed(engine, &mut |_| Ok(()))
+    }
+
+    /// [`Scheduler::step`], showing `observe` every sequence's state after its prefill and after
+    /// each of its decode steps (for traces).
+    pub fn step_observed(&mut self, engine: &mut Engine, observe: &mut Observer<'_>) -> Result<Vec<Finished>> {
         self.resume(engine);
-        self.admit(engine)?;
+        self.admit(engine, observe)?;
         if self.running.is_empty() {
             if self.is_idle() {
                 return Ok(Vec::new());
@@ -201,9 +232,19 @@ impl Scheduler {
         let finished = self.choose_and_retire(engine);
         if !self.running.is_empty() {
             self.make_room(engine)?;
-            self.decode(engine)?;
+            self.decode(engine, observe)?;
         }
         Ok(finished)
+    }
+
+    /// Drops every request, returning the blocks of running sequences to the pool (after an error,
+    /// or to cancel everything).
+    pub fn release_all(&mut self, engine: &mut Engine) {
+        for r in self.running.drain(..) {
+            r.cache.release(&mut engine.store);
+        }
+        self.swapped.clear();
+        self.waiting.clear();
     }
 
     fn rows_per_sequence(engine: &Engine) -> usize {
@@ -231,7 +272,7 @@ impl Scheduler {
     }
 
     /// Admits waiting requests in order (none while a preempted sequence waits) and prefills them.
-    fn admit(&mut self, engine: &mut Engine) -> Result<()> {
+    fn admit(&mut self, engine: &mut Engine, observe: &mut Observer<'_>) -> Result<()> {
         let (rows, bs) = (Self::rows_per_sequence(engine), engine.store.block_size());
         while self.swapped.is_empty() && self.running.len() < self.max_batch {
             let Some(req) = self.waiting.front() else { break };
@@ -258,6 +299,7 @@ impl Scheduler {
             self.stats.prefill_tokens += req.prompt.len();
             let logits = last.expect("prompt is not empty").squeeze(0)?.to_vec1::<f32>()?;
             let rng = StdRng::seed_from_u64(self.params.seed.wrapping_add(req.id as u64));
+            let peak_allocated = cache.usage(&engine.store).bytes_allocated;
             self.running.push(Running {
                 req,
                 cache,
@@ -267,7 +309,10 @@ impl Scheduler {
                 preemptions: 0,
                 pending: false,
                 rng,
+                peak_allocated,
             });
+            let r = self.running.last().expect("just pushed");
+            observe(Observed { id: r.req.id, step: 0, cache: &r.cache, store: &engine.store, logits: &r.logits })?;
         }
         Ok(())
     }
@@ -300,6 +345,10 @@ impl Scheduler {
                 let r = self.running.remove(i);
                 let cr = r.cache.compression_ratio(&engine.store);
                 let shadow_cr = r.cache.shadow_compression_ratio(&engine.store);
+                let usage = r.cache.usage(&engine.store);
+                let layer_kept_fraction = (0..r.cache.shape().n_layers)
+                    .map(|l| 1.0 / r.cache.layer_compression_ratio(l, &engine.store))
+                    .collect();
                 r.cache.release(&mut engine.store);
                 finished.push(Finished {
                     id: r.req.id,
@@ -308,6 +357,9 @@ impl Scheduler {
                     compression_ratio: cr,
                     shadow_compression_ratio: shadow_cr,
                     preemptions: r.preemptions,
+                    usage,
+                    peak_allocated: r.peak_allocated,
+                    layer_kept_fraction,
                 });
             } else {
                 i += 1;
@@ -335,7 +387,7 @@ impl Scheduler {
     }
 
     /// One batched decode step of every running sequence's chosen token.
-    fn decode(&mut self, engine: &mut Engine) -> Result<()> {
+    fn decode(&mut self, engine: &mut Engine, observe: &mut Observer<'_>) -> Result<()> {
         self.stats.max_running = self.stats.max_running.max(self.running.len());
         let t0 = Instant::now();
         let toks: Vec<[u32; 1]> = self.running.iter().map(|r| [*r.tokens.last().expect("one token chosen")]).collect();
@@ -347,6 +399,9 @@ impl Scheduler {
         for (r, l) in self.running.iter_mut().zip(logits) {
             r.logits = l.squeeze(0)?.to_vec1::<f32>()?;
             r.pending = false;
+            r.peak_allocated = r.peak_allocated.max(r.cache.usage(&engine.store).bytes_allocated);
+            let step = r.tokens.len();
+            observe(Observed { id: r.req.id, step, cache: &r.cache, store: &engine.store, logits: &r.logits })?;
         }
         let stats = &mut self.stats;
         stats.decode_secs += t0.elapsed().as_secs_f64();

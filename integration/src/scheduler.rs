@@ -280,7 +280,7 @@ impl Scheduler {
             if need > engine.store.free_block_count() {
                 if self.running.is_empty() {
                     bail!(
-                        "request {} cannot be served: its prompt of {} tokens needs {} blocks but the pool has {} free of {}",
+                        "request {} cannot be served: its prompt of {} tokens needs {} blocks but the pool has {} free of {} (raise [cache] memory_mb or max_tokens)",
                         req.id, req.prompt.len(), need, engine.store.free_block_count(), engine.store.capacity_blocks()
                     );
                 }
@@ -376,7 +376,7 @@ impl Scheduler {
                 return Ok(());
             }
             if self.running.len() == 1 {
-                bail!("the pool is too small for a single sequence to continue (need {need} blocks)");
+                bail!("the pool is too small for a single sequence to continue (need {need} blocks; raise [cache] memory_mb or max_tokens)");
             }
             let mut victim = self.running.pop().expect("at least two running");
             let rows = victim.cache.swap_out(&mut engine.store)?;

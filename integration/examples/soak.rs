@@ -80,6 +80,7 @@ fn main() -> Result<()> {
                         prompt: (0..prompt_len).map(|_| next(vocab) as u32).collect(),
                         forced: Some((0..gen).map(|_| next(vocab) as u32).collect()),
                         policy: policy.clone(),
+                        params: None,
                     }
                 })
                 .collect();

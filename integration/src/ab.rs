@@ -406,6 +406,7 @@ pub fn run_ab(cfg: &AbConfig) -> Result<(Vec<ArmResult>, Vec<PeerResult>)> {
                 prompt: win[..w.prompt_tokens].to_vec(),
                 forced: Some(win[w.prompt_tokens..].to_vec()),
                 policy: policy.clone(),
+                params: None,
             })
             .collect();
         let params = GenParams {
@@ -509,7 +510,7 @@ fn peer_run(
     let reqs: Vec<Request> = prompts
         .iter()
         .enumerate()
-        .map(|(i, p)| Request { id: i, prompt: p.clone(), forced: None, policy: full.clone() })
+        .map(|(i, p)| Request { id: i, prompt: p.clone(), forced: None, policy: full.clone(), params: None })
         .collect();
     let params = GenParams {
         max_tokens: w.continuation_tokens,
@@ -599,7 +600,7 @@ fn capacity_run(
     let reqs: Vec<Request> = wins
         .into_iter()
         .enumerate()
-        .map(|(i, p)| Request { id: i, prompt: p, forced: None, policy: policy.clone() })
+        .map(|(i, p)| Request { id: i, prompt: p, forced: None, policy: policy.clone(), params: None })
         .collect();
     let params = GenParams {
         max_tokens: c.gen_tokens,

@@ -149,6 +149,7 @@ pub fn run_grid(cfg: &BenchConfig) -> Result<(serde_json::Value, String)> {
                         prompt: ids(ctx * 31 + i, ctx, mc.vocab_size),
                         forced: Some(ids(ctx * 37 + i + 1000, g.decode_tokens + 1, mc.vocab_size)),
                         policy: p.clone(),
+                        params: None,
                     })
                     .collect();
                 let params = GenParams {

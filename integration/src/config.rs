@@ -19,6 +19,9 @@ pub struct EngineConfig {
     /// `[generation]`.
     #[serde(default)]
     pub generation: GenerationSection,
+    /// `[server]` (used by `dms serve` only).
+    #[serde(default)]
+    pub server: crate::serve::settings::ServerSection,
     /// Directory of the file, for relative model paths.
     #[serde(skip)]
     pub base_dir: Option<PathBuf>,
@@ -78,7 +81,7 @@ pub struct GenerationSection {
     /// Stop at the model's end-of-sequence token.
     #[serde(default = "default_true")]
     pub stop_at_eos: bool,
-    /// Wrap prompts in the model's chat template (ChatML).
+    /// Wrap prompts in the model's chat template (plain ChatML when it ships none).
     #[serde(default)]
     pub chat: bool,
 }
@@ -180,7 +183,7 @@ impl EngineConfig {
         if self.model.source.trim().is_empty() {
             bail!("[model] source is empty");
         }
-        Ok(())
+        self.server.validate()
     }
 
     /// The pool size `[cache]` asks for.

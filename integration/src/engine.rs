@@ -10,6 +10,7 @@ use rand::{rngs::StdRng, Rng};
 use tokenizers::Tokenizer;
 
 use crate::cache::SequenceCache;
+use crate::chat_template::ChatTemplate;
 use crate::kv_store::{KvStore, MemoryUsage};
 use crate::model::{DecisionSource, Llama, ModelConfig, SeqInput, Weights};
 
@@ -19,6 +20,8 @@ pub struct LoadedModel {
     pub model: Llama,
     /// Tokenizer from `tokenizer.json` or GGUF metadata.
     pub tokenizer: Option<Tokenizer>,
+    /// Chat template from the GGUF metadata or `tokenizer_config.json`, when the model ships one.
+    pub chat_template: Option<ChatTemplate>,
 }
 
 /// Loads an HF-style directory (config.json, *.safetensors, optional tokenizer.json), a GGUF file,
@@ -38,7 +41,8 @@ pub fn load_model(path: &Path, device: &Device, round_f16: bool) -> Result<Loade
         } else {
             None
         };
-        return Ok(LoadedModel { model, tokenizer });
+        let chat_template = ChatTemplate::from_hf_dir(path.parent().unwrap_or(Path::new(".")))?;
+        return Ok(LoadedModel { model, tokenizer, chat_template });
     }
     if path.is_dir() {
         let cfg_path = path.join("config.json");
@@ -61,15 +65,18 @@ pub fn load_model(path: &Path, device: &Device, round_f16: bool) -> Result<Loade
         } else {
             None
         };
-        Ok(LoadedModel { model, tokenizer })
+        let chat_template = ChatTemplate::from_hf_dir(path)?;
+        Ok(LoadedModel { model, tokenizer, chat_template })
     } else if path.is_file() {
         let (weights, cfg) = Weights::open_gguf(path)?;
-        let tokenizer = match &weights {
-            Weights::Gguf { content, .. } => Some(crate::gguf_tokenizer::from_gguf(content)?),
-            Weights::Safetensors { .. } => None,
+        let (tokenizer, chat_template) = match &weights {
+            Weights::Gguf { content, .. } => {
+                (Some(crate::gguf_tokenizer::from_gguf(content)?), ChatTemplate::from_gguf(content)?)
+            }
+            Weights::Safetensors { .. } => (None, None),
         };
         let model = Llama::load(cfg, &weights, device, round_f16)?;
-        Ok(LoadedModel { model, tokenizer })
+        Ok(LoadedModel { model, tokenizer, chat_template })
     } else {
         bail!("model path {} does not exist (expected a GGUF file or an HF-style directory)", path.display())
     }

@@ -379,6 +379,7 @@ fn teacher_forced(
             prompt: w[..q.prompt_tokens].to_vec(),
             forced: Some(w[q.prompt_tokens..].to_vec()),
             policy: policy.clone(),
+            params: None,
         })
         .collect();
     let params = GenParams {
@@ -474,7 +475,7 @@ fn needle_run(
     let reqs: Vec<Request> = prompts
         .iter()
         .enumerate()
-        .map(|(i, p)| Request { id: i, prompt: p.ids.clone(), forced: None, policy: policy.clone() })
+        .map(|(i, p)| Request { id: i, prompt: p.ids.clone(), forced: None, policy: policy.clone(), params: None })
         .collect();
     let params = GenParams {
         max_tokens: n.answer_tokens,
@@ -505,7 +506,7 @@ fn needle_prefill_cr(
     let reqs: Vec<Request> = prompts
         .iter()
         .enumerate()
-        .map(|(i, p)| Request { id: i, prompt: p.ids.clone(), forced: None, policy: policy.clone() })
+        .map(|(i, p)| Request { id: i, prompt: p.ids.clone(), forced: None, policy: policy.clone(), params: None })
         .collect();
     let params = GenParams { max_tokens: 1, temperature: 0.0, top_p: 1.0, seed: 0, stop_at_eos: false, prefill_chunk };
     let (done, _) = run_batch(engine, reqs, &params, 1, false, |_| {})?;

@@ -22,7 +22,10 @@ impl Engine {
             bail!("the prompt is empty");
         }
         let mut sched = Scheduler::new(params.clone(), 1, self.keep_logits)?;
-        sched.submit(self, Request { id: 0, prompt: prompt.to_vec(), forced: None, policy: self.policy.clone() })?;
+        sched.submit(
+            self,
+            Request { id: 0, prompt: prompt.to_vec(), forced: None, policy: self.policy.clone(), params: None },
+        )?;
         let mut observe = |o: Observed<'_>| match trace.as_deref_mut() {
             Some(t) => t.record(o.step, o.cache, o.store, o.logits),
             None => Ok(()),

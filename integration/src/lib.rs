@@ -5,13 +5,15 @@
 //! rows and policy), [`attention`] (kernels over the store), [`prefill`] (one-pass prompt prefill
 //! with DMS's visibility mask in tensor ops, any device), [`engine`] (loading, executing steps), [`generation`] (one request through the scheduler),
 //! [`trace`] (JSON Lines traces), [`scheduler`] (continuous batching with admission by free memory),
-//! [`split_plan`] (how many splits a GPU decode-attention grid uses).
+//! [`split_plan`] (how many splits a GPU decode-attention grid uses), [`serve`] (the OpenAI-compatible
+//! server), [`chat_template`] (the model's chat template).
 
 pub mod ab;
 pub mod assets;
 pub mod attention;
 pub mod bench_grid;
 pub mod cache;
+pub mod chat_template;
 pub mod config;
 pub mod corpus;
 pub mod device_policy;
@@ -30,5 +32,6 @@ pub mod prefill;
 pub mod retrofit;
 pub mod runner;
 pub mod scheduler;
+pub mod serve;
 pub mod split_plan;
 pub mod trace;

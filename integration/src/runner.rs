@@ -7,6 +7,7 @@ use dms_policy::Registry;
 use tokenizers::Tokenizer;
 
 use crate::assets::resolve_model;
+use crate::chat_template::ChatTemplate;
 use crate::config::{open_device, EngineConfig};
 use crate::engine::{load_model, Engine, GenParams, Generation};
 use crate::model::{Llama, Weights};
@@ -16,14 +17,20 @@ pub fn registry() -> Registry {
     Registry::with_builtins()
 }
 
-/// Loads the model, builds the policy and sizes the pool as the config says.
-pub fn build_engine(cfg: &EngineConfig) -> Result<(Engine, Option<Tokenizer>)> {
-    build_engine_with_table(cfg).map(|(e, t, _)| (e, t))
+/// An engine built from a config, with what the model ships beside its weights.
+pub struct BuiltEngine {
+    /// The engine, its pool sized as `[cache]` says.
+    pub engine: Engine,
+    /// The model's tokenizer, when it has one.
+    pub tokenizer: Option<Tokenizer>,
+    /// The model's chat template (plain ChatML when it ships none).
+    pub chat_template: ChatTemplate,
+    /// `[cache.policy]` completed from the model ([`resolve_policy_table`]).
+    pub table: toml::Table,
 }
 
-/// [`build_engine`], also returning the policy table completed from the model
-/// ([`resolve_policy_table`]).
-pub fn build_engine_with_table(cfg: &EngineConfig) -> Result<(Engine, Option<Tokenizer>, toml::Table)> {
+/// Loads the model, builds the policy and sizes the pool as the config says.
+pub fn build_engine(cfg: &EngineConfig) -> Result<BuiltEngine> {
     registry().check_name(&cfg.cache.policy).context("[cache.policy]")?;
     let device = open_device(&cfg.model.device)?;
     let path = resolve_model(&cfg.model.source, cfg.base_dir.as_deref())?;
@@ -36,7 +43,8 @@ pub fn build_engine_with_table(cfg: &EngineConfig) -> Result<(Engine, Option<Tok
     let mc = loaded.model.config();
     let blocks = cfg.capacity_blocks(mc.num_layers, mc.num_kv_heads, mc.row_bytes_per_token());
     let engine = Engine::new(loaded.model, policy, cfg.cache.block_size, blocks)?;
-    Ok((engine, loaded.tokenizer, table))
+    let chat_template = loaded.chat_template.unwrap_or_else(ChatTemplate::chatml);
+    Ok(BuiltEngine { engine, tokenizer: loaded.tokenizer, chat_template, table })
 }
 
 /// Completes a `dms` policy table (also one shadowed by `shadow`'s `inner`) from the model: loads
@@ -135,11 +143,6 @@ pub fn gen_params(cfg: &EngineConfig) -> GenParams {
         stop_at_eos: g.stop_at_eos,
         prefill_chunk: cfg.cache.prefill_chunk,
     }
-}
-
-/// Wraps a user message in the ChatML template SmolLM2-Instruct and Qwen use.
-pub fn chatml(prompt: &str) -> String {
-    format!("<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n")
 }
 
 /// Human-readable bytes.

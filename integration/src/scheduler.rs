@@ -32,6 +32,22 @@ pub struct Request {
     pub forced: Option<Vec<u32>>,
     /// Policy of this request.
     pub policy: Arc<dyn PolicyFactory>,
+    /// This request's own sampling and stopping settings (a server's per-request fields), or
+    /// `None` for the scheduler's. Its sampler is then seeded with exactly `params.seed`, so a
+    /// seeded request samples the same tokens whatever else runs; `prefill_chunk` is always the
+    /// scheduler's.
+    pub params: Option<GenParams>,
+}
+
+/// Why a request stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// It produced an end-of-sequence token.
+    Stop,
+    /// It reached its token limit (or the end of its forced tokens).
+    Length,
+    /// The caller cancelled it ([`Scheduler::cancel`]).
+    Cancelled,
 }
 
 /// A finished request.
@@ -54,6 +70,10 @@ pub struct Finished {
     pub peak_allocated: u64,
     /// Kept fraction (slots over tokens seen) of each layer when it finished.
     pub layer_kept_fraction: Vec<f64>,
+    /// Most bytes live (occupied slots) the sequence held at once.
+    pub peak_live: u64,
+    /// Why it stopped.
+    pub finish_reason: FinishReason,
 }
 
 /// Aggregate figures of a batch run.
@@ -106,6 +126,40 @@ struct Running {
     rng: StdRng,
     /// Most bytes of blocks held so far.
     peak_allocated: u64,
+    /// Most bytes live so far.
+    peak_live: u64,
+}
+
+impl Running {
+    /// Updates the peak figures from the store.
+    fn note_usage(&mut self, store: &KvStore) {
+        let u = self.cache.usage(store);
+        self.peak_allocated = self.peak_allocated.max(u.bytes_allocated);
+        self.peak_live = self.peak_live.max(u.bytes_live);
+    }
+
+    /// Releases the sequence's blocks and reports it.
+    fn finish(self, store: &mut KvStore, finish_reason: FinishReason) -> Finished {
+        let compression_ratio = self.cache.compression_ratio(store);
+        let shadow_compression_ratio = self.cache.shadow_compression_ratio(store);
+        let usage = self.cache.usage(store);
+        let layer_kept_fraction =
+            (0..self.cache.shape().n_layers).map(|l| 1.0 / self.cache.layer_compression_ratio(l, store)).collect();
+        self.cache.release(store);
+        Finished {
+            id: self.req.id,
+            tokens: self.tokens,
+            step_logits: self.step_logits,
+            compression_ratio,
+            shadow_compression_ratio,
+            preemptions: self.preemptions,
+            usage,
+            peak_allocated: self.peak_allocated,
+            layer_kept_fraction,
+            peak_live: self.peak_live,
+            finish_reason,
+        }
+    }
 }
 
 struct Swapped {
@@ -114,7 +168,7 @@ struct Swapped {
 }
 
 fn max_new(req: &Request, params: &GenParams) -> usize {
-    req.forced.as_ref().map_or(params.max_tokens, |f| f.len())
+    req.forced.as_ref().map_or(req.params.as_ref().unwrap_or(params).max_tokens, |f| f.len())
 }
 
 /// Serves `requests` with at most `max_batch` sequences at once. `keep_logits` keeps every
@@ -176,6 +230,7 @@ pub struct Scheduler {
     running: Vec<Running>,
     swapped: VecDeque<Swapped>,
     generated_total: usize,
+    chosen: Vec<(usize, u32)>,
     /// Figures of everything run so far.
     pub stats: BatchStats,
 }
@@ -194,6 +249,7 @@ impl Scheduler {
             running: Vec::new(),
             swapped: VecDeque::new(),
             generated_total: 0,
+            chosen: Vec::new(),
             stats: BatchStats::default(),
         })
     }
@@ -213,6 +269,39 @@ impl Scheduler {
         self.waiting.is_empty() && self.running.is_empty() && self.swapped.is_empty()
     }
 
+    /// Requests waiting for admission, preempted ones included.
+    pub fn waiting_count(&self) -> usize {
+        self.waiting.len() + self.swapped.len()
+    }
+
+    /// Requests decoding now.
+    pub fn running_count(&self) -> usize {
+        self.running.len()
+    }
+
+    /// Ids and memory of the sequences decoding now.
+    pub fn running_usage(&self, store: &KvStore) -> Vec<(usize, MemoryUsage)> {
+        self.running.iter().map(|r| (r.req.id, r.cache.usage(store))).collect()
+    }
+
+    /// The tokens chosen in the last [`Scheduler::step`], as (request id, token), in the order
+    /// chosen (for streaming).
+    pub fn chosen(&self) -> &[(usize, u32)] {
+        &self.chosen
+    }
+
+    /// Removes request `id` wherever it is. A running sequence's blocks return to the pool at
+    /// once and it is reported with [`FinishReason::Cancelled`]; a waiting or preempted one is
+    /// dropped (`None`), as is an unknown id.
+    pub fn cancel(&mut self, engine: &mut Engine, id: usize) -> Option<Finished> {
+        if let Some(i) = self.running.iter().position(|r| r.req.id == id) {
+            return Some(self.running.remove(i).finish(&mut engine.store, FinishReason::Cancelled));
+        }
+        self.waiting.retain(|r| r.id != id);
+        self.swapped.retain(|s| s.run.req.id != id);
+        None
+    }
+
     /// One iteration (see [`Scheduler`]); returns the requests that finished in it.
     pub fn step(&mut self, engine: &mut Engine) -> Result<Vec<Finished>> {
         self.step_observed(engine, &mut |_| Ok(()))
@@ -221,6 +310,7 @@ impl Scheduler {
     /// [`Scheduler::step`], showing `observe` every sequence's state after its prefill and after
     /// each of its decode steps (for traces).
     pub fn step_observed(&mut self, engine: &mut Engine, observe: &mut Observer<'_>) -> Result<Vec<Finished>> {
+        self.chosen.clear();
         self.resume(engine);
         self.admit(engine, observe)?;
         if self.running.is_empty() {
@@ -298,8 +388,12 @@ impl Scheduler {
             self.stats.prefill_secs += t0.elapsed().as_secs_f64();
             self.stats.prefill_tokens += req.prompt.len();
             let logits = last.expect("prompt is not empty").squeeze(0)?.to_vec1::<f32>()?;
-            let rng = StdRng::seed_from_u64(self.params.seed.wrapping_add(req.id as u64));
-            let peak_allocated = cache.usage(&engine.store).bytes_allocated;
+            let seed = match &req.params {
+                Some(p) => p.seed,
+                None => self.params.seed.wrapping_add(req.id as u64),
+            };
+            let rng = StdRng::seed_from_u64(seed);
+            let usage = cache.usage(&engine.store);
             self.running.push(Running {
                 req,
                 cache,
@@ -309,7 +403,8 @@ impl Scheduler {
                 preemptions: 0,
                 pending: false,
                 rng,
-                peak_allocated,
+                peak_allocated: usage.bytes_allocated,
+                peak_live: usage.bytes_live,
             });
             let r = self.running.last().expect("just pushed");
             observe(Observed { id: r.req.id, step: 0, cache: &r.cache, store: &engine.store, logits: &r.logits })?;
@@ -328,41 +423,30 @@ impl Scheduler {
                 i += 1;
                 continue;
             }
+            let params = r.req.params.as_ref().unwrap_or(&self.params);
             let step = r.tokens.len();
             let next = match &r.req.forced {
                 Some(f) => f[step],
-                None => sample(&r.logits, &self.params, &mut r.rng),
+                None => sample(&r.logits, params, &mut r.rng),
             };
+            let stop_at_eos = params.stop_at_eos;
             if self.keep_logits {
                 r.step_logits.push(std::mem::take(&mut r.logits));
             }
             r.tokens.push(next);
             r.pending = true;
             self.generated_total += 1;
-            let stop = r.tokens.len() >= max_new(&r.req, &self.params)
-                || (r.req.forced.is_none() && self.params.stop_at_eos && eos.contains(&next));
-            if stop {
-                let r = self.running.remove(i);
-                let cr = r.cache.compression_ratio(&engine.store);
-                let shadow_cr = r.cache.shadow_compression_ratio(&engine.store);
-                let usage = r.cache.usage(&engine.store);
-                let layer_kept_fraction = (0..r.cache.shape().n_layers)
-                    .map(|l| 1.0 / r.cache.layer_compression_ratio(l, &engine.store))
-                    .collect();
-                r.cache.release(&mut engine.store);
-                finished.push(Finished {
-                    id: r.req.id,
-                    tokens: r.tokens,
-                    step_logits: r.step_logits,
-                    compression_ratio: cr,
-                    shadow_compression_ratio: shadow_cr,
-                    preemptions: r.preemptions,
-                    usage,
-                    peak_allocated: r.peak_allocated,
-                    layer_kept_fraction,
-                });
+            self.chosen.push((r.req.id, next));
+            let reason = if r.req.forced.is_none() && stop_at_eos && eos.contains(&next) {
+                Some(FinishReason::Stop)
+            } else if r.tokens.len() >= max_new(&r.req, &self.params) {
+                Some(FinishReason::Length)
             } else {
-                i += 1;
+                None
+            };
+            match reason {
+                Some(reason) => finished.push(self.running.remove(i).finish(&mut engine.store, reason)),
+                None => i += 1,
             }
         }
         finished
@@ -399,7 +483,7 @@ impl Scheduler {
         for (r, l) in self.running.iter_mut().zip(logits) {
             r.logits = l.squeeze(0)?.to_vec1::<f32>()?;
             r.pending = false;
-            r.peak_allocated = r.peak_allocated.max(r.cache.usage(&engine.store).bytes_allocated);
+            r.note_usage(&engine.store);
             let step = r.tokens.len();
             observe(Observed { id: r.req.id, step, cache: &r.cache, store: &engine.store, logits: &r.logits })?;
         }

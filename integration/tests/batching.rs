@@ -28,6 +28,7 @@ fn requests(eng: &mut Engine) -> Vec<Request> {
             prompt: prompt(i, 9 + 5 * i),
             forced: None,
             policy: resolved_policy(eng, POLICIES[i % 4]),
+            params: None,
         })
         .collect()
 }
@@ -100,6 +101,7 @@ fn shadow_mode_outputs_full_and_reports_the_shadowed_compression() {
         prompt: p.clone(),
         forced: Some(forced.clone()),
         policy: policy.clone(),
+        params: None,
     };
     let f = alone(&mut eng, &mk(&full), 15);
     let w = alone(&mut eng, &mk(&window), 15);
@@ -117,8 +119,9 @@ fn shadow_mode_outputs_full_and_reports_the_shadowed_compression() {
 fn preempted_sequences_resume_with_identical_output() {
     let mut big = batch_engine(1 << 14);
     let full = resolved_policy(&mut big, POLICIES[0]);
-    let reqs: Vec<Request> =
-        (0..4).map(|i| Request { id: i, prompt: prompt(i, 12), forced: None, policy: full.clone() }).collect();
+    let reqs: Vec<Request> = (0..4)
+        .map(|i| Request { id: i, prompt: prompt(i, 12), forced: None, policy: full.clone(), params: None })
+        .collect();
     let (want, _) = run_batch(&mut big, reqs.clone(), &greedy_params(30), 8, true, |_| {}).unwrap();
     // Each sequence ends with 41 tokens: 11 blocks x 4 rows = 44 blocks; 100 blocks hold two.
     let mut small = batch_engine(100);
@@ -140,8 +143,9 @@ fn dms_sustains_more_concurrent_sequences_in_the_same_pool() {
     let run = |table: &str| {
         let mut eng = batch_engine(160);
         let p = resolved_policy(&mut eng, table);
-        let reqs: Vec<Request> =
-            (0..8).map(|i| Request { id: i, prompt: prompt(i, 8), forced: None, policy: p.clone() }).collect();
+        let reqs: Vec<Request> = (0..8)
+            .map(|i| Request { id: i, prompt: prompt(i, 8), forced: None, policy: p.clone(), params: None })
+            .collect();
         let (_, stats) = run_batch(&mut eng, reqs, &greedy_params(60), 8, false, |_| {}).unwrap();
         stats
     };
@@ -160,7 +164,7 @@ fn dms_sustains_more_concurrent_sequences_in_the_same_pool() {
 fn a_request_too_large_for_the_pool_is_a_clear_error() {
     let mut eng = batch_engine(8);
     let full = resolved_policy(&mut eng, POLICIES[0]);
-    let r = Request { id: 7, prompt: prompt(0, 40), forced: None, policy: full };
+    let r = Request { id: 7, prompt: prompt(0, 40), forced: None, policy: full, params: None };
     let err = run_batch(&mut eng, vec![r], &greedy_params(4), 4, false, |_| {}).err().unwrap().to_string();
     assert!(err.contains("request 7") && err.contains("blocks"), "{err}");
 }

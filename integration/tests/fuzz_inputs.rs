@@ -339,7 +339,7 @@ proptest! {
         ))
         .unwrap();
         cfg.generation.max_tokens = 2;
-        if let Ok((mut engine, _)) = build_engine(&cfg) {
+        if let Ok(mut engine) = build_engine(&cfg).map(|b| b.engine) {
             let _ = engine.generate(&[1, 5, 9, 13, 17, 21], &dms_integration::runner::gen_params(&cfg), None);
         }
         let _ = std::fs::remove_dir_all(&dir);

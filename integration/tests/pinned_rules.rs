@@ -416,6 +416,7 @@ fn preempted_sequences_resume_with_identical_output(table: &str) {
             prompt: (0..10 + 3 * i).map(|j| ((j * 7 + i * 131) % 500) as u32 + 3).collect(),
             forced: None,
             policy: if i == 0 { full.clone() } else { evicting.clone() },
+            params: None,
         })
         .collect();
     let alone: Vec<Finished> = reqs

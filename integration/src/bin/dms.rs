@@ -8,8 +8,9 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use dms_integration::chat_template::ChatMessage;
 use dms_integration::config::EngineConfig;
-use dms_integration::runner::{build_engine_with_table, chatml, gen_params, memory_factors_line, summary_line};
+use dms_integration::runner::{build_engine, gen_params, memory_factors_line, summary_line};
 use dms_integration::trace::TraceWriter;
 
 #[derive(Parser)]
@@ -44,6 +45,9 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Serve the model over an OpenAI-compatible HTTP API (chat and completions, streaming),
+    /// with per-request cache policies and Prometheus metrics at /metrics.
+    Serve(ServeArgs),
     /// Download and verify the default model (SmolLM2-135M-Instruct) into the cache directory.
     Fetch,
     /// List the registered cache policies.
@@ -110,6 +114,32 @@ struct RunArgs {
     /// Keep generating past the end-of-sequence token.
     #[arg(long)]
     ignore_eos: bool,
+}
+
+/// Options of `serve`; flags override the config's [server] table.
+#[derive(Args)]
+struct ServeArgs {
+    /// Engine config file (TOML) with a [server] table.
+    #[arg(long)]
+    config: PathBuf,
+    /// Override [server] host.
+    #[arg(long)]
+    host: Option<String>,
+    /// Override [server] port (0: any free port).
+    #[arg(long)]
+    port: Option<u16>,
+}
+
+fn serve(a: ServeArgs) -> Result<()> {
+    let mut cfg = EngineConfig::load(&a.config)?;
+    if let Some(h) = a.host {
+        cfg.server.host = h;
+    }
+    if let Some(p) = a.port {
+        cfg.server.port = p;
+    }
+    cfg.validate()?;
+    dms_integration::serve::serve(&cfg)
 }
 
 /// Options of `ab`.
@@ -230,12 +260,17 @@ fn apply_overrides(cfg: &mut EngineConfig, a: &RunArgs) -> Result<()> {
 fn run(a: RunArgs) -> Result<()> {
     let mut cfg = EngineConfig::load(&a.config)?;
     apply_overrides(&mut cfg, &a)?;
-    let (mut engine, tokenizer, table) = build_engine_with_table(&cfg)?;
+    let built = build_engine(&cfg)?;
+    let (mut engine, tokenizer, table) = (built.engine, built.tokenizer, built.table);
     let prompt_ids: Vec<u32> = match (&a.prompt_ids, &a.prompt) {
         (Some(ids), _) => ids.clone(),
         (None, Some(text)) => {
             let tok = tokenizer.as_ref().context("this model has no tokenizer: use --prompt-ids")?;
-            let text = if cfg.generation.chat { chatml(text) } else { text.clone() };
+            let text = if cfg.generation.chat {
+                built.chat_template.render(&[ChatMessage { role: "user".into(), content: text.clone() }])?
+            } else {
+                text.clone()
+            };
             tok.encode(text, false).map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?.get_ids().to_vec()
         }
         (None, None) => bail!("give --prompt or --prompt-ids"),
@@ -267,7 +302,7 @@ fn run(a: RunArgs) -> Result<()> {
     let mut out = std::io::stdout().lock();
     match &tokenizer {
         Some(tok) => {
-            let text = tok.decode(&g.tokens, false).map_err(|e| anyhow::anyhow!("decoding: {e}"))?;
+            let text = tok.decode(&g.tokens, true).map_err(|e| anyhow::anyhow!("decoding: {e}"))?;
             writeln!(out, "{text}")?;
         }
         None => writeln!(out, "{}", g.tokens.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(","))?,
@@ -321,14 +356,15 @@ fn run_on_device(
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .init();
+    // RUST_LOG overrides; by default the engine's own info lines (a line per served request).
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,dms_integration=info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(a) => run(*a),
         Command::Ab(a) => ab(a),
+        Command::Serve(a) => serve(a),
         Command::Eval { config } => eval(&config),
         Command::Retrofit { config } => dms_integration::retrofit::RetrofitConfig::load(&config)
             .and_then(|c| dms_integration::retrofit::run(&c))

@@ -1,0 +1,168 @@
+//! `dms serve`: an OpenAI-compatible HTTP server over the engine's scheduler.
+//!
+//! The engine and its scheduler run on their own thread ([`worker`]); an axum front end on tokio
+//! ([`routes`]) checks each request, hands it over a channel and streams its text back. A request
+//! chooses its cache policy with `"cache_policy": NAME` among those `[server]` names
+//! ([`settings`]); every answer reports what its cache kept, and `/metrics` ([`metrics`]) what
+//! each policy saves.
+
+pub mod error;
+pub mod metrics;
+pub mod openai;
+pub mod routes;
+pub mod settings;
+pub mod text;
+pub mod worker;
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use crate::config::EngineConfig;
+use crate::runner::{build_engine, registry, resolve_policy_table, BuiltEngine};
+use routes::App;
+use worker::{Command, ServedPolicy, WorkerSetup};
+
+/// The adapter directories a policy table names (its own, or its shadowed policy's).
+fn adapters_of(table: &toml::Table, out: &mut BTreeSet<String>) {
+    if let Some(a) = table.get("adapter").and_then(|v| v.as_str()) {
+        out.insert(a.to_string());
+    }
+    if let Some(toml::Value::Table(inner)) = table.get("inner") {
+        adapters_of(inner, out);
+    }
+}
+
+/// Builds the engine under the default policy and every other served policy against its model.
+pub fn build_served(cfg: &EngineConfig) -> Result<(BuiltEngine, Vec<ServedPolicy>)> {
+    let served = cfg.server.served_policies(&cfg.cache.policy);
+    let mut adapters = BTreeSet::new();
+    for p in &served {
+        adapters_of(&p.policy, &mut adapters);
+    }
+    if adapters.len() > 1 {
+        bail!(
+            "[[server.policies]] name {} different adapters; the model holds one set of decision weights, so every \
+             learned policy must use the same adapter",
+            adapters.len()
+        );
+    }
+    let mut engine_cfg = cfg.clone();
+    engine_cfg.cache.policy = served[0].policy.clone();
+    let mut built = build_engine(&engine_cfg).with_context(|| format!("cache policy `{}`", served[0].name))?;
+    let mut out = Vec::new();
+    for (i, p) in served.iter().enumerate() {
+        let factory = if i == 0 {
+            built.engine.policy.clone()
+        } else {
+            let ctx = || format!("cache policy `{}`", p.name);
+            registry().check_name(&p.policy).with_context(ctx)?;
+            let table =
+                resolve_policy_table(&p.policy, &mut built.engine.model, cfg.base_dir.as_deref()).with_context(ctx)?;
+            let f = registry().build(&table).with_context(ctx)?;
+            built.engine.check_policy(f.as_ref()).with_context(ctx)?;
+            f
+        };
+        let description = p.description.clone().unwrap_or_else(|| factory.describe());
+        out.push(ServedPolicy { name: p.name.clone(), description, factory });
+    }
+    Ok((built, out))
+}
+
+/// Serves `cfg` until SIGTERM or ctrl-c, then finishes (or, after the grace period, cancels) what
+/// is in flight and returns.
+pub fn serve(cfg: &EngineConfig) -> Result<()> {
+    let s = cfg.server.clone();
+    let (built, policies) = build_served(cfg)?;
+    let BuiltEngine { engine, tokenizer, chat_template, .. } = built;
+    let tokenizer = tokenizer.context("this model has no tokenizer; the server needs one")?;
+    let names: Vec<String> = policies.iter().map(|p| p.name.clone()).collect();
+    let metrics = Arc::new(metrics::Metrics::new(&names).context("registering metrics")?);
+    let mc = engine.model.config();
+    let rows = (mc.num_layers * mc.num_kv_heads).max(1);
+    let max_sequence_tokens = engine.store.capacity_blocks() / rows * engine.store.block_size();
+    let vocab_size = mc.vocab_size;
+    let (commands, inbox) = std::sync::mpsc::channel();
+    let app = Arc::new(App {
+        model_id: s.model_name.clone().unwrap_or_else(|| cfg.model.source.clone()),
+        policies: policies.iter().map(|p| (p.name.clone(), p.description.clone())).collect(),
+        tokenizer: tokenizer.clone(),
+        chat_template,
+        vocab_size,
+        commands: commands.clone(),
+        metrics: metrics.clone(),
+        api_key: s.effective_api_key(),
+        max_sequence_tokens,
+        default_max_tokens: cfg.generation.max_tokens,
+        max_tokens_cap: s.max_tokens_cap,
+        max_outstanding: s.max_batch + s.max_waiting,
+        outstanding: AtomicUsize::new(0),
+        next_id: AtomicU64::new(0),
+    });
+    let setup = WorkerSetup {
+        policies,
+        tokenizer,
+        metrics,
+        max_batch: s.max_batch,
+        timeout: Duration::from_secs(s.request_timeout_secs),
+        grace: Duration::from_secs(s.shutdown_grace_secs),
+        prefill_chunk: cfg.cache.prefill_chunk,
+    };
+    let worker = std::thread::Builder::new()
+        .name("dms-engine".into())
+        .spawn(move || worker::run(engine, setup, inbox))
+        .context("starting the engine thread")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting tokio")?;
+    let served = runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind((s.host.as_str(), s.port))
+            .await
+            .with_context(|| format!("cannot listen on {}:{}", s.host, s.port))?;
+        let addr = listener.local_addr()?;
+        println!(
+            "dms serve: model `{}` on http://{addr} | policies: {} (default {}) | pool {} tokens per sequence at most{}",
+            app.model_id,
+            app.policies.iter().map(|p| p.0.as_str()).collect::<Vec<_>>().join(", "),
+            app.policies[0].0,
+            max_sequence_tokens,
+            if app.api_key.is_some() { " | API key required" } else { "" },
+        );
+        use std::io::Write;
+        std::io::stdout().flush()?;
+        let router = routes::router(app.clone(), s.max_body_bytes);
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async move {
+                shutdown_signal().await;
+                eprintln!("dms serve: shutting down (in-flight requests get {} s)", s.shutdown_grace_secs);
+                let _ = commands.send(Command::Shutdown);
+            })
+            .await
+            .context("serving HTTP")
+    });
+    drop(app);
+    worker.join().map_err(|_| anyhow::anyhow!("the engine thread panicked"))?;
+    served
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

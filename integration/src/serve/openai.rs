@@ -1,0 +1,326 @@
+//! The OpenAI request bodies the server accepts, their checks, and the response objects.
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::error::ApiError;
+use crate::chat_template::ChatMessage;
+
+/// Most stop strings a request may give (OpenAI's limit).
+pub const MAX_STOPS: usize = 4;
+
+/// `POST /v1/chat/completions`. Fields the server does not use are ignored, as OpenAI-compatible
+/// servers do, except the ones whose meaning it cannot honour (`n` > 1).
+#[derive(Debug, Deserialize)]
+pub struct ChatRequest {
+    /// The model id.
+    pub model: String,
+    /// The conversation.
+    pub messages: Vec<Message>,
+    /// Sampling and stopping fields shared with completions.
+    #[serde(flatten)]
+    pub common: CommonFields,
+}
+
+/// `POST /v1/completions`.
+#[derive(Debug, Deserialize)]
+pub struct CompletionRequest {
+    /// The model id.
+    pub model: String,
+    /// The prompt.
+    pub prompt: Prompt,
+    /// Sampling and stopping fields shared with chat.
+    #[serde(flatten)]
+    pub common: CommonFields,
+}
+
+/// A chat message; `content` is a string or a list of text parts.
+#[derive(Debug, Deserialize)]
+pub struct Message {
+    /// `system`, `user`, `assistant`.
+    pub role: String,
+    /// The text.
+    pub content: Content,
+}
+
+/// Message content.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    /// Plain text.
+    Text(String),
+    /// Parts; only `{"type": "text", "text": ...}` parts are accepted.
+    Parts(Vec<ContentPart>),
+}
+
+/// One part of a message's content.
+#[derive(Debug, Deserialize)]
+pub struct ContentPart {
+    /// Must be `text`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The text.
+    #[serde(default)]
+    pub text: Option<String>,
+}
+
+/// A completion prompt: text, or token ids used as given.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Prompt {
+    /// Text, tokenized without special tokens added.
+    Text(String),
+    /// Token ids.
+    Ids(Vec<u32>),
+    /// A list of texts; exactly one is accepted.
+    Texts(Vec<String>),
+}
+
+/// `stop`: one string or a list.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    /// One stop string.
+    One(String),
+    /// Several.
+    Many(Vec<String>),
+}
+
+/// `stream_options`.
+#[derive(Debug, Default, Deserialize)]
+pub struct StreamOptions {
+    /// Send a last chunk with `usage`.
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// Fields chat and completions share.
+#[derive(Debug, Deserialize)]
+pub struct CommonFields {
+    /// Tokens to generate at most.
+    #[serde(default)]
+    pub max_tokens: Option<i64>,
+    /// The newer name of `max_tokens`.
+    #[serde(default)]
+    pub max_completion_tokens: Option<i64>,
+    /// 0 = greedy, at most 2.
+    #[serde(default)]
+    pub temperature: Option<f64>,
+    /// Nucleus mass in (0, 1].
+    #[serde(default)]
+    pub top_p: Option<f64>,
+    /// Sampler seed.
+    #[serde(default)]
+    pub seed: Option<u64>,
+    /// Stop strings.
+    #[serde(default)]
+    pub stop: Option<Stop>,
+    /// Stream Server-Sent Events.
+    #[serde(default)]
+    pub stream: Option<bool>,
+    /// Streaming options.
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+    /// Completions to return; only 1 is supported.
+    #[serde(default)]
+    pub n: Option<i64>,
+    /// The cache policy for this request (a name from `/v1/cache_policies`).
+    #[serde(default)]
+    pub cache_policy: Option<String>,
+    /// Keep generating past the end-of-sequence token (vLLM's extension; for benchmarks).
+    #[serde(default)]
+    pub ignore_eos: Option<bool>,
+}
+
+/// The checked sampling request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampling {
+    /// Tokens to generate at most.
+    pub max_tokens: usize,
+    /// 0 = greedy.
+    pub temperature: f64,
+    /// Nucleus mass.
+    pub top_p: f64,
+    /// Seed, if the request gave one.
+    pub seed: Option<u64>,
+    /// Stop strings.
+    pub stops: Vec<String>,
+    /// Stream the answer.
+    pub stream: bool,
+    /// In streaming, end with a usage chunk.
+    pub include_usage: bool,
+    /// Stop at the end-of-sequence token.
+    pub stop_at_eos: bool,
+}
+
+impl CommonFields {
+    /// Checks every field; `default_max_tokens` applies when the request gives no limit, and no
+    /// request may ask for more than `cap`.
+    pub fn sampling(&self, default_max_tokens: usize, cap: usize) -> Result<Sampling, ApiError> {
+        let (limit, field) = match (self.max_completion_tokens, self.max_tokens) {
+            (Some(v), _) => (Some(v), "max_completion_tokens"),
+            (None, v) => (v, "max_tokens"),
+        };
+        let max_tokens = match limit {
+            None => default_max_tokens.min(cap),
+            Some(v) if v < 1 => {
+                return Err(ApiError::bad_request(format!("`{field}` must be at least 1, got {v}"), Some(field)))
+            }
+            Some(v) if v as u64 > cap as u64 => {
+                return Err(ApiError::bad_request(
+                    format!("`{field}` is {v}, above this server's limit of {cap}"),
+                    Some(field),
+                ))
+            }
+            Some(v) => v as usize,
+        };
+        let temperature = self.temperature.unwrap_or(0.0);
+        if !(temperature.is_finite() && (0.0..=2.0).contains(&temperature)) {
+            return Err(ApiError::bad_request(
+                format!("`temperature` must be in [0, 2], got {temperature}"),
+                Some("temperature"),
+            ));
+        }
+        let top_p = self.top_p.unwrap_or(1.0);
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err(ApiError::bad_request(format!("`top_p` must be in (0, 1], got {top_p}"), Some("top_p")));
+        }
+        if let Some(n) = self.n.filter(|&n| n != 1) {
+            return Err(ApiError::bad_request(format!("`n` must be 1 (got {n}): one choice per request"), Some("n")));
+        }
+        let stops = match &self.stop {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s.clone()],
+            Some(Stop::Many(v)) => v.clone(),
+        };
+        if stops.len() > MAX_STOPS {
+            return Err(ApiError::bad_request(
+                format!("`stop` has {} strings; at most {MAX_STOPS}", stops.len()),
+                Some("stop"),
+            ));
+        }
+        let stream = self.stream.unwrap_or(false);
+        let include_usage = self.stream_options.as_ref().is_some_and(|o| o.include_usage);
+        let stop_at_eos = !self.ignore_eos.unwrap_or(false);
+        Ok(Sampling { max_tokens, temperature, top_p, seed: self.seed, stops, stream, include_usage, stop_at_eos })
+    }
+}
+
+impl ChatRequest {
+    /// The messages as the chat template takes them.
+    pub fn chat_messages(&self) -> Result<Vec<ChatMessage>, ApiError> {
+        if self.messages.is_empty() {
+            return Err(ApiError::bad_request("`messages` is empty", Some("messages")));
+        }
+        self.messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let content = match &m.content {
+                    Content::Text(t) => t.clone(),
+                    Content::Parts(parts) => parts
+                        .iter()
+                        .map(|p| match (p.kind.as_str(), &p.text) {
+                            ("text", Some(t)) => Ok(t.as_str()),
+                            (kind, _) => Err(ApiError::bad_request(
+                                format!("messages[{i}]: content part of type `{kind}` is not supported (text only)"),
+                                Some("messages"),
+                            )),
+                        })
+                        .collect::<Result<Vec<_>, _>>()?
+                        .concat(),
+                };
+                Ok(ChatMessage { role: m.role.clone(), content })
+            })
+            .collect()
+    }
+}
+
+/// Parses a body as `T`, answering 400 with serde's message (which names the field) otherwise.
+pub fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        let kind = if e.is_syntax() || e.is_eof() {
+            "the body is not valid JSON"
+        } else {
+            "the body does not match the request schema"
+        };
+        ApiError::bad_request(format!("{kind}: {e}"), None)
+    })
+}
+
+/// What every answer reports of the cache: the policy, tokens seen over slots held at the end,
+/// and the most bytes of K/V live at once.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KvReport {
+    /// The policy's name.
+    pub policy: String,
+    /// Compression ratio at the end.
+    pub compression_ratio: f64,
+    /// Peak bytes live.
+    pub bytes_live_peak: u64,
+}
+
+impl KvReport {
+    /// The `kv_cache` object.
+    pub fn json(&self) -> Value {
+        json!({"policy": self.policy, "compression_ratio": self.compression_ratio, "bytes_live_peak": self.bytes_live_peak})
+    }
+}
+
+/// The `usage` object.
+pub fn usage_json(prompt: usize, completion: usize) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn common(json: &str) -> CommonFields {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn max_completion_tokens_wins_and_every_bad_value_names_its_field() {
+        assert_eq!(common(r#"{"max_tokens": 5, "max_completion_tokens": 7}"#).sampling(16, 100).unwrap().max_tokens, 7);
+        assert_eq!(common("{}").sampling(16, 10).unwrap().max_tokens, 10, "the default is capped too");
+        for (body, field) in [
+            (r#"{"max_tokens": -1}"#, "max_tokens"),
+            (r#"{"max_tokens": 0}"#, "max_tokens"),
+            (r#"{"max_completion_tokens": 101}"#, "max_completion_tokens"),
+            (r#"{"temperature": 2.5}"#, "temperature"),
+            (r#"{"temperature": -0.1}"#, "temperature"),
+            (r#"{"top_p": 0}"#, "top_p"),
+            (r#"{"n": 2}"#, "n"),
+            (r#"{"stop": ["a", "b", "c", "d", "e"]}"#, "stop"),
+        ] {
+            let e = common(body).sampling(16, 100).unwrap_err();
+            assert_eq!(e.status.as_u16(), 400, "{body}");
+            assert_eq!(e.param.as_deref(), Some(field), "{body}");
+        }
+    }
+
+    #[test]
+    fn content_parts_are_joined_and_non_text_parts_refused() {
+        let r: ChatRequest = serde_json::from_str(
+            r#"{"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]}"#,
+        )
+        .unwrap();
+        assert_eq!(r.chat_messages().unwrap()[0].content, "ab");
+        let r: ChatRequest = serde_json::from_str(
+            r#"{"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}"#,
+        )
+        .unwrap();
+        assert!(r.chat_messages().unwrap_err().message.contains("image_url"));
+    }
+
+    #[test]
+    fn malformed_and_ill_typed_bodies_are_400_with_serde_saying_where() {
+        let e = parse_body::<ChatRequest>(b"{\"model\": ").unwrap_err();
+        assert!(e.message.contains("not valid JSON"), "{}", e.message);
+        let e = parse_body::<ChatRequest>(br#"{"model": "m", "messages": 3}"#).unwrap_err();
+        assert!(e.message.contains("schema"), "{}", e.message);
+        let e = parse_body::<ChatRequest>(br#"{"messages": []}"#).unwrap_err();
+        assert!(e.message.contains("model"), "{}", e.message);
+    }
+}

@@ -1,0 +1,430 @@
+//! The HTTP front end: OpenAI-compatible routes, API-key check, and Server-Sent Events streaming.
+//! Each request is checked here (so a bad one never reaches the engine), handed to the engine
+//! thread as a [`Job`], and answered from the events that come back.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures::stream::{self, Stream, StreamExt};
+use serde_json::{json, Value};
+use tokenizers::Tokenizer;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+use super::error::ApiError;
+use super::metrics::Metrics;
+use super::openai::{parse_body, usage_json, ChatRequest, CommonFields, CompletionRequest, Prompt, Sampling};
+use super::worker::{Command, Event, Job, Outcome};
+use crate::chat_template::ChatTemplate;
+use crate::engine::GenParams;
+
+/// Everything the handlers share.
+pub struct App {
+    /// The model id clients send.
+    pub model_id: String,
+    /// (name, description) of each choosable policy, the default first.
+    pub policies: Vec<(String, String)>,
+    /// For prompts.
+    pub tokenizer: Tokenizer,
+    /// For chat prompts.
+    pub chat_template: ChatTemplate,
+    /// The model's vocabulary size (token ids must be below it).
+    pub vocab_size: usize,
+    /// To the engine thread.
+    pub commands: Sender<Command>,
+    /// Shared with the engine thread.
+    pub metrics: Arc<Metrics>,
+    /// When set, the bearer token every route but `/health` needs.
+    pub api_key: Option<String>,
+    /// Prompt plus completion tokens one sequence can hold in the pool.
+    pub max_sequence_tokens: usize,
+    /// `max_tokens` when a request gives none.
+    pub default_max_tokens: usize,
+    /// Largest `max_tokens` accepted.
+    pub max_tokens_cap: usize,
+    /// Requests in flight (running or waiting) at most.
+    pub max_outstanding: usize,
+    /// Requests in flight now.
+    pub outstanding: AtomicUsize,
+    /// Response id counter.
+    pub next_id: AtomicU64,
+}
+
+/// The router for `app`, refusing bodies over `max_body_bytes`.
+pub fn router(app: Arc<App>, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/v1/models", get(models))
+        .route("/v1/cache_policies", get(cache_policies))
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(app.clone(), authorize))
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(app)
+}
+
+async fn authorize(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    if let Some(key) = &app.api_key {
+        if req.uri().path() != "/health" {
+            let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+            if given.and_then(|v| v.strip_prefix("Bearer ")) != Some(key.as_str()) {
+                let msg = "missing or wrong API key: send `Authorization: Bearer KEY`";
+                return ApiError::new(StatusCode::UNAUTHORIZED, "invalid_api_key", msg).into_response();
+            }
+        }
+    }
+    next.run(req).await
+}
+
+async fn health() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn not_found(req: Request) -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no route {} {}", req.method(), req.uri().path()))
+}
+
+async fn method_not_allowed(req: Request) -> ApiError {
+    let msg = format!("{} is not allowed on {}", req.method(), req.uri().path());
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", msg)
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+async fn models(State(app): State<Arc<App>>) -> Json<Value> {
+    Json(json!({"object": "list", "data": [{"id": app.model_id, "object": "model", "created": 0, "owned_by": "dms"}]}))
+}
+
+async fn cache_policies(State(app): State<Arc<App>>) -> Json<Value> {
+    let data: Vec<Value> = app.policies.iter().map(|(n, d)| json!({"name": n, "description": d})).collect();
+    Json(json!({"default": app.policies[0].0, "data": data}))
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], app.metrics.render()).into_response()
+}
+
+/// Which OpenAI object family a request answers with.
+#[derive(Clone, Copy)]
+enum Kind {
+    Chat,
+    Completion,
+}
+
+/// A checked request, ready for the engine.
+struct Prepared {
+    sampling: Sampling,
+    policy: usize,
+    prompt: Vec<u32>,
+}
+
+fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|r| {
+        let code = if r.status() == StatusCode::PAYLOAD_TOO_LARGE { "body_too_large" } else { "bad_body" };
+        ApiError::new(r.status(), code, r.body_text())
+    })
+}
+
+async fn chat(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Response {
+    let prepared = body_bytes(body).and_then(|b| parse_body::<ChatRequest>(&b)).and_then(|r| {
+        app.check_model(&r.model)?;
+        let messages = r.chat_messages()?;
+        let text = app
+            .chat_template
+            .render(&messages)
+            .map_err(|e| ApiError::bad_request(format!("{e:#}"), Some("messages")))?;
+        let ids = encode(&app.tokenizer, &text)?;
+        app.prepare(&r.common, ids)
+    });
+    match prepared {
+        Ok(p) => app.answer(Kind::Chat, p).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn completions(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Response {
+    let prepared = body_bytes(body).and_then(|b| parse_body::<CompletionRequest>(&b)).and_then(|r| {
+        app.check_model(&r.model)?;
+        let ids = match r.prompt {
+            Prompt::Text(t) => encode(&app.tokenizer, &t)?,
+            Prompt::Ids(ids) => ids,
+            Prompt::Texts(t) if t.len() == 1 => encode(&app.tokenizer, &t[0])?,
+            Prompt::Texts(t) => {
+                return Err(ApiError::bad_request(
+                    format!("`prompt` has {} texts; one per request", t.len()),
+                    Some("prompt"),
+                ))
+            }
+        };
+        app.prepare(&r.common, ids)
+    });
+    match prepared {
+        Ok(p) => app.answer(Kind::Completion, p).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+fn encode(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>, ApiError> {
+    let enc = tokenizer
+        .encode(text, false)
+        .map_err(|e| ApiError::bad_request(format!("tokenizing the prompt: {e}"), None))?;
+    Ok(enc.get_ids().to_vec())
+}
+
+/// Counts a request in flight until dropped.
+struct InFlight(Arc<App>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.outstanding.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl App {
+    fn check_model(&self, model: &str) -> Result<(), ApiError> {
+        if model != self.model_id {
+            let msg = format!("model `{model}` does not exist; this server serves `{}`", self.model_id);
+            return Err(ApiError {
+                param: Some("model".into()),
+                ..ApiError::new(StatusCode::NOT_FOUND, "model_not_found", msg)
+            });
+        }
+        Ok(())
+    }
+
+    fn prepare(&self, common: &CommonFields, prompt: Vec<u32>) -> Result<Prepared, ApiError> {
+        let sampling = common.sampling(self.default_max_tokens, self.max_tokens_cap)?;
+        let policy = match &common.cache_policy {
+            None => 0,
+            Some(name) => self.policies.iter().position(|(n, _)| n == name).ok_or_else(|| {
+                let valid: Vec<&str> = self.policies.iter().map(|(n, _)| n.as_str()).collect();
+                ApiError::bad_request(
+                    format!("unknown cache_policy `{name}`; valid: {}", valid.join(", ")),
+                    Some("cache_policy"),
+                )
+            })?,
+        };
+        if prompt.is_empty() {
+            return Err(ApiError::bad_request("the prompt is empty", Some("prompt")));
+        }
+        if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= self.vocab_size) {
+            return Err(ApiError::bad_request(
+                format!("token id {bad} is outside the vocabulary (size {})", self.vocab_size),
+                Some("prompt"),
+            ));
+        }
+        let total = prompt.len() + sampling.max_tokens;
+        if total > self.max_sequence_tokens {
+            let msg = format!(
+                "the prompt ({} tokens) plus max_tokens ({}) is {total} tokens; this server's KV pool holds at most {} tokens for one sequence",
+                prompt.len(),
+                sampling.max_tokens,
+                self.max_sequence_tokens
+            );
+            return Err(ApiError { param: Some("max_tokens".into()), ..ApiError::bad_request(msg, None) }
+                .with_code("context_length_exceeded"));
+        }
+        Ok(Prepared { sampling, policy, prompt })
+    }
+
+    /// Queues the job and answers from its events (streamed or whole).
+    async fn answer(self: &Arc<Self>, kind: Kind, p: Prepared) -> Response {
+        if self.outstanding.fetch_add(1, Ordering::SeqCst) >= self.max_outstanding {
+            self.outstanding.fetch_sub(1, Ordering::SeqCst);
+            let msg = format!("the server is at its limit of {} requests in flight; retry later", self.max_outstanding);
+            return ApiError::new(StatusCode::TOO_MANY_REQUESTS, "queue_full", msg).into_response();
+        }
+        let guard = InFlight(self.clone());
+        let (tx, mut rx) = unbounded_channel();
+        let s = &p.sampling;
+        let params = GenParams {
+            max_tokens: s.max_tokens,
+            temperature: s.temperature,
+            top_p: s.top_p,
+            seed: s.seed.unwrap_or_else(rand::random),
+            stop_at_eos: s.stop_at_eos,
+            prefill_chunk: 0,
+        };
+        let job = Job {
+            prompt: p.prompt,
+            params,
+            policy: p.policy,
+            stops: s.stops.clone(),
+            arrived: Instant::now(),
+            events: tx,
+        };
+        if self.commands.send(Command::Submit(job)).is_err() {
+            return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "the engine has stopped")
+                .into_response();
+        }
+        let head = Head {
+            id: format!("{}-{}", kind.id_prefix(), self.next_id.fetch_add(1, Ordering::Relaxed)),
+            created: now_secs(),
+            model: self.model_id.clone(),
+            kind,
+        };
+        // Wait for the first event so that a request the engine refuses gets its status code.
+        let first = match rx.recv().await {
+            Some(Event::Failed(e)) => return e.into_response(),
+            Some(e) => e,
+            None => {
+                return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "the engine has stopped")
+                    .into_response()
+            }
+        };
+        if p.sampling.stream {
+            Sse::new(sse_stream(head, first, rx, p.sampling.include_usage, guard)).into_response()
+        } else {
+            whole_answer(head, first, rx).await
+        }
+    }
+}
+
+impl ApiError {
+    fn with_code(mut self, code: &'static str) -> Self {
+        self.code = code;
+        self
+    }
+}
+
+impl Kind {
+    fn id_prefix(self) -> &'static str {
+        match self {
+            Kind::Chat => "chatcmpl",
+            Kind::Completion => "cmpl",
+        }
+    }
+}
+
+/// The fields every response object of a request shares.
+struct Head {
+    id: String,
+    created: u64,
+    model: String,
+    kind: Kind,
+}
+
+impl Head {
+    fn object(&self, choices: Value) -> Value {
+        let object = match self.kind {
+            Kind::Chat => "chat.completion.chunk",
+            Kind::Completion => "text_completion",
+        };
+        json!({"id": self.id, "object": object, "created": self.created, "model": self.model, "choices": choices})
+    }
+
+    fn delta(&self, text: &str) -> Value {
+        match self.kind {
+            Kind::Chat => self.object(json!([{"index": 0, "delta": {"content": text}, "finish_reason": null}])),
+            Kind::Completion => {
+                self.object(json!([{"index": 0, "text": text, "finish_reason": null, "logprobs": null}]))
+            }
+        }
+    }
+
+    fn last(&self, o: &Outcome) -> Value {
+        let mut v = match self.kind {
+            Kind::Chat => self.object(json!([{"index": 0, "delta": {}, "finish_reason": o.finish_reason}])),
+            Kind::Completion => {
+                self.object(json!([{"index": 0, "text": "", "finish_reason": o.finish_reason, "logprobs": null}]))
+            }
+        };
+        v["kv_cache"] = o.kv.json();
+        v
+    }
+}
+
+async fn whole_answer(head: Head, first: Event, mut rx: UnboundedReceiver<Event>) -> Response {
+    let mut text = String::new();
+    let mut event = Some(first);
+    loop {
+        match event {
+            Some(Event::Text(t)) => text.push_str(&t),
+            Some(Event::Failed(e)) => return e.into_response(),
+            Some(Event::Done(o)) => {
+                let choice = match head.kind {
+                    Kind::Chat => {
+                        json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": o.finish_reason, "logprobs": null})
+                    }
+                    Kind::Completion => {
+                        json!({"index": 0, "text": text, "finish_reason": o.finish_reason, "logprobs": null})
+                    }
+                };
+                let object = match head.kind {
+                    Kind::Chat => "chat.completion",
+                    Kind::Completion => "text_completion",
+                };
+                return Json(json!({
+                    "id": head.id, "object": object, "created": head.created, "model": head.model,
+                    "choices": [choice],
+                    "usage": usage_json(o.prompt_tokens, o.completion_tokens),
+                    "kv_cache": o.kv.json(),
+                }))
+                .into_response();
+            }
+            None => {
+                return ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "shutting_down",
+                    "the engine stopped mid-request",
+                )
+                .into_response()
+            }
+        }
+        event = rx.recv().await;
+    }
+}
+
+/// The SSE events of one streamed answer: a role chunk (chat), text chunks, a last chunk with
+/// `finish_reason` and `kv_cache`, a usage chunk when asked, then `[DONE]`. Dropping the stream
+/// (the client went away) drops the receiver, which cancels the sequence.
+fn sse_stream(
+    head: Head,
+    first: Event,
+    rx: UnboundedReceiver<Event>,
+    include_usage: bool,
+    guard: InFlight,
+) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+    let data = |v: Value| SseEvent::default().data(v.to_string());
+    let opening = match head.kind {
+        Kind::Chat => vec![data(
+            head.object(json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}])),
+        )],
+        Kind::Completion => Vec::new(),
+    };
+    let events = stream::once(async { first })
+        .chain(stream::unfold((rx, guard), |(mut rx, g)| async move { rx.recv().await.map(|e| (e, (rx, g))) }));
+    let body = events.flat_map(move |e| {
+        let out = match e {
+            Event::Text(t) => vec![data(head.delta(&t))],
+            Event::Done(o) => {
+                let mut v = vec![data(head.last(&o))];
+                if include_usage {
+                    let mut u = head.object(json!([]));
+                    u["usage"] = usage_json(o.prompt_tokens, o.completion_tokens);
+                    v.push(data(u));
+                }
+                v
+            }
+            Event::Failed(err) => vec![data(err.body())],
+        };
+        stream::iter(out)
+    });
+    stream::iter(opening).chain(body).chain(stream::once(async { SseEvent::default().data("[DONE]") })).map(Ok)
+}

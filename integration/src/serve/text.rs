@@ -1,0 +1,179 @@
+//! Token ids to streamed text: incremental detokenization that never splits a UTF-8 character,
+//! and stop strings that end the text before them (and are never streamed, even in part).
+
+use tokenizers::Tokenizer;
+
+/// What [`TextStream::push`] produced.
+#[derive(Debug, Default, PartialEq)]
+pub struct Delta {
+    /// Text that can be sent now.
+    pub text: String,
+    /// A stop string was found: the text ends here and generation should stop.
+    pub stopped: bool,
+}
+
+/// One sequence's text as its tokens arrive.
+///
+/// Decoding a window of recent tokens and emitting what the newest token added (the way
+/// text-generation-inference streams) keeps each step's work small and waits while the window
+/// ends inside a multi-byte character. tokenizers has no incremental decoder for this, hence the
+/// hand-written window.
+pub struct TextStream<'t> {
+    tokenizer: &'t Tokenizer,
+    ids: Vec<u32>,
+    prefix: usize,
+    read: usize,
+    stops: Vec<String>,
+    /// Every decoded byte so far (stop matching looks back into it).
+    text: String,
+    /// Bytes of `text` already handed out.
+    sent: usize,
+    stopped: bool,
+}
+
+impl<'t> TextStream<'t> {
+    /// A stream for a new sequence that stops at any of `stops` (empty strings are ignored).
+    pub fn new(tokenizer: &'t Tokenizer, stops: Vec<String>) -> Self {
+        let stops = stops.into_iter().filter(|s| !s.is_empty()).collect();
+        Self { tokenizer, ids: Vec::new(), prefix: 0, read: 0, stops, text: String::new(), sent: 0, stopped: false }
+    }
+
+    fn decode(&self, ids: &[u32]) -> String {
+        // A token the tokenizer cannot decode (an id it has no piece for) decodes as nothing.
+        self.tokenizer.decode(ids, true).unwrap_or_default()
+    }
+
+    /// Feeds the next token; returns the text that became final.
+    pub fn push(&mut self, token: u32) -> Delta {
+        if self.stopped {
+            return Delta { text: String::new(), stopped: true };
+        }
+        self.ids.push(token);
+        let before = self.decode(&self.ids[self.prefix..self.read]);
+        let now = self.decode(&self.ids[self.prefix..]);
+        if now.len() > before.len() && now.is_char_boundary(before.len()) && !now.ends_with('\u{FFFD}') {
+            self.text.push_str(&now[before.len()..]);
+            self.prefix = self.read;
+            self.read = self.ids.len();
+        }
+        self.release(false)
+    }
+
+    /// Ends the stream (the sequence finished): returns whatever text is still held back.
+    pub fn finish(&mut self) -> Delta {
+        if self.stopped {
+            return Delta { text: String::new(), stopped: true };
+        }
+        let before = self.decode(&self.ids[self.prefix..self.read]);
+        let now = self.decode(&self.ids[self.prefix..]);
+        if now.len() > before.len() && now.is_char_boundary(before.len()) {
+            self.text.push_str(&now[before.len()..]);
+        }
+        self.prefix = self.ids.len();
+        self.read = self.ids.len();
+        self.release(true)
+    }
+
+    /// Hands out the text that no stop string can still claim (all of it at the end).
+    fn release(&mut self, at_end: bool) -> Delta {
+        let longest = self.stops.iter().map(String::len).max().unwrap_or(0);
+        let mut from = self.sent.saturating_sub(longest);
+        while !self.text.is_char_boundary(from) {
+            from -= 1;
+        }
+        let found = self.stops.iter().filter_map(|s| self.text[from..].find(s.as_str()).map(|i| from + i)).min();
+        let end = match found {
+            Some(i) => {
+                self.stopped = true;
+                i.max(self.sent)
+            }
+            None if at_end => self.text.len(),
+            None => self.text.len() - self.held_back(),
+        };
+        let text = self.text[self.sent..end].to_string();
+        self.sent = end;
+        Delta { text, stopped: self.stopped }
+    }
+
+    /// Bytes at the end of the text that begin some stop string.
+    fn held_back(&self) -> usize {
+        let t = &self.text[self.sent..];
+        let mut held = 0;
+        for s in &self.stops {
+            for (i, _) in s.char_indices().skip(1) {
+                if i > held && t.ends_with(&s[..i]) {
+                    held = i;
+                }
+            }
+        }
+        held
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokenizers::models::wordlevel::WordLevel;
+
+    /// A tokenizer whose tokens are the given strings, decoded by plain concatenation.
+    fn tokenizer(pieces: &[&str]) -> Tokenizer {
+        let vocab = pieces.iter().enumerate().map(|(i, p)| (p.to_string(), i as u32)).collect();
+        let model = WordLevel::builder().vocab(vocab).unk_token(pieces[0].into()).build().unwrap();
+        let mut t = Tokenizer::new(model);
+        t.with_decoder(Some(tokenizers::decoders::fuse::Fuse::new()));
+        t
+    }
+
+    fn stream_all(t: &Tokenizer, ids: &[u32], stops: &[&str]) -> (Vec<String>, bool) {
+        let mut s = TextStream::new(t, stops.iter().map(|x| x.to_string()).collect());
+        let mut out = Vec::new();
+        let mut stopped = false;
+        for &id in ids {
+            let d = s.push(id);
+            out.push(d.text);
+            if d.stopped {
+                stopped = true;
+                break;
+            }
+        }
+        if !stopped {
+            out.push(s.finish().text);
+        }
+        (out, stopped)
+    }
+
+    #[test]
+    fn the_streamed_pieces_concatenate_to_the_whole_decode() {
+        let t = tokenizer(&["<unk>", "Hel", "lo", " wor", "ld", "!"]);
+        let ids = [1, 2, 3, 4, 5];
+        let (pieces, stopped) = stream_all(&t, &ids, &[]);
+        assert!(!stopped);
+        assert_eq!(pieces.concat(), t.decode(&ids, true).unwrap());
+        assert_eq!(pieces[0], "Hel");
+    }
+
+    #[test]
+    fn a_stop_string_split_across_tokens_ends_the_text_before_it_and_is_never_sent() {
+        let t = tokenizer(&["<unk>", "one", " tw", "o", " three"]);
+        let (pieces, stopped) = stream_all(&t, &[1, 2, 3, 4], &[" two"]);
+        assert!(stopped);
+        assert_eq!(pieces.concat(), "one");
+        assert!(pieces.iter().all(|p| !p.contains(" tw")), "{pieces:?}");
+    }
+
+    #[test]
+    fn text_held_back_for_a_stop_that_never_comes_is_released() {
+        let t = tokenizer(&["<unk>", "a", " t", "x"]);
+        let (pieces, stopped) = stream_all(&t, &[1, 2, 3], &[" two"]);
+        assert!(!stopped);
+        assert_eq!(pieces.concat(), "a tx");
+        assert_eq!(pieces[1], "", "` t` may begin ` two`: held back");
+    }
+
+    #[test]
+    fn the_earliest_of_several_stop_strings_wins() {
+        let t = tokenizer(&["<unk>", "abc", "def"]);
+        let (pieces, _) = stream_all(&t, &[1, 2], &["ef", "cd"]);
+        assert_eq!(pieces.concat(), "ab");
+    }
+}

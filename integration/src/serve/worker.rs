@@ -1,0 +1,349 @@
+//! The engine thread: owns the engine and its scheduler, takes jobs from the HTTP side over a
+//! channel, runs one scheduler step at a time, and streams each request's text back over its own
+//! channel. A request whose channel closes (the client went away) is cancelled at once and its
+//! blocks return to the pool.
+
+use std::collections::HashMap;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::http::StatusCode;
+use dms_policy::PolicyFactory;
+use tokenizers::Tokenizer;
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::error::ApiError;
+use super::metrics::Metrics;
+use super::openai::KvReport;
+use super::text::TextStream;
+use crate::engine::{Engine, GenParams};
+use crate::scheduler::{FinishReason, Finished, Request, Scheduler};
+
+/// One request for the engine thread.
+pub struct Job {
+    /// Prompt token ids.
+    pub prompt: Vec<u32>,
+    /// Sampling and stopping.
+    pub params: GenParams,
+    /// Index into the served policies.
+    pub policy: usize,
+    /// Stop strings.
+    pub stops: Vec<String>,
+    /// When the request arrived (for time to first token and the timeout).
+    pub arrived: Instant,
+    /// Where its events go.
+    pub events: UnboundedSender<Event>,
+}
+
+/// What the engine thread sends back for a request.
+#[derive(Debug)]
+pub enum Event {
+    /// Text that became final.
+    Text(String),
+    /// The request finished.
+    Done(Outcome),
+    /// The request failed.
+    Failed(ApiError),
+}
+
+/// How a request ended.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// OpenAI's `finish_reason`: `stop` or `length`.
+    pub finish_reason: &'static str,
+    /// Prompt tokens.
+    pub prompt_tokens: usize,
+    /// Tokens generated.
+    pub completion_tokens: usize,
+    /// What the cache kept.
+    pub kv: KvReport,
+}
+
+/// Messages to the engine thread.
+pub enum Command {
+    /// Serve a job.
+    Submit(Job),
+    /// Stop taking jobs; finish the running ones within the grace period, then cancel the rest.
+    Shutdown,
+}
+
+/// A policy the server may run.
+pub struct ServedPolicy {
+    /// The name requests use.
+    pub name: String,
+    /// What `/v1/cache_policies` says.
+    pub description: String,
+    /// The policy.
+    pub factory: Arc<dyn PolicyFactory>,
+}
+
+/// What the engine thread needs besides the engine.
+pub struct WorkerSetup {
+    /// The policies, by index.
+    pub policies: Vec<ServedPolicy>,
+    /// For detokenizing.
+    pub tokenizer: Tokenizer,
+    /// Shared metrics.
+    pub metrics: Arc<Metrics>,
+    /// Sequences decoding at once at most.
+    pub max_batch: usize,
+    /// Longest a request may take.
+    pub timeout: Duration,
+    /// How long in-flight requests may run on after a shutdown command.
+    pub grace: Duration,
+    /// Prompt tokens per prefill chunk.
+    pub prefill_chunk: usize,
+}
+
+struct Active<'t> {
+    job: Job,
+    text: TextStream<'t>,
+    last_token: Option<Instant>,
+    completion_tokens: usize,
+    /// A stop string ended its text: cancel it after this step.
+    stop_hit: bool,
+}
+
+/// Runs until the command channel closes or a shutdown completes.
+pub fn run(mut engine: Engine, setup: WorkerSetup, commands: Receiver<Command>) {
+    let WorkerSetup { policies, tokenizer, metrics, max_batch, timeout, grace, prefill_chunk } = setup;
+    let base = GenParams { max_tokens: 1, temperature: 0.0, top_p: 1.0, seed: 0, stop_at_eos: true, prefill_chunk };
+    let Ok(mut sched) = Scheduler::new(base, max_batch, false) else { return };
+    let rows = {
+        let c = engine.model.config();
+        (c.num_layers * c.num_kv_heads).max(1)
+    };
+    let store = &engine.store;
+    metrics.bytes_capacity.set(gauge(store.capacity_blocks() as u64 * store.block_size() as u64 * store.slot_bytes()));
+    let mut active: HashMap<usize, Active<'_>> = HashMap::new();
+    let mut next_id = 0usize;
+    let mut shutdown_at: Option<Instant> = None;
+    let mut preemptions_seen = 0usize;
+    loop {
+        // Take new commands: wait for one when idle, else only what is already there.
+        let mut first = if sched.is_idle() {
+            if shutdown_at.is_some() {
+                return;
+            }
+            match commands.recv_timeout(Duration::from_millis(200)) {
+                Ok(c) => Some(c),
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+        } else {
+            commands.try_recv().ok()
+        };
+        while let Some(cmd) = first.take().or_else(|| commands.try_recv().ok()) {
+            match cmd {
+                Command::Shutdown => shutdown_at = Some(Instant::now()),
+                Command::Submit(job) if shutdown_at.is_some() => {
+                    let _ = job.events.send(Event::Failed(shutting_down()));
+                }
+                Command::Submit(job) => {
+                    let id = next_id;
+                    next_id += 1;
+                    let req = Request {
+                        id,
+                        prompt: job.prompt.clone(),
+                        forced: None,
+                        policy: policies[job.policy].factory.clone(),
+                        params: Some(job.params.clone()),
+                    };
+                    match sched.submit(&engine, req) {
+                        Ok(()) => {
+                            let text = TextStream::new(&tokenizer, job.stops.clone());
+                            active.insert(
+                                id,
+                                Active { job, text, last_token: None, completion_tokens: 0, stop_hit: false },
+                            );
+                        }
+                        Err(e) => {
+                            let _ = job.events.send(Event::Failed(ApiError::bad_request(format!("{e:#}"), None)));
+                        }
+                    }
+                }
+            }
+        }
+        // Cancel what nobody waits for any more, what ran out of time, and, once the grace
+        // period after a shutdown is over, everything.
+        let now = Instant::now();
+        let past_grace = shutdown_at.is_some_and(|t| now >= t + grace);
+        let ids: Vec<usize> = active.keys().copied().collect();
+        for id in ids {
+            let a = &active[&id];
+            let failure = if a.job.events.is_closed() {
+                Some(None)
+            } else if now >= a.job.arrived + timeout {
+                Some(Some(ApiError::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "timeout",
+                    format!("the request took longer than {} s and was cancelled", timeout.as_secs()),
+                )))
+            } else if past_grace {
+                Some(Some(shutting_down()))
+            } else {
+                None
+            };
+            if let Some(err) = failure {
+                let a = active.remove(&id).expect("listed");
+                let f = sched.cancel(&mut engine, id);
+                count_end(&metrics, &policies[a.job.policy].name, &a, f.as_ref(), rows);
+                if let Some(err) = err {
+                    let _ = a.job.events.send(Event::Failed(err));
+                }
+            }
+        }
+        if sched.is_idle() {
+            update_gauges(&metrics, &engine, &sched, &active, &policies);
+            continue;
+        }
+        // One step.
+        let finished = match sched.step(&mut engine) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::error!("engine step failed: {e:#}; failing every request in flight");
+                sched.release_all(&mut engine);
+                for (_, a) in active.drain() {
+                    let msg = format!("the engine failed: {e:#}");
+                    let _ = a.job.events.send(Event::Failed(ApiError::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "engine_error",
+                        msg,
+                    )));
+                }
+                update_gauges(&metrics, &engine, &sched, &active, &policies);
+                continue;
+            }
+        };
+        let now = Instant::now();
+        for &(id, token) in sched.chosen() {
+            let Some(a) = active.get_mut(&id) else { continue };
+            let policy = &policies[a.job.policy].name;
+            match a.last_token {
+                None => metrics.time_to_first_token.with_label_values(&[policy]).observe(secs(now - a.job.arrived)),
+                Some(t) => metrics.inter_token_latency.with_label_values(&[policy]).observe(secs(now - t)),
+            }
+            a.last_token = Some(now);
+            if a.stop_hit {
+                continue;
+            }
+            a.completion_tokens += 1;
+            let d = a.text.push(token);
+            if !d.text.is_empty() {
+                let _ = a.job.events.send(Event::Text(d.text));
+            }
+            a.stop_hit = d.stopped;
+        }
+        for f in finished {
+            if let Some(mut a) = active.remove(&f.id) {
+                if !a.stop_hit {
+                    let d = a.text.finish();
+                    if !d.text.is_empty() {
+                        let _ = a.job.events.send(Event::Text(d.text));
+                    }
+                }
+                let reason = if a.stop_hit { FinishReason::Stop } else { f.finish_reason };
+                finish(&metrics, &policies[a.job.policy].name, a, &f, reason, rows);
+            }
+        }
+        let stopped: Vec<usize> = active.iter().filter(|(_, a)| a.stop_hit).map(|(&id, _)| id).collect();
+        for id in stopped {
+            let a = active.remove(&id).expect("listed");
+            match sched.cancel(&mut engine, id) {
+                Some(f) => finish(&metrics, &policies[a.job.policy].name, a, &f, FinishReason::Stop, rows),
+                None => {
+                    let _ = a.job.events.send(Event::Failed(ApiError::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "engine_error",
+                        "the sequence vanished from the scheduler",
+                    )));
+                }
+            }
+        }
+        let p = sched.stats.preemptions;
+        metrics.preemptions.inc_by((p - preemptions_seen) as u64);
+        preemptions_seen = p;
+        update_gauges(&metrics, &engine, &sched, &active, &policies);
+    }
+}
+
+fn shutting_down() -> ApiError {
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "the server is shutting down")
+}
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+fn gauge(bytes: u64) -> i64 {
+    i64::try_from(bytes).unwrap_or(i64::MAX)
+}
+
+fn compression(tokens_seen: u64, slots: u64) -> f64 {
+    if slots == 0 {
+        1.0
+    } else {
+        tokens_seen as f64 / slots as f64
+    }
+}
+
+/// Counts a request that ended (finished, stopped or cancelled) in the per-policy counters.
+fn count_end(metrics: &Metrics, policy: &str, a: &Active<'_>, f: Option<&Finished>, rows: usize) {
+    metrics.requests.with_label_values(&[policy]).inc();
+    metrics.generated_tokens.with_label_values(&[policy]).inc_by(a.completion_tokens as f64);
+    let Some(f) = f else { return };
+    metrics.prompt_tokens.with_label_values(&[policy]).inc_by(a.job.prompt.len() as f64);
+    let evicted = f.usage.tokens_seen.saturating_sub(f.usage.slots) as f64 / rows as f64;
+    metrics.evicted_tokens.with_label_values(&[policy]).inc_by(evicted);
+}
+
+/// Reports a finished request to its client, the metrics and the log.
+fn finish(metrics: &Metrics, policy: &str, a: Active<'_>, f: &Finished, reason: FinishReason, rows: usize) {
+    count_end(metrics, policy, &a, Some(f), rows);
+    let cr = f.compression_ratio;
+    metrics.compression_ratio.with_label_values(&[policy]).set(cr);
+    let kv = KvReport { policy: policy.to_string(), compression_ratio: cr, bytes_live_peak: f.peak_live };
+    let finish_reason = if reason == FinishReason::Length { "length" } else { "stop" };
+    let total = a.job.arrived.elapsed();
+    tracing::info!(
+        id = f.id,
+        policy,
+        prompt_tokens = a.job.prompt.len(),
+        completion_tokens = a.completion_tokens,
+        compression_ratio = format!("{cr:.2}"),
+        preemptions = f.preemptions,
+        seconds = format!("{:.3}", total.as_secs_f64()),
+        finish_reason,
+        "request finished"
+    );
+    let out = Outcome { finish_reason, prompt_tokens: a.job.prompt.len(), completion_tokens: a.completion_tokens, kv };
+    let _ = a.job.events.send(Event::Done(out));
+}
+
+/// Sets the pool, queue and per-policy compression gauges.
+fn update_gauges(
+    metrics: &Metrics,
+    engine: &Engine,
+    sched: &Scheduler,
+    active: &HashMap<usize, Active<'_>>,
+    policies: &[ServedPolicy],
+) {
+    let u = engine.store.usage();
+    metrics.bytes_live.set(gauge(u.bytes_live));
+    metrics.bytes_allocated.set(gauge(u.bytes_allocated));
+    metrics.requests_running.set(sched.running_count() as i64);
+    metrics.requests_waiting.set(sched.waiting_count() as i64);
+    let mut per_policy = vec![(0u64, 0u64); policies.len()];
+    for (id, usage) in sched.running_usage(&engine.store) {
+        if let Some(a) = active.get(&id) {
+            per_policy[a.job.policy].0 += usage.tokens_seen;
+            per_policy[a.job.policy].1 += usage.slots;
+        }
+    }
+    for (p, (seen, slots)) in policies.iter().zip(per_policy) {
+        if seen > 0 {
+            metrics.compression_ratio.with_label_values(&[&p.name]).set(compression(seen, slots));
+        }
+    }
+}

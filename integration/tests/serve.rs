@@ -1,0 +1,196 @@
+//! `dms serve` end to end: the official `openai` Python client (installed with pip into a venv in
+//! the cache directory) against the real binary on SmolLM2-135M, for the API, streaming, per-
+//! request policies, concurrency without cross-talk, disconnects, bad input, limits, API keys and
+//! SIGTERM. The checks themselves are in `tests/serve/client_checks.py`.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use dms_integration::assets::{build_cache_entry, cache_dir};
+
+const OPENAI_VERSION: &str = "3.57.0";
+const PROMPT: &str = "Tell me a story about a dragon.";
+const MAX_TOKENS: usize = 48;
+
+/// A Python venv with the `openai` client, built once per cache directory.
+fn venv_python() -> PathBuf {
+    let target = cache_dir().join(format!("py-openai-{OPENAI_VERSION}"));
+    let python = |dir: &Path| dir.join("bin/python");
+    build_cache_entry(
+        &target,
+        |dir| Command::new(python(dir)).args(["-c", "import openai"]).status().is_ok_and(|s| s.success()),
+        |staging| {
+            let dir = staging.join("venv");
+            let ok = Command::new("python3").arg("-m").arg("venv").arg(&dir).status()?.success();
+            anyhow::ensure!(ok, "python3 -m venv failed");
+            let ok = Command::new(python(&dir))
+                .args(["-m", "pip", "install", "--quiet", &format!("openai=={OPENAI_VERSION}")])
+                .status()?
+                .success();
+            anyhow::ensure!(ok, "pip install openai=={OPENAI_VERSION} failed");
+            Ok(dir)
+        },
+    )
+    .expect("a venv with the openai client");
+    python(&target)
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// An engine config serving dms (default), full and sliding_window, with `server` extra keys.
+fn write_config(dir: &Path, name: &str, server: &str) -> PathBuf {
+    let adapter = repo().join("configs/adapters/smollm2-dms");
+    let text = format!(
+        r#"[model]
+source = "smollm2-135m"
+
+[cache]
+block_size = 16
+max_tokens = 2048
+
+[cache.policy]
+name = "dms"
+adapter = "{adapter}"
+
+[server]
+port = 0
+model_name = "smollm2-135m"
+{server}
+
+[[server.policies]]
+name = "dms"
+policy = {{ name = "dms", adapter = "{adapter}" }}
+
+[[server.policies]]
+name = "full"
+policy = {{ name = "full" }}
+
+[[server.policies]]
+name = "sliding_window"
+policy = {{ name = "sliding_window", window = 16, sinks = 4 }}
+"#,
+        adapter = adapter.display()
+    );
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// A running server; killed if the test ends without stopping it.
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(config: &Path) -> Server {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dms"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("dms serve starts");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = lines.next().expect("dms serve prints its address").unwrap();
+    let base = line.split_whitespace().find(|w| w.starts_with("http://")).expect("an address").to_string();
+    // Keep draining stdout so the server never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    Server { child, base }
+}
+
+fn python_checks(mode: &str, base: &str, arg: &str) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/serve/client_checks.py");
+    let status = Command::new(venv_python()).arg(script).args([mode, base, arg]).status().unwrap();
+    assert!(status.success(), "client checks `{mode}` failed");
+}
+
+fn sigterm(child: &Child) {
+    let ok = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success();
+    assert!(ok, "kill -TERM");
+}
+
+/// Waits for the process to exit; its status, or None after `limit`.
+fn wait_exit(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let t0 = Instant::now();
+    while t0.elapsed() < limit {
+        if let Some(s) = child.try_wait().unwrap() {
+            return Some(s);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+/// What `dms run --chat` prints for PROMPT under the config's `[cache.policy]`.
+fn run_chat_text(config: &Path) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_dms"))
+        .args(["run", "--chat", "--prompt", PROMPT, "--max-tokens", &MAX_TOKENS.to_string(), "--config"])
+        .arg(config)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "dms run: {}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let (text, _) = stdout.split_once("\n[summary]").expect("a summary line after the text");
+    text.to_string()
+}
+
+#[test]
+fn the_openai_client_gets_every_route_streaming_and_policies_with_no_cross_talk() {
+    let python = venv_python();
+    assert!(python.exists());
+    let dir = std::env::temp_dir().join(format!("dms-serve-main-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = write_config(&dir, "serve.toml", "max_batch = 8");
+    let expected = dir.join("expected.json");
+    let text = run_chat_text(&config);
+    let body = serde_json::json!({"prompt": PROMPT, "max_tokens": MAX_TOKENS, "text": text});
+    std::fs::write(&expected, body.to_string()).unwrap();
+    let mut server = start(&config);
+    python_checks("main", &server.base, expected.to_str().unwrap());
+    sigterm(&server.child);
+    let status = wait_exit(&mut server.child, Duration::from_secs(10)).expect("exits within 10 s of SIGTERM");
+    assert!(status.success(), "exit status after SIGTERM: {status}");
+}
+
+#[test]
+fn limits_api_keys_and_sigterm_with_a_request_in_flight() {
+    let dir = std::env::temp_dir().join(format!("dms-serve-tight-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = "test-key-123";
+    let config = write_config(
+        &dir,
+        "tight.toml",
+        &format!("max_batch = 1\nmax_waiting = 1\nmax_body_bytes = 4096\nshutdown_grace_secs = 1\napi_key = \"{key}\""),
+    );
+    let mut server = start(&config);
+    python_checks("tight", &server.base, key);
+
+    // SIGTERM while a long stream runs: the stream is cut short and the server exits 0 promptly.
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/serve/client_checks.py");
+    let mut client = Command::new(venv_python())
+        .arg(script)
+        .args(["inflight", &server.base, key])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(client.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "started");
+    let t0 = Instant::now();
+    sigterm(&server.child);
+    let status = wait_exit(&mut server.child, Duration::from_secs(10)).expect("exits within 10 s of SIGTERM");
+    assert!(status.success(), "exit status after SIGTERM: {status}");
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    assert!(client.wait().unwrap().success());
+    assert!(rest.iter().any(|l| l.starts_with("inflight: stream closed")), "{rest:?}");
+    assert!(t0.elapsed() < Duration::from_secs(10));
+}

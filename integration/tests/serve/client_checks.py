@@ -1,0 +1,290 @@
+"""End-to-end checks of `dms serve`, driven by integration/tests/serve.rs.
+
+usage: client_checks.py main BASE_URL EXPECTED_JSON
+       client_checks.py tight BASE_URL API_KEY
+       client_checks.py inflight BASE_URL API_KEY
+
+`main` talks to a server with the default limits and no API key; EXPECTED_JSON holds
+{"prompt": ..., "max_tokens": N, "text": what `dms run --chat` printed}. `tight` talks to one
+with max_batch 1, max_waiting 1, a 4 KiB body limit and an API key. `inflight` starts a long
+streamed request, prints "started" after its first chunk and reads to the end (the Rust side
+sends SIGTERM meanwhile). Every check raises on failure; the exit code says which.
+"""
+
+import concurrent.futures
+import http.client
+import json
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import openai
+
+MODEL = "smollm2-135m"
+POLICIES = ["dms", "full", "sliding_window"]
+
+
+def call(base, method, path, body=None, headers=None, raw=None):
+    """(status, parsed JSON or text) of one request; raw bytes are sent as given."""
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(base + path, data=data, method=method, headers=headers or {})
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            status, text = r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        status, text = e.code, e.read().decode()
+    try:
+        return status, json.loads(text)
+    except ValueError:
+        return status, text
+
+
+def metric(base, name, headers=None):
+    _, text = call(base, "GET", "/metrics", headers=headers)
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"metric {name} missing")
+
+
+def wait_pool_empty(base, headers=None, seconds=10.0):
+    """Waits until no KV bytes are held and nothing runs; fails after `seconds`."""
+    deadline = time.time() + seconds
+    while True:
+        live = metric(base, "dms_kv_cache_bytes_live", headers)
+        alloc = metric(base, "dms_kv_cache_bytes_allocated", headers)
+        running = metric(base, "dms_requests_running", headers)
+        if live == 0 and alloc == 0 and running == 0:
+            return
+        if time.time() > deadline:
+            raise AssertionError(f"pool not empty: live {live}, allocated {alloc}, running {running}")
+        time.sleep(0.05)
+
+
+def chat(client, prompt, policy=None, max_tokens=24, **kw):
+    extra = {"cache_policy": policy} if policy else None
+    return client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=max_tokens,
+        temperature=0,
+        extra_body=extra,
+        **kw,
+    )
+
+
+def streamed(client, prompt, policy=None, max_tokens=24):
+    """(text, last chunk with a finish_reason, usage chunk) of a streamed chat."""
+    extra = {"cache_policy": policy} if policy else None
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=max_tokens,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body=extra,
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    usage = [c for c in chunks if c.usage]
+    assert len(finals) == 1 and len(usage) == 1, chunks
+    return text, finals[0], usage[0]
+
+
+def check_main(base, expected_path):
+    expected = json.load(open(expected_path))
+    client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+    ids = [m.id for m in client.models.list().data]
+    assert ids == [MODEL], ids
+
+    status, pol = call(base, "GET", "/v1/cache_policies")
+    assert status == 200 and pol["default"] == "dms", pol
+    assert [p["name"] for p in pol["data"]] == POLICIES, pol
+
+    # Greedy chat equals `dms run --chat` with the same prompt, policy and max tokens.
+    whole = chat(client, expected["prompt"], max_tokens=expected["max_tokens"])
+    text = whole.choices[0].message.content
+    assert text == expected["text"], (text, expected["text"])
+    kv = whole.model_extra["kv_cache"]
+    assert kv["policy"] == "dms" and kv["compression_ratio"] > 1.0 and kv["bytes_live_peak"] > 0, kv
+    u = whole.usage
+    assert u.total_tokens == u.prompt_tokens + u.completion_tokens and u.completion_tokens > 0, u
+    assert whole.choices[0].finish_reason in ("stop", "length")
+
+    # Streaming gives the same text, then finish_reason with kv_cache, then usage.
+    s_text, final, usage = streamed(client, expected["prompt"], max_tokens=expected["max_tokens"])
+    assert s_text == text, (s_text, text)
+    assert final.choices[0].finish_reason == whole.choices[0].finish_reason
+    assert final.model_extra["kv_cache"] == kv, (final.model_extra, kv)
+    assert usage.usage.completion_tokens == u.completion_tokens, (usage.usage, u)
+
+    # Completions, whole and streamed.
+    c = client.completions.create(model=MODEL, prompt="The river", max_tokens=16, temperature=0)
+    cs = client.completions.create(model=MODEL, prompt="The river", max_tokens=16, temperature=0, stream=True)
+    assert "".join(x.choices[0].text for x in cs) == c.choices[0].text
+    assert c.choices[0].finish_reason == "length" and c.usage.completion_tokens == 16, c
+
+    # A stop string ends the text before it.
+    full_text = c.choices[0].text
+    cut = full_text.split()[2]
+    stopped = client.completions.create(model=MODEL, prompt="The river", max_tokens=16, temperature=0, stop=[cut])
+    assert stopped.choices[0].text == full_text[: full_text.index(cut)], (stopped.choices[0].text, full_text, cut)
+    assert stopped.choices[0].finish_reason == "stop"
+
+    # Seeded sampling repeats.
+    r1 = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Name a colour."}],
+                                        max_tokens=12, temperature=1.0, seed=7)
+    r2 = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Name a colour."}],
+                                        max_tokens=12, temperature=1.0, seed=7)
+    assert r1.choices[0].message.content == r2.choices[0].message.content
+
+    # 18 concurrent requests with mixed policies: each equals the same request alone.
+    prompts = [f"Write one sentence about the number {i}." for i in range(18)]
+    jobs = [(p, POLICIES[i % 3]) for i, p in enumerate(prompts)]
+    alone = [chat(client, p, pol) for p, pol in jobs]
+    running_seen = []
+
+    def watch(stop_at):
+        while time.time() < stop_at:
+            running_seen.append(metric(base, "dms_requests_running"))
+            time.sleep(0.05)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=19) as ex:
+        watcher = ex.submit(watch, time.time() + 3.0)
+        together = list(ex.map(lambda j: chat(client, j[0], j[1]), jobs))
+        watcher.result()
+    for (p, pol), x, y in zip(jobs, alone, together):
+        assert x.choices[0].message.content == y.choices[0].message.content, (p, pol, x, y)
+        assert y.model_extra["kv_cache"]["policy"] == pol
+        if pol == "full":
+            assert y.model_extra["kv_cache"]["compression_ratio"] == 1.0
+    assert max(running_seen) > 1, f"never more than one sequence at once: {running_seen}"
+    wait_pool_empty(base)
+    for pol in POLICIES:
+        assert metric(base, f'dms_requests_total{{policy="{pol}"}}') >= 12
+    assert metric(base, 'dms_evicted_tokens_total{policy="dms"}') > 0
+    assert metric(base, 'dms_evicted_tokens_total{policy="full"}') == 0
+
+    # A client that goes away mid-stream: its sequence is cancelled and its blocks freed at once.
+    before = metric(base, 'dms_requests_total{policy="full"}')
+    u = urllib.parse.urlparse(base)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+    conn.request("POST", "/v1/chat/completions", json.dumps({
+        "model": MODEL, "messages": [{"role": "user", "content": "Tell me a very long story."}],
+        "max_tokens": 1500, "stream": True, "cache_policy": "full"}), {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    for _ in range(6):
+        resp.fp.readline()
+    assert metric(base, "dms_kv_cache_bytes_allocated") > 0
+    conn.sock.close()
+    conn.close()
+    wait_pool_empty(base, seconds=5.0)
+    assert metric(base, 'dms_requests_total{policy="full"}') == before + 1
+
+    # Bad input: each gets its 4xx and an OpenAI error body; the server stays healthy.
+    good = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+    cases = [
+        ("malformed JSON", "/v1/chat/completions", None, b'{"model": ', 400),
+        ("missing messages", "/v1/chat/completions", {"model": MODEL}, None, 400),
+        ("ill-typed max_tokens", "/v1/chat/completions", {**good, "max_tokens": "ten"}, None, 400),
+        ("negative max_tokens", "/v1/chat/completions", {**good, "max_tokens": -5}, None, 400),
+        ("non-finite temperature", "/v1/chat/completions", None,
+         json.dumps(good)[:-1].encode() + b', "temperature": 1e999}', 400),
+        ("temperature out of range", "/v1/chat/completions", {**good, "temperature": 3}, None, 400),
+        ("unknown cache_policy", "/v1/chat/completions", {**good, "cache_policy": "lru"}, None, 400),
+        ("prompt too long for the pool", "/v1/completions",
+         {"model": MODEL, "prompt": "word " * 1500, "max_tokens": 1000}, None, 400),
+        ("token id outside the vocabulary", "/v1/completions",
+         {"model": MODEL, "prompt": [1, 2, 99999999]}, None, 400),
+        ("empty prompt", "/v1/completions", {"model": MODEL, "prompt": ""}, None, 400),
+        ("n > 1", "/v1/chat/completions", {**good, "n": 3}, None, 400),
+        ("unknown model", "/v1/chat/completions", {**good, "model": "gpt-9"}, None, 404),
+        ("unknown route", "/v1/embeddings", good, None, 404),
+    ]
+    for name, path, body, raw, want in cases:
+        status, err = call(base, "POST", path, body=body, raw=raw)
+        assert status == want, (name, status, err)
+        assert set(err["error"]) == {"message", "type", "param", "code"}, (name, err)
+    _, err = call(base, "POST", "/v1/chat/completions", body={**good, "cache_policy": "lru"})
+    assert all(p in err["error"]["message"] for p in POLICIES), err
+    _, err = call(base, "POST", "/v1/completions", body={"model": MODEL, "prompt": "word " * 1500, "max_tokens": 1000})
+    assert "at most" in err["error"]["message"] and err["error"]["code"] == "context_length_exceeded", err
+    status, _ = call(base, "GET", "/v1/chat/completions")
+    assert status == 405
+    try:
+        chat(client, "hi", policy="lru")
+        raise AssertionError("the client accepted an unknown policy")
+    except openai.BadRequestError as e:
+        assert "lru" in str(e)
+    assert call(base, "GET", "/health") == (200, {"status": "ok"})
+    assert chat(client, expected["prompt"], max_tokens=expected["max_tokens"]).choices[0].message.content == text
+    wait_pool_empty(base)
+    print("main: all checks passed")
+
+
+def check_tight(base, key):
+    auth = {"Authorization": f"Bearer {key}"}
+    good = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    assert call(base, "GET", "/health")[0] == 200, "health needs no key"
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": key}):
+        for method, path, body in (("GET", "/v1/models", None), ("POST", "/v1/chat/completions", good),
+                                   ("GET", "/metrics", None)):
+            status, err = call(base, method, path, body=body, headers=headers)
+            assert status == 401 and err["error"]["code"] == "invalid_api_key", (headers, path, status, err)
+    client = openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0, timeout=300)
+    assert client.chat.completions.create(model=MODEL, messages=good["messages"], max_tokens=4).usage.completion_tokens > 0
+    bad = openai.OpenAI(base_url=base + "/v1", api_key="wrong", max_retries=0)
+    try:
+        bad.models.list()
+        raise AssertionError("a wrong key was accepted")
+    except openai.AuthenticationError:
+        pass
+
+    # A body over the limit.
+    big = {**good, "messages": [{"role": "user", "content": "x" * 10000}]}
+    status, err = call(base, "POST", "/v1/chat/completions", body=big, headers=auth)
+    assert status == 413 and err["error"]["code"] == "body_too_large", (status, err)
+
+    # A full wait queue: one running plus one waiting, the rest refused with 429.
+    long = {**good, "max_tokens": 120, "messages": [{"role": "user", "content": "Tell me a long story."}]}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=5) as ex:
+        results = list(ex.map(lambda _: call(base, "POST", "/v1/chat/completions", body=long, headers=auth), range(5)))
+    statuses = sorted(s for s, _ in results)
+    assert statuses.count(429) >= 1 and statuses.count(200) >= 2, statuses
+    assert set(statuses) <= {200, 429}, statuses
+    for s, body in results:
+        if s == 429:
+            assert body["error"]["type"] == "rate_limit_error", body
+    wait_pool_empty(base, headers=auth)
+    assert call(base, "GET", "/health")[0] == 200
+    print("tight: all checks passed")
+
+
+def inflight(base, key):
+    client = openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0, timeout=60)
+    stream = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Tell me a very long story."}],
+        max_tokens=2000, stream=True)
+    n = 0
+    try:
+        for _ in stream:
+            n += 1
+            if n == 2:
+                print("started", flush=True)
+    except openai.APIError as e:
+        print(f"stream ended with an error event: {e}", flush=True)
+    print(f"inflight: stream closed after {n} chunks", flush=True)
+
+
+if __name__ == "__main__":
+    mode, base, arg = sys.argv[1], sys.argv[2], sys.argv[3]
+    {"main": check_main, "tight": check_tight, "inflight": inflight}[mode](base, arg)

@@ -25,6 +25,14 @@ pub enum PolicyError {
         /// What is wrong, naming the key.
         message: String,
     },
+    /// The policy has no form a device cache can execute.
+    #[error("cache policy `{policy}` cannot run on the device cache: {why}")]
+    NoDeviceForm {
+        /// The policy.
+        policy: String,
+        /// Why not.
+        why: String,
+    },
     /// The engine called a hook in a way the policy cannot honour.
     #[error("cache policy `{policy}` was driven incorrectly: {message}")]
     Protocol {

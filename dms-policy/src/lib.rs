@@ -10,6 +10,7 @@
 //! table through a [`Registry`]; third parties can register their own.
 
 pub mod delayed;
+pub mod device;
 pub mod error;
 pub mod ledger;
 pub mod plan;
@@ -17,6 +18,7 @@ pub mod policies;
 pub mod registry;
 
 pub use delayed::DelayedWindow;
+pub use device::{DeviceProgram, FlagSource};
 pub use error::PolicyError;
 pub use ledger::RowLedger;
 pub use plan::{CompactPlan, EvictPlan, Pos, Slot, Write, VISIBLE_FOREVER};
@@ -104,4 +106,9 @@ pub trait PolicyFactory: Send + Sync + std::fmt::Debug {
     fn new_sequence(&self, shape: CacheShape) -> Box<dyn SequencePolicy>;
     /// One line describing the effective parameters, for logs and summaries.
     fn describe(&self) -> String;
+    /// What a device cache must execute for this policy, or why it cannot (the default: a
+    /// policy that describes no device program runs on the host store only).
+    fn device_program(&self) -> Result<DeviceProgram, PolicyError> {
+        Err(PolicyError::NoDeviceForm { policy: self.name().into(), why: "it describes no device program".into() })
+    }
 }

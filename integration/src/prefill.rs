@@ -8,36 +8,14 @@
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
-use dms_policy::policies::random_flag_unit;
-use dms_policy::Pos;
+use dms_policy::FlagSource;
 
-/// Where the eviction flags of prompt tokens come from.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum PromptFlags {
-    /// Nothing is flagged (full cache).
-    None,
-    /// Token `t` of layer `l`, head `h` is flagged iff `random_flag_unit(seed, l, h, t) < rate`
-    /// (the `random` decision source of the `dms` policy).
-    Random {
-        /// Seed.
-        seed: u64,
-        /// Flag probability.
-        rate: f64,
-    },
-    /// The model's learned signal: token `t + 1` flags token `t` iff `score * scale - offset > 0`.
-    Learned {
-        /// alpha_scale.
-        scale: f32,
-        /// alpha_offset.
-        offset: f32,
-    },
-}
-
-/// Flags `[T, kv_heads]` (f32, 1 = flagged) of a prompt at positions `0..T` for one layer.
-/// `scores` (`[T, kv_heads]`, the raw decision signal of each token) is required for
-/// [`PromptFlags::Learned`]. The last token's flag is 0: its fate is decided by the next token.
+/// Flags `[T, kv_heads]` (f32, 1 = flagged) of a prompt at positions `0..T` for one layer: the
+/// rule of [`FlagSource::flags_token`] in tensor ops. `scores` (`[T, kv_heads]`, the raw decision
+/// signal of each token) is required for [`FlagSource::Learned`]. The last token's flag is 0: its
+/// fate is decided by the next token.
 pub fn prompt_flags(
-    source: &PromptFlags,
+    source: &FlagSource,
     layer: usize,
     t: usize,
     kv_heads: usize,
@@ -45,17 +23,17 @@ pub fn prompt_flags(
     device: &Device,
 ) -> Result<Tensor> {
     match source {
-        PromptFlags::None => Ok(Tensor::zeros((t, kv_heads), DType::F32, device)?),
-        PromptFlags::Random { seed, rate } => {
+        FlagSource::None => Ok(Tensor::zeros((t, kv_heads), DType::F32, device)?),
+        FlagSource::Random { .. } => {
             let mut host = vec![0f32; t * kv_heads];
             for p in 0..t.saturating_sub(1) {
                 for h in 0..kv_heads {
-                    host[p * kv_heads + h] = (random_flag_unit(*seed, layer, h, p as Pos) < *rate) as u8 as f32;
+                    host[p * kv_heads + h] = source.flags_token(layer, h, p as dms_policy::Pos, 0.0) as u8 as f32;
                 }
             }
             Ok(Tensor::from_vec(host, (t, kv_heads), device)?)
         }
-        PromptFlags::Learned { scale, offset } => {
+        FlagSource::Learned { scale, offset } => {
             let Some(s) = scores else { bail!("learned prompt flags need the model's decision scores") };
             if s.dims() != [t, kv_heads] {
                 bail!("decision scores have shape {:?}, expected [{t}, {kv_heads}]", s.dims());
@@ -69,15 +47,6 @@ pub fn prompt_flags(
             Ok(Tensor::cat(&[&decided.narrow(0, 1, t - 1)?, &last], 0)?)
         }
     }
-}
-
-/// Positions each KV head keeps after a prompt of `t` tokens with these flags (`[t * kv_heads]`,
-/// row-major `[t, kv_heads]`): every unflagged token and the last `window + 1` tokens.
-pub fn kept_after_prompt(flags: &[f32], t: usize, kv_heads: usize, window: usize) -> Vec<Vec<Pos>> {
-    let ring_start = t.saturating_sub(window + 1);
-    (0..kv_heads)
-        .map(|h| (0..t).filter(|&p| p >= ring_start || flags[p * kv_heads + h] == 0.0).map(|p| p as Pos).collect())
-        .collect()
 }
 
 /// Bytes of f32 scores one query chunk may use.
@@ -139,38 +108,19 @@ pub fn masked_prompt_attention(
 mod tests {
     use super::*;
 
-    /// Rule-8 oracle: append tokens one by one to a list, deleting a flagged entry once it has
-    /// exactly W + 1 newer tokens.
-    fn oracle_kept(flags: &[bool], window: usize) -> Vec<Pos> {
-        let mut list: Vec<(Pos, bool)> = Vec::new();
-        for (t, _) in flags.iter().enumerate() {
-            if let Some(last) = list.last_mut() {
-                last.1 = flags[t - 1];
-            }
-            list.push((t as Pos, false));
-            if list.len() > window + 1 {
-                let i = list.len() - window - 2;
-                if list[i].1 {
-                    list.remove(i);
-                }
-            }
-        }
-        list.iter().map(|e| e.0).collect()
-    }
-
     #[test]
-    fn kept_after_prompt_matches_the_sequential_oracle() {
-        for (t, window, rate) in [(1, 0, 0.5), (5, 0, 1.0), (40, 3, 0.5), (40, 8, 0.9), (12, 20, 0.7), (64, 1, 0.3)] {
-            let mut flags = vec![0f32; t * 2];
-            for p in 0..t.saturating_sub(1) {
-                for h in 0..2 {
-                    flags[p * 2 + h] = (random_flag_unit(3, 0, h, p as Pos) < rate) as u8 as f32;
+    fn tensor_flags_are_the_plain_rule_of_flag_source() {
+        let dev = Device::Cpu;
+        let (t, kv) = (17, 3);
+        let raw: Vec<f32> = (0..t * kv).map(|i| ((i * 37 % 11) as f32) / 100.0).collect();
+        let scores = Tensor::from_vec(raw.clone(), (t, kv), &dev).unwrap();
+        for source in [FlagSource::Learned { scale: 100.0, offset: 5.0 }, FlagSource::Random { seed: 4, rate: 0.4 }] {
+            let got = prompt_flags(&source, 2, t, kv, Some(&scores), &dev).unwrap().to_vec2::<f32>().unwrap();
+            for p in 0..t {
+                for h in 0..kv {
+                    let want = p + 1 < t && source.flags_token(2, h, p as dms_policy::Pos, raw[(p + 1) * kv + h]);
+                    assert_eq!(got[p][h] == 1.0, want, "{source:?} token {p} head {h}");
                 }
-            }
-            let kept = kept_after_prompt(&flags, t, 2, window);
-            for h in 0..2 {
-                let f: Vec<bool> = (0..t).map(|p| flags[p * 2 + h] == 1.0).collect();
-                assert_eq!(kept[h], oracle_kept(&f, window), "t {t} W {window} head {h}");
             }
         }
     }
@@ -182,7 +132,7 @@ mod tests {
         let q = Tensor::randn(0f32, 1.0, (t, nh, d), &dev).unwrap();
         let k = Tensor::randn(0f32, 1.0, (t, nkv, d), &dev).unwrap();
         let v = Tensor::randn(0f32, 1.0, (t, nkv, d), &dev).unwrap();
-        let flags = prompt_flags(&PromptFlags::Random { seed: 1, rate: 0.6 }, 0, t, nkv, None, &dev).unwrap();
+        let flags = prompt_flags(&FlagSource::Random { seed: 1, rate: 0.6 }, 0, t, nkv, None, &dev).unwrap();
         let got = masked_prompt_attention(&q, &k, &v, &flags, w, 0.3).unwrap().to_vec3::<f32>().unwrap();
         let (qv, kv, vv) = (q.to_vec3::<f32>().unwrap(), k.to_vec3::<f32>().unwrap(), v.to_vec3::<f32>().unwrap());
         let fv = flags.to_vec2::<f32>().unwrap();
@@ -206,8 +156,8 @@ mod tests {
     fn learned_flags_shift_by_one_and_leave_the_last_token_open() {
         let dev = Device::Cpu;
         let s = Tensor::new(&[[0.06f32, 0.0], [0.04, 0.07], [0.09, 0.01]], &dev).unwrap();
-        let f = prompt_flags(&PromptFlags::Learned { scale: 100.0, offset: 5.0 }, 0, 3, 2, Some(&s), &dev).unwrap();
+        let f = prompt_flags(&FlagSource::Learned { scale: 100.0, offset: 5.0 }, 0, 3, 2, Some(&s), &dev).unwrap();
         assert_eq!(f.to_vec2::<f32>().unwrap(), vec![vec![0.0, 1.0], vec![1.0, 0.0], vec![0.0, 0.0]]);
-        assert!(prompt_flags(&PromptFlags::Learned { scale: 1.0, offset: 0.0 }, 0, 3, 2, None, &dev).is_err());
+        assert!(prompt_flags(&FlagSource::Learned { scale: 1.0, offset: 0.0 }, 0, 3, 2, None, &dev).is_err());
     }
 }

@@ -8,14 +8,15 @@ mod common;
 use candle_core::{Device, Tensor};
 use common::*;
 use dms_integration::engine::load_model;
-use dms_integration::prefill::{kept_after_prompt, PromptFlags};
+use dms_policy::device::kept_after_prompt;
+use dms_policy::FlagSource;
 use dms_policy::Pos;
 
 /// Runs the masked prefill; returns all logits and per layer the kept positions per row.
 fn masked(
     dir: &std::path::Path,
     prompt: &[u32],
-    flags: PromptFlags,
+    flags: FlagSource,
     window: usize,
 ) -> (Vec<Vec<f32>>, Vec<Vec<Vec<Pos>>>) {
     let model = load_model(dir, &Device::Cpu, false).unwrap().model;
@@ -23,7 +24,10 @@ fn masked(
     let logits = model
         .forward_masked_prefill(prompt, &flags, window, true, |_, k, _, f| {
             let rows = k.dim(1)?;
-            kept.push(kept_after_prompt(&f.flatten_all()?.to_vec1::<f32>()?, prompt.len(), rows, window));
+            let host = f.flatten_all()?.to_vec1::<f32>()?;
+            kept.push(
+                (0..rows).map(|h| kept_after_prompt(prompt.len(), window, |p| host[p * rows + h] != 0.0)).collect(),
+            );
             Ok(())
         })
         .unwrap();
@@ -40,7 +44,7 @@ fn nvidia_fixture_prefill_logits_and_kept_sets() {
         let cfg: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
         let window = cfg["dms_window_size"].as_u64().unwrap() as usize;
-        let (logits, kept) = masked(&dir, &prompt, PromptFlags::Learned { scale: 100.0, offset: 5.0 }, window);
+        let (logits, kept) = masked(&dir, &prompt, FlagSource::Learned { scale: 100.0, offset: 5.0 }, window);
         assert_eq!(logits.len(), prompt.len());
         for (t, (got, want)) in logits.iter().zip(&want).enumerate() {
             let e = max_abs(got, want);
@@ -64,7 +68,7 @@ fn against_engine(dir: &std::path::Path, prompt: &[u32], window: usize, rate: f6
     let want = eng.step(&mut seq, prompt, true).unwrap().to_vec2::<f32>().unwrap();
     let layers = eng.model.config().num_layers;
     let want_kept: Vec<Vec<Vec<Pos>>> = (0..layers).map(|l| seq.kept_positions(l, &eng.store)).collect();
-    let (logits, kept) = masked(dir, prompt, PromptFlags::Random { seed, rate }, window);
+    let (logits, kept) = masked(dir, prompt, FlagSource::Random { seed, rate }, window);
     for (t, (got, want)) in logits.iter().zip(&want).enumerate() {
         let e = max_abs(got, want);
         assert!(e < 1e-4, "{}: position {t}: {e}", dir.display());
@@ -101,7 +105,7 @@ fn no_flags_equal_the_full_cache() {
     let mut eng = engine(&dir, "name = 'full'", 4);
     let mut seq = eng.new_sequence();
     let want = eng.step(&mut seq, &p, true).unwrap().to_vec2::<f32>().unwrap();
-    let (logits, kept) = masked(&dir, &p, PromptFlags::None, 3);
+    let (logits, kept) = masked(&dir, &p, FlagSource::None, 3);
     for (got, want) in logits.iter().zip(&want) {
         assert!(max_abs(got, want) < 1e-4);
     }
@@ -112,12 +116,12 @@ fn no_flags_equal_the_full_cache() {
 fn bad_prompts_are_errors() {
     let model = load_model(&fixture("llama3_tiny"), &Device::Cpu, false).unwrap().model;
     let none = |_: usize, _: &Tensor, _: &Tensor, _: &Tensor| Ok(());
-    let e = model.forward_masked_prefill(&[], &PromptFlags::None, 4, false, none).unwrap_err();
+    let e = model.forward_masked_prefill(&[], &FlagSource::None, 4, false, none).unwrap_err();
     assert!(e.to_string().contains("empty"), "{e}");
-    let e = model.forward_masked_prefill(&[1, 100_000], &PromptFlags::None, 4, false, none).unwrap_err();
+    let e = model.forward_masked_prefill(&[1, 100_000], &FlagSource::None, 4, false, none).unwrap_err();
     assert!(e.to_string().contains("100000"), "{e}");
     let e = model
-        .forward_masked_prefill(&[1, 2], &PromptFlags::Learned { scale: 100.0, offset: 5.0 }, 4, false, none)
+        .forward_masked_prefill(&[1, 2], &FlagSource::Learned { scale: 100.0, offset: 5.0 }, 4, false, none)
         .unwrap_err();
     assert!(e.to_string().contains("decision source"), "{e}");
 }

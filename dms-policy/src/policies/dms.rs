@@ -10,8 +10,8 @@ use serde::Deserialize;
 use super::full::{bad_row, protocol};
 use super::Rows;
 use crate::{
-    CacheShape, CompactPlan, DelayedWindow, EvictPlan, PolicyError, PolicyFactory, Pos, RowRef, SequencePolicy,
-    SignalNeed,
+    CacheShape, CompactPlan, DelayedWindow, DeviceProgram, EvictPlan, FlagSource, PolicyError, PolicyFactory, Pos,
+    RowRef, SequencePolicy, SignalNeed,
 };
 
 /// Where the raw decision signal comes from.
@@ -112,29 +112,17 @@ impl DmsPolicy {
         })
     }
 
-    /// The delay W.
-    pub fn window(&self) -> u32 {
-        self.window
-    }
-
-    /// The decision source.
-    pub fn decision(&self) -> DecisionKind {
-        self.decision
-    }
-
-    /// `alpha_scale` and `alpha_offset`: a token is flagged iff `raw * scale - offset > 0`.
-    pub fn alpha(&self) -> (f32, f32) {
-        (self.alpha_scale, self.alpha_offset)
-    }
-
-    /// Whether eviction is disabled (nothing is ever flagged).
-    pub fn eviction_disabled(&self) -> bool {
-        self.disable_eviction
-    }
-
-    /// Seed and flag probability of `decision = "random"`.
-    pub fn random_decisions(&self) -> (u64, f64) {
-        (self.seed, self.evict_rate)
+    /// The flag rule of this policy's decisions (spec rules 1-2); `None` for key-norm decisions,
+    /// whose signal (the key norm) only the host computes. Eviction disabled flags nothing.
+    pub fn flag_source(&self) -> Option<FlagSource> {
+        match (self.disable_eviction, self.decision) {
+            (true, _) => Some(FlagSource::None),
+            (false, DecisionKind::Model) => {
+                Some(FlagSource::Learned { scale: self.alpha_scale, offset: self.alpha_offset })
+            }
+            (false, DecisionKind::Random) => Some(FlagSource::Random { seed: self.seed, rate: self.evict_rate }),
+            (false, DecisionKind::KeyNorm) => None,
+        }
     }
 }
 
@@ -155,6 +143,13 @@ impl PolicyFactory for DmsPolicy {
     fn new_sequence(&self, shape: CacheShape) -> Box<dyn SequencePolicy> {
         let w = self.window;
         Box::new(DmsState { cfg: self.clone(), rows: Rows::new(shape, || DelayedWindow::new(w)) })
+    }
+    fn device_program(&self) -> Result<DeviceProgram, PolicyError> {
+        let flags = self.flag_source().ok_or_else(|| PolicyError::NoDeviceForm {
+            policy: "dms".into(),
+            why: "key-norm decisions need key norms, which the device path does not compute".into(),
+        })?;
+        Ok(DeviceProgram::DelayedWindow { window: self.window as usize, flags })
     }
     fn describe(&self) -> String {
         let source = match self.decision {
@@ -198,29 +193,20 @@ impl SequencePolicy for DmsState {
     fn decide(&mut self, row: RowRef, first_pos: Pos, n_new: usize, scores: Option<&[f32]>) -> Result<(), PolicyError> {
         let cfg = &self.cfg;
         let r = self.rows.get_mut(row).ok_or_else(|| bad_row("dms", row))?;
-        if cfg.disable_eviction {
-            r.decide_shifted(first_pos, std::iter::repeat_n(false, n_new));
-            return Ok(());
-        }
-        match cfg.decision {
-            DecisionKind::Random => {
-                let (seed, rate) = (cfg.seed, cfg.evict_rate);
-                r.decide_shifted(
-                    first_pos,
-                    (0..n_new as Pos).map(|i| {
-                        let t = first_pos + i;
-                        t > 0 && random_flag_unit(seed, row.layer, row.head, t - 1) < rate
-                    }),
-                );
+        // Key-norm decisions follow the learned rule with the key norm as the raw signal.
+        let source =
+            cfg.flag_source().unwrap_or(FlagSource::Learned { scale: cfg.alpha_scale, offset: cfg.alpha_offset });
+        if source.needs_scores() {
+            let s = scores.ok_or_else(|| protocol("dms", "decision scores were not provided".into()))?;
+            if s.len() != n_new {
+                return Err(protocol("dms", format!("{} scores for {n_new} tokens", s.len())));
             }
-            DecisionKind::Model | DecisionKind::KeyNorm => {
-                let s = scores.ok_or_else(|| protocol("dms", "decision scores were not provided".into()))?;
-                if s.len() != n_new {
-                    return Err(protocol("dms", format!("{} scores for {n_new} tokens", s.len())));
-                }
-                let (a, b) = (cfg.alpha_scale, cfg.alpha_offset);
-                r.decide_shifted(first_pos, s.iter().map(|&raw| raw * a - b > 0.0));
-            }
+            r.decide_shifted(first_pos, s.iter().map(|&raw| source.flags_token(row.layer, row.head, 0, raw)));
+        } else {
+            // Token t's decision flags token t - 1; token 0's flags nothing.
+            let flags = (first_pos..first_pos + n_new as Pos)
+                .map(|t| t > 0 && source.flags_token(row.layer, row.head, t - 1, 0.0));
+            r.decide_shifted(first_pos, flags);
         }
         Ok(())
     }

@@ -25,6 +25,9 @@ impl PolicyFactory for FullPolicy {
     fn new_sequence(&self, shape: CacheShape) -> Box<dyn SequencePolicy> {
         Box::new(FullState { rows: Rows::new(shape, || RowLedger::new(0)) })
     }
+    fn device_program(&self) -> Result<crate::DeviceProgram, PolicyError> {
+        Ok(crate::DeviceProgram::KeepAll)
+    }
     fn describe(&self) -> String {
         "full (no eviction)".into()
     }

@@ -53,6 +53,12 @@ impl PolicyFactory for ShadowPolicy {
             scratch_compact: CompactPlan::default(),
         })
     }
+    fn device_program(&self) -> Result<crate::DeviceProgram, PolicyError> {
+        Err(PolicyError::NoDeviceForm {
+            policy: "shadow".into(),
+            why: "shadow mode keeps the shadowed policy's ledger on the host".into(),
+        })
+    }
     fn describe(&self) -> String {
         format!("shadow of {} (applies full)", self.inner.describe())
     }

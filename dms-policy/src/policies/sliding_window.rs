@@ -49,6 +49,12 @@ impl PolicyFactory for SlidingWindowPolicy {
         let cap = self.window as usize;
         Box::new(WindowState { window: self.window, sinks: self.sinks, rows: Rows::new(shape, || RowLedger::new(cap)) })
     }
+    fn device_program(&self) -> Result<crate::DeviceProgram, PolicyError> {
+        Err(PolicyError::NoDeviceForm {
+            policy: "sliding_window".into(),
+            why: "the device cache has no window-with-sinks kernel (it executes full and dms)".into(),
+        })
+    }
     fn describe(&self) -> String {
         format!("sliding_window (window {}, sinks {})", self.window, self.sinks)
     }

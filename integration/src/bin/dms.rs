@@ -261,7 +261,7 @@ fn run(a: RunArgs) -> Result<()> {
     let mut cfg = EngineConfig::load(&a.config)?;
     apply_overrides(&mut cfg, &a)?;
     let built = build_engine(&cfg)?;
-    let (mut engine, tokenizer, table) = (built.engine, built.tokenizer, built.table);
+    let (mut engine, tokenizer) = (built.engine, built.tokenizer);
     let prompt_ids: Vec<u32> = match (&a.prompt_ids, &a.prompt) {
         (Some(ids), _) => ids.clone(),
         (None, Some(text)) => {
@@ -283,7 +283,7 @@ fn run(a: RunArgs) -> Result<()> {
     };
     let mut on_device = None;
     if engine.model.device().is_cuda() {
-        match dms_integration::device_policy::device_policy(&table) {
+        match dms_integration::device_policy::DevicePolicy::of(engine.policy.as_ref()) {
             Ok(p) if a.trace.is_none() => on_device = Some(p),
             Ok(_) => eprintln!("note: --trace reads the host store; this run keeps the KV cache on the host"),
             Err(why) => eprintln!("note: {why:#}; this run keeps the KV cache on the host (attention on the CPU)"),

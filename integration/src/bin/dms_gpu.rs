@@ -16,8 +16,10 @@ use dms_integration::engine::load_model;
 use dms_integration::gpu::{AttnKernel, AttnTuning, Decisions, GpuCache, GpuCacheShape, RowInit, StepDecisions};
 use dms_integration::kv_store::KvStore;
 use dms_integration::model::{Arch, Llama, ModelConfig};
-use dms_integration::prefill::{kept_after_prompt, prompt_flags, PromptFlags};
+use dms_integration::prefill::prompt_flags;
+use dms_policy::device::kept_after_prompt;
 use dms_policy::policies::random_flag_unit;
+use dms_policy::FlagSource;
 use dms_policy::{CacheShape, Registry};
 use serde_json::json;
 
@@ -282,11 +284,13 @@ fn check_kernels(dev: &Device, dtype: DType, c: &KernelCheck, tuning: AttnTuning
             } else {
                 Tensor::from_vec(vn.clone(), (t, kv, d), dev)?.to_dtype(dtype)?
             };
-            let flags = prompt_flags(&PromptFlags::Random { seed, rate }, layer, t, kv, None, dev)?;
+            let flags = prompt_flags(&FlagSource::Random { seed, rate }, layer, t, kv, None, dev)?;
             gpu.insert_prompt(layer, b, &kt, &vt, &flags)?;
             seqs[b].append(layer, &mut store, &kn, &vn, None)?;
             seqs[b].compact(layer, &mut store)?;
-            let want = kept_after_prompt(&flags.flatten_all()?.to_vec1::<f32>()?, t, kv, w);
+            let host = flags.flatten_all()?.to_vec1::<f32>()?;
+            let want: Vec<Vec<dms_policy::Pos>> =
+                (0..kv).map(|h| kept_after_prompt(t, w, |p| host[p * kv + h] != 0.0)).collect();
             let all = gpu.kept_positions()?;
             for (h, want) in want.iter().enumerate() {
                 let r = layer * batch * kv + b * kv + h;
@@ -430,7 +434,7 @@ fn check_mla(dev: &Device, root: &str) -> Result<(f32, f32, usize)> {
         Ok(model.forward_gpu_decode(&[tok], &[pos as u32], cache, d, pos + 1)?.squeeze(0)?.to_vec1::<f32>()?)
     };
     let mut cache = cache_for(0)?;
-    let all = model.forward_gpu_prefill(&prompt, 0, &mut cache, &PromptFlags::None, true)?.to_vec2::<f32>()?;
+    let all = model.forward_gpu_prefill(&prompt, 0, &mut cache, &FlagSource::None, true)?.to_vec2::<f32>()?;
     let mut full_err = all.iter().zip(&want_prompt).map(|(a, b)| max_abs(a, b)).fold(0.0, f32::max);
     let mut logits = all.last().cloned().unwrap_or_default();
     for (i, &want) in greedy.iter().enumerate() {
@@ -450,7 +454,7 @@ fn check_mla(dev: &Device, root: &str) -> Result<(f32, f32, usize)> {
     let mut host =
         dms_integration::engine::Engine::new(load_model(&dir, &Device::Cpu, false)?.model, policy, 4, 1 << 12)?;
     let mut seq = host.new_sequence();
-    let flags = PromptFlags::Random { seed: 3, rate: 0.7 };
+    let flags = FlagSource::Random { seed: 3, rate: 0.7 };
     let mut cache = cache_for(8)?;
     let got = model.forward_gpu_prefill(&prompt, 0, &mut cache, &flags, true)?.to_vec2::<f32>()?;
     let want = host.step(&mut seq, &prompt, true)?.to_vec2::<f32>()?;
@@ -647,7 +651,7 @@ fn batch1_cache(dev: &Device, cfg: &ModelConfig, tokens: usize, window: usize) -
 fn warm_up(dev: &Device, model: &Llama) -> Result<()> {
     let mut cache = batch1_cache(dev, model.config(), 512, 512)?;
     let prompt: Vec<u32> = (0..256u32).map(|i| i % 100 + 5).collect();
-    model.forward_gpu_prefill(&prompt, 0, &mut cache, &PromptFlags::Random { seed: 1, rate: 0.5 }, false)?;
+    model.forward_gpu_prefill(&prompt, 0, &mut cache, &FlagSource::Random { seed: 1, rate: 0.5 }, false)?;
     for i in 0..2u32 {
         model.forward_gpu_decode(&[7], &[256 + i], &mut cache, &StepDecisions::Random { seed: 1, rate: 0.5 }, 258)?;
     }
@@ -676,7 +680,7 @@ fn bench_peer(dev: &Device, out: &str, models: &str, contexts: &str, gen: usize,
             let mut cache = batch1_cache(dev, &cfg, ctx + gen + 4, 512)?;
             sync(dev)?;
             let t1 = Instant::now();
-            let logits = ours.forward_gpu_prefill(&prompt, 0, &mut cache, &PromptFlags::None, false)?;
+            let logits = ours.forward_gpu_prefill(&prompt, 0, &mut cache, &FlagSource::None, false)?;
             let mut tok = dms_integration::engine::argmax(&logits.squeeze(0)?.to_vec1::<f32>()?);
             let prefill_s = t1.elapsed().as_secs_f64();
             let mut ours_tokens = vec![tok];
@@ -764,7 +768,7 @@ fn bench_prefill(
         for arm in [Arm { name: "full", cr: 1.0 }, Arm { name: "dms_cr8", cr: 8.0 }] {
             let (rate, _) = rate_for_cr(arm.cr, ctx, w);
             let mut cache = batch1_cache(dev, &cfg, ctx + steps + 4, w)?;
-            let flags = if rate > 0.0 { PromptFlags::Random { seed: 7, rate } } else { PromptFlags::None };
+            let flags = if rate > 0.0 { FlagSource::Random { seed: 7, rate } } else { FlagSource::None };
             let dec = flags;
             sync()?;
             let t0 = Instant::now();

@@ -852,4 +852,4 @@ impl GpuCache {
 
 /// What decides evictions in a GPU decode step: the same sources as a prompt's flags
 /// (none, random at a set rate, the model's learned signal).
-pub use crate::prefill::PromptFlags as StepDecisions;
+pub use dms_policy::FlagSource as StepDecisions;

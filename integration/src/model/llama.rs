@@ -15,7 +15,8 @@ use super::weights::Weights;
 use crate::attention;
 use crate::cache::SequenceCache;
 use crate::kv_store::KvStore;
-use crate::prefill::{masked_prompt_attention, prompt_flags, PromptFlags};
+use crate::prefill::{masked_prompt_attention, prompt_flags};
+use dms_policy::FlagSource;
 
 /// Where DMS decision scores come from (spec rule 1).
 #[derive(Debug, Clone)]
@@ -395,7 +396,7 @@ impl Llama {
     pub fn forward_masked_prefill(
         &self,
         tokens: &[u32],
-        flags: &PromptFlags,
+        flags: &FlagSource,
         window: usize,
         all_logits: bool,
         mut store: impl FnMut(usize, &Tensor, &Tensor, &Tensor) -> Result<()>,
@@ -407,7 +408,7 @@ impl Llama {
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
             bail!("token id {bad} is outside the vocabulary (size {})", cfg.vocab_size);
         }
-        let learned = matches!(flags, PromptFlags::Learned { .. });
+        let learned = matches!(flags, FlagSource::Learned { .. });
         if learned && matches!(self.decision, DecisionSource::None) {
             bail!("learned prompt flags need a model with a DMS decision source");
         }
@@ -444,7 +445,7 @@ impl Llama {
         tokens: &[u32],
         seq: usize,
         cache: &mut crate::gpu::GpuCache,
-        flags: &PromptFlags,
+        flags: &FlagSource,
         all_logits: bool,
     ) -> Result<Tensor> {
         let window = cache.shape.window;

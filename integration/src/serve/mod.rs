@@ -83,7 +83,12 @@ pub fn serve(cfg: &EngineConfig) -> Result<()> {
     let metrics = Arc::new(metrics::Metrics::new(&names).context("registering metrics")?);
     let mc = engine.model.config();
     let rows = (mc.num_layers * mc.num_kv_heads).max(1);
-    let max_sequence_tokens = engine.store.capacity_blocks() / rows * engine.store.block_size();
+    // One block per row short of the whole pool: a preempted sequence of this length can always be
+    // swapped back in (resuming needs its blocks plus one per row).
+    let max_sequence_tokens = (engine.store.capacity_blocks() / rows).saturating_sub(1) * engine.store.block_size();
+    if max_sequence_tokens == 0 {
+        bail!("the KV pool holds {} blocks, too few for one sequence of {rows} rows: raise [cache] memory_mb or max_tokens", engine.store.capacity_blocks());
+    }
     let vocab_size = mc.vocab_size;
     let (commands, inbox) = std::sync::mpsc::channel();
     let app = Arc::new(App {

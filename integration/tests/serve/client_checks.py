@@ -2,11 +2,13 @@
 
 usage: client_checks.py main BASE_URL EXPECTED_JSON
        client_checks.py tight BASE_URL API_KEY
+       client_checks.py timeout BASE_URL -
        client_checks.py inflight BASE_URL API_KEY
 
 `main` talks to a server with the default limits and no API key; EXPECTED_JSON holds
 {"prompt": ..., "max_tokens": N, "text": what `dms run --chat` printed}. `tight` talks to one
-with max_batch 1, max_waiting 1, a 4 KiB body limit and an API key. `inflight` starts a long
+with max_batch 1, max_waiting 1, a 4 KiB body limit and an API key; `timeout` to one whose
+requests time out after 2 s. `inflight` starts a long
 streamed request, prints "started" after its first chunk and reads to the end (the Rust side
 sends SIGTERM meanwhile). Every check raises on failure; the exit code says which.
 """
@@ -269,11 +271,31 @@ def check_tight(base, key):
     print("tight: all checks passed")
 
 
+def check_timeout(base, _):
+    long = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a very long story."}],
+            "max_tokens": 1500, "ignore_eos": True}
+    t0 = time.time()
+    status, err = call(base, "POST", "/v1/chat/completions", body=long)
+    assert status == 504 and err["error"]["code"] == "timeout", (status, err)
+    assert time.time() - t0 < 30, time.time() - t0
+    client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=60)
+    try:
+        for _ in client.chat.completions.create(model=MODEL, messages=long["messages"], max_tokens=1500,
+                                                stream=True, extra_body={"ignore_eos": True}):
+            pass
+        raise AssertionError("a stream past its timeout ended normally")
+    except openai.APIError as e:
+        assert "longer than" in str(e), e
+    wait_pool_empty(base)
+    assert call(base, "GET", "/health")[0] == 200
+    print("timeout: all checks passed")
+
+
 def inflight(base, key):
     client = openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0, timeout=60)
     stream = client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "Tell me a very long story."}],
-        max_tokens=2000, stream=True)
+        max_tokens=1500, stream=True)
     n = 0
     try:
         for _ in stream:
@@ -287,4 +309,4 @@ def inflight(base, key):
 
 if __name__ == "__main__":
     mode, base, arg = sys.argv[1], sys.argv[2], sys.argv[3]
-    {"main": check_main, "tight": check_tight, "inflight": inflight}[mode](base, arg)
+    {"main": check_main, "tight": check_tight, "timeout": check_timeout, "inflight": inflight}[mode](base, arg)

@@ -2,8 +2,8 @@
 //! of a decode step.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use dms_integration::attention::decode_row;
-use dms_integration::kv_store::KvStore;
+use dms_integration::kv::attention::decode_row;
+use dms_integration::kv::store::KvStore;
 use dms_policy::{CacheShape, CompactPlan, EvictPlan, Registry, RowRef};
 
 const D: usize = 64;

@@ -7,17 +7,17 @@ use anyhow::Result;
 use candle_core::Device;
 use dms_integration::assets::{fetch, SMOLLM2_135M};
 use dms_integration::engine::{argmax, load_model, Engine};
-use dms_integration::peer_mistralrs::MistralRsPeer;
+use dms_integration::harness::peer_mistralrs::MistralRsPeer;
 use dms_policy::Registry;
 
 fn main() -> Result<()> {
     let gguf = fetch(&SMOLLM2_135M)?;
-    let hf = dms_integration::export::cached_hf_export(&gguf)?;
+    let hf = dms_integration::assets::export::cached_hf_export(&gguf)?;
     let loaded = load_model(&gguf, &Device::Cpu, false)?;
     let tok = loaded.tokenizer.clone().expect("tokenizer");
     let full = Registry::with_builtins().build(&toml::from_str("name = 'full'")?)?;
     let mut eng = Engine::new(loaded.model, full, 16, 1 << 16)?;
-    let text = dms_integration::corpus::fiction_text(dms_integration::corpus::Split::HeldOut)?;
+    let text = dms_integration::assets::corpus::fiction_text(dms_integration::assets::corpus::Split::HeldOut)?;
     let ids = tok.encode(text.as_str(), false).map_err(anyhow::Error::msg)?.get_ids().to_vec();
     let peer = MistralRsPeer::load_hf(&hf, 1)?;
     for (name, p) in [("48 tokens", ids[..48].to_vec()), ("384 tokens", ids[..384].to_vec())] {

@@ -11,8 +11,8 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::Parser;
+use dms_integration::engine::scheduler::{run_batch, Request};
 use dms_integration::engine::{load_model, Engine, GenParams};
-use dms_integration::scheduler::{run_batch, Request};
 
 #[derive(Parser)]
 struct Args {
@@ -47,7 +47,7 @@ fn rss_kib() -> (u64, u64) {
 
 fn main() -> Result<()> {
     let a = Args::parse();
-    let registry = dms_integration::runner::registry();
+    let registry = dms_integration::engine::from_config::registry();
     let policies = [
         ("dms", "name = 'dms'\nwindow = 16\ndecision = 'random'\nevict_rate = 0.75"),
         ("sliding_window", "name = 'sliding_window'\nwindow = 32\nsinks = 4"),

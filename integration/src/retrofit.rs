@@ -357,9 +357,9 @@ fn params(a: &AdapterParams) -> Vec<&Var> {
 /// Training tokens of the configured corpus.
 pub fn training_tokens(cfg: &RetrofitConfig, tok: &tokenizers::Tokenizer) -> Result<Vec<u32>> {
     let text = if cfg.retrofit.corpus == "brown-fiction-train" {
-        crate::corpus::fiction_text(crate::corpus::Split::Train)?
+        crate::assets::corpus::fiction_text(crate::assets::corpus::Split::Train)?
     } else {
-        crate::corpus::load_text(&cfg.retrofit.corpus, cfg.base_dir.as_deref())?
+        crate::assets::corpus::load_text(&cfg.retrofit.corpus, cfg.base_dir.as_deref())?
     };
     Ok(tok.encode(text.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?.get_ids().to_vec())
 }

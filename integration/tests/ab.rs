@@ -2,7 +2,7 @@
 
 mod common;
 use common::fixture;
-use dms_integration::ab::{plot, run_ab, table, to_json, AbConfig};
+use dms_integration::harness::ab::{plot, run_ab, table, to_json, AbConfig};
 
 fn write(name: &str, text: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("dms-ab-{}-{name}", std::process::id()));
@@ -164,7 +164,9 @@ fn mla_arms_use_their_own_full_baseline_and_report_latent_times_cr() {
 
 #[test]
 fn eval_calibrates_each_family_to_the_target_cr_and_writes_the_report() {
-    use dms_integration::eval::{plot as eval_plot, run_eval, table as eval_table, to_json as eval_json, EvalConfig};
+    use dms_integration::harness::eval::{
+        plot as eval_plot, run_eval, table as eval_table, to_json as eval_json, EvalConfig,
+    };
     let text = r#"
 [model]
 source = "smollm2-135m"

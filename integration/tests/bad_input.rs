@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use candle_core::Device;
 use common::fixture;
 use dms_integration::config::EngineConfig;
+use dms_integration::engine::from_config::build_engine;
 use dms_integration::engine::load_model;
-use dms_integration::runner::build_engine;
 
 fn err_of<T>(r: anyhow::Result<T>) -> String {
     match r {

@@ -6,8 +6,8 @@ mod common;
 use std::sync::Arc;
 
 use common::*;
+use dms_integration::engine::scheduler::{run_batch, Finished, Request, Scheduler};
 use dms_integration::engine::Engine;
-use dms_integration::scheduler::{run_batch, Finished, Request, Scheduler};
 use dms_policy::PolicyFactory;
 
 fn prompt(seed: usize, len: usize) -> Vec<u32> {

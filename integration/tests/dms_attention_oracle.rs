@@ -6,8 +6,8 @@ mod common;
 use common::vecf;
 
 use candle_core::{Device, Tensor};
-use dms_integration::attention::{chunk_rows, decode_row};
-use dms_integration::kv_store::KvStore;
+use dms_integration::kv::attention::{chunk_rows, decode_row};
+use dms_integration::kv::store::KvStore;
 use dms_policy::{CacheShape, CompactPlan, EvictPlan, Pos, Registry, RowRef};
 use proptest::prelude::*;
 

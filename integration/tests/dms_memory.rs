@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use candle_core::Device;
 use common::*;
+use dms_integration::engine::from_config::resolve_policy_table;
 use dms_integration::engine::{load_model, Engine, GenParams};
-use dms_integration::runner::resolve_policy_table;
 use dms_policy::Registry;
 
 #[test]

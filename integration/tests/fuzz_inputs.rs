@@ -17,10 +17,10 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use common::fixture;
 use dms_integration::config::EngineConfig;
+use dms_integration::engine::from_config::build_engine;
 use dms_integration::engine::load_model;
 use dms_integration::model::gguf_header::read_gguf_header;
 use dms_integration::model::{ModelConfig, Weights};
-use dms_integration::runner::build_engine;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngSeed};
 
@@ -215,9 +215,9 @@ proptest! {
         let dir = scratch("cfg");
         let p = write(&dir, "f.toml", apply_text(&repo_config(base), &edits).as_bytes());
         let _ = match which {
-            0 => dms_integration::ab::AbConfig::load(&p).map(|_| ()),
-            1 => dms_integration::bench_grid::BenchConfig::load(&p).map(|_| ()),
-            2 => dms_integration::eval::EvalConfig::load(&p).map(|_| ()),
+            0 => dms_integration::harness::ab::AbConfig::load(&p).map(|_| ()),
+            1 => dms_integration::harness::bench_grid::BenchConfig::load(&p).map(|_| ()),
+            2 => dms_integration::harness::eval::EvalConfig::load(&p).map(|_| ()),
             _ => dms_integration::retrofit::RetrofitConfig::load(&p).map(|_| ()),
         };
         let _ = std::fs::remove_dir_all(&dir);
@@ -340,7 +340,7 @@ proptest! {
         .unwrap();
         cfg.generation.max_tokens = 2;
         if let Ok(mut engine) = build_engine(&cfg).map(|b| b.engine) {
-            let _ = engine.generate(&[1, 5, 9, 13, 17, 21], &dms_integration::runner::gen_params(&cfg), None);
+            let _ = engine.generate(&[1, 5, 9, 13, 17, 21], &dms_integration::engine::from_config::gen_params(&cfg), None);
         }
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -435,7 +435,7 @@ proptest! {
         if let Ok(m) = load_model(&p, &Device::Cpu, false) {
             let mut e = dms_integration::engine::Engine::new(
                 m.model,
-                dms_integration::runner::registry().build(&toml::from_str("name = 'full'").unwrap()).unwrap(),
+                dms_integration::engine::from_config::registry().build(&toml::from_str("name = 'full'").unwrap()).unwrap(),
                 4,
                 64,
             )
@@ -476,7 +476,7 @@ fn real_gguf_header_never_panics() {
             match Weights::open_gguf(&p) {
                 Ok((Weights::Gguf { content, .. }, _)) => {
                     ok.set(ok.get() + 1);
-                    let _ = dms_integration::gguf_tokenizer::from_gguf(&content);
+                    let _ = dms_integration::model::gguf_tokenizer::from_gguf(&content);
                 }
                 Ok(_) => unreachable!("a GGUF path opens as GGUF"),
                 Err(_) => errors.set(errors.get() + 1),

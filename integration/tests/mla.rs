@@ -5,12 +5,12 @@
 mod common;
 use candle_core::{Device, Tensor};
 use common::*;
-use dms_integration::attention::{chunk_latent_rows, decode_row};
+use dms_integration::engine::from_config::resolve_policy_table;
 use dms_integration::engine::{argmax, load_model, Engine};
-use dms_integration::kv_store::KvStore;
+use dms_integration::kv::attention::{chunk_latent_rows, decode_row};
+use dms_integration::kv::store::KvStore;
 use dms_integration::model::llama::train::StudentOpts;
 use dms_integration::retrofit::{RetrofitSection, Trainer};
-use dms_integration::runner::resolve_policy_table;
 use dms_policy::{CacheShape, CompactPlan, EvictPlan, Pos, Registry, RowRef};
 use proptest::prelude::*;
 

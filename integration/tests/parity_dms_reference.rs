@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use candle_core::Device;
 use common::*;
+use dms_integration::engine::from_config::resolve_policy_table;
 use dms_integration::engine::{load_model, Engine};
-use dms_integration::runner::resolve_policy_table;
 use dms_policy::{Pos, Registry};
 
 pub fn dms_engine(variant: &str, extra: &str) -> (Engine, Log) {
@@ -39,7 +39,7 @@ fn check_variant(variant: &str) {
         let e = max_abs(&all[t], &prefill_want[t]);
         assert!(e < 1e-4, "{variant}: prefill position {t}: {e}");
     }
-    let kept = |seq: &dms_integration::cache::SequenceCache, eng: &Engine| -> Vec<Vec<Vec<Pos>>> {
+    let kept = |seq: &dms_integration::kv::sequence::SequenceCache, eng: &Engine| -> Vec<Vec<Vec<Pos>>> {
         (0..2).map(|l| seq.kept_positions(l, &eng.store)).collect()
     };
     assert_eq!(kept(&seq, &eng), presence(&g, 0), "{variant}: cache after prefill");

@@ -5,10 +5,10 @@
 #![cfg(feature = "mistralrs")]
 
 use candle_core::{DType, Device};
+use dms_integration::assets::export::write_random_hf;
 use dms_integration::engine::{load_model, Engine, GenParams};
-use dms_integration::export::write_random_hf;
+use dms_integration::harness::peer_mistralrs::MistralRsPeer;
 use dms_integration::model::ModelConfig;
-use dms_integration::peer_mistralrs::MistralRsPeer;
 use dms_policy::Registry;
 
 const SHAPE: &str = r#"{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,

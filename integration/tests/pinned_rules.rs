@@ -12,9 +12,9 @@ use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 use common::*;
+use dms_integration::engine::from_config::{load_adapter, resolve_policy_table};
+use dms_integration::engine::scheduler::{run_batch, Finished, Request};
 use dms_integration::engine::{argmax, load_model, Engine};
-use dms_integration::runner::{load_adapter, resolve_policy_table};
-use dms_integration::scheduler::{run_batch, Finished, Request};
 use dms_policy::{Pos, Registry};
 use serde_json::{json, Value};
 
@@ -107,7 +107,7 @@ fn dms_run(model_dir: &Path, policy: &str, prompt: &[u32], decode: usize) -> Dms
     let mut seq = eng.new_sequence();
     let mut logits: Vec<f32> = eng.step(&mut seq, prompt, false).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
     let layers = eng.model.config().num_layers;
-    let snapshot = |seq: &dms_integration::cache::SequenceCache, eng: &Engine| -> Kept {
+    let snapshot = |seq: &dms_integration::kv::sequence::SequenceCache, eng: &Engine| -> Kept {
         (0..layers).map(|l| seq.kept_positions(l, &eng.store)).collect()
     };
     let mut history = vec![snapshot(&seq, &eng)];

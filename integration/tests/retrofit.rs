@@ -7,9 +7,9 @@ use std::sync::Arc;
 
 use candle_core::{Device, Tensor, Var};
 use common::*;
+use dms_integration::engine::from_config::resolve_policy_table;
 use dms_integration::engine::{load_model, Engine};
 use dms_integration::retrofit::{RetrofitSection, Trainer};
-use dms_integration::runner::resolve_policy_table;
 use dms_policy::Registry;
 
 fn section(steps: usize, target_cr: f64, lr: f64) -> RetrofitSection {

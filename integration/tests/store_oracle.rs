@@ -3,7 +3,7 @@
 //! A test policy releases random recent tokens at random times (on top of `full`/`sliding_window`
 //! through the registry) so that hides, slot reuse, in-step releases and compaction moves all occur.
 
-use dms_integration::kv_store::KvStore;
+use dms_integration::kv::store::KvStore;
 use dms_policy::{CacheShape, CompactPlan, EvictPlan, PolicyError, Pos, Registry, RowLedger, RowRef, SequencePolicy};
 use proptest::prelude::*;
 

@@ -8,10 +8,11 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use dms_integration::chat_template::ChatMessage;
 use dms_integration::config::EngineConfig;
-use dms_integration::runner::{build_engine, gen_params, memory_factors_line, summary_line};
-use dms_integration::trace::TraceWriter;
+use dms_integration::engine::from_config::{build_engine, gen_params};
+use dms_integration::engine::report::{memory_factors_line, summary_line};
+use dms_integration::engine::trace::TraceWriter;
+use dms_integration::model::chat_template::ChatMessage;
 
 #[derive(Parser)]
 #[command(name = "dms", version, about = "Dynamic Memory Sparsification and other KV-cache policies on a paged cache")]
@@ -157,7 +158,7 @@ struct AbArgs {
 }
 
 fn ab(a: AbArgs) -> Result<()> {
-    use dms_integration::ab;
+    use dms_integration::harness::ab;
     let mut cfg = ab::AbConfig::load(&a.config)?;
     if let Some(j) = a.json {
         cfg.output.json = j;
@@ -188,7 +189,7 @@ fn ab(a: AbArgs) -> Result<()> {
 }
 
 fn eval(config: &std::path::Path) -> Result<()> {
-    use dms_integration::eval;
+    use dms_integration::harness::eval;
     let cfg = eval::EvalConfig::load(config)?;
     let report = eval::run_eval(&cfg)?;
     let table = eval::table(&cfg, &report);
@@ -283,7 +284,7 @@ fn run(a: RunArgs) -> Result<()> {
     };
     let mut on_device = None;
     if engine.model.device().is_cuda() {
-        match dms_integration::device_policy::DevicePolicy::of(engine.policy.as_ref()) {
+        match dms_integration::gpu::policy::DevicePolicy::of(engine.policy.as_ref()) {
             Ok(p) if a.trace.is_none() => on_device = Some(p),
             Ok(_) => eprintln!("note: --trace reads the host store; this run keeps the KV cache on the host"),
             Err(why) => eprintln!("note: {why:#}; this run keeps the KV cache on the host (attention on the CPU)"),
@@ -328,7 +329,7 @@ fn run_on_device(
     cfg: &EngineConfig,
     engine: &dms_integration::engine::Engine,
     prompt: &[u32],
-    policy: &dms_integration::device_policy::DevicePolicy,
+    policy: &dms_integration::gpu::policy::DevicePolicy,
 ) -> Result<dms_integration::engine::Generation> {
     let mc = engine.model.config();
     // Latent rows (MLA) hold one row per token and layer, per-head rows a key and a value.
@@ -350,7 +351,7 @@ fn run_on_device(
     _: &EngineConfig,
     _: &dms_integration::engine::Engine,
     _: &[u32],
-    _: &dms_integration::device_policy::DevicePolicy,
+    _: &dms_integration::gpu::policy::DevicePolicy,
 ) -> Result<dms_integration::engine::Generation> {
     bail!("a CUDA device needs a build with --features cuda")
 }
@@ -369,14 +370,14 @@ fn main() {
         Command::Retrofit { config } => dms_integration::retrofit::RetrofitConfig::load(&config)
             .and_then(|c| dms_integration::retrofit::run(&c))
             .map(|out| println!("adapter written to {}", out.display())),
-        Command::Bench { config } => dms_integration::bench_grid::BenchConfig::load(&config)
-            .and_then(|c| dms_integration::bench_grid::run_grid(&c).map(|(_, t)| (c, t)))
+        Command::Bench { config } => dms_integration::harness::bench_grid::BenchConfig::load(&config)
+            .and_then(|c| dms_integration::harness::bench_grid::run_grid(&c).map(|(_, t)| (c, t)))
             .map(|(c, t)| println!("\n{t}wrote {}", c.grid.output)),
         Command::Fetch => {
             dms_integration::assets::fetch(&dms_integration::assets::SMOLLM2_135M).map(|p| println!("{}", p.display()))
         }
         Command::Policies => {
-            for n in dms_integration::runner::registry().names() {
+            for n in dms_integration::engine::from_config::registry().names() {
                 println!("{n}");
             }
             Ok(())

@@ -10,13 +10,13 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::{Parser, Subcommand};
-use dms_integration::attention::decode_row;
-use dms_integration::cache::SequenceCache;
 use dms_integration::engine::load_model;
 use dms_integration::gpu::{AttnKernel, AttnTuning, Decisions, GpuCache, GpuCacheShape, RowInit, StepDecisions};
-use dms_integration::kv_store::KvStore;
+use dms_integration::kv::attention::decode_row;
+use dms_integration::kv::sequence::SequenceCache;
+use dms_integration::kv::store::KvStore;
+use dms_integration::model::prefill::prompt_flags;
 use dms_integration::model::{Arch, Llama, ModelConfig};
-use dms_integration::prefill::prompt_flags;
 use dms_policy::device::kept_after_prompt;
 use dms_policy::policies::random_flag_unit;
 use dms_policy::FlagSource;
@@ -468,7 +468,7 @@ fn check_mla(dev: &Device, root: &str) -> Result<(f32, f32, usize)> {
         }
         Ok(())
     };
-    let host_kept = |seq: &dms_integration::cache::SequenceCache, store: &KvStore| -> Vec<Vec<Vec<u32>>> {
+    let host_kept = |seq: &dms_integration::kv::sequence::SequenceCache, store: &KvStore| -> Vec<Vec<Vec<u32>>> {
         (0..cfg.num_layers).map(|l| seq.kept_positions(l, store)).collect()
     };
     same_kept(&cache, host_kept(&seq, &host.store), "after the prompt")?;
@@ -661,14 +661,14 @@ fn warm_up(dev: &Device, model: &Llama) -> Result<()> {
 /// Ours vs mistral.rs on the same random bf16 weights at batch 1 (full cache on both sides).
 #[cfg(feature = "mistralrs")]
 fn bench_peer(dev: &Device, out: &str, models: &str, contexts: &str, gen: usize, models_dir: &str) -> Result<()> {
-    use dms_integration::peer_mistralrs::MistralRsPeer;
+    use dms_integration::harness::peer_mistralrs::MistralRsPeer;
     let sync = |d: &Device| d.synchronize().map_err(|e| anyhow::anyhow!("{e}"));
     let mut rows = Vec::new();
     for mname in models.split(',') {
         let cfg = model_shape(mname)?;
         let dir = std::path::Path::new(models_dir).join(mname);
         let t0 = Instant::now();
-        dms_integration::export::write_random_hf(&cfg, &dir, dev, DType::BF16)?;
+        dms_integration::assets::export::write_random_hf(&cfg, &dir, dev, DType::BF16)?;
         eprintln!("{mname}: random checkpoint in {} ({:.1} s)", dir.display(), t0.elapsed().as_secs_f64());
         let ours = load_model(&dir, dev, false)?.model.to_dtype(DType::BF16)?;
         let peer = MistralRsPeer::load_hf_on(&dir, 1, dev, mistralrs_core::ModelDType::BF16)?;

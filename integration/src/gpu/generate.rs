@@ -8,9 +8,9 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use super::{GpuCache, GpuCacheShape, StepDecisions};
-use crate::device_policy::DevicePolicy;
 use crate::engine::{sample, GenParams, Generation};
-use crate::kv_store::MemoryUsage;
+use crate::gpu::policy::DevicePolicy;
+use crate::kv::store::MemoryUsage;
 use crate::model::Llama;
 
 /// What the cache holds at the end of a device generation.

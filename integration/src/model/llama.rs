@@ -12,10 +12,10 @@ use super::config::ModelConfig;
 use super::mla::{MlaAttention, MlaInputs};
 use super::moe::{Mlp, Moe};
 use super::weights::Weights;
-use crate::attention;
-use crate::cache::SequenceCache;
-use crate::kv_store::KvStore;
-use crate::prefill::{masked_prompt_attention, prompt_flags};
+use crate::kv::attention;
+use crate::kv::sequence::SequenceCache;
+use crate::kv::store::KvStore;
+use crate::model::prefill::{masked_prompt_attention, prompt_flags};
 use dms_policy::FlagSource;
 
 /// Where DMS decision scores come from (spec rule 1).
@@ -389,7 +389,7 @@ impl Llama {
     }
 
     /// One prompt of one sequence (positions `0..T`) in a single pass with DMS's visibility mask
-    /// (spec rule 4.1, [`crate::prefill`]), on the model's device. `store(layer, k, v, flags)`
+    /// (spec rule 4.1, [`crate::model::prefill`]), on the model's device. `store(layer, k, v, flags)`
     /// receives each layer's keys `[T, rows, d]` (after RoPE), values (`[T, rows, 0]` for latent
     /// rows) and flags `[T, rows]` (f32, 1 = flagged) for the cache to keep what rule 4.2 says.
     /// Returns f32 logits `[T, vocab]` when `all_logits`, else `[1, vocab]` for the last token.

@@ -1,10 +1,14 @@
-//! Model runtimes on candle.
+//! Model runtimes on candle: config, weights, tokenizer and chat template, the per-head Llama
+//! family, DeepSeek latent attention and MoE, and the masked prompt pass.
 
+pub mod chat_template;
 pub mod config;
 pub mod gguf_header;
+pub mod gguf_tokenizer;
 pub mod llama;
 pub mod mla;
 pub mod moe;
+pub mod prefill;
 pub mod weights;
 
 pub use config::{Arch, MlaConfig, ModelConfig};

@@ -22,7 +22,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 
 use crate::config::EngineConfig;
-use crate::runner::{build_engine, registry, resolve_policy_table, BuiltEngine};
+use crate::engine::from_config::{build_engine, registry, resolve_policy_table, BuiltEngine};
 use routes::App;
 use worker::{Command, ServedPolicy, WorkerSetup};
 

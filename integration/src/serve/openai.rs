@@ -4,7 +4,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
-use crate::chat_template::ChatMessage;
+use crate::model::chat_template::ChatMessage;
 
 /// Most stop strings a request may give (OpenAI's limit).
 pub const MAX_STOPS: usize = 4;

@@ -26,8 +26,8 @@ use super::error::ApiError;
 use super::metrics::Metrics;
 use super::openai::{parse_body, usage_json, ChatRequest, CommonFields, CompletionRequest, Prompt, Sampling};
 use super::worker::{Command, Event, Job, Outcome};
-use crate::chat_template::ChatTemplate;
 use crate::engine::GenParams;
+use crate::model::chat_template::ChatTemplate;
 
 /// Everything the handlers share.
 pub struct App {

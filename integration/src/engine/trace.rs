@@ -6,8 +6,8 @@ use std::io::Write;
 use anyhow::Result;
 use serde_json::json;
 
-use crate::cache::SequenceCache;
-use crate::kv_store::KvStore;
+use crate::kv::sequence::SequenceCache;
+use crate::kv::store::KvStore;
 
 /// Writes one object per (step, layer) with `kept` and `cr`, and one per step with `top`.
 pub struct TraceWriter {

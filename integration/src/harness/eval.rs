@@ -19,12 +19,12 @@ use serde::Deserialize;
 use serde_json::json;
 use tokenizers::Tokenizer;
 
-use crate::ab::{bar, kl, log_softmax, windows};
 use crate::assets::resolve_model;
 use crate::config::{open_device, ModelSection};
+use crate::engine::from_config::{registry, resolve_policy_table};
+use crate::engine::scheduler::{run_batch, Finished, Request};
 use crate::engine::{argmax, load_model, Engine, GenParams};
-use crate::runner::{registry, resolve_policy_table};
-use crate::scheduler::{run_batch, Finished, Request};
+use crate::harness::ab::{bar, kl, log_softmax, windows};
 
 /// An eval file.
 #[derive(Debug, Clone, Deserialize)]
@@ -34,9 +34,9 @@ pub struct EvalConfig {
     pub model: ModelSection,
     /// Pool.
     #[serde(default)]
-    pub cache: crate::ab::AbCache,
+    pub cache: crate::harness::ab::AbCache,
     /// Teacher-forced quality workload.
-    pub quality: crate::ab::Workload,
+    pub quality: crate::harness::ab::Workload,
     /// Calibration targets and tolerance.
     pub calibration: Calibration,
     /// Policy families (`[[family]]`).
@@ -368,7 +368,7 @@ fn teacher_forced(
     engine: &mut Engine,
     policy: Arc<dyn PolicyFactory>,
     wins: &[Vec<u32>],
-    q: &crate::ab::Workload,
+    q: &crate::harness::ab::Workload,
     prefill_chunk: usize,
 ) -> Result<Vec<Finished>> {
     let reqs: Vec<Request> = wins
@@ -530,7 +530,7 @@ pub fn run_eval(cfg: &EvalConfig) -> Result<EvalReport> {
     let mut engine = Engine::new(loaded.model, full.clone(), cfg.cache.block_size, blocks)?;
     let chunk = cfg.cache.prefill_chunk;
     let q = &cfg.quality;
-    let text = crate::corpus::load_text(&q.corpus, base)?;
+    let text = crate::assets::corpus::load_text(&q.corpus, base)?;
     let ids = tok.encode(text.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizing the corpus: {e}"))?;
     let ids = ids.get_ids().to_vec();
     let wins = windows(&ids, q.prompts, q.prompt_tokens + q.continuation_tokens)?;

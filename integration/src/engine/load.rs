@@ -1,0 +1,95 @@
+//! Loading a model: an HF-style directory, a GGUF file, or a bare `config.json` with random
+//! weights, with the tokenizer and chat template it ships.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use tokenizers::Tokenizer;
+
+use crate::model::chat_template::ChatTemplate;
+use crate::model::{Llama, ModelConfig, Weights};
+
+/// A model with its tokenizer (when it has one).
+pub struct LoadedModel {
+    /// The runtime.
+    pub model: Llama,
+    /// Tokenizer from `tokenizer.json` or GGUF metadata.
+    pub tokenizer: Option<Tokenizer>,
+    /// Chat template from the GGUF metadata or `tokenizer_config.json`, when the model ships one.
+    pub chat_template: Option<ChatTemplate>,
+}
+
+/// Loads an HF-style directory (config.json, *.safetensors, optional tokenizer.json), a GGUF file,
+/// or, given a bare `config.json` file, a model of that shape with random weights (for speed and
+/// memory work only; a `tokenizer.json` beside it is used if present).
+pub fn load_model(path: &Path, device: &Device, round_f16: bool) -> Result<LoadedModel> {
+    if path.is_file() && path.extension().is_some_and(|x| x == "json") {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let cfg = ModelConfig::from_hf_json(&text).with_context(|| format!("in {}", path.display()))?;
+        check_fits_in_memory(cfg.approx_weight_count() * 4)
+            .with_context(|| format!("random weights for {}", path.display()))?;
+        eprintln!("model {}: RANDOM weights of this shape (speed and memory work only)", path.display());
+        let model = Llama::random(cfg, device, candle_core::DType::F32)?;
+        let tok_path = path.with_file_name("tokenizer.json");
+        let tokenizer = if tok_path.exists() {
+            Some(Tokenizer::from_file(&tok_path).map_err(|e| anyhow::anyhow!("{}: {e}", tok_path.display()))?)
+        } else {
+            None
+        };
+        let chat_template = ChatTemplate::from_hf_dir(path.parent().unwrap_or(Path::new(".")))?;
+        return Ok(LoadedModel { model, tokenizer, chat_template });
+    }
+    if path.is_dir() {
+        let cfg_path = path.join("config.json");
+        let text = std::fs::read_to_string(&cfg_path)
+            .with_context(|| format!("model directory {} has no readable config.json", path.display()))?;
+        let cfg = ModelConfig::from_hf_json(&text).with_context(|| format!("in {}", cfg_path.display()))?;
+        let mut shards: Vec<PathBuf> = std::fs::read_dir(path)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        shards.sort();
+        if shards.is_empty() {
+            bail!("model directory {} has no .safetensors files", path.display());
+        }
+        let weights = Weights::open_safetensors(&shards)?;
+        let model = Llama::load(cfg, &weights, device, round_f16)?;
+        let tok_path = path.join("tokenizer.json");
+        let tokenizer = if tok_path.exists() {
+            Some(Tokenizer::from_file(&tok_path).map_err(|e| anyhow::anyhow!("{}: {e}", tok_path.display()))?)
+        } else {
+            None
+        };
+        let chat_template = ChatTemplate::from_hf_dir(path)?;
+        Ok(LoadedModel { model, tokenizer, chat_template })
+    } else if path.is_file() {
+        let (weights, cfg) = Weights::open_gguf(path)?;
+        let (tokenizer, chat_template) = match &weights {
+            Weights::Gguf { content, .. } => {
+                (Some(crate::model::gguf_tokenizer::from_gguf(content)?), ChatTemplate::from_gguf(content)?)
+            }
+            Weights::Safetensors { .. } => (None, None),
+        };
+        let model = Llama::load(cfg, &weights, device, round_f16)?;
+        Ok(LoadedModel { model, tokenizer, chat_template })
+    } else {
+        bail!("model path {} does not exist (expected a GGUF file or an HF-style directory)", path.display())
+    }
+}
+
+/// Refuses an allocation of `bytes` that exceeds the machine's physical memory (read from
+/// `/proc/meminfo`; no limit where it cannot be read): the allocator would abort the process.
+fn check_fits_in_memory(bytes: u128) -> Result<()> {
+    let total_kib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines().find_map(|l| l.strip_prefix("MemTotal:")?.trim().strip_suffix("kB")?.trim().parse::<u128>().ok())
+    });
+    if let Some(kib) = total_kib.filter(|&k| bytes > k * 1024) {
+        bail!(
+            "a model of this shape needs about {:.1} GiB, more than this machine's {:.1} GiB of memory",
+            bytes as f64 / (1u64 << 30) as f64,
+            kib as f64 / (1u64 << 20) as f64
+        );
+    }
+    Ok(())
+}

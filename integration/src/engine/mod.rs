@@ -1,0 +1,141 @@
+//! The engine: a model, a block pool and a policy, executing the steps the scheduler plans.
+//!
+//! [`scheduler`] plans (admission, preemption, which sequences decode), the engine executes
+//! ([`Engine::step`], the model's batched forward over the store); [`generation`] serves one
+//! prompt through the scheduler; [`from_config`] builds an engine from a config file with one
+//! pool-sizing rule; [`load`] reads models, [`sampling`] picks tokens, [`trace`] writes traces and
+//! [`report`] the summary lines.
+
+pub mod from_config;
+pub mod generation;
+mod load;
+pub mod report;
+mod sampling;
+pub mod scheduler;
+pub mod trace;
+
+pub use load::{load_model, LoadedModel};
+pub use sampling::{argmax, sample};
+
+use std::sync::Arc;
+
+use anyhow::{bail, Result};
+use candle_core::Tensor;
+use dms_policy::{CacheShape, PolicyFactory, SignalNeed};
+
+use crate::kv::sequence::SequenceCache;
+use crate::kv::store::{KvStore, MemoryUsage};
+use crate::model::{DecisionSource, Llama, SeqInput};
+
+/// Sampling and stopping settings.
+#[derive(Debug, Clone)]
+pub struct GenParams {
+    /// Tokens to generate at most.
+    pub max_tokens: usize,
+    /// 0 = greedy.
+    pub temperature: f64,
+    /// Nucleus sampling mass.
+    pub top_p: f64,
+    /// RNG seed.
+    pub seed: u64,
+    /// Stop at an end-of-sequence token.
+    pub stop_at_eos: bool,
+    /// Prompt tokens per prefill chunk (0 = the whole prompt at once).
+    pub prefill_chunk: usize,
+}
+
+/// What one generation produced and measured.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// Prompt length.
+    pub prompt_tokens: usize,
+    /// Generated token ids.
+    pub tokens: Vec<u32>,
+    /// Seconds spent in prefill.
+    pub prefill_secs: f64,
+    /// Seconds spent in decode steps.
+    pub decode_secs: f64,
+    /// Decode steps run (tokens fed back).
+    pub decode_steps: usize,
+    /// Memory at the end.
+    pub usage: MemoryUsage,
+    /// Peak allocated bytes.
+    pub peak_allocated: u64,
+    /// Compression ratio at the end (spec rule 6).
+    pub compression_ratio: f64,
+    /// Kept fraction (kept slots / tokens seen) per layer at the end.
+    pub layer_kept_fraction: Vec<f64>,
+    /// Logits that produced each generated token (`[vocab]` each), when requested.
+    pub step_logits: Vec<Vec<f32>>,
+}
+
+/// A model, a block pool and a policy.
+pub struct Engine {
+    /// The runtime.
+    pub model: Llama,
+    /// The paged store.
+    pub store: KvStore,
+    /// The configured policy.
+    pub policy: Arc<dyn PolicyFactory>,
+    /// Keep every step's logits in [`Generation::step_logits`].
+    pub keep_logits: bool,
+}
+
+impl Engine {
+    /// An engine whose pool holds `capacity_blocks` blocks of `block_size` tokens.
+    pub fn new(
+        model: Llama,
+        policy: Arc<dyn PolicyFactory>,
+        block_size: usize,
+        capacity_blocks: usize,
+    ) -> Result<Self> {
+        check_signal(&model, policy.as_ref())?;
+        let store =
+            KvStore::with_value_dim(model.config().head_dim, model.config().value_dim(), block_size, capacity_blocks);
+        Ok(Self { model, store, policy, keep_logits: false })
+    }
+
+    /// Bytes of K+V for one token in every row of every layer.
+    pub fn bytes_per_token(&self) -> u64 {
+        let c = self.model.config();
+        (c.num_layers * c.num_kv_heads) as u64 * self.store.slot_bytes()
+    }
+
+    /// Creates the cache rows of a new sequence under the engine's policy.
+    pub fn new_sequence(&mut self) -> SequenceCache {
+        let policy = self.policy.clone();
+        self.new_sequence_with(policy.as_ref())
+    }
+
+    /// Creates the cache rows of a new sequence under its own policy (per-request A/B).
+    pub fn new_sequence_with(&mut self, policy: &dyn PolicyFactory) -> SequenceCache {
+        let c = self.model.config();
+        let shape = CacheShape { n_layers: c.num_layers, rows_per_layer: c.num_kv_heads };
+        SequenceCache::new(policy, shape, &mut self.store)
+    }
+
+    /// Checks that the model can feed a policy the signal it needs.
+    pub fn check_policy(&self, policy: &dyn PolicyFactory) -> Result<()> {
+        check_signal(&self.model, policy)
+    }
+
+    /// Runs `tokens` of one sequence through the model; returns the last position's logits
+    /// (`[1, vocab]`), or every position's when `all_logits`.
+    pub fn step(&mut self, seq: &mut SequenceCache, tokens: &[u32], all_logits: bool) -> Result<Tensor> {
+        let mut inputs = [SeqInput { tokens, cache: seq }];
+        let mut out = self.model.forward(&mut inputs, &mut self.store, all_logits)?;
+        Ok(out.pop().expect("one sequence in, one out"))
+    }
+}
+
+fn check_signal(model: &Llama, policy: &dyn PolicyFactory) -> Result<()> {
+    if policy.signal_need() == SignalNeed::DecisionScores && matches!(model.decision_source(), DecisionSource::None) {
+        bail!(
+            "cache policy `{}` needs learned DMS decisions but the model has none (no dms_* fields or \
+             dms_proj_alpha tensors): use a DMS checkpoint, set `adapter = \"DIR\"` in [cache.policy], \
+             or choose `decision = \"key_norm\"` or `decision = \"random\"`",
+            policy.name()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,853 @@
+//! A device-resident paged KV cache whose DMS bookkeeping runs on the
+//! GPU (no host round trip per layer), and split-K paged decode attention over rows of different
+//! lengths. The element type is f32 (checks) or bf16 (benchmarks).
+
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::CudaDevice;
+use candle_core::{DType, Device, Storage, Tensor};
+use std::sync::Arc;
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/dms_kernels.ptx"));
+const MODULE: &str = "dms_kernels";
+const MAX_GQA: usize = 8;
+/// Most splits per row of the decode attention.
+const MAX_SPLITS: usize = 64;
+
+/// How the device decides which tokens to flag in a decode step.
+pub enum Decisions<'a> {
+    /// Never flag (full cache).
+    None,
+    /// Flag token p with probability `rate`, the same hash as dms-policy's `random` decisions.
+    Random {
+        /// Seed.
+        seed: u64,
+        /// Flag probability.
+        rate: f64,
+    },
+    /// Learned: flag iff `score * scale - offset > 0`; `scores` is f32 `[batch, kv_heads]` on the device.
+    Scores {
+        /// Raw decision scores of the new tokens.
+        scores: &'a Tensor,
+        /// alpha_scale.
+        scale: f32,
+        /// alpha_offset.
+        offset: f32,
+    },
+}
+
+/// Which first-pass decode-attention kernel [`GpuCache::attend`] launches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttnKernel {
+    /// Block-synchronous tiles of 128 keys (scores, softmax, values, with a barrier between).
+    Tiled,
+    /// Independent warps, each with its own online softmax and all of a pass's loads in flight.
+    Warps,
+}
+
+/// Launch settings of the decode attention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttnTuning {
+    /// First-pass kernel.
+    pub kernel: AttnKernel,
+    /// Blocks the grid aims for (rows x splits); each split keeps at least 128 keys (64 for
+    /// latent rows). 0 = tail-aware: the split count that fills whole waves of the blocks the
+    /// kernel keeps resident ([`crate::gpu::split_plan::tail_aware_splits`]).
+    pub target_blocks: usize,
+}
+
+impl Default for AttnTuning {
+    /// The setting measured best on the H200 (`dms-gpu tune`, 2026-11-28): tiled kernel,
+    /// tail-aware splits. Llama-3.1-8B, 32K, DMS CR 8 at the memory limit: 63.0 ms a step
+    /// against 79.3 ms with a fixed 1056-block grid and 67.5 ms with the warps kernel.
+    fn default() -> Self {
+        Self { kernel: AttnKernel::Tiled, target_blocks: 0 }
+    }
+}
+
+fn drv<T, E: std::fmt::Debug>(r: std::result::Result<T, E>) -> Result<T> {
+    r.map_err(|e| anyhow!("CUDA driver: {e:?}"))
+}
+
+/// Shape of a device cache.
+#[derive(Debug, Clone, Copy)]
+pub struct GpuCacheShape {
+    /// Decoder layers.
+    pub layers: usize,
+    /// Sequences decoded together.
+    pub batch: usize,
+    /// KV heads per layer.
+    pub kv_heads: usize,
+    /// Head width.
+    pub head_dim: usize,
+    /// Slots per block.
+    pub block_size: usize,
+    /// DMS delay W (ring of W + 1 tokens per row); use any value for a full cache.
+    pub window: usize,
+    /// Most blocks one row may hold.
+    pub max_blocks_per_row: usize,
+    /// Blocks in the shared pool.
+    pub num_blocks: usize,
+    /// `Some(rank)`: latent rows (MLA, `kv_heads = 1`): each key row is `c_kv` then the rotated
+    /// `k_pe`, the values are its first `rank` floats, and there is no V pool. `None`: per-head
+    /// K/V of `head_dim` each.
+    pub latent_rank: Option<usize>,
+}
+
+impl GpuCacheShape {
+    /// Rows per layer.
+    pub fn rows(&self) -> usize {
+        self.batch * self.kv_heads
+    }
+    /// Bytes of K+V per slot for an element type (the key row alone for latent rows).
+    pub fn slot_bytes(&self, dtype: DType) -> u64 {
+        let pools = if self.latent_rank.is_some() { 1 } else { 2 };
+        (pools * self.head_dim * dtype.size_in_bytes()) as u64
+    }
+
+    /// Checks what the kernels need of the widths.
+    fn validate(&self, dtype: DType) -> Result<()> {
+        let vec = 16 / dtype.size_in_bytes();
+        let d = self.head_dim;
+        if d == 0 || !d.is_multiple_of(vec) {
+            bail!("head_dim {d} unsupported by the GPU cache (a positive multiple of {vec} in {dtype:?})");
+        }
+        match self.latent_rank {
+            None if d > 256 => bail!("head_dim {d} unsupported by the decode kernel (at most 256)"),
+            None => Ok(()),
+            Some(r) => {
+                if self.kv_heads != 1 {
+                    bail!("latent rows need kv_heads = 1, got {}", self.kv_heads);
+                }
+                if d > 1024 || r == 0 || r > d || r % vec != 0 || r / vec > 128 {
+                    bail!(
+                        "latent row width {d} / rank {r} unsupported by the MLA decode kernel (row at most 1024, \
+                         rank a positive multiple of {vec} of at most {} in {dtype:?})",
+                        128 * vec
+                    );
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Runs `$body` with `$s` bound to the slice of the optional tensor `$t`, or, when it is `None`,
+/// to a view of the slice `$same` already borrowed: latent rows have no V pool and no values of
+/// their own, so the kernels get the key pointers twice (and then touch the keys only). A tensor
+/// is never borrowed twice.
+macro_rules! with_slice_or {
+    ($t:expr, $same:ident, $ty:ty, |$s:ident| $body:expr) => {{
+        match $t {
+            Some(t) => with_slice!(t, $ty, |$s| $body),
+            None => {
+                let $s = $same.slice(0..);
+                $body
+            }
+        }
+    }};
+}
+
+/// The device cache: pools, block tables, per-row lengths and DMS rings.
+pub struct GpuCache {
+    dev: CudaDevice,
+    stream: Arc<CudaStream>,
+    dtype: DType,
+    /// Shape.
+    pub shape: GpuCacheShape,
+    k_pool: Tensor,
+    v_pool: Option<Tensor>,
+    block_table: CudaSlice<i32>,
+    row_len: CudaSlice<i32>,
+    row_pos: CudaSlice<i32>,
+    ring_slot: CudaSlice<i32>,
+    ring_flag: CudaSlice<u8>,
+    pool_pos: CudaSlice<i32>,
+    free_list: CudaSlice<i32>,
+    free_top: CudaSlice<i32>,
+    err: CudaSlice<i32>,
+    /// Passed as the scores of decode steps without learned decisions (never read).
+    no_scores: CudaSlice<f32>,
+    part_acc: CudaSlice<f32>,
+    part_m: CudaSlice<f32>,
+    part_l: CudaSlice<f32>,
+    tuning: AttnTuning,
+    /// Blocks resident at once per first-pass kernel, for `target_blocks = 0` (driver queries,
+    /// once each).
+    resident_blocks: std::collections::HashMap<String, usize>,
+}
+
+/// Host-side initial state of every row (for synthetic benchmark caches).
+pub struct RowInit {
+    /// Slots in use per row (`layers * rows`).
+    pub len: Vec<i32>,
+    /// Tokens seen per row.
+    pub pos: Vec<i32>,
+    /// Ring contents (slot, flag) per row, `wc` entries, ring index = position % wc.
+    pub ring_slot: Vec<i32>,
+    /// Flags per ring entry.
+    pub ring_flag: Vec<u8>,
+}
+
+fn cuda_dev(device: &Device) -> Result<CudaDevice> {
+    match device {
+        Device::Cuda(d) => Ok(d.clone()),
+        _ => bail!("the GPU cache needs a CUDA device"),
+    }
+}
+
+/// Borrow the CUDA slice of a contiguous tensor as (storage guard) and run `f` with it.
+macro_rules! with_slice {
+    ($t:expr, $ty:ty, |$s:ident| $body:expr) => {{
+        let t = $t;
+        if !t.is_contiguous() {
+            bail!("tensor must be contiguous");
+        }
+        let (st, layout) = t.storage_and_layout();
+        let Storage::Cuda(cs) = &*st else { bail!("tensor is not on a CUDA device") };
+        let full = cs.as_cuda_slice::<$ty>().map_err(|e| anyhow!("{e}"))?;
+        let $s = full.slice(layout.start_offset()..);
+        $body
+    }};
+}
+
+impl GpuCache {
+    /// An empty cache (every row holds nothing) in `dtype` (f32 or bf16).
+    pub fn new(device: &Device, dtype: DType, shape: GpuCacheShape) -> Result<Self> {
+        let n_rows = shape.layers * shape.rows();
+        let wc = shape.window + 1;
+        let init = RowInit {
+            len: vec![0; n_rows],
+            pos: vec![0; n_rows],
+            ring_slot: vec![0; n_rows * wc],
+            ring_flag: vec![0; n_rows * wc],
+        };
+        Self::with_rows(device, dtype, shape, init)
+    }
+
+    /// A cache whose rows start in the given state; each row's slots occupy consecutive blocks.
+    pub fn with_rows(device: &Device, dtype: DType, shape: GpuCacheShape, init: RowInit) -> Result<Self> {
+        if !matches!(dtype, DType::F32 | DType::BF16) {
+            bail!("GPU cache dtype must be f32 or bf16");
+        }
+        shape.validate(dtype)?;
+        let dev = cuda_dev(device)?;
+        let stream = dev.cuda_stream();
+        let n_rows = shape.layers * shape.rows();
+        let (bs, mb) = (shape.block_size, shape.max_blocks_per_row);
+        let mut table = vec![0i32; n_rows * mb];
+        let mut next = 0usize;
+        for r in 0..n_rows {
+            let blocks = (init.len[r] as usize).div_ceil(bs);
+            if blocks > mb {
+                bail!("row {r} needs {blocks} blocks, more than max_blocks_per_row {mb}");
+            }
+            for b in 0..blocks {
+                table[r * mb + b] = next as i32;
+                next += 1;
+            }
+        }
+        if next > shape.num_blocks {
+            bail!("initial rows need {next} blocks but the pool has {}", shape.num_blocks);
+        }
+        let free: Vec<i32> = (next as i32..shape.num_blocks as i32).rev().collect();
+        let slots = shape.num_blocks * bs;
+        let k_pool = Tensor::zeros((slots, shape.head_dim), dtype, device)?;
+        let v_pool = match shape.latent_rank {
+            None => Some(Tensor::zeros((slots, shape.head_dim), dtype, device)?),
+            Some(_) => None,
+        };
+        let mut free_list = drv(stream.alloc_zeros::<i32>(shape.num_blocks.max(1)))?;
+        if !free.is_empty() {
+            drv(stream.memcpy_htod(&free, &mut free_list))?;
+        }
+        let mut cache = Self {
+            block_table: drv(stream.clone_htod(&table))?,
+            row_len: drv(stream.clone_htod(&init.len))?,
+            row_pos: drv(stream.clone_htod(&init.pos))?,
+            ring_slot: drv(stream.clone_htod(&init.ring_slot))?,
+            ring_flag: drv(stream.clone_htod(&init.ring_flag))?,
+            pool_pos: drv(stream.alloc_zeros::<i32>(slots))?,
+            free_list,
+            free_top: drv(stream.clone_htod(&[free.len() as i32]))?,
+            err: drv(stream.alloc_zeros::<i32>(1))?,
+            no_scores: drv(stream.alloc_zeros::<f32>(1))?,
+            part_acc: drv(stream.alloc_zeros::<f32>(1))?,
+            part_m: drv(stream.alloc_zeros::<f32>(1))?,
+            part_l: drv(stream.alloc_zeros::<f32>(1))?,
+            tuning: AttnTuning::default(),
+            resident_blocks: Default::default(),
+            dev,
+            stream,
+            dtype,
+            shape,
+            k_pool,
+            v_pool,
+        };
+        cache.fill_random(7)?;
+        Ok(cache)
+    }
+
+    fn suffix(&self) -> &'static str {
+        if self.dtype == DType::F32 {
+            "f32"
+        } else {
+            "bf16"
+        }
+    }
+
+    fn func(&self, name: &str) -> Result<CudaFunction> {
+        let full = format!("{name}_{}", self.suffix());
+        Ok(self
+            .dev
+            .get_or_load_custom_func(&full, MODULE, PTX)
+            .with_context(|| format!("loading kernel {full}"))?
+            .into_cuda_function())
+    }
+
+    /// Overwrites both pools with pseudo-random values.
+    pub fn fill_random(&mut self, seed: u32) -> Result<()> {
+        let f = self.func("dms_fill")?;
+        for pool in std::iter::once(&self.k_pool).chain(self.v_pool.as_ref()) {
+            let n = pool.elem_count() as i64;
+            let cfg = LaunchConfig { grid_dim: (4096, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            if self.dtype == DType::F32 {
+                with_slice!(pool, f32, |s| {
+                    let mut b = self.stream.launch_builder(&f);
+                    b.arg(&s).arg(&n).arg(&seed);
+                    drv(unsafe { b.launch(cfg) })?;
+                });
+            } else {
+                with_slice!(pool, half::bf16, |s| {
+                    let mut b = self.stream.launch_builder(&f);
+                    b.arg(&s).arg(&n).arg(&seed);
+                    drv(unsafe { b.launch(cfg) })?;
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Decides, evicts and writes one new token per row of `layer`. `k_new`/`v_new`:
+    /// `[batch, kv_heads, head_dim]`, contiguous, in the cache dtype (latent rows: `k_new` is the
+    /// latent row `[batch, 1, head_dim]` and `v_new` is not read).
+    pub fn update(&mut self, layer: usize, k_new: &Tensor, v_new: &Tensor, decisions: &Decisions) -> Result<()> {
+        let s = self.shape;
+        let rows = s.rows();
+        if layer >= s.layers {
+            bail!("layer {layer} outside the cache ({} layers)", s.layers);
+        }
+        if k_new.dims() != [s.batch, s.kv_heads, s.head_dim]
+            || (s.latent_rank.is_none() && v_new.dims() != k_new.dims())
+        {
+            bail!(
+                "new K/V have shapes {:?} / {:?}, expected [{}, {}, {}]",
+                k_new.dims(),
+                v_new.dims(),
+                s.batch,
+                s.kv_heads,
+                s.head_dim
+            );
+        }
+        // Latent rows: the values are part of the key row, so the kernel never reads `v_new`.
+        let v_sep = if s.latent_rank.is_some() { None } else { Some(v_new) };
+        let f = self.func("dms_decode_update")?;
+        let (mode, seed, rate, scale, offset): (i32, u64, f64, f32, f32) = match decisions {
+            Decisions::None => (0, 0, 0.0, 0.0, 0.0),
+            Decisions::Random { seed, rate } => (1, *seed, *rate, 0.0, 0.0),
+            Decisions::Scores { scale, offset, .. } => (2, 0, 0.0, *scale, *offset),
+        };
+        // Learned decisions read `scores [batch, kv_heads]`; the other modes never read the pointer.
+        let scores = match decisions {
+            Decisions::Scores { scores, .. } => {
+                if scores.dims() != [s.batch, s.kv_heads] || scores.dtype() != DType::F32 {
+                    bail!(
+                        "decision scores are {:?} {:?}, expected f32 [{}, {}]",
+                        scores.dtype(),
+                        scores.dims(),
+                        s.batch,
+                        s.kv_heads
+                    );
+                }
+                Some(scores.contiguous()?)
+            }
+            _ => None,
+        };
+        let no_scores = &self.no_scores;
+        let (kv, d, bs, wc, mb, li) = (
+            s.kv_heads as i32,
+            s.head_dim as i32,
+            s.block_size as i32,
+            (s.window + 1) as i32,
+            s.max_blocks_per_row as i32,
+            layer as i32,
+        );
+        let ro = layer * rows;
+        let table = self.block_table.slice(ro * s.max_blocks_per_row..(ro + rows) * s.max_blocks_per_row);
+        let lens = self.row_len.slice(ro..ro + rows);
+        let pos = self.row_pos.slice(ro..ro + rows);
+        let rs = self.ring_slot.slice(ro * (s.window + 1)..(ro + rows) * (s.window + 1));
+        let rf = self.ring_flag.slice(ro * (s.window + 1)..(ro + rows) * (s.window + 1));
+        let cfg =
+            LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (s.head_dim as u32, 1, 1), shared_mem_bytes: 0 };
+        macro_rules! go {
+            ($ty:ty) => {
+                with_slice!(k_new, $ty, |kn| with_slice_or!(v_sep, kn, $ty, |vn| with_slice!(
+                    &self.k_pool,
+                    $ty,
+                    |kp| with_slice_or!(self.v_pool.as_ref(), kp, $ty, |vp| with_slice_or!(
+                        scores.as_ref(),
+                        no_scores,
+                        f32,
+                        |sc| {
+                            let mut b = self.stream.launch_builder(&f);
+                            b.arg(&kv)
+                                .arg(&d)
+                                .arg(&bs)
+                                .arg(&wc)
+                                .arg(&mb)
+                                .arg(&li)
+                                .arg(&kn)
+                                .arg(&vn)
+                                .arg(&kp)
+                                .arg(&vp)
+                                .arg(&table)
+                                .arg(&lens)
+                                .arg(&pos)
+                                .arg(&rs)
+                                .arg(&rf)
+                                .arg(&self.pool_pos)
+                                .arg(&self.free_list)
+                                .arg(&self.free_top)
+                                .arg(&self.err)
+                                .arg(&mode)
+                                .arg(&seed)
+                                .arg(&rate)
+                                .arg(&sc)
+                                .arg(&scale)
+                                .arg(&offset);
+                            drv(unsafe { b.launch(cfg) })?;
+                        }
+                    ))
+                )))
+            };
+        }
+        if self.dtype == DType::F32 {
+            go!(f32)
+        } else {
+            go!(half::bf16)
+        }
+        Ok(())
+    }
+
+    /// Blocks of `f` (128 threads per block) resident at once on this device: one full wave.
+    fn full_wave(&self, f: &CudaFunction) -> Result<usize> {
+        use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
+        let sms = drv(self.stream.context().attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT))?;
+        let per_sm = drv(f.occupancy_max_active_blocks_per_multiprocessor(128, 0, None))?;
+        Ok(sms.max(1) as usize * per_sm.max(1) as usize)
+    }
+
+    /// Sets the decode-attention launch settings.
+    pub fn set_tuning(&mut self, tuning: AttnTuning) {
+        self.tuning = tuning;
+    }
+
+    /// Element type of the pools.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Stores a prompt of sequence `seq` in `layer` (rule 4.2): keys and values `[T, kv_heads,
+    /// head_dim]` (contiguous, cache dtype), flags `[T, kv_heads]` f32 (1 = flagged, from
+    /// [`crate::model::prefill::prompt_flags`]). Keeps every unflagged token and the last W + 1 tokens,
+    /// which enter the ring with their flags; the sequence's rows of this layer must be empty.
+    /// Two kernels, no host round trip. Latent rows: `k` is `[T, 1, head_dim]`, `v` is not read.
+    pub fn insert_prompt(&mut self, layer: usize, seq: usize, k: &Tensor, v: &Tensor, flags: &Tensor) -> Result<()> {
+        let s = self.shape;
+        let (t, kv, d) = k.dims3()?;
+        if layer >= s.layers || seq >= s.batch {
+            bail!("layer {layer} / sequence {seq} outside the cache ({} layers, batch {})", s.layers, s.batch);
+        }
+        let latent = s.latent_rank.is_some();
+        if kv != s.kv_heads || d != s.head_dim || (!latent && v.dims() != k.dims()) || t == 0 {
+            bail!(
+                "prompt K/V have shapes {:?} / {:?}, expected [T >= 1, {}, {}]",
+                k.dims(),
+                v.dims(),
+                s.kv_heads,
+                s.head_dim
+            );
+        }
+        let v_sep = if latent { None } else { Some(v) };
+        if k.dtype() != self.dtype || (!latent && v.dtype() != self.dtype) {
+            bail!("prompt K/V are {:?}, the cache holds {:?}", k.dtype(), self.dtype);
+        }
+        if flags.dims() != [t, kv] || flags.dtype() != DType::F32 {
+            bail!("prompt flags are {:?} {:?}, expected f32 [{t}, {kv}]", flags.dtype(), flags.dims());
+        }
+        let flags = flags.contiguous()?;
+        let rows = s.rows();
+        let wc = s.window + 1;
+        let ro = layer * rows;
+        let mb = s.max_blocks_per_row;
+        let mut dst = drv(self.stream.alloc_zeros::<i64>(t * kv))?;
+        let plan = self
+            .dev
+            .get_or_load_custom_func("dms_prefill_plan", MODULE, PTX)
+            .context("loading kernel dms_prefill_plan")?
+            .into_cuda_function();
+        let write = self.func("dms_prefill_write")?;
+        let (kvi, bs, wci, mbi, seqi, ti, di) =
+            (kv as i32, s.block_size as i32, wc as i32, mb as i32, seq as i32, t as i32, d as i32);
+        let table = self.block_table.slice(ro * mb..(ro + rows) * mb);
+        let lens = self.row_len.slice(ro..ro + rows);
+        let pos = self.row_pos.slice(ro..ro + rows);
+        let rs = self.ring_slot.slice(ro * wc..(ro + rows) * wc);
+        let rf = self.ring_flag.slice(ro * wc..(ro + rows) * wc);
+        let c1 = LaunchConfig { grid_dim: (kv as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        with_slice!(&flags, f32, |fl| {
+            let mut b = self.stream.launch_builder(&plan);
+            b.arg(&kvi)
+                .arg(&bs)
+                .arg(&wci)
+                .arg(&mbi)
+                .arg(&seqi)
+                .arg(&ti)
+                .arg(&fl)
+                .arg(&table)
+                .arg(&lens)
+                .arg(&pos)
+                .arg(&rs)
+                .arg(&rf)
+                .arg(&self.pool_pos)
+                .arg(&self.free_list)
+                .arg(&self.free_top)
+                .arg(&self.err)
+                .arg(&mut dst);
+            drv(unsafe { b.launch(c1) })?;
+        });
+        let c2 = LaunchConfig {
+            grid_dim: (t as u32, kv as u32, 1),
+            block_dim: (d.min(256) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        macro_rules! go {
+            ($ty:ty) => {
+                with_slice!(k, $ty, |ks| with_slice_or!(v_sep, ks, $ty, |vs| with_slice!(
+                    &self.k_pool,
+                    $ty,
+                    |kp| with_slice_or!(self.v_pool.as_ref(), kp, $ty, |vp| {
+                        let mut b = self.stream.launch_builder(&write);
+                        b.arg(&kvi).arg(&di).arg(&ti).arg(&dst).arg(&ks).arg(&vs).arg(&kp).arg(&vp);
+                        drv(unsafe { b.launch(c2) })?;
+                    })
+                )))
+            };
+        }
+        if self.dtype == DType::F32 {
+            go!(f32)
+        } else {
+            go!(half::bf16)
+        }
+        Ok(())
+    }
+
+    /// Decode attention of `q` (`[batch, n_heads, head_dim]`) over the rows of `layer`; returns
+    /// `[batch, n_heads, head_dim]`, or `[batch, n_heads, rank]` for latent rows. `max_len_hint`
+    /// bounds the longest row's slot count: it sets the split count (every row is still read to
+    /// its real length, so a loose bound only costs empty splits).
+    pub fn attend(&mut self, layer: usize, q: &Tensor, scale: f32, max_len_hint: usize) -> Result<Tensor> {
+        if layer >= self.shape.layers {
+            bail!("layer {layer} outside the cache ({} layers)", self.shape.layers);
+        }
+        if let Some(rank) = self.shape.latent_rank {
+            return self.attend_latent(layer, q, scale, max_len_hint, rank);
+        }
+        let s = self.shape;
+        let rows = s.rows();
+        let (b, nh, d) = q.dims3()?;
+        if b != s.batch || d != s.head_dim || nh % s.kv_heads != 0 || nh / s.kv_heads > MAX_GQA {
+            bail!("query shape {:?} does not fit the cache", q.dims());
+        }
+        let g = nh / s.kv_heads;
+        let vec = 16 / self.dtype.size_in_bytes();
+        let nvec = d / vec;
+        if d % vec != 0 || 128 % nvec != 0 {
+            bail!("head_dim {d} unsupported by the decode kernel (a multiple of {vec}, at most 256, power-of-two vectors)");
+        }
+        let kernel = self.tuning.kernel;
+        if kernel == AttnKernel::Warps && nvec > 16 {
+            bail!(
+                "head_dim {d} in {:?} is too wide for the warps decode kernel (at most 16 16-byte vectors)",
+                self.dtype
+            );
+        }
+        let first = match kernel {
+            AttnKernel::Tiled => "dms_decode_partial",
+            AttnKernel::Warps => "dms_decode_warps",
+        };
+        let fp = self
+            .dev
+            .get_or_load_custom_func(&format!("{first}_{}_g{g}", self.suffix()), MODULE, PTX)?
+            .into_cuda_function();
+        // At least one 128-key tile per split.
+        let splits = self.splits_for(format!("{first}_{}_g{g}", self.suffix()), &fp, rows, max_len_hint, 128)?;
+        self.ensure_partials(rows * splits * g, d)?;
+        // SAFETY: dms_decode_reduce writes every element (a block per row, a thread per
+        // dimension, every head of the row's group), so nothing uninitialised is ever read.
+        let out = unsafe { Tensor::empty((b, nh, d), self.dtype, q.device())? };
+        let (kv, di, bs, mb) = (s.kv_heads as i32, d as i32, s.block_size as i32, s.max_blocks_per_row as i32);
+        let ro = layer * rows;
+        let table = self.block_table.slice(ro * s.max_blocks_per_row..(ro + rows) * s.max_blocks_per_row);
+        let lens = self.row_len.slice(ro..ro + rows);
+        let c1 =
+            LaunchConfig { grid_dim: (rows as u32, splits as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        macro_rules! go {
+            ($ty:ty) => {
+                with_slice!(q, $ty, |qs| with_slice!(&self.k_pool, $ty, |kp| with_slice_or!(
+                    self.v_pool.as_ref(),
+                    kp,
+                    $ty,
+                    |vp| {
+                        let mut a = self.stream.launch_builder(&fp);
+                        a.arg(&kv)
+                            .arg(&di)
+                            .arg(&bs)
+                            .arg(&mb)
+                            .arg(&scale)
+                            .arg(&qs)
+                            .arg(&kp)
+                            .arg(&vp)
+                            .arg(&table)
+                            .arg(&lens)
+                            .arg(&self.part_acc)
+                            .arg(&self.part_m)
+                            .arg(&self.part_l);
+                        drv(unsafe { a.launch(c1) })?;
+                    }
+                )))
+            };
+        }
+        if self.dtype == DType::F32 {
+            go!(f32)
+        } else {
+            go!(half::bf16)
+        }
+        self.merge_splits(s.kv_heads, g, d, splits, &out)?;
+        Ok(out)
+    }
+
+    /// Splits per row of a first-pass kernel (`key`) over `units` (row, head group) pairs whose
+    /// longest row is `max_len` keys, each split at least `min_keys` long: the tuning's grid
+    /// target over `units`, or with `target_blocks = 0` the tail-aware choice
+    /// ([`crate::gpu::split_plan::tail_aware_splits`]) for the blocks this kernel keeps resident.
+    fn splits_for(
+        &mut self,
+        key: String,
+        f: &CudaFunction,
+        units: usize,
+        max_len: usize,
+        min_keys: usize,
+    ) -> Result<usize> {
+        // The merge reads every split's partials in a loop: past 64 splits it costs more than
+        // the parallelism gains (measured on the H200: MLA at batch 1 with 512 splits).
+        let cap = max_len.div_ceil(min_keys).clamp(1, MAX_SPLITS);
+        Ok(match self.tuning.target_blocks {
+            0 => {
+                let resident = match self.resident_blocks.get(&key) {
+                    Some(&n) => n,
+                    None => {
+                        let n = self.full_wave(f)?;
+                        self.resident_blocks.insert(key, n);
+                        n
+                    }
+                };
+                crate::gpu::split_plan::tail_aware_splits(units, max_len, resident, cap, 64)
+            }
+            n => (n / units.max(1)).clamp(1, cap),
+        })
+    }
+
+    /// Makes the split-K partial buffers hold `entries` (row, split, head) results of `width`.
+    fn ensure_partials(&mut self, entries: usize, width: usize) -> Result<()> {
+        if self.part_m.len() < entries || self.part_acc.len() < entries * width {
+            self.part_acc = drv(self.stream.alloc_zeros::<f32>(entries * width))?;
+            self.part_m = drv(self.stream.alloc_zeros::<f32>(entries))?;
+            self.part_l = drv(self.stream.alloc_zeros::<f32>(entries))?;
+        }
+        Ok(())
+    }
+
+    /// [`Self::attend`] over latent rows (MLA): `q` `[batch, heads, head_dim]` (absorbed queries),
+    /// output `[batch, heads, rank]` (the attention-weighted `c_kv`).
+    fn attend_latent(
+        &mut self,
+        layer: usize,
+        q: &Tensor,
+        scale: f32,
+        max_len_hint: usize,
+        rank: usize,
+    ) -> Result<Tensor> {
+        let s = self.shape;
+        let (b, nh, d) = q.dims3()?;
+        if b != s.batch || d != s.head_dim || nh == 0 {
+            bail!("query shape {:?} does not fit the latent cache ([{}, heads, {}])", q.dims(), s.batch, s.head_dim);
+        }
+        let hg = [8, 4, 2, 1].into_iter().find(|g| nh % g == 0).expect("1 divides");
+        let key = format!("dms_mla_partial_{}_h{hg}", self.suffix());
+        let fp = self.dev.get_or_load_custom_func(&key, MODULE, PTX)?.into_cuda_function();
+        let groups = nh / hg;
+        // At least one 64-key tile per split.
+        let splits = self.splits_for(key, &fp, b * groups, max_len_hint, 64)?;
+        self.ensure_partials(b * splits * nh, rank)?;
+        // SAFETY: dms_decode_reduce writes every element (a block per sequence, a thread per
+        // latent dimension, every head), so nothing uninitialised is ever read.
+        let out = unsafe { Tensor::empty((b, nh, rank), self.dtype, q.device())? };
+        let (nhi, di, ri, bs, mb) =
+            (nh as i32, d as i32, rank as i32, s.block_size as i32, s.max_blocks_per_row as i32);
+        let ro = layer * b;
+        let table = self.block_table.slice(ro * s.max_blocks_per_row..(ro + b) * s.max_blocks_per_row);
+        let lens = self.row_len.slice(ro..ro + b);
+        let c1 = LaunchConfig {
+            grid_dim: (b as u32, splits as u32, groups as u32),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        macro_rules! go {
+            ($ty:ty) => {
+                with_slice!(q, $ty, |qs| with_slice!(&self.k_pool, $ty, |kp| {
+                    let mut a = self.stream.launch_builder(&fp);
+                    a.arg(&nhi)
+                        .arg(&di)
+                        .arg(&ri)
+                        .arg(&bs)
+                        .arg(&mb)
+                        .arg(&scale)
+                        .arg(&qs)
+                        .arg(&kp)
+                        .arg(&table)
+                        .arg(&lens)
+                        .arg(&self.part_acc)
+                        .arg(&self.part_m)
+                        .arg(&self.part_l);
+                    drv(unsafe { a.launch(c1) })?;
+                }))
+            };
+        }
+        if self.dtype == DType::F32 {
+            go!(f32)
+        } else {
+            go!(half::bf16)
+        }
+        self.merge_splits(1, nh, rank, splits, &out)?;
+        Ok(out)
+    }
+
+    /// Second pass of the decode attention: merges the `splits` partial results of each of the
+    /// `out.dim(0) * kv_heads` rows (`g_heads` query heads of `width` each) into `out`.
+    fn merge_splits(&self, kv_heads: usize, g_heads: usize, width: usize, splits: usize, out: &Tensor) -> Result<()> {
+        let rows = out.dim(0)? * kv_heads;
+        let fr = self.func("dms_decode_reduce")?;
+        let (kv, g, w, sp) = (kv_heads as i32, g_heads as i32, width as i32, splits as i32);
+        // One thread per output dimension, in whole warps.
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, g_heads as u32, 1),
+            block_dim: (width.div_ceil(32) as u32 * 32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        macro_rules! go {
+            ($ty:ty) => {
+                with_slice!(out, $ty, |os| {
+                    let mut r = self.stream.launch_builder(&fr);
+                    r.arg(&kv)
+                        .arg(&g)
+                        .arg(&w)
+                        .arg(&sp)
+                        .arg(&self.part_acc)
+                        .arg(&self.part_m)
+                        .arg(&self.part_l)
+                        .arg(&os);
+                    drv(unsafe { r.launch(cfg) })?;
+                })
+            };
+        }
+        if self.dtype == DType::F32 {
+            go!(f32)
+        } else {
+            go!(half::bf16)
+        }
+        Ok(())
+    }
+
+    /// Fails if any kernel ran out of blocks or prefilled a non-empty sequence.
+    pub fn check(&self) -> Result<()> {
+        let e = drv(self.stream.clone_dtoh(&self.err))?;
+        match e[0] {
+            0 => {}
+            2 => bail!("a prompt was written into rows that already hold tokens (GPU prefill needs an empty sequence)"),
+            _ => bail!("the GPU KV cache ran out of blocks"),
+        }
+        Ok(())
+    }
+
+    /// Slots in use per row (`layers * batch * kv_heads`, row = (layer, sequence, kv head)).
+    pub fn row_lengths(&self) -> Result<Vec<i32>> {
+        drv(self.stream.clone_dtoh(&self.row_len))
+    }
+
+    /// Sorted absolute positions held by every row (for checks; downloads the tables).
+    pub fn kept_positions(&self) -> Result<Vec<Vec<u32>>> {
+        let lens = self.row_lengths()?;
+        let table = drv(self.stream.clone_dtoh(&self.block_table))?;
+        let pos = drv(self.stream.clone_dtoh(&self.pool_pos))?;
+        let (bs, mb) = (self.shape.block_size, self.shape.max_blocks_per_row);
+        Ok(lens
+            .iter()
+            .enumerate()
+            .map(|(r, &n)| {
+                let mut v: Vec<u32> =
+                    (0..n as usize).map(|s| pos[table[r * mb + s / bs] as usize * bs + s % bs] as u32).collect();
+                v.sort_unstable();
+                v
+            })
+            .collect())
+    }
+
+    /// Keys and values of one row in slot order (for checks; latent rows: the values are the
+    /// first `rank` floats of each key row).
+    pub fn row_kv(&self, row: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        let lens = self.row_lengths()?;
+        let table = drv(self.stream.clone_dtoh(&self.block_table))?;
+        let (bs, mb, d) = (self.shape.block_size, self.shape.max_blocks_per_row, self.shape.head_dim);
+        let k = self.k_pool.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let v = match &self.v_pool {
+            Some(v) => v.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+            None => Vec::new(),
+        };
+        let vw = self.shape.latent_rank.unwrap_or(d);
+        let mut ko = Vec::new();
+        let mut vo = Vec::new();
+        for s in 0..lens[row] as usize {
+            let at = (table[row * mb + s / bs] as usize * bs + s % bs) * d;
+            ko.extend_from_slice(&k[at..at + d]);
+            vo.extend_from_slice(if v.is_empty() { &k[at..at + vw] } else { &v[at..at + d] });
+        }
+        Ok((ko, vo))
+    }
+
+    /// Bytes of K+V in occupied slots.
+    pub fn bytes_live(&self) -> Result<u64> {
+        let n: i64 = self.row_lengths()?.iter().map(|&x| x as i64).sum();
+        Ok(n as u64 * self.shape.slot_bytes(self.dtype))
+    }
+
+    /// Waits for the device.
+    pub fn synchronize(&self) -> Result<()> {
+        drv(self.stream.synchronize())
+    }
+}
+
+/// What decides evictions in a GPU decode step: the same sources as a prompt's flags
+/// (none, random at a set rate, the model's learned signal).
+pub use dms_policy::FlagSource as StepDecisions;

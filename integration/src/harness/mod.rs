@@ -1,9 +1,14 @@
 //! Measurement harnesses over the engine: the A/B comparison ([`ab`]), quality vs compression
-//! ([`eval`]), the batch x context grid ([`bench_grid`]) and the mistral.rs peer
-//! (`peer_mistralrs`, feature `mistralrs`).
+//! ([`eval`]), the batch x context grid ([`bench_grid`]), the mistral.rs peer
+//! (`peer_mistralrs`, feature `mistralrs`), and with `cuda` the GPU checks (`gpu_check`) and
+//! kernel benchmarks (`gpu_bench`) behind the `dms-gpu` CLI.
 
 pub mod ab;
 pub mod bench_grid;
 pub mod eval;
+#[cfg(feature = "cuda")]
+pub mod gpu_bench;
+#[cfg(feature = "cuda")]
+pub mod gpu_check;
 #[cfg(feature = "mistralrs")]
 pub mod peer_mistralrs;

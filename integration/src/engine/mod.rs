@@ -1,11 +1,14 @@
 //! The engine: a model, a block pool and a policy, executing the steps the scheduler plans.
 //!
-//! [`scheduler`] plans (admission, preemption, which sequences decode), the engine executes
-//! ([`Engine::step`], the model's batched forward over the store); [`generation`] serves one
+//! [`scheduler`] plans (admission, preemption, which sequences decode) from the
+//! [`block_manager`]'s view of the pool, and the engine executes ([`Engine::prefill`],
+//! [`Engine::decode`]: the model's batched forward over the store); the scheduler never runs the
+//! model itself. [`generation`] serves one
 //! prompt through the scheduler; [`from_config`] builds an engine from a config file with one
 //! pool-sizing rule; [`load`] reads models, [`sampling`] picks tokens, [`trace`] writes traces and
 //! [`report`] the summary lines.
 
+pub mod block_manager;
 pub mod from_config;
 pub mod generation;
 mod load;
@@ -26,6 +29,7 @@ use dms_policy::{CacheShape, PolicyFactory, SignalNeed};
 use crate::kv::sequence::SequenceCache;
 use crate::kv::store::{KvStore, MemoryUsage};
 use crate::model::{DecisionSource, Llama, SeqInput};
+use block_manager::BlockManager;
 
 /// Sampling and stopping settings.
 #[derive(Debug, Clone)]
@@ -125,6 +129,41 @@ impl Engine {
         let mut inputs = [SeqInput { tokens, cache: seq }];
         let mut out = self.model.forward(&mut inputs, &mut self.store, all_logits)?;
         Ok(out.pop().expect("one sequence in, one out"))
+    }
+
+    /// The block arithmetic for this engine's sequences and pool.
+    pub fn block_manager(&self) -> BlockManager {
+        let c = self.model.config();
+        BlockManager::new(c.num_layers * c.num_kv_heads, &self.store)
+    }
+
+    /// Prefills `prompt` into `seq` in chunks of `chunk` tokens (0: one pass); returns the last
+    /// position's next-token logits.
+    pub fn prefill(&mut self, seq: &mut SequenceCache, prompt: &[u32], chunk: usize) -> Result<Vec<f32>> {
+        if prompt.is_empty() {
+            bail!("the prompt is empty");
+        }
+        let chunk = if chunk == 0 { prompt.len() } else { chunk };
+        let mut last = None;
+        for part in prompt.chunks(chunk) {
+            last = Some(self.step(seq, part, false)?);
+        }
+        Ok(last.expect("prompt is not empty").squeeze(0)?.to_vec1::<f32>()?)
+    }
+
+    /// One batched decode step: feeds `tokens[i]` to `seqs[i]`; returns each sequence's
+    /// next-token logits.
+    pub fn decode(&mut self, seqs: Vec<&mut SequenceCache>, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
+        if seqs.len() != tokens.len() {
+            bail!("{} sequences but {} tokens in a decode step", seqs.len(), tokens.len());
+        }
+        let mut inputs: Vec<SeqInput> = seqs
+            .into_iter()
+            .zip(tokens)
+            .map(|(cache, t)| SeqInput { tokens: std::slice::from_ref(t), cache })
+            .collect();
+        let logits = self.model.forward(&mut inputs, &mut self.store, false)?;
+        logits.into_iter().map(|l| Ok(l.squeeze(0)?.to_vec1::<f32>()?)).collect()
     }
 }
 

@@ -18,7 +18,6 @@ use rand::{rngs::StdRng, SeedableRng};
 use crate::engine::{sample, Engine, GenParams};
 use crate::kv::sequence::SequenceCache;
 use crate::kv::store::{KvStore, MemoryUsage, SwappedRow};
-use crate::model::SeqInput;
 
 /// One generation request.
 #[derive(Clone)]
@@ -337,18 +336,11 @@ impl Scheduler {
         self.waiting.clear();
     }
 
-    fn rows_per_sequence(engine: &Engine) -> usize {
-        let c = engine.model.config();
-        c.num_layers * c.num_kv_heads
-    }
-
     /// Swaps preempted sequences back in, oldest preemption first, while they fit.
     fn resume(&mut self, engine: &mut Engine) {
-        let (rows, bs) = (Self::rows_per_sequence(engine), engine.store.block_size());
+        let blocks = engine.block_manager();
         while let Some(s) = self.swapped.front() {
-            let need: usize =
-                s.rows.iter().map(|r| r.blocks_needed(bs)).sum::<usize>() + self.running.len() * rows + rows;
-            if self.running.len() >= self.max_batch || need > engine.store.free_block_count() {
+            if self.running.len() >= self.max_batch || !blocks.can_resume(&engine.store, &s.rows, self.running.len()) {
                 break;
             }
             let mut s = self.swapped.pop_front().expect("front exists");
@@ -363,15 +355,14 @@ impl Scheduler {
 
     /// Admits waiting requests in order (none while a preempted sequence waits) and prefills them.
     fn admit(&mut self, engine: &mut Engine, observe: &mut Observer<'_>) -> Result<()> {
-        let (rows, bs) = (Self::rows_per_sequence(engine), engine.store.block_size());
+        let blocks = engine.block_manager();
         while self.swapped.is_empty() && self.running.len() < self.max_batch {
             let Some(req) = self.waiting.front() else { break };
-            let need = req.prompt.len().div_ceil(bs) * rows + self.running.len() * rows;
-            if need > engine.store.free_block_count() {
+            if !blocks.can_admit(&engine.store, req.prompt.len(), self.running.len()) {
                 if self.running.is_empty() {
                     bail!(
                         "request {} cannot be served: its prompt of {} tokens needs {} blocks but the pool has {} free of {} (raise [cache] memory_mb or max_tokens)",
-                        req.id, req.prompt.len(), need, engine.store.free_block_count(), engine.store.capacity_blocks()
+                        req.id, req.prompt.len(), blocks.admission_need(req.prompt.len(), 0), engine.store.free_block_count(), engine.store.capacity_blocks()
                     );
                 }
                 break;
@@ -379,15 +370,15 @@ impl Scheduler {
             let req = self.waiting.pop_front().expect("front exists");
             let mut cache = engine.new_sequence_with(req.policy.as_ref());
             let t0 = Instant::now();
-            let chunk = if self.params.prefill_chunk == 0 { req.prompt.len() } else { self.params.prefill_chunk };
-            let mut last = None;
-            for part in req.prompt.chunks(chunk) {
-                let mut input = [SeqInput { tokens: part, cache: &mut cache }];
-                last = engine.model.forward(&mut input, &mut engine.store, false)?.pop();
-            }
+            let logits = match engine.prefill(&mut cache, &req.prompt, self.params.prefill_chunk) {
+                Ok(l) => l,
+                Err(e) => {
+                    cache.release(&mut engine.store);
+                    return Err(e);
+                }
+            };
             self.stats.prefill_secs += t0.elapsed().as_secs_f64();
             self.stats.prefill_tokens += req.prompt.len();
-            let logits = last.expect("prompt is not empty").squeeze(0)?.to_vec1::<f32>()?;
             let seed = match &req.params {
                 Some(p) => p.seed,
                 None => self.params.seed.wrapping_add(req.id as u64),
@@ -455,7 +446,7 @@ impl Scheduler {
     /// Preempts the most recently admitted sequences until the next step's blocks are free.
     fn make_room(&mut self, engine: &mut Engine) -> Result<()> {
         loop {
-            let need: usize = self.running.iter().map(|r| r.cache.blocks_for_next_token(&engine.store)).sum();
+            let need = engine.block_manager().next_step_need(&engine.store, self.running.iter().map(|r| &r.cache));
             if need <= engine.store.free_block_count() {
                 return Ok(());
             }
@@ -474,14 +465,10 @@ impl Scheduler {
     fn decode(&mut self, engine: &mut Engine, observe: &mut Observer<'_>) -> Result<()> {
         self.stats.max_running = self.stats.max_running.max(self.running.len());
         let t0 = Instant::now();
-        let toks: Vec<[u32; 1]> = self.running.iter().map(|r| [*r.tokens.last().expect("one token chosen")]).collect();
-        let logits = {
-            let mut inputs: Vec<SeqInput> =
-                self.running.iter_mut().zip(&toks).map(|(r, t)| SeqInput { tokens: t, cache: &mut r.cache }).collect();
-            engine.model.forward(&mut inputs, &mut engine.store, false)?
-        };
+        let tokens: Vec<u32> = self.running.iter().map(|r| *r.tokens.last().expect("one token chosen")).collect();
+        let logits = engine.decode(self.running.iter_mut().map(|r| &mut r.cache).collect(), &tokens)?;
         for (r, l) in self.running.iter_mut().zip(logits) {
-            r.logits = l.squeeze(0)?.to_vec1::<f32>()?;
+            r.logits = l;
             r.pending = false;
             r.note_usage(&engine.store);
             let step = r.tokens.len();

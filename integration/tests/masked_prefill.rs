@@ -8,6 +8,7 @@ mod common;
 use candle_core::{Device, Tensor};
 use common::*;
 use dms_integration::engine::load_model;
+use dms_integration::model::prefill::masked_prefill;
 use dms_policy::device::kept_after_prompt;
 use dms_policy::FlagSource;
 use dms_policy::Pos;
@@ -21,16 +22,13 @@ fn masked(
 ) -> (Vec<Vec<f32>>, Vec<Vec<Vec<Pos>>>) {
     let model = load_model(dir, &Device::Cpu, false).unwrap().model;
     let mut kept = Vec::new();
-    let logits = model
-        .forward_masked_prefill(prompt, &flags, window, true, |_, k, _, f| {
-            let rows = k.dim(1)?;
-            let host = f.flatten_all()?.to_vec1::<f32>()?;
-            kept.push(
-                (0..rows).map(|h| kept_after_prompt(prompt.len(), window, |p| host[p * rows + h] != 0.0)).collect(),
-            );
-            Ok(())
-        })
-        .unwrap();
+    let logits = masked_prefill(&model, prompt, &flags, window, true, |_, k, _, f| {
+        let rows = k.dim(1)?;
+        let host = f.flatten_all()?.to_vec1::<f32>()?;
+        kept.push((0..rows).map(|h| kept_after_prompt(prompt.len(), window, |p| host[p * rows + h] != 0.0)).collect());
+        Ok(())
+    })
+    .unwrap();
     (logits.to_vec2::<f32>().unwrap(), kept)
 }
 
@@ -116,12 +114,11 @@ fn no_flags_equal_the_full_cache() {
 fn bad_prompts_are_errors() {
     let model = load_model(&fixture("llama3_tiny"), &Device::Cpu, false).unwrap().model;
     let none = |_: usize, _: &Tensor, _: &Tensor, _: &Tensor| Ok(());
-    let e = model.forward_masked_prefill(&[], &FlagSource::None, 4, false, none).unwrap_err();
+    let e = masked_prefill(&model, &[], &FlagSource::None, 4, false, none).unwrap_err();
     assert!(e.to_string().contains("empty"), "{e}");
-    let e = model.forward_masked_prefill(&[1, 100_000], &FlagSource::None, 4, false, none).unwrap_err();
+    let e = masked_prefill(&model, &[1, 100_000], &FlagSource::None, 4, false, none).unwrap_err();
     assert!(e.to_string().contains("100000"), "{e}");
-    let e = model
-        .forward_masked_prefill(&[1, 2], &FlagSource::Learned { scale: 100.0, offset: 5.0 }, 4, false, none)
+    let e = masked_prefill(&model, &[1, 2], &FlagSource::Learned { scale: 100.0, offset: 5.0 }, 4, false, none)
         .unwrap_err();
     assert!(e.to_string().contains("decision source"), "{e}");
 }

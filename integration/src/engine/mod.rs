@@ -26,9 +26,10 @@ use anyhow::{bail, Result};
 use candle_core::Tensor;
 use dms_policy::{CacheShape, PolicyFactory, SignalNeed};
 
+use crate::kv::host_step::{self, SeqInput};
 use crate::kv::sequence::SequenceCache;
 use crate::kv::store::{KvStore, MemoryUsage};
-use crate::model::{DecisionSource, Llama, SeqInput};
+use crate::model::{DecisionSource, Llama};
 use block_manager::BlockManager;
 
 /// Sampling and stopping settings.
@@ -127,7 +128,7 @@ impl Engine {
     /// (`[1, vocab]`), or every position's when `all_logits`.
     pub fn step(&mut self, seq: &mut SequenceCache, tokens: &[u32], all_logits: bool) -> Result<Tensor> {
         let mut inputs = [SeqInput { tokens, cache: seq }];
-        let mut out = self.model.forward(&mut inputs, &mut self.store, all_logits)?;
+        let mut out = host_step::forward(&self.model, &mut inputs, &mut self.store, all_logits)?;
         Ok(out.pop().expect("one sequence in, one out"))
     }
 
@@ -162,7 +163,7 @@ impl Engine {
             .zip(tokens)
             .map(|(cache, t)| SeqInput { tokens: std::slice::from_ref(t), cache })
             .collect();
-        let logits = self.model.forward(&mut inputs, &mut self.store, false)?;
+        let logits = host_step::forward(&self.model, &mut inputs, &mut self.store, false)?;
         logits.into_iter().map(|l| Ok(l.squeeze(0)?.to_vec1::<f32>()?)).collect()
     }
 }

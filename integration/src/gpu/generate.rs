@@ -69,7 +69,7 @@ pub fn generate_on_device(
     let mut rng = StdRng::seed_from_u64(params.seed);
     let t0 = Instant::now();
     let mut logits =
-        model.forward_gpu_prefill(prompt, 0, &mut cache, &policy.flags, false)?.squeeze(0)?.to_vec1::<f32>()?;
+        crate::gpu::prefill_into(model, prompt, 0, &mut cache, &policy.flags, false)?.squeeze(0)?.to_vec1::<f32>()?;
     let prefill_secs = t0.elapsed().as_secs_f64();
     let (after_prompt, _, _) = usage(&cache, prompt.len())?;
     // Rows grow by at most one slot per step: the attention's split count follows the longest
@@ -85,10 +85,16 @@ pub fn generate_on_device(
             break;
         }
         let pos = prompt.len() + steps;
-        logits = model
-            .forward_gpu_decode(&[next], &[pos as u32], &mut cache, &step, longest_after_prompt + steps + 1)?
-            .squeeze(0)?
-            .to_vec1::<f32>()?;
+        logits = crate::gpu::decode_step(
+            model,
+            &[next],
+            &[pos as u32],
+            &mut cache,
+            &step,
+            longest_after_prompt + steps + 1,
+        )?
+        .squeeze(0)?
+        .to_vec1::<f32>()?;
         steps += 1;
     }
     let decode_secs = t1.elapsed().as_secs_f64();

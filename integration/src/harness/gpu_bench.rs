@@ -143,9 +143,16 @@ fn batch1_cache(dev: &Device, cfg: &ModelConfig, tokens: usize, window: usize) -
 fn warm_up(dev: &Device, model: &Llama) -> Result<()> {
     let mut cache = batch1_cache(dev, model.config(), 512, 512)?;
     let prompt: Vec<u32> = (0..256u32).map(|i| i % 100 + 5).collect();
-    model.forward_gpu_prefill(&prompt, 0, &mut cache, &FlagSource::Random { seed: 1, rate: 0.5 }, false)?;
+    crate::gpu::prefill_into(model, &prompt, 0, &mut cache, &FlagSource::Random { seed: 1, rate: 0.5 }, false)?;
     for i in 0..2u32 {
-        model.forward_gpu_decode(&[7], &[256 + i], &mut cache, &StepDecisions::Random { seed: 1, rate: 0.5 }, 258)?;
+        crate::gpu::decode_step(
+            model,
+            &[7],
+            &[256 + i],
+            &mut cache,
+            &StepDecisions::Random { seed: 1, rate: 0.5 },
+            258,
+        )?;
     }
     cache.synchronize()
 }
@@ -172,14 +179,14 @@ pub fn bench_peer(dev: &Device, out: &str, models: &str, contexts: &str, gen: us
             let mut cache = batch1_cache(dev, &cfg, ctx + gen + 4, 512)?;
             sync(dev)?;
             let t1 = Instant::now();
-            let logits = ours.forward_gpu_prefill(&prompt, 0, &mut cache, &FlagSource::None, false)?;
+            let logits = crate::gpu::prefill_into(&ours, &prompt, 0, &mut cache, &FlagSource::None, false)?;
             let mut tok = crate::engine::argmax(&logits.squeeze(0)?.to_vec1::<f32>()?);
             let prefill_s = t1.elapsed().as_secs_f64();
             let mut ours_tokens = vec![tok];
             let t2 = Instant::now();
             for i in 0..gen.saturating_sub(1) {
                 let pos = (ctx + i) as u32;
-                let l = ours.forward_gpu_decode(&[tok], &[pos], &mut cache, &StepDecisions::None, ctx + i + 1)?;
+                let l = crate::gpu::decode_step(&ours, &[tok], &[pos], &mut cache, &StepDecisions::None, ctx + i + 1)?;
                 tok = crate::engine::argmax(&l.squeeze(0)?.to_vec1::<f32>()?);
                 ours_tokens.push(tok);
             }
@@ -264,7 +271,7 @@ pub fn bench_prefill(
             let dec = flags;
             sync()?;
             let t0 = Instant::now();
-            let logits = model.forward_gpu_prefill(&prompt, 0, &mut cache, &flags, false)?;
+            let logits = crate::gpu::prefill_into(&model, &prompt, 0, &mut cache, &flags, false)?;
             sync()?;
             let prefill_s = t0.elapsed().as_secs_f64();
             let mut tok = crate::engine::argmax(&logits.squeeze(0)?.to_vec1::<f32>()?);
@@ -275,7 +282,7 @@ pub fn bench_prefill(
             sync()?;
             let t1 = Instant::now();
             for i in 0..steps {
-                let l = model.forward_gpu_decode(&[tok], &[(ctx + i) as u32], &mut cache, &dec, ctx + i + 1)?;
+                let l = crate::gpu::decode_step(&model, &[tok], &[(ctx + i) as u32], &mut cache, &dec, ctx + i + 1)?;
                 tok = crate::engine::argmax(&l.squeeze(0)?.to_vec1::<f32>()?);
             }
             sync()?;
@@ -416,7 +423,7 @@ fn bench_one(
         let t = Instant::now();
         for _ in 0..n {
             let positions = vec![*pos; batch];
-            model.forward_gpu_decode(&tokens, &positions, &mut cache, &dec, kept)?;
+            crate::gpu::decode_step(model, &tokens, &positions, &mut cache, &dec, kept)?;
             *pos += 1;
         }
         cd.cuda_stream().synchronize().map_err(|e| anyhow::anyhow!("{e:?}"))?;

@@ -241,10 +241,10 @@ fn check_mla(dev: &Device, root: &str) -> Result<(f32, f32, usize)> {
         GpuCache::new(dev, DType::F32, shape)
     };
     let decode = |cache: &mut GpuCache, tok: u32, pos: usize, d: &StepDecisions| -> Result<Vec<f32>> {
-        Ok(model.forward_gpu_decode(&[tok], &[pos as u32], cache, d, pos + 1)?.squeeze(0)?.to_vec1::<f32>()?)
+        Ok(crate::gpu::decode_step(&model, &[tok], &[pos as u32], cache, d, pos + 1)?.squeeze(0)?.to_vec1::<f32>()?)
     };
     let mut cache = cache_for(0)?;
-    let all = model.forward_gpu_prefill(&prompt, 0, &mut cache, &FlagSource::None, true)?.to_vec2::<f32>()?;
+    let all = crate::gpu::prefill_into(&model, &prompt, 0, &mut cache, &FlagSource::None, true)?.to_vec2::<f32>()?;
     let mut full_err = all.iter().zip(&want_prompt).map(|(a, b)| max_abs(a, b)).fold(0.0, f32::max);
     let mut logits = all.last().cloned().unwrap_or_default();
     for (i, &want) in greedy.iter().enumerate() {
@@ -265,7 +265,7 @@ fn check_mla(dev: &Device, root: &str) -> Result<(f32, f32, usize)> {
     let mut seq = host.new_sequence();
     let flags = FlagSource::Random { seed: 3, rate: 0.7 };
     let mut cache = cache_for(8)?;
-    let got = model.forward_gpu_prefill(&prompt, 0, &mut cache, &flags, true)?.to_vec2::<f32>()?;
+    let got = crate::gpu::prefill_into(&model, &prompt, 0, &mut cache, &flags, true)?.to_vec2::<f32>()?;
     let want = host.step(&mut seq, &prompt, true)?.to_vec2::<f32>()?;
     let mut dms_err = got.iter().zip(&want).map(|(a, b)| max_abs(a, b)).fold(0.0, f32::max);
     let same_kept = |cache: &GpuCache, host_kept: Vec<Vec<Vec<u32>>>, when: &str| -> Result<()> {
@@ -336,7 +336,7 @@ fn check_fixture(dev: &Device, root: &str, variant: &str, prefill: bool, tuning:
         }
     };
     let first = if prefill {
-        let all = model.forward_gpu_prefill(&prompt, 0, &mut cache, &dec, true)?;
+        let all = crate::gpu::prefill_into(&model, &prompt, 0, &mut cache, &dec, true)?;
         for (t, row) in all.to_vec2::<f32>()?.iter().enumerate() {
             compare(row, &prefill_logits[t]);
         }
@@ -349,8 +349,9 @@ fn check_fixture(dev: &Device, root: &str, variant: &str, prefill: bool, tuning:
             continue;
         }
         if !(prefill && t == first) {
-            let logits =
-                model.forward_gpu_decode(&[tok], &[t as u32], &mut cache, &dec, t + 1)?.squeeze(0)?.to_vec1::<f32>()?;
+            let logits = crate::gpu::decode_step(&model, &[tok], &[t as u32], &mut cache, &dec, t + 1)?
+                .squeeze(0)?
+                .to_vec1::<f32>()?;
             compare(&logits, if t < 48 { &prefill_logits[t] } else { &decode[t - 48] });
         }
         if t >= 47 {

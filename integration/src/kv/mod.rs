@@ -1,6 +1,9 @@
-//! KV storage on the host: the paged block pool ([`store`]), one sequence's rows and policy over
-//! it ([`sequence`]), and attention that reads only what the store holds ([`attention`]).
+//! KV storage: the seam the model's layers talk to ([`backend`]), and on the host the paged block
+//! pool ([`store`]), one sequence's rows and policy over it ([`sequence`]), attention that reads
+//! only what the store holds ([`attention`]) and a batch step over them ([`host_step`]).
 
 pub mod attention;
+pub mod backend;
+pub mod host_step;
 pub mod sequence;
 pub mod store;

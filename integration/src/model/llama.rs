@@ -1,10 +1,11 @@
 //! Decoder (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2 with per-head K/V; DeepSeek V2/V3 with
-//! latent attention and MoE) whose attention reads only what the paged store holds.
+//! latent attention and MoE). One forward over a batch of sequences; the attention of each layer
+//! goes through a [`KvBackend`], so the model names no storage type.
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::Linear;
-use dms_policy::{Pos, SignalNeed};
+use dms_policy::Pos;
 
 pub mod train;
 
@@ -12,11 +13,7 @@ use super::config::ModelConfig;
 use super::mla::{MlaAttention, MlaInputs};
 use super::moe::{Mlp, Moe};
 use super::weights::Weights;
-use crate::kv::attention;
-use crate::kv::sequence::SequenceCache;
-use crate::kv::store::KvStore;
-use crate::model::prefill::{masked_prompt_attention, prompt_flags};
-use dms_policy::FlagSource;
+use crate::kv::backend::{KvBackend, LayerStep, Signals};
 
 /// Where DMS decision scores come from (spec rule 1).
 #[derive(Debug, Clone)]
@@ -28,21 +25,6 @@ pub enum DecisionSource {
     QueryNeuron,
     /// Per layer an RMSNorm + Linear(hidden -> n_kv_heads) on the residual stream.
     Adapter,
-}
-
-/// The part of a batch that belongs to one sequence.
-pub struct SeqInput<'a> {
-    /// New tokens of the sequence.
-    pub tokens: &'a [u32],
-    /// The sequence's cache.
-    pub cache: &'a mut SequenceCache,
-}
-
-/// Which per-(token, KV head) signals a forward pass must compute.
-#[derive(Debug, Clone, Copy, Default)]
-struct Needs {
-    decision: bool,
-    key_norms: bool,
 }
 
 /// One layer's attention inputs.
@@ -342,121 +324,6 @@ impl Llama {
         })
     }
 
-    /// One decode step of `tokens.len()` sequences on the GPU cache: each sequence feeds one token
-    /// at its position; `max_len_hint` bounds the longest row after the step (see
-    /// [`crate::gpu::GpuCache::attend`]). Returns logits `[batch, vocab]` (f32).
-    #[cfg(feature = "cuda")]
-    pub fn forward_gpu_decode(
-        &self,
-        tokens: &[u32],
-        positions: &[Pos],
-        cache: &mut crate::gpu::GpuCache,
-        decisions: &crate::gpu::StepDecisions,
-        max_len_hint: usize,
-    ) -> Result<Tensor> {
-        use crate::gpu::{Decisions, StepDecisions};
-        let cfg = &self.cfg;
-        let b = tokens.len();
-        if positions.len() != b {
-            bail!("{b} tokens but {} positions", positions.len());
-        }
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
-            bail!("token id {bad} is outside the vocabulary (size {})", cfg.vocab_size);
-        }
-        let (cos, sin) = self.rope_tables(positions)?;
-        let mut x = self.embed_tokens(tokens)?;
-        let scale = self.softmax_scale() as f32;
-        let need = Needs { decision: matches!(decisions, StepDecisions::Learned { .. }), key_norms: false };
-        for (li, layer) in self.layers.iter().enumerate() {
-            let AttnInputs { q, k, v, decision: scores, .. } = self.attn_inputs(layer, &x, &cos, &sin, need)?;
-            let d = match (decisions, &scores) {
-                (StepDecisions::None, _) => Decisions::None,
-                (StepDecisions::Random { seed, rate }, _) => Decisions::Random { seed: *seed, rate: *rate },
-                (StepDecisions::Learned { scale, offset }, Some(s)) => {
-                    Decisions::Scores { scores: s, scale: *scale, offset: *offset }
-                }
-                (StepDecisions::Learned { .. }, None) => {
-                    bail!("learned decisions need a model with a DMS decision source")
-                }
-            };
-            cache.update(li, &k.contiguous()?, &v, &d)?;
-            // Per-head rows give `[b, heads, head_dim]`, latent rows `[b, heads, rank]`.
-            let attn = cache.attend(li, &q.contiguous()?, scale, max_len_hint)?;
-            let width = attn.dim(2)?;
-            x = self.finish_layer(layer, &x, &attn.reshape((b, cfg.num_heads * width))?)?;
-        }
-        Ok(self.logits(&x)?.to_dtype(DType::F32)?)
-    }
-
-    /// One prompt of one sequence (positions `0..T`) in a single pass with DMS's visibility mask
-    /// (spec rule 4.1, [`crate::model::prefill`]), on the model's device. `store(layer, k, v, flags)`
-    /// receives each layer's keys `[T, rows, d]` (after RoPE), values (`[T, rows, 0]` for latent
-    /// rows) and flags `[T, rows]` (f32, 1 = flagged) for the cache to keep what rule 4.2 says.
-    /// Returns f32 logits `[T, vocab]` when `all_logits`, else `[1, vocab]` for the last token.
-    pub fn forward_masked_prefill(
-        &self,
-        tokens: &[u32],
-        flags: &FlagSource,
-        window: usize,
-        all_logits: bool,
-        mut store: impl FnMut(usize, &Tensor, &Tensor, &Tensor) -> Result<()>,
-    ) -> Result<Tensor> {
-        let cfg = &self.cfg;
-        if tokens.is_empty() {
-            bail!("the prompt is empty");
-        }
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
-            bail!("token id {bad} is outside the vocabulary (size {})", cfg.vocab_size);
-        }
-        let learned = matches!(flags, FlagSource::Learned { .. });
-        if learned && matches!(self.decision, DecisionSource::None) {
-            bail!("learned prompt flags need a model with a DMS decision source");
-        }
-        let t = tokens.len();
-        let positions: Vec<Pos> = (0..t as Pos).collect();
-        let (cos, sin) = self.rope_tables(&positions)?;
-        let need = Needs { decision: learned, key_norms: false };
-        let mut x = self.embed_tokens(tokens)?;
-        let scale = self.softmax_scale();
-        for (li, layer) in self.layers.iter().enumerate() {
-            let AttnInputs { q, k, v, decision, .. } = self.attn_inputs(layer, &x, &cos, &sin, need)?;
-            let rows = k.dim(1)?;
-            let f = prompt_flags(flags, li, t, rows, decision.as_ref(), &self.device)?;
-            let values = match &layer.attn {
-                Attention::Mla(m) => k.narrow(2, 0, m.rank())?,
-                Attention::Mha(_) => v.clone(),
-            };
-            let attn = masked_prompt_attention(&q, &k, &values, &f, window, scale)?;
-            store(li, &k, &v, &f)?;
-            let (n, heads, width) = attn.dims3()?;
-            x = self.finish_layer(layer, &x, &attn.reshape((n, heads * width))?)?;
-        }
-        let xs = if all_logits { x } else { x.narrow(0, t - 1, 1)? };
-        Ok(self.logits(&xs)?.to_dtype(DType::F32)?)
-    }
-
-    /// A prompt into sequence `seq` of the GPU cache in one pass with DMS's visibility mask
-    /// ([`Self::forward_masked_prefill`]); the sequence's rows must be empty. The cache keeps
-    /// every unflagged token and the last `W + 1` tokens (rule 4.2) with no host round trip per
-    /// layer; one check of the cache's error flag at the end (a failed prompt is an error).
-    #[cfg(feature = "cuda")]
-    pub fn forward_gpu_prefill(
-        &self,
-        tokens: &[u32],
-        seq: usize,
-        cache: &mut crate::gpu::GpuCache,
-        flags: &FlagSource,
-        all_logits: bool,
-    ) -> Result<Tensor> {
-        let window = cache.shape.window;
-        let dtype = cache.dtype();
-        let logits = self.forward_masked_prefill(tokens, flags, window, all_logits, |li, k, v, f| {
-            cache.insert_prompt(li, seq, &k.to_dtype(dtype)?.contiguous()?, &v.to_dtype(dtype)?.contiguous()?, f)
-        })?;
-        cache.check()?;
-        Ok(logits)
-    }
-
     /// The model's configuration.
     pub fn config(&self) -> &ModelConfig {
         &self.cfg
@@ -503,116 +370,48 @@ impl Llama {
         (n * 4) as u64
     }
 
-    /// Runs new tokens of one or more sequences through the model, updating their caches.
-    /// Each sequence's cache says which per-(token, KV head) score its policy needs. Returns logits
-    /// per sequence: `[tokens, vocab]` when `all_logits`, else `[1, vocab]` for the last token.
-    pub fn forward(&self, seqs: &mut [SeqInput<'_>], store: &mut KvStore, all_logits: bool) -> Result<Vec<Tensor>> {
-        let cfg = &self.cfg;
-        let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let mut ids = Vec::new();
-        let mut positions = Vec::new();
-        let mut spans = Vec::new();
-        for s in seqs.iter() {
-            if s.tokens.is_empty() {
-                bail!("a sequence in the batch has no new tokens");
-            }
-            if let Some(&bad) = s.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
-                bail!("token id {bad} is outside the vocabulary (size {})", cfg.vocab_size);
-            }
-            let first = s.cache.seen();
-            spans.push((ids.len(), s.tokens.len()));
-            ids.extend_from_slice(s.tokens);
-            positions.extend((0..s.tokens.len() as Pos).map(|i| first + i));
+    /// The one forward pass: `tokens` (of one or more sequences, at `positions`) through every
+    /// layer, each layer's attention done by `backend` (which stores this step's K/V and signals
+    /// and reads its cache, wherever it lives). Returns the final hidden states `[n, hidden]`
+    /// (before the norm; [`Self::logits`] makes logits of the rows a caller wants).
+    pub fn forward_hidden(&self, tokens: &[u32], positions: &[Pos], backend: &mut dyn KvBackend) -> Result<Tensor> {
+        if tokens.is_empty() {
+            bail!("a forward pass needs at least one token");
         }
-        let (cos, sin) = self.rope_tables(&positions)?;
-        let need = Needs {
-            decision: seqs.iter().any(|s| s.cache.signal_need() == SignalNeed::DecisionScores),
-            key_norms: seqs.iter().any(|s| s.cache.signal_need() == SignalNeed::KeyNorms),
-        };
+        if positions.len() != tokens.len() {
+            bail!("{} tokens but {} positions", tokens.len(), positions.len());
+        }
+        let need = backend.signals();
         if need.decision && matches!(self.decision, DecisionSource::None) {
             bail!("a cache policy needs learned DMS decisions but the model has no decision source");
         }
-        let mut x = self.embed_tokens(&ids)?;
+        let (cos, sin) = self.rope_tables(positions)?;
+        let mut x = self.embed_tokens(tokens)?;
         let scale = self.softmax_scale();
-        // Per-head models: values are `hd` wide; latent rows: the first `rank` floats of the key.
-        let (dv, latent_rank) = match &self.layers.first().map(|l| &l.attn) {
-            Some(Attention::Mla(m)) => (0, Some(m.rank())),
-            _ => (hd, None),
-        };
-        let out_d = latent_rank.unwrap_or(hd);
         for (li, layer) in self.layers.iter().enumerate() {
             let AttnInputs { q, k, v, decision, key_norms } = self.attn_inputs(layer, &x, &cos, &sin, need)?;
-            let qd = q.dim(2)?;
-            let decision = match decision {
-                Some(s) => Some(s.flatten_all()?.to_vec1::<f32>()?),
-                None => None,
-            };
-            let key_norms = match key_norms {
-                Some(s) => Some(s.flatten_all()?.to_vec1::<f32>()?),
-                None => None,
-            };
-            let k_host = k.flatten_all()?.to_vec1::<f32>()?;
-            let v_host = if dv > 0 { v.flatten_all()?.to_vec1::<f32>()? } else { Vec::new() };
-            let q_host =
-                if spans.iter().any(|&(_, t)| t == 1) { Some(q.flatten_all()?.to_vec1::<f32>()?) } else { None };
-            let mut outs = Vec::with_capacity(seqs.len());
-            for (s, &(start, t)) in seqs.iter_mut().zip(&spans) {
-                let kv_slice = start * nkv * hd..(start + t) * nkv * hd;
-                let v_slice = start * nkv * dv..(start + t) * nkv * dv;
-                let source = match s.cache.signal_need() {
-                    SignalNeed::DecisionScores => decision.as_ref(),
-                    SignalNeed::KeyNorms => key_norms.as_ref(),
-                    SignalNeed::None => None,
-                };
-                let sc = source.map(|sc| &sc[start * nkv..(start + t) * nkv]);
-                s.cache.append(li, store, &k_host[kv_slice], &v_host[v_slice], sc)?;
-                let rows = s.cache.layer_rows(li);
-                let out = if t == 1 {
-                    let qh = q_host.as_ref().expect("computed for decode spans");
-                    let qs = &qh[start * nh * qd..(start + 1) * nh * qd];
-                    let mut o = vec![0f32; nh * out_d];
-                    let g = nh / nkv;
-                    for (j, &row) in rows.iter().enumerate() {
-                        attention::decode_row(
-                            store,
-                            row,
-                            &qs[j * g * qd..(j + 1) * g * qd],
-                            positions[start],
-                            scale as f32,
-                            &mut o[j * g * out_d..(j + 1) * g * out_d],
-                        )?;
-                    }
-                    Tensor::from_vec(o, (1, nh * out_d), &self.device)?
-                } else {
-                    let qc = q.narrow(0, start, t)?;
-                    match latent_rank {
-                        Some(r) => {
-                            attention::chunk_latent_rows(store, rows, &qc, &positions[start..start + t], scale, r)?
-                        }
-                        None => attention::chunk_rows(store, rows, &qc, &positions[start..start + t], scale)?,
-                    }
-                };
-                s.cache.compact(li, store)?;
-                outs.push(out);
-            }
-            let attn = if outs.len() == 1 { outs.pop().expect("one output") } else { Tensor::cat(&outs, 0)? };
+            let step =
+                LayerStep { q: &q, k: &k, v: &v, decision: decision.as_ref(), key_norms: key_norms.as_ref(), scale };
+            let attn = backend.attend(li, step)?;
             x = self.finish_layer(layer, &x, &attn)?;
         }
-        for (s, &(_, t)) in seqs.iter_mut().zip(&spans) {
-            s.cache.advance(t);
+        backend.finish()?;
+        Ok(x)
+    }
+
+    /// Width of the values attention returns per query head: the head dim, or for latent rows
+    /// the latent rank (values are the row's first `rank` floats).
+    pub fn latent_rank(&self) -> Option<usize> {
+        match self.layers.first().map(|l| &l.attn) {
+            Some(Attention::Mla(m)) => Some(m.rank()),
+            _ => None,
         }
-        let mut logits = Vec::with_capacity(spans.len());
-        for &(start, t) in &spans {
-            let xs = if all_logits { x.narrow(0, start, t)? } else { x.narrow(0, start + t - 1, 1)? };
-            logits.push(self.logits(&xs)?);
-        }
-        Ok(logits)
     }
 
     /// Queries `[n, heads, hd]` and keys (after RoPE), values, and the per-(token, KV head) signal
     /// the policy asked for (f32 `[n, kv_heads]`), for one layer. Applies the query-neuron zeroing
     /// of DMS checkpoints (spec rule 1.3) whatever the policy.
-    fn attn_inputs(&self, layer: &Layer, x: &Tensor, cos: &Tensor, sin: &Tensor, need: Needs) -> Result<AttnInputs> {
+    fn attn_inputs(&self, layer: &Layer, x: &Tensor, cos: &Tensor, sin: &Tensor, need: Signals) -> Result<AttnInputs> {
         let cfg = &self.cfg;
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let n = x.dim(0)?;
@@ -708,7 +507,7 @@ impl Llama {
     }
 
     /// Final norm and lm_head for `[n, hidden]` rows.
-    fn logits(&self, xs: &Tensor) -> Result<Tensor> {
+    pub fn logits(&self, xs: &Tensor) -> Result<Tensor> {
         let xs = candle_nn::ops::rms_norm(&xs.contiguous()?, &self.norm, self.cfg.rms_norm_eps as f32)?;
         Ok(xs.matmul(&self.lm_head.t()?)?)
     }

@@ -12,5 +12,5 @@ pub mod prefill;
 pub mod weights;
 
 pub use config::{Arch, MlaConfig, ModelConfig};
-pub use llama::{DecisionSource, Llama, SeqInput};
+pub use llama::{DecisionSource, Llama};
 pub use weights::Weights;

@@ -10,6 +10,9 @@ use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use dms_policy::FlagSource;
 
+use crate::kv::backend::{KvBackend, LayerStep, Signals};
+use crate::model::Llama;
+
 /// Flags `[T, kv_heads]` (f32, 1 = flagged) of a prompt at positions `0..T` for one layer: the
 /// rule of [`FlagSource::flags_token`] in tensor ops. `scores` (`[T, kv_heads]`, the raw decision
 /// signal of each token) is required for [`FlagSource::Learned`]. The last token's flag is 0: its
@@ -102,6 +105,64 @@ pub fn masked_prompt_attention(
     }
     let out = Tensor::cat(&outs, 2)?.reshape((nh, t, dv))?.transpose(0, 1)?.contiguous()?;
     Ok(out.to_dtype(q.dtype())?)
+}
+
+/// The masked one-pass prompt as a [`KvBackend`]: each layer's prompt attends with DMS's
+/// visibility mask, and `store(layer, k, v, flags)` receives its keys `[T, rows, d]` (after
+/// RoPE), values (`[T, rows, 0]` for latent rows) and flags `[T, rows]` (f32, 1 = flagged) for
+/// the cache to keep what rule 4.2 says.
+pub struct MaskedPrompt<'f, F> {
+    flags: &'f FlagSource,
+    window: usize,
+    latent_rank: Option<usize>,
+    device: Device,
+    store: F,
+}
+
+impl<F: FnMut(usize, &Tensor, &Tensor, &Tensor) -> Result<()>> KvBackend for MaskedPrompt<'_, F> {
+    fn signals(&self) -> Signals {
+        Signals { decision: self.flags.needs_scores(), key_norms: false }
+    }
+
+    fn attend(&mut self, li: usize, step: LayerStep<'_>) -> Result<Tensor> {
+        let (t, rows, _) = step.k.dims3()?;
+        let f = prompt_flags(self.flags, li, t, rows, step.decision, &self.device)?;
+        let values = match self.latent_rank {
+            Some(r) => step.k.narrow(2, 0, r)?,
+            None => step.v.clone(),
+        };
+        let attn = masked_prompt_attention(step.q, step.k, &values, &f, self.window, step.scale)?;
+        (self.store)(li, step.k, step.v, &f)?;
+        let (n, heads, width) = attn.dims3()?;
+        Ok(attn.reshape((n, heads * width))?)
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// One prompt of one sequence (positions `0..T`) in a single pass with DMS's visibility mask
+/// (spec rule 4.1), on the model's device, handing each layer to `store` ([`MaskedPrompt`]).
+/// Returns f32 logits `[T, vocab]` when `all_logits`, else `[1, vocab]` for the last token.
+pub fn masked_prefill(
+    model: &Llama,
+    tokens: &[u32],
+    flags: &FlagSource,
+    window: usize,
+    all_logits: bool,
+    store: impl FnMut(usize, &Tensor, &Tensor, &Tensor) -> Result<()>,
+) -> Result<Tensor> {
+    if tokens.is_empty() {
+        bail!("the prompt is empty");
+    }
+    let t = tokens.len();
+    let positions: Vec<dms_policy::Pos> = (0..t as dms_policy::Pos).collect();
+    let mut backend =
+        MaskedPrompt { flags, window, latent_rank: model.latent_rank(), device: model.device().clone(), store };
+    let x = model.forward_hidden(tokens, &positions, &mut backend)?;
+    let xs = if all_logits { x } else { x.narrow(0, t - 1, 1)? };
+    Ok(model.logits(&xs)?.to_dtype(DType::F32)?)
 }
 
 #[cfg(test)]

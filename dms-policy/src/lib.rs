@@ -63,6 +63,9 @@ pub enum SignalNeed {
     DecisionScores,
     /// The L2 norm of each (token, row) key.
     KeyNorms,
+    /// After each step's attention, the attention weight of every stored slot of each row
+    /// ([`SequencePolicy::observe_attention`]).
+    AttentionWeights,
 }
 
 /// A policy's per-sequence state. One instance serves every row of one sequence.
@@ -78,6 +81,14 @@ pub trait SequencePolicy: Send {
     /// After the step's attention: slot moves and the new physical length of `row`, so that keys no
     /// future query can see no longer occupy memory. Clears and fills `plan`.
     fn compact(&mut self, row: RowRef, plan: &mut CompactPlan) -> Result<(), PolicyError>;
+
+    /// After `row`'s attention in this step, before [`SequencePolicy::compact`]: the weight of each
+    /// physical slot (the softmax weights of the step's queries, averaged over the query heads of
+    /// the row's KV group and summed over the step's queries). Only called for policies that ask
+    /// for [`SignalNeed::AttentionWeights`].
+    fn observe_attention(&mut self, _row: RowRef, _weights: &[f32]) -> Result<(), PolicyError> {
+        Ok(())
+    }
 
     /// For a shadow policy: the slots the shadowed policy would keep in `row` (telemetry).
     fn shadow_kept(&self, _row: RowRef) -> Option<usize> {

@@ -38,6 +38,9 @@ pub struct Write {
 /// How a row is compacted after a step.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CompactPlan {
+    /// Slots whose keys no future query may see, from now on (evicted after this step's
+    /// attention, as attention-scored policies do). Applied first.
+    pub drop: Vec<Slot>,
     /// `(from, to)`: copy the key, value and metadata of slot `from` into the dead slot `to`.
     /// Applied in order.
     pub moves: Vec<(Slot, Slot)>,
@@ -48,6 +51,7 @@ pub struct CompactPlan {
 impl CompactPlan {
     /// Empties the plan, keeping its buffers.
     pub fn clear(&mut self) {
+        self.drop.clear();
         self.moves.clear();
         self.len = 0;
     }

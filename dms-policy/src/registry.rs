@@ -7,7 +7,7 @@ use serde::de::DeserializeOwned;
 
 use crate::policies::full::FullParams;
 use crate::policies::shadow::ShadowParams;
-use crate::policies::{DmsPolicy, FullPolicy, ShadowPolicy, SlidingWindowPolicy};
+use crate::policies::{BudgetPolicy, DmsPolicy, FullPolicy, ShadowPolicy, SlidingWindowPolicy};
 use crate::{PolicyError, PolicyFactory};
 
 /// Builds a configured policy from its whole TOML table (including `name`).
@@ -47,8 +47,20 @@ impl Registry {
                 policy: "shadow".into(),
                 message: format!("`inner`: {e}"),
             })?;
+            if inner.signal_need() == crate::SignalNeed::AttentionWeights {
+                return Err(PolicyError::InvalidParams {
+                    policy: "shadow".into(),
+                    message: format!(
+                        "`inner` policy `{}` scores keys by attention weights, which exist only for the keys a cache \
+                         really keeps; it cannot be shadowed",
+                        inner.name()
+                    ),
+                });
+            }
             Ok(Arc::new(ShadowPolicy::new(inner)))
         });
+        r.register("tova", |t| Ok(Arc::new(BudgetPolicy::tova(parse_params("tova", t)?)?)));
+        r.register("h2o", |t| Ok(Arc::new(BudgetPolicy::h2o(parse_params("h2o", t)?)?)));
         r.register("sliding_window", |t| Ok(Arc::new(SlidingWindowPolicy::new(parse_params("sliding_window", t)?)?)));
         r
     }

@@ -1,10 +1,12 @@
 //! Built-in policies.
 
+pub mod budget;
 pub mod dms;
 pub mod full;
 pub mod shadow;
 pub mod sliding_window;
 
+pub use budget::BudgetPolicy;
 pub use dms::{random_flag_unit, DmsPolicy};
 pub use full::FullPolicy;
 pub use shadow::ShadowPolicy;

@@ -40,6 +40,20 @@ pub fn decode_row(
     scale: f32,
     out: &mut [f32],
 ) -> Result<(), StoreError> {
+    decode_row_weighted(store, id, q, q_pos, scale, out, None)
+}
+
+/// [`decode_row`], also adding to `weights` (one per physical slot of the row) each slot's
+/// softmax weight averaged over the group's query heads, when given (attention-scored policies).
+pub fn decode_row_weighted(
+    store: &KvStore,
+    id: RowId,
+    q: &[f32],
+    q_pos: Pos,
+    scale: f32,
+    out: &mut [f32],
+    weights: Option<&mut [f32]>,
+) -> Result<(), StoreError> {
     let d = store.head_dim();
     let g = q.len() / d;
     let dv = out.len() / g;
@@ -80,6 +94,13 @@ pub fn decode_row(
             *x /= sum;
         }
     }
+    if let Some(w) = weights {
+        for h in 0..g {
+            for (w, p) in w.iter_mut().zip(&scores[h * n..(h + 1) * n]) {
+                *w += p / g as f32;
+            }
+        }
+    }
     for (b, &block) in row.blocks().iter().enumerate() {
         let (kb, vb) = store.block(block);
         let used = (n - b * bs).min(bs);
@@ -112,7 +133,24 @@ pub fn chunk_rows(
     scale: f64,
 ) -> candle_core::Result<Tensor> {
     let d = q.dim(2)?;
-    chunk_attention(store, rows, q, q_pos, scale, d)
+    chunk_attention(store, rows, q, q_pos, scale, d, None)
+}
+
+/// [`chunk_rows`] (or, with `latent_rank`, [`chunk_latent_rows`]) that also returns, per row, each
+/// physical slot's softmax weight averaged over the group's query heads and summed over the
+/// chunk's queries (attention-scored policies).
+pub fn chunk_rows_weighted(
+    store: &KvStore,
+    rows: &[RowId],
+    q: &Tensor,
+    q_pos: &[Pos],
+    scale: f64,
+    latent_rank: Option<usize>,
+) -> candle_core::Result<(Tensor, Vec<Vec<f32>>)> {
+    let dv = latent_rank.map_or(q.dim(2), Ok)?;
+    let mut weights = Vec::new();
+    let out = chunk_attention(store, rows, q, q_pos, scale, dv, Some(&mut weights))?;
+    Ok((out, weights))
 }
 
 /// [`chunk_rows`] for latent rows: the values are the first `value_dim` floats of each key.
@@ -125,7 +163,7 @@ pub fn chunk_latent_rows(
     scale: f64,
     value_dim: usize,
 ) -> candle_core::Result<Tensor> {
-    chunk_attention(store, rows, q, q_pos, scale, value_dim)
+    chunk_attention(store, rows, q, q_pos, scale, value_dim, None)
 }
 
 fn chunk_attention(
@@ -135,6 +173,7 @@ fn chunk_attention(
     q_pos: &[Pos],
     scale: f64,
     dv: usize,
+    weights: Option<&mut Vec<Vec<f32>>>,
 ) -> candle_core::Result<Tensor> {
     let (t, n_heads, d) = q.dims3()?;
     let kv = rows.len();
@@ -177,6 +216,15 @@ fn chunk_attention(
     let scores = scores.broadcast_add(&mask)?;
     let probs = candle_nn::ops::softmax_last_dim(&scores)?;
     let probs = zero_fully_masked(&probs)?;
+    if let Some(w) = weights {
+        // [kv, g, t, lmax] -> mean over g, sum over t -> [kv, lmax]; each row keeps its own length.
+        let per_row = (probs.sum(2)?.sum(1)? / g as f64)?.to_device(&Device::Cpu)?.to_vec2::<f32>()?;
+        w.clear();
+        for (r, &id) in rows.iter().enumerate() {
+            let len = store.row(id).map_err(stored)?.len();
+            w.push(per_row[r][..len].to_vec());
+        }
+    }
     let out = probs.reshape((kv, g * t, lmax))?.matmul(&v)?;
     out.reshape((kv, g, t, dv))?.permute((2, 0, 1, 3))?.contiguous()?.reshape((t, n_heads * dv))
 }

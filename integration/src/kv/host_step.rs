@@ -2,7 +2,8 @@
 //!
 //! Per layer, each sequence's new K/V and signals are copied to the host and appended to its rows
 //! (the policy plans evictions), attended (one decode query per row read in place from the
-//! blocks, or a chunk of queries over gathered rows) and compacted. The copies are explicit here:
+//! blocks, or a chunk of queries over gathered rows; for attention-scored policies also each
+//! slot's attention weight, handed to the policy) and compacted. The copies are explicit here:
 //! the tensors to host vectors, the vectors into the store's slots, and for chunks the rows
 //! gathered back into tensors.
 
@@ -88,35 +89,50 @@ impl KvBackend for HostStep<'_, '_> {
             let source = match s.cache.signal_need() {
                 SignalNeed::DecisionScores => decision.as_ref(),
                 SignalNeed::KeyNorms => key_norms.as_ref(),
-                SignalNeed::None => None,
+                SignalNeed::None | SignalNeed::AttentionWeights => None,
             };
             let sc = source.map(|sc| &sc[start * nkv..(start + t) * nkv]);
             s.cache.append(li, self.store, &k_host[kv_slice], &v_host[v_slice], sc)?;
             let rows = s.cache.layer_rows(li);
             let positions = &self.positions[start..start + t];
+            let weighted = s.cache.signal_need() == SignalNeed::AttentionWeights;
+            let mut weights: Vec<Vec<f32>> = Vec::new();
             let out = if t == 1 {
                 let qh = q_host.as_ref().expect("computed for decode spans");
                 let qs = &qh[start * nh * qd..(start + 1) * nh * qd];
                 let mut o = vec![0f32; nh * out_d];
                 let g = nh / nkv;
                 for (j, &row) in rows.iter().enumerate() {
-                    attention::decode_row(
+                    let mut w = if weighted { vec![0f32; self.store.row(row)?.len()] } else { Vec::new() };
+                    attention::decode_row_weighted(
                         self.store,
                         row,
                         &qs[j * g * qd..(j + 1) * g * qd],
                         positions[0],
                         step.scale as f32,
                         &mut o[j * g * out_d..(j + 1) * g * out_d],
+                        weighted.then_some(w.as_mut_slice()),
                     )?;
+                    weights.push(w);
                 }
                 Tensor::from_vec(o, (1, nh * out_d), &self.device)?
             } else {
                 let qc = step.q.narrow(0, start, t)?;
-                match self.latent_rank {
-                    Some(r) => attention::chunk_latent_rows(self.store, rows, &qc, positions, step.scale, r)?,
-                    None => attention::chunk_rows(self.store, rows, &qc, positions, step.scale)?,
+                if weighted {
+                    let (out, w) =
+                        attention::chunk_rows_weighted(self.store, rows, &qc, positions, step.scale, self.latent_rank)?;
+                    weights = w;
+                    out
+                } else {
+                    match self.latent_rank {
+                        Some(r) => attention::chunk_latent_rows(self.store, rows, &qc, positions, step.scale, r)?,
+                        None => attention::chunk_rows(self.store, rows, &qc, positions, step.scale)?,
+                    }
                 }
             };
+            if weighted {
+                s.cache.observe_attention(li, &weights)?;
+            }
             s.cache.compact(li, self.store)?;
             outs.push(out);
         }

@@ -148,6 +148,15 @@ impl SequenceCache {
         Ok(())
     }
 
+    /// Hands the policy the attention weight of every slot of `layer`'s rows in this step (one
+    /// vector per KV head, [`SignalNeed::AttentionWeights`]).
+    pub fn observe_attention(&mut self, layer: usize, weights: &[Vec<f32>]) -> Result<()> {
+        for (head, w) in weights.iter().enumerate() {
+            self.policy.observe_attention(RowRef { layer, head }, w)?;
+        }
+        Ok(())
+    }
+
     /// Compacts the rows of `layer` after its attention ran.
     pub fn compact(&mut self, layer: usize, store: &mut KvStore) -> Result<()> {
         let kv = self.shape.rows_per_layer;

@@ -313,13 +313,22 @@ impl KvStore {
         Ok(())
     }
 
-    /// Applies a compaction plan: moves slots into dead ones, truncates and frees whole blocks.
+    /// Applies a compaction plan: hides the dropped slots from every future query, moves slots
+    /// into dead ones, truncates and frees whole blocks.
     pub fn apply_compact(&mut self, id: RowId, plan: &CompactPlan) -> Result<(), StoreError> {
         let (d, dv, bs) = (self.head_dim, self.v_dim, self.block_size);
         let bad = |message: String| StoreError::BadPlan { row: id.0, message };
         let row =
             self.rows.get_mut(id.0 as usize).and_then(Option::as_mut).ok_or(StoreError::RemovedRow { row: id.0 })?;
         let seen = row.seen;
+        for &s in &plan.drop {
+            let s = s as usize;
+            if s >= row.len() {
+                return Err(bad(format!("drop of slot {s} outside length {}", row.len())));
+            }
+            // No query from `seen` on sees it; `seen` is at least 1 once a row holds a key.
+            row.last_visible[s] = row.last_visible[s].min(seen.saturating_sub(1));
+        }
         let dead = |row: &Row, s: usize| row.last_visible[s] < seen;
         for &(from, to) in &plan.moves {
             let (f, t) = (from as usize, to as usize);

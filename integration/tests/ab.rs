@@ -174,7 +174,7 @@ source = "smollm2-135m"
 block_size = 8
 memory_mb = 256
 [quality]
-corpus = "corpus.txt"
+text = "corpus.txt"
 prompts = 2
 prompt_tokens = 64
 continuation_tokens = 8
@@ -207,6 +207,14 @@ answer_tokens = 4
         assert!(c.matched, "{} at CR {}: measured {}", c.family, c.target, c.quality.cr);
         assert!((c.quality.cr / c.target - 1.0).abs() <= 0.05, "{} at {}: {}", c.family, c.target, c.quality.cr);
         assert!(c.quality.top1_agreement <= 1.0 && c.quality.mean_kl > 0.0 && c.quality.perplexity.is_finite());
+        // With two prompts the percentile interval spans the resamples' extremes, which bracket
+        // the pooled estimate of the sample itself.
+        let q = &c.quality;
+        for (x, [lo, hi]) in
+            [(q.top1_agreement, q.top1_agreement_ci), (q.mean_kl, q.mean_kl_ci), (q.perplexity, q.perplexity_ci)]
+        {
+            assert!(lo <= x + 1e-12 && x <= hi + 1e-12, "{}: {x} outside [{lo}, {hi}]", c.family);
+        }
         let n = c.needle.as_ref().unwrap();
         assert!((n.cr / c.target - 1.0).abs() <= 0.05, "needle CR {} vs {}", n.cr, c.target);
         assert_eq!(n.trials, 1);
@@ -215,10 +223,19 @@ answer_tokens = 4
     assert!(r.cells[1].quality.mean_kl > r.cells[0].quality.mean_kl);
     let t = eval_table(&cfg, &r);
     assert!(t.contains("| window | 2 |") && t.contains("| keynorm | 3 |"), "{t}");
-    assert_eq!(eval_json(&cfg, &r)["cells"].as_array().unwrap().len(), 4);
+    let json = eval_json(&cfg, &r);
+    assert_eq!(json["cells"].as_array().unwrap().len(), 4);
+    assert_eq!(json["cells"][0]["mean_kl_ci"].as_array().unwrap().len(), 2);
     let svg = path.with_file_name("q.svg");
     eval_plot(&r, &svg).unwrap();
     assert!(std::fs::read_to_string(&svg).unwrap().contains("keynorm"));
+    let short = write("eval-short", &text.replace("text = \"corpus.txt\"", "text = \"short.txt\""));
+    std::fs::write(short.with_file_name("short.txt"), "only a few words").unwrap();
+    let e = run_eval(&EvalConfig::load(&short).unwrap()).unwrap_err();
+    assert!(format!("{e:#}").contains("fewer than one window"), "{e:#}");
+    let missing = text.replace("text = \"corpus.txt\"", "text = \"no-such-file.txt\"");
+    let e = run_eval(&EvalConfig::load(&write("eval-missing", &missing)).unwrap()).unwrap_err();
+    assert!(format!("{e:#}").contains("no-such-file.txt"), "{e:#}");
     let bad = text.replace("targets = [2.0, 3.0]", "targets = [0.5]");
     let e = EvalConfig::load(&write("eval-bad", &bad)).unwrap_err();
     assert!(format!("{e:#}").contains("targets"), "{e:#}");

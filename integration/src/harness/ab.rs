@@ -71,8 +71,9 @@ pub struct AbCache {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Workload {
-    /// `brown-fiction` (held-out split, fetched with npm) or a UTF-8 text file.
-    #[serde(default = "d_corpus")]
+    /// `brown-fiction` (held-out split, fetched with npm) or a UTF-8 text file (also accepted as
+    /// `text = "FILE"`; relative to the config file).
+    #[serde(default = "d_corpus", alias = "text")]
     pub corpus: String,
     /// Number of prompts.
     #[serde(default = "d_prompts")]

@@ -25,6 +25,7 @@ use crate::engine::from_config::{registry, resolve_policy_table};
 use crate::engine::scheduler::{run_batch, Finished, Request};
 use crate::engine::{argmax, load_model, Engine, GenParams};
 use crate::harness::ab::{bar, kl, log_softmax, windows};
+use crate::harness::stats::{bootstrap_ci, PromptSums};
 
 /// An eval file.
 #[derive(Debug, Clone, Deserialize)]
@@ -225,6 +226,12 @@ pub struct Quality {
     pub mean_kl: f64,
     /// Perplexity of the true continuation.
     pub perplexity: f64,
+    /// 95% bootstrap interval of `top1_agreement` over prompts.
+    pub top1_agreement_ci: [f64; 2],
+    /// 95% bootstrap interval of `mean_kl` over prompts.
+    pub mean_kl_ci: [f64; 2],
+    /// 95% bootstrap interval of `perplexity` over prompts.
+    pub perplexity_ci: [f64; 2],
 }
 
 /// Needle results of one policy setting.
@@ -400,20 +407,25 @@ fn mean_cr(done: &[Finished]) -> f64 {
 }
 
 fn score(done: &[Finished], baseline: &[Vec<Vec<f32>>], wins: &[Vec<u32>], prompt_tokens: usize) -> Quality {
-    let (mut agree, mut kl_sum, mut nll, mut n) = (0usize, 0.0f64, 0.0f64, 0usize);
+    let mut total = PromptSums::default();
+    let mut per_prompt = Vec::with_capacity(done.len());
     for f in done {
         let forced = &wins[f.id][prompt_tokens..];
+        let mut p = PromptSums::default();
         for (s, l) in f.step_logits.iter().enumerate() {
             let lp = log_softmax(l);
             let bl = &baseline[f.id][s];
-            nll -= lp[forced[s] as usize] as f64;
-            agree += (argmax(bl) == argmax(&lp)) as usize;
-            kl_sum += kl(bl, &lp);
-            n += 1;
+            p.nll -= lp[forced[s] as usize] as f64;
+            p.agree += (argmax(bl) == argmax(&lp)) as u8 as f64;
+            p.kl += kl(bl, &lp);
+            p.n += 1.0;
         }
+        total.add(&p);
+        per_prompt.push(p);
     }
-    let n = n.max(1) as f64;
-    Quality { cr: mean_cr(done), top1_agreement: agree as f64 / n, mean_kl: kl_sum / n, perplexity: (nll / n).exp() }
+    let [top1_agreement, mean_kl, perplexity] = total.pooled();
+    let [top1_agreement_ci, mean_kl_ci, perplexity_ci] = bootstrap_ci(&per_prompt, 0);
+    Quality { cr: mean_cr(done), top1_agreement, mean_kl, perplexity, top1_agreement_ci, mean_kl_ci, perplexity_ci }
 }
 
 /// A pass key for trial `i`: five digits, deterministic.
@@ -625,7 +637,9 @@ pub fn table(cfg: &EvalConfig, r: &EvalReport) -> String {
             n.depths, n.context_tokens, fnd.hits, fnd.trials
         ));
     }
-    s.push_str("\n| policy | target CR | knob | measured CR | top-1 agree | mean KL | PPL |");
+    s.push_str(
+        "\n| policy | target CR | knob | measured CR | top-1 agree [95% CI] | mean KL [95% CI] | PPL [95% CI] |",
+    );
     let needle = r.full_needle.is_some();
     if needle {
         s.push_str(" needle CR | needle hits |");
@@ -636,15 +650,21 @@ pub fn table(cfg: &EvalConfig, r: &EvalReport) -> String {
     for c in &r.cells {
         let knob = cfg.families.iter().find(|f| f.name == c.family).map(|f| f.knob.as_str()).unwrap_or("");
         s.push_str(&format!(
-            "| {} | {} | {knob} = {} | {:.2}{} | {:.3} | {:.4} | {:.2} |",
+            "| {} | {} | {knob} = {} | {:.2}{} | {:.3} [{:.3}, {:.3}] | {:.4} [{:.4}, {:.4}] | {:.2} [{:.2}, {:.2}] |",
             c.family,
             c.target,
             fmt_knob(c.knob),
             c.quality.cr,
             if c.matched { "" } else { " (off target)" },
             c.quality.top1_agreement,
+            c.quality.top1_agreement_ci[0],
+            c.quality.top1_agreement_ci[1],
             c.quality.mean_kl,
-            c.quality.perplexity
+            c.quality.mean_kl_ci[0],
+            c.quality.mean_kl_ci[1],
+            c.quality.perplexity,
+            c.quality.perplexity_ci[0],
+            c.quality.perplexity_ci[1]
         ));
         if let Some(n) = &c.needle {
             s.push_str(&format!(
@@ -681,7 +701,9 @@ pub fn to_json(cfg: &EvalConfig, r: &EvalReport) -> serde_json::Value {
         "cells": r.cells.iter().map(|c| json!({
             "family": c.family, "target_cr": c.target, "knob": c.knob, "matched": c.matched,
             "cr": c.quality.cr, "top1_agreement": c.quality.top1_agreement, "mean_kl": c.quality.mean_kl,
-            "perplexity": c.quality.perplexity, "needle": c.needle.as_ref().map(needle),
+            "perplexity": c.quality.perplexity, "top1_agreement_ci": c.quality.top1_agreement_ci,
+            "mean_kl_ci": c.quality.mean_kl_ci, "perplexity_ci": c.quality.perplexity_ci,
+            "needle": c.needle.as_ref().map(needle),
         })).collect::<Vec<_>>(),
     })
 }

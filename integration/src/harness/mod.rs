@@ -1,5 +1,5 @@
 //! Measurement harnesses over the engine: the A/B comparison ([`ab`]), quality vs compression
-//! ([`eval`]), the batch x context grid ([`bench_grid`]), the mistral.rs peer
+//! ([`eval`], with bootstrap intervals from [`stats`]), the batch x context grid ([`bench_grid`]), the mistral.rs peer
 //! (`peer_mistralrs`, feature `mistralrs`), and with `cuda` the GPU checks (`gpu_check`) and
 //! kernel benchmarks (`gpu_bench`) behind the `dms-gpu` CLI.
 
@@ -12,3 +12,4 @@ pub mod gpu_bench;
 pub mod gpu_check;
 #[cfg(feature = "mistralrs")]
 pub mod peer_mistralrs;
+pub mod stats;

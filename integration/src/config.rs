@@ -39,6 +39,11 @@ pub struct ModelSection {
     /// `cpu`, or `cuda:N` with the `cuda` feature.
     #[serde(default = "default_device")]
     pub device: String,
+    /// How linear layers hold their weights: `dense` (dequantized to f32), `quantized` (GGUF
+    /// block formats, repacked to Q8_0 where candle has no vectorised kernel), or a format every
+    /// layer is requantized into (`q8_0`, `q4_0`, `q4_k`, ...). See [`crate::model::WeightForm`].
+    #[serde(default = "default_weights")]
+    pub weights: String,
 }
 
 /// `[cache]`: block pool and policy.
@@ -91,6 +96,9 @@ fn default_dtype() -> String {
 }
 fn default_device() -> String {
     "cpu".into()
+}
+fn default_weights() -> String {
+    "dense".into()
 }
 fn default_block_size() -> usize {
     16
@@ -183,7 +191,20 @@ impl EngineConfig {
         if self.model.source.trim().is_empty() {
             bail!("[model] source is empty");
         }
+        if self.weight_form()?.is_quantized() && (on_gpu || self.model.dtype != "f32") {
+            bail!(
+                "[model] weights = \"{}\" runs on the CPU in f32; use weights = \"dense\" with device `{}` and dtype `{}`",
+                self.model.weights,
+                self.model.device,
+                self.model.dtype
+            );
+        }
         self.server.validate()
+    }
+
+    /// `[model] weights` parsed.
+    pub fn weight_form(&self) -> Result<crate::model::WeightForm> {
+        crate::model::WeightForm::parse(&self.model.weights)
     }
 
     /// The pool size `[cache]` asks for.

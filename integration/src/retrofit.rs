@@ -24,6 +24,7 @@ use crate::config::{open_device, ModelSection};
 use crate::engine::load_model;
 use crate::model::llama::train::{AdapterParams, StudentOpts};
 use crate::model::Llama;
+use crate::model::WeightForm;
 
 /// A retrofit file.
 #[derive(Debug, Clone, Deserialize)]
@@ -369,7 +370,7 @@ pub fn training_tokens(cfg: &RetrofitConfig, tok: &tokenizers::Tokenizer) -> Res
 pub fn run(cfg: &RetrofitConfig) -> Result<PathBuf> {
     let device = open_device(&cfg.model.device)?;
     let path = crate::assets::resolve_model(&cfg.model.source, cfg.base_dir.as_deref())?;
-    let loaded = load_model(&path, &device, false)?;
+    let loaded = load_model(&path, &device, WeightForm::Dense)?;
     let tok = loaded.tokenizer.clone().context("retrofit needs a model with a tokenizer")?;
     let tokens = training_tokens(cfg, &tok)?;
     let out = match &cfg.base_dir {

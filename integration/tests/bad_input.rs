@@ -8,6 +8,7 @@ use common::fixture;
 use dms_integration::config::EngineConfig;
 use dms_integration::engine::from_config::build_engine;
 use dms_integration::engine::load_model;
+use dms_integration::model::WeightForm;
 
 fn err_of<T>(r: anyhow::Result<T>) -> String {
     match r {
@@ -70,10 +71,10 @@ fn truncated_and_corrupt_safetensors_are_reported() {
     std::fs::copy(src.join("config.json"), d.join("config.json")).unwrap();
     let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
     std::fs::write(d.join("model.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
-    let e = err_of(load_model(&d, &Device::Cpu, false));
+    let e = err_of(load_model(&d, &Device::Cpu, WeightForm::Dense));
     assert!(e.contains("model.safetensors") && e.contains("truncated"), "{e}");
     std::fs::write(d.join("model.safetensors"), b"not a safetensors file at all").unwrap();
-    let e = err_of(load_model(&d, &Device::Cpu, false));
+    let e = err_of(load_model(&d, &Device::Cpu, WeightForm::Dense));
     assert!(e.contains("not a valid safetensors"), "{e}");
 }
 
@@ -85,14 +86,14 @@ fn config_json_that_does_not_match_the_weights_is_reported() {
     let cfg = std::fs::read_to_string(src.join("config.json")).unwrap();
     std::fs::write(d.join("config.json"), cfg.replace("\"intermediate_size\": 128", "\"intermediate_size\": 256"))
         .unwrap();
-    let e = err_of(load_model(&d, &Device::Cpu, false));
+    let e = err_of(load_model(&d, &Device::Cpu, WeightForm::Dense));
     assert!(e.contains("does not match") && e.contains("mlp"), "{e}");
     std::fs::write(
         d.join("config.json"),
         cfg.replace("\"model_type\": \"qwen3\"", "\"model_type\": \"gpt5\"").replace("Qwen3ForCausalLM", "Gpt5"),
     )
     .unwrap();
-    let e = err_of(load_model(&d, &Device::Cpu, false));
+    let e = err_of(load_model(&d, &Device::Cpu, WeightForm::Dense));
     assert!(e.contains("unsupported architecture"), "{e}");
 }
 
@@ -103,15 +104,15 @@ fn truncated_and_corrupt_gguf_are_reported() {
     let bytes = std::fs::read(&gguf).unwrap();
     let cut = d.join("cut.gguf");
     std::fs::write(&cut, &bytes[..bytes.len() - 1000]).unwrap();
-    let e = err_of(load_model(&cut, &Device::Cpu, false));
+    let e = err_of(load_model(&cut, &Device::Cpu, WeightForm::Dense));
     assert!(e.contains("truncated") && e.contains("cut.gguf"), "{e}");
     let header_only = d.join("header.gguf");
     std::fs::write(&header_only, &bytes[..5000]).unwrap();
-    let e = err_of(load_model(&header_only, &Device::Cpu, false));
+    let e = err_of(load_model(&header_only, &Device::Cpu, WeightForm::Dense));
     assert!(e.contains("header.gguf"), "{e}");
     let junk = d.join("junk.gguf");
     std::fs::write(&junk, b"GGUF\x03\x00\x00\x00garbage").unwrap();
-    let e = err_of(load_model(&junk, &Device::Cpu, false));
+    let e = err_of(load_model(&junk, &Device::Cpu, WeightForm::Dense));
     assert!(e.contains("junk.gguf") && e.contains("not a valid GGUF"), "{e}");
 }
 

@@ -10,11 +10,12 @@ use common::*;
 use dms_integration::engine::from_config::resolve_policy_table;
 use dms_integration::engine::{load_model, Engine, GenParams};
 use dms_policy::Registry;
+use dms_integration::model::WeightForm;
 
 #[test]
 fn long_generation_memory_matches_kept_positions() {
     let dir = fixture("qwen3_dms_tiny/variant_separate_alpha/model");
-    let mut loaded = load_model(&dir, &Device::Cpu, false).unwrap();
+    let mut loaded = load_model(&dir, &Device::Cpu, WeightForm::Dense).unwrap();
     let table = resolve_policy_table(&toml::from_str("name = 'dms'").unwrap(), &mut loaded.model, None).unwrap();
     let log: Log = Arc::default();
     let policy = Arc::new(Recording { inner: Registry::with_builtins().build(&table).unwrap(), log: log.clone() });

@@ -23,6 +23,7 @@ use dms_integration::model::gguf_header::read_gguf_header;
 use dms_integration::model::{ModelConfig, Weights};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngSeed};
+use dms_integration::model::WeightForm;
 
 /// Cases per target, times `DMS_FUZZ_SCALE`; seed from `DMS_FUZZ_SEED` (fixed by default).
 fn cfg(cases: u32) -> Config {
@@ -255,7 +256,7 @@ proptest! {
             if c.approx_weight_count() < 2_000_000 || c.approx_weight_count() > 1 << 36 {
                 let dir = scratch("json");
                 let p = write(&dir, "config.json", text.as_bytes());
-                let _ = load_model(&p, &Device::Cpu, false);
+                let _ = load_model(&p, &Device::Cpu, WeightForm::Dense);
                 let _ = std::fs::remove_dir_all(&dir);
             }
         }
@@ -270,7 +271,7 @@ fn random_weights_beyond_memory_are_refused() {
         .replace("\"vocab_size\": 512", "\"vocab_size\": 8388608");
     let dir = scratch("big");
     let p = write(&dir, "config.json", big.as_bytes());
-    let e = format!("{:#}", load_model(&p, &Device::Cpu, false).err().expect("refused"));
+    let e = format!("{:#}", load_model(&p, &Device::Cpu, WeightForm::Dense).err().expect("refused"));
     assert!(e.contains("GiB") && e.contains("memory"), "{e}");
 }
 
@@ -295,7 +296,7 @@ proptest! {
         let dir = scratch("st");
         std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
         write(&dir, "model.safetensors", &bytes);
-        let _ = load_model(&dir, &Device::Cpu, false);
+        let _ = load_model(&dir, &Device::Cpu, WeightForm::Dense);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
@@ -412,7 +413,7 @@ fn gguf_header_len(path: &Path) -> usize {
 fn tiny_gguf_loads_and_generates() {
     let dir = scratch("gguf-ok");
     let p = write(&dir, "tiny.gguf", &tiny_gguf());
-    let m = load_model(&p, &Device::Cpu, false).unwrap();
+    let m = load_model(&p, &Device::Cpu, WeightForm::Dense).unwrap();
     assert_eq!(m.model.config().vocab_size, 8);
     let tok = m.tokenizer.unwrap();
     assert_eq!(tok.encode("abc", false).unwrap().get_ids(), &[5]);
@@ -432,7 +433,7 @@ proptest! {
         let region = if in_header { gguf_header_len(&clean) } else { bytes.len() };
         apply(&mut bytes, region, &edits);
         let p = write(&dir, "m.gguf", &bytes);
-        if let Ok(m) = load_model(&p, &Device::Cpu, false) {
+        if let Ok(m) = load_model(&p, &Device::Cpu, WeightForm::Dense) {
             let mut e = dms_integration::engine::Engine::new(
                 m.model,
                 dms_integration::engine::from_config::registry().build(&toml::from_str("name = 'full'").unwrap()).unwrap(),
@@ -524,7 +525,7 @@ fn bad_alignment_is_an_error_not_a_division_by_zero() {
     let dir = scratch("align");
     for a in [0, 3, 48, 1 << 20] {
         let p = write(&dir, "a.gguf", &tiny_gguf_aligned(a));
-        let e = format!("{:#}", load_model(&p, &Device::Cpu, false).err().expect("an error"));
+        let e = format!("{:#}", load_model(&p, &Device::Cpu, WeightForm::Dense).err().expect("an error"));
         assert!(e.contains("general.alignment") && e.contains(&a.to_string()), "{e}");
     }
 }

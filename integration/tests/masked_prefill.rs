@@ -12,6 +12,7 @@ use dms_integration::model::prefill::masked_prefill;
 use dms_policy::device::kept_after_prompt;
 use dms_policy::FlagSource;
 use dms_policy::Pos;
+use dms_integration::model::WeightForm;
 
 /// Runs the masked prefill; returns all logits and per layer the kept positions per row.
 fn masked(
@@ -20,7 +21,7 @@ fn masked(
     flags: FlagSource,
     window: usize,
 ) -> (Vec<Vec<f32>>, Vec<Vec<Vec<Pos>>>) {
-    let model = load_model(dir, &Device::Cpu, false).unwrap().model;
+    let model = load_model(dir, &Device::Cpu, WeightForm::Dense).unwrap().model;
     let mut kept = Vec::new();
     let logits = masked_prefill(&model, prompt, &flags, window, true, |_, k, _, f| {
         let rows = k.dim(1)?;
@@ -112,7 +113,7 @@ fn no_flags_equal_the_full_cache() {
 
 #[test]
 fn bad_prompts_are_errors() {
-    let model = load_model(&fixture("llama3_tiny"), &Device::Cpu, false).unwrap().model;
+    let model = load_model(&fixture("llama3_tiny"), &Device::Cpu, WeightForm::Dense).unwrap().model;
     let none = |_: usize, _: &Tensor, _: &Tensor, _: &Tensor| Ok(());
     let e = masked_prefill(&model, &[], &FlagSource::None, 4, false, none).unwrap_err();
     assert!(e.to_string().contains("empty"), "{e}");

@@ -13,6 +13,7 @@ use dms_integration::model::llama::train::StudentOpts;
 use dms_integration::retrofit::{RetrofitSection, Trainer};
 use dms_policy::{CacheShape, CompactPlan, EvictPlan, Pos, Registry, RowRef};
 use proptest::prelude::*;
+use dms_integration::model::WeightForm;
 
 const TOL: f32 = 1e-4;
 
@@ -176,7 +177,7 @@ fn section(steps: usize) -> RetrofitSection {
 /// masked, and memory is reclaimed.
 #[test]
 fn retrofit_on_mla_then_dms_on_latent_rows_matches_the_dense_masked_reference() {
-    let model = load_model(&mla_dir(), &Device::Cpu, false).unwrap().model;
+    let model = load_model(&mla_dir(), &Device::Cpu, WeightForm::Dense).unwrap().model;
     let mut t = Trainer::new(model, section(30), tokens(3000, 1)).unwrap();
     let stats: Vec<_> = (0..30).map(|_| t.train_step().unwrap()).collect();
     // Step 0 runs at target 0; from step 1 the target is 0.75, where the zero-initialised
@@ -200,14 +201,14 @@ fn retrofit_on_mla_then_dms_on_latent_rows_matches_the_dense_masked_reference() 
     let opts = StudentOpts { window: 4, alpha_scale: 100.0, alpha_offset: 5.0, tau: 1e-6, noise: &zero };
     let want = t.model.dense_forward(&ids, Some((&t.adapter, &opts))).unwrap().logits.to_vec2::<f32>().unwrap();
 
-    let mut loaded = load_model(&mla_dir(), &Device::Cpu, false).unwrap();
+    let mut loaded = load_model(&mla_dir(), &Device::Cpu, WeightForm::Dense).unwrap();
     let table: toml::Table =
         toml::from_str(&format!("name = 'dms'\nadapter = {:?}", dir.display().to_string())).unwrap();
     let table = resolve_policy_table(&table, &mut loaded.model, None).unwrap();
     assert_eq!(table.get("window").and_then(|v| v.as_integer()), Some(4), "window from the adapter");
     let policy = Registry::with_builtins().build(&table).unwrap();
     for chunk in [48usize, 5, 1] {
-        let mut model = load_model(&mla_dir(), &Device::Cpu, false).unwrap().model;
+        let mut model = load_model(&mla_dir(), &Device::Cpu, WeightForm::Dense).unwrap().model;
         resolve_policy_table(&table, &mut model, None).unwrap();
         let mut eng = Engine::new(model, policy.clone(), 4, 1 << 12).unwrap();
         let mut seq = eng.new_sequence();

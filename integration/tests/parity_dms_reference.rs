@@ -14,10 +14,11 @@ use common::*;
 use dms_integration::engine::from_config::resolve_policy_table;
 use dms_integration::engine::{load_model, Engine};
 use dms_policy::{Pos, Registry};
+use dms_integration::model::WeightForm;
 
 pub fn dms_engine(variant: &str, extra: &str) -> (Engine, Log) {
     let dir = fixture(&format!("qwen3_dms_tiny/{variant}/model"));
-    let mut loaded = load_model(&dir, &Device::Cpu, false).unwrap();
+    let mut loaded = load_model(&dir, &Device::Cpu, WeightForm::Dense).unwrap();
     let table: toml::Table = toml::from_str(&format!("name = 'dms'\n{extra}")).unwrap();
     let table = resolve_policy_table(&table, &mut loaded.model, None).unwrap();
     let inner = Registry::with_builtins().build(&table).unwrap();
@@ -180,7 +181,7 @@ fn adapter_directory_on_a_plain_model_reproduces_the_reference() {
     )
     .unwrap();
 
-    let mut loaded = load_model(&fixture("qwen3_tiny"), &Device::Cpu, false).unwrap();
+    let mut loaded = load_model(&fixture("qwen3_tiny"), &Device::Cpu, WeightForm::Dense).unwrap();
     let table: toml::Table =
         toml::from_str(&format!("name = 'dms'\nadapter = {:?}", dir.display().to_string())).unwrap();
     let table = resolve_policy_table(&table, &mut loaded.model, None).unwrap();
@@ -201,7 +202,7 @@ fn adapter_directory_on_a_plain_model_reproduces_the_reference() {
 
 #[test]
 fn dms_on_a_model_without_decisions_is_a_clear_error() {
-    let loaded = load_model(&fixture("qwen3_tiny"), &Device::Cpu, false).unwrap();
+    let loaded = load_model(&fixture("qwen3_tiny"), &Device::Cpu, WeightForm::Dense).unwrap();
     let policy = Registry::with_builtins().build(&toml::from_str("name = 'dms'\nwindow = 4").unwrap()).unwrap();
     let err = Engine::new(loaded.model, policy, 4, 64).err().expect("must fail").to_string();
     assert!(err.contains("no dms_* fields") && err.contains("key_norm"), "{err}");

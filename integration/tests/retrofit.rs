@@ -11,6 +11,7 @@ use dms_integration::engine::from_config::resolve_policy_table;
 use dms_integration::engine::{load_model, Engine};
 use dms_integration::retrofit::{RetrofitSection, Trainer};
 use dms_policy::Registry;
+use dms_integration::model::WeightForm;
 
 fn section(steps: usize, target_cr: f64, lr: f64) -> RetrofitSection {
     toml::from_str::<toml::Table>(&format!(
@@ -26,13 +27,13 @@ fn tokens(n: usize, seed: usize) -> Vec<u32> {
 }
 
 fn trainer(steps: usize, target_cr: f64, lr: f64) -> Trainer {
-    let model = load_model(&fixture("qwen3_tiny"), &Device::Cpu, false).unwrap().model;
+    let model = load_model(&fixture("qwen3_tiny"), &Device::Cpu, WeightForm::Dense).unwrap().model;
     Trainer::new(model, section(steps, target_cr, lr), tokens(4000, 1)).unwrap()
 }
 
 /// A trainer whose relaxation is smooth at the scale of a finite-difference step in f32.
 fn smooth_trainer() -> Trainer {
-    let model = load_model(&fixture("qwen3_tiny"), &Device::Cpu, false).unwrap().model;
+    let model = load_model(&fixture("qwen3_tiny"), &Device::Cpu, WeightForm::Dense).unwrap().model;
     let mut s = section(1, 1.0, 0.01);
     s.alpha_scale = 1.0;
     s.alpha_offset = 0.0;
@@ -106,7 +107,7 @@ fn training_reduces_loss_moves_eviction_to_target_and_the_adapter_reproduces_it(
     // Save, reload into the engine on a plain model, run held-out tokens and count the flags.
     let dir = std::env::temp_dir().join(format!("dms-retrofit-{}", std::process::id()));
     t.save_adapter(&dir).unwrap();
-    let mut loaded = load_model(&fixture("qwen3_tiny"), &Device::Cpu, false).unwrap();
+    let mut loaded = load_model(&fixture("qwen3_tiny"), &Device::Cpu, WeightForm::Dense).unwrap();
     let table: toml::Table =
         toml::from_str(&format!("name = 'dms'\nadapter = {:?}", dir.display().to_string())).unwrap();
     let table = resolve_policy_table(&table, &mut loaded.model, None).unwrap();

@@ -164,7 +164,7 @@ mod tests {
             (back.vocab_size, back.hidden_size, back.num_layers, back.num_heads, back.num_kv_heads, back.head_dim),
             (64, 16, 2, 2, 1, 8)
         );
-        let loaded = crate::engine::load_model(&dir, &Device::Cpu, false).unwrap();
+        let loaded = crate::engine::load_model(&dir, &Device::Cpu, crate::model::WeightForm::Dense).unwrap();
         let tok = loaded.tokenizer.expect("tokenizer.json written");
         assert_eq!(tok.get_vocab_size(true), 64);
         assert_eq!(tok.encode("t5 t63", false).unwrap().get_ids(), &[5, 63]);

@@ -8,7 +8,7 @@ use candle_core::Device;
 use tokenizers::Tokenizer;
 
 use crate::model::chat_template::ChatTemplate;
-use crate::model::{Llama, ModelConfig, Weights};
+use crate::model::{Llama, ModelConfig, WeightForm, Weights};
 
 /// A model with its tokenizer (when it has one).
 pub struct LoadedModel {
@@ -22,8 +22,9 @@ pub struct LoadedModel {
 
 /// Loads an HF-style directory (config.json, *.safetensors, optional tokenizer.json), a GGUF file,
 /// or, given a bare `config.json` file, a model of that shape with random weights (for speed and
-/// memory work only; a `tokenizer.json` beside it is used if present).
-pub fn load_model(path: &Path, device: &Device, round_f16: bool) -> Result<LoadedModel> {
+/// memory work only; a `tokenizer.json` beside it is used if present). Linear layers are held in
+/// `form` (random weights are always dense).
+pub fn load_model(path: &Path, device: &Device, form: WeightForm) -> Result<LoadedModel> {
     if path.is_file() && path.extension().is_some_and(|x| x == "json") {
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
         let cfg = ModelConfig::from_hf_json(&text).with_context(|| format!("in {}", path.display()))?;
@@ -54,7 +55,7 @@ pub fn load_model(path: &Path, device: &Device, round_f16: bool) -> Result<Loade
             bail!("model directory {} has no .safetensors files", path.display());
         }
         let weights = Weights::open_safetensors(&shards)?;
-        let model = Llama::load(cfg, &weights, device, round_f16)?;
+        let model = Llama::load(cfg, &weights, device, form)?;
         let tok_path = path.join("tokenizer.json");
         let tokenizer = if tok_path.exists() {
             Some(Tokenizer::from_file(&tok_path).map_err(|e| anyhow::anyhow!("{}: {e}", tok_path.display()))?)
@@ -71,7 +72,7 @@ pub fn load_model(path: &Path, device: &Device, round_f16: bool) -> Result<Loade
             }
             Weights::Safetensors { .. } => (None, None),
         };
-        let model = Llama::load(cfg, &weights, device, round_f16)?;
+        let model = Llama::load(cfg, &weights, device, form)?;
         Ok(LoadedModel { model, tokenizer, chat_template })
     } else {
         bail!("model path {} does not exist (expected a GGUF file or an HF-style directory)", path.display())

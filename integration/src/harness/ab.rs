@@ -26,6 +26,7 @@ use crate::engine::report::fmt_bytes;
 use crate::engine::scheduler::{run_batch, BatchStats, Finished, Request};
 use crate::engine::{load_model, Engine, GenParams};
 use crate::kv::store::KvStore;
+use crate::model::WeightForm;
 
 /// An A/B file.
 #[derive(Debug, Clone, Deserialize)]
@@ -118,6 +119,10 @@ pub struct Arm {
     /// Model source overriding `[model] source`.
     #[serde(default)]
     pub model: Option<String>,
+    /// Weight form overriding `[model] weights` (`dense`, `quantized`, `q8_0`, ...). A mistral.rs
+    /// arm with quantized weights loads the GGUF file itself (its own quantized path).
+    #[serde(default)]
+    pub weights: Option<String>,
     /// Skip the arm (with a notice) when this build cannot run it.
     #[serde(default)]
     pub optional: bool,
@@ -245,10 +250,14 @@ impl AbConfig {
         if !self.arms.iter().any(|a| a.is_full()) {
             bail!("one [[arm]] must use policy `full`: it is the baseline of agreement and KL");
         }
+        WeightForm::parse(&self.model.weights).context("[model]")?;
         let mut seen = std::collections::HashSet::new();
         for a in &self.arms {
             if !seen.insert(&a.name) {
                 bail!("two arms are named `{}`", a.name);
+            }
+            if let Some(w) = &a.weights {
+                WeightForm::parse(w).with_context(|| format!("[[arm]] `{}`", a.name))?;
             }
             match (a.engine.as_str(), &a.policy) {
                 ("dms", Some(p)) => registry().check_name(p).with_context(|| format!("[[arm]] `{}`", a.name))?,
@@ -265,6 +274,11 @@ impl AbConfig {
 }
 
 impl Arm {
+    /// The arm's weight form: its own `weights`, else `[model] weights`.
+    fn weights<'a>(&'a self, model: &'a ModelSection) -> &'a str {
+        self.weights.as_deref().unwrap_or(&model.weights)
+    }
+
     fn is_full(&self) -> bool {
         self.engine == "dms"
             && self.policy.as_ref().and_then(|p| p.get("name")).and_then(|v| v.as_str()) == Some("full")
@@ -290,6 +304,8 @@ pub struct ArmResult {
     pub name: String,
     /// Model source of the arm.
     pub model: String,
+    /// Weight form of the arm (`[model] weights` or its own).
+    pub weights: String,
     /// Policy description.
     pub policy: String,
     /// Mean compression ratio over sequences (the shadowed one for `shadow`).
@@ -355,7 +371,8 @@ pub fn run_ab(cfg: &AbConfig) -> Result<(Vec<ArmResult>, Vec<PeerResult>)> {
     let device = open_device(&cfg.model.device)?;
     let base = cfg.base_dir.as_deref();
     let text = crate::assets::corpus::load_text(&cfg.workload.corpus, base)?;
-    let mut engines: HashMap<String, (Engine, Option<Tokenizer>)> = HashMap::new();
+    // One engine per (model source, weight form).
+    let mut engines: HashMap<(String, String), (Engine, Option<Tokenizer>)> = HashMap::new();
     let mut results = Vec::new();
     let mut baselines: HashMap<String, Vec<Vec<Vec<f32>>>> = HashMap::new();
     let source_of = |a: &Arm| a.model.clone().unwrap_or_else(|| cfg.model.source.clone());
@@ -366,21 +383,25 @@ pub fn run_ab(cfg: &AbConfig) -> Result<(Vec<ArmResult>, Vec<PeerResult>)> {
         .collect();
     let default_tok = {
         let path = resolve_model(&cfg.model.source, base)?;
-        let loaded = load_model(&path, &device, false).with_context(|| format!("loading {}", path.display()))?;
+        let form = WeightForm::parse(&cfg.model.weights)?;
+        let loaded = load_model(&path, &device, form).with_context(|| format!("loading {}", path.display()))?;
         let tok = loaded.tokenizer.clone();
-        engines.insert(cfg.model.source.clone(), (arm_engine(loaded.model, &cfg.cache)?, tok.clone()));
+        let key = (cfg.model.source.clone(), cfg.model.weights.clone());
+        engines.insert(key, (arm_engine(loaded.model, &cfg.cache)?, tok.clone()));
         tok
     };
     let mut by_index: Vec<Option<ArmResult>> = vec![None; cfg.arms.len()];
     for &ai in &order {
         let arm = &cfg.arms[ai];
         let source = source_of(arm);
-        if !engines.contains_key(&source) {
+        let key = (source.clone(), arm.weights(&cfg.model).to_string());
+        if !engines.contains_key(&key) {
             let path = resolve_model(&source, base)?;
-            let loaded = load_model(&path, &device, false).with_context(|| format!("loading {}", path.display()))?;
-            engines.insert(source.clone(), (arm_engine(loaded.model, &cfg.cache)?, loaded.tokenizer));
+            let form = WeightForm::parse(&key.1)?;
+            let loaded = load_model(&path, &device, form).with_context(|| format!("loading {}", path.display()))?;
+            engines.insert(key.clone(), (arm_engine(loaded.model, &cfg.cache)?, loaded.tokenizer));
         }
-        let (engine, tok) = engines.get_mut(&source).expect("inserted");
+        let (engine, tok) = engines.get_mut(&key).expect("inserted");
         let tok = match (tok.as_ref(), default_tok.as_ref()) {
             (Some(t), _) => t,
             (None, Some(t)) if t.get_vocab_size(true) <= engine.model.config().vocab_size => t,
@@ -454,6 +475,7 @@ pub fn run_ab(cfg: &AbConfig) -> Result<(Vec<ArmResult>, Vec<PeerResult>)> {
         by_index[ai] = Some(ArmResult {
             name: arm.name.clone(),
             model: source.clone(),
+            weights: key.1.clone(),
             policy: policy.describe(),
             compression_ratio: cr,
             stats,
@@ -482,9 +504,10 @@ pub fn run_ab(cfg: &AbConfig) -> Result<(Vec<ArmResult>, Vec<PeerResult>)> {
             );
         }
         let source = arm.model.clone().unwrap_or_else(|| cfg.model.source.clone());
-        let (engine, tok) = engines
-            .get_mut(&source)
-            .with_context(|| format!("arm `{}`: no arm of this engine runs model {source}", arm.name))?;
+        let weights = arm.weights(&cfg.model).to_string();
+        let (engine, tok) = engines.get_mut(&(source.clone(), weights.clone())).with_context(|| {
+            format!("arm `{}`: no arm of this engine runs model {source} with weights = \"{weights}\"", arm.name)
+        })?;
         let tok = tok.clone().context("the peer comparison needs a tokenizer")?;
         peers.push(peer_run(cfg, arm, engine, &tok, &text, &source)?);
     }
@@ -528,8 +551,15 @@ fn peer_run(
     let (ours, stats) = run_batch(engine, reqs, &params, 1, true, |_| {})?;
     pb.inc(1);
     let path = resolve_model(source, cfg.base_dir.as_deref())?;
-    let hf_dir = if path.is_dir() { path } else { crate::assets::export::cached_hf_export(&path)? };
-    let peer = crate::harness::peer_mistralrs::MistralRsPeer::load_hf(&hf_dir, 1)?;
+    let peer = if WeightForm::parse(arm.weights(&cfg.model))?.is_quantized() {
+        if !path.is_file() {
+            bail!("arm `{}`: quantized mistral.rs needs a GGUF file, and {} is not one", arm.name, path.display());
+        }
+        crate::harness::peer_mistralrs::MistralRsPeer::load_gguf(&path, 1)?
+    } else {
+        let hf_dir = if path.is_dir() { path } else { crate::assets::export::cached_hf_export(&path)? };
+        crate::harness::peer_mistralrs::MistralRsPeer::load_hf(&hf_dir, 1)?
+    };
     peer.generate(&prompts[..1], 2)?;
     let run = peer.generate(&prompts, w.continuation_tokens)?;
     pb.finish();
@@ -689,7 +719,7 @@ pub fn to_json(cfg: &AbConfig, results: &[ArmResult], peers: &[PeerResult]) -> s
             "kv_bytes_allocated_final": r.stats.memory_trace.last().map_or(0, |x| x.2),
             "prefill_tok_s": r.stats.prefill_tokens as f64 / r.stats.prefill_secs.max(1e-9),
             "decode_tok_s": r.stats.decode_tok_s(),
-            "model": r.model,
+            "model": r.model, "weights": r.weights,
             "decode_tok_s_vs_baseline": base_tps(&r.model).map(|b| r.stats.decode_tok_s() / b),
             "random_weights": r.random_weights,
             "top1_agreement": (r.has_baseline && !r.random_weights).then_some(r.top1_agreement),

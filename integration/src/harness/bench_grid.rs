@@ -15,6 +15,7 @@ use crate::engine::from_config::{registry, resolve_policy_table};
 use crate::engine::report::fmt_bytes;
 use crate::engine::scheduler::{run_batch, Request};
 use crate::engine::{load_model, Engine, GenParams};
+use crate::model::WeightForm;
 
 /// A bench file.
 #[derive(Debug, Clone, Deserialize)]
@@ -115,7 +116,7 @@ fn ids(seed: usize, n: usize, vocab: usize) -> Vec<u32> {
 pub fn run_grid(cfg: &BenchConfig) -> Result<(serde_json::Value, String)> {
     let device = open_device(&cfg.model.device)?;
     let path = resolve_model(&cfg.model.source, cfg.base_dir.as_deref())?;
-    let loaded = load_model(&path, &device, false)?;
+    let loaded = load_model(&path, &device, WeightForm::Dense)?;
     let g = &cfg.grid;
     let mc = loaded.model.config().clone();
     // The longest context and its decode tokens, plus two blocks of headroom per row.

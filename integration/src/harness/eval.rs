@@ -26,6 +26,7 @@ use crate::engine::scheduler::{run_batch, Finished, Request};
 use crate::engine::{argmax, load_model, Engine, GenParams};
 use crate::harness::ab::{bar, kl, log_softmax, windows};
 use crate::harness::stats::{bootstrap_ci, PromptSums};
+use crate::model::WeightForm;
 
 /// An eval file.
 #[derive(Debug, Clone, Deserialize)]
@@ -530,7 +531,7 @@ pub fn run_eval(cfg: &EvalConfig) -> Result<EvalReport> {
     let device = open_device(&cfg.model.device)?;
     let base = cfg.base_dir.as_deref();
     let path = resolve_model(&cfg.model.source, base)?;
-    let loaded = load_model(&path, &device, false).with_context(|| format!("loading {}", path.display()))?;
+    let loaded = load_model(&path, &device, WeightForm::Dense).with_context(|| format!("loading {}", path.display()))?;
     let tok = loaded.tokenizer.clone().context("the eval workload is text: the model needs a tokenizer")?;
     let mc = loaded.model.config();
     let blocks = crate::config::PoolSize::MiB(cfg.cache.memory_mb as f64).blocks(

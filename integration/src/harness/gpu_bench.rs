@@ -11,6 +11,7 @@ use dms_policy::policies::random_flag_unit;
 use dms_policy::FlagSource;
 use serde_json::json;
 use std::time::Instant;
+use crate::model::WeightForm;
 
 /// The memory limit the timing commands fill.
 #[derive(clap::Args, Clone, Copy)]
@@ -169,7 +170,7 @@ pub fn bench_peer(dev: &Device, out: &str, models: &str, contexts: &str, gen: us
         let t0 = Instant::now();
         crate::assets::export::write_random_hf(&cfg, &dir, dev, DType::BF16)?;
         eprintln!("{mname}: random checkpoint in {} ({:.1} s)", dir.display(), t0.elapsed().as_secs_f64());
-        let ours = load_model(&dir, dev, false)?.model.to_dtype(DType::BF16)?;
+        let ours = load_model(&dir, dev, WeightForm::Dense)?.model.to_dtype(DType::BF16)?;
         let peer = MistralRsPeer::load_hf_on(&dir, 1, dev, mistralrs_core::ModelDType::BF16)?;
         warm_up(dev, &ours)?;
         peer.generate(&[vec![5u32; 64]], 4)?;
@@ -248,7 +249,7 @@ pub fn bench_prefill(
     weights: Option<&std::path::Path>,
 ) -> Result<()> {
     let model = match weights {
-        Some(path) => load_model(path, dev, false)?.model.to_dtype(DType::BF16)?,
+        Some(path) => load_model(path, dev, WeightForm::Dense)?.model.to_dtype(DType::BF16)?,
         None => Llama::random(model_shape(mname)?, dev, DType::BF16)?,
     };
     let cfg = model.config().clone();

@@ -13,6 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use dms_policy::device::kept_after_prompt;
 use dms_policy::FlagSource;
 use dms_policy::{CacheShape, Registry};
+use crate::model::WeightForm;
 
 fn rng_vec(seed: u64, n: usize) -> Vec<f32> {
     let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
@@ -216,7 +217,7 @@ fn max_abs(a: &[f32], b: &[f32]) -> f32 {
 /// and the states compared.
 fn check_mla(dev: &Device, root: &str) -> Result<(f32, f32, usize)> {
     let dir = std::path::Path::new(root).join("deepseek_mla_tiny");
-    let model = load_model(&dir, dev, false)?.model;
+    let model = load_model(&dir, dev, WeightForm::Dense)?.model;
     let bytes = std::fs::read(dir.join("golden.safetensors"))?;
     let g = safetensors::SafeTensors::deserialize(&bytes)?;
     let cfg = model.config().clone();
@@ -261,7 +262,7 @@ fn check_mla(dev: &Device, root: &str) -> Result<(f32, f32, usize)> {
     let table: toml::Table =
         toml::from_str("name = 'dms'\nwindow = 8\ndecision = 'random'\nevict_rate = 0.7\nseed = 3")?;
     let policy = Registry::with_builtins().build(&table)?;
-    let mut host = crate::engine::Engine::new(load_model(&dir, &Device::Cpu, false)?.model, policy, 4, 1 << 12)?;
+    let mut host = crate::engine::Engine::new(load_model(&dir, &Device::Cpu, WeightForm::Dense)?.model, policy, 4, 1 << 12)?;
     let mut seq = host.new_sequence();
     let flags = FlagSource::Random { seed: 3, rate: 0.7 };
     let mut cache = cache_for(8)?;
@@ -296,7 +297,7 @@ fn check_mla(dev: &Device, root: &str) -> Result<(f32, f32, usize)> {
 
 fn check_fixture(dev: &Device, root: &str, variant: &str, prefill: bool, tuning: AttnTuning) -> Result<(f32, usize)> {
     let dir = std::path::Path::new(root).join("qwen3_dms_tiny").join(variant);
-    let model = load_model(&dir.join("model"), dev, false)?.model;
+    let model = load_model(&dir.join("model"), dev, WeightForm::Dense)?.model;
     let bytes = std::fs::read(dir.join("golden.safetensors"))?;
     let g = safetensors::SafeTensors::deserialize(&bytes)?;
     let ints = |name: &str| golden_ints(&g, name);

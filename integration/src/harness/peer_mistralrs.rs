@@ -9,9 +9,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use mistralrs_core::{
-    DefaultSchedulerMethod, DeviceMapSetting, MistralRs, MistralRsBuilder, ModelDType, NormalLoaderBuilder,
-    NormalRequest, NormalSpecificConfig, Request, RequestMessage, Response, SamplingParams, SchedulerConfig,
-    TokenSource,
+    DefaultSchedulerMethod, DeviceMapSetting, GGUFLoaderBuilder, GGUFSpecificConfig, Loader, MistralRs,
+    MistralRsBuilder, ModelDType, NormalLoaderBuilder, NormalRequest, NormalSpecificConfig, Request, RequestMessage,
+    Response, SamplingParams, SchedulerConfig, TokenSource,
 };
 
 /// A loaded mistral.rs engine.
@@ -52,9 +52,43 @@ impl MistralRsPeer {
         )
         .build(None)
         .map_err(|e| anyhow::anyhow!("mistral.rs loader: {e}"))?;
+        Self::start(rt, loader, dir, max_seqs, device, dtype)
+    }
+
+    /// A GGUF file on the CPU through mistral.rs's own quantized path (its tokenizer from the
+    /// file's metadata), otherwise as [`Self::load_hf`].
+    pub fn load_gguf(file: &Path, max_seqs: usize) -> Result<Self> {
+        std::env::set_var("HF_HUB_OFFLINE", "1");
+        let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+        let (dir, name) = match (file.parent(), file.file_name()) {
+            (Some(d), Some(n)) => (d, n.to_string_lossy().into_owned()),
+            _ => bail!("{} is not a file path", file.display()),
+        };
+        let loader = GGUFLoaderBuilder::new(
+            None,
+            None,
+            dir.display().to_string(),
+            vec![name],
+            GGUFSpecificConfig::default(),
+            false,
+            None,
+        )
+        .build();
+        Self::start(rt, loader, file, max_seqs, &candle_core::Device::Cpu, ModelDType::F32)
+    }
+
+    /// Loads the pipeline and starts mistral.rs's engine on it.
+    fn start(
+        rt: tokio::runtime::Runtime,
+        loader: Box<dyn Loader>,
+        what: &Path,
+        max_seqs: usize,
+        device: &candle_core::Device,
+        dtype: ModelDType,
+    ) -> Result<Self> {
         let pipeline = loader
             .load_model_from_hf(None, TokenSource::None, &dtype, device, true, DeviceMapSetting::dummy(), None, None)
-            .map_err(|e| anyhow::anyhow!("mistral.rs could not load {}: {e}", dir.display()))?;
+            .map_err(|e| anyhow::anyhow!("mistral.rs could not load {}: {e}", what.display()))?;
         let n = NonZeroUsize::new(max_seqs.max(1)).expect("positive");
         let mr = rt.block_on(async move {
             MistralRsBuilder::new(

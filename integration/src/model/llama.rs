@@ -2,7 +2,7 @@
 //! latent attention and MoE). One forward over a batch of sequences; the attention of each layer
 //! goes through a [`KvBackend`], so the model names no storage type.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::Linear;
 use dms_policy::Pos;
@@ -10,9 +10,10 @@ use dms_policy::Pos;
 pub mod train;
 
 use super::config::ModelConfig;
+use super::linear::{Embedding, Proj};
 use super::mla::{MlaAttention, MlaInputs};
 use super::moe::{Mlp, Moe};
-use super::weights::Weights;
+use super::weights::{WeightForm, Weights};
 use crate::kv::backend::{KvBackend, LayerStep, Signals};
 
 /// Where DMS decision scores come from (spec rule 1).
@@ -38,10 +39,10 @@ struct AttnInputs {
 
 /// Per-head K/V attention weights.
 struct MhaWeights {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
+    q_proj: Proj,
+    k_proj: Proj,
+    v_proj: Proj,
+    o_proj: Proj,
     q_norm: Option<Tensor>,
     k_norm: Option<Tensor>,
 }
@@ -100,10 +101,11 @@ impl Layer {
 pub struct Llama {
     cfg: ModelConfig,
     device: Device,
-    embed: Tensor,
+    dtype: DType,
+    embed: Embedding,
     layers: Vec<Layer>,
     norm: Tensor,
-    lm_head: Tensor,
+    lm_head: Proj,
     inv_freq: Vec<f32>,
     decision: DecisionSource,
     neuron_mask: Option<Tensor>,
@@ -111,20 +113,33 @@ pub struct Llama {
 }
 
 impl Llama {
-    /// Builds the model from its weights; `round_f16` rounds every weight through f16 (to compare
-    /// with references that ran on f16 copies of the same weights).
-    pub fn load(cfg: ModelConfig, w: &Weights, device: &Device, round_f16: bool) -> Result<Self> {
+    /// Builds the model from its weights, its linear layers in `form` (quantized forms run on the
+    /// CPU in f32, for the per-head Llama family).
+    pub fn load(cfg: ModelConfig, w: &Weights, device: &Device, form: WeightForm) -> Result<Self> {
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        if form.is_quantized() {
+            if !device.is_cpu() {
+                bail!("quantized weights run on the CPU; use weights = \"dense\" on {device:?}");
+            }
+            if cfg.mla.is_some() {
+                bail!("quantized weights are supported for the per-head Llama family, not latent attention; use weights = \"dense\"");
+            }
+        }
+        let round_f16 = form == WeightForm::DenseRoundedF16;
         let get = |name: &str, shape: &[usize]| -> Result<Tensor> {
             let t = w.get(name, shape, device)?;
             Ok(if round_f16 { t.to_dtype(DType::F16)?.to_dtype(DType::F32)? } else { t })
         };
-        let linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
-            let weight = get(&format!("{name}.weight"), &[out, inp])?;
-            let b = if bias { Some(get(&format!("{name}.bias"), &[out])?) } else { None };
-            Ok(Linear::new(weight, b))
+        let linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Proj> {
+            w.proj(name, out, inp, bias, form, device).with_context(|| format!("loading `{name}`"))
         };
-        let embed = get("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let mlp_proj = |name: &str, out: usize, inp: usize| linear(name, out, inp, false);
+        let embed_name = "model.embed_tokens.weight";
+        let embed_blocks = if form.is_quantized() { w.get_blocks(embed_name, &[cfg.vocab_size, h])? } else { None };
+        let embed = match embed_blocks {
+            Some(q) => Embedding::Quantized(std::sync::Arc::new(q)),
+            None => Embedding::Dense(get(embed_name, &[cfg.vocab_size, h])?),
+        };
         let decision = match cfg.dms.dms_separate_alpha {
             None => DecisionSource::None,
             Some(false) => DecisionSource::QueryNeuron,
@@ -139,7 +154,8 @@ impl Llama {
             let bias = cfg.attention_bias;
             let adapter = if matches!(decision, DecisionSource::Adapter) {
                 let a = format!("{p}.self_attn.dms_proj_alpha");
-                Some((get(&format!("{a}_norm.weight"), &[h])?, linear(&a, cfg.num_kv_heads, h, false)?))
+                let proj = Linear::new(get(&format!("{a}.weight"), &[cfg.num_kv_heads, h])?, None);
+            Some((get(&format!("{a}_norm.weight"), &[h])?, proj))
             } else {
                 None
             };
@@ -157,7 +173,7 @@ impl Llama {
             let moe = cfg.mla.as_ref().and_then(|m| m.moe.as_ref()).filter(|m| m.is_moe_layer(i));
             let ffn = match moe {
                 Some(m) => FeedForward::Moe(Moe::load(&format!("{p}.mlp"), h, m, &get, &|n| w.contains(n))?),
-                None => FeedForward::Dense(Mlp::load(&format!("{p}.mlp"), h, cfg.intermediate_size, &get)?),
+                None => FeedForward::Dense(Mlp::load(&format!("{p}.mlp"), h, cfg.intermediate_size, &mlp_proj)?),
             };
             layers.push(Layer {
                 input_norm: get(&format!("{p}.input_layernorm.weight"), &[h])?,
@@ -172,9 +188,12 @@ impl Llama {
             if !cfg.tie_word_embeddings {
                 bail!("lm_head.weight is missing and the config does not tie word embeddings");
             }
-            embed.clone()
+            match &embed {
+                Embedding::Dense(t) if !form.is_quantized() => Proj::Dense(Linear::new(t.clone(), None)),
+                _ => linear("model.embed_tokens", cfg.vocab_size, h, false)?,
+            }
         } else {
-            get("lm_head.weight", &[cfg.vocab_size, h])?
+            linear("lm_head", cfg.vocab_size, h, false)?
         };
         let neuron_mask = match decision {
             DecisionSource::QueryNeuron => {
@@ -190,6 +209,7 @@ impl Llama {
         Ok(Self {
             cfg,
             device: device.clone(),
+            dtype: DType::F32,
             embed,
             layers,
             norm,
@@ -234,7 +254,7 @@ impl Llama {
             Ok(Tensor::randn(0f32, 0.02, (rows, cols), device)?.to_dtype(dtype)?)
         };
         let ones = |n: usize| -> Result<Tensor> { Ok(Tensor::ones(n, dtype, device)?) };
-        let lin = |out: usize, inp: usize| -> Result<Linear> { Ok(Linear::new(w(out, inp)?, None)) };
+        let lin = |out: usize, inp: usize| -> Result<Proj> { Ok(Proj::Dense(Linear::new(w(out, inp)?, None))) };
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let attn = match &cfg.mla {
@@ -256,13 +276,14 @@ impl Llama {
             layers.push(Layer { input_norm: ones(h)?, post_norm: ones(h)?, attn, ffn, adapter: None });
         }
         let embed = w(cfg.vocab_size, h)?;
-        let lm_head = if cfg.tie_word_embeddings { embed.clone() } else { w(cfg.vocab_size, h)? };
+        let lm_head = Proj::Dense(Linear::new(if cfg.tie_word_embeddings { embed.clone() } else { w(cfg.vocab_size, h)? }, None));
         let inv_freq = rope_freqs(&cfg);
         Ok(Self {
             norm: ones(h)?,
             cfg,
             device: device.clone(),
-            embed,
+            dtype,
+            embed: Embedding::Dense(embed),
             layers,
             lm_head,
             inv_freq,
@@ -279,6 +300,9 @@ impl Llama {
 
     /// The same model with every weight converted to `dtype`.
     pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        if self.is_quantized() {
+            bail!("a model with quantized weights computes in f32; load it with weights = \"dense\" for {dtype:?}");
+        }
         let c = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(dtype)?) };
         let cl = |l: &Linear| -> Result<Linear> { Ok(Linear::new(c(l.weight())?, l.bias().map(c).transpose()?)) };
         let layers = self
@@ -290,10 +314,10 @@ impl Llama {
                     post_norm: c(&l.post_norm)?,
                     attn: match &l.attn {
                         Attention::Mha(m) => Attention::Mha(MhaWeights {
-                            q_proj: cl(&m.q_proj)?,
-                            k_proj: cl(&m.k_proj)?,
-                            v_proj: cl(&m.v_proj)?,
-                            o_proj: cl(&m.o_proj)?,
+                            q_proj: m.q_proj.to_dtype(dtype)?,
+                            k_proj: m.k_proj.to_dtype(dtype)?,
+                            v_proj: m.v_proj.to_dtype(dtype)?,
+                            o_proj: m.o_proj.to_dtype(dtype)?,
                             q_norm: m.q_norm.as_ref().map(c).transpose()?,
                             k_norm: m.k_norm.as_ref().map(c).transpose()?,
                         }),
@@ -313,10 +337,11 @@ impl Llama {
         Ok(Self {
             cfg: self.cfg.clone(),
             device: self.device.clone(),
-            embed: c(&self.embed)?,
+            dtype,
+            embed: Embedding::Dense(c(self.embed.dense()?)?),
             layers,
             norm: c(&self.norm)?,
-            lm_head: c(&self.lm_head)?,
+            lm_head: self.lm_head.to_dtype(dtype)?,
             inv_freq: self.inv_freq.clone(),
             decision: self.decision.clone(),
             neuron_mask: self.neuron_mask.clone(),
@@ -334,9 +359,15 @@ impl Llama {
         &self.decision
     }
 
-    /// Element type of the weights.
+    /// Element type of activations (and of dense weights).
     pub fn dtype(&self) -> DType {
-        self.embed.dtype()
+        self.dtype
+    }
+
+    /// True when the linear layers hold GGUF block formats ([`WeightForm::Quantized`] and
+    /// requantized forms).
+    pub fn is_quantized(&self) -> bool {
+        self.lm_head.quant_dtype().is_some()
     }
 
     /// Device the weights live on.
@@ -344,30 +375,32 @@ impl Llama {
         &self.device
     }
 
-    /// Bytes of the weights (f32).
+    /// Bytes the weights take in memory (a tied LM head counted once unless it is a separate
+    /// quantized copy of the embedding).
     pub fn weight_bytes(&self) -> u64 {
-        let mut n = self.embed.elem_count() + self.norm.elem_count();
-        if !self.cfg.tie_word_embeddings {
-            n += self.lm_head.elem_count();
+        let elem = self.dtype.size_in_bytes();
+        let mut n = self.embed.byte_count() + self.norm.elem_count() * elem;
+        if !self.cfg.tie_word_embeddings || self.is_quantized() {
+            n += self.lm_head.byte_count();
         }
         for l in &self.layers {
             for t in [&l.input_norm, &l.post_norm] {
-                n += t.elem_count();
+                n += t.elem_count() * elem;
             }
             match &l.attn {
                 Attention::Mha(m) => {
                     for lin in [&m.q_proj, &m.k_proj, &m.v_proj, &m.o_proj] {
-                        n += lin.weight().elem_count() + lin.bias().map_or(0, |b| b.elem_count());
+                        n += lin.byte_count();
                     }
                 }
-                Attention::Mla(m) => n += m.weight_count(),
+                Attention::Mla(m) => n += m.weight_count() * elem,
             }
             n += match &l.ffn {
-                FeedForward::Dense(m) => m.weight_count(),
-                FeedForward::Moe(m) => m.weight_count(),
+                FeedForward::Dense(m) => m.byte_count(),
+                FeedForward::Moe(m) => m.weight_count() * elem,
             };
         }
-        (n * 4) as u64
+        n as u64
     }
 
     /// The one forward pass: `tokens` (of one or more sequences, at `positions`) through every
@@ -475,7 +508,7 @@ impl Llama {
         if let Some(&t) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
             bail!("token id {t} is outside the model's vocabulary of {} tokens", self.cfg.vocab_size);
         }
-        Ok(self.embed.index_select(&Tensor::new(tokens, &self.device)?, 0)?)
+        self.embed.lookup(tokens, &self.device)
     }
 
     /// Applies `dms_alpha_per = "layer"`: head 0's score for every head.
@@ -509,7 +542,7 @@ impl Llama {
     /// Final norm and lm_head for `[n, hidden]` rows.
     pub fn logits(&self, xs: &Tensor) -> Result<Tensor> {
         let xs = candle_nn::ops::rms_norm(&xs.contiguous()?, &self.norm, self.cfg.rms_norm_eps as f32)?;
-        Ok(xs.matmul(&self.lm_head.t()?)?)
+        self.lm_head.forward(&xs)
     }
 
     fn rope_tables(&self, positions: &[Pos]) -> Result<(Tensor, Tensor)> {
@@ -525,7 +558,7 @@ impl Llama {
             }
         }
         let n = positions.len();
-        let dt = self.embed.dtype();
+        let dt = self.dtype;
         Ok((
             Tensor::from_vec(cos, (n, half), &self.device)?.to_dtype(dt)?,
             Tensor::from_vec(sin, (n, half), &self.device)?.to_dtype(dt)?,

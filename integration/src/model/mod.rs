@@ -1,10 +1,12 @@
 //! Model runtimes on candle: config, weights, tokenizer and chat template, the per-head Llama
-//! family, DeepSeek latent attention and MoE, and the masked prompt pass.
+//! family, DeepSeek latent attention and MoE, dense or quantized weight matrices, and the masked
+//! prompt pass.
 
 pub mod chat_template;
 pub mod config;
 pub mod gguf_header;
 pub mod gguf_tokenizer;
+pub mod linear;
 pub mod llama;
 pub mod mla;
 pub mod moe;
@@ -13,4 +15,4 @@ pub mod weights;
 
 pub use config::{Arch, MlaConfig, ModelConfig};
 pub use llama::{DecisionSource, Llama};
-pub use weights::Weights;
+pub use weights::{WeightForm, Weights};

@@ -1,52 +1,49 @@
 //! Feed-forward blocks: the SwiGLU MLP and DeepSeek's mixture of experts.
 
 use anyhow::Result;
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::Linear;
 
 use super::config::MoeConfig;
+use super::linear::Proj;
 
 /// SwiGLU MLP: `down(silu(gate(x)) * up(x))`.
 #[derive(Clone)]
 pub struct Mlp {
     /// Gate projection.
-    pub gate: Linear,
+    pub gate: Proj,
     /// Up projection.
-    pub up: Linear,
+    pub up: Proj,
     /// Down projection.
-    pub down: Linear,
+    pub down: Proj,
 }
 
 impl Mlp {
-    /// Loads `{prefix}.{gate,up,down}_proj`.
+    /// Loads `{prefix}.{gate,up,down}_proj` with `proj(layer name, out, in)`.
     pub fn load(
         prefix: &str,
         hidden: usize,
         inter: usize,
-        get: &dyn Fn(&str, &[usize]) -> Result<Tensor>,
+        proj: &dyn Fn(&str, usize, usize) -> Result<Proj>,
     ) -> Result<Self> {
-        let lin = |n: &str, o: usize, i: usize| -> Result<Linear> {
-            Ok(Linear::new(get(&format!("{prefix}.{n}.weight"), &[o, i])?, None))
-        };
         Ok(Self {
-            gate: lin("gate_proj", inter, hidden)?,
-            up: lin("up_proj", inter, hidden)?,
-            down: lin("down_proj", hidden, inter)?,
+            gate: proj(&format!("{prefix}.gate_proj"), inter, hidden)?,
+            up: proj(&format!("{prefix}.up_proj"), inter, hidden)?,
+            down: proj(&format!("{prefix}.down_proj"), hidden, inter)?,
         })
     }
 
     /// Random weights N(0, 0.02).
     pub fn random(hidden: usize, inter: usize, device: &Device, dtype: DType) -> Result<Self> {
-        let w = |o: usize, i: usize| -> Result<Linear> {
-            Ok(Linear::new(Tensor::randn(0f32, 0.02, (o, i), device)?.to_dtype(dtype)?, None))
+        let w = |o: usize, i: usize| -> Result<Proj> {
+            Ok(Proj::Dense(Linear::new(Tensor::randn(0f32, 0.02, (o, i), device)?.to_dtype(dtype)?, None)))
         };
         Ok(Self { gate: w(inter, hidden)?, up: w(inter, hidden)?, down: w(hidden, inter)? })
     }
 
     /// The same weights in `dtype`.
     pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
-        let c = |l: &Linear| -> Result<Linear> { Ok(Linear::new(l.weight().to_dtype(dtype)?, None)) };
-        Ok(Self { gate: c(&self.gate)?, up: c(&self.up)?, down: c(&self.down)? })
+        Ok(Self { gate: self.gate.to_dtype(dtype)?, up: self.up.to_dtype(dtype)?, down: self.down.to_dtype(dtype)? })
     }
 
     /// Applies the MLP to `[n, hidden]`.
@@ -61,7 +58,12 @@ impl Mlp {
 
     /// Number of weights.
     pub fn weight_count(&self) -> usize {
-        self.gate.weight().elem_count() + self.up.weight().elem_count() + self.down.weight().elem_count()
+        self.gate.weight_count() + self.up.weight_count() + self.down.weight_count()
+    }
+
+    /// Bytes the weights take in memory.
+    pub fn byte_count(&self) -> usize {
+        self.gate.byte_count() + self.up.byte_count() + self.down.byte_count()
     }
 }
 
@@ -95,15 +97,17 @@ impl Moe {
         } else {
             None
         };
+        let dense =
+            |n: &str, o: usize, i: usize| -> Result<Proj> { Ok(Proj::Dense(Linear::new(get(&format!("{n}.weight"), &[o, i])?, None))) };
         let experts = (0..cfg.n_routed_experts)
-            .map(|e| Mlp::load(&format!("{prefix}.experts.{e}"), hidden, cfg.moe_intermediate_size, get))
+            .map(|e| Mlp::load(&format!("{prefix}.experts.{e}"), hidden, cfg.moe_intermediate_size, &dense))
             .collect::<Result<Vec<_>>>()?;
         let shared = if cfg.n_shared_experts > 0 {
             Some(Mlp::load(
                 &format!("{prefix}.shared_experts"),
                 hidden,
                 cfg.moe_intermediate_size * cfg.n_shared_experts,
-                get,
+                &dense,
             )?)
         } else {
             None

@@ -1,15 +1,79 @@
-//! Weight files: HF safetensors shards or a GGUF file, read under HF tensor names as f32.
+//! Weight files: HF safetensors shards or a GGUF file, read under HF tensor names as f32 or, for
+//! linear layers, in a GGUF block format ([`WeightForm`]).
 
+use std::borrow::Cow;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use anyhow::{bail, Context, Result};
-use candle_core::quantized::gguf_file;
+use candle_core::quantized::{gguf_file, GgmlDType, QStorage, QTensor};
 use candle_core::{DType, Device, Tensor};
+use candle_nn::Linear;
 
 use super::config::{Arch, DmsCheckpointFields, ModelConfig};
 use super::gguf_header::read_gguf_header;
+use super::linear::Proj;
+
+/// How a model holds its linear layers (and its embedding table) after loading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightForm {
+    /// Dequantized to f32: what the parity tests and the retrofit's differentiable forward need.
+    Dense,
+    /// Dense, every weight rounded through f16 (to compare with references that ran on f16
+    /// copies of the same weights).
+    DenseRoundedF16,
+    /// GGUF block formats kept as the file has them where candle has vectorised CPU kernels for
+    /// them; the others (Q4_1, Q5_0, Q5_1, Q8_1) and dense tensors are repacked into Q8_0.
+    Quantized,
+    /// Every linear layer requantized at load into this format (into Q8_0 where a row does not
+    /// split into whole blocks of it).
+    Requantized(GgmlDType),
+}
+
+impl WeightForm {
+    /// Parses `[model] weights`: `dense`, `quantized`, or a format to requantize into (`q4_0`,
+    /// `q8_0`, `q2_k` … `q6_k`).
+    pub fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "dense" => WeightForm::Dense,
+            "quantized" => WeightForm::Quantized,
+            "q4_0" => WeightForm::Requantized(GgmlDType::Q4_0),
+            "q8_0" => WeightForm::Requantized(GgmlDType::Q8_0),
+            "q2_k" => WeightForm::Requantized(GgmlDType::Q2K),
+            "q3_k" => WeightForm::Requantized(GgmlDType::Q3K),
+            "q4_k" => WeightForm::Requantized(GgmlDType::Q4K),
+            "q5_k" => WeightForm::Requantized(GgmlDType::Q5K),
+            "q6_k" => WeightForm::Requantized(GgmlDType::Q6K),
+            other => bail!(
+                "[model] weights = \"{other}\" is not a weight form (dense, quantized, q4_0, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k)"
+            ),
+        })
+    }
+
+    /// True for the forms that keep linear layers in block formats.
+    pub fn is_quantized(self) -> bool {
+        matches!(self, WeightForm::Quantized | WeightForm::Requantized(_))
+    }
+}
+
+/// True for the block formats candle 0.10.2 has vectorised CPU dot products for (AVX2 or NEON,
+/// chosen at compile time); the others run a scalar loop several times slower.
+fn has_fast_kernel(dt: GgmlDType) -> bool {
+    use GgmlDType as G;
+    matches!(dt, G::Q4_0 | G::Q8_0 | G::Q2K | G::Q3K | G::Q4K | G::Q5K | G::Q6K)
+}
+
+/// Quantizes dense `[out, in]` f32 rows into `dt`, or into Q8_0 where a row does not split into
+/// whole blocks of `dt` (every supported row length is a multiple of Q8_0's 32).
+fn quantize_rows(w: &Tensor, dt: GgmlDType) -> Result<QTensor> {
+    let inp = w.dim(1)?;
+    let dt = if inp % dt.block_size() == 0 { dt } else { GgmlDType::Q8_0 };
+    if inp % dt.block_size() != 0 {
+        bail!("rows of {inp} weights do not split into blocks of {}", dt.block_size());
+    }
+    Ok(QTensor::quantize(&w.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.contiguous()?, dt)?)
+}
 
 /// Where weights come from.
 pub enum Weights {
@@ -119,6 +183,88 @@ impl Weights {
         };
         Ok(t.to_dtype(DType::F32)?)
     }
+
+    /// A tensor by HF name in its GGUF block format (rows un-permuted like [`Self::get`]), or
+    /// `None` for safetensors and for GGUF tensors stored as plain floats.
+    pub fn get_blocks(&self, name: &str, shape: &[usize]) -> Result<Option<QTensor>> {
+        let Weights::Gguf { content, file, path, unpermute } = self else { return Ok(None) };
+        let g = gguf_name(name).with_context(|| format!("no GGUF name for tensor `{name}`"))?;
+        let info =
+            content.tensor_infos.get(&g).with_context(|| format!("tensor `{g}` is missing from {}", path.display()))?;
+        if info.shape.dims() != shape {
+            bail!("tensor `{g}` has shape {:?} in {} but the metadata implies {shape:?}", info.shape.dims(), path.display());
+        }
+        if matches!(info.ggml_dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
+            return Ok(None);
+        }
+        let mut f = file.lock().expect("weights file lock poisoned");
+        let q = content
+            .tensor(&mut *f, &g, &Device::Cpu)
+            .with_context(|| format!("cannot read tensor `{g}` from {}", path.display()))?;
+        Ok(Some(match (unpermute, name) {
+            (Some((nh, _)), n) if n.ends_with("q_proj.weight") => unpermute_block_rows(&q, *nh)?,
+            (Some((_, nkv)), n) if n.ends_with("k_proj.weight") => unpermute_block_rows(&q, *nkv)?,
+            _ => q,
+        }))
+    }
+
+    /// The linear layer `name` (`name.weight` `[out, in]`, and `name.bias` when `bias`) in `form`,
+    /// its weight on `dev` when dense (quantized layers live on the CPU).
+    pub fn proj(&self, name: &str, out: usize, inp: usize, bias: bool, form: WeightForm, dev: &Device) -> Result<Proj> {
+        let wname = format!("{name}.weight");
+        let dense_f32 = |n: &str, shape: &[usize]| -> Result<Tensor> {
+            let t = self.get(n, shape, dev)?;
+            Ok(if form == WeightForm::DenseRoundedF16 { t.to_dtype(DType::F16)?.to_dtype(DType::F32)? } else { t })
+        };
+        let b = if bias { Some(dense_f32(&format!("{name}.bias"), &[out])?) } else { None };
+        let blocks = match form {
+            WeightForm::Dense | WeightForm::DenseRoundedF16 => {
+                return Ok(Proj::Dense(Linear::new(dense_f32(&wname, &[out, inp])?, b)));
+            }
+            WeightForm::Quantized => match self.get_blocks(&wname, &[out, inp])? {
+                Some(q) if has_fast_kernel(q.dtype()) => q,
+                Some(q) => quantize_rows(&q.dequantize(&Device::Cpu)?, GgmlDType::Q8_0)?,
+                None => quantize_rows(&dense_f32(&wname, &[out, inp])?, GgmlDType::Q8_0)?,
+            },
+            WeightForm::Requantized(dt) => quantize_rows(&dense_f32(&wname, &[out, inp])?, dt)?,
+        };
+        Proj::quantized(blocks, b)
+    }
+}
+
+/// [`unpermute_rows`] on a tensor in a block format: rows are independent runs of blocks, so the
+/// permutation moves whole rows' bytes and changes no value.
+fn unpermute_block_rows(q: &QTensor, heads: usize) -> Result<QTensor> {
+    let (out, inp) = q.shape().dims2()?;
+    let dt = q.dtype();
+    if inp % dt.block_size() != 0 || out % heads != 0 || (out / heads) % 2 != 0 {
+        bail!("cannot un-permute a {dt:?} tensor of shape [{out}, {inp}] for {heads} heads");
+    }
+    let row = inp / dt.block_size() * dt.type_size();
+    let (hd, half) = (out / heads, out / heads / 2);
+    let data = q.data()?;
+    let mut moved = vec![0u8; data.len()];
+    for h in 0..heads {
+        for j in 0..2 {
+            for i in 0..half {
+                let (to, from) = (h * hd + j * half + i, h * hd + i * 2 + j);
+                moved[to * row..(to + 1) * row].copy_from_slice(&data[from * row..(from + 1) * row]);
+            }
+        }
+    }
+    block_tensor(moved, dt, (out, inp))
+}
+
+/// A CPU tensor in block format `dt` from its bytes.
+pub(crate) fn block_tensor(bytes: Vec<u8>, dt: GgmlDType, shape: (usize, usize)) -> Result<QTensor> {
+    // candle reinterprets the bytes as blocks in place, asserting their alignment (2 bytes for
+    // f16 scales), then copies them. The system allocator aligns every buffer far more than that,
+    // checked here so that a surprise is an error, not a panic. The bytes are lent, not given:
+    // candle 0.10.2's `from_data` drops an owned buffer before it copies from it.
+    if (bytes.as_ptr() as usize) % 8 != 0 || bytes.len() % dt.type_size() != 0 {
+        bail!("a {dt:?} buffer of {} bytes is misaligned or not whole blocks", bytes.len());
+    }
+    Ok(QTensor::new(QStorage::from_data(Cow::Borrowed(&bytes), &Device::Cpu, dt)?, shape)?)
 }
 
 /// Reads a safetensors header and checks that every tensor's bytes lie inside the file, so that

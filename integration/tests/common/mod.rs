@@ -11,6 +11,7 @@ use dms_integration::engine::{load_model, Engine, GenParams};
 use dms_policy::{
     CacheShape, CompactPlan, EvictPlan, PolicyError, PolicyFactory, Pos, Registry, RowRef, SequencePolicy, SignalNeed,
 };
+use dms_integration::model::WeightForm;
 
 /// Path of a fixture folder inside the repository.
 pub fn fixture(name: &str) -> PathBuf {
@@ -58,7 +59,7 @@ pub fn ids(t: &Tensor) -> Vec<u32> {
 
 /// Builds an engine with the policy given as a TOML table.
 pub fn engine(model_dir: &Path, policy_toml: &str, block_size: usize) -> Engine {
-    let loaded = load_model(model_dir, &Device::Cpu, false).expect("model loads");
+    let loaded = load_model(model_dir, &Device::Cpu, WeightForm::Dense).expect("model loads");
     let table: toml::Table = toml::from_str(policy_toml).unwrap();
     let policy: Arc<_> = Registry::with_builtins().build(&table).unwrap();
     Engine::new(loaded.model, policy, block_size, 1 << 16).unwrap()
@@ -145,7 +146,7 @@ pub fn presence(g: &HashMap<String, Tensor>, state: usize) -> Vec<Vec<Vec<Pos>>>
 /// A full-cache engine on the separate-alpha DMS fixture (block size 4) with a pool of
 /// `capacity_blocks`, for scheduler tests whose requests bring their own policies.
 pub fn batch_engine(capacity_blocks: usize) -> Engine {
-    let loaded = load_model(&fixture("qwen3_dms_tiny/variant_separate_alpha/model"), &Device::Cpu, false).unwrap();
+    let loaded = load_model(&fixture("qwen3_dms_tiny/variant_separate_alpha/model"), &Device::Cpu, WeightForm::Dense).unwrap();
     let full = Registry::with_builtins().build(&toml::from_str("name = 'full'").unwrap()).unwrap();
     Engine::new(loaded.model, full, 4, capacity_blocks).unwrap()
 }

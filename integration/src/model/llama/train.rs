@@ -4,7 +4,6 @@
 
 use anyhow::Result;
 use candle_core::{DType, Tensor, Var, D};
-use candle_nn::Module;
 
 use super::{Attention, Layer, Llama};
 use crate::model::mla::MlaInputs;
@@ -87,7 +86,7 @@ impl Llama {
         }
         let causal = Tensor::from_vec(causal, (t, t), dev)?;
         let far = Tensor::from_vec(far, (t, t), dev)?;
-        let mut x = self.embed.index_select(&Tensor::new(ids, dev)?, 0)?;
+        let mut x = self.embed.dense()?.index_select(&Tensor::new(ids, dev)?, 0)?;
         let scale = self.softmax_scale();
         let mut decisions = Vec::new();
         for (li, layer) in self.layers.iter().enumerate() {
@@ -109,7 +108,7 @@ impl Llama {
             x = self.dense_layer(layer, &x, &cos, &sin, &causal, &far, penalty.as_ref(), scale, (nh, nkv, hd, g))?;
         }
         let xs = rms(&x, &self.norm, eps)?;
-        Ok(DenseOut { logits: xs.matmul(&self.lm_head.t()?)?, decisions })
+        Ok(DenseOut { logits: xs.matmul(&self.lm_head.dense_weight()?.t()?)?, decisions })
     }
 
     #[allow(clippy::too_many_arguments)]

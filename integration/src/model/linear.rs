@@ -1,0 +1,163 @@
+//! Weight matrices that are dense or kept in a GGUF block format: linear layers ([`Proj`]) and the
+//! token embedding ([`Embedding`]). Quantized weights use candle's `QMatMul` kernels for short
+//! inputs (decode) and are dequantized for long ones (prompt chunks), where a dense matmul is
+//! faster than candle's row-by-row quantized loop.
+
+use std::sync::Arc;
+
+use anyhow::{bail, Result};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::Linear;
+
+use super::weights::block_tensor;
+
+/// From this many input rows on, a quantized projection dequantizes its weight and runs a dense
+/// matmul. Measured on the 2-core development machine (SmolLM2-135M, Q8_0): see
+/// `benches/results/quantized-smollm2-cpu-*.json`.
+const DENSE_FROM_ROWS: usize = 16;
+
+/// A linear layer `y = x W^T (+ b)`.
+#[derive(Clone)]
+pub enum Proj {
+    /// A dense weight in the model's dtype.
+    Dense(Linear),
+    /// A weight in a GGUF block format.
+    Quantized {
+        /// The blocks.
+        weight: Arc<QTensor>,
+        /// candle's quantized matmul over them.
+        matmul: QMatMul,
+        /// Optional bias `[out]`, f32.
+        bias: Option<Tensor>,
+    },
+}
+
+impl Proj {
+    /// A quantized projection over `weight` (`[out, in]`).
+    pub fn quantized(weight: QTensor, bias: Option<Tensor>) -> Result<Self> {
+        let weight = Arc::new(weight);
+        let matmul = QMatMul::from_arc(weight.clone())?;
+        Ok(Proj::Quantized { weight, matmul, bias })
+    }
+
+    /// Applies the layer to `[n, in]` rows.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Proj::Dense(l) => Ok(l.forward(x)?),
+            Proj::Quantized { weight, matmul, bias } => {
+                let x = x.contiguous()?;
+                let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?.max(1);
+                let y = if rows >= DENSE_FROM_ROWS {
+                    let w = weight.dequantize(&x.device().clone())?;
+                    x.broadcast_matmul(&w.t()?)?
+                } else {
+                    matmul.forward(&x)?
+                };
+                Ok(match bias {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                })
+            }
+        }
+    }
+
+    /// The dense weight, or an error for a quantized one (gradients and dtype changes need it).
+    pub fn dense_weight(&self) -> Result<&Tensor> {
+        match self {
+            Proj::Dense(l) => Ok(l.weight()),
+            Proj::Quantized { .. } => bail!("this operation needs dense weights; load the model with weights = \"dense\""),
+        }
+    }
+
+    /// The same layer with a dense weight converted to `dtype`; a quantized one is unchanged
+    /// (its kernels compute in f32).
+    pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        Ok(match self {
+            Proj::Dense(l) => {
+                Proj::Dense(Linear::new(l.weight().to_dtype(dtype)?, l.bias().map(|b| b.to_dtype(dtype)).transpose()?))
+            }
+            Proj::Quantized { .. } => self.clone(),
+        })
+    }
+
+    /// Number of weights (bias included).
+    pub fn weight_count(&self) -> usize {
+        match self {
+            Proj::Dense(l) => l.weight().elem_count() + l.bias().map_or(0, |b| b.elem_count()),
+            Proj::Quantized { weight, bias, .. } => weight.shape().elem_count() + bias.as_ref().map_or(0, |b| b.elem_count()),
+        }
+    }
+
+    /// Bytes the weights take in memory.
+    pub fn byte_count(&self) -> usize {
+        match self {
+            Proj::Dense(l) => {
+                let b = l.bias().map_or(0, |b| b.elem_count() * b.dtype().size_in_bytes());
+                l.weight().elem_count() * l.weight().dtype().size_in_bytes() + b
+            }
+            Proj::Quantized { weight, bias, .. } => weight.storage_size_in_bytes() + bias.as_ref().map_or(0, |b| b.elem_count() * 4),
+        }
+    }
+
+    /// The block format of a quantized weight.
+    pub fn quant_dtype(&self) -> Option<GgmlDType> {
+        match self {
+            Proj::Dense(_) => None,
+            Proj::Quantized { weight, .. } => Some(weight.dtype()),
+        }
+    }
+}
+
+/// A token embedding table `[vocab, hidden]`.
+pub enum Embedding {
+    /// Dense rows in the model's dtype.
+    Dense(Tensor),
+    /// Rows in a GGUF block format, dequantized when looked up.
+    Quantized(Arc<QTensor>),
+}
+
+impl Embedding {
+    /// The rows of `tokens` (ids already checked against the vocabulary), `[n, hidden]`.
+    pub fn lookup(&self, tokens: &[u32], device: &Device) -> Result<Tensor> {
+        match self {
+            Embedding::Dense(t) => Ok(t.index_select(&Tensor::new(tokens, device)?, 0)?),
+            Embedding::Quantized(q) => {
+                let (_, hidden) = q.shape().dims2()?;
+                let dt = q.dtype();
+                let row_bytes = hidden / dt.block_size() * dt.type_size();
+                let data = q.data()?;
+                let mut rows = Vec::with_capacity(tokens.len() * row_bytes);
+                for &t in tokens {
+                    let at = t as usize * row_bytes;
+                    rows.extend_from_slice(&data[at..at + row_bytes]);
+                }
+                Ok(block_tensor(rows, dt, (tokens.len(), hidden))?.dequantize(device)?)
+            }
+        }
+    }
+
+    /// The dense table, or an error for a quantized one.
+    pub fn dense(&self) -> Result<&Tensor> {
+        match self {
+            Embedding::Dense(t) => Ok(t),
+            Embedding::Quantized(_) => bail!("this operation needs dense weights; load the model with weights = \"dense\""),
+        }
+    }
+
+    /// Bytes the table takes in memory.
+    pub fn byte_count(&self) -> usize {
+        match self {
+            Embedding::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            Embedding::Quantized(q) => q.storage_size_in_bytes(),
+        }
+    }
+
+    /// Number of weights.
+    pub fn weight_count(&self) -> usize {
+        match self {
+            Embedding::Dense(t) => t.elem_count(),
+            Embedding::Quantized(q) => q.shape().elem_count(),
+        }
+    }
+}

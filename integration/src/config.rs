@@ -62,6 +62,10 @@ pub struct CacheSection {
     /// Prompt tokens per prefill chunk (0 = the whole prompt in one pass).
     #[serde(default)]
     pub prefill_chunk: usize,
+    /// Element type of the host store's keys and values: `f32` (exact) or `f16` (half the
+    /// bytes). CPU only; a GPU cache stores the model's dtype.
+    #[serde(default = "default_kv_dtype")]
+    pub kv_dtype: String,
     /// `[cache.policy]`: `name` plus the policy's own keys.
     #[serde(default = "default_policy")]
     pub policy: toml::Table,
@@ -97,6 +101,9 @@ fn default_dtype() -> String {
 fn default_device() -> String {
     "cpu".into()
 }
+fn default_kv_dtype() -> String {
+    "f32".into()
+}
 fn default_weights() -> String {
     "dense".into()
 }
@@ -120,7 +127,7 @@ fn default_policy() -> toml::Table {
 
 impl Default for CacheSection {
     fn default() -> Self {
-        Self { block_size: 16, memory_mb: None, max_tokens: None, prefill_chunk: 0, policy: default_policy() }
+        Self { block_size: 16, memory_mb: None, max_tokens: None, prefill_chunk: 0, kv_dtype: default_kv_dtype(), policy: default_policy() }
     }
 }
 
@@ -191,6 +198,10 @@ impl EngineConfig {
         if self.model.source.trim().is_empty() {
             bail!("[model] source is empty");
         }
+        let kv = self.kv_dtype()?;
+        if on_gpu && kv != crate::kv::store::KvDtype::F32 {
+            bail!("[cache] kv_dtype = \"{}\" is for the CPU store; a GPU cache stores the model's dtype", self.cache.kv_dtype);
+        }
         if self.weight_form()?.is_quantized() && (on_gpu || self.model.dtype != "f32") {
             bail!(
                 "[model] weights = \"{}\" runs on the CPU in f32; use weights = \"dense\" with device `{}` and dtype `{}`",
@@ -200,6 +211,11 @@ impl EngineConfig {
             );
         }
         self.server.validate()
+    }
+
+    /// `[cache] kv_dtype` parsed.
+    pub fn kv_dtype(&self) -> Result<crate::kv::store::KvDtype> {
+        crate::kv::store::KvDtype::parse(&self.cache.kv_dtype).map_err(anyhow::Error::msg)
     }
 
     /// `[model] weights` parsed.

@@ -41,8 +41,10 @@ pub fn build_engine(cfg: &EngineConfig) -> Result<BuiltEngine> {
     }
     let policy = registry().build(&table).context("[cache.policy]")?;
     let mc = loaded.model.config();
-    let blocks = cfg.capacity_blocks(mc.num_layers, mc.num_kv_heads, mc.row_bytes_per_token());
-    let engine = Engine::new(loaded.model, policy, cfg.cache.block_size, blocks)?;
+    let kv = cfg.kv_dtype()?;
+    let slot_bytes = ((mc.head_dim + mc.value_dim()) * kv.size()) as u64;
+    let blocks = cfg.capacity_blocks(mc.num_layers, mc.num_kv_heads, slot_bytes);
+    let engine = Engine::new(loaded.model, policy, cfg.cache.block_size, blocks)?.with_kv_dtype(kv);
     let chat_template = loaded.chat_template.unwrap_or_else(ChatTemplate::chatml);
     Ok(BuiltEngine { engine, tokenizer: loaded.tokenizer, chat_template, table })
 }

@@ -28,7 +28,7 @@ use dms_policy::{CacheShape, PolicyFactory, SignalNeed};
 
 use crate::kv::host_step::{self, SeqInput};
 use crate::kv::sequence::SequenceCache;
-use crate::kv::store::{KvStore, MemoryUsage};
+use crate::kv::store::{KvDtype, KvStore, MemoryUsage};
 use crate::model::{DecisionSource, Llama};
 use block_manager::BlockManager;
 
@@ -98,6 +98,13 @@ impl Engine {
         let store =
             KvStore::with_value_dim(model.config().head_dim, model.config().value_dim(), block_size, capacity_blocks);
         Ok(Self { model, store, policy, keep_logits: false })
+    }
+
+    /// The same engine storing keys and values as `dtype` (its pool emptied, same block count).
+    pub fn with_kv_dtype(mut self, dtype: KvDtype) -> Self {
+        let (c, s) = (self.model.config(), &self.store);
+        self.store = KvStore::with_dtype(c.head_dim, c.value_dim(), s.block_size(), s.capacity_blocks(), dtype);
+        self
     }
 
     /// Bytes of K+V for one token in every row of every layer.

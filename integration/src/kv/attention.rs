@@ -63,8 +63,9 @@ pub fn decode_row_weighted(
     let n = row.len();
     let (pos, last) = (row.positions(), row.last_visible());
     let mut scores = vec![f32::NEG_INFINITY; g * n];
+    let (mut kbuf, mut vbuf) = (Vec::new(), Vec::new());
     for (b, &block) in row.blocks().iter().enumerate() {
-        let (kb, _) = store.block(block);
+        let kb = store.block_keys(block, &mut kbuf);
         let used = (n - b * bs).min(bs);
         for j in 0..used {
             let s = b * bs + j;
@@ -102,7 +103,11 @@ pub fn decode_row_weighted(
         }
     }
     for (b, &block) in row.blocks().iter().enumerate() {
-        let (kb, vb) = store.block(block);
+        let (kb, vb) = if latent {
+            (store.block_keys(block, &mut kbuf), &[][..])
+        } else {
+            (&[][..], store.block_values(block, &mut vbuf))
+        };
         let used = (n - b * bs).min(bs);
         for j in 0..used {
             let s = b * bs + j;

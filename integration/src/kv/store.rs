@@ -5,6 +5,87 @@
 //! it executes a policy's [`EvictPlan`] and [`CompactPlan`] and checks that they are consistent.
 
 use dms_policy::{CompactPlan, EvictPlan, Pos};
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+
+/// Element type of stored keys and values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvDtype {
+    /// 4 bytes per value: exact, what the parity tests compare.
+    #[default]
+    F32,
+    /// 2 bytes per value, converted to f32 when attention reads a block.
+    F16,
+}
+
+impl KvDtype {
+    /// Parses `[cache] kv_dtype`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" => Ok(KvDtype::F32),
+            "f16" => Ok(KvDtype::F16),
+            other => Err(format!("[cache] kv_dtype `{other}` is unknown (valid: f32, f16)")),
+        }
+    }
+
+    /// Bytes per stored value.
+    pub fn size(self) -> usize {
+        match self {
+            KvDtype::F32 => 4,
+            KvDtype::F16 => 2,
+        }
+    }
+}
+
+/// The pool's keys or values in their element type.
+#[derive(Debug)]
+enum Elems {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+}
+
+impl Elems {
+    fn new(dtype: KvDtype) -> Self {
+        match dtype {
+            KvDtype::F32 => Elems::F32(Vec::new()),
+            KvDtype::F16 => Elems::F16(Vec::new()),
+        }
+    }
+
+    fn resize(&mut self, n: usize) {
+        match self {
+            Elems::F32(v) => v.resize(n, 0.0),
+            Elems::F16(v) => v.resize(n, f16::ZERO),
+        }
+    }
+
+    /// Stores `src` from element `at` on (rounded to f16 in an f16 pool).
+    fn write(&mut self, at: usize, src: &[f32]) {
+        match self {
+            Elems::F32(v) => v[at..at + src.len()].copy_from_slice(src),
+            Elems::F16(v) => v[at..at + src.len()].convert_from_f32_slice(src),
+        }
+    }
+
+    fn copy_within(&mut self, src: std::ops::Range<usize>, dst: usize) {
+        match self {
+            Elems::F32(v) => v.copy_within(src, dst),
+            Elems::F16(v) => v.copy_within(src, dst),
+        }
+    }
+
+    /// Elements `range` as f32: borrowed from an f32 pool, converted into `buf` from an f16 one.
+    fn read<'a>(&'a self, range: std::ops::Range<usize>, buf: &'a mut Vec<f32>) -> &'a [f32] {
+        match self {
+            Elems::F32(v) => &v[range],
+            Elems::F16(v) => {
+                buf.resize(range.len(), 0.0);
+                v[range].convert_to_f32_slice(buf);
+                buf
+            }
+        }
+    }
+}
 
 /// Handle of one cache row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -149,8 +230,9 @@ pub struct KvStore {
     v_dim: usize,
     block_size: usize,
     capacity_blocks: usize,
-    k: Vec<f32>,
-    v: Vec<f32>,
+    dtype: KvDtype,
+    k: Elems,
+    v: Elems,
     grown_blocks: usize,
     free_blocks: Vec<u32>,
     rows: Vec<Option<Row>>,
@@ -167,13 +249,19 @@ impl KvStore {
     /// A store whose values have `v_dim` floats per slot (0 for latent rows, whose values are a
     /// prefix of the key).
     pub fn with_value_dim(head_dim: usize, v_dim: usize, block_size: usize, capacity_blocks: usize) -> Self {
+        Self::with_dtype(head_dim, v_dim, block_size, capacity_blocks, KvDtype::F32)
+    }
+
+    /// [`Self::with_value_dim`] storing keys and values as `dtype`.
+    pub fn with_dtype(head_dim: usize, v_dim: usize, block_size: usize, capacity_blocks: usize, dtype: KvDtype) -> Self {
         Self {
             head_dim,
             v_dim,
             block_size,
             capacity_blocks,
-            k: Vec::new(),
-            v: Vec::new(),
+            dtype,
+            k: Elems::new(dtype),
+            v: Elems::new(dtype),
             grown_blocks: 0,
             free_blocks: Vec::new(),
             rows: Vec::new(),
@@ -203,7 +291,7 @@ impl KvStore {
     }
     /// Bytes of K+V of one slot.
     pub fn slot_bytes(&self) -> u64 {
-        ((self.head_dim + self.v_dim) * std::mem::size_of::<f32>()) as u64
+        ((self.head_dim + self.v_dim) * self.dtype.size()) as u64
     }
 
     /// Creates an empty row for `layer`.
@@ -306,8 +394,8 @@ impl KvStore {
                 row.last_visible.push(w.last_visible);
             }
             let slot = row.blocks[s / bs] as usize * bs + s % bs;
-            self.k[slot * d..(slot + 1) * d].copy_from_slice(&k_new[i * d..(i + 1) * d]);
-            self.v[slot * dv..(slot + 1) * dv].copy_from_slice(&v_new[i * dv..(i + 1) * dv]);
+            self.k.write(slot * d, &k_new[i * d..(i + 1) * d]);
+            self.v.write(slot * dv, &v_new[i * dv..(i + 1) * dv]);
         }
         row.seen = first_pos + n as Pos;
         Ok(())
@@ -392,8 +480,8 @@ impl KvStore {
         for (b, &block) in taken.iter().enumerate() {
             let used = (s.pos.len() - b * bs).min(bs);
             let at = block as usize * bs;
-            self.k[at * d..(at + used) * d].copy_from_slice(&s.k[b * bs * d..(b * bs + used) * d]);
-            self.v[at * dv..(at + used) * dv].copy_from_slice(&s.v[b * bs * dv..(b * bs + used) * dv]);
+            self.k.write(at * d, &s.k[b * bs * d..(b * bs + used) * d]);
+            self.v.write(at * dv, &s.v[b * bs * dv..(b * bs + used) * dv]);
         }
         let row = self.rows[id.0 as usize].as_mut().expect("just added");
         row.blocks = taken;
@@ -444,11 +532,22 @@ impl KvStore {
         total
     }
 
-    /// Contiguous K and V of a block: `block_size * head_dim` and `block_size * v_dim` floats.
-    pub fn block(&self, block: u32) -> (&[f32], &[f32]) {
-        let (nk, nv) = (self.block_size * self.head_dim, self.block_size * self.v_dim);
-        let b = block as usize;
-        (&self.k[b * nk..(b + 1) * nk], &self.v[b * nv..(b + 1) * nv])
+    /// Element type of the stored keys and values.
+    pub fn dtype(&self) -> KvDtype {
+        self.dtype
+    }
+
+    /// Contiguous keys of a block (`block_size * head_dim` floats) as f32: borrowed from an f32
+    /// pool, converted into `buf` from an f16 one.
+    pub fn block_keys<'a>(&'a self, block: u32, buf: &'a mut Vec<f32>) -> &'a [f32] {
+        let n = self.block_size * self.head_dim;
+        self.k.read(block as usize * n..(block as usize + 1) * n, buf)
+    }
+
+    /// Contiguous values of a block (`block_size * v_dim` floats), as [`Self::block_keys`].
+    pub fn block_values<'a>(&'a self, block: u32, buf: &'a mut Vec<f32>) -> &'a [f32] {
+        let n = self.block_size * self.v_dim;
+        self.v.read(block as usize * n..(block as usize + 1) * n, buf)
     }
 
     /// Copies the row's keys and values into `k_out` / `v_out` (slot order, `len * head_dim` each).
@@ -457,11 +556,11 @@ impl KvStore {
         let (d, dv, bs) = (self.head_dim, self.v_dim, self.block_size);
         k_out.clear();
         v_out.clear();
+        let mut buf = Vec::new();
         for (b, &block) in row.blocks.iter().enumerate() {
             let used = (row.len() - b * bs).min(bs);
-            let (k, v) = self.block(block);
-            k_out.extend_from_slice(&k[..used * d]);
-            v_out.extend_from_slice(&v[..used * dv]);
+            k_out.extend_from_slice(&self.block_keys(block, &mut buf)[..used * d]);
+            v_out.extend_from_slice(&self.block_values(block, &mut buf)[..used * dv]);
         }
         Ok(())
     }
@@ -473,8 +572,8 @@ impl KvStore {
         let b = self.grown_blocks as u32;
         self.grown_blocks += 1;
         let n = self.grown_blocks * self.block_size;
-        self.k.resize(n * self.head_dim, 0.0);
-        self.v.resize(n * self.v_dim, 0.0);
+        self.k.resize(n * self.head_dim);
+        self.v.resize(n * self.v_dim);
         b
     }
 }

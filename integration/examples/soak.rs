@@ -54,8 +54,8 @@ fn main() -> Result<()> {
     ];
     let mut report = Vec::new();
     for (name, table) in policies {
-        let loaded =
-            load_model(&a.model, &Device::Cpu, false).with_context(|| format!("model {}", a.model.display()))?;
+        let loaded = load_model(&a.model, &Device::Cpu, dms_integration::model::WeightForm::Dense)
+            .with_context(|| format!("model {}", a.model.display()))?;
         let vocab = loaded.model.config().vocab_size as u64;
         let policy = registry.build(&toml::from_str(table)?)?;
         let mut engine = Engine::new(loaded.model, policy.clone(), 16, a.pool_blocks)?;

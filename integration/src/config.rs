@@ -127,7 +127,14 @@ fn default_policy() -> toml::Table {
 
 impl Default for CacheSection {
     fn default() -> Self {
-        Self { block_size: 16, memory_mb: None, max_tokens: None, prefill_chunk: 0, kv_dtype: default_kv_dtype(), policy: default_policy() }
+        Self {
+            block_size: 16,
+            memory_mb: None,
+            max_tokens: None,
+            prefill_chunk: 0,
+            kv_dtype: default_kv_dtype(),
+            policy: default_policy(),
+        }
     }
 }
 
@@ -200,7 +207,10 @@ impl EngineConfig {
         }
         let kv = self.kv_dtype()?;
         if on_gpu && kv != crate::kv::store::KvDtype::F32 {
-            bail!("[cache] kv_dtype = \"{}\" is for the CPU store; a GPU cache stores the model's dtype", self.cache.kv_dtype);
+            bail!(
+                "[cache] kv_dtype = \"{}\" is for the CPU store; a GPU cache stores the model's dtype",
+                self.cache.kv_dtype
+            );
         }
         if self.weight_form()?.is_quantized() && (on_gpu || self.model.dtype != "f32") {
             bail!(

@@ -9,8 +9,8 @@ use candle_core::Device;
 use common::*;
 use dms_integration::engine::from_config::resolve_policy_table;
 use dms_integration::engine::{load_model, Engine, GenParams};
-use dms_policy::Registry;
 use dms_integration::model::WeightForm;
+use dms_policy::Registry;
 
 #[test]
 fn long_generation_memory_matches_kept_positions() {

@@ -20,10 +20,10 @@ use dms_integration::config::EngineConfig;
 use dms_integration::engine::from_config::build_engine;
 use dms_integration::engine::load_model;
 use dms_integration::model::gguf_header::read_gguf_header;
+use dms_integration::model::WeightForm;
 use dms_integration::model::{ModelConfig, Weights};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngSeed};
-use dms_integration::model::WeightForm;
 
 /// Cases per target, times `DMS_FUZZ_SCALE`; seed from `DMS_FUZZ_SEED` (fixed by default).
 fn cfg(cases: u32) -> Config {

@@ -9,10 +9,10 @@ use candle_core::{Device, Tensor};
 use common::*;
 use dms_integration::engine::load_model;
 use dms_integration::model::prefill::masked_prefill;
+use dms_integration::model::WeightForm;
 use dms_policy::device::kept_after_prompt;
 use dms_policy::FlagSource;
 use dms_policy::Pos;
-use dms_integration::model::WeightForm;
 
 /// Runs the masked prefill; returns all logits and per layer the kept positions per row.
 fn masked(

@@ -10,10 +10,10 @@ use dms_integration::engine::{argmax, load_model, Engine};
 use dms_integration::kv::attention::{chunk_latent_rows, decode_row};
 use dms_integration::kv::store::KvStore;
 use dms_integration::model::llama::train::StudentOpts;
+use dms_integration::model::WeightForm;
 use dms_integration::retrofit::{RetrofitSection, Trainer};
 use dms_policy::{CacheShape, CompactPlan, EvictPlan, Pos, Registry, RowRef};
 use proptest::prelude::*;
-use dms_integration::model::WeightForm;
 
 const TOL: f32 = 1e-4;
 

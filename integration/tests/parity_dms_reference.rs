@@ -13,8 +13,8 @@ use candle_core::Device;
 use common::*;
 use dms_integration::engine::from_config::resolve_policy_table;
 use dms_integration::engine::{load_model, Engine};
-use dms_policy::{Pos, Registry};
 use dms_integration::model::WeightForm;
+use dms_policy::{Pos, Registry};
 
 pub fn dms_engine(variant: &str, extra: &str) -> (Engine, Log) {
     let dir = fixture(&format!("qwen3_dms_tiny/{variant}/model"));

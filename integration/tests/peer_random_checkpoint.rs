@@ -9,8 +9,8 @@ use dms_integration::assets::export::write_random_hf;
 use dms_integration::engine::{load_model, Engine, GenParams};
 use dms_integration::harness::peer_mistralrs::MistralRsPeer;
 use dms_integration::model::ModelConfig;
-use dms_policy::Registry;
 use dms_integration::model::WeightForm;
+use dms_policy::Registry;
 
 const SHAPE: &str = r#"{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
     "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,

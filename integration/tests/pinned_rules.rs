@@ -15,9 +15,9 @@ use common::*;
 use dms_integration::engine::from_config::{load_adapter, resolve_policy_table};
 use dms_integration::engine::scheduler::{run_batch, Finished, Request};
 use dms_integration::engine::{argmax, load_model, Engine};
+use dms_integration::model::WeightForm;
 use dms_policy::{Pos, Registry};
 use serde_json::{json, Value};
-use dms_integration::model::WeightForm;
 
 // ---------------------------------------------------------------------------------------------
 // Helpers

@@ -9,9 +9,9 @@ use candle_core::{Device, Tensor, Var};
 use common::*;
 use dms_integration::engine::from_config::resolve_policy_table;
 use dms_integration::engine::{load_model, Engine};
+use dms_integration::model::WeightForm;
 use dms_integration::retrofit::{RetrofitSection, Trainer};
 use dms_policy::Registry;
-use dms_integration::model::WeightForm;
 
 fn section(steps: usize, target_cr: f64, lr: f64) -> RetrofitSection {
     toml::from_str::<toml::Table>(&format!(

@@ -85,6 +85,12 @@ struct RunArgs {
     /// Override [model] dtype.
     #[arg(long)]
     dtype: Option<String>,
+    /// Override [model] weights (dense, quantized, q8_0, q4_0, q4_k, ...).
+    #[arg(long)]
+    weights: Option<String>,
+    /// Override [cache] kv_dtype (f32, f16).
+    #[arg(long)]
+    kv_dtype: Option<String>,
     /// Override [cache] block_size.
     #[arg(long)]
     block_size: Option<usize>,
@@ -211,6 +217,12 @@ fn apply_overrides(cfg: &mut EngineConfig, a: &RunArgs) -> Result<()> {
     }
     if let Some(v) = &a.dtype {
         cfg.model.dtype = v.clone();
+    }
+    if let Some(v) = &a.weights {
+        cfg.model.weights = v.clone();
+    }
+    if let Some(v) = &a.kv_dtype {
+        cfg.cache.kv_dtype = v.clone();
     }
     if let Some(v) = a.block_size {
         cfg.cache.block_size = v;

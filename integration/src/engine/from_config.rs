@@ -34,7 +34,8 @@ pub fn build_engine(cfg: &EngineConfig) -> Result<BuiltEngine> {
     registry().check_name(&cfg.cache.policy).context("[cache.policy]")?;
     let device = open_device(&cfg.model.device)?;
     let path = resolve_model(&cfg.model.source, cfg.base_dir.as_deref())?;
-    let mut loaded = load_model(&path, &device, cfg.weight_form()?).with_context(|| format!("loading model {}", path.display()))?;
+    let mut loaded =
+        load_model(&path, &device, cfg.weight_form()?).with_context(|| format!("loading model {}", path.display()))?;
     let table = resolve_policy_table(&cfg.cache.policy, &mut loaded.model, cfg.base_dir.as_deref())?;
     if cfg.model.dtype == "bf16" {
         loaded.model = loaded.model.to_dtype(candle_core::DType::BF16)?;
@@ -42,7 +43,7 @@ pub fn build_engine(cfg: &EngineConfig) -> Result<BuiltEngine> {
     let policy = registry().build(&table).context("[cache.policy]")?;
     let mc = loaded.model.config();
     let kv = cfg.kv_dtype()?;
-    let slot_bytes = ((mc.head_dim + mc.value_dim()) * kv.size()) as u64;
+    let slot_bytes = mc.row_bytes(kv.size());
     let blocks = cfg.capacity_blocks(mc.num_layers, mc.num_kv_heads, slot_bytes);
     let engine = Engine::new(loaded.model, policy, cfg.cache.block_size, blocks)?.with_kv_dtype(kv);
     let chat_template = loaded.chat_template.unwrap_or_else(ChatTemplate::chatml);

@@ -25,7 +25,7 @@ use crate::engine::from_config::{registry, resolve_policy_table};
 use crate::engine::report::fmt_bytes;
 use crate::engine::scheduler::{run_batch, BatchStats, Finished, Request};
 use crate::engine::{load_model, Engine, GenParams};
-use crate::kv::store::KvStore;
+use crate::kv::store::{KvDtype, KvStore};
 use crate::model::WeightForm;
 
 /// An A/B file.
@@ -110,7 +110,8 @@ pub struct Capacity {
 pub struct Arm {
     /// Label.
     pub name: String,
-    /// `dms` (this engine, the default) or `mistralrs` (the peer, full cache).
+    /// `dms` (this engine, the default), or a peer with its own full cache: `mistralrs`, or
+    /// `llama.cpp` (the GGUF file as it is, through llama-cpp-python, installed on first use).
     #[serde(default = "d_engine")]
     pub engine: String,
     /// Policy table (`name` plus its keys); required for this engine.
@@ -123,6 +124,9 @@ pub struct Arm {
     /// arm with quantized weights loads the GGUF file itself (its own quantized path).
     #[serde(default)]
     pub weights: Option<String>,
+    /// Element type of this arm's stored keys and values (`f32`, the default, or `f16`).
+    #[serde(default)]
+    pub kv_dtype: Option<String>,
     /// Skip the arm (with a notice) when this build cannot run it.
     #[serde(default)]
     pub optional: bool,
@@ -259,14 +263,19 @@ impl AbConfig {
             if let Some(w) = &a.weights {
                 WeightForm::parse(w).with_context(|| format!("[[arm]] `{}`", a.name))?;
             }
+            if let Some(k) = &a.kv_dtype {
+                KvDtype::parse(k).map_err(anyhow::Error::msg).with_context(|| format!("[[arm]] `{}`", a.name))?;
+            }
             match (a.engine.as_str(), &a.policy) {
                 ("dms", Some(p)) => registry().check_name(p).with_context(|| format!("[[arm]] `{}`", a.name))?,
                 ("dms", None) => bail!("[[arm]] `{}` needs a `policy` table", a.name),
-                ("mistralrs", Some(_)) => {
-                    bail!("[[arm]] `{}`: mistral.rs runs its own full cache and takes no `policy`", a.name)
+                ("mistralrs" | "llama.cpp", Some(_)) => {
+                    bail!("[[arm]] `{}`: {} runs its own full cache and takes no `policy`", a.name, a.engine)
                 }
-                ("mistralrs", None) => {}
-                (other, _) => bail!("[[arm]] `{}`: unknown engine `{other}` (valid: dms, mistralrs)", a.name),
+                ("mistralrs" | "llama.cpp", None) => {}
+                (other, _) => {
+                    bail!("[[arm]] `{}`: unknown engine `{other}` (valid: dms, mistralrs, llama.cpp)", a.name)
+                }
             }
         }
         Ok(())
@@ -286,15 +295,15 @@ impl Arm {
 }
 
 /// An engine for the arms of one model: a `[cache] memory_mb` pool (each arm brings its policy).
-fn arm_engine(model: crate::model::Llama, cache: &AbCache) -> Result<Engine> {
+fn arm_engine(model: crate::model::Llama, cache: &AbCache, kv: KvDtype) -> Result<Engine> {
     let mc = model.config();
     let blocks = PoolSize::MiB(cache.memory_mb as f64).blocks(
         cache.block_size,
         mc.num_layers * mc.num_kv_heads,
-        mc.row_bytes_per_token(),
+        mc.row_bytes(kv.size()),
     );
     let full = registry().build(&toml::from_str("name = 'full'")?)?;
-    Engine::new(model, full, cache.block_size, blocks)
+    Ok(Engine::new(model, full, cache.block_size, blocks)?.with_kv_dtype(kv))
 }
 
 /// Everything measured for one arm.
@@ -371,8 +380,8 @@ pub fn run_ab(cfg: &AbConfig) -> Result<(Vec<ArmResult>, Vec<PeerResult>)> {
     let device = open_device(&cfg.model.device)?;
     let base = cfg.base_dir.as_deref();
     let text = crate::assets::corpus::load_text(&cfg.workload.corpus, base)?;
-    // One engine per (model source, weight form).
-    let mut engines: HashMap<(String, String), (Engine, Option<Tokenizer>)> = HashMap::new();
+    // One engine per (model source, weight form, KV element type).
+    let mut engines: HashMap<(String, String, String), (Engine, Option<Tokenizer>)> = HashMap::new();
     let mut results = Vec::new();
     let mut baselines: HashMap<String, Vec<Vec<Vec<f32>>>> = HashMap::new();
     let source_of = |a: &Arm| a.model.clone().unwrap_or_else(|| cfg.model.source.clone());
@@ -386,20 +395,22 @@ pub fn run_ab(cfg: &AbConfig) -> Result<(Vec<ArmResult>, Vec<PeerResult>)> {
         let form = WeightForm::parse(&cfg.model.weights)?;
         let loaded = load_model(&path, &device, form).with_context(|| format!("loading {}", path.display()))?;
         let tok = loaded.tokenizer.clone();
-        let key = (cfg.model.source.clone(), cfg.model.weights.clone());
-        engines.insert(key, (arm_engine(loaded.model, &cfg.cache)?, tok.clone()));
+        let key = (cfg.model.source.clone(), cfg.model.weights.clone(), "f32".to_string());
+        engines.insert(key, (arm_engine(loaded.model, &cfg.cache, KvDtype::F32)?, tok.clone()));
         tok
     };
     let mut by_index: Vec<Option<ArmResult>> = vec![None; cfg.arms.len()];
     for &ai in &order {
         let arm = &cfg.arms[ai];
         let source = source_of(arm);
-        let key = (source.clone(), arm.weights(&cfg.model).to_string());
+        let kv = arm.kv_dtype.clone().unwrap_or_else(|| "f32".into());
+        let key = (source.clone(), arm.weights(&cfg.model).to_string(), kv);
         if !engines.contains_key(&key) {
             let path = resolve_model(&source, base)?;
             let form = WeightForm::parse(&key.1)?;
             let loaded = load_model(&path, &device, form).with_context(|| format!("loading {}", path.display()))?;
-            engines.insert(key.clone(), (arm_engine(loaded.model, &cfg.cache)?, loaded.tokenizer));
+            let kv = KvDtype::parse(&key.2).map_err(anyhow::Error::msg)?;
+            engines.insert(key.clone(), (arm_engine(loaded.model, &cfg.cache, kv)?, loaded.tokenizer));
         }
         let (engine, tok) = engines.get_mut(&key).expect("inserted");
         let tok = match (tok.as_ref(), default_tok.as_ref()) {
@@ -492,8 +503,8 @@ pub fn run_ab(cfg: &AbConfig) -> Result<(Vec<ArmResult>, Vec<PeerResult>)> {
         results.push(r);
     }
     let mut peers = Vec::new();
-    for arm in cfg.arms.iter().filter(|a| a.engine == "mistralrs") {
-        if !cfg!(feature = "mistralrs") {
+    for arm in cfg.arms.iter().filter(|a| a.engine != "dms") {
+        if arm.engine == "mistralrs" && !cfg!(feature = "mistralrs") {
             if arm.optional {
                 eprintln!("skipping arm `{}`: this build has no mistral.rs (cargo feature `mistralrs`)", arm.name);
                 continue;
@@ -505,7 +516,7 @@ pub fn run_ab(cfg: &AbConfig) -> Result<(Vec<ArmResult>, Vec<PeerResult>)> {
         }
         let source = arm.model.clone().unwrap_or_else(|| cfg.model.source.clone());
         let weights = arm.weights(&cfg.model).to_string();
-        let (engine, tok) = engines.get_mut(&(source.clone(), weights.clone())).with_context(|| {
+        let (engine, tok) = engines.get_mut(&(source.clone(), weights.clone(), "f32".into())).with_context(|| {
             format!("arm `{}`: no arm of this engine runs model {source} with weights = \"{weights}\"", arm.name)
         })?;
         let tok = tok.clone().context("the peer comparison needs a tokenizer")?;
@@ -516,7 +527,6 @@ pub fn run_ab(cfg: &AbConfig) -> Result<(Vec<ArmResult>, Vec<PeerResult>)> {
 
 /// Greedy generation by our full-cache arm and by the peer on the same prompts, one sequence
 /// at a time on both sides.
-#[cfg(feature = "mistralrs")]
 fn peer_run(
     cfg: &AbConfig,
     arm: &Arm,
@@ -546,22 +556,16 @@ fn peer_run(
         prefill_chunk: 0,
     };
     let pb = bar(2, &arm.name);
-    pb.set_message("greedy: ours, then mistral.rs");
-    // Batch 1 on both sides: mistral.rs 0.8.1 mixes the outputs of concurrent requests.
+    pb.set_message(format!("greedy: ours, then {}", arm.engine));
+    // Batch 1 on both sides: mistral.rs 0.8.1 mixes the outputs of concurrent requests, and
+    // llama-cpp-python runs one sequence.
     let (ours, stats) = run_batch(engine, reqs, &params, 1, true, |_| {})?;
     pb.inc(1);
     let path = resolve_model(source, cfg.base_dir.as_deref())?;
-    let peer = if WeightForm::parse(arm.weights(&cfg.model))?.is_quantized() {
-        if !path.is_file() {
-            bail!("arm `{}`: quantized mistral.rs needs a GGUF file, and {} is not one", arm.name, path.display());
-        }
-        crate::harness::peer_mistralrs::MistralRsPeer::load_gguf(&path, 1)?
-    } else {
-        let hf_dir = if path.is_dir() { path } else { crate::assets::export::cached_hf_export(&path)? };
-        crate::harness::peer_mistralrs::MistralRsPeer::load_hf(&hf_dir, 1)?
+    let run = match arm.engine.as_str() {
+        "llama.cpp" => crate::harness::peer::llama_cpp_generate(&path, &prompts, w.continuation_tokens, threads())?,
+        _ => mistralrs_generate(cfg, arm, &path, &prompts, w.continuation_tokens)?,
     };
-    peer.generate(&prompts[..1], 2)?;
-    let run = peer.generate(&prompts, w.continuation_tokens)?;
     pb.finish();
     let mut first = Vec::new();
     let mut margins = Vec::new();
@@ -590,8 +594,43 @@ fn peer_run(
     })
 }
 
+/// Threads the CPU peers run on: what rayon (our engine's pool) uses.
+fn threads() -> usize {
+    rayon::current_num_threads()
+}
+
+/// mistral.rs's greedy tokens on the same prompts: its own quantized path on the GGUF file for an
+/// arm with quantized weights, else the f32 weights exported to an HF folder.
+#[cfg(feature = "mistralrs")]
+fn mistralrs_generate(
+    cfg: &AbConfig,
+    arm: &Arm,
+    path: &Path,
+    prompts: &[Vec<u32>],
+    n: usize,
+) -> Result<crate::harness::peer::PeerRun> {
+    use crate::harness::peer_mistralrs::MistralRsPeer;
+    let peer = if WeightForm::parse(arm.weights(&cfg.model))?.is_quantized() {
+        if !path.is_file() {
+            bail!("arm `{}`: quantized mistral.rs needs a GGUF file, and {} is not one", arm.name, path.display());
+        }
+        MistralRsPeer::load_gguf(path, 1)?
+    } else {
+        let hf_dir = if path.is_dir() { path.to_path_buf() } else { crate::assets::export::cached_hf_export(path)? };
+        MistralRsPeer::load_hf(&hf_dir, 1)?
+    };
+    peer.generate(&prompts[..1], 2)?;
+    peer.generate(prompts, n)
+}
+
 #[cfg(not(feature = "mistralrs"))]
-fn peer_run(_: &AbConfig, arm: &Arm, _: &mut Engine, _: &Tokenizer, _: &str, _: &str) -> Result<PeerResult> {
+fn mistralrs_generate(
+    _: &AbConfig,
+    arm: &Arm,
+    _: &Path,
+    _: &[Vec<u32>],
+    _: usize,
+) -> Result<crate::harness::peer::PeerRun> {
     bail!("arm `{}` needs the `mistralrs` feature", arm.name)
 }
 
@@ -623,11 +662,11 @@ fn capacity_run(
     block_size: usize,
     label: &str,
 ) -> Result<BatchStats> {
-    let mc = engine.model.config();
-    let blocks =
-        PoolSize::MiB(c.memory_mb).blocks(block_size, mc.num_layers * mc.num_kv_heads, mc.row_bytes_per_token());
-    let saved =
-        std::mem::replace(&mut engine.store, KvStore::with_value_dim(mc.head_dim, mc.value_dim(), block_size, blocks));
+    let (mc, kv) = (engine.model.config(), engine.store.dtype());
+    let slot_bytes = mc.row_bytes(kv.size());
+    let blocks = PoolSize::MiB(c.memory_mb).blocks(block_size, mc.num_layers * mc.num_kv_heads, slot_bytes);
+    let pool = KvStore::with_dtype(mc.head_dim, mc.value_dim(), block_size, blocks, kv);
+    let saved = std::mem::replace(&mut engine.store, pool);
     let wins = windows(ids, c.requests, c.prompt_tokens)?;
     let reqs: Vec<Request> = wins
         .into_iter()

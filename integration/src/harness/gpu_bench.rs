@@ -4,6 +4,7 @@
 
 use crate::engine::load_model;
 use crate::gpu::{AttnKernel, AttnTuning, GpuCache, GpuCacheShape, RowInit, StepDecisions};
+use crate::model::WeightForm;
 use crate::model::{Arch, Llama, ModelConfig};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
@@ -11,7 +12,6 @@ use dms_policy::policies::random_flag_unit;
 use dms_policy::FlagSource;
 use serde_json::json;
 use std::time::Instant;
-use crate::model::WeightForm;
 
 /// The memory limit the timing commands fill.
 #[derive(clap::Args, Clone, Copy)]

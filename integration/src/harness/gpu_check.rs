@@ -8,12 +8,12 @@ use crate::kv::attention::decode_row;
 use crate::kv::sequence::SequenceCache;
 use crate::kv::store::KvStore;
 use crate::model::prefill::prompt_flags;
+use crate::model::WeightForm;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use dms_policy::device::kept_after_prompt;
 use dms_policy::FlagSource;
 use dms_policy::{CacheShape, Registry};
-use crate::model::WeightForm;
 
 fn rng_vec(seed: u64, n: usize) -> Vec<f32> {
     let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
@@ -262,7 +262,8 @@ fn check_mla(dev: &Device, root: &str) -> Result<(f32, f32, usize)> {
     let table: toml::Table =
         toml::from_str("name = 'dms'\nwindow = 8\ndecision = 'random'\nevict_rate = 0.7\nseed = 3")?;
     let policy = Registry::with_builtins().build(&table)?;
-    let mut host = crate::engine::Engine::new(load_model(&dir, &Device::Cpu, WeightForm::Dense)?.model, policy, 4, 1 << 12)?;
+    let mut host =
+        crate::engine::Engine::new(load_model(&dir, &Device::Cpu, WeightForm::Dense)?.model, policy, 4, 1 << 12)?;
     let mut seq = host.new_sequence();
     let flags = FlagSource::Random { seed: 3, rate: 0.7 };
     let mut cache = cache_for(8)?;

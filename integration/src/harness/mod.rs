@@ -1,6 +1,6 @@
 //! Measurement harnesses over the engine: the A/B comparison ([`ab`]), quality vs compression
-//! ([`eval`], with bootstrap intervals from [`stats`]), the batch x context grid ([`bench_grid`]), the mistral.rs peer
-//! (`peer_mistralrs`, feature `mistralrs`), and with `cuda` the GPU checks (`gpu_check`) and
+//! ([`eval`], with bootstrap intervals from [`stats`]), the batch x context grid ([`bench_grid`]), the
+//! peers: llama.cpp ([`peer`]) and mistral.rs (`peer_mistralrs`, feature `mistralrs`), and with `cuda` the GPU checks (`gpu_check`) and
 //! kernel benchmarks (`gpu_bench`) behind the `dms-gpu` CLI.
 
 pub mod ab;
@@ -10,6 +10,7 @@ pub mod eval;
 pub mod gpu_bench;
 #[cfg(feature = "cuda")]
 pub mod gpu_check;
+pub mod peer;
 #[cfg(feature = "mistralrs")]
 pub mod peer_mistralrs;
 pub mod stats;

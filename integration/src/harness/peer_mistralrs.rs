@@ -8,6 +8,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+
+use super::peer::PeerRun;
 use mistralrs_core::{
     DefaultSchedulerMethod, DeviceMapSetting, GGUFLoaderBuilder, GGUFSpecificConfig, Loader, MistralRs,
     MistralRsBuilder, ModelDType, NormalLoaderBuilder, NormalRequest, NormalSpecificConfig, Request, RequestMessage,
@@ -18,16 +20,6 @@ use mistralrs_core::{
 pub struct MistralRsPeer {
     rt: tokio::runtime::Runtime,
     mr: Arc<MistralRs>,
-}
-
-/// What one batch of greedy requests produced.
-pub struct PeerRun {
-    /// Generated ids per request.
-    pub tokens: Vec<Vec<u32>>,
-    /// Prompt tokens over summed prompt time.
-    pub prefill_tok_s: f64,
-    /// Decode steps over wall time after the last prompt step (aggregate over requests).
-    pub decode_tok_s: f64,
 }
 
 impl MistralRsPeer {

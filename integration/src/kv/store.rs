@@ -253,7 +253,13 @@ impl KvStore {
     }
 
     /// [`Self::with_value_dim`] storing keys and values as `dtype`.
-    pub fn with_dtype(head_dim: usize, v_dim: usize, block_size: usize, capacity_blocks: usize, dtype: KvDtype) -> Self {
+    pub fn with_dtype(
+        head_dim: usize,
+        v_dim: usize,
+        block_size: usize,
+        capacity_blocks: usize,
+        dtype: KvDtype,
+    ) -> Self {
         Self {
             head_dim,
             v_dim,

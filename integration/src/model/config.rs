@@ -435,7 +435,12 @@ impl ModelConfig {
 
     /// Bytes one token occupies in one cache row (f32).
     pub fn row_bytes_per_token(&self) -> u64 {
-        ((self.head_dim + self.value_dim()) * 4) as u64
+        self.row_bytes(4)
+    }
+
+    /// Bytes one token occupies in one cache row of `elem_bytes`-byte values.
+    pub fn row_bytes(&self, elem_bytes: usize) -> u64 {
+        ((self.head_dim + self.value_dim()) * elem_bytes) as u64
     }
 
     /// Floats per token per layer that a per-head K/V cache of the same attention shape would

@@ -1,7 +1,7 @@
 //! Weight matrices that are dense or kept in a GGUF block format: linear layers ([`Proj`]) and the
-//! token embedding ([`Embedding`]). Quantized weights use candle's `QMatMul` kernels for short
-//! inputs (decode) and are dequantized for long ones (prompt chunks), where a dense matmul is
-//! faster than candle's row-by-row quantized loop.
+//! token embedding ([`Embedding`]). Quantized weights use candle's `QMatMul` kernels (ours in
+//! [`super::q4_1`] for Q4_1) for short inputs (decode) and are dequantized for long ones (prompt
+//! chunks), where a dense matmul is faster than a quantized loop.
 
 use std::sync::Arc;
 
@@ -51,6 +51,13 @@ impl Proj {
                 let y = if rows >= DENSE_FROM_ROWS {
                     let w = weight.dequantize(&x.device().clone())?;
                     x.broadcast_matmul(&w.t()?)?
+                } else if weight.dtype() == GgmlDType::Q4_1 {
+                    let (n, k) = weight.shape().dims2()?;
+                    let mut y = vec![0f32; rows * n];
+                    super::q4_1::matmul(&weight.data()?, (n, k), &x.flatten_all()?.to_vec1::<f32>()?, &mut y)?;
+                    let mut dims = x.dims().to_vec();
+                    *dims.last_mut().expect("rank >= 1") = n;
+                    Tensor::from_vec(y, dims, x.device())?
                 } else {
                     matmul.forward(&x)?
                 };
@@ -66,7 +73,9 @@ impl Proj {
     pub fn dense_weight(&self) -> Result<&Tensor> {
         match self {
             Proj::Dense(l) => Ok(l.weight()),
-            Proj::Quantized { .. } => bail!("this operation needs dense weights; load the model with weights = \"dense\""),
+            Proj::Quantized { .. } => {
+                bail!("this operation needs dense weights; load the model with weights = \"dense\"")
+            }
         }
     }
 
@@ -85,7 +94,9 @@ impl Proj {
     pub fn weight_count(&self) -> usize {
         match self {
             Proj::Dense(l) => l.weight().elem_count() + l.bias().map_or(0, |b| b.elem_count()),
-            Proj::Quantized { weight, bias, .. } => weight.shape().elem_count() + bias.as_ref().map_or(0, |b| b.elem_count()),
+            Proj::Quantized { weight, bias, .. } => {
+                weight.shape().elem_count() + bias.as_ref().map_or(0, |b| b.elem_count())
+            }
         }
     }
 
@@ -96,7 +107,9 @@ impl Proj {
                 let b = l.bias().map_or(0, |b| b.elem_count() * b.dtype().size_in_bytes());
                 l.weight().elem_count() * l.weight().dtype().size_in_bytes() + b
             }
-            Proj::Quantized { weight, bias, .. } => weight.storage_size_in_bytes() + bias.as_ref().map_or(0, |b| b.elem_count() * 4),
+            Proj::Quantized { weight, bias, .. } => {
+                weight.storage_size_in_bytes() + bias.as_ref().map_or(0, |b| b.elem_count() * 4)
+            }
         }
     }
 
@@ -141,7 +154,9 @@ impl Embedding {
     pub fn dense(&self) -> Result<&Tensor> {
         match self {
             Embedding::Dense(t) => Ok(t),
-            Embedding::Quantized(_) => bail!("this operation needs dense weights; load the model with weights = \"dense\""),
+            Embedding::Quantized(_) => {
+                bail!("this operation needs dense weights; load the model with weights = \"dense\"")
+            }
         }
     }
 

@@ -155,7 +155,7 @@ impl Llama {
             let adapter = if matches!(decision, DecisionSource::Adapter) {
                 let a = format!("{p}.self_attn.dms_proj_alpha");
                 let proj = Linear::new(get(&format!("{a}.weight"), &[cfg.num_kv_heads, h])?, None);
-            Some((get(&format!("{a}_norm.weight"), &[h])?, proj))
+                Some((get(&format!("{a}_norm.weight"), &[h])?, proj))
             } else {
                 None
             };
@@ -276,7 +276,8 @@ impl Llama {
             layers.push(Layer { input_norm: ones(h)?, post_norm: ones(h)?, attn, ffn, adapter: None });
         }
         let embed = w(cfg.vocab_size, h)?;
-        let lm_head = Proj::Dense(Linear::new(if cfg.tie_word_embeddings { embed.clone() } else { w(cfg.vocab_size, h)? }, None));
+        let lm_head =
+            Proj::Dense(Linear::new(if cfg.tie_word_embeddings { embed.clone() } else { w(cfg.vocab_size, h)? }, None));
         let inv_freq = rope_freqs(&cfg);
         Ok(Self {
             norm: ones(h)?,

@@ -11,6 +11,7 @@ pub mod llama;
 pub mod mla;
 pub mod moe;
 pub mod prefill;
+pub mod q4_1;
 pub mod weights;
 
 pub use config::{Arch, MlaConfig, ModelConfig};

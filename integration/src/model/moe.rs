@@ -48,12 +48,12 @@ impl Mlp {
 
     /// Applies the MLP to `[n, hidden]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.down.forward(&(candle_nn::ops::silu(&self.gate.forward(x)?)? * self.up.forward(x)?)?)?)
+        self.down.forward(&(candle_nn::ops::silu(&self.gate.forward(x)?)? * self.up.forward(x)?)?)
     }
 
     /// [`Self::forward`] with `Tensor::silu` (which has a gradient).
     pub fn forward_differentiable(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.down.forward(&(self.gate.forward(x)?.silu()? * self.up.forward(x)?)?)?)
+        self.down.forward(&(self.gate.forward(x)?.silu()? * self.up.forward(x)?)?)
     }
 
     /// Number of weights.
@@ -97,8 +97,9 @@ impl Moe {
         } else {
             None
         };
-        let dense =
-            |n: &str, o: usize, i: usize| -> Result<Proj> { Ok(Proj::Dense(Linear::new(get(&format!("{n}.weight"), &[o, i])?, None))) };
+        let dense = |n: &str, o: usize, i: usize| -> Result<Proj> {
+            Ok(Proj::Dense(Linear::new(get(&format!("{n}.weight"), &[o, i])?, None)))
+        };
         let experts = (0..cfg.n_routed_experts)
             .map(|e| Mlp::load(&format!("{prefix}.experts.{e}"), hidden, cfg.moe_intermediate_size, &dense))
             .collect::<Result<Vec<_>>>()?;

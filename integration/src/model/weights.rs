@@ -23,8 +23,8 @@ pub enum WeightForm {
     /// Dense, every weight rounded through f16 (to compare with references that ran on f16
     /// copies of the same weights).
     DenseRoundedF16,
-    /// GGUF block formats kept as the file has them where candle has vectorised CPU kernels for
-    /// them; the others (Q4_1, Q5_0, Q5_1, Q8_1) and dense tensors are repacked into Q8_0.
+    /// GGUF block formats kept as the file has them where a vectorised CPU kernel exists for
+    /// them; the others (Q5_0, Q5_1, Q8_1) and dense tensors are repacked into Q8_0.
     Quantized,
     /// Every linear layer requantized at load into this format (into Q8_0 where a row does not
     /// split into whole blocks of it).
@@ -57,19 +57,20 @@ impl WeightForm {
     }
 }
 
-/// True for the block formats candle 0.10.2 has vectorised CPU dot products for (AVX2 or NEON,
-/// chosen at compile time); the others run a scalar loop several times slower.
+/// True for the block formats with vectorised CPU dot products: candle 0.10.2's (AVX2 or NEON,
+/// chosen at compile time) and ours for Q4_1 ([`super::q4_1`]); the others run a scalar loop
+/// several times slower.
 fn has_fast_kernel(dt: GgmlDType) -> bool {
     use GgmlDType as G;
-    matches!(dt, G::Q4_0 | G::Q8_0 | G::Q2K | G::Q3K | G::Q4K | G::Q5K | G::Q6K)
+    matches!(dt, G::Q4_0 | G::Q4_1 | G::Q8_0 | G::Q2K | G::Q3K | G::Q4K | G::Q5K | G::Q6K)
 }
 
 /// Quantizes dense `[out, in]` f32 rows into `dt`, or into Q8_0 where a row does not split into
 /// whole blocks of `dt` (every supported row length is a multiple of Q8_0's 32).
 fn quantize_rows(w: &Tensor, dt: GgmlDType) -> Result<QTensor> {
     let inp = w.dim(1)?;
-    let dt = if inp % dt.block_size() == 0 { dt } else { GgmlDType::Q8_0 };
-    if inp % dt.block_size() != 0 {
+    let dt = if inp.is_multiple_of(dt.block_size()) { dt } else { GgmlDType::Q8_0 };
+    if !inp.is_multiple_of(dt.block_size()) {
         bail!("rows of {inp} weights do not split into blocks of {}", dt.block_size());
     }
     Ok(QTensor::quantize(&w.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.contiguous()?, dt)?)
@@ -192,7 +193,11 @@ impl Weights {
         let info =
             content.tensor_infos.get(&g).with_context(|| format!("tensor `{g}` is missing from {}", path.display()))?;
         if info.shape.dims() != shape {
-            bail!("tensor `{g}` has shape {:?} in {} but the metadata implies {shape:?}", info.shape.dims(), path.display());
+            bail!(
+                "tensor `{g}` has shape {:?} in {} but the metadata implies {shape:?}",
+                info.shape.dims(),
+                path.display()
+            );
         }
         if matches!(info.ggml_dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
             return Ok(None);
@@ -237,7 +242,7 @@ impl Weights {
 fn unpermute_block_rows(q: &QTensor, heads: usize) -> Result<QTensor> {
     let (out, inp) = q.shape().dims2()?;
     let dt = q.dtype();
-    if inp % dt.block_size() != 0 || out % heads != 0 || (out / heads) % 2 != 0 {
+    if !inp.is_multiple_of(dt.block_size()) || !out.is_multiple_of(heads) || !(out / heads).is_multiple_of(2) {
         bail!("cannot un-permute a {dt:?} tensor of shape [{out}, {inp}] for {heads} heads");
     }
     let row = inp / dt.block_size() * dt.type_size();
@@ -261,7 +266,7 @@ pub(crate) fn block_tensor(bytes: Vec<u8>, dt: GgmlDType, shape: (usize, usize))
     // f16 scales), then copies them. The system allocator aligns every buffer far more than that,
     // checked here so that a surprise is an error, not a panic. The bytes are lent, not given:
     // candle 0.10.2's `from_data` drops an owned buffer before it copies from it.
-    if (bytes.as_ptr() as usize) % 8 != 0 || bytes.len() % dt.type_size() != 0 {
+    if !(bytes.as_ptr() as usize).is_multiple_of(8) || !bytes.len().is_multiple_of(dt.type_size()) {
         bail!("a {dt:?} buffer of {} bytes is misaligned or not whole blocks", bytes.len());
     }
     Ok(QTensor::new(QStorage::from_data(Cow::Borrowed(&bytes), &Device::Cpu, dt)?, shape)?)

@@ -8,10 +8,10 @@ use std::sync::{Arc, Mutex};
 use candle_core::{Device, Tensor};
 use dms_integration::engine::from_config::resolve_policy_table;
 use dms_integration::engine::{load_model, Engine, GenParams};
+use dms_integration::model::WeightForm;
 use dms_policy::{
     CacheShape, CompactPlan, EvictPlan, PolicyError, PolicyFactory, Pos, Registry, RowRef, SequencePolicy, SignalNeed,
 };
-use dms_integration::model::WeightForm;
 
 /// Path of a fixture folder inside the repository.
 pub fn fixture(name: &str) -> PathBuf {
@@ -146,7 +146,8 @@ pub fn presence(g: &HashMap<String, Tensor>, state: usize) -> Vec<Vec<Vec<Pos>>>
 /// A full-cache engine on the separate-alpha DMS fixture (block size 4) with a pool of
 /// `capacity_blocks`, for scheduler tests whose requests bring their own policies.
 pub fn batch_engine(capacity_blocks: usize) -> Engine {
-    let loaded = load_model(&fixture("qwen3_dms_tiny/variant_separate_alpha/model"), &Device::Cpu, WeightForm::Dense).unwrap();
+    let loaded =
+        load_model(&fixture("qwen3_dms_tiny/variant_separate_alpha/model"), &Device::Cpu, WeightForm::Dense).unwrap();
     let full = Registry::with_builtins().build(&toml::from_str("name = 'full'").unwrap()).unwrap();
     Engine::new(loaded.model, full, 4, capacity_blocks).unwrap()
 }

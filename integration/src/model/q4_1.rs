@@ -14,8 +14,9 @@ const QK: usize = 32;
 /// Bytes per Q4_1 block: `d` (f16), `m` (f16), 16 bytes of nibbles (value `j` in the low nibble
 /// of byte `j`, value `j + 16` in its high nibble).
 const BLOCK_BYTES: usize = 20;
-/// Output rows per parallel task.
-const ROWS_PER_TASK: usize = 32;
+/// Weight rows per parallel task (fewer, larger tasks: a decode step runs hundreds of these
+/// matmuls, and each task costs a rayon hand-off).
+const ROWS_PER_TASK: usize = 64;
 
 /// One block of activations rounded to 8 bits: `x ≈ d q`, and `s = d Σ q`.
 #[derive(Clone, Copy)]
@@ -122,9 +123,9 @@ unsafe fn dot_avx2(w: &[u8], a: &[Q8Block]) -> f32 {
     use std::arch::x86_64::*;
     let mask = _mm_set1_epi8(0x0F);
     let ones = _mm256_set1_epi16(1);
-    let mut acc = _mm256_setzero_ps();
-    let mut mins = 0f32;
-    for (blk, act) in w.chunks_exact(BLOCK_BYTES).zip(a) {
+    // One block: the i32 sums of `q_w q_a` as f32, scaled by `d_w d_a`, added to `acc`; `m_w s_a`
+    // added to `mins`.
+    let block = |blk: &[u8], act: &Q8Block, acc: __m256, mins: &mut f32| -> __m256 {
         let p = blk.as_ptr();
         let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(p as *const i32)));
         let (d, m) = (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_shuffle_ps(dm, dm, 1)));
@@ -135,13 +136,26 @@ unsafe fn dot_avx2(w: &[u8], a: &[Q8Block]) -> f32 {
         let aq = _mm256_loadu_si256(act.q.as_ptr() as *const __m256i);
         // u8 x i8 pairs summed into i16 (at most 2 * 15 * 128: no overflow), then into i32.
         let sum = _mm256_madd_epi16(_mm256_maddubs_epi16(wq, aq), ones);
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d * act.d), _mm256_cvtepi32_ps(sum), acc);
-        mins += m * act.s;
+        *mins += m * act.s;
+        _mm256_fmadd_ps(_mm256_set1_ps(d * act.d), _mm256_cvtepi32_ps(sum), acc)
+    };
+    // Two accumulators so that consecutive blocks' multiply-adds do not wait on each other.
+    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let (mut mins0, mut mins1) = (0f32, 0f32);
+    let mut pairs = w.chunks_exact(2 * BLOCK_BYTES).zip(a.chunks_exact(2));
+    for (blk, act) in pairs.by_ref() {
+        acc0 = block(&blk[..BLOCK_BYTES], &act[0], acc0, &mut mins0);
+        acc1 = block(&blk[BLOCK_BYTES..], &act[1], acc1, &mut mins1);
     }
+    if a.len() % 2 == 1 {
+        let last = a.len() - 1;
+        acc0 = block(&w[last * BLOCK_BYTES..], &a[last], acc0, &mut mins0);
+    }
+    let acc = _mm256_add_ps(acc0, acc1);
     let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    _mm_cvtss_f32(s) + mins
+    _mm_cvtss_f32(s) + mins0 + mins1
 }
 
 #[cfg(test)]

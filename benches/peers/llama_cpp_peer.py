@@ -8,8 +8,16 @@ import json
 import sys
 import time
 
+import llama_cpp
 import numpy as np
 from llama_cpp import Llama
+
+
+def last_logits(llm):
+    """The logits of the last evaluated token (with logits_all=False this binding leaves
+    `Llama.scores` unfilled, so read them from llama.cpp directly)."""
+    ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+    return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),))
 
 
 def main():
@@ -26,7 +34,7 @@ def main():
         t1 = time.perf_counter()
         ids = []
         for _ in range(n):
-            ids.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            ids.append(int(np.argmax(last_logits(llm))))
             if len(ids) < n:
                 llm.eval([ids[-1]])
         t2 = time.perf_counter()

@@ -15,6 +15,9 @@ features=mistralrs-cuda
 target="$HOME/.cache/dms-rs-target-cuda"
 [ "${PEER:-1}" = 0 ] && features=cuda && target="$HOME/.cache/dms-rs-target-cuda-nopeer"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR_CUDA:-$target}"
+# These binaries run on another machine, whose CPU may lack this one's extensions (AVX-512):
+# drop .cargo/config.toml's target-cpu=native (an empty CARGO_ENCODED_RUSTFLAGS overrides it).
+export CARGO_ENCODED_RUSTFLAGS=""
 cargo build --release -p dms-integration --features "$features" --bin dms-gpu --bin dms
 mkdir -p .gpu-bin
 for b in dms-gpu dms; do

@@ -244,3 +244,22 @@ fn bad_weight_forms_and_quantized_mla_are_refused_by_name() {
     let e = format!("{e:#}");
     assert!(e.contains("latent attention"), "{e}");
 }
+
+#[test]
+fn a_gguf_tensor_type_we_do_not_support_is_named() {
+    let dir = scratch("unsupported");
+    let mut bytes = tiny_gguf(GgmlDType::Q8_0, true);
+    // A tensor entry is its name (u64 length, bytes), its dimension count (u32), its dimensions
+    // (u64 each) and its type (u32): give `blk.0.attn_q.weight` type 16 (IQ2_XXS).
+    let name = b"blk.0.attn_q.weight";
+    let at = bytes.windows(name.len()).position(|w| w == name).expect("tensor entry") + name.len();
+    let n_dims = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+    let ty = at + 4 + 8 * n_dims;
+    bytes[ty..ty + 4].copy_from_slice(&16u32.to_le_bytes());
+    let path = dir.join("iq2.gguf");
+    std::fs::write(&path, &bytes).unwrap();
+    let Err(e) = Weights::open_gguf(&path) else { panic!("an unsupported tensor type is refused") };
+    let e = format!("{e:#}");
+    assert!(e.contains("blk.0.attn_q.weight") && e.contains("16") && e.contains("not a supported ggml type"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use dms_integration::assets::{build_cache_entry, cache_dir};
+use dms_integration::assets::python_venv;
 
 const OPENAI_VERSION: &str = "3.57.0";
 const PROMPT: &str = "Tell me a story about a dragon.";
@@ -16,25 +16,8 @@ const MAX_TOKENS: usize = 48;
 
 /// A Python venv with the `openai` client, built once per cache directory.
 fn venv_python() -> PathBuf {
-    let target = cache_dir().join(format!("py-openai-{OPENAI_VERSION}"));
-    let python = |dir: &Path| dir.join("bin/python");
-    build_cache_entry(
-        &target,
-        |dir| Command::new(python(dir)).args(["-c", "import openai"]).status().is_ok_and(|s| s.success()),
-        |staging| {
-            let dir = staging.join("venv");
-            let ok = Command::new("python3").arg("-m").arg("venv").arg(&dir).status()?.success();
-            anyhow::ensure!(ok, "python3 -m venv failed");
-            let ok = Command::new(python(&dir))
-                .args(["-m", "pip", "install", "--quiet", &format!("openai=={OPENAI_VERSION}")])
-                .status()?
-                .success();
-            anyhow::ensure!(ok, "pip install openai=={OPENAI_VERSION} failed");
-            Ok(dir)
-        },
-    )
-    .expect("a venv with the openai client");
-    python(&target)
+    python_venv(&format!("openai-{OPENAI_VERSION}"), &format!("openai=={OPENAI_VERSION}"), "openai", &[])
+        .expect("a venv with the openai client")
 }
 
 fn repo() -> PathBuf {

@@ -159,6 +159,33 @@ pub fn build_cache_entry(
     Ok(())
 }
 
+/// A Python venv in the cache directory, `<cache>/py-<name>`, with `requirement` pip-installed
+/// (with `env` set for pip, e.g. build flags), built once: complete when `import` imports.
+/// Returns its Python.
+pub fn python_venv(name: &str, requirement: &str, import: &str, env: &[(&str, &str)]) -> Result<PathBuf> {
+    let target = cache_dir().join(format!("py-{name}"));
+    let python = |dir: &Path| dir.join("bin/python");
+    build_cache_entry(
+        &target,
+        |dir| Command::new(python(dir)).args(["-c", &format!("import {import}")]).status().is_ok_and(|s| s.success()),
+        |staging| {
+            let dir = staging.join("venv");
+            let ok = Command::new("python3").arg("-m").arg("venv").arg(&dir).status()?.success();
+            anyhow::ensure!(ok, "python3 -m venv failed");
+            let status = Command::new(python(&dir))
+                .args(["-m", "pip", "install", "--quiet", requirement])
+                .envs(env.iter().copied())
+                // pip's output goes to our stderr: stdout carries the command's own output.
+                .stdout(std::io::stderr())
+                .status()
+                .context("cannot run pip")?;
+            anyhow::ensure!(status.success(), "pip install {requirement} failed");
+            Ok(dir)
+        },
+    )?;
+    Ok(python(&target))
+}
+
 /// Removes a file or a directory tree; absent is fine.
 fn remove_any(p: &Path) -> Result<()> {
     let r = match std::fs::symlink_metadata(p) {

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
-use crate::assets::{build_cache_entry, cache_dir};
+use crate::assets::{cache_dir, python_venv};
 
 /// What one batch of greedy requests produced in a peer engine.
 #[derive(Debug, Deserialize)]
@@ -32,27 +32,16 @@ const DRIVER: &str = include_str!("../../../benches/peers/llama_cpp_peer.py");
 /// A venv with llama-cpp-python in the cache directory, built once (minutes: pip compiles
 /// llama.cpp with `-DGGML_NATIVE=ON`); returns its Python.
 fn llama_cpp_python() -> Result<PathBuf> {
-    let target = cache_dir().join(format!("py-llama-cpp-python-{LLAMA_CPP_PYTHON}"));
-    let python = |dir: &Path| dir.join("bin/python");
-    build_cache_entry(
-        &target,
-        |dir| Command::new(python(dir)).args(["-c", "import llama_cpp"]).status().is_ok_and(|s| s.success()),
-        |staging| {
-            let dir = staging.join("venv");
-            eprintln!("installing llama-cpp-python {LLAMA_CPP_PYTHON} (builds llama.cpp from source: minutes)");
-            let ok = Command::new("python3").arg("-m").arg("venv").arg(&dir).status()?.success();
-            anyhow::ensure!(ok, "python3 -m venv failed");
-            let status = Command::new(python(&dir))
-                .args(["-m", "pip", "install", "--quiet", &format!("llama-cpp-python=={LLAMA_CPP_PYTHON}")])
-                .env("CMAKE_ARGS", "-DGGML_NATIVE=ON")
-                .stdout(Stdio::from(std::io::stderr()))
-                .status()
-                .context("cannot run pip")?;
-            anyhow::ensure!(status.success(), "pip install llama-cpp-python=={LLAMA_CPP_PYTHON} failed");
-            Ok(dir)
-        },
-    )?;
-    Ok(python(&target))
+    let requirement = format!("llama-cpp-python=={LLAMA_CPP_PYTHON}");
+    if !cache_dir().join(format!("py-llama-cpp-python-{LLAMA_CPP_PYTHON}")).exists() {
+        eprintln!("installing {requirement} (builds llama.cpp from source: minutes)");
+    }
+    python_venv(
+        &format!("llama-cpp-python-{LLAMA_CPP_PYTHON}"),
+        &requirement,
+        "llama_cpp",
+        &[("CMAKE_ARGS", "-DGGML_NATIVE=ON")],
+    )
 }
 
 /// Greedy generation of `max_tokens` tokens for every prompt by llama.cpp on the GGUF file

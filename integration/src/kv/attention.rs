@@ -27,6 +27,15 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
+/// Slots a decode task reads at most: a row is attended in chunks of whole blocks of about this
+/// many slots, each with its own softmax statistics, merged in chunk order afterwards (so the
+/// result does not depend on how many threads ran the chunks).
+const CHUNK_SLOTS: usize = 128;
+
+/// Multiply-adds (slots x query heads x head width) below which one step's decode attention
+/// runs on the calling thread: a rayon hand-off costs more than that much arithmetic.
+const PARALLEL_MIN_WORK: usize = 1 << 17;
+
 /// Decode attention of the `g` query heads of one KV group (`q`: `g * head_dim`, head-major) at
 /// position `q_pos` over one row, read block by block. Writes `g * dv` floats into `out`, where
 /// `dv` is the store's value width, or for latent rows (no separate values) `out.len() / g`
@@ -54,77 +63,216 @@ pub fn decode_row_weighted(
     out: &mut [f32],
     weights: Option<&mut [f32]>,
 ) -> Result<(), StoreError> {
+    let mut w: Vec<&mut [f32]> = weights.into_iter().collect();
+    decode_rows(store, &[id], q, q_pos, scale, out, (!w.is_empty()).then_some(w.as_mut_slice()))
+}
+
+/// [`decode_row_weighted`] for the KV groups of one sequence at once: row `r` of `rows` attends
+/// with the `r`-th group of `q` into the `r`-th group of `out` (and `weights[r]`). The rows'
+/// chunks run in parallel when there is enough work.
+pub fn decode_rows(
+    store: &KvStore,
+    rows: &[RowId],
+    q: &[f32],
+    q_pos: Pos,
+    scale: f32,
+    out: &mut [f32],
+    weights: Option<&mut [&mut [f32]]>,
+) -> Result<(), StoreError> {
     let d = store.head_dim();
+    let g = q.len() / d / rows.len().max(1);
+    let dv = out.len() / (g * rows.len()).max(1);
+    let chunk_blocks = CHUNK_SLOTS.div_ceil(store.block_size()).max(1);
+    let keep_exps = weights.is_some();
+    let mut tasks = Vec::new();
+    let mut work = 0;
+    for (r, &id) in rows.iter().enumerate() {
+        let row = store.row(id)?;
+        work += row.len() * g * d;
+        for b0 in (0..row.blocks().len()).step_by(chunk_blocks) {
+            tasks.push((r, b0..(b0 + chunk_blocks).min(row.blocks().len())));
+        }
+    }
+    let run = |(r, blocks): &(usize, std::ops::Range<usize>)| -> Result<Partial, StoreError> {
+        let row = store.row(rows[*r])?;
+        let qr = &q[r * g * d..(r + 1) * g * d];
+        Ok(chunk_partial(store, row, blocks.clone(), qr, q_pos, scale, dv, keep_exps))
+    };
+    let partials: Vec<Partial> = if work >= PARALLEL_MIN_WORK {
+        use rayon::prelude::*;
+        tasks.par_iter().map(run).collect::<Result<_, _>>()?
+    } else {
+        tasks.iter().map(run).collect::<Result<_, _>>()?
+    };
+    let mut weights = weights;
+    let mut at = 0;
+    for (r, o) in out.chunks_exact_mut(g * dv).enumerate().take(rows.len()) {
+        let n_chunks = tasks[at..].iter().take_while(|(tr, _)| *tr == r).count();
+        let parts = &partials[at..at + n_chunks];
+        at += n_chunks;
+        let w = weights.as_mut().map(|w| &mut *w[r]);
+        merge(parts, g, dv, store.block_size() * chunk_blocks, o, w);
+    }
+    Ok(())
+}
+
+/// Softmax statistics and unnormalised output of one chunk of a row, per query head.
+struct Partial {
+    /// Largest score per head (`-inf` when the head sees no slot of the chunk).
+    max: Vec<f32>,
+    /// Sum of `exp(score - max)` per head.
+    sum: Vec<f32>,
+    /// `sum_s exp(score_s - max) v_s` per head (`g * dv`).
+    out: Vec<f32>,
+    /// `exp(score - max)` per head and slot (`g * slots`), kept for attention weights.
+    exps: Vec<f32>,
+}
+
+/// Attends the group `q` (`g` heads) over the blocks `blocks` of `row`.
+#[allow(clippy::too_many_arguments)]
+fn chunk_partial(
+    store: &KvStore,
+    row: &crate::kv::store::Row,
+    blocks: std::ops::Range<usize>,
+    q: &[f32],
+    q_pos: Pos,
+    scale: f32,
+    dv: usize,
+    keep_exps: bool,
+) -> Partial {
+    let (d, bs) = (store.head_dim(), store.block_size());
     let g = q.len() / d;
-    let dv = out.len() / g;
     let latent = store.v_dim() == 0;
-    let bs = store.block_size();
-    let row = store.row(id)?;
     let n = row.len();
-    let (pos, last) = (row.positions(), row.last_visible());
-    let mut scores = vec![f32::NEG_INFINITY; g * n];
+    let first = blocks.start * bs;
+    let len = (blocks.end * bs).min(n) - first;
+    let (pos, last) = (&row.positions()[first..first + len], &row.last_visible()[first..first + len]);
+    let mut exps = vec![f32::NEG_INFINITY; g * len];
     let (mut kbuf, mut vbuf) = (Vec::new(), Vec::new());
-    for (b, &block) in row.blocks().iter().enumerate() {
+    let mut dots = vec![0f32; g];
+    for (bi, &block) in row.blocks()[blocks.clone()].iter().enumerate() {
         let kb = store.block_keys(block, &mut kbuf);
-        let used = (n - b * bs).min(bs);
-        for j in 0..used {
-            let s = b * bs + j;
+        for j in 0..(len - bi * bs).min(bs) {
+            let s = bi * bs + j;
             if pos[s] > q_pos || last[s] < q_pos {
                 continue;
             }
-            let key = &kb[j * d..(j + 1) * d];
-            for h in 0..g {
-                scores[h * n + s] = dot(&q[h * d..(h + 1) * d], key) * scale;
+            head_dots(q, &kb[j * d..(j + 1) * d], &mut dots);
+            for (h, v) in dots.iter().enumerate() {
+                exps[h * len + s] = v * scale;
             }
         }
     }
-    out.fill(0.0);
+    let mut max = vec![f32::NEG_INFINITY; g];
+    let mut sum = vec![0f32; g];
     for h in 0..g {
-        let sc = &mut scores[h * n..(h + 1) * n];
-        let max = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        if max == f32::NEG_INFINITY {
-            sc.fill(0.0);
+        let e = &mut exps[h * len..(h + 1) * len];
+        max[h] = e.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        if max[h] == f32::NEG_INFINITY {
+            e.fill(0.0);
             continue;
         }
-        let mut sum = 0.0;
-        for x in sc.iter_mut() {
-            *x = (*x - max).exp();
-            sum += *x;
-        }
-        for x in sc.iter_mut() {
-            *x /= sum;
+        for x in e.iter_mut() {
+            *x = (*x - max[h]).exp();
+            sum[h] += *x;
         }
     }
-    if let Some(w) = weights {
-        for h in 0..g {
-            for (w, p) in w.iter_mut().zip(&scores[h * n..(h + 1) * n]) {
-                *w += p / g as f32;
-            }
-        }
-    }
-    for (b, &block) in row.blocks().iter().enumerate() {
+    let mut out = vec![0f32; g * dv];
+    for (bi, &block) in row.blocks()[blocks].iter().enumerate() {
         let (kb, vb) = if latent {
             (store.block_keys(block, &mut kbuf), &[][..])
         } else {
             (&[][..], store.block_values(block, &mut vbuf))
         };
-        let used = (n - b * bs).min(bs);
-        for j in 0..used {
-            let s = b * bs + j;
-            let val = if latent { &kb[j * d..j * d + dv] } else { &vb[j * dv..(j + 1) * dv] };
-            for h in 0..g {
-                let p = scores[h * n + s];
+        let used = (len - bi * bs).min(bs);
+        for h in 0..g {
+            let o = &mut out[h * dv..(h + 1) * dv];
+            for j in 0..used {
+                let p = exps[h * len + bi * bs + j];
                 if p == 0.0 {
                     continue;
                 }
-                let o = &mut out[h * dv..(h + 1) * dv];
+                let val = if latent { &kb[j * d..j * d + dv] } else { &vb[j * dv..(j + 1) * dv] };
                 for (o, v) in o.iter_mut().zip(val) {
                     *o += p * v;
                 }
             }
         }
     }
-    Ok(())
+    if !keep_exps {
+        exps = Vec::new();
+    }
+    Partial { max, sum, out, exps }
+}
+
+/// Combines a row's chunks (`chunk_len` slots each, the last one shorter) into the normalised
+/// output `out` (`g * dv`) and, when given, adds each slot's head-averaged weight to `weights`.
+fn merge(parts: &[Partial], g: usize, dv: usize, chunk_len: usize, out: &mut [f32], mut weights: Option<&mut [f32]>) {
+    out.fill(0.0);
+    for h in 0..g {
+        let m = parts.iter().map(|p| p.max[h]).fold(f32::NEG_INFINITY, f32::max);
+        if m == f32::NEG_INFINITY {
+            continue;
+        }
+        let scales: Vec<f32> =
+            parts.iter().map(|p| if p.max[h] == f32::NEG_INFINITY { 0.0 } else { (p.max[h] - m).exp() }).collect();
+        let total: f32 = parts.iter().zip(&scales).map(|(p, c)| c * p.sum[h]).sum();
+        let o = &mut out[h * dv..(h + 1) * dv];
+        for (p, c) in parts.iter().zip(&scales) {
+            for (o, v) in o.iter_mut().zip(&p.out[h * dv..(h + 1) * dv]) {
+                *o += c * v;
+            }
+        }
+        for o in o.iter_mut() {
+            *o /= total;
+        }
+        if let Some(w) = weights.as_deref_mut() {
+            for (c, (p, c_scale)) in parts.iter().zip(&scales).enumerate() {
+                let len = p.exps.len() / g;
+                let f = c_scale / total / g as f32;
+                for (w, e) in w[c * chunk_len..c * chunk_len + len].iter_mut().zip(&p.exps[h * len..(h + 1) * len]) {
+                    *w += e * f;
+                }
+            }
+        }
+    }
+}
+
+/// Dot products of each of the query heads in `q` (head-major, `dots.len()` heads) with `key`,
+/// up to four heads at a time so that their sums accumulate independently.
+#[inline]
+fn head_dots(q: &[f32], key: &[f32], dots: &mut [f32]) {
+    let d = key.len();
+    for (h, o) in dots.chunks_mut(4).enumerate() {
+        let qh = &q[h * 4 * d..(h * 4 + o.len()) * d];
+        match o.len() {
+            4 => o.copy_from_slice(&dots_n::<4>(qh, key)),
+            3 => o.copy_from_slice(&dots_n::<3>(qh, key)),
+            2 => o.copy_from_slice(&dots_n::<2>(qh, key)),
+            _ => o[0] = dot(qh, key),
+        }
+    }
+}
+
+/// Dot products of `N` consecutive query heads (`q`: `N * key.len()`) with `key`.
+#[inline]
+fn dots_n<const N: usize>(q: &[f32], key: &[f32]) -> [f32; N] {
+    let d = key.len();
+    let heads: [&[f32]; N] = std::array::from_fn(|h| &q[h * d..(h + 1) * d]);
+    let mut acc = [[0f32; 8]; N];
+    let full = d / 8 * 8;
+    for c in (0..full).step_by(8) {
+        let k = &key[c..c + 8];
+        for (a, qh) in acc.iter_mut().zip(heads) {
+            let qh = &qh[c..c + 8];
+            for i in 0..8 {
+                a[i] += qh[i] * k[i];
+            }
+        }
+    }
+    std::array::from_fn(|h| {
+        acc[h].iter().sum::<f32>() + heads[h][full..].iter().zip(&key[full..]).map(|(x, y)| x * y).sum::<f32>()
+    })
 }
 
 /// Dense attention for a chunk of `t` queries of one sequence over its rows (one per KV head),
@@ -238,4 +386,99 @@ fn chunk_attention(
 fn zero_fully_masked(p: &Tensor) -> candle_core::Result<Tensor> {
     let nan = p.ne(p)?;
     nan.where_cond(&p.zeros_like()?, p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dms_policy::{EvictPlan, Write, VISIBLE_FOREVER};
+
+    fn seeded(seed: u64, n: usize) -> Vec<f32> {
+        (0..n).map(|i| ((i as f64 * 0.6180339 + seed as f64 * 0.31).sin() * 1.3) as f32).collect()
+    }
+
+    /// Rows of `n` slots at positions `0..n` over several chunks; slots `hidden` are visible only
+    /// to queries before `n - 1` (a whole chunk of them, then a few scattered ones).
+    fn store_with_rows(
+        d: usize,
+        n: usize,
+        rows: usize,
+        hidden: &dyn Fn(usize) -> bool,
+    ) -> (KvStore, Vec<RowId>, Vec<Vec<f32>>, Vec<Vec<f32>>) {
+        let mut store = KvStore::with_value_dim(d, d, 16, rows * n.div_ceil(16));
+        let (mut ids, mut ks, mut vs) = (Vec::new(), Vec::new(), Vec::new());
+        for r in 0..rows {
+            let id = store.add_row(0);
+            let (k, v) = (seeded(10 + r as u64, n * d), seeded(20 + r as u64, n * d));
+            let writes = (0..n)
+                .map(|i| Write { slot: i as u32, last_visible: if hidden(i) { n as Pos - 2 } else { VISIBLE_FOREVER } })
+                .collect();
+            store.apply_evict(id, &EvictPlan { hide: Vec::new(), writes }, 0, &k, &v).unwrap();
+            ids.push(id);
+            ks.push(k);
+            vs.push(v);
+        }
+        (store, ids, ks, vs)
+    }
+
+    /// Softmax attention of one head in f64 over the visible slots: (output, weights).
+    fn reference(q: &[f32], k: &[f32], v: &[f32], d: usize, visible: &[bool], scale: f32) -> (Vec<f64>, Vec<f64>) {
+        let s: Vec<f64> = (0..visible.len())
+            .map(|j| {
+                if visible[j] {
+                    scale as f64 * (0..d).map(|e| q[e] as f64 * k[j * d + e] as f64).sum::<f64>()
+                } else {
+                    f64::NEG_INFINITY
+                }
+            })
+            .collect();
+        let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
+        let p: Vec<f64> = s.iter().map(|x| (x - m).exp() / z).collect();
+        let out = (0..d).map(|e| (0..visible.len()).map(|j| p[j] * v[j * d + e] as f64).sum()).collect();
+        (out, p)
+    }
+
+    #[test]
+    fn chunked_decode_equals_one_softmax_over_the_row_serial_and_parallel() {
+        let hidden = |i: usize| (128..256).contains(&i) || i % 37 == 5;
+        // (head dim, slots, query heads per row, rows): one row runs on this thread, two rows of
+        // the wider shape cross the parallel threshold.
+        for (d, n, g, rows) in [(12, 300, 1, 1), (12, 300, 3, 1), (64, 300, 5, 1), (64, 300, 5, 2), (64, 100, 4, 1)] {
+            let (store, ids, ks, vs) = store_with_rows(d, n, rows, &hidden);
+            let q = seeded(3, rows * g * d);
+            let visible: Vec<bool> = (0..n).map(|i| !hidden(i)).collect();
+            let mut out = vec![0f32; rows * g * d];
+            let mut w: Vec<Vec<f32>> = vec![vec![0f32; n]; rows];
+            let mut wr: Vec<&mut [f32]> = w.iter_mut().map(|w| w.as_mut_slice()).collect();
+            decode_rows(&store, &ids, &q, n as Pos - 1, 0.2, &mut out, Some(wr.as_mut_slice())).unwrap();
+            for r in 0..rows {
+                let mut want_w = vec![0f64; n];
+                for h in 0..g {
+                    let qh = &q[(r * g + h) * d..(r * g + h + 1) * d];
+                    let (o, p) = reference(qh, &ks[r], &vs[r], d, &visible, 0.2);
+                    let got = &out[(r * g + h) * d..(r * g + h + 1) * d];
+                    for (a, b) in got.iter().zip(&o) {
+                        assert!((*a as f64 - b).abs() < 1e-5, "d {d} g {g} row {r} head {h}: {a} vs {b}");
+                    }
+                    for (acc, p) in want_w.iter_mut().zip(p) {
+                        *acc += p / g as f64;
+                    }
+                }
+                for (s, (a, b)) in w[r].iter().zip(&want_w).enumerate() {
+                    assert!((*a as f64 - b).abs() < 1e-6, "d {d} g {g} row {r} slot {s}: weight {a} vs {b}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_query_that_sees_nothing_gets_zeros_and_no_weight() {
+        let (store, ids, _, _) = store_with_rows(8, 200, 1, &|_| true);
+        let q = seeded(4, 2 * 8);
+        let mut out = vec![1f32; 2 * 8];
+        let mut w = vec![0f32; 200];
+        decode_row_weighted(&store, ids[0], &q, 199, 0.5, &mut out, Some(&mut w)).unwrap();
+        assert!(out.iter().chain(&w).all(|x| *x == 0.0));
+    }
 }

@@ -101,20 +101,19 @@ impl KvBackend for HostStep<'_, '_> {
                 let qh = q_host.as_ref().expect("computed for decode spans");
                 let qs = &qh[start * nh * qd..(start + 1) * nh * qd];
                 let mut o = vec![0f32; nh * out_d];
-                let g = nh / nkv;
-                for (j, &row) in rows.iter().enumerate() {
-                    let mut w = if weighted { vec![0f32; self.store.row(row)?.len()] } else { Vec::new() };
-                    attention::decode_row_weighted(
-                        self.store,
-                        row,
-                        &qs[j * g * qd..(j + 1) * g * qd],
-                        positions[0],
-                        step.scale as f32,
-                        &mut o[j * g * out_d..(j + 1) * g * out_d],
-                        weighted.then_some(w.as_mut_slice()),
-                    )?;
-                    weights.push(w);
+                if weighted {
+                    weights = rows.iter().map(|&r| Ok(vec![0f32; self.store.row(r)?.len()])).collect::<Result<_>>()?;
                 }
+                let mut w: Vec<&mut [f32]> = weights.iter_mut().map(|w| w.as_mut_slice()).collect();
+                attention::decode_rows(
+                    self.store,
+                    rows,
+                    qs,
+                    positions[0],
+                    step.scale as f32,
+                    &mut o,
+                    weighted.then_some(w.as_mut_slice()),
+                )?;
                 Tensor::from_vec(o, (1, nh * out_d), &self.device)?
             } else {
                 let qc = step.q.narrow(0, start, t)?;

@@ -8,6 +8,7 @@
 
 pub mod assets;
 pub mod config;
+pub mod cpu;
 pub mod engine;
 pub mod gpu;
 pub mod harness;

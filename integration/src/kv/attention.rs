@@ -7,25 +7,8 @@
 use candle_core::{Device, Tensor};
 
 use crate::kv::store::{KvStore, RowId, StoreError};
+use crate::kv::vector;
 use dms_policy::Pos;
-
-/// Dot product written so that LLVM vectorises it.
-#[inline]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    let mut s: f32 = acc.iter().sum();
-    for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
-    }
-    s
-}
 
 /// Slots a decode task reads at most: a row is attended in chunks of whole blocks of about this
 /// many slots, each with its own softmax statistics, merged in chunk order afterwards (so the
@@ -149,7 +132,6 @@ fn chunk_partial(
     let (pos, last) = (&row.positions()[first..first + len], &row.last_visible()[first..first + len]);
     let mut exps = vec![f32::NEG_INFINITY; g * len];
     let (mut kbuf, mut vbuf) = (Vec::new(), Vec::new());
-    let mut dots = vec![0f32; g];
     for (bi, &block) in row.blocks()[blocks.clone()].iter().enumerate() {
         let kb = store.block_keys(block, &mut kbuf);
         for j in 0..(len - bi * bs).min(bs) {
@@ -157,9 +139,9 @@ fn chunk_partial(
             if pos[s] > q_pos || last[s] < q_pos {
                 continue;
             }
-            head_dots(q, &kb[j * d..(j + 1) * d], &mut dots);
-            for (h, v) in dots.iter().enumerate() {
-                exps[h * len + s] = v * scale;
+            let key = &kb[j * d..(j + 1) * d];
+            for (h, qh) in q.chunks_exact(d).enumerate() {
+                exps[h * len + s] = vector::dot(qh, key) * scale;
             }
         }
     }
@@ -185,18 +167,9 @@ fn chunk_partial(
             (&[][..], store.block_values(block, &mut vbuf))
         };
         let used = (len - bi * bs).min(bs);
-        for h in 0..g {
-            let o = &mut out[h * dv..(h + 1) * dv];
-            for j in 0..used {
-                let p = exps[h * len + bi * bs + j];
-                if p == 0.0 {
-                    continue;
-                }
-                let val = if latent { &kb[j * d..j * d + dv] } else { &vb[j * dv..(j + 1) * dv] };
-                for (o, v) in o.iter_mut().zip(val) {
-                    *o += p * v;
-                }
-            }
+        let (vals, stride) = if latent { (kb, d) } else { (vb, dv) };
+        for (h, o) in out.chunks_exact_mut(dv).enumerate() {
+            vector::accumulate(o, &exps[h * len + bi * bs..h * len + bi * bs + used], vals, stride);
         }
     }
     if !keep_exps {
@@ -236,43 +209,6 @@ fn merge(parts: &[Partial], g: usize, dv: usize, chunk_len: usize, out: &mut [f3
             }
         }
     }
-}
-
-/// Dot products of each of the query heads in `q` (head-major, `dots.len()` heads) with `key`,
-/// up to four heads at a time so that their sums accumulate independently.
-#[inline]
-fn head_dots(q: &[f32], key: &[f32], dots: &mut [f32]) {
-    let d = key.len();
-    for (h, o) in dots.chunks_mut(4).enumerate() {
-        let qh = &q[h * 4 * d..(h * 4 + o.len()) * d];
-        match o.len() {
-            4 => o.copy_from_slice(&dots_n::<4>(qh, key)),
-            3 => o.copy_from_slice(&dots_n::<3>(qh, key)),
-            2 => o.copy_from_slice(&dots_n::<2>(qh, key)),
-            _ => o[0] = dot(qh, key),
-        }
-    }
-}
-
-/// Dot products of `N` consecutive query heads (`q`: `N * key.len()`) with `key`.
-#[inline]
-fn dots_n<const N: usize>(q: &[f32], key: &[f32]) -> [f32; N] {
-    let d = key.len();
-    let heads: [&[f32]; N] = std::array::from_fn(|h| &q[h * d..(h + 1) * d]);
-    let mut acc = [[0f32; 8]; N];
-    let full = d / 8 * 8;
-    for c in (0..full).step_by(8) {
-        let k = &key[c..c + 8];
-        for (a, qh) in acc.iter_mut().zip(heads) {
-            let qh = &qh[c..c + 8];
-            for i in 0..8 {
-                a[i] += qh[i] * k[i];
-            }
-        }
-    }
-    std::array::from_fn(|h| {
-        acc[h].iter().sum::<f32>() + heads[h][full..].iter().zip(&key[full..]).map(|(x, y)| x * y).sum::<f32>()
-    })
 }
 
 /// Dense attention for a chunk of `t` queries of one sequence over its rows (one per KV head),

@@ -150,6 +150,15 @@ impl KvBackend for HostStep<'_, '_> {
 /// caches. Returns logits per sequence: `[tokens, vocab]` when `all_logits`, else `[1, vocab]`
 /// for the last token.
 pub fn forward(model: &Llama, seqs: &mut [SeqInput<'_>], store: &mut KvStore, all_logits: bool) -> Result<Vec<Tensor>> {
+    rayon::scope(|_| forward_on_worker(model, seqs, store, all_logits))
+}
+
+fn forward_on_worker(
+    model: &Llama,
+    seqs: &mut [SeqInput<'_>],
+    store: &mut KvStore,
+    all_logits: bool,
+) -> Result<Vec<Tensor>> {
     let ids: Vec<u32> = seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
     let mut step = HostStep::new(seqs, store, model.latent_rank(), model.device())?;
     let positions = step.positions.clone();

@@ -35,7 +35,7 @@ pub fn matmul(w: &[u8], (n, k): (usize, usize), x: &[f32], y: &mut [f32]) -> any
     }
     let acts: Vec<Vec<Q8Block>> = x.chunks_exact(k).map(quantize_row).collect();
     let row_bytes = k / QK * BLOCK_BYTES;
-    let fast = has_avx2();
+    let fast = crate::cpu::has_avx2_fma();
     // Tasks own runs of weight rows; results land in a row-per-weight scratch so that each task
     // writes one contiguous slice, then are transposed into `y`.
     let mut by_weight = vec![0f32; n * m];
@@ -74,27 +74,12 @@ fn quantize_row(x: &[f32]) -> Vec<Q8Block> {
         .collect()
 }
 
-/// True when this CPU runs the AVX2 kernel (AVX2, FMA and F16C), checked once.
-fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static FAST: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *FAST.get_or_init(|| {
-            is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
 /// Dot product of one weight row (Q4_1 bytes) with one activation row.
 #[inline]
 fn dot(w: &[u8], a: &[Q8Block], fast: bool) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if fast {
-        // SAFETY: `fast` is true only when the CPU has AVX2, FMA and F16C (`has_avx2`).
+        // SAFETY: `fast` is true only when the CPU has AVX2, FMA and F16C (`has_avx2_fma`).
         return unsafe { dot_avx2(w, a) };
     }
     let _ = fast;

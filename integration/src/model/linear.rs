@@ -69,6 +69,45 @@ impl Proj {
         }
     }
 
+    /// Applies several layers to the same `[n, in]` rows: Q4_1 layers over short inputs share one
+    /// pass of our kernel ([`super::q4_1::matmul_many`]), the others run one by one.
+    pub fn forward_many(projs: &[&Proj], x: &Tensor) -> Result<Vec<Tensor>> {
+        let x = x.contiguous()?;
+        let k = x.dim(candle_core::D::Minus1)?;
+        let rows = x.elem_count() / k.max(1);
+        let shared: Vec<(&[u8], usize, Option<&Tensor>)> = projs
+            .iter()
+            .filter_map(|p| match p {
+                Proj::Quantized { weight, bias, .. } if weight.dtype() == GgmlDType::Q4_1 && rows < DENSE_FROM_ROWS => {
+                    let data = weight.data().ok()?;
+                    let std::borrow::Cow::Borrowed(bytes) = data else { return None };
+                    Some((bytes, weight.shape().dims2().ok()?.0, bias.as_ref()))
+                }
+                _ => None,
+            })
+            .collect();
+        if shared.len() != projs.len() || projs.len() < 2 {
+            return projs.iter().map(|p| p.forward(&x)).collect();
+        }
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let mut ys: Vec<Vec<f32>> = shared.iter().map(|(_, n, _)| vec![0f32; rows * n]).collect();
+        let ws: Vec<(&[u8], usize)> = shared.iter().map(|(b, n, _)| (*b, *n)).collect();
+        let mut outs: Vec<&mut [f32]> = ys.iter_mut().map(|y| y.as_mut_slice()).collect();
+        super::q4_1::matmul_many(&ws, k, &xs, &mut outs)?;
+        ys.into_iter()
+            .zip(&shared)
+            .map(|(y, (_, n, bias))| {
+                let mut dims = x.dims().to_vec();
+                *dims.last_mut().expect("rank >= 1") = *n;
+                let y = Tensor::from_vec(y, dims, x.device())?;
+                Ok(match bias {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                })
+            })
+            .collect()
+    }
+
     /// The dense weight, or an error for a quantized one (gradients and dtype changes need it).
     pub fn dense_weight(&self) -> Result<&Tensor> {
         match self {

@@ -468,9 +468,11 @@ impl Llama {
             return Ok(AttnInputs { q, k: latent, v, decision, key_norms });
         }
         let m = layer.mha();
-        let mut q = m.q_proj.forward(&h)?.reshape((n, nh, hd))?;
-        let mut k = m.k_proj.forward(&h)?.reshape((n, nkv, hd))?;
-        let v = m.v_proj.forward(&h)?.reshape((n, nkv, hd))?;
+        let [q, k, v]: [Tensor; 3] =
+            Proj::forward_many(&[&m.q_proj, &m.k_proj, &m.v_proj], &h)?.try_into().expect("three projections");
+        let mut q = q.reshape((n, nh, hd))?;
+        let mut k = k.reshape((n, nkv, hd))?;
+        let v = v.reshape((n, nkv, hd))?;
         if let (Some(qn), Some(kn)) = (&m.q_norm, &m.k_norm) {
             q = candle_nn::ops::rms_norm(&q.contiguous()?, qn, cfg.rms_norm_eps as f32)?;
             k = candle_nn::ops::rms_norm(&k.contiguous()?, kn, cfg.rms_norm_eps as f32)?;

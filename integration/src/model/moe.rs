@@ -48,7 +48,9 @@ impl Mlp {
 
     /// Applies the MLP to `[n, hidden]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.down.forward(&(candle_nn::ops::silu(&self.gate.forward(x)?)? * self.up.forward(x)?)?)
+        let [gate, up]: [Tensor; 2] =
+            Proj::forward_many(&[&self.gate, &self.up], x)?.try_into().expect("two projections");
+        self.down.forward(&(candle_nn::ops::silu(&gate)? * up)?)
     }
 
     /// [`Self::forward`] with `Tensor::silu` (which has a gradient).

@@ -14,9 +14,12 @@ const QK: usize = 32;
 /// Bytes per Q4_1 block: `d` (f16), `m` (f16), 16 bytes of nibbles (value `j` in the low nibble
 /// of byte `j`, value `j + 16` in its high nibble).
 const BLOCK_BYTES: usize = 20;
-/// Weight rows per parallel task (fewer, larger tasks: a decode step runs hundreds of these
-/// matmuls, and each task costs a rayon hand-off).
-const ROWS_PER_TASK: usize = 64;
+/// Weight rows the kernel reads together (one pass over the activations serves them all, and
+/// their sums are reduced together).
+const ROW_GROUP: usize = 4;
+/// Parallel tasks per thread: enough to even out uneven threads, few enough that rayon hand-offs
+/// stay cheap (a decode step runs hundreds of these matmuls).
+const TASKS_PER_THREAD: usize = 3;
 
 /// One block of activations rounded to 8 bits: `x ≈ d q`, and `s = d Σ q`.
 #[derive(Clone, Copy)]
@@ -29,28 +32,64 @@ struct Q8Block {
 /// `y = x W^T` for the `[n, k]` Q4_1 matrix `w` (GGUF bytes, row after row) and `x` of `m` rows
 /// of `k` values, into `y` (`m * n`, row-major); an error when the sizes do not agree.
 pub fn matmul(w: &[u8], (n, k): (usize, usize), x: &[f32], y: &mut [f32]) -> anyhow::Result<()> {
+    matmul_many(&[(w, n)], k, x, &mut [y])
+}
+
+/// [`matmul`] of one input `x` with several matrices (`(bytes, rows)` each, all `k` wide) in
+/// one parallel pass, into `ys[i]` (`m * rows_i`): the activations are rounded once and the
+/// threads are handed work once (the attention's q/k/v and the MLP's gate/up).
+pub fn matmul_many(ws: &[(&[u8], usize)], k: usize, x: &[f32], ys: &mut [&mut [f32]]) -> anyhow::Result<()> {
     let m = x.len() / k.max(1);
-    if !k.is_multiple_of(QK) || w.len() != n * k / QK * BLOCK_BYTES || x.len() != m * k || y.len() != m * n {
-        anyhow::bail!("Q4_1 matmul: {} weight bytes for [{n}, {k}], {} inputs, {} outputs", w.len(), x.len(), y.len());
+    if !k.is_multiple_of(QK) || x.len() != m * k || ws.len() != ys.len() {
+        anyhow::bail!("Q4_1 matmul: {} inputs of width {k}, {} matrices, {} outputs", x.len(), ws.len(), ys.len());
+    }
+    let row_bytes = k / QK * BLOCK_BYTES;
+    for ((w, n), y) in ws.iter().zip(ys.iter()) {
+        if w.len() != n * row_bytes || y.len() != m * n {
+            anyhow::bail!(
+                "Q4_1 matmul: {} weight bytes for [{n}, {k}], {} inputs, {} outputs",
+                w.len(),
+                x.len(),
+                y.len()
+            );
+        }
     }
     let acts: Vec<Vec<Q8Block>> = x.chunks_exact(k).map(quantize_row).collect();
-    let row_bytes = k / QK * BLOCK_BYTES;
     let fast = crate::cpu::has_avx2_fma();
-    // Tasks own runs of weight rows; results land in a row-per-weight scratch so that each task
-    // writes one contiguous slice, then are transposed into `y`.
-    let mut by_weight = vec![0f32; n * m];
-    by_weight.par_chunks_mut(ROWS_PER_TASK * m).enumerate().for_each(|(t, out)| {
-        for (j, o) in out.chunks_exact_mut(m).enumerate() {
-            let r0 = (t * ROWS_PER_TASK + j) * row_bytes;
-            let wr = &w[r0..r0 + row_bytes];
-            for (o, a) in o.iter_mut().zip(&acts) {
-                *o = dot(wr, a, fast);
+    let total: usize = ws.iter().map(|(_, n)| n).sum();
+    let per_task =
+        total.div_ceil(rayon::current_num_threads() * TASKS_PER_THREAD).next_multiple_of(ROW_GROUP).max(ROW_GROUP);
+    // Tasks own runs of one matrix's rows; results land in a row-per-weight scratch so that each
+    // task writes one contiguous slice, then are transposed into the outputs.
+    let mut by_weight: Vec<Vec<f32>> = ws.iter().map(|(_, n)| vec![0f32; n * m]).collect();
+    let tasks: Vec<(&[u8], usize, &mut [f32])> = ws
+        .iter()
+        .zip(by_weight.iter_mut())
+        .flat_map(|(&(w, _), out)| out.chunks_mut(per_task * m).enumerate().map(move |(t, o)| (w, t * per_task, o)))
+        .collect();
+    tasks.into_par_iter().for_each(|(w, first, out)| {
+        for (g, o) in out.chunks_mut(ROW_GROUP * m).enumerate() {
+            let r0 = first + g * ROW_GROUP;
+            let rows = o.len() / m;
+            let w = &w[r0 * row_bytes..(r0 + rows) * row_bytes];
+            for (a_i, a) in acts.iter().enumerate() {
+                if rows == ROW_GROUP {
+                    for (r, v) in dot_group(w, row_bytes, a, fast).into_iter().enumerate() {
+                        o[r * m + a_i] = v;
+                    }
+                } else {
+                    for r in 0..rows {
+                        o[r * m + a_i] = dot(&w[r * row_bytes..(r + 1) * row_bytes], a, fast);
+                    }
+                }
             }
         }
     });
-    for (i, c) in by_weight.chunks_exact(m).enumerate() {
-        for (r, v) in c.iter().enumerate() {
-            y[r * n + i] = *v;
+    for ((bw, (_, n)), y) in by_weight.iter().zip(ws).zip(ys.iter_mut()) {
+        for (i, c) in bw.chunks_exact(m).enumerate() {
+            for (r, v) in c.iter().enumerate() {
+                y[r * n + i] = *v;
+            }
         }
     }
     Ok(())
@@ -84,6 +123,20 @@ fn dot(w: &[u8], a: &[Q8Block], fast: bool) -> f32 {
     }
     let _ = fast;
     dot_scalar(w, a)
+}
+
+/// Dot products of `ROW_GROUP` consecutive weight rows (`w`, `row_bytes` each) with one
+/// activation row.
+#[inline]
+fn dot_group(w: &[u8], row_bytes: usize, a: &[Q8Block], fast: bool) -> [f32; ROW_GROUP] {
+    #[cfg(target_arch = "x86_64")]
+    if fast {
+        // SAFETY: `fast` is true only when the CPU has AVX2, FMA and F16C (`has_avx2_fma`);
+        // `w` holds `ROW_GROUP` rows of `a.len()` blocks each.
+        return unsafe { dot_group_avx2(w, row_bytes, a) };
+    }
+    let _ = fast;
+    std::array::from_fn(|r| dot_scalar(&w[r * row_bytes..(r + 1) * row_bytes], a))
 }
 
 /// The reference loop (and the path of CPUs without AVX2).
@@ -143,6 +196,44 @@ unsafe fn dot_avx2(w: &[u8], a: &[Q8Block]) -> f32 {
     _mm_cvtss_f32(s) + mins0 + mins1
 }
 
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_group_avx2(w: &[u8], row_bytes: usize, a: &[Q8Block]) -> [f32; ROW_GROUP] {
+    use std::arch::x86_64::*;
+    assert!(w.len() >= ROW_GROUP * row_bytes && row_bytes >= a.len() * BLOCK_BYTES);
+    let mask = _mm_set1_epi8(0x0F);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); ROW_GROUP];
+    let mut mins = [0f32; ROW_GROUP];
+    for (b, act) in a.iter().enumerate() {
+        // The activation block is loaded once for all the rows.
+        let aq = _mm256_loadu_si256(act.q.as_ptr() as *const __m256i);
+        for r in 0..ROW_GROUP {
+            let p = w.as_ptr().add(r * row_bytes + b * BLOCK_BYTES);
+            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(p as *const i32)));
+            let (d, m) = (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_shuffle_ps(dm, dm, 1)));
+            let nib = _mm_loadu_si128(p.add(4) as *const __m128i);
+            let lo = _mm_and_si128(nib, mask);
+            let hi = _mm_and_si128(_mm_srli_epi16(nib, 4), mask);
+            // u8 x i8 pairs summed into i16 (at most 2 * 15 * 128: no overflow), then into i32.
+            let sum = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set_m128i(hi, lo), aq), ones);
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * act.d), _mm256_cvtepi32_ps(sum), acc[r]);
+            mins[r] += m * act.s;
+        }
+    }
+    // Four horizontal sums at once: pairwise adds leave row r's total in lane r.
+    let h01 = _mm256_hadd_ps(acc[0], acc[1]);
+    let h23 = _mm256_hadd_ps(acc[2], acc[3]);
+    let h = _mm256_hadd_ps(h01, h23);
+    let s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    let mut out = [0f32; ROW_GROUP];
+    _mm_storeu_ps(out.as_mut_ptr(), s);
+    for (o, m) in out.iter_mut().zip(mins) {
+        *o += m;
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -185,6 +276,26 @@ mod tests {
                 assert!((scalar - got).abs() <= 1e-4 * (1.0 + scalar.abs()), "kernels disagree at [{r},{o}]");
             }
         }
+    }
+
+    #[test]
+    fn several_matrices_in_one_pass_equal_one_at_a_time() {
+        let cols = 128;
+        let parts: Vec<(Vec<u8>, usize)> = [44, 9, 17].iter().map(|&r| (matrix(r, cols).0, r)).collect();
+        let x: Vec<f32> = (0..2 * cols).map(|i| (i as f32 * 0.29).sin()).collect();
+        let ws: Vec<(&[u8], usize)> = parts.iter().map(|(b, r)| (b.as_slice(), *r)).collect();
+        let mut together: Vec<Vec<f32>> = parts.iter().map(|(_, r)| vec![0f32; 2 * r]).collect();
+        let mut outs: Vec<&mut [f32]> = together.iter_mut().map(|y| y.as_mut_slice()).collect();
+        matmul_many(&ws, cols, &x, &mut outs).unwrap();
+        for ((b, r), got) in parts.iter().zip(&together) {
+            let mut alone = vec![0f32; 2 * r];
+            matmul(b, (*r, cols), &x, &mut alone).unwrap();
+            for (a, g) in alone.iter().zip(got) {
+                assert!((a - g).abs() <= 1e-5 * (1.0 + a.abs()), "{a} vs {g}");
+            }
+        }
+        let mut short = vec![0f32; 3];
+        assert!(matmul_many(&ws[..1], cols, &x, &mut [&mut short]).is_err(), "an output of the wrong size");
     }
 
     #[test]

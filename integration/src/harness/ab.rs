@@ -25,6 +25,7 @@ use crate::engine::from_config::{registry, resolve_policy_table};
 use crate::engine::report::fmt_bytes;
 use crate::engine::scheduler::{run_batch, BatchStats, Finished, Request};
 use crate::engine::{load_model, Engine, GenParams};
+use crate::harness::agreement;
 use crate::kv::store::{KvDtype, KvStore};
 use crate::model::WeightForm;
 
@@ -323,6 +324,9 @@ pub struct ArmResult {
     pub stats: BatchStats,
     /// Fraction of positions whose argmax equals the baseline's.
     pub top1_agreement: f64,
+    /// `(agreeing, counted)` positions among the first [`agreement::CONFIDENT_TOKENS`] of each
+    /// prompt where the baseline's top-1 leads by more than [`agreement::CONFIDENT_MARGIN`].
+    pub confident_agreement: (usize, usize),
     /// Mean KL(baseline || arm) in nats.
     pub mean_kl: f64,
     /// Perplexity of the true continuation.
@@ -473,6 +477,14 @@ pub fn run_ab(cfg: &AbConfig) -> Result<(Vec<ArmResult>, Vec<PeerResult>)> {
                 }
             }
         }
+        let confident = match baseline {
+            Some(b) => {
+                agreement::confident_agreement(b, &logs, agreement::CONFIDENT_TOKENS, agreement::CONFIDENT_MARGIN)
+            }
+            None => {
+                agreement::confident_agreement(&logs, &logs, agreement::CONFIDENT_TOKENS, agreement::CONFIDENT_MARGIN)
+            }
+        };
         let has_baseline = baseline.is_some() || arm.is_full();
         if baseline.is_none() && arm.is_full() {
             agree = n;
@@ -491,6 +503,7 @@ pub fn run_ab(cfg: &AbConfig) -> Result<(Vec<ArmResult>, Vec<PeerResult>)> {
             compression_ratio: cr,
             stats,
             top1_agreement: agree as f64 / n.max(1) as f64,
+            confident_agreement: confident,
             mean_kl: kl_sum / n.max(1) as f64,
             perplexity: (nll / n.max(1) as f64).exp(),
             capacity,
@@ -574,12 +587,7 @@ fn peer_run(
         let k = o.tokens.iter().zip(p).take_while(|(a, b)| a == b).count();
         prefix_sum += k;
         first.push((k < o.tokens.len()).then_some(k));
-        margins.push((k < o.tokens.len()).then(|| {
-            let l = &o.step_logits[k];
-            let mut v: Vec<f32> = l.clone();
-            v.sort_by(|a, b| b.total_cmp(a));
-            v[0] - v[1]
-        }));
+        margins.push((k < o.tokens.len()).then(|| agreement::top2_margin(&o.step_logits[k])));
     }
     Ok(PeerResult {
         name: arm.name.clone(),
@@ -692,24 +700,28 @@ fn capacity_run(
 /// The table the `ab` command prints.
 pub fn table(results: &[ArmResult]) -> String {
     let mut s = String::new();
-    s.push_str("| arm | CR | KV saving vs per-head full (latent x CR) | KV live peak | KV alloc peak | KV live/alloc final | prefill tok/s | decode tok/s | top-1 agree | mean KL | PPL |");
+    s.push_str("| arm | CR | KV saving vs per-head full (latent x CR) | KV live peak | KV alloc peak | KV live/alloc final | prefill tok/s | decode tok/s | top-1 agree | top-1 agree, confident | mean KL | PPL |");
     let cap = results.iter().any(|r| r.capacity.is_some());
     if cap {
         s.push_str(" seqs sustained (mean/max) | agg decode tok/s | preemptions |");
     }
     s.push('\n');
-    s.push_str(&"|---".repeat(if cap { 14 } else { 11 }));
+    s.push_str(&"|---".repeat(if cap { 15 } else { 12 }));
     s.push_str("|\n");
     for r in results {
         let last = r.stats.memory_trace.last().copied().unwrap_or_default();
-        let (agree, kl) = match (r.has_baseline, r.random_weights) {
-            (true, false) => (format!("{:.3}", r.top1_agreement), format!("{:.4}", r.mean_kl)),
-            (true, true) => ("n/a".into(), format!("{:.4}", r.mean_kl)),
-            (false, _) => ("-".into(), "-".into()),
+        let (agree, confident, kl) = match (r.has_baseline, r.random_weights) {
+            (true, false) => (
+                format!("{:.3}", r.top1_agreement),
+                format!("{}/{}", r.confident_agreement.0, r.confident_agreement.1),
+                format!("{:.4}", r.mean_kl),
+            ),
+            (true, true) => ("n/a".into(), "n/a".into(), format!("{:.4}", r.mean_kl)),
+            (false, _) => ("-".into(), "-".into(), "-".into()),
         };
         let ppl = if r.random_weights { "n/a".to_string() } else { format!("{:.2}", r.perplexity) };
         s.push_str(&format!(
-            "| {} | {:.2} | {:.2}x ({:.2} x {:.2}) | {} | {} | {} / {} | {:.1} | {:.1} | {agree} | {kl} | {ppl} |",
+            "| {} | {:.2} | {:.2}x ({:.2} x {:.2}) | {} | {} | {} / {} | {:.1} | {:.1} | {agree} | {confident} | {kl} | {ppl} |",
             r.name,
             r.compression_ratio,
             r.latent_factor * r.compression_ratio,
@@ -762,6 +774,9 @@ pub fn to_json(cfg: &AbConfig, results: &[ArmResult], peers: &[PeerResult]) -> s
             "decode_tok_s_vs_baseline": base_tps(&r.model).map(|b| r.stats.decode_tok_s() / b),
             "random_weights": r.random_weights,
             "top1_agreement": (r.has_baseline && !r.random_weights).then_some(r.top1_agreement),
+            "top1_agreement_confident": (r.has_baseline && !r.random_weights).then(|| json!({
+                "agreeing": r.confident_agreement.0, "positions": r.confident_agreement.1,
+                "first_tokens": agreement::CONFIDENT_TOKENS, "margin": agreement::CONFIDENT_MARGIN})),
             "mean_kl": r.has_baseline.then_some(r.mean_kl),
             "perplexity": (!r.random_weights).then_some(r.perplexity),
             "memory_trace": r.stats.memory_trace,

@@ -92,6 +92,13 @@ fn bad_ab_files_are_reported() {
     assert!(format!("{e:#}").contains("vllm"), "{e:#}");
     let e = AbConfig::load(&write("zero", &AB.replace("prompts = 2", "prompts = 0"))).unwrap_err();
     assert!(format!("{e:#}").contains("prompts"), "{e:#}");
+    let llama = "\n[[arm]]\nname = \"llama.cpp\"\nengine = \"llama.cpp\"\nconcurrency = 4\n";
+    let e = AbConfig::load(&write("conc-llama", &format!("{AB}{llama}"))).unwrap_err();
+    assert!(format!("{e:#}").contains("one sequence"), "{e:#}");
+    let e = AbConfig::load(&write("vs-unknown", &format!("{AB}{PEER}concurrency = 2\nvs = \"nope\"\n"))).unwrap_err();
+    assert!(format!("{e:#}").contains("`vs = \"nope\"` names no arm"), "{e:#}");
+    let e = AbConfig::load(&write("vs-alone", &format!("{AB}{PEER}vs = \"window\"\n"))).unwrap_err();
+    assert!(format!("{e:#}").contains("needs `concurrency`"), "{e:#}");
 }
 
 const PEER: &str = "\n[[arm]]\nname = \"mistral.rs\"\nengine = \"mistralrs\"\n";
@@ -100,7 +107,7 @@ const PEER: &str = "\n[[arm]]\nname = \"mistral.rs\"\nengine = \"mistralrs\"\n";
 #[test]
 fn mistralrs_peer_runs_the_same_prompts_and_agrees_with_our_full_arm() {
     let small = AB.replace("[capacity]\nmemory_mb = 3\nrequests = 3\nprompt_tokens = 24\ngen_tokens = 6\n", "");
-    let cfg = AbConfig::load(&write("peer", &format!("{small}{PEER}"))).unwrap();
+    let cfg = AbConfig::load(&write("peer", &format!("{small}{PEER}concurrency = 2\nvs = \"window\"\n"))).unwrap();
     let (arms, peers) = run_ab(&cfg).unwrap();
     assert_eq!(arms.len(), 3);
     assert_eq!(peers.len(), 1);
@@ -109,6 +116,9 @@ fn mistralrs_peer_runs_the_same_prompts_and_agrees_with_our_full_arm() {
     // except at numerical near-ties (different summation orders), so most tokens must match.
     assert!(p.mean_agreeing_prefix >= 6.0, "agreeing prefix {} of {}", p.mean_agreeing_prefix, p.tokens_per_prompt);
     assert!(p.peer_decode_tok_s > 0.0 && p.ours_decode_tok_s > 0.0);
+    let c = p.concurrent.as_ref().expect("the arm asked for a concurrent run");
+    assert_eq!((c.requests, c.ours.as_str()), (2, "window"));
+    assert!(c.ours_tok_s > 0.0 && c.peer_tok_s > 0.0);
 }
 
 #[cfg(not(feature = "mistralrs"))]
@@ -150,9 +160,12 @@ fn mla_arms_use_their_own_full_baseline_and_report_latent_times_cr() {
     let row = |n: &str| t.lines().find(|l| l.starts_with(&format!("| {n} |"))).unwrap().to_string();
     let cells = |l: String| l.split('|').map(|c| c.trim().to_string()).collect::<Vec<_>>();
     let (dms_row, full_row) = (cells(row("mla-dms")), cells(row("full")));
-    assert_eq!((dms_row[9].as_str(), dms_row[11].as_str()), ("n/a", "n/a"), "{t}");
-    assert_eq!(dms_row[10], format!("{:.4}", mla_dms.mean_kl), "{t}");
-    assert_eq!(full_row[11], format!("{:.2}", full.perplexity), "{t}");
+    assert_eq!((dms_row[9].as_str(), dms_row[10].as_str(), dms_row[12].as_str()), ("n/a", "n/a", "n/a"), "{t}");
+    assert_eq!(dms_row[11], format!("{:.4}", mla_dms.mean_kl), "{t}");
+    assert_eq!(full_row[12], format!("{:.2}", full.perplexity), "{t}");
+    let (agree, counted) = full.confident_agreement;
+    assert!(agree == counted && counted > 0, "the full arm agrees with itself wherever it is confident");
+    assert_eq!(full_row[10], format!("{agree}/{counted}"), "{t}");
     let e = AbConfig::load(&write(
         "mla-vocab",
         &arms.replace(&mla.display().to_string(), &fixture("deepseek_mla_tiny").display().to_string()),

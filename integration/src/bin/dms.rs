@@ -178,7 +178,7 @@ fn ab(a: AbArgs) -> Result<()> {
         .with_context(|| format!("cannot write {}", cfg.output.json))?;
     ab::plot(&results, std::path::Path::new(&cfg.output.plot))?;
     println!("\n{}", ab::table(&results));
-    print!("{}", ab::peer_lines(&peers));
+    print!("{}", dms_integration::harness::ab_peer::peer_lines(&peers));
     println!(
         "model {} | {} prompts x {} tokens + {} continuation tokens (teacher-forced), {} at a time",
         cfg.model.source,

@@ -25,6 +25,7 @@ use crate::engine::from_config::{registry, resolve_policy_table};
 use crate::engine::report::fmt_bytes;
 use crate::engine::scheduler::{run_batch, BatchStats, Finished, Request};
 use crate::engine::{load_model, Engine, GenParams};
+use crate::harness::ab_peer::{peer_run, PeerResult};
 use crate::harness::agreement;
 use crate::kv::store::{KvDtype, KvStore};
 use crate::model::WeightForm;
@@ -131,33 +132,17 @@ pub struct Arm {
     /// Skip the arm (with a notice) when this build cannot run it.
     #[serde(default)]
     pub optional: bool,
+    /// mistral.rs arms: also generate with this many requests in flight on both sides
+    /// (throughput only: mistralrs-core 0.8.1 mixes the outputs of concurrent requests).
+    #[serde(default)]
+    pub concurrency: Option<usize>,
+    /// The arm of ours whose policy the concurrent run uses (default: the full cache).
+    #[serde(default)]
+    pub vs: Option<String>,
 }
 
 fn d_engine() -> String {
     "dms".into()
-}
-
-/// What the peer engine produced next to ours.
-#[derive(Debug, Clone)]
-pub struct PeerResult {
-    /// Arm label.
-    pub name: String,
-    /// Mean number of leading greedy tokens equal to our full-cache arm's.
-    pub mean_agreeing_prefix: f64,
-    /// Greedy tokens compared per prompt.
-    pub tokens_per_prompt: usize,
-    /// First position where each prompt's greedy tokens differ (None = never).
-    pub first_divergence: Vec<Option<usize>>,
-    /// Our top-1 minus top-2 logit at each divergence (small = a numerical near-tie).
-    pub margin_at_divergence: Vec<Option<f32>>,
-    /// Our full-cache greedy decode tok/s in the same run.
-    pub ours_decode_tok_s: f64,
-    /// The peer's decode tok/s.
-    pub peer_decode_tok_s: f64,
-    /// Our prefill tok/s in the same run.
-    pub ours_prefill_tok_s: f64,
-    /// The peer's prefill tok/s.
-    pub peer_prefill_tok_s: f64,
 }
 
 /// `[output]`.
@@ -267,6 +252,19 @@ impl AbConfig {
             if let Some(k) = &a.kv_dtype {
                 KvDtype::parse(k).map_err(anyhow::Error::msg).with_context(|| format!("[[arm]] `{}`", a.name))?;
             }
+            if let Some(c) = a.concurrency {
+                if a.engine != "mistralrs" || c == 0 {
+                    bail!("[[arm]] `{}`: `concurrency` (at least 1) is for mistral.rs arms (llama-cpp-python runs one sequence)", a.name);
+                }
+            }
+            if let Some(vs) = &a.vs {
+                if a.concurrency.is_none_or(|c| c < 2) {
+                    bail!("[[arm]] `{}`: `vs` names the policy of the concurrent run, which needs `concurrency` of 2 or more", a.name);
+                }
+                if !self.arms.iter().any(|o| &o.name == vs && o.engine == "dms") {
+                    bail!("[[arm]] `{}`: `vs = \"{vs}\"` names no arm of this engine", a.name);
+                }
+            }
             match (a.engine.as_str(), &a.policy) {
                 ("dms", Some(p)) => registry().check_name(p).with_context(|| format!("[[arm]] `{}`", a.name))?,
                 ("dms", None) => bail!("[[arm]] `{}` needs a `policy` table", a.name),
@@ -285,7 +283,7 @@ impl AbConfig {
 
 impl Arm {
     /// The arm's weight form: its own `weights`, else `[model] weights`.
-    fn weights<'a>(&'a self, model: &'a ModelSection) -> &'a str {
+    pub(crate) fn weights<'a>(&'a self, model: &'a ModelSection) -> &'a str {
         self.weights.as_deref().unwrap_or(&model.weights)
     }
 
@@ -538,125 +536,6 @@ pub fn run_ab(cfg: &AbConfig) -> Result<(Vec<ArmResult>, Vec<PeerResult>)> {
     Ok((results, peers))
 }
 
-/// Greedy generation by our full-cache arm and by the peer on the same prompts, one sequence
-/// at a time on both sides.
-fn peer_run(
-    cfg: &AbConfig,
-    arm: &Arm,
-    engine: &mut Engine,
-    tok: &Tokenizer,
-    text: &str,
-    source: &str,
-) -> Result<PeerResult> {
-    let w = &cfg.workload;
-    let ids = tok.encode(text, false).map_err(|e| anyhow::anyhow!("tokenizing the corpus: {e}"))?.get_ids().to_vec();
-    let prompts: Vec<Vec<u32>> = windows(&ids, w.prompts, w.prompt_tokens + w.continuation_tokens)?
-        .into_iter()
-        .map(|v| v[..w.prompt_tokens].to_vec())
-        .collect();
-    let full = registry().build(&toml::from_str("name = 'full'").expect("valid"))?;
-    let reqs: Vec<Request> = prompts
-        .iter()
-        .enumerate()
-        .map(|(i, p)| Request { id: i, prompt: p.clone(), forced: None, policy: full.clone(), params: None })
-        .collect();
-    let params = GenParams {
-        max_tokens: w.continuation_tokens,
-        temperature: 0.0,
-        top_p: 1.0,
-        seed: 0,
-        stop_at_eos: false,
-        prefill_chunk: 0,
-    };
-    let pb = bar(2, &arm.name);
-    pb.set_message(format!("greedy: ours, then {}", arm.engine));
-    // Batch 1 on both sides: mistral.rs 0.8.1 mixes the outputs of concurrent requests, and
-    // llama-cpp-python runs one sequence.
-    let (ours, stats) = run_batch(engine, reqs, &params, 1, true, |_| {})?;
-    pb.inc(1);
-    let path = resolve_model(source, cfg.base_dir.as_deref())?;
-    let run = match arm.engine.as_str() {
-        "llama.cpp" => crate::harness::peer::llama_cpp_generate(&path, &prompts, w.continuation_tokens, threads())?,
-        _ => mistralrs_generate(cfg, arm, &path, &prompts, w.continuation_tokens)?,
-    };
-    pb.finish();
-    let mut first = Vec::new();
-    let mut margins = Vec::new();
-    let mut prefix_sum = 0usize;
-    for (o, p) in ours.iter().zip(&run.tokens) {
-        let k = o.tokens.iter().zip(p).take_while(|(a, b)| a == b).count();
-        prefix_sum += k;
-        first.push((k < o.tokens.len()).then_some(k));
-        margins.push((k < o.tokens.len()).then(|| agreement::top2_margin(&o.step_logits[k])));
-    }
-    Ok(PeerResult {
-        name: arm.name.clone(),
-        mean_agreeing_prefix: prefix_sum as f64 / ours.len().max(1) as f64,
-        tokens_per_prompt: w.continuation_tokens,
-        first_divergence: first,
-        margin_at_divergence: margins,
-        ours_decode_tok_s: stats.decode_tok_s(),
-        peer_decode_tok_s: run.decode_tok_s,
-        ours_prefill_tok_s: stats.prefill_tokens as f64 / stats.prefill_secs.max(1e-9),
-        peer_prefill_tok_s: run.prefill_tok_s,
-    })
-}
-
-/// Threads the CPU peers run on: what rayon (our engine's pool) uses.
-fn threads() -> usize {
-    rayon::current_num_threads()
-}
-
-/// mistral.rs's greedy tokens on the same prompts: its own quantized path on the GGUF file for an
-/// arm with quantized weights, else the f32 weights exported to an HF folder.
-#[cfg(feature = "mistralrs")]
-fn mistralrs_generate(
-    cfg: &AbConfig,
-    arm: &Arm,
-    path: &Path,
-    prompts: &[Vec<u32>],
-    n: usize,
-) -> Result<crate::harness::peer::PeerRun> {
-    use crate::harness::peer_mistralrs::MistralRsPeer;
-    let peer = if WeightForm::parse(arm.weights(&cfg.model))?.is_quantized() {
-        if !path.is_file() {
-            bail!("arm `{}`: quantized mistral.rs needs a GGUF file, and {} is not one", arm.name, path.display());
-        }
-        MistralRsPeer::load_gguf(path, 1)?
-    } else {
-        let hf_dir = if path.is_dir() { path.to_path_buf() } else { crate::assets::export::cached_hf_export(path)? };
-        MistralRsPeer::load_hf(&hf_dir, 1)?
-    };
-    peer.generate(&prompts[..1], 2)?;
-    peer.generate(prompts, n)
-}
-
-#[cfg(not(feature = "mistralrs"))]
-fn mistralrs_generate(
-    _: &AbConfig,
-    arm: &Arm,
-    _: &Path,
-    _: &[Vec<u32>],
-    _: usize,
-) -> Result<crate::harness::peer::PeerRun> {
-    bail!("arm `{}` needs the `mistralrs` feature", arm.name)
-}
-
-/// Lines describing the peer comparison.
-pub fn peer_lines(peers: &[PeerResult]) -> String {
-    let mut s = String::new();
-    for p in peers {
-        s.push_str(&format!(
-            "{}: greedy tokens equal to our full arm for {:.1} of {} tokens on average (first divergence per prompt: {:?}; \
-             our top-1/top-2 logit margin there: {:?}); decode tok/s ours {:.1} vs {} {:.1} (ratio ours/peer {:.2}); \
-             prefill tok/s ours {:.1} vs {:.1}\n",
-            p.name, p.mean_agreeing_prefix, p.tokens_per_prompt, p.first_divergence, p.margin_at_divergence, p.ours_decode_tok_s, p.name,
-            p.peer_decode_tok_s, p.ours_decode_tok_s / p.peer_decode_tok_s.max(1e-9), p.ours_prefill_tok_s, p.peer_prefill_tok_s
-        ));
-    }
-    s
-}
-
 fn mean_cr(done: &[Finished]) -> f64 {
     let v: Vec<f64> = done.iter().map(|f| f.shadow_compression_ratio.unwrap_or(f.compression_ratio)).collect();
     v.iter().sum::<f64>() / v.len().max(1) as f64
@@ -788,6 +667,8 @@ pub fn to_json(cfg: &AbConfig, results: &[ArmResult], peers: &[PeerResult]) -> s
             "first_divergence": p.first_divergence, "margin_at_divergence": p.margin_at_divergence, "ours_decode_tok_s": p.ours_decode_tok_s,
             "peer_decode_tok_s": p.peer_decode_tok_s, "decode_ratio_ours_over_peer": p.ours_decode_tok_s / p.peer_decode_tok_s.max(1e-9),
             "ours_prefill_tok_s": p.ours_prefill_tok_s, "peer_prefill_tok_s": p.peer_prefill_tok_s,
+            "concurrent": p.concurrent.as_ref().map(|c| json!({"requests": c.requests, "ours_arm": c.ours,
+                "ours_tok_s": c.ours_tok_s, "peer_tok_s": c.peer_tok_s, "ratio_ours_over_peer": c.ours_tok_s / c.peer_tok_s.max(1e-9)})),
         })).collect::<Vec<_>>(),
     })
 }

@@ -1,10 +1,11 @@
-//! Measurement harnesses over the engine: the A/B comparison ([`ab`], greedy agreement where the
-//! baseline is confident in [`agreement`]), quality vs compression
+//! Measurement harnesses over the engine: the A/B comparison ([`ab`], its peer arms in [`ab_peer`],
+//! greedy agreement where the baseline is confident in [`agreement`]), quality vs compression
 //! ([`eval`], with bootstrap intervals from [`stats`]), the batch x context grid ([`bench_grid`]), the
 //! peers: llama.cpp ([`peer`]) and mistral.rs (`peer_mistralrs`, feature `mistralrs`), and with `cuda` the GPU checks (`gpu_check`) and
 //! kernel benchmarks (`gpu_bench`) behind the `dms-gpu` CLI.
 
 pub mod ab;
+pub mod ab_peer;
 pub mod agreement;
 pub mod bench_grid;
 pub mod eval;

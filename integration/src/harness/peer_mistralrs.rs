@@ -97,6 +97,45 @@ impl MistralRsPeer {
         Ok(Self { rt, mr })
     }
 
+    /// Generated tokens per second of wall time (prompt passes included) with every prompt sent
+    /// at once, `max_tokens` each; the tokens are not returned (this version mixes concurrent
+    /// outputs, see [`Self::generate`]).
+    pub fn throughput(&self, prompts: &[Vec<u32>], max_tokens: usize) -> Result<f64> {
+        let mr = self.mr.clone();
+        let prompts = prompts.to_vec();
+        self.rt.block_on(async move {
+            let sender = mr.get_sender(None).map_err(|e| anyhow::anyhow!("mistral.rs: {e}"))?;
+            let t0 = Instant::now();
+            let mut receivers = Vec::new();
+            for p in prompts {
+                let (tx, rx) = tokio::sync::mpsc::channel(64);
+                let mut sp = SamplingParams::deterministic();
+                sp.max_len = Some(max_tokens);
+                let req = NormalRequest::new_simple(
+                    RequestMessage::CompletionTokens(p),
+                    sp,
+                    tx,
+                    mr.next_request_id(),
+                    None,
+                    None,
+                );
+                sender.send(Request::Normal(Box::new(req))).await.context("mistral.rs engine stopped")?;
+                receivers.push(rx);
+            }
+            let mut generated = 0usize;
+            for mut rx in receivers {
+                match rx.recv().await {
+                    Some(Response::CompletionDone(r)) => generated += r.usage.completion_tokens,
+                    Some(Response::CompletionModelError(e, _)) => bail!("mistral.rs model error: {e}"),
+                    Some(Response::InternalError(e)) | Some(Response::ValidationError(e)) => bail!("mistral.rs: {e}"),
+                    Some(_) => bail!("mistral.rs: unexpected response kind"),
+                    None => bail!("mistral.rs closed the response channel"),
+                }
+            }
+            Ok(generated as f64 / t0.elapsed().as_secs_f64())
+        })
+    }
+
     /// Greedy generation of `max_tokens` tokens for every prompt, one request at a time
     /// (mistralrs-core 0.8.1 mixes the outputs of requests in flight together on the CPU:
     /// measured with `examples/peer_probe.rs`).

@@ -20,6 +20,8 @@ const ROW_GROUP: usize = 4;
 /// Parallel tasks per thread: enough to even out uneven threads, few enough that rayon hand-offs
 /// stay cheap (a decode step runs hundreds of these matmuls).
 const TASKS_PER_THREAD: usize = 3;
+/// How far ahead in each row the kernel asks for weights.
+const PREFETCH_BYTES: usize = 640;
 
 /// One block of activations rounded to 8 bits: `x ≈ d q`, and `s = d Σ q`.
 #[derive(Clone, Copy)]
@@ -210,6 +212,7 @@ unsafe fn dot_group_avx2(w: &[u8], row_bytes: usize, a: &[Q8Block]) -> [f32; ROW
         let aq = _mm256_loadu_si256(act.q.as_ptr() as *const __m256i);
         for r in 0..ROW_GROUP {
             let p = w.as_ptr().add(r * row_bytes + b * BLOCK_BYTES);
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH_BYTES) as *const i8);
             let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(p as *const i32)));
             let (d, m) = (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_shuffle_ps(dm, dm, 1)));
             let nib = _mm_loadu_si128(p.add(4) as *const __m128i);

@@ -333,14 +333,17 @@ mod tests {
         (0..n).map(|i| ((i as f64 * 0.6180339 + seed as f64 * 0.31).sin() * 1.3) as f32).collect()
     }
 
+    /// A store holding rows, and each row's keys and values as written.
+    struct Rows {
+        store: KvStore,
+        ids: Vec<RowId>,
+        keys: Vec<Vec<f32>>,
+        values: Vec<Vec<f32>>,
+    }
+
     /// Rows of `n` slots at positions `0..n` over several chunks; slots `hidden` are visible only
     /// to queries before `n - 1` (a whole chunk of them, then a few scattered ones).
-    fn store_with_rows(
-        d: usize,
-        n: usize,
-        rows: usize,
-        hidden: &dyn Fn(usize) -> bool,
-    ) -> (KvStore, Vec<RowId>, Vec<Vec<f32>>, Vec<Vec<f32>>) {
+    fn store_with_rows(d: usize, n: usize, rows: usize, hidden: &dyn Fn(usize) -> bool) -> Rows {
         let mut store = KvStore::with_value_dim(d, d, 16, rows * n.div_ceil(16));
         let (mut ids, mut ks, mut vs) = (Vec::new(), Vec::new(), Vec::new());
         for r in 0..rows {
@@ -354,7 +357,7 @@ mod tests {
             ks.push(k);
             vs.push(v);
         }
-        (store, ids, ks, vs)
+        Rows { store, ids, keys: ks, values: vs }
     }
 
     /// Softmax attention of one head in f64 over the visible slots: (output, weights).
@@ -381,7 +384,7 @@ mod tests {
         // (head dim, slots, query heads per row, rows): one row runs on this thread, two rows of
         // the wider shape cross the parallel threshold.
         for (d, n, g, rows) in [(12, 300, 1, 1), (12, 300, 3, 1), (64, 300, 5, 1), (64, 300, 5, 2), (64, 100, 4, 1)] {
-            let (store, ids, ks, vs) = store_with_rows(d, n, rows, &hidden);
+            let Rows { store, ids, keys: ks, values: vs } = store_with_rows(d, n, rows, &hidden);
             let q = seeded(3, rows * g * d);
             let visible: Vec<bool> = (0..n).map(|i| !hidden(i)).collect();
             let mut out = vec![0f32; rows * g * d];
@@ -410,7 +413,7 @@ mod tests {
 
     #[test]
     fn a_query_that_sees_nothing_gets_zeros_and_no_weight() {
-        let (store, ids, _, _) = store_with_rows(8, 200, 1, &|_| true);
+        let Rows { store, ids, .. } = store_with_rows(8, 200, 1, &|_| true);
         let q = seeded(4, 2 * 8);
         let mut out = vec![1f32; 2 * 8];
         let mut w = vec![0f32; 200];

@@ -49,6 +49,14 @@ pub struct GenParams {
     pub prefill_chunk: usize,
 }
 
+impl GenParams {
+    /// Greedy decoding of `max_tokens` tokens, past end-of-sequence (the harnesses' setting:
+    /// every arm generates the same number of tokens).
+    pub fn greedy(max_tokens: usize, prefill_chunk: usize) -> Self {
+        Self { max_tokens, temperature: 0.0, top_p: 1.0, seed: 0, stop_at_eos: false, prefill_chunk }
+    }
+}
+
 /// What one generation produced and measured.
 #[derive(Debug, Clone)]
 pub struct Generation {

@@ -445,14 +445,7 @@ pub fn run_ab(cfg: &AbConfig) -> Result<(Vec<ArmResult>, Vec<PeerResult>)> {
                 params: None,
             })
             .collect();
-        let params = GenParams {
-            max_tokens: w.continuation_tokens,
-            temperature: 0.0,
-            top_p: 1.0,
-            seed: 0,
-            stop_at_eos: false,
-            prefill_chunk: cfg.cache.prefill_chunk,
-        };
+        let params = GenParams::greedy(w.continuation_tokens, cfg.cache.prefill_chunk);
         let pb = bar(reqs.len() as u64, &arm.name);
         pb.set_message("quality");
         let (mut done, stats) = run_batch(engine, reqs, &params, w.concurrency, true, |n| pb.set_position(n as u64))?;
@@ -560,14 +553,7 @@ fn capacity_run(
         .enumerate()
         .map(|(i, p)| Request { id: i, prompt: p, forced: None, policy: policy.clone(), params: None })
         .collect();
-    let params = GenParams {
-        max_tokens: c.gen_tokens,
-        temperature: 0.0,
-        top_p: 1.0,
-        seed: 0,
-        stop_at_eos: false,
-        prefill_chunk: 0,
-    };
+    let params = GenParams::greedy(c.gen_tokens, 0);
     let pb = bar(reqs.len() as u64, label);
     pb.set_message("capacity");
     let r = run_batch(engine, reqs, &params, c.requests, false, |n| pb.set_position(n as u64));

@@ -75,14 +75,7 @@ pub fn peer_run(
         .map(|v| v[..w.prompt_tokens].to_vec())
         .collect();
     let full = registry().build(&toml::from_str("name = 'full'").expect("valid"))?;
-    let params = GenParams {
-        max_tokens: w.continuation_tokens,
-        temperature: 0.0,
-        top_p: 1.0,
-        seed: 0,
-        stop_at_eos: false,
-        prefill_chunk: 0,
-    };
+    let params = GenParams::greedy(w.continuation_tokens, 0);
     let requests = arm.concurrency.unwrap_or(1);
     let pb = bar(if requests > 1 { 4 } else { 2 }, &arm.name);
     pb.set_message(format!("greedy: ours, then {}", arm.engine));

@@ -154,14 +154,7 @@ pub fn run_grid(cfg: &BenchConfig) -> Result<(serde_json::Value, String)> {
                         params: None,
                     })
                     .collect();
-                let params = GenParams {
-                    max_tokens: g.decode_tokens + 1,
-                    temperature: 0.0,
-                    top_p: 1.0,
-                    seed: 0,
-                    stop_at_eos: false,
-                    prefill_chunk: 0,
-                };
+                let params = GenParams::greedy(g.decode_tokens + 1, 0);
                 eprintln!("bench: context {ctx}, batch {batch}, arm {name}");
                 let (done, stats) = run_batch(&mut engine, reqs, &params, batch, false, |_| {})?;
                 let cr = done.iter().map(|f| f.compression_ratio).sum::<f64>() / done.len().max(1) as f64;

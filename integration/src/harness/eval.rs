@@ -390,14 +390,7 @@ fn teacher_forced(
             params: None,
         })
         .collect();
-    let params = GenParams {
-        max_tokens: q.continuation_tokens,
-        temperature: 0.0,
-        top_p: 1.0,
-        seed: 0,
-        stop_at_eos: false,
-        prefill_chunk,
-    };
+    let params = GenParams::greedy(q.continuation_tokens, prefill_chunk);
     let (mut done, _) = run_batch(engine, reqs, &params, q.concurrency, true, |_| {})?;
     done.sort_by_key(|f| f.id);
     Ok(done)

@@ -108,29 +108,13 @@ impl MistralRsPeer {
             let t0 = Instant::now();
             let mut receivers = Vec::new();
             for p in prompts {
-                let (tx, rx) = tokio::sync::mpsc::channel(64);
-                let mut sp = SamplingParams::deterministic();
-                sp.max_len = Some(max_tokens);
-                let req = NormalRequest::new_simple(
-                    RequestMessage::CompletionTokens(p),
-                    sp,
-                    tx,
-                    mr.next_request_id(),
-                    None,
-                    None,
-                );
-                sender.send(Request::Normal(Box::new(req))).await.context("mistral.rs engine stopped")?;
+                let (req, rx) = greedy_request(&mr, p, max_tokens, false);
+                sender.send(req).await.context("mistral.rs engine stopped")?;
                 receivers.push(rx);
             }
             let mut generated = 0usize;
             for mut rx in receivers {
-                match rx.recv().await {
-                    Some(Response::CompletionDone(r)) => generated += r.usage.completion_tokens,
-                    Some(Response::CompletionModelError(e, _)) => bail!("mistral.rs model error: {e}"),
-                    Some(Response::InternalError(e)) | Some(Response::ValidationError(e)) => bail!("mistral.rs: {e}"),
-                    Some(_) => bail!("mistral.rs: unexpected response kind"),
-                    None => bail!("mistral.rs closed the response channel"),
-                }
+                generated += completion(rx.recv().await)?.usage.completion_tokens;
             }
             Ok(generated as f64 / t0.elapsed().as_secs_f64())
         })
@@ -148,40 +132,20 @@ impl MistralRsPeer {
             let (mut tokens, mut prompt_toks, mut prompt_secs, mut completion_toks) =
                 (Vec::new(), 0usize, 0f64, 0usize);
             for p in prompts {
-                let (tx, rx) = tokio::sync::mpsc::channel(64);
-                let mut sp = SamplingParams::deterministic();
-                sp.max_len = Some(max_tokens);
-                sp.top_n_logprobs = 1;
-                let mut req = NormalRequest::new_simple(
-                    RequestMessage::CompletionTokens(p),
-                    sp,
-                    tx,
-                    mr.next_request_id(),
-                    None,
-                    None,
-                );
-                req.return_logprobs = true;
-                sender.send(Request::Normal(Box::new(req))).await.context("mistral.rs engine stopped")?;
-                let mut rx = rx;
-                match rx.recv().await {
-                    Some(Response::CompletionDone(r)) => {
-                        let lp = r.choices.first().and_then(|c| c.logprobs.as_ref()).and_then(|l| l.content.as_ref());
-                        let ids: Vec<u32> = lp
-                            .map(|c| c.iter().filter_map(|x| x.top_logprobs.first().map(|t| t.token)).collect())
-                            .unwrap_or_default();
-                        if ids.len() != max_tokens {
-                            bail!("mistral.rs returned {} token ids, expected {max_tokens}", ids.len());
-                        }
-                        tokens.push(ids);
-                        prompt_toks += r.usage.prompt_tokens;
-                        prompt_secs += r.usage.total_prompt_time_sec as f64;
-                        completion_toks += r.usage.completion_tokens.saturating_sub(1);
-                    }
-                    Some(Response::CompletionModelError(e, _)) => bail!("mistral.rs model error: {e}"),
-                    Some(Response::InternalError(e)) | Some(Response::ValidationError(e)) => bail!("mistral.rs: {e}"),
-                    Some(_) => bail!("mistral.rs: unexpected response kind"),
-                    None => bail!("mistral.rs closed the response channel"),
+                let (req, mut rx) = greedy_request(&mr, p, max_tokens, true);
+                sender.send(req).await.context("mistral.rs engine stopped")?;
+                let r = completion(rx.recv().await)?;
+                let lp = r.choices.first().and_then(|c| c.logprobs.as_ref()).and_then(|l| l.content.as_ref());
+                let ids: Vec<u32> = lp
+                    .map(|c| c.iter().filter_map(|x| x.top_logprobs.first().map(|t| t.token)).collect())
+                    .unwrap_or_default();
+                if ids.len() != max_tokens {
+                    bail!("mistral.rs returned {} token ids, expected {max_tokens}", ids.len());
                 }
+                tokens.push(ids);
+                prompt_toks += r.usage.prompt_tokens;
+                prompt_secs += r.usage.total_prompt_time_sec as f64;
+                completion_toks += r.usage.completion_tokens.saturating_sub(1);
             }
             let wall = t0.elapsed().as_secs_f64();
             Ok(PeerRun {
@@ -190,5 +154,36 @@ impl MistralRsPeer {
                 decode_tok_s: completion_toks as f64 / (wall - prompt_secs.min(wall * 0.9)).max(1e-9),
             })
         })
+    }
+}
+
+/// A greedy completion request for `prompt` (token ids) and the channel its response comes on;
+/// with `logprobs`, the response carries each chosen token's id.
+fn greedy_request(
+    mr: &MistralRs,
+    prompt: Vec<u32>,
+    max_tokens: usize,
+    logprobs: bool,
+) -> (Request, tokio::sync::mpsc::Receiver<Response>) {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let mut sp = SamplingParams::deterministic();
+    sp.max_len = Some(max_tokens);
+    if logprobs {
+        sp.top_n_logprobs = 1;
+    }
+    let mut req =
+        NormalRequest::new_simple(RequestMessage::CompletionTokens(prompt), sp, tx, mr.next_request_id(), None, None);
+    req.return_logprobs = logprobs;
+    (Request::Normal(Box::new(req)), rx)
+}
+
+/// The finished completion in a response, or the error it reports.
+fn completion(r: Option<Response>) -> Result<mistralrs_core::CompletionResponse> {
+    match r {
+        Some(Response::CompletionDone(r)) => Ok(r),
+        Some(Response::CompletionModelError(e, _)) => bail!("mistral.rs model error: {e}"),
+        Some(Response::InternalError(e)) | Some(Response::ValidationError(e)) => bail!("mistral.rs: {e}"),
+        Some(_) => bail!("mistral.rs: unexpected response kind"),
+        None => bail!("mistral.rs closed the response channel"),
     }
 }

@@ -222,7 +222,10 @@ pub fn chunk_rows(
     scale: f64,
 ) -> candle_core::Result<Tensor> {
     let d = q.dim(2)?;
-    chunk_attention(store, rows, q, q_pos, scale, d, None)
+    match per_query(store, rows, q, q_pos, scale, d)? {
+        Some(out) => Ok(out),
+        None => chunk_attention(store, rows, q, q_pos, scale, d, None),
+    }
 }
 
 /// [`chunk_rows`] (or, with `latent_rank`, [`chunk_latent_rows`]) that also returns, per row, each
@@ -252,7 +255,55 @@ pub fn chunk_latent_rows(
     scale: f64,
     value_dim: usize,
 ) -> candle_core::Result<Tensor> {
-    chunk_attention(store, rows, q, q_pos, scale, value_dim, None)
+    match per_query(store, rows, q, q_pos, scale, value_dim)? {
+        Some(out) => Ok(out),
+        None => chunk_attention(store, rows, q, q_pos, scale, value_dim, None),
+    }
+}
+
+/// A chunk's attention query by query, for f32 queries on the CPU (`None` otherwise): each
+/// (query, row) pair runs the decode path (chunks of blocks, merged), the pairs in parallel. No
+/// dense mask or score matrix is built, and a slot a query cannot see costs one comparison.
+fn per_query(
+    store: &KvStore,
+    rows: &[RowId],
+    q: &Tensor,
+    q_pos: &[Pos],
+    scale: f64,
+    dv: usize,
+) -> candle_core::Result<Option<Tensor>> {
+    use rayon::prelude::*;
+    if !q.device().is_cpu() || q.dtype() != candle_core::DType::F32 {
+        return Ok(None);
+    }
+    let (t, n_heads, d) = q.dims3()?;
+    let kv = rows.len();
+    if kv == 0 || n_heads % kv != 0 || d != store.head_dim() || q_pos.len() != t {
+        candle_core::bail!(
+            "chunk attention: {t} queries of {n_heads} heads x {d} over {kv} rows of width {}",
+            store.head_dim()
+        );
+    }
+    let g = n_heads / kv;
+    let stored = |e: StoreError| candle_core::Error::Msg(e.to_string());
+    let row_refs = rows.iter().map(|&r| store.row(r)).collect::<Result<Vec<_>, _>>().map_err(stored)?;
+    let qv = q.flatten_all()?.to_vec1::<f32>()?;
+    let chunk_blocks = CHUNK_SLOTS.div_ceil(store.block_size()).max(1);
+    let mut out = vec![0f32; t * n_heads * dv];
+    out.par_chunks_mut(g * dv).enumerate().for_each(|(task, o)| {
+        let (i, r) = (task / kv, task % kv);
+        let qg = &qv[(i * n_heads + r * g) * d..(i * n_heads + (r + 1) * g) * d];
+        let row = row_refs[r];
+        let n_blocks = row.blocks().len();
+        let parts: Vec<Partial> = (0..n_blocks)
+            .step_by(chunk_blocks)
+            .map(|b0| {
+                chunk_partial(store, row, b0..(b0 + chunk_blocks).min(n_blocks), qg, q_pos[i], scale as f32, dv, false)
+            })
+            .collect();
+        merge(&parts, g, dv, store.block_size() * chunk_blocks, o, None);
+    });
+    Ok(Some(Tensor::from_vec(out, (t, n_heads * dv), &Device::Cpu)?))
 }
 
 fn chunk_attention(
@@ -274,6 +325,8 @@ fn chunk_attention(
     let mut k_all = vec![0f32; kv * lmax * d];
     let mut v_all = vec![0f32; kv * lmax * dv];
     let mut mask = vec![f32::NEG_INFINITY; kv * t * lmax];
+    // Whether some query sees no key at all (its softmax row is NaN and must become zeros).
+    let mut blind = false;
     let (mut kb, mut vb) = (Vec::new(), Vec::new());
     for (r, &id) in rows.iter().enumerate() {
         store.gather(id, &mut kb, &mut vb).map_err(stored)?;
@@ -289,11 +342,14 @@ fn chunk_attention(
         let row = store.row(id).map_err(stored)?;
         for (i, &qp) in q_pos.iter().enumerate() {
             let m = &mut mask[(r * t + i) * lmax..(r * t + i + 1) * lmax];
+            let mut sees = false;
             for (s, (&p, &l)) in row.positions().iter().zip(row.last_visible()).enumerate() {
                 if p <= qp && qp <= l {
                     m[s] = 0.0;
+                    sees = true;
                 }
             }
+            blind |= !sees;
         }
     }
     let dev = q.device();
@@ -301,10 +357,11 @@ fn chunk_attention(
     let v = Tensor::from_vec(v_all, (kv, lmax, dv), &Device::Cpu)?.to_device(dev)?;
     let mask = Tensor::from_vec(mask, (kv, 1, t, lmax), &Device::Cpu)?.to_device(dev)?;
     let q = q.reshape((t, kv, g, d))?.permute((1, 2, 0, 3))?.contiguous()?.reshape((kv, g * t, d))?;
-    let scores = (q.matmul(&k.t()?)? * scale)?.reshape((kv, g, t, lmax))?;
+    // Scaling the queries instead of the scores: `g t d` multiplies instead of `g t L`.
+    let scores = (q * scale)?.matmul(&k.t()?)?.reshape((kv, g, t, lmax))?;
     let scores = scores.broadcast_add(&mask)?;
     let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-    let probs = zero_fully_masked(&probs)?;
+    let probs = if blind { zero_fully_masked(&probs)? } else { probs };
     if let Some(w) = weights {
         // [kv, g, t, lmax] -> mean over g, sum over t -> [kv, lmax]; each row keeps its own length.
         let per_row = (probs.sum(2)?.sum(1)? / g as f64)?.to_device(&Device::Cpu)?.to_vec2::<f32>()?;
@@ -407,6 +464,37 @@ mod tests {
                 for (s, (a, b)) in w[r].iter().zip(&want_w).enumerate() {
                     assert!((*a as f64 - b).abs() < 1e-6, "d {d} g {g} row {r} slot {s}: weight {a} vs {b}");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn a_chunk_query_by_query_equals_the_dense_masked_softmax() {
+        // Three rows of 300 slots with a hidden run, 7 queries at positions near the end (some
+        // see the hidden slots, some do not), 2 query heads per row.
+        let (d, n, kv, g, t) = (16, 300, 3, 2, 7);
+        let Rows { store, ids, .. } = store_with_rows(d, n, kv, &|i| (100..180).contains(&i));
+        let q_pos: Vec<Pos> = (n as Pos - 4..n as Pos + 3).collect();
+        let q = Tensor::from_vec(seeded(5, t * kv * g * d), (t, kv * g, d), &Device::Cpu).unwrap();
+        let fast = chunk_rows(&store, &ids, &q, &q_pos, 0.3).unwrap().to_vec2::<f32>().unwrap();
+        let dense = chunk_attention(&store, &ids, &q, &q_pos, 0.3, d, None).unwrap().to_vec2::<f32>().unwrap();
+        for (i, (a, b)) in fast.iter().zip(&dense).enumerate() {
+            for (x, y) in a.iter().zip(b) {
+                assert!((x - y).abs() < 1e-5, "query {i}: {x} vs {y}");
+            }
+        }
+        // Latent rows: no separate values, the first 8 floats of each key are its value.
+        let mut lat = KvStore::with_value_dim(d, 0, 16, n.div_ceil(16) + 1);
+        let id = lat.add_row(0);
+        let writes = (0..n).map(|i| Write { slot: i as u32, last_visible: VISIBLE_FOREVER }).collect();
+        lat.apply_evict(id, &EvictPlan { hide: Vec::new(), writes }, 0, &seeded(9, n * d), &[]).unwrap();
+        let q = Tensor::from_vec(seeded(6, t * g * d), (t, g, d), &Device::Cpu).unwrap();
+        let latent = chunk_latent_rows(&lat, &[id], &q, &q_pos, 0.3, 8).unwrap().to_vec2::<f32>().unwrap();
+        let latent_dense = chunk_attention(&lat, &[id], &q, &q_pos, 0.3, 8, None).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(latent[0].len(), g * 8);
+        for (a, b) in latent.iter().zip(&latent_dense) {
+            for (x, y) in a.iter().zip(b) {
+                assert!((x - y).abs() < 1e-5, "latent: {x} vs {y}");
             }
         }
     }

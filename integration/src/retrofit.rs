@@ -14,7 +14,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Tensor, Var, D};
+use candle_core::{DType, Tensor, Var};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde::Deserialize;
@@ -22,6 +22,7 @@ use serde_json::json;
 
 use crate::config::{open_device, ModelSection};
 use crate::engine::load_model;
+use crate::model::llama::distill_kl::kl_rows;
 use crate::model::llama::train::{AdapterParams, StudentOpts};
 use crate::model::Llama;
 use crate::model::WeightForm;
@@ -258,9 +259,7 @@ impl Trainer {
             noise,
         };
         let out = self.model.dense_forward(ids, Some((&self.adapter, &opts)))?;
-        let ls = candle_nn::ops::log_softmax(&out.logits, D::Minus1)?;
-        let lt = candle_nn::ops::log_softmax(&teacher, D::Minus1)?;
-        let kl = (ls.exp()? * (&ls - &lt)?)?.sum(D::Minus1)?.mean_all()?;
+        let kl = kl_rows(&out.logits, &teacher)?.mean_all()?;
         let stacked = Tensor::stack(&out.decisions, 0)?;
         let evicted = stacked.mean_all()?;
         let hinge = (evicted.neg()? + target)?.relu()?;

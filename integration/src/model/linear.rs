@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Result};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Shape, Tensor};
 use candle_nn::Linear;
 
 use super::weights::block_tensor;
@@ -106,6 +106,22 @@ impl Proj {
                 })
             })
             .collect()
+    }
+
+    /// Applies the layer as a constant of a differentiable computation: the gradient reaches `x`
+    /// only. On the CPU a dense weight gets no gradient computed at all ([`frozen_matmul`]);
+    /// quantized layers run their normal forward.
+    pub fn forward_frozen(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Proj::Dense(l) => {
+                let y = frozen_matmul(x, l.weight())?;
+                Ok(match l.bias() {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                })
+            }
+            Proj::Quantized { .. } => self.forward(x),
+        }
     }
 
     /// The dense weight, or an error for a quantized one (gradients and dtype changes need it).
@@ -213,5 +229,70 @@ impl Embedding {
             Embedding::Dense(t) => t.elem_count(),
             Embedding::Quantized(q) => q.shape().elem_count(),
         }
+    }
+}
+
+/// `x W^T` for a frozen weight `w` (`[out, in]`) and `x` (`[.., in]`), differentiable in `x`
+/// only. candle's matmul backward also computes the weight's gradient, which a retrofit (a frozen
+/// model under a small adapter) throws away: a third of its matmul work. Other devices use the
+/// plain matmul.
+pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if !x.device().is_cpu() {
+        return Ok(x.broadcast_matmul(&w.t()?)?);
+    }
+    Ok(x.contiguous()?.apply_op1(FrozenMatmul { w: w.clone() })?)
+}
+
+/// The op behind [`frozen_matmul`]: forward through candle's matmul, backward `dx = dy W`.
+struct FrozenMatmul {
+    w: Tensor,
+}
+
+impl CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "dms-frozen-matmul"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let Some((a, b)) = l.contiguous_offsets() else {
+            return Err(candle_core::Error::Msg("frozen matmul needs a contiguous input".into()));
+        };
+        let x = match s {
+            CpuStorage::F32(v) => Tensor::from_slice(&v[a..b], l.shape(), &Device::Cpu)?,
+            _ => return Err(candle_core::Error::Msg("frozen matmul computes in f32".into())),
+        };
+        let y = x.broadcast_matmul(&self.w.t()?)?;
+        let shape = y.shape().clone();
+        Ok((CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?), shape))
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(dy.broadcast_matmul(&self.w)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    #[test]
+    fn frozen_matmul_equals_matmul_and_its_input_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 7, 12), &dev)?)?;
+        let w = Tensor::randn(0f32, 1.0, (5, 12), &dev)?;
+        let r = Tensor::randn(0f32, 1.0, (2, 7, 5), &dev)?;
+        let want = x.broadcast_matmul(&w.t()?)?;
+        let got = frozen_matmul(&x, &w)?;
+        let gw = (&want * &r)?.sum_all()?.backward()?;
+        let gg = (&got * &r)?.sum_all()?.backward()?;
+        let flat = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>());
+        let pairs = [(flat(&got)?, flat(&want)?), (flat(gg.get(&x).unwrap())?, flat(gw.get(&x).unwrap())?)];
+        for (a, b) in pairs {
+            for (p, q) in a.iter().zip(&b) {
+                assert!((p - q).abs() < 1e-5, "{p} vs {q}");
+            }
+        }
+        Ok(())
     }
 }

@@ -7,7 +7,9 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::Linear;
 use dms_policy::Pos;
 
+pub mod distill_kl;
 pub mod train;
+pub mod train_attention;
 
 use super::config::ModelConfig;
 use super::linear::{Embedding, Proj};

@@ -55,7 +55,7 @@ impl Mlp {
 
     /// [`Self::forward`] with `Tensor::silu` (which has a gradient).
     pub fn forward_differentiable(&self, x: &Tensor) -> Result<Tensor> {
-        self.down.forward(&(self.gate.forward(x)?.silu()? * self.up.forward(x)?)?)
+        self.down.forward_frozen(&(self.gate.forward_frozen(x)?.silu()? * self.up.forward_frozen(x)?)?)
     }
 
     /// Number of weights.

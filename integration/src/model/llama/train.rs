@@ -3,9 +3,11 @@
 //! masked by a trainable adapter's noisy decisions, dms-reference.md section 5).
 
 use anyhow::Result;
-use candle_core::{DType, Tensor, Var, D};
+use candle_core::{DType, Tensor, Var};
 
+use super::train_attention::masked_attention;
 use super::{Attention, Layer, Llama};
+use crate::model::linear::frozen_matmul;
 use crate::model::mla::MlaInputs;
 
 /// Trainable DMS adapter: per layer an RMSNorm weight `[hidden]` and a projection
@@ -72,20 +74,7 @@ impl Llama {
         let dev = &self.device;
         let positions: Vec<u32> = (0..t as u32).collect();
         let (cos, sin) = self.rope_tables(&positions)?;
-        let mut causal = vec![0f32; t * t];
-        let mut far = vec![0f32; t * t];
         let w = student.map_or(usize::MAX, |(_, o)| o.window);
-        for q in 0..t {
-            for k in 0..t {
-                if k > q {
-                    causal[q * t + k] = -50000.0;
-                } else if q - k > w {
-                    far[q * t + k] = 1.0;
-                }
-            }
-        }
-        let causal = Tensor::from_vec(causal, (t, t), dev)?;
-        let far = Tensor::from_vec(far, (t, t), dev)?;
         let mut x = self.embed.dense()?.index_select(&Tensor::new(ids, dev)?, 0)?;
         let scale = self.softmax_scale();
         let mut decisions = Vec::new();
@@ -101,14 +90,14 @@ impl Llama {
                     decisions.push(((hard - probs.detach())? + &probs)?);
                     let next =
                         Tensor::cat(&[&noisy.narrow(0, 1, t - 1)?, &Tensor::zeros((1, nkv), DType::F32, dev)?], 0)?;
-                    Some(softplus(&next.t()?)?.neg()?.unsqueeze(1)?)
+                    Some(softplus(&next.t()?)?.neg()?)
                 }
                 None => None,
             };
-            x = self.dense_layer(layer, &x, &cos, &sin, &causal, &far, penalty.as_ref(), scale, (nh, nkv, hd, g))?;
+            x = self.dense_layer(layer, &x, &cos, &sin, w, penalty.as_ref(), scale, (nh, nkv, hd, g))?;
         }
         let xs = rms(&x, &self.norm, eps)?;
-        Ok(DenseOut { logits: xs.matmul(&self.lm_head.dense_weight()?.t()?)?, decisions })
+        Ok(DenseOut { logits: frozen_matmul(&xs, self.lm_head.dense_weight()?)?, decisions })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -118,8 +107,7 @@ impl Llama {
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        causal: &Tensor,
-        far: &Tensor,
+        window: usize,
         penalty: Option<&Tensor>,
         scale: f64,
         (nh, nkv, hd, g): (usize, usize, usize, usize),
@@ -135,9 +123,9 @@ impl Llama {
                 (q, latent, v)
             }
             Attention::Mha(m) => {
-                let mut q = m.q_proj.forward(&h)?.reshape((t, nh, hd))?;
-                let mut k = m.k_proj.forward(&h)?.reshape((t, nkv, hd))?;
-                let v = m.v_proj.forward(&h)?.reshape((t, nkv, hd))?;
+                let mut q = m.q_proj.forward_frozen(&h)?.reshape((t, nh, hd))?;
+                let mut k = m.k_proj.forward_frozen(&h)?.reshape((t, nkv, hd))?;
+                let v = m.v_proj.forward_frozen(&h)?.reshape((t, nkv, hd))?;
                 if let (Some(qn), Some(kn)) = (&m.q_norm, &m.k_norm) {
                     q = rms(&q, qn, eps)?;
                     k = rms(&k, kn, eps)?;
@@ -154,17 +142,16 @@ impl Llama {
         };
         let (dq, dv) = (q.dim(2)?, v.dim(2)?);
         let q = q.transpose(0, 1)?.contiguous()?.reshape((nkv, g, t, dq))?;
-        let k = k.transpose(0, 1)?.contiguous()?.unsqueeze(1)?;
-        let v = v.transpose(0, 1)?.contiguous()?.unsqueeze(1)?;
-        let mut scores = (q.broadcast_matmul(&k.transpose(2, 3)?)? * scale)?.broadcast_add(causal)?;
-        if let Some(p) = penalty {
-            scores = scores.broadcast_add(&far.unsqueeze(0)?.broadcast_mul(p)?.unsqueeze(1)?)?;
-        }
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
-        let out =
-            probs.broadcast_matmul(&v)?.reshape((nh, t, dv))?.transpose(0, 1)?.contiguous()?.reshape((t, nh * dv))?;
+        let k = k.transpose(0, 1)?.contiguous()?;
+        let v = v.transpose(0, 1)?.contiguous()?;
+        let none = Tensor::zeros((nkv, t), DType::F32, x.device())?;
+        let out = masked_attention(&q, &k, &v, penalty.unwrap_or(&none), window, scale)?
+            .reshape((nh, t, dv))?
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((t, nh * dv))?;
         let o = match &layer.attn {
-            Attention::Mha(m) => m.o_proj.forward(&out)?,
+            Attention::Mha(m) => m.o_proj.forward_frozen(&out)?,
             Attention::Mla(m) => m.output(&out)?,
         };
         let x = (x + o)?;

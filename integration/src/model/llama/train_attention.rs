@@ -1,0 +1,364 @@
+//! Causal attention with DMS's soft eviction penalty for the dense training pass
+//! (dms-reference.md section 5), fused on the CPU with its own backward.
+//!
+//! Written by hand because candle's autograd of the composed form (scores, causal mask, penalty,
+//! softmax, values) keeps five `[heads, T, T]` tensors per layer for the backward and computes a
+//! gradient for every frozen operand (19 GB and about 100 s a step for SmolLM2 at 1K tokens), and
+//! no crate offers a CPU attention with this mask and a gradient for the penalty. Here the forward
+//! keeps only each query's log-sum-exp and the backward recomputes the probabilities row by row
+//! from it (as flash attention does), so no `T x T` tensor is stored. Other devices use the
+//! composed form ([`composed`]), which is also the tests' oracle.
+
+use anyhow::{bail, Result};
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, D};
+use rayon::prelude::*;
+
+use crate::kv::vector::dot;
+
+/// Query rows per task: a task computes its rows' scores against every key they see as one
+/// matrix product; in the backward it keeps private key/value/penalty gradients for those keys,
+/// summed at the end (so no two threads write one key's gradient).
+const BLOCK_ROWS: usize = 64;
+
+/// Causal attention of `q [nkv, g, T, dq]` over `k [nkv, T, dq]` and `v [nkv, T, dv]` (`g` query
+/// heads share a KV head), where key `j` gets `penalty[kvh, j]` added to its score for every
+/// query `i` with `i - j > window`. Returns `[nkv, g, T, dv]`; differentiable in `q`, `k`, `v`
+/// and `penalty`.
+pub fn masked_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    penalty: &Tensor,
+    window: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    let (nkv, g, t, dq) = q.dims4()?;
+    let (dv, pen_dims) = (v.dim(2)?, penalty.dims());
+    if k.dims() != [nkv, t, dq] || v.dims() != [nkv, t, dv] || pen_dims != [nkv, t] {
+        bail!(
+            "masked attention shapes disagree: q {:?}, k {:?}, v {:?}, penalty {pen_dims:?}",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        );
+    }
+    if !q.device().is_cpu() {
+        return composed(q, k, v, penalty, window, scale);
+    }
+    let kv = Tensor::cat(&[k, v], D::Minus1)?.contiguous()?;
+    let op = MaskedAttention { nkv, g, t, dq, dv, window, scale: scale as f32 };
+    let out = q.contiguous()?.apply_op3(&kv, &penalty.contiguous()?, op)?;
+    Ok(out.narrow(3, 0, dv)?)
+}
+
+/// The same attention composed of candle ops (dense scores, an additive causal mask, the
+/// penalty broadcast over the far keys, softmax): any device, `[heads, T, T]` memory.
+pub fn composed(q: &Tensor, k: &Tensor, v: &Tensor, penalty: &Tensor, window: usize, scale: f64) -> Result<Tensor> {
+    let t = q.dim(2)?;
+    let mut causal = vec![0f32; t * t];
+    let mut far = vec![0f32; t * t];
+    for i in 0..t {
+        for j in 0..t {
+            if j > i {
+                causal[i * t + j] = -50000.0;
+            } else if i - j > window {
+                far[i * t + j] = 1.0;
+            }
+        }
+    }
+    let dev = q.device();
+    let causal = Tensor::from_vec(causal, (t, t), dev)?;
+    let far = Tensor::from_vec(far, (t, t), dev)?;
+    let (k, v) = (k.unsqueeze(1)?, v.unsqueeze(1)?);
+    let scores = (q.broadcast_matmul(&k.transpose(2, 3)?)? * scale)?.broadcast_add(&causal)?;
+    let pen = far.unsqueeze(0)?.broadcast_mul(&penalty.unsqueeze(1)?)?.unsqueeze(1)?;
+    let probs = candle_nn::ops::softmax(&scores.broadcast_add(&pen)?, D::Minus1)?;
+    Ok(probs.broadcast_matmul(&v)?)
+}
+
+/// The fused op over `q`, `kv = [k | v]` and the penalty. Its output is `[nkv, g, T, dv + 1]`:
+/// each row's attention output and then its log-sum-exp, which the backward reads back (the
+/// public wrapper narrows it away, so no gradient ever reaches that column).
+struct MaskedAttention {
+    nkv: usize,
+    g: usize,
+    t: usize,
+    dq: usize,
+    dv: usize,
+    window: usize,
+    scale: f32,
+}
+
+/// Borrowed operands of one fused call, laid out contiguously.
+struct Operands<'a> {
+    q: &'a [f32],
+    kv: &'a [f32],
+    pen: &'a [f32],
+}
+
+/// A row-major view for [`matmul`]: the slice and its (row, column) strides in elements.
+type View<'a> = (&'a [f32], usize, usize);
+
+/// `dst[m x n] (+)= beta * lhs[m x k] rhs[k x n]` (dst row-major with row stride `dst_rs`) on
+/// one thread with the `gemm` crate (candle's CPU matmul kernel); the callers parallelise.
+#[allow(clippy::too_many_arguments)]
+fn matmul(m: usize, n: usize, k: usize, dst: &mut [f32], dst_rs: usize, add: bool, lhs: View, rhs: View, beta: f32) {
+    let (l, l_rs, l_cs) = lhs;
+    let (r, r_rs, r_cs) = rhs;
+    if m == 0 || n == 0 {
+        return;
+    }
+    let last = |rs: usize, cs: usize, rows: usize, cols: usize| (rows - 1) * rs + (cols - 1) * cs;
+    assert!(last(dst_rs, 1, m, n) < dst.len(), "matmul destination too short");
+    assert!(
+        k == 0 || (last(l_rs, l_cs, m, k) < l.len() && last(r_rs, r_cs, k, n) < r.len()),
+        "matmul operand too short"
+    );
+    // SAFETY: every element the strides reach lies inside its slice (asserted above), and `dst`
+    // is borrowed mutably, so it aliases neither operand.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            add,
+            l.as_ptr(),
+            l_cs as isize,
+            l_rs as isize,
+            r.as_ptr(),
+            r_cs as isize,
+            r_rs as isize,
+            1.0,
+            beta,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+impl MaskedAttention {
+    /// Probabilities of query rows `i0..i1` of query head `head` over keys `0..i1`, into `p`
+    /// (`[i1 - i0, i1]`, zero above the diagonal): with `lse = None` the forward's softmax, whose
+    /// log-sum-exp per row it returns; with `Some` the backward's recomputation from it.
+    fn probabilities(
+        &self,
+        ops: &Operands,
+        head: usize,
+        i0: usize,
+        i1: usize,
+        lse: Option<&[f32]>,
+        p: &mut Vec<f32>,
+    ) -> Vec<f32> {
+        let (t, dq, w) = (self.t, self.dq, self.dq + self.dv);
+        let kvh = head / self.g;
+        let q = &ops.q[(head * t + i0) * dq..(head * t + i1) * dq];
+        let kv = &ops.kv[kvh * t * w..(kvh + 1) * t * w];
+        let pen = &ops.pen[kvh * t..(kvh + 1) * t];
+        let n = i1;
+        p.clear();
+        p.resize((i1 - i0) * n, 0.0);
+        matmul(i1 - i0, n, dq, p, n, false, (q, dq, 1), (kv, 1, w), self.scale);
+        let mut sums = Vec::with_capacity(i1 - i0);
+        for (r, row) in p.chunks_mut(n).enumerate() {
+            let i = i0 + r;
+            let (seen, future) = row.split_at_mut(i + 1);
+            future.iter_mut().for_each(|x| *x = 0.0);
+            for (j, x) in seen.iter_mut().enumerate() {
+                if i - j > self.window {
+                    *x += pen[j];
+                }
+            }
+            let z = match lse {
+                Some(l) => l[r],
+                None => {
+                    let m = seen.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    m + seen.iter().map(|x| (x - m).exp()).sum::<f32>().ln()
+                }
+            };
+            seen.iter_mut().for_each(|x| *x = (*x - z).exp());
+            sums.push(z);
+        }
+        sums
+    }
+
+    fn forward(&self, ops: &Operands) -> Vec<f32> {
+        let (t, dq, dv, w, width) = (self.t, self.dq, self.dv, self.dq + self.dv, self.dv + 1);
+        let mut out = vec![0f32; self.nkv * self.g * t * width];
+        out.par_chunks_mut(t * width).enumerate().for_each(|(head, out_head)| {
+            out_head.par_chunks_mut(BLOCK_ROWS * width).enumerate().for_each_init(Vec::new, |p, (c, o)| {
+                let (i0, i1) = (c * BLOCK_ROWS, ((c + 1) * BLOCK_ROWS).min(t));
+                let lse = self.probabilities(ops, head, i0, i1, None, p);
+                let kv = &ops.kv[(head / self.g) * t * w..];
+                matmul(i1 - i0, dv, i1, o, width, false, (p, i1, 1), (&kv[dq..], w, 1), 1.0);
+                for (row, z) in o.chunks_mut(width).zip(lse) {
+                    row[dv] = z;
+                }
+            })
+        });
+        out
+    }
+
+    /// Gradients `(dq, dkv, dpen)` from the forward's output `res` and its gradient `dres`
+    /// (both `[rows, dv + 1]`; the log-sum-exp column's gradient is ignored).
+    fn backward(&self, ops: &Operands, res: &[f32], dres: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let (t, dq, dv, w, width) = (self.t, self.dq, self.dv, self.dq + self.dv, self.dv + 1);
+        let heads = self.nkv * self.g;
+        let mut dq_all = vec![0f32; heads * t * dq];
+        // One task per (query head, block of rows): its dq rows are its own; the key-side
+        // gradients go to private buffers over the keys `0..i1` it sees, summed afterwards.
+        let task = |head: usize, c: usize, dq_rows: &mut [f32]| {
+            let kvh = head / self.g;
+            let (i0, i1) = (c * BLOCK_ROWS, ((c + 1) * BLOCK_ROWS).min(t));
+            let (m, n) = (i1 - i0, i1);
+            let rows = (head * t + i0) * width..(head * t + i1) * width;
+            let (out, dout) = (&res[rows.clone()], &dres[rows]);
+            let lse: Vec<f32> = out.chunks(width).map(|r| r[dv]).collect();
+            let mut p = Vec::new();
+            self.probabilities(ops, head, i0, i1, Some(&lse), &mut p);
+            let kv = &ops.kv[kvh * t * w..(kvh + 1) * t * w];
+            let q = &ops.q[(head * t + i0) * dq..(head * t + i1) * dq];
+            let mut ds = vec![0f32; m * n];
+            matmul(m, n, dv, &mut ds, n, false, (dout, width, 1), (&kv[dq..], 1, w), 1.0);
+            let mut dpen = vec![0f32; n];
+            for (r, (ds_row, p_row)) in ds.chunks_mut(n).zip(p.chunks(n)).enumerate() {
+                let i = i0 + r;
+                let d = dot(&dout[r * width..r * width + dv], &out[r * width..r * width + dv]);
+                for (j, (x, &pj)) in ds_row.iter_mut().zip(p_row).enumerate().take(i + 1) {
+                    *x = pj * (*x - d);
+                    if i - j > self.window {
+                        dpen[j] += *x;
+                    }
+                }
+                ds_row[i + 1..].iter_mut().for_each(|x| *x = 0.0);
+            }
+            matmul(m, dq, n, dq_rows, dq, false, (&ds, n, 1), (kv, w, 1), self.scale);
+            let mut dkv = vec![0f32; n * w];
+            matmul(n, dq, m, &mut dkv, w, false, (&ds, 1, n), (q, dq, 1), self.scale);
+            matmul(n, dv, m, &mut dkv[dq..], w, false, (&p, 1, n), (dout, width, 1), 1.0);
+            (kvh, dkv, dpen)
+        };
+        let partials: Vec<(usize, Vec<f32>, Vec<f32>)> = dq_all
+            .par_chunks_mut(t * dq)
+            .enumerate()
+            .flat_map(|(head, dq_head)| {
+                dq_head.par_chunks_mut(BLOCK_ROWS * dq).enumerate().map(move |(c, rows)| task(head, c, rows))
+            })
+            .collect();
+        let mut dkv_all = vec![0f32; self.nkv * t * w];
+        let mut dpen_all = vec![0f32; self.nkv * t];
+        for (kvh, dkv, dpen) in partials {
+            for (a, b) in dkv_all[kvh * t * w..].iter_mut().zip(&dkv) {
+                *a += b;
+            }
+            for (a, b) in dpen_all[kvh * t..].iter_mut().zip(&dpen) {
+                *a += b;
+            }
+        }
+        (dq_all, dkv_all, dpen_all)
+    }
+}
+
+/// The f32 contents of a contiguous CPU operand.
+fn cpu_slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    let all = s.as_slice::<f32>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&all[a..b]),
+        None => Err(candle_core::Error::Msg("masked attention needs contiguous operands".into())),
+    }
+}
+
+/// The f32 contents of a tensor (copied out of its storage).
+fn host_vec(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    t.flatten_all()?.to_vec1::<f32>()
+}
+
+impl CustomOp3 for MaskedAttention {
+    fn name(&self) -> &'static str {
+        "dms-masked-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let ops = Operands { q: cpu_slice(s1, l1)?, kv: cpu_slice(s2, l2)?, pen: cpu_slice(s3, l3)? };
+        let out = self.forward(&ops);
+        Ok((CpuStorage::F32(out), Shape::from((self.nkv, self.g, self.t, self.dv + 1))))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        kv: &Tensor,
+        pen: &Tensor,
+        res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (qh, kvh, penh) = (host_vec(q)?, host_vec(kv)?, host_vec(pen)?);
+        let ops = Operands { q: &qh, kv: &kvh, pen: &penh };
+        let (dq, dkv, dpen) = self.backward(&ops, &host_vec(res)?, &host_vec(grad_res)?);
+        let dev = q.device();
+        Ok((
+            Some(Tensor::from_vec(dq, q.shape(), dev)?),
+            Some(Tensor::from_vec(dkv, kv.shape(), dev)?),
+            Some(Tensor::from_vec(dpen, pen.shape(), dev)?),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// Values and all four gradients of the fused op against candle's autograd of the composed
+    /// form, for a loss `sum(out * r)` with random `r`.
+    fn check(nkv: usize, g: usize, t: usize, dq: usize, dv: usize, window: usize) -> Result<()> {
+        let dev = Device::Cpu;
+        let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (nkv, g, t, dq), &dev)?)?;
+        let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (nkv, t, dq), &dev)?)?;
+        let v = Var::from_tensor(&Tensor::randn(0f32, 1.0, (nkv, t, dv), &dev)?)?;
+        let pen = Var::from_tensor(&(Tensor::randn(0f32, 2.0, (nkv, t), &dev)?.abs()?.neg()?))?;
+        let r = Tensor::randn(0f32, 1.0, (nkv, g, t, dv), &dev)?;
+        let scale = 1.0 / (dq as f64).sqrt();
+        let run = |f: &dyn Fn() -> Result<Tensor>| -> Result<(Vec<f32>, Vec<Vec<f32>>)> {
+            let out = f()?;
+            let grads = (&out * &r)?.sum_all()?.backward()?;
+            let gs = [&q, &k, &v, &pen]
+                .iter()
+                .map(|p| host_vec(grads.get(p.as_tensor()).expect("gradient")))
+                .collect::<candle_core::Result<_>>()?;
+            Ok((host_vec(&out)?, gs))
+        };
+        let (want, want_g) = run(&|| composed(&q, &k, &v, &pen, window, scale))?;
+        let (got, got_g) = run(&|| masked_attention(&q, &k, &v, &pen, window, scale))?;
+        let close = |a: &[f32], b: &[f32], what: &str| {
+            assert_eq!(a.len(), b.len());
+            for (i, (x, y)) in a.iter().zip(b).enumerate() {
+                assert!((x - y).abs() <= 1e-4 * (1.0 + y.abs()), "{what}[{i}]: fused {x} vs composed {y}");
+            }
+        };
+        close(&got, &want, "output");
+        for (name, (a, b)) in ["dq", "dk", "dv", "dpenalty"].iter().zip(got_g.iter().zip(&want_g)) {
+            close(a, b, name);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn fused_attention_and_its_gradients_equal_the_composed_autograd() -> Result<()> {
+        check(2, 3, 150, 16, 16, 5)?;
+        check(1, 2, 70, 24, 8, 0)?;
+        check(3, 1, 9, 8, 8, 100)
+    }
+}

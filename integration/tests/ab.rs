@@ -196,6 +196,7 @@ concurrency = 2
 targets = [2.0, 3.0]
 tolerance = 0.05
 max_runs = 12
+prompts = 1
 [[family]]
 name = "window"
 policy = { name = "sliding_window", sinks = 2 }
@@ -209,7 +210,8 @@ knob = "alpha_offset"
 range = [0.0, 80.0]
 [needle]
 context_tokens = [160]
-depths = [0.5]
+depths = [0.25, 0.75]
+trials = 3
 answer_tokens = 4
 "#;
     let path = write("eval", text);
@@ -230,7 +232,7 @@ answer_tokens = 4
         }
         let n = c.needle.as_ref().unwrap();
         assert!((n.cr / c.target - 1.0).abs() <= 0.05, "needle CR {} vs {}", n.cr, c.target);
-        assert_eq!(n.trials, 1);
+        assert_eq!((n.trials, n.answers.len()), (3, 3));
     }
     // Evicting more costs quality: the window's KL grows from CR 2 to CR 3.
     assert!(r.cells[1].quality.mean_kl > r.cells[0].quality.mean_kl);

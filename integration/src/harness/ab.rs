@@ -352,10 +352,19 @@ pub(crate) fn kl(p_log: &[f32], q_log: &[f32]) -> f64 {
     p_log.iter().zip(q_log).map(|(&p, &q)| (p as f64).exp() * (p as f64 - q as f64)).sum::<f64>().max(0.0)
 }
 
-/// Token windows of the corpus: `n` windows of `len` tokens at evenly spaced offsets.
+/// Token windows of the corpus: `n` windows of `len` tokens at evenly spaced offsets, first at
+/// the start and last at the end, never overlapping (so prompts are independent samples of the
+/// text); a text shorter than `n * len` tokens is an error.
 pub fn windows(tokens: &[u32], n: usize, len: usize) -> Result<Vec<Vec<u32>>> {
     if tokens.len() < len {
         bail!("the corpus has {} tokens, fewer than one window of {len}", tokens.len());
+    }
+    if tokens.len() < n.saturating_mul(len) {
+        bail!(
+            "the corpus has {} tokens, fewer than {n} non-overlapping windows of {len} ({} tokens)",
+            tokens.len(),
+            n * len
+        );
     }
     let span = tokens.len() - len;
     Ok((0..n)
@@ -698,4 +707,21 @@ pub fn plot(results: &[ArmResult], path: &Path) -> Result<()> {
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod window_tests {
+    use super::windows;
+
+    #[test]
+    fn windows_span_the_text_without_overlap_or_refuse() {
+        let text: Vec<u32> = (0..100).collect();
+        let w = windows(&text, 4, 25).unwrap();
+        assert_eq!(w.iter().map(|w| w[0]).collect::<Vec<_>>(), [0, 25, 50, 75]);
+        let w = windows(&text, 3, 10).unwrap();
+        assert_eq!(w.iter().map(|w| w[0]).collect::<Vec<_>>(), [0, 45, 90]);
+        let e = windows(&text, 5, 25).unwrap_err().to_string();
+        assert!(e.contains("fewer than 5 non-overlapping windows of 25"), "{e}");
+        assert!(windows(&text, 1, 101).unwrap_err().to_string().contains("fewer than one window"));
+    }
 }

@@ -1,0 +1,150 @@
+//! The eval report: markdown table, JSON and the quality-vs-CR plot.
+
+use std::path::Path;
+
+use anyhow::Result;
+use serde_json::json;
+
+use super::{EvalConfig, EvalReport, NeedleResult, Quality};
+
+/// The markdown report.
+pub fn table(cfg: &EvalConfig, r: &EvalReport) -> String {
+    let q = &cfg.quality;
+    let mut s = format!(
+        "Model `{}`; quality: {} held-out prompts of {} tokens + {} teacher-forced tokens ({}); full-cache perplexity {:.2}.\n",
+        cfg.model.source, q.prompts, q.prompt_tokens, q.continuation_tokens, q.corpus, r.full_perplexity
+    );
+    if let (Some(n), Some(fnd)) = (&cfg.needle, &r.full_needle) {
+        s.push_str(&format!(
+            "Needle: {} trials per context length, pass key at depths {:?} in turn, {:?}-token prompts (ChatML); full cache retrieves {}/{}.\n",
+            n.trials.unwrap_or(n.depths.len()), n.depths, n.context_tokens, fnd.hits, fnd.trials
+        ));
+    }
+    s.push_str(
+        "\n| policy | target CR | knob | measured CR | top-1 agree [95% CI] | mean KL [95% CI] | PPL [95% CI] |",
+    );
+    let needle = r.full_needle.is_some();
+    if needle {
+        s.push_str(" needle CR | needle hits |");
+    }
+    s.push('\n');
+    s.push_str(&"|---".repeat(if needle { 9 } else { 7 }));
+    s.push_str("|\n");
+    for c in &r.cells {
+        let knob = cfg.families.iter().find(|f| f.name == c.family).map(|f| f.knob.as_str()).unwrap_or("");
+        s.push_str(&format!(
+            "| {} | {} | {knob} = {} | {:.2}{} | {:.3} [{:.3}, {:.3}] | {:.4} [{:.4}, {:.4}] | {:.2} [{:.2}, {:.2}] |",
+            c.family,
+            c.target,
+            fmt_knob(c.knob),
+            c.quality.cr,
+            if c.matched { "" } else { " (off target)" },
+            c.quality.top1_agreement,
+            c.quality.top1_agreement_ci[0],
+            c.quality.top1_agreement_ci[1],
+            c.quality.mean_kl,
+            c.quality.mean_kl_ci[0],
+            c.quality.mean_kl_ci[1],
+            c.quality.perplexity,
+            c.quality.perplexity_ci[0],
+            c.quality.perplexity_ci[1]
+        ));
+        if let Some(n) = &c.needle {
+            s.push_str(&format!(
+                " {:.2}{} | {}/{} |",
+                n.cr,
+                if n.matched { "" } else { " (off target)" },
+                n.hits,
+                n.trials
+            ));
+        }
+        s.push('\n');
+    }
+    s
+}
+
+fn fmt_knob(x: f64) -> String {
+    if x.fract() == 0.0 {
+        format!("{x:.0}")
+    } else {
+        format!("{x:.3}")
+    }
+}
+
+/// JSON of the report.
+pub fn to_json(cfg: &EvalConfig, r: &EvalReport) -> serde_json::Value {
+    let needle = |n: &NeedleResult| json!({"knob": n.knob, "cr": n.cr, "matched": n.matched, "hits": n.hits, "trials": n.trials, "answers": n.answers});
+    json!({
+        "model": cfg.model.source,
+        "quality_workload": {"corpus": cfg.quality.corpus, "prompts": cfg.quality.prompts,
+            "prompt_tokens": cfg.quality.prompt_tokens, "continuation_tokens": cfg.quality.continuation_tokens},
+        "needle_workload": cfg.needle.as_ref().map(|n| json!({"context_tokens": n.context_tokens, "depths": n.depths,
+            "trials": n.trials.unwrap_or(n.depths.len())})),
+        "calibration_prompts": cfg.calibration.prompts.unwrap_or(cfg.quality.prompts),
+        "full": {"perplexity": r.full_perplexity, "needle": r.full_needle.as_ref().map(needle)},
+        "calibration_runs": r.runs,
+        "cells": r.cells.iter().map(|c| json!({
+            "family": c.family, "target_cr": c.target, "knob": c.knob, "matched": c.matched,
+            "cr": c.quality.cr, "top1_agreement": c.quality.top1_agreement, "mean_kl": c.quality.mean_kl,
+            "perplexity": c.quality.perplexity, "top1_agreement_ci": c.quality.top1_agreement_ci,
+            "mean_kl_ci": c.quality.mean_kl_ci, "perplexity_ci": c.quality.perplexity_ci,
+            "needle": c.needle.as_ref().map(needle),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// Draws mean KL and top-1 agreement against measured CR, one line per family, as SVG.
+pub fn plot(r: &EvalReport, path: &Path) -> Result<()> {
+    use plotters::prelude::*;
+    let e = |e: &dyn std::fmt::Display| anyhow::anyhow!("plot: {e}");
+    let root = SVGBackend::new(path, (1100, 460)).into_drawing_area();
+    root.fill(&WHITE).map_err(|x| e(&x))?;
+    let panels = root.split_evenly((1, 2));
+    let families: Vec<&str> = {
+        let mut v: Vec<&str> = Vec::new();
+        for c in &r.cells {
+            if !v.contains(&c.family.as_str()) {
+                v.push(&c.family);
+            }
+        }
+        v
+    };
+    let max_cr = r.cells.iter().map(|c| c.quality.cr).fold(1.0, f64::max) * 1.1;
+    let max_kl = r.cells.iter().map(|c| c.quality.mean_kl).fold(1e-3, f64::max) * 1.1;
+    // (title, y label, y max, the plotted figure)
+    type PanelSpec = (&'static str, &'static str, f64, fn(&Quality) -> f64);
+    let specs: [PanelSpec; 2] = [
+        ("mean KL(full || policy) vs measured CR", "mean KL (nats)", max_kl, |q| q.mean_kl),
+        ("top-1 agreement with the full cache vs measured CR", "top-1 agreement", 1.02, |q| q.top1_agreement),
+    ];
+    for (panel, (title, ylab, ymax, get)) in panels.iter().zip(specs) {
+        let mut chart = ChartBuilder::on(panel)
+            .caption(title, ("sans-serif", 18))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(55)
+            .build_cartesian_2d(1f64..max_cr, 0f64..ymax)
+            .map_err(|x| e(&x))?;
+        chart.configure_mesh().x_desc("measured compression ratio").y_desc(ylab).draw().map_err(|x| e(&x))?;
+        for (i, fam) in families.iter().enumerate() {
+            let color = Palette99::pick(i).to_rgba();
+            let mut pts: Vec<(f64, f64)> =
+                r.cells.iter().filter(|c| c.family == *fam).map(|c| (c.quality.cr, get(&c.quality))).collect();
+            pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+            chart
+                .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
+                .map_err(|x| e(&x))?
+                .label(fam.to_string())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+            chart.draw_series(pts.into_iter().map(|p| Circle::new(p, 4, color.filled()))).map_err(|x| e(&x))?;
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|x| e(&x))?;
+    }
+    root.present().map_err(|x| e(&x))?;
+    Ok(())
+}

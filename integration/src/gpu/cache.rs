@@ -172,6 +172,8 @@ pub struct GpuCache {
     part_m: CudaSlice<f32>,
     part_l: CudaSlice<f32>,
     tuning: AttnTuning,
+    /// Sequences in the cache: they hold slots `0..active`, and decode steps cover their rows.
+    active: usize,
     /// Blocks resident at once per first-pass kernel, for `target_blocks = 0` (driver queries,
     /// once each).
     resident_blocks: std::collections::HashMap<String, usize>,
@@ -210,6 +212,9 @@ macro_rules! with_slice {
         $body
     }};
 }
+
+mod attend;
+mod slots;
 
 impl GpuCache {
     /// An empty cache (every row holds nothing) in `dtype` (f32 or bf16).
@@ -276,6 +281,7 @@ impl GpuCache {
             part_m: drv(stream.alloc_zeros::<f32>(1))?,
             part_l: drv(stream.alloc_zeros::<f32>(1))?,
             tuning: AttnTuning::default(),
+            active: shape.batch,
             resident_blocks: Default::default(),
             dev,
             stream,
@@ -296,13 +302,18 @@ impl GpuCache {
         }
     }
 
-    fn func(&self, name: &str) -> Result<CudaFunction> {
-        let full = format!("{name}_{}", self.suffix());
+    /// A kernel of the module without an element-type suffix.
+    fn kernel(&self, name: &str) -> Result<CudaFunction> {
         Ok(self
             .dev
-            .get_or_load_custom_func(&full, MODULE, PTX)
-            .with_context(|| format!("loading kernel {full}"))?
+            .get_or_load_custom_func(name, MODULE, PTX)
+            .with_context(|| format!("loading kernel {name}"))?
             .into_cuda_function())
+    }
+
+    /// A kernel of the module for the cache's element type.
+    fn func(&self, name: &str) -> Result<CudaFunction> {
+        self.kernel(&format!("{name}_{}", self.suffix()))
     }
 
     /// Overwrites both pools with pseudo-random values.
@@ -328,23 +339,23 @@ impl GpuCache {
         Ok(())
     }
 
-    /// Decides, evicts and writes one new token per row of `layer`. `k_new`/`v_new`:
-    /// `[batch, kv_heads, head_dim]`, contiguous, in the cache dtype (latent rows: `k_new` is the
+    /// Decides, evicts and writes one new token per row of `layer` for every sequence in the
+    /// cache. `k_new`/`v_new`: `[sequences, kv_heads, head_dim]`, contiguous, in the cache dtype (latent rows: `k_new` is the
     /// latent row `[batch, 1, head_dim]` and `v_new` is not read).
     pub fn update(&mut self, layer: usize, k_new: &Tensor, v_new: &Tensor, decisions: &Decisions) -> Result<()> {
         let s = self.shape;
-        let rows = s.rows();
+        let rows = self.active * s.kv_heads;
         if layer >= s.layers {
             bail!("layer {layer} outside the cache ({} layers)", s.layers);
         }
-        if k_new.dims() != [s.batch, s.kv_heads, s.head_dim]
+        if k_new.dims() != [self.active, s.kv_heads, s.head_dim]
             || (s.latent_rank.is_none() && v_new.dims() != k_new.dims())
         {
             bail!(
                 "new K/V have shapes {:?} / {:?}, expected [{}, {}, {}]",
                 k_new.dims(),
                 v_new.dims(),
-                s.batch,
+                self.active,
                 s.kv_heads,
                 s.head_dim
             );
@@ -360,12 +371,12 @@ impl GpuCache {
         // Learned decisions read `scores [batch, kv_heads]`; the other modes never read the pointer.
         let scores = match decisions {
             Decisions::Scores { scores, .. } => {
-                if scores.dims() != [s.batch, s.kv_heads] || scores.dtype() != DType::F32 {
+                if scores.dims() != [self.active, s.kv_heads] || scores.dtype() != DType::F32 {
                     bail!(
                         "decision scores are {:?} {:?}, expected f32 [{}, {}]",
                         scores.dtype(),
                         scores.dims(),
-                        s.batch,
+                        self.active,
                         s.kv_heads
                     );
                 }
@@ -382,7 +393,7 @@ impl GpuCache {
             s.max_blocks_per_row as i32,
             layer as i32,
         );
-        let ro = layer * rows;
+        let ro = layer * s.rows();
         let table = self.block_table.slice(ro * s.max_blocks_per_row..(ro + rows) * s.max_blocks_per_row);
         let lens = self.row_len.slice(ro..ro + rows);
         let pos = self.row_pos.slice(ro..ro + rows);
@@ -440,14 +451,6 @@ impl GpuCache {
         Ok(())
     }
 
-    /// Blocks of `f` (128 threads per block) resident at once on this device: one full wave.
-    fn full_wave(&self, f: &CudaFunction) -> Result<usize> {
-        use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
-        let sms = drv(self.stream.context().attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT))?;
-        let per_sm = drv(f.occupancy_max_active_blocks_per_multiprocessor(128, 0, None))?;
-        Ok(sms.max(1) as usize * per_sm.max(1) as usize)
-    }
-
     /// Sets the decode-attention launch settings.
     pub fn set_tuning(&mut self, tuning: AttnTuning) {
         self.tuning = tuning;
@@ -466,8 +469,8 @@ impl GpuCache {
     pub fn insert_prompt(&mut self, layer: usize, seq: usize, k: &Tensor, v: &Tensor, flags: &Tensor) -> Result<()> {
         let s = self.shape;
         let (t, kv, d) = k.dims3()?;
-        if layer >= s.layers || seq >= s.batch {
-            bail!("layer {layer} / sequence {seq} outside the cache ({} layers, batch {})", s.layers, s.batch);
+        if layer >= s.layers || seq >= self.active {
+            bail!("layer {layer} / sequence {seq} outside the cache ({} layers, {} sequences)", s.layers, self.active);
         }
         let latent = s.latent_rank.is_some();
         if kv != s.kv_heads || d != s.head_dim || (!latent && v.dims() != k.dims()) || t == 0 {
@@ -492,11 +495,7 @@ impl GpuCache {
         let ro = layer * rows;
         let mb = s.max_blocks_per_row;
         let mut dst = drv(self.stream.alloc_zeros::<i64>(t * kv))?;
-        let plan = self
-            .dev
-            .get_or_load_custom_func("dms_prefill_plan", MODULE, PTX)
-            .context("loading kernel dms_prefill_plan")?
-            .into_cuda_function();
+        let plan = self.kernel("dms_prefill_plan")?;
         let write = self.func("dms_prefill_write")?;
         let (kvi, bs, wci, mbi, seqi, ti, di) =
             (kv as i32, s.block_size as i32, wc as i32, mb as i32, seq as i32, t as i32, d as i32);
@@ -543,233 +542,6 @@ impl GpuCache {
                         drv(unsafe { b.launch(c2) })?;
                     })
                 )))
-            };
-        }
-        if self.dtype == DType::F32 {
-            go!(f32)
-        } else {
-            go!(half::bf16)
-        }
-        Ok(())
-    }
-
-    /// Decode attention of `q` (`[batch, n_heads, head_dim]`) over the rows of `layer`; returns
-    /// `[batch, n_heads, head_dim]`, or `[batch, n_heads, rank]` for latent rows. `max_len_hint`
-    /// bounds the longest row's slot count: it sets the split count (every row is still read to
-    /// its real length, so a loose bound only costs empty splits).
-    pub fn attend(&mut self, layer: usize, q: &Tensor, scale: f32, max_len_hint: usize) -> Result<Tensor> {
-        if layer >= self.shape.layers {
-            bail!("layer {layer} outside the cache ({} layers)", self.shape.layers);
-        }
-        if let Some(rank) = self.shape.latent_rank {
-            return self.attend_latent(layer, q, scale, max_len_hint, rank);
-        }
-        let s = self.shape;
-        let rows = s.rows();
-        let (b, nh, d) = q.dims3()?;
-        if b != s.batch || d != s.head_dim || nh % s.kv_heads != 0 || nh / s.kv_heads > MAX_GQA {
-            bail!("query shape {:?} does not fit the cache", q.dims());
-        }
-        let g = nh / s.kv_heads;
-        let vec = 16 / self.dtype.size_in_bytes();
-        let nvec = d / vec;
-        if d % vec != 0 || 128 % nvec != 0 {
-            bail!("head_dim {d} unsupported by the decode kernel (a multiple of {vec}, at most 256, power-of-two vectors)");
-        }
-        let kernel = self.tuning.kernel;
-        if kernel == AttnKernel::Warps && nvec > 16 {
-            bail!(
-                "head_dim {d} in {:?} is too wide for the warps decode kernel (at most 16 16-byte vectors)",
-                self.dtype
-            );
-        }
-        let first = match kernel {
-            AttnKernel::Tiled => "dms_decode_partial",
-            AttnKernel::Warps => "dms_decode_warps",
-        };
-        let fp = self
-            .dev
-            .get_or_load_custom_func(&format!("{first}_{}_g{g}", self.suffix()), MODULE, PTX)?
-            .into_cuda_function();
-        // At least one 128-key tile per split.
-        let splits = self.splits_for(format!("{first}_{}_g{g}", self.suffix()), &fp, rows, max_len_hint, 128)?;
-        self.ensure_partials(rows * splits * g, d)?;
-        // SAFETY: dms_decode_reduce writes every element (a block per row, a thread per
-        // dimension, every head of the row's group), so nothing uninitialised is ever read.
-        let out = unsafe { Tensor::empty((b, nh, d), self.dtype, q.device())? };
-        let (kv, di, bs, mb) = (s.kv_heads as i32, d as i32, s.block_size as i32, s.max_blocks_per_row as i32);
-        let ro = layer * rows;
-        let table = self.block_table.slice(ro * s.max_blocks_per_row..(ro + rows) * s.max_blocks_per_row);
-        let lens = self.row_len.slice(ro..ro + rows);
-        let c1 =
-            LaunchConfig { grid_dim: (rows as u32, splits as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-        macro_rules! go {
-            ($ty:ty) => {
-                with_slice!(q, $ty, |qs| with_slice!(&self.k_pool, $ty, |kp| with_slice_or!(
-                    self.v_pool.as_ref(),
-                    kp,
-                    $ty,
-                    |vp| {
-                        let mut a = self.stream.launch_builder(&fp);
-                        a.arg(&kv)
-                            .arg(&di)
-                            .arg(&bs)
-                            .arg(&mb)
-                            .arg(&scale)
-                            .arg(&qs)
-                            .arg(&kp)
-                            .arg(&vp)
-                            .arg(&table)
-                            .arg(&lens)
-                            .arg(&self.part_acc)
-                            .arg(&self.part_m)
-                            .arg(&self.part_l);
-                        drv(unsafe { a.launch(c1) })?;
-                    }
-                )))
-            };
-        }
-        if self.dtype == DType::F32 {
-            go!(f32)
-        } else {
-            go!(half::bf16)
-        }
-        self.merge_splits(s.kv_heads, g, d, splits, &out)?;
-        Ok(out)
-    }
-
-    /// Splits per row of a first-pass kernel (`key`) over `units` (row, head group) pairs whose
-    /// longest row is `max_len` keys, each split at least `min_keys` long: the tuning's grid
-    /// target over `units`, or with `target_blocks = 0` the tail-aware choice
-    /// ([`crate::gpu::split_plan::tail_aware_splits`]) for the blocks this kernel keeps resident.
-    fn splits_for(
-        &mut self,
-        key: String,
-        f: &CudaFunction,
-        units: usize,
-        max_len: usize,
-        min_keys: usize,
-    ) -> Result<usize> {
-        // The merge reads every split's partials in a loop: past 64 splits it costs more than
-        // the parallelism gains (measured on the H200: MLA at batch 1 with 512 splits).
-        let cap = max_len.div_ceil(min_keys).clamp(1, MAX_SPLITS);
-        Ok(match self.tuning.target_blocks {
-            0 => {
-                let resident = match self.resident_blocks.get(&key) {
-                    Some(&n) => n,
-                    None => {
-                        let n = self.full_wave(f)?;
-                        self.resident_blocks.insert(key, n);
-                        n
-                    }
-                };
-                crate::gpu::split_plan::tail_aware_splits(units, max_len, resident, cap, 64)
-            }
-            n => (n / units.max(1)).clamp(1, cap),
-        })
-    }
-
-    /// Makes the split-K partial buffers hold `entries` (row, split, head) results of `width`.
-    fn ensure_partials(&mut self, entries: usize, width: usize) -> Result<()> {
-        if self.part_m.len() < entries || self.part_acc.len() < entries * width {
-            self.part_acc = drv(self.stream.alloc_zeros::<f32>(entries * width))?;
-            self.part_m = drv(self.stream.alloc_zeros::<f32>(entries))?;
-            self.part_l = drv(self.stream.alloc_zeros::<f32>(entries))?;
-        }
-        Ok(())
-    }
-
-    /// [`Self::attend`] over latent rows (MLA): `q` `[batch, heads, head_dim]` (absorbed queries),
-    /// output `[batch, heads, rank]` (the attention-weighted `c_kv`).
-    fn attend_latent(
-        &mut self,
-        layer: usize,
-        q: &Tensor,
-        scale: f32,
-        max_len_hint: usize,
-        rank: usize,
-    ) -> Result<Tensor> {
-        let s = self.shape;
-        let (b, nh, d) = q.dims3()?;
-        if b != s.batch || d != s.head_dim || nh == 0 {
-            bail!("query shape {:?} does not fit the latent cache ([{}, heads, {}])", q.dims(), s.batch, s.head_dim);
-        }
-        let hg = [8, 4, 2, 1].into_iter().find(|g| nh % g == 0).expect("1 divides");
-        let key = format!("dms_mla_partial_{}_h{hg}", self.suffix());
-        let fp = self.dev.get_or_load_custom_func(&key, MODULE, PTX)?.into_cuda_function();
-        let groups = nh / hg;
-        // At least one 64-key tile per split.
-        let splits = self.splits_for(key, &fp, b * groups, max_len_hint, 64)?;
-        self.ensure_partials(b * splits * nh, rank)?;
-        // SAFETY: dms_decode_reduce writes every element (a block per sequence, a thread per
-        // latent dimension, every head), so nothing uninitialised is ever read.
-        let out = unsafe { Tensor::empty((b, nh, rank), self.dtype, q.device())? };
-        let (nhi, di, ri, bs, mb) =
-            (nh as i32, d as i32, rank as i32, s.block_size as i32, s.max_blocks_per_row as i32);
-        let ro = layer * b;
-        let table = self.block_table.slice(ro * s.max_blocks_per_row..(ro + b) * s.max_blocks_per_row);
-        let lens = self.row_len.slice(ro..ro + b);
-        let c1 = LaunchConfig {
-            grid_dim: (b as u32, splits as u32, groups as u32),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        macro_rules! go {
-            ($ty:ty) => {
-                with_slice!(q, $ty, |qs| with_slice!(&self.k_pool, $ty, |kp| {
-                    let mut a = self.stream.launch_builder(&fp);
-                    a.arg(&nhi)
-                        .arg(&di)
-                        .arg(&ri)
-                        .arg(&bs)
-                        .arg(&mb)
-                        .arg(&scale)
-                        .arg(&qs)
-                        .arg(&kp)
-                        .arg(&table)
-                        .arg(&lens)
-                        .arg(&self.part_acc)
-                        .arg(&self.part_m)
-                        .arg(&self.part_l);
-                    drv(unsafe { a.launch(c1) })?;
-                }))
-            };
-        }
-        if self.dtype == DType::F32 {
-            go!(f32)
-        } else {
-            go!(half::bf16)
-        }
-        self.merge_splits(1, nh, rank, splits, &out)?;
-        Ok(out)
-    }
-
-    /// Second pass of the decode attention: merges the `splits` partial results of each of the
-    /// `out.dim(0) * kv_heads` rows (`g_heads` query heads of `width` each) into `out`.
-    fn merge_splits(&self, kv_heads: usize, g_heads: usize, width: usize, splits: usize, out: &Tensor) -> Result<()> {
-        let rows = out.dim(0)? * kv_heads;
-        let fr = self.func("dms_decode_reduce")?;
-        let (kv, g, w, sp) = (kv_heads as i32, g_heads as i32, width as i32, splits as i32);
-        // One thread per output dimension, in whole warps.
-        let cfg = LaunchConfig {
-            grid_dim: (rows as u32, g_heads as u32, 1),
-            block_dim: (width.div_ceil(32) as u32 * 32, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        macro_rules! go {
-            ($ty:ty) => {
-                with_slice!(out, $ty, |os| {
-                    let mut r = self.stream.launch_builder(&fr);
-                    r.arg(&kv)
-                        .arg(&g)
-                        .arg(&w)
-                        .arg(&sp)
-                        .arg(&self.part_acc)
-                        .arg(&self.part_m)
-                        .arg(&self.part_l)
-                        .arg(&os);
-                    drv(unsafe { r.launch(cfg) })?;
-                })
             };
         }
         if self.dtype == DType::F32 {

@@ -506,6 +506,49 @@ extern "C" __global__ void dms_prefill_plan(int kv_heads, int bs, int wc, int ma
     }
 }
 
+// Sequence slots. A device batch keeps its sequences in slots 0..n of the cache so that decode
+// launches cover rows 0..n*kv_heads of each layer; a sequence leaving a middle slot is replaced by
+// the last one (dms_move_rows). `rows` is the cache's rows per layer (slots * kv_heads); pointers
+// are to the whole cache (every layer). grid = layers, block = 32.
+
+// Returns every block of slot `seq`'s rows (all layers) to the free list and empties the rows
+// (length, position, ring flags), ready for a new prompt.
+extern "C" __global__ void dms_release_rows(int rows, int kv_heads, int bs, int wc, int max_blocks, int seq,
+                                            const int* block_table, int* row_len, int* row_pos,
+                                            unsigned char* ring_flag, int* free_list, int* free_top) {
+    for (int h = threadIdx.x; h < kv_heads; h += blockDim.x) {
+        long long r = (long long)blockIdx.x * rows + (long long)seq * kv_heads + h;
+        int nb = (row_len[r] + bs - 1) / bs;
+        int base = atomicAdd(free_top, nb);
+        for (int b = 0; b < nb; b++) free_list[base + b] = block_table[r * max_blocks + b];
+        row_len[r] = 0;
+        row_pos[r] = 0;
+        for (int i = 0; i < wc; i++) ring_flag[r * wc + i] = 0;
+    }
+}
+
+// Moves slot `from`'s rows (block tables, lengths, positions, rings; the pooled K/V stay where
+// they are) into the empty slot `to`, and empties `from` without freeing its blocks (they now
+// belong to `to`).
+extern "C" __global__ void dms_move_rows(int rows, int kv_heads, int wc, int max_blocks, int from, int to,
+                                         int* block_table, int* row_len, int* row_pos, int* ring_slot,
+                                         unsigned char* ring_flag) {
+    for (int h = threadIdx.x; h < kv_heads; h += blockDim.x) {
+        long long base = (long long)blockIdx.x * rows;
+        long long src = base + (long long)from * kv_heads + h, dst = base + (long long)to * kv_heads + h;
+        for (int b = 0; b < max_blocks; b++) block_table[dst * max_blocks + b] = block_table[src * max_blocks + b];
+        for (int i = 0; i < wc; i++) {
+            ring_slot[dst * wc + i] = ring_slot[src * wc + i];
+            ring_flag[dst * wc + i] = ring_flag[src * wc + i];
+            ring_flag[src * wc + i] = 0;
+        }
+        row_len[dst] = row_len[src];
+        row_pos[dst] = row_pos[src];
+        row_len[src] = 0;
+        row_pos[src] = 0;
+    }
+}
+
 // Copies the kept prompt tokens' K and V ([T, kv_heads, D]) to their pool addresses (only K
 // when v_pool is k_pool: latent rows).
 // grid = (T, kv_heads), block = min(D, 256).

@@ -306,7 +306,7 @@ fn run(a: RunArgs) -> Result<()> {
         bail!("[model] dtype `{}` runs on the device cache only; use dtype = \"f32\" for this policy", cfg.model.dtype);
     }
     let g = match on_device {
-        Some(p) => run_on_device(&cfg, &engine, &prompt_ids, &p)?,
+        Some(_) => run_on_device(&cfg, &engine, &prompt_ids)?,
         None => engine.generate(&prompt_ids, &gen_params(&cfg), trace.as_mut())?,
     };
     if let Some(t) = trace.as_mut() {
@@ -341,7 +341,6 @@ fn run_on_device(
     cfg: &EngineConfig,
     engine: &dms_integration::engine::Engine,
     prompt: &[u32],
-    policy: &dms_integration::gpu::policy::DevicePolicy,
 ) -> Result<dms_integration::engine::Generation> {
     let mc = engine.model.config();
     // Latent rows (MLA) hold one row per token and layer, per-head rows a key and a value.
@@ -352,7 +351,7 @@ fn run_on_device(
         &engine.model,
         prompt,
         &gen_params(cfg),
-        policy,
+        engine.policy.clone(),
         cfg.cache.block_size,
         blocks,
     )
@@ -363,7 +362,6 @@ fn run_on_device(
     _: &EngineConfig,
     _: &dms_integration::engine::Engine,
     _: &[u32],
-    _: &dms_integration::gpu::policy::DevicePolicy,
 ) -> Result<dms_integration::engine::Generation> {
     bail!("a CUDA device needs a build with --features cuda")
 }

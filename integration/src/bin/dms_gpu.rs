@@ -12,7 +12,7 @@ use dms_integration::gpu::AttnTuning;
 #[cfg(feature = "mistralrs")]
 use dms_integration::harness::gpu_bench::bench_peer;
 use dms_integration::harness::gpu_bench::{bench, bench_prefill, parse_kernel, profile, tune, Limit};
-use dms_integration::harness::gpu_check::{check_latent, check_per_head};
+use dms_integration::harness::gpu_check::{check_device_batch, check_latent, check_per_head};
 
 #[derive(Parser)]
 struct Cli {
@@ -159,6 +159,7 @@ fn main() -> Result<()> {
         Cmd::Check { fixtures, part } => {
             if part != CheckPart::Mla {
                 check_per_head(&dev, &fixtures)?;
+                check_device_batch(&dev, &fixtures)?;
                 println!("GPU CHECKS PASSED (per-head)");
             }
             if part != CheckPart::PerHead {

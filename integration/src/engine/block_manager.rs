@@ -15,19 +15,26 @@ pub struct BlockManager {
 impl BlockManager {
     /// A block manager for sequences of `rows_per_sequence` rows over `store`.
     pub fn new(rows_per_sequence: usize, store: &KvStore) -> Self {
-        Self { rows_per_sequence, block_size: store.block_size() }
+        Self::for_block_size(rows_per_sequence, store.block_size())
     }
 
-    /// Blocks to reserve for each running sequence when admitting or resuming another: one per row,
-    /// so every running row can take its next token.
-    fn headroom(&self, running: usize) -> usize {
+    /// A block manager for sequences of `rows_per_sequence` rows in any pool of `block_size`-slot
+    /// blocks (the device cache's, whose free blocks the caller reads).
+    pub fn for_block_size(rows_per_sequence: usize, block_size: usize) -> Self {
+        Self { rows_per_sequence, block_size }
+    }
+
+    /// Blocks to reserve for each running sequence when admitting or resuming another: one per
+    /// row, so every running row can take its next token. Also what a decode step of `running`
+    /// sequences may need at most, for a pool whose row lengths the scheduler does not see.
+    pub fn step_headroom(&self, running: usize) -> usize {
         running.saturating_mul(self.rows_per_sequence)
     }
 
     /// Blocks admitting a prompt of `prompt_len` tokens needs beside `running` sequences: the
     /// prompt without eviction in every row, plus the running sequences' headroom.
     pub fn admission_need(&self, prompt_len: usize, running: usize) -> usize {
-        prompt_len.div_ceil(self.block_size).saturating_mul(self.rows_per_sequence) + self.headroom(running)
+        prompt_len.div_ceil(self.block_size).saturating_mul(self.rows_per_sequence) + self.step_headroom(running)
     }
 
     /// Whether a prompt of `prompt_len` tokens can be admitted beside `running` sequences now.
@@ -39,7 +46,7 @@ impl BlockManager {
     /// running sequences' headroom and its own.
     pub fn can_resume(&self, store: &KvStore, rows: &[SwappedRow], running: usize) -> bool {
         let own: usize = rows.iter().map(|r| r.blocks_needed(self.block_size)).sum();
-        own + self.headroom(running + 1) <= store.free_block_count()
+        own + self.step_headroom(running + 1) <= store.free_block_count()
     }
 
     /// Blocks the next decode step of `running` needs (rows whose last block is full).
@@ -62,5 +69,7 @@ mod tests {
         assert_eq!(bm.admission_need(17, 3), 12 + 18);
         assert!(bm.can_admit(&store, 16 * 16, 0), "16 blocks x 6 rows = 96 of 100");
         assert!(!bm.can_admit(&store, 16 * 16, 1), "plus 6 of headroom is 102");
+        assert_eq!(BlockManager::for_block_size(6, 16), bm);
+        assert_eq!(bm.step_headroom(4), 24);
     }
 }

@@ -3,11 +3,13 @@
 //! device-resident paged KV cache with its DMS bookkeeping and attention in CUDA kernels
 //! (`cache`, re-exported here; `kernels.cu`, checked on the CPU through `emu/`), its
 //! [`KvBackend`](crate::kv::backend::KvBackend) (`DeviceStep`: decode steps and prompts into it)
-//! and generation on it ([`generate`]).
+//! and continuous batching on it ([`batch`]; [`generate`] serves one prompt through it).
 
 pub mod policy;
 pub mod split_plan;
 
+#[cfg(feature = "cuda")]
+pub mod batch;
 #[cfg(feature = "cuda")]
 mod cache;
 #[cfg(feature = "cuda")]

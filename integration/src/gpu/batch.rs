@@ -202,6 +202,15 @@ pub fn run_device_batch(
         if running.is_empty() {
             continue;
         }
+        if cache.free_blocks()? < blocks.step_headroom(running.len()) {
+            let r = &running[0];
+            bail!(
+                "the device pool ({} blocks) cannot hold request {} past {} tokens",
+                shape.capacity_blocks,
+                r.w.req.id,
+                r.seen
+            );
+        }
         let tokens: Vec<u32> = running.iter().map(|r| *r.w.tokens.last().expect("a chosen token")).collect();
         let positions: Vec<u32> = running.iter().map(|r| r.seen as u32).collect();
         let longest = running.iter().map(|r| r.seen + 1).max().unwrap_or(1);

@@ -58,9 +58,9 @@ struct Running {
 }
 
 /// Serves `requests` on the model's CUDA device with `policy`'s device program for all of them
-/// (a request whose own policy has another program is refused, naming it). Sampling and stopping
-/// follow the host scheduler's rules (one RNG per request, seeded with `params.seed + id`, or
-/// the request's own `params.seed`).
+/// (a request whose own policy has another program is refused, naming it). Sampling, teacher
+/// forcing and stopping follow the host scheduler's rules (one RNG per request, seeded with
+/// `params.seed + id`, or the request's own `params.seed`).
 pub fn run_device_batch(
     model: &Llama,
     requests: Vec<Request>,
@@ -81,10 +81,7 @@ pub fn run_device_batch(
         if r.prompt.is_empty() {
             bail!("request {}: the prompt is empty", r.id);
         }
-        if r.forced.is_some() {
-            bail!("request {}: teacher forcing runs on the host store", r.id);
-        }
-        let longest = r.prompt.len() + r.params.as_ref().unwrap_or(params).max_tokens;
+        let longest = r.prompt.len() + max_new(r, params);
         if longest > shape.max_tokens_per_sequence {
             bail!(
                 "request {} may reach {longest} tokens, more than the device batch's {} per sequence",
@@ -171,14 +168,17 @@ pub fn run_device_batch(
             slot -= 1;
             let r = &mut running[slot];
             let p = r.w.req.params.as_ref().unwrap_or(params);
-            let next = sample(&r.logits, p, &mut r.w.rng);
+            let next = match &r.w.req.forced {
+                Some(f) => f[r.w.tokens.len()],
+                None => sample(&r.logits, p, &mut r.w.rng),
+            };
             r.w.tokens.push(next);
             if shape.keep_logits {
                 r.w.step_logits.push(r.logits.clone());
             }
-            let reason = if p.stop_at_eos && eos.contains(&next) {
+            let reason = if r.w.req.forced.is_none() && p.stop_at_eos && eos.contains(&next) {
                 Some(FinishReason::Stop)
-            } else if r.w.tokens.len() >= p.max_tokens {
+            } else if r.w.tokens.len() >= max_new(&r.w.req, params) {
                 Some(FinishReason::Length)
             } else {
                 None
@@ -226,10 +226,17 @@ pub fn run_device_batch(
         }
         let held = (shape.capacity_blocks - cache.free_blocks()?) as u64 * shape.block_size as u64 * slot_bytes;
         stats.peak_allocated = stats.peak_allocated.max(held);
+        let live: u64 = cache.row_lengths()?.iter().map(|&n| n.max(0) as u64).sum::<u64>() * slot_bytes;
+        stats.peak_live = stats.peak_live.max(live);
     }
     cache.check()?;
     done.sort_by_key(|f| f.id);
     Ok((done, stats))
+}
+
+/// Tokens a request produces: its forced tokens, or its `max_tokens`.
+fn max_new(r: &Request, params: &GenParams) -> usize {
+    r.forced.as_ref().map_or(r.params.as_ref().unwrap_or(params).max_tokens, |f| f.len())
 }
 
 /// Memory, compression ratio and per-layer kept fractions of the sequence in `slot`, which has

@@ -1,5 +1,6 @@
 //! The `bench` command: a grid of batch x context x arm run end to end through the batching
-//! engine, every figure also given as a ratio to the full-cache arm of the same run.
+//! engine (on `cuda:N` the device batch, with the KV cache and its bookkeeping on the GPU), every
+//! figure also given as a ratio to the full-cache arm of the same run.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -156,7 +157,11 @@ pub fn run_grid(cfg: &BenchConfig) -> Result<(serde_json::Value, String)> {
                     .collect();
                 let params = GenParams::greedy(g.decode_tokens + 1, 0);
                 eprintln!("bench: context {ctx}, batch {batch}, arm {name}");
-                let (done, stats) = run_batch(&mut engine, reqs, &params, batch, false, |_| {})?;
+                let (done, stats) = if device.is_cuda() {
+                    on_device(&engine, reqs, &params, p.as_ref(), g.block_size, blocks, batch, max_tokens)?
+                } else {
+                    run_batch(&mut engine, reqs, &params, batch, false, |_| {})?
+                };
                 let cr = done.iter().map(|f| f.compression_ratio).sum::<f64>() / done.len().max(1) as f64;
                 figs.push((
                     name.clone(),
@@ -187,6 +192,43 @@ pub fn run_grid(cfg: &BenchConfig) -> Result<(serde_json::Value, String)> {
     std::fs::write(&g.output, serde_json::to_string_pretty(&out)?)
         .with_context(|| format!("cannot write {}", g.output))?;
     Ok((out, table))
+}
+
+/// One grid cell through the device batch (`crate::gpu::batch`): the KV cache, its DMS
+/// bookkeeping and attention on the GPU.
+#[cfg(feature = "cuda")]
+#[allow(clippy::too_many_arguments)]
+fn on_device(
+    engine: &Engine,
+    reqs: Vec<Request>,
+    params: &GenParams,
+    policy: &dyn PolicyFactory,
+    block_size: usize,
+    capacity_blocks: usize,
+    max_batch: usize,
+    max_tokens_per_sequence: usize,
+) -> Result<(Vec<crate::engine::scheduler::Finished>, crate::engine::scheduler::BatchStats)> {
+    use crate::gpu::batch::{run_device_batch, DeviceBatchShape};
+    let program = crate::gpu::policy::DevicePolicy::of(policy)?;
+    let shape =
+        DeviceBatchShape { block_size, capacity_blocks, max_batch, max_tokens_per_sequence, keep_logits: false };
+    run_device_batch(&engine.model, reqs, params, &program, shape)
+}
+
+/// Without the `cuda` feature no CUDA device opens, so this is never reached.
+#[cfg(not(feature = "cuda"))]
+#[allow(clippy::too_many_arguments)]
+fn on_device(
+    _: &Engine,
+    _: Vec<Request>,
+    _: &GenParams,
+    _: &dyn PolicyFactory,
+    _: usize,
+    _: usize,
+    _: usize,
+    _: usize,
+) -> Result<(Vec<crate::engine::scheduler::Finished>, crate::engine::scheduler::BatchStats)> {
+    bail!("a CUDA device needs a build with --features cuda")
 }
 
 #[cfg(test)]

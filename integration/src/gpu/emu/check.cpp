@@ -487,6 +487,10 @@ static void slots_scenario(const char* name, float tol) {
     for (int i = 0; i < 4; i++) step(3);
     check("after one joined");
     release(2);
+    admit(2, 6);
+    for (int i = 0; i < 2; i++) step(3);
+    check("after the last slot was refilled");
+    release(2);
     release(0);
     move(1, 0);
     for (int i = 0; i < 2; i++) step(1);

@@ -52,6 +52,8 @@ struct Waiting {
 /// A sequence in a device slot (its index in `running` is its slot).
 struct Running {
     w: Waiting,
+    /// Admission order (preemption takes the newest).
+    admitted: usize,
     logits: Vec<f32>,
     /// Tokens in the cache (prompt + fed tokens).
     seen: usize,
@@ -127,19 +129,24 @@ pub fn run_device_batch(
         })
         .collect();
     let mut running: Vec<Running> = Vec::new();
+    let mut admitted = 0usize;
+    let mut generated = 0usize;
     let mut done = Vec::new();
     let mut stats = BatchStats::default();
     while !waiting.is_empty() || !running.is_empty() {
         // Admit (or resume) while a slot and the blocks are free.
         while running.len() < shape.max_batch {
             let Some(next) = waiting.front() else { break };
+            // The prompt, and a block per row for its own next step and every running one's
+            // (the device's row lengths are not read back each step).
             let context = next.req.prompt.len() + next.tokens.len();
-            if blocks.admission_need(context, running.len()) > cache.free_blocks()? {
+            if blocks.admission_need(context, running.len() + 1) > cache.free_blocks()? {
                 if running.is_empty() {
                     bail!(
-                        "request {} needs {} blocks for its {context} tokens, more than the device pool's {}",
+                        "request {} needs {} blocks for its {context} tokens and their next step, more than the device \
+                         pool's {}",
                         next.req.id,
-                        blocks.admission_need(context, 0),
+                        blocks.admission_need(context, 1),
                         shape.capacity_blocks
                     );
                 }
@@ -157,10 +164,11 @@ pub fn run_device_batch(
                 }
             };
             stats.prefill_secs += t0.elapsed().as_secs_f64();
+            // Recomputed tokens of a resumed sequence count: they are prefill work done.
             stats.prefill_tokens += ids.len();
-            running.push(Running { w, logits, seen: ids.len() });
+            running.push(Running { w, admitted, logits, seen: ids.len() });
+            admitted += 1;
         }
-        stats.max_running = stats.max_running.max(running.len());
         // Choose each sequence's next token; retire the finished ones (the last slot moves into
         // a freed one, as `swap_remove` moves the last element).
         let mut slot = running.len();
@@ -173,6 +181,7 @@ pub fn run_device_batch(
                 None => sample(&r.logits, p, &mut r.w.rng),
             };
             r.w.tokens.push(next);
+            generated += 1;
             if shape.keep_logits {
                 r.w.step_logits.push(r.logits.clone());
             }
@@ -192,9 +201,9 @@ pub fn run_device_batch(
         }
         // Make room for the step: preempt the newest sequences by recomputation.
         while running.len() > 1 && cache.free_blocks()? < blocks.step_headroom(running.len()) {
-            let last = running.len() - 1;
-            cache.remove_sequence(last)?;
-            let mut r = running.pop().expect("non-empty");
+            let newest = (0..running.len()).max_by_key(|&i| running[i].admitted).expect("non-empty");
+            cache.remove_sequence(newest)?;
+            let mut r = running.swap_remove(newest);
             r.w.preemptions += 1;
             stats.preemptions += 1;
             waiting.push_front(r.w);
@@ -211,6 +220,7 @@ pub fn run_device_batch(
                 r.seen
             );
         }
+        stats.max_running = stats.max_running.max(running.len());
         let tokens: Vec<u32> = running.iter().map(|r| *r.w.tokens.last().expect("a chosen token")).collect();
         let positions: Vec<u32> = running.iter().map(|r| r.seen as u32).collect();
         let longest = running.iter().map(|r| r.seen + 1).max().unwrap_or(1);
@@ -228,6 +238,9 @@ pub fn run_device_batch(
         stats.peak_allocated = stats.peak_allocated.max(held);
         let live: u64 = cache.row_lengths()?.iter().map(|&n| n.max(0) as u64).sum::<u64>() * slot_bytes;
         stats.peak_live = stats.peak_live.max(live);
+        stats.memory_trace.push((generated, live, held));
+        // A kernel that ran out of blocks fails the run here, before anything is released.
+        cache.check()?;
     }
     cache.check()?;
     done.sort_by_key(|f| f.id);

@@ -68,12 +68,20 @@ __device__ void decode_update(int kv_heads, int d_head, int bs, int wc, int max_
         bool fail = false;
         if (!evict) {
             if (len % bs == 0) {
-                int top = atomicSub(free_top, 1) - 1;
-                if (top < 0 || len / bs >= max_blocks) {
+                // A full table takes no block; an empty free list gives its pop back, so the
+                // free list stays exact after a failed step.
+                if (len / bs >= max_blocks) {
                     atomicExch(err, 1);
                     fail = true;
                 } else {
-                    table[len / bs] = free_list[top];
+                    int top = atomicSub(free_top, 1) - 1;
+                    if (top < 0) {
+                        atomicAdd(free_top, 1);
+                        atomicExch(err, 1);
+                        fail = true;
+                    } else {
+                        table[len / bs] = free_list[top];
+                    }
                 }
             }
             len += 1;

@@ -290,6 +290,14 @@ static void scenario(const char* name, float tol, std::vector<int> prompts, int 
     prefill(small, 0, 0, 3 * BS, k2, k2, f2);
     EXPECT(small.err == 1, "%s: an exhausted pool gives code %d, want 1", name, small.err);
     EXPECT(small.free_top == 2, "%s: after failed prompts %d of 2 blocks are free", name, small.free_top);
+    // A decode step with one free block for two rows that each need one: one row takes it, the
+    // other fails with code 1, and the free list is exactly empty (the failed pop is given back).
+    Cache<T> one(1, 1, KV, D, BS, W, MB, 1);
+    std::vector<float> k3((size_t)KV * D, 0.25f);
+    update(one, 0, k3, k3);
+    EXPECT(one.err == 1, "%s: a decode step past the pool gives code %d, want 1", name, one.err);
+    EXPECT(one.free_top == 0, "%s: after a failed decode step the free list holds %d, want 0", name, one.free_top);
+    EXPECT(one.len[0] + one.len[1] == 1, "%s: %d rows took the one free block", name, one.len[0] + one.len[1]);
 }
 
 // Latent (MLA) decode attention of q [B, H, DK] over `layer`: dms_mla_partial with HG heads per

@@ -11,6 +11,8 @@ use anyhow::{bail, Result};
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
+use super::train_attention::cpu_slice;
+
 /// `KL(softmax(student) || softmax(teacher))` of each row of two `[T, vocab]` logit tensors,
 /// `[T]`; differentiable in `student` (the teacher is a constant).
 pub fn kl_rows(student: &Tensor, teacher: &Tensor) -> Result<Tensor> {
@@ -49,12 +51,6 @@ fn row_kl(s: &[f32], t: &[f32]) -> (f32, f32, f32) {
     (kl, zs, zt)
 }
 
-fn contiguous<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s.as_slice::<f32>()?[a..b]),
-        None => Err(candle_core::Error::Msg("KL needs contiguous logits".into())),
-    }
-}
 
 impl CustomOp2 for KlRows {
     fn name(&self) -> &'static str {
@@ -68,7 +64,7 @@ impl CustomOp2 for KlRows {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (s, t) = (contiguous(s1, l1)?, contiguous(s2, l2)?);
+        let (s, t) = (cpu_slice(s1, l1)?, cpu_slice(s2, l2)?);
         let kl: Vec<f32> =
             s.par_chunks(self.vocab).zip(t.par_chunks(self.vocab)).map(|(a, b)| row_kl(a, b).0).collect();
         Ok((CpuStorage::F32(kl), Shape::from(self.t)))

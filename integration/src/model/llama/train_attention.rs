@@ -263,12 +263,12 @@ impl MaskedAttention {
     }
 }
 
-/// The f32 contents of a contiguous CPU operand.
-fn cpu_slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+/// The f32 contents of a contiguous CPU operand of a custom op (the training ops').
+pub(super) fn cpu_slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
     let all = s.as_slice::<f32>()?;
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&all[a..b]),
-        None => Err(candle_core::Error::Msg("masked attention needs contiguous operands".into())),
+        None => Err(candle_core::Error::Msg("the training ops need contiguous f32 operands".into())),
     }
 }
 

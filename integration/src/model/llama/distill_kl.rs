@@ -51,7 +51,6 @@ fn row_kl(s: &[f32], t: &[f32]) -> (f32, f32, f32) {
     (kl, zs, zt)
 }
 
-
 impl CustomOp2 for KlRows {
     fn name(&self) -> &'static str {
         "dms-distill-kl"

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
+use crate::engine::batch_engine::Preemption;
+
 /// The whole engine config file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -66,6 +68,11 @@ pub struct CacheSection {
     /// bytes). CPU only; a GPU cache stores the model's dtype.
     #[serde(default = "default_kv_dtype")]
     pub kv_dtype: String,
+    /// How a preempted sequence gives its blocks back: `swap` (its rows are copied to host
+    /// memory and back) or `recompute` (dropped, then its prompt and generated tokens are
+    /// prefilled again; what the device cache does).
+    #[serde(default)]
+    pub preemption: Preemption,
     /// `[cache.policy]`: `name` plus the policy's own keys.
     #[serde(default = "default_policy")]
     pub policy: toml::Table,
@@ -133,6 +140,7 @@ impl Default for CacheSection {
             max_tokens: None,
             prefill_chunk: 0,
             kv_dtype: default_kv_dtype(),
+            preemption: Preemption::default(),
             policy: default_policy(),
         }
     }

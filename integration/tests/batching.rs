@@ -6,6 +6,7 @@ mod common;
 use std::sync::Arc;
 
 use common::*;
+use dms_integration::engine::batch_engine::Preemption;
 use dms_integration::engine::scheduler::{run_batch, Finished, Request, Scheduler};
 use dms_integration::engine::Engine;
 use dms_policy::PolicyFactory;
@@ -136,6 +137,43 @@ fn preempted_sequences_resume_with_identical_output() {
     }
     assert!(got.iter().any(|f| f.preemptions > 0));
     assert_eq!(small.store.free_block_count(), small.store.capacity_blocks());
+}
+
+/// Both preemption modes, over every kind of policy in one batch: a pool too small for all
+/// requests forces preemptions, and each sequence still produces what it produces alone (swapped
+/// rows come back slot for slot; a recomputed sequence's prompt pass keeps what decoding kept).
+#[test]
+fn preemption_by_swap_or_recomputation_resumes_every_policy_unchanged() {
+    let mut big = batch_engine(1 << 14);
+    let reqs: Vec<Request> = (0..6)
+        .map(|i| Request {
+            id: i,
+            prompt: prompt(i, 10 + 3 * i),
+            forced: None,
+            policy: resolved_policy(&mut big, POLICIES[i % 4]),
+            params: None,
+        })
+        .collect();
+    let refs: Vec<Finished> = reqs.iter().map(|r| alone(&mut big, r, 30)).collect();
+    for mode in [Preemption::Swap, Preemption::Recompute] {
+        let mut small = batch_engine(150);
+        small.preemption = mode;
+        let (got, stats) = run_batch(&mut small, reqs.clone(), &greedy_params(30), 8, true, |_| {}).unwrap();
+        assert!(stats.preemptions >= 2, "{mode:?}: the pool forces preemption ({} seen)", stats.preemptions);
+        assert!(stats.max_running >= 2, "{mode:?}");
+        for (g, w) in got.iter().zip(&refs) {
+            assert_eq!(g.tokens, w.tokens, "{mode:?}: request {}", g.id);
+            assert_eq!(g.step_logits.len(), w.step_logits.len());
+            for (a, b) in g.step_logits.iter().zip(&w.step_logits) {
+                assert!(max_abs(a, b) < 1e-4, "{mode:?}: request {} logits", g.id);
+            }
+            assert!((g.compression_ratio - w.compression_ratio).abs() < 1e-12, "{mode:?}: request {} CR", g.id);
+        }
+        if mode == Preemption::Recompute {
+            assert!(stats.prefill_tokens > reqs.iter().map(|r| r.prompt.len()).sum::<usize>(), "recomputed tokens");
+        }
+        assert_eq!(small.store.free_block_count(), small.store.capacity_blocks(), "{mode:?}: every block returned");
+    }
 }
 
 #[test]

@@ -37,16 +37,11 @@ impl BlockManager {
         prompt_len.div_ceil(self.block_size).saturating_mul(self.rows_per_sequence) + self.step_headroom(running)
     }
 
-    /// Whether a prompt of `prompt_len` tokens can be admitted beside `running` sequences now.
-    pub fn can_admit(&self, store: &KvStore, prompt_len: usize, running: usize) -> bool {
-        self.admission_need(prompt_len, running) <= store.free_block_count()
-    }
-
-    /// Whether a swapped-out sequence can come back beside `running` sequences: its blocks, the
-    /// running sequences' headroom and its own.
-    pub fn can_resume(&self, store: &KvStore, rows: &[SwappedRow], running: usize) -> bool {
+    /// Blocks a swapped-out sequence needs to come back beside `running` sequences: its own
+    /// blocks, the running sequences' headroom and its own.
+    pub fn resume_need(&self, rows: &[SwappedRow], running: usize) -> usize {
         let own: usize = rows.iter().map(|r| r.blocks_needed(self.block_size)).sum();
-        own + self.step_headroom(running + 1) <= store.free_block_count()
+        own + self.step_headroom(running + 1)
     }
 
     /// Blocks the next decode step of `running` needs (rows whose last block is full).
@@ -67,8 +62,8 @@ mod tests {
         assert_eq!(bm.admission_need(16, 0), 6);
         assert_eq!(bm.admission_need(17, 0), 12);
         assert_eq!(bm.admission_need(17, 3), 12 + 18);
-        assert!(bm.can_admit(&store, 16 * 16, 0), "16 blocks x 6 rows = 96 of 100");
-        assert!(!bm.can_admit(&store, 16 * 16, 1), "plus 6 of headroom is 102");
+        assert_eq!(bm.admission_need(16 * 16, 0), 96, "16 blocks x 6 rows");
+        assert_eq!(bm.admission_need(16 * 16, 1), 102, "plus 6 of headroom");
         assert_eq!(BlockManager::for_block_size(6, 16), bm);
         assert_eq!(bm.step_headroom(4), 24);
     }

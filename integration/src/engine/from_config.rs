@@ -45,7 +45,8 @@ pub fn build_engine(cfg: &EngineConfig) -> Result<BuiltEngine> {
     let kv = cfg.kv_dtype()?;
     let slot_bytes = mc.row_bytes(kv.size());
     let blocks = cfg.capacity_blocks(mc.num_layers, mc.num_kv_heads, slot_bytes);
-    let engine = Engine::new(loaded.model, policy, cfg.cache.block_size, blocks)?.with_kv_dtype(kv);
+    let mut engine = Engine::new(loaded.model, policy, cfg.cache.block_size, blocks)?.with_kv_dtype(kv);
+    engine.preemption = cfg.cache.preemption;
     let chat_template = loaded.chat_template.unwrap_or_else(ChatTemplate::chatml);
     Ok(BuiltEngine { engine, tokenizer: loaded.tokenizer, chat_template, table })
 }

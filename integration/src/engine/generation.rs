@@ -21,13 +21,13 @@ impl Engine {
         if prompt.is_empty() {
             bail!("the prompt is empty");
         }
-        let mut sched = Scheduler::new(params.clone(), 1, self.keep_logits)?;
+        let mut sched: Scheduler<Engine> = Scheduler::new(params.clone(), 1, self.keep_logits)?;
         sched.submit(
             self,
             Request { id: 0, prompt: prompt.to_vec(), forced: None, policy: self.policy.clone(), params: None },
         )?;
-        let mut observe = |o: Observed<'_>| match trace.as_deref_mut() {
-            Some(t) => t.record(o.step, o.cache, o.store, o.logits),
+        let mut observe = |o: Observed<'_, Engine>| match trace.as_deref_mut() {
+            Some(t) => t.record(o.step, &o.seq.cache, &o.engine.store, o.logits),
             None => Ok(()),
         };
         let mut done = Vec::new();

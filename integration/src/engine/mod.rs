@@ -2,15 +2,19 @@
 //!
 //! [`scheduler`] plans (admission, preemption, which sequences decode) from the
 //! [`block_manager`]'s view of the pool, and the engine executes ([`Engine::prefill`],
-//! [`Engine::decode`]: the model's batched forward over the store); the scheduler never runs the
-//! model itself. [`generation`] serves one
+//! [`Engine::decode`]: the model's batched forward over the store), through the
+//! [`batch_engine::BatchEngine`] seam that the device cache implements too ([`host_batch`] is the
+//! host's side); the scheduler never runs the model itself. [`generation`] serves one
 //! prompt through the scheduler; [`from_config`] builds an engine from a config file with one
 //! pool-sizing rule; [`load`] reads models, [`sampling`] picks tokens, [`trace`] writes traces and
 //! [`report`] the summary lines.
 
+pub mod batch;
+pub mod batch_engine;
 pub mod block_manager;
 pub mod from_config;
 pub mod generation;
+pub mod host_batch;
 mod load;
 pub mod report;
 mod sampling;
@@ -30,6 +34,7 @@ use crate::kv::host_step::{self, SeqInput};
 use crate::kv::sequence::SequenceCache;
 use crate::kv::store::{KvDtype, KvStore, MemoryUsage};
 use crate::model::{DecisionSource, Llama};
+use batch_engine::Preemption;
 use block_manager::BlockManager;
 
 /// Sampling and stopping settings.
@@ -92,6 +97,8 @@ pub struct Engine {
     pub policy: Arc<dyn PolicyFactory>,
     /// Keep every step's logits in [`Generation::step_logits`].
     pub keep_logits: bool,
+    /// How a preempted sequence gives its blocks back (`[cache] preemption`).
+    pub preemption: Preemption,
 }
 
 impl Engine {
@@ -105,7 +112,7 @@ impl Engine {
         check_signal(&model, policy.as_ref())?;
         let store =
             KvStore::with_value_dim(model.config().head_dim, model.config().value_dim(), block_size, capacity_blocks);
-        Ok(Self { model, store, policy, keep_logits: false })
+        Ok(Self { model, store, policy, keep_logits: false, preemption: Preemption::Swap })
     }
 
     /// The same engine storing keys and values as `dtype` (its pool emptied, same block count).

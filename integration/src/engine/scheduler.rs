@@ -1,11 +1,12 @@
-//! Continuous batching over the shared block pool.
+//! Continuous batching: the one decode loop, over any [`BatchEngine`] (the host store or the
+//! device cache).
 //!
-//! Sequences decode together in one forward pass, each with its own rows (and its own policy:
-//! per-request A/B). A request is admitted when the pool can hold its prompt without eviction
-//! plus one block per row of every running sequence; before each decode step the scheduler
-//! makes sure every row that may need a new block gets one, preempting the most recently admitted
-//! sequence (its rows are swapped out of the pool, slot for slot, and swapped back in later, so it
-//! resumes with identical output).
+//! Sequences decode together in one forward pass, each with its own rows (and, on the host, its
+//! own policy: per-request A/B). A request is admitted when the pool can hold its prompt without
+//! eviction plus headroom for the running sequences; before each decode step the scheduler makes
+//! sure the step's blocks are free, preempting the most recently admitted sequence (swapped out
+//! slot for slot and back, or dropped and recomputed, as the engine does it), so it resumes with
+//! identical output.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -15,9 +16,9 @@ use anyhow::{bail, Result};
 use dms_policy::PolicyFactory;
 use rand::{rngs::StdRng, SeedableRng};
 
-use crate::engine::{sample, Engine, GenParams};
-use crate::kv::sequence::SequenceCache;
-use crate::kv::store::{KvStore, MemoryUsage, SwappedRow};
+use crate::engine::batch_engine::{BatchEngine, SeqReport};
+use crate::engine::{sample, GenParams};
+use crate::kv::store::MemoryUsage;
 
 /// One generation request.
 #[derive(Clone)]
@@ -110,71 +111,80 @@ impl BatchStats {
     pub fn decode_tok_s(&self) -> f64 {
         self.decode_tokens as f64 / self.decode_secs.max(1e-9)
     }
+
+    /// Adds the figures of a batch run after this one (its memory trace continues this one's).
+    pub fn absorb(&mut self, later: &BatchStats) {
+        self.max_running = self.max_running.max(later.max_running);
+        self.decode_steps += later.decode_steps;
+        self.decode_tokens += later.decode_tokens;
+        self.decode_secs += later.decode_secs;
+        self.prefill_tokens += later.prefill_tokens;
+        self.prefill_secs += later.prefill_secs;
+        self.preemptions += later.preemptions;
+        self.peak_allocated = self.peak_allocated.max(later.peak_allocated);
+        self.peak_live = self.peak_live.max(later.peak_live);
+        let offset = self.memory_trace.last().map_or(0, |t| t.0);
+        self.memory_trace.extend(later.memory_trace.iter().map(|&(n, live, held)| (n + offset, live, held)));
+    }
 }
 
-struct Running {
+/// A request's generation so far, wherever its sequence is.
+struct Progress {
     req: Request,
-    cache: SequenceCache,
     tokens: Vec<u32>,
     logits: Vec<f32>,
     step_logits: Vec<Vec<f32>>,
     preemptions: usize,
     /// The last chosen token has not been fed yet.
     pending: bool,
-    /// This request's sampler (seeded with `params.seed + id`).
+    /// This request's sampler (seeded with `params.seed + id`, or its own `params.seed`).
     rng: StdRng,
-    /// Most bytes of blocks held so far.
-    peak_allocated: u64,
-    /// Most bytes live so far.
-    peak_live: u64,
 }
 
-impl Running {
-    /// Updates the peak figures from the store.
-    fn note_usage(&mut self, store: &KvStore) {
-        let u = self.cache.usage(store);
-        self.peak_allocated = self.peak_allocated.max(u.bytes_allocated);
-        self.peak_live = self.peak_live.max(u.bytes_live);
-    }
-
-    /// Releases the sequence's blocks and reports it.
-    fn finish(self, store: &mut KvStore, finish_reason: FinishReason) -> Finished {
-        let compression_ratio = self.cache.compression_ratio(store);
-        let shadow_compression_ratio = self.cache.shadow_compression_ratio(store);
-        let usage = self.cache.usage(store);
-        let layer_kept_fraction =
-            (0..self.cache.shape().n_layers).map(|l| 1.0 / self.cache.layer_compression_ratio(l, store)).collect();
-        self.cache.release(store);
+impl Progress {
+    /// The report of the finished request.
+    fn finished(self, report: SeqReport, finish_reason: FinishReason) -> Finished {
         Finished {
             id: self.req.id,
             tokens: self.tokens,
             step_logits: self.step_logits,
-            compression_ratio,
-            shadow_compression_ratio,
+            compression_ratio: report.compression_ratio,
+            shadow_compression_ratio: report.shadow_compression_ratio,
             preemptions: self.preemptions,
-            usage,
-            peak_allocated: self.peak_allocated,
-            layer_kept_fraction,
-            peak_live: self.peak_live,
+            usage: report.usage,
+            peak_allocated: report.peak_allocated,
+            layer_kept_fraction: report.layer_kept_fraction,
+            peak_live: report.peak_live,
             finish_reason,
         }
     }
 }
 
-struct Swapped {
-    run: Running,
-    rows: Vec<SwappedRow>,
+struct Running<S> {
+    p: Progress,
+    seq: S,
 }
 
-fn max_new(req: &Request, params: &GenParams) -> usize {
-    req.forced.as_ref().map_or(req.params.as_ref().unwrap_or(params).max_tokens, |f| f.len())
+/// A preempted request: its rows (when the engine swaps) or nothing (it resumes by
+/// recomputing its prompt and generated tokens).
+struct Preempted<P> {
+    p: Progress,
+    parked: Option<P>,
 }
 
-/// Serves `requests` with at most `max_batch` sequences at once. `keep_logits` keeps every
-/// step's logits in the results. Sampling follows `params` (one RNG per request, seeded with
-/// `params.seed + id`). `progress` is told how many requests have finished after each one.
-pub fn run_batch(
-    engine: &mut Engine,
+impl Request {
+    /// Tokens the request produces at most: its forced tokens, or its `max_tokens` (its own
+    /// `params`, else `params`).
+    pub fn max_new(&self, params: &GenParams) -> usize {
+        self.forced.as_ref().map_or(self.params.as_ref().unwrap_or(params).max_tokens, |f| f.len())
+    }
+}
+
+/// Serves `requests` on `engine` with at most `max_batch` sequences at once. `keep_logits` keeps
+/// every step's logits in the results. Sampling follows `params` (one RNG per request, seeded
+/// with `params.seed + id`). `progress` is told how many requests have finished after each one.
+pub fn run_batch<E: BatchEngine>(
+    engine: &mut E,
     requests: Vec<Request>,
     params: &GenParams,
     max_batch: usize,
@@ -187,9 +197,17 @@ pub fn run_batch(
     }
     let mut done = Vec::new();
     while !sched.is_idle() {
-        for f in sched.step(engine)? {
-            done.push(f);
-            progress(done.len());
+        match sched.step(engine) {
+            Ok(finished) => {
+                for f in finished {
+                    done.push(f);
+                    progress(done.len());
+                }
+            }
+            Err(e) => {
+                sched.release_all(engine);
+                return Err(e);
+            }
         }
     }
     done.sort_by_key(|f| f.id);
@@ -197,44 +215,45 @@ pub fn run_batch(
 }
 
 /// A sequence's state shown to a [`Scheduler::step_observed`] observer.
-pub struct Observed<'a> {
+pub struct Observed<'a, E: BatchEngine> {
     /// The request's id.
     pub id: usize,
     /// 0 after the prompt, s after the s-th chosen token was fed.
     pub step: usize,
-    /// The sequence's rows and policy.
-    pub cache: &'a SequenceCache,
-    /// The store holding them.
-    pub store: &'a KvStore,
+    /// The sequence's storage handle.
+    pub seq: &'a E::Seq,
+    /// The engine holding it.
+    pub engine: &'a E,
     /// Its next-token logits.
     pub logits: &'a [f32],
 }
 
 /// A callback shown each [`Observed`] state.
-pub type Observer<'o> = dyn FnMut(Observed<'_>) -> Result<()> + 'o;
+pub type Observer<'o, E> = dyn FnMut(Observed<'_, E>) -> Result<()> + 'o;
 
 /// Continuous batching, one iteration at a time: requests can be submitted between steps (a
-/// server) or all at once ([`run_batch`]).
+/// server) or all at once ([`run_batch`]). It plans from the engine's answers about free blocks
+/// and the engine executes, on the host store or the device cache alike.
 ///
-/// Each [`Scheduler::step`] resumes swapped-out sequences and admits waiting requests while the
-/// pool has room (prompt without eviction plus one block per row of every running sequence),
-/// chooses each running sequence's next token and retires the finished ones, preempts the most
-/// recently admitted sequences until every row that may need a block has one, and runs one
-/// batched decode step.
-pub struct Scheduler {
+/// Each [`Scheduler::step`] resumes preempted sequences and admits waiting requests while the
+/// pool has room (the engine's admission need: the prompt without eviction plus headroom for the
+/// running sequences), chooses each running sequence's next token and retires the finished ones,
+/// preempts the most recently admitted sequences until the next step's blocks are free, and runs
+/// one batched decode step.
+pub struct Scheduler<E: BatchEngine> {
     params: GenParams,
     max_batch: usize,
     keep_logits: bool,
     waiting: VecDeque<Request>,
-    running: Vec<Running>,
-    swapped: VecDeque<Swapped>,
+    running: Vec<Running<E::Seq>>,
+    preempted: VecDeque<Preempted<E::Parked>>,
     generated_total: usize,
     chosen: Vec<(usize, u32)>,
     /// Figures of everything run so far.
     pub stats: BatchStats,
 }
 
-impl Scheduler {
+impl<E: BatchEngine> Scheduler<E> {
     /// An idle scheduler running at most `max_batch` sequences at once.
     pub fn new(params: GenParams, max_batch: usize, keep_logits: bool) -> Result<Self> {
         if max_batch == 0 {
@@ -246,31 +265,31 @@ impl Scheduler {
             keep_logits,
             waiting: VecDeque::new(),
             running: Vec::new(),
-            swapped: VecDeque::new(),
+            preempted: VecDeque::new(),
             generated_total: 0,
             chosen: Vec::new(),
             stats: BatchStats::default(),
         })
     }
 
-    /// Queues a request after checking that the engine's model can serve its policy.
-    pub fn submit(&mut self, engine: &Engine, req: Request) -> Result<()> {
-        engine.check_policy(req.policy.as_ref())?;
+    /// Queues a request after checking that the engine can serve it.
+    pub fn submit(&mut self, engine: &E, req: Request) -> Result<()> {
         if req.prompt.is_empty() {
             bail!("request {} has an empty prompt", req.id);
         }
+        engine.check_request(&req, req.prompt.len() + req.max_new(&self.params))?;
         self.waiting.push_back(req);
         Ok(())
     }
 
-    /// True when nothing is waiting, running or swapped out.
+    /// True when nothing is waiting, running or preempted.
     pub fn is_idle(&self) -> bool {
-        self.waiting.is_empty() && self.running.is_empty() && self.swapped.is_empty()
+        self.waiting.is_empty() && self.running.is_empty() && self.preempted.is_empty()
     }
 
     /// Requests waiting for admission, preempted ones included.
     pub fn waiting_count(&self) -> usize {
-        self.waiting.len() + self.swapped.len()
+        self.waiting.len() + self.preempted.len()
     }
 
     /// Requests decoding now.
@@ -279,8 +298,8 @@ impl Scheduler {
     }
 
     /// Ids and memory of the sequences decoding now.
-    pub fn running_usage(&self, store: &KvStore) -> Vec<(usize, MemoryUsage)> {
-        self.running.iter().map(|r| (r.req.id, r.cache.usage(store))).collect()
+    pub fn running_usage(&self, engine: &E) -> Result<Vec<(usize, MemoryUsage)>> {
+        self.running.iter().map(|r| Ok((r.p.req.id, engine.usage(&r.seq)?))).collect()
     }
 
     /// The tokens chosen in the last [`Scheduler::step`], as (request id, token), in the order
@@ -292,25 +311,27 @@ impl Scheduler {
     /// Removes request `id` wherever it is. A running sequence's blocks return to the pool at
     /// once and it is reported with [`FinishReason::Cancelled`]; a waiting or preempted one is
     /// dropped (`None`), as is an unknown id.
-    pub fn cancel(&mut self, engine: &mut Engine, id: usize) -> Option<Finished> {
-        if let Some(i) = self.running.iter().position(|r| r.req.id == id) {
-            return Some(self.running.remove(i).finish(&mut engine.store, FinishReason::Cancelled));
+    pub fn cancel(&mut self, engine: &mut E, id: usize) -> Result<Option<Finished>> {
+        if let Some(i) = self.running.iter().position(|r| r.p.req.id == id) {
+            let r = self.running.remove(i);
+            let report = engine.finish(r.seq)?;
+            return Ok(Some(r.p.finished(report, FinishReason::Cancelled)));
         }
         self.waiting.retain(|r| r.id != id);
-        self.swapped.retain(|s| s.run.req.id != id);
-        None
+        self.preempted.retain(|s| s.p.req.id != id);
+        Ok(None)
     }
 
     /// One iteration (see [`Scheduler`]); returns the requests that finished in it.
-    pub fn step(&mut self, engine: &mut Engine) -> Result<Vec<Finished>> {
+    pub fn step(&mut self, engine: &mut E) -> Result<Vec<Finished>> {
         self.step_observed(engine, &mut |_| Ok(()))
     }
 
     /// [`Scheduler::step`], showing `observe` every sequence's state after its prefill and after
     /// each of its decode steps (for traces).
-    pub fn step_observed(&mut self, engine: &mut Engine, observe: &mut Observer<'_>) -> Result<Vec<Finished>> {
+    pub fn step_observed(&mut self, engine: &mut E, observe: &mut Observer<'_, E>) -> Result<Vec<Finished>> {
         self.chosen.clear();
-        self.resume(engine);
+        self.resume(engine)?;
         self.admit(engine, observe)?;
         if self.running.is_empty() {
             if self.is_idle() {
@@ -318,7 +339,7 @@ impl Scheduler {
             }
             bail!("no sequence can run: the pool is too small for the waiting requests");
         }
-        let finished = self.choose_and_retire(engine);
+        let finished = self.choose_and_retire(engine)?;
         if !self.running.is_empty() {
             self.make_room(engine)?;
             self.decode(engine, observe)?;
@@ -328,88 +349,101 @@ impl Scheduler {
 
     /// Drops every request, returning the blocks of running sequences to the pool (after an error,
     /// or to cancel everything).
-    pub fn release_all(&mut self, engine: &mut Engine) {
+    pub fn release_all(&mut self, engine: &mut E) {
         for r in self.running.drain(..) {
-            r.cache.release(&mut engine.store);
+            engine.release(r.seq);
         }
-        self.swapped.clear();
+        self.preempted.clear();
         self.waiting.clear();
     }
 
-    /// Swaps preempted sequences back in, oldest preemption first, while they fit.
-    fn resume(&mut self, engine: &mut Engine) {
-        let blocks = engine.block_manager();
-        while let Some(s) = self.swapped.front() {
-            if self.running.len() >= self.max_batch || !blocks.can_resume(&engine.store, &s.rows, self.running.len()) {
+    /// Brings preempted sequences back, oldest preemption first, while they fit: swapped rows
+    /// are copied back in; a dropped sequence prefills its prompt and generated tokens again.
+    fn resume(&mut self, engine: &mut E) -> Result<()> {
+        while let Some(s) = self.preempted.front() {
+            if self.running.len() >= self.max_batch {
                 break;
             }
-            let mut s = self.swapped.pop_front().expect("front exists");
-            if let Err(rows_back) = s.run.cache.swap_in(&mut engine.store, s.rows) {
-                s.rows = rows_back;
-                self.swapped.push_front(s);
+            let free = engine.free_blocks()?;
+            let need = match &s.parked {
+                Some(parked) => engine.resume_need(parked, self.running.len()),
+                None => engine.admission_need(s.p.req.prompt.len() + s.p.tokens.len(), self.running.len()),
+            };
+            if need > free {
                 break;
             }
-            self.running.push(s.run);
+            let Preempted { mut p, parked } = self.preempted.pop_front().expect("front exists");
+            let seq = match parked {
+                Some(parked) => match engine.unpark(parked) {
+                    Ok(seq) => seq,
+                    Err(parked) => {
+                        self.preempted.push_front(Preempted { p, parked: Some(parked) });
+                        break;
+                    }
+                },
+                None => {
+                    let ids: Vec<u32> = p.req.prompt.iter().chain(&p.tokens).copied().collect();
+                    let t0 = Instant::now();
+                    let (seq, logits) = engine.start(&p.req, &ids, self.params.prefill_chunk)?;
+                    self.stats.prefill_secs += t0.elapsed().as_secs_f64();
+                    // Recomputed tokens count: they are prefill work done.
+                    self.stats.prefill_tokens += ids.len();
+                    p.logits = logits;
+                    p.pending = false;
+                    seq
+                }
+            };
+            self.running.push(Running { p, seq });
         }
+        Ok(())
     }
 
     /// Admits waiting requests in order (none while a preempted sequence waits) and prefills them.
-    fn admit(&mut self, engine: &mut Engine, observe: &mut Observer<'_>) -> Result<()> {
-        let blocks = engine.block_manager();
-        while self.swapped.is_empty() && self.running.len() < self.max_batch {
+    fn admit(&mut self, engine: &mut E, observe: &mut Observer<'_, E>) -> Result<()> {
+        while self.preempted.is_empty() && self.running.len() < self.max_batch {
             let Some(req) = self.waiting.front() else { break };
-            if !blocks.can_admit(&engine.store, req.prompt.len(), self.running.len()) {
+            let need = engine.admission_need(req.prompt.len(), self.running.len());
+            let free = engine.free_blocks()?;
+            if need > free {
                 if self.running.is_empty() {
                     bail!(
-                        "request {} cannot be served: its prompt of {} tokens needs {} blocks but the pool has {} free of {} (raise [cache] memory_mb or max_tokens)",
-                        req.id, req.prompt.len(), blocks.admission_need(req.prompt.len(), 0), engine.store.free_block_count(), engine.store.capacity_blocks()
+                        "request {} cannot be served: its prompt of {} tokens needs {need} blocks but the pool has {free} free of {} (raise [cache] memory_mb or max_tokens)",
+                        req.id, req.prompt.len(), engine.capacity_blocks()
                     );
                 }
                 break;
             }
             let req = self.waiting.pop_front().expect("front exists");
-            let mut cache = engine.new_sequence_with(req.policy.as_ref());
             let t0 = Instant::now();
-            let logits = match engine.prefill(&mut cache, &req.prompt, self.params.prefill_chunk) {
-                Ok(l) => l,
-                Err(e) => {
-                    cache.release(&mut engine.store);
-                    return Err(e);
-                }
-            };
+            let (seq, logits) = engine.start(&req, &req.prompt, self.params.prefill_chunk)?;
             self.stats.prefill_secs += t0.elapsed().as_secs_f64();
             self.stats.prefill_tokens += req.prompt.len();
             let seed = match &req.params {
                 Some(p) => p.seed,
                 None => self.params.seed.wrapping_add(req.id as u64),
             };
-            let rng = StdRng::seed_from_u64(seed);
-            let usage = cache.usage(&engine.store);
-            self.running.push(Running {
+            let p = Progress {
                 req,
-                cache,
                 tokens: Vec::new(),
                 logits,
                 step_logits: Vec::new(),
                 preemptions: 0,
                 pending: false,
-                rng,
-                peak_allocated: usage.bytes_allocated,
-                peak_live: usage.bytes_live,
-            });
+                rng: StdRng::seed_from_u64(seed),
+            };
+            self.running.push(Running { p, seq });
             let r = self.running.last().expect("just pushed");
-            observe(Observed { id: r.req.id, step: 0, cache: &r.cache, store: &engine.store, logits: &r.logits })?;
+            observe(Observed { id: r.p.req.id, step: 0, seq: &r.seq, engine, logits: &r.p.logits })?;
         }
         Ok(())
     }
 
     /// Chooses each running sequence's next token from its last logits; retires finished ones.
-    fn choose_and_retire(&mut self, engine: &mut Engine) -> Vec<Finished> {
+    fn choose_and_retire(&mut self, engine: &mut E) -> Result<Vec<Finished>> {
         let mut finished = Vec::new();
-        let eos = &engine.model.config().eos_token_ids;
         let mut i = 0;
         while i < self.running.len() {
-            let r = &mut self.running[i];
+            let r = &mut self.running[i].p;
             if r.pending {
                 i += 1;
                 continue;
@@ -428,57 +462,60 @@ impl Scheduler {
             r.pending = true;
             self.generated_total += 1;
             self.chosen.push((r.req.id, next));
-            let reason = if r.req.forced.is_none() && stop_at_eos && eos.contains(&next) {
+            let reason = if r.req.forced.is_none() && stop_at_eos && engine.eos_token_ids().contains(&next) {
                 Some(FinishReason::Stop)
-            } else if r.tokens.len() >= max_new(&r.req, &self.params) {
+            } else if r.tokens.len() >= r.req.max_new(&self.params) {
                 Some(FinishReason::Length)
             } else {
                 None
             };
             match reason {
-                Some(reason) => finished.push(self.running.remove(i).finish(&mut engine.store, reason)),
+                Some(reason) => {
+                    let r = self.running.remove(i);
+                    let report = engine.finish(r.seq)?;
+                    finished.push(r.p.finished(report, reason));
+                }
                 None => i += 1,
             }
         }
-        finished
+        Ok(finished)
     }
 
     /// Preempts the most recently admitted sequences until the next step's blocks are free.
-    fn make_room(&mut self, engine: &mut Engine) -> Result<()> {
+    fn make_room(&mut self, engine: &mut E) -> Result<()> {
         loop {
-            let need = engine.block_manager().next_step_need(&engine.store, self.running.iter().map(|r| &r.cache));
-            if need <= engine.store.free_block_count() {
+            let need = engine.next_step_need(&self.running.iter().map(|r| &r.seq).collect::<Vec<_>>())?;
+            if need <= engine.free_blocks()? {
                 return Ok(());
             }
             if self.running.len() == 1 {
                 bail!("the pool is too small for a single sequence to continue (need {need} blocks; raise [cache] memory_mb or max_tokens)");
             }
-            let mut victim = self.running.pop().expect("at least two running");
-            let rows = victim.cache.swap_out(&mut engine.store)?;
-            victim.preemptions += 1;
+            let Running { mut p, seq } = self.running.pop().expect("at least two running");
+            let parked = engine.park(seq)?;
+            p.preemptions += 1;
             self.stats.preemptions += 1;
-            self.swapped.push_front(Swapped { run: victim, rows });
+            self.preempted.push_front(Preempted { p, parked });
         }
     }
 
     /// One batched decode step of every running sequence's chosen token.
-    fn decode(&mut self, engine: &mut Engine, observe: &mut Observer<'_>) -> Result<()> {
+    fn decode(&mut self, engine: &mut E, observe: &mut Observer<'_, E>) -> Result<()> {
         self.stats.max_running = self.stats.max_running.max(self.running.len());
         let t0 = Instant::now();
-        let tokens: Vec<u32> = self.running.iter().map(|r| *r.tokens.last().expect("one token chosen")).collect();
-        let logits = engine.decode(self.running.iter_mut().map(|r| &mut r.cache).collect(), &tokens)?;
+        let tokens: Vec<u32> = self.running.iter().map(|r| *r.p.tokens.last().expect("one token chosen")).collect();
+        let logits = engine.decode(self.running.iter_mut().map(|r| &mut r.seq).collect(), &tokens)?;
         for (r, l) in self.running.iter_mut().zip(logits) {
-            r.logits = l;
-            r.pending = false;
-            r.note_usage(&engine.store);
-            let step = r.tokens.len();
-            observe(Observed { id: r.req.id, step, cache: &r.cache, store: &engine.store, logits: &r.logits })?;
+            r.p.logits = l;
+            r.p.pending = false;
+            let step = r.p.tokens.len();
+            observe(Observed { id: r.p.req.id, step, seq: &r.seq, engine, logits: &r.p.logits })?;
         }
         let stats = &mut self.stats;
         stats.decode_secs += t0.elapsed().as_secs_f64();
         stats.decode_steps += 1;
         stats.decode_tokens += self.running.len();
-        let u = engine.store.usage();
+        let u = engine.pool_usage()?;
         stats.peak_allocated = stats.peak_allocated.max(u.bytes_allocated);
         stats.peak_live = stats.peak_live.max(u.bytes_live);
         stats.memory_trace.push((self.generated_total, u.bytes_live, u.bytes_allocated));

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use anyhow::{bail, Result};
 use dms_policy::PolicyFactory;
 
-use super::batch::{run_device_batch, DeviceBatchShape};
-use crate::engine::scheduler::Request;
+use super::batch::{DeviceBatchShape, DeviceEngine};
+use crate::engine::scheduler::{run_batch, Request};
 use crate::engine::{GenParams, Generation};
 use crate::gpu::policy::DevicePolicy;
 use crate::model::Llama;
@@ -35,10 +35,10 @@ pub fn generate_on_device(
         capacity_blocks: capacity_blocks.min(rows * (total.div_ceil(block_size) + 1)),
         max_batch: 1,
         max_tokens_per_sequence: total,
-        keep_logits: false,
     };
     let req = Request { id: 0, prompt: prompt.to_vec(), forced: None, policy, params: None };
-    let (mut done, stats) = run_device_batch(model, vec![req], params, &program, shape)?;
+    let (mut done, stats) =
+        run_batch(&mut DeviceEngine::new(model, program, shape)?, vec![req], params, 1, false, |_| {})?;
     let f = done.pop().expect("one request in, one out");
     Ok(Generation {
         prompt_tokens: prompt.len(),

@@ -21,9 +21,10 @@ use tokenizers::Tokenizer;
 
 use crate::assets::resolve_model;
 use crate::config::{open_device, ModelSection, PoolSize};
+use crate::engine::batch::run_requests;
 use crate::engine::from_config::{registry, resolve_policy_table};
 use crate::engine::report::fmt_bytes;
-use crate::engine::scheduler::{run_batch, BatchStats, Finished, Request};
+use crate::engine::scheduler::{BatchStats, Finished, Request};
 use crate::engine::{load_model, Engine, GenParams};
 use crate::harness::ab_peer::{peer_run, PeerResult};
 use crate::harness::agreement;
@@ -457,7 +458,8 @@ pub fn run_ab(cfg: &AbConfig) -> Result<(Vec<ArmResult>, Vec<PeerResult>)> {
         let params = GenParams::greedy(w.continuation_tokens, cfg.cache.prefill_chunk);
         let pb = bar(reqs.len() as u64, &arm.name);
         pb.set_message("quality");
-        let (mut done, stats) = run_batch(engine, reqs, &params, w.concurrency, true, |n| pb.set_position(n as u64))?;
+        let (mut done, stats) =
+            run_requests(engine, reqs, &params, w.concurrency, true, |n| pb.set_position(n as u64))?;
         pb.finish();
         // Baselines are indexed by prompt: order by request id, not by completion.
         done.sort_by_key(|f| f.id);
@@ -565,7 +567,7 @@ fn capacity_run(
     let params = GenParams::greedy(c.gen_tokens, 0);
     let pb = bar(reqs.len() as u64, label);
     pb.set_message("capacity");
-    let r = run_batch(engine, reqs, &params, c.requests, false, |n| pb.set_position(n as u64));
+    let r = run_requests(engine, reqs, &params, c.requests, false, |n| pb.set_position(n as u64));
     pb.finish();
     engine.store = saved;
     Ok(r?.1)

@@ -12,8 +12,9 @@ use tokenizers::Tokenizer;
 
 use super::ab::{bar, windows, AbConfig, Arm};
 use crate::assets::resolve_model;
+use crate::engine::batch::run_requests;
 use crate::engine::from_config::{registry, resolve_policy_table};
-use crate::engine::scheduler::{run_batch, Request};
+use crate::engine::scheduler::Request;
 use crate::engine::{Engine, GenParams};
 use crate::harness::agreement;
 #[cfg(feature = "mistralrs")]
@@ -81,7 +82,7 @@ pub fn peer_run(
     pb.set_message(format!("greedy: ours, then {}", arm.engine));
     // Batch 1 on both sides: mistral.rs 0.8.1 mixes the outputs of concurrent requests, and
     // llama-cpp-python runs one sequence.
-    let (ours, stats) = run_batch(engine, requests_for(&prompts, &full), &params, 1, true, |_| {})?;
+    let (ours, stats) = run_requests(engine, requests_for(&prompts, &full), &params, 1, true, |_| {})?;
     pb.inc(1);
     let path = resolve_model(source, cfg.base_dir.as_deref())?;
     let run = match arm.engine.as_str() {
@@ -105,7 +106,7 @@ pub fn peer_run(
         };
         pb.set_message(format!("{requests} in flight: ours ({name}), then {}", arm.engine));
         let t0 = Instant::now();
-        let (done, _) = run_batch(engine, requests_for(&prompts, &policy), &params, requests, false, |_| {})?;
+        let (done, _) = run_requests(engine, requests_for(&prompts, &policy), &params, requests, false, |_| {})?;
         let ours_tok_s = done.iter().map(|f| f.tokens.len()).sum::<usize>() as f64 / t0.elapsed().as_secs_f64();
         pb.inc(1);
         let peer_tok_s = mistralrs_concurrent(cfg, arm, &path, &prompts, w.continuation_tokens, requests)?;

@@ -12,9 +12,10 @@ use serde_json::json;
 
 use crate::assets::resolve_model;
 use crate::config::{open_device, ModelSection};
+use crate::engine::batch::run_requests;
 use crate::engine::from_config::{registry, resolve_policy_table};
 use crate::engine::report::fmt_bytes;
-use crate::engine::scheduler::{run_batch, Request};
+use crate::engine::scheduler::Request;
 use crate::engine::{load_model, Engine, GenParams};
 use crate::model::WeightForm;
 
@@ -157,11 +158,7 @@ pub fn run_grid(cfg: &BenchConfig) -> Result<(serde_json::Value, String)> {
                     .collect();
                 let params = GenParams::greedy(g.decode_tokens + 1, 0);
                 eprintln!("bench: context {ctx}, batch {batch}, arm {name}");
-                let (done, stats) = if device.is_cuda() {
-                    on_device(&engine, reqs, &params, p.as_ref(), g.block_size, blocks, batch, max_tokens)?
-                } else {
-                    run_batch(&mut engine, reqs, &params, batch, false, |_| {})?
-                };
+                let (done, stats) = run_requests(&mut engine, reqs, &params, batch, false, |_| {})?;
                 let cr = done.iter().map(|f| f.compression_ratio).sum::<f64>() / done.len().max(1) as f64;
                 figs.push((
                     name.clone(),
@@ -192,43 +189,6 @@ pub fn run_grid(cfg: &BenchConfig) -> Result<(serde_json::Value, String)> {
     std::fs::write(&g.output, serde_json::to_string_pretty(&out)?)
         .with_context(|| format!("cannot write {}", g.output))?;
     Ok((out, table))
-}
-
-/// One grid cell through the device batch (`crate::gpu::batch`): the KV cache, its DMS
-/// bookkeeping and attention on the GPU.
-#[cfg(feature = "cuda")]
-#[allow(clippy::too_many_arguments)]
-fn on_device(
-    engine: &Engine,
-    reqs: Vec<Request>,
-    params: &GenParams,
-    policy: &dyn PolicyFactory,
-    block_size: usize,
-    capacity_blocks: usize,
-    max_batch: usize,
-    max_tokens_per_sequence: usize,
-) -> Result<(Vec<crate::engine::scheduler::Finished>, crate::engine::scheduler::BatchStats)> {
-    use crate::gpu::batch::{run_device_batch, DeviceBatchShape};
-    let program = crate::gpu::policy::DevicePolicy::of(policy)?;
-    let shape =
-        DeviceBatchShape { block_size, capacity_blocks, max_batch, max_tokens_per_sequence, keep_logits: false };
-    run_device_batch(&engine.model, reqs, params, &program, shape)
-}
-
-/// Without the `cuda` feature no CUDA device opens, so this is never reached.
-#[cfg(not(feature = "cuda"))]
-#[allow(clippy::too_many_arguments)]
-fn on_device(
-    _: &Engine,
-    _: Vec<Request>,
-    _: &GenParams,
-    _: &dyn PolicyFactory,
-    _: usize,
-    _: usize,
-    _: usize,
-    _: usize,
-) -> Result<(Vec<crate::engine::scheduler::Finished>, crate::engine::scheduler::BatchStats)> {
-    bail!("a CUDA device needs a build with --features cuda")
 }
 
 #[cfg(test)]

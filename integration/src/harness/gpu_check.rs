@@ -487,7 +487,7 @@ pub fn check_latent(dev: &Device, fixtures: &str) -> Result<()> {
 pub fn check_device_batch(dev: &Device, fixtures: &str) -> Result<()> {
     use crate::engine::scheduler::{run_batch, Request};
     use crate::engine::GenParams;
-    use crate::gpu::batch::{run_device_batch, DeviceBatchShape};
+    use crate::gpu::batch::{DeviceBatchShape, DeviceEngine};
     use crate::gpu::policy::DevicePolicy;
 
     let dir = std::path::Path::new(fixtures).join("qwen3_dms_tiny").join("variant_separate_alpha").join("model");
@@ -524,9 +524,9 @@ pub fn check_device_batch(dev: &Device, fixtures: &str) -> Result<()> {
             capacity_blocks: cfg.num_layers * cfg.num_kv_heads * 24,
             max_batch: 3,
             max_tokens_per_sequence: 64,
-            keep_logits: true,
         };
-        let (got, stats) = run_device_batch(&model, reqs, &params, &program, shape)?;
+        let mut device = DeviceEngine::new(&model, program, shape)?;
+        let (got, stats) = run_batch(&mut device, reqs, &params, shape.max_batch, true, |_| {})?;
         if got.len() != want.len() {
             bail!("device batch ({label}): {} results for {} requests", got.len(), want.len());
         }

@@ -63,7 +63,10 @@ impl Metrics {
             &["policy"],
         )?;
         registry.register(Box::new(compression_ratio.clone()))?;
-        let preemptions = IntCounter::new("dms_preemptions_total", "Sequences preempted (swapped out of the pool)")?;
+        let preemptions = IntCounter::new(
+            "dms_preemptions_total",
+            "Sequences preempted (swapped out of the pool or dropped for recomputation)",
+        )?;
         registry.register(Box::new(preemptions.clone()))?;
         let latency_buckets = prometheus::exponential_buckets(0.001, 2.0, 16)?;
         let m = Self {

@@ -187,7 +187,10 @@ pub fn run(mut engine: Engine, setup: WorkerSetup, commands: Receiver<Command>) 
             };
             if let Some(err) = failure {
                 let a = active.remove(&id).expect("listed");
-                let f = sched.cancel(&mut engine, id);
+                let f = sched.cancel(&mut engine, id).unwrap_or_else(|e| {
+                    tracing::error!("cancelling request {id}: {e:#}");
+                    None
+                });
                 count_end(&metrics, &policies[a.job.policy].name, &a, f.as_ref(), rows);
                 if let Some(err) = err {
                     let _ = a.job.events.send(Event::Failed(err));
@@ -251,8 +254,8 @@ pub fn run(mut engine: Engine, setup: WorkerSetup, commands: Receiver<Command>) 
         for id in stopped {
             let a = active.remove(&id).expect("listed");
             match sched.cancel(&mut engine, id) {
-                Some(f) => finish(&metrics, &policies[a.job.policy].name, a, &f, FinishReason::Stop, rows),
-                None => {
+                Ok(Some(f)) => finish(&metrics, &policies[a.job.policy].name, a, &f, FinishReason::Stop, rows),
+                Ok(None) | Err(_) => {
                     let _ = a.job.events.send(Event::Failed(ApiError::new(
                         StatusCode::INTERNAL_SERVER_ERROR,
                         "engine_error",
@@ -325,7 +328,7 @@ fn finish(metrics: &Metrics, policy: &str, a: Active<'_>, f: &Finished, reason: 
 fn update_gauges(
     metrics: &Metrics,
     engine: &Engine,
-    sched: &Scheduler,
+    sched: &Scheduler<Engine>,
     active: &HashMap<usize, Active<'_>>,
     policies: &[ServedPolicy],
 ) {
@@ -335,7 +338,7 @@ fn update_gauges(
     metrics.requests_running.set(sched.running_count() as i64);
     metrics.requests_waiting.set(sched.waiting_count() as i64);
     let mut per_policy = vec![(0u64, 0u64); policies.len()];
-    for (id, usage) in sched.running_usage(&engine.store) {
+    for (id, usage) in sched.running_usage(engine).unwrap_or_default() {
         if let Some(a) = active.get(&id) {
             per_policy[a.job.policy].0 += usage.tokens_seen;
             per_policy[a.job.policy].1 += usage.slots;

@@ -21,8 +21,9 @@ use serde::Deserialize;
 
 use crate::assets::resolve_model;
 use crate::config::{open_device, ModelSection};
+use crate::engine::batch::run_requests;
 use crate::engine::from_config::{registry, resolve_policy_table};
-use crate::engine::scheduler::{run_batch, Finished, Request};
+use crate::engine::scheduler::{Finished, Request};
 use crate::engine::{argmax, load_model, Engine, GenParams};
 use crate::harness::ab::{bar, kl, log_softmax, windows};
 use crate::harness::stats::{bootstrap_ci, PromptSums};
@@ -322,7 +323,7 @@ fn teacher_forced(
         })
         .collect();
     let params = GenParams::greedy(q.continuation_tokens, prefill_chunk);
-    let (mut done, _) = run_batch(engine, reqs, &params, q.concurrency, true, |_| {})?;
+    let (mut done, _) = run_requests(engine, reqs, &params, q.concurrency, true, |_| {})?;
     done.sort_by_key(|f| f.id);
     Ok(done)
 }

@@ -8,7 +8,8 @@ use dms_policy::PolicyFactory;
 use tokenizers::Tokenizer;
 
 use super::{mean_cr, Needle, NeedleResult};
-use crate::engine::scheduler::{run_batch, Request};
+use crate::engine::batch::run_requests;
+use crate::engine::scheduler::Request;
 use crate::engine::{Engine, GenParams};
 
 /// One needle prompt.
@@ -88,7 +89,7 @@ pub(super) fn needle_run(
         stop_at_eos: true,
         prefill_chunk,
     };
-    let (mut done, _) = run_batch(engine, reqs, &params, 1, false, |_| {})?;
+    let (mut done, _) = run_requests(engine, reqs, &params, 1, false, |_| {})?;
     done.sort_by_key(|f| f.id);
     let mut r = NeedleResult { trials: prompts.len(), cr: mean_cr(&done), matched: true, ..Default::default() };
     for (f, p) in done.iter().zip(prompts) {
@@ -112,7 +113,7 @@ pub(super) fn needle_prefill_cr(
         .map(|(i, p)| Request { id: i, prompt: p.ids.clone(), forced: None, policy: policy.clone(), params: None })
         .collect();
     let params = GenParams { max_tokens: 1, temperature: 0.0, top_p: 1.0, seed: 0, stop_at_eos: false, prefill_chunk };
-    let (done, _) = run_batch(engine, reqs, &params, 1, false, |_| {})?;
+    let (done, _) = run_requests(engine, reqs, &params, 1, false, |_| {})?;
     Ok(mean_cr(&done))
 }
 

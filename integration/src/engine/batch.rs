@@ -1,0 +1,88 @@
+//! Serving a batch of requests on whatever the engine's model runs on: what `ab`, `eval` and
+//! `bench` call. On a CUDA model, requests whose policy has a device program run through the
+//! scheduler on the device cache (one device batch per program, in turn: the kernels run one
+//! program per batch); the rest, and everything on the CPU, through the scheduler on the host
+//! store.
+
+use anyhow::Result;
+
+use super::scheduler::{run_batch, BatchStats, Finished, Request};
+use super::{Engine, GenParams};
+
+/// Serves `requests` with at most `max_batch` sequences at once (see [`run_batch`]); the device
+/// cache, when used, gets the host pool's memory budget in the model's dtype.
+pub fn run_requests(
+    engine: &mut Engine,
+    requests: Vec<Request>,
+    params: &GenParams,
+    max_batch: usize,
+    keep_logits: bool,
+    progress: impl FnMut(usize),
+) -> Result<(Vec<Finished>, BatchStats)> {
+    #[cfg(feature = "cuda")]
+    if engine.model.device().is_cuda() {
+        return device::run_requests(engine, requests, params, max_batch, keep_logits, progress);
+    }
+    run_batch(engine, requests, params, max_batch, keep_logits, progress)
+}
+
+#[cfg(feature = "cuda")]
+mod device {
+    use anyhow::Result;
+
+    use super::super::scheduler::{run_batch, BatchStats, Finished, Request};
+    use super::super::{Engine, GenParams};
+    use crate::gpu::batch::{DeviceBatchShape, DeviceEngine};
+    use crate::gpu::policy::DevicePolicy;
+
+    /// [`super::run_requests`] on a CUDA model.
+    pub fn run_requests(
+        engine: &mut Engine,
+        requests: Vec<Request>,
+        params: &GenParams,
+        max_batch: usize,
+        keep_logits: bool,
+        mut progress: impl FnMut(usize),
+    ) -> Result<(Vec<Finished>, BatchStats)> {
+        let mut host = Vec::new();
+        let mut programs: Vec<(DevicePolicy, Vec<Request>)> = Vec::new();
+        for r in requests {
+            match DevicePolicy::of(r.policy.as_ref()) {
+                Ok(p) => match programs.iter_mut().find(|(q, _)| *q == p) {
+                    Some((_, list)) => list.push(r),
+                    None => programs.push((p, vec![r])),
+                },
+                Err(why) => {
+                    tracing::info!("request {}: {why:#}; its KV cache stays on the host", r.id);
+                    host.push(r);
+                }
+            }
+        }
+        let mut stats = BatchStats::default();
+        let mut done = Vec::new();
+        if !host.is_empty() {
+            let (d, s) = run_batch(engine, host, params, max_batch, keep_logits, &mut progress)?;
+            done.extend(d);
+            stats.absorb(&s);
+        }
+        let store = &engine.store;
+        let budget = store.capacity_blocks() as u64 * store.block_size() as u64 * store.slot_bytes();
+        let device_slot = engine.model.config().row_bytes(engine.model.dtype().size_in_bytes());
+        for (program, reqs) in programs {
+            let longest = reqs.iter().map(|r| r.prompt.len() + r.max_new(params)).max().unwrap_or(1);
+            let shape = DeviceBatchShape {
+                block_size: store.block_size(),
+                capacity_blocks: (budget / (store.block_size() as u64 * device_slot)) as usize,
+                max_batch: max_batch.min(reqs.len()).max(1),
+                max_tokens_per_sequence: longest,
+            };
+            let mut device = DeviceEngine::new(&engine.model, program, shape)?;
+            let already = done.len();
+            let (d, s) = run_batch(&mut device, reqs, params, shape.max_batch, keep_logits, |n| progress(already + n))?;
+            done.extend(d);
+            stats.absorb(&s);
+        }
+        done.sort_by_key(|f| f.id);
+        Ok((done, stats))
+    }
+}

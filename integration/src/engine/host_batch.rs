@@ -1,0 +1,143 @@
+//! The host engine as a [`BatchEngine`]: sequences are rows in the paged [`KvStore`], each under
+//! its own policy (per-request A/B), and a preempted sequence is swapped out slot for slot or
+//! dropped for recomputation, as [`Engine::preemption`] says.
+
+use anyhow::{bail, Result};
+
+use super::batch_engine::{BatchEngine, PoolUsage, Preemption, SeqReport};
+use super::scheduler::Request;
+use super::Engine;
+use crate::kv::sequence::SequenceCache;
+use crate::kv::store::{MemoryUsage, SwappedRow};
+
+/// A running sequence on the host store, with the most memory it has held.
+pub struct HostSequence {
+    /// Its rows and policy.
+    pub cache: SequenceCache,
+    peak_allocated: u64,
+    peak_live: u64,
+}
+
+impl HostSequence {
+    fn note_usage(&mut self, u: &MemoryUsage) {
+        self.peak_allocated = self.peak_allocated.max(u.bytes_allocated);
+        self.peak_live = self.peak_live.max(u.bytes_live);
+    }
+}
+
+/// A swapped-out sequence: its policy state and its rows' slots in host memory.
+pub struct HostParked {
+    seq: HostSequence,
+    rows: Vec<SwappedRow>,
+}
+
+impl BatchEngine for Engine {
+    type Seq = HostSequence;
+    type Parked = HostParked;
+
+    fn check_request(&self, req: &Request, _longest: usize) -> Result<()> {
+        self.check_policy(req.policy.as_ref())
+    }
+
+    fn eos_token_ids(&self) -> &[u32] {
+        &self.model.config().eos_token_ids
+    }
+
+    fn admission_need(&self, context: usize, running: usize) -> usize {
+        self.block_manager().admission_need(context, running)
+    }
+
+    fn free_blocks(&self) -> Result<usize> {
+        Ok(self.store.free_block_count())
+    }
+
+    fn capacity_blocks(&self) -> usize {
+        self.store.capacity_blocks()
+    }
+
+    fn start(&mut self, req: &Request, ids: &[u32], chunk: usize) -> Result<(HostSequence, Vec<f32>)> {
+        if ids.is_empty() {
+            bail!("request {}: the prompt is empty", req.id);
+        }
+        let mut cache = self.new_sequence_with(req.policy.as_ref());
+        match self.prefill(&mut cache, ids, chunk) {
+            Ok(logits) => {
+                let mut seq = HostSequence { cache, peak_allocated: 0, peak_live: 0 };
+                seq.note_usage(&seq.cache.usage(&self.store));
+                Ok((seq, logits))
+            }
+            Err(e) => {
+                cache.release(&mut self.store);
+                Err(e)
+            }
+        }
+    }
+
+    fn decode(&mut self, mut seqs: Vec<&mut HostSequence>, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
+        let logits = Engine::decode(self, seqs.iter_mut().map(|s| &mut s.cache).collect(), tokens)?;
+        for s in seqs {
+            let u = s.cache.usage(&self.store);
+            s.note_usage(&u);
+        }
+        Ok(logits)
+    }
+
+    fn next_step_need(&self, seqs: &[&HostSequence]) -> Result<usize> {
+        Ok(self.block_manager().next_step_need(&self.store, seqs.iter().map(|s| &s.cache)))
+    }
+
+    fn finish(&mut self, seq: HostSequence) -> Result<SeqReport> {
+        let store = &self.store;
+        let c = &seq.cache;
+        let report = SeqReport {
+            usage: c.usage(store),
+            compression_ratio: c.compression_ratio(store),
+            shadow_compression_ratio: c.shadow_compression_ratio(store),
+            layer_kept_fraction: (0..c.shape().n_layers).map(|l| 1.0 / c.layer_compression_ratio(l, store)).collect(),
+            peak_allocated: seq.peak_allocated,
+            peak_live: seq.peak_live,
+        };
+        seq.cache.release(&mut self.store);
+        Ok(report)
+    }
+
+    fn release(&mut self, seq: HostSequence) {
+        seq.cache.release(&mut self.store);
+    }
+
+    fn park(&mut self, mut seq: HostSequence) -> Result<Option<HostParked>> {
+        match self.preemption {
+            Preemption::Swap => {
+                let rows = seq.cache.swap_out(&mut self.store)?;
+                Ok(Some(HostParked { seq, rows }))
+            }
+            Preemption::Recompute => {
+                seq.cache.release(&mut self.store);
+                Ok(None)
+            }
+        }
+    }
+
+    fn resume_need(&self, parked: &HostParked, running: usize) -> usize {
+        self.block_manager().resume_need(&parked.rows, running)
+    }
+
+    fn unpark(&mut self, mut parked: HostParked) -> std::result::Result<HostSequence, HostParked> {
+        match parked.seq.cache.swap_in(&mut self.store, parked.rows) {
+            Ok(()) => Ok(parked.seq),
+            Err(rows) => {
+                parked.rows = rows;
+                Err(parked)
+            }
+        }
+    }
+
+    fn usage(&self, seq: &HostSequence) -> Result<MemoryUsage> {
+        Ok(seq.cache.usage(&self.store))
+    }
+
+    fn pool_usage(&self) -> Result<PoolUsage> {
+        let u = self.store.usage();
+        Ok(PoolUsage { bytes_live: u.bytes_live, bytes_allocated: u.bytes_allocated })
+    }
+}

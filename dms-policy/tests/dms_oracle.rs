@@ -76,6 +76,20 @@ proptest! {
         }
     }
 
+    /// With `sinks = s` the first s tokens are never flagged: rule 8 on the decisions with every
+    /// decision that would flag a sink (made at tokens 1..=s) cleared.
+    #[test]
+    fn dms_with_sinks_keeps_them_and_follows_rule_8_otherwise(w in 0usize..8, s in 0usize..6,
+            decisions in prop::collection::vec(any::<bool>(), 1..60), chunks in prop::collection::vec(1usize..9, 1..5)) {
+        let cleared: Vec<bool> = decisions.iter().enumerate().map(|(t, &d)| d && t > s).collect();
+        let want = oracle(&cleared, w);
+        let got = run(&format!("name = 'dms'\nwindow = {w}\nsinks = {s}"), &decisions, &chunks);
+        for (seen, kept) in got {
+            prop_assert_eq!(&kept, &want[seen - 1], "after {} tokens", seen);
+            prop_assert!((0..s.min(seen) as Pos).all(|p| kept.contains(&p)), "a sink left: {:?}", kept);
+        }
+    }
+
     #[test]
     fn decode_never_grows_a_row_whose_leaving_token_is_flagged(w in 1usize..6, n in 10usize..40) {
         let decisions = vec![true; n];

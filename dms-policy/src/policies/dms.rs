@@ -61,6 +61,10 @@ pub struct DmsParams {
     /// Seed for `decision = "random"`.
     #[serde(default)]
     pub seed: u64,
+    /// The first `sinks` tokens of a sequence are never flagged (attention sinks, as in
+    /// StreamingLLM; an extension: NVIDIA's DMS has none). Host store only.
+    #[serde(default)]
+    pub sinks: u32,
 }
 
 /// A configured DMS policy.
@@ -74,6 +78,7 @@ pub struct DmsPolicy {
     adapter: Option<String>,
     evict_rate: f64,
     seed: u64,
+    sinks: u32,
 }
 
 fn invalid(message: impl Into<String>) -> PolicyError {
@@ -109,6 +114,7 @@ impl DmsPolicy {
             adapter: p.adapter,
             evict_rate,
             seed: p.seed,
+            sinks: p.sinks,
         })
     }
 
@@ -145,6 +151,12 @@ impl PolicyFactory for DmsPolicy {
         Box::new(DmsState { cfg: self.clone(), rows: Rows::new(shape, || DelayedWindow::new(w)) })
     }
     fn device_program(&self) -> Result<DeviceProgram, PolicyError> {
+        if self.sinks > 0 {
+            return Err(PolicyError::NoDeviceForm {
+                policy: "dms".into(),
+                why: format!("`sinks = {}`: the device kernels flag every position alike", self.sinks),
+            });
+        }
         let flags = self.flag_source().ok_or_else(|| PolicyError::NoDeviceForm {
             policy: "dms".into(),
             why: "key-norm decisions need key norms, which the device path does not compute".into(),
@@ -161,10 +173,11 @@ impl PolicyFactory for DmsPolicy {
             DecisionKind::Random => format!("random at rate {} (synthetic)", self.evict_rate),
         };
         format!(
-            "dms (window {}, decisions {source}, alpha_scale {}, alpha_offset {}{})",
+            "dms (window {}, decisions {source}, alpha_scale {}, alpha_offset {}{}{})",
             self.window,
             self.alpha_scale,
             self.alpha_offset,
+            if self.sinks > 0 { format!(", {} sinks", self.sinks) } else { String::new() },
             if self.disable_eviction { ", eviction disabled" } else { "" }
         )
     }
@@ -201,11 +214,16 @@ impl SequencePolicy for DmsState {
             if s.len() != n_new {
                 return Err(protocol("dms", format!("{} scores for {n_new} tokens", s.len())));
             }
-            r.decide_shifted(first_pos, s.iter().map(|&raw| source.flags_token(row.layer, row.head, 0, raw)));
+            // Token t's decision flags token t - 1, which a sink (t - 1 < sinks) ignores.
+            let flags = s
+                .iter()
+                .zip(first_pos..)
+                .map(|(&raw, t)| t > cfg.sinks && source.flags_token(row.layer, row.head, 0, raw));
+            r.decide_shifted(first_pos, flags);
         } else {
             // Token t's decision flags token t - 1; token 0's flags nothing.
             let flags = (first_pos..first_pos + n_new as Pos)
-                .map(|t| t > 0 && source.flags_token(row.layer, row.head, t - 1, 0.0));
+                .map(|t| t > cfg.sinks && source.flags_token(row.layer, row.head, t - 1, 0.0));
             r.decide_shifted(first_pos, flags);
         }
         Ok(())

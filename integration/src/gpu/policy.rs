@@ -52,6 +52,8 @@ mod tests {
         assert!(e.to_string().contains("shadow"), "{e}");
         let e = device("name = 'dms'\nwindow = 8\ndecision = 'key_norm'").unwrap_err();
         assert!(e.to_string().contains("key-norm"), "{e:#}");
+        let e = device("name = 'dms'\nwindow = 8\nsinks = 4").unwrap_err();
+        assert!(format!("{e:#}").contains("sinks"), "{e:#}");
         let e = device("name = 'dms'\nwindow = 8\ndecision = 'random'").unwrap_err();
         assert!(format!("{e:#}").contains("evict_rate"), "{e:#}");
     }

@@ -99,6 +99,13 @@ pub trait SequencePolicy: Send {
     fn pending_evictions(&self, _row: RowRef) -> usize {
         0
     }
+
+    /// An independent copy of this state, for a sequence forked from this one (same tokens
+    /// so far, its own future); `None` when the policy cannot be copied (the engine then
+    /// prefills the fork's prompt itself).
+    fn fork(&self) -> Option<Box<dyn SequencePolicy>> {
+        None
+    }
 }
 
 /// A configured policy: builds per-sequence state and describes itself.

@@ -176,6 +176,49 @@ fn preemption_by_swap_or_recomputation_resumes_every_policy_unchanged() {
     }
 }
 
+/// Requests with the same prompt and policy admitted together share one prompt pass (the
+/// others start as copies of the first), and each still produces what it produces alone, sampled
+/// or teacher-forced; a request with the same prompt but another policy gets its own pass.
+#[test]
+fn requests_sharing_a_prompt_fork_one_prompt_pass_and_equal_each_alone() {
+    let mut eng = batch_engine(1 << 14);
+    let shared = prompt(4, 23);
+    let mut reqs = Vec::new();
+    for (i, table) in [POLICIES[2], POLICIES[2], POLICIES[1], POLICIES[2], POLICIES[1], POLICIES[0]].iter().enumerate()
+    {
+        let forced = (i % 2 == 1).then(|| (0..20).map(|t| ((t * 13 + i * 7) % 500) as u32 + 3).collect());
+        reqs.push(Request {
+            id: i,
+            prompt: shared.clone(),
+            forced,
+            policy: resolved_policy(&mut eng, table),
+            params: None,
+        });
+    }
+    // One policy object per table, as a server or harness shares them.
+    let dms = reqs[0].policy.clone();
+    let window = reqs[2].policy.clone();
+    for r in &mut reqs {
+        if r.policy.name() == "dms" {
+            r.policy = dms.clone();
+        } else if r.policy.name() == "sliding_window" {
+            r.policy = window.clone();
+        }
+    }
+    let refs: Vec<Finished> = reqs.iter().map(|r| alone(&mut eng, r, 20)).collect();
+    let (got, stats) = run_batch(&mut eng, reqs, &greedy_params(20), 8, true, |_| {}).unwrap();
+    assert_eq!(stats.forked, 3, "two more dms requests and one more window request are forks");
+    assert_eq!(stats.prefill_tokens, 3 * shared.len(), "one prompt pass per policy");
+    for (g, r) in got.iter().zip(&refs) {
+        assert_eq!(g.tokens, r.tokens, "request {}", g.id);
+        for (a, b) in g.step_logits.iter().zip(&r.step_logits) {
+            assert!(max_abs(a, b) < 1e-4, "request {} logits", g.id);
+        }
+        assert!((g.compression_ratio - r.compression_ratio).abs() < 1e-12, "request {} CR", g.id);
+    }
+    assert_eq!(eng.store.free_block_count(), eng.store.capacity_blocks(), "every block returned");
+}
+
 #[test]
 fn dms_sustains_more_concurrent_sequences_in_the_same_pool() {
     let run = |table: &str| {

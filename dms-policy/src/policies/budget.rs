@@ -124,12 +124,17 @@ struct BudgetRow {
     observed: bool,
 }
 
+#[derive(Clone)]
 struct BudgetState {
     cfg: BudgetPolicy,
     rows: Rows<BudgetRow>,
 }
 
 impl SequencePolicy for BudgetState {
+    fn fork(&self) -> Option<Box<dyn SequencePolicy>> {
+        Some(Box::new(self.clone()))
+    }
+
     fn decide(&mut self, _: RowRef, _: Pos, _: usize, _: Option<&[f32]>) -> Result<(), PolicyError> {
         Ok(())
     }

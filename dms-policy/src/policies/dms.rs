@@ -183,6 +183,7 @@ impl PolicyFactory for DmsPolicy {
     }
 }
 
+#[derive(Clone)]
 struct DmsState {
     cfg: DmsPolicy,
     rows: Rows<DelayedWindow>,
@@ -203,6 +204,10 @@ pub fn random_flag_unit(seed: u64, layer: usize, head: usize, pos: Pos) -> f64 {
 }
 
 impl SequencePolicy for DmsState {
+    fn fork(&self) -> Option<Box<dyn SequencePolicy>> {
+        Some(Box::new(self.clone()))
+    }
+
     fn decide(&mut self, row: RowRef, first_pos: Pos, n_new: usize, scores: Option<&[f32]>) -> Result<(), PolicyError> {
         let cfg = &self.cfg;
         let r = self.rows.get_mut(row).ok_or_else(|| bad_row("dms", row))?;

@@ -33,6 +33,7 @@ impl PolicyFactory for FullPolicy {
     }
 }
 
+#[derive(Clone)]
 struct FullState {
     rows: Rows<RowLedger>,
 }
@@ -46,6 +47,10 @@ pub(crate) fn protocol(policy: &str, message: String) -> PolicyError {
 }
 
 impl SequencePolicy for FullState {
+    fn fork(&self) -> Option<Box<dyn SequencePolicy>> {
+        Some(Box::new(self.clone()))
+    }
+
     fn decide(&mut self, _: RowRef, _: Pos, _: usize, _: Option<&[f32]>) -> Result<(), PolicyError> {
         Ok(())
     }

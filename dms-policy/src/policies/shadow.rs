@@ -73,6 +73,16 @@ struct ShadowState {
 }
 
 impl SequencePolicy for ShadowState {
+    fn fork(&self) -> Option<Box<dyn SequencePolicy>> {
+        Some(Box::new(ShadowState {
+            inner: self.inner.fork()?,
+            real: self.real.clone(),
+            shadow_len: self.shadow_len.clone(),
+            scratch_evict: EvictPlan::default(),
+            scratch_compact: CompactPlan::default(),
+        }))
+    }
+
     fn decide(&mut self, row: RowRef, first_pos: Pos, n_new: usize, scores: Option<&[f32]>) -> Result<(), PolicyError> {
         self.inner.decide(row, first_pos, n_new, scores)
     }

@@ -60,6 +60,7 @@ impl PolicyFactory for SlidingWindowPolicy {
     }
 }
 
+#[derive(Clone)]
 struct WindowState {
     window: Pos,
     sinks: Pos,
@@ -67,6 +68,10 @@ struct WindowState {
 }
 
 impl SequencePolicy for WindowState {
+    fn fork(&self) -> Option<Box<dyn SequencePolicy>> {
+        Some(Box::new(self.clone()))
+    }
+
     fn decide(&mut self, _: RowRef, _: Pos, _: usize, _: Option<&[f32]>) -> Result<(), PolicyError> {
         Ok(())
     }

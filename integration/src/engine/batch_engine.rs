@@ -69,6 +69,9 @@ pub trait BatchEngine {
     /// the engine chunks; 0 = one pass); returns it and its next-token logits. On an error the
     /// engine has given back whatever it took.
     fn start(&mut self, req: &Request, ids: &[u32], chunk: usize) -> Result<(Self::Seq, Vec<f32>)>;
+    /// Starts a sequence as a copy of `seq` (a copy-on-admission fork: requests with the same
+    /// prompt and policy share one prompt pass); `None` when this sequence cannot be copied.
+    fn fork(&mut self, seq: &Self::Seq) -> Result<Option<Self::Seq>>;
     /// One batched decode step: feeds `tokens[i]` to `seqs[i]`, which are every running
     /// sequence; returns each one's next-token logits.
     fn decode(&mut self, seqs: Vec<&mut Self::Seq>, tokens: &[u32]) -> Result<Vec<Vec<f32>>>;

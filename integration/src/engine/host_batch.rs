@@ -73,6 +73,13 @@ impl BatchEngine for Engine {
         }
     }
 
+    fn fork(&mut self, seq: &HostSequence) -> Result<Option<HostSequence>> {
+        Ok(seq.cache.fork(&mut self.store)?.map(|cache| {
+            let (peak_allocated, peak_live) = (seq.peak_allocated, seq.peak_live);
+            HostSequence { cache, peak_allocated, peak_live }
+        }))
+    }
+
     fn decode(&mut self, mut seqs: Vec<&mut HostSequence>, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
         let logits = Engine::decode(self, seqs.iter_mut().map(|s| &mut s.cache).collect(), tokens)?;
         for s in seqs {

@@ -93,6 +93,9 @@ pub struct BatchStats {
     pub prefill_secs: f64,
     /// Preemptions.
     pub preemptions: usize,
+    /// Sequences that started as a copy of another with the same prompt and policy (no
+    /// prompt pass of their own).
+    pub forked: usize,
     /// Peak bytes of blocks held.
     pub peak_allocated: u64,
     /// Peak bytes live.
@@ -121,6 +124,7 @@ impl BatchStats {
         self.prefill_tokens += later.prefill_tokens;
         self.prefill_secs += later.prefill_secs;
         self.preemptions += later.preemptions;
+        self.forked += later.forked;
         self.peak_allocated = self.peak_allocated.max(later.peak_allocated);
         self.peak_live = self.peak_live.max(later.peak_live);
         let offset = self.memory_trace.last().map_or(0, |t| t.0);
@@ -415,9 +419,18 @@ impl<E: BatchEngine> Scheduler<E> {
             }
             let req = self.waiting.pop_front().expect("front exists");
             let t0 = Instant::now();
-            let (seq, logits) = engine.start(&req, &req.prompt, self.params.prefill_chunk)?;
+            let (seq, logits) = match self.fork_of(engine, &req)? {
+                Some(forked) => {
+                    self.stats.forked += 1;
+                    forked
+                }
+                None => {
+                    let started = engine.start(&req, &req.prompt, self.params.prefill_chunk)?;
+                    self.stats.prefill_tokens += req.prompt.len();
+                    started
+                }
+            };
             self.stats.prefill_secs += t0.elapsed().as_secs_f64();
-            self.stats.prefill_tokens += req.prompt.len();
             let seed = match &req.params {
                 Some(p) => p.seed,
                 None => self.params.seed.wrapping_add(req.id as u64),
@@ -436,6 +449,16 @@ impl<E: BatchEngine> Scheduler<E> {
             observe(Observed { id: r.p.req.id, step: 0, seq: &r.seq, engine, logits: &r.p.logits })?;
         }
         Ok(())
+    }
+
+    /// A copy of a sequence admitted in this round with the same prompt and policy (it has
+    /// chosen nothing yet), with its logits: the request needs no prompt pass of its own.
+    fn fork_of(&self, engine: &mut E, req: &Request) -> Result<Option<(E::Seq, Vec<f32>)>> {
+        let source = self.running.iter().find(|r| {
+            r.p.tokens.is_empty() && Arc::ptr_eq(&r.p.req.policy, &req.policy) && r.p.req.prompt == req.prompt
+        });
+        let Some(r) = source else { return Ok(None) };
+        Ok(engine.fork(&r.seq)?.map(|seq| (seq, r.p.logits.clone())))
     }
 
     /// Chooses each running sequence's next token from its last logits; retires finished ones.

@@ -162,6 +162,21 @@ impl BatchEngine for DeviceEngine<'_> {
         Ok((DeviceSeq { key, seen: ids.len() }, logits))
     }
 
+    fn fork(&mut self, seq: &DeviceSeq) -> Result<Option<DeviceSeq>> {
+        let slot = self.cache.fork_sequence(self.slot_of(seq)?)?;
+        debug_assert_eq!(slot, self.slot_keys.len(), "slots fill in order");
+        let key = self.next_key;
+        self.next_key += 1;
+        self.slot_keys.push(key);
+        let fork = DeviceSeq { key, seen: seq.seen };
+        // A row that found too few blocks fails the fork; its slot is given back.
+        if let Err(e) = self.cache.check() {
+            self.release(fork);
+            return Err(e);
+        }
+        Ok(Some(fork))
+    }
+
     fn decode(&mut self, mut seqs: Vec<&mut DeviceSeq>, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
         if seqs.len() != self.slot_keys.len() || tokens.len() != seqs.len() {
             bail!(

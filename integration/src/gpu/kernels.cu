@@ -557,6 +557,56 @@ extern "C" __global__ void dms_move_rows(int rows, int kv_heads, int wc, int max
     }
 }
 
+// Forks slot `src`'s rows into the empty slot `dst` (a copy-on-admission fork: one prompt pass
+// shared by sequences with the same prompt and policy): each row takes as many blocks from the
+// free list as its source holds and copies its length, position and ring (ring entries are row
+// slots, so they stay valid); dms_fork_copy then copies the stored K/V and pool positions. A row
+// that finds too few free blocks gives its pop back, stays empty and sets the error flag.
+extern "C" __global__ void dms_fork_rows(int rows, int kv_heads, int bs, int wc, int max_blocks, int src, int dst,
+                                         int* block_table, int* row_len, int* row_pos, int* ring_slot,
+                                         unsigned char* ring_flag, const int* free_list, int* free_top, int* err) {
+    for (int h = threadIdx.x; h < kv_heads; h += blockDim.x) {
+        long long base = (long long)blockIdx.x * rows;
+        long long s = base + (long long)src * kv_heads + h, d = base + (long long)dst * kv_heads + h;
+        int nb = (row_len[s] + bs - 1) / bs;
+        int top = atomicSub(free_top, nb) - nb;
+        if (top < 0) {
+            atomicAdd(free_top, nb);
+            atomicExch(err, 1);
+            row_len[d] = 0;
+            row_pos[d] = 0;
+            continue;
+        }
+        for (int b = 0; b < nb; b++) block_table[d * max_blocks + b] = free_list[top + b];
+        for (int i = 0; i < wc; i++) {
+            ring_slot[d * wc + i] = ring_slot[s * wc + i];
+            ring_flag[d * wc + i] = ring_flag[s * wc + i];
+        }
+        row_len[d] = row_len[s];
+        row_pos[d] = row_pos[s];
+    }
+}
+
+// The stored K/V (only K for latent rows) and pool positions of block `blockIdx.y` of each row of
+// a fork (after dms_fork_rows). grid = (layers * kv_heads, max_blocks), block = 128.
+template <typename T>
+__device__ void fork_copy(int rows, int kv_heads, int d_head, int bs, int max_blocks, int src, int dst,
+                          const int* block_table, const int* row_len, int* pool_pos, T* k_pool, T* v_pool) {
+    int layer = blockIdx.x / kv_heads, h = blockIdx.x % kv_heads, b = blockIdx.y;
+    long long base = (long long)layer * rows;
+    long long s = base + (long long)src * kv_heads + h, d = base + (long long)dst * kv_heads + h;
+    int len = row_len[d];
+    if (b * bs >= len) return;
+    int used = min(bs, len - b * bs);
+    long long from = (long long)block_table[s * max_blocks + b] * bs;
+    long long to = (long long)block_table[d * max_blocks + b] * bs;
+    for (long long i = threadIdx.x; i < (long long)used * d_head; i += blockDim.x) {
+        k_pool[to * d_head + i] = k_pool[from * d_head + i];
+        if (v_pool != k_pool) v_pool[to * d_head + i] = v_pool[from * d_head + i];
+    }
+    for (int i = threadIdx.x; i < used; i += blockDim.x) pool_pos[to + i] = pool_pos[from + i];
+}
+
 // Copies the kept prompt tokens' K and V ([T, kv_heads, D]) to their pool addresses (only K
 // when v_pool is k_pool: latent rows).
 // grid = (T, kv_heads), block = min(D, 256).
@@ -592,6 +642,12 @@ extern "C" __global__ void dms_decode_reduce_##SUF(                             
 extern "C" __global__ void dms_prefill_write_##SUF(int kv_heads, int d_head, int n_tok,              \
     const long long* dst, const T* k, const T* v, T* k_pool, T* v_pool) {                            \
     prefill_write<T>(kv_heads, d_head, n_tok, dst, k, v, k_pool, v_pool);                            \
+}                                                                                                    \
+extern "C" __global__ void dms_fork_copy_##SUF(int rows, int kv_heads, int d_head, int bs,           \
+    int max_blocks, int src, int dst, const int* block_table, const int* row_len, int* pool_pos,     \
+    T* k_pool, T* v_pool) {                                                                          \
+    fork_copy<T>(rows, kv_heads, d_head, bs, max_blocks, src, dst, block_table, row_len, pool_pos,   \
+                 k_pool, v_pool);                                                                    \
 }
 
 INSTANTIATE(float, f32)

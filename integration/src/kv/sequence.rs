@@ -58,6 +58,37 @@ impl SequenceCache {
         Ok(())
     }
 
+    /// A copy of this sequence (its rows in blocks of their own, its policy state copied), for
+    /// sequences sharing a prompt; `None` when the policy cannot be copied. Nothing is taken
+    /// from the store on an error.
+    pub fn fork(&self, store: &mut KvStore) -> std::result::Result<Option<SequenceCache>, StoreError> {
+        let Some(policy) = self.policy.fork() else { return Ok(None) };
+        let mut rows = Vec::with_capacity(self.rows.len());
+        for &r in &self.rows {
+            match store.fork_row(r) {
+                Ok(copy) => rows.push(copy),
+                Err(e) => {
+                    for copy in rows {
+                        store.remove_row(copy);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(Some(SequenceCache {
+            policy,
+            signal: self.signal,
+            policy_name: self.policy_name.clone(),
+            shape: self.shape,
+            rows,
+            seen: self.seen,
+            evict_plan: EvictPlan::default(),
+            compact_plan: CompactPlan::default(),
+            k_buf: Vec::new(),
+            v_buf: Vec::new(),
+        }))
+    }
+
     /// Blocks the next decode step may take from the pool at most: one per row whose last block
     /// is full.
     pub fn blocks_for_next_token(&self, store: &KvStore) -> usize {

@@ -466,6 +466,23 @@ impl KvStore {
         Ok(SwappedRow { layer: row.layer, pos: row.pos, last_visible: row.last_visible, seen: row.seen, k, v })
     }
 
+    /// A new row holding a copy of row `id` (slots, positions and visibility) in blocks of its
+    /// own, for a forked sequence.
+    pub fn fork_row(&mut self, id: RowId) -> Result<RowId, StoreError> {
+        let (mut k, mut v) = (Vec::new(), Vec::new());
+        self.gather(id, &mut k, &mut v)?;
+        let row = self.row(id)?;
+        let copy = SwappedRow {
+            layer: row.layer,
+            pos: row.pos.clone(),
+            last_visible: row.last_visible.clone(),
+            seen: row.seen,
+            k,
+            v,
+        };
+        self.swap_in(copy)
+    }
+
     /// Brings a swapped row back into the pool, slot for slot.
     pub fn swap_in(&mut self, s: SwappedRow) -> Result<RowId, StoreError> {
         let blocks = s.pos.len().div_ceil(self.block_size);

@@ -2,7 +2,8 @@
 //! `0..n`, so a decode step's kernels cover the rows of exactly those slots; a sequence leaving
 //! a middle slot is replaced by the last one (its block tables and rings move, its K/V stay in
 //! the pool), and its blocks go back to the device free list (`dms_release_rows`,
-//! `dms_move_rows` in `kernels.cu`, checked under the CPU emulation).
+//! `dms_move_rows` in `kernels.cu`, checked under the CPU emulation). A sequence can also join
+//! as a fork of another (`dms_fork_rows`, `dms_fork_copy`): same rows, its own blocks.
 
 use super::*;
 
@@ -83,6 +84,77 @@ impl GpuCache {
             .arg(&self.ring_flag);
         drv(unsafe { b.launch(cfg) })?;
         Ok(Some(last))
+    }
+
+    /// Adds a sequence that is a copy of the one in `src` (its rows, rings and stored K/V, in
+    /// blocks of its own) and returns its slot. A row that finds too few free blocks stays empty
+    /// and sets the error flag ([`Self::check`]).
+    pub fn fork_sequence(&mut self, src: usize) -> Result<usize> {
+        if src >= self.active {
+            bail!("slot {src} holds no sequence ({} in the cache)", self.active);
+        }
+        let dst = self.add_sequence()?;
+        let s = self.shape;
+        let (rows, kv, bs, wc, mb, d) = (
+            s.rows() as i32,
+            s.kv_heads as i32,
+            s.block_size as i32,
+            (s.window + 1) as i32,
+            s.max_blocks_per_row as i32,
+            s.head_dim as i32,
+        );
+        let (srci, dsti) = (src as i32, dst as i32);
+        let c1 = LaunchConfig { grid_dim: (s.layers as u32, 1, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 };
+        let rows_kernel = self.kernel("dms_fork_rows")?;
+        let mut b = self.stream.launch_builder(&rows_kernel);
+        b.arg(&rows)
+            .arg(&kv)
+            .arg(&bs)
+            .arg(&wc)
+            .arg(&mb)
+            .arg(&srci)
+            .arg(&dsti)
+            .arg(&self.block_table)
+            .arg(&self.row_len)
+            .arg(&self.row_pos)
+            .arg(&self.ring_slot)
+            .arg(&self.ring_flag)
+            .arg(&self.free_list)
+            .arg(&self.free_top)
+            .arg(&self.err);
+        drv(unsafe { b.launch(c1) })?;
+        let copy = self.func("dms_fork_copy")?;
+        let c2 = LaunchConfig {
+            grid_dim: ((s.layers * s.kv_heads) as u32, s.max_blocks_per_row as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        macro_rules! go {
+            ($ty:ty) => {
+                with_slice!(&self.k_pool, $ty, |kp| with_slice_or!(self.v_pool.as_ref(), kp, $ty, |vp| {
+                    let mut b = self.stream.launch_builder(&copy);
+                    b.arg(&rows)
+                        .arg(&kv)
+                        .arg(&d)
+                        .arg(&bs)
+                        .arg(&mb)
+                        .arg(&srci)
+                        .arg(&dsti)
+                        .arg(&self.block_table)
+                        .arg(&self.row_len)
+                        .arg(&self.pool_pos)
+                        .arg(&kp)
+                        .arg(&vp);
+                    drv(unsafe { b.launch(c2) })?;
+                }))
+            };
+        }
+        if self.dtype == DType::F32 {
+            go!(f32)
+        } else {
+            go!(half::bf16)
+        }
+        Ok(dst)
     }
 
     /// Blocks on the device free list (one 4-byte read from the device).

@@ -466,6 +466,23 @@ static void slots_scenario(const char* name, float tol) {
         seen[to] = seen[from];
         seen[from] = 0;
     };
+    auto fork = [&](int src, int dst) {
+        emu::launch({(unsigned)L}, {32}, [&] {
+            dms_fork_rows(c.rows(), KV, BS, wc, MB, src, dst, c.table.data(), c.len.data(), c.pos.data(),
+                          c.ring_slot.data(), c.ring_flag.data(), c.free_list.data(), &c.free_top, &c.err);
+        });
+        emu::launch({(unsigned)(L * KV), (unsigned)MB}, {128}, [&] {
+            if constexpr (std::is_same_v<T, float>)
+                dms_fork_copy_f32(c.rows(), KV, D, BS, MB, src, dst, c.table.data(), c.len.data(), c.pool_pos.data(),
+                                  c.kp.data(), c.vpool());
+            else
+                dms_fork_copy_bf16(c.rows(), KV, D, BS, MB, src, dst, c.table.data(), c.len.data(),
+                                   c.pool_pos.data(), c.kp.data(), c.vpool());
+        });
+        for (int layer = 0; layer < L; layer++)
+            for (int h = 0; h < KV; h++) oracle[row_of(layer, dst, h)] = oracle[row_of(layer, src, h)];
+        seen[dst] = seen[src];
+    };
     auto check = [&](const std::string& when) {
         compare_with_oracle(c, oracle, name, "slots " + when);
         int used = 0;
@@ -499,6 +516,11 @@ static void slots_scenario(const char* name, float tol) {
     for (int i = 0; i < 2; i++) step(3);
     check("after the last slot was refilled");
     release(2);
+    fork(0, 2);
+    check("after a fork");
+    for (int i = 0; i < 5; i++) step(3);
+    check("after the fork and its source decoded apart");
+    release(2);
     release(0);
     move(1, 0);
     for (int i = 0; i < 2; i++) step(1);
@@ -506,8 +528,8 @@ static void slots_scenario(const char* name, float tol) {
     release(0);
     check("after the last left");
     EXPECT(c.err == 0, "%s slots: error flag %d", name, c.err);
-    std::printf("%s slots (D %d, G %d): sequences joining, leaving a middle slot and the last one, decode over the "
-                "active slots only: kept sets, stored K/V and the free list equal the oracle, attention max abs "
+    std::printf("%s slots (D %d, G %d): sequences joining, leaving a middle slot and the last one, a fork, decode "
+                "over the active slots only: kept sets, stored K/V and the free list equal the oracle, attention max abs "
                 "error %.2e\n",
                 name, D, G, worst);
 }

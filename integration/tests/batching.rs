@@ -219,6 +219,29 @@ fn requests_sharing_a_prompt_fork_one_prompt_pass_and_equal_each_alone() {
     assert_eq!(eng.store.free_block_count(), eng.store.capacity_blocks(), "every block returned");
 }
 
+/// A fork is admitted by the blocks its source holds, not its whole prompt's: in a pool with room
+/// for one 40-token prompt, a window policy's copies (2 blocks per row) run together.
+#[test]
+fn forks_are_admitted_by_the_blocks_their_source_holds() {
+    let probe = batch_engine(1);
+    let c = probe.model.config();
+    let rows = c.num_layers * c.num_kv_heads;
+    let mut eng = batch_engine(12 * rows);
+    let window = resolved_policy(&mut eng, POLICIES[1]);
+    let shared = prompt(6, 40);
+    let reqs: Vec<Request> = (0..4)
+        .map(|i| Request { id: i, prompt: shared.clone(), forced: None, policy: window.clone(), params: None })
+        .collect();
+    let mut big = batch_engine(1 << 14);
+    let refs: Vec<Finished> = reqs.iter().map(|r| alone(&mut big, r, 12)).collect();
+    let (got, stats) = run_batch(&mut eng, reqs, &greedy_params(12), 8, true, |_| {}).unwrap();
+    assert_eq!((stats.forked, stats.max_running), (3, 4), "a second prompt pass would need 10 + 1 blocks per row");
+    for (g, r) in got.iter().zip(&refs) {
+        assert_eq!(g.tokens, r.tokens, "request {}", g.id);
+    }
+    assert_eq!(eng.store.free_block_count(), eng.store.capacity_blocks());
+}
+
 #[test]
 fn dms_sustains_more_concurrent_sequences_in_the_same_pool() {
     let run = |table: &str| {

@@ -69,6 +69,8 @@ pub trait BatchEngine {
     /// the engine chunks; 0 = one pass); returns it and its next-token logits. On an error the
     /// engine has given back whatever it took.
     fn start(&mut self, req: &Request, ids: &[u32], chunk: usize) -> Result<(Self::Seq, Vec<f32>)>;
+    /// Blocks a copy of `seq` needs beside `running` others (see [`BatchEngine::fork`]).
+    fn fork_need(&self, seq: &Self::Seq, running: usize) -> Result<usize>;
     /// Starts a sequence as a copy of `seq` (a copy-on-admission fork: requests with the same
     /// prompt and policy share one prompt pass); `None` when this sequence cannot be copied.
     fn fork(&mut self, seq: &Self::Seq) -> Result<Option<Self::Seq>>;

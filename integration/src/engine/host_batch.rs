@@ -73,6 +73,10 @@ impl BatchEngine for Engine {
         }
     }
 
+    fn fork_need(&self, seq: &HostSequence, running: usize) -> Result<usize> {
+        Ok(seq.cache.blocks_held(&self.store) + self.block_manager().step_headroom(running))
+    }
+
     fn fork(&mut self, seq: &HostSequence) -> Result<Option<HostSequence>> {
         Ok(seq.cache.fork(&mut self.store)?.map(|cache| {
             let (peak_allocated, peak_live) = (seq.peak_allocated, seq.peak_live);

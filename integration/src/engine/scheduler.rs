@@ -406,20 +406,24 @@ impl<E: BatchEngine> Scheduler<E> {
     fn admit(&mut self, engine: &mut E, observe: &mut Observer<'_, E>) -> Result<()> {
         while self.preempted.is_empty() && self.running.len() < self.max_batch {
             let Some(req) = self.waiting.front() else { break };
-            let need = engine.admission_need(req.prompt.len(), self.running.len());
-            let free = engine.free_blocks()?;
-            if need > free {
-                if self.running.is_empty() {
-                    bail!(
-                        "request {} cannot be served: its prompt of {} tokens needs {need} blocks but the pool has {free} free of {} (raise [cache] memory_mb or max_tokens)",
-                        req.id, req.prompt.len(), engine.capacity_blocks()
-                    );
+            let t0 = Instant::now();
+            // A fork needs the blocks its source holds; a prompt pass, the whole prompt's.
+            let forked = self.fork_of(engine, req)?;
+            if forked.is_none() {
+                let need = engine.admission_need(req.prompt.len(), self.running.len());
+                let free = engine.free_blocks()?;
+                if need > free {
+                    if self.running.is_empty() {
+                        bail!(
+                            "request {} cannot be served: its prompt of {} tokens needs {need} blocks but the pool has {free} free of {} (raise [cache] memory_mb or max_tokens)",
+                            req.id, req.prompt.len(), engine.capacity_blocks()
+                        );
+                    }
+                    break;
                 }
-                break;
             }
             let req = self.waiting.pop_front().expect("front exists");
-            let t0 = Instant::now();
-            let (seq, logits) = match self.fork_of(engine, &req)? {
+            let (seq, logits) = match forked {
                 Some(forked) => {
                     self.stats.forked += 1;
                     forked
@@ -452,12 +456,16 @@ impl<E: BatchEngine> Scheduler<E> {
     }
 
     /// A copy of a sequence admitted in this round with the same prompt and policy (it has
-    /// chosen nothing yet), with its logits: the request needs no prompt pass of its own.
+    /// chosen nothing yet), with its logits, when the pool holds the copy beside the running
+    /// sequences' headroom: the request then needs no prompt pass of its own.
     fn fork_of(&self, engine: &mut E, req: &Request) -> Result<Option<(E::Seq, Vec<f32>)>> {
         let source = self.running.iter().find(|r| {
             r.p.tokens.is_empty() && Arc::ptr_eq(&r.p.req.policy, &req.policy) && r.p.req.prompt == req.prompt
         });
         let Some(r) = source else { return Ok(None) };
+        if engine.fork_need(&r.seq, self.running.len())? > engine.free_blocks()? {
+            return Ok(None);
+        }
         Ok(engine.fork(&r.seq)?.map(|seq| (seq, r.p.logits.clone())))
     }
 

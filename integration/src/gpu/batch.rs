@@ -162,6 +162,13 @@ impl BatchEngine for DeviceEngine<'_> {
         Ok((DeviceSeq { key, seen: ids.len() }, logits))
     }
 
+    fn fork_need(&self, seq: &DeviceSeq, running: usize) -> Result<usize> {
+        let held = slot_usage(&self.cache, self.slot_of(seq)?, seq.seen, self.slot_bytes)?.0.bytes_allocated
+            / (self.shape.block_size as u64 * self.slot_bytes);
+        // The copy's own next step too: the device's row lengths are not read back each step.
+        Ok(held as usize + self.blocks.step_headroom(running + 1))
+    }
+
     fn fork(&mut self, seq: &DeviceSeq) -> Result<Option<DeviceSeq>> {
         let slot = self.cache.fork_sequence(self.slot_of(seq)?)?;
         debug_assert_eq!(slot, self.slot_keys.len(), "slots fill in order");

@@ -48,6 +48,22 @@ pub struct ModelSection {
     pub weights: String,
 }
 
+impl ModelSection {
+    /// The element type the model computes in: `f32`, or `bf16` on a CUDA device.
+    pub fn compute_dtype(&self) -> Result<candle_core::DType> {
+        let on_gpu = device_ordinal(&self.device)?.is_some();
+        match self.dtype.as_str() {
+            "f32" => Ok(candle_core::DType::F32),
+            "bf16" if on_gpu => Ok(candle_core::DType::BF16),
+            "bf16" | "f16" => bail!(
+                "[model] dtype `{}` is not supported here: the CPU runtime computes in f32 (bf16 needs a CUDA device)",
+                self.dtype
+            ),
+            other => bail!("[model] dtype `{other}` is unknown (valid: f32, or bf16 on a CUDA device)"),
+        }
+    }
+}
+
 /// `[cache]`: block pool and policy.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -200,16 +216,8 @@ impl EngineConfig {
         if !(g.top_p > 0.0 && g.top_p <= 1.0) {
             bail!("[generation] top_p must be in (0, 1]");
         }
+        self.model.compute_dtype()?;
         let on_gpu = device_ordinal(&self.model.device)?.is_some();
-        match self.model.dtype.as_str() {
-            "f32" => {}
-            "bf16" if on_gpu => {}
-            "bf16" | "f16" => bail!(
-                "[model] dtype `{}` is not supported here: the CPU runtime computes in f32 (bf16 needs a CUDA device)",
-                self.model.dtype
-            ),
-            other => bail!("[model] dtype `{other}` is unknown (valid: f32, or bf16 on a CUDA device)"),
-        }
         if self.model.source.trim().is_empty() {
             bail!("[model] source is empty");
         }

@@ -1,6 +1,8 @@
-//! The `bench` command: a grid of batch x context x arm run end to end through the batching
-//! engine (on `cuda:N` the device batch, with the KV cache and its bookkeeping on the GPU), every
-//! figure also given as a ratio to the full-cache arm of the same run.
+//! The `bench` command: a grid of batch x context x arm run end to end through the scheduler
+//! (on `cuda:N` on the device cache, with its bookkeeping and attention on the GPU), every figure
+//! also given as a ratio to the full-cache arm of the same run. With `kv_budget_gib` each cell
+//! fills a KV budget by admission instead of running a fixed batch; from `shared_prompt_from`
+//! tokens on, a cell's requests share one prompt, prefilled once and forked.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -17,7 +19,8 @@ use crate::engine::from_config::{registry, resolve_policy_table};
 use crate::engine::report::fmt_bytes;
 use crate::engine::scheduler::Request;
 use crate::engine::{load_model, Engine, GenParams};
-use crate::model::WeightForm;
+use crate::model::shapes::named_shape;
+use crate::model::{Llama, WeightForm};
 
 /// A bench file.
 #[derive(Debug, Clone, Deserialize)]
@@ -39,7 +42,8 @@ pub struct BenchConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Grid {
-    /// Sequences decoding together.
+    /// Sequences decoding together (without `kv_budget_gib`).
+    #[serde(default)]
     pub batches: Vec<usize>,
     /// Prompt lengths.
     pub contexts: Vec<usize>,
@@ -51,6 +55,25 @@ pub struct Grid {
     /// JSON output.
     #[serde(default = "d_out")]
     pub output: String,
+    /// Model sources run in turn (each as `[model] source`; `shape:NAME` is a random-weight
+    /// model of a real model's shape, see [`named_shape`]); empty: `[model] source` alone.
+    #[serde(default)]
+    pub models: Vec<String>,
+    /// A KV budget in GiB: each cell submits `requests` requests to a pool of this size and
+    /// decodes as many as admission fits (the memory limit); `batches` is then unused.
+    #[serde(default)]
+    pub kv_budget_gib: Option<f64>,
+    /// Requests each cell submits under `kv_budget_gib`.
+    #[serde(default = "d_requests")]
+    pub requests: usize,
+    /// Contexts from this length on give every request of a cell the same prompt, so one prompt
+    /// pass is forked into all of them (long prompts whose passes would not fit the time).
+    #[serde(default)]
+    pub shared_prompt_from: Option<usize>,
+}
+
+fn d_requests() -> usize {
+    256
 }
 
 fn d_block() -> usize {
@@ -78,15 +101,25 @@ impl BenchConfig {
         let mut c: BenchConfig =
             toml::from_str(&text).map_err(|e| anyhow::anyhow!("invalid bench file {}: {e}", path.display()))?;
         c.base_dir = path.parent().map(Path::to_path_buf);
-        if c.grid.batches.is_empty()
+        let batches_needed = c.grid.kv_budget_gib.is_none();
+        if (batches_needed && c.grid.batches.is_empty())
             || c.grid.contexts.is_empty()
             || c.grid.batches.contains(&0)
             || c.grid.contexts.contains(&0)
         {
-            bail!("[grid] batches and contexts must be non-empty lists of positive numbers");
+            bail!("[grid] batches (without kv_budget_gib) and contexts must be non-empty lists of positive numbers");
         }
         if c.grid.decode_tokens == 0 || c.grid.block_size == 0 {
             bail!("[grid] decode_tokens and block_size must be positive");
+        }
+        c.model.compute_dtype()?;
+        if let Some(b) = c.grid.kv_budget_gib {
+            if !(b.is_finite() && b > 0.0) || c.grid.requests == 0 {
+                bail!(
+                    "[grid] kv_budget_gib must be a positive number of GiB and requests positive (got {b}, {})",
+                    c.grid.requests
+                );
+            }
         }
         if !c.arms.iter().any(|a| a.policy.get("name").and_then(|v| v.as_str()) == Some("full")) {
             bail!("one [[arm]] must use policy `full`: the other figures are ratios to it");
@@ -114,22 +147,60 @@ fn ids(seed: usize, n: usize, vocab: usize) -> Vec<u32> {
         .collect()
 }
 
-/// Runs the grid; returns the JSON rows (also written to the output file) and a table.
+/// Runs the grid for every model; returns the JSON rows (also written to the output file) and a
+/// table.
 pub fn run_grid(cfg: &BenchConfig) -> Result<(serde_json::Value, String)> {
     let device = open_device(&cfg.model.device)?;
-    let path = resolve_model(&cfg.model.source, cfg.base_dir.as_deref())?;
-    let loaded = load_model(&path, &device, WeightForm::Dense)?;
+    let sources = if cfg.grid.models.is_empty() { vec![cfg.model.source.clone()] } else { cfg.grid.models.clone() };
+    let mut rows = Vec::new();
+    let mut table = String::from("| model | context | batch | arm | CR | seqs (max / mean / fit) | KV live | prefill tok/s | decode tok/s | decode vs full | KV vs full | KV vs per-head K/V full |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    for source in &sources {
+        let model = load_bench_model(cfg, source, &device)?;
+        model_grid(cfg, source, model, &mut rows, &mut table)?;
+    }
+    let out = json!({"models": sources, "decode_tokens": cfg.grid.decode_tokens, "kv_budget_gib": cfg.grid.kv_budget_gib, "rows": rows});
+    std::fs::write(&cfg.grid.output, serde_json::to_string_pretty(&out)?)
+        .with_context(|| format!("cannot write {}", cfg.grid.output))?;
+    Ok((out, table))
+}
+
+/// The model of `source`: `shape:NAME` gives random weights of that shape, anything else loads
+/// as `[model] source` does; in `[model] dtype`.
+fn load_bench_model(cfg: &BenchConfig, source: &str, device: &candle_core::Device) -> Result<Llama> {
+    let dtype = cfg.model.compute_dtype()?;
+    let model = match source.strip_prefix("shape:") {
+        Some(name) => Llama::random(named_shape(name)?, device, dtype)?,
+        None => {
+            let path = resolve_model(source, cfg.base_dir.as_deref())?;
+            load_model(&path, device, WeightForm::Dense)?.model.to_dtype(dtype)?
+        }
+    };
+    Ok(model)
+}
+
+/// The grid of one model, appended to `rows` and `table`.
+fn model_grid(
+    cfg: &BenchConfig,
+    source: &str,
+    model: Llama,
+    rows: &mut Vec<serde_json::Value>,
+    table: &mut String,
+) -> Result<()> {
     let g = &cfg.grid;
-    let mc = loaded.model.config().clone();
+    let mc = model.config().clone();
+    let row_count = mc.num_layers * mc.num_kv_heads;
     // The longest context and its decode tokens, plus two blocks of headroom per row.
     let max_tokens = g.contexts.iter().max().copied().unwrap_or(0) + g.decode_tokens + 2 * g.block_size;
-    let blocks = crate::config::PoolSize::Tokens {
-        tokens: max_tokens as u64,
-        sequences: g.batches.iter().max().copied().unwrap_or(1),
-    }
-    .blocks(g.block_size, mc.num_layers * mc.num_kv_heads, mc.row_bytes_per_token());
+    let pool = match g.kv_budget_gib {
+        Some(gib) => crate::config::PoolSize::MiB(gib * 1024.0),
+        None => crate::config::PoolSize::Tokens {
+            tokens: max_tokens as u64,
+            sequences: g.batches.iter().max().copied().unwrap_or(1),
+        },
+    };
+    let blocks = pool.blocks(g.block_size, row_count, mc.row_bytes_per_token());
     let full = registry().build(&toml::from_str("name = 'full'").expect("valid"))?;
-    let mut engine = Engine::new(loaded.model, full, g.block_size, blocks)?;
+    let mut engine = Engine::new(model, full, g.block_size, blocks)?;
     let mut policies: Vec<(String, Arc<dyn PolicyFactory>)> = Vec::new();
     for a in &cfg.arms {
         let t = resolve_policy_table(&a.policy, &mut engine.model, cfg.base_dir.as_deref())?;
@@ -139,56 +210,86 @@ pub fn run_grid(cfg: &BenchConfig) -> Result<(serde_json::Value, String)> {
     }
     let full_idx =
         cfg.arms.iter().position(|a| a.policy.get("name").and_then(|v| v.as_str()) == Some("full")).expect("validated");
-    let mut rows = Vec::new();
     // Per-head K/V bytes of the same attention shape over this cache's bytes (latent rows: > 1).
     let latent = mc.latent_factor();
-    let mut table = String::from("| context | batch | arm | CR | KV live | prefill tok/s | decode tok/s | decode vs full | KV vs full | KV vs per-head K/V full |\n|---|---|---|---|---|---|---|---|---|---|\n");
+    let batches = match g.kv_budget_gib {
+        Some(_) => vec![g.requests],
+        None => g.batches.clone(),
+    };
     for &ctx in &g.contexts {
-        for &batch in &g.batches {
+        let shared = g.shared_prompt_from.is_some_and(|from| ctx >= from);
+        for &batch in &batches {
             let mut figs = Vec::new();
             for (name, p) in &policies {
                 let reqs: Vec<Request> = (0..batch)
                     .map(|i| Request {
                         id: i,
-                        prompt: ids(ctx * 31 + i, ctx, mc.vocab_size),
+                        prompt: ids(ctx * 31 + if shared { 0 } else { i }, ctx, mc.vocab_size),
                         forced: Some(ids(ctx * 37 + i + 1000, g.decode_tokens + 1, mc.vocab_size)),
                         policy: p.clone(),
                         params: None,
                     })
                     .collect();
                 let params = GenParams::greedy(g.decode_tokens + 1, 0);
-                eprintln!("bench: context {ctx}, batch {batch}, arm {name}");
+                eprintln!("bench: {source}, context {ctx}, batch {batch}, arm {name}");
                 let (done, stats) = run_requests(&mut engine, reqs, &params, batch, false, |_| {})?;
-                let cr = done.iter().map(|f| f.compression_ratio).sum::<f64>() / done.len().max(1) as f64;
-                figs.push((
-                    name.clone(),
+                let n = done.len().max(1) as f64;
+                let cr = done.iter().map(|f| f.compression_ratio).sum::<f64>() / n;
+                // What the pool fits of this arm's sequences at their peak.
+                let per_seq = done.iter().map(|f| f.peak_allocated as f64).sum::<f64>() / n;
+                let pool_bytes = blocks as f64 * g.block_size as f64 * engine.store.slot_bytes() as f64;
+                figs.push(Cell {
+                    name: name.clone(),
                     cr,
-                    stats.peak_live,
-                    stats.prefill_tokens as f64 / stats.prefill_secs.max(1e-9),
-                    stats.decode_tok_s(),
-                ));
+                    live: stats.peak_live,
+                    prefill_tok_s: stats.prefill_tokens as f64 / stats.prefill_secs.max(1e-9),
+                    decode_tok_s: stats.decode_tok_s(),
+                    max_running: stats.max_running,
+                    mean_running: stats.mean_running(),
+                    forked: stats.forked,
+                    fits: pool_bytes / per_seq.max(1.0),
+                });
             }
-            let (_, _, full_live, _, full_tps) = figs[full_idx].clone();
-            for (name, cr, live, pre, dec) in figs {
-                let r = json!({"context": ctx, "batch": batch, "arm": name, "compression_ratio": cr, "kv_bytes_live_peak": live,
-                    "prefill_tok_s": pre, "decode_tok_s": dec, "decode_vs_full": dec / full_tps.max(1e-9),
-                    "kv_live_vs_full": live as f64 / full_live.max(1) as f64,
-                    "kv_live_vs_per_head_full": live as f64 / (full_live.max(1) as f64 * latent)});
+            let (full_live, full_tps) = (figs[full_idx].live, figs[full_idx].decode_tok_s);
+            for c in figs {
+                let decode_vs_full = c.decode_tok_s / full_tps.max(1e-9);
+                let kv_vs_full = c.live as f64 / full_live.max(1) as f64;
+                rows.push(json!({"model": source, "context": ctx, "batch": batch, "arm": c.name,
+                    "compression_ratio": c.cr, "kv_bytes_live_peak": c.live, "prefill_tok_s": c.prefill_tok_s,
+                    "decode_tok_s": c.decode_tok_s, "decode_vs_full": decode_vs_full, "kv_live_vs_full": kv_vs_full,
+                    "kv_live_vs_per_head_full": kv_vs_full / latent, "max_running": c.max_running,
+                    "mean_running": c.mean_running, "forked": c.forked, "sequences_fit": c.fits,
+                    "sustained_vs_fit": c.mean_running / c.fits.max(1e-9)}));
                 table.push_str(&format!(
-                    "| {ctx} | {batch} | {name} | {cr:.2} | {} | {pre:.1} | {dec:.1} | {:.2} | {:.3} | {:.4} |\n",
-                    fmt_bytes(live),
-                    dec / full_tps.max(1e-9),
-                    live as f64 / full_live.max(1) as f64,
-                    live as f64 / (full_live.max(1) as f64 * latent)
+                    "| {source} | {ctx} | {batch} | {} | {:.2} | {} / {:.1} / {:.1} | {} | {:.1} | {:.1} | {decode_vs_full:.2} | {kv_vs_full:.3} | {:.4} |\n",
+                    c.name,
+                    c.cr,
+                    c.max_running,
+                    c.mean_running,
+                    c.fits,
+                    fmt_bytes(c.live),
+                    c.prefill_tok_s,
+                    c.decode_tok_s,
+                    kv_vs_full / latent
                 ));
-                rows.push(r);
             }
         }
     }
-    let out = json!({"model": cfg.model.source, "decode_tokens": g.decode_tokens, "rows": rows});
-    std::fs::write(&g.output, serde_json::to_string_pretty(&out)?)
-        .with_context(|| format!("cannot write {}", g.output))?;
-    Ok((out, table))
+    Ok(())
+}
+
+/// One arm's figures in one cell.
+struct Cell {
+    name: String,
+    cr: f64,
+    live: u64,
+    prefill_tok_s: f64,
+    decode_tok_s: f64,
+    max_running: usize,
+    mean_running: f64,
+    forked: usize,
+    /// Sequences of this arm's peak size the pool holds.
+    fits: f64,
 }
 
 #[cfg(test)]

@@ -4,8 +4,9 @@
 
 use crate::engine::load_model;
 use crate::gpu::{AttnKernel, AttnTuning, GpuCache, GpuCacheShape, RowInit, StepDecisions};
+use crate::model::shapes::named_shape;
 use crate::model::WeightForm;
-use crate::model::{Arch, Llama, ModelConfig};
+use crate::model::{Llama, ModelConfig};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use dms_policy::policies::random_flag_unit;
@@ -54,42 +55,6 @@ fn text(r: &serde_json::Value, k: &str) -> String {
         serde_json::Value::String(s) => s.clone(),
         v => v.to_string(),
     }
-}
-
-/// A model shape by name; `dsv2-lite-attn` is DeepSeek-V2-Lite's latent attention (27 layers,
-/// 16 heads, kv_lora 512 + rope 64) with its dense MLP in every layer.
-fn model_shape(name: &str) -> Result<ModelConfig> {
-    let base = |arch, vocab, hidden, inter, layers, heads, kv, hd, theta: f64, qk| ModelConfig {
-        arch,
-        vocab_size: vocab,
-        hidden_size: hidden,
-        intermediate_size: inter,
-        num_layers: layers,
-        num_heads: heads,
-        num_kv_heads: kv,
-        head_dim: hd,
-        rope_theta: theta,
-        rope_scaling: None,
-        rms_norm_eps: 1e-5,
-        tie_word_embeddings: false,
-        attention_bias: false,
-        qk_norm: qk,
-        max_position_embeddings: 131072,
-        bos_token_id: None,
-        eos_token_ids: vec![],
-        dms: Default::default(),
-        mla: None,
-    };
-    Ok(match name {
-        "llama3.1-8b" => base(Arch::Llama, 128256, 4096, 14336, 32, 32, 8, 128, 500000.0, false),
-        "qwen3-8b" => base(Arch::Qwen3, 151936, 4096, 12288, 36, 32, 8, 128, 1000000.0, true),
-        "smollm2-135m" => base(Arch::Llama, 49152, 576, 1536, 30, 9, 3, 64, 100000.0, false),
-        "dsv2-lite-attn" => {
-            ModelConfig::from_hf_json(include_str!("../../../configs/models/deepseek-v2-lite/config.json"))?
-                .with_dense_mlp()
-        }
-        other => bail!("unknown model shape {other} (llama3.1-8b, qwen3-8b, smollm2-135m, dsv2-lite-attn)"),
-    })
 }
 
 /// Device copy bandwidth (read + write bytes per second) over a 4 GiB buffer.
@@ -165,7 +130,7 @@ pub fn bench_peer(dev: &Device, out: &str, models: &str, contexts: &str, gen: us
     let sync = |d: &Device| d.synchronize().map_err(|e| anyhow::anyhow!("{e}"));
     let mut rows = Vec::new();
     for mname in models.split(',') {
-        let cfg = model_shape(mname)?;
+        let cfg = named_shape(mname)?;
         let dir = std::path::Path::new(models_dir).join(mname);
         let t0 = Instant::now();
         crate::assets::export::write_random_hf(&cfg, &dir, dev, DType::BF16)?;
@@ -250,7 +215,7 @@ pub fn bench_prefill(
 ) -> Result<()> {
     let model = match weights {
         Some(path) => load_model(path, dev, WeightForm::Dense)?.model.to_dtype(DType::BF16)?,
-        None => Llama::random(model_shape(mname)?, dev, DType::BF16)?,
+        None => Llama::random(named_shape(mname)?, dev, DType::BF16)?,
     };
     let cfg = model.config().clone();
     warm_up(dev, &model)?;
@@ -467,7 +432,7 @@ pub fn tune(dev: &Device, out: &str, models: &str, ctx: usize, limit: Limit, blo
     let blocks: Vec<usize> = blocks.split(',').map(|b| b.trim().parse()).collect::<Result<_, _>>()?;
     let mut rows = Vec::new();
     for mname in models.split(',') {
-        let cfg = model_shape(mname)?;
+        let cfg = named_shape(mname)?;
         let model = Llama::random(cfg.clone(), dev, DType::BF16)?;
         let wbytes = model.weight_bytes() / 2;
         for arm in [Arm { name: "full", cr: 1.0 }, Arm { name: "dms_cr8", cr: 8.0 }] {
@@ -518,7 +483,7 @@ pub fn bench(dev: &Device, out: &str, limit: Limit, contexts: &str, models: &str
     let budget = limit.budget_bytes();
     let mut rows = Vec::new();
     for mname in models.split(',') {
-        let cfg = model_shape(mname)?;
+        let cfg = named_shape(mname)?;
         let model = Llama::random(cfg.clone(), dev, DType::BF16)?;
         let wbytes = model.weight_bytes() / 2;
         for ctx in contexts.split(',').map(|c| c.parse::<usize>()) {
@@ -594,7 +559,7 @@ pub fn profile(dev: &Device, out: &str, models: &str, ctx: usize, limit: Limit, 
     let sync = || dev.synchronize().map_err(|e| anyhow::anyhow!("{e}"));
     let mut rows = Vec::new();
     for mname in models.split(',') {
-        let cfg = model_shape(mname)?;
+        let cfg = named_shape(mname)?;
         let model = Llama::random(cfg.clone(), dev, DType::BF16)?;
         let wbytes = model.weight_bytes() / 2;
         for arm in [Arm { name: "full", cr: 1.0 }, Arm { name: "dms_cr8", cr: 8.0 }] {

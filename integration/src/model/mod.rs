@@ -12,6 +12,7 @@ pub mod mla;
 pub mod moe;
 pub mod prefill;
 pub mod q4_1;
+pub mod shapes;
 pub mod weights;
 
 pub use config::{Arch, MlaConfig, ModelConfig};

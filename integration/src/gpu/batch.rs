@@ -8,7 +8,6 @@
 //! greedy output resumes unchanged. Every sequence of one device batch runs the same device
 //! program (one policy per batch).
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 
 use anyhow::{bail, Context, Result};
@@ -19,6 +18,7 @@ use crate::engine::batch_engine::{BatchEngine, PoolUsage, SeqReport};
 use crate::engine::block_manager::BlockManager;
 use crate::engine::scheduler::Request;
 use crate::gpu::policy::DevicePolicy;
+use crate::gpu::slot_map::SlotMap;
 use crate::kv::store::MemoryUsage;
 use crate::model::Llama;
 
@@ -49,9 +49,8 @@ pub struct DeviceEngine<'m> {
     program: DevicePolicy,
     blocks: BlockManager,
     shape: DeviceBatchShape,
-    /// The key of the sequence in each slot (mirrors the cache's slot moves).
-    slot_keys: Vec<u64>,
-    next_key: u64,
+    /// The sequence in each slot (mirrors the cache's slot moves).
+    slots: SlotMap,
     slot_bytes: u64,
 }
 
@@ -83,14 +82,13 @@ impl<'m> DeviceEngine<'m> {
             program,
             blocks: BlockManager::for_block_size(cfg.num_layers * cfg.num_kv_heads, shape.block_size),
             shape,
-            slot_keys: Vec::new(),
-            next_key: 0,
+            slots: SlotMap::default(),
             slot_bytes,
         })
     }
 
     fn slot_of(&self, seq: &DeviceSeq) -> Result<usize> {
-        self.slot_keys.iter().position(|&k| k == seq.key).context("the sequence is not in the device cache")
+        self.slots.slot_of(seq.key)
     }
 
     /// Frees `seq`'s slot; the last slot's sequence moves into it, as `swap_remove` moves the
@@ -98,7 +96,7 @@ impl<'m> DeviceEngine<'m> {
     fn remove(&mut self, seq: &DeviceSeq) -> Result<()> {
         let slot = self.slot_of(seq)?;
         self.cache.remove_sequence(slot)?;
-        self.slot_keys.swap_remove(slot);
+        self.slots.remove(slot);
         Ok(())
     }
 }
@@ -148,7 +146,6 @@ impl BatchEngine for DeviceEngine<'_> {
 
     fn start(&mut self, req: &Request, ids: &[u32], _chunk: usize) -> Result<(DeviceSeq, Vec<f32>)> {
         let slot = self.cache.add_sequence()?;
-        debug_assert_eq!(slot, self.slot_keys.len(), "slots fill in order");
         let logits = match super::prefill_into(self.model, ids, slot, &mut self.cache, &self.program.flags, false) {
             Ok(l) => l.squeeze(0)?.to_dtype(DType::F32)?.to_vec1::<f32>()?,
             Err(e) => {
@@ -156,9 +153,7 @@ impl BatchEngine for DeviceEngine<'_> {
                 return Err(e.context(format!("prefilling request {}", req.id)));
             }
         };
-        let key = self.next_key;
-        self.next_key += 1;
-        self.slot_keys.push(key);
+        let key = self.slots.push(slot)?;
         Ok((DeviceSeq { key, seen: ids.len() }, logits))
     }
 
@@ -171,11 +166,7 @@ impl BatchEngine for DeviceEngine<'_> {
 
     fn fork(&mut self, seq: &DeviceSeq) -> Result<Option<DeviceSeq>> {
         let slot = self.cache.fork_sequence(self.slot_of(seq)?)?;
-        debug_assert_eq!(slot, self.slot_keys.len(), "slots fill in order");
-        let key = self.next_key;
-        self.next_key += 1;
-        self.slot_keys.push(key);
-        let fork = DeviceSeq { key, seen: seq.seen };
+        let fork = DeviceSeq { key: self.slots.push(slot)?, seen: seq.seen };
         // A row that found too few blocks fails the fork; its slot is given back.
         if let Err(e) = self.cache.check() {
             self.release(fork);
@@ -185,21 +176,11 @@ impl BatchEngine for DeviceEngine<'_> {
     }
 
     fn decode(&mut self, mut seqs: Vec<&mut DeviceSeq>, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
-        if seqs.len() != self.slot_keys.len() || tokens.len() != seqs.len() {
-            bail!(
-                "a device decode step runs every sequence of the cache ({}), not {} with {} tokens",
-                self.slot_keys.len(),
-                seqs.len(),
-                tokens.len()
-            );
+        if tokens.len() != seqs.len() {
+            bail!("{} sequences but {} tokens in a decode step", seqs.len(), tokens.len());
         }
         // The kernels run slots in order; the scheduler lists sequences in its own.
-        let index: HashMap<u64, usize> = seqs.iter().enumerate().map(|(i, s)| (s.key, i)).collect();
-        let order: Vec<usize> = self
-            .slot_keys
-            .iter()
-            .map(|k| index.get(k).copied().context("a sequence missing from the step"))
-            .collect::<Result<_>>()?;
+        let order = self.slots.caller_index_by_slot(&seqs.iter().map(|s| s.key).collect::<Vec<_>>())?;
         let slot_tokens: Vec<u32> = order.iter().map(|&i| tokens[i]).collect();
         let positions: Vec<u32> = order.iter().map(|&i| seqs[i].seen as u32).collect();
         let longest = seqs.iter().map(|s| s.seen + 1).max().unwrap_or(1);

@@ -1,11 +1,13 @@
 //! The device (GPU) path. Always built: [`policy`] (what the device executes for a policy) and
-//! [`split_plan`] (how a decode-attention grid splits rows). With the `cuda` feature: the
+//! [`split_plan`] (how a decode-attention grid splits rows), [`slot_map`] (which sequence sits in
+//! which device slot). With the `cuda` feature: the
 //! device-resident paged KV cache with its DMS bookkeeping and attention in CUDA kernels
 //! (`cache`, re-exported here; `kernels.cu`, checked on the CPU through `emu/`), its
 //! [`KvBackend`](crate::kv::backend::KvBackend) (`DeviceStep`: decode steps and prompts into it)
 //! and continuous batching on it ([`batch`]; [`generate`] serves one prompt through it).
 
 pub mod policy;
+pub mod slot_map;
 pub mod split_plan;
 
 #[cfg(feature = "cuda")]

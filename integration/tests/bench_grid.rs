@@ -83,8 +83,10 @@ fn the_gpu_benchmark_config_loads() {
     let c: BenchConfig = toml::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
     assert_eq!(c.grid.models, ["shape:llama3.1-8b", "shape:qwen3-8b"]);
     assert_eq!(c.grid.kv_budget_gib, Some(64.0));
-    match BenchConfig::load(&p) {
-        Ok(_) => assert!(cfg!(feature = "cuda")),
-        Err(e) => assert!(!cfg!(feature = "cuda") && e.to_string().contains("--features cuda"), "{e}"),
+    let loaded = BenchConfig::load(&p).map(|_| ()).map_err(|e| e.to_string());
+    let cuda = cfg!(feature = "cuda");
+    assert!(loaded.is_ok() == cuda, "{loaded:?}");
+    if let Err(e) = loaded {
+        assert!(e.contains("--features cuda"), "{e}");
     }
 }

@@ -527,9 +527,6 @@ pub fn check_device_batch(dev: &Device, fixtures: &str) -> Result<()> {
         };
         let mut device = DeviceEngine::new(&model, program, shape)?;
         let (got, stats) = run_batch(&mut device, reqs, &params, shape.max_batch, true, |_| {})?;
-        if got.len() != want.len() {
-            bail!("device batch ({label}): {} results for {} requests", got.len(), want.len());
-        }
         if must_preempt && (stats.preemptions == 0 || stats.max_running < 2) {
             bail!(
                 "device batch ({label}): {} preemptions and at most {} sequences at once; the check needs both",
@@ -537,44 +534,29 @@ pub fn check_device_batch(dev: &Device, fixtures: &str) -> Result<()> {
                 stats.max_running
             );
         }
-        let mut worst = 0f32;
-        for (g, w) in got.iter().zip(&want) {
-            if g.id != w.id || g.tokens.len() != w.tokens.len() || g.step_logits.len() != g.tokens.len() {
-                bail!(
-                    "device batch ({label}): request {} gave {} tokens ({} logits), the host's {} gave {}",
-                    g.id,
-                    g.tokens.len(),
-                    g.step_logits.len(),
-                    w.id,
-                    w.tokens.len()
-                );
-            }
-            for (step, (gl, wl)) in g.step_logits.iter().zip(&w.step_logits).enumerate() {
-                worst = worst.max(gl.iter().zip(wl).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max));
-                if g.tokens[step] != w.tokens[step] {
-                    let mut sorted = wl.clone();
-                    sorted.sort_by(|a, b| b.total_cmp(a));
-                    if sorted[0] - sorted[1] > 1e-3 {
-                        bail!(
-                            "device batch ({label}): request {} step {step} picks {} on the GPU, {} on the host (host \
-                             margin {})",
-                            g.id,
-                            g.tokens[step],
-                            w.tokens[step],
-                            sorted[0] - sorted[1]
-                        );
-                    }
-                    println!(
-                        "device batch ({label}): request {} compared up to step {step} (a near-tie on the host)",
-                        g.id
-                    );
-                    break;
-                }
-            }
+        let worst = compare_batches(label, &got, &want)?;
+        // Two requests with one prompt, admitted together: the second starts as a fork.
+        let forks: Vec<Request> = [0usize, 0, 1]
+            .iter()
+            .enumerate()
+            .map(|(id, &p)| Request {
+                id,
+                prompt: prompts[p].clone(),
+                forced: None,
+                policy: policy.clone(),
+                params: None,
+            })
+            .collect();
+        let (want_f, _) = run_batch(&mut host, forks.clone(), &params, 3, true, |_| {})?;
+        let mut device = DeviceEngine::new(&model, program, DeviceBatchShape { capacity_blocks: 1 << 12, ..shape })?;
+        let (got_f, fstats) = run_batch(&mut device, forks, &params, 3, true, |_| {})?;
+        if fstats.forked != 1 {
+            bail!("device batch ({label}): {} forks for two requests sharing a prompt", fstats.forked);
         }
+        let worst = worst.max(compare_batches(label, &got_f, &want_f)?);
         println!(
-            "device batch ({label}; 5 requests, 3 slots, {} preemptions, at most {} at once): greedy tokens equal the \
-             host scheduler's, logits max abs error {worst:.2e}",
+            "device batch ({label}; 5 requests, 3 slots, {} preemptions, at most {} at once; and a fork): greedy \
+             tokens equal the host scheduler's, logits max abs error {worst:.2e}",
             stats.preemptions, stats.max_running
         );
         if worst > 1e-3 {
@@ -582,4 +564,53 @@ pub fn check_device_batch(dev: &Device, fixtures: &str) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Checks a device batch's results against the host scheduler's: the same requests, greedy
+/// tokens equal up to a near-tie on the host (where that request's comparison stops, said in the
+/// output); returns the largest logits error seen.
+fn compare_batches(
+    label: &str,
+    got: &[crate::engine::scheduler::Finished],
+    want: &[crate::engine::scheduler::Finished],
+) -> Result<f32> {
+    if got.len() != want.len() {
+        bail!("device batch ({label}): {} results for {} requests", got.len(), want.len());
+    }
+    let mut worst = 0f32;
+    for (g, w) in got.iter().zip(want) {
+        if g.id != w.id || g.tokens.len() != w.tokens.len() || g.step_logits.len() != g.tokens.len() {
+            bail!(
+                "device batch ({label}): request {} gave {} tokens ({} logits), the host's {} gave {}",
+                g.id,
+                g.tokens.len(),
+                g.step_logits.len(),
+                w.id,
+                w.tokens.len()
+            );
+        }
+        for (step, (gl, wl)) in g.step_logits.iter().zip(&w.step_logits).enumerate() {
+            worst = worst.max(gl.iter().zip(wl).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max));
+            if g.tokens[step] != w.tokens[step] {
+                let mut sorted = wl.clone();
+                sorted.sort_by(|a, b| b.total_cmp(a));
+                if sorted[0] - sorted[1] > 1e-3 {
+                    bail!(
+                        "device batch ({label}): request {} step {step} picks {} on the GPU, {} on the host (host \
+                         margin {})",
+                        g.id,
+                        g.tokens[step],
+                        w.tokens[step],
+                        sorted[0] - sorted[1]
+                    );
+                }
+                println!(
+                    "device batch ({label}): request {} compared up to step {step} (a near-tie on the host)",
+                    g.id
+                );
+                break;
+            }
+        }
+    }
+    Ok(worst)
 }

@@ -1,8 +1,7 @@
 //! Serving a batch of requests on whatever the engine's model runs on: what `ab`, `eval` and
-//! `bench` call. On a CUDA model, requests whose policy has a device program run through the
-//! scheduler on the device cache (one device batch per program, in turn: the kernels run one
-//! program per batch); the rest, and everything on the CPU, through the scheduler on the host
-//! store.
+//! `bench` call. On a CUDA model, requests whose policy has a device program run together through
+//! the scheduler on the device cache, each with its own program; the rest, and everything on the
+//! CPU, through the scheduler on the host store.
 
 use anyhow::Result;
 
@@ -45,13 +44,14 @@ mod device {
         mut progress: impl FnMut(usize),
     ) -> Result<(Vec<Finished>, BatchStats)> {
         let mut host = Vec::new();
-        let mut programs: Vec<(DevicePolicy, Vec<Request>)> = Vec::new();
+        let mut on_device: Vec<Request> = Vec::new();
+        let mut max_window = 0;
         for r in requests {
             match DevicePolicy::of(r.policy.as_ref()) {
-                Ok(p) => match programs.iter_mut().find(|(q, _)| *q == p) {
-                    Some((_, list)) => list.push(r),
-                    None => programs.push((p, vec![r])),
-                },
+                Ok(p) => {
+                    max_window = max_window.max(p.window);
+                    on_device.push(r);
+                }
                 Err(why) => {
                     tracing::info!("request {}: {why:#}; its KV cache stays on the host", r.id);
                     host.push(r);
@@ -65,20 +65,22 @@ mod device {
             done.extend(d);
             stats.absorb(&s);
         }
-        let store = &engine.store;
-        let budget = store.capacity_blocks() as u64 * store.block_size() as u64 * store.slot_bytes();
-        let device_slot = engine.model.config().row_bytes(engine.model.dtype().size_in_bytes());
-        for (program, reqs) in programs {
-            let longest = reqs.iter().map(|r| r.prompt.len() + r.max_new(params)).max().unwrap_or(1);
+        if !on_device.is_empty() {
+            let store = &engine.store;
+            let budget = store.capacity_blocks() as u64 * store.block_size() as u64 * store.slot_bytes();
+            let device_slot = engine.model.config().row_bytes(engine.model.dtype().size_in_bytes());
+            let longest = on_device.iter().map(|r| r.prompt.len() + r.max_new(params)).max().unwrap_or(1);
             let shape = DeviceBatchShape {
                 block_size: store.block_size(),
                 capacity_blocks: (budget / (store.block_size() as u64 * device_slot)) as usize,
-                max_batch: max_batch.min(reqs.len()).max(1),
+                max_batch: max_batch.min(on_device.len()).max(1),
                 max_tokens_per_sequence: longest,
+                max_window,
             };
-            let mut device = DeviceEngine::new(&engine.model, program, shape)?;
+            let mut device = DeviceEngine::new(&engine.model, shape)?;
             let already = done.len();
-            let (d, s) = run_batch(&mut device, reqs, params, shape.max_batch, keep_logits, |n| progress(already + n))?;
+            let (d, s) =
+                run_batch(&mut device, on_device, params, shape.max_batch, keep_logits, |n| progress(already + n))?;
             done.extend(d);
             stats.absorb(&s);
         }

@@ -5,8 +5,8 @@
 //! kernels, and leave when they finish, their blocks going back to the device free list. A
 //! preempted sequence is dropped and recomputed: it re-enters with its prompt and the tokens it
 //! had generated as one masked prompt pass (rule 4: the same kept set as decoding them), so
-//! greedy output resumes unchanged. Every sequence of one device batch runs the same device
-//! program (one policy per batch).
+//! greedy output resumes unchanged. Each sequence runs its own request's device program, so
+//! requests with different policies (full, DMS with its window and decisions) decode together.
 
 use std::convert::Infallible;
 
@@ -33,6 +33,8 @@ pub struct DeviceBatchShape {
     pub max_batch: usize,
     /// Longest sequence (prompt + generated tokens) a request may reach.
     pub max_tokens_per_sequence: usize,
+    /// Longest DMS window a request's program may have (the cache's rings hold W + 1 tokens).
+    pub max_window: usize,
 }
 
 /// A running sequence in the device cache: a key the engine maps to its slot (slots move when
@@ -42,11 +44,11 @@ pub struct DeviceSeq {
     seen: usize,
 }
 
-/// The model on its CUDA device with a device-resident paged cache running one device program.
+/// The model on its CUDA device with a device-resident paged cache; each sequence runs its own
+/// request's device program.
 pub struct DeviceEngine<'m> {
     model: &'m Llama,
     cache: GpuCache,
-    program: DevicePolicy,
     blocks: BlockManager,
     shape: DeviceBatchShape,
     /// The sequence in each slot (mirrors the cache's slot moves).
@@ -55,9 +57,8 @@ pub struct DeviceEngine<'m> {
 }
 
 impl<'m> DeviceEngine<'m> {
-    /// An empty device cache of `shape` on `model`'s device, executing `program` for every
-    /// sequence.
-    pub fn new(model: &'m Llama, program: DevicePolicy, shape: DeviceBatchShape) -> Result<Self> {
+    /// An empty device cache of `shape` on `model`'s device.
+    pub fn new(model: &'m Llama, shape: DeviceBatchShape) -> Result<Self> {
         let cfg = model.config();
         let max_blocks_per_row = shape.max_tokens_per_sequence.div_ceil(shape.block_size) + 1;
         let cache = GpuCache::empty(
@@ -69,7 +70,7 @@ impl<'m> DeviceEngine<'m> {
                 kv_heads: cfg.num_kv_heads,
                 head_dim: cfg.head_dim,
                 block_size: shape.block_size,
-                window: program.window,
+                window: shape.max_window,
                 max_blocks_per_row,
                 num_blocks: shape.capacity_blocks,
                 latent_rank: cfg.mla.as_ref().map(|m| m.kv_lora_rank),
@@ -79,7 +80,6 @@ impl<'m> DeviceEngine<'m> {
         Ok(Self {
             model,
             cache,
-            program,
             blocks: BlockManager::for_block_size(cfg.num_layers * cfg.num_kv_heads, shape.block_size),
             shape,
             slots: SlotMap::default(),
@@ -107,14 +107,14 @@ impl BatchEngine for DeviceEngine<'_> {
     type Parked = Infallible;
 
     fn check_request(&self, req: &Request, longest: usize) -> Result<()> {
-        let own = DevicePolicy::of(req.policy.as_ref()).with_context(|| format!("request {}", req.id))?;
-        if own != self.program {
+        let program = DevicePolicy::of(req.policy.as_ref()).with_context(|| format!("request {}", req.id))?;
+        if program.window > self.shape.max_window {
             bail!(
-                "request {} asks for policy `{}` ({own:?}), but this device batch runs {:?}: one device program \
-                 per batch",
+                "request {} asks for policy `{}` with window {}, more than this device batch's rings hold ({})",
                 req.id,
                 req.policy.name(),
-                self.program
+                program.window,
+                self.shape.max_window
             );
         }
         if longest > self.shape.max_tokens_per_sequence {
@@ -145,8 +145,9 @@ impl BatchEngine for DeviceEngine<'_> {
     }
 
     fn start(&mut self, req: &Request, ids: &[u32], _chunk: usize) -> Result<(DeviceSeq, Vec<f32>)> {
-        let slot = self.cache.add_sequence()?;
-        let logits = match super::prefill_into(self.model, ids, slot, &mut self.cache, &self.program.flags, false) {
+        let program = DevicePolicy::of(req.policy.as_ref()).with_context(|| format!("request {}", req.id))?;
+        let slot = self.cache.add_sequence(program)?;
+        let logits = match super::prefill_into(self.model, ids, slot, &mut self.cache, false) {
             Ok(l) => l.squeeze(0)?.to_dtype(DType::F32)?.to_vec1::<f32>()?,
             Err(e) => {
                 self.cache.remove_sequence(slot)?;
@@ -185,8 +186,7 @@ impl BatchEngine for DeviceEngine<'_> {
         let positions: Vec<u32> = order.iter().map(|&i| seqs[i].seen as u32).collect();
         let longest = seqs.iter().map(|s| s.seen + 1).max().unwrap_or(1);
         let logits =
-            super::decode_step(self.model, &slot_tokens, &positions, &mut self.cache, &self.program.flags, longest)?
-                .to_vec2::<f32>()?;
+            super::decode_step(self.model, &slot_tokens, &positions, &mut self.cache, longest)?.to_vec2::<f32>()?;
         // A kernel that ran out of blocks fails the step here, before anything is released.
         self.cache.check()?;
         let mut out = vec![Vec::new(); seqs.len()];

@@ -6,7 +6,10 @@ use anyhow::{anyhow, bail, Context, Result};
 use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::CudaDevice;
 use candle_core::{DType, Device, Storage, Tensor};
+use dms_policy::FlagSource;
 use std::sync::Arc;
+
+use crate::gpu::policy::DevicePolicy;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/dms_kernels.ptx"));
 const MODULE: &str = "dms_kernels";
@@ -14,26 +17,22 @@ const MAX_GQA: usize = 8;
 /// Most splits per row of the decode attention.
 const MAX_SPLITS: usize = 64;
 
-/// How the device decides which tokens to flag in a decode step.
-pub enum Decisions<'a> {
-    /// Never flag (full cache).
-    None,
-    /// Flag token p with probability `rate`, the same hash as dms-policy's `random` decisions.
-    Random {
-        /// Seed.
-        seed: u64,
-        /// Flag probability.
-        rate: f64,
-    },
-    /// Learned: flag iff `score * scale - offset > 0`; `scores` is f32 `[batch, kv_heads]` on the device.
-    Scores {
-        /// Raw decision scores of the new tokens.
-        scores: &'a Tensor,
-        /// alpha_scale.
-        scale: f32,
-        /// alpha_offset.
-        offset: f32,
-    },
+/// Bytes of one sequence's program as the kernels read it (`SeqProgram` in `kernels.cu`):
+/// mode (0 none, 1 random, 2 learned), ring length W + 1, seed, rate, scale, offset.
+fn program_bytes(p: &DevicePolicy) -> [u8; 32] {
+    let (mode, seed, rate, scale, offset): (i32, u64, f64, f32, f32) = match p.flags {
+        FlagSource::None => (0, 0, 0.0, 0.0, 0.0),
+        FlagSource::Random { seed, rate } => (1, seed, rate, 0.0, 0.0),
+        FlagSource::Learned { scale, offset } => (2, 0, 0.0, scale, offset),
+    };
+    let mut out = [0u8; 32];
+    out[0..4].copy_from_slice(&mode.to_le_bytes());
+    out[4..8].copy_from_slice(&((p.window + 1) as i32).to_le_bytes());
+    out[8..16].copy_from_slice(&seed.to_le_bytes());
+    out[16..24].copy_from_slice(&rate.to_le_bytes());
+    out[24..28].copy_from_slice(&scale.to_le_bytes());
+    out[28..32].copy_from_slice(&offset.to_le_bytes());
+    out
 }
 
 /// Which first-pass decode-attention kernel [`GpuCache::attend`] launches.
@@ -82,7 +81,8 @@ pub struct GpuCacheShape {
     pub head_dim: usize,
     /// Slots per block.
     pub block_size: usize,
-    /// DMS delay W (ring of W + 1 tokens per row); use any value for a full cache.
+    /// Longest DMS delay W a sequence's program may have (rings of W + 1 tokens per row); any
+    /// value for full caches only.
     pub window: usize,
     /// Most blocks one row may hold.
     pub max_blocks_per_row: usize,
@@ -174,6 +174,11 @@ pub struct GpuCache {
     tuning: AttnTuning,
     /// Sequences in the cache: they hold slots `0..active`, and decode steps cover their rows.
     active: usize,
+    /// What each slot's sequence executes (its policy's device program).
+    programs: Vec<DevicePolicy>,
+    /// `programs` on the device, [`program_bytes`] per slot, rewritten before a step after a change.
+    programs_dev: CudaSlice<u8>,
+    programs_dirty: bool,
     /// Blocks resident at once per first-pass kernel, for `target_blocks = 0` (driver queries,
     /// once each).
     resident_blocks: std::collections::HashMap<String, usize>,
@@ -282,6 +287,9 @@ impl GpuCache {
             part_l: drv(stream.alloc_zeros::<f32>(1))?,
             tuning: AttnTuning::default(),
             active: shape.batch,
+            programs: vec![DevicePolicy { window: shape.window, flags: FlagSource::None }; shape.batch],
+            programs_dev: drv(stream.alloc_zeros::<u8>(32 * shape.batch.max(1)))?,
+            programs_dirty: true,
             resident_blocks: Default::default(),
             dev,
             stream,
@@ -339,10 +347,12 @@ impl GpuCache {
         Ok(())
     }
 
-    /// Decides, evicts and writes one new token per row of `layer` for every sequence in the
-    /// cache. `k_new`/`v_new`: `[sequences, kv_heads, head_dim]`, contiguous, in the cache dtype (latent rows: `k_new` is the
-    /// latent row `[batch, 1, head_dim]` and `v_new` is not read).
-    pub fn update(&mut self, layer: usize, k_new: &Tensor, v_new: &Tensor, decisions: &Decisions) -> Result<()> {
+    /// Decides (by each sequence's program), evicts and writes one new token per row of `layer`
+    /// for every sequence in the cache. `k_new`/`v_new`: `[sequences, kv_heads, head_dim]`,
+    /// contiguous, in the cache dtype (latent rows: `k_new` is the latent row `[batch, 1,
+    /// head_dim]` and `v_new` is not read). `scores`: the raw decision scores f32 `[sequences,
+    /// kv_heads]`, needed when a sequence has learned decisions ([`Self::needs_scores`]).
+    pub fn update(&mut self, layer: usize, k_new: &Tensor, v_new: &Tensor, scores: Option<&Tensor>) -> Result<()> {
         let s = self.shape;
         let rows = self.active * s.kv_heads;
         if layer >= s.layers {
@@ -363,14 +373,9 @@ impl GpuCache {
         // Latent rows: the values are part of the key row, so the kernel never reads `v_new`.
         let v_sep = if s.latent_rank.is_some() { None } else { Some(v_new) };
         let f = self.func("dms_decode_update")?;
-        let (mode, seed, rate, scale, offset): (i32, u64, f64, f32, f32) = match decisions {
-            Decisions::None => (0, 0, 0.0, 0.0, 0.0),
-            Decisions::Random { seed, rate } => (1, *seed, *rate, 0.0, 0.0),
-            Decisions::Scores { scale, offset, .. } => (2, 0, 0.0, *scale, *offset),
-        };
         // Learned decisions read `scores [batch, kv_heads]`; the other modes never read the pointer.
-        let scores = match decisions {
-            Decisions::Scores { scores, .. } => {
+        let scores = match scores {
+            Some(scores) => {
                 if scores.dims() != [self.active, s.kv_heads] || scores.dtype() != DType::F32 {
                     bail!(
                         "decision scores are {:?} {:?}, expected f32 [{}, {}]",
@@ -382,8 +387,10 @@ impl GpuCache {
                 }
                 Some(scores.contiguous()?)
             }
-            _ => None,
+            None if self.needs_scores() => bail!("a sequence has learned decisions but the step has no scores"),
+            None => None,
         };
+        self.upload_programs()?;
         let no_scores = &self.no_scores;
         let (kv, d, bs, wc, mb, li) = (
             s.kv_heads as i32,
@@ -431,12 +438,8 @@ impl GpuCache {
                                 .arg(&self.free_list)
                                 .arg(&self.free_top)
                                 .arg(&self.err)
-                                .arg(&mode)
-                                .arg(&seed)
-                                .arg(&rate)
-                                .arg(&sc)
-                                .arg(&scale)
-                                .arg(&offset);
+                                .arg(&self.programs_dev)
+                                .arg(&sc);
                             drv(unsafe { b.launch(cfg) })?;
                         }
                     ))
@@ -447,6 +450,50 @@ impl GpuCache {
             go!(f32)
         } else {
             go!(half::bf16)
+        }
+        Ok(())
+    }
+
+    /// Sets what the sequence in `slot` executes; its window may not exceed the cache's rings.
+    pub fn set_program(&mut self, slot: usize, program: DevicePolicy) -> Result<()> {
+        if slot >= self.shape.batch {
+            bail!("slot {slot} outside the cache ({} slots)", self.shape.batch);
+        }
+        if program.window > self.shape.window {
+            bail!(
+                "a DMS window of {} does not fit the device cache's rings (window {} at most)",
+                program.window,
+                self.shape.window
+            );
+        }
+        if self.programs[slot] != program {
+            self.programs[slot] = program;
+            self.programs_dirty = true;
+        }
+        Ok(())
+    }
+
+    /// Sets every slot's program (caches whose sequences all run one policy).
+    pub fn set_all_programs(&mut self, program: DevicePolicy) -> Result<()> {
+        (0..self.shape.batch).try_for_each(|slot| self.set_program(slot, program))
+    }
+
+    /// What the sequence in `slot` executes.
+    pub fn program(&self, slot: usize) -> DevicePolicy {
+        self.programs[slot]
+    }
+
+    /// Whether a sequence in the cache has learned decisions (decode steps then need scores).
+    pub fn needs_scores(&self) -> bool {
+        self.programs[..self.active].iter().any(|p| p.flags.needs_scores())
+    }
+
+    /// Writes the slots' programs to the device when they changed.
+    fn upload_programs(&mut self) -> Result<()> {
+        if self.programs_dirty {
+            let bytes: Vec<u8> = self.programs.iter().flat_map(program_bytes).collect();
+            drv(self.stream.memcpy_htod(&bytes, &mut self.programs_dev))?;
+            self.programs_dirty = false;
         }
         Ok(())
     }
@@ -463,7 +510,8 @@ impl GpuCache {
 
     /// Stores a prompt of sequence `seq` in `layer` (rule 4.2): keys and values `[T, kv_heads,
     /// head_dim]` (contiguous, cache dtype), flags `[T, kv_heads]` f32 (1 = flagged, from
-    /// [`crate::model::prefill::prompt_flags`]). Keeps every unflagged token and the last W + 1 tokens,
+    /// [`crate::model::prefill::prompt_flags`]). Keeps every unflagged token and the last W + 1 tokens
+    /// (W of the sequence's program),
     /// which enter the ring with their flags; the sequence's rows of this layer must be empty.
     /// Two kernels, no host round trip. Latent rows: `k` is `[T, 1, head_dim]`, `v` is not read.
     pub fn insert_prompt(&mut self, layer: usize, seq: usize, k: &Tensor, v: &Tensor, flags: &Tensor) -> Result<()> {
@@ -491,25 +539,27 @@ impl GpuCache {
         }
         let flags = flags.contiguous()?;
         let rows = s.rows();
-        let wc = s.window + 1;
+        let cap = s.window + 1;
+        let wc = self.programs[seq].window + 1;
         let ro = layer * rows;
         let mb = s.max_blocks_per_row;
         let mut dst = drv(self.stream.alloc_zeros::<i64>(t * kv))?;
         let plan = self.kernel("dms_prefill_plan")?;
         let write = self.func("dms_prefill_write")?;
-        let (kvi, bs, wci, mbi, seqi, ti, di) =
-            (kv as i32, s.block_size as i32, wc as i32, mb as i32, seq as i32, t as i32, d as i32);
+        let (kvi, bs, wci, capi, mbi, seqi, ti, di) =
+            (kv as i32, s.block_size as i32, wc as i32, cap as i32, mb as i32, seq as i32, t as i32, d as i32);
         let table = self.block_table.slice(ro * mb..(ro + rows) * mb);
         let lens = self.row_len.slice(ro..ro + rows);
         let pos = self.row_pos.slice(ro..ro + rows);
-        let rs = self.ring_slot.slice(ro * wc..(ro + rows) * wc);
-        let rf = self.ring_flag.slice(ro * wc..(ro + rows) * wc);
+        let rs = self.ring_slot.slice(ro * cap..(ro + rows) * cap);
+        let rf = self.ring_flag.slice(ro * cap..(ro + rows) * cap);
         let c1 = LaunchConfig { grid_dim: (kv as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         with_slice!(&flags, f32, |fl| {
             let mut b = self.stream.launch_builder(&plan);
             b.arg(&kvi)
                 .arg(&bs)
                 .arg(&wci)
+                .arg(&capi)
                 .arg(&mbi)
                 .arg(&seqi)
                 .arg(&ti)
@@ -619,7 +669,3 @@ impl GpuCache {
         drv(self.stream.synchronize())
     }
 }
-
-/// What decides evictions in a GPU decode step: the same sources as a prompt's flags
-/// (none, random at a set rate, the model's learned signal).
-pub use dms_policy::FlagSource as StepDecisions;

@@ -1,11 +1,12 @@
 //! The device cache as a [`KvBackend`]: decode steps of a batch of sequences and masked prompts
-//! into the cache, with the DMS bookkeeping in kernels (no host round trip per layer).
+//! into the cache, with the DMS bookkeeping in kernels (no host round trip per layer). Each
+//! sequence follows its own slot's program ([`GpuCache::set_program`]).
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use candle_core::{DType, Tensor};
-use dms_policy::{FlagSource, Pos};
+use dms_policy::Pos;
 
-use super::{Decisions, GpuCache, StepDecisions};
+use super::GpuCache;
 use crate::kv::backend::{KvBackend, LayerStep, Signals};
 use crate::model::prefill::masked_prefill;
 use crate::model::Llama;
@@ -13,26 +14,17 @@ use crate::model::Llama;
 /// One decode step of every sequence of a [`GpuCache`], one token each.
 pub struct DeviceStep<'c> {
     cache: &'c mut GpuCache,
-    decisions: StepDecisions,
     batch: usize,
     max_len_hint: usize,
 }
 
 impl KvBackend for DeviceStep<'_> {
     fn signals(&self) -> Signals {
-        Signals { decision: self.decisions.needs_scores(), key_norms: false }
+        Signals { decision: self.cache.needs_scores(), key_norms: false }
     }
 
     fn attend(&mut self, li: usize, step: LayerStep<'_>) -> Result<Tensor> {
-        let d = match (&self.decisions, step.decision) {
-            (StepDecisions::None, _) => Decisions::None,
-            (StepDecisions::Random { seed, rate }, _) => Decisions::Random { seed: *seed, rate: *rate },
-            (StepDecisions::Learned { scale, offset }, Some(s)) => {
-                Decisions::Scores { scores: s, scale: *scale, offset: *offset }
-            }
-            (StepDecisions::Learned { .. }, None) => bail!("learned decisions need a model with a DMS decision source"),
-        };
-        self.cache.update(li, &step.k.contiguous()?, step.v, &d)?;
+        self.cache.update(li, &step.k.contiguous()?, step.v, step.decision)?;
         // Per-head rows give `[b, heads, head_dim]`, latent rows `[b, heads, rank]`.
         let attn = self.cache.attend(li, &step.q.contiguous()?, step.scale as f32, self.max_len_hint)?;
         let (_, heads, width) = attn.dims3()?;
@@ -45,36 +37,34 @@ impl KvBackend for DeviceStep<'_> {
 }
 
 /// One decode step of `tokens.len()` sequences on the GPU cache: each sequence feeds one token
-/// at its position; `max_len_hint` bounds the longest row after the step (see
-/// [`GpuCache::attend`]). Returns logits `[batch, vocab]` (f32).
+/// at its position and decides by its slot's program; `max_len_hint` bounds the longest row
+/// after the step (see [`GpuCache::attend`]). Returns logits `[batch, vocab]` (f32).
 pub fn decode_step(
     model: &Llama,
     tokens: &[u32],
     positions: &[Pos],
     cache: &mut GpuCache,
-    decisions: &StepDecisions,
     max_len_hint: usize,
 ) -> Result<Tensor> {
-    let mut step = DeviceStep { cache, decisions: *decisions, batch: tokens.len(), max_len_hint };
+    let mut step = DeviceStep { cache, batch: tokens.len(), max_len_hint };
     let x = model.forward_hidden(tokens, positions, &mut step)?;
     Ok(model.logits(&x)?.to_dtype(DType::F32)?)
 }
 
 /// A prompt into sequence `seq` of the GPU cache in one pass with DMS's visibility mask
-/// ([`masked_prefill`]); the sequence's rows must be empty. The cache keeps every unflagged token
-/// and the last `W + 1` tokens (rule 4.2); one check of the cache's error flag at the end (a
-/// failed prompt is an error).
+/// ([`masked_prefill`]), flagged and windowed as the slot's program says; the sequence's rows
+/// must be empty. The cache keeps every unflagged token and the last `W + 1` tokens (rule 4.2);
+/// one check of the cache's error flag at the end (a failed prompt is an error).
 pub fn prefill_into(
     model: &Llama,
     tokens: &[u32],
     seq: usize,
     cache: &mut GpuCache,
-    flags: &FlagSource,
     all_logits: bool,
 ) -> Result<Tensor> {
-    let window = cache.shape.window;
+    let program = cache.program(seq);
     let dtype = cache.dtype();
-    let logits = masked_prefill(model, tokens, flags, window, all_logits, |li, k, v, f| {
+    let logits = masked_prefill(model, tokens, &program.flags, program.window, all_logits, |li, k, v, f| {
         cache.insert_prompt(li, seq, &k.to_dtype(dtype)?.contiguous()?, &v.to_dtype(dtype)?.contiguous()?, f)
     })?;
     cache.check()?;

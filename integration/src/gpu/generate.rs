@@ -35,10 +35,10 @@ pub fn generate_on_device(
         capacity_blocks: capacity_blocks.min(rows * (total.div_ceil(block_size) + 1)),
         max_batch: 1,
         max_tokens_per_sequence: total,
+        max_window: program.window,
     };
     let req = Request { id: 0, prompt: prompt.to_vec(), forced: None, policy, params: None };
-    let (mut done, stats) =
-        run_batch(&mut DeviceEngine::new(model, program, shape)?, vec![req], params, 1, false, |_| {})?;
+    let (mut done, stats) = run_batch(&mut DeviceEngine::new(model, shape)?, vec![req], params, 1, false, |_| {})?;
     let f = done.pop().expect("one request in, one out");
     Ok(Generation {
         prompt_tokens: prompt.len(),

@@ -30,31 +30,45 @@ __device__ double hash_unit(unsigned long long seed, unsigned long long layer, u
     return (double)(x >> 11) / 9007199254740992.0;
 }
 
-// One decode token per row: decide (mode 0 none, 1 random at `rate`, 2 scores*scale-offset>0),
-// evict the flagged token leaving the window of W+1 (reusing its slot) or append (taking a block
-// from the free list when needed), then write K and V. grid = rows of this layer, block = D.
+// What one sequence of the cache executes (its policy's device program): the decision mode (0
+// none, 1 random at `rate` with `seed`, 2 learned: score * scale - offset > 0) and its ring of the
+// last W + 1 tokens (`wc`, at most the cache's ring capacity). Sequences of one batch may differ.
+// The host writes the same 32-byte layout (`gpu::cache::SeqProgram`).
+struct SeqProgram {
+    int mode;
+    int wc;
+    unsigned long long seed;
+    double rate;
+    float scale;
+    float offset;
+};
+
+// One decode token per row: decide by its sequence's program, evict the flagged token leaving
+// the window of W+1 (reusing its slot) or append (taking a block from the free list when needed),
+// then write K and V. Rings are `cap` entries apart. grid = rows of this layer, block = D.
 // Latent rows (MLA) pass the key pool as v_pool: the values are part of the key row.
 template <typename T>
-__device__ void decode_update(int kv_heads, int d_head, int bs, int wc, int max_blocks, int layer,
+__device__ void decode_update(int kv_heads, int d_head, int bs, int cap, int max_blocks, int layer,
                               const T* k_new, const T* v_new, T* k_pool, T* v_pool,
                               int* block_table, int* row_len, int* row_pos, int* ring_slot,
                               unsigned char* ring_flag, int* pool_pos, const int* free_list,
-                              int* free_top, int* err, int mode, unsigned long long seed, double rate,
-                              const float* scores, float scale, float offset) {
+                              int* free_top, int* err, const SeqProgram* progs, const float* scores) {
     int r = blockIdx.x;
     __shared__ long long s_addr;
     if (threadIdx.x == 0) {
         int pos = row_pos[r];
         int len = row_len[r];
         int head = r % kv_heads;
+        const SeqProgram prog = progs[r / kv_heads];
+        int wc = prog.wc;
         bool d = false;
-        if (mode == 1) {
-            d = pos > 0 && hash_unit(seed, layer, head, pos - 1) < rate;
-        } else if (mode == 2) {
-            d = scores[r] * scale - offset > 0.0f;
+        if (prog.mode == 1) {
+            d = pos > 0 && hash_unit(prog.seed, layer, head, pos - 1) < prog.rate;
+        } else if (prog.mode == 2) {
+            d = scores[r] * prog.scale - prog.offset > 0.0f;
         }
-        unsigned char* flags = ring_flag + (long long)r * wc;
-        int* slots = ring_slot + (long long)r * wc;
+        unsigned char* flags = ring_flag + (long long)r * cap;
+        int* slots = ring_slot + (long long)r * cap;
         if (pos > 0) flags[(pos - 1) % wc] = d ? 1 : 0;
         bool evict = false;
         int slot = len;
@@ -444,7 +458,7 @@ __device__ void decode_reduce(int kv_heads, int g_heads, int d_head, int splits,
 // sets lengths, positions and pool positions, and writes each token's pool address (-1 if
 // dropped) to dst[h * T + t] for dms_prefill_write. grid = kv_heads, block = 256 (whole warps).
 // `flags` is f32 [T, kv_heads] (1 = flagged); pointers are already offset to the layer.
-extern "C" __global__ void dms_prefill_plan(int kv_heads, int bs, int wc, int max_blocks, int seq, int T,
+extern "C" __global__ void dms_prefill_plan(int kv_heads, int bs, int wc, int cap, int max_blocks, int seq, int T,
                                             const float* flags, int* block_table, int* row_len, int* row_pos,
                                             int* ring_slot, unsigned char* ring_flag, int* pool_pos,
                                             const int* free_list, int* free_top, int* err, long long* dst) {
@@ -501,8 +515,8 @@ extern "C" __global__ void dms_prefill_plan(int kv_heads, int bs, int wc, int ma
             pool_pos[addr] = t;
             dst[(long long)h * T + t] = addr;
             if (t >= ring_start) {
-                ring_slot[(long long)r * wc + t % wc] = slot;
-                ring_flag[(long long)r * wc + t % wc] = flagged ? 1 : 0;
+                ring_slot[(long long)r * cap + t % wc] = slot;
+                ring_flag[(long long)r * cap + t % wc] = flagged ? 1 : 0;
             }
         } else if (t < T) {
             dst[(long long)h * T + t] = -1;
@@ -521,7 +535,7 @@ extern "C" __global__ void dms_prefill_plan(int kv_heads, int bs, int wc, int ma
 
 // Returns every block of slot `seq`'s rows (all layers) to the free list and empties the rows
 // (length, position, ring flags), ready for a new prompt.
-extern "C" __global__ void dms_release_rows(int rows, int kv_heads, int bs, int wc, int max_blocks, int seq,
+extern "C" __global__ void dms_release_rows(int rows, int kv_heads, int bs, int cap, int max_blocks, int seq,
                                             const int* block_table, int* row_len, int* row_pos,
                                             unsigned char* ring_flag, int* free_list, int* free_top) {
     for (int h = threadIdx.x; h < kv_heads; h += blockDim.x) {
@@ -531,24 +545,24 @@ extern "C" __global__ void dms_release_rows(int rows, int kv_heads, int bs, int 
         for (int b = 0; b < nb; b++) free_list[base + b] = block_table[r * max_blocks + b];
         row_len[r] = 0;
         row_pos[r] = 0;
-        for (int i = 0; i < wc; i++) ring_flag[r * wc + i] = 0;
+        for (int i = 0; i < cap; i++) ring_flag[r * cap + i] = 0;
     }
 }
 
 // Moves slot `from`'s rows (block tables, lengths, positions, rings; the pooled K/V stay where
 // they are) into the empty slot `to`, and empties `from` without freeing its blocks (they now
 // belong to `to`).
-extern "C" __global__ void dms_move_rows(int rows, int kv_heads, int wc, int max_blocks, int from, int to,
+extern "C" __global__ void dms_move_rows(int rows, int kv_heads, int cap, int max_blocks, int from, int to,
                                          int* block_table, int* row_len, int* row_pos, int* ring_slot,
                                          unsigned char* ring_flag) {
     for (int h = threadIdx.x; h < kv_heads; h += blockDim.x) {
         long long base = (long long)blockIdx.x * rows;
         long long src = base + (long long)from * kv_heads + h, dst = base + (long long)to * kv_heads + h;
         for (int b = 0; b < max_blocks; b++) block_table[dst * max_blocks + b] = block_table[src * max_blocks + b];
-        for (int i = 0; i < wc; i++) {
-            ring_slot[dst * wc + i] = ring_slot[src * wc + i];
-            ring_flag[dst * wc + i] = ring_flag[src * wc + i];
-            ring_flag[src * wc + i] = 0;
+        for (int i = 0; i < cap; i++) {
+            ring_slot[dst * cap + i] = ring_slot[src * cap + i];
+            ring_flag[dst * cap + i] = ring_flag[src * cap + i];
+            ring_flag[src * cap + i] = 0;
         }
         row_len[dst] = row_len[src];
         row_pos[dst] = row_pos[src];
@@ -562,7 +576,7 @@ extern "C" __global__ void dms_move_rows(int rows, int kv_heads, int wc, int max
 // free list as its source holds and copies its length, position and ring (ring entries are row
 // slots, so they stay valid); dms_fork_copy then copies the stored K/V and pool positions. A row
 // that finds too few free blocks gives its pop back, stays empty and sets the error flag.
-extern "C" __global__ void dms_fork_rows(int rows, int kv_heads, int bs, int wc, int max_blocks, int src, int dst,
+extern "C" __global__ void dms_fork_rows(int rows, int kv_heads, int bs, int cap, int max_blocks, int src, int dst,
                                          int* block_table, int* row_len, int* row_pos, int* ring_slot,
                                          unsigned char* ring_flag, const int* free_list, int* free_top, int* err) {
     for (int h = threadIdx.x; h < kv_heads; h += blockDim.x) {
@@ -578,9 +592,9 @@ extern "C" __global__ void dms_fork_rows(int rows, int kv_heads, int bs, int wc,
             continue;
         }
         for (int b = 0; b < nb; b++) block_table[d * max_blocks + b] = free_list[top + b];
-        for (int i = 0; i < wc; i++) {
-            ring_slot[d * wc + i] = ring_slot[s * wc + i];
-            ring_flag[d * wc + i] = ring_flag[s * wc + i];
+        for (int i = 0; i < cap; i++) {
+            ring_slot[d * cap + i] = ring_slot[s * cap + i];
+            ring_flag[d * cap + i] = ring_flag[s * cap + i];
         }
         row_len[d] = row_len[s];
         row_pos[d] = row_pos[s];
@@ -625,14 +639,13 @@ __device__ void prefill_write(int kv_heads, int d_head, int n_tok, const long lo
 
 #define INSTANTIATE(T, SUF)                                                                          \
 extern "C" __global__ void dms_decode_update_##SUF(                                                  \
-    int kv_heads, int d_head, int bs, int wc, int max_blocks, int layer, const T* k_new,             \
+    int kv_heads, int d_head, int bs, int cap, int max_blocks, int layer, const T* k_new,            \
     const T* v_new, T* k_pool, T* v_pool, int* block_table, int* row_len, int* row_pos,              \
     int* ring_slot, unsigned char* ring_flag, int* pool_pos, const int* free_list, int* free_top,    \
-    int* err, int mode, unsigned long long seed, double rate, const float* scores, float scale,      \
-    float offset) {                                                                                  \
-    decode_update<T>(kv_heads, d_head, bs, wc, max_blocks, layer, k_new, v_new, k_pool, v_pool,      \
+    int* err, const SeqProgram* progs, const float* scores) {                                        \
+    decode_update<T>(kv_heads, d_head, bs, cap, max_blocks, layer, k_new, v_new, k_pool, v_pool,     \
                      block_table, row_len, row_pos, ring_slot, ring_flag, pool_pos, free_list,       \
-                     free_top, err, mode, seed, rate, scores, scale, offset);                        \
+                     free_top, err, progs, scores);                                                  \
 }                                                                                                    \
 extern "C" __global__ void dms_decode_reduce_##SUF(                                                  \
     int kv_heads, int g_heads, int d_head, int splits, const float* part_acc, const float* part_m,   \

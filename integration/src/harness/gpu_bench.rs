@@ -3,7 +3,8 @@
 //! (feature `cuda`). Each prints a table last and writes JSON.
 
 use crate::engine::load_model;
-use crate::gpu::{AttnKernel, AttnTuning, GpuCache, GpuCacheShape, RowInit, StepDecisions};
+use crate::gpu::policy::DevicePolicy;
+use crate::gpu::{AttnKernel, AttnTuning, GpuCache, GpuCacheShape, RowInit};
 use crate::model::shapes::named_shape;
 use crate::model::WeightForm;
 use crate::model::{Llama, ModelConfig};
@@ -108,17 +109,11 @@ fn batch1_cache(dev: &Device, cfg: &ModelConfig, tokens: usize, window: usize) -
 /// pool's growth happen here, outside the timed runs).
 fn warm_up(dev: &Device, model: &Llama) -> Result<()> {
     let mut cache = batch1_cache(dev, model.config(), 512, 512)?;
+    cache.set_all_programs(DevicePolicy { window: 512, flags: FlagSource::Random { seed: 1, rate: 0.5 } })?;
     let prompt: Vec<u32> = (0..256u32).map(|i| i % 100 + 5).collect();
-    crate::gpu::prefill_into(model, &prompt, 0, &mut cache, &FlagSource::Random { seed: 1, rate: 0.5 }, false)?;
+    crate::gpu::prefill_into(model, &prompt, 0, &mut cache, false)?;
     for i in 0..2u32 {
-        crate::gpu::decode_step(
-            model,
-            &[7],
-            &[256 + i],
-            &mut cache,
-            &StepDecisions::Random { seed: 1, rate: 0.5 },
-            258,
-        )?;
+        crate::gpu::decode_step(model, &[7], &[256 + i], &mut cache, 258)?;
     }
     cache.synchronize()
 }
@@ -145,14 +140,14 @@ pub fn bench_peer(dev: &Device, out: &str, models: &str, contexts: &str, gen: us
             let mut cache = batch1_cache(dev, &cfg, ctx + gen + 4, 512)?;
             sync(dev)?;
             let t1 = Instant::now();
-            let logits = crate::gpu::prefill_into(&ours, &prompt, 0, &mut cache, &FlagSource::None, false)?;
+            let logits = crate::gpu::prefill_into(&ours, &prompt, 0, &mut cache, false)?;
             let mut tok = crate::engine::argmax(&logits.squeeze(0)?.to_vec1::<f32>()?);
             let prefill_s = t1.elapsed().as_secs_f64();
             let mut ours_tokens = vec![tok];
             let t2 = Instant::now();
             for i in 0..gen.saturating_sub(1) {
                 let pos = (ctx + i) as u32;
-                let l = crate::gpu::decode_step(&ours, &[tok], &[pos], &mut cache, &StepDecisions::None, ctx + i + 1)?;
+                let l = crate::gpu::decode_step(&ours, &[tok], &[pos], &mut cache, ctx + i + 1)?;
                 tok = crate::engine::argmax(&l.squeeze(0)?.to_vec1::<f32>()?);
                 ours_tokens.push(tok);
             }
@@ -234,10 +229,10 @@ pub fn bench_prefill(
             let (rate, _) = rate_for_cr(arm.cr, ctx, w);
             let mut cache = batch1_cache(dev, &cfg, ctx + steps + 4, w)?;
             let flags = if rate > 0.0 { FlagSource::Random { seed: 7, rate } } else { FlagSource::None };
-            let dec = flags;
+            cache.set_all_programs(DevicePolicy { window: w, flags })?;
             sync()?;
             let t0 = Instant::now();
-            let logits = crate::gpu::prefill_into(&model, &prompt, 0, &mut cache, &flags, false)?;
+            let logits = crate::gpu::prefill_into(&model, &prompt, 0, &mut cache, false)?;
             sync()?;
             let prefill_s = t0.elapsed().as_secs_f64();
             let mut tok = crate::engine::argmax(&logits.squeeze(0)?.to_vec1::<f32>()?);
@@ -248,7 +243,7 @@ pub fn bench_prefill(
             sync()?;
             let t1 = Instant::now();
             for i in 0..steps {
-                let l = crate::gpu::decode_step(&model, &[tok], &[(ctx + i) as u32], &mut cache, &dec, ctx + i + 1)?;
+                let l = crate::gpu::decode_step(&model, &[tok], &[(ctx + i) as u32], &mut cache, ctx + i + 1)?;
                 tok = crate::engine::argmax(&l.squeeze(0)?.to_vec1::<f32>()?);
             }
             sync()?;
@@ -322,7 +317,7 @@ fn synthetic_cache(
     w: usize,
     bs: usize,
     steps: usize,
-) -> Result<(GpuCache, StepDecisions, usize)> {
+) -> Result<(GpuCache, usize)> {
     let (layers, kv) = (cfg.num_layers, cfg.num_kv_heads);
     let rows = batch * kv;
     let (rate, kept) = rate_for_cr(arm.cr, ctx, w);
@@ -358,9 +353,10 @@ fn synthetic_cache(
         num_blocks: n_rows * max_blocks,
         latent_rank: cfg.mla.as_ref().map(|m| m.kv_lora_rank),
     };
-    let cache = GpuCache::with_rows(dev, DType::BF16, shape, init)?;
-    let dec = if rate > 0.0 { StepDecisions::Random { seed: 7, rate } } else { StepDecisions::None };
-    Ok((cache, dec, kept))
+    let mut cache = GpuCache::with_rows(dev, DType::BF16, shape, init)?;
+    let flags = if rate > 0.0 { FlagSource::Random { seed: 7, rate } } else { FlagSource::None };
+    cache.set_all_programs(DevicePolicy { window: w, flags })?;
+    Ok((cache, kept))
 }
 
 /// Decode step time (s), live KV bytes and measured compression of one configuration.
@@ -376,7 +372,7 @@ fn bench_one(
     steps: usize,
     tuning: AttnTuning,
 ) -> Result<(f64, u64, f64)> {
-    let (mut cache, dec, kept) = synthetic_cache(dev, model.config(), ctx, arm, batch, w, bs, steps)?;
+    let (mut cache, kept) = synthetic_cache(dev, model.config(), ctx, arm, batch, w, bs, steps)?;
     cache.set_tuning(tuning);
     let tokens: Vec<u32> = (0..batch).map(|i| (i * 31 % 1000) as u32 + 10).collect();
     let cd = match dev {
@@ -389,7 +385,7 @@ fn bench_one(
         let t = Instant::now();
         for _ in 0..n {
             let positions = vec![*pos; batch];
-            crate::gpu::decode_step(model, &tokens, &positions, &mut cache, &dec, kept)?;
+            crate::gpu::decode_step(model, &tokens, &positions, &mut cache, kept)?;
             *pos += 1;
         }
         cd.cuda_stream().synchronize().map_err(|e| anyhow::anyhow!("{e:?}"))?;
@@ -568,7 +564,7 @@ pub fn profile(dev: &Device, out: &str, models: &str, ctx: usize, limit: Limit, 
                 continue;
             }
             let (step, live, _) = bench_one(dev, &model, ctx, &arm, batch, w, bs, steps, tuning)?;
-            let (mut cache, _, kept) = synthetic_cache(dev, &cfg, ctx, &arm, batch, w, bs, 0)?;
+            let (mut cache, kept) = synthetic_cache(dev, &cfg, ctx, &arm, batch, w, bs, 0)?;
             cache.set_tuning(tuning);
             let q = Tensor::randn(0f32, 1.0, (batch, cfg.num_heads, cfg.head_dim), dev)?.to_dtype(DType::BF16)?;
             let scale = 1.0 / (cfg.head_dim as f32).sqrt();

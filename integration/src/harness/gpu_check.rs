@@ -3,7 +3,8 @@
 //! check fails loudly on a mismatch, before any timing runs.
 
 use crate::engine::load_model;
-use crate::gpu::{AttnKernel, AttnTuning, Decisions, GpuCache, GpuCacheShape, StepDecisions};
+use crate::gpu::policy::DevicePolicy;
+use crate::gpu::{AttnKernel, AttnTuning, GpuCache, GpuCacheShape};
 use crate::kv::attention::decode_row;
 use crate::kv::sequence::SequenceCache;
 use crate::kv::store::KvStore;
@@ -75,6 +76,7 @@ fn check_kernels(dev: &Device, dtype: DType, c: &KernelCheck, tuning: AttnTuning
     };
     let mut gpu = GpuCache::new(dev, dtype, shape)?;
     gpu.set_tuning(tuning);
+    gpu.set_all_programs(DevicePolicy { window: w, flags: FlagSource::Random { seed, rate } })?;
     let factory = Registry::with_builtins().build(&toml::from_str(&format!(
         "name='dms'\nwindow={w}\ndecision='random'\nevict_rate={rate}\nseed={seed}"
     ))?)?;
@@ -143,7 +145,7 @@ fn check_kernels(dev: &Device, dtype: DType, c: &KernelCheck, tuning: AttnTuning
                 Tensor::from_vec(vn, (batch, kv, d), dev)?.to_dtype(dtype)?
             };
             let qt = Tensor::from_vec(qn, (batch, kv * g, d), dev)?.to_dtype(dtype)?;
-            gpu.update(layer, &kt, &vt, &Decisions::Random { seed, rate })?;
+            gpu.update(layer, &kt, &vt, None)?;
             let hint = prompts.iter().max().copied().unwrap_or(0) + step + 1;
             let out = gpu.attend(layer, &qt, 0.125, hint)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
             for (b, seq) in seqs.iter_mut().enumerate() {
@@ -227,7 +229,7 @@ fn check_mla(dev: &Device, root: &str) -> Result<(f32, f32, usize)> {
     let greedy: Vec<u32> = golden_ints(&g, "greedy_ids")?.into_iter().map(|x| x as u32).collect();
     let want_prompt = golden_rows(&g, "prompt_logits", vocab)?;
     let want_steps = golden_rows(&g, "greedy_step_logits", vocab)?;
-    let cache_for = |window: usize| {
+    let cache_for = |window: usize, flags: FlagSource| -> Result<GpuCache> {
         let shape = GpuCacheShape {
             layers: cfg.num_layers,
             batch: 1,
@@ -239,13 +241,15 @@ fn check_mla(dev: &Device, root: &str) -> Result<(f32, f32, usize)> {
             num_blocks: 256,
             latent_rank: Some(mla.kv_lora_rank),
         };
-        GpuCache::new(dev, DType::F32, shape)
+        let mut cache = GpuCache::new(dev, DType::F32, shape)?;
+        cache.set_all_programs(DevicePolicy { window, flags })?;
+        Ok(cache)
     };
-    let decode = |cache: &mut GpuCache, tok: u32, pos: usize, d: &StepDecisions| -> Result<Vec<f32>> {
-        Ok(crate::gpu::decode_step(&model, &[tok], &[pos as u32], cache, d, pos + 1)?.squeeze(0)?.to_vec1::<f32>()?)
+    let decode = |cache: &mut GpuCache, tok: u32, pos: usize| -> Result<Vec<f32>> {
+        Ok(crate::gpu::decode_step(&model, &[tok], &[pos as u32], cache, pos + 1)?.squeeze(0)?.to_vec1::<f32>()?)
     };
-    let mut cache = cache_for(0)?;
-    let all = crate::gpu::prefill_into(&model, &prompt, 0, &mut cache, &FlagSource::None, true)?.to_vec2::<f32>()?;
+    let mut cache = cache_for(0, FlagSource::None)?;
+    let all = crate::gpu::prefill_into(&model, &prompt, 0, &mut cache, true)?.to_vec2::<f32>()?;
     let mut full_err = all.iter().zip(&want_prompt).map(|(a, b)| max_abs(a, b)).fold(0.0, f32::max);
     let mut logits = all.last().cloned().unwrap_or_default();
     for (i, &want) in greedy.iter().enumerate() {
@@ -255,7 +259,7 @@ fn check_mla(dev: &Device, root: &str) -> Result<(f32, f32, usize)> {
             bail!("MLA fixture on GPU: greedy step {i} picks {got}, transformers {want}");
         }
         if i + 1 < greedy.len() {
-            logits = decode(&mut cache, got, prompt.len() + i, &StepDecisions::None)?;
+            logits = decode(&mut cache, got, prompt.len() + i)?;
         }
     }
     cache.check()?;
@@ -265,9 +269,8 @@ fn check_mla(dev: &Device, root: &str) -> Result<(f32, f32, usize)> {
     let mut host =
         crate::engine::Engine::new(load_model(&dir, &Device::Cpu, WeightForm::Dense)?.model, policy, 4, 1 << 12)?;
     let mut seq = host.new_sequence();
-    let flags = FlagSource::Random { seed: 3, rate: 0.7 };
-    let mut cache = cache_for(8)?;
-    let got = crate::gpu::prefill_into(&model, &prompt, 0, &mut cache, &flags, true)?.to_vec2::<f32>()?;
+    let mut cache = cache_for(8, FlagSource::Random { seed: 3, rate: 0.7 })?;
+    let got = crate::gpu::prefill_into(&model, &prompt, 0, &mut cache, true)?.to_vec2::<f32>()?;
     let want = host.step(&mut seq, &prompt, true)?.to_vec2::<f32>()?;
     let mut dms_err = got.iter().zip(&want).map(|(a, b)| max_abs(a, b)).fold(0.0, f32::max);
     let same_kept = |cache: &GpuCache, host_kept: Vec<Vec<Vec<u32>>>, when: &str| -> Result<()> {
@@ -286,7 +289,7 @@ fn check_mla(dev: &Device, root: &str) -> Result<(f32, f32, usize)> {
     let mut states = 1;
     for (i, &tok) in greedy.iter().enumerate() {
         let pos = prompt.len() + i;
-        let g = decode(&mut cache, tok, pos, &flags)?;
+        let g = decode(&mut cache, tok, pos)?;
         let h = host.step(&mut seq, &[tok], false)?.squeeze(0)?.to_vec1::<f32>()?;
         dms_err = dms_err.max(max_abs(&g, &h));
         same_kept(&cache, host_kept(&seq, &host.store), &format!("after step {i}"))?;
@@ -324,10 +327,11 @@ fn check_fixture(dev: &Device, root: &str, variant: &str, prefill: bool, tuning:
     };
     let mut cache = GpuCache::new(dev, DType::F32, shape)?;
     cache.set_tuning(tuning);
-    let dec = StepDecisions::Learned {
+    let flags = FlagSource::Learned {
         scale: cfg.dms.dms_alpha_scale.unwrap_or(100.0),
         offset: cfg.dms.dms_initial_alpha_offset.unwrap_or(5.0),
     };
+    cache.set_all_programs(DevicePolicy { window: w, flags })?;
     let mut tokens = prompt.clone();
     tokens.extend_from_slice(&generated[..24]);
     let mut worst = 0f32;
@@ -338,7 +342,7 @@ fn check_fixture(dev: &Device, root: &str, variant: &str, prefill: bool, tuning:
         }
     };
     let first = if prefill {
-        let all = crate::gpu::prefill_into(&model, &prompt, 0, &mut cache, &dec, true)?;
+        let all = crate::gpu::prefill_into(&model, &prompt, 0, &mut cache, true)?;
         for (t, row) in all.to_vec2::<f32>()?.iter().enumerate() {
             compare(row, &prefill_logits[t]);
         }
@@ -351,7 +355,7 @@ fn check_fixture(dev: &Device, root: &str, variant: &str, prefill: bool, tuning:
             continue;
         }
         if !(prefill && t == first) {
-            let logits = crate::gpu::decode_step(&model, &[tok], &[t as u32], &mut cache, &dec, t + 1)?
+            let logits = crate::gpu::decode_step(&model, &[tok], &[t as u32], &mut cache, t + 1)?
                 .squeeze(0)?
                 .to_vec1::<f32>()?;
             compare(&logits, if t < 48 { &prefill_logits[t] } else { &decode[t - 48] });
@@ -479,16 +483,16 @@ pub fn check_latent(dev: &Device, fixtures: &str) -> Result<()> {
 
 /// The device batch against the host scheduler on NVIDIA's DMS fixture: five requests of
 /// different prompt lengths through three device slots in a pool of 24 blocks per row, so
-/// sequences join and leave the running batch. With the full cache the block arithmetic is exact
-/// and the pool must force preemptions (recomputation) with two sequences decoding at once; with
-/// learned DMS the prompt passes evict as well. Greedy tokens must equal the host engine's and
+/// sequences join and leave the running batch: all with the full cache (the block arithmetic is
+/// exact and the pool must force preemptions, by recomputation, with two sequences decoding at
+/// once), all with learned DMS (the prompt passes evict as well), and the two policies mixed in
+/// one batch (each sequence runs its own device program); each also with a forked prompt. Greedy tokens must equal the host engine's and
 /// the logits they were chosen from agree within 1e-3 (up to a near-tie on the host, where the
 /// comparison of that request stops, said in the output).
 pub fn check_device_batch(dev: &Device, fixtures: &str) -> Result<()> {
     use crate::engine::scheduler::{run_batch, Request};
     use crate::engine::GenParams;
     use crate::gpu::batch::{DeviceBatchShape, DeviceEngine};
-    use crate::gpu::policy::DevicePolicy;
 
     let dir = std::path::Path::new(fixtures).join("qwen3_dms_tiny").join("variant_separate_alpha").join("model");
     let model = load_model(&dir, dev, WeightForm::Dense)?.model;
@@ -509,23 +513,32 @@ pub fn check_device_batch(dev: &Device, fixtures: &str) -> Result<()> {
     let params = GenParams::greedy(16, 0);
     let mut host =
         crate::engine::Engine::new(host_model, Registry::with_builtins().build(&toml::from_str(&dms)?)?, 4, 1 << 14)?;
-    for (label, table, must_preempt) in [("full cache", "name = 'full'".to_string(), true), ("learned DMS", dms, false)]
-    {
-        let policy = Registry::with_builtins().build(&toml::from_str(&table)?)?;
-        let program = DevicePolicy::of(policy.as_ref())?;
-        let reqs: Vec<Request> = prompts
-            .iter()
-            .enumerate()
-            .map(|(id, p)| Request { id, prompt: p.clone(), forced: None, policy: policy.clone(), params: None })
-            .collect();
+    let full = Registry::with_builtins().build(&toml::from_str("name = 'full'")?)?;
+    let learned = Registry::with_builtins().build(&toml::from_str(&dms)?)?;
+    let window = DevicePolicy::of(learned.as_ref())?.window;
+    let cases = [
+        ("full cache", vec![full.clone()], true),
+        ("learned DMS", vec![learned.clone()], false),
+        ("full and learned DMS in one batch", vec![full, learned], false),
+    ];
+    for (label, policies, must_preempt) in cases {
+        let request = |id: usize, prompt: &[u32]| Request {
+            id,
+            prompt: prompt.to_vec(),
+            forced: None,
+            policy: policies[id % policies.len()].clone(),
+            params: None,
+        };
+        let reqs: Vec<Request> = prompts.iter().enumerate().map(|(id, p)| request(id, p)).collect();
         let (want, _) = run_batch(&mut host, reqs.clone(), &params, 5, true, |_| {})?;
         let shape = DeviceBatchShape {
             block_size: 4,
             capacity_blocks: cfg.num_layers * cfg.num_kv_heads * 24,
             max_batch: 3,
             max_tokens_per_sequence: 64,
+            max_window: window,
         };
-        let mut device = DeviceEngine::new(&model, program, shape)?;
+        let mut device = DeviceEngine::new(&model, shape)?;
         let (got, stats) = run_batch(&mut device, reqs, &params, shape.max_batch, true, |_| {})?;
         if must_preempt && (stats.preemptions == 0 || stats.max_running < 2) {
             bail!(
@@ -535,23 +548,14 @@ pub fn check_device_batch(dev: &Device, fixtures: &str) -> Result<()> {
             );
         }
         let worst = compare_batches(label, &got, &want)?;
-        // Two requests with one prompt, admitted together: the second starts as a fork.
-        let forks: Vec<Request> = [0usize, 0, 1]
-            .iter()
-            .enumerate()
-            .map(|(id, &p)| Request {
-                id,
-                prompt: prompts[p].clone(),
-                forced: None,
-                policy: policy.clone(),
-                params: None,
-            })
-            .collect();
+        // Requests 0 and 2 share a prompt and a policy and are admitted together: 2 is a fork.
+        let forks: Vec<Request> =
+            [0usize, 1, 0].iter().enumerate().map(|(id, &p)| request(2 * id, &prompts[p])).collect();
         let (want_f, _) = run_batch(&mut host, forks.clone(), &params, 3, true, |_| {})?;
-        let mut device = DeviceEngine::new(&model, program, DeviceBatchShape { capacity_blocks: 1 << 12, ..shape })?;
+        let mut device = DeviceEngine::new(&model, DeviceBatchShape { capacity_blocks: 1 << 12, ..shape })?;
         let (got_f, fstats) = run_batch(&mut device, forks, &params, 3, true, |_| {})?;
         if fstats.forked != 1 {
-            bail!("device batch ({label}): {} forks for two requests sharing a prompt", fstats.forked);
+            bail!("device batch ({label}): {} forks for two requests sharing a prompt and a policy", fstats.forked);
         }
         let worst = worst.max(compare_batches(label, &got_f, &want_f)?);
         println!(

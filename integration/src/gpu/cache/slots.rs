@@ -21,12 +21,13 @@ impl GpuCache {
         self.active
     }
 
-    /// Takes the next slot for a new, empty sequence and returns it; its prompt then goes in
+    /// Takes the next slot for a new, empty sequence running `program` and returns it; its prompt then goes in
     /// with [`Self::insert_prompt`] (or [`crate::gpu::prefill_into`]).
-    pub fn add_sequence(&mut self) -> Result<usize> {
+    pub fn add_sequence(&mut self, program: DevicePolicy) -> Result<usize> {
         if self.active == self.shape.batch {
             bail!("all {} sequence slots of the device cache are in use", self.shape.batch);
         }
+        self.set_program(self.active, program)?;
         self.active += 1;
         Ok(self.active - 1)
     }
@@ -83,17 +84,19 @@ impl GpuCache {
             .arg(&self.ring_slot)
             .arg(&self.ring_flag);
         drv(unsafe { b.launch(cfg) })?;
+        let moved = self.program(last);
+        self.set_program(slot, moved)?;
         Ok(Some(last))
     }
 
-    /// Adds a sequence that is a copy of the one in `src` (its rows, rings and stored K/V, in
-    /// blocks of its own) and returns its slot. A row that finds too few free blocks stays empty
+    /// Adds a sequence that is a copy of the one in `src` (its program, rows, rings and stored
+    /// K/V, in blocks of its own) and returns its slot. A row that finds too few free blocks stays empty
     /// and sets the error flag ([`Self::check`]).
     pub fn fork_sequence(&mut self, src: usize) -> Result<usize> {
         if src >= self.active {
             bail!("slot {src} holds no sequence ({} in the cache)", self.active);
         }
-        let dst = self.add_sequence()?;
+        let dst = self.add_sequence(self.program(src))?;
         let s = self.shape;
         let (rows, kv, bs, wc, mb, d) = (
             s.rows() as i32,

@@ -70,19 +70,31 @@ static T to_t(float x) {
     return out;
 }
 
+static const unsigned long long SEED = 3;
+static const double RATE = 0.5;
+
+// A sequence's program: random decisions at `rate` with window `w` (mode 1), or none (mode 0).
+static SeqProgram random_program(int w, double rate) { return SeqProgram{1, w + 1, SEED, rate, 0.0f, 0.0f}; }
+static SeqProgram full_program() { return SeqProgram{0, 1, 0, 0.0, 0.0f, 0.0f}; }
+// Whether `prog` flags token `p` of (layer, head): the kernel's rule for modes 0 and 1.
+static bool program_flags(const SeqProgram& prog, int layer, int h, int p) {
+    return prog.mode == 1 && hash_unit(prog.seed, layer, h, p) < prog.rate;
+}
+
 template <class T>
 struct Cache {
     int L, B, KV, D, BS, W, MB, NB;
     std::vector<int> table, len, pos, ring_slot, pool_pos, free_list;
     std::vector<unsigned char> ring_flag;
+    std::vector<SeqProgram> prog;  // per slot; every slot random at RATE with window W by default
     int free_top, err = 0;
     bool latent;  // MLA: one pool, values are the first floats of each key row
     std::vector<T> kp, vp;
     Cache(int l, int b, int kv, int d, int bs, int w, int mb, int nb, bool lat = false)
         : L(l), B(b), KV(kv), D(d), BS(bs), W(w), MB(mb), NB(nb), table(l * b * kv * mb), len(l * b * kv),
           pos(l * b * kv), ring_slot(l * b * kv * (w + 1)), pool_pos(nb * bs), free_list(nb),
-          ring_flag(l * b * kv * (w + 1)), free_top(nb), latent(lat), kp((size_t)nb * bs * d),
-          vp(lat ? 0 : (size_t)nb * bs * d) {
+          ring_flag(l * b * kv * (w + 1)), prog(b, random_program(w, RATE)), free_top(nb), latent(lat),
+          kp((size_t)nb * bs * d), vp(lat ? 0 : (size_t)nb * bs * d) {
         for (int i = 0; i < nb; i++) free_list[i] = nb - 1 - i;
     }
     T* vpool() { return latent ? kp.data() : vp.data(); }
@@ -125,18 +137,17 @@ static void compare_with_oracle(const Cache<T>& c, const std::vector<Row>& oracl
     }
 }
 
-static const unsigned long long SEED = 3;
-static const double RATE = 0.5;
 
 template <class T>
 static void prefill(Cache<T>& c, int layer, int seq, int n, const std::vector<float>& k, const std::vector<float>& v,
                     const std::vector<float>& flags) {
-    int ro = layer * c.rows(), wc = c.W + 1;
+    int ro = layer * c.rows(), cap = c.W + 1, wc = c.prog[seq].wc;
     std::vector<long long> dst((size_t)c.KV * n);
     emu::launch({(unsigned)c.KV}, {256}, [&] {
-        dms_prefill_plan(c.KV, c.BS, wc, c.MB, seq, n, flags.data(), c.table.data() + ro * c.MB, c.len.data() + ro,
-                         c.pos.data() + ro, c.ring_slot.data() + ro * wc, c.ring_flag.data() + ro * wc,
-                         c.pool_pos.data(), c.free_list.data(), &c.free_top, &c.err, dst.data());
+        dms_prefill_plan(c.KV, c.BS, wc, cap, c.MB, seq, n, flags.data(), c.table.data() + ro * c.MB,
+                         c.len.data() + ro, c.pos.data() + ro, c.ring_slot.data() + ro * cap,
+                         c.ring_flag.data() + ro * cap, c.pool_pos.data(), c.free_list.data(), &c.free_top, &c.err,
+                         dst.data());
     });
     std::vector<T> kt(k.size()), vt(v.size());
     for (size_t i = 0; i < k.size(); i++) kt[i] = to_t<T>(k[i]), vt[i] = to_t<T>(v[i]);
@@ -160,8 +171,8 @@ static void update(Cache<T>& c, int layer, const std::vector<float>& k, const st
         auto f = [&](auto kernel) {
             kernel(c.KV, c.D, c.BS, wc, c.MB, layer, kt.data(), vt.data(), c.kp.data(), c.vpool(),
                    c.table.data() + ro * c.MB, c.len.data() + ro, c.pos.data() + ro, c.ring_slot.data() + ro * wc,
-                   c.ring_flag.data() + ro * wc, c.pool_pos.data(), c.free_list.data(), &c.free_top, &c.err, 1, SEED,
-                   RATE, &dummy, 0.0f, 0.0f);
+                   c.ring_flag.data() + ro * wc, c.pool_pos.data(), c.free_list.data(), &c.free_top, &c.err,
+                   c.prog.data(), &dummy);
         };
         if constexpr (std::is_same_v<T, float>)
             f(dms_decode_update_f32);
@@ -408,17 +419,21 @@ static void slots_scenario(const char* name, float tol) {
     std::vector<int> seen(B, 0);
     std::mt19937 rng(11);
     auto row_of = [&](int layer, int slot, int h) { return (layer * B + slot) * KV + h; };
-    auto admit = [&](int slot, int n) {
+    // Three programs in one batch: window 3 at rate 0.5, window 1 at rate 0.8, and a full cache.
+    const SeqProgram progs[3] = {random_program(W, RATE), random_program(1, 0.8), full_program()};
+    auto admit = [&](int slot, int n, int program) {
+        c.prog[slot] = progs[program];
+        const SeqProgram& p = c.prog[slot];
         for (int layer = 0; layer < L; layer++) {
             auto k = rand_vec<T>(rng, (size_t)n * KV * D), v = rand_vec<T>(rng, (size_t)n * KV * D);
             std::vector<float> flags((size_t)n * KV, 0.0f);
             for (int t = 0; t + 1 < n; t++)
-                for (int h = 0; h < KV; h++) flags[t * KV + h] = hash_unit(SEED, layer, h, t) < RATE ? 1.0f : 0.0f;
+                for (int h = 0; h < KV; h++) flags[t * KV + h] = program_flags(p, layer, h, t) ? 1.0f : 0.0f;
             prefill(c, layer, slot, n, k, v, flags);
             for (int h = 0; h < KV; h++)
                 for (int t = 0; t < n; t++)
                     oracle_append(oracle[row_of(layer, slot, h)], t, &k[(t * KV + h) * D], &v[(t * KV + h) * D], D,
-                                  t > 0 && flags[(t - 1) * KV + h] != 0.0f, W);
+                                  t > 0 && flags[(t - 1) * KV + h] != 0.0f, p.wc - 1);
         }
         seen[slot] = n;
     };
@@ -432,7 +447,7 @@ static void slots_scenario(const char* name, float tol) {
                 for (int h = 0; h < KV; h++) {
                     int p = seen[b];
                     oracle_append(oracle[row_of(layer, b, h)], p, &k[(b * KV + h) * D], &v[(b * KV + h) * D], D,
-                                  hash_unit(SEED, layer, h, p - 1) < RATE, W);
+                                  program_flags(c.prog[b], layer, h, p - 1), c.prog[b].wc - 1);
                 }
             auto out = attend<T, G>(c, layer, q, false, 3, scale, active);
             for (int r = 0; r < active * KV; r++)
@@ -465,6 +480,7 @@ static void slots_scenario(const char* name, float tol) {
             for (int h = 0; h < KV; h++) std::swap(oracle[row_of(layer, to, h)], oracle[row_of(layer, from, h)]);
         seen[to] = seen[from];
         seen[from] = 0;
+        c.prog[to] = c.prog[from];
     };
     auto fork = [&](int src, int dst) {
         emu::launch({(unsigned)L}, {32}, [&] {
@@ -482,6 +498,7 @@ static void slots_scenario(const char* name, float tol) {
         for (int layer = 0; layer < L; layer++)
             for (int h = 0; h < KV; h++) oracle[row_of(layer, dst, h)] = oracle[row_of(layer, src, h)];
         seen[dst] = seen[src];
+        c.prog[dst] = c.prog[src];
     };
     auto check = [&](const std::string& when) {
         compare_with_oracle(c, oracle, name, "slots " + when);
@@ -498,9 +515,9 @@ static void slots_scenario(const char* name, float tol) {
         EXPECT(wrong == 0, "%s slots %s: %d blocks are not held exactly once (free list or one row)", name,
                when.c_str(), wrong);
     };
-    admit(0, 7);
-    admit(1, 12);
-    admit(2, 5);
+    admit(0, 7, 0);
+    admit(1, 12, 1);
+    admit(2, 5, 2);
     for (int i = 0; i < 6; i++) step(3);
     check("after three sequences");
     release(1);
@@ -508,11 +525,11 @@ static void slots_scenario(const char* name, float tol) {
     check("after the middle one left");
     for (int i = 0; i < 3; i++) step(2);
     check("after decoding two");
-    admit(2, 9);
+    admit(2, 9, 1);
     for (int i = 0; i < 4; i++) step(3);
     check("after one joined");
     release(2);
-    admit(2, 6);
+    admit(2, 6, 0);
     for (int i = 0; i < 2; i++) step(3);
     check("after the last slot was refilled");
     release(2);
@@ -528,8 +545,8 @@ static void slots_scenario(const char* name, float tol) {
     release(0);
     check("after the last left");
     EXPECT(c.err == 0, "%s slots: error flag %d", name, c.err);
-    std::printf("%s slots (D %d, G %d): sequences joining, leaving a middle slot and the last one, a fork, decode "
-                "over the active slots only: kept sets, stored K/V and the free list equal the oracle, attention max abs "
+    std::printf("%s slots (D %d, G %d): sequences with three programs joining, leaving a middle slot and the last "
+                "one, a fork, decode over the active slots only: kept sets, stored K/V and the free list equal the oracle, attention max abs "
                 "error %.2e\n",
                 name, D, G, worst);
 }

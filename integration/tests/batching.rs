@@ -145,18 +145,28 @@ fn preempted_sequences_resume_with_identical_output() {
 #[test]
 fn preemption_by_swap_or_recomputation_resumes_every_policy_unchanged() {
     let mut big = batch_engine(1 << 14);
-    let reqs: Vec<Request> = (0..6)
+    // Attention-scored policies keep another set after one prompt pass, so they are swapped
+    // even under recomputation.
+    let kinds = [
+        POLICIES[0],
+        POLICIES[1],
+        POLICIES[2],
+        POLICIES[3],
+        "name = 'tova'\nbudget = 8",
+        "name = 'h2o'\nbudget = 8\nrecent = 3",
+    ];
+    let reqs: Vec<Request> = (0..8)
         .map(|i| Request {
             id: i,
             prompt: prompt(i, 10 + 3 * i),
             forced: None,
-            policy: resolved_policy(&mut big, POLICIES[i % 4]),
+            policy: resolved_policy(&mut big, kinds[i % kinds.len()]),
             params: None,
         })
         .collect();
     let refs: Vec<Finished> = reqs.iter().map(|r| alone(&mut big, r, 30)).collect();
     for mode in [Preemption::Swap, Preemption::Recompute] {
-        let mut small = batch_engine(150);
+        let mut small = batch_engine(170);
         small.preemption = mode;
         let (got, stats) = run_batch(&mut small, reqs.clone(), &greedy_params(30), 8, true, |_| {}).unwrap();
         assert!(stats.preemptions >= 2, "{mode:?}: the pool forces preemption ({} seen)", stats.preemptions);

@@ -39,6 +39,20 @@ pub struct SeqReport {
     pub peak_live: u64,
 }
 
+/// What preempting a sequence left: its rows to copy back, or nothing (it is recomputed), with
+/// the most memory it had held (kept for its report).
+pub enum Parked<P> {
+    /// Its rows, swapped out of the pool.
+    Rows(P),
+    /// Dropped: it resumes by prefilling its prompt and generated tokens again.
+    Dropped {
+        /// Most bytes of blocks it had held.
+        peak_allocated: u64,
+        /// Most bytes live it had held.
+        peak_live: u64,
+    },
+}
+
 /// Bytes the whole pool holds now.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PoolUsage {
@@ -83,9 +97,11 @@ pub trait BatchEngine {
     fn finish(&mut self, seq: Self::Seq) -> Result<SeqReport>;
     /// Frees a sequence's blocks without a report (after an error).
     fn release(&mut self, seq: Self::Seq);
-    /// Preempts a sequence: its blocks go back to the pool. `Some` holds its rows to resume
-    /// from; `None` means it resumes by recomputation.
-    fn park(&mut self, seq: Self::Seq) -> Result<Option<Self::Parked>>;
+    /// Preempts a sequence: its blocks go back to the pool, its rows swapped out or dropped.
+    fn park(&mut self, seq: Self::Seq) -> Result<Parked<Self::Parked>>;
+    /// Blocks resuming a dropped sequence of `context` tokens (one prompt pass, and its own next
+    /// step) needs beside `running` others.
+    fn recompute_need(&self, context: usize, running: usize) -> usize;
     /// Blocks resuming `parked` needs beside `running` others.
     fn resume_need(&self, parked: &Self::Parked, running: usize) -> usize;
     /// Brings a parked sequence back, or gives it back when its blocks are not free.

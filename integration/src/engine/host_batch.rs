@@ -1,10 +1,14 @@
 //! The host engine as a [`BatchEngine`]: sequences are rows in the paged [`KvStore`], each under
 //! its own policy (per-request A/B), and a preempted sequence is swapped out slot for slot or
-//! dropped for recomputation, as [`Engine::preemption`] says.
+//! dropped for recomputation, as [`Engine::preemption`] says (swapped anyway when its policy
+//! scores attention, whose prompt pass keeps another set, or when its uncompressed context would
+//! not fit the pool).
 
 use anyhow::{bail, Result};
 
-use super::batch_engine::{BatchEngine, PoolUsage, Preemption, SeqReport};
+use dms_policy::SignalNeed;
+
+use super::batch_engine::{BatchEngine, Parked, PoolUsage, Preemption, SeqReport};
 use super::scheduler::Request;
 use super::Engine;
 use crate::kv::sequence::SequenceCache;
@@ -116,17 +120,24 @@ impl BatchEngine for Engine {
         seq.cache.release(&mut self.store);
     }
 
-    fn park(&mut self, mut seq: HostSequence) -> Result<Option<HostParked>> {
-        match self.preemption {
-            Preemption::Swap => {
-                let rows = seq.cache.swap_out(&mut self.store)?;
-                Ok(Some(HostParked { seq, rows }))
-            }
-            Preemption::Recompute => {
-                seq.cache.release(&mut self.store);
-                Ok(None)
-            }
+    fn park(&mut self, mut seq: HostSequence) -> Result<Parked<HostParked>> {
+        // Recomputation gives the same rows only where one prompt pass keeps what decoding kept
+        // (not for attention-scored policies), and needs room for the uncompressed context.
+        let seen = seq.cache.seen() as usize;
+        let recompute = self.preemption == Preemption::Recompute
+            && seq.cache.signal_need() != SignalNeed::AttentionWeights
+            && self.block_manager().admission_need(seen, 1) <= self.store.capacity_blocks();
+        if recompute {
+            let (peak_allocated, peak_live) = (seq.peak_allocated, seq.peak_live);
+            seq.cache.release(&mut self.store);
+            return Ok(Parked::Dropped { peak_allocated, peak_live });
         }
+        let rows = seq.cache.swap_out(&mut self.store)?;
+        Ok(Parked::Rows(HostParked { seq, rows }))
+    }
+
+    fn recompute_need(&self, context: usize, running: usize) -> usize {
+        self.block_manager().admission_need(context, running + 1)
     }
 
     fn resume_need(&self, parked: &HostParked, running: usize) -> usize {

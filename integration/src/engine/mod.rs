@@ -190,7 +190,9 @@ impl Engine {
     }
 }
 
-fn check_signal(model: &Llama, policy: &dyn PolicyFactory) -> Result<()> {
+/// Checks that `model` can feed `policy` the signal it needs (learned decisions need a DMS
+/// decision source).
+pub(crate) fn check_signal(model: &Llama, policy: &dyn PolicyFactory) -> Result<()> {
     if policy.signal_need() == SignalNeed::DecisionScores && matches!(model.decision_source(), DecisionSource::None) {
         bail!(
             "cache policy `{}` needs learned DMS decisions but the model has none (no dms_* fields or \

@@ -16,7 +16,7 @@ use anyhow::{bail, Result};
 use dms_policy::PolicyFactory;
 use rand::{rngs::StdRng, SeedableRng};
 
-use crate::engine::batch_engine::{BatchEngine, SeqReport};
+use crate::engine::batch_engine::{BatchEngine, Parked, SeqReport};
 use crate::engine::{sample, GenParams};
 use crate::kv::store::MemoryUsage;
 
@@ -143,6 +143,9 @@ struct Progress {
     pending: bool,
     /// This request's sampler (seeded with `params.seed + id`, or its own `params.seed`).
     rng: StdRng,
+    /// Most bytes of blocks and live bytes held before a recomputation.
+    peak_allocated: u64,
+    peak_live: u64,
 }
 
 impl Progress {
@@ -156,9 +159,9 @@ impl Progress {
             shadow_compression_ratio: report.shadow_compression_ratio,
             preemptions: self.preemptions,
             usage: report.usage,
-            peak_allocated: report.peak_allocated,
+            peak_allocated: report.peak_allocated.max(self.peak_allocated),
             layer_kept_fraction: report.layer_kept_fraction,
-            peak_live: report.peak_live,
+            peak_live: report.peak_live.max(self.peak_live),
             finish_reason,
         }
     }
@@ -174,6 +177,20 @@ struct Running<S> {
 struct Preempted<P> {
     p: Progress,
     parked: Option<P>,
+}
+
+impl<P> Preempted<P> {
+    /// A preempted request and what preempting it left; a dropped sequence's peaks stay with it.
+    fn new(mut p: Progress, parked: Parked<P>) -> Self {
+        match parked {
+            Parked::Rows(rows) => Self { p, parked: Some(rows) },
+            Parked::Dropped { peak_allocated, peak_live } => {
+                p.peak_allocated = p.peak_allocated.max(peak_allocated);
+                p.peak_live = p.peak_live.max(peak_live);
+                Self { p, parked: None }
+            }
+        }
+    }
 }
 
 impl Request {
@@ -371,7 +388,7 @@ impl<E: BatchEngine> Scheduler<E> {
             let free = engine.free_blocks()?;
             let need = match &s.parked {
                 Some(parked) => engine.resume_need(parked, self.running.len()),
-                None => engine.admission_need(s.p.req.prompt.len() + s.p.tokens.len(), self.running.len()),
+                None => engine.recompute_need(s.p.req.prompt.len() + s.p.tokens.len(), self.running.len()),
             };
             if need > free {
                 break;
@@ -447,6 +464,8 @@ impl<E: BatchEngine> Scheduler<E> {
                 preemptions: 0,
                 pending: false,
                 rng: StdRng::seed_from_u64(seed),
+                peak_allocated: 0,
+                peak_live: 0,
             };
             self.running.push(Running { p, seq });
             let r = self.running.last().expect("just pushed");
@@ -526,7 +545,7 @@ impl<E: BatchEngine> Scheduler<E> {
             let parked = engine.park(seq)?;
             p.preemptions += 1;
             self.stats.preemptions += 1;
-            self.preempted.push_front(Preempted { p, parked });
+            self.preempted.push_front(Preempted::new(p, parked));
         }
     }
 

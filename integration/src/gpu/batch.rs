@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::DType;
 
 use super::{GpuCache, GpuCacheShape};
-use crate::engine::batch_engine::{BatchEngine, PoolUsage, SeqReport};
+use crate::engine::batch_engine::{BatchEngine, Parked, PoolUsage, SeqReport};
 use crate::engine::block_manager::BlockManager;
 use crate::engine::scheduler::Request;
 use crate::gpu::policy::DevicePolicy;
@@ -107,6 +107,7 @@ impl BatchEngine for DeviceEngine<'_> {
     type Parked = Infallible;
 
     fn check_request(&self, req: &Request, longest: usize) -> Result<()> {
+        crate::engine::check_signal(self.model, req.policy.as_ref()).with_context(|| format!("request {}", req.id))?;
         let program = DevicePolicy::of(req.policy.as_ref()).with_context(|| format!("request {}", req.id))?;
         if program.window > self.shape.max_window {
             bail!(
@@ -202,9 +203,9 @@ impl BatchEngine for DeviceEngine<'_> {
     }
 
     fn finish(&mut self, seq: DeviceSeq) -> Result<SeqReport> {
-        let (usage, compression_ratio, layer_kept_fraction) =
-            slot_usage(&self.cache, self.slot_of(&seq)?, seq.seen, self.slot_bytes)?;
+        let usage = slot_usage(&self.cache, self.slot_of(&seq)?, seq.seen, self.slot_bytes);
         self.remove(&seq)?;
+        let (usage, compression_ratio, layer_kept_fraction) = usage?;
         // Device rows never give blocks back before the sequence ends (evictions reuse slots), so
         // its final blocks are also its peak.
         Ok(SeqReport {
@@ -223,9 +224,14 @@ impl BatchEngine for DeviceEngine<'_> {
         }
     }
 
-    fn park(&mut self, seq: DeviceSeq) -> Result<Option<Infallible>> {
+    fn park(&mut self, seq: DeviceSeq) -> Result<Parked<Infallible>> {
+        let held = slot_usage(&self.cache, self.slot_of(&seq)?, seq.seen, self.slot_bytes)?.0;
         self.remove(&seq)?;
-        Ok(None)
+        Ok(Parked::Dropped { peak_allocated: held.bytes_allocated, peak_live: held.bytes_live })
+    }
+
+    fn recompute_need(&self, context: usize, running: usize) -> usize {
+        self.admission_need(context, running)
     }
 
     fn resume_need(&self, parked: &Infallible, _running: usize) -> usize {

@@ -548,9 +548,9 @@ pub fn check_device_batch(dev: &Device, fixtures: &str) -> Result<()> {
             );
         }
         let worst = compare_batches(label, &got, &want)?;
-        // Requests 0 and 2 share a prompt and a policy and are admitted together: 2 is a fork.
-        let forks: Vec<Request> =
-            [0usize, 1, 0].iter().enumerate().map(|(id, &p)| request(2 * id, &prompts[p])).collect();
+        // Requests 0 and 2 share a prompt and a policy and are admitted together: 2 is a fork
+        // (request 1 runs the other policy of the mixed case beside them).
+        let forks: Vec<Request> = [0usize, 1, 0].iter().enumerate().map(|(id, &p)| request(id, &prompts[p])).collect();
         let (want_f, _) = run_batch(&mut host, forks.clone(), &params, 3, true, |_| {})?;
         let mut device = DeviceEngine::new(&model, DeviceBatchShape { capacity_blocks: 1 << 12, ..shape })?;
         let (got_f, fstats) = run_batch(&mut device, forks, &params, 3, true, |_| {})?;

@@ -10,9 +10,10 @@
 #   engine  `dms run` with the KV cache on the GPU == the host engine (NVIDIA's DMS fixture, and
 #           the tiny DeepSeek-V3 with DMS on its latent rows)
 #   grid    the kernel microbenchmark grid on synthetic caches (extra arguments go to `dms-gpu bench`)
-#   enginebench `dms bench --config configs/bench-gpu.toml`: real prefill and decode through the
-#           scheduler on the device cache, Llama-3.1-8B and Qwen3-8B shapes, a 64 GiB KV budget
-#           filled by admission (forked prompts from 16K on)
+#   enginebench `dms bench --config benches/gpu/bench-gpu-quick.toml` (the part of
+#           configs/bench-gpu.toml that fits one call): real prefill and decode through the
+#           scheduler on the device cache, the Llama-3.1-8B shape at 4K and 32K, a 64 GiB KV
+#           budget filled by admission (a forked prompt at 32K)
 #   mla     DeepSeek-V2-Lite's latent attention (dense MLP): prefill + decode at batch 1, and the
 #           32K grid (full vs DMS CR4/CR8 at batch 1 and at the memory limit)
 #   long    64K context: Llama-3.1-8B and DeepSeek-V2-Lite's attention, full vs DMS CR4/CR8
@@ -96,8 +97,8 @@ for step in ${STEPS:-engine profile prefill peer tune}; do
     peer) timeout 150 bash .gpu-bin/gpu-run.sh "$BIN" peer --out "$OUT/gpu-peer.json" 2>"$OUT/peer.err" | tee "$OUT/peer.log"; tail -3 "$OUT/peer.err" ;;
     enginebench)
       unpack dms
-      timeout 420 bash .gpu-bin/gpu-run.sh /tmp/dms-gpu-bin/dms bench --config configs/bench-gpu.toml 2>"$OUT/enginebench.err" | tee "$OUT/enginebench.log"
-      cp bench-gpu-results.json "$OUT/" 2>/dev/null; tail -5 "$OUT/enginebench.err" ;;
+      timeout 420 bash .gpu-bin/gpu-run.sh /tmp/dms-gpu-bin/dms bench --config benches/gpu/bench-gpu-quick.toml 2>"$OUT/enginebench.err" | tee "$OUT/enginebench.log"
+      cp bench-gpu-quick-results.json "$OUT/" 2>/dev/null; tail -5 "$OUT/enginebench.err" ;;
     grid) timeout 290 bash .gpu-bin/gpu-run.sh "$BIN" bench --out "$OUT/gpu-bench.json" "$@" 2>"$OUT/bench.err" | tee "$OUT/bench.log"; tail -5 "$OUT/bench.err" ;;
     *) echo "unknown step $step (engine, profile, tune, prefill, peer, grid, enginebench, mla, long, smollm2)"; exit 2 ;;
   esac

@@ -160,7 +160,7 @@ fn preemption_by_swap_or_recomputation_resumes_every_policy_unchanged() {
             id: i,
             prompt: prompt(i, 10 + 3 * i),
             forced: None,
-            policy: resolved_policy(&mut big, kinds[i % kinds.len()]),
+            policy: resolved_policy(&mut big, kinds[(i + 4) % kinds.len()]),
             params: None,
         })
         .collect();

@@ -76,10 +76,15 @@ policy = {{ name = "dms", window = 4, decision = "random", evict_rate = 0.9 }}
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// The GPU benchmark config the README points to parses, and loads where CUDA is built in.
+/// The GPU benchmark configs (the README's and the device script's) parse, and load where CUDA
+/// is built in.
 #[test]
-fn the_gpu_benchmark_config_loads() {
-    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/bench-gpu.toml");
+fn the_gpu_benchmark_configs_load() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let quick = root.join("benches/gpu/bench-gpu-quick.toml");
+    let c: BenchConfig = toml::from_str(&std::fs::read_to_string(&quick).unwrap()).unwrap();
+    assert_eq!((c.model.source.as_str(), c.grid.kv_budget_gib), ("shape:llama3.1-8b", Some(64.0)));
+    let p = root.join("configs/bench-gpu.toml");
     let c: BenchConfig = toml::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
     assert_eq!(c.grid.models, ["shape:llama3.1-8b", "shape:qwen3-8b"]);
     assert_eq!(c.grid.kv_budget_gib, Some(64.0));

@@ -191,6 +191,10 @@ def check_main(base, expected_path):
     assert resp.status == 200
     for _ in range(6):
         resp.fp.readline()
+    # The gauges are set after each engine step, so a scrape can come just before the first.
+    deadline = time.time() + 10.0
+    while metric(base, "dms_kv_cache_bytes_allocated") == 0 and time.time() < deadline:
+        time.sleep(0.05)
     assert metric(base, "dms_kv_cache_bytes_allocated") > 0
     conn.sock.close()
     conn.close()

@@ -222,8 +222,8 @@ pub fn chunk_rows(
     scale: f64,
 ) -> candle_core::Result<Tensor> {
     let d = q.dim(2)?;
-    match per_query(store, rows, q, q_pos, scale, d)? {
-        Some(out) => Ok(out),
+    match tiled(store, rows, q, q_pos, scale, d, false)? {
+        Some((out, _)) => Ok(out),
         None => chunk_attention(store, rows, q, q_pos, scale, d, None),
     }
 }
@@ -240,6 +240,9 @@ pub fn chunk_rows_weighted(
     latent_rank: Option<usize>,
 ) -> candle_core::Result<(Tensor, Vec<Vec<f32>>)> {
     let dv = latent_rank.map_or(q.dim(2), Ok)?;
+    if let Some((out, Some(w))) = tiled(store, rows, q, q_pos, scale, dv, true)? {
+        return Ok((out, w));
+    }
     let mut weights = Vec::new();
     let out = chunk_attention(store, rows, q, q_pos, scale, dv, Some(&mut weights))?;
     Ok((out, weights))
@@ -255,24 +258,25 @@ pub fn chunk_latent_rows(
     scale: f64,
     value_dim: usize,
 ) -> candle_core::Result<Tensor> {
-    match per_query(store, rows, q, q_pos, scale, value_dim)? {
-        Some(out) => Ok(out),
+    match tiled(store, rows, q, q_pos, scale, value_dim, false)? {
+        Some((out, _)) => Ok(out),
         None => chunk_attention(store, rows, q, q_pos, scale, value_dim, None),
     }
 }
 
-/// A chunk's attention query by query, for f32 queries on the CPU (`None` otherwise): each
-/// (query, row) pair runs the decode path (chunks of blocks, merged), the pairs in parallel. No
-/// dense mask or score matrix is built, and a slot a query cannot see costs one comparison.
-fn per_query(
+/// A chunk's attention by tiles of queries ([`crate::kv::tiled`]) for f32 queries on the CPU
+/// (`None` otherwise), with the per-row slot weights when `weights`. No dense mask or score
+/// matrix over the whole row is built.
+#[allow(clippy::type_complexity)]
+fn tiled(
     store: &KvStore,
     rows: &[RowId],
     q: &Tensor,
     q_pos: &[Pos],
     scale: f64,
     dv: usize,
-) -> candle_core::Result<Option<Tensor>> {
-    use rayon::prelude::*;
+    weights: bool,
+) -> candle_core::Result<Option<(Tensor, Option<Vec<Vec<f32>>>)>> {
     if !q.device().is_cpu() || q.dtype() != candle_core::DType::F32 {
         return Ok(None);
     }
@@ -284,26 +288,13 @@ fn per_query(
             store.head_dim()
         );
     }
-    let g = n_heads / kv;
     let stored = |e: StoreError| candle_core::Error::Msg(e.to_string());
     let row_refs = rows.iter().map(|&r| store.row(r)).collect::<Result<Vec<_>, _>>().map_err(stored)?;
-    let qv = q.flatten_all()?.to_vec1::<f32>()?;
-    let chunk_blocks = CHUNK_SLOTS.div_ceil(store.block_size()).max(1);
+    let qv = (q * scale)?.flatten_all()?.to_vec1::<f32>()?;
     let mut out = vec![0f32; t * n_heads * dv];
-    out.par_chunks_mut(g * dv).enumerate().for_each(|(task, o)| {
-        let (i, r) = (task / kv, task % kv);
-        let qg = &qv[(i * n_heads + r * g) * d..(i * n_heads + (r + 1) * g) * d];
-        let row = row_refs[r];
-        let n_blocks = row.blocks().len();
-        let parts: Vec<Partial> = (0..n_blocks)
-            .step_by(chunk_blocks)
-            .map(|b0| {
-                chunk_partial(store, row, b0..(b0 + chunk_blocks).min(n_blocks), qg, q_pos[i], scale as f32, dv, false)
-            })
-            .collect();
-        merge(&parts, g, dv, store.block_size() * chunk_blocks, o, None);
-    });
-    Ok(Some(Tensor::from_vec(out, (t, n_heads * dv), &Device::Cpu)?))
+    let queries = crate::kv::tiled::Queries { q: &qv, q_pos, heads: n_heads };
+    let w = crate::kv::tiled::prompt_attention(store, &row_refs, &queries, dv, &mut out, weights);
+    Ok(Some((Tensor::from_vec(out, (t, n_heads * dv), &Device::Cpu)?, w)))
 }
 
 fn chunk_attention(
@@ -497,6 +488,46 @@ mod tests {
                 assert!((x - y).abs() < 1e-5, "latent: {x} vs {y}");
             }
         }
+    }
+
+    #[test]
+    fn prompt_tiles_equal_the_dense_masked_softmax_with_weights() {
+        // 70 queries at scattered positions (three tiles of one group, across every chunk of 300
+        // slots, some before the hidden run ends); then a store whose every slot is hidden from
+        // the last query, which sees nothing.
+        let (d, n, kv, g, t) = (16, 300, 2, 2, 70);
+        let Rows { store, ids, .. } = store_with_rows(d, n, kv, &|i| (100..180).contains(&i) || i % 41 == 3);
+        let q_pos: Vec<Pos> = (0..t as Pos).map(|i| (i * 13) % 320).collect();
+        let q = Tensor::from_vec(seeded(7, t * kv * g * d), (t, kv * g, d), &Device::Cpu).unwrap();
+        let (fast, fast_w) = chunk_rows_weighted(&store, &ids, &q, &q_pos, 0.3, None).unwrap();
+        let mut dense_w = Vec::new();
+        let dense = chunk_attention(&store, &ids, &q, &q_pos, 0.3, d, Some(&mut dense_w)).unwrap();
+        let close = |a: &Tensor, b: &Tensor, what: &str| {
+            for (i, (x, y)) in a.to_vec2::<f32>().unwrap().iter().zip(b.to_vec2::<f32>().unwrap()).enumerate() {
+                for (x, y) in x.iter().zip(&y) {
+                    assert!((x - y).abs() < 1e-5, "{what} query {i}: {x} vs {y}");
+                }
+            }
+        };
+        close(&fast, &dense, "tiled");
+        close(&chunk_rows(&store, &ids, &q, &q_pos, 0.3).unwrap(), &dense, "unweighted");
+        for (r, (a, b)) in fast_w.iter().zip(&dense_w).enumerate() {
+            assert_eq!(a.len(), b.len());
+            for (s, (x, y)) in a.iter().zip(b).enumerate() {
+                assert!((x - y).abs() < 1e-4, "row {r} slot {s}: weight {x} vs {y}");
+            }
+        }
+        let Rows { store, ids, .. } = store_with_rows(8, 200, 1, &|_| true);
+        let q = Tensor::from_vec(seeded(4, 2 * 8), (2, 1, 8), &Device::Cpu).unwrap();
+        let (out, w) = chunk_rows_weighted(&store, &ids, &q, &[10, 199], 0.5, None).unwrap();
+        let mut dense_w = Vec::new();
+        let dense = chunk_attention(&store, &ids, &q, &[10, 199], 0.5, 8, Some(&mut dense_w)).unwrap();
+        close(&out, &dense, "blind");
+        assert!(out.to_vec2::<f32>().unwrap()[1].iter().all(|x| *x == 0.0));
+        for (x, y) in w[0].iter().zip(&dense_w[0]) {
+            assert!((x - y).abs() < 1e-5, "blind weights: {x} vs {y}");
+        }
+        assert!(w[0][11..].iter().all(|x| *x == 0.0));
     }
 
     #[test]

@@ -4,7 +4,7 @@
 #           (always first; nothing is timed unless it passes)
 #   profile where a decode step's time goes at the memory limit (attention kernels vs the rest),
 #           Llama-3.1-8B and DeepSeek-V2-Lite's latent attention, 32K
-#   tune    decode kernels (tiled, warps) x grid sizes at the memory limit, Llama-3.1-8B 32K
+#   tune    decode kernels (tiled, warps, async) x grid sizes at the memory limit, Llama-3.1-8B 32K
 #   prefill real prompts through the masked one-pass prefill, then decode (batch 1)
 #   peer    ours vs mistral.rs (CUDA, normal cache) on the same random bf16 weights, batch 1
 #   engine  `dms run` with the KV cache on the GPU == the host engine (NVIDIA's DMS fixture, and

@@ -1,10 +1,11 @@
 //! The CUDA kernels themselves (`src/gpu/kernels.cu`, not a re-implementation) run on the CPU
 //! through a small emulation of the CUDA runtime (`src/gpu/emu/cuda_emu.h`: one OS thread per
 //! CUDA thread, real barriers for `__syncthreads` and warp shuffles) against a naive oracle of the
-//! DMS semantics (`src/gpu/emu/check.cpp`): prompt prefill, decode bookkeeping, both decode
-//! attention kernels at several split counts, f32 and bf16, the error codes, and sequences joining
-//! and leaving a running batch (slots released, moved, decoded as an active prefix). Needs a C++20
-//! compiler (`$CXX`, default `c++`); no GPU and no `cuda` feature.
+//! DMS semantics (`src/gpu/emu/check.cpp`): prompt prefill, decode bookkeeping, the three decode
+//! attention kernels (tiled, warps, asynchronous copies into shared memory, which the emulation
+//! performs only at the wait) at several split counts, f32 and bf16, the error codes, and
+//! sequences joining and leaving a running batch (slots released, moved, decoded as an active
+//! prefix). Needs a C++20 compiler (`$CXX`, default `c++`); no GPU and no `cuda` feature.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -138,7 +138,7 @@ enum CheckPart {
 /// Decode-attention launch settings.
 #[derive(clap::Args, Clone)]
 struct LaunchArgs {
-    /// First-pass decode kernel: tiled or warps.
+    /// First-pass decode kernel: tiled, warps or async.
     #[arg(long, default_value = "tiled")]
     kernel: String,
     /// Blocks the decode grid aims for (rows x splits; 0 = tail-aware: whole waves of the resident blocks).

@@ -42,6 +42,9 @@ pub enum AttnKernel {
     Tiled,
     /// Independent warps, each with its own online softmax and all of a pass's loads in flight.
     Warps,
+    /// Tiles streamed into shared memory by asynchronous copies (`cp.async`, sm_80+),
+    /// double-buffered, so the next tile's loads overlap this tile's arithmetic.
+    Async,
 }
 
 /// Launch settings of the decode attention.

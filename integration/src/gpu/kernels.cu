@@ -426,6 +426,134 @@ __device__ void decode_partial_warps(int kv_heads, int d_head, int bs, int max_b
     }
 }
 
+// Global-to-shared copies of 16 bytes that do not stall the issuing thread (cp.async, sm_80+),
+// committed in groups; cp_async_wait<N> returns once at most the newest N groups are pending.
+// The CPU emulation (emu/cuda_emu.h) defines its own, which land at the wait.
+#ifndef DMS_CUDA_EMU
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+    unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+#endif
+
+#define ASYNC_STAGE_BYTES 8192
+#define ASYNC_MAXKT 64
+
+// Split-K paged decode attention, first pass, "async" variant: the keys and values of each tile
+// stream into shared memory with asynchronous copies, double-buffered, so the next tile's loads
+// are in flight while this one is scored and summed (no thread waits on global memory between
+// tiles). A tile is as many keys as fill ASYNC_STAGE_BYTES of keys (at most ASYNC_MAXKT); scores,
+// softmax and values then run as in decode_partial_g, from shared memory. Same arguments and
+// partials as decode_partial_g. grid = (rows, splits), block = THREADS.
+template <typename T, int G>
+__device__ void decode_partial_async(int kv_heads, int d_head, int bs, int max_blocks, float scale,
+                                     const T* q, const T* k_pool, const T* v_pool, const int* block_table,
+                                     const int* row_len, float* part_acc, float* part_m, float* part_l) {
+    const int VEC = VecOf<T>::N;
+    int r = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
+    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int nwarps = THREADS / 32;
+    __shared__ __align__(16) unsigned char stage[2][2][ASYNC_STAGE_BYTES];
+    __shared__ float qs[G][MAXD];
+    __shared__ float sc[G][ASYNC_MAXKT];
+    __shared__ float s_alpha[MAXG], s_m[MAXG], s_l[MAXG];
+    int b = r / kv_heads, h = r % kv_heads;
+    int n_heads = kv_heads * G;
+    int nvec = d_head / VEC;
+    int lpk = nvec < 4 ? nvec : 4;
+    int vpl = nvec / lpk;
+    int kpw = 32 / lpk;
+    int kpb = THREADS / nvec;
+    int kt = min(ASYNC_MAXKT, ASYNC_STAGE_BYTES / (d_head * (int)sizeof(T)));
+    for (int g = 0; g < G; g++)
+        for (int i = tid; i < d_head; i += THREADS)
+            qs[g][i] = to_f(q[((long long)b * n_heads + h * G + g) * d_head + i]) * scale;
+    if (tid < G) { s_m[tid] = -INFINITY; s_l[tid] = 0.0f; }
+    float acc[G][8];
+    for (int g = 0; g < G; g++)
+        for (int e = 0; e < 8; e++) acc[g][e] = 0.0f;
+    int start, end;
+    split_range(row_len[r], split, splits, start, end);
+    const int* table = block_table + (long long)r * max_blocks;
+    int my_key = lane / lpk, my_part = lane % lpk;
+    int v_key = tid / nvec, v_vec = tid % nvec;
+    // Issues the copies of the tile at t0 into stage `buf` (one 16-byte vector of K and of V per
+    // thread and pass) and commits them as one group.
+    auto issue = [&](int t0, int buf) {
+        int n = min(kt, end - t0);
+        T* ks = reinterpret_cast<T*>(stage[buf][0]);
+        T* vs = reinterpret_cast<T*>(stage[buf][1]);
+        for (int c = tid; c < n * nvec; c += THREADS) {
+            int j = c / nvec, v = c % nvec, slot = t0 + j;
+            long long at = ((long long)table[slot / bs] * bs + slot % bs) * d_head + v * VEC;
+            cp_async16(ks + j * d_head + v * VEC, k_pool + at);
+            cp_async16(vs + j * d_head + v * VEC, v_pool + at);
+        }
+        cp_async_commit();
+    };
+    if (start < end) issue(start, 0);
+    __syncthreads();
+    int buf = 0;
+    for (int t0 = start; t0 < end; t0 += kt, buf ^= 1) {
+        int n = min(kt, end - t0);
+        if (t0 + kt < end) {
+            issue(t0 + kt, buf ^ 1);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        const T* ks = reinterpret_cast<const T*>(stage[buf][0]);
+        const T* vs = reinterpret_cast<const T*>(stage[buf][1]);
+        for (int j0 = warp * kpw; j0 < n; j0 += nwarps * kpw) {
+            int j = j0 + my_key;
+            float part[G];
+#pragma unroll
+            for (int g = 0; g < G; g++) part[g] = 0.0f;
+            if (j < n) {
+                for (int c = 0; c < vpl; c++) {
+                    int v0 = (my_part * vpl + c) * VEC;
+                    float kv[8];
+                    load_vec(ks + j * d_head + v0, kv);
+                    for (int g = 0; g < G; g++)
+                        for (int e = 0; e < VEC; e++) part[g] += qs[g][v0 + e] * kv[e];
+                }
+            }
+            for (int g = 0; g < G; g++) {
+                float x = part[g];
+                for (int o = lpk / 2; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffff, x, o);
+                if (my_part == 0 && j < n) sc[g][j] = x;
+            }
+        }
+        __syncthreads();
+        tile_softmax<G, ASYNC_MAXKT>(sc, s_alpha, s_m, s_l, n, warp, lane, nwarps);
+        __syncthreads();
+        for (int g = 0; g < G; g++) {
+            float a = s_alpha[g];
+            for (int e = 0; e < VEC; e++) acc[g][e] *= a;
+        }
+        if (v_key < kpb) {
+            for (int j = v_key; j < n; j += kpb) {
+                float vv[8];
+                load_vec(vs + j * d_head + v_vec * VEC, vv);
+                for (int g = 0; g < G; g++) {
+                    float p = sc[g][j];
+                    for (int e = 0; e < VEC; e++) acc[g][e] += p * vv[e];
+                }
+            }
+        }
+        // Every thread is done with this stage before the next pass copies into it.
+        __syncthreads();
+    }
+    long long o = ((long long)r * splits + split) * G;
+    __shared__ float gsum[MAXD];
+    write_group_sums<G, VecOf<T>::N>(acc, gsum, d_head, v_key < kpb, v_vec, tid, part_acc + o * d_head);
+    if (tid < G) { part_m[o + tid] = s_m[tid]; part_l[o + tid] = s_l[tid]; }
+}
+
 // Second pass: merge the splits of each (row, query head). grid = (rows, g_heads), block = D.
 template <typename T>
 __device__ void decode_reduce(int kv_heads, int g_heads, int d_head, int splits, const float* part_acc,
@@ -680,6 +808,13 @@ extern "C" __global__ void __launch_bounds__(THREADS) dms_decode_warps_##SUF##_g
     const T* v_pool, const int* block_table, const int* row_len, float* part_acc, float* part_m,     \
     float* part_l) {                                                                                 \
     decode_partial_warps<T, N>(kv_heads, d_head, bs, max_blocks, scale, q, k_pool, v_pool,           \
+                               block_table, row_len, part_acc, part_m, part_l);                      \
+}                                                                                                    \
+extern "C" __global__ void __launch_bounds__(THREADS) dms_decode_async_##SUF##_g##N(                \
+    int kv_heads, int d_head, int bs, int max_blocks, float scale, const T* q, const T* k_pool,      \
+    const T* v_pool, const int* block_table, const int* row_len, float* part_acc, float* part_m,     \
+    float* part_l) {                                                                                 \
+    decode_partial_async<T, N>(kv_heads, d_head, bs, max_blocks, scale, q, k_pool, v_pool,           \
                                block_table, row_len, part_acc, part_m, part_l);                      \
 }
 #define PARTIALS(T, SUF) PARTIAL(T, SUF, 1) PARTIAL(T, SUF, 2) PARTIAL(T, SUF, 3) PARTIAL(T, SUF, 4) \

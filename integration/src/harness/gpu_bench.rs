@@ -415,7 +415,8 @@ pub fn parse_kernel(name: &str) -> Result<AttnKernel> {
     match name {
         "tiled" => Ok(AttnKernel::Tiled),
         "warps" => Ok(AttnKernel::Warps),
-        other => bail!("unknown decode kernel {other:?} (tiled or warps)"),
+        "async" => Ok(AttnKernel::Async),
+        other => bail!("unknown decode kernel {other:?} (tiled, warps or async)"),
     }
 }
 
@@ -437,7 +438,7 @@ pub fn tune(dev: &Device, out: &str, models: &str, ctx: usize, limit: Limit, blo
                 continue;
             }
             let mut base = 0f64;
-            for kernel in [AttnKernel::Tiled, AttnKernel::Warps] {
+            for kernel in [AttnKernel::Tiled, AttnKernel::Warps, AttnKernel::Async] {
                 for &target_blocks in &blocks {
                     let tuning = AttnTuning { kernel, target_blocks };
                     let (step, live, _) = bench_one(dev, &model, ctx, &arm, batch, w, bs, steps, tuning)?;

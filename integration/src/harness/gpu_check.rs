@@ -405,7 +405,7 @@ pub fn check_per_head(dev: &Device, fixtures: &str) -> Result<()> {
         prompts: vec![700, 1500],
         latent: None,
     };
-    for kernel in [AttnKernel::Tiled, AttnKernel::Warps] {
+    for kernel in [AttnKernel::Tiled, AttnKernel::Warps, AttnKernel::Async] {
         let tuning = AttnTuning { kernel, ..AttnTuning::default() };
         let cases = [
             (DType::F32, small(vec![0, 0, 0]), "f32, decode only", 1e-4),

@@ -46,6 +46,7 @@ impl GpuCache {
         let first = match kernel {
             AttnKernel::Tiled => "dms_decode_partial",
             AttnKernel::Warps => "dms_decode_warps",
+            AttnKernel::Async => "dms_decode_async",
         };
         let fp = self.kernel(&format!("{first}_{}_g{g}", self.suffix()))?;
         // At least one 128-key tile per split.

@@ -3,7 +3,8 @@
 // deleted once it has W + 1 newer tokens; attention over the whole list, in double):
 //   - prompts of 0 / 3 / 17 / 300 tokens through dms_prefill_plan + dms_prefill_write,
 //   - decode steps through dms_decode_update (random decisions, the kernel's own hash),
-//   - decode attention with both first-pass kernels (tiled, warps) at 1 and 3 splits + reduce,
+//   - decode attention with the three first-pass kernels (tiled, warps, async) at 1 and 3 splits
+//     + reduce,
 // comparing kept positions, the stored K/V of every kept slot, and attention outputs, for f32
 // and bf16 storage; plus the error codes for a prompt into a non-empty row and an exhausted pool;
 // and the latent-row (MLA) path: one pool whose rows carry the values, dms_mla_partial + reduce.
@@ -181,10 +182,15 @@ static void update(Cache<T>& c, int layer, const std::vector<float>& k, const st
     });
 }
 
+// First-pass decode kernels, as the engine's AttnKernel names them.
+enum Kernel { TILED, WARPS, ASYNC };
+static const char* kernel_name(Kernel k) { return k == TILED ? "tiled" : k == WARPS ? "warps" : "async"; }
+
 // Decode attention of q [B, KV*G, D] over `layer` with one first-pass kernel at `splits` (over
 // the rows of the first `active` slots only, q [active, KV*G, D], when active >= 0).
 template <class T, int G>
-static std::vector<float> attend(Cache<T>& c, int layer, const std::vector<float>& q, bool warps, int splits, float scale,
+static std::vector<float> attend(Cache<T>& c, int layer, const std::vector<float>& q, Kernel kernel, int splits,
+                                 float scale,
                                  int active = -1) {
     int ro = layer * c.rows(), rows = active < 0 ? c.rows() : active * c.KV;
     std::vector<T> qt(q.size());
@@ -197,13 +203,21 @@ static std::vector<float> attend(Cache<T>& c, int layer, const std::vector<float
                    c.len.data() + ro, acc.data(), m.data(), l.data());
         };
         if constexpr (std::is_same_v<T, float> && G == 3) {
-            if (warps) f(dms_decode_warps_f32_g3); else f(dms_decode_partial_f32_g3);
+            if (kernel == WARPS) f(dms_decode_warps_f32_g3);
+            else if (kernel == ASYNC) f(dms_decode_async_f32_g3);
+            else f(dms_decode_partial_f32_g3);
         } else if constexpr (std::is_same_v<T, float> && G == 4) {
-            if (warps) f(dms_decode_warps_f32_g4); else f(dms_decode_partial_f32_g4);
+            if (kernel == WARPS) f(dms_decode_warps_f32_g4);
+            else if (kernel == ASYNC) f(dms_decode_async_f32_g4);
+            else f(dms_decode_partial_f32_g4);
         } else if constexpr (G == 3) {
-            if (warps) f(dms_decode_warps_bf16_g3); else f(dms_decode_partial_bf16_g3);
+            if (kernel == WARPS) f(dms_decode_warps_bf16_g3);
+            else if (kernel == ASYNC) f(dms_decode_async_bf16_g3);
+            else f(dms_decode_partial_bf16_g3);
         } else {
-            if (warps) f(dms_decode_warps_bf16_g4); else f(dms_decode_partial_bf16_g4);
+            if (kernel == WARPS) f(dms_decode_warps_bf16_g4);
+            else if (kernel == ASYNC) f(dms_decode_async_bf16_g4);
+            else f(dms_decode_partial_bf16_g4);
         }
     });
     emu::launch({(unsigned)rows, (unsigned)G}, {(unsigned)((c.D + 31) / 32 * 32)}, [&] {
@@ -265,10 +279,10 @@ static void scenario(const char* name, float tol, std::vector<int> prompts, int 
                     oracle_append(oracle[(layer * B + b) * KV + h], p, &k[(b * KV + h) * D], &v[(b * KV + h) * D], D,
                                   p > 0 && hash_unit(SEED, layer, h, p - 1) < RATE, W);
                 }
-            for (int variant = 0; variant < 4; variant++) {
-                bool warps = variant >= 2;
+            for (int variant = 0; variant < 6; variant++) {
+                Kernel kernel = (Kernel)(variant / 2);
                 int splits = variant % 2 ? 3 : 1;
-                auto out = attend<T, G>(c, layer, q, warps, splits, scale);
+                auto out = attend<T, G>(c, layer, q, kernel, splits, scale);
                 for (int r = 0; r < B * KV; r++) {
                     const Row& row = oracle[layer * B * KV + r];
                     for (int g = 0; g < G; g++) {
@@ -277,7 +291,7 @@ static void scenario(const char* name, float tol, std::vector<int> prompts, int 
                             float err = std::fabs(out[((size_t)r * G + g) * D + i] - (float)want[i]);
                             worst = std::max(worst, err);
                             EXPECT(err <= tol, "%s step %d layer %d %s kernel, %d splits: row %d head %d dim %d off by %g",
-                                   name, step, layer, warps ? "warps" : "tiled", splits, r, g, i, err);
+                                   name, step, layer, kernel_name(kernel), splits, r, g, i, err);
                         }
                     }
                 }
@@ -288,7 +302,7 @@ static void scenario(const char* name, float tol, std::vector<int> prompts, int 
     std::string lens;
     for (int p : prompts) lens += (lens.empty() ? "" : "/") + std::to_string(p);
     std::printf("%s (D %d, G %d, blocks of %d, W %d): prompts %s + %d decode steps, kept sets and stored K/V equal "
-                "the oracle, attention (tiled and warps, 1 and 3 splits) max abs error %.2e\n",
+                "the oracle, attention (tiled, warps and async, 1 and 3 splits) max abs error %.2e\n",
                 name, D, G, BS, W, lens.c_str(), STEPS, worst);
 
     // A prompt into rows that already hold tokens is refused with code 2.
@@ -449,7 +463,7 @@ static void slots_scenario(const char* name, float tol) {
                     oracle_append(oracle[row_of(layer, b, h)], p, &k[(b * KV + h) * D], &v[(b * KV + h) * D], D,
                                   program_flags(c.prog[b], layer, h, p - 1), c.prog[b].wc - 1);
                 }
-            auto out = attend<T, G>(c, layer, q, false, 3, scale, active);
+            auto out = attend<T, G>(c, layer, q, TILED, 3, scale, active);
             for (int r = 0; r < active * KV; r++)
                 for (int g = 0; g < G; g++) {
                     auto want = oracle_attention(oracle[layer * B * KV + r], &q[((size_t)r * G + g) * D], D, D, scale, false);

@@ -102,6 +102,7 @@ void launch(dim3 grid, dim3 blk, F kernel) {
 #define __forceinline__ inline
 #define __launch_bounds__(n)
 #define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
 
 inline void __syncthreads() { emu::block->bar.arrive_and_wait(); }
 inline float __shfl_xor_sync(unsigned, float v, int o) { return emu::exchange(v, (emu::t_idx.x % 32) ^ (unsigned)o); }
@@ -134,3 +135,28 @@ inline int atomicSub(int* p, int v) { return std::atomic_ref<int>(*p).fetch_sub(
 inline int atomicExch(int* p, int v) { return std::atomic_ref<int>(*p).exchange(v); }
 using std::max;
 using std::min;
+
+// Asynchronous global-to-shared copies (cp.async): queued per thread and performed only when the
+// thread waits for their group, so a kernel that reads a stage before waiting for it (or before
+// the barrier after the wait) reads stale data here and fails the check.
+#define DMS_CUDA_EMU 1
+namespace emu {
+struct Copy {
+    void* dst;
+    const void* src;
+};
+inline thread_local std::vector<std::vector<Copy>> t_groups;
+inline thread_local std::vector<Copy> t_open;
+}  // namespace emu
+inline void cp_async16(void* smem, const void* gmem) { emu::t_open.push_back({smem, gmem}); }
+inline void cp_async_commit() {
+    emu::t_groups.push_back(std::move(emu::t_open));
+    emu::t_open.clear();
+}
+template <int N>
+inline void cp_async_wait() {
+    while (emu::t_groups.size() > (size_t)N) {
+        for (const auto& c : emu::t_groups.front()) std::memcpy(c.dst, c.src, 16);
+        emu::t_groups.erase(emu::t_groups.begin());
+    }
+}

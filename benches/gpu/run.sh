@@ -10,6 +10,8 @@
 #   engine  `dms run` with the KV cache on the GPU == the host engine (NVIDIA's DMS fixture, and
 #           the tiny DeepSeek-V3 with DMS on its latent rows)
 #   grid    the kernel microbenchmark grid on synthetic caches (extra arguments go to `dms-gpu bench`)
+#   kernels the new first-pass kernels beside the defaults, 32K at batch 1 and the memory limit:
+#           per-head tiled vs async (Llama-3.1-8B), latent head groups vs tensor cores (DeepSeek-V2-Lite)
 #   enginebench `dms bench --config benches/gpu/bench-gpu-quick.toml` (the part of
 #           configs/bench-gpu.toml that fits one call): real prefill and decode through the
 #           scheduler on the device cache, the Llama-3.1-8B shape at 4K and 32K, a 64 GiB KV
@@ -99,8 +101,16 @@ for step in ${STEPS:-engine profile prefill peer tune}; do
       unpack dms
       timeout 420 bash .gpu-bin/gpu-run.sh /tmp/dms-gpu-bin/dms bench --config benches/gpu/bench-gpu-quick.toml 2>"$OUT/enginebench.err" | tee "$OUT/enginebench.log"
       cp bench-gpu-quick-results.json "$OUT/" 2>/dev/null; tail -5 "$OUT/enginebench.err" ;;
+    kernels)
+      for k in tiled async; do
+        timeout 100 bash .gpu-bin/gpu-run.sh "$BIN" bench --models llama3.1-8b --contexts 32768 --kernel $k --out "$OUT/gpu-kernel-$k.json" 2>"$OUT/kernel-$k.err" | tee "$OUT/kernel-$k.log"; tail -3 "$OUT/kernel-$k.err"
+      done
+      [ "$MLA_OK" = 0 ] && { echo "latent kernels skipped (MLA check failed)"; continue; }
+      for lk in groups mma; do
+        timeout 100 bash .gpu-bin/gpu-run.sh "$BIN" bench --models dsv2-lite-attn --contexts 32768 --latent-kernel $lk --out "$OUT/gpu-latent-$lk.json" 2>"$OUT/latent-$lk.err" | tee "$OUT/latent-$lk.log"; tail -3 "$OUT/latent-$lk.err"
+      done ;;
     grid) timeout 290 bash .gpu-bin/gpu-run.sh "$BIN" bench --out "$OUT/gpu-bench.json" "$@" 2>"$OUT/bench.err" | tee "$OUT/bench.log"; tail -5 "$OUT/bench.err" ;;
-    *) echo "unknown step $step (engine, profile, tune, prefill, peer, grid, enginebench, mla, long, smollm2)"; exit 2 ;;
+    *) echo "unknown step $step (engine, profile, tune, prefill, peer, grid, kernels, enginebench, mla, long, smollm2)"; exit 2 ;;
   esac
   save
 done

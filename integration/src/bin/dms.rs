@@ -39,6 +39,10 @@ enum Command {
         /// Eval file (TOML).
         #[arg(long)]
         config: PathBuf,
+        /// Override [model] device (`cpu`, `cuda:N`): on a GPU the requests whose policy has a
+        /// device program run in one batch on the device cache, the others on the host store.
+        #[arg(long)]
+        device: Option<String>,
     },
     /// Learn DMS decisions for a model by distillation; writes an NVIDIA-format adapter.
     Retrofit {
@@ -194,9 +198,12 @@ fn ab(a: AbArgs) -> Result<()> {
     Ok(())
 }
 
-fn eval(config: &std::path::Path) -> Result<()> {
+fn eval(config: &std::path::Path, device: Option<String>) -> Result<()> {
     use dms_integration::harness::eval;
-    let cfg = eval::EvalConfig::load(config)?;
+    let mut cfg = eval::EvalConfig::load(config)?;
+    if let Some(d) = device {
+        cfg.model.device = d;
+    }
     let report = eval::run_eval(&cfg)?;
     let table = eval::table(&cfg, &report);
     std::fs::write(&cfg.output.table, &table).with_context(|| format!("cannot write {}", cfg.output.table))?;
@@ -376,7 +383,7 @@ fn main() {
         Command::Run(a) => run(*a),
         Command::Ab(a) => ab(a),
         Command::Serve(a) => serve(a),
-        Command::Eval { config } => eval(&config),
+        Command::Eval { config, device } => eval(&config, device),
         Command::Retrofit { config } => dms_integration::retrofit::RetrofitConfig::load(&config)
             .and_then(|c| dms_integration::retrofit::run(&c))
             .map(|out| println!("adapter written to {}", out.display())),

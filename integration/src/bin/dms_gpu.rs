@@ -11,7 +11,9 @@ use clap::{Parser, Subcommand};
 use dms_integration::gpu::AttnTuning;
 #[cfg(feature = "mistralrs")]
 use dms_integration::harness::gpu_bench::bench_peer;
-use dms_integration::harness::gpu_bench::{bench, bench_prefill, parse_kernel, profile, tune, Limit};
+use dms_integration::harness::gpu_bench::{
+    bench, bench_prefill, parse_kernel, parse_latent_kernel, profile, tune, Limit,
+};
 use dms_integration::harness::gpu_check::{check_device_batch, check_latent, check_per_head};
 
 #[derive(Parser)]
@@ -141,6 +143,10 @@ struct LaunchArgs {
     /// First-pass decode kernel: tiled, warps or async.
     #[arg(long, default_value = "tiled")]
     kernel: String,
+    /// First-pass kernel over latent (MLA) rows: groups (CUDA cores, up to 8 heads a block) or
+    /// mma (tensor cores, 16 heads a block, bf16 rows).
+    #[arg(long, default_value = "groups")]
+    latent_kernel: String,
     /// Blocks the decode grid aims for (rows x splits; 0 = tail-aware: whole waves of the resident blocks).
     #[arg(long, default_value_t = 0)]
     target_blocks: usize,
@@ -148,7 +154,11 @@ struct LaunchArgs {
 
 impl LaunchArgs {
     fn tuning(&self) -> Result<AttnTuning> {
-        Ok(AttnTuning { kernel: parse_kernel(&self.kernel)?, target_blocks: self.target_blocks })
+        Ok(AttnTuning {
+            kernel: parse_kernel(&self.kernel)?,
+            latent: parse_latent_kernel(&self.latent_kernel)?,
+            target_blocks: self.target_blocks,
+        })
     }
 }
 

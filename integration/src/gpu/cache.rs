@@ -47,11 +47,25 @@ pub enum AttnKernel {
     Async,
 }
 
+/// Which first-pass kernel [`GpuCache::attend`] launches over latent (MLA) rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LatentKernel {
+    /// Blocks of up to 8 query heads on CUDA cores, each block reading the row
+    /// (`dms_mla_partial`).
+    HeadGroups,
+    /// Blocks of 16 query heads on tensor cores, the row read once for all of them
+    /// (`dms_mla_mma_bf16`). Only for bf16 rows with a width of at most 576 and values of at
+    /// most 512, multiples of 8; other shapes use [`LatentKernel::HeadGroups`].
+    TensorCores,
+}
+
 /// Launch settings of the decode attention.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AttnTuning {
-    /// First-pass kernel.
+    /// First-pass kernel over per-head rows.
     pub kernel: AttnKernel,
+    /// First-pass kernel over latent rows.
+    pub latent: LatentKernel,
     /// Blocks the grid aims for (rows x splits); each split keeps at least 128 keys (64 for
     /// latent rows). 0 = tail-aware: the split count that fills whole waves of the blocks the
     /// kernel keeps resident ([`crate::gpu::split_plan::tail_aware_splits`]).
@@ -63,7 +77,7 @@ impl Default for AttnTuning {
     /// tail-aware splits. Llama-3.1-8B, 32K, DMS CR 8 at the memory limit: 63.0 ms a step
     /// against 79.3 ms with a fixed 1056-block grid and 67.5 ms with the warps kernel.
     fn default() -> Self {
-        Self { kernel: AttnKernel::Tiled, target_blocks: 0 }
+        Self { kernel: AttnKernel::Tiled, latent: LatentKernel::HeadGroups, target_blocks: 0 }
     }
 }
 

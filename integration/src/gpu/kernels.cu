@@ -927,6 +927,195 @@ __device__ void mla_partial(int heads, int dk, int dv, int bs, int max_blocks, f
     if (tid < HG) { part_m[o + tid] = s_m[tid]; part_l[o + tid] = s_l[tid]; }
 }
 
+// One warp-wide tensor-core product, D = A B + C, of a 16x16 bf16 A (row-major), a 16x8 bf16 B
+// (column-major) and 16x8 f32 C/D (mma.sync m16n8k16, sm_80+). With g = lane / 4, t = lane % 4
+// a lane holds: a[0] = A[g][2t..2t+1], a[1] = A[g+8][2t..], a[2] = A[g][2t+8..], a[3] =
+// A[g+8][2t+8..]; b[0] = B[2t..2t+1][g], b[1] = B[2t+8..2t+9][g]; c, d = C[g][2t..2t+1] then
+// C[g+8][2t..2t+1] (two bf16 per register, the lower index in the low half). The CPU emulation
+// defines its own from this layout.
+#ifndef DMS_CUDA_EMU
+__device__ __forceinline__ void mma_bf16_16816(float* d, const unsigned* a, const unsigned* b, const float* c) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%10,%11,%12,%13};\n"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]),
+          "f"(c[3]));
+}
+#endif
+
+// Two bf16 in one register, `lo` in the low half.
+__device__ __forceinline__ unsigned pack_bf16(bf16_t lo, bf16_t hi) { return (unsigned)lo | ((unsigned)hi << 16); }
+
+#define MMA_HEADS 16
+#define MMA_KT 16
+#define MMA_MAXDK 576
+#define MMA_MAXDV 512
+
+// Latent (MLA) decode attention on tensor cores, bf16 rows: a block takes 16 query heads of one
+// sequence (all of DeepSeek-V2-Lite's), so each latent row is read once for all of them, not once
+// per group of 8 as in mla_partial. Tiles of 16 keys stream into shared memory with asynchronous
+// copies, double-buffered. Scores: S[16 heads x 16 keys] = Q K^T as m16n8k16 products, the
+// dk / 16 k-steps dealt round-robin to the 4 warps (each keeps its share of Q's fragments in
+// registers) and summed through shared memory; then the online softmax per head in f32, and P
+// rounded to bf16 for O[16 x dv] += P V, each warp owning every 4th 8-wide column tile of O.
+// Heads past `heads` (a last partial block) score zero queries and are not written. Writes the
+// same partials as mla_partial, merged by decode_reduce. Needs dk <= MMA_MAXDK, dk % 8 == 0,
+// dv <= MMA_MAXDV, dv % 8 == 0. grid = (batch, splits, ceil(heads / 16)), block = THREADS.
+__device__ void mla_mma(int heads, int dk, int dv, int bs, int max_blocks, float scale, const bf16_t* q,
+                        const bf16_t* pool, const int* block_table, const int* row_len, float* part_acc,
+                        float* part_m, float* part_l) {
+    const int NW = THREADS / 32;
+    const int KS_W = (MMA_MAXDK / 16 + NW - 1) / NW;  // k-steps per warp, at most
+    const int NT_W = MMA_MAXDV / 8 / NW;              // output column tiles per warp, at most
+    int r = blockIdx.x, split = blockIdx.y, splits = gridDim.y, h0 = blockIdx.z * MMA_HEADS;
+    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gq = lane >> 2, tq = lane & 3;
+    __shared__ __align__(16) bf16_t stage[2][MMA_KT * MMA_MAXDK];
+    __shared__ float red[NW][MMA_HEADS][MMA_KT];
+    __shared__ float sp[MMA_HEADS][MMA_KT];
+    __shared__ bf16_t pb[MMA_HEADS][MMA_KT];
+    __shared__ float s_alpha[MMA_HEADS], s_m[MMA_HEADS], s_l[MMA_HEADS];
+    int ksteps = (dk + 15) / 16, nvk = dk / 8;
+    // This warp's fragments of Q (unscaled bf16; the scale is applied to the f32 scores).
+    unsigned qa[KS_W][4];
+    auto q_at = [&](int h, int col) -> bf16_t {
+        return (h0 + h < heads && col < dk) ? q[((long long)r * heads + h0 + h) * dk + col] : (bf16_t)0;
+    };
+#pragma unroll
+    for (int i = 0; i < KS_W; i++) {
+        int k0 = (warp + i * NW) * 16;
+        qa[i][0] = pack_bf16(q_at(gq, k0 + 2 * tq), q_at(gq, k0 + 2 * tq + 1));
+        qa[i][1] = pack_bf16(q_at(gq + 8, k0 + 2 * tq), q_at(gq + 8, k0 + 2 * tq + 1));
+        qa[i][2] = pack_bf16(q_at(gq, k0 + 2 * tq + 8), q_at(gq, k0 + 2 * tq + 9));
+        qa[i][3] = pack_bf16(q_at(gq + 8, k0 + 2 * tq + 8), q_at(gq + 8, k0 + 2 * tq + 9));
+    }
+    if (tid < MMA_HEADS) { s_m[tid] = -INFINITY; s_l[tid] = 0.0f; }
+    float acc[NT_W][4];
+#pragma unroll
+    for (int i = 0; i < NT_W; i++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) acc[i][e] = 0.0f;
+    int start, end;
+    split_range(row_len[r], split, splits, start, end);
+    const int* table = block_table + (long long)r * max_blocks;
+    auto issue = [&](int t0, int buf) {
+        int n = min(MMA_KT, end - t0);
+        for (int c = tid; c < n * nvk; c += THREADS) {
+            int j = c / nvk, v = c % nvk, slot = t0 + j;
+            cp_async16(&stage[buf][j * dk + v * 8], pool + ((long long)table[slot / bs] * bs + slot % bs) * dk + v * 8);
+        }
+        cp_async_commit();
+    };
+    if (start < end) issue(start, 0);
+    __syncthreads();
+    int buf = 0;
+    for (int t0 = start; t0 < end; t0 += MMA_KT, buf ^= 1) {
+        int n = min(MMA_KT, end - t0);
+        if (t0 + MMA_KT < end) {
+            issue(t0 + MMA_KT, buf ^ 1);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        const bf16_t* ks = stage[buf];
+        // Key `j`'s element `col` (zero past the tile's keys or the row's width).
+        auto k_at = [&](int j, int col) -> bf16_t { return (j < n && col < dk) ? ks[j * dk + col] : (bf16_t)0; };
+        float sc[2][4];
+#pragma unroll
+        for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) sc[nt][e] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < KS_W; i++) {
+            int kstep = warp + i * NW;
+            if (kstep < ksteps) {
+                int k0 = kstep * 16;
+#pragma unroll
+                for (int nt = 0; nt < 2; nt++) {
+                    int j = nt * 8 + gq;
+                    unsigned b[2] = {pack_bf16(k_at(j, k0 + 2 * tq), k_at(j, k0 + 2 * tq + 1)),
+                                     pack_bf16(k_at(j, k0 + 2 * tq + 8), k_at(j, k0 + 2 * tq + 9))};
+                    mma_bf16_16816(sc[nt], qa[i], b, sc[nt]);
+                }
+            }
+        }
+#pragma unroll
+        for (int nt = 0; nt < 2; nt++) {
+            red[warp][gq][nt * 8 + 2 * tq] = sc[nt][0];
+            red[warp][gq][nt * 8 + 2 * tq + 1] = sc[nt][1];
+            red[warp][gq + 8][nt * 8 + 2 * tq] = sc[nt][2];
+            red[warp][gq + 8][nt * 8 + 2 * tq + 1] = sc[nt][3];
+        }
+        __syncthreads();
+        for (int i = tid; i < MMA_HEADS * MMA_KT; i += THREADS) {
+            int h = i / MMA_KT, j = i % MMA_KT;
+            float x = 0.0f;
+            for (int w = 0; w < NW; w++) x += red[w][h][j];
+            sp[h][j] = j < n ? x * scale : -INFINITY;
+        }
+        __syncthreads();
+        // Online softmax: a warp per 4 heads, lanes 0-15 over the keys of one head.
+        for (int h = warp * 4 + (lane >> 4); h < warp * 4 + 4; h += 2) {
+            int j = lane & 15;
+            float x = sp[h][j], mx = x;
+            for (int o = 8; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+            float m_old = s_m[h], m_new = fmaxf(m_old, mx);
+            float p = (x == -INFINITY) ? 0.0f : __expf(x - m_new);
+            bf16_t pbv;
+            from_f(p, &pbv);
+            pb[h][j] = pbv;
+            float sum = to_f(pbv);
+            for (int o = 8; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+            if (j == 0) {
+                float a = (m_old == -INFINITY) ? 0.0f : __expf(m_old - m_new);
+                s_alpha[h] = a;
+                s_l[h] = s_l[h] * a + sum;
+                s_m[h] = m_new;
+            }
+        }
+        __syncthreads();
+        unsigned pa[4] = {pack_bf16(pb[gq][2 * tq], pb[gq][2 * tq + 1]), pack_bf16(pb[gq + 8][2 * tq], pb[gq + 8][2 * tq + 1]),
+                          pack_bf16(pb[gq][2 * tq + 8], pb[gq][2 * tq + 9]),
+                          pack_bf16(pb[gq + 8][2 * tq + 8], pb[gq + 8][2 * tq + 9])};
+        float a_lo = s_alpha[gq], a_hi = s_alpha[gq + 8];
+#pragma unroll
+        for (int i = 0; i < NT_W; i++) {
+            int c0 = (warp + i * NW) * 8;
+            if (c0 < dv) {
+                acc[i][0] *= a_lo; acc[i][1] *= a_lo; acc[i][2] *= a_hi; acc[i][3] *= a_hi;
+                unsigned b[2] = {pack_bf16(k_at(2 * tq, c0 + gq), k_at(2 * tq + 1, c0 + gq)),
+                                 pack_bf16(k_at(2 * tq + 8, c0 + gq), k_at(2 * tq + 9, c0 + gq))};
+                mma_bf16_16816(acc[i], pa, b, acc[i]);
+            }
+        }
+        // Every thread is done with this stage before the next pass copies into it.
+        __syncthreads();
+    }
+    long long o = ((long long)r * splits + split) * heads;
+#pragma unroll
+    for (int i = 0; i < NT_W; i++) {
+        int c0 = (warp + i * NW) * 8;
+        if (c0 >= dv) continue;
+        int col = c0 + 2 * tq;
+        if (h0 + gq < heads) {
+            part_acc[(o + h0 + gq) * dv + col] = acc[i][0];
+            part_acc[(o + h0 + gq) * dv + col + 1] = acc[i][1];
+        }
+        if (h0 + gq + 8 < heads) {
+            part_acc[(o + h0 + gq + 8) * dv + col] = acc[i][2];
+            part_acc[(o + h0 + gq + 8) * dv + col + 1] = acc[i][3];
+        }
+    }
+    if (tid < MMA_HEADS && h0 + tid < heads) { part_m[o + h0 + tid] = s_m[tid]; part_l[o + h0 + tid] = s_l[tid]; }
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS) dms_mla_mma_bf16(
+    int heads, int dk, int dv, int bs, int max_blocks, float scale, const bf16_t* q, const bf16_t* pool,
+    const int* block_table, const int* row_len, float* part_acc, float* part_m, float* part_l) {
+    mla_mma(heads, dk, dv, bs, max_blocks, scale, q, pool, block_table, row_len, part_acc, part_m, part_l);
+}
+
 #define MLA(T, SUF, N)                                                                               \
 extern "C" __global__ void __launch_bounds__(THREADS) dms_mla_partial_##SUF##_h##N(                 \
     int heads, int dk, int dv, int bs, int max_blocks, float scale, const T* q, const T* pool,       \

@@ -4,7 +4,7 @@
 
 use crate::engine::load_model;
 use crate::gpu::policy::DevicePolicy;
-use crate::gpu::{AttnKernel, AttnTuning, GpuCache, GpuCacheShape, RowInit};
+use crate::gpu::{AttnKernel, AttnTuning, GpuCache, GpuCacheShape, LatentKernel, RowInit};
 use crate::model::shapes::named_shape;
 use crate::model::WeightForm;
 use crate::model::{Llama, ModelConfig};
@@ -420,6 +420,15 @@ pub fn parse_kernel(name: &str) -> Result<AttnKernel> {
     }
 }
 
+/// The latent-row kernel named on the command line: `groups` or `mma`.
+pub fn parse_latent_kernel(name: &str) -> Result<LatentKernel> {
+    match name {
+        "groups" => Ok(LatentKernel::HeadGroups),
+        "mma" => Ok(LatentKernel::TensorCores),
+        other => bail!("unknown latent decode kernel {other:?} (groups or mma)"),
+    }
+}
+
 /// Decode kernel and grid size at the memory limit, side by side in one run.
 pub fn tune(dev: &Device, out: &str, models: &str, ctx: usize, limit: Limit, blocks: &str) -> Result<()> {
     let bw = copy_bandwidth(dev)?;
@@ -440,7 +449,7 @@ pub fn tune(dev: &Device, out: &str, models: &str, ctx: usize, limit: Limit, blo
             let mut base = 0f64;
             for kernel in [AttnKernel::Tiled, AttnKernel::Warps, AttnKernel::Async] {
                 for &target_blocks in &blocks {
-                    let tuning = AttnTuning { kernel, target_blocks };
+                    let tuning = AttnTuning { kernel, target_blocks, ..AttnTuning::default() };
                     let (step, live, _) = bench_one(dev, &model, ctx, &arm, batch, w, bs, steps, tuning)?;
                     if base == 0.0 {
                         base = step;

@@ -4,7 +4,7 @@
 
 use crate::engine::load_model;
 use crate::gpu::policy::DevicePolicy;
-use crate::gpu::{AttnKernel, AttnTuning, GpuCache, GpuCacheShape};
+use crate::gpu::{AttnKernel, AttnTuning, GpuCache, GpuCacheShape, LatentKernel};
 use crate::kv::attention::decode_row;
 use crate::kv::sequence::SequenceCache;
 use crate::kv::store::KvStore;
@@ -459,14 +459,18 @@ pub fn check_latent(dev: &Device, fixtures: &str) -> Result<()> {
         (DType::F32, latent(6, 40, 32, 4, 20, vec![100, 5]), "f32 latent 32 + 8, 6 heads", 1e-4),
         (DType::BF16, latent(16, 576, 512, 64, 6, vec![700, 1500]), "bf16 latent 512 + 64, 16 heads", 2e-2),
     ];
-    for (dtype, case, what, tol) in &cases {
-        let (e, n) = check_kernels(dev, *dtype, case, AttnTuning::default())?;
-        println!(
-            "MLA kernels ({what}, prompts {:?}): max abs error vs CPU {e:.2e} over {} steps, kept sets equal on {n} rows",
-            case.prompts, case.steps
-        );
-        if e > *tol {
-            bail!("MLA kernels ({what}): error {e} above {tol}");
+    for latent in [LatentKernel::HeadGroups, LatentKernel::TensorCores] {
+        let tuning = AttnTuning { latent, ..AttnTuning::default() };
+        for (dtype, case, what, tol) in &cases {
+            let (e, n) = check_kernels(dev, *dtype, case, tuning)?;
+            println!(
+                "MLA kernels ({latent:?}; {what}, prompts {:?}): max abs error vs CPU {e:.2e} over {} steps, kept \
+                 sets equal on {n} rows",
+                case.prompts, case.steps
+            );
+            if e > *tol {
+                bail!("MLA kernels ({latent:?}; {what}): error {e} above {tol}");
+            }
         }
     }
     let (full, dms, states) = check_mla(dev, fixtures)?;

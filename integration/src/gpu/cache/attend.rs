@@ -157,10 +157,19 @@ impl GpuCache {
                 s.head_dim
             );
         }
-        let hg = [8, 4, 2, 1].into_iter().find(|g| nh % g == 0).expect("1 divides");
-        let key = format!("dms_mla_partial_{}_h{hg}", self.suffix());
+        let mma = self.tuning.latent == LatentKernel::TensorCores
+            && self.dtype == DType::BF16
+            && d <= 576
+            && d.is_multiple_of(8)
+            && rank <= 512
+            && rank.is_multiple_of(8);
+        let (key, groups) = if mma {
+            ("dms_mla_mma_bf16".to_string(), nh.div_ceil(16))
+        } else {
+            let hg = [8, 4, 2, 1].into_iter().find(|g| nh % g == 0).expect("1 divides");
+            (format!("dms_mla_partial_{}_h{hg}", self.suffix()), nh / hg)
+        };
         let fp = self.kernel(&key)?;
-        let groups = nh / hg;
         // At least one 64-key tile per split.
         let splits = self.splits_for(key, &fp, b * groups, max_len_hint, 64)?;
         self.ensure_partials(b * splits * nh, rank)?;

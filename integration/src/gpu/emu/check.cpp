@@ -7,7 +7,8 @@
 //     + reduce,
 // comparing kept positions, the stored K/V of every kept slot, and attention outputs, for f32
 // and bf16 storage; plus the error codes for a prompt into a non-empty row and an exhausted pool;
-// and the latent-row (MLA) path: one pool whose rows carry the values, dms_mla_partial + reduce.
+// and the latent-row (MLA) path: one pool whose rows carry the values, dms_mla_partial (and for
+// bf16 the tensor-core dms_mla_mma_bf16) + reduce.
 // Prints "EMULATED KERNEL CHECKS PASSED" and exits 0 when everything matches.
 
 #include "cuda_emu.h"
@@ -326,20 +327,28 @@ static void scenario(const char* name, float tol, std::vector<int> prompts, int 
 }
 
 // Latent (MLA) decode attention of q [B, H, DK] over `layer`: dms_mla_partial with HG heads per
-// block at `splits`, then dms_decode_reduce with one row per sequence and H heads of width DV.
+// block at `splits` (or, with `mma`, dms_mla_mma_bf16 with 16 heads per block), then
+// dms_decode_reduce with one row per sequence and H heads of width DV.
 template <class T, int HG>
 static std::vector<float> mla_attend(Cache<T>& c, int layer, const std::vector<float>& q, int H, int DV, int splits,
-                                     float scale) {
+                                     float scale, bool mma = false) {
     int rows = c.B, ro = layer * rows;
     std::vector<T> qt(q.size());
     for (size_t i = 0; i < q.size(); i++) qt[i] = to_t<T>(q[i]);
     std::vector<float> acc((size_t)rows * splits * H * DV), m((size_t)rows * splits * H), l(m.size());
     std::vector<T> out((size_t)rows * H * DV);
-    emu::launch({(unsigned)rows, (unsigned)splits, (unsigned)(H / HG)}, {THREADS}, [&] {
+    unsigned z = mma ? (unsigned)((H + MMA_HEADS - 1) / MMA_HEADS) : (unsigned)(H / HG);
+    emu::launch({(unsigned)rows, (unsigned)splits, z}, {THREADS}, [&] {
         auto f = [&](auto kernel) {
             kernel(H, c.D, DV, c.BS, c.MB, scale, qt.data(), c.kp.data(), c.table.data() + ro * c.MB,
                    c.len.data() + ro, acc.data(), m.data(), l.data());
         };
+        if constexpr (std::is_same_v<T, bf16_t>) {
+            if (mma) {
+                f(dms_mla_mma_bf16);
+                return;
+            }
+        }
         if constexpr (std::is_same_v<T, float> && HG == 2) f(dms_mla_partial_f32_h2);
         else if constexpr (std::is_same_v<T, float> && HG == 4) f(dms_mla_partial_f32_h4);
         else if constexpr (std::is_same_v<T, float>) f(dms_mla_partial_f32_h8);
@@ -393,8 +402,10 @@ static void mla_scenario(const char* name, float tol, std::vector<int> prompts, 
                 oracle_append(oracle[layer * B + b], p, &k[(size_t)b * DK], &k[(size_t)b * DK], DK,
                               p > 0 && hash_unit(SEED, layer, 0, p - 1) < RATE, W);
             }
-            for (int splits : {1, 3}) {
-                auto out = mla_attend<T, HG>(c, layer, q, H, DV, splits, scale);
+            for (int variant = 0; variant < (std::is_same_v<T, bf16_t> ? 4 : 2); variant++) {
+                int splits = variant % 2 ? 3 : 1;
+                bool mma = variant >= 2;
+                auto out = mla_attend<T, HG>(c, layer, q, H, DV, splits, scale, mma);
                 for (int b = 0; b < B; b++) {
                     const Row& row = oracle[layer * B + b];
                     for (int h = 0; h < H; h++) {
@@ -402,8 +413,9 @@ static void mla_scenario(const char* name, float tol, std::vector<int> prompts, 
                         for (int i = 0; i < DV; i++) {
                             float err = std::fabs(out[((size_t)b * H + h) * DV + i] - (float)want[i]);
                             worst = std::max(worst, err);
-                            EXPECT(err <= tol, "%s step %d layer %d, %d splits: sequence %d head %d dim %d off by %g",
-                                   name, step, layer, splits, b, h, i, err);
+                            EXPECT(err <= tol, "%s step %d layer %d, %s, %d splits: sequence %d head %d dim %d off by %g",
+                                   name, step, layer, mma ? "tensor-core kernel" : "head-group kernel", splits, b, h,
+                                   i, err);
                         }
                     }
                 }
@@ -414,9 +426,10 @@ static void mla_scenario(const char* name, float tol, std::vector<int> prompts, 
     std::string lens;
     for (int p : prompts) lens += (lens.empty() ? "" : "/") + std::to_string(p);
     std::printf("%s MLA (latent rows of %d, values the first %d, %d heads, %d per block, blocks of %d, W %d): prompts "
-                "%s + %d decode steps, kept sets and stored rows equal the oracle, attention (1 and 3 splits) max abs "
-                "error %.2e\n",
-                name, DK, DV, H, HG, BS, W, lens.c_str(), STEPS, worst);
+                "%s + %d decode steps, kept sets and stored rows equal the oracle, attention (1 and 3 splits%s) max "
+                "abs error %.2e\n",
+                name, DK, DV, H, HG, BS, W, lens.c_str(), STEPS,
+                std::is_same_v<T, bf16_t> ? "; head-group and tensor-core kernels" : "", worst);
 }
 
 // Sequence slots: sequences join (a prompt into an empty slot), decode with the rows of the first
@@ -581,6 +594,8 @@ int main() {
     // and a rank whose 12 bf16 vectors leave threads idle in the value phase, heads in 3 groups.
     mla_scenario<float, 8>("f32", 2e-5f, {2, 70}, 8, 576, 512, 64, 16, 2);
     mla_scenario<bf16_t, 2>("bf16", 1e-2f, {5, 90}, 6, 128, 96, 8, 4, 3);
+    // 24 heads: the tensor-core kernel's second block of 16 holds 8 (a partial block at h0 = 16).
+    mla_scenario<bf16_t, 8>("bf16", 1e-2f, {3, 70}, 24, 64, 48, 8, 4, 2);
     if (failures) {
         std::printf("EMULATED KERNEL CHECKS FAILED (%d)\n", failures);
         return 1;

@@ -45,6 +45,8 @@ struct Block {
     std::vector<unsigned> lanes;
     std::vector<std::unique_ptr<std::barrier<>>> warps;
     std::vector<std::array<uint64_t, 32>> mail;
+    // Per warp and lane, the six fragment registers of a tensor-core product (a[4], b[2]).
+    std::vector<std::array<std::array<unsigned, 6>, 32>> frags = std::vector<std::array<std::array<unsigned, 6>, 32>>(32);
 };
 
 inline thread_local dim3 t_idx, b_idx;
@@ -153,6 +155,37 @@ inline void cp_async_commit() {
     emu::t_groups.push_back(std::move(emu::t_open));
     emu::t_open.clear();
 }
+// mma.sync m16n8k16 (bf16 in, f32 accumulate) for the calling lane's warp, from the fragment
+// layout documented beside the kernels' own definition: every lane posts its A and B registers,
+// then computes its four outputs from everyone's (in f32, summing k in order).
+inline void mma_bf16_16816(float* d, const unsigned* a, const unsigned* b, const float* c) {
+    unsigned w = emu::t_idx.x / 32, lane = emu::t_idx.x % 32;
+    auto& box = emu::block->frags[w];
+    for (int i = 0; i < 4; i++) box[lane][i] = a[i];
+    box[lane][4] = b[0];
+    box[lane][5] = b[1];
+    emu::block->warps[w]->arrive_and_wait();
+    auto half = [](unsigned reg, int hi) {
+        unsigned bits = (reg >> (16 * hi)) & 0xffffu;
+        unsigned u = bits << 16;
+        float f;
+        std::memcpy(&f, &u, 4);
+        return f;
+    };
+    auto A = [&](int row, int col) { return half(box[(row % 8) * 4 + (col % 8) / 2][(row >= 8) + 2 * (col >= 8)], col % 2); };
+    auto B = [&](int k, int col) { return half(box[col * 4 + (k % 8) / 2][4 + (k >= 8)], k % 2); };
+    int g = lane / 4, t = lane % 4;
+    float out[4];
+    for (int i = 0; i < 4; i++) {
+        int row = g + (i >= 2 ? 8 : 0), col = 2 * t + i % 2;
+        float x = c[i];
+        for (int k = 0; k < 16; k++) x += A(row, k) * B(k, col);
+        out[i] = x;
+    }
+    emu::block->warps[w]->arrive_and_wait();
+    for (int i = 0; i < 4; i++) d[i] = out[i];
+}
+
 template <int N>
 inline void cp_async_wait() {
     while (emu::t_groups.size() > (size_t)N) {

@@ -236,11 +236,44 @@ answer_tokens = 4
     }
     // Evicting more costs quality: the window's KL grows from CR 2 to CR 3.
     assert!(r.cells[1].quality.mean_kl > r.cells[0].quality.mean_kl);
+    // Each cell's per-prompt sums pool to its figures.
+    for c in &r.cells {
+        let mut total = dms_integration::harness::stats::PromptSums::default();
+        c.per_prompt.iter().for_each(|p| total.add(p));
+        let [top1, kl, ppl] = total.pooled();
+        let q = &c.quality;
+        assert_eq!(c.per_prompt.len(), 2);
+        assert!((top1 - q.top1_agreement).abs() < 1e-12 && (kl - q.mean_kl).abs() < 1e-12, "{}", c.family);
+        assert!((ppl / q.perplexity - 1.0).abs() < 1e-12, "{}", c.family);
+    }
+    // The key-norm cells against the window's at the same target, on the same two prompts of
+    // equal length: the paired differences of agreement and KL are the mean of the two prompts'
+    // differences, inside the resamples' range.
+    let paired = dms_integration::harness::eval::paired_vs_first(&r);
+    assert_eq!(paired.len(), 2);
+    for p in &paired {
+        assert_eq!((p.first.family.as_str(), p.other.family.as_str()), ("window", "keynorm"));
+        assert_eq!(p.first.target, p.other.target);
+        let (a, b) = (&p.first.quality, &p.other.quality);
+        assert!((p.diff[1] - (a.mean_kl - b.mean_kl)).abs() < 1e-12);
+        for m in [0, 1] {
+            let [lo, hi] = p.ci[m];
+            assert!(
+                lo <= p.diff[m] + 1e-12 && p.diff[m] <= hi + 1e-12,
+                "figure {m}: {} outside [{lo}, {hi}]",
+                p.diff[m]
+            );
+        }
+    }
     let t = eval_table(&cfg, &r);
+    assert!(t.contains("Paired differences, `window` minus") && t.contains("| keynorm | 3 |"), "{t}");
     assert!(t.contains("| window | 2 |") && t.contains("| keynorm | 3 |"), "{t}");
     let json = eval_json(&cfg, &r);
     assert_eq!(json["cells"].as_array().unwrap().len(), 4);
     assert_eq!(json["cells"][0]["mean_kl_ci"].as_array().unwrap().len(), 2);
+    assert_eq!(json["cells"][0]["per_prompt"].as_array().unwrap().len(), 2);
+    assert_eq!(json["paired_vs_first"][1]["other"], "keynorm");
+    assert_eq!(json["paired_vs_first"][1]["mean_kl_diff_ci"].as_array().unwrap().len(), 2);
     let svg = path.with_file_name("q.svg");
     eval_plot(&r, &svg).unwrap();
     assert!(std::fs::read_to_string(&svg).unwrap().contains("keynorm"));

@@ -35,7 +35,7 @@ mod report;
 
 use calibrate::{calibrate, knob_value};
 use needle::{needle_prefill_cr, needle_prompts, needle_run, NeedlePrompt};
-pub use report::{plot, table, to_json};
+pub use report::{paired_vs_first, plot, table, to_json, PairedDiff};
 
 /// An eval file.
 #[derive(Debug, Clone, Deserialize)]
@@ -287,6 +287,8 @@ pub struct Cell {
     pub matched: bool,
     /// Quality at that knob.
     pub quality: Quality,
+    /// Each quality prompt's sums at that knob (for paired comparisons between families).
+    pub per_prompt: Vec<PromptSums>,
     /// Needle results, when configured.
     pub needle: Option<NeedleResult>,
 }
@@ -332,7 +334,13 @@ pub(super) fn mean_cr(done: &[Finished]) -> f64 {
     done.iter().map(|f| f.compression_ratio).sum::<f64>() / done.len().max(1) as f64
 }
 
-fn score(done: &[Finished], baseline: &[Vec<Vec<f32>>], wins: &[Vec<u32>], prompt_tokens: usize) -> Quality {
+/// Quality of a run against the full cache's log-probabilities, and each prompt's sums.
+fn score(
+    done: &[Finished],
+    baseline: &[Vec<Vec<f32>>],
+    wins: &[Vec<u32>],
+    prompt_tokens: usize,
+) -> (Quality, Vec<PromptSums>) {
     let mut total = PromptSums::default();
     let mut per_prompt = Vec::with_capacity(done.len());
     for f in done {
@@ -351,7 +359,16 @@ fn score(done: &[Finished], baseline: &[Vec<Vec<f32>>], wins: &[Vec<u32>], promp
     }
     let [top1_agreement, mean_kl, perplexity] = total.pooled();
     let [top1_agreement_ci, mean_kl_ci, perplexity_ci] = bootstrap_ci(&per_prompt, 0);
-    Quality { cr: mean_cr(done), top1_agreement, mean_kl, perplexity, top1_agreement_ci, mean_kl_ci, perplexity_ci }
+    let q = Quality {
+        cr: mean_cr(done),
+        top1_agreement,
+        mean_kl,
+        perplexity,
+        top1_agreement_ci,
+        mean_kl_ci,
+        perplexity_ci,
+    };
+    (q, per_prompt)
 }
 
 /// Runs the whole evaluation.
@@ -386,7 +403,7 @@ pub fn run_eval(cfg: &EvalConfig) -> Result<EvalReport> {
     let base_done = teacher_forced(&mut engine, full.clone(), &wins, q, chunk)?;
     let baseline: Vec<Vec<Vec<f32>>> =
         base_done.iter().map(|f| f.step_logits.iter().map(|l| log_softmax(l)).collect()).collect();
-    let full_perplexity = score(&base_done, &baseline, &wins, q.prompt_tokens).perplexity;
+    let full_perplexity = score(&base_done, &baseline, &wins, q.prompt_tokens).0.perplexity;
     let full_needle = match (&cfg.needle, &needle_prompts) {
         (Some(n), Some(p)) => Some(needle_run(&mut engine, &full, p, n, &tok, chunk)?),
         _ => None,
@@ -406,24 +423,24 @@ pub fn run_eval(cfg: &EvalConfig) -> Result<EvalReport> {
         };
         let targets = f.targets.clone().unwrap_or_else(|| cfg.calibration.targets.clone());
         let pb = bar(targets.len() as u64, &f.name);
-        let mut seen: BTreeMap<i64, Quality> = BTreeMap::new();
-        let mut seen_subset: BTreeMap<i64, Quality> = BTreeMap::new();
+        let mut seen: BTreeMap<i64, (Quality, Vec<PromptSums>)> = BTreeMap::new();
+        let mut seen_subset: BTreeMap<i64, (Quality, Vec<PromptSums>)> = BTreeMap::new();
         let mut needle_seen: BTreeMap<i64, f64> = BTreeMap::new();
         let key = |x: f64| (x * 1e6).round() as i64;
         let mut spent = 0usize;
         for target in targets {
             pb.set_message(format!("CR {target}: quality"));
             // Calibrate on the first prompts, then match on all of them from there.
-            let mut measure = |x: f64, n: usize, seen: &mut BTreeMap<i64, Quality>| -> Result<f64> {
-                if let Some(qv) = seen.get(&key(x)) {
+            let mut measure = |x: f64, n: usize, seen: &mut BTreeMap<i64, (Quality, Vec<PromptSums>)>| -> Result<f64> {
+                if let Some((qv, _)) = seen.get(&key(x)) {
                     return Ok(qv.cr);
                 }
                 let policy = build(x)?;
                 engine.check_policy(policy.as_ref())?;
                 let done = teacher_forced(&mut engine, policy, &wins[..n], q, chunk)?;
-                let qv = score(&done, &baseline, &wins, q.prompt_tokens);
+                let (qv, per_prompt) = score(&done, &baseline, &wins, q.prompt_tokens);
                 spent += 1;
-                seen.insert(key(x), qv);
+                seen.insert(key(x), (qv, per_prompt));
                 Ok(qv.cr)
             };
             let start = if subset < wins.len() {
@@ -432,7 +449,7 @@ pub fn run_eval(cfg: &EvalConfig) -> Result<EvalReport> {
                 None
             };
             let (knob, matched) = calibrate(f, target, &cfg.calibration, start, |x| measure(x, wins.len(), &mut seen))?;
-            let quality = seen[&key(knob)];
+            let (quality, per_prompt) = seen[&key(knob)].clone();
             let needle = match (&cfg.needle, &needle_prompts) {
                 (Some(n), Some(p)) => {
                     pb.set_message(format!("CR {target}: needle"));
@@ -473,7 +490,7 @@ pub fn run_eval(cfg: &EvalConfig) -> Result<EvalReport> {
                 }
                 _ => None,
             };
-            cells.push(Cell { family: f.name.clone(), target, knob, matched, quality, needle });
+            cells.push(Cell { family: f.name.clone(), target, knob, matched, quality, per_prompt, needle });
             pb.inc(1);
         }
         pb.finish();

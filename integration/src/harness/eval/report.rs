@@ -5,7 +5,37 @@ use std::path::Path;
 use anyhow::Result;
 use serde_json::json;
 
-use super::{EvalConfig, EvalReport, NeedleResult, Quality};
+use super::{Cell, EvalConfig, EvalReport, NeedleResult, Quality};
+use crate::harness::stats::paired_bootstrap_ci;
+
+/// The first family's cell minus another family's cell at the same target, on the same prompts.
+pub struct PairedDiff<'a> {
+    /// The first family's cell.
+    pub first: &'a Cell,
+    /// The other family's cell.
+    pub other: &'a Cell,
+    /// Point differences of top-1 agreement, mean KL and perplexity (first - other).
+    pub diff: [f64; 3],
+    /// Their 95% paired-bootstrap intervals.
+    pub ci: [[f64; 2]; 3],
+}
+
+/// Every other family's cells against the first family's at the same target.
+pub fn paired_vs_first(r: &EvalReport) -> Vec<PairedDiff<'_>> {
+    let Some(first_family) = r.cells.first().map(|c| c.family.as_str()) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for other in r.cells.iter().filter(|c| c.family != first_family) {
+        let Some(first) = r.cells.iter().find(|c| c.family == first_family && c.target == other.target) else {
+            continue;
+        };
+        let (a, b) = (&first.quality, &other.quality);
+        let diff = [a.top1_agreement - b.top1_agreement, a.mean_kl - b.mean_kl, a.perplexity - b.perplexity];
+        out.push(PairedDiff { first, other, diff, ci: paired_bootstrap_ci(&first.per_prompt, &other.per_prompt, 0) });
+    }
+    out
+}
 
 /// The markdown report.
 pub fn table(cfg: &EvalConfig, r: &EvalReport) -> String {
@@ -60,6 +90,31 @@ pub fn table(cfg: &EvalConfig, r: &EvalReport) -> String {
         }
         s.push('\n');
     }
+    let paired = paired_vs_first(r);
+    if !paired.is_empty() {
+        s.push_str(&format!(
+            "\nPaired differences, `{}` minus each other family at the same target, over the same prompts (95% \
+             paired bootstrap; an interval that excludes 0 separates the two):\n\n\
+             | other | target CR | Δ top-1 agree [95% CI] | Δ mean KL [95% CI] | Δ PPL [95% CI] |\n|---|---|---|---|---|\n",
+            paired[0].first.family
+        ));
+        for p in &paired {
+            s.push_str(&format!(
+                "| {} | {} | {:+.3} [{:+.3}, {:+.3}] | {:+.4} [{:+.4}, {:+.4}] | {:+.2} [{:+.2}, {:+.2}] |\n",
+                p.other.family,
+                p.other.target,
+                p.diff[0],
+                p.ci[0][0],
+                p.ci[0][1],
+                p.diff[1],
+                p.ci[1][0],
+                p.ci[1][1],
+                p.diff[2],
+                p.ci[2][0],
+                p.ci[2][1]
+            ));
+        }
+    }
     s
 }
 
@@ -89,6 +144,14 @@ pub fn to_json(cfg: &EvalConfig, r: &EvalReport) -> serde_json::Value {
             "perplexity": c.quality.perplexity, "top1_agreement_ci": c.quality.top1_agreement_ci,
             "mean_kl_ci": c.quality.mean_kl_ci, "perplexity_ci": c.quality.perplexity_ci,
             "needle": c.needle.as_ref().map(needle),
+            "per_prompt": c.per_prompt.iter().map(|p| json!({"agree": p.agree, "kl": p.kl, "nll": p.nll, "n": p.n}))
+                .collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+        "paired_vs_first": paired_vs_first(r).iter().map(|p| json!({
+            "first": p.first.family, "other": p.other.family, "target_cr": p.other.target,
+            "top1_agreement_diff": p.diff[0], "top1_agreement_diff_ci": p.ci[0],
+            "mean_kl_diff": p.diff[1], "mean_kl_diff_ci": p.ci[1],
+            "perplexity_diff": p.diff[2], "perplexity_diff_ci": p.ci[2],
         })).collect::<Vec<_>>(),
     })
 }

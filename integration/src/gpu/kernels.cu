@@ -439,6 +439,20 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 #endif
 
+// Double-buffered tiles of `kt` keys: before the tile at t0 (in stage `buf`) is used, start the
+// next tile's copies into the other stage with `issue(t0 + kt, buf ^ 1)`, wait for this tile's own,
+// then a block barrier so that every thread's copies have landed.
+template <class Issue>
+__device__ __forceinline__ void await_stage(int t0, int kt, int end, int buf, Issue& issue) {
+    if (t0 + kt < end) {
+        issue(t0 + kt, buf ^ 1);
+        cp_async_wait<1>();
+    } else {
+        cp_async_wait<0>();
+    }
+    __syncthreads();
+}
+
 #define ASYNC_STAGE_BYTES 8192
 #define ASYNC_MAXKT 64
 
@@ -499,13 +513,7 @@ __device__ void decode_partial_async(int kv_heads, int d_head, int bs, int max_b
     int buf = 0;
     for (int t0 = start; t0 < end; t0 += kt, buf ^= 1) {
         int n = min(kt, end - t0);
-        if (t0 + kt < end) {
-            issue(t0 + kt, buf ^ 1);
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
-        __syncthreads();
+        await_stage(t0, kt, end, buf, issue);
         const T* ks = reinterpret_cast<const T*>(stage[buf][0]);
         const T* vs = reinterpret_cast<const T*>(stage[buf][1]);
         for (int j0 = warp * kpw; j0 < n; j0 += nwarps * kpw) {
@@ -1011,13 +1019,7 @@ __device__ void mla_mma(int heads, int dk, int dv, int bs, int max_blocks, float
     int buf = 0;
     for (int t0 = start; t0 < end; t0 += MMA_KT, buf ^= 1) {
         int n = min(MMA_KT, end - t0);
-        if (t0 + MMA_KT < end) {
-            issue(t0 + MMA_KT, buf ^ 1);
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
-        __syncthreads();
+        await_stage(t0, MMA_KT, end, buf, issue);
         const bf16_t* ks = stage[buf];
         // Key `j`'s element `col` (zero past the tile's keys or the row's width).
         auto k_at = [&](int j, int col) -> bf16_t { return (j < n && col < dk) ? ks[j * dk + col] : (bf16_t)0; };

@@ -27,6 +27,9 @@ use crate::model::llama::train::{AdapterParams, StudentOpts};
 use crate::model::Llama;
 use crate::model::WeightForm;
 
+pub mod retrieval;
+use retrieval::{RetrievalSection, RetrievalTask, WeightedIds};
+
 /// A retrofit file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -85,6 +88,14 @@ pub struct RetrofitSection {
     /// AdamW weight decay.
     #[serde(default)]
     pub weight_decay: f64,
+    /// An adapter directory to start from (its parameters; fresh optimiser moments) instead of
+    /// zero projections; relative paths are relative to the retrofit file. A checkpoint in
+    /// `output` takes precedence, so a warm-started run resumes like any other.
+    #[serde(default)]
+    pub init: Option<String>,
+    /// Retrieval samples mixed into the training text (`retrieval::RetrievalSection`).
+    #[serde(default)]
+    pub retrieval: Option<RetrievalSection>,
 }
 
 fn d_corpus() -> String {
@@ -135,6 +146,9 @@ impl RetrofitSection {
         }
         if !(self.lr > 0.0 && self.tau > 0.0) {
             bail!("[retrofit] lr and tau must be positive");
+        }
+        if let Some(r) = &self.retrieval {
+            r.validate()?;
         }
         Ok(())
     }
@@ -193,6 +207,7 @@ pub struct Trainer {
     /// Settings.
     pub cfg: RetrofitSection,
     tokens: Vec<u32>,
+    retrieval: Option<RetrievalTask>,
 }
 
 /// Metrics of one step.
@@ -208,6 +223,27 @@ pub struct StepStats {
     pub evicted: f64,
     /// Target evicted fraction.
     pub target: f64,
+    /// Mean KL of the rows that predict a retrieval answer (`None` on a plain-text step).
+    pub answer_kl: Option<f64>,
+}
+
+/// One training sequence and its noise.
+struct Sample {
+    ids: Vec<u32>,
+    noise: Vec<Tensor>,
+    retrieval: Option<WeightedIds>,
+}
+
+/// Loss terms of one sequence.
+pub struct LossTerms {
+    /// KL (weighted where the sequence carries row weights) plus the compression hinge.
+    pub loss: Tensor,
+    /// KL(student || teacher) per row, `[T]`.
+    pub kl_rows: Tensor,
+    /// The (weighted) mean KL in the loss.
+    pub kl: Tensor,
+    /// Evicted fraction (hard decisions).
+    pub evicted: Tensor,
 }
 
 impl Trainer {
@@ -226,10 +262,56 @@ impl Trainer {
         }
         let adapter = AdapterParams { norms, projs };
         let opt = AdamW::new(&params(&adapter))?;
-        Ok(Self { model, adapter, opt, step: 0, cfg, tokens })
+        Ok(Self { model, adapter, opt, step: 0, cfg, tokens, retrieval: None })
     }
 
-    fn sample(&self, step: usize) -> Result<(Vec<u32>, Vec<Tensor>)> {
+    /// Mixes retrieval samples into training (`[retrofit.retrieval]`, spelled by `tok`).
+    pub fn with_retrieval(mut self, settings: RetrievalSection, tok: tokenizers::Tokenizer) -> Result<Self> {
+        self.retrieval = Some(RetrievalTask::new(settings, tok, self.cfg.seq_len)?);
+        Ok(self)
+    }
+
+    /// Sets the adapter's parameters from an adapter directory in NVIDIA's format (the optimiser
+    /// starts fresh); the tensors' names and shapes must match this model, and the adapter's
+    /// decision scale and offset (`config.json`) this run's, since they give the parameters
+    /// their meaning.
+    pub fn init_from_adapter(&mut self, dir: &Path) -> Result<()> {
+        let cfg_text = std::fs::read_to_string(dir.join("config.json")).with_context(|| {
+            format!("[retrofit] init: adapter directory {} has no readable config.json", dir.display())
+        })?;
+        let fields: crate::model::config::DmsCheckpointFields = serde_json::from_str(&cfg_text)
+            .with_context(|| format!("[retrofit] init: {}/config.json", dir.display()))?;
+        for (name, theirs, ours) in [
+            ("dms_alpha_scale", fields.dms_alpha_scale.map(f64::from), self.cfg.alpha_scale),
+            ("dms_initial_alpha_offset", fields.dms_initial_alpha_offset.map(f64::from), self.cfg.alpha_offset),
+        ] {
+            if let Some(v) = theirs.filter(|&v| (v - ours).abs() > 1e-6 * ours.abs().max(1.0)) {
+                bail!("[retrofit] init: adapter {} has {name} {v}, this run {ours}", dir.display());
+            }
+        }
+        let mut shards: Vec<PathBuf> = std::fs::read_dir(dir)
+            .with_context(|| format!("[retrofit] init: cannot read adapter directory {}", dir.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        shards.sort();
+        if shards.is_empty() {
+            bail!("[retrofit] init: adapter directory {} holds no .safetensors file", dir.display());
+        }
+        let w = crate::model::weights::Weights::open_safetensors(&shards)
+            .with_context(|| format!("[retrofit] init: adapter {}", dir.display()))?;
+        let (h, kv) = (self.model.config().hidden_size, self.model.config().num_kv_heads);
+        let dev = self.model.device().clone();
+        for (i, (n, p)) in self.adapter.norms.iter().zip(&self.adapter.projs).enumerate() {
+            let a = format!("model.layers.{i}.self_attn.dms_proj_alpha");
+            let ctx = || format!("[retrofit] init: adapter {}", dir.display());
+            n.set(&w.get(&format!("{a}_norm.weight"), &[h], &dev).with_context(ctx)?.to_dtype(DType::F32)?)?;
+            p.set(&w.get(&format!("{a}.weight"), &[kv, h], &dev).with_context(ctx)?.to_dtype(DType::F32)?)?;
+        }
+        Ok(())
+    }
+
+    fn sample(&self, step: usize) -> Result<Sample> {
         let mut rng = StdRng::seed_from_u64(self.cfg.seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let at = rng.random_range(0..self.tokens.len() - self.cfg.seq_len);
         let ids = self.tokens[at..at + self.cfg.seq_len].to_vec();
@@ -244,12 +326,21 @@ impl Trainer {
                     .collect();
                 Ok(Tensor::from_vec(v, (self.cfg.seq_len, c.num_kv_heads), self.model.device())?)
             })
-            .collect::<Result<_>>()?;
-        Ok((ids, noise))
+            .collect::<Result<Vec<_>>>()?;
+        // Drawn after the noise, so that a run without retrieval samples sees the same data.
+        let retrieval = match &self.retrieval {
+            Some(task) => task.draw(&ids, self.cfg.seq_len, &mut rng)?,
+            None => None,
+        };
+        match retrieval {
+            Some(r) => Ok(Sample { ids: r.ids.clone(), noise, retrieval: Some(r) }),
+            None => Ok(Sample { ids, noise, retrieval: None }),
+        }
     }
 
-    /// Loss terms for one sequence with given noise (no update).
-    pub fn loss(&self, ids: &[u32], noise: &[Tensor], target: f64) -> Result<(Tensor, Tensor, Tensor)> {
+    /// Loss terms for one sequence with given noise (no update); `weights` (one per row) turn the
+    /// KL's mean into a weighted mean.
+    pub fn loss(&self, ids: &[u32], noise: &[Tensor], weights: Option<&[f32]>, target: f64) -> Result<LossTerms> {
         let teacher = self.model.dense_forward(ids, None)?.logits.detach();
         let opts = StudentOpts {
             window: self.cfg.window,
@@ -259,18 +350,36 @@ impl Trainer {
             noise,
         };
         let out = self.model.dense_forward(ids, Some((&self.adapter, &opts)))?;
-        let kl = kl_rows(&out.logits, &teacher)?.mean_all()?;
+        let rows = kl_rows(&out.logits, &teacher)?;
+        let kl = match weights {
+            None => rows.mean_all()?,
+            Some(w) => {
+                if w.len() != ids.len() {
+                    bail!("{} row weights for a {}-token sequence", w.len(), ids.len());
+                }
+                let total: f32 = w.iter().sum();
+                let w = Tensor::from_slice(w, w.len(), rows.device())?;
+                ((&rows * &w)?.sum_all()? / total as f64)?
+            }
+        };
         let stacked = Tensor::stack(&out.decisions, 0)?;
         let evicted = stacked.mean_all()?;
         let hinge = (evicted.neg()? + target)?.relu()?;
-        Ok(((&kl + &hinge)?, kl, evicted))
+        Ok(LossTerms { loss: (&kl + &hinge)?, kl_rows: rows, kl, evicted })
     }
 
     /// One optimiser step.
     pub fn train_step(&mut self) -> Result<StepStats> {
-        let (ids, noise) = self.sample(self.step)?;
+        let sample = self.sample(self.step)?;
         let target = self.cfg.target_fraction(self.step);
-        let (loss, kl, evicted) = self.loss(&ids, &noise, target)?;
+        let weights = sample.retrieval.as_ref().map(|r| r.weights.as_slice());
+        let LossTerms { loss, kl_rows, kl, evicted } = self.loss(&sample.ids, &sample.noise, weights, target)?;
+        let answer_kl = match &sample.retrieval {
+            Some(r) => {
+                Some(kl_rows.narrow(0, r.answer_rows.start, r.answer_rows.len())?.mean_all()?.to_scalar::<f32>()? as f64)
+            }
+            None => None,
+        };
         let grads = loss.backward()?;
         let ps = params(&self.adapter);
         let mut gs = Vec::with_capacity(ps.len());
@@ -293,6 +402,7 @@ impl Trainer {
             kl: kl.to_scalar::<f32>()? as f64,
             evicted: evicted.to_scalar::<f32>()? as f64,
             target,
+            answer_kl,
         })
     }
 
@@ -343,7 +453,8 @@ impl Trainer {
         let cfg = json!({
             "dms_window_size": c.window, "dms_alpha_scale": c.alpha_scale, "dms_initial_alpha_offset": c.alpha_offset,
             "dms_separate_alpha": true, "dms_alpha_per": "head", "dms_disable_eviction": false, "dms_tau": c.tau,
-            "dms_cr": c.target_cr, "retrofit_steps_done": self.step,
+            "dms_cr": c.target_cr, "retrofit_steps_done": self.step, "retrofit_init": c.init,
+            "retrofit_retrieval": c.retrieval.as_ref().map(|r| json!({"fraction": r.fraction, "answer_weight": r.answer_weight})),
         });
         std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&cfg)?)?;
         Ok(())
@@ -377,9 +488,19 @@ pub fn run(cfg: &RetrofitConfig) -> Result<PathBuf> {
         _ => PathBuf::from(&cfg.retrofit.output),
     };
     let mut trainer = Trainer::new(loaded.model, cfg.retrofit.clone(), tokens)?;
+    if let Some(r) = &cfg.retrofit.retrieval {
+        trainer = trainer.with_retrieval(r.clone(), tok)?;
+    }
     let resumed = trainer.load_checkpoint(&out)?;
     if resumed {
         eprintln!("resuming from step {}", trainer.step);
+    } else if let Some(init) = &cfg.retrofit.init {
+        let dir = match &cfg.base_dir {
+            Some(base) if Path::new(init).is_relative() => base.join(init),
+            _ => PathBuf::from(init),
+        };
+        trainer.init_from_adapter(&dir)?;
+        eprintln!("starting from the adapter in {}", dir.display());
     }
     std::fs::create_dir_all(&out)?;
     let mut log = std::fs::OpenOptions::new().create(true).append(true).open(out.join("training-log.jsonl"))?;
@@ -392,11 +513,11 @@ pub fn run(cfg: &RetrofitConfig) -> Result<PathBuf> {
     pb.set_position(trainer.step as u64);
     while trainer.step < cfg.retrofit.steps {
         let s = trainer.train_step()?;
-        writeln!(
-            log,
-            "{}",
-            json!({"step": s.step, "loss": s.loss, "kl": s.kl, "evicted": s.evicted, "target": s.target})
-        )?;
+        let mut line = json!({"step": s.step, "loss": s.loss, "kl": s.kl, "evicted": s.evicted, "target": s.target});
+        if let Some(a) = s.answer_kl {
+            line["answer_kl"] = json!(a);
+        }
+        writeln!(log, "{line}")?;
         pb.set_position(s.step as u64);
         pb.set_message(format!("loss {:.4} KL {:.4} evicted {:.3} target {:.3}", s.loss, s.kl, s.evicted, s.target));
         if s.step % cfg.retrofit.checkpoint_every == 0 || s.step == cfg.retrofit.steps {

@@ -289,16 +289,7 @@ impl Trainer {
                 bail!("[retrofit] init: adapter {} has {name} {v}, this run {ours}", dir.display());
             }
         }
-        let mut shards: Vec<PathBuf> = std::fs::read_dir(dir)
-            .with_context(|| format!("[retrofit] init: cannot read adapter directory {}", dir.display()))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-            .collect();
-        shards.sort();
-        if shards.is_empty() {
-            bail!("[retrofit] init: adapter directory {} holds no .safetensors file", dir.display());
-        }
-        let w = crate::model::weights::Weights::open_safetensors(&shards)
+        let w = crate::model::weights::Weights::open_safetensors_dir(dir)
             .with_context(|| format!("[retrofit] init: adapter {}", dir.display()))?;
         let (h, kv) = (self.model.config().hidden_size, self.model.config().num_kv_heads);
         let dev = self.model.device().clone();

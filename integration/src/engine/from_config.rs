@@ -116,12 +116,7 @@ pub fn load_adapter(dir: &Path, model: &mut Llama) -> Result<crate::model::confi
             dir.display()
         );
     }
-    let mut shards: Vec<std::path::PathBuf> = std::fs::read_dir(dir)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .collect();
-    shards.sort();
-    let w = Weights::open_safetensors(&shards).with_context(|| format!("adapter {}", dir.display()))?;
+    let w = Weights::open_safetensors_dir(dir).with_context(|| format!("adapter {}", dir.display()))?;
     model.attach_adapter(&w, false).with_context(|| format!("adapter {}", dir.display()))?;
     let d = model.dms_fields_mut();
     let merged = crate::model::config::DmsCheckpointFields {

@@ -1,7 +1,7 @@
 //! Loading a model: an HF-style directory, a GGUF file, or a bare `config.json` with random
 //! weights, with the tokenizer and chat template it ships.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
@@ -46,15 +46,8 @@ pub fn load_model(path: &Path, device: &Device, form: WeightForm) -> Result<Load
         let text = std::fs::read_to_string(&cfg_path)
             .with_context(|| format!("model directory {} has no readable config.json", path.display()))?;
         let cfg = ModelConfig::from_hf_json(&text).with_context(|| format!("in {}", cfg_path.display()))?;
-        let mut shards: Vec<PathBuf> = std::fs::read_dir(path)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-            .collect();
-        shards.sort();
-        if shards.is_empty() {
-            bail!("model directory {} has no .safetensors files", path.display());
-        }
-        let weights = Weights::open_safetensors(&shards)?;
+        let weights =
+            Weights::open_safetensors_dir(path).with_context(|| format!("model directory {}", path.display()))?;
         let model = Llama::load(cfg, &weights, device, form)?;
         let tok_path = path.join("tokenizer.json");
         let tokenizer = if tok_path.exists() {

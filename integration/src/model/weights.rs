@@ -108,6 +108,21 @@ impl std::fmt::Debug for Weights {
 }
 
 impl Weights {
+    /// Opens every `.safetensors` file of a directory (a model's shards or an adapter's file),
+    /// in name order; an error names a directory that cannot be read or holds none.
+    pub fn open_safetensors_dir(dir: &Path) -> Result<Self> {
+        let mut shards: Vec<PathBuf> = std::fs::read_dir(dir)
+            .with_context(|| format!("cannot read directory {}", dir.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        shards.sort();
+        if shards.is_empty() {
+            bail!("directory {} has no .safetensors files", dir.display());
+        }
+        Self::open_safetensors(&shards)
+    }
+
     /// Opens safetensors shards.
     pub fn open_safetensors(paths: &[PathBuf]) -> Result<Self> {
         if paths.is_empty() {

@@ -181,7 +181,7 @@ const J: usize = 5;
 /// An adapter whose head 0 reads +x[J] and head 1 reads -x[J] of the RMS-normalised residual
 /// (norm weights 1), with offset 0: in layer 0 (whose input is the token embedding) head 0 flags
 /// token k iff embed[token k+1][J] > 0 and head 1 iff it is < 0, since RMS normalisation keeps signs.
-fn sign_adapter(alpha_per: &str) -> PathBuf {
+fn sign_adapter(tag: &str, alpha_per: &str) -> PathBuf {
     let mut t = HashMap::new();
     for l in 0..2 {
         let mut w = vec![0f32; 2 * 64];
@@ -193,7 +193,7 @@ fn sign_adapter(alpha_per: &str) -> PathBuf {
     }
     let cfg = json!({"dms_window_size": 2, "dms_alpha_scale": 100.0, "dms_initial_alpha_offset": 0.0,
                      "dms_separate_alpha": true, "dms_alpha_per": alpha_per});
-    adapter_dir(&format!("sign-adapter-{alpha_per}"), &t, &cfg)
+    adapter_dir(&format!("sign-adapter-{tag}-{alpha_per}"), &t, &cfg)
 }
 
 /// Rule 1.5: with "layer" every head of every layer follows head 0's decision (scores and kept
@@ -207,7 +207,7 @@ fn alpha_per_layer_makes_every_head_follow_head_0() {
         .unwrap();
     let prompt: Vec<u32> = (0..24u32).map(|i| (i * 37 + 11) % 512).collect();
     for alpha_per in ["head", "layer"] {
-        let adapter = sign_adapter(alpha_per);
+        let adapter = sign_adapter("rule-1-5", alpha_per);
         let policy = format!("name = 'dms'\nadapter = {:?}", adapter.display().to_string());
         let run = dms_run(&fixture("qwen3_tiny"), &policy, &prompt, 8);
         assert_eq!(run.table_int("window"), Some(2));
@@ -275,7 +275,7 @@ fn alpha_per_other_than_head_or_layer_is_an_error_naming_the_field() {
             &json!({"dms_window_size": 4, "dms_separate_alpha": true, "dms_alpha_per": bad.clone()}),
         );
         let mut loaded = load_model(&fixture("qwen3_tiny"), &Device::Cpu, WeightForm::Dense).unwrap();
-        let e = err_of(load_adapter(&adapter, &mut loaded.model));
+        let e = err_of(load_adapter(&adapter, "bad-alpha-per", &mut loaded.model));
         assert!(e.contains("dms_alpha_per") && e.contains(&bad.to_string()), "adapter {bad}: {e}");
     }
     for good in [json!("head"), json!("layer"), Value::Null] {
@@ -461,6 +461,91 @@ fn preempted_dms_learned_sequences_resume_with_identical_output() {
 #[test]
 fn preempted_sliding_window_sequences_resume_with_identical_output() {
     preempted_sequences_resume_with_identical_output("name = 'sliding_window'\nwindow = 6\nsinks = 2");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Several adapters in one model: each sequence reads the decisions its policy names
+
+/// The separate-alpha fixture's adapter with its projections negated (W 3, offset 0): it flags
+/// what the checkpoint's own weights keep, and the other way round.
+fn negated_adapter(tag: &str) -> PathBuf {
+    let cfg = json!({"dms_window_size": 3, "dms_alpha_scale": 100.0, "dms_initial_alpha_offset": 0.0,
+                     "dms_separate_alpha": true});
+    adapter_dir(&format!("negated-{tag}"), &fixture_adapter_tensors(-1.0), &cfg)
+}
+
+/// Policies reading three sets of decision weights (the checkpoint's own, a negated copy, the
+/// sign adapter) and a full cache decode in one batch of one model holding all three, and each
+/// request gets exactly what it gets alone in a model holding only its own adapter: the same
+/// tokens, logits within 1e-4 and the same compression ratio. The adapters must matter: alone,
+/// the learned arms' compression ratios differ.
+#[test]
+fn sequences_under_different_adapters_decode_together_as_they_do_alone() {
+    let tables = [
+        "name = 'dms'\nwindow = 3\nalpha_offset = 0.0".to_string(),
+        format!("name = 'dms'\nadapter = {:?}", negated_adapter("batched").display().to_string()),
+        format!("name = 'dms'\nadapter = {:?}", sign_adapter("batched", "head").display().to_string()),
+        "name = 'full'".to_string(),
+    ];
+    let prompts: Vec<Vec<u32>> =
+        (0..2).map(|i| (0..20 + 5 * i).map(|j| ((j * 37 + 11 + 101 * i) % 500) as u32 + 3).collect()).collect();
+    let request = |id: usize, policy: Arc<dyn dms_policy::PolicyFactory>| Request {
+        id,
+        prompt: prompts[id / tables.len()].clone(),
+        forced: None,
+        policy,
+        params: None,
+    };
+    let n = prompts.len() * tables.len();
+    let alone: Vec<Finished> = (0..n)
+        .map(|id| {
+            let mut e = batch_engine(1 << 14);
+            let policy = resolved_policy(&mut e, &tables[id % tables.len()]);
+            run_batch(&mut e, vec![request(id, policy)], &greedy_params(24), 1, true, |_| {}).unwrap().0.pop().unwrap()
+        })
+        .collect();
+    let crs: Vec<f64> = alone[..3].iter().map(|f| f.compression_ratio).collect();
+    assert!(crs[0] != crs[1] && crs[1] != crs[2] && crs[0] != crs[2], "the adapters decide apart: {crs:?}");
+
+    let mut shared = batch_engine(1 << 14);
+    let policies: Vec<_> = tables.iter().map(|t| resolved_policy(&mut shared, t)).collect();
+    assert_eq!(shared.model.adapter_names().len(), 2, "two adapters attached beside the checkpoint's own");
+    let reqs = (0..n).map(|id| request(id, policies[id % tables.len()].clone())).collect();
+    let (got, stats) = run_batch(&mut shared, reqs, &greedy_params(24), n, true, |_| {}).unwrap();
+    assert_eq!(stats.max_running, n, "every request decodes in one batch");
+    for (g, w) in got.iter().zip(&alone) {
+        assert_eq!(g.tokens, w.tokens, "request {} tokens", g.id);
+        for (a, b) in g.step_logits.iter().zip(&w.step_logits) {
+            assert!(max_abs(a, b) < 1e-4, "request {} logits", g.id);
+        }
+        assert_eq!(g.compression_ratio, w.compression_ratio, "request {} CR", g.id);
+    }
+}
+
+/// A policy that names an adapter the model has not loaded, or that names none while the model
+/// holds several and no weights of its own, is refused before it runs, naming the problem.
+#[test]
+fn a_policy_whose_adapter_is_not_loaded_or_ambiguous_is_refused() {
+    let mut e = batch_engine(1 << 10);
+    let _ = resolved_policy(
+        &mut e,
+        &format!("name = 'dms'\nadapter = {:?}", negated_adapter("unknown").display().to_string()),
+    );
+    let unknown = Registry::with_builtins()
+        .build(&toml::from_str("name = 'dms'\nwindow = 3\nadapter = 'never-loaded'").unwrap())
+        .unwrap();
+    let err = err_of(e.check_policy(unknown.as_ref()));
+    assert!(err.contains("`never-loaded`") && err.contains("not loaded"), "{err}");
+
+    let loaded = load_model(&fixture("qwen3_tiny"), &Device::Cpu, WeightForm::Dense).unwrap();
+    let full = Registry::with_builtins().build(&toml::from_str("name = 'full'").unwrap()).unwrap();
+    let mut plain = Engine::new(loaded.model, full, 4, 1 << 10).unwrap();
+    for dir in [negated_adapter("ambiguous"), sign_adapter("ambiguous", "layer")] {
+        let _ = resolved_policy(&mut plain, &format!("name = 'dms'\nadapter = {:?}", dir.display().to_string()));
+    }
+    let anonymous = resolved_policy(&mut plain, "name = 'dms'\nwindow = 3");
+    let err = err_of(plain.check_policy(anonymous.as_ref()));
+    assert!(err.contains("names no adapter") && err.contains("2 attached adapters"), "{err}");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -24,9 +24,11 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
-/// An engine config serving dms (default), full and sliding_window, with `server` extra keys.
+/// An engine config serving dms (default), full, sliding_window and dms-long (a second adapter, its
+/// window cut to 8 so that short requests evict by its decisions), with `server` extra keys.
 fn write_config(dir: &Path, name: &str, server: &str) -> PathBuf {
     let adapter = repo().join("configs/adapters/smollm2-dms");
+    let long = repo().join("configs/adapters/smollm2-dms-1k-w128-cr8-retrieval");
     let text = format!(
         r#"[model]
 source = "smollm2-135m"
@@ -55,8 +57,13 @@ policy = {{ name = "full" }}
 [[server.policies]]
 name = "sliding_window"
 policy = {{ name = "sliding_window", window = 16, sinks = 4 }}
+
+[[server.policies]]
+name = "dms-long"
+policy = {{ name = "dms", adapter = "{long}", window = 8 }}
 "#,
-        adapter = adapter.display()
+        adapter = adapter.display(),
+        long = long.display()
     );
     let path = dir.join(name);
     std::fs::write(&path, text).unwrap();

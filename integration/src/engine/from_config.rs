@@ -71,7 +71,7 @@ pub fn resolve_policy_table(table: &toml::Table, model: &mut Llama, base: Option
     let adapter = match table.get("adapter").and_then(|v| v.as_str()) {
         Some(a) => {
             let dir = resolve_model(a, base).context("[cache.policy] adapter")?;
-            load_adapter(&dir, model)?
+            load_adapter(&dir, a, model)?
         }
         None => Default::default(),
     };
@@ -103,9 +103,10 @@ pub fn resolve_policy_table(table: &toml::Table, model: &mut Llama, base: Option
 }
 
 /// Loads an adapter in NVIDIA's DMS format: a directory with `config.json` (its `dms_*` fields)
-/// and safetensors holding `model.layers.N.self_attn.dms_proj_alpha{,_norm}.weight`. The model's
-/// `dms_*` fields take the adapter's where it sets them; returns the adapter's own fields.
-pub fn load_adapter(dir: &Path, model: &mut Llama) -> Result<crate::model::config::DmsCheckpointFields> {
+/// and safetensors holding `model.layers.N.self_attn.dms_proj_alpha{,_norm}.weight`, attached
+/// under `key` (the `adapter` value policies name it by) beside any others. The model's `dms_*`
+/// fields take the adapter's where it sets them; returns the adapter's own fields.
+pub fn load_adapter(dir: &Path, key: &str, model: &mut Llama) -> Result<crate::model::config::DmsCheckpointFields> {
     let cfg_text = std::fs::read_to_string(dir.join("config.json"))
         .with_context(|| format!("adapter directory {} has no readable config.json", dir.display()))?;
     let fields: crate::model::config::DmsCheckpointFields =
@@ -117,7 +118,8 @@ pub fn load_adapter(dir: &Path, model: &mut Llama) -> Result<crate::model::confi
         );
     }
     let w = Weights::open_safetensors_dir(dir).with_context(|| format!("adapter {}", dir.display()))?;
-    model.attach_adapter(&w, false).with_context(|| format!("adapter {}", dir.display()))?;
+    let per_layer = fields.dms_alpha_per.as_deref().or(model.config().dms.dms_alpha_per.as_deref()) == Some("layer");
+    model.attach_adapter(key, &w, false, per_layer).with_context(|| format!("adapter {}", dir.display()))?;
     let d = model.dms_fields_mut();
     let merged = crate::model::config::DmsCheckpointFields {
         dms_window_size: fields.dms_window_size.or(d.dms_window_size),

@@ -26,7 +26,7 @@ pub use sampling::{argmax, sample};
 
 use std::sync::Arc;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use dms_policy::{CacheShape, PolicyFactory, SignalNeed};
 
@@ -191,9 +191,15 @@ impl Engine {
 }
 
 /// Checks that `model` can feed `policy` the signal it needs (learned decisions need a DMS
-/// decision source).
+/// decision source, and the adapter the policy names).
 pub(crate) fn check_signal(model: &Llama, policy: &dyn PolicyFactory) -> Result<()> {
-    if policy.signal_need() == SignalNeed::DecisionScores && matches!(model.decision_source(), DecisionSource::None) {
+    if policy.signal_need() != SignalNeed::DecisionScores {
+        return Ok(());
+    }
+    if matches!(model.decision_source(), DecisionSource::Adapter) {
+        model.adapter_index(policy.adapter()).with_context(|| format!("cache policy `{}`", policy.name()))?;
+    }
+    if matches!(model.decision_source(), DecisionSource::None) {
         bail!(
             "cache policy `{}` needs learned DMS decisions but the model has none (no dms_* fields or \
              dms_proj_alpha tensors): use a DMS checkpoint, set `adapter = \"DIR\"` in [cache.policy], \

@@ -19,6 +19,17 @@ pub struct Signals {
     pub key_norms: bool,
 }
 
+/// The tokens of one sequence of a step and whose decision scores they need.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecisionSpan<'a> {
+    /// The sequence's new tokens in this step.
+    pub tokens: usize,
+    /// Whether its policy reads learned decision scores at all.
+    pub needed: bool,
+    /// The adapter its policy names (`None`: the model's own decision weights).
+    pub adapter: Option<&'a str>,
+}
+
 /// One layer's inputs for this step, rows of every sequence of the batch concatenated.
 pub struct LayerStep<'a> {
     /// Queries `[n, heads, d]` (after RoPE).
@@ -40,6 +51,12 @@ pub struct LayerStep<'a> {
 pub trait KvBackend {
     /// The signals this step's policies need.
     fn signals(&self) -> Signals;
+    /// Per sequence of the step, in batch order, whose decision scores its tokens need (a model
+    /// may hold several adapters); `None` for a backend that gives every token the model's
+    /// single set of decision weights.
+    fn decision_spans(&self) -> Option<Vec<DecisionSpan<'_>>> {
+        None
+    }
     /// Stores layer `layer`'s K/V and signals of this step for every sequence, executes what the
     /// policies plan, and returns the attention output `[n, heads * width]`.
     fn attend(&mut self, layer: usize, step: LayerStep<'_>) -> Result<Tensor>;

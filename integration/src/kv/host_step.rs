@@ -12,7 +12,7 @@ use candle_core::{Device, Tensor};
 use dms_policy::{Pos, SignalNeed};
 
 use super::attention;
-use super::backend::{KvBackend, LayerStep, Signals};
+use super::backend::{DecisionSpan, KvBackend, LayerStep, Signals};
 use super::sequence::SequenceCache;
 use super::store::KvStore;
 use crate::model::Llama;
@@ -64,6 +64,15 @@ impl KvBackend for HostStep<'_, '_> {
             decision: self.seqs.iter().any(|s| s.cache.signal_need() == SignalNeed::DecisionScores),
             key_norms: self.seqs.iter().any(|s| s.cache.signal_need() == SignalNeed::KeyNorms),
         }
+    }
+
+    fn decision_spans(&self) -> Option<Vec<DecisionSpan<'_>>> {
+        let spans = self.seqs.iter().map(|s| DecisionSpan {
+            tokens: s.tokens.len(),
+            needed: s.cache.signal_need() == SignalNeed::DecisionScores,
+            adapter: s.cache.adapter(),
+        });
+        Some(spans.collect())
     }
 
     fn attend(&mut self, li: usize, step: LayerStep<'_>) -> Result<Tensor> {

@@ -14,6 +14,7 @@ pub struct SequenceCache {
     policy: Box<dyn SequencePolicy>,
     signal: SignalNeed,
     policy_name: String,
+    adapter: Option<String>,
     shape: CacheShape,
     rows: Vec<RowId>,
     seen: Pos,
@@ -31,6 +32,7 @@ impl SequenceCache {
             policy: factory.new_sequence(shape),
             signal: factory.signal_need(),
             policy_name: factory.name().to_string(),
+            adapter: factory.adapter().map(str::to_owned),
             shape,
             rows,
             seen: 0,
@@ -79,6 +81,7 @@ impl SequenceCache {
             policy,
             signal: self.signal,
             policy_name: self.policy_name.clone(),
+            adapter: self.adapter.clone(),
             shape: self.shape,
             rows,
             seen: self.seen,
@@ -113,6 +116,11 @@ impl SequenceCache {
     /// The per-token signal this sequence's policy needs from the model.
     pub fn signal_need(&self) -> SignalNeed {
         self.signal
+    }
+
+    /// The adapter the sequence's policy reads its decisions from (`None`: the model's own).
+    pub fn adapter(&self) -> Option<&str> {
+        self.adapter.as_deref()
     }
 
     /// Registry name of the sequence's policy.

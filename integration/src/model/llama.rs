@@ -16,7 +16,7 @@ use super::linear::{Embedding, Proj};
 use super::mla::{MlaAttention, MlaInputs};
 use super::moe::{Mlp, Moe};
 use super::weights::{WeightForm, Weights};
-use crate::kv::backend::{KvBackend, LayerStep, Signals};
+use crate::kv::backend::{DecisionSpan, KvBackend, LayerStep, Signals};
 
 /// Where DMS decision scores come from (spec rule 1).
 #[derive(Debug, Clone)]
@@ -26,9 +26,26 @@ pub enum DecisionSource {
     /// Channel `head_dim - 1` of the first query head of each KV group, read before RoPE and
     /// zeroed before and after RoPE.
     QueryNeuron,
-    /// Per layer an RMSNorm + Linear(hidden -> n_kv_heads) on the residual stream.
+    /// Per layer an RMSNorm + Linear(hidden -> n_kv_heads) on the residual stream: the
+    /// checkpoint's own and any number of attached adapters, each policy reading its own.
     Adapter,
 }
+
+/// One set of decision weights (spec rule 1.2): per layer an RMSNorm weight and a
+/// Linear(hidden -> n_kv_heads).
+#[derive(Clone)]
+struct DecisionAdapter {
+    /// The name policies give it (their `adapter` value); `None` for the checkpoint's own.
+    key: Option<String>,
+    /// Per layer, the norm weight and the projection.
+    layers: Vec<(Tensor, Linear)>,
+    /// `dms_alpha_per = "layer"` (rule 1.5): head 0's score for every head.
+    per_layer: bool,
+}
+
+/// Consecutive tokens of a forward whose decisions one adapter computes: (first token, tokens,
+/// index into the model's adapters).
+type AdapterRun = (usize, usize, usize);
 
 /// One layer's attention inputs.
 struct AttnInputs {
@@ -87,7 +104,6 @@ struct Layer {
     post_norm: Tensor,
     attn: Attention,
     ffn: FeedForward,
-    adapter: Option<(Tensor, Linear)>,
 }
 
 impl Layer {
@@ -110,6 +126,7 @@ pub struct Llama {
     lm_head: Proj,
     inv_freq: Vec<f32>,
     decision: DecisionSource,
+    adapters: Vec<DecisionAdapter>,
     neuron_mask: Option<Tensor>,
     random_weights: bool,
 }
@@ -150,17 +167,22 @@ impl Llama {
         if cfg.mla.is_some() && matches!(decision, DecisionSource::QueryNeuron) {
             bail!("DMS query-neuron decisions are not defined for latent attention; use an adapter (dms_separate_alpha = true)");
         }
+        let mut adapters = Vec::new();
+        if matches!(decision, DecisionSource::Adapter) {
+            let layers = (0..cfg.num_layers)
+                .map(|i| {
+                    let a = format!("model.layers.{i}.self_attn.dms_proj_alpha");
+                    let proj = Linear::new(get(&format!("{a}.weight"), &[cfg.num_kv_heads, h])?, None);
+                    Ok((get(&format!("{a}_norm.weight"), &[h])?, proj))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let per_layer = cfg.dms.dms_alpha_per.as_deref() == Some("layer");
+            adapters.push(DecisionAdapter { key: None, layers, per_layer });
+        }
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let p = format!("model.layers.{i}");
             let bias = cfg.attention_bias;
-            let adapter = if matches!(decision, DecisionSource::Adapter) {
-                let a = format!("{p}.self_attn.dms_proj_alpha");
-                let proj = Linear::new(get(&format!("{a}.weight"), &[cfg.num_kv_heads, h])?, None);
-                Some((get(&format!("{a}_norm.weight"), &[h])?, proj))
-            } else {
-                None
-            };
             let attn = match &cfg.mla {
                 Some(_) => Attention::Mla(Box::new(MlaAttention::load(&cfg, &format!("{p}.self_attn"), &get)?)),
                 None => Attention::Mha(MhaWeights {
@@ -182,7 +204,6 @@ impl Llama {
                 post_norm: get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
                 attn,
                 ffn,
-                adapter,
             });
         }
         let norm = get("model.norm.weight", &[h])?;
@@ -218,16 +239,20 @@ impl Llama {
             lm_head,
             inv_freq,
             decision,
+            adapters,
             neuron_mask,
             random_weights: false,
         })
     }
 
     /// Attaches a DMS adapter (per layer `dms_proj_alpha` + `dms_proj_alpha_norm`, NVIDIA's
-    /// tensor names) so that the model produces decision scores.
-    pub fn attach_adapter(&mut self, w: &Weights, round_f16: bool) -> Result<()> {
+    /// tensor names) under `key`, the name policies give it (replacing one of the same name), so
+    /// that the model produces decision scores; `per_layer` is its `dms_alpha_per = "layer"`.
+    /// Other adapters stay: each sequence of a batch reads the one its policy names.
+    pub fn attach_adapter(&mut self, key: &str, w: &Weights, round_f16: bool, per_layer: bool) -> Result<()> {
         let h = self.cfg.hidden_size;
-        for (i, layer) in self.layers.iter_mut().enumerate() {
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for i in 0..self.layers.len() {
             let a = format!("model.layers.{i}.self_attn.dms_proj_alpha");
             let mut norm = w.get(&format!("{a}_norm.weight"), &[h], &self.device)?;
             let mut proj = w.get(&format!("{a}.weight"), &[self.cfg.num_kv_heads, h], &self.device)?;
@@ -235,11 +260,42 @@ impl Llama {
                 norm = norm.to_dtype(DType::F16)?.to_dtype(DType::F32)?;
                 proj = proj.to_dtype(DType::F16)?.to_dtype(DType::F32)?;
             }
-            layer.adapter = Some((norm, Linear::new(proj, None)));
+            layers.push((norm.to_dtype(self.dtype)?, Linear::new(proj.to_dtype(self.dtype)?, None)));
+        }
+        let adapter = DecisionAdapter { key: Some(key.to_string()), layers, per_layer };
+        match self.adapters.iter_mut().find(|a| a.key.as_deref() == Some(key)) {
+            Some(slot) => *slot = adapter,
+            None => self.adapters.push(adapter),
         }
         self.decision = DecisionSource::Adapter;
         self.neuron_mask = None;
         Ok(())
+    }
+
+    /// The names of the attached adapters (the checkpoint's own is not listed).
+    pub fn adapter_names(&self) -> Vec<&str> {
+        self.adapters.iter().filter_map(|a| a.key.as_deref()).collect()
+    }
+
+    /// Index of the adapter a policy naming `key` reads (`None`: the checkpoint's own, or the only
+    /// one attached); an error naming the adapter when the model does not hold it.
+    pub fn adapter_index(&self, key: Option<&str>) -> Result<usize> {
+        let found = match key {
+            Some(k) => self.adapters.iter().position(|a| a.key.as_deref() == Some(k)),
+            None => self.adapters.iter().position(|a| a.key.is_none()).or((self.adapters.len() == 1).then_some(0)),
+        };
+        found.with_context(|| match key {
+            Some(k) => format!(
+                "the cache policy reads adapter `{k}`, which the model has not loaded (loaded: {:?})",
+                self.adapter_names()
+            ),
+            None => format!(
+                "the cache policy names no adapter, and the model has no decision weights of its own but {} \
+                 attached adapters ({:?}): name one with `adapter = \"DIR\"`",
+                self.adapters.len(),
+                self.adapter_names()
+            ),
+        })
     }
 
     /// Mutable DMS fields (the adapter's `dms_*` values replace the checkpoint's).
@@ -275,7 +331,7 @@ impl Llama {
                 Some(m) => FeedForward::Moe(Moe::random(h, m, device, dtype)?),
                 None => FeedForward::Dense(Mlp::random(h, cfg.intermediate_size, device, dtype)?),
             };
-            layers.push(Layer { input_norm: ones(h)?, post_norm: ones(h)?, attn, ffn, adapter: None });
+            layers.push(Layer { input_norm: ones(h)?, post_norm: ones(h)?, attn, ffn });
         }
         let embed = w(cfg.vocab_size, h)?;
         let lm_head =
@@ -291,6 +347,7 @@ impl Llama {
             lm_head,
             inv_freq,
             decision: DecisionSource::None,
+            adapters: Vec::new(),
             neuron_mask: None,
             random_weights: true,
         })
@@ -330,11 +387,15 @@ impl Llama {
                         FeedForward::Dense(m) => FeedForward::Dense(m.to_dtype(dtype)?),
                         FeedForward::Moe(m) => FeedForward::Moe(m.to_dtype(dtype)?),
                     },
-                    adapter: match &l.adapter {
-                        Some((n, p)) => Some((c(n)?, cl(p)?)),
-                        None => None,
-                    },
                 })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let adapters = self
+            .adapters
+            .iter()
+            .map(|a| {
+                let layers = a.layers.iter().map(|(n, p)| Ok((c(n)?, cl(p)?))).collect::<Result<Vec<_>>>()?;
+                Ok(DecisionAdapter { key: a.key.clone(), layers, per_layer: a.per_layer })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
@@ -347,6 +408,7 @@ impl Llama {
             lm_head: self.lm_head.to_dtype(dtype)?,
             inv_freq: self.inv_freq.clone(),
             decision: self.decision.clone(),
+            adapters,
             neuron_mask: self.neuron_mask.clone(),
             random_weights: self.random_weights,
         })
@@ -421,11 +483,15 @@ impl Llama {
         if need.decision && matches!(self.decision, DecisionSource::None) {
             bail!("a cache policy needs learned DMS decisions but the model has no decision source");
         }
+        let runs = match (&self.decision, need.decision) {
+            (DecisionSource::Adapter, true) => self.adapter_runs(backend.decision_spans(), tokens.len())?,
+            _ => Vec::new(),
+        };
         let (cos, sin) = self.rope_tables(positions)?;
         let mut x = self.embed_tokens(tokens)?;
         let scale = self.softmax_scale();
         for (li, layer) in self.layers.iter().enumerate() {
-            let AttnInputs { q, k, v, decision, key_norms } = self.attn_inputs(layer, &x, &cos, &sin, need)?;
+            let AttnInputs { q, k, v, decision, key_norms } = self.attn_inputs(li, &x, &cos, &sin, &runs, need)?;
             let step =
                 LayerStep { q: &q, k: &k, v: &v, decision: decision.as_ref(), key_norms: key_norms.as_ref(), scale };
             let attn = backend.attend(li, step)?;
@@ -444,23 +510,89 @@ impl Llama {
         }
     }
 
+    /// Which adapter computes which tokens' decisions: from the backend's spans (a span that
+    /// needs no decisions joins its neighbour's run), or the model's one adapter for every token.
+    fn adapter_runs(&self, spans: Option<Vec<DecisionSpan<'_>>>, n: usize) -> Result<Vec<AdapterRun>> {
+        let Some(spans) = spans else {
+            if self.adapters.len() > 1 {
+                bail!(
+                    "this cache gives every sequence the same decision weights, but the model holds {} adapters \
+                     ({:?}): use one adapter per model here",
+                    self.adapters.len(),
+                    self.adapter_names()
+                );
+            }
+            return Ok(vec![(0, n, 0)]);
+        };
+        let total: usize = spans.iter().map(|s| s.tokens).sum();
+        if total != n {
+            bail!("the cache's sequences hold {total} new tokens but the step feeds {n}");
+        }
+        let mut runs: Vec<AdapterRun> = Vec::new();
+        let mut start = 0;
+        for s in spans {
+            let index = match (s.needed, runs.last()) {
+                (true, _) => self.adapter_index(s.adapter)?,
+                (false, Some(&(_, _, a))) => a,
+                (false, None) => 0,
+            };
+            match runs.last_mut() {
+                Some(run) if run.2 == index => run.1 += s.tokens,
+                _ => runs.push((start, s.tokens, index)),
+            }
+            start += s.tokens;
+        }
+        Ok(runs)
+    }
+
+    /// Raw adapter decision scores `[n, kv_heads]` of layer `li` for the rows of `x` (the
+    /// residual stream), each run of tokens through its own adapter.
+    fn adapter_scores(&self, li: usize, x: &Tensor, runs: &[AdapterRun]) -> Result<Tensor> {
+        let eps = self.cfg.rms_norm_eps as f32;
+        let one = |a: &DecisionAdapter, x: &Tensor| -> Result<Tensor> {
+            let (norm_w, proj) = &a.layers[li];
+            let s = proj.forward(&candle_nn::ops::rms_norm(x, norm_w, eps)?)?;
+            if a.per_layer {
+                let (n, kv) = s.dims2()?;
+                return Ok(s.narrow(1, 0, 1)?.broadcast_as((n, kv))?.contiguous()?);
+            }
+            Ok(s)
+        };
+        match runs {
+            [(_, _, a)] => one(&self.adapters[*a], x),
+            _ => {
+                let parts = runs
+                    .iter()
+                    .map(|&(start, len, a)| one(&self.adapters[a], &x.narrow(0, start, len)?))
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(Tensor::cat(&parts, 0)?)
+            }
+        }
+    }
+
     /// Queries `[n, heads, hd]` and keys (after RoPE), values, and the per-(token, KV head) signal
-    /// the policy asked for (f32 `[n, kv_heads]`), for one layer. Applies the query-neuron zeroing
-    /// of DMS checkpoints (spec rule 1.3) whatever the policy.
-    fn attn_inputs(&self, layer: &Layer, x: &Tensor, cos: &Tensor, sin: &Tensor, need: Signals) -> Result<AttnInputs> {
+    /// the policy asked for (f32 `[n, kv_heads]`), for layer `li`; adapter decisions come from
+    /// `runs` (empty when no policy reads them). Applies the query-neuron zeroing of DMS
+    /// checkpoints (spec rule 1.3) whatever the policy.
+    fn attn_inputs(
+        &self,
+        li: usize,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        runs: &[AdapterRun],
+        need: Signals,
+    ) -> Result<AttnInputs> {
+        let layer = &self.layers[li];
         let cfg = &self.cfg;
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let n = x.dim(0)?;
         let h = candle_nn::ops::rms_norm(x, &layer.input_norm, cfg.rms_norm_eps as f32)?;
         if let Attention::Mla(mla) = &layer.attn {
             let MlaInputs { q, latent } = mla.inputs(&h, cos, sin)?;
-            let decision = match (&self.decision, need.decision) {
-                (DecisionSource::Adapter, true) => {
-                    let (norm_w, proj) = layer.adapter.as_ref().expect("adapter loaded with the model");
-                    let a = candle_nn::ops::rms_norm(x, norm_w, cfg.rms_norm_eps as f32)?;
-                    Some(proj.forward(&a)?.to_dtype(DType::F32)?.contiguous()?)
-                }
-                _ => None,
+            let decision = match runs.is_empty() {
+                false => Some(self.adapter_scores(li, x, runs)?.to_dtype(DType::F32)?.contiguous()?),
+                true => None,
             };
             let key_norms =
                 if need.key_norms { Some(latent.to_dtype(DType::F32)?.sqr()?.sum(2)?.sqrt()?) } else { None };
@@ -483,13 +615,9 @@ impl Llama {
             (DecisionSource::QueryNeuron, true) => {
                 let idx: Vec<u32> = (0..nkv).map(|j| (j * cfg.gqa()) as u32).collect();
                 let s = q.narrow(2, hd - 1, 1)?.squeeze(2)?.contiguous()?;
-                Some(s.index_select(&Tensor::new(idx.as_slice(), &self.device)?, 1)?)
+                Some(self.alpha_per_layer(s.index_select(&Tensor::new(idx.as_slice(), &self.device)?, 1)?)?)
             }
-            (DecisionSource::Adapter, true) => {
-                let (norm_w, proj) = layer.adapter.as_ref().expect("adapter loaded with the model");
-                let a = candle_nn::ops::rms_norm(x, norm_w, cfg.rms_norm_eps as f32)?;
-                Some(proj.forward(&a)?)
-            }
+            (DecisionSource::Adapter, true) => Some(self.adapter_scores(li, x, runs)?),
             _ => None,
         };
         if let Some(mask) = &self.neuron_mask {
@@ -502,7 +630,7 @@ impl Llama {
         let k = rope(&k, cos, sin)?;
         let key_norms = if need.key_norms { Some(k.to_dtype(DType::F32)?.sqr()?.sum(2)?.sqrt()?) } else { None };
         let decision = match scores {
-            Some(s) => Some(self.alpha_per_layer(s)?.to_dtype(DType::F32)?.contiguous()?),
+            Some(s) => Some(s.to_dtype(DType::F32)?.contiguous()?),
             None => None,
         };
         Ok(AttnInputs { q, k, v: v.contiguous()?, decision, key_norms })
@@ -516,7 +644,8 @@ impl Llama {
         self.embed.lookup(tokens, &self.device)
     }
 
-    /// Applies `dms_alpha_per = "layer"`: head 0's score for every head.
+    /// Applies the checkpoint's `dms_alpha_per = "layer"` to query-neuron scores: head 0's score
+    /// for every head.
     fn alpha_per_layer(&self, s: Tensor) -> Result<Tensor> {
         if self.cfg.dms.dms_alpha_per.as_deref() == Some("layer") {
             let (n, kv) = s.dims2()?;

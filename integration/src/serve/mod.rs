@@ -14,7 +14,6 @@ pub mod settings;
 pub mod text;
 pub mod worker;
 
-use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,30 +25,9 @@ use crate::engine::from_config::{build_engine, registry, resolve_policy_table, B
 use routes::App;
 use worker::{Command, ServedPolicy, WorkerSetup};
 
-/// The adapter directories a policy table names (its own, or its shadowed policy's).
-fn adapters_of(table: &toml::Table, out: &mut BTreeSet<String>) {
-    if let Some(a) = table.get("adapter").and_then(|v| v.as_str()) {
-        out.insert(a.to_string());
-    }
-    if let Some(toml::Value::Table(inner)) = table.get("inner") {
-        adapters_of(inner, out);
-    }
-}
-
 /// Builds the engine under the default policy and every other served policy against its model.
 pub fn build_served(cfg: &EngineConfig) -> Result<(BuiltEngine, Vec<ServedPolicy>)> {
     let served = cfg.server.served_policies(&cfg.cache.policy);
-    let mut adapters = BTreeSet::new();
-    for p in &served {
-        adapters_of(&p.policy, &mut adapters);
-    }
-    if adapters.len() > 1 {
-        bail!(
-            "[[server.policies]] name {} different adapters; the model holds one set of decision weights, so every \
-             learned policy must use the same adapter",
-            adapters.len()
-        );
-    }
     let mut engine_cfg = cfg.clone();
     engine_cfg.cache.policy = served[0].policy.clone();
     let mut built = build_engine(&engine_cfg).with_context(|| format!("cache policy `{}`", served[0].name))?;

@@ -96,6 +96,9 @@ impl PolicyFactory for Recording {
     fn new_sequence(&self, shape: CacheShape) -> Box<dyn SequencePolicy> {
         Box::new(RecordingSeq { inner: self.inner.new_sequence(shape), log: self.log.clone() })
     }
+    fn adapter(&self) -> Option<&str> {
+        self.inner.adapter()
+    }
     fn describe(&self) -> String {
         self.inner.describe()
     }

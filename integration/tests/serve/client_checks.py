@@ -26,7 +26,7 @@ import urllib.request
 import openai
 
 MODEL = "smollm2-135m"
-POLICIES = ["dms", "full", "sliding_window"]
+POLICIES = ["dms", "full", "sliding_window", "dms-long"]
 
 
 def call(base, method, path, body=None, headers=None, raw=None):
@@ -149,9 +149,10 @@ def check_main(base, expected_path):
                                         max_tokens=12, temperature=1.0, seed=7)
     assert r1.choices[0].message.content == r2.choices[0].message.content
 
-    # 18 concurrent requests with mixed policies: each equals the same request alone.
-    prompts = [f"Write one sentence about the number {i}." for i in range(18)]
-    jobs = [(p, POLICIES[i % 3]) for i, p in enumerate(prompts)]
+    # 24 concurrent requests with mixed policies (two of them reading different adapters): each
+    # equals the same request alone.
+    prompts = [f"Write one sentence about the number {i}." for i in range(6 * len(POLICIES))]
+    jobs = [(p, POLICIES[i % len(POLICIES)]) for i, p in enumerate(prompts)]
     alone = [chat(client, p, pol) for p, pol in jobs]
     running_seen = []
 
@@ -163,7 +164,7 @@ def check_main(base, expected_path):
             running_seen.append(metric(base, "dms_requests_running"))
             time.sleep(0.05)
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers=19) as ex:
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(jobs) + 1) as ex:
         watcher = ex.submit(watch)
         together = list(ex.map(lambda j: chat(client, j[0], j[1]), jobs))
         all_done.set()
@@ -178,6 +179,7 @@ def check_main(base, expected_path):
     for pol in POLICIES:
         assert metric(base, f'dms_requests_total{{policy="{pol}"}}') >= 12
     assert metric(base, 'dms_evicted_tokens_total{policy="dms"}') > 0
+    assert metric(base, 'dms_evicted_tokens_total{policy="dms-long"}') > 0
     assert metric(base, 'dms_evicted_tokens_total{policy="full"}') == 0
 
     # A client that goes away mid-stream: its sequence is cancelled and its blocks freed at once.

@@ -3,10 +3,12 @@
 //! the scheduler on the device cache, each with its own program; the rest, and everything on the
 //! CPU, through the scheduler on the host store.
 
-use anyhow::Result;
+use anyhow::{bail, Result};
+use dms_policy::SignalNeed;
 
 use super::scheduler::{run_batch, BatchStats, Finished, Request};
 use super::{Engine, GenParams};
+use crate::model::DecisionSource;
 
 /// Serves `requests` with at most `max_batch` sequences at once (see [`run_batch`]); the device
 /// cache, when used, gets the host pool's memory budget in the model's dtype.
@@ -18,11 +20,38 @@ pub fn run_requests(
     keep_logits: bool,
     progress: impl FnMut(usize),
 ) -> Result<(Vec<Finished>, BatchStats)> {
+    if engine.model.device().is_cuda() {
+        device_adapter(engine, &requests)?;
+    }
     #[cfg(feature = "cuda")]
     if engine.model.device().is_cuda() {
         return device::run_requests(engine, requests, params, max_batch, keep_logits, progress);
     }
     run_batch(engine, requests, params, max_batch, keep_logits, progress)
+}
+
+/// The device cache hands the model no per-sequence adapters: the learned requests it runs (those
+/// with a device program) must read the same adapter, which becomes the model's default (an error names the
+/// adapters otherwise).
+fn device_adapter(engine: &mut Engine, requests: &[Request]) -> Result<()> {
+    let mut keys: Vec<Option<&str>> = requests
+        .iter()
+        .filter(|r| r.policy.signal_need() == SignalNeed::DecisionScores && r.policy.device_program().is_ok())
+        .map(|r| r.policy.adapter())
+        .collect();
+    keys.sort();
+    keys.dedup();
+    match keys.as_slice() {
+        [] => Ok(()),
+        [key] if matches!(engine.model.decision_source(), DecisionSource::Adapter) => {
+            engine.model.set_default_adapter(*key)
+        }
+        [_] => Ok(()),
+        _ => bail!(
+            "on a CUDA device, requests whose policies read different adapters ({keys:?}) cannot run in one batch \
+             yet: run them separately"
+        ),
+    }
 }
 
 #[cfg(feature = "cuda")]
@@ -86,5 +115,59 @@ mod device {
         }
         done.sort_by_key(|f| f.id);
         Ok((done, stats))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use candle_core::Device;
+    use dms_policy::Registry;
+
+    use super::*;
+    use crate::engine::load_model;
+    use crate::model::{WeightForm, Weights};
+
+    /// The separate-alpha fixture with its own decision weights attached again as adapters `a`
+    /// and `b`, and a request whose policy reads `adapter`.
+    fn setup() -> (Engine, impl Fn(&str) -> Request) {
+        let dir =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen3_dms_tiny/variant_separate_alpha/model");
+        let mut loaded = load_model(&dir, &Device::Cpu, WeightForm::Dense).unwrap();
+        let w = Weights::open_safetensors_dir(&dir).unwrap();
+        for key in ["a", "b"] {
+            loaded.model.attach_adapter(key, &w, false, false).unwrap();
+        }
+        let full = Registry::with_builtins().build(&toml::from_str("name = 'full'").unwrap()).unwrap();
+        let engine = Engine::new(loaded.model, full, 4, 64).unwrap();
+        let request = |table: &str| Request {
+            id: 0,
+            prompt: vec![1, 2, 3],
+            forced: None,
+            policy: Registry::with_builtins().build(&toml::from_str(table).unwrap()).unwrap(),
+            params: None,
+        };
+        (engine, request)
+    }
+
+    /// Learned requests reading two adapters cannot share the device's one default; one adapter
+    /// (beside requests that read none) becomes it; an adapter the model lacks is named.
+    #[test]
+    fn a_device_run_reads_one_adapter() {
+        let (mut engine, request) = setup();
+        let mixed =
+            [request("name = 'dms'\nwindow = 2\nadapter = 'a'"), request("name = 'dms'\nwindow = 2\nadapter = 'b'")];
+        let e = format!("{:#}", device_adapter(&mut engine, &mixed).unwrap_err());
+        assert!(e.contains("different adapters") && e.contains("\"a\"") && e.contains("\"b\""), "{e}");
+        let one = [
+            request("name = 'full'"),
+            request("name = 'dms'\nwindow = 2\nadapter = 'b'"),
+            request("name = 'dms'\nwindow = 2\nadapter = 'b'"),
+        ];
+        device_adapter(&mut engine, &one).unwrap();
+        let missing = [request("name = 'dms'\nwindow = 2\nadapter = 'c'")];
+        let e = format!("{:#}", device_adapter(&mut engine, &missing).unwrap_err());
+        assert!(e.contains("`c`"), "{e}");
     }
 }

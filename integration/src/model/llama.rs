@@ -127,6 +127,8 @@ pub struct Llama {
     inv_freq: Vec<f32>,
     decision: DecisionSource,
     adapters: Vec<DecisionAdapter>,
+    /// The adapter a backend that gives no per-sequence spans reads (the last attached one).
+    default_adapter: usize,
     neuron_mask: Option<Tensor>,
     random_weights: bool,
 }
@@ -240,6 +242,7 @@ impl Llama {
             inv_freq,
             decision,
             adapters,
+            default_adapter: 0,
             neuron_mask,
             random_weights: false,
         })
@@ -263,12 +266,25 @@ impl Llama {
             layers.push((norm.to_dtype(self.dtype)?, Linear::new(proj.to_dtype(self.dtype)?, None)));
         }
         let adapter = DecisionAdapter { key: Some(key.to_string()), layers, per_layer };
-        match self.adapters.iter_mut().find(|a| a.key.as_deref() == Some(key)) {
-            Some(slot) => *slot = adapter,
-            None => self.adapters.push(adapter),
-        }
+        self.default_adapter = match self.adapters.iter().position(|a| a.key.as_deref() == Some(key)) {
+            Some(i) => {
+                self.adapters[i] = adapter;
+                i
+            }
+            None => {
+                self.adapters.push(adapter);
+                self.adapters.len() - 1
+            }
+        };
         self.decision = DecisionSource::Adapter;
         self.neuron_mask = None;
+        Ok(())
+    }
+
+    /// Makes the adapter a policy naming `key` reads the one that backends without per-sequence
+    /// spans (the device cache) give every token.
+    pub fn set_default_adapter(&mut self, key: Option<&str>) -> Result<()> {
+        self.default_adapter = self.adapter_index(key)?;
         Ok(())
     }
 
@@ -348,6 +364,7 @@ impl Llama {
             inv_freq,
             decision: DecisionSource::None,
             adapters: Vec::new(),
+            default_adapter: 0,
             neuron_mask: None,
             random_weights: true,
         })
@@ -409,6 +426,7 @@ impl Llama {
             inv_freq: self.inv_freq.clone(),
             decision: self.decision.clone(),
             adapters,
+            default_adapter: self.default_adapter,
             neuron_mask: self.neuron_mask.clone(),
             random_weights: self.random_weights,
         })
@@ -511,18 +529,10 @@ impl Llama {
     }
 
     /// Which adapter computes which tokens' decisions: from the backend's spans (a span that
-    /// needs no decisions joins its neighbour's run), or the model's one adapter for every token.
+    /// needs no decisions joins its neighbour's run), or the default adapter for every token.
     fn adapter_runs(&self, spans: Option<Vec<DecisionSpan<'_>>>, n: usize) -> Result<Vec<AdapterRun>> {
         let Some(spans) = spans else {
-            if self.adapters.len() > 1 {
-                bail!(
-                    "this cache gives every sequence the same decision weights, but the model holds {} adapters \
-                     ({:?}): use one adapter per model here",
-                    self.adapters.len(),
-                    self.adapter_names()
-                );
-            }
-            return Ok(vec![(0, n, 0)]);
+            return Ok(vec![(0, n, self.default_adapter)]);
         };
         let total: usize = spans.iter().map(|s| s.tokens).sum();
         if total != n {

@@ -298,6 +298,8 @@ pub struct Cell {
 pub struct EvalReport {
     /// Perplexity of the full cache.
     pub full_perplexity: f64,
+    /// The full cache's sums per quality prompt (for perplexity increases paired with it).
+    pub full_per_prompt: Vec<PromptSums>,
     /// Needle results of the full cache.
     pub full_needle: Option<NeedleResult>,
     /// Cells in family order, then target order.
@@ -403,7 +405,8 @@ pub fn run_eval(cfg: &EvalConfig) -> Result<EvalReport> {
     let base_done = teacher_forced(&mut engine, full.clone(), &wins, q, chunk)?;
     let baseline: Vec<Vec<Vec<f32>>> =
         base_done.iter().map(|f| f.step_logits.iter().map(|l| log_softmax(l)).collect()).collect();
-    let full_perplexity = score(&base_done, &baseline, &wins, q.prompt_tokens).0.perplexity;
+    let (full_quality, full_per_prompt) = score(&base_done, &baseline, &wins, q.prompt_tokens);
+    let full_perplexity = full_quality.perplexity;
     let full_needle = match (&cfg.needle, &needle_prompts) {
         (Some(n), Some(p)) => Some(needle_run(&mut engine, &full, p, n, &tok, chunk)?),
         _ => None,
@@ -496,5 +499,5 @@ pub fn run_eval(cfg: &EvalConfig) -> Result<EvalReport> {
         pb.finish();
         runs.insert(f.name.clone(), spent);
     }
-    Ok(EvalReport { full_perplexity, full_needle, cells, runs })
+    Ok(EvalReport { full_perplexity, full_per_prompt, full_needle, cells, runs })
 }

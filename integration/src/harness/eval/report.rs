@@ -6,7 +6,7 @@ use anyhow::Result;
 use serde_json::json;
 
 use super::{Cell, EvalConfig, EvalReport, NeedleResult, Quality};
-use crate::harness::stats::paired_bootstrap_ci;
+use crate::harness::stats::{paired_bootstrap_ci, PromptSums};
 
 /// The first family's cell minus another family's cell at the same target, on the same prompts.
 pub struct PairedDiff<'a> {
@@ -18,6 +18,12 @@ pub struct PairedDiff<'a> {
     pub diff: [f64; 3],
     /// Their 95% paired-bootstrap intervals.
     pub ci: [[f64; 2]; 3],
+}
+
+/// A cell's perplexity minus the full cache's on the same prompts, with its 95% paired-bootstrap
+/// interval: the perplexity a policy costs, with how hard each prompt is taken out.
+pub fn perplexity_increase(r: &EvalReport, c: &Cell) -> (f64, [f64; 2]) {
+    (c.quality.perplexity - r.full_perplexity, paired_bootstrap_ci(&c.per_prompt, &r.full_per_prompt, 0)[2])
 }
 
 /// Every other family's cells against the first family's at the same target.
@@ -51,19 +57,22 @@ pub fn table(cfg: &EvalConfig, r: &EvalReport) -> String {
         ));
     }
     s.push_str(
-        "\n| policy | target CR | knob | measured CR | top-1 agree [95% CI] | mean KL [95% CI] | PPL [95% CI] |",
+        "\n| policy | target CR | knob | measured CR | top-1 agree [95% CI] | mean KL [95% CI] | PPL [95% CI] | \
+         PPL - full [95% CI] |",
     );
     let needle = r.full_needle.is_some();
     if needle {
         s.push_str(" needle CR | needle hits |");
     }
     s.push('\n');
-    s.push_str(&"|---".repeat(if needle { 9 } else { 7 }));
+    s.push_str(&"|---".repeat(if needle { 10 } else { 8 }));
     s.push_str("|\n");
     for c in &r.cells {
         let knob = cfg.families.iter().find(|f| f.name == c.family).map(|f| f.knob.as_str()).unwrap_or("");
+        let (rise, rise_ci) = perplexity_increase(r, c);
         s.push_str(&format!(
-            "| {} | {} | {knob} = {} | {:.2}{} | {:.3} [{:.3}, {:.3}] | {:.4} [{:.4}, {:.4}] | {:.2} [{:.2}, {:.2}] |",
+            "| {} | {} | {knob} = {} | {:.2}{} | {:.3} [{:.3}, {:.3}] | {:.4} [{:.4}, {:.4}] | {:.2} [{:.2}, {:.2}] | \
+             {rise:+.2} [{:+.2}, {:+.2}] |",
             c.family,
             c.target,
             fmt_knob(c.knob),
@@ -77,7 +86,9 @@ pub fn table(cfg: &EvalConfig, r: &EvalReport) -> String {
             c.quality.mean_kl_ci[1],
             c.quality.perplexity,
             c.quality.perplexity_ci[0],
-            c.quality.perplexity_ci[1]
+            c.quality.perplexity_ci[1],
+            rise_ci[0],
+            rise_ci[1]
         ));
         if let Some(n) = &c.needle {
             s.push_str(&format!(
@@ -128,6 +139,7 @@ fn fmt_knob(x: f64) -> String {
 
 /// JSON of the report.
 pub fn to_json(cfg: &EvalConfig, r: &EvalReport) -> serde_json::Value {
+    let per_prompt = |p: &PromptSums| json!({"agree": p.agree, "kl": p.kl, "nll": p.nll, "n": p.n});
     let needle = |n: &NeedleResult| json!({"knob": n.knob, "cr": n.cr, "matched": n.matched, "hits": n.hits, "trials": n.trials, "answers": n.answers});
     json!({
         "model": cfg.model.source,
@@ -136,16 +148,17 @@ pub fn to_json(cfg: &EvalConfig, r: &EvalReport) -> serde_json::Value {
         "needle_workload": cfg.needle.as_ref().map(|n| json!({"context_tokens": n.context_tokens, "depths": n.depths,
             "trials": n.trials.unwrap_or(n.depths.len())})),
         "calibration_prompts": cfg.calibration.prompts.unwrap_or(cfg.quality.prompts),
-        "full": {"perplexity": r.full_perplexity, "needle": r.full_needle.as_ref().map(needle)},
+        "full": {"perplexity": r.full_perplexity, "needle": r.full_needle.as_ref().map(needle),
+            "per_prompt": r.full_per_prompt.iter().map(per_prompt).collect::<Vec<_>>()},
         "calibration_runs": r.runs,
         "cells": r.cells.iter().map(|c| json!({
             "family": c.family, "target_cr": c.target, "knob": c.knob, "matched": c.matched,
             "cr": c.quality.cr, "top1_agreement": c.quality.top1_agreement, "mean_kl": c.quality.mean_kl,
             "perplexity": c.quality.perplexity, "top1_agreement_ci": c.quality.top1_agreement_ci,
             "mean_kl_ci": c.quality.mean_kl_ci, "perplexity_ci": c.quality.perplexity_ci,
+            "perplexity_increase": perplexity_increase(r, c).0, "perplexity_increase_ci": perplexity_increase(r, c).1,
             "needle": c.needle.as_ref().map(needle),
-            "per_prompt": c.per_prompt.iter().map(|p| json!({"agree": p.agree, "kl": p.kl, "nll": p.nll, "n": p.n}))
-                .collect::<Vec<_>>(),
+            "per_prompt": c.per_prompt.iter().map(per_prompt).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
         "paired_vs_first": paired_vs_first(r).iter().map(|p| json!({
             "first": p.first.family, "other": p.other.family, "target_cr": p.other.target,
@@ -210,4 +223,39 @@ pub fn plot(r: &EvalReport, path: &Path) -> Result<()> {
     }
     root.present().map_err(|x| e(&x))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    /// Prompts of `n` tokens, each with `nll` nats per token.
+    fn prompts(nll: f64, lengths: &[f64]) -> Vec<PromptSums> {
+        lengths.iter().map(|&n| PromptSums { agree: n, kl: 0.0, nll: nll * n, n }).collect()
+    }
+
+    /// With a per-token NLL of `a` for the full cache and `a + d` for the policy on every prompt,
+    /// every resample pools to exp(a + d) - exp(a): the interval is that point, whatever the draw.
+    #[test]
+    fn a_constant_per_token_nll_gap_gives_a_point_perplexity_increase() {
+        let lengths = [64.0, 50.0, 64.0, 30.0, 64.0, 17.0];
+        let (a, d) = (3.2, 0.07);
+        let per_prompt = prompts(a + d, &lengths);
+        let quality = Quality { perplexity: (a + d).exp(), ..Quality::default() };
+        let cell =
+            Cell { family: "p".into(), target: 4.0, knob: 1.0, matched: true, quality, per_prompt, needle: None };
+        let r = EvalReport {
+            full_perplexity: a.exp(),
+            full_per_prompt: prompts(a, &lengths),
+            full_needle: None,
+            cells: vec![cell],
+            runs: BTreeMap::new(),
+        };
+        let (rise, [lo, hi]) = perplexity_increase(&r, &r.cells[0]);
+        let want = (a + d).exp() - a.exp();
+        assert!((rise - want).abs() < 1e-9, "{rise} vs {want}");
+        assert!((lo - want).abs() < 1e-9 && (hi - want).abs() < 1e-9, "[{lo}, {hi}] vs {want}");
+    }
 }

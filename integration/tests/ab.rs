@@ -266,7 +266,7 @@ answer_tokens = 4
         }
     }
     let t = eval_table(&cfg, &r);
-    assert!(t.contains("Paired differences, `window` minus") && t.contains("| keynorm | 3 |"), "{t}");
+    assert!(t.contains("Paired differences, the first family") && t.contains("| window | keynorm | 3 |"), "{t}");
     assert!(t.contains("| window | 2 |") && t.contains("| keynorm | 3 |"), "{t}");
     let json = eval_json(&cfg, &r);
     assert_eq!(json["cells"].as_array().unwrap().len(), 4);

@@ -8,9 +8,10 @@ use serde_json::json;
 use super::{Cell, EvalConfig, EvalReport, NeedleResult, Quality};
 use crate::harness::stats::{paired_bootstrap_ci, PromptSums};
 
-/// The first family's cell minus another family's cell at the same target, on the same prompts.
+/// The first family's cell at a target minus another family's cell at that target, on the same
+/// prompts.
 pub struct PairedDiff<'a> {
-    /// The first family's cell.
+    /// The first family's cell at the target.
     pub first: &'a Cell,
     /// The other family's cell.
     pub other: &'a Cell,
@@ -26,16 +27,18 @@ pub fn perplexity_increase(r: &EvalReport, c: &Cell) -> (f64, [f64; 2]) {
     (c.quality.perplexity - r.full_perplexity, paired_bootstrap_ci(&c.per_prompt, &r.full_per_prompt, 0)[2])
 }
 
-/// Every other family's cells against the first family's at the same target.
+/// Every cell against the cell of the first family (in config order) that has the same target,
+/// so a grid whose reference policy differs by target (one setting per ratio) pairs each ratio
+/// with its own.
 pub fn paired_vs_first(r: &EvalReport) -> Vec<PairedDiff<'_>> {
-    let Some(first_family) = r.cells.first().map(|c| c.family.as_str()) else {
-        return Vec::new();
-    };
     let mut out = Vec::new();
-    for other in r.cells.iter().filter(|c| c.family != first_family) {
-        let Some(first) = r.cells.iter().find(|c| c.family == first_family && c.target == other.target) else {
+    for other in &r.cells {
+        let Some(first) = r.cells.iter().find(|c| c.target == other.target) else {
             continue;
         };
+        if first.family == other.family {
+            continue;
+        }
         let (a, b) = (&first.quality, &other.quality);
         let diff = [a.top1_agreement - b.top1_agreement, a.mean_kl - b.mean_kl, a.perplexity - b.perplexity];
         out.push(PairedDiff { first, other, diff, ci: paired_bootstrap_ci(&first.per_prompt, &other.per_prompt, 0) });
@@ -103,15 +106,16 @@ pub fn table(cfg: &EvalConfig, r: &EvalReport) -> String {
     }
     let paired = paired_vs_first(r);
     if !paired.is_empty() {
-        s.push_str(&format!(
-            "\nPaired differences, `{}` minus each other family at the same target, over the same prompts (95% \
-             paired bootstrap; an interval that excludes 0 separates the two):\n\n\
-             | other | target CR | Δ top-1 agree [95% CI] | Δ mean KL [95% CI] | Δ PPL [95% CI] |\n|---|---|---|---|---|\n",
-            paired[0].first.family
-        ));
+        s.push_str(
+            "\nPaired differences, the first family at each target minus each other family at that target, over \
+             the same prompts (95% paired bootstrap; an interval that excludes 0 separates the two):\n\n\
+             | first | other | target CR | Δ top-1 agree [95% CI] | Δ mean KL [95% CI] | Δ PPL [95% CI] |\n\
+             |---|---|---|---|---|---|\n",
+        );
         for p in &paired {
             s.push_str(&format!(
-                "| {} | {} | {:+.3} [{:+.3}, {:+.3}] | {:+.4} [{:+.4}, {:+.4}] | {:+.2} [{:+.2}, {:+.2}] |\n",
+                "| {} | {} | {} | {:+.3} [{:+.3}, {:+.3}] | {:+.4} [{:+.4}, {:+.4}] | {:+.2} [{:+.2}, {:+.2}] |\n",
+                p.first.family,
                 p.other.family,
                 p.other.target,
                 p.diff[0],
@@ -257,5 +261,33 @@ mod tests {
         let want = (a + d).exp() - a.exp();
         assert!((rise - want).abs() < 1e-9, "{rise} vs {want}");
         assert!((lo - want).abs() < 1e-9 && (hi - want).abs() < 1e-9, "[{lo}, {hi}] vs {want}");
+    }
+
+    /// A cell of family `family` at `target` whose prompts all have `nll` nats per token.
+    fn cell(family: &str, target: f64, nll: f64) -> Cell {
+        let quality = Quality { perplexity: nll.exp(), mean_kl: nll, ..Quality::default() };
+        let per_prompt = prompts(nll, &[64.0, 32.0, 64.0]);
+        Cell { family: family.into(), target, knob: 1.0, matched: true, quality, per_prompt, needle: None }
+    }
+
+    /// One learned setting per ratio listed first: each ratio's cells pair with the first family
+    /// that has that ratio, never with a cell of another ratio or with themselves.
+    #[test]
+    fn each_target_pairs_with_the_first_family_that_has_it() {
+        let r = EvalReport {
+            full_perplexity: 1.0,
+            full_per_prompt: prompts(0.0, &[64.0, 32.0, 64.0]),
+            full_needle: None,
+            cells: vec![cell("a", 4.0, 1.0), cell("b", 8.0, 2.0), cell("c", 4.0, 1.5), cell("c", 8.0, 2.5)],
+            runs: BTreeMap::new(),
+        };
+        let pairs: Vec<_> = paired_vs_first(&r)
+            .iter()
+            .map(|p| (p.first.family.clone(), p.other.family.clone(), p.other.target))
+            .collect();
+        assert_eq!(pairs, [("a".into(), "c".into(), 4.0), ("b".into(), "c".into(), 8.0)]);
+        let p = &paired_vs_first(&r)[1];
+        let want = 2.0f64.exp() - 2.5f64.exp();
+        assert!((p.diff[2] - want).abs() < 1e-9 && (p.ci[2][0] - want).abs() < 1e-9, "{:?} vs {want}", p.ci[2]);
     }
 }

@@ -23,9 +23,9 @@ use serde_json::json;
 use crate::config::{open_device, ModelSection};
 use crate::engine::load_model;
 use crate::model::llama::distill_kl::kl_rows;
-use crate::model::llama::train::{AdapterParams, StudentOpts};
-use crate::model::Llama;
-use crate::model::WeightForm;
+use crate::model::llama::train::{AdapterParams, LoraVars, StudentOpts};
+use crate::model::lora::{self, LoraTarget};
+use crate::model::{Llama, ModelConfig, WeightForm};
 
 pub mod retrieval;
 use retrieval::{RetrievalSection, RetrievalTask, WeightedIds};
@@ -96,6 +96,28 @@ pub struct RetrofitSection {
     /// Retrieval samples mixed into the training text (`retrieval::RetrievalSection`).
     #[serde(default)]
     pub retrieval: Option<RetrievalSection>,
+    /// A LoRA on the attention projections trained with the decisions (`[retrofit.lora]`).
+    #[serde(default)]
+    pub lora: Option<LoraSection>,
+}
+
+/// `[retrofit.lora]`: the student also trains a LoRA on `q/k/v/o_proj` (B starts at zero, so
+/// step 0 is the frozen model), which the adapter file carries and the engine applies to the
+/// sequences whose policy reads this adapter.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraSection {
+    /// Rank of the factors.
+    pub rank: usize,
+    /// The delta's scale is alpha / rank.
+    #[serde(default = "d_lora_alpha")]
+    pub alpha: f64,
+    /// Learning rate of the factors (the decision weights keep `lr`).
+    pub lr: f64,
+}
+
+fn d_lora_alpha() -> f64 {
+    16.0
 }
 
 fn d_corpus() -> String {
@@ -150,6 +172,11 @@ impl RetrofitSection {
         if let Some(r) = &self.retrieval {
             r.validate()?;
         }
+        if let Some(l) = &self.lora {
+            if l.rank == 0 || !(l.alpha.is_finite() && l.alpha > 0.0) || !(l.lr > 0.0) {
+                bail!("[retrofit.lora] rank, alpha and lr must be positive");
+            }
+        }
         Ok(())
     }
 
@@ -178,17 +205,17 @@ impl AdamW {
         })
     }
 
-    /// One update with gradients already clipped.
-    pub fn step(&mut self, params: &[&Var], grads: &[Tensor], s: &RetrofitSection) -> Result<()> {
+    /// One update with gradients already clipped, each parameter at its own learning rate.
+    pub fn step(&mut self, params: &[&Var], grads: &[Tensor], lrs: &[f64], s: &RetrofitSection) -> Result<()> {
         self.t += 1;
         let (b1, b2) = s.betas;
         let (c1, c2) = (1.0 - b1.powi(self.t as i32), 1.0 - b2.powi(self.t as i32));
-        for (i, (p, g)) in params.iter().zip(grads).enumerate() {
+        for (i, ((p, g), &lr)) in params.iter().zip(grads).zip(lrs).enumerate() {
             self.m[i] = ((&self.m[i] * b1)? + (g * (1.0 - b1))?)?;
             self.v[i] = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
             let upd = ((&self.m[i] / c1)? / ((&self.v[i] / c2)?.sqrt()? + 1e-8)?)?;
-            let decayed = (p.as_tensor() * (1.0 - s.lr * s.weight_decay))?;
-            p.set(&(decayed - (upd * s.lr)?)?)?;
+            let decayed = (p.as_tensor() * (1.0 - lr * s.weight_decay))?;
+            p.set(&(decayed - (upd * lr)?)?)?;
         }
         Ok(())
     }
@@ -260,7 +287,11 @@ impl Trainer {
             norms.push(Var::from_tensor(&Tensor::ones(c.hidden_size, DType::F32, &dev)?)?);
             projs.push(Var::from_tensor(&Tensor::zeros((c.num_kv_heads, c.hidden_size), DType::F32, &dev)?)?);
         }
-        let adapter = AdapterParams { norms, projs };
+        let lora = match &cfg.lora {
+            Some(l) => Some(fresh_lora(&c, l, cfg.seed, &dev)?),
+            None => None,
+        };
+        let adapter = AdapterParams { norms, projs, lora };
         let opt = AdamW::new(&params(&adapter))?;
         Ok(Self { model, adapter, opt, step: 0, cfg, tokens, retrieval: None })
     }
@@ -298,6 +329,41 @@ impl Trainer {
             let ctx = || format!("[retrofit] init: adapter {}", dir.display());
             n.set(&w.get(&format!("{a}_norm.weight"), &[h], &dev).with_context(ctx)?.to_dtype(DType::F32)?)?;
             p.set(&w.get(&format!("{a}.weight"), &[kv, h], &dev).with_context(ctx)?.to_dtype(DType::F32)?)?;
+        }
+        let theirs: lora::LoraFields = serde_json::from_str(&cfg_text)
+            .with_context(|| format!("[retrofit] init: {}/config.json", dir.display()))?;
+        let theirs = theirs.rank_alpha().with_context(|| format!("[retrofit] init: adapter {}", dir.display()))?;
+        let ours = self.cfg.lora.as_ref().map(|l| (l.rank, l.alpha));
+        match (theirs, &self.adapter.lora) {
+            (None, _) => {}
+            (Some((rank, alpha)), None) => bail!(
+                "[retrofit] init: adapter {} carries a LoRA (rank {rank}, alpha {alpha}) that this run would drop: add [retrofit.lora] with that rank and alpha",
+                dir.display()
+            ),
+            (Some(t), Some(vars)) => {
+                if ours.is_some_and(|o| o.0 != t.0 || (o.1 - t.1).abs() > 1e-9) {
+                    bail!(
+                        "[retrofit] init: adapter {} has a LoRA of rank {} and alpha {}, this run rank {} and alpha {}",
+                        dir.display(),
+                        t.0,
+                        t.1,
+                        ours.map_or(0, |o| o.0),
+                        ours.map_or(0.0, |o| o.1)
+                    );
+                }
+                let c = self.model.config().clone();
+                for (i, layer) in vars.layers.iter().enumerate() {
+                    for (target, (a, b)) in LoraTarget::ALL.iter().zip(layer) {
+                        let (out, inp) = target.dims(&c);
+                        let ctx = || format!("[retrofit] init: adapter {}", dir.display());
+                        let get = |part: &str, shape: &[usize]| {
+                            w.get(&lora::tensor_name(i, *target, part), shape, &dev).with_context(ctx)
+                        };
+                        a.set(&get("A", &[t.0, inp])?.to_dtype(DType::F32)?)?;
+                        b.set(&get("B", &[out, t.0])?.to_dtype(DType::F32)?)?;
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -373,6 +439,7 @@ impl Trainer {
         };
         let grads = loss.backward()?;
         let ps = params(&self.adapter);
+        let lrs = learning_rates(&self.adapter, &self.cfg);
         let mut gs = Vec::with_capacity(ps.len());
         let mut sq = 0f64;
         for p in &ps {
@@ -385,7 +452,7 @@ impl Trainer {
             let f = self.cfg.grad_clip / norm;
             gs = gs.into_iter().map(|g| (g * f).map_err(anyhow::Error::from)).collect::<Result<_>>()?;
         }
-        self.opt.step(&ps, &gs, &self.cfg)?;
+        self.opt.step(&ps, &gs, &lrs, &self.cfg)?;
         self.step += 1;
         Ok(StepStats {
             step: self.step,
@@ -439,21 +506,74 @@ impl Trainer {
             t.insert(format!("model.layers.{i}.self_attn.dms_proj_alpha_norm.weight"), n.as_tensor().clone());
             t.insert(format!("model.layers.{i}.self_attn.dms_proj_alpha.weight"), p.as_tensor().clone());
         }
+        if let Some(l) = &self.adapter.lora {
+            for (i, layer) in l.layers.iter().enumerate() {
+                for (target, (a, b)) in LoraTarget::ALL.iter().zip(layer) {
+                    t.insert(lora::tensor_name(i, *target, "A"), a.as_tensor().clone());
+                    t.insert(lora::tensor_name(i, *target, "B"), b.as_tensor().clone());
+                }
+            }
+        }
         candle_core::safetensors::save(&t, dir.join("adapter.safetensors"))?;
         let c = &self.cfg;
-        let cfg = json!({
+        let mut cfg = json!({
             "dms_window_size": c.window, "dms_alpha_scale": c.alpha_scale, "dms_initial_alpha_offset": c.alpha_offset,
             "dms_separate_alpha": true, "dms_alpha_per": "head", "dms_disable_eviction": false, "dms_tau": c.tau,
             "dms_cr": c.target_cr, "retrofit_steps_done": self.step, "retrofit_init": c.init,
             "retrofit_retrieval": c.retrieval.as_ref().map(|r| json!({"fraction": r.fraction, "answer_weight": r.answer_weight})),
         });
+        if let Some(l) = &c.lora {
+            cfg["lora_rank"] = json!(l.rank);
+            cfg["lora_alpha"] = json!(l.alpha);
+            cfg["retrofit_lora_lr"] = json!(l.lr);
+        }
         std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&cfg)?)?;
         Ok(())
     }
 }
 
+/// Every trained variable: norms, projections, then the LoRA's factors (checkpoints index them
+/// in this order).
 fn params(a: &AdapterParams) -> Vec<&Var> {
-    a.norms.iter().chain(a.projs.iter()).collect()
+    a.norms.iter().chain(a.projs.iter()).chain(a.lora.iter().flat_map(LoraVars::vars)).collect()
+}
+
+/// The learning rate of each of [`params`]: `lr` for the decision weights, the LoRA's own for
+/// its factors.
+fn learning_rates(a: &AdapterParams, cfg: &RetrofitSection) -> Vec<f64> {
+    let decisions = a.norms.len() + a.projs.len();
+    let lora = a.lora.as_ref().map_or(0, |l| l.vars().count());
+    let lora_lr = cfg.lora.as_ref().map_or(cfg.lr, |l| l.lr);
+    std::iter::repeat_n(cfg.lr, decisions).chain(std::iter::repeat_n(lora_lr, lora)).collect()
+}
+
+/// A fresh LoRA for every layer of `c`: A uniform in +-1/sqrt(in) (drawn from `seed`), B zero,
+/// so that the student starts as the frozen model.
+fn fresh_lora(c: &ModelConfig, s: &LoraSection, seed: u64, dev: &candle_core::Device) -> Result<LoraVars> {
+    if c.mla.is_some() {
+        bail!("[retrofit.lora] needs per-head attention (q/k/v/o_proj); this model has latent attention");
+    }
+    let full_rank = LoraTarget::ALL.iter().map(|t| t.dims(c).0.min(t.dims(c).1)).min().unwrap_or(0);
+    if s.rank > full_rank {
+        bail!(
+            "[retrofit.lora] rank {} exceeds {full_rank}, the smallest side of the model's attention projections",
+            s.rank
+        );
+    }
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x4C6F_5241);
+    let mut layers = Vec::with_capacity(c.num_layers);
+    for _ in 0..c.num_layers {
+        let mut pair = |t: LoraTarget| -> Result<(Var, Var)> {
+            let (out, inp) = t.dims(c);
+            let bound = 1.0 / (inp as f64).sqrt();
+            let a: Vec<f32> = (0..s.rank * inp).map(|_| rng.random_range(-bound..bound) as f32).collect();
+            let a = Var::from_tensor(&Tensor::from_vec(a, (s.rank, inp), dev)?)?;
+            let b = Var::from_tensor(&Tensor::zeros((out, s.rank), DType::F32, dev)?)?;
+            Ok((a, b))
+        };
+        layers.push([pair(LoraTarget::Q)?, pair(LoraTarget::K)?, pair(LoraTarget::V)?, pair(LoraTarget::O)?]);
+    }
+    Ok(LoraVars { layers, scale: s.alpha / s.rank as f64 })
 }
 
 /// Training tokens of the configured corpus.

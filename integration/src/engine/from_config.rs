@@ -103,7 +103,8 @@ pub fn resolve_policy_table(table: &toml::Table, model: &mut Llama, base: Option
 }
 
 /// Loads an adapter in NVIDIA's DMS format: a directory with `config.json` (its `dms_*` fields)
-/// and safetensors holding `model.layers.N.self_attn.dms_proj_alpha{,_norm}.weight`, attached
+/// and safetensors holding `model.layers.N.self_attn.dms_proj_alpha{,_norm}.weight` (and, when
+/// `config.json` sets `lora_rank` and `lora_alpha`, a LoRA on `q/k/v/o_proj`), attached
 /// under `key` (the `adapter` value policies name it by) beside any others. The model's `dms_*`
 /// fields take the adapter's where it sets them; returns the adapter's own fields.
 pub fn load_adapter(dir: &Path, key: &str, model: &mut Llama) -> Result<crate::model::config::DmsCheckpointFields> {
@@ -120,6 +121,14 @@ pub fn load_adapter(dir: &Path, key: &str, model: &mut Llama) -> Result<crate::m
     let w = Weights::open_safetensors_dir(dir).with_context(|| format!("adapter {}", dir.display()))?;
     let per_layer = fields.dms_alpha_per.as_deref().or(model.config().dms.dms_alpha_per.as_deref()) == Some("layer");
     model.attach_adapter(key, &w, false, per_layer).with_context(|| format!("adapter {}", dir.display()))?;
+    let lora: crate::model::lora::LoraFields =
+        serde_json::from_str(&cfg_text).with_context(|| format!("{}/config.json", dir.display()))?;
+    if let Some((rank, alpha)) = lora.rank_alpha().with_context(|| format!("adapter {}", dir.display()))? {
+        let (cfg, device, dtype) = (model.config().clone(), model.device().clone(), model.dtype());
+        let lora = crate::model::lora::AttentionLora::load(&w, &cfg, rank, alpha, &device, dtype)
+            .with_context(|| format!("adapter {}: its LoRA", dir.display()))?;
+        model.attach_lora(key, lora).with_context(|| format!("adapter {}", dir.display()))?;
+    }
     let d = model.dms_fields_mut();
     let merged = crate::model::config::DmsCheckpointFields {
         dms_window_size: fields.dms_window_size.or(d.dms_window_size),

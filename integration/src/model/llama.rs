@@ -13,6 +13,7 @@ pub mod train_attention;
 
 use super::config::ModelConfig;
 use super::linear::{Embedding, Proj};
+use super::lora::{AttentionLora, LoraTarget};
 use super::mla::{MlaAttention, MlaInputs};
 use super::moe::{Mlp, Moe};
 use super::weights::{WeightForm, Weights};
@@ -41,11 +42,18 @@ struct DecisionAdapter {
     layers: Vec<(Tensor, Linear)>,
     /// `dms_alpha_per = "layer"` (rule 1.5): head 0's score for every head.
     per_layer: bool,
+    /// A LoRA on the attention projections, applied to the sequences whose policy reads this
+    /// adapter's decisions.
+    lora: Option<AttentionLora>,
 }
 
 /// Consecutive tokens of a forward whose decisions one adapter computes: (first token, tokens,
 /// index into the model's adapters).
 type AdapterRun = (usize, usize, usize);
+
+/// Consecutive tokens of a forward that one adapter's LoRA adapts (`None`: the model as loaded):
+/// (first token, tokens, index into the model's adapters).
+type LoraRun = (usize, usize, Option<usize>);
 
 /// One layer's attention inputs.
 struct AttnInputs {
@@ -179,7 +187,7 @@ impl Llama {
                 })
                 .collect::<Result<Vec<_>>>()?;
             let per_layer = cfg.dms.dms_alpha_per.as_deref() == Some("layer");
-            adapters.push(DecisionAdapter { key: None, layers, per_layer });
+            adapters.push(DecisionAdapter { key: None, layers, per_layer, lora: None });
         }
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
@@ -265,7 +273,7 @@ impl Llama {
             }
             layers.push((norm.to_dtype(self.dtype)?, Linear::new(proj.to_dtype(self.dtype)?, None)));
         }
-        let adapter = DecisionAdapter { key: Some(key.to_string()), layers, per_layer };
+        let adapter = DecisionAdapter { key: Some(key.to_string()), layers, per_layer, lora: None };
         self.default_adapter = match self.adapters.iter().position(|a| a.key.as_deref() == Some(key)) {
             Some(i) => {
                 self.adapters[i] = adapter;
@@ -278,6 +286,20 @@ impl Llama {
         };
         self.decision = DecisionSource::Adapter;
         self.neuron_mask = None;
+        Ok(())
+    }
+
+    /// Gives the adapter attached under `key` a LoRA on the attention projections (replacing any),
+    /// which the forward applies to the sequences whose policy reads that adapter's decisions.
+    pub fn attach_lora(&mut self, key: &str, lora: AttentionLora) -> Result<()> {
+        if matches!(self.layers.first().map(|l| &l.attn), Some(Attention::Mla(_))) {
+            bail!("a LoRA on q/k/v/o_proj needs per-head attention; this model has latent attention");
+        }
+        if lora.num_layers() != self.layers.len() {
+            bail!("the LoRA has {} layers, the model {}", lora.num_layers(), self.layers.len());
+        }
+        let i = self.adapter_index(Some(key))?;
+        self.adapters[i].lora = Some(lora);
         Ok(())
     }
 
@@ -412,7 +434,8 @@ impl Llama {
             .iter()
             .map(|a| {
                 let layers = a.layers.iter().map(|(n, p)| Ok((c(n)?, cl(p)?))).collect::<Result<Vec<_>>>()?;
-                Ok(DecisionAdapter { key: a.key.clone(), layers, per_layer: a.per_layer })
+                let lora = a.lora.as_ref().map(|l| l.to_dtype(dtype)).transpose()?;
+                Ok(DecisionAdapter { key: a.key.clone(), layers, per_layer: a.per_layer, lora })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
@@ -501,19 +524,24 @@ impl Llama {
         if need.decision && matches!(self.decision, DecisionSource::None) {
             bail!("a cache policy needs learned DMS decisions but the model has no decision source");
         }
-        let runs = match (&self.decision, need.decision) {
-            (DecisionSource::Adapter, true) => self.adapter_runs(backend.decision_spans(), tokens.len())?,
-            _ => Vec::new(),
+        let (runs, lora_runs) = {
+            let spans = backend.decision_spans();
+            let runs = match (&self.decision, need.decision) {
+                (DecisionSource::Adapter, true) => self.adapter_runs(spans.as_deref(), tokens.len())?,
+                _ => Vec::new(),
+            };
+            (runs, self.lora_runs(spans.as_deref(), tokens.len(), need)?)
         };
         let (cos, sin) = self.rope_tables(positions)?;
         let mut x = self.embed_tokens(tokens)?;
         let scale = self.softmax_scale();
-        for (li, layer) in self.layers.iter().enumerate() {
-            let AttnInputs { q, k, v, decision, key_norms } = self.attn_inputs(li, &x, &cos, &sin, &runs, need)?;
+        for li in 0..self.layers.len() {
+            let AttnInputs { q, k, v, decision, key_norms } =
+                self.attn_inputs(li, &x, &cos, &sin, (&runs, &lora_runs), need)?;
             let step =
                 LayerStep { q: &q, k: &k, v: &v, decision: decision.as_ref(), key_norms: key_norms.as_ref(), scale };
             let attn = backend.attend(li, step)?;
-            x = self.finish_layer(layer, &x, &attn)?;
+            x = self.finish_layer(li, &x, &attn, &lora_runs)?;
         }
         backend.finish()?;
         Ok(x)
@@ -530,7 +558,7 @@ impl Llama {
 
     /// Which adapter computes which tokens' decisions: from the backend's spans (a span that
     /// needs no decisions joins its neighbour's run), or the default adapter for every token.
-    fn adapter_runs(&self, spans: Option<Vec<DecisionSpan<'_>>>, n: usize) -> Result<Vec<AdapterRun>> {
+    fn adapter_runs(&self, spans: Option<&[DecisionSpan<'_>]>, n: usize) -> Result<Vec<AdapterRun>> {
         let Some(spans) = spans else {
             return Ok(vec![(0, n, self.default_adapter)]);
         };
@@ -553,6 +581,65 @@ impl Llama {
             start += s.tokens;
         }
         Ok(runs)
+    }
+
+    /// Which tokens which adapter's LoRA adapts: a sequence whose policy reads an adapter with a
+    /// LoRA gets it; every other sequence runs the model as loaded. Without per-sequence spans,
+    /// the default adapter's LoRA adapts every token when the policy reads decisions. Empty when
+    /// no token is adapted.
+    fn lora_runs(&self, spans: Option<&[DecisionSpan<'_>]>, n: usize, need: Signals) -> Result<Vec<LoraRun>> {
+        if !self.adapters.iter().any(|a| a.lora.is_some()) {
+            return Ok(Vec::new());
+        }
+        let Some(spans) = spans else {
+            let default = need.decision && self.adapters[self.default_adapter].lora.is_some();
+            return Ok(if default { vec![(0, n, Some(self.default_adapter))] } else { Vec::new() });
+        };
+        let mut runs: Vec<LoraRun> = Vec::new();
+        let mut start = 0;
+        for s in spans {
+            let index = match s.needed {
+                true => Some(self.adapter_index(s.adapter)?).filter(|&i| self.adapters[i].lora.is_some()),
+                false => None,
+            };
+            match runs.last_mut() {
+                Some(run) if run.2 == index => run.1 += s.tokens,
+                _ => runs.push((start, s.tokens, index)),
+            }
+            start += s.tokens;
+        }
+        if start != n {
+            bail!("the cache's sequences hold {start} new tokens but the step feeds {n}");
+        }
+        if runs.iter().all(|r| r.2.is_none()) {
+            runs.clear();
+        }
+        Ok(runs)
+    }
+
+    /// `y = x W^T` of layer `li`'s `target` plus, on each run's rows, that run's LoRA delta.
+    fn with_lora(&self, li: usize, target: LoraTarget, x: &Tensor, y: Tensor, runs: &[LoraRun]) -> Result<Tensor> {
+        let delta = |a: usize, x: &Tensor| -> Result<Tensor> {
+            let lora = self.adapters[a].lora.as_ref().expect("lora runs name adapters with a LoRA");
+            lora.delta(li, target, x)
+        };
+        match runs {
+            [] => Ok(y),
+            [(_, _, Some(a))] => Ok((y + delta(*a, x)?)?),
+            _ => {
+                let parts = runs
+                    .iter()
+                    .map(|&(start, len, a)| {
+                        let rows = y.narrow(0, start, len)?;
+                        match a {
+                            Some(a) => Ok((rows + delta(a, &x.narrow(0, start, len)?)?)?),
+                            None => Ok(rows),
+                        }
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(Tensor::cat(&parts, 0)?)
+            }
+        }
     }
 
     /// Raw adapter decision scores `[n, kv_heads]` of layer `li` for the rows of `x` (the
@@ -582,15 +669,15 @@ impl Llama {
 
     /// Queries `[n, heads, hd]` and keys (after RoPE), values, and the per-(token, KV head) signal
     /// the policy asked for (f32 `[n, kv_heads]`), for layer `li`; adapter decisions come from
-    /// `runs` (empty when no policy reads them). Applies the query-neuron zeroing of DMS
-    /// checkpoints (spec rule 1.3) whatever the policy.
+    /// `runs` (empty when no policy reads them) and LoRA deltas from `lora_runs`. Applies the
+    /// query-neuron zeroing of DMS checkpoints (spec rule 1.3) whatever the policy.
     fn attn_inputs(
         &self,
         li: usize,
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        runs: &[AdapterRun],
+        (runs, lora_runs): (&[AdapterRun], &[LoraRun]),
         need: Signals,
     ) -> Result<AttnInputs> {
         let layer = &self.layers[li];
@@ -614,6 +701,9 @@ impl Llama {
         let m = layer.mha();
         let [q, k, v]: [Tensor; 3] =
             Proj::forward_many(&[&m.q_proj, &m.k_proj, &m.v_proj], &h)?.try_into().expect("three projections");
+        let q = self.with_lora(li, LoraTarget::Q, &h, q, lora_runs)?;
+        let k = self.with_lora(li, LoraTarget::K, &h, k, lora_runs)?;
+        let v = self.with_lora(li, LoraTarget::V, &h, v, lora_runs)?;
         let mut q = q.reshape((n, nh, hd))?;
         let mut k = k.reshape((n, nkv, hd))?;
         let v = v.reshape((n, nkv, hd))?;
@@ -664,10 +754,11 @@ impl Llama {
         Ok(s)
     }
 
-    /// Output projection, residual, and the feed-forward block.
-    fn finish_layer(&self, layer: &Layer, x: &Tensor, attn: &Tensor) -> Result<Tensor> {
+    /// Output projection (with `lora_runs`' deltas), residual, and the feed-forward block.
+    fn finish_layer(&self, li: usize, x: &Tensor, attn: &Tensor, lora_runs: &[LoraRun]) -> Result<Tensor> {
+        let layer = &self.layers[li];
         let o = match &layer.attn {
-            Attention::Mha(m) => m.o_proj.forward(attn)?,
+            Attention::Mha(m) => self.with_lora(li, LoraTarget::O, attn, m.o_proj.forward(attn)?, lora_runs)?,
             Attention::Mla(m) => m.output(attn)?,
         };
         let x = (x + o)?;

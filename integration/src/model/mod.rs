@@ -8,6 +8,7 @@ pub mod gguf_header;
 pub mod gguf_tokenizer;
 pub mod linear;
 pub mod llama;
+pub mod lora;
 pub mod mla;
 pub mod moe;
 pub mod prefill;

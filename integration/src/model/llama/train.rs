@@ -8,15 +8,45 @@ use candle_core::{DType, Tensor, Var};
 use super::train_attention::masked_attention;
 use super::{Attention, Layer, Llama};
 use crate::model::linear::frozen_matmul;
+use crate::model::lora::{AttentionLora, LoraTarget};
 use crate::model::mla::MlaInputs;
 
 /// Trainable DMS adapter: per layer an RMSNorm weight `[hidden]` and a projection
-/// `[n_kv_heads, hidden]` (NVIDIA's `dms_proj_alpha_norm` / `dms_proj_alpha`).
+/// `[n_kv_heads, hidden]` (NVIDIA's `dms_proj_alpha_norm` / `dms_proj_alpha`), and optionally
+/// a LoRA on the attention projections that the student runs with.
 pub struct AdapterParams {
     /// RMSNorm weights, one per layer.
     pub norms: Vec<Var>,
     /// Projection weights, one per layer.
     pub projs: Vec<Var>,
+    /// The LoRA, if this adapter trains one.
+    pub lora: Option<LoraVars>,
+}
+
+/// Trainable LoRA factors: per layer `(A, B)` of q, k, v, o (see [`AttentionLora`]).
+pub struct LoraVars {
+    /// Per layer, the four projections' factors.
+    pub layers: Vec<[(Var, Var); 4]>,
+    /// alpha / rank.
+    pub scale: f64,
+}
+
+impl LoraVars {
+    /// The factors as an [`AttentionLora`] whose tensors are these variables (so gradients reach
+    /// them).
+    pub fn view(&self) -> AttentionLora {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| l.clone().map(|(a, b)| (a.as_tensor().clone(), b.as_tensor().clone())))
+            .collect();
+        AttentionLora::new(layers, self.scale)
+    }
+
+    /// Every factor, layer by layer, A before B, in projection order.
+    pub fn vars(&self) -> impl Iterator<Item = &Var> {
+        self.layers.iter().flat_map(|l| l.iter().flat_map(|(a, b)| [a, b]))
+    }
 }
 
 /// Student-pass settings.
@@ -78,6 +108,10 @@ impl Llama {
         let mut x = self.embed.dense()?.index_select(&Tensor::new(ids, dev)?, 0)?;
         let scale = self.softmax_scale();
         let mut decisions = Vec::new();
+        let lora = student.and_then(|(ad, _)| ad.lora.as_ref()).map(LoraVars::view);
+        if lora.is_some() && self.cfg.mla.is_some() {
+            anyhow::bail!("a LoRA on q/k/v/o_proj needs per-head attention; this model has latent attention");
+        }
         for (li, layer) in self.layers.iter().enumerate() {
             let penalty = match student {
                 Some((ad, o)) => {
@@ -94,7 +128,8 @@ impl Llama {
                 }
                 None => None,
             };
-            x = self.dense_layer(layer, &x, &cos, &sin, w, penalty.as_ref(), scale, (nh, nkv, hd, g))?;
+            let lora = lora.as_ref().map(|l| (l, li));
+            x = self.dense_layer(layer, &x, &cos, &sin, w, penalty.as_ref(), lora, scale, (nh, nkv, hd, g))?;
         }
         let xs = rms(&x, &self.norm, eps)?;
         Ok(DenseOut { logits: frozen_matmul(&xs, self.lm_head.dense_weight()?)?, decisions })
@@ -109,9 +144,17 @@ impl Llama {
         sin: &Tensor,
         window: usize,
         penalty: Option<&Tensor>,
+        lora: Option<(&AttentionLora, usize)>,
         scale: f64,
         (nh, nkv, hd, g): (usize, usize, usize, usize),
     ) -> Result<Tensor> {
+        let project = |proj: &crate::model::linear::Proj, target: LoraTarget, x: &Tensor| -> Result<Tensor> {
+            let y = proj.forward_frozen(x)?;
+            match lora {
+                Some((l, li)) => Ok((y + l.delta(li, target, x)?)?),
+                None => Ok(y),
+            }
+        };
         let eps = self.cfg.rms_norm_eps;
         let t = x.dim(0)?;
         let h = rms(x, &layer.input_norm, eps)?;
@@ -123,9 +166,9 @@ impl Llama {
                 (q, latent, v)
             }
             Attention::Mha(m) => {
-                let mut q = m.q_proj.forward_frozen(&h)?.reshape((t, nh, hd))?;
-                let mut k = m.k_proj.forward_frozen(&h)?.reshape((t, nkv, hd))?;
-                let v = m.v_proj.forward_frozen(&h)?.reshape((t, nkv, hd))?;
+                let mut q = project(&m.q_proj, LoraTarget::Q, &h)?.reshape((t, nh, hd))?;
+                let mut k = project(&m.k_proj, LoraTarget::K, &h)?.reshape((t, nkv, hd))?;
+                let v = project(&m.v_proj, LoraTarget::V, &h)?.reshape((t, nkv, hd))?;
                 if let (Some(qn), Some(kn)) = (&m.q_norm, &m.k_norm) {
                     q = rms(&q, qn, eps)?;
                     k = rms(&k, kn, eps)?;
@@ -151,7 +194,7 @@ impl Llama {
             .contiguous()?
             .reshape((t, nh * dv))?;
         let o = match &layer.attn {
-            Attention::Mha(m) => m.o_proj.forward_frozen(&out)?,
+            Attention::Mha(m) => project(&m.o_proj, LoraTarget::O, &out)?,
             Attention::Mla(m) => m.output(&out)?,
         };
         let x = (x + o)?;

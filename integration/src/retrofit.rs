@@ -173,8 +173,8 @@ impl RetrofitSection {
             r.validate()?;
         }
         if let Some(l) = &self.lora {
-            if l.rank == 0 || !(l.alpha.is_finite() && l.alpha > 0.0) || !(l.lr > 0.0) {
-                bail!("[retrofit.lora] rank, alpha and lr must be positive");
+            if l.rank == 0 || !(l.alpha.is_finite() && l.alpha > 0.0) || !l.lr.is_finite() || l.lr <= 0.0 {
+                bail!("[retrofit.lora] rank, alpha and lr must be positive (and alpha and lr finite)");
             }
         }
         Ok(())

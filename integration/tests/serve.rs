@@ -24,11 +24,11 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
-/// An engine config serving dms (default), full, sliding_window and dms-long (a second adapter, its
+/// An engine config serving dms (default), full, sliding_window and dms-long (a second adapter with a LoRA, its
 /// window cut to 8 so that short requests evict by its decisions), with `server` extra keys.
 fn write_config(dir: &Path, name: &str, server: &str) -> PathBuf {
     let adapter = repo().join("configs/adapters/smollm2-dms");
-    let long = repo().join("configs/adapters/smollm2-dms-1k-w128-cr8-retrieval");
+    let long = repo().join("configs/adapters/smollm2-dms-1k-w128-cr8-lora");
     let text = format!(
         r#"[model]
 source = "smollm2-135m"

@@ -32,19 +32,25 @@ pub fn run_requests(
 
 /// The device cache hands the model no per-sequence adapters: the learned requests it runs (those
 /// with a device program) must read the same adapter, which becomes the model's default (an error names the
-/// adapters otherwise).
+/// adapters otherwise). Its LoRA, if it has one, would adapt every sequence of the device batch, so
+/// then every request with a device program must read it (an error otherwise).
 fn device_adapter(engine: &mut Engine, requests: &[Request]) -> Result<()> {
-    let mut keys: Vec<Option<&str>> = requests
-        .iter()
-        .filter(|r| r.policy.signal_need() == SignalNeed::DecisionScores && r.policy.device_program().is_ok())
-        .map(|r| r.policy.adapter())
-        .collect();
+    let on_device: Vec<&Request> = requests.iter().filter(|r| r.policy.device_program().is_ok()).collect();
+    let reads = |r: &Request| r.policy.signal_need() == SignalNeed::DecisionScores;
+    let mut keys: Vec<Option<&str>> = on_device.iter().filter(|r| reads(r)).map(|r| r.policy.adapter()).collect();
     keys.sort();
     keys.dedup();
     match keys.as_slice() {
         [] => Ok(()),
         [key] if matches!(engine.model.decision_source(), DecisionSource::Adapter) => {
-            engine.model.set_default_adapter(*key)
+            engine.model.set_default_adapter(*key)?;
+            if engine.model.adapter_has_lora(*key)? && on_device.iter().any(|r| !reads(r)) {
+                bail!(
+                    "on a CUDA device, the LoRA of adapter {key:?} would reach every request of the batch: requests \
+                     whose policies do not read that adapter cannot run beside it yet: run them separately"
+                );
+            }
+            Ok(())
         }
         [_] => Ok(()),
         _ => bail!(
@@ -127,6 +133,7 @@ mod tests {
 
     use super::*;
     use crate::engine::load_model;
+    use crate::model::lora::{AttentionLora, LoraTarget};
     use crate::model::{WeightForm, Weights};
 
     /// The separate-alpha fixture with its own decision weights attached again as adapters `a`
@@ -169,5 +176,29 @@ mod tests {
         let missing = [request("name = 'dms'\nwindow = 2\nadapter = 'c'")];
         let e = format!("{:#}", device_adapter(&mut engine, &missing).unwrap_err());
         assert!(e.contains("`c`"), "{e}");
+    }
+
+    /// A LoRA on the device's one adapter would reach every sequence of the batch: requests that
+    /// do not read it cannot run beside it.
+    #[test]
+    fn a_lora_adapter_runs_on_the_device_only_beside_requests_that_read_it() {
+        let (mut engine, request) = setup();
+        let cfg = engine.model.config().clone();
+        let zero = |shape: (usize, usize)| candle_core::Tensor::zeros(shape, candle_core::DType::F32, &Device::Cpu);
+        let layers = (0..cfg.num_layers)
+            .map(|_| {
+                LoraTarget::ALL.map(|t| {
+                    let (out, inp) = t.dims(&cfg);
+                    (zero((2, inp)).unwrap(), zero((out, 2)).unwrap())
+                })
+            })
+            .collect();
+        engine.model.attach_lora("b", AttentionLora::new(layers, 1.0)).unwrap();
+        let learned = || request("name = 'dms'\nwindow = 2\nadapter = 'b'");
+        device_adapter(&mut engine, &[learned(), learned()]).unwrap();
+        device_adapter(&mut engine, &[request("name = 'full'"), request("name = 'dms'\nwindow = 2\nadapter = 'a'")])
+            .unwrap();
+        let e = format!("{:#}", device_adapter(&mut engine, &[learned(), request("name = 'full'")]).unwrap_err());
+        assert!(e.contains("LoRA of adapter Some(\"b\")") && e.contains("run them separately"), "{e}");
     }
 }

@@ -310,6 +310,11 @@ impl Llama {
         Ok(())
     }
 
+    /// Whether the adapter a policy naming `key` reads carries a LoRA.
+    pub fn adapter_has_lora(&self, key: Option<&str>) -> Result<bool> {
+        Ok(self.adapters[self.adapter_index(key)?].lora.is_some())
+    }
+
     /// The names of the attached adapters (the checkpoint's own is not listed).
     pub fn adapter_names(&self) -> Vec<&str> {
         self.adapters.iter().filter_map(|a| a.key.as_deref()).collect()

@@ -219,12 +219,12 @@ answer_tokens = 4
     let r = run_eval(&cfg).unwrap();
     assert_eq!(r.cells.len(), 4);
     for c in &r.cells {
-        assert!(c.matched, "{} at CR {}: measured {}", c.family, c.target, c.quality.cr);
-        assert!((c.quality.cr / c.target - 1.0).abs() <= 0.05, "{} at {}: {}", c.family, c.target, c.quality.cr);
-        assert!(c.quality.top1_agreement <= 1.0 && c.quality.mean_kl > 0.0 && c.quality.perplexity.is_finite());
+        let q = c.quality.as_ref().unwrap();
+        assert!(c.matched, "{} at CR {}: measured {}", c.family, c.target, q.cr);
+        assert!((q.cr / c.target - 1.0).abs() <= 0.05, "{} at {}: {}", c.family, c.target, q.cr);
+        assert!(q.top1_agreement <= 1.0 && q.mean_kl > 0.0 && q.perplexity.is_finite());
         // With two prompts the percentile interval spans the resamples' extremes, which bracket
         // the pooled estimate of the sample itself.
-        let q = &c.quality;
         for (x, [lo, hi]) in
             [(q.top1_agreement, q.top1_agreement_ci), (q.mean_kl, q.mean_kl_ci), (q.perplexity, q.perplexity_ci)]
         {
@@ -235,13 +235,14 @@ answer_tokens = 4
         assert_eq!((n.trials, n.answers.len()), (3, 3));
     }
     // Evicting more costs quality: the window's KL grows from CR 2 to CR 3.
-    assert!(r.cells[1].quality.mean_kl > r.cells[0].quality.mean_kl);
+    let kl = |i: usize| r.cells[i].quality.as_ref().unwrap().mean_kl;
+    assert!(kl(1) > kl(0));
     // Each cell's per-prompt sums pool to its figures.
     for c in &r.cells {
         let mut total = dms_integration::harness::stats::PromptSums::default();
         c.per_prompt.iter().for_each(|p| total.add(p));
         let [top1, kl, ppl] = total.pooled();
-        let q = &c.quality;
+        let q = c.quality.as_ref().unwrap();
         assert_eq!(c.per_prompt.len(), 2);
         assert!((top1 - q.top1_agreement).abs() < 1e-12 && (kl - q.mean_kl).abs() < 1e-12, "{}", c.family);
         assert!((ppl / q.perplexity - 1.0).abs() < 1e-12, "{}", c.family);
@@ -254,7 +255,7 @@ answer_tokens = 4
     for p in &paired {
         assert_eq!((p.first.family.as_str(), p.other.family.as_str()), ("window", "keynorm"));
         assert_eq!(p.first.target, p.other.target);
-        let (a, b) = (&p.first.quality, &p.other.quality);
+        let (a, b) = (p.first.quality.as_ref().unwrap(), p.other.quality.as_ref().unwrap());
         assert!((p.diff[1] - (a.mean_kl - b.mean_kl)).abs() < 1e-12);
         for m in [0, 1] {
             let [lo, hi] = p.ci[m];
@@ -277,6 +278,38 @@ answer_tokens = 4
     let svg = path.with_file_name("q.svg");
     eval_plot(&r, &svg).unwrap();
     assert!(std::fs::read_to_string(&svg).unwrap().contains("keynorm"));
+    // The needle test alone: no teacher-forced pass, each knob calibrated on the needle runs. The
+    // full cache's answers do not depend on the quality prompts, so they equal the run above's.
+    let needle_only = EvalConfig::load(&write("eval-needle", &text.replace("prompts = 2", "prompts = 0"))).unwrap();
+    let n = run_eval(&needle_only).unwrap();
+    let (full, full_alone) = (r.full_needle.as_ref().unwrap(), n.full_needle.as_ref().unwrap());
+    assert_eq!((full_alone.hits, &full_alone.answers), (full.hits, &full.answers));
+    assert!(n.full_perplexity.is_none() && n.full_per_prompt.is_empty());
+    assert_eq!(n.cells.len(), 4);
+    for c in &n.cells {
+        let nr = c.needle.as_ref().unwrap();
+        assert!(c.quality.is_none() && c.per_prompt.is_empty(), "{}", c.family);
+        assert!(
+            c.matched && (nr.cr / c.target - 1.0).abs() <= 0.05,
+            "{} needle CR {} vs {}",
+            c.family,
+            nr.cr,
+            c.target
+        );
+        assert_eq!(nr.knob, Some(c.knob));
+    }
+    let t = eval_table(&needle_only, &n);
+    assert!(t.contains("the needle test alone") && t.contains("| needle CR | needle hits |"), "{t}");
+    assert!(!t.contains("top-1") && !t.contains("Paired differences"), "{t}");
+    let json = eval_json(&needle_only, &n);
+    assert!(json["cells"][0].get("mean_kl").is_none() && json["cells"][0]["needle"]["trials"] == 3, "{json}");
+    assert!(json["full"]["perplexity"].is_null() && json["paired_vs_first"].as_array().unwrap().is_empty());
+    eval_plot(&n, &svg).unwrap();
+    assert!(std::fs::read_to_string(&svg).unwrap().contains("needle retrieval"));
+    let nothing = text.replace("prompts = 2", "prompts = 0").replace("[needle]", "[other]");
+    let nothing = nothing.split("[other]").next().unwrap();
+    let e = EvalConfig::load(&write("eval-nothing", nothing)).unwrap_err();
+    assert!(format!("{e:#}").contains("prompts = 0 leaves nothing to measure"), "{e:#}");
     let short = write("eval-short", &text.replace("text = \"corpus.txt\"", "text = \"short.txt\""));
     std::fs::write(short.with_file_name("short.txt"), "only a few words").unwrap();
     let e = run_eval(&EvalConfig::load(&short).unwrap()).unwrap_err();

@@ -9,7 +9,9 @@
 //! KL(full || policy), perplexity, each with a 95% bootstrap interval over prompts. The full
 //! cache's pass is shared by every family. The needle test (`needle.rs`) buries pass keys in corpus
 //! text and counts exact retrievals; its knob is recalibrated on the needle prompts themselves, so
-//! needle cells are also at the measured target CR.
+//! needle cells are also at the measured target CR. With `[quality] prompts = 0` an eval is the
+//! needle test alone: no teacher-forced pass, each knob calibrated on the needle runs directly, and
+//! the corpus only supplies the haystacks.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -46,7 +48,7 @@ pub struct EvalConfig {
     /// Pool.
     #[serde(default)]
     pub cache: crate::harness::ab::AbCache,
-    /// Teacher-forced quality workload.
+    /// Teacher-forced quality workload (`prompts = 0`: none, the corpus is the needle's filler).
     pub quality: crate::harness::ab::Workload,
     /// Calibration targets and tolerance.
     pub calibration: Calibration,
@@ -189,8 +191,11 @@ impl EvalConfig {
     /// Range checks.
     pub fn validate(&self) -> Result<()> {
         let q = &self.quality;
-        if q.prompts == 0 || q.prompt_tokens == 0 || q.continuation_tokens == 0 || q.concurrency == 0 {
-            bail!("[quality] prompts, prompt_tokens, continuation_tokens and concurrency must be at least 1");
+        if q.prompt_tokens == 0 || q.continuation_tokens == 0 || q.concurrency == 0 {
+            bail!("[quality] prompt_tokens, continuation_tokens and concurrency must be at least 1");
+        }
+        if q.prompts == 0 && self.needle.is_none() {
+            bail!("[quality] prompts = 0 leaves nothing to measure without a [needle] section");
         }
         let c = &self.calibration;
         if c.targets.is_empty() || c.targets.iter().any(|t| t.is_nan() || *t < 1.0) {
@@ -281,12 +286,12 @@ pub struct Cell {
     pub family: String,
     /// Target CR.
     pub target: f64,
-    /// Knob value chosen.
+    /// Knob value chosen (the needle's in a needle-only eval).
     pub knob: f64,
     /// Whether the measured CR is within tolerance of the target.
     pub matched: bool,
-    /// Quality at that knob.
-    pub quality: Quality,
+    /// Quality at that knob (None in a needle-only eval).
+    pub quality: Option<Quality>,
     /// Each quality prompt's sums at that knob (for paired comparisons between families).
     pub per_prompt: Vec<PromptSums>,
     /// Needle results, when configured.
@@ -296,8 +301,8 @@ pub struct Cell {
 /// The whole report.
 #[derive(Debug, Clone)]
 pub struct EvalReport {
-    /// Perplexity of the full cache.
-    pub full_perplexity: f64,
+    /// Perplexity of the full cache (None in a needle-only eval).
+    pub full_perplexity: Option<f64>,
     /// The full cache's sums per quality prompt (for perplexity increases paired with it).
     pub full_per_prompt: Vec<PromptSums>,
     /// Needle results of the full cache.
@@ -394,19 +399,27 @@ pub fn run_eval(cfg: &EvalConfig) -> Result<EvalReport> {
     let text = crate::assets::corpus::load_text(&q.corpus, base)?;
     let ids = tok.encode(text.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizing the corpus: {e}"))?;
     let ids = ids.get_ids().to_vec();
-    let wins = windows(&ids, q.prompts, q.prompt_tokens + q.continuation_tokens)?;
-    let subset = cfg.calibration.prompts.unwrap_or(wins.len()).min(wins.len());
+    let wins = match q.prompts {
+        0 => Vec::new(),
+        n => windows(&ids, n, q.prompt_tokens + q.continuation_tokens)?,
+    };
+    let probe = cfg.calibration.prompts.unwrap_or(usize::MAX);
+    let subset = probe.min(wins.len());
     let needle_prompts = match &cfg.needle {
         Some(n) => Some(needle_prompts(n, &tok, &ids)?),
         None => None,
     };
 
     let pb = bar(1, "full");
-    let base_done = teacher_forced(&mut engine, full.clone(), &wins, q, chunk)?;
-    let baseline: Vec<Vec<Vec<f32>>> =
-        base_done.iter().map(|f| f.step_logits.iter().map(|l| log_softmax(l)).collect()).collect();
-    let (full_quality, full_per_prompt) = score(&base_done, &baseline, &wins, q.prompt_tokens);
-    let full_perplexity = full_quality.perplexity;
+    let (baseline, full_perplexity, full_per_prompt) = if wins.is_empty() {
+        (Vec::new(), None, Vec::new())
+    } else {
+        let base_done = teacher_forced(&mut engine, full.clone(), &wins, q, chunk)?;
+        let baseline: Vec<Vec<Vec<f32>>> =
+            base_done.iter().map(|f| f.step_logits.iter().map(|l| log_softmax(l)).collect()).collect();
+        let (full_quality, full_per_prompt) = score(&base_done, &baseline, &wins, q.prompt_tokens);
+        (baseline, Some(full_quality.perplexity), full_per_prompt)
+    };
     let full_needle = match (&cfg.needle, &needle_prompts) {
         (Some(n), Some(p)) => Some(needle_run(&mut engine, &full, p, n, &tok, chunk)?),
         _ => None,
@@ -446,22 +459,28 @@ pub fn run_eval(cfg: &EvalConfig) -> Result<EvalReport> {
                 seen.insert(key(x), (qv, per_prompt));
                 Ok(qv.cr)
             };
-            let start = if subset < wins.len() {
-                Some(calibrate(f, target, &cfg.calibration, None, |x| measure(x, subset, &mut seen_subset))?.0)
-            } else {
+            let quality_cell = if wins.is_empty() {
                 None
+            } else {
+                let start = if subset < wins.len() {
+                    Some(calibrate(f, target, &cfg.calibration, None, |x| measure(x, subset, &mut seen_subset))?.0)
+                } else {
+                    None
+                };
+                let (knob, matched) =
+                    calibrate(f, target, &cfg.calibration, start, |x| measure(x, wins.len(), &mut seen))?;
+                let (quality, per_prompt) = seen[&key(knob)].clone();
+                Some((knob, matched, quality, per_prompt))
             };
-            let (knob, matched) = calibrate(f, target, &cfg.calibration, start, |x| measure(x, wins.len(), &mut seen))?;
-            let (quality, per_prompt) = seen[&key(knob)].clone();
             let needle = match (&cfg.needle, &needle_prompts) {
                 (Some(n), Some(p)) => {
                     pb.set_message(format!("CR {target}: needle"));
                     // Calibrate on the first trials' prompt passes (from the quality knob),
                     // then on every trial with the needle runs themselves, so the run at a
                     // matched knob is the cell's result and costs nothing extra.
-                    let mut start = Some(knob);
-                    if subset < p.len() {
-                        let probe: Vec<&NeedlePrompt> = p.iter().take(subset).collect();
+                    let mut start = quality_cell.as_ref().map(|c| c.0);
+                    if probe < p.len() {
+                        let probe: Vec<&NeedlePrompt> = p.iter().take(probe).collect();
                         start = Some(
                             calibrate(f, target, &cfg.calibration, start, |x| {
                                 if let Some(cr) = needle_seen.get(&key(x)) {
@@ -493,7 +512,22 @@ pub fn run_eval(cfg: &EvalConfig) -> Result<EvalReport> {
                 }
                 _ => None,
             };
-            cells.push(Cell { family: f.name.clone(), target, knob, matched, quality, per_prompt, needle });
+            let cell = match (quality_cell, needle) {
+                (Some((knob, matched, quality, per_prompt)), needle) => {
+                    Cell { family: f.name.clone(), target, knob, matched, quality: Some(quality), per_prompt, needle }
+                }
+                (None, Some(n)) => Cell {
+                    family: f.name.clone(),
+                    target,
+                    knob: n.knob.expect("a family's needle result has its knob"),
+                    matched: n.matched,
+                    quality: None,
+                    per_prompt: Vec::new(),
+                    needle: Some(n),
+                },
+                (None, None) => bail!("nothing measured: validate requires [quality] prompts or [needle]"),
+            };
+            cells.push(cell);
             pb.inc(1);
         }
         pb.finish();

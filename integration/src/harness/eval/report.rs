@@ -5,7 +5,7 @@ use std::path::Path;
 use anyhow::Result;
 use serde_json::json;
 
-use super::{Cell, EvalConfig, EvalReport, NeedleResult, Quality};
+use super::{Cell, EvalConfig, EvalReport, NeedleResult};
 use crate::harness::stats::{paired_bootstrap_ci, PromptSums};
 
 /// The first family's cell at a target minus another family's cell at that target, on the same
@@ -22,24 +22,28 @@ pub struct PairedDiff<'a> {
 }
 
 /// A cell's perplexity minus the full cache's on the same prompts, with its 95% paired-bootstrap
-/// interval: the perplexity a policy costs, with how hard each prompt is taken out.
-pub fn perplexity_increase(r: &EvalReport, c: &Cell) -> (f64, [f64; 2]) {
-    (c.quality.perplexity - r.full_perplexity, paired_bootstrap_ci(&c.per_prompt, &r.full_per_prompt, 0)[2])
+/// interval: the perplexity a policy costs, with how hard each prompt is taken out (None in a
+/// needle-only eval).
+pub fn perplexity_increase(r: &EvalReport, c: &Cell) -> Option<(f64, [f64; 2])> {
+    let (q, full) = (c.quality.as_ref()?, r.full_perplexity?);
+    Some((q.perplexity - full, paired_bootstrap_ci(&c.per_prompt, &r.full_per_prompt, 0)[2]))
 }
 
 /// Every cell against the cell of the first family (in config order) that has the same target,
 /// so a grid whose reference policy differs by target (one setting per ratio) pairs each ratio
-/// with its own.
+/// with its own. Empty in a needle-only eval.
 pub fn paired_vs_first(r: &EvalReport) -> Vec<PairedDiff<'_>> {
     let mut out = Vec::new();
     for other in &r.cells {
         let Some(first) = r.cells.iter().find(|c| c.target == other.target) else {
             continue;
         };
+        let (Some(a), Some(b)) = (&first.quality, &other.quality) else {
+            continue;
+        };
         if first.family == other.family {
             continue;
         }
-        let (a, b) = (&first.quality, &other.quality);
         let diff = [a.top1_agreement - b.top1_agreement, a.mean_kl - b.mean_kl, a.perplexity - b.perplexity];
         out.push(PairedDiff { first, other, diff, ci: paired_bootstrap_ci(&first.per_prompt, &other.per_prompt, 0) });
     }
@@ -49,58 +53,57 @@ pub fn paired_vs_first(r: &EvalReport) -> Vec<PairedDiff<'_>> {
 /// The markdown report.
 pub fn table(cfg: &EvalConfig, r: &EvalReport) -> String {
     let q = &cfg.quality;
-    let mut s = format!(
-        "Model `{}`; quality: {} held-out prompts of {} tokens + {} teacher-forced tokens ({}); full-cache perplexity {:.2}.\n",
-        cfg.model.source, q.prompts, q.prompt_tokens, q.continuation_tokens, q.corpus, r.full_perplexity
-    );
+    let mut s = format!("Model `{}`; ", cfg.model.source);
+    match r.full_perplexity {
+        Some(ppl) => s.push_str(&format!(
+            "quality: {} held-out prompts of {} tokens + {} teacher-forced tokens ({}); full-cache perplexity {ppl:.2}.\n",
+            q.prompts, q.prompt_tokens, q.continuation_tokens, q.corpus
+        )),
+        None => s.push_str(&format!("the needle test alone (no teacher-forced quality; haystacks from {}).\n", q.corpus)),
+    }
     if let (Some(n), Some(fnd)) = (&cfg.needle, &r.full_needle) {
         s.push_str(&format!(
             "Needle: {} trials per context length, pass key at depths {:?} in turn, {:?}-token prompts (ChatML); full cache retrieves {}/{}.\n",
             n.trials.unwrap_or(n.depths.len()), n.depths, n.context_tokens, fnd.hits, fnd.trials
         ));
     }
-    s.push_str(
-        "\n| policy | target CR | knob | measured CR | top-1 agree [95% CI] | mean KL [95% CI] | PPL [95% CI] | \
-         PPL - full [95% CI] |",
-    );
+    let quality = r.full_perplexity.is_some();
     let needle = r.full_needle.is_some();
+    s.push_str("\n| policy | target CR | knob |");
+    if quality {
+        s.push_str(" measured CR | top-1 agree [95% CI] | mean KL [95% CI] | PPL [95% CI] | PPL - full [95% CI] |");
+    }
     if needle {
         s.push_str(" needle CR | needle hits |");
     }
     s.push('\n');
-    s.push_str(&"|---".repeat(if needle { 10 } else { 8 }));
+    s.push_str(&"|---".repeat(3 + if quality { 5 } else { 0 } + if needle { 2 } else { 0 }));
     s.push_str("|\n");
+    let off = |matched: bool| if matched { "" } else { " (off target)" };
     for c in &r.cells {
         let knob = cfg.families.iter().find(|f| f.name == c.family).map(|f| f.knob.as_str()).unwrap_or("");
-        let (rise, rise_ci) = perplexity_increase(r, c);
-        s.push_str(&format!(
-            "| {} | {} | {knob} = {} | {:.2}{} | {:.3} [{:.3}, {:.3}] | {:.4} [{:.4}, {:.4}] | {:.2} [{:.2}, {:.2}] | \
-             {rise:+.2} [{:+.2}, {:+.2}] |",
-            c.family,
-            c.target,
-            fmt_knob(c.knob),
-            c.quality.cr,
-            if c.matched { "" } else { " (off target)" },
-            c.quality.top1_agreement,
-            c.quality.top1_agreement_ci[0],
-            c.quality.top1_agreement_ci[1],
-            c.quality.mean_kl,
-            c.quality.mean_kl_ci[0],
-            c.quality.mean_kl_ci[1],
-            c.quality.perplexity,
-            c.quality.perplexity_ci[0],
-            c.quality.perplexity_ci[1],
-            rise_ci[0],
-            rise_ci[1]
-        ));
-        if let Some(n) = &c.needle {
+        s.push_str(&format!("| {} | {} | {knob} = {} |", c.family, c.target, fmt_knob(c.knob)));
+        if let (Some(q), Some((rise, rise_ci))) = (&c.quality, perplexity_increase(r, c)) {
             s.push_str(&format!(
-                " {:.2}{} | {}/{} |",
-                n.cr,
-                if n.matched { "" } else { " (off target)" },
-                n.hits,
-                n.trials
+                " {:.2}{} | {:.3} [{:.3}, {:.3}] | {:.4} [{:.4}, {:.4}] | {:.2} [{:.2}, {:.2}] | \
+                 {rise:+.2} [{:+.2}, {:+.2}] |",
+                q.cr,
+                off(c.matched),
+                q.top1_agreement,
+                q.top1_agreement_ci[0],
+                q.top1_agreement_ci[1],
+                q.mean_kl,
+                q.mean_kl_ci[0],
+                q.mean_kl_ci[1],
+                q.perplexity,
+                q.perplexity_ci[0],
+                q.perplexity_ci[1],
+                rise_ci[0],
+                rise_ci[1]
             ));
+        }
+        if let Some(n) = &c.needle {
+            s.push_str(&format!(" {:.2}{} | {}/{} |", n.cr, off(n.matched), n.hits, n.trials));
         }
         s.push('\n');
     }
@@ -141,10 +144,29 @@ fn fmt_knob(x: f64) -> String {
     }
 }
 
-/// JSON of the report.
+/// JSON of the report; a needle-only eval's cells have no quality keys.
 pub fn to_json(cfg: &EvalConfig, r: &EvalReport) -> serde_json::Value {
     let per_prompt = |p: &PromptSums| json!({"agree": p.agree, "kl": p.kl, "nll": p.nll, "n": p.n});
     let needle = |n: &NeedleResult| json!({"knob": n.knob, "cr": n.cr, "matched": n.matched, "hits": n.hits, "trials": n.trials, "answers": n.answers});
+    let cell = |c: &Cell| {
+        let mut v = json!({
+            "family": c.family, "target_cr": c.target, "knob": c.knob, "matched": c.matched,
+            "needle": c.needle.as_ref().map(needle),
+        });
+        if let (Some(q), Some((rise, rise_ci))) = (&c.quality, perplexity_increase(r, c)) {
+            let fields = json!({
+                "cr": q.cr, "top1_agreement": q.top1_agreement, "mean_kl": q.mean_kl,
+                "perplexity": q.perplexity, "top1_agreement_ci": q.top1_agreement_ci,
+                "mean_kl_ci": q.mean_kl_ci, "perplexity_ci": q.perplexity_ci,
+                "perplexity_increase": rise, "perplexity_increase_ci": rise_ci,
+                "per_prompt": c.per_prompt.iter().map(per_prompt).collect::<Vec<_>>(),
+            });
+            if let (Some(o), serde_json::Value::Object(f)) = (v.as_object_mut(), fields) {
+                o.extend(f);
+            }
+        }
+        v
+    };
     json!({
         "model": cfg.model.source,
         "quality_workload": {"corpus": cfg.quality.corpus, "prompts": cfg.quality.prompts,
@@ -155,15 +177,7 @@ pub fn to_json(cfg: &EvalConfig, r: &EvalReport) -> serde_json::Value {
         "full": {"perplexity": r.full_perplexity, "needle": r.full_needle.as_ref().map(needle),
             "per_prompt": r.full_per_prompt.iter().map(per_prompt).collect::<Vec<_>>()},
         "calibration_runs": r.runs,
-        "cells": r.cells.iter().map(|c| json!({
-            "family": c.family, "target_cr": c.target, "knob": c.knob, "matched": c.matched,
-            "cr": c.quality.cr, "top1_agreement": c.quality.top1_agreement, "mean_kl": c.quality.mean_kl,
-            "perplexity": c.quality.perplexity, "top1_agreement_ci": c.quality.top1_agreement_ci,
-            "mean_kl_ci": c.quality.mean_kl_ci, "perplexity_ci": c.quality.perplexity_ci,
-            "perplexity_increase": perplexity_increase(r, c).0, "perplexity_increase_ci": perplexity_increase(r, c).1,
-            "needle": c.needle.as_ref().map(needle),
-            "per_prompt": c.per_prompt.iter().map(per_prompt).collect::<Vec<_>>(),
-        })).collect::<Vec<_>>(),
+        "cells": r.cells.iter().map(cell).collect::<Vec<_>>(),
         "paired_vs_first": paired_vs_first(r).iter().map(|p| json!({
             "first": p.first.family, "other": p.other.family, "target_cr": p.other.target,
             "top1_agreement_diff": p.diff[0], "top1_agreement_diff_ci": p.ci[0],
@@ -173,50 +187,83 @@ pub fn to_json(cfg: &EvalConfig, r: &EvalReport) -> serde_json::Value {
     })
 }
 
-/// Draws mean KL and top-1 agreement against measured CR, one line per family, as SVG.
+/// One panel of the plot: each family's points (measured CR, figure).
+struct Panel {
+    title: &'static str,
+    y_label: &'static str,
+    y_max: f64,
+    series: Vec<(String, Vec<(f64, f64)>)>,
+}
+
+/// Each family's points of one figure, in family order, sorted by CR.
+fn series(r: &EvalReport, point: impl Fn(&Cell) -> Option<(f64, f64)>) -> Vec<(String, Vec<(f64, f64)>)> {
+    let mut out: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+    for c in &r.cells {
+        let Some(p) = point(c) else { continue };
+        match out.iter_mut().find(|(f, _)| *f == c.family) {
+            Some((_, pts)) => pts.push(p),
+            None => out.push((c.family.clone(), vec![p])),
+        }
+    }
+    out.iter_mut().for_each(|(_, pts)| pts.sort_by(|a, b| a.0.total_cmp(&b.0)));
+    out
+}
+
+/// Draws mean KL and top-1 agreement against measured CR, one line per family, as SVG (in a
+/// needle-only eval: the needle retrieval rate against the needle runs' measured CR).
 pub fn plot(r: &EvalReport, path: &Path) -> Result<()> {
+    let panels = if r.full_perplexity.is_some() {
+        let kl = series(r, |c| c.quality.as_ref().map(|q| (q.cr, q.mean_kl)));
+        let max_kl = kl.iter().flat_map(|(_, p)| p).map(|p| p.1).fold(1e-3, f64::max) * 1.1;
+        vec![
+            Panel {
+                title: "mean KL(full || policy) vs measured CR",
+                y_label: "mean KL (nats)",
+                y_max: max_kl,
+                series: kl,
+            },
+            Panel {
+                title: "top-1 agreement with the full cache vs measured CR",
+                y_label: "top-1 agreement",
+                y_max: 1.02,
+                series: series(r, |c| c.quality.as_ref().map(|q| (q.cr, q.top1_agreement))),
+            },
+        ]
+    } else {
+        vec![Panel {
+            title: "needle retrieval vs measured CR",
+            y_label: "pass keys retrieved (fraction of trials)",
+            y_max: 1.02,
+            series: series(r, |c| c.needle.as_ref().map(|n| (n.cr, n.hits as f64 / n.trials.max(1) as f64))),
+        }]
+    };
+    draw(&panels, path)
+}
+
+fn draw(panels: &[Panel], path: &Path) -> Result<()> {
     use plotters::prelude::*;
     let e = |e: &dyn std::fmt::Display| anyhow::anyhow!("plot: {e}");
-    let root = SVGBackend::new(path, (1100, 460)).into_drawing_area();
+    let root = SVGBackend::new(path, (550 * panels.len() as u32, 460)).into_drawing_area();
     root.fill(&WHITE).map_err(|x| e(&x))?;
-    let panels = root.split_evenly((1, 2));
-    let families: Vec<&str> = {
-        let mut v: Vec<&str> = Vec::new();
-        for c in &r.cells {
-            if !v.contains(&c.family.as_str()) {
-                v.push(&c.family);
-            }
-        }
-        v
-    };
-    let max_cr = r.cells.iter().map(|c| c.quality.cr).fold(1.0, f64::max) * 1.1;
-    let max_kl = r.cells.iter().map(|c| c.quality.mean_kl).fold(1e-3, f64::max) * 1.1;
-    // (title, y label, y max, the plotted figure)
-    type PanelSpec = (&'static str, &'static str, f64, fn(&Quality) -> f64);
-    let specs: [PanelSpec; 2] = [
-        ("mean KL(full || policy) vs measured CR", "mean KL (nats)", max_kl, |q| q.mean_kl),
-        ("top-1 agreement with the full cache vs measured CR", "top-1 agreement", 1.02, |q| q.top1_agreement),
-    ];
-    for (panel, (title, ylab, ymax, get)) in panels.iter().zip(specs) {
-        let mut chart = ChartBuilder::on(panel)
-            .caption(title, ("sans-serif", 18))
+    let areas = root.split_evenly((1, panels.len()));
+    let max_cr = panels.iter().flat_map(|p| &p.series).flat_map(|(_, s)| s).map(|p| p.0).fold(1.0, f64::max) * 1.1;
+    for (area, panel) in areas.iter().zip(panels) {
+        let mut chart = ChartBuilder::on(area)
+            .caption(panel.title, ("sans-serif", 18))
             .margin(12)
             .x_label_area_size(40)
             .y_label_area_size(55)
-            .build_cartesian_2d(1f64..max_cr, 0f64..ymax)
+            .build_cartesian_2d(1f64..max_cr, 0f64..panel.y_max)
             .map_err(|x| e(&x))?;
-        chart.configure_mesh().x_desc("measured compression ratio").y_desc(ylab).draw().map_err(|x| e(&x))?;
-        for (i, fam) in families.iter().enumerate() {
+        chart.configure_mesh().x_desc("measured compression ratio").y_desc(panel.y_label).draw().map_err(|x| e(&x))?;
+        for (i, (fam, pts)) in panel.series.iter().enumerate() {
             let color = Palette99::pick(i).to_rgba();
-            let mut pts: Vec<(f64, f64)> =
-                r.cells.iter().filter(|c| c.family == *fam).map(|c| (c.quality.cr, get(&c.quality))).collect();
-            pts.sort_by(|a, b| a.0.total_cmp(&b.0));
             chart
                 .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
                 .map_err(|x| e(&x))?
-                .label(fam.to_string())
+                .label(fam.clone())
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
-            chart.draw_series(pts.into_iter().map(|p| Circle::new(p, 4, color.filled()))).map_err(|x| e(&x))?;
+            chart.draw_series(pts.iter().map(|p| Circle::new(*p, 4, color.filled()))).map_err(|x| e(&x))?;
         }
         chart
             .configure_series_labels()
@@ -234,6 +281,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
+    use crate::harness::eval::Quality;
 
     /// Prompts of `n` tokens, each with `nll` nats per token.
     fn prompts(nll: f64, lengths: &[f64]) -> Vec<PromptSums> {
@@ -247,17 +295,17 @@ mod tests {
         let lengths = [64.0, 50.0, 64.0, 30.0, 64.0, 17.0];
         let (a, d) = (3.2, 0.07);
         let per_prompt = prompts(a + d, &lengths);
-        let quality = Quality { perplexity: (a + d).exp(), ..Quality::default() };
+        let quality = Some(Quality { perplexity: (a + d).exp(), ..Quality::default() });
         let cell =
             Cell { family: "p".into(), target: 4.0, knob: 1.0, matched: true, quality, per_prompt, needle: None };
         let r = EvalReport {
-            full_perplexity: a.exp(),
+            full_perplexity: Some(a.exp()),
             full_per_prompt: prompts(a, &lengths),
             full_needle: None,
             cells: vec![cell],
             runs: BTreeMap::new(),
         };
-        let (rise, [lo, hi]) = perplexity_increase(&r, &r.cells[0]);
+        let (rise, [lo, hi]) = perplexity_increase(&r, &r.cells[0]).unwrap();
         let want = (a + d).exp() - a.exp();
         assert!((rise - want).abs() < 1e-9, "{rise} vs {want}");
         assert!((lo - want).abs() < 1e-9 && (hi - want).abs() < 1e-9, "[{lo}, {hi}] vs {want}");
@@ -265,7 +313,7 @@ mod tests {
 
     /// A cell of family `family` at `target` whose prompts all have `nll` nats per token.
     fn cell(family: &str, target: f64, nll: f64) -> Cell {
-        let quality = Quality { perplexity: nll.exp(), mean_kl: nll, ..Quality::default() };
+        let quality = Some(Quality { perplexity: nll.exp(), mean_kl: nll, ..Quality::default() });
         let per_prompt = prompts(nll, &[64.0, 32.0, 64.0]);
         Cell { family: family.into(), target, knob: 1.0, matched: true, quality, per_prompt, needle: None }
     }
@@ -275,7 +323,7 @@ mod tests {
     #[test]
     fn each_target_pairs_with_the_first_family_that_has_it() {
         let r = EvalReport {
-            full_perplexity: 1.0,
+            full_perplexity: Some(1.0),
             full_per_prompt: prompts(0.0, &[64.0, 32.0, 64.0]),
             full_needle: None,
             cells: vec![cell("a", 4.0, 1.0), cell("b", 8.0, 2.0), cell("c", 4.0, 1.5), cell("c", 8.0, 2.5)],

@@ -59,25 +59,29 @@ fn dense_teacher_equals_the_transformers_fixture() {
 #[test]
 fn soft_mask_gradient_matches_finite_differences() {
     let t = smooth_trainer();
-    // A non-zero adapter so that the masks are neither all-on nor all-off.
+    // A non-zero adapter so that the masks are neither all-on nor all-off. Seeded draws (std 0.5 for the adapter, 0.5 and 1.5 for the noise): the same on every run.
+    let seed = 7;
+    let uniform = |seed: u64, dims: &[usize], std: f64| {
+        let n = dims.iter().product();
+        (Tensor::from_vec(vecf(seed, n), dims, &Device::Cpu).unwrap() * (std * 12f64.sqrt())).unwrap()
+    };
     for (i, p) in t.adapter.projs.iter().enumerate() {
-        let r = Tensor::randn(0f32, 0.5, p.as_tensor().dims(), &Device::Cpu).unwrap();
-        p.set(&(r + 0.001 * i as f64).unwrap()).unwrap();
+        p.set(&uniform(seed * 10 + i as u64, p.as_tensor().dims(), 0.5)).unwrap();
     }
     let ids = tokens(24, 3);
-    let noise: Vec<Tensor> = (0..2)
-        .map(|l| Tensor::randn(0f32, 1.0, (24, 2), &Device::Cpu).unwrap() * (0.5 + l as f64))
-        .map(|t| t.unwrap())
-        .collect();
+    let noise: Vec<Tensor> = (0..2).map(|l| uniform(seed * 10 + 5 + l, &[24, 2], 0.5 + l as f64)).collect();
     // target 0: the hinge is zero, the loss is the KL through the soft mask only.
     let loss = t.loss(&ids, &noise, None, 0.0).unwrap().loss;
     let grads = loss.backward().unwrap();
+    let h = 1e-2f32;
+    // f32 noise in the loss limits the finite difference to about 1e-5 absolute (at most 2e-5
+    // over 400 seeded draws), so only gradients well above that are checked tightly.
+    let floor = 3e-5;
     let p: &Var = &t.adapter.projs[0];
     let g = grads.get(p.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
     let base = p.as_tensor().to_vec2::<f32>().unwrap();
     let mut checked = 0;
     for (r, c) in [(0usize, 3usize), (1, 17), (0, 40), (1, 63)] {
-        let h = 1e-2f32;
         let at = |delta: f32| {
             let mut w = base.clone();
             w[r][c] += delta;
@@ -89,12 +93,12 @@ fn soft_mask_gradient_matches_finite_differences() {
         p.set(&Tensor::new(base.clone(), &Device::Cpu).unwrap()).unwrap();
         let an = g[r][c] as f64;
         assert!(
-            (fd - an).abs() <= 0.05 * an.abs().max(fd.abs()) + 1e-5,
-            "w[{r}][{c}]: analytic {an} vs finite difference {fd}"
+            (fd - an).abs() <= 0.05 * an.abs().max(fd.abs()) + floor,
+            "w[{r}][{c}]: analytic {an} vs finite difference {fd} (resolution {floor})"
         );
-        checked += (an.abs() > 1e-6) as usize;
+        checked += (an.abs() > 10.0 * floor) as usize;
     }
-    assert!(checked >= 2, "the gradients checked must not all be zero");
+    assert!(checked >= 2, "the gradients checked must stand clear of the finite-difference resolution");
 }
 
 #[test]

@@ -199,7 +199,7 @@ fn mistralrs_concurrent(
 ) -> Result<f64> {
     let peer = mistralrs_peer(cfg, arm, path, requests)?;
     peer.generate(&prompts[..1], 2)?;
-    peer.throughput(prompts, n)
+    Ok(peer.run_batch(prompts, n)?.tok_s())
 }
 
 #[cfg(not(feature = "mistralrs"))]

@@ -2,16 +2,19 @@
 //! (on `cuda:N` on the device cache, with its bookkeeping and attention on the GPU), every figure
 //! also given as a ratio to the full-cache arm of the same run. With `kv_budget_gib` each cell
 //! fills a KV budget by admission instead of running a fixed batch; from `shared_prompt_from`
-//! tokens on, a cell's requests share one prompt, prefilled once and forked.
+//! tokens on, a cell's requests share one prompt, prefilled once and forked. A `mistralrs` arm
+//! runs mistral.rs on the same weights and requests beside them (`bench_peer`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use dms_policy::PolicyFactory;
 use serde::Deserialize;
 use serde_json::json;
 
+use super::bench_peer;
 use crate::assets::resolve_model;
 use crate::config::{open_device, ModelSection};
 use crate::engine::batch::run_requests;
@@ -30,7 +33,7 @@ pub struct BenchConfig {
     pub model: ModelSection,
     /// The grid.
     pub grid: Grid,
-    /// Arms (`[[arm]]`: name + policy); one must be `full`.
+    /// Arms (`[[arm]]`: name + policy, or name + `engine = "mistralrs"`); one must be `full`.
     #[serde(rename = "arm")]
     pub arms: Vec<BenchArm>,
     /// Directory of the file.
@@ -89,9 +92,38 @@ fn d_out() -> String {
 pub struct BenchArm {
     /// Label.
     pub name: String,
-    /// Policy table.
-    pub policy: toml::Table,
+    /// `dms` (this engine, the default) or `mistralrs`: mistral.rs on the same weights, with its
+    /// own cache and batching, sent the same requests.
+    #[serde(default = "d_engine")]
+    pub engine: String,
+    /// Policy table; this engine's arms only.
+    #[serde(default)]
+    pub policy: Option<toml::Table>,
+    /// A `mistralrs` arm runs its PagedAttention, with a KV pool the size of this engine's
+    /// (`kv_budget_gib`, or what the largest batch needs); otherwise its normal cache.
+    #[serde(default)]
+    pub paged_attention: bool,
 }
+
+fn d_engine() -> String {
+    "dms".into()
+}
+
+impl BenchArm {
+    /// Whether the arm runs a peer engine rather than this one.
+    pub fn is_peer(&self) -> bool {
+        self.engine != "dms"
+    }
+
+    /// Whether the arm is this engine's full cache.
+    fn is_full(&self) -> bool {
+        self.policy.as_ref().and_then(|p| p.get("name")).and_then(|v| v.as_str()) == Some("full")
+    }
+}
+
+/// What a bench file naming a mistral.rs arm needs in a build without it.
+pub(super) const NO_MISTRALRS: &str =
+    "a `mistralrs` arm needs mistral.rs: build with --features dms-integration/mistralrs (mistralrs-cuda on a GPU)";
 
 impl BenchConfig {
     /// Reads and validates a bench file.
@@ -121,11 +153,23 @@ impl BenchConfig {
                 );
             }
         }
-        if !c.arms.iter().any(|a| a.policy.get("name").and_then(|v| v.as_str()) == Some("full")) {
+        if !c.arms.iter().any(BenchArm::is_full) {
             bail!("one [[arm]] must use policy `full`: the other figures are ratios to it");
         }
         for a in &c.arms {
-            registry().check_name(&a.policy).with_context(|| format!("[[arm]] `{}`", a.name))?;
+            match (a.engine.as_str(), &a.policy) {
+                ("dms", Some(p)) if !a.paged_attention => {
+                    registry().check_name(p).with_context(|| format!("[[arm]] `{}`", a.name))?
+                }
+                ("dms", Some(_)) => bail!("[[arm]] `{}`: paged_attention is a `mistralrs` arm's setting", a.name),
+                ("dms", None) => bail!("[[arm]] `{}`: this engine's arms need a `policy`", a.name),
+                ("mistralrs", None) if cfg!(feature = "mistralrs") => {}
+                ("mistralrs", None) => bail!("[[arm]] `{}`: {NO_MISTRALRS}", a.name),
+                ("mistralrs", Some(_)) => {
+                    bail!("[[arm]] `{}`: mistral.rs runs its own full cache and takes no `policy`", a.name)
+                }
+                (other, _) => bail!("[[arm]] `{}`: unknown engine `{other}` (valid: dms, mistralrs)", a.name),
+            }
         }
         Ok(c)
     }
@@ -153,10 +197,15 @@ pub fn run_grid(cfg: &BenchConfig) -> Result<(serde_json::Value, String)> {
     let device = open_device(&cfg.model.device)?;
     let sources = if cfg.grid.models.is_empty() { vec![cfg.model.source.clone()] } else { cfg.grid.models.clone() };
     let mut rows = Vec::new();
-    let mut table = String::from("| model | context | batch | arm | CR | seqs (max / mean / fit) | KV live | prefill tok/s | decode tok/s | decode vs full | KV vs full | KV vs per-head K/V full |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    let mut table = String::from("| model | context | batch | arm | CR | seqs (max / mean / fit) | KV live | prefill tok/s | decode tok/s | decode vs full | KV vs full | KV vs per-head K/V full | end-to-end tok/s | end-to-end vs full |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for source in &sources {
-        let model = load_bench_model(cfg, source, &device)?;
-        model_grid(cfg, source, model, &mut rows, &mut table)?;
+        // With a mistral.rs arm both engines load one folder, so they run the same weights.
+        let shared = match cfg.arms.iter().any(BenchArm::is_peer) {
+            true => Some(bench_peer::checkpoint(cfg, source, &device)?),
+            false => None,
+        };
+        let model = load_bench_model(cfg, source, shared.as_deref(), &device)?;
+        model_grid(cfg, source, model, shared.as_deref(), &mut rows, &mut table)?;
     }
     let out = json!({"models": sources, "decode_tokens": cfg.grid.decode_tokens, "kv_budget_gib": cfg.grid.kv_budget_gib, "rows": rows});
     std::fs::write(&cfg.grid.output, serde_json::to_string_pretty(&out)?)
@@ -164,13 +213,19 @@ pub fn run_grid(cfg: &BenchConfig) -> Result<(serde_json::Value, String)> {
     Ok((out, table))
 }
 
-/// The model of `source`: `shape:NAME` gives random weights of that shape, anything else loads
-/// as `[model] source` does; in `[model] dtype`.
-fn load_bench_model(cfg: &BenchConfig, source: &str, device: &candle_core::Device) -> Result<Llama> {
+/// The model of `source`: the folder `shared` when given, else `shape:NAME` gives random
+/// weights of that shape and anything else loads as `[model] source` does; in `[model] dtype`.
+fn load_bench_model(
+    cfg: &BenchConfig,
+    source: &str,
+    shared: Option<&Path>,
+    device: &candle_core::Device,
+) -> Result<Llama> {
     let dtype = cfg.model.compute_dtype()?;
-    let model = match source.strip_prefix("shape:") {
-        Some(name) => Llama::random(named_shape(name)?, device, dtype)?,
-        None => {
+    let model = match (shared, source.strip_prefix("shape:")) {
+        (Some(dir), _) => load_model(dir, device, WeightForm::Dense)?.model.to_dtype(dtype)?,
+        (None, Some(name)) => Llama::random(named_shape(name)?, device, dtype)?,
+        (None, None) => {
             let path = resolve_model(source, cfg.base_dir.as_deref())?;
             load_model(&path, device, WeightForm::Dense)?.model.to_dtype(dtype)?
         }
@@ -178,11 +233,12 @@ fn load_bench_model(cfg: &BenchConfig, source: &str, device: &candle_core::Devic
     Ok(model)
 }
 
-/// The grid of one model, appended to `rows` and `table`.
+/// The grid of one model, appended to `rows` and `table`; mistral.rs arms load `shared`.
 fn model_grid(
     cfg: &BenchConfig,
     source: &str,
     model: Llama,
+    shared: Option<&Path>,
     rows: &mut Vec<serde_json::Value>,
     table: &mut String,
 ) -> Result<()> {
@@ -202,29 +258,39 @@ fn model_grid(
     let full = registry().build(&toml::from_str("name = 'full'").expect("valid"))?;
     let mut engine = Engine::new(model, full, g.block_size, blocks)?;
     let mut policies: Vec<(String, Arc<dyn PolicyFactory>)> = Vec::new();
-    for a in &cfg.arms {
-        let t = resolve_policy_table(&a.policy, &mut engine.model, cfg.base_dir.as_deref())?;
+    for a in cfg.arms.iter().filter(|a| !a.is_peer()) {
+        let t =
+            resolve_policy_table(a.policy.as_ref().expect("validated"), &mut engine.model, cfg.base_dir.as_deref())?;
         let p = registry().build(&t).with_context(|| format!("arm `{}`", a.name))?;
         engine.check_policy(p.as_ref())?;
         policies.push((a.name.clone(), p));
     }
-    let full_idx =
-        cfg.arms.iter().position(|a| a.policy.get("name").and_then(|v| v.as_str()) == Some("full")).expect("validated");
+    let full_idx = cfg.arms.iter().filter(|a| !a.is_peer()).position(BenchArm::is_full).expect("validated");
     // Per-head K/V bytes of the same attention shape over this cache's bytes (latent rows: > 1).
     let latent = mc.latent_factor();
     let batches = match g.kv_budget_gib {
         Some(_) => vec![g.requests],
         None => g.batches.clone(),
     };
+    let pool_bytes = blocks as f64 * g.block_size as f64 * engine.store.slot_bytes() as f64;
+    // Each cell's prompts and full-cache rate, for the mistral.rs arms after this engine's.
+    let mut peer_cells = Vec::new();
     for &ctx in &g.contexts {
-        let shared = g.shared_prompt_from.is_some_and(|from| ctx >= from);
+        let shared_prompt = g.shared_prompt_from.is_some_and(|from| ctx >= from);
         for &batch in &batches {
+            // The cell's prompts, given to every arm; seeded by batch too, so that no cell reuses
+            // another's prompt (a peer's prefix cache would).
+            let prompts: Vec<Vec<u32>> = (0..batch)
+                .map(|i| ids(ctx * 31 + batch * 7919 + if shared_prompt { 0 } else { i }, ctx, mc.vocab_size))
+                .collect();
             let mut figs = Vec::new();
             for (name, p) in &policies {
-                let reqs: Vec<Request> = (0..batch)
-                    .map(|i| Request {
+                let reqs: Vec<Request> = prompts
+                    .iter()
+                    .enumerate()
+                    .map(|(i, prompt)| Request {
                         id: i,
-                        prompt: ids(ctx * 31 + if shared { 0 } else { i }, ctx, mc.vocab_size),
+                        prompt: prompt.clone(),
                         forced: Some(ids(ctx * 37 + i + 1000, g.decode_tokens + 1, mc.vocab_size)),
                         policy: p.clone(),
                         params: None,
@@ -232,12 +298,14 @@ fn model_grid(
                     .collect();
                 let params = GenParams::greedy(g.decode_tokens + 1, 0);
                 eprintln!("bench: {source}, context {ctx}, batch {batch}, arm {name}");
+                let t0 = Instant::now();
                 let (done, stats) = run_requests(&mut engine, reqs, &params, batch, false, |_| {})?;
+                let wall = t0.elapsed().as_secs_f64();
+                let generated = done.iter().map(|f| f.tokens.len()).sum::<usize>();
                 let n = done.len().max(1) as f64;
                 let cr = done.iter().map(|f| f.compression_ratio).sum::<f64>() / n;
                 // What the pool fits of this arm's sequences at their peak.
                 let per_seq = done.iter().map(|f| f.peak_allocated as f64).sum::<f64>() / n;
-                let pool_bytes = blocks as f64 * g.block_size as f64 * engine.store.slot_bytes() as f64;
                 figs.push(Cell {
                     name: name.clone(),
                     cr,
@@ -248,20 +316,26 @@ fn model_grid(
                     mean_running: stats.mean_running(),
                     forked: stats.forked,
                     fits: pool_bytes / per_seq.max(1.0),
+                    generated,
+                    end_to_end_tok_s: generated as f64 / wall.max(1e-9),
                 });
             }
-            let (full_live, full_tps) = (figs[full_idx].live, figs[full_idx].decode_tok_s);
+            let full = &figs[full_idx];
+            let (full_live, full_tps, full_e2e) = (full.live, full.decode_tok_s, full.end_to_end_tok_s);
             for c in figs {
                 let decode_vs_full = c.decode_tok_s / full_tps.max(1e-9);
                 let kv_vs_full = c.live as f64 / full_live.max(1) as f64;
-                rows.push(json!({"model": source, "context": ctx, "batch": batch, "arm": c.name,
+                let e2e_vs_full = c.end_to_end_tok_s / full_e2e.max(1e-9);
+                rows.push(json!({"model": source, "context": ctx, "batch": batch, "arm": c.name, "engine": "dms",
                     "compression_ratio": c.cr, "kv_bytes_live_peak": c.live, "prefill_tok_s": c.prefill_tok_s,
                     "decode_tok_s": c.decode_tok_s, "decode_vs_full": decode_vs_full, "kv_live_vs_full": kv_vs_full,
                     "kv_live_vs_per_head_full": kv_vs_full / latent, "max_running": c.max_running,
                     "mean_running": c.mean_running, "forked": c.forked, "sequences_fit": c.fits,
-                    "sustained_vs_fit": c.mean_running / c.fits.max(1e-9)}));
+                    "sustained_vs_fit": c.mean_running / c.fits.max(1e-9),
+                    "generated_tokens": c.generated, "end_to_end_tok_s": c.end_to_end_tok_s,
+                    "end_to_end_vs_full": e2e_vs_full}));
                 table.push_str(&format!(
-                    "| {source} | {ctx} | {batch} | {} | {:.2} | {} / {:.1} / {:.1} | {} | {:.1} | {:.1} | {decode_vs_full:.2} | {kv_vs_full:.3} | {:.4} |\n",
+                    "| {source} | {ctx} | {batch} | {} | {:.2} | {} / {:.1} / {:.1} | {} | {:.1} | {:.1} | {decode_vs_full:.2} | {kv_vs_full:.3} | {:.4} | {:.1} | {e2e_vs_full:.2} |\n",
                     c.name,
                     c.cr,
                     c.max_running,
@@ -270,9 +344,32 @@ fn model_grid(
                     fmt_bytes(c.live),
                     c.prefill_tok_s,
                     c.decode_tok_s,
-                    kv_vs_full / latent
+                    kv_vs_full / latent,
+                    c.end_to_end_tok_s
                 ));
             }
+            peer_cells.push((ctx, batch, prompts, full_e2e));
+        }
+    }
+    let Some(dir) = shared else { return Ok(()) };
+    // mistral.rs starts once this engine's pool and weights are freed, so that each has the
+    // device to itself.
+    let device = engine.model.device().clone();
+    drop(engine);
+    let max_seqs = batches.iter().max().copied().unwrap_or(1);
+    let kv_mib = (pool_bytes / f64::from(1 << 20)).ceil() as usize;
+    let peers = bench_peer::PeerArms::start(cfg, dir, &device, max_seqs, kv_mib)?;
+    for (ctx, batch, prompts, full_e2e) in peer_cells {
+        // mistral.rs reports no per-phase or cache figures for a batch: end to end only.
+        for p in peers.run(&prompts, g.decode_tokens + 1)? {
+            let e2e_vs_full = p.tok_s / full_e2e.max(1e-9);
+            rows.push(json!({"model": source, "context": ctx, "batch": batch, "arm": p.name,
+                "engine": "mistralrs", "paged_attention": p.paged, "generated_tokens": p.generated,
+                "end_to_end_tok_s": p.tok_s, "end_to_end_vs_full": e2e_vs_full}));
+            table.push_str(&format!(
+                "| {source} | {ctx} | {batch} | {} | 1 | - | - | - | - | - | - | - | {:.1} | {e2e_vs_full:.2} |\n",
+                p.name, p.tok_s
+            ));
         }
     }
     Ok(())
@@ -290,6 +387,10 @@ struct Cell {
     forked: usize,
     /// Sequences of this arm's peak size the pool holds.
     fits: f64,
+    /// Tokens generated (or forced), all requests.
+    generated: usize,
+    /// Generated tokens per wall second of the whole cell, prompt passes included.
+    end_to_end_tok_s: f64,
 }
 
 #[cfg(test)]

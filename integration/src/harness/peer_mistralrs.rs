@@ -1,6 +1,6 @@
 //! mistral.rs (mistralrs-core 0.8.1) as the side-by-side peer: the same model, with its normal
-//! KV cache (on the CPU, or on a GPU with the `mistralrs-cuda` feature), driven through its public
-//! API with no hub access.
+//! KV cache (on the CPU, or on a GPU with the `mistralrs-cuda` feature) or its PagedAttention
+//! (CUDA only), driven through its public API with no hub access.
 
 use std::num::NonZeroUsize;
 use std::path::Path;
@@ -11,10 +11,52 @@ use anyhow::{bail, Context, Result};
 
 use super::peer::PeerRun;
 use mistralrs_core::{
-    DefaultSchedulerMethod, DeviceMapSetting, GGUFLoaderBuilder, GGUFSpecificConfig, Loader, MistralRs,
-    MistralRsBuilder, ModelDType, NormalLoaderBuilder, NormalRequest, NormalSpecificConfig, Request, RequestMessage,
-    Response, SamplingParams, SchedulerConfig, TokenSource,
+    DefaultSchedulerMethod, DeviceMapSetting, GGUFLoaderBuilder, GGUFSpecificConfig, Loader, MemoryGpuConfig,
+    MistralRs, MistralRsBuilder, ModelDType, NormalLoaderBuilder, NormalRequest, NormalSpecificConfig,
+    PagedAttentionConfig, PagedCacheType, Request, RequestMessage, Response, SamplingParams, SchedulerConfig,
+    TokenSource,
 };
+
+/// The KV cache mistral.rs runs with.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum PeerCache {
+    /// Its normal cache: one contiguous cache per sequence, grown as it goes.
+    Normal,
+    /// Its PagedAttention (CUDA builds only) with a pool of this many MiB; its scheduler admits
+    /// what the pool holds.
+    Paged {
+        /// KV pool size in MiB.
+        kv_mib: usize,
+    },
+}
+
+/// How a peer is started: sequences per step, cache, and whether its prefix cache may reuse
+/// the KV of a prompt it has seen (off for timing distinct prompts that repeat across runs).
+#[derive(Debug, Clone, Copy)]
+pub struct PeerSetup {
+    /// Sequences its scheduler runs per step at most.
+    pub max_seqs: usize,
+    /// Its KV cache.
+    pub cache: PeerCache,
+    /// Its prefix cache.
+    pub prefix_cache: bool,
+}
+
+/// One batch of requests sent at once: what came back and the wall time it took.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerBatch {
+    /// Generated tokens, all requests.
+    pub generated: usize,
+    /// Wall seconds from the first request sent to the last response, prompt passes included.
+    pub wall_s: f64,
+}
+
+impl PeerBatch {
+    /// Generated tokens per wall second.
+    pub fn tok_s(&self) -> f64 {
+        self.generated as f64 / self.wall_s.max(1e-9)
+    }
+}
 
 /// A loaded mistral.rs engine.
 pub struct MistralRsPeer {
@@ -32,6 +74,13 @@ impl MistralRsPeer {
     /// [`Self::load_hf`] on any device and activation dtype (a CUDA device needs mistral.rs built
     /// with its `cuda` feature: our feature `mistralrs-cuda`).
     pub fn load_hf_on(dir: &Path, max_seqs: usize, device: &candle_core::Device, dtype: ModelDType) -> Result<Self> {
+        let setup = PeerSetup { max_seqs, cache: PeerCache::Normal, prefix_cache: false };
+        Self::load_hf_with(dir, setup, device, dtype)
+    }
+
+    /// [`Self::load_hf_on`] with any [`PeerSetup`]; PagedAttention needs a CUDA device and a
+    /// CUDA build of mistral.rs (an error says so otherwise).
+    pub fn load_hf_with(dir: &Path, setup: PeerSetup, device: &candle_core::Device, dtype: ModelDType) -> Result<Self> {
         std::env::set_var("HF_HUB_OFFLINE", "1");
         let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
         let loader = NormalLoaderBuilder::new(
@@ -44,7 +93,7 @@ impl MistralRsPeer {
         )
         .build(None)
         .map_err(|e| anyhow::anyhow!("mistral.rs loader: {e}"))?;
-        Self::start(rt, loader, dir, max_seqs, device, dtype)
+        Self::start(rt, loader, dir, setup, device, dtype)
     }
 
     /// A GGUF file on the CPU through mistral.rs's own quantized path (its tokenizer from the
@@ -66,7 +115,8 @@ impl MistralRsPeer {
             None,
         )
         .build();
-        Self::start(rt, loader, file, max_seqs, &candle_core::Device::Cpu, ModelDType::F32)
+        let setup = PeerSetup { max_seqs, cache: PeerCache::Normal, prefix_cache: false };
+        Self::start(rt, loader, file, setup, &candle_core::Device::Cpu, ModelDType::F32)
     }
 
     /// Loads the pipeline and starts mistral.rs's engine on it.
@@ -74,33 +124,50 @@ impl MistralRsPeer {
         rt: tokio::runtime::Runtime,
         loader: Box<dyn Loader>,
         what: &Path,
-        max_seqs: usize,
+        setup: PeerSetup,
         device: &candle_core::Device,
         dtype: ModelDType,
     ) -> Result<Self> {
+        let paged = match setup.cache {
+            PeerCache::Normal => None,
+            PeerCache::Paged { kv_mib } => {
+                if !mistralrs_core::paged_attn_supported() || !device.is_cuda() {
+                    bail!(
+                        "mistral.rs's PagedAttention runs on CUDA only: it needs a CUDA device and a build with \
+                         --features dms-integration/mistralrs-cuda (device here: {device:?})"
+                    );
+                }
+                // Its block size left to mistral.rs (32, the largest its kernels take).
+                let c = PagedAttentionConfig::new(None, MemoryGpuConfig::MbAmount(kv_mib), PagedCacheType::Auto)
+                    .map_err(|e| anyhow::anyhow!("mistral.rs PagedAttention config: {e}"))?;
+                Some(c)
+            }
+        };
         let pipeline = loader
-            .load_model_from_hf(None, TokenSource::None, &dtype, device, true, DeviceMapSetting::dummy(), None, None)
+            .load_model_from_hf(None, TokenSource::None, &dtype, device, true, DeviceMapSetting::dummy(), None, paged)
             .map_err(|e| anyhow::anyhow!("mistral.rs could not load {}: {e}", what.display()))?;
-        let n = NonZeroUsize::new(max_seqs.max(1)).expect("positive");
+        let n = NonZeroUsize::new(setup.max_seqs.max(1)).expect("positive");
         let mr = rt.block_on(async move {
-            MistralRsBuilder::new(
-                pipeline,
-                SchedulerConfig::DefaultScheduler { method: DefaultSchedulerMethod::Fixed(n) },
-                false,
-                None,
-            )
-            .with_no_prefix_cache(true)
-            .with_disable_eos_stop(true)
-            .build()
-            .await
-        });
+            let scheduler = match setup.cache {
+                PeerCache::Normal => SchedulerConfig::DefaultScheduler { method: DefaultSchedulerMethod::Fixed(n) },
+                PeerCache::Paged { .. } => match pipeline.lock().await.get_metadata().cache_config.clone() {
+                    Some(config) => SchedulerConfig::PagedAttentionMeta { max_num_seqs: n.get(), config },
+                    None => bail!("mistral.rs did not enable PagedAttention for {}", what.display()),
+                },
+            };
+            Ok(MistralRsBuilder::new(pipeline, scheduler, false, None)
+                .with_no_prefix_cache(!setup.prefix_cache)
+                .with_disable_eos_stop(true)
+                .build()
+                .await)
+        })?;
         Ok(Self { rt, mr })
     }
 
-    /// Generated tokens per second of wall time (prompt passes included) with every prompt sent
-    /// at once, `max_tokens` each; the tokens are not returned (this version mixes concurrent
-    /// outputs, see [`Self::generate`]).
-    pub fn throughput(&self, prompts: &[Vec<u32>], max_tokens: usize) -> Result<f64> {
+    /// Every prompt sent at once, `max_tokens` each, its scheduler batching them as it does:
+    /// the tokens generated and the wall time (the tokens are not returned: this version mixes
+    /// concurrent outputs on the CPU, see [`Self::generate`]).
+    pub fn run_batch(&self, prompts: &[Vec<u32>], max_tokens: usize) -> Result<PeerBatch> {
         let mr = self.mr.clone();
         let prompts = prompts.to_vec();
         self.rt.block_on(async move {
@@ -116,7 +183,7 @@ impl MistralRsPeer {
             for mut rx in receivers {
                 generated += completion(rx.recv().await)?.usage.completion_tokens;
             }
-            Ok(generated as f64 / t0.elapsed().as_secs_f64())
+            Ok(PeerBatch { generated, wall_s: t0.elapsed().as_secs_f64() })
         })
     }
 

@@ -13,80 +13,143 @@ pub(super) fn knob_value(f: &Family, x: f64) -> toml::Value {
     }
 }
 
+/// Where a calibration starts: a knob found on other prompts (or at another target's
+/// neighbour), and the slope of ln CR against the knob (against ln knob for integer knobs with a
+/// positive range) measured there, when known.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Start {
+    /// The knob to measure first.
+    pub knob: f64,
+    /// d ln CR / d knob (or d ln knob) near it.
+    pub slope: Option<f64>,
+}
+
+/// What a calibration found.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Calibrated {
+    /// The knob whose measured CR is closest to the target.
+    pub knob: f64,
+    /// Whether that CR is within tolerance.
+    pub matched: bool,
+    /// The slope of ln CR at the knob (as in [`Start`]): from the last bracket, else the start's.
+    pub slope: Option<f64>,
+}
+
+/// A calibration's result as the start of the next one.
+pub(super) fn as_start(c: Calibrated) -> Start {
+    Start { knob: c.knob, slope: c.slope }
+}
+
 /// Finds the knob whose measured CR is closest to `target`, evaluating with `measure` (which
-/// caches), by bracketing and regula falsi on ln CR alternating with bisection. Returns (knob,
-/// matched).
+/// caches). From a start with a slope it first takes up to two secant steps, so that a start
+/// found on other prompts is matched in a run or two; otherwise (or when those do not bracket
+/// the target) it measures the range's ends. Then regula falsi on ln CR alternating with
+/// bisection.
 pub(super) fn calibrate(
     f: &Family,
     target: f64,
     cal: &Calibration,
-    start: Option<f64>,
+    start: Option<Start>,
     mut measure: impl FnMut(f64) -> Result<f64>,
-) -> Result<(f64, bool)> {
+) -> Result<Calibrated> {
     let snap = |x: f64| if f.integer { x.round() } else { x };
+    // Integer knobs (windows, budgets) have CR laws close to power laws: work on ln x there.
+    let log_knob = f.integer && f.range[0] > 0.0;
+    let space = |x: f64| if log_knob { x.ln() } else { x };
+    let unspace = |u: f64| if log_knob { u.exp() } else { u };
+    let tol = (1.0 + cal.tolerance).ln();
     let err = |cr: f64| cr.ln() - target.ln();
-    let (mut lo, mut hi) = (snap(f.range[0]), snap(f.range[1]));
-    let mut best = (f64::INFINITY, lo);
-    let note = |x: f64, e: f64, best: &mut (f64, f64)| {
+    let (lo0, hi0) = (snap(f.range[0]), snap(f.range[1]));
+    let max_runs = cal.max_runs.max(3);
+    let mut runs = 0usize;
+    let mut best = (f64::INFINITY, lo0);
+    let mut probe = |x: f64, runs: &mut usize, best: &mut (f64, f64)| -> Result<f64> {
+        let e = err(measure(x)?);
+        *runs += 1;
+        tracing::debug!(knob = x, log_cr_error = e, "calibration run");
         if e.abs() < best.0 {
             *best = (e.abs(), x);
         }
+        Ok(e)
     };
-    let mut runs = 0usize;
-    if let Some(s) = start {
-        let s = snap(s.clamp(lo, hi));
-        let e = err(measure(s)?);
-        runs += 1;
-        note(s, e, &mut best);
-        if e.abs() <= (1.0 + cal.tolerance).ln() {
-            return Ok((s, true));
+    let slope_of = |(xa, ea): (f64, f64), (xb, eb): (f64, f64)| {
+        let s = (eb - ea) / (space(xb) - space(xa));
+        (s.is_finite() && s != 0.0).then_some(s)
+    };
+    let done = |best: (f64, f64), slope: Option<f64>| Calibrated { knob: best.1, matched: best.0 <= tol, slope };
+    // A bracket (lower knob, its error), (higher knob, its error) with errors of opposite signs.
+    let mut bracket = None;
+    let mut from = None;
+    if let Some(st) = start {
+        let s = snap(st.knob.clamp(lo0, hi0));
+        let e = probe(s, &mut runs, &mut best)?;
+        if e.abs() <= tol {
+            return Ok(done(best, st.slope));
         }
-    }
-    let (mut elo, mut ehi) = (err(measure(lo)?), err(measure(hi)?));
-    runs += 2;
-    note(lo, elo, &mut best);
-    note(hi, ehi, &mut best);
-    if elo.signum() == ehi.signum() {
-        return Ok((best.1, best.0 <= (1.0 + cal.tolerance).ln()));
-    }
-    if let Some(s) = start.map(|s| snap(s.clamp(lo, hi))) {
-        if s > lo && s < hi {
-            let e = err(measure(s)?);
-            if e.signum() == elo.signum() {
-                (lo, elo) = (s, e);
-            } else {
-                (hi, ehi) = (s, e);
+        from = Some((s, e));
+        let (mut a, mut slope) = ((s, e), st.slope.filter(|v| v.is_finite() && *v != 0.0));
+        for _ in 0..2 {
+            let Some(k) = slope else { break };
+            let u = (space(a.0) - a.1 / k).clamp(space(lo0), space(hi0));
+            let mut x = snap(unspace(u));
+            if x == a.0 && f.integer {
+                x = a.0 + (u - space(a.0)).signum();
             }
+            if x == a.0 || x < lo0 || x > hi0 || runs >= max_runs {
+                break;
+            }
+            let b = (x, probe(x, &mut runs, &mut best)?);
+            if b.1.abs() <= tol {
+                return Ok(done(best, slope_of(a, b).or(slope)));
+            }
+            if b.1.signum() != a.1.signum() {
+                bracket = Some(if a.0 < b.0 { (a, b) } else { (b, a) });
+                break;
+            }
+            slope = slope_of(a, b);
+            a = b;
         }
     }
-    // Regula falsi (on ln x for integer knobs, whose CR laws are close to power laws) alternating
-    // with bisection, so that the bracket at least halves every two runs.
+    let ((mut lo, mut elo), (mut hi, mut ehi)) = match bracket {
+        Some(b) => b,
+        None => {
+            let elo = probe(lo0, &mut runs, &mut best)?;
+            let ehi = probe(hi0, &mut runs, &mut best)?;
+            if elo.signum() == ehi.signum() {
+                return Ok(done(best, None));
+            }
+            let (mut l, mut h) = ((lo0, elo), (hi0, ehi));
+            // The start (already measured) narrows the range's bracket.
+            if let Some((s, e)) = from.filter(|(s, _)| *s > lo0 && *s < hi0) {
+                if e.signum() == elo.signum() {
+                    l = (s, e);
+                } else {
+                    h = (s, e);
+                }
+            }
+            (l, h)
+        }
+    };
+    // Regula falsi alternating with bisection, so that the bracket at least halves every two runs.
     let mut falsi = true;
-    while runs < cal.max_runs.max(3) && best.0 > (1.0 + cal.tolerance).ln() {
+    while runs < max_runs && best.0 > tol {
         let t = if falsi { elo / (elo - ehi) } else { 0.5 };
         falsi = !falsi;
-        let mut x = if f.integer && lo > 0.0 {
-            snap((lo.ln() + t * (hi.ln() - lo.ln())).exp())
-        } else {
-            snap(lo + t * (hi - lo))
-        };
+        let mut x = snap(unspace(space(lo) + t * (space(hi) - space(lo))));
         if x <= lo || x >= hi {
             x = snap((lo + hi) / 2.0);
         }
         if x <= lo || x >= hi {
             break;
         }
-        let e = err(measure(x)?);
-        runs += 1;
-        note(x, e, &mut best);
-        tracing::debug!(knob = x, log_cr_error = e, "calibration run");
+        let e = probe(x, &mut runs, &mut best)?;
         if e.signum() == elo.signum() {
             (lo, elo) = (x, e);
         } else {
             (hi, ehi) = (x, e);
         }
     }
-    Ok((best.1, best.0 <= (1.0 + cal.tolerance).ln()))
+    Ok(done(best, slope_of((lo, elo), (hi, ehi))))
 }
 
 #[cfg(test)]
@@ -106,10 +169,10 @@ mod tests {
         // A sliding window of w keeps w + 4 of 448 tokens: CR = 448 / (w + 4).
         let f = family(true, [8.0, 440.0]);
         for target in [2.0, 4.0, 8.0] {
-            let (w, ok) = calibrate(&f, target, &cal(), None, |w| Ok(448.0 / (w + 4.0))).unwrap();
-            assert!(ok, "target {target}");
-            assert!((448.0 / (w + 4.0) / target - 1.0).abs() <= 0.02, "target {target}: w {w}");
-            assert_eq!(w.fract(), 0.0);
+            let c = calibrate(&f, target, &cal(), None, |w| Ok(448.0 / (w + 4.0))).unwrap();
+            assert!(c.matched, "target {target}");
+            assert!((448.0 / (c.knob + 4.0) / target - 1.0).abs() <= 0.02, "target {target}: w {}", c.knob);
+            assert_eq!(c.knob.fract(), 0.0);
         }
     }
 
@@ -118,9 +181,64 @@ mod tests {
         // CR falls with an offset (a logistic threshold), saturating at 1 and 10.
         let f = family(false, [-40.0, 60.0]);
         let cr = |x: f64| 1.0 + 9.0 / (1.0 + (x / 8.0).exp());
-        let (x, ok) = calibrate(&f, 4.0, &cal(), Some(0.0), |x| Ok(cr(x))).unwrap();
-        assert!(ok && (cr(x) / 4.0 - 1.0).abs() <= 0.02, "x {x}");
-        let (_, ok) = calibrate(&f, 20.0, &cal(), None, |x| Ok(cr(x))).unwrap();
-        assert!(!ok, "CR 20 is above the family's reach and must be reported as such");
+        let start = Start { knob: 0.0, slope: None };
+        let c = calibrate(&f, 4.0, &cal(), Some(start), |x| Ok(cr(x))).unwrap();
+        assert!(c.matched && (cr(c.knob) / 4.0 - 1.0).abs() <= 0.02, "x {}", c.knob);
+        let c = calibrate(&f, 20.0, &cal(), None, |x| Ok(cr(x))).unwrap();
+        assert!(!c.matched, "CR 20 is above the family's reach and must be reported as such");
+    }
+
+    /// Runs `calibrate` counting the distinct knobs it measures.
+    fn counted(f: &Family, target: f64, start: Option<Start>, cr: impl Fn(f64) -> f64) -> (Calibrated, usize) {
+        let mut seen = Vec::new();
+        let c = calibrate(f, target, &cal(), start, |x| {
+            if !seen.contains(&x) {
+                seen.push(x);
+            }
+            Ok(cr(x))
+        })
+        .unwrap();
+        (c, seen.len())
+    }
+
+    #[test]
+    fn a_start_from_other_prompts_is_matched_by_secant_steps() {
+        // The full prompt set compresses 15% more than the subset at every knob (offset knob, a
+        // logistic law) or 10% less (window knob, an inverse law).
+        let offset = family(false, [-10.0, 20.0]);
+        let sub = |x: f64| 1.0 + 14.0 / (1.0 + ((x - 6.0) / 3.0).exp());
+        let window = family(true, [4.0, 4096.0]);
+        let wsub = |w: f64| 2112.0 / (w + 4.0).min(2112.0);
+        type Law = Box<dyn Fn(f64) -> f64>;
+        let cases: [(&Family, Law, Law); 2] = [
+            (&offset, Box::new(sub), Box::new(move |x| 1.15 * sub(x))),
+            (&window, Box::new(wsub), Box::new(move |w| 0.9 * wsub(w))),
+        ];
+        for (f, sub, full) in cases {
+            for target in [4.0, 8.0] {
+                let (on_sub, _) = counted(f, target, None, &sub);
+                assert!(on_sub.matched && on_sub.slope.is_some(), "{}: {on_sub:?}", f.integer);
+                let (c, runs) = counted(f, target, Some(as_start(on_sub)), &full);
+                assert!(c.matched && (full(c.knob) / target - 1.0).abs() <= 0.02, "{c:?}");
+                // The start, one secant step, at most one more.
+                assert!(runs <= 3, "{} at CR {target}: {runs} runs", f.integer);
+                // Without the slope the range's ends are measured too.
+                let (c, plain) = counted(f, target, Some(Start { knob: on_sub.knob, slope: None }), &full);
+                assert!(c.matched && plain > runs, "{} at CR {target}: {plain} runs vs {runs}", f.integer);
+            }
+        }
+    }
+
+    #[test]
+    fn a_wrong_slope_falls_back_to_the_range() {
+        // A slope of the wrong sign steps away from the target: the range's bracket still finds it.
+        let f = family(false, [-10.0, 20.0]);
+        let cr = |x: f64| 1.0 + 14.0 / (1.0 + ((x - 6.0) / 3.0).exp());
+        let (c, _) = counted(&f, 8.0, Some(Start { knob: 0.0, slope: Some(0.3) }), cr);
+        assert!(c.matched && (cr(c.knob) / 8.0 - 1.0).abs() <= 0.02, "{c:?}");
+        // The previous target's result starts the next one.
+        let (c4, _) = counted(&f, 4.0, None, cr);
+        let (c8, runs) = counted(&f, 8.0, Some(as_start(c4)), cr);
+        assert!(c8.matched && runs <= 4, "{c8:?} in {runs} runs");
     }
 }

@@ -35,7 +35,7 @@ mod calibrate;
 mod needle;
 mod report;
 
-use calibrate::{calibrate, knob_value};
+use calibrate::{as_start, calibrate, knob_value};
 use needle::{needle_prefill_cr, needle_prompts, needle_run, NeedlePrompt};
 pub use report::{paired_vs_first, plot, table, to_json, PairedDiff};
 
@@ -444,6 +444,7 @@ pub fn run_eval(cfg: &EvalConfig) -> Result<EvalReport> {
         let mut needle_seen: BTreeMap<i64, f64> = BTreeMap::new();
         let key = |x: f64| (x * 1e6).round() as i64;
         let mut spent = 0usize;
+        let (mut prev_subset, mut prev_full, mut prev_needle) = (None, None, None);
         for target in targets {
             pb.set_message(format!("CR {target}: quality"));
             // Calibrate on the first prompts, then match on all of them from there.
@@ -462,15 +463,21 @@ pub fn run_eval(cfg: &EvalConfig) -> Result<EvalReport> {
             let quality_cell = if wins.is_empty() {
                 None
             } else {
+                // Each calibration starts from the one before it: the previous target's on the
+                // same prompts, or this target's on the subset.
                 let start = if subset < wins.len() {
-                    Some(calibrate(f, target, &cfg.calibration, None, |x| measure(x, subset, &mut seen_subset))?.0)
+                    let c = calibrate(f, target, &cfg.calibration, prev_subset.map(as_start), |x| {
+                        measure(x, subset, &mut seen_subset)
+                    })?;
+                    prev_subset = Some(c);
+                    Some(as_start(c))
                 } else {
-                    None
+                    prev_full.map(as_start)
                 };
-                let (knob, matched) =
-                    calibrate(f, target, &cfg.calibration, start, |x| measure(x, wins.len(), &mut seen))?;
-                let (quality, per_prompt) = seen[&key(knob)].clone();
-                Some((knob, matched, quality, per_prompt))
+                let c = calibrate(f, target, &cfg.calibration, start, |x| measure(x, wins.len(), &mut seen))?;
+                prev_full = Some(c);
+                let (quality, per_prompt) = seen[&key(c.knob)].clone();
+                Some((c, quality, per_prompt))
             };
             let needle = match (&cfg.needle, &needle_prompts) {
                 (Some(n), Some(p)) => {
@@ -478,24 +485,22 @@ pub fn run_eval(cfg: &EvalConfig) -> Result<EvalReport> {
                     // Calibrate on the first trials' prompt passes (from the quality knob),
                     // then on every trial with the needle runs themselves, so the run at a
                     // matched knob is the cell's result and costs nothing extra.
-                    let mut start = quality_cell.as_ref().map(|c| c.0);
+                    let mut start = quality_cell.as_ref().map(|c| as_start(c.0)).or(prev_needle.map(as_start));
                     if probe < p.len() {
                         let probe: Vec<&NeedlePrompt> = p.iter().take(probe).collect();
-                        start = Some(
-                            calibrate(f, target, &cfg.calibration, start, |x| {
-                                if let Some(cr) = needle_seen.get(&key(x)) {
-                                    return Ok(*cr);
-                                }
-                                let cr = needle_prefill_cr(&mut engine, build(x)?, &probe, chunk)?;
-                                spent += 1;
-                                needle_seen.insert(key(x), cr);
-                                Ok(cr)
-                            })?
-                            .0,
-                        );
+                        let c = calibrate(f, target, &cfg.calibration, start, |x| {
+                            if let Some(cr) = needle_seen.get(&key(x)) {
+                                return Ok(*cr);
+                            }
+                            let cr = needle_prefill_cr(&mut engine, build(x)?, &probe, chunk)?;
+                            spent += 1;
+                            needle_seen.insert(key(x), cr);
+                            Ok(cr)
+                        })?;
+                        start = Some(as_start(c));
                     }
                     let mut needle_runs: BTreeMap<i64, NeedleResult> = BTreeMap::new();
-                    let (nk, needle_matched) = calibrate(f, target, &cfg.calibration, start, |x| {
+                    let c = calibrate(f, target, &cfg.calibration, start, |x| {
                         if let Some(r) = needle_runs.get(&key(x)) {
                             return Ok(r.cr);
                         }
@@ -505,17 +510,24 @@ pub fn run_eval(cfg: &EvalConfig) -> Result<EvalReport> {
                         needle_runs.insert(key(x), r);
                         Ok(cr)
                     })?;
-                    let mut r = needle_runs.remove(&key(nk)).expect("calibration measured its answer");
-                    r.knob = Some(nk);
-                    r.matched = needle_matched;
+                    prev_needle = Some(c);
+                    let mut r = needle_runs.remove(&key(c.knob)).expect("calibration measured its answer");
+                    r.knob = Some(c.knob);
+                    r.matched = c.matched;
                     Some(r)
                 }
                 _ => None,
             };
             let cell = match (quality_cell, needle) {
-                (Some((knob, matched, quality, per_prompt)), needle) => {
-                    Cell { family: f.name.clone(), target, knob, matched, quality: Some(quality), per_prompt, needle }
-                }
+                (Some((c, quality, per_prompt)), needle) => Cell {
+                    family: f.name.clone(),
+                    target,
+                    knob: c.knob,
+                    matched: c.matched,
+                    quality: Some(quality),
+                    per_prompt,
+                    needle,
+                },
                 (None, Some(n)) => Cell {
                     family: f.name.clone(),
                     target,

@@ -16,10 +16,10 @@
 #           configs/bench-gpu.toml that fits one call): real prefill and decode through the
 #           scheduler on the device cache, the Llama-3.1-8B shape at 4K and 32K, a 64 GiB KV
 #           budget filled by admission (a forked prompt at 32K)
-#   peerbench `dms bench` with mistral.rs at its best as an arm (PagedAttention, its own batching)
-#           beside our full and DMS CR8 arms on the same random bf16 Llama-3.1-8B-shape folder:
-#           batch 1 at 4K and 32K (benches/gpu/bench-gpu-peer.toml), then 128 x 4K requests into
-#           a 64 GiB KV budget (bench-gpu-peer-limit.toml)
+#   peerbench `dms bench` with mistral.rs as its CUDA users run it (PagedAttention, its own
+#           batching) as an arm beside our full and DMS CR8 arms on the same random bf16
+#           Llama-3.1-8B-shape folder: batch 1 at 4K and 32K (benches/gpu/bench-gpu-peer.toml)
+#   peerlimit the same, 128 x 4K requests into a 48 GiB KV budget (bench-gpu-peer-limit.toml)
 #   mla     DeepSeek-V2-Lite's latent attention (dense MLP): prefill + decode at batch 1, and the
 #           32K grid (full vs DMS CR4/CR8 at batch 1 and at the memory limit)
 #   long    64K context: Llama-3.1-8B and DeepSeek-V2-Lite's attention, full vs DMS CR4/CR8
@@ -105,12 +105,11 @@ for step in ${STEPS:-engine profile prefill peer tune}; do
       unpack dms
       timeout 420 bash .gpu-bin/gpu-run.sh /tmp/dms-gpu-bin/dms bench --config benches/gpu/bench-gpu-quick.toml 2>"$OUT/enginebench.err" | tee "$OUT/enginebench.log"
       cp bench-gpu-quick-results.json "$OUT/" 2>/dev/null; tail -5 "$OUT/enginebench.err" ;;
-    peerbench)
+    peerbench|peerlimit)
       unpack dms
-      for cfg in bench-gpu-peer bench-gpu-peer-limit; do
-        timeout 280 bash .gpu-bin/gpu-run.sh /tmp/dms-gpu-bin/dms bench --config benches/gpu/$cfg.toml 2>"$OUT/$cfg.err" | tee "$OUT/$cfg.log"
-        cp $cfg-results.json "$OUT/" 2>/dev/null; tail -5 "$OUT/$cfg.err"
-      done ;;
+      cfg=bench-gpu-peer; [ "$step" = peerlimit ] && cfg=bench-gpu-peer-limit
+      timeout 280 bash .gpu-bin/gpu-run.sh /tmp/dms-gpu-bin/dms bench --config benches/gpu/$cfg.toml 2>"$OUT/$cfg.err" | tee "$OUT/$cfg.log"
+      cp $cfg-results.json "$OUT/" 2>/dev/null; tail -5 "$OUT/$cfg.err" ;;
     kernels)
       for k in tiled async; do
         timeout 100 bash .gpu-bin/gpu-run.sh "$BIN" bench --models llama3.1-8b --contexts 32768 --kernel $k --out "$OUT/gpu-kernel-$k.json" 2>"$OUT/kernel-$k.err" | tee "$OUT/kernel-$k.log"; tail -3 "$OUT/kernel-$k.err"
@@ -120,7 +119,7 @@ for step in ${STEPS:-engine profile prefill peer tune}; do
         timeout 100 bash .gpu-bin/gpu-run.sh "$BIN" bench --models dsv2-lite-attn --contexts 32768 --latent-kernel $lk --out "$OUT/gpu-latent-$lk.json" 2>"$OUT/latent-$lk.err" | tee "$OUT/latent-$lk.log"; tail -3 "$OUT/latent-$lk.err"
       done ;;
     grid) timeout 290 bash .gpu-bin/gpu-run.sh "$BIN" bench --out "$OUT/gpu-bench.json" "$@" 2>"$OUT/bench.err" | tee "$OUT/bench.log"; tail -5 "$OUT/bench.err" ;;
-    *) echo "unknown step $step (engine, profile, tune, prefill, peer, peerbench, grid, kernels, enginebench, mla, long, smollm2)"; exit 2 ;;
+    *) echo "unknown step $step (engine, profile, tune, prefill, peer, peerbench, peerlimit, grid, kernels, enginebench, mla, long, smollm2)"; exit 2 ;;
   esac
   save
 done

@@ -156,6 +156,7 @@ impl BenchConfig {
         if !c.arms.iter().any(BenchArm::is_full) {
             bail!("one [[arm]] must use policy `full`: the other figures are ratios to it");
         }
+        let on_cuda = crate::config::device_ordinal(&c.model.device)?.is_some();
         for a in &c.arms {
             match (a.engine.as_str(), &a.policy) {
                 ("dms", Some(p)) if !a.paged_attention => {
@@ -163,6 +164,11 @@ impl BenchConfig {
                 }
                 ("dms", Some(_)) => bail!("[[arm]] `{}`: paged_attention is a `mistralrs` arm's setting", a.name),
                 ("dms", None) => bail!("[[arm]] `{}`: this engine's arms need a `policy`", a.name),
+                ("mistralrs", None) if a.paged_attention && !(cfg!(feature = "mistralrs-cuda") && on_cuda) => bail!(
+                    "[[arm]] `{}`: mistral.rs's PagedAttention runs on CUDA only: it needs `[model] device = \"cuda:N\"` \
+                     and a build with --features dms-integration/mistralrs-cuda",
+                    a.name
+                ),
                 ("mistralrs", None) if cfg!(feature = "mistralrs") => {}
                 ("mistralrs", None) => bail!("[[arm]] `{}`: {NO_MISTRALRS}", a.name),
                 ("mistralrs", Some(_)) => {
@@ -265,6 +271,18 @@ fn model_grid(
         engine.check_policy(p.as_ref())?;
         policies.push((a.name.clone(), p));
     }
+    // Each arm runs one short request first, untimed: kernel loading and first allocations
+    // would otherwise land in the first cell's figures.
+    for (_, p) in &policies {
+        let warm = Request {
+            id: 0,
+            prompt: ids(1, 32, mc.vocab_size),
+            forced: Some(ids(2, 3, mc.vocab_size)),
+            policy: p.clone(),
+            params: None,
+        };
+        run_requests(&mut engine, vec![warm], &GenParams::greedy(3, 0), 1, false, |_| {})?;
+    }
     let full_idx = cfg.arms.iter().filter(|a| !a.is_peer()).position(BenchArm::is_full).expect("validated");
     // Per-head K/V bytes of the same attention shape over this cache's bytes (latent rows: > 1).
     let latent = mc.latent_factor();
@@ -358,10 +376,11 @@ fn model_grid(
     drop(engine);
     let max_seqs = batches.iter().max().copied().unwrap_or(1);
     let kv_mib = (pool_bytes / f64::from(1 << 20)).ceil() as usize;
-    let peers = bench_peer::PeerArms::start(cfg, dir, &device, max_seqs, kv_mib)?;
-    for (ctx, batch, prompts, full_e2e) in peer_cells {
+    let prompts: Vec<&[Vec<u32>]> = peer_cells.iter().map(|c| c.2.as_slice()).collect();
+    let results = bench_peer::run_arms(cfg, dir, &device, max_seqs, kv_mib, &prompts, g.decode_tokens + 1)?;
+    for (&(ctx, batch, _, full_e2e), cell) in peer_cells.iter().zip(results) {
         // mistral.rs reports no per-phase or cache figures for a batch: end to end only.
-        for p in peers.run(&prompts, g.decode_tokens + 1)? {
+        for p in cell {
             let e2e_vs_full = p.tok_s / full_e2e.max(1e-9);
             rows.push(json!({"model": source, "context": ctx, "batch": batch, "arm": p.name,
                 "engine": "mistralrs", "paged_attention": p.paged, "generated_tokens": p.generated,

@@ -50,44 +50,51 @@ mod engine {
     use super::*;
     use crate::harness::peer_mistralrs::{MistralRsPeer, PeerCache, PeerSetup};
 
-    /// The started peers of one model, one per mistral.rs arm.
-    pub(in crate::harness) struct PeerArms {
-        peers: Vec<(String, bool, MistralRsPeer)>,
-    }
-
-    impl PeerArms {
-        /// Starts every mistral.rs arm of `cfg` on the folder `dir`: at most `max_seqs` sequences
-        /// per step, PagedAttention pools of `kv_mib` MiB, its prefix cache on where the grid
-        /// shares prompts (as this engine forks them); each is warmed up with one short request.
-        pub fn start(cfg: &BenchConfig, dir: &Path, device: &Device, max_seqs: usize, kv_mib: usize) -> Result<Self> {
-            let dtype = match cfg.model.compute_dtype()? {
-                candle_core::DType::BF16 => mistralrs_core::ModelDType::BF16,
-                candle_core::DType::F16 => mistralrs_core::ModelDType::F16,
-                _ => mistralrs_core::ModelDType::F32,
-            };
-            let mut peers = Vec::new();
-            for a in cfg.arms.iter().filter(|a| a.is_peer()) {
-                let cache = if a.paged_attention { PeerCache::Paged { kv_mib } } else { PeerCache::Normal };
-                let setup = PeerSetup { max_seqs, cache, prefix_cache: cfg.grid.shared_prompt_from.is_some() };
-                let peer = MistralRsPeer::load_hf_with(dir, setup, device, dtype)
-                    .map_err(|e| e.context(format!("[[arm]] `{}`", a.name)))?;
-                peer.run_batch(&[vec![5u32; 16]], 2)?;
-                peers.push((a.name.clone(), a.paged_attention, peer));
+    /// Runs every mistral.rs arm of `cfg` on the folder `dir`, one arm at a time: each is
+    /// started (at most `max_seqs` sequences per step, a PagedAttention pool of `kv_mib` MiB),
+    /// warmed up with one short request, given each cell's prompts at once (`max_tokens` each),
+    /// and dropped before the next starts. Its prefix cache is on where the grid shares prompts,
+    /// so it may reuse a shared prompt's KV where it can (mistral.rs 0.8.1 registers a prefix
+    /// once a sequence has it cached, so requests admitted together may each prefill it).
+    /// Returns, per cell, each arm's figures.
+    pub(in crate::harness) fn run_arms(
+        cfg: &BenchConfig,
+        dir: &Path,
+        device: &Device,
+        max_seqs: usize,
+        kv_mib: usize,
+        cells: &[&[Vec<u32>]],
+        max_tokens: usize,
+    ) -> Result<Vec<Vec<PeerCell>>> {
+        let dtype = match cfg.model.compute_dtype()? {
+            candle_core::DType::BF16 => mistralrs_core::ModelDType::BF16,
+            candle_core::DType::F16 => mistralrs_core::ModelDType::F16,
+            _ => mistralrs_core::ModelDType::F32,
+        };
+        let mut out: Vec<Vec<PeerCell>> = cells.iter().map(|_| Vec::new()).collect();
+        for (i, a) in cfg.arms.iter().filter(|a| a.is_peer()).enumerate() {
+            if i > 0 {
+                // Dropping mistral.rs only signals its engine thread, which frees the pool and
+                // weights as it exits: give it that time before the next arm allocates.
+                std::thread::sleep(std::time::Duration::from_secs(5));
             }
-            Ok(Self { peers })
+            let cache = if a.paged_attention { PeerCache::Paged { kv_mib } } else { PeerCache::Normal };
+            let setup = PeerSetup { max_seqs, cache, prefix_cache: cfg.grid.shared_prompt_from.is_some() };
+            let peer = MistralRsPeer::load_hf_with(dir, setup, device, dtype)
+                .map_err(|e| e.context(format!("[[arm]] `{}`", a.name)))?;
+            peer.run_batch(&[vec![5u32; 16]], 2)?;
+            for (prompts, cell) in cells.iter().zip(&mut out) {
+                eprintln!("bench: mistral.rs arm {}, {} requests", a.name, prompts.len());
+                let b = peer.run_batch(prompts, max_tokens)?;
+                cell.push(PeerCell {
+                    name: a.name.clone(),
+                    paged: a.paged_attention,
+                    generated: b.generated,
+                    tok_s: b.tok_s(),
+                });
+            }
         }
-
-        /// Every arm given `prompts` at once, `max_tokens` each.
-        pub fn run(&self, prompts: &[Vec<u32>], max_tokens: usize) -> Result<Vec<PeerCell>> {
-            self.peers
-                .iter()
-                .map(|(name, paged, peer)| {
-                    eprintln!("bench: mistral.rs arm {name}, {} requests", prompts.len());
-                    let b = peer.run_batch(prompts, max_tokens)?;
-                    Ok(PeerCell { name: name.clone(), paged: *paged, generated: b.generated, tok_s: b.tok_s() })
-                })
-                .collect()
-        }
+        Ok(out)
     }
 }
 
@@ -95,21 +102,19 @@ mod engine {
 mod engine {
     use super::*;
 
-    /// No peers start in a build without mistral.rs (whose bench files [`BenchConfig::load`]
-    /// already rejects when they name a mistral.rs arm): a type with no values.
-    pub(in crate::harness) enum PeerArms {}
-
-    impl PeerArms {
-        /// The error that names the build feature.
-        pub fn start(_: &BenchConfig, _: &Path, _: &Device, _: usize, _: usize) -> Result<Self> {
-            anyhow::bail!("{}", super::super::bench_grid::NO_MISTRALRS)
-        }
-
-        /// Never called: no value exists.
-        pub fn run(&self, _: &[Vec<u32>], _: usize) -> Result<Vec<PeerCell>> {
-            match *self {}
-        }
+    /// The error that names the build feature (in a build without mistral.rs, whose bench files
+    /// [`BenchConfig::load`] already rejects when they name a mistral.rs arm).
+    pub(in crate::harness) fn run_arms(
+        _: &BenchConfig,
+        _: &Path,
+        _: &Device,
+        _: usize,
+        _: usize,
+        _: &[&[Vec<u32>]],
+        _: usize,
+    ) -> Result<Vec<Vec<PeerCell>>> {
+        anyhow::bail!("{}", super::super::bench_grid::NO_MISTRALRS)
     }
 }
 
-pub(super) use engine::PeerArms;
+pub(super) use engine::run_arms;

@@ -17,6 +17,9 @@ use mistralrs_core::{
     TokenSource,
 };
 
+/// How long a batch waits for each response before giving up on mistral.rs.
+const RESPONSE_WAIT: std::time::Duration = std::time::Duration::from_secs(1800);
+
 /// The KV cache mistral.rs runs with.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum PeerCache {
@@ -165,7 +168,7 @@ impl MistralRsPeer {
     }
 
     /// Every prompt sent at once, `max_tokens` each, its scheduler batching them as it does:
-    /// the tokens generated and the wall time (the tokens are not returned: this version mixes
+    /// the tokens generated (an error unless every request got all of them) and the wall time (the tokens are not returned: this version mixes
     /// concurrent outputs on the CPU, see [`Self::generate`]).
     pub fn run_batch(&self, prompts: &[Vec<u32>], max_tokens: usize) -> Result<PeerBatch> {
         let mr = self.mr.clone();
@@ -179,9 +182,15 @@ impl MistralRsPeer {
                 sender.send(req).await.context("mistral.rs engine stopped")?;
                 receivers.push(rx);
             }
-            let mut generated = 0usize;
+            let (mut generated, n) = (0usize, receivers.len());
             for mut rx in receivers {
-                generated += completion(rx.recv().await)?.usage.completion_tokens;
+                let response = tokio::time::timeout(RESPONSE_WAIT, rx.recv())
+                    .await
+                    .map_err(|_| anyhow::anyhow!("mistral.rs sent no response within {RESPONSE_WAIT:?}"))?;
+                generated += completion(response)?.usage.completion_tokens;
+            }
+            if generated != n * max_tokens {
+                bail!("mistral.rs generated {generated} tokens for {n} requests of {max_tokens}");
             }
             Ok(PeerBatch { generated, wall_s: t0.elapsed().as_secs_f64() })
         })

@@ -31,7 +31,8 @@ pub(super) struct Calibrated {
     pub knob: f64,
     /// Whether that CR is within tolerance.
     pub matched: bool,
-    /// The slope of ln CR at the knob (as in [`Start`]): from the last bracket, else the start's.
+    /// The slope of ln CR near the knob (as in [`Start`]): the chord of the last two knobs
+    /// measured on either side of the target, else the start's.
     pub slope: Option<f64>,
 }
 
@@ -40,53 +41,38 @@ pub(super) fn as_start(c: Calibrated) -> Start {
     Start { knob: c.knob, slope: c.slope }
 }
 
-/// Finds the knob whose measured CR is closest to `target`, evaluating with `measure` (which
-/// caches). From a start with a slope it first takes up to two secant steps, so that a start
-/// found on other prompts is matched in a run or two; otherwise (or when those do not bracket
-/// the target) it measures the range's ends. Then regula falsi on ln CR alternating with
-/// bisection.
+/// Finds the knob whose measured CR is closest to `target`, evaluating with `measure` (at most
+/// `max_runs` distinct knobs). From a start with a slope it first takes up to two secant steps, so
+/// that a start found on other prompts is matched in a run or two; otherwise (or when those do not
+/// bracket the target) it measures the range's ends, narrowed by what it has measured. Then
+/// regula falsi on ln CR alternating with bisection.
 pub(super) fn calibrate(
     f: &Family,
     target: f64,
     cal: &Calibration,
     start: Option<Start>,
-    mut measure: impl FnMut(f64) -> Result<f64>,
+    measure: impl FnMut(f64) -> Result<f64>,
 ) -> Result<Calibrated> {
     let snap = |x: f64| if f.integer { x.round() } else { x };
+    let (lo0, hi0) = (snap(f.range[0]), snap(f.range[1]));
     // Integer knobs (windows, budgets) have CR laws close to power laws: work on ln x there.
-    let log_knob = f.integer && f.range[0] > 0.0;
+    let log_knob = f.integer && lo0 >= 1.0;
     let space = |x: f64| if log_knob { x.ln() } else { x };
     let unspace = |u: f64| if log_knob { u.exp() } else { u };
     let tol = (1.0 + cal.tolerance).ln();
-    let err = |cr: f64| cr.ln() - target.ln();
-    let (lo0, hi0) = (snap(f.range[0]), snap(f.range[1]));
-    let max_runs = cal.max_runs.max(3);
-    let mut runs = 0usize;
-    let mut best = (f64::INFINITY, lo0);
-    let mut probe = |x: f64, runs: &mut usize, best: &mut (f64, f64)| -> Result<f64> {
-        let e = err(measure(x)?);
-        *runs += 1;
-        tracing::debug!(knob = x, log_cr_error = e, "calibration run");
-        if e.abs() < best.0 {
-            *best = (e.abs(), x);
-        }
-        Ok(e)
-    };
+    let mut m = Measured { target, points: Vec::new(), max_runs: cal.max_runs.max(3), measure };
     let slope_of = |(xa, ea): (f64, f64), (xb, eb): (f64, f64)| {
         let s = (eb - ea) / (space(xb) - space(xa));
         (s.is_finite() && s != 0.0).then_some(s)
     };
-    let done = |best: (f64, f64), slope: Option<f64>| Calibrated { knob: best.1, matched: best.0 <= tol, slope };
     // A bracket (lower knob, its error), (higher knob, its error) with errors of opposite signs.
     let mut bracket = None;
-    let mut from = None;
     if let Some(st) = start {
         let s = snap(st.knob.clamp(lo0, hi0));
-        let e = probe(s, &mut runs, &mut best)?;
+        let e = m.probe(s)?;
         if e.abs() <= tol {
-            return Ok(done(best, st.slope));
+            return Ok(m.done(tol, st.slope));
         }
-        from = Some((s, e));
         let (mut a, mut slope) = ((s, e), st.slope.filter(|v| v.is_finite() && *v != 0.0));
         for _ in 0..2 {
             let Some(k) = slope else { break };
@@ -95,12 +81,12 @@ pub(super) fn calibrate(
             if x == a.0 && f.integer {
                 x = a.0 + (u - space(a.0)).signum();
             }
-            if x == a.0 || x < lo0 || x > hi0 || runs >= max_runs {
+            if x == a.0 || !(lo0..=hi0).contains(&x) || !m.can_run() {
                 break;
             }
-            let b = (x, probe(x, &mut runs, &mut best)?);
+            let b = (x, m.probe(x)?);
             if b.1.abs() <= tol {
-                return Ok(done(best, slope_of(a, b).or(slope)));
+                return Ok(m.done(tol, slope_of(a, b).or(slope)));
             }
             if b.1.signum() != a.1.signum() {
                 bracket = Some(if a.0 < b.0 { (a, b) } else { (b, a) });
@@ -113,18 +99,20 @@ pub(super) fn calibrate(
     let ((mut lo, mut elo), (mut hi, mut ehi)) = match bracket {
         Some(b) => b,
         None => {
-            let elo = probe(lo0, &mut runs, &mut best)?;
-            let ehi = probe(hi0, &mut runs, &mut best)?;
-            if elo.signum() == ehi.signum() {
-                return Ok(done(best, None));
+            if m.points.len() + 2 > m.max_runs {
+                return Ok(m.done(tol, None));
             }
+            let (elo, ehi) = (m.probe(lo0)?, m.probe(hi0)?);
+            if elo.signum() == ehi.signum() {
+                return Ok(m.done(tol, None));
+            }
+            // What was measured inside the range narrows its bracket (the map is monotone).
             let (mut l, mut h) = ((lo0, elo), (hi0, ehi));
-            // The start (already measured) narrows the range's bracket.
-            if let Some((s, e)) = from.filter(|(s, _)| *s > lo0 && *s < hi0) {
-                if e.signum() == elo.signum() {
-                    l = (s, e);
-                } else {
-                    h = (s, e);
+            for &(x, e) in &m.points {
+                if e.signum() == elo.signum() && x > l.0 && x < h.0 {
+                    l = (x, e);
+                } else if e.signum() == ehi.signum() && x < h.0 && x > l.0 {
+                    h = (x, e);
                 }
             }
             (l, h)
@@ -132,24 +120,68 @@ pub(super) fn calibrate(
     };
     // Regula falsi alternating with bisection, so that the bracket at least halves every two runs.
     let mut falsi = true;
-    while runs < max_runs && best.0 > tol {
+    while m.can_run() && m.best().0 > tol {
         let t = if falsi { elo / (elo - ehi) } else { 0.5 };
         falsi = !falsi;
         let mut x = snap(unspace(space(lo) + t * (space(hi) - space(lo))));
-        if x <= lo || x >= hi {
+        if x <= lo || x >= hi || x.is_nan() {
             x = snap((lo + hi) / 2.0);
         }
         if x <= lo || x >= hi {
             break;
         }
-        let e = probe(x, &mut runs, &mut best)?;
+        let e = m.probe(x)?;
         if e.signum() == elo.signum() {
             (lo, elo) = (x, e);
         } else {
             (hi, ehi) = (x, e);
         }
     }
-    Ok(done(best, slope_of((lo, elo), (hi, ehi))))
+    Ok(m.done(tol, slope_of((lo, elo), (hi, ehi))))
+}
+
+/// The knobs one calibration has measured, with their ln CR errors.
+struct Measured<F> {
+    target: f64,
+    points: Vec<(f64, f64)>,
+    max_runs: usize,
+    measure: F,
+}
+
+impl<F: FnMut(f64) -> Result<f64>> Measured<F> {
+    /// The error of ln CR at `x` against the target, measured once per knob.
+    fn probe(&mut self, x: f64) -> Result<f64> {
+        if let Some(&(_, e)) = self.points.iter().find(|p| p.0 == x) {
+            return Ok(e);
+        }
+        let e = (self.measure)(x)?.ln() - self.target.ln();
+        tracing::debug!(knob = x, log_cr_error = e, "calibration run");
+        self.points.push((x, e));
+        Ok(e)
+    }
+
+    /// Whether a new knob may still be measured.
+    fn can_run(&self) -> bool {
+        self.points.len() < self.max_runs
+    }
+
+    /// The measured knob nearest the target: (|error|, knob); a NaN error counts as infinite.
+    fn best(&self) -> (f64, f64) {
+        let abs = |e: f64| if e.is_nan() { f64::INFINITY } else { e.abs() };
+        self.points.iter().map(|&(x, e)| (abs(e), x)).fold((f64::INFINITY, f64::NAN), |b, p| {
+            if p.0 < b.0 || b.1.is_nan() {
+                p
+            } else {
+                b
+            }
+        })
+    }
+
+    /// The result: the best knob, whether it is within `tol`, and `slope`.
+    fn done(&self, tol: f64, slope: Option<f64>) -> Calibrated {
+        let (e, knob) = self.best();
+        Calibrated { knob, matched: e <= tol, slope }
+    }
 }
 
 #[cfg(test)]
@@ -240,5 +272,32 @@ mod tests {
         let (c4, _) = counted(&f, 4.0, None, cr);
         let (c8, runs) = counted(&f, 8.0, Some(as_start(c4)), cr);
         assert!(c8.matched && runs <= 4, "{c8:?} in {runs} runs");
+    }
+
+    #[test]
+    fn max_runs_bounds_the_knobs_measured() {
+        // A start that misses with a slope pointing away: however the search goes, it measures
+        // at most max_runs distinct knobs and reports its best.
+        let f = family(false, [-10.0, 20.0]);
+        let cr = |x: f64| 1.0 + 14.0 / (1.0 + ((x - 6.0) / 3.0).exp());
+        for max_runs in [3, 4, 5] {
+            let cal = Calibration { max_runs, ..cal() };
+            let mut n = 0;
+            let c = calibrate(&f, 8.0, &cal, Some(Start { knob: 0.0, slope: Some(0.3) }), |x| {
+                n += 1;
+                Ok(cr(x))
+            })
+            .unwrap();
+            assert!(n <= max_runs && c.knob.is_finite(), "{n} runs with max_runs {max_runs}: {c:?}");
+            // A target above the family's reach: no step brackets it, and the range's ends are
+            // measured only while the budget lasts.
+            let mut n = 0;
+            let c = calibrate(&f, 20.0, &cal, Some(Start { knob: 0.0, slope: Some(-0.3) }), |x| {
+                n += 1;
+                Ok(cr(x))
+            })
+            .unwrap();
+            assert!(n <= max_runs && !c.matched, "{n} runs with max_runs {max_runs}: {c:?}");
+        }
     }
 }

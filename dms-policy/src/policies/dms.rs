@@ -151,17 +151,11 @@ impl PolicyFactory for DmsPolicy {
         Box::new(DmsState { cfg: self.clone(), rows: Rows::new(shape, || DelayedWindow::new(w)) })
     }
     fn device_program(&self) -> Result<DeviceProgram, PolicyError> {
-        if self.sinks > 0 {
-            return Err(PolicyError::NoDeviceForm {
-                policy: "dms".into(),
-                why: format!("`sinks = {}`: the device kernels flag every position alike", self.sinks),
-            });
-        }
         let flags = self.flag_source().ok_or_else(|| PolicyError::NoDeviceForm {
             policy: "dms".into(),
             why: "key-norm decisions need key norms, which the device path does not compute".into(),
         })?;
-        Ok(DeviceProgram::DelayedWindow { window: self.window as usize, flags })
+        Ok(DeviceProgram::DelayedWindow { window: self.window as usize, flags, sinks: self.sinks })
     }
     fn describe(&self) -> String {
         let source = match self.decision {

@@ -5,8 +5,9 @@
 //! kernels, and leave when they finish, their blocks going back to the device free list. A
 //! preempted sequence is dropped and recomputed: it re-enters with its prompt and the tokens it
 //! had generated as one masked prompt pass (rule 4: the same kept set as decoding them), so
-//! greedy output resumes unchanged. Each sequence runs its own request's device program, so
-//! requests with different policies (full, DMS with its window and decisions) decode together.
+//! greedy output resumes unchanged. Each sequence runs its own request's device program and reads
+//! its own adapter, so requests with different policies (full, DMS with its window, sinks,
+//! decisions and adapter, LoRA or not) decode together.
 
 use std::convert::Infallible;
 
@@ -148,14 +149,15 @@ impl BatchEngine for DeviceEngine<'_> {
     fn start(&mut self, req: &Request, ids: &[u32], _chunk: usize) -> Result<(DeviceSeq, Vec<f32>)> {
         let program = DevicePolicy::of(req.policy.as_ref()).with_context(|| format!("request {}", req.id))?;
         let slot = self.cache.add_sequence(program)?;
-        let logits = match super::prefill_into(self.model, ids, slot, &mut self.cache, false) {
+        let adapter = req.policy.adapter();
+        let logits = match super::prefill_into(self.model, ids, slot, adapter, &mut self.cache, false) {
             Ok(l) => l.squeeze(0)?.to_dtype(DType::F32)?.to_vec1::<f32>()?,
             Err(e) => {
                 self.cache.remove_sequence(slot)?;
                 return Err(e.context(format!("prefilling request {}", req.id)));
             }
         };
-        let key = self.slots.push(slot)?;
+        let key = self.slots.push(slot, adapter)?;
         Ok((DeviceSeq { key, seen: ids.len() }, logits))
     }
 
@@ -167,8 +169,10 @@ impl BatchEngine for DeviceEngine<'_> {
     }
 
     fn fork(&mut self, seq: &DeviceSeq) -> Result<Option<DeviceSeq>> {
-        let slot = self.cache.fork_sequence(self.slot_of(seq)?)?;
-        let fork = DeviceSeq { key: self.slots.push(slot)?, seen: seq.seen };
+        let from = self.slot_of(seq)?;
+        let adapter = self.slots.adapter(from).map(str::to_string);
+        let slot = self.cache.fork_sequence(from)?;
+        let fork = DeviceSeq { key: self.slots.push(slot, adapter.as_deref())?, seen: seq.seen };
         // A row that found too few blocks fails the fork; its slot is given back.
         if let Err(e) = self.cache.check() {
             self.release(fork);
@@ -186,8 +190,9 @@ impl BatchEngine for DeviceEngine<'_> {
         let slot_tokens: Vec<u32> = order.iter().map(|&i| tokens[i]).collect();
         let positions: Vec<u32> = order.iter().map(|&i| seqs[i].seen as u32).collect();
         let longest = seqs.iter().map(|s| s.seen + 1).max().unwrap_or(1);
-        let logits =
-            super::decode_step(self.model, &slot_tokens, &positions, &mut self.cache, longest)?.to_vec2::<f32>()?;
+        let adapters = self.slots.adapters();
+        let logits = super::decode_step(self.model, &slot_tokens, &positions, &adapters, &mut self.cache, longest)?
+            .to_vec2::<f32>()?;
         // A kernel that ran out of blocks fails the step here, before anything is released.
         self.cache.check()?;
         let mut out = vec![Vec::new(); seqs.len()];

@@ -17,21 +17,26 @@ const MAX_GQA: usize = 8;
 /// Most splits per row of the decode attention.
 const MAX_SPLITS: usize = 64;
 
-/// Bytes of one sequence's program as the kernels read it (`SeqProgram` in `kernels.cu`):
-/// mode (0 none, 1 random, 2 learned), ring length W + 1, seed, rate, scale, offset.
-fn program_bytes(p: &DevicePolicy) -> [u8; 32] {
+/// Bytes of one sequence's program as the kernels read it.
+const PROGRAM_BYTES: usize = 40;
+
+/// One sequence's program as the kernels read it (`SeqProgram` in `kernels.cu`): mode (0 none,
+/// 1 random, 2 learned), ring length W + 1, seed, rate, scale, offset, sinks, 4 unused bytes.
+fn program_bytes(p: &DevicePolicy) -> [u8; PROGRAM_BYTES] {
     let (mode, seed, rate, scale, offset): (i32, u64, f64, f32, f32) = match p.flags {
         FlagSource::None => (0, 0, 0.0, 0.0, 0.0),
         FlagSource::Random { seed, rate } => (1, seed, rate, 0.0, 0.0),
         FlagSource::Learned { scale, offset } => (2, 0, 0.0, scale, offset),
     };
-    let mut out = [0u8; 32];
+    let sinks = i32::try_from(p.sinks).unwrap_or(i32::MAX);
+    let mut out = [0u8; PROGRAM_BYTES];
     out[0..4].copy_from_slice(&mode.to_le_bytes());
     out[4..8].copy_from_slice(&((p.window + 1) as i32).to_le_bytes());
     out[8..16].copy_from_slice(&seed.to_le_bytes());
     out[16..24].copy_from_slice(&rate.to_le_bytes());
     out[24..28].copy_from_slice(&scale.to_le_bytes());
     out[28..32].copy_from_slice(&offset.to_le_bytes());
+    out[32..36].copy_from_slice(&sinks.to_le_bytes());
     out
 }
 
@@ -304,8 +309,8 @@ impl GpuCache {
             part_l: drv(stream.alloc_zeros::<f32>(1))?,
             tuning: AttnTuning::default(),
             active: shape.batch,
-            programs: vec![DevicePolicy { window: shape.window, flags: FlagSource::None }; shape.batch],
-            programs_dev: drv(stream.alloc_zeros::<u8>(32 * shape.batch.max(1)))?,
+            programs: vec![DevicePolicy { window: shape.window, flags: FlagSource::None, sinks: 0 }; shape.batch],
+            programs_dev: drv(stream.alloc_zeros::<u8>(PROGRAM_BYTES * shape.batch.max(1)))?,
             programs_dirty: true,
             resident_blocks: Default::default(),
             dev,

@@ -1,19 +1,20 @@
 //! The device cache as a [`KvBackend`]: decode steps of a batch of sequences and masked prompts
 //! into the cache, with the DMS bookkeeping in kernels (no host round trip per layer). Each
-//! sequence follows its own slot's program ([`GpuCache::set_program`]).
+//! sequence follows its own slot's program ([`GpuCache::set_program`]) and reads its own adapter.
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 use dms_policy::Pos;
 
 use super::GpuCache;
-use crate::kv::backend::{KvBackend, LayerStep, Signals};
+use crate::kv::backend::{DecisionSpan, KvBackend, LayerStep, Signals};
 use crate::model::prefill::masked_prefill;
 use crate::model::Llama;
 
 /// One decode step of every sequence of a [`GpuCache`], one token each.
 pub struct DeviceStep<'c> {
     cache: &'c mut GpuCache,
+    adapters: &'c [Option<&'c str>],
     batch: usize,
     max_len_hint: usize,
 }
@@ -21,6 +22,16 @@ pub struct DeviceStep<'c> {
 impl KvBackend for DeviceStep<'_> {
     fn signals(&self) -> Signals {
         Signals { decision: self.cache.needs_scores(), key_norms: false }
+    }
+
+    fn decision_spans(&self) -> Vec<DecisionSpan<'_>> {
+        (0..self.batch)
+            .map(|slot| DecisionSpan {
+                tokens: 1,
+                needed: self.cache.program(slot).flags.needs_scores(),
+                adapter: self.adapters[slot],
+            })
+            .collect()
     }
 
     fn attend(&mut self, li: usize, step: LayerStep<'_>) -> Result<Tensor> {
@@ -36,35 +47,43 @@ impl KvBackend for DeviceStep<'_> {
     }
 }
 
-/// One decode step of `tokens.len()` sequences on the GPU cache: each sequence feeds one token
-/// at its position and decides by its slot's program; `max_len_hint` bounds the longest row
-/// after the step (see [`GpuCache::attend`]). Returns logits `[batch, vocab]` (f32).
+/// One decode step of `tokens.len()` sequences on the GPU cache, in slot order: each sequence
+/// feeds one token at its position, decides by its slot's program and reads its adapter
+/// (`adapters`, one per sequence; `None`: the model's own decision weights); `max_len_hint`
+/// bounds the longest row after the step (see [`GpuCache::attend`]). Returns logits
+/// `[batch, vocab]` (f32).
 pub fn decode_step(
     model: &Llama,
     tokens: &[u32],
     positions: &[Pos],
+    adapters: &[Option<&str>],
     cache: &mut GpuCache,
     max_len_hint: usize,
 ) -> Result<Tensor> {
-    let mut step = DeviceStep { cache, batch: tokens.len(), max_len_hint };
+    if adapters.len() != tokens.len() {
+        bail!("{} tokens but {} adapters in a device decode step", tokens.len(), adapters.len());
+    }
+    let mut step = DeviceStep { cache, adapters, batch: tokens.len(), max_len_hint };
     let x = model.forward_hidden(tokens, positions, &mut step)?;
     Ok(model.logits(&x)?.to_dtype(DType::F32)?)
 }
 
 /// A prompt into sequence `seq` of the GPU cache in one pass with DMS's visibility mask
-/// ([`masked_prefill`]), flagged and windowed as the slot's program says; the sequence's rows
-/// must be empty. The cache keeps every unflagged token and the last `W + 1` tokens (rule 4.2);
-/// one check of the cache's error flag at the end (a failed prompt is an error).
+/// ([`masked_prefill`]), flagged, windowed and sunk as the slot's program says, with decisions
+/// from `adapter`; the sequence's rows must be empty. The cache keeps every unflagged token and
+/// the last `W + 1` tokens (rule 4.2); one check of the cache's error flag at the end (a failed
+/// prompt is an error).
 pub fn prefill_into(
     model: &Llama,
     tokens: &[u32],
     seq: usize,
+    adapter: Option<&str>,
     cache: &mut GpuCache,
     all_logits: bool,
 ) -> Result<Tensor> {
     let program = cache.program(seq);
     let dtype = cache.dtype();
-    let logits = masked_prefill(model, tokens, &program.flags, program.window, all_logits, |li, k, v, f| {
+    let logits = masked_prefill(model, tokens, &program, adapter, all_logits, |li, k, v, f| {
         cache.insert_prompt(li, seq, &k.to_dtype(dtype)?.contiguous()?, &v.to_dtype(dtype)?.contiguous()?, f)
     })?;
     cache.check()?;

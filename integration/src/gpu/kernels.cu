@@ -31,9 +31,10 @@ __device__ double hash_unit(unsigned long long seed, unsigned long long layer, u
 }
 
 // What one sequence of the cache executes (its policy's device program): the decision mode (0
-// none, 1 random at `rate` with `seed`, 2 learned: score * scale - offset > 0) and its ring of the
-// last W + 1 tokens (`wc`, at most the cache's ring capacity). Sequences of one batch may differ.
-// The host writes the same 32-byte layout (`gpu::cache::SeqProgram`).
+// none, 1 random at `rate` with `seed`, 2 learned: score * scale - offset > 0), its ring of the
+// last W + 1 tokens (`wc`, at most the cache's ring capacity) and its attention sinks (positions
+// below `sinks` are never flagged). Sequences of one batch may differ. The host writes the same
+// 40-byte layout (`gpu::cache::program_bytes`).
 struct SeqProgram {
     int mode;
     int wc;
@@ -41,6 +42,8 @@ struct SeqProgram {
     double rate;
     float scale;
     float offset;
+    int sinks;
+    int unused;
 };
 
 // One decode token per row: decide by its sequence's program, evict the flagged token leaving
@@ -69,7 +72,7 @@ __device__ void decode_update(int kv_heads, int d_head, int bs, int cap, int max
         }
         unsigned char* flags = ring_flag + (long long)r * cap;
         int* slots = ring_slot + (long long)r * cap;
-        if (pos > 0) flags[(pos - 1) % wc] = d ? 1 : 0;
+        if (pos > 0) flags[(pos - 1) % wc] = d && pos - 1 >= prog.sinks ? 1 : 0;
         bool evict = false;
         int slot = len;
         if (pos >= wc && flags[pos % wc]) {

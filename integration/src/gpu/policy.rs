@@ -1,11 +1,11 @@
 //! What the device (GPU) cache executes for a policy: the policy's own
 //! [`DeviceProgram`](dms_policy::DeviceProgram), so the device path needs no policy names. The
 //! CUDA kernels execute a full cache and DMS's delayed window with flags from the model or at a
-//! set rate; a policy without a device program (`sliding_window`, `shadow`, key-norm DMS, a
+//! set rate, and attention sinks; a policy without a device program (`sliding_window`, `shadow`, key-norm DMS, a
 //! third-party policy) runs on the host store.
 
 use anyhow::Result;
-use dms_policy::{DeviceProgram, FlagSource, PolicyFactory};
+use dms_policy::{DeviceProgram, FlagSource, PolicyFactory, Pos};
 
 /// A policy the device cache can execute.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -14,15 +14,23 @@ pub struct DevicePolicy {
     pub window: usize,
     /// Which tokens are flagged, in the prompt and in every decode step.
     pub flags: FlagSource,
+    /// The first `sinks` positions are never flagged.
+    pub sinks: Pos,
 }
 
 impl DevicePolicy {
     /// The device form of `policy`, or an error saying why it needs the host store.
     pub fn of(policy: &dyn PolicyFactory) -> Result<Self> {
         Ok(match policy.device_program()? {
-            DeviceProgram::KeepAll => DevicePolicy { window: 0, flags: FlagSource::None },
-            DeviceProgram::DelayedWindow { window, flags } => DevicePolicy { window, flags },
+            DeviceProgram::KeepAll => DevicePolicy { window: 0, flags: FlagSource::None, sinks: 0 },
+            DeviceProgram::DelayedWindow { window, flags, sinks } => DevicePolicy { window, flags, sinks },
         })
+    }
+
+    /// Whether token `pos` of row (layer, head) is flagged: never a sink, else
+    /// [`FlagSource::flags_token`] (`next_raw` is token `pos + 1`'s raw decision signal).
+    pub fn flags_token(&self, layer: usize, head: usize, pos: Pos, next_raw: f32) -> bool {
+        pos >= self.sinks && self.flags.flags_token(layer, head, pos, next_raw)
     }
 }
 
@@ -40,11 +48,14 @@ mod tests {
     fn full_and_dms_map_to_the_device_and_the_rest_is_named() {
         assert_eq!(device("name = 'full'").unwrap().flags, FlagSource::None);
         let learned = device("name = 'dms'\nwindow = 16\nalpha_scale = 50.0\nalpha_offset = 2.0").unwrap();
-        assert_eq!(learned, DevicePolicy { window: 16, flags: FlagSource::Learned { scale: 50.0, offset: 2.0 } });
+        let flags = FlagSource::Learned { scale: 50.0, offset: 2.0 };
+        assert_eq!(learned, DevicePolicy { window: 16, flags, sinks: 0 });
+        let sinks = device("name = 'dms'\nwindow = 16\nalpha_scale = 50.0\nalpha_offset = 2.0\nsinks = 4").unwrap();
+        assert_eq!(sinks, DevicePolicy { window: 16, flags, sinks: 4 });
         let random = device("name = 'dms'\nwindow = 8\ndecision = 'random'\nevict_rate = 0.7\nseed = 3").unwrap();
         assert_eq!(random.flags, FlagSource::Random { seed: 3, rate: 0.7 });
         let off = device("name = 'dms'\nwindow = 8\ndisable_eviction = true").unwrap();
-        assert_eq!(off, DevicePolicy { window: 8, flags: FlagSource::None });
+        assert_eq!(off, DevicePolicy { window: 8, flags: FlagSource::None, sinks: 0 });
         let e = device("name = 'sliding_window'\nwindow = 8").unwrap_err();
         assert!(e.to_string().contains("sliding_window"), "{e}");
         let e = device("name = 'shadow'\ninner = { name = 'dms', window = 8, decision = 'random', evict_rate = 0.5 }")
@@ -52,8 +63,6 @@ mod tests {
         assert!(e.to_string().contains("shadow"), "{e}");
         let e = device("name = 'dms'\nwindow = 8\ndecision = 'key_norm'").unwrap_err();
         assert!(e.to_string().contains("key-norm"), "{e:#}");
-        let e = device("name = 'dms'\nwindow = 8\nsinks = 4").unwrap_err();
-        assert!(format!("{e:#}").contains("sinks"), "{e:#}");
         let e = device("name = 'dms'\nwindow = 8\ndecision = 'random'").unwrap_err();
         assert!(format!("{e:#}").contains("evict_rate"), "{e:#}");
     }

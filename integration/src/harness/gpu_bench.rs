@@ -109,11 +109,11 @@ fn batch1_cache(dev: &Device, cfg: &ModelConfig, tokens: usize, window: usize) -
 /// pool's growth happen here, outside the timed runs).
 fn warm_up(dev: &Device, model: &Llama) -> Result<()> {
     let mut cache = batch1_cache(dev, model.config(), 512, 512)?;
-    cache.set_all_programs(DevicePolicy { window: 512, flags: FlagSource::Random { seed: 1, rate: 0.5 } })?;
+    cache.set_all_programs(DevicePolicy { window: 512, flags: FlagSource::Random { seed: 1, rate: 0.5 }, sinks: 0 })?;
     let prompt: Vec<u32> = (0..256u32).map(|i| i % 100 + 5).collect();
-    crate::gpu::prefill_into(model, &prompt, 0, &mut cache, false)?;
+    crate::gpu::prefill_into(model, &prompt, 0, None, &mut cache, false)?;
     for i in 0..2u32 {
-        crate::gpu::decode_step(model, &[7], &[256 + i], &mut cache, 258)?;
+        crate::gpu::decode_step(model, &[7], &[256 + i], &[None], &mut cache, 258)?;
     }
     cache.synchronize()
 }
@@ -140,14 +140,14 @@ pub fn bench_peer(dev: &Device, out: &str, models: &str, contexts: &str, gen: us
             let mut cache = batch1_cache(dev, &cfg, ctx + gen + 4, 512)?;
             sync(dev)?;
             let t1 = Instant::now();
-            let logits = crate::gpu::prefill_into(&ours, &prompt, 0, &mut cache, false)?;
+            let logits = crate::gpu::prefill_into(&ours, &prompt, 0, None, &mut cache, false)?;
             let mut tok = crate::engine::argmax(&logits.squeeze(0)?.to_vec1::<f32>()?);
             let prefill_s = t1.elapsed().as_secs_f64();
             let mut ours_tokens = vec![tok];
             let t2 = Instant::now();
             for i in 0..gen.saturating_sub(1) {
                 let pos = (ctx + i) as u32;
-                let l = crate::gpu::decode_step(&ours, &[tok], &[pos], &mut cache, ctx + i + 1)?;
+                let l = crate::gpu::decode_step(&ours, &[tok], &[pos], &[None], &mut cache, ctx + i + 1)?;
                 tok = crate::engine::argmax(&l.squeeze(0)?.to_vec1::<f32>()?);
                 ours_tokens.push(tok);
             }
@@ -229,10 +229,10 @@ pub fn bench_prefill(
             let (rate, _) = rate_for_cr(arm.cr, ctx, w);
             let mut cache = batch1_cache(dev, &cfg, ctx + steps + 4, w)?;
             let flags = if rate > 0.0 { FlagSource::Random { seed: 7, rate } } else { FlagSource::None };
-            cache.set_all_programs(DevicePolicy { window: w, flags })?;
+            cache.set_all_programs(DevicePolicy { window: w, flags, sinks: 0 })?;
             sync()?;
             let t0 = Instant::now();
-            let logits = crate::gpu::prefill_into(&model, &prompt, 0, &mut cache, false)?;
+            let logits = crate::gpu::prefill_into(&model, &prompt, 0, None, &mut cache, false)?;
             sync()?;
             let prefill_s = t0.elapsed().as_secs_f64();
             let mut tok = crate::engine::argmax(&logits.squeeze(0)?.to_vec1::<f32>()?);
@@ -243,7 +243,7 @@ pub fn bench_prefill(
             sync()?;
             let t1 = Instant::now();
             for i in 0..steps {
-                let l = crate::gpu::decode_step(&model, &[tok], &[(ctx + i) as u32], &mut cache, ctx + i + 1)?;
+                let l = crate::gpu::decode_step(&model, &[tok], &[(ctx + i) as u32], &[None], &mut cache, ctx + i + 1)?;
                 tok = crate::engine::argmax(&l.squeeze(0)?.to_vec1::<f32>()?);
             }
             sync()?;
@@ -355,7 +355,7 @@ fn synthetic_cache(
     };
     let mut cache = GpuCache::with_rows(dev, DType::BF16, shape, init)?;
     let flags = if rate > 0.0 { FlagSource::Random { seed: 7, rate } } else { FlagSource::None };
-    cache.set_all_programs(DevicePolicy { window: w, flags })?;
+    cache.set_all_programs(DevicePolicy { window: w, flags, sinks: 0 })?;
     Ok((cache, kept))
 }
 
@@ -385,7 +385,7 @@ fn bench_one(
         let t = Instant::now();
         for _ in 0..n {
             let positions = vec![*pos; batch];
-            crate::gpu::decode_step(model, &tokens, &positions, &mut cache, kept)?;
+            crate::gpu::decode_step(model, &tokens, &positions, &vec![None; batch], &mut cache, kept)?;
             *pos += 1;
         }
         cd.cuda_stream().synchronize().map_err(|e| anyhow::anyhow!("{e:?}"))?;

@@ -48,7 +48,8 @@ struct KernelCheck {
     latent: Option<usize>,
 }
 
-/// Device cache + kernels against the CPU store, policy and attention, random decisions. Each
+/// Device cache + kernels against the CPU store, policy and attention, random decisions and 3
+/// attention sinks (the device program comes from the host policy's own description). Each
 /// sequence `b` first gets a prompt of `prompts[b]` tokens through the prefill kernels (checked
 /// against [`kept_after_prompt`] and the stored K/V), then the decode steps; rows longer than
 /// 128 keys (64 for latent rows) run the attention in several splits.
@@ -61,7 +62,7 @@ fn check_kernels(dev: &Device, dtype: DType, c: &KernelCheck, tuning: AttnTuning
         None => (d, d),
     };
     let batch = prompts.len();
-    let (seed, rate) = (3u64, 0.5f64);
+    let (seed, rate, sinks) = (3u64, 0.5f64, 3);
     let longest = prompts.iter().max().copied().unwrap_or(0) + steps;
     let shape = GpuCacheShape {
         layers,
@@ -76,10 +77,11 @@ fn check_kernels(dev: &Device, dtype: DType, c: &KernelCheck, tuning: AttnTuning
     };
     let mut gpu = GpuCache::new(dev, dtype, shape)?;
     gpu.set_tuning(tuning);
-    gpu.set_all_programs(DevicePolicy { window: w, flags: FlagSource::Random { seed, rate } })?;
     let factory = Registry::with_builtins().build(&toml::from_str(&format!(
-        "name='dms'\nwindow={w}\ndecision='random'\nevict_rate={rate}\nseed={seed}"
+        "name='dms'\nwindow={w}\ndecision='random'\nevict_rate={rate}\nseed={seed}\nsinks={sinks}"
     ))?)?;
+    let program = DevicePolicy::of(factory.as_ref())?;
+    gpu.set_all_programs(program)?;
     let mut store = KvStore::with_value_dim(d, v_dim, bs, layers * batch * kv * (longest.div_ceil(bs) + 1));
     let mut seqs: Vec<SequenceCache> = (0..batch)
         .map(|_| SequenceCache::new(factory.as_ref(), CacheShape { n_layers: layers, rows_per_layer: kv }, &mut store))
@@ -97,7 +99,7 @@ fn check_kernels(dev: &Device, dtype: DType, c: &KernelCheck, tuning: AttnTuning
             } else {
                 Tensor::from_vec(vn.clone(), (t, kv, d), dev)?.to_dtype(dtype)?
             };
-            let flags = prompt_flags(&FlagSource::Random { seed, rate }, layer, t, kv, None, dev)?;
+            let flags = prompt_flags(&program, layer, t, kv, None, dev)?;
             gpu.insert_prompt(layer, b, &kt, &vt, &flags)?;
             seqs[b].append(layer, &mut store, &kn, &vn, None)?;
             seqs[b].compact(layer, &mut store)?;
@@ -242,14 +244,16 @@ fn check_mla(dev: &Device, root: &str) -> Result<(f32, f32, usize)> {
             latent_rank: Some(mla.kv_lora_rank),
         };
         let mut cache = GpuCache::new(dev, DType::F32, shape)?;
-        cache.set_all_programs(DevicePolicy { window, flags })?;
+        cache.set_all_programs(DevicePolicy { window, flags, sinks: 0 })?;
         Ok(cache)
     };
     let decode = |cache: &mut GpuCache, tok: u32, pos: usize| -> Result<Vec<f32>> {
-        Ok(crate::gpu::decode_step(&model, &[tok], &[pos as u32], cache, pos + 1)?.squeeze(0)?.to_vec1::<f32>()?)
+        Ok(crate::gpu::decode_step(&model, &[tok], &[pos as u32], &[None], cache, pos + 1)?
+            .squeeze(0)?
+            .to_vec1::<f32>()?)
     };
     let mut cache = cache_for(0, FlagSource::None)?;
-    let all = crate::gpu::prefill_into(&model, &prompt, 0, &mut cache, true)?.to_vec2::<f32>()?;
+    let all = crate::gpu::prefill_into(&model, &prompt, 0, None, &mut cache, true)?.to_vec2::<f32>()?;
     let mut full_err = all.iter().zip(&want_prompt).map(|(a, b)| max_abs(a, b)).fold(0.0, f32::max);
     let mut logits = all.last().cloned().unwrap_or_default();
     for (i, &want) in greedy.iter().enumerate() {
@@ -270,7 +274,7 @@ fn check_mla(dev: &Device, root: &str) -> Result<(f32, f32, usize)> {
         crate::engine::Engine::new(load_model(&dir, &Device::Cpu, WeightForm::Dense)?.model, policy, 4, 1 << 12)?;
     let mut seq = host.new_sequence();
     let mut cache = cache_for(8, FlagSource::Random { seed: 3, rate: 0.7 })?;
-    let got = crate::gpu::prefill_into(&model, &prompt, 0, &mut cache, true)?.to_vec2::<f32>()?;
+    let got = crate::gpu::prefill_into(&model, &prompt, 0, None, &mut cache, true)?.to_vec2::<f32>()?;
     let want = host.step(&mut seq, &prompt, true)?.to_vec2::<f32>()?;
     let mut dms_err = got.iter().zip(&want).map(|(a, b)| max_abs(a, b)).fold(0.0, f32::max);
     let same_kept = |cache: &GpuCache, host_kept: Vec<Vec<Vec<u32>>>, when: &str| -> Result<()> {
@@ -331,7 +335,7 @@ fn check_fixture(dev: &Device, root: &str, variant: &str, prefill: bool, tuning:
         scale: cfg.dms.dms_alpha_scale.unwrap_or(100.0),
         offset: cfg.dms.dms_initial_alpha_offset.unwrap_or(5.0),
     };
-    cache.set_all_programs(DevicePolicy { window: w, flags })?;
+    cache.set_all_programs(DevicePolicy { window: w, flags, sinks: 0 })?;
     let mut tokens = prompt.clone();
     tokens.extend_from_slice(&generated[..24]);
     let mut worst = 0f32;
@@ -342,7 +346,7 @@ fn check_fixture(dev: &Device, root: &str, variant: &str, prefill: bool, tuning:
         }
     };
     let first = if prefill {
-        let all = crate::gpu::prefill_into(&model, &prompt, 0, &mut cache, true)?;
+        let all = crate::gpu::prefill_into(&model, &prompt, 0, None, &mut cache, true)?;
         for (t, row) in all.to_vec2::<f32>()?.iter().enumerate() {
             compare(row, &prefill_logits[t]);
         }
@@ -355,7 +359,7 @@ fn check_fixture(dev: &Device, root: &str, variant: &str, prefill: bool, tuning:
             continue;
         }
         if !(prefill && t == first) {
-            let logits = crate::gpu::decode_step(&model, &[tok], &[t as u32], &mut cache, t + 1)?
+            let logits = crate::gpu::decode_step(&model, &[tok], &[t as u32], &[None], &mut cache, t + 1)?
                 .squeeze(0)?
                 .to_vec1::<f32>()?;
             compare(&logits, if t < 48 { &prefill_logits[t] } else { &decode[t - 48] });

@@ -52,11 +52,8 @@ pub trait KvBackend {
     /// The signals this step's policies need.
     fn signals(&self) -> Signals;
     /// Per sequence of the step, in batch order, whose decision scores its tokens need (a model
-    /// may hold several adapters); `None` for a backend that gives every token the model's
-    /// single set of decision weights.
-    fn decision_spans(&self) -> Option<Vec<DecisionSpan<'_>>> {
-        None
-    }
+    /// may hold several adapters, and each sequence reads its policy's).
+    fn decision_spans(&self) -> Vec<DecisionSpan<'_>>;
     /// Stores layer `layer`'s K/V and signals of this step for every sequence, executes what the
     /// policies plan, and returns the attention output `[n, heads * width]`.
     fn attend(&mut self, layer: usize, step: LayerStep<'_>) -> Result<Tensor>;

@@ -66,13 +66,13 @@ impl KvBackend for HostStep<'_, '_> {
         }
     }
 
-    fn decision_spans(&self) -> Option<Vec<DecisionSpan<'_>>> {
+    fn decision_spans(&self) -> Vec<DecisionSpan<'_>> {
         let spans = self.seqs.iter().map(|s| DecisionSpan {
             tokens: s.tokens.len(),
             needed: s.cache.signal_need() == SignalNeed::DecisionScores,
             adapter: s.cache.adapter(),
         });
-        Some(spans.collect())
+        spans.collect()
     }
 
     fn attend(&mut self, li: usize, step: LayerStep<'_>) -> Result<Tensor> {

@@ -135,8 +135,6 @@ pub struct Llama {
     inv_freq: Vec<f32>,
     decision: DecisionSource,
     adapters: Vec<DecisionAdapter>,
-    /// The adapter a backend that gives no per-sequence spans reads (the last attached one).
-    default_adapter: usize,
     neuron_mask: Option<Tensor>,
     random_weights: bool,
 }
@@ -250,7 +248,6 @@ impl Llama {
             inv_freq,
             decision,
             adapters,
-            default_adapter: 0,
             neuron_mask,
             random_weights: false,
         })
@@ -274,15 +271,9 @@ impl Llama {
             layers.push((norm.to_dtype(self.dtype)?, Linear::new(proj.to_dtype(self.dtype)?, None)));
         }
         let adapter = DecisionAdapter { key: Some(key.to_string()), layers, per_layer, lora: None };
-        self.default_adapter = match self.adapters.iter().position(|a| a.key.as_deref() == Some(key)) {
-            Some(i) => {
-                self.adapters[i] = adapter;
-                i
-            }
-            None => {
-                self.adapters.push(adapter);
-                self.adapters.len() - 1
-            }
+        match self.adapters.iter().position(|a| a.key.as_deref() == Some(key)) {
+            Some(i) => self.adapters[i] = adapter,
+            None => self.adapters.push(adapter),
         };
         self.decision = DecisionSource::Adapter;
         self.neuron_mask = None;
@@ -301,18 +292,6 @@ impl Llama {
         let i = self.adapter_index(Some(key))?;
         self.adapters[i].lora = Some(lora);
         Ok(())
-    }
-
-    /// Makes the adapter a policy naming `key` reads the one that backends without per-sequence
-    /// spans (the device cache) give every token.
-    pub fn set_default_adapter(&mut self, key: Option<&str>) -> Result<()> {
-        self.default_adapter = self.adapter_index(key)?;
-        Ok(())
-    }
-
-    /// Whether the adapter a policy naming `key` reads carries a LoRA.
-    pub fn adapter_has_lora(&self, key: Option<&str>) -> Result<bool> {
-        Ok(self.adapters[self.adapter_index(key)?].lora.is_some())
     }
 
     /// The names of the attached adapters (the checkpoint's own is not listed).
@@ -391,7 +370,6 @@ impl Llama {
             inv_freq,
             decision: DecisionSource::None,
             adapters: Vec::new(),
-            default_adapter: 0,
             neuron_mask: None,
             random_weights: true,
         })
@@ -454,7 +432,6 @@ impl Llama {
             inv_freq: self.inv_freq.clone(),
             decision: self.decision.clone(),
             adapters,
-            default_adapter: self.default_adapter,
             neuron_mask: self.neuron_mask.clone(),
             random_weights: self.random_weights,
         })
@@ -532,10 +509,10 @@ impl Llama {
         let (runs, lora_runs) = {
             let spans = backend.decision_spans();
             let runs = match (&self.decision, need.decision) {
-                (DecisionSource::Adapter, true) => self.adapter_runs(spans.as_deref(), tokens.len())?,
+                (DecisionSource::Adapter, true) => self.adapter_runs(&spans, tokens.len())?,
                 _ => Vec::new(),
             };
-            (runs, self.lora_runs(spans.as_deref(), tokens.len(), need)?)
+            (runs, self.lora_runs(&spans, tokens.len())?)
         };
         let (cos, sin) = self.rope_tables(positions)?;
         let mut x = self.embed_tokens(tokens)?;
@@ -561,12 +538,9 @@ impl Llama {
         }
     }
 
-    /// Which adapter computes which tokens' decisions: from the backend's spans (a span that
-    /// needs no decisions joins its neighbour's run), or the default adapter for every token.
-    fn adapter_runs(&self, spans: Option<&[DecisionSpan<'_>]>, n: usize) -> Result<Vec<AdapterRun>> {
-        let Some(spans) = spans else {
-            return Ok(vec![(0, n, self.default_adapter)]);
-        };
+    /// Which adapter computes which tokens' decisions, from the backend's spans (a span that
+    /// needs no decisions joins its neighbour's run).
+    fn adapter_runs(&self, spans: &[DecisionSpan<'_>], n: usize) -> Result<Vec<AdapterRun>> {
         let total: usize = spans.iter().map(|s| s.tokens).sum();
         if total != n {
             bail!("the cache's sequences hold {total} new tokens but the step feeds {n}");
@@ -589,17 +563,12 @@ impl Llama {
     }
 
     /// Which tokens which adapter's LoRA adapts: a sequence whose policy reads an adapter with a
-    /// LoRA gets it; every other sequence runs the model as loaded. Without per-sequence spans,
-    /// the default adapter's LoRA adapts every token when the policy reads decisions. Empty when
-    /// no token is adapted.
-    fn lora_runs(&self, spans: Option<&[DecisionSpan<'_>]>, n: usize, need: Signals) -> Result<Vec<LoraRun>> {
+    /// LoRA gets it; every other sequence runs the model as loaded. Empty when no token is
+    /// adapted.
+    fn lora_runs(&self, spans: &[DecisionSpan<'_>], n: usize) -> Result<Vec<LoraRun>> {
         if !self.adapters.iter().any(|a| a.lora.is_some()) {
             return Ok(Vec::new());
         }
-        let Some(spans) = spans else {
-            let default = need.decision && self.adapters[self.default_adapter].lora.is_some();
-            return Ok(if default { vec![(0, n, Some(self.default_adapter))] } else { Vec::new() });
-        };
         let mut runs: Vec<LoraRun> = Vec::new();
         let mut start = 0;
         for s in spans {

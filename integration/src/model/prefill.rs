@@ -2,22 +2,42 @@
 //! device: the prompt path of the GPU runtime, written so that the same code runs (and is
 //! checked against the reference fixtures) on the CPU.
 //!
-//! Per KV head, prompt token `t` is flagged by token `t + 1`'s decision (rule 2); a flagged key
-//! `k` is hidden from queries `q > k + W`. After the prompt, a row keeps every unflagged token
-//! plus the last `W + 1` tokens, which enter the delayed-eviction ring with their flags (rule 4.2).
+//! Per KV head, prompt token `t` is flagged by token `t + 1`'s decision (rule 2), unless it is one
+//! of the program's sinks; a flagged key `k` is hidden from queries `q > k + W`. After the prompt,
+//! a row keeps every unflagged token plus the last `W + 1` tokens, which enter the
+//! delayed-eviction ring with their flags (rule 4.2).
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use dms_policy::FlagSource;
 
-use crate::kv::backend::{KvBackend, LayerStep, Signals};
+use crate::gpu::policy::DevicePolicy;
+use crate::kv::backend::{DecisionSpan, KvBackend, LayerStep, Signals};
 use crate::model::Llama;
 
 /// Flags `[T, kv_heads]` (f32, 1 = flagged) of a prompt at positions `0..T` for one layer: the
-/// rule of [`FlagSource::flags_token`] in tensor ops. `scores` (`[T, kv_heads]`, the raw decision
-/// signal of each token) is required for [`FlagSource::Learned`]. The last token's flag is 0: its
-/// fate is decided by the next token.
+/// rule of [`DevicePolicy::flags_token`] in tensor ops. `scores` (`[T, kv_heads]`, the raw
+/// decision signal of each token) is required for [`FlagSource::Learned`]. The last token's flag
+/// is 0: its fate is decided by the next token.
 pub fn prompt_flags(
+    program: &DevicePolicy,
+    layer: usize,
+    t: usize,
+    kv_heads: usize,
+    scores: Option<&Tensor>,
+    device: &Device,
+) -> Result<Tensor> {
+    let flags = source_flags(&program.flags, layer, t, kv_heads, scores, device)?;
+    let sinks = (program.sinks as usize).min(t);
+    if sinks == 0 {
+        return Ok(flags);
+    }
+    let open = Tensor::zeros((sinks, kv_heads), DType::F32, device)?;
+    Ok(Tensor::cat(&[&open, &flags.narrow(0, sinks, t - sinks)?], 0)?)
+}
+
+/// [`prompt_flags`] before the sinks: the rule of [`FlagSource::flags_token`] alone.
+fn source_flags(
     source: &FlagSource,
     layer: usize,
     t: usize,
@@ -111,9 +131,10 @@ pub fn masked_prompt_attention(
 /// visibility mask, and `store(layer, k, v, flags)` receives its keys `[T, rows, d]` (after
 /// RoPE), values (`[T, rows, 0]` for latent rows) and flags `[T, rows]` (f32, 1 = flagged) for
 /// the cache to keep what rule 4.2 says.
-pub struct MaskedPrompt<'f, F> {
-    flags: &'f FlagSource,
-    window: usize,
+pub struct MaskedPrompt<'p, F> {
+    program: &'p DevicePolicy,
+    adapter: Option<&'p str>,
+    tokens: usize,
     latent_rank: Option<usize>,
     device: Device,
     store: F,
@@ -121,17 +142,21 @@ pub struct MaskedPrompt<'f, F> {
 
 impl<F: FnMut(usize, &Tensor, &Tensor, &Tensor) -> Result<()>> KvBackend for MaskedPrompt<'_, F> {
     fn signals(&self) -> Signals {
-        Signals { decision: self.flags.needs_scores(), key_norms: false }
+        Signals { decision: self.program.flags.needs_scores(), key_norms: false }
+    }
+
+    fn decision_spans(&self) -> Vec<DecisionSpan<'_>> {
+        vec![DecisionSpan { tokens: self.tokens, needed: self.program.flags.needs_scores(), adapter: self.adapter }]
     }
 
     fn attend(&mut self, li: usize, step: LayerStep<'_>) -> Result<Tensor> {
         let (t, rows, _) = step.k.dims3()?;
-        let f = prompt_flags(self.flags, li, t, rows, step.decision, &self.device)?;
+        let f = prompt_flags(self.program, li, t, rows, step.decision, &self.device)?;
         let values = match self.latent_rank {
             Some(r) => step.k.narrow(2, 0, r)?,
             None => step.v.clone(),
         };
-        let attn = masked_prompt_attention(step.q, step.k, &values, &f, self.window, step.scale)?;
+        let attn = masked_prompt_attention(step.q, step.k, &values, &f, self.program.window, step.scale)?;
         (self.store)(li, step.k, step.v, &f)?;
         let (n, heads, width) = attn.dims3()?;
         Ok(attn.reshape((n, heads * width))?)
@@ -143,13 +168,15 @@ impl<F: FnMut(usize, &Tensor, &Tensor, &Tensor) -> Result<()>> KvBackend for Mas
 }
 
 /// One prompt of one sequence (positions `0..T`) in a single pass with DMS's visibility mask
-/// (spec rule 4.1), on the model's device, handing each layer to `store` ([`MaskedPrompt`]).
-/// Returns f32 logits `[T, vocab]` when `all_logits`, else `[1, vocab]` for the last token.
+/// (spec rule 4.1) under `program`, its learned decisions (and LoRA, if it has one) from
+/// `adapter` (`None`: the model's own decision weights), on the model's device, handing each
+/// layer to `store` ([`MaskedPrompt`]). Returns f32 logits `[T, vocab]` when `all_logits`, else
+/// `[1, vocab]` for the last token.
 pub fn masked_prefill(
     model: &Llama,
     tokens: &[u32],
-    flags: &FlagSource,
-    window: usize,
+    program: &DevicePolicy,
+    adapter: Option<&str>,
     all_logits: bool,
     store: impl FnMut(usize, &Tensor, &Tensor, &Tensor) -> Result<()>,
 ) -> Result<Tensor> {
@@ -158,8 +185,14 @@ pub fn masked_prefill(
     }
     let t = tokens.len();
     let positions: Vec<dms_policy::Pos> = (0..t as dms_policy::Pos).collect();
-    let mut backend =
-        MaskedPrompt { flags, window, latent_rank: model.latent_rank(), device: model.device().clone(), store };
+    let mut backend = MaskedPrompt {
+        program,
+        adapter,
+        tokens: t,
+        latent_rank: model.latent_rank(),
+        device: model.device().clone(),
+        store,
+    };
     let x = model.forward_hidden(tokens, &positions, &mut backend)?;
     let xs = if all_logits { x } else { x.narrow(0, t - 1, 1)? };
     Ok(model.logits(&xs)?.to_dtype(DType::F32)?)
@@ -169,18 +202,28 @@ pub fn masked_prefill(
 mod tests {
     use super::*;
 
+    fn program(flags: FlagSource, sinks: dms_policy::Pos) -> DevicePolicy {
+        DevicePolicy { window: 3, flags, sinks }
+    }
+
+    /// The plain rule, sinks included (a sink count past the prompt's end flags nothing).
     #[test]
-    fn tensor_flags_are_the_plain_rule_of_flag_source() {
+    fn tensor_flags_are_the_plain_rule_of_the_program() {
         let dev = Device::Cpu;
         let (t, kv) = (17, 3);
         let raw: Vec<f32> = (0..t * kv).map(|i| ((i * 37 % 11) as f32) / 100.0).collect();
         let scores = Tensor::from_vec(raw.clone(), (t, kv), &dev).unwrap();
         for source in [FlagSource::Learned { scale: 100.0, offset: 5.0 }, FlagSource::Random { seed: 4, rate: 0.4 }] {
-            let got = prompt_flags(&source, 2, t, kv, Some(&scores), &dev).unwrap().to_vec2::<f32>().unwrap();
-            for p in 0..t {
-                for h in 0..kv {
-                    let want = p + 1 < t && source.flags_token(2, h, p as dms_policy::Pos, raw[(p + 1) * kv + h]);
-                    assert_eq!(got[p][h] == 1.0, want, "{source:?} token {p} head {h}");
+            for sinks in [0, 4, 30] {
+                let prog = program(source, sinks);
+                let got = prompt_flags(&prog, 2, t, kv, Some(&scores), &dev).unwrap().to_vec2::<f32>().unwrap();
+                for p in 0..t {
+                    for h in 0..kv {
+                        let want = p + 1 < t
+                            && p >= sinks as usize
+                            && source.flags_token(2, h, p as dms_policy::Pos, raw[(p + 1) * kv + h]);
+                        assert_eq!(got[p][h] == 1.0, want, "{source:?} sinks {sinks} token {p} head {h}");
+                    }
                 }
             }
         }
@@ -193,7 +236,8 @@ mod tests {
         let q = Tensor::randn(0f32, 1.0, (t, nh, d), &dev).unwrap();
         let k = Tensor::randn(0f32, 1.0, (t, nkv, d), &dev).unwrap();
         let v = Tensor::randn(0f32, 1.0, (t, nkv, d), &dev).unwrap();
-        let flags = prompt_flags(&FlagSource::Random { seed: 1, rate: 0.6 }, 0, t, nkv, None, &dev).unwrap();
+        let flags =
+            prompt_flags(&program(FlagSource::Random { seed: 1, rate: 0.6 }, 0), 0, t, nkv, None, &dev).unwrap();
         let got = masked_prompt_attention(&q, &k, &v, &flags, w, 0.3).unwrap().to_vec3::<f32>().unwrap();
         let (qv, kv, vv) = (q.to_vec3::<f32>().unwrap(), k.to_vec3::<f32>().unwrap(), v.to_vec3::<f32>().unwrap());
         let fv = flags.to_vec2::<f32>().unwrap();
@@ -217,8 +261,9 @@ mod tests {
     fn learned_flags_shift_by_one_and_leave_the_last_token_open() {
         let dev = Device::Cpu;
         let s = Tensor::new(&[[0.06f32, 0.0], [0.04, 0.07], [0.09, 0.01]], &dev).unwrap();
-        let f = prompt_flags(&FlagSource::Learned { scale: 100.0, offset: 5.0 }, 0, 3, 2, Some(&s), &dev).unwrap();
+        let learned = program(FlagSource::Learned { scale: 100.0, offset: 5.0 }, 0);
+        let f = prompt_flags(&learned, 0, 3, 2, Some(&s), &dev).unwrap();
         assert_eq!(f.to_vec2::<f32>().unwrap(), vec![vec![0.0, 1.0], vec![1.0, 0.0], vec![0.0, 0.0]]);
-        assert!(prompt_flags(&FlagSource::Learned { scale: 1.0, offset: 0.0 }, 0, 3, 2, None, &dev).is_err());
+        assert!(prompt_flags(&learned, 0, 3, 2, None, &dev).is_err());
     }
 }

@@ -78,9 +78,14 @@ static const double RATE = 0.5;
 // A sequence's program: random decisions at `rate` with window `w` (mode 1), or none (mode 0).
 static SeqProgram random_program(int w, double rate) { return SeqProgram{1, w + 1, SEED, rate, 0.0f, 0.0f}; }
 static SeqProgram full_program() { return SeqProgram{0, 1, 0, 0.0, 0.0f, 0.0f}; }
+// `prog` with its first `sinks` positions never flagged.
+static SeqProgram with_sinks(SeqProgram prog, int sinks) {
+    prog.sinks = sinks;
+    return prog;
+}
 // Whether `prog` flags token `p` of (layer, head): the kernel's rule for modes 0 and 1.
 static bool program_flags(const SeqProgram& prog, int layer, int h, int p) {
-    return prog.mode == 1 && hash_unit(prog.seed, layer, h, p) < prog.rate;
+    return prog.mode == 1 && p >= prog.sinks && hash_unit(prog.seed, layer, h, p) < prog.rate;
 }
 
 template <class T>
@@ -446,8 +451,9 @@ static void slots_scenario(const char* name, float tol) {
     std::vector<int> seen(B, 0);
     std::mt19937 rng(11);
     auto row_of = [&](int layer, int slot, int h) { return (layer * B + slot) * KV + h; };
-    // Three programs in one batch: window 3 at rate 0.5, window 1 at rate 0.8, and a full cache.
-    const SeqProgram progs[3] = {random_program(W, RATE), random_program(1, 0.8), full_program()};
+    // Three programs in one batch: window 3 at rate 0.5, window 1 at rate 0.8 with 14 sinks (its
+    // prompts are all sinks, its first decode steps cross into flagged positions), and a full cache.
+    const SeqProgram progs[3] = {random_program(W, RATE), with_sinks(random_program(1, 0.8), 14), full_program()};
     auto admit = [&](int slot, int n, int program) {
         c.prog[slot] = progs[program];
         const SeqProgram& p = c.prog[slot];

@@ -66,17 +66,9 @@ mod device {
             stats.absorb(&s);
         }
         if !on_device.is_empty() {
-            let store = &engine.store;
-            let budget = store.capacity_blocks() as u64 * store.block_size() as u64 * store.slot_bytes();
-            let device_slot = engine.model.config().row_bytes(engine.model.dtype().size_in_bytes());
             let longest = on_device.iter().map(|r| r.prompt.len() + r.max_new(params)).max().unwrap_or(1);
-            let shape = DeviceBatchShape {
-                block_size: store.block_size(),
-                capacity_blocks: (budget / (store.block_size() as u64 * device_slot)) as usize,
-                max_batch: max_batch.min(on_device.len()).max(1),
-                max_tokens_per_sequence: longest,
-                max_window,
-            };
+            let batch = max_batch.min(on_device.len()).max(1);
+            let shape = DeviceBatchShape::with_host_budget(engine, batch, longest, max_window);
             let mut device = DeviceEngine::new(&engine.model, shape)?;
             let already = done.len();
             let (d, s) =

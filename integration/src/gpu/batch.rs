@@ -18,6 +18,7 @@ use super::{GpuCache, GpuCacheShape};
 use crate::engine::batch_engine::{BatchEngine, Parked, PoolUsage, SeqReport};
 use crate::engine::block_manager::BlockManager;
 use crate::engine::scheduler::Request;
+use crate::engine::Engine;
 use crate::gpu::policy::DevicePolicy;
 use crate::gpu::slot_map::SlotMap;
 use crate::kv::store::MemoryUsage;
@@ -36,6 +37,28 @@ pub struct DeviceBatchShape {
     pub max_tokens_per_sequence: usize,
     /// Longest DMS window a request's program may have (the cache's rings hold W + 1 tokens).
     pub max_window: usize,
+}
+
+impl DeviceBatchShape {
+    /// A device batch with the memory budget of `engine`'s host pool, in the model's dtype (a
+    /// bf16 model's device pool holds twice the f32 host pool's blocks).
+    pub fn with_host_budget(
+        engine: &Engine,
+        max_batch: usize,
+        max_tokens_per_sequence: usize,
+        max_window: usize,
+    ) -> Self {
+        let store = &engine.store;
+        let budget = store.capacity_blocks() as u64 * store.block_size() as u64 * store.slot_bytes();
+        let device_slot = engine.model.config().row_bytes(engine.model.dtype().size_in_bytes());
+        Self {
+            block_size: store.block_size(),
+            capacity_blocks: (budget / (store.block_size() as u64 * device_slot)) as usize,
+            max_batch,
+            max_tokens_per_sequence,
+            max_window,
+        }
+    }
 }
 
 /// A running sequence in the device cache: a key the engine maps to its slot (slots move when

@@ -1,6 +1,7 @@
 //! `dms serve`: an OpenAI-compatible HTTP server over the engine's scheduler.
 //!
-//! The engine and its scheduler run on their own thread ([`worker`]); an axum front end on tokio
+//! The engine and its scheduler run on their own thread ([`worker`]), with the KV cache on the
+//! device or in the host store ([`placement`]); an axum front end on tokio
 //! ([`routes`]) checks each request, hands it over a channel and streams its text back. A request
 //! chooses its cache policy with `"cache_policy": NAME` among those `[server]` names
 //! ([`settings`]); every answer reports what its cache kept, and `/metrics` ([`metrics`]) what
@@ -9,6 +10,7 @@
 pub mod error;
 pub mod metrics;
 pub mod openai;
+pub mod placement;
 pub mod routes;
 pub mod settings;
 pub mod text;
@@ -18,10 +20,12 @@ use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 
 use crate::config::EngineConfig;
 use crate::engine::from_config::{build_engine, registry, resolve_policy_table, BuiltEngine};
+use crate::engine::Engine;
+use placement::Placement;
 use routes::App;
 use worker::{Command, ServedPolicy, WorkerSetup};
 
@@ -61,13 +65,10 @@ pub fn serve(cfg: &EngineConfig) -> Result<()> {
     let metrics = Arc::new(metrics::Metrics::new(&names).context("registering metrics")?);
     let mc = engine.model.config();
     let rows = (mc.num_layers * mc.num_kv_heads).max(1);
-    // One block per row short of the whole pool: a preempted sequence of this length can always be
-    // swapped back in (resuming needs its blocks plus one per row).
-    let max_sequence_tokens = (engine.store.capacity_blocks() / rows).saturating_sub(1) * engine.store.block_size();
-    if max_sequence_tokens == 0 {
-        bail!("the KV pool holds {} blocks, too few for one sequence of {rows} rows: raise [cache] memory_mb or max_tokens", engine.store.capacity_blocks());
-    }
     let vocab_size = mc.vocab_size;
+    let placement = Placement::choose(&engine, &policies, s.max_batch)?;
+    let (max_sequence_tokens, pool_bytes, kv_place) =
+        (placement.max_sequence_tokens, placement.pool_bytes, placement.describe());
     let (commands, inbox) = std::sync::mpsc::channel();
     let app = Arc::new(App {
         model_id: s.model_name.clone().unwrap_or_else(|| cfg.model.source.clone()),
@@ -93,11 +94,19 @@ pub fn serve(cfg: &EngineConfig) -> Result<()> {
         timeout: Duration::from_secs(s.request_timeout_secs),
         grace: Duration::from_secs(s.shutdown_grace_secs),
         prefill_chunk: cfg.cache.prefill_chunk,
+        rows,
+        pool_bytes,
     };
+    let (ready, started) = std::sync::mpsc::channel();
     let worker = std::thread::Builder::new()
         .name("dms-engine".into())
-        .spawn(move || worker::run(engine, setup, inbox))
+        .spawn(move || run_engine(engine, placement, setup, inbox, ready))
         .context("starting the engine thread")?;
+    if let Err(e) = started.recv().unwrap_or_else(|_| Err(anyhow::anyhow!("the engine thread stopped while starting")))
+    {
+        let _ = worker.join();
+        return Err(e);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting tokio")?;
     let served = runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind((s.host.as_str(), s.port))
@@ -105,7 +114,8 @@ pub fn serve(cfg: &EngineConfig) -> Result<()> {
             .with_context(|| format!("cannot listen on {}:{}", s.host, s.port))?;
         let addr = listener.local_addr()?;
         println!(
-            "dms serve: model `{}` on http://{addr} | policies: {} (default {}) | pool {} tokens per sequence at most{}",
+            "dms serve: model `{}` on http://{addr} | policies: {} (default {}) | KV cache in the {kv_place} pool, {} \
+             tokens per sequence at most{}",
             app.model_id,
             app.policies.iter().map(|p| p.0.as_str()).collect::<Vec<_>>().join(", "),
             app.policies[0].0,
@@ -127,6 +137,34 @@ pub fn serve(cfg: &EngineConfig) -> Result<()> {
     drop(app);
     worker.join().map_err(|_| anyhow::anyhow!("the engine thread panicked"))?;
     served
+}
+
+/// The engine thread: builds the engine `placement` names (says so on `ready`, or why it could
+/// not), then runs the worker on it.
+fn run_engine(
+    mut engine: Engine,
+    placement: Placement,
+    setup: WorkerSetup,
+    inbox: std::sync::mpsc::Receiver<Command>,
+    ready: std::sync::mpsc::Sender<Result<()>>,
+) {
+    #[cfg(feature = "cuda")]
+    if let Some(shape) = placement.device {
+        match crate::gpu::batch::DeviceEngine::new(&engine.model, shape) {
+            Ok(mut device) => {
+                let _ = ready.send(Ok(()));
+                worker::run(&mut device, setup, inbox);
+            }
+            Err(e) => {
+                let _ = ready.send(Err(e.context("allocating the device KV cache")));
+            }
+        }
+        return;
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = placement;
+    let _ = ready.send(Ok(()));
+    worker::run(&mut engine, setup, inbox);
 }
 
 async fn shutdown_signal() {

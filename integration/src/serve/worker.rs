@@ -1,7 +1,7 @@
-//! The engine thread: owns the engine and its scheduler, takes jobs from the HTTP side over a
-//! channel, runs one scheduler step at a time, and streams each request's text back over its own
-//! channel. A request whose channel closes (the client went away) is cancelled at once and its
-//! blocks return to the pool.
+//! The engine thread: drives an engine (the host store, or the device cache on a GPU) and its
+//! scheduler, takes jobs from the HTTP side over a channel, runs one scheduler step at a time, and
+//! streams each request's text back over its own channel. A request whose channel closes (the
+//! client went away) is cancelled at once and its blocks return to the pool.
 
 use std::collections::HashMap;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
@@ -17,8 +17,9 @@ use super::error::ApiError;
 use super::metrics::Metrics;
 use super::openai::KvReport;
 use super::text::TextStream;
+use crate::engine::batch_engine::BatchEngine;
 use crate::engine::scheduler::{FinishReason, Finished, Request, Scheduler};
-use crate::engine::{Engine, GenParams};
+use crate::engine::GenParams;
 
 /// One request for the engine thread.
 pub struct Job {
@@ -94,6 +95,10 @@ pub struct WorkerSetup {
     pub grace: Duration,
     /// Prompt tokens per prefill chunk.
     pub prefill_chunk: usize,
+    /// KV rows of one sequence (layers x KV heads), for the evicted-token counts.
+    pub rows: usize,
+    /// Bytes the KV pool holds, for the capacity gauge.
+    pub pool_bytes: u64,
 }
 
 struct Active<'t> {
@@ -105,17 +110,13 @@ struct Active<'t> {
     stop_hit: bool,
 }
 
-/// Runs until the command channel closes or a shutdown completes.
-pub fn run(mut engine: Engine, setup: WorkerSetup, commands: Receiver<Command>) {
-    let WorkerSetup { policies, tokenizer, metrics, max_batch, timeout, grace, prefill_chunk } = setup;
+/// Runs `engine` until the command channel closes or a shutdown completes.
+pub fn run<E: BatchEngine>(engine: &mut E, setup: WorkerSetup, commands: Receiver<Command>) {
+    let WorkerSetup { policies, tokenizer, metrics, max_batch, timeout, grace, prefill_chunk, rows, pool_bytes } =
+        setup;
     let base = GenParams { max_tokens: 1, temperature: 0.0, top_p: 1.0, seed: 0, stop_at_eos: true, prefill_chunk };
     let Ok(mut sched) = Scheduler::new(base, max_batch, false) else { return };
-    let rows = {
-        let c = engine.model.config();
-        (c.num_layers * c.num_kv_heads).max(1)
-    };
-    let store = &engine.store;
-    metrics.bytes_capacity.set(gauge(store.capacity_blocks() as u64 * store.block_size() as u64 * store.slot_bytes()));
+    metrics.bytes_capacity.set(gauge(pool_bytes));
     let mut active: HashMap<usize, Active<'_>> = HashMap::new();
     let mut next_id = 0usize;
     let mut shutdown_at: Option<Instant> = None;
@@ -150,7 +151,7 @@ pub fn run(mut engine: Engine, setup: WorkerSetup, commands: Receiver<Command>) 
                         policy: policies[job.policy].factory.clone(),
                         params: Some(job.params.clone()),
                     };
-                    match sched.submit(&engine, req) {
+                    match sched.submit(engine, req) {
                         Ok(()) => {
                             let text = TextStream::new(&tokenizer, job.stops.clone());
                             active.insert(
@@ -187,7 +188,7 @@ pub fn run(mut engine: Engine, setup: WorkerSetup, commands: Receiver<Command>) 
             };
             if let Some(err) = failure {
                 let a = active.remove(&id).expect("listed");
-                let f = sched.cancel(&mut engine, id).unwrap_or_else(|e| {
+                let f = sched.cancel(engine, id).unwrap_or_else(|e| {
                     tracing::error!("cancelling request {id}: {e:#}");
                     None
                 });
@@ -198,15 +199,15 @@ pub fn run(mut engine: Engine, setup: WorkerSetup, commands: Receiver<Command>) 
             }
         }
         if sched.is_idle() {
-            update_gauges(&metrics, &engine, &sched, &active, &policies);
+            update_gauges(&metrics, engine, &sched, &active, &policies);
             continue;
         }
         // One step.
-        let finished = match sched.step(&mut engine) {
+        let finished = match sched.step(engine) {
             Ok(f) => f,
             Err(e) => {
                 tracing::error!("engine step failed: {e:#}; failing every request in flight");
-                sched.release_all(&mut engine);
+                sched.release_all(engine);
                 for (_, a) in active.drain() {
                     let msg = format!("the engine failed: {e:#}");
                     let _ = a.job.events.send(Event::Failed(ApiError::new(
@@ -215,7 +216,7 @@ pub fn run(mut engine: Engine, setup: WorkerSetup, commands: Receiver<Command>) 
                         msg,
                     )));
                 }
-                update_gauges(&metrics, &engine, &sched, &active, &policies);
+                update_gauges(&metrics, engine, &sched, &active, &policies);
                 continue;
             }
         };
@@ -253,7 +254,7 @@ pub fn run(mut engine: Engine, setup: WorkerSetup, commands: Receiver<Command>) 
         let stopped: Vec<usize> = active.iter().filter(|(_, a)| a.stop_hit).map(|(&id, _)| id).collect();
         for id in stopped {
             let a = active.remove(&id).expect("listed");
-            match sched.cancel(&mut engine, id) {
+            match sched.cancel(engine, id) {
                 Ok(Some(f)) => finish(&metrics, &policies[a.job.policy].name, a, &f, FinishReason::Stop, rows),
                 Ok(None) | Err(_) => {
                     let _ = a.job.events.send(Event::Failed(ApiError::new(
@@ -267,7 +268,7 @@ pub fn run(mut engine: Engine, setup: WorkerSetup, commands: Receiver<Command>) 
         let p = sched.stats.preemptions;
         metrics.preemptions.inc_by((p - preemptions_seen) as u64);
         preemptions_seen = p;
-        update_gauges(&metrics, &engine, &sched, &active, &policies);
+        update_gauges(&metrics, engine, &sched, &active, &policies);
     }
 }
 
@@ -325,16 +326,20 @@ fn finish(metrics: &Metrics, policy: &str, a: Active<'_>, f: &Finished, reason: 
 }
 
 /// Sets the pool, queue and per-policy compression gauges.
-fn update_gauges(
+fn update_gauges<E: BatchEngine>(
     metrics: &Metrics,
-    engine: &Engine,
-    sched: &Scheduler<Engine>,
+    engine: &E,
+    sched: &Scheduler<E>,
     active: &HashMap<usize, Active<'_>>,
     policies: &[ServedPolicy],
 ) {
-    let u = engine.store.usage();
-    metrics.bytes_live.set(gauge(u.bytes_live));
-    metrics.bytes_allocated.set(gauge(u.bytes_allocated));
+    match engine.pool_usage() {
+        Ok(u) => {
+            metrics.bytes_live.set(gauge(u.bytes_live));
+            metrics.bytes_allocated.set(gauge(u.bytes_allocated));
+        }
+        Err(e) => tracing::warn!("reading the KV pool's usage: {e:#}"),
+    }
     metrics.requests_running.set(sched.running_count() as i64);
     metrics.requests_waiting.set(sched.waiting_count() as i64);
     let mut per_policy = vec![(0u64, 0u64); policies.len()];

@@ -8,8 +8,9 @@ use crate::gpu::{AttnKernel, AttnTuning, GpuCache, GpuCacheShape, LatentKernel};
 use crate::kv::attention::decode_row;
 use crate::kv::sequence::SequenceCache;
 use crate::kv::store::KvStore;
+use crate::model::lora::{AttentionLora, LoraTarget};
 use crate::model::prefill::prompt_flags;
-use crate::model::WeightForm;
+use crate::model::{WeightForm, Weights};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use dms_policy::device::kept_after_prompt;
@@ -493,19 +494,43 @@ pub fn check_latent(dev: &Device, fixtures: &str) -> Result<()> {
 /// different prompt lengths through three device slots in a pool of 24 blocks per row, so
 /// sequences join and leave the running batch: all with the full cache (the block arithmetic is
 /// exact and the pool must force preemptions, by recomputation, with two sequences decoding at
-/// once), all with learned DMS (the prompt passes evict as well), and the two policies mixed in
-/// one batch (each sequence runs its own device program); each also with a forked prompt. Greedy tokens must equal the host engine's and
-/// the logits they were chosen from agree within 1e-3 (up to a near-tie on the host, where the
-/// comparison of that request stops, said in the output).
+/// once), all with learned DMS (the prompt passes evict as well), the two policies mixed in one
+/// batch (each sequence runs its own device program), and those two beside learned DMS with 4
+/// sinks reading adapter `b` with a LoRA (each sequence reads its own adapter); each also with a
+/// forked prompt. Greedy tokens must equal the host engine's and the logits they were chosen from
+/// agree within 1e-3 (up to a near-tie on the host, where the comparison of that request stops,
+/// said in the output).
 pub fn check_device_batch(dev: &Device, fixtures: &str) -> Result<()> {
     use crate::engine::scheduler::{run_batch, Request};
     use crate::engine::GenParams;
     use crate::gpu::batch::{DeviceBatchShape, DeviceEngine};
 
     let dir = std::path::Path::new(fixtures).join("qwen3_dms_tiny").join("variant_separate_alpha").join("model");
-    let model = load_model(&dir, dev, WeightForm::Dense)?.model;
-    let host_model = load_model(&dir, &Device::Cpu, WeightForm::Dense)?.model;
+    let mut model = load_model(&dir, dev, WeightForm::Dense)?.model;
+    let mut host_model = load_model(&dir, &Device::Cpu, WeightForm::Dense)?.model;
     let cfg = model.config().clone();
+    // Adapter `b`: the checkpoint's decision weights under a name, with a rank-4 LoRA of seeded
+    // random weights (the same on both models).
+    let weights = Weights::open_safetensors_dir(&dir)?;
+    for m in [&mut model, &mut host_model] {
+        m.attach_adapter("b", &weights, false, false)?;
+        let mut seed = 70;
+        let mut random = |shape: (usize, usize)| -> Result<Tensor> {
+            seed += 1;
+            let v: Vec<f32> = rng_vec(seed, shape.0 * shape.1).iter().map(|x| x * 0.6).collect();
+            Ok(Tensor::from_vec(v, shape, m.device())?)
+        };
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for _ in 0..cfg.num_layers {
+            let mut targets = Vec::with_capacity(4);
+            for t in LoraTarget::ALL {
+                let (out, inp) = t.dims(&cfg);
+                targets.push((random((4, inp))?, random((out, 4))?));
+            }
+            layers.push(<[(Tensor, Tensor); 4]>::try_from(targets).expect("four targets"));
+        }
+        m.attach_lora("b", AttentionLora::new(layers, 1.0))?;
+    }
     let dms = format!(
         "name = 'dms'\nwindow = {}\nalpha_scale = {}\nalpha_offset = {}",
         cfg.dms.dms_window_size.unwrap_or(8),
@@ -523,21 +548,23 @@ pub fn check_device_batch(dev: &Device, fixtures: &str) -> Result<()> {
         crate::engine::Engine::new(host_model, Registry::with_builtins().build(&toml::from_str(&dms)?)?, 4, 1 << 14)?;
     let full = Registry::with_builtins().build(&toml::from_str("name = 'full'")?)?;
     let learned = Registry::with_builtins().build(&toml::from_str(&dms)?)?;
+    let with_lora = Registry::with_builtins().build(&toml::from_str(&format!("{dms}\nsinks = 4\nadapter = 'b'"))?)?;
     let window = DevicePolicy::of(learned.as_ref())?.window;
     let cases = [
         ("full cache", vec![full.clone()], true),
         ("learned DMS", vec![learned.clone()], false),
-        ("full and learned DMS in one batch", vec![full, learned], false),
+        ("full and learned DMS in one batch", vec![full.clone(), learned.clone()], false),
+        ("full, learned DMS, and sinks with adapter b's LoRA in one batch", vec![full, learned, with_lora], false),
     ];
     for (label, policies, must_preempt) in cases {
-        let request = |id: usize, prompt: &[u32]| Request {
+        let request = |id: usize, prompt: &[u32], policy: usize| Request {
             id,
             prompt: prompt.to_vec(),
             forced: None,
-            policy: policies[id % policies.len()].clone(),
+            policy: policies[policy % policies.len()].clone(),
             params: None,
         };
-        let reqs: Vec<Request> = prompts.iter().enumerate().map(|(id, p)| request(id, p)).collect();
+        let reqs: Vec<Request> = prompts.iter().enumerate().map(|(id, p)| request(id, p, id)).collect();
         let (want, _) = run_batch(&mut host, reqs.clone(), &params, 5, true, |_| {})?;
         let shape = DeviceBatchShape {
             block_size: 4,
@@ -557,8 +584,12 @@ pub fn check_device_batch(dev: &Device, fixtures: &str) -> Result<()> {
         }
         let worst = compare_batches(label, &got, &want)?;
         // Requests 0 and 2 share a prompt and a policy and are admitted together: 2 is a fork
-        // (request 1 runs the other policy of the mixed case beside them).
-        let forks: Vec<Request> = [0usize, 1, 0].iter().enumerate().map(|(id, &p)| request(id, &prompts[p])).collect();
+        // (request 1 runs another policy of the mixed cases beside them).
+        let forks: Vec<Request> = [(0usize, 0usize), (1, 1), (0, 0)]
+            .iter()
+            .enumerate()
+            .map(|(id, &(p, k))| request(id, &prompts[p], k))
+            .collect();
         let (want_f, _) = run_batch(&mut host, forks.clone(), &params, 3, true, |_| {})?;
         let mut device = DeviceEngine::new(&model, DeviceBatchShape { capacity_blocks: 1 << 12, ..shape })?;
         let (got_f, fstats) = run_batch(&mut device, forks, &params, 3, true, |_| {})?;

@@ -24,6 +24,9 @@
 #           batching) as an arm beside our full and DMS CR8 arms on the same random bf16
 #           Llama-3.1-8B-shape folder: batch 1 at 4K and 32K (benches/gpu/bench-gpu-peer.toml)
 #   peerlimit the same, 128 x 4K requests into a 48 GiB KV budget (bench-gpu-peer-limit.toml)
+#   graphs  decode steps replayed from a CUDA graph vs launched kernel by kernel on identical
+#           synthetic caches (SmolLM2-135M and Llama-3.1-8B shapes, 4K, batch 1 and 8, full and
+#           DMS CR8): step times, both against the floor, the logits difference, or the capture's error
 #   mla     DeepSeek-V2-Lite's latent attention (dense MLP): prefill + decode at batch 1, and the
 #           32K grid (full vs DMS CR4/CR8 at batch 1 and at the memory limit)
 #   long    64K context: Llama-3.1-8B and DeepSeek-V2-Lite's attention, full vs DMS CR4/CR8
@@ -149,8 +152,9 @@ PY
       for lk in groups mma; do
         timeout 100 bash .gpu-bin/gpu-run.sh "$BIN" bench --models dsv2-lite-attn --contexts 32768 --latent-kernel $lk --out "$OUT/gpu-latent-$lk.json" 2>"$OUT/latent-$lk.err" | tee "$OUT/latent-$lk.log"; tail -3 "$OUT/latent-$lk.err"
       done ;;
+    graphs) timeout 150 bash .gpu-bin/gpu-run.sh "$BIN" graphs --out "$OUT/gpu-graphs.json" 2>"$OUT/graphs.err" | tee "$OUT/graphs.log"; tail -3 "$OUT/graphs.err" ;;
     grid) timeout 290 bash .gpu-bin/gpu-run.sh "$BIN" bench --out "$OUT/gpu-bench.json" "$@" 2>"$OUT/bench.err" | tee "$OUT/bench.log"; tail -5 "$OUT/bench.err" ;;
-    *) echo "unknown step $step (engine, profile, tune, prefill, peer, peerbench, peerlimit, retrofit, grid, kernels, enginebench, mla, long, smollm2)"; exit 2 ;;
+    *) echo "unknown step $step (engine, profile, tune, prefill, peer, peerbench, peerlimit, graphs, retrofit, grid, kernels, enginebench, mla, long, smollm2)"; exit 2 ;;
   esac
   save
 done

@@ -12,7 +12,7 @@ use dms_integration::gpu::AttnTuning;
 #[cfg(feature = "mistralrs")]
 use dms_integration::harness::gpu_bench::bench_peer;
 use dms_integration::harness::gpu_bench::{
-    bench, bench_prefill, parse_kernel, parse_latent_kernel, profile, tune, Limit,
+    bench, bench_graphs, bench_prefill, parse_kernel, parse_latent_kernel, profile, tune, Limit,
 };
 use dms_integration::harness::gpu_check::{check_device_batch, check_latent, check_per_head};
 
@@ -104,6 +104,25 @@ enum Cmd {
         #[arg(long, default_value = "/tmp/dms-peer-models")]
         models_dir: String,
     },
+    /// Decode steps replayed from a CUDA graph vs launched kernel by kernel, on identical
+    /// synthetic caches: step times, both against the floor, and the logits difference.
+    Graphs {
+        /// JSON output file.
+        #[arg(long, default_value = "gpu-graphs.json")]
+        out: String,
+        /// Comma-separated model shapes.
+        #[arg(long, default_value = "smollm2-135m,llama3.1-8b")]
+        models: String,
+        /// Tokens in each cache before the timed steps.
+        #[arg(long, default_value_t = 4096)]
+        context: usize,
+        /// Comma-separated batch sizes.
+        #[arg(long, default_value = "1,8")]
+        batches: String,
+        /// Timed decode steps of each kind.
+        #[arg(long, default_value_t = 64)]
+        steps: usize,
+    },
     /// Real prompts end to end at batch 1: the masked one-pass prefill into the device cache,
     /// then decode steps from the cache it left (full vs DMS CR 8 at random decisions).
     Prefill {
@@ -185,6 +204,9 @@ fn main() -> Result<()> {
         Cmd::Peer { .. } => bail!("this dms-gpu was built without mistral.rs: build with --features mistralrs-cuda"),
         Cmd::Prefill { out, model, contexts, steps, weights } => {
             bench_prefill(&dev, &out, &model, &contexts, steps, weights.as_deref())?
+        }
+        Cmd::Graphs { out, models, context, batches, steps } => {
+            bench_graphs(&dev, &out, &models, context, &batches, steps)?
         }
         Cmd::Tune { out, models, context, limit, blocks } => tune(&dev, &out, &models, context, limit, &blocks)?,
         Cmd::Profile { out, models, context, limit, launch } => {

@@ -19,6 +19,14 @@ pub struct DeviceStep<'c> {
     max_len_hint: usize,
 }
 
+impl<'c> DeviceStep<'c> {
+    /// A step of one token for each of `cache`'s sequences, which read `adapters` (one per
+    /// sequence, in slot order); `max_len_hint` bounds the longest row after the step.
+    pub(crate) fn new(cache: &'c mut GpuCache, adapters: &'c [Option<&'c str>], max_len_hint: usize) -> Self {
+        Self { cache, adapters, batch: adapters.len(), max_len_hint }
+    }
+}
+
 impl KvBackend for DeviceStep<'_> {
     fn signals(&self) -> Signals {
         Signals { decision: self.cache.needs_scores(), key_norms: false }
@@ -63,7 +71,7 @@ pub fn decode_step(
     if adapters.len() != tokens.len() {
         bail!("{} tokens but {} adapters in a device decode step", tokens.len(), adapters.len());
     }
-    let mut step = DeviceStep { cache, adapters, batch: tokens.len(), max_len_hint };
+    let mut step = DeviceStep::new(cache, adapters, max_len_hint);
     let x = model.forward_hidden(tokens, positions, &mut step)?;
     Ok(model.logits(&x)?.to_dtype(DType::F32)?)
 }

@@ -4,7 +4,8 @@
 //! device-resident paged KV cache with its DMS bookkeeping and attention in CUDA kernels
 //! (`cache`, re-exported here; `kernels.cu`, checked on the CPU through `emu/`), its
 //! [`KvBackend`](crate::kv::backend::KvBackend) (`DeviceStep`: decode steps and prompts into it)
-//! and continuous batching on it ([`batch`]; [`generate`] serves one prompt through it).
+//! and continuous batching on it ([`batch`]; [`generate`] serves one prompt through it), and
+//! decode steps captured as CUDA graphs ([`graph`]).
 
 pub mod policy;
 pub mod slot_map;
@@ -18,6 +19,8 @@ mod cache;
 mod device_step;
 #[cfg(feature = "cuda")]
 pub mod generate;
+#[cfg(feature = "cuda")]
+pub mod graph;
 
 #[cfg(feature = "cuda")]
 pub use cache::*;

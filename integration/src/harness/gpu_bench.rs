@@ -1,4 +1,4 @@
-//! `dms-gpu bench / tune / profile / prefill / peer`: the decode benchmarks on a CUDA GPU over
+//! `dms-gpu bench / tune / profile / prefill / peer / graphs`: the decode benchmarks on a CUDA GPU over
 //! synthetic caches (kernel microbenchmarks at the memory limit) and real prompts at batch 1
 //! (feature `cuda`). Each prints a table last and writes JSON.
 
@@ -399,6 +399,134 @@ fn bench_one(
     let mean_len = lens.iter().map(|&x| x as f64).sum::<f64>() / lens.len() as f64;
     let measured_cr = pos as f64 / mean_len;
     Ok((step, live, measured_cr))
+}
+
+/// Decode steps replayed from a CUDA graph ([`crate::gpu::graph::CapturedStep`]) against the
+/// same steps launched kernel by kernel, on two identical synthetic bf16 caches per
+/// configuration (random weights of each shape, `ctx` tokens, full cache and DMS CR 8 at random
+/// decisions, each batch of `batches`): the step time of each, both against the floor (weights
+/// and live K/V read once at the measured copy bandwidth), and the largest logits difference
+/// between the two over 4 steps after the timing. A capture that fails is a row with its error.
+pub fn bench_graphs(dev: &Device, out: &str, models: &str, ctx: usize, batches: &str, steps: usize) -> Result<()> {
+    use crate::gpu::graph::CapturedStep;
+
+    let bw = copy_bandwidth(dev)?;
+    println!("measured device copy bandwidth: {:.0} GB/s", bw / 1e9);
+    let (w, bs, check) = (512usize, 64usize, 4usize);
+    let cd = match dev {
+        Device::Cuda(c) => c.clone(),
+        _ => bail!("cuda"),
+    };
+    let sync = || cd.cuda_stream().synchronize().map_err(|e| anyhow::anyhow!("{e:?}"));
+    let mut rows = Vec::new();
+    for mname in models.split(',') {
+        let cfg = named_shape(mname)?;
+        let model = Llama::random(cfg.clone(), dev, DType::BF16)?;
+        let wbytes = model.weight_bytes() / 2;
+        warm_up(dev, &model)?;
+        for arm in [Arm { name: "full", cr: 1.0 }, Arm { name: "dms_cr8", cr: 8.0 }] {
+            for batch in batches.split(',').map(|b| b.parse::<usize>()) {
+                let batch = batch?;
+                let room = steps + check + 4;
+                let (mut eager, kept) = synthetic_cache(dev, &cfg, ctx, &arm, batch, w, bs, room)?;
+                let (mut graphed, _) = synthetic_cache(dev, &cfg, ctx, &arm, batch, w, bs, room)?;
+                let tokens: Vec<u32> = (0..batch).map(|i| (i * 31 % 1000) as u32 + 10).collect();
+                let adapters = vec![None; batch];
+                let max_len = kept + room;
+                let at = |p: u32| vec![p; batch];
+                let mut pos = ctx as u32;
+                for cache in [&mut eager, &mut graphed] {
+                    for i in 0..2 {
+                        crate::gpu::decode_step(&model, &tokens, &at(pos + i), &adapters, cache, max_len)?;
+                    }
+                }
+                pos += 2;
+                sync()?;
+                let t = Instant::now();
+                for i in 0..steps as u32 {
+                    crate::gpu::decode_step(&model, &tokens, &at(pos + i), &adapters, &mut eager, max_len)?;
+                }
+                sync()?;
+                let eager_s = t.elapsed().as_secs_f64() / steps as f64;
+                let floor = (wbytes + eager.bytes_live()?) as f64 / bw;
+                let mut r = json!({"model": mname, "context": ctx, "arm": arm.name, "batch": batch,
+                    "eager_ms": eager_s * 1e3, "floor_ms": floor * 1e3, "eager_over_floor": eager_s / floor});
+                match CapturedStep::capture(&model, &mut graphed, &adapters, max_len) {
+                    Ok(mut graph) => {
+                        sync()?;
+                        let t = Instant::now();
+                        for i in 0..steps as u32 {
+                            graph.step(&model, &tokens, &at(pos + i), max_len)?;
+                        }
+                        sync()?;
+                        let graph_s = t.elapsed().as_secs_f64() / steps as f64;
+                        let mut worst = 0f32;
+                        for i in steps as u32..(steps + check) as u32 {
+                            let want =
+                                crate::gpu::decode_step(&model, &tokens, &at(pos + i), &adapters, &mut eager, max_len)?
+                                    .to_vec2::<f32>()?;
+                            let got = graph.step(&model, &tokens, &at(pos + i), max_len)?.to_vec2::<f32>()?;
+                            for (g, e) in got.iter().flatten().zip(want.iter().flatten()) {
+                                worst = worst.max((g - e).abs());
+                            }
+                        }
+                        eager.check()?;
+                        graphed.check()?;
+                        r["graph_ms"] = json!(graph_s * 1e3);
+                        r["graph_over_floor"] = json!(graph_s / floor);
+                        r["speedup"] = json!(eager_s / graph_s);
+                        r["max_abs_logit_diff"] = json!(worst);
+                    }
+                    Err(e) => r["error"] = json!(format!("{e:#}")),
+                }
+                eprintln!("{r}");
+                rows.push(r);
+            }
+        }
+        drop(model);
+    }
+    std::fs::write(
+        out,
+        serde_json::to_string_pretty(&json!({"copy_bandwidth_gb_s": bw / 1e9, "window": w, "block_size": bs,
+            "steps": steps, "rows": rows}))?,
+    )?;
+    let table: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            let mut v: Vec<String> = ["model", "context", "arm", "batch"].iter().map(|k| text(r, k)).collect();
+            for (k, p) in [
+                ("eager_ms", 3),
+                ("graph_ms", 3),
+                ("speedup", 2),
+                ("floor_ms", 3),
+                ("eager_over_floor", 2),
+                ("graph_over_floor", 2),
+                ("max_abs_logit_diff", 4),
+            ] {
+                v.push(if r.get(k).is_some() { format!("{:.p$}", num(r, k)) } else { "-".into() });
+            }
+            v.push(if r.get("error").is_some() { text(r, "error").chars().take(80).collect() } else { String::new() });
+            v
+        })
+        .collect();
+    print_table(
+        &[
+            "model",
+            "ctx",
+            "arm",
+            "batch",
+            "eager ms",
+            "graph ms",
+            "speedup",
+            "floor ms",
+            "eager x floor",
+            "graph x floor",
+            "max |dlogit|",
+            "capture error",
+        ],
+        &table,
+    );
+    Ok(())
 }
 
 /// Largest batch whose bf16 cache (at `ctx / cr` tokens per row, block rounded) fits `budget` bytes.

@@ -123,6 +123,16 @@ impl Layer {
     }
 }
 
+/// A step's inputs to the layers on the model's device ([`Llama::step_inputs`]).
+pub struct StepInputs {
+    /// Embedded tokens `[n, hidden]` in the model's dtype.
+    pub x: Tensor,
+    /// RoPE cosines `[n, rope_dim / 2]`.
+    pub cos: Tensor,
+    /// RoPE sines `[n, rope_dim / 2]`.
+    pub sin: Tensor,
+}
+
 /// A loaded decoder model.
 pub struct Llama {
     cfg: ModelConfig,
@@ -496,12 +506,27 @@ impl Llama {
     /// and reads its cache, wherever it lives). Returns the final hidden states `[n, hidden]`
     /// (before the norm; [`Self::logits`] makes logits of the rows a caller wants).
     pub fn forward_hidden(&self, tokens: &[u32], positions: &[Pos], backend: &mut dyn KvBackend) -> Result<Tensor> {
+        let inputs = self.step_inputs(tokens, positions)?;
+        self.forward_prepared(&inputs, backend)
+    }
+
+    /// What a step feeds the layers, on the model's device: the embedded `tokens` and the RoPE
+    /// rows of `positions` (checked against the vocabulary and each other).
+    pub fn step_inputs(&self, tokens: &[u32], positions: &[Pos]) -> Result<StepInputs> {
         if tokens.is_empty() {
             bail!("a forward pass needs at least one token");
         }
         if positions.len() != tokens.len() {
             bail!("{} tokens but {} positions", tokens.len(), positions.len());
         }
+        let (cos, sin) = self.rope_tables(positions)?;
+        Ok(StepInputs { x: self.embed_tokens(tokens)?, cos, sin })
+    }
+
+    /// [`Self::forward_hidden`] from prepared inputs: device work only, no host data, so a CUDA
+    /// graph can capture it over inputs kept in fixed buffers.
+    pub fn forward_prepared(&self, inputs: &StepInputs, backend: &mut dyn KvBackend) -> Result<Tensor> {
+        let n = inputs.x.dim(0)?;
         let need = backend.signals();
         if need.decision && matches!(self.decision, DecisionSource::None) {
             bail!("a cache policy needs learned DMS decisions but the model has no decision source");
@@ -509,17 +534,17 @@ impl Llama {
         let (runs, lora_runs) = {
             let spans = backend.decision_spans();
             let runs = match (&self.decision, need.decision) {
-                (DecisionSource::Adapter, true) => self.adapter_runs(&spans, tokens.len())?,
+                (DecisionSource::Adapter, true) => self.adapter_runs(&spans, n)?,
                 _ => Vec::new(),
             };
-            (runs, self.lora_runs(&spans, tokens.len())?)
+            (runs, self.lora_runs(&spans, n)?)
         };
-        let (cos, sin) = self.rope_tables(positions)?;
-        let mut x = self.embed_tokens(tokens)?;
+        let StepInputs { x, cos, sin } = inputs;
+        let mut x = x.clone();
         let scale = self.softmax_scale();
         for li in 0..self.layers.len() {
             let AttnInputs { q, k, v, decision, key_norms } =
-                self.attn_inputs(li, &x, &cos, &sin, (&runs, &lora_runs), need)?;
+                self.attn_inputs(li, &x, cos, sin, (&runs, &lora_runs), need)?;
             let step =
                 LayerStep { q: &q, k: &k, v: &v, decision: decision.as_ref(), key_norms: key_norms.as_ref(), scale };
             let attn = backend.attend(li, step)?;

@@ -17,5 +17,5 @@ pub mod shapes;
 pub mod weights;
 
 pub use config::{Arch, MlaConfig, ModelConfig};
-pub use llama::{DecisionSource, Llama};
+pub use llama::{DecisionSource, Llama, StepInputs};
 pub use weights::{WeightForm, Weights};

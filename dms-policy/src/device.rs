@@ -14,6 +14,9 @@ use crate::Pos;
 pub enum FlagSource {
     /// Nothing is flagged.
     None,
+    /// Every token is flagged: DMS's delayed window of W then keeps the last W + 1 tokens (a
+    /// sliding window).
+    All,
     /// Token `t` of (layer, head) is flagged iff `random_flag_unit(seed, layer, head, t) < rate`
     /// (synthetic decisions at a set rate, for benchmarks).
     Random {
@@ -39,6 +42,7 @@ impl FlagSource {
     pub fn flags_token(&self, layer: usize, head: usize, pos: Pos, next_raw: f32) -> bool {
         match *self {
             FlagSource::None => false,
+            FlagSource::All => true,
             FlagSource::Random { seed, rate } => random_flag_unit(seed, layer, head, pos) < rate,
             FlagSource::Learned { scale, offset } => next_raw * scale - offset > 0.0,
         }

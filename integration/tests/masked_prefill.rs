@@ -76,13 +76,19 @@ fn against_engine(dir: &std::path::Path, prompt: &[u32], window: usize, rate: f6
     let toml = format!(
         "name = 'dms'\nwindow = {window}\ndecision = 'random'\nevict_rate = {rate}\nseed = {seed}\nsinks = {sinks}"
     );
-    let mut eng = engine(dir, &toml, 4);
+    let program = against_engine_policy(dir, prompt, &toml);
+    assert_eq!(program, DevicePolicy { window, flags: FlagSource::Random { seed, rate }, sinks });
+}
+
+/// The paged CPU engine under the policy of `toml` is the oracle of the masked prefill running
+/// that policy's device program (returned).
+fn against_engine_policy(dir: &std::path::Path, prompt: &[u32], toml: &str) -> DevicePolicy {
+    let mut eng = engine(dir, toml, 4);
     let mut seq = eng.new_sequence();
     let want = eng.step(&mut seq, prompt, true).unwrap().to_vec2::<f32>().unwrap();
     let layers = eng.model.config().num_layers;
     let want_kept: Vec<Vec<Vec<Pos>>> = (0..layers).map(|l| seq.kept_positions(l, &eng.store)).collect();
     let program = DevicePolicy::of(eng.policy.as_ref()).unwrap();
-    assert_eq!(program, DevicePolicy { window, flags: FlagSource::Random { seed, rate }, sinks });
     let (logits, kept) = masked(dir, prompt, program);
     for (t, (got, want)) in logits.iter().zip(&want).enumerate() {
         let e = max_abs(got, want);
@@ -91,6 +97,21 @@ fn against_engine(dir: &std::path::Path, prompt: &[u32], window: usize, rate: f6
     assert_eq!(kept, want_kept, "{}: kept positions", dir.display());
     let evicted = kept.iter().flatten().filter(|r| r.len() < prompt.len()).count();
     assert!(evicted > 0, "{}: some row evicts", dir.display());
+    program
+}
+
+/// `sliding_window` (with and without sinks) through its device program, the delayed window of
+/// `window - 1` with every token flagged, per-head and latent rows.
+#[test]
+fn sliding_windows_equal_the_paged_engine() {
+    for fixture_name in ["llama3_tiny", "deepseek_mla_tiny"] {
+        let dir = fixture(fixture_name);
+        for (n, window, sinks) in [(40, 8, 0), (40, 8, 4), (33, 1, 2)] {
+            let toml = format!("name = 'sliding_window'\nwindow = {window}\nsinks = {sinks}");
+            let program = against_engine_policy(&dir, &prompt(n, 200), &toml);
+            assert_eq!(program, DevicePolicy { window: window - 1, flags: FlagSource::All, sinks });
+        }
+    }
 }
 
 fn prompt(n: usize, vocab: u32) -> Vec<u32> {

@@ -49,10 +49,13 @@ impl PolicyFactory for SlidingWindowPolicy {
         let cap = self.window as usize;
         Box::new(WindowState { window: self.window, sinks: self.sinks, rows: Rows::new(shape, || RowLedger::new(cap)) })
     }
+    /// DMS's delayed window with every token flagged: a flagged key stays visible to the next
+    /// `window - 1` queries, so query q sees key k iff `q - k < window`, or `k < sinks`.
     fn device_program(&self) -> Result<crate::DeviceProgram, PolicyError> {
-        Err(PolicyError::NoDeviceForm {
-            policy: "sliding_window".into(),
-            why: "the device cache has no window-with-sinks kernel (it executes full and dms)".into(),
+        Ok(crate::DeviceProgram::DelayedWindow {
+            window: self.window as usize - 1,
+            flags: crate::FlagSource::All,
+            sinks: self.sinks,
         })
     }
     fn describe(&self) -> String {

@@ -21,10 +21,12 @@ const MAX_SPLITS: usize = 64;
 const PROGRAM_BYTES: usize = 40;
 
 /// One sequence's program as the kernels read it (`SeqProgram` in `kernels.cu`): mode (0 none,
-/// 1 random, 2 learned), ring length W + 1, seed, rate, scale, offset, sinks, 4 unused bytes.
+/// 1 random, 2 learned, 3 all), ring length W + 1, seed, rate, scale, offset, sinks, 4 unused
+/// bytes.
 fn program_bytes(p: &DevicePolicy) -> [u8; PROGRAM_BYTES] {
     let (mode, seed, rate, scale, offset): (i32, u64, f64, f32, f32) = match p.flags {
         FlagSource::None => (0, 0, 0.0, 0.0, 0.0),
+        FlagSource::All => (3, 0, 0.0, 0.0, 0.0),
         FlagSource::Random { seed, rate } => (1, seed, rate, 0.0, 0.0),
         FlagSource::Learned { scale, offset } => (2, 0, 0.0, scale, offset),
     };

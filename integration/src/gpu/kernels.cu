@@ -31,7 +31,8 @@ __device__ double hash_unit(unsigned long long seed, unsigned long long layer, u
 }
 
 // What one sequence of the cache executes (its policy's device program): the decision mode (0
-// none, 1 random at `rate` with `seed`, 2 learned: score * scale - offset > 0), its ring of the
+// none, 1 random at `rate` with `seed`, 2 learned: score * scale - offset > 0, 3 every token: a
+// sliding window), its ring of the
 // last W + 1 tokens (`wc`, at most the cache's ring capacity) and its attention sinks (positions
 // below `sinks` are never flagged). Sequences of one batch may differ. The host writes the same
 // 40-byte layout (`gpu::cache::program_bytes`).
@@ -69,6 +70,8 @@ __device__ void decode_update(int kv_heads, int d_head, int bs, int cap, int max
             d = pos > 0 && hash_unit(prog.seed, layer, head, pos - 1) < prog.rate;
         } else if (prog.mode == 2) {
             d = scores[r] * prog.scale - prog.offset > 0.0f;
+        } else if (prog.mode == 3) {
+            d = true;
         }
         unsigned char* flags = ring_flag + (long long)r * cap;
         int* slots = ring_slot + (long long)r * cap;

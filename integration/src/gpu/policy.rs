@@ -1,8 +1,8 @@
 //! What the device (GPU) cache executes for a policy: the policy's own
 //! [`DeviceProgram`](dms_policy::DeviceProgram), so the device path needs no policy names. The
-//! CUDA kernels execute a full cache and DMS's delayed window with flags from the model or at a
-//! set rate, and attention sinks; a policy without a device program (`sliding_window`, `shadow`, key-norm DMS, a
-//! third-party policy) runs on the host store.
+//! CUDA kernels execute a full cache and DMS's delayed window with flags from the model, at a set
+//! rate or on every token (`sliding_window`), and attention sinks; a policy without a device
+//! program (`tova`, `h2o`, `shadow`, key-norm DMS, a third-party policy) runs on the host store.
 
 use anyhow::Result;
 use dms_policy::{DeviceProgram, FlagSource, PolicyFactory, Pos};
@@ -56,8 +56,8 @@ mod tests {
         assert_eq!(random.flags, FlagSource::Random { seed: 3, rate: 0.7 });
         let off = device("name = 'dms'\nwindow = 8\ndisable_eviction = true").unwrap();
         assert_eq!(off, DevicePolicy { window: 8, flags: FlagSource::None, sinks: 0 });
-        let e = device("name = 'sliding_window'\nwindow = 8").unwrap_err();
-        assert!(e.to_string().contains("sliding_window"), "{e}");
+        let window = device("name = 'sliding_window'\nwindow = 8\nsinks = 4").unwrap();
+        assert_eq!(window, DevicePolicy { window: 7, flags: FlagSource::All, sinks: 4 });
         let e = device("name = 'shadow'\ninner = { name = 'dms', window = 8, decision = 'random', evict_rate = 0.5 }")
             .unwrap_err();
         assert!(e.to_string().contains("shadow"), "{e}");

@@ -496,7 +496,8 @@ pub fn check_latent(dev: &Device, fixtures: &str) -> Result<()> {
 /// exact and the pool must force preemptions, by recomputation, with two sequences decoding at
 /// once), all with learned DMS (the prompt passes evict as well), the two policies mixed in one
 /// batch (each sequence runs its own device program), and those two beside learned DMS with 4
-/// sinks reading adapter `b` with a LoRA (each sequence reads its own adapter); each also with a
+/// sinks reading adapter `b` with a LoRA (each sequence reads its own adapter) and a sliding
+/// window with sinks; each also with a
 /// forked prompt. Greedy tokens must equal the host engine's and the logits they were chosen from
 /// agree within 1e-3 (up to a near-tie on the host, where the comparison of that request stops,
 /// said in the output).
@@ -549,12 +550,18 @@ pub fn check_device_batch(dev: &Device, fixtures: &str) -> Result<()> {
     let full = Registry::with_builtins().build(&toml::from_str("name = 'full'")?)?;
     let learned = Registry::with_builtins().build(&toml::from_str(&dms)?)?;
     let with_lora = Registry::with_builtins().build(&toml::from_str(&format!("{dms}\nsinks = 4\nadapter = 'b'"))?)?;
+    let sliding =
+        Registry::with_builtins().build(&toml::from_str("name = 'sliding_window'\nwindow = 6\nsinks = 2")?)?;
     let window = DevicePolicy::of(learned.as_ref())?.window;
     let cases = [
         ("full cache", vec![full.clone()], true),
         ("learned DMS", vec![learned.clone()], false),
         ("full and learned DMS in one batch", vec![full.clone(), learned.clone()], false),
-        ("full, learned DMS, and sinks with adapter b's LoRA in one batch", vec![full, learned, with_lora], false),
+        (
+            "full, learned DMS, sinks with adapter b's LoRA, and a sliding window in one batch",
+            vec![full, learned, with_lora, sliding],
+            false,
+        ),
     ];
     for (label, policies, must_preempt) in cases {
         let request = |id: usize, prompt: &[u32], policy: usize| Request {

@@ -47,6 +47,10 @@ fn source_flags(
 ) -> Result<Tensor> {
     match source {
         FlagSource::None => Ok(Tensor::zeros((t, kv_heads), DType::F32, device)?),
+        FlagSource::All => {
+            let flagged = Tensor::ones((t - 1, kv_heads), DType::F32, device)?;
+            Ok(Tensor::cat(&[&flagged, &Tensor::zeros((1, kv_heads), DType::F32, device)?], 0)?)
+        }
         FlagSource::Random { .. } => {
             let mut host = vec![0f32; t * kv_heads];
             for p in 0..t.saturating_sub(1) {
@@ -213,7 +217,11 @@ mod tests {
         let (t, kv) = (17, 3);
         let raw: Vec<f32> = (0..t * kv).map(|i| ((i * 37 % 11) as f32) / 100.0).collect();
         let scores = Tensor::from_vec(raw.clone(), (t, kv), &dev).unwrap();
-        for source in [FlagSource::Learned { scale: 100.0, offset: 5.0 }, FlagSource::Random { seed: 4, rate: 0.4 }] {
+        for source in [
+            FlagSource::Learned { scale: 100.0, offset: 5.0 },
+            FlagSource::Random { seed: 4, rate: 0.4 },
+            FlagSource::All,
+        ] {
             for sinks in [0, 4, 30] {
                 let prog = program(source, sinks);
                 let got = prompt_flags(&prog, 2, t, kv, Some(&scores), &dev).unwrap().to_vec2::<f32>().unwrap();

@@ -83,9 +83,12 @@ static SeqProgram with_sinks(SeqProgram prog, int sinks) {
     prog.sinks = sinks;
     return prog;
 }
-// Whether `prog` flags token `p` of (layer, head): the kernel's rule for modes 0 and 1.
+// A sliding window of `w` tokens with `sinks` sinks: every token flagged, ring of `w` (mode 3).
+static SeqProgram sliding_program(int w, int sinks) { return with_sinks(SeqProgram{3, w, 0, 0.0, 0.0f, 0.0f}, sinks); }
+// Whether `prog` flags token `p` of (layer, head): the kernel's rule for modes 0, 1 and 3.
 static bool program_flags(const SeqProgram& prog, int layer, int h, int p) {
-    return prog.mode == 1 && p >= prog.sinks && hash_unit(prog.seed, layer, h, p) < prog.rate;
+    if (p < prog.sinks) return false;
+    return prog.mode == 3 || (prog.mode == 1 && hash_unit(prog.seed, layer, h, p) < prog.rate);
 }
 
 template <class T>
@@ -451,9 +454,11 @@ static void slots_scenario(const char* name, float tol) {
     std::vector<int> seen(B, 0);
     std::mt19937 rng(11);
     auto row_of = [&](int layer, int slot, int h) { return (layer * B + slot) * KV + h; };
-    // Three programs in one batch: window 3 at rate 0.5, window 1 at rate 0.8 with 14 sinks (its
-    // prompts are all sinks, its first decode steps cross into flagged positions), and a full cache.
-    const SeqProgram progs[3] = {random_program(W, RATE), with_sinks(random_program(1, 0.8), 14), full_program()};
+    // Four programs in one batch: window 3 at rate 0.5, window 1 at rate 0.8 with 14 sinks (its
+    // prompts are all sinks, its first decode steps cross into flagged positions), a full cache,
+    // and a sliding window of 3 with 2 sinks.
+    const SeqProgram progs[4] = {random_program(W, RATE), with_sinks(random_program(1, 0.8), 14), full_program(),
+                                 sliding_program(3, 2)};
     auto admit = [&](int slot, int n, int program) {
         c.prog[slot] = progs[program];
         const SeqProgram& p = c.prog[slot];
@@ -562,9 +567,9 @@ static void slots_scenario(const char* name, float tol) {
     for (int i = 0; i < 4; i++) step(3);
     check("after one joined");
     release(2);
-    admit(2, 6, 0);
-    for (int i = 0; i < 2; i++) step(3);
-    check("after the last slot was refilled");
+    admit(2, 6, 3);
+    for (int i = 0; i < 3; i++) step(3);
+    check("after the last slot was refilled with a sliding window");
     release(2);
     fork(0, 2);
     check("after a fork");
@@ -578,7 +583,7 @@ static void slots_scenario(const char* name, float tol) {
     release(0);
     check("after the last left");
     EXPECT(c.err == 0, "%s slots: error flag %d", name, c.err);
-    std::printf("%s slots (D %d, G %d): sequences with three programs joining, leaving a middle slot and the last "
+    std::printf("%s slots (D %d, G %d): sequences with four programs joining, leaving a middle slot and the last "
                 "one, a fork, decode over the active slots only: kept sets, stored K/V and the free list equal the oracle, attention max abs "
                 "error %.2e\n",
                 name, D, G, worst);

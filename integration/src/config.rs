@@ -89,6 +89,10 @@ pub struct CacheSection {
     /// prefilled again; what the device cache does).
     #[serde(default)]
     pub preemption: Preemption,
+    /// Replay the device cache's decode steps from CUDA graphs (a CUDA device only): each batch
+    /// composition's first step runs kernel by kernel, its second is captured, later ones replay.
+    #[serde(default)]
+    pub cuda_graphs: bool,
     /// `[cache.policy]`: `name` plus the policy's own keys.
     #[serde(default = "default_policy")]
     pub policy: toml::Table,
@@ -157,6 +161,7 @@ impl Default for CacheSection {
             prefill_chunk: 0,
             kv_dtype: default_kv_dtype(),
             preemption: Preemption::default(),
+            cuda_graphs: false,
             policy: default_policy(),
         }
     }

@@ -104,6 +104,20 @@ fn cli_reports_bad_config_without_panicking() {
 }
 
 #[test]
+fn cuda_graphs_on_the_cpu_is_a_clear_error() {
+    let cfg = write_config("graphs", "name = \"full\"");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("[cache]\n", "[cache]\ncuda_graphs = true\n");
+    std::fs::write(&cfg, text).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_dms"))
+        .args(["run", "--config", cfg.to_str().unwrap(), "--prompt-ids", "1,2"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cuda_graphs") && err.contains("cuda:N") && !err.contains("panicked"), "{err}");
+}
+
+#[test]
 fn run_names_the_adapter_as_the_source_of_its_dms_values() {
     let cfg = write_config("adapter-label", "name = \"dms\"\nadapter = \"adapter\"");
     let adapter = cfg.with_file_name("adapter");

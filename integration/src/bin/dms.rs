@@ -361,6 +361,7 @@ fn run_on_device(
         engine.policy.clone(),
         cfg.cache.block_size,
         blocks,
+        engine.cuda_graphs,
     )
 }
 

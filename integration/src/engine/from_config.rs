@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use dms_policy::Registry;
 use tokenizers::Tokenizer;
 
@@ -33,6 +33,13 @@ pub struct BuiltEngine {
 pub fn build_engine(cfg: &EngineConfig) -> Result<BuiltEngine> {
     registry().check_name(&cfg.cache.policy).context("[cache.policy]")?;
     let device = open_device(&cfg.model.device)?;
+    if cfg.cache.cuda_graphs && !device.is_cuda() {
+        bail!(
+            "[cache] cuda_graphs = true replays the device cache's decode steps, which needs [model] device = \
+             \"cuda:N\" (this config runs on `{}`)",
+            cfg.model.device
+        );
+    }
     let path = resolve_model(&cfg.model.source, cfg.base_dir.as_deref())?;
     let mut loaded =
         load_model(&path, &device, cfg.weight_form()?).with_context(|| format!("loading model {}", path.display()))?;
@@ -47,6 +54,7 @@ pub fn build_engine(cfg: &EngineConfig) -> Result<BuiltEngine> {
     let blocks = cfg.capacity_blocks(mc.num_layers, mc.num_kv_heads, slot_bytes);
     let mut engine = Engine::new(loaded.model, policy, cfg.cache.block_size, blocks)?.with_kv_dtype(kv);
     engine.preemption = cfg.cache.preemption;
+    engine.cuda_graphs = cfg.cache.cuda_graphs;
     let chat_template = loaded.chat_template.unwrap_or_else(ChatTemplate::chatml);
     Ok(BuiltEngine { engine, tokenizer: loaded.tokenizer, chat_template, table })
 }

@@ -99,6 +99,8 @@ pub struct Engine {
     pub keep_logits: bool,
     /// How a preempted sequence gives its blocks back (`[cache] preemption`).
     pub preemption: Preemption,
+    /// Device-cache decode steps replay CUDA graphs (`[cache] cuda_graphs`).
+    pub cuda_graphs: bool,
 }
 
 impl Engine {
@@ -112,7 +114,7 @@ impl Engine {
         check_signal(&model, policy.as_ref())?;
         let store =
             KvStore::with_value_dim(model.config().head_dim, model.config().value_dim(), block_size, capacity_blocks);
-        Ok(Self { model, store, policy, keep_logits: false, preemption: Preemption::Swap })
+        Ok(Self { model, store, policy, keep_logits: false, preemption: Preemption::Swap, cuda_graphs: false })
     }
 
     /// The same engine storing keys and values as `dtype` (its pool emptied, same block count).

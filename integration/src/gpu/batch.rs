@@ -12,13 +12,14 @@
 use std::convert::Infallible;
 
 use anyhow::{bail, Context, Result};
-use candle_core::DType;
+use candle_core::{DType, Tensor};
 
 use super::{GpuCache, GpuCacheShape};
 use crate::engine::batch_engine::{BatchEngine, Parked, PoolUsage, SeqReport};
 use crate::engine::block_manager::BlockManager;
 use crate::engine::scheduler::Request;
 use crate::engine::Engine;
+use crate::gpu::graph::CapturedStep;
 use crate::gpu::policy::DevicePolicy;
 use crate::gpu::slot_map::SlotMap;
 use crate::kv::store::MemoryUsage;
@@ -37,11 +38,15 @@ pub struct DeviceBatchShape {
     pub max_tokens_per_sequence: usize,
     /// Longest DMS window a request's program may have (the cache's rings hold W + 1 tokens).
     pub max_window: usize,
+    /// Replay decode steps from CUDA graphs ([`crate::gpu::graph`]): a batch's first step runs
+    /// kernel by kernel, its second is captured, later ones replay the capture.
+    pub cuda_graphs: bool,
 }
 
 impl DeviceBatchShape {
     /// A device batch with the memory budget of `engine`'s host pool, in the model's dtype (a
-    /// bf16 model's device pool holds twice the f32 host pool's blocks).
+    /// bf16 model's device pool holds twice the f32 host pool's blocks); decode steps replay
+    /// CUDA graphs as `engine.cuda_graphs` says.
     pub fn with_host_budget(
         engine: &Engine,
         max_batch: usize,
@@ -57,7 +62,33 @@ impl DeviceBatchShape {
             max_batch,
             max_tokens_per_sequence,
             max_window,
+            cuda_graphs: engine.cuda_graphs,
         }
+    }
+}
+
+/// What a captured decode step fixes of its batch: per slot, the adapter its sequence reads and
+/// whether its decisions need the model's scores.
+type BatchKey = Vec<(Option<String>, bool)>;
+
+/// Captures this many batch compositions at most (the oldest goes first).
+const MAX_CAPTURES: usize = 8;
+
+/// The CUDA graphs of a device engine: the batches that ran one eager step with the captures'
+/// split plan (the next step of such a batch is captured), and the captures.
+#[derive(Default)]
+struct Graphs {
+    primed: Vec<BatchKey>,
+    captured: Vec<(BatchKey, CapturedStep)>,
+}
+
+impl Graphs {
+    /// Keeps `item` among the last [`MAX_CAPTURES`] of `list`.
+    fn remember<T>(list: &mut Vec<T>, item: T) {
+        if list.len() == MAX_CAPTURES {
+            list.remove(0);
+        }
+        list.push(item);
     }
 }
 
@@ -78,6 +109,8 @@ pub struct DeviceEngine<'m> {
     /// The sequence in each slot (mirrors the cache's slot moves).
     slots: SlotMap,
     slot_bytes: u64,
+    /// With `cuda_graphs`: the captured decode steps.
+    graphs: Graphs,
 }
 
 impl<'m> DeviceEngine<'m> {
@@ -108,7 +141,34 @@ impl<'m> DeviceEngine<'m> {
             shape,
             slots: SlotMap::default(),
             slot_bytes,
+            graphs: Graphs::default(),
         })
+    }
+
+    /// One decode step of every sequence, in slot order, from a CUDA graph of this batch when
+    /// there is one (see [`DeviceBatchShape::cuda_graphs`]). Every step here plans attention for
+    /// the longest sequence a request may reach, so eager steps size what captures record.
+    fn graph_step(&mut self, tokens: &[u32], positions: &[u32], longest: usize) -> Result<Tensor> {
+        let plan = self.shape.max_tokens_per_sequence;
+        let adapters = self.slots.adapters();
+        let key: BatchKey = adapters
+            .iter()
+            .enumerate()
+            .map(|(slot, a)| (a.map(str::to_string), self.cache.program(slot).flags.needs_scores()))
+            .collect();
+        let cache = &self.cache;
+        self.graphs.captured.retain(|(_, c)| c.fits(cache));
+        if let Some((_, step)) = self.graphs.captured.iter_mut().find(|(k, _)| *k == key) {
+            return step.step(self.model, tokens, positions, longest);
+        }
+        if !self.graphs.primed.contains(&key) {
+            Graphs::remember(&mut self.graphs.primed, key);
+            return super::decode_step(self.model, tokens, positions, &adapters, &mut self.cache, plan);
+        }
+        let mut step = CapturedStep::capture(self.model, &mut self.cache, &adapters, plan)?;
+        let logits = step.step(self.model, tokens, positions, longest)?;
+        Graphs::remember(&mut self.graphs.captured, (key, step));
+        Ok(logits)
     }
 
     fn slot_of(&self, seq: &DeviceSeq) -> Result<usize> {
@@ -213,9 +273,13 @@ impl BatchEngine for DeviceEngine<'_> {
         let slot_tokens: Vec<u32> = order.iter().map(|&i| tokens[i]).collect();
         let positions: Vec<u32> = order.iter().map(|&i| seqs[i].seen as u32).collect();
         let longest = seqs.iter().map(|s| s.seen + 1).max().unwrap_or(1);
-        let adapters = self.slots.adapters();
-        let logits = super::decode_step(self.model, &slot_tokens, &positions, &adapters, &mut self.cache, longest)?
-            .to_vec2::<f32>()?;
+        let logits = if self.shape.cuda_graphs {
+            self.graph_step(&slot_tokens, &positions, longest)?
+        } else {
+            let adapters = self.slots.adapters();
+            super::decode_step(self.model, &slot_tokens, &positions, &adapters, &mut self.cache, longest)?
+        }
+        .to_vec2::<f32>()?;
         // A kernel that ran out of blocks fails the step here, before anything is released.
         self.cache.check()?;
         let mut out = vec![Vec::new(); seqs.len()];

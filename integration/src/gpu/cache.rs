@@ -195,6 +195,9 @@ pub struct GpuCache {
     part_acc: CudaSlice<f32>,
     part_m: CudaSlice<f32>,
     part_l: CudaSlice<f32>,
+    /// Bumped whenever the split-K partial buffers are reallocated: a captured step that
+    /// recorded the old ones is stale.
+    workspace_generation: u64,
     tuning: AttnTuning,
     /// Sequences in the cache: they hold slots `0..active`, and decode steps cover their rows.
     active: usize,
@@ -309,6 +312,7 @@ impl GpuCache {
             part_acc: drv(stream.alloc_zeros::<f32>(1))?,
             part_m: drv(stream.alloc_zeros::<f32>(1))?,
             part_l: drv(stream.alloc_zeros::<f32>(1))?,
+            workspace_generation: 0,
             tuning: AttnTuning::default(),
             active: shape.batch,
             programs: vec![DevicePolicy { window: shape.window, flags: FlagSource::None, sinks: 0 }; shape.batch],
@@ -520,6 +524,12 @@ impl GpuCache {
             self.programs_dirty = false;
         }
         Ok(())
+    }
+
+    /// Which generation of the decode-attention workspace the cache holds (a CUDA graph captured
+    /// with another one reads freed buffers).
+    pub fn workspace_generation(&self) -> u64 {
+        self.workspace_generation
     }
 
     /// Sets the decode-attention launch settings.

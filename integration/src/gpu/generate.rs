@@ -14,7 +14,8 @@ use crate::gpu::policy::DevicePolicy;
 use crate::model::Llama;
 
 /// Generates from one prompt with the cache on the model's CUDA device: `block_size` slots per
-/// block, at most `capacity_blocks` blocks (the engine config's memory budget).
+/// block, at most `capacity_blocks` blocks (the engine config's memory budget), decode steps
+/// replayed from CUDA graphs when `cuda_graphs`.
 pub fn generate_on_device(
     model: &Llama,
     prompt: &[u32],
@@ -22,6 +23,7 @@ pub fn generate_on_device(
     policy: Arc<dyn PolicyFactory>,
     block_size: usize,
     capacity_blocks: usize,
+    cuda_graphs: bool,
 ) -> Result<Generation> {
     if prompt.is_empty() {
         bail!("the prompt is empty");
@@ -36,6 +38,7 @@ pub fn generate_on_device(
         max_batch: 1,
         max_tokens_per_sequence: total,
         max_window: program.window,
+        cuda_graphs,
     };
     let req = Request { id: 0, prompt: prompt.to_vec(), forced: None, policy, params: None };
     let (mut done, stats) = run_batch(&mut DeviceEngine::new(model, shape)?, vec![req], params, 1, false, |_| {})?;

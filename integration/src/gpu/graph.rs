@@ -26,6 +26,7 @@ pub struct CapturedStep {
     inputs: StepInputs,
     logits: Tensor,
     max_len: usize,
+    workspace_generation: u64,
 }
 
 impl CapturedStep {
@@ -50,6 +51,7 @@ impl CapturedStep {
         // The output copy's kernel loads now: loading a module inside a capture is not allowed.
         logits.slice_set(&logits.zeros_like()?, 0, 0)?;
         stream.synchronize().map_err(|e| anyhow::anyhow!("synchronizing before a capture: {e:?}"))?;
+        let generation = cache.workspace_generation();
         stream
             .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .map_err(|e| anyhow::anyhow!("starting a CUDA graph capture: {e:?}"))?;
@@ -61,11 +63,21 @@ impl CapturedStep {
         })();
         // The capture ends whatever happened inside it, so the stream is usable again.
         let graph = stream.end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
+        if cache.workspace_generation() != generation {
+            cache.reset_workspace()?;
+            bail!("the captured step grew the attention workspace: run one eager step with max_len {max_len} first");
+        }
         recorded.context("recording a decode step into a CUDA graph")?;
         let graph = graph
             .map_err(|e| anyhow::anyhow!("ending the CUDA graph capture: {e:?}"))?
             .context("the CUDA graph capture recorded nothing")?;
-        Ok(Self { graph, inputs, logits, max_len })
+        Ok(Self { graph, inputs, logits, max_len, workspace_generation: generation })
+    }
+
+    /// Whether this capture still fits `cache` (its attention workspace was not reallocated
+    /// since); a stale capture must be dropped, never replayed.
+    pub fn fits(&self, cache: &GpuCache) -> bool {
+        self.workspace_generation == cache.workspace_generation()
     }
 
     /// One decode step: each sequence feeds `tokens[i]` at `positions[i]` (slot order);

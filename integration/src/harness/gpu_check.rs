@@ -497,7 +497,8 @@ pub fn check_latent(dev: &Device, fixtures: &str) -> Result<()> {
 /// once), all with learned DMS (the prompt passes evict as well), the two policies mixed in one
 /// batch (each sequence runs its own device program), and those two beside learned DMS with 4
 /// sinks reading adapter `b` with a LoRA (each sequence reads its own adapter) and a sliding
-/// window with sinks; each also with a
+/// window with sinks, and those four again with decode steps replayed from CUDA graphs; each also
+/// with a
 /// forked prompt. Greedy tokens must equal the host engine's and the logits they were chosen from
 /// agree within 1e-3 (up to a near-tie on the host, where the comparison of that request stops,
 /// said in the output).
@@ -553,17 +554,20 @@ pub fn check_device_batch(dev: &Device, fixtures: &str) -> Result<()> {
     let sliding =
         Registry::with_builtins().build(&toml::from_str("name = 'sliding_window'\nwindow = 6\nsinks = 2")?)?;
     let window = DevicePolicy::of(learned.as_ref())?.window;
+    let mixed = vec![full.clone(), learned.clone(), with_lora, sliding];
     let cases = [
-        ("full cache", vec![full.clone()], true),
-        ("learned DMS", vec![learned.clone()], false),
-        ("full and learned DMS in one batch", vec![full.clone(), learned.clone()], false),
+        ("full cache", vec![full.clone()], true, false),
+        ("learned DMS", vec![learned.clone()], false, false),
+        ("full and learned DMS in one batch", vec![full, learned], false, false),
         (
             "full, learned DMS, sinks with adapter b's LoRA, and a sliding window in one batch",
-            vec![full, learned, with_lora, sliding],
+            mixed.clone(),
+            false,
             false,
         ),
+        ("the same four policies, decode steps replayed from CUDA graphs", mixed, false, true),
     ];
-    for (label, policies, must_preempt) in cases {
+    for (label, policies, must_preempt, cuda_graphs) in cases {
         let request = |id: usize, prompt: &[u32], policy: usize| Request {
             id,
             prompt: prompt.to_vec(),
@@ -579,6 +583,7 @@ pub fn check_device_batch(dev: &Device, fixtures: &str) -> Result<()> {
             max_batch: 3,
             max_tokens_per_sequence: 64,
             max_window: window,
+            cuda_graphs,
         };
         let mut device = DeviceEngine::new(&model, shape)?;
         let (got, stats) = run_batch(&mut device, reqs, &params, shape.max_batch, true, |_| {})?;

@@ -127,12 +127,23 @@ impl GpuCache {
         })
     }
 
+    /// Replaces the split-K partial buffers with empty ones (the next attention sizes them again):
+    /// after a capture that grew them, they point at memory only the graph owns.
+    pub(crate) fn reset_workspace(&mut self) -> Result<()> {
+        self.part_acc = drv(self.stream.alloc_zeros::<f32>(1))?;
+        self.part_m = drv(self.stream.alloc_zeros::<f32>(1))?;
+        self.part_l = drv(self.stream.alloc_zeros::<f32>(1))?;
+        self.workspace_generation += 1;
+        Ok(())
+    }
+
     /// Makes the split-K partial buffers hold `entries` (row, split, head) results of `width`.
     fn ensure_partials(&mut self, entries: usize, width: usize) -> Result<()> {
         if self.part_m.len() < entries || self.part_acc.len() < entries * width {
             self.part_acc = drv(self.stream.alloc_zeros::<f32>(entries * width))?;
             self.part_m = drv(self.stream.alloc_zeros::<f32>(entries))?;
             self.part_l = drv(self.stream.alloc_zeros::<f32>(entries))?;
+            self.workspace_generation += 1;
         }
         Ok(())
     }

@@ -325,3 +325,18 @@ pub fn open_device(s: &str) -> Result<candle_core::Device> {
         Some(n) => candle_core::Device::new_cuda(n).with_context(|| format!("cannot open device `{s}`")),
     }
 }
+
+/// Opens the CUDA device a config names for decode steps replayed from CUDA graphs
+/// (`gpu::graph::graph_device`); any other device is an error naming `[cache] cuda_graphs`.
+pub fn open_graph_device(s: &str) -> Result<candle_core::Device> {
+    match device_ordinal(s)? {
+        None => bail!(
+            "[cache] cuda_graphs = true replays the device cache's decode steps, which needs [model] device = \
+             \"cuda:N\" (this config runs on `{s}`)"
+        ),
+        #[cfg(feature = "cuda")]
+        Some(n) => crate::gpu::graph::graph_device(n).with_context(|| format!("cannot open device `{s}`")),
+        #[cfg(not(feature = "cuda"))]
+        Some(_) => bail!("[cache] cuda_graphs = true needs a build with --features cuda"),
+    }
+}

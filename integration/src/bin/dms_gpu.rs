@@ -206,6 +206,8 @@ fn main() -> Result<()> {
             bench_prefill(&dev, &out, &model, &contexts, steps, weights.as_deref())?
         }
         Cmd::Graphs { out, models, context, batches, steps } => {
+            drop(dev);
+            let dev = dms_integration::gpu::graph::graph_device(0)?;
             bench_graphs(&dev, &out, &models, context, &batches, steps)?
         }
         Cmd::Tune { out, models, context, limit, blocks } => tune(&dev, &out, &models, context, limit, &blocks)?,

@@ -2,12 +2,12 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use dms_policy::Registry;
 use tokenizers::Tokenizer;
 
 use crate::assets::resolve_model;
-use crate::config::{open_device, EngineConfig};
+use crate::config::{open_device, open_graph_device, EngineConfig};
 use crate::engine::{load_model, Engine, GenParams};
 use crate::model::chat_template::ChatTemplate;
 use crate::model::{Llama, Weights};
@@ -32,14 +32,10 @@ pub struct BuiltEngine {
 /// Loads the model, builds the policy and sizes the pool as the config says.
 pub fn build_engine(cfg: &EngineConfig) -> Result<BuiltEngine> {
     registry().check_name(&cfg.cache.policy).context("[cache.policy]")?;
-    let device = open_device(&cfg.model.device)?;
-    if cfg.cache.cuda_graphs && !device.is_cuda() {
-        bail!(
-            "[cache] cuda_graphs = true replays the device cache's decode steps, which needs [model] device = \
-             \"cuda:N\" (this config runs on `{}`)",
-            cfg.model.device
-        );
-    }
+    let device = match cfg.cache.cuda_graphs {
+        true => open_graph_device(&cfg.model.device)?,
+        false => open_device(&cfg.model.device)?,
+    };
     let path = resolve_model(&cfg.model.source, cfg.base_dir.as_deref())?;
     let mut loaded =
         load_model(&path, &device, cfg.weight_form()?).with_context(|| format!("loading model {}", path.display()))?;

@@ -75,11 +75,13 @@ type BatchKey = Vec<(Option<String>, bool)>;
 const MAX_CAPTURES: usize = 8;
 
 /// The CUDA graphs of a device engine: the batches that ran one eager step with the captures'
-/// split plan (the next step of such a batch is captured), and the captures.
+/// split plan (the next step of such a batch is captured), the captures, and the batches whose
+/// capture failed (they run kernel by kernel from then on).
 #[derive(Default)]
 struct Graphs {
     primed: Vec<BatchKey>,
     captured: Vec<(BatchKey, CapturedStep)>,
+    failed: Vec<BatchKey>,
 }
 
 impl Graphs {
@@ -159,16 +161,29 @@ impl<'m> DeviceEngine<'m> {
         let cache = &self.cache;
         self.graphs.captured.retain(|(_, c)| c.fits(cache));
         if let Some((_, step)) = self.graphs.captured.iter_mut().find(|(k, _)| *k == key) {
-            return step.step(self.model, tokens, positions, longest);
+            return step.step(self.model, &mut self.cache, tokens, positions, longest);
         }
-        if !self.graphs.primed.contains(&key) {
-            Graphs::remember(&mut self.graphs.primed, key);
+        if self.graphs.failed.contains(&key) || !self.graphs.primed.contains(&key) {
+            if !self.graphs.failed.contains(&key) {
+                Graphs::remember(&mut self.graphs.primed, key);
+            }
             return super::decode_step(self.model, tokens, positions, &adapters, &mut self.cache, plan);
         }
-        let mut step = CapturedStep::capture(self.model, &mut self.cache, &adapters, plan)?;
-        let logits = step.step(self.model, tokens, positions, longest)?;
-        Graphs::remember(&mut self.graphs.captured, (key, step));
-        Ok(logits)
+        match CapturedStep::capture(self.model, &mut self.cache, &adapters, plan) {
+            Ok(mut step) => {
+                let logits = step.step(self.model, &mut self.cache, tokens, positions, longest)?;
+                Graphs::remember(&mut self.graphs.captured, (key, step));
+                Ok(logits)
+            }
+            Err(e) => {
+                // A capture records without running, so the cache is as it was: this step (and
+                // later ones of this batch) run kernel by kernel.
+                tracing::warn!("a decode step of {} sequences could not be captured: {e:#}", key.len());
+                self.graphs.primed.retain(|k| *k != key);
+                Graphs::remember(&mut self.graphs.failed, key);
+                super::decode_step(self.model, tokens, positions, &adapters, &mut self.cache, plan)
+            }
+        }
     }
 
     fn slot_of(&self, seq: &DeviceSeq) -> Result<usize> {

@@ -516,8 +516,9 @@ impl GpuCache {
         self.programs[..self.active].iter().any(|p| p.flags.needs_scores())
     }
 
-    /// Writes the slots' programs to the device when they changed.
-    fn upload_programs(&mut self) -> Result<()> {
+    /// Writes the slots' programs to the device when they changed (a replayed step reads them
+    /// there, so it runs this first).
+    pub(crate) fn upload_programs(&mut self) -> Result<()> {
         if self.programs_dirty {
             let bytes: Vec<u8> = self.programs.iter().flat_map(program_bytes).collect();
             drv(self.stream.memcpy_htod(&bytes, &mut self.programs_dev))?;

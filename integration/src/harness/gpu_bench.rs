@@ -407,6 +407,7 @@ fn bench_one(
 /// decisions, each batch of `batches`): the step time of each, both against the floor (weights
 /// and live K/V read once at the measured copy bandwidth), and the largest logits difference
 /// between the two over 4 steps after the timing. A capture that fails is a row with its error.
+/// `dev` must come from [`crate::gpu::graph::graph_device`].
 pub fn bench_graphs(dev: &Device, out: &str, models: &str, ctx: usize, batches: &str, steps: usize) -> Result<()> {
     use crate::gpu::graph::CapturedStep;
 
@@ -456,7 +457,7 @@ pub fn bench_graphs(dev: &Device, out: &str, models: &str, ctx: usize, batches: 
                         sync()?;
                         let t = Instant::now();
                         for i in 0..steps as u32 {
-                            graph.step(&model, &tokens, &at(pos + i), max_len)?;
+                            graph.step(&model, &mut graphed, &tokens, &at(pos + i), max_len)?;
                         }
                         sync()?;
                         let graph_s = t.elapsed().as_secs_f64() / steps as f64;
@@ -465,7 +466,8 @@ pub fn bench_graphs(dev: &Device, out: &str, models: &str, ctx: usize, batches: 
                             let want =
                                 crate::gpu::decode_step(&model, &tokens, &at(pos + i), &adapters, &mut eager, max_len)?
                                     .to_vec2::<f32>()?;
-                            let got = graph.step(&model, &tokens, &at(pos + i), max_len)?.to_vec2::<f32>()?;
+                            let got =
+                                graph.step(&model, &mut graphed, &tokens, &at(pos + i), max_len)?.to_vec2::<f32>()?;
                             for (g, e) in got.iter().flatten().zip(want.iter().flatten()) {
                                 worst = worst.max((g - e).abs());
                             }
@@ -476,6 +478,7 @@ pub fn bench_graphs(dev: &Device, out: &str, models: &str, ctx: usize, batches: 
                         r["graph_over_floor"] = json!(graph_s / floor);
                         r["speedup"] = json!(eager_s / graph_s);
                         r["max_abs_logit_diff"] = json!(worst);
+                        r["graph_kernels"] = json!(graph.nodes().kernels);
                     }
                     Err(e) => r["error"] = json!(format!("{e:#}")),
                 }
@@ -502,6 +505,7 @@ pub fn bench_graphs(dev: &Device, out: &str, models: &str, ctx: usize, batches: 
                 ("eager_over_floor", 2),
                 ("graph_over_floor", 2),
                 ("max_abs_logit_diff", 4),
+                ("graph_kernels", 0),
             ] {
                 v.push(if r.get(k).is_some() { format!("{:.p$}", num(r, k)) } else { "-".into() });
             }
@@ -522,6 +526,7 @@ pub fn bench_graphs(dev: &Device, out: &str, models: &str, ctx: usize, batches: 
             "eager x floor",
             "graph x floor",
             "max |dlogit|",
+            "kernels",
             "capture error",
         ],
         &table,

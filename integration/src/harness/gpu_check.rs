@@ -510,11 +510,14 @@ pub fn check_device_batch(dev: &Device, fixtures: &str) -> Result<()> {
     let dir = std::path::Path::new(fixtures).join("qwen3_dms_tiny").join("variant_separate_alpha").join("model");
     let mut model = load_model(&dir, dev, WeightForm::Dense)?.model;
     let mut host_model = load_model(&dir, &Device::Cpu, WeightForm::Dense)?.model;
+    // The same model on a device that can capture decode steps (its own stream, no event
+    // tracking), for the CUDA-graph case.
+    let mut graph_model = load_model(&dir, &crate::gpu::graph::graph_device(0)?, WeightForm::Dense)?.model;
     let cfg = model.config().clone();
     // Adapter `b`: the checkpoint's decision weights under a name, with a rank-4 LoRA of seeded
-    // random weights (the same on both models).
+    // random weights (the same on every model).
     let weights = Weights::open_safetensors_dir(&dir)?;
-    for m in [&mut model, &mut host_model] {
+    for m in [&mut model, &mut host_model, &mut graph_model] {
         m.attach_adapter("b", &weights, false, false)?;
         let mut seed = 70;
         let mut random = |shape: (usize, usize)| -> Result<Tensor> {
@@ -585,7 +588,8 @@ pub fn check_device_batch(dev: &Device, fixtures: &str) -> Result<()> {
             max_window: window,
             cuda_graphs,
         };
-        let mut device = DeviceEngine::new(&model, shape)?;
+        let on = if cuda_graphs { &graph_model } else { &model };
+        let mut device = DeviceEngine::new(on, shape)?;
         let (got, stats) = run_batch(&mut device, reqs, &params, shape.max_batch, true, |_| {})?;
         if must_preempt && (stats.preemptions == 0 || stats.max_running < 2) {
             bail!(
@@ -603,7 +607,7 @@ pub fn check_device_batch(dev: &Device, fixtures: &str) -> Result<()> {
             .map(|(id, &(p, k))| request(id, &prompts[p], k))
             .collect();
         let (want_f, _) = run_batch(&mut host, forks.clone(), &params, 3, true, |_| {})?;
-        let mut device = DeviceEngine::new(&model, DeviceBatchShape { capacity_blocks: 1 << 12, ..shape })?;
+        let mut device = DeviceEngine::new(on, DeviceBatchShape { capacity_blocks: 1 << 12, ..shape })?;
         let (got_f, fstats) = run_batch(&mut device, forks, &params, 3, true, |_| {})?;
         if fstats.forked != 1 {
             bail!("device batch ({label}): {} forks for two requests sharing a prompt and a policy", fstats.forked);

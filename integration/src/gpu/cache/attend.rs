@@ -127,12 +127,15 @@ impl GpuCache {
         })
     }
 
-    /// Replaces the split-K partial buffers with empty ones (the next attention sizes them again):
-    /// after a capture that grew them, they point at memory only the graph owns.
-    pub(crate) fn reset_workspace(&mut self) -> Result<()> {
-        self.part_acc = drv(self.stream.alloc_zeros::<f32>(1))?;
-        self.part_m = drv(self.stream.alloc_zeros::<f32>(1))?;
-        self.part_l = drv(self.stream.alloc_zeros::<f32>(1))?;
+    /// Replaces the split-K partial buffers with empty ones (the next attention sizes them
+    /// again) after a capture that grew them: the grown ones are addresses of a graph that never
+    /// ran, so they are forgotten, not freed.
+    pub(crate) fn abandon_workspace(&mut self) -> Result<()> {
+        let fresh = || drv(self.stream.alloc_zeros::<f32>(1));
+        let (acc, m, l) = (fresh()?, fresh()?, fresh()?);
+        std::mem::forget(std::mem::replace(&mut self.part_acc, acc));
+        std::mem::forget(std::mem::replace(&mut self.part_m, m));
+        std::mem::forget(std::mem::replace(&mut self.part_l, l));
         self.workspace_generation += 1;
         Ok(())
     }

@@ -32,7 +32,8 @@
 #   long    64K context: Llama-3.1-8B and DeepSeek-V2-Lite's attention, full vs DMS CR4/CR8
 #   smollm2 SmolLM2-135M with its real weights (halves staged by MODEL_PARTS=1 build.sh; the first
 #           half stashed by an earlier call in /tmp/dms-model-parts): `dms run` on the device vs
-#           the host (full and retrofitted DMS, same text), then prefill + decode at 2K/8K
+#           the host (full and retrofitted DMS, same text), the DMS run again with decode steps
+#           replayed from CUDA graphs (same text, both decode rates), then prefill + decode at 2K/8K
 # STEPS picks and orders the steps after check (default "engine profile prefill peer tune"; then a
 # second call with STEPS="grid mla long"). Each step has a time cap so that a call stays inside 10 device minutes.
 set -uo pipefail
@@ -107,6 +108,13 @@ for step in ${STEPS:-engine profile prefill peer tune}; do
         tail -3 "$OUT/smollm2-$cfg.log"; tail -2 "$OUT/smollm2-$cfg.err"
         if [ -n "$host" ] && [ "$host" = "$dev" ]; then echo "SMOLLM2 $cfg: device == host text (48 greedy tokens)"; else echo "SMOLLM2 $cfg MISMATCH: host [$host] device [$dev]"; fi
       done
+      # Decode steps replayed from CUDA graphs ([cache] cuda_graphs): the same text as the device's
+      # eager run of smollm2-dms, and both decode rates from their summary lines.
+      sed 's/^\[cache\]$/[cache]\ncuda_graphs = true/' configs/smollm2-dms.toml > configs/smollm2-dms-graphs.toml
+      timeout 60 bash .gpu-bin/gpu-run.sh /tmp/dms-gpu-bin/dms run --config configs/smollm2-dms-graphs.toml --prompt "The capital of France is" --max-tokens 48 --device cuda:0 >"$OUT/smollm2-graphs.log" 2>"$OUT/smollm2-graphs.err"
+      eager=$(sed '/^\[summary\]/,$d' "$OUT/smollm2-smollm2-dms.log"); graphs=$(sed '/^\[summary\]/,$d' "$OUT/smollm2-graphs.log")
+      grep -h -o 'decode [0-9.]* tok/s' "$OUT/smollm2-smollm2-dms.log" "$OUT/smollm2-graphs.log"; grep -i "captur" "$OUT/smollm2-graphs.err" | head -3
+      if [ -n "$graphs" ] && [ "$graphs" = "$eager" ]; then echo "SMOLLM2 graphs: == eager device text (first line eager, second graphs)"; else echo "SMOLLM2 graphs MISMATCH: eager [$eager] graphs [$graphs]"; fi
       timeout 100 bash .gpu-bin/gpu-run.sh "$BIN" prefill --model smollm2-135m --weights "$gguf" --contexts 2048,8192 --out "$OUT/gpu-smollm2.json" 2>"$OUT/smollm2.err" | tee "$OUT/smollm2.log"; tail -3 "$OUT/smollm2.err" ;;
     long) timeout 150 bash .gpu-bin/gpu-run.sh "$BIN" bench --models "$SHAPES" --contexts 65536 --out "$OUT/gpu-long.json" "$@" 2>"$OUT/long.err" | tee "$OUT/long.log"; tail -3 "$OUT/long.err" ;;
     profile) timeout 90 bash .gpu-bin/gpu-run.sh "$BIN" profile --models "$SHAPES" --out "$OUT/gpu-profile.json" 2>"$OUT/profile.err" | tee "$OUT/profile.log"; tail -3 "$OUT/profile.err" ;;

@@ -33,6 +33,14 @@ pub enum FlagSource {
         /// alpha_offset.
         offset: f32,
     },
+    /// The learned rule with the L2 norm of token `t + 1`'s key (after RoPE) as the raw signal
+    /// (a training-free scorer).
+    KeyNorm {
+        /// alpha_scale.
+        scale: f32,
+        /// alpha_offset.
+        offset: f32,
+    },
 }
 
 impl FlagSource {
@@ -44,13 +52,25 @@ impl FlagSource {
             FlagSource::None => false,
             FlagSource::All => true,
             FlagSource::Random { seed, rate } => random_flag_unit(seed, layer, head, pos) < rate,
-            FlagSource::Learned { scale, offset } => next_raw * scale - offset > 0.0,
+            FlagSource::Learned { scale, offset } | FlagSource::KeyNorm { scale, offset } => {
+                next_raw * scale - offset > 0.0
+            }
         }
     }
 
     /// Whether [`FlagSource::flags_token`] needs the model's decision signal.
     pub fn needs_scores(&self) -> bool {
         matches!(self, FlagSource::Learned { .. })
+    }
+
+    /// Whether [`FlagSource::flags_token`] needs the keys' norms.
+    pub fn needs_key_norms(&self) -> bool {
+        matches!(self, FlagSource::KeyNorm { .. })
+    }
+
+    /// Whether [`FlagSource::flags_token`] reads a raw signal (decision scores or key norms).
+    pub fn reads_signal(&self) -> bool {
+        self.needs_scores() || self.needs_key_norms()
     }
 }
 

@@ -100,6 +100,23 @@ fn against_engine_policy(dir: &std::path::Path, prompt: &[u32], toml: &str) -> D
     program
 }
 
+/// Key-norm decisions (the learned rule on each key's norm after RoPE), with and without sinks,
+/// per-head and latent rows: the masked prefill reads the model's key norms as the raw signal.
+#[test]
+fn key_norm_decisions_equal_the_paged_engine() {
+    // Offsets near each fixture's median key norm, so that about half the keys are flagged.
+    for (fixture_name, offset) in [("llama3_tiny", 1.57), ("deepseek_mla_tiny", 5.76)] {
+        let dir = fixture(fixture_name);
+        for sinks in [0, 3] {
+            let toml = format!(
+                "name = 'dms'\nwindow = 4\ndecision = 'key_norm'\nalpha_scale = 1.0\nalpha_offset = {offset}\nsinks = {sinks}"
+            );
+            let program = against_engine_policy(&dir, &prompt(40, 200), &toml);
+            assert_eq!(program.flags, FlagSource::KeyNorm { scale: 1.0, offset });
+        }
+    }
+}
+
 /// `sliding_window` (with and without sinks) through its device program, the delayed window of
 /// `window - 1` with every token flagged, per-head and latent rows.
 #[test]

@@ -118,16 +118,14 @@ impl DmsPolicy {
         })
     }
 
-    /// The flag rule of this policy's decisions (spec rules 1-2); `None` for key-norm decisions,
-    /// whose signal (the key norm) only the host computes. Eviction disabled flags nothing.
-    pub fn flag_source(&self) -> Option<FlagSource> {
+    /// The flag rule of this policy's decisions (spec rules 1-2). Eviction disabled flags nothing.
+    pub fn flag_source(&self) -> FlagSource {
+        let (scale, offset) = (self.alpha_scale, self.alpha_offset);
         match (self.disable_eviction, self.decision) {
-            (true, _) => Some(FlagSource::None),
-            (false, DecisionKind::Model) => {
-                Some(FlagSource::Learned { scale: self.alpha_scale, offset: self.alpha_offset })
-            }
-            (false, DecisionKind::Random) => Some(FlagSource::Random { seed: self.seed, rate: self.evict_rate }),
-            (false, DecisionKind::KeyNorm) => None,
+            (true, _) => FlagSource::None,
+            (false, DecisionKind::Model) => FlagSource::Learned { scale, offset },
+            (false, DecisionKind::Random) => FlagSource::Random { seed: self.seed, rate: self.evict_rate },
+            (false, DecisionKind::KeyNorm) => FlagSource::KeyNorm { scale, offset },
         }
     }
 }
@@ -151,11 +149,7 @@ impl PolicyFactory for DmsPolicy {
         Box::new(DmsState { cfg: self.clone(), rows: Rows::new(shape, || DelayedWindow::new(w)) })
     }
     fn device_program(&self) -> Result<DeviceProgram, PolicyError> {
-        let flags = self.flag_source().ok_or_else(|| PolicyError::NoDeviceForm {
-            policy: "dms".into(),
-            why: "key-norm decisions need key norms, which the device path does not compute".into(),
-        })?;
-        Ok(DeviceProgram::DelayedWindow { window: self.window as usize, flags, sinks: self.sinks })
+        Ok(DeviceProgram::DelayedWindow { window: self.window as usize, flags: self.flag_source(), sinks: self.sinks })
     }
     fn describe(&self) -> String {
         let source = match self.decision {
@@ -206,9 +200,8 @@ impl SequencePolicy for DmsState {
         let cfg = &self.cfg;
         let r = self.rows.get_mut(row).ok_or_else(|| bad_row("dms", row))?;
         // Key-norm decisions follow the learned rule with the key norm as the raw signal.
-        let source =
-            cfg.flag_source().unwrap_or(FlagSource::Learned { scale: cfg.alpha_scale, offset: cfg.alpha_offset });
-        if source.needs_scores() {
+        let source = cfg.flag_source();
+        if source.reads_signal() {
             let s = scores.ok_or_else(|| protocol("dms", "decision scores were not provided".into()))?;
             if s.len() != n_new {
                 return Err(protocol("dms", format!("{} scores for {n_new} tokens", s.len())));

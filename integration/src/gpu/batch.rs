@@ -68,8 +68,8 @@ impl DeviceBatchShape {
 }
 
 /// What a captured decode step fixes of its batch: per slot, the adapter its sequence reads and
-/// whether its decisions need the model's scores.
-type BatchKey = Vec<(Option<String>, bool)>;
+/// whether its decisions need the model's scores, and its keys' norms.
+type BatchKey = Vec<(Option<String>, bool, bool)>;
 
 /// Captures this many batch compositions at most (the oldest goes first).
 const MAX_CAPTURES: usize = 8;
@@ -156,7 +156,10 @@ impl<'m> DeviceEngine<'m> {
         let key: BatchKey = adapters
             .iter()
             .enumerate()
-            .map(|(slot, a)| (a.map(str::to_string), self.cache.program(slot).flags.needs_scores()))
+            .map(|(slot, a)| {
+                let flags = self.cache.program(slot).flags;
+                (a.map(str::to_string), flags.needs_scores(), flags.needs_key_norms())
+            })
             .collect();
         let cache = &self.cache;
         self.graphs.captured.retain(|(_, c)| c.fits(cache));

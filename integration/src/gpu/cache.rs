@@ -21,14 +21,14 @@ const MAX_SPLITS: usize = 64;
 const PROGRAM_BYTES: usize = 40;
 
 /// One sequence's program as the kernels read it (`SeqProgram` in `kernels.cu`): mode (0 none,
-/// 1 random, 2 learned, 3 all), ring length W + 1, seed, rate, scale, offset, sinks, 4 unused
-/// bytes.
+/// 1 random, 2 learned or key-norm, which read the step's raw signal alike, 3 all), ring length
+/// W + 1, seed, rate, scale, offset, sinks, 4 unused bytes.
 fn program_bytes(p: &DevicePolicy) -> [u8; PROGRAM_BYTES] {
     let (mode, seed, rate, scale, offset): (i32, u64, f64, f32, f32) = match p.flags {
         FlagSource::None => (0, 0, 0.0, 0.0, 0.0),
         FlagSource::All => (3, 0, 0.0, 0.0, 0.0),
         FlagSource::Random { seed, rate } => (1, seed, rate, 0.0, 0.0),
-        FlagSource::Learned { scale, offset } => (2, 0, 0.0, scale, offset),
+        FlagSource::Learned { scale, offset } | FlagSource::KeyNorm { scale, offset } => (2, 0, 0.0, scale, offset),
     };
     let sinks = i32::try_from(p.sinks).unwrap_or(i32::MAX);
     let mut out = [0u8; PROGRAM_BYTES];
@@ -378,8 +378,9 @@ impl GpuCache {
     /// Decides (by each sequence's program), evicts and writes one new token per row of `layer`
     /// for every sequence in the cache. `k_new`/`v_new`: `[sequences, kv_heads, head_dim]`,
     /// contiguous, in the cache dtype (latent rows: `k_new` is the latent row `[batch, 1,
-    /// head_dim]` and `v_new` is not read). `scores`: the raw decision scores f32 `[sequences,
-    /// kv_heads]`, needed when a sequence has learned decisions ([`Self::needs_scores`]).
+    /// head_dim]` and `v_new` is not read). `scores`: each sequence's raw decision signal f32
+    /// `[sequences, kv_heads]` (its decision scores, or for key-norm decisions its keys' norms),
+    /// needed when a sequence reads one ([`Self::needs_scores`], [`Self::needs_key_norms`]).
     pub fn update(&mut self, layer: usize, k_new: &Tensor, v_new: &Tensor, scores: Option<&Tensor>) -> Result<()> {
         let s = self.shape;
         let rows = self.active * s.kv_heads;
@@ -401,7 +402,8 @@ impl GpuCache {
         // Latent rows: the values are part of the key row, so the kernel never reads `v_new`.
         let v_sep = if s.latent_rank.is_some() { None } else { Some(v_new) };
         let f = self.func("dms_decode_update")?;
-        // Learned decisions read `scores [batch, kv_heads]`; the other modes never read the pointer.
+        // Learned and key-norm decisions read `scores [batch, kv_heads]`; the other modes never
+        // read the pointer.
         let scores = match scores {
             Some(scores) => {
                 if scores.dims() != [self.active, s.kv_heads] || scores.dtype() != DType::F32 {
@@ -415,7 +417,9 @@ impl GpuCache {
                 }
                 Some(scores.contiguous()?)
             }
-            None if self.needs_scores() => bail!("a sequence has learned decisions but the step has no scores"),
+            None if self.needs_scores() || self.needs_key_norms() => {
+                bail!("a sequence decides by a raw signal (learned scores or key norms) but the step has none")
+            }
             None => None,
         };
         self.upload_programs()?;
@@ -514,6 +518,11 @@ impl GpuCache {
     /// Whether a sequence in the cache has learned decisions (decode steps then need scores).
     pub fn needs_scores(&self) -> bool {
         self.programs[..self.active].iter().any(|p| p.flags.needs_scores())
+    }
+
+    /// Whether a sequence in the cache decides by its keys' norms (decode steps then need them).
+    pub fn needs_key_norms(&self) -> bool {
+        self.programs[..self.active].iter().any(|p| p.flags.needs_key_norms())
     }
 
     /// Writes the slots' programs to the device when they changed (a replayed step reads them

@@ -25,11 +25,26 @@ impl<'c> DeviceStep<'c> {
     pub(crate) fn new(cache: &'c mut GpuCache, adapters: &'c [Option<&'c str>], max_len_hint: usize) -> Self {
         Self { cache, adapters, batch: adapters.len(), max_len_hint }
     }
+
+    /// Each sequence's raw decision signal `[batch, kv_heads]`, as its program reads it: its
+    /// decision scores, or its keys' norms; `None` when no sequence reads one.
+    fn signal(&self, step: &LayerStep<'_>) -> Result<Option<Tensor>> {
+        let (Some(scores), Some(norms)) = (step.decision, step.key_norms) else {
+            return Ok(step.decision.or(step.key_norms).cloned());
+        };
+        let rows = (0..self.batch)
+            .map(|slot| {
+                let from = if self.cache.program(slot).flags.needs_key_norms() { norms } else { scores };
+                Ok(from.narrow(0, slot, 1)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Some(Tensor::cat(&rows, 0)?))
+    }
 }
 
 impl KvBackend for DeviceStep<'_> {
     fn signals(&self) -> Signals {
-        Signals { decision: self.cache.needs_scores(), key_norms: false }
+        Signals { decision: self.cache.needs_scores(), key_norms: self.cache.needs_key_norms() }
     }
 
     fn decision_spans(&self) -> Vec<DecisionSpan<'_>> {
@@ -43,7 +58,8 @@ impl KvBackend for DeviceStep<'_> {
     }
 
     fn attend(&mut self, li: usize, step: LayerStep<'_>) -> Result<Tensor> {
-        self.cache.update(li, &step.k.contiguous()?, step.v, step.decision)?;
+        let signal = self.signal(&step)?;
+        self.cache.update(li, &step.k.contiguous()?, step.v, signal.as_ref())?;
         // Per-head rows give `[b, heads, head_dim]`, latent rows `[b, heads, rank]`.
         let attn = self.cache.attend(li, &step.q.contiguous()?, step.scale as f32, self.max_len_hint)?;
         let (_, heads, width) = attn.dims3()?;

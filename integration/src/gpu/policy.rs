@@ -1,8 +1,9 @@
 //! What the device (GPU) cache executes for a policy: the policy's own
 //! [`DeviceProgram`](dms_policy::DeviceProgram), so the device path needs no policy names. The
 //! CUDA kernels execute a full cache and DMS's delayed window with flags from the model, at a set
-//! rate or on every token (`sliding_window`), and attention sinks; a policy without a device
-//! program (`tova`, `h2o`, `shadow`, key-norm DMS, a third-party policy) runs on the host store.
+//! rate, on every token (`sliding_window`) or from key norms, and attention sinks; a policy
+//! without a device program (`tova`, `h2o`, `shadow`, a third-party policy) runs on the host
+//! store.
 
 use anyhow::Result;
 use dms_policy::{DeviceProgram, FlagSource, PolicyFactory, Pos};
@@ -61,8 +62,9 @@ mod tests {
         let e = device("name = 'shadow'\ninner = { name = 'dms', window = 8, decision = 'random', evict_rate = 0.5 }")
             .unwrap_err();
         assert!(e.to_string().contains("shadow"), "{e}");
-        let e = device("name = 'dms'\nwindow = 8\ndecision = 'key_norm'").unwrap_err();
-        assert!(e.to_string().contains("key-norm"), "{e:#}");
+        let norms =
+            device("name = 'dms'\nwindow = 8\ndecision = 'key_norm'\nalpha_scale = 1.0\nalpha_offset = 9.0").unwrap();
+        assert_eq!(norms.flags, FlagSource::KeyNorm { scale: 1.0, offset: 9.0 });
         let e = device("name = 'dms'\nwindow = 8\ndecision = 'random'").unwrap_err();
         assert!(format!("{e:#}").contains("evict_rate"), "{e:#}");
     }

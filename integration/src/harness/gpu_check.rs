@@ -496,9 +496,9 @@ pub fn check_latent(dev: &Device, fixtures: &str) -> Result<()> {
 /// exact and the pool must force preemptions, by recomputation, with two sequences decoding at
 /// once), all with learned DMS (the prompt passes evict as well), the two policies mixed in one
 /// batch (each sequence runs its own device program), and those two beside learned DMS with 4
-/// sinks reading adapter `b` with a LoRA (each sequence reads its own adapter) and a sliding
-/// window with sinks, and those four again with decode steps replayed from CUDA graphs; each also
-/// with a
+/// sinks reading adapter `b` with a LoRA (each sequence reads its own adapter), a sliding window
+/// with sinks and key-norm decisions, and those five again with decode steps replayed from CUDA
+/// graphs; each also with a
 /// forked prompt. Greedy tokens must equal the host engine's and the logits they were chosen from
 /// agree within 1e-3 (up to a near-tie on the host, where the comparison of that request stops,
 /// said in the output).
@@ -556,19 +556,22 @@ pub fn check_device_batch(dev: &Device, fixtures: &str) -> Result<()> {
     let with_lora = Registry::with_builtins().build(&toml::from_str(&format!("{dms}\nsinks = 4\nadapter = 'b'"))?)?;
     let sliding =
         Registry::with_builtins().build(&toml::from_str("name = 'sliding_window'\nwindow = 6\nsinks = 2")?)?;
+    let norms = Registry::with_builtins().build(&toml::from_str(
+        "name = 'dms'\nwindow = 4\ndecision = 'key_norm'\nalpha_scale = 1.0\nalpha_offset = 4.0",
+    )?)?;
     let window = DevicePolicy::of(learned.as_ref())?.window;
-    let mixed = vec![full.clone(), learned.clone(), with_lora, sliding];
+    let mixed = vec![full.clone(), learned.clone(), with_lora, sliding, norms];
     let cases = [
         ("full cache", vec![full.clone()], true, false),
         ("learned DMS", vec![learned.clone()], false, false),
         ("full and learned DMS in one batch", vec![full, learned], false, false),
         (
-            "full, learned DMS, sinks with adapter b's LoRA, and a sliding window in one batch",
+            "full, learned DMS, sinks with adapter b's LoRA, a sliding window and key norms in one batch",
             mixed.clone(),
             false,
             false,
         ),
-        ("the same four policies, decode steps replayed from CUDA graphs", mixed, false, true),
+        ("the same five policies, decode steps replayed from CUDA graphs", mixed, false, true),
     ];
     for (label, policies, must_preempt, cuda_graphs) in cases {
         let request = |id: usize, prompt: &[u32], policy: usize| Request {

@@ -17,8 +17,9 @@ use crate::model::Llama;
 
 /// Flags `[T, kv_heads]` (f32, 1 = flagged) of a prompt at positions `0..T` for one layer: the
 /// rule of [`DevicePolicy::flags_token`] in tensor ops. `scores` (`[T, kv_heads]`, the raw
-/// decision signal of each token) is required for [`FlagSource::Learned`]. The last token's flag
-/// is 0: its fate is decided by the next token.
+/// decision signal of each token: decision scores, or key norms) is required for
+/// [`FlagSource::Learned`] and [`FlagSource::KeyNorm`]. The last token's flag is 0: its fate is
+/// decided by the next token.
 pub fn prompt_flags(
     program: &DevicePolicy,
     layer: usize,
@@ -60,8 +61,8 @@ fn source_flags(
             }
             Ok(Tensor::from_vec(host, (t, kv_heads), device)?)
         }
-        FlagSource::Learned { scale, offset } => {
-            let Some(s) = scores else { bail!("learned prompt flags need the model's decision scores") };
+        FlagSource::Learned { scale, offset } | FlagSource::KeyNorm { scale, offset } => {
+            let Some(s) = scores else { bail!("learned and key-norm prompt flags need their raw signal") };
             if s.dims() != [t, kv_heads] {
                 bail!("decision scores have shape {:?}, expected [{t}, {kv_heads}]", s.dims());
             }
@@ -146,7 +147,7 @@ pub struct MaskedPrompt<'p, F> {
 
 impl<F: FnMut(usize, &Tensor, &Tensor, &Tensor) -> Result<()>> KvBackend for MaskedPrompt<'_, F> {
     fn signals(&self) -> Signals {
-        Signals { decision: self.program.flags.needs_scores(), key_norms: false }
+        Signals { decision: self.program.flags.needs_scores(), key_norms: self.program.flags.needs_key_norms() }
     }
 
     fn decision_spans(&self) -> Vec<DecisionSpan<'_>> {
@@ -155,7 +156,8 @@ impl<F: FnMut(usize, &Tensor, &Tensor, &Tensor) -> Result<()>> KvBackend for Mas
 
     fn attend(&mut self, li: usize, step: LayerStep<'_>) -> Result<Tensor> {
         let (t, rows, _) = step.k.dims3()?;
-        let f = prompt_flags(self.program, li, t, rows, step.decision, &self.device)?;
+        let raw = if self.program.flags.needs_key_norms() { step.key_norms } else { step.decision };
+        let f = prompt_flags(self.program, li, t, rows, raw, &self.device)?;
         let values = match self.latent_rank {
             Some(r) => step.k.narrow(2, 0, r)?,
             None => step.v.clone(),

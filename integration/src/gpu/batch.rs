@@ -22,6 +22,7 @@ use crate::engine::Engine;
 use crate::gpu::graph::CapturedStep;
 use crate::gpu::policy::DevicePolicy;
 use crate::gpu::slot_map::SlotMap;
+use crate::gpu::split_plan::captured_plan;
 use crate::kv::store::MemoryUsage;
 use crate::model::Llama;
 
@@ -67,9 +68,14 @@ impl DeviceBatchShape {
     }
 }
 
-/// What a captured decode step fixes of its batch: per slot, the adapter its sequence reads and
-/// whether its decisions need the model's scores, and its keys' norms.
-type BatchKey = Vec<(Option<String>, bool, bool)>;
+/// What a captured decode step fixes of its batch: the rows its attention plans for, and per
+/// slot the adapter its sequence reads and whether its decisions need the model's scores, and
+/// its keys' norms.
+#[derive(Debug, Clone, PartialEq)]
+struct BatchKey {
+    plan: usize,
+    slots: Vec<(Option<String>, bool, bool)>,
+}
 
 /// Captures this many batch compositions at most (the oldest goes first).
 const MAX_CAPTURES: usize = 8;
@@ -149,11 +155,11 @@ impl<'m> DeviceEngine<'m> {
 
     /// One decode step of every sequence, in slot order, from a CUDA graph of this batch when
     /// there is one (see [`DeviceBatchShape::cuda_graphs`]). Every step here plans attention for
-    /// the longest sequence a request may reach, so eager steps size what captures record.
+    /// a bucket of row lengths ([`captured_plan`]), so eager steps size what captures record.
     fn graph_step(&mut self, tokens: &[u32], positions: &[u32], longest: usize) -> Result<Tensor> {
-        let plan = self.shape.max_tokens_per_sequence;
+        let plan = captured_plan(longest, self.shape.max_tokens_per_sequence);
         let adapters = self.slots.adapters();
-        let key: BatchKey = adapters
+        let slots = adapters
             .iter()
             .enumerate()
             .map(|(slot, a)| {
@@ -161,6 +167,7 @@ impl<'m> DeviceEngine<'m> {
                 (a.map(str::to_string), flags.needs_scores(), flags.needs_key_norms())
             })
             .collect();
+        let key = BatchKey { plan, slots };
         let cache = &self.cache;
         self.graphs.captured.retain(|(_, c)| c.fits(cache));
         if let Some((_, step)) = self.graphs.captured.iter_mut().find(|(k, _)| *k == key) {
@@ -181,7 +188,7 @@ impl<'m> DeviceEngine<'m> {
             Err(e) => {
                 // A capture records without running, so the cache is as it was: this step (and
                 // later ones of this batch) run kernel by kernel.
-                tracing::warn!("a decode step of {} sequences could not be captured: {e:#}", key.len());
+                tracing::warn!("a decode step of {} sequences could not be captured: {e:#}", key.slots.len());
                 self.graphs.primed.retain(|k| *k != key);
                 Graphs::remember(&mut self.graphs.failed, key);
                 super::decode_step(self.model, tokens, positions, &adapters, &mut self.cache, plan)

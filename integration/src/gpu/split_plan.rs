@@ -16,6 +16,13 @@ pub fn tail_aware_splits(rows: usize, keys: usize, resident: usize, max_splits: 
         .map_or(1, |(_, s)| s)
 }
 
+/// The row length a captured decode step plans its splits for when its longest row holds
+/// `longest` keys: the next power of two from 256, at most `cap` (the longest a request may
+/// reach), so a growing batch needs few captures and each plans close to its rows.
+pub fn captured_plan(longest: usize, cap: usize) -> usize {
+    longest.next_power_of_two().max(256).min(cap.max(1))
+}
+
 /// The modelled time of [`tail_aware_splits`]'s cost model, in key-loads per block slot.
 pub fn modelled_cost(rows: usize, keys: usize, resident: usize, splits: usize, overhead_keys: usize) -> usize {
     (rows.max(1) * splits.max(1)).div_ceil(resident.max(1)) * (keys.max(1).div_ceil(splits.max(1)) + overhead_keys)
@@ -24,6 +31,21 @@ pub fn modelled_cost(rows: usize, keys: usize, resident: usize, splits: usize, o
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Covers the row, stays within the cap, at most doubles the row (past 256), and takes few
+    /// distinct values as a row grows.
+    #[test]
+    fn captured_plans_cover_the_row_in_few_buckets() {
+        let cap = 40_000;
+        let mut plans = std::collections::BTreeSet::new();
+        for longest in 1..=cap {
+            let p = captured_plan(longest, cap);
+            assert!(p >= longest && p <= cap, "row {longest}: plan {p}");
+            assert!(longest < 256 || p < 2 * longest, "row {longest}: plan {p}");
+            plans.insert(p);
+        }
+        assert_eq!(plans.len(), 9, "256 .. 32768 and the cap: {plans:?}");
+    }
     use proptest::prelude::*;
 
     #[test]

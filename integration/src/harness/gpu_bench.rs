@@ -58,6 +58,21 @@ fn text(r: &serde_json::Value, k: &str) -> String {
     }
 }
 
+/// Table cells of JSON rows: the `texts` fields as they are, then the `nums` fields with their
+/// decimals ("-" where a row lacks one).
+fn table_of(rows: &[serde_json::Value], texts: &[&str], nums: &[(&str, usize)]) -> Vec<Vec<String>> {
+    rows.iter()
+        .map(|r| {
+            let mut v: Vec<String> = texts.iter().map(|k| text(r, k)).collect();
+            v.extend(nums.iter().map(|&(k, p)| match r.get(k) {
+                Some(_) => format!("{:.p$}", num(r, k)),
+                None => "-".into(),
+            }));
+            v
+        })
+        .collect()
+}
+
 /// Device copy bandwidth (read + write bytes per second) over a 4 GiB buffer.
 fn copy_bandwidth(dev: &Device) -> Result<f64> {
     let n = 1usize << 30;
@@ -263,24 +278,19 @@ pub fn bench_prefill(
         }
     }
     std::fs::write(out, serde_json::to_string_pretty(&json!({"window": w, "block_size": bs, "rows": rows}))?)?;
-    let table: Vec<Vec<String>> = rows
-        .iter()
-        .map(|r| {
-            let mut v = vec![text(r, "model"), text(r, "context"), text(r, "arm")];
-            for (k, p) in [
-                ("prefill_s", 2),
-                ("prefill_tok_s", 0),
-                ("prefill_vs_full", 2),
-                ("decode_step_ms", 2),
-                ("decode_speedup_vs_full", 2),
-                ("kv_gib_after_prompt", 2),
-                ("cr_after_prompt", 2),
-            ] {
-                v.push(format!("{:.p$}", num(r, k)));
-            }
-            v
-        })
-        .collect();
+    let table = table_of(
+        &rows,
+        &["model", "context", "arm"],
+        &[
+            ("prefill_s", 2),
+            ("prefill_tok_s", 0),
+            ("prefill_vs_full", 2),
+            ("decode_step_ms", 2),
+            ("decode_speedup_vs_full", 2),
+            ("kv_gib_after_prompt", 2),
+            ("cr_after_prompt", 2),
+        ],
+    );
     print_table(
         &[
             "model",
@@ -493,26 +503,23 @@ pub fn bench_graphs(dev: &Device, out: &str, models: &str, ctx: usize, batches: 
         serde_json::to_string_pretty(&json!({"copy_bandwidth_gb_s": bw / 1e9, "window": w, "block_size": bs,
             "steps": steps, "rows": rows}))?,
     )?;
-    let table: Vec<Vec<String>> = rows
-        .iter()
-        .map(|r| {
-            let mut v: Vec<String> = ["model", "context", "arm", "batch"].iter().map(|k| text(r, k)).collect();
-            for (k, p) in [
-                ("eager_ms", 3),
-                ("graph_ms", 3),
-                ("speedup", 2),
-                ("floor_ms", 3),
-                ("eager_over_floor", 2),
-                ("graph_over_floor", 2),
-                ("max_abs_logit_diff", 4),
-                ("graph_kernels", 0),
-            ] {
-                v.push(if r.get(k).is_some() { format!("{:.p$}", num(r, k)) } else { "-".into() });
-            }
-            v.push(if r.get("error").is_some() { text(r, "error").chars().take(80).collect() } else { String::new() });
-            v
-        })
-        .collect();
+    let mut table = table_of(
+        &rows,
+        &["model", "context", "arm", "batch"],
+        &[
+            ("eager_ms", 3),
+            ("graph_ms", 3),
+            ("speedup", 2),
+            ("floor_ms", 3),
+            ("eager_over_floor", 2),
+            ("graph_over_floor", 2),
+            ("max_abs_logit_diff", 4),
+            ("graph_kernels", 0),
+        ],
+    );
+    for (v, r) in table.iter_mut().zip(&rows) {
+        v.push(if r.get("error").is_some() { text(r, "error").chars().take(80).collect() } else { String::new() });
+    }
     print_table(
         &[
             "model",
@@ -598,17 +605,11 @@ pub fn tune(dev: &Device, out: &str, models: &str, ctx: usize, limit: Limit, blo
         }
     }
     std::fs::write(out, serde_json::to_string_pretty(&json!({"copy_bandwidth_gb_s": bw / 1e9, "rows": rows}))?)?;
-    let table: Vec<Vec<String>> = rows
-        .iter()
-        .map(|r| {
-            let mut v: Vec<String> =
-                ["model", "context", "arm", "batch", "kernel", "target_blocks"].iter().map(|k| text(r, k)).collect();
-            for k in ["step_ms", "step_over_floor", "speedup_vs_first"] {
-                v.push(format!("{:.2}", num(r, k)));
-            }
-            v
-        })
-        .collect();
+    let table = table_of(
+        &rows,
+        &["model", "context", "arm", "batch", "kernel", "target_blocks"],
+        &[("step_ms", 2), ("step_over_floor", 2), ("speedup_vs_first", 2)],
+    );
     print_table(&["model", "ctx", "arm", "batch", "kernel", "target blocks", "step ms", "x floor", "speedup"], &table);
     Ok(())
 }
@@ -662,25 +663,19 @@ pub fn bench(dev: &Device, out: &str, limit: Limit, contexts: &str, models: &str
         "window": w, "block_size": bs, "kernel": format!("{:?}", tuning.kernel),
         "target_blocks": tuning.target_blocks, "rows": rows}))?,
     )?;
-    let table: Vec<Vec<String>> = rows
-        .iter()
-        .map(|r| {
-            let mut v: Vec<String> =
-                ["model", "context", "arm", "batch", "fits_in_budget"].iter().map(|k| text(r, k)).collect();
-            for (k, p) in [
-                ("step_ms", 2),
-                ("floor_ms", 2),
-                ("step_over_floor", 2),
-                ("decode_tok_s", 0),
-                ("tok_s_vs_full_same_batch_kind", 2),
-                ("kv_gib", 2),
-                ("measured_cr", 2),
-            ] {
-                v.push(format!("{:.p$}", num(r, k)));
-            }
-            v
-        })
-        .collect();
+    let table = table_of(
+        &rows,
+        &["model", "context", "arm", "batch", "fits_in_budget"],
+        &[
+            ("step_ms", 2),
+            ("floor_ms", 2),
+            ("step_over_floor", 2),
+            ("decode_tok_s", 0),
+            ("tok_s_vs_full_same_batch_kind", 2),
+            ("kv_gib", 2),
+            ("measured_cr", 2),
+        ],
+    );
     print_table(
         &["model", "ctx", "arm", "batch", "fits", "step ms", "floor ms", "x floor", "tok/s", "vs full", "KV GiB", "CR"],
         &table,
@@ -743,24 +738,19 @@ pub fn profile(dev: &Device, out: &str, models: &str, ctx: usize, limit: Limit, 
         serde_json::to_string_pretty(&json!({"copy_bandwidth_gb_s": bw / 1e9, "budget_gib": budget_gib,
         "kernel": format!("{:?}", tuning.kernel), "target_blocks": tuning.target_blocks, "rows": rows}))?,
     )?;
-    let table: Vec<Vec<String>> = rows
-        .iter()
-        .map(|r| {
-            let mut v: Vec<String> = ["model", "context", "arm", "batch"].iter().map(|k| text(r, k)).collect();
-            for (k, p) in [
-                ("step_ms", 2),
-                ("step_over_floor", 2),
-                ("attention_ms", 2),
-                ("attention_share", 2),
-                ("attention_vs_copy_bw", 2),
-                ("rest_ms", 2),
-                ("rest_over_weights_floor", 2),
-            ] {
-                v.push(format!("{:.p$}", num(r, k)));
-            }
-            v
-        })
-        .collect();
+    let table = table_of(
+        &rows,
+        &["model", "context", "arm", "batch"],
+        &[
+            ("step_ms", 2),
+            ("step_over_floor", 2),
+            ("attention_ms", 2),
+            ("attention_share", 2),
+            ("attention_vs_copy_bw", 2),
+            ("rest_ms", 2),
+            ("rest_over_weights_floor", 2),
+        ],
+    );
     println!("measured device copy bandwidth: {:.0} GB/s", bw / 1e9);
     print_table(
         &[

@@ -28,53 +28,37 @@ pub fn prompt_flags(
     scores: Option<&Tensor>,
     device: &Device,
 ) -> Result<Tensor> {
-    let flags = source_flags(&program.flags, layer, t, kv_heads, scores, device)?;
-    let sinks = (program.sinks as usize).min(t);
-    if sinks == 0 {
-        return Ok(flags);
-    }
-    let open = Tensor::zeros((sinks, kv_heads), DType::F32, device)?;
-    Ok(Tensor::cat(&[&open, &flags.narrow(0, sinks, t - sinks)?], 0)?)
-}
-
-/// [`prompt_flags`] before the sinks: the rule of [`FlagSource::flags_token`] alone.
-fn source_flags(
-    source: &FlagSource,
-    layer: usize,
-    t: usize,
-    kv_heads: usize,
-    scores: Option<&Tensor>,
-    device: &Device,
-) -> Result<Tensor> {
-    match source {
-        FlagSource::None => Ok(Tensor::zeros((t, kv_heads), DType::F32, device)?),
-        FlagSource::All => {
-            let flagged = Tensor::ones((t - 1, kv_heads), DType::F32, device)?;
-            Ok(Tensor::cat(&[&flagged, &Tensor::zeros((1, kv_heads), DType::F32, device)?], 0)?)
-        }
-        FlagSource::Random { .. } => {
+    let open = |rows: usize| Tensor::zeros((rows, kv_heads), DType::F32, device);
+    // Token p's flag comes from token p + 1, so the last row stays 0 (and a one-token prompt
+    // has no flag at all).
+    let flags = match (&program.flags, t) {
+        (FlagSource::None, _) | (_, 1) => open(t)?,
+        (FlagSource::All, _) => Tensor::cat(&[&Tensor::ones((t - 1, kv_heads), DType::F32, device)?, &open(1)?], 0)?,
+        (FlagSource::Random { .. }, _) => {
             let mut host = vec![0f32; t * kv_heads];
-            for p in 0..t.saturating_sub(1) {
+            for p in 0..t - 1 {
                 for h in 0..kv_heads {
-                    host[p * kv_heads + h] = source.flags_token(layer, h, p as dms_policy::Pos, 0.0) as u8 as f32;
+                    host[p * kv_heads + h] =
+                        program.flags.flags_token(layer, h, p as dms_policy::Pos, 0.0) as u8 as f32;
                 }
             }
-            Ok(Tensor::from_vec(host, (t, kv_heads), device)?)
+            Tensor::from_vec(host, (t, kv_heads), device)?
         }
-        FlagSource::Learned { scale, offset } | FlagSource::KeyNorm { scale, offset } => {
+        (FlagSource::Learned { scale, offset } | FlagSource::KeyNorm { scale, offset }, _) => {
             let Some(s) = scores else { bail!("learned and key-norm prompt flags need their raw signal") };
             if s.dims() != [t, kv_heads] {
                 bail!("decision scores have shape {:?}, expected [{t}, {kv_heads}]", s.dims());
             }
             let logit = s.to_dtype(DType::F32)?.affine(*scale as f64, -(*offset as f64))?;
             let decided = logit.gt(0f64)?.to_dtype(DType::F32)?;
-            let last = Tensor::zeros((1, kv_heads), DType::F32, device)?;
-            if t == 1 {
-                return Ok(last);
-            }
-            Ok(Tensor::cat(&[&decided.narrow(0, 1, t - 1)?, &last], 0)?)
+            Tensor::cat(&[&decided.narrow(0, 1, t - 1)?, &open(1)?], 0)?
         }
-    }
+    };
+    Ok(match (program.sinks as usize).min(t) {
+        0 => flags,
+        sinks if sinks == t => open(t)?,
+        sinks => Tensor::cat(&[&open(sinks)?, &flags.narrow(0, sinks, t - sinks)?], 0)?,
+    })
 }
 
 /// Bytes of f32 scores one query chunk may use.

@@ -33,7 +33,8 @@
 #   smollm2 SmolLM2-135M with its real weights (halves staged by MODEL_PARTS=1 build.sh; the first
 #           half stashed by an earlier call in /tmp/dms-model-parts): `dms run` on the device vs
 #           the host (full and retrofitted DMS, same text), the DMS run again with decode steps
-#           replayed from CUDA graphs (same text, both decode rates), then prefill + decode at 2K/8K
+#           replayed from CUDA graphs (same text, both decode rates), `dms serve` on the device
+#           cache (a greedy chat answer == `dms run --chat`), then prefill + decode at 2K/8K
 # STEPS picks and orders the steps after check (default "engine profile prefill peer tune"; then a
 # second call with STEPS="grid mla long"). Each step has a time cap so that a call stays inside 10 device minutes.
 set -uo pipefail
@@ -115,6 +116,38 @@ for step in ${STEPS:-engine profile prefill peer tune}; do
       eager=$(sed '/^\[summary\]/,$d' "$OUT/smollm2-smollm2-dms.log"); graphs=$(sed '/^\[summary\]/,$d' "$OUT/smollm2-graphs.log")
       grep -h -o 'decode [0-9.]* tok/s' "$OUT/smollm2-smollm2-dms.log" "$OUT/smollm2-graphs.log"; grep -i "captur" "$OUT/smollm2-graphs.err" | head -3
       if [ -n "$graphs" ] && [ "$graphs" = "$eager" ]; then echo "SMOLLM2 graphs: == eager device text (first line eager, second graphs)"; else echo "SMOLLM2 graphs MISMATCH: eager [$eager] graphs [$graphs]"; fi
+      # The server on the device cache: its greedy chat answer under policy `dms` equals what
+      # `dms run --chat` prints on the device for the same prompt (its start-up line names the pool).
+      sed 's/^device = "cpu"$/device = "cuda:0"/' configs/serve.toml > configs/serve-gpu.toml
+      timeout 120 bash .gpu-bin/gpu-run.sh /tmp/dms-gpu-bin/dms serve --config configs/serve-gpu.toml --port 8093 >"$OUT/serve.log" 2>"$OUT/serve.err" &
+      python3 - "$OUT/serve-answer.json" <<'PY'
+import json, sys, time, urllib.request
+base = "http://127.0.0.1:8093"
+for _ in range(90):
+    try:
+        urllib.request.urlopen(base + "/health", timeout=2); break
+    except Exception:
+        time.sleep(1)
+body = {"model": "smollm2-135m", "messages": [{"role": "user", "content": "The capital of France is"}],
+        "max_tokens": 32, "temperature": 0, "cache_policy": "dms"}
+req = urllib.request.Request(base + "/v1/chat/completions", json.dumps(body).encode(), {"content-type": "application/json"})
+try:
+    open(sys.argv[1], "w").write(urllib.request.urlopen(req, timeout=60).read().decode())
+except Exception as e:
+    print(f"SERVE request failed: {e}")
+PY
+      timeout 60 bash .gpu-bin/gpu-run.sh /tmp/dms-gpu-bin/dms run --config configs/smollm2-dms.toml --chat --prompt "The capital of France is" --max-tokens 32 --device cuda:0 >"$OUT/serve-run.log" 2>/dev/null
+      pkill -f "dms serve --config configs/serve-gpu.toml"; grep -h "dms serve:" "$OUT/serve.log" | head -1; tail -2 "$OUT/serve.err"
+      python3 - "$OUT/serve-answer.json" "$OUT/serve-run.log" <<'PY'
+import json, sys
+try:
+    answer = json.load(open(sys.argv[1]))["choices"][0]["message"]["content"]
+except Exception as e:
+    print(f"SERVE FAILED: no answer ({e})"); sys.exit(0)
+lines = open(sys.argv[2]).read().split("\n")
+text = "\n".join(lines[1:]).split("\n[summary]")[0]  # the first line is gpu-run.sh's GPU name
+print("SERVE on the device cache: answer == dms run --chat" if answer == text else f"SERVE MISMATCH: [{answer}] vs [{text}]")
+PY
       timeout 100 bash .gpu-bin/gpu-run.sh "$BIN" prefill --model smollm2-135m --weights "$gguf" --contexts 2048,8192 --out "$OUT/gpu-smollm2.json" 2>"$OUT/smollm2.err" | tee "$OUT/smollm2.log"; tail -3 "$OUT/smollm2.err" ;;
     long) timeout 150 bash .gpu-bin/gpu-run.sh "$BIN" bench --models "$SHAPES" --contexts 65536 --out "$OUT/gpu-long.json" "$@" 2>"$OUT/long.err" | tee "$OUT/long.log"; tail -3 "$OUT/long.err" ;;
     profile) timeout 90 bash .gpu-bin/gpu-run.sh "$BIN" profile --models "$SHAPES" --out "$OUT/gpu-profile.json" 2>"$OUT/profile.err" | tee "$OUT/profile.log"; tail -3 "$OUT/profile.err" ;;

@@ -7,6 +7,7 @@ use candle_core::{DType, Tensor};
 use dms_policy::Pos;
 
 use super::GpuCache;
+use crate::gpu::policy::{raw_signal, DevicePolicy};
 use crate::kv::backend::{DecisionSpan, KvBackend, LayerStep, Signals};
 use crate::model::prefill::masked_prefill;
 use crate::model::Llama;
@@ -26,19 +27,11 @@ impl<'c> DeviceStep<'c> {
         Self { cache, adapters, batch: adapters.len(), max_len_hint }
     }
 
-    /// Each sequence's raw decision signal `[batch, kv_heads]`, as its program reads it: its
-    /// decision scores, or its keys' norms; `None` when no sequence reads one.
+    /// Each sequence's raw decision signal `[batch, kv_heads]`, as its program reads it
+    /// ([`raw_signal`]).
     fn signal(&self, step: &LayerStep<'_>) -> Result<Option<Tensor>> {
-        let (Some(scores), Some(norms)) = (step.decision, step.key_norms) else {
-            return Ok(step.decision.or(step.key_norms).cloned());
-        };
-        let rows = (0..self.batch)
-            .map(|slot| {
-                let from = if self.cache.program(slot).flags.needs_key_norms() { norms } else { scores };
-                Ok(from.narrow(0, slot, 1)?)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Some(Tensor::cat(&rows, 0)?))
+        let programs: Vec<DevicePolicy> = (0..self.batch).map(|slot| self.cache.program(slot)).collect();
+        raw_signal(&programs, step.decision, step.key_norms)
     }
 }
 

@@ -6,6 +6,7 @@
 //! store.
 
 use anyhow::Result;
+use candle_core::Tensor;
 use dms_policy::{DeviceProgram, FlagSource, PolicyFactory, Pos};
 
 /// A policy the device cache can execute.
@@ -35,9 +36,48 @@ impl DevicePolicy {
     }
 }
 
+/// Each sequence's raw decision signal `[sequences, kv_heads]` for a step whose sequences run
+/// `programs` (in order): the row of `norms` for key-norm decisions, else the row of `scores`;
+/// whichever is given when only one is; `None` when neither is.
+pub fn raw_signal(
+    programs: &[DevicePolicy],
+    scores: Option<&Tensor>,
+    norms: Option<&Tensor>,
+) -> Result<Option<Tensor>> {
+    let (Some(scores), Some(norms)) = (scores, norms) else {
+        return Ok(scores.or(norms).cloned());
+    };
+    let rows = programs
+        .iter()
+        .enumerate()
+        .map(|(i, p)| Ok((if p.flags.needs_key_norms() { norms } else { scores }).narrow(0, i, 1)?))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Some(Tensor::cat(&rows, 0)?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Against a per-row loop: key-norm sequences take their norms, the others their scores.
+    #[test]
+    fn each_sequence_gets_the_signal_its_program_reads() {
+        let dev = candle_core::Device::Cpu;
+        let program = |flags| DevicePolicy { window: 4, flags, sinks: 0 };
+        let learned = program(FlagSource::Learned { scale: 1.0, offset: 0.0 });
+        let norms_rule = program(FlagSource::KeyNorm { scale: 1.0, offset: 0.0 });
+        let programs = [learned, norms_rule, program(FlagSource::None), norms_rule];
+        let scores = Tensor::arange(0f32, 8.0, &dev).unwrap().reshape((4, 2)).unwrap();
+        let norms = Tensor::arange(100f32, 108.0, &dev).unwrap().reshape((4, 2)).unwrap();
+        let got = raw_signal(&programs, Some(&scores), Some(&norms)).unwrap().unwrap().to_vec2::<f32>().unwrap();
+        let (s, n) = (scores.to_vec2::<f32>().unwrap(), norms.to_vec2::<f32>().unwrap());
+        for (i, p) in programs.iter().enumerate() {
+            assert_eq!(got[i], if p.flags.needs_key_norms() { n[i].clone() } else { s[i].clone() }, "row {i}");
+        }
+        let only = raw_signal(&programs, None, Some(&norms)).unwrap().unwrap();
+        assert_eq!(only.to_vec2::<f32>().unwrap(), n);
+        assert!(raw_signal(&programs, None, None).unwrap().is_none());
+    }
     use dms_policy::Registry;
 
     fn device(text: &str) -> Result<DevicePolicy> {

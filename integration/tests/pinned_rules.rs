@@ -258,6 +258,30 @@ fn alpha_per_layer_from_the_checkpoint_follows_the_reference_head_0() {
     assert_ne!(run.kept[0][1], presence(&g, 0)[0][1], "per-head, head 1 would keep another set");
 }
 
+/// Rule 1.5 for a query-neuron checkpoint: with "layer" every KV head's score is head 0's, in
+/// every layer; in layer 0 (which reads only the embeddings) that is the per-head run's head-0
+/// score, the reference's.
+#[test]
+fn query_neuron_alpha_per_layer_gives_every_head_head_0s_score() {
+    const QUERY_NEURON: &str = "qwen3_dms_tiny/variant_query_neuron";
+    let model = fixture(&format!("{QUERY_NEURON}/model"));
+    let prompt = ids(&golden(&fixture(&format!("{QUERY_NEURON}/golden.safetensors")))["prompt_ids"]);
+    let per_head = dms_run(&model, "name = 'dms'", &prompt, 0);
+    let dir = model_copy(&model, "query-neuron-layer", |c| {
+        c.insert("dms_alpha_per".into(), json!("layer"));
+    });
+    let layer = dms_run(&dir, "name = 'dms'", &prompt, 0);
+    assert!(!layer.scores.is_empty());
+    for (&(l, h, p), &s) in &layer.scores {
+        assert_eq!(s, layer.scores[&(l, 0, p)], "layer {l} head {h} position {p}: head 0's score");
+        if l == 0 {
+            assert_eq!(s, per_head.scores[&(0, 0, p)], "layer 0 position {p}: the per-head run's head 0");
+        }
+    }
+    let heads_differ = per_head.scores.iter().any(|(&(l, h, p), &s)| h > 0 && s != per_head.scores[&(l, 0, p)]);
+    assert!(heads_differ, "per head, the heads' scores differ");
+}
+
 /// Rule 1.5's field takes "head" or "layer" only: anything else, in a checkpoint's config.json
 /// or an adapter's, is an error naming the field (not a silent "head").
 #[test]

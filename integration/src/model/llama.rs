@@ -131,6 +131,8 @@ pub struct StepInputs {
     pub cos: Tensor,
     /// RoPE sines `[n, rope_dim / 2]`.
     pub sin: Tensor,
+    /// A query-neuron checkpoint's neuron mask, one row per token `[n, heads, head_dim]`.
+    pub neuron_mask: Option<Tensor>,
 }
 
 /// A loaded decoder model.
@@ -145,8 +147,39 @@ pub struct Llama {
     inv_freq: Vec<f32>,
     decision: DecisionSource,
     adapters: Vec<DecisionAdapter>,
-    neuron_mask: Option<Tensor>,
+    query_neuron: Option<QueryNeuron>,
     random_weights: bool,
+}
+
+/// A query-neuron DMS checkpoint's decision neurons (spec rules 1.1 and 1.3), as tensors the
+/// forward applies without host data (so a CUDA graph can capture it).
+#[derive(Clone)]
+struct QueryNeuron {
+    /// 0 at each KV group's first head's last neuron, else 1: `[1, heads, head_dim]`, f32.
+    mask: Tensor,
+    /// Picks each KV head's decision neuron out of the flattened queries (or head 0's for every
+    /// KV head with `dms_alpha_per = "layer"`): one-hot `[heads * head_dim, kv_heads]`, in the
+    /// model's dtype (a selection, so exact).
+    selector: Tensor,
+}
+
+impl QueryNeuron {
+    fn new(cfg: &ModelConfig, device: &Device, dtype: DType) -> Result<Self> {
+        let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let mut mask = vec![1f32; nh * hd];
+        let mut selector = vec![0f32; nh * hd * nkv];
+        let per_layer = cfg.dms.dms_alpha_per.as_deref() == Some("layer");
+        for kvh in 0..nkv {
+            let neuron = kvh * cfg.gqa() * hd + hd - 1;
+            mask[neuron] = 0.0;
+            let read = if per_layer { hd - 1 } else { neuron };
+            selector[read * nkv + kvh] = 1.0;
+        }
+        Ok(Self {
+            mask: Tensor::from_vec(mask, (1, nh, hd), device)?,
+            selector: Tensor::from_vec(selector, (nh * hd, nkv), device)?.to_dtype(dtype)?,
+        })
+    }
 }
 
 impl Llama {
@@ -236,14 +269,8 @@ impl Llama {
         } else {
             linear("lm_head", cfg.vocab_size, h, false)?
         };
-        let neuron_mask = match decision {
-            DecisionSource::QueryNeuron => {
-                let mut m = vec![1f32; cfg.num_heads * hd];
-                for kvh in 0..cfg.num_kv_heads {
-                    m[kvh * cfg.gqa() * hd + hd - 1] = 0.0;
-                }
-                Some(Tensor::from_vec(m, (1, cfg.num_heads, hd), device)?)
-            }
+        let query_neuron = match decision {
+            DecisionSource::QueryNeuron => Some(QueryNeuron::new(&cfg, device, DType::F32)?),
             _ => None,
         };
         let inv_freq = rope_freqs(&cfg);
@@ -258,7 +285,7 @@ impl Llama {
             inv_freq,
             decision,
             adapters,
-            neuron_mask,
+            query_neuron,
             random_weights: false,
         })
     }
@@ -286,7 +313,7 @@ impl Llama {
             None => self.adapters.push(adapter),
         };
         self.decision = DecisionSource::Adapter;
-        self.neuron_mask = None;
+        self.query_neuron = None;
         Ok(())
     }
 
@@ -380,7 +407,7 @@ impl Llama {
             inv_freq,
             decision: DecisionSource::None,
             adapters: Vec::new(),
-            neuron_mask: None,
+            query_neuron: None,
             random_weights: true,
         })
     }
@@ -442,7 +469,11 @@ impl Llama {
             inv_freq: self.inv_freq.clone(),
             decision: self.decision.clone(),
             adapters,
-            neuron_mask: self.neuron_mask.clone(),
+            query_neuron: self
+                .query_neuron
+                .as_ref()
+                .map(|qn| Ok::<_, anyhow::Error>(QueryNeuron { mask: qn.mask.clone(), selector: c(&qn.selector)? }))
+                .transpose()?,
             random_weights: self.random_weights,
         })
     }
@@ -520,7 +551,14 @@ impl Llama {
             bail!("{} tokens but {} positions", tokens.len(), positions.len());
         }
         let (cos, sin) = self.rope_tables(positions)?;
-        Ok(StepInputs { x: self.embed_tokens(tokens)?, cos, sin })
+        let neuron_mask = match &self.query_neuron {
+            Some(qn) => {
+                let (nh, hd) = (self.cfg.num_heads, self.cfg.head_dim);
+                Some(qn.mask.to_dtype(self.dtype)?.broadcast_as((tokens.len(), nh, hd))?.contiguous()?)
+            }
+            None => None,
+        };
+        Ok(StepInputs { x: self.embed_tokens(tokens)?, cos, sin, neuron_mask })
     }
 
     /// [`Self::forward_hidden`] from prepared inputs: device work only, no host data, so a CUDA
@@ -539,12 +577,12 @@ impl Llama {
             };
             (runs, self.lora_runs(&spans, n)?)
         };
-        let StepInputs { x, cos, sin } = inputs;
+        let StepInputs { x, cos, sin, neuron_mask } = inputs;
         let mut x = x.clone();
         let scale = self.softmax_scale();
         for li in 0..self.layers.len() {
             let AttnInputs { q, k, v, decision, key_norms } =
-                self.attn_inputs(li, &x, cos, sin, (&runs, &lora_runs), need)?;
+                self.attn_inputs(li, &x, (cos, sin, neuron_mask.as_ref()), (&runs, &lora_runs), need)?;
             let step =
                 LayerStep { q: &q, k: &k, v: &v, decision: decision.as_ref(), key_norms: key_norms.as_ref(), scale };
             let attn = backend.attend(li, step)?;
@@ -674,8 +712,7 @@ impl Llama {
         &self,
         li: usize,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
+        (cos, sin, neuron_mask): (&Tensor, &Tensor, Option<&Tensor>),
         (runs, lora_runs): (&[AdapterRun], &[LoraRun]),
         need: Signals,
     ) -> Result<AttnInputs> {
@@ -710,21 +747,19 @@ impl Llama {
             q = candle_nn::ops::rms_norm(&q.contiguous()?, qn, cfg.rms_norm_eps as f32)?;
             k = candle_nn::ops::rms_norm(&k.contiguous()?, kn, cfg.rms_norm_eps as f32)?;
         }
-        let scores = match (&self.decision, need.decision) {
-            (DecisionSource::QueryNeuron, true) => {
-                let idx: Vec<u32> = (0..nkv).map(|j| (j * cfg.gqa()) as u32).collect();
-                let s = q.narrow(2, hd - 1, 1)?.squeeze(2)?.contiguous()?;
-                Some(self.alpha_per_layer(s.index_select(&Tensor::new(idx.as_slice(), &self.device)?, 1)?)?)
+        let scores = match (&self.decision, &self.query_neuron, need.decision) {
+            (DecisionSource::QueryNeuron, Some(qn), true) => {
+                Some(q.contiguous()?.reshape((n, nh * hd))?.matmul(&qn.selector.to_dtype(q.dtype())?)?)
             }
-            (DecisionSource::Adapter, true) => Some(self.adapter_scores(li, x, runs)?),
+            (DecisionSource::Adapter, _, true) => Some(self.adapter_scores(li, x, runs)?),
             _ => None,
         };
-        if let Some(mask) = &self.neuron_mask {
-            q = q.broadcast_mul(&mask.to_dtype(q.dtype())?)?;
+        if let Some(mask) = neuron_mask {
+            q = (q.contiguous()? * mask)?;
         }
         let mut q = rope(&q, cos, sin)?;
-        if let Some(mask) = &self.neuron_mask {
-            q = q.broadcast_mul(&mask.to_dtype(q.dtype())?)?;
+        if let Some(mask) = neuron_mask {
+            q = (q * mask)?;
         }
         let k = rope(&k, cos, sin)?;
         let key_norms = if need.key_norms { Some(k.to_dtype(DType::F32)?.sqr()?.sum(2)?.sqrt()?) } else { None };
@@ -741,16 +776,6 @@ impl Llama {
             bail!("token id {t} is outside the model's vocabulary of {} tokens", self.cfg.vocab_size);
         }
         self.embed.lookup(tokens, &self.device)
-    }
-
-    /// Applies the checkpoint's `dms_alpha_per = "layer"` to query-neuron scores: head 0's score
-    /// for every head.
-    fn alpha_per_layer(&self, s: Tensor) -> Result<Tensor> {
-        if self.cfg.dms.dms_alpha_per.as_deref() == Some("layer") {
-            let (n, kv) = s.dims2()?;
-            return Ok(s.narrow(1, 0, 1)?.broadcast_as((n, kv))?.contiguous()?);
-        }
-        Ok(s)
     }
 
     /// Output projection (with `lora_runs`' deltas), residual, and the feed-forward block.

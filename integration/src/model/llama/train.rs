@@ -173,12 +173,12 @@ impl Llama {
                     q = rms(&q, qn, eps)?;
                     k = rms(&k, kn, eps)?;
                 }
-                if let Some(m) = &self.neuron_mask {
-                    q = q.broadcast_mul(m)?;
+                if let Some(qn) = &self.query_neuron {
+                    q = q.broadcast_mul(&qn.mask)?;
                 }
                 let mut q = rope_diff(&q, cos, sin)?;
-                if let Some(m) = &self.neuron_mask {
-                    q = q.broadcast_mul(m)?;
+                if let Some(qn) = &self.query_neuron {
+                    q = q.broadcast_mul(&qn.mask)?;
                 }
                 (q, rope_diff(&k, cos, sin)?, v)
             }

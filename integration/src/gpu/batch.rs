@@ -88,6 +88,9 @@ struct Graphs {
     primed: Vec<BatchKey>,
     captured: Vec<(BatchKey, CapturedStep)>,
     failed: Vec<BatchKey>,
+    /// Steps replayed from a capture, and captures that failed, so far.
+    replays: usize,
+    failures: usize,
 }
 
 impl Graphs {
@@ -171,6 +174,7 @@ impl<'m> DeviceEngine<'m> {
         let cache = &self.cache;
         self.graphs.captured.retain(|(_, c)| c.fits(cache));
         if let Some((_, step)) = self.graphs.captured.iter_mut().find(|(k, _)| *k == key) {
+            self.graphs.replays += 1;
             return step.step(self.model, &mut self.cache, tokens, positions, longest);
         }
         if self.graphs.failed.contains(&key) || !self.graphs.primed.contains(&key) {
@@ -181,6 +185,7 @@ impl<'m> DeviceEngine<'m> {
         }
         match CapturedStep::capture(self.model, &mut self.cache, &adapters, plan) {
             Ok(mut step) => {
+                self.graphs.replays += 1;
                 let logits = step.step(self.model, &mut self.cache, tokens, positions, longest)?;
                 Graphs::remember(&mut self.graphs.captured, (key, step));
                 Ok(logits)
@@ -189,11 +194,18 @@ impl<'m> DeviceEngine<'m> {
                 // A capture records without running, so the cache is as it was: this step (and
                 // later ones of this batch) run kernel by kernel.
                 tracing::warn!("a decode step of {} sequences could not be captured: {e:#}", key.slots.len());
+                self.graphs.failures += 1;
                 self.graphs.primed.retain(|k| *k != key);
                 Graphs::remember(&mut self.graphs.failed, key);
                 super::decode_step(self.model, tokens, positions, &adapters, &mut self.cache, plan)
             }
         }
+    }
+
+    /// Decode steps replayed from CUDA graphs so far, and captures that failed (their batches
+    /// ran kernel by kernel).
+    pub fn graph_stats(&self) -> (usize, usize) {
+        (self.graphs.replays, self.graphs.failures)
     }
 
     fn slot_of(&self, seq: &DeviceSeq) -> Result<usize> {

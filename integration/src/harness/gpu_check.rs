@@ -490,15 +490,15 @@ pub fn check_latent(dev: &Device, fixtures: &str) -> Result<()> {
     Ok(())
 }
 
-/// The device batch against the host scheduler on NVIDIA's DMS fixture: five requests of
+/// The device batch against the host scheduler on NVIDIA's DMS fixture: six requests of
 /// different prompt lengths through three device slots in a pool of 24 blocks per row, so
 /// sequences join and leave the running batch: all with the full cache (the block arithmetic is
 /// exact and the pool must force preemptions, by recomputation, with two sequences decoding at
 /// once), all with learned DMS (the prompt passes evict as well), the two policies mixed in one
 /// batch (each sequence runs its own device program), and those two beside learned DMS with 4
 /// sinks reading adapter `b` with a LoRA (each sequence reads its own adapter), a sliding window
-/// with sinks and key-norm decisions, and those but key norms again with decode steps replayed
-/// from CUDA graphs (some step must replay one); each also with a
+/// with sinks, key-norm decisions and adapter `c` read per layer (rule 1.5), and those again with
+/// decode steps replayed from CUDA graphs (some step must replay one); each also with a
 /// forked prompt. Greedy tokens must equal the host engine's and the logits they were chosen from
 /// agree within 1e-3 (up to a near-tie on the host, where the comparison of that request stops,
 /// said in the output).
@@ -535,6 +535,7 @@ pub fn check_device_batch(dev: &Device, fixtures: &str) -> Result<()> {
             layers.push(<[(Tensor, Tensor); 4]>::try_from(targets).expect("four targets"));
         }
         m.attach_lora("b", AttentionLora::new(layers, 1.0))?;
+        m.attach_adapter("c", &weights, false, true)?;
     }
     let dms = format!(
         "name = 'dms'\nwindow = {}\nalpha_scale = {}\nalpha_offset = {}",
@@ -543,7 +544,7 @@ pub fn check_device_batch(dev: &Device, fixtures: &str) -> Result<()> {
         cfg.dms.dms_initial_alpha_offset.unwrap_or(5.0)
     );
     let vocab = cfg.vocab_size as u32;
-    let prompts: Vec<Vec<u32>> = [48usize, 30, 41, 12, 25]
+    let prompts: Vec<Vec<u32>> = [48usize, 30, 41, 12, 25, 36]
         .iter()
         .enumerate()
         .map(|(i, &n)| (0..n).map(|t| ((t * 7 + i * 13 + 1) as u32) % vocab).collect())
@@ -559,21 +560,21 @@ pub fn check_device_batch(dev: &Device, fixtures: &str) -> Result<()> {
     let norms = Registry::with_builtins().build(&toml::from_str(
         "name = 'dms'\nwindow = 4\ndecision = 'key_norm'\nalpha_scale = 1.0\nalpha_offset = 4.0",
     )?)?;
+    let per_layer = Registry::with_builtins().build(&toml::from_str(&format!("{dms}\nadapter = 'c'"))?)?;
     let window = DevicePolicy::of(learned.as_ref())?.window;
-    let capturable = vec![full.clone(), learned.clone(), with_lora, sliding];
-    let mixed = [capturable.clone(), vec![norms]].concat();
+    let mixed = vec![full.clone(), learned.clone(), with_lora, sliding, norms, per_layer];
     let cases = [
         ("full cache", vec![full.clone()], true, false),
         ("learned DMS", vec![learned.clone()], false, false),
         ("full and learned DMS in one batch", vec![full, learned], false, false),
         (
-            "full, learned DMS, sinks with adapter b's LoRA, a sliding window and key norms in one batch",
+            "full, learned DMS, sinks with adapter b's LoRA, a sliding window, key norms and a per-layer adapter in \
+             one batch",
             mixed.clone(),
             false,
             false,
         ),
-        // Key norms come from a reduction, which uploads its shape: a capture would be refused.
-        ("the same but key norms, decode steps replayed from CUDA graphs", capturable, false, true),
+        ("the same, decode steps replayed from CUDA graphs", mixed, false, true),
     ];
     for (label, policies, must_preempt, cuda_graphs) in cases {
         let checked = (|| -> Result<()> {
@@ -629,9 +630,11 @@ pub fn check_device_batch(dev: &Device, fixtures: &str) -> Result<()> {
             }
             let worst = worst.max(compare_batches(label, &got_f, &want_f)?);
             println!(
-                "device batch ({label}; 5 requests, 3 slots, {} preemptions, at most {} at once; and a fork): greedy \
+                "device batch ({label}; {} requests, 3 slots, {} preemptions, at most {} at once; and a fork): greedy \
                  tokens equal the host scheduler's, logits max abs error {worst:.2e}",
-                stats.preemptions, stats.max_running
+                prompts.len(),
+                stats.preemptions,
+                stats.max_running
             );
             if worst > 1e-3 {
                 bail!("device batch ({label}): logits error {worst} above 1e-3");

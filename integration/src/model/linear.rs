@@ -44,7 +44,10 @@ impl Proj {
     /// Applies the layer to `[n, in]` rows.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Proj::Dense(l) => Ok(l.forward(x)?),
+            Proj::Dense(l) => match l.bias() {
+                Some(b) => add_bias(&x.broadcast_matmul(&l.weight().t()?)?, b),
+                None => Ok(l.forward(x)?),
+            },
             Proj::Quantized { weight, matmul, bias } => {
                 let x = x.contiguous()?;
                 let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?.max(1);
@@ -61,10 +64,10 @@ impl Proj {
                 } else {
                     matmul.forward(&x)?
                 };
-                Ok(match bias {
-                    Some(b) => y.broadcast_add(b)?,
-                    None => y,
-                })
+                match bias {
+                    Some(b) => add_bias(&y, b),
+                    None => Ok(y),
+                }
             }
         }
     }
@@ -100,10 +103,10 @@ impl Proj {
                 let mut dims = x.dims().to_vec();
                 *dims.last_mut().expect("rank >= 1") = *n;
                 let y = Tensor::from_vec(y, dims, x.device())?;
-                Ok(match bias {
-                    Some(b) => y.broadcast_add(b)?,
-                    None => y,
-                })
+                match bias {
+                    Some(b) => add_bias(&y, b),
+                    None => Ok(y),
+                }
             })
             .collect()
     }
@@ -115,10 +118,10 @@ impl Proj {
         match self {
             Proj::Dense(l) => {
                 let y = frozen_matmul(x, l.weight())?;
-                Ok(match l.bias() {
-                    Some(b) => y.broadcast_add(b)?,
-                    None => y,
-                })
+                match l.bias() {
+                    Some(b) => add_bias(&y, b),
+                    None => Ok(y),
+                }
             }
             Proj::Quantized { .. } => self.forward(x),
         }
@@ -175,6 +178,17 @@ impl Proj {
             Proj::Quantized { weight, .. } => Some(weight.dtype()),
         }
     }
+}
+
+/// `y + b`, the bias `[out]` added to every row of `y` (`[.., out]`) as the outer product
+/// `ones · b` (one matmul, exact) and a contiguous add, not a broadcast: candle's CUDA broadcast
+/// ops upload their layout from the host, which a captured decode step cannot replay.
+fn add_bias(y: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let out = b.elem_count();
+    let rows = y.elem_count() / out.max(1);
+    let ones = Tensor::ones((rows, 1), y.dtype(), y.device())?;
+    let every_row = ones.matmul(&b.to_dtype(y.dtype())?.reshape((1, out))?)?.reshape(y.shape())?;
+    Ok((y.contiguous()? + every_row)?)
 }
 
 /// A token embedding table `[vocab, hidden]`.
@@ -293,6 +307,29 @@ mod tests {
                 assert!((p - q).abs() < 1e-5, "{p} vs {q}");
             }
         }
+        Ok(())
+    }
+
+    /// The bias added through `ones · b` equals candle's broadcast add bit for bit (2-D and 3-D
+    /// rows, f32 and f16), and a biased dense layer equals candle's `Linear`.
+    #[test]
+    fn bias_by_matmul_equals_a_broadcast_add() -> Result<()> {
+        let dev = Device::Cpu;
+        for dtype in [DType::F32, DType::F16] {
+            for shape in [vec![3usize, 11], vec![2, 5, 11], vec![1, 11]] {
+                let y = Tensor::randn(0f32, 3.0, shape.as_slice(), &dev)?.to_dtype(dtype)?;
+                let b = Tensor::randn(0f32, 3.0, 11, &dev)?.to_dtype(dtype)?;
+                let bits = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
+                assert_eq!(bits(&add_bias(&y, &b)?)?, bits(&y.broadcast_add(&b)?)?, "{dtype:?} {shape:?}");
+            }
+        }
+        let w = Tensor::randn(0f32, 1.0, (5, 12), &dev)?;
+        let b = Tensor::randn(0f32, 1.0, 5, &dev)?;
+        let x = Tensor::randn(0f32, 1.0, (4, 12), &dev)?;
+        let linear = Linear::new(w, Some(b));
+        let want = linear.forward(&x)?.flatten_all()?.to_vec1::<f32>()?;
+        let got = Proj::Dense(linear).forward(&x)?.flatten_all()?.to_vec1::<f32>()?;
+        assert_eq!(got, want);
         Ok(())
     }
 }

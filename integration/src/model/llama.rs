@@ -40,8 +40,9 @@ struct DecisionAdapter {
     key: Option<String>,
     /// Per layer, the norm weight and the projection.
     layers: Vec<(Tensor, Linear)>,
-    /// `dms_alpha_per = "layer"` (rule 1.5): head 0's score for every head.
-    per_layer: bool,
+    /// With `dms_alpha_per = "layer"` (rule 1.5): `[kv_heads, kv_heads]`, every column picking
+    /// head 0's score (a one-hot matmul, so exact, and capture-clean where a broadcast is not).
+    head0: Option<Tensor>,
     /// A LoRA on the attention projections, applied to the sequences whose policy reads this
     /// adapter's decisions.
     lora: Option<AttentionLora>,
@@ -182,6 +183,26 @@ impl QueryNeuron {
     }
 }
 
+/// The one-hot selector of `dms_alpha_per = "layer"` (`None` per head): `[kv, kv]` with row 0
+/// all ones, so that `scores · selector` gives every head head 0's score.
+fn head0_selector(per_layer: bool, kv: usize, device: &Device, dtype: DType) -> Result<Option<Tensor>> {
+    if !per_layer {
+        return Ok(None);
+    }
+    let select: Vec<f32> = (0..kv * kv).map(|i| if i < kv { 1.0 } else { 0.0 }).collect();
+    Ok(Some(Tensor::from_vec(select, (kv, kv), device)?.to_dtype(dtype)?))
+}
+
+/// Euclidean norms over the last dimension of `x` (`[n, rows, d]`), f32 `[n, rows]`. The sum of
+/// squares is a matmul with a column of ones, not a reduction: candle's CUDA reductions upload
+/// their layout from the host, which a captured decode step cannot replay.
+fn row_norms(x: &Tensor) -> Result<Tensor> {
+    let (n, rows, d) = x.dims3()?;
+    let squares = x.to_dtype(DType::F32)?.sqr()?.reshape((n * rows, d))?;
+    let ones = Tensor::ones((d, 1), DType::F32, x.device())?;
+    Ok(squares.matmul(&ones)?.reshape((n, rows))?.sqrt()?)
+}
+
 impl Llama {
     /// Builds the model from its weights, its linear layers in `form` (quantized forms run on the
     /// CPU in f32, for the per-head Llama family).
@@ -228,7 +249,8 @@ impl Llama {
                 })
                 .collect::<Result<Vec<_>>>()?;
             let per_layer = cfg.dms.dms_alpha_per.as_deref() == Some("layer");
-            adapters.push(DecisionAdapter { key: None, layers, per_layer, lora: None });
+            let head0 = head0_selector(per_layer, cfg.num_kv_heads, device, DType::F32)?;
+            adapters.push(DecisionAdapter { key: None, layers, head0, lora: None });
         }
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
@@ -307,7 +329,8 @@ impl Llama {
             }
             layers.push((norm.to_dtype(self.dtype)?, Linear::new(proj.to_dtype(self.dtype)?, None)));
         }
-        let adapter = DecisionAdapter { key: Some(key.to_string()), layers, per_layer, lora: None };
+        let head0 = head0_selector(per_layer, self.cfg.num_kv_heads, &self.device, self.dtype)?;
+        let adapter = DecisionAdapter { key: Some(key.to_string()), layers, head0, lora: None };
         match self.adapters.iter().position(|a| a.key.as_deref() == Some(key)) {
             Some(i) => self.adapters[i] = adapter,
             None => self.adapters.push(adapter),
@@ -455,7 +478,7 @@ impl Llama {
             .map(|a| {
                 let layers = a.layers.iter().map(|(n, p)| Ok((c(n)?, cl(p)?))).collect::<Result<Vec<_>>>()?;
                 let lora = a.lora.as_ref().map(|l| l.to_dtype(dtype)).transpose()?;
-                Ok(DecisionAdapter { key: a.key.clone(), layers, per_layer: a.per_layer, lora })
+                Ok(DecisionAdapter { key: a.key.clone(), layers, head0: a.head0.as_ref().map(c).transpose()?, lora })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
@@ -686,11 +709,10 @@ impl Llama {
         let one = |a: &DecisionAdapter, x: &Tensor| -> Result<Tensor> {
             let (norm_w, proj) = &a.layers[li];
             let s = proj.forward(&candle_nn::ops::rms_norm(x, norm_w, eps)?)?;
-            if a.per_layer {
-                let (n, kv) = s.dims2()?;
-                return Ok(s.narrow(1, 0, 1)?.broadcast_as((n, kv))?.contiguous()?);
-            }
-            Ok(s)
+            Ok(match &a.head0 {
+                Some(select) => s.matmul(select)?,
+                None => s,
+            })
         };
         match runs {
             [(_, _, a)] => one(&self.adapters[*a], x),
@@ -727,8 +749,7 @@ impl Llama {
                 false => Some(self.adapter_scores(li, x, runs)?.to_dtype(DType::F32)?.contiguous()?),
                 true => None,
             };
-            let key_norms =
-                if need.key_norms { Some(latent.to_dtype(DType::F32)?.sqr()?.sum(2)?.sqrt()?) } else { None };
+            let key_norms = if need.key_norms { Some(row_norms(&latent)?) } else { None };
             // No values of their own (the first `rank` floats of the row); kept on the host so
             // that no device allocation of zero bytes is ever asked for.
             let v = Tensor::zeros((n, 1, 0), latent.dtype(), &Device::Cpu)?;
@@ -762,7 +783,7 @@ impl Llama {
             q = (q * mask)?;
         }
         let k = rope(&k, cos, sin)?;
-        let key_norms = if need.key_norms { Some(k.to_dtype(DType::F32)?.sqr()?.sum(2)?.sqrt()?) } else { None };
+        let key_norms = if need.key_norms { Some(row_norms(&k)?) } else { None };
         let decision = match scores {
             Some(s) => Some(s.to_dtype(DType::F32)?.contiguous()?),
             None => None,
@@ -840,4 +861,42 @@ fn rope_freqs(cfg: &ModelConfig) -> Vec<f32> {
 fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     // `[n, heads, d]` is candle's `[batch 1, time n, heads, d]` layout: one kernel, no transposes.
     Ok(candle_nn::rotary_emb::rope_thd(&x.contiguous()?.unsqueeze(0)?, cos, sin)?.squeeze(0)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Against the per-row definition, over per-head (`[n, kv, d]`) and latent (`[n, 1, d]`) keys.
+    #[test]
+    fn row_norms_are_each_rows_euclidean_norm() -> Result<()> {
+        for (n, rows, d) in [(5usize, 3usize, 16usize), (2, 1, 576)] {
+            let x = Tensor::randn(0f32, 2.0, (n, rows, d), &Device::Cpu)?;
+            let got = row_norms(&x)?.to_vec2::<f32>()?;
+            let xs = x.to_vec3::<f32>()?;
+            for (t, row) in xs.iter().enumerate() {
+                for (r, v) in row.iter().enumerate() {
+                    let want = v.iter().map(|a| (*a as f64) * (*a as f64)).sum::<f64>().sqrt() as f32;
+                    assert!((got[t][r] - want).abs() <= 1e-5 * want, "({t}, {r}): {} vs {want}", got[t][r]);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Rule 1.5 by the selector: every head gets head 0's score, bit for bit, in f32 and f16.
+    #[test]
+    fn the_head0_selector_copies_head_0s_score() -> Result<()> {
+        for dtype in [DType::F32, DType::F16] {
+            let s = Tensor::randn(0f32, 5.0, (7, 4), &Device::Cpu)?.to_dtype(dtype)?;
+            let select = head0_selector(true, 4, &Device::Cpu, dtype)?.expect("per layer");
+            let got = s.matmul(&select)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+            let want = s.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+            for (g, w) in got.iter().zip(&want) {
+                assert!(g.iter().all(|v| v.to_bits() == w[0].to_bits()), "{g:?} vs head 0 {}", w[0]);
+            }
+            assert!(head0_selector(false, 4, &Device::Cpu, dtype)?.is_none());
+        }
+        Ok(())
+    }
 }

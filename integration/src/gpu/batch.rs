@@ -187,6 +187,14 @@ impl<'m> DeviceEngine<'m> {
             Ok(mut step) => {
                 self.graphs.replays += 1;
                 let logits = step.step(self.model, &mut self.cache, tokens, positions, longest)?;
+                if let Ok(pool) = super::graph::graph_pool_bytes(self.model.device()) {
+                    tracing::info!(
+                        "captured a decode step of {} sequences ({} kernels); CUDA-graph memory pool {:.1} MiB",
+                        key.slots.len(),
+                        step.nodes().kernels,
+                        pool as f64 / (1u64 << 20) as f64
+                    );
+                }
                 Graphs::remember(&mut self.graphs.captured, (key, step));
                 Ok(logits)
             }

@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use candle_core::cuda_backend::cudarc::driver::sys::{
-    self, CUgraphInstantiate_flags, CUgraphNodeType, CUmemorytype, CUstreamCaptureMode,
+    self, CUgraphInstantiate_flags, CUgraphMem_attribute, CUgraphNodeType, CUmemorytype, CUstreamCaptureMode,
 };
 use candle_core::cuda_backend::cudarc::driver::{result, CudaStream};
 use candle_core::{CudaDevice, DType, Device, Tensor};
@@ -37,6 +37,21 @@ pub fn graph_device(ordinal: usize) -> Result<Device> {
     // on this one stream, so no cross-stream ordering is lost.
     unsafe { dev.disable_event_tracking() };
     Ok(Device::Cuda(dev))
+}
+
+/// Bytes the CUDA-graph memory pool of `device` reserves now: where captured steps keep their
+/// intermediates, beside the cache's KV pool and outside its budget (the pool is the device's,
+/// shared by every capture on it).
+pub fn graph_pool_bytes(device: &Device) -> Result<u64> {
+    let Device::Cuda(dev) = device else { bail!("a CUDA-graph memory pool needs a CUDA device") };
+    let cu_device = dev.cuda_stream().context().cu_device();
+    let attr = CUgraphMem_attribute::CU_GRAPH_MEM_ATTR_RESERVED_MEM_CURRENT;
+    let mut bytes = 0u64;
+    // SAFETY: a valid device handle; this attribute is a 64-bit value written into `bytes`.
+    unsafe { sys::cuDeviceGetGraphMemAttribute(cu_device, attr, (&mut bytes as *mut u64).cast()) }
+        .result()
+        .map_err(|e| anyhow::anyhow!("reading the CUDA-graph memory pool's size: {e:?}"))?;
+    Ok(bytes)
 }
 
 /// Nodes of a captured graph by kind.

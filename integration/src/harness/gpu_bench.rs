@@ -416,10 +416,11 @@ fn bench_one(
 /// configuration (random weights of each shape, `ctx` tokens, full cache and DMS CR 8 at random
 /// decisions, each batch of `batches`): the step time of each, both against the floor (weights
 /// and live K/V read once at the measured copy bandwidth), and the largest logits difference
-/// between the two over 4 steps after the timing. A capture that fails is a row with its error.
+/// between the two over 4 steps after the timing, and the device's CUDA-graph memory pool after
+/// the capture's replays. A capture that fails is a row with its error.
 /// `dev` must come from [`crate::gpu::graph::graph_device`].
 pub fn bench_graphs(dev: &Device, out: &str, models: &str, ctx: usize, batches: &str, steps: usize) -> Result<()> {
-    use crate::gpu::graph::CapturedStep;
+    use crate::gpu::graph::{graph_pool_bytes, CapturedStep};
 
     let bw = copy_bandwidth(dev)?;
     println!("measured device copy bandwidth: {:.0} GB/s", bw / 1e9);
@@ -489,6 +490,9 @@ pub fn bench_graphs(dev: &Device, out: &str, models: &str, ctx: usize, batches: 
                         r["speedup"] = json!(eager_s / graph_s);
                         r["max_abs_logit_diff"] = json!(worst);
                         r["graph_kernels"] = json!(graph.nodes().kernels);
+                        if let Ok(pool) = graph_pool_bytes(dev) {
+                            r["graph_pool_mib"] = json!(pool as f64 / (1u64 << 20) as f64);
+                        }
                     }
                     Err(e) => r["error"] = json!(format!("{e:#}")),
                 }
@@ -515,6 +519,7 @@ pub fn bench_graphs(dev: &Device, out: &str, models: &str, ctx: usize, batches: 
             ("graph_over_floor", 2),
             ("max_abs_logit_diff", 4),
             ("graph_kernels", 0),
+            ("graph_pool_mib", 1),
         ],
     );
     for (v, r) in table.iter_mut().zip(&rows) {

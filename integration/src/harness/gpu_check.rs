@@ -608,8 +608,13 @@ pub fn check_device_batch(dev: &Device, fixtures: &str) -> Result<()> {
             let worst = compare_batches(label, &got, &want)?;
             if cuda_graphs {
                 let (replays, failures) = device.graph_stats();
+                let pool = match crate::gpu::graph::graph_pool_bytes(on.device()) {
+                    Ok(b) => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+                    Err(e) => format!("unknown ({e:#})"),
+                };
                 println!(
-                    "device batch ({label}): {replays} steps replayed from CUDA graphs, {failures} captures failed"
+                    "device batch ({label}): {replays} steps replayed from CUDA graphs, {failures} captures failed, \
+                     graph memory pool {pool}"
                 );
                 if replays == 0 {
                     bail!("device batch ({label}): no step replayed a CUDA graph ({failures} captures failed)");

@@ -25,7 +25,7 @@ impl DelayedWindow {
         Self {
             window,
             ledger: RowLedger::new(window as usize + 1),
-            flags: VecDeque::with_capacity(window as usize + 2),
+            flags: VecDeque::new(),
             flags_first: 0,
             decided_through: None,
         }

@@ -30,7 +30,7 @@ impl RowLedger {
             slot_until: Vec::new(),
             reusable: Vec::new(),
             dead: Vec::new(),
-            recent: VecDeque::with_capacity(recent_cap + 1),
+            recent: VecDeque::new(),
             recent_first: 0,
             recent_cap,
             seen: 0,

@@ -21,7 +21,7 @@ pub use delayed::DelayedWindow;
 pub use device::{DeviceProgram, FlagSource};
 pub use error::PolicyError;
 pub use ledger::RowLedger;
-pub use plan::{CompactPlan, EvictPlan, Pos, Slot, Write, VISIBLE_FOREVER};
+pub use plan::{CompactPlan, EvictPlan, Pos, Slot, Write, MAX_WINDOW, VISIBLE_FOREVER};
 pub use registry::{PolicyBuilder, Registry};
 
 /// The shape of the cache a sequence needs: one row per (layer, KV head).

@@ -6,6 +6,9 @@ pub type Pos = u32;
 pub type Slot = u32;
 /// `visible_until` value of a key that no planned eviction hides.
 pub const VISIBLE_FOREVER: Pos = Pos::MAX;
+/// Largest window (DMS delay or sliding window) a policy accepts: 16M tokens, beyond any
+/// model's context, and far from the overflow of `window + 1` positions.
+pub const MAX_WINDOW: Pos = 1 << 24;
 
 /// Where the new tokens of a step go and which stored keys stop being visible.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -88,4 +88,12 @@ fn registry_errors_name_the_problem() {
     assert!(err.contains("window"), "{err}");
     let err = reg.build(&toml::from_str("window = 3").unwrap()).unwrap_err().to_string();
     assert!(err.contains("name"), "{err}");
+    // A window near u32::MAX would overflow `window + 1` (DMS) and used to reserve gigabytes a row.
+    for policy in ["sliding_window", "dms"] {
+        let t = format!("name = \"{policy}\"\nwindow = 4294967295");
+        let err = reg.build(&toml::from_str(&t).unwrap()).unwrap_err().to_string();
+        assert!(err.contains("window") && err.contains("4294967295"), "{err}");
+        let t = format!("name = \"{policy}\"\nwindow = {}", dms_policy::MAX_WINDOW);
+        assert!(reg.build(&toml::from_str(&t).unwrap()).is_ok(), "{policy} at the largest window");
+    }
 }

@@ -166,8 +166,29 @@ impl RetrofitSection {
         if self.target_cr.is_nan() || self.target_cr < 1.0 {
             bail!("[retrofit] target_cr must be at least 1");
         }
-        if !(self.lr > 0.0 && self.tau > 0.0) {
-            bail!("[retrofit] lr and tau must be positive");
+        if !(self.lr.is_finite() && self.lr > 0.0 && self.tau.is_finite() && self.tau > 0.0) {
+            bail!("[retrofit] lr and tau must be positive and finite");
+        }
+        if self.checkpoint_every == 0 {
+            bail!("[retrofit] checkpoint_every must be at least 1 (steps between checkpoints)");
+        }
+        if !self.target_cr.is_finite() {
+            bail!("[retrofit] target_cr must be finite");
+        }
+        for (name, v) in [("alpha_scale", self.alpha_scale), ("alpha_offset", self.alpha_offset)] {
+            if !v.is_finite() {
+                bail!("[retrofit] {name} must be finite, not {v}");
+            }
+        }
+        if !(self.grad_clip.is_finite() && self.grad_clip > 0.0) {
+            bail!("[retrofit] grad_clip must be positive and finite, not {}", self.grad_clip);
+        }
+        let (b1, b2) = self.betas;
+        if !((0.0..1.0).contains(&b1) && (0.0..1.0).contains(&b2)) {
+            bail!("[retrofit] betas must each lie in [0, 1), not ({b1}, {b2})");
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            bail!("[retrofit] weight_decay must be finite and not negative, not {}", self.weight_decay);
         }
         if let Some(r) = &self.retrieval {
             r.validate()?;

@@ -47,6 +47,14 @@ fn config_errors_name_the_key() {
     assert!(e.contains("bf16 needs a CUDA device"), "{e}");
     let e = err_of(EngineConfig::parse("[model]\nsource = \"x\"\ndtype = \"fp8\"\n"));
     assert!(e.contains("fp8"), "{e}");
+    // A deadline of now + u64::MAX seconds would overflow on the first request.
+    let e =
+        err_of(EngineConfig::parse("[model]\nsource = \"x\"\n[server]\nrequest_timeout_secs = 9223372036854775807\n"));
+    assert!(e.contains("request_timeout_secs"), "{e}");
+    let e =
+        err_of(EngineConfig::parse("[model]\nsource = \"x\"\n[server]\nshutdown_grace_secs = 9223372036854775807\n"));
+    assert!(e.contains("shutdown_grace_secs"), "{e}");
+    assert!(EngineConfig::parse("[model]\nsource = \"x\"\n[server]\nrequest_timeout_secs = 86400\n").is_ok());
 }
 
 #[test]
@@ -122,4 +130,100 @@ fn out_of_vocabulary_prompt_ids_are_rejected() {
     let mut seq = eng.new_sequence();
     let e = err_of(eng.step(&mut seq, &[1, 9999], false));
     assert!(e.contains("9999") && e.contains("vocabulary"), "{e}");
+}
+
+#[test]
+fn a_request_past_the_context_length_is_refused_up_front() {
+    use dms_integration::engine::GenParams;
+    // qwen3_tiny's max_position_embeddings is 512.
+    let mut eng = common::engine(&fixture("qwen3_tiny"), "name = \"full\"", 4);
+    let prompt: Vec<u32> = (0..500).map(|i| (i * 7 % 500) as u32).collect();
+    let e = err_of(eng.generate(&prompt, &GenParams::greedy(13, 0), None));
+    assert!(e.contains("context length") && e.contains("512") && e.contains("13 new tokens"), "{e}");
+    let e = err_of(eng.generate(&prompt, &GenParams::greedy(usize::MAX, 0), None));
+    assert!(e.contains("context length"), "{e}");
+    let ok = eng.generate(&prompt, &GenParams::greedy(12, 0), None).expect("exactly the context length is served");
+    assert_eq!(ok.tokens.len(), 12);
+}
+
+#[test]
+fn retrofit_settings_that_would_panic_or_train_nan_are_named() {
+    use dms_integration::retrofit::RetrofitSection;
+    let base = "window = 4\ntarget_cr = 2.0\nsteps = 3\nramp_steps = 1\nseq_len = 32\nlr = 0.01\noutput = 'x'\n";
+    let section = |extra: &str| -> RetrofitSection {
+        toml::from_str::<toml::Table>(&format!("{base}{extra}")).unwrap().try_into().unwrap()
+    };
+    assert!(section("").validate().is_ok());
+    for (extra, named) in [
+        ("checkpoint_every = 0", "checkpoint_every"),
+        ("alpha_offset = nan", "alpha_offset"),
+        ("alpha_scale = inf", "alpha_scale"),
+        ("tau = inf", "tau"),
+        ("grad_clip = 0.0", "grad_clip"),
+        ("betas = [0.9, 1.0]", "betas"),
+        ("weight_decay = nan", "weight_decay"),
+    ] {
+        let e = err_of(section(extra).validate());
+        assert!(e.contains(named), "{extra}: {e}");
+    }
+    let e = err_of(section("").validate().and(section("").validate()).and_then(|_| {
+        let mut s = section("");
+        s.lr = f64::INFINITY;
+        s.validate()
+    }));
+    assert!(e.contains("lr"), "{e}");
+}
+
+#[test]
+fn an_eval_file_with_a_zero_block_size_is_refused_before_anything_runs() {
+    let good =
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/eval-smollm2.toml"))
+            .unwrap();
+    let d = tmp_dir("eval");
+    let p = d.join("eval.toml");
+    for (from, to) in [("block_size = 16", "block_size = 0"), ("block_size = 16", "block_size = 1000000")] {
+        assert!(good.contains(from));
+        std::fs::write(&p, good.replacen(from, to, 1)).unwrap();
+        let e = err_of(dms_integration::harness::eval::EvalConfig::load(&p));
+        assert!(e.contains("block_size"), "{e}");
+    }
+}
+
+fn patched_config(fixture_name: &str, patch: serde_json::Value) -> anyhow::Result<dms_integration::model::ModelConfig> {
+    let text = std::fs::read_to_string(fixture(fixture_name).join("config.json")).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    for (k, x) in patch.as_object().unwrap() {
+        v[k] = x.clone();
+    }
+    dms_integration::model::ModelConfig::from_hf_json(&v.to_string())
+}
+
+#[test]
+fn llama3_rope_scaling_that_gives_nan_frequencies_is_refused() {
+    assert!(patched_config("llama3_tiny", serde_json::json!({})).is_ok());
+    for bad in [
+        serde_json::json!({"factor": 0.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64, "rope_type": "llama3"}),
+        serde_json::json!({"factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64, "rope_type": "llama3"}),
+        serde_json::json!({"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 0, "rope_type": "llama3"}),
+    ] {
+        let e = err_of(patched_config("llama3_tiny", serde_json::json!({ "rope_scaling": bad })));
+        assert!(e.contains("rope_scaling") && e.contains("high_freq_factor > low_freq_factor"), "{e}");
+    }
+}
+
+#[test]
+fn a_switched_on_model_window_caps_the_context_length() {
+    let ctx = |patch| patched_config("qwen3_tiny", patch).unwrap().max_position_embeddings;
+    assert_eq!(ctx(serde_json::json!({})), 512);
+    // Qwen ships a window that is off unless `use_sliding_window` says otherwise.
+    assert_eq!(ctx(serde_json::json!({"sliding_window": 64, "use_sliding_window": false})), 512);
+    assert_eq!(ctx(serde_json::json!({"sliding_window": 64, "use_sliding_window": true})), 64);
+    assert_eq!(ctx(serde_json::json!({"sliding_window": null, "use_sliding_window": true})), 512);
+    // Mistral's is on whenever it is a number.
+    let mistral =
+        serde_json::json!({"model_type": "mistral", "architectures": ["MistralForCausalLM"], "sliding_window": 100});
+    assert_eq!(patched_config("llama3_tiny", mistral).unwrap().max_position_embeddings, 100);
+    let mistral =
+        serde_json::json!({"model_type": "mistral", "architectures": ["MistralForCausalLM"], "sliding_window": null});
+    assert_eq!(patched_config("llama3_tiny", mistral).unwrap().max_position_embeddings, 512);
 }

@@ -419,6 +419,22 @@ fn tiny_gguf_loads_and_generates() {
     assert_eq!(tok.encode("abc", false).unwrap().get_ids(), &[5]);
 }
 
+#[test]
+fn a_tensor_typed_q8_1_is_refused_naming_it() {
+    let mut bytes = tiny_gguf();
+    let name = b"blk.0.attn_q.weight";
+    let at = bytes.windows(name.len()).position(|w| w == name).unwrap();
+    // After the name: the dimension count (u32) and two dimensions (u64 each), then the type.
+    let ty = at + name.len() + 4 + 16;
+    assert_eq!(u32::from_le_bytes(bytes[ty..ty + 4].try_into().unwrap()), 8, "Q8_0 before the edit");
+    bytes[ty] = 9;
+    let dir = scratch("gguf-q8-1");
+    let p = write(&dir, "q81.gguf", &bytes);
+    let e = format!("{:#}", load_model(&p, &Device::Cpu, WeightForm::Dense).err().expect("a Q8_1 tensor is refused"));
+    assert!(e.contains("blk.0.attn_q.weight") && e.contains("is 9"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 proptest! {
     #![proptest_config(cfg(800))]
 

@@ -90,6 +90,9 @@ impl DmsPolicy {
     pub fn new(p: DmsParams) -> Result<Self, PolicyError> {
         let window =
             p.window.ok_or_else(|| invalid("`window` is not set and the model's config has no dms_window_size"))?;
+        if window > crate::MAX_WINDOW {
+            return Err(invalid(format!("`window` must be at most {}, not {window}", crate::MAX_WINDOW)));
+        }
         let alpha_scale = p.alpha_scale.unwrap_or(100.0);
         let alpha_offset = p.alpha_offset.unwrap_or(5.0);
         if !alpha_scale.is_finite() || !alpha_offset.is_finite() {

@@ -31,10 +31,10 @@ pub struct SlidingWindowPolicy {
 impl SlidingWindowPolicy {
     /// Validates the parameters.
     pub fn new(params: SlidingWindowParams) -> Result<Self, PolicyError> {
-        if params.window == 0 {
+        if params.window == 0 || params.window > crate::MAX_WINDOW {
             return Err(PolicyError::InvalidParams {
                 policy: "sliding_window".into(),
-                message: "`window` must be at least 1".into(),
+                message: format!("`window` must be between 1 and {}, not {}", crate::MAX_WINDOW, params.window),
             });
         }
         Ok(Self { window: params.window, sinks: params.sinks })

@@ -43,6 +43,10 @@ impl BatchEngine for Engine {
         self.check_policy(req.policy.as_ref())
     }
 
+    fn context_length(&self) -> usize {
+        self.model.config().max_position_embeddings
+    }
+
     fn eos_token_ids(&self) -> &[u32] {
         &self.model.config().eos_token_ids
     }

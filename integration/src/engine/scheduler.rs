@@ -298,7 +298,17 @@ impl<E: BatchEngine> Scheduler<E> {
         if req.prompt.is_empty() {
             bail!("request {} has an empty prompt", req.id);
         }
-        engine.check_request(&req, req.prompt.len() + req.max_new(&self.params))?;
+        let (prompt, max_new) = (req.prompt.len(), req.max_new(&self.params));
+        let longest = prompt.saturating_add(max_new);
+        if longest > engine.context_length() {
+            bail!(
+                "request {}: the prompt ({prompt} tokens) plus at most {max_new} new tokens exceeds the model's \
+                 context length ({} tokens, max_position_embeddings)",
+                req.id,
+                engine.context_length()
+            );
+        }
+        engine.check_request(&req, longest)?;
         self.waiting.push_back(req);
         Ok(())
     }

@@ -257,6 +257,10 @@ impl BatchEngine for DeviceEngine<'_> {
         Ok(())
     }
 
+    fn context_length(&self) -> usize {
+        self.model.config().max_position_embeddings
+    }
+
     fn eos_token_ids(&self) -> &[u32] {
         &self.model.config().eos_token_ids
     }

@@ -71,6 +71,20 @@ pub struct AbCache {
     pub prefill_chunk: usize,
 }
 
+impl AbCache {
+    /// Range checks (shared by the A/B and eval files).
+    pub fn validate(&self) -> Result<()> {
+        let max = crate::config::MAX_BLOCK_SIZE;
+        if self.block_size == 0 || self.block_size > max {
+            bail!("[cache] block_size must be between 1 and {max}, not {}", self.block_size);
+        }
+        if self.memory_mb == 0 {
+            bail!("[cache] memory_mb must be positive");
+        }
+        Ok(())
+    }
+}
+
 /// `[workload]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -222,9 +236,7 @@ impl AbConfig {
                 bail!("[workload] {k} must be at least 1");
             }
         }
-        if self.cache.block_size == 0 || self.cache.memory_mb == 0 {
-            bail!("[cache] block_size and memory_mb must be positive");
-        }
+        self.cache.validate()?;
         if let Some(c) = &self.capacity {
             if c.memory_mb.is_nan()
                 || c.memory_mb <= 0.0

@@ -182,7 +182,7 @@ pub struct ModelConfig {
     pub attention_bias: bool,
     /// Per-head q/k RMSNorm.
     pub qk_norm: bool,
-    /// Maximum context length.
+    /// Context length served: `max_position_embeddings`, or the model's switched-on attention window.
     pub max_position_embeddings: usize,
     /// Beginning-of-sequence token.
     pub bos_token_id: Option<u32>,
@@ -228,6 +228,10 @@ struct HfConfig {
     attention_bias: Option<bool>,
     #[serde(default)]
     max_position_embeddings: Option<usize>,
+    #[serde(default)]
+    sliding_window: Option<usize>,
+    #[serde(default)]
+    use_sliding_window: Option<bool>,
     #[serde(default)]
     bos_token_id: Option<u32>,
     #[serde(default)]
@@ -326,7 +330,7 @@ impl ModelConfig {
             tie_word_embeddings: c.tie_word_embeddings.unwrap_or(false),
             attention_bias: c.attention_bias.unwrap_or(arch == Arch::Qwen2),
             qk_norm: arch == Arch::Qwen3,
-            max_position_embeddings: c.max_position_embeddings.unwrap_or(4096),
+            max_position_embeddings: context_length(&c, arch),
             bos_token_id: c.bos_token_id,
             eos_token_ids: match c.eos_token_id {
                 None => vec![],
@@ -654,6 +658,20 @@ fn llama3_scale(freq: f64, s: &Llama3RopeScaling) -> f64 {
     }
 }
 
+/// The context length served: `max_position_embeddings`, or the model's own attention window when
+/// it has one that is switched on (Mistral's `sliding_window`; Qwen2's with `use_sliding_window`).
+/// Full attention over at most that many tokens is exactly windowed attention, so capping the
+/// context keeps every result exact instead of attending where the model would not.
+fn context_length(c: &HfConfig, arch: Arch) -> usize {
+    let declared = c.max_position_embeddings.unwrap_or(4096);
+    let windowed = match arch {
+        Arch::Mistral => c.sliding_window,
+        Arch::Qwen2 | Arch::Qwen3 if c.use_sliding_window == Some(true) => c.sliding_window,
+        _ => None,
+    };
+    windowed.filter(|&w| w > 0).map_or(declared, |w| declared.min(w))
+}
+
 fn parse_rope_scaling(v: &serde_json::Value) -> Result<Llama3RopeScaling> {
     let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(|x| x.as_str()).unwrap_or("");
     if kind != "llama3" {
@@ -664,12 +682,30 @@ fn parse_rope_scaling(v: &serde_json::Value) -> Result<Llama3RopeScaling> {
             .and_then(|x| x.as_f64())
             .with_context(|| format!("model config: rope_scaling.{k} is missing or not a number"))
     };
-    Ok(Llama3RopeScaling {
+    let s = Llama3RopeScaling {
         factor: num("factor")?,
         low_freq_factor: num("low_freq_factor")?,
         high_freq_factor: num("high_freq_factor")?,
         original_max_position_embeddings: num("original_max_position_embeddings")?,
-    })
+    };
+    let positive = |x: f64| x.is_finite() && x > 0.0;
+    if !(positive(s.factor)
+        && positive(s.low_freq_factor)
+        && positive(s.original_max_position_embeddings)
+        && s.high_freq_factor.is_finite()
+        && s.high_freq_factor > s.low_freq_factor)
+    {
+        bail!(
+            "model config: rope_scaling (llama3) needs factor, low_freq_factor and original_max_position_embeddings \
+             positive and finite, and high_freq_factor > low_freq_factor (got factor {}, low_freq_factor {}, \
+             high_freq_factor {}, original_max_position_embeddings {})",
+            s.factor,
+            s.low_freq_factor,
+            s.high_freq_factor,
+            s.original_max_position_embeddings
+        );
+    }
+    Ok(s)
 }
 
 #[cfg(test)]

@@ -56,7 +56,8 @@ fn dtype_of(code: u32) -> Option<GgmlDType> {
         6 => GgmlDType::Q5_0,
         7 => GgmlDType::Q5_1,
         8 => GgmlDType::Q8_0,
-        9 => GgmlDType::Q8_1,
+        // 9 (Q8_1) is only ggml's intermediate for dot products: no file stores weights in it,
+        // and candle cannot dequantize it, so it is refused here like any unknown type.
         10 => GgmlDType::Q2K,
         11 => GgmlDType::Q3K,
         12 => GgmlDType::Q4K,

@@ -80,6 +80,7 @@ pub fn serve(cfg: &EngineConfig) -> Result<()> {
         metrics: metrics.clone(),
         api_key: s.effective_api_key(),
         max_sequence_tokens,
+        context_length: mc.max_position_embeddings,
         default_max_tokens: cfg.generation.max_tokens,
         max_tokens_cap: s.max_tokens_cap,
         max_outstanding: s.max_batch + s.max_waiting,
@@ -119,7 +120,7 @@ pub fn serve(cfg: &EngineConfig) -> Result<()> {
             app.model_id,
             app.policies.iter().map(|p| p.0.as_str()).collect::<Vec<_>>().join(", "),
             app.policies[0].0,
-            max_sequence_tokens,
+            max_sequence_tokens.min(app.context_length),
             if app.api_key.is_some() { " | API key required" } else { "" },
         );
         use std::io::Write;

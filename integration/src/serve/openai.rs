@@ -8,9 +8,12 @@ use crate::model::chat_template::ChatMessage;
 
 /// Most stop strings a request may give (OpenAI's limit).
 pub const MAX_STOPS: usize = 4;
+/// Longest stop string, in bytes: every generated token is matched against each one on the
+/// engine's thread, so one request's stop strings must not stall everybody's decoding.
+pub const MAX_STOP_BYTES: usize = 1024;
 
-/// `POST /v1/chat/completions`. Fields the server does not use are ignored, as OpenAI-compatible
-/// servers do, except the ones whose meaning it cannot honour (`n` > 1).
+/// `POST /v1/chat/completions`. Fields the server does not know are ignored, as OpenAI-compatible
+/// servers do; the ones whose meaning it cannot honour (`n` > 1, [`Unsupported`]) are refused.
 #[derive(Debug, Deserialize)]
 pub struct ChatRequest {
     /// The model id.
@@ -130,6 +133,76 @@ pub struct CommonFields {
     /// Keep generating past the end-of-sequence token (vLLM's extension; for benchmarks).
     #[serde(default)]
     pub ignore_eos: Option<bool>,
+    /// OpenAI fields this server cannot honour.
+    #[serde(flatten)]
+    pub unsupported: Unsupported,
+}
+
+/// OpenAI fields this server cannot honour. A request that sets one to anything but its no-op
+/// value is refused (400 naming the field), not answered as if the field were absent.
+#[derive(Debug, Default, Deserialize)]
+pub struct Unsupported {
+    #[serde(default)]
+    logprobs: Option<Value>,
+    #[serde(default)]
+    top_logprobs: Option<Value>,
+    #[serde(default)]
+    echo: Option<Value>,
+    #[serde(default)]
+    logit_bias: Option<Value>,
+    #[serde(default)]
+    presence_penalty: Option<Value>,
+    #[serde(default)]
+    frequency_penalty: Option<Value>,
+    #[serde(default)]
+    best_of: Option<Value>,
+    #[serde(default)]
+    suffix: Option<Value>,
+    #[serde(default)]
+    tools: Option<Value>,
+    #[serde(default)]
+    functions: Option<Value>,
+    #[serde(default)]
+    response_format: Option<Value>,
+}
+
+impl Unsupported {
+    /// An error naming the first field set to something other than its no-op value.
+    fn check(&self) -> Result<(), ApiError> {
+        let zero = |v: &Value| v.as_f64() == Some(0.0);
+        let empty = |v: &Value| match v {
+            Value::String(s) => s.is_empty(),
+            Value::Array(a) => a.is_empty(),
+            Value::Object(o) => o.is_empty(),
+            _ => false,
+        };
+        type NoOp = fn(&Value) -> bool;
+        let fields: [(&str, &Option<Value>, NoOp, &str); 11] = [
+            ("logprobs", &self.logprobs, |v| v == &Value::Bool(false), "false"),
+            ("top_logprobs", &self.top_logprobs, zero, "0"),
+            ("echo", &self.echo, |v| v == &Value::Bool(false), "false"),
+            ("logit_bias", &self.logit_bias, empty, "{}"),
+            ("presence_penalty", &self.presence_penalty, zero, "0"),
+            ("frequency_penalty", &self.frequency_penalty, zero, "0"),
+            ("best_of", &self.best_of, |v| v.as_f64() == Some(1.0), "1"),
+            ("suffix", &self.suffix, empty, "\"\""),
+            ("tools", &self.tools, empty, "[]"),
+            ("functions", &self.functions, empty, "[]"),
+            ("response_format", &self.response_format, |v| v == &json!({"type": "text"}), "{\"type\": \"text\"}"),
+        ];
+        for (name, value, no_op, no_op_text) in fields {
+            match value {
+                Some(v) if !v.is_null() && !no_op(v) => return Err(ApiError::bad_request(
+                    format!(
+                        "`{name}` is not supported by this server (got {v}); leave it out or set it to {no_op_text}"
+                    ),
+                    Some(name),
+                )),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The checked sampling request.
@@ -199,6 +272,13 @@ impl CommonFields {
                 Some("stop"),
             ));
         }
+        if let Some(s) = stops.iter().find(|s| s.is_empty() || s.len() > MAX_STOP_BYTES) {
+            return Err(ApiError::bad_request(
+                format!("a `stop` string has {} bytes; each must have 1 to {MAX_STOP_BYTES}", s.len()),
+                Some("stop"),
+            ));
+        }
+        self.unsupported.check()?;
         let stream = self.stream.unwrap_or(false);
         let include_usage = self.stream_options.as_ref().is_some_and(|o| o.include_usage);
         let stop_at_eos = !self.ignore_eos.unwrap_or(false);
@@ -293,11 +373,34 @@ mod tests {
             (r#"{"top_p": 0}"#, "top_p"),
             (r#"{"n": 2}"#, "n"),
             (r#"{"stop": ["a", "b", "c", "d", "e"]}"#, "stop"),
+            (r#"{"stop": ""}"#, "stop"),
+            (r#"{"logprobs": true}"#, "logprobs"),
+            (r#"{"logprobs": 0}"#, "logprobs"),
+            (r#"{"echo": true}"#, "echo"),
+            (r#"{"logit_bias": {"50256": -100}}"#, "logit_bias"),
+            (r#"{"presence_penalty": 1.5}"#, "presence_penalty"),
+            (r#"{"frequency_penalty": -0.5}"#, "frequency_penalty"),
+            (r#"{"best_of": 3}"#, "best_of"),
+            (r#"{"suffix": "}"}"#, "suffix"),
+            (r#"{"tools": [{"type": "function"}]}"#, "tools"),
+            (r#"{"response_format": {"type": "json_object"}}"#, "response_format"),
         ] {
             let e = common(body).sampling(16, 100).unwrap_err();
             assert_eq!(e.status.as_u16(), 400, "{body}");
             assert_eq!(e.param.as_deref(), Some(field), "{body}");
         }
+    }
+
+    #[test]
+    fn no_op_values_of_unsupported_fields_and_long_stops_up_to_the_limit_are_accepted() {
+        let ok = r#"{"logprobs": false, "top_logprobs": 0, "echo": false, "logit_bias": {}, "presence_penalty": 0,
+            "frequency_penalty": 0.0, "best_of": 1, "suffix": "", "tools": [], "functions": null,
+            "response_format": {"type": "text"}, "user": "anyone"}"#;
+        assert!(common(ok).sampling(16, 100).is_ok());
+        let at_limit = format!(r#"{{"stop": ["{}"]}}"#, "x".repeat(MAX_STOP_BYTES));
+        assert!(common(&at_limit).sampling(16, 100).is_ok());
+        let over = format!(r#"{{"stop": ["{}"]}}"#, "x".repeat(MAX_STOP_BYTES + 1));
+        assert_eq!(common(&over).sampling(16, 100).unwrap_err().param.as_deref(), Some("stop"));
     }
 
     #[test]

@@ -49,6 +49,8 @@ pub struct App {
     pub api_key: Option<String>,
     /// Prompt plus completion tokens one sequence can hold in the pool.
     pub max_sequence_tokens: usize,
+    /// The model's context length (`max_position_embeddings`).
+    pub context_length: usize,
     /// `max_tokens` when a request gives none.
     pub default_max_tokens: usize,
     /// Largest `max_tokens` accepted.
@@ -229,13 +231,19 @@ impl App {
                 Some("prompt"),
             ));
         }
-        let total = prompt.len() + sampling.max_tokens;
-        if total > self.max_sequence_tokens {
+        let total = prompt.len().saturating_add(sampling.max_tokens);
+        let limit = if total > self.context_length {
+            Some(format!("the model's context length is {} tokens", self.context_length))
+        } else if total > self.max_sequence_tokens {
+            Some(format!("this server's KV pool holds at most {} tokens for one sequence", self.max_sequence_tokens))
+        } else {
+            None
+        };
+        if let Some(limit) = limit {
             let msg = format!(
-                "the prompt ({} tokens) plus max_tokens ({}) is {total} tokens; this server's KV pool holds at most {} tokens for one sequence",
+                "the prompt ({} tokens) plus max_tokens ({}) is {total} tokens; {limit}",
                 prompt.len(),
                 sampling.max_tokens,
-                self.max_sequence_tokens
             );
             return Err(ApiError { param: Some("max_tokens".into()), ..ApiError::bad_request(msg, None) }
                 .with_code("context_length_exceeded"));

@@ -7,6 +7,10 @@ use serde::Deserialize;
 /// Environment variable that sets (and overrides) `[server] api_key`.
 pub const API_KEY_ENV: &str = "DMS_API_KEY";
 
+/// Longest timeout or grace period accepted, in seconds (one year: "no limit" in practice, and
+/// far from the overflow of a deadline computed from now).
+pub const MAX_SECS: u64 = 365 * 24 * 3600;
+
 /// `[server]` of an engine config.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -100,8 +104,13 @@ impl ServerSection {
         if self.max_batch == 0 {
             bail!("[server] max_batch must be at least 1");
         }
-        if self.request_timeout_secs == 0 {
-            bail!("[server] request_timeout_secs must be at least 1");
+        for (key, secs, least) in [
+            ("request_timeout_secs", self.request_timeout_secs, 1),
+            ("shutdown_grace_secs", self.shutdown_grace_secs, 0),
+        ] {
+            if !(least..=MAX_SECS).contains(&secs) {
+                bail!("[server] {key} must be between {least} and {MAX_SECS} (one year), not {secs}");
+            }
         }
         if self.max_body_bytes < 64 {
             bail!("[server] max_body_bytes must be at least 64");

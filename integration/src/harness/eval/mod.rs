@@ -190,6 +190,7 @@ impl EvalConfig {
 
     /// Range checks.
     pub fn validate(&self) -> Result<()> {
+        self.cache.validate()?;
         let q = &self.quality;
         if q.prompt_tokens == 0 || q.continuation_tokens == 0 || q.concurrency == 0 {
             bail!("[quality] prompt_tokens, continuation_tokens and concurrency must be at least 1");

@@ -227,3 +227,15 @@ fn a_switched_on_model_window_caps_the_context_length() {
         serde_json::json!({"model_type": "mistral", "architectures": ["MistralForCausalLM"], "sliding_window": null});
     assert_eq!(patched_config("llama3_tiny", mistral).unwrap().max_position_embeddings, 512);
 }
+
+#[test]
+fn an_adapter_beside_a_query_neuron_checkpoint_is_refused() {
+    let neuron = fixture("qwen3_dms_tiny/variant_query_neuron/model");
+    let mut loaded = load_model(&neuron, &Device::Cpu, WeightForm::Dense).unwrap();
+    let separate = fixture("qwen3_dms_tiny/variant_separate_alpha/model");
+    let adapter_weights = dms_integration::model::Weights::open_safetensors_dir(&separate).unwrap();
+    let e = err_of(loaded.model.attach_adapter("b", &adapter_weights, false, false));
+    assert!(e.contains("query neuron") && e.contains("`b`"), "{e}");
+    let mut own_weights = load_model(&separate, &Device::Cpu, WeightForm::Dense).unwrap();
+    assert!(own_weights.model.attach_adapter("b", &adapter_weights, false, false).is_ok());
+}

@@ -355,6 +355,15 @@ fn tiny_gguf() -> Vec<u8> {
 
 /// [`tiny_gguf`] whose `general.alignment` says `alignment` (the data stays 32-byte aligned).
 fn tiny_gguf_aligned(alignment: u32) -> Vec<u8> {
+    let (meta, tensors) = tiny_gguf_parts(alignment);
+    gguf_bytes(&meta, &tensors)
+}
+
+/// A GGUF file's metadata and tensors.
+type GgufParts = (Vec<(&'static str, Value)>, Vec<(String, QTensor)>);
+
+/// The metadata and tensors of [`tiny_gguf_aligned`].
+fn tiny_gguf_parts(alignment: u32) -> GgufParts {
     let dev = Device::Cpu;
     let (vocab, h, inter, hd, kv) = (8usize, 32usize, 64usize, 16usize, 1usize);
     let tokens: Vec<Value> =
@@ -373,6 +382,7 @@ fn tiny_gguf_aligned(alignment: u32) -> Vec<u8> {
         ("llama.rope.freq_base", Value::F32(10000.0)),
         ("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5)),
         ("tokenizer.ggml.model", Value::String("gpt2".into())),
+        ("tokenizer.ggml.pre", Value::String("smollm".into())),
         ("tokenizer.ggml.tokens", Value::Array(tokens)),
         ("tokenizer.ggml.token_type", Value::Array(types)),
         ("tokenizer.ggml.merges", Value::Array(merges)),
@@ -397,6 +407,11 @@ fn tiny_gguf_aligned(alignment: u32) -> Vec<u8> {
         ("blk.0.ffn_up.weight".into(), q((inter, h), GgmlDType::Q8_0)),
         ("blk.0.ffn_down.weight".into(), q((h, inter), GgmlDType::Q8_0)),
     ];
+    (meta, tensors)
+}
+
+/// A GGUF file's bytes.
+fn gguf_bytes(meta: &[(&str, Value)], tensors: &[(String, QTensor)]) -> Vec<u8> {
     let mut cur = std::io::Cursor::new(Vec::new());
     let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (*k, v)).collect();
     let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
@@ -417,6 +432,46 @@ fn tiny_gguf_loads_and_generates() {
     assert_eq!(m.model.config().vocab_size, 8);
     let tok = m.tokenizer.unwrap();
     assert_eq!(tok.encode("abc", false).unwrap().get_ids(), &[5]);
+}
+
+#[test]
+fn gguf_metadata_is_honoured_or_refused_never_ignored() {
+    let dir = scratch("gguf-meta");
+    let load = |meta: &[(&str, Value)], tensors: &[(String, QTensor)], name: &str| {
+        load_model(&write(&dir, name, &gguf_bytes(meta, tensors)), &Device::Cpu, WeightForm::Dense)
+    };
+    let (meta, tensors) = tiny_gguf_parts(32);
+    // The end-of-turn token stops generation beside the end-of-sequence one; the chat template
+    // gets the file's BOS token.
+    let mut with = meta.clone();
+    with.push(("tokenizer.ggml.eot_token_id", Value::U32(5)));
+    with.push(("tokenizer.chat_template", Value::String("{{ bos_token }}{{ messages[0]['content'] }}".into())));
+    let m = load(&with, &tensors, "eot.gguf").unwrap();
+    assert_eq!(m.model.config().eos_token_ids, vec![7, 5]);
+    let msg = dms_integration::model::chat_template::ChatMessage { role: "user".into(), content: "hi".into() };
+    assert_eq!(m.chat_template.unwrap().render(&[msg]).unwrap(), "<s>hi");
+    // A pre-tokenizer other than the one built, or none named, is refused.
+    for (pre, named) in [(Some("llama-bpe"), "llama-bpe"), (None, "missing")] {
+        let mut m2: Vec<(&str, Value)> = meta.iter().filter(|(k, _)| *k != "tokenizer.ggml.pre").cloned().collect();
+        if let Some(p) = pre {
+            m2.push(("tokenizer.ggml.pre", Value::String(p.into())));
+        }
+        let e = format!("{:#}", load(&m2, &tensors, "pre.gguf").err().expect("refused"));
+        assert!(e.contains("pre-tokenizer") && e.contains(named), "{e}");
+    }
+    // RoPE scaling the loader does not apply is refused.
+    let mut t2: Vec<(String, QTensor)> = tiny_gguf_parts(32).1;
+    t2.push((
+        "rope_freqs.weight".into(),
+        QTensor::quantize(&Tensor::ones(8, candle_core::DType::F32, &Device::Cpu).unwrap(), GgmlDType::F32).unwrap(),
+    ));
+    let e = format!("{:#}", load(&meta, &t2, "freqs.gguf").err().expect("refused"));
+    assert!(e.contains("rope_freqs.weight"), "{e}");
+    let mut m3 = meta.clone();
+    m3.push(("llama.rope.scaling.type", Value::String("linear".into())));
+    let e = format!("{:#}", load(&m3, &tensors, "linear.gguf").err().expect("refused"));
+    assert!(e.contains("llama.rope.scaling.type") && e.contains("linear"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -1,10 +1,12 @@
 //! The model's chat template: the Jinja template its checkpoint ships (GGUF
-//! `tokenizer.chat_template`, or `chat_template` in an HF directory's `tokenizer_config.json`),
-//! rendered with minijinja as transformers renders it; plain ChatML when the model ships none.
+//! `tokenizer.chat_template`; in an HF directory, `chat_template` in `tokenizer_config.json`, a
+//! string or a list of named templates, or a `chat_template.jinja` file), rendered with minijinja
+//! as transformers renders it (blocks trimmed, `bos_token` and `eos_token` defined); plain ChatML
+//! when the model ships none.
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file::Content;
 use serde::Serialize;
 
@@ -20,51 +22,103 @@ pub struct ChatMessage {
     pub content: String,
 }
 
+/// The special tokens a template may print (`{{ bos_token }}`), as their text.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SpecialTokens {
+    /// Beginning of sequence.
+    pub bos: String,
+    /// End of sequence.
+    pub eos: String,
+}
+
 /// A chat template, checked to compile when built.
 #[derive(Debug, Clone)]
 pub struct ChatTemplate {
     source: String,
+    special: SpecialTokens,
     /// Where it came from, for messages.
     pub origin: String,
 }
 
 impl ChatTemplate {
     /// A template from its Jinja source; fails if it does not compile.
-    pub fn new(source: String, origin: String) -> Result<Self> {
-        let t = Self { source, origin };
+    pub fn new(source: String, special: SpecialTokens, origin: String) -> Result<Self> {
+        let t = Self { source, special, origin };
         t.env().with_context(|| format!("the chat template from {} does not compile", t.origin))?;
         Ok(t)
     }
 
     /// Plain ChatML.
     pub fn chatml() -> Self {
-        Self { source: CHATML.to_string(), origin: "built-in ChatML".into() }
+        Self { source: CHATML.to_string(), special: SpecialTokens::default(), origin: "built-in ChatML".into() }
     }
 
-    /// The template in a GGUF file's metadata, if any.
+    /// The template in a GGUF file's metadata, if any, with the file's BOS and EOS tokens.
     pub fn from_gguf(content: &Content) -> Result<Option<Self>> {
-        match content.metadata.get("tokenizer.chat_template") {
-            None => Ok(None),
-            Some(v) => {
-                let s = v.to_string().map_err(|e| anyhow::anyhow!("GGUF `tokenizer.chat_template`: {e}"))?;
-                Self::new(s.clone(), "the GGUF metadata".into()).map(Some)
+        let Some(v) = content.metadata.get("tokenizer.chat_template") else { return Ok(None) };
+        let source = v.to_string().map_err(|e| anyhow::anyhow!("GGUF `tokenizer.chat_template`: {e}"))?.clone();
+        let token = |key: &str| -> Result<String> {
+            if !content.metadata.contains_key(key) {
+                return Ok(String::new());
             }
-        }
+            let id = crate::model::weights::meta_usize(content, key)?;
+            let tokens = content
+                .metadata
+                .get("tokenizer.ggml.tokens")
+                .context("GGUF metadata has a chat template but no `tokenizer.ggml.tokens`")?
+                .to_vec()
+                .map_err(|e| anyhow::anyhow!("GGUF `tokenizer.ggml.tokens`: {e}"))?;
+            let t = tokens.get(id).with_context(|| format!("GGUF `{key}` {id} is not a token id"))?;
+            Ok(t.to_string().map_err(|e| anyhow::anyhow!("GGUF token {id}: {e}"))?.clone())
+        };
+        let special =
+            SpecialTokens { bos: token("tokenizer.ggml.bos_token_id")?, eos: token("tokenizer.ggml.eos_token_id")? };
+        Self::new(source, special, "the GGUF metadata".into()).map(Some)
     }
 
-    /// The template in `dir/tokenizer_config.json`, if any.
+    /// The template of an HF directory, if any: `chat_template` in `tokenizer_config.json` (a
+    /// string, or a list of `{name, template}` of which `default` is used), else the file
+    /// `chat_template.jinja`; with the BOS and EOS tokens of `tokenizer_config.json`.
     pub fn from_hf_dir(dir: &Path) -> Result<Option<Self>> {
         let path = dir.join("tokenizer_config.json");
-        let Ok(text) = std::fs::read_to_string(&path) else { return Ok(None) };
-        let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}", path.display()))?;
-        match v.get("chat_template") {
-            Some(serde_json::Value::String(s)) => Self::new(s.clone(), path.display().to_string()).map(Some),
-            _ => Ok(None),
+        let config: serde_json::Value = match std::fs::read_to_string(&path) {
+            Ok(text) => serde_json::from_str(&text).with_context(|| format!("{}", path.display()))?,
+            Err(_) => serde_json::Value::Null,
+        };
+        let special =
+            SpecialTokens { bos: special_token(&config, "bos_token"), eos: special_token(&config, "eos_token") };
+        let origin = path.display().to_string();
+        let source = match config.get("chat_template") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            Some(serde_json::Value::Array(named)) => {
+                let default = named.iter().find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"));
+                let t = default.and_then(|t| t.get("template")).and_then(|t| t.as_str());
+                Some(
+                    t.with_context(|| format!("{origin}: `chat_template` is a list without a `default` template"))?
+                        .to_string(),
+                )
+            }
+            Some(other) => {
+                bail!("{origin}: `chat_template` is neither a string nor a list of named templates: {other}")
+            }
+        };
+        if let Some(source) = source {
+            return Self::new(source, special, origin).map(Some);
+        }
+        let jinja = dir.join("chat_template.jinja");
+        match std::fs::read_to_string(&jinja) {
+            Ok(source) => Self::new(source, special, jinja.display().to_string()).map(Some),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("cannot read {}", jinja.display())),
         }
     }
 
     fn env(&self) -> Result<minijinja::Environment<'_>> {
         let mut env = minijinja::Environment::new();
+        // transformers renders with `trim_blocks` and `lstrip_blocks` on.
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
         env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
             Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
         });
@@ -76,8 +130,18 @@ impl ChatTemplate {
     pub fn render(&self, messages: &[ChatMessage]) -> Result<String> {
         let env = self.env()?;
         let t = env.get_template("chat")?;
-        t.render(minijinja::context! { messages => messages, add_generation_prompt => true })
+        let (bos_token, eos_token) = (&self.special.bos, &self.special.eos);
+        t.render(minijinja::context! { messages, add_generation_prompt => true, bos_token, eos_token })
             .with_context(|| format!("rendering the chat template from {}", self.origin))
+    }
+}
+
+/// A special token of `tokenizer_config.json`: a string, or an object with its `content`.
+fn special_token(config: &serde_json::Value, key: &str) -> String {
+    match config.get(key) {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(o) => o.get("content").and_then(|c| c.as_str()).unwrap_or_default().to_string(),
+        None => String::new(),
     }
 }
 
@@ -97,13 +161,72 @@ mod tests {
 
     #[test]
     fn a_template_that_raises_is_an_error_not_a_panic() {
-        let t = ChatTemplate::new("{{ raise_exception('roles must alternate') }}".into(), "test".into()).unwrap();
+        let t = ChatTemplate::new(
+            "{{ raise_exception('roles must alternate') }}".into(),
+            SpecialTokens::default(),
+            "test".into(),
+        )
+        .unwrap();
         let e = t.render(&user("hi")).unwrap_err();
         assert!(format!("{e:#}").contains("roles must alternate"), "{e:#}");
     }
 
     #[test]
     fn a_template_that_does_not_compile_is_refused() {
-        assert!(ChatTemplate::new("{% for %}".into(), "test".into()).is_err());
+        assert!(ChatTemplate::new("{% for %}".into(), SpecialTokens::default(), "test".into()).is_err());
+    }
+
+    fn hf_dir(name: &str, files: &[(&str, &str)]) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("dms-chat-template-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        for (f, text) in files {
+            std::fs::write(d.join(f), text).unwrap();
+        }
+        d
+    }
+
+    /// Prints `{{ bos_token }}`, as Llama 3's template does, and puts block tags on lines of their
+    /// own, indented, as many templates do.
+    const TEMPLATE: &str = "{{ bos_token }}{% for message in messages %}\n  {% if message['role'] == 'user' %}\n{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] + eos_token }}\n{% endif %}\n{% endfor %}\n{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}";
+
+    #[test]
+    fn special_tokens_are_printed_and_blocks_trimmed_as_transformers_does() {
+        let config = serde_json::json!({
+            "chat_template": TEMPLATE,
+            "bos_token": "<|begin_of_text|>",
+            "eos_token": {"content": "<|eot_id|>", "lstrip": false},
+        });
+        let d = hf_dir("llama3", &[("tokenizer_config.json", &config.to_string())]);
+        let t = ChatTemplate::from_hf_dir(&d).unwrap().unwrap();
+        assert_eq!(t.special, SpecialTokens { bos: "<|begin_of_text|>".into(), eos: "<|eot_id|>".into() });
+        // Python's jinja2 3.1.6 as transformers configures it (`ImmutableSandboxedEnvironment(
+        // trim_blocks=True, lstrip_blocks=True)`) renders this.
+        let want = "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>\n<|start_header_id|>assistant<|end_header_id|>\n\n";
+        assert_eq!(t.render(&user("hi")).unwrap(), want);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn named_templates_and_a_chat_template_jinja_file_are_found() {
+        let named = serde_json::json!({"chat_template": [
+            {"name": "tool_use", "template": "tools"},
+            {"name": "default", "template": "default {{ messages[0]['content'] }}"},
+        ]});
+        let d = hf_dir("named", &[("tokenizer_config.json", &named.to_string())]);
+        assert_eq!(ChatTemplate::from_hf_dir(&d).unwrap().unwrap().render(&user("x")).unwrap(), "default x");
+        let no_default = serde_json::json!({"chat_template": [{"name": "tool_use", "template": "tools"}]});
+        let d2 = hf_dir("no-default", &[("tokenizer_config.json", &no_default.to_string())]);
+        assert!(format!("{:#}", ChatTemplate::from_hf_dir(&d2).unwrap_err()).contains("default"));
+        let d3 = hf_dir(
+            "jinja",
+            &[("tokenizer_config.json", "{}"), ("chat_template.jinja", "file {{ messages[0]['content'] }}")],
+        );
+        assert_eq!(ChatTemplate::from_hf_dir(&d3).unwrap().unwrap().render(&user("y")).unwrap(), "file y");
+        let d4 = hf_dir("none", &[("tokenizer_config.json", "{}")]);
+        assert!(ChatTemplate::from_hf_dir(&d4).unwrap().is_none());
+        for d in [d, d2, d3, d4] {
+            let _ = std::fs::remove_dir_all(&d);
+        }
     }
 }

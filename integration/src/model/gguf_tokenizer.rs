@@ -19,13 +19,28 @@ fn strings(c: &Content, key: &str) -> Result<Vec<String>> {
         .collect()
 }
 
-/// The tokenizer described by `tokenizer.ggml.*` (model `gpt2`): BPE over the vocabulary and
-/// merges, single-digit splitting then byte-level pre-tokenisation, control tokens special.
+/// The one `tokenizer.ggml.pre` this module builds.
+pub const SUPPORTED_PRE: &str = "smollm";
+
+/// The tokenizer described by `tokenizer.ggml.*` (model `gpt2`, pre-tokenizer `smollm`): BPE over
+/// the vocabulary and merges, single-digit splitting then byte-level pre-tokenisation, control
+/// tokens special.
 pub fn from_gguf(c: &Content) -> Result<Tokenizer> {
     let model = c.metadata.get("tokenizer.ggml.model").and_then(|v| v.to_string().ok().cloned()).unwrap_or_default();
     if model != "gpt2" {
         bail!(
             "GGUF tokenizer model `{model}` is not supported (supported: gpt2 byte-level BPE); pass a tokenizer.json"
+        );
+    }
+    // The pre-tokenizer built below is SmolLM2's (`smollm`: single digits, then GPT-2's byte-level
+    // split). Other models split differently (Llama 3's `llama-bpe` keeps runs of three digits,
+    // ...), and tokenizing them this way would be silently wrong.
+    let pre = c.metadata.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok().cloned());
+    if pre.as_deref() != Some(SUPPORTED_PRE) {
+        bail!(
+            "GGUF pre-tokenizer `{}` is not supported (supported: {SUPPORTED_PRE}); use the model's HF directory, whose \
+             tokenizer.json describes it",
+            pre.as_deref().unwrap_or("(none: tokenizer.ggml.pre is missing)")
         );
     }
     let tokens = strings(c, "tokenizer.ggml.tokens")?;

@@ -317,6 +317,13 @@ impl Llama {
     /// that the model produces decision scores; `per_layer` is its `dms_alpha_per = "layer"`.
     /// Other adapters stay: each sequence of a batch reads the one its policy names.
     pub fn attach_adapter(&mut self, key: &str, w: &Weights, round_f16: bool, per_layer: bool) -> Result<()> {
+        if self.query_neuron.is_some() {
+            bail!(
+                "this checkpoint makes its DMS decisions with a query neuron (dms_separate_alpha = false), whose \
+                 channel is zeroed in every query of every sequence; an adapter beside it would change the model \
+                 for all of them, so adapter `{key}` cannot be attached"
+            );
+        }
         let h = self.cfg.hidden_size;
         let mut layers = Vec::with_capacity(self.layers.len());
         for i in 0..self.layers.len() {
@@ -336,7 +343,6 @@ impl Llama {
             None => self.adapters.push(adapter),
         };
         self.decision = DecisionSource::Adapter;
-        self.query_neuron = None;
         Ok(())
     }
 

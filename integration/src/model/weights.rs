@@ -375,7 +375,8 @@ fn meta_str(c: &gguf_file::Content, key: &str) -> Result<String> {
     Ok(meta(c, key)?.to_string().map_err(|e| anyhow::anyhow!("GGUF `{key}`: {e}"))?.clone())
 }
 
-fn meta_usize(c: &gguf_file::Content, key: &str) -> Result<usize> {
+/// An unsigned integer of the GGUF metadata, whatever its integer type.
+pub(crate) fn meta_usize(c: &gguf_file::Content, key: &str) -> Result<usize> {
     use gguf_file::Value as V;
     let v = meta(c, key)?;
     let x = match v {
@@ -405,6 +406,20 @@ fn meta_f64(c: &gguf_file::Content, key: &str) -> Result<Option<f64>> {
     }
 }
 
+/// The tokens that end a turn: the end-of-sequence token and, when it differs, the end-of-turn
+/// token (`tokenizer.ggml.eot_token_id`, e.g. `<|eot_id|>` beside `<|end_of_text|>`).
+fn gguf_stop_tokens(c: &gguf_file::Content) -> Vec<u32> {
+    let mut ids = Vec::new();
+    for key in ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"] {
+        if let Some(id) = meta_usize(c, key).ok().and_then(|x| u32::try_from(x).ok()) {
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+    }
+    ids
+}
+
 /// Model config from GGUF metadata.
 fn gguf_config(c: &gguf_file::Content) -> Result<ModelConfig> {
     let a = meta_str(c, "general.architecture")?;
@@ -418,6 +433,16 @@ fn gguf_config(c: &gguf_file::Content) -> Result<ModelConfig> {
     let heads = meta_usize(c, &format!("{a}.attention.head_count"))?;
     let kv = meta_opt_usize(c, &format!("{a}.attention.head_count_kv"))?.unwrap_or(heads);
     let head_dim = meta_opt_usize(c, &format!("{a}.attention.key_length"))?.unwrap_or(hidden / heads.max(1));
+    // llama.cpp stores Llama 3.1's RoPE scaling as per-frequency factors in `rope_freqs.weight`,
+    // and linear or YaRN scaling under `rope.scaling.*`; neither is applied here, so such a file
+    // would run with the wrong frequencies.
+    if c.tensor_infos.contains_key("rope_freqs.weight") {
+        bail!("GGUF tensor `rope_freqs.weight` (RoPE frequency factors, e.g. Llama 3.1's scaling) is not supported; use the model's HF directory, whose config.json rope_scaling is");
+    }
+    let scaling_key = format!("{a}.rope.scaling.type");
+    if let Some(kind) = c.metadata.get(&scaling_key).and_then(|v| v.to_string().ok()).filter(|k| k.as_str() != "none") {
+        bail!("GGUF `{scaling_key}` = `{kind}` is not supported; use the model's HF directory, whose config.json rope_scaling is");
+    }
     let vocab = match c.metadata.get("tokenizer.ggml.tokens") {
         Some(v) => v.to_vec().map_err(|e| anyhow::anyhow!("GGUF tokens: {e}"))?.len(),
         None => c
@@ -443,11 +468,7 @@ fn gguf_config(c: &gguf_file::Content) -> Result<ModelConfig> {
         qk_norm: arch == Arch::Qwen3,
         max_position_embeddings: meta_opt_usize(c, &format!("{a}.context_length"))?.unwrap_or(4096),
         bos_token_id: meta_usize(c, "tokenizer.ggml.bos_token_id").ok().and_then(|x| u32::try_from(x).ok()),
-        eos_token_ids: meta_usize(c, "tokenizer.ggml.eos_token_id")
-            .ok()
-            .and_then(|x| u32::try_from(x).ok())
-            .map(|x| vec![x])
-            .unwrap_or_default(),
+        eos_token_ids: gguf_stop_tokens(c),
         dms: DmsCheckpointFields::default(),
         mla: None,
     };

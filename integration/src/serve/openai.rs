@@ -192,12 +192,14 @@ impl Unsupported {
         ];
         for (name, value, no_op, no_op_text) in fields {
             match value {
-                Some(v) if !v.is_null() && !no_op(v) => return Err(ApiError::bad_request(
-                    format!(
+                Some(v) if !v.is_null() && !no_op(v) => {
+                    return Err(ApiError::bad_request(
+                        format!(
                         "`{name}` is not supported by this server (got {v}); leave it out or set it to {no_op_text}"
                     ),
-                    Some(name),
-                )),
+                        Some(name),
+                    ))
+                }
                 _ => {}
             }
         }

@@ -145,3 +145,31 @@ fn run_names_the_adapter_as_the_source_of_its_dms_values() {
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("window = 4 (adapter)"), "{stderr}");
 }
+
+#[test]
+fn serve_refuses_a_kv_pool_larger_than_the_machine() {
+    let dir = std::env::temp_dir().join(format!("dms-cli-{}-pool", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("serve.toml");
+    // 100 TB of KV blocks: the host store would grow until the kernel killed the server.
+    let text = "[model]\nsource = \"smollm2-135m\"\n[cache]\nmemory_mb = 100000000\n[cache.policy]\nname = \"full\"\n[server]\nport = 0\n";
+    std::fs::write(&cfg, text).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dms"))
+        .args(["serve", "--config", cfg.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > std::time::Duration::from_secs(120) {
+            child.kill().unwrap();
+            panic!("the server started with a pool larger than the machine");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked") && err.contains("memory_mb") && err.contains("GiB of memory"), "{err}");
+}

@@ -72,17 +72,23 @@ pub fn load_model(path: &Path, device: &Device, form: WeightForm) -> Result<Load
     }
 }
 
-/// Refuses an allocation of `bytes` that exceeds the machine's physical memory (read from
-/// `/proc/meminfo`; no limit where it cannot be read): the allocator would abort the process.
+/// The machine's physical memory in bytes (`MemTotal` of `/proc/meminfo`; `None` where it cannot
+/// be read).
+pub fn physical_memory_bytes() -> Option<u128> {
+    let m = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib =
+        m.lines().find_map(|l| l.strip_prefix("MemTotal:")?.trim().strip_suffix("kB")?.trim().parse::<u128>().ok());
+    kib.map(|k| k * 1024)
+}
+
+/// Refuses an allocation of `bytes` that exceeds the machine's physical memory (no limit where it
+/// cannot be read): the allocator would abort the process.
 fn check_fits_in_memory(bytes: u128) -> Result<()> {
-    let total_kib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
-        m.lines().find_map(|l| l.strip_prefix("MemTotal:")?.trim().strip_suffix("kB")?.trim().parse::<u128>().ok())
-    });
-    if let Some(kib) = total_kib.filter(|&k| bytes > k * 1024) {
+    if let Some(total) = physical_memory_bytes().filter(|&t| bytes > t) {
         bail!(
             "a model of this shape needs about {:.1} GiB, more than this machine's {:.1} GiB of memory",
             bytes as f64 / (1u64 << 30) as f64,
-            kib as f64 / (1u64 << 20) as f64
+            total as f64 / (1u64 << 30) as f64
         );
     }
     Ok(())

@@ -21,7 +21,7 @@ mod sampling;
 pub mod scheduler;
 pub mod trace;
 
-pub use load::{load_model, LoadedModel};
+pub use load::{load_model, physical_memory_bytes, LoadedModel};
 pub use sampling::{argmax, sample};
 
 use std::sync::Arc;

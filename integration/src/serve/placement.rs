@@ -35,9 +35,20 @@ impl Placement {
         let _ = (policies, max_batch);
         let store = &engine.store;
         let blocks = store.capacity_blocks();
+        let pool_bytes = (blocks as u64).saturating_mul(store.block_size() as u64).saturating_mul(store.slot_bytes());
+        // The host store grows block by block as sequences need it; a server that accepted
+        // requests for a pool the machine cannot hold would be killed, and lose every one of them.
+        if let Some(total) = crate::engine::physical_memory_bytes().filter(|&t| u128::from(pool_bytes) > t) {
+            bail!(
+                "the KV pool of [cache] would hold {:.1} GiB, more than this machine's {:.1} GiB of memory: lower \
+                 [cache] memory_mb or max_tokens",
+                pool_bytes as f64 / (1u64 << 30) as f64,
+                total as f64 / (1u64 << 30) as f64
+            );
+        }
         Ok(Self {
             max_sequence_tokens: longest(blocks, rows, store.block_size())?,
-            pool_bytes: blocks as u64 * store.block_size() as u64 * store.slot_bytes(),
+            pool_bytes,
             #[cfg(feature = "cuda")]
             device: None,
         })
@@ -93,7 +104,7 @@ fn on_device(engine: &Engine, policies: &[ServedPolicy], max_batch: usize, rows:
 /// Tokens of the longest sequence a pool of `blocks` blocks serves (see
 /// [`Placement::max_sequence_tokens`]); an error when it cannot hold one sequence.
 fn longest(blocks: usize, rows: usize, block_size: usize) -> Result<usize> {
-    let tokens = (blocks / rows).saturating_sub(1) * block_size;
+    let tokens = (blocks / rows).saturating_sub(1).saturating_mul(block_size);
     if tokens == 0 {
         bail!(
             "the KV pool holds {blocks} blocks, too few for one sequence of {rows} rows: raise [cache] memory_mb or \

@@ -282,3 +282,113 @@ fn a_request_too_large_for_the_pool_is_a_clear_error() {
     let err = run_batch(&mut eng, vec![r], &greedy_params(4), 4, false, |_| {}).err().unwrap().to_string();
     assert!(err.contains("request 7") && err.contains("blocks"), "{err}");
 }
+
+/// Full attention whose rows refuse to grow past `limit` tokens: a policy error raised in the
+/// prompt pass of a long prompt only.
+#[derive(Debug)]
+struct RefusesPast {
+    inner: Arc<dyn PolicyFactory>,
+    limit: dms_policy::Pos,
+}
+
+struct RefusesPastSeq {
+    inner: Box<dyn dms_policy::SequencePolicy>,
+    limit: dms_policy::Pos,
+}
+
+impl PolicyFactory for RefusesPast {
+    fn name(&self) -> &str {
+        "refuses_past"
+    }
+    fn new_sequence(&self, shape: dms_policy::CacheShape) -> Box<dyn dms_policy::SequencePolicy> {
+        Box::new(RefusesPastSeq { inner: self.inner.new_sequence(shape), limit: self.limit })
+    }
+    fn describe(&self) -> String {
+        format!("full, refusing rows past {} tokens", self.limit)
+    }
+}
+
+impl dms_policy::SequencePolicy for RefusesPastSeq {
+    fn decide(
+        &mut self,
+        row: dms_policy::RowRef,
+        first: dms_policy::Pos,
+        n: usize,
+        s: Option<&[f32]>,
+    ) -> Result<(), dms_policy::PolicyError> {
+        self.inner.decide(row, first, n, s)
+    }
+    fn evict(
+        &mut self,
+        row: dms_policy::RowRef,
+        first: dms_policy::Pos,
+        n: usize,
+        plan: &mut dms_policy::EvictPlan,
+    ) -> Result<(), dms_policy::PolicyError> {
+        if first + n as dms_policy::Pos > self.limit {
+            return Err(dms_policy::PolicyError::Protocol {
+                policy: "refuses_past".into(),
+                message: format!("row past {} tokens", self.limit),
+            });
+        }
+        self.inner.evict(row, first, n, plan)
+    }
+    fn compact(
+        &mut self,
+        row: dms_policy::RowRef,
+        plan: &mut dms_policy::CompactPlan,
+    ) -> Result<(), dms_policy::PolicyError> {
+        self.inner.compact(row, plan)
+    }
+}
+
+/// One request whose prompt pass fails is dropped with its error and its blocks returned; the
+/// requests beside it finish exactly as they do alone (what keeps a server's other requests).
+#[test]
+fn a_request_whose_prompt_pass_fails_is_dropped_and_the_others_run_on() {
+    let mut eng = batch_engine(1 << 14);
+    let reqs = requests(&mut eng);
+    let refs: Vec<Finished> = reqs.iter().map(|r| alone(&mut eng, r, 12)).collect();
+    let inner = resolved_policy(&mut eng, POLICIES[0]);
+    let bad = Request {
+        id: 99,
+        prompt: prompt(9, 30),
+        forced: None,
+        policy: Arc::new(RefusesPast { inner, limit: 20 }),
+        params: None,
+    };
+    let mut sched = Scheduler::new(greedy_params(12), 8, true).unwrap();
+    let mut all = reqs;
+    all.insert(2, bad);
+    for r in all {
+        sched.submit(&eng, r).unwrap();
+    }
+    let (mut got, mut failed) = (Vec::new(), Vec::new());
+    while !sched.is_idle() {
+        got.extend(sched.step(&mut eng).unwrap());
+        failed.extend(sched.take_failed());
+    }
+    assert_eq!(failed.len(), 1);
+    let (id, e) = &failed[0];
+    assert_eq!(*id, 99);
+    let e = format!("{e:#}");
+    assert!(e.contains("request 99") && e.contains("row past 20 tokens"), "{e}");
+    got.sort_by_key(|f| f.id);
+    assert_eq!(got.iter().map(|f| f.id).collect::<Vec<_>>(), refs.iter().map(|f| f.id).collect::<Vec<_>>());
+    for (g, r) in got.iter().zip(&refs) {
+        assert_eq!(g.tokens, r.tokens, "request {}", g.id);
+    }
+    assert_eq!(eng.store.free_block_count(), eng.store.capacity_blocks(), "every block returned");
+    // A batch run needs every result: there the failure is the run's, with the request named.
+    let inner = resolved_policy(&mut eng, POLICIES[0]);
+    let bad = Request {
+        id: 5,
+        prompt: prompt(9, 30),
+        forced: None,
+        policy: Arc::new(RefusesPast { inner, limit: 20 }),
+        params: None,
+    };
+    let e = run_batch(&mut eng, vec![bad], &greedy_params(4), 4, false, |_| {}).err().unwrap();
+    assert!(format!("{e:#}").contains("request 5"), "{e:#}");
+    assert_eq!(eng.store.free_block_count(), eng.store.capacity_blocks(), "every block returned");
+}

@@ -32,7 +32,8 @@ impl Engine {
         };
         let mut done = Vec::new();
         while !sched.is_idle() {
-            match sched.step_observed(self, &mut observe) {
+            let step = sched.step_observed(self, &mut observe);
+            match step.and_then(|f| sched.take_failed().into_iter().next().map_or(Ok(f), |(_, e)| Err(e))) {
                 Ok(f) => done.extend(f),
                 Err(e) => {
                     sched.release_all(self);

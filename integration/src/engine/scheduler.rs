@@ -218,17 +218,17 @@ pub fn run_batch<E: BatchEngine>(
     }
     let mut done = Vec::new();
     while !sched.is_idle() {
-        match sched.step(engine) {
-            Ok(finished) => {
-                for f in finished {
-                    done.push(f);
-                    progress(done.len());
-                }
+        let failed = sched.step(engine).and_then(|finished| {
+            for f in finished {
+                done.push(f);
+                progress(done.len());
             }
-            Err(e) => {
-                sched.release_all(engine);
-                return Err(e);
-            }
+            // A batch run needs every result: one request's failure is the run's.
+            sched.take_failed().into_iter().next().map_or(Ok(()), |(_, e)| Err(e))
+        });
+        if let Err(e) = failed {
+            sched.release_all(engine);
+            return Err(e);
         }
     }
     done.sort_by_key(|f| f.id);
@@ -270,6 +270,7 @@ pub struct Scheduler<E: BatchEngine> {
     preempted: VecDeque<Preempted<E::Parked>>,
     generated_total: usize,
     chosen: Vec<(usize, u32)>,
+    failed: Vec<(usize, anyhow::Error)>,
     /// Figures of everything run so far.
     pub stats: BatchStats,
 }
@@ -289,6 +290,7 @@ impl<E: BatchEngine> Scheduler<E> {
             preempted: VecDeque::new(),
             generated_total: 0,
             chosen: Vec::new(),
+            failed: Vec::new(),
             stats: BatchStats::default(),
         })
     }
@@ -353,6 +355,12 @@ impl<E: BatchEngine> Scheduler<E> {
         Ok(None)
     }
 
+    /// The requests dropped since the last call because their own prompt pass failed (the engine
+    /// gave back what it took), with why; the others ran on.
+    pub fn take_failed(&mut self) -> Vec<(usize, anyhow::Error)> {
+        std::mem::take(&mut self.failed)
+    }
+
     /// One iteration (see [`Scheduler`]); returns the requests that finished in it.
     pub fn step(&mut self, engine: &mut E) -> Result<Vec<Finished>> {
         self.step_observed(engine, &mut |_| Ok(()))
@@ -415,7 +423,14 @@ impl<E: BatchEngine> Scheduler<E> {
                 None => {
                     let ids: Vec<u32> = p.req.prompt.iter().chain(&p.tokens).copied().collect();
                     let t0 = Instant::now();
-                    let (seq, logits) = engine.start(&p.req, &ids, self.params.prefill_chunk)?;
+                    let (seq, logits) = match engine.start(&p.req, &ids, self.params.prefill_chunk) {
+                        Ok(started) => started,
+                        Err(e) => {
+                            let id = p.req.id;
+                            self.failed.push((id, e.context(format!("request {id}: resuming it failed"))));
+                            continue;
+                        }
+                    };
                     self.stats.prefill_secs += t0.elapsed().as_secs_f64();
                     // Recomputed tokens count: they are prefill work done.
                     self.stats.prefill_tokens += ids.len();
@@ -455,11 +470,17 @@ impl<E: BatchEngine> Scheduler<E> {
                     self.stats.forked += 1;
                     forked
                 }
-                None => {
-                    let started = engine.start(&req, &req.prompt, self.params.prefill_chunk)?;
-                    self.stats.prefill_tokens += req.prompt.len();
-                    started
-                }
+                None => match engine.start(&req, &req.prompt, self.params.prefill_chunk) {
+                    Ok(started) => {
+                        self.stats.prefill_tokens += req.prompt.len();
+                        started
+                    }
+                    Err(e) => {
+                        let id = req.id;
+                        self.failed.push((id, e.context(format!("request {id}: its prompt pass failed"))));
+                        continue;
+                    }
+                },
             };
             self.stats.prefill_secs += t0.elapsed().as_secs_f64();
             let seed = match &req.params {

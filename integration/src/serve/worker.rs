@@ -220,6 +220,18 @@ pub fn run<E: BatchEngine>(engine: &mut E, setup: WorkerSetup, commands: Receive
                 continue;
             }
         };
+        for (id, e) in sched.take_failed() {
+            tracing::error!("{e:#}");
+            if let Some(a) = active.remove(&id) {
+                count_end(&metrics, &policies[a.job.policy].name, &a, None, rows);
+                let msg = format!("the engine could not serve this request: {e:#}");
+                let _ = a.job.events.send(Event::Failed(ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "engine_error",
+                    msg,
+                )));
+            }
+        }
         let now = Instant::now();
         for &(id, token) in sched.chosen() {
             let Some(a) = active.get_mut(&id) else { continue };

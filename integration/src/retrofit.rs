@@ -180,8 +180,8 @@ impl RetrofitSection {
                 bail!("[retrofit] {name} must be finite, not {v}");
             }
         }
-        if !(self.grad_clip.is_finite() && self.grad_clip > 0.0) {
-            bail!("[retrofit] grad_clip must be positive and finite, not {}", self.grad_clip);
+        if self.grad_clip.is_nan() || self.grad_clip <= 0.0 {
+            bail!("[retrofit] grad_clip must be positive (inf: no clipping), not {}", self.grad_clip);
         }
         let (b1, b2) = self.betas;
         if !((0.0..1.0).contains(&b1) && (0.0..1.0).contains(&b2)) {

@@ -217,8 +217,13 @@ fn a_switched_on_model_window_caps_the_context_length() {
     assert_eq!(ctx(serde_json::json!({})), 512);
     // Qwen ships a window that is off unless `use_sliding_window` says otherwise.
     assert_eq!(ctx(serde_json::json!({"sliding_window": 64, "use_sliding_window": false})), 512);
-    assert_eq!(ctx(serde_json::json!({"sliding_window": 64, "use_sliding_window": true})), 64);
-    assert_eq!(ctx(serde_json::json!({"sliding_window": null, "use_sliding_window": true})), 512);
+    assert_eq!(ctx(serde_json::json!({"sliding_window": 64, "use_sliding_window": true, "max_window_layers": 1})), 64);
+    // The window covers the layers from `max_window_layers` on: none of qwen3_tiny's 2 here.
+    assert_eq!(ctx(serde_json::json!({"sliding_window": 64, "use_sliding_window": true, "max_window_layers": 2})), 512);
+    assert_eq!(
+        ctx(serde_json::json!({"sliding_window": null, "use_sliding_window": true, "max_window_layers": 0})),
+        512
+    );
     // Mistral's is on whenever it is a number.
     let mistral =
         serde_json::json!({"model_type": "mistral", "architectures": ["MistralForCausalLM"], "sliding_window": 100});

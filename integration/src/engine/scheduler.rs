@@ -305,7 +305,7 @@ impl<E: BatchEngine> Scheduler<E> {
         if longest > engine.context_length() {
             bail!(
                 "request {}: the prompt ({prompt} tokens) plus at most {max_new} new tokens exceeds the model's \
-                 context length ({} tokens, max_position_embeddings)",
+                 context length ({} tokens)",
                 req.id,
                 engine.context_length()
             );
@@ -394,6 +394,7 @@ impl<E: BatchEngine> Scheduler<E> {
         }
         self.preempted.clear();
         self.waiting.clear();
+        self.failed.clear();
     }
 
     /// Brings preempted sequences back, oldest preemption first, while they fit: swapped rows

@@ -282,15 +282,17 @@ impl BatchEngine for DeviceEngine<'_> {
         let program = DevicePolicy::of(req.policy.as_ref()).with_context(|| format!("request {}", req.id))?;
         let slot = self.cache.add_sequence(program)?;
         let adapter = req.policy.adapter();
-        let logits = match super::prefill_into(self.model, ids, slot, adapter, &mut self.cache, false) {
-            Ok(l) => l.squeeze(0)?.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+        let started = super::prefill_into(self.model, ids, slot, adapter, &mut self.cache, false)
+            .and_then(|l| Ok(l.squeeze(0)?.to_dtype(DType::F32)?.to_vec1::<f32>()?))
+            .and_then(|logits| Ok((self.slots.push(slot, adapter)?, logits)));
+        match started {
+            Ok((key, logits)) => Ok((DeviceSeq { key, seen: ids.len() }, logits)),
             Err(e) => {
+                // Whatever failed, the slot and its blocks go back: the other sequences run on.
                 self.cache.remove_sequence(slot)?;
-                return Err(e.context(format!("prefilling request {}", req.id)));
+                Err(e.context(format!("prefilling request {}", req.id)))
             }
-        };
-        let key = self.slots.push(slot, adapter)?;
-        Ok((DeviceSeq { key, seen: ids.len() }, logits))
+        }
     }
 
     fn fork_need(&self, seq: &DeviceSeq, running: usize) -> Result<usize> {

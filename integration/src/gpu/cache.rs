@@ -647,8 +647,13 @@ impl GpuCache {
     }
 
     /// Fails if any kernel ran out of blocks or prefilled a non-empty sequence.
-    pub fn check(&self) -> Result<()> {
+    pub fn check(&mut self) -> Result<()> {
         let e = drv(self.stream.clone_dtoh(&self.err))?;
+        if e[0] != 0 {
+            // Cleared once reported: the failed step's sequences are released, and the cache
+            // serves on.
+            drv(self.stream.memset_zeros(&mut self.err))?;
+        }
         match e[0] {
             0 => {}
             2 => bail!("a prompt was written into rows that already hold tokens (GPU prefill needs an empty sequence)"),

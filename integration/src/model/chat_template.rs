@@ -57,28 +57,22 @@ impl ChatTemplate {
     pub fn from_gguf(content: &Content) -> Result<Option<Self>> {
         let Some(v) = content.metadata.get("tokenizer.chat_template") else { return Ok(None) };
         let source = v.to_string().map_err(|e| anyhow::anyhow!("GGUF `tokenizer.chat_template`: {e}"))?.clone();
-        let token = |key: &str| -> Result<String> {
-            if !content.metadata.contains_key(key) {
-                return Ok(String::new());
-            }
-            let id = crate::model::weights::meta_usize(content, key)?;
-            let tokens = content
-                .metadata
-                .get("tokenizer.ggml.tokens")
-                .context("GGUF metadata has a chat template but no `tokenizer.ggml.tokens`")?
-                .to_vec()
-                .map_err(|e| anyhow::anyhow!("GGUF `tokenizer.ggml.tokens`: {e}"))?;
-            let t = tokens.get(id).with_context(|| format!("GGUF `{key}` {id} is not a token id"))?;
-            Ok(t.to_string().map_err(|e| anyhow::anyhow!("GGUF token {id}: {e}"))?.clone())
+        // As for an HF directory, a token the metadata does not give (or gives badly) prints as "".
+        let token = |key: &str| -> String {
+            let id = crate::model::weights::meta_usize(content, key).ok();
+            let tokens = content.metadata.get("tokenizer.ggml.tokens").and_then(|t| t.to_vec().ok());
+            let text = id.zip(tokens).and_then(|(id, tokens)| tokens.get(id)?.to_string().ok().cloned());
+            text.unwrap_or_default()
         };
         let special =
-            SpecialTokens { bos: token("tokenizer.ggml.bos_token_id")?, eos: token("tokenizer.ggml.eos_token_id")? };
+            SpecialTokens { bos: token("tokenizer.ggml.bos_token_id"), eos: token("tokenizer.ggml.eos_token_id") };
         Self::new(source, special, "the GGUF metadata".into()).map(Some)
     }
 
-    /// The template of an HF directory, if any: `chat_template` in `tokenizer_config.json` (a
-    /// string, or a list of `{name, template}` of which `default` is used), else the file
-    /// `chat_template.jinja`; with the BOS and EOS tokens of `tokenizer_config.json`.
+    /// The template of an HF directory, if any: the file `chat_template.jinja` (which, as in
+    /// transformers, wins), else `chat_template` in `tokenizer_config.json` (a string, or a list
+    /// of `{name, template}` of which `default` is used); with the BOS and EOS tokens of
+    /// `tokenizer_config.json`.
     pub fn from_hf_dir(dir: &Path) -> Result<Option<Self>> {
         let path = dir.join("tokenizer_config.json");
         let config: serde_json::Value = match std::fs::read_to_string(&path) {
@@ -87,31 +81,27 @@ impl ChatTemplate {
         };
         let special =
             SpecialTokens { bos: special_token(&config, "bos_token"), eos: special_token(&config, "eos_token") };
+        let jinja = dir.join("chat_template.jinja");
+        match std::fs::read_to_string(&jinja) {
+            Ok(source) => return Self::new(source, special, jinja.display().to_string()).map(Some),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", jinja.display())),
+        }
         let origin = path.display().to_string();
         let source = match config.get("chat_template") {
-            None | Some(serde_json::Value::Null) => None,
-            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            None | Some(serde_json::Value::Null) => return Ok(None),
+            Some(serde_json::Value::String(s)) => s.clone(),
             Some(serde_json::Value::Array(named)) => {
                 let default = named.iter().find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"));
                 let t = default.and_then(|t| t.get("template")).and_then(|t| t.as_str());
-                Some(
-                    t.with_context(|| format!("{origin}: `chat_template` is a list without a `default` template"))?
-                        .to_string(),
-                )
+                t.with_context(|| format!("{origin}: `chat_template` is a list without a `default` template"))?
+                    .to_string()
             }
             Some(other) => {
                 bail!("{origin}: `chat_template` is neither a string nor a list of named templates: {other}")
             }
         };
-        if let Some(source) = source {
-            return Self::new(source, special, origin).map(Some);
-        }
-        let jinja = dir.join("chat_template.jinja");
-        match std::fs::read_to_string(&jinja) {
-            Ok(source) => Self::new(source, special, jinja.display().to_string()).map(Some),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e).with_context(|| format!("cannot read {}", jinja.display())),
-        }
+        Self::new(source, special, origin).map(Some)
     }
 
     fn env(&self) -> Result<minijinja::Environment<'_>> {

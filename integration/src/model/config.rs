@@ -233,6 +233,8 @@ struct HfConfig {
     #[serde(default)]
     use_sliding_window: Option<bool>,
     #[serde(default)]
+    max_window_layers: Option<usize>,
+    #[serde(default)]
     bos_token_id: Option<u32>,
     #[serde(default)]
     eos_token_id: Option<OneOrMany>,
@@ -659,14 +661,19 @@ fn llama3_scale(freq: f64, s: &Llama3RopeScaling) -> f64 {
 }
 
 /// The context length served: `max_position_embeddings`, or the model's own attention window when
-/// it has one that is switched on (Mistral's `sliding_window`; Qwen2's with `use_sliding_window`).
+/// it has one that is switched on (Mistral's `sliding_window`; Qwen2's and Qwen3's with
+/// `use_sliding_window`, for the layers from `max_window_layers` on, transformers' default 28).
 /// Full attention over at most that many tokens is exactly windowed attention, so capping the
 /// context keeps every result exact instead of attending where the model would not.
 fn context_length(c: &HfConfig, arch: Arch) -> usize {
     let declared = c.max_position_embeddings.unwrap_or(4096);
     let windowed = match arch {
         Arch::Mistral => c.sliding_window,
-        Arch::Qwen2 | Arch::Qwen3 if c.use_sliding_window == Some(true) => c.sliding_window,
+        Arch::Qwen2 | Arch::Qwen3
+            if c.use_sliding_window == Some(true) && c.max_window_layers.unwrap_or(28) < c.num_hidden_layers =>
+        {
+            c.sliding_window
+        }
         _ => None,
     };
     windowed.filter(|&w| w > 0).map_or(declared, |w| declared.min(w))

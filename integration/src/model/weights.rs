@@ -24,7 +24,7 @@ pub enum WeightForm {
     /// copies of the same weights).
     DenseRoundedF16,
     /// GGUF block formats kept as the file has them where a vectorised CPU kernel exists for
-    /// them; the others (Q5_0, Q5_1, Q8_1) and dense tensors are repacked into Q8_0.
+    /// them; the others (Q5_0, Q5_1) and dense tensors are repacked into Q8_0.
     Quantized,
     /// Every linear layer requantized at load into this format (into Q8_0 where a row does not
     /// split into whole blocks of it).

@@ -342,6 +342,18 @@ impl dms_policy::SequencePolicy for RefusesPastSeq {
     }
 }
 
+/// A 30-token request whose policy refuses rows past 20 tokens.
+fn refused_request(eng: &mut Engine, id: usize) -> Request {
+    let inner = resolved_policy(eng, POLICIES[0]);
+    Request {
+        id,
+        prompt: prompt(9, 30),
+        forced: None,
+        policy: Arc::new(RefusesPast { inner, limit: 20 }),
+        params: None,
+    }
+}
+
 /// One request whose prompt pass fails is dropped with its error and its blocks returned; the
 /// requests beside it finish exactly as they do alone (what keeps a server's other requests).
 #[test]
@@ -349,14 +361,7 @@ fn a_request_whose_prompt_pass_fails_is_dropped_and_the_others_run_on() {
     let mut eng = batch_engine(1 << 14);
     let reqs = requests(&mut eng);
     let refs: Vec<Finished> = reqs.iter().map(|r| alone(&mut eng, r, 12)).collect();
-    let inner = resolved_policy(&mut eng, POLICIES[0]);
-    let bad = Request {
-        id: 99,
-        prompt: prompt(9, 30),
-        forced: None,
-        policy: Arc::new(RefusesPast { inner, limit: 20 }),
-        params: None,
-    };
+    let bad = refused_request(&mut eng, 99);
     let mut sched = Scheduler::new(greedy_params(12), 8, true).unwrap();
     let mut all = reqs;
     all.insert(2, bad);
@@ -380,14 +385,7 @@ fn a_request_whose_prompt_pass_fails_is_dropped_and_the_others_run_on() {
     }
     assert_eq!(eng.store.free_block_count(), eng.store.capacity_blocks(), "every block returned");
     // A batch run needs every result: there the failure is the run's, with the request named.
-    let inner = resolved_policy(&mut eng, POLICIES[0]);
-    let bad = Request {
-        id: 5,
-        prompt: prompt(9, 30),
-        forced: None,
-        policy: Arc::new(RefusesPast { inner, limit: 20 }),
-        params: None,
-    };
+    let bad = refused_request(&mut eng, 5);
     let e = run_batch(&mut eng, vec![bad], &greedy_params(4), 4, false, |_| {}).err().unwrap();
     assert!(format!("{e:#}").contains("request 5"), "{e:#}");
     assert_eq!(eng.store.free_block_count(), eng.store.capacity_blocks(), "every block returned");

@@ -1,4 +1,5 @@
-//! The `dms run` command end to end on a tiny model: raw prompt ids, summary line, trace format.
+//! The `dms run` command end to end on a tiny model: raw prompt ids, text prompts, summary line,
+//! trace format.
 
 mod common;
 use std::process::Command;
@@ -6,12 +7,16 @@ use std::process::Command;
 use common::*;
 
 fn write_config(name: &str, policy: &str) -> std::path::PathBuf {
+    write_config_for(name, policy, &fixture("qwen3_tiny"))
+}
+
+fn write_config_for(name: &str, policy: &str, model: &std::path::Path) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("dms-cli-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("engine.toml");
     let text = format!(
         "[model]\nsource = {:?}\n[cache]\nblock_size = 4\nmax_tokens = 256\n[cache.policy]\n{policy}\n[generation]\nstop_at_eos = false\n",
-        fixture("qwen3_tiny").display().to_string()
+        model.display().to_string()
     );
     std::fs::write(&path, text).unwrap();
     path
@@ -62,6 +67,28 @@ fn run_with_prompt_ids_prints_tokens_summary_and_writes_trace() {
         assert_eq!(top[0][0].as_u64().unwrap() as u32, greedy[s as usize], "best token of step {s}");
         let logits: Vec<f64> = top.iter().map(|p| p[1].as_f64().unwrap()).collect();
         assert!(logits.windows(2).all(|w| w[0] >= w[1]), "top is sorted best first");
+    }
+}
+
+/// A text prompt gets the special tokens the model's tokenizer adds: Llama 3's GGUF adds BOS, a
+/// Qwen3 GGUF none; the counts are llama.cpp's (`fixtures/gguf/expected.json`).
+#[test]
+fn a_text_prompt_gets_the_tokenizers_special_tokens() {
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("gguf/expected.json")).unwrap()).unwrap();
+    for (file, bos) in [("llama3_tiny.gguf", true), ("qwen3_tiny.gguf", false)] {
+        let e = &expected[file];
+        assert_eq!(e["texts"][0], "Hello world");
+        let n = e["ids_add_special"][0].as_array().unwrap().len();
+        assert_eq!(n, e["ids"][0].as_array().unwrap().len() + usize::from(bos), "{file}");
+        let cfg = write_config_for(file, "name = \"full\"", &fixture(&format!("gguf/{file}")));
+        let out = Command::new(env!("CARGO_BIN_EXE_dms"))
+            .args(["run", "--config", cfg.to_str().unwrap(), "--prompt", "Hello world", "--max-tokens", "2"])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        assert!(stdout.contains(&format!("prompt {n},")), "{file}: want prompt {n}: {stdout}");
     }
 }
 

@@ -450,8 +450,8 @@ fn gguf_metadata_is_honoured_or_refused_never_ignored() {
     assert_eq!(m.model.config().eos_token_ids, vec![7, 5]);
     let msg = dms_integration::model::chat_template::ChatMessage { role: "user".into(), content: "hi".into() };
     assert_eq!(m.chat_template.unwrap().render(&[msg]).unwrap(), "<s>hi");
-    // A pre-tokenizer other than the one built, or none named, is refused.
-    for (pre, named) in [(Some("llama-bpe"), "llama-bpe"), (None, "missing")] {
+    // A pre-tokenizer other than those built, or none named, is refused.
+    for (pre, named) in [(Some("falcon"), "falcon"), (None, "missing")] {
         let mut m2: Vec<(&str, Value)> = meta.iter().filter(|(k, _)| *k != "tokenizer.ggml.pre").cloned().collect();
         if let Some(p) = pre {
             m2.push(("tokenizer.ggml.pre", Value::String(p.into())));
@@ -459,14 +459,27 @@ fn gguf_metadata_is_honoured_or_refused_never_ignored() {
         let e = format!("{:#}", load(&m2, &tensors, "pre.gguf").err().expect("refused"));
         assert!(e.contains("pre-tokenizer") && e.contains(named), "{e}");
     }
+    // RoPE frequency factors must be one positive value per frequency (head_dim 16: 8).
+    for (n, fill, ok) in [(8, 2.0, true), (7, 2.0, false), (8, 0.0, false), (8, f32::NAN, false)] {
+        let mut t2: Vec<(String, QTensor)> = tiny_gguf_parts(32).1;
+        let factors = Tensor::full(fill, n, &Device::Cpu).unwrap();
+        t2.push(("rope_freqs.weight".into(), QTensor::quantize(&factors, GgmlDType::F32).unwrap()));
+        match load(&meta, &t2, "freqs.gguf") {
+            Ok(m) => {
+                assert!(ok, "{n} factors of {fill} are refused");
+                let plain = dms_integration::model::ModelConfig { rope_scaling: None, ..m.model.config().clone() };
+                let want: Vec<f64> = plain.rope_inv_freq().iter().map(|f| f / 2.0).collect();
+                assert_eq!(m.model.config().rope_inv_freq(), want);
+            }
+            Err(e) => assert!(!ok && format!("{e:#}").contains("rope_freqs.weight"), "{n} x {fill}: {e:#}"),
+        }
+    }
+    // RoPE over part of a head is refused.
+    let mut m4 = meta.clone();
+    m4.push(("llama.rope.dimension_count", Value::U32(8)));
+    let e = format!("{:#}", load(&m4, &tensors, "partial.gguf").err().expect("refused"));
+    assert!(e.contains("rope.dimension_count"), "{e}");
     // RoPE scaling the loader does not apply is refused.
-    let mut t2: Vec<(String, QTensor)> = tiny_gguf_parts(32).1;
-    t2.push((
-        "rope_freqs.weight".into(),
-        QTensor::quantize(&Tensor::ones(8, candle_core::DType::F32, &Device::Cpu).unwrap(), GgmlDType::F32).unwrap(),
-    ));
-    let e = format!("{:#}", load(&meta, &t2, "freqs.gguf").err().expect("refused"));
-    assert!(e.contains("rope_freqs.weight"), "{e}");
     let mut m3 = meta.clone();
     m3.push(("llama.rope.scaling.type", Value::String("linear".into())));
     let e = format!("{:#}", load(&m3, &tensors, "linear.gguf").err().expect("refused"));

@@ -1,5 +1,8 @@
 //! Tiny random-weight Qwen3 and Llama 3 (llama3 rope scaling) against Hugging Face transformers
-//! golden outputs (fixtures produced in float32 on CPU).
+//! golden outputs (fixtures produced in float32 on CPU), each loaded from its HF directory and
+//! from a GGUF file laid out as llama.cpp's converter lays it out (`fixtures/gguf/`: q/k rows
+//! permuted for Llama, Llama 3's scaling as `rope_freqs.weight`; llama.cpp itself reproduces the
+//! golden logits from these files within 1e-6).
 //!
 //! Tolerance 1e-4 on logits: both sides compute in f32 over 2 layers with logits of std ~0.4;
 //! transformers' own cached-vs-uncached difference is ~1e-6, so 1e-4 leaves room for a different
@@ -11,14 +14,18 @@ use common::*;
 const TOL: f32 = 1e-4;
 
 fn check_model(name: &str) {
-    let dir = fixture(name);
-    let g = golden(&dir.join("golden.safetensors"));
+    check(name, &fixture(name));
+}
+
+/// `model` (a directory or a file) against the golden outputs of fixture `name`.
+fn check(name: &str, model: &std::path::Path) {
+    let g = golden(&fixture(name).join("golden.safetensors"));
     let prompt = ids(&g["prompt_ids"]);
     let want_prompt = g["prompt_logits"].to_vec2::<f32>().unwrap();
     let greedy = ids(&g["greedy_ids"]);
     let want_steps = g["greedy_step_logits"].to_vec2::<f32>().unwrap();
 
-    let mut eng = engine(&dir, "name = \"full\"", 4);
+    let mut eng = engine(model, "name = \"full\"", 4);
     let inv: Vec<f32> = eng.model.config().rope_inv_freq().iter().map(|&x| x as f32).collect();
     let want_inv = g["rope_inv_freq"].to_vec1::<f32>().unwrap();
     assert!(max_abs(&inv, &want_inv) < 1e-6 * want_inv[0].abs().max(1.0), "{name}: inv_freq {inv:?} vs {want_inv:?}");
@@ -47,4 +54,40 @@ fn qwen3_tiny_matches_transformers() {
 #[test]
 fn llama3_tiny_with_rope_scaling_matches_transformers() {
     check_model("llama3_tiny");
+}
+
+#[test]
+fn qwen3_tiny_gguf_matches_transformers() {
+    check("qwen3_tiny", &fixture("gguf/qwen3_tiny.gguf"));
+}
+
+#[test]
+fn llama3_tiny_gguf_with_rope_freqs_matches_transformers() {
+    check("llama3_tiny", &fixture("gguf/llama3_tiny.gguf"));
+}
+
+/// The tokenizers built from the GGUF fixtures' metadata (pre-tokenizers `llama-bpe`, `qwen2`,
+/// `smollm`) give llama.cpp's token ids (`fixtures/gguf/expected.json`, from llama-cpp-python),
+/// with and without the special tokens the file asks to add, and decode back to the text.
+#[test]
+fn gguf_tokenizers_match_llama_cpp() {
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("gguf/expected.json")).unwrap()).unwrap();
+    let as_ids = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array().unwrap().iter().map(|x| u32::try_from(x.as_u64().unwrap()).unwrap()).collect()
+    };
+    for file in ["llama3_tiny.gguf", "qwen3_tiny.gguf", "smollm_vocab.gguf"] {
+        let content = dms_integration::model::gguf_header::read_gguf_header(&fixture(&format!("gguf/{file}"))).unwrap();
+        let tok = dms_integration::model::gguf_tokenizer::from_gguf(&content).unwrap();
+        let e = &expected[file];
+        let texts = e["texts"].as_array().unwrap();
+        for (i, text) in texts.iter().enumerate() {
+            let text = text.as_str().unwrap();
+            let plain = tok.encode(text, false).unwrap().get_ids().to_vec();
+            assert_eq!(plain, as_ids(&e["ids"][i]), "{file}: {text:?}");
+            let special = tok.encode(text, true).unwrap().get_ids().to_vec();
+            assert_eq!(special, as_ids(&e["ids_add_special"][i]), "{file}, special tokens added: {text:?}");
+            assert_eq!(tok.decode(&plain, false).unwrap(), text, "{file}: round trip of {text:?}");
+        }
+    }
 }

@@ -193,3 +193,49 @@ fn a_request_past_its_timeout_is_cancelled_with_504_and_its_blocks_freed() {
     let server = start(&config);
     python_checks("timeout", &server.base, "-");
 }
+
+/// One HTTP/1.1 POST of a JSON body; the response body as JSON (no client library needed).
+fn post_json(base: &str, path: &str, body: &serde_json::Value) -> serde_json::Value {
+    use std::io::{Read, Write};
+    let addr = base.trim_start_matches("http://").trim_end_matches('/');
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let body = body.to_string();
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{response}");
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
+}
+
+/// A completion's prompt gets the special tokens the model's tokenizer adds (Llama 3's GGUF: BOS),
+/// as vLLM and llama.cpp give them; the count is llama.cpp's (`fixtures/gguf/expected.json`).
+#[test]
+fn a_completion_prompt_gets_the_tokenizers_special_tokens() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf");
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures.join("expected.json")).unwrap()).unwrap();
+    let e = &expected["llama3_tiny.gguf"];
+    assert_eq!(e["texts"][0], "Hello world");
+    let want = e["ids_add_special"][0].as_array().unwrap().len();
+    let dir = std::env::temp_dir().join(format!("dms-serve-bos-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("llama3.toml");
+    let text = format!(
+        "[model]\nsource = {:?}\n[cache]\nblock_size = 4\nmax_tokens = 256\n[cache.policy]\nname = \"full\"\n[server]\nport = 0\nmodel_name = \"tiny\"\n",
+        fixtures.join("llama3_tiny.gguf").display().to_string()
+    );
+    std::fs::write(&config, text).unwrap();
+    let server = start(&config);
+    let r = post_json(
+        &server.base,
+        "/v1/completions",
+        &serde_json::json!({"model": "tiny", "prompt": "Hello world", "max_tokens": 2}),
+    );
+    assert_eq!(r["usage"]["prompt_tokens"].as_u64(), Some(want as u64), "{r}");
+}

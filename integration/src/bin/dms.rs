@@ -286,12 +286,14 @@ fn run(a: RunArgs) -> Result<()> {
         (Some(ids), _) => ids.clone(),
         (None, Some(text)) => {
             let tok = tokenizer.as_ref().context("this model has no tokenizer: use --prompt-ids")?;
-            let text = if cfg.generation.chat {
-                built.chat_template.render(&[ChatMessage { role: "user".into(), content: text.clone() }])?
+            // A rendered chat prompt holds its own special tokens; a plain one gets those the
+            // tokenizer adds (Llama 3's BOS), as the server's completions do.
+            let (text, add_special) = if cfg.generation.chat {
+                (built.chat_template.render(&[ChatMessage { role: "user".into(), content: text.clone() }])?, false)
             } else {
-                text.clone()
+                (text.clone(), true)
             };
-            tok.encode(text, false).map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?.get_ids().to_vec()
+            tok.encode(text, add_special).map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?.get_ids().to_vec()
         }
         (None, None) => bail!("give --prompt or --prompt-ids"),
     };

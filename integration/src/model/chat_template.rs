@@ -112,6 +112,11 @@ impl ChatTemplate {
         env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
             Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
         });
+        // Like transformers: today's local date and time (Llama 3.2's template prints the date).
+        env.add_function("strftime_now", strftime_now);
+        // Python's string and dict methods (`content.startswith(...)`, `.split`, `.items()`), which
+        // templates such as Qwen3's call.
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_template("chat", &self.source)?;
         Ok(env)
     }
@@ -124,6 +129,18 @@ impl ChatTemplate {
         t.render(minijinja::context! { messages, add_generation_prompt => true, bos_token, eos_token })
             .with_context(|| format!("rendering the chat template from {}", self.origin))
     }
+}
+
+/// The local time formatted by a Python `strftime` format; a format chrono cannot read is an error.
+fn strftime_now(format: String) -> Result<String, minijinja::Error> {
+    let items: Vec<_> = chrono::format::StrftimeItems::new(&format).collect();
+    if items.iter().any(|i| matches!(i, chrono::format::Item::Error)) {
+        return Err(minijinja::Error::new(
+            minijinja::ErrorKind::InvalidOperation,
+            format!("strftime_now: cannot read the format {format:?}"),
+        ));
+    }
+    Ok(chrono::Local::now().format_with_items(items.into_iter()).to_string())
 }
 
 /// A special token of `tokenizer_config.json`: a string, or an object with its `content`.
@@ -218,5 +235,51 @@ mod tests {
         for d in [d, d2, d3, d4] {
             let _ = std::fs::remove_dir_all(&d);
         }
+    }
+
+    /// Published templates (Qwen3's, which calls Python string methods; Qwen2.5's; DeepSeek-R1's
+    /// Llama distill) render as Python's jinja2 renders them under transformers' settings
+    /// (`tests/fixtures/chat_templates/expected.json`, from `render.py` there).
+    #[test]
+    fn published_templates_render_as_jinja2_does() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/chat_templates");
+        let expected: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+        let special = SpecialTokens { bos: "<BOS>".into(), eos: "<EOS>".into() };
+        assert_eq!(expected["special_tokens"]["bos_token"], "<BOS>");
+        let renders = expected["renders"].as_object().unwrap();
+        assert_eq!(renders.len(), 3);
+        for (file, by_conversation) in renders {
+            let source = std::fs::read_to_string(dir.join(file)).unwrap();
+            let t = ChatTemplate::new(source, special.clone(), file.clone()).unwrap();
+            for (name, want) in by_conversation.as_object().unwrap() {
+                let messages: Vec<ChatMessage> = expected["conversations"][name]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|m| ChatMessage {
+                        role: m["role"].as_str().unwrap().into(),
+                        content: m["content"].as_str().unwrap().into(),
+                    })
+                    .collect();
+                assert_eq!(t.render(&messages).unwrap(), want.as_str().unwrap(), "{file}, {name}");
+            }
+        }
+    }
+
+    /// `strftime_now` gives today's date as the C library's `strftime` does (`date`), and a format
+    /// chrono cannot read is an error, not a panic.
+    #[test]
+    fn strftime_now_prints_todays_date() {
+        let t =
+            ChatTemplate::new("{{ strftime_now('%d %b %Y') }}".into(), SpecialTokens::default(), "t".into()).unwrap();
+        let date = || {
+            let out = std::process::Command::new("date").arg("+%d %b %Y").output().unwrap();
+            String::from_utf8(out.stdout).unwrap().trim_end().to_string()
+        };
+        let (before, got, after) = (date(), t.render(&user("x")).unwrap(), date());
+        assert!(got == before || got == after, "{got} vs {before}");
+        let bad = ChatTemplate::new("{{ strftime_now('%Q') }}".into(), SpecialTokens::default(), "t".into()).unwrap();
+        assert!(format!("{:#}", bad.render(&user("x")).unwrap_err()).contains("%Q"));
     }
 }

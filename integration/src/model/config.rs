@@ -108,6 +108,16 @@ impl YarnScaling {
     }
 }
 
+/// RoPE frequency scaling of a Llama-family model.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    /// Llama 3's, from config.json's `rope_scaling`.
+    Llama3(Llama3RopeScaling),
+    /// One divisor per frequency, as llama.cpp stores Llama 3's scaling in a GGUF
+    /// (`rope_freqs.weight`).
+    FreqFactors(Vec<f64>),
+}
+
 /// Llama 3 RoPE frequency scaling.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Llama3RopeScaling {
@@ -172,8 +182,8 @@ pub struct ModelConfig {
     pub head_dim: usize,
     /// RoPE base.
     pub rope_theta: f64,
-    /// Optional Llama 3 scaling.
-    pub rope_scaling: Option<Llama3RopeScaling>,
+    /// Optional RoPE frequency scaling.
+    pub rope_scaling: Option<RopeScaling>,
     /// RMSNorm epsilon.
     pub rms_norm_eps: f64,
     /// lm_head shares the embedding matrix.
@@ -308,7 +318,7 @@ impl ModelConfig {
         let mla = if arch == Arch::DeepSeek { Some(parse_mla(&c, is_v3)?) } else { None };
         let rope_scaling = match (&c.rope_scaling, arch) {
             (None | Some(serde_json::Value::Null), _) | (_, Arch::DeepSeek) => None,
-            (Some(v), _) => Some(parse_rope_scaling(v)?),
+            (Some(v), _) => Some(RopeScaling::Llama3(parse_rope_scaling(v)?)),
         };
         let (num_kv_heads, head_dim) = match &mla {
             Some(m) => (1, m.kv_lora_rank + m.qk_rope_head_dim),
@@ -370,6 +380,15 @@ impl ModelConfig {
         }
         if !self.head_dim.is_multiple_of(2) {
             bail!("model config: head_dim {} must be even for RoPE", self.head_dim);
+        }
+        if let Some(RopeScaling::FreqFactors(div)) = &self.rope_scaling {
+            if div.len() != self.head_dim / 2 || !div.iter().all(|d| d.is_finite() && *d > 0.0) {
+                bail!(
+                    "RoPE frequency factors: need head_dim / 2 = {} positive, finite values; got {} ({div:?})",
+                    self.head_dim / 2,
+                    div.len()
+                );
+            }
         }
         // Far above any published model: a value beyond these is a corrupt file, and taking it at
         // its word would mean allocating without bound.
@@ -488,7 +507,8 @@ impl ModelConfig {
                 let f = 1.0 / self.rope_theta.powf(2.0 * i as f64 / d as f64);
                 match &self.rope_scaling {
                     None => f,
-                    Some(s) => llama3_scale(f, s),
+                    Some(RopeScaling::Llama3(s)) => llama3_scale(f, s),
+                    Some(RopeScaling::FreqFactors(div)) => f / div[i],
                 }
             })
             .collect()

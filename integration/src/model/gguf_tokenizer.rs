@@ -1,4 +1,5 @@
-//! Builds a `tokenizers::Tokenizer` from the metadata of a GGUF file (byte-level BPE, `gpt2`).
+//! Builds a `tokenizers::Tokenizer` from the metadata of a GGUF file (byte-level BPE, `gpt2`),
+//! tokenizing as llama.cpp does for the pre-tokenizers it names.
 
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
@@ -7,8 +8,10 @@ use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
-use tokenizers::{AddedToken, Tokenizer};
+use tokenizers::processors::template::TemplateProcessing;
+use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
 fn strings(c: &Content, key: &str) -> Result<Vec<String>> {
     let v = c.metadata.get(key).with_context(|| format!("GGUF has no `{key}`: cannot build a tokenizer"))?;
@@ -19,12 +22,66 @@ fn strings(c: &Content, key: &str) -> Result<Vec<String>> {
         .collect()
 }
 
-/// The one `tokenizer.ggml.pre` this module builds.
-pub const SUPPORTED_PRE: &str = "smollm";
+/// How llama.cpp splits text before BPE, per `tokenizer.ggml.pre`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PreTokenizer {
+    /// SmolLM2's (`smollm`): single digits, then GPT-2's byte-level split.
+    SmolLm,
+    /// Llama 3's (`llama-bpe`): runs of up to three digits; whole words found in the vocabulary
+    /// skip the merges; BOS added by default.
+    Llama3,
+    /// Qwen2's and Qwen3's (`qwen2`): single digits.
+    Qwen2,
+}
 
-/// The tokenizer described by `tokenizer.ggml.*` (model `gpt2`, pre-tokenizer `smollm`): BPE over
-/// the vocabulary and merges, single-digit splitting then byte-level pre-tokenisation, control
-/// tokens special.
+/// The `tokenizer.ggml.pre` names this module builds, each with the split llama.cpp gives it.
+pub const SUPPORTED_PRE: &[&str] = &["smollm", "llama-bpe", "llama3", "llama-v3", "qwen2", "deepseek-r1-qwen"];
+
+/// Llama 3's split, as its tokenizer.json gives it (llama.cpp's `LLAMA3`).
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Qwen2's split, as its tokenizer.json gives it (llama.cpp's `QWEN2`).
+const QWEN2_SPLIT: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+impl PreTokenizer {
+    fn named(pre: Option<&str>) -> Result<Self> {
+        Ok(match pre {
+            Some("smollm") => Self::SmolLm,
+            Some("llama-bpe" | "llama3" | "llama-v3") => Self::Llama3,
+            Some("qwen2" | "deepseek-r1-qwen") => Self::Qwen2,
+            // Another split would tokenize the text the wrong way without any error.
+            other => bail!(
+                "GGUF pre-tokenizer `{}` is not supported (supported: {}); use the model's HF directory, whose \
+                 tokenizer.json describes it",
+                other.unwrap_or("(none: tokenizer.ggml.pre is missing)"),
+                SUPPORTED_PRE.join(", ")
+            ),
+        })
+    }
+
+    fn build(self) -> Result<Sequence> {
+        let split = |pattern: &str| -> Result<PreTokenizerWrapper> {
+            let split = Split::new(SplitPattern::Regex(pattern.into()), SplitDelimiterBehavior::Isolated, false)
+                .map_err(|e| anyhow::anyhow!("cannot build the pre-tokenizer: {e}"))?;
+            Ok(PreTokenizerWrapper::Split(split))
+        };
+        let bytes_only = PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, false));
+        Ok(Sequence::new(match self {
+            Self::SmolLm => vec![
+                PreTokenizerWrapper::Digits(Digits::new(true)),
+                PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, true)),
+            ],
+            Self::Llama3 => vec![split(LLAMA3_SPLIT)?, bytes_only],
+            Self::Qwen2 => vec![split(QWEN2_SPLIT)?, bytes_only],
+        }))
+    }
+}
+
+/// The tokenizer described by `tokenizer.ggml.*` (model `gpt2`: byte-level BPE over the
+/// vocabulary and merges), split as llama.cpp splits for its `tokenizer.ggml.pre`, control
+/// tokens special, and BOS/EOS added with special tokens as `tokenizer.ggml.add_bos_token` and
+/// `add_eos_token` say (by default as llama.cpp: BOS for Llama 3 only).
 pub fn from_gguf(c: &Content) -> Result<Tokenizer> {
     let model = c.metadata.get("tokenizer.ggml.model").and_then(|v| v.to_string().ok().cloned()).unwrap_or_default();
     if model != "gpt2" {
@@ -32,17 +89,8 @@ pub fn from_gguf(c: &Content) -> Result<Tokenizer> {
             "GGUF tokenizer model `{model}` is not supported (supported: gpt2 byte-level BPE); pass a tokenizer.json"
         );
     }
-    // The pre-tokenizer built below is SmolLM2's (`smollm`: single digits, then GPT-2's byte-level
-    // split). Other models split differently (Llama 3's `llama-bpe` keeps runs of three digits,
-    // ...), and tokenizing them this way would be silently wrong.
-    let pre = c.metadata.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok().cloned());
-    if pre.as_deref() != Some(SUPPORTED_PRE) {
-        bail!(
-            "GGUF pre-tokenizer `{}` is not supported (supported: {SUPPORTED_PRE}); use the model's HF directory, whose \
-             tokenizer.json describes it",
-            pre.as_deref().unwrap_or("(none: tokenizer.ggml.pre is missing)")
-        );
-    }
+    let pre =
+        PreTokenizer::named(c.metadata.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).map(|s| s.as_str()))?;
     let tokens = strings(c, "tokenizer.ggml.tokens")?;
     let merges: Vec<(String, String)> = strings(c, "tokenizer.ggml.merges")?
         .into_iter()
@@ -58,14 +106,11 @@ pub fn from_gguf(c: &Content) -> Result<Tokenizer> {
     let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
     let bpe = BPE::builder()
         .vocab_and_merges(vocab, merges)
+        .ignore_merges(pre == PreTokenizer::Llama3)
         .build()
         .map_err(|e| anyhow::anyhow!("cannot build BPE from GGUF: {e}"))?;
     let mut tok = Tokenizer::new(bpe);
-    let pre = Sequence::new(vec![
-        PreTokenizerWrapper::Digits(Digits::new(true)),
-        PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, true)),
-    ]);
-    tok.with_pre_tokenizer(Some(pre));
+    tok.with_pre_tokenizer(Some(pre.build()?));
     tok.with_decoder(Some(ByteLevelDecoder::default()));
     let special: Vec<AddedToken> = tokens
         .iter()
@@ -74,5 +119,41 @@ pub fn from_gguf(c: &Content) -> Result<Tokenizer> {
         .map(|(s, _)| AddedToken::from(s.clone(), true))
         .collect();
     tok.add_special_tokens(&special);
+    let flag = |key: &str| c.metadata.get(key).and_then(|v| v.to_bool().ok());
+    let add_bos = flag("tokenizer.ggml.add_bos_token").unwrap_or(pre == PreTokenizer::Llama3);
+    let add_eos = flag("tokenizer.ggml.add_eos_token").unwrap_or(false);
+    if add_bos || add_eos {
+        tok.with_post_processor(Some(added_specials(c, &tokens, add_bos, add_eos)?));
+    }
     Ok(tok)
+}
+
+/// The post-processor that puts BOS before and EOS after an encoding.
+fn added_specials(c: &Content, tokens: &[String], add_bos: bool, add_eos: bool) -> Result<TemplateProcessing> {
+    let token = |key: &str| -> Result<(String, u32)> {
+        let id =
+            crate::model::weights::meta_usize(c, key).with_context(|| format!("GGUF asks to add it, but {key}"))?;
+        let text = tokens.get(id).with_context(|| format!("GGUF `{key}` = {id} is outside the vocabulary"))?;
+        Ok((text.clone(), u32::try_from(id)?))
+    };
+    let mut pieces = Vec::new();
+    if add_bos {
+        pieces.push(token("tokenizer.ggml.bos_token_id")?);
+    }
+    pieces.push(("$A".to_string(), 0));
+    if add_eos {
+        pieces.push(token("tokenizer.ggml.eos_token_id")?);
+    }
+    let template: Vec<String> = pieces.iter().map(|(t, _)| t.clone()).collect();
+    // A template is written as text; a token with a space or a colon in it cannot be written so.
+    if template.iter().any(|t| t.contains(char::is_whitespace) || (t.contains(':') && *t != "$A")) {
+        bail!("GGUF BOS/EOS token {template:?} contains a space or a colon: cannot add it to encodings");
+    }
+    let specials: Vec<(String, u32)> = pieces.into_iter().filter(|(t, _)| t != "$A").collect();
+    TemplateProcessing::builder()
+        .try_single(template)
+        .map_err(|e| anyhow::anyhow!("GGUF BOS/EOS template: {e}"))?
+        .special_tokens(specials)
+        .build()
+        .map_err(|e| anyhow::anyhow!("GGUF BOS/EOS template: {e}"))
 }

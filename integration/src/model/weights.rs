@@ -11,7 +11,7 @@ use candle_core::quantized::{gguf_file, GgmlDType, QStorage, QTensor};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::Linear;
 
-use super::config::{Arch, DmsCheckpointFields, ModelConfig};
+use super::config::{Arch, DmsCheckpointFields, ModelConfig, RopeScaling};
 use super::gguf_header::read_gguf_header;
 use super::linear::Proj;
 
@@ -142,7 +142,16 @@ impl Weights {
     pub fn open_gguf(path: &Path) -> Result<(Self, ModelConfig)> {
         let content = read_gguf_header(path)?;
         let file = File::open(path).with_context(|| format!("cannot open GGUF file {}", path.display()))?;
-        let cfg = gguf_config(&content).with_context(|| format!("reading metadata of {}", path.display()))?;
+        let mut cfg = gguf_config(&content).with_context(|| format!("reading metadata of {}", path.display()))?;
+        if content.tensor_infos.contains_key(ROPE_FREQS) {
+            let factors = content
+                .tensor(&mut &file, ROPE_FREQS, &Device::Cpu)
+                .and_then(|q| q.dequantize(&Device::Cpu))
+                .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+                .with_context(|| format!("cannot read tensor `{ROPE_FREQS}` from {}", path.display()))?;
+            cfg.rope_scaling = Some(RopeScaling::FreqFactors(factors.into_iter().map(f64::from).collect()));
+            cfg.validate().with_context(|| format!("tensor `{ROPE_FREQS}` of {}", path.display()))?;
+        }
         let arch_meta = meta_str(&content, "general.architecture")?;
         let unpermute = (arch_meta == "llama").then_some((cfg.num_heads, cfg.num_kv_heads));
         Ok((Weights::Gguf { content, file: Mutex::new(file), path: path.to_path_buf(), unpermute }, cfg))
@@ -420,6 +429,9 @@ fn gguf_stop_tokens(c: &gguf_file::Content) -> Vec<u32> {
     ids
 }
 
+/// The GGUF tensor of RoPE frequency divisors (llama.cpp's form of Llama 3's scaling).
+const ROPE_FREQS: &str = "rope_freqs.weight";
+
 /// Model config from GGUF metadata.
 fn gguf_config(c: &gguf_file::Content) -> Result<ModelConfig> {
     let a = meta_str(c, "general.architecture")?;
@@ -433,11 +445,13 @@ fn gguf_config(c: &gguf_file::Content) -> Result<ModelConfig> {
     let heads = meta_usize(c, &format!("{a}.attention.head_count"))?;
     let kv = meta_opt_usize(c, &format!("{a}.attention.head_count_kv"))?.unwrap_or(heads);
     let head_dim = meta_opt_usize(c, &format!("{a}.attention.key_length"))?.unwrap_or(hidden / heads.max(1));
-    // llama.cpp stores Llama 3.1's RoPE scaling as per-frequency factors in `rope_freqs.weight`,
-    // and linear or YaRN scaling under `rope.scaling.*`; neither is applied here, so such a file
-    // would run with the wrong frequencies.
-    if c.tensor_infos.contains_key("rope_freqs.weight") {
-        bail!("GGUF tensor `rope_freqs.weight` (RoPE frequency factors, e.g. Llama 3.1's scaling) is not supported; use the model's HF directory, whose config.json rope_scaling is");
+    // llama.cpp stores Llama 3's RoPE scaling as per-frequency factors (`rope_freqs.weight`, read
+    // by `open_gguf`), and linear or YaRN scaling under `rope.scaling.*`, which is not applied
+    // here: such a file would run with the wrong frequencies.
+    if let Some(rot) = meta_opt_usize(c, &format!("{a}.rope.dimension_count"))? {
+        if rot != head_dim {
+            bail!("GGUF `{a}.rope.dimension_count` = {rot}: RoPE over part of a head ({head_dim}) is not supported");
+        }
     }
     let scaling_key = format!("{a}.rope.scaling.type");
     if let Some(kind) = c.metadata.get(&scaling_key).and_then(|v| v.to_string().ok()).filter(|k| k.as_str() != "none") {

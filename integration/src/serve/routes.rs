@@ -151,7 +151,7 @@ async fn chat(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) 
             .chat_template
             .render(&messages)
             .map_err(|e| ApiError::bad_request(format!("{e:#}"), Some("messages")))?;
-        let ids = encode(&app.tokenizer, &text)?;
+        let ids = encode(&app.tokenizer, &text, false)?;
         app.prepare(&r.common, ids)
     });
     match prepared {
@@ -164,9 +164,9 @@ async fn completions(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejec
     let prepared = body_bytes(body).and_then(|b| parse_body::<CompletionRequest>(&b)).and_then(|r| {
         app.check_model(&r.model)?;
         let ids = match r.prompt {
-            Prompt::Text(t) => encode(&app.tokenizer, &t)?,
+            Prompt::Text(t) => encode(&app.tokenizer, &t, true)?,
             Prompt::Ids(ids) => ids,
-            Prompt::Texts(t) if t.len() == 1 => encode(&app.tokenizer, &t[0])?,
+            Prompt::Texts(t) if t.len() == 1 => encode(&app.tokenizer, &t[0], true)?,
             Prompt::Texts(t) => {
                 return Err(ApiError::bad_request(
                     format!("`prompt` has {} texts; one per request", t.len()),
@@ -182,9 +182,11 @@ async fn completions(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejec
     }
 }
 
-fn encode(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>, ApiError> {
+/// Token ids of `text`. A completion's prompt gets the special tokens the tokenizer adds (Llama
+/// 3's BOS), as vLLM and llama.cpp give them; a rendered chat prompt already holds its own.
+fn encode(tokenizer: &Tokenizer, text: &str, add_special: bool) -> Result<Vec<u32>, ApiError> {
     let enc = tokenizer
-        .encode(text, false)
+        .encode(text, add_special)
         .map_err(|e| ApiError::bad_request(format!("tokenizing the prompt: {e}"), None))?;
     Ok(enc.get_ids().to_vec())
 }

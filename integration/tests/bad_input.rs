@@ -231,6 +231,17 @@ fn a_switched_on_model_window_caps_the_context_length() {
     let mistral =
         serde_json::json!({"model_type": "mistral", "architectures": ["MistralForCausalLM"], "sliding_window": null});
     assert_eq!(patched_config("llama3_tiny", mistral).unwrap().max_position_embeddings, 512);
+    // An absent key is transformers' MistralConfig default, 4096; null is no window.
+    let long = |window: Option<serde_json::Value>| {
+        let mut patch = serde_json::json!({"model_type": "mistral", "architectures": ["MistralForCausalLM"],
+            "max_position_embeddings": 32768});
+        if let Some(w) = window {
+            patch["sliding_window"] = w;
+        }
+        patched_config("llama3_tiny", patch).unwrap().max_position_embeddings
+    };
+    assert_eq!(long(None), 4096);
+    assert_eq!(long(Some(serde_json::Value::Null)), 32768);
 }
 
 #[test]

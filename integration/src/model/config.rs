@@ -151,6 +151,14 @@ pub struct DmsCheckpointFields {
 
 /// Reads `dms_alpha_per`: absent, null, `"head"` or `"layer"` (spec rule 1.5). Any other value is
 /// an error naming the field, so that a misspelt granularity is never read as `"head"`.
+/// A key that is present, as `Some` of its value (which may itself be null).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<Option<usize>>, D::Error> {
+    Option::<usize>::deserialize(d).map(Some)
+}
+
+/// transformers' `MistralConfig.sliding_window` when config.json does not give one.
+const MISTRAL_DEFAULT_WINDOW: usize = 4096;
+
 fn alpha_per<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<String>, D::Error> {
     match Option::<serde_json::Value>::deserialize(d)? {
         None | Some(serde_json::Value::Null) => Ok(None),
@@ -238,8 +246,10 @@ struct HfConfig {
     attention_bias: Option<bool>,
     #[serde(default)]
     max_position_embeddings: Option<usize>,
-    #[serde(default)]
-    sliding_window: Option<usize>,
+    /// Absent (`None`), null (`Some(None)`) or a width: transformers' Mistral defaults an absent
+    /// key to 4096 and reads null as no window.
+    #[serde(default, deserialize_with = "present")]
+    sliding_window: Option<Option<usize>>,
     #[serde(default)]
     use_sliding_window: Option<bool>,
     #[serde(default)]
@@ -681,18 +691,19 @@ fn llama3_scale(freq: f64, s: &Llama3RopeScaling) -> f64 {
 }
 
 /// The context length served: `max_position_embeddings`, or the model's own attention window when
-/// it has one that is switched on (Mistral's `sliding_window`; Qwen2's and Qwen3's with
+/// it has one that is switched on (Mistral's `sliding_window`, 4096 when absent as in transformers;
+/// Qwen2's and Qwen3's with
 /// `use_sliding_window`, for the layers from `max_window_layers` on, transformers' default 28).
 /// Full attention over at most that many tokens is exactly windowed attention, so capping the
 /// context keeps every result exact instead of attending where the model would not.
 fn context_length(c: &HfConfig, arch: Arch) -> usize {
     let declared = c.max_position_embeddings.unwrap_or(4096);
     let windowed = match arch {
-        Arch::Mistral => c.sliding_window,
+        Arch::Mistral => c.sliding_window.unwrap_or(Some(MISTRAL_DEFAULT_WINDOW)),
         Arch::Qwen2 | Arch::Qwen3
             if c.use_sliding_window == Some(true) && c.max_window_layers.unwrap_or(28) < c.num_hidden_layers =>
         {
-            c.sliding_window
+            c.sliding_window.flatten()
         }
         _ => None,
     };

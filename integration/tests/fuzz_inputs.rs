@@ -479,6 +479,11 @@ fn gguf_metadata_is_honoured_or_refused_never_ignored() {
     m4.push(("llama.rope.dimension_count", Value::U32(8)));
     let e = format!("{:#}", load(&m4, &tensors, "partial.gguf").err().expect("refused"));
     assert!(e.contains("rope.dimension_count"), "{e}");
+    // Experts (Mixtral's GGUF files are `llama` with experts) are refused, not left unread.
+    let mut m5 = meta.clone();
+    m5.push(("llama.expert_count", Value::U32(8)));
+    let e = format!("{:#}", load(&m5, &tensors, "experts.gguf").err().expect("refused"));
+    assert!(e.contains("expert_count"), "{e}");
     // RoPE scaling the loader does not apply is refused.
     let mut m3 = meta.clone();
     m3.push(("llama.rope.scaling.type", Value::String("linear".into())));

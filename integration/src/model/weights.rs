@@ -453,6 +453,10 @@ fn gguf_config(c: &gguf_file::Content) -> Result<ModelConfig> {
             bail!("GGUF `{a}.rope.dimension_count` = {rot}: RoPE over part of a head ({head_dim}) is not supported");
         }
     }
+    // Mixtral-style files keep the `llama` architecture and add experts, which are not read here.
+    if let Some(n) = meta_opt_usize(c, &format!("{a}.expert_count"))?.filter(|&n| n > 0) {
+        bail!("GGUF `{a}.expert_count` = {n}: mixture-of-experts GGUF files are not supported");
+    }
     let scaling_key = format!("{a}.rope.scaling.type");
     if let Some(kind) = c.metadata.get(&scaling_key).and_then(|v| v.to_string().ok()).filter(|k| k.as_str() != "none") {
         bail!("GGUF `{scaling_key}` = `{kind}` is not supported; use the model's HF directory, whose config.json rope_scaling is");

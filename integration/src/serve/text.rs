@@ -176,4 +176,25 @@ mod tests {
         let (pieces, _) = stream_all(&t, &[1, 2], &["ef", "cd"]);
         assert_eq!(pieces.concat(), "ab");
     }
+
+    /// Byte-level and SentencePiece GGUF tokenizers (byte tokens for characters outside the
+    /// vocabulary): the streamed pieces never split a character and concatenate to llama.cpp's
+    /// text of the whole sequence (`tests/fixtures/gguf/expected.json`).
+    #[test]
+    fn gguf_tokenizers_stream_whole_characters_and_llama_cpps_text() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf");
+        let expected: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+        for file in ["llama3_tiny.gguf", "spm_vocab.gguf"] {
+            let content = crate::model::gguf_header::read_gguf_header(&dir.join(file)).unwrap();
+            let t = crate::model::gguf_tokenizer::from_gguf(&content).unwrap();
+            let e = &expected[file];
+            for (i, ids) in e["ids"].as_array().unwrap().iter().enumerate() {
+                let ids: Vec<u32> = ids.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+                let (pieces, _) = stream_all(&t, &ids, &[]);
+                assert!(pieces.iter().all(|p| !p.contains('\u{FFFD}')), "{file}: {pieces:?}");
+                assert_eq!(pieces.concat(), e["decoded"][i].as_str().unwrap(), "{file}: text {i}");
+            }
+        }
+    }
 }

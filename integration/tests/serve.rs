@@ -194,8 +194,9 @@ fn a_request_past_its_timeout_is_cancelled_with_504_and_its_blocks_freed() {
     python_checks("timeout", &server.base, "-");
 }
 
-/// One HTTP/1.1 POST of a JSON body; the response body as JSON (no client library needed).
-fn post_json(base: &str, path: &str, body: &serde_json::Value) -> serde_json::Value {
+/// One HTTP/1.1 POST of a JSON body; the status code and the response body as JSON (no client
+/// library needed).
+fn post_json(base: &str, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
     use std::io::{Read, Write};
     let addr = base.trim_start_matches("http://").trim_end_matches('/');
     let mut stream = std::net::TcpStream::connect(addr).unwrap();
@@ -209,14 +210,15 @@ fn post_json(base: &str, path: &str, body: &serde_json::Value) -> serde_json::Va
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
     let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
-    assert!(head.starts_with("HTTP/1.1 200"), "{response}");
-    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
+    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).expect("a status code");
+    (status, serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}")))
 }
 
 /// A completion's prompt gets the special tokens the model's tokenizer adds (Llama 3's GGUF: BOS),
 /// as vLLM and llama.cpp give them; the count is llama.cpp's (`fixtures/gguf/expected.json`).
+/// `chat_template_kwargs` reach the template, and may not replace the server's variables.
 #[test]
-fn a_completion_prompt_gets_the_tokenizers_special_tokens() {
+fn a_completion_prompt_gets_the_tokenizers_special_tokens_and_chat_takes_template_kwargs() {
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf");
     let expected: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fixtures.join("expected.json")).unwrap()).unwrap();
@@ -232,10 +234,21 @@ fn a_completion_prompt_gets_the_tokenizers_special_tokens() {
     );
     std::fs::write(&config, text).unwrap();
     let server = start(&config);
-    let r = post_json(
+    let (status, r) = post_json(
         &server.base,
         "/v1/completions",
         &serde_json::json!({"model": "tiny", "prompt": "Hello world", "max_tokens": 2}),
     );
+    assert_eq!(status, 200, "{r}");
     assert_eq!(r["usage"]["prompt_tokens"].as_u64(), Some(want as u64), "{r}");
+    let chat = |kwargs: serde_json::Value| {
+        let body = serde_json::json!({"model": "tiny", "max_tokens": 1, "chat_template_kwargs": kwargs,
+            "messages": [{"role": "user", "content": "Hello world"}]});
+        post_json(&server.base, "/v1/chat/completions", &body)
+    };
+    let (status, r) = chat(serde_json::json!({"enable_thinking": false}));
+    assert_eq!(status, 200, "{r}");
+    let (status, r) = chat(serde_json::json!({"add_generation_prompt": false}));
+    assert_eq!(status, 400, "{r}");
+    assert_eq!(r["error"]["param"], "chat_template_kwargs", "{r}");
 }

@@ -13,6 +13,9 @@ use serde::Serialize;
 /// ChatML without a default system prompt, for models that ship no template.
 const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
+/// Template variables the renderer sets itself.
+const RESERVED: [&str; 4] = ["messages", "add_generation_prompt", "bos_token", "eos_token"];
+
 /// One chat message.
 #[derive(Debug, Clone, Serialize)]
 pub struct ChatMessage {
@@ -123,12 +126,32 @@ impl ChatTemplate {
 
     /// The prompt for `messages`, ending with the assistant's turn opened.
     pub fn render(&self, messages: &[ChatMessage]) -> Result<String> {
+        self.render_with(messages, &serde_json::Map::new())
+    }
+
+    /// [`Self::render`] with more template variables (vLLM's `chat_template_kwargs`, such as
+    /// Qwen3's `enable_thinking`); they may not replace the variables set here.
+    pub fn render_with(
+        &self,
+        messages: &[ChatMessage],
+        extra: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<String> {
+        check_extra(extra)?;
         let env = self.env()?;
         let t = env.get_template("chat")?;
         let (bos_token, eos_token) = (&self.special.bos, &self.special.eos);
-        t.render(minijinja::context! { messages, add_generation_prompt => true, bos_token, eos_token })
+        let extra = minijinja::Value::from_serialize(extra);
+        t.render(minijinja::context! { messages, add_generation_prompt => true, bos_token, eos_token, ..extra })
             .with_context(|| format!("rendering the chat template from {}", self.origin))
     }
+}
+
+/// Refuses extra template variables that would replace those the renderer sets.
+pub fn check_extra(extra: &serde_json::Map<String, serde_json::Value>) -> Result<()> {
+    if let Some(k) = extra.keys().find(|k| RESERVED.contains(&k.as_str())) {
+        bail!("the chat template variable `{k}` is set by the server (reserved: {})", RESERVED.join(", "));
+    }
+    Ok(())
 }
 
 /// The local time formatted by a Python `strftime` format; a format chrono cannot read is an error.
@@ -238,7 +261,8 @@ mod tests {
     }
 
     /// Published templates (Qwen3's, which calls Python string methods; Qwen2.5's; DeepSeek-R1's
-    /// Llama distill) render as Python's jinja2 renders them under transformers' settings
+    /// Llama distill) render as Python's jinja2 renders them under transformers' settings, also
+    /// with extra variables (Qwen3's `enable_thinking = false`)
     /// (`tests/fixtures/chat_templates/expected.json`, from `render.py` there).
     #[test]
     fn published_templates_render_as_jinja2_does() {
@@ -247,23 +271,41 @@ mod tests {
             serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
         let special = SpecialTokens { bos: "<BOS>".into(), eos: "<EOS>".into() };
         assert_eq!(expected["special_tokens"]["bos_token"], "<BOS>");
-        let renders = expected["renders"].as_object().unwrap();
-        assert_eq!(renders.len(), 3);
-        for (file, by_conversation) in renders {
-            let source = std::fs::read_to_string(dir.join(file)).unwrap();
-            let t = ChatTemplate::new(source, special.clone(), file.clone()).unwrap();
-            for (name, want) in by_conversation.as_object().unwrap() {
-                let messages: Vec<ChatMessage> = expected["conversations"][name]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|m| ChatMessage {
-                        role: m["role"].as_str().unwrap().into(),
-                        content: m["content"].as_str().unwrap().into(),
-                    })
-                    .collect();
-                assert_eq!(t.render(&messages).unwrap(), want.as_str().unwrap(), "{file}, {name}");
+        let kwargs = expected["kwargs"].as_object().unwrap().clone();
+        for (key, extra) in [("renders", serde_json::Map::new()), ("renders_with_kwargs", kwargs)] {
+            let renders = expected[key].as_object().unwrap();
+            assert_eq!(renders.len(), 3);
+            for (file, by_conversation) in renders {
+                let source = std::fs::read_to_string(dir.join(file)).unwrap();
+                let t = ChatTemplate::new(source, special.clone(), file.clone()).unwrap();
+                for (name, want) in by_conversation.as_object().unwrap() {
+                    let messages: Vec<ChatMessage> = expected["conversations"][name]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|m| ChatMessage {
+                            role: m["role"].as_str().unwrap().into(),
+                            content: m["content"].as_str().unwrap().into(),
+                        })
+                        .collect();
+                    assert_eq!(
+                        t.render_with(&messages, &extra).unwrap(),
+                        want.as_str().unwrap(),
+                        "{file}, {name}, {key}"
+                    );
+                }
             }
+        }
+    }
+
+    /// Extra variables may not replace those the renderer sets.
+    #[test]
+    fn extra_variables_may_not_replace_the_renderers() {
+        let t = ChatTemplate::chatml();
+        for k in ["messages", "add_generation_prompt", "bos_token", "eos_token"] {
+            let extra = serde_json::json!({ k: "x" }).as_object().unwrap().clone();
+            let e = format!("{:#}", t.render_with(&user("hi"), &extra).unwrap_err());
+            assert!(e.contains(k) && e.contains("reserved"), "{e}");
         }
     }
 

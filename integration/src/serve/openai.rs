@@ -20,6 +20,9 @@ pub struct ChatRequest {
     pub model: String,
     /// The conversation.
     pub messages: Vec<Message>,
+    /// More chat template variables (vLLM's extension), such as Qwen3's `enable_thinking`.
+    #[serde(default)]
+    pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
     /// Sampling and stopping fields shared with completions.
     #[serde(flatten)]
     pub common: CommonFields,

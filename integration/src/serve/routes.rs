@@ -27,7 +27,7 @@ use super::metrics::Metrics;
 use super::openai::{parse_body, usage_json, ChatRequest, CommonFields, CompletionRequest, Prompt, Sampling};
 use super::worker::{Command, Event, Job, Outcome};
 use crate::engine::GenParams;
-use crate::model::chat_template::ChatTemplate;
+use crate::model::chat_template::{check_extra, ChatTemplate};
 
 /// Everything the handlers share.
 pub struct App {
@@ -147,9 +147,11 @@ async fn chat(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) 
     let prepared = body_bytes(body).and_then(|b| parse_body::<ChatRequest>(&b)).and_then(|r| {
         app.check_model(&r.model)?;
         let messages = r.chat_messages()?;
+        let kwargs = r.chat_template_kwargs.clone().unwrap_or_default();
+        check_extra(&kwargs).map_err(|e| ApiError::bad_request(format!("{e:#}"), Some("chat_template_kwargs")))?;
         let text = app
             .chat_template
-            .render(&messages)
+            .render_with(&messages, &kwargs)
             .map_err(|e| ApiError::bad_request(format!("{e:#}"), Some("messages")))?;
         let ids = encode(&app.tokenizer, &text, false)?;
         app.prepare(&r.common, ids)

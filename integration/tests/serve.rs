@@ -252,3 +252,93 @@ fn a_completion_prompt_gets_the_tokenizers_special_tokens_and_chat_takes_templat
     assert_eq!(status, 400, "{r}");
     assert_eq!(r["error"]["param"], "chat_template_kwargs", "{r}");
 }
+
+/// Each token's log-probabilities under the model for a greedy continuation of `prompt`: a naive
+/// log-softmax (f64) of the logits the engine gives step by step.
+fn naive_greedy_logprobs(model: &Path, prompt: &[u32], steps: usize) -> Vec<(u32, Vec<f64>)> {
+    let loaded = dms_integration::engine::load_model(
+        model,
+        &candle_core::Device::Cpu,
+        dms_integration::model::WeightForm::Dense,
+    )
+    .unwrap();
+    let policy = dms_policy::Registry::with_builtins().build(&toml::from_str("name = \"full\"").unwrap()).unwrap();
+    let mut eng = dms_integration::engine::Engine::new(loaded.model, policy, 4, 1 << 12).unwrap();
+    let mut seq = eng.new_sequence();
+    let all = eng.step(&mut seq, prompt, true).unwrap().to_vec2::<f32>().unwrap();
+    let mut logits = all.last().unwrap().clone();
+    let mut out = Vec::new();
+    for _ in 0..steps {
+        let lse = logits.iter().map(|&l| (l as f64).exp()).sum::<f64>().ln();
+        let token = dms_integration::engine::argmax(&logits);
+        out.push((token, logits.iter().map(|&l| l as f64 - lse).collect()));
+        logits = eng.step(&mut seq, &[token], false).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+    }
+    out
+}
+
+/// `logprobs` on a completion: each token's log-probability and its three most likely
+/// alternatives equal a naive log-softmax of the engine's logits for the same greedy tokens;
+/// on a chat: the chosen greedy token is the best of its alternatives.
+#[test]
+fn logprobs_are_the_models_log_softmax() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf");
+    let model = fixtures.join("llama3_tiny.gguf");
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures.join("expected.json")).unwrap()).unwrap();
+    let e = &expected["llama3_tiny.gguf"];
+    assert_eq!(e["texts"][0], "Hello world");
+    let prompt: Vec<u32> =
+        e["ids_add_special"][0].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+    let steps = 4;
+    let want = naive_greedy_logprobs(&model, &prompt, steps);
+    let tok = dms_integration::engine::load_model(
+        &model,
+        &candle_core::Device::Cpu,
+        dms_integration::model::WeightForm::Dense,
+    )
+    .unwrap()
+    .tokenizer
+    .unwrap();
+    let dir = std::env::temp_dir().join(format!("dms-serve-logprobs-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("llama3.toml");
+    let text = format!(
+        "[model]\nsource = {:?}\n[cache]\nblock_size = 4\nmax_tokens = 256\n[cache.policy]\nname = \"full\"\n[server]\nport = 0\nmodel_name = \"tiny\"\n",
+        model.display().to_string()
+    );
+    std::fs::write(&config, text).unwrap();
+    let server = start(&config);
+    let body = serde_json::json!({"model": "tiny", "prompt": "Hello world", "max_tokens": steps, "logprobs": 3,
+        "ignore_eos": true});
+    let (status, r) = post_json(&server.base, "/v1/completions", &body);
+    assert_eq!(status, 200, "{r}");
+    let lp = &r["choices"][0]["logprobs"];
+    for (i, (token, all)) in want.iter().enumerate() {
+        let text = tok.decode(&[*token], false).unwrap();
+        assert_eq!(lp["tokens"][i], text.as_str(), "{lp}");
+        let got = lp["token_logprobs"][i].as_f64().unwrap();
+        assert!((got - all[*token as usize]).abs() < 1e-4, "step {i}: {got} vs {}", all[*token as usize]);
+        let mut best = all.clone();
+        best.sort_by(|a, b| b.total_cmp(a));
+        let mut top: Vec<f64> =
+            lp["top_logprobs"][i].as_object().unwrap().values().map(|v| v.as_f64().unwrap()).collect();
+        top.sort_by(|a, b| b.total_cmp(a));
+        assert!(!top.is_empty() && top.len() <= 3, "{lp}");
+        for (g, w) in top.iter().zip(&best) {
+            assert!((g - w).abs() < 1e-4, "step {i}: top {top:?} vs {:?}", &best[..3]);
+        }
+    }
+    let body = serde_json::json!({"model": "tiny", "max_tokens": 3, "logprobs": true, "top_logprobs": 2,
+        "ignore_eos": true, "messages": [{"role": "user", "content": "Hello world"}]});
+    let (status, r) = post_json(&server.base, "/v1/chat/completions", &body);
+    assert_eq!(status, 200, "{r}");
+    let content = r["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(content.len(), 3, "{r}");
+    for c in content {
+        let top = c["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 2, "{c}");
+        assert_eq!(c["logprob"], top[0]["logprob"], "greedy picks the best: {c}");
+        assert!(top[0]["logprob"].as_f64() >= top[1]["logprob"].as_f64(), "{c}");
+    }
+}

@@ -43,3 +43,52 @@ pub fn argmax(logits: &[f32]) -> u32 {
     }
     best as u32
 }
+
+/// The log-probability of the chosen token and the `top` most likely tokens under the model's
+/// distribution (log-softmax of the raw logits, before temperature or top-p), best first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    /// The chosen token's log-probability.
+    pub logprob: f32,
+    /// The `top` most likely tokens with their log-probabilities, best first (lower id on ties).
+    pub top: Vec<(u32, f32)>,
+}
+
+/// [`TokenLogprobs`] of `token` under `logits`.
+pub fn token_logprobs(logits: &[f32], token: u32, top: usize) -> TokenLogprobs {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let log_total = max + logits.iter().map(|&l| (l as f64 - max).exp()).sum::<f64>().ln();
+    let lp = |l: f32| (l as f64 - log_total) as f32;
+    let mut order: Vec<u32> = (0..logits.len() as u32).collect();
+    let top = top.min(order.len());
+    let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
+    if top > 0 && top < order.len() {
+        order.select_nth_unstable_by(top - 1, by_logit);
+    }
+    order.truncate(top);
+    order.sort_by(by_logit);
+    TokenLogprobs {
+        logprob: logits.get(token as usize).map_or(f32::NEG_INFINITY, |&l| lp(l)),
+        top: order.into_iter().map(|i| (i, lp(logits[i as usize]))).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Against the closed form for logits 0, ln 2, ln 2, ln 3 (probabilities 1/8, 2/8, 2/8, 3/8):
+    /// best first, ties by the lower id, at most the vocabulary.
+    #[test]
+    fn token_logprobs_are_the_log_softmax_best_first() {
+        let logits = [0.0, 2f32.ln(), 2f32.ln(), 3f32.ln()];
+        let lp = token_logprobs(&logits, 1, 10);
+        assert!((lp.logprob - 0.25f32.ln()).abs() < 1e-6);
+        let ids: Vec<u32> = lp.top.iter().map(|t| t.0).collect();
+        assert_eq!(ids, [3, 1, 2, 0]);
+        let want = [0.375f32, 0.25, 0.25, 0.125];
+        assert!(lp.top.iter().zip(want).all(|(t, w)| (t.1 - w.ln()).abs() < 1e-6), "{:?}", lp.top);
+        assert_eq!(token_logprobs(&logits, 0, 2).top.iter().map(|t| t.0).collect::<Vec<_>>(), [3, 1]);
+        assert!(token_logprobs(&logits, 0, 0).top.is_empty());
+    }
+}

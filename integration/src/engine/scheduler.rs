@@ -8,7 +8,7 @@
 //! slot for slot and back, or dropped and recomputed, as the engine does it), so it resumes with
 //! identical output.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -17,7 +17,7 @@ use dms_policy::PolicyFactory;
 use rand::{rngs::StdRng, SeedableRng};
 
 use crate::engine::batch_engine::{BatchEngine, Parked, SeqReport};
-use crate::engine::{sample, GenParams};
+use crate::engine::{sample, token_logprobs, GenParams, TokenLogprobs};
 use crate::kv::store::MemoryUsage;
 
 /// One generation request.
@@ -48,6 +48,17 @@ pub enum FinishReason {
     Length,
     /// The caller cancelled it ([`Scheduler::cancel`]).
     Cancelled,
+}
+
+/// A token chosen in the last iteration.
+#[derive(Debug, Clone)]
+pub struct Chosen {
+    /// The request's id.
+    pub id: usize,
+    /// The token.
+    pub token: u32,
+    /// Its log-probabilities, when the request asked for them ([`Scheduler::want_logprobs`]).
+    pub logprobs: Option<TokenLogprobs>,
 }
 
 /// A finished request.
@@ -269,7 +280,9 @@ pub struct Scheduler<E: BatchEngine> {
     running: Vec<Running<E::Seq>>,
     preempted: VecDeque<Preempted<E::Parked>>,
     generated_total: usize,
-    chosen: Vec<(usize, u32)>,
+    chosen: Vec<Chosen>,
+    /// Requests that asked for log-probabilities, with how many top tokens.
+    logprobs: HashMap<usize, usize>,
     failed: Vec<(usize, anyhow::Error)>,
     /// Figures of everything run so far.
     pub stats: BatchStats,
@@ -290,6 +303,7 @@ impl<E: BatchEngine> Scheduler<E> {
             preempted: VecDeque::new(),
             generated_total: 0,
             chosen: Vec::new(),
+            logprobs: HashMap::new(),
             failed: Vec::new(),
             stats: BatchStats::default(),
         })
@@ -337,14 +351,21 @@ impl<E: BatchEngine> Scheduler<E> {
 
     /// The tokens chosen in the last [`Scheduler::step`], as (request id, token), in the order
     /// chosen (for streaming).
-    pub fn chosen(&self) -> &[(usize, u32)] {
+    pub fn chosen(&self) -> &[Chosen] {
         &self.chosen
+    }
+
+    /// Asks for the log-probabilities of request `id`'s tokens, with its `top` most likely
+    /// alternatives, in [`Self::chosen`] from now on.
+    pub fn want_logprobs(&mut self, id: usize, top: usize) {
+        self.logprobs.insert(id, top);
     }
 
     /// Removes request `id` wherever it is. A running sequence's blocks return to the pool at
     /// once and it is reported with [`FinishReason::Cancelled`]; a waiting or preempted one is
     /// dropped (`None`), as is an unknown id.
     pub fn cancel(&mut self, engine: &mut E, id: usize) -> Result<Option<Finished>> {
+        self.logprobs.remove(&id);
         if let Some(i) = self.running.iter().position(|r| r.p.req.id == id) {
             let r = self.running.remove(i);
             let report = engine.finish(r.seq)?;
@@ -389,6 +410,7 @@ impl<E: BatchEngine> Scheduler<E> {
     /// Drops every request, returning the blocks of running sequences to the pool (after an error,
     /// or to cancel everything).
     pub fn release_all(&mut self, engine: &mut E) {
+        self.logprobs.clear();
         for r in self.running.drain(..) {
             engine.release(r.seq);
         }
@@ -428,6 +450,7 @@ impl<E: BatchEngine> Scheduler<E> {
                         Ok(started) => started,
                         Err(e) => {
                             let id = p.req.id;
+                            self.logprobs.remove(&id);
                             self.failed.push((id, e.context(format!("request {id}: resuming it failed"))));
                             continue;
                         }
@@ -478,6 +501,7 @@ impl<E: BatchEngine> Scheduler<E> {
                     }
                     Err(e) => {
                         let id = req.id;
+                        self.logprobs.remove(&id);
                         self.failed.push((id, e.context(format!("request {id}: its prompt pass failed"))));
                         continue;
                     }
@@ -537,13 +561,14 @@ impl<E: BatchEngine> Scheduler<E> {
                 None => sample(&r.logits, params, &mut r.rng),
             };
             let stop_at_eos = params.stop_at_eos;
+            let logprobs = self.logprobs.get(&r.req.id).map(|&top| token_logprobs(&r.logits, next, top));
             if self.keep_logits {
                 r.step_logits.push(std::mem::take(&mut r.logits));
             }
             r.tokens.push(next);
             r.pending = true;
             self.generated_total += 1;
-            self.chosen.push((r.req.id, next));
+            self.chosen.push(Chosen { id: r.req.id, token: next, logprobs });
             let reason = if r.req.forced.is_none() && stop_at_eos && engine.eos_token_ids().contains(&next) {
                 Some(FinishReason::Stop)
             } else if r.tokens.len() >= r.req.max_new(&self.params) {
@@ -554,6 +579,7 @@ impl<E: BatchEngine> Scheduler<E> {
             match reason {
                 Some(reason) => {
                     let r = self.running.remove(i);
+                    self.logprobs.remove(&r.p.req.id);
                     let report = engine.finish(r.seq)?;
                     finished.push(r.p.finished(report, reason));
                 }

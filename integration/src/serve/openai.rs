@@ -136,6 +136,13 @@ pub struct CommonFields {
     /// Keep generating past the end-of-sequence token (vLLM's extension; for benchmarks).
     #[serde(default)]
     pub ignore_eos: Option<bool>,
+    /// Chat: report each token's log-probability (`true`); completions: also that many most
+    /// likely tokens (0 to 5).
+    #[serde(default)]
+    pub logprobs: Option<Value>,
+    /// Chat: most likely tokens to report beside each token (0 to 20; needs `logprobs`).
+    #[serde(default)]
+    pub top_logprobs: Option<Value>,
     /// OpenAI fields this server cannot honour.
     #[serde(flatten)]
     pub unsupported: Unsupported,
@@ -145,10 +152,6 @@ pub struct CommonFields {
 /// value is refused (400 naming the field), not answered as if the field were absent.
 #[derive(Debug, Default, Deserialize)]
 pub struct Unsupported {
-    #[serde(default)]
-    logprobs: Option<Value>,
-    #[serde(default)]
-    top_logprobs: Option<Value>,
     #[serde(default)]
     echo: Option<Value>,
     #[serde(default)]
@@ -180,9 +183,7 @@ impl Unsupported {
             _ => false,
         };
         type NoOp = fn(&Value) -> bool;
-        let fields: [(&str, &Option<Value>, NoOp, &str); 11] = [
-            ("logprobs", &self.logprobs, |v| v == &Value::Bool(false), "false"),
-            ("top_logprobs", &self.top_logprobs, zero, "0"),
+        let fields: [(&str, &Option<Value>, NoOp, &str); 9] = [
             ("echo", &self.echo, |v| v == &Value::Bool(false), "false"),
             ("logit_bias", &self.logit_bias, empty, "{}"),
             ("presence_penalty", &self.presence_penalty, zero, "0"),
@@ -231,7 +232,53 @@ pub struct Sampling {
     pub stop_at_eos: bool,
 }
 
+/// Most alternatives a chat request may ask for per token (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS_CHAT: u64 = 20;
+/// Most alternatives a completion may ask for per token (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS_COMPLETION: u64 = 5;
+
 impl CommonFields {
+    /// The log-probabilities asked for: `None`, or how many most likely tokens to report beside
+    /// each generated one. Chat takes `logprobs: true` and `top_logprobs: N`; completions take
+    /// `logprobs: N`.
+    pub fn logprobs(&self, chat: bool) -> Result<Option<usize>, ApiError> {
+        let bad = |field: &'static str, msg: String| ApiError::bad_request(msg, Some(field));
+        let count = |field: &'static str, v: &Value, max: u64| match v.as_u64() {
+            Some(n) if n <= max => Ok(n as usize),
+            _ => Err(bad(field, format!("`{field}` must be an integer from 0 to {max}, got {v}"))),
+        };
+        let logprobs = self.logprobs.as_ref().filter(|v| !v.is_null());
+        let top = self.top_logprobs.as_ref().filter(|v| !v.is_null());
+        let asked = if chat {
+            let on = match logprobs {
+                None => false,
+                Some(Value::Bool(b)) => *b,
+                Some(v) => {
+                    let msg = format!("`logprobs` must be true or false in a chat request, got {v}");
+                    return Err(bad("logprobs", msg));
+                }
+            };
+            let top = top.map(|v| count("top_logprobs", v, MAX_TOP_LOGPROBS_CHAT)).transpose()?;
+            match (on, top) {
+                (false, Some(n)) if n > 0 => {
+                    return Err(bad("top_logprobs", "`top_logprobs` needs `logprobs: true`".into()));
+                }
+                (false, _) => None,
+                (true, n) => Some(n.unwrap_or(0)),
+            }
+        } else {
+            if let Some(v) = top {
+                let msg = format!("`top_logprobs` is a chat field (got {v}); completions take `logprobs: N`");
+                return Err(bad("top_logprobs", msg));
+            }
+            logprobs.map(|v| count("logprobs", v, MAX_TOP_LOGPROBS_COMPLETION)).transpose()?
+        };
+        if asked.is_some() && self.stream == Some(true) {
+            return Err(bad("logprobs", "`logprobs` is not supported with `stream`; leave one out".into()));
+        }
+        Ok(asked)
+    }
+
     /// Checks every field; `default_max_tokens` applies when the request gives no limit, and no
     /// request may ask for more than `cap`.
     pub fn sampling(&self, default_max_tokens: usize, cap: usize) -> Result<Sampling, ApiError> {
@@ -379,8 +426,6 @@ mod tests {
             (r#"{"n": 2}"#, "n"),
             (r#"{"stop": ["a", "b", "c", "d", "e"]}"#, "stop"),
             (r#"{"stop": ""}"#, "stop"),
-            (r#"{"logprobs": true}"#, "logprobs"),
-            (r#"{"logprobs": 0}"#, "logprobs"),
             (r#"{"echo": true}"#, "echo"),
             (r#"{"logit_bias": {"50256": -100}}"#, "logit_bias"),
             (r#"{"presence_penalty": 1.5}"#, "presence_penalty"),
@@ -393,6 +438,35 @@ mod tests {
             let e = common(body).sampling(16, 100).unwrap_err();
             assert_eq!(e.status.as_u16(), 400, "{body}");
             assert_eq!(e.param.as_deref(), Some(field), "{body}");
+        }
+    }
+
+    #[test]
+    fn logprobs_take_openais_forms_for_chat_and_completions_and_every_bad_value_names_its_field() {
+        for (body, chat, want) in [
+            ("{}", true, None),
+            (r#"{"logprobs": false, "top_logprobs": 0}"#, true, None),
+            (r#"{"logprobs": true}"#, true, Some(0)),
+            (r#"{"logprobs": true, "top_logprobs": 20}"#, true, Some(20)),
+            ("{}", false, None),
+            (r#"{"logprobs": null}"#, false, None),
+            (r#"{"logprobs": 0}"#, false, Some(0)),
+            (r#"{"logprobs": 5}"#, false, Some(5)),
+        ] {
+            assert_eq!(common(body).logprobs(chat).unwrap(), want, "{body}, chat {chat}");
+        }
+        for (body, chat, field) in [
+            (r#"{"logprobs": 1}"#, true, "logprobs"),
+            (r#"{"logprobs": true, "top_logprobs": 21}"#, true, "top_logprobs"),
+            (r#"{"logprobs": true, "top_logprobs": -1}"#, true, "top_logprobs"),
+            (r#"{"top_logprobs": 2}"#, true, "top_logprobs"),
+            (r#"{"logprobs": true}"#, false, "logprobs"),
+            (r#"{"logprobs": 6}"#, false, "logprobs"),
+            (r#"{"logprobs": 2, "top_logprobs": 2}"#, false, "top_logprobs"),
+            (r#"{"logprobs": 2, "stream": true}"#, false, "logprobs"),
+        ] {
+            let e = common(body).logprobs(chat).unwrap_err();
+            assert_eq!((e.status.as_u16(), e.param.as_deref()), (400, Some(field)), "{body}, chat {chat}");
         }
     }
 

@@ -25,7 +25,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use super::error::ApiError;
 use super::metrics::Metrics;
 use super::openai::{parse_body, usage_json, ChatRequest, CommonFields, CompletionRequest, Prompt, Sampling};
-use super::worker::{Command, Event, Job, Outcome};
+use super::worker::{Command, Event, Job, Outcome, TokenLogprob};
 use crate::engine::GenParams;
 use crate::model::chat_template::{check_extra, ChatTemplate};
 
@@ -123,7 +123,7 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
 }
 
 /// Which OpenAI object family a request answers with.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Chat,
     Completion,
@@ -134,6 +134,7 @@ struct Prepared {
     sampling: Sampling,
     policy: usize,
     prompt: Vec<u32>,
+    logprobs: Option<usize>,
 }
 
 fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
@@ -154,7 +155,7 @@ async fn chat(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) 
             .render_with(&messages, &kwargs)
             .map_err(|e| ApiError::bad_request(format!("{e:#}"), Some("messages")))?;
         let ids = encode(&app.tokenizer, &text, false)?;
-        app.prepare(&r.common, ids)
+        app.prepare(Kind::Chat, &r.common, ids)
     });
     match prepared {
         Ok(p) => app.answer(Kind::Chat, p).await,
@@ -176,7 +177,7 @@ async fn completions(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejec
                 ))
             }
         };
-        app.prepare(&r.common, ids)
+        app.prepare(Kind::Completion, &r.common, ids)
     });
     match prepared {
         Ok(p) => app.answer(Kind::Completion, p).await,
@@ -214,8 +215,9 @@ impl App {
         Ok(())
     }
 
-    fn prepare(&self, common: &CommonFields, prompt: Vec<u32>) -> Result<Prepared, ApiError> {
+    fn prepare(&self, kind: Kind, common: &CommonFields, prompt: Vec<u32>) -> Result<Prepared, ApiError> {
         let sampling = common.sampling(self.default_max_tokens, self.max_tokens_cap)?;
+        let logprobs = common.logprobs(kind == Kind::Chat)?;
         let policy = match &common.cache_policy {
             None => 0,
             Some(name) => self.policies.iter().position(|(n, _)| n == name).ok_or_else(|| {
@@ -252,7 +254,7 @@ impl App {
             return Err(ApiError { param: Some("max_tokens".into()), ..ApiError::bad_request(msg, None) }
                 .with_code("context_length_exceeded"));
         }
-        Ok(Prepared { sampling, policy, prompt })
+        Ok(Prepared { sampling, policy, prompt, logprobs })
     }
 
     /// Queues the job and answers from its events (streamed or whole).
@@ -279,6 +281,7 @@ impl App {
             policy: p.policy,
             stops: s.stops.clone(),
             arrived: Instant::now(),
+            logprobs: p.logprobs,
             events: tx,
         };
         if self.commands.send(Command::Submit(job)).is_err() {
@@ -362,6 +365,52 @@ impl Head {
     }
 }
 
+/// The `logprobs` object of a choice, in the chat or the completions form.
+fn logprobs_json(kind: Kind, tokens: &[TokenLogprob]) -> Value {
+    match kind {
+        Kind::Chat => {
+            let entry = |t: &str, l: f32| json!({"token": t, "logprob": l, "bytes": t.as_bytes()});
+            let content: Vec<Value> = tokens
+                .iter()
+                .map(|t| {
+                    let mut e = entry(&t.token, t.logprob);
+                    e["top_logprobs"] = t.top.iter().map(|(s, l)| entry(s, *l)).collect();
+                    e
+                })
+                .collect();
+            json!({"content": content})
+        }
+        Kind::Completion => {
+            let mut offset = 0;
+            let offsets: Vec<usize> = tokens
+                .iter()
+                .map(|t| {
+                    let at = offset;
+                    offset += t.token.len();
+                    at
+                })
+                .collect();
+            // A map per token, as OpenAI's: two alternatives with the same text keep the likelier.
+            let top: Vec<serde_json::Map<String, Value>> = tokens
+                .iter()
+                .map(|t| {
+                    let mut m = serde_json::Map::new();
+                    for (s, l) in &t.top {
+                        m.entry(s.clone()).or_insert(json!(l));
+                    }
+                    m
+                })
+                .collect();
+            json!({
+                "tokens": tokens.iter().map(|t| t.token.as_str()).collect::<Vec<_>>(),
+                "token_logprobs": tokens.iter().map(|t| t.logprob).collect::<Vec<_>>(),
+                "top_logprobs": top,
+                "text_offset": offsets,
+            })
+        }
+    }
+}
+
 async fn whole_answer(head: Head, first: Event, mut rx: UnboundedReceiver<Event>) -> Response {
     let mut text = String::new();
     let mut event = Some(first);
@@ -370,12 +419,13 @@ async fn whole_answer(head: Head, first: Event, mut rx: UnboundedReceiver<Event>
             Some(Event::Text(t)) => text.push_str(&t),
             Some(Event::Failed(e)) => return e.into_response(),
             Some(Event::Done(o)) => {
+                let logprobs = o.logprobs.as_deref().map_or(Value::Null, |l| logprobs_json(head.kind, l));
                 let choice = match head.kind {
                     Kind::Chat => {
-                        json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": o.finish_reason, "logprobs": null})
+                        json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": o.finish_reason, "logprobs": logprobs})
                     }
                     Kind::Completion => {
-                        json!({"index": 0, "text": text, "finish_reason": o.finish_reason, "logprobs": null})
+                        json!({"index": 0, "text": text, "finish_reason": o.finish_reason, "logprobs": logprobs})
                     }
                 };
                 let object = match head.kind {

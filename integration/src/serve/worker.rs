@@ -19,7 +19,7 @@ use super::openai::KvReport;
 use super::text::TextStream;
 use crate::engine::batch_engine::BatchEngine;
 use crate::engine::scheduler::{FinishReason, Finished, Request, Scheduler};
-use crate::engine::GenParams;
+use crate::engine::{GenParams, TokenLogprobs};
 
 /// One request for the engine thread.
 pub struct Job {
@@ -33,8 +33,29 @@ pub struct Job {
     pub stops: Vec<String>,
     /// When the request arrived (for time to first token and the timeout).
     pub arrived: Instant,
+    /// Report each token's log-probability with this many most likely alternatives.
+    pub logprobs: Option<usize>,
     /// Where its events go.
     pub events: UnboundedSender<Event>,
+}
+
+/// A generated token's log-probability and its most likely alternatives, as text.
+#[derive(Debug, Clone)]
+pub struct TokenLogprob {
+    /// The token's text.
+    pub token: String,
+    /// Its log-probability.
+    pub logprob: f32,
+    /// The most likely tokens, best first.
+    pub top: Vec<(String, f32)>,
+}
+
+impl TokenLogprob {
+    fn of(tokenizer: &Tokenizer, token: u32, lp: &TokenLogprobs) -> Self {
+        // A token's own text; a piece of a multi-byte character decodes as U+FFFD, as in vLLM.
+        let text = |id: u32| tokenizer.decode(&[id], false).unwrap_or_default();
+        Self { token: text(token), logprob: lp.logprob, top: lp.top.iter().map(|&(id, l)| (text(id), l)).collect() }
+    }
 }
 
 /// What the engine thread sends back for a request.
@@ -59,6 +80,8 @@ pub struct Outcome {
     pub completion_tokens: usize,
     /// What the cache kept.
     pub kv: KvReport,
+    /// Each generated token's log-probability, when asked for.
+    pub logprobs: Option<Vec<TokenLogprob>>,
 }
 
 /// Messages to the engine thread.
@@ -106,6 +129,8 @@ struct Active<'t> {
     text: TextStream<'t>,
     last_token: Option<Instant>,
     completion_tokens: usize,
+    /// Log-probabilities of the tokens counted so far, when asked for.
+    logprobs: Vec<TokenLogprob>,
     /// A stop string ended its text: cancel it after this step.
     stop_hit: bool,
 }
@@ -153,11 +178,19 @@ pub fn run<E: BatchEngine>(engine: &mut E, setup: WorkerSetup, commands: Receive
                     };
                     match sched.submit(engine, req) {
                         Ok(()) => {
+                            if let Some(top) = job.logprobs {
+                                sched.want_logprobs(id, top);
+                            }
                             let text = TextStream::new(&tokenizer, job.stops.clone());
-                            active.insert(
-                                id,
-                                Active { job, text, last_token: None, completion_tokens: 0, stop_hit: false },
-                            );
+                            let a = Active {
+                                job,
+                                text,
+                                last_token: None,
+                                completion_tokens: 0,
+                                logprobs: Vec::new(),
+                                stop_hit: false,
+                            };
+                            active.insert(id, a);
                         }
                         Err(e) => {
                             let _ = job.events.send(Event::Failed(ApiError::bad_request(format!("{e:#}"), None)));
@@ -233,8 +266,8 @@ pub fn run<E: BatchEngine>(engine: &mut E, setup: WorkerSetup, commands: Receive
             }
         }
         let now = Instant::now();
-        for &(id, token) in sched.chosen() {
-            let Some(a) = active.get_mut(&id) else { continue };
+        for c in sched.chosen() {
+            let Some(a) = active.get_mut(&c.id) else { continue };
             let policy = &policies[a.job.policy].name;
             match a.last_token {
                 None => metrics.time_to_first_token.with_label_values(&[policy]).observe(secs(now - a.job.arrived)),
@@ -245,7 +278,10 @@ pub fn run<E: BatchEngine>(engine: &mut E, setup: WorkerSetup, commands: Receive
                 continue;
             }
             a.completion_tokens += 1;
-            let d = a.text.push(token);
+            if let Some(lp) = &c.logprobs {
+                a.logprobs.push(TokenLogprob::of(&tokenizer, c.token, lp));
+            }
+            let d = a.text.push(c.token);
             if !d.text.is_empty() {
                 let _ = a.job.events.send(Event::Text(d.text));
             }
@@ -333,7 +369,13 @@ fn finish(metrics: &Metrics, policy: &str, a: Active<'_>, f: &Finished, reason: 
         finish_reason,
         "request finished"
     );
-    let out = Outcome { finish_reason, prompt_tokens: a.job.prompt.len(), completion_tokens: a.completion_tokens, kv };
+    let out = Outcome {
+        finish_reason,
+        prompt_tokens: a.job.prompt.len(),
+        completion_tokens: a.completion_tokens,
+        kv,
+        logprobs: a.job.logprobs.map(|_| a.logprobs),
+    };
     let _ = a.job.events.send(Event::Done(out));
 }
 

@@ -197,6 +197,12 @@ fn a_request_past_its_timeout_is_cancelled_with_504_and_its_blocks_freed() {
 /// One HTTP/1.1 POST of a JSON body; the status code and the response body as JSON (no client
 /// library needed).
 fn post_json(base: &str, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+    let (status, body) = post(base, path, body);
+    (status, serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}")))
+}
+
+/// One HTTP/1.1 POST of a JSON body; the status code and the response body.
+fn post(base: &str, path: &str, body: &serde_json::Value) -> (u16, String) {
     use std::io::{Read, Write};
     let addr = base.trim_start_matches("http://").trim_end_matches('/');
     let mut stream = std::net::TcpStream::connect(addr).unwrap();
@@ -211,7 +217,7 @@ fn post_json(base: &str, path: &str, body: &serde_json::Value) -> (u16, serde_js
     stream.read_to_string(&mut response).unwrap();
     let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
     let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).expect("a status code");
-    (status, serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}")))
+    (status, body.to_string())
 }
 
 /// A completion's prompt gets the special tokens the model's tokenizer adds (Llama 3's GGUF: BOS),
@@ -329,6 +335,25 @@ fn logprobs_are_the_models_log_softmax() {
             assert!((g - w).abs() < 1e-4, "step {i}: top {top:?} vs {:?}", &best[..3]);
         }
     }
+    // Streamed, the chunks carry the same entries, each with the text of its tokens (whole
+    // characters here).
+    let mut streamed = body.clone();
+    streamed["stream"] = serde_json::json!(true);
+    let (status, sse) = post(&server.base, "/v1/completions", &streamed);
+    assert_eq!(status, 200, "{sse}");
+    let (mut tokens, mut values) = (Vec::new(), Vec::new());
+    for line in sse.lines().filter_map(|l| l.strip_prefix("data: ")).filter(|l| *l != "[DONE]") {
+        let chunk: serde_json::Value = serde_json::from_str(line).unwrap();
+        let l = &chunk["choices"][0]["logprobs"];
+        if let Some(t) = l["tokens"].as_array() {
+            let text: String = t.iter().map(|x| x.as_str().unwrap()).collect();
+            assert_eq!(text, chunk["choices"][0]["text"].as_str().unwrap(), "{chunk}");
+            tokens.extend(t.iter().cloned());
+            values.extend(l["token_logprobs"].as_array().unwrap().iter().cloned());
+        }
+    }
+    assert_eq!(tokens, *lp["tokens"].as_array().unwrap(), "{sse}");
+    assert_eq!(values, *lp["token_logprobs"].as_array().unwrap(), "{sse}");
     let body = serde_json::json!({"model": "tiny", "max_tokens": 3, "logprobs": true, "top_logprobs": 2,
         "ignore_eos": true, "messages": [{"role": "user", "content": "Hello world"}]});
     let (status, r) = post_json(&server.base, "/v1/chat/completions", &body);

@@ -273,9 +273,6 @@ impl CommonFields {
             }
             logprobs.map(|v| count("logprobs", v, MAX_TOP_LOGPROBS_COMPLETION)).transpose()?
         };
-        if asked.is_some() && self.stream == Some(true) {
-            return Err(bad("logprobs", "`logprobs` is not supported with `stream`; leave one out".into()));
-        }
         Ok(asked)
     }
 
@@ -452,6 +449,7 @@ mod tests {
             (r#"{"logprobs": null}"#, false, None),
             (r#"{"logprobs": 0}"#, false, Some(0)),
             (r#"{"logprobs": 5}"#, false, Some(5)),
+            (r#"{"logprobs": 2, "stream": true}"#, false, Some(2)),
         ] {
             assert_eq!(common(body).logprobs(chat).unwrap(), want, "{body}, chat {chat}");
         }
@@ -463,7 +461,6 @@ mod tests {
             (r#"{"logprobs": true}"#, false, "logprobs"),
             (r#"{"logprobs": 6}"#, false, "logprobs"),
             (r#"{"logprobs": 2, "top_logprobs": 2}"#, false, "top_logprobs"),
-            (r#"{"logprobs": 2, "stream": true}"#, false, "logprobs"),
         ] {
             let e = common(body).logprobs(chat).unwrap_err();
             assert_eq!((e.status.as_u16(), e.param.as_deref()), (400, Some(field)), "{body}, chat {chat}");

@@ -293,6 +293,7 @@ impl App {
             created: now_secs(),
             model: self.model_id.clone(),
             kind,
+            logprobs: p.logprobs.is_some(),
         };
         // Wait for the first event so that a request the engine refuses gets its status code.
         let first = match rx.recv().await {
@@ -333,6 +334,8 @@ struct Head {
     created: u64,
     model: String,
     kind: Kind,
+    /// The request asked for log-probabilities.
+    logprobs: bool,
 }
 
 impl Head {
@@ -344,11 +347,13 @@ impl Head {
         json!({"id": self.id, "object": object, "created": self.created, "model": self.model, "choices": choices})
     }
 
-    fn delta(&self, text: &str) -> Value {
+    fn delta(&self, text: &str, logprobs: &[TokenLogprob]) -> Value {
+        let logprobs = if self.logprobs { logprobs_json(self.kind, logprobs) } else { Value::Null };
         match self.kind {
-            Kind::Chat => self.object(json!([{"index": 0, "delta": {"content": text}, "finish_reason": null}])),
+            Kind::Chat => self
+                .object(json!([{"index": 0, "delta": {"content": text}, "finish_reason": null, "logprobs": logprobs}])),
             Kind::Completion => {
-                self.object(json!([{"index": 0, "text": text, "finish_reason": null, "logprobs": null}]))
+                self.object(json!([{"index": 0, "text": text, "finish_reason": null, "logprobs": logprobs}]))
             }
         }
     }
@@ -416,7 +421,8 @@ async fn whole_answer(head: Head, first: Event, mut rx: UnboundedReceiver<Event>
     let mut event = Some(first);
     loop {
         match event {
-            Some(Event::Text(t)) => text.push_str(&t),
+            // The log-probabilities come whole with the outcome.
+            Some(Event::Text(t, _)) => text.push_str(&t),
             Some(Event::Failed(e)) => return e.into_response(),
             Some(Event::Done(o)) => {
                 let logprobs = o.logprobs.as_deref().map_or(Value::Null, |l| logprobs_json(head.kind, l));
@@ -474,7 +480,7 @@ fn sse_stream(
         .chain(stream::unfold((rx, guard), |(mut rx, g)| async move { rx.recv().await.map(|e| (e, (rx, g))) }));
     let body = events.flat_map(move |e| {
         let out = match e {
-            Event::Text(t) => vec![data(head.delta(&t))],
+            Event::Text(t, logprobs) => vec![data(head.delta(&t, &logprobs))],
             Event::Done(o) => {
                 let mut v = vec![data(head.last(&o))];
                 if include_usage {

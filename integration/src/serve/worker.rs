@@ -61,8 +61,9 @@ impl TokenLogprob {
 /// What the engine thread sends back for a request.
 #[derive(Debug)]
 pub enum Event {
-    /// Text that became final.
-    Text(String),
+    /// Text that became final, with the log-probabilities (when asked for) of the tokens counted
+    /// since the last text.
+    Text(String, Vec<TokenLogprob>),
     /// The request finished.
     Done(Outcome),
     /// The request failed.
@@ -131,8 +132,19 @@ struct Active<'t> {
     completion_tokens: usize,
     /// Log-probabilities of the tokens counted so far, when asked for.
     logprobs: Vec<TokenLogprob>,
+    /// How many of them went out with text.
+    logprobs_sent: usize,
     /// A stop string ended its text: cancel it after this step.
     stop_hit: bool,
+}
+
+impl Active<'_> {
+    /// Sends text that became final with the log-probabilities not sent yet.
+    fn send_text(&mut self, text: String) {
+        let logprobs = self.logprobs[self.logprobs_sent..].to_vec();
+        self.logprobs_sent = self.logprobs.len();
+        let _ = self.job.events.send(Event::Text(text, logprobs));
+    }
 }
 
 /// Runs `engine` until the command channel closes or a shutdown completes.
@@ -188,6 +200,7 @@ pub fn run<E: BatchEngine>(engine: &mut E, setup: WorkerSetup, commands: Receive
                                 last_token: None,
                                 completion_tokens: 0,
                                 logprobs: Vec::new(),
+                                logprobs_sent: 0,
                                 stop_hit: false,
                             };
                             active.insert(id, a);
@@ -283,7 +296,7 @@ pub fn run<E: BatchEngine>(engine: &mut E, setup: WorkerSetup, commands: Receive
             }
             let d = a.text.push(c.token);
             if !d.text.is_empty() {
-                let _ = a.job.events.send(Event::Text(d.text));
+                a.send_text(d.text);
             }
             a.stop_hit = d.stopped;
         }
@@ -292,7 +305,7 @@ pub fn run<E: BatchEngine>(engine: &mut E, setup: WorkerSetup, commands: Receive
                 if !a.stop_hit {
                     let d = a.text.finish();
                     if !d.text.is_empty() {
-                        let _ = a.job.events.send(Event::Text(d.text));
+                        a.send_text(d.text);
                     }
                 }
                 let reason = if a.stop_hit { FinishReason::Stop } else { f.finish_reason };

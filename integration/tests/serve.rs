@@ -194,6 +194,20 @@ fn a_request_past_its_timeout_is_cancelled_with_504_and_its_blocks_freed() {
     python_checks("timeout", &server.base, "-");
 }
 
+/// `dms serve` on the tiny Llama 3 GGUF fixture (model name `tiny`, policy `full`).
+fn tiny_llama3_server(name: &str) -> Server {
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf/llama3_tiny.gguf");
+    let dir = std::env::temp_dir().join(format!("dms-serve-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("llama3.toml");
+    let text = format!(
+        "[model]\nsource = {:?}\n[cache]\nblock_size = 4\nmax_tokens = 256\n[cache.policy]\nname = \"full\"\n[server]\nport = 0\nmodel_name = \"tiny\"\n",
+        model.display().to_string()
+    );
+    std::fs::write(&config, text).unwrap();
+    start(&config)
+}
+
 /// One HTTP/1.1 POST of a JSON body; the status code and the response body as JSON (no client
 /// library needed).
 fn post_json(base: &str, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
@@ -231,15 +245,7 @@ fn a_completion_prompt_gets_the_tokenizers_special_tokens_and_chat_takes_templat
     let e = &expected["llama3_tiny.gguf"];
     assert_eq!(e["texts"][0], "Hello world");
     let want = e["ids_add_special"][0].as_array().unwrap().len();
-    let dir = std::env::temp_dir().join(format!("dms-serve-bos-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("llama3.toml");
-    let text = format!(
-        "[model]\nsource = {:?}\n[cache]\nblock_size = 4\nmax_tokens = 256\n[cache.policy]\nname = \"full\"\n[server]\nport = 0\nmodel_name = \"tiny\"\n",
-        fixtures.join("llama3_tiny.gguf").display().to_string()
-    );
-    std::fs::write(&config, text).unwrap();
-    let server = start(&config);
+    let server = tiny_llama3_server("bos");
     let (status, r) = post_json(
         &server.base,
         "/v1/completions",
@@ -306,15 +312,7 @@ fn logprobs_are_the_models_log_softmax() {
     .unwrap()
     .tokenizer
     .unwrap();
-    let dir = std::env::temp_dir().join(format!("dms-serve-logprobs-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("llama3.toml");
-    let text = format!(
-        "[model]\nsource = {:?}\n[cache]\nblock_size = 4\nmax_tokens = 256\n[cache.policy]\nname = \"full\"\n[server]\nport = 0\nmodel_name = \"tiny\"\n",
-        model.display().to_string()
-    );
-    std::fs::write(&config, text).unwrap();
-    let server = start(&config);
+    let server = tiny_llama3_server("logprobs");
     let body = serde_json::json!({"model": "tiny", "prompt": "Hello world", "max_tokens": steps, "logprobs": 3,
         "ignore_eos": true});
     let (status, r) = post_json(&server.base, "/v1/completions", &body);

@@ -492,6 +492,103 @@ fn gguf_metadata_is_honoured_or_refused_never_ignored() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A GGUF file's metadata, owned.
+type OwnedMeta = Vec<(String, Value)>;
+/// A GGUF file's tensors.
+type GgufTensors = Vec<(String, QTensor)>;
+/// An edit of a GGUF file's metadata and tensors.
+type GgufEdit<'a> = &'a dyn Fn(&mut OwnedMeta, &mut GgufTensors);
+
+/// The metadata and tensors of a GGUF fixture (`fixtures/gguf/NAME`).
+fn fixture_gguf_parts(name: &str) -> (OwnedMeta, GgufTensors) {
+    let path = fixture(&format!("gguf/{name}"));
+    let mut f = std::fs::File::open(&path).unwrap();
+    let content = gguf_file::Content::read(&mut f).unwrap();
+    let mut meta: Vec<(String, Value)> = content.metadata.clone().into_iter().collect();
+    meta.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
+    names.sort();
+    let tensors = names.into_iter().map(|n| (n.clone(), content.tensor(&mut f, n, &Device::Cpu).unwrap())).collect();
+    (meta, tensors)
+}
+
+/// `t` as an F32 GGUF tensor (copied first: candle quantizes a view's whole storage).
+fn f32_tensor(t: &Tensor) -> QTensor {
+    let fresh = Tensor::from_vec(t.flatten_all().unwrap().to_vec1::<f32>().unwrap(), t.dims(), &Device::Cpu).unwrap();
+    QTensor::quantize(&fresh, GgmlDType::F32).unwrap()
+}
+
+/// DeepSeek GGUF files: metadata the loader cannot honour (YaRN without DeepSeek's mscale, other
+/// YaRN factors, another scaling, another gating function, per-layer expert widths) and tensors
+/// that do not match it (stacked experts of the wrong count, a half of a split `kv_b` missing or
+/// of another size) are refused naming the key or the tensor.
+#[test]
+fn deepseek_gguf_metadata_is_honoured_or_refused_never_ignored() {
+    let dir = scratch("gguf-deepseek");
+    let load = |file: &str, edit: GgufEdit| {
+        let (mut meta, mut tensors) = fixture_gguf_parts(file);
+        edit(&mut meta, &mut tensors);
+        let meta_refs: Vec<(&str, Value)> = meta.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+        let p = write(&dir, "edited.gguf", &gguf_bytes(&meta_refs, &tensors));
+        load_model(&p, &Device::Cpu, WeightForm::Dense).map(|m| m.model.config().clone())
+    };
+    let set = |key: &str, v: Value| {
+        let key = key.to_string();
+        move |m: &mut Vec<(String, Value)>, _: &mut Vec<(String, QTensor)>| {
+            m.retain(|(k, _)| *k != key);
+            m.push((key.clone(), v.clone()));
+        }
+    };
+    let drop_key = |key: &'static str| {
+        move |m: &mut Vec<(String, Value)>, _: &mut Vec<(String, QTensor)>| m.retain(|(k, _)| k != key)
+    };
+    let refused = |file: &str, edit: GgufEdit, named: &str| {
+        let e =
+            format!("{:#}", load(file, edit).err().unwrap_or_else(|| panic!("{file}: edit naming {named} is refused")));
+        assert!(e.contains(named), "{file}: {e}");
+    };
+    // Unedited, the files load with what their metadata says.
+    let v2 = load("deepseek_v2_moe.gguf", &|_, _| {}).unwrap();
+    let y = v2.mla.as_ref().unwrap().yarn.unwrap();
+    assert!((y.mscale_all_dim - 0.707).abs() < 1e-6 && y.mscale == y.mscale_all_dim, "{y:?}");
+    let v2 = "deepseek_v2_moe.gguf";
+    refused(v2, &drop_key("deepseek2.rope.scaling.yarn_log_multiplier"), "yarn_log_multiplier");
+    refused(v2, &set("deepseek2.rope.scaling.yarn_attn_factor", Value::F32(0.5)), "yarn_attn_factor");
+    refused(v2, &set("deepseek2.rope.scaling.type", Value::String("linear".into())), "linear");
+    refused(v2, &set("deepseek2.expert_gating_func", Value::U32(3)), "expert_gating_func");
+    refused(v2, &set("deepseek2.expert_used_count", Value::U32(5)), "MoE routing");
+    let widths = Value::Array(vec![Value::U32(32); 3]);
+    refused(v2, &set("deepseek2.expert_feed_forward_length", widths), "expert_feed_forward_length");
+    refused(v2, &set("deepseek2.expert_count", Value::U32(5)), "ffn_gate_inp");
+    // Expert 3 of a stack that holds 3.
+    let three = |_: &mut Vec<(String, Value)>, t: &mut Vec<(String, QTensor)>| {
+        for (name, q) in t.iter_mut().filter(|(n, _)| n == "blk.1.ffn_up_exps.weight") {
+            *q = f32_tensor(&q.dequantize(&Device::Cpu).unwrap().narrow(0, 0, 3).unwrap());
+            assert!(name.ends_with("exps.weight"));
+        }
+    };
+    refused(v2, &three, "blk.1.ffn_up_exps.weight");
+    let v3 = "deepseek_v3_moe.gguf";
+    let no_v_b =
+        |_: &mut Vec<(String, Value)>, t: &mut Vec<(String, QTensor)>| t.retain(|(n, _)| n != "blk.0.attn_v_b.weight");
+    refused(v3, &no_v_b, "blk.0.attn_v_b.weight");
+    let short_v_b = |_: &mut Vec<(String, Value)>, t: &mut Vec<(String, QTensor)>| {
+        for (_, q) in t.iter_mut().filter(|(n, _)| n == "blk.0.attn_v_b.weight") {
+            *q = f32_tensor(&q.dequantize(&Device::Cpu).unwrap().narrow(1, 0, 8).unwrap());
+        }
+    };
+    refused(v3, &short_v_b, "blk.0.attn_v_b.weight");
+    refused(v3, &drop_key("deepseek2.attention.value_length_mla"), "value_length_mla");
+    // A shape beyond the machine's memory (here 4096 layers of width 131072, over 600 GiB in f32)
+    // is refused before any tensor is read, not left to the out-of-memory killer.
+    let huge = |m: &mut OwnedMeta, t: &mut GgufTensors| {
+        set("deepseek2.block_count", Value::U32(4096))(m, t);
+        set("deepseek2.embedding_length", Value::U32(1 << 17))(m, t);
+    };
+    refused(v3, &huge, "more than this machine's");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn a_tensor_typed_q8_1_is_refused_naming_it() {
     let mut bytes = tiny_gguf();
@@ -521,6 +618,35 @@ proptest! {
         let clean = write(&dir, "clean.gguf", &bytes);
         let region = if in_header { gguf_header_len(&clean) } else { bytes.len() };
         apply(&mut bytes, region, &edits);
+        let p = write(&dir, "m.gguf", &bytes);
+        if let Ok(m) = load_model(&p, &Device::Cpu, WeightForm::Dense) {
+            let mut e = dms_integration::engine::Engine::new(
+                m.model,
+                dms_integration::engine::from_config::registry().build(&toml::from_str("name = 'full'").unwrap()).unwrap(),
+                4,
+                64,
+            )
+            .unwrap();
+            let params = dms_integration::engine::GenParams {
+                max_tokens: 2, temperature: 0.0, top_p: 1.0, seed: 0, stop_at_eos: false, prefill_chunk: 0,
+            };
+            let _ = e.generate(&[1, 2, 3], &params, None);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+proptest! {
+    #![proptest_config(cfg(200))]
+
+    /// Mutated headers of the DeepSeek-V3-shaped GGUF fixture (latent attention, stacked experts,
+    /// split `kv_b`) load or are refused; nothing panics.
+    #[test]
+    fn deepseek_gguf_never_panics(edits in prop::collection::vec(byte_edit(), 1..4)) {
+        let clean = fixture("gguf/deepseek_v3_moe.gguf");
+        let mut bytes = std::fs::read(&clean).unwrap();
+        apply(&mut bytes, gguf_header_len(&clean), &edits);
+        let dir = scratch("gguf-deepseek-fuzz");
         let p = write(&dir, "m.gguf", &bytes);
         if let Ok(m) = load_model(&p, &Device::Cpu, WeightForm::Dense) {
             let mut e = dms_integration::engine::Engine::new(

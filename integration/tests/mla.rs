@@ -10,7 +10,7 @@ use dms_integration::engine::{argmax, load_model, Engine};
 use dms_integration::kv::attention::{chunk_latent_rows, decode_row};
 use dms_integration::kv::store::KvStore;
 use dms_integration::model::llama::train::StudentOpts;
-use dms_integration::model::WeightForm;
+use dms_integration::model::{MlaConfig, WeightForm};
 use dms_integration::retrofit::{RetrofitSection, Trainer};
 use dms_policy::{CacheShape, CompactPlan, EvictPlan, Pos, Registry, RowRef};
 use proptest::prelude::*;
@@ -21,40 +21,106 @@ fn mla_dir() -> std::path::PathBuf {
     fixture("deepseek_mla_tiny")
 }
 
+/// Runs `prompt` through the model at `model` (prompt logits at every position against
+/// `want_prompt`), then `greedy` one token at a time through the latent cache (the logits before
+/// each against `want_steps`, each token the argmax); returns the engine.
+fn check_logits(
+    model: &std::path::Path,
+    prompt: &[u32],
+    want_prompt: &[Vec<f32>],
+    greedy: &[u32],
+    want_steps: &[Vec<f32>],
+) -> Engine {
+    let label = model.display();
+    let mut eng = engine(model, "name = \"full\"", 4);
+    let mut seq = eng.new_sequence();
+    let all = eng.step(&mut seq, prompt, true).unwrap().to_vec2::<f32>().unwrap();
+    for (t, (got, want)) in all.iter().zip(want_prompt).enumerate() {
+        let err = max_abs(got, want);
+        assert!(err < TOL, "{label}: prompt position {t}: max abs error {err}");
+    }
+    let mut logits = all.last().unwrap().clone();
+    for (i, &want_id) in greedy.iter().enumerate() {
+        let err = max_abs(&logits, &want_steps[i]);
+        assert!(err < TOL, "{label}: greedy step {i}: max abs error {err}");
+        let got = argmax(&logits);
+        assert_eq!(got, want_id, "{label}: greedy step {i}");
+        logits = eng.step(&mut seq, &[got], false).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+    }
+    eng
+}
+
 #[test]
 fn deepseek_mla_tiny_matches_transformers_through_the_latent_cache() {
     let g = golden(&mla_dir().join("golden.safetensors"));
     let prompt = ids(&g["prompt_ids"]);
-    let want_prompt = g["prompt_logits"].to_vec2::<f32>().unwrap();
     let greedy = ids(&g["greedy_ids"]);
-    let want_steps = g["greedy_step_logits"].to_vec2::<f32>().unwrap();
-    let mut eng = engine(&mla_dir(), "name = \"full\"", 4);
+    let want = |k: &str| g[k].to_vec2::<f32>().unwrap();
+    let eng = check_logits(&mla_dir(), &prompt, &want("prompt_logits"), &greedy, &want("greedy_step_logits"));
     let mc = eng.model.config().clone();
     let m = mc.mla.clone().expect("parsed as MLA");
     let inv: Vec<f32> = m.rope_inv_freq(mc.rope_theta).iter().map(|&x| x as f32).collect();
     assert!(max_abs(&inv, &g["rope_inv_freq"].to_vec1::<f32>().unwrap()) < 1e-7);
     assert_eq!((mc.num_kv_heads, mc.head_dim, mc.value_dim()), (1, 32 + 8, 0), "one latent row of c_kv + k_pe");
-
-    let mut seq = eng.new_sequence();
-    let all = eng.step(&mut seq, &prompt, true).unwrap().to_vec2::<f32>().unwrap();
-    for (t, (got, want)) in all.iter().zip(&want_prompt).enumerate() {
-        let err = max_abs(got, want);
-        assert!(err < TOL, "prompt position {t}: max abs error {err}");
-    }
-    let mut logits = all.last().unwrap().clone();
-    for (i, &want_id) in greedy.iter().enumerate() {
-        let err = max_abs(&logits, &want_steps[i]);
-        assert!(err < TOL, "greedy step {i}: max abs error {err}");
-        let got = argmax(&logits);
-        assert_eq!(got, want_id, "greedy step {i}");
-        logits = eng.step(&mut seq, &[got], false).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
-    }
     // The cache holds exactly one 40-float row per token and layer: 160 bytes, against the
     // 4 heads x (16 + 8 + 16) = 160 floats (640 bytes) a per-head K/V cache would hold.
     let tokens = (prompt.len() + greedy.len()) as u64;
     let u = eng.store.usage();
     assert_eq!(u.bytes_live, tokens * 2 * 40 * 4);
     assert_eq!(mc.mha_equivalent_floats_per_token_layer(), 160);
+}
+
+/// The same model from a GGUF file as llama.cpp's converter writes `deepseek2` today (kv_b split
+/// into `attn_k_b` and `attn_v_b`): transformers' logits and greedy tokens, and the same config.
+#[test]
+fn deepseek_mla_tiny_gguf_matches_transformers() {
+    let g = golden(&mla_dir().join("golden.safetensors"));
+    let want = |k: &str| g[k].to_vec2::<f32>().unwrap();
+    let eng = check_logits(
+        &fixture("gguf/deepseek_mla_tiny.gguf"),
+        &ids(&g["prompt_ids"]),
+        &want("prompt_logits"),
+        &ids(&g["greedy_ids"]),
+        &want("greedy_step_logits"),
+    );
+    // The same attention; the HF config's MoE fields describe no layer (every layer is dense).
+    let attention = |m: MlaConfig| MlaConfig { moe: None, ..m };
+    let from_hf = engine(&mla_dir(), "name = \"full\"", 4).model.config().mla.clone().map(attention);
+    assert_eq!(eng.model.config().mla.clone().map(attention), from_hf);
+}
+
+/// Random DeepSeek-V2-Lite-shaped (older GGUF layout with one `attn_kv_b`, no query compression,
+/// softmax routing, shared experts, YaRN) and DeepSeek-V3-shaped (sigmoid routing with a
+/// correction bias over expert groups) GGUF files: llama.cpp's logits at every prompt position
+/// and through 8 greedy steps (`fixtures/gguf/deepseek_llama_cpp.safetensors`).
+#[test]
+fn deepseek_moe_gguf_files_match_llama_cpp() {
+    let g = golden(&fixture("gguf/deepseek_llama_cpp.safetensors"));
+    let prompt = ids(&g["prompt_ids"]);
+    for name in ["deepseek_mla_tiny", "deepseek_v2_moe", "deepseek_v3_moe"] {
+        let want = |k: &str| g[&format!("{name}.{k}")].to_vec2::<f32>().unwrap();
+        let greedy = ids(&g[&format!("{name}.greedy_ids")]);
+        let path = fixture(&format!("gguf/{name}.gguf"));
+        let eng = check_logits(&path, &prompt, &want("prompt_logits"), &greedy, &want("greedy_step_logits"));
+        let m = eng.model.config().mla.clone().unwrap();
+        match name {
+            "deepseek_v2_moe" => {
+                let (y, e) = (m.yarn.unwrap(), m.moe.unwrap());
+                assert_eq!(
+                    (m.q_lora_rank, y.factor, e.scoring_func.as_str(), e.topk_method.as_str()),
+                    (None, 4.0, "softmax", "greedy")
+                );
+            }
+            "deepseek_v3_moe" => {
+                let e = m.moe.unwrap();
+                assert_eq!(
+                    (e.scoring_func.as_str(), e.topk_method.as_str(), e.n_group, e.topk_group),
+                    ("sigmoid", "noaux_tc", 4, 2)
+                );
+            }
+            _ => {}
+        }
+    }
 }
 
 #[test]

@@ -67,7 +67,7 @@ fn llama3_tiny_gguf_with_rope_freqs_matches_transformers() {
 }
 
 /// The tokenizers built from the GGUF fixtures' metadata (byte-level BPE with pre-tokenizers
-/// `llama-bpe`, `qwen2`, `smollm`; SentencePiece BPE) give llama.cpp's token ids
+/// `llama-bpe`, `qwen2`, `smollm`, `deepseek-llm`, `deepseek-v3`; SentencePiece BPE) give llama.cpp's token ids
 /// (`fixtures/gguf/expected.json`, from llama-cpp-python), with and without the special tokens
 /// the file asks to add, and decode to llama.cpp's text piece by piece.
 #[test]
@@ -77,7 +77,8 @@ fn gguf_tokenizers_match_llama_cpp() {
     let as_ids = |v: &serde_json::Value| -> Vec<u32> {
         v.as_array().unwrap().iter().map(|x| u32::try_from(x.as_u64().unwrap()).unwrap()).collect()
     };
-    for file in ["llama3_tiny.gguf", "qwen3_tiny.gguf", "smollm_vocab.gguf", "spm_vocab.gguf"] {
+    let files = ["llama3_tiny.gguf", "qwen3_tiny.gguf", "smollm_vocab.gguf", "spm_vocab.gguf"];
+    for file in files.into_iter().chain(["deepseek_mla_tiny.gguf", "deepseek_v3_moe.gguf"]) {
         let content = dms_integration::model::gguf_header::read_gguf_header(&fixture(&format!("gguf/{file}"))).unwrap();
         let tok = dms_integration::model::gguf_tokenizer::from_gguf(&content).unwrap();
         let e = &expected[file];

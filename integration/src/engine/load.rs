@@ -46,6 +46,7 @@ pub fn load_model(path: &Path, device: &Device, form: WeightForm) -> Result<Load
         let text = std::fs::read_to_string(&cfg_path)
             .with_context(|| format!("model directory {} has no readable config.json", path.display()))?;
         let cfg = ModelConfig::from_hf_json(&text).with_context(|| format!("in {}", cfg_path.display()))?;
+        check_dense_fits(&cfg, form).with_context(|| format!("model directory {}", path.display()))?;
         let weights =
             Weights::open_safetensors_dir(path).with_context(|| format!("model directory {}", path.display()))?;
         let model = Llama::load(cfg, &weights, device, form)?;
@@ -59,6 +60,7 @@ pub fn load_model(path: &Path, device: &Device, form: WeightForm) -> Result<Load
         Ok(LoadedModel { model, tokenizer, chat_template })
     } else if path.is_file() {
         let (weights, cfg) = Weights::open_gguf(path)?;
+        check_dense_fits(&cfg, form).with_context(|| format!("{} with weights = \"dense\"", path.display()))?;
         let (tokenizer, chat_template) = match &weights {
             Weights::Gguf { content, .. } => {
                 (Some(crate::model::gguf_tokenizer::from_gguf(content)?), ChatTemplate::from_gguf(content)?)
@@ -83,6 +85,21 @@ pub fn physical_memory_bytes() -> Option<u128> {
 
 /// Refuses an allocation of `bytes` that exceeds the machine's physical memory (no limit where it
 /// cannot be read): the allocator would abort the process.
+/// Refuses a dense load (4 bytes per weight) that would not fit in the machine's memory, before
+/// anything is read: dequantizing a large quantized file would otherwise end in the kernel's
+/// out-of-memory kill.
+fn check_dense_fits(cfg: &ModelConfig, form: WeightForm) -> Result<()> {
+    if form.is_quantized() {
+        return Ok(());
+    }
+    let hint = if cfg.mla.is_some() {
+        "dequantized to f32 (latent attention models load no other way)"
+    } else {
+        "dequantized to f32; [model] weights = \"quantized\" keeps a GGUF file's block formats"
+    };
+    check_fits_in_memory(cfg.loaded_weight_count() * 4).context(hint)
+}
+
 fn check_fits_in_memory(bytes: u128) -> Result<()> {
     if let Some(total) = physical_memory_bytes().filter(|&t| bytes > t) {
         bail!(

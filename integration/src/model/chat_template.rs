@@ -62,7 +62,7 @@ impl ChatTemplate {
         let source = v.to_string().map_err(|e| anyhow::anyhow!("GGUF `tokenizer.chat_template`: {e}"))?.clone();
         // As for an HF directory, a token the metadata does not give (or gives badly) prints as "".
         let token = |key: &str| -> String {
-            let id = crate::model::weights::meta_usize(content, key).ok();
+            let id = crate::model::gguf_meta::meta_usize(content, key).ok();
             let tokens = content.metadata.get("tokenizer.ggml.tokens").and_then(|t| t.to_vec().ok());
             let text = id.zip(tokens).and_then(|(id, tokens)| tokens.get(id)?.to_string().ok().cloned());
             text.unwrap_or_default()

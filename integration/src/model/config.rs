@@ -95,9 +95,60 @@ impl MoeConfig {
     pub fn is_moe_layer(&self, i: usize) -> bool {
         i >= self.first_k_dense_replace && i.is_multiple_of(self.moe_layer_freq.max(1))
     }
+
+    /// Checks that the routing can be run: enough experts reachable per token, whole groups, and
+    /// a scoring function and top-k method this runtime implements.
+    pub fn check(&self) -> Result<()> {
+        let n = self.n_routed_experts;
+        let reachable =
+            if self.topk_method == "greedy" { n } else { self.topk_group.saturating_mul(n / self.n_group.max(1)) };
+        if self.num_experts_per_tok == 0
+            || self.num_experts_per_tok > reachable
+            || self.n_group == 0
+            || !n.is_multiple_of(self.n_group)
+            || self.topk_group > self.n_group
+        {
+            bail!(
+                "model config: inconsistent MoE routing (experts {n}, per token {}, groups {}, topk_group {})",
+                self.num_experts_per_tok,
+                self.n_group,
+                self.topk_group
+            );
+        }
+        if !matches!(self.scoring_func.as_str(), "softmax" | "sigmoid") {
+            bail!("model config: scoring_func `{}` is not supported (softmax, sigmoid)", self.scoring_func);
+        }
+        if !matches!(self.topk_method.as_str(), "greedy" | "group_limited_greedy" | "noaux_tc") {
+            bail!(
+                "model config: topk_method `{}` is not supported (greedy, group_limited_greedy, noaux_tc)",
+                self.topk_method
+            );
+        }
+        if !self.routed_scaling_factor.is_finite() {
+            bail!("model config: routed_scaling_factor {} must be finite", self.routed_scaling_factor);
+        }
+        Ok(())
+    }
 }
 
 impl YarnScaling {
+    /// Checks that the ramp and the factors are usable.
+    pub fn check(&self) -> Result<()> {
+        let finite = [self.mscale, self.mscale_all_dim].iter().all(|x| x.is_finite());
+        if !(self.factor > 0.0
+            && self.original_max_position_embeddings > 0.0
+            && self.beta_slow > 0.0
+            && self.beta_fast > self.beta_slow
+            && finite)
+        {
+            bail!(
+                "model config: rope_scaling (yarn) needs factor > 0, original_max_position_embeddings > 0, \
+                 beta_fast > beta_slow > 0 and finite mscales"
+            );
+        }
+        Ok(())
+    }
+
     /// DeepSeek's `yarn_get_mscale`.
     pub fn get_mscale(scale: f64, mscale: f64) -> f64 {
         if scale <= 1.0 {
@@ -458,6 +509,22 @@ impl ModelConfig {
         2 * v * h + l * (2 * h * q + 2 * h * kv + 3 * h * i + moe)
     }
 
+    /// Approximate number of weights a model of this shape holds once loaded from its files,
+    /// every routed expert its own (what a load needs in memory).
+    pub fn loaded_weight_count(&self) -> u128 {
+        let (v, h, i) = (self.vocab_size as u128, self.hidden_size as u128, self.intermediate_size as u128);
+        let attention = (2 * self.num_heads * self.head_dim + 2 * self.num_kv_heads * self.head_dim) as u128 * h;
+        let moe = self.mla.as_ref().and_then(|m| m.moe.as_ref());
+        let mlp = |layer: usize| match moe {
+            Some(m) if m.is_moe_layer(layer) => {
+                let experts = (m.n_routed_experts + m.n_shared_experts) as u128;
+                3 * h * m.moe_intermediate_size as u128 * experts + h * m.n_routed_experts as u128
+            }
+            _ => 3 * h * i,
+        };
+        2 * v * h + (0..self.num_layers).map(|l| attention + mlp(l)).sum::<u128>()
+    }
+
     /// Floats per cached value: `head_dim` for per-head K/V, 0 for latent rows (the values are
     /// the first `kv_lora_rank` floats of the key).
     pub fn value_dim(&self) -> usize {
@@ -553,16 +620,7 @@ fn parse_mla(c: &HfConfig, is_v3: bool) -> Result<MlaConfig> {
                 mscale: num("mscale", Some(1.0))?,
                 mscale_all_dim: num("mscale_all_dim", Some(0.0))?,
             };
-            if !(y.factor > 0.0
-                && y.original_max_position_embeddings > 0.0
-                && y.beta_slow > 0.0
-                && y.beta_fast > y.beta_slow)
-            {
-                bail!(
-                    "model config: rope_scaling (yarn) needs factor > 0, original_max_position_embeddings > 0 and \
-                     beta_fast > beta_slow > 0"
-                );
-            }
+            y.check()?;
             Some(y)
         }
     };
@@ -589,24 +647,7 @@ fn parse_mla(c: &HfConfig, is_v3: bool) -> Result<MlaConfig> {
                 n_group: c.n_group.unwrap_or(1).max(1),
                 topk_group: c.topk_group.unwrap_or(1).max(1),
             };
-            let reachable = if m.topk_method == "greedy" { n } else { m.topk_group.saturating_mul(n / m.n_group) };
-            if m.num_experts_per_tok > reachable || n % m.n_group != 0 || m.topk_group > m.n_group {
-                bail!(
-                    "model config: inconsistent MoE routing (experts {n}, per token {}, groups {}, topk_group {})",
-                    m.num_experts_per_tok,
-                    m.n_group,
-                    m.topk_group
-                );
-            }
-            if !matches!(m.scoring_func.as_str(), "softmax" | "sigmoid") {
-                bail!("model config: scoring_func `{}` is not supported (softmax, sigmoid)", m.scoring_func);
-            }
-            if !matches!(m.topk_method.as_str(), "greedy" | "group_limited_greedy" | "noaux_tc") {
-                bail!(
-                    "model config: topk_method `{}` is not supported (greedy, group_limited_greedy, noaux_tc)",
-                    m.topk_method
-                );
-            }
+            m.check()?;
             Some(m)
         }
     };

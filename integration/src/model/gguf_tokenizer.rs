@@ -37,10 +37,15 @@ enum PreTokenizer {
     Llama3,
     /// Qwen2's and Qwen3's (`qwen2`): single digits.
     Qwen2,
+    /// DeepSeek LLM's and DeepSeek-V2's (`deepseek-llm`): six splits in turn.
+    DeepSeekLlm,
+    /// DeepSeek-V3's (`deepseek-v3`): three splits in turn.
+    DeepSeekV3,
 }
 
 /// The `tokenizer.ggml.pre` names this module builds, each with the split llama.cpp gives it.
-pub const SUPPORTED_PRE: &[&str] = &["smollm", "llama-bpe", "llama3", "llama-v3", "qwen2", "deepseek-r1-qwen"];
+pub const SUPPORTED_PRE: &[&str] =
+    &["smollm", "llama-bpe", "llama3", "llama-v3", "qwen2", "deepseek-r1-qwen", "deepseek-llm", "deepseek-v3"];
 
 /// Llama 3's split, as its tokenizer.json gives it (llama.cpp's `LLAMA3`).
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
@@ -49,12 +54,36 @@ const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L
 const QWEN2_SPLIT: &str =
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// DeepSeek LLM's splits, applied one after another, as its tokenizer.json gives them (llama.cpp's
+/// `DEEPSEEK_LLM`): line breaks; letters of the Latin, Greek, Cyrillic and other cased scripts
+/// with one leading space; ASCII and full-width punctuation with one leading space; trailing
+/// whitespace; CJK ideographs and Hangul; digit runs. Characters outside ASCII are written as code
+/// points: Unicode normalization would turn some range ends into others and empty the ranges.
+const DEEPSEEK_LLM_SPLITS: &[&str] = &[
+    "[\r\n]",
+    "\\s?[A-Za-z\u{b5}\u{c0}-\u{d6}\u{d8}-\u{f6}\u{f8}-\u{1ba}\u{1bc}-\u{1bf}\u{1c4}-\u{293}\u{295}-\u{2af}\u{370}-\u{373}\u{376}\u{377}\u{37b}-\u{37d}\u{37f}\u{386}\u{388}-\u{38a}\u{38c}\u{38e}-\u{3a1}\u{3a3}-\u{3f5}\u{3f7}-\u{481}\u{48a}-\u{52f}\u{531}-\u{556}\u{10a0}-\u{10c5}\u{13a0}-\u{13f5}\u{13f8}-\u{13fd}\u{1c90}-\u{1cba}\u{1cbd}-\u{1cbf}\u{1d00}-\u{1d2b}\u{1d6b}-\u{1d77}\u{1d79}-\u{1d9a}\u{1e00}-\u{1f15}\u{1f18}-\u{1f1d}\u{1f20}-\u{1f45}\u{1f48}-\u{1f4d}\u{1f50}-\u{1f57}\u{1f59}\u{1f5b}\u{1f5d}\u{1f5f}-\u{1f7d}\u{1f80}-\u{1fb4}\u{1fb6}-\u{1fbc}\u{1fbe}\u{1fc2}-\u{1fc4}\u{1fc6}-\u{1fcc}\u{1fd0}-\u{1fd3}\u{1fd6}-\u{1fdb}\u{1fe0}-\u{1fec}\u{1ff2}-\u{1ff4}\u{1ff6}-\u{1ffc}\u{2102}\u{2107}\u{210a}-\u{2113}\u{2115}\u{2119}-\u{211d}\u{2124}\u{2126}\u{2128}\u{212a}-\u{212d}\u{212f}-\u{2134}\u{2139}\u{213c}-\u{213f}\u{2145}-\u{2149}\u{214e}\u{2183}\u{2184}\u{2c00}-\u{2c7b}\u{2c7e}-\u{2ce4}\u{2ceb}-\u{2cee}\u{2cf2}\u{2cf3}\u{a640}-\u{a66d}\u{a680}-\u{a69b}\u{a722}-\u{a76f}\u{a771}-\u{a787}\u{a78b}-\u{a78e}\u{ab70}-\u{abbf}\u{fb00}-\u{fb06}\u{fb13}-\u{fb17}\u{ff21}-\u{ff3a}\u{ff41}-\u{ff5a}\u{10400}-\u{1044f}\u{104b0}-\u{104d3}\u{104d8}-\u{104fb}\u{10c80}-\u{10cb2}\u{10cc0}-\u{10cf2}\u{118a0}-\u{118df}\u{1e900}-\u{1e943}]+",
+    "\\s?[!-/:-~\u{ff01}-\u{ff0f}\u{ff1a}-\u{ff5e}\u{2018}-\u{201f}\u{3000}-\u{3002}]+",
+    "\\s+$",
+    "[\u{4e00}-\u{9fa5}\u{800}-\u{4e00}\u{ac00}-\u{d7ff}]+",
+    "\\p{N}+",
+];
+
+/// DeepSeek-V3's splits, applied one after another (llama.cpp's `DEEPSEEK3_LLM`): runs of up to
+/// three digits; CJK ideographs and kana; then words, punctuation and whitespace.
+const DEEPSEEK_V3_SPLITS: &[&str] = &[
+    "\\p{N}{1,3}",
+    "[\u{4e00}-\u{9fa5}\u{3040}-\u{309f}\u{30a0}-\u{30ff}]+",
+    "[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\r\n\\p{L}\\p{P}\\p{S}]?[\\p{L}\\p{M}]+| ?[\\p{P}\\p{S}]+[\r\n]*|\\s*[\r\n]+|\\s+(?!\\S)|\\s+",
+];
+
 impl PreTokenizer {
     fn named(pre: Option<&str>) -> Result<Self> {
         Ok(match pre {
             Some("smollm") => Self::SmolLm,
             Some("llama-bpe" | "llama3" | "llama-v3") => Self::Llama3,
             Some("qwen2" | "deepseek-r1-qwen") => Self::Qwen2,
+            Some("deepseek-llm") => Self::DeepSeekLlm,
+            Some("deepseek-v3") => Self::DeepSeekV3,
             // Another split would tokenize the text the wrong way without any error.
             other => bail!(
                 "GGUF pre-tokenizer `{}` is not supported (supported: {}); use the model's HF directory, whose \
@@ -79,6 +108,12 @@ impl PreTokenizer {
             ],
             Self::Llama3 => vec![split(LLAMA3_SPLIT)?, bytes_only],
             Self::Qwen2 => vec![split(QWEN2_SPLIT)?, bytes_only],
+            Self::DeepSeekLlm | Self::DeepSeekV3 => {
+                let splits = if self == Self::DeepSeekLlm { DEEPSEEK_LLM_SPLITS } else { DEEPSEEK_V3_SPLITS };
+                let mut all = splits.iter().map(|p| split(p)).collect::<Result<Vec<_>>>()?;
+                all.push(bytes_only);
+                all
+            }
         }))
     }
 }
@@ -176,7 +211,8 @@ fn sentencepiece_bpe(c: &Content, tokens: &[String], types: &[i64], vocab: Vocab
     ranked.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)));
     let merges: Vec<(String, String)> = ranked.into_iter().map(|(_, _, a, b)| (a.to_string(), b.to_string())).collect();
     let mut bpe = BPE::builder().vocab_and_merges(vocab, merges).byte_fallback(true).fuse_unk(true);
-    let unk = crate::model::weights::meta_usize(c, "tokenizer.ggml.unknown_token_id").ok().and_then(|i| tokens.get(i));
+    let unk =
+        crate::model::gguf_meta::meta_usize(c, "tokenizer.ggml.unknown_token_id").ok().and_then(|i| tokens.get(i));
     if let Some(unk) = unk {
         bpe = bpe.unk_token(unk.clone());
     }
@@ -210,7 +246,7 @@ fn floats(c: &Content, key: &str) -> Result<Vec<f32>> {
 fn added_specials(c: &Content, tokens: &[String], add_bos: bool, add_eos: bool) -> Result<TemplateProcessing> {
     let token = |key: &str| -> Result<(String, u32)> {
         let id =
-            crate::model::weights::meta_usize(c, key).with_context(|| format!("GGUF asks to add it, but {key}"))?;
+            crate::model::gguf_meta::meta_usize(c, key).with_context(|| format!("GGUF asks to add it, but {key}"))?;
         let text = tokens.get(id).with_context(|| format!("GGUF `{key}` = {id} is outside the vocabulary"))?;
         Ok((text.clone(), u32::try_from(id)?))
     };

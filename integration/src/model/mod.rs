@@ -5,6 +5,8 @@
 pub mod chat_template;
 pub mod config;
 pub mod gguf_header;
+mod gguf_meta;
+mod gguf_names;
 pub mod gguf_tokenizer;
 pub mod linear;
 pub mod llama;

@@ -3,6 +3,7 @@
 
 use std::borrow::Cow;
 use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -11,8 +12,10 @@ use candle_core::quantized::{gguf_file, GgmlDType, QStorage, QTensor};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::Linear;
 
-use super::config::{Arch, DmsCheckpointFields, ModelConfig, RopeScaling};
+use super::config::{ModelConfig, RopeScaling};
 use super::gguf_header::read_gguf_header;
+use super::gguf_meta::{meta_str, model_config};
+use super::gguf_names::{source, GgufSource};
 use super::linear::Proj;
 
 /// How a model holds its linear layers (and its embedding table) after loading.
@@ -142,7 +145,7 @@ impl Weights {
     pub fn open_gguf(path: &Path) -> Result<(Self, ModelConfig)> {
         let content = read_gguf_header(path)?;
         let file = File::open(path).with_context(|| format!("cannot open GGUF file {}", path.display()))?;
-        let mut cfg = gguf_config(&content).with_context(|| format!("reading metadata of {}", path.display()))?;
+        let mut cfg = model_config(&content).with_context(|| format!("reading metadata of {}", path.display()))?;
         if content.tensor_infos.contains_key(ROPE_FREQS) {
             let factors = content
                 .tensor(&mut &file, ROPE_FREQS, &Device::Cpu)
@@ -161,7 +164,17 @@ impl Weights {
     pub fn contains(&self, name: &str) -> bool {
         match self {
             Weights::Safetensors { files, .. } => files.get(name).is_ok(),
-            Weights::Gguf { content, .. } => gguf_name(name).is_some_and(|g| content.tensor_infos.contains_key(&g)),
+            Weights::Gguf { content, .. } => match source(name, content) {
+                Some(GgufSource::Whole(g)) => content.tensor_infos.contains_key(&g),
+                Some(GgufSource::Expert { stacked, index }) => content
+                    .tensor_infos
+                    .get(&stacked)
+                    .is_some_and(|i| i.shape.dims().len() == 3 && index < i.shape.dims()[0]),
+                Some(GgufSource::SplitKvB { k_b, v_b }) => {
+                    content.tensor_infos.contains_key(&k_b) && content.tensor_infos.contains_key(&v_b)
+                }
+                None => false,
+            },
         }
     }
 
@@ -181,23 +194,11 @@ impl Weights {
                 files.load(name, dev).with_context(|| format!("cannot load tensor `{name}`"))?
             }
             Weights::Gguf { content, file, path, unpermute } => {
-                let g = gguf_name(name).with_context(|| format!("no GGUF name for tensor `{name}`"))?;
-                let info = content
-                    .tensor_infos
-                    .get(&g)
-                    .with_context(|| format!("tensor `{g}` is missing from {}", path.display()))?;
-                if info.shape.dims() != shape {
-                    bail!(
-                        "tensor `{g}` has shape {:?} in {} but the metadata implies {shape:?}",
-                        info.shape.dims(),
-                        path.display()
-                    );
-                }
-                let mut f = file.lock().expect("weights file lock poisoned");
-                let q = content
-                    .tensor(&mut *f, &g, &Device::Cpu)
-                    .with_context(|| format!("cannot read tensor `{g}` from {}", path.display()))?;
-                let t = q.dequantize(&Device::Cpu)?;
+                let gguf = GgufFile { content, file, path };
+                let t = match source(name, content).with_context(|| format!("no GGUF name for tensor `{name}`"))? {
+                    GgufSource::SplitKvB { k_b, v_b } => gguf.kv_b(&k_b, &v_b, shape)?,
+                    src => gguf.blocks(&src, shape)?.dequantize(&Device::Cpu)?,
+                };
                 let t = match (unpermute, name) {
                     (Some((nh, _)), n) if n.ends_with("q_proj.weight") => unpermute_rows(&t, *nh)?,
                     (Some((_, nkv)), n) if n.ends_with("k_proj.weight") => unpermute_rows(&t, *nkv)?,
@@ -213,23 +214,14 @@ impl Weights {
     /// `None` for safetensors and for GGUF tensors stored as plain floats.
     pub fn get_blocks(&self, name: &str, shape: &[usize]) -> Result<Option<QTensor>> {
         let Weights::Gguf { content, file, path, unpermute } = self else { return Ok(None) };
-        let g = gguf_name(name).with_context(|| format!("no GGUF name for tensor `{name}`"))?;
-        let info =
-            content.tensor_infos.get(&g).with_context(|| format!("tensor `{g}` is missing from {}", path.display()))?;
-        if info.shape.dims() != shape {
-            bail!(
-                "tensor `{g}` has shape {:?} in {} but the metadata implies {shape:?}",
-                info.shape.dims(),
-                path.display()
-            );
-        }
-        if matches!(info.ggml_dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
+        let src = source(name, content).with_context(|| format!("no GGUF name for tensor `{name}`"))?;
+        if matches!(src, GgufSource::SplitKvB { .. }) {
             return Ok(None);
         }
-        let mut f = file.lock().expect("weights file lock poisoned");
-        let q = content
-            .tensor(&mut *f, &g, &Device::Cpu)
-            .with_context(|| format!("cannot read tensor `{g}` from {}", path.display()))?;
+        let q = GgufFile { content, file, path }.blocks(&src, shape)?;
+        if matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
+            return Ok(None);
+        }
         Ok(Some(match (unpermute, name) {
             (Some((nh, _)), n) if n.ends_with("q_proj.weight") => unpermute_block_rows(&q, *nh)?,
             (Some((_, nkv)), n) if n.ends_with("k_proj.weight") => unpermute_block_rows(&q, *nkv)?,
@@ -258,6 +250,95 @@ impl Weights {
             WeightForm::Requantized(dt) => quantize_rows(&dense_f32(&wname, &[out, inp])?, dt)?,
         };
         Proj::quantized(blocks, b)
+    }
+}
+
+/// An open GGUF file, read tensor by tensor.
+struct GgufFile<'a> {
+    content: &'a gguf_file::Content,
+    file: &'a Mutex<File>,
+    path: &'a Path,
+}
+
+impl GgufFile<'_> {
+    /// The tensor `src` (a whole tensor or one expert of a stacked one) in its file format,
+    /// checked to have `shape`.
+    fn blocks(&self, src: &GgufSource, shape: &[usize]) -> Result<QTensor> {
+        match src {
+            GgufSource::Whole(g) => {
+                let info = self.info(g)?;
+                if info.shape.dims() != shape {
+                    bail!(
+                        "tensor `{g}` has shape {:?} in {} but the metadata implies {shape:?}",
+                        info.shape.dims(),
+                        self.path.display()
+                    );
+                }
+                let mut f = self.file.lock().expect("weights file lock poisoned");
+                self.content
+                    .tensor(&mut *f, g, &Device::Cpu)
+                    .with_context(|| format!("cannot read tensor `{g}` from {}", self.path.display()))
+            }
+            GgufSource::Expert { stacked, index } => self.expert(stacked, *index, shape),
+            GgufSource::SplitKvB { .. } => {
+                bail!("`kv_b_proj` of {} is split: it has no single format", self.path.display())
+            }
+        }
+    }
+
+    fn info(&self, g: &str) -> Result<&gguf_file::TensorInfo> {
+        self.content
+            .tensor_infos
+            .get(g)
+            .with_context(|| format!("tensor `{g}` is missing from {}", self.path.display()))
+    }
+
+    /// Expert `index` (`shape`, `[out, in]`) of `stacked` (`[experts, out, in]`): only its rows'
+    /// bytes are read, since experts are stored one after another.
+    fn expert(&self, stacked: &str, index: usize, shape: &[usize]) -> Result<QTensor> {
+        let info = self.info(stacked)?;
+        let dims = info.shape.dims();
+        let fits = matches!(dims, [n, o, i] if index < *n && [*o, *i] == shape);
+        if !fits {
+            bail!(
+                "tensor `{stacked}` has shape {dims:?} in {}, but the metadata implies expert {index} of shape {shape:?}",
+                self.path.display()
+            );
+        }
+        let (out, inp, dt) = (dims[1], dims[2], info.ggml_dtype);
+        if !inp.is_multiple_of(dt.block_size()) {
+            bail!("tensor `{stacked}`: rows of {inp} do not split into {dt:?} blocks");
+        }
+        let slab = out * (inp / dt.block_size()) * dt.type_size();
+        let start = self.content.tensor_data_offset + info.offset + (index * slab) as u64;
+        let mut bytes = vec![0u8; slab];
+        let mut f = self.file.lock().expect("weights file lock poisoned");
+        f.seek(SeekFrom::Start(start))
+            .and_then(|_| f.read_exact(&mut bytes))
+            .with_context(|| format!("cannot read expert {index} of `{stacked}` from {}", self.path.display()))?;
+        block_tensor(bytes, dt, (out, inp))
+    }
+
+    /// `kv_b_proj` (`shape`: `[heads * (nope + v), rank]`, each head's key rows then value
+    /// rows) from `attn_k_b` (`[heads, rank, nope]`) and `attn_v_b` (`[heads, v, rank]`).
+    fn kv_b(&self, k_b: &str, v_b: &str, shape: &[usize]) -> Result<Tensor> {
+        let (ki, vi) = (self.info(k_b)?, self.info(v_b)?);
+        let (kd, vd) = (ki.shape.dims(), vi.shape.dims());
+        let consistent = matches!((kd, vd, shape), ([h, r, nope], [h2, v, r2], [rows, rank])
+            if h == h2 && r == r2 && r == rank && h * (nope + v) == *rows);
+        if !consistent {
+            bail!(
+                "tensors `{k_b}` {kd:?} and `{v_b}` {vd:?} in {} do not form `kv_b_proj` of shape {shape:?} \
+                 ([heads, rank, nope] and [heads, v, rank] expected)",
+                self.path.display()
+            );
+        }
+        let read = |g: &str, dims: &[usize]| -> Result<Tensor> {
+            Ok(self.blocks(&GgufSource::Whole(g.to_string()), dims)?.dequantize(&Device::Cpu)?)
+        };
+        let k = read(k_b, kd)?.transpose(1, 2)?;
+        let v = read(v_b, vd)?;
+        Ok(Tensor::cat(&[k, v], 1)?.reshape((shape[0], shape[1]))?)
     }
 }
 
@@ -343,153 +424,5 @@ fn unpermute_rows(w: &Tensor, heads: usize) -> Result<Tensor> {
     Ok(w.reshape((heads, hd / 2, 2, inp))?.transpose(1, 2)?.contiguous()?.reshape((out, inp))?)
 }
 
-/// GGUF tensor name of an HF tensor name.
-fn gguf_name(hf: &str) -> Option<String> {
-    let fixed = match hf {
-        "model.embed_tokens.weight" => Some("token_embd.weight"),
-        "model.norm.weight" => Some("output_norm.weight"),
-        "lm_head.weight" => Some("output.weight"),
-        _ => None,
-    };
-    if let Some(f) = fixed {
-        return Some(f.to_string());
-    }
-    let rest = hf.strip_prefix("model.layers.")?;
-    let (layer, tail) = rest.split_once('.')?;
-    let mapped = match tail {
-        "input_layernorm.weight" => "attn_norm.weight",
-        "post_attention_layernorm.weight" => "ffn_norm.weight",
-        "self_attn.q_proj.weight" => "attn_q.weight",
-        "self_attn.k_proj.weight" => "attn_k.weight",
-        "self_attn.v_proj.weight" => "attn_v.weight",
-        "self_attn.q_proj.bias" => "attn_q.bias",
-        "self_attn.k_proj.bias" => "attn_k.bias",
-        "self_attn.v_proj.bias" => "attn_v.bias",
-        "self_attn.o_proj.weight" => "attn_output.weight",
-        "self_attn.q_norm.weight" => "attn_q_norm.weight",
-        "self_attn.k_norm.weight" => "attn_k_norm.weight",
-        "mlp.gate_proj.weight" => "ffn_gate.weight",
-        "mlp.up_proj.weight" => "ffn_up.weight",
-        "mlp.down_proj.weight" => "ffn_down.weight",
-        _ => return None,
-    };
-    Some(format!("blk.{layer}.{mapped}"))
-}
-
-fn meta<'a>(c: &'a gguf_file::Content, key: &str) -> Result<&'a gguf_file::Value> {
-    c.metadata.get(key).with_context(|| format!("GGUF metadata key `{key}` is missing"))
-}
-
-fn meta_str(c: &gguf_file::Content, key: &str) -> Result<String> {
-    Ok(meta(c, key)?.to_string().map_err(|e| anyhow::anyhow!("GGUF `{key}`: {e}"))?.clone())
-}
-
-/// An unsigned integer of the GGUF metadata, whatever its integer type.
-pub(crate) fn meta_usize(c: &gguf_file::Content, key: &str) -> Result<usize> {
-    use gguf_file::Value as V;
-    let v = meta(c, key)?;
-    let x = match v {
-        V::U8(x) => Some(u64::from(*x)),
-        V::U16(x) => Some(u64::from(*x)),
-        V::U32(x) => Some(u64::from(*x)),
-        V::U64(x) => Some(*x),
-        V::I8(x) => u64::try_from(*x).ok(),
-        V::I16(x) => u64::try_from(*x).ok(),
-        V::I32(x) => u64::try_from(*x).ok(),
-        V::I64(x) => u64::try_from(*x).ok(),
-        _ => None,
-    };
-    x.and_then(|x| usize::try_from(x).ok())
-        .with_context(|| format!("GGUF `{key}` is {v:?}, not a non-negative integer"))
-}
-
-/// An optional integer key: absent is `None`, present but not a non-negative integer an error.
-fn meta_opt_usize(c: &gguf_file::Content, key: &str) -> Result<Option<usize>> {
-    c.metadata.get(key).map(|_| meta_usize(c, key)).transpose()
-}
-
-fn meta_f64(c: &gguf_file::Content, key: &str) -> Result<Option<f64>> {
-    match c.metadata.get(key) {
-        None => Ok(None),
-        Some(v) => Ok(Some(v.to_f32().map(f64::from).map_err(|e| anyhow::anyhow!("GGUF `{key}`: {e}"))?)),
-    }
-}
-
-/// The tokens that end a turn: the end-of-sequence token and, when it differs, the end-of-turn
-/// token (`tokenizer.ggml.eot_token_id`, e.g. `<|eot_id|>` beside `<|end_of_text|>`).
-fn gguf_stop_tokens(c: &gguf_file::Content) -> Vec<u32> {
-    let mut ids = Vec::new();
-    for key in ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"] {
-        if let Some(id) = meta_usize(c, key).ok().and_then(|x| u32::try_from(x).ok()) {
-            if !ids.contains(&id) {
-                ids.push(id);
-            }
-        }
-    }
-    ids
-}
-
 /// The GGUF tensor of RoPE frequency divisors (llama.cpp's form of Llama 3's scaling).
 const ROPE_FREQS: &str = "rope_freqs.weight";
-
-/// Model config from GGUF metadata.
-fn gguf_config(c: &gguf_file::Content) -> Result<ModelConfig> {
-    let a = meta_str(c, "general.architecture")?;
-    let arch = match a.as_str() {
-        "llama" => Arch::Llama,
-        "qwen2" => Arch::Qwen2,
-        "qwen3" => Arch::Qwen3,
-        other => bail!("GGUF architecture `{other}` is not supported (supported: llama, qwen2, qwen3)"),
-    };
-    let hidden = meta_usize(c, &format!("{a}.embedding_length"))?;
-    let heads = meta_usize(c, &format!("{a}.attention.head_count"))?;
-    let kv = meta_opt_usize(c, &format!("{a}.attention.head_count_kv"))?.unwrap_or(heads);
-    let head_dim = meta_opt_usize(c, &format!("{a}.attention.key_length"))?.unwrap_or(hidden / heads.max(1));
-    // llama.cpp stores Llama 3's RoPE scaling as per-frequency factors (`rope_freqs.weight`, read
-    // by `open_gguf`), and linear or YaRN scaling under `rope.scaling.*`, which is not applied
-    // here: such a file would run with the wrong frequencies.
-    if let Some(rot) = meta_opt_usize(c, &format!("{a}.rope.dimension_count"))? {
-        if rot != head_dim {
-            bail!("GGUF `{a}.rope.dimension_count` = {rot}: RoPE over part of a head ({head_dim}) is not supported");
-        }
-    }
-    // Mixtral-style files keep the `llama` architecture and add experts, which are not read here.
-    if let Some(n) = meta_opt_usize(c, &format!("{a}.expert_count"))?.filter(|&n| n > 0) {
-        bail!("GGUF `{a}.expert_count` = {n}: mixture-of-experts GGUF files are not supported");
-    }
-    let scaling_key = format!("{a}.rope.scaling.type");
-    if let Some(kind) = c.metadata.get(&scaling_key).and_then(|v| v.to_string().ok()).filter(|k| k.as_str() != "none") {
-        bail!("GGUF `{scaling_key}` = `{kind}` is not supported; use the model's HF directory, whose config.json rope_scaling is");
-    }
-    let vocab = match c.metadata.get("tokenizer.ggml.tokens") {
-        Some(v) => v.to_vec().map_err(|e| anyhow::anyhow!("GGUF tokens: {e}"))?.len(),
-        None => c
-            .tensor_infos
-            .get("token_embd.weight")
-            .and_then(|i| i.shape.dims().first().copied())
-            .context("cannot tell the vocabulary size")?,
-    };
-    let cfg = ModelConfig {
-        arch,
-        vocab_size: vocab,
-        hidden_size: hidden,
-        intermediate_size: meta_usize(c, &format!("{a}.feed_forward_length"))?,
-        num_layers: meta_usize(c, &format!("{a}.block_count"))?,
-        num_heads: heads,
-        num_kv_heads: kv,
-        head_dim,
-        rope_theta: meta_f64(c, &format!("{a}.rope.freq_base"))?.unwrap_or(10_000.0),
-        rope_scaling: None,
-        rms_norm_eps: meta_f64(c, &format!("{a}.attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5),
-        tie_word_embeddings: !c.tensor_infos.contains_key("output.weight"),
-        attention_bias: c.tensor_infos.contains_key("blk.0.attn_q.bias"),
-        qk_norm: arch == Arch::Qwen3,
-        max_position_embeddings: meta_opt_usize(c, &format!("{a}.context_length"))?.unwrap_or(4096),
-        bos_token_id: meta_usize(c, "tokenizer.ggml.bos_token_id").ok().and_then(|x| u32::try_from(x).ok()),
-        eos_token_ids: gguf_stop_tokens(c),
-        dms: DmsCheckpointFields::default(),
-        mla: None,
-    };
-    cfg.validate()?;
-    Ok(cfg)
-}

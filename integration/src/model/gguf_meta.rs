@@ -1,0 +1,254 @@
+//! The model config of a GGUF file, read from its metadata as llama.cpp's converter writes it:
+//! the Llama family (`llama`, `qwen2`, `qwen3`) and DeepSeek V2/V3 (`deepseek2`, latent attention
+//! with dense or MoE MLPs).
+
+use anyhow::{bail, Context, Result};
+use candle_core::quantized::gguf_file::{Content, Value};
+
+use super::config::{Arch, DmsCheckpointFields, MlaConfig, ModelConfig, MoeConfig, YarnScaling};
+
+fn meta<'a>(c: &'a Content, key: &str) -> Result<&'a Value> {
+    c.metadata.get(key).with_context(|| format!("GGUF metadata key `{key}` is missing"))
+}
+
+/// A string of the GGUF metadata.
+pub(crate) fn meta_str(c: &Content, key: &str) -> Result<String> {
+    Ok(meta(c, key)?.to_string().map_err(|e| anyhow::anyhow!("GGUF `{key}`: {e}"))?.clone())
+}
+
+/// An unsigned integer of the GGUF metadata, whatever its integer type.
+pub(crate) fn meta_usize(c: &Content, key: &str) -> Result<usize> {
+    let v = meta(c, key)?;
+    let x = match v {
+        Value::U8(x) => Some(u64::from(*x)),
+        Value::U16(x) => Some(u64::from(*x)),
+        Value::U32(x) => Some(u64::from(*x)),
+        Value::U64(x) => Some(*x),
+        Value::I8(x) => u64::try_from(*x).ok(),
+        Value::I16(x) => u64::try_from(*x).ok(),
+        Value::I32(x) => u64::try_from(*x).ok(),
+        Value::I64(x) => u64::try_from(*x).ok(),
+        _ => None,
+    };
+    x.and_then(|x| usize::try_from(x).ok())
+        .with_context(|| format!("GGUF `{key}` is {v:?}, not a non-negative integer"))
+}
+
+/// An optional integer key: absent is `None`, present but not a non-negative integer an error.
+fn meta_opt_usize(c: &Content, key: &str) -> Result<Option<usize>> {
+    c.metadata.get(key).map(|_| meta_usize(c, key)).transpose()
+}
+
+fn meta_f64(c: &Content, key: &str) -> Result<Option<f64>> {
+    match c.metadata.get(key) {
+        None => Ok(None),
+        Some(v) => Ok(Some(v.to_f32().map(f64::from).map_err(|e| anyhow::anyhow!("GGUF `{key}`: {e}"))?)),
+    }
+}
+
+fn meta_bool(c: &Content, key: &str) -> Result<Option<bool>> {
+    c.metadata.get(key).map(|v| v.to_bool().map_err(|e| anyhow::anyhow!("GGUF `{key}`: {e}"))).transpose()
+}
+
+/// The tokens that end a turn: the end-of-sequence token and, when it differs, the end-of-turn
+/// token (`tokenizer.ggml.eot_token_id`, e.g. `<|eot_id|>` beside `<|end_of_text|>`).
+fn stop_tokens(c: &Content) -> Vec<u32> {
+    let mut ids = Vec::new();
+    for key in ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"] {
+        if let Some(id) = meta_usize(c, key).ok().and_then(|x| u32::try_from(x).ok()) {
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+    }
+    ids
+}
+
+/// Model config from GGUF metadata.
+pub(crate) fn model_config(c: &Content) -> Result<ModelConfig> {
+    let a = meta_str(c, "general.architecture")?;
+    let arch = match a.as_str() {
+        "llama" => Arch::Llama,
+        "qwen2" => Arch::Qwen2,
+        "qwen3" => Arch::Qwen3,
+        "deepseek2" => Arch::DeepSeek,
+        other => bail!("GGUF architecture `{other}` is not supported (supported: llama, qwen2, qwen3, deepseek2)"),
+    };
+    let hidden = meta_usize(c, &format!("{a}.embedding_length"))?;
+    let heads = meta_usize(c, &format!("{a}.attention.head_count"))?;
+    let mla = if arch == Arch::DeepSeek { Some(latent_attention(c, &a)?) } else { None };
+    let (kv, head_dim) = match &mla {
+        Some(m) => (1, m.kv_lora_rank + m.qk_rope_head_dim),
+        None => {
+            let kv = meta_opt_usize(c, &format!("{a}.attention.head_count_kv"))?.unwrap_or(heads);
+            let head_dim = meta_opt_usize(c, &format!("{a}.attention.key_length"))?.unwrap_or(hidden / heads.max(1));
+            // RoPE over part of a head would run with the wrong rotation.
+            if let Some(rot) = meta_opt_usize(c, &format!("{a}.rope.dimension_count"))? {
+                if rot != head_dim {
+                    bail!(
+                        "GGUF `{a}.rope.dimension_count` = {rot}: RoPE over part of a head ({head_dim}) is not supported"
+                    );
+                }
+            }
+            // Mixtral-style files keep the `llama` architecture and add experts, not read here.
+            if let Some(n) = meta_opt_usize(c, &format!("{a}.expert_count"))?.filter(|&n| n > 0) {
+                bail!("GGUF `{a}.expert_count` = {n}: mixture-of-experts GGUF files are not supported");
+            }
+            // llama.cpp stores Llama 3's RoPE scaling as per-frequency factors (`rope_freqs.weight`,
+            // read with the tensors); linear or YaRN scaling of these models is not applied here,
+            // and such a file would run with the wrong frequencies.
+            if let Some(kind) = scaling_type(c, &a) {
+                bail!(
+                    "GGUF `{a}.rope.scaling.type` = `{kind}` is not supported; use the model's HF directory, whose \
+                     config.json rope_scaling is"
+                );
+            }
+            (kv, head_dim)
+        }
+    };
+    let vocab = match c.metadata.get("tokenizer.ggml.tokens") {
+        Some(v) => v.to_vec().map_err(|e| anyhow::anyhow!("GGUF tokens: {e}"))?.len(),
+        None => c
+            .tensor_infos
+            .get("token_embd.weight")
+            .and_then(|i| i.shape.dims().first().copied())
+            .context("cannot tell the vocabulary size")?,
+    };
+    let cfg = ModelConfig {
+        arch,
+        vocab_size: vocab,
+        hidden_size: hidden,
+        intermediate_size: meta_usize(c, &format!("{a}.feed_forward_length"))?,
+        num_layers: meta_usize(c, &format!("{a}.block_count"))?,
+        num_heads: heads,
+        num_kv_heads: kv,
+        head_dim,
+        rope_theta: meta_f64(c, &format!("{a}.rope.freq_base"))?.unwrap_or(10_000.0),
+        rope_scaling: None,
+        rms_norm_eps: meta_f64(c, &format!("{a}.attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5),
+        tie_word_embeddings: !c.tensor_infos.contains_key("output.weight"),
+        attention_bias: c.tensor_infos.contains_key("blk.0.attn_q.bias"),
+        qk_norm: arch == Arch::Qwen3,
+        max_position_embeddings: meta_opt_usize(c, &format!("{a}.context_length"))?.unwrap_or(4096),
+        bos_token_id: meta_usize(c, "tokenizer.ggml.bos_token_id").ok().and_then(|x| u32::try_from(x).ok()),
+        eos_token_ids: stop_tokens(c),
+        dms: DmsCheckpointFields::default(),
+        mla,
+    };
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// `{a}.rope.scaling.type` when it names a scaling (not absent, not `none`).
+fn scaling_type(c: &Content, a: &str) -> Option<String> {
+    c.metadata
+        .get(&format!("{a}.rope.scaling.type"))
+        .and_then(|v| v.to_string().ok())
+        .filter(|k| k.as_str() != "none")
+        .cloned()
+}
+
+/// Latent attention, experts and YaRN of a `deepseek2` file. Files converted since llama.cpp
+/// split `kv_b` (`attention.key_length_mla` present: keys and values are the latent row, one KV
+/// head) carry the per-head sizes under `*_mla`; older files under `key_length`/`value_length`.
+fn latent_attention(c: &Content, a: &str) -> Result<MlaConfig> {
+    let key = |k: &str| format!("{a}.{k}");
+    let rope = meta_usize(c, &key("rope.dimension_count"))?;
+    let rank = meta_usize(c, &key("attention.kv_lora_rank"))?;
+    let (qk, v) = match meta_opt_usize(c, &key("attention.key_length_mla"))? {
+        Some(k) => (k, meta_usize(c, &key("attention.value_length_mla"))?),
+        None => (meta_usize(c, &key("attention.key_length"))?, meta_usize(c, &key("attention.value_length"))?),
+    };
+    if rope == 0 || rope % 2 != 0 || qk <= rope || v == 0 || rank == 0 {
+        bail!(
+            "GGUF latent attention sizes are inconsistent: key {qk} (of which RoPE {rope}, even and smaller), value \
+             {v}, kv_lora_rank {rank}"
+        );
+    }
+    Ok(MlaConfig {
+        q_lora_rank: meta_opt_usize(c, &key("attention.q_lora_rank"))?.filter(|&r| r > 0),
+        kv_lora_rank: rank,
+        qk_nope_head_dim: qk - rope,
+        qk_rope_head_dim: rope,
+        v_head_dim: v,
+        // The converter keeps DeepSeek's interleaved RoPE pairs (llama.cpp's NORM rotation).
+        rope_interleave: true,
+        yarn: yarn(c, a)?,
+        moe: experts(c, a)?,
+    })
+}
+
+/// YaRN from `rope.scaling.*`. The converter writes DeepSeek's `mscale_all_dim` as
+/// `yarn_log_multiplier` (times 0.1) and drops `mscale`, which llama.cpp takes to be equal to it
+/// (as in every DeepSeek config: 0.707 for V2, 1 for V3).
+fn yarn(c: &Content, a: &str) -> Result<Option<YarnScaling>> {
+    let key = |k: &str| format!("{a}.rope.scaling.{k}");
+    match scaling_type(c, a).as_deref() {
+        None => return Ok(None),
+        Some("yarn") => {}
+        Some(other) => bail!("GGUF `{}` = `{other}` is not supported for deepseek2 (supported: yarn)", key("type")),
+    }
+    for k in ["yarn_ext_factor", "yarn_attn_factor"] {
+        if let Some(x) = meta_f64(c, &key(k))?.filter(|&x| x != 1.0) {
+            bail!("GGUF `{}` = {x} is not supported (only 1)", key(k));
+        }
+    }
+    let log_mul = meta_f64(c, &key("yarn_log_multiplier"))?.with_context(|| {
+        format!("GGUF YaRN scaling without `{}` (DeepSeek's mscale_all_dim)", key("yarn_log_multiplier"))
+    })?;
+    let mscale = log_mul / 0.1;
+    let y = YarnScaling {
+        factor: meta_f64(c, &key("factor"))?.with_context(|| format!("GGUF `{}` is missing", key("factor")))?,
+        original_max_position_embeddings: meta_usize(c, &key("original_context_length"))? as f64,
+        beta_fast: meta_f64(c, &key("yarn_beta_fast"))?.unwrap_or(32.0),
+        beta_slow: meta_f64(c, &key("yarn_beta_slow"))?.unwrap_or(1.0),
+        mscale,
+        mscale_all_dim: mscale,
+    };
+    y.check()?;
+    Ok(Some(y))
+}
+
+/// The experts of a `deepseek2` file, when `expert_count` > 0. llama.cpp's gating function is
+/// softmax (V2) or sigmoid (V3, with `exp_probs_b`, DeepSeek's `noaux_tc`); expert groups under
+/// softmax are DeepSeek-V2's `group_limited_greedy`.
+fn experts(c: &Content, a: &str) -> Result<Option<MoeConfig>> {
+    let key = |k: &str| format!("{a}.{k}");
+    let n = meta_opt_usize(c, &key("expert_count"))?.unwrap_or(0);
+    if n == 0 {
+        return Ok(None);
+    }
+    let width_key = key("expert_feed_forward_length");
+    if matches!(c.metadata.get(&width_key), Some(Value::Array(_))) {
+        bail!("GGUF `{width_key}` is per layer: experts of different widths are not supported");
+    }
+    let scoring = match meta_opt_usize(c, &key("expert_gating_func"))? {
+        None | Some(1) => "softmax",
+        Some(2) => "sigmoid",
+        Some(other) => {
+            bail!("GGUF `{}` = {other} is not supported (1: softmax, 2: sigmoid)", key("expert_gating_func"))
+        }
+    };
+    let n_group = meta_opt_usize(c, &key("expert_group_count"))?.unwrap_or(1).max(1);
+    let topk_method = match (scoring, n_group) {
+        ("sigmoid", _) => "noaux_tc",
+        (_, 1) => "greedy",
+        _ => "group_limited_greedy",
+    };
+    let m = MoeConfig {
+        n_routed_experts: n,
+        n_shared_experts: meta_opt_usize(c, &key("expert_shared_count"))?.unwrap_or(0),
+        num_experts_per_tok: meta_usize(c, &key("expert_used_count"))?,
+        moe_intermediate_size: meta_usize(c, &width_key)?,
+        first_k_dense_replace: meta_opt_usize(c, &key("leading_dense_block_count"))?.unwrap_or(0),
+        moe_layer_freq: 1,
+        norm_topk_prob: meta_bool(c, &key("expert_weights_norm"))?.unwrap_or(false),
+        routed_scaling_factor: meta_f64(c, &key("expert_weights_scale"))?.unwrap_or(1.0),
+        scoring_func: scoring.into(),
+        topk_method: topk_method.into(),
+        n_group,
+        topk_group: meta_opt_usize(c, &key("expert_group_used_count"))?.unwrap_or(1).max(1),
+    };
+    m.check()?;
+    Ok(Some(m))
+}

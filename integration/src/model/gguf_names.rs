@@ -1,0 +1,88 @@
+//! Where a tensor named as in an HF checkpoint lies in a GGUF file, under the names and layouts
+//! of llama.cpp's converter.
+
+use candle_core::quantized::gguf_file::Content;
+
+/// Where an HF-named tensor lies in a GGUF file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum GgufSource {
+    /// A tensor of its own.
+    Whole(String),
+    /// Expert `index` of a tensor that stacks every expert's matrix (`[experts, out, in]`).
+    Expert {
+        /// The stacked tensor.
+        stacked: String,
+        /// Which expert.
+        index: usize,
+    },
+    /// DeepSeek's `kv_b_proj` (`[heads * (nope + v), rank]`), which files converted since
+    /// llama.cpp's MLA support split into `attn_k_b` (`[heads, rank, nope]`: each head's key
+    /// part transposed) and `attn_v_b` (`[heads, v, rank]`).
+    SplitKvB {
+        /// `attn_k_b`.
+        k_b: String,
+        /// `attn_v_b`.
+        v_b: String,
+    },
+}
+
+/// The GGUF source of an HF tensor name in `c`, or `None` for a name with no GGUF counterpart.
+pub(crate) fn source(hf: &str, c: &Content) -> Option<GgufSource> {
+    let fixed = match hf {
+        "model.embed_tokens.weight" => Some("token_embd.weight"),
+        "model.norm.weight" => Some("output_norm.weight"),
+        "lm_head.weight" => Some("output.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(GgufSource::Whole(f.to_string()));
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, tail) = rest.split_once('.')?;
+    let blk = |name: &str| format!("blk.{layer}.{name}");
+    if let Some(expert) = tail.strip_prefix("mlp.experts.") {
+        let (index, proj) = expert.split_once('.')?;
+        let kind = match proj {
+            "gate_proj.weight" => "gate",
+            "up_proj.weight" => "up",
+            "down_proj.weight" => "down",
+            _ => return None,
+        };
+        return Some(GgufSource::Expert {
+            stacked: blk(&format!("ffn_{kind}_exps.weight")),
+            index: index.parse().ok()?,
+        });
+    }
+    if tail == "self_attn.kv_b_proj.weight" && !c.tensor_infos.contains_key(&blk("attn_kv_b.weight")) {
+        return Some(GgufSource::SplitKvB { k_b: blk("attn_k_b.weight"), v_b: blk("attn_v_b.weight") });
+    }
+    let mapped = match tail {
+        "input_layernorm.weight" => "attn_norm.weight",
+        "post_attention_layernorm.weight" => "ffn_norm.weight",
+        "self_attn.q_proj.weight" => "attn_q.weight",
+        "self_attn.k_proj.weight" => "attn_k.weight",
+        "self_attn.v_proj.weight" => "attn_v.weight",
+        "self_attn.q_proj.bias" => "attn_q.bias",
+        "self_attn.k_proj.bias" => "attn_k.bias",
+        "self_attn.v_proj.bias" => "attn_v.bias",
+        "self_attn.o_proj.weight" => "attn_output.weight",
+        "self_attn.q_norm.weight" => "attn_q_norm.weight",
+        "self_attn.k_norm.weight" => "attn_k_norm.weight",
+        "self_attn.q_a_proj.weight" => "attn_q_a.weight",
+        "self_attn.q_a_layernorm.weight" => "attn_q_a_norm.weight",
+        "self_attn.q_b_proj.weight" => "attn_q_b.weight",
+        "self_attn.kv_a_proj_with_mqa.weight" => "attn_kv_a_mqa.weight",
+        "self_attn.kv_a_layernorm.weight" => "attn_kv_a_norm.weight",
+        "self_attn.kv_b_proj.weight" => "attn_kv_b.weight",
+        "mlp.gate_proj.weight" => "ffn_gate.weight",
+        "mlp.up_proj.weight" => "ffn_up.weight",
+        "mlp.down_proj.weight" => "ffn_down.weight",
+        "mlp.gate.weight" => "ffn_gate_inp.weight",
+        "mlp.gate.e_score_correction_bias" => "exp_probs_b.bias",
+        "mlp.shared_experts.gate_proj.weight" => "ffn_gate_shexp.weight",
+        "mlp.shared_experts.up_proj.weight" => "ffn_up_shexp.weight",
+        "mlp.shared_experts.down_proj.weight" => "ffn_down_shexp.weight",
+        _ => return None,
+    };
+    Some(GgufSource::Whole(blk(mapped)))
+}

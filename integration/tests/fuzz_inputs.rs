@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use common::fixture;
+use common::{fixture, fixture_gguf_parts, gguf_file_bytes, GgufTensors, OwnedMeta};
 use dms_integration::config::EngineConfig;
 use dms_integration::engine::from_config::build_engine;
 use dms_integration::engine::load_model;
@@ -492,25 +492,8 @@ fn gguf_metadata_is_honoured_or_refused_never_ignored() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A GGUF file's metadata, owned.
-type OwnedMeta = Vec<(String, Value)>;
-/// A GGUF file's tensors.
-type GgufTensors = Vec<(String, QTensor)>;
 /// An edit of a GGUF file's metadata and tensors.
 type GgufEdit<'a> = &'a dyn Fn(&mut OwnedMeta, &mut GgufTensors);
-
-/// The metadata and tensors of a GGUF fixture (`fixtures/gguf/NAME`).
-fn fixture_gguf_parts(name: &str) -> (OwnedMeta, GgufTensors) {
-    let path = fixture(&format!("gguf/{name}"));
-    let mut f = std::fs::File::open(&path).unwrap();
-    let content = gguf_file::Content::read(&mut f).unwrap();
-    let mut meta: Vec<(String, Value)> = content.metadata.clone().into_iter().collect();
-    meta.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
-    names.sort();
-    let tensors = names.into_iter().map(|n| (n.clone(), content.tensor(&mut f, n, &Device::Cpu).unwrap())).collect();
-    (meta, tensors)
-}
 
 /// `t` as an F32 GGUF tensor (copied first: candle quantizes a view's whole storage).
 fn f32_tensor(t: &Tensor) -> QTensor {
@@ -528,8 +511,7 @@ fn deepseek_gguf_metadata_is_honoured_or_refused_never_ignored() {
     let load = |file: &str, edit: GgufEdit| {
         let (mut meta, mut tensors) = fixture_gguf_parts(file);
         edit(&mut meta, &mut tensors);
-        let meta_refs: Vec<(&str, Value)> = meta.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
-        let p = write(&dir, "edited.gguf", &gguf_bytes(&meta_refs, &tensors));
+        let p = write(&dir, "edited.gguf", &gguf_file_bytes(&meta, &tensors));
         load_model(&p, &Device::Cpu, WeightForm::Dense).map(|m| m.model.config().clone())
     };
     let set = |key: &str, v: Value| {

@@ -92,12 +92,8 @@ fn check_dense_fits(cfg: &ModelConfig, form: WeightForm) -> Result<()> {
     if form.is_quantized() {
         return Ok(());
     }
-    let hint = if cfg.mla.is_some() {
-        "dequantized to f32 (latent attention models load no other way)"
-    } else {
-        "dequantized to f32; [model] weights = \"quantized\" keeps a GGUF file's block formats"
-    };
-    check_fits_in_memory(cfg.loaded_weight_count() * 4).context(hint)
+    check_fits_in_memory(cfg.loaded_weight_count() * 4)
+        .context("dequantized to f32; [model] weights = \"quantized\" keeps a GGUF file's block formats")
 }
 
 fn check_fits_in_memory(bytes: u128) -> Result<()> {

@@ -205,16 +205,11 @@ fn row_norms(x: &Tensor) -> Result<Tensor> {
 
 impl Llama {
     /// Builds the model from its weights, its linear layers in `form` (quantized forms run on the
-    /// CPU in f32, for the per-head Llama family).
+    /// CPU in f32; for latent attention, every projection but the absorbed `kv_b_proj`).
     pub fn load(cfg: ModelConfig, w: &Weights, device: &Device, form: WeightForm) -> Result<Self> {
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
-        if form.is_quantized() {
-            if !device.is_cpu() {
-                bail!("quantized weights run on the CPU; use weights = \"dense\" on {device:?}");
-            }
-            if cfg.mla.is_some() {
-                bail!("quantized weights are supported for the per-head Llama family, not latent attention; use weights = \"dense\"");
-            }
+        if form.is_quantized() && !device.is_cpu() {
+            bail!("quantized weights run on the CPU; use weights = \"dense\" on {device:?}");
         }
         let round_f16 = form == WeightForm::DenseRoundedF16;
         let get = |name: &str, shape: &[usize]| -> Result<Tensor> {
@@ -257,7 +252,9 @@ impl Llama {
             let p = format!("model.layers.{i}");
             let bias = cfg.attention_bias;
             let attn = match &cfg.mla {
-                Some(_) => Attention::Mla(Box::new(MlaAttention::load(&cfg, &format!("{p}.self_attn"), &get)?)),
+                Some(_) => {
+                    Attention::Mla(Box::new(MlaAttention::load(&cfg, &format!("{p}.self_attn"), &get, &mlp_proj)?))
+                }
                 None => Attention::Mha(MhaWeights {
                     q_proj: linear(&format!("{p}.self_attn.q_proj"), cfg.num_heads * hd, h, bias)?,
                     k_proj: linear(&format!("{p}.self_attn.k_proj"), cfg.num_kv_heads * hd, h, bias)?,
@@ -269,7 +266,7 @@ impl Llama {
             };
             let moe = cfg.mla.as_ref().and_then(|m| m.moe.as_ref()).filter(|m| m.is_moe_layer(i));
             let ffn = match moe {
-                Some(m) => FeedForward::Moe(Moe::load(&format!("{p}.mlp"), h, m, &get, &|n| w.contains(n))?),
+                Some(m) => FeedForward::Moe(Moe::load(&format!("{p}.mlp"), h, m, &get, &mlp_proj, &|n| w.contains(n))?),
                 None => FeedForward::Dense(Mlp::load(&format!("{p}.mlp"), h, cfg.intermediate_size, &mlp_proj)?),
             };
             layers.push(Layer {
@@ -551,11 +548,11 @@ impl Llama {
                         n += lin.byte_count();
                     }
                 }
-                Attention::Mla(m) => n += m.weight_count() * elem,
+                Attention::Mla(m) => n += m.byte_count(),
             }
             n += match &l.ffn {
                 FeedForward::Dense(m) => m.byte_count(),
-                FeedForward::Moe(m) => m.weight_count() * elem,
+                FeedForward::Moe(m) => m.byte_count(),
             };
         }
         n as u64

@@ -9,29 +9,30 @@
 //! per-head is ever cached.
 
 use anyhow::Result;
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::Linear;
 
 use super::config::{MlaConfig, ModelConfig};
+use super::linear::Proj;
 
 /// How queries are produced.
 enum QueryProj {
     /// `q_proj` (no query compression).
-    Plain(Linear),
+    Plain(Proj),
     /// `q_a_proj` -> `q_a_layernorm` -> `q_b_proj`.
-    Lora { a: Linear, norm: Tensor, b: Linear },
+    Lora { a: Proj, norm: Tensor, b: Proj },
 }
 
 /// One layer's latent attention weights.
 pub struct MlaAttention {
     q: QueryProj,
-    kv_a: Linear,
+    kv_a: Proj,
     kv_norm: Tensor,
     /// `[heads, nope, rank]`: keys' absorption into the query.
     w_uk: Tensor,
     /// `[heads, rank, v]`: latent to per-head values.
     w_uv_t: Tensor,
-    o_proj: Linear,
+    o_proj: Proj,
     dims: MlaConfig,
     heads: usize,
     eps: f64,
@@ -46,14 +47,19 @@ pub struct MlaInputs {
 }
 
 impl MlaAttention {
-    /// Loads layer `prefix` (`model.layers.N.self_attn`) with `get(name, shape)`.
-    pub fn load(cfg: &ModelConfig, prefix: &str, get: &dyn Fn(&str, &[usize]) -> Result<Tensor>) -> Result<Self> {
+    /// Loads layer `prefix` (`model.layers.N.self_attn`): its projections with
+    /// `proj(name, out, in)` (dense or quantized), the norms and `kv_b_proj` (absorbed, dense)
+    /// with `get(name, shape)`.
+    pub fn load(
+        cfg: &ModelConfig,
+        prefix: &str,
+        get: &dyn Fn(&str, &[usize]) -> Result<Tensor>,
+        proj: &dyn Fn(&str, usize, usize) -> Result<Proj>,
+    ) -> Result<Self> {
         let m = cfg.mla.clone().expect("MLA config");
         let (h, nh) = (cfg.hidden_size, cfg.num_heads);
         let qd = m.qk_nope_head_dim + m.qk_rope_head_dim;
-        let lin = |name: &str, out: usize, inp: usize| -> Result<Linear> {
-            Ok(Linear::new(get(&format!("{prefix}.{name}.weight"), &[out, inp])?, None))
-        };
+        let lin = |name: &str, out: usize, inp: usize| proj(&format!("{prefix}.{name}"), out, inp);
         let q = match m.q_lora_rank {
             None => QueryProj::Plain(lin("q_proj", nh * qd, h)?),
             Some(r) => QueryProj::Lora {
@@ -82,24 +88,15 @@ impl MlaAttention {
         let qd = m.qk_nope_head_dim + m.qk_rope_head_dim;
         let w =
             |o: usize, i: usize| -> Result<Tensor> { Ok(Tensor::randn(0f32, 0.02, (o, i), device)?.to_dtype(dtype)?) };
+        let lin = |o: usize, i: usize| -> Result<Proj> { Ok(Proj::Dense(Linear::new(w(o, i)?, None))) };
         let ones = |n: usize| -> Result<Tensor> { Ok(Tensor::ones(n, dtype, device)?) };
         let q = match m.q_lora_rank {
-            None => QueryProj::Plain(Linear::new(w(nh * qd, h)?, None)),
-            Some(r) => {
-                QueryProj::Lora { a: Linear::new(w(r, h)?, None), norm: ones(r)?, b: Linear::new(w(nh * qd, r)?, None) }
-            }
+            None => QueryProj::Plain(lin(nh * qd, h)?),
+            Some(r) => QueryProj::Lora { a: lin(r, h)?, norm: ones(r)?, b: lin(nh * qd, r)? },
         };
         let kv_b = w(nh * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank)?;
-        let kv_a = Linear::new(w(m.kv_lora_rank + m.qk_rope_head_dim, h)?, None);
-        Self::assemble(
-            cfg,
-            m.clone(),
-            q,
-            kv_a,
-            ones(m.kv_lora_rank)?,
-            &kv_b,
-            Linear::new(w(h, nh * m.v_head_dim)?, None),
-        )
+        let kv_a = lin(m.kv_lora_rank + m.qk_rope_head_dim, h)?;
+        Self::assemble(cfg, m.clone(), q, kv_a, ones(m.kv_lora_rank)?, &kv_b, lin(h, nh * m.v_head_dim)?)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -107,10 +104,10 @@ impl MlaAttention {
         cfg: &ModelConfig,
         m: MlaConfig,
         q: QueryProj,
-        kv_a: Linear,
+        kv_a: Proj,
         kv_norm: Tensor,
         kv_b: &Tensor,
-        o_proj: Linear,
+        o_proj: Proj,
     ) -> Result<Self> {
         let nh = cfg.num_heads;
         let (nope, v, r) = (m.qk_nope_head_dim, m.v_head_dim, m.kv_lora_rank);
@@ -121,10 +118,10 @@ impl MlaAttention {
         Ok(Self { q, kv_a, kv_norm, w_uk, w_uv_t, o_proj, dims: m, heads: nh, eps: cfg.rms_norm_eps })
     }
 
-    /// The same weights in `dtype`.
+    /// The same weights in `dtype` (quantized projections stay as they are).
     pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
         let c = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(dtype)?) };
-        let cl = |l: &Linear| -> Result<Linear> { Ok(Linear::new(c(l.weight())?, None)) };
+        let cl = |l: &Proj| l.to_dtype(dtype);
         Ok(Self {
             q: match &self.q {
                 QueryProj::Plain(l) => QueryProj::Plain(cl(l)?),
@@ -144,14 +141,28 @@ impl MlaAttention {
     /// Number of weights.
     pub fn weight_count(&self) -> usize {
         let q = match &self.q {
-            QueryProj::Plain(l) => l.weight().elem_count(),
-            QueryProj::Lora { a, norm, b } => a.weight().elem_count() + norm.elem_count() + b.weight().elem_count(),
+            QueryProj::Plain(l) => l.weight_count(),
+            QueryProj::Lora { a, norm, b } => a.weight_count() + norm.elem_count() + b.weight_count(),
         };
-        q + self.kv_a.weight().elem_count()
+        q + self.kv_a.weight_count()
             + self.kv_norm.elem_count()
             + self.w_uk.elem_count()
             + self.w_uv_t.elem_count()
-            + self.o_proj.weight().elem_count()
+            + self.o_proj.weight_count()
+    }
+
+    /// Bytes the weights take in memory.
+    pub fn byte_count(&self) -> usize {
+        let dense = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let q = match &self.q {
+            QueryProj::Plain(l) => l.byte_count(),
+            QueryProj::Lora { a, norm, b } => a.byte_count() + dense(norm) + b.byte_count(),
+        };
+        q + self.kv_a.byte_count()
+            + dense(&self.kv_norm)
+            + dense(&self.w_uk)
+            + dense(&self.w_uv_t)
+            + self.o_proj.byte_count()
     }
 
     /// Latent width (values are this many floats from the front of a row).
@@ -207,7 +218,7 @@ impl MlaAttention {
         let (nh, r, v) = (self.heads, self.dims.kv_lora_rank, self.dims.v_head_dim);
         let o = o_lat.reshape((n, nh, r))?.transpose(0, 1)?.contiguous()?.matmul(&self.w_uv_t)?;
         let o = o.transpose(0, 1)?.contiguous()?.reshape((n, nh * v))?;
-        Ok(self.o_proj.forward(&o)?)
+        self.o_proj.forward(&o)
     }
 
     /// RoPE on `[n, heads, rope]`: interleaved pairs (DeepSeek) or halves.

@@ -81,13 +81,15 @@ pub struct Moe {
 }
 
 impl Moe {
-    /// Loads `{prefix}` (`model.layers.N.mlp`): `gate.weight`, optional
-    /// `gate.e_score_correction_bias` (V3), `experts.E.*`, `shared_experts.*`.
+    /// Loads `{prefix}` (`model.layers.N.mlp`): `gate.weight` and optional
+    /// `gate.e_score_correction_bias` (V3) with `get(name, shape)`, the experts' projections
+    /// (`experts.E.*`, `shared_experts.*`) with `proj(name, out, in)`, dense or quantized.
     pub fn load(
         prefix: &str,
         hidden: usize,
         cfg: &MoeConfig,
         get: &dyn Fn(&str, &[usize]) -> Result<Tensor>,
+        proj: &dyn Fn(&str, usize, usize) -> Result<Proj>,
         has: &dyn Fn(&str) -> bool,
     ) -> Result<Self> {
         let router = get(&format!("{prefix}.gate.weight"), &[cfg.n_routed_experts, hidden])?;
@@ -99,18 +101,15 @@ impl Moe {
         } else {
             None
         };
-        let dense = |n: &str, o: usize, i: usize| -> Result<Proj> {
-            Ok(Proj::Dense(Linear::new(get(&format!("{n}.weight"), &[o, i])?, None)))
-        };
         let experts = (0..cfg.n_routed_experts)
-            .map(|e| Mlp::load(&format!("{prefix}.experts.{e}"), hidden, cfg.moe_intermediate_size, &dense))
+            .map(|e| Mlp::load(&format!("{prefix}.experts.{e}"), hidden, cfg.moe_intermediate_size, proj))
             .collect::<Result<Vec<_>>>()?;
         let shared = if cfg.n_shared_experts > 0 {
             Some(Mlp::load(
                 &format!("{prefix}.shared_experts"),
                 hidden,
                 cfg.moe_intermediate_size * cfg.n_shared_experts,
-                &dense,
+                proj,
             )?)
         } else {
             None
@@ -162,6 +161,18 @@ impl Moe {
             self.experts.iter().map(Mlp::weight_count).sum()
         };
         self.router.elem_count() + routed + self.shared.as_ref().map_or(0, Mlp::weight_count)
+    }
+
+    /// Bytes the weights take in memory (experts shared by a random model counted once).
+    pub fn byte_count(&self) -> usize {
+        let routed = if self.shared_weights {
+            self.experts[0].byte_count()
+        } else {
+            self.experts.iter().map(Mlp::byte_count).sum()
+        };
+        self.router.elem_count() * self.router.dtype().size_in_bytes()
+            + routed
+            + self.shared.as_ref().map_or(0, Mlp::byte_count)
     }
 
     /// Applies the block to `[n, hidden]`.

@@ -238,10 +238,13 @@ impl Weights {
             Ok(if form == WeightForm::DenseRoundedF16 { t.to_dtype(DType::F16)?.to_dtype(DType::F32)? } else { t })
         };
         let b = if bias { Some(dense_f32(&format!("{name}.bias"), &[out])?) } else { None };
+        // Rows that split into no block format (every one needs a multiple of 32) stay dense.
+        let blockable = inp.is_multiple_of(GgmlDType::Q8_0.block_size());
         let blocks = match form {
             WeightForm::Dense | WeightForm::DenseRoundedF16 => {
                 return Ok(Proj::Dense(Linear::new(dense_f32(&wname, &[out, inp])?, b)));
             }
+            _ if !blockable => return Ok(Proj::Dense(Linear::new(dense_f32(&wname, &[out, inp])?, b))),
             WeightForm::Quantized => match self.get_blocks(&wname, &[out, inp])? {
                 Some(q) if has_fast_kernel(q.dtype()) => q,
                 Some(q) => quantize_rows(&q.dequantize(&Device::Cpu)?, GgmlDType::Q8_0)?,

@@ -5,6 +5,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::QTensor;
 use candle_core::{Device, Tensor};
 use dms_integration::engine::from_config::resolve_policy_table;
 use dms_integration::engine::{load_model, Engine, GenParams};
@@ -164,4 +166,31 @@ pub fn resolved_policy(eng: &mut Engine, table: &str) -> Arc<dyn PolicyFactory> 
 /// Greedy generation of `n` tokens that ignores end-of-sequence.
 pub fn greedy_params(n: usize) -> GenParams {
     GenParams { max_tokens: n, temperature: 0.0, top_p: 1.0, seed: 1, stop_at_eos: false, prefill_chunk: 0 }
+}
+
+/// A GGUF file's metadata, owned.
+pub type OwnedMeta = Vec<(String, Value)>;
+/// A GGUF file's tensors.
+pub type GgufTensors = Vec<(String, QTensor)>;
+
+/// The metadata and tensors of a GGUF fixture (`fixtures/gguf/NAME`), in name order.
+pub fn fixture_gguf_parts(name: &str) -> (OwnedMeta, GgufTensors) {
+    let path = fixture(&format!("gguf/{name}"));
+    let mut f = std::fs::File::open(&path).unwrap();
+    let content = gguf_file::Content::read(&mut f).unwrap();
+    let mut meta: OwnedMeta = content.metadata.clone().into_iter().collect();
+    meta.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
+    names.sort();
+    let tensors = names.into_iter().map(|n| (n.clone(), content.tensor(&mut f, n, &Device::Cpu).unwrap())).collect();
+    (meta, tensors)
+}
+
+/// The bytes of a GGUF file with this metadata and these tensors.
+pub fn gguf_file_bytes(meta: &[(String, Value)], tensors: &[(String, QTensor)]) -> Vec<u8> {
+    let mut cur = std::io::Cursor::new(Vec::new());
+    let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(&mut cur, &meta_refs, &tensor_refs).unwrap();
+    cur.into_inner()
 }

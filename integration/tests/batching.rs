@@ -390,3 +390,39 @@ fn a_request_whose_prompt_pass_fails_is_dropped_and_the_others_run_on() {
     assert!(format!("{e:#}").contains("request 5"), "{e:#}");
     assert_eq!(eng.store.free_block_count(), eng.store.capacity_blocks(), "every block returned");
 }
+
+/// A prompt scored in its own pass (`Scheduler::want_prompt_logprobs`, the server's `echo` with
+/// `logprobs`) gets, for each token after the first, the log-probability and top tokens of the
+/// logits one whole-prompt pass gives before it, under each request's policy; the pass runs in
+/// chunks of at most `SCORED_CHUNK` tokens (the prompt here spans two). With nothing to generate
+/// the request finishes after its prompt pass and returns its blocks.
+#[test]
+fn scored_prompts_equal_one_pass_logits_under_each_policy() {
+    use dms_integration::engine::{token_logprobs, SCORED_CHUNK};
+    let mut eng = batch_engine(1 << 14);
+    let ids = prompt(3, SCORED_CHUNK + 44);
+    for (i, table) in POLICIES.iter().enumerate() {
+        let policy = resolved_policy(&mut eng, table);
+        let mut seq = eng.new_sequence_with(policy.as_ref());
+        let all = eng.step(&mut seq, &ids, true).unwrap().to_vec2::<f32>().unwrap();
+        seq.release(&mut eng.store);
+        let mut sched = Scheduler::new(greedy_params(0), 4, false).unwrap();
+        sched.submit(&eng, Request { id: i, prompt: ids.clone(), forced: None, policy, params: None }).unwrap();
+        sched.want_prompt_logprobs(i, 3);
+        let finished = sched.step(&mut eng).unwrap();
+        let scored = sched.scored_prompts();
+        assert_eq!(scored.len(), 1, "{table}");
+        assert_eq!(scored[0].1.len(), ids.len() - 1, "{table}");
+        for (t, got) in scored[0].1.iter().enumerate() {
+            let want = token_logprobs(&all[t], ids[t + 1], 3);
+            assert!((got.logprob - want.logprob).abs() < 1e-4, "{table} token {}: {got:?} vs {want:?}", t + 1);
+            let (g, w): (Vec<u32>, Vec<u32>) =
+                (got.top.iter().map(|x| x.0).collect(), want.top.iter().map(|x| x.0).collect());
+            assert_eq!(g, w, "{table} token {}", t + 1);
+        }
+        assert_eq!(finished.len(), 1, "{table}: nothing to generate, done after the prompt pass");
+        assert!(finished[0].tokens.is_empty(), "{table}");
+        assert!(sched.is_idle());
+        assert_eq!(eng.store.free_block_count(), eng.store.capacity_blocks(), "{table}: every block returned");
+    }
+}

@@ -365,3 +365,124 @@ fn logprobs_are_the_models_log_softmax() {
         assert!(top[0]["logprob"].as_f64() >= top[1]["logprob"].as_f64(), "{c}");
     }
 }
+
+/// `echo` on a completion: the answer starts with the prompt, and with `logprobs` the prompt's
+/// tokens come first, the first with null and each other with the log-probability and top
+/// tokens of a naive log-softmax (f64) of the engine's logits before it; `max_tokens: 0` scores
+/// the prompt only (lm-eval's loglikelihood requests). Streamed, the prompt comes in the first
+/// chunk and the generated tokens' entries equal those of the answer without `echo`. Chat and a
+/// zero limit without `echo` are refused naming the field.
+#[test]
+fn echo_returns_the_prompt_and_scores_it_in_its_pass() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf");
+    let model = fixtures.join("llama3_tiny.gguf");
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures.join("expected.json")).unwrap()).unwrap();
+    let e = &expected["llama3_tiny.gguf"];
+    assert_eq!(e["texts"][0], "Hello world");
+    let prompt: Vec<u32> =
+        e["ids_add_special"][0].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+    let loaded = dms_integration::engine::load_model(
+        &model,
+        &candle_core::Device::Cpu,
+        dms_integration::model::WeightForm::Dense,
+    )
+    .unwrap();
+    let tok = loaded.tokenizer.clone().unwrap();
+    let policy = dms_policy::Registry::with_builtins().build(&toml::from_str("name = \"full\"").unwrap()).unwrap();
+    let mut eng = dms_integration::engine::Engine::new(loaded.model, policy, 4, 1 << 12).unwrap();
+    let mut seq = eng.new_sequence();
+    let all = eng.step(&mut seq, &prompt, true).unwrap().to_vec2::<f32>().unwrap();
+    let log_softmax = |row: &[f32]| -> Vec<f64> {
+        let lse = row.iter().map(|&l| (l as f64).exp()).sum::<f64>().ln();
+        row.iter().map(|&l| l as f64 - lse).collect()
+    };
+    let server = tiny_llama3_server("echo");
+    let body =
+        serde_json::json!({"model": "tiny", "prompt": "Hello world", "max_tokens": 0, "echo": true, "logprobs": 2});
+    let (status, r) = post_json(&server.base, "/v1/completions", &body);
+    assert_eq!(status, 200, "{r}");
+    let choice = &r["choices"][0];
+    assert_eq!(choice["text"], "Hello world", "{r}");
+    assert_eq!(choice["finish_reason"], "length", "{r}");
+    assert_eq!(r["usage"]["completion_tokens"], 0, "{r}");
+    let lp = &choice["logprobs"];
+    assert_eq!(lp["tokens"].as_array().unwrap().len(), prompt.len(), "{lp}");
+    assert!(lp["token_logprobs"][0].is_null() && lp["top_logprobs"][0].is_null(), "{lp}");
+    for (i, &t) in prompt.iter().enumerate().skip(1) {
+        let want = log_softmax(&all[i - 1]);
+        assert_eq!(lp["tokens"][i], tok.decode(&[t], false).unwrap().as_str(), "{lp}");
+        let got = lp["token_logprobs"][i].as_f64().unwrap();
+        assert!((got - want[t as usize]).abs() < 1e-4, "prompt token {i}: {got} vs {}", want[t as usize]);
+        let mut best = want.clone();
+        best.sort_by(|a, b| b.total_cmp(a));
+        let mut top: Vec<f64> =
+            lp["top_logprobs"][i].as_object().unwrap().values().map(|v| v.as_f64().unwrap()).collect();
+        top.sort_by(|a, b| b.total_cmp(a));
+        assert!(!top.is_empty() && top.len() <= 2, "{lp}");
+        for (g, w) in top.iter().zip(&best) {
+            assert!((g - w).abs() < 1e-4, "prompt token {i}: top {top:?} vs {:?}", &best[..2]);
+        }
+    }
+    // With generated tokens, streamed: the prompt first, then the completion's entries as
+    // without `echo`.
+    let plain = serde_json::json!({"model": "tiny", "prompt": "Hello world", "max_tokens": 3, "logprobs": 2, "ignore_eos": true});
+    let (status, without) = post_json(&server.base, "/v1/completions", &plain);
+    assert_eq!(status, 200, "{without}");
+    let mut streamed = plain.clone();
+    streamed["echo"] = serde_json::json!(true);
+    streamed["stream"] = serde_json::json!(true);
+    let (status, sse) = post(&server.base, "/v1/completions", &streamed);
+    assert_eq!(status, 200, "{sse}");
+    let (mut texts, mut values) = (Vec::new(), Vec::new());
+    for line in sse.lines().filter_map(|l| l.strip_prefix("data: ")).filter(|l| *l != "[DONE]") {
+        let chunk: serde_json::Value = serde_json::from_str(line).unwrap();
+        let c = &chunk["choices"][0];
+        if let Some(v) = c["logprobs"]["token_logprobs"].as_array() {
+            texts.push(c["text"].as_str().unwrap().to_string());
+            values.extend(v.iter().cloned());
+        }
+    }
+    assert_eq!(texts[0], "Hello world", "{sse}");
+    assert_eq!(texts.concat(), format!("Hello world{}", without["choices"][0]["text"].as_str().unwrap()), "{sse}");
+    assert_eq!(values.len(), prompt.len() + 3, "{sse}");
+    assert_eq!(values[..prompt.len()], *lp["token_logprobs"].as_array().unwrap(), "{sse}");
+    // The same tokens' entries; the figures within f32 rounding (a prompt pass that scores
+    // computes every position's logits, one that does not only the last).
+    let plain_values = without["choices"][0]["logprobs"]["token_logprobs"].as_array().unwrap();
+    for (g, w) in values[prompt.len()..].iter().zip(plain_values) {
+        assert!((g.as_f64().unwrap() - w.as_f64().unwrap()).abs() < 1e-5, "{g} vs {w}: {sse}");
+    }
+    // Without logprobs: the prompt's text before the completion; token ids echo as their text.
+    let (status, r) = post_json(
+        &server.base,
+        "/v1/completions",
+        &serde_json::json!({"model": "tiny", "prompt": "Hello world", "max_tokens": 3, "echo": true, "ignore_eos": true}),
+    );
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(
+        r["choices"][0]["text"],
+        format!("Hello world{}", without["choices"][0]["text"].as_str().unwrap()),
+        "{r}"
+    );
+    assert!(r["choices"][0]["logprobs"].is_null(), "{r}");
+    let (status, r) = post_json(
+        &server.base,
+        "/v1/completions",
+        &serde_json::json!({"model": "tiny", "prompt": prompt, "max_tokens": 0, "echo": true}),
+    );
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["choices"][0]["text"], tok.decode(&prompt, false).unwrap().as_str(), "{r}");
+    for (path, body, field) in [
+        ("/v1/completions", serde_json::json!({"model": "tiny", "prompt": "Hello", "max_tokens": 0}), "max_tokens"),
+        (
+            "/v1/chat/completions",
+            serde_json::json!({"model": "tiny", "echo": true, "messages": [{"role": "user", "content": "Hi"}]}),
+            "echo",
+        ),
+    ] {
+        let (status, r) = post_json(&server.base, path, &body);
+        assert_eq!(status, 400, "{r}");
+        assert_eq!(r["error"]["param"], field, "{r}");
+    }
+}

@@ -8,6 +8,7 @@ use anyhow::Result;
 use serde::Deserialize;
 
 use crate::engine::scheduler::Request;
+use crate::engine::TokenLogprobs;
 use crate::kv::store::MemoryUsage;
 
 /// How a preempted sequence gives its blocks back and later resumes.
@@ -53,6 +54,18 @@ pub enum Parked<P> {
     },
 }
 
+/// A sequence after its prompt pass.
+pub struct Started<S> {
+    /// The sequence.
+    pub seq: S,
+    /// Its next-token logits.
+    pub logits: Vec<f32>,
+    /// When asked for: each prompt token after the first, with its log-probability under the
+    /// logits before it (the cache policy acting as it does in the pass) and the most likely
+    /// alternatives.
+    pub prompt_logprobs: Vec<TokenLogprobs>,
+}
+
 /// Bytes the whole pool holds now.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PoolUsage {
@@ -82,9 +95,16 @@ pub trait BatchEngine {
     /// Blocks in the pool.
     fn capacity_blocks(&self) -> usize;
     /// Starts a sequence for `req` and prefills `ids` into it (in chunks of `chunk` tokens where
-    /// the engine chunks; 0 = one pass); returns it and its next-token logits. On an error the
-    /// engine has given back whatever it took.
-    fn start(&mut self, req: &Request, ids: &[u32], chunk: usize) -> Result<(Self::Seq, Vec<f32>)>;
+    /// the engine chunks; 0 = one pass); returns it, its next-token logits and, with
+    /// `score_prompt = Some(top)`, each prompt token after the first scored in the same pass. On
+    /// an error the engine has given back whatever it took.
+    fn start(
+        &mut self,
+        req: &Request,
+        ids: &[u32],
+        chunk: usize,
+        score_prompt: Option<usize>,
+    ) -> Result<Started<Self::Seq>>;
     /// Blocks a copy of `seq` needs beside `running` others (see [`BatchEngine::fork`]).
     fn fork_need(&self, seq: &Self::Seq, running: usize) -> Result<usize>;
     /// Starts a sequence as a copy of `seq` (a copy-on-admission fork: requests with the same

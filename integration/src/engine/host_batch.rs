@@ -8,7 +8,7 @@ use anyhow::{bail, Result};
 
 use dms_policy::SignalNeed;
 
-use super::batch_engine::{BatchEngine, Parked, PoolUsage, Preemption, SeqReport};
+use super::batch_engine::{BatchEngine, Parked, PoolUsage, Preemption, SeqReport, Started};
 use super::scheduler::Request;
 use super::Engine;
 use crate::kv::sequence::SequenceCache;
@@ -63,16 +63,26 @@ impl BatchEngine for Engine {
         self.store.capacity_blocks()
     }
 
-    fn start(&mut self, req: &Request, ids: &[u32], chunk: usize) -> Result<(HostSequence, Vec<f32>)> {
+    fn start(
+        &mut self,
+        req: &Request,
+        ids: &[u32],
+        chunk: usize,
+        score_prompt: Option<usize>,
+    ) -> Result<Started<HostSequence>> {
         if ids.is_empty() {
             bail!("request {}: the prompt is empty", req.id);
         }
         let mut cache = self.new_sequence_with(req.policy.as_ref());
-        match self.prefill(&mut cache, ids, chunk) {
-            Ok(logits) => {
+        let pass = match score_prompt {
+            None => self.prefill(&mut cache, ids, chunk).map(|l| (l, Vec::new())),
+            Some(top) => self.prefill_scored(&mut cache, ids, chunk, top),
+        };
+        match pass {
+            Ok((logits, prompt_logprobs)) => {
                 let mut seq = HostSequence { cache, peak_allocated: 0, peak_live: 0 };
                 seq.note_usage(&seq.cache.usage(&self.store));
-                Ok((seq, logits))
+                Ok(Started { seq, logits, prompt_logprobs })
             }
             Err(e) => {
                 cache.release(&mut self.store);

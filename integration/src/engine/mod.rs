@@ -35,6 +35,10 @@ use crate::kv::sequence::SequenceCache;
 use crate::kv::store::{KvDtype, KvStore, MemoryUsage};
 use crate::model::{DecisionSource, Llama};
 use batch_engine::Preemption;
+
+/// Most prompt tokens per pass when a prompt is scored ([`Engine::prefill_scored`]): every
+/// position's logits are kept for the pass (256 x a 152K vocabulary: 156 MB).
+pub const SCORED_CHUNK: usize = 256;
 use block_manager::BlockManager;
 
 /// Sampling and stopping settings.
@@ -174,6 +178,34 @@ impl Engine {
             last = Some(self.step(seq, part, false)?);
         }
         Ok(last.expect("prompt is not empty").squeeze(0)?.to_vec1::<f32>()?)
+    }
+
+    /// [`Self::prefill`] that also scores the prompt: each token after the first gets its
+    /// log-probability under the logits before it, with the `top` most likely tokens. Chunks are
+    /// at most [`SCORED_CHUNK`] tokens, so that their logits (`[chunk, vocab]`) stay small.
+    pub fn prefill_scored(
+        &mut self,
+        seq: &mut SequenceCache,
+        prompt: &[u32],
+        chunk: usize,
+        top: usize,
+    ) -> Result<(Vec<f32>, Vec<TokenLogprobs>)> {
+        if prompt.is_empty() {
+            bail!("the prompt is empty");
+        }
+        let chunk = if chunk == 0 { SCORED_CHUNK } else { chunk.min(SCORED_CHUNK) };
+        let mut scored = Vec::with_capacity(prompt.len() - 1);
+        let mut last = Vec::new();
+        for (c, part) in prompt.chunks(chunk).enumerate() {
+            let rows = self.step(seq, part, true)?.to_vec2::<f32>()?;
+            for (i, row) in rows.iter().enumerate() {
+                if let Some(&next) = prompt.get(c * chunk + i + 1) {
+                    scored.push(token_logprobs(row, next, top));
+                }
+            }
+            last = rows.into_iter().last().unwrap_or_default();
+        }
+        Ok((last, scored))
     }
 
     /// One batched decode step: feeds `tokens[i]` to `seqs[i]`; returns each sequence's

@@ -16,7 +16,7 @@ use anyhow::{bail, Result};
 use dms_policy::PolicyFactory;
 use rand::{rngs::StdRng, SeedableRng};
 
-use crate::engine::batch_engine::{BatchEngine, Parked, SeqReport};
+use crate::engine::batch_engine::{BatchEngine, Parked, SeqReport, Started};
 use crate::engine::{sample, token_logprobs, GenParams, TokenLogprobs};
 use crate::kv::store::MemoryUsage;
 
@@ -283,6 +283,10 @@ pub struct Scheduler<E: BatchEngine> {
     chosen: Vec<Chosen>,
     /// Requests that asked for log-probabilities, with how many top tokens.
     logprobs: HashMap<usize, usize>,
+    /// Requests not yet admitted that asked for their prompt's log-probabilities.
+    prompt_logprobs: HashMap<usize, usize>,
+    /// Prompts scored in the last step.
+    scored: Vec<(usize, Vec<TokenLogprobs>)>,
     failed: Vec<(usize, anyhow::Error)>,
     /// Figures of everything run so far.
     pub stats: BatchStats,
@@ -304,6 +308,8 @@ impl<E: BatchEngine> Scheduler<E> {
             generated_total: 0,
             chosen: Vec::new(),
             logprobs: HashMap::new(),
+            prompt_logprobs: HashMap::new(),
+            scored: Vec::new(),
             failed: Vec::new(),
             stats: BatchStats::default(),
         })
@@ -361,11 +367,26 @@ impl<E: BatchEngine> Scheduler<E> {
         self.logprobs.insert(id, top);
     }
 
+    /// Asks for the log-probabilities of request `id`'s prompt tokens (each after the first, with
+    /// its `top` most likely alternatives), computed in its prompt pass and shown in
+    /// [`Self::scored_prompts`] after the step that admits it. Such a request gets a prompt pass
+    /// of its own (it does not start as a copy of another).
+    pub fn want_prompt_logprobs(&mut self, id: usize, top: usize) {
+        self.prompt_logprobs.insert(id, top);
+    }
+
+    /// The prompts scored in the last [`Scheduler::step`], as (request id, one entry per prompt
+    /// token after the first).
+    pub fn scored_prompts(&self) -> &[(usize, Vec<TokenLogprobs>)] {
+        &self.scored
+    }
+
     /// Removes request `id` wherever it is. A running sequence's blocks return to the pool at
     /// once and it is reported with [`FinishReason::Cancelled`]; a waiting or preempted one is
     /// dropped (`None`), as is an unknown id.
     pub fn cancel(&mut self, engine: &mut E, id: usize) -> Result<Option<Finished>> {
         self.logprobs.remove(&id);
+        self.prompt_logprobs.remove(&id);
         if let Some(i) = self.running.iter().position(|r| r.p.req.id == id) {
             let r = self.running.remove(i);
             let report = engine.finish(r.seq)?;
@@ -391,6 +412,7 @@ impl<E: BatchEngine> Scheduler<E> {
     /// each of its decode steps (for traces).
     pub fn step_observed(&mut self, engine: &mut E, observe: &mut Observer<'_, E>) -> Result<Vec<Finished>> {
         self.chosen.clear();
+        self.scored.clear();
         self.resume(engine)?;
         self.admit(engine, observe)?;
         if self.running.is_empty() {
@@ -446,7 +468,8 @@ impl<E: BatchEngine> Scheduler<E> {
                 None => {
                     let ids: Vec<u32> = p.req.prompt.iter().chain(&p.tokens).copied().collect();
                     let t0 = Instant::now();
-                    let (seq, logits) = match engine.start(&p.req, &ids, self.params.prefill_chunk) {
+                    let Started { seq, logits, .. } = match engine.start(&p.req, &ids, self.params.prefill_chunk, None)
+                    {
                         Ok(started) => started,
                         Err(e) => {
                             let id = p.req.id;
@@ -473,8 +496,10 @@ impl<E: BatchEngine> Scheduler<E> {
         while self.preempted.is_empty() && self.running.len() < self.max_batch {
             let Some(req) = self.waiting.front() else { break };
             let t0 = Instant::now();
-            // A fork needs the blocks its source holds; a prompt pass, the whole prompt's.
-            let forked = self.fork_of(engine, req)?;
+            // A fork needs the blocks its source holds; a prompt pass, the whole prompt's. A
+            // prompt to score gets a pass of its own.
+            let score = self.prompt_logprobs.get(&req.id).copied();
+            let forked = if score.is_some() { None } else { self.fork_of(engine, req)? };
             if forked.is_none() {
                 let need = engine.admission_need(req.prompt.len(), self.running.len());
                 let free = engine.free_blocks()?;
@@ -489,15 +514,19 @@ impl<E: BatchEngine> Scheduler<E> {
                 }
             }
             let req = self.waiting.pop_front().expect("front exists");
+            self.prompt_logprobs.remove(&req.id);
             let (seq, logits) = match forked {
                 Some(forked) => {
                     self.stats.forked += 1;
                     forked
                 }
-                None => match engine.start(&req, &req.prompt, self.params.prefill_chunk) {
-                    Ok(started) => {
+                None => match engine.start(&req, &req.prompt, self.params.prefill_chunk, score) {
+                    Ok(Started { seq, logits, prompt_logprobs }) => {
                         self.stats.prefill_tokens += req.prompt.len();
-                        started
+                        if score.is_some() {
+                            self.scored.push((req.id, prompt_logprobs));
+                        }
+                        (seq, logits)
                     }
                     Err(e) => {
                         let id = req.id;
@@ -552,6 +581,14 @@ impl<E: BatchEngine> Scheduler<E> {
             let r = &mut self.running[i].p;
             if r.pending {
                 i += 1;
+                continue;
+            }
+            if r.tokens.is_empty() && r.req.max_new(&self.params) == 0 {
+                // Nothing to generate (a prompt only scored): done after its prompt pass.
+                let r = self.running.remove(i);
+                self.logprobs.remove(&r.p.req.id);
+                let report = engine.finish(r.seq)?;
+                finished.push(r.p.finished(report, FinishReason::Length));
                 continue;
             }
             let params = r.req.params.as_ref().unwrap_or(&self.params);

@@ -15,7 +15,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 
 use super::{GpuCache, GpuCacheShape};
-use crate::engine::batch_engine::{BatchEngine, Parked, PoolUsage, SeqReport};
+use crate::engine::batch_engine::{BatchEngine, Parked, PoolUsage, SeqReport, Started};
 use crate::engine::block_manager::BlockManager;
 use crate::engine::scheduler::Request;
 use crate::engine::Engine;
@@ -278,7 +278,19 @@ impl BatchEngine for DeviceEngine<'_> {
         self.shape.capacity_blocks
     }
 
-    fn start(&mut self, req: &Request, ids: &[u32], _chunk: usize) -> Result<(DeviceSeq, Vec<f32>)> {
+    fn start(
+        &mut self,
+        req: &Request,
+        ids: &[u32],
+        _chunk: usize,
+        score_prompt: Option<usize>,
+    ) -> Result<Started<DeviceSeq>> {
+        if score_prompt.is_some() {
+            bail!(
+                "request {}: prompt log-probabilities (`echo` with `logprobs`) are computed on the CPU engine only",
+                req.id
+            );
+        }
         let program = DevicePolicy::of(req.policy.as_ref()).with_context(|| format!("request {}", req.id))?;
         let slot = self.cache.add_sequence(program)?;
         let adapter = req.policy.adapter();
@@ -286,7 +298,9 @@ impl BatchEngine for DeviceEngine<'_> {
             .and_then(|l| Ok(l.squeeze(0)?.to_dtype(DType::F32)?.to_vec1::<f32>()?))
             .and_then(|logits| Ok((self.slots.push(slot, adapter)?, logits)));
         match started {
-            Ok((key, logits)) => Ok((DeviceSeq { key, seen: ids.len() }, logits)),
+            Ok((key, logits)) => {
+                Ok(Started { seq: DeviceSeq { key, seen: ids.len() }, logits, prompt_logprobs: Vec::new() })
+            }
             Err(e) => {
                 // Whatever failed, the slot and its blocks go back: the other sequences run on.
                 self.cache.remove_sequence(slot)?;

@@ -23,6 +23,9 @@ pub struct ChatRequest {
     /// More chat template variables (vLLM's extension), such as Qwen3's `enable_thinking`.
     #[serde(default)]
     pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
+    /// Not a chat field: refused unless false.
+    #[serde(default)]
+    echo: Option<Value>,
     /// Sampling and stopping fields shared with completions.
     #[serde(flatten)]
     pub common: CommonFields,
@@ -35,9 +38,38 @@ pub struct CompletionRequest {
     pub model: String,
     /// The prompt.
     pub prompt: Prompt,
+    /// Put the prompt before the completion (with `logprobs`, the prompt tokens' too).
+    #[serde(default)]
+    echo: Option<Value>,
     /// Sampling and stopping fields shared with chat.
     #[serde(flatten)]
     pub common: CommonFields,
+}
+
+/// `echo`: true, false or null (false).
+fn echo_flag(v: &Option<Value>) -> Result<bool, ApiError> {
+    match v {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(other) => Err(ApiError::bad_request(format!("`echo` must be true or false, got {other}"), Some("echo"))),
+    }
+}
+
+impl CompletionRequest {
+    /// Whether the answer starts with the prompt.
+    pub fn echo(&self) -> Result<bool, ApiError> {
+        echo_flag(&self.echo)
+    }
+}
+
+impl ChatRequest {
+    /// Refuses `echo: true`, which only completions take.
+    pub fn check_echo(&self) -> Result<(), ApiError> {
+        if echo_flag(&self.echo)? {
+            return Err(ApiError::bad_request("`echo` is a completions field; chat does not take it", Some("echo")));
+        }
+        Ok(())
+    }
 }
 
 /// A chat message; `content` is a string or a list of text parts.
@@ -153,8 +185,6 @@ pub struct CommonFields {
 #[derive(Debug, Default, Deserialize)]
 pub struct Unsupported {
     #[serde(default)]
-    echo: Option<Value>,
-    #[serde(default)]
     logit_bias: Option<Value>,
     #[serde(default)]
     presence_penalty: Option<Value>,
@@ -183,8 +213,7 @@ impl Unsupported {
             _ => false,
         };
         type NoOp = fn(&Value) -> bool;
-        let fields: [(&str, &Option<Value>, NoOp, &str); 9] = [
-            ("echo", &self.echo, |v| v == &Value::Bool(false), "false"),
+        let fields: [(&str, &Option<Value>, NoOp, &str); 8] = [
             ("logit_bias", &self.logit_bias, empty, "{}"),
             ("presence_penalty", &self.presence_penalty, zero, "0"),
             ("frequency_penalty", &self.frequency_penalty, zero, "0"),
@@ -277,16 +306,19 @@ impl CommonFields {
     }
 
     /// Checks every field; `default_max_tokens` applies when the request gives no limit, and no
-    /// request may ask for more than `cap`.
-    pub fn sampling(&self, default_max_tokens: usize, cap: usize) -> Result<Sampling, ApiError> {
+    /// request may ask for more than `cap`. A limit of 0 is taken when `echo` (a prompt only
+    /// scored).
+    pub fn sampling(&self, default_max_tokens: usize, cap: usize, echo: bool) -> Result<Sampling, ApiError> {
         let (limit, field) = match (self.max_completion_tokens, self.max_tokens) {
             (Some(v), _) => (Some(v), "max_completion_tokens"),
             (None, v) => (v, "max_tokens"),
         };
         let max_tokens = match limit {
             None => default_max_tokens.min(cap),
+            Some(0) if echo => 0,
             Some(v) if v < 1 => {
-                return Err(ApiError::bad_request(format!("`{field}` must be at least 1, got {v}"), Some(field)))
+                let msg = format!("`{field}` must be at least 1 (0 only with `echo`), got {v}");
+                return Err(ApiError::bad_request(msg, Some(field)));
             }
             Some(v) if v as u64 > cap as u64 => {
                 return Err(ApiError::bad_request(
@@ -411,8 +443,11 @@ mod tests {
 
     #[test]
     fn max_completion_tokens_wins_and_every_bad_value_names_its_field() {
-        assert_eq!(common(r#"{"max_tokens": 5, "max_completion_tokens": 7}"#).sampling(16, 100).unwrap().max_tokens, 7);
-        assert_eq!(common("{}").sampling(16, 10).unwrap().max_tokens, 10, "the default is capped too");
+        assert_eq!(
+            common(r#"{"max_tokens": 5, "max_completion_tokens": 7}"#).sampling(16, 100, false).unwrap().max_tokens,
+            7
+        );
+        assert_eq!(common("{}").sampling(16, 10, false).unwrap().max_tokens, 10, "the default is capped too");
         for (body, field) in [
             (r#"{"max_tokens": -1}"#, "max_tokens"),
             (r#"{"max_tokens": 0}"#, "max_tokens"),
@@ -423,7 +458,6 @@ mod tests {
             (r#"{"n": 2}"#, "n"),
             (r#"{"stop": ["a", "b", "c", "d", "e"]}"#, "stop"),
             (r#"{"stop": ""}"#, "stop"),
-            (r#"{"echo": true}"#, "echo"),
             (r#"{"logit_bias": {"50256": -100}}"#, "logit_bias"),
             (r#"{"presence_penalty": 1.5}"#, "presence_penalty"),
             (r#"{"frequency_penalty": -0.5}"#, "frequency_penalty"),
@@ -432,10 +466,33 @@ mod tests {
             (r#"{"tools": [{"type": "function"}]}"#, "tools"),
             (r#"{"response_format": {"type": "json_object"}}"#, "response_format"),
         ] {
-            let e = common(body).sampling(16, 100).unwrap_err();
+            let e = common(body).sampling(16, 100, false).unwrap_err();
             assert_eq!(e.status.as_u16(), 400, "{body}");
             assert_eq!(e.param.as_deref(), Some(field), "{body}");
         }
+    }
+
+    #[test]
+    fn echo_is_a_completions_flag_and_lets_max_tokens_be_zero() {
+        let completion = |json: &str| serde_json::from_str::<CompletionRequest>(json).unwrap();
+        let chat = |json: &str| serde_json::from_str::<ChatRequest>(json).unwrap();
+        let prompt = r#""model": "m", "prompt": "hi""#;
+        for (body, want) in
+            [("", false), (r#", "echo": null"#, false), (r#", "echo": false"#, false), (r#", "echo": true"#, true)]
+        {
+            assert_eq!(completion(&format!("{{{prompt}{body}}}")).echo().unwrap(), want, "{body}");
+        }
+        let e = completion(&format!(r#"{{{prompt}, "echo": 1}}"#)).echo().unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("echo"));
+        let messages = r#""model": "m", "messages": []"#;
+        assert!(chat(&format!(r#"{{{messages}, "echo": false}}"#)).check_echo().is_ok());
+        let e = chat(&format!(r#"{{{messages}, "echo": true}}"#)).check_echo().unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("echo"));
+        assert_eq!(common(r#"{"max_tokens": 0}"#).sampling(16, 100, true).unwrap().max_tokens, 0);
+        assert_eq!(
+            common(r#"{"max_tokens": -1}"#).sampling(16, 100, true).unwrap_err().param.as_deref(),
+            Some("max_tokens")
+        );
     }
 
     #[test]
@@ -472,11 +529,11 @@ mod tests {
         let ok = r#"{"logprobs": false, "top_logprobs": 0, "echo": false, "logit_bias": {}, "presence_penalty": 0,
             "frequency_penalty": 0.0, "best_of": 1, "suffix": "", "tools": [], "functions": null,
             "response_format": {"type": "text"}, "user": "anyone"}"#;
-        assert!(common(ok).sampling(16, 100).is_ok());
+        assert!(common(ok).sampling(16, 100, false).is_ok());
         let at_limit = format!(r#"{{"stop": ["{}"]}}"#, "x".repeat(MAX_STOP_BYTES));
-        assert!(common(&at_limit).sampling(16, 100).is_ok());
+        assert!(common(&at_limit).sampling(16, 100, false).is_ok());
         let over = format!(r#"{{"stop": ["{}"]}}"#, "x".repeat(MAX_STOP_BYTES + 1));
-        assert_eq!(common(&over).sampling(16, 100).unwrap_err().param.as_deref(), Some("stop"));
+        assert_eq!(common(&over).sampling(16, 100, false).unwrap_err().param.as_deref(), Some("stop"));
     }
 
     #[test]

@@ -135,6 +135,8 @@ struct Prepared {
     policy: usize,
     prompt: Vec<u32>,
     logprobs: Option<usize>,
+    /// The prompt's text, to put before the completion (`echo`).
+    echo: Option<String>,
 }
 
 fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
@@ -147,6 +149,7 @@ fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
 async fn chat(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Response {
     let prepared = body_bytes(body).and_then(|b| parse_body::<ChatRequest>(&b)).and_then(|r| {
         app.check_model(&r.model)?;
+        r.check_echo()?;
         let messages = r.chat_messages()?;
         let kwargs = r.chat_template_kwargs.clone().unwrap_or_default();
         check_extra(&kwargs).map_err(|e| ApiError::bad_request(format!("{e:#}"), Some("chat_template_kwargs")))?;
@@ -155,7 +158,7 @@ async fn chat(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) 
             .render_with(&messages, &kwargs)
             .map_err(|e| ApiError::bad_request(format!("{e:#}"), Some("messages")))?;
         let ids = encode(&app.tokenizer, &text, false)?;
-        app.prepare(Kind::Chat, &r.common, ids)
+        app.prepare(Kind::Chat, &r.common, ids, None)
     });
     match prepared {
         Ok(p) => app.answer(Kind::Chat, p).await,
@@ -166,10 +169,14 @@ async fn chat(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) 
 async fn completions(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Response {
     let prepared = body_bytes(body).and_then(|b| parse_body::<CompletionRequest>(&b)).and_then(|r| {
         app.check_model(&r.model)?;
-        let ids = match r.prompt {
-            Prompt::Text(t) => encode(&app.tokenizer, &t, true)?,
-            Prompt::Ids(ids) => ids,
-            Prompt::Texts(t) if t.len() == 1 => encode(&app.tokenizer, &t[0], true)?,
+        let echo = r.echo()?;
+        let (ids, text) = match r.prompt {
+            Prompt::Text(t) => (encode(&app.tokenizer, &t, true)?, Some(t)),
+            Prompt::Ids(ids) => (ids, None),
+            Prompt::Texts(mut t) if t.len() == 1 => {
+                let t = t.pop().expect("one text");
+                (encode(&app.tokenizer, &t, true)?, Some(t))
+            }
             Prompt::Texts(t) => {
                 return Err(ApiError::bad_request(
                     format!("`prompt` has {} texts; one per request", t.len()),
@@ -177,7 +184,15 @@ async fn completions(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejec
                 ))
             }
         };
-        app.prepare(Kind::Completion, &r.common, ids)
+        // The prompt as given; token ids as their text.
+        let echo = match (echo, text) {
+            (false, _) => None,
+            (true, Some(t)) => Some(t),
+            (true, None) => Some(app.tokenizer.decode(&ids, false).map_err(|e| {
+                ApiError::bad_request(format!("cannot decode the prompt's token ids: {e}"), Some("prompt"))
+            })?),
+        };
+        app.prepare(Kind::Completion, &r.common, ids, echo)
     });
     match prepared {
         Ok(p) => app.answer(Kind::Completion, p).await,
@@ -215,8 +230,14 @@ impl App {
         Ok(())
     }
 
-    fn prepare(&self, kind: Kind, common: &CommonFields, prompt: Vec<u32>) -> Result<Prepared, ApiError> {
-        let sampling = common.sampling(self.default_max_tokens, self.max_tokens_cap)?;
+    fn prepare(
+        &self,
+        kind: Kind,
+        common: &CommonFields,
+        prompt: Vec<u32>,
+        echo: Option<String>,
+    ) -> Result<Prepared, ApiError> {
+        let sampling = common.sampling(self.default_max_tokens, self.max_tokens_cap, echo.is_some())?;
         let logprobs = common.logprobs(kind == Kind::Chat)?;
         let policy = match &common.cache_policy {
             None => 0,
@@ -254,7 +275,7 @@ impl App {
             return Err(ApiError { param: Some("max_tokens".into()), ..ApiError::bad_request(msg, None) }
                 .with_code("context_length_exceeded"));
         }
-        Ok(Prepared { sampling, policy, prompt, logprobs })
+        Ok(Prepared { sampling, policy, prompt, logprobs, echo })
     }
 
     /// Queues the job and answers from its events (streamed or whole).
@@ -282,6 +303,7 @@ impl App {
             stops: s.stops.clone(),
             arrived: Instant::now(),
             logprobs: p.logprobs,
+            echo: p.echo,
             events: tx,
         };
         if self.commands.send(Command::Submit(job)).is_err() {
@@ -374,12 +396,12 @@ impl Head {
 fn logprobs_json(kind: Kind, tokens: &[TokenLogprob]) -> Value {
     match kind {
         Kind::Chat => {
-            let entry = |t: &str, l: f32| json!({"token": t, "logprob": l, "bytes": t.as_bytes()});
+            let entry = |t: &str, l: Option<f32>| json!({"token": t, "logprob": l, "bytes": t.as_bytes()});
             let content: Vec<Value> = tokens
                 .iter()
                 .map(|t| {
                     let mut e = entry(&t.token, t.logprob);
-                    e["top_logprobs"] = t.top.iter().map(|(s, l)| entry(s, *l)).collect();
+                    e["top_logprobs"] = t.top.iter().map(|(s, l)| entry(s, Some(*l))).collect();
                     e
                 })
                 .collect();
@@ -396,14 +418,18 @@ fn logprobs_json(kind: Kind, tokens: &[TokenLogprob]) -> Value {
                 })
                 .collect();
             // A map per token, as OpenAI's: two alternatives with the same text keep the likelier.
-            let top: Vec<serde_json::Map<String, Value>> = tokens
+            // An echoed prompt's first token has none (null), as it has no log-probability.
+            let top: Vec<Value> = tokens
                 .iter()
                 .map(|t| {
+                    if t.logprob.is_none() {
+                        return Value::Null;
+                    }
                     let mut m = serde_json::Map::new();
                     for (s, l) in &t.top {
                         m.entry(s.clone()).or_insert(json!(l));
                     }
-                    m
+                    Value::Object(m)
                 })
                 .collect();
             json!({

@@ -35,6 +35,9 @@ pub struct Job {
     pub arrived: Instant,
     /// Report each token's log-probability with this many most likely alternatives.
     pub logprobs: Option<usize>,
+    /// Text to send before the completion (`echo`: the prompt); with `logprobs`, the prompt's
+    /// tokens come with theirs.
+    pub echo: Option<String>,
     /// Where its events go.
     pub events: UnboundedSender<Event>,
 }
@@ -44,17 +47,27 @@ pub struct Job {
 pub struct TokenLogprob {
     /// The token's text.
     pub token: String,
-    /// Its log-probability.
-    pub logprob: f32,
+    /// Its log-probability (`None` for a prompt's first token, which nothing predicts).
+    pub logprob: Option<f32>,
     /// The most likely tokens, best first.
     pub top: Vec<(String, f32)>,
 }
 
+/// A token's own text; a piece of a multi-byte character decodes as U+FFFD, as in vLLM.
+fn token_text(tokenizer: &Tokenizer, id: u32) -> String {
+    tokenizer.decode(&[id], false).unwrap_or_default()
+}
+
 impl TokenLogprob {
     fn of(tokenizer: &Tokenizer, token: u32, lp: &TokenLogprobs) -> Self {
-        // A token's own text; a piece of a multi-byte character decodes as U+FFFD, as in vLLM.
-        let text = |id: u32| tokenizer.decode(&[id], false).unwrap_or_default();
-        Self { token: text(token), logprob: lp.logprob, top: lp.top.iter().map(|&(id, l)| (text(id), l)).collect() }
+        let top = lp.top.iter().map(|&(id, l)| (token_text(tokenizer, id), l)).collect();
+        Self { token: token_text(tokenizer, token), logprob: Some(lp.logprob), top }
+    }
+
+    /// A prompt's entries: its first token with no log-probability, then each scored one.
+    fn prompt(tokenizer: &Tokenizer, prompt: &[u32], scored: &[TokenLogprobs]) -> Vec<Self> {
+        let first = prompt.first().map(|&t| Self { token: token_text(tokenizer, t), logprob: None, top: Vec::new() });
+        first.into_iter().chain(prompt.iter().skip(1).zip(scored).map(|(&t, lp)| Self::of(tokenizer, t, lp))).collect()
     }
 }
 
@@ -192,6 +205,9 @@ pub fn run<E: BatchEngine>(engine: &mut E, setup: WorkerSetup, commands: Receive
                         Ok(()) => {
                             if let Some(top) = job.logprobs {
                                 sched.want_logprobs(id, top);
+                                if job.echo.is_some() {
+                                    sched.want_prompt_logprobs(id, top);
+                                }
                             }
                             let text = TextStream::new(&tokenizer, job.stops.clone());
                             let a = Active {
@@ -203,6 +219,11 @@ pub fn run<E: BatchEngine>(engine: &mut E, setup: WorkerSetup, commands: Receive
                                 logprobs_sent: 0,
                                 stop_hit: false,
                             };
+                            // Without log-probabilities the echoed prompt goes out at once; with
+                            // them, after the prompt pass that scores it.
+                            if let (Some(echo), None) = (&a.job.echo, a.job.logprobs) {
+                                let _ = a.job.events.send(Event::Text(echo.clone(), Vec::new()));
+                            }
                             active.insert(id, a);
                         }
                         Err(e) => {
@@ -277,6 +298,12 @@ pub fn run<E: BatchEngine>(engine: &mut E, setup: WorkerSetup, commands: Receive
                     msg,
                 )));
             }
+        }
+        for (id, scored) in sched.scored_prompts() {
+            let Some(a) = active.get_mut(id) else { continue };
+            a.logprobs = TokenLogprob::prompt(&tokenizer, &a.job.prompt, scored);
+            let echo = a.job.echo.clone().unwrap_or_default();
+            a.send_text(echo);
         }
         let now = Instant::now();
         for c in sched.chosen() {

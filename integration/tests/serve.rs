@@ -466,15 +466,18 @@ fn echo_returns_the_prompt_and_scores_it_in_its_pass() {
         "{r}"
     );
     assert!(r["choices"][0]["logprobs"].is_null(), "{r}");
-    let (status, r) = post_json(
-        &server.base,
-        "/v1/completions",
-        &serde_json::json!({"model": "tiny", "prompt": prompt, "max_tokens": 0, "echo": true}),
-    );
-    assert_eq!(status, 200, "{r}");
-    assert_eq!(r["choices"][0]["text"], tok.decode(&prompt, false).unwrap().as_str(), "{r}");
+    // Token ids, alone or as lm-eval batches them (a list of one), echo as their text.
+    for ids in [serde_json::json!(prompt), serde_json::json!([prompt])] {
+        let body = serde_json::json!({"model": "tiny", "prompt": ids, "max_tokens": 1, "echo": true, "logprobs": 1});
+        let (status, r) = post_json(&server.base, "/v1/completions", &body);
+        assert_eq!(status, 200, "{r}");
+        let text = r["choices"][0]["text"].as_str().unwrap();
+        assert!(text.starts_with(&tok.decode(&prompt, false).unwrap()), "{r}");
+        assert_eq!(r["choices"][0]["logprobs"]["tokens"].as_array().unwrap().len(), prompt.len() + 1, "{r}");
+    }
     for (path, body, field) in [
         ("/v1/completions", serde_json::json!({"model": "tiny", "prompt": "Hello", "max_tokens": 0}), "max_tokens"),
+        ("/v1/completions", serde_json::json!({"model": "tiny", "prompt": [[1, 2], [3]], "max_tokens": 1}), "prompt"),
         (
             "/v1/chat/completions",
             serde_json::json!({"model": "tiny", "echo": true, "messages": [{"role": "user", "content": "Hi"}]}),

@@ -106,12 +106,14 @@ pub struct ContentPart {
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 pub enum Prompt {
-    /// Text, tokenized without special tokens added.
+    /// Text, tokenized with the special tokens the tokenizer adds.
     Text(String),
     /// Token ids.
     Ids(Vec<u32>),
     /// A list of texts; exactly one is accepted.
     Texts(Vec<String>),
+    /// A list of token-id prompts (lm-eval's batches); exactly one is accepted.
+    IdLists(Vec<Vec<u32>>),
 }
 
 /// `stop`: one string or a list.

@@ -177,9 +177,16 @@ async fn completions(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejec
                 let t = t.pop().expect("one text");
                 (encode(&app.tokenizer, &t, true)?, Some(t))
             }
+            Prompt::IdLists(mut l) if l.len() == 1 => (l.pop().expect("one prompt"), None),
             Prompt::Texts(t) => {
                 return Err(ApiError::bad_request(
                     format!("`prompt` has {} texts; one per request", t.len()),
+                    Some("prompt"),
+                ))
+            }
+            Prompt::IdLists(l) => {
+                return Err(ApiError::bad_request(
+                    format!("`prompt` has {} token-id prompts; one per request", l.len()),
                     Some("prompt"),
                 ))
             }

@@ -217,13 +217,17 @@ fn post_json(base: &str, path: &str, body: &serde_json::Value) -> (u16, serde_js
 
 /// One HTTP/1.1 POST of a JSON body; the status code and the response body.
 fn post(base: &str, path: &str, body: &serde_json::Value) -> (u16, String) {
+    http(base, "POST", path, &body.to_string())
+}
+
+/// One HTTP/1.1 request (no client library needed); the status code and the response body.
+fn http(base: &str, method: &str, path: &str, body: &str) -> (u16, String) {
     use std::io::{Read, Write};
     let addr = base.trim_start_matches("http://").trim_end_matches('/');
     let mut stream = std::net::TcpStream::connect(addr).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let body = body.to_string();
     let request = format!(
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     stream.write_all(request.as_bytes()).unwrap();
@@ -488,4 +492,69 @@ fn echo_returns_the_prompt_and_scores_it_in_its_pass() {
         assert_eq!(status, 400, "{r}");
         assert_eq!(r["error"]["param"], field, "{r}");
     }
+}
+
+/// `n` choices: choice i is the answer a request of its own with seed + i gives (sampled at
+/// temperature 1), and the copies start from one prompt pass (`dms_forked_sequences_total`);
+/// usage counts the prompt once and every choice's tokens. Streamed, each index's chunks make up
+/// that choice's text, and one usage chunk follows them all.
+#[test]
+fn n_choices_are_the_answers_of_successive_seeds() {
+    let server = tiny_llama3_server("choices");
+    let body = |n: usize, seed: u64, stream: bool| {
+        serde_json::json!({"model": "tiny", "prompt": "Hello world", "max_tokens": 6, "temperature": 1.0,
+            "seed": seed, "n": n, "ignore_eos": true, "stream": stream, "stream_options": {"include_usage": stream}})
+    };
+    let singles: Vec<(String, u64)> = (0..3)
+        .map(|i| {
+            let (status, r) = post_json(&server.base, "/v1/completions", &body(1, 7 + i, false));
+            assert_eq!(status, 200, "{r}");
+            (r["choices"][0]["text"].as_str().unwrap().to_string(), r["usage"]["prompt_tokens"].as_u64().unwrap())
+        })
+        .collect();
+    assert!(singles.iter().any(|s| s.0 != singles[0].0), "the seeds sample different texts: {singles:?}");
+    // The copies start from one prompt pass: two of the three sequences are forks.
+    let forked = || {
+        let (_, text) = http(&server.base, "GET", "/metrics", "");
+        let line = text.lines().find(|l| l.starts_with("dms_forked_sequences_total ")).expect("the counter");
+        line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap()
+    };
+    let before = forked();
+    let (status, r) = post_json(&server.base, "/v1/completions", &body(3, 7, false));
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(forked() - before, 2, "{r}");
+    let choices = r["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3, "{r}");
+    for (i, (c, (text, _))) in choices.iter().zip(&singles).enumerate() {
+        assert_eq!(c["index"], i, "{r}");
+        assert_eq!(c["text"], text.as_str(), "choice {i}: {r}");
+    }
+    assert_eq!(r["usage"]["prompt_tokens"].as_u64(), Some(singles[0].1), "{r}");
+    assert_eq!(r["usage"]["completion_tokens"], 18, "{r}");
+    let (status, sse) = post(&server.base, "/v1/completions", &body(3, 7, true));
+    assert_eq!(status, 200, "{sse}");
+    let (mut texts, mut finished, mut usages) = (vec![String::new(); 3], 0, Vec::new());
+    for line in sse.lines().filter_map(|l| l.strip_prefix("data: ")).filter(|l| *l != "[DONE]") {
+        let chunk: serde_json::Value = serde_json::from_str(line).unwrap();
+        if let Some(u) = chunk.get("usage") {
+            assert_eq!(finished, 3, "usage after every choice: {sse}");
+            usages.push(u["completion_tokens"].clone());
+            continue;
+        }
+        let c = &chunk["choices"][0];
+        texts[c["index"].as_u64().unwrap() as usize].push_str(c["text"].as_str().unwrap());
+        if !c["finish_reason"].is_null() {
+            finished += 1;
+        }
+    }
+    assert_eq!(usages, vec![serde_json::json!(18)], "{sse}");
+    for (got, (want, _)) in texts.iter().zip(&singles) {
+        assert_eq!(got, want, "{sse}");
+    }
+    let chat =
+        serde_json::json!({"model": "tiny", "max_tokens": 2, "n": 2, "messages": [{"role": "user", "content": "Hi"}]});
+    let (status, r) = post_json(&server.base, "/v1/chat/completions", &chat);
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["choices"].as_array().unwrap().len(), 2, "{r}");
+    assert_eq!(r["choices"][1]["index"], 1, "{r}");
 }

@@ -30,6 +30,8 @@ pub struct Metrics {
     pub evicted_tokens: CounterVec,
     /// Sequences preempted.
     pub preemptions: IntCounter,
+    /// Sequences started as a copy of another (same prompt and policy) with no prompt pass.
+    pub forked: IntCounter,
     /// Seconds from a request's arrival to its first token.
     pub time_to_first_token: HistogramVec,
     /// Seconds between consecutive tokens of a request.
@@ -68,6 +70,11 @@ impl Metrics {
             "Sequences preempted (swapped out of the pool or dropped for recomputation)",
         )?;
         registry.register(Box::new(preemptions.clone()))?;
+        let forked = IntCounter::new(
+            "dms_forked_sequences_total",
+            "Sequences started as a copy of a running one with the same prompt and policy (no prompt pass of their own)",
+        )?;
+        registry.register(Box::new(forked.clone()))?;
         let latency_buckets = prometheus::exponential_buckets(0.001, 2.0, 16)?;
         let m = Self {
             requests_running: gauge("dms_requests_running", "Sequences decoding now")?,
@@ -84,6 +91,7 @@ impl Metrics {
                 "Tokens evicted from the KV cache, averaged over each sequence's rows (layer x KV head), counted when it ends",
             )?,
             preemptions,
+            forked,
             time_to_first_token: histograms(
                 "dms_time_to_first_token_seconds",
                 "Seconds from a request's arrival to its first token",
@@ -137,6 +145,7 @@ mod tests {
             "dms_requests_total{policy=\"full\"}",
             "dms_evicted_tokens_total{policy=\"full\"}",
             "dms_preemptions_total",
+            "dms_forked_sequences_total",
             "dms_time_to_first_token_seconds_bucket{policy=\"dms\"",
             "dms_inter_token_latency_seconds_count{policy=\"full\"}",
         ] {

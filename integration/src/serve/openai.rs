@@ -13,7 +13,7 @@ pub const MAX_STOPS: usize = 4;
 pub const MAX_STOP_BYTES: usize = 1024;
 
 /// `POST /v1/chat/completions`. Fields the server does not know are ignored, as OpenAI-compatible
-/// servers do; the ones whose meaning it cannot honour (`n` > 1, [`Unsupported`]) are refused.
+/// servers do; the ones whose meaning it cannot honour ([`Unsupported`]) are refused.
 #[derive(Debug, Deserialize)]
 pub struct ChatRequest {
     /// The model id.
@@ -161,7 +161,8 @@ pub struct CommonFields {
     /// Streaming options.
     #[serde(default)]
     pub stream_options: Option<StreamOptions>,
-    /// Completions to return; only 1 is supported.
+    /// Completions to return (1 to [`MAX_CHOICES`]), each its own sequence; the copies share
+    /// one prompt pass.
     #[serde(default)]
     pub n: Option<i64>,
     /// The cache policy for this request (a name from `/v1/cache_policies`).
@@ -259,6 +260,8 @@ pub struct Sampling {
     pub stream: bool,
     /// In streaming, end with a usage chunk.
     pub include_usage: bool,
+    /// Choices to return.
+    pub n: usize,
     /// Stop at the end-of-sequence token.
     pub stop_at_eos: bool,
 }
@@ -267,6 +270,8 @@ pub struct Sampling {
 pub const MAX_TOP_LOGPROBS_CHAT: u64 = 20;
 /// Most alternatives a completion may ask for per token (OpenAI's limit).
 pub const MAX_TOP_LOGPROBS_COMPLETION: u64 = 5;
+/// Most choices one request may ask for (`n`): each is a sequence of its own.
+pub const MAX_CHOICES: usize = 16;
 
 impl CommonFields {
     /// The log-probabilities asked for: `None`, or how many most likely tokens to report beside
@@ -341,9 +346,13 @@ impl CommonFields {
         if !(top_p > 0.0 && top_p <= 1.0) {
             return Err(ApiError::bad_request(format!("`top_p` must be in (0, 1], got {top_p}"), Some("top_p")));
         }
-        if let Some(n) = self.n.filter(|&n| n != 1) {
-            return Err(ApiError::bad_request(format!("`n` must be 1 (got {n}): one choice per request"), Some("n")));
-        }
+        let n = match self.n {
+            None => 1,
+            Some(n) if (1..=MAX_CHOICES as i64).contains(&n) => n as usize,
+            Some(n) => {
+                return Err(ApiError::bad_request(format!("`n` must be from 1 to {MAX_CHOICES}, got {n}"), Some("n")))
+            }
+        };
         let stops = match &self.stop {
             None => Vec::new(),
             Some(Stop::One(s)) => vec![s.clone()],
@@ -365,7 +374,7 @@ impl CommonFields {
         let stream = self.stream.unwrap_or(false);
         let include_usage = self.stream_options.as_ref().is_some_and(|o| o.include_usage);
         let stop_at_eos = !self.ignore_eos.unwrap_or(false);
-        Ok(Sampling { max_tokens, temperature, top_p, seed: self.seed, stops, stream, include_usage, stop_at_eos })
+        Ok(Sampling { max_tokens, temperature, top_p, seed: self.seed, stops, stream, include_usage, stop_at_eos, n })
     }
 }
 
@@ -457,7 +466,8 @@ mod tests {
             (r#"{"temperature": 2.5}"#, "temperature"),
             (r#"{"temperature": -0.1}"#, "temperature"),
             (r#"{"top_p": 0}"#, "top_p"),
-            (r#"{"n": 2}"#, "n"),
+            (r#"{"n": 0}"#, "n"),
+            (r#"{"n": 17}"#, "n"),
             (r#"{"stop": ["a", "b", "c", "d", "e"]}"#, "stop"),
             (r#"{"stop": ""}"#, "stop"),
             (r#"{"logit_bias": {"50256": -100}}"#, "logit_bias"),

@@ -216,12 +216,12 @@ fn encode(tokenizer: &Tokenizer, text: &str, add_special: bool) -> Result<Vec<u3
     Ok(enc.get_ids().to_vec())
 }
 
-/// Counts a request in flight until dropped.
-struct InFlight(Arc<App>);
+/// Counts a request's sequences (one per choice) in flight until dropped.
+struct InFlight(Arc<App>, usize);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.outstanding.fetch_sub(1, Ordering::SeqCst);
+        self.0.outstanding.fetch_sub(self.1, Ordering::SeqCst);
     }
 }
 
@@ -287,35 +287,45 @@ impl App {
 
     /// Queues the job and answers from its events (streamed or whole).
     async fn answer(self: &Arc<Self>, kind: Kind, p: Prepared) -> Response {
-        if self.outstanding.fetch_add(1, Ordering::SeqCst) >= self.max_outstanding {
-            self.outstanding.fetch_sub(1, Ordering::SeqCst);
+        let n = p.sampling.n;
+        if self.outstanding.fetch_add(n, Ordering::SeqCst) + n > self.max_outstanding {
+            self.outstanding.fetch_sub(n, Ordering::SeqCst);
             let msg = format!("the server is at its limit of {} requests in flight; retry later", self.max_outstanding);
             return ApiError::new(StatusCode::TOO_MANY_REQUESTS, "queue_full", msg).into_response();
         }
-        let guard = InFlight(self.clone());
-        let (tx, mut rx) = unbounded_channel();
+        let guard = InFlight(self.clone(), n);
         let s = &p.sampling;
-        let params = GenParams {
-            max_tokens: s.max_tokens,
-            temperature: s.temperature,
-            top_p: s.top_p,
-            seed: s.seed.unwrap_or_else(rand::random),
-            stop_at_eos: s.stop_at_eos,
-            prefill_chunk: 0,
+        let seed = s.seed.unwrap_or_else(rand::random);
+        let stopped = || {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "the engine has stopped").into_response()
         };
-        let job = Job {
-            prompt: p.prompt,
-            params,
-            policy: p.policy,
-            stops: s.stops.clone(),
-            arrived: Instant::now(),
-            logprobs: p.logprobs,
-            echo: p.echo,
-            events: tx,
-        };
-        if self.commands.send(Command::Submit(job)).is_err() {
-            return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "the engine has stopped")
-                .into_response();
+        // One sequence per choice, each with its own sampler (seed + index); the engine starts
+        // the copies of one prompt from a single prompt pass.
+        let mut receivers = Vec::with_capacity(n);
+        for i in 0..n {
+            let (tx, rx) = unbounded_channel();
+            let params = GenParams {
+                max_tokens: s.max_tokens,
+                temperature: s.temperature,
+                top_p: s.top_p,
+                seed: seed.wrapping_add(i as u64),
+                stop_at_eos: s.stop_at_eos,
+                prefill_chunk: 0,
+            };
+            let job = Job {
+                prompt: p.prompt.clone(),
+                params,
+                policy: p.policy,
+                stops: s.stops.clone(),
+                arrived: Instant::now(),
+                logprobs: p.logprobs,
+                echo: p.echo.clone(),
+                events: tx,
+            };
+            if self.commands.send(Command::Submit(job)).is_err() {
+                return stopped();
+            }
+            receivers.push(rx);
         }
         let head = Head {
             id: format!("{}-{}", kind.id_prefix(), self.next_id.fetch_add(1, Ordering::Relaxed)),
@@ -324,19 +334,21 @@ impl App {
             kind,
             logprobs: p.logprobs.is_some(),
         };
-        // Wait for the first event so that a request the engine refuses gets its status code.
-        let first = match rx.recv().await {
-            Some(Event::Failed(e)) => return e.into_response(),
-            Some(e) => e,
-            None => {
-                return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "the engine has stopped")
-                    .into_response()
+        // Wait for each choice's first event so that a request the engine refuses gets its
+        // status code (dropping the receivers cancels the other choices).
+        let mut firsts = Vec::with_capacity(n);
+        for rx in &mut receivers {
+            match rx.recv().await {
+                Some(Event::Failed(e)) => return e.into_response(),
+                Some(e) => firsts.push(e),
+                None => return stopped(),
             }
-        };
+        }
+        let choices: Vec<(Event, UnboundedReceiver<Event>)> = firsts.into_iter().zip(receivers).collect();
         if p.sampling.stream {
-            Sse::new(sse_stream(head, first, rx, p.sampling.include_usage, guard)).into_response()
+            Sse::new(sse_stream(head, choices, p.sampling.include_usage, guard)).into_response()
         } else {
-            whole_answer(head, first, rx).await
+            whole_answer(head, choices).await
         }
     }
 }
@@ -376,22 +388,23 @@ impl Head {
         json!({"id": self.id, "object": object, "created": self.created, "model": self.model, "choices": choices})
     }
 
-    fn delta(&self, text: &str, logprobs: &[TokenLogprob]) -> Value {
+    fn delta(&self, index: usize, text: &str, logprobs: &[TokenLogprob]) -> Value {
         let logprobs = if self.logprobs { logprobs_json(self.kind, logprobs) } else { Value::Null };
         match self.kind {
-            Kind::Chat => self
-                .object(json!([{"index": 0, "delta": {"content": text}, "finish_reason": null, "logprobs": logprobs}])),
+            Kind::Chat => self.object(
+                json!([{"index": index, "delta": {"content": text}, "finish_reason": null, "logprobs": logprobs}]),
+            ),
             Kind::Completion => {
-                self.object(json!([{"index": 0, "text": text, "finish_reason": null, "logprobs": logprobs}]))
+                self.object(json!([{"index": index, "text": text, "finish_reason": null, "logprobs": logprobs}]))
             }
         }
     }
 
-    fn last(&self, o: &Outcome) -> Value {
+    fn last(&self, index: usize, o: &Outcome) -> Value {
         let mut v = match self.kind {
-            Kind::Chat => self.object(json!([{"index": 0, "delta": {}, "finish_reason": o.finish_reason}])),
+            Kind::Chat => self.object(json!([{"index": index, "delta": {}, "finish_reason": o.finish_reason}])),
             Kind::Completion => {
-                self.object(json!([{"index": 0, "text": "", "finish_reason": o.finish_reason, "logprobs": null}]))
+                self.object(json!([{"index": index, "text": "", "finish_reason": o.finish_reason, "logprobs": null}]))
             }
         };
         v["kv_cache"] = o.kv.json();
@@ -449,76 +462,102 @@ fn logprobs_json(kind: Kind, tokens: &[TokenLogprob]) -> Value {
     }
 }
 
-async fn whole_answer(head: Head, first: Event, mut rx: UnboundedReceiver<Event>) -> Response {
-    let mut text = String::new();
-    let mut event = Some(first);
-    loop {
-        match event {
-            // The log-probabilities come whole with the outcome.
-            Some(Event::Text(t, _)) => text.push_str(&t),
-            Some(Event::Failed(e)) => return e.into_response(),
-            Some(Event::Done(o)) => {
-                let logprobs = o.logprobs.as_deref().map_or(Value::Null, |l| logprobs_json(head.kind, l));
-                let choice = match head.kind {
-                    Kind::Chat => {
-                        json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": o.finish_reason, "logprobs": logprobs})
-                    }
-                    Kind::Completion => {
-                        json!({"index": 0, "text": text, "finish_reason": o.finish_reason, "logprobs": logprobs})
-                    }
-                };
-                let object = match head.kind {
-                    Kind::Chat => "chat.completion",
-                    Kind::Completion => "text_completion",
-                };
-                return Json(json!({
-                    "id": head.id, "object": object, "created": head.created, "model": head.model,
-                    "choices": [choice],
-                    "usage": usage_json(o.prompt_tokens, o.completion_tokens),
-                    "kv_cache": o.kv.json(),
-                }))
-                .into_response();
+async fn whole_answer(head: Head, choices: Vec<(Event, UnboundedReceiver<Event>)>) -> Response {
+    let n = choices.len();
+    let mut out = Vec::with_capacity(n);
+    let mut usage = (0, 0);
+    let mut kv = Value::Null;
+    for (index, (first, mut rx)) in choices.into_iter().enumerate() {
+        let mut text = String::new();
+        let mut event = Some(first);
+        let o = loop {
+            match event {
+                // The log-probabilities come whole with the outcome.
+                Some(Event::Text(t, _)) => text.push_str(&t),
+                Some(Event::Failed(e)) => return e.into_response(),
+                Some(Event::Done(o)) => break o,
+                None => {
+                    return ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "shutting_down",
+                        "the engine stopped mid-request",
+                    )
+                    .into_response()
+                }
             }
-            None => {
-                return ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "shutting_down",
-                    "the engine stopped mid-request",
-                )
-                .into_response()
+            event = rx.recv().await;
+        };
+        let logprobs = o.logprobs.as_deref().map_or(Value::Null, |l| logprobs_json(head.kind, l));
+        let mut choice = match head.kind {
+            Kind::Chat => {
+                json!({"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": o.finish_reason, "logprobs": logprobs})
             }
+            Kind::Completion => {
+                json!({"index": index, "text": text, "finish_reason": o.finish_reason, "logprobs": logprobs})
+            }
+        };
+        // The prompt is counted once; each choice's cache is its own.
+        usage = (o.prompt_tokens, usage.1 + o.completion_tokens);
+        if index == 0 {
+            kv = o.kv.json();
         }
-        event = rx.recv().await;
+        if n > 1 {
+            choice["kv_cache"] = o.kv.json();
+        }
+        out.push(choice);
     }
+    let object = match head.kind {
+        Kind::Chat => "chat.completion",
+        Kind::Completion => "text_completion",
+    };
+    Json(json!({
+        "id": head.id, "object": object, "created": head.created, "model": head.model,
+        "choices": out,
+        "usage": usage_json(usage.0, usage.1),
+        "kv_cache": kv,
+    }))
+    .into_response()
 }
 
-/// The SSE events of one streamed answer: a role chunk (chat), text chunks, a last chunk with
-/// `finish_reason` and `kv_cache`, a usage chunk when asked, then `[DONE]`. Dropping the stream
-/// (the client went away) drops the receiver, which cancels the sequence.
+/// The SSE events of one streamed answer: a role chunk per choice (chat), the choices' text
+/// chunks as they come (each with its `index`), a last chunk per choice with `finish_reason` and
+/// `kv_cache`, a usage chunk when asked (after every choice), then `[DONE]`. Dropping the stream
+/// (the client went away) drops the receivers, which cancels the sequences.
 fn sse_stream(
     head: Head,
-    first: Event,
-    rx: UnboundedReceiver<Event>,
+    choices: Vec<(Event, UnboundedReceiver<Event>)>,
     include_usage: bool,
     guard: InFlight,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> {
     let data = |v: Value| SseEvent::default().data(v.to_string());
-    let opening = match head.kind {
-        Kind::Chat => vec![data(
-            head.object(json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}])),
-        )],
+    let n = choices.len();
+    let opening: Vec<SseEvent> = match head.kind {
+        Kind::Chat => (0..n)
+            .map(|i| {
+                data(head.object(
+                    json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]),
+                ))
+            })
+            .collect(),
         Kind::Completion => Vec::new(),
     };
-    let events = stream::once(async { first })
-        .chain(stream::unfold((rx, guard), |(mut rx, g)| async move { rx.recv().await.map(|e| (e, (rx, g))) }));
-    let body = events.flat_map(move |e| {
+    let per_choice = choices.into_iter().enumerate().map(|(i, (first, rx))| {
+        stream::once(async move { (i, first) })
+            .chain(stream::unfold(rx, move |mut rx| async move { rx.recv().await.map(|e| ((i, e), rx)) }))
+            .boxed()
+    });
+    let events = stream::select_all(per_choice);
+    let (mut done, mut usage) = (0, (0, 0));
+    let body = events.flat_map(move |(i, e)| {
         let out = match e {
-            Event::Text(t, logprobs) => vec![data(head.delta(&t, &logprobs))],
+            Event::Text(t, logprobs) => vec![data(head.delta(i, &t, &logprobs))],
             Event::Done(o) => {
-                let mut v = vec![data(head.last(&o))];
-                if include_usage {
+                let mut v = vec![data(head.last(i, &o))];
+                done += 1;
+                usage = (o.prompt_tokens, usage.1 + o.completion_tokens);
+                if include_usage && done == n {
                     let mut u = head.object(json!([]));
-                    u["usage"] = usage_json(o.prompt_tokens, o.completion_tokens);
+                    u["usage"] = usage_json(usage.0, usage.1);
                     v.push(data(u));
                 }
                 v
@@ -527,5 +566,10 @@ fn sse_stream(
         };
         stream::iter(out)
     });
-    stream::iter(opening).chain(body).chain(stream::once(async { SseEvent::default().data("[DONE]") })).map(Ok)
+    // The request counts as in flight until its last event is sent or the stream is dropped.
+    let last = stream::once(async move {
+        drop(guard);
+        SseEvent::default().data("[DONE]")
+    });
+    stream::iter(opening).chain(body).chain(last).map(Ok)
 }

@@ -170,7 +170,7 @@ pub fn run<E: BatchEngine>(engine: &mut E, setup: WorkerSetup, commands: Receive
     let mut active: HashMap<usize, Active<'_>> = HashMap::new();
     let mut next_id = 0usize;
     let mut shutdown_at: Option<Instant> = None;
-    let mut preemptions_seen = 0usize;
+    let (mut preemptions_seen, mut forked_seen) = (0usize, 0usize);
     loop {
         // Take new commands: wait for one when idle, else only what is already there.
         let mut first = if sched.is_idle() {
@@ -356,6 +356,9 @@ pub fn run<E: BatchEngine>(engine: &mut E, setup: WorkerSetup, commands: Receive
         let p = sched.stats.preemptions;
         metrics.preemptions.inc_by((p - preemptions_seen) as u64);
         preemptions_seen = p;
+        let f = sched.stats.forked;
+        metrics.forked.inc_by((f - forked_seen) as u64);
+        forked_seen = f;
         update_gauges(&metrics, engine, &sched, &active, &policies);
     }
 }

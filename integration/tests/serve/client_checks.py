@@ -149,6 +149,19 @@ def check_main(base, expected_path):
                                         max_tokens=12, temperature=1.0, seed=7)
     assert r1.choices[0].message.content == r2.choices[0].message.content
 
+    # n choices through the client: choice i is the answer of seed 7 + i, its prompt counted once.
+    rn = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Name a colour."}],
+                                        max_tokens=12, temperature=1.0, seed=7, n=2)
+    assert [c.index for c in rn.choices] == [0, 1], rn
+    assert rn.choices[0].message.content == r1.choices[0].message.content, (rn, r1)
+    assert rn.usage.prompt_tokens == r1.usage.prompt_tokens, (rn.usage, r1.usage)
+
+    # echo with logprobs (lm-eval's loglikelihood form): the prompt's tokens scored, the first null.
+    e = client.completions.create(model=MODEL, prompt="The river", max_tokens=0, echo=True, logprobs=1)
+    assert e.choices[0].text == "The river", e
+    assert e.choices[0].logprobs.token_logprobs[0] is None, e
+    assert all(x < 0 for x in e.choices[0].logprobs.token_logprobs[1:]), e
+
     # 24 concurrent requests with mixed policies (two of them reading different adapters): each
     # equals the same request alone.
     prompts = [f"Write one sentence about the number {i}." for i in range(6 * len(POLICIES))]
@@ -219,7 +232,7 @@ def check_main(base, expected_path):
         ("token id outside the vocabulary", "/v1/completions",
          {"model": MODEL, "prompt": [1, 2, 99999999]}, None, 400),
         ("empty prompt", "/v1/completions", {"model": MODEL, "prompt": ""}, None, 400),
-        ("n > 1", "/v1/chat/completions", {**good, "n": 3}, None, 400),
+        ("n above the limit", "/v1/chat/completions", {**good, "n": 17}, None, 400),
         ("unknown model", "/v1/chat/completions", {**good, "model": "gpt-9"}, None, 404),
         ("unknown route", "/v1/embeddings", good, None, 404),
     ]

@@ -260,9 +260,10 @@ mod tests {
         }
     }
 
-    /// Published templates (Qwen3's, which calls Python string methods; Qwen2.5's; DeepSeek-R1's
-    /// Llama distill) render as Python's jinja2 renders them under transformers' settings, also
-    /// with extra variables (Qwen3's `enable_thinking = false`)
+    /// Published templates (Qwen3's, which calls Python string methods; Qwen2.5's; DeepSeek-V3.1's
+    /// and DeepSeek-R1's distills; SmolLM3's; Phi-3.5's; Mistral Nemo's) render as Python's jinja2
+    /// renders them under transformers' settings, also with extra variables (`enable_thinking`,
+    /// `thinking`), and raise where it raises (Mistral's roles that do not alternate)
     /// (`tests/fixtures/chat_templates/expected.json`, from `render.py` there).
     #[test]
     fn published_templates_render_as_jinja2_does() {
@@ -272,9 +273,13 @@ mod tests {
         let special = SpecialTokens { bos: "<BOS>".into(), eos: "<EOS>".into() };
         assert_eq!(expected["special_tokens"]["bos_token"], "<BOS>");
         let kwargs = expected["kwargs"].as_object().unwrap().clone();
+        let templates = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "jinja"))
+            .count();
         for (key, extra) in [("renders", serde_json::Map::new()), ("renders_with_kwargs", kwargs)] {
             let renders = expected[key].as_object().unwrap();
-            assert_eq!(renders.len(), 3);
+            assert_eq!(renders.len(), templates, "every template rendered");
             for (file, by_conversation) in renders {
                 let source = std::fs::read_to_string(dir.join(file)).unwrap();
                 let t = ChatTemplate::new(source, special.clone(), file.clone()).unwrap();
@@ -288,11 +293,15 @@ mod tests {
                             content: m["content"].as_str().unwrap().into(),
                         })
                         .collect();
-                    assert_eq!(
-                        t.render_with(&messages, &extra).unwrap(),
-                        want.as_str().unwrap(),
-                        "{file}, {name}, {key}"
-                    );
+                    let got = t.render_with(&messages, &extra);
+                    match want.get("error") {
+                        // The template raised: so must ours, with its message.
+                        Some(message) => {
+                            let e = format!("{:#}", got.err().unwrap_or_else(|| panic!("{file}, {name}: raises")));
+                            assert!(e.contains(message.as_str().unwrap()), "{file}, {name}, {key}: {e}");
+                        }
+                        None => assert_eq!(got.unwrap(), want.as_str().unwrap(), "{file}, {name}, {key}"),
+                    }
                 }
             }
         }

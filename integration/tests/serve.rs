@@ -558,3 +558,79 @@ fn n_choices_are_the_answers_of_successive_seeds() {
     assert_eq!(r["choices"].as_array().unwrap().len(), 2, "{r}");
     assert_eq!(r["choices"][1]["index"], 1, "{r}");
 }
+
+/// `logit_bias`, `presence_penalty` and `frequency_penalty`: a greedy answer is the one a naive
+/// loop over the engine's logits gives when it adds the biases and takes OpenAI's penalties
+/// (count x frequency + presence for each token generated so far) before its argmax; a bias of
+/// +100 forces its token. Out-of-range values are refused naming the field.
+#[test]
+fn logit_bias_and_penalties_change_the_choice_as_openai_defines_them() {
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf/llama3_tiny.gguf");
+    let loaded = dms_integration::engine::load_model(
+        &model,
+        &candle_core::Device::Cpu,
+        dms_integration::model::WeightForm::Dense,
+    )
+    .unwrap();
+    let tok = loaded.tokenizer.clone().unwrap();
+    let prompt = tok.encode("Hello world", true).unwrap().get_ids().to_vec();
+    let policy = dms_policy::Registry::with_builtins().build(&toml::from_str("name = \"full\"").unwrap()).unwrap();
+    let mut eng = dms_integration::engine::Engine::new(loaded.model, policy, 4, 1 << 12).unwrap();
+    let steps = 8;
+    // A naive greedy loop: argmax of the logits plus bias, minus the penalties.
+    let mut naive = |bias: &[(u32, f32)], presence: f32, frequency: f32| -> Vec<u32> {
+        let mut seq = eng.new_sequence();
+        let mut logits: Vec<f32> = eng.step(&mut seq, &prompt, false).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+        let mut out: Vec<u32> = Vec::new();
+        for _ in 0..steps {
+            let mut l = logits.clone();
+            for &(t, b) in bias {
+                l[t as usize] += b;
+            }
+            for (t, v) in l.iter_mut().enumerate() {
+                let count = out.iter().filter(|&&x| x as usize == t).count() as f32;
+                *v -= count * frequency + if count > 0.0 { presence } else { 0.0 };
+            }
+            let next = dms_integration::engine::argmax(&l);
+            out.push(next);
+            logits = eng.step(&mut seq, &[next], false).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+        }
+        seq.release(&mut eng.store);
+        out
+    };
+    // This model repeats one token greedily: a presence penalty below its margin leaves it, a
+    // frequency penalty of the same size grows with each repeat until another token wins.
+    let plain = naive(&[], 0.0, 0.0);
+    let presence = naive(&[], 0.1, 0.0);
+    let frequency = naive(&[], 0.0, 0.1);
+    assert_ne!(presence, frequency, "the two penalties differ on this answer");
+    assert_ne!(plain, frequency, "the penalty changes this greedy answer");
+    let forced = naive(&[(300, 100.0)], 0.0, 0.0);
+    assert_eq!(forced, vec![300; steps]);
+    let server = tiny_llama3_server("bias");
+    let ask = |extra: serde_json::Value| {
+        let mut body =
+            serde_json::json!({"model": "tiny", "prompt": "Hello world", "max_tokens": steps, "ignore_eos": true});
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        post_json(&server.base, "/v1/completions", &body)
+    };
+    for (extra, want) in [
+        (serde_json::json!({}), &plain),
+        (serde_json::json!({"presence_penalty": 0.1}), &presence),
+        (serde_json::json!({"frequency_penalty": 0.1}), &frequency),
+        (serde_json::json!({"logit_bias": {"300": 100}}), &forced),
+    ] {
+        let (status, r) = ask(extra.clone());
+        assert_eq!(status, 200, "{r}");
+        assert_eq!(r["choices"][0]["text"], tok.decode(want, false).unwrap().as_str(), "{extra}: {r}");
+    }
+    for (extra, field) in [
+        (serde_json::json!({"logit_bias": {"300": 101}}), "logit_bias"),
+        (serde_json::json!({"logit_bias": {"512": 1}}), "logit_bias"),
+        (serde_json::json!({"frequency_penalty": -2.5}), "frequency_penalty"),
+    ] {
+        let (status, r) = ask(extra);
+        assert_eq!(status, 400, "{r}");
+        assert_eq!(r["error"]["param"], field, "{r}");
+    }
+}

@@ -22,7 +22,7 @@ pub mod scheduler;
 pub mod trace;
 
 pub use load::{load_model, physical_memory_bytes, LoadedModel};
-pub use sampling::{argmax, sample, token_logprobs, TokenLogprobs};
+pub use sampling::{argmax, sample, token_logprobs, LogitAdjustments, TokenLogprobs};
 
 use std::sync::Arc;
 

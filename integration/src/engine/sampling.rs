@@ -73,9 +73,57 @@ pub fn token_logprobs(logits: &[f32], token: u32, top: usize) -> TokenLogprobs {
     }
 }
 
+/// A request's changes to its logits before a token is chosen (OpenAI's `logit_bias`,
+/// `presence_penalty` and `frequency_penalty`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LogitAdjustments {
+    /// Added to these tokens' logits.
+    pub bias: Vec<(u32, f32)>,
+    /// Taken from the logit of every token generated at least once.
+    pub presence_penalty: f32,
+    /// Taken from a token's logit once per time it was generated.
+    pub frequency_penalty: f32,
+}
+
+impl LogitAdjustments {
+    /// `logits` adjusted after `generated` (the tokens chosen so far): each biased token's
+    /// logit plus its bias, then each generated token's minus `count * frequency_penalty +
+    /// presence_penalty`, as OpenAI defines them.
+    pub fn apply(&self, logits: &[f32], generated: &[u32]) -> Vec<f32> {
+        let mut out = logits.to_vec();
+        for &(t, b) in &self.bias {
+            if let Some(l) = out.get_mut(t as usize) {
+                *l += b;
+            }
+        }
+        if self.presence_penalty != 0.0 || self.frequency_penalty != 0.0 {
+            let mut counts = std::collections::HashMap::<u32, u32>::new();
+            for &t in generated {
+                *counts.entry(t).or_default() += 1;
+            }
+            for (t, c) in counts {
+                if let Some(l) = out.get_mut(t as usize) {
+                    *l -= c as f32 * self.frequency_penalty + self.presence_penalty;
+                }
+            }
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Against the closed form: token 0 biased by +1, token 2 generated twice and token 3 once
+    /// (frequency 0.5, presence 0.25), token 1 untouched.
+    #[test]
+    fn adjustments_bias_then_penalise_what_was_generated() {
+        let a = LogitAdjustments { bias: vec![(0, 1.0), (9, 5.0)], presence_penalty: 0.25, frequency_penalty: 0.5 };
+        let got = a.apply(&[1.0, 2.0, 3.0, 4.0], &[2, 3, 2]);
+        assert_eq!(got, vec![2.0, 2.0, 3.0 - 2.0 * 0.5 - 0.25, 4.0 - 0.5 - 0.25]);
+        assert_eq!(LogitAdjustments::default().apply(&[1.0, 2.0], &[0, 0]), vec![1.0, 2.0]);
+    }
 
     /// Against the closed form for logits 0, ln 2, ln 2, ln 3 (probabilities 1/8, 2/8, 2/8, 3/8):
     /// best first, ties by the lower id, at most the vocabulary.

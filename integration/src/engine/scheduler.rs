@@ -17,7 +17,7 @@ use dms_policy::PolicyFactory;
 use rand::{rngs::StdRng, SeedableRng};
 
 use crate::engine::batch_engine::{BatchEngine, Parked, SeqReport, Started};
-use crate::engine::{sample, token_logprobs, GenParams, TokenLogprobs};
+use crate::engine::{sample, token_logprobs, GenParams, LogitAdjustments, TokenLogprobs};
 use crate::kv::store::MemoryUsage;
 
 /// One generation request.
@@ -283,6 +283,8 @@ pub struct Scheduler<E: BatchEngine> {
     chosen: Vec<Chosen>,
     /// Requests that asked for log-probabilities, with how many top tokens.
     logprobs: HashMap<usize, usize>,
+    /// Requests whose logits are adjusted before their tokens are chosen.
+    adjustments: HashMap<usize, LogitAdjustments>,
     /// Requests not yet admitted that asked for their prompt's log-probabilities.
     prompt_logprobs: HashMap<usize, usize>,
     /// Prompts scored in the last step.
@@ -308,6 +310,7 @@ impl<E: BatchEngine> Scheduler<E> {
             generated_total: 0,
             chosen: Vec::new(),
             logprobs: HashMap::new(),
+            adjustments: HashMap::new(),
             prompt_logprobs: HashMap::new(),
             scored: Vec::new(),
             failed: Vec::new(),
@@ -367,6 +370,19 @@ impl<E: BatchEngine> Scheduler<E> {
         self.logprobs.insert(id, top);
     }
 
+    /// Adjusts request `id`'s logits (biases and penalties) before each of its tokens is chosen;
+    /// its log-probabilities stay the model's.
+    pub fn adjust_logits(&mut self, id: usize, adjustments: LogitAdjustments) {
+        self.adjustments.insert(id, adjustments);
+    }
+
+    /// Drops what was asked for request `id` (it ended).
+    fn forget(&mut self, id: usize) {
+        self.logprobs.remove(&id);
+        self.adjustments.remove(&id);
+        self.prompt_logprobs.remove(&id);
+    }
+
     /// Asks for the log-probabilities of request `id`'s prompt tokens (each after the first, with
     /// its `top` most likely alternatives), computed in its prompt pass and shown in
     /// [`Self::scored_prompts`] after the step that admits it. Such a request gets a prompt pass
@@ -385,8 +401,7 @@ impl<E: BatchEngine> Scheduler<E> {
     /// once and it is reported with [`FinishReason::Cancelled`]; a waiting or preempted one is
     /// dropped (`None`), as is an unknown id.
     pub fn cancel(&mut self, engine: &mut E, id: usize) -> Result<Option<Finished>> {
-        self.logprobs.remove(&id);
-        self.prompt_logprobs.remove(&id);
+        self.forget(id);
         if let Some(i) = self.running.iter().position(|r| r.p.req.id == id) {
             let r = self.running.remove(i);
             let report = engine.finish(r.seq)?;
@@ -473,7 +488,7 @@ impl<E: BatchEngine> Scheduler<E> {
                         Ok(started) => started,
                         Err(e) => {
                             let id = p.req.id;
-                            self.logprobs.remove(&id);
+                            self.forget(id);
                             self.failed.push((id, e.context(format!("request {id}: resuming it failed"))));
                             continue;
                         }
@@ -530,7 +545,7 @@ impl<E: BatchEngine> Scheduler<E> {
                     }
                     Err(e) => {
                         let id = req.id;
-                        self.logprobs.remove(&id);
+                        self.forget(id);
                         self.failed.push((id, e.context(format!("request {id}: its prompt pass failed"))));
                         continue;
                     }
@@ -586,16 +601,17 @@ impl<E: BatchEngine> Scheduler<E> {
             if r.tokens.is_empty() && r.req.max_new(&self.params) == 0 {
                 // Nothing to generate (a prompt only scored): done after its prompt pass.
                 let r = self.running.remove(i);
-                self.logprobs.remove(&r.p.req.id);
+                self.forget(r.p.req.id);
                 let report = engine.finish(r.seq)?;
                 finished.push(r.p.finished(report, FinishReason::Length));
                 continue;
             }
             let params = r.req.params.as_ref().unwrap_or(&self.params);
             let step = r.tokens.len();
+            let adjusted = self.adjustments.get(&r.req.id).map(|a| a.apply(&r.logits, &r.tokens));
             let next = match &r.req.forced {
                 Some(f) => f[step],
-                None => sample(&r.logits, params, &mut r.rng),
+                None => sample(adjusted.as_deref().unwrap_or(&r.logits), params, &mut r.rng),
             };
             let stop_at_eos = params.stop_at_eos;
             let logprobs = self.logprobs.get(&r.req.id).map(|&top| token_logprobs(&r.logits, next, top));
@@ -616,7 +632,7 @@ impl<E: BatchEngine> Scheduler<E> {
             match reason {
                 Some(reason) => {
                     let r = self.running.remove(i);
-                    self.logprobs.remove(&r.p.req.id);
+                    self.forget(r.p.req.id);
                     let report = engine.finish(r.seq)?;
                     finished.push(r.p.finished(report, reason));
                 }

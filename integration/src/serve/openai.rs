@@ -4,6 +4,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
+use crate::engine::LogitAdjustments;
 use crate::model::chat_template::ChatMessage;
 
 /// Most stop strings a request may give (OpenAI's limit).
@@ -178,6 +179,15 @@ pub struct CommonFields {
     /// Chat: most likely tokens to report beside each token (0 to 20; needs `logprobs`).
     #[serde(default)]
     pub top_logprobs: Option<Value>,
+    /// Added to the logits of the token ids it maps (-100 to 100).
+    #[serde(default)]
+    pub logit_bias: Option<Value>,
+    /// Taken from the logit of every token already generated (-2 to 2).
+    #[serde(default)]
+    pub presence_penalty: Option<Value>,
+    /// Taken from a token's logit once per time it was generated (-2 to 2).
+    #[serde(default)]
+    pub frequency_penalty: Option<Value>,
     /// OpenAI fields this server cannot honour.
     #[serde(flatten)]
     pub unsupported: Unsupported,
@@ -187,12 +197,6 @@ pub struct CommonFields {
 /// value is refused (400 naming the field), not answered as if the field were absent.
 #[derive(Debug, Default, Deserialize)]
 pub struct Unsupported {
-    #[serde(default)]
-    logit_bias: Option<Value>,
-    #[serde(default)]
-    presence_penalty: Option<Value>,
-    #[serde(default)]
-    frequency_penalty: Option<Value>,
     #[serde(default)]
     best_of: Option<Value>,
     #[serde(default)]
@@ -208,7 +212,6 @@ pub struct Unsupported {
 impl Unsupported {
     /// An error naming the first field set to something other than its no-op value.
     fn check(&self) -> Result<(), ApiError> {
-        let zero = |v: &Value| v.as_f64() == Some(0.0);
         let empty = |v: &Value| match v {
             Value::String(s) => s.is_empty(),
             Value::Array(a) => a.is_empty(),
@@ -216,10 +219,7 @@ impl Unsupported {
             _ => false,
         };
         type NoOp = fn(&Value) -> bool;
-        let fields: [(&str, &Option<Value>, NoOp, &str); 8] = [
-            ("logit_bias", &self.logit_bias, empty, "{}"),
-            ("presence_penalty", &self.presence_penalty, zero, "0"),
-            ("frequency_penalty", &self.frequency_penalty, zero, "0"),
+        let fields: [(&str, &Option<Value>, NoOp, &str); 5] = [
             ("best_of", &self.best_of, |v| v.as_f64() == Some(1.0), "1"),
             ("suffix", &self.suffix, empty, "\"\""),
             ("tools", &self.tools, empty, "[]"),
@@ -310,6 +310,44 @@ impl CommonFields {
             logprobs.map(|v| count("logprobs", v, MAX_TOP_LOGPROBS_COMPLETION)).transpose()?
         };
         Ok(asked)
+    }
+
+    /// The logit biases and penalties asked for (`None` when none changes anything), checked
+    /// against OpenAI's ranges and a vocabulary of `vocab` tokens.
+    pub fn adjustments(&self, vocab: usize) -> Result<Option<LogitAdjustments>, ApiError> {
+        let number = |field: &'static str, v: &Option<Value>, limit: f64| -> Result<f32, ApiError> {
+            match v {
+                None | Some(Value::Null) => Ok(0.0),
+                Some(x) => match x.as_f64() {
+                    Some(f) if (-limit..=limit).contains(&f) => Ok(f as f32),
+                    _ => Err(ApiError::bad_request(
+                        format!("`{field}` must be a number from -{limit} to {limit}, got {x}"),
+                        Some(field),
+                    )),
+                },
+            }
+        };
+        let presence_penalty = number("presence_penalty", &self.presence_penalty, 2.0)?;
+        let frequency_penalty = number("frequency_penalty", &self.frequency_penalty, 2.0)?;
+        let bad = |msg: String| ApiError::bad_request(msg, Some("logit_bias"));
+        let bias = match &self.logit_bias {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Object(map)) => {
+                map.iter()
+                    .map(|(k, v)| {
+                        let id =
+                            k.parse::<u32>().ok().filter(|&id| (id as usize) < vocab).ok_or_else(|| {
+                                bad(format!("`logit_bias` key `{k}` is not a token id below {vocab}"))
+                            })?;
+                        let b = number("logit_bias", &Some(v.clone()), 100.0)?;
+                        Ok((id, b))
+                    })
+                    .collect::<Result<Vec<_>, ApiError>>()?
+            }
+            Some(other) => return Err(bad(format!("`logit_bias` must map token ids to numbers, got {other}"))),
+        };
+        let a = LogitAdjustments { bias, presence_penalty, frequency_penalty };
+        Ok((a != LogitAdjustments::default()).then_some(a))
     }
 
     /// Checks every field; `default_max_tokens` applies when the request gives no limit, and no
@@ -470,9 +508,6 @@ mod tests {
             (r#"{"n": 17}"#, "n"),
             (r#"{"stop": ["a", "b", "c", "d", "e"]}"#, "stop"),
             (r#"{"stop": ""}"#, "stop"),
-            (r#"{"logit_bias": {"50256": -100}}"#, "logit_bias"),
-            (r#"{"presence_penalty": 1.5}"#, "presence_penalty"),
-            (r#"{"frequency_penalty": -0.5}"#, "frequency_penalty"),
             (r#"{"best_of": 3}"#, "best_of"),
             (r#"{"suffix": "}"}"#, "suffix"),
             (r#"{"tools": [{"type": "function"}]}"#, "tools"),
@@ -533,6 +568,31 @@ mod tests {
         ] {
             let e = common(body).logprobs(chat).unwrap_err();
             assert_eq!((e.status.as_u16(), e.param.as_deref()), (400, Some(field)), "{body}, chat {chat}");
+        }
+    }
+
+    #[test]
+    fn logit_bias_and_penalties_are_checked_against_openais_ranges() {
+        let a = common(r#"{"logit_bias": {"5": -100, "7": 2.5}, "presence_penalty": 0.5, "frequency_penalty": -2}"#)
+            .adjustments(10)
+            .unwrap()
+            .unwrap();
+        let mut bias = a.bias.clone();
+        bias.sort_by_key(|b| b.0);
+        assert_eq!(bias, vec![(5, -100.0), (7, 2.5)]);
+        assert_eq!((a.presence_penalty, a.frequency_penalty), (0.5, -2.0));
+        let none = r#"{"logit_bias": {}, "presence_penalty": 0, "frequency_penalty": null}"#;
+        assert_eq!(common(none).adjustments(10).unwrap(), None, "no-op values change nothing");
+        for (body, field) in [
+            (r#"{"logit_bias": {"10": 1}}"#, "logit_bias"),
+            (r#"{"logit_bias": {"x": 1}}"#, "logit_bias"),
+            (r#"{"logit_bias": {"1": 101}}"#, "logit_bias"),
+            (r#"{"logit_bias": [1]}"#, "logit_bias"),
+            (r#"{"presence_penalty": 2.5}"#, "presence_penalty"),
+            (r#"{"frequency_penalty": "high"}"#, "frequency_penalty"),
+        ] {
+            let e = common(body).adjustments(10).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some(field), "{body}");
         }
     }
 

@@ -26,7 +26,7 @@ use super::error::ApiError;
 use super::metrics::Metrics;
 use super::openai::{parse_body, usage_json, ChatRequest, CommonFields, CompletionRequest, Prompt, Sampling};
 use super::worker::{Command, Event, Job, Outcome, TokenLogprob};
-use crate::engine::GenParams;
+use crate::engine::{GenParams, LogitAdjustments};
 use crate::model::chat_template::{check_extra, ChatTemplate};
 
 /// Everything the handlers share.
@@ -137,6 +137,8 @@ struct Prepared {
     logprobs: Option<usize>,
     /// The prompt's text, to put before the completion (`echo`).
     echo: Option<String>,
+    /// Logit biases and penalties.
+    adjustments: Option<LogitAdjustments>,
 }
 
 fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
@@ -246,6 +248,7 @@ impl App {
     ) -> Result<Prepared, ApiError> {
         let sampling = common.sampling(self.default_max_tokens, self.max_tokens_cap, echo.is_some())?;
         let logprobs = common.logprobs(kind == Kind::Chat)?;
+        let adjustments = common.adjustments(self.vocab_size)?;
         let policy = match &common.cache_policy {
             None => 0,
             Some(name) => self.policies.iter().position(|(n, _)| n == name).ok_or_else(|| {
@@ -282,7 +285,7 @@ impl App {
             return Err(ApiError { param: Some("max_tokens".into()), ..ApiError::bad_request(msg, None) }
                 .with_code("context_length_exceeded"));
         }
-        Ok(Prepared { sampling, policy, prompt, logprobs, echo })
+        Ok(Prepared { sampling, policy, prompt, logprobs, echo, adjustments })
     }
 
     /// Queues the job and answers from its events (streamed or whole).
@@ -320,6 +323,7 @@ impl App {
                 arrived: Instant::now(),
                 logprobs: p.logprobs,
                 echo: p.echo.clone(),
+                adjustments: p.adjustments.clone(),
                 events: tx,
             };
             if self.commands.send(Command::Submit(job)).is_err() {

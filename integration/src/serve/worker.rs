@@ -19,7 +19,7 @@ use super::openai::KvReport;
 use super::text::TextStream;
 use crate::engine::batch_engine::BatchEngine;
 use crate::engine::scheduler::{FinishReason, Finished, Request, Scheduler};
-use crate::engine::{GenParams, TokenLogprobs};
+use crate::engine::{GenParams, LogitAdjustments, TokenLogprobs};
 
 /// One request for the engine thread.
 pub struct Job {
@@ -38,6 +38,8 @@ pub struct Job {
     /// Text to send before the completion (`echo`: the prompt); with `logprobs`, the prompt's
     /// tokens come with theirs.
     pub echo: Option<String>,
+    /// Logit biases and penalties applied before each token is chosen.
+    pub adjustments: Option<LogitAdjustments>,
     /// Where its events go.
     pub events: UnboundedSender<Event>,
 }
@@ -203,6 +205,9 @@ pub fn run<E: BatchEngine>(engine: &mut E, setup: WorkerSetup, commands: Receive
                     };
                     match sched.submit(engine, req) {
                         Ok(()) => {
+                            if let Some(a) = &job.adjustments {
+                                sched.adjust_logits(id, a.clone());
+                            }
                             if let Some(top) = job.logprobs {
                                 sched.want_logprobs(id, top);
                                 if job.echo.is_some() {

@@ -304,7 +304,7 @@ impl App {
         };
         // One sequence per choice, each with its own sampler (seed + index); the engine starts
         // the copies of one prompt from a single prompt pass.
-        let mut receivers = Vec::with_capacity(n);
+        let (mut jobs, mut receivers) = (Vec::with_capacity(n), Vec::with_capacity(n));
         for i in 0..n {
             let (tx, rx) = unbounded_channel();
             let params = GenParams {
@@ -326,10 +326,11 @@ impl App {
                 adjustments: p.adjustments.clone(),
                 events: tx,
             };
-            if self.commands.send(Command::Submit(job)).is_err() {
-                return stopped();
-            }
+            jobs.push(job);
             receivers.push(rx);
+        }
+        if self.commands.send(Command::Submit(jobs)).is_err() {
+            return stopped();
         }
         let head = Head {
             id: format!("{}-{}", kind.id_prefix(), self.next_id.fetch_add(1, Ordering::Relaxed)),

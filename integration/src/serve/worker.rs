@@ -102,8 +102,8 @@ pub struct Outcome {
 
 /// Messages to the engine thread.
 pub enum Command {
-    /// Serve a job.
-    Submit(Job),
+    /// Serve one request's jobs (one per choice).
+    Submit(Vec<Job>),
     /// Stop taking jobs; finish the running ones within the grace period, then cancel the rest.
     Shutdown,
 }
@@ -190,49 +190,54 @@ pub fn run<E: BatchEngine>(engine: &mut E, setup: WorkerSetup, commands: Receive
         while let Some(cmd) = first.take().or_else(|| commands.try_recv().ok()) {
             match cmd {
                 Command::Shutdown => shutdown_at = Some(Instant::now()),
-                Command::Submit(job) if shutdown_at.is_some() => {
-                    let _ = job.events.send(Event::Failed(shutting_down()));
-                }
-                Command::Submit(job) => {
-                    let id = next_id;
-                    next_id += 1;
-                    let req = Request {
-                        id,
-                        prompt: job.prompt.clone(),
-                        forced: None,
-                        policy: policies[job.policy].factory.clone(),
-                        params: Some(job.params.clone()),
-                    };
-                    match sched.submit(engine, req) {
-                        Ok(()) => {
-                            if let Some(a) = &job.adjustments {
-                                sched.adjust_logits(id, a.clone());
-                            }
-                            if let Some(top) = job.logprobs {
-                                sched.want_logprobs(id, top);
-                                if job.echo.is_some() {
-                                    sched.want_prompt_logprobs(id, top);
-                                }
-                            }
-                            let text = TextStream::new(&tokenizer, job.stops.clone());
-                            let a = Active {
-                                job,
-                                text,
-                                last_token: None,
-                                completion_tokens: 0,
-                                logprobs: Vec::new(),
-                                logprobs_sent: 0,
-                                stop_hit: false,
-                            };
-                            // Without log-probabilities the echoed prompt goes out at once; with
-                            // them, after the prompt pass that scores it.
-                            if let (Some(echo), None) = (&a.job.echo, a.job.logprobs) {
-                                let _ = a.job.events.send(Event::Text(echo.clone(), Vec::new()));
-                            }
-                            active.insert(id, a);
+                // One request's jobs (a sequence per choice) come together, so that they are
+                // admitted in the same step and the copies of one prompt fork.
+                Command::Submit(jobs) => {
+                    for job in jobs {
+                        if shutdown_at.is_some() {
+                            let _ = job.events.send(Event::Failed(shutting_down()));
+                            continue;
                         }
-                        Err(e) => {
-                            let _ = job.events.send(Event::Failed(ApiError::bad_request(format!("{e:#}"), None)));
+                        let id = next_id;
+                        next_id += 1;
+                        let req = Request {
+                            id,
+                            prompt: job.prompt.clone(),
+                            forced: None,
+                            policy: policies[job.policy].factory.clone(),
+                            params: Some(job.params.clone()),
+                        };
+                        match sched.submit(engine, req) {
+                            Ok(()) => {
+                                if let Some(a) = &job.adjustments {
+                                    sched.adjust_logits(id, a.clone());
+                                }
+                                if let Some(top) = job.logprobs {
+                                    sched.want_logprobs(id, top);
+                                    if job.echo.is_some() {
+                                        sched.want_prompt_logprobs(id, top);
+                                    }
+                                }
+                                let text = TextStream::new(&tokenizer, job.stops.clone());
+                                let a = Active {
+                                    job,
+                                    text,
+                                    last_token: None,
+                                    completion_tokens: 0,
+                                    logprobs: Vec::new(),
+                                    logprobs_sent: 0,
+                                    stop_hit: false,
+                                };
+                                // Without log-probabilities the echoed prompt goes out at once; with
+                                // them, after the prompt pass that scores it.
+                                if let (Some(echo), None) = (&a.job.echo, a.job.logprobs) {
+                                    let _ = a.job.events.send(Event::Text(echo.clone(), Vec::new()));
+                                }
+                                active.insert(id, a);
+                            }
+                            Err(e) => {
+                                let _ = job.events.send(Event::Failed(ApiError::bad_request(format!("{e:#}"), None)));
+                            }
                         }
                     }
                 }

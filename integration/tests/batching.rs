@@ -426,3 +426,100 @@ fn scored_prompts_equal_one_pass_logits_under_each_policy() {
         assert_eq!(eng.store.free_block_count(), eng.store.capacity_blocks(), "{table}: every block returned");
     }
 }
+
+/// A policy whose decode steps fail once its sequence would hold more than `at` tokens (its
+/// prompt passes, recomputations included, never fail).
+#[derive(Debug)]
+struct FailingAt {
+    inner: Arc<dyn PolicyFactory>,
+    at: dms_policy::Pos,
+}
+
+struct FailingSeq {
+    inner: Box<dyn dms_policy::SequencePolicy>,
+    at: dms_policy::Pos,
+}
+
+impl PolicyFactory for FailingAt {
+    fn name(&self) -> &str {
+        "failing"
+    }
+    fn new_sequence(&self, shape: dms_policy::CacheShape) -> Box<dyn dms_policy::SequencePolicy> {
+        Box::new(FailingSeq { inner: self.inner.new_sequence(shape), at: self.at })
+    }
+    fn describe(&self) -> String {
+        format!("fails past {} tokens", self.at)
+    }
+}
+
+impl dms_policy::SequencePolicy for FailingSeq {
+    fn decide(
+        &mut self,
+        row: dms_policy::RowRef,
+        first: dms_policy::Pos,
+        n: usize,
+        s: Option<&[f32]>,
+    ) -> Result<(), dms_policy::PolicyError> {
+        if n == 1 && first + 1 > self.at {
+            let message = format!("past {} tokens", self.at);
+            return Err(dms_policy::PolicyError::Protocol { policy: "failing".into(), message });
+        }
+        self.inner.decide(row, first, n, s)
+    }
+    fn evict(
+        &mut self,
+        row: dms_policy::RowRef,
+        first: dms_policy::Pos,
+        n: usize,
+        plan: &mut dms_policy::EvictPlan,
+    ) -> Result<(), dms_policy::PolicyError> {
+        self.inner.evict(row, first, n, plan)
+    }
+    fn compact(
+        &mut self,
+        row: dms_policy::RowRef,
+        plan: &mut dms_policy::CompactPlan,
+    ) -> Result<(), dms_policy::PolicyError> {
+        self.inner.compact(row, plan)
+    }
+}
+
+/// A decode step that fails in a batch (here: one request's policy refuses a token) fails that
+/// request alone: every sequence of the batch drops the step's rows and is recomputed, the
+/// suspects one at a time until the failure follows one of them; the others produce what each
+/// produces alone, and every block returns to the pool.
+#[test]
+fn a_failed_decode_step_fails_only_the_request_that_causes_it() {
+    let mut eng = batch_engine(1 << 14);
+    let good: Vec<Request> = requests(&mut eng).into_iter().take(4).collect();
+    let refs: Vec<Finished> = good.iter().map(|r| alone(&mut eng, r, 20)).collect();
+    let full = resolved_policy(&mut eng, POLICIES[0]);
+    let bad_prompt = prompt(9, 12);
+    let failing = Arc::new(FailingAt { inner: full, at: bad_prompt.len() as dms_policy::Pos + 5 });
+    let bad = Request { id: 9, prompt: bad_prompt, forced: None, policy: failing, params: None };
+    let mut sched = Scheduler::new(greedy_params(20), 8, true).unwrap();
+    for r in good.iter().cloned().chain([bad]) {
+        sched.submit(&eng, r).unwrap();
+    }
+    let (mut finished, mut failed) = (Vec::new(), Vec::new());
+    for _ in 0..1000 {
+        if sched.is_idle() {
+            break;
+        }
+        finished.extend(sched.step(&mut eng).expect("the other requests run on"));
+        failed.extend(sched.take_failed());
+    }
+    assert!(sched.is_idle(), "the scheduler settles");
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(failed[0].0, 9);
+    assert!(format!("{:#}", failed[0].1).contains("past 17 tokens"), "{:#}", failed[0].1);
+    finished.sort_by_key(|f| f.id);
+    assert_eq!(finished.len(), refs.len());
+    for (g, r) in finished.iter().zip(&refs) {
+        assert_eq!(g.tokens, r.tokens, "request {}", g.id);
+        for (a, b) in g.step_logits.iter().zip(&r.step_logits) {
+            assert!(max_abs(a, b) < 1e-4, "request {} logits", g.id);
+        }
+    }
+    assert_eq!(eng.store.free_block_count(), eng.store.capacity_blocks(), "every block returned");
+}

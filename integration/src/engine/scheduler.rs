@@ -6,7 +6,8 @@
 //! eviction plus headroom for the running sequences; before each decode step the scheduler makes
 //! sure the step's blocks are free, preempting the most recently admitted sequence (swapped out
 //! slot for slot and back, or dropped and recomputed, as the engine does it), so it resumes with
-//! identical output.
+//! identical output. A failed prompt pass or decode step fails the request that causes it and no
+//! other (see `Scheduler::isolate`).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -157,6 +158,9 @@ struct Progress {
     /// Most bytes of blocks and live bytes held before a recomputation.
     peak_allocated: u64,
     peak_live: u64,
+    /// It was in a batch whose decode step failed with no one to blame: it resumes on trial,
+    /// beside no other sequence on trial, until one of its decode steps succeeds.
+    on_trial: bool,
 }
 
 impl Progress {
@@ -448,6 +452,8 @@ impl<E: BatchEngine> Scheduler<E> {
     /// or to cancel everything).
     pub fn release_all(&mut self, engine: &mut E) {
         self.logprobs.clear();
+        self.adjustments.clear();
+        self.prompt_logprobs.clear();
         for r in self.running.drain(..) {
             engine.release(r.seq);
         }
@@ -460,7 +466,9 @@ impl<E: BatchEngine> Scheduler<E> {
     /// are copied back in; a dropped sequence prefills its prompt and generated tokens again.
     fn resume(&mut self, engine: &mut E) -> Result<()> {
         while let Some(s) = self.preempted.front() {
-            if self.running.len() >= self.max_batch {
+            // One sequence on trial at a time (see `isolate`).
+            let trial_taken = s.p.on_trial && self.running.iter().any(|r| r.p.on_trial);
+            if self.running.len() >= self.max_batch || trial_taken {
                 break;
             }
             let free = engine.free_blocks()?;
@@ -566,6 +574,7 @@ impl<E: BatchEngine> Scheduler<E> {
                 rng: StdRng::seed_from_u64(seed),
                 peak_allocated: 0,
                 peak_live: 0,
+                on_trial: false,
             };
             self.running.push(Running { p, seq });
             let r = self.running.last().expect("just pushed");
@@ -660,15 +669,54 @@ impl<E: BatchEngine> Scheduler<E> {
         }
     }
 
+    /// After a failed decode step, whose sequences may each hold part of the step's rows: every
+    /// one of them drops its rows. The one to blame (the only sequence, or the only one on trial)
+    /// fails with the error; the others resume by recomputing their prompt and tokens. With no
+    /// one to blame they all go on trial: they come back one at a time beside sequences already
+    /// cleared, so that a failure that follows a sequence is pinned on it and the rest run on.
+    fn isolate(&mut self, engine: &mut E, e: anyhow::Error) {
+        let on_trial: Vec<usize> =
+            self.running.iter().enumerate().filter(|(_, r)| r.p.on_trial).map(|(i, _)| i).collect();
+        let blamed = match (self.running.len(), on_trial.as_slice()) {
+            (1, _) => Some(0),
+            (_, [i]) => Some(*i),
+            _ => None,
+        };
+        let mut error = Some(e);
+        let mut back = Vec::new();
+        for (i, Running { mut p, seq }) in std::mem::take(&mut self.running).into_iter().enumerate() {
+            engine.release(seq);
+            if Some(i) == blamed {
+                let id = p.req.id;
+                self.forget(id);
+                let e = error.take().expect("one sequence is blamed");
+                self.failed.push((id, e.context(format!("request {id}: its decode step failed"))));
+                continue;
+            }
+            p.on_trial = blamed.is_none();
+            back.push(Preempted { p, parked: None });
+        }
+        for b in back.into_iter().rev() {
+            self.preempted.push_front(b);
+        }
+    }
+
     /// One batched decode step of every running sequence's chosen token.
     fn decode(&mut self, engine: &mut E, observe: &mut Observer<'_, E>) -> Result<()> {
         self.stats.max_running = self.stats.max_running.max(self.running.len());
         let t0 = Instant::now();
         let tokens: Vec<u32> = self.running.iter().map(|r| *r.p.tokens.last().expect("one token chosen")).collect();
-        let logits = engine.decode(self.running.iter_mut().map(|r| &mut r.seq).collect(), &tokens)?;
+        let logits = match engine.decode(self.running.iter_mut().map(|r| &mut r.seq).collect(), &tokens) {
+            Ok(logits) => logits,
+            Err(e) => {
+                self.isolate(engine, e);
+                return Ok(());
+            }
+        };
         for (r, l) in self.running.iter_mut().zip(logits) {
             r.p.logits = l;
             r.p.pending = false;
+            r.p.on_trial = false;
             let step = r.p.tokens.len();
             observe(Observed { id: r.p.req.id, step, seq: &r.seq, engine, logits: &r.p.logits })?;
         }

@@ -105,6 +105,10 @@ pub trait BatchEngine {
         chunk: usize,
         score_prompt: Option<usize>,
     ) -> Result<Started<Self::Seq>>;
+    /// Whether [`BatchEngine::start`] can score a prompt (`score_prompt`).
+    fn scores_prompts(&self) -> bool {
+        true
+    }
     /// Blocks a copy of `seq` needs beside `running` others (see [`BatchEngine::fork`]).
     fn fork_need(&self, seq: &Self::Seq, running: usize) -> Result<usize>;
     /// Starts a sequence as a copy of `seq` (a copy-on-admission fork: requests with the same

@@ -309,6 +309,10 @@ impl BatchEngine for DeviceEngine<'_> {
         }
     }
 
+    fn scores_prompts(&self) -> bool {
+        false
+    }
+
     fn fork_need(&self, seq: &DeviceSeq, running: usize) -> Result<usize> {
         let held = slot_usage(&self.cache, self.slot_of(seq)?, seq.seen, self.slot_bytes)?.0.bytes_allocated
             / (self.shape.block_size as u64 * self.slot_bytes);

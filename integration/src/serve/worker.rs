@@ -198,6 +198,13 @@ pub fn run<E: BatchEngine>(engine: &mut E, setup: WorkerSetup, commands: Receive
                             let _ = job.events.send(Event::Failed(shutting_down()));
                             continue;
                         }
+                        if job.echo.is_some() && job.logprobs.is_some() && !engine.scores_prompts() {
+                            let msg =
+                                "`echo` with `logprobs` scores the prompt, which this engine (the GPU's) does not; \
+                                       serve on the CPU for it";
+                            let _ = job.events.send(Event::Failed(ApiError::bad_request(msg, Some("echo"))));
+                            continue;
+                        }
                         let id = next_id;
                         next_id += 1;
                         let req = Request {

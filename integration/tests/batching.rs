@@ -284,16 +284,19 @@ fn a_request_too_large_for_the_pool_is_a_clear_error() {
 }
 
 /// Full attention whose rows refuse to grow past `limit` tokens: a policy error raised in the
-/// prompt pass of a long prompt only.
+/// prompt pass of a long prompt, or (`decode_only`) in decode steps only, never in a prompt pass
+/// (recomputations included).
 #[derive(Debug)]
 struct RefusesPast {
     inner: Arc<dyn PolicyFactory>,
     limit: dms_policy::Pos,
+    decode_only: bool,
 }
 
 struct RefusesPastSeq {
     inner: Box<dyn dms_policy::SequencePolicy>,
     limit: dms_policy::Pos,
+    decode_only: bool,
 }
 
 impl PolicyFactory for RefusesPast {
@@ -301,7 +304,11 @@ impl PolicyFactory for RefusesPast {
         "refuses_past"
     }
     fn new_sequence(&self, shape: dms_policy::CacheShape) -> Box<dyn dms_policy::SequencePolicy> {
-        Box::new(RefusesPastSeq { inner: self.inner.new_sequence(shape), limit: self.limit })
+        Box::new(RefusesPastSeq {
+            inner: self.inner.new_sequence(shape),
+            limit: self.limit,
+            decode_only: self.decode_only,
+        })
     }
     fn describe(&self) -> String {
         format!("full, refusing rows past {} tokens", self.limit)
@@ -325,7 +332,7 @@ impl dms_policy::SequencePolicy for RefusesPastSeq {
         n: usize,
         plan: &mut dms_policy::EvictPlan,
     ) -> Result<(), dms_policy::PolicyError> {
-        if first + n as dms_policy::Pos > self.limit {
+        if first + n as dms_policy::Pos > self.limit && (n == 1 || !self.decode_only) {
             return Err(dms_policy::PolicyError::Protocol {
                 policy: "refuses_past".into(),
                 message: format!("row past {} tokens", self.limit),
@@ -349,7 +356,7 @@ fn refused_request(eng: &mut Engine, id: usize) -> Request {
         id,
         prompt: prompt(9, 30),
         forced: None,
-        policy: Arc::new(RefusesPast { inner, limit: 20 }),
+        policy: Arc::new(RefusesPast { inner, limit: 20, decode_only: false }),
         params: None,
     }
 }
@@ -427,63 +434,6 @@ fn scored_prompts_equal_one_pass_logits_under_each_policy() {
     }
 }
 
-/// A policy whose decode steps fail once its sequence would hold more than `at` tokens (its
-/// prompt passes, recomputations included, never fail).
-#[derive(Debug)]
-struct FailingAt {
-    inner: Arc<dyn PolicyFactory>,
-    at: dms_policy::Pos,
-}
-
-struct FailingSeq {
-    inner: Box<dyn dms_policy::SequencePolicy>,
-    at: dms_policy::Pos,
-}
-
-impl PolicyFactory for FailingAt {
-    fn name(&self) -> &str {
-        "failing"
-    }
-    fn new_sequence(&self, shape: dms_policy::CacheShape) -> Box<dyn dms_policy::SequencePolicy> {
-        Box::new(FailingSeq { inner: self.inner.new_sequence(shape), at: self.at })
-    }
-    fn describe(&self) -> String {
-        format!("fails past {} tokens", self.at)
-    }
-}
-
-impl dms_policy::SequencePolicy for FailingSeq {
-    fn decide(
-        &mut self,
-        row: dms_policy::RowRef,
-        first: dms_policy::Pos,
-        n: usize,
-        s: Option<&[f32]>,
-    ) -> Result<(), dms_policy::PolicyError> {
-        if n == 1 && first + 1 > self.at {
-            let message = format!("past {} tokens", self.at);
-            return Err(dms_policy::PolicyError::Protocol { policy: "failing".into(), message });
-        }
-        self.inner.decide(row, first, n, s)
-    }
-    fn evict(
-        &mut self,
-        row: dms_policy::RowRef,
-        first: dms_policy::Pos,
-        n: usize,
-        plan: &mut dms_policy::EvictPlan,
-    ) -> Result<(), dms_policy::PolicyError> {
-        self.inner.evict(row, first, n, plan)
-    }
-    fn compact(
-        &mut self,
-        row: dms_policy::RowRef,
-        plan: &mut dms_policy::CompactPlan,
-    ) -> Result<(), dms_policy::PolicyError> {
-        self.inner.compact(row, plan)
-    }
-}
-
 /// A decode step that fails in a batch (here: one request's policy refuses a token) fails that
 /// request alone: every sequence of the batch drops the step's rows and is recomputed, the
 /// suspects one at a time until the failure follows one of them; the others produce what each
@@ -495,7 +445,8 @@ fn a_failed_decode_step_fails_only_the_request_that_causes_it() {
     let refs: Vec<Finished> = good.iter().map(|r| alone(&mut eng, r, 20)).collect();
     let full = resolved_policy(&mut eng, POLICIES[0]);
     let bad_prompt = prompt(9, 12);
-    let failing = Arc::new(FailingAt { inner: full, at: bad_prompt.len() as dms_policy::Pos + 5 });
+    let failing =
+        Arc::new(RefusesPast { inner: full, limit: bad_prompt.len() as dms_policy::Pos + 5, decode_only: true });
     let bad = Request { id: 9, prompt: bad_prompt, forced: None, policy: failing, params: None };
     let mut sched = Scheduler::new(greedy_params(20), 8, true).unwrap();
     for r in good.iter().cloned().chain([bad]) {
@@ -512,7 +463,7 @@ fn a_failed_decode_step_fails_only_the_request_that_causes_it() {
     assert!(sched.is_idle(), "the scheduler settles");
     assert_eq!(failed.len(), 1, "{failed:?}");
     assert_eq!(failed[0].0, 9);
-    assert!(format!("{:#}", failed[0].1).contains("past 17 tokens"), "{:#}", failed[0].1);
+    assert!(format!("{:#}", failed[0].1).contains("row past 17 tokens"), "{:#}", failed[0].1);
     finished.sort_by_key(|f| f.id);
     assert_eq!(finished.len(), refs.len());
     for (g, r) in finished.iter().zip(&refs) {

@@ -347,6 +347,23 @@ proptest! {
     }
 }
 
+/// Two greedy tokens after a 3-token prompt, full cache: whatever a loaded file holds, this
+/// gives a result or an error, never a panic.
+fn generate_two(model: dms_integration::model::Llama) {
+    let policy =
+        dms_integration::engine::from_config::registry().build(&toml::from_str("name = 'full'").unwrap()).unwrap();
+    let mut e = dms_integration::engine::Engine::new(model, policy, 4, 64).unwrap();
+    let params = dms_integration::engine::GenParams {
+        max_tokens: 2,
+        temperature: 0.0,
+        top_p: 1.0,
+        seed: 0,
+        stop_at_eos: false,
+        prefill_chunk: 0,
+    };
+    let _ = e.generate(&[1, 2, 3], &params, None);
+}
+
 /// A tiny Llama-architecture GGUF with a byte-level BPE tokenizer in its metadata: f32 and Q8_0
 /// tensors, tied embeddings.
 fn tiny_gguf() -> Vec<u8> {
@@ -602,17 +619,7 @@ proptest! {
         apply(&mut bytes, region, &edits);
         let p = write(&dir, "m.gguf", &bytes);
         if let Ok(m) = load_model(&p, &Device::Cpu, WeightForm::Dense) {
-            let mut e = dms_integration::engine::Engine::new(
-                m.model,
-                dms_integration::engine::from_config::registry().build(&toml::from_str("name = 'full'").unwrap()).unwrap(),
-                4,
-                64,
-            )
-            .unwrap();
-            let params = dms_integration::engine::GenParams {
-                max_tokens: 2, temperature: 0.0, top_p: 1.0, seed: 0, stop_at_eos: false, prefill_chunk: 0,
-            };
-            let _ = e.generate(&[1, 2, 3], &params, None);
+            generate_two(m.model);
         }
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -631,17 +638,7 @@ proptest! {
         let dir = scratch("gguf-deepseek-fuzz");
         let p = write(&dir, "m.gguf", &bytes);
         if let Ok(m) = load_model(&p, &Device::Cpu, WeightForm::Dense) {
-            let mut e = dms_integration::engine::Engine::new(
-                m.model,
-                dms_integration::engine::from_config::registry().build(&toml::from_str("name = 'full'").unwrap()).unwrap(),
-                4,
-                64,
-            )
-            .unwrap();
-            let params = dms_integration::engine::GenParams {
-                max_tokens: 2, temperature: 0.0, top_p: 1.0, seed: 0, stop_at_eos: false, prefill_chunk: 0,
-            };
-            let _ = e.generate(&[1, 2, 3], &params, None);
+            generate_two(m.model);
         }
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -243,12 +243,7 @@ fn http(base: &str, method: &str, path: &str, body: &str) -> (u16, String) {
 /// `chat_template_kwargs` reach the template, and may not replace the server's variables.
 #[test]
 fn a_completion_prompt_gets_the_tokenizers_special_tokens_and_chat_takes_template_kwargs() {
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf");
-    let expected: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures.join("expected.json")).unwrap()).unwrap();
-    let e = &expected["llama3_tiny.gguf"];
-    assert_eq!(e["texts"][0], "Hello world");
-    let want = e["ids_add_special"][0].as_array().unwrap().len();
+    let want = hello_world().1.len();
     let server = tiny_llama3_server("bos");
     let (status, r) = post_json(
         &server.base,
@@ -267,6 +262,18 @@ fn a_completion_prompt_gets_the_tokenizers_special_tokens_and_chat_takes_templat
     let (status, r) = chat(serde_json::json!({"add_generation_prompt": false}));
     assert_eq!(status, 400, "{r}");
     assert_eq!(r["error"]["param"], "chat_template_kwargs", "{r}");
+}
+
+/// The tiny Llama 3 GGUF and the ids llama.cpp gives "Hello world" with its BOS
+/// (`fixtures/gguf/expected.json`).
+fn hello_world() -> (std::path::PathBuf, Vec<u32>) {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf");
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures.join("expected.json")).unwrap()).unwrap();
+    let e = &expected["llama3_tiny.gguf"];
+    assert_eq!(e["texts"][0], "Hello world");
+    let prompt = e["ids_add_special"][0].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+    (fixtures.join("llama3_tiny.gguf"), prompt)
 }
 
 /// Each token's log-probabilities under the model for a greedy continuation of `prompt`: a naive
@@ -298,14 +305,7 @@ fn naive_greedy_logprobs(model: &Path, prompt: &[u32], steps: usize) -> Vec<(u32
 /// on a chat: the chosen greedy token is the best of its alternatives.
 #[test]
 fn logprobs_are_the_models_log_softmax() {
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf");
-    let model = fixtures.join("llama3_tiny.gguf");
-    let expected: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures.join("expected.json")).unwrap()).unwrap();
-    let e = &expected["llama3_tiny.gguf"];
-    assert_eq!(e["texts"][0], "Hello world");
-    let prompt: Vec<u32> =
-        e["ids_add_special"][0].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+    let (model, prompt) = hello_world();
     let steps = 4;
     let want = naive_greedy_logprobs(&model, &prompt, steps);
     let tok = dms_integration::engine::load_model(
@@ -378,14 +378,7 @@ fn logprobs_are_the_models_log_softmax() {
 /// zero limit without `echo` are refused naming the field.
 #[test]
 fn echo_returns_the_prompt_and_scores_it_in_its_pass() {
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf");
-    let model = fixtures.join("llama3_tiny.gguf");
-    let expected: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures.join("expected.json")).unwrap()).unwrap();
-    let e = &expected["llama3_tiny.gguf"];
-    assert_eq!(e["texts"][0], "Hello world");
-    let prompt: Vec<u32> =
-        e["ids_add_special"][0].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+    let (model, prompt) = hello_world();
     let loaded = dms_integration::engine::load_model(
         &model,
         &candle_core::Device::Cpu,

@@ -300,6 +300,24 @@ fn naive_greedy_logprobs(model: &Path, prompt: &[u32], steps: usize) -> Vec<(u32
     out
 }
 
+/// Entry `i` of a completion's `logprobs` against the naive log-softmax `want` of the logits
+/// `token` (whose text is `text`) was chosen from: its text, its log-probability and its at most
+/// `top` alternatives, the most likely ones (1e-4).
+fn check_entry(lp: &serde_json::Value, i: usize, text: &str, token: u32, want: &[f64], top: usize) {
+    assert_eq!(lp["tokens"][i], text, "{lp}");
+    let got = lp["token_logprobs"][i].as_f64().unwrap();
+    assert!((got - want[token as usize]).abs() < 1e-4, "entry {i}: {got} vs {}", want[token as usize]);
+    let mut best = want.to_vec();
+    best.sort_by(|a, b| b.total_cmp(a));
+    let mut alternatives: Vec<f64> =
+        lp["top_logprobs"][i].as_object().unwrap().values().map(|v| v.as_f64().unwrap()).collect();
+    alternatives.sort_by(|a, b| b.total_cmp(a));
+    assert!(!alternatives.is_empty() && alternatives.len() <= top, "{lp}");
+    for (g, w) in alternatives.iter().zip(&best) {
+        assert!((g - w).abs() < 1e-4, "entry {i}: top {alternatives:?} vs {:?}", &best[..top]);
+    }
+}
+
 /// `logprobs` on a completion: each token's log-probability and its three most likely
 /// alternatives equal a naive log-softmax of the engine's logits for the same greedy tokens;
 /// on a chat: the chosen greedy token is the best of its alternatives.
@@ -323,19 +341,7 @@ fn logprobs_are_the_models_log_softmax() {
     assert_eq!(status, 200, "{r}");
     let lp = &r["choices"][0]["logprobs"];
     for (i, (token, all)) in want.iter().enumerate() {
-        let text = tok.decode(&[*token], false).unwrap();
-        assert_eq!(lp["tokens"][i], text.as_str(), "{lp}");
-        let got = lp["token_logprobs"][i].as_f64().unwrap();
-        assert!((got - all[*token as usize]).abs() < 1e-4, "step {i}: {got} vs {}", all[*token as usize]);
-        let mut best = all.clone();
-        best.sort_by(|a, b| b.total_cmp(a));
-        let mut top: Vec<f64> =
-            lp["top_logprobs"][i].as_object().unwrap().values().map(|v| v.as_f64().unwrap()).collect();
-        top.sort_by(|a, b| b.total_cmp(a));
-        assert!(!top.is_empty() && top.len() <= 3, "{lp}");
-        for (g, w) in top.iter().zip(&best) {
-            assert!((g - w).abs() < 1e-4, "step {i}: top {top:?} vs {:?}", &best[..3]);
-        }
+        check_entry(lp, i, &tok.decode(&[*token], false).unwrap(), *token, all, 3);
     }
     // Streamed, the chunks carry the same entries, each with the text of its tokens (whole
     // characters here).
@@ -407,19 +413,7 @@ fn echo_returns_the_prompt_and_scores_it_in_its_pass() {
     assert_eq!(lp["tokens"].as_array().unwrap().len(), prompt.len(), "{lp}");
     assert!(lp["token_logprobs"][0].is_null() && lp["top_logprobs"][0].is_null(), "{lp}");
     for (i, &t) in prompt.iter().enumerate().skip(1) {
-        let want = log_softmax(&all[i - 1]);
-        assert_eq!(lp["tokens"][i], tok.decode(&[t], false).unwrap().as_str(), "{lp}");
-        let got = lp["token_logprobs"][i].as_f64().unwrap();
-        assert!((got - want[t as usize]).abs() < 1e-4, "prompt token {i}: {got} vs {}", want[t as usize]);
-        let mut best = want.clone();
-        best.sort_by(|a, b| b.total_cmp(a));
-        let mut top: Vec<f64> =
-            lp["top_logprobs"][i].as_object().unwrap().values().map(|v| v.as_f64().unwrap()).collect();
-        top.sort_by(|a, b| b.total_cmp(a));
-        assert!(!top.is_empty() && top.len() <= 2, "{lp}");
-        for (g, w) in top.iter().zip(&best) {
-            assert!((g - w).abs() < 1e-4, "prompt token {i}: top {top:?} vs {:?}", &best[..2]);
-        }
+        check_entry(lp, i, &tok.decode(&[t], false).unwrap(), t, &log_softmax(&all[i - 1]), 2);
     }
     // With generated tokens, streamed: the prompt first, then the completion's entries as
     // without `echo`.

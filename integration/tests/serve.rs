@@ -276,9 +276,9 @@ fn hello_world() -> (std::path::PathBuf, Vec<u32>) {
     (fixtures.join("llama3_tiny.gguf"), prompt)
 }
 
-/// Each token's log-probabilities under the model for a greedy continuation of `prompt`: a naive
-/// log-softmax (f64) of the logits the engine gives step by step.
-fn naive_greedy_logprobs(model: &Path, prompt: &[u32], steps: usize) -> Vec<(u32, Vec<f64>)> {
+/// The host engine (full cache) on `model`, with its tokenizer: the reference the server's
+/// answers are checked against.
+fn full_cache_engine(model: &Path) -> (dms_integration::engine::Engine, tokenizers::Tokenizer) {
     let loaded = dms_integration::engine::load_model(
         model,
         &candle_core::Device::Cpu,
@@ -286,7 +286,14 @@ fn naive_greedy_logprobs(model: &Path, prompt: &[u32], steps: usize) -> Vec<(u32
     )
     .unwrap();
     let policy = dms_policy::Registry::with_builtins().build(&toml::from_str("name = \"full\"").unwrap()).unwrap();
-    let mut eng = dms_integration::engine::Engine::new(loaded.model, policy, 4, 1 << 12).unwrap();
+    let eng = dms_integration::engine::Engine::new(loaded.model, policy, 4, 1 << 12).unwrap();
+    (eng, loaded.tokenizer.unwrap())
+}
+
+/// Each token's log-probabilities under the model for a greedy continuation of `prompt`: a naive
+/// log-softmax (f64) of the logits the engine gives step by step.
+fn naive_greedy_logprobs(model: &Path, prompt: &[u32], steps: usize) -> Vec<(u32, Vec<f64>)> {
+    let (mut eng, _) = full_cache_engine(model);
     let mut seq = eng.new_sequence();
     let all = eng.step(&mut seq, prompt, true).unwrap().to_vec2::<f32>().unwrap();
     let mut logits = all.last().unwrap().clone();
@@ -326,14 +333,7 @@ fn logprobs_are_the_models_log_softmax() {
     let (model, prompt) = hello_world();
     let steps = 4;
     let want = naive_greedy_logprobs(&model, &prompt, steps);
-    let tok = dms_integration::engine::load_model(
-        &model,
-        &candle_core::Device::Cpu,
-        dms_integration::model::WeightForm::Dense,
-    )
-    .unwrap()
-    .tokenizer
-    .unwrap();
+    let tok = full_cache_engine(&model).1;
     let server = tiny_llama3_server("logprobs");
     let body = serde_json::json!({"model": "tiny", "prompt": "Hello world", "max_tokens": steps, "logprobs": 3,
         "ignore_eos": true});
@@ -385,15 +385,7 @@ fn logprobs_are_the_models_log_softmax() {
 #[test]
 fn echo_returns_the_prompt_and_scores_it_in_its_pass() {
     let (model, prompt) = hello_world();
-    let loaded = dms_integration::engine::load_model(
-        &model,
-        &candle_core::Device::Cpu,
-        dms_integration::model::WeightForm::Dense,
-    )
-    .unwrap();
-    let tok = loaded.tokenizer.clone().unwrap();
-    let policy = dms_policy::Registry::with_builtins().build(&toml::from_str("name = \"full\"").unwrap()).unwrap();
-    let mut eng = dms_integration::engine::Engine::new(loaded.model, policy, 4, 1 << 12).unwrap();
+    let (mut eng, tok) = full_cache_engine(&model);
     let mut seq = eng.new_sequence();
     let all = eng.step(&mut seq, &prompt, true).unwrap().to_vec2::<f32>().unwrap();
     let log_softmax = |row: &[f32]| -> Vec<f64> {
@@ -553,16 +545,8 @@ fn n_choices_are_the_answers_of_successive_seeds() {
 #[test]
 fn logit_bias_and_penalties_change_the_choice_as_openai_defines_them() {
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf/llama3_tiny.gguf");
-    let loaded = dms_integration::engine::load_model(
-        &model,
-        &candle_core::Device::Cpu,
-        dms_integration::model::WeightForm::Dense,
-    )
-    .unwrap();
-    let tok = loaded.tokenizer.clone().unwrap();
+    let (mut eng, tok) = full_cache_engine(&model);
     let prompt = tok.encode("Hello world", true).unwrap().get_ids().to_vec();
-    let policy = dms_policy::Registry::with_builtins().build(&toml::from_str("name = \"full\"").unwrap()).unwrap();
-    let mut eng = dms_integration::engine::Engine::new(loaded.model, policy, 4, 1 << 12).unwrap();
     let steps = 8;
     // A naive greedy loop: argmax of the logits plus bias, minus the penalties.
     let mut naive = |bias: &[(u32, f32)], presence: f32, frequency: f32| -> Vec<u32> {

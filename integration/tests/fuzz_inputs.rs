@@ -501,11 +501,26 @@ fn gguf_metadata_is_honoured_or_refused_never_ignored() {
     m5.push(("llama.expert_count", Value::U32(8)));
     let e = format!("{:#}", load(&m5, &tensors, "experts.gguf").err().expect("refused"));
     assert!(e.contains("expert_count"), "{e}");
-    // RoPE scaling the loader does not apply is refused.
+    // Linear RoPE scaling divides every frequency by its factor; without a factor, beside
+    // `rope_freqs.weight`, or another scaling the loader does not apply, the file is refused.
     let mut m3 = meta.clone();
     m3.push(("llama.rope.scaling.type", Value::String("linear".into())));
     let e = format!("{:#}", load(&m3, &tensors, "linear.gguf").err().expect("refused"));
-    assert!(e.contains("llama.rope.scaling.type") && e.contains("linear"), "{e}");
+    assert!(e.contains("llama.rope.scaling.factor"), "{e}");
+    m3.push(("llama.rope.scaling.factor", Value::F32(4.0)));
+    let m = load(&m3, &tensors, "linear.gguf").unwrap();
+    let plain = dms_integration::model::ModelConfig { rope_scaling: None, ..m.model.config().clone() };
+    let want: Vec<f64> = plain.rope_inv_freq().iter().map(|f| f / 4.0).collect();
+    assert_eq!(m.model.config().rope_inv_freq(), want);
+    let mut with_freqs = tiny_gguf_parts(32).1;
+    let factors = Tensor::full(2f32, 8, &Device::Cpu).unwrap();
+    with_freqs.push(("rope_freqs.weight".into(), QTensor::quantize(&factors, GgmlDType::F32).unwrap()));
+    let e = format!("{:#}", load(&m3, &with_freqs, "both.gguf").err().expect("refused"));
+    assert!(e.contains("rope_freqs.weight") && e.contains("rope.scaling.type"), "{e}");
+    let mut m6 = meta.clone();
+    m6.push(("llama.rope.scaling.type", Value::String("yarn".into())));
+    let e = format!("{:#}", load(&m6, &tensors, "yarn.gguf").err().expect("refused"));
+    assert!(e.contains("llama.rope.scaling.type") && e.contains("yarn"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

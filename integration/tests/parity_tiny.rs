@@ -66,6 +66,29 @@ fn llama3_tiny_gguf_with_rope_freqs_matches_transformers() {
     check("llama3_tiny", &fixture("gguf/llama3_tiny.gguf"));
 }
 
+/// Linear RoPE scaling from GGUF metadata (`rope.scaling.type = linear`, factor 2, on the tiny
+/// Llama 3's weights): llama.cpp's logits at every prompt position and through 8 greedy steps
+/// (`fixtures/gguf/linear_llama_cpp.safetensors`).
+#[test]
+fn llama3_tiny_gguf_with_linear_rope_scaling_matches_llama_cpp() {
+    let g = golden(&fixture("gguf/linear_llama_cpp.safetensors"));
+    let mut eng = engine(&fixture("gguf/llama3_linear.gguf"), "name = \"full\"", 4);
+    let scaling = eng.model.config().rope_scaling.clone();
+    assert_eq!(scaling, Some(dms_integration::model::config::RopeScaling::Linear(2.0)));
+    let mut seq = eng.new_sequence();
+    let all = eng.step(&mut seq, &ids(&g["prompt_ids"]), true).unwrap().to_vec2::<f32>().unwrap();
+    for (t, (got, want)) in all.iter().zip(&g["prompt_logits"].to_vec2::<f32>().unwrap()).enumerate() {
+        assert!(max_abs(got, want) < TOL, "prompt position {t}: {}", max_abs(got, want));
+    }
+    let mut logits = all.last().unwrap().clone();
+    let steps = g["greedy_step_logits"].to_vec2::<f32>().unwrap();
+    for (i, &want_id) in ids(&g["greedy_ids"]).iter().enumerate() {
+        assert!(max_abs(&logits, &steps[i]) < TOL, "greedy step {i}: {}", max_abs(&logits, &steps[i]));
+        assert_eq!(dms_integration::engine::argmax(&logits), want_id, "greedy step {i}");
+        logits = eng.step(&mut seq, &[want_id], false).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+    }
+}
+
 /// The tokenizers built from the GGUF fixtures' metadata (byte-level BPE with pre-tokenizers
 /// `llama-bpe`, `qwen2`, `smollm`, `deepseek-llm`, `deepseek-v3`; SentencePiece BPE) give llama.cpp's token ids
 /// (`fixtures/gguf/expected.json`, from llama-cpp-python), with and without the special tokens

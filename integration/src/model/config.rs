@@ -167,6 +167,8 @@ pub enum RopeScaling {
     /// One divisor per frequency, as llama.cpp stores Llama 3's scaling in a GGUF
     /// (`rope_freqs.weight`).
     FreqFactors(Vec<f64>),
+    /// Positions divided by this factor (transformers' and llama.cpp's `linear`).
+    Linear(f64),
 }
 
 /// Llama 3 RoPE frequency scaling.
@@ -379,7 +381,7 @@ impl ModelConfig {
         let mla = if arch == Arch::DeepSeek { Some(parse_mla(&c, is_v3)?) } else { None };
         let rope_scaling = match (&c.rope_scaling, arch) {
             (None | Some(serde_json::Value::Null), _) | (_, Arch::DeepSeek) => None,
-            (Some(v), _) => Some(RopeScaling::Llama3(parse_rope_scaling(v)?)),
+            (Some(v), _) => Some(parse_rope_scaling(v)?),
         };
         let (num_kv_heads, head_dim) = match &mla {
             Some(m) => (1, m.kv_lora_rank + m.qk_rope_head_dim),
@@ -441,6 +443,11 @@ impl ModelConfig {
         }
         if !self.head_dim.is_multiple_of(2) {
             bail!("model config: head_dim {} must be even for RoPE", self.head_dim);
+        }
+        if let Some(RopeScaling::Linear(factor)) = &self.rope_scaling {
+            if !(factor.is_finite() && *factor > 0.0) {
+                bail!("model config: linear RoPE scaling needs a positive, finite factor; got {factor}");
+            }
         }
         if let Some(RopeScaling::FreqFactors(div)) = &self.rope_scaling {
             if div.len() != self.head_dim / 2 || !div.iter().all(|d| d.is_finite() && *d > 0.0) {
@@ -586,6 +593,7 @@ impl ModelConfig {
                     None => f,
                     Some(RopeScaling::Llama3(s)) => llama3_scale(f, s),
                     Some(RopeScaling::FreqFactors(div)) => f / div[i],
+                    Some(RopeScaling::Linear(factor)) => f / factor,
                 }
             })
             .collect()
@@ -751,16 +759,18 @@ fn context_length(c: &HfConfig, arch: Arch) -> usize {
     windowed.filter(|&w| w > 0).map_or(declared, |w| declared.min(w))
 }
 
-fn parse_rope_scaling(v: &serde_json::Value) -> Result<Llama3RopeScaling> {
+fn parse_rope_scaling(v: &serde_json::Value) -> Result<RopeScaling> {
     let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(|x| x.as_str()).unwrap_or("");
-    if kind != "llama3" {
-        bail!("model config: rope_scaling type `{kind}` is not supported (supported: llama3)");
-    }
     let num = |k: &str| -> Result<f64> {
         v.get(k)
             .and_then(|x| x.as_f64())
             .with_context(|| format!("model config: rope_scaling.{k} is missing or not a number"))
     };
+    match kind {
+        "llama3" => {}
+        "linear" => return Ok(RopeScaling::Linear(num("factor")?)),
+        _ => bail!("model config: rope_scaling type `{kind}` is not supported (supported: llama3, linear)"),
+    }
     let s = Llama3RopeScaling {
         factor: num("factor")?,
         low_freq_factor: num("low_freq_factor")?,
@@ -784,7 +794,7 @@ fn parse_rope_scaling(v: &serde_json::Value) -> Result<Llama3RopeScaling> {
             s.original_max_position_embeddings
         );
     }
-    Ok(s)
+    Ok(RopeScaling::Llama3(s))
 }
 
 #[cfg(test)]
@@ -830,5 +840,32 @@ mod mla_tests {
             (moe.scoring_func.as_str(), moe.topk_method.as_str(), moe.norm_topk_prob),
             ("softmax", "greedy", false)
         );
+    }
+}
+
+#[cfg(test)]
+mod rope_scaling_tests {
+    use super::*;
+
+    fn llama_config(rope_scaling: &str) -> Result<ModelConfig> {
+        ModelConfig::from_hf_json(&format!(
+            r#"{{"architectures": ["LlamaForCausalLM"], "vocab_size": 32, "hidden_size": 64, "intermediate_size": 128,
+                "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2, "rope_scaling": {rope_scaling}}}"#
+        ))
+    }
+
+    /// config.json's `linear` scaling divides every frequency by its factor; other kinds are
+    /// refused naming the supported ones.
+    #[test]
+    fn linear_rope_scaling_divides_every_frequency() {
+        let plain = llama_config("null").unwrap();
+        let linear = llama_config(r#"{"type": "linear", "factor": 2.0}"#).unwrap();
+        assert_eq!(linear.rope_scaling, Some(RopeScaling::Linear(2.0)));
+        let want: Vec<f64> = plain.rope_inv_freq().iter().map(|f| f / 2.0).collect();
+        assert_eq!(linear.rope_inv_freq(), want);
+        let e = format!("{:#}", llama_config(r#"{"type": "dynamic", "factor": 2.0}"#).unwrap_err());
+        assert!(e.contains("dynamic") && e.contains("linear"), "{e}");
+        let e = format!("{:#}", llama_config(r#"{"rope_type": "linear", "factor": 0}"#).unwrap_err());
+        assert!(e.contains("factor"), "{e}");
     }
 }

@@ -5,7 +5,7 @@
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
 
-use super::config::{Arch, DmsCheckpointFields, MlaConfig, ModelConfig, MoeConfig, YarnScaling};
+use super::config::{Arch, DmsCheckpointFields, MlaConfig, ModelConfig, MoeConfig, RopeScaling, YarnScaling};
 
 fn meta<'a>(c: &'a Content, key: &str) -> Result<&'a Value> {
     c.metadata.get(key).with_context(|| format!("GGUF metadata key `{key}` is missing"))
@@ -94,15 +94,6 @@ pub(crate) fn model_config(c: &Content) -> Result<ModelConfig> {
             if let Some(n) = meta_opt_usize(c, &format!("{a}.expert_count"))?.filter(|&n| n > 0) {
                 bail!("GGUF `{a}.expert_count` = {n}: mixture-of-experts GGUF files are not supported");
             }
-            // llama.cpp stores Llama 3's RoPE scaling as per-frequency factors (`rope_freqs.weight`,
-            // read with the tensors); linear or YaRN scaling of these models is not applied here,
-            // and such a file would run with the wrong frequencies.
-            if let Some(kind) = scaling_type(c, &a) {
-                bail!(
-                    "GGUF `{a}.rope.scaling.type` = `{kind}` is not supported; use the model's HF directory, whose \
-                     config.json rope_scaling is"
-                );
-            }
             (kv, head_dim)
         }
     };
@@ -114,6 +105,20 @@ pub(crate) fn model_config(c: &Content) -> Result<ModelConfig> {
             .and_then(|i| i.shape.dims().first().copied())
             .context("cannot tell the vocabulary size")?,
     };
+    // llama.cpp stores Llama 3's RoPE scaling as per-frequency factors (`rope_freqs.weight`, read
+    // with the tensors) and linear scaling under `rope.scaling.*`; YaRN for these models is not
+    // applied here, and such a file would run with the wrong frequencies.
+    let rope_scaling = match (&mla, scaling_type(c, &a).as_deref()) {
+        (Some(_), _) | (None, None) => None,
+        (None, Some("linear")) => {
+            let key = format!("{a}.rope.scaling.factor");
+            Some(RopeScaling::Linear(meta_f64(c, &key)?.with_context(|| format!("GGUF `{key}` is missing"))?))
+        }
+        (None, Some(kind)) => bail!(
+            "GGUF `{a}.rope.scaling.type` = `{kind}` is not supported (supported: linear); use the model's HF \
+             directory, whose config.json rope_scaling is"
+        ),
+    };
     let cfg = ModelConfig {
         arch,
         vocab_size: vocab,
@@ -124,7 +129,7 @@ pub(crate) fn model_config(c: &Content) -> Result<ModelConfig> {
         num_kv_heads: kv,
         head_dim,
         rope_theta: meta_f64(c, &format!("{a}.rope.freq_base"))?.unwrap_or(10_000.0),
-        rope_scaling: None,
+        rope_scaling,
         rms_norm_eps: meta_f64(c, &format!("{a}.attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5),
         tie_word_embeddings: !c.tensor_infos.contains_key("output.weight"),
         attention_bias: c.tensor_infos.contains_key("blk.0.attn_q.bias"),

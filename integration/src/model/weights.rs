@@ -147,6 +147,12 @@ impl Weights {
         let file = File::open(path).with_context(|| format!("cannot open GGUF file {}", path.display()))?;
         let mut cfg = model_config(&content).with_context(|| format!("reading metadata of {}", path.display()))?;
         if content.tensor_infos.contains_key(ROPE_FREQS) {
+            if cfg.rope_scaling.is_some() {
+                bail!(
+                    "{} has both `{ROPE_FREQS}` and `rope.scaling.type`: which scaling applies is unclear",
+                    path.display()
+                );
+            }
             let factors = content
                 .tensor(&mut &file, ROPE_FREQS, &Device::Cpu)
                 .and_then(|q| q.dequantize(&Device::Cpu))

@@ -518,9 +518,38 @@ fn gguf_metadata_is_honoured_or_refused_never_ignored() {
     let e = format!("{:#}", load(&m3, &with_freqs, "both.gguf").err().expect("refused"));
     assert!(e.contains("rope_freqs.weight") && e.contains("rope.scaling.type"), "{e}");
     let mut m6 = meta.clone();
-    m6.push(("llama.rope.scaling.type", Value::String("yarn".into())));
-    let e = format!("{:#}", load(&m6, &tensors, "yarn.gguf").err().expect("refused"));
-    assert!(e.contains("llama.rope.scaling.type") && e.contains("yarn"), "{e}");
+    m6.push(("llama.rope.scaling.type", Value::String("longrope".into())));
+    let e = format!("{:#}", load(&m6, &tensors, "longrope.gguf").err().expect("refused"));
+    assert!(e.contains("llama.rope.scaling.type") && e.contains("longrope"), "{e}");
+    // YaRN: the same frequencies and context as config.json's `rope_scaling` with the same values;
+    // without a factor, with llama.cpp's partial blend, with DeepSeek's log multiplier (which
+    // llama.cpp reads for deepseek2 only) or with a LongRoPE table factor, refused by key.
+    let mut m7 = meta.clone();
+    m7.push(("llama.rope.scaling.type", Value::String("yarn".into())));
+    let e = format!("{:#}", load(&m7, &tensors, "yarn.gguf").err().expect("refused"));
+    assert!(e.contains("llama.rope.scaling.factor"), "{e}");
+    m7.push(("llama.rope.scaling.factor", Value::F32(4.0)));
+    m7.push(("llama.rope.scaling.original_context_length", Value::U32(64)));
+    let m = load(&m7, &tensors, "yarn.gguf").unwrap();
+    let hf = dms_integration::model::ModelConfig::from_hf_json(
+        r#"{"architectures": ["LlamaForCausalLM"], "vocab_size": 8, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 128,
+            "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}}"#,
+    )
+    .unwrap();
+    let got = m.model.config();
+    assert_eq!((got.rope_inv_freq(), got.rope_attention_factor()), (hf.rope_inv_freq(), hf.rope_attention_factor()));
+    assert_eq!((got.max_position_embeddings, hf.max_position_embeddings), (256, 256));
+    for (k, v) in [
+        ("llama.rope.scaling.yarn_ext_factor", Value::F32(0.5)),
+        ("llama.rope.scaling.yarn_log_multiplier", Value::F32(0.1)),
+        ("llama.rope.scaling.attn_factor", Value::F32(2.0)),
+    ] {
+        let mut m8 = m7.clone();
+        m8.push((k, v));
+        let e = format!("{:#}", load(&m8, &tensors, "yarn-extra.gguf").err().expect("refused"));
+        assert!(e.contains(k), "{k}: {e}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

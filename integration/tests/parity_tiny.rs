@@ -66,27 +66,61 @@ fn llama3_tiny_gguf_with_rope_freqs_matches_transformers() {
     check("llama3_tiny", &fixture("gguf/llama3_tiny.gguf"));
 }
 
-/// Linear RoPE scaling from GGUF metadata (`rope.scaling.type = linear`, factor 2, on the tiny
-/// Llama 3's weights): llama.cpp's logits at every prompt position and through 8 greedy steps
-/// (`fixtures/gguf/linear_llama_cpp.safetensors`).
-#[test]
-fn llama3_tiny_gguf_with_linear_rope_scaling_matches_llama_cpp() {
-    let g = golden(&fixture("gguf/linear_llama_cpp.safetensors"));
-    let mut eng = engine(&fixture("gguf/llama3_linear.gguf"), "name = \"full\"", 4);
-    let scaling = eng.model.config().rope_scaling.clone();
-    assert_eq!(scaling, Some(dms_integration::model::config::RopeScaling::Linear(2.0)));
+/// `model` against llama.cpp's outputs for it in `runs` (a `fixtures/gguf/*_llama_cpp.safetensors`):
+/// the logits at every prompt position and through 8 greedy steps. Returns the engine.
+fn check_llama_cpp(runs: &str, model: &std::path::Path) -> dms_integration::engine::Engine {
+    let g = golden(&fixture(runs));
+    let mut eng = engine(model, "name = \"full\"", 4);
     let mut seq = eng.new_sequence();
     let all = eng.step(&mut seq, &ids(&g["prompt_ids"]), true).unwrap().to_vec2::<f32>().unwrap();
     for (t, (got, want)) in all.iter().zip(&g["prompt_logits"].to_vec2::<f32>().unwrap()).enumerate() {
-        assert!(max_abs(got, want) < TOL, "prompt position {t}: {}", max_abs(got, want));
+        assert!(max_abs(got, want) < TOL, "{model:?}: prompt position {t}: {}", max_abs(got, want));
     }
     let mut logits = all.last().unwrap().clone();
     let steps = g["greedy_step_logits"].to_vec2::<f32>().unwrap();
     for (i, &want_id) in ids(&g["greedy_ids"]).iter().enumerate() {
-        assert!(max_abs(&logits, &steps[i]) < TOL, "greedy step {i}: {}", max_abs(&logits, &steps[i]));
-        assert_eq!(dms_integration::engine::argmax(&logits), want_id, "greedy step {i}");
+        assert!(max_abs(&logits, &steps[i]) < TOL, "{model:?}: greedy step {i}: {}", max_abs(&logits, &steps[i]));
+        assert_eq!(dms_integration::engine::argmax(&logits), want_id, "{model:?}: greedy step {i}");
         logits = eng.step(&mut seq, &[want_id], false).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
     }
+    eng
+}
+
+/// Linear RoPE scaling from GGUF metadata (`rope.scaling.type = linear`, factor 2, on the tiny
+/// Llama 3's weights): llama.cpp's logits (`fixtures/gguf/linear_llama_cpp.safetensors`).
+#[test]
+fn llama3_tiny_gguf_with_linear_rope_scaling_matches_llama_cpp() {
+    let eng = check_llama_cpp("gguf/linear_llama_cpp.safetensors", &fixture("gguf/llama3_linear.gguf"));
+    let scaling = eng.model.config().rope_scaling.clone();
+    assert_eq!(scaling, Some(dms_integration::model::config::RopeScaling::Linear(2.0)));
+}
+
+/// YaRN, Qwen's long-context setting (factor 4 over an original context of 256, on the tiny
+/// Qwen3's weights), from GGUF metadata and from config.json's `rope_scaling`: both give
+/// llama.cpp's logits for the GGUF file (`fixtures/gguf/yarn_llama_cpp.safetensors`), and both
+/// serve 256 x 4 = 1024 positions where the model declares 512.
+#[test]
+fn qwen3_tiny_with_yarn_matches_llama_cpp_from_gguf_and_config_json() {
+    let runs = "gguf/yarn_llama_cpp.safetensors";
+    let from_gguf = check_llama_cpp(runs, &fixture("gguf/qwen3_yarn.gguf"));
+    let dir = std::env::temp_dir().join(format!("dms-yarn-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["model.safetensors", "generation_config.json"] {
+        std::fs::copy(fixture("qwen3_tiny").join(f), dir.join(f)).unwrap();
+    }
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("qwen3_tiny/config.json")).unwrap()).unwrap();
+    config["rope_scaling"] =
+        serde_json::json!({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256});
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let from_hf = check_llama_cpp(runs, &dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    for eng in [&from_gguf, &from_hf] {
+        let cfg = eng.model.config();
+        assert!(matches!(cfg.rope_scaling, Some(dms_integration::model::config::RopeScaling::Yarn(_))));
+        assert_eq!(cfg.max_position_embeddings, 1024);
+    }
+    assert_eq!(from_gguf.model.config().rope_inv_freq(), from_hf.model.config().rope_inv_freq());
 }
 
 /// The tokenizers built from the GGUF fixtures' metadata (byte-level BPE with pre-tokenizers

@@ -44,7 +44,8 @@ pub struct MlaConfig {
     pub moe: Option<MoeConfig>,
 }
 
-/// YaRN RoPE scaling as DeepSeek V2/V3 configure it.
+/// YaRN RoPE scaling (transformers' `rope_type = "yarn"`): frequencies blended between their
+/// original and interpolated values along a ramp, and the rotary tables scaled.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct YarnScaling {
     /// Context extension factor.
@@ -59,6 +60,10 @@ pub struct YarnScaling {
     pub mscale: f64,
     /// mscale applied to the softmax scale (squared).
     pub mscale_all_dim: f64,
+    /// Factor on the rotary tables given outright (`attention_factor`), in place of the mscale ratio.
+    pub attention_factor: Option<f64>,
+    /// Round the ramp's ends to whole frequencies (transformers' `truncate`, default true).
+    pub truncate: bool,
 }
 
 /// DeepSeek mixture-of-experts settings.
@@ -134,7 +139,8 @@ impl MoeConfig {
 impl YarnScaling {
     /// Checks that the ramp and the factors are usable.
     pub fn check(&self) -> Result<()> {
-        let finite = [self.mscale, self.mscale_all_dim].iter().all(|x| x.is_finite());
+        let finite = [self.mscale, self.mscale_all_dim].iter().all(|x| x.is_finite())
+            && self.attention_factor.is_none_or(|a| a.is_finite() && a > 0.0);
         if !(self.factor > 0.0
             && self.original_max_position_embeddings > 0.0
             && self.beta_slow > 0.0
@@ -143,10 +149,45 @@ impl YarnScaling {
         {
             bail!(
                 "model config: rope_scaling (yarn) needs factor > 0, original_max_position_embeddings > 0, \
-                 beta_fast > beta_slow > 0 and finite mscales"
+                 beta_fast > beta_slow > 0, finite mscales and a positive attention_factor"
             );
         }
         Ok(())
+    }
+
+    /// Inverse frequencies of a `dim`-wide rotation with base `theta` after YaRN: kept below the
+    /// ramp (fast rotations), divided by `factor` above it, blended linearly along it.
+    pub fn inv_freq(&self, theta: f64, dim: usize) -> Vec<f64> {
+        let d = dim as f64;
+        let corr = |rot: f64| {
+            d * (self.original_max_position_embeddings / (rot * 2.0 * std::f64::consts::PI)).ln() / (2.0 * theta.ln())
+        };
+        let (low, high) = match self.truncate {
+            true => (corr(self.beta_fast).floor(), corr(self.beta_slow).ceil()),
+            false => (corr(self.beta_fast), corr(self.beta_slow)),
+        };
+        let (low, high) = (low.max(0.0), high.min(d - 1.0));
+        let high = if low == high { high + 0.001 } else { high };
+        (0..dim / 2)
+            .map(|i| {
+                let f = 1.0 / theta.powf(2.0 * i as f64 / d);
+                let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+                f / self.factor * ramp + f * (1.0 - ramp)
+            })
+            .collect()
+    }
+
+    /// Factor on the rotary cos/sin tables: `attention_factor` when given, else
+    /// `get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim)`.
+    pub fn attention_factor(&self) -> f64 {
+        self.attention_factor.unwrap_or_else(|| {
+            Self::get_mscale(self.factor, self.mscale) / Self::get_mscale(self.factor, self.mscale_all_dim)
+        })
+    }
+
+    /// The context YaRN extends the model to: `original_max_position_embeddings x factor`.
+    pub fn extended_context(&self) -> usize {
+        (self.original_max_position_embeddings * self.factor).floor() as usize
     }
 
     /// DeepSeek's `yarn_get_mscale`.
@@ -169,6 +210,8 @@ pub enum RopeScaling {
     FreqFactors(Vec<f64>),
     /// Positions divided by this factor (transformers' and llama.cpp's `linear`).
     Linear(f64),
+    /// YaRN (Qwen's long-context setting): see [`YarnScaling`].
+    Yarn(YarnScaling),
 }
 
 /// Llama 3 RoPE frequency scaling.
@@ -381,8 +424,9 @@ impl ModelConfig {
         let mla = if arch == Arch::DeepSeek { Some(parse_mla(&c, is_v3)?) } else { None };
         let rope_scaling = match (&c.rope_scaling, arch) {
             (None | Some(serde_json::Value::Null), _) | (_, Arch::DeepSeek) => None,
-            (Some(v), _) => Some(parse_rope_scaling(v)?),
+            (Some(v), _) => Some(parse_rope_scaling(v, c.max_position_embeddings.unwrap_or(4096))?),
         };
+        let context = context_length(&c, arch, rope_scaling.as_ref());
         let (num_kv_heads, head_dim) = match &mla {
             Some(m) => (1, m.kv_lora_rank + m.qk_rope_head_dim),
             None => (
@@ -405,7 +449,7 @@ impl ModelConfig {
             tie_word_embeddings: c.tie_word_embeddings.unwrap_or(false),
             attention_bias: c.attention_bias.unwrap_or(arch == Arch::Qwen2),
             qk_norm: arch == Arch::Qwen3,
-            max_position_embeddings: context_length(&c, arch),
+            max_position_embeddings: context,
             bos_token_id: c.bos_token_id,
             eos_token_ids: match c.eos_token_id {
                 None => vec![],
@@ -448,6 +492,9 @@ impl ModelConfig {
             if !(factor.is_finite() && *factor > 0.0) {
                 bail!("model config: linear RoPE scaling needs a positive, finite factor; got {factor}");
             }
+        }
+        if let Some(RopeScaling::Yarn(y)) = &self.rope_scaling {
+            y.check()?;
         }
         if let Some(RopeScaling::FreqFactors(div)) = &self.rope_scaling {
             if div.len() != self.head_dim / 2 || !div.iter().all(|d| d.is_finite() && *d > 0.0) {
@@ -586,17 +633,24 @@ impl ModelConfig {
     /// RoPE inverse frequencies (after any scaling), `head_dim / 2` values.
     pub fn rope_inv_freq(&self) -> Vec<f64> {
         let d = self.head_dim;
-        (0..d / 2)
-            .map(|i| {
-                let f = 1.0 / self.rope_theta.powf(2.0 * i as f64 / d as f64);
-                match &self.rope_scaling {
-                    None => f,
-                    Some(RopeScaling::Llama3(s)) => llama3_scale(f, s),
-                    Some(RopeScaling::FreqFactors(div)) => f / div[i],
-                    Some(RopeScaling::Linear(factor)) => f / factor,
-                }
-            })
-            .collect()
+        let base = (0..d / 2).map(|i| 1.0 / self.rope_theta.powf(2.0 * i as f64 / d as f64));
+        match &self.rope_scaling {
+            None => base.collect(),
+            Some(RopeScaling::Llama3(s)) => base.map(|f| llama3_scale(f, s)).collect(),
+            Some(RopeScaling::FreqFactors(div)) => base.zip(div).map(|(f, k)| f / k).collect(),
+            Some(RopeScaling::Linear(factor)) => base.map(|f| f / factor).collect(),
+            Some(RopeScaling::Yarn(y)) => y.inv_freq(self.rope_theta, d),
+        }
+    }
+
+    /// Factor on the rotary cos/sin tables: YaRN's attention factor (of the rope part, for latent
+    /// attention), else 1.
+    pub fn rope_attention_factor(&self) -> f64 {
+        match (&self.mla, &self.rope_scaling) {
+            (Some(m), _) => m.rope_mscale(),
+            (None, Some(RopeScaling::Yarn(y))) => y.attention_factor(),
+            _ => 1.0,
+        }
     }
 }
 
@@ -614,22 +668,7 @@ fn parse_mla(c: &HfConfig, is_v3: bool) -> Result<MlaConfig> {
             if kind != "yarn" {
                 bail!("model config: rope_scaling type `{kind}` is not supported for DeepSeek (supported: yarn)");
             }
-            let num = |k: &str, d: Option<f64>| -> Result<f64> {
-                match v.get(k).and_then(|x| x.as_f64()).or(d) {
-                    Some(x) => Ok(x),
-                    None => bail!("model config: rope_scaling.{k} is missing or not a number"),
-                }
-            };
-            let y = YarnScaling {
-                factor: num("factor", None)?,
-                original_max_position_embeddings: num("original_max_position_embeddings", None)?,
-                beta_fast: num("beta_fast", Some(32.0))?,
-                beta_slow: num("beta_slow", Some(1.0))?,
-                mscale: num("mscale", Some(1.0))?,
-                mscale_all_dim: num("mscale_all_dim", Some(0.0))?,
-            };
-            y.check()?;
-            Some(y)
+            Some(parse_yarn(v, c.max_position_embeddings.unwrap_or(4096), true)?)
         }
     };
     let moe = match c.n_routed_experts {
@@ -682,33 +721,15 @@ impl MlaConfig {
     /// RoPE inverse frequencies of the rope part (after YaRN, if configured).
     pub fn rope_inv_freq(&self, theta: f64) -> Vec<f64> {
         let d = self.qk_rope_head_dim;
-        let base: Vec<f64> = (0..d / 2).map(|i| 1.0 / theta.powf(2.0 * i as f64 / d as f64)).collect();
-        let Some(y) = &self.yarn else { return base };
-        let corr = |rot: f64| {
-            d as f64 * (y.original_max_position_embeddings / (rot * 2.0 * std::f64::consts::PI)).ln()
-                / (2.0 * theta.ln())
-        };
-        let low = corr(y.beta_fast).floor().max(0.0);
-        let high = corr(y.beta_slow).ceil().min(d as f64 - 1.0);
-        let high = if low == high { high + 0.001 } else { high };
-        base.iter()
-            .enumerate()
-            .map(|(i, &f)| {
-                let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
-                let extra = 1.0 - ramp;
-                f / y.factor * (1.0 - extra) + f * extra
-            })
-            .collect()
+        match &self.yarn {
+            Some(y) => y.inv_freq(theta, d),
+            None => (0..d / 2).map(|i| 1.0 / theta.powf(2.0 * i as f64 / d as f64)).collect(),
+        }
     }
 
     /// Factor on the rotary cos/sin tables (YaRN mscale ratio; 1 without scaling).
     pub fn rope_mscale(&self) -> f64 {
-        match &self.yarn {
-            Some(y) => {
-                YarnScaling::get_mscale(y.factor, y.mscale) / YarnScaling::get_mscale(y.factor, y.mscale_all_dim)
-            }
-            None => 1.0,
-        }
+        self.yarn.as_ref().map_or(1.0, YarnScaling::attention_factor)
     }
 
     /// Softmax scale: `1/sqrt(nope + rope)`, times mscale(all_dim)^2 under YaRN.
@@ -739,14 +760,23 @@ fn llama3_scale(freq: f64, s: &Llama3RopeScaling) -> f64 {
     }
 }
 
-/// The context length served: `max_position_embeddings`, or the model's own attention window when
+/// The context a model declares, extended to `original_max_position_embeddings x factor` under
+/// YaRN (as vLLM serves it: Qwen3 declares 40960 and reaches 131072 with YaRN x4 over 32768).
+pub(crate) fn served_context(declared: usize, scaling: Option<&RopeScaling>) -> usize {
+    match scaling {
+        Some(RopeScaling::Yarn(y)) => declared.max(y.extended_context()),
+        _ => declared,
+    }
+}
+
+/// The context length served: `max_position_embeddings` (see [`served_context`]), or the model's own attention window when
 /// it has one that is switched on (Mistral's `sliding_window`, 4096 when absent as in transformers;
 /// Qwen2's and Qwen3's with
 /// `use_sliding_window`, for the layers from `max_window_layers` on, transformers' default 28).
 /// Full attention over at most that many tokens is exactly windowed attention, so capping the
 /// context keeps every result exact instead of attending where the model would not.
-fn context_length(c: &HfConfig, arch: Arch) -> usize {
-    let declared = c.max_position_embeddings.unwrap_or(4096);
+fn context_length(c: &HfConfig, arch: Arch, scaling: Option<&RopeScaling>) -> usize {
+    let declared = served_context(c.max_position_embeddings.unwrap_or(4096), scaling);
     let windowed = match arch {
         Arch::Mistral => c.sliding_window.unwrap_or(Some(MISTRAL_DEFAULT_WINDOW)),
         Arch::Qwen2 | Arch::Qwen3
@@ -759,7 +789,49 @@ fn context_length(c: &HfConfig, arch: Arch) -> usize {
     windowed.filter(|&w| w > 0).map_or(declared, |w| declared.min(w))
 }
 
-fn parse_rope_scaling(v: &serde_json::Value) -> Result<RopeScaling> {
+/// YaRN from config.json's `rope_scaling`, read as transformers' `_compute_yarn_parameters`
+/// reads it: `factor` (else `max_position_embeddings / original_max_position_embeddings`),
+/// `original_max_position_embeddings` (else `max_position_embeddings`, here `declared`), betas
+/// 32 and 1 when absent or 0, `attention_factor`, `truncate`. DeepSeek's mscale pair is kept as
+/// given (`deepseek`, its softmax scale reads `mscale_all_dim`); other models use the pair only
+/// when both are non-zero, else the attention factor is `0.1 ln(factor) + 1`.
+fn parse_yarn(v: &serde_json::Value, declared: usize, deepseek: bool) -> Result<YarnScaling> {
+    let opt = |k: &str| -> Result<Option<f64>> {
+        match v.get(k) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(x) => x.as_f64().map(Some).with_context(|| format!("model config: rope_scaling.{k} is not a number")),
+        }
+    };
+    let original = opt("original_max_position_embeddings")?.unwrap_or(declared as f64);
+    let factor = match opt("factor")? {
+        Some(f) => f,
+        None if original > 0.0 => declared as f64 / original,
+        None => bail!("model config: rope_scaling (yarn) needs `factor`"),
+    };
+    let (mscale, mscale_all_dim) = match (opt("mscale")?, opt("mscale_all_dim")?) {
+        (m, a) if deepseek => (m.unwrap_or(1.0), a.unwrap_or(0.0)),
+        (Some(m), Some(a)) if m != 0.0 && a != 0.0 => (m, a),
+        _ => (1.0, 0.0),
+    };
+    let truncate = match v.get("truncate") {
+        None | Some(serde_json::Value::Null) => true,
+        Some(t) => t.as_bool().context("model config: rope_scaling.truncate is not a boolean")?,
+    };
+    let y = YarnScaling {
+        factor,
+        original_max_position_embeddings: original,
+        beta_fast: opt("beta_fast")?.filter(|&b| b != 0.0).unwrap_or(32.0),
+        beta_slow: opt("beta_slow")?.filter(|&b| b != 0.0).unwrap_or(1.0),
+        mscale,
+        mscale_all_dim,
+        attention_factor: opt("attention_factor")?,
+        truncate,
+    };
+    y.check()?;
+    Ok(y)
+}
+
+fn parse_rope_scaling(v: &serde_json::Value, declared: usize) -> Result<RopeScaling> {
     let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(|x| x.as_str()).unwrap_or("");
     let num = |k: &str| -> Result<f64> {
         v.get(k)
@@ -769,7 +841,8 @@ fn parse_rope_scaling(v: &serde_json::Value) -> Result<RopeScaling> {
     match kind {
         "llama3" => {}
         "linear" => return Ok(RopeScaling::Linear(num("factor")?)),
-        _ => bail!("model config: rope_scaling type `{kind}` is not supported (supported: llama3, linear)"),
+        "yarn" => return Ok(RopeScaling::Yarn(parse_yarn(v, declared, false)?)),
+        _ => bail!("model config: rope_scaling type `{kind}` is not supported (supported: llama3, linear, yarn)"),
     }
     let s = Llama3RopeScaling {
         factor: num("factor")?,
@@ -867,5 +940,70 @@ mod rope_scaling_tests {
         assert!(e.contains("dynamic") && e.contains("linear"), "{e}");
         let e = format!("{:#}", llama_config(r#"{"rope_type": "linear", "factor": 0}"#).unwrap_err());
         assert!(e.contains("factor"), "{e}");
+    }
+
+    fn qwen3_8b(rope_scaling: &str) -> Result<ModelConfig> {
+        ModelConfig::from_hf_json(&format!(
+            r#"{{"architectures": ["Qwen3ForCausalLM"], "vocab_size": 32, "hidden_size": 4096, "intermediate_size": 128,
+                "num_hidden_layers": 1, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+                "rope_theta": 1000000.0, "max_position_embeddings": 40960, "rope_scaling": {rope_scaling}}}"#
+        ))
+    }
+
+    /// Qwen3-8B with the YaRN setting its model card gives (factor 4 over 32768). Correction dims:
+    /// 128 ln(32768 / (2 pi beta)) / (2 ln 1e6) = 23.6 (beta 32) and 39.65 (beta 1), so
+    /// frequencies 0..=23 are kept, 40.. divided by 4 and 24..=39 blend linearly; the tables are
+    /// scaled by 0.1 ln 4 + 1, and 131072 positions are served.
+    #[test]
+    fn qwen3_yarn_follows_the_published_formulas() {
+        let c = qwen3_8b(r#"{"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}"#).unwrap();
+        let f = |i: usize| 1e6f64.powf(-(2.0 * i as f64) / 128.0);
+        let inv = c.rope_inv_freq();
+        assert_eq!(inv.len(), 64);
+        for i in [0usize, 12, 23] {
+            assert!((inv[i] - f(i)).abs() < 1e-15, "i {i}");
+        }
+        for i in [40usize, 63] {
+            assert!((inv[i] - f(i) / 4.0).abs() < 1e-18, "i {i}");
+        }
+        let r = (30.0 - 23.0) / 17.0;
+        assert!((inv[30] - (f(30) * (1.0 - r) + f(30) / 4.0 * r)).abs() < 1e-15);
+        assert!((c.rope_attention_factor() - (0.1 * 4f64.ln() + 1.0)).abs() < 1e-12);
+        assert_eq!(c.max_position_embeddings, 131072);
+        // `truncate: false` keeps the correction dims as they are (23.6, 39.65): the ramp starts
+        // later and ends sooner, so 24 is interpolated less and 39 more.
+        let t = qwen3_8b(
+            r#"{"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768,
+            "truncate": false}"#,
+        )
+        .unwrap();
+        let ti = t.rope_inv_freq();
+        assert!(ti[23] == inv[23] && ti[24] > inv[24] && ti[39] < inv[39] && ti[40] == inv[40]);
+        // An explicit attention factor wins; the mscale pair counts only when both are non-zero.
+        let a = qwen3_8b(r#"{"rope_type": "yarn", "factor": 4.0, "attention_factor": 1.5}"#).unwrap();
+        assert_eq!(a.rope_attention_factor(), 1.5);
+        let pair = qwen3_8b(r#"{"rope_type": "yarn", "factor": 4.0, "mscale": 2.0, "mscale_all_dim": 1.0}"#).unwrap();
+        let ms = |m: f64| 0.1 * m * 4f64.ln() + 1.0;
+        assert!((pair.rope_attention_factor() - ms(2.0) / ms(1.0)).abs() < 1e-12);
+        let one = qwen3_8b(r#"{"rope_type": "yarn", "factor": 4.0, "mscale": 2.0}"#).unwrap();
+        assert!((one.rope_attention_factor() - ms(1.0)).abs() < 1e-12);
+        // Without `original_max_position_embeddings` the declared context is the original one;
+        // without `factor`, the factor is the declared context over the original.
+        let no_orig = qwen3_8b(r#"{"rope_type": "yarn", "factor": 2.0}"#).unwrap();
+        assert_eq!(no_orig.max_position_embeddings, 81920);
+        let no_factor = qwen3_8b(r#"{"rope_type": "yarn", "original_max_position_embeddings": 10240}"#).unwrap();
+        let Some(RopeScaling::Yarn(y)) = no_factor.rope_scaling else { panic!("yarn") };
+        assert_eq!(y.factor, 4.0);
+        for bad in [
+            r#"{"rope_type": "yarn", "factor": 0}"#,
+            r#"{"rope_type": "yarn", "factor": 4.0, "beta_fast": 1, "beta_slow": 32}"#,
+            r#"{"rope_type": "yarn", "factor": 4.0, "attention_factor": -1}"#,
+            r#"{"rope_type": "yarn", "factor": "4"}"#,
+            r#"{"rope_type": "yarn", "factor": 4.0, "truncate": "no"}"#,
+            r#"{"rope_type": "yarn", "factor": 1e30, "original_max_position_embeddings": 32768}"#,
+        ] {
+            let e = format!("{:#}", qwen3_8b(bad).unwrap_err());
+            assert!(e.contains("rope_scaling") || e.contains("max_position_embeddings"), "{bad}: {e}");
+        }
     }
 }

@@ -5,7 +5,9 @@
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
 
-use super::config::{Arch, DmsCheckpointFields, MlaConfig, ModelConfig, MoeConfig, RopeScaling, YarnScaling};
+use super::config::{
+    served_context, Arch, DmsCheckpointFields, MlaConfig, ModelConfig, MoeConfig, RopeScaling, YarnScaling,
+};
 
 fn meta<'a>(c: &'a Content, key: &str) -> Result<&'a Value> {
     c.metadata.get(key).with_context(|| format!("GGUF metadata key `{key}` is missing"))
@@ -105,20 +107,27 @@ pub(crate) fn model_config(c: &Content) -> Result<ModelConfig> {
             .and_then(|i| i.shape.dims().first().copied())
             .context("cannot tell the vocabulary size")?,
     };
+    let context = meta_opt_usize(c, &format!("{a}.context_length"))?.unwrap_or(4096);
+    // llama.cpp multiplies the rotary tables by this (Phi-3's LongRoPE); these models never set it.
+    let attn_key = format!("{a}.rope.scaling.attn_factor");
+    if let Some(x) = meta_f64(c, &attn_key)?.filter(|&x| x != 1.0) {
+        bail!("GGUF `{attn_key}` = {x} is not supported (only 1)");
+    }
     // llama.cpp stores Llama 3's RoPE scaling as per-frequency factors (`rope_freqs.weight`, read
-    // with the tensors) and linear scaling under `rope.scaling.*`; YaRN for these models is not
-    // applied here, and such a file would run with the wrong frequencies.
+    // with the tensors), linear scaling and YaRN under `rope.scaling.*`.
     let rope_scaling = match (&mla, scaling_type(c, &a).as_deref()) {
         (Some(_), _) | (None, None) => None,
         (None, Some("linear")) => {
             let key = format!("{a}.rope.scaling.factor");
             Some(RopeScaling::Linear(meta_f64(c, &key)?.with_context(|| format!("GGUF `{key}` is missing"))?))
         }
+        (None, Some("yarn")) => Some(RopeScaling::Yarn(plain_yarn(c, &a, context)?)),
         (None, Some(kind)) => bail!(
-            "GGUF `{a}.rope.scaling.type` = `{kind}` is not supported (supported: linear); use the model's HF \
+            "GGUF `{a}.rope.scaling.type` = `{kind}` is not supported (supported: linear, yarn); use the model's HF \
              directory, whose config.json rope_scaling is"
         ),
     };
+    let served = served_context(context, rope_scaling.as_ref());
     let cfg = ModelConfig {
         arch,
         vocab_size: vocab,
@@ -134,7 +143,7 @@ pub(crate) fn model_config(c: &Content) -> Result<ModelConfig> {
         tie_word_embeddings: !c.tensor_infos.contains_key("output.weight"),
         attention_bias: c.tensor_infos.contains_key("blk.0.attn_q.bias"),
         qk_norm: arch == Arch::Qwen3,
-        max_position_embeddings: meta_opt_usize(c, &format!("{a}.context_length"))?.unwrap_or(4096),
+        max_position_embeddings: served,
         bos_token_id: meta_usize(c, "tokenizer.ggml.bos_token_id").ok().and_then(|x| u32::try_from(x).ok()),
         eos_token_ids: stop_tokens(c),
         dms: DmsCheckpointFields::default(),
@@ -183,7 +192,42 @@ fn latent_attention(c: &Content, a: &str) -> Result<MlaConfig> {
     })
 }
 
-/// YaRN from `rope.scaling.*`. The converter writes DeepSeek's `mscale_all_dim` as
+/// The ramp of YaRN from `rope.scaling.*`, as llama.cpp reads it: `factor`, the original context
+/// (`original_context_length`, else `context`) and the betas (32 and 1 by default), the mscale
+/// pair left at (1, 0). A `yarn_ext_factor` other than 1 (llama.cpp's partial blend, which
+/// transformers does not have) is refused.
+fn yarn_ramp(c: &Content, a: &str, context: usize) -> Result<YarnScaling> {
+    let key = |k: &str| format!("{a}.rope.scaling.{k}");
+    if let Some(x) = meta_f64(c, &key("yarn_ext_factor"))?.filter(|&x| x != 1.0) {
+        bail!("GGUF `{}` = {x} is not supported (only 1)", key("yarn_ext_factor"));
+    }
+    Ok(YarnScaling {
+        factor: meta_f64(c, &key("factor"))?.with_context(|| format!("GGUF `{}` is missing", key("factor")))?,
+        original_max_position_embeddings: meta_opt_usize(c, &key("original_context_length"))?.unwrap_or(context) as f64,
+        beta_fast: meta_f64(c, &key("yarn_beta_fast"))?.unwrap_or(32.0),
+        beta_slow: meta_f64(c, &key("yarn_beta_slow"))?.unwrap_or(1.0),
+        mscale: 1.0,
+        mscale_all_dim: 0.0,
+        attention_factor: None,
+        truncate: true,
+    })
+}
+
+/// YaRN of a `llama`, `qwen2` or `qwen3` file: the rotary tables scaled by `0.1 ln(factor) + 1`,
+/// or by `yarn_attn_factor` when the file gives one (the converter copies config.json's
+/// `attention_factor` there, which transformers uses in place of that formula). DeepSeek's
+/// `yarn_log_multiplier`, which llama.cpp does not read for these architectures, is refused.
+fn plain_yarn(c: &Content, a: &str, context: usize) -> Result<YarnScaling> {
+    let key = |k: &str| format!("{a}.rope.scaling.{k}");
+    if meta_f64(c, &key("yarn_log_multiplier"))?.is_some() {
+        bail!("GGUF `{}` is only read for deepseek2 files", key("yarn_log_multiplier"));
+    }
+    let y = YarnScaling { attention_factor: meta_f64(c, &key("yarn_attn_factor"))?, ..yarn_ramp(c, a, context)? };
+    y.check()?;
+    Ok(y)
+}
+
+/// YaRN of a `deepseek2` file. The converter writes DeepSeek's `mscale_all_dim` as
 /// `yarn_log_multiplier` (times 0.1) and drops `mscale`, which llama.cpp takes to be equal to it
 /// (as in every DeepSeek config: 0.707 for V2, 1 for V3).
 fn yarn(c: &Content, a: &str) -> Result<Option<YarnScaling>> {
@@ -193,23 +237,15 @@ fn yarn(c: &Content, a: &str) -> Result<Option<YarnScaling>> {
         Some("yarn") => {}
         Some(other) => bail!("GGUF `{}` = `{other}` is not supported for deepseek2 (supported: yarn)", key("type")),
     }
-    for k in ["yarn_ext_factor", "yarn_attn_factor"] {
-        if let Some(x) = meta_f64(c, &key(k))?.filter(|&x| x != 1.0) {
-            bail!("GGUF `{}` = {x} is not supported (only 1)", key(k));
-        }
+    if let Some(x) = meta_f64(c, &key("yarn_attn_factor"))?.filter(|&x| x != 1.0) {
+        bail!("GGUF `{}` = {x} is not supported (only 1)", key("yarn_attn_factor"));
     }
     let log_mul = meta_f64(c, &key("yarn_log_multiplier"))?.with_context(|| {
         format!("GGUF YaRN scaling without `{}` (DeepSeek's mscale_all_dim)", key("yarn_log_multiplier"))
     })?;
+    let context = meta_opt_usize(c, &format!("{a}.context_length"))?.unwrap_or(4096);
     let mscale = log_mul / 0.1;
-    let y = YarnScaling {
-        factor: meta_f64(c, &key("factor"))?.with_context(|| format!("GGUF `{}` is missing", key("factor")))?,
-        original_max_position_embeddings: meta_usize(c, &key("original_context_length"))? as f64,
-        beta_fast: meta_f64(c, &key("yarn_beta_fast"))?.unwrap_or(32.0),
-        beta_slow: meta_f64(c, &key("yarn_beta_slow"))?.unwrap_or(1.0),
-        mscale,
-        mscale_all_dim: mscale,
-    };
+    let y = YarnScaling { mscale, mscale_all_dim: mscale, ..yarn_ramp(c, a, context)? };
     y.check()?;
     Ok(Some(y))
 }

@@ -830,7 +830,7 @@ impl Llama {
 
     fn rope_tables(&self, positions: &[Pos]) -> Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();
-        let m = self.cfg.mla.as_ref().map_or(1.0, |m| m.rope_mscale());
+        let m = self.cfg.rope_attention_factor();
         let mut cos = Vec::with_capacity(positions.len() * half);
         let mut sin = Vec::with_capacity(positions.len() * half);
         for &p in positions {

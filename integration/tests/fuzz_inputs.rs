@@ -629,6 +629,24 @@ fn deepseek_gguf_metadata_is_honoured_or_refused_never_ignored() {
         set("deepseek2.embedding_length", Value::U32(1 << 17))(m, t);
     };
     refused(v3, &huge, "more than this machine's");
+    // qwen3moe: keys llama.cpp ignores for the architecture, and that would change the model if
+    // honoured, are refused; so is a stack of the wrong expert count.
+    let q = "qwen3_moe.gguf";
+    let m = load(q, &|_, _| {}).unwrap().moe.unwrap();
+    assert_eq!((m.n_routed_experts, m.num_experts_per_tok, m.norm_topk_prob), (8, 2, true));
+    for (k, v) in [
+        ("qwen3moe.expert_shared_count", Value::U32(1)),
+        ("qwen3moe.leading_dense_block_count", Value::U32(1)),
+        ("qwen3moe.expert_gating_func", Value::U32(2)),
+        ("qwen3moe.expert_group_count", Value::U32(2)),
+        ("qwen3moe.expert_weights_scale", Value::F32(2.5)),
+        ("qwen3moe.expert_used_count", Value::U32(1)),
+    ] {
+        refused(q, &set(k, v), k);
+    }
+    refused(q, &drop_key("qwen3moe.expert_feed_forward_length"), "expert_feed_forward_length");
+    refused(q, &set("qwen3moe.expert_count", Value::U32(9)), "ffn_gate_inp");
+    refused("qwen3_tiny.gguf", &set("qwen3.expert_count", Value::U32(8)), "qwen3moe");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

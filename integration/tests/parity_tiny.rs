@@ -123,6 +123,21 @@ fn qwen3_tiny_with_yarn_matches_llama_cpp_from_gguf_and_config_json() {
     assert_eq!(from_gguf.model.config().rope_inv_freq(), from_hf.model.config().rope_inv_freq());
 }
 
+/// A random Qwen3-MoE (8 experts, 2 per token, renormalised softmax routing in every layer)
+/// from its HF directory and from the converter's `qwen3moe` GGUF (router as `ffn_gate_inp`,
+/// experts stacked): both give llama.cpp's logits for the file
+/// (`fixtures/gguf/qwen3_moe_llama_cpp.safetensors`), with the same routing settings.
+#[test]
+fn qwen3_moe_matches_llama_cpp_from_gguf_and_hf_directory() {
+    let runs = "gguf/qwen3_moe_llama_cpp.safetensors";
+    let from_gguf = check_llama_cpp(runs, &fixture("gguf/qwen3_moe.gguf"));
+    let from_hf = check_llama_cpp(runs, &fixture("gguf/qwen3_moe_tiny"));
+    let moe = from_hf.model.config().moe.clone().expect("experts");
+    assert_eq!((moe.n_routed_experts, moe.num_experts_per_tok, moe.norm_topk_prob), (8, 2, true));
+    assert_eq!((moe.scoring_func.as_str(), moe.topk_method.as_str(), moe.n_shared_experts), ("softmax", "greedy", 0));
+    assert_eq!(from_gguf.model.config().moe, Some(moe));
+}
+
 /// The tokenizers built from the GGUF fixtures' metadata (byte-level BPE with pre-tokenizers
 /// `llama-bpe`, `qwen2`, `smollm`, `deepseek-llm`, `deepseek-v3`; SentencePiece BPE) give llama.cpp's token ids
 /// (`fixtures/gguf/expected.json`, from llama-cpp-python), with and without the special tokens

@@ -40,8 +40,6 @@ pub struct MlaConfig {
     pub rope_interleave: bool,
     /// YaRN scaling, when configured.
     pub yarn: Option<YarnScaling>,
-    /// Mixture-of-experts layers, when configured.
-    pub moe: Option<MoeConfig>,
 }
 
 /// YaRN RoPE scaling (transformers' `rope_type = "yarn"`): frequencies blended between their
@@ -66,7 +64,7 @@ pub struct YarnScaling {
     pub truncate: bool,
 }
 
-/// DeepSeek mixture-of-experts settings.
+/// Mixture-of-experts settings (DeepSeek V2/V3, Qwen3-MoE).
 #[derive(Debug, Clone, PartialEq)]
 pub struct MoeConfig {
     /// Routed experts.
@@ -81,6 +79,8 @@ pub struct MoeConfig {
     pub first_k_dense_replace: usize,
     /// Every `moe_layer_freq`-th layer (from `first_k_dense_replace`) is MoE.
     pub moe_layer_freq: usize,
+    /// Layers kept dense besides those (Qwen's `mlp_only_layers`).
+    pub mlp_only_layers: Vec<usize>,
     /// Renormalise the chosen experts' weights.
     pub norm_topk_prob: bool,
     /// Factor on the routed experts' output.
@@ -98,7 +98,9 @@ pub struct MoeConfig {
 impl MoeConfig {
     /// Whether decoder layer `i` uses the MoE block.
     pub fn is_moe_layer(&self, i: usize) -> bool {
-        i >= self.first_k_dense_replace && i.is_multiple_of(self.moe_layer_freq.max(1))
+        i >= self.first_k_dense_replace
+            && i.is_multiple_of(self.moe_layer_freq.max(1))
+            && !self.mlp_only_layers.contains(&i)
     }
 
     /// Checks that the routing can be run: enough experts reachable per token, whole groups, and
@@ -306,6 +308,8 @@ pub struct ModelConfig {
     pub dms: DmsCheckpointFields,
     /// Latent attention sizes (DeepSeek); None for per-head K/V models.
     pub mla: Option<MlaConfig>,
+    /// Mixture-of-experts layers (DeepSeek, Qwen3-MoE); None for dense models.
+    pub moe: Option<MoeConfig>,
 }
 
 #[derive(Deserialize)]
@@ -371,6 +375,12 @@ struct HfConfig {
     #[serde(default)]
     n_routed_experts: Option<usize>,
     #[serde(default)]
+    num_experts: Option<usize>,
+    #[serde(default)]
+    decoder_sparse_step: Option<usize>,
+    #[serde(default)]
+    mlp_only_layers: Option<Vec<usize>>,
+    #[serde(default)]
     n_shared_experts: Option<usize>,
     #[serde(default)]
     num_experts_per_tok: Option<usize>,
@@ -403,7 +413,9 @@ impl ModelConfig {
         let model_type = c.model_type.clone().unwrap_or_default();
         let arch_name = c.architectures.first().cloned().unwrap_or_default();
         let arch = match (model_type.as_str(), arch_name.as_str()) {
-            ("qwen3", _) | (_, "Qwen3ForCausalLM" | "Qwen3ForCausalLMDMS") => Arch::Qwen3,
+            ("qwen3" | "qwen3_moe", _) | (_, "Qwen3ForCausalLM" | "Qwen3ForCausalLMDMS" | "Qwen3MoeForCausalLM") => {
+                Arch::Qwen3
+            }
             ("qwen2", _) | (_, "Qwen2ForCausalLM") => Arch::Qwen2,
             ("mistral", _) | (_, "MistralForCausalLM") => Arch::Mistral,
             ("llama", _) | (_, "LlamaForCausalLM") => Arch::Llama,
@@ -411,7 +423,7 @@ impl ModelConfig {
                 Arch::DeepSeek
             }
             _ => bail!(
-                "unsupported architecture (model_type `{model_type}`, architectures `{arch_name}`); supported: llama, mistral, qwen2, qwen3, deepseek_v2, deepseek_v3"
+                "unsupported architecture (model_type `{model_type}`, architectures `{arch_name}`); supported: llama, mistral, qwen2, qwen3, qwen3_moe, deepseek_v2, deepseek_v3"
             ),
         };
         if c.quantization_config.as_ref().is_some_and(|q| !q.is_null()) {
@@ -421,7 +433,12 @@ impl ModelConfig {
             );
         }
         let is_v3 = model_type == "deepseek_v3" || arch_name == "DeepseekV3ForCausalLM";
-        let mla = if arch == Arch::DeepSeek { Some(parse_mla(&c, is_v3)?) } else { None };
+        let mla = if arch == Arch::DeepSeek { Some(parse_mla(&c)?) } else { None };
+        let moe = match arch {
+            Arch::DeepSeek => parse_deepseek_moe(&c, is_v3)?,
+            _ if model_type == "qwen3_moe" || arch_name == "Qwen3MoeForCausalLM" => Some(parse_qwen3_moe(&c)?),
+            _ => None,
+        };
         let rope_scaling = match (&c.rope_scaling, arch) {
             (None | Some(serde_json::Value::Null), _) | (_, Arch::DeepSeek) => None,
             (Some(v), _) => Some(parse_rope_scaling(v, c.max_position_embeddings.unwrap_or(4096))?),
@@ -458,6 +475,7 @@ impl ModelConfig {
             },
             dms: c.dms.clone(),
             mla,
+            moe,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -520,14 +538,15 @@ impl ModelConfig {
                 bail!("model config: `{name}` is {v}, above the limit of {max}: corrupt config?");
             }
         }
-        if let Some(m) = &self.mla {
-            let moe = m.moe.as_ref();
+        let mla = self.mla.as_ref();
+        let moe = self.moe.as_ref();
+        if mla.is_some() || moe.is_some() {
             for (name, v, max) in [
-                ("q_lora_rank", m.q_lora_rank.unwrap_or(0), 1 << 16),
-                ("kv_lora_rank", m.kv_lora_rank, 1 << 14),
-                ("qk_nope_head_dim", m.qk_nope_head_dim, 1 << 14),
-                ("qk_rope_head_dim", m.qk_rope_head_dim, 1 << 14),
-                ("v_head_dim", m.v_head_dim, 1 << 14),
+                ("q_lora_rank", mla.and_then(|m| m.q_lora_rank).unwrap_or(0), 1 << 16),
+                ("kv_lora_rank", mla.map_or(0, |m| m.kv_lora_rank), 1 << 14),
+                ("qk_nope_head_dim", mla.map_or(0, |m| m.qk_nope_head_dim), 1 << 14),
+                ("qk_rope_head_dim", mla.map_or(0, |m| m.qk_rope_head_dim), 1 << 14),
+                ("v_head_dim", mla.map_or(0, |m| m.v_head_dim), 1 << 14),
                 ("n_routed_experts", moe.map_or(0, |e| e.n_routed_experts), 1 << 16),
                 ("n_shared_experts", moe.map_or(0, |e| e.n_shared_experts), 1 << 8),
                 ("moe_intermediate_size", moe.map_or(0, |e| e.moe_intermediate_size), 1 << 20),
@@ -557,7 +576,7 @@ impl ModelConfig {
         );
         let q = (self.num_heads * self.head_dim) as u128;
         let kv = (self.num_kv_heads * self.head_dim) as u128;
-        let moe = self.mla.as_ref().and_then(|m| m.moe.as_ref()).map_or(0, |m| {
+        let moe = self.moe.as_ref().map_or(0, |m| {
             3 * h * (m.moe_intermediate_size * (1 + m.n_shared_experts)) as u128 + h * m.n_routed_experts as u128
         });
         2 * v * h + l * (2 * h * q + 2 * h * kv + 3 * h * i + moe)
@@ -568,8 +587,7 @@ impl ModelConfig {
     pub fn loaded_weight_count(&self) -> u128 {
         let (v, h, i) = (self.vocab_size as u128, self.hidden_size as u128, self.intermediate_size as u128);
         let attention = (2 * self.num_heads * self.head_dim + 2 * self.num_kv_heads * self.head_dim) as u128 * h;
-        let moe = self.mla.as_ref().and_then(|m| m.moe.as_ref());
-        let mlp = |layer: usize| match moe {
+        let mlp = |layer: usize| match &self.moe {
             Some(m) if m.is_moe_layer(layer) => {
                 let experts = (m.n_routed_experts + m.n_shared_experts) as u128;
                 3 * h * m.moe_intermediate_size as u128 * experts + h * m.n_routed_experts as u128
@@ -615,13 +633,11 @@ impl ModelConfig {
             / (self.num_kv_heads * (self.head_dim + self.value_dim())) as f64
     }
 
-    /// The same model with a dense MLP (of `intermediate_size`) in every layer: for latent
-    /// attention models, their attention exactly without the MoE blocks (benchmarks that time
-    /// the cache, not the router). Other models are returned unchanged.
+    /// The same model with a dense MLP (of `intermediate_size`) in every layer: for mixture-of-
+    /// experts models, their attention exactly without the MoE blocks (benchmarks that time the
+    /// cache, not the router). Dense models are returned unchanged.
     pub fn with_dense_mlp(mut self) -> Self {
-        if let Some(m) = self.mla.as_mut() {
-            m.moe = None;
-        }
+        self.moe = None;
         self
     }
 
@@ -654,7 +670,7 @@ impl ModelConfig {
     }
 }
 
-fn parse_mla(c: &HfConfig, is_v3: bool) -> Result<MlaConfig> {
+fn parse_mla(c: &HfConfig) -> Result<MlaConfig> {
     let need = |name: &str, v: Option<usize>| -> Result<usize> {
         match v {
             Some(x) if x > 0 => Ok(x),
@@ -669,33 +685,6 @@ fn parse_mla(c: &HfConfig, is_v3: bool) -> Result<MlaConfig> {
                 bail!("model config: rope_scaling type `{kind}` is not supported for DeepSeek (supported: yarn)");
             }
             Some(parse_yarn(v, c.max_position_embeddings.unwrap_or(4096), true)?)
-        }
-    };
-    let moe = match c.n_routed_experts {
-        None | Some(0) => None,
-        Some(n) => {
-            let m = MoeConfig {
-                n_routed_experts: n,
-                n_shared_experts: c.n_shared_experts.unwrap_or(0),
-                num_experts_per_tok: need("num_experts_per_tok", c.num_experts_per_tok)?,
-                moe_intermediate_size: need("moe_intermediate_size", c.moe_intermediate_size)?,
-                first_k_dense_replace: c.first_k_dense_replace.unwrap_or(0),
-                moe_layer_freq: c.moe_layer_freq.unwrap_or(1).max(1),
-                norm_topk_prob: c.norm_topk_prob.unwrap_or(is_v3),
-                routed_scaling_factor: c.routed_scaling_factor.unwrap_or(1.0),
-                scoring_func: c
-                    .scoring_func
-                    .clone()
-                    .unwrap_or_else(|| (if is_v3 { "sigmoid" } else { "softmax" }).into()),
-                topk_method: c
-                    .topk_method
-                    .clone()
-                    .unwrap_or_else(|| (if is_v3 { "noaux_tc" } else { "greedy" }).into()),
-                n_group: c.n_group.unwrap_or(1).max(1),
-                topk_group: c.topk_group.unwrap_or(1).max(1),
-            };
-            m.check()?;
-            Some(m)
         }
     };
     if c.attention_bias == Some(true) {
@@ -713,8 +702,78 @@ fn parse_mla(c: &HfConfig, is_v3: bool) -> Result<MlaConfig> {
         v_head_dim: need("v_head_dim", c.v_head_dim)?,
         rope_interleave: c.rope_interleave.unwrap_or(true),
         yarn,
-        moe,
     })
+}
+
+/// A positive `name`, or an error naming it.
+fn positive(name: &str, v: Option<usize>) -> Result<usize> {
+    match v {
+        Some(x) if x > 0 => Ok(x),
+        _ => bail!("model config: mixture-of-experts models need a positive `{name}`"),
+    }
+}
+
+/// DeepSeek's experts (`n_routed_experts` > 0), with V2's or V3's defaults.
+fn parse_deepseek_moe(c: &HfConfig, is_v3: bool) -> Result<Option<MoeConfig>> {
+    Ok(match c.n_routed_experts {
+        None | Some(0) => None,
+        Some(n) => {
+            let m = MoeConfig {
+                n_routed_experts: n,
+                n_shared_experts: c.n_shared_experts.unwrap_or(0),
+                num_experts_per_tok: positive("num_experts_per_tok", c.num_experts_per_tok)?,
+                moe_intermediate_size: positive("moe_intermediate_size", c.moe_intermediate_size)?,
+                first_k_dense_replace: c.first_k_dense_replace.unwrap_or(0),
+                moe_layer_freq: c.moe_layer_freq.unwrap_or(1).max(1),
+                mlp_only_layers: vec![],
+                norm_topk_prob: c.norm_topk_prob.unwrap_or(is_v3),
+                routed_scaling_factor: c.routed_scaling_factor.unwrap_or(1.0),
+                scoring_func: c
+                    .scoring_func
+                    .clone()
+                    .unwrap_or_else(|| (if is_v3 { "sigmoid" } else { "softmax" }).into()),
+                topk_method: c
+                    .topk_method
+                    .clone()
+                    .unwrap_or_else(|| (if is_v3 { "noaux_tc" } else { "greedy" }).into()),
+                n_group: c.n_group.unwrap_or(1).max(1),
+                topk_group: c.topk_group.unwrap_or(1).max(1),
+            };
+            m.check()?;
+            Some(m)
+        }
+    })
+}
+
+/// Qwen3-MoE's experts, as transformers' `Qwen3MoeSparseMoeBlock` routes: softmax over
+/// `num_experts`, the `num_experts_per_tok` best, renormalised when `norm_topk_prob` (default
+/// false, as in transformers; the published models set it); every layer MoE but
+/// `mlp_only_layers`. A `decoder_sparse_step` other than 1 (no published model) is refused.
+fn parse_qwen3_moe(c: &HfConfig) -> Result<MoeConfig> {
+    if let Some(step) = c.decoder_sparse_step.filter(|&s| s != 1) {
+        bail!("model config: decoder_sparse_step {step} is not supported (only 1: every layer but mlp_only_layers)");
+    }
+    let m = MoeConfig {
+        n_routed_experts: positive("num_experts", c.num_experts)?,
+        n_shared_experts: 0,
+        num_experts_per_tok: positive("num_experts_per_tok", c.num_experts_per_tok)?,
+        moe_intermediate_size: positive("moe_intermediate_size", c.moe_intermediate_size)?,
+        first_k_dense_replace: 0,
+        moe_layer_freq: 1,
+        mlp_only_layers: c.mlp_only_layers.clone().unwrap_or_default(),
+        norm_topk_prob: c.norm_topk_prob.unwrap_or(false),
+        routed_scaling_factor: 1.0,
+        scoring_func: "softmax".into(),
+        topk_method: "greedy".into(),
+        n_group: 1,
+        topk_group: 1,
+    };
+    // DeepSeek-V2's routing (which this runs) leaves a single expert's weight as it is.
+    if m.num_experts_per_tok == 1 && m.norm_topk_prob {
+        bail!("model config: num_experts_per_tok 1 with norm_topk_prob is not supported");
+    }
+    m.check()?;
+    Ok(m)
 }
 
 impl MlaConfig {
@@ -885,7 +944,7 @@ mod mla_tests {
         let m = c.mla.as_ref().unwrap();
         assert_eq!((c.num_kv_heads, c.head_dim, c.value_dim()), (1, 576, 0));
         let dense = c.clone().with_dense_mlp();
-        assert!(m.moe.is_some() && dense.mla.as_ref().unwrap().moe.is_none(), "the MoE blocks go, nothing else");
+        assert!(c.moe.is_some() && dense.moe.is_none() && dense.mla == c.mla, "the MoE blocks go, nothing else");
         assert_eq!((dense.head_dim, dense.num_heads, dense.intermediate_size), (576, 16, 10944));
         assert_eq!(dense.mla.as_ref().unwrap().kv_lora_rank, 512);
         assert!((c.latent_factor() - 5120.0 / 576.0).abs() < 1e-12);
@@ -907,7 +966,7 @@ mod mla_tests {
         assert!((m.rope_mscale() - 1.0).abs() < 1e-12);
         let ms = 0.1 * 0.707 * 40f64.ln() + 1.0;
         assert!((m.softmax_scale() - ms * ms / 192f64.sqrt()).abs() < 1e-12);
-        let moe = m.moe.as_ref().unwrap();
+        let moe = c.moe.as_ref().unwrap();
         assert!(!moe.is_moe_layer(0) && moe.is_moe_layer(1) && moe.is_moe_layer(26));
         assert_eq!(
             (moe.scoring_func.as_str(), moe.topk_method.as_str(), moe.norm_topk_prob),
@@ -940,6 +999,47 @@ mod rope_scaling_tests {
         assert!(e.contains("dynamic") && e.contains("linear"), "{e}");
         let e = format!("{:#}", llama_config(r#"{"rope_type": "linear", "factor": 0}"#).unwrap_err());
         assert!(e.contains("factor"), "{e}");
+    }
+
+    /// Qwen3-30B-A3B's published config with `edits` applied (key, JSON value).
+    fn qwen3_30b_a3b(edits: &[(&str, serde_json::Value)]) -> Result<ModelConfig> {
+        let mut c = serde_json::json!({"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+            "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 48,
+            "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "max_position_embeddings": 40960,
+            "rope_theta": 1000000.0, "rms_norm_eps": 1e-06, "tie_word_embeddings": false, "decoder_sparse_step": 1,
+            "moe_intermediate_size": 768, "norm_topk_prob": true, "num_experts_per_tok": 8, "num_experts": 128,
+            "mlp_only_layers": [], "rope_scaling": null});
+        for (k, v) in edits {
+            c[*k] = v.clone();
+        }
+        ModelConfig::from_hf_json(&c.to_string())
+    }
+
+    /// Every layer is MoE unless listed in `mlp_only_layers`; the routing is renormalised
+    /// softmax over the 8 best of 128; a sparse step other than 1, a single renormalised expert
+    /// or a missing expert count are refused by name.
+    #[test]
+    fn qwen3_moe_config_reads_its_experts() {
+        use serde_json::json;
+        let c = qwen3_30b_a3b(&[]).unwrap();
+        assert_eq!((c.arch, c.qk_norm, c.mla.is_none()), (Arch::Qwen3, true, true));
+        let m = c.moe.clone().unwrap();
+        assert_eq!((m.n_routed_experts, m.num_experts_per_tok, m.moe_intermediate_size), (128, 8, 768));
+        assert_eq!((m.n_shared_experts, m.norm_topk_prob, m.routed_scaling_factor), (0, true, 1.0));
+        assert!((0..48).all(|i| m.is_moe_layer(i)));
+        let m = qwen3_30b_a3b(&[("mlp_only_layers", json!([0, 47]))]).unwrap().moe.unwrap();
+        assert!(!m.is_moe_layer(0) && m.is_moe_layer(1) && m.is_moe_layer(46) && !m.is_moe_layer(47));
+        let m = qwen3_30b_a3b(&[("norm_topk_prob", json!(null))]).unwrap().moe.unwrap();
+        assert!(!m.norm_topk_prob, "transformers' default");
+        for (k, v, named) in [
+            ("decoder_sparse_step", json!(2), "decoder_sparse_step"),
+            ("num_experts_per_tok", json!(1), "num_experts_per_tok 1"),
+            ("num_experts", json!(0), "num_experts"),
+            ("num_experts_per_tok", json!(129), "MoE routing"),
+        ] {
+            let e = format!("{:#}", qwen3_30b_a3b(&[(k, v)]).unwrap_err());
+            assert!(e.contains(named), "{k}: {e}");
+        }
     }
 
     fn qwen3_8b(rope_scaling: &str) -> Result<ModelConfig> {

@@ -41,10 +41,13 @@ fn meta_opt_usize(c: &Content, key: &str) -> Result<Option<usize>> {
     c.metadata.get(key).map(|_| meta_usize(c, key)).transpose()
 }
 
+/// An optional number of the GGUF metadata, floating-point or integer.
 fn meta_f64(c: &Content, key: &str) -> Result<Option<f64>> {
     match c.metadata.get(key) {
         None => Ok(None),
-        Some(v) => Ok(Some(v.to_f32().map(f64::from).map_err(|e| anyhow::anyhow!("GGUF `{key}`: {e}"))?)),
+        Some(Value::F32(x)) => Ok(Some(f64::from(*x))),
+        Some(Value::F64(x)) => Ok(Some(*x)),
+        Some(_) => Ok(Some(meta_usize(c, key).with_context(|| format!("GGUF `{key}` is not a number"))? as f64)),
     }
 }
 
@@ -72,9 +75,11 @@ pub(crate) fn model_config(c: &Content) -> Result<ModelConfig> {
     let arch = match a.as_str() {
         "llama" => Arch::Llama,
         "qwen2" => Arch::Qwen2,
-        "qwen3" => Arch::Qwen3,
+        "qwen3" | "qwen3moe" => Arch::Qwen3,
         "deepseek2" => Arch::DeepSeek,
-        other => bail!("GGUF architecture `{other}` is not supported (supported: llama, qwen2, qwen3, deepseek2)"),
+        other => {
+            bail!("GGUF architecture `{other}` is not supported (supported: llama, qwen2, qwen3, qwen3moe, deepseek2)")
+        }
     };
     let hidden = meta_usize(c, &format!("{a}.embedding_length"))?;
     let heads = meta_usize(c, &format!("{a}.attention.head_count"))?;
@@ -93,8 +98,8 @@ pub(crate) fn model_config(c: &Content) -> Result<ModelConfig> {
                 }
             }
             // Mixtral-style files keep the `llama` architecture and add experts, not read here.
-            if let Some(n) = meta_opt_usize(c, &format!("{a}.expert_count"))?.filter(|&n| n > 0) {
-                bail!("GGUF `{a}.expert_count` = {n}: mixture-of-experts GGUF files are not supported");
+            if let Some(n) = meta_opt_usize(c, &format!("{a}.expert_count"))?.filter(|&n| n > 0 && a != "qwen3moe") {
+                bail!("GGUF `{a}.expert_count` = {n}: experts are read for deepseek2 and qwen3moe files only");
             }
             (kv, head_dim)
         }
@@ -148,6 +153,11 @@ pub(crate) fn model_config(c: &Content) -> Result<ModelConfig> {
         eos_token_ids: stop_tokens(c),
         dms: DmsCheckpointFields::default(),
         mla,
+        moe: match arch {
+            Arch::DeepSeek => experts(c, &a)?,
+            _ if a == "qwen3moe" => Some(qwen3moe_experts(c, &a)?),
+            _ => None,
+        },
     };
     cfg.validate()?;
     Ok(cfg)
@@ -188,7 +198,6 @@ fn latent_attention(c: &Content, a: &str) -> Result<MlaConfig> {
         // The converter keeps DeepSeek's interleaved RoPE pairs (llama.cpp's NORM rotation).
         rope_interleave: true,
         yarn: yarn(c, a)?,
-        moe: experts(c, a)?,
     })
 }
 
@@ -283,6 +292,7 @@ fn experts(c: &Content, a: &str) -> Result<Option<MoeConfig>> {
         moe_intermediate_size: meta_usize(c, &width_key)?,
         first_k_dense_replace: meta_opt_usize(c, &key("leading_dense_block_count"))?.unwrap_or(0),
         moe_layer_freq: 1,
+        mlp_only_layers: vec![],
         norm_topk_prob: meta_bool(c, &key("expert_weights_norm"))?.unwrap_or(false),
         routed_scaling_factor: meta_f64(c, &key("expert_weights_scale"))?.unwrap_or(1.0),
         scoring_func: scoring.into(),
@@ -292,4 +302,51 @@ fn experts(c: &Content, a: &str) -> Result<Option<MoeConfig>> {
     };
     m.check()?;
     Ok(Some(m))
+}
+
+/// The experts of a `qwen3moe` file, routed as llama.cpp routes them: softmax over
+/// `expert_count`, the `expert_used_count` best, always renormalised, every layer MoE. Keys that
+/// llama.cpp ignores for this architecture, and that would change the model if honoured
+/// (shared experts, leading dense layers, another gating function, groups, a weight scale), are
+/// refused.
+fn qwen3moe_experts(c: &Content, a: &str) -> Result<MoeConfig> {
+    let key = |k: &str| format!("{a}.{k}");
+    for (k, neutral) in [
+        ("expert_shared_count", 0.0),
+        ("leading_dense_block_count", 0.0),
+        ("expert_gating_func", 1.0),
+        ("expert_group_count", 1.0),
+        ("expert_weights_scale", 1.0),
+    ] {
+        if let Some(x) = meta_f64(c, &key(k))?.filter(|&x| x != neutral) {
+            bail!("GGUF `{}` = {x} is not supported for qwen3moe (only {neutral})", key(k));
+        }
+    }
+    let width_key = key("expert_feed_forward_length");
+    if matches!(c.metadata.get(&width_key), Some(Value::Array(_))) {
+        bail!("GGUF `{width_key}` is per layer: experts of different widths are not supported");
+    }
+    let m = MoeConfig {
+        n_routed_experts: meta_usize(c, &key("expert_count"))?,
+        n_shared_experts: 0,
+        num_experts_per_tok: meta_usize(c, &key("expert_used_count"))?,
+        moe_intermediate_size: meta_usize(c, &width_key)?,
+        first_k_dense_replace: 0,
+        moe_layer_freq: 1,
+        mlp_only_layers: vec![],
+        norm_topk_prob: true,
+        routed_scaling_factor: 1.0,
+        scoring_func: "softmax".into(),
+        topk_method: "greedy".into(),
+        n_group: 1,
+        topk_group: 1,
+    };
+    if m.num_experts_per_tok == 1 {
+        bail!(
+            "GGUF `{}` = 1 is not supported for qwen3moe (its single weight is renormalised to 1)",
+            key("expert_used_count")
+        );
+    }
+    m.check()?;
+    Ok(m)
 }

@@ -88,7 +88,7 @@ enum FeedForward {
     /// SwiGLU MLP.
     Dense(Mlp),
     /// Mixture of experts.
-    Moe(Moe),
+    Moe(Box<Moe>),
 }
 
 impl FeedForward {
@@ -264,9 +264,11 @@ impl Llama {
                     k_norm: if cfg.qk_norm { Some(get(&format!("{p}.self_attn.k_norm.weight"), &[hd])?) } else { None },
                 }),
             };
-            let moe = cfg.mla.as_ref().and_then(|m| m.moe.as_ref()).filter(|m| m.is_moe_layer(i));
+            let moe = cfg.moe.as_ref().filter(|m| m.is_moe_layer(i));
             let ffn = match moe {
-                Some(m) => FeedForward::Moe(Moe::load(&format!("{p}.mlp"), h, m, &get, &mlp_proj, &|n| w.contains(n))?),
+                Some(m) => FeedForward::Moe(Box::new(Moe::load(&format!("{p}.mlp"), h, m, &get, &mlp_proj, &|n| {
+                    w.contains(n)
+                })?)),
                 None => FeedForward::Dense(Mlp::load(&format!("{p}.mlp"), h, cfg.intermediate_size, &mlp_proj)?),
             };
             layers.push(Layer {
@@ -411,9 +413,9 @@ impl Llama {
                     k_norm: if cfg.qk_norm { Some(ones(hd)?) } else { None },
                 }),
             };
-            let moe = cfg.mla.as_ref().and_then(|m| m.moe.as_ref()).filter(|m| m.is_moe_layer(i));
+            let moe = cfg.moe.as_ref().filter(|m| m.is_moe_layer(i));
             let ffn = match moe {
-                Some(m) => FeedForward::Moe(Moe::random(h, m, device, dtype)?),
+                Some(m) => FeedForward::Moe(Box::new(Moe::random(h, m, device, dtype)?)),
                 None => FeedForward::Dense(Mlp::random(h, cfg.intermediate_size, device, dtype)?),
             };
             layers.push(Layer { input_norm: ones(h)?, post_norm: ones(h)?, attn, ffn });
@@ -470,7 +472,7 @@ impl Llama {
                     },
                     ffn: match &l.ffn {
                         FeedForward::Dense(m) => FeedForward::Dense(m.to_dtype(dtype)?),
-                        FeedForward::Moe(m) => FeedForward::Moe(m.to_dtype(dtype)?),
+                        FeedForward::Moe(m) => FeedForward::Moe(Box::new(m.to_dtype(dtype)?)),
                     },
                 })
             })

@@ -1,4 +1,4 @@
-//! Feed-forward blocks: the SwiGLU MLP and DeepSeek's mixture of experts.
+//! Feed-forward blocks: the SwiGLU MLP and the mixture of experts (DeepSeek, Qwen3-MoE).
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
@@ -69,7 +69,8 @@ impl Mlp {
     }
 }
 
-/// DeepSeek V2/V3 mixture of experts: a router over `n_routed_experts` MLPs plus shared experts.
+/// Mixture of experts (DeepSeek V2/V3, Qwen3-MoE): a router over `n_routed_experts` MLPs plus
+/// shared experts.
 pub struct Moe {
     router: Tensor,
     correction_bias: Option<Vec<f32>>,
@@ -175,7 +176,7 @@ impl Moe {
             + self.shared.as_ref().map_or(0, Mlp::byte_count)
     }
 
-    /// Applies the block to `[n, hidden]`.
+    /// Applies the block to `[n, hidden]` (the routing weights enter gradients as constants).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let n = x.dim(0)?;
         let logits = x.matmul(&self.router.t()?)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
@@ -204,9 +205,9 @@ impl Moe {
     }
 }
 
-/// The experts a token goes to and their weights, from its router logits (DeepSeek V2: softmax
-/// scores, greedy or group-limited top-k; V3: sigmoid scores, top-k over scores plus the
-/// correction bias within the best groups, weights from the unbiased scores).
+/// The experts a token goes to and their weights, from its router logits (DeepSeek V2 and
+/// Qwen3-MoE: softmax scores, greedy or group-limited top-k; V3: sigmoid scores, top-k over
+/// scores plus the correction bias within the best groups, weights from the unbiased scores).
 pub fn route(logits: &[f32], cfg: &MoeConfig, bias: Option<&[f32]>) -> Vec<(usize, f32)> {
     let ne = logits.len();
     let scores: Vec<f32> = if cfg.scoring_func == "sigmoid" {
@@ -272,6 +273,7 @@ mod tests {
             moe_intermediate_size: 4,
             first_k_dense_replace: 0,
             moe_layer_freq: 1,
+            mlp_only_layers: vec![],
             norm_topk_prob: norm,
             routed_scaling_factor: 2.5,
             scoring_func: scoring.into(),

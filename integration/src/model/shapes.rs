@@ -31,6 +31,7 @@ pub fn named_shape(name: &str) -> Result<ModelConfig> {
         eos_token_ids: vec![],
         dms: Default::default(),
         mla: None,
+        moe: None,
     };
     Ok(match name {
         "llama3.1-8b" => base(Arch::Llama, 128256, 4096, 14336, 32, 32, 8, 128, 500000.0, false),

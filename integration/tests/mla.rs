@@ -88,6 +88,40 @@ fn deepseek_mla_tiny_gguf_matches_transformers() {
     assert_eq!(eng.model.config().mla, from_hf);
 }
 
+/// The DeepSeek-V3-shaped file with each layer's gate and up experts fused into
+/// `ffn_gate_up_exps` (`[experts, 2 x width, hidden]`, llama.cpp's `--fuse-gate-up-exps`): the
+/// same llama.cpp logits as the unfused file; a fused stack of another width is refused naming it.
+#[test]
+fn deepseek_gguf_with_fused_gate_up_experts_matches_llama_cpp() {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    let g = golden(&fixture("gguf/deepseek_llama_cpp.safetensors"));
+    let want = |k: &str| g[&format!("deepseek_v3_moe.{k}")].to_vec2::<f32>().unwrap();
+    let take = |t: &mut GgufTensors, name: &str| {
+        let i = t.iter().position(|(n, _)| n == name).unwrap_or_else(|| panic!("{name}"));
+        t.remove(i).1.dequantize(&Device::Cpu).unwrap()
+    };
+    // The file with layer 1's gate and up stacks replaced by `fused` of them.
+    let with_fused = |fused: &dyn Fn(Tensor) -> Tensor| {
+        let (meta, mut t) = fixture_gguf_parts("deepseek_v3_moe.gguf");
+        let gate = take(&mut t, "blk.1.ffn_gate_exps.weight");
+        let up = take(&mut t, "blk.1.ffn_up_exps.weight");
+        let both = fused(Tensor::cat(&[gate, up], 1).unwrap());
+        t.push(("blk.1.ffn_gate_up_exps.weight".into(), QTensor::quantize(&both, GgmlDType::F32).unwrap()));
+        gguf_file_bytes(&meta, &t)
+    };
+    let dir = std::env::temp_dir().join(format!("dms-fused-experts-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("fused.gguf");
+    std::fs::write(&path, with_fused(&|t| t)).unwrap();
+    let prompt = ids(&g["prompt_ids"]);
+    let greedy = ids(&g["deepseek_v3_moe.greedy_ids"]);
+    check_logits(&path, &prompt, &want("prompt_logits"), &greedy, &want("greedy_step_logits"));
+    std::fs::write(&path, with_fused(&|t| t.narrow(1, 0, 48).unwrap().contiguous().unwrap())).unwrap();
+    let e = load_model(&path, &Device::Cpu, WeightForm::Dense).err().expect("refused");
+    assert!(format!("{e:#}").contains("`blk.1.ffn_gate_up_exps.weight` has shape"), "{e:#}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Random DeepSeek-V2-Lite-shaped (older GGUF layout with one `attn_kv_b`, no query compression,
 /// softmax routing, shared experts, YaRN) and DeepSeek-V3-shaped (sigmoid routing with a
 /// correction bias over expert groups) GGUF files: llama.cpp's logits at every prompt position

@@ -138,6 +138,50 @@ fn qwen3_moe_matches_llama_cpp_from_gguf_and_hf_directory() {
     assert_eq!(from_gguf.model.config().moe, Some(moe));
 }
 
+/// The same Qwen3-MoE with its experts packed as transformers 5 saves them
+/// (`mlp.experts.gate_up_proj` `[experts, 2 x width, hidden]`, gate rows first, and
+/// `mlp.experts.down_proj` `[experts, hidden, width]`): llama.cpp's logits again, densely and
+/// with `weights = "quantized"` agreeing with the per-expert checkpoint; a packed tensor of
+/// another shape is refused naming it.
+#[test]
+fn qwen3_moe_with_packed_experts_matches_llama_cpp() {
+    use candle_core::{Device, Tensor};
+    use dms_integration::model::WeightForm;
+    let src = fixture("gguf/qwen3_moe_tiny");
+    let mut w = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    for layer in 0..2 {
+        let p = format!("model.layers.{layer}.mlp.experts");
+        let (mut gate_up, mut down) = (vec![], vec![]);
+        for e in 0..8 {
+            let mut take = |k: &str| w.remove(&format!("{p}.{e}.{k}_proj.weight")).unwrap();
+            gate_up.push(Tensor::cat(&[take("gate"), take("up")], 0).unwrap());
+            down.push(take("down"));
+        }
+        w.insert(format!("{p}.gate_up_proj"), Tensor::stack(&gate_up, 0).unwrap());
+        w.insert(format!("{p}.down_proj"), Tensor::stack(&down, 0).unwrap());
+    }
+    let dir = std::env::temp_dir().join(format!("dms-packed-experts-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+    candle_core::safetensors::save(&w, dir.join("model.safetensors")).unwrap();
+    check_llama_cpp("gguf/qwen3_moe_llama_cpp.safetensors", &dir);
+    let logits = |model: &std::path::Path| {
+        let m = dms_integration::engine::load_model(model, &Device::Cpu, WeightForm::Quantized).unwrap();
+        let table: toml::Table = toml::from_str("name = \"full\"").unwrap();
+        let policy = dms_policy::Registry::with_builtins().build(&table).unwrap();
+        let mut eng = dms_integration::engine::Engine::new(m.model, policy, 4, 1 << 16).unwrap();
+        let mut seq = eng.new_sequence();
+        eng.step(&mut seq, &[1, 7, 42, 300], true).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    };
+    assert_eq!(logits(&dir), logits(&src), "quantized from packed and from per-expert tensors");
+    let down = w.remove("model.layers.1.mlp.experts.down_proj").unwrap();
+    w.insert("model.layers.1.mlp.experts.down_proj".into(), down.transpose(1, 2).unwrap().contiguous().unwrap());
+    candle_core::safetensors::save(&w, dir.join("model.safetensors")).unwrap();
+    let e = dms_integration::engine::load_model(&dir, &Device::Cpu, WeightForm::Dense).err().expect("refused");
+    assert!(format!("{e:#}").contains("`model.layers.1.mlp.experts.down_proj` has shape [8, 32, 64]"), "{e:#}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The tokenizers built from the GGUF fixtures' metadata (byte-level BPE with pre-tokenizers
 /// `llama-bpe`, `qwen2`, `smollm`, `deepseek-llm`, `deepseek-v3`; SentencePiece BPE) give llama.cpp's token ids
 /// (`fixtures/gguf/expected.json`, from llama-cpp-python), with and without the special tokens

@@ -8,12 +8,16 @@ use candle_core::quantized::gguf_file::Content;
 pub(crate) enum GgufSource {
     /// A tensor of its own.
     Whole(String),
-    /// Expert `index` of a tensor that stacks every expert's matrix (`[experts, out, in]`).
+    /// Expert `index` of a tensor that stacks every expert's matrix (`[experts, out, in]`), or
+    /// half of it where the converter fused gate and up (`ffn_gate_up_exps`, `[experts, 2 x
+    /// out, in]`: each expert's gate rows, then its up rows).
     Expert {
         /// The stacked tensor.
         stacked: String,
         /// Which expert.
         index: usize,
+        /// In a fused gate/up stack, the gate (0) or up (1) half.
+        half: Option<usize>,
     },
     /// DeepSeek's `kv_b_proj` (`[heads * (nope + v), rank]`), which files converted since
     /// llama.cpp's MLA support split into `attn_k_b` (`[heads, rank, nope]`: each head's key
@@ -48,10 +52,12 @@ pub(crate) fn source(hf: &str, c: &Content) -> Option<GgufSource> {
             "down_proj.weight" => "down",
             _ => return None,
         };
-        return Some(GgufSource::Expert {
-            stacked: blk(&format!("ffn_{kind}_exps.weight")),
-            index: index.parse().ok()?,
-        });
+        let index = index.parse().ok()?;
+        let fused = blk("ffn_gate_up_exps.weight");
+        if kind != "down" && c.tensor_infos.contains_key(&fused) {
+            return Some(GgufSource::Expert { stacked: fused, index, half: Some(usize::from(kind == "up")) });
+        }
+        return Some(GgufSource::Expert { stacked: blk(&format!("ffn_{kind}_exps.weight")), index, half: None });
     }
     if tail == "self_attn.kv_b_proj.weight" && !c.tensor_infos.contains_key(&blk("attn_kv_b.weight")) {
         return Some(GgufSource::SplitKvB { k_b: blk("attn_k_b.weight"), v_b: blk("attn_v_b.weight") });

@@ -169,10 +169,15 @@ impl Weights {
     /// True when a tensor of that HF name exists.
     pub fn contains(&self, name: &str) -> bool {
         match self {
-            Weights::Safetensors { files, .. } => files.get(name).is_ok(),
+            Weights::Safetensors { files, .. } => {
+                files.get(name).is_ok()
+                    || PackedExpert::of(name).is_some_and(|p| {
+                        files.get(&p.packed).is_ok_and(|v| v.shape().len() == 3 && p.index < v.shape()[0])
+                    })
+            }
             Weights::Gguf { content, .. } => match source(name, content) {
                 Some(GgufSource::Whole(g)) => content.tensor_infos.contains_key(&g),
-                Some(GgufSource::Expert { stacked, index }) => content
+                Some(GgufSource::Expert { stacked, index, .. }) => content
                     .tensor_infos
                     .get(&stacked)
                     .is_some_and(|i| i.shape.dims().len() == 3 && index < i.shape.dims()[0]),
@@ -188,6 +193,12 @@ impl Weights {
     pub fn get(&self, name: &str, shape: &[usize], dev: &Device) -> Result<Tensor> {
         let t = match self {
             Weights::Safetensors { files, paths } => {
+                if let (Err(_), Some(p)) = (files.get(name), PackedExpert::of(name)) {
+                    if let Ok(view) = files.get(&p.packed) {
+                        let dtype = DType::try_from(view.dtype()).with_context(|| format!("tensor `{}`", p.packed))?;
+                        return p.load(view.shape(), dtype, view.data(), shape, dev);
+                    }
+                }
                 let view = files
                     .get(name)
                     .map_err(|_| anyhow::anyhow!("tensor `{name}` is missing from {}", display_paths(paths)))?;
@@ -262,6 +273,58 @@ impl Weights {
     }
 }
 
+/// Where a per-expert HF name (`...mlp.experts.E.{gate,up,down}_proj.weight`) lies in a
+/// checkpoint that packs every expert of a layer, as transformers 5 saves them:
+/// `...mlp.experts.gate_up_proj` `[experts, 2 x width, hidden]` (each expert's gate rows, then its
+/// up rows) and `...mlp.experts.down_proj` `[experts, hidden, width]`.
+struct PackedExpert {
+    /// The packed tensor.
+    packed: String,
+    /// Which expert.
+    index: usize,
+    /// Which rows of the expert's block: the first or second half of `gate_up_proj` (`Some(0)`,
+    /// `Some(1)`), or all of `down_proj` (`None`).
+    half: Option<usize>,
+}
+
+impl PackedExpert {
+    /// The packed source of `name`, when it names one expert's projection.
+    fn of(name: &str) -> Option<Self> {
+        let (layer, rest) = name.split_once(".mlp.experts.")?;
+        let (index, proj) = rest.split_once('.')?;
+        let (packed, half) = match proj {
+            "gate_proj.weight" => ("gate_up_proj", Some(0)),
+            "up_proj.weight" => ("gate_up_proj", Some(1)),
+            "down_proj.weight" => ("down_proj", None),
+            _ => return None,
+        };
+        Some(Self { packed: format!("{layer}.mlp.experts.{packed}"), index: index.parse().ok()?, half })
+    }
+
+    /// The expert's `shape` (`[out, in]`) rows of the packed tensor (`dims`, `dtype`, its mapped
+    /// bytes `data`), read from that expert's bytes alone (a packed layer of a large model is
+    /// gigabytes).
+    fn load(&self, dims: &[usize], dtype: DType, data: &[u8], shape: &[usize], dev: &Device) -> Result<Tensor> {
+        let &[out, inp] = shape else { bail!("tensor `{}`: experts are matrices, not {shape:?}", self.packed) };
+        let rows = if self.half.is_some() { 2 * out } else { out };
+        if dims.len() != 3 || dims[1] != rows || dims[2] != inp || self.index >= dims[0] {
+            bail!(
+                "packed expert tensor `{}` has shape {dims:?}, but expert {} of shape [{rows}, {inp}] is asked for                  (config.json does not match the weights)",
+                self.packed,
+                self.index
+            );
+        }
+        let size = dtype.size_in_bytes();
+        let start = (self.index * rows + self.half.unwrap_or(0) * out) * inp * size;
+        let bytes = data
+            .get(start..start + out * inp * size)
+            .with_context(|| format!("tensor `{}` is truncated", self.packed))?;
+        let t = Tensor::from_raw_buffer(bytes, dtype, shape, &Device::Cpu)
+            .with_context(|| format!("cannot read expert {} of `{}`", self.index, self.packed))?;
+        Ok(t.to_device(dev)?.to_dtype(DType::F32)?)
+    }
+}
+
 /// An open GGUF file, read tensor by tensor.
 struct GgufFile<'a> {
     content: &'a gguf_file::Content,
@@ -288,7 +351,7 @@ impl GgufFile<'_> {
                     .tensor(&mut *f, g, &Device::Cpu)
                     .with_context(|| format!("cannot read tensor `{g}` from {}", self.path.display()))
             }
-            GgufSource::Expert { stacked, index } => self.expert(stacked, *index, shape),
+            GgufSource::Expert { stacked, index, half } => self.expert(stacked, *index, *half, shape),
             GgufSource::SplitKvB { .. } => {
                 bail!("`kv_b_proj` of {} is split: it has no single format", self.path.display())
             }
@@ -304,22 +367,26 @@ impl GgufFile<'_> {
 
     /// Expert `index` (`shape`, `[out, in]`) of `stacked` (`[experts, out, in]`): only its rows'
     /// bytes are read, since experts are stored one after another.
-    fn expert(&self, stacked: &str, index: usize, shape: &[usize]) -> Result<QTensor> {
+    fn expert(&self, stacked: &str, index: usize, half: Option<usize>, shape: &[usize]) -> Result<QTensor> {
         let info = self.info(stacked)?;
         let dims = info.shape.dims();
-        let fits = matches!(dims, [n, o, i] if index < *n && [*o, *i] == shape);
+        let halves = if half.is_some() { 2 } else { 1 };
+        let fits = matches!((dims, shape), ([n, o, i], [so, si]) if index < *n && *o == halves * so && i == si);
         if !fits {
+            let what = if half.is_some() { "a fused gate/up pair" } else { "one matrix" };
             bail!(
-                "tensor `{stacked}` has shape {dims:?} in {}, but the metadata implies expert {index} of shape {shape:?}",
+                "tensor `{stacked}` has shape {dims:?} in {}, but the metadata implies expert {index} of shape {shape:?} \
+                 ({what} per expert)",
                 self.path.display()
             );
         }
-        let (out, inp, dt) = (dims[1], dims[2], info.ggml_dtype);
+        let (out, inp, dt) = (shape[0], dims[2], info.ggml_dtype);
         if !inp.is_multiple_of(dt.block_size()) {
             bail!("tensor `{stacked}`: rows of {inp} do not split into {dt:?} blocks");
         }
         let slab = out * (inp / dt.block_size()) * dt.type_size();
-        let start = self.content.tensor_data_offset + info.offset + (index * slab) as u64;
+        let start =
+            self.content.tensor_data_offset + info.offset + ((index * halves + half.unwrap_or(0)) * slab) as u64;
         let mut bytes = vec![0u8; slab];
         let mut f = self.file.lock().expect("weights file lock poisoned");
         f.seek(SeekFrom::Start(start))

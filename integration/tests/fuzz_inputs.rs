@@ -496,11 +496,15 @@ fn gguf_metadata_is_honoured_or_refused_never_ignored() {
     m4.push(("llama.rope.dimension_count", Value::U32(8)));
     let e = format!("{:#}", load(&m4, &tensors, "partial.gguf").err().expect("refused"));
     assert!(e.contains("rope.dimension_count"), "{e}");
-    // Experts (Mixtral's GGUF files are `llama` with experts) are refused, not left unread.
+    // Experts (Mixtral's GGUF files are `llama` with experts) are read, never left unread: here
+    // without the count used per token, then without the router, the file is refused naming them.
     let mut m5 = meta.clone();
     m5.push(("llama.expert_count", Value::U32(8)));
     let e = format!("{:#}", load(&m5, &tensors, "experts.gguf").err().expect("refused"));
-    assert!(e.contains("expert_count"), "{e}");
+    assert!(e.contains("expert_used_count"), "{e}");
+    m5.push(("llama.expert_used_count", Value::U32(2)));
+    let e = format!("{:#}", load(&m5, &tensors, "experts.gguf").err().expect("refused"));
+    assert!(e.contains("ffn_gate_inp"), "{e}");
     // Linear RoPE scaling divides every frequency by its factor; without a factor, beside
     // `rope_freqs.weight`, or another scaling the loader does not apply, the file is refused.
     let mut m3 = meta.clone();

@@ -138,6 +138,23 @@ fn qwen3_moe_matches_llama_cpp_from_gguf_and_hf_directory() {
     assert_eq!(from_gguf.model.config().moe, Some(moe));
 }
 
+/// A random Mixtral (4 experts, 2 per token, renormalised softmax routing in every layer, no
+/// window) from its HF directory (`block_sparse_moe.gate`, `experts.E.w1/w3/w2`) and from the
+/// converter's `llama` GGUF with experts (q/k rows permuted): both give llama.cpp's logits for
+/// the file (`fixtures/gguf/mixtral_llama_cpp.safetensors`), with the same routing settings.
+#[test]
+fn mixtral_matches_llama_cpp_from_gguf_and_hf_directory() {
+    let runs = "gguf/mixtral_llama_cpp.safetensors";
+    let from_gguf = check_llama_cpp(runs, &fixture("gguf/mixtral.gguf"));
+    let from_hf = check_llama_cpp(runs, &fixture("gguf/mixtral_tiny"));
+    let cfg = from_hf.model.config();
+    let moe = cfg.moe.clone().expect("experts");
+    assert_eq!((moe.n_routed_experts, moe.num_experts_per_tok, moe.moe_intermediate_size), (4, 2, 32));
+    assert!(moe.norm_topk_prob && (0..2).all(|i| moe.is_moe_layer(i)));
+    assert_eq!((cfg.max_position_embeddings, cfg.rope_theta), (512, 1e6), "no window: sliding_window is null");
+    assert_eq!(from_gguf.model.config().moe, Some(moe));
+}
+
 /// The same Qwen3-MoE with its experts packed as transformers 5 saves them
 /// (`mlp.experts.gate_up_proj` `[experts, 2 x width, hidden]`, gate rows first, and
 /// `mlp.experts.down_proj` `[experts, hidden, width]`): llama.cpp's logits again, densely and

@@ -377,6 +377,8 @@ struct HfConfig {
     #[serde(default)]
     num_experts: Option<usize>,
     #[serde(default)]
+    num_local_experts: Option<usize>,
+    #[serde(default)]
     decoder_sparse_step: Option<usize>,
     #[serde(default)]
     mlp_only_layers: Option<Vec<usize>>,
@@ -417,13 +419,13 @@ impl ModelConfig {
                 Arch::Qwen3
             }
             ("qwen2", _) | (_, "Qwen2ForCausalLM") => Arch::Qwen2,
-            ("mistral", _) | (_, "MistralForCausalLM") => Arch::Mistral,
+            ("mistral" | "mixtral", _) | (_, "MistralForCausalLM" | "MixtralForCausalLM") => Arch::Mistral,
             ("llama", _) | (_, "LlamaForCausalLM") => Arch::Llama,
             ("deepseek_v2" | "deepseek_v3", _) | (_, "DeepseekV2ForCausalLM" | "DeepseekV3ForCausalLM") => {
                 Arch::DeepSeek
             }
             _ => bail!(
-                "unsupported architecture (model_type `{model_type}`, architectures `{arch_name}`); supported: llama, mistral, qwen2, qwen3, qwen3_moe, deepseek_v2, deepseek_v3"
+                "unsupported architecture (model_type `{model_type}`, architectures `{arch_name}`); supported: llama, mistral, mixtral, qwen2, qwen3, qwen3_moe, deepseek_v2, deepseek_v3"
             ),
         };
         if c.quantization_config.as_ref().is_some_and(|q| !q.is_null()) {
@@ -433,17 +435,21 @@ impl ModelConfig {
             );
         }
         let is_v3 = model_type == "deepseek_v3" || arch_name == "DeepseekV3ForCausalLM";
+        let is_mixtral = model_type == "mixtral" || arch_name == "MixtralForCausalLM";
         let mla = if arch == Arch::DeepSeek { Some(parse_mla(&c)?) } else { None };
         let moe = match arch {
             Arch::DeepSeek => parse_deepseek_moe(&c, is_v3)?,
             _ if model_type == "qwen3_moe" || arch_name == "Qwen3MoeForCausalLM" => Some(parse_qwen3_moe(&c)?),
+            _ if is_mixtral => Some(parse_mixtral_moe(&c)?),
             _ => None,
         };
         let rope_scaling = match (&c.rope_scaling, arch) {
             (None | Some(serde_json::Value::Null), _) | (_, Arch::DeepSeek) => None,
             (Some(v), _) => Some(parse_rope_scaling(v, c.max_position_embeddings.unwrap_or(4096))?),
         };
-        let context = context_length(&c, arch, rope_scaling.as_ref());
+        // transformers' Mixtral has no window unless config.json gives one (Mistral's default is 4096).
+        let default_window = if is_mixtral { None } else { Some(MISTRAL_DEFAULT_WINDOW) };
+        let context = context_length(&c, arch, rope_scaling.as_ref(), default_window);
         let (num_kv_heads, head_dim) = match &mla {
             Some(m) => (1, m.kv_lora_rank + m.qk_rope_head_dim),
             None => (
@@ -460,7 +466,7 @@ impl ModelConfig {
             num_heads: c.num_attention_heads,
             num_kv_heads,
             head_dim,
-            rope_theta: c.rope_theta.unwrap_or(10_000.0),
+            rope_theta: c.rope_theta.unwrap_or(if is_mixtral { 1e6 } else { 10_000.0 }),
             rope_scaling,
             rms_norm_eps: c.rms_norm_eps.unwrap_or(1e-6),
             tie_word_embeddings: c.tie_word_embeddings.unwrap_or(false),
@@ -745,6 +751,34 @@ fn parse_deepseek_moe(c: &HfConfig, is_v3: bool) -> Result<Option<MoeConfig>> {
     })
 }
 
+/// Mixtral's experts, as transformers' `MixtralSparseMoeBlock` routes: softmax over
+/// `num_local_experts`, the `num_experts_per_tok` best, always renormalised, in every layer; an
+/// expert is `intermediate_size` wide.
+fn parse_mixtral_moe(c: &HfConfig) -> Result<MoeConfig> {
+    let m = MoeConfig {
+        n_routed_experts: positive("num_local_experts", c.num_local_experts)?,
+        n_shared_experts: 0,
+        num_experts_per_tok: positive("num_experts_per_tok", c.num_experts_per_tok)?,
+        moe_intermediate_size: c.intermediate_size,
+        first_k_dense_replace: 0,
+        moe_layer_freq: 1,
+        mlp_only_layers: vec![],
+        norm_topk_prob: true,
+        routed_scaling_factor: 1.0,
+        scoring_func: "softmax".into(),
+        topk_method: "greedy".into(),
+        n_group: 1,
+        topk_group: 1,
+    };
+    if m.num_experts_per_tok == 1 {
+        bail!(
+            "model config: num_experts_per_tok 1 is not supported for Mixtral (its single weight is renormalised to 1)"
+        );
+    }
+    m.check()?;
+    Ok(m)
+}
+
 /// Qwen3-MoE's experts, as transformers' `Qwen3MoeSparseMoeBlock` routes: softmax over
 /// `num_experts`, the `num_experts_per_tok` best, renormalised when `norm_topk_prob` (default
 /// false, as in transformers; the published models set it); every layer MoE but
@@ -834,10 +868,10 @@ pub(crate) fn served_context(declared: usize, scaling: Option<&RopeScaling>) -> 
 /// `use_sliding_window`, for the layers from `max_window_layers` on, transformers' default 28).
 /// Full attention over at most that many tokens is exactly windowed attention, so capping the
 /// context keeps every result exact instead of attending where the model would not.
-fn context_length(c: &HfConfig, arch: Arch, scaling: Option<&RopeScaling>) -> usize {
+fn context_length(c: &HfConfig, arch: Arch, scaling: Option<&RopeScaling>, default_window: Option<usize>) -> usize {
     let declared = served_context(c.max_position_embeddings.unwrap_or(4096), scaling);
     let windowed = match arch {
-        Arch::Mistral => c.sliding_window.unwrap_or(Some(MISTRAL_DEFAULT_WINDOW)),
+        Arch::Mistral => c.sliding_window.unwrap_or(default_window),
         Arch::Qwen2 | Arch::Qwen3
             if c.use_sliding_window == Some(true) && c.max_window_layers.unwrap_or(28) < c.num_hidden_layers =>
         {
@@ -1040,6 +1074,35 @@ mod rope_scaling_tests {
             let e = format!("{:#}", qwen3_30b_a3b(&[(k, v)]).unwrap_err());
             assert!(e.contains(named), "{k}: {e}");
         }
+    }
+
+    /// Mixtral-8x7B's config: experts as wide as `intermediate_size`, renormalised top 2 of 8 in
+    /// every layer, RoPE base 1e6 when absent, and no window unless one is given (transformers'
+    /// defaults, unlike Mistral's 4096).
+    #[test]
+    fn mixtral_config_reads_its_experts_and_no_default_window() {
+        let text = |extra: &str| {
+            format!(
+                r#"{{"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": 32000,
+                    "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                    "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 32768,
+                    "num_local_experts": 8 {extra}}}"#
+            )
+        };
+        let c = ModelConfig::from_hf_json(&text(r#", "num_experts_per_tok": 2"#)).unwrap();
+        let m = c.moe.clone().unwrap();
+        assert_eq!(
+            (c.arch, m.n_routed_experts, m.num_experts_per_tok, m.moe_intermediate_size),
+            (Arch::Mistral, 8, 2, 14336)
+        );
+        assert!(m.norm_topk_prob && (0..32).all(|i| m.is_moe_layer(i)));
+        assert_eq!((c.max_position_embeddings, c.rope_theta), (32768, 1e6));
+        let windowed = ModelConfig::from_hf_json(&text(r#", "num_experts_per_tok": 2, "sliding_window": 4096"#));
+        assert_eq!(windowed.unwrap().max_position_embeddings, 4096);
+        let e = format!("{:#}", ModelConfig::from_hf_json(&text(r#", "num_experts_per_tok": 1"#)).unwrap_err());
+        assert!(e.contains("num_experts_per_tok 1"), "{e}");
+        let e = format!("{:#}", ModelConfig::from_hf_json(&text("")).unwrap_err());
+        assert!(e.contains("num_experts_per_tok"), "{e}");
     }
 
     fn qwen3_8b(rope_scaling: &str) -> Result<ModelConfig> {

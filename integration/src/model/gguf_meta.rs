@@ -97,9 +97,8 @@ pub(crate) fn model_config(c: &Content) -> Result<ModelConfig> {
                     );
                 }
             }
-            // Mixtral-style files keep the `llama` architecture and add experts, not read here.
-            if let Some(n) = meta_opt_usize(c, &format!("{a}.expert_count"))?.filter(|&n| n > 0 && a != "qwen3moe") {
-                bail!("GGUF `{a}.expert_count` = {n}: experts are read for deepseek2 and qwen3moe files only");
+            if let Some(n) = meta_opt_usize(c, &format!("{a}.expert_count"))?.filter(|&n| n > 0 && !has_experts(&a)) {
+                bail!("GGUF `{a}.expert_count` = {n}: experts are read for llama, qwen3moe and deepseek2 files only");
             }
             (kv, head_dim)
         }
@@ -155,7 +154,7 @@ pub(crate) fn model_config(c: &Content) -> Result<ModelConfig> {
         mla,
         moe: match arch {
             Arch::DeepSeek => experts(c, &a)?,
-            _ if a == "qwen3moe" => Some(qwen3moe_experts(c, &a)?),
+            _ if has_experts(&a) => softmax_experts(c, &a)?,
             _ => None,
         },
     };
@@ -304,25 +303,43 @@ fn experts(c: &Content, a: &str) -> Result<Option<MoeConfig>> {
     Ok(Some(m))
 }
 
-/// The experts of a `qwen3moe` file, routed as llama.cpp routes them: softmax over
-/// `expert_count`, the `expert_used_count` best, always renormalised, every layer MoE. Keys that
-/// llama.cpp ignores for this architecture, and that would change the model if honoured
-/// (shared experts, leading dense layers, another gating function, groups, a weight scale), are
-/// refused.
-fn qwen3moe_experts(c: &Content, a: &str) -> Result<MoeConfig> {
+/// Whether llama.cpp reads experts for this (non-DeepSeek) architecture: `qwen3moe`, and
+/// `llama` (Mixtral's files keep that architecture and add `expert_count`).
+fn has_experts(a: &str) -> bool {
+    matches!(a, "llama" | "qwen3moe")
+}
+
+/// The experts of a `qwen3moe` file, or of a `llama` file that has them (Mixtral), routed as
+/// llama.cpp routes them: softmax over `expert_count`, the `expert_used_count` best, always
+/// renormalised, every layer MoE. An expert is `expert_feed_forward_length` wide (`qwen3moe`) or
+/// `feed_forward_length` (`llama`, where llama.cpp reads no other width). Keys that llama.cpp
+/// ignores for these architectures, and that would change the model if honoured (shared
+/// experts, leading dense layers, another gating function, groups, a weight scale, another
+/// expert width), are refused.
+fn softmax_experts(c: &Content, a: &str) -> Result<Option<MoeConfig>> {
     let key = |k: &str| format!("{a}.{k}");
-    for (k, neutral) in [
+    let n = meta_opt_usize(c, &key("expert_count"))?.unwrap_or(0);
+    if n == 0 && a == "llama" {
+        return Ok(None);
+    }
+    let dense_width = meta_usize(c, &key("feed_forward_length"))? as f64;
+    let mut neutral = vec![
         ("expert_shared_count", 0.0),
+        ("expert_shared_feed_forward_length", 0.0),
         ("leading_dense_block_count", 0.0),
         ("expert_gating_func", 1.0),
         ("expert_group_count", 1.0),
         ("expert_weights_scale", 1.0),
-    ] {
+    ];
+    if a == "llama" {
+        neutral.push(("expert_feed_forward_length", dense_width));
+    }
+    for (k, neutral) in neutral {
         if let Some(x) = meta_f64(c, &key(k))?.filter(|&x| x != neutral) {
-            bail!("GGUF `{}` = {x} is not supported for qwen3moe (only {neutral})", key(k));
+            bail!("GGUF `{}` = {x} is not supported for {a} (only {neutral})", key(k));
         }
     }
-    let width_key = key("expert_feed_forward_length");
+    let width_key = key(if a == "llama" { "feed_forward_length" } else { "expert_feed_forward_length" });
     if matches!(c.metadata.get(&width_key), Some(Value::Array(_))) {
         bail!("GGUF `{width_key}` is per layer: experts of different widths are not supported");
     }
@@ -343,10 +360,10 @@ fn qwen3moe_experts(c: &Content, a: &str) -> Result<MoeConfig> {
     };
     if m.num_experts_per_tok == 1 {
         bail!(
-            "GGUF `{}` = 1 is not supported for qwen3moe (its single weight is renormalised to 1)",
+            "GGUF `{}` = 1 is not supported for {a} (its single weight is renormalised to 1)",
             key("expert_used_count")
         );
     }
     m.check()?;
-    Ok(m)
+    Ok(Some(m))
 }

@@ -169,12 +169,11 @@ impl Weights {
     /// True when a tensor of that HF name exists.
     pub fn contains(&self, name: &str) -> bool {
         match self {
-            Weights::Safetensors { files, .. } => {
-                files.get(name).is_ok()
-                    || PackedExpert::of(name).is_some_and(|p| {
-                        files.get(&p.packed).is_ok_and(|v| v.shape().len() == 3 && p.index < v.shape()[0])
-                    })
-            }
+            Weights::Safetensors { files, .. } => match stored_name(files, name) {
+                Stored::Named(_) => true,
+                Stored::Packed(p) => files.get(&p.packed).is_ok_and(|v| v.shape().len() == 3 && p.index < v.shape()[0]),
+                Stored::Missing => false,
+            },
             Weights::Gguf { content, .. } => match source(name, content) {
                 Some(GgufSource::Whole(g)) => content.tensor_infos.contains_key(&g),
                 Some(GgufSource::Expert { stacked, index, .. }) => content
@@ -193,15 +192,17 @@ impl Weights {
     pub fn get(&self, name: &str, shape: &[usize], dev: &Device) -> Result<Tensor> {
         let t = match self {
             Weights::Safetensors { files, paths } => {
-                if let (Err(_), Some(p)) = (files.get(name), PackedExpert::of(name)) {
-                    if let Ok(view) = files.get(&p.packed) {
+                let name = match stored_name(files, name) {
+                    Stored::Named(n) => n,
+                    Stored::Packed(p) => {
+                        let view = files.get(&p.packed)?;
                         let dtype = DType::try_from(view.dtype()).with_context(|| format!("tensor `{}`", p.packed))?;
                         return p.load(view.shape(), dtype, view.data(), shape, dev);
                     }
-                }
-                let view = files
-                    .get(name)
-                    .map_err(|_| anyhow::anyhow!("tensor `{name}` is missing from {}", display_paths(paths)))?;
+                    Stored::Missing => bail!("tensor `{name}` is missing from {}", display_paths(paths)),
+                };
+                let name = name.as_str();
+                let view = files.get(name)?;
                 if view.shape() != shape {
                     bail!(
                         "tensor `{name}` has shape {:?} in the weights but the config implies {shape:?} (config.json does not match the weights)",
@@ -271,6 +272,51 @@ impl Weights {
         };
         Proj::quantized(blocks, b)
     }
+}
+
+/// Where a tensor asked for by its HF name is stored in a safetensors checkpoint.
+enum Stored {
+    /// Under this name: its own, or Mixtral's (`block_sparse_moe.gate`, `experts.E.w1/w3/w2` for
+    /// `mlp.gate`, `mlp.experts.E.gate_proj/up_proj/down_proj`).
+    Named(String),
+    /// One expert of a packed layer.
+    Packed(PackedExpert),
+    /// Nowhere.
+    Missing,
+}
+
+/// Where `name` is stored in `files` (see [`Stored`]).
+fn stored_name(files: &candle_core::safetensors::MmapedSafetensors, name: &str) -> Stored {
+    if files.get(name).is_ok() {
+        return Stored::Named(name.to_string());
+    }
+    if let Some(p) = PackedExpert::of(name).filter(|p| files.get(&p.packed).is_ok()) {
+        return Stored::Packed(p);
+    }
+    match mixtral_name(name) {
+        Some(m) if files.get(&m).is_ok() => Stored::Named(m),
+        _ => Stored::Missing,
+    }
+}
+
+/// Mixtral's name for an MoE tensor named as Qwen's and DeepSeek's are.
+fn mixtral_name(name: &str) -> Option<String> {
+    let (layer, rest) = name.split_once(".mlp.")?;
+    let rest = match rest.strip_prefix("experts.") {
+        None if rest == "gate.weight" => rest.to_string(),
+        None => return None,
+        Some(expert) => {
+            let (index, proj) = expert.split_once('.')?;
+            let w = match proj {
+                "gate_proj.weight" => "w1",
+                "up_proj.weight" => "w3",
+                "down_proj.weight" => "w2",
+                _ => return None,
+            };
+            format!("experts.{index}.{w}.weight")
+        }
+    };
+    Some(format!("{layer}.block_sparse_moe.{rest}"))
 }
 
 /// Where a per-expert HF name (`...mlp.experts.E.{gate,up,down}_proj.weight`) lies in a

@@ -694,11 +694,15 @@ proptest! {
 proptest! {
     #![proptest_config(cfg(200))]
 
-    /// Mutated headers of the DeepSeek-V3-shaped GGUF fixture (latent attention, stacked experts,
-    /// split `kv_b`) load or are refused; nothing panics.
+    /// Mutated headers of the GGUF fixtures with experts or RoPE scaling (DeepSeek-V3-shaped:
+    /// latent attention, stacked experts, split `kv_b`; Qwen3-MoE; Mixtral; Qwen3 with YaRN) load
+    /// or are refused; nothing panics.
     #[test]
-    fn deepseek_gguf_never_panics(edits in prop::collection::vec(byte_edit(), 1..4)) {
-        let clean = fixture("gguf/deepseek_v3_moe.gguf");
+    fn moe_and_scaled_gguf_never_panics(
+        file in prop::sample::select(vec!["deepseek_v3_moe", "qwen3_moe", "mixtral", "qwen3_yarn"]),
+        edits in prop::collection::vec(byte_edit(), 1..4),
+    ) {
+        let clean = fixture(&format!("gguf/{file}.gguf"));
         let mut bytes = std::fs::read(&clean).unwrap();
         apply(&mut bytes, gguf_header_len(&clean), &edits);
         let dir = scratch("gguf-deepseek-fuzz");

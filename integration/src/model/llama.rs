@@ -103,7 +103,7 @@ impl FeedForward {
     fn forward_differentiable(&self, h: &Tensor) -> Result<Tensor> {
         match self {
             FeedForward::Dense(m) => m.forward_differentiable(h),
-            FeedForward::Moe(m) => m.forward(h),
+            FeedForward::Moe(m) => m.forward_differentiable(h),
         }
     }
 }

@@ -176,10 +176,22 @@ impl Moe {
             + self.shared.as_ref().map_or(0, Mlp::byte_count)
     }
 
-    /// Applies the block to `[n, hidden]` (the routing weights enter gradients as constants).
+    /// Applies the block to `[n, hidden]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply(x, false)
+    }
+
+    /// [`Self::forward`] with the routing weights computed by tensor ops from the router logits,
+    /// so that gradients flow through them as well as through the experts (the choice of experts
+    /// is discrete and stays as [`route`] makes it).
+    pub fn forward_differentiable(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply(x, true)
+    }
+
+    fn apply(&self, x: &Tensor, differentiable: bool) -> Result<Tensor> {
         let n = x.dim(0)?;
-        let logits = x.matmul(&self.router.t()?)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        let logits_t = x.matmul(&self.router.t()?)?.to_dtype(DType::F32)?;
+        let logits = logits_t.to_vec2::<f32>()?;
         let mut per_expert: Vec<(Vec<u32>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); self.experts.len()];
         for (t, l) in logits.iter().enumerate() {
             for (e, w) in route(l, &self.cfg, self.correction_bias.as_deref()) {
@@ -187,6 +199,7 @@ impl Moe {
                 per_expert[e].1.push(w);
             }
         }
+        let weights_t = if differentiable { Some(self.routing_weights(&logits_t, &per_expert)?) } else { None };
         let mut out = x.zeros_like()?;
         for (e, (tokens, weights)) in per_expert.into_iter().enumerate() {
             if tokens.is_empty() {
@@ -194,8 +207,11 @@ impl Moe {
             }
             let idx = Tensor::new(tokens.as_slice(), x.device())?;
             let y = self.experts[e].forward(&x.index_select(&idx, 0)?)?;
-            let w = Tensor::from_vec(weights, (idx.dim(0)?, 1), x.device())?.to_dtype(y.dtype())?;
-            out = out.index_add(&idx, &y.broadcast_mul(&w)?, 0)?;
+            let w = match &weights_t {
+                Some(all) => all.index_select(&idx, 0)?.narrow(1, e, 1)?,
+                None => Tensor::from_vec(weights, (idx.dim(0)?, 1), x.device())?,
+            };
+            out = out.index_add(&idx, &y.broadcast_mul(&w.to_dtype(y.dtype())?)?, 0)?;
         }
         if let Some(s) = &self.shared {
             out = (out + s.forward(x)?)?;
@@ -203,6 +219,46 @@ impl Moe {
         debug_assert_eq!(out.dim(0).ok(), Some(n));
         Ok(out)
     }
+
+    /// `[n, experts]` routing weights as [`route`] gives them (zero for experts not chosen),
+    /// computed from `logits` (`[n, experts]`, f32) by differentiable tensor ops; `chosen` lists
+    /// each expert's tokens.
+    fn routing_weights(&self, logits: &Tensor, chosen: &[(Vec<u32>, Vec<f32>)]) -> Result<Tensor> {
+        let (n, ne) = logits.dims2()?;
+        let mut mask = vec![0f32; n * ne];
+        for (e, (tokens, _)) in chosen.iter().enumerate() {
+            for &t in tokens {
+                mask[t as usize * ne + e] = 1.0;
+            }
+        }
+        let mask = Tensor::from_vec(mask, (n, ne), logits.device())?;
+        let sigmoid = self.cfg.scoring_func == "sigmoid";
+        let scores = if sigmoid {
+            (logits.neg()?.exp()? + 1.0)?.recip()?
+        } else {
+            candle_nn::ops::softmax(logits, candle_core::D::Minus1)?
+        };
+        let mut w = (scores * mask)?;
+        if normalises(&self.cfg) {
+            let z = (w.sum_keepdim(1)? + if sigmoid { 1e-20 } else { 0.0 })?;
+            w = w.broadcast_div(&z)?;
+        }
+        if scales(&self.cfg) {
+            w = (w * self.cfg.routed_scaling_factor)?;
+        }
+        Ok(w)
+    }
+}
+
+/// Whether the chosen experts' weights are renormalised to sum to 1.
+fn normalises(cfg: &MoeConfig) -> bool {
+    cfg.num_experts_per_tok > 1 && cfg.norm_topk_prob
+}
+
+/// Whether the weights are multiplied by `routed_scaling_factor`: V3 always, V2 only when it
+/// does not renormalise.
+fn scales(cfg: &MoeConfig) -> bool {
+    cfg.scoring_func == "sigmoid" || !normalises(cfg)
 }
 
 /// The experts a token goes to and their weights, from its router logits (DeepSeek V2 and
@@ -245,15 +301,13 @@ pub fn route(logits: &[f32], cfg: &MoeConfig, bias: Option<&[f32]>) -> Vec<(usiz
     order.sort_by(|&a, &b| choice[b].total_cmp(&choice[a]).then(a.cmp(&b)));
     order.truncate(cfg.num_experts_per_tok);
     let mut w: Vec<(usize, f32)> = order.iter().map(|&e| (e, scores[e])).collect();
-    let normalise = cfg.num_experts_per_tok > 1 && cfg.norm_topk_prob;
-    if normalise {
+    if normalises(cfg) {
         let z: f32 = w.iter().map(|x| x.1).sum::<f32>() + if cfg.scoring_func == "sigmoid" { 1e-20 } else { 0.0 };
         for x in &mut w {
             x.1 /= z;
         }
     }
-    // V3 always scales; V2 scales only when it does not renormalise.
-    if cfg.scoring_func == "sigmoid" || !normalise {
+    if scales(cfg) {
         for x in &mut w {
             x.1 *= cfg.routed_scaling_factor as f32;
         }
@@ -281,6 +335,73 @@ mod tests {
             n_group: groups,
             topk_group,
         }
+    }
+
+    /// A `(rows, cols)` matrix of values uniform in `[-scale, scale]`, the same for the same seed
+    /// (a splitmix64 stream: the test must not depend on the run).
+    fn seeded(seed: u64, rows: usize, cols: usize, scale: f32) -> Result<Tensor> {
+        let mut s = seed;
+        let v: Vec<f32> = (0..rows * cols)
+            .map(|_| {
+                s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                let mut z = s;
+                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                z ^= z >> 31;
+                scale * (2.0 * (z >> 40) as f32 / (1u64 << 24) as f32 - 1.0)
+            })
+            .collect();
+        Ok(Tensor::from_vec(v, (rows, cols), &Device::Cpu)?)
+    }
+
+    /// A block with weights large enough that every path matters.
+    fn strong_block(c: MoeConfig) -> Result<Moe> {
+        let seed = std::cell::Cell::new(1u64);
+        let w = |o: usize, i: usize| -> Result<Proj> {
+            seed.set(seed.get() + 1);
+            Ok(Proj::Dense(Linear::new(seeded(seed.get(), o, i, 0.8)?, None)))
+        };
+        let mlp = |i: usize| -> Result<Mlp> { Ok(Mlp { gate: w(i, 8)?, up: w(i, 8)?, down: w(8, i)? }) };
+        let bias = (c.topk_method == "noaux_tc").then(|| vec![0.1, -0.2, 0.0, 0.3, 0.0, 0.1, -0.1, 0.2]);
+        Ok(Moe {
+            router: seeded(100, 8, 8, 1.7)?,
+            correction_bias: bias,
+            experts: (0..8).map(|_| mlp(4)).collect::<Result<_>>()?,
+            shared: Some(mlp(4)?),
+            cfg: c,
+            shared_weights: false,
+        })
+    }
+
+    /// The differentiable block gives the fast block's values, and its gradient with respect to
+    /// its input is the central finite difference of the block (routing weights included), for
+    /// V2-style (softmax, scaled) and V3-style (sigmoid, renormalised and scaled) routing.
+    #[test]
+    fn differentiable_block_has_the_finite_difference_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        for c in [cfg("softmax", "greedy", 1, 1, false), cfg("sigmoid", "noaux_tc", 4, 2, true)] {
+            let moe = strong_block(MoeConfig { n_shared_experts: 1, ..c })?;
+            let x = candle_core::Var::from_tensor(&seeded(200, 3, 8, 1.7)?)?;
+            let y = moe.forward_differentiable(x.as_tensor())?;
+            let fast = moe.forward(x.as_tensor())?;
+            assert!((&y - fast)?.abs()?.max_all()?.to_scalar::<f32>()? < 1e-5);
+            let grads = y.sum_all()?.backward()?;
+            let g = grads.get(x.as_tensor()).expect("a gradient for the input").to_vec2::<f32>()?;
+            let base = x.as_tensor().to_vec2::<f32>()?;
+            let eps = 1e-3f32;
+            for t in 0..3 {
+                for i in 0..8 {
+                    let at = |d: f32| -> Result<f32> {
+                        let mut v = base.clone();
+                        v[t][i] += d;
+                        Ok(moe.forward(&Tensor::new(v, &dev)?)?.sum_all()?.to_scalar::<f32>()?)
+                    };
+                    let fd = (at(eps)? - at(-eps)?) / (2.0 * eps);
+                    assert!((fd - g[t][i]).abs() < 2e-2 + 2e-2 * fd.abs(), "x[{t}][{i}]: {} vs {fd}", g[t][i]);
+                }
+            }
+        }
+        Ok(())
     }
 
     #[test]

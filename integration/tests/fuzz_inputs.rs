@@ -695,11 +695,12 @@ proptest! {
     #![proptest_config(cfg(200))]
 
     /// Mutated headers of the GGUF fixtures with experts or RoPE scaling (DeepSeek-V3-shaped:
-    /// latent attention, stacked experts, split `kv_b`; Qwen3-MoE; Mixtral; Qwen3 with YaRN) load
+    /// latent attention, stacked experts, split `kv_b`; Qwen2-MoE; Qwen3-MoE; Mixtral; Qwen3 with
+    /// YaRN) load
     /// or are refused; nothing panics.
     #[test]
     fn moe_and_scaled_gguf_never_panics(
-        file in prop::sample::select(vec!["deepseek_v3_moe", "qwen3_moe", "mixtral", "qwen3_yarn"]),
+        file in prop::sample::select(vec!["deepseek_v3_moe", "qwen2_moe", "qwen3_moe", "mixtral", "qwen3_yarn"]),
         edits in prop::collection::vec(byte_edit(), 1..4),
     ) {
         let clean = fixture(&format!("gguf/{file}.gguf"));

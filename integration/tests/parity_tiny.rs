@@ -138,6 +138,22 @@ fn qwen3_moe_matches_llama_cpp_from_gguf_and_hf_directory() {
     assert_eq!(from_gguf.model.config().moe, Some(moe));
 }
 
+/// A random Qwen2-MoE (q/k/v biases, 8 experts, 2 per token, not renormalised, a shared expert
+/// scaled by a sigmoid gate) from its HF directory and from the converter's `qwen2moe` GGUF
+/// (the gate as the vector `ffn_gate_inp_shexp`): both give llama.cpp's logits for the file
+/// (`fixtures/gguf/qwen2_moe_llama_cpp.safetensors`), with the same routing settings.
+#[test]
+fn qwen2_moe_matches_llama_cpp_from_gguf_and_hf_directory() {
+    let runs = "gguf/qwen2_moe_llama_cpp.safetensors";
+    let from_gguf = check_llama_cpp(runs, &fixture("gguf/qwen2_moe.gguf"));
+    let from_hf = check_llama_cpp(runs, &fixture("gguf/qwen2_moe_tiny"));
+    let cfg = from_hf.model.config();
+    let moe = cfg.moe.clone().expect("experts");
+    assert_eq!((moe.n_routed_experts, moe.num_experts_per_tok, moe.gated_shared_width), (8, 2, Some(48)));
+    assert!(!moe.norm_topk_prob && cfg.attention_bias);
+    assert_eq!(from_gguf.model.config().moe, Some(moe));
+}
+
 /// A random Mixtral (4 experts, 2 per token, renormalised softmax routing in every layer, no
 /// window) from its HF directory (`block_sparse_moe.gate`, `experts.E.w1/w3/w2`) and from the
 /// converter's `llama` GGUF with experts (q/k rows permuted): both give llama.cpp's logits for

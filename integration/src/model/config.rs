@@ -71,6 +71,9 @@ pub struct MoeConfig {
     pub n_routed_experts: usize,
     /// Shared experts (one MLP of `n_shared * moe_intermediate_size`).
     pub n_shared_experts: usize,
+    /// Qwen2-MoE's shared expert instead: its width, its output scaled by
+    /// `sigmoid(shared_expert_gate . x)`.
+    pub gated_shared_width: Option<usize>,
     /// Experts per token.
     pub num_experts_per_tok: usize,
     /// Width of one expert.
@@ -101,6 +104,11 @@ impl MoeConfig {
         i >= self.first_k_dense_replace
             && i.is_multiple_of(self.moe_layer_freq.max(1))
             && !self.mlp_only_layers.contains(&i)
+    }
+
+    /// Weights of Qwen2-MoE's gated shared expert in a `hidden`-wide model (0 without one).
+    pub fn shared_weight_count(&self, hidden: u128) -> u128 {
+        self.gated_shared_width.map_or(0, |w| 3 * hidden * w as u128 + hidden)
     }
 
     /// Checks that the routing can be run: enough experts reachable per token, whole groups, and
@@ -379,6 +387,8 @@ struct HfConfig {
     #[serde(default)]
     num_local_experts: Option<usize>,
     #[serde(default)]
+    shared_expert_intermediate_size: Option<usize>,
+    #[serde(default)]
     decoder_sparse_step: Option<usize>,
     #[serde(default)]
     mlp_only_layers: Option<Vec<usize>>,
@@ -418,14 +428,14 @@ impl ModelConfig {
             ("qwen3" | "qwen3_moe", _) | (_, "Qwen3ForCausalLM" | "Qwen3ForCausalLMDMS" | "Qwen3MoeForCausalLM") => {
                 Arch::Qwen3
             }
-            ("qwen2", _) | (_, "Qwen2ForCausalLM") => Arch::Qwen2,
+            ("qwen2" | "qwen2_moe", _) | (_, "Qwen2ForCausalLM" | "Qwen2MoeForCausalLM") => Arch::Qwen2,
             ("mistral" | "mixtral", _) | (_, "MistralForCausalLM" | "MixtralForCausalLM") => Arch::Mistral,
             ("llama", _) | (_, "LlamaForCausalLM") => Arch::Llama,
             ("deepseek_v2" | "deepseek_v3", _) | (_, "DeepseekV2ForCausalLM" | "DeepseekV3ForCausalLM") => {
                 Arch::DeepSeek
             }
             _ => bail!(
-                "unsupported architecture (model_type `{model_type}`, architectures `{arch_name}`); supported: llama, mistral, mixtral, qwen2, qwen3, qwen3_moe, deepseek_v2, deepseek_v3"
+                "unsupported architecture (model_type `{model_type}`, architectures `{arch_name}`); supported: llama, mistral, mixtral, qwen2, qwen2_moe, qwen3, qwen3_moe, deepseek_v2, deepseek_v3"
             ),
         };
         if c.quantization_config.as_ref().is_some_and(|q| !q.is_null()) {
@@ -439,7 +449,8 @@ impl ModelConfig {
         let mla = if arch == Arch::DeepSeek { Some(parse_mla(&c)?) } else { None };
         let moe = match arch {
             Arch::DeepSeek => parse_deepseek_moe(&c, is_v3)?,
-            _ if model_type == "qwen3_moe" || arch_name == "Qwen3MoeForCausalLM" => Some(parse_qwen3_moe(&c)?),
+            _ if model_type == "qwen3_moe" || arch_name == "Qwen3MoeForCausalLM" => Some(parse_qwen_moe(&c, false)?),
+            _ if model_type == "qwen2_moe" || arch_name == "Qwen2MoeForCausalLM" => Some(parse_qwen_moe(&c, true)?),
             _ if is_mixtral => Some(parse_mixtral_moe(&c)?),
             _ => None,
         };
@@ -555,6 +566,7 @@ impl ModelConfig {
                 ("v_head_dim", mla.map_or(0, |m| m.v_head_dim), 1 << 14),
                 ("n_routed_experts", moe.map_or(0, |e| e.n_routed_experts), 1 << 16),
                 ("n_shared_experts", moe.map_or(0, |e| e.n_shared_experts), 1 << 8),
+                ("shared_expert_intermediate_size", moe.and_then(|e| e.gated_shared_width).unwrap_or(0), 1 << 20),
                 ("moe_intermediate_size", moe.map_or(0, |e| e.moe_intermediate_size), 1 << 20),
             ] {
                 if v > max {
@@ -583,7 +595,9 @@ impl ModelConfig {
         let q = (self.num_heads * self.head_dim) as u128;
         let kv = (self.num_kv_heads * self.head_dim) as u128;
         let moe = self.moe.as_ref().map_or(0, |m| {
-            3 * h * (m.moe_intermediate_size * (1 + m.n_shared_experts)) as u128 + h * m.n_routed_experts as u128
+            3 * h * (m.moe_intermediate_size * (1 + m.n_shared_experts)) as u128
+                + h * m.n_routed_experts as u128
+                + m.shared_weight_count(h)
         });
         2 * v * h + l * (2 * h * q + 2 * h * kv + 3 * h * i + moe)
     }
@@ -596,7 +610,9 @@ impl ModelConfig {
         let mlp = |layer: usize| match &self.moe {
             Some(m) if m.is_moe_layer(layer) => {
                 let experts = (m.n_routed_experts + m.n_shared_experts) as u128;
-                3 * h * m.moe_intermediate_size as u128 * experts + h * m.n_routed_experts as u128
+                3 * h * m.moe_intermediate_size as u128 * experts
+                    + h * m.n_routed_experts as u128
+                    + m.shared_weight_count(h)
             }
             _ => 3 * h * i,
         };
@@ -727,6 +743,7 @@ fn parse_deepseek_moe(c: &HfConfig, is_v3: bool) -> Result<Option<MoeConfig>> {
             let m = MoeConfig {
                 n_routed_experts: n,
                 n_shared_experts: c.n_shared_experts.unwrap_or(0),
+                gated_shared_width: None,
                 num_experts_per_tok: positive("num_experts_per_tok", c.num_experts_per_tok)?,
                 moe_intermediate_size: positive("moe_intermediate_size", c.moe_intermediate_size)?,
                 first_k_dense_replace: c.first_k_dense_replace.unwrap_or(0),
@@ -758,6 +775,7 @@ fn parse_mixtral_moe(c: &HfConfig) -> Result<MoeConfig> {
     let m = MoeConfig {
         n_routed_experts: positive("num_local_experts", c.num_local_experts)?,
         n_shared_experts: 0,
+        gated_shared_width: None,
         num_experts_per_tok: positive("num_experts_per_tok", c.num_experts_per_tok)?,
         moe_intermediate_size: c.intermediate_size,
         first_k_dense_replace: 0,
@@ -779,17 +797,23 @@ fn parse_mixtral_moe(c: &HfConfig) -> Result<MoeConfig> {
     Ok(m)
 }
 
-/// Qwen3-MoE's experts, as transformers' `Qwen3MoeSparseMoeBlock` routes: softmax over
-/// `num_experts`, the `num_experts_per_tok` best, renormalised when `norm_topk_prob` (default
-/// false, as in transformers; the published models set it); every layer MoE but
-/// `mlp_only_layers`. A `decoder_sparse_step` other than 1 (no published model) is refused.
-fn parse_qwen3_moe(c: &HfConfig) -> Result<MoeConfig> {
+/// Qwen3-MoE's (or, `qwen2`, Qwen2-MoE's) experts, as transformers' `Qwen3MoeSparseMoeBlock`
+/// routes: softmax over `num_experts`, the `num_experts_per_tok` best, renormalised when
+/// `norm_topk_prob` (default false, as in transformers; the published Qwen3-MoE models set it);
+/// every layer MoE but `mlp_only_layers`; Qwen2-MoE adds a gated shared expert of
+/// `shared_expert_intermediate_size`. A `decoder_sparse_step` other than 1 (no published model)
+/// is refused.
+fn parse_qwen_moe(c: &HfConfig, qwen2: bool) -> Result<MoeConfig> {
     if let Some(step) = c.decoder_sparse_step.filter(|&s| s != 1) {
         bail!("model config: decoder_sparse_step {step} is not supported (only 1: every layer but mlp_only_layers)");
     }
     let m = MoeConfig {
         n_routed_experts: positive("num_experts", c.num_experts)?,
         n_shared_experts: 0,
+        gated_shared_width: match qwen2 {
+            true => Some(positive("shared_expert_intermediate_size", c.shared_expert_intermediate_size)?),
+            false => None,
+        },
         num_experts_per_tok: positive("num_experts_per_tok", c.num_experts_per_tok)?,
         moe_intermediate_size: positive("moe_intermediate_size", c.moe_intermediate_size)?,
         first_k_dense_replace: 0,
@@ -1065,6 +1089,13 @@ mod rope_scaling_tests {
         assert!(!m.is_moe_layer(0) && m.is_moe_layer(1) && m.is_moe_layer(46) && !m.is_moe_layer(47));
         let m = qwen3_30b_a3b(&[("norm_topk_prob", json!(null))]).unwrap().moe.unwrap();
         assert!(!m.norm_topk_prob, "transformers' default");
+        // Qwen2-MoE: the same routing, q/k/v biases and a gated shared expert of its own width.
+        let qwen2 = [("architectures", json!(["Qwen2MoeForCausalLM"])), ("model_type", json!("qwen2_moe"))];
+        let e = format!("{:#}", qwen3_30b_a3b(&qwen2).unwrap_err());
+        assert!(e.contains("shared_expert_intermediate_size"), "{e}");
+        let c = qwen3_30b_a3b(&[qwen2[0].clone(), qwen2[1].clone(), ("shared_expert_intermediate_size", json!(5632))]);
+        let c = c.unwrap();
+        assert_eq!((c.arch, c.attention_bias, c.moe.unwrap().gated_shared_width), (Arch::Qwen2, true, Some(5632)));
         for (k, v, named) in [
             ("decoder_sparse_step", json!(2), "decoder_sparse_step"),
             ("num_experts_per_tok", json!(1), "num_experts_per_tok 1"),

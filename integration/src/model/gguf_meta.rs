@@ -74,11 +74,13 @@ pub(crate) fn model_config(c: &Content) -> Result<ModelConfig> {
     let a = meta_str(c, "general.architecture")?;
     let arch = match a.as_str() {
         "llama" => Arch::Llama,
-        "qwen2" => Arch::Qwen2,
+        "qwen2" | "qwen2moe" => Arch::Qwen2,
         "qwen3" | "qwen3moe" => Arch::Qwen3,
         "deepseek2" => Arch::DeepSeek,
         other => {
-            bail!("GGUF architecture `{other}` is not supported (supported: llama, qwen2, qwen3, qwen3moe, deepseek2)")
+            bail!(
+                "GGUF architecture `{other}` is not supported (supported: llama, qwen2, qwen2moe, qwen3, qwen3moe, deepseek2)"
+            )
         }
     };
     let hidden = meta_usize(c, &format!("{a}.embedding_length"))?;
@@ -98,7 +100,7 @@ pub(crate) fn model_config(c: &Content) -> Result<ModelConfig> {
                 }
             }
             if let Some(n) = meta_opt_usize(c, &format!("{a}.expert_count"))?.filter(|&n| n > 0 && !has_experts(&a)) {
-                bail!("GGUF `{a}.expert_count` = {n}: experts are read for llama, qwen3moe and deepseek2 files only");
+                bail!("GGUF `{a}.expert_count` = {n}: experts are read for llama, qwen2moe, qwen3moe and deepseek2 files only");
             }
             (kv, head_dim)
         }
@@ -287,6 +289,7 @@ fn experts(c: &Content, a: &str) -> Result<Option<MoeConfig>> {
     let m = MoeConfig {
         n_routed_experts: n,
         n_shared_experts: meta_opt_usize(c, &key("expert_shared_count"))?.unwrap_or(0),
+        gated_shared_width: None,
         num_experts_per_tok: meta_usize(c, &key("expert_used_count"))?,
         moe_intermediate_size: meta_usize(c, &width_key)?,
         first_k_dense_replace: meta_opt_usize(c, &key("leading_dense_block_count"))?.unwrap_or(0),
@@ -303,18 +306,20 @@ fn experts(c: &Content, a: &str) -> Result<Option<MoeConfig>> {
     Ok(Some(m))
 }
 
-/// Whether llama.cpp reads experts for this (non-DeepSeek) architecture: `qwen3moe`, and
-/// `llama` (Mixtral's files keep that architecture and add `expert_count`).
+/// Whether llama.cpp reads experts for this (non-DeepSeek) architecture: `qwen2moe`,
+/// `qwen3moe`, and `llama` (Mixtral's files keep that architecture and add `expert_count`).
 fn has_experts(a: &str) -> bool {
-    matches!(a, "llama" | "qwen3moe")
+    matches!(a, "llama" | "qwen2moe" | "qwen3moe")
 }
 
-/// The experts of a `qwen3moe` file, or of a `llama` file that has them (Mixtral), routed as
-/// llama.cpp routes them: softmax over `expert_count`, the `expert_used_count` best, always
-/// renormalised, every layer MoE. An expert is `expert_feed_forward_length` wide (`qwen3moe`) or
-/// `feed_forward_length` (`llama`, where llama.cpp reads no other width). Keys that llama.cpp
-/// ignores for these architectures, and that would change the model if honoured (shared
-/// experts, leading dense layers, another gating function, groups, a weight scale, another
+/// The experts of a `qwen2moe` or `qwen3moe` file, or of a `llama` file that has them
+/// (Mixtral), routed as llama.cpp routes them: softmax over `expert_count`, the
+/// `expert_used_count` best, renormalised (never for `qwen2moe`), every layer MoE. An expert is
+/// `expert_feed_forward_length` wide (`qwen*moe`) or `feed_forward_length` (`llama`, where
+/// llama.cpp reads no other width); `qwen2moe` adds a gated shared expert of
+/// `expert_shared_feed_forward_length` (else `feed_forward_length`). Keys that llama.cpp ignores
+/// for these architectures, and that would change the model if honoured (shared experts
+/// elsewhere, leading dense layers, another gating function, groups, a weight scale, another
 /// expert width), are refused.
 fn softmax_experts(c: &Content, a: &str) -> Result<Option<MoeConfig>> {
     let key = |k: &str| format!("{a}.{k}");
@@ -323,14 +328,12 @@ fn softmax_experts(c: &Content, a: &str) -> Result<Option<MoeConfig>> {
         return Ok(None);
     }
     let dense_width = meta_usize(c, &key("feed_forward_length"))? as f64;
-    let mut neutral = vec![
-        ("expert_shared_count", 0.0),
-        ("expert_shared_feed_forward_length", 0.0),
-        ("leading_dense_block_count", 0.0),
-        ("expert_gating_func", 1.0),
-        ("expert_group_count", 1.0),
-        ("expert_weights_scale", 1.0),
-    ];
+    let qwen2 = a == "qwen2moe";
+    let mut neutral = vec![("expert_shared_count", 0.0), ("leading_dense_block_count", 0.0)];
+    if !qwen2 {
+        neutral.push(("expert_shared_feed_forward_length", 0.0));
+    }
+    neutral.extend([("expert_gating_func", 1.0), ("expert_group_count", 1.0), ("expert_weights_scale", 1.0)]);
     if a == "llama" {
         neutral.push(("expert_feed_forward_length", dense_width));
     }
@@ -343,22 +346,27 @@ fn softmax_experts(c: &Content, a: &str) -> Result<Option<MoeConfig>> {
     if matches!(c.metadata.get(&width_key), Some(Value::Array(_))) {
         bail!("GGUF `{width_key}` is per layer: experts of different widths are not supported");
     }
+    let shared_width = match qwen2 {
+        true => Some(meta_opt_usize(c, &key("expert_shared_feed_forward_length"))?.unwrap_or(dense_width as usize)),
+        false => None,
+    };
     let m = MoeConfig {
         n_routed_experts: meta_usize(c, &key("expert_count"))?,
         n_shared_experts: 0,
+        gated_shared_width: shared_width,
         num_experts_per_tok: meta_usize(c, &key("expert_used_count"))?,
         moe_intermediate_size: meta_usize(c, &width_key)?,
         first_k_dense_replace: 0,
         moe_layer_freq: 1,
         mlp_only_layers: vec![],
-        norm_topk_prob: true,
+        norm_topk_prob: !qwen2,
         routed_scaling_factor: 1.0,
         scoring_func: "softmax".into(),
         topk_method: "greedy".into(),
         n_group: 1,
         topk_group: 1,
     };
-    if m.num_experts_per_tok == 1 {
+    if m.num_experts_per_tok == 1 && m.norm_topk_prob {
         bail!(
             "GGUF `{}` = 1 is not supported for {a} (its single weight is renormalised to 1)",
             key("expert_used_count")

@@ -69,13 +69,16 @@ impl Mlp {
     }
 }
 
-/// Mixture of experts (DeepSeek V2/V3, Qwen3-MoE): a router over `n_routed_experts` MLPs plus
-/// shared experts.
+/// Mixture of experts (DeepSeek V2/V3, Qwen2/Qwen3-MoE, Mixtral): a router over
+/// `n_routed_experts` MLPs plus shared experts.
 pub struct Moe {
     router: Tensor,
     correction_bias: Option<Vec<f32>>,
     experts: Vec<Mlp>,
     shared: Option<Mlp>,
+    /// Qwen2-MoE's `shared_expert_gate` (`[1, hidden]`): the shared expert's output is scaled by
+    /// `sigmoid(gate . x)`.
+    shared_gate: Option<Tensor>,
     cfg: MoeConfig,
     /// All experts share one weight set (random models for speed work).
     shared_weights: bool,
@@ -84,7 +87,8 @@ pub struct Moe {
 impl Moe {
     /// Loads `{prefix}` (`model.layers.N.mlp`): `gate.weight` and optional
     /// `gate.e_score_correction_bias` (V3) with `get(name, shape)`, the experts' projections
-    /// (`experts.E.*`, `shared_experts.*`) with `proj(name, out, in)`, dense or quantized.
+    /// (`experts.E.*`, `shared_experts.*`, or Qwen2-MoE's `shared_expert.*` with
+    /// `shared_expert_gate.weight`) with `proj(name, out, in)`, dense or quantized.
     pub fn load(
         prefix: &str,
         hidden: usize,
@@ -105,33 +109,36 @@ impl Moe {
         let experts = (0..cfg.n_routed_experts)
             .map(|e| Mlp::load(&format!("{prefix}.experts.{e}"), hidden, cfg.moe_intermediate_size, proj))
             .collect::<Result<Vec<_>>>()?;
-        let shared = if cfg.n_shared_experts > 0 {
-            Some(Mlp::load(
-                &format!("{prefix}.shared_experts"),
-                hidden,
-                cfg.moe_intermediate_size * cfg.n_shared_experts,
-                proj,
-            )?)
-        } else {
-            None
+        let (shared, shared_gate) = match cfg.gated_shared_width {
+            Some(w) => (
+                Some(Mlp::load(&format!("{prefix}.shared_expert"), hidden, w, proj)?),
+                Some(get(&format!("{prefix}.shared_expert_gate.weight"), &[1, hidden])?),
+            ),
+            None if cfg.n_shared_experts > 0 => {
+                let width = cfg.moe_intermediate_size * cfg.n_shared_experts;
+                (Some(Mlp::load(&format!("{prefix}.shared_experts"), hidden, width, proj)?), None)
+            }
+            None => (None, None),
         };
-        Ok(Self { router, correction_bias, experts, shared, cfg: cfg.clone(), shared_weights: false })
+        Ok(Self { router, correction_bias, experts, shared, shared_gate, cfg: cfg.clone(), shared_weights: false })
     }
 
     /// Random router and one random expert weight set shared by every routed expert (routing and
     /// compute are those of the real shape; memory stays small).
     pub fn random(hidden: usize, cfg: &MoeConfig, device: &Device, dtype: DType) -> Result<Self> {
         let one = Mlp::random(hidden, cfg.moe_intermediate_size, device, dtype)?;
-        let shared = if cfg.n_shared_experts > 0 {
-            Some(Mlp::random(hidden, cfg.moe_intermediate_size * cfg.n_shared_experts, device, dtype)?)
-        } else {
-            None
+        let shared_width = cfg.gated_shared_width.unwrap_or(cfg.moe_intermediate_size * cfg.n_shared_experts);
+        let shared = if shared_width > 0 { Some(Mlp::random(hidden, shared_width, device, dtype)?) } else { None };
+        let shared_gate = match cfg.gated_shared_width {
+            Some(_) => Some(Tensor::randn(0f32, 0.02, (1, hidden), device)?.to_dtype(dtype)?),
+            None => None,
         };
         Ok(Self {
             router: Tensor::randn(0f32, 0.02, (cfg.n_routed_experts, hidden), device)?.to_dtype(dtype)?,
             correction_bias: (cfg.topk_method == "noaux_tc").then(|| vec![0.0; cfg.n_routed_experts]),
             experts: vec![one; cfg.n_routed_experts],
             shared,
+            shared_gate,
             cfg: cfg.clone(),
             shared_weights: true,
         })
@@ -149,6 +156,7 @@ impl Moe {
             correction_bias: self.correction_bias.clone(),
             experts,
             shared: self.shared.as_ref().map(|s| s.to_dtype(dtype)).transpose()?,
+            shared_gate: self.shared_gate.as_ref().map(|g| g.to_dtype(dtype)).transpose()?,
             cfg: self.cfg.clone(),
             shared_weights: self.shared_weights,
         })
@@ -161,7 +169,10 @@ impl Moe {
         } else {
             self.experts.iter().map(Mlp::weight_count).sum()
         };
-        self.router.elem_count() + routed + self.shared.as_ref().map_or(0, Mlp::weight_count)
+        self.router.elem_count()
+            + routed
+            + self.shared.as_ref().map_or(0, Mlp::weight_count)
+            + self.shared_gate.as_ref().map_or(0, Tensor::elem_count)
     }
 
     /// Bytes the weights take in memory (experts shared by a random model counted once).
@@ -171,9 +182,11 @@ impl Moe {
         } else {
             self.experts.iter().map(Mlp::byte_count).sum()
         };
-        self.router.elem_count() * self.router.dtype().size_in_bytes()
+        let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        bytes(&self.router)
             + routed
             + self.shared.as_ref().map_or(0, Mlp::byte_count)
+            + self.shared_gate.as_ref().map_or(0, bytes)
     }
 
     /// Applies the block to `[n, hidden]`.
@@ -214,7 +227,12 @@ impl Moe {
             out = out.index_add(&idx, &y.broadcast_mul(&w.to_dtype(y.dtype())?)?, 0)?;
         }
         if let Some(s) = &self.shared {
-            out = (out + s.forward(x)?)?;
+            let y = s.forward(x)?;
+            out = match &self.shared_gate {
+                // sigmoid by elementary ops, which have gradients.
+                Some(g) => (out + y.broadcast_mul(&(x.matmul(&g.t()?)?.neg()?.exp()? + 1.0)?.recip()?)?)?,
+                None => (out + y)?,
+            };
         }
         debug_assert_eq!(out.dim(0).ok(), Some(n));
         Ok(out)
@@ -323,6 +341,7 @@ mod tests {
         MoeConfig {
             n_routed_experts: 8,
             n_shared_experts: 0,
+            gated_shared_width: None,
             num_experts_per_tok: 2,
             moe_intermediate_size: 4,
             first_k_dense_replace: 0,
@@ -368,6 +387,7 @@ mod tests {
             correction_bias: bias,
             experts: (0..8).map(|_| mlp(4)).collect::<Result<_>>()?,
             shared: Some(mlp(4)?),
+            shared_gate: c.gated_shared_width.map(|_| seeded(300, 1, 8, 1.0)).transpose()?,
             cfg: c,
             shared_weights: false,
         })
@@ -379,7 +399,8 @@ mod tests {
     #[test]
     fn differentiable_block_has_the_finite_difference_gradient() -> Result<()> {
         let dev = Device::Cpu;
-        for c in [cfg("softmax", "greedy", 1, 1, false), cfg("sigmoid", "noaux_tc", 4, 2, true)] {
+        let qwen2 = MoeConfig { gated_shared_width: Some(4), ..cfg("softmax", "greedy", 1, 1, false) };
+        for c in [cfg("softmax", "greedy", 1, 1, false), cfg("sigmoid", "noaux_tc", 4, 2, true), qwen2] {
             let moe = strong_block(MoeConfig { n_shared_experts: 1, ..c })?;
             let x = candle_core::Var::from_tensor(&seeded(200, 3, 8, 1.7)?)?;
             let y = moe.forward_differentiable(x.as_tensor())?;

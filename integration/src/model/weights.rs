@@ -385,7 +385,9 @@ impl GgufFile<'_> {
         match src {
             GgufSource::Whole(g) => {
                 let info = self.info(g)?;
-                if info.shape.dims() != shape {
+                // Leading ones aside (llama.cpp stores a `[1, n]` matrix as a vector).
+                let squeeze = |d: &[usize]| d.iter().skip_while(|&&x| x == 1).copied().collect::<Vec<_>>();
+                if squeeze(info.shape.dims()) != squeeze(shape) {
                     bail!(
                         "tensor `{g}` has shape {:?} in {} but the metadata implies {shape:?}",
                         info.shape.dims(),
@@ -393,9 +395,14 @@ impl GgufFile<'_> {
                     );
                 }
                 let mut f = self.file.lock().expect("weights file lock poisoned");
-                self.content
+                let q = self
+                    .content
                     .tensor(&mut *f, g, &Device::Cpu)
-                    .with_context(|| format!("cannot read tensor `{g}` from {}", self.path.display()))
+                    .with_context(|| format!("cannot read tensor `{g}` from {}", self.path.display()))?;
+                if q.shape().dims() == shape {
+                    return Ok(q);
+                }
+                Ok(QTensor::quantize(&q.dequantize(&Device::Cpu)?.reshape(shape)?, GgmlDType::F32)?)
             }
             GgufSource::Expert { stacked, index, half } => self.expert(stacked, *index, *half, shape),
             GgufSource::SplitKvB { .. } => {

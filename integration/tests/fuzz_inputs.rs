@@ -526,8 +526,9 @@ fn gguf_metadata_is_honoured_or_refused_never_ignored() {
     let e = format!("{:#}", load(&m6, &tensors, "longrope.gguf").err().expect("refused"));
     assert!(e.contains("llama.rope.scaling.type") && e.contains("longrope"), "{e}");
     // YaRN: the same frequencies and context as config.json's `rope_scaling` with the same values;
-    // without a factor, with llama.cpp's partial blend, with DeepSeek's log multiplier (which
-    // llama.cpp reads for deepseek2 only) or with a LongRoPE table factor, refused by key.
+    // without a factor, with llama.cpp's partial blend, with keys llama.cpp does not read for
+    // these files (an attention factor, DeepSeek's log multiplier, other betas) or with a
+    // LongRoPE table factor, refused by key.
     let mut m7 = meta.clone();
     m7.push(("llama.rope.scaling.type", Value::String("yarn".into())));
     let e = format!("{:#}", load(&m7, &tensors, "yarn.gguf").err().expect("refused"));
@@ -547,6 +548,7 @@ fn gguf_metadata_is_honoured_or_refused_never_ignored() {
     for (k, v) in [
         ("llama.rope.scaling.yarn_ext_factor", Value::F32(0.5)),
         ("llama.rope.scaling.yarn_log_multiplier", Value::F32(0.1)),
+        ("llama.rope.scaling.yarn_attn_factor", Value::F32(1.2)),
         ("llama.rope.scaling.attn_factor", Value::F32(2.0)),
     ] {
         let mut m8 = m7.clone();
@@ -554,6 +556,10 @@ fn gguf_metadata_is_honoured_or_refused_never_ignored() {
         let e = format!("{:#}", load(&m8, &tensors, "yarn-extra.gguf").err().expect("refused"));
         assert!(e.contains(k), "{k}: {e}");
     }
+    let mut m9 = m7.clone();
+    m9.push(("llama.rope.scaling.yarn_beta_fast", Value::F32(16.0)));
+    let e = format!("{:#}", load(&m9, &tensors, "yarn-beta.gguf").err().expect("refused"));
+    assert!(e.contains("betas (16, 1)"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

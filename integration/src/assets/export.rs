@@ -13,6 +13,7 @@ use tokenizers::models::wordlevel::WordLevel;
 use tokenizers::pre_tokenizers::whitespace::Whitespace;
 use tokenizers::Tokenizer;
 
+use crate::model::config::RopeScaling;
 use crate::model::{Arch, ModelConfig, Weights};
 
 /// The HF-style export of a GGUF file in the cache directory (`hf-export/<file stem>`), written
@@ -38,8 +39,8 @@ pub fn export_gguf_as_hf(gguf: &Path, out: &Path) -> Result<()> {
         Weights::Gguf { content, .. } => crate::model::gguf_tokenizer::from_gguf(content)?,
         Weights::Safetensors { .. } => bail!("not a GGUF file"),
     };
-    if cfg.arch != Arch::Llama {
-        bail!("export supports Llama-architecture GGUF files only");
+    if cfg.arch != Arch::Llama || cfg.moe.is_some() {
+        bail!("export supports dense Llama-architecture GGUF files only (not experts: Mixtral)");
     }
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     for (name, shape) in llama_tensor_shapes(&cfg) {
@@ -80,7 +81,7 @@ pub fn write_random_hf(cfg: &ModelConfig, out: &Path, device: &Device, dtype: DT
     {
         return Ok(());
     }
-    if cfg.arch != Arch::Llama || cfg.qk_norm || cfg.attention_bias || cfg.mla.is_some() {
+    if cfg.arch != Arch::Llama || cfg.qk_norm || cfg.attention_bias || cfg.mla.is_some() || cfg.moe.is_some() {
         bail!("random HF folders are written for plain Llama-architecture shapes only");
     }
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
@@ -111,14 +112,44 @@ fn write_folder(out: &Path, cfg: &ModelConfig, tensors: &HashMap<String, Tensor>
     let tmp = out.join("model.safetensors.partial");
     candle_core::safetensors::save(tensors, &tmp)?;
     let dtype = tensors.values().next().map_or(DType::F32, |t| t.dtype());
-    std::fs::write(out.join("config.json"), serde_json::to_string_pretty(&hf_config(cfg, dtype))?)?;
+    std::fs::write(out.join("config.json"), serde_json::to_string_pretty(&hf_config(cfg, dtype)?)?)?;
     tok.save(out.join("tokenizer.json"), false).map_err(|e| anyhow::anyhow!("saving tokenizer.json: {e}"))?;
     std::fs::rename(tmp, out.join("model.safetensors"))?;
     Ok(())
 }
 
-fn hf_config(c: &ModelConfig, dtype: DType) -> serde_json::Value {
-    json!({
+/// config.json's `rope_scaling` for `c`'s scaling, so that another engine reading the exported
+/// folder runs the same frequencies; per-frequency factors (llama.cpp's `rope_freqs.weight`) have
+/// no config.json form and are refused.
+fn rope_scaling_json(c: &ModelConfig) -> Result<serde_json::Value> {
+    Ok(match &c.rope_scaling {
+        None => serde_json::Value::Null,
+        Some(RopeScaling::Llama3(s)) => json!({
+            "rope_type": "llama3",
+            "factor": s.factor,
+            "low_freq_factor": s.low_freq_factor,
+            "high_freq_factor": s.high_freq_factor,
+            "original_max_position_embeddings": s.original_max_position_embeddings,
+        }),
+        Some(RopeScaling::Linear(f)) => json!({"rope_type": "linear", "factor": f}),
+        Some(RopeScaling::Yarn(y)) => json!({
+            "rope_type": "yarn",
+            "factor": y.factor,
+            "original_max_position_embeddings": y.original_max_position_embeddings,
+            "beta_fast": y.beta_fast,
+            "beta_slow": y.beta_slow,
+            "attention_factor": y.attention_factor(),
+            "truncate": y.truncate,
+        }),
+        Some(RopeScaling::FreqFactors(_)) => bail!(
+            "this model's RoPE scaling is per-frequency factors (`rope_freqs.weight`), which config.json cannot \
+             express: export its HF directory instead"
+        ),
+    })
+}
+
+fn hf_config(c: &ModelConfig, dtype: DType) -> Result<serde_json::Value> {
+    Ok(json!({
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "hidden_act": "silu",
@@ -130,6 +161,7 @@ fn hf_config(c: &ModelConfig, dtype: DType) -> serde_json::Value {
         "head_dim": c.head_dim,
         "rms_norm_eps": c.rms_norm_eps,
         "rope_theta": c.rope_theta,
+        "rope_scaling": rope_scaling_json(c)?,
         "max_position_embeddings": c.max_position_embeddings,
         "vocab_size": c.vocab_size,
         "tie_word_embeddings": c.tie_word_embeddings,
@@ -140,7 +172,7 @@ fn hf_config(c: &ModelConfig, dtype: DType) -> serde_json::Value {
             DType::F16 => "float16",
             _ => "float32",
         },
-    })
+    }))
 }
 
 #[cfg(test)]
@@ -178,5 +210,35 @@ mod tests {
         qwen.qk_norm = true;
         assert!(write_random_hf(&qwen, &dir.join("q"), &Device::Cpu, DType::BF16).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The exported config.json reads back with the same RoPE frequencies and table factor for
+    /// every scaling it can express (Llama 3, linear, YaRN with its attention factor); llama.cpp's
+    /// per-frequency factors are refused by name.
+    #[test]
+    fn exported_rope_scaling_reads_back_to_the_same_rotation() {
+        let scalings = [
+            r#"null"#,
+            r#"{"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16}"#,
+            r#"{"rope_type": "linear", "factor": 2.0}"#,
+            r#"{"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "beta_fast": 16}"#,
+            r#"{"rope_type": "yarn", "factor": 4.0, "attention_factor": 1.3, "truncate": false}"#,
+        ];
+        for scaling in scalings {
+            let text = TINY.replace(
+                "\"tie_word_embeddings\": false",
+                &format!("\"tie_word_embeddings\": false, \"rope_scaling\": {scaling}"),
+            );
+            let cfg = ModelConfig::from_hf_json(&text).unwrap();
+            let back = ModelConfig::from_hf_json(&hf_config(&cfg, DType::F32).unwrap().to_string()).unwrap();
+            assert_eq!(back.rope_inv_freq(), cfg.rope_inv_freq(), "{scaling}");
+            assert_eq!(back.rope_attention_factor(), cfg.rope_attention_factor(), "{scaling}");
+            assert_eq!(back.max_position_embeddings, cfg.max_position_embeddings, "{scaling}");
+        }
+        let cfg = ModelConfig::from_hf_json(TINY).unwrap();
+        let freqs = ModelConfig { rope_scaling: Some(RopeScaling::FreqFactors(vec![2.0; 4])), ..cfg };
+        let e = format!("{:#}", hf_config(&freqs, DType::F32).unwrap_err());
+        assert!(e.contains("rope_freqs.weight"), "{e}");
     }
 }

@@ -64,7 +64,7 @@ pub struct YarnScaling {
     pub truncate: bool,
 }
 
-/// Mixture-of-experts settings (DeepSeek V2/V3, Qwen3-MoE).
+/// Mixture-of-experts settings (DeepSeek V2/V3, Qwen2/Qwen3-MoE, Mixtral).
 #[derive(Debug, Clone, PartialEq)]
 pub struct MoeConfig {
     /// Routed experts.
@@ -152,14 +152,26 @@ impl YarnScaling {
         let finite = [self.mscale, self.mscale_all_dim].iter().all(|x| x.is_finite())
             && self.attention_factor.is_none_or(|a| a.is_finite() && a > 0.0);
         if !(self.factor > 0.0
+            && self.factor.is_finite()
             && self.original_max_position_embeddings > 0.0
+            && self.original_max_position_embeddings.is_finite()
             && self.beta_slow > 0.0
             && self.beta_fast > self.beta_slow
             && finite)
         {
             bail!(
-                "model config: rope_scaling (yarn) needs factor > 0, original_max_position_embeddings > 0, \
+                "model config: rope_scaling (yarn) needs a finite factor > 0 and original_max_position_embeddings > 0, \
                  beta_fast > beta_slow > 0, finite mscales and a positive attention_factor"
+            );
+        }
+        // Far beyond any published model (as `max_position_embeddings`' own limit).
+        if self.original_max_position_embeddings * self.factor > (1u64 << 26) as f64 {
+            bail!(
+                "model config: rope_scaling (yarn) extends the context to original_max_position_embeddings {} x factor {}, \
+                 above the limit of {}: corrupt config?",
+                self.original_max_position_embeddings,
+                self.factor,
+                1u64 << 26
             );
         }
         Ok(())
@@ -316,7 +328,7 @@ pub struct ModelConfig {
     pub dms: DmsCheckpointFields,
     /// Latent attention sizes (DeepSeek); None for per-head K/V models.
     pub mla: Option<MlaConfig>,
-    /// Mixture-of-experts layers (DeepSeek, Qwen3-MoE); None for dense models.
+    /// Mixture-of-experts layers (DeepSeek, Qwen2/Qwen3-MoE, Mixtral); None for dense models.
     pub moe: Option<MoeConfig>,
 }
 
@@ -1197,7 +1209,7 @@ mod rope_scaling_tests {
             r#"{"rope_type": "yarn", "factor": 1e30, "original_max_position_embeddings": 32768}"#,
         ] {
             let e = format!("{:#}", qwen3_8b(bad).unwrap_err());
-            assert!(e.contains("rope_scaling") || e.contains("max_position_embeddings"), "{bad}: {e}");
+            assert!(e.contains("rope_scaling"), "{bad}: {e}");
         }
     }
 }

@@ -1,6 +1,6 @@
 //! The model config of a GGUF file, read from its metadata as llama.cpp's converter writes it:
-//! the Llama family (`llama`, `qwen2`, `qwen3`) and DeepSeek V2/V3 (`deepseek2`, latent attention
-//! with dense or MoE MLPs).
+//! the Llama family (`llama`, with experts for Mixtral; `qwen2`, `qwen2moe`, `qwen3`, `qwen3moe`)
+//! and DeepSeek V2/V3 (`deepseek2`, latent attention with dense or MoE MLPs).
 
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
@@ -223,16 +223,27 @@ fn yarn_ramp(c: &Content, a: &str, context: usize) -> Result<YarnScaling> {
     })
 }
 
-/// YaRN of a `llama`, `qwen2` or `qwen3` file: the rotary tables scaled by `0.1 ln(factor) + 1`,
-/// or by `yarn_attn_factor` when the file gives one (the converter copies config.json's
-/// `attention_factor` there, which transformers uses in place of that formula). DeepSeek's
-/// `yarn_log_multiplier`, which llama.cpp does not read for these architectures, is refused.
+/// YaRN of a Llama-family file (`llama`, `qwen2*`, `qwen3*`) as llama.cpp applies it: betas 32
+/// and 1, the rotary tables scaled by `0.1 ln(factor) + 1`. llama.cpp reads no other YaRN key
+/// for these architectures, so a file that sets one (`yarn_attn_factor`, which the converter
+/// copies from config.json's `attention_factor`; other betas; DeepSeek's `yarn_log_multiplier`)
+/// is refused rather than run differently from llama.cpp: its HF directory carries the meaning.
 fn plain_yarn(c: &Content, a: &str, context: usize) -> Result<YarnScaling> {
     let key = |k: &str| format!("{a}.rope.scaling.{k}");
-    if meta_f64(c, &key("yarn_log_multiplier"))?.is_some() {
-        bail!("GGUF `{}` is only read for deepseek2 files", key("yarn_log_multiplier"));
+    for k in ["yarn_log_multiplier", "yarn_attn_factor"] {
+        if meta_f64(c, &key(k))?.is_some() {
+            bail!("GGUF `{}` is not read for {a} files by llama.cpp; use the model's HF directory", key(k));
+        }
     }
-    let y = YarnScaling { attention_factor: meta_f64(c, &key("yarn_attn_factor"))?, ..yarn_ramp(c, a, context)? };
+    let y = yarn_ramp(c, a, context)?;
+    if (y.beta_fast, y.beta_slow) != (32.0, 1.0) {
+        bail!(
+            "GGUF YaRN betas ({}, {}) of a {a} file: llama.cpp applies 32 and 1 to these files; use the model's HF \
+             directory",
+            y.beta_fast,
+            y.beta_slow
+        );
+    }
     y.check()?;
     Ok(y)
 }

@@ -1,11 +1,12 @@
-//! Feed-forward blocks: the SwiGLU MLP and the mixture of experts (DeepSeek, Qwen3-MoE).
+//! Feed-forward blocks: the SwiGLU MLP and the mixture of experts (DeepSeek, Qwen2/Qwen3-MoE,
+//! Mixtral).
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::Linear;
 
 use super::config::MoeConfig;
-use super::linear::Proj;
+use super::linear::{frozen_matmul, Proj};
 
 /// SwiGLU MLP: `down(silu(gate(x)) * up(x))`.
 #[derive(Clone)]
@@ -201,9 +202,13 @@ impl Moe {
         self.apply(x, true)
     }
 
+    /// The block; `differentiable`: routing weights by tensor ops and every matmul with the
+    /// weights frozen (no weight gradients computed or kept).
     fn apply(&self, x: &Tensor, differentiable: bool) -> Result<Tensor> {
         let n = x.dim(0)?;
-        let logits_t = x.matmul(&self.router.t()?)?.to_dtype(DType::F32)?;
+        let matmul = |w: &Tensor| if differentiable { frozen_matmul(x, w) } else { Ok(x.matmul(&w.t()?)?) };
+        let mlp = |m: &Mlp, x: &Tensor| if differentiable { m.forward_differentiable(x) } else { m.forward(x) };
+        let logits_t = matmul(&self.router)?.to_dtype(DType::F32)?;
         let logits = logits_t.to_vec2::<f32>()?;
         let mut per_expert: Vec<(Vec<u32>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); self.experts.len()];
         for (t, l) in logits.iter().enumerate() {
@@ -219,7 +224,7 @@ impl Moe {
                 continue;
             }
             let idx = Tensor::new(tokens.as_slice(), x.device())?;
-            let y = self.experts[e].forward(&x.index_select(&idx, 0)?)?;
+            let y = mlp(&self.experts[e], &x.index_select(&idx, 0)?)?;
             let w = match &weights_t {
                 Some(all) => all.index_select(&idx, 0)?.narrow(1, e, 1)?,
                 None => Tensor::from_vec(weights, (idx.dim(0)?, 1), x.device())?,
@@ -227,10 +232,10 @@ impl Moe {
             out = out.index_add(&idx, &y.broadcast_mul(&w.to_dtype(y.dtype())?)?, 0)?;
         }
         if let Some(s) = &self.shared {
-            let y = s.forward(x)?;
+            let y = mlp(s, x)?;
             out = match &self.shared_gate {
                 // sigmoid by elementary ops, which have gradients.
-                Some(g) => (out + y.broadcast_mul(&(x.matmul(&g.t()?)?.neg()?.exp()? + 1.0)?.recip()?)?)?,
+                Some(g) => (out + y.broadcast_mul(&(matmul(g)?.neg()?.exp()? + 1.0)?.recip()?)?)?,
                 None => (out + y)?,
             };
         }
@@ -279,9 +284,9 @@ fn scales(cfg: &MoeConfig) -> bool {
     cfg.scoring_func == "sigmoid" || !normalises(cfg)
 }
 
-/// The experts a token goes to and their weights, from its router logits (DeepSeek V2 and
-/// Qwen3-MoE: softmax scores, greedy or group-limited top-k; V3: sigmoid scores, top-k over
-/// scores plus the correction bias within the best groups, weights from the unbiased scores).
+/// The experts a token goes to and their weights, from its router logits (DeepSeek V2, Qwen and
+/// Mixtral: softmax scores, greedy or group-limited top-k; V3: sigmoid scores, top-k over scores
+/// plus the correction bias within the best groups, weights from the unbiased scores).
 pub fn route(logits: &[f32], cfg: &MoeConfig, bias: Option<&[f32]>) -> Vec<(usize, f32)> {
     let ne = logits.len();
     let scores: Vec<f32> = if cfg.scoring_func == "sigmoid" {

@@ -355,7 +355,8 @@ impl PackedExpert {
         let rows = if self.half.is_some() { 2 * out } else { out };
         if dims.len() != 3 || dims[1] != rows || dims[2] != inp || self.index >= dims[0] {
             bail!(
-                "packed expert tensor `{}` has shape {dims:?}, but expert {} of shape [{rows}, {inp}] is asked for                  (config.json does not match the weights)",
+                "packed expert tensor `{}` has shape {dims:?}, but expert {} of shape [{rows}, {inp}] is asked for \
+                 (config.json does not match the weights)",
                 self.packed,
                 self.index
             );

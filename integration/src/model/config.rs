@@ -111,6 +111,34 @@ impl MoeConfig {
         self.gated_shared_width.map_or(0, |w| 3 * hidden * w as u128 + hidden)
     }
 
+    /// Softmax routing over `experts` to the `per_token` best, renormalised when `renormalise`,
+    /// in every layer, without shared experts (Qwen's and Mixtral's routing); checked.
+    pub fn softmax_top_k(experts: usize, per_token: usize, width: usize, renormalise: bool) -> Result<Self> {
+        let m = MoeConfig {
+            n_routed_experts: experts,
+            n_shared_experts: 0,
+            gated_shared_width: None,
+            num_experts_per_tok: per_token,
+            moe_intermediate_size: width,
+            first_k_dense_replace: 0,
+            moe_layer_freq: 1,
+            mlp_only_layers: vec![],
+            norm_topk_prob: renormalise,
+            routed_scaling_factor: 1.0,
+            scoring_func: "softmax".into(),
+            topk_method: "greedy".into(),
+            n_group: 1,
+            topk_group: 1,
+        };
+        // DeepSeek-V2's routing (which this runs) leaves a single expert's weight as it is, where
+        // these models renormalise it to 1.
+        if per_token == 1 && renormalise {
+            bail!("model config: num_experts_per_tok 1 with renormalised weights is not supported");
+        }
+        m.check()?;
+        Ok(m)
+    }
+
     /// Checks that the routing can be run: enough experts reachable per token, whole groups, and
     /// a scoring function and top-k method this runtime implements.
     pub fn check(&self) -> Result<()> {
@@ -784,29 +812,8 @@ fn parse_deepseek_moe(c: &HfConfig, is_v3: bool) -> Result<Option<MoeConfig>> {
 /// `num_local_experts`, the `num_experts_per_tok` best, always renormalised, in every layer; an
 /// expert is `intermediate_size` wide.
 fn parse_mixtral_moe(c: &HfConfig) -> Result<MoeConfig> {
-    let m = MoeConfig {
-        n_routed_experts: positive("num_local_experts", c.num_local_experts)?,
-        n_shared_experts: 0,
-        gated_shared_width: None,
-        num_experts_per_tok: positive("num_experts_per_tok", c.num_experts_per_tok)?,
-        moe_intermediate_size: c.intermediate_size,
-        first_k_dense_replace: 0,
-        moe_layer_freq: 1,
-        mlp_only_layers: vec![],
-        norm_topk_prob: true,
-        routed_scaling_factor: 1.0,
-        scoring_func: "softmax".into(),
-        topk_method: "greedy".into(),
-        n_group: 1,
-        topk_group: 1,
-    };
-    if m.num_experts_per_tok == 1 {
-        bail!(
-            "model config: num_experts_per_tok 1 is not supported for Mixtral (its single weight is renormalised to 1)"
-        );
-    }
-    m.check()?;
-    Ok(m)
+    let n = positive("num_local_experts", c.num_local_experts)?;
+    MoeConfig::softmax_top_k(n, positive("num_experts_per_tok", c.num_experts_per_tok)?, c.intermediate_size, true)
 }
 
 /// Qwen3-MoE's (or, `qwen2`, Qwen2-MoE's) experts, as transformers' `Qwen3MoeSparseMoeBlock`
@@ -819,31 +826,17 @@ fn parse_qwen_moe(c: &HfConfig, qwen2: bool) -> Result<MoeConfig> {
     if let Some(step) = c.decoder_sparse_step.filter(|&s| s != 1) {
         bail!("model config: decoder_sparse_step {step} is not supported (only 1: every layer but mlp_only_layers)");
     }
-    let m = MoeConfig {
-        n_routed_experts: positive("num_experts", c.num_experts)?,
-        n_shared_experts: 0,
-        gated_shared_width: match qwen2 {
-            true => Some(positive("shared_expert_intermediate_size", c.shared_expert_intermediate_size)?),
-            false => None,
-        },
-        num_experts_per_tok: positive("num_experts_per_tok", c.num_experts_per_tok)?,
-        moe_intermediate_size: positive("moe_intermediate_size", c.moe_intermediate_size)?,
-        first_k_dense_replace: 0,
-        moe_layer_freq: 1,
-        mlp_only_layers: c.mlp_only_layers.clone().unwrap_or_default(),
-        norm_topk_prob: c.norm_topk_prob.unwrap_or(false),
-        routed_scaling_factor: 1.0,
-        scoring_func: "softmax".into(),
-        topk_method: "greedy".into(),
-        n_group: 1,
-        topk_group: 1,
+    let m = MoeConfig::softmax_top_k(
+        positive("num_experts", c.num_experts)?,
+        positive("num_experts_per_tok", c.num_experts_per_tok)?,
+        positive("moe_intermediate_size", c.moe_intermediate_size)?,
+        c.norm_topk_prob.unwrap_or(false),
+    )?;
+    let gated_shared_width = match qwen2 {
+        true => Some(positive("shared_expert_intermediate_size", c.shared_expert_intermediate_size)?),
+        false => None,
     };
-    // DeepSeek-V2's routing (which this runs) leaves a single expert's weight as it is.
-    if m.num_experts_per_tok == 1 && m.norm_topk_prob {
-        bail!("model config: num_experts_per_tok 1 with norm_topk_prob is not supported");
-    }
-    m.check()?;
-    Ok(m)
+    Ok(MoeConfig { gated_shared_width, mlp_only_layers: c.mlp_only_layers.clone().unwrap_or_default(), ..m })
 }
 
 impl MlaConfig {

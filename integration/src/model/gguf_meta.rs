@@ -361,28 +361,13 @@ fn softmax_experts(c: &Content, a: &str) -> Result<Option<MoeConfig>> {
         true => Some(meta_opt_usize(c, &key("expert_shared_feed_forward_length"))?.unwrap_or(dense_width as usize)),
         false => None,
     };
-    let m = MoeConfig {
-        n_routed_experts: meta_usize(c, &key("expert_count"))?,
-        n_shared_experts: 0,
-        gated_shared_width: shared_width,
-        num_experts_per_tok: meta_usize(c, &key("expert_used_count"))?,
-        moe_intermediate_size: meta_usize(c, &width_key)?,
-        first_k_dense_replace: 0,
-        moe_layer_freq: 1,
-        mlp_only_layers: vec![],
-        norm_topk_prob: !qwen2,
-        routed_scaling_factor: 1.0,
-        scoring_func: "softmax".into(),
-        topk_method: "greedy".into(),
-        n_group: 1,
-        topk_group: 1,
-    };
-    if m.num_experts_per_tok == 1 && m.norm_topk_prob {
-        bail!(
-            "GGUF `{}` = 1 is not supported for {a} (its single weight is renormalised to 1)",
-            key("expert_used_count")
-        );
-    }
-    m.check()?;
-    Ok(Some(m))
+    let used_key = key("expert_used_count");
+    let m = MoeConfig::softmax_top_k(
+        meta_usize(c, &key("expert_count"))?,
+        meta_usize(c, &used_key)?,
+        meta_usize(c, &width_key)?,
+        !qwen2,
+    )
+    .with_context(|| format!("GGUF `{used_key}`, `{a}.expert_count`"))?;
+    Ok(Some(MoeConfig { gated_shared_width: shared_width, ..m }))
 }

@@ -465,7 +465,7 @@ fn gguf_metadata_is_honoured_or_refused_never_ignored() {
     with.push(("tokenizer.chat_template", Value::String("{{ bos_token }}{{ messages[0]['content'] }}".into())));
     let m = load(&with, &tensors, "eot.gguf").unwrap();
     assert_eq!(m.model.config().eos_token_ids, vec![7, 5]);
-    let msg = dms_integration::model::chat_template::ChatMessage { role: "user".into(), content: "hi".into() };
+    let msg = dms_integration::model::chat_template::ChatMessage::text("user", "hi");
     assert_eq!(m.chat_template.unwrap().render(&[msg]).unwrap(), "<s>hi");
     // A pre-tokenizer other than those built, or none named, is refused.
     for (pre, named) in [(Some("falcon"), "falcon"), (None, "missing")] {

@@ -14,15 +14,54 @@ use serde::Serialize;
 const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
 /// Template variables the renderer sets itself.
-const RESERVED: [&str; 4] = ["messages", "add_generation_prompt", "bos_token", "eos_token"];
+const RESERVED: [&str; 5] = ["messages", "tools", "add_generation_prompt", "bos_token", "eos_token"];
 
-/// One chat message.
+/// One chat message, with the OpenAI fields templates read.
 #[derive(Debug, Clone, Serialize)]
 pub struct ChatMessage {
-    /// `system`, `user`, `assistant`, ...
+    /// `system`, `user`, `assistant`, `tool`, ...
     pub role: String,
-    /// The message text.
+    /// The message text (empty for an assistant turn that only calls tools).
     pub content: String,
+    /// An assistant turn's tool calls.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallMessage>>,
+    /// A tool result's call id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    /// The author's name (or, for a tool result, the tool's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+impl ChatMessage {
+    /// A plain text message.
+    pub fn text(role: &str, content: &str) -> Self {
+        Self { role: role.into(), content: content.into(), tool_calls: None, tool_call_id: None, name: None }
+    }
+}
+
+/// A tool call of an earlier assistant turn, as templates read it: `arguments` is an object (as
+/// vLLM and transformers give it), not OpenAI's JSON string.
+#[derive(Debug, Clone, Serialize)]
+pub struct ToolCallMessage {
+    /// The call id, when the client gave one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Always `function`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The function called.
+    pub function: FunctionCallMessage,
+}
+
+/// The function of a [`ToolCallMessage`].
+#[derive(Debug, Clone, Serialize)]
+pub struct FunctionCallMessage {
+    /// The function's name.
+    pub name: String,
+    /// Its arguments (key order kept).
+    pub arguments: minijinja::Value,
 }
 
 /// The special tokens a template may print (`{{ bos_token }}`), as their text.
@@ -49,6 +88,23 @@ impl ChatTemplate {
         let t = Self { source, special, origin };
         t.env().with_context(|| format!("the chat template from {} does not compile", t.origin))?;
         Ok(t)
+    }
+
+    /// Another template source, rendered with this one's special tokens (a server's
+    /// `chat_template` file in place of the model's).
+    pub fn with_source(&self, source: String, origin: String) -> Result<Self> {
+        Self::new(source, self.special.clone(), origin)
+    }
+
+    /// Whether the template mentions `name` at all (`tools`, `tool_calls`): one that does not
+    /// would drop what a request gives under that name silently.
+    pub fn reads(&self, name: &str) -> bool {
+        self.source.contains(name)
+    }
+
+    /// The Jinja source.
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     /// Plain ChatML.
@@ -120,29 +176,41 @@ impl ChatTemplate {
         // Python's string and dict methods (`content.startswith(...)`, `.split`, `.items()`), which
         // templates such as Qwen3's call.
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        // transformers' `tojson` is Python's `json.dumps`, not minijinja's HTML-safe one.
+        env.add_filter("tojson", crate::model::py_json::tojson);
         env.add_template("chat", &self.source)?;
         Ok(env)
     }
 
     /// The prompt for `messages`, ending with the assistant's turn opened.
     pub fn render(&self, messages: &[ChatMessage]) -> Result<String> {
-        self.render_with(messages, &serde_json::Map::new())
+        self.render_with(messages, &[], &serde_json::Map::new())
     }
 
-    /// [`Self::render`] with more template variables (vLLM's `chat_template_kwargs`, such as
-    /// Qwen3's `enable_thinking`); they may not replace the variables set here.
+    /// [`Self::render`] with the tools the model may call (OpenAI's `tools`, set as the template
+    /// variable `tools` unless empty) and more template variables (vLLM's
+    /// `chat_template_kwargs`, such as Qwen3's `enable_thinking`), which may not replace the
+    /// variables set here.
     pub fn render_with(
         &self,
         messages: &[ChatMessage],
+        tools: &[minijinja::Value],
         extra: &serde_json::Map<String, serde_json::Value>,
     ) -> Result<String> {
         check_extra(extra)?;
         let env = self.env()?;
         let t = env.get_template("chat")?;
-        let (bos_token, eos_token) = (&self.special.bos, &self.special.eos);
-        let extra = minijinja::Value::from_serialize(extra);
-        t.render(minijinja::context! { messages, add_generation_prompt => true, bos_token, eos_token, ..extra })
-            .with_context(|| format!("rendering the chat template from {}", self.origin))
+        use minijinja::Value;
+        let mut context: std::collections::BTreeMap<&str, Value> =
+            extra.iter().map(|(k, v)| (k.as_str(), Value::from_serialize(v))).collect();
+        context.insert("messages", Value::from_serialize(messages));
+        context.insert("add_generation_prompt", Value::from(true));
+        context.insert("bos_token", Value::from(self.special.bos.as_str()));
+        context.insert("eos_token", Value::from(self.special.eos.as_str()));
+        if !tools.is_empty() {
+            context.insert("tools", Value::from(tools.to_vec()));
+        }
+        t.render(context).with_context(|| format!("rendering the chat template from {}", self.origin))
     }
 }
 
@@ -180,7 +248,7 @@ mod tests {
     use super::*;
 
     fn user(text: &str) -> Vec<ChatMessage> {
-        vec![ChatMessage { role: "user".into(), content: text.into() }]
+        vec![ChatMessage::text("user", text)]
     }
 
     #[test]
@@ -260,16 +328,49 @@ mod tests {
         }
     }
 
+    fn fixtures() -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/chat_templates")
+    }
+
+    /// A message of `expected.json` as the server hands it over (tool-call arguments as objects).
+    fn message(m: &serde_json::Value) -> ChatMessage {
+        let text = |k: &str| m.get(k).and_then(|v| v.as_str()).map(String::from);
+        let tool_calls = m.get("tool_calls").map(|calls| {
+            let call = |c: &serde_json::Value| ToolCallMessage {
+                id: c["id"].as_str().map(String::from),
+                kind: "function".into(),
+                function: FunctionCallMessage {
+                    name: c["function"]["name"].as_str().unwrap().into(),
+                    arguments: minijinja::Value::from_serialize(&c["function"]["arguments"]),
+                },
+            };
+            calls.as_array().unwrap().iter().map(call).collect()
+        });
+        ChatMessage {
+            role: text("role").unwrap(),
+            content: text("content").unwrap(),
+            tool_calls,
+            tool_call_id: text("tool_call_id"),
+            name: text("name"),
+        }
+    }
+
     /// Published templates (Qwen3's, which calls Python string methods; Qwen2.5's; DeepSeek-V3.1's
-    /// and DeepSeek-R1's distills; SmolLM3's; Phi-3.5's; Mistral Nemo's) render as Python's jinja2
-    /// renders them under transformers' settings, also with extra variables (`enable_thinking`,
-    /// `thinking`), and raise where it raises (Mistral's roles that do not alternate)
+    /// and DeepSeek-R1's distills; SmolLM3's; Phi-3.5's; Mistral Nemo's; Llama 3.1's and Hermes
+    /// 3's) render as Python's jinja2 renders them under transformers' settings, also with extra
+    /// variables (`enable_thinking`, `thinking`) and with a tool round trip and its `tools`, and
+    /// raise where it raises (Mistral's roles that do not alternate)
     /// (`tests/fixtures/chat_templates/expected.json`, from `render.py` there).
     #[test]
     fn published_templates_render_as_jinja2_does() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/chat_templates");
-        let expected: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+        let dir = fixtures();
+        let text = std::fs::read_to_string(dir.join("expected.json")).unwrap();
+        let expected: serde_json::Value = serde_json::from_str(&text).unwrap();
+        // The tools with their key order (serde_json's maps sort keys; minijinja's keep them).
+        let tools: Vec<minijinja::Value> = {
+            let ordered: minijinja::Value = serde_json::from_str(&text).unwrap();
+            ordered.get_attr("tools").unwrap().try_iter().unwrap().collect()
+        };
         let special = SpecialTokens { bos: "<BOS>".into(), eos: "<EOS>".into() };
         assert_eq!(expected["special_tokens"]["bos_token"], "<BOS>");
         let kwargs = expected["kwargs"].as_object().unwrap().clone();
@@ -277,6 +378,7 @@ mod tests {
             .unwrap()
             .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "jinja"))
             .count();
+        let mut tool_renders = 0;
         for (key, extra) in [("renders", serde_json::Map::new()), ("renders_with_kwargs", kwargs)] {
             let renders = expected[key].as_object().unwrap();
             assert_eq!(renders.len(), templates, "every template rendered");
@@ -284,16 +386,13 @@ mod tests {
                 let source = std::fs::read_to_string(dir.join(file)).unwrap();
                 let t = ChatTemplate::new(source, special.clone(), file.clone()).unwrap();
                 for (name, want) in by_conversation.as_object().unwrap() {
-                    let messages: Vec<ChatMessage> = expected["conversations"][name]
-                        .as_array()
-                        .unwrap()
-                        .iter()
-                        .map(|m| ChatMessage {
-                            role: m["role"].as_str().unwrap().into(),
-                            content: m["content"].as_str().unwrap().into(),
-                        })
-                        .collect();
-                    let got = t.render_with(&messages, &extra);
+                    let (conversation, tools) = match expected["conversations"].get(name) {
+                        Some(c) => (c, &[][..]),
+                        None => (&expected["tool_conversations"][name], &tools[..]),
+                    };
+                    tool_renders += usize::from(!tools.is_empty());
+                    let messages: Vec<ChatMessage> = conversation.as_array().unwrap().iter().map(message).collect();
+                    let got = t.render_with(&messages, tools, &extra);
                     match want.get("error") {
                         // The template raised: so must ours, with its message.
                         Some(message) => {
@@ -305,15 +404,54 @@ mod tests {
                 }
             }
         }
+        assert_eq!(tool_renders, 2 * templates, "the tool round trip rendered by every template");
+    }
+
+    /// `tojson` prints what Python's `json.dumps` prints under each option transformers passes
+    /// on, with the value's key order (`expected.json`'s `tojson`, from `render.py`).
+    #[test]
+    fn tojson_is_pythons_json_dumps() {
+        let text = std::fs::read_to_string(fixtures().join("expected.json")).unwrap();
+        let expected: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let ordered: minijinja::Value = serde_json::from_str(&text).unwrap();
+        let value = ordered.get_attr("tojson_value").unwrap();
+        let cases = expected["tojson"].as_object().unwrap();
+        assert!(cases.len() >= 6);
+        for (call, want) in cases {
+            let source = format!("{{{{ value | {call} }}}}");
+            let t = ChatTemplate::new(source, SpecialTokens::default(), call.clone()).unwrap();
+            let env = t.env().unwrap();
+            let got = env.get_template("chat").unwrap().render(minijinja::context! { value }).unwrap();
+            assert_eq!(got, want.as_str().unwrap(), "{call}");
+        }
+        let bad = ChatTemplate::new("{{ 1 | tojson(indent=[1]) }}".into(), SpecialTokens::default(), "t".into());
+        let e = bad.unwrap().render(&user("x")).unwrap_err();
+        assert!(format!("{e:#}").contains("indent"), "{e:#}");
+    }
+
+    /// A template that never reads `tools` is told apart from one that does.
+    #[test]
+    fn templates_that_read_tools_are_told_apart() {
+        let read = |f: &str| std::fs::read_to_string(fixtures().join(f)).unwrap();
+        let t = |f: &str| ChatTemplate::new(read(f), SpecialTokens::default(), f.into()).unwrap();
+        for f in [
+            "Qwen-Qwen3-0.6B.jinja",
+            "meta-llama-Llama-3.1-8B-Instruct.jinja",
+            "mistralai-Mistral-Nemo-Instruct-2407.jinja",
+        ] {
+            assert!(t(f).reads("tools") && t(f).reads("tool_calls"), "{f}");
+        }
+        assert!(!t("microsoft-Phi-3.5-mini-instruct.jinja").reads("tools"));
+        assert!(!ChatTemplate::chatml().reads("tools"));
     }
 
     /// Extra variables may not replace those the renderer sets.
     #[test]
     fn extra_variables_may_not_replace_the_renderers() {
         let t = ChatTemplate::chatml();
-        for k in ["messages", "add_generation_prompt", "bos_token", "eos_token"] {
+        for k in RESERVED {
             let extra = serde_json::json!({ k: "x" }).as_object().unwrap().clone();
-            let e = format!("{:#}", t.render_with(&user("hi"), &extra).unwrap_err());
+            let e = format!("{:#}", t.render_with(&user("hi"), &[], &extra).unwrap_err());
             assert!(e.contains(k) && e.contains("reserved"), "{e}");
         }
     }

@@ -14,6 +14,7 @@ pub mod lora;
 pub mod mla;
 pub mod moe;
 pub mod prefill;
+pub mod py_json;
 pub mod q4_1;
 pub mod shapes;
 pub mod weights;

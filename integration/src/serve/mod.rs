@@ -14,6 +14,7 @@ pub mod placement;
 pub mod routes;
 pub mod settings;
 pub mod text;
+pub mod tool_calls;
 pub mod worker;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize};
@@ -27,6 +28,7 @@ use crate::engine::from_config::{build_engine, registry, resolve_policy_table, B
 use crate::engine::Engine;
 use placement::Placement;
 use routes::App;
+use tool_calls::ToolFormat;
 use worker::{Command, ServedPolicy, WorkerSetup};
 
 /// Builds the engine under the default policy and every other served policy against its model.
@@ -61,6 +63,19 @@ pub fn serve(cfg: &EngineConfig) -> Result<()> {
     let (built, policies) = build_served(cfg)?;
     let BuiltEngine { engine, tokenizer, chat_template, .. } = built;
     let tokenizer = tokenizer.context("this model has no tokenizer; the server needs one")?;
+    let chat_template = match &s.chat_template {
+        None => chat_template,
+        Some(path) => {
+            let path = cfg.base_dir.as_deref().map_or_else(|| path.clone(), |d| d.join(path));
+            let source = std::fs::read_to_string(&path)
+                .with_context(|| format!("[server] chat_template: cannot read {}", path.display()))?;
+            chat_template.with_source(source, path.display().to_string())?
+        }
+    };
+    let tool_format = match s.tool_parser.as_str() {
+        "auto" => ToolFormat::detect(chat_template.source()),
+        name => ToolFormat::named(name)?,
+    };
     let names: Vec<String> = policies.iter().map(|p| p.name.clone()).collect();
     let metrics = Arc::new(metrics::Metrics::new(&names).context("registering metrics")?);
     let mc = engine.model.config();
@@ -75,6 +90,7 @@ pub fn serve(cfg: &EngineConfig) -> Result<()> {
         policies: policies.iter().map(|p| (p.name.clone(), p.description.clone())).collect(),
         tokenizer: tokenizer.clone(),
         chat_template,
+        tool_format,
         vocab_size,
         commands: commands.clone(),
         metrics: metrics.clone(),
@@ -116,11 +132,12 @@ pub fn serve(cfg: &EngineConfig) -> Result<()> {
         let addr = listener.local_addr()?;
         println!(
             "dms serve: model `{}` on http://{addr} | policies: {} (default {}) | KV cache in the {kv_place} pool, {} \
-             tokens per sequence at most{}",
+             tokens per sequence at most | tool calls: {}{}",
             app.model_id,
             app.policies.iter().map(|p| p.0.as_str()).collect::<Vec<_>>().join(", "),
             app.policies[0].0,
             max_sequence_tokens.min(app.context_length),
+            app.tool_format.map_or("none", ToolFormat::name),
             if app.api_key.is_some() { " | API key required" } else { "" },
         );
         use std::io::Write;

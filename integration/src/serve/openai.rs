@@ -5,7 +5,7 @@ use serde_json::{json, Value};
 
 use super::error::ApiError;
 use crate::engine::LogitAdjustments;
-use crate::model::chat_template::ChatMessage;
+use crate::model::chat_template::{ChatMessage, FunctionCallMessage, ToolCallMessage};
 
 /// Most stop strings a request may give (OpenAI's limit).
 pub const MAX_STOPS: usize = 4;
@@ -24,6 +24,16 @@ pub struct ChatRequest {
     /// More chat template variables (vLLM's extension), such as Qwen3's `enable_thinking`.
     #[serde(default)]
     pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
+    /// Functions the model may call (`{"type": "function", "function": {name, description,
+    /// parameters}}`), handed to the chat template with their key order.
+    #[serde(default)]
+    pub tools: Option<Vec<minijinja::Value>>,
+    /// `none` or `auto` (`required` and a named function need constrained decoding: refused).
+    #[serde(default)]
+    pub tool_choice: Option<Value>,
+    /// `false`: at most one call per answer.
+    #[serde(default)]
+    pub parallel_tool_calls: Option<Value>,
     /// Not a chat field: refused unless false.
     #[serde(default)]
     echo: Option<Value>,
@@ -73,13 +83,58 @@ impl ChatRequest {
     }
 }
 
-/// A chat message; `content` is a string or a list of text parts.
+/// A chat message; `content` is a string or a list of text parts (absent or null only in an
+/// assistant turn that calls tools).
 #[derive(Debug, Deserialize)]
 pub struct Message {
-    /// `system`, `user`, `assistant`.
+    /// `system`, `user`, `assistant`, `tool`.
     pub role: String,
     /// The text.
-    pub content: Content,
+    #[serde(default)]
+    pub content: Option<Content>,
+    /// An assistant turn's tool calls.
+    #[serde(default)]
+    pub tool_calls: Option<Vec<ToolCallIn>>,
+    /// A tool result's call id.
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
+    /// The author's name.
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// A tool call of an earlier assistant turn.
+#[derive(Debug, Deserialize)]
+pub struct ToolCallIn {
+    /// The call id.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Must be `function` when given.
+    #[serde(default, rename = "type")]
+    pub kind: Option<String>,
+    /// The function called.
+    pub function: FunctionCallIn,
+}
+
+/// The function of a [`ToolCallIn`].
+#[derive(Debug, Deserialize)]
+pub struct FunctionCallIn {
+    /// Its name.
+    pub name: String,
+    /// Its arguments: OpenAI's JSON text of an object (an object is taken too).
+    #[serde(default)]
+    pub arguments: Option<minijinja::Value>,
+}
+
+/// What a chat request asks of tools.
+#[derive(Debug, Clone, Default)]
+pub struct ToolRequest {
+    /// The tools to show the model (empty: none).
+    pub tools: Vec<minijinja::Value>,
+    /// Read calls from the answer (`tool_choice: auto`).
+    pub parse: bool,
+    /// Calls kept per answer at most.
+    pub max_calls: usize,
 }
 
 /// Message content.
@@ -202,9 +257,9 @@ pub struct Unsupported {
     #[serde(default)]
     suffix: Option<Value>,
     #[serde(default)]
-    tools: Option<Value>,
-    #[serde(default)]
     functions: Option<Value>,
+    #[serde(default)]
+    function_call: Option<Value>,
     #[serde(default)]
     response_format: Option<Value>,
 }
@@ -222,8 +277,8 @@ impl Unsupported {
         let fields: [(&str, &Option<Value>, NoOp, &str); 5] = [
             ("best_of", &self.best_of, |v| v.as_f64() == Some(1.0), "1"),
             ("suffix", &self.suffix, empty, "\"\""),
-            ("tools", &self.tools, empty, "[]"),
-            ("functions", &self.functions, empty, "[]"),
+            ("functions", &self.functions, empty, "[] (use `tools`)"),
+            ("function_call", &self.function_call, |v| v == "none", "\"none\" (use `tool_choice`)"),
             ("response_format", &self.response_format, |v| v == &json!({"type": "text"}), "{\"type\": \"text\"}"),
         ];
         for (name, value, no_op, no_op_text) in fields {
@@ -422,27 +477,136 @@ impl ChatRequest {
         if self.messages.is_empty() {
             return Err(ApiError::bad_request("`messages` is empty", Some("messages")));
         }
-        self.messages
-            .iter()
-            .enumerate()
-            .map(|(i, m)| {
-                let content = match &m.content {
-                    Content::Text(t) => t.clone(),
-                    Content::Parts(parts) => parts
-                        .iter()
-                        .map(|p| match (p.kind.as_str(), &p.text) {
-                            ("text", Some(t)) => Ok(t.as_str()),
-                            (kind, _) => Err(ApiError::bad_request(
-                                format!("messages[{i}]: content part of type `{kind}` is not supported (text only)"),
-                                Some("messages"),
-                            )),
-                        })
-                        .collect::<Result<Vec<_>, _>>()?
-                        .concat(),
-                };
-                Ok(ChatMessage { role: m.role.clone(), content })
-            })
-            .collect()
+        self.messages.iter().enumerate().map(|(i, m)| m.to_chat(i)).collect()
+    }
+
+    /// The tools asked for, checked: what to show the model, and whether to read calls back.
+    pub fn tool_request(&self) -> Result<ToolRequest, ApiError> {
+        let bad = |field: &'static str, msg: String| ApiError::bad_request(msg, Some(field));
+        let tools = self.tools.clone().unwrap_or_default();
+        const CONSTRAINED: &str = "needs constrained decoding, which this server does not do; use \"auto\" or \"none\"";
+        let choice = match self.tool_choice.as_ref().filter(|v| !v.is_null()) {
+            None if tools.is_empty() => "none",
+            None => "auto",
+            Some(Value::String(s)) if s == "none" || s == "auto" => s.as_str(),
+            Some(Value::String(s)) if s == "required" => {
+                return Err(bad("tool_choice", format!("`tool_choice: \"required\"` {CONSTRAINED}")))
+            }
+            Some(v @ Value::Object(_)) => {
+                return Err(bad("tool_choice", format!("a named `tool_choice` ({v}) {CONSTRAINED}")))
+            }
+            Some(v) => {
+                let msg =
+                    format!("`tool_choice` must be \"none\", \"auto\", \"required\" or a named function, got {v}");
+                return Err(bad("tool_choice", msg));
+            }
+        };
+        if tools.is_empty() && choice != "none" {
+            return Err(bad("tool_choice", format!("`tool_choice: \"{choice}\"` needs `tools`")));
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, tool) in tools.iter().enumerate() {
+            let v = serde_json::to_value(tool).unwrap_or(Value::Null);
+            let tool_error = |msg: &str| bad("tools", format!("tools[{i}]: {msg}"));
+            if v.get("type").and_then(Value::as_str) != Some("function") {
+                return Err(tool_error("`type` must be \"function\""));
+            }
+            let Some(function) = v.get("function").filter(|f| f.is_object()) else {
+                return Err(tool_error("`function` must be an object"));
+            };
+            let Some(name) = function.get("name").and_then(Value::as_str).filter(|n| !n.is_empty()) else {
+                return Err(tool_error("`function.name` must be a non-empty string"));
+            };
+            if !names.insert(name.to_string()) {
+                return Err(tool_error(&format!("a second function named `{name}`")));
+            }
+            if function.get("parameters").is_some_and(|p| !p.is_object() && !p.is_null()) {
+                return Err(tool_error("`function.parameters` must be a JSON Schema object"));
+            }
+            if function.get("description").is_some_and(|d| !d.is_string() && !d.is_null()) {
+                return Err(tool_error("`function.description` must be a string"));
+            }
+        }
+        let parallel = match &self.parallel_tool_calls {
+            None | Some(Value::Null) => true,
+            Some(Value::Bool(b)) => *b,
+            Some(v) => {
+                return Err(bad("parallel_tool_calls", format!("`parallel_tool_calls` must be true or false, got {v}")))
+            }
+        };
+        let parse = choice == "auto";
+        Ok(ToolRequest {
+            tools: if parse { tools } else { Vec::new() },
+            parse,
+            max_calls: if parallel { usize::MAX } else { 1 },
+        })
+    }
+}
+
+impl Message {
+    /// The message as templates read it; `i` is its index, for errors.
+    fn to_chat(&self, i: usize) -> Result<ChatMessage, ApiError> {
+        let bad = |msg: String| ApiError::bad_request(format!("messages[{i}]: {msg}"), Some("messages"));
+        let calls = self.tool_calls.as_deref().unwrap_or_default();
+        let content = match &self.content {
+            Some(Content::Text(t)) => t.clone(),
+            Some(Content::Parts(parts)) => parts
+                .iter()
+                .map(|p| match (p.kind.as_str(), &p.text) {
+                    ("text", Some(t)) => Ok(t.as_str()),
+                    (kind, _) => Err(bad(format!("content part of type `{kind}` is not supported (text only)"))),
+                })
+                .collect::<Result<Vec<_>, _>>()?
+                .concat(),
+            None if self.role == "assistant" && !calls.is_empty() => String::new(),
+            None => {
+                return Err(bad("`content` is missing (only an assistant turn with `tool_calls` may omit it)".into()))
+            }
+        };
+        if !calls.is_empty() && self.role != "assistant" {
+            return Err(bad(format!("a `{}` message cannot have `tool_calls` (assistant turns only)", self.role)));
+        }
+        let tool_calls = match &self.tool_calls {
+            None => None,
+            Some(calls) => Some(
+                calls
+                    .iter()
+                    .enumerate()
+                    .map(|(j, c)| c.to_chat().map_err(|e| bad(format!("tool_calls[{j}]: {e}"))))
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+        };
+        Ok(ChatMessage {
+            role: self.role.clone(),
+            content,
+            tool_calls,
+            tool_call_id: self.tool_call_id.clone(),
+            name: self.name.clone(),
+        })
+    }
+}
+
+impl ToolCallIn {
+    /// The call as templates read it: `arguments` parsed into an object, as vLLM hands it over.
+    fn to_chat(&self) -> Result<ToolCallMessage, String> {
+        if let Some(kind) = self.kind.as_deref().filter(|k| *k != "function") {
+            return Err(format!("`type` must be \"function\", got {kind:?}"));
+        }
+        let empty = || minijinja::Value::from_iter(std::iter::empty::<(String, minijinja::Value)>());
+        let arguments = match &self.function.arguments {
+            None => empty(),
+            Some(v) if v.is_none() || v.as_str() == Some("") => empty(),
+            Some(v) => match v.as_str() {
+                Some(text) => serde_json::from_str::<minijinja::Value>(text)
+                    .map_err(|e| format!("`function.arguments` is not JSON: {e}"))?,
+                None => v.clone(),
+            },
+        };
+        if arguments.kind() != minijinja::value::ValueKind::Map {
+            return Err(format!("`function.arguments` must be a JSON object, got {arguments}"));
+        }
+        let function = FunctionCallMessage { name: self.function.name.clone(), arguments };
+        Ok(ToolCallMessage { id: self.id.clone(), kind: "function".into(), function })
     }
 }
 
@@ -510,7 +674,7 @@ mod tests {
             (r#"{"stop": ""}"#, "stop"),
             (r#"{"best_of": 3}"#, "best_of"),
             (r#"{"suffix": "}"}"#, "suffix"),
-            (r#"{"tools": [{"type": "function"}]}"#, "tools"),
+            (r#"{"functions": [{"name": "f"}]}"#, "functions"),
             (r#"{"response_format": {"type": "json_object"}}"#, "response_format"),
         ] {
             let e = common(body).sampling(16, 100, false).unwrap_err();
@@ -599,7 +763,7 @@ mod tests {
     #[test]
     fn no_op_values_of_unsupported_fields_and_long_stops_up_to_the_limit_are_accepted() {
         let ok = r#"{"logprobs": false, "top_logprobs": 0, "echo": false, "logit_bias": {}, "presence_penalty": 0,
-            "frequency_penalty": 0.0, "best_of": 1, "suffix": "", "tools": [], "functions": null,
+            "frequency_penalty": 0.0, "best_of": 1, "suffix": "", "functions": null, "function_call": "none",
             "response_format": {"type": "text"}, "user": "anyone"}"#;
         assert!(common(ok).sampling(16, 100, false).is_ok());
         let at_limit = format!(r#"{{"stop": ["{}"]}}"#, "x".repeat(MAX_STOP_BYTES));

@@ -24,7 +24,10 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 use super::error::ApiError;
 use super::metrics::Metrics;
-use super::openai::{parse_body, usage_json, ChatRequest, CommonFields, CompletionRequest, Prompt, Sampling};
+use super::openai::{
+    parse_body, usage_json, ChatRequest, CommonFields, CompletionRequest, Prompt, Sampling, ToolRequest,
+};
+use super::tool_calls::{Parsed, ToolCall, ToolCallParser, ToolFormat};
 use super::worker::{Command, Event, Job, Outcome, TokenLogprob};
 use crate::engine::{GenParams, LogitAdjustments};
 use crate::model::chat_template::{check_extra, ChatTemplate};
@@ -39,6 +42,8 @@ pub struct App {
     pub tokenizer: Tokenizer,
     /// For chat prompts.
     pub chat_template: ChatTemplate,
+    /// How this model writes tool calls, if the server reads them.
+    pub tool_format: Option<ToolFormat>,
     /// The model's vocabulary size (token ids must be below it).
     pub vocab_size: usize,
     /// To the engine thread.
@@ -139,6 +144,8 @@ struct Prepared {
     echo: Option<String>,
     /// Logit biases and penalties.
     adjustments: Option<LogitAdjustments>,
+    /// Reads tool calls from each answer (chat with `tools`).
+    tools: Option<ToolCallParser>,
 }
 
 fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
@@ -153,14 +160,16 @@ async fn chat(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) 
         app.check_model(&r.model)?;
         r.check_echo()?;
         let messages = r.chat_messages()?;
+        let tools = r.tool_request()?;
+        let parser = app.tool_parser(&tools, messages.iter().any(|m| m.tool_calls.is_some()))?;
         let kwargs = r.chat_template_kwargs.clone().unwrap_or_default();
         check_extra(&kwargs).map_err(|e| ApiError::bad_request(format!("{e:#}"), Some("chat_template_kwargs")))?;
         let text = app
             .chat_template
-            .render_with(&messages, &kwargs)
+            .render_with(&messages, &tools.tools, &kwargs)
             .map_err(|e| ApiError::bad_request(format!("{e:#}"), Some("messages")))?;
         let ids = encode(&app.tokenizer, &text, false)?;
-        app.prepare(Kind::Chat, &r.common, ids, None)
+        Ok(Prepared { tools: parser, ..app.prepare(Kind::Chat, &r.common, ids, None)? })
     });
     match prepared {
         Ok(p) => app.answer(Kind::Chat, p).await,
@@ -228,6 +237,33 @@ impl Drop for InFlight {
 }
 
 impl App {
+    /// The parser for a chat request's answers, or why its tools cannot be served: the chat
+    /// template must read them (else the model never sees them) and the server must know how
+    /// the model writes calls. A history with tool calls needs a template that reads them.
+    fn tool_parser(&self, tools: &ToolRequest, history_calls: bool) -> Result<Option<ToolCallParser>, ApiError> {
+        let origin = &self.chat_template.origin;
+        let fix = "serve with `[server] chat_template` set to a template that does";
+        if history_calls && !self.chat_template.reads("tool_calls") {
+            let msg = format!("the chat template from {origin} does not read messages' `tool_calls`; {fix}");
+            return Err(ApiError::bad_request(msg, Some("messages")));
+        }
+        if !tools.parse {
+            return Ok(None);
+        }
+        if !self.chat_template.reads("tools") {
+            let msg = format!(
+                "the chat template from {origin} does not read `tools`, so the model would never see them; {fix}"
+            );
+            return Err(ApiError::bad_request(msg, Some("tools")));
+        }
+        let Some(format) = self.tool_format else {
+            let msg = "this server reads no tool calls from this model's answers: its chat template shows no format \
+                       it knows (`<tool_call>` blocks or Llama 3's JSON) and `[server] tool_parser` names none";
+            return Err(ApiError::bad_request(msg, Some("tools")));
+        };
+        Ok(Some(ToolCallParser::new(format, tools.max_calls)))
+    }
+
     fn check_model(&self, model: &str) -> Result<(), ApiError> {
         if model != self.model_id {
             let msg = format!("model `{model}` does not exist; this server serves `{}`", self.model_id);
@@ -285,7 +321,7 @@ impl App {
             return Err(ApiError { param: Some("max_tokens".into()), ..ApiError::bad_request(msg, None) }
                 .with_code("context_length_exceeded"));
         }
-        Ok(Prepared { sampling, policy, prompt, logprobs, echo, adjustments })
+        Ok(Prepared { sampling, policy, prompt, logprobs, echo, adjustments, tools: None })
     }
 
     /// Queues the job and answers from its events (streamed or whole).
@@ -338,6 +374,7 @@ impl App {
             model: self.model_id.clone(),
             kind,
             logprobs: p.logprobs.is_some(),
+            tools: p.tools.clone(),
         };
         // Wait for each choice's first event so that a request the engine refuses gets its
         // status code (dropping the receivers cancels the other choices).
@@ -382,6 +419,8 @@ struct Head {
     kind: Kind,
     /// The request asked for log-probabilities.
     logprobs: bool,
+    /// Reads tool calls from each answer (a fresh copy per choice).
+    tools: Option<ToolCallParser>,
 }
 
 impl Head {
@@ -405,9 +444,48 @@ impl Head {
         }
     }
 
-    fn last(&self, index: usize, o: &Outcome) -> Value {
+    /// A chunk with one tool call (the `k`th of its answer), whole.
+    fn tool_delta(&self, index: usize, k: usize, call: &ToolCall, logprobs: &[TokenLogprob]) -> Value {
+        let logprobs = if self.logprobs { logprobs_json(self.kind, logprobs) } else { Value::Null };
+        let mut call = tool_call_json(call);
+        call["index"] = json!(k);
+        self.object(
+            json!([{"index": index, "delta": {"tool_calls": [call]}, "finish_reason": null, "logprobs": logprobs}]),
+        )
+    }
+
+    /// The chunks of what a tool-call parser made final: the content, then each call. The
+    /// log-probabilities of the tokens held back go with the first chunk.
+    fn parsed_chunks(
+        &self,
+        index: usize,
+        parsed: Parsed,
+        held: &mut Vec<TokenLogprob>,
+        sent: &mut usize,
+    ) -> Vec<Value> {
+        let mut out = Vec::new();
+        if !parsed.content.is_empty() {
+            out.push(self.delta(index, &parsed.content, &std::mem::take(held)));
+        }
+        for call in &parsed.calls {
+            out.push(self.tool_delta(index, *sent, call, &std::mem::take(held)));
+            *sent += 1;
+        }
+        out
+    }
+
+    /// The last chunk of a choice; `called`: its answer called tools; `held`: log-probabilities
+    /// of tokens whose text went nowhere (dropped whitespace), sent here.
+    fn last(&self, index: usize, o: &Outcome, called: bool, held: &[TokenLogprob]) -> Value {
+        let reason = finish_reason(o, called);
         let mut v = match self.kind {
-            Kind::Chat => self.object(json!([{"index": index, "delta": {}, "finish_reason": o.finish_reason}])),
+            Kind::Chat => {
+                let mut choice = json!({"index": index, "delta": {}, "finish_reason": reason});
+                if self.logprobs && !held.is_empty() {
+                    choice["logprobs"] = logprobs_json(self.kind, held);
+                }
+                self.object(json!([choice]))
+            }
             Kind::Completion => {
                 self.object(json!([{"index": index, "text": "", "finish_reason": o.finish_reason, "logprobs": null}]))
             }
@@ -415,6 +493,22 @@ impl Head {
         v["kv_cache"] = o.kv.json();
         v
     }
+}
+
+/// OpenAI's `finish_reason`: `tool_calls` when an answer that ended by itself called tools.
+fn finish_reason(o: &Outcome, called: bool) -> &'static str {
+    if called && o.finish_reason == "stop" {
+        "tool_calls"
+    } else {
+        o.finish_reason
+    }
+}
+
+/// A call as OpenAI's `tool_calls` entry, with a fresh id.
+fn tool_call_json(call: &ToolCall) -> Value {
+    use rand::Rng;
+    let id: String = rand::rng().sample_iter(rand::distr::Alphanumeric).take(24).map(char::from).collect();
+    json!({"id": format!("call_{id}"), "type": "function", "function": {"name": call.name, "arguments": call.arguments}})
 }
 
 /// The `logprobs` object of a choice, in the chat or the completions form.
@@ -493,9 +587,24 @@ async fn whole_answer(head: Head, choices: Vec<(Event, UnboundedReceiver<Event>)
             event = rx.recv().await;
         };
         let logprobs = o.logprobs.as_deref().map_or(Value::Null, |l| logprobs_json(head.kind, l));
+        let (message, called) = match head.tools.clone() {
+            None => (json!({"role": "assistant", "content": text}), false),
+            Some(mut parser) => {
+                let mut parsed = parser.push(&text);
+                parsed.extend(parser.finish());
+                let mut message = json!({"role": "assistant", "content": parsed.content});
+                if !parsed.calls.is_empty() {
+                    message["tool_calls"] = parsed.calls.iter().map(tool_call_json).collect();
+                    if parsed.content.is_empty() {
+                        message["content"] = Value::Null;
+                    }
+                }
+                (message, parser.called())
+            }
+        };
         let mut choice = match head.kind {
             Kind::Chat => {
-                json!({"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": o.finish_reason, "logprobs": logprobs})
+                json!({"index": index, "message": message, "finish_reason": finish_reason(&o, called), "logprobs": logprobs})
             }
             Kind::Completion => {
                 json!({"index": index, "text": text, "finish_reason": o.finish_reason, "logprobs": logprobs})
@@ -553,11 +662,31 @@ fn sse_stream(
     });
     let events = stream::select_all(per_choice);
     let (mut done, mut usage) = (0, (0, 0));
+    // Per choice: its tool-call parser, the log-probabilities of text it holds back, calls sent.
+    let mut parsers: Vec<Option<ToolCallParser>> = vec![head.tools.clone(); n];
+    let mut held: Vec<Vec<TokenLogprob>> = vec![Vec::new(); n];
+    let mut sent = vec![0; n];
     let body = events.flat_map(move |(i, e)| {
         let out = match e {
-            Event::Text(t, logprobs) => vec![data(head.delta(i, &t, &logprobs))],
+            Event::Text(t, logprobs) => match &mut parsers[i] {
+                None => vec![data(head.delta(i, &t, &logprobs))],
+                Some(parser) => {
+                    held[i].extend(logprobs);
+                    let parsed = parser.push(&t);
+                    head.parsed_chunks(i, parsed, &mut held[i], &mut sent[i]).into_iter().map(data).collect()
+                }
+            },
             Event::Done(o) => {
-                let mut v = vec![data(head.last(i, &o))];
+                let mut v = Vec::new();
+                let called = match &mut parsers[i] {
+                    None => false,
+                    Some(parser) => {
+                        let parsed = parser.finish();
+                        v.extend(head.parsed_chunks(i, parsed, &mut held[i], &mut sent[i]).into_iter().map(data));
+                        parser.called()
+                    }
+                };
+                v.push(data(head.last(i, &o, called, &std::mem::take(&mut held[i]))));
                 done += 1;
                 usage = (o.prompt_tokens, usage.1 + o.completion_tokens);
                 if include_usage && done == n {

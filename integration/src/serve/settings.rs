@@ -48,6 +48,15 @@ pub struct ServerSection {
     /// The policy of requests that name none (default: the first of `policies`).
     #[serde(default)]
     pub default_policy: Option<String>,
+    /// A Jinja chat template file used in place of the model's (as vLLM's `--chat-template`);
+    /// a relative path is from the config file's folder.
+    #[serde(default)]
+    pub chat_template: Option<std::path::PathBuf>,
+    /// How tool calls are read from answers: `auto` (from the chat template: `<tool_call>`
+    /// blocks are `hermes`, Llama 3's JSON is `llama3_json`), `hermes`, `llama3_json`, or `none`
+    /// (requests with tools are refused).
+    #[serde(default = "default_tool_parser")]
+    pub tool_parser: String,
     /// The cache policies a request may choose with `"cache_policy": NAME`. Empty: the one policy
     /// of `[cache.policy]`, named after it.
     #[serde(default)]
@@ -91,6 +100,9 @@ fn default_cap() -> usize {
 fn default_grace() -> u64 {
     5
 }
+fn default_tool_parser() -> String {
+    "auto".into()
+}
 
 impl Default for ServerSection {
     fn default() -> Self {
@@ -123,6 +135,10 @@ impl ServerSection {
         }
         if self.api_key.as_deref().is_some_and(|k| k.trim().is_empty()) {
             bail!("[server] api_key is empty: remove it or set a key");
+        }
+        if self.tool_parser != "auto" {
+            crate::serve::tool_calls::ToolFormat::named(&self.tool_parser)
+                .map_err(|e| anyhow::anyhow!("[server] {e}"))?;
         }
         let mut seen = std::collections::HashSet::new();
         for p in &self.policies {
@@ -211,6 +227,7 @@ mod tests {
             ("default_policy = \"x\"\n[[policies]]\nname = \"a\"\npolicy = { name = \"full\" }", "default_policy"),
             ("[[policies]]\nname = \"a\"\npolicy = {}\n[[policies]]\nname = \"a\"\npolicy = {}", "used twice"),
             ("api_key = \" \"", "api_key"),
+            ("tool_parser = \"pythonic\"", "tool_parser `pythonic`"),
         ] {
             let s: ServerSection = toml::from_str(text).unwrap();
             let e = s.validate().unwrap_err().to_string();

@@ -1,0 +1,486 @@
+//! Tool calls in a model's output, as OpenAI's `tool_calls`: a parser fed the decoded text piece
+//! by piece (streaming) or whole, which gives the same content and calls either way.
+//!
+//! Two formats, as vLLM's parsers of the same names read them:
+//! - `hermes` (Qwen2.5, Qwen3, QwQ, Hermes): `<tool_call>{"name": N, "arguments": {...}}</tool_call>`
+//!   anywhere in the text; an unterminated block at the end is read too. Whitespace around calls
+//!   is dropped.
+//! - `llama3_json` (Llama 3.1 to 3.3): the whole answer is `{"name": N, "parameters": {...}}`
+//!   (optionally after `<|python_tag|>`), several joined by `;`. An answer starting otherwise is
+//!   plain text.
+//!
+//! A block that does not read as a call (bad JSON, no name, non-object arguments) stays in the
+//! content as written: nothing the model wrote is lost.
+
+use anyhow::{bail, Result};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+/// How a model writes its tool calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ToolFormat {
+    /// `<tool_call>{json}</tool_call>` blocks.
+    Hermes,
+    /// The answer is JSON calls joined by `;`.
+    Llama3Json,
+}
+
+const HERMES_OPEN: &str = "<tool_call>";
+const HERMES_CLOSE: &str = "</tool_call>";
+const PYTHON_TAG: &str = "<|python_tag|>";
+
+impl ToolFormat {
+    /// The format named in `[server] tool_parser`: `None` for `none`; `auto` is the caller's.
+    pub fn named(name: &str) -> Result<Option<Self>> {
+        Ok(match name {
+            "hermes" => Some(Self::Hermes),
+            "llama3_json" => Some(Self::Llama3Json),
+            "none" => None,
+            other => bail!("unknown tool_parser `{other}`; valid: auto, hermes, llama3_json, none"),
+        })
+    }
+
+    /// The format a chat template teaches, if it is one of ours: Hermes-style templates print
+    /// `<tool_call>`; Llama 3's ask for `{"name": ..., "parameters": ...}`.
+    pub fn detect(template: &str) -> Option<Self> {
+        if template.contains(HERMES_OPEN) {
+            Some(Self::Hermes)
+        } else if template.contains(PYTHON_TAG) || template.contains(r#""parameters": dictionary of argument name"#) {
+            Some(Self::Llama3Json)
+        } else {
+            None
+        }
+    }
+
+    /// The name `[server] tool_parser` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Hermes => "hermes",
+            Self::Llama3Json => "llama3_json",
+        }
+    }
+}
+
+/// One call: the function's name and its arguments as JSON text (OpenAI's `arguments`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToolCall {
+    /// The function's name.
+    pub name: String,
+    /// The arguments object as JSON text, as the model wrote it.
+    pub arguments: String,
+}
+
+/// What a piece of output became: text for `content`, then calls.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Parsed {
+    /// Content text.
+    pub content: String,
+    /// Completed calls.
+    pub calls: Vec<ToolCall>,
+}
+
+impl Parsed {
+    /// Appends `later`.
+    pub fn extend(&mut self, later: Parsed) {
+        self.content.push_str(&later.content);
+        self.calls.extend(later.calls);
+    }
+}
+
+/// Where the parser stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Hermes: outside a block (and llama3_json once the answer is known to be text).
+    Text,
+    /// Hermes: inside a block, waiting for its end.
+    InCall,
+    /// llama3_json: only whitespace (or part of `<|python_tag|>`) so far.
+    Undecided,
+    /// llama3_json: the answer is calls; read at the end.
+    Calls,
+}
+
+/// A streaming tool-call parser for one answer.
+#[derive(Debug, Clone)]
+pub struct ToolCallParser {
+    format: ToolFormat,
+    /// Calls kept at most (`parallel_tool_calls: false` keeps one); later ones are dropped.
+    max_calls: usize,
+    state: State,
+    /// Text not yet resolved.
+    buf: String,
+    /// Hermes: whitespace held back, dropped if a call follows.
+    pending_ws: String,
+    /// Hermes: a call just ended, so leading whitespace is dropped.
+    after_call: bool,
+    /// Calls read so far (kept or not).
+    calls_seen: usize,
+}
+
+/// The arguments of a call, and the call itself as models write it (`parameters` is Llama's
+/// name for `arguments`).
+#[derive(Deserialize)]
+struct WrittenCall<'a> {
+    name: String,
+    #[serde(borrow, alias = "parameters")]
+    arguments: Option<&'a RawValue>,
+}
+
+/// `text` as a call, or `None` when it is not one.
+fn read_call(text: &str) -> Option<ToolCall> {
+    let call: WrittenCall = serde_json::from_str(text.trim()).ok()?;
+    if call.name.is_empty() {
+        return None;
+    }
+    let arguments = match call.arguments {
+        None => "{}".to_string(),
+        Some(raw) => match raw.get().as_bytes().first() {
+            Some(b'{') => raw.get().to_string(),
+            // Arguments written as a JSON string holding the object.
+            Some(b'"') => {
+                let inner: String = serde_json::from_str(raw.get()).ok()?;
+                serde_json::from_str::<&RawValue>(&inner).ok().filter(|v| v.get().starts_with('{'))?;
+                inner
+            }
+            _ => return None,
+        },
+    };
+    Some(ToolCall { name: call.name, arguments })
+}
+
+/// Length of the longest end of `text` that `marker` starts with (text that may yet become
+/// `marker`).
+fn partial_marker(text: &str, marker: &str) -> usize {
+    (1..marker.len().min(text.len() + 1))
+        .rev()
+        .find(|&n| text.is_char_boundary(text.len() - n) && marker.starts_with(&text[text.len() - n..]))
+        .unwrap_or(0)
+}
+
+impl ToolCallParser {
+    /// A parser for one answer in `format`, keeping at most `max_calls` calls.
+    pub fn new(format: ToolFormat, max_calls: usize) -> Self {
+        let state = match format {
+            ToolFormat::Hermes => State::Text,
+            ToolFormat::Llama3Json => State::Undecided,
+        };
+        Self {
+            format,
+            max_calls,
+            state,
+            buf: String::new(),
+            pending_ws: String::new(),
+            after_call: false,
+            calls_seen: 0,
+        }
+    }
+
+    /// Whether any call was read (OpenAI's `finish_reason` is then `tool_calls`).
+    pub fn called(&self) -> bool {
+        self.calls_seen > 0
+    }
+
+    /// Feeds the next piece of text; returns what became final.
+    pub fn push(&mut self, text: &str) -> Parsed {
+        self.buf.push_str(text);
+        let mut out = Parsed::default();
+        match self.format {
+            ToolFormat::Hermes => self.hermes(&mut out),
+            ToolFormat::Llama3Json => self.llama3(&mut out),
+        }
+        out
+    }
+
+    /// The answer ended: resolves what was held back.
+    pub fn finish(&mut self) -> Parsed {
+        let mut out = Parsed::default();
+        let rest = std::mem::take(&mut self.buf);
+        match self.state {
+            State::Text if self.format == ToolFormat::Llama3Json => out.content.push_str(&rest),
+            State::Text => {
+                self.text(&rest, &mut out);
+                // Whitespace after the last call is dropped; with no call it is content.
+                if !self.called() {
+                    out.content.push_str(&std::mem::take(&mut self.pending_ws));
+                }
+            }
+            // An unterminated block is read as a call if it is one.
+            State::InCall => self.block(&rest, &format!("{HERMES_OPEN}{rest}"), &mut out),
+            State::Undecided => out.content.push_str(&rest),
+            State::Calls => match llama3_calls(&rest) {
+                Some(calls) => calls.into_iter().for_each(|c| self.keep(c, &mut out)),
+                None => out.content.push_str(&rest),
+            },
+        }
+        self.state = State::Text;
+        out
+    }
+
+    fn keep(&mut self, call: ToolCall, out: &mut Parsed) {
+        if self.calls_seen < self.max_calls {
+            out.calls.push(call);
+        }
+        self.calls_seen += 1;
+    }
+
+    /// Hermes content text: whitespace right after a call, and right before one, is dropped.
+    fn text(&mut self, text: &str, out: &mut Parsed) {
+        let text = if self.after_call { text.trim_start() } else { text };
+        if text.is_empty() {
+            return;
+        }
+        self.after_call = false;
+        let body = text.trim_end().len();
+        if body > 0 {
+            out.content.push_str(&std::mem::take(&mut self.pending_ws));
+            out.content.push_str(&text[..body]);
+        }
+        self.pending_ws.push_str(&text[body..]);
+    }
+
+    /// A Hermes block's inside: a call, or (written as `raw`) content.
+    fn block(&mut self, inside: &str, raw: &str, out: &mut Parsed) {
+        match read_call(inside) {
+            Some(call) => {
+                self.pending_ws.clear();
+                self.keep(call, out);
+                self.after_call = true;
+            }
+            None => self.text(raw, out),
+        }
+    }
+
+    fn hermes(&mut self, out: &mut Parsed) {
+        loop {
+            match self.state {
+                State::Text => match self.buf.find(HERMES_OPEN) {
+                    Some(at) => {
+                        let before: String = self.buf.drain(..at + HERMES_OPEN.len()).collect();
+                        self.text(&before[..at], out);
+                        // Held until the block resolves: kept before content, dropped before a call.
+                        self.state = State::InCall;
+                    }
+                    None => {
+                        let hold = partial_marker(&self.buf, HERMES_OPEN);
+                        let ready: String = self.buf.drain(..self.buf.len() - hold).collect();
+                        self.text(&ready, out);
+                        return;
+                    }
+                },
+                State::InCall => match self.buf.find(HERMES_CLOSE) {
+                    Some(at) => {
+                        let block: String = self.buf.drain(..at + HERMES_CLOSE.len()).collect();
+                        let inside = &block[..at];
+                        self.block(inside, &format!("{HERMES_OPEN}{block}"), out);
+                        self.state = State::Text;
+                    }
+                    None => return,
+                },
+                // llama3_json's states: never entered by a hermes parser.
+                State::Undecided | State::Calls => return,
+            }
+        }
+    }
+
+    fn llama3(&mut self, out: &mut Parsed) {
+        if self.state != State::Undecided {
+            if self.state == State::Text {
+                out.content.push_str(&std::mem::take(&mut self.buf));
+            }
+            return;
+        }
+        let start = self.buf.trim_start();
+        if start.is_empty() || (PYTHON_TAG.starts_with(start) && start.len() < PYTHON_TAG.len()) {
+            return;
+        }
+        if start.starts_with('{') || start.starts_with(PYTHON_TAG) {
+            self.state = State::Calls;
+        } else {
+            self.state = State::Text;
+            out.content.push_str(&std::mem::take(&mut self.buf));
+        }
+    }
+}
+
+/// A whole llama3_json answer as its calls, or `None` when any part is not a call.
+fn llama3_calls(text: &str) -> Option<Vec<ToolCall>> {
+    let text = text.trim_start();
+    let mut rest = text.strip_prefix(PYTHON_TAG).unwrap_or(text).trim();
+    let mut calls = Vec::new();
+    while !rest.is_empty() {
+        let mut values = serde_json::Deserializer::from_str(rest).into_iter::<&RawValue>();
+        let raw = values.next()?.ok()?;
+        calls.push(read_call(raw.get())?);
+        rest = rest[values.byte_offset()..].trim_start();
+        if let Some(next) = rest.strip_prefix(';') {
+            rest = next.trim_start();
+            if rest.is_empty() {
+                return None;
+            }
+        } else if !rest.is_empty() {
+            return None;
+        }
+    }
+    (!calls.is_empty()).then_some(calls)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn call(name: &str, arguments: &str) -> ToolCall {
+        ToolCall { name: name.into(), arguments: arguments.into() }
+    }
+
+    fn whole(format: ToolFormat, text: &str) -> Parsed {
+        let mut p = ToolCallParser::new(format, usize::MAX);
+        let mut out = p.push(text);
+        out.extend(p.finish());
+        out
+    }
+
+    /// The answer fed in pieces cut at `cuts` (byte offsets, moved to character boundaries).
+    fn streamed(format: ToolFormat, text: &str, cuts: &[usize]) -> Parsed {
+        let mut p = ToolCallParser::new(format, usize::MAX);
+        let mut out = Parsed::default();
+        let mut at = 0;
+        let mut cuts: Vec<usize> = cuts.iter().map(|&c| c % (text.len() + 1)).collect();
+        cuts.sort();
+        for mut c in cuts {
+            while !text.is_char_boundary(c) {
+                c += 1;
+            }
+            if c > at {
+                out.extend(p.push(&text[at..c]));
+                at = c;
+            }
+        }
+        out.extend(p.push(&text[at..]));
+        out.extend(p.finish());
+        out
+    }
+
+    /// vLLM's hermes parser on these answers (its regex and `json.loads`), written out by hand.
+    #[test]
+    fn hermes_reads_calls_and_keeps_the_rest_as_content() {
+        let h = |t: &str| whole(ToolFormat::Hermes, t);
+        let weather = call("get_weather", r#"{"city": "Lima"}"#);
+        let got = h("<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Lima\"}}\n</tool_call>");
+        assert_eq!(got, Parsed { content: String::new(), calls: vec![weather.clone()] });
+        // Thinking before the call is content; whitespace around calls is dropped.
+        let two = "<think>\nhm\n</think>\n\n<tool_call>\n{\"name\": \"a\", \"arguments\": {}}\n</tool_call>\n<tool_call>\n{\"name\": \"b\"}\n</tool_call>\n";
+        assert_eq!(
+            h(two),
+            Parsed { content: "<think>\nhm\n</think>".into(), calls: vec![call("a", "{}"), call("b", "{}")] }
+        );
+        // No call: the text as written, trailing whitespace too.
+        assert_eq!(h("Hello <tool\n"), Parsed { content: "Hello <tool\n".into(), calls: vec![] });
+        // An unterminated block at the end is a call when it reads as one, else content.
+        assert_eq!(
+            h("<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Lima\"}}").calls,
+            vec![weather]
+        );
+        let cut = "<tool_call>{\"name\": \"get_weather\", \"argum";
+        assert_eq!(h(cut), Parsed { content: cut.into(), calls: vec![] });
+        // Blocks that are not calls stay in the content as written.
+        for bad in [
+            "<tool_call>not json</tool_call>",
+            "<tool_call>{\"arguments\": {}}</tool_call>",
+            "<tool_call>{\"name\": \"\"}</tool_call>",
+            "<tool_call>{\"name\": \"f\", \"arguments\": [1]}</tool_call>",
+            "<tool_call>{\"name\": \"f\", \"arguments\": \"not an object\"}</tool_call>",
+        ] {
+            assert_eq!(h(bad), Parsed { content: bad.into(), calls: vec![] }, "{bad}");
+        }
+        // Arguments written as a JSON string are that string; text after calls is content.
+        let s = "<tool_call>{\"name\": \"f\", \"arguments\": \"{\\\"x\\\": 1}\"}</tool_call> done ";
+        assert_eq!(h(s), Parsed { content: "done".into(), calls: vec![call("f", r#"{"x": 1}"#)] });
+    }
+
+    #[test]
+    fn llama3_json_reads_a_whole_answer_of_calls_or_none() {
+        let l = |t: &str| whole(ToolFormat::Llama3Json, t);
+        let got = l(" {\"name\": \"get_weather\", \"parameters\": {\"city\": \"Lima\"}}");
+        assert_eq!(got.calls, vec![call("get_weather", r#"{"city": "Lima"}"#)]);
+        assert_eq!(got.content, "");
+        let two =
+            l("<|python_tag|>{\"name\": \"a\", \"parameters\": {\"x\": 1}}; {\"name\": \"b\", \"arguments\": {}}");
+        assert_eq!(two.calls, vec![call("a", r#"{"x": 1}"#), call("b", "{}")]);
+        for text in [
+            "The weather is fine. {\"name\": \"a\"}",
+            "{\"name\": \"a\"} trailing",
+            "{\"name\": \"a\"};",
+            "{oops",
+            "<|python",
+        ] {
+            assert_eq!(l(text), Parsed { content: text.into(), calls: vec![] }, "{text}");
+        }
+    }
+
+    #[test]
+    fn parallel_tool_calls_false_keeps_the_first_call() {
+        let text = "<tool_call>{\"name\": \"a\"}</tool_call><tool_call>{\"name\": \"b\"}</tool_call>";
+        let mut p = ToolCallParser::new(ToolFormat::Hermes, 1);
+        let mut out = p.push(text);
+        out.extend(p.finish());
+        assert_eq!(out, Parsed { content: String::new(), calls: vec![call("a", "{}")] });
+        assert!(p.called());
+    }
+
+    #[test]
+    fn formats_are_detected_from_published_templates() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/chat_templates");
+        let detect = |f: &str| ToolFormat::detect(&std::fs::read_to_string(dir.join(f)).unwrap());
+        assert_eq!(detect("Qwen-Qwen3-0.6B.jinja"), Some(ToolFormat::Hermes));
+        assert_eq!(detect("Qwen-Qwen2.5-7B-Instruct.jinja"), Some(ToolFormat::Hermes));
+        assert_eq!(detect("NousResearch-Hermes-3-Llama-3.1-8B-tool_use.jinja"), Some(ToolFormat::Hermes));
+        assert_eq!(detect("meta-llama-Llama-3.1-8B-Instruct.jinja"), Some(ToolFormat::Llama3Json));
+        assert_eq!(detect("microsoft-Phi-3.5-mini-instruct.jinja"), None);
+        assert!(ToolFormat::named("pythonic").is_err());
+    }
+
+    /// Answers mixing text, calls, broken blocks, markers cut short, whitespace and multi-byte
+    /// characters.
+    fn answer() -> impl Strategy<Value = String> {
+        let piece = prop_oneof![
+            Just(
+                "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Lima\"}}\n</tool_call>"
+                    .to_string()
+            ),
+            Just("<tool_call>{\"name\": \"x\"}</tool_call>".to_string()),
+            Just("<tool_call>broken</tool_call>".to_string()),
+            Just("<tool_".to_string()),
+            Just("</tool_call>".to_string()),
+            Just("{\"name\": \"f\", \"parameters\": {\"k\": \"é\"}}".to_string()),
+            Just("; ".to_string()),
+            Just("<|python_tag|>".to_string()),
+            Just("Héllo wörld".to_string()),
+            Just(" \n ".to_string()),
+            Just("\n\n".to_string()),
+        ];
+        prop::collection::vec(piece, 0..8).prop_map(|p| p.concat())
+    }
+
+    proptest! {
+        /// However the text is cut into pieces, the parser gives what it gives for the whole.
+        #[test]
+        fn streaming_in_any_pieces_equals_parsing_the_whole(
+            text in answer(),
+            cuts in prop::collection::vec(0usize..400, 0..12),
+        ) {
+            for format in [ToolFormat::Hermes, ToolFormat::Llama3Json] {
+                prop_assert_eq!(streamed(format, &text, &cuts), whole(format, &text));
+            }
+        }
+
+        /// With no call, the content is the text exactly.
+        #[test]
+        fn an_answer_without_calls_is_its_text(text in "[a-z<>_/ \n{}]{0,40}") {
+            let got = whole(ToolFormat::Hermes, &text);
+            if got.calls.is_empty() {
+                prop_assert_eq!(got.content, text);
+            }
+        }
+    }
+}

@@ -194,6 +194,42 @@ fn a_request_past_its_timeout_is_cancelled_with_504_and_its_blocks_freed() {
     python_checks("timeout", &server.base, "-");
 }
 
+/// Tool calling through the `openai` client on SmolLM2 served with Qwen2.5's chat template (which
+/// reads tools and teaches `<tool_call>` blocks): a few-shot history of tool calls and results
+/// (`tests/serve/tool_conversation.json`) makes the model call the tool for the next city. The
+/// oracle is independent of the server's template and parser: Python's jinja2 renders the
+/// conversation as vLLM hands it to transformers (`tests/serve/render_prompt.py`), the server
+/// completes that text, and vLLM's hermes regex reads the calls; the chat answer, whole and
+/// streamed, must give the same calls from the same number of prompt tokens.
+#[test]
+fn tool_calls_reach_the_openai_client_whole_and_streamed() {
+    let dir = std::env::temp_dir().join(format!("dms-serve-tools-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let here = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests");
+    let template = here.join("fixtures/chat_templates/Qwen-Qwen2.5-7B-Instruct.jinja");
+    let conversation = here.join("serve/tool_conversation.json");
+    let jinja2 = python_venv("jinja2-3.1.6", "jinja2==3.1.6", "jinja2", &[]).expect("a venv with jinja2");
+    let out = Command::new(jinja2)
+        .arg(here.join("serve/render_prompt.py"))
+        .arg(&conversation)
+        .arg(&template)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "render_prompt.py: {}", String::from_utf8_lossy(&out.stderr));
+    let prompt = dir.join("prompt.txt");
+    std::fs::write(&prompt, &out.stdout).unwrap();
+    let config = dir.join("tools.toml");
+    let text = format!(
+        "[model]\nsource = \"smollm2-135m\"\n[cache]\nblock_size = 16\nmax_tokens = 4096\n[cache.policy]\nname = \"full\"\n\
+         [server]\nport = 0\nmodel_name = \"smollm2-135m\"\nchat_template = {:?}\n",
+        template.display().to_string()
+    );
+    std::fs::write(&config, text).unwrap();
+    let server = start(&config);
+    let paths = serde_json::json!({"conversation": conversation, "prompt": prompt});
+    python_checks("tools", &server.base, &paths.to_string());
+}
+
 /// `dms serve` on the tiny Llama 3 GGUF fixture (model name `tiny`, policy `full`).
 fn tiny_llama3_server(name: &str) -> Server {
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf/llama3_tiny.gguf");

@@ -4,18 +4,22 @@ usage: client_checks.py main BASE_URL EXPECTED_JSON
        client_checks.py tight BASE_URL API_KEY
        client_checks.py timeout BASE_URL -
        client_checks.py inflight BASE_URL API_KEY
+       client_checks.py tools BASE_URL PATHS_JSON
 
 `main` talks to a server with the default limits and no API key; EXPECTED_JSON holds
 {"prompt": ..., "max_tokens": N, "text": what `dms run --chat` printed}. `tight` talks to one
 with max_batch 1, max_waiting 1, a 4 KiB body limit and an API key; `timeout` to one whose
 requests time out after 2 s. `inflight` starts a long
 streamed request, prints "started" after its first chunk and reads to the end (the Rust side
-sends SIGTERM meanwhile). Every check raises on failure; the exit code says which.
+sends SIGTERM meanwhile). `tools` talks to a server whose chat template reads tools (Qwen2.5's);
+PATHS_JSON names {"conversation": tool_conversation.json, "prompt": its prompt as Python's jinja2
+renders it}. Every check raises on failure; the exit code says which.
 """
 
 import concurrent.futures
 import http.client
 import json
+import re
 import sys
 import threading
 import time
@@ -235,6 +239,8 @@ def check_main(base, expected_path):
         ("n above the limit", "/v1/chat/completions", {**good, "n": 17}, None, 400),
         ("unknown model", "/v1/chat/completions", {**good, "model": "gpt-9"}, None, 404),
         ("unknown route", "/v1/embeddings", good, None, 404),
+        ("tools to a template that does not read them", "/v1/chat/completions",
+         {**good, "tools": [{"type": "function", "function": {"name": "f"}}]}, None, 400),
     ]
     for name, path, body, raw, want in cases:
         status, err = call(base, "POST", path, body=body, raw=raw)
@@ -331,6 +337,88 @@ def inflight(base, key):
     print(f"inflight: stream closed after {n} chunks", flush=True)
 
 
+def hermes_calls(text):
+    """(content, calls) of an answer as vLLM's hermes parser reads it: its regex, `json.loads`."""
+    blocks = re.findall(r"<tool_call>(.*?)</tool_call>|<tool_call>(.*)", text, re.DOTALL)
+    calls = [json.loads(a or b) for a, b in blocks]
+    content = text[: text.find("<tool_call>")].strip() if calls else text
+    return content or None, [(c["name"], c.get("arguments", {})) for c in calls]
+
+
+def check_tools(base, paths):
+    paths = json.loads(paths)
+    conversation = json.load(open(paths["conversation"]))
+    prompt = open(paths["prompt"]).read()
+    client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=300)
+    request = dict(model=MODEL, messages=conversation["messages"], tools=conversation["tools"],
+                   temperature=0, max_tokens=48)
+
+    # The oracle: the prompt as jinja2 renders it, completed greedily, read by vLLM's parser.
+    status, raw = call(base, "POST", "/v1/completions",
+                       {"model": MODEL, "prompt": prompt, "max_tokens": 48, "temperature": 0})
+    assert status == 200, raw
+    want_content, want_calls = hermes_calls(raw["choices"][0]["text"])
+    assert want_calls, f"the model wrote no tool call: {raw['choices'][0]['text']!r}"
+
+    whole = client.chat.completions.create(**request)
+    choice = whole.choices[0]
+    assert whole.usage.prompt_tokens == raw["usage"]["prompt_tokens"], (whole.usage, raw["usage"])
+    assert choice.finish_reason == "tool_calls", choice
+    assert choice.message.content == want_content, (choice.message.content, want_content)
+    calls = choice.message.tool_calls
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == want_calls, (calls, want_calls)
+    assert all(c.type == "function" and c.id.startswith("call_") for c in calls), calls
+    assert len({c.id for c in calls}) == len(calls), calls
+
+    # Streamed: the client's accumulation of the deltas gives the same calls, with one id each.
+    chunks = list(client.chat.completions.create(**request, stream=True))
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    streamed = {}
+    for chunk in chunks:
+        for d in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+            entry = streamed.setdefault(d.index, {"id": d.id, "name": "", "arguments": ""})
+            entry["name"] += d.function.name or ""
+            entry["arguments"] += d.function.arguments or ""
+    assert [(e["name"], e["arguments"]) for e in streamed.values()] == \
+        [(c.function.name, c.function.arguments) for c in calls], (streamed, calls)
+    assert all(e["id"].startswith("call_") for e in streamed.values()), streamed
+    assert content == (want_content or ""), content
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == ["tool_calls"], finals
+
+    # tool_choice "none": the tools are not shown and nothing is read as a call.
+    plain = client.chat.completions.create(**request, tool_choice="none")
+    assert plain.choices[0].message.tool_calls is None, plain
+    assert plain.choices[0].finish_reason in ("stop", "length"), plain
+    assert plain.usage.prompt_tokens < whole.usage.prompt_tokens, (plain.usage, whole.usage)
+    one = client.chat.completions.create(**request, parallel_tool_calls=False)
+    assert len(one.choices[0].message.tool_calls) == 1, one
+
+    # Bad tool input: 400 naming the field.
+    messages = conversation["messages"]
+    bad_call = json.loads(json.dumps(messages))
+    bad_call[1]["tool_calls"][0]["function"]["arguments"] = "{not json"
+    body = {"model": MODEL, "messages": messages, "tools": conversation["tools"]}
+    cases = [
+        ("tool_choice required", {**body, "tool_choice": "required"}, "tool_choice"),
+        ("a named tool_choice", {**body, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
+         "tool_choice"),
+        ("tool_choice without tools", {"model": MODEL, "messages": messages, "tool_choice": "auto"}, "tool_choice"),
+        ("a tool without a name", {**body, "tools": [{"type": "function", "function": {}}]}, "tools"),
+        ("a tool that is not a function", {**body, "tools": [{"type": "retrieval"}]}, "tools"),
+        ("two tools with one name", {**body, "tools": conversation["tools"] * 2}, "tools"),
+        ("arguments that are not JSON", {**body, "messages": bad_call}, "messages"),
+        ("a user turn without content", {**body, "messages": [{"role": "user"}]}, "messages"),
+        ("parallel_tool_calls not a boolean", {**body, "parallel_tool_calls": "yes"}, "parallel_tool_calls"),
+    ]
+    for name, request_body, param in cases:
+        status, err = call(base, "POST", "/v1/chat/completions", body=request_body)
+        assert status == 400 and err["error"]["param"] == param, (name, status, err)
+    wait_pool_empty(base)
+    print("tools: all checks passed")
+
+
 if __name__ == "__main__":
     mode, base, arg = sys.argv[1], sys.argv[2], sys.argv[3]
-    {"main": check_main, "tight": check_tight, "timeout": check_timeout, "inflight": inflight}[mode](base, arg)
+    modes = {"main": check_main, "tight": check_tight, "timeout": check_timeout, "inflight": inflight, "tools": check_tools}
+    modes[mode](base, arg)

@@ -289,7 +289,7 @@ fn run(a: RunArgs) -> Result<()> {
             // A rendered chat prompt holds its own special tokens; a plain one gets those the
             // tokenizer adds (Llama 3's BOS), as the server's completions do.
             let (text, add_special) = if cfg.generation.chat {
-                (built.chat_template.render(&[ChatMessage::text("user", &text)])?, false)
+                (built.chat_template.render(&[ChatMessage::text("user", text)])?, false)
             } else {
                 (text.clone(), true)
             };

@@ -18,6 +18,7 @@ use dms_policy::PolicyFactory;
 use rand::{rngs::StdRng, SeedableRng};
 
 use crate::engine::batch_engine::{BatchEngine, Parked, SeqReport, Started};
+use crate::engine::constraint::TokenConstraint;
 use crate::engine::{sample, token_logprobs, GenParams, LogitAdjustments, TokenLogprobs};
 use crate::kv::store::MemoryUsage;
 
@@ -289,6 +290,8 @@ pub struct Scheduler<E: BatchEngine> {
     logprobs: HashMap<usize, usize>,
     /// Requests whose logits are adjusted before their tokens are chosen.
     adjustments: HashMap<usize, LogitAdjustments>,
+    /// Requests whose tokens must follow a grammar.
+    constraints: HashMap<usize, Box<dyn TokenConstraint>>,
     /// Requests not yet admitted that asked for their prompt's log-probabilities.
     prompt_logprobs: HashMap<usize, usize>,
     /// Prompts scored in the last step.
@@ -315,6 +318,7 @@ impl<E: BatchEngine> Scheduler<E> {
             chosen: Vec::new(),
             logprobs: HashMap::new(),
             adjustments: HashMap::new(),
+            constraints: HashMap::new(),
             prompt_logprobs: HashMap::new(),
             scored: Vec::new(),
             failed: Vec::new(),
@@ -380,10 +384,17 @@ impl<E: BatchEngine> Scheduler<E> {
         self.adjustments.insert(id, adjustments);
     }
 
+    /// Constrains request `id`'s tokens to `constraint` (after its logit adjustments); the
+    /// request ends when the constraint is complete, and fails if the constraint errs.
+    pub fn constrain(&mut self, id: usize, constraint: Box<dyn TokenConstraint>) {
+        self.constraints.insert(id, constraint);
+    }
+
     /// Drops what was asked for request `id` (it ended).
     fn forget(&mut self, id: usize) {
         self.logprobs.remove(&id);
         self.adjustments.remove(&id);
+        self.constraints.remove(&id);
         self.prompt_logprobs.remove(&id);
     }
 
@@ -453,6 +464,7 @@ impl<E: BatchEngine> Scheduler<E> {
     pub fn release_all(&mut self, engine: &mut E) {
         self.logprobs.clear();
         self.adjustments.clear();
+        self.constraints.clear();
         self.prompt_logprobs.clear();
         for r in self.running.drain(..) {
             engine.release(r.seq);
@@ -617,11 +629,32 @@ impl<E: BatchEngine> Scheduler<E> {
             }
             let params = r.req.params.as_ref().unwrap_or(&self.params);
             let step = r.tokens.len();
-            let adjusted = self.adjustments.get(&r.req.id).map(|a| a.apply(&r.logits, &r.tokens));
-            let next = match &r.req.forced {
-                Some(f) => f[step],
-                None => sample(adjusted.as_deref().unwrap_or(&r.logits), params, &mut r.rng),
+            let id = r.req.id;
+            let adjusted = self.adjustments.get(&id).map(|a| a.apply(&r.logits, &r.tokens));
+            let constraint = self.constraints.get_mut(&id);
+            let chosen = match (&r.req.forced, constraint) {
+                (Some(f), _) => Ok(f[step]),
+                (None, None) => Ok(sample(adjusted.as_deref().unwrap_or(&r.logits), params, &mut r.rng)),
+                (None, Some(c)) => {
+                    let mut logits = adjusted.unwrap_or_else(|| r.logits.clone());
+                    c.mask(&mut logits).and_then(|()| {
+                        let next = sample(&logits, params, &mut r.rng);
+                        c.advance(next).map(|()| next)
+                    })
+                }
             };
+            let next = match chosen {
+                Ok(next) => next,
+                Err(e) => {
+                    // The grammar failed: this request alone ends with the error.
+                    let r = self.running.remove(i);
+                    self.forget(id);
+                    engine.release(r.seq);
+                    self.failed.push((id, e.context(format!("request {id}: its constrained decoding failed"))));
+                    continue;
+                }
+            };
+            let complete = self.constraints.get(&id).is_some_and(|c| c.finished());
             let stop_at_eos = params.stop_at_eos;
             let logprobs = self.logprobs.get(&r.req.id).map(|&top| token_logprobs(&r.logits, next, top));
             if self.keep_logits {
@@ -631,13 +664,14 @@ impl<E: BatchEngine> Scheduler<E> {
             r.pending = true;
             self.generated_total += 1;
             self.chosen.push(Chosen { id: r.req.id, token: next, logprobs });
-            let reason = if r.req.forced.is_none() && stop_at_eos && engine.eos_token_ids().contains(&next) {
-                Some(FinishReason::Stop)
-            } else if r.tokens.len() >= r.req.max_new(&self.params) {
-                Some(FinishReason::Length)
-            } else {
-                None
-            };
+            let reason =
+                if complete || (r.req.forced.is_none() && stop_at_eos && engine.eos_token_ids().contains(&next)) {
+                    Some(FinishReason::Stop)
+                } else if r.tokens.len() >= r.req.max_new(&self.params) {
+                    Some(FinishReason::Length)
+                } else {
+                    None
+                };
             match reason {
                 Some(reason) => {
                     let r = self.running.remove(i);

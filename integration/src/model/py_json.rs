@@ -102,6 +102,43 @@ impl serde_json::ser::Formatter for PythonFormatter {
         self.has_value = true;
         Ok(())
     }
+
+    fn write_f64<W: ?Sized + io::Write>(&mut self, w: &mut W, value: f64) -> io::Result<()> {
+        w.write_all(python_float(value).as_bytes())
+    }
+
+    fn write_f32<W: ?Sized + io::Write>(&mut self, w: &mut W, value: f32) -> io::Result<()> {
+        self.write_f64(w, f64::from(value))
+    }
+}
+
+/// A float as Python's `repr` writes it: the shortest digits that read back, positional from
+/// 1e-4 up to 1e16 (with `.0` when whole), else `d.ddde+XX` with at least two exponent digits.
+fn python_float(v: f64) -> String {
+    if !v.is_finite() {
+        // json.dumps writes these (not JSON) by default.
+        return if v.is_nan() {
+            "NaN".into()
+        } else if v > 0.0 {
+            "Infinity".into()
+        } else {
+            "-Infinity".into()
+        };
+    }
+    let sci = format!("{v:e}");
+    let (mantissa, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
+    let exp: i32 = exp.parse().unwrap_or(0);
+    if (-4..16).contains(&exp) {
+        let positional = format!("{v}");
+        if positional.contains('.') {
+            positional
+        } else {
+            format!("{positional}.0")
+        }
+    } else {
+        let sign = if exp < 0 { '-' } else { '+' };
+        format!("{mantissa}e{sign}{:02}", exp.abs())
+    }
 }
 
 fn invalid(msg: String) -> Error {
@@ -133,8 +170,10 @@ pub fn tojson(value: &Value, kwargs: Kwargs) -> Result<Value, Error> {
     let mut out = Vec::new();
     let mut ser = serde_json::Serializer::with_formatter(&mut out, PythonFormatter::new(indent, separators));
     let written = if sort_keys.unwrap_or(false) {
-        // serde_json's own maps are sorted by key.
-        serde_json::to_value(value).and_then(|v| v.serialize(&mut ser))
+        serde_json::to_value(value).and_then(|mut v| {
+            v.sort_all_objects();
+            v.serialize(&mut ser)
+        })
     } else {
         value.serialize(&mut ser)
     };
@@ -144,12 +183,13 @@ pub fn tojson(value: &Value, kwargs: Kwargs) -> Result<Value, Error> {
     Ok(Value::from_safe_string(text))
 }
 
-/// Python's `ensure_ascii`: every non-ASCII character as `\uXXXX` (UTF-16 units, lowercase hex).
-/// Non-ASCII characters only occur inside JSON strings, so this is safe on the whole text.
+/// Python's `ensure_ascii`: every character outside printable ASCII (non-ASCII, and DEL) as
+/// `\uXXXX` (UTF-16 units, lowercase hex). They only occur inside JSON strings (serde_json has
+/// escaped the other control characters), so this is safe on the whole text.
 fn escape_non_ascii(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
-        if c.is_ascii() {
+        if c.is_ascii() && c != '\x7f' {
             out.push(c);
         } else {
             for unit in c.encode_utf16(&mut [0; 2]) {

@@ -91,6 +91,7 @@ pub fn serve(cfg: &EngineConfig) -> Result<()> {
         tokenizer: tokenizer.clone(),
         chat_template,
         tool_format,
+        tool_markers_special: tool_format.is_some_and(|f| f.markers_are_special(&tokenizer)),
         vocab_size,
         commands: commands.clone(),
         metrics: metrics.clone(),

@@ -131,6 +131,8 @@ pub struct FunctionCallIn {
 pub struct ToolRequest {
     /// The tools to show the model (empty: none).
     pub tools: Vec<minijinja::Value>,
+    /// Their function names.
+    pub names: Vec<String>,
     /// Read calls from the answer (`tool_choice: auto`).
     pub parse: bool,
     /// Calls kept per answer at most.
@@ -504,7 +506,7 @@ impl ChatRequest {
         if tools.is_empty() && choice != "none" {
             return Err(bad("tool_choice", format!("`tool_choice: \"{choice}\"` needs `tools`")));
         }
-        let mut names = std::collections::HashSet::new();
+        let mut names = Vec::new();
         for (i, tool) in tools.iter().enumerate() {
             let v = serde_json::to_value(tool).unwrap_or(Value::Null);
             let tool_error = |msg: &str| bad("tools", format!("tools[{i}]: {msg}"));
@@ -517,7 +519,7 @@ impl ChatRequest {
             let Some(name) = function.get("name").and_then(Value::as_str).filter(|n| !n.is_empty()) else {
                 return Err(tool_error("`function.name` must be a non-empty string"));
             };
-            if !names.insert(name.to_string()) {
+            if names.iter().any(|n| n == name) {
                 return Err(tool_error(&format!("a second function named `{name}`")));
             }
             if function.get("parameters").is_some_and(|p| !p.is_object() && !p.is_null()) {
@@ -526,6 +528,7 @@ impl ChatRequest {
             if function.get("description").is_some_and(|d| !d.is_string() && !d.is_null()) {
                 return Err(tool_error("`function.description` must be a string"));
             }
+            names.push(name.to_string());
         }
         let parallel = match &self.parallel_tool_calls {
             None | Some(Value::Null) => true,
@@ -537,6 +540,7 @@ impl ChatRequest {
         let parse = choice == "auto";
         Ok(ToolRequest {
             tools: if parse { tools } else { Vec::new() },
+            names,
             parse,
             max_calls: if parallel { usize::MAX } else { 1 },
         })
@@ -547,6 +551,7 @@ impl Message {
     /// The message as templates read it; `i` is its index, for errors.
     fn to_chat(&self, i: usize) -> Result<ChatMessage, ApiError> {
         let bad = |msg: String| ApiError::bad_request(format!("messages[{i}]: {msg}"), Some("messages"));
+        // An empty list is no calls.
         let calls = self.tool_calls.as_deref().unwrap_or_default();
         let content = match &self.content {
             Some(Content::Text(t)) => t.clone(),
@@ -568,6 +573,7 @@ impl Message {
         }
         let tool_calls = match &self.tool_calls {
             None => None,
+            Some(calls) if calls.is_empty() => None,
             Some(calls) => Some(
                 calls
                     .iter()
@@ -595,7 +601,7 @@ impl ToolCallIn {
         let empty = || minijinja::Value::from_iter(std::iter::empty::<(String, minijinja::Value)>());
         let arguments = match &self.function.arguments {
             None => empty(),
-            Some(v) if v.is_none() || v.as_str() == Some("") => empty(),
+            Some(v) if v.as_str() == Some("") => empty(),
             Some(v) => match v.as_str() {
                 Some(text) => serde_json::from_str::<minijinja::Value>(text)
                     .map_err(|e| format!("`function.arguments` is not JSON: {e}"))?,
@@ -784,6 +790,84 @@ mod tests {
         )
         .unwrap();
         assert!(r.chat_messages().unwrap_err().message.contains("image_url"));
+    }
+
+    fn chat_request(json: serde_json::Value) -> ChatRequest {
+        let mut body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+        body.as_object_mut().unwrap().extend(json.as_object().unwrap().clone());
+        serde_json::from_value(body).unwrap()
+    }
+
+    /// A history's tool calls reach the template with their arguments parsed into an object in
+    /// the order written (as vLLM hands them over); content may be null only beside calls.
+    #[test]
+    fn history_tool_calls_are_parsed_and_bad_ones_refused_by_index() {
+        let call = |arguments: Value| {
+            json!({"role": "assistant", "content": null, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": arguments}}]})
+        };
+        let result = json!({"role": "tool", "tool_call_id": "c1", "content": "20"});
+        let r = chat_request(json!({"messages": [call(json!("{\"z\": 1, \"a\": [2]}")), result]}));
+        let m = r.chat_messages().unwrap();
+        assert_eq!(m[0].content, "");
+        let c = &m[0].tool_calls.as_ref().unwrap()[0];
+        assert_eq!((c.id.as_deref(), c.function.name.as_str()), (Some("c1"), "f"));
+        assert_eq!(c.function.arguments.to_string(), r#"{"z": 1, "a": [2]}"#);
+        assert_eq!(m[1].tool_call_id.as_deref(), Some("c1"));
+        // Empty or absent arguments are an empty object; an empty list of calls is none.
+        for empty in [json!(""), Value::Null] {
+            let m = chat_request(json!({"messages": [call(empty)]})).chat_messages().unwrap();
+            assert_eq!(m[0].tool_calls.as_ref().unwrap()[0].function.arguments.to_string(), "{}");
+        }
+        let none = json!({"role": "user", "content": "x", "tool_calls": []});
+        assert!(chat_request(json!({"messages": [none]})).chat_messages().unwrap()[0].tool_calls.is_none());
+        for (messages, needle) in [
+            (json!([call(json!("{not json"))]), "messages[0]: tool_calls[0]: `function.arguments` is not JSON"),
+            (json!([call(json!("[1]"))]), "must be a JSON object"),
+            (json!([{"role": "user"}]), "messages[0]: `content` is missing"),
+            (
+                json!([{"role": "user", "content": "x", "tool_calls": call(json!("{}"))["tool_calls"]}]),
+                "assistant turns only",
+            ),
+        ] {
+            let e = chat_request(json!({ "messages": messages })).chat_messages().unwrap_err();
+            assert!(e.message.contains(needle), "{}", e.message);
+            assert_eq!(e.param.as_deref(), Some("messages"));
+        }
+    }
+
+    /// `tools`, `tool_choice` and `parallel_tool_calls` as OpenAI defines them; what needs
+    /// constrained decoding, and malformed tools, are refused by field.
+    #[test]
+    fn tool_requests_are_checked_field_by_field() {
+        let weather =
+            json!({"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}});
+        let t = chat_request(json!({"tools": [weather]})).tool_request().unwrap();
+        assert!(t.parse && t.tools.len() == 1 && t.max_calls == usize::MAX);
+        assert_eq!(t.names, ["get_weather"]);
+        let none = chat_request(json!({"tools": [weather], "tool_choice": "none"})).tool_request().unwrap();
+        assert!(!none.parse && none.tools.is_empty());
+        let one = chat_request(json!({"tools": [weather], "parallel_tool_calls": false})).tool_request().unwrap();
+        assert_eq!(one.max_calls, 1);
+        assert!(!chat_request(json!({})).tool_request().unwrap().parse);
+        for (fields, param, needle) in [
+            (json!({"tools": [weather], "tool_choice": "required"}), "tool_choice", "constrained decoding"),
+            (json!({"tool_choice": "auto"}), "tool_choice", "needs `tools`"),
+            (json!({"tools": [weather], "tool_choice": 3}), "tool_choice", "must be"),
+            (json!({"tools": [{"type": "function", "function": {}}]}), "tools", "tools[0]: `function.name`"),
+            (json!({"tools": [{"type": "retrieval"}]}), "tools", "`type` must be \"function\""),
+            (json!({"tools": [weather, weather]}), "tools", "tools[1]: a second function named `get_weather`"),
+            (
+                json!({"tools": [{"type": "function", "function": {"name": "f", "parameters": 1}}]}),
+                "tools",
+                "parameters",
+            ),
+            (json!({"tools": [weather], "parallel_tool_calls": "yes"}), "parallel_tool_calls", "true or false"),
+        ] {
+            let e = chat_request(fields.clone()).tool_request().unwrap_err();
+            assert_eq!(e.param.as_deref(), Some(param), "{fields}");
+            assert!(e.message.contains(needle), "{fields}: {}", e.message);
+        }
     }
 
     #[test]

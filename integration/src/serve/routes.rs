@@ -44,6 +44,9 @@ pub struct App {
     pub chat_template: ChatTemplate,
     /// How this model writes tool calls, if the server reads them.
     pub tool_format: Option<ToolFormat>,
+    /// The format's markers are special tokens of this tokenizer: answers read for calls are
+    /// decoded with special tokens.
+    pub tool_markers_special: bool,
     /// The model's vocabulary size (token ids must be below it).
     pub vocab_size: usize,
     /// To the engine thread.
@@ -146,6 +149,8 @@ struct Prepared {
     adjustments: Option<LogitAdjustments>,
     /// Reads tool calls from each answer (chat with `tools`).
     tools: Option<ToolCallParser>,
+    /// Decode special tokens as text.
+    keep_special_tokens: bool,
 }
 
 fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
@@ -169,7 +174,8 @@ async fn chat(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) 
             .render_with(&messages, &tools.tools, &kwargs)
             .map_err(|e| ApiError::bad_request(format!("{e:#}"), Some("messages")))?;
         let ids = encode(&app.tokenizer, &text, false)?;
-        Ok(Prepared { tools: parser, ..app.prepare(Kind::Chat, &r.common, ids, None)? })
+        let keep_special_tokens = parser.is_some() && app.tool_markers_special;
+        Ok(Prepared { tools: parser, keep_special_tokens, ..app.prepare(Kind::Chat, &r.common, ids, None)? })
     });
     match prepared {
         Ok(p) => app.answer(Kind::Chat, p).await,
@@ -261,7 +267,7 @@ impl App {
                        it knows (`<tool_call>` blocks or Llama 3's JSON) and `[server] tool_parser` names none";
             return Err(ApiError::bad_request(msg, Some("tools")));
         };
-        Ok(Some(ToolCallParser::new(format, tools.max_calls)))
+        Ok(Some(ToolCallParser::new(format, tools.names.clone(), tools.max_calls)))
     }
 
     fn check_model(&self, model: &str) -> Result<(), ApiError> {
@@ -321,7 +327,7 @@ impl App {
             return Err(ApiError { param: Some("max_tokens".into()), ..ApiError::bad_request(msg, None) }
                 .with_code("context_length_exceeded"));
         }
-        Ok(Prepared { sampling, policy, prompt, logprobs, echo, adjustments, tools: None })
+        Ok(Prepared { sampling, policy, prompt, logprobs, echo, adjustments, tools: None, keep_special_tokens: false })
     }
 
     /// Queues the job and answers from its events (streamed or whole).
@@ -360,6 +366,7 @@ impl App {
                 logprobs: p.logprobs,
                 echo: p.echo.clone(),
                 adjustments: p.adjustments.clone(),
+                keep_special_tokens: p.keep_special_tokens,
                 events: tx,
             };
             jobs.push(job);
@@ -455,7 +462,8 @@ impl Head {
     }
 
     /// The chunks of what a tool-call parser made final: the content, then each call. The
-    /// log-probabilities of the tokens held back go with the first chunk.
+    /// log-probabilities of every token since the last chunk go with the first chunk (so one
+    /// chunk's tokens may include some whose text the parser still holds).
     fn parsed_chunks(
         &self,
         index: usize,

@@ -29,18 +29,37 @@ pub struct TextStream<'t> {
     /// Bytes of `text` already handed out.
     sent: usize,
     stopped: bool,
+    /// Special tokens decode as nothing (the default).
+    skip_special: bool,
 }
 
 impl<'t> TextStream<'t> {
     /// A stream for a new sequence that stops at any of `stops` (empty strings are ignored).
     pub fn new(tokenizer: &'t Tokenizer, stops: Vec<String>) -> Self {
         let stops = stops.into_iter().filter(|s| !s.is_empty()).collect();
-        Self { tokenizer, ids: Vec::new(), prefix: 0, read: 0, stops, text: String::new(), sent: 0, stopped: false }
+        Self {
+            tokenizer,
+            ids: Vec::new(),
+            prefix: 0,
+            read: 0,
+            stops,
+            text: String::new(),
+            sent: 0,
+            stopped: false,
+            skip_special: true,
+        }
+    }
+
+    /// Decodes special tokens as their text too (a tool-call parser reading markers that are
+    /// special tokens, as Hermes 3's `<tool_call>` is).
+    pub fn keeping_special_tokens(mut self) -> Self {
+        self.skip_special = false;
+        self
     }
 
     fn decode(&self, ids: &[u32]) -> String {
         // A token the tokenizer cannot decode (an id it has no piece for) decodes as nothing.
-        self.tokenizer.decode(ids, true).unwrap_or_default()
+        self.tokenizer.decode(ids, self.skip_special).unwrap_or_default()
     }
 
     /// Feeds the next token; returns the text that became final.

@@ -1,16 +1,18 @@
 //! Tool calls in a model's output, as OpenAI's `tool_calls`: a parser fed the decoded text piece
 //! by piece (streaming) or whole, which gives the same content and calls either way.
 //!
-//! Two formats, as vLLM's parsers of the same names read them:
+//! Two formats, named after vLLM's parsers for them:
 //! - `hermes` (Qwen2.5, Qwen3, QwQ, Hermes): `<tool_call>{"name": N, "arguments": {...}}</tool_call>`
-//!   anywhere in the text; an unterminated block at the end is read too. Whitespace around calls
-//!   is dropped.
+//!   anywhere in the text; an unterminated block at the end is read too.
 //! - `llama3_json` (Llama 3.1 to 3.3): the whole answer is `{"name": N, "parameters": {...}}`
 //!   (optionally after `<|python_tag|>`), several joined by `;`. An answer starting otherwise is
 //!   plain text.
 //!
-//! A block that does not read as a call (bad JSON, no name, non-object arguments) stays in the
-//! content as written: nothing the model wrote is lost.
+//! A call names one of the request's tools and has its arguments object (`arguments` or
+//! `parameters`; also a JSON string holding the object), kept as the model wrote it. A block
+//! that does not read as such a call stays in the content as written: nothing the model wrote is
+//! lost. Unlike vLLM, text after calls is content too; whitespace next to a call is dropped
+//! unless content continues on both sides of it.
 
 use anyhow::{bail, Result};
 use serde::Deserialize;
@@ -50,6 +52,16 @@ impl ToolFormat {
         } else {
             None
         }
+    }
+
+    /// Whether the format's markers are special tokens of `tokenizer` (Hermes 3's `<tool_call>`,
+    /// Llama 3's `<|python_tag|>`), which decoding skips unless told not to.
+    pub fn markers_are_special(self, tokenizer: &tokenizers::Tokenizer) -> bool {
+        let markers: &[&str] = match self {
+            Self::Hermes => &[HERMES_OPEN, HERMES_CLOSE],
+            Self::Llama3Json => &[PYTHON_TAG],
+        };
+        tokenizer.get_added_tokens_decoder().values().any(|t| t.special && markers.contains(&t.content.as_str()))
     }
 
     /// The name `[server] tool_parser` takes.
@@ -104,13 +116,17 @@ enum State {
 #[derive(Debug, Clone)]
 pub struct ToolCallParser {
     format: ToolFormat,
+    /// The functions a call may name.
+    names: Vec<String>,
     /// Calls kept at most (`parallel_tool_calls: false` keeps one); later ones are dropped.
     max_calls: usize,
     state: State,
     /// Text not yet resolved.
     buf: String,
-    /// Hermes: whitespace held back, dropped if a call follows.
+    /// Hermes: whitespace held back, sent only if more content follows.
     pending_ws: String,
+    /// Hermes, inside a block: how much of `buf` is known to hold no end marker.
+    scanned: usize,
     /// Hermes: a call just ended, so leading whitespace is dropped.
     after_call: bool,
     /// Calls read so far (kept or not).
@@ -126,24 +142,22 @@ struct WrittenCall<'a> {
     arguments: Option<&'a RawValue>,
 }
 
-/// `text` as a call, or `None` when it is not one.
-fn read_call(text: &str) -> Option<ToolCall> {
+/// `text` as a call to one of `names`, or `None` when it is not one.
+fn read_call(text: &str, names: &[String]) -> Option<ToolCall> {
     let call: WrittenCall = serde_json::from_str(text.trim()).ok()?;
-    if call.name.is_empty() {
+    if !names.contains(&call.name) {
         return None;
     }
-    let arguments = match call.arguments {
-        None => "{}".to_string(),
-        Some(raw) => match raw.get().as_bytes().first() {
-            Some(b'{') => raw.get().to_string(),
-            // Arguments written as a JSON string holding the object.
-            Some(b'"') => {
-                let inner: String = serde_json::from_str(raw.get()).ok()?;
-                serde_json::from_str::<&RawValue>(&inner).ok().filter(|v| v.get().starts_with('{'))?;
-                inner
-            }
-            _ => return None,
-        },
+    let raw = call.arguments?;
+    let arguments = match raw.get().as_bytes().first() {
+        Some(b'{') => raw.get().to_string(),
+        // Arguments written as a JSON string holding the object.
+        Some(b'"') => {
+            let inner: String = serde_json::from_str(raw.get()).ok()?;
+            serde_json::from_str::<&RawValue>(&inner).ok().filter(|v| v.get().starts_with('{'))?;
+            inner
+        }
+        _ => return None,
     };
     Some(ToolCall { name: call.name, arguments })
 }
@@ -158,18 +172,20 @@ fn partial_marker(text: &str, marker: &str) -> usize {
 }
 
 impl ToolCallParser {
-    /// A parser for one answer in `format`, keeping at most `max_calls` calls.
-    pub fn new(format: ToolFormat, max_calls: usize) -> Self {
+    /// A parser for one answer in `format`, of calls to `names`, keeping at most `max_calls`.
+    pub fn new(format: ToolFormat, names: Vec<String>, max_calls: usize) -> Self {
         let state = match format {
             ToolFormat::Hermes => State::Text,
             ToolFormat::Llama3Json => State::Undecided,
         };
         Self {
             format,
+            names,
             max_calls,
             state,
             buf: String::new(),
             pending_ws: String::new(),
+            scanned: 0,
             after_call: false,
             calls_seen: 0,
         }
@@ -207,7 +223,7 @@ impl ToolCallParser {
             // An unterminated block is read as a call if it is one.
             State::InCall => self.block(&rest, &format!("{HERMES_OPEN}{rest}"), &mut out),
             State::Undecided => out.content.push_str(&rest),
-            State::Calls => match llama3_calls(&rest) {
+            State::Calls => match llama3_calls(&rest, &self.names) {
                 Some(calls) => calls.into_iter().for_each(|c| self.keep(c, &mut out)),
                 None => out.content.push_str(&rest),
             },
@@ -223,7 +239,8 @@ impl ToolCallParser {
         self.calls_seen += 1;
     }
 
-    /// Hermes content text: whitespace right after a call, and right before one, is dropped.
+    /// Hermes content text: whitespace next to a call is held back, and sent only when content
+    /// follows it.
     fn text(&mut self, text: &str, out: &mut Parsed) {
         let text = if self.after_call { text.trim_start() } else { text };
         if text.is_empty() {
@@ -240,9 +257,8 @@ impl ToolCallParser {
 
     /// A Hermes block's inside: a call, or (written as `raw`) content.
     fn block(&mut self, inside: &str, raw: &str, out: &mut Parsed) {
-        match read_call(inside) {
+        match read_call(inside, &self.names) {
             Some(call) => {
-                self.pending_ws.clear();
                 self.keep(call, out);
                 self.after_call = true;
             }
@@ -257,8 +273,8 @@ impl ToolCallParser {
                     Some(at) => {
                         let before: String = self.buf.drain(..at + HERMES_OPEN.len()).collect();
                         self.text(&before[..at], out);
-                        // Held until the block resolves: kept before content, dropped before a call.
                         self.state = State::InCall;
+                        self.scanned = 0;
                     }
                     None => {
                         let hold = partial_marker(&self.buf, HERMES_OPEN);
@@ -267,14 +283,22 @@ impl ToolCallParser {
                         return;
                     }
                 },
-                State::InCall => match self.buf.find(HERMES_CLOSE) {
+                State::InCall => match self.buf[self.scanned..].find(HERMES_CLOSE).map(|at| self.scanned + at) {
                     Some(at) => {
                         let block: String = self.buf.drain(..at + HERMES_CLOSE.len()).collect();
                         let inside = &block[..at];
                         self.block(inside, &format!("{HERMES_OPEN}{block}"), out);
                         self.state = State::Text;
                     }
-                    None => return,
+                    None => {
+                        // The marker may start in the last few bytes: look there again next time.
+                        let mut from = self.buf.len().saturating_sub(HERMES_CLOSE.len() - 1);
+                        while !self.buf.is_char_boundary(from) {
+                            from -= 1;
+                        }
+                        self.scanned = from;
+                        return;
+                    }
                 },
                 // llama3_json's states: never entered by a hermes parser.
                 State::Undecided | State::Calls => return,
@@ -302,15 +326,15 @@ impl ToolCallParser {
     }
 }
 
-/// A whole llama3_json answer as its calls, or `None` when any part is not a call.
-fn llama3_calls(text: &str) -> Option<Vec<ToolCall>> {
+/// A whole llama3_json answer as its calls to `names`, or `None` when any part is not one.
+fn llama3_calls(text: &str, names: &[String]) -> Option<Vec<ToolCall>> {
     let text = text.trim_start();
     let mut rest = text.strip_prefix(PYTHON_TAG).unwrap_or(text).trim();
     let mut calls = Vec::new();
     while !rest.is_empty() {
         let mut values = serde_json::Deserializer::from_str(rest).into_iter::<&RawValue>();
         let raw = values.next()?.ok()?;
-        calls.push(read_call(raw.get())?);
+        calls.push(read_call(raw.get(), names)?);
         rest = rest[values.byte_offset()..].trim_start();
         if let Some(next) = rest.strip_prefix(';') {
             rest = next.trim_start();
@@ -333,8 +357,13 @@ mod tests {
         ToolCall { name: name.into(), arguments: arguments.into() }
     }
 
+    /// The functions the test answers may call.
+    fn names() -> Vec<String> {
+        ["get_weather", "a", "b", "x", "f"].map(String::from).to_vec()
+    }
+
     fn whole(format: ToolFormat, text: &str) -> Parsed {
-        let mut p = ToolCallParser::new(format, usize::MAX);
+        let mut p = ToolCallParser::new(format, names(), usize::MAX);
         let mut out = p.push(text);
         out.extend(p.finish());
         out
@@ -342,7 +371,7 @@ mod tests {
 
     /// The answer fed in pieces cut at `cuts` (byte offsets, moved to character boundaries).
     fn streamed(format: ToolFormat, text: &str, cuts: &[usize]) -> Parsed {
-        let mut p = ToolCallParser::new(format, usize::MAX);
+        let mut p = ToolCallParser::new(format, names(), usize::MAX);
         let mut out = Parsed::default();
         let mut at = 0;
         let mut cuts: Vec<usize> = cuts.iter().map(|&c| c % (text.len() + 1)).collect();
@@ -361,7 +390,8 @@ mod tests {
         out
     }
 
-    /// vLLM's hermes parser on these answers (its regex and `json.loads`), written out by hand.
+    /// Answers read as vLLM's hermes parser reads them (its regex and `json.loads`), where the
+    /// module doc does not say otherwise; expected values written out by hand.
     #[test]
     fn hermes_reads_calls_and_keeps_the_rest_as_content() {
         let h = |t: &str| whole(ToolFormat::Hermes, t);
@@ -369,11 +399,16 @@ mod tests {
         let got = h("<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Lima\"}}\n</tool_call>");
         assert_eq!(got, Parsed { content: String::new(), calls: vec![weather.clone()] });
         // Thinking before the call is content; whitespace around calls is dropped.
-        let two = "<think>\nhm\n</think>\n\n<tool_call>\n{\"name\": \"a\", \"arguments\": {}}\n</tool_call>\n<tool_call>\n{\"name\": \"b\"}\n</tool_call>\n";
-        assert_eq!(
-            h(two),
-            Parsed { content: "<think>\nhm\n</think>".into(), calls: vec![call("a", "{}"), call("b", "{}")] }
-        );
+        let two = "<think>\nhm\n</think>\n\n<tool_call>\n{\"name\": \"a\", \"arguments\": {}}\n</tool_call>\n\
+                   <tool_call>\n{\"name\": \"b\", \"arguments\": {\"k\": [1]}}\n</tool_call>\n";
+        let want = Parsed {
+            content: "<think>\nhm\n</think>".into(),
+            calls: vec![call("a", "{}"), call("b", r#"{"k": [1]}"#)],
+        };
+        assert_eq!(h(two), want);
+        // Content on both sides of a call keeps the whitespace before the call between them.
+        let around = "Let me check. <tool_call>{\"name\": \"a\", \"arguments\": {}}</tool_call>\n Done.";
+        assert_eq!(h(around), Parsed { content: "Let me check. Done.".into(), calls: vec![call("a", "{}")] });
         // No call: the text as written, trailing whitespace too.
         assert_eq!(h("Hello <tool\n"), Parsed { content: "Hello <tool\n".into(), calls: vec![] });
         // An unterminated block at the end is a call when it reads as one, else content.
@@ -383,11 +418,12 @@ mod tests {
         );
         let cut = "<tool_call>{\"name\": \"get_weather\", \"argum";
         assert_eq!(h(cut), Parsed { content: cut.into(), calls: vec![] });
-        // Blocks that are not calls stay in the content as written.
+        // Blocks that are not calls to the request's tools stay in the content as written.
         for bad in [
             "<tool_call>not json</tool_call>",
             "<tool_call>{\"arguments\": {}}</tool_call>",
-            "<tool_call>{\"name\": \"\"}</tool_call>",
+            "<tool_call>{\"name\": \"a\"}</tool_call>",
+            "<tool_call>{\"name\": \"not_a_tool\", \"arguments\": {}}</tool_call>",
             "<tool_call>{\"name\": \"f\", \"arguments\": [1]}</tool_call>",
             "<tool_call>{\"name\": \"f\", \"arguments\": \"not an object\"}</tool_call>",
         ] {
@@ -407,10 +443,13 @@ mod tests {
         let two =
             l("<|python_tag|>{\"name\": \"a\", \"parameters\": {\"x\": 1}}; {\"name\": \"b\", \"arguments\": {}}");
         assert_eq!(two.calls, vec![call("a", r#"{"x": 1}"#), call("b", "{}")]);
+        // JSON that is not a call to one of the tools (a user asked for a record) is content.
         for text in [
-            "The weather is fine. {\"name\": \"a\"}",
-            "{\"name\": \"a\"} trailing",
-            "{\"name\": \"a\"};",
+            "The weather is fine. {\"name\": \"a\", \"parameters\": {}}",
+            "{\"name\": \"a\", \"parameters\": {}} trailing",
+            "{\"name\": \"a\", \"parameters\": {}};",
+            "{\"name\": \"Bob\", \"age\": 3}",
+            "{\"name\": \"a\", \"age\": 3}",
             "{oops",
             "<|python",
         ] {
@@ -420,8 +459,9 @@ mod tests {
 
     #[test]
     fn parallel_tool_calls_false_keeps_the_first_call() {
-        let text = "<tool_call>{\"name\": \"a\"}</tool_call><tool_call>{\"name\": \"b\"}</tool_call>";
-        let mut p = ToolCallParser::new(ToolFormat::Hermes, 1);
+        let text = "<tool_call>{\"name\": \"a\", \"arguments\": {}}</tool_call>\
+                    <tool_call>{\"name\": \"b\", \"arguments\": {}}</tool_call>";
+        let mut p = ToolCallParser::new(ToolFormat::Hermes, names(), 1);
         let mut out = p.push(text);
         out.extend(p.finish());
         assert_eq!(out, Parsed { content: String::new(), calls: vec![call("a", "{}")] });
@@ -448,7 +488,7 @@ mod tests {
                 "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Lima\"}}\n</tool_call>"
                     .to_string()
             ),
-            Just("<tool_call>{\"name\": \"x\"}</tool_call>".to_string()),
+            Just("<tool_call>{\"name\": \"x\", \"arguments\": {}}</tool_call>".to_string()),
             Just("<tool_call>broken</tool_call>".to_string()),
             Just("<tool_".to_string()),
             Just("</tool_call>".to_string()),
@@ -456,6 +496,7 @@ mod tests {
             Just("; ".to_string()),
             Just("<|python_tag|>".to_string()),
             Just("Héllo wörld".to_string()),
+            Just("Done.".to_string()),
             Just(" \n ".to_string()),
             Just("\n\n".to_string()),
         ];
@@ -476,10 +517,12 @@ mod tests {
 
         /// With no call, the content is the text exactly.
         #[test]
-        fn an_answer_without_calls_is_its_text(text in "[a-z<>_/ \n{}]{0,40}") {
-            let got = whole(ToolFormat::Hermes, &text);
-            if got.calls.is_empty() {
-                prop_assert_eq!(got.content, text);
+        fn an_answer_without_calls_is_its_text(text in answer()) {
+            for format in [ToolFormat::Hermes, ToolFormat::Llama3Json] {
+                let got = whole(format, &text);
+                if got.calls.is_empty() {
+                    prop_assert_eq!(got.content, text.clone());
+                }
             }
         }
     }

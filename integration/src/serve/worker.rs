@@ -40,6 +40,9 @@ pub struct Job {
     pub echo: Option<String>,
     /// Logit biases and penalties applied before each token is chosen.
     pub adjustments: Option<LogitAdjustments>,
+    /// Decode special tokens as text (end-of-sequence tokens excepted), for a tool-call parser
+    /// whose markers are special tokens.
+    pub keep_special_tokens: bool,
     /// Where its events go.
     pub events: UnboundedSender<Event>,
 }
@@ -167,6 +170,7 @@ pub fn run<E: BatchEngine>(engine: &mut E, setup: WorkerSetup, commands: Receive
     let WorkerSetup { policies, tokenizer, metrics, max_batch, timeout, grace, prefill_chunk, rows, pool_bytes } =
         setup;
     let base = GenParams { max_tokens: 1, temperature: 0.0, top_p: 1.0, seed: 0, stop_at_eos: true, prefill_chunk };
+    let eos: Vec<u32> = engine.eos_token_ids().to_vec();
     let Ok(mut sched) = Scheduler::new(base, max_batch, false) else { return };
     metrics.bytes_capacity.set(gauge(pool_bytes));
     let mut active: HashMap<usize, Active<'_>> = HashMap::new();
@@ -225,7 +229,10 @@ pub fn run<E: BatchEngine>(engine: &mut E, setup: WorkerSetup, commands: Receive
                                         sched.want_prompt_logprobs(id, top);
                                     }
                                 }
-                                let text = TextStream::new(&tokenizer, job.stops.clone());
+                                let mut text = TextStream::new(&tokenizer, job.stops.clone());
+                                if job.keep_special_tokens {
+                                    text = text.keeping_special_tokens();
+                                }
                                 let a = Active {
                                     job,
                                     text,
@@ -337,6 +344,10 @@ pub fn run<E: BatchEngine>(engine: &mut E, setup: WorkerSetup, commands: Receive
             a.completion_tokens += 1;
             if let Some(lp) = &c.logprobs {
                 a.logprobs.push(TokenLogprob::of(&tokenizer, c.token, lp));
+            }
+            // The end-of-sequence token is never text, even where special tokens are.
+            if a.job.keep_special_tokens && eos.contains(&c.token) {
+                continue;
             }
             let d = a.text.push(c.token);
             if !d.text.is_empty() {

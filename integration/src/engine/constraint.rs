@@ -43,8 +43,19 @@ impl Grammars {
     }
 
     /// A constraint to text matching `schema` (a JSON Schema); an unsupported or malformed schema
-    /// is an error.
+    /// is an error. The JSON is written as Python's `json.dumps` writes it (`, ` and `: `, no
+    /// other whitespace), so that a model cannot loop on whitespace, unless the schema's own
+    /// `x-guidance` options say otherwise.
     pub fn json_schema(&self, schema: serde_json::Value) -> Result<Box<dyn TokenConstraint>> {
+        let mut schema = match schema {
+            serde_json::Value::Bool(true) => serde_json::json!({}),
+            other => other,
+        };
+        if let Some(o) = schema.as_object_mut() {
+            o.entry("x-guidance").or_insert_with(
+                || serde_json::json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "}),
+            );
+        }
         let parser = self.factory.create_parser(TopLevelGrammar::from_json_schema(schema))?;
         let matcher = Matcher::new(Ok(parser));
         if let Some(e) = matcher.get_error() {
@@ -76,5 +87,80 @@ impl TokenConstraint for GrammarConstraint {
 
     fn finished(&self) -> bool {
         self.matcher.is_stopped()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// The byte-level BPE vocabulary of the tiny Llama 3 fixture (512 tokens).
+    fn tokenizer() -> (Tokenizer, u32) {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf/llama3_tiny.gguf");
+        let mut file = std::fs::File::open(path).unwrap();
+        let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
+        let eos = content.metadata["tokenizer.ggml.eos_token_id"].to_u32().unwrap();
+        (crate::model::gguf_tokenizer::from_gguf(&content).unwrap(), eos)
+    }
+
+    /// Samples a constrained answer from random logits (seeded), as the scheduler does.
+    fn sample_answer(c: &mut dyn TokenConstraint, vocab: usize, eos: u32, seed: u64) -> Vec<u32> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut tokens = Vec::new();
+        while !c.finished() && tokens.len() < 400 {
+            let mut logits: Vec<f32> = (0..vocab).map(|_| rng.random_range(-4.0..4.0)).collect();
+            c.mask(&mut logits).unwrap();
+            let allowed: Vec<usize> = (0..vocab).filter(|&i| logits[i].is_finite()).collect();
+            assert!(!allowed.is_empty(), "the mask allows no token");
+            let next = allowed[rng.random_range(0..allowed.len())] as u32;
+            c.advance(next).unwrap();
+            if next != eos {
+                tokens.push(next);
+            }
+        }
+        assert!(c.finished(), "no end within 400 tokens");
+        tokens
+    }
+
+    /// Whatever the logits, the text a schema constraint lets through parses and matches the
+    /// schema (checked by hand here, an oracle apart from llguidance).
+    #[test]
+    fn random_answers_under_a_schema_are_valid_json_of_that_schema() {
+        let (tok, eos) = tokenizer();
+        let vocab = tok.get_vocab_size(true) + 3;
+        let grammars = Grammars::new(&tok, vocab, &[eos]).unwrap();
+        let schema = serde_json::json!({"type": "object", "properties": {
+            "n": {"type": "integer", "minimum": 0, "maximum": 99},
+            "tag": {"enum": ["red", "green"]},
+            "ok": {"type": "boolean"}},
+            "required": ["n", "tag", "ok"], "additionalProperties": false});
+        for seed in 0..12 {
+            let mut c = grammars.json_schema(schema.clone()).unwrap();
+            let tokens = sample_answer(c.as_mut(), vocab, eos, seed);
+            let text = tok.decode(&tokens, false).unwrap();
+            let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+            let o = v.as_object().unwrap();
+            assert_eq!(o.len(), 3, "{text}");
+            // Written as json.dumps writes it: no whitespace but one space after `,` and `:`.
+            assert!(!text.contains(['\n', '\t', '\r']) && !text.contains("  ") && text.starts_with("{\""), "{text}");
+            assert!(o["n"].as_u64().is_some_and(|n| n <= 99), "{text}");
+            assert!(["red", "green"].contains(&o["tag"].as_str().unwrap()), "{text}");
+            assert!(o["ok"].is_boolean(), "{text}");
+        }
+        // Rows past the tokenizer's vocabulary are never allowed.
+        let mut c = grammars.json_schema(serde_json::json!({"type": "object"})).unwrap();
+        let mut logits = vec![0.0; vocab];
+        c.mask(&mut logits).unwrap();
+        assert!(logits[vocab - 3..].iter().all(|l| *l == f32::NEG_INFINITY));
+    }
+
+    #[test]
+    fn a_schema_the_engine_cannot_use_is_an_error() {
+        let (tok, eos) = tokenizer();
+        let grammars = Grammars::new(&tok, tok.get_vocab_size(true), &[eos]).unwrap();
+        for bad in [serde_json::json!({"type": "nonsense"}), serde_json::json!({"$ref": "#/nowhere"})] {
+            assert!(grammars.json_schema(bad.clone()).is_err(), "{bad}");
+        }
     }
 }

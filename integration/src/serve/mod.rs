@@ -24,6 +24,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 
 use crate::config::EngineConfig;
+use crate::engine::constraint::Grammars;
 use crate::engine::from_config::{build_engine, registry, resolve_policy_table, BuiltEngine};
 use crate::engine::Engine;
 use placement::Placement;
@@ -92,6 +93,7 @@ pub fn serve(cfg: &EngineConfig) -> Result<()> {
         chat_template,
         tool_format,
         tool_markers_special: tool_format.is_some_and(|f| f.markers_are_special(&tokenizer)),
+        grammars: Grammars::new(&tokenizer, vocab_size, &mc.eos_token_ids).map_err(|e| format!("{e:#}")),
         vocab_size,
         commands: commands.clone(),
         metrics: metrics.clone(),

@@ -4,6 +4,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
+use super::tool_calls::Forced;
 use crate::engine::LogitAdjustments;
 use crate::model::chat_template::{ChatMessage, FunctionCallMessage, ToolCallMessage};
 
@@ -28,9 +29,14 @@ pub struct ChatRequest {
     /// parameters}}`), handed to the chat template with their key order.
     #[serde(default)]
     pub tools: Option<Vec<minijinja::Value>>,
-    /// `none` or `auto` (`required` and a named function need constrained decoding: refused).
+    /// `none`, `auto`, `required` (at least one call) or `{"type": "function", "function":
+    /// {"name": N}}` (a call to N); the last two are forced by a grammar.
     #[serde(default)]
     pub tool_choice: Option<Value>,
+    /// `{"type": "text"}`, `{"type": "json_object"}` or `{"type": "json_schema", "json_schema":
+    /// {"schema": S}}`: the answer is forced to JSON (matching S) by a grammar.
+    #[serde(default)]
+    pub response_format: Option<Value>,
     /// `false`: at most one call per answer.
     #[serde(default)]
     pub parallel_tool_calls: Option<Value>,
@@ -52,6 +58,13 @@ pub struct CompletionRequest {
     /// Put the prompt before the completion (with `logprobs`, the prompt tokens' too).
     #[serde(default)]
     echo: Option<Value>,
+    /// Chat fields, refused here rather than ignored.
+    #[serde(default)]
+    response_format: Option<Value>,
+    #[serde(default)]
+    tools: Option<Value>,
+    #[serde(default)]
+    tool_choice: Option<Value>,
     /// Sampling and stopping fields shared with chat.
     #[serde(flatten)]
     pub common: CommonFields,
@@ -70,6 +83,20 @@ impl CompletionRequest {
     /// Whether the answer starts with the prompt.
     pub fn echo(&self) -> Result<bool, ApiError> {
         echo_flag(&self.echo)
+    }
+
+    /// Refuses the chat fields `response_format`, `tools` and `tool_choice` (a completion
+    /// would run without them).
+    pub fn check_chat_fields(&self) -> Result<(), ApiError> {
+        let fields =
+            [("response_format", &self.response_format), ("tools", &self.tools), ("tool_choice", &self.tool_choice)];
+        for (name, value) in fields {
+            if value.as_ref().is_some_and(|v| !v.is_null()) {
+                let msg = format!("`{name}` is a chat field: send it to /v1/chat/completions");
+                return Err(ApiError::bad_request(msg, Some(name)));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -137,6 +164,8 @@ pub struct ToolRequest {
     pub parse: bool,
     /// Calls kept per answer at most.
     pub max_calls: usize,
+    /// `tool_choice` `required` or named: the answer's form, and the JSON Schema forcing it.
+    pub forced: Option<(Forced, Value)>,
 }
 
 /// Message content.
@@ -262,8 +291,6 @@ pub struct Unsupported {
     functions: Option<Value>,
     #[serde(default)]
     function_call: Option<Value>,
-    #[serde(default)]
-    response_format: Option<Value>,
 }
 
 impl Unsupported {
@@ -276,12 +303,11 @@ impl Unsupported {
             _ => false,
         };
         type NoOp = fn(&Value) -> bool;
-        let fields: [(&str, &Option<Value>, NoOp, &str); 5] = [
+        let fields: [(&str, &Option<Value>, NoOp, &str); 4] = [
             ("best_of", &self.best_of, |v| v.as_f64() == Some(1.0), "1"),
             ("suffix", &self.suffix, empty, "\"\""),
             ("functions", &self.functions, empty, "[] (use `tools`)"),
             ("function_call", &self.function_call, |v| v == "none", "\"none\" (use `tool_choice`)"),
-            ("response_format", &self.response_format, |v| v == &json!({"type": "text"}), "{\"type\": \"text\"}"),
         ];
         for (name, value, no_op, no_op_text) in fields {
             match value {
@@ -486,27 +512,30 @@ impl ChatRequest {
     pub fn tool_request(&self) -> Result<ToolRequest, ApiError> {
         let bad = |field: &'static str, msg: String| ApiError::bad_request(msg, Some(field));
         let tools = self.tools.clone().unwrap_or_default();
-        const CONSTRAINED: &str = "needs constrained decoding, which this server does not do; use \"auto\" or \"none\"";
+        // `None` here: a named function.
         let choice = match self.tool_choice.as_ref().filter(|v| !v.is_null()) {
-            None if tools.is_empty() => "none",
-            None => "auto",
-            Some(Value::String(s)) if s == "none" || s == "auto" => s.as_str(),
-            Some(Value::String(s)) if s == "required" => {
-                return Err(bad("tool_choice", format!("`tool_choice: \"required\"` {CONSTRAINED}")))
-            }
-            Some(v @ Value::Object(_)) => {
-                return Err(bad("tool_choice", format!("a named `tool_choice` ({v}) {CONSTRAINED}")))
+            None if tools.is_empty() => Some("none"),
+            None => Some("auto"),
+            Some(Value::String(s)) if ["none", "auto", "required"].contains(&s.as_str()) => Some(s.as_str()),
+            Some(Value::Object(o))
+                if o.get("type").and_then(Value::as_str) == Some("function")
+                    && o.get("function").and_then(|f| f.get("name")).is_some_and(Value::is_string) =>
+            {
+                None
             }
             Some(v) => {
-                let msg =
-                    format!("`tool_choice` must be \"none\", \"auto\", \"required\" or a named function, got {v}");
+                let msg = format!(
+                    "`tool_choice` must be \"none\", \"auto\", \"required\" or {{\"type\": \"function\", \"function\": \
+                     {{\"name\": NAME}}}}, got {v}"
+                );
                 return Err(bad("tool_choice", msg));
             }
         };
-        if tools.is_empty() && choice != "none" {
-            return Err(bad("tool_choice", format!("`tool_choice: \"{choice}\"` needs `tools`")));
+        if tools.is_empty() && choice != Some("none") {
+            return Err(bad("tool_choice", "`tool_choice` other than \"none\" needs `tools`".into()));
         }
         let mut names = Vec::new();
+        let mut schemas = Vec::new();
         for (i, tool) in tools.iter().enumerate() {
             let v = serde_json::to_value(tool).unwrap_or(Value::Null);
             let tool_error = |msg: &str| bad("tools", format!("tools[{i}]: {msg}"));
@@ -529,6 +558,8 @@ impl ChatRequest {
                 return Err(tool_error("`function.description` must be a string"));
             }
             names.push(name.to_string());
+            let parameters = function.get("parameters").filter(|p| p.is_object());
+            schemas.push(parameters.cloned().unwrap_or(json!({"type": "object"})));
         }
         let parallel = match &self.parallel_tool_calls {
             None | Some(Value::Null) => true,
@@ -537,13 +568,61 @@ impl ChatRequest {
                 return Err(bad("parallel_tool_calls", format!("`parallel_tool_calls` must be true or false, got {v}")))
             }
         };
-        let parse = choice == "auto";
+        let forced = match choice {
+            Some("required") => {
+                // An array of calls, each naming one of the tools with its parameters.
+                let calls: Vec<Value> = names
+                    .iter()
+                    .zip(&schemas)
+                    .map(|(name, parameters)| {
+                        json!({"type": "object", "properties": {"name": {"const": name}, "parameters": parameters},
+                            "required": ["name", "parameters"], "additionalProperties": false})
+                    })
+                    .collect();
+                let mut schema = json!({"type": "array", "minItems": 1, "items": {"anyOf": calls}});
+                if !parallel {
+                    schema["maxItems"] = json!(1);
+                }
+                Some((Forced::List, schema))
+            }
+            None => {
+                let name = self.tool_choice.as_ref().and_then(|c| c["function"]["name"].as_str()).unwrap_or_default();
+                let Some(i) = names.iter().position(|n| n == name) else {
+                    let msg =
+                        format!("`tool_choice` names `{name}`, which is not among `tools` ({})", names.join(", "));
+                    return Err(bad("tool_choice", msg));
+                };
+                Some((Forced::Named(name.to_string()), schemas[i].clone()))
+            }
+            _ => None,
+        };
+        let show = choice != Some("none");
         Ok(ToolRequest {
-            tools: if parse { tools } else { Vec::new() },
+            tools: if show { tools } else { Vec::new() },
             names,
-            parse,
+            parse: choice == Some("auto"),
             max_calls: if parallel { usize::MAX } else { 1 },
+            forced,
         })
+    }
+}
+
+impl ChatRequest {
+    /// The JSON Schema `response_format` forces the answer to, if any.
+    pub fn response_schema(&self) -> Result<Option<Value>, ApiError> {
+        let bad = |msg: String| ApiError::bad_request(msg, Some("response_format"));
+        let Some(format) = self.response_format.as_ref().filter(|v| !v.is_null()) else { return Ok(None) };
+        match format.get("type").and_then(Value::as_str) {
+            Some("text") => Ok(None),
+            Some("json_object") => Ok(Some(json!({"type": "object"}))),
+            Some("json_schema") => match format.get("json_schema").and_then(|j| j.get("schema")) {
+                Some(schema) if schema.is_object() || schema.is_boolean() => Ok(Some(schema.clone())),
+                _ => Err(bad(format!("`response_format.json_schema.schema` must be a JSON Schema, got {format}"))),
+            },
+            _ => Err(bad(format!(
+                "`response_format.type` must be \"text\", \"json_object\" or \"json_schema\", got {format}"
+            ))),
+        }
     }
 }
 
@@ -681,7 +760,7 @@ mod tests {
             (r#"{"best_of": 3}"#, "best_of"),
             (r#"{"suffix": "}"}"#, "suffix"),
             (r#"{"functions": [{"name": "f"}]}"#, "functions"),
-            (r#"{"response_format": {"type": "json_object"}}"#, "response_format"),
+            (r#"{"function_call": "auto"}"#, "function_call"),
         ] {
             let e = common(body).sampling(16, 100, false).unwrap_err();
             assert_eq!(e.status.as_u16(), 400, "{body}");
@@ -849,9 +928,25 @@ mod tests {
         assert!(!none.parse && none.tools.is_empty());
         let one = chat_request(json!({"tools": [weather], "parallel_tool_calls": false})).tool_request().unwrap();
         assert_eq!(one.max_calls, 1);
+        // Forced calls: the named function's parameters, or an array of calls to any tool.
+        let named = json!({"type": "function", "function": {"name": "get_weather"}});
+        let t = chat_request(json!({"tools": [weather], "tool_choice": named})).tool_request().unwrap();
+        assert_eq!(t.forced, Some((Forced::Named("get_weather".into()), json!({"type": "object"}))));
+        assert!(!t.parse && t.tools.len() == 1);
+        let t = chat_request(json!({"tools": [weather], "tool_choice": "required", "parallel_tool_calls": false}))
+            .tool_request()
+            .unwrap();
+        let (form, schema) = t.forced.unwrap();
+        assert_eq!(form, Forced::List);
+        assert_eq!((schema["minItems"].clone(), schema["maxItems"].clone()), (json!(1), json!(1)));
+        assert_eq!(schema["items"]["anyOf"][0]["properties"]["name"], json!({"const": "get_weather"}));
         assert!(!chat_request(json!({})).tool_request().unwrap().parse);
         for (fields, param, needle) in [
-            (json!({"tools": [weather], "tool_choice": "required"}), "tool_choice", "constrained decoding"),
+            (
+                json!({"tools": [weather], "tool_choice": {"type": "function", "function": {"name": "f"}}}),
+                "tool_choice",
+                "`f`, which is not among `tools` (get_weather)",
+            ),
             (json!({"tool_choice": "auto"}), "tool_choice", "needs `tools`"),
             (json!({"tools": [weather], "tool_choice": 3}), "tool_choice", "must be"),
             (json!({"tools": [{"type": "function", "function": {}}]}), "tools", "tools[0]: `function.name`"),

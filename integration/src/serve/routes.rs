@@ -29,6 +29,7 @@ use super::openai::{
 };
 use super::tool_calls::{Parsed, ToolCall, ToolCallParser, ToolFormat};
 use super::worker::{Command, Event, Job, Outcome, TokenLogprob};
+use crate::engine::constraint::{Grammars, TokenConstraint};
 use crate::engine::{GenParams, LogitAdjustments};
 use crate::model::chat_template::{check_extra, ChatTemplate};
 
@@ -47,6 +48,8 @@ pub struct App {
     /// The format's markers are special tokens of this tokenizer: answers read for calls are
     /// decoded with special tokens.
     pub tool_markers_special: bool,
+    /// Builds grammar constraints, or why this tokenizer cannot have them.
+    pub grammars: Result<Grammars, String>,
     /// The model's vocabulary size (token ids must be below it).
     pub vocab_size: usize,
     /// To the engine thread.
@@ -151,6 +154,8 @@ struct Prepared {
     tools: Option<ToolCallParser>,
     /// Decode special tokens as text.
     keep_special_tokens: bool,
+    /// One grammar constraint per choice (`response_format`, a forced tool call), or none.
+    constraints: Vec<Box<dyn TokenConstraint>>,
 }
 
 fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
@@ -167,6 +172,23 @@ async fn chat(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) 
         let messages = r.chat_messages()?;
         let tools = r.tool_request()?;
         let parser = app.tool_parser(&tools, messages.iter().any(|m| m.tool_calls.is_some()))?;
+        let (parser, schema) = match (&tools.forced, r.response_schema()?) {
+            (Some(_), Some(_)) => {
+                let msg = "`response_format` cannot be combined with a `tool_choice` that forces a call";
+                return Err(ApiError::bad_request(msg, Some("response_format")));
+            }
+            (None, Some(_)) if tools.parse => {
+                let msg = "`response_format` cannot be combined with `tools` the model may call; \
+                           set `tool_choice` to \"none\" or leave `response_format` out";
+                return Err(ApiError::bad_request(msg, Some("response_format")));
+            }
+            (None, Some(schema)) => (None, Some((schema, "response_format"))),
+            (Some((forced, schema)), None) => {
+                let forced = ToolCallParser::forced(forced.clone(), tools.names.clone(), tools.max_calls);
+                (Some(forced), Some((schema.clone(), "tool_choice")))
+            }
+            (None, None) => (parser, None),
+        };
         let kwargs = r.chat_template_kwargs.clone().unwrap_or_default();
         check_extra(&kwargs).map_err(|e| ApiError::bad_request(format!("{e:#}"), Some("chat_template_kwargs")))?;
         let text = app
@@ -174,8 +196,13 @@ async fn chat(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) 
             .render_with(&messages, &tools.tools, &kwargs)
             .map_err(|e| ApiError::bad_request(format!("{e:#}"), Some("messages")))?;
         let ids = encode(&app.tokenizer, &text, false)?;
-        let keep_special_tokens = parser.is_some() && app.tool_markers_special;
-        Ok(Prepared { tools: parser, keep_special_tokens, ..app.prepare(Kind::Chat, &r.common, ids, None)? })
+        let keep_special_tokens = parser.is_some() && schema.is_none() && app.tool_markers_special;
+        let p = app.prepare(Kind::Chat, &r.common, ids, None)?;
+        let constraints = match schema {
+            None => Vec::new(),
+            Some((schema, field)) => app.constraints(&schema, field, p.sampling.n)?,
+        };
+        Ok(Prepared { tools: parser, keep_special_tokens, constraints, ..p })
     });
     match prepared {
         Ok(p) => app.answer(Kind::Chat, p).await,
@@ -186,6 +213,7 @@ async fn chat(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) 
 async fn completions(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Response {
     let prepared = body_bytes(body).and_then(|b| parse_body::<CompletionRequest>(&b)).and_then(|r| {
         app.check_model(&r.model)?;
+        r.check_chat_fields()?;
         let echo = r.echo()?;
         let (ids, text) = match r.prompt {
             Prompt::Text(t) => (encode(&app.tokenizer, &t, true)?, Some(t)),
@@ -270,6 +298,23 @@ impl App {
         Ok(Some(ToolCallParser::new(format, tools.names.clone(), tools.max_calls)))
     }
 
+    /// `n` constraints to `schema` (from the request's `field`); a schema the grammar engine
+    /// cannot use is the request's error.
+    fn constraints(
+        &self,
+        schema: &Value,
+        field: &'static str,
+        n: usize,
+    ) -> Result<Vec<Box<dyn TokenConstraint>>, ApiError> {
+        let grammars = self.grammars.as_ref().map_err(|why| {
+            let msg = format!("`{field}` needs constrained decoding, which this model's tokenizer cannot have: {why}");
+            ApiError::bad_request(msg, Some(field))
+        })?;
+        (0..n).map(|_| grammars.json_schema(schema.clone())).collect::<anyhow::Result<Vec<_>>>().map_err(|e| {
+            ApiError::bad_request(format!("`{field}`: the JSON Schema cannot be used: {e:#}"), Some(field))
+        })
+    }
+
     fn check_model(&self, model: &str) -> Result<(), ApiError> {
         if model != self.model_id {
             let msg = format!("model `{model}` does not exist; this server serves `{}`", self.model_id);
@@ -327,11 +372,21 @@ impl App {
             return Err(ApiError { param: Some("max_tokens".into()), ..ApiError::bad_request(msg, None) }
                 .with_code("context_length_exceeded"));
         }
-        Ok(Prepared { sampling, policy, prompt, logprobs, echo, adjustments, tools: None, keep_special_tokens: false })
+        Ok(Prepared {
+            sampling,
+            policy,
+            prompt,
+            logprobs,
+            echo,
+            adjustments,
+            tools: None,
+            keep_special_tokens: false,
+            constraints: Vec::new(),
+        })
     }
 
     /// Queues the job and answers from its events (streamed or whole).
-    async fn answer(self: &Arc<Self>, kind: Kind, p: Prepared) -> Response {
+    async fn answer(self: &Arc<Self>, kind: Kind, mut p: Prepared) -> Response {
         let n = p.sampling.n;
         if self.outstanding.fetch_add(n, Ordering::SeqCst) + n > self.max_outstanding {
             self.outstanding.fetch_sub(n, Ordering::SeqCst);
@@ -347,6 +402,7 @@ impl App {
         // One sequence per choice, each with its own sampler (seed + index); the engine starts
         // the copies of one prompt from a single prompt pass.
         let (mut jobs, mut receivers) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        let mut constraints = std::mem::take(&mut p.constraints).into_iter();
         for i in 0..n {
             let (tx, rx) = unbounded_channel();
             let params = GenParams {
@@ -367,6 +423,7 @@ impl App {
                 echo: p.echo.clone(),
                 adjustments: p.adjustments.clone(),
                 keep_special_tokens: p.keep_special_tokens,
+                constraint: constraints.next(),
                 events: tx,
             };
             jobs.push(job);

@@ -112,10 +112,21 @@ enum State {
     Calls,
 }
 
+/// An answer whose form a grammar forced (`tool_choice` `required` or a named function).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Forced {
+    /// The whole answer is the arguments object of a call to this function.
+    Named(String),
+    /// The whole answer is a JSON array of `{"name": N, "parameters": {...}}`.
+    List,
+}
+
 /// A streaming tool-call parser for one answer.
 #[derive(Debug, Clone)]
 pub struct ToolCallParser {
     format: ToolFormat,
+    /// The answer's form was forced by a grammar: it is read whole at the end.
+    forced: Option<Forced>,
     /// The functions a call may name.
     names: Vec<String>,
     /// Calls kept at most (`parallel_tool_calls: false` keeps one); later ones are dropped.
@@ -180,6 +191,7 @@ impl ToolCallParser {
         };
         Self {
             format,
+            forced: None,
             names,
             max_calls,
             state,
@@ -189,6 +201,12 @@ impl ToolCallParser {
             after_call: false,
             calls_seen: 0,
         }
+    }
+
+    /// A parser for an answer whose form a grammar forced, of calls to `names`, keeping at most
+    /// `max_calls`.
+    pub fn forced(forced: Forced, names: Vec<String>, max_calls: usize) -> Self {
+        Self { forced: Some(forced), state: State::Calls, ..Self::new(ToolFormat::Llama3Json, names, max_calls) }
     }
 
     /// Whether any call was read (OpenAI's `finish_reason` is then `tool_calls`).
@@ -223,7 +241,11 @@ impl ToolCallParser {
             // An unterminated block is read as a call if it is one.
             State::InCall => self.block(&rest, &format!("{HERMES_OPEN}{rest}"), &mut out),
             State::Undecided => out.content.push_str(&rest),
-            State::Calls => match llama3_calls(&rest, &self.names) {
+            State::Calls => match self
+                .forced
+                .as_ref()
+                .map_or_else(|| llama3_calls(&rest, &self.names), |f| forced_calls(f, &rest, &self.names))
+            {
                 Some(calls) => calls.into_iter().for_each(|c| self.keep(c, &mut out)),
                 None => out.content.push_str(&rest),
             },
@@ -322,6 +344,23 @@ impl ToolCallParser {
         } else {
             self.state = State::Text;
             out.content.push_str(&std::mem::take(&mut self.buf));
+        }
+    }
+}
+
+/// A whole forced answer as its calls, or `None` when it is not one (cut short by `max_tokens`).
+fn forced_calls(forced: &Forced, text: &str, names: &[String]) -> Option<Vec<ToolCall>> {
+    match forced {
+        Forced::Named(name) => {
+            let arguments: &RawValue = serde_json::from_str(text.trim()).ok()?;
+            arguments
+                .get()
+                .starts_with('{')
+                .then(|| vec![ToolCall { name: name.clone(), arguments: arguments.get().into() }])
+        }
+        Forced::List => {
+            let items: Vec<&RawValue> = serde_json::from_str(text.trim()).ok()?;
+            items.into_iter().map(|item| read_call(item.get(), names)).collect()
         }
     }
 }
@@ -466,6 +505,28 @@ mod tests {
         out.extend(p.finish());
         assert_eq!(out, Parsed { content: String::new(), calls: vec![call("a", "{}")] });
         assert!(p.called());
+    }
+
+    /// A forced answer is read whole: the named function's arguments, or the array of calls.
+    #[test]
+    fn forced_answers_are_read_whole() {
+        let read = |forced: Forced, text: &str| {
+            let mut p = ToolCallParser::forced(forced, names(), usize::MAX);
+            let mut out = p.push(&text[..text.len() / 2]);
+            out.extend(p.push(&text[text.len() / 2..]));
+            out.extend(p.finish());
+            out
+        };
+        let named = read(Forced::Named("get_weather".into()), "{\"city\": \"Lima\"}");
+        assert_eq!(named, Parsed { content: String::new(), calls: vec![call("get_weather", r#"{"city": "Lima"}"#)] });
+        let list = read(
+            Forced::List,
+            "[{\"name\": \"a\", \"parameters\": {\"x\": 1}}, {\"name\": \"b\", \"parameters\": {}}]",
+        );
+        assert_eq!(list.calls, vec![call("a", r#"{"x": 1}"#), call("b", "{}")]);
+        // Cut short (max_tokens): the text as content.
+        let cut = "{\"city\": \"Li";
+        assert_eq!(read(Forced::Named("get_weather".into()), cut), Parsed { content: cut.into(), calls: vec![] });
     }
 
     #[test]

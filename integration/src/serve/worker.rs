@@ -18,6 +18,7 @@ use super::metrics::Metrics;
 use super::openai::KvReport;
 use super::text::TextStream;
 use crate::engine::batch_engine::BatchEngine;
+use crate::engine::constraint::TokenConstraint;
 use crate::engine::scheduler::{FinishReason, Finished, Request, Scheduler};
 use crate::engine::{GenParams, LogitAdjustments, TokenLogprobs};
 
@@ -43,6 +44,8 @@ pub struct Job {
     /// Decode special tokens as text (end-of-sequence tokens excepted), for a tool-call parser
     /// whose markers are special tokens.
     pub keep_special_tokens: bool,
+    /// The grammar its tokens must follow (`response_format`, a forced tool call).
+    pub constraint: Option<Box<dyn TokenConstraint>>,
     /// Where its events go.
     pub events: UnboundedSender<Event>,
 }
@@ -197,7 +200,7 @@ pub fn run<E: BatchEngine>(engine: &mut E, setup: WorkerSetup, commands: Receive
                 // One request's jobs (a sequence per choice) come together, so that they are
                 // admitted in the same step and the copies of one prompt fork.
                 Command::Submit(jobs) => {
-                    for job in jobs {
+                    for mut job in jobs {
                         if shutdown_at.is_some() {
                             let _ = job.events.send(Event::Failed(shutting_down()));
                             continue;
@@ -222,6 +225,9 @@ pub fn run<E: BatchEngine>(engine: &mut E, setup: WorkerSetup, commands: Receive
                             Ok(()) => {
                                 if let Some(a) = &job.adjustments {
                                     sched.adjust_logits(id, a.clone());
+                                }
+                                if let Some(c) = job.constraint.take() {
+                                    sched.constrain(id, c);
                                 }
                                 if let Some(top) = job.logprobs {
                                     sched.want_logprobs(id, top);

@@ -394,15 +394,34 @@ def check_tools(base, paths):
     one = client.chat.completions.create(**request, parallel_tool_calls=False)
     assert len(one.choices[0].message.tool_calls) == 1, one
 
+    # Forced by a grammar: a named function, or at least one call; and a JSON Schema answer.
+    city = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+            "required": ["city"], "additionalProperties": False}
+    named = client.chat.completions.create(
+        **request, tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    forced = named.choices[0].message.tool_calls[0]
+    assert forced.function.name == "get_weather" and "city" in json.loads(forced.function.arguments), named
+    required = client.chat.completions.create(**request, tool_choice="required")
+    calls = required.choices[0].message.tool_calls
+    assert calls and all(c.function.name == "get_weather" for c in calls), required
+    answer = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Which city is the capital of France?"}],
+        temperature=0, max_tokens=40,
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": city}})
+    parsed = json.loads(answer.choices[0].message.content)
+    assert set(parsed) == {"city"} and isinstance(parsed["city"], str), answer
+
     # Bad tool input: 400 naming the field.
     messages = conversation["messages"]
     bad_call = json.loads(json.dumps(messages))
     bad_call[1]["tool_calls"][0]["function"]["arguments"] = "{not json"
     body = {"model": MODEL, "messages": messages, "tools": conversation["tools"]}
     cases = [
-        ("tool_choice required", {**body, "tool_choice": "required"}, "tool_choice"),
-        ("a named tool_choice", {**body, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
-         "tool_choice"),
+        ("a named tool_choice not among the tools",
+         {**body, "tool_choice": {"type": "function", "function": {"name": "get_time"}}}, "tool_choice"),
+        ("a schema the grammar engine cannot use",
+         {**body, "tool_choice": "none", "response_format": {"type": "json_schema", "json_schema": {"schema": 3}}},
+         "response_format"),
         ("tool_choice without tools", {"model": MODEL, "messages": messages, "tool_choice": "auto"}, "tool_choice"),
         ("a tool without a name", {**body, "tools": [{"type": "function", "function": {}}]}, "tools"),
         ("a tool that is not a function", {**body, "tools": [{"type": "retrieval"}]}, "tools"),

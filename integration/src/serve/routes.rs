@@ -508,10 +508,10 @@ impl Head {
         }
     }
 
-    /// A chunk with one tool call (the `k`th of its answer), whole.
-    fn tool_delta(&self, index: usize, k: usize, call: &ToolCall, logprobs: &[TokenLogprob]) -> Value {
+    /// A chunk with one tool call (the `k`th of its answer, id `id`), whole.
+    fn tool_delta(&self, index: usize, k: usize, call: &ToolCall, id: String, logprobs: &[TokenLogprob]) -> Value {
         let logprobs = if self.logprobs { logprobs_json(self.kind, logprobs) } else { Value::Null };
-        let mut call = tool_call_json(call);
+        let mut call = tool_call_json(call, id);
         call["index"] = json!(k);
         self.object(
             json!([{"index": index, "delta": {"tool_calls": [call]}, "finish_reason": null, "logprobs": logprobs}]),
@@ -524,6 +524,7 @@ impl Head {
     fn parsed_chunks(
         &self,
         index: usize,
+        parser: &ToolCallParser,
         parsed: Parsed,
         held: &mut Vec<TokenLogprob>,
         sent: &mut usize,
@@ -533,7 +534,7 @@ impl Head {
             out.push(self.delta(index, &parsed.content, &std::mem::take(held)));
         }
         for call in &parsed.calls {
-            out.push(self.tool_delta(index, *sent, call, &std::mem::take(held)));
+            out.push(self.tool_delta(index, *sent, call, parser.call_id(), &std::mem::take(held)));
             *sent += 1;
         }
         out
@@ -569,11 +570,9 @@ fn finish_reason(o: &Outcome, called: bool) -> &'static str {
     }
 }
 
-/// A call as OpenAI's `tool_calls` entry, with a fresh id.
-fn tool_call_json(call: &ToolCall) -> Value {
-    use rand::Rng;
-    let id: String = rand::rng().sample_iter(rand::distr::Alphanumeric).take(24).map(char::from).collect();
-    json!({"id": format!("call_{id}"), "type": "function", "function": {"name": call.name, "arguments": call.arguments}})
+/// A call as OpenAI's `tool_calls` entry.
+fn tool_call_json(call: &ToolCall, id: String) -> Value {
+    json!({"id": id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}})
 }
 
 /// The `logprobs` object of a choice, in the chat or the completions form.
@@ -659,7 +658,7 @@ async fn whole_answer(head: Head, choices: Vec<(Event, UnboundedReceiver<Event>)
                 parsed.extend(parser.finish());
                 let mut message = json!({"role": "assistant", "content": parsed.content});
                 if !parsed.calls.is_empty() {
-                    message["tool_calls"] = parsed.calls.iter().map(tool_call_json).collect();
+                    message["tool_calls"] = parsed.calls.iter().map(|c| tool_call_json(c, parser.call_id())).collect();
                     if parsed.content.is_empty() {
                         message["content"] = Value::Null;
                     }
@@ -738,7 +737,7 @@ fn sse_stream(
                 Some(parser) => {
                     held[i].extend(logprobs);
                     let parsed = parser.push(&t);
-                    head.parsed_chunks(i, parsed, &mut held[i], &mut sent[i]).into_iter().map(data).collect()
+                    head.parsed_chunks(i, parser, parsed, &mut held[i], &mut sent[i]).into_iter().map(data).collect()
                 }
             },
             Event::Done(o) => {
@@ -747,7 +746,9 @@ fn sse_stream(
                     None => false,
                     Some(parser) => {
                         let parsed = parser.finish();
-                        v.extend(head.parsed_chunks(i, parsed, &mut held[i], &mut sent[i]).into_iter().map(data));
+                        v.extend(
+                            head.parsed_chunks(i, parser, parsed, &mut held[i], &mut sent[i]).into_iter().map(data),
+                        );
                         parser.called()
                     }
                 };

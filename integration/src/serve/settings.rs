@@ -52,9 +52,9 @@ pub struct ServerSection {
     /// a relative path is from the config file's folder.
     #[serde(default)]
     pub chat_template: Option<std::path::PathBuf>,
-    /// How tool calls are read from answers: `auto` (from the chat template: `<tool_call>`
-    /// blocks are `hermes`, Llama 3's JSON is `llama3_json`), `hermes`, `llama3_json`, or `none`
-    /// (requests with tools and `tool_choice: auto` are refused).
+    /// How tool calls are read from answers: `auto` (the format the chat template teaches),
+    /// `hermes`, `llama3_json`, `mistral`, `deepseek_v3`, or `none` (requests with tools and
+    /// `tool_choice: auto` are refused).
     #[serde(default = "default_tool_parser")]
     pub tool_parser: String,
     /// The cache policies a request may choose with `"cache_policy": NAME`. Empty: the one policy

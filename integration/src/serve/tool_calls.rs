@@ -7,6 +7,14 @@
 //! - `llama3_json` (Llama 3.1 to 3.3): the whole answer is `{"name": N, "parameters": {...}}`
 //!   (optionally after `<|python_tag|>`), several joined by `;`. An answer starting otherwise is
 //!   plain text.
+//! - `mistral` (Mistral Nemo, Small, Devstral): content, then `[TOOL_CALLS]` and a JSON array of
+//!   calls, or (tokenizers v11 and later) `[TOOL_CALLS]N[ARGS]{...}` per call.
+//! - `deepseek_v3` (DeepSeek V3, V3.1, R1): content, then `<｜tool▁calls▁begin｜>` and per call
+//!   `<｜tool▁call▁begin｜>N<｜tool▁sep｜>{...}<｜tool▁call▁end｜>` (V3 and R1 write
+//!   `function<｜tool▁sep｜>N` and the arguments in a json code fence), then
+//!   `<｜tool▁calls▁end｜>`.
+//!
+//! The last two read everything after their opening marker when the answer ends.
 //!
 //! A call names one of the request's tools and has its arguments object (`arguments` or
 //! `parameters`; also a JSON string holding the object), kept as the model wrote it. A block
@@ -25,11 +33,22 @@ pub enum ToolFormat {
     Hermes,
     /// The answer is JSON calls joined by `;`.
     Llama3Json,
+    /// `[TOOL_CALLS]` then the calls.
+    Mistral,
+    /// `<｜tool▁calls▁begin｜>` then DeepSeek's call blocks.
+    DeepSeekV3,
 }
 
 const HERMES_OPEN: &str = "<tool_call>";
 const HERMES_CLOSE: &str = "</tool_call>";
 const PYTHON_TAG: &str = "<|python_tag|>";
+const MISTRAL_CALLS: &str = "[TOOL_CALLS]";
+const MISTRAL_ARGS: &str = "[ARGS]";
+const DS_CALLS_BEGIN: &str = "<｜tool▁calls▁begin｜>";
+const DS_CALLS_END: &str = "<｜tool▁calls▁end｜>";
+const DS_CALL_BEGIN: &str = "<｜tool▁call▁begin｜>";
+const DS_CALL_END: &str = "<｜tool▁call▁end｜>";
+const DS_SEP: &str = "<｜tool▁sep｜>";
 
 impl ToolFormat {
     /// The format named in `[server] tool_parser`: `None` for `none`; `auto` is the caller's.
@@ -37,15 +56,23 @@ impl ToolFormat {
         Ok(match name {
             "hermes" => Some(Self::Hermes),
             "llama3_json" => Some(Self::Llama3Json),
+            "mistral" => Some(Self::Mistral),
+            "deepseek_v3" => Some(Self::DeepSeekV3),
             "none" => None,
-            other => bail!("unknown tool_parser `{other}`; valid: auto, hermes, llama3_json, none"),
+            other => {
+                bail!("unknown tool_parser `{other}`; valid: auto, hermes, llama3_json, mistral, deepseek_v3, none")
+            }
         })
     }
 
-    /// The format a chat template teaches, if it is one of ours: Hermes-style templates print
-    /// `<tool_call>`; Llama 3's ask for `{"name": ..., "parameters": ...}`.
+    /// The format a chat template teaches, if it is one of ours: by the markers it prints, or
+    /// for Llama 3 by its `{"name": ..., "parameters": ...}` instruction.
     pub fn detect(template: &str) -> Option<Self> {
-        if template.contains(HERMES_OPEN) {
+        if template.contains(DS_CALLS_BEGIN) {
+            Some(Self::DeepSeekV3)
+        } else if template.contains(MISTRAL_CALLS) {
+            Some(Self::Mistral)
+        } else if template.contains(HERMES_OPEN) {
             Some(Self::Hermes)
         } else if template.contains(PYTHON_TAG) || template.contains(r#""parameters": dictionary of argument name"#) {
             Some(Self::Llama3Json)
@@ -60,6 +87,8 @@ impl ToolFormat {
         let markers: &[&str] = match self {
             Self::Hermes => &[HERMES_OPEN, HERMES_CLOSE],
             Self::Llama3Json => &[PYTHON_TAG],
+            Self::Mistral => &[MISTRAL_CALLS, MISTRAL_ARGS],
+            Self::DeepSeekV3 => &[DS_CALLS_BEGIN, DS_CALL_BEGIN, DS_SEP],
         };
         tokenizer.get_added_tokens_decoder().values().any(|t| t.special && markers.contains(&t.content.as_str()))
     }
@@ -69,6 +98,18 @@ impl ToolFormat {
         match self {
             Self::Hermes => "hermes",
             Self::Llama3Json => "llama3_json",
+            Self::Mistral => "mistral",
+            Self::DeepSeekV3 => "deepseek_v3",
+        }
+    }
+
+    /// The marker that opens a call (Hermes) or the calls (Mistral, DeepSeek).
+    fn opening(self) -> Option<&'static str> {
+        match self {
+            Self::Hermes => Some(HERMES_OPEN),
+            Self::Mistral => Some(MISTRAL_CALLS),
+            Self::DeepSeekV3 => Some(DS_CALLS_BEGIN),
+            Self::Llama3Json => None,
         }
     }
 }
@@ -102,13 +143,13 @@ impl Parsed {
 /// Where the parser stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
-    /// Hermes: outside a block (and llama3_json once the answer is known to be text).
+    /// Content: before a marker (and llama3_json once the answer is known to be text).
     Text,
     /// Hermes: inside a block, waiting for its end.
     InCall,
     /// llama3_json: only whitespace (or part of `<|python_tag|>`) so far.
     Undecided,
-    /// llama3_json: the answer is calls; read at the end.
+    /// Calls (after a Mistral or DeepSeek marker, a llama3_json or forced answer): read at the end.
     Calls,
 }
 
@@ -134,11 +175,11 @@ pub struct ToolCallParser {
     state: State,
     /// Text not yet resolved.
     buf: String,
-    /// Hermes: whitespace held back, sent only if more content follows.
+    /// Marked formats: whitespace held back, sent only if more content follows.
     pending_ws: String,
     /// Hermes, inside a block: how much of `buf` is known to hold no end marker.
     scanned: usize,
-    /// Hermes: a call just ended, so leading whitespace is dropped.
+    /// Marked formats: a call just ended, so leading whitespace is dropped.
     after_call: bool,
     /// Calls read so far (kept or not).
     calls_seen: usize,
@@ -186,8 +227,8 @@ impl ToolCallParser {
     /// A parser for one answer in `format`, of calls to `names`, keeping at most `max_calls`.
     pub fn new(format: ToolFormat, names: Vec<String>, max_calls: usize) -> Self {
         let state = match format {
-            ToolFormat::Hermes => State::Text,
             ToolFormat::Llama3Json => State::Undecided,
+            ToolFormat::Hermes | ToolFormat::Mistral | ToolFormat::DeepSeekV3 => State::Text,
         };
         Self {
             format,
@@ -209,6 +250,19 @@ impl ToolCallParser {
         Self { forced: Some(forced), state: State::Calls, ..Self::new(ToolFormat::Llama3Json, names, max_calls) }
     }
 
+    /// A fresh id for a call: 9 letters and digits for Mistral (its templates refuse others when
+    /// the call comes back in a history), else OpenAI's `call_` and 24.
+    pub fn call_id(&self) -> String {
+        use rand::Rng;
+        let n = if self.format == ToolFormat::Mistral && self.forced.is_none() { 9 } else { 24 };
+        let id: String = rand::rng().sample_iter(rand::distr::Alphanumeric).take(n).map(char::from).collect();
+        if n == 9 {
+            id
+        } else {
+            format!("call_{id}")
+        }
+    }
+
     /// Whether any call was read (OpenAI's `finish_reason` is then `tool_calls`).
     pub fn called(&self) -> bool {
         self.calls_seen > 0
@@ -218,9 +272,9 @@ impl ToolCallParser {
     pub fn push(&mut self, text: &str) -> Parsed {
         self.buf.push_str(text);
         let mut out = Parsed::default();
-        match self.format {
-            ToolFormat::Hermes => self.hermes(&mut out),
-            ToolFormat::Llama3Json => self.llama3(&mut out),
+        match self.format.opening() {
+            Some(opening) => self.marked(opening, &mut out),
+            None => self.llama3(&mut out),
         }
         out
     }
@@ -231,27 +285,40 @@ impl ToolCallParser {
         let rest = std::mem::take(&mut self.buf);
         match self.state {
             State::Text if self.format == ToolFormat::Llama3Json => out.content.push_str(&rest),
-            State::Text => {
-                self.text(&rest, &mut out);
-                // Whitespace after the last call is dropped; with no call it is content.
-                if !self.called() {
-                    out.content.push_str(&std::mem::take(&mut self.pending_ws));
-                }
-            }
+            State::Text => self.text(&rest, &mut out),
             // An unterminated block is read as a call if it is one.
             State::InCall => self.block(&rest, &format!("{HERMES_OPEN}{rest}"), &mut out),
             State::Undecided => out.content.push_str(&rest),
-            State::Calls => match self
-                .forced
-                .as_ref()
-                .map_or_else(|| llama3_calls(&rest, &self.names), |f| forced_calls(f, &rest, &self.names))
-            {
-                Some(calls) => calls.into_iter().for_each(|c| self.keep(c, &mut out)),
-                None => out.content.push_str(&rest),
-            },
+            State::Calls => self.section(&rest, &mut out),
+        }
+        // Whitespace after the last call is dropped; with no call it is content.
+        if !self.called() {
+            out.content.push_str(&std::mem::take(&mut self.pending_ws));
         }
         self.state = State::Text;
         out
+    }
+
+    /// Everything after the calls' opening marker (or a whole llama3_json or forced answer),
+    /// read as calls, or kept as content as written.
+    fn section(&mut self, rest: &str, out: &mut Parsed) {
+        let names = &self.names;
+        let read = match (&self.forced, self.format) {
+            (Some(f), _) => forced_calls(f, rest, names).map(|c| (c, "")),
+            (None, ToolFormat::Llama3Json) => llama3_calls(rest, names).map(|c| (c, "")),
+            (None, ToolFormat::Mistral) => mistral_calls(rest, names).map(|c| (c, "")),
+            (None, ToolFormat::DeepSeekV3) => deepseek_calls(rest, names),
+            (None, ToolFormat::Hermes) => None,
+        };
+        match (read, self.format.opening()) {
+            (Some((calls, after)), _) => {
+                calls.into_iter().for_each(|c| self.keep(c, out));
+                self.after_call = true;
+                self.text(after, out);
+            }
+            (None, Some(opening)) if self.forced.is_none() => self.text(&format!("{opening}{rest}"), out),
+            (None, _) => out.content.push_str(rest),
+        }
     }
 
     fn keep(&mut self, call: ToolCall, out: &mut Parsed) {
@@ -261,7 +328,7 @@ impl ToolCallParser {
         self.calls_seen += 1;
     }
 
-    /// Hermes content text: whitespace next to a call is held back, and sent only when content
+    /// Content text of a marked format: whitespace next to a call is held back, and sent only when content
     /// follows it.
     fn text(&mut self, text: &str, out: &mut Parsed) {
         let text = if self.after_call { text.trim_start() } else { text };
@@ -288,18 +355,20 @@ impl ToolCallParser {
         }
     }
 
-    fn hermes(&mut self, out: &mut Parsed) {
+    /// Formats whose calls open with a marker: content up to it; then Hermes' blocks one by one,
+    /// or the rest of the answer (Mistral, DeepSeek) at the end.
+    fn marked(&mut self, opening: &str, out: &mut Parsed) {
         loop {
             match self.state {
-                State::Text => match self.buf.find(HERMES_OPEN) {
+                State::Text => match self.buf.find(opening) {
                     Some(at) => {
-                        let before: String = self.buf.drain(..at + HERMES_OPEN.len()).collect();
+                        let before: String = self.buf.drain(..at + opening.len()).collect();
                         self.text(&before[..at], out);
-                        self.state = State::InCall;
+                        self.state = if self.format == ToolFormat::Hermes { State::InCall } else { State::Calls };
                         self.scanned = 0;
                     }
                     None => {
-                        let hold = partial_marker(&self.buf, HERMES_OPEN);
+                        let hold = partial_marker(&self.buf, opening);
                         let ready: String = self.buf.drain(..self.buf.len() - hold).collect();
                         self.text(&ready, out);
                         return;
@@ -322,7 +391,7 @@ impl ToolCallParser {
                         return;
                     }
                 },
-                // llama3_json's states: never entered by a hermes parser.
+                // The calls are read at the end; `Undecided` is llama3_json's alone.
                 State::Undecided | State::Calls => return,
             }
         }
@@ -346,6 +415,53 @@ impl ToolCallParser {
             out.content.push_str(&std::mem::take(&mut self.buf));
         }
     }
+}
+
+/// Mistral's calls after `[TOOL_CALLS]`: a JSON array of `{"name", "arguments"}`, or
+/// `N[ARGS]{...}` per call with `[TOOL_CALLS]` between calls.
+fn mistral_calls(text: &str, names: &[String]) -> Option<Vec<ToolCall>> {
+    let text = text.trim();
+    if text.starts_with('[') {
+        let items: Vec<&RawValue> = serde_json::from_str(text).ok()?;
+        return items.into_iter().map(|item| read_call(item.get(), names)).collect();
+    }
+    text.split(MISTRAL_CALLS)
+        .map(|call| {
+            let (name, arguments) = call.split_once(MISTRAL_ARGS)?;
+            let name = name.trim();
+            let arguments: &RawValue = serde_json::from_str(arguments.trim()).ok()?;
+            (names.iter().any(|n| n == name) && arguments.get().starts_with('{'))
+                .then(|| ToolCall { name: name.into(), arguments: arguments.get().into() })
+        })
+        .collect()
+}
+
+/// DeepSeek's calls after `<｜tool▁calls▁begin｜>`, and the text after `<｜tool▁calls▁end｜>`.
+fn deepseek_calls<'t>(text: &'t str, names: &[String]) -> Option<(Vec<ToolCall>, &'t str)> {
+    let mut rest = text.trim_start();
+    let mut calls = Vec::new();
+    while let Some(call) = rest.strip_prefix(DS_CALL_BEGIN) {
+        let (head, after) = call.split_once(DS_SEP)?;
+        let (body, after) = after.split_once(DS_CALL_END)?;
+        // V3.1: `N<sep>{...}`; V3 and R1: `function<sep>N` and a json code fence.
+        let (name, arguments) = match head.trim() {
+            "function" => {
+                let (name, fenced) = body.split_once('\n')?;
+                let json = fenced.trim().strip_prefix("```json")?.strip_suffix("```")?;
+                (name.trim(), json.trim())
+            }
+            name => (name, body.trim()),
+        };
+        let arguments: &RawValue = serde_json::from_str(arguments).ok()?;
+        if !names.iter().any(|n| n == name) || !arguments.get().starts_with('{') {
+            return None;
+        }
+        calls.push(ToolCall { name: name.into(), arguments: arguments.get().into() });
+        rest = after.trim_start();
+    }
+    let after = rest.strip_prefix(DS_CALLS_END).unwrap_or(rest);
+    // Anything but the closing marker between calls is not DeepSeek's format.
+    (!calls.is_empty() && (after.len() < rest.len() || rest.is_empty())).then_some((calls, after))
 }
 
 /// A whole forced answer as its calls, or `None` when it is not one (cut short by `max_tokens`).
@@ -507,6 +623,48 @@ mod tests {
         assert!(p.called());
     }
 
+    /// Mistral's two forms (Nemo's array; v11's `N[ARGS]{...}`), content before the marker, and
+    /// its 9-character ids.
+    #[test]
+    fn mistral_reads_both_forms_after_its_marker() {
+        let m = |t: &str| whole(ToolFormat::Mistral, t);
+        let array = "[TOOL_CALLS][{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Lima\"}}, {\"name\": \"a\", \"arguments\": {}}]";
+        assert_eq!(m(array).calls, vec![call("get_weather", r#"{"city": "Lima"}"#), call("a", "{}")]);
+        let v11 = "Checking. [TOOL_CALLS]get_weather[ARGS]{\"city\": \"Lima\"}[TOOL_CALLS]a[ARGS]{}";
+        assert_eq!(
+            m(v11),
+            Parsed {
+                content: "Checking.".into(),
+                calls: vec![call("get_weather", r#"{"city": "Lima"}"#), call("a", "{}")]
+            }
+        );
+        for bad in ["[TOOL_CALLS]nope[ARGS]{}", "[TOOL_CALLS][{\"name\": \"a\"}]", "[TOOL_CALLS]a{}", "[TOOL_CALLS]"] {
+            assert_eq!(m(bad), Parsed { content: bad.into(), calls: vec![] }, "{bad}");
+        }
+        let id = ToolCallParser::new(ToolFormat::Mistral, names(), 1).call_id();
+        assert!(id.len() == 9 && id.chars().all(|c| c.is_ascii_alphanumeric()), "{id}");
+        let id = ToolCallParser::new(ToolFormat::Hermes, names(), 1).call_id();
+        assert!(id.starts_with("call_") && id.len() == 29, "{id}");
+    }
+
+    /// DeepSeek V3.1's blocks, V3/R1's fenced ones, and text after the calls.
+    #[test]
+    fn deepseek_reads_its_call_blocks() {
+        let d = |t: &str| whole(ToolFormat::DeepSeekV3, t);
+        let v31 = "<think></think>Sure.<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{\"city\": \"Lima\"}<｜tool▁call▁end｜><｜tool▁call▁begin｜>a<｜tool▁sep｜>{}<｜tool▁call▁end｜><｜tool▁calls▁end｜>";
+        let want = vec![call("get_weather", r#"{"city": "Lima"}"#), call("a", "{}")];
+        assert_eq!(d(v31), Parsed { content: "<think></think>Sure.".into(), calls: want });
+        let v3 = "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n{\"city\": \"Lima\"}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜> Done";
+        assert_eq!(d(v3), Parsed { content: "Done".into(), calls: vec![call("get_weather", r#"{"city": "Lima"}"#)] });
+        for bad in [
+            "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>nope<｜tool▁sep｜>{}<｜tool▁call▁end｜>",
+            "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>a<｜tool▁sep｜>{}",
+            "<｜tool▁calls▁begin｜>junk",
+        ] {
+            assert_eq!(d(bad), Parsed { content: bad.into(), calls: vec![] }, "{bad}");
+        }
+    }
+
     /// A forced answer is read whole: the named function's arguments, or the array of calls.
     #[test]
     fn forced_answers_are_read_whole() {
@@ -537,6 +695,8 @@ mod tests {
         assert_eq!(detect("Qwen-Qwen2.5-7B-Instruct.jinja"), Some(ToolFormat::Hermes));
         assert_eq!(detect("NousResearch-Hermes-3-Llama-3.1-8B-tool_use.jinja"), Some(ToolFormat::Hermes));
         assert_eq!(detect("meta-llama-Llama-3.1-8B-Instruct.jinja"), Some(ToolFormat::Llama3Json));
+        assert_eq!(detect("mistralai-Mistral-Nemo-Instruct-2407.jinja"), Some(ToolFormat::Mistral));
+        assert_eq!(detect("deepseek-ai-DeepSeek-V3.1.jinja"), Some(ToolFormat::DeepSeekV3));
         assert_eq!(detect("microsoft-Phi-3.5-mini-instruct.jinja"), None);
         assert!(ToolFormat::named("pythonic").is_err());
     }
@@ -551,6 +711,13 @@ mod tests {
             ),
             Just("<tool_call>{\"name\": \"x\", \"arguments\": {}}</tool_call>".to_string()),
             Just("<tool_call>broken</tool_call>".to_string()),
+            Just("<tool_call>".to_string()),
+            Just("[TOOL_CALLS]".to_string()),
+            Just("a[ARGS]{}".to_string()),
+            Just("[{\"name\": \"x\", \"arguments\": {}}]".to_string()),
+            Just("<｜tool▁calls▁begin｜>".to_string()),
+            Just("<｜tool▁call▁begin｜>x<｜tool▁sep｜>{}<｜tool▁call▁end｜>".to_string()),
+            Just("<｜tool▁calls▁end｜>".to_string()),
             Just("<tool_".to_string()),
             Just("</tool_call>".to_string()),
             Just("{\"name\": \"f\", \"parameters\": {\"k\": \"é\"}}".to_string()),
@@ -571,7 +738,7 @@ mod tests {
             text in answer(),
             cuts in prop::collection::vec(0usize..400, 0..12),
         ) {
-            for format in [ToolFormat::Hermes, ToolFormat::Llama3Json] {
+            for format in [ToolFormat::Hermes, ToolFormat::Llama3Json, ToolFormat::Mistral, ToolFormat::DeepSeekV3] {
                 prop_assert_eq!(streamed(format, &text, &cuts), whole(format, &text));
             }
         }
@@ -579,7 +746,7 @@ mod tests {
         /// With no call, the content is the text exactly.
         #[test]
         fn an_answer_without_calls_is_its_text(text in answer()) {
-            for format in [ToolFormat::Hermes, ToolFormat::Llama3Json] {
+            for format in [ToolFormat::Hermes, ToolFormat::Llama3Json, ToolFormat::Mistral, ToolFormat::DeepSeekV3] {
                 let got = whole(format, &text);
                 if got.calls.is_empty() {
                     prop_assert_eq!(got.content, text.clone());

@@ -16,7 +16,8 @@ pub struct LoadedModel {
     pub model: Llama,
     /// Tokenizer from `tokenizer.json` or GGUF metadata.
     pub tokenizer: Option<Tokenizer>,
-    /// Chat template from the GGUF metadata or `tokenizer_config.json`, when the model ships one.
+    /// Chat template from the GGUF metadata or the HF directory (ChatML with their special
+    /// tokens when they give none); `None` for a bare safetensors file.
     pub chat_template: Option<ChatTemplate>,
 }
 
@@ -38,7 +39,7 @@ pub fn load_model(path: &Path, device: &Device, form: WeightForm) -> Result<Load
         } else {
             None
         };
-        let chat_template = ChatTemplate::from_hf_dir(path.parent().unwrap_or(Path::new(".")))?;
+        let chat_template = Some(ChatTemplate::from_hf_dir(path.parent().unwrap_or(Path::new(".")))?);
         return Ok(LoadedModel { model, tokenizer, chat_template });
     }
     if path.is_dir() {
@@ -56,14 +57,14 @@ pub fn load_model(path: &Path, device: &Device, form: WeightForm) -> Result<Load
         } else {
             None
         };
-        let chat_template = ChatTemplate::from_hf_dir(path)?;
+        let chat_template = Some(ChatTemplate::from_hf_dir(path)?);
         Ok(LoadedModel { model, tokenizer, chat_template })
     } else if path.is_file() {
         let (weights, cfg) = Weights::open_gguf(path)?;
         check_dense_fits(&cfg, form).with_context(|| format!("{} with weights = \"dense\"", path.display()))?;
         let (tokenizer, chat_template) = match &weights {
             Weights::Gguf { content, .. } => {
-                (Some(crate::model::gguf_tokenizer::from_gguf(content)?), ChatTemplate::from_gguf(content)?)
+                (Some(crate::model::gguf_tokenizer::from_gguf(content)?), Some(ChatTemplate::from_gguf(content)?))
             }
             Weights::Safetensors { .. } => (None, None),
         };

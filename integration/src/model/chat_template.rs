@@ -109,13 +109,17 @@ impl ChatTemplate {
 
     /// Plain ChatML.
     pub fn chatml() -> Self {
-        Self { source: CHATML.to_string(), special: SpecialTokens::default(), origin: "built-in ChatML".into() }
+        Self::chatml_with(SpecialTokens::default())
     }
 
-    /// The template in a GGUF file's metadata, if any, with the file's BOS and EOS tokens.
-    pub fn from_gguf(content: &Content) -> Result<Option<Self>> {
-        let Some(v) = content.metadata.get("tokenizer.chat_template") else { return Ok(None) };
-        let source = v.to_string().map_err(|e| anyhow::anyhow!("GGUF `tokenizer.chat_template`: {e}"))?.clone();
+    /// Plain ChatML, for a model that ships no template, with its special tokens (which a
+    /// server's own template may print).
+    fn chatml_with(special: SpecialTokens) -> Self {
+        Self { source: CHATML.to_string(), special, origin: "built-in ChatML".into() }
+    }
+
+    /// The template in a GGUF file's metadata (else ChatML), with the file's BOS and EOS tokens.
+    pub fn from_gguf(content: &Content) -> Result<Self> {
         // As for an HF directory, a token the metadata does not give (or gives badly) prints as "".
         let token = |key: &str| -> String {
             let id = crate::model::gguf_meta::meta_usize(content, key).ok();
@@ -125,14 +129,16 @@ impl ChatTemplate {
         };
         let special =
             SpecialTokens { bos: token("tokenizer.ggml.bos_token_id"), eos: token("tokenizer.ggml.eos_token_id") };
-        Self::new(source, special, "the GGUF metadata".into()).map(Some)
+        let Some(v) = content.metadata.get("tokenizer.chat_template") else { return Ok(Self::chatml_with(special)) };
+        let source = v.to_string().map_err(|e| anyhow::anyhow!("GGUF `tokenizer.chat_template`: {e}"))?.clone();
+        Self::new(source, special, "the GGUF metadata".into())
     }
 
-    /// The template of an HF directory, if any: the file `chat_template.jinja` (which, as in
+    /// The template of an HF directory: the file `chat_template.jinja` (which, as in
     /// transformers, wins), else `chat_template` in `tokenizer_config.json` (a string, or a list
-    /// of `{name, template}` of which `default` is used); with the BOS and EOS tokens of
-    /// `tokenizer_config.json`.
-    pub fn from_hf_dir(dir: &Path) -> Result<Option<Self>> {
+    /// of `{name, template}` of which `default` is used), else ChatML; with the BOS and EOS
+    /// tokens of `tokenizer_config.json`.
+    pub fn from_hf_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer_config.json");
         let config: serde_json::Value = match std::fs::read_to_string(&path) {
             Ok(text) => serde_json::from_str(&text).with_context(|| format!("{}", path.display()))?,
@@ -142,13 +148,13 @@ impl ChatTemplate {
             SpecialTokens { bos: special_token(&config, "bos_token"), eos: special_token(&config, "eos_token") };
         let jinja = dir.join("chat_template.jinja");
         match std::fs::read_to_string(&jinja) {
-            Ok(source) => return Self::new(source, special, jinja.display().to_string()).map(Some),
+            Ok(source) => return Self::new(source, special, jinja.display().to_string()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e).with_context(|| format!("cannot read {}", jinja.display())),
         }
         let origin = path.display().to_string();
         let source = match config.get("chat_template") {
-            None | Some(serde_json::Value::Null) => return Ok(None),
+            None | Some(serde_json::Value::Null) => return Ok(Self::chatml_with(special)),
             Some(serde_json::Value::String(s)) => s.clone(),
             Some(serde_json::Value::Array(named)) => {
                 let default = named.iter().find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"));
@@ -160,7 +166,7 @@ impl ChatTemplate {
                 bail!("{origin}: `chat_template` is neither a string nor a list of named templates: {other}")
             }
         };
-        Self::new(source, special, origin).map(Some)
+        Self::new(source, special, origin)
     }
 
     fn env(&self) -> Result<minijinja::Environment<'_>> {
@@ -296,7 +302,7 @@ mod tests {
             "eos_token": {"content": "<|eot_id|>", "lstrip": false},
         });
         let d = hf_dir("llama3", &[("tokenizer_config.json", &config.to_string())]);
-        let t = ChatTemplate::from_hf_dir(&d).unwrap().unwrap();
+        let t = ChatTemplate::from_hf_dir(&d).unwrap();
         assert_eq!(t.special, SpecialTokens { bos: "<|begin_of_text|>".into(), eos: "<|eot_id|>".into() });
         // Python's jinja2 3.1.6 as transformers configures it (`ImmutableSandboxedEnvironment(
         // trim_blocks=True, lstrip_blocks=True)`) renders this.
@@ -312,7 +318,7 @@ mod tests {
             {"name": "default", "template": "default {{ messages[0]['content'] }}"},
         ]});
         let d = hf_dir("named", &[("tokenizer_config.json", &named.to_string())]);
-        assert_eq!(ChatTemplate::from_hf_dir(&d).unwrap().unwrap().render(&user("x")).unwrap(), "default x");
+        assert_eq!(ChatTemplate::from_hf_dir(&d).unwrap().render(&user("x")).unwrap(), "default x");
         let no_default = serde_json::json!({"chat_template": [{"name": "tool_use", "template": "tools"}]});
         let d2 = hf_dir("no-default", &[("tokenizer_config.json", &no_default.to_string())]);
         assert!(format!("{:#}", ChatTemplate::from_hf_dir(&d2).unwrap_err()).contains("default"));
@@ -320,9 +326,12 @@ mod tests {
             "jinja",
             &[("tokenizer_config.json", "{}"), ("chat_template.jinja", "file {{ messages[0]['content'] }}")],
         );
-        assert_eq!(ChatTemplate::from_hf_dir(&d3).unwrap().unwrap().render(&user("y")).unwrap(), "file y");
-        let d4 = hf_dir("none", &[("tokenizer_config.json", "{}")]);
-        assert!(ChatTemplate::from_hf_dir(&d4).unwrap().is_none());
+        assert_eq!(ChatTemplate::from_hf_dir(&d3).unwrap().render(&user("y")).unwrap(), "file y");
+        // No template: ChatML, with the directory's special tokens for a server's own template.
+        let d4 = hf_dir("none", &[("tokenizer_config.json", r#"{"bos_token": "<s>", "eos_token": "</s>"}"#)]);
+        let t = ChatTemplate::from_hf_dir(&d4).unwrap();
+        assert_eq!(t.origin, "built-in ChatML");
+        assert_eq!(t.special, SpecialTokens { bos: "<s>".into(), eos: "</s>".into() });
         for d in [d, d2, d3, d4] {
             let _ = std::fs::remove_dir_all(&d);
         }

@@ -474,3 +474,78 @@ fn a_failed_decode_step_fails_only_the_request_that_causes_it() {
     }
     assert_eq!(eng.store.free_block_count(), eng.store.capacity_blocks(), "every block returned");
 }
+
+/// A constraint that allows only tokens of one parity, alternating, records every token it is
+/// advanced with, completes after `len` tokens, and (when `fail_at` is set) errs at that step.
+struct Alternating {
+    seen: Arc<std::sync::Mutex<Vec<u32>>>,
+    len: usize,
+    fail_at: Option<usize>,
+}
+
+impl dms_integration::engine::constraint::TokenConstraint for Alternating {
+    fn mask(&mut self, logits: &mut [f32]) -> anyhow::Result<()> {
+        let step = self.seen.lock().unwrap().len();
+        anyhow::ensure!(self.fail_at != Some(step), "refused at step {step}");
+        for (t, l) in logits.iter_mut().enumerate() {
+            if t % 2 != step % 2 {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+        Ok(())
+    }
+
+    fn advance(&mut self, token: u32) -> anyhow::Result<()> {
+        self.seen.lock().unwrap().push(token);
+        Ok(())
+    }
+
+    fn finished(&self) -> bool {
+        self.seen.lock().unwrap().len() >= self.len
+    }
+}
+
+/// Constrained requests under preemption (swapped and recomputed): each constraint is advanced
+/// exactly once per token, in order (a resumed sequence does not advance it again), every token
+/// obeys its mask, the request ends when its constraint completes, and a constraint that errs
+/// fails its request alone while the others finish and every block returns to the pool.
+#[test]
+fn constrained_requests_advance_once_per_token_through_preemption() {
+    for mode in [Preemption::Swap, Preemption::Recompute] {
+        let mut eng = batch_engine(70);
+        eng.preemption = mode;
+        let mut sched = Scheduler::new(greedy_params(40), 8, false).unwrap();
+        let mut seen = Vec::new();
+        for i in 0..6 {
+            let req = Request {
+                id: i,
+                prompt: prompt(i, 12 + 3 * i),
+                forced: None,
+                policy: resolved_policy(&mut eng, "name = 'full'"),
+                params: None,
+            };
+            sched.submit(&mut eng, req).unwrap();
+            let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let fail_at = (i == 3).then_some(5);
+            sched.constrain(i, Box::new(Alternating { seen: log.clone(), len: 20 + i, fail_at }));
+            seen.push(log);
+        }
+        let (mut done, mut failed) = (Vec::new(), Vec::new());
+        while !sched.is_idle() {
+            done.extend(sched.step(&mut eng).unwrap());
+            failed.extend(sched.take_failed());
+        }
+        assert!(sched.stats.preemptions > 0, "{mode:?}: the pool forces preemption");
+        assert_eq!(failed.len(), 1, "{mode:?}");
+        assert_eq!(failed[0].0, 3);
+        assert!(format!("{:#}", failed[0].1).contains("refused at step 5"), "{:#}", failed[0].1);
+        assert_eq!(done.len(), 5, "{mode:?}");
+        for f in &done {
+            let log = seen[f.id].lock().unwrap();
+            assert_eq!(*log, f.tokens, "{mode:?}: request {} advanced once per token, in order", f.id);
+            assert_eq!(f.tokens.len(), 20 + f.id, "{mode:?}: ended when its constraint completed");
+            assert!(f.tokens.iter().enumerate().all(|(s, t)| *t as usize % 2 == s % 2), "{mode:?}: masked");
+        }
+        assert_eq!(eng.store.free_block_count(), eng.store.capacity_blocks(), "{mode:?}: every block returned");
+    }
+}

@@ -46,7 +46,8 @@ impl Grammars {
     /// is an error. The JSON is written as Python's `json.dumps` writes it (`, ` and `: `, no
     /// other whitespace), so that a model cannot loop on whitespace, unless the schema's own
     /// `x-guidance` options say otherwise.
-    pub fn json_schema(&self, schema: serde_json::Value) -> Result<Box<dyn TokenConstraint>> {
+    /// `copies` constraints share one compiled grammar.
+    pub fn json_schema(&self, schema: serde_json::Value, copies: usize) -> Result<Vec<Box<dyn TokenConstraint>>> {
         let mut schema = match schema {
             serde_json::Value::Bool(true) => serde_json::json!({}),
             other => other,
@@ -61,7 +62,8 @@ impl Grammars {
         if let Some(e) = matcher.get_error() {
             return Err(anyhow!("{e}"));
         }
-        Ok(Box::new(GrammarConstraint { matcher }))
+        let copy = |_| -> Box<dyn TokenConstraint> { Box::new(GrammarConstraint { matcher: matcher.deep_clone() }) };
+        Ok((0..copies).map(copy).collect())
     }
 }
 
@@ -73,8 +75,9 @@ struct GrammarConstraint {
 impl TokenConstraint for GrammarConstraint {
     fn mask(&mut self, logits: &mut [f32]) -> Result<()> {
         let allowed = self.matcher.compute_mask_or_eos().map_err(|e| anyhow!("the grammar: {e}"))?;
+        // Past the mask's end (logits longer than the vocabulary it was built for): refused too.
         for (i, l) in logits.iter_mut().enumerate() {
-            if !allowed.is_allowed(i as u32) {
+            if i >= allowed.len() || !allowed.is_allowed(i as u32) {
                 *l = f32::NEG_INFINITY;
             }
         }
@@ -136,7 +139,7 @@ mod tests {
             "ok": {"type": "boolean"}},
             "required": ["n", "tag", "ok"], "additionalProperties": false});
         for seed in 0..12 {
-            let mut c = grammars.json_schema(schema.clone()).unwrap();
+            let mut c = grammars.json_schema(schema.clone(), 1).unwrap().pop().unwrap();
             let tokens = sample_answer(c.as_mut(), vocab, eos, seed);
             let text = tok.decode(&tokens, false).unwrap();
             let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
@@ -149,7 +152,7 @@ mod tests {
             assert!(o["ok"].is_boolean(), "{text}");
         }
         // Rows past the tokenizer's vocabulary are never allowed.
-        let mut c = grammars.json_schema(serde_json::json!({"type": "object"})).unwrap();
+        let mut c = grammars.json_schema(serde_json::json!({"type": "object"}), 1).unwrap().pop().unwrap();
         let mut logits = vec![0.0; vocab];
         c.mask(&mut logits).unwrap();
         assert!(logits[vocab - 3..].iter().all(|l| *l == f32::NEG_INFINITY));
@@ -160,7 +163,7 @@ mod tests {
         let (tok, eos) = tokenizer();
         let grammars = Grammars::new(&tok, tok.get_vocab_size(true), &[eos]).unwrap();
         for bad in [serde_json::json!({"type": "nonsense"}), serde_json::json!({"$ref": "#/nowhere"})] {
-            assert!(grammars.json_schema(bad.clone()).is_err(), "{bad}");
+            assert!(grammars.json_schema(bad.clone(), 1).is_err(), "{bad}");
         }
     }
 }

@@ -90,8 +90,9 @@ impl CompletionRequest {
     pub fn check_chat_fields(&self) -> Result<(), ApiError> {
         let fields =
             [("response_format", &self.response_format), ("tools", &self.tools), ("tool_choice", &self.tool_choice)];
+        let no_op = |v: &Value| v.is_null() || v == &json!({"type": "text"}) || v == &json!([]) || v == &json!("none");
         for (name, value) in fields {
-            if value.as_ref().is_some_and(|v| !v.is_null()) {
+            if value.as_ref().is_some_and(|v| !no_op(v)) {
                 let msg = format!("`{name}` is a chat field: send it to /v1/chat/completions");
                 return Err(ApiError::bad_request(msg, Some(name)));
             }
@@ -558,8 +559,15 @@ impl ChatRequest {
                 return Err(tool_error("`function.description` must be a string"));
             }
             names.push(name.to_string());
-            let parameters = function.get("parameters").filter(|p| p.is_object());
-            schemas.push(parameters.cloned().unwrap_or(json!({"type": "object"})));
+            // A call's arguments are an object: a schema of another type is refused, one of none
+            // gets `object` (so that a forced call's grammar writes one).
+            let mut parameters = function.get("parameters").filter(|p| p.is_object()).cloned().unwrap_or(json!({}));
+            match parameters.get("type") {
+                None => parameters["type"] = json!("object"),
+                Some(t) if t == "object" => {}
+                Some(t) => return Err(tool_error(&format!("`function.parameters` must describe an object, not {t}"))),
+            }
+            schemas.push(parameters);
         }
         let parallel = match &self.parallel_tool_calls {
             None | Some(Value::Null) => true,
@@ -570,19 +578,39 @@ impl ChatRequest {
         };
         let forced = match choice {
             Some("required") => {
-                // An array of calls, each naming one of the tools with its parameters.
-                let calls: Vec<Value> = names
-                    .iter()
-                    .zip(&schemas)
-                    .map(|(name, parameters)| {
+                // An array of calls, each naming one of the tools with its parameters. References
+                // resolve from the root, so each tool's definitions move there (as vLLM does).
+                let mut root = serde_json::Map::new();
+                let mut calls = Vec::new();
+                for (name, parameters) in names.iter().zip(&schemas) {
+                    let mut parameters = parameters.clone();
+                    for key in ["$defs", "definitions"] {
+                        let Some(Value::Object(defs)) = parameters.as_object_mut().and_then(|p| p.remove(key)) else {
+                            continue;
+                        };
+                        let hoisted = root.entry(key).or_insert_with(|| json!({}));
+                        for (def, body) in defs {
+                            match hoisted.get(&def) {
+                                Some(other) if *other != body => {
+                                    let msg = format!(
+                                        "tools define `{key}/{def}` differently; `tool_choice: \"required\"` needs one"
+                                    );
+                                    return Err(bad("tools", msg));
+                                }
+                                _ => hoisted[def.as_str()] = body,
+                            }
+                        }
+                    }
+                    calls.push(
                         json!({"type": "object", "properties": {"name": {"const": name}, "parameters": parameters},
-                            "required": ["name", "parameters"], "additionalProperties": false})
-                    })
-                    .collect();
+                        "required": ["name", "parameters"], "additionalProperties": false}),
+                    );
+                }
                 let mut schema = json!({"type": "array", "minItems": 1, "items": {"anyOf": calls}});
                 if !parallel {
                     schema["maxItems"] = json!(1);
                 }
+                schema.as_object_mut().expect("an object").extend(root);
                 Some((Forced::List, schema))
             }
             None => {
@@ -940,6 +968,24 @@ mod tests {
         assert_eq!(form, Forced::List);
         assert_eq!((schema["minItems"].clone(), schema["maxItems"].clone()), (json!(1), json!(1)));
         assert_eq!(schema["items"]["anyOf"][0]["properties"]["name"], json!({"const": "get_weather"}));
+        // Definitions move to the root, where `$ref` resolves; two tools disagreeing on one are refused.
+        let with_defs = |def: Value| {
+            json!({"type": "function", "function": {"name": "f", "parameters": {
+                "properties": {"p": {"$ref": "#/$defs/P"}}, "$defs": {"P": def}}}})
+        };
+        let t =
+            chat_request(json!({"tools": [with_defs(json!({"type": "integer"})), weather], "tool_choice": "required"}))
+                .tool_request()
+                .unwrap();
+        let schema = t.forced.unwrap().1;
+        assert_eq!(schema["$defs"], json!({"P": {"type": "integer"}}));
+        let f = &schema["items"]["anyOf"][0]["properties"]["parameters"];
+        assert!(f.get("$defs").is_none() && f["type"] == "object", "{f}");
+        let mut other = with_defs(json!({"type": "string"}));
+        other["function"]["name"] = json!("g");
+        let clash = json!({"tools": [with_defs(json!({"type": "integer"})), other], "tool_choice": "required"});
+        let e = chat_request(clash).tool_request().unwrap_err();
+        assert!(e.message.contains("`$defs/P` differently"), "{}", e.message);
         assert!(!chat_request(json!({})).tool_request().unwrap().parse);
         for (fields, param, needle) in [
             (
@@ -956,6 +1002,11 @@ mod tests {
                 json!({"tools": [{"type": "function", "function": {"name": "f", "parameters": 1}}]}),
                 "tools",
                 "parameters",
+            ),
+            (
+                json!({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]}),
+                "tools",
+                "must describe an object",
             ),
             (json!({"tools": [weather], "parallel_tool_calls": "yes"}), "parallel_tool_calls", "true or false"),
         ] {

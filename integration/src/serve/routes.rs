@@ -184,7 +184,8 @@ async fn chat(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) 
             }
             (None, Some(schema)) => (None, Some((schema, "response_format"))),
             (Some((forced, schema)), None) => {
-                let forced = ToolCallParser::forced(forced.clone(), tools.names.clone(), tools.max_calls);
+                let forced =
+                    ToolCallParser::forced(forced.clone(), app.tool_format, tools.names.clone(), tools.max_calls);
                 (Some(forced), Some((schema.clone(), "tool_choice")))
             }
             (None, None) => (parser, None),
@@ -292,7 +293,8 @@ impl App {
         }
         let Some(format) = self.tool_format else {
             let msg = "this server reads no tool calls from this model's answers: its chat template shows no format \
-                       it knows (`<tool_call>` blocks or Llama 3's JSON) and `[server] tool_parser` names none";
+                       it knows (`<tool_call>` blocks, Llama 3's JSON, Mistral's `[TOOL_CALLS]` or DeepSeek's \
+                       tool-call blocks) and `[server] tool_parser` names none";
             return Err(ApiError::bad_request(msg, Some("tools")));
         };
         Ok(Some(ToolCallParser::new(format, tools.names.clone(), tools.max_calls)))
@@ -310,7 +312,7 @@ impl App {
             let msg = format!("`{field}` needs constrained decoding, which this model's tokenizer cannot have: {why}");
             ApiError::bad_request(msg, Some(field))
         })?;
-        (0..n).map(|_| grammars.json_schema(schema.clone())).collect::<anyhow::Result<Vec<_>>>().map_err(|e| {
+        grammars.json_schema(schema.clone(), n).map_err(|e| {
             ApiError::bad_request(format!("`{field}`: the JSON Schema cannot be used: {e:#}"), Some(field))
         })
     }
@@ -663,7 +665,7 @@ async fn whole_answer(head: Head, choices: Vec<(Event, UnboundedReceiver<Event>)
                         message["content"] = Value::Null;
                     }
                 }
-                (message, parser.called())
+                (message, parser.reports_tool_calls())
             }
         };
         let mut choice = match head.kind {
@@ -749,7 +751,7 @@ fn sse_stream(
                         v.extend(
                             head.parsed_chunks(i, parser, parsed, &mut held[i], &mut sent[i]).into_iter().map(data),
                         );
-                        parser.called()
+                        parser.reports_tool_calls()
                     }
                 };
                 v.push(data(head.last(i, &o, called, &std::mem::take(&mut held[i]))));

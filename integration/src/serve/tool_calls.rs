@@ -1,7 +1,7 @@
 //! Tool calls in a model's output, as OpenAI's `tool_calls`: a parser fed the decoded text piece
 //! by piece (streaming) or whole, which gives the same content and calls either way.
 //!
-//! Two formats, named after vLLM's parsers for them:
+//! Four formats, named after vLLM's parsers for them:
 //! - `hermes` (Qwen2.5, Qwen3, QwQ, Hermes): `<tool_call>{"name": N, "arguments": {...}}</tool_call>`
 //!   anywhere in the text; an unterminated block at the end is read too.
 //! - `llama3_json` (Llama 3.1 to 3.3): the whole answer is `{"name": N, "parameters": {...}}`
@@ -181,6 +181,8 @@ pub struct ToolCallParser {
     scanned: usize,
     /// Marked formats: a call just ended, so leading whitespace is dropped.
     after_call: bool,
+    /// Ids are Mistral's 9 letters and digits.
+    short_ids: bool,
     /// Calls read so far (kept or not).
     calls_seen: usize,
 }
@@ -232,6 +234,7 @@ impl ToolCallParser {
         };
         Self {
             format,
+            short_ids: format == ToolFormat::Mistral,
             forced: None,
             names,
             max_calls,
@@ -245,16 +248,22 @@ impl ToolCallParser {
     }
 
     /// A parser for an answer whose form a grammar forced, of calls to `names`, keeping at most
-    /// `max_calls`.
-    pub fn forced(forced: Forced, names: Vec<String>, max_calls: usize) -> Self {
-        Self { forced: Some(forced), state: State::Calls, ..Self::new(ToolFormat::Llama3Json, names, max_calls) }
+    /// `max_calls`; `format` (the server's, if any) decides only the ids' form.
+    pub fn forced(forced: Forced, format: Option<ToolFormat>, names: Vec<String>, max_calls: usize) -> Self {
+        let short_ids = format == Some(ToolFormat::Mistral);
+        Self {
+            forced: Some(forced),
+            state: State::Calls,
+            short_ids,
+            ..Self::new(ToolFormat::Llama3Json, names, max_calls)
+        }
     }
 
     /// A fresh id for a call: 9 letters and digits for Mistral (its templates refuse others when
     /// the call comes back in a history), else OpenAI's `call_` and 24.
     pub fn call_id(&self) -> String {
         use rand::Rng;
-        let n = if self.format == ToolFormat::Mistral && self.forced.is_none() { 9 } else { 24 };
+        let n = if self.short_ids { 9 } else { 24 };
         let id: String = rand::rng().sample_iter(rand::distr::Alphanumeric).take(n).map(char::from).collect();
         if n == 9 {
             id
@@ -263,7 +272,13 @@ impl ToolCallParser {
         }
     }
 
-    /// Whether any call was read (OpenAI's `finish_reason` is then `tool_calls`).
+    /// Whether the answer's `finish_reason` is `tool_calls`: it called tools, unprompted or as
+    /// `required` (a call to a named function ends with `stop`, as OpenAI's does).
+    pub fn reports_tool_calls(&self) -> bool {
+        self.called() && !matches!(self.forced, Some(Forced::Named(_)))
+    }
+
+    /// Whether any call was read.
     pub fn called(&self) -> bool {
         self.calls_seen > 0
     }
@@ -316,7 +331,7 @@ impl ToolCallParser {
                 self.after_call = true;
                 self.text(after, out);
             }
-            (None, Some(opening)) if self.forced.is_none() => self.text(&format!("{opening}{rest}"), out),
+            (None, Some(opening)) => self.text(&format!("{opening}{rest}"), out),
             (None, _) => out.content.push_str(rest),
         }
     }
@@ -643,6 +658,9 @@ mod tests {
         }
         let id = ToolCallParser::new(ToolFormat::Mistral, names(), 1).call_id();
         assert!(id.len() == 9 && id.chars().all(|c| c.is_ascii_alphanumeric()), "{id}");
+        // Forced calls on a Mistral server too: their ids come back in the next turn's history.
+        let id = ToolCallParser::forced(Forced::List, Some(ToolFormat::Mistral), names(), 1).call_id();
+        assert!(id.len() == 9 && id.chars().all(|c| c.is_ascii_alphanumeric()), "{id}");
         let id = ToolCallParser::new(ToolFormat::Hermes, names(), 1).call_id();
         assert!(id.starts_with("call_") && id.len() == 29, "{id}");
     }
@@ -669,7 +687,7 @@ mod tests {
     #[test]
     fn forced_answers_are_read_whole() {
         let read = |forced: Forced, text: &str| {
-            let mut p = ToolCallParser::forced(forced, names(), usize::MAX);
+            let mut p = ToolCallParser::forced(forced, None, names(), usize::MAX);
             let mut out = p.push(&text[..text.len() / 2]);
             out.extend(p.push(&text[text.len() / 2..]));
             out.extend(p.finish());

@@ -524,7 +524,7 @@ fn constrained_requests_advance_once_per_token_through_preemption() {
                 policy: resolved_policy(&mut eng, "name = 'full'"),
                 params: None,
             };
-            sched.submit(&mut eng, req).unwrap();
+            sched.submit(&eng, req).unwrap();
             let log = Arc::new(std::sync::Mutex::new(Vec::new()));
             let fail_at = (i == 3).then_some(5);
             sched.constrain(i, Box::new(Alternating { seen: log.clone(), len: 20 + i, fail_at }));

@@ -232,12 +232,17 @@ fn tool_calls_reach_the_openai_client_whole_and_streamed() {
 
 /// `dms serve` on the tiny Llama 3 GGUF fixture (model name `tiny`, policy `full`).
 fn tiny_llama3_server(name: &str) -> Server {
+    tiny_llama3_server_with(name, "")
+}
+
+/// [`tiny_llama3_server`] with more `[server]` keys.
+fn tiny_llama3_server_with(name: &str, server: &str) -> Server {
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf/llama3_tiny.gguf");
     let dir = std::env::temp_dir().join(format!("dms-serve-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("llama3.toml");
     let text = format!(
-        "[model]\nsource = {:?}\n[cache]\nblock_size = 4\nmax_tokens = 256\n[cache.policy]\nname = \"full\"\n[server]\nport = 0\nmodel_name = \"tiny\"\n",
+        "[model]\nsource = {:?}\n[cache]\nblock_size = 4\nmax_tokens = 256\n[cache.policy]\nname = \"full\"\n[server]\nport = 0\nmodel_name = \"tiny\"\n{server}\n",
         model.display().to_string()
     );
     std::fs::write(&config, text).unwrap();
@@ -698,14 +703,21 @@ fn structured_outputs_and_forced_tool_calls_hold_on_a_random_model() {
     let text: String =
         sse_chunks(&body).iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect::<String>();
     valid(&text);
-    // json_object: any object.
-    let (_, r) = post_json(
-        &server.base,
-        "/v1/chat/completions",
-        &with(serde_json::json!({"response_format": {"type": "json_object"}})),
-    );
-    let any: serde_json::Value = serde_json::from_str(r["choices"][0]["message"]["content"].as_str().unwrap()).unwrap();
-    assert!(any.is_object(), "{r}");
+    // json_object: any object. Its strings are unbounded, so a random model may run out of
+    // tokens inside one (`length`); every answer that ends by itself is an object.
+    let mut ended = 0;
+    for seed in 0..6 {
+        let extra = serde_json::json!({"response_format": {"type": "json_object"}, "seed": seed});
+        let (_, r) = post_json(&server.base, "/v1/chat/completions", &with(extra));
+        let choice = &r["choices"][0];
+        if choice["finish_reason"] == "stop" {
+            let text = choice["message"]["content"].as_str().unwrap();
+            let any: serde_json::Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {r}"));
+            assert!(any.is_object(), "{r}");
+            ended += 1;
+        }
+    }
+    assert!(ended > 0, "no json_object answer ended within 200 tokens");
 
     // A named tool: one call to it, its arguments matching its parameters.
     let tools = serde_json::json!([
@@ -767,4 +779,36 @@ fn structured_outputs_and_forced_tool_calls_hold_on_a_random_model() {
         let (status, r) = post_json(&server.base, path, &with(extra.clone()));
         assert_eq!((status, r["error"]["param"].as_str()), (400, Some(param)), "{extra}: {r}");
     }
+}
+
+/// `reasoning_parser`: with DeepSeek R1's rule an answer without `</think>` is all reasoning, so
+/// the random model's greedy answer comes back whole as `reasoning_content` (and streamed as
+/// `delta.reasoning_content`), equal to the plain server's `content` for the same request;
+/// a grammar-forced answer is never split.
+#[test]
+fn reasoning_is_split_into_reasoning_content_whole_and_streamed() {
+    let plain = tiny_llama3_server("plain");
+    let thinking = tiny_llama3_server_with("reasoning", "reasoning_parser = \"deepseek_r1\"");
+    let body = serde_json::json!({"model": "tiny", "messages": [{"role": "user", "content": "Hello world"}],
+        "max_tokens": 12, "temperature": 0});
+    let (_, want) = post_json(&plain.base, "/v1/chat/completions", &body);
+    let want = want["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    assert!(!want.is_empty() && !want.contains("</think>"));
+    let (status, r) = post_json(&thinking.base, "/v1/chat/completions", &body);
+    assert_eq!(status, 200, "{r}");
+    let message = &r["choices"][0]["message"];
+    assert_eq!(message["reasoning_content"], want.as_str(), "{r}");
+    assert_eq!(message["content"], "", "{r}");
+    let mut streamed = body.clone();
+    streamed["stream"] = serde_json::json!(true);
+    let (_, text) = post(&thinking.base, "/v1/chat/completions", &streamed);
+    let chunks = sse_chunks(&text);
+    let part = |key: &str| -> String { chunks.iter().filter_map(|c| c["choices"][0]["delta"][key].as_str()).collect() };
+    assert_eq!(part("reasoning_content"), want);
+    assert_eq!(part("content"), "");
+    let mut forced = body.clone();
+    forced["response_format"] = serde_json::json!({"type": "json_object"});
+    let (_, r) = post_json(&thinking.base, "/v1/chat/completions", &forced);
+    let content = r["choices"][0]["message"]["content"].as_str().unwrap_or_else(|| panic!("{r}"));
+    assert!(content.starts_with('{') && r["choices"][0]["message"].get("reasoning_content").is_none(), "{r}");
 }

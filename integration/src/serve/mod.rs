@@ -7,10 +7,12 @@
 //! ([`settings`]); every answer reports what its cache kept, and `/metrics` ([`metrics`]) what
 //! each policy saves.
 
+pub mod choice;
 pub mod error;
 pub mod metrics;
 pub mod openai;
 pub mod placement;
+pub mod reasoning;
 pub mod routes;
 pub mod settings;
 pub mod text;
@@ -93,6 +95,7 @@ pub fn serve(cfg: &EngineConfig) -> Result<()> {
         chat_template,
         tool_format,
         tool_markers_special: tool_format.is_some_and(|f| f.markers_are_special(&tokenizer)),
+        reasoning: reasoning::ReasoningFormat::named(&s.reasoning_parser)?,
         grammars: Grammars::new(&tokenizer, vocab_size, &mc.eos_token_ids).map_err(|e| format!("{e:#}")),
         vocab_size,
         commands: commands.clone(),

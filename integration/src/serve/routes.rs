@@ -22,12 +22,14 @@ use serde_json::{json, Value};
 use tokenizers::Tokenizer;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
+use super::choice::{ChoiceText, Piece};
 use super::error::ApiError;
 use super::metrics::Metrics;
 use super::openai::{
     parse_body, usage_json, ChatRequest, CommonFields, CompletionRequest, Prompt, Sampling, ToolRequest,
 };
-use super::tool_calls::{Parsed, ToolCall, ToolCallParser, ToolFormat};
+use super::reasoning::{ReasoningFormat, ReasoningSplitter};
+use super::tool_calls::{ToolCall, ToolCallParser, ToolFormat};
 use super::worker::{Command, Event, Job, Outcome, TokenLogprob};
 use crate::engine::constraint::{Grammars, TokenConstraint};
 use crate::engine::{GenParams, LogitAdjustments};
@@ -48,6 +50,8 @@ pub struct App {
     /// The format's markers are special tokens of this tokenizer: answers read for calls are
     /// decoded with special tokens.
     pub tool_markers_special: bool,
+    /// How this model marks its reasoning, if the server splits it off.
+    pub reasoning: Option<ReasoningFormat>,
     /// Builds grammar constraints, or why this tokenizer cannot have them.
     pub grammars: Result<Grammars, String>,
     /// The model's vocabulary size (token ids must be below it).
@@ -150,8 +154,8 @@ struct Prepared {
     echo: Option<String>,
     /// Logit biases and penalties.
     adjustments: Option<LogitAdjustments>,
-    /// Reads tool calls from each answer (chat with `tools`).
-    tools: Option<ToolCallParser>,
+    /// Splits reasoning from and reads tool calls in each answer (chat).
+    choice: ChoiceText,
     /// Decode special tokens as text.
     keep_special_tokens: bool,
     /// One grammar constraint per choice (`response_format`, a forced tool call), or none.
@@ -203,7 +207,9 @@ async fn chat(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) 
             None => Vec::new(),
             Some((schema, field)) => app.constraints(&schema, field, p.sampling.n)?,
         };
-        Ok(Prepared { tools: parser, keep_special_tokens, constraints, ..p })
+        // A grammar writes the whole answer: no reasoning to split.
+        let reasoning = if constraints.is_empty() { app.reasoning.map(ReasoningSplitter::new) } else { None };
+        Ok(Prepared { choice: ChoiceText::new(reasoning, parser), keep_special_tokens, constraints, ..p })
     });
     match prepared {
         Ok(p) => app.answer(Kind::Chat, p).await,
@@ -381,7 +387,7 @@ impl App {
             logprobs,
             echo,
             adjustments,
-            tools: None,
+            choice: ChoiceText::default(),
             keep_special_tokens: false,
             constraints: Vec::new(),
         })
@@ -440,7 +446,7 @@ impl App {
             model: self.model_id.clone(),
             kind,
             logprobs: p.logprobs.is_some(),
-            tools: p.tools.clone(),
+            choice: p.choice.clone(),
         };
         // Wait for each choice's first event so that a request the engine refuses gets its
         // status code (dropping the receivers cancels the other choices).
@@ -485,8 +491,8 @@ struct Head {
     kind: Kind,
     /// The request asked for log-probabilities.
     logprobs: bool,
-    /// Reads tool calls from each answer (a fresh copy per choice).
-    tools: Option<ToolCallParser>,
+    /// Splits reasoning from and reads tool calls in each answer (a fresh copy per choice).
+    choice: ChoiceText,
 }
 
 impl Head {
@@ -520,26 +526,27 @@ impl Head {
         )
     }
 
-    /// The chunks of what a tool-call parser made final: the content, then each call. The
-    /// log-probabilities of every token since the last chunk go with the first chunk (so one
-    /// chunk's tokens may include some whose text the parser still holds).
-    fn parsed_chunks(
-        &self,
-        index: usize,
-        parser: &ToolCallParser,
-        parsed: Parsed,
-        held: &mut Vec<TokenLogprob>,
-        sent: &mut usize,
-    ) -> Vec<Value> {
-        let mut out = Vec::new();
-        if !parsed.content.is_empty() {
-            out.push(self.delta(index, &parsed.content, &std::mem::take(held)));
-        }
-        for call in &parsed.calls {
-            out.push(self.tool_delta(index, *sent, call, parser.call_id(), &std::mem::take(held)));
-            *sent += 1;
-        }
-        out
+    /// The chunks of a choice's pieces that became final, in order. The log-probabilities of
+    /// every token since the last chunk go with the first chunk (so one chunk's tokens may
+    /// include some whose text is still held back).
+    fn piece_chunks(&self, index: usize, pieces: Vec<Piece>, held: &mut Vec<TokenLogprob>) -> Vec<Value> {
+        pieces
+            .into_iter()
+            .map(|piece| {
+                let logprobs = std::mem::take(held);
+                match piece {
+                    Piece::Reasoning(text) => {
+                        let logprobs = if self.logprobs { logprobs_json(self.kind, &logprobs) } else { Value::Null };
+                        let delta = json!({"reasoning_content": text});
+                        self.object(
+                            json!([{"index": index, "delta": delta, "finish_reason": null, "logprobs": logprobs}]),
+                        )
+                    }
+                    Piece::Content(text) => self.delta(index, &text, &logprobs),
+                    Piece::Call { index: k, id, call } => self.tool_delta(index, k, &call, id, &logprobs),
+                }
+            })
+            .collect()
     }
 
     /// The last chunk of a choice; `called`: its answer called tools; `held`: log-probabilities
@@ -570,6 +577,30 @@ fn finish_reason(o: &Outcome, called: bool) -> &'static str {
     } else {
         o.finish_reason
     }
+}
+
+/// A chat answer's `message` from its pieces: `reasoning_content` when reasoning is split (null
+/// when there was none), `content` (null when the answer is only calls), `tool_calls` if any.
+fn chat_message(pieces: Vec<Piece>, splits_reasoning: bool) -> Value {
+    let (mut reasoning, mut content, mut calls) = (String::new(), String::new(), Vec::new());
+    for piece in pieces {
+        match piece {
+            Piece::Reasoning(text) => reasoning.push_str(&text),
+            Piece::Content(text) => content.push_str(&text),
+            Piece::Call { id, call, .. } => calls.push(tool_call_json(&call, id)),
+        }
+    }
+    let mut message = json!({"role": "assistant", "content": content});
+    if !calls.is_empty() {
+        if content.is_empty() {
+            message["content"] = Value::Null;
+        }
+        message["tool_calls"] = Value::Array(calls);
+    }
+    if splits_reasoning {
+        message["reasoning_content"] = if reasoning.is_empty() { Value::Null } else { Value::String(reasoning) };
+    }
+    message
 }
 
 /// A call as OpenAI's `tool_calls` entry.
@@ -653,20 +684,13 @@ async fn whole_answer(head: Head, choices: Vec<(Event, UnboundedReceiver<Event>)
             event = rx.recv().await;
         };
         let logprobs = o.logprobs.as_deref().map_or(Value::Null, |l| logprobs_json(head.kind, l));
-        let (message, called) = match head.tools.clone() {
-            None => (json!({"role": "assistant", "content": text}), false),
-            Some(mut parser) => {
-                let mut parsed = parser.push(&text);
-                parsed.extend(parser.finish());
-                let mut message = json!({"role": "assistant", "content": parsed.content});
-                if !parsed.calls.is_empty() {
-                    message["tool_calls"] = parsed.calls.iter().map(|c| tool_call_json(c, parser.call_id())).collect();
-                    if parsed.content.is_empty() {
-                        message["content"] = Value::Null;
-                    }
-                }
-                (message, parser.reports_tool_calls())
-            }
+        let (message, called) = if head.choice.is_plain() {
+            (json!({"role": "assistant", "content": text}), false)
+        } else {
+            let mut choice = head.choice.clone();
+            let mut pieces = choice.push(&text);
+            pieces.extend(choice.finish());
+            (chat_message(pieces, choice.splits_reasoning()), choice.reports_tool_calls())
         };
         let mut choice = match head.kind {
             Kind::Chat => {
@@ -728,32 +752,21 @@ fn sse_stream(
     });
     let events = stream::select_all(per_choice);
     let (mut done, mut usage) = (0, (0, 0));
-    // Per choice: its tool-call parser, the log-probabilities of text it holds back, calls sent.
-    let mut parsers: Vec<Option<ToolCallParser>> = vec![head.tools.clone(); n];
+    // Per choice: its text pipeline, and the log-probabilities of text it holds back.
+    let mut texts: Vec<ChoiceText> = vec![head.choice.clone(); n];
     let mut held: Vec<Vec<TokenLogprob>> = vec![Vec::new(); n];
-    let mut sent = vec![0; n];
     let body = events.flat_map(move |(i, e)| {
         let out = match e {
-            Event::Text(t, logprobs) => match &mut parsers[i] {
-                None => vec![data(head.delta(i, &t, &logprobs))],
-                Some(parser) => {
-                    held[i].extend(logprobs);
-                    let parsed = parser.push(&t);
-                    head.parsed_chunks(i, parser, parsed, &mut held[i], &mut sent[i]).into_iter().map(data).collect()
-                }
-            },
+            Event::Text(t, logprobs) if texts[i].is_plain() => vec![data(head.delta(i, &t, &logprobs))],
+            Event::Text(t, logprobs) => {
+                held[i].extend(logprobs);
+                let pieces = texts[i].push(&t);
+                head.piece_chunks(i, pieces, &mut held[i]).into_iter().map(data).collect()
+            }
             Event::Done(o) => {
-                let mut v = Vec::new();
-                let called = match &mut parsers[i] {
-                    None => false,
-                    Some(parser) => {
-                        let parsed = parser.finish();
-                        v.extend(
-                            head.parsed_chunks(i, parser, parsed, &mut held[i], &mut sent[i]).into_iter().map(data),
-                        );
-                        parser.reports_tool_calls()
-                    }
-                };
+                let pieces = texts[i].finish();
+                let mut v: Vec<SseEvent> = head.piece_chunks(i, pieces, &mut held[i]).into_iter().map(data).collect();
+                let called = texts[i].reports_tool_calls();
                 v.push(data(head.last(i, &o, called, &std::mem::take(&mut held[i]))));
                 done += 1;
                 usage = (o.prompt_tokens, usage.1 + o.completion_tokens);

@@ -57,6 +57,10 @@ pub struct ServerSection {
     /// `tool_choice: auto` are refused).
     #[serde(default = "default_tool_parser")]
     pub tool_parser: String,
+    /// How a thinking model's reasoning is split from its answer into `reasoning_content`:
+    /// `none` (the default: reasoning stays in `content`), `qwen3` or `deepseek_r1`.
+    #[serde(default = "default_reasoning_parser")]
+    pub reasoning_parser: String,
     /// The cache policies a request may choose with `"cache_policy": NAME`. Empty: the one policy
     /// of `[cache.policy]`, named after it.
     #[serde(default)]
@@ -103,6 +107,9 @@ fn default_grace() -> u64 {
 fn default_tool_parser() -> String {
     "auto".into()
 }
+fn default_reasoning_parser() -> String {
+    "none".into()
+}
 
 impl Default for ServerSection {
     fn default() -> Self {
@@ -140,6 +147,8 @@ impl ServerSection {
             crate::serve::tool_calls::ToolFormat::named(&self.tool_parser)
                 .map_err(|e| anyhow::anyhow!("[server] {e}"))?;
         }
+        crate::serve::reasoning::ReasoningFormat::named(&self.reasoning_parser)
+            .map_err(|e| anyhow::anyhow!("[server] {e}"))?;
         let mut seen = std::collections::HashSet::new();
         for p in &self.policies {
             if p.name.trim().is_empty() {
@@ -228,6 +237,7 @@ mod tests {
             ("[[policies]]\nname = \"a\"\npolicy = {}\n[[policies]]\nname = \"a\"\npolicy = {}", "used twice"),
             ("api_key = \" \"", "api_key"),
             ("tool_parser = \"pythonic\"", "tool_parser `pythonic`"),
+            ("reasoning_parser = \"granite\"", "reasoning_parser `granite`"),
         ] {
             let s: ServerSection = toml::from_str(text).unwrap();
             let e = s.validate().unwrap_err().to_string();

@@ -1,0 +1,145 @@
+//! One chat choice's text on its way out: the reasoning split from the answer, then tool calls
+//! read from the answer, the same pieces whether the answer is streamed or sent whole.
+
+use super::reasoning::{ReasoningSplitter, Split};
+use super::tool_calls::{ToolCall, ToolCallParser};
+
+/// A part of an answer that became final.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Piece {
+    /// Reasoning text (`reasoning_content`).
+    Reasoning(String),
+    /// Answer text (`content`).
+    Content(String),
+    /// A tool call: the `index`th of the answer, with its id.
+    Call {
+        /// Its place among the answer's calls.
+        index: usize,
+        /// Its id.
+        id: String,
+        /// The call.
+        call: ToolCall,
+    },
+}
+
+/// The reasoning splitter and tool-call parser of one choice (either may be absent).
+#[derive(Debug, Clone, Default)]
+pub struct ChoiceText {
+    reasoning: Option<ReasoningSplitter>,
+    tools: Option<ToolCallParser>,
+    /// Calls given out so far.
+    calls: usize,
+}
+
+impl ChoiceText {
+    /// A choice whose reasoning is split by `reasoning` and whose calls are read by `tools`.
+    pub fn new(reasoning: Option<ReasoningSplitter>, tools: Option<ToolCallParser>) -> Self {
+        Self { reasoning, tools, calls: 0 }
+    }
+
+    /// Whether reasoning is split off (`reasoning_content` is then in every answer).
+    pub fn splits_reasoning(&self) -> bool {
+        self.reasoning.is_some()
+    }
+
+    /// Text passes through unchanged: nothing to split or read.
+    pub fn is_plain(&self) -> bool {
+        self.reasoning.is_none() && self.tools.is_none()
+    }
+
+    /// Feeds the next piece of text; returns what became final, in order.
+    pub fn push(&mut self, text: &str) -> Vec<Piece> {
+        let split = match &mut self.reasoning {
+            Some(r) => r.push(text),
+            None => Split { reasoning: String::new(), content: text.to_string() },
+        };
+        self.pieces(split, false)
+    }
+
+    /// The answer ended: what was held back.
+    pub fn finish(&mut self) -> Vec<Piece> {
+        let split = self.reasoning.as_mut().map(ReasoningSplitter::finish).unwrap_or_default();
+        self.pieces(split, true)
+    }
+
+    /// Whether the answer's `finish_reason` is `tool_calls`.
+    pub fn reports_tool_calls(&self) -> bool {
+        self.tools.as_ref().is_some_and(ToolCallParser::reports_tool_calls)
+    }
+
+    fn pieces(&mut self, split: Split, at_end: bool) -> Vec<Piece> {
+        let mut out = Vec::new();
+        if !split.reasoning.is_empty() {
+            out.push(Piece::Reasoning(split.reasoning));
+        }
+        let Some(parser) = &mut self.tools else {
+            if !split.content.is_empty() {
+                out.push(Piece::Content(split.content));
+            }
+            return out;
+        };
+        let mut parsed = parser.push(&split.content);
+        if at_end {
+            parsed.extend(parser.finish());
+        }
+        if !parsed.content.is_empty() {
+            out.push(Piece::Content(parsed.content));
+        }
+        for call in parsed.calls {
+            out.push(Piece::Call { index: self.calls, id: parser.call_id(), call });
+            self.calls += 1;
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::serve::reasoning::ReasoningFormat;
+    use crate::serve::tool_calls::ToolFormat;
+
+    /// Qwen3 thinking, then a call: the reasoning, the content between, the call, in order, and
+    /// the same pieces (joined) streamed character by character as whole.
+    #[test]
+    fn reasoning_then_calls_in_order_streamed_or_whole() {
+        let text =
+            "<think>\nweather?\n</think>\n\nChecking. <tool_call>{\"name\": \"f\", \"arguments\": {}}</tool_call>";
+        let choice = || {
+            ChoiceText::new(
+                Some(ReasoningSplitter::new(ReasoningFormat::Qwen3)),
+                Some(ToolCallParser::new(ToolFormat::Hermes, vec!["f".into()], usize::MAX)),
+            )
+        };
+        let strip = |pieces: Vec<Piece>| -> (String, String, Vec<ToolCall>) {
+            let mut out = (String::new(), String::new(), Vec::new());
+            for p in pieces {
+                match p {
+                    Piece::Reasoning(r) => out.0.push_str(&r),
+                    Piece::Content(c) => out.1.push_str(&c),
+                    Piece::Call { call, .. } => out.2.push(call),
+                }
+            }
+            out
+        };
+        let mut whole = choice();
+        let mut pieces = whole.push(text);
+        pieces.extend(whole.finish());
+        let got = strip(pieces.clone());
+        assert_eq!(got.0, "\nweather?\n");
+        assert_eq!(got.1, "Checking.");
+        assert_eq!(got.2, vec![ToolCall { name: "f".into(), arguments: "{}".into() }]);
+        assert!(
+            matches!(pieces[0], Piece::Reasoning(_)) && matches!(pieces.last(), Some(Piece::Call { index: 0, .. }))
+        );
+        assert!(whole.reports_tool_calls());
+        let mut streamed = choice();
+        let mut pieces = Vec::new();
+        for c in text.chars() {
+            pieces.extend(streamed.push(&c.to_string()));
+        }
+        pieces.extend(streamed.finish());
+        assert_eq!(strip(pieces), got);
+        assert!(ChoiceText::default().is_plain());
+    }
+}

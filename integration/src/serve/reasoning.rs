@@ -1,0 +1,231 @@
+//! A thinking model's reasoning apart from its answer (vLLM's `reasoning_content`), split from the
+//! decoded text piece by piece (streaming) or whole, with the same result either way.
+//!
+//! - `qwen3` (Qwen3, QwQ): an answer that opens with `<think>` reasons until `</think>`; one that
+//!   does not (thinking switched off) is all content.
+//! - `deepseek_r1` (DeepSeek R1 and its distills, whose templates open `<think>` in the prompt):
+//!   everything up to `</think>` is reasoning (a `<think>` at the start is dropped); with no
+//!   `</think>` the whole answer is reasoning.
+//!
+//! Whitespace right after `</think>` is dropped. An answer cut short while reasoning stays
+//! reasoning.
+
+use anyhow::{bail, Result};
+
+const OPEN: &str = "<think>";
+const CLOSE: &str = "</think>";
+
+/// How a model marks its reasoning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReasoningFormat {
+    /// Reasoning only when the answer opens with `<think>`.
+    Qwen3,
+    /// Reasoning from the start, until `</think>`.
+    DeepSeekR1,
+}
+
+impl ReasoningFormat {
+    /// The format `[server] reasoning_parser` names: `None` for `none`.
+    pub fn named(name: &str) -> Result<Option<Self>> {
+        Ok(match name {
+            "qwen3" => Some(Self::Qwen3),
+            "deepseek_r1" => Some(Self::DeepSeekR1),
+            "none" => None,
+            other => bail!("unknown reasoning_parser `{other}`; valid: qwen3, deepseek_r1, none"),
+        })
+    }
+}
+
+/// Reasoning and content that became final.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Split {
+    /// Reasoning text (`reasoning_content`).
+    pub reasoning: String,
+    /// Answer text (`content`).
+    pub content: String,
+}
+
+impl Split {
+    /// Appends `later`.
+    pub fn extend(&mut self, later: Split) {
+        self.reasoning.push_str(&later.reasoning);
+        self.content.push_str(&later.content);
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Nothing decided yet: only whitespace, or part of `<think>`, so far.
+    Start,
+    /// Inside the reasoning.
+    Reasoning,
+    /// After `</think>`, dropping whitespace until the answer starts.
+    AfterClose,
+    /// The answer.
+    Content,
+}
+
+/// Splits one answer's text into reasoning and content.
+#[derive(Debug, Clone)]
+pub struct ReasoningSplitter {
+    format: ReasoningFormat,
+    state: State,
+    /// Text not yet resolved.
+    buf: String,
+}
+
+/// Length of the longest end of `text` that `marker` starts with.
+fn partial(text: &str, marker: &str) -> usize {
+    (1..marker.len().min(text.len() + 1))
+        .rev()
+        .find(|&n| text.is_char_boundary(text.len() - n) && marker.starts_with(&text[text.len() - n..]))
+        .unwrap_or(0)
+}
+
+impl ReasoningSplitter {
+    /// A splitter for one answer in `format`.
+    pub fn new(format: ReasoningFormat) -> Self {
+        Self { format, state: State::Start, buf: String::new() }
+    }
+
+    /// Feeds the next piece of text; returns what became final.
+    pub fn push(&mut self, text: &str) -> Split {
+        self.buf.push_str(text);
+        let mut out = Split::default();
+        self.run(false, &mut out);
+        out
+    }
+
+    /// The answer ended: resolves what was held back.
+    pub fn finish(&mut self) -> Split {
+        let mut out = Split::default();
+        self.run(true, &mut out);
+        out
+    }
+
+    fn run(&mut self, at_end: bool, out: &mut Split) {
+        loop {
+            match self.state {
+                State::Start => {
+                    let start = self.buf.trim_start();
+                    if let Some(rest) = start.strip_prefix(OPEN) {
+                        self.buf = rest.to_string();
+                        self.state = State::Reasoning;
+                    } else if !at_end && OPEN.starts_with(start) {
+                        // Only whitespace or part of `<think>` so far.
+                        return;
+                    } else {
+                        self.state = match self.format {
+                            ReasoningFormat::Qwen3 => State::Content,
+                            ReasoningFormat::DeepSeekR1 => State::Reasoning,
+                        };
+                    }
+                }
+                State::Reasoning => match self.buf.find(CLOSE) {
+                    Some(at) => {
+                        out.reasoning.push_str(&self.buf[..at]);
+                        self.buf.drain(..at + CLOSE.len());
+                        self.state = State::AfterClose;
+                    }
+                    None => {
+                        let hold = if at_end { 0 } else { partial(&self.buf, CLOSE) };
+                        out.reasoning.extend(self.buf.drain(..self.buf.len() - hold));
+                        return;
+                    }
+                },
+                State::AfterClose => {
+                    let trimmed = self.buf.trim_start();
+                    if trimmed.is_empty() {
+                        self.buf.clear();
+                        return;
+                    }
+                    self.buf = trimmed.to_string();
+                    self.state = State::Content;
+                }
+                State::Content => {
+                    out.content.push_str(&std::mem::take(&mut self.buf));
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn whole(format: ReasoningFormat, text: &str) -> Split {
+        let mut s = ReasoningSplitter::new(format);
+        let mut out = s.push(text);
+        out.extend(s.finish());
+        out
+    }
+
+    fn split(reasoning: &str, content: &str) -> Split {
+        Split { reasoning: reasoning.into(), content: content.into() }
+    }
+
+    /// vLLM's qwen3 and deepseek_r1 parsers on these answers, written out by hand (and the
+    /// whitespace after `</think>` dropped).
+    #[test]
+    fn thinking_is_split_from_the_answer() {
+        let q = |t: &str| whole(ReasoningFormat::Qwen3, t);
+        assert_eq!(q("<think>\nhm\n</think>\n\nHello"), split("\nhm\n", "Hello"));
+        assert_eq!(q("Hello <think>"), split("", "Hello <think>"));
+        assert_eq!(q("<think>cut sho"), split("cut sho", ""));
+        assert_eq!(q("<thi"), split("", "<thi"));
+        assert_eq!(q(""), split("", ""));
+        let r = |t: &str| whole(ReasoningFormat::DeepSeekR1, t);
+        assert_eq!(r("hm\n</think>\n\nHello"), split("hm\n", "Hello"));
+        assert_eq!(r("<think>hm</think>Hi"), split("hm", "Hi"));
+        assert_eq!(r("all reasoning"), split("all reasoning", ""));
+        assert!(ReasoningFormat::named("granite").is_err());
+    }
+
+    fn answer() -> impl Strategy<Value = String> {
+        let piece = prop_oneof![
+            Just("<think>".to_string()),
+            Just("</think>".to_string()),
+            Just("<thi".to_string()),
+            Just("</th".to_string()),
+            Just("Héllo".to_string()),
+            Just(" \n".to_string()),
+            Just("x".to_string()),
+        ];
+        prop::collection::vec(piece, 0..8).prop_map(|p| p.concat())
+    }
+
+    proptest! {
+        /// However the text is cut into pieces, the split is that of the whole, and no text is
+        /// lost but markers and the whitespace after `</think>`.
+        #[test]
+        fn streaming_in_any_pieces_equals_splitting_the_whole(
+            text in answer(),
+            cuts in prop::collection::vec(0usize..80, 0..10),
+        ) {
+            for format in [ReasoningFormat::Qwen3, ReasoningFormat::DeepSeekR1] {
+                let mut s = ReasoningSplitter::new(format);
+                let mut out = Split::default();
+                let mut cuts: Vec<usize> = cuts.iter().map(|&c| c % (text.len() + 1)).collect();
+                cuts.sort();
+                let mut at = 0;
+                for mut c in cuts {
+                    while !text.is_char_boundary(c) {
+                        c += 1;
+                    }
+                    if c > at {
+                        out.extend(s.push(&text[at..c]));
+                        at = c;
+                    }
+                }
+                out.extend(s.push(&text[at..]));
+                out.extend(s.finish());
+                let w = whole(format, &text);
+                prop_assert_eq!(&out, &w);
+                prop_assert!(w.reasoning.len() + w.content.len() <= text.len());
+            }
+        }
+    }
+}

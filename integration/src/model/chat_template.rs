@@ -32,12 +32,23 @@ pub struct ChatMessage {
     /// The author's name (or, for a tool result, the tool's).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// An assistant turn's reasoning, sent back apart from its content (Qwen3's template puts it
+    /// in `<think>` for the turns it keeps).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
 }
 
 impl ChatMessage {
     /// A plain text message.
     pub fn text(role: &str, content: &str) -> Self {
-        Self { role: role.into(), content: content.into(), tool_calls: None, tool_call_id: None, name: None }
+        Self {
+            role: role.into(),
+            content: content.into(),
+            tool_calls: None,
+            tool_call_id: None,
+            name: None,
+            reasoning_content: None,
+        }
     }
 }
 
@@ -361,6 +372,7 @@ mod tests {
             tool_calls,
             tool_call_id: text("tool_call_id"),
             name: text("name"),
+            reasoning_content: text("reasoning_content"),
         }
     }
 
@@ -413,7 +425,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(tool_renders, 2 * templates, "the tool round trip rendered by every template");
+        assert_eq!(tool_renders, 4 * templates, "the tool conversations rendered by every template");
     }
 
     /// `tojson` prints what Python's `json.dumps` prints under each option transformers passes

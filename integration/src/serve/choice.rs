@@ -37,7 +37,8 @@ impl ChoiceText {
         Self { reasoning, tools, calls: 0 }
     }
 
-    /// Whether reasoning is split off (`reasoning_content` is then in every answer).
+    /// Whether reasoning is split off (a whole answer then has `reasoning_content`, null when
+    /// there was none).
     pub fn splits_reasoning(&self) -> bool {
         self.reasoning.is_some()
     }
@@ -107,7 +108,7 @@ mod tests {
             "<think>\nweather?\n</think>\n\nChecking. <tool_call>{\"name\": \"f\", \"arguments\": {}}</tool_call>";
         let choice = || {
             ChoiceText::new(
-                Some(ReasoningSplitter::new(ReasoningFormat::Qwen3)),
+                Some(ReasoningSplitter::new(ReasoningFormat::Qwen3, "")),
                 Some(ToolCallParser::new(ToolFormat::Hermes, vec!["f".into()], usize::MAX)),
             )
         };

@@ -96,6 +96,7 @@ pub fn serve(cfg: &EngineConfig) -> Result<()> {
         tool_format,
         tool_markers_special: tool_format.is_some_and(|f| f.markers_are_special(&tokenizer)),
         reasoning: reasoning::ReasoningFormat::named(&s.reasoning_parser)?,
+        reasoning_markers_special: tool_calls::special_among(&tokenizer, &reasoning::MARKERS),
         grammars: Grammars::new(&tokenizer, vocab_size, &mc.eos_token_ids).map_err(|e| format!("{e:#}")),
         vocab_size,
         commands: commands.clone(),

@@ -129,6 +129,9 @@ pub struct Message {
     /// The author's name.
     #[serde(default)]
     pub name: Option<String>,
+    /// An assistant turn's reasoning as this server (or vLLM, as `reasoning`) returned it.
+    #[serde(default, alias = "reasoning")]
+    pub reasoning_content: Option<String>,
 }
 
 /// A tool call of an earlier assistant turn.
@@ -695,6 +698,7 @@ impl Message {
             tool_calls,
             tool_call_id: self.tool_call_id.clone(),
             name: self.name.clone(),
+            reasoning_content: self.reasoning_content.clone(),
         })
     }
 }
@@ -921,6 +925,12 @@ mod tests {
         assert_eq!((c.id.as_deref(), c.function.name.as_str()), (Some("c1"), "f"));
         assert_eq!(c.function.arguments.to_string(), r#"{"z": 1, "a": [2]}"#);
         assert_eq!(m[1].tool_call_id.as_deref(), Some("c1"));
+        // Reasoning sent back (under either name) reaches the template.
+        for key in ["reasoning_content", "reasoning"] {
+            let turn = json!({"role": "assistant", "content": "4", key: "2+2"});
+            let m = chat_request(json!({ "messages": [turn] })).chat_messages().unwrap();
+            assert_eq!(m[0].reasoning_content.as_deref(), Some("2+2"), "{key}");
+        }
         // Empty or absent arguments are an empty object; an empty list of calls is none.
         for empty in [json!(""), Value::Null] {
             let m = chat_request(json!({"messages": [call(empty)]})).chat_messages().unwrap();

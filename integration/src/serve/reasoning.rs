@@ -1,16 +1,21 @@
 //! A thinking model's reasoning apart from its answer (vLLM's `reasoning_content`), split from the
 //! decoded text piece by piece (streaming) or whole, with the same result either way.
 //!
-//! - `qwen3` (Qwen3, QwQ): an answer that opens with `<think>` reasons until `</think>`; one that
-//!   does not (thinking switched off) is all content.
-//! - `deepseek_r1` (DeepSeek R1 and its distills, whose templates open `<think>` in the prompt):
-//!   everything up to `</think>` is reasoning (a `<think>` at the start is dropped); with no
-//!   `</think>` the whole answer is reasoning.
+//! - `qwen3` (Qwen3): an answer that opens with `<think>` reasons until `</think>`; one that
+//!   does not is all content.
+//! - `deepseek_r1` (DeepSeek R1 and its distills, QwQ, Qwen3's thinking-only models, whose
+//!   templates open `<think>` in the prompt): everything up to `</think>` is reasoning (a
+//!   `<think>` at the start is dropped); with no `</think>` the whole answer is reasoning.
 //!
-//! Whitespace right after `</think>` is dropped. An answer cut short while reasoning stays
-//! reasoning.
+//! Either way the prompt decides first, as vLLM's `prompt_is_reasoning_end` does: a prompt that
+//! ends in an open `<think>` starts the answer in reasoning, one that ends in `</think>`
+//! (thinking switched off, as Qwen3's `enable_thinking: false` writes it) starts it in content.
+//! Line breaks right after `</think>` are dropped (vLLM keeps them). An answer cut short while
+//! reasoning stays reasoning.
 
 use anyhow::{bail, Result};
+
+use super::tool_calls::partial_marker;
 
 const OPEN: &str = "<think>";
 const CLOSE: &str = "</think>";
@@ -35,6 +40,9 @@ impl ReasoningFormat {
         })
     }
 }
+
+/// The markers, which decoding must keep to split (a GGUF file may make them special tokens).
+pub const MARKERS: [&str; 2] = [OPEN, CLOSE];
 
 /// Reasoning and content that became final.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -74,18 +82,18 @@ pub struct ReasoningSplitter {
     buf: String,
 }
 
-/// Length of the longest end of `text` that `marker` starts with.
-fn partial(text: &str, marker: &str) -> usize {
-    (1..marker.len().min(text.len() + 1))
-        .rev()
-        .find(|&n| text.is_char_boundary(text.len() - n) && marker.starts_with(&text[text.len() - n..]))
-        .unwrap_or(0)
-}
-
 impl ReasoningSplitter {
-    /// A splitter for one answer in `format`.
-    pub fn new(format: ReasoningFormat) -> Self {
-        Self { format, state: State::Start, buf: String::new() }
+    /// A splitter for one answer in `format` to a prompt rendered as `prompt`.
+    pub fn new(format: ReasoningFormat, prompt: &str) -> Self {
+        let tail = prompt.trim_end();
+        let state = if tail.ends_with(CLOSE) {
+            State::Content
+        } else if tail.ends_with(OPEN) {
+            State::Reasoning
+        } else {
+            State::Start
+        };
+        Self { format, state, buf: String::new() }
     }
 
     /// Feeds the next piece of text; returns what became final.
@@ -128,13 +136,13 @@ impl ReasoningSplitter {
                         self.state = State::AfterClose;
                     }
                     None => {
-                        let hold = if at_end { 0 } else { partial(&self.buf, CLOSE) };
+                        let hold = if at_end { 0 } else { partial_marker(&self.buf, CLOSE) };
                         out.reasoning.extend(self.buf.drain(..self.buf.len() - hold));
                         return;
                     }
                 },
                 State::AfterClose => {
-                    let trimmed = self.buf.trim_start();
+                    let trimmed = self.buf.trim_start_matches(['\n', '\r']);
                     if trimmed.is_empty() {
                         self.buf.clear();
                         return;
@@ -157,7 +165,11 @@ mod tests {
     use proptest::prelude::*;
 
     fn whole(format: ReasoningFormat, text: &str) -> Split {
-        let mut s = ReasoningSplitter::new(format);
+        whole_after(format, "", text)
+    }
+
+    fn whole_after(format: ReasoningFormat, prompt: &str, text: &str) -> Split {
+        let mut s = ReasoningSplitter::new(format, prompt);
         let mut out = s.push(text);
         out.extend(s.finish());
         out
@@ -173,6 +185,7 @@ mod tests {
     fn thinking_is_split_from_the_answer() {
         let q = |t: &str| whole(ReasoningFormat::Qwen3, t);
         assert_eq!(q("<think>\nhm\n</think>\n\nHello"), split("\nhm\n", "Hello"));
+        assert_eq!(q("<think>hm</think>\n    indented"), split("hm", "    indented"));
         assert_eq!(q("Hello <think>"), split("", "Hello <think>"));
         assert_eq!(q("<think>cut sho"), split("cut sho", ""));
         assert_eq!(q("<thi"), split("", "<thi"));
@@ -182,6 +195,12 @@ mod tests {
         assert_eq!(r("<think>hm</think>Hi"), split("hm", "Hi"));
         assert_eq!(r("all reasoning"), split("all reasoning", ""));
         assert!(ReasoningFormat::named("granite").is_err());
+        // The prompt decides first: thinking opened by the template, or switched off.
+        for format in [ReasoningFormat::Qwen3, ReasoningFormat::DeepSeekR1] {
+            assert_eq!(whole_after(format, "<|im_start|>assistant\n<think>\n", "hm</think>Hi"), split("hm", "Hi"));
+            let off = "<|im_start|>assistant\n<think>\n\n</think>\n\n";
+            assert_eq!(whole_after(format, off, "Hi </think>"), split("", "Hi </think>"));
+        }
     }
 
     fn answer() -> impl Strategy<Value = String> {
@@ -206,21 +225,11 @@ mod tests {
             cuts in prop::collection::vec(0usize..80, 0..10),
         ) {
             for format in [ReasoningFormat::Qwen3, ReasoningFormat::DeepSeekR1] {
-                let mut s = ReasoningSplitter::new(format);
+                let mut s = ReasoningSplitter::new(format, "");
                 let mut out = Split::default();
-                let mut cuts: Vec<usize> = cuts.iter().map(|&c| c % (text.len() + 1)).collect();
-                cuts.sort();
-                let mut at = 0;
-                for mut c in cuts {
-                    while !text.is_char_boundary(c) {
-                        c += 1;
-                    }
-                    if c > at {
-                        out.extend(s.push(&text[at..c]));
-                        at = c;
-                    }
+                for piece in crate::serve::tool_calls::cut_into_pieces(&text, &cuts) {
+                    out.extend(s.push(piece));
                 }
-                out.extend(s.push(&text[at..]));
                 out.extend(s.finish());
                 let w = whole(format, &text);
                 prop_assert_eq!(&out, &w);

@@ -52,6 +52,9 @@ pub struct App {
     pub tool_markers_special: bool,
     /// How this model marks its reasoning, if the server splits it off.
     pub reasoning: Option<ReasoningFormat>,
+    /// `<think>` and `</think>` are special tokens of this tokenizer (as a GGUF file may make
+    /// them): answers split for reasoning are decoded with special tokens.
+    pub reasoning_markers_special: bool,
     /// Builds grammar constraints, or why this tokenizer cannot have them.
     pub grammars: Result<Grammars, String>,
     /// The model's vocabulary size (token ids must be below it).
@@ -201,14 +204,16 @@ async fn chat(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) 
             .render_with(&messages, &tools.tools, &kwargs)
             .map_err(|e| ApiError::bad_request(format!("{e:#}"), Some("messages")))?;
         let ids = encode(&app.tokenizer, &text, false)?;
-        let keep_special_tokens = parser.is_some() && schema.is_none() && app.tool_markers_special;
+        // A grammar writes the whole answer: no reasoning to split, nor calls to find.
+        let reasoning = if schema.is_none() { app.reasoning.map(|f| ReasoningSplitter::new(f, &text)) } else { None };
+        let keep_special_tokens = schema.is_none()
+            && ((parser.is_some() && app.tool_markers_special)
+                || (reasoning.is_some() && app.reasoning_markers_special));
         let p = app.prepare(Kind::Chat, &r.common, ids, None)?;
         let constraints = match schema {
             None => Vec::new(),
             Some((schema, field)) => app.constraints(&schema, field, p.sampling.n)?,
         };
-        // A grammar writes the whole answer: no reasoning to split.
-        let reasoning = if constraints.is_empty() { app.reasoning.map(ReasoningSplitter::new) } else { None };
         Ok(Prepared { choice: ChoiceText::new(reasoning, parser), keep_special_tokens, constraints, ..p })
     });
     match prepared {
@@ -516,6 +521,13 @@ impl Head {
         }
     }
 
+    /// A chunk of reasoning text (`delta.reasoning_content`).
+    fn reasoning_delta(&self, index: usize, text: &str, logprobs: &[TokenLogprob]) -> Value {
+        let logprobs = if self.logprobs { logprobs_json(self.kind, logprobs) } else { Value::Null };
+        let delta = json!({"reasoning_content": text});
+        self.object(json!([{"index": index, "delta": delta, "finish_reason": null, "logprobs": logprobs}]))
+    }
+
     /// A chunk with one tool call (the `k`th of its answer, id `id`), whole.
     fn tool_delta(&self, index: usize, k: usize, call: &ToolCall, id: String, logprobs: &[TokenLogprob]) -> Value {
         let logprobs = if self.logprobs { logprobs_json(self.kind, logprobs) } else { Value::Null };
@@ -535,13 +547,7 @@ impl Head {
             .map(|piece| {
                 let logprobs = std::mem::take(held);
                 match piece {
-                    Piece::Reasoning(text) => {
-                        let logprobs = if self.logprobs { logprobs_json(self.kind, &logprobs) } else { Value::Null };
-                        let delta = json!({"reasoning_content": text});
-                        self.object(
-                            json!([{"index": index, "delta": delta, "finish_reason": null, "logprobs": logprobs}]),
-                        )
-                    }
+                    Piece::Reasoning(text) => self.reasoning_delta(index, &text, &logprobs),
                     Piece::Content(text) => self.delta(index, &text, &logprobs),
                     Piece::Call { index: k, id, call } => self.tool_delta(index, k, &call, id, &logprobs),
                 }
@@ -550,7 +556,7 @@ impl Head {
     }
 
     /// The last chunk of a choice; `called`: its answer called tools; `held`: log-probabilities
-    /// of tokens whose text went nowhere (dropped whitespace), sent here.
+    /// of tokens whose text went nowhere (dropped whitespace, the `<think>` markers), sent here.
     fn last(&self, index: usize, o: &Outcome, called: bool, held: &[TokenLogprob]) -> Value {
         let reason = finish_reason(o, called);
         let mut v = match self.kind {
@@ -580,7 +586,8 @@ fn finish_reason(o: &Outcome, called: bool) -> &'static str {
 }
 
 /// A chat answer's `message` from its pieces: `reasoning_content` when reasoning is split (null
-/// when there was none), `content` (null when the answer is only calls), `tool_calls` if any.
+/// when there was none), `content` (null when empty beside calls or split reasoning),
+/// `tool_calls` if any.
 fn chat_message(pieces: Vec<Piece>, splits_reasoning: bool) -> Value {
     let (mut reasoning, mut content, mut calls) = (String::new(), String::new(), Vec::new());
     for piece in pieces {
@@ -590,11 +597,10 @@ fn chat_message(pieces: Vec<Piece>, splits_reasoning: bool) -> Value {
             Piece::Call { id, call, .. } => calls.push(tool_call_json(&call, id)),
         }
     }
-    let mut message = json!({"role": "assistant", "content": content});
+    // No answer text beside calls or reasoning: null, as vLLM sends it.
+    let empty = content.is_empty() && (!calls.is_empty() || splits_reasoning);
+    let mut message = json!({"role": "assistant", "content": if empty { Value::Null } else { Value::String(content) }});
     if !calls.is_empty() {
-        if content.is_empty() {
-            message["content"] = Value::Null;
-        }
         message["tool_calls"] = Value::Array(calls);
     }
     if splits_reasoning {

@@ -90,7 +90,7 @@ impl ToolFormat {
             Self::Mistral => &[MISTRAL_CALLS, MISTRAL_ARGS],
             Self::DeepSeekV3 => &[DS_CALLS_BEGIN, DS_CALL_BEGIN, DS_SEP],
         };
-        tokenizer.get_added_tokens_decoder().values().any(|t| t.special && markers.contains(&t.content.as_str()))
+        special_among(tokenizer, markers)
     }
 
     /// The name `[server] tool_parser` takes.
@@ -216,9 +216,15 @@ fn read_call(text: &str, names: &[String]) -> Option<ToolCall> {
     Some(ToolCall { name: call.name, arguments })
 }
 
+/// Whether any of `markers` is a special token of `tokenizer` (which decoding skips unless told
+/// not to).
+pub fn special_among(tokenizer: &tokenizers::Tokenizer, markers: &[&str]) -> bool {
+    tokenizer.get_added_tokens_decoder().values().any(|t| t.special && markers.contains(&t.content.as_str()))
+}
+
 /// Length of the longest end of `text` that `marker` starts with (text that may yet become
 /// `marker`).
-fn partial_marker(text: &str, marker: &str) -> usize {
+pub(crate) fn partial_marker(text: &str, marker: &str) -> usize {
     (1..marker.len().min(text.len() + 1))
         .rev()
         .find(|&n| text.is_char_boundary(text.len() - n) && marker.starts_with(&text[text.len() - n..]))
@@ -518,6 +524,26 @@ fn llama3_calls(text: &str, names: &[String]) -> Option<Vec<ToolCall>> {
     (!calls.is_empty()).then_some(calls)
 }
 
+/// `text` cut at `cuts` (byte offsets taken modulo its length and moved to character
+/// boundaries), for tests that stream an answer in pieces.
+#[cfg(test)]
+pub(crate) fn cut_into_pieces<'t>(text: &'t str, cuts: &[usize]) -> Vec<&'t str> {
+    let mut cuts: Vec<usize> = cuts.iter().map(|&c| c % (text.len() + 1)).collect();
+    cuts.sort();
+    let (mut pieces, mut at) = (Vec::new(), 0);
+    for mut c in cuts {
+        while !text.is_char_boundary(c) {
+            c += 1;
+        }
+        if c > at {
+            pieces.push(&text[at..c]);
+            at = c;
+        }
+    }
+    pieces.push(&text[at..]);
+    pieces
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -543,19 +569,9 @@ mod tests {
     fn streamed(format: ToolFormat, text: &str, cuts: &[usize]) -> Parsed {
         let mut p = ToolCallParser::new(format, names(), usize::MAX);
         let mut out = Parsed::default();
-        let mut at = 0;
-        let mut cuts: Vec<usize> = cuts.iter().map(|&c| c % (text.len() + 1)).collect();
-        cuts.sort();
-        for mut c in cuts {
-            while !text.is_char_boundary(c) {
-                c += 1;
-            }
-            if c > at {
-                out.extend(p.push(&text[at..c]));
-                at = c;
-            }
+        for piece in cut_into_pieces(text, cuts) {
+            out.extend(p.push(piece));
         }
-        out.extend(p.push(&text[at..]));
         out.extend(p.finish());
         out
     }
@@ -703,6 +719,23 @@ mod tests {
         // Cut short (max_tokens): the text as content.
         let cut = "{\"city\": \"Li";
         assert_eq!(read(Forced::Named("get_weather".into()), cut), Parsed { content: cut.into(), calls: vec![] });
+    }
+
+    /// Markers a tokenizer holds as special tokens are found (decoding would skip them); the
+    /// same text as ordinary added tokens is not.
+    #[test]
+    fn special_markers_are_found() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf/llama3_tiny.gguf");
+        let content =
+            candle_core::quantized::gguf_file::Content::read(&mut std::fs::File::open(path).unwrap()).unwrap();
+        let mut tok = crate::model::gguf_tokenizer::from_gguf(&content).unwrap();
+        let markers = crate::serve::reasoning::MARKERS;
+        assert!(!special_among(&tok, &markers) && !ToolFormat::Hermes.markers_are_special(&tok));
+        tok.add_tokens(&[tokenizers::AddedToken::from("<tool_call>", false)]);
+        assert!(!ToolFormat::Hermes.markers_are_special(&tok), "an ordinary added token");
+        tok.add_special_tokens(&[tokenizers::AddedToken::from("</think>", true)]);
+        assert!(special_among(&tok, &markers));
+        assert!(!ToolFormat::Mistral.markers_are_special(&tok));
     }
 
     #[test]

@@ -119,8 +119,26 @@ pub trait BatchEngine {
     fn decode(&mut self, seqs: Vec<&mut Self::Seq>, tokens: &[u32]) -> Result<Vec<Vec<f32>>>;
     /// Blocks the next decode step of `seqs` may take.
     fn next_step_need(&self, seqs: &[&Self::Seq]) -> Result<usize>;
+    /// What a sequence holds and has reached, without ending it.
+    fn report(&self, seq: &Self::Seq) -> Result<SeqReport>;
     /// Reports a finished sequence and frees its blocks.
-    fn finish(&mut self, seq: Self::Seq) -> Result<SeqReport>;
+    fn finish(&mut self, seq: Self::Seq) -> Result<SeqReport> {
+        let report = self.report(&seq);
+        self.release(seq);
+        report
+    }
+    /// Whether [`BatchEngine::extend`] can continue a sequence's prompt pass (prefix caching
+    /// needs it).
+    fn extends(&self) -> bool {
+        false
+    }
+    /// Prefills `ids` after the tokens `seq` has seen (a prompt continued from a cached state),
+    /// in chunks of `chunk` tokens (0: one pass); returns the next-token logits. On an error the
+    /// caller releases the sequence.
+    fn extend(&mut self, seq: &mut Self::Seq, ids: &[u32], chunk: usize) -> Result<Vec<f32>> {
+        let _ = (seq, ids, chunk);
+        anyhow::bail!("this engine cannot continue a prompt pass")
+    }
     /// Frees a sequence's blocks without a report (after an error).
     fn release(&mut self, seq: Self::Seq);
     /// Preempts a sequence: its blocks go back to the pool, its rows swapped out or dropped.

@@ -115,19 +115,27 @@ impl BatchEngine for Engine {
         Ok(self.block_manager().next_step_need(&self.store, seqs.iter().map(|s| &s.cache)))
     }
 
-    fn finish(&mut self, seq: HostSequence) -> Result<SeqReport> {
+    fn report(&self, seq: &HostSequence) -> Result<SeqReport> {
         let store = &self.store;
         let c = &seq.cache;
-        let report = SeqReport {
+        Ok(SeqReport {
             usage: c.usage(store),
             compression_ratio: c.compression_ratio(store),
             shadow_compression_ratio: c.shadow_compression_ratio(store),
             layer_kept_fraction: (0..c.shape().n_layers).map(|l| 1.0 / c.layer_compression_ratio(l, store)).collect(),
             peak_allocated: seq.peak_allocated,
             peak_live: seq.peak_live,
-        };
-        seq.cache.release(&mut self.store);
-        Ok(report)
+        })
+    }
+
+    fn extends(&self) -> bool {
+        true
+    }
+
+    fn extend(&mut self, seq: &mut HostSequence, ids: &[u32], chunk: usize) -> Result<Vec<f32>> {
+        let logits = self.prefill(&mut seq.cache, ids, chunk)?;
+        seq.note_usage(&seq.cache.usage(&self.store));
+        Ok(logits)
     }
 
     fn release(&mut self, seq: HostSequence) {

@@ -17,6 +17,7 @@ pub mod from_config;
 pub mod generation;
 pub mod host_batch;
 mod load;
+pub mod prefix_cache;
 pub mod report;
 mod sampling;
 pub mod scheduler;

@@ -19,6 +19,7 @@ use rand::{rngs::StdRng, SeedableRng};
 
 use crate::engine::batch_engine::{BatchEngine, Parked, SeqReport, Started};
 use crate::engine::constraint::TokenConstraint;
+use crate::engine::prefix_cache::{policy_takes_part, PrefixCache, PrefixPlan};
 use crate::engine::{sample, token_logprobs, GenParams, LogitAdjustments, TokenLogprobs};
 use crate::kv::store::MemoryUsage;
 
@@ -85,6 +86,8 @@ pub struct Finished {
     pub layer_kept_fraction: Vec<f64>,
     /// Most bytes live (occupied slots) the sequence held at once.
     pub peak_live: u64,
+    /// Prompt tokens taken from a cached state instead of prefilled ([`Scheduler::enable_prefix_cache`]).
+    pub cached_tokens: usize,
     /// Why it stopped.
     pub finish_reason: FinishReason,
 }
@@ -109,6 +112,10 @@ pub struct BatchStats {
     /// Sequences that started as a copy of another with the same prompt and policy (no
     /// prompt pass of their own).
     pub forked: usize,
+    /// Prompts that started from a cached state ([`Scheduler::enable_prefix_cache`]).
+    pub prefix_hits: usize,
+    /// Prompt tokens taken from cached states instead of prefilled.
+    pub prefix_tokens: usize,
     /// Peak bytes of blocks held.
     pub peak_allocated: u64,
     /// Peak bytes live.
@@ -138,6 +145,8 @@ impl BatchStats {
         self.prefill_secs += later.prefill_secs;
         self.preemptions += later.preemptions;
         self.forked += later.forked;
+        self.prefix_hits += later.prefix_hits;
+        self.prefix_tokens += later.prefix_tokens;
         self.peak_allocated = self.peak_allocated.max(later.peak_allocated);
         self.peak_live = self.peak_live.max(later.peak_live);
         let offset = self.memory_trace.last().map_or(0, |t| t.0);
@@ -162,6 +171,8 @@ struct Progress {
     /// It was in a batch whose decode step failed with no one to blame: it resumes on trial,
     /// beside no other sequence on trial, until one of its decode steps succeeds.
     on_trial: bool,
+    /// Prompt tokens taken from a cached state.
+    cached_tokens: usize,
 }
 
 impl Progress {
@@ -178,8 +189,19 @@ impl Progress {
             peak_allocated: report.peak_allocated.max(self.peak_allocated),
             layer_kept_fraction: report.layer_kept_fraction,
             peak_live: report.peak_live.max(self.peak_live),
+            cached_tokens: self.cached_tokens,
             finish_reason,
         }
+    }
+
+    /// The tokens its sequence has seen (the last chosen one is not fed yet while `pending`) and
+    /// the logits that follow them.
+    fn fed_state(&self) -> (Vec<u32>, Option<Vec<f32>>) {
+        let fed = self.tokens.len() - usize::from(self.pending);
+        let tokens = self.req.prompt.iter().chain(&self.tokens[..fed]).copied().collect();
+        // Kept logits move into `step_logits` as each token is chosen.
+        let logits = if self.logits.is_empty() { self.step_logits.last().cloned() } else { Some(self.logits.clone()) };
+        (tokens, logits)
     }
 }
 
@@ -297,6 +319,8 @@ pub struct Scheduler<E: BatchEngine> {
     /// Prompts scored in the last step.
     scored: Vec<(usize, Vec<TokenLogprobs>)>,
     failed: Vec<(usize, anyhow::Error)>,
+    /// Kept states of token prefixes, when prefix caching is on.
+    prefixes: Option<PrefixCache<E::Seq>>,
     /// Figures of everything run so far.
     pub stats: BatchStats,
 }
@@ -322,8 +346,25 @@ impl<E: BatchEngine> Scheduler<E> {
             prompt_logprobs: HashMap::new(),
             scored: Vec::new(),
             failed: Vec::new(),
+            prefixes: None,
             stats: BatchStats::default(),
         })
+    }
+
+    /// Turns prefix caching on (see [`crate::engine::prefix_cache`]): ended sequences and the
+    /// shared starts of prompts are kept in the pool, given back when blocks are needed, and a
+    /// prompt that starts with a kept state prefills only the rest. Returns false (and stays
+    /// off) on an engine that cannot continue a prompt pass.
+    pub fn enable_prefix_cache(&mut self, engine: &E) -> bool {
+        if engine.extends() && self.prefixes.is_none() {
+            self.prefixes = Some(PrefixCache::default());
+        }
+        self.prefixes.is_some()
+    }
+
+    /// States kept by the prefix cache now.
+    pub fn prefix_cache_len(&self) -> usize {
+        self.prefixes.as_ref().map_or(0, |c| c.len())
     }
 
     /// Queues a request after checking that the engine can serve it.
@@ -419,8 +460,7 @@ impl<E: BatchEngine> Scheduler<E> {
         self.forget(id);
         if let Some(i) = self.running.iter().position(|r| r.p.req.id == id) {
             let r = self.running.remove(i);
-            let report = engine.finish(r.seq)?;
-            return Ok(Some(r.p.finished(report, FinishReason::Cancelled)));
+            return self.retire(engine, r, FinishReason::Cancelled).map(Some);
         }
         self.waiting.retain(|r| r.id != id);
         self.preempted.retain(|s| s.p.req.id != id);
@@ -469,6 +509,9 @@ impl<E: BatchEngine> Scheduler<E> {
         for r in self.running.drain(..) {
             engine.release(r.seq);
         }
+        for seq in self.prefixes.as_mut().map(|c| c.drain()).unwrap_or_default() {
+            engine.release(seq);
+        }
         self.preempted.clear();
         self.waiting.clear();
         self.failed.clear();
@@ -483,12 +526,11 @@ impl<E: BatchEngine> Scheduler<E> {
             if self.running.len() >= self.max_batch || trial_taken {
                 break;
             }
-            let free = engine.free_blocks()?;
             let need = match &s.parked {
                 Some(parked) => engine.resume_need(parked, self.running.len()),
                 None => engine.recompute_need(s.p.req.prompt.len() + s.p.tokens.len(), self.running.len()),
             };
-            if need > free {
+            if !self.reclaim(engine, need, None)? {
                 break;
             }
             let Preempted { mut p, parked } = self.preempted.pop_front().expect("front exists");
@@ -531,18 +573,23 @@ impl<E: BatchEngine> Scheduler<E> {
         while self.preempted.is_empty() && self.running.len() < self.max_batch {
             let Some(req) = self.waiting.front() else { break };
             let t0 = Instant::now();
-            // A fork needs the blocks its source holds; a prompt pass, the whole prompt's. A
-            // prompt to score gets a pass of its own.
+            // A fork needs the blocks its source holds; a prompt pass, at most the whole
+            // prompt's, whatever part of it a cached state gives. A prompt to score gets a pass
+            // of its own.
             let score = self.prompt_logprobs.get(&req.id).copied();
             let forked = if score.is_some() { None } else { self.fork_of(engine, req)? };
+            let plan = match (&self.prefixes, score, &forked) {
+                (Some(c), None, None) => c.plan(&req.policy, &req.prompt),
+                _ => PrefixPlan::default(),
+            };
             if forked.is_none() {
-                let need = engine.admission_need(req.prompt.len(), self.running.len());
-                let free = engine.free_blocks()?;
-                if need > free {
+                let (id, prompt_len) = (req.id, req.prompt.len());
+                let need = engine.admission_need(prompt_len, self.running.len());
+                if !self.reclaim(engine, need, plan.hit.map(|h| h.id))? {
                     if self.running.is_empty() {
                         bail!(
-                            "request {} cannot be served: its prompt of {} tokens needs {need} blocks but the pool has {free} free of {} (raise [cache] memory_mb or max_tokens)",
-                            req.id, req.prompt.len(), engine.capacity_blocks()
+                            "request {id} cannot be served: its prompt of {prompt_len} tokens needs {need} blocks but the pool has {} free of {} (raise [cache] memory_mb or max_tokens)",
+                            engine.free_blocks()?, engine.capacity_blocks()
                         );
                     }
                     break;
@@ -550,19 +597,16 @@ impl<E: BatchEngine> Scheduler<E> {
             }
             let req = self.waiting.pop_front().expect("front exists");
             self.prompt_logprobs.remove(&req.id);
-            let (seq, logits) = match forked {
-                Some(forked) => {
+            if let (Some(c), None) = (self.prefixes.as_mut(), score) {
+                c.remember(&req.policy, &req.prompt);
+            }
+            let (seq, logits, cached_tokens) = match forked {
+                Some((seq, logits)) => {
                     self.stats.forked += 1;
-                    forked
+                    (seq, logits, 0)
                 }
-                None => match engine.start(&req, &req.prompt, self.params.prefill_chunk, score) {
-                    Ok(Started { seq, logits, prompt_logprobs }) => {
-                        self.stats.prefill_tokens += req.prompt.len();
-                        if score.is_some() {
-                            self.scored.push((req.id, prompt_logprobs));
-                        }
-                        (seq, logits)
-                    }
+                None => match self.prompt_pass(engine, &req, plan, score) {
+                    Ok(pass) => pass,
                     Err(e) => {
                         let id = req.id;
                         self.forget(id);
@@ -587,12 +631,137 @@ impl<E: BatchEngine> Scheduler<E> {
                 peak_allocated: 0,
                 peak_live: 0,
                 on_trial: false,
+                cached_tokens,
             };
             self.running.push(Running { p, seq });
             let r = self.running.last().expect("just pushed");
             observe(Observed { id: r.p.req.id, step: 0, seq: &r.seq, engine, logits: &r.p.logits })?;
         }
         Ok(())
+    }
+
+    /// `req`'s prompt pass: from the cached state `plan` found (its tokens are not prefilled
+    /// again), copying the state out where `plan` says (for later prompts), scoring the prompt
+    /// with `score`. Returns the sequence, its next-token logits and the prompt tokens taken from
+    /// the cache. On an error nothing it took stays held.
+    fn prompt_pass(
+        &mut self,
+        engine: &mut E,
+        req: &Request,
+        plan: PrefixPlan,
+        score: Option<usize>,
+    ) -> Result<(E::Seq, Vec<f32>, usize)> {
+        let (prompt, chunk) = (&req.prompt, self.params.prefill_chunk);
+        let mut at = 0;
+        let mut cur = None;
+        if let (Some(hit), Some(cache)) = (plan.hit, self.prefixes.as_mut()) {
+            if let Some((state, logits)) = cache.state(hit.id) {
+                let logits = logits.to_vec();
+                match engine.fork(state) {
+                    Ok(Some(seq)) => {
+                        cache.touch(hit.id);
+                        cur = Some((seq, logits));
+                        at = hit.tokens;
+                    }
+                    // A state that cannot be copied is of no use: the prompt gets a whole pass.
+                    Ok(None) | Err(_) => {
+                        if let Some(seq) = cache.remove(hit.id) {
+                            engine.release(seq);
+                        }
+                    }
+                }
+            }
+        }
+        let cached = at;
+        let mut ends: Vec<usize> = plan.snapshot_at.filter(|&s| s > at).into_iter().collect();
+        if ends.last() != Some(&prompt.len()) {
+            ends.push(prompt.len());
+        }
+        let mut scored = Vec::new();
+        for end in ends {
+            cur = Some(match cur.take() {
+                None => {
+                    let s = engine.start(req, &prompt[..end], chunk, score)?;
+                    scored = s.prompt_logprobs;
+                    (s.seq, s.logits)
+                }
+                Some((seq, logits)) if end == at => (seq, logits),
+                Some((mut seq, _)) => match engine.extend(&mut seq, &prompt[at..end], chunk) {
+                    Ok(logits) => (seq, logits),
+                    Err(e) => {
+                        engine.release(seq);
+                        return Err(e);
+                    }
+                },
+            });
+            at = end;
+            if plan.snapshot_at == Some(end) {
+                let (seq, logits) = cur.as_ref().expect("just prefilled");
+                self.keep_copy(engine, &req.policy, &prompt[..end], seq, logits)?;
+            }
+        }
+        let (seq, logits) = cur.expect("the prompt is not empty");
+        if score.is_some() {
+            self.scored.push((req.id, scored));
+        }
+        self.stats.prefill_tokens += prompt.len() - cached;
+        self.stats.prefix_tokens += cached;
+        self.stats.prefix_hits += usize::from(cached > 0);
+        Ok((seq, logits, cached))
+    }
+
+    /// Keeps a copy of `seq` (which has seen `tokens` and predicts `logits`) in the prefix cache,
+    /// when the pool has room for it beside the running sequences' next steps.
+    fn keep_copy(
+        &mut self,
+        engine: &mut E,
+        policy: &Arc<dyn PolicyFactory>,
+        tokens: &[u32],
+        seq: &E::Seq,
+        logits: &[f32],
+    ) -> Result<()> {
+        let Some(cache) = self.prefixes.as_mut() else { return Ok(()) };
+        if engine.fork_need(seq, self.running.len() + 1)? > engine.free_blocks()? {
+            return Ok(());
+        }
+        if let Ok(Some(copy)) = engine.fork(seq) {
+            for old in cache.insert(policy.clone(), tokens.to_vec(), copy, logits.to_vec()) {
+                engine.release(old);
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives cached states back to the pool, least recently used first (never entry `keep`),
+    /// until `need` blocks are free; whether they are.
+    fn reclaim(&mut self, engine: &mut E, need: usize, keep: Option<u64>) -> Result<bool> {
+        while engine.free_blocks()? < need {
+            let Some(seq) = self.prefixes.as_mut().and_then(|c| c.evict_lru(keep)) else { return Ok(false) };
+            engine.release(seq);
+        }
+        Ok(true)
+    }
+
+    /// Ends a running sequence with its report; with prefix caching on, its state is kept for
+    /// later prompts that start with its tokens (a chat's next turn), else its blocks are freed.
+    fn retire(&mut self, engine: &mut E, r: Running<E::Seq>, reason: FinishReason) -> Result<Finished> {
+        let Running { p, seq } = r;
+        let report = match engine.report(&seq) {
+            Ok(report) => report,
+            Err(e) => {
+                engine.release(seq);
+                return Err(e);
+            }
+        };
+        match (self.prefixes.as_mut(), p.fed_state()) {
+            (Some(cache), (tokens, Some(logits))) if policy_takes_part(p.req.policy.as_ref()) => {
+                for old in cache.insert(p.req.policy.clone(), tokens, seq, logits) {
+                    engine.release(old);
+                }
+            }
+            _ => engine.release(seq),
+        }
+        Ok(p.finished(report, reason))
     }
 
     /// A copy of a sequence admitted in this round with the same prompt and policy (it has
@@ -623,8 +792,7 @@ impl<E: BatchEngine> Scheduler<E> {
                 // Nothing to generate (a prompt only scored): done after its prompt pass.
                 let r = self.running.remove(i);
                 self.forget(r.p.req.id);
-                let report = engine.finish(r.seq)?;
-                finished.push(r.p.finished(report, FinishReason::Length));
+                finished.push(self.retire(engine, r, FinishReason::Length)?);
                 continue;
             }
             let params = r.req.params.as_ref().unwrap_or(&self.params);
@@ -676,8 +844,7 @@ impl<E: BatchEngine> Scheduler<E> {
                 Some(reason) => {
                     let r = self.running.remove(i);
                     self.forget(r.p.req.id);
-                    let report = engine.finish(r.seq)?;
-                    finished.push(r.p.finished(report, reason));
+                    finished.push(self.retire(engine, r, reason)?);
                 }
                 None => i += 1,
             }
@@ -689,7 +856,7 @@ impl<E: BatchEngine> Scheduler<E> {
     fn make_room(&mut self, engine: &mut E) -> Result<()> {
         loop {
             let need = engine.next_step_need(&self.running.iter().map(|r| &r.seq).collect::<Vec<_>>())?;
-            if need <= engine.free_blocks()? {
+            if self.reclaim(engine, need, None)? {
                 return Ok(());
             }
             if self.running.len() == 1 {

@@ -363,10 +363,9 @@ impl BatchEngine for DeviceEngine<'_> {
         Ok(self.blocks.step_headroom(seqs.len()))
     }
 
-    fn finish(&mut self, seq: DeviceSeq) -> Result<SeqReport> {
-        let usage = slot_usage(&self.cache, self.slot_of(&seq)?, seq.seen, self.slot_bytes);
-        self.remove(&seq)?;
-        let (usage, compression_ratio, layer_kept_fraction) = usage?;
+    fn report(&self, seq: &DeviceSeq) -> Result<SeqReport> {
+        let (usage, compression_ratio, layer_kept_fraction) =
+            slot_usage(&self.cache, self.slot_of(seq)?, seq.seen, self.slot_bytes)?;
         // Device rows never give blocks back before the sequence ends (evictions reuse slots), so
         // its final blocks are also its peak.
         Ok(SeqReport {

@@ -1,0 +1,151 @@
+//! Prefix caching in the scheduler: a prompt continued from a cached state (a chat's next turn,
+//! a shared header, a repeated prompt) produces what its whole prompt pass produces, takes the
+//! tokens the cache holds, and the kept states give their blocks back before anything running
+//! is preempted.
+
+mod common;
+
+use common::*;
+use dms_integration::engine::scheduler::{run_batch, Finished, Request, Scheduler};
+use dms_integration::engine::{Engine, GenParams};
+
+/// Tokens from `seed`, none of them equal to the same position's token of another seed.
+fn tokens(seed: usize, len: usize) -> Vec<u32> {
+    (0..len).map(|i| ((i * 7 + seed * 131) % 500) as u32 + 3).collect()
+}
+
+const POLICIES: [&str; 5] = [
+    "name = 'full'",
+    "name = 'sliding_window'\nwindow = 6\nsinks = 2",
+    "name = 'dms'",
+    "name = 'dms'\ndecision = 'key_norm'\nwindow = 4",
+    "name = 'tova'\nbudget = 12",
+];
+
+fn params(chunk: usize) -> GenParams {
+    GenParams { prefill_chunk: chunk, ..greedy_params(6) }
+}
+
+/// Runs `req` on `sched` until it finishes.
+fn serve_one(sched: &mut Scheduler<Engine>, eng: &mut Engine, req: Request) -> Finished {
+    sched.submit(eng, req).unwrap();
+    let mut done = Vec::new();
+    while !sched.is_idle() {
+        done.extend(sched.step(eng).unwrap());
+    }
+    assert_eq!(done.len(), 1);
+    done.pop().unwrap()
+}
+
+/// A conversation's turns and other prompts sharing its header, one after another: each equals
+/// its whole prompt pass alone (tokens, and every step's logits within rounding), and takes from
+/// the cache the tokens a hand count says it can: the previous turn (prompt and the tokens it
+/// fed), the header once a second prompt has shown it is shared, a prompt seen before.
+#[test]
+fn prompts_continued_from_cached_states_equal_whole_passes_under_each_policy() {
+    for table in POLICIES {
+        for chunk in [0, 5] {
+            let mut eng = batch_engine(1 << 14);
+            let policy = resolved_policy(&mut eng, table);
+            let mut sched = Scheduler::new(params(chunk), 8, true).unwrap();
+            assert!(sched.enable_prefix_cache(&eng));
+            let header = tokens(1, 40);
+            let ask = |seed: usize, len: usize| header.iter().copied().chain(tokens(seed, len)).collect::<Vec<u32>>();
+            let request = |id: usize, prompt: Vec<u32>| Request {
+                id,
+                prompt,
+                forced: None,
+                policy: policy.clone(),
+                params: None,
+            };
+            let mut served = Vec::new();
+            let mut serve = |sched: &mut Scheduler<Engine>, eng: &mut Engine, req: Request| {
+                let want = run_batch(eng, vec![req.clone()], &params(chunk), 1, true, |_| {}).unwrap().0.pop().unwrap();
+                let got = serve_one(sched, eng, req.clone());
+                assert_eq!(got.tokens, want.tokens, "{table} chunk {chunk}: request {}", req.id);
+                for (s, (a, b)) in got.step_logits.iter().zip(&want.step_logits).enumerate() {
+                    let e = max_abs(a, b);
+                    assert!(e < 1e-4, "{table} chunk {chunk}: request {} step {s}: {e}", req.id);
+                }
+                served.push((req.prompt.len(), got.cached_tokens));
+                got
+            };
+            let a = serve(&mut sched, &mut eng, request(0, ask(2, 7)));
+            // The next turn: the first turn's prompt and answer, then more.
+            let turn: Vec<u32> = a.tokens.iter().copied().chain(tokens(3, 5)).collect();
+            serve(&mut sched, &mut eng, request(1, ask(2, 7).into_iter().chain(turn).collect()));
+            serve(&mut sched, &mut eng, request(2, ask(4, 6)));
+            serve(&mut sched, &mut eng, request(3, ask(5, 9)));
+            serve(&mut sched, &mut eng, request(4, ask(5, 9)));
+            serve(&mut sched, &mut eng, request(5, ask(5, 9)));
+            let cached: Vec<usize> = served.iter().map(|s| s.1).collect();
+            if table.contains("tova") {
+                assert_eq!(cached, [0; 6], "attention-scored policies take no part");
+                assert_eq!(sched.prefix_cache_len(), 0);
+            } else {
+                // 1: the first turn's 47 prompt tokens and the 5 of its 6 tokens it fed. 2: the
+                // header is shared with the earlier prompts, copied out. 3, 4: the header. 5: the
+                // same prompt as 4, copied whole by 4.
+                assert_eq!(cached, [0, 47 + 5, 0, 40, 40, 49], "{table} chunk {chunk}");
+            }
+            let prompts: usize = served.iter().map(|s| s.0).sum();
+            assert_eq!(sched.stats.prefill_tokens + sched.stats.prefix_tokens, prompts);
+            assert_eq!(sched.stats.prefix_tokens, cached.iter().sum::<usize>());
+            sched.release_all(&mut eng);
+            assert_eq!(eng.store.free_block_count(), eng.store.capacity_blocks(), "every block returned");
+        }
+    }
+}
+
+/// Kept states hold blocks, but never at the running sequences' expense: with a pool of two
+/// sequences' worth full of cached states, a batch of new prompts is admitted, preempted and
+/// resumed exactly as in an empty pool, with the same output.
+#[test]
+fn cached_states_give_their_blocks_back_before_anything_is_preempted() {
+    let batch = |eng: &mut Engine| -> Vec<Request> {
+        let full = resolved_policy(eng, POLICIES[0]);
+        (0..4)
+            .map(|i| Request {
+                id: 10 + i,
+                prompt: tokens(20 + i, 12),
+                forced: None,
+                policy: full.clone(),
+                params: None,
+            })
+            .collect()
+    };
+    let run = |cache: bool| {
+        // 41 tokens per sequence: 11 blocks x 4 rows; 100 blocks hold two.
+        let mut eng = batch_engine(100);
+        let full = resolved_policy(&mut eng, POLICIES[0]);
+        let mut sched = Scheduler::new(greedy_params(30), 8, true).unwrap();
+        if cache {
+            sched.enable_prefix_cache(&eng);
+            for i in 0..3 {
+                let r = Request { id: i, prompt: tokens(i, 8), forced: None, policy: full.clone(), params: None };
+                serve_one(&mut sched, &mut eng, r);
+            }
+            // Each state holds 37 tokens in 10 blocks x 4 rows; the third took the first's blocks.
+            assert_eq!(sched.prefix_cache_len(), 2);
+            assert_eq!(eng.store.free_block_count(), 100 - 80);
+        }
+        let before = sched.stats.preemptions;
+        for r in batch(&mut eng) {
+            sched.submit(&eng, r).unwrap();
+        }
+        let mut done = Vec::new();
+        while !sched.is_idle() {
+            done.extend(sched.step(&mut eng).unwrap());
+        }
+        done.sort_by_key(|f| f.id);
+        (done, sched.stats.preemptions - before)
+    };
+    let (want, want_preempted) = run(false);
+    let (got, got_preempted) = run(true);
+    assert!(want_preempted > 0, "the pool forces preemption");
+    assert_eq!(got_preempted, want_preempted);
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!(g.tokens, w.tokens, "request {}", g.id);
+        assert_eq!(g.preemptions, w.preemptions, "request {}", g.id);
+    }
+}

@@ -812,3 +812,47 @@ fn reasoning_is_split_into_reasoning_content_whole_and_streamed() {
     let content = r["choices"][0]["message"]["content"].as_str().unwrap_or_else(|| panic!("{r}"));
     assert!(content.starts_with('{') && r["choices"][0]["message"].get("reasoning_content").is_none(), "{r}");
 }
+
+/// Prefix caching end to end: prompts sharing a 40-token header, then the same prompt twice,
+/// answered by a server with the cache (the default) and one without. The answers and their
+/// log-probabilities agree; `usage.prompt_tokens_details.cached_tokens` (whole and streamed) and
+/// `/metrics` count what a hand count of the kept states gives: nothing until a second prompt
+/// shows the header is shared, then the header, then the whole repeated prompt.
+#[test]
+fn prompts_sharing_a_start_take_it_from_the_prefix_cache_with_unchanged_answers() {
+    let cached = tiny_llama3_server("prefix");
+    let uncached = tiny_llama3_server_with("no-prefix", "prefix_cache = false");
+    let ids = |seed: u32, len: u32| (0..len).map(move |i| (i * 7 + seed * 131) % 400 + 50);
+    let ask = |seed: u32, len: u32| ids(1, 40).chain(ids(seed, len)).collect::<Vec<u32>>();
+    let body = |prompt: &[u32], stream: bool| {
+        serde_json::json!({"model": "tiny", "prompt": prompt, "max_tokens": 5, "logprobs": 2, "ignore_eos": true,
+            "stream": stream, "stream_options": {"include_usage": stream}})
+    };
+    let prompts = [ask(2, 7), ask(4, 6), ask(5, 9), ask(5, 9), ask(5, 9)];
+    let mut got = Vec::new();
+    for p in &prompts {
+        let (status, r) = post_json(&cached.base, "/v1/completions", &body(p, false));
+        assert_eq!(status, 200, "{r}");
+        let (status, want) = post_json(&uncached.base, "/v1/completions", &body(p, false));
+        assert_eq!(status, 200, "{want}");
+        assert_eq!(want["usage"]["prompt_tokens_details"]["cached_tokens"], 0, "{want}");
+        assert_eq!(r["choices"][0]["text"], want["choices"][0]["text"], "{r}\n{want}");
+        let values = |r: &serde_json::Value| -> Vec<f64> {
+            let lp = r["choices"][0]["logprobs"]["token_logprobs"].as_array().unwrap().clone();
+            lp.iter().map(|v| v.as_f64().unwrap()).collect()
+        };
+        for (a, b) in values(&r).iter().zip(values(&want)) {
+            assert!((a - b).abs() < 1e-4, "{r}\n{want}");
+        }
+        got.push(r["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap());
+    }
+    assert_eq!(got, [0, 0, 40, 40, 49]);
+    // Streamed, the usage chunk says the same.
+    let (status, sse) = post(&cached.base, "/v1/completions", &body(&prompts[4], true));
+    assert_eq!(status, 200, "{sse}");
+    let usage = sse_chunks(&sse).into_iter().find_map(|c| c.get("usage").cloned()).expect("a usage chunk");
+    assert_eq!(usage["prompt_tokens_details"]["cached_tokens"], 49, "{sse}");
+    let (_, metrics) = http(&cached.base, "GET", "/metrics", "");
+    let total = 40 + 40 + 49 + 49;
+    assert!(metrics.contains(&format!("dms_prompt_tokens_cached_total{{policy=\"full\"}} {total}")), "{metrics}");
+}

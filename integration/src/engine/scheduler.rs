@@ -711,7 +711,8 @@ impl<E: BatchEngine> Scheduler<E> {
     }
 
     /// Keeps a copy of `seq` (which has seen `tokens` and predicts `logits`) in the prefix cache,
-    /// when the pool has room for it beside the running sequences' next steps.
+    /// when the pool has room for it beside the running sequences' next steps once older states
+    /// are given back.
     fn keep_copy(
         &mut self,
         engine: &mut E,
@@ -720,10 +721,10 @@ impl<E: BatchEngine> Scheduler<E> {
         seq: &E::Seq,
         logits: &[f32],
     ) -> Result<()> {
-        let Some(cache) = self.prefixes.as_mut() else { return Ok(()) };
-        if engine.fork_need(seq, self.running.len() + 1)? > engine.free_blocks()? {
+        if self.prefixes.is_none() || !self.reclaim(engine, engine.fork_need(seq, self.running.len() + 1)?, None)? {
             return Ok(());
         }
+        let Some(cache) = self.prefixes.as_mut() else { return Ok(()) };
         if let Ok(Some(copy)) = engine.fork(seq) {
             for old in cache.insert(policy.clone(), tokens.to_vec(), copy, logits.to_vec()) {
                 engine.release(old);

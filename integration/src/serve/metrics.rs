@@ -22,8 +22,12 @@ pub struct Metrics {
     pub compression_ratio: GaugeVec,
     /// Tokens generated.
     pub generated_tokens: CounterVec,
-    /// Prompt tokens prefilled.
+    /// Prompt tokens (prefilled, or taken from the prefix cache).
     pub prompt_tokens: CounterVec,
+    /// Prompt tokens taken from the prefix cache instead of prefilled.
+    pub prompt_tokens_cached: CounterVec,
+    /// States the prefix cache keeps in the pool.
+    pub prefix_cache_states: IntGauge,
     /// Requests finished (or cancelled).
     pub requests: CounterVec,
     /// Tokens evicted, averaged over a sequence's KV rows, counted when it ends.
@@ -80,11 +84,22 @@ impl Metrics {
             requests_running: gauge("dms_requests_running", "Sequences decoding now")?,
             requests_waiting: gauge("dms_requests_waiting", "Requests waiting for admission, preempted ones included")?,
             bytes_live: gauge("dms_kv_cache_bytes_live", "Bytes of K/V in occupied slots")?,
-            bytes_allocated: gauge("dms_kv_cache_bytes_allocated", "Bytes of KV blocks held by sequences")?,
+            bytes_allocated: gauge(
+                "dms_kv_cache_bytes_allocated",
+                "Bytes of KV blocks held by sequences (running ones and the prefix cache's states)",
+            )?,
             bytes_capacity: gauge("dms_kv_cache_bytes_capacity", "Bytes of the whole KV block pool")?,
             compression_ratio,
             generated_tokens: counters("dms_generated_tokens_total", "Tokens generated")?,
-            prompt_tokens: counters("dms_prompt_tokens_total", "Prompt tokens prefilled")?,
+            prompt_tokens: counters("dms_prompt_tokens_total", "Prompt tokens (prefilled or taken from the prefix cache)")?,
+            prompt_tokens_cached: counters(
+                "dms_prompt_tokens_cached_total",
+                "Prompt tokens taken from the prefix cache instead of prefilled",
+            )?,
+            prefix_cache_states: gauge(
+                "dms_prefix_cache_states",
+                "Sequence states the prefix cache keeps in the pool (given back when blocks are needed)",
+            )?,
             requests: counters("dms_requests_total", "Requests finished or cancelled")?,
             evicted_tokens: counters(
                 "dms_evicted_tokens_total",
@@ -106,7 +121,7 @@ impl Metrics {
         };
         for p in policies {
             m.compression_ratio.with_label_values(&[p]).set(1.0);
-            for c in [&m.generated_tokens, &m.prompt_tokens, &m.requests, &m.evicted_tokens] {
+            for c in [&m.generated_tokens, &m.prompt_tokens, &m.prompt_tokens_cached, &m.requests, &m.evicted_tokens] {
                 c.with_label_values(&[p]);
             }
             m.time_to_first_token.with_label_values(&[p]);
@@ -142,6 +157,8 @@ mod tests {
             "dms_kv_compression_ratio{policy=\"full\"}",
             "dms_generated_tokens_total{policy=\"dms\"} 3",
             "dms_prompt_tokens_total{policy=\"dms\"}",
+            "dms_prompt_tokens_cached_total{policy=\"full\"}",
+            "dms_prefix_cache_states",
             "dms_requests_total{policy=\"full\"}",
             "dms_evicted_tokens_total{policy=\"full\"}",
             "dms_preemptions_total",

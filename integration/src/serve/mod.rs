@@ -120,6 +120,7 @@ pub fn serve(cfg: &EngineConfig) -> Result<()> {
         prefill_chunk: cfg.cache.prefill_chunk,
         rows,
         pool_bytes,
+        prefix_cache: s.prefix_cache,
     };
     let (ready, started) = std::sync::mpsc::channel();
     let worker = std::thread::Builder::new()

@@ -758,9 +758,12 @@ impl KvReport {
     }
 }
 
-/// The `usage` object.
-pub fn usage_json(prompt: usize, completion: usize) -> Value {
-    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+/// The `usage` object: `cached` of the `prompt` tokens came from the prefix cache.
+pub fn usage_json(prompt: usize, completion: usize, cached: usize) -> Value {
+    json!({
+        "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    })
 }
 
 #[cfg(test)]

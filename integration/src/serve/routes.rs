@@ -667,7 +667,7 @@ fn logprobs_json(kind: Kind, tokens: &[TokenLogprob]) -> Value {
 async fn whole_answer(head: Head, choices: Vec<(Event, UnboundedReceiver<Event>)>) -> Response {
     let n = choices.len();
     let mut out = Vec::with_capacity(n);
-    let mut usage = (0, 0);
+    let mut usage = (0, 0, 0);
     let mut kv = Value::Null;
     for (index, (first, mut rx)) in choices.into_iter().enumerate() {
         let mut text = String::new();
@@ -706,8 +706,9 @@ async fn whole_answer(head: Head, choices: Vec<(Event, UnboundedReceiver<Event>)
                 json!({"index": index, "text": text, "finish_reason": o.finish_reason, "logprobs": logprobs})
             }
         };
-        // The prompt is counted once; each choice's cache is its own.
-        usage = (o.prompt_tokens, usage.1 + o.completion_tokens);
+        // The prompt is counted once (the other choices copy the first's state); each choice's
+        // cache is its own.
+        usage = (o.prompt_tokens, usage.1 + o.completion_tokens, usage.2.max(o.cached_tokens));
         if index == 0 {
             kv = o.kv.json();
         }
@@ -723,7 +724,7 @@ async fn whole_answer(head: Head, choices: Vec<(Event, UnboundedReceiver<Event>)
     Json(json!({
         "id": head.id, "object": object, "created": head.created, "model": head.model,
         "choices": out,
-        "usage": usage_json(usage.0, usage.1),
+        "usage": usage_json(usage.0, usage.1, usage.2),
         "kv_cache": kv,
     }))
     .into_response()
@@ -757,7 +758,7 @@ fn sse_stream(
             .boxed()
     });
     let events = stream::select_all(per_choice);
-    let (mut done, mut usage) = (0, (0, 0));
+    let (mut done, mut usage) = (0, (0, 0, 0));
     // Per choice: its text pipeline, and the log-probabilities of text it holds back.
     let mut texts: Vec<ChoiceText> = vec![head.choice.clone(); n];
     let mut held: Vec<Vec<TokenLogprob>> = vec![Vec::new(); n];
@@ -775,10 +776,10 @@ fn sse_stream(
                 let called = texts[i].reports_tool_calls();
                 v.push(data(head.last(i, &o, called, &std::mem::take(&mut held[i]))));
                 done += 1;
-                usage = (o.prompt_tokens, usage.1 + o.completion_tokens);
+                usage = (o.prompt_tokens, usage.1 + o.completion_tokens, usage.2.max(o.cached_tokens));
                 if include_usage && done == n {
                     let mut u = head.object(json!([]));
-                    u["usage"] = usage_json(usage.0, usage.1);
+                    u["usage"] = usage_json(usage.0, usage.1, usage.2);
                     v.push(data(u));
                 }
                 v

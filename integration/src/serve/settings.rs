@@ -61,6 +61,11 @@ pub struct ServerSection {
     /// `none` (the default: reasoning stays in `content`), `qwen3` or `deepseek_r1`.
     #[serde(default = "default_reasoning_parser")]
     pub reasoning_parser: String,
+    /// Keep sequence states in the pool for later prompts that start with the same tokens under
+    /// the same policy (a chat's next turn, a shared system prompt, a repeated prompt); states
+    /// are given back whenever blocks are needed. On by default, as in vLLM.
+    #[serde(default = "default_prefix_cache")]
+    pub prefix_cache: bool,
     /// The cache policies a request may choose with `"cache_policy": NAME`. Empty: the one policy
     /// of `[cache.policy]`, named after it.
     #[serde(default)]
@@ -109,6 +114,10 @@ fn default_tool_parser() -> String {
 }
 fn default_reasoning_parser() -> String {
     "none".into()
+}
+
+fn default_prefix_cache() -> bool {
+    true
 }
 
 impl Default for ServerSection {

@@ -98,6 +98,8 @@ pub struct Outcome {
     pub finish_reason: &'static str,
     /// Prompt tokens.
     pub prompt_tokens: usize,
+    /// Prompt tokens taken from the prefix cache.
+    pub cached_tokens: usize,
     /// Tokens generated.
     pub completion_tokens: usize,
     /// What the cache kept.
@@ -144,6 +146,9 @@ pub struct WorkerSetup {
     pub rows: usize,
     /// Bytes the KV pool holds, for the capacity gauge.
     pub pool_bytes: u64,
+    /// Keep sequence states for later prompts that start with the same tokens (`[server]
+    /// prefix_cache`).
+    pub prefix_cache: bool,
 }
 
 struct Active<'t> {
@@ -170,11 +175,24 @@ impl Active<'_> {
 
 /// Runs `engine` until the command channel closes or a shutdown completes.
 pub fn run<E: BatchEngine>(engine: &mut E, setup: WorkerSetup, commands: Receiver<Command>) {
-    let WorkerSetup { policies, tokenizer, metrics, max_batch, timeout, grace, prefill_chunk, rows, pool_bytes } =
-        setup;
+    let WorkerSetup {
+        policies,
+        tokenizer,
+        metrics,
+        max_batch,
+        timeout,
+        grace,
+        prefill_chunk,
+        rows,
+        pool_bytes,
+        prefix_cache,
+    } = setup;
     let base = GenParams { max_tokens: 1, temperature: 0.0, top_p: 1.0, seed: 0, stop_at_eos: true, prefill_chunk };
     let eos: Vec<u32> = engine.eos_token_ids().to_vec();
     let Ok(mut sched) = Scheduler::new(base, max_batch, false) else { return };
+    if prefix_cache && !sched.enable_prefix_cache(engine) {
+        tracing::warn!("prefix caching is off: this engine cannot continue a prompt pass from a cached state");
+    }
     metrics.bytes_capacity.set(gauge(pool_bytes));
     let mut active: HashMap<usize, Active<'_>> = HashMap::new();
     let mut next_id = 0usize;
@@ -423,6 +441,7 @@ fn count_end(metrics: &Metrics, policy: &str, a: &Active<'_>, f: Option<&Finishe
     metrics.generated_tokens.with_label_values(&[policy]).inc_by(a.completion_tokens as f64);
     let Some(f) = f else { return };
     metrics.prompt_tokens.with_label_values(&[policy]).inc_by(a.job.prompt.len() as f64);
+    metrics.prompt_tokens_cached.with_label_values(&[policy]).inc_by(f.cached_tokens as f64);
     let evicted = f.usage.tokens_seen.saturating_sub(f.usage.slots) as f64 / rows as f64;
     metrics.evicted_tokens.with_label_values(&[policy]).inc_by(evicted);
 }
@@ -449,6 +468,7 @@ fn finish(metrics: &Metrics, policy: &str, a: Active<'_>, f: &Finished, reason: 
     let out = Outcome {
         finish_reason,
         prompt_tokens: a.job.prompt.len(),
+        cached_tokens: f.cached_tokens,
         completion_tokens: a.completion_tokens,
         kv,
         logprobs: a.job.logprobs.map(|_| a.logprobs),
@@ -472,6 +492,7 @@ fn update_gauges<E: BatchEngine>(
         Err(e) => tracing::warn!("reading the KV pool's usage: {e:#}"),
     }
     metrics.requests_running.set(sched.running_count() as i64);
+    metrics.prefix_cache_states.set(sched.prefix_cache_len() as i64);
     metrics.requests_waiting.set(sched.waiting_count() as i64);
     let mut per_policy = vec![(0u64, 0u64); policies.len()];
     for (id, usage) in sched.running_usage(engine).unwrap_or_default() {

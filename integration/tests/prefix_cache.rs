@@ -149,3 +149,36 @@ fn cached_states_give_their_blocks_back_before_anything_is_preempted() {
         assert_eq!(g.preemptions, w.preemptions, "request {}", g.id);
     }
 }
+
+/// A pool that holds one long prompt: kept states never make a prompt fail or wait. A copy of a
+/// shared start is skipped when the rest of the prompt would not fit beside it, and a prompt that
+/// does not fit beside the state it starts from gets a whole pass instead (every answer equal to
+/// a whole pass in an empty pool of the same size).
+#[test]
+fn kept_states_never_make_a_prompt_that_fits_the_pool_fail() {
+    // 4 rows x 30 blocks of 4 tokens: one 100-token prompt (100 blocks) with room to decode.
+    let mut eng = batch_engine(120);
+    let full = resolved_policy(&mut eng, POLICIES[0]);
+    let params = greedy_params(4);
+    let mut sched = Scheduler::new(params.clone(), 8, true).unwrap();
+    sched.enable_prefix_cache(&eng);
+    let header = tokens(1, 40);
+    let ask = |seed: usize, len: usize| header.iter().copied().chain(tokens(seed, len)).collect::<Vec<u32>>();
+    let mut cached = Vec::new();
+    for (id, prompt) in [(0, ask(2, 60)), (1, ask(3, 60)), (2, ask(4, 10)), (3, ask(5, 60))] {
+        let req = Request { id, prompt, forced: None, policy: full.clone(), params: None };
+        let mut alone = batch_engine(120);
+        let want = run_batch(&mut alone, vec![req.clone()], &params, 1, true, |_| {}).unwrap().0.pop().unwrap();
+        let got = serve_one(&mut sched, &mut eng, req);
+        assert_eq!(got.tokens, want.tokens, "request {id}");
+        cached.push(got.cached_tokens);
+        if id == 2 {
+            // The header (40 blocks) was copied out beside this short prompt, and its own state
+            // (53 tokens: 56 blocks) is kept too.
+            assert_eq!((sched.prefix_cache_len(), eng.store.free_block_count()), (2, 120 - 40 - 56));
+        }
+    }
+    // 1: no room for a copy of the header beside the rest of its prompt. 3: the header state and
+    // the prompt do not fit together, so the state goes and the prompt gets a whole pass.
+    assert_eq!(cached, [0, 0, 0, 0]);
+}

@@ -139,6 +139,9 @@ struct ServeArgs {
     /// Override [server] port (0: any free port).
     #[arg(long)]
     port: Option<u16>,
+    /// Override [server] prefix_cache: keep no sequence states for later prompts.
+    #[arg(long)]
+    no_prefix_cache: bool,
 }
 
 fn serve(a: ServeArgs) -> Result<()> {
@@ -148,6 +151,9 @@ fn serve(a: ServeArgs) -> Result<()> {
     }
     if let Some(p) = a.port {
         cfg.server.port = p;
+    }
+    if a.no_prefix_cache {
+        cfg.server.prefix_cache = false;
     }
     cfg.validate()?;
     dms_integration::serve::serve(&cfg)

@@ -139,8 +139,14 @@ pub trait BatchEngine {
         let _ = (seq, ids, chunk);
         anyhow::bail!("this engine cannot continue a prompt pass")
     }
-    /// Frees a sequence's blocks without a report (after an error).
+    /// Frees a sequence's blocks without a report (after an error, or a prefix-cache state given
+    /// back).
     fn release(&mut self, seq: Self::Seq);
+    /// Starts the memory peaks `seq` reports from what it holds now (a copy of a cached state,
+    /// whose source's peaks belong to another request).
+    fn reset_peaks(&mut self, seq: &mut Self::Seq) {
+        let _ = seq;
+    }
     /// Preempts a sequence: its blocks go back to the pool, its rows swapped out or dropped.
     fn park(&mut self, seq: Self::Seq) -> Result<Parked<Self::Parked>>;
     /// Blocks resuming a dropped sequence of `context` tokens (one prompt pass, and its own next

@@ -142,6 +142,11 @@ impl BatchEngine for Engine {
         seq.cache.release(&mut self.store);
     }
 
+    fn reset_peaks(&mut self, seq: &mut HostSequence) {
+        (seq.peak_allocated, seq.peak_live) = (0, 0);
+        seq.note_usage(&seq.cache.usage(&self.store));
+    }
+
     fn park(&mut self, mut seq: HostSequence) -> Result<Parked<HostParked>> {
         // Recomputation gives the same rows only where one prompt pass keeps what decoding kept
         // (not for attention-scored policies), and needs room for the uncompressed context.

@@ -4,7 +4,8 @@
 //! [`block_manager`]'s view of the pool, and the engine executes ([`Engine::prefill`],
 //! [`Engine::decode`]: the model's batched forward over the store), through the
 //! [`batch_engine::BatchEngine`] seam that the device cache implements too ([`host_batch`] is the
-//! host's side); the scheduler never runs the model itself. [`generation`] serves one
+//! host's side); the scheduler never runs the model itself, and [`prefix_cache`] keeps the
+//! states it may start prompts from. [`generation`] serves one
 //! prompt through the scheduler; [`from_config`] builds an engine from a config file with one
 //! pool-sizing rule; [`load`] reads models, [`sampling`] picks tokens, [`trace`] writes traces and
 //! [`report`] the summary lines.

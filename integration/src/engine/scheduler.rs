@@ -6,8 +6,10 @@
 //! eviction plus headroom for the running sequences; before each decode step the scheduler makes
 //! sure the step's blocks are free, preempting the most recently admitted sequence (swapped out
 //! slot for slot and back, or dropped and recomputed, as the engine does it), so it resumes with
-//! identical output. A failed prompt pass or decode step fails the request that causes it and no
-//! other (see `Scheduler::isolate`).
+//! identical output. With prefix caching on ([`crate::engine::prefix_cache`]) a prompt starts
+//! from the longest kept state it begins with, and kept states give their blocks back before
+//! anything is preempted. A failed prompt pass or decode step fails the request that causes it
+//! and no other (see `Scheduler::isolate`).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -103,7 +105,7 @@ pub struct BatchStats {
     pub decode_tokens: usize,
     /// Seconds in decode steps.
     pub decode_secs: f64,
-    /// Prompt tokens prefilled.
+    /// Prompt tokens prefilled (not those taken from cached states).
     pub prefill_tokens: usize,
     /// Seconds in prefill.
     pub prefill_secs: f64,
@@ -298,7 +300,8 @@ pub type Observer<'o, E> = dyn FnMut(Observed<'_, E>) -> Result<()> + 'o;
 /// pool has room (the engine's admission need: the prompt without eviction plus headroom for the
 /// running sequences), chooses each running sequence's next token and retires the finished ones,
 /// preempts the most recently admitted sequences until the next step's blocks are free, and runs
-/// one batched decode step.
+/// one batched decode step. Prefix-cache states ([`Scheduler::enable_prefix_cache`]) are given
+/// back, least recently used first, whenever admission, a resume or the next step needs blocks.
 pub struct Scheduler<E: BatchEngine> {
     params: GenParams,
     max_batch: usize,
@@ -453,8 +456,9 @@ impl<E: BatchEngine> Scheduler<E> {
         &self.scored
     }
 
-    /// Removes request `id` wherever it is. A running sequence's blocks return to the pool at
-    /// once and it is reported with [`FinishReason::Cancelled`]; a waiting or preempted one is
+    /// Removes request `id` wherever it is. A running sequence is reported with
+    /// [`FinishReason::Cancelled`] and its blocks return to the pool at once (or stay as a
+    /// prefix-cache state, given back whenever blocks are needed); a waiting or preempted one is
     /// dropped (`None`), as is an unknown id.
     pub fn cancel(&mut self, engine: &mut E, id: usize) -> Result<Option<Finished>> {
         self.forget(id);
@@ -576,16 +580,21 @@ impl<E: BatchEngine> Scheduler<E> {
             // A fork needs the blocks its source holds; a prompt pass, at most the whole
             // prompt's, whatever part of it a cached state gives. A prompt to score gets a pass
             // of its own.
-            let score = self.prompt_logprobs.get(&req.id).copied();
-            let forked = if score.is_some() { None } else { self.fork_of(engine, req)? };
-            let plan = match (&self.prefixes, score, &forked) {
-                (Some(c), None, None) => c.plan(&req.policy, &req.prompt),
+            let (id, prompt_len) = (req.id, req.prompt.len());
+            let score = self.prompt_logprobs.get(&id).copied();
+            let forked = if score.is_some() { None } else { self.fork_of(engine)? };
+            let mut plan = match (&self.prefixes, score, &forked, self.waiting.front()) {
+                (Some(c), None, None, Some(req)) => c.plan(&req.policy, &req.prompt),
                 _ => PrefixPlan::default(),
             };
             if forked.is_none() {
-                let (id, prompt_len) = (req.id, req.prompt.len());
                 let need = engine.admission_need(prompt_len, self.running.len());
-                if !self.reclaim(engine, need, plan.hit.map(|h| h.id))? {
+                // The state to start from stays if the prompt fits beside it; else it goes too (the
+                // prompt then gets a whole pass).
+                if plan.hit.is_some() && !self.reclaim(engine, need, plan.hit.map(|h| h.id))? {
+                    plan.hit = None;
+                }
+                if !self.reclaim(engine, need, None)? {
                     if self.running.is_empty() {
                         bail!(
                             "request {id} cannot be served: its prompt of {prompt_len} tokens needs {need} blocks but the pool has {} free of {} (raise [cache] memory_mb or max_tokens)",
@@ -597,7 +606,7 @@ impl<E: BatchEngine> Scheduler<E> {
             }
             let req = self.waiting.pop_front().expect("front exists");
             self.prompt_logprobs.remove(&req.id);
-            if let (Some(c), None) = (self.prefixes.as_mut(), score) {
+            if let (Some(c), None, None) = (self.prefixes.as_mut(), score, &forked) {
                 c.remember(&req.policy, &req.prompt);
             }
             let (seq, logits, cached_tokens) = match forked {
@@ -658,7 +667,8 @@ impl<E: BatchEngine> Scheduler<E> {
             if let Some((state, logits)) = cache.state(hit.id) {
                 let logits = logits.to_vec();
                 match engine.fork(state) {
-                    Ok(Some(seq)) => {
+                    Ok(Some(mut seq)) => {
+                        engine.reset_peaks(&mut seq);
                         cache.touch(hit.id);
                         cur = Some((seq, logits));
                         at = hit.tokens;
@@ -696,8 +706,13 @@ impl<E: BatchEngine> Scheduler<E> {
             });
             at = end;
             if plan.snapshot_at == Some(end) {
-                let (seq, logits) = cur.as_ref().expect("just prefilled");
-                self.keep_copy(engine, &req.policy, &prompt[..end], seq, logits)?;
+                let (seq, logits) = cur.take().expect("just prefilled");
+                let kept = self.keep_copy(engine, &req.policy, &prompt[..end], &seq, &logits, prompt.len() - end);
+                if let Err(e) = kept {
+                    engine.release(seq);
+                    return Err(e);
+                }
+                cur = Some((seq, logits));
             }
         }
         let (seq, logits) = cur.expect("the prompt is not empty");
@@ -711,8 +726,8 @@ impl<E: BatchEngine> Scheduler<E> {
     }
 
     /// Keeps a copy of `seq` (which has seen `tokens` and predicts `logits`) in the prefix cache,
-    /// when the pool has room for it beside the running sequences' next steps once older states
-    /// are given back.
+    /// when the pool has room for it, beside the `rest` of `seq`'s prompt and the running
+    /// sequences' next steps, once older states are given back.
     fn keep_copy(
         &mut self,
         engine: &mut E,
@@ -720,8 +735,10 @@ impl<E: BatchEngine> Scheduler<E> {
         tokens: &[u32],
         seq: &E::Seq,
         logits: &[f32],
+        rest: usize,
     ) -> Result<()> {
-        if self.prefixes.is_none() || !self.reclaim(engine, engine.fork_need(seq, self.running.len() + 1)?, None)? {
+        let need = engine.fork_need(seq, self.running.len() + 1)? + engine.admission_need(rest, 0);
+        if self.prefixes.is_none() || !self.reclaim(engine, need, None)? {
             return Ok(());
         }
         let Some(cache) = self.prefixes.as_mut() else { return Ok(()) };
@@ -747,35 +764,40 @@ impl<E: BatchEngine> Scheduler<E> {
     /// later prompts that start with its tokens (a chat's next turn), else its blocks are freed.
     fn retire(&mut self, engine: &mut E, r: Running<E::Seq>, reason: FinishReason) -> Result<Finished> {
         let Running { p, seq } = r;
-        let report = match engine.report(&seq) {
-            Ok(report) => report,
-            Err(e) => {
-                engine.release(seq);
-                return Err(e);
-            }
-        };
-        match (self.prefixes.as_mut(), p.fed_state()) {
+        let report = match (self.prefixes.as_mut(), p.fed_state()) {
             (Some(cache), (tokens, Some(logits))) if policy_takes_part(p.req.policy.as_ref()) => {
+                let report = match engine.report(&seq) {
+                    Ok(report) => report,
+                    Err(e) => {
+                        engine.release(seq);
+                        return Err(e);
+                    }
+                };
                 for old in cache.insert(p.req.policy.clone(), tokens, seq, logits) {
                     engine.release(old);
                 }
+                report
             }
-            _ => engine.release(seq),
-        }
+            _ => engine.finish(seq)?,
+        };
         Ok(p.finished(report, reason))
     }
 
-    /// A copy of a sequence admitted in this round with the same prompt and policy (it has
-    /// chosen nothing yet), with its logits, when the pool holds the copy beside the running
-    /// sequences' headroom: the request then needs no prompt pass of its own.
-    fn fork_of(&self, engine: &mut E, req: &Request) -> Result<Option<(E::Seq, Vec<f32>)>> {
-        let source = self.running.iter().find(|r| {
+    /// For the first waiting request: a copy of a sequence admitted in this round with the same
+    /// prompt and policy (it has chosen nothing yet), with its logits, when the pool holds the
+    /// copy beside the running sequences' headroom once kept states are given back: the request
+    /// then needs no prompt pass of its own.
+    fn fork_of(&mut self, engine: &mut E) -> Result<Option<(E::Seq, Vec<f32>)>> {
+        let Some(req) = self.waiting.front() else { return Ok(None) };
+        let source = self.running.iter().position(|r| {
             r.p.tokens.is_empty() && Arc::ptr_eq(&r.p.req.policy, &req.policy) && r.p.req.prompt == req.prompt
         });
-        let Some(r) = source else { return Ok(None) };
-        if engine.fork_need(&r.seq, self.running.len())? > engine.free_blocks()? {
+        let Some(i) = source else { return Ok(None) };
+        let need = engine.fork_need(&self.running[i].seq, self.running.len())?;
+        if !self.reclaim(engine, need, None)? {
             return Ok(None);
         }
+        let r = &self.running[i];
         Ok(engine.fork(&r.seq)?.map(|seq| (seq, r.p.logits.clone())))
     }
 

@@ -363,6 +363,12 @@ impl BatchEngine for DeviceEngine<'_> {
         Ok(self.blocks.step_headroom(seqs.len()))
     }
 
+    fn finish(&mut self, seq: DeviceSeq) -> Result<SeqReport> {
+        let report = self.report(&seq);
+        self.remove(&seq)?;
+        report
+    }
+
     fn report(&self, seq: &DeviceSeq) -> Result<SeqReport> {
         let (usage, compression_ratio, layer_kept_fraction) =
             slot_usage(&self.cache, self.slot_of(seq)?, seq.seen, self.slot_bytes)?;

@@ -6,7 +6,7 @@ question, greedy, streamed. The same chats run on a server with the prefix cache
 and one started with --no-prefix-cache, alternating (on, off, on, off, ...) so that both see the
 same machine state; per policy it reports time to first token by turn, the prompt tokens the
 cache gave (`usage.prompt_tokens_details.cached_tokens`), whether the answers were the same
-text, and the ratio of the medians. Writes JSON and prints a table.
+text, the ratio of the medians, and what the cache kept in the pool afterwards. Writes JSON and prints a table.
 
     cargo build --release --bin dms
     python3 benches/serve_prefix_cache.py --dms target/release/dms --config configs/serve.toml \
@@ -24,6 +24,7 @@ import subprocess
 import threading
 import time
 import urllib.parse
+import urllib.request
 
 SYSTEM = (
     "You are a patient assistant for a small public library. Answer in two or three sentences, "
@@ -86,6 +87,14 @@ def chat(base, model, messages, policy, max_tokens):
     return text, (first or time.perf_counter()) - t0, usage
 
 
+def metric(base, name):
+    with urllib.request.urlopen(base + "/metrics", timeout=30) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.rsplit(" ", 1)[1])
+    raise KeyError(name)
+
+
 def run_chats(base, model, policy, max_tokens):
     """Every chat, turn by turn: a list of (chat, turn, prompt tokens, cached tokens, ttft, answer)."""
     rows = []
@@ -118,7 +127,11 @@ def main():
             for mode, extra in (("on", []), ("off", ["--no-prefix-cache"])):
                 proc, base = start_server(a.dms, a.config, extra)
                 try:
-                    runs[mode].append(run_chats(base, a.model, policy, a.max_tokens))
+                    rows = run_chats(base, a.model, policy, a.max_tokens)
+                    # Idle afterwards, the pool holds only the kept states.
+                    kept = {"states": metric(base, "dms_prefix_cache_states"),
+                            "bytes": metric(base, "dms_kv_cache_bytes_allocated")}
+                    runs[mode].append({"rows": rows, "kept": kept})
                 finally:
                     proc.terminate()
                     proc.wait()
@@ -130,8 +143,8 @@ def main():
     print("| policy | turn | prompt tokens (mean) | cached (mean) | TTFT on (s) | TTFT off (s) | off / on | same answers |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
-        on = [row for run in r["runs"]["on"] for row in run]
-        off = [row for run in r["runs"]["off"] for row in run]
+        on = [row for run in r["runs"]["on"] for row in run["rows"]]
+        off = [row for run in r["runs"]["off"] for row in run["rows"]]
         for turn in sorted({row["turn"] for row in on}) + ["all"]:
             pick = (lambda rows: [x for x in rows if turn == "all" or x["turn"] == turn])
             a_on, a_off = pick(on), pick(off)
@@ -141,6 +154,12 @@ def main():
             print(f"| {r['policy']} | {turn} | {statistics.mean(x['prompt_tokens'] for x in a_on):.0f} | "
                   f"{statistics.mean(x['cached_tokens'] for x in a_on):.0f} | {t_on:.3f} | {t_off:.3f} | "
                   f"{t_off / t_on:.2f}x | {same}/{len(a_on)} |")
+    print()
+    print("| policy | states kept after the chats | their KV blocks (MiB) |")
+    print("|---|---|---|")
+    for r in results:
+        kept = r["runs"]["on"][-1]["kept"]
+        print(f"| {r['policy']} | {kept['states']:.0f} | {kept['bytes'] / 2**20:.1f} |")
 
 
 if __name__ == "__main__":

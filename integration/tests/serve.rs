@@ -855,4 +855,13 @@ fn prompts_sharing_a_start_take_it_from_the_prefix_cache_with_unchanged_answers(
     let (_, metrics) = http(&cached.base, "GET", "/metrics", "");
     let total = 40 + 40 + 49 + 49;
     assert!(metrics.contains(&format!("dms_prompt_tokens_cached_total{{policy=\"full\"}} {total}")), "{metrics}");
+    // Idle, the pool holds the kept states and nothing else.
+    let gauge = |name: &str| -> f64 {
+        let line = metrics.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap();
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    assert!(gauge("dms_prefix_cache_states") > 0.0, "{metrics}");
+    assert!(gauge("dms_prefix_cache_bytes_allocated") > 0.0, "{metrics}");
+    assert_eq!(gauge("dms_prefix_cache_bytes_allocated"), gauge("dms_kv_cache_bytes_allocated"), "{metrics}");
+    assert_eq!(gauge("dms_prefix_cache_bytes_live"), gauge("dms_kv_cache_bytes_live"), "{metrics}");
 }

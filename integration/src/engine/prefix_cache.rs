@@ -131,6 +131,11 @@ impl<S> PrefixCache<S> {
         }
     }
 
+    /// Every kept state's sequence.
+    pub fn states(&self) -> impl Iterator<Item = &S> {
+        self.entries.iter().map(|e| &e.seq)
+    }
+
     /// The state and logits of entry `id`, if it is still kept.
     pub fn state(&self, id: u64) -> Option<(&S, &[f32])> {
         self.entries.iter().find(|e| e.id == id).map(|e| (&e.seq, e.logits.as_slice()))

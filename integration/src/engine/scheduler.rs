@@ -19,7 +19,7 @@ use anyhow::{bail, Result};
 use dms_policy::PolicyFactory;
 use rand::{rngs::StdRng, SeedableRng};
 
-use crate::engine::batch_engine::{BatchEngine, Parked, SeqReport, Started};
+use crate::engine::batch_engine::{BatchEngine, Parked, PoolUsage, SeqReport, Started};
 use crate::engine::constraint::TokenConstraint;
 use crate::engine::prefix_cache::{policy_takes_part, PrefixCache, PrefixPlan};
 use crate::engine::{sample, token_logprobs, GenParams, LogitAdjustments, TokenLogprobs};
@@ -368,6 +368,17 @@ impl<E: BatchEngine> Scheduler<E> {
     /// States kept by the prefix cache now.
     pub fn prefix_cache_len(&self) -> usize {
         self.prefixes.as_ref().map_or(0, |c| c.len())
+    }
+
+    /// Bytes the prefix cache's states hold in the pool now.
+    pub fn prefix_cache_usage(&self, engine: &E) -> Result<PoolUsage> {
+        let mut total = PoolUsage::default();
+        for seq in self.prefixes.iter().flat_map(|c| c.states()) {
+            let u = engine.usage(seq)?;
+            total.bytes_live += u.bytes_live;
+            total.bytes_allocated += u.bytes_allocated;
+        }
+        Ok(total)
     }
 
     /// Queues a request after checking that the engine can serve it.

@@ -28,6 +28,10 @@ pub struct Metrics {
     pub prompt_tokens_cached: CounterVec,
     /// States the prefix cache keeps in the pool.
     pub prefix_cache_states: IntGauge,
+    /// Bytes of K/V in occupied slots of the prefix cache's states.
+    pub prefix_cache_bytes_live: IntGauge,
+    /// Bytes of KV blocks the prefix cache's states hold.
+    pub prefix_cache_bytes_allocated: IntGauge,
     /// Requests finished (or cancelled).
     pub requests: CounterVec,
     /// Tokens evicted, averaged over a sequence's KV rows, counted when it ends.
@@ -100,6 +104,14 @@ impl Metrics {
                 "dms_prefix_cache_states",
                 "Sequence states the prefix cache keeps in the pool (given back when blocks are needed)",
             )?,
+            prefix_cache_bytes_live: gauge(
+                "dms_prefix_cache_bytes_live",
+                "Bytes of K/V in occupied slots of the prefix cache's states (part of dms_kv_cache_bytes_live)",
+            )?,
+            prefix_cache_bytes_allocated: gauge(
+                "dms_prefix_cache_bytes_allocated",
+                "Bytes of KV blocks the prefix cache's states hold (part of dms_kv_cache_bytes_allocated)",
+            )?,
             requests: counters("dms_requests_total", "Requests finished or cancelled")?,
             evicted_tokens: counters(
                 "dms_evicted_tokens_total",
@@ -160,6 +172,8 @@ mod tests {
             "dms_prompt_tokens_cached_total{policy=\"full\"}",
             "dms_prefix_cache_states",
             "dms_requests_total{policy=\"full\"}",
+            "dms_prefix_cache_bytes_live",
+            "dms_prefix_cache_bytes_allocated",
             "dms_evicted_tokens_total{policy=\"full\"}",
             "dms_preemptions_total",
             "dms_forked_sequences_total",

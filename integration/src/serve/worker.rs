@@ -493,6 +493,13 @@ fn update_gauges<E: BatchEngine>(
     }
     metrics.requests_running.set(sched.running_count() as i64);
     metrics.prefix_cache_states.set(sched.prefix_cache_len() as i64);
+    match sched.prefix_cache_usage(engine) {
+        Ok(u) => {
+            metrics.prefix_cache_bytes_live.set(gauge(u.bytes_live));
+            metrics.prefix_cache_bytes_allocated.set(gauge(u.bytes_allocated));
+        }
+        Err(e) => tracing::warn!("reading the prefix cache's usage: {e:#}"),
+    }
     metrics.requests_waiting.set(sched.waiting_count() as i64);
     let mut per_policy = vec![(0u64, 0u64); policies.len()];
     for (id, usage) in sched.running_usage(engine).unwrap_or_default() {

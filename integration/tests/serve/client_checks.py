@@ -59,11 +59,13 @@ def metric(base, name, headers=None):
 
 
 def wait_pool_empty(base, headers=None, seconds=10.0):
-    """Waits until no KV bytes are held and nothing runs; fails after `seconds`."""
+    """Waits until nothing runs and no KV bytes are held but by the prefix cache's states (given
+    back whenever blocks are needed); fails after `seconds`."""
     deadline = time.time() + seconds
     while True:
-        live = metric(base, "dms_kv_cache_bytes_live", headers)
-        alloc = metric(base, "dms_kv_cache_bytes_allocated", headers)
+        live = metric(base, "dms_kv_cache_bytes_live", headers) - metric(base, "dms_prefix_cache_bytes_live", headers)
+        alloc = metric(base, "dms_kv_cache_bytes_allocated", headers) - metric(
+            base, "dms_prefix_cache_bytes_allocated", headers)
         running = metric(base, "dms_requests_running", headers)
         if live == 0 and alloc == 0 and running == 0:
             return

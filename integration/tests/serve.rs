@@ -865,3 +865,48 @@ fn prompts_sharing_a_start_take_it_from_the_prefix_cache_with_unchanged_answers(
     assert_eq!(gauge("dms_prefix_cache_bytes_allocated"), gauge("dms_kv_cache_bytes_allocated"), "{metrics}");
     assert_eq!(gauge("dms_prefix_cache_bytes_live"), gauge("dms_kv_cache_bytes_live"), "{metrics}");
 }
+
+/// `/tokenize` gives llama.cpp's ids for a completion prompt (with and without the BOS the
+/// tokenizer adds) and, for chat messages, exactly as many tokens as a chat completion of them
+/// reports; `/detokenize` gives the text back. Bad ids, models and bodies are refused.
+#[test]
+fn tokenize_and_detokenize_agree_with_llama_cpp_and_the_chat_route() {
+    let (_, ids) = hello_world();
+    let server = tiny_llama3_server("tokenize");
+    let (status, r) =
+        post_json(&server.base, "/tokenize", &serde_json::json!({"model": "tiny", "prompt": "Hello world"}));
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["tokens"], serde_json::json!(ids), "{r}");
+    assert_eq!(r["count"], ids.len(), "{r}");
+    assert_eq!(r["max_model_len"], 512, "{r}");
+    let body = serde_json::json!({"model": "tiny", "prompt": "Hello world", "add_special_tokens": false,
+        "return_token_strs": true});
+    let (status, r) = post_json(&server.base, "/tokenize", &body);
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["tokens"], serde_json::json!(ids[1..]), "{r}");
+    assert_eq!(r["token_strs"].as_array().unwrap().len(), ids.len() - 1, "{r}");
+    let messages =
+        serde_json::json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello world"}]);
+    let (status, r) = post_json(&server.base, "/tokenize", &serde_json::json!({"model": "tiny", "messages": messages}));
+    assert_eq!(status, 200, "{r}");
+    let body = serde_json::json!({"model": "tiny", "messages": messages, "max_tokens": 1});
+    let (status, chat) = post_json(&server.base, "/v1/chat/completions", &body);
+    assert_eq!(status, 200, "{chat}");
+    assert_eq!(r["count"], chat["usage"]["prompt_tokens"], "{r}\n{chat}");
+    let (status, r) = post_json(&server.base, "/detokenize", &serde_json::json!({"model": "tiny", "tokens": ids[1..]}));
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["prompt"], "Hello world", "{r}");
+    for (path, body, code, param) in [
+        ("/detokenize", serde_json::json!({"model": "tiny", "tokens": [1, 1_000_000]}), 400, "tokens"),
+        ("/tokenize", serde_json::json!({"model": "tiny", "prompt": [3, 1_000_000]}), 400, "prompt"),
+        ("/tokenize", serde_json::json!({"model": "tiny"}), 400, ""),
+        ("/tokenize", serde_json::json!({"model": "other", "prompt": "x"}), 404, ""),
+        ("/detokenize", serde_json::json!({"model": "tiny", "tokens": [-1]}), 400, ""),
+    ] {
+        let (status, r) = post_json(&server.base, path, &body);
+        assert_eq!(status, code, "{path} {body}: {r}");
+        if !param.is_empty() {
+            assert_eq!(r["error"]["param"], param, "{r}");
+        }
+    }
+}

@@ -16,6 +16,7 @@ pub mod reasoning;
 pub mod routes;
 pub mod settings;
 pub mod text;
+pub mod tokenize;
 pub mod tool_calls;
 pub mod worker;
 

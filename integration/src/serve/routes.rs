@@ -29,11 +29,12 @@ use super::openai::{
     parse_body, usage_json, ChatRequest, CommonFields, CompletionRequest, Prompt, Sampling, ToolRequest,
 };
 use super::reasoning::{ReasoningFormat, ReasoningSplitter};
+use super::tokenize;
 use super::tool_calls::{ToolCall, ToolCallParser, ToolFormat};
 use super::worker::{Command, Event, Job, Outcome, TokenLogprob};
 use crate::engine::constraint::{Grammars, TokenConstraint};
 use crate::engine::{GenParams, LogitAdjustments};
-use crate::model::chat_template::{check_extra, ChatTemplate};
+use crate::model::chat_template::{check_extra, ChatMessage, ChatTemplate};
 
 /// Everything the handlers share.
 pub struct App {
@@ -90,6 +91,8 @@ pub fn router(app: Arc<App>, max_body_bytes: usize) -> Router {
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
         .route("/metrics", get(metrics))
+        .route("/tokenize", post(tokenize::tokenize))
+        .route("/detokenize", post(tokenize::detokenize))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(app.clone(), authorize))
@@ -165,7 +168,8 @@ struct Prepared {
     constraints: Vec<Box<dyn TokenConstraint>>,
 }
 
-fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+/// The request body, or the error axum gave reading it (too large, unreadable).
+pub(super) fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     body.map_err(|r| {
         let code = if r.status() == StatusCode::PAYLOAD_TOO_LARGE { "body_too_large" } else { "bad_body" };
         ApiError::new(r.status(), code, r.body_text())
@@ -197,12 +201,7 @@ async fn chat(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) 
             }
             (None, None) => (parser, None),
         };
-        let kwargs = r.chat_template_kwargs.clone().unwrap_or_default();
-        check_extra(&kwargs).map_err(|e| ApiError::bad_request(format!("{e:#}"), Some("chat_template_kwargs")))?;
-        let text = app
-            .chat_template
-            .render_with(&messages, &tools.tools, &kwargs)
-            .map_err(|e| ApiError::bad_request(format!("{e:#}"), Some("messages")))?;
+        let text = app.chat_text(&r, &messages, &tools)?;
         let ids = encode(&app.tokenizer, &text, false)?;
         // A grammar writes the whole answer: no reasoning to split, nor calls to find.
         let reasoning = if schema.is_none() { app.reasoning.map(|f| ReasoningSplitter::new(f, &text)) } else { None };
@@ -227,27 +226,7 @@ async fn completions(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejec
         app.check_model(&r.model)?;
         r.check_chat_fields()?;
         let echo = r.echo()?;
-        let (ids, text) = match r.prompt {
-            Prompt::Text(t) => (encode(&app.tokenizer, &t, true)?, Some(t)),
-            Prompt::Ids(ids) => (ids, None),
-            Prompt::Texts(mut t) if t.len() == 1 => {
-                let t = t.pop().expect("one text");
-                (encode(&app.tokenizer, &t, true)?, Some(t))
-            }
-            Prompt::IdLists(mut l) if l.len() == 1 => (l.pop().expect("one prompt"), None),
-            Prompt::Texts(t) => {
-                return Err(ApiError::bad_request(
-                    format!("`prompt` has {} texts; one per request", t.len()),
-                    Some("prompt"),
-                ))
-            }
-            Prompt::IdLists(l) => {
-                return Err(ApiError::bad_request(
-                    format!("`prompt` has {} token-id prompts; one per request", l.len()),
-                    Some("prompt"),
-                ))
-            }
-        };
+        let (ids, text) = app.completion_prompt(r.prompt, true)?;
         // The prompt as given; token ids as their text.
         let echo = match (echo, text) {
             (false, _) => None,
@@ -266,7 +245,7 @@ async fn completions(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejec
 
 /// Token ids of `text`. A completion's prompt gets the special tokens the tokenizer adds (Llama
 /// 3's BOS), as vLLM and llama.cpp give them; a rendered chat prompt already holds its own.
-fn encode(tokenizer: &Tokenizer, text: &str, add_special: bool) -> Result<Vec<u32>, ApiError> {
+pub(super) fn encode(tokenizer: &Tokenizer, text: &str, add_special: bool) -> Result<Vec<u32>, ApiError> {
     let enc = tokenizer
         .encode(text, add_special)
         .map_err(|e| ApiError::bad_request(format!("tokenizing the prompt: {e}"), None))?;
@@ -328,7 +307,52 @@ impl App {
         })
     }
 
-    fn check_model(&self, model: &str) -> Result<(), ApiError> {
+    /// A chat request's prompt text: its messages and tools through the chat template, with its
+    /// `chat_template_kwargs`.
+    pub(super) fn chat_text(
+        &self,
+        r: &ChatRequest,
+        messages: &[ChatMessage],
+        tools: &ToolRequest,
+    ) -> Result<String, ApiError> {
+        let kwargs = r.chat_template_kwargs.clone().unwrap_or_default();
+        check_extra(&kwargs).map_err(|e| ApiError::bad_request(format!("{e:#}"), Some("chat_template_kwargs")))?;
+        self.chat_template
+            .render_with(messages, &tools.tools, &kwargs)
+            .map_err(|e| ApiError::bad_request(format!("{e:#}"), Some("messages")))
+    }
+
+    /// A completion's prompt as token ids (text tokenized, with the special tokens the tokenizer
+    /// adds when `add_special`), with its text when it was given as text.
+    pub(super) fn completion_prompt(
+        &self,
+        prompt: Prompt,
+        add_special: bool,
+    ) -> Result<(Vec<u32>, Option<String>), ApiError> {
+        Ok(match prompt {
+            Prompt::Text(t) => (encode(&self.tokenizer, &t, add_special)?, Some(t)),
+            Prompt::Ids(ids) => (ids, None),
+            Prompt::Texts(mut t) if t.len() == 1 => {
+                let t = t.pop().expect("one text");
+                (encode(&self.tokenizer, &t, add_special)?, Some(t))
+            }
+            Prompt::IdLists(mut l) if l.len() == 1 => (l.pop().expect("one prompt"), None),
+            Prompt::Texts(t) => {
+                return Err(ApiError::bad_request(
+                    format!("`prompt` has {} texts; one per request", t.len()),
+                    Some("prompt"),
+                ))
+            }
+            Prompt::IdLists(l) => {
+                return Err(ApiError::bad_request(
+                    format!("`prompt` has {} token-id prompts; one per request", l.len()),
+                    Some("prompt"),
+                ))
+            }
+        })
+    }
+
+    pub(super) fn check_model(&self, model: &str) -> Result<(), ApiError> {
         if model != self.model_id {
             let msg = format!("model `{model}` does not exist; this server serves `{}`", self.model_id);
             return Err(ApiError {

@@ -32,8 +32,11 @@ TOPICS = ["rivers", "mountains", "the sea", "a city at night", "an old library",
           "a lighthouse", "bees", "the moon", "a market", "a storm", "a garden", "a violin", "a desert", "a forest"]
 
 
-def start_server(dms, config):
-    proc = subprocess.Popen([dms, "serve", "--config", config, "--port", "0"], stdout=subprocess.PIPE, text=True)
+def start_server(dms, config, extra=()):
+    """Starts `dms serve` on a free port (with `extra` flags, its log silenced); the process and
+    its base URL."""
+    proc = subprocess.Popen([dms, "serve", "--config", config, "--port", "0", *extra], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
     line = proc.stdout.readline()
     base = next(w for w in line.split() if w.startswith("http://"))
     threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
@@ -48,30 +51,39 @@ def metric(base, name):
     raise KeyError(name)
 
 
-def one_request(base, prompt, policy, max_tokens):
-    """(ttft, [inter-token gaps], tokens, total seconds, kv_cache) of one streamed chat."""
+def stream_chat(base, body):
+    """POSTs a streamed chat request; yields each Server-Sent Events chunk, parsed, until
+    `[DONE]` (raising on an error status or an error chunk)."""
     u = urllib.parse.urlparse(base)
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=600)
-    body = {"model": MODEL, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": True, "ignore_eos": True, "cache_policy": policy}
-    t0 = time.perf_counter()
     conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
     resp = conn.getresponse()
     if resp.status != 200:
         raise RuntimeError(f"status {resp.status}: {resp.read()[:300]}")
+    try:
+        for raw in resp:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"]["message"])
+            yield chunk
+    finally:
+        conn.close()
+
+
+def one_request(base, prompt, policy, max_tokens):
+    """(ttft, [inter-token gaps], tokens, total seconds, kv_cache) of one streamed chat."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": True, "ignore_eos": True, "cache_policy": policy}
+    t0 = time.perf_counter()
     times, kv = [], None
-    for raw in resp:
-        line = raw.decode().strip()
-        if not line.startswith("data: ") or line == "data: [DONE]":
-            continue
-        chunk = json.loads(line[6:])
-        if "error" in chunk:
-            raise RuntimeError(chunk["error"]["message"])
+    for chunk in stream_chat(base, body):
         if chunk.get("kv_cache"):
             kv = chunk["kv_cache"]
         if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
             times.append(time.perf_counter())
-    conn.close()
     total = time.perf_counter() - t0
     gaps = [b - a for a, b in zip(times, times[1:])]
     return times[0] - t0 if times else total, gaps, kv, total

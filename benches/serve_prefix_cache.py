@@ -16,15 +16,12 @@ Python standard library only.
 """
 
 import argparse
-import http.client
 import json
 import platform
 import statistics
-import subprocess
-import threading
 import time
-import urllib.parse
-import urllib.request
+
+from serve_load import metric, start_server, stream_chat
 
 SYSTEM = (
     "You are a patient assistant for a small public library. Answer in two or three sentences, "
@@ -50,49 +47,19 @@ QUESTIONS = [
 ]
 
 
-def start_server(dms, config, extra):
-    proc = subprocess.Popen([dms, "serve", "--config", config, "--port", "0", *extra], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
-    line = proc.stdout.readline()
-    base = next(w for w in line.split() if w.startswith("http://"))
-    threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
-    return proc, base
-
-
 def chat(base, model, messages, policy, max_tokens):
     """(answer text, time to first token, usage) of one streamed greedy chat request."""
-    u = urllib.parse.urlparse(base)
-    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=600)
     body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}, "cache_policy": policy}
     t0 = time.perf_counter()
-    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
-    resp = conn.getresponse()
-    if resp.status != 200:
-        raise RuntimeError(f"{resp.status}: {resp.read().decode()}")
     text, first, usage = "", None, None
-    for raw in resp:
-        line = raw.decode().strip()
-        if not line.startswith("data: ") or line == "data: [DONE]":
-            continue
-        chunk = json.loads(line[6:])
-        if "error" in chunk:
-            raise RuntimeError(chunk["error"]["message"])
+    for chunk in stream_chat(base, body):
         if chunk.get("usage"):
             usage = chunk["usage"]
         if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
             first = first or time.perf_counter()
             text += chunk["choices"][0]["delta"]["content"]
-    conn.close()
     return text, (first or time.perf_counter()) - t0, usage
-
-
-def metric(base, name):
-    with urllib.request.urlopen(base + "/metrics", timeout=30) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.rsplit(" ", 1)[1])
-    raise KeyError(name)
 
 
 def run_chats(base, model, policy, max_tokens):

@@ -171,6 +171,47 @@ fn mixtral_matches_llama_cpp_from_gguf_and_hf_directory() {
     assert_eq!(from_gguf.model.config().moe, Some(moe));
 }
 
+/// A random Phi-3 from its HF directory (q/k/v fused in `qkv_proj`, gate and up in
+/// `gate_up_proj`) and from the converter's `phi3` GGUF (`attn_qkv`; `ffn_up` holding gate then
+/// up): both give llama.cpp's logits for the file (`fixtures/gguf/phi3_llama_cpp.safetensors`).
+/// A config whose key/value heads do not match the fused rows, RoPE over part of a head and
+/// LongRoPE are refused by name; Phi-3-mini-4k's window caps the served context.
+#[test]
+fn phi3_matches_llama_cpp_from_gguf_and_hf_directory() {
+    let runs = "gguf/phi3_llama_cpp.safetensors";
+    let from_gguf = check_llama_cpp(runs, &fixture("gguf/phi3.gguf"));
+    let from_hf = check_llama_cpp(runs, &fixture("gguf/phi3_tiny"));
+    for eng in [&from_gguf, &from_hf] {
+        let cfg = eng.model.config();
+        assert_eq!((cfg.arch, cfg.max_position_embeddings), (dms_integration::model::config::Arch::Phi3, 512));
+    }
+    let dir = std::env::temp_dir().join(format!("dms-phi3-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(fixture("gguf/phi3_tiny/model.safetensors"), dir.join("model.safetensors")).unwrap();
+    let load = |key: &str, value: serde_json::Value| {
+        let mut config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(fixture("gguf/phi3_tiny/config.json")).unwrap()).unwrap();
+        config[key] = value;
+        std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+        dms_integration::engine::load_model(&dir, &candle_core::Device::Cpu, dms_integration::model::WeightForm::Dense)
+    };
+    let refused = |key: &str, value: serde_json::Value, words: &[&str]| {
+        let e = format!("{:#}", load(key, value).err().unwrap_or_else(|| panic!("{key} accepted")));
+        assert!(words.iter().all(|w| e.contains(w)), "{key}: {e}");
+    };
+    refused(
+        "num_key_value_heads",
+        serde_json::json!(1),
+        &["model.layers.0.self_attn.qkv_proj.weight", "does not match"],
+    );
+    refused("partial_rotary_factor", serde_json::json!(0.75), &["partial_rotary_factor"]);
+    let longrope = serde_json::json!({"type": "longrope", "short_factor": [1.0], "long_factor": [1.0]});
+    refused("rope_scaling", longrope, &["longrope"]);
+    let windowed = load("sliding_window", serde_json::json!(100)).unwrap();
+    assert_eq!(windowed.model.config().max_position_embeddings, 100);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The same Qwen3-MoE with its experts packed as transformers 5 saves them
 /// (`mlp.experts.gate_up_proj` `[experts, 2 x width, hidden]`, gate rows first, and
 /// `mlp.experts.down_proj` `[experts, hidden, width]`): llama.cpp's logits again, densely and

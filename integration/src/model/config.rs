@@ -14,6 +14,8 @@ pub enum Arch {
     Qwen2,
     /// Qwen3 (per-head RMSNorm on q and k).
     Qwen3,
+    /// Phi-3 and Phi-4 (`phi3`): Llama's layers with q/k/v and gate/up each stored fused.
+    Phi3,
     /// DeepSeek V2 / V3: multi-head latent attention (see [`MlaConfig`]), dense or MoE MLPs.
     DeepSeek,
 }
@@ -400,6 +402,9 @@ struct HfConfig {
     sliding_window: Option<Option<usize>>,
     #[serde(default)]
     use_sliding_window: Option<bool>,
+    /// The fraction of each head RoPE rotates (Phi-4-mini: 0.75); only 1 is supported.
+    #[serde(default)]
+    partial_rotary_factor: Option<f64>,
     #[serde(default)]
     max_window_layers: Option<usize>,
     #[serde(default)]
@@ -471,13 +476,19 @@ impl ModelConfig {
             ("qwen2" | "qwen2_moe", _) | (_, "Qwen2ForCausalLM" | "Qwen2MoeForCausalLM") => Arch::Qwen2,
             ("mistral" | "mixtral", _) | (_, "MistralForCausalLM" | "MixtralForCausalLM") => Arch::Mistral,
             ("llama", _) | (_, "LlamaForCausalLM") => Arch::Llama,
+            ("phi3", _) | (_, "Phi3ForCausalLM") => Arch::Phi3,
             ("deepseek_v2" | "deepseek_v3", _) | (_, "DeepseekV2ForCausalLM" | "DeepseekV3ForCausalLM") => {
                 Arch::DeepSeek
             }
             _ => bail!(
-                "unsupported architecture (model_type `{model_type}`, architectures `{arch_name}`); supported: llama, mistral, mixtral, qwen2, qwen2_moe, qwen3, qwen3_moe, deepseek_v2, deepseek_v3"
+                "unsupported architecture (model_type `{model_type}`, architectures `{arch_name}`); supported: llama, mistral, mixtral, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe, deepseek_v2, deepseek_v3"
             ),
         };
+        if let Some(f) = c.partial_rotary_factor.filter(|&f| f != 1.0) {
+            bail!(
+                "model config: partial_rotary_factor {f} (RoPE over part of each head, as Phi-4-mini's) is not supported"
+            );
+        }
         if c.quantization_config.as_ref().is_some_and(|q| !q.is_null()) {
             bail!(
                 "model config: quantized checkpoints (`quantization_config`, e.g. FP8 block scales) are not supported; \
@@ -893,6 +904,7 @@ pub(crate) fn served_context(declared: usize, scaling: Option<&RopeScaling>) -> 
 
 /// The context length served: `max_position_embeddings` (see [`served_context`]), or the model's own attention window when
 /// it has one that is switched on (Mistral's `sliding_window`, 4096 when absent as in transformers;
+/// Phi-3's, as Phi-3-mini-4k's 2047;
 /// Qwen2's and Qwen3's with
 /// `use_sliding_window`, for the layers from `max_window_layers` on, transformers' default 28).
 /// Full attention over at most that many tokens is exactly windowed attention, so capping the
@@ -901,6 +913,7 @@ fn context_length(c: &HfConfig, arch: Arch, scaling: Option<&RopeScaling>, defau
     let declared = served_context(c.max_position_embeddings.unwrap_or(4096), scaling);
     let windowed = match arch {
         Arch::Mistral => c.sliding_window.unwrap_or(default_window),
+        Arch::Phi3 => c.sliding_window.flatten(),
         Arch::Qwen2 | Arch::Qwen3
             if c.use_sliding_window == Some(true) && c.max_window_layers.unwrap_or(28) < c.num_hidden_layers =>
         {

@@ -77,9 +77,10 @@ pub(crate) fn model_config(c: &Content) -> Result<ModelConfig> {
         "qwen2" | "qwen2moe" => Arch::Qwen2,
         "qwen3" | "qwen3moe" => Arch::Qwen3,
         "deepseek2" => Arch::DeepSeek,
+        "phi3" => Arch::Phi3,
         other => {
             bail!(
-                "GGUF architecture `{other}` is not supported (supported: llama, qwen2, qwen2moe, qwen3, qwen3moe, deepseek2)"
+                "GGUF architecture `{other}` is not supported (supported: llama, phi3, qwen2, qwen2moe, qwen3, qwen3moe, deepseek2)"
             )
         }
     };
@@ -133,7 +134,21 @@ pub(crate) fn model_config(c: &Content) -> Result<ModelConfig> {
              directory, whose config.json rope_scaling is"
         ),
     };
-    let served = served_context(context, rope_scaling.as_ref());
+    // LongRoPE (Phi-3 128K, Phi-3.5) rescales every frequency by these tables; plain RoPE would be
+    // silently wrong at any length.
+    if let Some(t) =
+        ["rope_factors_long.weight", "rope_factors_short.weight"].iter().find(|t| c.tensor_infos.contains_key(**t))
+    {
+        bail!("GGUF tensor `{t}`: LongRoPE scaling (Phi-3 128K, Phi-3.5) is not supported");
+    }
+    let mut served = served_context(context, rope_scaling.as_ref());
+    // Phi-3's attention window, applied as its config.json applies it (see `ModelConfig::from_hf_json`):
+    // the served context stops at the window, where full attention is windowed attention.
+    if arch == Arch::Phi3 {
+        if let Some(w) = meta_opt_usize(c, &format!("{a}.attention.sliding_window"))?.filter(|&w| w > 0) {
+            served = served.min(w);
+        }
+    }
     let cfg = ModelConfig {
         arch,
         vocab_size: vocab,

@@ -3,6 +3,8 @@
 
 use candle_core::quantized::gguf_file::Content;
 
+use super::fused::FusedPart;
+
 /// Where an HF-named tensor lies in a GGUF file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum GgufSource {
@@ -28,6 +30,19 @@ pub(crate) enum GgufSource {
         /// `attn_v_b`.
         v_b: String,
     },
+    /// One projection's rows of a fused tensor (`attn_qkv`; a `phi3` file's `ffn_up`, gate rows
+    /// first).
+    Rows {
+        /// The fused tensor.
+        fused: String,
+        /// Which projection.
+        part: FusedPart,
+    },
+}
+
+/// `general.architecture` of `c`.
+fn architecture(c: &Content) -> Option<&str> {
+    c.metadata.get("general.architecture").and_then(|v| v.to_string().ok()).map(String::as_str)
 }
 
 /// The GGUF source of an HF tensor name in `c`, or `None` for a name with no GGUF counterpart.
@@ -58,6 +73,22 @@ pub(crate) fn source(hf: &str, c: &Content) -> Option<GgufSource> {
             return Some(GgufSource::Expert { stacked: fused, index, half: Some(usize::from(kind == "up")) });
         }
         return Some(GgufSource::Expert { stacked: blk(&format!("ffn_{kind}_exps.weight")), index, half: None });
+    }
+    if let Some((part, _)) = FusedPart::of(hf) {
+        let has = |name: &str| c.tensor_infos.contains_key(&blk(name));
+        let fused = match part {
+            FusedPart::Q | FusedPart::K | FusedPart::V if !has("attn_q.weight") && has("attn_qkv.weight") => {
+                Some("attn_qkv.weight")
+            }
+            // Only llama.cpp's `phi3` layout fuses gate and up into `ffn_up`.
+            FusedPart::Gate | FusedPart::Up if !has("ffn_gate.weight") && architecture(c) == Some("phi3") => {
+                Some("ffn_up.weight")
+            }
+            _ => None,
+        };
+        if let Some(f) = fused {
+            return Some(GgufSource::Rows { fused: blk(f), part });
+        }
     }
     if tail == "self_attn.kv_b_proj.weight" && !c.tensor_infos.contains_key(&blk("attn_kv_b.weight")) {
         return Some(GgufSource::SplitKvB { k_b: blk("attn_k_b.weight"), v_b: blk("attn_v_b.weight") });

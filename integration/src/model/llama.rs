@@ -12,6 +12,7 @@ pub mod train;
 pub mod train_attention;
 
 use super::config::ModelConfig;
+use super::fused::check_qkv_rows;
 use super::linear::{Embedding, Proj};
 use super::lora::{AttentionLora, LoraTarget};
 use super::mla::{MlaAttention, MlaInputs};
@@ -251,6 +252,11 @@ impl Llama {
         for i in 0..cfg.num_layers {
             let p = format!("model.layers.{i}");
             let bias = cfg.attention_bias;
+            // A fused `qkv_proj`'s rows alone do not tell where its keys start: they must be the
+            // config's.
+            if let Some((fused, rows)) = w.fused_qkv_rows(i) {
+                check_qkv_rows(&fused, rows, cfg.num_heads * hd, cfg.num_kv_heads * hd)?;
+            }
             let attn = match &cfg.mla {
                 Some(_) => {
                     Attention::Mla(Box::new(MlaAttention::load(&cfg, &format!("{p}.self_attn"), &get, &mlp_proj)?))

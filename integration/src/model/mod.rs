@@ -4,6 +4,7 @@
 
 pub mod chat_template;
 pub mod config;
+mod fused;
 pub mod gguf_header;
 mod gguf_meta;
 mod gguf_names;

@@ -13,6 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::Linear;
 
 use super::config::{ModelConfig, RopeScaling};
+use super::fused::FusedPart;
 use super::gguf_header::read_gguf_header;
 use super::gguf_meta::{meta_str, model_config};
 use super::gguf_names::{source, GgufSource};
@@ -170,7 +171,7 @@ impl Weights {
     pub fn contains(&self, name: &str) -> bool {
         match self {
             Weights::Safetensors { files, .. } => match stored_name(files, name) {
-                Stored::Named(_) => true,
+                Stored::Named(_) | Stored::Fused { .. } => true,
                 Stored::Packed(p) => files.get(&p.packed).is_ok_and(|v| v.shape().len() == 3 && p.index < v.shape()[0]),
                 Stored::Missing => false,
             },
@@ -183,7 +184,26 @@ impl Weights {
                 Some(GgufSource::SplitKvB { k_b, v_b }) => {
                     content.tensor_infos.contains_key(&k_b) && content.tensor_infos.contains_key(&v_b)
                 }
+                Some(GgufSource::Rows { fused, .. }) => content.tensor_infos.contains_key(&fused),
                 None => false,
+            },
+        }
+    }
+
+    /// Where layer `layer` stores q, k and v fused (`qkv_proj`, `attn_qkv`): the tensor's name
+    /// and its rows, for [`super::fused::check_qkv_rows`]; `None` when they are stored apart.
+    pub fn fused_qkv_rows(&self, layer: usize) -> Option<(String, usize)> {
+        let q = format!("model.layers.{layer}.self_attn.q_proj.weight");
+        match self {
+            Weights::Safetensors { files, .. } => match stored_name(files, &q) {
+                Stored::Fused { fused, .. } => files.get(&fused).ok().map(|v| (fused, v.shape()[0])),
+                _ => None,
+            },
+            Weights::Gguf { content, .. } => match source(&q, content) {
+                Some(GgufSource::Rows { fused, .. }) => {
+                    content.tensor_infos.get(&fused).and_then(|i| i.shape.dims().first().copied()).map(|r| (fused, r))
+                }
+                _ => None,
             },
         }
     }
@@ -199,6 +219,7 @@ impl Weights {
                         let dtype = DType::try_from(view.dtype()).with_context(|| format!("tensor `{}`", p.packed))?;
                         return p.load(view.shape(), dtype, view.data(), shape, dev);
                     }
+                    Stored::Fused { fused, part } => return fused_rows(files, &fused, part, shape, dev),
                     Stored::Missing => bail!("tensor `{name}` is missing from {}", display_paths(paths)),
                 };
                 let name = name.as_str();
@@ -281,6 +302,13 @@ enum Stored {
     Named(String),
     /// One expert of a packed layer.
     Packed(PackedExpert),
+    /// One projection's rows of a fused tensor (Phi-3's `qkv_proj`, `gate_up_proj`).
+    Fused {
+        /// The fused tensor.
+        fused: String,
+        /// Which projection.
+        part: FusedPart,
+    },
     /// Nowhere.
     Missing,
 }
@@ -293,10 +321,39 @@ fn stored_name(files: &candle_core::safetensors::MmapedSafetensors, name: &str) 
     if let Some(p) = PackedExpert::of(name).filter(|p| files.get(&p.packed).is_ok()) {
         return Stored::Packed(p);
     }
+    if let Some((part, fused)) = FusedPart::of(name).filter(|(_, f)| files.get(f).is_ok()) {
+        return Stored::Fused { fused, part };
+    }
     match mixtral_name(name) {
         Some(m) if files.get(&m).is_ok() => Stored::Named(m),
         _ => Stored::Missing,
     }
+}
+
+/// The `shape` (`[out, in]`) rows of `part` in the fused safetensors tensor `fused`, read from
+/// those rows' bytes alone.
+fn fused_rows(
+    files: &candle_core::safetensors::MmapedSafetensors,
+    fused: &str,
+    part: FusedPart,
+    shape: &[usize],
+    dev: &Device,
+) -> Result<Tensor> {
+    let view = files.get(fused)?;
+    let (&[rows, inp], &[out, want_in]) = (view.shape(), shape) else {
+        bail!("fused tensor `{fused}` has shape {:?}; a matrix of {shape:?} rows is asked for", view.shape());
+    };
+    if inp != want_in {
+        bail!("fused tensor `{fused}` has rows of {inp}, but the config implies {want_in} (config.json does not match the weights)");
+    }
+    let first = part.first_row(rows, out, fused)?;
+    let dtype = DType::try_from(view.dtype()).with_context(|| format!("tensor `{fused}`"))?;
+    let row = inp * dtype.size_in_bytes();
+    let bytes =
+        view.data().get(first * row..(first + out) * row).with_context(|| format!("tensor `{fused}` is truncated"))?;
+    let t = Tensor::from_raw_buffer(bytes, dtype, shape, &Device::Cpu)
+        .with_context(|| format!("cannot read the {part:?} rows of `{fused}`"))?;
+    Ok(t.to_device(dev)?.to_dtype(DType::F32)?)
 }
 
 /// Mixtral's name for an MoE tensor named as Qwen's and DeepSeek's are.
@@ -406,6 +463,7 @@ impl GgufFile<'_> {
                 Ok(QTensor::quantize(&q.dequantize(&Device::Cpu)?.reshape(shape)?, GgmlDType::F32)?)
             }
             GgufSource::Expert { stacked, index, half } => self.expert(stacked, *index, *half, shape),
+            GgufSource::Rows { fused, part } => self.rows(fused, *part, shape),
             GgufSource::SplitKvB { .. } => {
                 bail!("`kv_b_proj` of {} is split: it has no single format", self.path.display())
             }
@@ -446,6 +504,35 @@ impl GgufFile<'_> {
         f.seek(SeekFrom::Start(start))
             .and_then(|_| f.read_exact(&mut bytes))
             .with_context(|| format!("cannot read expert {index} of `{stacked}` from {}", self.path.display()))?;
+        block_tensor(bytes, dt, (out, inp))
+    }
+
+    /// The `shape` (`[out, in]`) rows of `part` in the fused tensor `fused`: only those rows'
+    /// bytes are read, since a row's blocks are stored together.
+    fn rows(&self, fused: &str, part: FusedPart, shape: &[usize]) -> Result<QTensor> {
+        let info = self.info(fused)?;
+        let (&[rows, inp], &[out, want_in]) = (info.shape.dims(), shape) else {
+            bail!(
+                "tensor `{fused}` has shape {:?} in {}; a matrix of {shape:?} rows is asked for",
+                info.shape.dims(),
+                self.path.display()
+            );
+        };
+        if inp != want_in {
+            bail!("tensor `{fused}` has rows of {inp} in {}, but the metadata implies {want_in}", self.path.display());
+        }
+        let first = part.first_row(rows, out, fused)?;
+        let dt = info.ggml_dtype;
+        if !inp.is_multiple_of(dt.block_size()) {
+            bail!("tensor `{fused}`: rows of {inp} do not split into {dt:?} blocks");
+        }
+        let row = (inp / dt.block_size()) * dt.type_size();
+        let mut bytes = vec![0u8; out * row];
+        let start = self.content.tensor_data_offset + info.offset + (first * row) as u64;
+        let mut f = self.file.lock().expect("weights file lock poisoned");
+        f.seek(SeekFrom::Start(start))
+            .and_then(|_| f.read_exact(&mut bytes))
+            .with_context(|| format!("cannot read the {part:?} rows of `{fused}` from {}", self.path.display()))?;
         block_tensor(bytes, dt, (out, inp))
     }
 

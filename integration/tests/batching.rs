@@ -11,10 +11,6 @@ use dms_integration::engine::scheduler::{run_batch, Finished, Request, Scheduler
 use dms_integration::engine::Engine;
 use dms_policy::PolicyFactory;
 
-fn prompt(seed: usize, len: usize) -> Vec<u32> {
-    (0..len).map(|i| ((i * 7 + seed * 131) % 500) as u32 + 3).collect()
-}
-
 const POLICIES: [&str; 4] = [
     "name = 'full'",
     "name = 'sliding_window'\nwindow = 6\nsinks = 2",
@@ -26,7 +22,7 @@ fn requests(eng: &mut Engine) -> Vec<Request> {
     (0..5)
         .map(|i| Request {
             id: i,
-            prompt: prompt(i, 9 + 5 * i),
+            prompt: seeded_tokens(i, 9 + 5 * i),
             forced: None,
             policy: resolved_policy(eng, POLICIES[i % 4]),
             params: None,
@@ -92,7 +88,7 @@ fn requests_joining_a_running_batch_equal_each_sequence_alone() {
 #[test]
 fn shadow_mode_outputs_full_and_reports_the_shadowed_compression() {
     let mut eng = batch_engine(1 << 14);
-    let p = prompt(3, 20);
+    let p = seeded_tokens(3, 20);
     let full = resolved_policy(&mut eng, POLICIES[0]);
     let window = resolved_policy(&mut eng, POLICIES[1]);
     let shadow = resolved_policy(&mut eng, POLICIES[3]);
@@ -121,7 +117,7 @@ fn preempted_sequences_resume_with_identical_output() {
     let mut big = batch_engine(1 << 14);
     let full = resolved_policy(&mut big, POLICIES[0]);
     let reqs: Vec<Request> = (0..4)
-        .map(|i| Request { id: i, prompt: prompt(i, 12), forced: None, policy: full.clone(), params: None })
+        .map(|i| Request { id: i, prompt: seeded_tokens(i, 12), forced: None, policy: full.clone(), params: None })
         .collect();
     let (want, _) = run_batch(&mut big, reqs.clone(), &greedy_params(30), 8, true, |_| {}).unwrap();
     // Each sequence ends with 41 tokens: 11 blocks x 4 rows = 44 blocks; 100 blocks hold two.
@@ -158,7 +154,7 @@ fn preemption_by_swap_or_recomputation_resumes_every_policy_unchanged() {
     let reqs: Vec<Request> = (0..8)
         .map(|i| Request {
             id: i,
-            prompt: prompt(i, 10 + 3 * i),
+            prompt: seeded_tokens(i, 10 + 3 * i),
             forced: None,
             policy: resolved_policy(&mut big, kinds[(i + 4) % kinds.len()]),
             params: None,
@@ -192,7 +188,7 @@ fn preemption_by_swap_or_recomputation_resumes_every_policy_unchanged() {
 #[test]
 fn requests_sharing_a_prompt_fork_one_prompt_pass_and_equal_each_alone() {
     let mut eng = batch_engine(1 << 14);
-    let shared = prompt(4, 23);
+    let shared = seeded_tokens(4, 23);
     let mut reqs = Vec::new();
     for (i, table) in [POLICIES[2], POLICIES[2], POLICIES[1], POLICIES[2], POLICIES[1], POLICIES[0]].iter().enumerate()
     {
@@ -238,7 +234,7 @@ fn forks_are_admitted_by_the_blocks_their_source_holds() {
     let rows = c.num_layers * c.num_kv_heads;
     let mut eng = batch_engine(12 * rows);
     let window = resolved_policy(&mut eng, POLICIES[1]);
-    let shared = prompt(6, 40);
+    let shared = seeded_tokens(6, 40);
     let reqs: Vec<Request> = (0..4)
         .map(|i| Request { id: i, prompt: shared.clone(), forced: None, policy: window.clone(), params: None })
         .collect();
@@ -258,7 +254,7 @@ fn dms_sustains_more_concurrent_sequences_in_the_same_pool() {
         let mut eng = batch_engine(160);
         let p = resolved_policy(&mut eng, table);
         let reqs: Vec<Request> = (0..8)
-            .map(|i| Request { id: i, prompt: prompt(i, 8), forced: None, policy: p.clone(), params: None })
+            .map(|i| Request { id: i, prompt: seeded_tokens(i, 8), forced: None, policy: p.clone(), params: None })
             .collect();
         let (_, stats) = run_batch(&mut eng, reqs, &greedy_params(60), 8, false, |_| {}).unwrap();
         stats
@@ -278,7 +274,7 @@ fn dms_sustains_more_concurrent_sequences_in_the_same_pool() {
 fn a_request_too_large_for_the_pool_is_a_clear_error() {
     let mut eng = batch_engine(8);
     let full = resolved_policy(&mut eng, POLICIES[0]);
-    let r = Request { id: 7, prompt: prompt(0, 40), forced: None, policy: full, params: None };
+    let r = Request { id: 7, prompt: seeded_tokens(0, 40), forced: None, policy: full, params: None };
     let err = run_batch(&mut eng, vec![r], &greedy_params(4), 4, false, |_| {}).err().unwrap().to_string();
     assert!(err.contains("request 7") && err.contains("blocks"), "{err}");
 }
@@ -354,7 +350,7 @@ fn refused_request(eng: &mut Engine, id: usize) -> Request {
     let inner = resolved_policy(eng, POLICIES[0]);
     Request {
         id,
-        prompt: prompt(9, 30),
+        prompt: seeded_tokens(9, 30),
         forced: None,
         policy: Arc::new(RefusesPast { inner, limit: 20, decode_only: false }),
         params: None,
@@ -407,7 +403,7 @@ fn a_request_whose_prompt_pass_fails_is_dropped_and_the_others_run_on() {
 fn scored_prompts_equal_one_pass_logits_under_each_policy() {
     use dms_integration::engine::{token_logprobs, SCORED_CHUNK};
     let mut eng = batch_engine(1 << 14);
-    let ids = prompt(3, SCORED_CHUNK + 44);
+    let ids = seeded_tokens(3, SCORED_CHUNK + 44);
     for (i, table) in POLICIES.iter().enumerate() {
         let policy = resolved_policy(&mut eng, table);
         let mut seq = eng.new_sequence_with(policy.as_ref());
@@ -444,7 +440,7 @@ fn a_failed_decode_step_fails_only_the_request_that_causes_it() {
     let good: Vec<Request> = requests(&mut eng).into_iter().take(4).collect();
     let refs: Vec<Finished> = good.iter().map(|r| alone(&mut eng, r, 20)).collect();
     let full = resolved_policy(&mut eng, POLICIES[0]);
-    let bad_prompt = prompt(9, 12);
+    let bad_prompt = seeded_tokens(9, 12);
     let failing =
         Arc::new(RefusesPast { inner: full, limit: bad_prompt.len() as dms_policy::Pos + 5, decode_only: true });
     let bad = Request { id: 9, prompt: bad_prompt, forced: None, policy: failing, params: None };
@@ -519,7 +515,7 @@ fn constrained_requests_advance_once_per_token_through_preemption() {
         for i in 0..6 {
             let req = Request {
                 id: i,
-                prompt: prompt(i, 12 + 3 * i),
+                prompt: seeded_tokens(i, 12 + 3 * i),
                 forced: None,
                 policy: resolved_policy(&mut eng, "name = 'full'"),
                 params: None,

@@ -9,11 +9,6 @@ use common::*;
 use dms_integration::engine::scheduler::{run_batch, Finished, Request, Scheduler};
 use dms_integration::engine::{Engine, GenParams};
 
-/// Tokens from `seed`, none of them equal to the same position's token of another seed.
-fn tokens(seed: usize, len: usize) -> Vec<u32> {
-    (0..len).map(|i| ((i * 7 + seed * 131) % 500) as u32 + 3).collect()
-}
-
 const POLICIES: [&str; 5] = [
     "name = 'full'",
     "name = 'sliding_window'\nwindow = 6\nsinks = 2",
@@ -49,8 +44,9 @@ fn prompts_continued_from_cached_states_equal_whole_passes_under_each_policy() {
             let policy = resolved_policy(&mut eng, table);
             let mut sched = Scheduler::new(params(chunk), 8, true).unwrap();
             assert!(sched.enable_prefix_cache(&eng));
-            let header = tokens(1, 40);
-            let ask = |seed: usize, len: usize| header.iter().copied().chain(tokens(seed, len)).collect::<Vec<u32>>();
+            let header = seeded_tokens(1, 40);
+            let ask =
+                |seed: usize, len: usize| header.iter().copied().chain(seeded_tokens(seed, len)).collect::<Vec<u32>>();
             let request = |id: usize, prompt: Vec<u32>| Request {
                 id,
                 prompt,
@@ -72,7 +68,7 @@ fn prompts_continued_from_cached_states_equal_whole_passes_under_each_policy() {
             };
             let a = serve(&mut sched, &mut eng, request(0, ask(2, 7)));
             // The next turn: the first turn's prompt and answer, then more.
-            let turn: Vec<u32> = a.tokens.iter().copied().chain(tokens(3, 5)).collect();
+            let turn: Vec<u32> = a.tokens.iter().copied().chain(seeded_tokens(3, 5)).collect();
             serve(&mut sched, &mut eng, request(1, ask(2, 7).into_iter().chain(turn).collect()));
             serve(&mut sched, &mut eng, request(2, ask(4, 6)));
             serve(&mut sched, &mut eng, request(3, ask(5, 9)));
@@ -107,7 +103,7 @@ fn cached_states_give_their_blocks_back_before_anything_is_preempted() {
         (0..4)
             .map(|i| Request {
                 id: 10 + i,
-                prompt: tokens(20 + i, 12),
+                prompt: seeded_tokens(20 + i, 12),
                 forced: None,
                 policy: full.clone(),
                 params: None,
@@ -122,7 +118,8 @@ fn cached_states_give_their_blocks_back_before_anything_is_preempted() {
         if cache {
             sched.enable_prefix_cache(&eng);
             for i in 0..3 {
-                let r = Request { id: i, prompt: tokens(i, 8), forced: None, policy: full.clone(), params: None };
+                let r =
+                    Request { id: i, prompt: seeded_tokens(i, 8), forced: None, policy: full.clone(), params: None };
                 serve_one(&mut sched, &mut eng, r);
             }
             // Each state holds 37 tokens in 10 blocks x 4 rows; the third took the first's blocks.
@@ -162,8 +159,8 @@ fn kept_states_never_make_a_prompt_that_fits_the_pool_fail() {
     let params = greedy_params(4);
     let mut sched = Scheduler::new(params.clone(), 8, true).unwrap();
     sched.enable_prefix_cache(&eng);
-    let header = tokens(1, 40);
-    let ask = |seed: usize, len: usize| header.iter().copied().chain(tokens(seed, len)).collect::<Vec<u32>>();
+    let header = seeded_tokens(1, 40);
+    let ask = |seed: usize, len: usize| header.iter().copied().chain(seeded_tokens(seed, len)).collect::<Vec<u32>>();
     let mut cached = Vec::new();
     for (id, prompt) in [(0, ask(2, 60)), (1, ask(3, 60)), (2, ask(4, 10)), (3, ask(5, 60))] {
         let req = Request { id, prompt, forced: None, policy: full.clone(), params: None };

@@ -163,6 +163,12 @@ pub fn resolved_policy(eng: &mut Engine, table: &str) -> Arc<dyn PolicyFactory> 
     Registry::with_builtins().build(&t).unwrap()
 }
 
+/// `len` token ids (3 to 502) from `seed`: at each position, different seeds below 500 give
+/// different ids.
+pub fn seeded_tokens(seed: usize, len: usize) -> Vec<u32> {
+    (0..len).map(|i| ((i * 7 + seed * 131) % 500) as u32 + 3).collect()
+}
+
 /// Greedy generation of `n` tokens that ignores end-of-sequence.
 pub fn greedy_params(n: usize) -> GenParams {
     GenParams { max_tokens: n, temperature: 0.0, top_p: 1.0, seed: 1, stop_at_eos: false, prefill_chunk: 0 }

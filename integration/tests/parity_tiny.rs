@@ -175,7 +175,8 @@ fn mixtral_matches_llama_cpp_from_gguf_and_hf_directory() {
 /// `gate_up_proj`) and from the converter's `phi3` GGUF (`attn_qkv`; `ffn_up` holding gate then
 /// up): both give llama.cpp's logits for the file (`fixtures/gguf/phi3_llama_cpp.safetensors`).
 /// A config whose key/value heads do not match the fused rows, RoPE over part of a head and
-/// LongRoPE are refused by name; Phi-3-mini-4k's window caps the served context.
+/// LongRoPE factors of the wrong length are refused by name; Phi-3-mini-4k's window caps the
+/// served context; generation_config.json's end-of-sequence tokens are read.
 #[test]
 fn phi3_matches_llama_cpp_from_gguf_and_hf_directory() {
     let runs = "gguf/phi3_llama_cpp.safetensors";
@@ -206,10 +207,33 @@ fn phi3_matches_llama_cpp_from_gguf_and_hf_directory() {
     );
     refused("partial_rotary_factor", serde_json::json!(0.75), &["partial_rotary_factor"]);
     let longrope = serde_json::json!({"type": "longrope", "short_factor": [1.0], "long_factor": [1.0]});
-    refused("rope_scaling", longrope, &["longrope"]);
+    refused("rope_scaling", longrope, &["head_dim / 2 = 8"]);
     let windowed = load("sliding_window", serde_json::json!(100)).unwrap();
     assert_eq!(windowed.model.config().max_position_embeddings, 100);
+    // generation_config.json's end-of-sequence tokens join config.json's (Phi-3's `<|end|>`).
+    std::fs::write(dir.join("generation_config.json"), r#"{"eos_token_id": [2, 7]}"#).unwrap();
+    assert_eq!(load("sliding_window", serde_json::json!(null)).unwrap().model.config().eos_token_ids, [2, 7]);
+    std::fs::write(dir.join("generation_config.json"), r#"{"eos_token_id": "end"}"#).unwrap();
+    let e = format!("{:#}", load("sliding_window", serde_json::json!(null)).err().unwrap());
+    assert!(e.contains("generation_config.json") && e.contains("eos_token_id"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// LongRoPE (Phi-3.5, Phi-3 128K) below its original context, from config.json's `rope_scaling`
+/// (`short_factor`, the attention factor from 1024 positions over an original 256) and from the
+/// converter's `phi3` GGUF (`rope_factors_short`, `rope.scaling.attn_factor`): both give
+/// llama.cpp's logits for the file at a 128-token context, where it picks the short factors
+/// (`fixtures/gguf/phi3_longrope_llama_cpp.safetensors`), and serve the original 256 positions.
+#[test]
+fn phi3_longrope_matches_llama_cpp_below_its_original_context() {
+    let runs = "gguf/phi3_longrope_llama_cpp.safetensors";
+    for path in ["gguf/phi3_longrope.gguf", "gguf/phi3_longrope_tiny"] {
+        let eng = check_llama_cpp(runs, &fixture(path));
+        let cfg = eng.model.config();
+        assert_eq!(cfg.max_position_embeddings, 256, "{path}");
+        assert!(matches!(cfg.rope_scaling, Some(dms_integration::model::config::RopeScaling::LongRope(_))), "{path}");
+        assert!((cfg.rope_attention_factor() - 1.25f64.sqrt()).abs() < 1e-6, "{path}: {}", cfg.rope_attention_factor());
+    }
 }
 
 /// The same Qwen3-MoE with its experts packed as transformers 5 saves them

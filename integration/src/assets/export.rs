@@ -119,8 +119,8 @@ fn write_folder(out: &Path, cfg: &ModelConfig, tensors: &HashMap<String, Tensor>
 }
 
 /// config.json's `rope_scaling` for `c`'s scaling, so that another engine reading the exported
-/// folder runs the same frequencies; per-frequency factors (llama.cpp's `rope_freqs.weight`) have
-/// no config.json form and are refused.
+/// folder runs the same frequencies; per-frequency factors (llama.cpp's `rope_freqs.weight`) and
+/// LongRoPE's short-context half have no config.json form and are refused.
 fn rope_scaling_json(c: &ModelConfig) -> Result<serde_json::Value> {
     Ok(match &c.rope_scaling {
         None => serde_json::Value::Null,
@@ -144,6 +144,10 @@ fn rope_scaling_json(c: &ModelConfig) -> Result<serde_json::Value> {
         Some(RopeScaling::FreqFactors(_)) => bail!(
             "this model's RoPE scaling is per-frequency factors (`rope_freqs.weight`), which config.json cannot \
              express: export its HF directory instead"
+        ),
+        Some(RopeScaling::LongRope(_)) => bail!(
+            "this model's LongRoPE keeps only its short-context factors here, which config.json cannot express \
+             alone: export its HF directory instead"
         ),
     })
 }

@@ -46,7 +46,12 @@ pub fn load_model(path: &Path, device: &Device, form: WeightForm) -> Result<Load
         let cfg_path = path.join("config.json");
         let text = std::fs::read_to_string(&cfg_path)
             .with_context(|| format!("model directory {} has no readable config.json", path.display()))?;
-        let cfg = ModelConfig::from_hf_json(&text).with_context(|| format!("in {}", cfg_path.display()))?;
+        let mut cfg = ModelConfig::from_hf_json(&text).with_context(|| format!("in {}", cfg_path.display()))?;
+        for id in generation_eos(path)? {
+            if !cfg.eos_token_ids.contains(&id) {
+                cfg.eos_token_ids.push(id);
+            }
+        }
         check_dense_fits(&cfg, form).with_context(|| format!("model directory {}", path.display()))?;
         let weights =
             Weights::open_safetensors_dir(path).with_context(|| format!("model directory {}", path.display()))?;
@@ -73,6 +78,25 @@ pub fn load_model(path: &Path, device: &Device, form: WeightForm) -> Result<Load
     } else {
         bail!("model path {} does not exist (expected a GGUF file or an HF-style directory)", path.display())
     }
+}
+
+/// The end-of-sequence tokens of `dir`'s `generation_config.json`, when it has one: they end
+/// generation besides config.json's, as vLLM and transformers' `generate` take them (Phi-3's
+/// `<|end|>` and Llama 3's `<|eot_id|>` are only there in some checkpoints).
+fn generation_eos(dir: &Path) -> Result<Vec<u32>> {
+    let path = dir.join("generation_config.json");
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
+    let ids = match v.get("eos_token_id") {
+        None | Some(serde_json::Value::Null) => Some(Vec::new()),
+        Some(serde_json::Value::Array(a)) => a.iter().map(|x| x.as_u64().and_then(|x| u32::try_from(x).ok())).collect(),
+        Some(x) => x.as_u64().and_then(|x| u32::try_from(x).ok()).map(|x| vec![x]),
+    };
+    ids.with_context(|| format!("{}: `eos_token_id` must be a token id or a list of them", path.display()))
 }
 
 /// The machine's physical memory in bytes (`MemTotal` of `/proc/meminfo`; `None` where it cannot

@@ -264,6 +264,37 @@ pub enum RopeScaling {
     Linear(f64),
     /// YaRN (Qwen's long-context setting): see [`YarnScaling`].
     Yarn(YarnScaling),
+    /// LongRoPE (Phi-3 128K, Phi-3.5) below its original context: see [`LongRopeScaling`].
+    LongRope(LongRopeScaling),
+}
+
+/// LongRoPE, as transformers applies it up to `original_max_position_embeddings`: every
+/// frequency divided by its `short_factor`, the rotary tables multiplied by the attention factor.
+/// Past the original context transformers switches to `long_factor` for the tokens that come
+/// next, while the keys already cached keep their short-factor rotation, so the served context
+/// stops at the original one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LongRopeScaling {
+    /// One divisor per frequency (`head_dim / 2`).
+    pub short_factor: Vec<f64>,
+    /// Factor on the rotary cos/sin tables: `attention_factor` when given, else
+    /// `sqrt(1 + ln(max_position_embeddings / original) / ln(original))`, 1 below a ratio of 1.
+    pub attention_factor: f64,
+    /// The context the model was first trained at, and the most this serves.
+    pub original_max_position_embeddings: usize,
+}
+
+impl LongRopeScaling {
+    /// transformers' default attention factor for a model declaring `declared` positions over
+    /// an original `original`.
+    pub fn default_attention_factor(declared: usize, original: usize) -> f64 {
+        let factor = declared as f64 / original as f64;
+        if factor <= 1.0 {
+            1.0
+        } else {
+            (1.0 + factor.ln() / (original as f64).ln()).sqrt()
+        }
+    }
 }
 
 /// Llama 3 RoPE frequency scaling.
@@ -405,6 +436,9 @@ struct HfConfig {
     /// The fraction of each head RoPE rotates (Phi-4-mini: 0.75); only 1 is supported.
     #[serde(default)]
     partial_rotary_factor: Option<f64>,
+    /// The context a LongRoPE model was first trained at (Phi-3's, beside `rope_scaling`).
+    #[serde(default)]
+    original_max_position_embeddings: Option<usize>,
     #[serde(default)]
     max_window_layers: Option<usize>,
     #[serde(default)]
@@ -507,7 +541,11 @@ impl ModelConfig {
         };
         let rope_scaling = match (&c.rope_scaling, arch) {
             (None | Some(serde_json::Value::Null), _) | (_, Arch::DeepSeek) => None,
-            (Some(v), _) => Some(parse_rope_scaling(v, c.max_position_embeddings.unwrap_or(4096))?),
+            (Some(v), _) => Some(parse_rope_scaling(
+                v,
+                c.max_position_embeddings.unwrap_or(4096),
+                c.original_max_position_embeddings,
+            )?),
         };
         // transformers' Mixtral has no window unless config.json gives one (Mistral's default is 4096).
         let default_window = if is_mixtral { None } else { Some(MISTRAL_DEFAULT_WINDOW) };
@@ -530,7 +568,8 @@ impl ModelConfig {
             head_dim,
             rope_theta: c.rope_theta.unwrap_or(if is_mixtral { 1e6 } else { 10_000.0 }),
             rope_scaling,
-            rms_norm_eps: c.rms_norm_eps.unwrap_or(1e-6),
+            // transformers' defaults: Phi3Config's 1e-5, the others' 1e-6.
+            rms_norm_eps: c.rms_norm_eps.unwrap_or(if arch == Arch::Phi3 { 1e-5 } else { 1e-6 }),
             tie_word_embeddings: c.tie_word_embeddings.unwrap_or(false),
             attention_bias: c.attention_bias.unwrap_or(arch == Arch::Qwen2),
             qk_norm: arch == Arch::Qwen3,
@@ -582,7 +621,22 @@ impl ModelConfig {
         if let Some(RopeScaling::Yarn(y)) = &self.rope_scaling {
             y.check()?;
         }
-        if let Some(RopeScaling::FreqFactors(div)) = &self.rope_scaling {
+        if let Some(RopeScaling::LongRope(l)) = &self.rope_scaling {
+            let a = l.attention_factor;
+            if !(a.is_finite() && a > 0.0 && l.original_max_position_embeddings > 0) {
+                bail!(
+                    "model config: rope_scaling (longrope) needs a positive original context and attention factor; \
+                     got {} and {a}",
+                    l.original_max_position_embeddings
+                );
+            }
+        }
+        let divisors = match &self.rope_scaling {
+            Some(RopeScaling::FreqFactors(div)) => Some(div),
+            Some(RopeScaling::LongRope(l)) => Some(&l.short_factor),
+            _ => None,
+        };
+        if let Some(div) = divisors {
             if div.len() != self.head_dim / 2 || !div.iter().all(|d| d.is_finite() && *d > 0.0) {
                 bail!(
                     "RoPE frequency factors: need head_dim / 2 = {} positive, finite values; got {} ({div:?})",
@@ -727,6 +781,7 @@ impl ModelConfig {
             None => base.collect(),
             Some(RopeScaling::Llama3(s)) => base.map(|f| llama3_scale(f, s)).collect(),
             Some(RopeScaling::FreqFactors(div)) => base.zip(div).map(|(f, k)| f / k).collect(),
+            Some(RopeScaling::LongRope(l)) => base.zip(&l.short_factor).map(|(f, k)| f / k).collect(),
             Some(RopeScaling::Linear(factor)) => base.map(|f| f / factor).collect(),
             Some(RopeScaling::Yarn(y)) => y.inv_freq(self.rope_theta, d),
         }
@@ -738,6 +793,7 @@ impl ModelConfig {
         match (&self.mla, &self.rope_scaling) {
             (Some(m), _) => m.rope_mscale(),
             (None, Some(RopeScaling::Yarn(y))) => y.attention_factor(),
+            (None, Some(RopeScaling::LongRope(l))) => l.attention_factor,
             _ => 1.0,
         }
     }
@@ -894,10 +950,12 @@ fn llama3_scale(freq: f64, s: &Llama3RopeScaling) -> f64 {
 }
 
 /// The context a model declares, extended to `original_max_position_embeddings x factor` under
-/// YaRN (as vLLM serves it: Qwen3 declares 40960 and reaches 131072 with YaRN x4 over 32768).
+/// YaRN (as vLLM serves it: Qwen3 declares 40960 and reaches 131072 with YaRN x4 over 32768),
+/// cut to the original context under LongRoPE (see [`LongRopeScaling`]).
 pub(crate) fn served_context(declared: usize, scaling: Option<&RopeScaling>) -> usize {
     match scaling {
         Some(RopeScaling::Yarn(y)) => declared.max(y.extended_context()),
+        Some(RopeScaling::LongRope(l)) => declared.min(l.original_max_position_embeddings),
         _ => declared,
     }
 }
@@ -922,6 +980,23 @@ fn context_length(c: &HfConfig, arch: Arch, scaling: Option<&RopeScaling>, defau
         _ => None,
     };
     windowed.filter(|&w| w > 0).map_or(declared, |w| declared.min(w))
+}
+
+/// LongRoPE from config.json's `rope_scaling` (`short_factor`, `attention_factor`) and the
+/// config's `original_max_position_embeddings` (else `declared`), read as transformers'
+/// `_compute_longrope_parameters` reads them.
+fn parse_longrope(v: &serde_json::Value, declared: usize, original: Option<usize>) -> Result<LongRopeScaling> {
+    let short_factor = v
+        .get("short_factor")
+        .and_then(|x| x.as_array())
+        .and_then(|a| a.iter().map(|x| x.as_f64()).collect::<Option<Vec<f64>>>())
+        .context("model config: rope_scaling (longrope) needs `short_factor`, a list of numbers")?;
+    let original = original.unwrap_or(declared);
+    let attention_factor = match v.get("attention_factor") {
+        None | Some(serde_json::Value::Null) => LongRopeScaling::default_attention_factor(declared, original),
+        Some(x) => x.as_f64().context("model config: rope_scaling.attention_factor is not a number")?,
+    };
+    Ok(LongRopeScaling { short_factor, attention_factor, original_max_position_embeddings: original })
 }
 
 /// YaRN from config.json's `rope_scaling`, read as transformers' `_compute_yarn_parameters`
@@ -966,7 +1041,7 @@ fn parse_yarn(v: &serde_json::Value, declared: usize, deepseek: bool) -> Result<
     Ok(y)
 }
 
-fn parse_rope_scaling(v: &serde_json::Value, declared: usize) -> Result<RopeScaling> {
+fn parse_rope_scaling(v: &serde_json::Value, declared: usize, original: Option<usize>) -> Result<RopeScaling> {
     let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(|x| x.as_str()).unwrap_or("");
     let num = |k: &str| -> Result<f64> {
         v.get(k)
@@ -977,7 +1052,10 @@ fn parse_rope_scaling(v: &serde_json::Value, declared: usize) -> Result<RopeScal
         "llama3" => {}
         "linear" => return Ok(RopeScaling::Linear(num("factor")?)),
         "yarn" => return Ok(RopeScaling::Yarn(parse_yarn(v, declared, false)?)),
-        _ => bail!("model config: rope_scaling type `{kind}` is not supported (supported: llama3, linear, yarn)"),
+        "longrope" | "su" => return parse_longrope(v, declared, original).map(RopeScaling::LongRope),
+        _ => bail!(
+            "model config: rope_scaling type `{kind}` is not supported (supported: llama3, linear, yarn, longrope)"
+        ),
     }
     let s = Llama3RopeScaling {
         factor: num("factor")?,

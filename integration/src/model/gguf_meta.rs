@@ -6,7 +6,8 @@ use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
 
 use super::config::{
-    served_context, Arch, DmsCheckpointFields, MlaConfig, ModelConfig, MoeConfig, RopeScaling, YarnScaling,
+    served_context, Arch, DmsCheckpointFields, LongRopeScaling, MlaConfig, ModelConfig, MoeConfig, RopeScaling,
+    YarnScaling,
 };
 
 fn meta<'a>(c: &'a Content, key: &str) -> Result<&'a Value> {
@@ -69,6 +70,20 @@ fn stop_tokens(c: &Content) -> Vec<u32> {
     ids
 }
 
+/// The short-context LongRoPE table of a `phi3` file (Phi-3 128K, Phi-3.5).
+pub(crate) const LONGROPE_SHORT: &str = "rope_factors_short.weight";
+
+/// The LongRoPE of a `phi3` file whose `rope_factors_short` table holds `short_factor` (read by
+/// the caller with the tensors): the attention factor (`rope.scaling.attn_factor`) and the
+/// original context (`rope.scaling.original_context_length`), as llama.cpp's converter writes them.
+pub(crate) fn longrope(c: &Content, short_factor: Vec<f64>) -> Result<LongRopeScaling> {
+    let a = meta_str(c, "general.architecture")?;
+    let context = meta_opt_usize(c, &format!("{a}.context_length"))?.unwrap_or(4096);
+    let original = meta_opt_usize(c, &format!("{a}.rope.scaling.original_context_length"))?.unwrap_or(context);
+    let attention_factor = meta_f64(c, &format!("{a}.rope.scaling.attn_factor"))?.unwrap_or(1.0);
+    Ok(LongRopeScaling { short_factor, attention_factor, original_max_position_embeddings: original })
+}
+
 /// Model config from GGUF metadata.
 pub(crate) fn model_config(c: &Content) -> Result<ModelConfig> {
     let a = meta_str(c, "general.architecture")?;
@@ -115,10 +130,18 @@ pub(crate) fn model_config(c: &Content) -> Result<ModelConfig> {
             .context("cannot tell the vocabulary size")?,
     };
     let context = meta_opt_usize(c, &format!("{a}.context_length"))?.unwrap_or(4096);
-    // llama.cpp multiplies the rotary tables by this (Phi-3's LongRoPE); these models never set it.
+    // LongRoPE rescales every frequency by these tables, so plain RoPE would be silently wrong at
+    // any length: only a `phi3` file's short-context table is read (with the tensors, see
+    // `longrope`).
+    let longrope = arch == Arch::Phi3 && c.tensor_infos.contains_key(LONGROPE_SHORT);
+    let tables = ["rope_factors_long.weight", LONGROPE_SHORT];
+    if let Some(t) = tables.iter().find(|t| c.tensor_infos.contains_key(**t)).filter(|_| !longrope) {
+        bail!("GGUF tensor `{t}`: LongRoPE scaling is supported in `phi3` files with `{LONGROPE_SHORT}` only");
+    }
+    // llama.cpp multiplies the rotary tables by this (Phi-3's LongRoPE); the others never set it.
     let attn_key = format!("{a}.rope.scaling.attn_factor");
-    if let Some(x) = meta_f64(c, &attn_key)?.filter(|&x| x != 1.0) {
-        bail!("GGUF `{attn_key}` = {x} is not supported (only 1)");
+    if let Some(x) = meta_f64(c, &attn_key)?.filter(|&x| x != 1.0 && !longrope) {
+        bail!("GGUF `{attn_key}` = {x} is not supported (only 1, or with a `phi3` file's LongRoPE)");
     }
     // llama.cpp stores Llama 3's RoPE scaling as per-frequency factors (`rope_freqs.weight`, read
     // with the tensors), linear scaling and YaRN under `rope.scaling.*`.
@@ -134,12 +157,8 @@ pub(crate) fn model_config(c: &Content) -> Result<ModelConfig> {
              directory, whose config.json rope_scaling is"
         ),
     };
-    // LongRoPE (Phi-3 128K, Phi-3.5) rescales every frequency by these tables; plain RoPE would be
-    // silently wrong at any length.
-    if let Some(t) =
-        ["rope_factors_long.weight", "rope_factors_short.weight"].iter().find(|t| c.tensor_infos.contains_key(**t))
-    {
-        bail!("GGUF tensor `{t}`: LongRoPE scaling (Phi-3 128K, Phi-3.5) is not supported");
+    if longrope && rope_scaling.is_some() {
+        bail!("GGUF file has both LongRoPE tables and `{a}.rope.scaling.type`: which scaling applies is unclear");
     }
     let mut served = served_context(context, rope_scaling.as_ref());
     // Phi-3's attention window, applied as its config.json applies it (see `ModelConfig::from_hf_json`):

@@ -15,7 +15,7 @@ use candle_nn::Linear;
 use super::config::{ModelConfig, RopeScaling};
 use super::fused::FusedPart;
 use super::gguf_header::read_gguf_header;
-use super::gguf_meta::{meta_str, model_config};
+use super::gguf_meta::{longrope, meta_str, model_config, LONGROPE_SHORT};
 use super::gguf_names::{source, GgufSource};
 use super::linear::Proj;
 
@@ -147,6 +147,14 @@ impl Weights {
         let content = read_gguf_header(path)?;
         let file = File::open(path).with_context(|| format!("cannot open GGUF file {}", path.display()))?;
         let mut cfg = model_config(&content).with_context(|| format!("reading metadata of {}", path.display()))?;
+        let vector = |name: &str| -> Result<Vec<f64>> {
+            let v = content
+                .tensor(&mut &file, name, &Device::Cpu)
+                .and_then(|q| q.dequantize(&Device::Cpu))
+                .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+                .with_context(|| format!("cannot read tensor `{name}` from {}", path.display()))?;
+            Ok(v.into_iter().map(f64::from).collect())
+        };
         if content.tensor_infos.contains_key(ROPE_FREQS) {
             if cfg.rope_scaling.is_some() {
                 bail!(
@@ -154,13 +162,15 @@ impl Weights {
                     path.display()
                 );
             }
-            let factors = content
-                .tensor(&mut &file, ROPE_FREQS, &Device::Cpu)
-                .and_then(|q| q.dequantize(&Device::Cpu))
-                .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
-                .with_context(|| format!("cannot read tensor `{ROPE_FREQS}` from {}", path.display()))?;
-            cfg.rope_scaling = Some(RopeScaling::FreqFactors(factors.into_iter().map(f64::from).collect()));
+            cfg.rope_scaling = Some(RopeScaling::FreqFactors(vector(ROPE_FREQS)?));
             cfg.validate().with_context(|| format!("tensor `{ROPE_FREQS}` of {}", path.display()))?;
+        }
+        // `model_config` accepts the table only where it applies (a `phi3` file, no other scaling).
+        if content.tensor_infos.contains_key(LONGROPE_SHORT) {
+            let l = longrope(&content, vector(LONGROPE_SHORT)?)?;
+            cfg.max_position_embeddings = cfg.max_position_embeddings.min(l.original_max_position_embeddings);
+            cfg.rope_scaling = Some(RopeScaling::LongRope(l));
+            cfg.validate().with_context(|| format!("tensor `{LONGROPE_SHORT}` of {}", path.display()))?;
         }
         let arch_meta = meta_str(&content, "general.architecture")?;
         let unpermute = (arch_meta == "llama").then_some((cfg.num_heads, cfg.num_kv_heads));
@@ -196,7 +206,9 @@ impl Weights {
         let q = format!("model.layers.{layer}.self_attn.q_proj.weight");
         match self {
             Weights::Safetensors { files, .. } => match stored_name(files, &q) {
-                Stored::Fused { fused, .. } => files.get(&fused).ok().map(|v| (fused, v.shape()[0])),
+                Stored::Fused { fused, .. } => {
+                    files.get(&fused).ok().and_then(|v| v.shape().first().copied()).map(|r| (fused, r))
+                }
                 _ => None,
             },
             Weights::Gguf { content, .. } => match source(&q, content) {

@@ -280,6 +280,28 @@ fn qwen3_moe_with_packed_experts_matches_llama_cpp() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Generation stops at the tokens llama.cpp stops at (`llama_vocab_is_eog`, in
+/// `fixtures/gguf/expected.json`): end of sequence, end of turn, and the turn-ending tokens it
+/// knows by name (`<|eot_id|>` beside `<|end_of_text|>`, `<|im_end|>` and `<|endoftext|>`).
+#[test]
+fn gguf_stop_tokens_are_llama_cpps() {
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("gguf/expected.json")).unwrap()).unwrap();
+    for file in ["llama3_tiny.gguf", "qwen3_tiny.gguf", "deepseek_mla_tiny.gguf", "deepseek_v3_moe.gguf", "phi3.gguf"] {
+        let m = dms_integration::engine::load_model(
+            &fixture(&format!("gguf/{file}")),
+            &candle_core::Device::Cpu,
+            dms_integration::model::WeightForm::Dense,
+        )
+        .unwrap();
+        let mut got = m.model.config().eos_token_ids.clone();
+        got.sort_unstable();
+        let want: Vec<u32> =
+            expected[file]["eog"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+        assert_eq!(got, want, "{file}");
+    }
+}
+
 /// The tokenizers built from the GGUF fixtures' metadata (byte-level BPE with pre-tokenizers
 /// `llama-bpe`, `qwen2`, `smollm`, `deepseek-llm`, `deepseek-v3`; SentencePiece BPE) give llama.cpp's token ids
 /// (`fixtures/gguf/expected.json`, from llama-cpp-python), with and without the special tokens

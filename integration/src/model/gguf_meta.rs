@@ -56,12 +56,38 @@ fn meta_bool(c: &Content, key: &str) -> Result<Option<bool>> {
     c.metadata.get(key).map(|v| v.to_bool().map_err(|e| anyhow::anyhow!("GGUF `{key}`: {e}"))).transpose()
 }
 
-/// The tokens that end a turn: the end-of-sequence token and, when it differs, the end-of-turn
-/// token (`tokenizer.ggml.eot_token_id`, e.g. `<|eot_id|>` beside `<|end_of_text|>`).
+/// Turn-ending tokens llama.cpp stops at by their text, whatever the metadata names (Phi-3's
+/// `<|end|>` beside its `<|endoftext|>`, Qwen's `<|im_end|>`, Llama 3's `<|eot_id|>`).
+const END_OF_TURN_TEXTS: [&str; 11] = [
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|eom_id|>",
+    "<EOT>",
+    "_<EOT>",
+    "<|end_of_text|>",
+    "<end_of_utterance>",
+    "<\u{ff5c}end\u{2581}of\u{2581}sentence\u{ff5c}>",
+];
+
+/// The tokens that end generation, as llama.cpp's `llama_vocab_is_eog` gives them: the
+/// end-of-sequence and end-of-turn tokens (`tokenizer.ggml.eos_token_id`, `eot_token_id`) and
+/// the vocabulary's [`END_OF_TURN_TEXTS`].
 fn stop_tokens(c: &Content) -> Vec<u32> {
     let mut ids = Vec::new();
     for key in ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"] {
         if let Some(id) = meta_usize(c, key).ok().and_then(|x| u32::try_from(x).ok()) {
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+    }
+    let tokens = c.metadata.get("tokenizer.ggml.tokens").and_then(|v| v.to_vec().ok());
+    for (i, t) in tokens.into_iter().flatten().enumerate() {
+        let named = t.to_string().is_ok_and(|s| END_OF_TURN_TEXTS.contains(&s.as_str()));
+        if let (true, Ok(id)) = (named, u32::try_from(i)) {
             if !ids.contains(&id) {
                 ids.push(id);
             }

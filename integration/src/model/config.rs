@@ -500,7 +500,9 @@ struct HfConfig {
 impl ModelConfig {
     /// Parses an HF `config.json` text.
     pub fn from_hf_json(text: &str) -> Result<Self> {
-        let c: HfConfig = serde_json::from_str(text).context("config.json is not a valid model config")?;
+        let mut v: serde_json::Value = serde_json::from_str(text).context("config.json is not a valid model config")?;
+        lift_rope_parameters(&mut v);
+        let c: HfConfig = serde_json::from_value(v).context("config.json is not a valid model config")?;
         let model_type = c.model_type.clone().unwrap_or_default();
         let arch_name = c.architectures.first().cloned().unwrap_or_default();
         let arch = match (model_type.as_str(), arch_name.as_str()) {
@@ -982,16 +984,35 @@ fn context_length(c: &HfConfig, arch: Arch, scaling: Option<&RopeScaling>, defau
     windowed.filter(|&w| w > 0).map_or(declared, |w| declared.min(w))
 }
 
+/// transformers 5 saves `rope_theta`, `partial_rotary_factor` and the RoPE scaling (its
+/// `rope_type`, "default" meaning none) in `rope_parameters`; they are read as the top-level
+/// `rope_theta`, `partial_rotary_factor` and `rope_scaling` transformers 4 wrote, where those are
+/// not given.
+fn lift_rope_parameters(v: &mut serde_json::Value) {
+    let Some(obj) = v.as_object_mut() else { return };
+    let Some(serde_json::Value::Object(p)) = obj.get("rope_parameters").cloned() else { return };
+    for key in ["rope_theta", "partial_rotary_factor"] {
+        if let Some(x) = p.get(key) {
+            obj.entry(key).or_insert_with(|| x.clone());
+        }
+    }
+    let kind = p.get("rope_type").or_else(|| p.get("type")).and_then(|x| x.as_str()).unwrap_or("default");
+    if kind != "default" && obj.get("rope_scaling").is_none_or(serde_json::Value::is_null) {
+        obj.insert("rope_scaling".into(), serde_json::Value::Object(p));
+    }
+}
+
 /// LongRoPE from config.json's `rope_scaling` (`short_factor`, `attention_factor`) and the
-/// config's `original_max_position_embeddings` (else `declared`), read as transformers'
-/// `_compute_longrope_parameters` reads them.
+/// config's `original_max_position_embeddings` (else the scaling's own, else `declared`), read as
+/// transformers' `_compute_longrope_parameters` reads them.
 fn parse_longrope(v: &serde_json::Value, declared: usize, original: Option<usize>) -> Result<LongRopeScaling> {
     let short_factor = v
         .get("short_factor")
         .and_then(|x| x.as_array())
         .and_then(|a| a.iter().map(|x| x.as_f64()).collect::<Option<Vec<f64>>>())
         .context("model config: rope_scaling (longrope) needs `short_factor`, a list of numbers")?;
-    let original = original.unwrap_or(declared);
+    let own = v.get("original_max_position_embeddings").and_then(|x| x.as_u64()).and_then(|x| usize::try_from(x).ok());
+    let original = original.or(own).unwrap_or(declared);
     let attention_factor = match v.get("attention_factor") {
         None | Some(serde_json::Value::Null) => LongRopeScaling::default_attention_factor(declared, original),
         Some(x) => x.as_f64().context("model config: rope_scaling.attention_factor is not a number")?,
@@ -1230,6 +1251,34 @@ mod rope_scaling_tests {
         assert!(e.contains("num_experts_per_tok 1"), "{e}");
         let e = format!("{:#}", ModelConfig::from_hf_json(&text("")).unwrap_err());
         assert!(e.contains("num_experts_per_tok"), "{e}");
+    }
+
+    /// transformers 5 saves `rope_theta`, the scaling and `partial_rotary_factor` in
+    /// `rope_parameters`: they mean what the top-level keys transformers 4 wrote mean.
+    #[test]
+    fn transformers_5_rope_parameters_are_read_as_transformers_4_keys() {
+        let with = |params: &str| {
+            ModelConfig::from_hf_json(
+                &(r#"{"architectures": ["Qwen3ForCausalLM"], "vocab_size": 32, "hidden_size": 4096,
+                "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 32, "num_key_value_heads": 8,
+                "head_dim": 128, "max_position_embeddings": 40960, "rope_parameters": "#
+                    .to_string()
+                    + params
+                    + "}"),
+            )
+        };
+        let plain = with(r#"{"rope_type": "default", "rope_theta": 1000000.0}"#).unwrap();
+        assert_eq!((plain.rope_theta, plain.rope_scaling.is_none()), (1e6, true));
+        let yarn = r#"{"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768"#;
+        let got = with(&format!(r#"{yarn}, "rope_theta": 1000000.0}}"#)).unwrap();
+        let want = qwen3_8b(&format!("{yarn}}}")).unwrap();
+        assert_eq!(
+            (got.rope_inv_freq(), got.rope_attention_factor()),
+            (want.rope_inv_freq(), want.rope_attention_factor())
+        );
+        assert_eq!(got.max_position_embeddings, 131072);
+        let e = with(r#"{"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75}"#).unwrap_err();
+        assert!(format!("{e:#}").contains("partial_rotary_factor"), "{e:#}");
     }
 
     fn qwen3_8b(rope_scaling: &str) -> Result<ModelConfig> {

@@ -28,7 +28,12 @@ fn golden_json() -> serde_json::Value {
 
 #[test]
 fn gguf_tokenizer_matches_hf_tokenizer_json() {
-    let (_, tok) = smollm2_engine(WeightForm::Dense);
+    let (eng, tok) = smollm2_engine(WeightForm::Dense);
+    // Generation stops where llama.cpp's does on this file: `llama_vocab_is_eog` (llama-cpp-python
+    // 0.3.36, 2026-12-07) gives <|endoftext|>, <|im_end|> and <reponame>.
+    let mut stops = eng.model.config().eos_token_ids.clone();
+    stops.sort_unstable();
+    assert_eq!(stops, [0, 2, 4]);
     let j = golden_json();
     for p in j["prompts"].as_array().unwrap() {
         let name = p["name"].as_str().unwrap();

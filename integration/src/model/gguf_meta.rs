@@ -56,9 +56,12 @@ fn meta_bool(c: &Content, key: &str) -> Result<Option<bool>> {
     c.metadata.get(key).map(|v| v.to_bool().map_err(|e| anyhow::anyhow!("GGUF `{key}`: {e}"))).transpose()
 }
 
-/// Turn-ending tokens llama.cpp stops at by their text, whatever the metadata names (Phi-3's
-/// `<|end|>` beside its `<|endoftext|>`, Qwen's `<|im_end|>`, Llama 3's `<|eot_id|>`).
-const END_OF_TURN_TEXTS: [&str; 11] = [
+/// Tokens llama.cpp stops at by their text, whatever the metadata names: the turn-ending ones
+/// (Phi-3's `<|end|>` beside its `<|endoftext|>`, Qwen's `<|im_end|>`, Llama 3's `<|eot_id|>`)
+/// and the fill-in-the-middle pad, repository and file-separator tokens (SmolLM2's
+/// `<reponame>`). llama.cpp takes the first of each fill-in-the-middle kind it finds; a
+/// vocabulary holding two names of one kind stops at both here.
+const END_OF_GENERATION_TEXTS: [&str; 22] = [
     "<|eot_id|>",
     "<|im_end|>",
     "<|end|>",
@@ -70,15 +73,28 @@ const END_OF_TURN_TEXTS: [&str; 11] = [
     "<|end_of_text|>",
     "<end_of_utterance>",
     "<\u{ff5c}end\u{2581}of\u{2581}sentence\u{ff5c}>",
+    "<|fim_pad|>",
+    "<fim-pad>",
+    "<fim_pad>",
+    "<PAD>",
+    "[PAD]",
+    "<|fim_repo|>",
+    "<|repo_name|>",
+    "<fim-repo>",
+    "<REPO>",
+    "<reponame>",
+    "<|file_sep|>",
 ];
 
 /// The tokens that end generation, as llama.cpp's `llama_vocab_is_eog` gives them: the
-/// end-of-sequence and end-of-turn tokens (`tokenizer.ggml.eos_token_id`, `eot_token_id`) and
-/// the vocabulary's [`END_OF_TURN_TEXTS`].
+/// end-of-sequence, end-of-turn and fill-in-the-middle tokens the metadata names
+/// (`tokenizer.ggml.eos_token_id`, `eot_token_id`, `fim_pad_token_id`, `fim_rep_token_id`,
+/// `fim_sep_token_id`) and the vocabulary's [`END_OF_GENERATION_TEXTS`].
 fn stop_tokens(c: &Content) -> Vec<u32> {
     let mut ids = Vec::new();
-    for key in ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"] {
-        if let Some(id) = meta_usize(c, key).ok().and_then(|x| u32::try_from(x).ok()) {
+    let keys = ["eos_token_id", "eot_token_id", "fim_pad_token_id", "fim_rep_token_id", "fim_sep_token_id"];
+    for key in keys.map(|k| format!("tokenizer.ggml.{k}")) {
+        if let Some(id) = meta_usize(c, &key).ok().and_then(|x| u32::try_from(x).ok()) {
             if !ids.contains(&id) {
                 ids.push(id);
             }
@@ -86,7 +102,7 @@ fn stop_tokens(c: &Content) -> Vec<u32> {
     }
     let tokens = c.metadata.get("tokenizer.ggml.tokens").and_then(|v| v.to_vec().ok());
     for (i, t) in tokens.into_iter().flatten().enumerate() {
-        let named = t.to_string().is_ok_and(|s| END_OF_TURN_TEXTS.contains(&s.as_str()));
+        let named = t.to_string().is_ok_and(|s| END_OF_GENERATION_TEXTS.contains(&s.as_str()));
         if let (true, Ok(id)) = (named, u32::try_from(i)) {
             if !ids.contains(&id) {
                 ids.push(id);

@@ -227,16 +227,21 @@ proptest! {
 
 /// `config.json` texts of every fixture family.
 fn model_configs() -> Vec<String> {
-    ["qwen3_tiny", "llama3_tiny", "deepseek_mla_tiny", "qwen3_dms_tiny/variant_separate_alpha/model"]
-        .iter()
-        .map(|f| std::fs::read_to_string(fixture(f).join("config.json")).unwrap())
-        .chain(std::iter::once(
-            std::fs::read_to_string(
-                Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/models/mla-small/config.json"),
-            )
+    [
+        "qwen3_tiny",
+        "llama3_tiny",
+        "deepseek_mla_tiny",
+        "qwen3_dms_tiny/variant_separate_alpha/model",
+        "fp8/qwen3_moe_block",
+        "fp8/llama3_channel",
+    ]
+    .iter()
+    .map(|f| std::fs::read_to_string(fixture(f).join("config.json")).unwrap())
+    .chain(std::iter::once(
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/models/mla-small/config.json"))
             .unwrap(),
-        ))
-        .collect()
+    ))
+    .collect()
 }
 
 proptest! {
@@ -285,7 +290,14 @@ proptest! {
 
     #[test]
     fn safetensors_weights_never_panic(
-        family in prop::sample::select(vec!["qwen3_tiny", "llama3_tiny", "deepseek_mla_tiny"]),
+        family in prop::sample::select(vec![
+            "qwen3_tiny",
+            "llama3_tiny",
+            "deepseek_mla_tiny",
+            "fp8/qwen3_moe_block",
+            "fp8/deepseek_block",
+            "fp8/llama3_channel",
+        ]),
         edits in prop::collection::vec(byte_edit(), 1..4),
         in_header in any::<bool>(),
     ) {

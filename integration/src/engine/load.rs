@@ -53,8 +53,9 @@ pub fn load_model(path: &Path, device: &Device, form: WeightForm) -> Result<Load
             }
         }
         check_dense_fits(&cfg, form).with_context(|| format!("model directory {}", path.display()))?;
-        let weights =
-            Weights::open_safetensors_dir(path).with_context(|| format!("model directory {}", path.display()))?;
+        let weights = Weights::open_safetensors_dir(path)
+            .with_context(|| format!("model directory {}", path.display()))?
+            .with_fp8(cfg.fp8);
         let model = Llama::load(cfg, &weights, device, form)?;
         let tok_path = path.join("tokenizer.json");
         let tokenizer = if tok_path.exists() {

@@ -391,6 +391,9 @@ pub struct ModelConfig {
     pub mla: Option<MlaConfig>,
     /// Mixture-of-experts layers (DeepSeek, Qwen2/Qwen3-MoE, Mixtral); None for dense models.
     pub moe: Option<MoeConfig>,
+    /// How an FP8 checkpoint scales its weights (config.json's `quantization_config`); None for
+    /// unquantized weights and GGUF files.
+    pub fp8: Option<super::fp8::Fp8Scheme>,
 }
 
 #[derive(Deserialize)]
@@ -525,12 +528,7 @@ impl ModelConfig {
                 "model config: partial_rotary_factor {f} (RoPE over part of each head, as Phi-4-mini's) is not supported"
             );
         }
-        if c.quantization_config.as_ref().is_some_and(|q| !q.is_null()) {
-            bail!(
-                "model config: quantized checkpoints (`quantization_config`, e.g. FP8 block scales) are not supported; \
-                 use a bf16/f16/f32 copy of the weights"
-            );
-        }
+        let fp8 = super::fp8::scheme_of(c.quantization_config.as_ref())?;
         let is_v3 = model_type == "deepseek_v3" || arch_name == "DeepseekV3ForCausalLM";
         let is_mixtral = model_type == "mixtral" || arch_name == "MixtralForCausalLM";
         let mla = if arch == Arch::DeepSeek { Some(parse_mla(&c)?) } else { None };
@@ -585,6 +583,7 @@ impl ModelConfig {
             dms: c.dms.clone(),
             mla,
             moe,
+            fp8,
         };
         cfg.validate()?;
         Ok(cfg)

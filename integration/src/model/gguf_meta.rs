@@ -235,6 +235,7 @@ pub(crate) fn model_config(c: &Content) -> Result<ModelConfig> {
             _ if has_experts(&a) => softmax_experts(c, &a)?,
             _ => None,
         },
+        fp8: None,
     };
     cfg.validate()?;
     Ok(cfg)

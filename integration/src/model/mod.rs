@@ -4,6 +4,7 @@
 
 pub mod chat_template;
 pub mod config;
+pub mod fp8;
 mod fused;
 pub mod gguf_header;
 mod gguf_meta;

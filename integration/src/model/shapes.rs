@@ -32,6 +32,7 @@ pub fn named_shape(name: &str) -> Result<ModelConfig> {
         dms: Default::default(),
         mla: None,
         moe: None,
+        fp8: None,
     };
     Ok(match name {
         "llama3.1-8b" => base(Arch::Llama, 128256, 4096, 14336, 32, 32, 8, 128, 500000.0, false),

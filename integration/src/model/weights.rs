@@ -13,6 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::Linear;
 
 use super::config::{ModelConfig, RopeScaling};
+use super::fp8::{self, Fp8Scheme};
 use super::fused::FusedPart;
 use super::gguf_header::read_gguf_header;
 use super::gguf_meta::{longrope, meta_str, model_config, LONGROPE_SHORT};
@@ -88,6 +89,8 @@ pub enum Weights {
         files: candle_core::safetensors::MmapedSafetensors,
         /// Their paths (for messages).
         paths: Vec<PathBuf>,
+        /// How FP8 weights are scaled, when the checkpoint stores them (see [`Self::with_fp8`]).
+        fp8: Option<Fp8Scheme>,
     },
     /// One GGUF file, dequantised tensor by tensor.
     Gguf {
@@ -138,7 +141,16 @@ impl Weights {
         // SAFETY: the files are not modified while mapped; this is how candle loads weights.
         let files = unsafe { candle_core::safetensors::MmapedSafetensors::multi(paths) }
             .with_context(|| format!("cannot map {paths:?}"))?;
-        Ok(Weights::Safetensors { files, paths: paths.to_vec() })
+        Ok(Weights::Safetensors { files, paths: paths.to_vec(), fp8: None })
+    }
+
+    /// Reads FP8 tensors under `scheme` (the model config's [`ModelConfig::fp8`]); without one an
+    /// FP8 tensor is an error. No effect on GGUF files.
+    pub fn with_fp8(mut self, scheme: Option<Fp8Scheme>) -> Self {
+        if let Weights::Safetensors { fp8, .. } = &mut self {
+            *fp8 = scheme;
+        }
+        self
     }
 
     /// Opens a GGUF file, checks its header (every tensor lies inside it, see
@@ -223,7 +235,7 @@ impl Weights {
     /// Loads a tensor by HF name as f32 on `dev`, checking that it has `shape`.
     pub fn get(&self, name: &str, shape: &[usize], dev: &Device) -> Result<Tensor> {
         let t = match self {
-            Weights::Safetensors { files, paths } => {
+            Weights::Safetensors { files, paths, fp8 } => {
                 let name = match stored_name(files, name) {
                     Stored::Named(n) => n,
                     Stored::Packed(p) => {
@@ -241,6 +253,9 @@ impl Weights {
                         "tensor `{name}` has shape {:?} in the weights but the config implies {shape:?} (config.json does not match the weights)",
                         view.shape()
                     );
+                }
+                if DType::try_from(view.dtype()).ok() == Some(DType::F8E4M3) {
+                    return Ok(fp8_tensor(files, name, *fp8, paths)?.to_device(dev)?);
                 }
                 files.load(name, dev).with_context(|| format!("cannot load tensor `{name}`"))?
             }
@@ -342,6 +357,34 @@ fn stored_name(files: &candle_core::safetensors::MmapedSafetensors, name: &str) 
     }
 }
 
+/// The FP8 tensor `name` dequantized to f32 on the CPU under `scheme`, with its scale: `name`
+/// with `weight` replaced by `weight_scale_inv` (fine-grained FP8) or else by `weight_scale`.
+fn fp8_tensor(
+    files: &candle_core::safetensors::MmapedSafetensors,
+    name: &str,
+    scheme: Option<Fp8Scheme>,
+    paths: &[PathBuf],
+) -> Result<Tensor> {
+    let scheme = scheme.with_context(|| {
+        format!(
+            "tensor `{name}` is stored as FP8, but config.json has no `quantization_config` saying how it is scaled"
+        )
+    })?;
+    let stem = name.strip_suffix("weight").with_context(|| format!("FP8 tensor `{name}` is not a weight"))?;
+    let scale = [format!("{stem}weight_scale_inv"), format!("{stem}weight_scale")]
+        .into_iter()
+        .find(|n| files.get(n).is_ok())
+        .with_context(|| {
+            format!(
+                "FP8 tensor `{name}` has no scale (`{stem}weight_scale_inv` or `{stem}weight_scale`) in {}",
+                display_paths(paths)
+            )
+        })?;
+    let w = files.load(name, &Device::Cpu).with_context(|| format!("cannot load tensor `{name}`"))?;
+    let s = files.load(&scale, &Device::Cpu).with_context(|| format!("cannot load tensor `{scale}`"))?;
+    fp8::dequantize(name, &w, &s, scheme)
+}
+
 /// The `shape` (`[out, in]`) rows of `part` in the fused safetensors tensor `fused`, read from
 /// those rows' bytes alone.
 fn fused_rows(
@@ -360,6 +403,9 @@ fn fused_rows(
     }
     let first = part.first_row(rows, out, fused)?;
     let dtype = DType::try_from(view.dtype()).with_context(|| format!("tensor `{fused}`"))?;
+    if dtype == DType::F8E4M3 {
+        bail!("fused tensor `{fused}` is stored as FP8, which is read only for unfused weights");
+    }
     let row = inp * dtype.size_in_bytes();
     let bytes =
         view.data().get(first * row..(first + out) * row).with_context(|| format!("tensor `{fused}` is truncated"))?;
@@ -429,6 +475,9 @@ impl PackedExpert {
                 self.packed,
                 self.index
             );
+        }
+        if dtype == DType::F8E4M3 {
+            bail!("packed expert tensor `{}` is stored as FP8, which is read only for per-expert weights", self.packed);
         }
         let size = dtype.size_in_bytes();
         let start = (self.index * rows + self.half.unwrap_or(0) * out) * inp * size;

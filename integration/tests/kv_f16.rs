@@ -15,7 +15,7 @@ type Kept = Vec<Vec<Vec<Pos>>>;
 /// and 12 teacher-forced tokens (the f32 run's greedy choices, `forced`), under learned DMS; the
 /// tokens fed and the bytes live at the end.
 fn run(dtype: KvDtype, forced: Option<&[u32]>) -> (Vec<Vec<f32>>, Vec<Kept>, Vec<u32>, u64) {
-    let mut eng: Engine = batch_engine(1 << 12).with_kv_dtype(dtype);
+    let mut eng: Engine = batch_engine(1 << 12).with_kv_dtype(dtype).unwrap();
     let policy = resolved_policy(&mut eng, "name = 'dms'\nwindow = 4");
     let mut seq = eng.new_sequence_with(policy.as_ref());
     let prompt: Vec<u32> = (0..20u32).map(|i| (i * 37 + 11) % 200).collect();
@@ -53,7 +53,7 @@ fn f16_kv_matches_f32_within_tolerance_with_identical_kept_sets() {
 fn an_f16_store_rounds_once_and_swaps_exactly() {
     use dms_policy::{EvictPlan, Write, VISIBLE_FOREVER};
     let (d, bs) = (8usize, 4usize);
-    let mut s = KvStore::with_dtype(d, d, bs, 8, KvDtype::F16);
+    let mut s = KvStore::with_dtype(d, d, bs, 8, KvDtype::F16).unwrap();
     let id = s.add_row(0);
     let k: Vec<f32> = (0..6 * d).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
     let v: Vec<f32> = k.iter().map(|x| x * -0.5 + 0.1).collect();

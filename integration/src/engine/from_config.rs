@@ -46,9 +46,9 @@ pub fn build_engine(cfg: &EngineConfig) -> Result<BuiltEngine> {
     let policy = registry().build(&table).context("[cache.policy]")?;
     let mc = loaded.model.config();
     let kv = cfg.kv_dtype()?;
-    let slot_bytes = mc.row_bytes(kv.size());
+    let slot_bytes = kv.slot_bytes(mc.head_dim, mc.value_dim());
     let blocks = cfg.capacity_blocks(mc.num_layers, mc.num_kv_heads, slot_bytes);
-    let mut engine = Engine::new(loaded.model, policy, cfg.cache.block_size, blocks)?.with_kv_dtype(kv);
+    let mut engine = Engine::new(loaded.model, policy, cfg.cache.block_size, blocks)?.with_kv_dtype(kv)?;
     engine.preemption = cfg.cache.preemption;
     engine.cuda_graphs = cfg.cache.cuda_graphs;
     let chat_template = loaded.chat_template.unwrap_or_else(ChatTemplate::chatml);

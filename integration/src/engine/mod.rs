@@ -124,11 +124,12 @@ impl Engine {
         Ok(Self { model, store, policy, keep_logits: false, preemption: Preemption::Swap, cuda_graphs: false })
     }
 
-    /// The same engine storing keys and values as `dtype` (its pool emptied, same block count).
-    pub fn with_kv_dtype(mut self, dtype: KvDtype) -> Self {
+    /// The same engine storing keys and values as `dtype` (its pool emptied, same block count);
+    /// an error when `dtype` cannot hold this model's rows.
+    pub fn with_kv_dtype(mut self, dtype: KvDtype) -> Result<Self> {
         let (c, s) = (self.model.config(), &self.store);
-        self.store = KvStore::with_dtype(c.head_dim, c.value_dim(), s.block_size(), s.capacity_blocks(), dtype);
-        self
+        self.store = KvStore::with_dtype(c.head_dim, c.value_dim(), s.block_size(), s.capacity_blocks(), dtype)?;
+        Ok(self)
     }
 
     /// Bytes of K+V for one token in every row of every layer.

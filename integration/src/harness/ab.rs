@@ -312,10 +312,10 @@ fn arm_engine(model: crate::model::Llama, cache: &AbCache, kv: KvDtype) -> Resul
     let blocks = PoolSize::MiB(cache.memory_mb as f64).blocks(
         cache.block_size,
         mc.num_layers * mc.num_kv_heads,
-        mc.row_bytes(kv.size()),
+        kv.slot_bytes(mc.head_dim, mc.value_dim()),
     );
     let full = registry().build(&toml::from_str("name = 'full'")?)?;
-    Ok(Engine::new(model, full, cache.block_size, blocks)?.with_kv_dtype(kv))
+    Engine::new(model, full, cache.block_size, blocks)?.with_kv_dtype(kv)
 }
 
 /// Everything measured for one arm.
@@ -566,9 +566,9 @@ fn capacity_run(
     label: &str,
 ) -> Result<BatchStats> {
     let (mc, kv) = (engine.model.config(), engine.store.dtype());
-    let slot_bytes = mc.row_bytes(kv.size());
+    let slot_bytes = kv.slot_bytes(mc.head_dim, mc.value_dim());
     let blocks = PoolSize::MiB(c.memory_mb).blocks(block_size, mc.num_layers * mc.num_kv_heads, slot_bytes);
-    let pool = KvStore::with_dtype(mc.head_dim, mc.value_dim(), block_size, blocks, kv);
+    let pool = KvStore::with_dtype(mc.head_dim, mc.value_dim(), block_size, blocks, kv)?;
     let saved = std::mem::replace(&mut engine.store, pool);
     let wins = windows(ids, c.requests, c.prompt_tokens)?;
     let reqs: Vec<Request> = wins

@@ -4,6 +4,7 @@
 //! key it holds and the last query position allowed to see it. The store never decides anything:
 //! it executes a policy's [`EvictPlan`] and [`CompactPlan`] and checks that they are consistent.
 
+use candle_core::quantized::k_quants::{BlockQ8_0, GgmlType};
 use dms_policy::{CompactPlan, EvictPlan, Pos};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
@@ -16,7 +17,15 @@ pub enum KvDtype {
     F32,
     /// 2 bytes per value, converted to f32 when attention reads a block.
     F16,
+    /// ggml's Q8_0 (llama.cpp's `--cache-type-k q8_0`): each run of 32 values of a key or value
+    /// as 32 signed bytes and one f16 scale (their largest magnitude / 127), 1.0625 bytes per
+    /// value, dequantized a block at a time when attention reads it. Needs head sizes that are
+    /// multiples of 32.
+    Q8_0,
 }
+
+/// Values per Q8_0 block.
+const Q8_0_VALUES: usize = 32;
 
 impl KvDtype {
     /// Parses `[cache] kv_dtype`.
@@ -24,16 +33,35 @@ impl KvDtype {
         match s {
             "f32" => Ok(KvDtype::F32),
             "f16" => Ok(KvDtype::F16),
-            other => Err(format!("[cache] kv_dtype `{other}` is unknown (valid: f32, f16)")),
+            "q8_0" => Ok(KvDtype::Q8_0),
+            other => Err(format!("[cache] kv_dtype `{other}` is unknown (valid: f32, f16, q8_0)")),
         }
     }
 
-    /// Bytes per stored value.
-    pub fn size(self) -> usize {
+    /// Bytes that `values` stored values take (a multiple of 32 for Q8_0, see [`Self::check_dims`]).
+    pub fn bytes(self, values: usize) -> usize {
         match self {
-            KvDtype::F32 => 4,
-            KvDtype::F16 => 2,
+            KvDtype::F32 => 4 * values,
+            KvDtype::F16 => 2 * values,
+            KvDtype::Q8_0 => values / Q8_0_VALUES * std::mem::size_of::<BlockQ8_0>(),
         }
+    }
+
+    /// Bytes of one slot: a key of `head_dim` values and a value of `v_dim`.
+    pub fn slot_bytes(self, head_dim: usize, v_dim: usize) -> u64 {
+        (self.bytes(head_dim) + self.bytes(v_dim)) as u64
+    }
+
+    /// An error naming the sizes when keys of `head_dim` or values of `v_dim` values cannot be
+    /// stored in this type (Q8_0 needs whole blocks of 32).
+    pub fn check_dims(self, head_dim: usize, v_dim: usize) -> Result<(), StoreError> {
+        if self == KvDtype::Q8_0 && !(head_dim.is_multiple_of(Q8_0_VALUES) && v_dim.is_multiple_of(Q8_0_VALUES)) {
+            return Err(StoreError::Unsupported(format!(
+                "[cache] kv_dtype = \"q8_0\" stores runs of {Q8_0_VALUES} values; this model's keys have {head_dim} \
+                 and its values {v_dim} (use f16)"
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -42,6 +70,9 @@ impl KvDtype {
 enum Elems {
     F32(Vec<f32>),
     F16(Vec<f16>),
+    /// One block per 32 values; every range the store touches is whole slots, and a slot is a
+    /// whole number of blocks ([`KvDtype::check_dims`]).
+    Q8_0(Vec<BlockQ8_0>),
 }
 
 impl Elems {
@@ -49,6 +80,7 @@ impl Elems {
         match dtype {
             KvDtype::F32 => Elems::F32(Vec::new()),
             KvDtype::F16 => Elems::F16(Vec::new()),
+            KvDtype::Q8_0 => Elems::Q8_0(Vec::new()),
         }
     }
 
@@ -56,14 +88,16 @@ impl Elems {
         match self {
             Elems::F32(v) => v.resize(n, 0.0),
             Elems::F16(v) => v.resize(n, f16::ZERO),
+            Elems::Q8_0(v) => v.resize(n / Q8_0_VALUES, BlockQ8_0::zeros()),
         }
     }
 
-    /// Stores `src` from element `at` on (rounded to f16 in an f16 pool).
+    /// Stores `src` from element `at` on (rounded to f16 in an f16 pool, quantized in a Q8_0 one).
     fn write(&mut self, at: usize, src: &[f32]) {
         match self {
             Elems::F32(v) => v[at..at + src.len()].copy_from_slice(src),
             Elems::F16(v) => v[at..at + src.len()].convert_from_f32_slice(src),
+            Elems::Q8_0(v) => BlockQ8_0::from_float(src, &mut v[blocks(at..at + src.len())]),
         }
     }
 
@@ -71,10 +105,18 @@ impl Elems {
         match self {
             Elems::F32(v) => v.copy_within(src, dst),
             Elems::F16(v) => v.copy_within(src, dst),
+            Elems::Q8_0(v) => {
+                // candle's blocks are Clone, not Copy: moved one by one. The store moves one slot
+                // into another, so the ranges never overlap.
+                let (src, dst) = (blocks(src), dst / Q8_0_VALUES);
+                for i in 0..src.len() {
+                    v[dst + i] = v[src.start + i].clone();
+                }
+            }
         }
     }
 
-    /// Elements `range` as f32: borrowed from an f32 pool, converted into `buf` from an f16 one.
+    /// Elements `range` as f32: borrowed from an f32 pool, converted into `buf` from the others.
     fn read<'a>(&'a self, range: std::ops::Range<usize>, buf: &'a mut Vec<f32>) -> &'a [f32] {
         match self {
             Elems::F32(v) => &v[range],
@@ -83,8 +125,19 @@ impl Elems {
                 v[range].convert_to_f32_slice(buf);
                 buf
             }
+            Elems::Q8_0(v) => {
+                buf.resize(range.len(), 0.0);
+                BlockQ8_0::to_float(&v[blocks(range)], buf);
+                buf
+            }
         }
     }
+}
+
+/// The Q8_0 blocks of the element range `r` (whole blocks).
+fn blocks(r: std::ops::Range<usize>) -> std::ops::Range<usize> {
+    debug_assert!(r.start.is_multiple_of(Q8_0_VALUES) && r.end.is_multiple_of(Q8_0_VALUES));
+    r.start / Q8_0_VALUES..r.end / Q8_0_VALUES
 }
 
 /// Handle of one cache row.
@@ -130,6 +183,9 @@ pub enum StoreError {
         /// Values expected.
         expected: usize,
     },
+    /// The store cannot hold this model's rows in the asked element type.
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 /// One row's block table and slot metadata.
@@ -249,17 +305,24 @@ impl KvStore {
     /// A store whose values have `v_dim` floats per slot (0 for latent rows, whose values are a
     /// prefix of the key).
     pub fn with_value_dim(head_dim: usize, v_dim: usize, block_size: usize, capacity_blocks: usize) -> Self {
-        Self::with_dtype(head_dim, v_dim, block_size, capacity_blocks, KvDtype::F32)
+        Self::build(head_dim, v_dim, block_size, capacity_blocks, KvDtype::F32)
     }
 
-    /// [`Self::with_value_dim`] storing keys and values as `dtype`.
+    /// [`Self::with_value_dim`] storing keys and values as `dtype`; an error when `dtype` cannot
+    /// hold rows of these sizes ([`KvDtype::check_dims`]).
     pub fn with_dtype(
         head_dim: usize,
         v_dim: usize,
         block_size: usize,
         capacity_blocks: usize,
         dtype: KvDtype,
-    ) -> Self {
+    ) -> Result<Self, StoreError> {
+        dtype.check_dims(head_dim, v_dim)?;
+        Ok(Self::build(head_dim, v_dim, block_size, capacity_blocks, dtype))
+    }
+
+    /// An empty store of `dtype` ([`KvDtype::check_dims`] already passed).
+    fn build(head_dim: usize, v_dim: usize, block_size: usize, capacity_blocks: usize, dtype: KvDtype) -> Self {
         Self {
             head_dim,
             v_dim,
@@ -297,7 +360,7 @@ impl KvStore {
     }
     /// Bytes of K+V of one slot.
     pub fn slot_bytes(&self) -> u64 {
-        ((self.head_dim + self.v_dim) * self.dtype.size()) as u64
+        self.dtype.slot_bytes(self.head_dim, self.v_dim)
     }
 
     /// Creates an empty row for `layer`.
@@ -561,7 +624,7 @@ impl KvStore {
     }
 
     /// Contiguous keys of a block (`block_size * head_dim` floats) as f32: borrowed from an f32
-    /// pool, converted into `buf` from an f16 one.
+    /// pool, converted into `buf` from the others.
     pub fn block_keys<'a>(&'a self, block: u32, buf: &'a mut Vec<f32>) -> &'a [f32] {
         let n = self.block_size * self.head_dim;
         self.k.read(block as usize * n..(block as usize + 1) * n, buf)

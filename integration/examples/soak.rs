@@ -91,6 +91,7 @@ fn main() -> Result<()> {
                 seed: wave as u64,
                 stop_at_eos: false,
                 prefill_chunk: 0,
+                ..Default::default()
             };
             let (done, stats) = run_batch(&mut engine, reqs, &params, a.max_batch, false, |_| {})?;
             if done.len() != a.wave {

@@ -111,6 +111,13 @@ pub struct GenerationSection {
     /// Nucleus mass in (0, 1].
     #[serde(default = "default_top_p")]
     pub top_p: f64,
+    /// Sample among the `top_k` most likely tokens only (0 = all).
+    #[serde(default)]
+    pub top_k: usize,
+    /// Sample among the tokens at least `min_p` times as likely as the most likely one, in [0, 1]
+    /// (0 = all).
+    #[serde(default)]
+    pub min_p: f64,
     /// RNG seed.
     #[serde(default)]
     pub seed: u64,
@@ -169,7 +176,16 @@ impl Default for CacheSection {
 
 impl Default for GenerationSection {
     fn default() -> Self {
-        Self { max_tokens: 64, temperature: 0.0, top_p: 1.0, seed: 0, stop_at_eos: true, chat: false }
+        Self {
+            max_tokens: 64,
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            min_p: 0.0,
+            seed: 0,
+            stop_at_eos: true,
+            chat: false,
+        }
     }
 }
 
@@ -220,6 +236,9 @@ impl EngineConfig {
         }
         if !(g.top_p > 0.0 && g.top_p <= 1.0) {
             bail!("[generation] top_p must be in (0, 1]");
+        }
+        if !(0.0..=1.0).contains(&g.min_p) {
+            bail!("[generation] min_p must be in [0, 1]");
         }
         self.model.compute_dtype()?;
         let on_gpu = device_ordinal(&self.model.device)?.is_some();

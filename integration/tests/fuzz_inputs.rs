@@ -372,6 +372,7 @@ fn generate_two(model: dms_integration::model::Llama) {
         seed: 0,
         stop_at_eos: false,
         prefill_chunk: 0,
+        ..Default::default()
     };
     let _ = e.generate(&[1, 2, 3], &params, None);
 }

@@ -584,15 +584,25 @@ fn n_choices_are_the_answers_of_successive_seeds() {
 /// (count x frequency + presence for each token generated so far) before its argmax; a bias of
 /// +100 forces its token. Out-of-range values are refused naming the field.
 #[test]
-fn logit_bias_and_penalties_change_the_choice_as_openai_defines_them() {
+fn logit_bias_penalties_and_vllms_sampling_fields_change_the_choice_as_defined() {
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf/llama3_tiny.gguf");
     let (mut eng, tok) = full_cache_engine(&model);
     let prompt = tok.encode("Hello world", true).unwrap().get_ids().to_vec();
     let steps = 8;
     // A naive greedy loop: argmax of the logits plus bias, minus the penalties.
-    let mut naive = |bias: &[(u32, f32)], presence: f32, frequency: f32| -> Vec<u32> {
+    // transformers' repetition penalty on every token of the prompt or the output (`rep`); the
+    // tokens `banned` not chosen before `min_tokens`; generation ends after a token of `stop_ids`.
+    let mut naive_with = |prompt: &[u32],
+                          bias: &[(u32, f32)],
+                          presence: f32,
+                          frequency: f32,
+                          rep: f32,
+                          banned: &[u32],
+                          min_tokens: usize,
+                          stop_ids: &[u32]|
+     -> Vec<u32> {
         let mut seq = eng.new_sequence();
-        let mut logits: Vec<f32> = eng.step(&mut seq, &prompt, false).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+        let mut logits: Vec<f32> = eng.step(&mut seq, prompt, false).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
         let mut out: Vec<u32> = Vec::new();
         for _ in 0..steps {
             let mut l = logits.clone();
@@ -600,15 +610,27 @@ fn logit_bias_and_penalties_change_the_choice_as_openai_defines_them() {
                 l[t as usize] += b;
             }
             for (t, v) in l.iter_mut().enumerate() {
+                if prompt.contains(&(t as u32)) || out.contains(&(t as u32)) {
+                    *v = if *v > 0.0 { *v / rep } else { *v * rep };
+                }
                 let count = out.iter().filter(|&&x| x as usize == t).count() as f32;
                 *v -= count * frequency + if count > 0.0 { presence } else { 0.0 };
+                if out.len() < min_tokens && banned.contains(&(t as u32)) {
+                    *v = f32::NEG_INFINITY;
+                }
             }
             let next = dms_integration::engine::argmax(&l);
             out.push(next);
+            if stop_ids.contains(&next) {
+                break;
+            }
             logits = eng.step(&mut seq, &[next], false).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
         }
         seq.release(&mut eng.store);
         out
+    };
+    let mut naive = |bias: &[(u32, f32)], presence: f32, frequency: f32| {
+        naive_with(&prompt, bias, presence, frequency, 1.0, &[], 0, &[])
     };
     // This model repeats one token greedily: a presence penalty below its margin leaves it, a
     // frequency penalty of the same size grows with each repeat until another token wins.
@@ -619,6 +641,20 @@ fn logit_bias_and_penalties_change_the_choice_as_openai_defines_them() {
     assert_ne!(plain, frequency, "the penalty changes this greedy answer");
     let forced = naive(&[(300, 100.0)], 0.0, 0.0);
     assert_eq!(forced, vec![300; steps]);
+    let repetition = naive_with(&prompt, &[], 0.0, 0.0, 1.3, &[], 0, &[]);
+    assert_ne!(plain, repetition, "the repetition penalty changes this greedy answer");
+    // The repetition penalty reaches the prompt's tokens: with the repeated token in the prompt,
+    // it is penalised from the first step.
+    let with_it: Vec<u32> = prompt.iter().copied().chain([plain[0]]).collect();
+    let prompt_penalised = naive_with(&with_it, &[], 0.0, 0.0, 1.3, &[], 0, &[]);
+    let unpenalised = naive_with(&with_it, &[], 0.0, 0.0, 1.0, &[], 0, &[]);
+    assert_ne!(prompt_penalised[0], unpenalised[0], "the penalty on a prompt token changes the first choice");
+    // The token the greedy answer repeats ends it at once; held off for 5 tokens, other tokens
+    // come first.
+    let stopped = naive_with(&prompt, &[], 0.0, 0.0, 1.0, &[], 0, &[plain[0]]);
+    assert_eq!(stopped, vec![plain[0]]);
+    let held = naive_with(&prompt, &[], 0.0, 0.0, 1.0, &[plain[0]], 5, &[plain[0]]);
+    assert!(held.len() > 5 && !held[..5].contains(&plain[0]), "{held:?}");
     let server = tiny_llama3_server("bias");
     let ask = |extra: serde_json::Value| {
         let mut body =
@@ -631,15 +667,34 @@ fn logit_bias_and_penalties_change_the_choice_as_openai_defines_them() {
         (serde_json::json!({"presence_penalty": 0.1}), &presence),
         (serde_json::json!({"frequency_penalty": 0.1}), &frequency),
         (serde_json::json!({"logit_bias": {"300": 100}}), &forced),
+        (serde_json::json!({"repetition_penalty": 1.3}), &repetition),
+        // vLLM's filters: only the most likely token is left, whatever the temperature.
+        (serde_json::json!({"temperature": 1.5, "top_k": 1, "seed": 3}), &plain),
+        (serde_json::json!({"temperature": 1.5, "min_p": 1.0, "seed": 3}), &plain),
+        (serde_json::json!({"stop_token_ids": [plain[0]]}), &stopped),
+        (serde_json::json!({"min_tokens": 5, "stop_token_ids": [plain[0]]}), &held),
     ] {
         let (status, r) = ask(extra.clone());
         assert_eq!(status, 200, "{r}");
         assert_eq!(r["choices"][0]["text"], tok.decode(want, false).unwrap().as_str(), "{extra}: {r}");
+        let reason = if want.len() < steps { "stop" } else { "length" };
+        assert_eq!(r["choices"][0]["finish_reason"], reason, "{extra}: {r}");
     }
+    let body = serde_json::json!({"model": "tiny", "prompt": with_it, "max_tokens": steps, "ignore_eos": true,
+                                  "repetition_penalty": 1.3});
+    let (status, r) = post_json(&server.base, "/v1/completions", &body);
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["choices"][0]["text"], tok.decode(&prompt_penalised, false).unwrap().as_str(), "{r}");
     for (extra, field) in [
         (serde_json::json!({"logit_bias": {"300": 101}}), "logit_bias"),
         (serde_json::json!({"logit_bias": {"512": 1}}), "logit_bias"),
         (serde_json::json!({"frequency_penalty": -2.5}), "frequency_penalty"),
+        (serde_json::json!({"repetition_penalty": 0}), "repetition_penalty"),
+        (serde_json::json!({"top_k": -2}), "top_k"),
+        (serde_json::json!({"min_p": 1.5}), "min_p"),
+        (serde_json::json!({"min_tokens": steps + 1}), "min_tokens"),
+        (serde_json::json!({"stop_token_ids": [512]}), "stop_token_ids"),
+        (serde_json::json!({"stop_token_ids": 5}), "stop_token_ids"),
     ] {
         let (status, r) = ask(extra);
         assert_eq!(status, 400, "{r}");

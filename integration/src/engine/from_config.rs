@@ -156,5 +156,8 @@ pub fn gen_params(cfg: &EngineConfig) -> GenParams {
         seed: g.seed,
         stop_at_eos: g.stop_at_eos,
         prefill_chunk: cfg.cache.prefill_chunk,
+        top_k: g.top_k,
+        min_p: g.min_p,
+        ..Default::default()
     }
 }

@@ -59,13 +59,39 @@ pub struct GenParams {
     pub stop_at_eos: bool,
     /// Prompt tokens per prefill chunk (0 = the whole prompt at once).
     pub prefill_chunk: usize,
+    /// Sample among the `top_k` most likely tokens only (0 = all).
+    pub top_k: usize,
+    /// Sample among the tokens at least `min_p` times as likely as the most likely one (0 = all).
+    pub min_p: f64,
+    /// End-of-sequence and `stop_token_ids` tokens are not chosen before this many tokens.
+    pub min_tokens: usize,
+    /// Tokens that end generation besides the model's end-of-sequence tokens.
+    pub stop_token_ids: Vec<u32>,
+}
+
+impl Default for GenParams {
+    /// Greedy, no tokens, stopping at end-of-sequence, every filter off.
+    fn default() -> Self {
+        Self {
+            max_tokens: 0,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+            stop_at_eos: true,
+            prefill_chunk: 0,
+            top_k: 0,
+            min_p: 0.0,
+            min_tokens: 0,
+            stop_token_ids: Vec::new(),
+        }
+    }
 }
 
 impl GenParams {
     /// Greedy decoding of `max_tokens` tokens, past end-of-sequence (the harnesses' setting:
     /// every arm generates the same number of tokens).
     pub fn greedy(max_tokens: usize, prefill_chunk: usize) -> Self {
-        Self { max_tokens, temperature: 0.0, top_p: 1.0, seed: 0, stop_at_eos: false, prefill_chunk }
+        Self { max_tokens, stop_at_eos: false, prefill_chunk, ..Default::default() }
     }
 }
 

@@ -832,7 +832,16 @@ impl<E: BatchEngine> Scheduler<E> {
             let params = r.req.params.as_ref().unwrap_or(&self.params);
             let step = r.tokens.len();
             let id = r.req.id;
-            let adjusted = self.adjustments.get(&id).map(|a| a.apply(&r.logits, &r.tokens));
+            let mut adjusted = self.adjustments.get(&id).map(|a| a.apply(&r.logits, &r.req.prompt, &r.tokens));
+            if step < params.min_tokens && r.req.forced.is_none() {
+                // Nothing that would end the sequence before `min_tokens`.
+                let logits = adjusted.get_or_insert_with(|| r.logits.clone());
+                for &t in engine.eos_token_ids().iter().chain(&params.stop_token_ids) {
+                    if let Some(l) = logits.get_mut(t as usize) {
+                        *l = f32::NEG_INFINITY;
+                    }
+                }
+            }
             let constraint = self.constraints.get_mut(&id);
             let chosen = match (&r.req.forced, constraint) {
                 (Some(f), _) => Ok(f[step]),
@@ -857,7 +866,8 @@ impl<E: BatchEngine> Scheduler<E> {
                 }
             };
             let complete = self.constraints.get(&id).is_some_and(|c| c.finished());
-            let stop_at_eos = params.stop_at_eos;
+            let stops =
+                (params.stop_at_eos && engine.eos_token_ids().contains(&next)) || params.stop_token_ids.contains(&next);
             let logprobs = self.logprobs.get(&r.req.id).map(|&top| token_logprobs(&r.logits, next, top));
             if self.keep_logits {
                 r.step_logits.push(std::mem::take(&mut r.logits));
@@ -866,14 +876,13 @@ impl<E: BatchEngine> Scheduler<E> {
             r.pending = true;
             self.generated_total += 1;
             self.chosen.push(Chosen { id: r.req.id, token: next, logprobs });
-            let reason =
-                if complete || (r.req.forced.is_none() && stop_at_eos && engine.eos_token_ids().contains(&next)) {
-                    Some(FinishReason::Stop)
-                } else if r.tokens.len() >= r.req.max_new(&self.params) {
-                    Some(FinishReason::Length)
-                } else {
-                    None
-                };
+            let reason = if complete || (r.req.forced.is_none() && stops) {
+                Some(FinishReason::Stop)
+            } else if r.tokens.len() >= r.req.max_new(&self.params) {
+                Some(FinishReason::Length)
+            } else {
+                None
+            };
             match reason {
                 Some(reason) => {
                     let r = self.running.remove(i);

@@ -278,13 +278,32 @@ pub struct CommonFields {
     /// Taken from a token's logit once per time it was generated (-2 to 2).
     #[serde(default)]
     pub frequency_penalty: Option<Value>,
+    /// vLLM's: sample among the `top_k` most likely tokens (-1 or 0: all).
+    #[serde(default)]
+    pub top_k: Option<Value>,
+    /// vLLM's: sample among the tokens at least `min_p` times as likely as the most likely one
+    /// (0 to 1).
+    #[serde(default)]
+    pub min_p: Option<Value>,
+    /// vLLM's and transformers': divides the positive logits and multiplies the negative ones of
+    /// every token of the prompt or the output (above 0; 1: none).
+    #[serde(default)]
+    pub repetition_penalty: Option<Value>,
+    /// vLLM's: tokens generated before an end-of-sequence token, a `stop_token_ids` token or a
+    /// stop string may end the answer (0 to `max_tokens`).
+    #[serde(default)]
+    pub min_tokens: Option<Value>,
+    /// vLLM's: token ids that end the answer besides the model's end-of-sequence tokens.
+    #[serde(default)]
+    pub stop_token_ids: Option<Value>,
     /// OpenAI fields this server cannot honour.
     #[serde(flatten)]
     pub unsupported: Unsupported,
 }
 
-/// OpenAI fields this server cannot honour. A request that sets one to anything but its no-op
-/// value is refused (400 naming the field), not answered as if the field were absent.
+/// OpenAI fields, and vLLM's sampling extensions, that this server cannot honour. A request that
+/// sets one to anything but its no-op value is refused (400 naming the field), not answered as if
+/// the field were absent.
 #[derive(Debug, Default, Deserialize)]
 pub struct Unsupported {
     #[serde(default)]
@@ -295,6 +314,38 @@ pub struct Unsupported {
     functions: Option<Value>,
     #[serde(default)]
     function_call: Option<Value>,
+    #[serde(default)]
+    use_beam_search: Option<Value>,
+    #[serde(default)]
+    length_penalty: Option<Value>,
+    #[serde(default)]
+    include_stop_str_in_output: Option<Value>,
+    #[serde(default)]
+    skip_special_tokens: Option<Value>,
+    #[serde(default)]
+    spaces_between_special_tokens: Option<Value>,
+    #[serde(default)]
+    prompt_logprobs: Option<Value>,
+    #[serde(default)]
+    truncate_prompt_tokens: Option<Value>,
+    #[serde(default)]
+    allowed_token_ids: Option<Value>,
+    #[serde(default)]
+    bad_words: Option<Value>,
+    #[serde(default)]
+    guided_json: Option<Value>,
+    #[serde(default)]
+    guided_regex: Option<Value>,
+    #[serde(default)]
+    guided_choice: Option<Value>,
+    #[serde(default)]
+    guided_grammar: Option<Value>,
+    #[serde(default)]
+    structured_outputs: Option<Value>,
+    #[serde(default)]
+    continue_final_message: Option<Value>,
+    #[serde(default)]
+    add_generation_prompt: Option<Value>,
 }
 
 impl Unsupported {
@@ -306,12 +357,30 @@ impl Unsupported {
             Value::Object(o) => o.is_empty(),
             _ => false,
         };
+        let never = |_: &Value| false;
         type NoOp = fn(&Value) -> bool;
-        let fields: [(&str, &Option<Value>, NoOp, &str); 4] = [
+        let json_schema = "null (use `response_format` with a JSON Schema)";
+        let fields: [(&str, &Option<Value>, NoOp, &str); 20] = [
             ("best_of", &self.best_of, |v| v.as_f64() == Some(1.0), "1"),
             ("suffix", &self.suffix, empty, "\"\""),
             ("functions", &self.functions, empty, "[] (use `tools`)"),
             ("function_call", &self.function_call, |v| v == "none", "\"none\" (use `tool_choice`)"),
+            ("use_beam_search", &self.use_beam_search, |v| v == false, "false"),
+            ("length_penalty", &self.length_penalty, |v| v.as_f64() == Some(1.0), "1"),
+            ("include_stop_str_in_output", &self.include_stop_str_in_output, |v| v == false, "false"),
+            ("skip_special_tokens", &self.skip_special_tokens, |v| v == true, "true"),
+            ("spaces_between_special_tokens", &self.spaces_between_special_tokens, |v| v == true, "true"),
+            ("prompt_logprobs", &self.prompt_logprobs, never, "null (use `echo` with `logprobs`)"),
+            ("truncate_prompt_tokens", &self.truncate_prompt_tokens, never, "null"),
+            ("allowed_token_ids", &self.allowed_token_ids, never, "null (use `logit_bias`)"),
+            ("bad_words", &self.bad_words, empty, "[]"),
+            ("guided_json", &self.guided_json, never, json_schema),
+            ("guided_regex", &self.guided_regex, never, "null"),
+            ("guided_choice", &self.guided_choice, never, "null"),
+            ("guided_grammar", &self.guided_grammar, never, "null"),
+            ("structured_outputs", &self.structured_outputs, never, json_schema),
+            ("continue_final_message", &self.continue_final_message, |v| v == false, "false"),
+            ("add_generation_prompt", &self.add_generation_prompt, |v| v == true, "true"),
         ];
         for (name, value, no_op, no_op_text) in fields {
             match value {
@@ -351,6 +420,14 @@ pub struct Sampling {
     pub n: usize,
     /// Stop at the end-of-sequence token.
     pub stop_at_eos: bool,
+    /// Top-k (0: off).
+    pub top_k: usize,
+    /// Min-p (0: off).
+    pub min_p: f64,
+    /// Tokens before anything may end the answer.
+    pub min_tokens: usize,
+    /// Token ids that end the answer.
+    pub stop_token_ids: Vec<u32>,
 }
 
 /// Most alternatives a chat request may ask for per token (OpenAI's limit).
@@ -433,14 +510,32 @@ impl CommonFields {
             }
             Some(other) => return Err(bad(format!("`logit_bias` must map token ids to numbers, got {other}"))),
         };
-        let a = LogitAdjustments { bias, presence_penalty, frequency_penalty };
+        let repetition_penalty = match &self.repetition_penalty {
+            None | Some(Value::Null) => 1.0,
+            Some(x) => match x.as_f64() {
+                Some(f) if f > 0.0 && f.is_finite() => f as f32,
+                _ => {
+                    return Err(ApiError::bad_request(
+                        format!("`repetition_penalty` must be a number above 0 (1: none), got {x}"),
+                        Some("repetition_penalty"),
+                    ))
+                }
+            },
+        };
+        let a = LogitAdjustments { bias, repetition_penalty, presence_penalty, frequency_penalty };
         Ok((a != LogitAdjustments::default()).then_some(a))
     }
 
     /// Checks every field; `default_max_tokens` applies when the request gives no limit, and no
     /// request may ask for more than `cap`. A limit of 0 is taken when `echo` (a prompt only
-    /// scored).
-    pub fn sampling(&self, default_max_tokens: usize, cap: usize, echo: bool) -> Result<Sampling, ApiError> {
+    /// scored). Token ids must lie below `vocab`.
+    pub fn sampling(
+        &self,
+        default_max_tokens: usize,
+        cap: usize,
+        echo: bool,
+        vocab: usize,
+    ) -> Result<Sampling, ApiError> {
         let (limit, field) = match (self.max_completion_tokens, self.max_tokens) {
             (Some(v), _) => (Some(v), "max_completion_tokens"),
             (None, v) => (v, "max_tokens"),
@@ -496,10 +591,70 @@ impl CommonFields {
             ));
         }
         self.unsupported.check()?;
+        let bad = |field: &'static str, msg: String| ApiError::bad_request(msg, Some(field));
+        let present = |v: &Option<Value>| v.clone().filter(|v| !v.is_null());
+        let top_k = match present(&self.top_k) {
+            None => 0,
+            Some(v) => match v.as_i64() {
+                Some(-1 | 0) => 0,
+                Some(k) if k > 0 => usize::try_from(k).unwrap_or(usize::MAX),
+                _ => {
+                    return Err(bad(
+                        "top_k",
+                        format!("`top_k` must be -1 or 0 (all tokens) or a positive integer, got {v}"),
+                    ))
+                }
+            },
+        };
+        let min_p = match present(&self.min_p) {
+            None => 0.0,
+            Some(v) => match v.as_f64() {
+                Some(p) if (0.0..=1.0).contains(&p) => p,
+                _ => return Err(bad("min_p", format!("`min_p` must be a number from 0 to 1, got {v}"))),
+            },
+        };
+        let min_tokens = match present(&self.min_tokens) {
+            None => 0,
+            Some(v) => match v.as_u64() {
+                Some(m) if m as usize <= max_tokens => m as usize,
+                _ => {
+                    let msg = format!("`min_tokens` must be an integer from 0 to max_tokens ({max_tokens}), got {v}");
+                    return Err(bad("min_tokens", msg));
+                }
+            },
+        };
+        let stop_token_ids = match present(&self.stop_token_ids) {
+            None => Vec::new(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|v| {
+                    v.as_u64().filter(|&t| (t as usize) < vocab).map(|t| t as u32).ok_or_else(|| {
+                        bad("stop_token_ids", format!("`stop_token_ids` holds {v}, not a token id below {vocab}"))
+                    })
+                })
+                .collect::<Result<Vec<u32>, ApiError>>()?,
+            Some(v) => {
+                return Err(bad("stop_token_ids", format!("`stop_token_ids` must be a list of token ids, got {v}")))
+            }
+        };
         let stream = self.stream.unwrap_or(false);
         let include_usage = self.stream_options.as_ref().is_some_and(|o| o.include_usage);
         let stop_at_eos = !self.ignore_eos.unwrap_or(false);
-        Ok(Sampling { max_tokens, temperature, top_p, seed: self.seed, stops, stream, include_usage, stop_at_eos, n })
+        Ok(Sampling {
+            max_tokens,
+            temperature,
+            top_p,
+            seed: self.seed,
+            stops,
+            stream,
+            include_usage,
+            stop_at_eos,
+            n,
+            top_k,
+            min_p,
+            min_tokens,
+            stop_token_ids,
+        })
     }
 }
 
@@ -777,10 +932,13 @@ mod tests {
     #[test]
     fn max_completion_tokens_wins_and_every_bad_value_names_its_field() {
         assert_eq!(
-            common(r#"{"max_tokens": 5, "max_completion_tokens": 7}"#).sampling(16, 100, false).unwrap().max_tokens,
+            common(r#"{"max_tokens": 5, "max_completion_tokens": 7}"#)
+                .sampling(16, 100, false, 512)
+                .unwrap()
+                .max_tokens,
             7
         );
-        assert_eq!(common("{}").sampling(16, 10, false).unwrap().max_tokens, 10, "the default is capped too");
+        assert_eq!(common("{}").sampling(16, 10, false, 512).unwrap().max_tokens, 10, "the default is capped too");
         for (body, field) in [
             (r#"{"max_tokens": -1}"#, "max_tokens"),
             (r#"{"max_tokens": 0}"#, "max_tokens"),
@@ -793,11 +951,16 @@ mod tests {
             (r#"{"stop": ["a", "b", "c", "d", "e"]}"#, "stop"),
             (r#"{"stop": ""}"#, "stop"),
             (r#"{"best_of": 3}"#, "best_of"),
+            (r#"{"use_beam_search": true}"#, "use_beam_search"),
+            (r#"{"skip_special_tokens": false}"#, "skip_special_tokens"),
+            (r#"{"guided_json": {"type": "object"}}"#, "guided_json"),
+            (r#"{"allowed_token_ids": [1, 2]}"#, "allowed_token_ids"),
+            (r#"{"continue_final_message": true}"#, "continue_final_message"),
             (r#"{"suffix": "}"}"#, "suffix"),
             (r#"{"functions": [{"name": "f"}]}"#, "functions"),
             (r#"{"function_call": "auto"}"#, "function_call"),
         ] {
-            let e = common(body).sampling(16, 100, false).unwrap_err();
+            let e = common(body).sampling(16, 100, false, 512).unwrap_err();
             assert_eq!(e.status.as_u16(), 400, "{body}");
             assert_eq!(e.param.as_deref(), Some(field), "{body}");
         }
@@ -819,9 +982,9 @@ mod tests {
         assert!(chat(&format!(r#"{{{messages}, "echo": false}}"#)).check_echo().is_ok());
         let e = chat(&format!(r#"{{{messages}, "echo": true}}"#)).check_echo().unwrap_err();
         assert_eq!(e.param.as_deref(), Some("echo"));
-        assert_eq!(common(r#"{"max_tokens": 0}"#).sampling(16, 100, true).unwrap().max_tokens, 0);
+        assert_eq!(common(r#"{"max_tokens": 0}"#).sampling(16, 100, true, 512).unwrap().max_tokens, 0);
         assert_eq!(
-            common(r#"{"max_tokens": -1}"#).sampling(16, 100, true).unwrap_err().param.as_deref(),
+            common(r#"{"max_tokens": -1}"#).sampling(16, 100, true, 512).unwrap_err().param.as_deref(),
             Some("max_tokens")
         );
     }
@@ -884,12 +1047,14 @@ mod tests {
     fn no_op_values_of_unsupported_fields_and_long_stops_up_to_the_limit_are_accepted() {
         let ok = r#"{"logprobs": false, "top_logprobs": 0, "echo": false, "logit_bias": {}, "presence_penalty": 0,
             "frequency_penalty": 0.0, "best_of": 1, "suffix": "", "functions": null, "function_call": "none",
-            "response_format": {"type": "text"}, "user": "anyone"}"#;
-        assert!(common(ok).sampling(16, 100, false).is_ok());
+            "response_format": {"type": "text"}, "user": "anyone", "use_beam_search": false, "length_penalty": 1.0,
+            "skip_special_tokens": true, "guided_json": null, "bad_words": [], "add_generation_prompt": true,
+            "top_k": -1, "min_p": 0, "repetition_penalty": 1, "min_tokens": 0, "stop_token_ids": []}"#;
+        assert!(common(ok).sampling(16, 100, false, 512).is_ok());
         let at_limit = format!(r#"{{"stop": ["{}"]}}"#, "x".repeat(MAX_STOP_BYTES));
-        assert!(common(&at_limit).sampling(16, 100, false).is_ok());
+        assert!(common(&at_limit).sampling(16, 100, false, 512).is_ok());
         let over = format!(r#"{{"stop": ["{}"]}}"#, "x".repeat(MAX_STOP_BYTES + 1));
-        assert_eq!(common(&over).sampling(16, 100, false).unwrap_err().param.as_deref(), Some("stop"));
+        assert_eq!(common(&over).sampling(16, 100, false, 512).unwrap_err().param.as_deref(), Some("stop"));
     }
 
     #[test]

@@ -370,7 +370,8 @@ impl App {
         prompt: Vec<u32>,
         echo: Option<String>,
     ) -> Result<Prepared, ApiError> {
-        let sampling = common.sampling(self.default_max_tokens, self.max_tokens_cap, echo.is_some())?;
+        let sampling =
+            common.sampling(self.default_max_tokens, self.max_tokens_cap, echo.is_some(), self.vocab_size)?;
         let logprobs = common.logprobs(kind == Kind::Chat)?;
         let adjustments = common.adjustments(self.vocab_size)?;
         let policy = match &common.cache_policy {
@@ -449,6 +450,10 @@ impl App {
                 seed: seed.wrapping_add(i as u64),
                 stop_at_eos: s.stop_at_eos,
                 prefill_chunk: 0,
+                top_k: s.top_k,
+                min_p: s.min_p,
+                min_tokens: s.min_tokens,
+                stop_token_ids: s.stop_token_ids.clone(),
             };
             let job = Job {
                 prompt: p.prompt.clone(),

@@ -31,6 +31,11 @@ pub struct TextStream<'t> {
     stopped: bool,
     /// Special tokens decode as nothing (the default).
     skip_special: bool,
+    /// Stop strings count from this many tokens on.
+    min_tokens: usize,
+    /// Bytes of `text` before the `min_tokens`-th token's text: a stop string must end past
+    /// them (`None` until that token).
+    stop_floor: Option<usize>,
 }
 
 impl<'t> TextStream<'t> {
@@ -47,7 +52,17 @@ impl<'t> TextStream<'t> {
             sent: 0,
             stopped: false,
             skip_special: true,
+            min_tokens: 0,
+            stop_floor: Some(0),
         }
+    }
+
+    /// Stop strings end the text only from the `min_tokens`-th token on (vLLM's `min_tokens`):
+    /// one that ends in the text of earlier tokens is text like any other.
+    pub fn stopping_from(mut self, min_tokens: usize) -> Self {
+        self.min_tokens = min_tokens;
+        self.stop_floor = (min_tokens == 0).then_some(0);
+        self
     }
 
     /// Decodes special tokens as their text too (a tool-call parser reading markers that are
@@ -68,6 +83,9 @@ impl<'t> TextStream<'t> {
             return Delta { text: String::new(), stopped: true };
         }
         self.ids.push(token);
+        if self.stop_floor.is_none() && self.ids.len() >= self.min_tokens {
+            self.stop_floor = Some(self.text.len());
+        }
         let before = self.decode(&self.ids[self.prefix..self.read]);
         let now = self.decode(&self.ids[self.prefix..]);
         if now.len() > before.len() && now.is_char_boundary(before.len()) && !now.ends_with('\u{FFFD}') {
@@ -95,12 +113,20 @@ impl<'t> TextStream<'t> {
 
     /// Hands out the text that no stop string can still claim (all of it at the end).
     fn release(&mut self, at_end: bool) -> Delta {
+        // Before `min_tokens` no stop string counts, but text that may begin one is held back.
+        let floor = self.stop_floor.unwrap_or(usize::MAX);
         let longest = self.stops.iter().map(String::len).max().unwrap_or(0);
         let mut from = self.sent.saturating_sub(longest);
         while !self.text.is_char_boundary(from) {
             from -= 1;
         }
-        let found = self.stops.iter().filter_map(|s| self.text[from..].find(s.as_str()).map(|i| from + i)).min();
+        let ends_past_floor = |s: &String| {
+            self.text[from..]
+                .match_indices(s.as_str())
+                .map(|(i, _)| from + i)
+                .find(|&i| i.saturating_add(s.len()) > floor)
+        };
+        let found = self.stops.iter().filter_map(ends_past_floor).min();
         let end = match found {
             Some(i) => {
                 self.stopped = true;
@@ -187,6 +213,33 @@ mod tests {
         assert!(!stopped);
         assert_eq!(pieces.concat(), "a tx");
         assert_eq!(pieces[1], "", "` t` may begin ` two`: held back");
+    }
+
+    /// vLLM's `min_tokens`: a stop string ending in the first `min_tokens - 1` tokens' text is
+    /// text; one ending in the text of a later token (or of that token) stops.
+    #[test]
+    fn stop_strings_count_from_min_tokens_on() {
+        let t = tokenizer(&["<unk>", "a", "b", "c", " a", "bc"]);
+        let run = |min_tokens: usize, ids: &[u32]| {
+            let mut s = TextStream::new(&t, vec!["ab".into()]).stopping_from(min_tokens);
+            let mut out = String::new();
+            for &id in ids {
+                let d = s.push(id);
+                out += &d.text;
+                if d.stopped {
+                    return (out, true);
+                }
+            }
+            out += &s.finish().text;
+            (out, false)
+        };
+        // The text is "a" "b" "c" " a" "bc".
+        assert_eq!(run(0, &[1, 2, 3, 4, 5]), ("".into(), true));
+        assert_eq!(run(3, &[1, 2, 3, 4, 5]), ("abc ".into(), true));
+        // "ab" completed by the 2nd token stops once min_tokens is 2: that token counts.
+        assert_eq!(run(2, &[1, 2, 3]), ("".into(), true));
+        assert_eq!(run(3, &[1, 2, 3]), ("abc".into(), false));
+        assert_eq!(run(6, &[1, 2, 3, 4, 5]), ("abc abc".into(), false));
     }
 
     #[test]

@@ -187,7 +187,15 @@ pub fn run<E: BatchEngine>(engine: &mut E, setup: WorkerSetup, commands: Receive
         pool_bytes,
         prefix_cache,
     } = setup;
-    let base = GenParams { max_tokens: 1, temperature: 0.0, top_p: 1.0, seed: 0, stop_at_eos: true, prefill_chunk };
+    let base = GenParams {
+        max_tokens: 1,
+        temperature: 0.0,
+        top_p: 1.0,
+        seed: 0,
+        stop_at_eos: true,
+        prefill_chunk,
+        ..Default::default()
+    };
     let eos: Vec<u32> = engine.eos_token_ids().to_vec();
     let Ok(mut sched) = Scheduler::new(base, max_batch, false) else { return };
     if prefix_cache && !sched.enable_prefix_cache(engine) {
@@ -253,7 +261,8 @@ pub fn run<E: BatchEngine>(engine: &mut E, setup: WorkerSetup, commands: Receive
                                         sched.want_prompt_logprobs(id, top);
                                     }
                                 }
-                                let mut text = TextStream::new(&tokenizer, job.stops.clone());
+                                let mut text =
+                                    TextStream::new(&tokenizer, job.stops.clone()).stopping_from(job.params.min_tokens);
                                 if job.keep_special_tokens {
                                     text = text.keeping_special_tokens();
                                 }

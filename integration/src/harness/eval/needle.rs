@@ -88,6 +88,7 @@ pub(super) fn needle_run(
         seed: 0,
         stop_at_eos: true,
         prefill_chunk,
+        ..Default::default()
     };
     let (mut done, _) = run_requests(engine, reqs, &params, 1, false, |_| {})?;
     done.sort_by_key(|f| f.id);
@@ -112,7 +113,15 @@ pub(super) fn needle_prefill_cr(
         .enumerate()
         .map(|(i, p)| Request { id: i, prompt: p.ids.clone(), forced: None, policy: policy.clone(), params: None })
         .collect();
-    let params = GenParams { max_tokens: 1, temperature: 0.0, top_p: 1.0, seed: 0, stop_at_eos: false, prefill_chunk };
+    let params = GenParams {
+        max_tokens: 1,
+        temperature: 0.0,
+        top_p: 1.0,
+        seed: 0,
+        stop_at_eos: false,
+        prefill_chunk,
+        ..Default::default()
+    };
     let (done, _) = run_requests(engine, reqs, &params, 1, false, |_| {})?;
     Ok(mean_cr(&done))
 }

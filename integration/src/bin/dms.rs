@@ -142,6 +142,10 @@ struct ServeArgs {
     /// Override [server] prefix_cache: keep no sequence states for later prompts.
     #[arg(long)]
     no_prefix_cache: bool,
+    /// Override [server] prefill_budget: prompt tokens fed per engine step at most (0: whole
+    /// prompts).
+    #[arg(long)]
+    prefill_budget: Option<usize>,
 }
 
 fn serve(a: ServeArgs) -> Result<()> {
@@ -154,6 +158,9 @@ fn serve(a: ServeArgs) -> Result<()> {
     }
     if a.no_prefix_cache {
         cfg.server.prefix_cache = false;
+    }
+    if let Some(b) = a.prefill_budget {
+        cfg.server.prefill_budget = b;
     }
     cfg.validate()?;
     dms_integration::serve::serve(&cfg)

@@ -8,8 +8,10 @@
 //! slot for slot and back, or dropped and recomputed, as the engine does it), so it resumes with
 //! identical output. With prefix caching on ([`crate::engine::prefix_cache`]) a prompt starts
 //! from the longest kept state it begins with, and kept states give their blocks back before
-//! anything is preempted. A failed prompt pass or decode step fails the request that causes it
-//! and no other (see `Scheduler::isolate`).
+//! anything is preempted. With a prefill budget ([`Scheduler::set_prefill_budget`]) a long prompt
+//! is fed a part per step while the running sequences go on decoding, as vLLM's chunked prefill
+//! does. A failed prompt pass or decode step fails the request that causes it and no other (see
+//! `Scheduler::isolate`).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -105,7 +107,8 @@ pub struct BatchStats {
     pub decode_tokens: usize,
     /// Seconds in decode steps.
     pub decode_secs: f64,
-    /// Prompt tokens prefilled (not those taken from cached states).
+    /// Prompt tokens prefilled, as they are fed (not those taken from cached states; a prompt
+    /// pass started again counts again).
     pub prefill_tokens: usize,
     /// Seconds in prefill.
     pub prefill_secs: f64,
@@ -212,6 +215,27 @@ struct Running<S> {
     seq: S,
 }
 
+/// A prompt pass under way.
+struct Pass<S> {
+    /// The sequence and its next-token logits, once some of the prompt is in it.
+    cur: Option<(S, Vec<f32>)>,
+    /// Prompt tokens the sequence has seen.
+    at: usize,
+    /// Prompt tokens taken from a cached state.
+    cached: usize,
+    /// Where a copy of the state goes to the prefix cache.
+    snapshot_at: Option<usize>,
+    /// The prompt's log-probabilities asked for (such a pass is never split), and what they were.
+    score: Option<usize>,
+    scored: Vec<TokenLogprobs>,
+}
+
+/// A request whose prompt pass the prefill budget split over steps.
+struct Prefilling<S> {
+    req: Request,
+    pass: Pass<S>,
+}
+
 /// A preempted request: its rows (when the engine swaps) or nothing (it resumes by
 /// recomputing its prompt and generated tokens).
 struct Preempted<P> {
@@ -302,6 +326,8 @@ pub type Observer<'o, E> = dyn FnMut(Observed<'_, E>) -> Result<()> + 'o;
 /// preempts the most recently admitted sequences until the next step's blocks are free, and runs
 /// one batched decode step. Prefix-cache states ([`Scheduler::enable_prefix_cache`]) are given
 /// back, least recently used first, whenever admission, a resume or the next step needs blocks.
+/// Under a prefill budget ([`Scheduler::set_prefill_budget`]) a prompt pass may span steps: the
+/// one under way is fed its next part before anything is admitted.
 pub struct Scheduler<E: BatchEngine> {
     params: GenParams,
     max_batch: usize,
@@ -324,6 +350,10 @@ pub struct Scheduler<E: BatchEngine> {
     failed: Vec<(usize, anyhow::Error)>,
     /// Kept states of token prefixes, when prefix caching is on.
     prefixes: Option<PrefixCache<E::Seq>>,
+    /// Prompt tokens fed per step at most (`None`: whole prompts).
+    prefill_budget: Option<usize>,
+    /// The prompt pass split over steps, at most one at a time.
+    prefilling: Option<Prefilling<E::Seq>>,
     /// Figures of everything run so far.
     pub stats: BatchStats,
 }
@@ -350,8 +380,21 @@ impl<E: BatchEngine> Scheduler<E> {
             scored: Vec::new(),
             failed: Vec::new(),
             prefixes: None,
+            prefill_budget: None,
+            prefilling: None,
             stats: BatchStats::default(),
         })
+    }
+
+    /// Feeds at most `tokens` prompt tokens per step (vLLM's chunked prefill): a longer prompt is
+    /// fed a part per step, one such prompt at a time, while the running sequences decode, so a
+    /// long prompt no longer stalls them for its whole pass. Prompts to score, and those of
+    /// attention-scored policies (whose kept sets depend on where a pass is cut), still get whole
+    /// passes. Returns false (and feeds whole prompts) on an engine that cannot continue a prompt
+    /// pass, or for 0 tokens.
+    pub fn set_prefill_budget(&mut self, engine: &E, tokens: usize) -> bool {
+        self.prefill_budget = (engine.extends() && tokens > 0).then_some(tokens);
+        self.prefill_budget.is_some()
     }
 
     /// Turns prefix caching on (see [`crate::engine::prefix_cache`]): ended sequences and the
@@ -401,14 +444,15 @@ impl<E: BatchEngine> Scheduler<E> {
         Ok(())
     }
 
-    /// True when nothing is waiting, running or preempted.
+    /// True when nothing is waiting, prefilling, running or preempted.
     pub fn is_idle(&self) -> bool {
-        self.waiting.is_empty() && self.running.is_empty() && self.preempted.is_empty()
+        self.waiting.is_empty() && self.running.is_empty() && self.preempted.is_empty() && self.prefilling.is_none()
     }
 
-    /// Requests waiting for admission, preempted ones included.
+    /// Requests waiting for their first token: waiting for admission, preempted, or with their
+    /// prompt pass under way.
     pub fn waiting_count(&self) -> usize {
-        self.waiting.len() + self.preempted.len()
+        self.waiting.len() + self.preempted.len() + usize::from(self.prefilling.is_some())
     }
 
     /// Requests decoding now.
@@ -470,12 +514,15 @@ impl<E: BatchEngine> Scheduler<E> {
     /// Removes request `id` wherever it is. A running sequence is reported with
     /// [`FinishReason::Cancelled`] and its blocks return to the pool at once (or stay as a
     /// prefix-cache state, given back whenever blocks are needed); a waiting or preempted one is
-    /// dropped (`None`), as is an unknown id.
+    /// dropped (`None`), as is one whose prompt pass is under way, and an unknown id.
     pub fn cancel(&mut self, engine: &mut E, id: usize) -> Result<Option<Finished>> {
         self.forget(id);
         if let Some(i) = self.running.iter().position(|r| r.p.req.id == id) {
             let r = self.running.remove(i);
             return self.retire(engine, r, FinishReason::Cancelled).map(Some);
+        }
+        if self.prefilling.as_ref().is_some_and(|pf| pf.req.id == id) {
+            self.drop_prefilling(engine);
         }
         self.waiting.retain(|r| r.id != id);
         self.preempted.retain(|s| s.p.req.id != id);
@@ -499,9 +546,11 @@ impl<E: BatchEngine> Scheduler<E> {
         self.chosen.clear();
         self.scored.clear();
         self.resume(engine)?;
-        self.admit(engine, observe)?;
+        let mut budget = self.prefill_budget.unwrap_or(usize::MAX);
+        self.continue_prefill(engine, &mut budget, observe)?;
+        self.admit(engine, &mut budget, observe)?;
         if self.running.is_empty() {
-            if self.is_idle() {
+            if self.is_idle() || self.prefilling.is_some() {
                 return Ok(Vec::new());
             }
             bail!("no sequence can run: the pool is too small for the waiting requests");
@@ -527,6 +576,9 @@ impl<E: BatchEngine> Scheduler<E> {
         for seq in self.prefixes.as_mut().map(|c| c.drain()).unwrap_or_default() {
             engine.release(seq);
         }
+        if let Some((seq, _)) = self.prefilling.take().and_then(|pf| pf.pass.cur) {
+            engine.release(seq);
+        }
         self.preempted.clear();
         self.waiting.clear();
         self.failed.clear();
@@ -538,7 +590,7 @@ impl<E: BatchEngine> Scheduler<E> {
         while let Some(s) = self.preempted.front() {
             // One sequence on trial at a time (see `isolate`).
             let trial_taken = s.p.on_trial && self.running.iter().any(|r| r.p.on_trial);
-            if self.running.len() >= self.max_batch || trial_taken {
+            if self.admitted() >= self.max_batch || trial_taken {
                 break;
             }
             let need = match &s.parked {
@@ -583,9 +635,60 @@ impl<E: BatchEngine> Scheduler<E> {
         Ok(())
     }
 
-    /// Admits waiting requests in order (none while a preempted sequence waits) and prefills them.
-    fn admit(&mut self, engine: &mut E, observe: &mut Observer<'_, E>) -> Result<()> {
-        while self.preempted.is_empty() && self.running.len() < self.max_batch {
+    /// Sequences admitted: running, or with their prompt pass under way.
+    fn admitted(&self) -> usize {
+        self.running.len() + usize::from(self.prefilling.is_some())
+    }
+
+    /// Feeds the next part of the prompt pass under way, within `budget` prompt tokens, when the
+    /// blocks for the rest of its prompt are free; a pass that completes starts running.
+    fn continue_prefill(&mut self, engine: &mut E, budget: &mut usize, observe: &mut Observer<'_, E>) -> Result<()> {
+        let Some(mut pf) = self.prefilling.take() else { return Ok(()) };
+        let rest = pf.req.prompt.len() - pf.pass.at;
+        // Blocks for the rest of the prompt, as at admission; with nothing running nothing else
+        // will free any, so the pass goes on (and fails naming the pool if they are not there).
+        let need = engine.admission_need(rest, self.running.len());
+        if *budget == 0 || (!self.reclaim(engine, need, None)? && !self.running.is_empty()) {
+            self.prefilling = Some(pf);
+            return Ok(());
+        }
+        let t0 = Instant::now();
+        let fed = rest.min(*budget);
+        if let Err(e) = self.advance_pass(engine, &pf.req, &mut pf.pass, fed) {
+            let id = pf.req.id;
+            self.forget(id);
+            self.failed.push((id, e.context(format!("request {id}: its prompt pass failed"))));
+            return Ok(());
+        }
+        self.stats.prefill_secs += t0.elapsed().as_secs_f64();
+        *budget -= fed;
+        if pf.pass.at < pf.req.prompt.len() {
+            self.prefilling = Some(pf);
+            return Ok(());
+        }
+        let (seq, logits, cached) = self.close_pass(&pf.req, pf.pass);
+        self.start_running(engine, pf.req, seq, logits, cached, observe)
+    }
+
+    /// Gives up the prompt pass under way (to free its blocks, or cancelled): its sequence's
+    /// blocks return to the pool and its request waits at the front of the queue.
+    fn drop_prefilling(&mut self, engine: &mut E) -> Option<Request> {
+        let pf = self.prefilling.take()?;
+        if let Some((seq, _)) = pf.pass.cur {
+            engine.release(seq);
+        }
+        Some(pf.req)
+    }
+
+    /// Admits waiting requests in order (none while a preempted sequence waits or a prompt pass
+    /// is under way) and prefills them, within `budget` prompt tokens: the prompt that does not
+    /// fit in what is left is fed a part per step from then on.
+    fn admit(&mut self, engine: &mut E, budget: &mut usize, observe: &mut Observer<'_, E>) -> Result<()> {
+        while self.preempted.is_empty()
+            && self.prefilling.is_none()
+            && *budget > 0
+            && self.running.len() < self.max_batch
+        {
             let Some(req) = self.waiting.front() else { break };
             let t0 = Instant::now();
             // A fork needs the blocks its source holds; a prompt pass, at most the whole
@@ -625,17 +728,42 @@ impl<E: BatchEngine> Scheduler<E> {
                     self.stats.forked += 1;
                     (seq, logits, 0)
                 }
-                None => match self.prompt_pass(engine, &req, plan, score) {
-                    Ok(pass) => pass,
-                    Err(e) => {
+                None => {
+                    let whole = score.is_some() || !policy_takes_part(req.policy.as_ref());
+                    let mut pass = self.open_pass(engine, plan, score);
+                    let limit = if whole { usize::MAX } else { *budget };
+                    let fed = (req.prompt.len() - pass.at).min(limit);
+                    if let Err(e) = self.advance_pass(engine, &req, &mut pass, limit) {
                         let id = req.id;
                         self.forget(id);
                         self.failed.push((id, e.context(format!("request {id}: its prompt pass failed"))));
                         continue;
                     }
-                },
+                    self.stats.prefill_secs += t0.elapsed().as_secs_f64();
+                    *budget = budget.saturating_sub(fed);
+                    if pass.at < req.prompt.len() {
+                        self.prefilling = Some(Prefilling { req, pass });
+                        break;
+                    }
+                    self.close_pass(&req, pass)
+                }
             };
-            self.stats.prefill_secs += t0.elapsed().as_secs_f64();
+            self.start_running(engine, req, seq, logits, cached_tokens, observe)?;
+        }
+        Ok(())
+    }
+
+    /// Puts an admitted request whose prompt pass is done among the running sequences.
+    fn start_running(
+        &mut self,
+        engine: &mut E,
+        req: Request,
+        seq: E::Seq,
+        logits: Vec<f32>,
+        cached_tokens: usize,
+        observe: &mut Observer<'_, E>,
+    ) -> Result<()> {
+        {
             let seed = match &req.params {
                 Some(p) => p.seed,
                 None => self.params.seed.wrapping_add(req.id as u64),
@@ -660,20 +788,11 @@ impl<E: BatchEngine> Scheduler<E> {
         Ok(())
     }
 
-    /// `req`'s prompt pass: from the cached state `plan` found (its tokens are not prefilled
+    /// A prompt pass starting from the cached state `plan` found (its tokens are not prefilled
     /// again), copying the state out where `plan` says (for later prompts), scoring the prompt
-    /// with `score`. Returns the sequence, its next-token logits and the prompt tokens taken from
-    /// the cache. On an error nothing it took stays held.
-    fn prompt_pass(
-        &mut self,
-        engine: &mut E,
-        req: &Request,
-        plan: PrefixPlan,
-        score: Option<usize>,
-    ) -> Result<(E::Seq, Vec<f32>, usize)> {
-        let (prompt, chunk) = (&req.prompt, self.params.prefill_chunk);
-        let mut at = 0;
-        let mut cur = None;
+    /// with `score`.
+    fn open_pass(&mut self, engine: &mut E, plan: PrefixPlan, score: Option<usize>) -> Pass<E::Seq> {
+        let mut pass = Pass { cur: None, at: 0, cached: 0, snapshot_at: plan.snapshot_at, score, scored: Vec::new() };
         if let (Some(hit), Some(cache)) = (plan.hit, self.prefixes.as_mut()) {
             if let Some((state, logits)) = cache.state(hit.id) {
                 let logits = logits.to_vec();
@@ -681,8 +800,9 @@ impl<E: BatchEngine> Scheduler<E> {
                     Ok(Some(mut seq)) => {
                         engine.reset_peaks(&mut seq);
                         cache.touch(hit.id);
-                        cur = Some((seq, logits));
-                        at = hit.tokens;
+                        pass.cur = Some((seq, logits));
+                        pass.at = hit.tokens;
+                        pass.cached = hit.tokens;
                     }
                     // A state that cannot be copied is of no use: the prompt gets a whole pass.
                     Ok(None) | Err(_) => {
@@ -693,47 +813,59 @@ impl<E: BatchEngine> Scheduler<E> {
                 }
             }
         }
-        let cached = at;
-        let mut ends: Vec<usize> = plan.snapshot_at.filter(|&s| s > at).into_iter().collect();
-        if ends.last() != Some(&prompt.len()) {
-            ends.push(prompt.len());
-        }
-        let mut scored = Vec::new();
-        for end in ends {
-            cur = Some(match cur.take() {
-                None => {
-                    let s = engine.start(req, &prompt[..end], chunk, score)?;
-                    scored = s.prompt_logprobs;
+        pass
+    }
+
+    /// Feeds `req`'s prompt from where `pass` is, `limit` tokens at most (the prefix cache's copy
+    /// taken on the way). On an error nothing the pass took stays held.
+    fn advance_pass(&mut self, engine: &mut E, req: &Request, pass: &mut Pass<E::Seq>, limit: usize) -> Result<()> {
+        let (prompt, chunk) = (&req.prompt, self.params.prefill_chunk);
+        let mut left = limit;
+        while pass.at < prompt.len() && left > 0 {
+            let mut end = prompt.len().min(pass.at.saturating_add(left));
+            if let Some(s) = pass.snapshot_at.filter(|&s| s > pass.at) {
+                end = end.min(s);
+            }
+            let fed = match pass.cur.take() {
+                None => engine.start(req, &prompt[..end], chunk, pass.score).map(|s| {
+                    pass.scored = s.prompt_logprobs;
                     (s.seq, s.logits)
-                }
-                Some((seq, logits)) if end == at => (seq, logits),
-                Some((mut seq, _)) => match engine.extend(&mut seq, &prompt[at..end], chunk) {
-                    Ok(logits) => (seq, logits),
+                }),
+                Some((mut seq, _)) => match engine.extend(&mut seq, &prompt[pass.at..end], chunk) {
+                    Ok(logits) => Ok((seq, logits)),
                     Err(e) => {
                         engine.release(seq);
-                        return Err(e);
+                        Err(e)
                     }
                 },
-            });
-            at = end;
-            if plan.snapshot_at == Some(end) {
-                let (seq, logits) = cur.take().expect("just prefilled");
+            };
+            let (seq, logits) = fed?;
+            left -= end - pass.at;
+            self.stats.prefill_tokens += end - pass.at;
+            pass.at = end;
+            if pass.snapshot_at == Some(end) {
                 let kept = self.keep_copy(engine, &req.policy, &prompt[..end], &seq, &logits, prompt.len() - end);
                 if let Err(e) = kept {
                     engine.release(seq);
                     return Err(e);
                 }
-                cur = Some((seq, logits));
             }
+            pass.cur = Some((seq, logits));
         }
-        let (seq, logits) = cur.expect("the prompt is not empty");
-        if score.is_some() {
-            self.scored.push((req.id, scored));
+        Ok(())
+    }
+
+    /// The sequence of a completed pass, its next-token logits and the prompt tokens taken from
+    /// the cache (the prompt's scores go to [`Self::scored_prompts`]).
+    fn close_pass(&mut self, req: &Request, pass: Pass<E::Seq>) -> (E::Seq, Vec<f32>, usize) {
+        let (seq, logits) = pass.cur.expect("a completed pass has fed a non-empty prompt");
+        if pass.score.is_some() {
+            self.scored.push((req.id, pass.scored));
         }
-        self.stats.prefill_tokens += prompt.len() - cached;
+        let cached = pass.cached;
         self.stats.prefix_tokens += cached;
         self.stats.prefix_hits += usize::from(cached > 0);
-        Ok((seq, logits, cached))
+        (seq, logits, cached)
     }
 
     /// Keeps a copy of `seq` (which has seen `tokens` and predicts `logits`) in the prefix cache,
@@ -901,6 +1033,11 @@ impl<E: BatchEngine> Scheduler<E> {
             let need = engine.next_step_need(&self.running.iter().map(|r| &r.seq).collect::<Vec<_>>())?;
             if self.reclaim(engine, need, None)? {
                 return Ok(());
+            }
+            // A prompt pass under way starts again later rather than a running sequence stop.
+            if let Some(req) = self.drop_prefilling(engine) {
+                self.waiting.push_front(req);
+                continue;
             }
             if self.running.len() == 1 {
                 bail!("the pool is too small for a single sequence to continue (need {need} blocks; raise [cache] memory_mb or max_tokens)");

@@ -122,6 +122,7 @@ pub fn serve(cfg: &EngineConfig) -> Result<()> {
         rows,
         pool_bytes,
         prefix_cache: s.prefix_cache,
+        prefill_budget: s.prefill_budget,
     };
     let (ready, started) = std::sync::mpsc::channel();
     let worker = std::thread::Builder::new()

@@ -66,6 +66,11 @@ pub struct ServerSection {
     /// are given back whenever blocks are needed. On by default, as in vLLM.
     #[serde(default = "default_prefix_cache")]
     pub prefix_cache: bool,
+    /// Prompt tokens fed per engine step at most (vLLM's chunked prefill): a longer prompt is fed
+    /// a part per step while the running requests go on decoding, instead of stalling them for
+    /// its whole pass. 0: whole prompts. Host engine only (the device engine feeds whole prompts).
+    #[serde(default = "default_prefill_budget")]
+    pub prefill_budget: usize,
     /// The cache policies a request may choose with `"cache_policy": NAME`. Empty: the one policy
     /// of `[cache.policy]`, named after it.
     #[serde(default)]
@@ -118,6 +123,10 @@ fn default_reasoning_parser() -> String {
 
 fn default_prefix_cache() -> bool {
     true
+}
+
+fn default_prefill_budget() -> usize {
+    256
 }
 
 impl Default for ServerSection {

@@ -149,6 +149,8 @@ pub struct WorkerSetup {
     /// Keep sequence states for later prompts that start with the same tokens (`[server]
     /// prefix_cache`).
     pub prefix_cache: bool,
+    /// Prompt tokens fed per step at most (`[server] prefill_budget`; 0: whole prompts).
+    pub prefill_budget: usize,
 }
 
 struct Active<'t> {
@@ -186,6 +188,7 @@ pub fn run<E: BatchEngine>(engine: &mut E, setup: WorkerSetup, commands: Receive
         rows,
         pool_bytes,
         prefix_cache,
+        prefill_budget,
     } = setup;
     let base = GenParams {
         max_tokens: 1,
@@ -200,6 +203,11 @@ pub fn run<E: BatchEngine>(engine: &mut E, setup: WorkerSetup, commands: Receive
     let Ok(mut sched) = Scheduler::new(base, max_batch, false) else { return };
     if prefix_cache && !sched.enable_prefix_cache(engine) {
         tracing::warn!("prefix caching is off: this engine cannot continue a prompt pass from a cached state");
+    }
+    if prefill_budget > 0 && !sched.set_prefill_budget(engine, prefill_budget) {
+        tracing::warn!(
+            "the prefill budget is off: this engine cannot continue a prompt pass, so prompts are fed whole"
+        );
     }
     metrics.bytes_capacity.set(gauge(pool_bytes));
     let mut active: HashMap<usize, Active<'_>> = HashMap::new();

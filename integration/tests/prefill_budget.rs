@@ -64,6 +64,7 @@ fn a_long_prompt_is_fed_a_part_per_step_while_others_decode() {
             }
         }
         assert_eq!(prefilling_steps, 6, "{table}");
+        assert!(sched.take_failed().is_empty() && done.len() == 2, "{table}");
         assert_eq!(fed, 45, "{table}: every prompt token fed once");
         done.sort_by_key(|f| f.id);
         for (g, w) in done.iter().zip(&want) {
@@ -129,11 +130,99 @@ fn a_prompt_pass_under_way_waits_for_blocks_rather_than_preempting() {
         fed = sched.stats.prefill_tokens;
     }
     assert!(paused > 0, "the pass waited for blocks");
+    assert!(sched.take_failed().is_empty() && done.len() == 2);
     assert_eq!(sched.stats.preemptions, 0);
     assert_eq!(fed, 44, "every prompt token fed once");
     done.sort_by_key(|f| f.id);
     for (g, w) in done.iter().zip(&want) {
         same(g, w, "pool of 80 blocks");
     }
+    assert_eq!(eng.store.free_block_count(), eng.store.capacity_blocks());
+}
+
+/// A pass fed in parts that end inside a block asks only for the blocks it still lacks: with a
+/// constant-memory policy running beside it (a window of 8), the 36-token prompt, admitted, is fed
+/// in 6 steps of 6 tokens in any pool that admits it, never waiting for the running request to end.
+#[test]
+fn a_pass_under_way_counts_the_blocks_it_holds() {
+    let mut admitted_somewhere = false;
+    for capacity in 40..=64 {
+        let mut eng = batch_engine(capacity);
+        let policy = resolved_policy(&mut eng, "name = 'sliding_window'\nwindow = 8");
+        let a = Request { id: 0, prompt: seeded_tokens(6, 4), forced: None, policy: policy.clone(), params: None };
+        let b = Request { id: 1, prompt: seeded_tokens(7, 36), forced: None, policy, params: None };
+        let mut sched = Scheduler::new(greedy_params(60), 8, false).unwrap();
+        assert!(sched.set_prefill_budget(&eng, 6));
+        sched.submit(&eng, a).unwrap();
+        sched.step(&mut eng).unwrap();
+        sched.submit(&eng, b).unwrap();
+        let (mut first_fed, mut first_token, mut a_done) = (None, None, None);
+        for step in 0..200 {
+            let before = sched.stats.prefill_tokens;
+            let finished = sched.step(&mut eng).unwrap();
+            if first_fed.is_none() && sched.stats.prefill_tokens > before {
+                first_fed = Some(step);
+            }
+            if first_token.is_none() && sched.chosen().iter().any(|c| c.id == 1) {
+                first_token = Some(step);
+            }
+            if finished.iter().any(|f| f.id == 0) {
+                a_done = Some(step);
+            }
+            if sched.is_idle() {
+                break;
+            }
+        }
+        let (Some(fed), Some(token), Some(a_done)) = (first_fed, first_token, a_done) else {
+            panic!("pool of {capacity}: both requests ran");
+        };
+        if fed < a_done {
+            admitted_somewhere = true;
+            assert_eq!(token - fed, 5, "pool of {capacity}: the pass took {} steps", token - fed + 1);
+        }
+        assert!(sched.take_failed().is_empty());
+    }
+    assert!(admitted_somewhere, "some pool admits the prompt while the other request runs");
+}
+
+/// The copies of one prompt for `n` choices start as copies of its first sequence once its pass
+/// is done, whether the pass was fed in parts or whole (TOVA's, which spends the step's budget).
+#[test]
+fn copies_of_a_long_prompt_fork_after_its_pass() {
+    for table in ["name = 'full'", "name = 'tova'\nbudget = 12"] {
+        let mut eng = batch_engine(1 << 14);
+        let policy = resolved_policy(&mut eng, table);
+        let prompt = seeded_tokens(8, 40);
+        let mut sched = Scheduler::new(greedy_params(4), 8, false).unwrap();
+        assert!(sched.set_prefill_budget(&eng, 7));
+        for id in 0..3 {
+            let r = Request { id, prompt: prompt.clone(), forced: None, policy: policy.clone(), params: None };
+            sched.submit(&eng, r).unwrap();
+        }
+        let mut done = Vec::new();
+        while !sched.is_idle() {
+            done.extend(sched.step(&mut eng).unwrap());
+        }
+        assert_eq!(sched.stats.forked, 2, "{table}");
+        assert_eq!(sched.stats.prefill_tokens, 40, "{table}: one pass for three sequences");
+        assert_eq!(done.len(), 3);
+        assert!(done.iter().all(|f| f.tokens == done[0].tokens), "{table}: greedy copies agree");
+    }
+}
+
+/// Cancelling a request whose pass is under way gives its blocks back at once.
+#[test]
+fn cancelling_a_pass_under_way_returns_its_blocks() {
+    let mut eng = batch_engine(1 << 12);
+    let policy = resolved_policy(&mut eng, "name = 'full'");
+    let mut sched = Scheduler::new(greedy_params(4), 8, false).unwrap();
+    assert!(sched.set_prefill_budget(&eng, 7));
+    let r = Request { id: 3, prompt: seeded_tokens(9, 40), forced: None, policy, params: None };
+    sched.submit(&eng, r).unwrap();
+    assert!(sched.step(&mut eng).unwrap().is_empty());
+    assert_eq!(sched.stats.prefill_tokens, 7);
+    assert!(eng.store.free_block_count() < eng.store.capacity_blocks(), "the pass holds blocks");
+    assert!(sched.cancel(&mut eng, 3).unwrap().is_none());
+    assert!(sched.is_idle());
     assert_eq!(eng.store.free_block_count(), eng.store.capacity_blocks());
 }

@@ -907,14 +907,23 @@ fn prompts_sharing_a_start_take_it_from_the_prefix_cache_with_unchanged_answers(
     assert_eq!(status, 200, "{sse}");
     let usage = sse_chunks(&sse).into_iter().find_map(|c| c.get("usage").cloned()).expect("a usage chunk");
     assert_eq!(usage["prompt_tokens_details"]["cached_tokens"], 49, "{sse}");
-    let (_, metrics) = http(&cached.base, "GET", "/metrics", "");
-    let total = 40 + 40 + 49 + 49;
-    assert!(metrics.contains(&format!("dms_prompt_tokens_cached_total{{policy=\"full\"}} {total}")), "{metrics}");
-    // Idle, the pool holds the kept states and nothing else.
-    let gauge = |name: &str| -> f64 {
+    // Idle, the pool holds the kept states and nothing else (the gauges are set after the step
+    // that answered, so they are read until the engine has gone idle).
+    let gauge = |metrics: &str, name: &str| -> f64 {
         let line = metrics.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap();
         line.rsplit(' ').next().unwrap().parse().unwrap()
     };
+    let mut metrics = String::new();
+    for _ in 0..100 {
+        metrics = http(&cached.base, "GET", "/metrics", "").1;
+        if gauge(&metrics, "dms_requests_running") == 0.0 && gauge(&metrics, "dms_requests_waiting") == 0.0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let gauge = |name: &str| gauge(&metrics, name);
+    let total = 40 + 40 + 49 + 49;
+    assert!(metrics.contains(&format!("dms_prompt_tokens_cached_total{{policy=\"full\"}} {total}")), "{metrics}");
     assert!(gauge("dms_prefix_cache_states") > 0.0, "{metrics}");
     assert!(gauge("dms_prefix_cache_bytes_allocated") > 0.0, "{metrics}");
     assert_eq!(gauge("dms_prefix_cache_bytes_allocated"), gauge("dms_kv_cache_bytes_allocated"), "{metrics}");

@@ -13,7 +13,7 @@
 //! does. A failed prompt pass or decode step fails the request that causes it and no other (see
 //! `Scheduler::isolate`).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -354,6 +354,8 @@ pub struct Scheduler<E: BatchEngine> {
     prefill_budget: Option<usize>,
     /// The prompt pass split over steps, at most one at a time.
     prefilling: Option<Prefilling<E::Seq>>,
+    /// Requests whose pass was given up and that wait to start again.
+    requeued: HashSet<usize>,
     /// Figures of everything run so far.
     pub stats: BatchStats,
 }
@@ -382,6 +384,7 @@ impl<E: BatchEngine> Scheduler<E> {
             prefixes: None,
             prefill_budget: None,
             prefilling: None,
+            requeued: HashSet::new(),
             stats: BatchStats::default(),
         })
     }
@@ -390,8 +393,8 @@ impl<E: BatchEngine> Scheduler<E> {
     /// fed a part per step, one such prompt at a time, while the running sequences decode, so a
     /// long prompt no longer stalls them for its whole pass. Prompts to score, and those of
     /// attention-scored policies (whose kept sets depend on where a pass is cut), still get whole
-    /// passes. Returns false (and feeds whole prompts) on an engine that cannot continue a prompt
-    /// pass, or for 0 tokens.
+    /// passes, and so does a preempted sequence resumed by recomputing its tokens. Returns false
+    /// (and feeds whole prompts) on an engine that cannot continue a prompt pass, or for 0 tokens.
     pub fn set_prefill_budget(&mut self, engine: &E, tokens: usize) -> bool {
         self.prefill_budget = (engine.extends() && tokens > 0).then_some(tokens);
         self.prefill_budget.is_some()
@@ -524,6 +527,7 @@ impl<E: BatchEngine> Scheduler<E> {
         if self.prefilling.as_ref().is_some_and(|pf| pf.req.id == id) {
             self.drop_prefilling(engine);
         }
+        self.requeued.remove(&id);
         self.waiting.retain(|r| r.id != id);
         self.preempted.retain(|s| s.p.req.id != id);
         Ok(None)
@@ -581,6 +585,7 @@ impl<E: BatchEngine> Scheduler<E> {
         }
         self.preempted.clear();
         self.waiting.clear();
+        self.requeued.clear();
         self.failed.clear();
     }
 
@@ -643,15 +648,20 @@ impl<E: BatchEngine> Scheduler<E> {
     /// Feeds the next part of the prompt pass under way, within `budget` prompt tokens, when the
     /// blocks for the rest of its prompt are free; a pass that completes starts running.
     fn continue_prefill(&mut self, engine: &mut E, budget: &mut usize, observe: &mut Observer<'_, E>) -> Result<()> {
-        let Some(mut pf) = self.prefilling.take() else { return Ok(()) };
+        let Some(pf) = self.prefilling.as_ref() else { return Ok(()) };
         let rest = pf.req.prompt.len() - pf.pass.at;
-        // Blocks for the rest of the prompt, as at admission; with nothing running nothing else
-        // will free any, so the pass goes on (and fails naming the pool if they are not there).
-        let need = engine.admission_need(rest, self.running.len());
+        // The blocks the whole prompt needs, as at admission, less those the pass holds; with
+        // nothing running nothing else will free any, so the pass goes on (and fails naming the
+        // pool if they are not there).
+        let held = match &pf.pass.cur {
+            Some((seq, _)) => engine.fork_need(seq, 0)?,
+            None => 0,
+        };
+        let need = engine.admission_need(pf.req.prompt.len(), self.running.len()).saturating_sub(held);
         if *budget == 0 || (!self.reclaim(engine, need, None)? && !self.running.is_empty()) {
-            self.prefilling = Some(pf);
             return Ok(());
         }
+        let Some(mut pf) = self.prefilling.take() else { return Ok(()) };
         let t0 = Instant::now();
         let fed = rest.min(*budget);
         if let Err(e) = self.advance_pass(engine, &pf.req, &mut pf.pass, fed) {
@@ -677,6 +687,7 @@ impl<E: BatchEngine> Scheduler<E> {
         if let Some((seq, _)) = pf.pass.cur {
             engine.release(seq);
         }
+        self.requeued.insert(pf.req.id);
         Some(pf.req)
     }
 
@@ -684,11 +695,7 @@ impl<E: BatchEngine> Scheduler<E> {
     /// is under way) and prefills them, within `budget` prompt tokens: the prompt that does not
     /// fit in what is left is fed a part per step from then on.
     fn admit(&mut self, engine: &mut E, budget: &mut usize, observe: &mut Observer<'_, E>) -> Result<()> {
-        while self.preempted.is_empty()
-            && self.prefilling.is_none()
-            && *budget > 0
-            && self.running.len() < self.max_batch
-        {
+        while self.preempted.is_empty() && self.prefilling.is_none() && self.running.len() < self.max_batch {
             let Some(req) = self.waiting.front() else { break };
             let t0 = Instant::now();
             // A fork needs the blocks its source holds; a prompt pass, at most the whole
@@ -697,8 +704,18 @@ impl<E: BatchEngine> Scheduler<E> {
             let (id, prompt_len) = (req.id, req.prompt.len());
             let score = self.prompt_logprobs.get(&id).copied();
             let forked = if score.is_some() { None } else { self.fork_of(engine)? };
+            // A copy feeds no prompt; a pass needs some budget left.
+            if forked.is_none() && *budget == 0 {
+                break;
+            }
+            // A request whose pass was given up was seen by the prefix cache already: it is not
+            // a second prompt sharing its own start.
+            let again = self.requeued.contains(&id);
             let mut plan = match (&self.prefixes, score, &forked, self.waiting.front()) {
-                (Some(c), None, None, Some(req)) => c.plan(&req.policy, &req.prompt),
+                (Some(c), None, None, Some(req)) if !again => c.plan(&req.policy, &req.prompt),
+                (Some(c), None, None, Some(req)) => {
+                    PrefixPlan { snapshot_at: None, ..c.plan(&req.policy, &req.prompt) }
+                }
                 _ => PrefixPlan::default(),
             };
             if forked.is_none() {
@@ -720,12 +737,15 @@ impl<E: BatchEngine> Scheduler<E> {
             }
             let req = self.waiting.pop_front().expect("front exists");
             self.prompt_logprobs.remove(&req.id);
-            if let (Some(c), None, None) = (self.prefixes.as_mut(), score, &forked) {
+            if let (Some(c), None, None, false) =
+                (self.prefixes.as_mut(), score, &forked, self.requeued.remove(&req.id))
+            {
                 c.remember(&req.policy, &req.prompt);
             }
             let (seq, logits, cached_tokens) = match forked {
                 Some((seq, logits)) => {
                     self.stats.forked += 1;
+                    self.stats.prefill_secs += t0.elapsed().as_secs_f64();
                     (seq, logits, 0)
                 }
                 None => {

@@ -86,7 +86,7 @@ impl Metrics {
         let latency_buckets = prometheus::exponential_buckets(0.001, 2.0, 16)?;
         let m = Self {
             requests_running: gauge("dms_requests_running", "Sequences decoding now")?,
-            requests_waiting: gauge("dms_requests_waiting", "Requests waiting for admission, preempted ones included")?,
+            requests_waiting: gauge("dms_requests_waiting", "Requests waiting for admission or with their prompt pass under way, preempted ones included")?,
             bytes_live: gauge("dms_kv_cache_bytes_live", "Bytes of K/V in occupied slots")?,
             bytes_allocated: gauge(
                 "dms_kv_cache_bytes_allocated",

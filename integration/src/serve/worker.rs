@@ -205,9 +205,7 @@ pub fn run<E: BatchEngine>(engine: &mut E, setup: WorkerSetup, commands: Receive
         tracing::warn!("prefix caching is off: this engine cannot continue a prompt pass from a cached state");
     }
     if prefill_budget > 0 && !sched.set_prefill_budget(engine, prefill_budget) {
-        tracing::warn!(
-            "the prefill budget is off: this engine cannot continue a prompt pass, so prompts are fed whole"
-        );
+        tracing::info!("no prefill budget: this engine cannot continue a prompt pass, so prompts are fed whole");
     }
     metrics.bytes_capacity.set(gauge(pool_bytes));
     let mut active: HashMap<usize, Active<'_>> = HashMap::new();

@@ -255,3 +255,54 @@ fn an_adapter_beside_a_query_neuron_checkpoint_is_refused() {
     let mut own_weights = load_model(&separate, &Device::Cpu, WeightForm::Dense).unwrap();
     assert!(own_weights.model.attach_adapter("b", &adapter_weights, false, false).is_ok());
 }
+
+/// A sharded checkpoint loads the shards its `model.safetensors.index.json` lists, and only
+/// those: the same logits as the single file, a stray `.safetensors` beside them (Mistral's
+/// `consolidated.safetensors`) not read, and a listed shard that is missing or an index that
+/// is malformed named.
+#[test]
+fn sharded_checkpoints_load_the_shards_their_index_lists() {
+    use candle_core::Tensor;
+    let src = fixture("qwen3_tiny");
+    let dir = tmp_dir("sharded");
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+    let all = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let (mut first, mut second) = (std::collections::HashMap::new(), std::collections::HashMap::new());
+    let mut map = serde_json::Map::new();
+    for (i, (name, t)) in all.iter().enumerate() {
+        let file = if i % 2 == 0 { "model-00001-of-00002.safetensors" } else { "model-00002-of-00002.safetensors" };
+        if i % 2 == 0 { &mut first } else { &mut second }.insert(name.clone(), t.clone());
+        map.insert(name.clone(), file.into());
+    }
+    candle_core::safetensors::save(&first, dir.join("model-00001-of-00002.safetensors")).unwrap();
+    candle_core::safetensors::save(&second, dir.join("model-00002-of-00002.safetensors")).unwrap();
+    let index = serde_json::json!({"metadata": {"total_size": 0}, "weight_map": map});
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    // A stray file whose tensors would clash: an embedding of zeros.
+    let stray: std::collections::HashMap<String, Tensor> = [(
+        "model.embed_tokens.weight".to_string(),
+        Tensor::zeros(all["model.embed_tokens.weight"].dims(), candle_core::DType::F32, &Device::Cpu).unwrap(),
+    )]
+    .into();
+    candle_core::safetensors::save(&stray, dir.join("consolidated.safetensors")).unwrap();
+    let logits = |d: &std::path::Path| {
+        let m = load_model(d, &Device::Cpu, WeightForm::Dense).unwrap();
+        let table: toml::Table = toml::from_str("name = \"full\"").unwrap();
+        let policy = dms_policy::Registry::with_builtins().build(&table).unwrap();
+        let mut eng = dms_integration::engine::Engine::new(m.model, policy, 4, 1 << 12).unwrap();
+        let mut seq = eng.new_sequence();
+        eng.step(&mut seq, &[5, 9, 300, 41], true).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    };
+    assert_eq!(logits(&dir), logits(&src), "the shards the index lists, and not the stray file");
+    std::fs::remove_file(dir.join("model-00002-of-00002.safetensors")).unwrap();
+    let e = err_of(load_model(&dir, &Device::Cpu, WeightForm::Dense));
+    assert!(e.contains("lists shard model-00002-of-00002.safetensors, which is not in"), "{e}");
+    std::fs::write(dir.join("model.safetensors.index.json"), "{\"weight_map\": {\"a\": \"../x.safetensors\"}}")
+        .unwrap();
+    let e = err_of(load_model(&dir, &Device::Cpu, WeightForm::Dense));
+    assert!(e.contains("tensor `a` maps to \"../x.safetensors\", not a file name"), "{e}");
+    std::fs::write(dir.join("model.safetensors.index.json"), "{\"weight_map\": 3").unwrap();
+    let e = err_of(load_model(&dir, &Device::Cpu, WeightForm::Dense));
+    assert!(e.contains("model.safetensors.index.json is not valid JSON"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

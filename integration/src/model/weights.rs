@@ -115,9 +115,17 @@ impl std::fmt::Debug for Weights {
 }
 
 impl Weights {
-    /// Opens every `.safetensors` file of a directory (a model's shards or an adapter's file),
-    /// in name order; an error names a directory that cannot be read or holds none.
+    /// Opens the shards `model.safetensors.index.json` lists when the directory has one (as
+    /// transformers does: other `.safetensors` files beside them, such as Mistral's
+    /// `consolidated.safetensors`, are not read), else every `.safetensors` file of the directory
+    /// (a model's shards or an adapter's file), in name order. An error names a directory that
+    /// cannot be read or holds none, a malformed index, and a shard the index lists that is not
+    /// there (an interrupted download).
     pub fn open_safetensors_dir(dir: &Path) -> Result<Self> {
+        let index = dir.join(SHARD_INDEX);
+        if index.exists() {
+            return Self::open_safetensors(&indexed_shards(&index)?);
+        }
         let mut shards: Vec<PathBuf> = std::fs::read_dir(dir)
             .with_context(|| format!("cannot read directory {}", dir.display()))?
             .filter_map(|e| e.ok().map(|e| e.path()))
@@ -320,6 +328,45 @@ impl Weights {
         };
         Proj::quantized(blocks, b)
     }
+}
+
+/// The index of a sharded safetensors checkpoint.
+const SHARD_INDEX: &str = "model.safetensors.index.json";
+
+/// The shard files `index` (a `model.safetensors.index.json`) maps tensors to, in name order,
+/// each checked to exist beside it.
+fn indexed_shards(index: &Path) -> Result<Vec<PathBuf>> {
+    let text = std::fs::read_to_string(index).with_context(|| format!("cannot read {}", index.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", index.display()))?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .with_context(|| format!("{} has no `weight_map` object", index.display()))?;
+    let mut names: Vec<&str> = Vec::with_capacity(map.len());
+    for (tensor, file) in map {
+        let file = file
+            .as_str()
+            .filter(|f| !f.is_empty() && Path::new(f).file_name() == Some(std::ffi::OsStr::new(f)))
+            .with_context(|| format!("{}: tensor `{tensor}` maps to {file}, not a file name", index.display()))?;
+        names.push(file);
+    }
+    names.sort_unstable();
+    names.dedup();
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let shards: Vec<PathBuf> = names.iter().map(|n| dir.join(n)).collect();
+    if shards.is_empty() {
+        bail!("{} maps no tensor to a shard", index.display());
+    }
+    if let Some(missing) = shards.iter().find(|p| !p.exists()) {
+        bail!(
+            "{} lists shard {}, which is not in {} (an interrupted download?)",
+            index.display(),
+            missing.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+            dir.display()
+        );
+    }
+    Ok(shards)
 }
 
 /// Where a tensor asked for by its HF name is stored in a safetensors checkpoint.

@@ -84,15 +84,7 @@ fn main() -> Result<()> {
                     }
                 })
                 .collect();
-            let params = GenParams {
-                max_tokens: 0,
-                temperature: 0.0,
-                top_p: 1.0,
-                seed: wave as u64,
-                stop_at_eos: false,
-                prefill_chunk: 0,
-                ..Default::default()
-            };
+            let params = GenParams { seed: wave as u64, ..GenParams::greedy(0, 0) };
             let (done, stats) = run_batch(&mut engine, reqs, &params, a.max_batch, false, |_| {})?;
             if done.len() != a.wave {
                 bail!("wave {wave}: {} of {} requests finished", done.len(), a.wave);

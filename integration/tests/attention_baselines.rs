@@ -94,15 +94,7 @@ fn chunk_weights_sum_the_chunk_queries_dense_softmax() {
 }
 
 fn greedy(n: usize) -> GenParams {
-    GenParams {
-        max_tokens: n,
-        temperature: 0.0,
-        top_p: 1.0,
-        seed: 0,
-        stop_at_eos: false,
-        prefill_chunk: 0,
-        ..Default::default()
-    }
+    GenParams::greedy(n, 0)
 }
 
 #[test]

@@ -21,15 +21,7 @@ fn long_generation_memory_matches_kept_positions() {
     let policy = Arc::new(Recording { inner: Registry::with_builtins().build(&table).unwrap(), log: log.clone() });
     let bs = 4;
     let mut eng = Engine::new(loaded.model, policy, bs, 1 << 14).unwrap();
-    let params = GenParams {
-        max_tokens: 300,
-        temperature: 0.8,
-        top_p: 0.95,
-        seed: 7,
-        stop_at_eos: false,
-        prefill_chunk: 0,
-        ..Default::default()
-    };
+    let params = GenParams { temperature: 0.8, top_p: 0.95, seed: 7, ..GenParams::greedy(300, 0) };
     let prompt: Vec<u32> = (0..48).map(|i| (i * 37 % 500) as u32 + 3).collect();
     let g = eng.generate(&prompt, &params, None).unwrap();
     assert_eq!(g.tokens.len(), 300);

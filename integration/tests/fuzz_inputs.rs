@@ -365,15 +365,7 @@ fn generate_two(model: dms_integration::model::Llama) {
     let policy =
         dms_integration::engine::from_config::registry().build(&toml::from_str("name = 'full'").unwrap()).unwrap();
     let mut e = dms_integration::engine::Engine::new(model, policy, 4, 64).unwrap();
-    let params = dms_integration::engine::GenParams {
-        max_tokens: 2,
-        temperature: 0.0,
-        top_p: 1.0,
-        seed: 0,
-        stop_at_eos: false,
-        prefill_chunk: 0,
-        ..Default::default()
-    };
+    let params = dms_integration::engine::GenParams::greedy(2, 0);
     let _ = e.generate(&[1, 2, 3], &params, None);
 }
 

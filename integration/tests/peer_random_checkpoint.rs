@@ -31,15 +31,7 @@ fn mistralrs_and_our_engine_load_and_run_a_random_checkpoint() {
     let model = load_model(&dir, &Device::Cpu, WeightForm::Dense).unwrap().model;
     let policy = Registry::with_builtins().build(&toml::from_str("name = 'full'").unwrap()).unwrap();
     let mut eng = Engine::new(model, policy, 16, 1 << 12).unwrap();
-    let params = GenParams {
-        max_tokens: 8,
-        temperature: 0.0,
-        top_p: 1.0,
-        seed: 0,
-        stop_at_eos: false,
-        prefill_chunk: 0,
-        ..Default::default()
-    };
+    let params = GenParams::greedy(8, 0);
     let ours = eng.generate(&prompt, &params, None).unwrap();
     let agree = ours.tokens.iter().zip(&theirs.tokens[0]).take_while(|(a, b)| a == b).count();
     println!("greedy prefix agreement ours vs mistral.rs: {agree}/8");

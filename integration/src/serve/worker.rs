@@ -190,15 +190,7 @@ pub fn run<E: BatchEngine>(engine: &mut E, setup: WorkerSetup, commands: Receive
         prefix_cache,
         prefill_budget,
     } = setup;
-    let base = GenParams {
-        max_tokens: 1,
-        temperature: 0.0,
-        top_p: 1.0,
-        seed: 0,
-        stop_at_eos: true,
-        prefill_chunk,
-        ..Default::default()
-    };
+    let base = GenParams { max_tokens: 1, prefill_chunk, ..Default::default() };
     let eos: Vec<u32> = engine.eos_token_ids().to_vec();
     let Ok(mut sched) = Scheduler::new(base, max_batch, false) else { return };
     if prefix_cache && !sched.enable_prefix_cache(engine) {

@@ -171,15 +171,7 @@ pub fn seeded_tokens(seed: usize, len: usize) -> Vec<u32> {
 
 /// Greedy generation of `n` tokens that ignores end-of-sequence.
 pub fn greedy_params(n: usize) -> GenParams {
-    GenParams {
-        max_tokens: n,
-        temperature: 0.0,
-        top_p: 1.0,
-        seed: 1,
-        stop_at_eos: false,
-        prefill_chunk: 0,
-        ..Default::default()
-    }
+    GenParams { seed: 1, ..GenParams::greedy(n, 0) }
 }
 
 /// A GGUF file's metadata, owned.

@@ -81,15 +81,7 @@ pub(super) fn needle_run(
         .enumerate()
         .map(|(i, p)| Request { id: i, prompt: p.ids.clone(), forced: None, policy: policy.clone(), params: None })
         .collect();
-    let params = GenParams {
-        max_tokens: n.answer_tokens,
-        temperature: 0.0,
-        top_p: 1.0,
-        seed: 0,
-        stop_at_eos: true,
-        prefill_chunk,
-        ..Default::default()
-    };
+    let params = GenParams { max_tokens: n.answer_tokens, prefill_chunk, ..Default::default() };
     let (mut done, _) = run_requests(engine, reqs, &params, 1, false, |_| {})?;
     done.sort_by_key(|f| f.id);
     let mut r = NeedleResult { trials: prompts.len(), cr: mean_cr(&done), matched: true, ..Default::default() };
@@ -113,15 +105,7 @@ pub(super) fn needle_prefill_cr(
         .enumerate()
         .map(|(i, p)| Request { id: i, prompt: p.ids.clone(), forced: None, policy: policy.clone(), params: None })
         .collect();
-    let params = GenParams {
-        max_tokens: 1,
-        temperature: 0.0,
-        top_p: 1.0,
-        seed: 0,
-        stop_at_eos: false,
-        prefill_chunk,
-        ..Default::default()
-    };
+    let params = GenParams::greedy(1, prefill_chunk);
     let (done, _) = run_requests(engine, reqs, &params, 1, false, |_| {})?;
     Ok(mean_cr(&done))
 }

@@ -13,6 +13,7 @@ pub mod delayed;
 pub mod device;
 pub mod error;
 pub mod ledger;
+pub mod model_windows;
 pub mod plan;
 pub mod policies;
 pub mod registry;
@@ -21,6 +22,7 @@ pub use delayed::DelayedWindow;
 pub use device::{DeviceProgram, FlagSource};
 pub use error::PolicyError;
 pub use ledger::RowLedger;
+pub use model_windows::ModelWindows;
 pub use plan::{CompactPlan, EvictPlan, Pos, Slot, Write, MAX_WINDOW, VISIBLE_FOREVER};
 pub use registry::{PolicyBuilder, Registry};
 

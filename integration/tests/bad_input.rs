@@ -211,26 +211,43 @@ fn llama3_rope_scaling_that_gives_nan_frequencies_is_refused() {
     }
 }
 
+/// A model's switched-on window is applied on its layers (the context stays the declared one);
+/// an engine without per-layer windows serves the window as its context only where every layer
+/// has it.
 #[test]
-fn a_switched_on_model_window_caps_the_context_length() {
-    let ctx = |patch| patched_config("qwen3_tiny", patch).unwrap().max_position_embeddings;
-    assert_eq!(ctx(serde_json::json!({})), 512);
+fn a_switched_on_model_window_covers_its_layers() {
+    let windows = |base: &str, patch| {
+        let c = patched_config(base, patch).unwrap();
+        let w = c.windows.as_ref().map(|w| (w.window(), w.layers().to_vec()));
+        (c.max_position_embeddings, w, c.device_context())
+    };
+    assert_eq!(windows("qwen3_tiny", serde_json::json!({})), (512, None, Some(512)));
     // Qwen ships a window that is off unless `use_sliding_window` says otherwise.
-    assert_eq!(ctx(serde_json::json!({"sliding_window": 64, "use_sliding_window": false})), 512);
-    assert_eq!(ctx(serde_json::json!({"sliding_window": 64, "use_sliding_window": true, "max_window_layers": 1})), 64);
-    // The window covers the layers from `max_window_layers` on: none of qwen3_tiny's 2 here.
-    assert_eq!(ctx(serde_json::json!({"sliding_window": 64, "use_sliding_window": true, "max_window_layers": 2})), 512);
-    assert_eq!(
-        ctx(serde_json::json!({"sliding_window": null, "use_sliding_window": true, "max_window_layers": 0})),
-        512
-    );
-    // Mistral's is on whenever it is a number.
+    let off = serde_json::json!({"sliding_window": 64, "use_sliding_window": false});
+    assert_eq!(windows("qwen3_tiny", off), (512, None, Some(512)));
+    // The window covers the layers from `max_window_layers` on, unless `layer_types` (which
+    // transformers 4.5x writes, and then reads instead) says which.
+    let qwen = |window: serde_json::Value, from: usize| {
+        serde_json::json!({"sliding_window": window, "use_sliding_window": true, "max_window_layers": from,
+            "layer_types": null})
+    };
+    assert_eq!(windows("qwen3_tiny", qwen(64.into(), 1)), (512, Some((64, vec![false, true])), None));
+    assert_eq!(windows("qwen3_tiny", qwen(64.into(), 0)), (512, Some((64, vec![true, true])), Some(64)));
+    assert_eq!(windows("qwen3_tiny", qwen(64.into(), 2)), (512, None, Some(512)));
+    assert_eq!(windows("qwen3_tiny", qwen(serde_json::Value::Null, 0)), (512, None, Some(512)));
+    let mut typed = qwen(64.into(), 2);
+    typed["layer_types"] = serde_json::json!(["sliding_attention", "full_attention"]);
+    assert_eq!(windows("qwen3_tiny", typed), (512, Some((64, vec![true, false])), None));
+    // The fixture's own `layer_types` (both full) win over `max_window_layers`.
+    let saved = serde_json::json!({"sliding_window": 64, "use_sliding_window": true, "max_window_layers": 0});
+    assert_eq!(windows("qwen3_tiny", saved), (512, None, Some(512)));
+    // Mistral's is on whenever it is a number, on every layer.
     let mistral =
         serde_json::json!({"model_type": "mistral", "architectures": ["MistralForCausalLM"], "sliding_window": 100});
-    assert_eq!(patched_config("llama3_tiny", mistral).unwrap().max_position_embeddings, 100);
+    assert_eq!(windows("llama3_tiny", mistral), (512, Some((100, vec![true, true])), Some(100)));
     let mistral =
         serde_json::json!({"model_type": "mistral", "architectures": ["MistralForCausalLM"], "sliding_window": null});
-    assert_eq!(patched_config("llama3_tiny", mistral).unwrap().max_position_embeddings, 512);
+    assert_eq!(windows("llama3_tiny", mistral), (512, None, Some(512)));
     // An absent key is transformers' MistralConfig default, 4096; null is no window.
     let long = |window: Option<serde_json::Value>| {
         let mut patch = serde_json::json!({"model_type": "mistral", "architectures": ["MistralForCausalLM"],
@@ -238,10 +255,15 @@ fn a_switched_on_model_window_caps_the_context_length() {
         if let Some(w) = window {
             patch["sliding_window"] = w;
         }
-        patched_config("llama3_tiny", patch).unwrap().max_position_embeddings
+        let c = patched_config("llama3_tiny", patch).unwrap();
+        (c.max_position_embeddings, c.windows.map(|w| w.window()))
     };
-    assert_eq!(long(None), 4096);
-    assert_eq!(long(Some(serde_json::Value::Null)), 32768);
+    assert_eq!(long(None), (32768, Some(4096)));
+    assert_eq!(long(Some(serde_json::Value::Null)), (32768, None));
+    let huge = serde_json::json!({"model_type": "mistral", "architectures": ["MistralForCausalLM"],
+        "sliding_window": 4294967296u64});
+    let e = err_of(patched_config("llama3_tiny", huge));
+    assert!(e.contains("sliding_window") && e.contains("4294967296"), "{e}");
 }
 
 #[test]

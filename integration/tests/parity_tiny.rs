@@ -175,8 +175,8 @@ fn mixtral_matches_llama_cpp_from_gguf_and_hf_directory() {
 /// `gate_up_proj`) and from the converter's `phi3` GGUF (`attn_qkv`; `ffn_up` holding gate then
 /// up): both give llama.cpp's logits for the file (`fixtures/gguf/phi3_llama_cpp.safetensors`).
 /// A config whose key/value heads do not match the fused rows, RoPE over part of a head and
-/// LongRoPE factors of the wrong length are refused by name; Phi-3-mini-4k's window caps the
-/// served context; generation_config.json's end-of-sequence tokens are read.
+/// LongRoPE factors of the wrong length are refused by name; Phi-3-mini-4k's window covers every
+/// layer (and caps the device engine's context); generation_config.json's end-of-sequence tokens are read.
 #[test]
 fn phi3_matches_llama_cpp_from_gguf_and_hf_directory() {
     let runs = "gguf/phi3_llama_cpp.safetensors";
@@ -209,7 +209,8 @@ fn phi3_matches_llama_cpp_from_gguf_and_hf_directory() {
     let longrope = serde_json::json!({"type": "longrope", "short_factor": [1.0], "long_factor": [1.0]});
     refused("rope_scaling", longrope, &["head_dim / 2 = 8"]);
     let windowed = load("sliding_window", serde_json::json!(100)).unwrap();
-    assert_eq!(windowed.model.config().max_position_embeddings, 100);
+    let cfg = windowed.model.config();
+    assert_eq!((cfg.max_position_embeddings, cfg.device_context()), (512, Some(100)));
     // generation_config.json's end-of-sequence tokens join config.json's (Phi-3's `<|end|>`).
     std::fs::write(dir.join("generation_config.json"), r#"{"eos_token_id": [2, 7]}"#).unwrap();
     assert_eq!(load("sliding_window", serde_json::json!(null)).unwrap().model.config().eos_token_ids, [2, 7]);

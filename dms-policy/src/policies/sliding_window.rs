@@ -46,8 +46,7 @@ impl PolicyFactory for SlidingWindowPolicy {
         "sliding_window"
     }
     fn new_sequence(&self, shape: CacheShape) -> Box<dyn SequencePolicy> {
-        let cap = self.window as usize;
-        Box::new(WindowState { window: self.window, sinks: self.sinks, rows: Rows::new(shape, || RowLedger::new(cap)) })
+        window_state(self.window, self.sinks, shape)
     }
     /// DMS's delayed window with every token flagged: a flagged key stays visible to the next
     /// `window - 1` queries, so query q sees key k iff `q - k < window`, or `k < sinks`.
@@ -61,6 +60,12 @@ impl PolicyFactory for SlidingWindowPolicy {
     fn describe(&self) -> String {
         format!("sliding_window (window {}, sinks {})", self.window, self.sinks)
     }
+}
+
+/// A sequence's state under a window of `window` tokens and `sinks` sinks (both already valid).
+pub(crate) fn window_state(window: u32, sinks: u32, shape: CacheShape) -> Box<dyn SequencePolicy> {
+    let cap = window as usize;
+    Box::new(WindowState { window, sinks, rows: Rows::new(shape, || RowLedger::new(cap)) })
 }
 
 #[derive(Clone)]

@@ -174,7 +174,7 @@ impl Engine {
     pub fn new_sequence_with(&mut self, policy: &dyn PolicyFactory) -> SequenceCache {
         let c = self.model.config();
         let shape = CacheShape { n_layers: c.num_layers, rows_per_layer: c.num_kv_heads };
-        SequenceCache::new(policy, shape, &mut self.store)
+        SequenceCache::new(policy, shape, c.windows.as_ref(), &mut self.store)
     }
 
     /// Checks that the model can feed a policy the signal it needs.

@@ -128,6 +128,15 @@ impl<'m> DeviceEngine<'m> {
     /// An empty device cache of `shape` on `model`'s device.
     pub fn new(model: &'m Llama, shape: DeviceBatchShape) -> Result<Self> {
         let cfg = model.config();
+        if cfg.gemma.is_some() {
+            bail!("Gemma 3 runs on the CPU engine only: the device engine has no local layers (their window and RoPE base)");
+        }
+        if cfg.windows.is_some() && cfg.device_context().is_none() {
+            bail!(
+                "the device engine runs a model's attention window only where every layer has it (the context then \
+                 stops at the window); this model's windows cover some layers: use the CPU engine"
+            );
+        }
         let max_blocks_per_row = shape.max_tokens_per_sequence.div_ceil(shape.block_size) + 1;
         let cache = GpuCache::empty(
             model.device(),
@@ -258,7 +267,8 @@ impl BatchEngine for DeviceEngine<'_> {
     }
 
     fn context_length(&self) -> usize {
-        self.model.config().max_position_embeddings
+        let cfg = self.model.config();
+        cfg.device_context().unwrap_or(cfg.max_position_embeddings)
     }
 
     fn eos_token_ids(&self) -> &[u32] {

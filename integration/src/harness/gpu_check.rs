@@ -85,7 +85,9 @@ fn check_kernels(dev: &Device, dtype: DType, c: &KernelCheck, tuning: AttnTuning
     gpu.set_all_programs(program)?;
     let mut store = KvStore::with_value_dim(d, v_dim, bs, layers * batch * kv * (longest.div_ceil(bs) + 1));
     let mut seqs: Vec<SequenceCache> = (0..batch)
-        .map(|_| SequenceCache::new(factory.as_ref(), CacheShape { n_layers: layers, rows_per_layer: kv }, &mut store))
+        .map(|_| {
+            SequenceCache::new(factory.as_ref(), CacheShape { n_layers: layers, rows_per_layer: kv }, None, &mut store)
+        })
         .collect();
     let bf = dtype == DType::BF16;
     let round = |v: Vec<f32>| if bf { round_bf16(&v) } else { v };

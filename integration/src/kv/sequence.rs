@@ -5,7 +5,9 @@
 //! executes it.
 
 use anyhow::{Context, Result};
-use dms_policy::{CacheShape, CompactPlan, EvictPlan, PolicyFactory, Pos, RowRef, SequencePolicy, SignalNeed};
+use dms_policy::{
+    CacheShape, CompactPlan, EvictPlan, ModelWindows, PolicyFactory, Pos, RowRef, SequencePolicy, SignalNeed,
+};
 
 use crate::kv::store::{KvStore, MemoryUsage, RowId, StoreError, SwappedRow};
 
@@ -25,11 +27,21 @@ pub struct SequenceCache {
 }
 
 impl SequenceCache {
-    /// Creates the rows of a new sequence in `store`.
-    pub fn new(factory: &dyn PolicyFactory, shape: CacheShape, store: &mut KvStore) -> Self {
+    /// Creates the rows of a new sequence in `store`, under `factory`'s policy and, in the layers
+    /// `windows` flags, the model's own attention window.
+    pub fn new(
+        factory: &dyn PolicyFactory,
+        shape: CacheShape,
+        windows: Option<&ModelWindows>,
+        store: &mut KvStore,
+    ) -> Self {
         let rows = (0..shape.n_rows()).map(|i| store.add_row(i / shape.rows_per_layer)).collect();
+        let policy = factory.new_sequence(shape);
         Self {
-            policy: factory.new_sequence(shape),
+            policy: match windows {
+                Some(w) => w.wrap(policy, shape),
+                None => policy,
+            },
             signal: factory.signal_need(),
             policy_name: factory.name().to_string(),
             adapter: factory.adapter().map(str::to_owned),

@@ -1,6 +1,7 @@
 //! Architecture hyper-parameters, read from an HF `config.json` or from GGUF metadata.
 
 use anyhow::{bail, Context, Result};
+use dms_policy::ModelWindows;
 use serde::Deserialize;
 
 /// Decoder families that share the Llama block structure.
@@ -18,6 +19,23 @@ pub enum Arch {
     Phi3,
     /// DeepSeek V2 / V3: multi-head latent attention (see [`MlaConfig`]), dense or MoE MLPs.
     DeepSeek,
+    /// Gemma 3 (see [`GemmaConfig`]): scaled embeddings, norms around attention and MLP, a
+    /// GELU MLP, and local layers with their own window and RoPE base.
+    Gemma3,
+}
+
+/// What Gemma 3 adds to the Llama block (transformers' `Gemma3TextConfig`).
+///
+/// The embeddings are scaled by `sqrt(hidden_size)`; each layer normalises the attention's and
+/// the MLP's outputs too (`post_attention_layernorm`, `post_feedforward_layernorm`); the MLP is
+/// `down(gelu_tanh(gate(x)) * up(x))`; q and k are RMS-normalised per head; every RMSNorm
+/// multiplies by `1 + weight` (added at load to HF weights; GGUF files store it added).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GemmaConfig {
+    /// Attention scores are scaled by `query_pre_attn_scalar^-1/2`.
+    pub query_pre_attn_scalar: f64,
+    /// RoPE base of the windowed (local) layers, which take no RoPE scaling.
+    pub local_rope_theta: f64,
 }
 
 /// Multi-head latent attention sizes (DeepSeek V2/V3).
@@ -379,8 +397,13 @@ pub struct ModelConfig {
     pub attention_bias: bool,
     /// Per-head q/k RMSNorm.
     pub qk_norm: bool,
-    /// Context length served: `max_position_embeddings`, or the model's switched-on attention window.
+    /// Context length served: `max_position_embeddings` (see [`served_context`]).
     pub max_position_embeddings: usize,
+    /// The model's own attention windows (Mistral's and Phi-3's `sliding_window`, Qwen2's
+    /// windowed layers, Gemma 3's local layers); None when every layer sees the whole context.
+    pub windows: Option<ModelWindows>,
+    /// Gemma 3's additions; None for the other families.
+    pub gemma: Option<GemmaConfig>,
     /// Beginning-of-sequence token.
     pub bos_token_id: Option<u32>,
     /// End-of-sequence tokens.
@@ -444,6 +467,22 @@ struct HfConfig {
     original_max_position_embeddings: Option<usize>,
     #[serde(default)]
     max_window_layers: Option<usize>,
+    /// transformers' per-layer `"sliding_attention"` / `"full_attention"` (Gemma 3, Qwen2).
+    #[serde(default)]
+    layer_types: Option<Vec<String>>,
+    /// Gemma 3: every `sliding_window_pattern`-th layer attends to the whole context.
+    #[serde(default)]
+    sliding_window_pattern: Option<usize>,
+    #[serde(default)]
+    query_pre_attn_scalar: Option<f64>,
+    #[serde(default)]
+    rope_local_base_freq: Option<f64>,
+    #[serde(default)]
+    attn_logit_softcapping: Option<f64>,
+    #[serde(default)]
+    final_logit_softcapping: Option<f64>,
+    #[serde(default)]
+    hidden_activation: Option<String>,
     #[serde(default)]
     bos_token_id: Option<u32>,
     #[serde(default)]
@@ -504,6 +543,7 @@ impl ModelConfig {
     /// Parses an HF `config.json` text.
     pub fn from_hf_json(text: &str) -> Result<Self> {
         let mut v: serde_json::Value = serde_json::from_str(text).context("config.json is not a valid model config")?;
+        lift_text_config(&mut v);
         lift_rope_parameters(&mut v);
         let c: HfConfig = serde_json::from_value(v).context("config.json is not a valid model config")?;
         let model_type = c.model_type.clone().unwrap_or_default();
@@ -519,10 +559,12 @@ impl ModelConfig {
             ("deepseek_v2" | "deepseek_v3", _) | (_, "DeepseekV2ForCausalLM" | "DeepseekV3ForCausalLM") => {
                 Arch::DeepSeek
             }
+            ("gemma3_text", _) | (_, "Gemma3ForCausalLM") => Arch::Gemma3,
             _ => bail!(
-                "unsupported architecture (model_type `{model_type}`, architectures `{arch_name}`); supported: llama, mistral, mixtral, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe, deepseek_v2, deepseek_v3"
+                "unsupported architecture (model_type `{model_type}`, architectures `{arch_name}`); supported: llama, mistral, mixtral, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe, deepseek_v2, deepseek_v3, gemma3"
             ),
         };
+        let gemma = if arch == Arch::Gemma3 { Some(parse_gemma(&c)?) } else { None };
         if let Some(f) = c.partial_rotary_factor.filter(|&f| f != 1.0) {
             bail!(
                 "model config: partial_rotary_factor {f} (RoPE over part of each head, as Phi-4-mini's) is not supported"
@@ -549,12 +591,18 @@ impl ModelConfig {
         };
         // transformers' Mixtral has no window unless config.json gives one (Mistral's default is 4096).
         let default_window = if is_mixtral { None } else { Some(MISTRAL_DEFAULT_WINDOW) };
-        let context = context_length(&c, arch, rope_scaling.as_ref(), default_window);
+        let declared = c.max_position_embeddings.unwrap_or(if arch == Arch::Gemma3 { 131_072 } else { 4096 });
+        let context = served_context(declared, rope_scaling.as_ref());
+        let windows = model_windows(&c, arch, default_window)?;
         let (num_kv_heads, head_dim) = match &mla {
             Some(m) => (1, m.kv_lora_rank + m.qk_rope_head_dim),
             None => (
                 c.num_key_value_heads.unwrap_or(c.num_attention_heads),
-                c.head_dim.unwrap_or(c.hidden_size / c.num_attention_heads.max(1)),
+                c.head_dim.unwrap_or(if arch == Arch::Gemma3 {
+                    256
+                } else {
+                    c.hidden_size / c.num_attention_heads.max(1)
+                }),
             ),
         };
         let cfg = ModelConfig {
@@ -566,14 +614,16 @@ impl ModelConfig {
             num_heads: c.num_attention_heads,
             num_kv_heads,
             head_dim,
-            rope_theta: c.rope_theta.unwrap_or(if is_mixtral { 1e6 } else { 10_000.0 }),
+            rope_theta: c.rope_theta.unwrap_or(if is_mixtral || arch == Arch::Gemma3 { 1e6 } else { 10_000.0 }),
             rope_scaling,
             // transformers' defaults: Phi3Config's 1e-5, the others' 1e-6.
             rms_norm_eps: c.rms_norm_eps.unwrap_or(if arch == Arch::Phi3 { 1e-5 } else { 1e-6 }),
-            tie_word_embeddings: c.tie_word_embeddings.unwrap_or(false),
+            tie_word_embeddings: c.tie_word_embeddings.unwrap_or(arch == Arch::Gemma3),
             attention_bias: c.attention_bias.unwrap_or(arch == Arch::Qwen2),
-            qk_norm: arch == Arch::Qwen3,
+            qk_norm: matches!(arch, Arch::Qwen3 | Arch::Gemma3),
             max_position_embeddings: context,
+            windows,
+            gemma,
             bos_token_id: c.bos_token_id,
             eos_token_ids: match c.eos_token_id {
                 None => vec![],
@@ -610,6 +660,9 @@ impl ModelConfig {
                 self.num_heads,
                 self.num_kv_heads
             );
+        }
+        if let Some(w) = self.windows.as_ref().filter(|w| w.layers().len() != self.num_layers) {
+            bail!("model config: {} attention-window flags for {} layers", w.layers().len(), self.num_layers);
         }
         if !self.head_dim.is_multiple_of(2) {
             bail!("model config: head_dim {} must be even for RoPE", self.head_dim);
@@ -767,6 +820,17 @@ impl ModelConfig {
     pub fn with_dense_mlp(mut self) -> Self {
         self.moe = None;
         self
+    }
+
+    /// The context an engine without per-layer windows serves exactly: the whole context when
+    /// the model has no window, the window when every layer has it (full attention over at
+    /// most that many tokens is windowed attention); `None` when only some layers have one.
+    pub fn device_context(&self) -> Option<usize> {
+        match &self.windows {
+            None => Some(self.max_position_embeddings),
+            Some(w) if w.layers().iter().all(|&l| l) => Some(self.max_position_embeddings.min(w.window() as usize)),
+            Some(_) => None,
+        }
     }
 
     /// Query heads per KV head.
@@ -961,26 +1025,86 @@ pub(crate) fn served_context(declared: usize, scaling: Option<&RopeScaling>) -> 
     }
 }
 
-/// The context length served: `max_position_embeddings` (see [`served_context`]), or the model's own attention window when
-/// it has one that is switched on (Mistral's `sliding_window`, 4096 when absent as in transformers;
-/// Phi-3's, as Phi-3-mini-4k's 2047;
-/// Qwen2's and Qwen3's with
-/// `use_sliding_window`, for the layers from `max_window_layers` on, transformers' default 28).
-/// Full attention over at most that many tokens is exactly windowed attention, so capping the
-/// context keeps every result exact instead of attending where the model would not.
-fn context_length(c: &HfConfig, arch: Arch, scaling: Option<&RopeScaling>, default_window: Option<usize>) -> usize {
-    let declared = served_context(c.max_position_embeddings.unwrap_or(4096), scaling);
-    let windowed = match arch {
-        Arch::Mistral => c.sliding_window.unwrap_or(default_window),
-        Arch::Phi3 => c.sliding_window.flatten(),
-        Arch::Qwen2 | Arch::Qwen3
-            if c.use_sliding_window == Some(true) && c.max_window_layers.unwrap_or(28) < c.num_hidden_layers =>
-        {
-            c.sliding_window.flatten()
+/// The model's own attention windows, where it has ones switched on: Mistral's `sliding_window`
+/// (4096 when absent, as in transformers) and Phi-3's on every layer; Qwen2's and Qwen3's with
+/// `use_sliding_window` on the layers from `max_window_layers` on (transformers' default 28);
+/// Gemma 3's on every layer but each `sliding_window_pattern`-th (4096 and 6 by default).
+/// transformers' `layer_types`, when given, says which layers are windowed.
+fn model_windows(c: &HfConfig, arch: Arch, default_window: Option<usize>) -> Result<Option<ModelWindows>> {
+    let n = c.num_hidden_layers;
+    let (window, mut layers) = match arch {
+        Arch::Mistral => (c.sliding_window.unwrap_or(default_window), vec![true; n]),
+        Arch::Phi3 => (c.sliding_window.flatten(), vec![true; n]),
+        Arch::Qwen2 | Arch::Qwen3 if c.use_sliding_window == Some(true) => {
+            let from = c.max_window_layers.unwrap_or(28);
+            (c.sliding_window.flatten(), (0..n).map(|i| i >= from).collect())
         }
-        _ => None,
+        Arch::Gemma3 => {
+            let every = c.sliding_window_pattern.unwrap_or(6).max(1);
+            (c.sliding_window.unwrap_or(Some(4096)), (0..n).map(|i| (i + 1) % every != 0).collect())
+        }
+        _ => (None, vec![]),
     };
-    windowed.filter(|&w| w > 0).map_or(declared, |w| declared.min(w))
+    if let Some(types) = &c.layer_types {
+        if types.len() != n {
+            bail!("model config: `layer_types` has {} entries for {n} layers", types.len());
+        }
+        layers = types
+            .iter()
+            .map(|t| match t.as_str() {
+                "sliding_attention" => Ok(true),
+                "full_attention" => Ok(false),
+                other => {
+                    bail!("model config: layer type `{other}` is not supported (sliding_attention, full_attention)")
+                }
+            })
+            .collect::<Result<_>>()?;
+    }
+    let Some(window) = window.filter(|&w| w > 0) else { return Ok(None) };
+    if !layers.iter().any(|&l| l) {
+        return Ok(None);
+    }
+    let max = dms_policy::MAX_WINDOW;
+    let window = u32::try_from(window)
+        .ok()
+        .filter(|&w| w <= max)
+        .with_context(|| format!("model config: sliding_window {window} is larger than the {max} tokens supported"))?;
+    Ok(Some(ModelWindows::new(window, layers).map_err(|e| anyhow::anyhow!("model config: sliding_window: {e}"))?))
+}
+
+/// Gemma 3's fields; Gemma 2's logit soft-capping and activations other than GELU (tanh) are
+/// refused by name.
+fn parse_gemma(c: &HfConfig) -> Result<GemmaConfig> {
+    if let Some(cap) = c.attn_logit_softcapping {
+        bail!("model config: attn_logit_softcapping {cap} (Gemma 2's attention soft-capping) is not supported");
+    }
+    if let Some(cap) = c.final_logit_softcapping {
+        bail!("model config: final_logit_softcapping {cap} (Gemma 2's logit soft-capping) is not supported");
+    }
+    if let Some(act) = c.hidden_activation.as_deref().filter(|&a| a != "gelu_pytorch_tanh") {
+        bail!("model config: hidden_activation `{act}` is not supported for Gemma 3 (gelu_pytorch_tanh)");
+    }
+    let scalar = c.query_pre_attn_scalar.unwrap_or(256.0);
+    if !(scalar.is_finite() && scalar > 0.0) {
+        bail!("model config: query_pre_attn_scalar must be positive, not {scalar}");
+    }
+    Ok(GemmaConfig { query_pre_attn_scalar: scalar, local_rope_theta: c.rope_local_base_freq.unwrap_or(10_000.0) })
+}
+
+/// A multimodal Gemma 3 (`model_type = "gemma3"`) keeps its decoder's settings in
+/// `text_config`: they are read as a text model's (`gemma3_text`), whose weights the loader
+/// finds under the language model's prefix.
+fn lift_text_config(v: &mut serde_json::Value) {
+    let Some(obj) = v.as_object_mut() else { return };
+    if obj.get("model_type").and_then(|m| m.as_str()) != Some("gemma3") {
+        return;
+    }
+    let Some(serde_json::Value::Object(text)) = obj.get("text_config").cloned() else { return };
+    for (k, x) in text {
+        obj.insert(k, x);
+    }
+    obj.insert("model_type".into(), "gemma3_text".into());
+    obj.insert("architectures".into(), serde_json::json!(["Gemma3ForCausalLM"]));
 }
 
 /// transformers 5 saves `rope_theta`, `partial_rotary_factor` and the RoPE scaling (its
@@ -1244,8 +1368,11 @@ mod rope_scaling_tests {
         );
         assert!(m.norm_topk_prob && (0..32).all(|i| m.is_moe_layer(i)));
         assert_eq!((c.max_position_embeddings, c.rope_theta), (32768, 1e6));
-        let windowed = ModelConfig::from_hf_json(&text(r#", "num_experts_per_tok": 2, "sliding_window": 4096"#));
-        assert_eq!(windowed.unwrap().max_position_embeddings, 4096);
+        assert_eq!(c.windows, None);
+        let windowed =
+            ModelConfig::from_hf_json(&text(r#", "num_experts_per_tok": 2, "sliding_window": 4096"#)).unwrap();
+        assert_eq!(windowed.max_position_embeddings, 32768);
+        assert_eq!(windowed.windows, Some(ModelWindows::new(4096, vec![true; 32]).unwrap()));
         let e = format!("{:#}", ModelConfig::from_hf_json(&text(r#", "num_experts_per_tok": 1"#)).unwrap_err());
         assert!(e.contains("num_experts_per_tok 1"), "{e}");
         let e = format!("{:#}", ModelConfig::from_hf_json(&text("")).unwrap_err());

@@ -5,9 +5,11 @@
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
 
+use dms_policy::ModelWindows;
+
 use super::config::{
-    served_context, Arch, DmsCheckpointFields, LongRopeScaling, MlaConfig, ModelConfig, MoeConfig, RopeScaling,
-    YarnScaling,
+    served_context, Arch, DmsCheckpointFields, GemmaConfig, LongRopeScaling, MlaConfig, ModelConfig, MoeConfig,
+    RopeScaling, YarnScaling,
 };
 
 fn meta<'a>(c: &'a Content, key: &str) -> Result<&'a Value> {
@@ -135,9 +137,10 @@ pub(crate) fn model_config(c: &Content) -> Result<ModelConfig> {
         "qwen3" | "qwen3moe" => Arch::Qwen3,
         "deepseek2" => Arch::DeepSeek,
         "phi3" => Arch::Phi3,
+        "gemma3" => Arch::Gemma3,
         other => {
             bail!(
-                "GGUF architecture `{other}` is not supported (supported: llama, phi3, qwen2, qwen2moe, qwen3, qwen3moe, deepseek2)"
+                "GGUF architecture `{other}` is not supported (supported: llama, phi3, qwen2, qwen2moe, qwen3, qwen3moe, deepseek2, gemma3)"
             )
         }
     };
@@ -202,20 +205,21 @@ pub(crate) fn model_config(c: &Content) -> Result<ModelConfig> {
     if longrope && rope_scaling.is_some() {
         bail!("GGUF file has both LongRoPE tables and `{a}.rope.scaling.type`: which scaling applies is unclear");
     }
-    let mut served = served_context(context, rope_scaling.as_ref());
-    // Phi-3's attention window, applied as its config.json applies it (see `ModelConfig::from_hf_json`):
-    // the served context stops at the window, where full attention is windowed attention.
-    if arch == Arch::Phi3 {
-        if let Some(w) = meta_opt_usize(c, &format!("{a}.attention.sliding_window"))?.filter(|&w| w > 0) {
-            served = served.min(w);
-        }
-    }
+    let served = served_context(context, rope_scaling.as_ref());
+    let layers = meta_usize(c, &format!("{a}.block_count"))?;
+    let windows = model_windows(c, &a, arch, layers)?;
+    let gemma = (arch == Arch::Gemma3).then(|| GemmaConfig {
+        // llama.cpp's choice (the converter writes no `query_pre_attn_scalar`): the head width,
+        // but the hidden size per head for the 27B model (62 layers).
+        query_pre_attn_scalar: if layers == 62 { (hidden / heads.max(1)) as f64 } else { head_dim as f64 },
+        local_rope_theta: 10_000.0,
+    });
     let cfg = ModelConfig {
         arch,
         vocab_size: vocab,
         hidden_size: hidden,
         intermediate_size: meta_usize(c, &format!("{a}.feed_forward_length"))?,
-        num_layers: meta_usize(c, &format!("{a}.block_count"))?,
+        num_layers: layers,
         num_heads: heads,
         num_kv_heads: kv,
         head_dim,
@@ -224,8 +228,10 @@ pub(crate) fn model_config(c: &Content) -> Result<ModelConfig> {
         rms_norm_eps: meta_f64(c, &format!("{a}.attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5),
         tie_word_embeddings: !c.tensor_infos.contains_key("output.weight"),
         attention_bias: c.tensor_infos.contains_key("blk.0.attn_q.bias"),
-        qk_norm: arch == Arch::Qwen3,
+        qk_norm: matches!(arch, Arch::Qwen3 | Arch::Gemma3),
         max_position_embeddings: served,
+        windows,
+        gemma,
         bos_token_id: meta_usize(c, "tokenizer.ggml.bos_token_id").ok().and_then(|x| u32::try_from(x).ok()),
         eos_token_ids: stop_tokens(c),
         dms: DmsCheckpointFields::default(),
@@ -239,6 +245,27 @@ pub(crate) fn model_config(c: &Content) -> Result<ModelConfig> {
     };
     cfg.validate()?;
     Ok(cfg)
+}
+
+/// The attention windows llama.cpp applies: Phi-3's `attention.sliding_window` on every layer,
+/// Gemma 3's on every layer but each sixth (llama.cpp's fixed pattern for `gemma3`).
+fn model_windows(c: &Content, a: &str, arch: Arch, layers: usize) -> Result<Option<ModelWindows>> {
+    let flags: Vec<bool> = match arch {
+        Arch::Phi3 => vec![true; layers],
+        Arch::Gemma3 => (0..layers).map(|i| (i + 1) % 6 != 0).collect(),
+        _ => return Ok(None),
+    };
+    let key = format!("{a}.attention.sliding_window");
+    let Some(w) = meta_opt_usize(c, &key)?.filter(|&w| w > 0) else { return Ok(None) };
+    if !flags.iter().any(|&f| f) {
+        return Ok(None);
+    }
+    let max = dms_policy::MAX_WINDOW;
+    let window = u32::try_from(w)
+        .ok()
+        .filter(|&w| w <= max)
+        .with_context(|| format!("GGUF `{key}` = {w} is larger than the {max} tokens supported"))?;
+    Ok(Some(ModelWindows::new(window, flags).map_err(|e| anyhow::anyhow!("GGUF `{key}`: {e}"))?))
 }
 
 /// `{a}.rope.scaling.type` when it names a scaling (not absent, not `none`).

@@ -93,6 +93,19 @@ pub(crate) fn source(hf: &str, c: &Content) -> Option<GgufSource> {
     if tail == "self_attn.kv_b_proj.weight" && !c.tensor_infos.contains_key(&blk("attn_kv_b.weight")) {
         return Some(GgufSource::SplitKvB { k_b: blk("attn_k_b.weight"), v_b: blk("attn_v_b.weight") });
     }
+    // Gemma's norms around attention and MLP: `ffn_norm` is the norm before the MLP, as it is in
+    // every other architecture (where HF calls it `post_attention_layernorm`).
+    if architecture(c) == Some("gemma3") {
+        let gemma = match tail {
+            "post_attention_layernorm.weight" => Some("post_attention_norm.weight"),
+            "pre_feedforward_layernorm.weight" => Some("ffn_norm.weight"),
+            "post_feedforward_layernorm.weight" => Some("post_ffw_norm.weight"),
+            _ => None,
+        };
+        if let Some(g) = gemma {
+            return Some(GgufSource::Whole(blk(g)));
+        }
+    }
     let mapped = match tail {
         "input_layernorm.weight" => "attn_norm.weight",
         "post_attention_layernorm.weight" => "ffn_norm.weight",

@@ -16,7 +16,7 @@ use super::fused::check_qkv_rows;
 use super::linear::{Embedding, Proj};
 use super::lora::{AttentionLora, LoraTarget};
 use super::mla::{MlaAttention, MlaInputs};
-use super::moe::{Mlp, Moe};
+use super::moe::{Activation, Mlp, Moe};
 use super::weights::{WeightForm, Weights};
 use crate::kv::backend::{DecisionSpan, KvBackend, LayerStep, Signals};
 
@@ -111,7 +111,10 @@ impl FeedForward {
 
 struct Layer {
     input_norm: Tensor,
+    /// The norm before the feed-forward block.
     post_norm: Tensor,
+    /// Gemma 3's norms of the attention's and the feed-forward block's outputs.
+    sandwich: Option<(Tensor, Tensor)>,
     attn: Attention,
     ffn: FeedForward,
 }
@@ -135,6 +138,8 @@ pub struct StepInputs {
     pub sin: Tensor,
     /// A query-neuron checkpoint's neuron mask, one row per token `[n, heads, head_dim]`.
     pub neuron_mask: Option<Tensor>,
+    /// Gemma 3's local layers' RoPE cosines and sines (their own base, no scaling).
+    pub local_rope: Option<(Tensor, Tensor)>,
 }
 
 /// A loaded decoder model.
@@ -147,6 +152,8 @@ pub struct Llama {
     norm: Tensor,
     lm_head: Proj,
     inv_freq: Vec<f32>,
+    /// Gemma 3's local layers' RoPE frequencies.
+    local_inv_freq: Option<Vec<f32>>,
     decision: DecisionSource,
     adapters: Vec<DecisionAdapter>,
     query_neuron: Option<QueryNeuron>,
@@ -220,7 +227,12 @@ impl Llama {
         let linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Proj> {
             w.proj(name, out, inp, bias, form, device).with_context(|| format!("loading `{name}`"))
         };
+        // Gemma's RMSNorm multiplies by `1 + weight`: HF checkpoints store the weight, GGUF files
+        // the sum (llama.cpp's converter adds the 1).
+        let norm_shift = if cfg.gemma.is_some() && !w.is_gguf() { 1.0 } else { 0.0 };
+        let norm = |name: &str, n: usize| -> Result<Tensor> { Ok((get(name, &[n])? + norm_shift)?) };
         let mlp_proj = |name: &str, out: usize, inp: usize| linear(name, out, inp, false);
+        let act = if cfg.gemma.is_some() { Activation::GeluTanh } else { Activation::Silu };
         let embed_name = "model.embed_tokens.weight";
         let embed_blocks = if form.is_quantized() { w.get_blocks(embed_name, &[cfg.vocab_size, h])? } else { None };
         let embed = match embed_blocks {
@@ -266,8 +278,8 @@ impl Llama {
                     k_proj: linear(&format!("{p}.self_attn.k_proj"), cfg.num_kv_heads * hd, h, bias)?,
                     v_proj: linear(&format!("{p}.self_attn.v_proj"), cfg.num_kv_heads * hd, h, bias)?,
                     o_proj: linear(&format!("{p}.self_attn.o_proj"), h, cfg.num_heads * hd, false)?,
-                    q_norm: if cfg.qk_norm { Some(get(&format!("{p}.self_attn.q_norm.weight"), &[hd])?) } else { None },
-                    k_norm: if cfg.qk_norm { Some(get(&format!("{p}.self_attn.k_norm.weight"), &[hd])?) } else { None },
+                    q_norm: if cfg.qk_norm { Some(norm(&format!("{p}.self_attn.q_norm.weight"), hd)?) } else { None },
+                    k_norm: if cfg.qk_norm { Some(norm(&format!("{p}.self_attn.k_norm.weight"), hd)?) } else { None },
                 }),
             };
             let moe = cfg.moe.as_ref().filter(|m| m.is_moe_layer(i));
@@ -275,16 +287,25 @@ impl Llama {
                 Some(m) => FeedForward::Moe(Box::new(Moe::load(&format!("{p}.mlp"), h, m, &get, &mlp_proj, &|n| {
                     w.contains(n)
                 })?)),
-                None => FeedForward::Dense(Mlp::load(&format!("{p}.mlp"), h, cfg.intermediate_size, &mlp_proj)?),
+                None => FeedForward::Dense(
+                    Mlp::load(&format!("{p}.mlp"), h, cfg.intermediate_size, &mlp_proj)?.with_activation(act),
+                ),
             };
-            layers.push(Layer {
-                input_norm: get(&format!("{p}.input_layernorm.weight"), &[h])?,
-                post_norm: get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-                attn,
-                ffn,
-            });
+            let input_norm = norm(&format!("{p}.input_layernorm.weight"), h)?;
+            let post_attention = norm(&format!("{p}.post_attention_layernorm.weight"), h)?;
+            let layer = match cfg.gemma {
+                Some(_) => Layer {
+                    input_norm,
+                    post_norm: norm(&format!("{p}.pre_feedforward_layernorm.weight"), h)?,
+                    sandwich: Some((post_attention, norm(&format!("{p}.post_feedforward_layernorm.weight"), h)?)),
+                    attn,
+                    ffn,
+                },
+                None => Layer { input_norm, post_norm: post_attention, sandwich: None, attn, ffn },
+            };
+            layers.push(layer);
         }
-        let norm = get("model.norm.weight", &[h])?;
+        let norm = norm("model.norm.weight", h)?;
         let lm_head = if cfg.tie_word_embeddings || !w.contains("lm_head.weight") {
             if !cfg.tie_word_embeddings {
                 bail!("lm_head.weight is missing and the config does not tie word embeddings");
@@ -300,7 +321,7 @@ impl Llama {
             DecisionSource::QueryNeuron => Some(QueryNeuron::new(&cfg, device, DType::F32)?),
             _ => None,
         };
-        let inv_freq = rope_freqs(&cfg);
+        let (inv_freq, local_inv_freq) = (rope_freqs(&cfg), local_rope_freqs(&cfg));
         Ok(Self {
             cfg,
             device: device.clone(),
@@ -310,6 +331,7 @@ impl Llama {
             norm,
             lm_head,
             inv_freq,
+            local_inv_freq,
             decision,
             adapters,
             query_neuron,
@@ -406,6 +428,7 @@ impl Llama {
         };
         let ones = |n: usize| -> Result<Tensor> { Ok(Tensor::ones(n, dtype, device)?) };
         let lin = |out: usize, inp: usize| -> Result<Proj> { Ok(Proj::Dense(Linear::new(w(out, inp)?, None))) };
+        let act = if cfg.gemma.is_some() { Activation::GeluTanh } else { Activation::Silu };
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let attn = match &cfg.mla {
@@ -422,14 +445,18 @@ impl Llama {
             let moe = cfg.moe.as_ref().filter(|m| m.is_moe_layer(i));
             let ffn = match moe {
                 Some(m) => FeedForward::Moe(Box::new(Moe::random(h, m, device, dtype)?)),
-                None => FeedForward::Dense(Mlp::random(h, cfg.intermediate_size, device, dtype)?),
+                None => FeedForward::Dense(Mlp::random(h, cfg.intermediate_size, device, dtype)?.with_activation(act)),
             };
-            layers.push(Layer { input_norm: ones(h)?, post_norm: ones(h)?, attn, ffn });
+            let sandwich = match cfg.gemma {
+                Some(_) => Some((ones(h)?, ones(h)?)),
+                None => None,
+            };
+            layers.push(Layer { input_norm: ones(h)?, post_norm: ones(h)?, sandwich, attn, ffn });
         }
         let embed = w(cfg.vocab_size, h)?;
         let lm_head =
             Proj::Dense(Linear::new(if cfg.tie_word_embeddings { embed.clone() } else { w(cfg.vocab_size, h)? }, None));
-        let inv_freq = rope_freqs(&cfg);
+        let (inv_freq, local_inv_freq) = (rope_freqs(&cfg), local_rope_freqs(&cfg));
         Ok(Self {
             norm: ones(h)?,
             cfg,
@@ -439,6 +466,7 @@ impl Llama {
             layers,
             lm_head,
             inv_freq,
+            local_inv_freq,
             decision: DecisionSource::None,
             adapters: Vec::new(),
             query_neuron: None,
@@ -465,6 +493,10 @@ impl Llama {
                 Ok(Layer {
                     input_norm: c(&l.input_norm)?,
                     post_norm: c(&l.post_norm)?,
+                    sandwich: match &l.sandwich {
+                        Some((a, f)) => Some((c(a)?, c(f)?)),
+                        None => None,
+                    },
                     attn: match &l.attn {
                         Attention::Mha(m) => Attention::Mha(MhaWeights {
                             q_proj: m.q_proj.to_dtype(dtype)?,
@@ -501,6 +533,7 @@ impl Llama {
             norm: c(&self.norm)?,
             lm_head: self.lm_head.to_dtype(dtype)?,
             inv_freq: self.inv_freq.clone(),
+            local_inv_freq: self.local_inv_freq.clone(),
             decision: self.decision.clone(),
             adapters,
             query_neuron: self
@@ -592,7 +625,11 @@ impl Llama {
             }
             None => None,
         };
-        Ok(StepInputs { x: self.embed_tokens(tokens)?, cos, sin, neuron_mask })
+        let local_rope = match &self.local_inv_freq {
+            Some(f) => Some(self.rope_table(f, 1.0, positions)?),
+            None => None,
+        };
+        Ok(StepInputs { x: self.embed_tokens(tokens)?, cos, sin, neuron_mask, local_rope })
     }
 
     /// [`Self::forward_hidden`] from prepared inputs: device work only, no host data, so a CUDA
@@ -611,10 +648,14 @@ impl Llama {
             };
             (runs, self.lora_runs(&spans, n)?)
         };
-        let StepInputs { x, cos, sin, neuron_mask } = inputs;
+        let StepInputs { x, cos, sin, neuron_mask, local_rope } = inputs;
         let mut x = x.clone();
         let scale = self.softmax_scale();
         for li in 0..self.layers.len() {
+            let (cos, sin) = match (local_rope, &self.cfg.windows) {
+                (Some((c, s)), Some(w)) if w.covers(li) => (c, s),
+                _ => (cos, sin),
+            };
             let AttnInputs { q, k, v, decision, key_norms } =
                 self.attn_inputs(li, &x, (cos, sin, neuron_mask.as_ref()), (&runs, &lora_runs), need)?;
             let step =
@@ -807,7 +848,11 @@ impl Llama {
         if let Some(&t) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
             bail!("token id {t} is outside the model's vocabulary of {} tokens", self.cfg.vocab_size);
         }
-        self.embed.lookup(tokens, &self.device)
+        let x = self.embed.lookup(tokens, &self.device)?;
+        match self.cfg.gemma {
+            Some(_) => Ok((x * (self.cfg.hidden_size as f64).sqrt())?),
+            None => Ok(x),
+        }
     }
 
     /// Output projection (with `lora_runs`' deltas), residual, and the feed-forward block.
@@ -817,16 +862,23 @@ impl Llama {
             Attention::Mha(m) => self.with_lora(li, LoraTarget::O, attn, m.o_proj.forward(attn)?, lora_runs)?,
             Attention::Mla(m) => m.output(attn)?,
         };
-        let x = (x + o)?;
-        let h = candle_nn::ops::rms_norm(&x, &layer.post_norm, self.cfg.rms_norm_eps as f32)?;
-        Ok((x + layer.ffn.forward(&h)?)?)
+        let eps = self.cfg.rms_norm_eps as f32;
+        let Some((attn_norm, ffn_norm)) = &layer.sandwich else {
+            let x = (x + o)?;
+            let h = candle_nn::ops::rms_norm(&x, &layer.post_norm, eps)?;
+            return Ok((&x + layer.ffn.forward(&h)?)?);
+        };
+        let x = (x + candle_nn::ops::rms_norm(&o.contiguous()?, attn_norm, eps)?)?;
+        let h = candle_nn::ops::rms_norm(&x, &layer.post_norm, eps)?;
+        Ok((&x + candle_nn::ops::rms_norm(&layer.ffn.forward(&h)?.contiguous()?, ffn_norm, eps)?)?)
     }
 
     /// Softmax scale of attention scores.
     fn softmax_scale(&self) -> f64 {
-        match &self.cfg.mla {
-            Some(m) => m.softmax_scale(),
-            None => 1.0 / (self.cfg.head_dim as f64).sqrt(),
+        match (&self.cfg.mla, &self.cfg.gemma) {
+            (Some(m), _) => m.softmax_scale(),
+            (None, Some(g)) => 1.0 / g.query_pre_attn_scalar.sqrt(),
+            (None, None) => 1.0 / (self.cfg.head_dim as f64).sqrt(),
         }
     }
 
@@ -837,12 +889,16 @@ impl Llama {
     }
 
     fn rope_tables(&self, positions: &[Pos]) -> Result<(Tensor, Tensor)> {
-        let half = self.inv_freq.len();
-        let m = self.cfg.rope_attention_factor();
+        self.rope_table(&self.inv_freq, self.cfg.rope_attention_factor(), positions)
+    }
+
+    /// Cosines and sines of `positions` at frequencies `inv_freq`, times `m`.
+    fn rope_table(&self, inv_freq: &[f32], m: f64, positions: &[Pos]) -> Result<(Tensor, Tensor)> {
+        let half = inv_freq.len();
         let mut cos = Vec::with_capacity(positions.len() * half);
         let mut sin = Vec::with_capacity(positions.len() * half);
         for &p in positions {
-            for &f in &self.inv_freq {
+            for &f in inv_freq {
                 let a = (p as f32 * f) as f64;
                 cos.push((a.cos() * m) as f32);
                 sin.push((a.sin() * m) as f32);
@@ -855,6 +911,13 @@ impl Llama {
             Tensor::from_vec(sin, (n, half), &self.device)?.to_dtype(dt)?,
         ))
     }
+}
+
+/// Gemma 3's local layers' RoPE inverse frequencies: their own base, no scaling.
+fn local_rope_freqs(cfg: &ModelConfig) -> Option<Vec<f32>> {
+    let g = cfg.gemma?;
+    let d = cfg.head_dim;
+    Some((0..d / 2).map(|i| (1.0 / g.local_rope_theta.powf(2.0 * i as f64 / d as f64)) as f32).collect())
 }
 
 /// RoPE inverse frequencies: of the rope part for latent attention, else of the whole head.

@@ -8,7 +8,16 @@ use candle_nn::Linear;
 use super::config::MoeConfig;
 use super::linear::{frozen_matmul, Proj};
 
-/// SwiGLU MLP: `down(silu(gate(x)) * up(x))`.
+/// The gate's activation in a gated MLP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// SiLU (SwiGLU: Llama, Mistral, Qwen, Phi-3, DeepSeek).
+    Silu,
+    /// GELU in its tanh approximation (GeGLU: Gemma's `gelu_pytorch_tanh`).
+    GeluTanh,
+}
+
+/// Gated MLP: `down(act(gate(x)) * up(x))`, SwiGLU unless [`Mlp::with_activation`] says else.
 #[derive(Clone)]
 pub struct Mlp {
     /// Gate projection.
@@ -17,6 +26,8 @@ pub struct Mlp {
     pub up: Proj,
     /// Down projection.
     pub down: Proj,
+    /// The gate's activation.
+    pub act: Activation,
 }
 
 impl Mlp {
@@ -31,7 +42,13 @@ impl Mlp {
             gate: proj(&format!("{prefix}.gate_proj"), inter, hidden)?,
             up: proj(&format!("{prefix}.up_proj"), inter, hidden)?,
             down: proj(&format!("{prefix}.down_proj"), hidden, inter)?,
+            act: Activation::Silu,
         })
+    }
+
+    /// The same MLP with `act` on its gate.
+    pub fn with_activation(self, act: Activation) -> Self {
+        Self { act, ..self }
     }
 
     /// Random weights N(0, 0.02).
@@ -39,24 +56,38 @@ impl Mlp {
         let w = |o: usize, i: usize| -> Result<Proj> {
             Ok(Proj::Dense(Linear::new(Tensor::randn(0f32, 0.02, (o, i), device)?.to_dtype(dtype)?, None)))
         };
-        Ok(Self { gate: w(inter, hidden)?, up: w(inter, hidden)?, down: w(hidden, inter)? })
+        Ok(Self { gate: w(inter, hidden)?, up: w(inter, hidden)?, down: w(hidden, inter)?, act: Activation::Silu })
     }
 
     /// The same weights in `dtype`.
     pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
-        Ok(Self { gate: self.gate.to_dtype(dtype)?, up: self.up.to_dtype(dtype)?, down: self.down.to_dtype(dtype)? })
+        Ok(Self {
+            gate: self.gate.to_dtype(dtype)?,
+            up: self.up.to_dtype(dtype)?,
+            down: self.down.to_dtype(dtype)?,
+            act: self.act,
+        })
     }
 
     /// Applies the MLP to `[n, hidden]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let [gate, up]: [Tensor; 2] =
             Proj::forward_many(&[&self.gate, &self.up], x)?.try_into().expect("two projections");
-        self.down.forward(&(candle_nn::ops::silu(&gate)? * up)?)
+        let gate = match self.act {
+            Activation::Silu => candle_nn::ops::silu(&gate)?,
+            Activation::GeluTanh => gate.gelu()?,
+        };
+        self.down.forward(&(gate * up)?)
     }
 
     /// [`Self::forward`] with `Tensor::silu` (which has a gradient).
     pub fn forward_differentiable(&self, x: &Tensor) -> Result<Tensor> {
-        self.down.forward_frozen(&(self.gate.forward_frozen(x)?.silu()? * self.up.forward_frozen(x)?)?)
+        let gate = self.gate.forward_frozen(x)?;
+        let gate = match self.act {
+            Activation::Silu => gate.silu()?,
+            Activation::GeluTanh => gate.gelu()?,
+        };
+        self.down.forward_frozen(&(gate * self.up.forward_frozen(x)?)?)
     }
 
     /// Number of weights.
@@ -385,7 +416,9 @@ mod tests {
             seed.set(seed.get() + 1);
             Ok(Proj::Dense(Linear::new(seeded(seed.get(), o, i, 0.8)?, None)))
         };
-        let mlp = |i: usize| -> Result<Mlp> { Ok(Mlp { gate: w(i, 8)?, up: w(i, 8)?, down: w(8, i)? }) };
+        let mlp = |i: usize| -> Result<Mlp> {
+            Ok(Mlp { gate: w(i, 8)?, up: w(i, 8)?, down: w(8, i)?, act: Activation::Silu })
+        };
         let bias = (c.topk_method == "noaux_tc").then(|| vec![0.1, -0.2, 0.0, 0.3, 0.0, 0.1, -0.1, 0.2]);
         Ok(Moe {
             router: seeded(100, 8, 8, 1.7)?,

@@ -27,6 +27,8 @@ pub fn named_shape(name: &str) -> Result<ModelConfig> {
         attention_bias: false,
         qk_norm: qk,
         max_position_embeddings: 131072,
+        windows: None,
+        gemma: None,
         bos_token_id: None,
         eos_token_ids: vec![],
         dms: Default::default(),

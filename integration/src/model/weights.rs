@@ -197,6 +197,11 @@ impl Weights {
         Ok((Weights::Gguf { content, file: Mutex::new(file), path: path.to_path_buf(), unpermute }, cfg))
     }
 
+    /// True for a GGUF file.
+    pub fn is_gguf(&self) -> bool {
+        matches!(self, Weights::Gguf { .. })
+    }
+
     /// True when a tensor of that HF name exists.
     pub fn contains(&self, name: &str) -> bool {
         match self {
@@ -398,9 +403,22 @@ fn stored_name(files: &candle_core::safetensors::MmapedSafetensors, name: &str) 
     if let Some((part, fused)) = FusedPart::of(name).filter(|(_, f)| files.get(f).is_ok()) {
         return Stored::Fused { fused, part };
     }
-    match mixtral_name(name) {
-        Some(m) if files.get(&m).is_ok() => Stored::Named(m),
-        _ => Stored::Missing,
+    if let Some(m) = mixtral_name(name).filter(|m| files.get(m).is_ok()) {
+        return Stored::Named(m);
+    }
+    match language_model_names(name).into_iter().find(|m| files.get(m).is_ok()) {
+        Some(m) => Stored::Named(m),
+        None => Stored::Missing,
+    }
+}
+
+/// Where a multimodal checkpoint (Gemma 3's `Gemma3ForConditionalGeneration`) keeps a decoder
+/// tensor: under `language_model.model.` (transformers before 4.52) or `model.language_model.`.
+fn language_model_names(name: &str) -> Vec<String> {
+    match (name.strip_prefix("model."), name) {
+        (Some(rest), _) => vec![format!("language_model.model.{rest}"), format!("model.language_model.{rest}")],
+        (None, "lm_head.weight") => vec!["language_model.lm_head.weight".into()],
+        _ => vec![],
     }
 }
 

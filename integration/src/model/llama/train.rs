@@ -98,6 +98,18 @@ impl Llama {
     pub fn dense_forward(&self, ids: &[u32], student: Option<(&AdapterParams, &StudentOpts)>) -> Result<DenseOut> {
         let cfg = &self.cfg;
         let t = ids.len();
+        if cfg.gemma.is_some() {
+            anyhow::bail!("the dense (training) forward does not run Gemma 3's layers; retrofit a Llama-family model");
+        }
+        // Dense attention is the model's own only where no window hides a key.
+        if let Some(w) = cfg.windows.as_ref().filter(|w| t > w.window() as usize) {
+            anyhow::bail!(
+                "the dense (training) forward attends to every token, but this model's window is {} tokens and the \
+                 sequence has {t}: use sequences of at most {} tokens",
+                w.window(),
+                w.window()
+            );
+        }
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let g = nh / nkv;
         let eps = cfg.rms_norm_eps;

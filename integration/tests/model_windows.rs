@@ -1,0 +1,186 @@
+//! Models with their own attention windows: Gemma 3 (five local layers of window 8 with their
+//! own RoPE base, then a global one) against a float64 reference of transformers' model and
+//! against llama.cpp, from its HF directory, a multimodal checkpoint's names and the converter's
+//! GGUF; and Mistral's window on every layer against the `sliding_window` policy on the same
+//! weights.
+
+mod common;
+use common::*;
+
+use dms_integration::engine::{argmax, load_model, Engine};
+use dms_integration::model::WeightForm;
+
+/// The reference's logits at every prompt position and through 8 greedy steps, prompt fed in
+/// chunks of `chunk` tokens (0: one pass), within `tol`; returns the engine and its sequence.
+fn follow(
+    runs: &str,
+    model: &std::path::Path,
+    chunk: usize,
+    tol: f32,
+) -> (Engine, dms_integration::kv::sequence::SequenceCache) {
+    let g = golden(&fixture(runs));
+    let prompt = ids(&g["prompt_ids"]);
+    let mut eng = engine(model, "name = \"full\"", 4);
+    let mut seq = eng.new_sequence();
+    let want = g["prompt_logits"].to_vec2::<f32>().unwrap();
+    let mut logits = Vec::new();
+    let parts: Vec<&[u32]> = if chunk == 0 { vec![&prompt] } else { prompt.chunks(chunk).collect() };
+    let mut t = 0;
+    for part in parts {
+        for got in eng.step(&mut seq, part, true).unwrap().to_vec2::<f32>().unwrap() {
+            let err = max_abs(&got, &want[t]);
+            assert!(err < tol, "{model:?} against {runs}: prompt position {t}: {err}");
+            logits = got;
+            t += 1;
+        }
+    }
+    let steps = g["greedy_step_logits"].to_vec2::<f32>().unwrap();
+    for (i, &want_id) in ids(&g["greedy_ids"]).iter().enumerate() {
+        let err = max_abs(&logits, &steps[i]);
+        assert!(err < tol, "{model:?} against {runs}: greedy step {i}: {err}");
+        assert_eq!(argmax(&logits), want_id, "{model:?}: greedy step {i}");
+        logits = eng.step(&mut seq, &[want_id], false).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+    }
+    (eng, seq)
+}
+
+/// A random Gemma 3 (`fixtures/gguf/gemma3_tiny`, `gemma3.gguf`; written by `generate.py`)
+/// gives the float64 reference's logits (1e-4) and llama.cpp's (within the 1.1e-3 that
+/// llama.cpp's table of f16 GELU values lies from the reference), fed whole or in chunks of 7;
+/// its local layers keep exactly their last 8 tokens, the global one every token.
+#[test]
+fn gemma3_matches_the_reference_and_llama_cpp_from_its_hf_directory_and_gguf() {
+    for model in [fixture("gguf/gemma3_tiny"), fixture("gguf/gemma3.gguf")] {
+        follow("gguf/gemma3_llama_cpp.safetensors", &model, 0, 3e-3);
+        follow("gguf/gemma3_reference.safetensors", &model, 7, 1e-4);
+        let (eng, seq) = follow("gguf/gemma3_reference.safetensors", &model, 0, 1e-4);
+        // 40 prompt tokens and 8 fed in decode steps.
+        for layer in 0..6 {
+            let want: Vec<u32> = if layer < 5 { (40..48).collect() } else { (0..48).collect() };
+            for row in seq.kept_positions(layer, &eng.store) {
+                assert_eq!(row, want, "{model:?}: layer {layer}");
+            }
+        }
+        let cfg = eng.model.config();
+        assert_eq!(cfg.device_context(), None, "some layers are windowed, some are not");
+        assert_eq!(cfg.max_position_embeddings, 512);
+    }
+}
+
+/// A multimodal Gemma 3 (`Gemma3ForConditionalGeneration`: the decoder's settings in
+/// `text_config`, its tensors under `language_model.model.` or `model.language_model.`) loads
+/// as its text model.
+#[test]
+fn a_multimodal_gemma3_checkpoint_loads_its_language_model() {
+    let tensors =
+        candle_core::safetensors::load(fixture("gguf/gemma3_tiny/model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    let text: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("gguf/gemma3_tiny/config.json")).unwrap()).unwrap();
+    for prefix in ["language_model.model.", "model.language_model."] {
+        let dir = std::env::temp_dir().join(format!("dms-gemma3-mm-{}-{}", std::process::id(), prefix.len()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let renamed: std::collections::HashMap<String, candle_core::Tensor> = tensors
+            .iter()
+            .map(|(k, v)| (format!("{prefix}{}", k.strip_prefix("model.").unwrap()), v.clone()))
+            .chain([(
+                "vision_tower.patch.weight".to_string(),
+                candle_core::Tensor::zeros(4, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap(),
+            )])
+            .collect();
+        candle_core::safetensors::save(&renamed, dir.join("model.safetensors")).unwrap();
+        let config = serde_json::json!({
+            "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+            "text_config": text, "vision_config": {"hidden_size": 8}, "mm_tokens_per_image": 256,
+        });
+        std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+        follow("gguf/gemma3_reference.safetensors", &dir, 0, 1e-4);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// What the runtime does not do is refused by name: Gemma 2's soft-capping, other activations,
+/// a `layer_types` list of the wrong length; the dense training forward refuses Gemma 3.
+#[test]
+fn gemma_settings_the_runtime_does_not_run_are_refused() {
+    let dir = std::env::temp_dir().join(format!("dms-gemma3-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(fixture("gguf/gemma3_tiny/model.safetensors"), dir.join("model.safetensors")).unwrap();
+    let text = std::fs::read_to_string(fixture("gguf/gemma3_tiny/config.json")).unwrap();
+    let load_with = |changes: &[(&str, serde_json::Value)]| {
+        let mut config: serde_json::Value = serde_json::from_str(&text).unwrap();
+        for (key, value) in changes {
+            config[*key] = value.clone();
+        }
+        std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+        load_model(&dir, &candle_core::Device::Cpu, WeightForm::Dense)
+    };
+    let load = |key: &str, value: serde_json::Value| load_with(&[(key, value)]);
+    let refused = |key: &str, value: serde_json::Value, words: &[&str]| {
+        let e = format!("{:#}", load(key, value).err().unwrap_or_else(|| panic!("{key} accepted")));
+        assert!(words.iter().all(|w| e.contains(w)), "{key}: {e}");
+    };
+    refused("attn_logit_softcapping", serde_json::json!(50.0), &["attn_logit_softcapping", "Gemma 2"]);
+    refused("final_logit_softcapping", serde_json::json!(30.0), &["final_logit_softcapping"]);
+    refused("hidden_activation", serde_json::json!("silu"), &["hidden_activation", "silu"]);
+    refused("layer_types", serde_json::json!(["full_attention"]), &["layer_types", "1 entries for 6 layers"]);
+    refused("layer_types", serde_json::json!(vec!["chunked_attention"; 6]), &["chunked_attention"]);
+    let gemma2 =
+        [("model_type", serde_json::json!("gemma2")), ("architectures", serde_json::json!(["Gemma2ForCausalLM"]))];
+    let e = format!("{:#}", load_with(&gemma2).err().unwrap());
+    assert!(e.contains("gemma2") && e.contains("supported:"), "{e}");
+    // `layer_types` says which layers are windowed: all of them here, so the model is no longer
+    // the fixture's (its sixth layer is global).
+    let all_local = load("layer_types", serde_json::json!(vec!["sliding_attention"; 6])).unwrap();
+    assert_eq!(all_local.model.config().windows.as_ref().unwrap().layers(), [true; 6]);
+    assert_eq!(all_local.model.config().device_context(), Some(8));
+    let loaded = load("sliding_window", serde_json::json!(8)).unwrap();
+    let e = format!("{:#}", loaded.model.dense_forward(&[1, 2, 3], None).err().unwrap());
+    assert!(e.contains("Gemma 3"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Mistral's `sliding_window` on every layer (no longer a cap on the context): the tiny Llama 3's
+/// weights as a Mistral with a window of 6 give under the full cache exactly what the same
+/// weights without a window give under the `sliding_window` policy of 6 (an independently
+/// tested policy), prompt whole or in chunks, through decode steps; the windowed rows hold 6
+/// tokens.
+#[test]
+fn mistrals_window_is_the_sliding_window_policy_on_every_layer() {
+    let dir = std::env::temp_dir().join(format!("dms-mistral-window-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(fixture("llama3_tiny/model.safetensors"), dir.join("model.safetensors")).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("llama3_tiny/config.json")).unwrap()).unwrap();
+    config["architectures"] = serde_json::json!(["MistralForCausalLM"]);
+    config["model_type"] = serde_json::json!("mistral");
+    let run = |window: serde_json::Value, policy: &str, chunk: usize| {
+        let mut c = config.clone();
+        c["sliding_window"] = window;
+        std::fs::write(dir.join("config.json"), c.to_string()).unwrap();
+        let mut eng = engine(&dir, policy, 4);
+        let mut seq = eng.new_sequence();
+        let prompt = seeded_tokens(3, 23);
+        let mut logits = vec![eng.prefill(&mut seq, &prompt, chunk).unwrap()];
+        for _ in 0..5 {
+            let next = argmax(logits.last().unwrap());
+            logits.push(eng.step(&mut seq, &[next], false).unwrap().squeeze(0).unwrap().to_vec1().unwrap());
+        }
+        let kept = seq.kept_positions(1, &eng.store);
+        (logits, kept, eng.model.config().max_position_embeddings)
+    };
+    let (want, want_kept, _) = run(serde_json::Value::Null, "name = \"sliding_window\"\nwindow = 6", 0);
+    assert_eq!(want_kept[0], (22..28).collect::<Vec<u32>>());
+    for chunk in [0, 5] {
+        let (got, kept, context) = run(serde_json::json!(6), "name = \"full\"", chunk);
+        assert_eq!(kept, want_kept, "chunk {chunk}");
+        assert_eq!(context, 512, "the window no longer caps the context");
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(max_abs(g, w) < 1e-5, "chunk {chunk}, step {i}: {}", max_abs(g, w));
+        }
+    }
+    // Without the window the model attends further back: the comparison can fail.
+    let (unwindowed, _, _) = run(serde_json::Value::Null, "name = \"full\"", 0);
+    assert!(max_abs(&unwindowed[3], &want[3]) > 1e-3, "the window changes nothing on this prompt");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -496,7 +496,8 @@ fn gguf_metadata_is_honoured_or_refused_never_ignored() {
             Err(e) => assert!(!ok && format!("{e:#}").contains("rope_freqs.weight"), "{n} x {fill}: {e:#}"),
         }
     }
-    // RoPE over part of a head is refused.
+    // RoPE over part of a head is refused in a `llama` file (its q/k rows are permuted for the
+    // whole head).
     let mut m4 = meta.clone();
     m4.push(("llama.rope.dimension_count", Value::U32(8)));
     let e = format!("{:#}", load(&m4, &tensors, "partial.gguf").err().expect("refused"));

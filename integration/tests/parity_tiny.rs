@@ -174,8 +174,8 @@ fn mixtral_matches_llama_cpp_from_gguf_and_hf_directory() {
 /// A random Phi-3 from its HF directory (q/k/v fused in `qkv_proj`, gate and up in
 /// `gate_up_proj`) and from the converter's `phi3` GGUF (`attn_qkv`; `ffn_up` holding gate then
 /// up): both give llama.cpp's logits for the file (`fixtures/gguf/phi3_llama_cpp.safetensors`).
-/// A config whose key/value heads do not match the fused rows, RoPE over part of a head and
-/// LongRoPE factors of the wrong length are refused by name; Phi-3-mini-4k's window covers every
+/// A config whose key/value heads do not match the fused rows, RoPE over an odd part of a head
+/// and LongRoPE factors of the wrong length are refused by name; Phi-3-mini-4k's window covers every
 /// layer (and caps the device engine's context); generation_config.json's end-of-sequence tokens are read.
 #[test]
 fn phi3_matches_llama_cpp_from_gguf_and_hf_directory() {
@@ -205,7 +205,7 @@ fn phi3_matches_llama_cpp_from_gguf_and_hf_directory() {
         serde_json::json!(1),
         &["model.layers.0.self_attn.qkv_proj.weight", "does not match"],
     );
-    refused("partial_rotary_factor", serde_json::json!(0.75), &["partial_rotary_factor"]);
+    refused("partial_rotary_factor", serde_json::json!(0.7), &["partial_rotary_factor", "rotates 11 channels"]);
     let longrope = serde_json::json!({"type": "longrope", "short_factor": [1.0], "long_factor": [1.0]});
     refused("rope_scaling", longrope, &["head_dim / 2 = 8"]);
     let windowed = load("sliding_window", serde_json::json!(100)).unwrap();
@@ -235,6 +235,44 @@ fn phi3_longrope_matches_llama_cpp_below_its_original_context() {
         assert!(matches!(cfg.rope_scaling, Some(dms_integration::model::config::RopeScaling::LongRope(_))), "{path}");
         assert!((cfg.rope_attention_factor() - 1.25f64.sqrt()).abs() < 1e-6, "{path}: {}", cfg.rope_attention_factor());
     }
+}
+
+/// Phi-4-mini's choices on a random Phi-3 (`fixtures/gguf/phi4_mini_tiny`, `phi4_mini.gguf`): RoPE
+/// over 12 of each head's 16 channels (`partial_rotary_factor` 0.75; a GGUF's
+/// `rope.dimension_count`), LongRoPE over those channels' 6 frequencies, tied embeddings. Both
+/// give llama.cpp's logits, prompt and greedy steps, through the engine and through the
+/// retrofit's differentiable forward; RoPE over the whole head would not (the rotated width
+/// matters).
+#[test]
+fn phi4_mini_rotates_part_of_each_head_as_llama_cpp_does() {
+    let runs = "gguf/phi4_mini_llama_cpp.safetensors";
+    for path in ["gguf/phi4_mini.gguf", "gguf/phi4_mini_tiny"] {
+        let eng = check_llama_cpp(runs, &fixture(path));
+        let cfg = eng.model.config();
+        assert_eq!((cfg.partial_rotary_dim, cfg.head_dim, cfg.tie_word_embeddings), (Some(12), 16, true), "{path}");
+        assert_eq!(cfg.max_position_embeddings, 256, "{path}: LongRoPE serves the original context");
+        // The retrofit's differentiable forward rotates the same channels.
+        let g = golden(&fixture(runs));
+        let dense = eng.model.dense_forward(&ids(&g["prompt_ids"]), None).unwrap().logits.to_vec2::<f32>().unwrap();
+        for (t, (got, want)) in dense.iter().zip(&g["prompt_logits"].to_vec2::<f32>().unwrap()).enumerate() {
+            assert!(max_abs(got, want) < TOL, "{path}: dense forward, position {t}: {}", max_abs(got, want));
+        }
+    }
+    let dir = std::env::temp_dir().join(format!("dms-phi4-whole-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(fixture("gguf/phi4_mini_tiny/model.safetensors"), dir.join("model.safetensors")).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("gguf/phi4_mini_tiny/config.json")).unwrap()).unwrap();
+    config["partial_rotary_factor"] = serde_json::json!(1.0);
+    config["rope_scaling"] = serde_json::Value::Null;
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let g = golden(&fixture(runs));
+    let mut eng = engine(&dir, "name = \"full\"", 4);
+    let mut seq = eng.new_sequence();
+    let all = eng.step(&mut seq, &ids(&g["prompt_ids"]), true).unwrap().to_vec2::<f32>().unwrap();
+    let want = g["prompt_logits"].to_vec2::<f32>().unwrap();
+    assert!(max_abs(all.last().unwrap(), want.last().unwrap()) > 1e-3, "whole-head RoPE gives the same logits");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The same Qwen3-MoE with its experts packed as transformers 5 saves them
@@ -288,7 +326,8 @@ fn qwen3_moe_with_packed_experts_matches_llama_cpp() {
 fn gguf_stop_tokens_are_llama_cpps() {
     let expected: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fixture("gguf/expected.json")).unwrap()).unwrap();
-    for file in ["llama3_tiny.gguf", "qwen3_tiny.gguf", "deepseek_mla_tiny.gguf", "deepseek_v3_moe.gguf", "phi3.gguf"] {
+    let files = ["llama3_tiny.gguf", "qwen3_tiny.gguf", "deepseek_mla_tiny.gguf", "deepseek_v3_moe.gguf", "phi3.gguf"];
+    for file in files.into_iter().chain(["phi4_mini.gguf"]) {
         let m = dms_integration::engine::load_model(
             &fixture(&format!("gguf/{file}")),
             &candle_core::Device::Cpu,
@@ -304,7 +343,7 @@ fn gguf_stop_tokens_are_llama_cpps() {
 }
 
 /// The tokenizers built from the GGUF fixtures' metadata (byte-level BPE with pre-tokenizers
-/// `llama-bpe`, `qwen2`, `smollm`, `deepseek-llm`, `deepseek-v3`; SentencePiece BPE) give llama.cpp's token ids
+/// `llama-bpe`, `qwen2`, `smollm`, `deepseek-llm`, `deepseek-v3`, `gpt-4o`; SentencePiece BPE) give llama.cpp's token ids
 /// (`fixtures/gguf/expected.json`, from llama-cpp-python), with and without the special tokens
 /// the file asks to add, and decode to llama.cpp's text piece by piece.
 #[test]
@@ -315,7 +354,7 @@ fn gguf_tokenizers_match_llama_cpp() {
         v.as_array().unwrap().iter().map(|x| u32::try_from(x.as_u64().unwrap()).unwrap()).collect()
     };
     let files = ["llama3_tiny.gguf", "qwen3_tiny.gguf", "smollm_vocab.gguf", "spm_vocab.gguf"];
-    for file in files.into_iter().chain(["deepseek_mla_tiny.gguf", "deepseek_v3_moe.gguf"]) {
+    for file in files.into_iter().chain(["deepseek_mla_tiny.gguf", "deepseek_v3_moe.gguf", "phi4_mini.gguf"]) {
         let content = dms_integration::model::gguf_header::read_gguf_header(&fixture(&format!("gguf/{file}"))).unwrap();
         let tok = dms_integration::model::gguf_tokenizer::from_gguf(&content).unwrap();
         let e = &expected[file];

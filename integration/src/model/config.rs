@@ -387,6 +387,9 @@ pub struct ModelConfig {
     pub head_dim: usize,
     /// RoPE base.
     pub rope_theta: f64,
+    /// RoPE rotates only the first this many channels of each head (Phi-4-mini's 96 of 128,
+    /// from `partial_rotary_factor`); None: the whole head.
+    pub partial_rotary_dim: Option<usize>,
     /// Optional RoPE frequency scaling.
     pub rope_scaling: Option<RopeScaling>,
     /// RMSNorm epsilon.
@@ -565,11 +568,6 @@ impl ModelConfig {
             ),
         };
         let gemma = if arch == Arch::Gemma3 { Some(parse_gemma(&c)?) } else { None };
-        if let Some(f) = c.partial_rotary_factor.filter(|&f| f != 1.0) {
-            bail!(
-                "model config: partial_rotary_factor {f} (RoPE over part of each head, as Phi-4-mini's) is not supported"
-            );
-        }
         let fp8 = super::fp8::scheme_of(c.quantization_config.as_ref())?;
         let is_v3 = model_type == "deepseek_v3" || arch_name == "DeepseekV3ForCausalLM";
         let is_mixtral = model_type == "mixtral" || arch_name == "MixtralForCausalLM";
@@ -615,6 +613,7 @@ impl ModelConfig {
             num_kv_heads,
             head_dim,
             rope_theta: c.rope_theta.unwrap_or(if is_mixtral || arch == Arch::Gemma3 { 1e6 } else { 10_000.0 }),
+            partial_rotary_dim: partial_rotary_dim(c.partial_rotary_factor, head_dim, mla.is_some())?,
             rope_scaling,
             // transformers' defaults: Phi3Config's 1e-5, the others' 1e-6.
             rms_norm_eps: c.rms_norm_eps.unwrap_or(if arch == Arch::Phi3 { 1e-5 } else { 1e-6 }),
@@ -667,6 +666,9 @@ impl ModelConfig {
         if !self.head_dim.is_multiple_of(2) {
             bail!("model config: head_dim {} must be even for RoPE", self.head_dim);
         }
+        if let Some(r) = self.partial_rotary_dim.filter(|&r| r == 0 || r % 2 == 1 || r > self.head_dim) {
+            bail!("model config: RoPE over {r} channels of a {}-wide head: it must be even, positive and at most the head", self.head_dim);
+        }
         if let Some(RopeScaling::Linear(factor)) = &self.rope_scaling {
             if !(factor.is_finite() && *factor > 0.0) {
                 bail!("model config: linear RoPE scaling needs a positive, finite factor; got {factor}");
@@ -691,10 +693,11 @@ impl ModelConfig {
             _ => None,
         };
         if let Some(div) = divisors {
-            if div.len() != self.head_dim / 2 || !div.iter().all(|d| d.is_finite() && *d > 0.0) {
+            if div.len() != self.rope_dim() / 2 || !div.iter().all(|d| d.is_finite() && *d > 0.0) {
                 bail!(
-                    "RoPE frequency factors: need head_dim / 2 = {} positive, finite values; got {} ({div:?})",
-                    self.head_dim / 2,
+                    "RoPE frequency factors: need {} / 2 = {} positive, finite values; got {} ({div:?})",
+                    if self.partial_rotary_dim.is_some() { "the rotated channels" } else { "head_dim" },
+                    self.rope_dim() / 2,
                     div.len()
                 );
             }
@@ -838,9 +841,15 @@ impl ModelConfig {
         self.num_heads / self.num_kv_heads
     }
 
-    /// RoPE inverse frequencies (after any scaling), `head_dim / 2` values.
+    /// Channels of each head RoPE rotates (the first ones): the whole head unless
+    /// [`Self::partial_rotary_dim`] says fewer.
+    pub fn rope_dim(&self) -> usize {
+        self.partial_rotary_dim.unwrap_or(self.head_dim)
+    }
+
+    /// RoPE inverse frequencies (after any scaling), `rope_dim / 2` values.
     pub fn rope_inv_freq(&self) -> Vec<f64> {
-        let d = self.head_dim;
+        let d = self.rope_dim();
         let base = (0..d / 2).map(|i| 1.0 / self.rope_theta.powf(2.0 * i as f64 / d as f64));
         match &self.rope_scaling {
             None => base.collect(),
@@ -1089,6 +1098,23 @@ fn parse_gemma(c: &HfConfig) -> Result<GemmaConfig> {
         bail!("model config: query_pre_attn_scalar must be positive, not {scalar}");
     }
     Ok(GemmaConfig { query_pre_attn_scalar: scalar, local_rope_theta: c.rope_local_base_freq.unwrap_or(10_000.0) })
+}
+
+/// The channels RoPE rotates for `partial_rotary_factor` (transformers' `int(head_dim * factor)`);
+/// None for the whole head. Latent attention has its own rope width and takes no factor.
+fn partial_rotary_dim(factor: Option<f64>, head_dim: usize, latent: bool) -> Result<Option<usize>> {
+    let Some(f) = factor.filter(|&f| f != 1.0) else { return Ok(None) };
+    if latent {
+        bail!("model config: partial_rotary_factor {f} is not supported for latent attention");
+    }
+    if !(f > 0.0 && f < 1.0) {
+        bail!("model config: partial_rotary_factor must lie in (0, 1], not {f}");
+    }
+    let dim = (head_dim as f64 * f) as usize;
+    if dim == 0 || dim % 2 == 1 {
+        bail!("model config: partial_rotary_factor {f} of a {head_dim}-wide head rotates {dim} channels: not a positive even count");
+    }
+    Ok(Some(dim))
 }
 
 /// A multimodal Gemma 3 (`model_type = "gemma3"`) keeps its decoder's settings in
@@ -1403,8 +1429,15 @@ mod rope_scaling_tests {
             (want.rope_inv_freq(), want.rope_attention_factor())
         );
         assert_eq!(got.max_position_embeddings, 131072);
-        let e = with(r#"{"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75}"#).unwrap_err();
-        assert!(format!("{e:#}").contains("partial_rotary_factor"), "{e:#}");
+        let partial =
+            with(r#"{"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75}"#).unwrap();
+        assert_eq!((partial.partial_rotary_dim, partial.rope_inv_freq().len()), (Some(96), 48));
+        // transformers' frequencies over the rotated channels: base^(-2i / 96).
+        assert_eq!(partial.rope_inv_freq()[1], 1.0 / 10000f64.powf(2.0 / 96.0));
+        for bad in ["0.0", "1.5", "0.0078125"] {
+            let e = with(&format!(r#"{{"rope_theta": 10000.0, "partial_rotary_factor": {bad}}}"#)).unwrap_err();
+            assert!(format!("{e:#}").contains("partial_rotary_factor"), "{bad}: {e:#}");
+        }
     }
 
     fn qwen3_8b(rope_scaling: &str) -> Result<ModelConfig> {

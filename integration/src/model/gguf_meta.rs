@@ -147,23 +147,27 @@ pub(crate) fn model_config(c: &Content) -> Result<ModelConfig> {
     let hidden = meta_usize(c, &format!("{a}.embedding_length"))?;
     let heads = meta_usize(c, &format!("{a}.attention.head_count"))?;
     let mla = if arch == Arch::DeepSeek { Some(latent_attention(c, &a)?) } else { None };
-    let (kv, head_dim) = match &mla {
-        Some(m) => (1, m.kv_lora_rank + m.qk_rope_head_dim),
+    let (kv, head_dim, partial_rotary_dim) = match &mla {
+        Some(m) => (1, m.kv_lora_rank + m.qk_rope_head_dim, None),
         None => {
             let kv = meta_opt_usize(c, &format!("{a}.attention.head_count_kv"))?.unwrap_or(heads);
             let head_dim = meta_opt_usize(c, &format!("{a}.attention.key_length"))?.unwrap_or(hidden / heads.max(1));
-            // RoPE over part of a head would run with the wrong rotation.
-            if let Some(rot) = meta_opt_usize(c, &format!("{a}.rope.dimension_count"))? {
-                if rot != head_dim {
-                    bail!(
-                        "GGUF `{a}.rope.dimension_count` = {rot}: RoPE over part of a head ({head_dim}) is not supported"
-                    );
-                }
+            // RoPE over the first `rot` channels of each head (Phi-4-mini's 96 of 128).
+            let rot = meta_opt_usize(c, &format!("{a}.rope.dimension_count"))?;
+            if let Some(r) = rot.filter(|&r| r == 0 || r % 2 == 1 || r > head_dim) {
+                bail!(
+                    "GGUF `{a}.rope.dimension_count` = {r}: RoPE needs an even count of at most the head's {head_dim}"
+                );
+            }
+            // A `llama` file's q/k rows are permuted for llama.cpp's interleaved rotation over the
+            // whole head; undoing that over part of a head is not defined here.
+            if let Some(r) = rot.filter(|&r| r < head_dim && a == "llama") {
+                bail!("GGUF `{a}.rope.dimension_count` = {r}: RoPE over part of a head ({head_dim}) is not supported in `llama` files");
             }
             if let Some(n) = meta_opt_usize(c, &format!("{a}.expert_count"))?.filter(|&n| n > 0 && !has_experts(&a)) {
                 bail!("GGUF `{a}.expert_count` = {n}: experts are read for llama, qwen2moe, qwen3moe and deepseek2 files only");
             }
-            (kv, head_dim)
+            (kv, head_dim, rot.filter(|&r| r < head_dim))
         }
     };
     let vocab = match c.metadata.get("tokenizer.ggml.tokens") {
@@ -224,6 +228,7 @@ pub(crate) fn model_config(c: &Content) -> Result<ModelConfig> {
         num_kv_heads: kv,
         head_dim,
         rope_theta: meta_f64(c, &format!("{a}.rope.freq_base"))?.unwrap_or(10_000.0),
+        partial_rotary_dim,
         rope_scaling,
         rms_norm_eps: meta_f64(c, &format!("{a}.attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5),
         tie_word_embeddings: !c.tensor_infos.contains_key("output.weight"),

@@ -41,11 +41,23 @@ enum PreTokenizer {
     DeepSeekLlm,
     /// DeepSeek-V3's (`deepseek-v3`): three splits in turn.
     DeepSeekV3,
+    /// GPT-4o's (`gpt-4o`: Phi-4-mini): cased words with their contractions, runs of up to three
+    /// digits.
+    Gpt4o,
 }
 
 /// The `tokenizer.ggml.pre` names this module builds, each with the split llama.cpp gives it.
-pub const SUPPORTED_PRE: &[&str] =
-    &["smollm", "llama-bpe", "llama3", "llama-v3", "qwen2", "deepseek-r1-qwen", "deepseek-llm", "deepseek-v3"];
+pub const SUPPORTED_PRE: &[&str] = &[
+    "smollm",
+    "llama-bpe",
+    "llama3",
+    "llama-v3",
+    "qwen2",
+    "deepseek-r1-qwen",
+    "deepseek-llm",
+    "deepseek-v3",
+    "gpt-4o",
+];
 
 /// Llama 3's split, as its tokenizer.json gives it (llama.cpp's `LLAMA3`).
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
@@ -53,6 +65,11 @@ const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L
 /// Qwen2's split, as its tokenizer.json gives it (llama.cpp's `QWEN2`).
 const QWEN2_SPLIT: &str =
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// GPT-4o's split as llama.cpp writes it (`GPT4O`): tokenizer.json's letter classes `\p{Lu}` and
+/// `\p{Ll}` become "a letter other than a-z" and "a letter other than A-Z", which is what
+/// llama.cpp splits by.
+const GPT4O_SPLIT: &str = r"[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))*((?=[\p{L}])([^A-Z]))+(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?|[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))+((?=[\p{L}])([^A-Z]))*(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// DeepSeek LLM's splits, applied one after another, as its tokenizer.json gives them (llama.cpp's
 /// `DEEPSEEK_LLM`): line breaks; letters of the Latin, Greek, Cyrillic and other cased scripts
@@ -84,6 +101,7 @@ impl PreTokenizer {
             Some("qwen2" | "deepseek-r1-qwen") => Self::Qwen2,
             Some("deepseek-llm") => Self::DeepSeekLlm,
             Some("deepseek-v3") => Self::DeepSeekV3,
+            Some("gpt-4o") => Self::Gpt4o,
             // Another split would tokenize the text the wrong way without any error.
             other => bail!(
                 "GGUF pre-tokenizer `{}` is not supported (supported: {}); use the model's HF directory, whose \
@@ -108,6 +126,7 @@ impl PreTokenizer {
             ],
             Self::Llama3 => vec![split(LLAMA3_SPLIT)?, bytes_only],
             Self::Qwen2 => vec![split(QWEN2_SPLIT)?, bytes_only],
+            Self::Gpt4o => vec![split(GPT4O_SPLIT)?, bytes_only],
             Self::DeepSeekLlm | Self::DeepSeekV3 => {
                 let splits = if self == Self::DeepSeekLlm { DEEPSEEK_LLM_SPLITS } else { DEEPSEEK_V3_SPLITS };
                 let mut all = splits.iter().map(|p| split(p)).collect::<Result<Vec<_>>>()?;

@@ -916,7 +916,7 @@ impl Llama {
 /// Gemma 3's local layers' RoPE inverse frequencies: their own base, no scaling.
 fn local_rope_freqs(cfg: &ModelConfig) -> Option<Vec<f32>> {
     let g = cfg.gemma?;
-    let d = cfg.head_dim;
+    let d = cfg.rope_dim();
     Some((0..d / 2).map(|i| (1.0 / g.local_rope_theta.powf(2.0 * i as f64 / d as f64)) as f32).collect())
 }
 
@@ -931,10 +931,18 @@ fn rope_freqs(cfg: &ModelConfig) -> Vec<f32> {
     .collect()
 }
 
-/// Rotate-half RoPE on `[n, heads, head_dim]` with per-token tables `[n, head_dim/2]`.
+/// Rotate-half RoPE on `[n, heads, head_dim]` with per-token tables `[n, rope_dim/2]`: the first
+/// `rope_dim` channels of each head rotate, the others pass through.
 fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     // `[n, heads, d]` is candle's `[batch 1, time n, heads, d]` layout: one kernel, no transposes.
-    Ok(candle_nn::rotary_emb::rope_thd(&x.contiguous()?.unsqueeze(0)?, cos, sin)?.squeeze(0)?)
+    let rotate = |x: &Tensor| -> Result<Tensor> {
+        Ok(candle_nn::rotary_emb::rope_thd(&x.contiguous()?.unsqueeze(0)?, cos, sin)?.squeeze(0)?)
+    };
+    let (d, rot) = (x.dim(2)?, 2 * cos.dim(1)?);
+    if rot == d {
+        return rotate(x);
+    }
+    Ok(Tensor::cat(&[&rotate(&x.narrow(2, 0, rot)?)?, &x.narrow(2, rot, d - rot)?], 2)?)
 }
 
 #[cfg(test)]

@@ -21,6 +21,7 @@ pub fn named_shape(name: &str) -> Result<ModelConfig> {
         num_kv_heads: kv,
         head_dim: hd,
         rope_theta: theta,
+        partial_rotary_dim: None,
         rope_scaling: None,
         rms_norm_eps: 1e-5,
         tie_word_embeddings: false,

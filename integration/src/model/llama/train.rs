@@ -75,9 +75,14 @@ fn rms(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     Ok(candle_nn::ops::rms_norm_slow(x, w, eps as f32)?)
 }
 
-/// Differentiable rotate-half RoPE on `[T, heads, hd]` with tables `[T, hd/2]`.
+/// Differentiable rotate-half RoPE on `[T, heads, hd]` with tables `[T, rope_dim/2]` (the first
+/// `rope_dim` channels rotate, the others pass through).
 fn rope_diff(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let half = x.dim(2)? / 2;
+    let (d, half) = (x.dim(2)?, cos.dim(1)?);
+    if 2 * half < d {
+        let rotated = rope_diff(&x.narrow(2, 0, 2 * half)?, cos, sin)?;
+        return Ok(Tensor::cat(&[&rotated, &x.narrow(2, 2 * half, d - 2 * half)?], 2)?);
+    }
     let (c, s) = (cos.unsqueeze(1)?, sin.unsqueeze(1)?);
     let x1 = x.narrow(2, 0, half)?;
     let x2 = x.narrow(2, half, half)?;

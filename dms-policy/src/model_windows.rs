@@ -2,9 +2,11 @@
 //! any policy.
 //!
 //! In a layer the model trained with a window, query q sees key k iff `q - k < window`: that is
-//! the model's definition, not a choice, so those rows run exactly that window (their memory
-//! returned as keys leave it) and the configured policy governs the layers that attend to the
-//! whole context.
+//! the model's definition, not a choice. Under a policy that keeps every key (the full cache),
+//! those rows run exactly that window, their memory returned as keys leave it. Under any other
+//! policy they run the policy with every key also hidden once it leaves the window: a key is
+//! visible iff both allow it, and memory is what the policy keeps. Layers without a window run
+//! the policy alone.
 
 use crate::policies::sliding_window::window_state;
 use crate::{CacheShape, CompactPlan, EvictPlan, PolicyError, Pos, RowRef, SequencePolicy, MAX_WINDOW};
@@ -44,31 +46,101 @@ impl ModelWindows {
         self.layers.get(layer).copied().unwrap_or(false)
     }
 
-    /// Wraps `inner` (a sequence's state under the configured policy) so that the windowed
-    /// layers of `shape` run the model's window and every other row runs `inner`.
-    pub fn wrap(&self, inner: Box<dyn SequencePolicy>, shape: CacheShape) -> Box<dyn SequencePolicy> {
-        let window = window_state(self.window, 0, shape);
-        Box::new(Windowed { layers: self.layers.clone(), window, inner })
+    /// Wraps `inner` (a sequence's state under the configured policy) for the layers of `shape`:
+    /// windowed rows run the model's window alone when `inner_keeps_all` (the policy keeps every
+    /// key), else `inner` with keys leaving the window hidden; other rows run `inner`.
+    pub fn wrap(
+        &self,
+        inner: Box<dyn SequencePolicy>,
+        shape: CacheShape,
+        inner_keeps_all: bool,
+    ) -> Box<dyn SequencePolicy> {
+        let windowed = match inner_keeps_all {
+            true => WindowedRows::Window(window_state(self.window, 0, shape)),
+            false => WindowedRows::Hidden(vec![HiddenRow::default(); shape.n_rows()]),
+        };
+        Box::new(Windowed { layers: self.layers.clone(), window: self.window, shape, windowed, inner })
     }
 }
 
-/// A sequence's state: the window's rows and the configured policy's.
+/// How a sequence's windowed rows run.
+enum WindowedRows {
+    /// The model's window alone (the policy keeps every key).
+    Window(Box<dyn SequencePolicy>),
+    /// The policy, each row's plans capped at the window.
+    Hidden(Vec<HiddenRow>),
+}
+
+/// A windowed row under a policy that evicts: the position each slot holds, as the policy's
+/// plans left it. Every key is written visible until it leaves the window at the latest, and
+/// the policy's later hides are capped at that, so no key is ever seen past the window.
+#[derive(Clone, Default)]
+struct HiddenRow {
+    /// Per slot, the position it holds.
+    positions: Vec<Pos>,
+}
+
+impl HiddenRow {
+    /// Caps `plan` (the policy's plan for positions `first..`) at the window of `window` tokens.
+    fn cap(&mut self, first: Pos, window: Pos, plan: &mut EvictPlan) {
+        for (slot, until) in plan.hide.iter_mut() {
+            if let Some(&pos) = self.positions.get(*slot as usize) {
+                *until = (*until).min(pos.saturating_add(window - 1));
+            }
+        }
+        for (i, w) in plan.writes.iter_mut().enumerate() {
+            let pos = first + i as Pos;
+            w.last_visible = w.last_visible.min(pos.saturating_add(window - 1));
+            let s = w.slot as usize;
+            if s >= self.positions.len() {
+                self.positions.resize(s + 1, 0);
+            }
+            self.positions[s] = pos;
+        }
+    }
+
+    /// Follows the policy's compaction.
+    fn compact(&mut self, plan: &CompactPlan) {
+        for &(from, to) in &plan.moves {
+            if let Some(&pos) = self.positions.get(from as usize) {
+                if let Some(slot) = self.positions.get_mut(to as usize) {
+                    *slot = pos;
+                }
+            }
+        }
+        self.positions.truncate(plan.len as usize);
+    }
+}
+
+/// A sequence's state: the windowed rows' and the configured policy's.
 struct Windowed {
     layers: Vec<bool>,
-    window: Box<dyn SequencePolicy>,
+    window: u32,
+    shape: CacheShape,
+    windowed: WindowedRows,
     inner: Box<dyn SequencePolicy>,
 }
 
 impl Windowed {
+    fn windowed(&self, row: RowRef) -> bool {
+        self.layers.get(row.layer).copied().unwrap_or(false)
+    }
+
+    /// The policy that plans `row`: the window alone, or the configured one.
     fn policy(&mut self, row: RowRef) -> &mut dyn SequencePolicy {
-        match self.layers.get(row.layer).copied().unwrap_or(false) {
-            true => self.window.as_mut(),
-            false => self.inner.as_mut(),
+        match (self.windowed(row), &mut self.windowed) {
+            (true, WindowedRows::Window(w)) => w.as_mut(),
+            _ => self.inner.as_mut(),
         }
     }
 
-    fn windowed(&self, row: RowRef) -> bool {
-        self.layers.get(row.layer).copied().unwrap_or(false)
+    /// The mirror of a windowed row whose policy evicts.
+    fn hidden(&mut self, row: RowRef) -> Option<&mut HiddenRow> {
+        let i = self.shape.index(row);
+        match (self.windowed(row), &mut self.windowed) {
+            (true, WindowedRows::Hidden(rows)) => rows.get_mut(i),
+            _ => None,
+        }
     }
 }
 
@@ -78,11 +150,20 @@ impl SequencePolicy for Windowed {
     }
 
     fn evict(&mut self, row: RowRef, first_pos: Pos, n_new: usize, plan: &mut EvictPlan) -> Result<(), PolicyError> {
-        self.policy(row).evict(row, first_pos, n_new, plan)
+        self.policy(row).evict(row, first_pos, n_new, plan)?;
+        let window = self.window;
+        if let Some(h) = self.hidden(row) {
+            h.cap(first_pos, window, plan);
+        }
+        Ok(())
     }
 
     fn compact(&mut self, row: RowRef, plan: &mut CompactPlan) -> Result<(), PolicyError> {
-        self.policy(row).compact(row, plan)
+        self.policy(row).compact(row, plan)?;
+        if let Some(h) = self.hidden(row) {
+            h.compact(plan);
+        }
+        Ok(())
     }
 
     fn observe_attention(&mut self, row: RowRef, weights: &[f32]) -> Result<(), PolicyError> {
@@ -90,20 +171,25 @@ impl SequencePolicy for Windowed {
     }
 
     fn shadow_kept(&self, row: RowRef) -> Option<usize> {
-        match self.windowed(row) {
-            true => None,
-            false => self.inner.shadow_kept(row),
+        match (self.windowed(row), &self.windowed) {
+            (true, WindowedRows::Window(_)) => None,
+            _ => self.inner.shadow_kept(row),
         }
     }
 
     fn pending_evictions(&self, row: RowRef) -> usize {
-        match self.windowed(row) {
-            true => 0,
-            false => self.inner.pending_evictions(row),
+        match (self.windowed(row), &self.windowed) {
+            (true, WindowedRows::Window(_)) => 0,
+            _ => self.inner.pending_evictions(row),
         }
     }
 
     fn fork(&self) -> Option<Box<dyn SequencePolicy>> {
-        Some(Box::new(Windowed { layers: self.layers.clone(), window: self.window.fork()?, inner: self.inner.fork()? }))
+        let windowed = match &self.windowed {
+            WindowedRows::Window(w) => WindowedRows::Window(w.fork()?),
+            WindowedRows::Hidden(rows) => WindowedRows::Hidden(rows.clone()),
+        };
+        let (layers, window, shape) = (self.layers.clone(), self.window, self.shape);
+        Some(Box::new(Windowed { layers, window, shape, windowed, inner: self.inner.fork()? }))
     }
 }

@@ -260,10 +260,15 @@ fn a_switched_on_model_window_covers_its_layers() {
     };
     assert_eq!(long(None), (32768, Some(4096)));
     assert_eq!(long(Some(serde_json::Value::Null)), (32768, None));
+    // A window no shorter than the context hides nothing; one beyond what a policy can hold is
+    // refused.
     let huge = serde_json::json!({"model_type": "mistral", "architectures": ["MistralForCausalLM"],
         "sliding_window": 4294967296u64});
-    let e = err_of(patched_config("llama3_tiny", huge));
-    assert!(e.contains("sliding_window") && e.contains("4294967296"), "{e}");
+    assert_eq!(windows("llama3_tiny", huge), (512, None, Some(512)));
+    let beyond = serde_json::json!({"model_type": "mistral", "architectures": ["MistralForCausalLM"],
+        "sliding_window": 33554432, "max_position_embeddings": 67108864});
+    let e = err_of(patched_config("llama3_tiny", beyond));
+    assert!(e.contains("sliding_window") && e.contains("33554432"), "{e}");
 }
 
 #[test]

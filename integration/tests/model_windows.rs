@@ -144,7 +144,8 @@ fn gemma_settings_the_runtime_does_not_run_are_refused() {
 /// weights as a Mistral with a window of 6 give under the full cache exactly what the same
 /// weights without a window give under the `sliding_window` policy of 6 (an independently
 /// tested policy), prompt whole or in chunks, through decode steps; the windowed rows hold 6
-/// tokens.
+/// tokens. Under a policy that evicts, a key is visible while both the policy and the window
+/// allow it.
 #[test]
 fn mistrals_window_is_the_sliding_window_policy_on_every_layer() {
     let dir = std::env::temp_dir().join(format!("dms-mistral-window-{}", std::process::id()));
@@ -177,6 +178,18 @@ fn mistrals_window_is_the_sliding_window_policy_on_every_layer() {
         assert_eq!(context, 512, "the window no longer caps the context");
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             assert!(max_abs(g, w) < 1e-5, "chunk {chunk}, step {i}: {}", max_abs(g, w));
+        }
+    }
+    // A policy that evicts runs on the windowed rows too, each key visible while both allow it:
+    // a policy window of 4 inside the model's 6 is that window alone, one of 10 is the model's.
+    for (policy, alone) in [(4, 4), (10, 6)] {
+        let (want, _, _) = run(serde_json::Value::Null, &format!("name = \"sliding_window\"\nwindow = {alone}"), 0);
+        for chunk in [0, 5] {
+            let (got, _, _) =
+                run(serde_json::json!(6), &format!("name = \"sliding_window\"\nwindow = {policy}"), chunk);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(max_abs(g, w) < 1e-5, "policy {policy}, chunk {chunk}, step {i}: {}", max_abs(g, w));
+            }
         }
     }
     // Without the window the model attends further back: the comparison can fail.

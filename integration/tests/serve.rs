@@ -714,7 +714,8 @@ fn sse_chunks(body: &str) -> Vec<serde_json::Value> {
 /// `response_format` and a forced `tool_choice` hold on a model that writes noise: the tiny
 /// random-weight Llama 3, sampling at temperature 1 with several seeds and choices, whole and
 /// streamed, answers JSON matching the schema (checked by hand here, apart from the grammar
-/// engine), and calls exactly the tools it is told to.
+/// engine), and calls exactly the tools it is told to; vLLM's `guided_*` and
+/// `structured_outputs` hold the same way in chat and completions.
 #[test]
 fn structured_outputs_and_forced_tool_calls_hold_on_a_random_model() {
     let server = tiny_llama3_server("structured");
@@ -773,6 +774,54 @@ fn structured_outputs_and_forced_tool_calls_hold_on_a_random_model() {
         }
     }
     assert!(ended > 0, "no json_object answer ended within 200 tokens");
+
+    // vLLM's structured outputs, in chat and in completions: a choice, a regular expression
+    // (checked by hand), a schema in `structured_outputs` and a Lark grammar.
+    let completion = |extra: serde_json::Value| {
+        let mut b = serde_json::json!({"model": "tiny", "prompt": "Hello world", "max_tokens": 60, "temperature": 1.0});
+        b.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        b
+    };
+    let choices = ["red", "green", "light blue"];
+    let digits = |t: &str| {
+        let (d, tail) = t.split_once('/').unwrap_or(("", ""));
+        (1..=3).contains(&d.len()) && d.bytes().all(|b| b.is_ascii_digit()) && tail == "x"
+    };
+    for seed in 0..3 {
+        let extra = serde_json::json!({"guided_choice": choices, "seed": seed, "n": 2});
+        let (status, r) = post_json(&server.base, "/v1/chat/completions", &with(extra));
+        assert_eq!(status, 200, "{r}");
+        for choice in r["choices"].as_array().unwrap() {
+            assert_eq!(choice["finish_reason"], "stop", "{r}");
+            assert!(choices.contains(&choice["message"]["content"].as_str().unwrap()), "{r}");
+        }
+        let extra = serde_json::json!({"guided_regex": "[0-9]{1,3}/x", "seed": seed});
+        let (status, r) = post_json(&server.base, "/v1/completions", &completion(extra));
+        assert_eq!(status, 200, "{r}");
+        assert!(digits(r["choices"][0]["text"].as_str().unwrap()), "{r}");
+        let extra = serde_json::json!({"structured_outputs": {"json": schema}, "seed": seed, "max_tokens": 200});
+        let (status, r) = post_json(&server.base, "/v1/completions", &completion(extra));
+        assert_eq!(status, 200, "{r}");
+        valid(r["choices"][0]["text"].as_str().unwrap());
+        let lark = "start: \"<\" word (\" \" word)* \">\"\nword: \"ab\" | \"cd\"";
+        let extra = serde_json::json!({"guided_grammar": lark, "seed": seed});
+        let (status, r) = post_json(&server.base, "/v1/chat/completions", &with(extra));
+        assert_eq!(status, 200, "{r}");
+        let text = r["choices"][0]["message"]["content"].as_str().unwrap();
+        let inner = text.strip_prefix('<').and_then(|t| t.strip_suffix('>')).unwrap_or_else(|| panic!("{r}"));
+        assert!(inner.split(' ').all(|w| ["ab", "cd"].contains(&w)), "{r}");
+    }
+    // Two constraints at once, a malformed one, or one the engine cannot compile: 400 naming it.
+    for (extra, field) in [
+        (serde_json::json!({"guided_json": schema, "response_format": format}), "guided_json"),
+        (serde_json::json!({"guided_regex": "a", "guided_choice": ["a"]}), "guided_choice"),
+        (serde_json::json!({"guided_choice": "red"}), "guided_choice"),
+        (serde_json::json!({"guided_regex": "(unclosed"}), "guided_regex"),
+    ] {
+        let (status, r) = post_json(&server.base, "/v1/chat/completions", &with(extra.clone()));
+        assert_eq!(status, 400, "{extra}: {r}");
+        assert_eq!(r["error"]["param"], field, "{extra}: {r}");
+    }
 
     // A named tool: one call to it, its arguments matching its parameters.
     let tools = serde_json::json!([

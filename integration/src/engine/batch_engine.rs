@@ -84,7 +84,8 @@ pub trait BatchEngine {
 
     /// Checks that the engine can serve `req`, which may reach `longest` tokens.
     fn check_request(&self, req: &Request, longest: usize) -> Result<()>;
-    /// The model's context length (`max_position_embeddings`): no sequence may grow past it.
+    /// The context length this engine serves (the model's, or on the device the window of a
+    /// model windowed on every layer): no sequence may grow past it.
     fn context_length(&self) -> usize;
     /// The model's end-of-sequence tokens.
     fn eos_token_ids(&self) -> &[u32];

@@ -1,6 +1,7 @@
 //! Constrained decoding: a rule on which tokens may come next, applied to a sequence's logits
-//! before each token is chosen. [`Grammars`] builds them from JSON Schemas with llguidance (the
-//! grammar engine mistral.rs and vLLM use), for OpenAI's `response_format` and forced tool calls.
+//! before each token is chosen. [`Grammars`] builds them with llguidance (the grammar engine
+//! mistral.rs and vLLM use) from a [`Structure`]: for OpenAI's `response_format`, forced tool
+//! calls, and vLLM's `guided_*` / `structured_outputs`.
 
 use std::sync::Arc;
 
@@ -17,6 +18,19 @@ pub trait TokenConstraint: Send {
     fn advance(&mut self, token: u32) -> Result<()>;
     /// The constrained text is complete: nothing more may come.
     fn finished(&self) -> bool;
+}
+
+/// What a grammar forces an answer to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Structure {
+    /// JSON matching a JSON Schema.
+    JsonSchema(serde_json::Value),
+    /// Text the regular expression matches whole (llguidance's syntax).
+    Regex(String),
+    /// Exactly one of these strings.
+    Choice(Vec<String>),
+    /// Text of a Lark grammar (llguidance's dialect, which vLLM's `guidance` backend takes).
+    Lark(String),
 }
 
 /// Builds grammar constraints over one tokenizer's vocabulary.
@@ -42,22 +56,38 @@ impl Grammars {
         Ok(Self { factory: Arc::new(factory) })
     }
 
-    /// A constraint to text matching `schema` (a JSON Schema); an unsupported or malformed schema
-    /// is an error. The JSON is written as Python's `json.dumps` writes it (`, ` and `: `, no
-    /// other whitespace), so that a model cannot loop on whitespace, unless the schema's own
-    /// `x-guidance` options say otherwise.
-    /// `copies` constraints share one compiled grammar.
-    pub fn json_schema(&self, schema: serde_json::Value, copies: usize) -> Result<Vec<Box<dyn TokenConstraint>>> {
-        let mut schema = match schema {
-            serde_json::Value::Bool(true) => serde_json::json!({}),
-            other => other,
+    /// `copies` constraints to `structure`, sharing one compiled grammar; a structure the engine
+    /// cannot use (an unsupported or malformed schema, regex or grammar) is an error. JSON is
+    /// written as Python's `json.dumps` writes it (`, ` and `: `, no other whitespace), so that a
+    /// model cannot loop on whitespace, unless the schema's own `x-guidance` options say
+    /// otherwise. A choice is a grammar whose alternatives are the strings, each literal.
+    pub fn build(&self, structure: &Structure, copies: usize) -> Result<Vec<Box<dyn TokenConstraint>>> {
+        let grammar = match structure {
+            Structure::JsonSchema(schema) => {
+                let mut schema = match schema {
+                    serde_json::Value::Bool(true) => serde_json::json!({}),
+                    other => other.clone(),
+                };
+                if let Some(o) = schema.as_object_mut() {
+                    o.entry("x-guidance").or_insert_with(|| {
+                        serde_json::json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "})
+                    });
+                }
+                TopLevelGrammar::from_json_schema(schema)
+            }
+            Structure::Regex(rx) => TopLevelGrammar::from_regex(rx),
+            Structure::Choice(choices) if choices.is_empty() => {
+                return Err(anyhow!("a choice needs at least one string"))
+            }
+            Structure::Choice(choices) => {
+                // Lark string literals take JSON's escapes.
+                let literals: Vec<String> =
+                    choices.iter().map(|c| serde_json::Value::from(c.as_str()).to_string()).collect();
+                TopLevelGrammar::from_lark(format!("start: {}", literals.join(" | ")))
+            }
+            Structure::Lark(grammar) => TopLevelGrammar::from_lark(grammar.clone()),
         };
-        if let Some(o) = schema.as_object_mut() {
-            o.entry("x-guidance").or_insert_with(
-                || serde_json::json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "}),
-            );
-        }
-        let parser = self.factory.create_parser(TopLevelGrammar::from_json_schema(schema))?;
+        let parser = self.factory.create_parser(grammar)?;
         let matcher = Matcher::new(Ok(parser));
         if let Some(e) = matcher.get_error() {
             return Err(anyhow!("{e}"));
@@ -139,7 +169,7 @@ mod tests {
             "ok": {"type": "boolean"}},
             "required": ["n", "tag", "ok"], "additionalProperties": false});
         for seed in 0..12 {
-            let mut c = grammars.json_schema(schema.clone(), 1).unwrap().pop().unwrap();
+            let mut c = grammars.build(&Structure::JsonSchema(schema.clone()), 1).unwrap().pop().unwrap();
             let tokens = sample_answer(c.as_mut(), vocab, eos, seed);
             let text = tok.decode(&tokens, false).unwrap();
             let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
@@ -152,7 +182,8 @@ mod tests {
             assert!(o["ok"].is_boolean(), "{text}");
         }
         // Rows past the tokenizer's vocabulary are never allowed.
-        let mut c = grammars.json_schema(serde_json::json!({"type": "object"}), 1).unwrap().pop().unwrap();
+        let object = Structure::JsonSchema(serde_json::json!({"type": "object"}));
+        let mut c = grammars.build(&object, 1).unwrap().pop().unwrap();
         let mut logits = vec![0.0; vocab];
         c.mask(&mut logits).unwrap();
         assert!(logits[vocab - 3..].iter().all(|l| *l == f32::NEG_INFINITY));
@@ -163,7 +194,48 @@ mod tests {
         let (tok, eos) = tokenizer();
         let grammars = Grammars::new(&tok, tok.get_vocab_size(true), &[eos]).unwrap();
         for bad in [serde_json::json!({"type": "nonsense"}), serde_json::json!({"$ref": "#/nowhere"})] {
-            assert!(grammars.json_schema(bad.clone(), 1).is_err(), "{bad}");
+            assert!(grammars.build(&Structure::JsonSchema(bad.clone()), 1).is_err(), "{bad}");
+        }
+        for bad in [Structure::Regex("(a".into()), Structure::Lark("start: nowhere".into()), Structure::Choice(vec![])]
+        {
+            assert!(grammars.build(&bad, 1).is_err(), "{bad:?}");
+        }
+    }
+
+    /// Whatever the logits, answers under a regular expression, a choice and a Lark grammar lie
+    /// in their languages (checked by hand here, apart from llguidance), and different seeds
+    /// reach different answers.
+    #[test]
+    fn random_answers_under_a_regex_a_choice_and_a_grammar_are_in_their_language() {
+        let (tok, eos) = tokenizer();
+        let vocab = tok.get_vocab_size(true);
+        let grammars = Grammars::new(&tok, vocab, &[eos]).unwrap();
+        let choices = ["yes", "no way", "a \"quoted\" one\n"];
+        let regex = |t: &str| {
+            let (digits, tail) = t.split_once('-').unwrap_or(("", ""));
+            (2..=4).contains(&digits.len())
+                && digits.bytes().all(|b| b.is_ascii_digit())
+                && ["ab", "cd"].contains(&tail)
+        };
+        let list = |t: &str| {
+            let inner = t.strip_prefix('(').and_then(|t| t.strip_suffix(')')).unwrap_or("");
+            !inner.is_empty() && inner.split(',').all(|x| ["a", "b", "c"].contains(&x))
+        };
+        type InLanguage<'a> = &'a dyn Fn(&str) -> bool;
+        let cases: [(Structure, InLanguage); 3] = [
+            (Structure::Regex("[0-9]{2,4}-(ab|cd)".into()), &regex),
+            (Structure::Choice(choices.iter().map(|c| c.to_string()).collect()), &|t| choices.contains(&t)),
+            (Structure::Lark("start: \"(\" item (\",\" item)* \")\"\nitem: \"a\" | \"b\" | \"c\"".into()), &list),
+        ];
+        for (structure, in_language) in cases {
+            let mut answers = std::collections::HashSet::new();
+            for seed in 0..10 {
+                let mut c = grammars.build(&structure, 1).unwrap().pop().unwrap();
+                let text = tok.decode(&sample_answer(c.as_mut(), vocab, eos, seed), false).unwrap();
+                assert!(in_language(&text), "{structure:?}: {text:?}");
+                answers.insert(text);
+            }
+            assert!(answers.len() > 1, "{structure:?}: one answer for every seed");
         }
     }
 }

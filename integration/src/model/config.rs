@@ -30,12 +30,14 @@ pub enum Arch {
 /// the MLP's outputs too (`post_attention_layernorm`, `post_feedforward_layernorm`); the MLP is
 /// `down(gelu_tanh(gate(x)) * up(x))`; q and k are RMS-normalised per head; every RMSNorm
 /// multiplies by `1 + weight` (added at load to HF weights; GGUF files store it added).
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct GemmaConfig {
     /// Attention scores are scaled by `query_pre_attn_scalar^-1/2`.
     pub query_pre_attn_scalar: f64,
-    /// RoPE base of the windowed (local) layers, which take no RoPE scaling.
+    /// RoPE base of the local layers, which take no RoPE scaling.
     pub local_rope_theta: f64,
+    /// Per layer: local (its own RoPE base; windowed when the model has a window).
+    pub local_layers: Vec<bool>,
 }
 
 /// Multi-head latent attention sizes (DeepSeek V2/V3).
@@ -293,7 +295,7 @@ pub enum RopeScaling {
 /// stops at the original one.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LongRopeScaling {
-    /// One divisor per frequency (`head_dim / 2`).
+    /// One divisor per frequency (`rope_dim / 2`).
     pub short_factor: Vec<f64>,
     /// Factor on the rotary cos/sin tables: `attention_factor` when given, else
     /// `sqrt(1 + ln(max_position_embeddings / original) / ln(original))`, 1 below a ratio of 1.
@@ -400,7 +402,7 @@ pub struct ModelConfig {
     pub attention_bias: bool,
     /// Per-head q/k RMSNorm.
     pub qk_norm: bool,
-    /// Context length served: `max_position_embeddings` (see [`served_context`]).
+    /// Context length served: `max_position_embeddings`, as RoPE scaling extends or limits it.
     pub max_position_embeddings: usize,
     /// The model's own attention windows (Mistral's and Phi-3's `sliding_window`, Qwen2's
     /// windowed layers, Gemma 3's local layers); None when every layer sees the whole context.
@@ -462,7 +464,7 @@ struct HfConfig {
     sliding_window: Option<Option<usize>>,
     #[serde(default)]
     use_sliding_window: Option<bool>,
-    /// The fraction of each head RoPE rotates (Phi-4-mini: 0.75); only 1 is supported.
+    /// The fraction of each head RoPE rotates (Phi-4-mini: 0.75).
     #[serde(default)]
     partial_rotary_factor: Option<f64>,
     /// The context a LongRoPE model was first trained at (Phi-3's, beside `rope_scaling`).
@@ -548,6 +550,7 @@ impl ModelConfig {
         let mut v: serde_json::Value = serde_json::from_str(text).context("config.json is not a valid model config")?;
         lift_text_config(&mut v);
         lift_rope_parameters(&mut v);
+        fill_gemma3_defaults(&mut v);
         let c: HfConfig = serde_json::from_value(v).context("config.json is not a valid model config")?;
         let model_type = c.model_type.clone().unwrap_or_default();
         let arch_name = c.architectures.first().cloned().unwrap_or_default();
@@ -567,7 +570,6 @@ impl ModelConfig {
                 "unsupported architecture (model_type `{model_type}`, architectures `{arch_name}`); supported: llama, mistral, mixtral, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe, deepseek_v2, deepseek_v3, gemma3"
             ),
         };
-        let gemma = if arch == Arch::Gemma3 { Some(parse_gemma(&c)?) } else { None };
         let fp8 = super::fp8::scheme_of(c.quantization_config.as_ref())?;
         let is_v3 = model_type == "deepseek_v3" || arch_name == "DeepseekV3ForCausalLM";
         let is_mixtral = model_type == "mixtral" || arch_name == "MixtralForCausalLM";
@@ -591,7 +593,9 @@ impl ModelConfig {
         let default_window = if is_mixtral { None } else { Some(MISTRAL_DEFAULT_WINDOW) };
         let declared = c.max_position_embeddings.unwrap_or(if arch == Arch::Gemma3 { 131_072 } else { 4096 });
         let context = served_context(declared, rope_scaling.as_ref());
-        let windows = model_windows(&c, arch, default_window)?;
+        let (window, windowed) = windowed_layers(&c, arch, default_window)?;
+        let gemma = if arch == Arch::Gemma3 { Some(parse_gemma(&c, windowed.clone())?) } else { None };
+        let windows = model_windows(window, windowed, context, "model config: sliding_window")?;
         let (num_kv_heads, head_dim) = match &mla {
             Some(m) => (1, m.kv_lora_rank + m.qk_rope_head_dim),
             None => (
@@ -1034,12 +1038,13 @@ pub(crate) fn served_context(declared: usize, scaling: Option<&RopeScaling>) -> 
     }
 }
 
-/// The model's own attention windows, where it has ones switched on: Mistral's `sliding_window`
-/// (4096 when absent, as in transformers) and Phi-3's on every layer; Qwen2's and Qwen3's with
-/// `use_sliding_window` on the layers from `max_window_layers` on (transformers' default 28);
-/// Gemma 3's on every layer but each `sliding_window_pattern`-th (4096 and 6 by default).
-/// transformers' `layer_types`, when given, says which layers are windowed.
-fn model_windows(c: &HfConfig, arch: Arch, default_window: Option<usize>) -> Result<Option<ModelWindows>> {
+/// The model's own attention window, where one is switched on, and the layers it covers:
+/// Mistral's `sliding_window` (4096 when absent, as in transformers) and Phi-3's on every layer;
+/// Qwen2's and Qwen3's with `use_sliding_window` on the layers from `max_window_layers` on
+/// (transformers' default 28); Gemma 3's on every layer but each `sliding_window_pattern`-th
+/// (4096 and 6 by default; its local layers, whatever the window). transformers' `layer_types`,
+/// when given, says which layers are windowed.
+fn windowed_layers(c: &HfConfig, arch: Arch, default_window: Option<usize>) -> Result<(Option<usize>, Vec<bool>)> {
     let n = c.num_hidden_layers;
     let (window, mut layers) = match arch {
         Arch::Mistral => (c.sliding_window.unwrap_or(default_window), vec![true; n]),
@@ -1069,7 +1074,19 @@ fn model_windows(c: &HfConfig, arch: Arch, default_window: Option<usize>) -> Res
             })
             .collect::<Result<_>>()?;
     }
-    let Some(window) = window.filter(|&w| w > 0) else { return Ok(None) };
+    Ok((window, layers))
+}
+
+/// The windows a model runs: none when no layer has one, or when the window is at least the
+/// context served (Phi-3.5-mini's and Phi-4-mini's 262144, beside 4096 tokens served: no key
+/// ever leaves it). `what` names the setting in errors.
+pub(crate) fn model_windows(
+    window: Option<usize>,
+    layers: Vec<bool>,
+    context: usize,
+    what: &str,
+) -> Result<Option<ModelWindows>> {
+    let Some(window) = window.filter(|&w| w > 0 && w < context) else { return Ok(None) };
     if !layers.iter().any(|&l| l) {
         return Ok(None);
     }
@@ -1077,13 +1094,13 @@ fn model_windows(c: &HfConfig, arch: Arch, default_window: Option<usize>) -> Res
     let window = u32::try_from(window)
         .ok()
         .filter(|&w| w <= max)
-        .with_context(|| format!("model config: sliding_window {window} is larger than the {max} tokens supported"))?;
-    Ok(Some(ModelWindows::new(window, layers).map_err(|e| anyhow::anyhow!("model config: sliding_window: {e}"))?))
+        .with_context(|| format!("{what} {window} is larger than the {max} tokens supported"))?;
+    Ok(Some(ModelWindows::new(window, layers).map_err(|e| anyhow::anyhow!("{what}: {e}"))?))
 }
 
-/// Gemma 3's fields; Gemma 2's logit soft-capping and activations other than GELU (tanh) are
-/// refused by name.
-fn parse_gemma(c: &HfConfig) -> Result<GemmaConfig> {
+/// Gemma 3's fields, its local layers being `local_layers`; Gemma 2's logit soft-capping and
+/// activations other than GELU (tanh) are refused by name.
+fn parse_gemma(c: &HfConfig, local_layers: Vec<bool>) -> Result<GemmaConfig> {
     if let Some(cap) = c.attn_logit_softcapping {
         bail!("model config: attn_logit_softcapping {cap} (Gemma 2's attention soft-capping) is not supported");
     }
@@ -1097,7 +1114,11 @@ fn parse_gemma(c: &HfConfig) -> Result<GemmaConfig> {
     if !(scalar.is_finite() && scalar > 0.0) {
         bail!("model config: query_pre_attn_scalar must be positive, not {scalar}");
     }
-    Ok(GemmaConfig { query_pre_attn_scalar: scalar, local_rope_theta: c.rope_local_base_freq.unwrap_or(10_000.0) })
+    let local_rope_theta = c.rope_local_base_freq.unwrap_or(10_000.0);
+    if !(local_rope_theta.is_finite() && local_rope_theta > 0.0) {
+        bail!("model config: rope_local_base_freq must be positive, not {local_rope_theta}");
+    }
+    Ok(GemmaConfig { query_pre_attn_scalar: scalar, local_rope_theta, local_layers })
 }
 
 /// The channels RoPE rotates for `partial_rotary_factor` (transformers' `int(head_dim * factor)`);
@@ -1133,13 +1154,40 @@ fn lift_text_config(v: &mut serde_json::Value) {
     obj.insert("architectures".into(), serde_json::json!(["Gemma3ForCausalLM"]));
 }
 
+/// transformers' `Gemma3TextConfig` defaults, for the keys a Gemma 3 config.json leaves out (the
+/// multimodal checkpoints' `text_config` gives few: no vocabulary size or head counts).
+fn fill_gemma3_defaults(v: &mut serde_json::Value) {
+    let Some(obj) = v.as_object_mut() else { return };
+    let is_gemma3 = obj.get("model_type").and_then(|m| m.as_str()) == Some("gemma3_text")
+        || obj.get("architectures").and_then(|a| a.get(0)).and_then(|a| a.as_str()) == Some("Gemma3ForCausalLM");
+    if !is_gemma3 {
+        return;
+    }
+    let defaults = serde_json::json!({
+        "vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+        "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "max_position_embeddings": 131_072,
+        "rms_norm_eps": 1e-6, "rope_theta": 1_000_000.0, "query_pre_attn_scalar": 256, "sliding_window": 4096,
+        "rope_local_base_freq": 10_000.0, "tie_word_embeddings": true,
+    });
+    for (k, x) in defaults.as_object().into_iter().flatten() {
+        obj.entry(k.clone()).or_insert_with(|| x.clone());
+    }
+}
+
 /// transformers 5 saves `rope_theta`, `partial_rotary_factor` and the RoPE scaling (its
 /// `rope_type`, "default" meaning none) in `rope_parameters`; they are read as the top-level
 /// `rope_theta`, `partial_rotary_factor` and `rope_scaling` transformers 4 wrote, where those are
 /// not given.
 fn lift_rope_parameters(v: &mut serde_json::Value) {
     let Some(obj) = v.as_object_mut() else { return };
-    let Some(serde_json::Value::Object(p)) = obj.get("rope_parameters").cloned() else { return };
+    let Some(serde_json::Value::Object(mut p)) = obj.get("rope_parameters").cloned() else { return };
+    // Per layer type (Gemma 3): the global layers' parameters, and the local layers' base.
+    if let Some(serde_json::Value::Object(full)) = p.get("full_attention").cloned() {
+        if let Some(theta) = p.get("sliding_attention").and_then(|s| s.get("rope_theta")) {
+            obj.entry("rope_local_base_freq").or_insert_with(|| theta.clone());
+        }
+        p = full;
+    }
     for key in ["rope_theta", "partial_rotary_factor"] {
         if let Some(x) = p.get(key) {
             obj.entry(key).or_insert_with(|| x.clone());
@@ -1403,6 +1451,58 @@ mod rope_scaling_tests {
         assert!(e.contains("num_experts_per_tok 1"), "{e}");
         let e = format!("{:#}", ModelConfig::from_hf_json(&text("")).unwrap_err());
         assert!(e.contains("num_experts_per_tok"), "{e}");
+    }
+
+    /// google/gemma-3-4b-it's config.json as published: a multimodal config whose `text_config`
+    /// leaves the vocabulary and head counts to `Gemma3TextConfig`'s defaults; and the same
+    /// model as transformers 5 writes it, RoPE parameters per layer type.
+    #[test]
+    fn gemma3_configs_read_as_transformers_reads_them() {
+        let published = r#"{"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+            "boi_token_index": 255999, "eos_token_id": [1, 106], "mm_tokens_per_image": 256,
+            "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
+                "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"}, "sliding_window": 1024},
+            "vision_config": {"hidden_size": 1152, "model_type": "siglip_vision_model"}}"#;
+        let c = ModelConfig::from_hf_json(published).unwrap();
+        assert_eq!((c.arch, c.vocab_size, c.hidden_size, c.num_layers), (Arch::Gemma3, 262_208, 2560, 34));
+        assert_eq!((c.num_heads, c.num_kv_heads, c.head_dim, c.max_position_embeddings), (8, 4, 256, 131_072));
+        assert_eq!(
+            (c.rope_theta, c.rope_scaling.clone(), c.tie_word_embeddings),
+            (1e6, Some(RopeScaling::Linear(8.0)), true)
+        );
+        assert_eq!(c.eos_token_ids, [1, 106]);
+        let local: Vec<bool> = (0..34).map(|i| (i + 1) % 6 != 0).collect();
+        let g = c.gemma.clone().unwrap();
+        assert_eq!((g.query_pre_attn_scalar, g.local_rope_theta, &g.local_layers), (256.0, 10_000.0, &local));
+        assert_eq!(c.windows, Some(ModelWindows::new(1024, local.clone()).unwrap()));
+        let v5 = r#"{"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "hidden_size": 2560,
+            "intermediate_size": 10240, "num_hidden_layers": 34, "sliding_window": 1024,
+            "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 20000.0}}}"#;
+        let c5 = ModelConfig::from_hf_json(v5).unwrap();
+        assert_eq!((c5.rope_theta, c5.rope_scaling.clone()), (1e6, Some(RopeScaling::Linear(8.0))));
+        assert_eq!(c5.gemma.unwrap().local_rope_theta, 20_000.0);
+        // Without a window the local layers keep their own RoPE base.
+        let no_window = published.replace(r#""sliding_window": 1024"#, r#""sliding_window": null"#);
+        let c = ModelConfig::from_hf_json(&no_window).unwrap();
+        assert_eq!((c.windows, c.gemma.unwrap().local_layers), (None, local));
+    }
+
+    /// A window at least as long as the context served hides nothing (Phi-3.5-mini's 262144
+    /// beside 131072 positions): the model has no window, and the device engine serves it whole.
+    #[test]
+    fn a_window_no_shorter_than_the_context_is_no_window() {
+        let phi = |window: usize| {
+            ModelConfig::from_hf_json(&format!(
+                r#"{{"architectures": ["Phi3ForCausalLM"], "vocab_size": 32, "hidden_size": 64, "intermediate_size": 128,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 4096, "sliding_window": {window}}}"#
+            ))
+            .unwrap()
+        };
+        assert_eq!((phi(262_144).windows, phi(262_144).device_context()), (None, Some(4096)));
+        assert_eq!((phi(4096).windows, phi(4096).device_context()), (None, Some(4096)));
+        assert_eq!(phi(2047).windows, Some(ModelWindows::new(2047, vec![true, true]).unwrap()));
+        assert_eq!(phi(2047).device_context(), Some(2047));
     }
 
     /// transformers 5 saves `rope_theta`, the scaling and `partial_rotary_factor` in

@@ -5,11 +5,9 @@
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
 
-use dms_policy::ModelWindows;
-
 use super::config::{
-    served_context, Arch, DmsCheckpointFields, GemmaConfig, LongRopeScaling, MlaConfig, ModelConfig, MoeConfig,
-    RopeScaling, YarnScaling,
+    model_windows, served_context, Arch, DmsCheckpointFields, GemmaConfig, LongRopeScaling, MlaConfig, ModelConfig,
+    MoeConfig, RopeScaling, YarnScaling,
 };
 
 fn meta<'a>(c: &'a Content, key: &str) -> Result<&'a Value> {
@@ -211,13 +209,18 @@ pub(crate) fn model_config(c: &Content) -> Result<ModelConfig> {
     }
     let served = served_context(context, rope_scaling.as_ref());
     let layers = meta_usize(c, &format!("{a}.block_count"))?;
-    let windows = model_windows(c, &a, arch, layers)?;
+    let (window, windowed) = windowed_layers(c, &a, arch, layers)?;
     let gemma = (arch == Arch::Gemma3).then(|| GemmaConfig {
         // llama.cpp's choice (the converter writes no `query_pre_attn_scalar`): the head width,
         // but the hidden size per head for the 27B model (62 layers).
         query_pre_attn_scalar: if layers == 62 { (hidden / heads.max(1)) as f64 } else { head_dim as f64 },
         local_rope_theta: 10_000.0,
+        local_layers: windowed.clone(),
     });
+    if let Some(g) = gemma.as_ref().filter(|g| g.query_pre_attn_scalar <= 0.0) {
+        bail!("GGUF `{a}`: an attention scale of 1 / sqrt({}) (embedding length / heads)", g.query_pre_attn_scalar);
+    }
+    let windows = model_windows(window, windowed, served, &format!("GGUF `{a}.attention.sliding_window`"))?;
     let cfg = ModelConfig {
         arch,
         vocab_size: vocab,
@@ -252,25 +255,17 @@ pub(crate) fn model_config(c: &Content) -> Result<ModelConfig> {
     Ok(cfg)
 }
 
-/// The attention windows llama.cpp applies: Phi-3's `attention.sliding_window` on every layer,
-/// Gemma 3's on every layer but each sixth (llama.cpp's fixed pattern for `gemma3`).
-fn model_windows(c: &Content, a: &str, arch: Arch, layers: usize) -> Result<Option<ModelWindows>> {
-    let flags: Vec<bool> = match arch {
-        Arch::Phi3 => vec![true; layers],
-        Arch::Gemma3 => (0..layers).map(|i| (i + 1) % 6 != 0).collect(),
-        _ => return Ok(None),
+/// The attention window and the layers it covers: Phi-3's `attention.sliding_window` on every
+/// layer (as its config.json's), Gemma 3's on every layer but each sixth (llama.cpp's fixed
+/// pattern for `gemma3`, whose local layers these are; without the key, llama.cpp has none).
+fn windowed_layers(c: &Content, a: &str, arch: Arch, layers: usize) -> Result<(Option<usize>, Vec<bool>)> {
+    let window = meta_opt_usize(c, &format!("{a}.attention.sliding_window"))?.filter(|&w| w > 0);
+    let flags = match (arch, window) {
+        (Arch::Phi3, Some(_)) => vec![true; layers],
+        (Arch::Gemma3, Some(_)) => (0..layers).map(|i| (i + 1) % 6 != 0).collect(),
+        _ => vec![false; layers],
     };
-    let key = format!("{a}.attention.sliding_window");
-    let Some(w) = meta_opt_usize(c, &key)?.filter(|&w| w > 0) else { return Ok(None) };
-    if !flags.iter().any(|&f| f) {
-        return Ok(None);
-    }
-    let max = dms_policy::MAX_WINDOW;
-    let window = u32::try_from(w)
-        .ok()
-        .filter(|&w| w <= max)
-        .with_context(|| format!("GGUF `{key}` = {w} is larger than the {max} tokens supported"))?;
-    Ok(Some(ModelWindows::new(window, flags).map_err(|e| anyhow::anyhow!("GGUF `{key}`: {e}"))?))
+    Ok((window, flags))
 }
 
 /// `{a}.rope.scaling.type` when it names a scaling (not absent, not `none`).

@@ -580,7 +580,8 @@ impl Llama {
             n += self.lm_head.byte_count();
         }
         for l in &self.layers {
-            for t in [&l.input_norm, &l.post_norm] {
+            let sandwich = l.sandwich.iter().flat_map(|(a, f)| [a, f]);
+            for t in [&l.input_norm, &l.post_norm].into_iter().chain(sandwich) {
                 n += t.elem_count() * elem;
             }
             match &l.attn {
@@ -652,8 +653,8 @@ impl Llama {
         let mut x = x.clone();
         let scale = self.softmax_scale();
         for li in 0..self.layers.len() {
-            let (cos, sin) = match (local_rope, &self.cfg.windows) {
-                (Some((c, s)), Some(w)) if w.covers(li) => (c, s),
+            let (cos, sin) = match (local_rope, &self.cfg.gemma) {
+                (Some((c, s)), Some(g)) if g.local_layers.get(li).copied().unwrap_or(false) => (c, s),
                 _ => (cos, sin),
             };
             let AttnInputs { q, k, v, decision, key_norms } =
@@ -915,7 +916,7 @@ impl Llama {
 
 /// Gemma 3's local layers' RoPE inverse frequencies: their own base, no scaling.
 fn local_rope_freqs(cfg: &ModelConfig) -> Option<Vec<f32>> {
-    let g = cfg.gemma?;
+    let g = cfg.gemma.as_ref()?;
     let d = cfg.rope_dim();
     Some((0..d / 2).map(|i| (1.0 / g.local_rope_theta.powf(2.0 * i as f64 / d as f64)) as f32).collect())
 }

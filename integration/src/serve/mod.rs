@@ -15,6 +15,7 @@ pub mod placement;
 pub mod reasoning;
 pub mod routes;
 pub mod settings;
+pub mod structured;
 pub mod text;
 pub mod tokenize;
 pub mod tool_calls;
@@ -104,7 +105,7 @@ pub fn serve(cfg: &EngineConfig) -> Result<()> {
         metrics: metrics.clone(),
         api_key: s.effective_api_key(),
         max_sequence_tokens,
-        context_length: mc.max_position_embeddings,
+        context_length: placement.context_length(mc),
         default_max_tokens: cfg.generation.max_tokens,
         max_tokens_cap: s.max_tokens_cap,
         max_outstanding: s.max_batch + s.max_waiting,

@@ -4,6 +4,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
+use super::structured::StructuredFields;
 use super::tool_calls::Forced;
 use crate::engine::LogitAdjustments;
 use crate::model::chat_template::{ChatMessage, FunctionCallMessage, ToolCallMessage};
@@ -296,6 +297,9 @@ pub struct CommonFields {
     /// vLLM's: token ids that end the answer besides the model's end-of-sequence tokens.
     #[serde(default)]
     pub stop_token_ids: Option<Value>,
+    /// vLLM's structured outputs (`guided_*`, `structured_outputs`).
+    #[serde(flatten)]
+    pub structured: StructuredFields,
     /// OpenAI fields this server cannot honour.
     #[serde(flatten)]
     pub unsupported: Unsupported,
@@ -333,16 +337,6 @@ pub struct Unsupported {
     #[serde(default)]
     bad_words: Option<Value>,
     #[serde(default)]
-    guided_json: Option<Value>,
-    #[serde(default)]
-    guided_regex: Option<Value>,
-    #[serde(default)]
-    guided_choice: Option<Value>,
-    #[serde(default)]
-    guided_grammar: Option<Value>,
-    #[serde(default)]
-    structured_outputs: Option<Value>,
-    #[serde(default)]
     continue_final_message: Option<Value>,
     #[serde(default)]
     add_generation_prompt: Option<Value>,
@@ -359,8 +353,7 @@ impl Unsupported {
         };
         let never = |_: &Value| false;
         type NoOp = fn(&Value) -> bool;
-        let json_schema = "null (use `response_format` with a JSON Schema)";
-        let fields: [(&str, &Option<Value>, NoOp, &str); 20] = [
+        let fields: [(&str, &Option<Value>, NoOp, &str); 15] = [
             ("best_of", &self.best_of, |v| v.as_f64() == Some(1.0), "1"),
             ("suffix", &self.suffix, empty, "\"\""),
             ("functions", &self.functions, empty, "[] (use `tools`)"),
@@ -374,11 +367,6 @@ impl Unsupported {
             ("truncate_prompt_tokens", &self.truncate_prompt_tokens, never, "null"),
             ("allowed_token_ids", &self.allowed_token_ids, never, "null (use `logit_bias`)"),
             ("bad_words", &self.bad_words, empty, "[]"),
-            ("guided_json", &self.guided_json, never, json_schema),
-            ("guided_regex", &self.guided_regex, never, "null"),
-            ("guided_choice", &self.guided_choice, never, "null"),
-            ("guided_grammar", &self.guided_grammar, never, "null"),
-            ("structured_outputs", &self.structured_outputs, never, json_schema),
             ("continue_final_message", &self.continue_final_message, |v| v == false, "false"),
             ("add_generation_prompt", &self.add_generation_prompt, |v| v == true, "true"),
         ];
@@ -953,7 +941,6 @@ mod tests {
             (r#"{"best_of": 3}"#, "best_of"),
             (r#"{"use_beam_search": true}"#, "use_beam_search"),
             (r#"{"skip_special_tokens": false}"#, "skip_special_tokens"),
-            (r#"{"guided_json": {"type": "object"}}"#, "guided_json"),
             (r#"{"allowed_token_ids": [1, 2]}"#, "allowed_token_ids"),
             (r#"{"continue_final_message": true}"#, "continue_final_message"),
             (r#"{"suffix": "}"}"#, "suffix"),

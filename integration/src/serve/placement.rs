@@ -54,6 +54,16 @@ impl Placement {
         })
     }
 
+    /// The context a sequence may reach: the model's, or on the device, which has no per-layer
+    /// windows, the window when every layer has it (see [`crate::model::ModelConfig::device_context`]).
+    pub fn context_length(&self, model: &crate::model::ModelConfig) -> usize {
+        #[cfg(feature = "cuda")]
+        if self.device.is_some() {
+            return model.device_context().unwrap_or(model.max_position_embeddings);
+        }
+        model.max_position_embeddings
+    }
+
     /// Where the cache lives, for the start-up line.
     pub fn describe(&self) -> &'static str {
         #[cfg(feature = "cuda")]
@@ -70,6 +80,17 @@ fn on_device(engine: &Engine, policies: &[ServedPolicy], max_batch: usize, rows:
     use crate::gpu::batch::DeviceBatchShape;
     use crate::gpu::policy::DevicePolicy;
 
+    let cfg = engine.model.config();
+    if cfg.gemma.is_some() || cfg.device_context().is_none() {
+        let why = "the device engine has no per-layer windows (Gemma 3's local layers, windows on some layers)";
+        if engine.model.dtype() != candle_core::DType::F32 {
+            bail!("this model runs in the host store ({why}), which needs [model] dtype = \"f32\" on a CUDA device");
+        }
+        eprintln!(
+            "dms serve: note: {why}: every sequence's KV cache stays in the host store, with attention on the CPU"
+        );
+        return Ok(None);
+    }
     let mut max_window = 0;
     for p in policies {
         match DevicePolicy::of(p.factory.as_ref()) {

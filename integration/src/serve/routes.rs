@@ -32,7 +32,7 @@ use super::reasoning::{ReasoningFormat, ReasoningSplitter};
 use super::tokenize;
 use super::tool_calls::{ToolCall, ToolCallParser, ToolFormat};
 use super::worker::{Command, Event, Job, Outcome, TokenLogprob};
-use crate::engine::constraint::{Grammars, TokenConstraint};
+use crate::engine::constraint::{Grammars, Structure, TokenConstraint};
 use crate::engine::{GenParams, LogitAdjustments};
 use crate::model::chat_template::{check_extra, ChatMessage, ChatTemplate};
 
@@ -68,7 +68,7 @@ pub struct App {
     pub api_key: Option<String>,
     /// Prompt plus completion tokens one sequence can hold in the pool.
     pub max_sequence_tokens: usize,
-    /// The model's context length (`max_position_embeddings`).
+    /// The context length served ([`super::placement::Placement::context_length`]).
     pub context_length: usize,
     /// `max_tokens` when a request gives none.
     pub default_max_tokens: usize,
@@ -183,21 +183,31 @@ async fn chat(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) 
         let messages = r.chat_messages()?;
         let tools = r.tool_request()?;
         let parser = app.tool_parser(&tools, messages.iter().any(|m| m.tool_calls.is_some()))?;
-        let (parser, schema) = match (&tools.forced, r.response_schema()?) {
-            (Some(_), Some(_)) => {
-                let msg = "`response_format` cannot be combined with a `tool_choice` that forces a call";
-                return Err(ApiError::bad_request(msg, Some("response_format")));
+        let asked = match (r.response_schema()?, r.common.structured.structure()?) {
+            (Some(_), Some((_, field))) => {
+                let msg = format!("`response_format` and `{field}` both constrain the answer: send one");
+                return Err(ApiError::bad_request(msg, Some(field)));
             }
-            (None, Some(_)) if tools.parse => {
-                let msg = "`response_format` cannot be combined with `tools` the model may call; \
-                           set `tool_choice` to \"none\" or leave `response_format` out";
-                return Err(ApiError::bad_request(msg, Some("response_format")));
+            (Some(schema), None) => Some((Structure::JsonSchema(schema), "response_format")),
+            (None, structured) => structured,
+        };
+        let (parser, schema) = match (&tools.forced, asked) {
+            (Some(_), Some((_, field))) => {
+                let msg = format!("`{field}` cannot be combined with a `tool_choice` that forces a call");
+                return Err(ApiError::bad_request(msg, Some(field)));
             }
-            (None, Some(schema)) => (None, Some((schema, "response_format"))),
+            (None, Some((_, field))) if tools.parse => {
+                let msg = format!(
+                    "`{field}` cannot be combined with `tools` the model may call; set `tool_choice` to \"none\" or \
+                     leave `{field}` out"
+                );
+                return Err(ApiError::bad_request(msg, Some(field)));
+            }
+            (None, Some(asked)) => (None, Some(asked)),
             (Some((forced, schema)), None) => {
                 let forced =
                     ToolCallParser::forced(forced.clone(), app.tool_format, tools.names.clone(), tools.max_calls);
-                (Some(forced), Some((schema.clone(), "tool_choice")))
+                (Some(forced), Some((Structure::JsonSchema(schema.clone()), "tool_choice")))
             }
             (None, None) => (parser, None),
         };
@@ -211,7 +221,7 @@ async fn chat(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) 
         let p = app.prepare(Kind::Chat, &r.common, ids, None)?;
         let constraints = match schema {
             None => Vec::new(),
-            Some((schema, field)) => app.constraints(&schema, field, p.sampling.n)?,
+            Some((structure, field)) => app.constraints(&structure, field, p.sampling.n)?,
         };
         Ok(Prepared { choice: ChoiceText::new(reasoning, parser), keep_special_tokens, constraints, ..p })
     });
@@ -235,7 +245,13 @@ async fn completions(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejec
                 ApiError::bad_request(format!("cannot decode the prompt's token ids: {e}"), Some("prompt"))
             })?),
         };
-        app.prepare(Kind::Completion, &r.common, ids, echo)
+        let structure = r.common.structured.structure()?;
+        let p = app.prepare(Kind::Completion, &r.common, ids, echo)?;
+        let constraints = match structure {
+            None => Vec::new(),
+            Some((structure, field)) => app.constraints(&structure, field, p.sampling.n)?,
+        };
+        Ok(Prepared { constraints, ..p })
     });
     match prepared {
         Ok(p) => app.answer(Kind::Completion, p).await,
@@ -290,11 +306,11 @@ impl App {
         Ok(Some(ToolCallParser::new(format, tools.names.clone(), tools.max_calls)))
     }
 
-    /// `n` constraints to `schema` (from the request's `field`); a schema the grammar engine
-    /// cannot use is the request's error.
+    /// `n` constraints to `structure` (from the request's `field`); one the grammar engine cannot
+    /// use is the request's error.
     fn constraints(
         &self,
-        schema: &Value,
+        structure: &Structure,
         field: &'static str,
         n: usize,
     ) -> Result<Vec<Box<dyn TokenConstraint>>, ApiError> {
@@ -302,8 +318,14 @@ impl App {
             let msg = format!("`{field}` needs constrained decoding, which this model's tokenizer cannot have: {why}");
             ApiError::bad_request(msg, Some(field))
         })?;
-        grammars.json_schema(schema.clone(), n).map_err(|e| {
-            ApiError::bad_request(format!("`{field}`: the JSON Schema cannot be used: {e:#}"), Some(field))
+        grammars.build(structure, n).map_err(|e| {
+            let what = match structure {
+                Structure::JsonSchema(_) => "the JSON Schema",
+                Structure::Regex(_) => "the regular expression",
+                Structure::Choice(_) => "the choice",
+                Structure::Lark(_) => "the grammar",
+            };
+            ApiError::bad_request(format!("`{field}`: {what} cannot be used: {e:#}"), Some(field))
         })
     }
 

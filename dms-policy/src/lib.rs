@@ -131,4 +131,10 @@ pub trait PolicyFactory: Send + Sync + std::fmt::Debug {
     fn device_program(&self) -> Result<DeviceProgram, PolicyError> {
         Err(PolicyError::NoDeviceForm { policy: self.name().into(), why: "it describes no device program".into() })
     }
+    /// Whether the policy keeps every key (the full cache, a shadow run of another policy): a
+    /// model's window then holds only its own keys ([`ModelWindows::wrap`]). By default, when
+    /// its device program is [`DeviceProgram::KeepAll`].
+    fn keeps_every_key(&self) -> bool {
+        matches!(self.device_program(), Ok(DeviceProgram::KeepAll))
+    }
 }

@@ -78,11 +78,14 @@ enum WindowedRows {
 struct HiddenRow {
     /// Per slot, the position it holds.
     positions: Vec<Pos>,
+    /// Tokens the row has seen.
+    seen: Pos,
 }
 
 impl HiddenRow {
     /// Caps `plan` (the policy's plan for positions `first..`) at the window of `window` tokens.
     fn cap(&mut self, first: Pos, window: Pos, plan: &mut EvictPlan) {
+        self.seen = first + plan.writes.len() as Pos;
         for (slot, until) in plan.hide.iter_mut() {
             if let Some(&pos) = self.positions.get(*slot as usize) {
                 *until = (*until).min(pos.saturating_add(window - 1));
@@ -97,6 +100,19 @@ impl HiddenRow {
             }
             self.positions[s] = pos;
         }
+    }
+
+    /// This step's attention weights with every key the window hides from the next query on
+    /// marked as worth nothing (minus infinity): an attention-scored policy (H2O's accumulated
+    /// mass) then drops those first instead of keeping keys no query can see again.
+    fn weights(&self, weights: &[f32], window: Pos) -> Vec<f32> {
+        let mut w = weights.to_vec();
+        for (x, &pos) in w.iter_mut().zip(&self.positions) {
+            if pos.saturating_add(window) <= self.seen {
+                *x = f32::NEG_INFINITY;
+            }
+        }
+        w
     }
 
     /// Follows the policy's compaction.
@@ -167,7 +183,11 @@ impl SequencePolicy for Windowed {
     }
 
     fn observe_attention(&mut self, row: RowRef, weights: &[f32]) -> Result<(), PolicyError> {
-        self.policy(row).observe_attention(row, weights)
+        let window = self.window;
+        match self.hidden(row).map(|h| h.weights(weights, window)) {
+            Some(w) => self.inner.observe_attention(row, &w),
+            None => self.policy(row).observe_attention(row, weights),
+        }
     }
 
     fn shadow_kept(&self, row: RowRef) -> Option<usize> {

@@ -127,3 +127,129 @@ fn forks_carry_both_states_and_windows_are_checked() {
         assert!(err.contains(&format!("not {bad}")), "{err}");
     }
 }
+
+/// Per step and row, the positions each query sees and those stored after compaction, for
+/// `seq` (a policy state, wrapped or not) fed `chunks`; with `scored`, attention weights hashed
+/// from each slot's position and the step (the same in every run). With `fork_at`, the state is
+/// replaced by its fork after that step.
+fn visibility(
+    mut seq: Box<dyn dms_policy::SequencePolicy>,
+    shape: CacheShape,
+    chunks: &[usize],
+    scored: bool,
+    fork_at: Option<usize>,
+) -> Replay {
+    let mut slots: Vec<Vec<(Pos, Pos)>> = vec![Vec::new(); shape.n_rows()];
+    let (mut ep, mut cp, mut seen, mut out) = (EvictPlan::default(), CompactPlan::default(), 0, Vec::new());
+    for (step_i, &n) in chunks.iter().enumerate() {
+        let mut step = Vec::new();
+        for layer in 0..shape.n_layers {
+            for head in 0..shape.rows_per_layer {
+                let row = RowRef { layer, head };
+                let slots = &mut slots[shape.index(row)];
+                seq.decide(row, seen, n, None).unwrap();
+                seq.evict(row, seen, n, &mut ep).unwrap();
+                for &(s, until) in &ep.hide {
+                    slots[s as usize].1 = until;
+                }
+                for (i, w) in ep.writes.iter().enumerate() {
+                    let (p, s) = (seen + i as Pos, w.slot as usize);
+                    if s < slots.len() {
+                        slots[s] = (p, w.last_visible);
+                    } else {
+                        slots.push((p, w.last_visible));
+                    }
+                }
+                let visible: Vec<Vec<Pos>> = (seen..seen + n as Pos)
+                    .map(|q| {
+                        let mut v: Vec<Pos> = slots.iter().filter(|s| s.0 <= q && s.1 >= q).map(|s| s.0).collect();
+                        v.sort_unstable();
+                        v
+                    })
+                    .collect();
+                if scored {
+                    let weights: Vec<f32> = slots
+                        .iter()
+                        .map(|s| ((s.0 as u64 * 2654435761 + step_i as u64 * 97) % 1000) as f32 / 1000.0 + 0.0005)
+                        .collect();
+                    seq.observe_attention(row, &weights).unwrap();
+                }
+                seq.compact(row, &mut cp).unwrap();
+                for &s in &cp.drop {
+                    slots[s as usize].1 = 0;
+                }
+                for &(from, to) in &cp.moves {
+                    slots[to as usize] = slots[from as usize];
+                }
+                slots.truncate(cp.len as usize);
+                let mut kept: Vec<Pos> = slots.iter().map(|s| s.0).collect();
+                kept.sort_unstable();
+                step.push((kept, visible));
+            }
+        }
+        seen += n as Pos;
+        out.push(step);
+        if fork_at == Some(step_i) {
+            seq = seq.fork().expect("the state forks");
+        }
+    }
+    out
+}
+
+proptest! {
+    /// Learned-style DMS (random decisions, delayed eviction, sinks) and shadow runs on a
+    /// windowed layer: every query sees exactly what the same policy alone lets it see, within
+    /// the window, and the row stores what the policy alone stores (shadow and the full cache:
+    /// only the window); a fork taken midway goes on identically. TOVA and H2O (whose scores the
+    /// window changes): no query sees a key outside the window, rows stay within budget, and the
+    /// keys the window hides are dropped before any it shows.
+    #[test]
+    fn any_policy_on_a_windowed_layer_sees_only_its_window(
+        window in 1u32..8, policy in 0usize..6, delay in 0u32..4,
+        chunks in prop::collection::vec(1usize..7, 1..10), fork_at in 0usize..10,
+    ) {
+        let table = match policy {
+            0 => format!("name = 'dms'\ndecision = 'random'\nevict_rate = 0.6\nseed = 3\nwindow = {delay}"),
+            1 => format!("name = 'dms'\ndecision = 'random'\nevict_rate = 0.9\nseed = 5\nwindow = {delay}\nsinks = 2"),
+            2 => "name = 'shadow'\ninner = { name = 'sliding_window', window = 3 }".to_string(),
+            3 => "name = 'full'".to_string(),
+            4 => format!("name = 'tova'\nbudget = {}", delay + 2),
+            _ => format!("name = 'h2o'\nbudget = {}\nrecent = 1", delay + 3),
+        };
+        let factory = Registry::with_builtins().build(&toml::from_str(&table).unwrap()).unwrap();
+        let shape = CacheShape { n_layers: 2, rows_per_layer: 1 };
+        let windows = ModelWindows::new(window, vec![true, false]).unwrap();
+        let scored = policy >= 4;
+        let wrapped = windows.wrap(factory.new_sequence(shape), shape, factory.keeps_every_key());
+        let got = visibility(wrapped, shape, &chunks, scored, Some(fork_at));
+        let alone = visibility(factory.new_sequence(shape), shape, &chunks, scored, None);
+        let mut first = 0u32;
+        for (step, n) in chunks.iter().enumerate() {
+            let (kept, visible) = &got[step][0];
+            for (i, seen_by_q) in visible.iter().enumerate() {
+                let q = first + i as Pos;
+                let want: Vec<Pos> = alone[step][0].1[i].iter().copied().filter(|&k| q - k < window).collect();
+                match scored {
+                    false => prop_assert_eq!(seen_by_q, &want, "step {} query {}", step, q),
+                    true => prop_assert!(seen_by_q.iter().all(|&k| q - k < window), "step {} query {}: {:?}", step, q, seen_by_q),
+                }
+            }
+            let last = first + *n as Pos - 1;
+            match (scored, factory.keeps_every_key()) {
+                (true, _) => {
+                    prop_assert!(kept.len() <= (delay + 2 + u32::from(policy == 5)) as usize, "over budget: {:?}", kept);
+                    // Keys the window hides from the next query on go before any it shows.
+                    let shown: Vec<Pos> = (0..=last).filter(|&k| last + 1 - k < window).collect();
+                    if kept.iter().any(|&k| last + 1 - k >= window) {
+                        prop_assert!(shown.iter().all(|k| kept.contains(k)), "step {}: kept {:?}", step, kept);
+                    }
+                }
+                (false, true) => prop_assert_eq!(kept, &(0..=last).filter(|&k| last - k < window).collect::<Vec<_>>()),
+                (false, false) => prop_assert_eq!(kept, &alone[step][0].0, "stored, step {}", step),
+            }
+            // The layer without a window is the policy alone.
+            prop_assert_eq!(&got[step][1], &alone[step][1], "unwindowed layer, step {}", step);
+            first += *n as Pos;
+        }
+    }
+}

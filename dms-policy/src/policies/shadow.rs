@@ -53,6 +53,9 @@ impl PolicyFactory for ShadowPolicy {
             scratch_compact: CompactPlan::default(),
         })
     }
+    fn keeps_every_key(&self) -> bool {
+        true
+    }
     fn device_program(&self) -> Result<crate::DeviceProgram, PolicyError> {
         Err(PolicyError::NoDeviceForm {
             policy: "shadow".into(),

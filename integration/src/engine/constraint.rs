@@ -80,9 +80,9 @@ impl Grammars {
                 return Err(anyhow!("a choice needs at least one string"))
             }
             Structure::Choice(choices) => {
-                // Lark string literals take JSON's escapes.
-                let literals: Vec<String> =
-                    choices.iter().map(|c| serde_json::Value::from(c.as_str()).to_string()).collect();
+                // Lark string literals take JSON's escapes, and refuse a raw DEL, which JSON leaves.
+                let literal = |c: &String| serde_json::Value::from(c.as_str()).to_string().replace('\u{7f}', "\\u007f");
+                let literals: Vec<String> = choices.iter().map(literal).collect();
                 TopLevelGrammar::from_lark(format!("start: {}", literals.join(" | ")))
             }
             Structure::Lark(grammar) => TopLevelGrammar::from_lark(grammar.clone()),
@@ -210,7 +210,7 @@ mod tests {
         let (tok, eos) = tokenizer();
         let vocab = tok.get_vocab_size(true);
         let grammars = Grammars::new(&tok, vocab, &[eos]).unwrap();
-        let choices = ["yes", "no way", "a \"quoted\" one\n"];
+        let choices = ["yes", "no way", "a \"quoted\" one\n", "del\u{7f}"];
         let regex = |t: &str| {
             let (digits, tail) = t.split_once('-').unwrap_or(("", ""));
             (2..=4).contains(&digits.len())

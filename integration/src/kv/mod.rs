@@ -6,6 +6,7 @@
 pub mod attention;
 pub mod backend;
 pub mod host_step;
+pub mod q8_0;
 pub mod sequence;
 pub mod store;
 pub mod tiled;

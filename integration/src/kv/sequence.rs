@@ -6,8 +6,7 @@
 
 use anyhow::{Context, Result};
 use dms_policy::{
-    CacheShape, CompactPlan, DeviceProgram, EvictPlan, ModelWindows, PolicyFactory, Pos, RowRef, SequencePolicy,
-    SignalNeed,
+    CacheShape, CompactPlan, EvictPlan, ModelWindows, PolicyFactory, Pos, RowRef, SequencePolicy, SignalNeed,
 };
 
 use crate::kv::store::{KvStore, MemoryUsage, RowId, StoreError, SwappedRow};
@@ -29,8 +28,7 @@ pub struct SequenceCache {
 
 impl SequenceCache {
     /// Creates the rows of a new sequence in `store`, under `factory`'s policy and, in the layers
-    /// `windows` flags, the model's own attention window (see [`ModelWindows::wrap`]; a policy
-    /// keeps every key when its device form is [`DeviceProgram::KeepAll`]).
+    /// `windows` flags, the model's own attention window (see [`ModelWindows::wrap`]).
     pub fn new(
         factory: &dyn PolicyFactory,
         shape: CacheShape,
@@ -39,10 +37,9 @@ impl SequenceCache {
     ) -> Self {
         let rows = (0..shape.n_rows()).map(|i| store.add_row(i / shape.rows_per_layer)).collect();
         let policy = factory.new_sequence(shape);
-        let keeps_all = matches!(factory.device_program(), Ok(DeviceProgram::KeepAll));
         Self {
             policy: match windows {
-                Some(w) => w.wrap(policy, shape, keeps_all),
+                Some(w) => w.wrap(policy, shape, factory.keeps_every_key()),
                 None => policy,
             },
             signal: factory.signal_need(),

@@ -4,7 +4,6 @@
 //! key it holds and the last query position allowed to see it. The store never decides anything:
 //! it executes a policy's [`EvictPlan`] and [`CompactPlan`] and checks that they are consistent.
 
-use candle_core::quantized::k_quants::{BlockQ8_0, GgmlType};
 use dms_policy::{CompactPlan, EvictPlan, Pos};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
@@ -25,7 +24,7 @@ pub enum KvDtype {
 }
 
 /// Values per Q8_0 block.
-const Q8_0_VALUES: usize = 32;
+const Q8_0_VALUES: usize = super::q8_0::BLOCK;
 
 impl KvDtype {
     /// Parses `[cache] kv_dtype`.
@@ -43,7 +42,8 @@ impl KvDtype {
         match self {
             KvDtype::F32 => 4 * values,
             KvDtype::F16 => 2 * values,
-            KvDtype::Q8_0 => values / Q8_0_VALUES * std::mem::size_of::<BlockQ8_0>(),
+            // An f16 scale and 32 signed bytes per block.
+            KvDtype::Q8_0 => values / Q8_0_VALUES * (2 + Q8_0_VALUES),
         }
     }
 
@@ -70,9 +70,12 @@ impl KvDtype {
 enum Elems {
     F32(Vec<f32>),
     F16(Vec<f16>),
-    /// One block per 32 values; every range the store touches is whole slots, and a slot is a
-    /// whole number of blocks ([`KvDtype::check_dims`]).
-    Q8_0(Vec<BlockQ8_0>),
+    /// Values and one scale per 32 of them ([`super::q8_0`]); every range the store touches is
+    /// whole slots, and a slot is a whole number of blocks ([`KvDtype::check_dims`]).
+    Q8_0 {
+        quants: Vec<i8>,
+        scales: Vec<f16>,
+    },
 }
 
 impl Elems {
@@ -80,7 +83,7 @@ impl Elems {
         match dtype {
             KvDtype::F32 => Elems::F32(Vec::new()),
             KvDtype::F16 => Elems::F16(Vec::new()),
-            KvDtype::Q8_0 => Elems::Q8_0(Vec::new()),
+            KvDtype::Q8_0 => Elems::Q8_0 { quants: Vec::new(), scales: Vec::new() },
         }
     }
 
@@ -88,7 +91,10 @@ impl Elems {
         match self {
             Elems::F32(v) => v.resize(n, 0.0),
             Elems::F16(v) => v.resize(n, f16::ZERO),
-            Elems::Q8_0(v) => v.resize(n / Q8_0_VALUES, BlockQ8_0::zeros()),
+            Elems::Q8_0 { quants, scales } => {
+                quants.resize(n, 0);
+                scales.resize(n / Q8_0_VALUES, f16::ZERO);
+            }
         }
     }
 
@@ -97,7 +103,10 @@ impl Elems {
         match self {
             Elems::F32(v) => v[at..at + src.len()].copy_from_slice(src),
             Elems::F16(v) => v[at..at + src.len()].convert_from_f32_slice(src),
-            Elems::Q8_0(v) => BlockQ8_0::from_float(src, &mut v[blocks(at..at + src.len())]),
+            Elems::Q8_0 { quants, scales } => {
+                let r = at..at + src.len();
+                super::q8_0::quantize(src, &mut quants[r.clone()], &mut scales[blocks(r)]);
+            }
         }
     }
 
@@ -105,13 +114,9 @@ impl Elems {
         match self {
             Elems::F32(v) => v.copy_within(src, dst),
             Elems::F16(v) => v.copy_within(src, dst),
-            Elems::Q8_0(v) => {
-                // candle's blocks are Clone, not Copy: moved one by one. The store moves one slot
-                // into another, so the ranges never overlap.
-                let (src, dst) = (blocks(src), dst / Q8_0_VALUES);
-                for i in 0..src.len() {
-                    v[dst + i] = v[src.start + i].clone();
-                }
+            Elems::Q8_0 { quants, scales } => {
+                quants.copy_within(src.clone(), dst);
+                scales.copy_within(blocks(src), dst / Q8_0_VALUES);
             }
         }
     }
@@ -125,9 +130,9 @@ impl Elems {
                 v[range].convert_to_f32_slice(buf);
                 buf
             }
-            Elems::Q8_0(v) => {
+            Elems::Q8_0 { quants, scales } => {
                 buf.resize(range.len(), 0.0);
-                BlockQ8_0::to_float(&v[blocks(range)], buf);
+                super::q8_0::dequantize(&quants[range.clone()], &scales[blocks(range)], buf);
                 buf
             }
         }

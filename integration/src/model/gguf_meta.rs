@@ -257,9 +257,15 @@ pub(crate) fn model_config(c: &Content) -> Result<ModelConfig> {
 
 /// The attention window and the layers it covers: Phi-3's `attention.sliding_window` on every
 /// layer (as its config.json's), Gemma 3's on every layer but each sixth (llama.cpp's fixed
-/// pattern for `gemma3`, whose local layers these are; without the key, llama.cpp has none).
+/// pattern for `gemma3`, whose local layers these are; a `gemma3` file without it is refused).
 fn windowed_layers(c: &Content, a: &str, arch: Arch, layers: usize) -> Result<(Option<usize>, Vec<bool>)> {
-    let window = meta_opt_usize(c, &format!("{a}.attention.sliding_window"))?.filter(|&w| w > 0);
+    let key = format!("{a}.attention.sliding_window");
+    let window = meta_opt_usize(c, &key)?.filter(|&w| w > 0);
+    if arch == Arch::Gemma3 && window.is_none() {
+        bail!(
+            "GGUF `{key}` is missing or 0: a `gemma3` file needs its local layers' window (llama.cpp requires it too)"
+        );
+    }
     let flags = match (arch, window) {
         (Arch::Phi3, Some(_)) => vec![true; layers],
         (Arch::Gemma3, Some(_)) => (0..layers).map(|i| (i + 1) % 6 != 0).collect(),

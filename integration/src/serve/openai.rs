@@ -337,6 +337,10 @@ pub struct Unsupported {
     #[serde(default)]
     bad_words: Option<Value>,
     #[serde(default)]
+    guided_whitespace_pattern: Option<Value>,
+    #[serde(default)]
+    guided_decoding_backend: Option<Value>,
+    #[serde(default)]
     continue_final_message: Option<Value>,
     #[serde(default)]
     add_generation_prompt: Option<Value>,
@@ -353,7 +357,9 @@ impl Unsupported {
         };
         let never = |_: &Value| false;
         type NoOp = fn(&Value) -> bool;
-        let fields: [(&str, &Option<Value>, NoOp, &str); 15] = [
+        // The grammars are llguidance's, vLLM's `guidance` backend.
+        let backend = |v: &Value| ["auto", "guidance"].iter().any(|b| v == *b);
+        let fields: [(&str, &Option<Value>, NoOp, &str); 17] = [
             ("best_of", &self.best_of, |v| v.as_f64() == Some(1.0), "1"),
             ("suffix", &self.suffix, empty, "\"\""),
             ("functions", &self.functions, empty, "[] (use `tools`)"),
@@ -367,6 +373,8 @@ impl Unsupported {
             ("truncate_prompt_tokens", &self.truncate_prompt_tokens, never, "null"),
             ("allowed_token_ids", &self.allowed_token_ids, never, "null (use `logit_bias`)"),
             ("bad_words", &self.bad_words, empty, "[]"),
+            ("guided_whitespace_pattern", &self.guided_whitespace_pattern, never, "null"),
+            ("guided_decoding_backend", &self.guided_decoding_backend, backend, "\"auto\" or \"guidance\""),
             ("continue_final_message", &self.continue_final_message, |v| v == false, "false"),
             ("add_generation_prompt", &self.add_generation_prompt, |v| v == true, "true"),
         ];
@@ -942,6 +950,8 @@ mod tests {
             (r#"{"use_beam_search": true}"#, "use_beam_search"),
             (r#"{"skip_special_tokens": false}"#, "skip_special_tokens"),
             (r#"{"allowed_token_ids": [1, 2]}"#, "allowed_token_ids"),
+            (r#"{"guided_decoding_backend": "xgrammar"}"#, "guided_decoding_backend"),
+            (r#"{"guided_whitespace_pattern": " "}"#, "guided_whitespace_pattern"),
             (r#"{"continue_final_message": true}"#, "continue_final_message"),
             (r#"{"suffix": "}"}"#, "suffix"),
             (r#"{"functions": [{"name": "f"}]}"#, "functions"),

@@ -323,7 +323,7 @@ impl App {
                 Structure::JsonSchema(_) => "the JSON Schema",
                 Structure::Regex(_) => "the regular expression",
                 Structure::Choice(_) => "the choice",
-                Structure::Lark(_) => "the grammar",
+                Structure::Lark(_) => "the grammar (Lark syntax, llguidance's dialect)",
             };
             ApiError::bad_request(format!("`{field}`: {what} cannot be used: {e:#}"), Some(field))
         })

@@ -12,54 +12,7 @@ type Replay = Vec<Vec<(Vec<Pos>, Vec<Vec<Pos>>)>>;
 /// Replays the plans of every row on naive slot arrays (`keeps_all`: the policy keeps every key).
 fn replay(windows: &ModelWindows, table: &str, keeps_all: bool, shape: CacheShape, chunks: &[usize]) -> Replay {
     let factory = Registry::with_builtins().build(&toml::from_str(table).unwrap()).unwrap();
-    let mut seq = windows.wrap(factory.new_sequence(shape), shape, keeps_all);
-    let mut slots: Vec<Vec<(Pos, Pos)>> = vec![Vec::new(); shape.n_rows()];
-    let (mut ep, mut cp, mut seen, mut out) = (EvictPlan::default(), CompactPlan::default(), 0, Vec::new());
-    for &n in chunks {
-        let mut step = Vec::new();
-        for layer in 0..shape.n_layers {
-            for head in 0..shape.rows_per_layer {
-                let row = RowRef { layer, head };
-                let slots = &mut slots[shape.index(row)];
-                seq.decide(row, seen, n, None).unwrap();
-                seq.evict(row, seen, n, &mut ep).unwrap();
-                for &(s, until) in &ep.hide {
-                    slots[s as usize].1 = until;
-                }
-                for (i, w) in ep.writes.iter().enumerate() {
-                    let (p, s) = (seen + i as Pos, w.slot as usize);
-                    if s < slots.len() {
-                        assert!(slots[s].1 < seen, "overwrote a slot a query of this step still sees");
-                        slots[s] = (p, w.last_visible);
-                    } else {
-                        assert_eq!(s, slots.len(), "appends must be in order");
-                        slots.push((p, w.last_visible));
-                    }
-                }
-                let visible: Vec<Vec<Pos>> = (seen..seen + n as Pos)
-                    .map(|q| {
-                        let mut v: Vec<Pos> = slots.iter().filter(|s| s.0 <= q && s.1 >= q).map(|s| s.0).collect();
-                        v.sort_unstable();
-                        v
-                    })
-                    .collect();
-                seq.compact(row, &mut cp).unwrap();
-                for &s in &cp.drop {
-                    slots[s as usize].1 = 0;
-                }
-                for &(from, to) in &cp.moves {
-                    slots[to as usize] = slots[from as usize];
-                }
-                slots.truncate(cp.len as usize);
-                let mut kept: Vec<Pos> = slots.iter().map(|s| s.0).collect();
-                kept.sort_unstable();
-                step.push((kept, visible));
-            }
-        }
-        seen += n as Pos;
-        out.push(step);
-    }
-    out
+    visibility(windows.wrap(factory.new_sequence(shape), shape, keeps_all), shape, chunks, false, None)
 }
 
 proptest! {
@@ -155,8 +108,10 @@ fn visibility(
                 for (i, w) in ep.writes.iter().enumerate() {
                     let (p, s) = (seen + i as Pos, w.slot as usize);
                     if s < slots.len() {
+                        assert!(slots[s].1 < seen, "overwrote a slot a query of this step still sees");
                         slots[s] = (p, w.last_visible);
                     } else {
+                        assert_eq!(s, slots.len(), "appends must be in order");
                         slots.push((p, w.last_visible));
                     }
                 }

@@ -11,7 +11,8 @@ pub const BLOCK: usize = 32;
 
 /// Quantizes `src` (whole blocks) into `quants` and `scales` as ggml's `quantize_row_q8_0_ref`
 /// does: per block `d = max |x| / 127`, values `round(x / d)` (half away from zero), `d` stored
-/// as f16.
+/// as f16. As there, an infinite value (or a block whose scale overflows f16) reads back as NaN;
+/// a NaN value reads back as 0 (ggml's C conversion leaves it undefined).
 pub fn quantize(src: &[f32], quants: &mut [i8], scales: &mut [f16]) {
     debug_assert!(src.len().is_multiple_of(BLOCK) && quants.len() == src.len() && scales.len() * BLOCK == src.len());
     for ((x, q), s) in src.chunks_exact(BLOCK).zip(quants.chunks_exact_mut(BLOCK)).zip(scales.iter_mut()) {
@@ -47,6 +48,8 @@ pub fn dequantize(quants: &[i8], scales: &[f16], out: &mut [f32]) {
     }
 }
 
+/// # Safety
+/// The CPU must have AVX2, and `quants` and `out` must hold 32 values per scale.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dequantize_avx2(quants: &[i8], scales: &[f16], out: &mut [f32]) {

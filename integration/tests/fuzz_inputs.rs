@@ -234,6 +234,8 @@ fn model_configs() -> Vec<String> {
         "qwen3_dms_tiny/variant_separate_alpha/model",
         "fp8/qwen3_moe_block",
         "fp8/llama3_channel",
+        "gguf/gemma3_tiny",
+        "gguf/phi4_mini_tiny",
     ]
     .iter()
     .map(|f| std::fs::read_to_string(fixture(f).join("config.json")).unwrap())
@@ -297,6 +299,8 @@ proptest! {
             "fp8/qwen3_moe_block",
             "fp8/deepseek_block",
             "fp8/llama3_channel",
+            "gguf/gemma3_tiny",
+            "gguf/phi4_mini_tiny",
         ]),
         edits in prop::collection::vec(byte_edit(), 1..4),
         in_header in any::<bool>(),
@@ -712,7 +716,9 @@ proptest! {
     /// or are refused; nothing panics.
     #[test]
     fn moe_and_scaled_gguf_never_panics(
-        file in prop::sample::select(vec!["deepseek_v3_moe", "qwen2_moe", "qwen3_moe", "mixtral", "qwen3_yarn"]),
+        file in prop::sample::select(vec![
+            "deepseek_v3_moe", "qwen2_moe", "qwen3_moe", "mixtral", "qwen3_yarn", "gemma3", "phi4_mini",
+        ]),
         edits in prop::collection::vec(byte_edit(), 1..4),
     ) {
         let clean = fixture(&format!("gguf/{file}.gguf"));

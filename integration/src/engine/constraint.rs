@@ -202,6 +202,116 @@ mod tests {
         }
     }
 
+    /// Whether the constraint takes exactly `text`: its tokens one by one, then the end.
+    fn accepts(c: &mut dyn TokenConstraint, tok: &Tokenizer, vocab: usize, eos: u32, text: &str) -> bool {
+        let mut allows = |c: &mut dyn TokenConstraint, id: u32| {
+            let mut logits = vec![0f32; vocab];
+            c.mask(&mut logits).unwrap();
+            logits[id as usize].is_finite()
+        };
+        for id in tok.encode(text, false).unwrap().get_ids().iter().copied() {
+            if c.finished() || !allows(c, id) {
+                return false;
+            }
+            c.advance(id).unwrap();
+        }
+        // A grammar that allows nothing more stops by itself; otherwise the end must be allowed.
+        c.finished() || allows(c, eos)
+    }
+
+    /// GBNF grammars rewritten into Lark keep their language (checked by hand here): random
+    /// answers lie in it, and chosen texts in it are taken and texts outside refused, through
+    /// literals that are prefixes of one another, rule references, classes (ranges, negation,
+    /// escapes), `.`, groups, every repetition, comments and dashed names.
+    #[test]
+    fn gbnf_grammars_keep_their_language_in_lark() {
+        let (tok, eos) = tokenizer();
+        let vocab = tok.get_vocab_size(true);
+        let grammars = Grammars::new(&tok, vocab, &[eos]).unwrap();
+        let prefixes = r#"root ::= "a" "b" "c" | "ab" "d""#;
+        let sums = r#"
+# sums of small numbers, in brackets
+root  ::= "[" expr "]"
+expr  ::= term ("+" term){0,2}
+term  ::= num | "(" inner ")"
+inner ::= num ("+" num)*
+num   ::= [1-9] [0-9]{0,2}
+"#;
+        let quoted = "root ::= quoted-str ws? \"\\x21\"{1,}\nquoted-str ::= \"\\\"\" [^\"\\\\\\n]{1,8} \"\\\"\"  # no quote\n\
+                      ws ::= [ \\t] |\n  \"<\" . \">\"\n";
+        let num = |t: &str| {
+            let b = t.as_bytes();
+            (1..=3).contains(&b.len()) && b[0] != b'0' && b.iter().all(u8::is_ascii_digit)
+        };
+        let term = |t: &str| match t.strip_prefix('(').and_then(|t| t.strip_suffix(')')) {
+            Some(inner) => inner.split('+').all(num),
+            None => num(t),
+        };
+        let in_sums = |t: &str| {
+            let Some(e) = t.strip_prefix('[').and_then(|t| t.strip_suffix(']')) else { return false };
+            // Split at the `+` outside parentheses.
+            let (mut depth, mut terms, mut start) = (0, Vec::new(), 0);
+            for (i, c) in e.char_indices() {
+                match c {
+                    '(' => depth += 1,
+                    ')' => depth -= 1,
+                    '+' if depth == 0 => {
+                        terms.push(&e[start..i]);
+                        start = i + 1;
+                    }
+                    _ => {}
+                }
+            }
+            terms.push(&e[start..]);
+            terms.len() <= 3 && terms.iter().all(|t| term(t))
+        };
+        let in_quoted = |t: &str| {
+            let Some(rest) = t.strip_prefix('"') else { return false };
+            let Some(end) = rest.find('"') else { return false };
+            let body = &rest[..end];
+            let rest: Vec<char> = rest[end + 1..].chars().collect();
+            let ws = match rest.first() {
+                Some(' ' | '\t') => 1,
+                Some('<') if rest.get(2) == Some(&'>') => 3,
+                _ => 0,
+            };
+            (1..=8).contains(&body.chars().count())
+                && !body.contains(['\\', '\n'])
+                && rest.len() > ws
+                && rest[ws..].iter().all(|&c| c == '!')
+        };
+        type InLanguage<'a> = &'a dyn Fn(&str) -> bool;
+        let cases: [(&str, InLanguage, &[&str], &[&str]); 3] = [
+            (prefixes, &|t| ["abc", "abd"].contains(&t), &["abc", "abd"], &["ab", "abcd", "ac", "abdd"]),
+            (sums, &in_sums, &["[7]", "[12+(3+45+6)+999]", "[(1)]"], &["[0]", "[1+2+3+4]", "[1000]", "[()]", "7"]),
+            (
+                quoted,
+                &in_quoted,
+                &["\"a b\"!", "\"12345678\"\t!!", "\"é\"<\n>!"],
+                &["\"\"!", "\"a\\b\"!", "\"123456789\"!", "\"a\"", "\"a\"  !"],
+            ),
+        ];
+        for (gbnf, in_language, members, others) in cases {
+            let lark = super::super::gbnf::to_lark(gbnf).unwrap();
+            let build = || grammars.build(&Structure::Lark(lark.clone()), 1).unwrap().pop().unwrap();
+            for text in members {
+                assert!(in_language(text), "the checker refuses {text:?}");
+                assert!(accepts(build().as_mut(), &tok, vocab, eos, text), "{gbnf}: {text:?} refused\n{lark}");
+            }
+            for text in others {
+                assert!(!in_language(text), "the checker takes {text:?}");
+                assert!(!accepts(build().as_mut(), &tok, vocab, eos, text), "{gbnf}: {text:?} taken\n{lark}");
+            }
+            let mut answers = std::collections::HashSet::new();
+            for seed in 0..10 {
+                let text = tok.decode(&sample_answer(build().as_mut(), vocab, eos, seed), false).unwrap();
+                assert!(in_language(&text), "{gbnf}: {text:?}");
+                answers.insert(text);
+            }
+            assert!(answers.len() > 1, "{gbnf}: one answer for every seed");
+        }
+    }
+
     /// Whatever the logits, answers under a regular expression, a choice and a Lark grammar lie
     /// in their languages (checked by hand here, apart from llguidance), and different seeds
     /// reach different answers.

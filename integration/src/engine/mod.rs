@@ -14,6 +14,7 @@ pub mod batch;
 pub mod batch_engine;
 pub mod block_manager;
 pub mod constraint;
+pub mod gbnf;
 pub mod from_config;
 pub mod generation;
 pub mod host_batch;

@@ -7,6 +7,7 @@ use serde_json::Value;
 
 use super::error::ApiError;
 use crate::engine::constraint::Structure;
+use crate::engine::gbnf;
 
 /// The structured-output fields of a request (chat or completion).
 #[derive(Debug, Default, Deserialize)]
@@ -20,7 +21,8 @@ pub struct StructuredFields {
     /// The answer is exactly one of these strings.
     #[serde(default)]
     guided_choice: Option<Value>,
-    /// A grammar in Lark syntax (llguidance's dialect, as vLLM's `guidance` backend takes it).
+    /// A grammar in Lark syntax (llguidance's dialect, as vLLM's `guidance` backend takes it) or
+    /// in llama.cpp's GBNF (as its xgrammar backend and llama.cpp's server take it).
     #[serde(default)]
     guided_grammar: Option<Value>,
     /// vLLM's newer form of the four above (and `json_object`).
@@ -47,7 +49,7 @@ impl StructuredFields {
             found.push((choice("guided_choice", v)?, "guided_choice"));
         }
         if let Some(v) = set(&self.guided_grammar) {
-            found.push((Structure::Lark(text("guided_grammar", v)?), "guided_grammar"));
+            found.push((grammar("guided_grammar", v)?, "guided_grammar"));
         }
         if let Some(v) = set(&self.structured_outputs) {
             if let Some(s) = structured_outputs(v)? {
@@ -89,6 +91,15 @@ fn text(field: &'static str, v: Value) -> Result<String, ApiError> {
     }
 }
 
+/// A grammar's text: GBNF (a line `name ::= ...`) rewritten into Lark, else Lark as given.
+fn grammar(field: &'static str, v: Value) -> Result<Structure, ApiError> {
+    let text = text(field, v)?;
+    if !gbnf::looks_like_gbnf(&text) {
+        return Ok(Structure::Lark(text));
+    }
+    gbnf::to_lark(&text).map(Structure::Lark).map_err(|e| bad(field, format!("`{field}`: {e:#}")))
+}
+
 fn choice(field: &'static str, v: Value) -> Result<Structure, ApiError> {
     let choices: Option<Vec<String>> =
         v.as_array().map(|a| a.iter().filter_map(|c| c.as_str().map(str::to_owned)).collect());
@@ -114,7 +125,7 @@ fn structured_outputs(v: Value) -> Result<Option<Structure>, ApiError> {
             "json" => json_schema(FIELD, value)?,
             "regex" => Structure::Regex(text(FIELD, value)?),
             "choice" => choice(FIELD, value)?,
-            "grammar" => Structure::Lark(text(FIELD, value)?),
+            "grammar" => grammar(FIELD, value)?,
             "json_object" if value == Value::Bool(false) => continue,
             "json_object" if value == Value::Bool(true) => Structure::JsonSchema(serde_json::json!({"type": "object"})),
             other => {
@@ -159,6 +170,9 @@ mod tests {
         assert_eq!(read(r#"{"guided_choice": ["yes", "no"]}"#).unwrap(), Some((choice.clone(), "guided_choice")));
         let lark = Structure::Lark("start: \"a\"".into());
         assert_eq!(read(r#"{"guided_grammar": "start: \"a\""}"#).unwrap(), Some((lark.clone(), "guided_grammar")));
+        // GBNF (llama.cpp's, vLLM's xgrammar's) is rewritten into Lark.
+        let gbnf = Structure::Lark(gbnf::to_lark("root ::= [0-9]+").unwrap());
+        assert_eq!(read(r#"{"guided_grammar": "root ::= [0-9]+"}"#).unwrap(), Some((gbnf, "guided_grammar")));
         for (body, want) in [
             (
                 r#"{"structured_outputs": {"json": {"type": "object"}, "disable_fallback": true}}"#,
@@ -186,6 +200,8 @@ mod tests {
             (r#"{"structured_outputs": {"structural_tag": "x"}}"#, vec!["structured_outputs.structural_tag"]),
             (r#"{"structured_outputs": {"regex": "a", "choice": ["a"]}}"#, vec!["sets both"]),
             (r#"{"structured_outputs": [1]}"#, vec!["must be an object"]),
+            (r#"{"guided_grammar": "root ::= \"a\" <[12]>"}"#, vec!["guided_grammar", "GBNF line 1", "token references"]),
+            (r#"{"structured_outputs": {"grammar": "item ::= \"a\""}}"#, vec!["structured_outputs", "no `root` rule"]),
         ] {
             let m = message(body);
             assert!(words.iter().all(|w| m.contains(w)), "{body}: {m}");

@@ -810,6 +810,14 @@ fn structured_outputs_and_forced_tool_calls_hold_on_a_random_model() {
         let text = r["choices"][0]["message"]["content"].as_str().unwrap();
         let inner = text.strip_prefix('<').and_then(|t| t.strip_suffix('>')).unwrap_or_else(|| panic!("{r}"));
         assert!(inner.split(' ').all(|w| ["ab", "cd"].contains(&w)), "{r}");
+        // The same language in llama.cpp's GBNF, in completions.
+        let gbnf = "root ::= \"<\" word (\" \" word)* \">\"  # a list\nword ::= \"ab\" | \"cd\"";
+        let extra = serde_json::json!({"structured_outputs": {"grammar": gbnf}, "seed": seed});
+        let (status, r) = post_json(&server.base, "/v1/completions", &completion(extra));
+        assert_eq!(status, 200, "{r}");
+        let text = r["choices"][0]["text"].as_str().unwrap();
+        let inner = text.strip_prefix('<').and_then(|t| t.strip_suffix('>')).unwrap_or_else(|| panic!("{r}"));
+        assert!(inner.split(' ').all(|w| ["ab", "cd"].contains(&w)), "{r}");
     }
     // Two constraints at once, a malformed one, or one the engine cannot compile: 400 naming it.
     for (extra, field) in [
@@ -817,6 +825,7 @@ fn structured_outputs_and_forced_tool_calls_hold_on_a_random_model() {
         (serde_json::json!({"guided_regex": "a", "guided_choice": ["a"]}), "guided_choice"),
         (serde_json::json!({"guided_choice": "red"}), "guided_choice"),
         (serde_json::json!({"guided_regex": "(unclosed"}), "guided_regex"),
+        (serde_json::json!({"guided_grammar": "root ::= <[5]>"}), "guided_grammar"),
     ] {
         let (status, r) = post_json(&server.base, "/v1/chat/completions", &with(extra.clone()));
         assert_eq!(status, 400, "{extra}: {r}");

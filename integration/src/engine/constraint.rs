@@ -204,7 +204,7 @@ mod tests {
 
     /// Whether the constraint takes exactly `text`: its tokens one by one, then the end.
     fn accepts(c: &mut dyn TokenConstraint, tok: &Tokenizer, vocab: usize, eos: u32, text: &str) -> bool {
-        let mut allows = |c: &mut dyn TokenConstraint, id: u32| {
+        let allows = |c: &mut dyn TokenConstraint, id: u32| {
             let mut logits = vec![0f32; vocab];
             c.mask(&mut logits).unwrap();
             logits[id as usize].is_finite()
@@ -237,7 +237,8 @@ term  ::= num | "(" inner ")"
 inner ::= num ("+" num)*
 num   ::= [1-9] [0-9]{0,2}
 "#;
-        let quoted = "root ::= quoted-str ws? \"\\x21\"{1,}\nquoted-str ::= \"\\\"\" [^\"\\\\\\n]{1,8} \"\\\"\"  # no quote\n\
+        let quoted =
+            "root ::= quoted-str ws? \"\\x21\"{1,}\nquoted-str ::= \"\\\"\" [^\"\\\\\\n]{1,8} \"\\\"\"  # no quote\n\
                       ws ::= [ \\t] |\n  \"<\" . \">\"\n";
         let num = |t: &str| {
             let b = t.as_bytes();

@@ -2,7 +2,7 @@
 //! of a decode step.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use dms_integration::kv::attention::decode_row;
+use dms_integration::kv::attention::{decode_row, Scoring};
 use dms_integration::kv::store::KvStore;
 use dms_policy::{CacheShape, CompactPlan, EvictPlan, Registry, RowRef};
 
@@ -27,7 +27,7 @@ fn bench(c: &mut Criterion) {
         let mut out = vec![0f32; GQA * D];
         group.throughput(Throughput::Bytes((live * D * 2 * 4) as u64));
         group.bench_function(BenchmarkId::from_parameter(live), |b| {
-            b.iter(|| decode_row(&store, id, &q, live as u32, 0.125, &mut out))
+            b.iter(|| decode_row(&store, id, &q, live as u32, Scoring::scaled(0.125), &mut out))
         });
     }
     group.finish();

@@ -7,7 +7,7 @@ mod common;
 use candle_core::{Device, Tensor};
 use common::*;
 use dms_integration::engine::GenParams;
-use dms_integration::kv::attention::{chunk_rows_weighted, decode_row_weighted};
+use dms_integration::kv::attention::{chunk_rows_weighted, decode_row_weighted, Scoring};
 use dms_integration::kv::store::KvStore;
 use dms_policy::{EvictPlan, Pos, Write, VISIBLE_FOREVER};
 
@@ -58,7 +58,7 @@ fn decode_weights_are_the_dense_softmax_averaged_over_the_group() {
     let q_pos = n as Pos - 1;
     let mut out = vec![0f32; g * d];
     let mut w = vec![0f32; n];
-    decode_row_weighted(&store, id, &q, q_pos, 0.3, &mut out, Some(&mut w)).unwrap();
+    decode_row_weighted(&store, id, &q, q_pos, Scoring::scaled(0.3), &mut out, Some(&mut w)).unwrap();
     let visible: Vec<bool> = (0..n).map(|j| j != 4).collect();
     let mut want = vec![0f32; n];
     for h in 0..g {
@@ -78,7 +78,7 @@ fn chunk_weights_sum_the_chunk_queries_dense_softmax() {
     let qv = rand_vec(5, t * heads * d);
     let q = Tensor::from_vec(qv.clone(), (t, heads, d), &Device::Cpu).unwrap();
     let q_pos: Vec<Pos> = (n as Pos - 3..n as Pos).collect();
-    let (_, w) = chunk_rows_weighted(&store, &[id], &q, &q_pos, 0.25, None).unwrap();
+    let (_, w) = chunk_rows_weighted(&store, &[id], &q, &q_pos, Scoring::scaled(0.25), None).unwrap();
     let mut want = vec![0f32; n];
     for (i, &qp) in q_pos.iter().enumerate() {
         let visible: Vec<bool> = (0..n).map(|j| j as Pos <= qp && !(j == 2 && qp > n as Pos - 2)).collect();

@@ -6,7 +6,7 @@ mod common;
 use common::vecf;
 
 use candle_core::{Device, Tensor};
-use dms_integration::kv::attention::{chunk_rows, decode_row};
+use dms_integration::kv::attention::{chunk_rows, decode_row, Scoring};
 use dms_integration::kv::store::KvStore;
 use dms_policy::{CacheShape, CompactPlan, EvictPlan, Pos, Registry, RowRef};
 use proptest::prelude::*;
@@ -78,12 +78,12 @@ proptest! {
             let q = &qs[seen * G * D..(seen + c) * G * D];
             let outs: Vec<Vec<f32>> = if c == 1 {
                 let mut o = vec![0f32; G * D];
-                decode_row(&store, id, q, seen as Pos, scale, &mut o).unwrap();
+                decode_row(&store, id, q, seen as Pos, Scoring::scaled(scale as f64), &mut o).unwrap();
                 vec![o]
             } else {
                 let qt = Tensor::from_slice(q, (c, G, D), &Device::Cpu).unwrap();
                 let pos: Vec<Pos> = (seen..seen + c).map(|x| x as Pos).collect();
-                chunk_rows(&store, &[id], &qt, &pos, scale as f64).unwrap().to_vec2::<f32>().unwrap()
+                chunk_rows(&store, &[id], &qt, &pos, Scoring::scaled(scale as f64)).unwrap().to_vec2::<f32>().unwrap()
             };
             for (j, o) in outs.iter().enumerate() {
                 let want = &want_out[seen + j];

@@ -235,6 +235,7 @@ fn model_configs() -> Vec<String> {
         "fp8/qwen3_moe_block",
         "fp8/llama3_channel",
         "gguf/gemma3_tiny",
+        "gguf/gemma2_tiny",
         "gguf/phi4_mini_tiny",
     ]
     .iter()
@@ -300,6 +301,7 @@ proptest! {
             "fp8/deepseek_block",
             "fp8/llama3_channel",
             "gguf/gemma3_tiny",
+            "gguf/gemma2_tiny",
             "gguf/phi4_mini_tiny",
         ]),
         edits in prop::collection::vec(byte_edit(), 1..4),
@@ -717,7 +719,7 @@ proptest! {
     #[test]
     fn moe_and_scaled_gguf_never_panics(
         file in prop::sample::select(vec![
-            "deepseek_v3_moe", "qwen2_moe", "qwen3_moe", "mixtral", "qwen3_yarn", "gemma3", "phi4_mini",
+            "deepseek_v3_moe", "qwen2_moe", "qwen3_moe", "mixtral", "qwen3_yarn", "gemma3", "gemma2", "phi4_mini",
         ]),
         edits in prop::collection::vec(byte_edit(), 1..4),
     ) {

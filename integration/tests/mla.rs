@@ -7,7 +7,7 @@ use candle_core::{Device, Tensor};
 use common::*;
 use dms_integration::engine::from_config::resolve_policy_table;
 use dms_integration::engine::{argmax, load_model, Engine};
-use dms_integration::kv::attention::{chunk_latent_rows, decode_row};
+use dms_integration::kv::attention::{chunk_latent_rows, decode_row, Scoring};
 use dms_integration::kv::store::KvStore;
 use dms_integration::model::llama::train::StudentOpts;
 use dms_integration::model::WeightForm;
@@ -239,12 +239,12 @@ proptest! {
             let q = &qs[seen * NH * d..(seen + c) * NH * d];
             let outs: Vec<Vec<f32>> = if c == 1 {
                 let mut o = vec![0f32; NH * R];
-                decode_row(&store, id, q, seen as Pos, scale, &mut o).unwrap();
+                decode_row(&store, id, q, seen as Pos, Scoring::scaled(scale as f64), &mut o).unwrap();
                 vec![o]
             } else {
                 let qt = Tensor::from_slice(q, (c, NH, d), &Device::Cpu).unwrap();
                 let pos: Vec<Pos> = (seen..seen + c).map(|x| x as Pos).collect();
-                chunk_latent_rows(&store, &[id], &qt, &pos, scale as f64, R).unwrap().to_vec2::<f32>().unwrap()
+                chunk_latent_rows(&store, &[id], &qt, &pos, Scoring::scaled(scale as f64), R).unwrap().to_vec2::<f32>().unwrap()
             };
             for (j, o) in outs.iter().enumerate() {
                 let err = max_abs(o, &want_out[seen + j]);

@@ -1,8 +1,8 @@
 //! Models with their own attention windows: Gemma 3 (five local layers of window 8 with their
-//! own RoPE base, then a global one) against a float64 reference of transformers' model and
-//! against llama.cpp, from its HF directory, a multimodal checkpoint's names and the converter's
-//! GGUF; and Mistral's window on every layer against the `sliding_window` policy on the same
-//! weights.
+//! own RoPE base, then a global one) and Gemma 2 (local layers every other one, soft-capped
+//! scores and logits) against float64 references of transformers' models and against llama.cpp,
+//! from their HF directories, a multimodal checkpoint's names and the converter's GGUF; and
+//! Mistral's window on every layer against the `sliding_window` policy on the same weights.
 
 mod common;
 use common::*;
@@ -67,6 +67,28 @@ fn gemma3_matches_the_reference_and_llama_cpp_from_its_hf_directory_and_gguf() {
     }
 }
 
+/// A random Gemma 2 (`fixtures/gguf/gemma2_tiny`, `gemma2.gguf`; written by `generate.py`: the
+/// even layers local with window 8, scores capped at 0.5 and logits at 1.5, caps that move the
+/// reference by more than 0.05 each) gives the float64 reference's logits and llama.cpp's, fed
+/// whole or in chunks of 7 (prompt tiles, then decode steps); its local rows keep their last 8
+/// tokens.
+#[test]
+fn gemma2_matches_the_reference_and_llama_cpp_from_its_hf_directory_and_gguf() {
+    for model in [fixture("gguf/gemma2_tiny"), fixture("gguf/gemma2.gguf")] {
+        follow("gguf/gemma2_llama_cpp.safetensors", &model, 0, 3e-3);
+        follow("gguf/gemma2_reference.safetensors", &model, 7, 1e-4);
+        let (eng, seq) = follow("gguf/gemma2_reference.safetensors", &model, 0, 1e-4);
+        for layer in 0..4 {
+            let want: Vec<u32> = if layer % 2 == 0 { (40..48).collect() } else { (0..48).collect() };
+            for row in seq.kept_positions(layer, &eng.store) {
+                assert_eq!(row, want, "{model:?}: layer {layer}");
+            }
+        }
+        let g = eng.model.config().gemma.clone().unwrap();
+        assert_eq!((g.attn_softcap, g.final_softcap, g.local_rope_theta), (Some(0.5), Some(1.5), None));
+    }
+}
+
 /// A multimodal Gemma 3 (`Gemma3ForConditionalGeneration`: the decoder's settings in
 /// `text_config`, its tensors under `language_model.model.` or `model.language_model.`) loads
 /// as its text model.
@@ -99,36 +121,30 @@ fn a_multimodal_gemma3_checkpoint_loads_its_language_model() {
     }
 }
 
-/// What the runtime does not do is refused by name: Gemma 2's soft-capping, other activations,
-/// a `layer_types` list of the wrong length; the dense training forward refuses Gemma 3.
+/// What the runtime does not do is refused by name: other activations, a `layer_types` list of
+/// the wrong length, a soft-capping that is not positive; the dense training forward refuses
+/// Gemma.
 #[test]
 fn gemma_settings_the_runtime_does_not_run_are_refused() {
     let dir = std::env::temp_dir().join(format!("dms-gemma3-bad-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::copy(fixture("gguf/gemma3_tiny/model.safetensors"), dir.join("model.safetensors")).unwrap();
     let text = std::fs::read_to_string(fixture("gguf/gemma3_tiny/config.json")).unwrap();
-    let load_with = |changes: &[(&str, serde_json::Value)]| {
+    let load = |key: &str, value: serde_json::Value| {
         let mut config: serde_json::Value = serde_json::from_str(&text).unwrap();
-        for (key, value) in changes {
-            config[*key] = value.clone();
-        }
+        config[key] = value;
         std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
         load_model(&dir, &candle_core::Device::Cpu, WeightForm::Dense)
     };
-    let load = |key: &str, value: serde_json::Value| load_with(&[(key, value)]);
     let refused = |key: &str, value: serde_json::Value, words: &[&str]| {
         let e = format!("{:#}", load(key, value).err().unwrap_or_else(|| panic!("{key} accepted")));
         assert!(words.iter().all(|w| e.contains(w)), "{key}: {e}");
     };
-    refused("attn_logit_softcapping", serde_json::json!(50.0), &["attn_logit_softcapping", "Gemma 2"]);
-    refused("final_logit_softcapping", serde_json::json!(30.0), &["final_logit_softcapping"]);
+    refused("attn_logit_softcapping", serde_json::json!(0.0), &["attn_logit_softcapping must be positive"]);
+    refused("final_logit_softcapping", serde_json::json!(-30.0), &["final_logit_softcapping must be positive"]);
     refused("hidden_activation", serde_json::json!("silu"), &["hidden_activation", "silu"]);
     refused("layer_types", serde_json::json!(["full_attention"]), &["layer_types", "1 entries for 6 layers"]);
     refused("layer_types", serde_json::json!(vec!["chunked_attention"; 6]), &["chunked_attention"]);
-    let gemma2 =
-        [("model_type", serde_json::json!("gemma2")), ("architectures", serde_json::json!(["Gemma2ForCausalLM"]))];
-    let e = format!("{:#}", load_with(&gemma2).err().unwrap());
-    assert!(e.contains("gemma2") && e.contains("supported:"), "{e}");
     // `layer_types` says which layers are windowed: all of them here, so the model is no longer
     // the fixture's (its sixth layer is global).
     let all_local = load("layer_types", serde_json::json!(vec!["sliding_attention"; 6])).unwrap();
@@ -136,8 +152,59 @@ fn gemma_settings_the_runtime_does_not_run_are_refused() {
     assert_eq!(all_local.model.config().device_context(), Some(8));
     let loaded = load("sliding_window", serde_json::json!(8)).unwrap();
     let e = format!("{:#}", loaded.model.dense_forward(&[1, 2, 3], None).err().unwrap());
-    assert!(e.contains("Gemma 3"), "{e}");
+    assert!(e.contains("Gemma"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A Gemma GGUF's own metadata is read as llama.cpp reads it: `attention.sliding_window_pattern`
+/// as a period or one flag per layer, a `gemma3` file's `rope.freq_base_swa` and
+/// `final_logit_softcapping`, a `gemma2` file's caps defaulting to 50 and 30 when absent; a
+/// `gemma2` file whose local layers have their own RoPE base, a pattern of the wrong length and
+/// a negative cap are refused by name.
+#[test]
+fn gemma_gguf_metadata_is_read_as_llama_cpp_reads_it() {
+    use candle_core::quantized::gguf_file::Value;
+    let load = |file: &str, edit: &dyn Fn(&mut OwnedMeta)| {
+        let (mut meta, tensors) = fixture_gguf_parts(file);
+        edit(&mut meta);
+        let path = std::env::temp_dir().join(format!("dms-gemma-meta-{}-{file}", std::process::id()));
+        std::fs::write(&path, gguf_file_bytes(&meta, &tensors)).unwrap();
+        let loaded = load_model(&path, &candle_core::Device::Cpu, WeightForm::Dense);
+        let _ = std::fs::remove_file(&path);
+        loaded.map(|m| m.model.config().clone())
+    };
+    let set = |key: &str, value: Value| {
+        let key = key.to_string();
+        move |meta: &mut OwnedMeta| {
+            meta.retain(|(k, _)| *k != key);
+            meta.push((key.clone(), value.clone()));
+        }
+    };
+    let local = |c: &dms_integration::model::ModelConfig| c.gemma.as_ref().unwrap().local_layers.clone();
+    let c = load("gemma2.gguf", &set("gemma2.attention.sliding_window_pattern", Value::U32(4))).unwrap();
+    assert_eq!(local(&c), [true, true, true, false]);
+    assert_eq!(c.windows.unwrap().layers(), [true, true, true, false]);
+    let flags = Value::Array([false, true, false, true].map(Value::Bool).to_vec());
+    assert_eq!(
+        local(&load("gemma2.gguf", &set("gemma2.attention.sliding_window_pattern", flags)).unwrap()),
+        [false, true, false, true]
+    );
+    let refused = |file: &str, edit: &dyn Fn(&mut OwnedMeta), words: &[&str]| {
+        let e = format!("{:#}", load(file, edit).err().unwrap_or_else(|| panic!("{words:?}: accepted")));
+        assert!(words.iter().all(|w| e.contains(w)), "{e}");
+    };
+    let three = Value::Array(vec![Value::Bool(true); 3]);
+    refused("gemma2.gguf", &set("gemma2.attention.sliding_window_pattern", three), &["3 flags for 4 layers"]);
+    refused("gemma2.gguf", &set("gemma2.rope.freq_base_swa", Value::F32(20_000.0)), &["freq_base_swa", "20000"]);
+    assert!(load("gemma2.gguf", &set("gemma2.rope.freq_base_swa", Value::F32(10_000.0))).is_ok());
+    refused("gemma2.gguf", &set("gemma2.attn_logit_softcapping", Value::F32(-1.0)), &["attn_logit_softcapping", "-1"]);
+    let no_caps = |meta: &mut OwnedMeta| meta.retain(|(k, _)| !k.ends_with("softcapping"));
+    let g = load("gemma2.gguf", &no_caps).unwrap().gemma.unwrap();
+    assert_eq!((g.attn_softcap, g.final_softcap), (Some(50.0), Some(30.0)));
+    let g = load("gemma3.gguf", &set("gemma3.rope.freq_base_swa", Value::F32(20_000.0))).unwrap().gemma.unwrap();
+    assert_eq!((g.local_rope_theta, g.attn_softcap, g.final_softcap), (Some(20_000.0), None, None));
+    let g = load("gemma3.gguf", &set("gemma3.final_logit_softcapping", Value::F32(2.0))).unwrap().gemma.unwrap();
+    assert_eq!(g.final_softcap, Some(2.0));
 }
 
 /// Mistral's `sliding_window` on every layer (no longer a cap on the context): the tiny Llama 3's

@@ -364,6 +364,9 @@ mod tests {
         let lark = to_lark("root ::= Ab-c \"x\"{0} | \"\"\nAb-c ::= \"q\\\"\" [^a-c\\n]? .*\nAb-c ::= \"z\"").unwrap();
         assert_eq!(lark, "start: r0_root\nr0_root: r1_ab_c \"\" | \"\"\nr1_ab_c: \"z\"\n");
         let lark = to_lark("root ::= \"q\\\"\" [^a-c\\n]? .* ( \"a\" |\n \"b\" )+").unwrap();
-        assert_eq!(lark, "start: r0_root\nr0_root: (\"q\" \"\\\"\") /[^\\x{61}-\\x{63}\\x{a}]/? /(?s:.)/* (\"a\" | \"b\")+\n");
+        assert_eq!(
+            lark,
+            "start: r0_root\nr0_root: (\"q\" \"\\\"\") /[^\\x{61}-\\x{63}\\x{a}]/? /(?s:.)/* (\"a\" | \"b\")+\n"
+        );
     }
 }

@@ -129,7 +129,10 @@ impl<'m> DeviceEngine<'m> {
     pub fn new(model: &'m Llama, shape: DeviceBatchShape) -> Result<Self> {
         let cfg = model.config();
         if cfg.gemma.is_some() {
-            bail!("Gemma 3 runs on the CPU engine only: the device engine has no local layers (their window and RoPE base)");
+            bail!(
+                "Gemma runs on the CPU engine only: the device engine has no local layers (their window and RoPE base) or \
+                 soft-capping"
+            );
         }
         if cfg.windows.is_some() && cfg.device_context().is_none() {
             bail!(

@@ -51,6 +51,9 @@ impl KvBackend for DeviceStep<'_> {
     }
 
     fn attend(&mut self, li: usize, step: LayerStep<'_>) -> Result<Tensor> {
+        if let Some(cap) = step.softcap {
+            bail!("the device cache has no attention soft-capping (the model's is {cap})");
+        }
         let signal = self.signal(&step)?;
         self.cache.update(li, &step.k.contiguous()?, step.v, signal.as_ref())?;
         // Per-head rows give `[b, heads, head_dim]`, latent rows `[b, heads, rank]`.

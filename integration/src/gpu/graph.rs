@@ -285,7 +285,7 @@ impl CapturedStep {
         }
         cache.upload_programs()?;
         self.inputs.x.slice_set(&fresh.x, 0, 0)?;
-        // No `local_rope` to refresh: Gemma 3, which has it, runs on the host engine only.
+        // No `local_rope` to refresh: Gemma, which has it, runs on the host engine only.
         self.inputs.cos.slice_set(&fresh.cos, 0, 0)?;
         self.inputs.sin.slice_set(&fresh.sin, 0, 0)?;
         self.graph.launch()?;

@@ -5,7 +5,7 @@
 use crate::engine::load_model;
 use crate::gpu::policy::DevicePolicy;
 use crate::gpu::{AttnKernel, AttnTuning, GpuCache, GpuCacheShape, LatentKernel};
-use crate::kv::attention::decode_row;
+use crate::kv::attention::{decode_row, Scoring};
 use crate::kv::sequence::SequenceCache;
 use crate::kv::store::KvStore;
 use crate::model::lora::{AttentionLora, LoraTarget};
@@ -160,7 +160,7 @@ fn check_kernels(dev: &Device, dtype: DType, c: &KernelCheck, tuning: AttnTuning
                 for (h, &row) in seq.layer_rows(layer).iter().enumerate() {
                     let qs = &qc[(b * kv + h) * g * d..(b * kv + h + 1) * g * d];
                     let mut o = vec![0f32; g * dv];
-                    decode_row(&store, row, qs, (prompts[b] + step) as u32, 0.125, &mut o)?;
+                    decode_row(&store, row, qs, (prompts[b] + step) as u32, Scoring::scaled(0.125), &mut o)?;
                     let got = &out[(b * kv + h) * g * dv..(b * kv + h + 1) * g * dv];
                     for (x, y) in o.iter().zip(got) {
                         worst = worst.max((x - y).abs());

@@ -15,6 +15,32 @@ use dms_policy::Pos;
 /// result does not depend on how many threads ran the chunks).
 const CHUNK_SLOTS: usize = 128;
 
+/// How a query-key dot product becomes an attention score: times `scale`, then with a `softcap`
+/// `cap * tanh(score / cap)` (Gemma 2's attention soft-capping), before the softmax.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Scoring {
+    /// Softmax scale.
+    pub scale: f64,
+    /// Soft-capping of the scaled scores, when the model has one.
+    pub softcap: Option<f64>,
+}
+
+impl Scoring {
+    /// Scores scaled by `scale`, not capped.
+    pub fn scaled(scale: f64) -> Self {
+        Self { scale, softcap: None }
+    }
+
+    /// The score of dot product `dot`.
+    fn score(self, dot: f32) -> f32 {
+        let s = dot * self.scale as f32;
+        match self.softcap {
+            Some(cap) => cap as f32 * (s / cap as f32).tanh(),
+            None => s,
+        }
+    }
+}
+
 /// Multiply-adds (slots x query heads x head width) below which one step's decode attention
 /// runs on the calling thread: a rayon hand-off costs more than that much arithmetic.
 const PARALLEL_MIN_WORK: usize = 1 << 17;
@@ -29,10 +55,10 @@ pub fn decode_row(
     id: RowId,
     q: &[f32],
     q_pos: Pos,
-    scale: f32,
+    scoring: Scoring,
     out: &mut [f32],
 ) -> Result<(), StoreError> {
-    decode_row_weighted(store, id, q, q_pos, scale, out, None)
+    decode_row_weighted(store, id, q, q_pos, scoring, out, None)
 }
 
 /// [`decode_row`], also adding to `weights` (one per physical slot of the row) each slot's
@@ -42,12 +68,12 @@ pub fn decode_row_weighted(
     id: RowId,
     q: &[f32],
     q_pos: Pos,
-    scale: f32,
+    scoring: Scoring,
     out: &mut [f32],
     weights: Option<&mut [f32]>,
 ) -> Result<(), StoreError> {
     let mut w: Vec<&mut [f32]> = weights.into_iter().collect();
-    decode_rows(store, &[id], q, q_pos, scale, out, (!w.is_empty()).then_some(w.as_mut_slice()))
+    decode_rows(store, &[id], q, q_pos, scoring, out, (!w.is_empty()).then_some(w.as_mut_slice()))
 }
 
 /// [`decode_row_weighted`] for the KV groups of one sequence at once: row `r` of `rows` attends
@@ -58,7 +84,7 @@ pub fn decode_rows(
     rows: &[RowId],
     q: &[f32],
     q_pos: Pos,
-    scale: f32,
+    scoring: Scoring,
     out: &mut [f32],
     weights: Option<&mut [&mut [f32]]>,
 ) -> Result<(), StoreError> {
@@ -79,7 +105,7 @@ pub fn decode_rows(
     let run = |(r, blocks): &(usize, std::ops::Range<usize>)| -> Result<Partial, StoreError> {
         let row = store.row(rows[*r])?;
         let qr = &q[r * g * d..(r + 1) * g * d];
-        Ok(chunk_partial(store, row, blocks.clone(), qr, q_pos, scale, dv, keep_exps))
+        Ok(chunk_partial(store, row, blocks.clone(), qr, q_pos, scoring, dv, keep_exps))
     };
     let partials: Vec<Partial> = if work >= PARALLEL_MIN_WORK {
         use rayon::prelude::*;
@@ -119,7 +145,7 @@ fn chunk_partial(
     blocks: std::ops::Range<usize>,
     q: &[f32],
     q_pos: Pos,
-    scale: f32,
+    scoring: Scoring,
     dv: usize,
     keep_exps: bool,
 ) -> Partial {
@@ -141,7 +167,7 @@ fn chunk_partial(
             }
             let key = &kb[j * d..(j + 1) * d];
             for (h, qh) in q.chunks_exact(d).enumerate() {
-                exps[h * len + s] = vector::dot(qh, key) * scale;
+                exps[h * len + s] = scoring.score(vector::dot(qh, key));
             }
         }
     }
@@ -219,12 +245,12 @@ pub fn chunk_rows(
     rows: &[RowId],
     q: &Tensor,
     q_pos: &[Pos],
-    scale: f64,
+    scoring: Scoring,
 ) -> candle_core::Result<Tensor> {
     let d = q.dim(2)?;
-    match tiled(store, rows, q, q_pos, scale, d, false)? {
+    match tiled(store, rows, q, q_pos, scoring, d, false)? {
         Some((out, _)) => Ok(out),
-        None => chunk_attention(store, rows, q, q_pos, scale, d, None),
+        None => chunk_attention(store, rows, q, q_pos, scoring, d, None),
     }
 }
 
@@ -236,15 +262,15 @@ pub fn chunk_rows_weighted(
     rows: &[RowId],
     q: &Tensor,
     q_pos: &[Pos],
-    scale: f64,
+    scoring: Scoring,
     latent_rank: Option<usize>,
 ) -> candle_core::Result<(Tensor, Vec<Vec<f32>>)> {
     let dv = latent_rank.map_or(q.dim(2), Ok)?;
-    if let Some((out, Some(w))) = tiled(store, rows, q, q_pos, scale, dv, true)? {
+    if let Some((out, Some(w))) = tiled(store, rows, q, q_pos, scoring, dv, true)? {
         return Ok((out, w));
     }
     let mut weights = Vec::new();
-    let out = chunk_attention(store, rows, q, q_pos, scale, dv, Some(&mut weights))?;
+    let out = chunk_attention(store, rows, q, q_pos, scoring, dv, Some(&mut weights))?;
     Ok((out, weights))
 }
 
@@ -255,12 +281,12 @@ pub fn chunk_latent_rows(
     rows: &[RowId],
     q: &Tensor,
     q_pos: &[Pos],
-    scale: f64,
+    scoring: Scoring,
     value_dim: usize,
 ) -> candle_core::Result<Tensor> {
-    match tiled(store, rows, q, q_pos, scale, value_dim, false)? {
+    match tiled(store, rows, q, q_pos, scoring, value_dim, false)? {
         Some((out, _)) => Ok(out),
-        None => chunk_attention(store, rows, q, q_pos, scale, value_dim, None),
+        None => chunk_attention(store, rows, q, q_pos, scoring, value_dim, None),
     }
 }
 
@@ -273,7 +299,7 @@ fn tiled(
     rows: &[RowId],
     q: &Tensor,
     q_pos: &[Pos],
-    scale: f64,
+    scoring: Scoring,
     dv: usize,
     weights: bool,
 ) -> candle_core::Result<Option<(Tensor, Option<Vec<Vec<f32>>>)>> {
@@ -290,9 +316,10 @@ fn tiled(
     }
     let stored = |e: StoreError| candle_core::Error::Msg(e.to_string());
     let row_refs = rows.iter().map(|&r| store.row(r)).collect::<Result<Vec<_>, _>>().map_err(stored)?;
-    let qv = (q * scale)?.flatten_all()?.to_vec1::<f32>()?;
+    let qv = (q * scoring.scale)?.flatten_all()?.to_vec1::<f32>()?;
     let mut out = vec![0f32; t * n_heads * dv];
-    let queries = crate::kv::tiled::Queries { q: &qv, q_pos, heads: n_heads };
+    let softcap = scoring.softcap.map(|c| c as f32);
+    let queries = crate::kv::tiled::Queries { q: &qv, q_pos, heads: n_heads, softcap };
     let w = crate::kv::tiled::prompt_attention(store, &row_refs, &queries, dv, &mut out, weights);
     Ok(Some((Tensor::from_vec(out, (t, n_heads * dv), &Device::Cpu)?, w)))
 }
@@ -302,7 +329,7 @@ fn chunk_attention(
     rows: &[RowId],
     q: &Tensor,
     q_pos: &[Pos],
-    scale: f64,
+    scoring: Scoring,
     dv: usize,
     weights: Option<&mut Vec<Vec<f32>>>,
 ) -> candle_core::Result<Tensor> {
@@ -349,7 +376,11 @@ fn chunk_attention(
     let mask = Tensor::from_vec(mask, (kv, 1, t, lmax), &Device::Cpu)?.to_device(dev)?;
     let q = q.reshape((t, kv, g, d))?.permute((1, 2, 0, 3))?.contiguous()?.reshape((kv, g * t, d))?;
     // Scaling the queries instead of the scores: `g t d` multiplies instead of `g t L`.
-    let scores = (q * scale)?.matmul(&k.t()?)?.reshape((kv, g, t, lmax))?;
+    let scores = (q * scoring.scale)?.matmul(&k.t()?)?.reshape((kv, g, t, lmax))?;
+    let scores = match scoring.softcap {
+        Some(cap) => ((scores / cap)?.tanh()? * cap)?,
+        None => scores,
+    };
     let scores = scores.broadcast_add(&mask)?;
     let probs = candle_nn::ops::softmax_last_dim(&scores)?;
     let probs = if blind { zero_fully_masked(&probs)? } else { probs };
@@ -409,11 +440,19 @@ mod tests {
     }
 
     /// Softmax attention of one head in f64 over the visible slots: (output, weights).
-    fn reference(q: &[f32], k: &[f32], v: &[f32], d: usize, visible: &[bool], scale: f32) -> (Vec<f64>, Vec<f64>) {
+    fn reference(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        d: usize,
+        visible: &[bool],
+        scoring: Scoring,
+    ) -> (Vec<f64>, Vec<f64>) {
         let s: Vec<f64> = (0..visible.len())
             .map(|j| {
                 if visible[j] {
-                    scale as f64 * (0..d).map(|e| q[e] as f64 * k[j * d + e] as f64).sum::<f64>()
+                    let s = scoring.scale * (0..d).map(|e| q[e] as f64 * k[j * d + e] as f64).sum::<f64>();
+                    scoring.softcap.map_or(s, |c| c * (s / c).tanh())
                 } else {
                     f64::NEG_INFINITY
                 }
@@ -426,24 +465,28 @@ mod tests {
         (out, p)
     }
 
+    /// With and without Gemma 2's soft-capping (a cap of 0.5 bends most of these scores).
+    const SCORINGS: [Scoring; 2] = [Scoring { scale: 0.2, softcap: None }, Scoring { scale: 0.2, softcap: Some(0.5) }];
+
     #[test]
     fn chunked_decode_equals_one_softmax_over_the_row_serial_and_parallel() {
         let hidden = |i: usize| (128..256).contains(&i) || i % 37 == 5;
         // (head dim, slots, query heads per row, rows): one row runs on this thread, two rows of
         // the wider shape cross the parallel threshold.
-        for (d, n, g, rows) in [(12, 300, 1, 1), (12, 300, 3, 1), (64, 300, 5, 1), (64, 300, 5, 2), (64, 100, 4, 1)] {
+        let shapes = [(12, 300, 1, 1), (12, 300, 3, 1), (64, 300, 5, 1), (64, 300, 5, 2), (64, 100, 4, 1)];
+        for ((d, n, g, rows), scoring) in shapes.into_iter().flat_map(|s| SCORINGS.map(|c| (s, c))) {
             let Rows { store, ids, keys: ks, values: vs } = store_with_rows(d, n, rows, &hidden);
             let q = seeded(3, rows * g * d);
             let visible: Vec<bool> = (0..n).map(|i| !hidden(i)).collect();
             let mut out = vec![0f32; rows * g * d];
             let mut w: Vec<Vec<f32>> = vec![vec![0f32; n]; rows];
             let mut wr: Vec<&mut [f32]> = w.iter_mut().map(|w| w.as_mut_slice()).collect();
-            decode_rows(&store, &ids, &q, n as Pos - 1, 0.2, &mut out, Some(wr.as_mut_slice())).unwrap();
+            decode_rows(&store, &ids, &q, n as Pos - 1, scoring, &mut out, Some(wr.as_mut_slice())).unwrap();
             for r in 0..rows {
                 let mut want_w = vec![0f64; n];
                 for h in 0..g {
                     let qh = &q[(r * g + h) * d..(r * g + h + 1) * d];
-                    let (o, p) = reference(qh, &ks[r], &vs[r], d, &visible, 0.2);
+                    let (o, p) = reference(qh, &ks[r], &vs[r], d, &visible, scoring);
                     let got = &out[(r * g + h) * d..(r * g + h + 1) * d];
                     for (a, b) in got.iter().zip(&o) {
                         assert!((*a as f64 - b).abs() < 1e-5, "d {d} g {g} row {r} head {h}: {a} vs {b}");
@@ -467,11 +510,13 @@ mod tests {
         let Rows { store, ids, .. } = store_with_rows(d, n, kv, &|i| (100..180).contains(&i));
         let q_pos: Vec<Pos> = (n as Pos - 4..n as Pos + 3).collect();
         let q = Tensor::from_vec(seeded(5, t * kv * g * d), (t, kv * g, d), &Device::Cpu).unwrap();
-        let fast = chunk_rows(&store, &ids, &q, &q_pos, 0.3).unwrap().to_vec2::<f32>().unwrap();
-        let dense = chunk_attention(&store, &ids, &q, &q_pos, 0.3, d, None).unwrap().to_vec2::<f32>().unwrap();
-        for (i, (a, b)) in fast.iter().zip(&dense).enumerate() {
-            for (x, y) in a.iter().zip(b) {
-                assert!((x - y).abs() < 1e-5, "query {i}: {x} vs {y}");
+        for scoring in [Scoring::scaled(0.3), Scoring { scale: 0.3, softcap: Some(0.5) }] {
+            let fast = chunk_rows(&store, &ids, &q, &q_pos, scoring).unwrap().to_vec2::<f32>().unwrap();
+            let dense = chunk_attention(&store, &ids, &q, &q_pos, scoring, d, None).unwrap().to_vec2::<f32>().unwrap();
+            for (i, (a, b)) in fast.iter().zip(&dense).enumerate() {
+                for (x, y) in a.iter().zip(b) {
+                    assert!((x - y).abs() < 1e-5, "{scoring:?} query {i}: {x} vs {y}");
+                }
             }
         }
         // Latent rows: no separate values, the first 8 floats of each key are its value.
@@ -480,8 +525,9 @@ mod tests {
         let writes = (0..n).map(|i| Write { slot: i as u32, last_visible: VISIBLE_FOREVER }).collect();
         lat.apply_evict(id, &EvictPlan { hide: Vec::new(), writes }, 0, &seeded(9, n * d), &[]).unwrap();
         let q = Tensor::from_vec(seeded(6, t * g * d), (t, g, d), &Device::Cpu).unwrap();
-        let latent = chunk_latent_rows(&lat, &[id], &q, &q_pos, 0.3, 8).unwrap().to_vec2::<f32>().unwrap();
-        let latent_dense = chunk_attention(&lat, &[id], &q, &q_pos, 0.3, 8, None).unwrap().to_vec2::<f32>().unwrap();
+        let s = Scoring::scaled(0.3);
+        let latent = chunk_latent_rows(&lat, &[id], &q, &q_pos, s, 8).unwrap().to_vec2::<f32>().unwrap();
+        let latent_dense = chunk_attention(&lat, &[id], &q, &q_pos, s, 8, None).unwrap().to_vec2::<f32>().unwrap();
         assert_eq!(latent[0].len(), g * 8);
         for (a, b) in latent.iter().zip(&latent_dense) {
             for (x, y) in a.iter().zip(b) {
@@ -499,9 +545,6 @@ mod tests {
         let Rows { store, ids, .. } = store_with_rows(d, n, kv, &|i| (100..180).contains(&i) || i % 41 == 3);
         let q_pos: Vec<Pos> = (0..t as Pos).map(|i| (i * 13) % 320).collect();
         let q = Tensor::from_vec(seeded(7, t * kv * g * d), (t, kv * g, d), &Device::Cpu).unwrap();
-        let (fast, fast_w) = chunk_rows_weighted(&store, &ids, &q, &q_pos, 0.3, None).unwrap();
-        let mut dense_w = Vec::new();
-        let dense = chunk_attention(&store, &ids, &q, &q_pos, 0.3, d, Some(&mut dense_w)).unwrap();
         let close = |a: &Tensor, b: &Tensor, what: &str| {
             for (i, (x, y)) in a.to_vec2::<f32>().unwrap().iter().zip(b.to_vec2::<f32>().unwrap()).enumerate() {
                 for (x, y) in x.iter().zip(&y) {
@@ -509,19 +552,25 @@ mod tests {
                 }
             }
         };
-        close(&fast, &dense, "tiled");
-        close(&chunk_rows(&store, &ids, &q, &q_pos, 0.3).unwrap(), &dense, "unweighted");
-        for (r, (a, b)) in fast_w.iter().zip(&dense_w).enumerate() {
-            assert_eq!(a.len(), b.len());
-            for (s, (x, y)) in a.iter().zip(b).enumerate() {
-                assert!((x - y).abs() < 1e-4, "row {r} slot {s}: weight {x} vs {y}");
+        for scoring in [Scoring::scaled(0.3), Scoring { scale: 0.3, softcap: Some(0.5) }] {
+            let (fast, fast_w) = chunk_rows_weighted(&store, &ids, &q, &q_pos, scoring, None).unwrap();
+            let mut dense_w = Vec::new();
+            let dense = chunk_attention(&store, &ids, &q, &q_pos, scoring, d, Some(&mut dense_w)).unwrap();
+            close(&fast, &dense, "tiled");
+            close(&chunk_rows(&store, &ids, &q, &q_pos, scoring).unwrap(), &dense, "unweighted");
+            for (r, (a, b)) in fast_w.iter().zip(&dense_w).enumerate() {
+                assert_eq!(a.len(), b.len());
+                for (s, (x, y)) in a.iter().zip(b).enumerate() {
+                    assert!((x - y).abs() < 1e-4, "{scoring:?} row {r} slot {s}: weight {x} vs {y}");
+                }
             }
         }
         let Rows { store, ids, .. } = store_with_rows(8, 200, 1, &|_| true);
         let q = Tensor::from_vec(seeded(4, 2 * 8), (2, 1, 8), &Device::Cpu).unwrap();
-        let (out, w) = chunk_rows_weighted(&store, &ids, &q, &[10, 199], 0.5, None).unwrap();
+        let half = Scoring::scaled(0.5);
+        let (out, w) = chunk_rows_weighted(&store, &ids, &q, &[10, 199], half, None).unwrap();
         let mut dense_w = Vec::new();
-        let dense = chunk_attention(&store, &ids, &q, &[10, 199], 0.5, 8, Some(&mut dense_w)).unwrap();
+        let dense = chunk_attention(&store, &ids, &q, &[10, 199], half, 8, Some(&mut dense_w)).unwrap();
         close(&out, &dense, "blind");
         assert!(out.to_vec2::<f32>().unwrap()[1].iter().all(|x| *x == 0.0));
         for (x, y) in w[0].iter().zip(&dense_w[0]) {
@@ -536,7 +585,7 @@ mod tests {
         let q = seeded(4, 2 * 8);
         let mut out = vec![1f32; 2 * 8];
         let mut w = vec![0f32; 200];
-        decode_row_weighted(&store, ids[0], &q, 199, 0.5, &mut out, Some(&mut w)).unwrap();
+        decode_row_weighted(&store, ids[0], &q, 199, Scoring::scaled(0.5), &mut out, Some(&mut w)).unwrap();
         assert!(out.iter().chain(&w).all(|x| *x == 0.0));
     }
 }

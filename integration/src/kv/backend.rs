@@ -45,6 +45,8 @@ pub struct LayerStep<'a> {
     pub key_norms: Option<&'a Tensor>,
     /// Softmax scale of the attention scores.
     pub scale: f64,
+    /// Soft-capping of the scaled scores (Gemma 2), when the model has one.
+    pub softcap: Option<f64>,
 }
 
 /// A KV cache the model's layers write to and attend over, one step at a time.

@@ -91,6 +91,7 @@ impl KvBackend for HostStep<'_, '_> {
         let k_host = step.k.flatten_all()?.to_vec1::<f32>()?;
         let v_host = if dv > 0 { step.v.flatten_all()?.to_vec1::<f32>()? } else { Vec::new() };
         let q_host = if self.spans.iter().any(|&(_, t)| t == 1) { host(Some(step.q))? } else { None };
+        let scoring = attention::Scoring { scale: step.scale, softcap: step.softcap };
         let mut outs = Vec::with_capacity(self.seqs.len());
         for (s, &(start, t)) in self.seqs.iter_mut().zip(&self.spans) {
             let kv_slice = start * nkv * hd..(start + t) * nkv * hd;
@@ -119,7 +120,7 @@ impl KvBackend for HostStep<'_, '_> {
                     rows,
                     qs,
                     positions[0],
-                    step.scale as f32,
+                    scoring,
                     &mut o,
                     weighted.then_some(w.as_mut_slice()),
                 )?;
@@ -128,13 +129,13 @@ impl KvBackend for HostStep<'_, '_> {
                 let qc = step.q.narrow(0, start, t)?;
                 if weighted {
                     let (out, w) =
-                        attention::chunk_rows_weighted(self.store, rows, &qc, positions, step.scale, self.latent_rank)?;
+                        attention::chunk_rows_weighted(self.store, rows, &qc, positions, scoring, self.latent_rank)?;
                     weights = w;
                     out
                 } else {
                     match self.latent_rank {
-                        Some(r) => attention::chunk_latent_rows(self.store, rows, &qc, positions, step.scale, r)?,
-                        None => attention::chunk_rows(self.store, rows, &qc, positions, step.scale)?,
+                        Some(r) => attention::chunk_latent_rows(self.store, rows, &qc, positions, scoring, r)?,
+                        None => attention::chunk_rows(self.store, rows, &qc, positions, scoring)?,
                     }
                 }
             };

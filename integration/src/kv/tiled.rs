@@ -29,6 +29,8 @@ pub struct Queries<'a> {
     pub q_pos: &'a [Pos],
     /// Query heads per position.
     pub heads: usize,
+    /// Scores become `cap * tanh(score / cap)` before the softmax, when given.
+    pub softcap: Option<f32>,
 }
 
 /// Attention of every query over `rows` (row `r` serves query heads `r * g .. (r + 1) * g`, with
@@ -138,6 +140,9 @@ fn attend_tile(
         let mut chunk_max = vec![f32::NEG_INFINITY; m];
         for mi in 0..m {
             let (sr, vis) = (&mut s[mi * len..(mi + 1) * len], &seen[(mi / g) * len..(mi / g + 1) * len]);
+            if let Some(cap) = queries.softcap {
+                sr.iter_mut().for_each(|x| *x = cap * (*x / cap).tanh());
+            }
             let row_max = sr.iter().zip(vis).filter(|(_, v)| **v).map(|(x, _)| *x).fold(f32::NEG_INFINITY, f32::max);
             if row_max == f32::NEG_INFINITY {
                 sr.fill(0.0);

@@ -19,25 +19,41 @@ pub enum Arch {
     Phi3,
     /// DeepSeek V2 / V3: multi-head latent attention (see [`MlaConfig`]), dense or MoE MLPs.
     DeepSeek,
+    /// Gemma 2 (see [`GemmaConfig`]): Gemma 3's block without q/k norms, local layers on every
+    /// other layer, and soft-capped attention scores and logits.
+    Gemma2,
     /// Gemma 3 (see [`GemmaConfig`]): scaled embeddings, norms around attention and MLP, a
     /// GELU MLP, and local layers with their own window and RoPE base.
     Gemma3,
 }
 
-/// What Gemma 3 adds to the Llama block (transformers' `Gemma3TextConfig`).
+impl Arch {
+    /// Gemma 2 or Gemma 3: the families with a [`GemmaConfig`].
+    pub fn is_gemma(self) -> bool {
+        matches!(self, Arch::Gemma2 | Arch::Gemma3)
+    }
+}
+
+/// What Gemma 2 and Gemma 3 add to the Llama block (transformers' `Gemma2Config`,
+/// `Gemma3TextConfig`).
 ///
 /// The embeddings are scaled by `sqrt(hidden_size)`; each layer normalises the attention's and
 /// the MLP's outputs too (`post_attention_layernorm`, `post_feedforward_layernorm`); the MLP is
-/// `down(gelu_tanh(gate(x)) * up(x))`; q and k are RMS-normalised per head; every RMSNorm
-/// multiplies by `1 + weight` (added at load to HF weights; GGUF files store it added).
+/// `down(gelu_tanh(gate(x)) * up(x))`; every RMSNorm multiplies by `1 + weight` (added at load to
+/// HF weights; GGUF files store it added). Gemma 3 also RMS-normalises q and k per head.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GemmaConfig {
     /// Attention scores are scaled by `query_pre_attn_scalar^-1/2`.
     pub query_pre_attn_scalar: f64,
-    /// RoPE base of the local layers, which take no RoPE scaling.
-    pub local_rope_theta: f64,
-    /// Per layer: local (its own RoPE base; windowed when the model has a window).
+    /// RoPE base of the local layers, which take no RoPE scaling (Gemma 3); None where they
+    /// rotate as the global ones (Gemma 2).
+    pub local_rope_theta: Option<f64>,
+    /// Per layer: local (windowed when the model has a window).
     pub local_layers: Vec<bool>,
+    /// Attention scores become `cap * tanh(score / cap)` (Gemma 2's `attn_logit_softcapping`).
+    pub attn_softcap: Option<f64>,
+    /// Logits become `cap * tanh(logit / cap)` (Gemma 2's `final_logit_softcapping`).
+    pub final_softcap: Option<f64>,
 }
 
 /// Multi-head latent attention sizes (DeepSeek V2/V3).
@@ -550,7 +566,7 @@ impl ModelConfig {
         let mut v: serde_json::Value = serde_json::from_str(text).context("config.json is not a valid model config")?;
         lift_text_config(&mut v);
         lift_rope_parameters(&mut v);
-        fill_gemma3_defaults(&mut v);
+        fill_gemma_defaults(&mut v);
         let c: HfConfig = serde_json::from_value(v).context("config.json is not a valid model config")?;
         let model_type = c.model_type.clone().unwrap_or_default();
         let arch_name = c.architectures.first().cloned().unwrap_or_default();
@@ -565,9 +581,10 @@ impl ModelConfig {
             ("deepseek_v2" | "deepseek_v3", _) | (_, "DeepseekV2ForCausalLM" | "DeepseekV3ForCausalLM") => {
                 Arch::DeepSeek
             }
+            ("gemma2", _) | (_, "Gemma2ForCausalLM") => Arch::Gemma2,
             ("gemma3_text", _) | (_, "Gemma3ForCausalLM") => Arch::Gemma3,
             _ => bail!(
-                "unsupported architecture (model_type `{model_type}`, architectures `{arch_name}`); supported: llama, mistral, mixtral, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe, deepseek_v2, deepseek_v3, gemma3"
+                "unsupported architecture (model_type `{model_type}`, architectures `{arch_name}`); supported: llama, mistral, mixtral, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe, deepseek_v2, deepseek_v3, gemma2, gemma3"
             ),
         };
         let fp8 = super::fp8::scheme_of(c.quantization_config.as_ref())?;
@@ -591,20 +608,20 @@ impl ModelConfig {
         };
         // transformers' Mixtral has no window unless config.json gives one (Mistral's default is 4096).
         let default_window = if is_mixtral { None } else { Some(MISTRAL_DEFAULT_WINDOW) };
-        let declared = c.max_position_embeddings.unwrap_or(if arch == Arch::Gemma3 { 131_072 } else { 4096 });
+        let declared = c.max_position_embeddings.unwrap_or(match arch {
+            Arch::Gemma2 => 8192,
+            Arch::Gemma3 => 131_072,
+            _ => 4096,
+        });
         let context = served_context(declared, rope_scaling.as_ref());
         let (window, windowed) = windowed_layers(&c, arch, default_window)?;
-        let gemma = if arch == Arch::Gemma3 { Some(parse_gemma(&c, windowed.clone())?) } else { None };
+        let gemma = if arch.is_gemma() { Some(parse_gemma(&c, arch, windowed.clone())?) } else { None };
         let windows = model_windows(window, windowed, context, "model config: sliding_window")?;
         let (num_kv_heads, head_dim) = match &mla {
             Some(m) => (1, m.kv_lora_rank + m.qk_rope_head_dim),
             None => (
                 c.num_key_value_heads.unwrap_or(c.num_attention_heads),
-                c.head_dim.unwrap_or(if arch == Arch::Gemma3 {
-                    256
-                } else {
-                    c.hidden_size / c.num_attention_heads.max(1)
-                }),
+                c.head_dim.unwrap_or(if arch.is_gemma() { 256 } else { c.hidden_size / c.num_attention_heads.max(1) }),
             ),
         };
         let cfg = ModelConfig {
@@ -621,7 +638,7 @@ impl ModelConfig {
             rope_scaling,
             // transformers' defaults: Phi3Config's 1e-5, the others' 1e-6.
             rms_norm_eps: c.rms_norm_eps.unwrap_or(if arch == Arch::Phi3 { 1e-5 } else { 1e-6 }),
-            tie_word_embeddings: c.tie_word_embeddings.unwrap_or(arch == Arch::Gemma3),
+            tie_word_embeddings: c.tie_word_embeddings.unwrap_or(arch.is_gemma()),
             attention_bias: c.attention_bias.unwrap_or(arch == Arch::Qwen2),
             qk_norm: matches!(arch, Arch::Qwen3 | Arch::Gemma3),
             max_position_embeddings: context,
@@ -1042,8 +1059,9 @@ pub(crate) fn served_context(declared: usize, scaling: Option<&RopeScaling>) -> 
 /// Mistral's `sliding_window` (4096 when absent, as in transformers) and Phi-3's on every layer;
 /// Qwen2's and Qwen3's with `use_sliding_window` on the layers from `max_window_layers` on
 /// (transformers' default 28); Gemma 3's on every layer but each `sliding_window_pattern`-th
-/// (4096 and 6 by default; its local layers, whatever the window). transformers' `layer_types`,
-/// when given, says which layers are windowed.
+/// (4096 and 6 by default; its local layers, whatever the window); Gemma 2's on every other layer
+/// from the first (4096 by default). transformers' `layer_types`, when given, says which layers
+/// are windowed.
 fn windowed_layers(c: &HfConfig, arch: Arch, default_window: Option<usize>) -> Result<(Option<usize>, Vec<bool>)> {
     let n = c.num_hidden_layers;
     let (window, mut layers) = match arch {
@@ -1053,6 +1071,7 @@ fn windowed_layers(c: &HfConfig, arch: Arch, default_window: Option<usize>) -> R
             let from = c.max_window_layers.unwrap_or(28);
             (c.sliding_window.flatten(), (0..n).map(|i| i >= from).collect())
         }
+        Arch::Gemma2 => (c.sliding_window.unwrap_or(Some(4096)), (0..n).map(|i| i % 2 == 0).collect()),
         Arch::Gemma3 => {
             let every = c.sliding_window_pattern.unwrap_or(6).max(1);
             (c.sliding_window.unwrap_or(Some(4096)), (0..n).map(|i| (i + 1) % every != 0).collect())
@@ -1098,27 +1117,36 @@ pub(crate) fn model_windows(
     Ok(Some(ModelWindows::new(window, layers).map_err(|e| anyhow::anyhow!("{what}: {e}"))?))
 }
 
-/// Gemma 3's fields, its local layers being `local_layers`; Gemma 2's logit soft-capping and
-/// activations other than GELU (tanh) are refused by name.
-fn parse_gemma(c: &HfConfig, local_layers: Vec<bool>) -> Result<GemmaConfig> {
-    if let Some(cap) = c.attn_logit_softcapping {
-        bail!("model config: attn_logit_softcapping {cap} (Gemma 2's attention soft-capping) is not supported");
-    }
-    if let Some(cap) = c.final_logit_softcapping {
-        bail!("model config: final_logit_softcapping {cap} (Gemma 2's logit soft-capping) is not supported");
-    }
+/// Gemma 2's or Gemma 3's fields, its local layers being `local_layers`; activations other than
+/// GELU (tanh) are refused by name.
+fn parse_gemma(c: &HfConfig, arch: Arch, local_layers: Vec<bool>) -> Result<GemmaConfig> {
     if let Some(act) = c.hidden_activation.as_deref().filter(|&a| a != "gelu_pytorch_tanh") {
-        bail!("model config: hidden_activation `{act}` is not supported for Gemma 3 (gelu_pytorch_tanh)");
+        bail!("model config: hidden_activation `{act}` is not supported for Gemma (gelu_pytorch_tanh)");
     }
+    let cap = |value: Option<f64>, key: &str| -> Result<Option<f64>> {
+        match value {
+            Some(x) if !(x.is_finite() && x > 0.0) => bail!("model config: {key} must be positive, not {x}"),
+            x => Ok(x),
+        }
+    };
     let scalar = c.query_pre_attn_scalar.unwrap_or(256.0);
     if !(scalar.is_finite() && scalar > 0.0) {
         bail!("model config: query_pre_attn_scalar must be positive, not {scalar}");
     }
-    let local_rope_theta = c.rope_local_base_freq.unwrap_or(10_000.0);
-    if !(local_rope_theta.is_finite() && local_rope_theta > 0.0) {
-        bail!("model config: rope_local_base_freq must be positive, not {local_rope_theta}");
+    let local_rope_theta = match arch {
+        Arch::Gemma3 => Some(c.rope_local_base_freq.unwrap_or(10_000.0)),
+        _ => None,
+    };
+    if let Some(theta) = local_rope_theta.filter(|t| !(t.is_finite() && *t > 0.0)) {
+        bail!("model config: rope_local_base_freq must be positive, not {theta}");
     }
-    Ok(GemmaConfig { query_pre_attn_scalar: scalar, local_rope_theta, local_layers })
+    Ok(GemmaConfig {
+        query_pre_attn_scalar: scalar,
+        local_rope_theta,
+        local_layers,
+        attn_softcap: cap(c.attn_logit_softcapping, "attn_logit_softcapping")?,
+        final_softcap: cap(c.final_logit_softcapping, "final_logit_softcapping")?,
+    })
 }
 
 /// The channels RoPE rotates for `partial_rotary_factor` (transformers' `int(head_dim * factor)`);
@@ -1154,21 +1182,31 @@ fn lift_text_config(v: &mut serde_json::Value) {
     obj.insert("architectures".into(), serde_json::json!(["Gemma3ForCausalLM"]));
 }
 
-/// transformers' `Gemma3TextConfig` defaults, for the keys a Gemma 3 config.json leaves out (the
-/// multimodal checkpoints' `text_config` gives few: no vocabulary size or head counts).
-fn fill_gemma3_defaults(v: &mut serde_json::Value) {
+/// transformers' `Gemma3TextConfig` and `Gemma2Config` defaults, for the keys a Gemma
+/// config.json leaves out (the multimodal Gemma 3 checkpoints' `text_config` gives few: no
+/// vocabulary size or head counts). A key given as null stays null: Gemma 2's soft-capping is on
+/// unless config.json switches it off so.
+fn fill_gemma_defaults(v: &mut serde_json::Value) {
     let Some(obj) = v.as_object_mut() else { return };
-    let is_gemma3 = obj.get("model_type").and_then(|m| m.as_str()) == Some("gemma3_text")
-        || obj.get("architectures").and_then(|a| a.get(0)).and_then(|a| a.as_str()) == Some("Gemma3ForCausalLM");
-    if !is_gemma3 {
+    let model_type = obj.get("model_type").and_then(|m| m.as_str());
+    let arch = obj.get("architectures").and_then(|a| a.get(0)).and_then(|a| a.as_str());
+    let defaults = if model_type == Some("gemma3_text") || arch == Some("Gemma3ForCausalLM") {
+        serde_json::json!({
+            "vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+            "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "max_position_embeddings": 131_072,
+            "rms_norm_eps": 1e-6, "rope_theta": 1_000_000.0, "query_pre_attn_scalar": 256, "sliding_window": 4096,
+            "rope_local_base_freq": 10_000.0, "tie_word_embeddings": true,
+        })
+    } else if model_type == Some("gemma2") || arch == Some("Gemma2ForCausalLM") {
+        serde_json::json!({
+            "vocab_size": 256_000, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+            "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "max_position_embeddings": 8192,
+            "rms_norm_eps": 1e-6, "rope_theta": 10_000.0, "query_pre_attn_scalar": 256, "sliding_window": 4096,
+            "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0, "tie_word_embeddings": true,
+        })
+    } else {
         return;
-    }
-    let defaults = serde_json::json!({
-        "vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
-        "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "max_position_embeddings": 131_072,
-        "rms_norm_eps": 1e-6, "rope_theta": 1_000_000.0, "query_pre_attn_scalar": 256, "sliding_window": 4096,
-        "rope_local_base_freq": 10_000.0, "tie_word_embeddings": true,
-    });
+    };
     for (k, x) in defaults.as_object().into_iter().flatten() {
         obj.entry(k.clone()).or_insert_with(|| x.clone());
     }
@@ -1473,7 +1511,8 @@ mod rope_scaling_tests {
         assert_eq!(c.eos_token_ids, [1, 106]);
         let local: Vec<bool> = (0..34).map(|i| (i + 1) % 6 != 0).collect();
         let g = c.gemma.clone().unwrap();
-        assert_eq!((g.query_pre_attn_scalar, g.local_rope_theta, &g.local_layers), (256.0, 10_000.0, &local));
+        assert_eq!((g.query_pre_attn_scalar, g.local_rope_theta, &g.local_layers), (256.0, Some(10_000.0), &local));
+        assert_eq!((g.attn_softcap, g.final_softcap), (None, None));
         assert_eq!(c.windows, Some(ModelWindows::new(1024, local.clone()).unwrap()));
         let v5 = r#"{"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "hidden_size": 2560,
             "intermediate_size": 10240, "num_hidden_layers": 34, "sliding_window": 1024,
@@ -1481,11 +1520,51 @@ mod rope_scaling_tests {
                 "sliding_attention": {"rope_type": "default", "rope_theta": 20000.0}}}"#;
         let c5 = ModelConfig::from_hf_json(v5).unwrap();
         assert_eq!((c5.rope_theta, c5.rope_scaling.clone()), (1e6, Some(RopeScaling::Linear(8.0))));
-        assert_eq!(c5.gemma.unwrap().local_rope_theta, 20_000.0);
+        assert_eq!(c5.gemma.unwrap().local_rope_theta, Some(20_000.0));
         // Without a window the local layers keep their own RoPE base.
         let no_window = published.replace(r#""sliding_window": 1024"#, r#""sliding_window": null"#);
         let c = ModelConfig::from_hf_json(&no_window).unwrap();
         assert_eq!((c.windows, c.gemma.unwrap().local_layers), (None, local));
+    }
+
+    /// google/gemma-2-9b's config.json as published (soft-capping on, a window of 4096 on every
+    /// other layer from the first, no q/k norms, no local RoPE base), and a fine-tune's with the
+    /// attention's capping switched off by null; capping left out is `Gemma2Config`'s default.
+    #[test]
+    fn gemma2_configs_read_as_transformers_reads_them() {
+        let published = r#"{"architectures": ["Gemma2ForCausalLM"], "attention_bias": false,
+            "attention_dropout": 0.0, "attn_logit_softcapping": 50.0, "bos_token_id": 2, "cache_implementation": "hybrid",
+            "eos_token_id": 1, "final_logit_softcapping": 30.0, "head_dim": 256, "hidden_act": "gelu_pytorch_tanh",
+            "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 3584, "initializer_range": 0.02,
+            "intermediate_size": 14336, "max_position_embeddings": 8192, "model_type": "gemma2",
+            "num_attention_heads": 16, "num_hidden_layers": 42, "num_key_value_heads": 8, "pad_token_id": 0,
+            "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06, "rope_theta": 10000.0, "sliding_window": 4096,
+            "sliding_window_size": 4096, "torch_dtype": "float32", "transformers_version": "4.42.0.dev0",
+            "use_cache": true, "vocab_size": 256000}"#;
+        let c = ModelConfig::from_hf_json(published).unwrap();
+        assert_eq!(
+            (c.arch, c.vocab_size, c.hidden_size, c.num_layers, c.head_dim),
+            (Arch::Gemma2, 256_000, 3584, 42, 256)
+        );
+        assert_eq!(
+            (c.qk_norm, c.tie_word_embeddings, c.rope_theta, c.max_position_embeddings),
+            (false, true, 1e4, 8192)
+        );
+        let local: Vec<bool> = (0..42).map(|i| i % 2 == 0).collect();
+        let g = c.gemma.clone().unwrap();
+        assert_eq!((g.query_pre_attn_scalar, g.local_rope_theta, &g.local_layers), (256.0, None, &local));
+        assert_eq!((g.attn_softcap, g.final_softcap), (Some(50.0), Some(30.0)));
+        assert_eq!(c.windows, Some(ModelWindows::new(4096, local).unwrap()));
+        let uncapped = published.replace(r#""attn_logit_softcapping": 50.0"#, r#""attn_logit_softcapping": null"#);
+        let g = ModelConfig::from_hf_json(&uncapped).unwrap().gemma.unwrap();
+        assert_eq!((g.attn_softcap, g.final_softcap), (None, Some(30.0)));
+        let defaults = published
+            .replace(r#""attn_logit_softcapping": 50.0, "#, "")
+            .replace(r#""final_logit_softcapping": 30.0, "#, "");
+        let g = ModelConfig::from_hf_json(&defaults).unwrap().gemma.unwrap();
+        assert_eq!((g.attn_softcap, g.final_softcap), (Some(50.0), Some(30.0)));
+        let e = format!("{:#}", ModelConfig::from_hf_json(&published.replace("50.0", "-1.0")).unwrap_err());
+        assert!(e.contains("attn_logit_softcapping must be positive"), "{e}");
     }
 
     /// A window at least as long as the context served hides nothing (Phi-3.5-mini's 262144

@@ -135,10 +135,11 @@ pub(crate) fn model_config(c: &Content) -> Result<ModelConfig> {
         "qwen3" | "qwen3moe" => Arch::Qwen3,
         "deepseek2" => Arch::DeepSeek,
         "phi3" => Arch::Phi3,
+        "gemma2" => Arch::Gemma2,
         "gemma3" => Arch::Gemma3,
         other => {
             bail!(
-                "GGUF architecture `{other}` is not supported (supported: llama, phi3, qwen2, qwen2moe, qwen3, qwen3moe, deepseek2, gemma3)"
+                "GGUF architecture `{other}` is not supported (supported: llama, phi3, qwen2, qwen2moe, qwen3, qwen3moe, deepseek2, gemma2, gemma3)"
             )
         }
     };
@@ -210,13 +211,28 @@ pub(crate) fn model_config(c: &Content) -> Result<ModelConfig> {
     let served = served_context(context, rope_scaling.as_ref());
     let layers = meta_usize(c, &format!("{a}.block_count"))?;
     let (window, windowed) = windowed_layers(c, &a, arch, layers)?;
-    let gemma = (arch == Arch::Gemma3).then(|| GemmaConfig {
-        // llama.cpp's choice (the converter writes no `query_pre_attn_scalar`): the head width,
-        // but the hidden size per head for the 27B model (62 layers).
-        query_pre_attn_scalar: if layers == 62 { (hidden / heads.max(1)) as f64 } else { head_dim as f64 },
-        local_rope_theta: 10_000.0,
-        local_layers: windowed.clone(),
-    });
+    let gemma = match arch {
+        Arch::Gemma2 | Arch::Gemma3 => Some(GemmaConfig {
+            // llama.cpp's choice (the converter writes no `query_pre_attn_scalar`): the head
+            // width, but the hidden size per head for the 27B models (46 layers in Gemma 2, 62
+            // in Gemma 3).
+            query_pre_attn_scalar: if layers == if arch == Arch::Gemma2 { 46 } else { 62 } {
+                (hidden / heads.max(1)) as f64
+            } else {
+                head_dim as f64
+            },
+            local_rope_theta: local_rope_theta(c, &a, arch)?,
+            local_layers: windowed.clone(),
+            // llama.cpp caps a `gemma2` file's attention scores (50 unless it says otherwise),
+            // never a `gemma3` file's; the logits at 30 for `gemma2` and 0 (none) for `gemma3`.
+            attn_softcap: match arch {
+                Arch::Gemma2 => softcap(c, &a, "attn_logit_softcapping", 50.0)?,
+                _ => None,
+            },
+            final_softcap: softcap(c, &a, "final_logit_softcapping", if arch == Arch::Gemma2 { 30.0 } else { 0.0 })?,
+        }),
+        _ => None,
+    };
     if let Some(g) = gemma.as_ref().filter(|g| g.query_pre_attn_scalar <= 0.0) {
         bail!("GGUF `{a}`: an attention scale of 1 / sqrt({}) (embedding length / heads)", g.query_pre_attn_scalar);
     }
@@ -255,12 +271,67 @@ pub(crate) fn model_config(c: &Content) -> Result<ModelConfig> {
     Ok(cfg)
 }
 
+/// A Gemma file's soft-capping `{a}.{key}` (llama.cpp's `default` when absent; 0 is none).
+fn softcap(c: &Content, a: &str, key: &str, default: f64) -> Result<Option<f64>> {
+    let x = meta_f64(c, &format!("{a}.{key}"))?.unwrap_or(default);
+    if !(x.is_finite() && x >= 0.0) {
+        bail!("GGUF `{a}.{key}` = {x}: a soft-capping must be positive");
+    }
+    Ok((x > 0.0).then_some(x))
+}
+
+/// The local layers' RoPE base: a `gemma3` file's `rope.freq_base_swa` (10000 when absent, as in
+/// llama.cpp). A `gemma2` file's local layers rotate as its global ones: a different
+/// `rope.freq_base_swa` there is refused.
+fn local_rope_theta(c: &Content, a: &str, arch: Arch) -> Result<Option<f64>> {
+    let key = format!("{a}.rope.freq_base_swa");
+    let local = meta_f64(c, &key)?;
+    if let Some(x) = local.filter(|x| !(x.is_finite() && *x > 0.0)) {
+        bail!("GGUF `{key}` = {x}: a RoPE base must be positive");
+    }
+    if arch == Arch::Gemma3 {
+        return Ok(Some(local.unwrap_or(10_000.0)));
+    }
+    let global = meta_f64(c, &format!("{a}.rope.freq_base"))?.unwrap_or(10_000.0);
+    match local.filter(|&x| x != global) {
+        Some(x) => bail!("GGUF `{key}` = {x}: a `{a}` file's local layers with their own RoPE base are not supported"),
+        None => Ok(None),
+    }
+}
+
+/// Which layers a Gemma file's window covers: `attention.sliding_window_pattern` as one flag per
+/// layer, or as a period `n` (layer `i` local iff `i % n < n - 1`; 0: every layer), else
+/// `default` as the period (llama.cpp's reading).
+fn swa_pattern(c: &Content, a: &str, layers: usize, default: usize) -> Result<Vec<bool>> {
+    let key = format!("{a}.attention.sliding_window_pattern");
+    let n = match c.metadata.get(&key) {
+        None => default,
+        Some(Value::Array(flags)) => {
+            let flags = flags
+                .iter()
+                .map(|f| f.to_bool().map_err(|e| anyhow::anyhow!("GGUF `{key}`: {e}")))
+                .collect::<Result<Vec<bool>>>()?;
+            if flags.len() != layers {
+                bail!("GGUF `{key}` has {} flags for {layers} layers", flags.len());
+            }
+            return Ok(flags);
+        }
+        Some(_) => meta_usize(c, &key)?,
+    };
+    Ok((0..layers).map(|i| n == 0 || i % n < n - 1).collect())
+}
+
 /// The attention window and the layers it covers: Phi-3's `attention.sliding_window` on every
-/// layer (as its config.json's), Gemma 3's on every layer but each sixth (llama.cpp's fixed
-/// pattern for `gemma3`, whose local layers these are; a `gemma3` file without it is refused).
+/// layer (as its config.json's), Gemma 3's on every layer but each sixth (llama.cpp's default
+/// pattern for `gemma3`, whose local layers these are; a `gemma3` file without it is refused),
+/// Gemma 2's on every other layer from the first (llama.cpp's default pattern and window, 4096);
+/// a Gemma file's own `attention.sliding_window_pattern` wins.
 fn windowed_layers(c: &Content, a: &str, arch: Arch, layers: usize) -> Result<(Option<usize>, Vec<bool>)> {
     let key = format!("{a}.attention.sliding_window");
-    let window = meta_opt_usize(c, &key)?.filter(|&w| w > 0);
+    let mut window = meta_opt_usize(c, &key)?.filter(|&w| w > 0);
+    if arch == Arch::Gemma2 {
+        window = window.or(Some(4096));
+    }
     if arch == Arch::Gemma3 && window.is_none() {
         bail!(
             "GGUF `{key}` is missing or 0: a `gemma3` file needs its local layers' window (llama.cpp requires it too)"
@@ -268,7 +339,8 @@ fn windowed_layers(c: &Content, a: &str, arch: Arch, layers: usize) -> Result<(O
     }
     let flags = match (arch, window) {
         (Arch::Phi3, Some(_)) => vec![true; layers],
-        (Arch::Gemma3, Some(_)) => (0..layers).map(|i| (i + 1) % 6 != 0).collect(),
+        (Arch::Gemma3, Some(_)) => swa_pattern(c, a, layers, 6)?,
+        (Arch::Gemma2, Some(_)) => swa_pattern(c, a, layers, 2)?,
         _ => vec![false; layers],
     };
     Ok((window, flags))

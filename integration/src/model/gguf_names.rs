@@ -95,7 +95,7 @@ pub(crate) fn source(hf: &str, c: &Content) -> Option<GgufSource> {
     }
     // Gemma's norms around attention and MLP: `ffn_norm` is the norm before the MLP, as it is in
     // every other architecture (where HF calls it `post_attention_layernorm`).
-    if architecture(c) == Some("gemma3") {
+    if matches!(architecture(c), Some("gemma2" | "gemma3")) {
         let gemma = match tail {
             "post_attention_layernorm.weight" => Some("post_attention_norm.weight"),
             "pre_feedforward_layernorm.weight" => Some("ffn_norm.weight"),

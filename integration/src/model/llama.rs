@@ -113,7 +113,7 @@ struct Layer {
     input_norm: Tensor,
     /// The norm before the feed-forward block.
     post_norm: Tensor,
-    /// Gemma 3's norms of the attention's and the feed-forward block's outputs.
+    /// Gemma's norms of the attention's and the feed-forward block's outputs.
     sandwich: Option<(Tensor, Tensor)>,
     attn: Attention,
     ffn: FeedForward,
@@ -652,6 +652,7 @@ impl Llama {
         let StepInputs { x, cos, sin, neuron_mask, local_rope } = inputs;
         let mut x = x.clone();
         let scale = self.softmax_scale();
+        let softcap = self.cfg.gemma.as_ref().and_then(|g| g.attn_softcap);
         for li in 0..self.layers.len() {
             let (cos, sin) = match (local_rope, &self.cfg.gemma) {
                 (Some((c, s)), Some(g)) if g.local_layers.get(li).copied().unwrap_or(false) => (c, s),
@@ -659,8 +660,8 @@ impl Llama {
             };
             let AttnInputs { q, k, v, decision, key_norms } =
                 self.attn_inputs(li, &x, (cos, sin, neuron_mask.as_ref()), (&runs, &lora_runs), need)?;
-            let step =
-                LayerStep { q: &q, k: &k, v: &v, decision: decision.as_ref(), key_norms: key_norms.as_ref(), scale };
+            let (decision, key_norms) = (decision.as_ref(), key_norms.as_ref());
+            let step = LayerStep { q: &q, k: &k, v: &v, decision, key_norms, scale, softcap };
             let attn = backend.attend(li, step)?;
             x = self.finish_layer(li, &x, &attn, &lora_runs)?;
         }
@@ -883,10 +884,14 @@ impl Llama {
         }
     }
 
-    /// Final norm and lm_head for `[n, hidden]` rows.
+    /// Final norm and lm_head for `[n, hidden]` rows (soft-capped when the model caps them).
     pub fn logits(&self, xs: &Tensor) -> Result<Tensor> {
         let xs = candle_nn::ops::rms_norm(&xs.contiguous()?, &self.norm, self.cfg.rms_norm_eps as f32)?;
-        self.lm_head.forward(&xs)
+        let logits = self.lm_head.forward(&xs)?;
+        match self.cfg.gemma.as_ref().and_then(|g| g.final_softcap) {
+            Some(cap) => Ok(((logits / cap)?.tanh()? * cap)?),
+            None => Ok(logits),
+        }
     }
 
     fn rope_tables(&self, positions: &[Pos]) -> Result<(Tensor, Tensor)> {
@@ -916,9 +921,9 @@ impl Llama {
 
 /// Gemma 3's local layers' RoPE inverse frequencies: their own base, no scaling.
 fn local_rope_freqs(cfg: &ModelConfig) -> Option<Vec<f32>> {
-    let g = cfg.gemma.as_ref()?;
+    let theta = cfg.gemma.as_ref()?.local_rope_theta?;
     let d = cfg.rope_dim();
-    Some((0..d / 2).map(|i| (1.0 / g.local_rope_theta.powf(2.0 * i as f64 / d as f64)) as f32).collect())
+    Some((0..d / 2).map(|i| (1.0 / theta.powf(2.0 * i as f64 / d as f64)) as f32).collect())
 }
 
 /// RoPE inverse frequencies: of the rope part for latent attention, else of the whole head.

@@ -139,6 +139,9 @@ impl<F: FnMut(usize, &Tensor, &Tensor, &Tensor) -> Result<()>> KvBackend for Mas
     }
 
     fn attend(&mut self, li: usize, step: LayerStep<'_>) -> Result<Tensor> {
+        if let Some(cap) = step.softcap {
+            bail!("the masked one-pass prompt has no attention soft-capping (the model's is {cap})");
+        }
         let (t, rows, _) = step.k.dims3()?;
         let raw = if self.program.flags.needs_key_norms() { step.key_norms } else { step.decision };
         let f = prompt_flags(self.program, li, t, rows, raw, &self.device)?;

@@ -82,7 +82,8 @@ fn on_device(engine: &Engine, policies: &[ServedPolicy], max_batch: usize, rows:
 
     let cfg = engine.model.config();
     if cfg.gemma.is_some() || cfg.device_context().is_none() {
-        let why = "the device engine has no per-layer windows (Gemma 3's local layers, windows on some layers)";
+        let why =
+            "the device engine has no per-layer windows or soft-capping (Gemma's local layers, windows on some layers)";
         if engine.model.dtype() != candle_core::DType::F32 {
             bail!("this model runs in the host store ({why}), which needs [model] dtype = \"f32\" on a CUDA device");
         }

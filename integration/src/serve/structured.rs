@@ -200,7 +200,10 @@ mod tests {
             (r#"{"structured_outputs": {"structural_tag": "x"}}"#, vec!["structured_outputs.structural_tag"]),
             (r#"{"structured_outputs": {"regex": "a", "choice": ["a"]}}"#, vec!["sets both"]),
             (r#"{"structured_outputs": [1]}"#, vec!["must be an object"]),
-            (r#"{"guided_grammar": "root ::= \"a\" <[12]>"}"#, vec!["guided_grammar", "GBNF line 1", "token references"]),
+            (
+                r#"{"guided_grammar": "root ::= \"a\" <[12]>"}"#,
+                vec!["guided_grammar", "GBNF line 1", "token references"],
+            ),
             (r#"{"structured_outputs": {"grammar": "item ::= \"a\""}}"#, vec!["structured_outputs", "no `root` rule"]),
         ] {
             let m = message(body);

@@ -104,7 +104,7 @@ impl Llama {
         let cfg = &self.cfg;
         let t = ids.len();
         if cfg.gemma.is_some() {
-            anyhow::bail!("the dense (training) forward does not run Gemma 3's layers; retrofit a Llama-family model");
+            anyhow::bail!("the dense (training) forward does not run Gemma's layers; retrofit a Llama-family model");
         }
         // Dense attention is the model's own only where no window hides a key.
         if let Some(w) = cfg.windows.as_ref().filter(|w| t > w.window() as usize) {

@@ -5,11 +5,12 @@
 //! the model's definition, not a choice. Under a policy that keeps every key (the full cache),
 //! those rows run exactly that window, their memory returned as keys leave it. Under any other
 //! policy they run the policy with every key also hidden once it leaves the window: a key is
-//! visible iff both allow it, and memory is what the policy keeps. Layers without a window run
-//! the policy alone.
+//! visible iff both allow it, and the row holds only the keys both keep (the policy plans over
+//! slots of its own, and a key's slot in the store is given back once it leaves the window).
+//! Layers without a window run the policy alone.
 
 use crate::policies::sliding_window::window_state;
-use crate::{CacheShape, CompactPlan, EvictPlan, PolicyError, Pos, RowRef, SequencePolicy, MAX_WINDOW};
+use crate::{CacheShape, CompactPlan, EvictPlan, PolicyError, Pos, RowRef, SequencePolicy, Slot, MAX_WINDOW};
 
 /// Which layers attend to only their last `window` tokens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,7 +49,8 @@ impl ModelWindows {
 
     /// Wraps `inner` (a sequence's state under the configured policy) for the layers of `shape`:
     /// windowed rows run the model's window alone when `inner_keeps_all` (the policy keeps every
-    /// key), else `inner` with keys leaving the window hidden; other rows run `inner`.
+    /// key), else `inner` with keys leaving the window hidden and their slots given back; other
+    /// rows run `inner`.
     pub fn wrap(
         &self,
         inner: Box<dyn SequencePolicy>,
@@ -57,7 +59,7 @@ impl ModelWindows {
     ) -> Box<dyn SequencePolicy> {
         let windowed = match inner_keeps_all {
             true => WindowedRows::Window(window_state(self.window, 0, shape)),
-            false => WindowedRows::Hidden(vec![HiddenRow::default(); shape.n_rows()]),
+            false => WindowedRows::Policy(vec![WindowedRow::default(); shape.n_rows()]),
         };
         Box::new(Windowed { layers: self.layers.clone(), window: self.window, shape, windowed, inner })
     }
@@ -67,64 +69,116 @@ impl ModelWindows {
 enum WindowedRows {
     /// The model's window alone (the policy keeps every key).
     Window(Box<dyn SequencePolicy>),
-    /// The policy, each row's plans capped at the window.
-    Hidden(Vec<HiddenRow>),
+    /// The policy, each row's plans translated to the keys the window still shows.
+    Policy(Vec<WindowedRow>),
 }
 
-/// A windowed row under a policy that evicts: the position each slot holds, as the policy's
-/// plans left it. Every key is written visible until it leaves the window at the latest, and
-/// the policy's later hides are capped at that, so no key is ever seen past the window.
+/// A windowed row under a policy that evicts. The policy plans over its own slots, as if the
+/// row held every key it keeps; the store holds only those keys that some later query may still
+/// see through the window. Every key is written visible until it leaves the window at the
+/// latest, the policy's hides are capped at that, and a key's slot in the store is given back at
+/// the first compaction after it leaves the window, whatever the policy keeps.
 #[derive(Clone, Default)]
-struct HiddenRow {
-    /// Per slot, the position it holds.
-    positions: Vec<Pos>,
+struct WindowedRow {
+    /// Per policy slot: the store slot holding its key, while the store holds it.
+    stored: Vec<Option<Slot>>,
+    /// Per store slot: the policy slot it holds and that key's position.
+    held: Vec<(Slot, Pos)>,
     /// Tokens the row has seen.
     seen: Pos,
 }
 
-impl HiddenRow {
-    /// Caps `plan` (the policy's plan for positions `first..`) at the window of `window` tokens.
-    fn cap(&mut self, first: Pos, window: Pos, plan: &mut EvictPlan) {
+impl WindowedRow {
+    /// The policy's `plan` for positions `first..`, rewritten into store slots and capped at
+    /// the window of `window` tokens. A policy slot the store no longer holds takes a new
+    /// store slot (appended in order); one it holds is overwritten in place, as the policy
+    /// overwrites it.
+    fn evict(&mut self, first: Pos, window: Pos, plan: &mut EvictPlan) {
         self.seen = first + plan.writes.len() as Pos;
-        for (slot, until) in plan.hide.iter_mut() {
-            if let Some(&pos) = self.positions.get(*slot as usize) {
-                *until = (*until).min(pos.saturating_add(window - 1));
+        plan.hide.retain_mut(|(slot, until)| match self.stored.get(*slot as usize).copied().flatten() {
+            Some(s) => {
+                *until = (*until).min(self.held[s as usize].1.saturating_add(window - 1));
+                *slot = s;
+                true
             }
-        }
+            None => false,
+        });
         for (i, w) in plan.writes.iter_mut().enumerate() {
             let pos = first + i as Pos;
-            w.last_visible = w.last_visible.min(pos.saturating_add(window - 1));
-            let s = w.slot as usize;
-            if s >= self.positions.len() {
-                self.positions.resize(s + 1, 0);
+            let v = w.slot as usize;
+            if v >= self.stored.len() {
+                self.stored.resize(v + 1, None);
             }
-            self.positions[s] = pos;
-        }
-    }
-
-    /// This step's attention weights with every key the window hides from the next query on
-    /// marked as worth nothing (minus infinity): an attention-scored policy (H2O's accumulated
-    /// mass) then drops those first instead of keeping keys no query can see again.
-    fn weights(&self, weights: &[f32], window: Pos) -> Vec<f32> {
-        let mut w = weights.to_vec();
-        for (x, &pos) in w.iter_mut().zip(&self.positions) {
-            if pos.saturating_add(window) <= self.seen {
-                *x = f32::NEG_INFINITY;
-            }
-        }
-        w
-    }
-
-    /// Follows the policy's compaction.
-    fn compact(&mut self, plan: &CompactPlan) {
-        for &(from, to) in &plan.moves {
-            if let Some(&pos) = self.positions.get(from as usize) {
-                if let Some(slot) = self.positions.get_mut(to as usize) {
-                    *slot = pos;
+            let s = match self.stored[v] {
+                Some(s) => s,
+                None => {
+                    self.held.push((0, 0));
+                    (self.held.len() - 1) as Slot
                 }
+            };
+            self.stored[v] = Some(s);
+            self.held[s as usize] = (w.slot, pos);
+            w.slot = s;
+            w.last_visible = w.last_visible.min(pos.saturating_add(window - 1));
+        }
+    }
+
+    /// This step's attention weights (per store slot) as the policy's slots see them: a key the
+    /// store no longer holds, or that the window hides from the next query on, is worth nothing
+    /// (minus infinity), so an attention-scored policy (H2O's accumulated mass) drops those first
+    /// instead of keeping keys no query can see again.
+    fn weights(&self, weights: &[f32], window: Pos) -> Vec<f32> {
+        let worth = |s: Slot| {
+            let (_, pos) = self.held[s as usize];
+            let shown = pos.saturating_add(window) > self.seen;
+            weights.get(s as usize).copied().filter(|_| shown).unwrap_or(f32::NEG_INFINITY)
+        };
+        self.stored.iter().map(|s| s.map_or(f32::NEG_INFINITY, worth)).collect()
+    }
+
+    /// Follows the policy's compaction `plan` over its slots, then rewrites it into the store's:
+    /// the keys the policy released and those the window hides from every later query are
+    /// dropped, and the store's last slots move into their places.
+    fn compact(&mut self, window: Pos, plan: &mut CompactPlan) {
+        let mut dead = vec![false; self.held.len()];
+        let mut release = |stored: &mut Vec<Option<Slot>>, v: usize| {
+            if let Some(s) = stored.get_mut(v).and_then(Option::take) {
+                dead[s as usize] = true;
+            }
+        };
+        for &v in &plan.drop {
+            release(&mut self.stored, v as usize);
+        }
+        for &(from, to) in &plan.moves {
+            release(&mut self.stored, to as usize);
+            let moved = self.stored.get_mut(from as usize).and_then(Option::take);
+            if let (Some(s), Some(slot)) = (moved, self.stored.get_mut(to as usize)) {
+                *slot = Some(s);
+                self.held[s as usize].0 = to;
             }
         }
-        self.positions.truncate(plan.len as usize);
+        for v in plan.len as usize..self.stored.len() {
+            release(&mut self.stored, v);
+        }
+        self.stored.truncate(plan.len as usize);
+        for (s, &(v, pos)) in self.held.iter().enumerate() {
+            if !dead[s] && pos.saturating_add(window) <= self.seen {
+                dead[s] = true;
+                self.stored[v as usize] = None;
+            }
+        }
+        plan.clear();
+        let live = dead.iter().filter(|&&d| !d).count();
+        plan.drop.extend((0..dead.len()).filter(|&s| dead[s]).map(|s| s as Slot));
+        let holes = (0..live).filter(|&s| dead[s]);
+        let tail = (live..dead.len()).filter(|&s| !dead[s]);
+        for (to, from) in holes.zip(tail) {
+            plan.moves.push((from as Slot, to as Slot));
+            self.held[to] = self.held[from];
+            self.stored[self.held[to].0 as usize] = Some(to as Slot);
+        }
+        self.held.truncate(live);
+        plan.len = live as u32;
     }
 }
 
@@ -150,11 +204,11 @@ impl Windowed {
         }
     }
 
-    /// The mirror of a windowed row whose policy evicts.
-    fn hidden(&mut self, row: RowRef) -> Option<&mut HiddenRow> {
+    /// The translation of a windowed row whose policy evicts.
+    fn translated(&mut self, row: RowRef) -> Option<&mut WindowedRow> {
         let i = self.shape.index(row);
         match (self.windowed(row), &mut self.windowed) {
-            (true, WindowedRows::Hidden(rows)) => rows.get_mut(i),
+            (true, WindowedRows::Policy(rows)) => rows.get_mut(i),
             _ => None,
         }
     }
@@ -168,23 +222,24 @@ impl SequencePolicy for Windowed {
     fn evict(&mut self, row: RowRef, first_pos: Pos, n_new: usize, plan: &mut EvictPlan) -> Result<(), PolicyError> {
         self.policy(row).evict(row, first_pos, n_new, plan)?;
         let window = self.window;
-        if let Some(h) = self.hidden(row) {
-            h.cap(first_pos, window, plan);
+        if let Some(t) = self.translated(row) {
+            t.evict(first_pos, window, plan);
         }
         Ok(())
     }
 
     fn compact(&mut self, row: RowRef, plan: &mut CompactPlan) -> Result<(), PolicyError> {
         self.policy(row).compact(row, plan)?;
-        if let Some(h) = self.hidden(row) {
-            h.compact(plan);
+        let window = self.window;
+        if let Some(t) = self.translated(row) {
+            t.compact(window, plan);
         }
         Ok(())
     }
 
     fn observe_attention(&mut self, row: RowRef, weights: &[f32]) -> Result<(), PolicyError> {
         let window = self.window;
-        match self.hidden(row).map(|h| h.weights(weights, window)) {
+        match self.translated(row).map(|t| t.weights(weights, window)) {
             Some(w) => self.inner.observe_attention(row, &w),
             None => self.policy(row).observe_attention(row, weights),
         }
@@ -207,7 +262,7 @@ impl SequencePolicy for Windowed {
     fn fork(&self) -> Option<Box<dyn SequencePolicy>> {
         let windowed = match &self.windowed {
             WindowedRows::Window(w) => WindowedRows::Window(w.fork()?),
-            WindowedRows::Hidden(rows) => WindowedRows::Hidden(rows.clone()),
+            WindowedRows::Policy(rows) => WindowedRows::Policy(rows.clone()),
         };
         let (layers, window, shape) = (self.layers.clone(), self.window, self.shape);
         Some(Box::new(Windowed { layers, window, shape, windowed, inner: self.inner.fork()? }))

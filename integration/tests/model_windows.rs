@@ -198,6 +198,7 @@ fn gemma_gguf_metadata_is_read_as_llama_cpp_reads_it() {
     refused("gemma2.gguf", &set("gemma2.rope.freq_base_swa", Value::F32(20_000.0)), &["freq_base_swa", "20000"]);
     assert!(load("gemma2.gguf", &set("gemma2.rope.freq_base_swa", Value::F32(10_000.0))).is_ok());
     refused("gemma2.gguf", &set("gemma2.attn_logit_softcapping", Value::F32(-1.0)), &["attn_logit_softcapping", "-1"]);
+    refused("gemma2.gguf", &set("gemma2.attention.sliding_window", Value::U32(0)), &["sliding_window` is 0"]);
     let no_caps = |meta: &mut OwnedMeta| meta.retain(|(k, _)| !k.ends_with("softcapping"));
     let g = load("gemma2.gguf", &no_caps).unwrap().gemma.unwrap();
     assert_eq!((g.attn_softcap, g.final_softcap), (Some(50.0), Some(30.0)));

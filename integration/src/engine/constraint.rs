@@ -230,12 +230,12 @@ mod tests {
         let grammars = Grammars::new(&tok, vocab, &[eos]).unwrap();
         let prefixes = r#"root ::= "a" "b" "c" | "ab" "d""#;
         let sums = r#"
-# sums of small numbers, in brackets
+# sums of small numbers, in brackets (digits under stacked repetitions)
 root  ::= "[" expr "]"
 expr  ::= term ("+" term){0,2}
 term  ::= num | "(" inner ")"
 inner ::= num ("+" num)*
-num   ::= [1-9] [0-9]{0,2}
+num   ::= [1-9] [0-9]?{0,2}
 "#;
         let quoted =
             "root ::= quoted-str ws? \"\\x21\"{1,}\nquoted-str ::= \"\\\"\" [^\"\\\\\\n]{1,8} \"\\\"\"  # no quote\n\

@@ -18,7 +18,7 @@ use anyhow::{bail, Result};
 
 /// Whether `text` reads as GBNF rather than Lark: some line starts with a rule name and `::=`.
 pub fn looks_like_gbnf(text: &str) -> bool {
-    text.lines().any(|line| {
+    text.split(['\n', '\r']).any(|line| {
         let line = line.trim_start();
         let name = line.chars().take_while(|&c| is_word_char(c)).count();
         name > 0 && line[name..].trim_start_matches([' ', '\t']).starts_with("::=")
@@ -47,10 +47,14 @@ pub fn to_lark(gbnf: &str) -> Result<String> {
     Ok(out)
 }
 
-/// llama.cpp's rule-name characters.
+/// Rule-name characters: llama.cpp's, and `_` as xgrammar's names take it.
 fn is_word_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || c == '-'
+    c.is_ascii_alphanumeric() || c == '-' || c == '_'
 }
+
+/// llama.cpp's largest repetition count: a larger maximum is no maximum, a larger minimum an
+/// error.
+const MAX_REPETITIONS: u32 = 2000;
 
 /// The Lark name of GBNF rule `i` named `name`: lower case (upper case names Lark's lexemes),
 /// unique by its index.
@@ -209,7 +213,7 @@ impl Parser {
                     let Some(last) = items.pop() else {
                         return Err(self.error("expecting an item before the repetition"));
                     };
-                    self.repetition(last)?
+                    self.repetition(last, nested)?
                 }
                 _ => break,
             };
@@ -219,23 +223,25 @@ impl Parser {
         Ok(if items.is_empty() { "\"\"".to_string() } else { items.join(" ") })
     }
 
-    /// `item` under the repetition at the current position.
-    fn repetition(&mut self, item: String) -> Result<String> {
+    /// `item` under the repetition at the current position (an item already repeated is
+    /// grouped first: Lark takes one operator per item, GBNF any number).
+    fn repetition(&mut self, item: String, nested: bool) -> Result<String> {
         let op = self.peek().expect("called at a repetition");
         self.pos += 1;
+        let item = if item.ends_with(['*', '+', '?', '}']) { format!("({item})") } else { item };
         if op != '{' {
             return Ok(format!("{item}{op}"));
         }
-        self.space(false);
+        self.space(nested);
         let min = self.int()?;
-        self.space(false);
+        self.space(nested);
         let max = match self.peek() {
             Some('}') => Some(min),
             Some(',') => {
                 self.pos += 1;
-                self.space(false);
+                self.space(nested);
                 let max = if self.peek().is_some_and(|c| c.is_ascii_digit()) { Some(self.int()?) } else { None };
-                self.space(false);
+                self.space(nested);
                 max
             }
             _ => return Err(self.error("expecting ',' or '}'")),
@@ -244,9 +250,12 @@ impl Parser {
             return Err(self.error("expecting '}'"));
         }
         self.pos += 1;
-        Ok(match max {
-            Some(0) => "\"\"".to_string(),
+        if min > MAX_REPETITIONS {
+            return Err(self.error(&format!("a repetition of at least {min} times (at most {MAX_REPETITIONS})")));
+        }
+        Ok(match max.filter(|&m| m <= MAX_REPETITIONS) {
             Some(max) if max < min => return Err(self.error(&format!("a repetition of {min} to {max} times"))),
+            Some(0) => "\"\"".to_string(),
             Some(max) => format!("{item}{{{min},{max}}}"),
             None => format!("{item}{{{min},}}"),
         })
@@ -300,7 +309,8 @@ impl Parser {
         self.pos += 1;
         let hex = |p: &mut Self, n: usize| -> Result<char> {
             let digits: String = p.src[p.pos.min(p.src.len())..].iter().take(n).collect();
-            let value = (digits.len() == n).then(|| u32::from_str_radix(&digits, 16).ok()).flatten();
+            let all_hex = digits.len() == n && digits.chars().all(|c| c.is_ascii_hexdigit());
+            let value = all_hex.then(|| u32::from_str_radix(&digits, 16).ok()).flatten();
             let c = value.and_then(char::from_u32).ok_or_else(|| p.error(&format!("expecting {n} hex digits")))?;
             p.pos += n;
             Ok(c)
@@ -345,6 +355,9 @@ mod tests {
             ("root ::= [z-a]", vec!["runs backwards"]),
             ("root ::= []", vec!["empty character class"]),
             ("root ::= \"a\"{3,1}", vec!["3 to 1 times"]),
+            ("root ::= \"a\"{3,0}", vec!["3 to 0 times"]),
+            ("root ::= \"a\"{2001,}", vec!["at least 2001 times"]),
+            ("root ::= \"\\x+a\"", vec!["2 hex digits"]),
             ("root ::= \"a\"{x}", vec!["expecting a count"]),
             ("root ::= * \"a\"", vec!["before the repetition"]),
             ("root ::= (\"a\" \"b\"", vec!["expecting ')'"]),
@@ -368,5 +381,9 @@ mod tests {
             lark,
             "start: r0_root\nr0_root: (\"q\" \"\\\"\") /[^\\x{61}-\\x{63}\\x{a}]/? /(?s:.)/* (\"a\" | \"b\")+\n"
         );
+        // Repetitions stack (GBNF repeats what the last one made); a maximum past llama.cpp's
+        // 2000 is none; braces may span lines inside a group; names may take `_` (xgrammar's).
+        let lark = to_lark("root ::= \"a\"*? x_y{2}{1,3} (\"b\"{1,\n 5000})\nx_y ::= \"c\"").unwrap();
+        assert_eq!(lark, "start: r0_root\nr0_root: (\"a\"*)? (r1_x_y{2,2}){1,3} (\"b\"{1,})\nr1_x_y: \"c\"\n");
     }
 }

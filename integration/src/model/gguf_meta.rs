@@ -330,6 +330,9 @@ fn windowed_layers(c: &Content, a: &str, arch: Arch, layers: usize) -> Result<(O
     let key = format!("{a}.attention.sliding_window");
     let mut window = meta_opt_usize(c, &key)?.filter(|&w| w > 0);
     if arch == Arch::Gemma2 {
+        if c.metadata.contains_key(&key) && window.is_none() {
+            bail!("GGUF `{key}` is 0: a `gemma2` file's local layers need a window");
+        }
         window = window.or(Some(4096));
     }
     if arch == Arch::Gemma3 && window.is_none() {

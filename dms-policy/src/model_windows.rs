@@ -127,13 +127,17 @@ impl WindowedRow {
     /// store no longer holds, or that the window hides from the next query on, is worth nothing
     /// (minus infinity), so an attention-scored policy (H2O's accumulated mass) drops those first
     /// instead of keeping keys no query can see again.
-    fn weights(&self, weights: &[f32], window: Pos) -> Vec<f32> {
+    fn weights(&self, weights: &[f32], window: Pos) -> Result<Vec<f32>, PolicyError> {
+        if weights.len() != self.held.len() {
+            let message = format!("{} attention weights for {} stored keys", weights.len(), self.held.len());
+            return Err(PolicyError::Protocol { policy: "model window".into(), message });
+        }
         let worth = |s: Slot| {
             let (_, pos) = self.held[s as usize];
             let shown = pos.saturating_add(window) > self.seen;
             weights.get(s as usize).copied().filter(|_| shown).unwrap_or(f32::NEG_INFINITY)
         };
-        self.stored.iter().map(|s| s.map_or(f32::NEG_INFINITY, worth)).collect()
+        Ok(self.stored.iter().map(|s| s.map_or(f32::NEG_INFINITY, worth)).collect())
     }
 
     /// Follows the policy's compaction `plan` over its slots, then rewrites it into the store's:
@@ -141,30 +145,38 @@ impl WindowedRow {
     /// dropped, and the store's last slots move into their places.
     fn compact(&mut self, window: Pos, plan: &mut CompactPlan) {
         let mut dead = vec![false; self.held.len()];
-        let mut release = |stored: &mut Vec<Option<Slot>>, v: usize| {
+        let release = |stored: &mut Vec<Option<Slot>>, dead: &mut Vec<bool>, v: usize| {
             if let Some(s) = stored.get_mut(v).and_then(Option::take) {
                 dead[s as usize] = true;
             }
         };
         for &v in &plan.drop {
-            release(&mut self.stored, v as usize);
+            release(&mut self.stored, &mut dead, v as usize);
         }
         for &(from, to) in &plan.moves {
-            release(&mut self.stored, to as usize);
+            release(&mut self.stored, &mut dead, to as usize);
             let moved = self.stored.get_mut(from as usize).and_then(Option::take);
-            if let (Some(s), Some(slot)) = (moved, self.stored.get_mut(to as usize)) {
-                *slot = Some(s);
-                self.held[s as usize].0 = to;
+            match (moved, self.stored.get_mut(to as usize)) {
+                (Some(s), Some(slot)) => {
+                    *slot = Some(s);
+                    self.held[s as usize].0 = to;
+                }
+                // A move past the policy's slots (not a plan the built-in policies make): the
+                // key is released rather than lost track of.
+                (Some(s), None) => dead[s as usize] = true,
+                (None, _) => {}
             }
         }
         for v in plan.len as usize..self.stored.len() {
-            release(&mut self.stored, v);
+            release(&mut self.stored, &mut dead, v);
         }
         self.stored.truncate(plan.len as usize);
         for (s, &(v, pos)) in self.held.iter().enumerate() {
             if !dead[s] && pos.saturating_add(window) <= self.seen {
                 dead[s] = true;
-                self.stored[v as usize] = None;
+                if let Some(slot) = self.stored.get_mut(v as usize) {
+                    *slot = None;
+                }
             }
         }
         plan.clear();
@@ -175,7 +187,9 @@ impl WindowedRow {
         for (to, from) in holes.zip(tail) {
             plan.moves.push((from as Slot, to as Slot));
             self.held[to] = self.held[from];
-            self.stored[self.held[to].0 as usize] = Some(to as Slot);
+            if let Some(slot) = self.stored.get_mut(self.held[to].0 as usize) {
+                *slot = Some(to as Slot);
+            }
         }
         self.held.truncate(live);
         plan.len = live as u32;
@@ -240,7 +254,7 @@ impl SequencePolicy for Windowed {
     fn observe_attention(&mut self, row: RowRef, weights: &[f32]) -> Result<(), PolicyError> {
         let window = self.window;
         match self.translated(row).map(|t| t.weights(weights, window)) {
-            Some(w) => self.inner.observe_attention(row, &w),
+            Some(w) => self.inner.observe_attention(row, &w?),
             None => self.policy(row).observe_attention(row, weights),
         }
     }

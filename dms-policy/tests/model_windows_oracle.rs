@@ -193,8 +193,12 @@ proptest! {
             let last = first + *n as Pos - 1;
             match (scored, factory.keeps_every_key()) {
                 (true, _) => {
-                    prop_assert!(kept.len() <= (delay + 2 + u32::from(policy == 5)) as usize, "over budget: {:?}", kept);
+                    // Keys the window hides weigh nothing, so they go first: the row stores as many
+                    // keys as the budget allows among those the window still shows.
+                    let budget = (delay + 2 + u32::from(policy == 5)) as usize;
+                    let shown = (0..=last).filter(|&k| last + 1 - k < window).count();
                     prop_assert!(kept.iter().all(|&k| last + 1 - k < window), "step {}: stored {:?}", step, kept);
+                    prop_assert_eq!(kept.len(), budget.min(shown), "step {}: stored {:?}", step, kept);
                 }
                 (false, true) => prop_assert_eq!(kept, &(0..=last).filter(|&k| last - k < window).collect::<Vec<_>>()),
                 (false, false) => {
@@ -207,4 +211,19 @@ proptest! {
             first += *n as Pos;
         }
     }
+}
+
+/// Attention weights for a windowed row must come one per stored key: another count is an error
+/// naming both, not weights read against the wrong keys.
+#[test]
+fn weights_of_the_wrong_length_are_refused() {
+    let shape = CacheShape { n_layers: 1, rows_per_layer: 1 };
+    let tova = Registry::with_builtins().build(&toml::from_str("name = 'tova'\nbudget = 4").unwrap()).unwrap();
+    let mut seq = ModelWindows::new(3, vec![true]).unwrap().wrap(tova.new_sequence(shape), shape, false);
+    let (row, mut ep) = (RowRef { layer: 0, head: 0 }, EvictPlan::default());
+    seq.decide(row, 0, 2, None).unwrap();
+    seq.evict(row, 0, 2, &mut ep).unwrap();
+    let err = seq.observe_attention(row, &[0.5; 3]).unwrap_err().to_string();
+    assert!(err.contains("3 attention weights for 2 stored keys"), "{err}");
+    seq.observe_attention(row, &[0.5; 2]).unwrap();
 }

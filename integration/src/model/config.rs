@@ -408,6 +408,9 @@ pub struct ModelConfig {
     /// RoPE rotates only the first this many channels of each head (Phi-4-mini's 96 of 128,
     /// from `partial_rotary_factor`); None: the whole head.
     pub partial_rotary_dim: Option<usize>,
+    /// Per layer: attends without RoPE (SmolLM3's NoPE layers, every fourth); empty when every
+    /// layer rotates.
+    pub nope_layers: Vec<bool>,
     /// Optional RoPE frequency scaling.
     pub rope_scaling: Option<RopeScaling>,
     /// RMSNorm epsilon.
@@ -488,6 +491,12 @@ struct HfConfig {
     original_max_position_embeddings: Option<usize>,
     #[serde(default)]
     max_window_layers: Option<usize>,
+    /// SmolLM3: per layer, 1 where it uses RoPE and 0 where it does not.
+    #[serde(default)]
+    no_rope_layers: Option<Vec<i64>>,
+    /// SmolLM3: every this-many-th layer has no RoPE when `no_rope_layers` is absent.
+    #[serde(default)]
+    no_rope_layer_interval: Option<usize>,
     /// transformers' per-layer `"sliding_attention"` / `"full_attention"` (Gemma 3, Qwen2).
     #[serde(default)]
     layer_types: Option<Vec<String>>,
@@ -576,7 +585,7 @@ impl ModelConfig {
             }
             ("qwen2" | "qwen2_moe", _) | (_, "Qwen2ForCausalLM" | "Qwen2MoeForCausalLM") => Arch::Qwen2,
             ("mistral" | "mixtral", _) | (_, "MistralForCausalLM" | "MixtralForCausalLM") => Arch::Mistral,
-            ("llama", _) | (_, "LlamaForCausalLM") => Arch::Llama,
+            ("llama" | "smollm3", _) | (_, "LlamaForCausalLM" | "SmolLM3ForCausalLM") => Arch::Llama,
             ("phi3", _) | (_, "Phi3ForCausalLM") => Arch::Phi3,
             ("deepseek_v2" | "deepseek_v3", _) | (_, "DeepseekV2ForCausalLM" | "DeepseekV3ForCausalLM") => {
                 Arch::DeepSeek
@@ -635,6 +644,7 @@ impl ModelConfig {
             head_dim,
             rope_theta: c.rope_theta.unwrap_or(if is_mixtral || arch == Arch::Gemma3 { 1e6 } else { 10_000.0 }),
             partial_rotary_dim: partial_rotary_dim(c.partial_rotary_factor, head_dim, mla.is_some())?,
+            nope_layers: nope_layers(&c, model_type == "smollm3" || arch_name == "SmolLM3ForCausalLM")?,
             rope_scaling,
             // transformers' defaults: Phi3Config's 1e-5, the others' 1e-6.
             rms_norm_eps: c.rms_norm_eps.unwrap_or(if arch == Arch::Phi3 { 1e-5 } else { 1e-6 }),
@@ -686,6 +696,12 @@ impl ModelConfig {
         }
         if !self.head_dim.is_multiple_of(2) {
             bail!("model config: head_dim {} must be even for RoPE", self.head_dim);
+        }
+        if !self.nope_layers.is_empty() && self.nope_layers.len() != self.num_layers {
+            bail!("model config: {} no-RoPE flags for {} layers", self.nope_layers.len(), self.num_layers);
+        }
+        if self.mla.is_some() && self.nope_layers.contains(&true) {
+            bail!("model config: layers without RoPE are not supported for latent attention");
         }
         if let Some(r) = self.partial_rotary_dim.filter(|&r| r == 0 || r % 2 == 1 || r > self.head_dim) {
             bail!("model config: RoPE over {r} channels of a {}-wide head: it must be even, positive and at most the head", self.head_dim);
@@ -1147,6 +1163,42 @@ fn parse_gemma(c: &HfConfig, arch: Arch, local_layers: Vec<bool>) -> Result<Gemm
         attn_softcap: cap(c.attn_logit_softcapping, "attn_logit_softcapping")?,
         final_softcap: cap(c.final_logit_softcapping, "final_logit_softcapping")?,
     })
+}
+
+/// SmolLM3's layers without RoPE: `no_rope_layers` (1 uses RoPE, 0 does not), else every
+/// `no_rope_layer_interval`-th layer (4 by default, as transformers' `SmolLM3Config`); none for
+/// the other families, which must not set them. A sliding window on SmolLM3 is refused.
+fn nope_layers(c: &HfConfig, smollm3: bool) -> Result<Vec<bool>> {
+    let n = c.num_hidden_layers;
+    if !smollm3 {
+        if c.no_rope_layers.is_some() || c.no_rope_layer_interval.is_some() {
+            bail!("model config: `no_rope_layers` is read for SmolLM3 (model_type `smollm3`) only");
+        }
+        return Ok(vec![]);
+    }
+    if c.use_sliding_window == Some(true) {
+        bail!("model config: use_sliding_window on SmolLM3 is not supported");
+    }
+    match &c.no_rope_layers {
+        Some(flags) if flags.len() != n => {
+            bail!("model config: `no_rope_layers` has {} entries for {n} layers", flags.len())
+        }
+        Some(flags) => flags
+            .iter()
+            .map(|&f| match f {
+                0 => Ok(true),
+                1 => Ok(false),
+                other => bail!("model config: `no_rope_layers` entries are 0 or 1, not {other}"),
+            })
+            .collect(),
+        None => {
+            let every = c.no_rope_layer_interval.unwrap_or(4);
+            if every == 0 {
+                bail!("model config: `no_rope_layer_interval` must be positive");
+            }
+            Ok((0..n).map(|i| (i + 1) % every == 0).collect())
+        }
+    }
 }
 
 /// The channels RoPE rotates for `partial_rotary_factor` (transformers' `int(head_dim * factor)`);

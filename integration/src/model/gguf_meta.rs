@@ -130,7 +130,7 @@ pub(crate) fn longrope(c: &Content, short_factor: Vec<f64>) -> Result<LongRopeSc
 pub(crate) fn model_config(c: &Content) -> Result<ModelConfig> {
     let a = meta_str(c, "general.architecture")?;
     let arch = match a.as_str() {
-        "llama" => Arch::Llama,
+        "llama" | "smollm3" => Arch::Llama,
         "qwen2" | "qwen2moe" => Arch::Qwen2,
         "qwen3" | "qwen3moe" => Arch::Qwen3,
         "deepseek2" => Arch::DeepSeek,
@@ -139,7 +139,7 @@ pub(crate) fn model_config(c: &Content) -> Result<ModelConfig> {
         "gemma3" => Arch::Gemma3,
         other => {
             bail!(
-                "GGUF architecture `{other}` is not supported (supported: llama, phi3, qwen2, qwen2moe, qwen3, qwen3moe, deepseek2, gemma2, gemma3)"
+                "GGUF architecture `{other}` is not supported (supported: llama, smollm3, phi3, qwen2, qwen2moe, qwen3, qwen3moe, deepseek2, gemma2, gemma3)"
             )
         }
     };
@@ -248,6 +248,8 @@ pub(crate) fn model_config(c: &Content) -> Result<ModelConfig> {
         head_dim,
         rope_theta: meta_f64(c, &format!("{a}.rope.freq_base"))?.unwrap_or(10_000.0),
         partial_rotary_dim,
+        // llama.cpp's `smollm3`: every fourth layer without RoPE, a step no key sets.
+        nope_layers: if a == "smollm3" { (0..layers).map(|i| (i + 1) % 4 == 0).collect() } else { vec![] },
         rope_scaling,
         rms_norm_eps: meta_f64(c, &format!("{a}.attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5),
         tie_word_embeddings: !c.tensor_infos.contains_key("output.weight"),

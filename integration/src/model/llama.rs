@@ -832,11 +832,12 @@ impl Llama {
         if let Some(mask) = neuron_mask {
             q = (q.contiguous()? * mask)?;
         }
-        let mut q = rope(&q, cos, sin)?;
+        let rotates = !cfg.nope_layers.get(li).copied().unwrap_or(false);
+        let mut q = if rotates { rope(&q, cos, sin)? } else { q.contiguous()? };
         if let Some(mask) = neuron_mask {
             q = (q * mask)?;
         }
-        let k = rope(&k, cos, sin)?;
+        let k = if rotates { rope(&k, cos, sin)? } else { k.contiguous()? };
         let key_norms = if need.key_norms { Some(row_norms(&k)?) } else { None };
         let decision = match scores {
             Some(s) => Some(s.to_dtype(DType::F32)?.contiguous()?),

@@ -31,6 +31,7 @@ pub fn named_shape(name: &str) -> Result<ModelConfig> {
         head_dim: hd,
         rope_theta: theta,
         partial_rotary_dim: None,
+        nope_layers: vec![],
         rope_scaling: None,
         rms_norm_eps: 1e-5,
         tie_word_embeddings: false,

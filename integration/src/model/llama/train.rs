@@ -121,6 +121,8 @@ impl Llama {
         let dev = &self.device;
         let positions: Vec<u32> = (0..t as u32).collect();
         let (cos, sin) = self.rope_tables(&positions)?;
+        // A layer without RoPE (SmolLM3's) rotates by nothing: cosines 1, sines 0.
+        let (ones, zeros) = (cos.ones_like()?, sin.zeros_like()?);
         let w = student.map_or(usize::MAX, |(_, o)| o.window);
         let mut x = self.embed.dense()?.index_select(&Tensor::new(ids, dev)?, 0)?;
         let scale = self.softmax_scale();
@@ -146,7 +148,9 @@ impl Llama {
                 None => None,
             };
             let lora = lora.as_ref().map(|l| (l, li));
-            x = self.dense_layer(layer, &x, &cos, &sin, w, penalty.as_ref(), lora, scale, (nh, nkv, hd, g))?;
+            let (cos, sin) =
+                if cfg.nope_layers.get(li).copied().unwrap_or(false) { (&ones, &zeros) } else { (&cos, &sin) };
+            x = self.dense_layer(layer, &x, cos, sin, w, penalty.as_ref(), lora, scale, (nh, nkv, hd, g))?;
         }
         let xs = rms(&x, &self.norm, eps)?;
         Ok(DenseOut { logits: frozen_matmul(&xs, self.lm_head.dense_weight()?)?, decisions })

@@ -237,6 +237,7 @@ fn model_configs() -> Vec<String> {
         "gguf/gemma3_tiny",
         "gguf/gemma2_tiny",
         "gguf/smollm3_tiny",
+        "gguf/granite_tiny",
         "gguf/phi4_mini_tiny",
     ]
     .iter()
@@ -720,7 +721,7 @@ proptest! {
     #[test]
     fn moe_and_scaled_gguf_never_panics(
         file in prop::sample::select(vec![
-            "deepseek_v3_moe", "qwen2_moe", "qwen3_moe", "mixtral", "qwen3_yarn", "gemma3", "gemma2", "smollm3", "phi4_mini",
+            "deepseek_v3_moe", "qwen2_moe", "qwen3_moe", "mixtral", "qwen3_yarn", "gemma3", "gemma2", "smollm3", "granite", "phi4_mini",
         ]),
         edits in prop::collection::vec(byte_edit(), 1..4),
     ) {

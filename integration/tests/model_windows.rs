@@ -1,49 +1,14 @@
 //! Models with their own attention windows: Gemma 3 (five local layers of window 8 with their
 //! own RoPE base, then a global one) and Gemma 2 (local layers every other one, soft-capped
 //! scores and logits) against float64 references of transformers' models and against llama.cpp,
-//! from their HF directories, a multimodal checkpoint's names and the converter's GGUF;
-//! Mistral's window on every layer against the `sliding_window` policy on the same weights; and
-//! SmolLM3's layers without RoPE.
+//! from their HF directories, a multimodal checkpoint's names and the converter's GGUF; and
+//! Mistral's window on every layer against the `sliding_window` policy on the same weights.
 
 mod common;
 use common::*;
 
-use dms_integration::engine::{argmax, load_model, Engine};
+use dms_integration::engine::{argmax, load_model};
 use dms_integration::model::WeightForm;
-
-/// The reference's logits at every prompt position and through 8 greedy steps, prompt fed in
-/// chunks of `chunk` tokens (0: one pass), within `tol`; returns the engine and its sequence.
-fn follow(
-    runs: &str,
-    model: &std::path::Path,
-    chunk: usize,
-    tol: f32,
-) -> (Engine, dms_integration::kv::sequence::SequenceCache) {
-    let g = golden(&fixture(runs));
-    let prompt = ids(&g["prompt_ids"]);
-    let mut eng = engine(model, "name = \"full\"", 4);
-    let mut seq = eng.new_sequence();
-    let want = g["prompt_logits"].to_vec2::<f32>().unwrap();
-    let mut logits = Vec::new();
-    let parts: Vec<&[u32]> = if chunk == 0 { vec![&prompt] } else { prompt.chunks(chunk).collect() };
-    let mut t = 0;
-    for part in parts {
-        for got in eng.step(&mut seq, part, true).unwrap().to_vec2::<f32>().unwrap() {
-            let err = max_abs(&got, &want[t]);
-            assert!(err < tol, "{model:?} against {runs}: prompt position {t}: {err}");
-            logits = got;
-            t += 1;
-        }
-    }
-    let steps = g["greedy_step_logits"].to_vec2::<f32>().unwrap();
-    for (i, &want_id) in ids(&g["greedy_ids"]).iter().enumerate() {
-        let err = max_abs(&logits, &steps[i]);
-        assert!(err < tol, "{model:?} against {runs}: greedy step {i}: {err}");
-        assert_eq!(argmax(&logits), want_id, "{model:?}: greedy step {i}");
-        logits = eng.step(&mut seq, &[want_id], false).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
-    }
-    (eng, seq)
-}
 
 /// A random Gemma 3 (`fixtures/gguf/gemma3_tiny`, `gemma3.gguf`; written by `generate.py`)
 /// gives the float64 reference's logits (1e-4) and llama.cpp's (within the 1.1e-3 that
@@ -87,63 +52,6 @@ fn gemma2_matches_the_reference_and_llama_cpp_from_its_hf_directory_and_gguf() {
         }
         let g = eng.model.config().gemma.clone().unwrap();
         assert_eq!((g.attn_softcap, g.final_softcap, g.local_rope_theta), (Some(0.5), Some(1.5), None));
-    }
-}
-
-/// A random SmolLM3 (`fixtures/gguf/smollm3_tiny`, `smollm3.gguf`; written by `generate.py`:
-/// its fourth layer without RoPE, which moves the reference by more than 0.05) gives the float64
-/// reference's logits and llama.cpp's, from its HF directory and its GGUF (q/k rows permuted),
-/// fed whole or in chunks of 7; the dense training forward (the retrofit's) gives them too.
-#[test]
-fn smollm3_layers_without_rope_match_the_reference_and_llama_cpp() {
-    for model in [fixture("gguf/smollm3_tiny"), fixture("gguf/smollm3.gguf")] {
-        follow("gguf/smollm3_llama_cpp.safetensors", &model, 0, 1e-4);
-        follow("gguf/smollm3_reference.safetensors", &model, 7, 1e-4);
-        let (eng, _) = follow("gguf/smollm3_reference.safetensors", &model, 0, 1e-4);
-        assert_eq!(eng.model.config().nope_layers, [false, false, false, true]);
-        let g = golden(&fixture("gguf/smollm3_reference.safetensors"));
-        let dense = eng.model.dense_forward(&ids(&g["prompt_ids"]), None).unwrap().logits.to_vec2::<f32>().unwrap();
-        for (t, (got, want)) in dense.iter().zip(g["prompt_logits"].to_vec2::<f32>().unwrap()).enumerate() {
-            assert!(max_abs(got, &want) < 1e-4, "{model:?}: dense forward, position {t}: {}", max_abs(got, &want));
-        }
-    }
-}
-
-/// SmolLM3's `no_rope_layers` is read as transformers reads it (1 rotates, 0 does not; absent,
-/// every `no_rope_layer_interval`-th layer goes without); malformed lists, the keys on another
-/// family and a sliding window on SmolLM3 are refused by name.
-#[test]
-fn smollm3_no_rope_layers_are_read_and_checked() {
-    let text = std::fs::read_to_string(fixture("gguf/smollm3_tiny/config.json")).unwrap();
-    let read = |edit: &dyn Fn(&mut serde_json::Value)| {
-        let mut c: serde_json::Value = serde_json::from_str(&text).unwrap();
-        edit(&mut c);
-        dms_integration::model::ModelConfig::from_hf_json(&c.to_string())
-    };
-    let c = read(&|c| {
-        c.as_object_mut().unwrap().remove("no_rope_layers");
-        c["no_rope_layer_interval"] = serde_json::json!(2);
-    })
-    .unwrap();
-    assert_eq!(c.nope_layers, [false, true, false, true]);
-    for (edit, words) in [
-        (
-            &(|c: &mut serde_json::Value| c["no_rope_layers"] = serde_json::json!([1, 1, 0]))
-                as &dyn Fn(&mut serde_json::Value),
-            "3 entries for 4 layers",
-        ),
-        (&|c: &mut serde_json::Value| c["no_rope_layers"] = serde_json::json!([1, 2, 1, 0]), "0 or 1, not 2"),
-        (&|c: &mut serde_json::Value| c["use_sliding_window"] = serde_json::json!(true), "use_sliding_window"),
-        (&|c: &mut serde_json::Value| c["model_type"] = serde_json::json!("llama"), "SmolLM3"),
-    ] {
-        let edit_arch = |c: &mut serde_json::Value| {
-            edit(c);
-            if c["model_type"] == "llama" {
-                c["architectures"] = serde_json::json!(["LlamaForCausalLM"]);
-            }
-        };
-        let e = format!("{:#}", read(&edit_arch).unwrap_err());
-        assert!(e.contains(words), "{e}");
     }
 }
 

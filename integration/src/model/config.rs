@@ -56,6 +56,20 @@ pub struct GemmaConfig {
     pub final_softcap: Option<f64>,
 }
 
+/// IBM Granite's multipliers on the Llama block (transformers' `GraniteConfig`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GraniteScales {
+    /// Embeddings are multiplied by this (`embedding_multiplier`).
+    pub embedding: f64,
+    /// The attention's and the MLP's outputs are multiplied by this before each residual add
+    /// (`residual_multiplier`).
+    pub residual: f64,
+    /// Softmax scale of attention scores, in place of `head_dim^-1/2` (`attention_multiplier`).
+    pub attention: f64,
+    /// Logits are divided by this (`logits_scaling`).
+    pub logits: f64,
+}
+
 /// Multi-head latent attention sizes (DeepSeek V2/V3).
 ///
 /// The cache holds one latent row per token and layer: `c_kv` (after `kv_a_layernorm`,
@@ -428,6 +442,8 @@ pub struct ModelConfig {
     pub windows: Option<ModelWindows>,
     /// Gemma 3's additions; None for the other families.
     pub gemma: Option<GemmaConfig>,
+    /// Granite's multipliers; None for the other families.
+    pub granite: Option<GraniteScales>,
     /// Beginning-of-sequence token.
     pub bos_token_id: Option<u32>,
     /// End-of-sequence tokens.
@@ -514,6 +530,16 @@ struct HfConfig {
     #[serde(default)]
     hidden_activation: Option<String>,
     #[serde(default)]
+    embedding_multiplier: Option<f64>,
+    #[serde(default)]
+    residual_multiplier: Option<f64>,
+    #[serde(default)]
+    attention_multiplier: Option<f64>,
+    #[serde(default)]
+    logits_scaling: Option<f64>,
+    #[serde(default)]
+    mlp_bias: Option<bool>,
+    #[serde(default)]
     bos_token_id: Option<u32>,
     #[serde(default)]
     eos_token_id: Option<OneOrMany>,
@@ -585,7 +611,8 @@ impl ModelConfig {
             }
             ("qwen2" | "qwen2_moe", _) | (_, "Qwen2ForCausalLM" | "Qwen2MoeForCausalLM") => Arch::Qwen2,
             ("mistral" | "mixtral", _) | (_, "MistralForCausalLM" | "MixtralForCausalLM") => Arch::Mistral,
-            ("llama" | "smollm3", _) | (_, "LlamaForCausalLM" | "SmolLM3ForCausalLM") => Arch::Llama,
+            ("llama" | "smollm3" | "granite", _)
+            | (_, "LlamaForCausalLM" | "SmolLM3ForCausalLM" | "GraniteForCausalLM") => Arch::Llama,
             ("phi3", _) | (_, "Phi3ForCausalLM") => Arch::Phi3,
             ("deepseek_v2" | "deepseek_v3", _) | (_, "DeepseekV2ForCausalLM" | "DeepseekV3ForCausalLM") => {
                 Arch::DeepSeek
@@ -645,6 +672,7 @@ impl ModelConfig {
             rope_theta: c.rope_theta.unwrap_or(if is_mixtral || arch == Arch::Gemma3 { 1e6 } else { 10_000.0 }),
             partial_rotary_dim: partial_rotary_dim(c.partial_rotary_factor, head_dim, mla.is_some())?,
             nope_layers: nope_layers(&c, model_type == "smollm3" || arch_name == "SmolLM3ForCausalLM")?,
+            granite: granite_scales(&c, model_type == "granite" || arch_name == "GraniteForCausalLM")?,
             rope_scaling,
             // transformers' defaults: Phi3Config's 1e-5, the others' 1e-6.
             rms_norm_eps: c.rms_norm_eps.unwrap_or(if arch == Arch::Phi3 { 1e-5 } else { 1e-6 }),
@@ -1163,6 +1191,34 @@ fn parse_gemma(c: &HfConfig, arch: Arch, local_layers: Vec<bool>) -> Result<Gemm
         attn_softcap: cap(c.attn_logit_softcapping, "attn_logit_softcapping")?,
         final_softcap: cap(c.final_logit_softcapping, "final_logit_softcapping")?,
     })
+}
+
+/// Granite's multipliers (transformers' defaults of 1 where absent), each positive and finite; an
+/// MLP with biases is refused, and the multipliers on another family.
+fn granite_scales(c: &HfConfig, granite: bool) -> Result<Option<GraniteScales>> {
+    let keys = [
+        ("embedding_multiplier", c.embedding_multiplier),
+        ("residual_multiplier", c.residual_multiplier),
+        ("attention_multiplier", c.attention_multiplier),
+        ("logits_scaling", c.logits_scaling),
+    ];
+    if !granite {
+        if let Some((key, _)) = keys.iter().find(|(_, v)| v.is_some()) {
+            bail!("model config: `{key}` is read for Granite (model_type `granite`) only");
+        }
+        return Ok(None);
+    }
+    if c.mlp_bias == Some(true) {
+        bail!("model config: mlp_bias on Granite is not supported");
+    }
+    let mut v = [1.0; 4];
+    for (x, (key, given)) in v.iter_mut().zip(keys) {
+        *x = given.unwrap_or(1.0);
+        if !(x.is_finite() && *x > 0.0) {
+            bail!("model config: {key} must be positive, not {x}");
+        }
+    }
+    Ok(Some(GraniteScales { embedding: v[0], residual: v[1], attention: v[2], logits: v[3] }))
 }
 
 /// SmolLM3's layers without RoPE: `no_rope_layers` (1 uses RoPE, 0 does not), else every

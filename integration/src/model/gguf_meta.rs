@@ -6,8 +6,8 @@ use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
 
 use super::config::{
-    model_windows, served_context, Arch, DmsCheckpointFields, GemmaConfig, LongRopeScaling, MlaConfig, ModelConfig,
-    MoeConfig, RopeScaling, YarnScaling,
+    model_windows, served_context, Arch, DmsCheckpointFields, GemmaConfig, GraniteScales, LongRopeScaling, MlaConfig,
+    ModelConfig, MoeConfig, RopeScaling, YarnScaling,
 };
 
 fn meta<'a>(c: &'a Content, key: &str) -> Result<&'a Value> {
@@ -130,7 +130,7 @@ pub(crate) fn longrope(c: &Content, short_factor: Vec<f64>) -> Result<LongRopeSc
 pub(crate) fn model_config(c: &Content) -> Result<ModelConfig> {
     let a = meta_str(c, "general.architecture")?;
     let arch = match a.as_str() {
-        "llama" | "smollm3" => Arch::Llama,
+        "llama" | "smollm3" | "granite" => Arch::Llama,
         "qwen2" | "qwen2moe" => Arch::Qwen2,
         "qwen3" | "qwen3moe" => Arch::Qwen3,
         "deepseek2" => Arch::DeepSeek,
@@ -139,7 +139,7 @@ pub(crate) fn model_config(c: &Content) -> Result<ModelConfig> {
         "gemma3" => Arch::Gemma3,
         other => {
             bail!(
-                "GGUF architecture `{other}` is not supported (supported: llama, smollm3, phi3, qwen2, qwen2moe, qwen3, qwen3moe, deepseek2, gemma2, gemma3)"
+                "GGUF architecture `{other}` is not supported (supported: llama, smollm3, granite, phi3, qwen2, qwen2moe, qwen3, qwen3moe, deepseek2, gemma2, gemma3)"
             )
         }
     };
@@ -248,8 +248,7 @@ pub(crate) fn model_config(c: &Content) -> Result<ModelConfig> {
         head_dim,
         rope_theta: meta_f64(c, &format!("{a}.rope.freq_base"))?.unwrap_or(10_000.0),
         partial_rotary_dim,
-        // llama.cpp's `smollm3`: every fourth layer without RoPE, a step no key sets.
-        nope_layers: if a == "smollm3" { (0..layers).map(|i| (i + 1) % 4 == 0).collect() } else { vec![] },
+        nope_layers: nope_layers(c, &a, layers)?,
         rope_scaling,
         rms_norm_eps: meta_f64(c, &format!("{a}.attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5),
         tie_word_embeddings: !c.tensor_infos.contains_key("output.weight"),
@@ -258,6 +257,7 @@ pub(crate) fn model_config(c: &Content) -> Result<ModelConfig> {
         max_position_embeddings: served,
         windows,
         gemma,
+        granite: granite_scales(c, &a, head_dim)?,
         bos_token_id: meta_usize(c, "tokenizer.ggml.bos_token_id").ok().and_then(|x| u32::try_from(x).ok()),
         eos_token_ids: stop_tokens(c),
         dms: DmsCheckpointFields::default(),
@@ -271,6 +271,38 @@ pub(crate) fn model_config(c: &Content) -> Result<ModelConfig> {
     };
     cfg.validate()?;
     Ok(cfg)
+}
+
+/// Layers without RoPE: llama.cpp's `smollm3` every fourth (a step no key sets), a `granite`
+/// file's every layer when `rope.scaling.finetuned` is false (its switch for RoPE).
+fn nope_layers(c: &Content, a: &str, layers: usize) -> Result<Vec<bool>> {
+    Ok(match a {
+        "smollm3" => (0..layers).map(|i| (i + 1) % 4 == 0).collect(),
+        "granite" if meta_bool(c, &format!("{a}.rope.scaling.finetuned"))? == Some(false) => vec![true; layers],
+        _ => vec![],
+    })
+}
+
+/// A `granite` file's multipliers as llama.cpp reads them: `logit_scale`, `residual_scale`,
+/// `embedding_scale` (absent or 0: none) and `attention.scale` (absent or 0: `head_dim^-1/2`).
+fn granite_scales(c: &Content, a: &str, head_dim: usize) -> Result<Option<GraniteScales>> {
+    if a != "granite" {
+        return Ok(None);
+    }
+    let read = |key: &str, none: f64| -> Result<f64> {
+        let k = format!("{a}.{key}");
+        let x = meta_f64(c, &k)?.unwrap_or(0.0);
+        if !(x.is_finite() && x >= 0.0) {
+            bail!("GGUF `{k}` = {x}: a Granite multiplier must be positive");
+        }
+        Ok(if x > 0.0 { x } else { none })
+    };
+    Ok(Some(GraniteScales {
+        embedding: read("embedding_scale", 1.0)?,
+        residual: read("residual_scale", 1.0)?,
+        attention: read("attention.scale", 1.0 / (head_dim as f64).sqrt())?,
+        logits: read("logit_scale", 1.0)?,
+    }))
 }
 
 /// A Gemma file's soft-capping `{a}.{key}` (llama.cpp's `default` when absent; 0 is none).

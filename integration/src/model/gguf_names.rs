@@ -116,6 +116,7 @@ pub(crate) fn source(hf: &str, c: &Content) -> Option<GgufSource> {
         "self_attn.k_proj.bias" => "attn_k.bias",
         "self_attn.v_proj.bias" => "attn_v.bias",
         "self_attn.o_proj.weight" => "attn_output.weight",
+        "self_attn.o_proj.bias" => "attn_output.bias",
         "self_attn.q_norm.weight" => "attn_q_norm.weight",
         "self_attn.k_norm.weight" => "attn_k_norm.weight",
         "self_attn.q_a_proj.weight" => "attn_q_a.weight",

@@ -277,7 +277,14 @@ impl Llama {
                     q_proj: linear(&format!("{p}.self_attn.q_proj"), cfg.num_heads * hd, h, bias)?,
                     k_proj: linear(&format!("{p}.self_attn.k_proj"), cfg.num_kv_heads * hd, h, bias)?,
                     v_proj: linear(&format!("{p}.self_attn.v_proj"), cfg.num_kv_heads * hd, h, bias)?,
-                    o_proj: linear(&format!("{p}.self_attn.o_proj"), h, cfg.num_heads * hd, false)?,
+                    // Where the checkpoint has one (transformers' Llama, Qwen3, Granite with
+                    // `attention_bias`; Qwen2 has none).
+                    o_proj: linear(
+                        &format!("{p}.self_attn.o_proj"),
+                        h,
+                        cfg.num_heads * hd,
+                        w.contains(&format!("{p}.self_attn.o_proj.bias")),
+                    )?,
                     q_norm: if cfg.qk_norm { Some(norm(&format!("{p}.self_attn.q_norm.weight"), hd)?) } else { None },
                     k_norm: if cfg.qk_norm { Some(norm(&format!("{p}.self_attn.k_norm.weight"), hd)?) } else { None },
                 }),
@@ -852,9 +859,10 @@ impl Llama {
             bail!("token id {t} is outside the model's vocabulary of {} tokens", self.cfg.vocab_size);
         }
         let x = self.embed.lookup(tokens, &self.device)?;
-        match self.cfg.gemma {
-            Some(_) => Ok((x * (self.cfg.hidden_size as f64).sqrt())?),
-            None => Ok(x),
+        match (&self.cfg.gemma, &self.cfg.granite) {
+            (Some(_), _) => Ok((x * (self.cfg.hidden_size as f64).sqrt())?),
+            (None, Some(g)) => Ok((x * g.embedding)?),
+            (None, None) => Ok(x),
         }
     }
 
@@ -867,9 +875,11 @@ impl Llama {
         };
         let eps = self.cfg.rms_norm_eps as f32;
         let Some((attn_norm, ffn_norm)) = &layer.sandwich else {
-            let x = (x + o)?;
+            // Granite scales each branch before its residual add.
+            let r = self.cfg.granite.map_or(1.0, |g| g.residual);
+            let x = (x + (o * r)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.post_norm, eps)?;
-            return Ok((&x + layer.ffn.forward(&h)?)?);
+            return Ok((&x + (layer.ffn.forward(&h)? * r)?)?);
         };
         let x = (x + candle_nn::ops::rms_norm(&o.contiguous()?, attn_norm, eps)?)?;
         let h = candle_nn::ops::rms_norm(&x, &layer.post_norm, eps)?;
@@ -878,10 +888,11 @@ impl Llama {
 
     /// Softmax scale of attention scores.
     fn softmax_scale(&self) -> f64 {
-        match (&self.cfg.mla, &self.cfg.gemma) {
-            (Some(m), _) => m.softmax_scale(),
-            (None, Some(g)) => 1.0 / g.query_pre_attn_scalar.sqrt(),
-            (None, None) => 1.0 / (self.cfg.head_dim as f64).sqrt(),
+        match (&self.cfg.mla, &self.cfg.gemma, &self.cfg.granite) {
+            (Some(m), _, _) => m.softmax_scale(),
+            (None, Some(g), _) => 1.0 / g.query_pre_attn_scalar.sqrt(),
+            (None, None, Some(g)) => g.attention,
+            (None, None, None) => 1.0 / (self.cfg.head_dim as f64).sqrt(),
         }
     }
 
@@ -889,6 +900,10 @@ impl Llama {
     pub fn logits(&self, xs: &Tensor) -> Result<Tensor> {
         let xs = candle_nn::ops::rms_norm(&xs.contiguous()?, &self.norm, self.cfg.rms_norm_eps as f32)?;
         let logits = self.lm_head.forward(&xs)?;
+        let logits = match self.cfg.granite {
+            Some(g) => (logits / g.logits)?,
+            None => logits,
+        };
         match self.cfg.gemma.as_ref().and_then(|g| g.final_softcap) {
             Some(cap) => Ok(((logits / cap)?.tanh()? * cap)?),
             None => Ok(logits),

@@ -40,6 +40,7 @@ pub fn named_shape(name: &str) -> Result<ModelConfig> {
         max_position_embeddings: 131072,
         windows: None,
         gemma: None,
+        granite: None,
         bos_token_id: None,
         eos_token_ids: vec![],
         dms: Default::default(),

@@ -193,8 +193,9 @@ impl Weights {
             cfg.validate().with_context(|| format!("tensor `{LONGROPE_SHORT}` of {}", path.display()))?;
         }
         let arch_meta = meta_str(&content, "general.architecture")?;
-        // llama.cpp's converter permutes `llama` and `smollm3` files (its LlamaModel).
-        let unpermute = matches!(arch_meta.as_str(), "llama" | "smollm3").then_some((cfg.num_heads, cfg.num_kv_heads));
+        // llama.cpp's converter permutes `llama`, `smollm3` and `granite` files (its LlamaModel).
+        let permuted = matches!(arch_meta.as_str(), "llama" | "smollm3" | "granite");
+        let unpermute = permuted.then_some((cfg.num_heads, cfg.num_kv_heads));
         Ok((Weights::Gguf { content, file: Mutex::new(file), path: path.to_path_buf(), unpermute }, cfg))
     }
 

@@ -9,7 +9,7 @@ use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::QTensor;
 use candle_core::{Device, Tensor};
 use dms_integration::engine::from_config::resolve_policy_table;
-use dms_integration::engine::{load_model, Engine, GenParams};
+use dms_integration::engine::{argmax, load_model, Engine, GenParams};
 use dms_integration::model::WeightForm;
 use dms_policy::{
     CacheShape, CompactPlan, EvictPlan, PolicyError, PolicyFactory, Pos, Registry, RowRef, SequencePolicy, SignalNeed,
@@ -199,4 +199,38 @@ pub fn gguf_file_bytes(meta: &[(String, Value)], tensors: &[(String, QTensor)]) 
     let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     gguf_file::write(&mut cur, &meta_refs, &tensor_refs).unwrap();
     cur.into_inner()
+}
+
+/// The reference's logits at every prompt position and through 8 greedy steps, prompt fed in
+/// chunks of `chunk` tokens (0: one pass), within `tol`; returns the engine and its sequence.
+pub fn follow(
+    runs: &str,
+    model: &std::path::Path,
+    chunk: usize,
+    tol: f32,
+) -> (Engine, dms_integration::kv::sequence::SequenceCache) {
+    let g = golden(&fixture(runs));
+    let prompt = ids(&g["prompt_ids"]);
+    let mut eng = engine(model, "name = \"full\"", 4);
+    let mut seq = eng.new_sequence();
+    let want = g["prompt_logits"].to_vec2::<f32>().unwrap();
+    let mut logits = Vec::new();
+    let parts: Vec<&[u32]> = if chunk == 0 { vec![&prompt] } else { prompt.chunks(chunk).collect() };
+    let mut t = 0;
+    for part in parts {
+        for got in eng.step(&mut seq, part, true).unwrap().to_vec2::<f32>().unwrap() {
+            let err = max_abs(&got, &want[t]);
+            assert!(err < tol, "{model:?} against {runs}: prompt position {t}: {err}");
+            logits = got;
+            t += 1;
+        }
+    }
+    let steps = g["greedy_step_logits"].to_vec2::<f32>().unwrap();
+    for (i, &want_id) in ids(&g["greedy_ids"]).iter().enumerate() {
+        let err = max_abs(&logits, &steps[i]);
+        assert!(err < tol, "{model:?} against {runs}: greedy step {i}: {err}");
+        assert_eq!(argmax(&logits), want_id, "{model:?}: greedy step {i}");
+        logits = eng.step(&mut seq, &[want_id], false).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+    }
+    (eng, seq)
 }

@@ -103,8 +103,10 @@ impl Llama {
     pub fn dense_forward(&self, ids: &[u32], student: Option<(&AdapterParams, &StudentOpts)>) -> Result<DenseOut> {
         let cfg = &self.cfg;
         let t = ids.len();
-        if cfg.gemma.is_some() {
-            anyhow::bail!("the dense (training) forward does not run Gemma's layers; retrofit a Llama-family model");
+        if cfg.gemma.is_some() || cfg.granite.is_some() {
+            anyhow::bail!(
+                "the dense (training) forward does not run Gemma's or Granite's layers; retrofit a Llama-family model"
+            );
         }
         // Dense attention is the model's own only where no window hides a key.
         if let Some(w) = cfg.windows.as_ref().filter(|w| t > w.window() as usize) {

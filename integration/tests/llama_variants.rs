@@ -17,6 +17,10 @@ fn smollm3_layers_without_rope_match_the_reference_and_llama_cpp() {
         follow("gguf/smollm3_reference.safetensors", &model, 7, 1e-4);
         let (eng, _) = follow("gguf/smollm3_reference.safetensors", &model, 0, 1e-4);
         assert_eq!(eng.model.config().nope_layers, [false, false, false, true]);
+        // A plain Llama folder (what peers are handed) would drop the layers without RoPE.
+        let out = std::env::temp_dir().join(format!("dms-smollm3-export-{}", std::process::id()));
+        let e = dms_integration::assets::export::export_gguf_as_hf(&fixture("gguf/smollm3.gguf"), &out).unwrap_err();
+        assert!(format!("{e:#}").contains("without RoPE"), "{e:#}");
         let g = golden(&fixture("gguf/smollm3_reference.safetensors"));
         let dense = eng.model.dense_forward(&ids(&g["prompt_ids"]), None).unwrap().logits.to_vec2::<f32>().unwrap();
         for (t, (got, want)) in dense.iter().zip(g["prompt_logits"].to_vec2::<f32>().unwrap()).enumerate() {
@@ -42,6 +46,14 @@ fn smollm3_no_rope_layers_are_read_and_checked() {
     })
     .unwrap();
     assert_eq!(c.nope_layers, [false, true, false, true]);
+    // transformers' SmolLM3Config defaults where config.json is silent.
+    let c = read(&|c| {
+        let o = c.as_object_mut().unwrap();
+        o.remove("rope_theta");
+        o.remove("tie_word_embeddings");
+    })
+    .unwrap();
+    assert_eq!((c.rope_theta, c.tie_word_embeddings), (2e6, true));
     for (edit, words) in [
         (
             &(|c: &mut serde_json::Value| c["no_rope_layers"] = serde_json::json!([1, 1, 0]))
@@ -50,6 +62,15 @@ fn smollm3_no_rope_layers_are_read_and_checked() {
         ),
         (&|c: &mut serde_json::Value| c["no_rope_layers"] = serde_json::json!([1, 2, 1, 0]), "0 or 1, not 2"),
         (&|c: &mut serde_json::Value| c["use_sliding_window"] = serde_json::json!(true), "use_sliding_window"),
+        (
+            &|c: &mut serde_json::Value| {
+                c["sliding_window"] = serde_json::json!(8);
+                c["layer_types"] =
+                    serde_json::json!(["full_attention", "sliding_attention", "full_attention", "full_attention"]);
+            },
+            "sliding_attention",
+        ),
+        (&|c: &mut serde_json::Value| c["mlp_bias"] = serde_json::json!(true), "mlp_bias"),
         (&|c: &mut serde_json::Value| c["model_type"] = serde_json::json!("llama"), "SmolLM3"),
     ] {
         let edit_arch = |c: &mut serde_json::Value| {
@@ -140,6 +161,21 @@ fn granite_settings_are_read_and_checked() {
     assert_eq!(c.nope_layers, [true; 4]);
     let e = format!("{:#}", load(&set("granite.logit_scale", Value::F32(-4.0))).unwrap_err());
     assert!(e.contains("granite.logit_scale") && e.contains("positive"), "{e}");
+    // MLP biases, which llama.cpp would read and the MLP here has not, are refused.
+    let (meta, mut tensors) = fixture_gguf_parts("granite.gguf");
+    let zeros = candle_core::Tensor::zeros(64, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+    tensors.push((
+        "blk.0.ffn_down.bias".into(),
+        candle_core::quantized::QTensor::quantize(&zeros, candle_core::quantized::GgmlDType::F32).unwrap(),
+    ));
+    let path = std::env::temp_dir().join(format!("dms-granite-bias-{}.gguf", std::process::id()));
+    std::fs::write(&path, gguf_file_bytes(&meta, &tensors)).unwrap();
+    let e = format!(
+        "{:#}",
+        dms_integration::engine::load_model(&path, &candle_core::Device::Cpu, WeightForm::Dense).err().unwrap()
+    );
+    let _ = std::fs::remove_file(&path);
+    assert!(e.contains("blk.0.ffn_down.bias") && e.contains("MLP biases"), "{e}");
 }
 
 /// An `o_proj` bias is read wherever the checkpoint has one (transformers' Llama with
@@ -179,4 +215,63 @@ fn an_o_proj_bias_in_the_checkpoint_is_applied() {
         .insert(bias, candle_core::Tensor::ones(hidden, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap());
     let ones = run(&tensors, "ones");
     assert!(plain.iter().zip(&ones).all(|(a, b)| max_abs(a, b) > 1e-3), "a bias of ones was not applied");
+}
+
+/// llama.cpp's converter permutes q/k biases as it permutes q/k rows (`LlamaModel`, and so
+/// `smollm3` and `granite` files): the tiny Llama 3 with random q/k/v biases gives the same logits
+/// from its HF directory and from its GGUF with the biases laid out as the converter lays them.
+#[test]
+fn permuted_gguf_files_carry_their_q_k_biases_permuted_too() {
+    use candle_core::{Device, Tensor};
+    let (heads, kv_heads, layers) = (4, 2, 2);
+    let src = fixture("llama3_tiny");
+    let mut hf = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    assert_eq!(
+        (config["num_attention_heads"].as_u64(), config["num_key_value_heads"].as_u64()),
+        (Some(heads), Some(kv_heads))
+    );
+    config["attention_bias"] = serde_json::json!(true);
+    let (mut meta, mut gguf) = fixture_gguf_parts("llama3_tiny.gguf");
+    // The converter's permutation: per head, the two halves interleaved.
+    let permute = |b: &Tensor, n: usize| {
+        let len = b.dims1().unwrap();
+        b.reshape((n, 2, len / n / 2)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap().reshape(len).unwrap()
+    };
+    for layer in 0..layers {
+        for (proj, gguf_name, n) in
+            [("q_proj", "attn_q", Some(heads)), ("k_proj", "attn_k", Some(kv_heads)), ("v_proj", "attn_v", None)]
+        {
+            let rows = hf[&format!("model.layers.{layer}.self_attn.{proj}.weight")].dim(0).unwrap();
+            let bias = Tensor::new(vecf(40 + layer as u64 * 3 + rows as u64, rows), &Device::Cpu).unwrap();
+            let laid = n.map_or(bias.clone(), |n| permute(&bias, n as usize));
+            gguf.push((
+                format!("blk.{layer}.{gguf_name}.bias"),
+                candle_core::quantized::QTensor::quantize(&laid, candle_core::quantized::GgmlDType::F32).unwrap(),
+            ));
+            hf.insert(format!("model.layers.{layer}.self_attn.{proj}.bias"), bias);
+        }
+    }
+    meta.sort_by(|a, b| a.0.cmp(&b.0));
+    let dir = std::env::temp_dir().join(format!("dms-qk-bias-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    candle_core::safetensors::save(&hf, dir.join("model.safetensors")).unwrap();
+    let gguf_path = std::env::temp_dir().join(format!("dms-qk-bias-{}.gguf", std::process::id()));
+    std::fs::write(&gguf_path, gguf_file_bytes(&meta, &gguf)).unwrap();
+    let prompt = seeded_tokens(7, 14);
+    let logits = |model: &std::path::Path| {
+        let mut eng = engine(model, "name = \"full\"", 4);
+        let mut seq = eng.new_sequence();
+        eng.step(&mut seq, &prompt, true).unwrap().to_vec2::<f32>().unwrap()
+    };
+    let (from_hf, from_gguf) = (logits(&dir), logits(&gguf_path));
+    let plain = logits(&fixture("llama3_tiny"));
+    for (t, ((a, b), p)) in from_hf.iter().zip(&from_gguf).zip(&plain).enumerate() {
+        assert!(max_abs(a, b) < 1e-4, "position {t}: {}", max_abs(a, b));
+        assert!(max_abs(a, p) > 1e-3, "position {t}: the biases change nothing");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_file(&gguf_path);
 }

@@ -42,6 +42,10 @@ pub fn export_gguf_as_hf(gguf: &Path, out: &Path) -> Result<()> {
     if cfg.arch != Arch::Llama || cfg.moe.is_some() {
         bail!("export supports dense Llama-architecture GGUF files only (not experts: Mixtral)");
     }
+    // A Llama config.json would drop what these files add (peers would run another model).
+    if !cfg.nope_layers.is_empty() || cfg.granite.is_some() || cfg.attention_bias {
+        bail!("export writes plain Llama folders: SmolLM3's layers without RoPE, Granite's multipliers and q/k/v biases are not carried");
+    }
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     for (name, shape) in llama_tensor_shapes(&cfg) {
         tensors.insert(name.clone(), weights.get(&name, &shape, &Device::Cpu)?);

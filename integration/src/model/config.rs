@@ -623,9 +623,13 @@ impl ModelConfig {
                 "unsupported architecture (model_type `{model_type}`, architectures `{arch_name}`); supported: llama, mistral, mixtral, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe, deepseek_v2, deepseek_v3, gemma2, gemma3"
             ),
         };
+        if c.mlp_bias == Some(true) {
+            bail!("model config: mlp_bias (biases on the MLP's projections) is not supported");
+        }
         let fp8 = super::fp8::scheme_of(c.quantization_config.as_ref())?;
         let is_v3 = model_type == "deepseek_v3" || arch_name == "DeepseekV3ForCausalLM";
         let is_mixtral = model_type == "mixtral" || arch_name == "MixtralForCausalLM";
+        let is_smollm3 = model_type == "smollm3" || arch_name == "SmolLM3ForCausalLM";
         let mla = if arch == Arch::DeepSeek { Some(parse_mla(&c)?) } else { None };
         let moe = match arch {
             Arch::DeepSeek => parse_deepseek_moe(&c, is_v3)?,
@@ -669,14 +673,19 @@ impl ModelConfig {
             num_heads: c.num_attention_heads,
             num_kv_heads,
             head_dim,
-            rope_theta: c.rope_theta.unwrap_or(if is_mixtral || arch == Arch::Gemma3 { 1e6 } else { 10_000.0 }),
+            rope_theta: c.rope_theta.unwrap_or(match () {
+                _ if is_mixtral || arch == Arch::Gemma3 => 1e6,
+                // transformers' SmolLM3Config default.
+                _ if is_smollm3 => 2e6,
+                _ => 10_000.0,
+            }),
             partial_rotary_dim: partial_rotary_dim(c.partial_rotary_factor, head_dim, mla.is_some())?,
-            nope_layers: nope_layers(&c, model_type == "smollm3" || arch_name == "SmolLM3ForCausalLM")?,
+            nope_layers: nope_layers(&c, is_smollm3)?,
             granite: granite_scales(&c, model_type == "granite" || arch_name == "GraniteForCausalLM")?,
             rope_scaling,
             // transformers' defaults: Phi3Config's 1e-5, the others' 1e-6.
             rms_norm_eps: c.rms_norm_eps.unwrap_or(if arch == Arch::Phi3 { 1e-5 } else { 1e-6 }),
-            tie_word_embeddings: c.tie_word_embeddings.unwrap_or(arch.is_gemma()),
+            tie_word_embeddings: c.tie_word_embeddings.unwrap_or(arch.is_gemma() || is_smollm3),
             attention_bias: c.attention_bias.unwrap_or(arch == Arch::Qwen2),
             qk_norm: matches!(arch, Arch::Qwen3 | Arch::Gemma3),
             max_position_embeddings: context,
@@ -1193,8 +1202,8 @@ fn parse_gemma(c: &HfConfig, arch: Arch, local_layers: Vec<bool>) -> Result<Gemm
     })
 }
 
-/// Granite's multipliers (transformers' defaults of 1 where absent), each positive and finite; an
-/// MLP with biases is refused, and the multipliers on another family.
+/// Granite's multipliers (transformers' defaults of 1 where absent), each positive and finite; the
+/// multipliers on another family are refused.
 fn granite_scales(c: &HfConfig, granite: bool) -> Result<Option<GraniteScales>> {
     let keys = [
         ("embedding_multiplier", c.embedding_multiplier),
@@ -1207,9 +1216,6 @@ fn granite_scales(c: &HfConfig, granite: bool) -> Result<Option<GraniteScales>> 
             bail!("model config: `{key}` is read for Granite (model_type `granite`) only");
         }
         return Ok(None);
-    }
-    if c.mlp_bias == Some(true) {
-        bail!("model config: mlp_bias on Granite is not supported");
     }
     let mut v = [1.0; 4];
     for (x, (key, given)) in v.iter_mut().zip(keys) {
@@ -1232,8 +1238,12 @@ fn nope_layers(c: &HfConfig, smollm3: bool) -> Result<Vec<bool>> {
         }
         return Ok(vec![]);
     }
-    if c.use_sliding_window == Some(true) {
-        bail!("model config: use_sliding_window on SmolLM3 is not supported");
+    let sliding =
+        c.layer_types.iter().flatten().any(|t| t == "sliding_attention") && c.sliding_window.flatten().is_some();
+    if c.use_sliding_window == Some(true) || sliding {
+        bail!(
+            "model config: a sliding window on SmolLM3 (use_sliding_window, sliding_attention layers) is not supported"
+        );
     }
     match &c.no_rope_layers {
         Some(flags) if flags.len() != n => {

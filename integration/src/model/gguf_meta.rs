@@ -160,7 +160,7 @@ pub(crate) fn model_config(c: &Content) -> Result<ModelConfig> {
             }
             // A `llama` file's q/k rows are permuted for llama.cpp's interleaved rotation over the
             // whole head; undoing that over part of a head is not defined here.
-            if let Some(r) = rot.filter(|&r| r < head_dim && a == "llama") {
+            if let Some(r) = rot.filter(|&r| r < head_dim && matches!(a.as_str(), "llama" | "smollm3" | "granite")) {
                 bail!("GGUF `{a}.rope.dimension_count` = {r}: RoPE over part of a head ({head_dim}) is not supported in `llama` files");
             }
             if let Some(n) = meta_opt_usize(c, &format!("{a}.expert_count"))?.filter(|&n| n > 0 && !has_experts(&a)) {
@@ -209,6 +209,14 @@ pub(crate) fn model_config(c: &Content) -> Result<ModelConfig> {
         bail!("GGUF file has both LongRoPE tables and `{a}.rope.scaling.type`: which scaling applies is unclear");
     }
     let served = served_context(context, rope_scaling.as_ref());
+    // llama.cpp reads MLP biases where a file has them; the MLP here has none.
+    if let Some(t) = ["ffn_gate", "ffn_up", "ffn_down"]
+        .map(|f| format!("blk.0.{f}.bias"))
+        .into_iter()
+        .find(|t| c.tensor_infos.contains_key(t))
+    {
+        bail!("GGUF tensor `{t}`: MLP biases are not supported");
+    }
     let layers = meta_usize(c, &format!("{a}.block_count"))?;
     let (window, windowed) = windowed_layers(c, &a, arch, layers)?;
     let gemma = match arch {

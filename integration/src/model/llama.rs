@@ -876,10 +876,15 @@ impl Llama {
         let eps = self.cfg.rms_norm_eps as f32;
         let Some((attn_norm, ffn_norm)) = &layer.sandwich else {
             // Granite scales each branch before its residual add.
-            let r = self.cfg.granite.map_or(1.0, |g| g.residual);
-            let x = (x + (o * r)?)?;
+            let scaled = |t: Tensor| -> Result<Tensor> {
+                Ok(match self.cfg.granite {
+                    Some(g) => (t * g.residual)?,
+                    None => t,
+                })
+            };
+            let x = (x + scaled(o)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.post_norm, eps)?;
-            return Ok((&x + (layer.ffn.forward(&h)? * r)?)?);
+            return Ok((&x + scaled(layer.ffn.forward(&h)?)?)?);
         };
         let x = (x + candle_nn::ops::rms_norm(&o.contiguous()?, attn_norm, eps)?)?;
         let h = candle_nn::ops::rms_norm(&x, &layer.post_norm, eps)?;

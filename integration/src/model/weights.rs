@@ -280,9 +280,12 @@ impl Weights {
                     GgufSource::SplitKvB { k_b, v_b } => gguf.kv_b(&k_b, &v_b, shape)?,
                     src => gguf.blocks(&src, shape)?.dequantize(&Device::Cpu)?,
                 };
+                // The converter permutes q/k biases as it does their rows.
                 let t = match (unpermute, name) {
                     (Some((nh, _)), n) if n.ends_with("q_proj.weight") => unpermute_rows(&t, *nh)?,
                     (Some((_, nkv)), n) if n.ends_with("k_proj.weight") => unpermute_rows(&t, *nkv)?,
+                    (Some((nh, _)), n) if n.ends_with("q_proj.bias") => unpermute_bias(&t, *nh)?,
+                    (Some((_, nkv)), n) if n.ends_with("k_proj.bias") => unpermute_bias(&t, *nkv)?,
                     _ => t,
                 };
                 t.to_device(dev)?
@@ -763,6 +766,12 @@ fn display_paths(paths: &[PathBuf]) -> String {
 }
 
 /// Undoes llama.cpp's q/k row permutation: `(heads, hd/2, 2, in) -> (heads, 2, hd/2, in)`.
+/// [`unpermute_rows`] for a bias (one value per row).
+fn unpermute_bias(b: &Tensor, heads: usize) -> Result<Tensor> {
+    let n = b.dims1()?;
+    Ok(unpermute_rows(&b.reshape((n, 1))?, heads)?.reshape(n)?)
+}
+
 fn unpermute_rows(w: &Tensor, heads: usize) -> Result<Tensor> {
     let (out, inp) = w.dims2()?;
     let hd = out / heads;

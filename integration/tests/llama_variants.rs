@@ -159,6 +159,8 @@ fn granite_settings_are_read_and_checked() {
     assert_eq!(c.granite.unwrap().attention, 0.25);
     let c = load(&set("granite.rope.scaling.finetuned", Value::Bool(false))).unwrap();
     assert_eq!(c.nope_layers, [true; 4]);
+    let e = format!("{:#}", load(&set("granite.block_count", Value::U32(u32::MAX))).unwrap_err());
+    assert!(e.contains("block_count") && e.contains("4294967295"), "{e}");
     let e = format!("{:#}", load(&set("granite.logit_scale", Value::F32(-4.0))).unwrap_err());
     assert!(e.contains("granite.logit_scale") && e.contains("positive"), "{e}");
     // MLP biases, which llama.cpp would read and the MLP here has not, are refused.

@@ -126,6 +126,9 @@ pub(crate) fn longrope(c: &Content, short_factor: Vec<f64>) -> Result<LongRopeSc
     Ok(LongRopeScaling { short_factor, attention_factor, original_max_position_embeddings: original })
 }
 
+/// Most layers a GGUF file may declare.
+const MAX_LAYERS: usize = 1 << 16;
+
 /// Model config from GGUF metadata.
 pub(crate) fn model_config(c: &Content) -> Result<ModelConfig> {
     let a = meta_str(c, "general.architecture")?;
@@ -218,6 +221,11 @@ pub(crate) fn model_config(c: &Content) -> Result<ModelConfig> {
         bail!("GGUF tensor `{t}`: MLP biases are not supported");
     }
     let layers = meta_usize(c, &format!("{a}.block_count"))?;
+    // Per-layer flags are allocated from this count: bound it before anything is (no model has
+    // a thousandth of this many layers).
+    if layers > MAX_LAYERS {
+        bail!("GGUF `{a}.block_count` = {layers} is above the {MAX_LAYERS} layers supported");
+    }
     let (window, windowed) = windowed_layers(c, &a, arch, layers)?;
     let gemma = match arch {
         Arch::Gemma2 | Arch::Gemma3 => Some(GemmaConfig {

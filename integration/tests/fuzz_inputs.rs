@@ -451,7 +451,7 @@ fn gguf_bytes(meta: &[(&str, Value)], tensors: &[(String, QTensor)]) -> Vec<u8> 
 
 /// Bytes up to the start of the tensor data.
 fn gguf_header_len(path: &Path) -> usize {
-    read_gguf_header(path).unwrap().tensor_data_offset as usize
+    read_gguf_header(path).unwrap().content.tensor_data_offset as usize
 }
 
 #[test]
@@ -762,9 +762,9 @@ fn real_gguf_header_never_panics() {
             f.set_len(full_len).unwrap();
             drop(f);
             match Weights::open_gguf(&p) {
-                Ok((Weights::Gguf { content, .. }, _)) => {
+                Ok((Weights::Gguf { header, .. }, _)) => {
                     ok.set(ok.get() + 1);
-                    let _ = dms_integration::model::gguf_tokenizer::from_gguf(&content);
+                    let _ = dms_integration::model::gguf_tokenizer::from_gguf(&header.content);
                 }
                 Ok(_) => unreachable!("a GGUF path opens as GGUF"),
                 Err(_) => errors.set(errors.get() + 1),

@@ -355,7 +355,8 @@ fn gguf_tokenizers_match_llama_cpp() {
     };
     let files = ["llama3_tiny.gguf", "qwen3_tiny.gguf", "smollm_vocab.gguf", "spm_vocab.gguf"];
     for file in files.into_iter().chain(["deepseek_mla_tiny.gguf", "deepseek_v3_moe.gguf", "phi4_mini.gguf"]) {
-        let content = dms_integration::model::gguf_header::read_gguf_header(&fixture(&format!("gguf/{file}"))).unwrap();
+        let content =
+            dms_integration::model::gguf_header::read_gguf_header(&fixture(&format!("gguf/{file}"))).unwrap().content;
         let tok = dms_integration::model::gguf_tokenizer::from_gguf(&content).unwrap();
         let e = &expected[file];
         let texts = e["texts"].as_array().unwrap();

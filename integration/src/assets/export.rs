@@ -36,7 +36,7 @@ pub fn cached_hf_export(gguf: &Path) -> Result<PathBuf> {
 pub fn export_gguf_as_hf(gguf: &Path, out: &Path) -> Result<()> {
     let (weights, cfg) = Weights::open_gguf(gguf)?;
     let tok: Tokenizer = match &weights {
-        Weights::Gguf { content, .. } => crate::model::gguf_tokenizer::from_gguf(content)?,
+        Weights::Gguf { header, .. } => crate::model::gguf_tokenizer::from_gguf(&header.content)?,
         Weights::Safetensors { .. } => bail!("not a GGUF file"),
     };
     if cfg.arch != Arch::Llama || cfg.moe.is_some() {

@@ -69,7 +69,8 @@ pub fn load_model(path: &Path, device: &Device, form: WeightForm) -> Result<Load
         let (weights, cfg) = Weights::open_gguf(path)?;
         check_dense_fits(&cfg, form).with_context(|| format!("{} with weights = \"dense\"", path.display()))?;
         let (tokenizer, chat_template) = match &weights {
-            Weights::Gguf { content, .. } => {
+            Weights::Gguf { header, .. } => {
+                let content = &header.content;
                 (Some(crate::model::gguf_tokenizer::from_gguf(content)?), Some(ChatTemplate::from_gguf(content)?))
             }
             Weights::Safetensors { .. } => (None, None),

@@ -54,6 +54,9 @@ impl KvBackend for DeviceStep<'_> {
         if let Some(cap) = step.softcap {
             bail!("the device cache has no attention soft-capping (the model's is {cap})");
         }
+        if step.sinks.is_some() {
+            bail!("the device cache has no attention sinks (the model has them)");
+        }
         let signal = self.signal(&step)?;
         self.cache.update(li, &step.k.contiguous()?, step.v, signal.as_ref())?;
         // Per-head rows give `[b, heads, head_dim]`, latent rows `[b, heads, rank]`.

@@ -16,19 +16,24 @@ use dms_policy::Pos;
 const CHUNK_SLOTS: usize = 128;
 
 /// How a query-key dot product becomes an attention score: times `scale`, then with a `softcap`
-/// `cap * tanh(score / cap)` (Gemma 2's attention soft-capping), before the softmax.
+/// `cap * tanh(score / cap)` (Gemma 2's attention soft-capping), before the softmax; and with
+/// `sinks`, one more logit per query head in the softmax's sum (GPT-OSS's attention sinks: a key
+/// every query sees whose value is zero, so the weights of the real keys sum to less than one).
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Scoring {
+pub struct Scoring<'a> {
     /// Softmax scale.
     pub scale: f64,
     /// Soft-capping of the scaled scores, when the model has one.
     pub softcap: Option<f64>,
+    /// The sink logit of each query head of the call's queries (all the heads a call attends
+    /// with, in order), when the model has them.
+    pub sinks: Option<&'a [f32]>,
 }
 
-impl Scoring {
-    /// Scores scaled by `scale`, not capped.
+impl Scoring<'_> {
+    /// Scores scaled by `scale`, not capped, without sinks.
     pub fn scaled(scale: f64) -> Self {
-        Self { scale, softcap: None }
+        Self { scale, softcap: None, sinks: None }
     }
 
     /// The score of dot product `dot`.
@@ -91,6 +96,15 @@ pub fn decode_rows(
     let d = store.head_dim();
     let g = q.len() / d / rows.len().max(1);
     let dv = out.len() / (g * rows.len()).max(1);
+    if let Some(s) = scoring.sinks {
+        if s.len() != g * rows.len() {
+            return Err(StoreError::Unsupported(format!(
+                "decode attention: {} sink logits for {} query heads",
+                s.len(),
+                g * rows.len()
+            )));
+        }
+    }
     let chunk_blocks = CHUNK_SLOTS.div_ceil(store.block_size()).max(1);
     let keep_exps = weights.is_some();
     let mut tasks = Vec::new();
@@ -120,7 +134,8 @@ pub fn decode_rows(
         let parts = &partials[at..at + n_chunks];
         at += n_chunks;
         let w = weights.as_mut().map(|w| &mut *w[r]);
-        merge(parts, g, dv, store.block_size() * chunk_blocks, o, w);
+        let sinks = scoring.sinks.map(|s| &s[r * g..(r + 1) * g]);
+        merge(parts, g, dv, store.block_size() * chunk_blocks, sinks, o, w);
     }
     Ok(())
 }
@@ -205,17 +220,30 @@ fn chunk_partial(
 }
 
 /// Combines a row's chunks (`chunk_len` slots each, the last one shorter) into the normalised
-/// output `out` (`g * dv`) and, when given, adds each slot's head-averaged weight to `weights`.
-fn merge(parts: &[Partial], g: usize, dv: usize, chunk_len: usize, out: &mut [f32], mut weights: Option<&mut [f32]>) {
+/// output `out` (`g * dv`), the heads' `sinks` counted in each softmax's sum, and, when given,
+/// adds each slot's head-averaged weight to `weights`.
+#[allow(clippy::too_many_arguments)]
+fn merge(
+    parts: &[Partial],
+    g: usize,
+    dv: usize,
+    chunk_len: usize,
+    sinks: Option<&[f32]>,
+    out: &mut [f32],
+    mut weights: Option<&mut [f32]>,
+) {
     out.fill(0.0);
     for h in 0..g {
-        let m = parts.iter().map(|p| p.max[h]).fold(f32::NEG_INFINITY, f32::max);
-        if m == f32::NEG_INFINITY {
+        let keys_max = parts.iter().map(|p| p.max[h]).fold(f32::NEG_INFINITY, f32::max);
+        if keys_max == f32::NEG_INFINITY {
             continue;
         }
+        let sink = sinks.map(|s| s[h]);
+        let m = sink.map_or(keys_max, |s| keys_max.max(s));
         let scales: Vec<f32> =
             parts.iter().map(|p| if p.max[h] == f32::NEG_INFINITY { 0.0 } else { (p.max[h] - m).exp() }).collect();
-        let total: f32 = parts.iter().zip(&scales).map(|(p, c)| c * p.sum[h]).sum();
+        let total: f32 =
+            parts.iter().zip(&scales).map(|(p, c)| c * p.sum[h]).sum::<f32>() + sink.map_or(0.0, |s| (s - m).exp());
         let o = &mut out[h * dv..(h + 1) * dv];
         for (p, c) in parts.iter().zip(&scales) {
             for (o, v) in o.iter_mut().zip(&p.out[h * dv..(h + 1) * dv]) {
@@ -314,12 +342,13 @@ fn tiled(
             store.head_dim()
         );
     }
+    check_sinks(scoring, n_heads)?;
     let stored = |e: StoreError| candle_core::Error::Msg(e.to_string());
     let row_refs = rows.iter().map(|&r| store.row(r)).collect::<Result<Vec<_>, _>>().map_err(stored)?;
     let qv = (q * scoring.scale)?.flatten_all()?.to_vec1::<f32>()?;
     let mut out = vec![0f32; t * n_heads * dv];
     let softcap = scoring.softcap.map(|c| c as f32);
-    let queries = crate::kv::tiled::Queries { q: &qv, q_pos, heads: n_heads, softcap };
+    let queries = crate::kv::tiled::Queries { q: &qv, q_pos, heads: n_heads, softcap, sinks: scoring.sinks };
     let w = crate::kv::tiled::prompt_attention(store, &row_refs, &queries, dv, &mut out, weights);
     Ok(Some((Tensor::from_vec(out, (t, n_heads * dv), &Device::Cpu)?, w)))
 }
@@ -334,6 +363,7 @@ fn chunk_attention(
     weights: Option<&mut Vec<Vec<f32>>>,
 ) -> candle_core::Result<Tensor> {
     let (t, n_heads, d) = q.dims3()?;
+    check_sinks(scoring, n_heads)?;
     let kv = rows.len();
     let g = n_heads / kv;
     let latent = store.v_dim() == 0;
@@ -382,7 +412,15 @@ fn chunk_attention(
         None => scores,
     };
     let scores = scores.broadcast_add(&mask)?;
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    let probs = match scoring.sinks {
+        // The sink is one more column of every query's scores, dropped after the softmax.
+        Some(s) => {
+            let sink = Tensor::new(s, &Device::Cpu)?.to_device(dev)?.reshape((kv, g, 1, 1))?;
+            let with_sink = Tensor::cat(&[scores, sink.broadcast_as((kv, g, t, 1))?.contiguous()?], 3)?;
+            candle_nn::ops::softmax_last_dim(&with_sink)?.narrow(3, 0, lmax)?
+        }
+        None => candle_nn::ops::softmax_last_dim(&scores)?,
+    };
     let probs = if blind { zero_fully_masked(&probs)? } else { probs };
     if let Some(w) = weights {
         // [kv, g, t, lmax] -> mean over g, sum over t -> [kv, lmax]; each row keeps its own length.
@@ -395,6 +433,16 @@ fn chunk_attention(
     }
     let out = probs.reshape((kv, g * t, lmax))?.matmul(&v)?;
     out.reshape((kv, g, t, dv))?.permute((2, 0, 1, 3))?.contiguous()?.reshape((t, n_heads * dv))
+}
+
+/// An error unless `scoring` has no sinks or one per query head of `n_heads`.
+fn check_sinks(scoring: Scoring, n_heads: usize) -> candle_core::Result<()> {
+    match scoring.sinks {
+        Some(s) if s.len() != n_heads => {
+            candle_core::bail!("chunk attention: {} sink logits for {n_heads} query heads", s.len())
+        }
+        _ => Ok(()),
+    }
 }
 
 /// A query row whose every key is masked produces NaN from softmax; make it zeros instead.
@@ -439,7 +487,8 @@ mod tests {
         Rows { store, ids, keys: ks, values: vs }
     }
 
-    /// Softmax attention of one head in f64 over the visible slots: (output, weights).
+    /// Softmax attention of one head in f64 over the visible slots, its `sink` logit (when
+    /// given) one more term of the softmax's sum: (output, weights).
     fn reference(
         q: &[f32],
         k: &[f32],
@@ -447,6 +496,7 @@ mod tests {
         d: usize,
         visible: &[bool],
         scoring: Scoring,
+        sink: Option<f32>,
     ) -> (Vec<f64>, Vec<f64>) {
         let s: Vec<f64> = (0..visible.len())
             .map(|j| {
@@ -458,15 +508,26 @@ mod tests {
                 }
             })
             .collect();
-        let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
+        let sink = sink.map(f64::from);
+        let m = s.iter().copied().chain(sink).fold(f64::NEG_INFINITY, f64::max);
+        let z: f64 = s.iter().chain(sink.as_ref()).map(|x| (x - m).exp()).sum();
         let p: Vec<f64> = s.iter().map(|x| (x - m).exp() / z).collect();
         let out = (0..d).map(|e| (0..visible.len()).map(|j| p[j] * v[j * d + e] as f64).sum()).collect();
         (out, p)
     }
 
-    /// With and without Gemma 2's soft-capping (a cap of 0.5 bends most of these scores).
-    const SCORINGS: [Scoring; 2] = [Scoring { scale: 0.2, softcap: None }, Scoring { scale: 0.2, softcap: Some(0.5) }];
+    /// With and without Gemma 2's soft-capping (a cap of 0.5 bends most of these scores), and
+    /// with and without sinks (`sinks`: one per query head; some above every score, some below).
+    fn scorings(sinks: &[f32]) -> [Scoring<'_>; 4] {
+        let plain = Scoring { scale: 0.2, softcap: None, sinks: None };
+        let capped = Scoring { softcap: Some(0.5), ..plain };
+        [plain, capped, Scoring { sinks: Some(sinks), ..plain }, Scoring { sinks: Some(sinks), ..capped }]
+    }
+
+    /// Sink logits for `heads` query heads: above, among and below the test scores.
+    fn sink_logits(heads: usize) -> Vec<f32> {
+        (0..heads).map(|h| [3.0, 0.1, -2.0, 0.6][h % 4]).collect()
+    }
 
     #[test]
     fn chunked_decode_equals_one_softmax_over_the_row_serial_and_parallel() {
@@ -474,29 +535,33 @@ mod tests {
         // (head dim, slots, query heads per row, rows): one row runs on this thread, two rows of
         // the wider shape cross the parallel threshold.
         let shapes = [(12, 300, 1, 1), (12, 300, 3, 1), (64, 300, 5, 1), (64, 300, 5, 2), (64, 100, 4, 1)];
-        for ((d, n, g, rows), scoring) in shapes.into_iter().flat_map(|s| SCORINGS.map(|c| (s, c))) {
-            let Rows { store, ids, keys: ks, values: vs } = store_with_rows(d, n, rows, &hidden);
-            let q = seeded(3, rows * g * d);
-            let visible: Vec<bool> = (0..n).map(|i| !hidden(i)).collect();
-            let mut out = vec![0f32; rows * g * d];
-            let mut w: Vec<Vec<f32>> = vec![vec![0f32; n]; rows];
-            let mut wr: Vec<&mut [f32]> = w.iter_mut().map(|w| w.as_mut_slice()).collect();
-            decode_rows(&store, &ids, &q, n as Pos - 1, scoring, &mut out, Some(wr.as_mut_slice())).unwrap();
-            for r in 0..rows {
-                let mut want_w = vec![0f64; n];
-                for h in 0..g {
-                    let qh = &q[(r * g + h) * d..(r * g + h + 1) * d];
-                    let (o, p) = reference(qh, &ks[r], &vs[r], d, &visible, scoring);
-                    let got = &out[(r * g + h) * d..(r * g + h + 1) * d];
-                    for (a, b) in got.iter().zip(&o) {
-                        assert!((*a as f64 - b).abs() < 1e-5, "d {d} g {g} row {r} head {h}: {a} vs {b}");
+        for (d, n, g, rows) in shapes {
+            let sinks = sink_logits(rows * g);
+            for scoring in scorings(&sinks) {
+                let Rows { store, ids, keys: ks, values: vs } = store_with_rows(d, n, rows, &hidden);
+                let q = seeded(3, rows * g * d);
+                let visible: Vec<bool> = (0..n).map(|i| !hidden(i)).collect();
+                let mut out = vec![0f32; rows * g * d];
+                let mut w: Vec<Vec<f32>> = vec![vec![0f32; n]; rows];
+                let mut wr: Vec<&mut [f32]> = w.iter_mut().map(|w| w.as_mut_slice()).collect();
+                decode_rows(&store, &ids, &q, n as Pos - 1, scoring, &mut out, Some(wr.as_mut_slice())).unwrap();
+                for r in 0..rows {
+                    let mut want_w = vec![0f64; n];
+                    for h in 0..g {
+                        let qh = &q[(r * g + h) * d..(r * g + h + 1) * d];
+                        let sink = scoring.sinks.map(|s| s[r * g + h]);
+                        let (o, p) = reference(qh, &ks[r], &vs[r], d, &visible, scoring, sink);
+                        let got = &out[(r * g + h) * d..(r * g + h + 1) * d];
+                        for (a, b) in got.iter().zip(&o) {
+                            assert!((*a as f64 - b).abs() < 1e-5, "d {d} g {g} row {r} head {h}: {a} vs {b}");
+                        }
+                        for (acc, p) in want_w.iter_mut().zip(p) {
+                            *acc += p / g as f64;
+                        }
                     }
-                    for (acc, p) in want_w.iter_mut().zip(p) {
-                        *acc += p / g as f64;
+                    for (s, (a, b)) in w[r].iter().zip(&want_w).enumerate() {
+                        assert!((*a as f64 - b).abs() < 1e-6, "d {d} g {g} row {r} slot {s}: weight {a} vs {b}");
                     }
-                }
-                for (s, (a, b)) in w[r].iter().zip(&want_w).enumerate() {
-                    assert!((*a as f64 - b).abs() < 1e-6, "d {d} g {g} row {r} slot {s}: weight {a} vs {b}");
                 }
             }
         }
@@ -510,7 +575,8 @@ mod tests {
         let Rows { store, ids, .. } = store_with_rows(d, n, kv, &|i| (100..180).contains(&i));
         let q_pos: Vec<Pos> = (n as Pos - 4..n as Pos + 3).collect();
         let q = Tensor::from_vec(seeded(5, t * kv * g * d), (t, kv * g, d), &Device::Cpu).unwrap();
-        for scoring in [Scoring::scaled(0.3), Scoring { scale: 0.3, softcap: Some(0.5) }] {
+        let sinks = sink_logits(kv * g);
+        for scoring in scorings(&sinks) {
             let fast = chunk_rows(&store, &ids, &q, &q_pos, scoring).unwrap().to_vec2::<f32>().unwrap();
             let dense = chunk_attention(&store, &ids, &q, &q_pos, scoring, d, None).unwrap().to_vec2::<f32>().unwrap();
             for (i, (a, b)) in fast.iter().zip(&dense).enumerate() {
@@ -552,7 +618,8 @@ mod tests {
                 }
             }
         };
-        for scoring in [Scoring::scaled(0.3), Scoring { scale: 0.3, softcap: Some(0.5) }] {
+        let sinks = sink_logits(kv * g);
+        for scoring in scorings(&sinks) {
             let (fast, fast_w) = chunk_rows_weighted(&store, &ids, &q, &q_pos, scoring, None).unwrap();
             let mut dense_w = Vec::new();
             let dense = chunk_attention(&store, &ids, &q, &q_pos, scoring, d, Some(&mut dense_w)).unwrap();
@@ -567,16 +634,41 @@ mod tests {
         }
         let Rows { store, ids, .. } = store_with_rows(8, 200, 1, &|_| true);
         let q = Tensor::from_vec(seeded(4, 2 * 8), (2, 1, 8), &Device::Cpu).unwrap();
-        let half = Scoring::scaled(0.5);
-        let (out, w) = chunk_rows_weighted(&store, &ids, &q, &[10, 199], half, None).unwrap();
-        let mut dense_w = Vec::new();
-        let dense = chunk_attention(&store, &ids, &q, &[10, 199], half, 8, Some(&mut dense_w)).unwrap();
-        close(&out, &dense, "blind");
-        assert!(out.to_vec2::<f32>().unwrap()[1].iter().all(|x| *x == 0.0));
-        for (x, y) in w[0].iter().zip(&dense_w[0]) {
-            assert!((x - y).abs() < 1e-5, "blind weights: {x} vs {y}");
+        for half in [Scoring::scaled(0.5), Scoring { sinks: Some(&[0.7]), ..Scoring::scaled(0.5) }] {
+            let (out, w) = chunk_rows_weighted(&store, &ids, &q, &[10, 199], half, None).unwrap();
+            let mut dense_w = Vec::new();
+            let dense = chunk_attention(&store, &ids, &q, &[10, 199], half, 8, Some(&mut dense_w)).unwrap();
+            close(&out, &dense, "blind");
+            assert!(out.to_vec2::<f32>().unwrap()[1].iter().all(|x| *x == 0.0));
+            for (x, y) in w[0].iter().zip(&dense_w[0]) {
+                assert!((x - y).abs() < 1e-5, "blind weights: {x} vs {y}");
+            }
+            assert!(w[0][11..].iter().all(|x| *x == 0.0));
         }
-        assert!(w[0][11..].iter().all(|x| *x == 0.0));
+    }
+
+    #[test]
+    fn a_sink_takes_its_share_of_the_softmax_and_a_wrong_count_is_refused() {
+        // One visible key of value v: its weight is e^s / (e^s + e^sink), the output that times v.
+        let Rows { store, ids, values, .. } = store_with_rows(8, 1, 1, &|_| false);
+        let q = seeded(4, 8);
+        let score = 0.5 * q.iter().zip(&store_with_rows(8, 1, 1, &|_| false).keys[0]).map(|(a, b)| a * b).sum::<f32>();
+        let sink = [score + 1.0];
+        let mut out = vec![0f32; 8];
+        let mut w = vec![0f32; 1];
+        let scoring = Scoring { sinks: Some(&sink), ..Scoring::scaled(0.5) };
+        decode_row_weighted(&store, ids[0], &q, 0, scoring, &mut out, Some(&mut w)).unwrap();
+        let share = 1.0 / (1.0 + 1f32.exp());
+        assert!((w[0] - share).abs() < 1e-6, "{} vs {share}", w[0]);
+        for (o, v) in out.iter().zip(&values[0]) {
+            assert!((o - share * v).abs() < 1e-6);
+        }
+        let two = Scoring { sinks: Some(&[0.0, 0.0]), ..Scoring::scaled(0.5) };
+        let e = decode_row(&store, ids[0], &q, 0, two, &mut out).unwrap_err().to_string();
+        assert!(e.contains("2 sink logits for 1 query heads"), "{e}");
+        let qt = Tensor::from_vec(q.clone(), (1, 1, 8), &Device::Cpu).unwrap();
+        let e = chunk_rows(&store, &ids, &qt, &[0], two).unwrap_err().to_string();
+        assert!(e.contains("2 sink logits for 1 query heads"), "{e}");
     }
 
     #[test]

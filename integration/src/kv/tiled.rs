@@ -31,6 +31,9 @@ pub struct Queries<'a> {
     pub heads: usize,
     /// Scores become `cap * tanh(score / cap)` before the softmax, when given.
     pub softcap: Option<f32>,
+    /// One more logit per query head (`heads` of them) in each softmax's sum, with a value of
+    /// zero (attention sinks), when given.
+    pub sinks: Option<&'a [f32]>,
 }
 
 /// Attention of every query over `rows` (row `r` serves query heads `r * g .. (r + 1) * g`, with
@@ -166,6 +169,22 @@ fn attend_tile(
         matmul(m, dv, len, &mut out, dv, true, (s, len, 1), values, 1.0);
         if weights {
             kept.push((first, s.to_vec(), chunk_max));
+        }
+    }
+    if let Some(sinks) = queries.sinks {
+        // The sink joins each query's softmax as a last key of value zero.
+        for mi in 0..m {
+            let sink = sinks[h0 + mi % g];
+            if sum[mi] == 0.0 {
+                continue;
+            }
+            if sink > max[mi] {
+                let carry = (max[mi] - sink).exp();
+                out[mi * dv..(mi + 1) * dv].iter_mut().for_each(|o| *o *= carry);
+                sum[mi] *= carry;
+                max[mi] = sink;
+            }
+            sum[mi] += (sink - max[mi]).exp();
         }
     }
     for mi in 0..m {

@@ -25,12 +25,43 @@ pub enum Arch {
     /// Gemma 3 (see [`GemmaConfig`]): scaled embeddings, norms around attention and MLP, a
     /// GELU MLP, and local layers with their own window and RoPE base.
     Gemma3,
+    /// OpenAI's GPT-OSS: Llama's block with biased attention projections, a learned sink logit
+    /// per query head (`self_attn.sinks`), windowed even layers, and mixture-of-experts MLPs of
+    /// [`OaiExperts`].
+    GptOss,
 }
 
 impl Arch {
     /// Gemma 2 or Gemma 3: the families with a [`GemmaConfig`].
     pub fn is_gemma(self) -> bool {
         matches!(self, Arch::Gemma2 | Arch::Gemma3)
+    }
+
+    /// Whether each layer's attention has a learned sink logit per query head (GPT-OSS).
+    pub fn has_attention_sinks(self) -> bool {
+        self == Arch::GptOss
+    }
+}
+
+/// GPT-OSS's experts (transformers' `GptOssExperts`, llama.cpp's `swiglu_oai`): every projection
+/// biased, the router too (a softmax over its `k` best biased logits), and the gate and up halves
+/// combined as `(clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g)` with
+/// `g = min(gate, limit)`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OaiExperts {
+    /// `swiglu_limit` (7 in the published models).
+    pub limit: f64,
+    /// The sigmoid's slope (1.702, fixed in every implementation).
+    pub alpha: f64,
+}
+
+impl OaiExperts {
+    /// The published models' activation with its `limit`.
+    pub fn with_limit(limit: f64) -> Result<Self> {
+        if !(limit.is_finite() && limit > 0.0) {
+            bail!("model config: swiglu_limit must be positive and finite; got {limit}");
+        }
+        Ok(Self { limit, alpha: 1.702 })
     }
 }
 
@@ -148,6 +179,8 @@ pub struct MoeConfig {
     pub n_group: usize,
     /// Groups a token may route to.
     pub topk_group: usize,
+    /// GPT-OSS's biased experts and clamped activation; None for the others' SwiGLU experts.
+    pub oai: Option<OaiExperts>,
 }
 
 impl MoeConfig {
@@ -181,6 +214,7 @@ impl MoeConfig {
             topk_method: "greedy".into(),
             n_group: 1,
             topk_group: 1,
+            oai: None,
         };
         // DeepSeek-V2's routing (which this runs) leaves a single expert's weight as it is, where
         // these models renormalise it to 1.
@@ -539,6 +573,12 @@ struct HfConfig {
     logits_scaling: Option<f64>,
     #[serde(default)]
     mlp_bias: Option<bool>,
+    /// GPT-OSS: the clamp of its experts' activation.
+    #[serde(default)]
+    swiglu_limit: Option<f64>,
+    /// GPT-OSS's other name for `num_experts_per_tok`.
+    #[serde(default)]
+    experts_per_token: Option<usize>,
     #[serde(default)]
     bos_token_id: Option<u32>,
     #[serde(default)]
@@ -619,14 +659,19 @@ impl ModelConfig {
             }
             ("gemma2", _) | (_, "Gemma2ForCausalLM") => Arch::Gemma2,
             ("gemma3_text", _) | (_, "Gemma3ForCausalLM") => Arch::Gemma3,
+            ("gpt_oss", _) | (_, "GptOssForCausalLM") => Arch::GptOss,
             _ => bail!(
-                "unsupported architecture (model_type `{model_type}`, architectures `{arch_name}`); supported: llama, mistral, mixtral, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe, deepseek_v2, deepseek_v3, gemma2, gemma3"
+                "unsupported architecture (model_type `{model_type}`, architectures `{arch_name}`); supported: llama, mistral, mixtral, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe, deepseek_v2, deepseek_v3, gemma2, gemma3, gpt_oss"
             ),
         };
         if c.mlp_bias == Some(true) {
             bail!("model config: mlp_bias (biases on the MLP's projections) is not supported");
         }
-        let fp8 = super::fp8::scheme_of(c.quantization_config.as_ref())?;
+        let fp8 = match c.quantization_config.as_ref() {
+            // GPT-OSS's experts in MXFP4 (`*_blocks`, `*_scales`), read by their names.
+            Some(q) if arch == Arch::GptOss && q.get("quant_method").and_then(|m| m.as_str()) == Some("mxfp4") => None,
+            q => super::fp8::scheme_of(q)?,
+        };
         let is_v3 = model_type == "deepseek_v3" || arch_name == "DeepseekV3ForCausalLM";
         let is_mixtral = model_type == "mixtral" || arch_name == "MixtralForCausalLM";
         let is_smollm3 = model_type == "smollm3" || arch_name == "SmolLM3ForCausalLM";
@@ -636,6 +681,7 @@ impl ModelConfig {
             _ if model_type == "qwen3_moe" || arch_name == "Qwen3MoeForCausalLM" => Some(parse_qwen_moe(&c, false)?),
             _ if model_type == "qwen2_moe" || arch_name == "Qwen2MoeForCausalLM" => Some(parse_qwen_moe(&c, true)?),
             _ if is_mixtral => Some(parse_mixtral_moe(&c)?),
+            Arch::GptOss => Some(parse_gpt_oss_moe(&c)?),
             _ => None,
         };
         let rope_scaling = match (&c.rope_scaling, arch) {
@@ -650,7 +696,7 @@ impl ModelConfig {
         let default_window = if is_mixtral { None } else { Some(MISTRAL_DEFAULT_WINDOW) };
         let declared = c.max_position_embeddings.unwrap_or(match arch {
             Arch::Gemma2 => 8192,
-            Arch::Gemma3 => 131_072,
+            Arch::Gemma3 | Arch::GptOss => 131_072,
             _ => 4096,
         });
         let context = served_context(declared, rope_scaling.as_ref());
@@ -661,7 +707,11 @@ impl ModelConfig {
             Some(m) => (1, m.kv_lora_rank + m.qk_rope_head_dim),
             None => (
                 c.num_key_value_heads.unwrap_or(c.num_attention_heads),
-                c.head_dim.unwrap_or(if arch.is_gemma() { 256 } else { c.hidden_size / c.num_attention_heads.max(1) }),
+                c.head_dim.unwrap_or(match arch {
+                    _ if arch.is_gemma() => 256,
+                    Arch::GptOss => 64,
+                    _ => c.hidden_size / c.num_attention_heads.max(1),
+                }),
             ),
         };
         let cfg = ModelConfig {
@@ -677,6 +727,7 @@ impl ModelConfig {
                 _ if is_mixtral || arch == Arch::Gemma3 => 1e6,
                 // transformers' SmolLM3Config default.
                 _ if is_smollm3 => 2e6,
+                _ if arch == Arch::GptOss => 150_000.0,
                 _ => 10_000.0,
             }),
             partial_rotary_dim: partial_rotary_dim(c.partial_rotary_factor, head_dim, mla.is_some())?,
@@ -684,9 +735,9 @@ impl ModelConfig {
             granite: granite_scales(&c, model_type == "granite" || arch_name == "GraniteForCausalLM")?,
             rope_scaling,
             // transformers' defaults: Phi3Config's 1e-5, the others' 1e-6.
-            rms_norm_eps: c.rms_norm_eps.unwrap_or(if arch == Arch::Phi3 { 1e-5 } else { 1e-6 }),
+            rms_norm_eps: c.rms_norm_eps.unwrap_or(if matches!(arch, Arch::Phi3 | Arch::GptOss) { 1e-5 } else { 1e-6 }),
             tie_word_embeddings: c.tie_word_embeddings.unwrap_or(arch.is_gemma() || is_smollm3),
-            attention_bias: c.attention_bias.unwrap_or(arch == Arch::Qwen2),
+            attention_bias: c.attention_bias.unwrap_or(matches!(arch, Arch::Qwen2 | Arch::GptOss)),
             qk_norm: matches!(arch, Arch::Qwen3 | Arch::Gemma3),
             max_position_embeddings: context,
             windows,
@@ -1016,11 +1067,22 @@ fn parse_deepseek_moe(c: &HfConfig, is_v3: bool) -> Result<Option<MoeConfig>> {
                     .unwrap_or_else(|| (if is_v3 { "noaux_tc" } else { "greedy" }).into()),
                 n_group: c.n_group.unwrap_or(1).max(1),
                 topk_group: c.topk_group.unwrap_or(1).max(1),
+                oai: None,
             };
             m.check()?;
             Some(m)
         }
     })
+}
+
+/// GPT-OSS's experts, as transformers' `GptOssMLP` routes: the router's biased logits, a softmax
+/// over the `num_experts_per_tok` (or `experts_per_token`) best of `num_local_experts`, in every
+/// layer; an expert is `intermediate_size` wide, with [`OaiExperts`]' activation.
+fn parse_gpt_oss_moe(c: &HfConfig) -> Result<MoeConfig> {
+    let n = positive("num_local_experts", c.num_local_experts)?;
+    let k = positive("num_experts_per_tok", c.num_experts_per_tok.or(c.experts_per_token))?;
+    let m = MoeConfig::softmax_top_k(n, k, c.intermediate_size, true)?;
+    Ok(MoeConfig { oai: Some(OaiExperts::with_limit(c.swiglu_limit.unwrap_or(7.0))?), ..m })
 }
 
 /// Mixtral's experts, as transformers' `MixtralSparseMoeBlock` routes: softmax over
@@ -1125,6 +1187,7 @@ fn windowed_layers(c: &HfConfig, arch: Arch, default_window: Option<usize>) -> R
             (c.sliding_window.flatten(), (0..n).map(|i| i >= from).collect())
         }
         Arch::Gemma2 => (c.sliding_window.unwrap_or(Some(4096)), (0..n).map(|i| i % 2 == 0).collect()),
+        Arch::GptOss => (c.sliding_window.unwrap_or(Some(128)), (0..n).map(|i| i % 2 == 0).collect()),
         Arch::Gemma3 => {
             let every = c.sliding_window_pattern.unwrap_or(6).max(1);
             (c.sliding_window.unwrap_or(Some(4096)), (0..n).map(|i| (i + 1) % every != 0).collect())

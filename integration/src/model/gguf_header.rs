@@ -6,7 +6,8 @@
 //! candle's own [`Content`] (so candle's tensor reader and dequantisation are used unchanged), but
 //! checks every count, string length, array length, dimension, tensor offset and extent against
 //! the bytes left in the file and against fixed limits before anything is allocated. Errors name
-//! the field and its byte offset.
+//! the field and its byte offset. Tensors in ggml's MXFP4 format (GPT-OSS's experts), which
+//! candle does not know, are listed apart ([`GgufHeader::mxfp4`]) under the same checks.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -30,9 +31,63 @@ const MAX_DIMS: u32 = 4;
 /// Largest `general.alignment` accepted.
 const MAX_ALIGNMENT: u64 = 1 << 16;
 
+/// A tensor in ggml's MXFP4 blocks (`GGML_TYPE_MXFP4`: 32 values in 17 bytes, see
+/// [`crate::model::mxfp4`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mxfp4Tensor {
+    /// Shape, outermost first.
+    pub shape: Vec<usize>,
+    /// Offset of its data from [`Content::tensor_data_offset`].
+    pub offset: u64,
+}
+
+/// A checked GGUF header: candle's content, and the MXFP4 tensors candle's cannot describe.
+#[derive(Debug)]
+pub struct GgufHeader {
+    /// Metadata and every tensor in a format candle reads.
+    pub content: Content,
+    /// The tensors in MXFP4 (experts' weights only).
+    pub mxfp4: HashMap<String, Mxfp4Tensor>,
+}
+
+impl GgufHeader {
+    /// Whether the file has a tensor of that name, in any format.
+    pub fn contains(&self, name: &str) -> bool {
+        self.content.tensor_infos.contains_key(name) || self.mxfp4.contains_key(name)
+    }
+
+    /// The shape (outermost first) of the tensor `name`, in any format.
+    pub fn dims(&self, name: &str) -> Option<&[usize]> {
+        match self.content.tensor_infos.get(name) {
+            Some(i) => Some(i.shape.dims()),
+            None => self.mxfp4.get(name).map(|t| t.shape.as_slice()),
+        }
+    }
+}
+
+/// ggml's type code of MXFP4.
+const MXFP4_CODE: u32 = 39;
+
+/// A tensor's format: one candle reads, or MXFP4.
+#[derive(Debug, Clone, Copy)]
+enum Format {
+    Candle(GgmlDType),
+    Mxfp4,
+}
+
+impl Format {
+    /// Values per block and bytes per block.
+    fn block(self) -> (usize, usize) {
+        match self {
+            Format::Candle(dt) => (dt.block_size(), dt.type_size()),
+            Format::Mxfp4 => (crate::model::mxfp4::BLOCK, crate::model::mxfp4::GGML_BLOCK_BYTES),
+        }
+    }
+}
+
 /// Reads and checks the header of the GGUF file at `path`: afterwards every tensor of the returned
-/// content lies inside the file and has a whole number of quantisation blocks per row.
-pub fn read_gguf_header(path: &Path) -> Result<Content> {
+/// header lies inside the file and has a whole number of quantisation blocks per row.
+pub fn read_gguf_header(path: &Path) -> Result<GgufHeader> {
     let file = File::open(path).with_context(|| format!("cannot open GGUF file {}", path.display()))?;
     let file_len = file.metadata()?.len();
     let mut r = Bounded { inner: BufReader::with_capacity(1 << 16, file), pos: 0, len: file_len, values: 0 };
@@ -209,7 +264,7 @@ impl<R: Read> Bounded<R> {
         })
     }
 
-    fn content(&mut self) -> Result<Content> {
+    fn content(&mut self) -> Result<GgufHeader> {
         let magic = u32::from_le_bytes(self.bytes("magic")?);
         if magic != 0x4655_4747 && magic != 0x4747_5546 {
             bail!("magic at byte 0 is 0x{magic:08x}, not `GGUF`");
@@ -242,6 +297,7 @@ impl<R: Read> Bounded<R> {
         }
 
         let mut tensor_infos = HashMap::new();
+        let mut mxfp4 = HashMap::new();
         let mut order = Vec::new();
         for i in 0..n_tensors {
             let name = self.string(v, &format!("name of tensor #{i}"))?;
@@ -257,18 +313,29 @@ impl<R: Read> Bounded<R> {
             }
             let at = self.pos;
             let code = self.u32(&format!("type of tensor `{name}`"))?;
-            let dtype = dtype_of(code).with_context(|| {
-                format!("type of tensor `{name}` at byte {at} is {code}, not a supported ggml type")
-            })?;
+            let format = match code {
+                MXFP4_CODE if name.ends_with("_exps.weight") => Format::Mxfp4,
+                MXFP4_CODE => bail!("tensor `{name}` at byte {at} is MXFP4, which is read for experts' weights only"),
+                _ => Format::Candle(dtype_of(code).with_context(|| {
+                    format!("type of tensor `{name}` at byte {at} is {code}, not a supported ggml type")
+                })?),
+            };
             let offset = self.u64(&format!("data offset of tensor `{name}`"))?;
             // ggml lists the innermost dimension first; candle's shapes are outermost first.
             let inner = dims.first().copied().unwrap_or(1);
             dims.reverse();
-            if tensor_infos.insert(name.clone(), TensorInfo { ggml_dtype: dtype, shape: dims.into(), offset }).is_some()
-            {
+            if tensor_infos.contains_key(&name) || mxfp4.contains_key(&name) {
                 bail!("tensor `{name}` appears twice");
             }
-            order.push((name, inner));
+            match format {
+                Format::Candle(dtype) => {
+                    tensor_infos.insert(name.clone(), TensorInfo { ggml_dtype: dtype, shape: dims.into(), offset });
+                }
+                Format::Mxfp4 => {
+                    mxfp4.insert(name.clone(), Mxfp4Tensor { shape: dims, offset });
+                }
+            }
+            order.push((name, inner, format));
         }
 
         let alignment = match metadata.get("general.alignment") {
@@ -293,38 +360,34 @@ impl<R: Read> Bounded<R> {
         };
         let data_offset = self.pos.div_ceil(alignment) * alignment;
 
-        for (name, inner) in order {
-            let info = &tensor_infos[&name];
-            let (bs, ts) = (info.ggml_dtype.block_size(), info.ggml_dtype.type_size());
-            let elems = info
-                .shape
-                .dims()
+        for (name, inner, format) in order {
+            let (dims, offset) = match format {
+                Format::Candle(_) => (tensor_infos[&name].shape.dims(), tensor_infos[&name].offset),
+                Format::Mxfp4 => (mxfp4[&name].shape.as_slice(), mxfp4[&name].offset),
+            };
+            let (bs, ts) = format.block();
+            let elems = dims
                 .iter()
                 .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
-                .with_context(|| format!("tensor `{name}`: shape {:?} overflows", info.shape.dims()))?;
+                .with_context(|| format!("tensor `{name}`: shape {dims:?} overflows"))?;
             if inner % bs != 0 {
-                bail!(
-                    "tensor `{name}`: its rows of {inner} elements are not whole blocks of {bs} ({:?})",
-                    info.ggml_dtype
-                );
+                bail!("tensor `{name}`: its rows of {inner} elements are not whole blocks of {bs} ({format:?})");
             }
             let end = (elems / bs as u64)
                 .checked_mul(ts as u64)
-                .and_then(|bytes| data_offset.checked_add(info.offset)?.checked_add(bytes));
+                .and_then(|bytes| data_offset.checked_add(offset)?.checked_add(bytes));
             match end {
-                _ if info.offset % alignment != 0 => {
-                    bail!("tensor `{name}`: data offset {} is not a multiple of the alignment {alignment}", info.offset)
+                _ if offset % alignment != 0 => {
+                    bail!("tensor `{name}`: data offset {offset} is not a multiple of the alignment {alignment}")
                 }
                 Some(end) if end <= self.len => {}
                 _ => bail!(
-                    "truncated: tensor `{name}` ({:?}, shape {:?}, data offset {}) ends beyond the file's {} bytes",
-                    info.ggml_dtype,
-                    info.shape.dims(),
-                    info.offset,
+                    "truncated: tensor `{name}` ({format:?}, shape {dims:?}, data offset {offset}) ends beyond the file's {} bytes",
                     self.len
                 ),
             }
         }
-        Ok(Content { magic: v, metadata, tensor_infos, tensor_data_offset: data_offset })
+        let content = Content { magic: v, metadata, tensor_infos, tensor_data_offset: data_offset };
+        Ok(GgufHeader { content, mxfp4 })
     }
 }

@@ -1,13 +1,14 @@
 //! The model config of a GGUF file, read from its metadata as llama.cpp's converter writes it:
 //! the Llama family (`llama`, with experts for Mixtral; `qwen2`, `qwen2moe`, `qwen3`, `qwen3moe`)
-//! and DeepSeek V2/V3 (`deepseek2`, latent attention with dense or MoE MLPs).
+//! and DeepSeek V2/V3 (`deepseek2`, latent attention with dense or MoE MLPs), Phi-3, Gemma 2/3,
+//! SmolLM3, Granite and GPT-OSS (`gpt-oss`).
 
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
 
 use super::config::{
     model_windows, served_context, Arch, DmsCheckpointFields, GemmaConfig, GraniteScales, LongRopeScaling, MlaConfig,
-    ModelConfig, MoeConfig, RopeScaling, YarnScaling,
+    ModelConfig, MoeConfig, OaiExperts, RopeScaling, YarnScaling,
 };
 
 fn meta<'a>(c: &'a Content, key: &str) -> Result<&'a Value> {
@@ -140,9 +141,10 @@ pub(crate) fn model_config(c: &Content) -> Result<ModelConfig> {
         "phi3" => Arch::Phi3,
         "gemma2" => Arch::Gemma2,
         "gemma3" => Arch::Gemma3,
+        "gpt-oss" => Arch::GptOss,
         other => {
             bail!(
-                "GGUF architecture `{other}` is not supported (supported: llama, smollm3, granite, phi3, qwen2, qwen2moe, qwen3, qwen3moe, deepseek2, gemma2, gemma3)"
+                "GGUF architecture `{other}` is not supported (supported: llama, smollm3, granite, phi3, qwen2, qwen2moe, qwen3, qwen3moe, deepseek2, gemma2, gemma3, gpt-oss)"
             )
         }
     };
@@ -167,7 +169,7 @@ pub(crate) fn model_config(c: &Content) -> Result<ModelConfig> {
                 bail!("GGUF `{a}.rope.dimension_count` = {r}: RoPE over part of a head ({head_dim}) is not supported in `llama` files");
             }
             if let Some(n) = meta_opt_usize(c, &format!("{a}.expert_count"))?.filter(|&n| n > 0 && !has_experts(&a)) {
-                bail!("GGUF `{a}.expert_count` = {n}: experts are read for llama, qwen2moe, qwen3moe and deepseek2 files only");
+                bail!("GGUF `{a}.expert_count` = {n}: experts are read for llama, qwen2moe, qwen3moe, gpt-oss and deepseek2 files only");
             }
             (kv, head_dim, rot.filter(|&r| r < head_dim))
         }
@@ -202,7 +204,11 @@ pub(crate) fn model_config(c: &Content) -> Result<ModelConfig> {
             let key = format!("{a}.rope.scaling.factor");
             Some(RopeScaling::Linear(meta_f64(c, &key)?.with_context(|| format!("GGUF `{key}` is missing"))?))
         }
-        (None, Some("yarn")) => Some(RopeScaling::Yarn(plain_yarn(c, &a, context)?)),
+        // GPT-OSS's own YaRN keeps the ramp's ends fractional (its config's `truncate: false`,
+        // which the converter drops); llama.cpp rounds them as for every other file.
+        (None, Some("yarn")) => {
+            Some(RopeScaling::Yarn(YarnScaling { truncate: arch != Arch::GptOss, ..plain_yarn(c, &a, context)? }))
+        }
         (None, Some(kind)) => bail!(
             "GGUF `{a}.rope.scaling.type` = `{kind}` is not supported (supported: linear, yarn); use the model's HF \
              directory, whose config.json rope_scaling is"
@@ -280,6 +286,7 @@ pub(crate) fn model_config(c: &Content) -> Result<ModelConfig> {
         mla,
         moe: match arch {
             Arch::DeepSeek => experts(c, &a)?,
+            Arch::GptOss => Some(gpt_oss_experts(c, &a)?),
             _ if has_experts(&a) => softmax_experts(c, &a)?,
             _ => None,
         },
@@ -374,8 +381,9 @@ fn swa_pattern(c: &Content, a: &str, layers: usize, default: usize) -> Result<Ve
 /// The attention window and the layers it covers: Phi-3's `attention.sliding_window` on every
 /// layer (as its config.json's), Gemma 3's on every layer but each sixth (llama.cpp's default
 /// pattern for `gemma3`, whose local layers these are; a `gemma3` file without it is refused),
-/// Gemma 2's on every other layer from the first (llama.cpp's default pattern and window, 4096);
-/// a Gemma file's own `attention.sliding_window_pattern` wins.
+/// Gemma 2's on every other layer from the first (llama.cpp's default pattern and window, 4096),
+/// GPT-OSS's on every other layer from the first (required, as llama.cpp requires it); a file's
+/// own `attention.sliding_window_pattern` wins.
 fn windowed_layers(c: &Content, a: &str, arch: Arch, layers: usize) -> Result<(Option<usize>, Vec<bool>)> {
     let key = format!("{a}.attention.sliding_window");
     let mut window = meta_opt_usize(c, &key)?.filter(|&w| w > 0);
@@ -385,15 +393,13 @@ fn windowed_layers(c: &Content, a: &str, arch: Arch, layers: usize) -> Result<(O
         }
         window = window.or(Some(4096));
     }
-    if arch == Arch::Gemma3 && window.is_none() {
-        bail!(
-            "GGUF `{key}` is missing or 0: a `gemma3` file needs its local layers' window (llama.cpp requires it too)"
-        );
+    if matches!(arch, Arch::Gemma3 | Arch::GptOss) && window.is_none() {
+        bail!("GGUF `{key}` is missing or 0: a `{a}` file needs its local layers' window (llama.cpp requires it too)");
     }
     let flags = match (arch, window) {
         (Arch::Phi3, Some(_)) => vec![true; layers],
         (Arch::Gemma3, Some(_)) => swa_pattern(c, a, layers, 6)?,
-        (Arch::Gemma2, Some(_)) => swa_pattern(c, a, layers, 2)?,
+        (Arch::Gemma2 | Arch::GptOss, Some(_)) => swa_pattern(c, a, layers, 2)?,
         _ => vec![false; layers],
     };
     Ok((window, flags))
@@ -547,6 +553,7 @@ fn experts(c: &Content, a: &str) -> Result<Option<MoeConfig>> {
         topk_method: topk_method.into(),
         n_group,
         topk_group: meta_opt_usize(c, &key("expert_group_used_count"))?.unwrap_or(1).max(1),
+        oai: None,
     };
     m.check()?;
     Ok(Some(m))
@@ -555,7 +562,24 @@ fn experts(c: &Content, a: &str) -> Result<Option<MoeConfig>> {
 /// Whether llama.cpp reads experts for this (non-DeepSeek) architecture: `qwen2moe`,
 /// `qwen3moe`, and `llama` (Mixtral's files keep that architecture and add `expert_count`).
 fn has_experts(a: &str) -> bool {
-    matches!(a, "llama" | "qwen2moe" | "qwen3moe")
+    matches!(a, "llama" | "qwen2moe" | "qwen3moe" | "gpt-oss")
+}
+
+/// The experts of a `gpt-oss` file as llama.cpp runs them: a softmax over the
+/// `expert_used_count` best of `expert_count` biased router logits, every layer MoE, experts
+/// `expert_feed_forward_length` wide with the clamped SwiGLU at llama.cpp's fixed limit of 7
+/// (the published models' `swiglu_limit`; the converter writes no key for it).
+fn gpt_oss_experts(c: &Content, a: &str) -> Result<MoeConfig> {
+    let key = |k: &str| format!("{a}.{k}");
+    let used_key = key("expert_used_count");
+    let m = MoeConfig::softmax_top_k(
+        meta_usize(c, &key("expert_count"))?,
+        meta_usize(c, &used_key)?,
+        meta_usize(c, &key("expert_feed_forward_length"))?,
+        true,
+    )
+    .with_context(|| format!("GGUF `{used_key}`, `{a}.expert_count`"))?;
+    Ok(MoeConfig { oai: Some(OaiExperts::with_limit(7.0)?), ..m })
 }
 
 /// The experts of a `qwen2moe` or `qwen3moe` file, or of a `llama` file that has them

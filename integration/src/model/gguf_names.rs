@@ -1,9 +1,8 @@
 //! Where a tensor named as in an HF checkpoint lies in a GGUF file, under the names and layouts
 //! of llama.cpp's converter.
 
-use candle_core::quantized::gguf_file::Content;
-
 use super::fused::FusedPart;
+use super::gguf_header::GgufHeader;
 
 /// Where an HF-named tensor lies in a GGUF file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,6 +14,16 @@ pub(crate) enum GgufSource {
     /// out, in]`: each expert's gate rows, then its up rows).
     Expert {
         /// The stacked tensor.
+        stacked: String,
+        /// Which expert.
+        index: usize,
+        /// In a fused gate/up stack, the gate (0) or up (1) half.
+        half: Option<usize>,
+    },
+    /// Row `index` of a tensor that stacks every expert's bias (`[experts, out]`; GPT-OSS), or
+    /// half of it in a fused gate/up stack (`ffn_gate_up_exps.bias`, `[experts, 2 x out]`).
+    ExpertBias {
+        /// The stacked biases.
         stacked: String,
         /// Which expert.
         index: usize,
@@ -40,13 +49,13 @@ pub(crate) enum GgufSource {
     },
 }
 
-/// `general.architecture` of `c`.
-fn architecture(c: &Content) -> Option<&str> {
-    c.metadata.get("general.architecture").and_then(|v| v.to_string().ok()).map(String::as_str)
+/// `general.architecture` of `h`.
+fn architecture(h: &GgufHeader) -> Option<&str> {
+    h.content.metadata.get("general.architecture").and_then(|v| v.to_string().ok()).map(String::as_str)
 }
 
-/// The GGUF source of an HF tensor name in `c`, or `None` for a name with no GGUF counterpart.
-pub(crate) fn source(hf: &str, c: &Content) -> Option<GgufSource> {
+/// The GGUF source of an HF tensor name in `h`, or `None` for a name with no GGUF counterpart.
+pub(crate) fn source(hf: &str, h: &GgufHeader) -> Option<GgufSource> {
     let fixed = match hf {
         "model.embed_tokens.weight" => Some("token_embd.weight"),
         "model.norm.weight" => Some("output_norm.weight"),
@@ -61,27 +70,29 @@ pub(crate) fn source(hf: &str, c: &Content) -> Option<GgufSource> {
     let blk = |name: &str| format!("blk.{layer}.{name}");
     if let Some(expert) = tail.strip_prefix("mlp.experts.") {
         let (index, proj) = expert.split_once('.')?;
-        let kind = match proj {
-            "gate_proj.weight" => "gate",
-            "up_proj.weight" => "up",
-            "down_proj.weight" => "down",
-            _ => return None,
-        };
-        let index = index.parse().ok()?;
-        let fused = blk("ffn_gate_up_exps.weight");
-        if kind != "down" && c.tensor_infos.contains_key(&fused) {
-            return Some(GgufSource::Expert { stacked: fused, index, half: Some(usize::from(kind == "up")) });
+        let (kind, what) = proj.split_once("_proj.")?;
+        if !matches!(kind, "gate" | "up" | "down") || !matches!(what, "weight" | "bias") {
+            return None;
         }
-        return Some(GgufSource::Expert { stacked: blk(&format!("ffn_{kind}_exps.weight")), index, half: None });
+        let index = index.parse().ok()?;
+        let fused = blk(&format!("ffn_gate_up_exps.{what}"));
+        let (stacked, half) = match kind != "down" && h.contains(&fused) {
+            true => (fused, Some(usize::from(kind == "up"))),
+            false => (blk(&format!("ffn_{kind}_exps.{what}")), None),
+        };
+        return Some(match what {
+            "weight" => GgufSource::Expert { stacked, index, half },
+            _ => GgufSource::ExpertBias { stacked, index, half },
+        });
     }
     if let Some((part, _)) = FusedPart::of(hf) {
-        let has = |name: &str| c.tensor_infos.contains_key(&blk(name));
+        let has = |name: &str| h.contains(&blk(name));
         let fused = match part {
             FusedPart::Q | FusedPart::K | FusedPart::V if !has("attn_q.weight") && has("attn_qkv.weight") => {
                 Some("attn_qkv.weight")
             }
             // Only llama.cpp's `phi3` layout fuses gate and up into `ffn_up`.
-            FusedPart::Gate | FusedPart::Up if !has("ffn_gate.weight") && architecture(c) == Some("phi3") => {
+            FusedPart::Gate | FusedPart::Up if !has("ffn_gate.weight") && architecture(h) == Some("phi3") => {
                 Some("ffn_up.weight")
             }
             _ => None,
@@ -90,12 +101,12 @@ pub(crate) fn source(hf: &str, c: &Content) -> Option<GgufSource> {
             return Some(GgufSource::Rows { fused: blk(f), part });
         }
     }
-    if tail == "self_attn.kv_b_proj.weight" && !c.tensor_infos.contains_key(&blk("attn_kv_b.weight")) {
+    if tail == "self_attn.kv_b_proj.weight" && !h.contains(&blk("attn_kv_b.weight")) {
         return Some(GgufSource::SplitKvB { k_b: blk("attn_k_b.weight"), v_b: blk("attn_v_b.weight") });
     }
     // Gemma's norms around attention and MLP: `ffn_norm` is the norm before the MLP, as it is in
     // every other architecture (where HF calls it `post_attention_layernorm`).
-    if matches!(architecture(c), Some("gemma2" | "gemma3")) {
+    if matches!(architecture(h), Some("gemma2" | "gemma3")) {
         let gemma = match tail {
             "post_attention_layernorm.weight" => Some("post_attention_norm.weight"),
             "pre_feedforward_layernorm.weight" => Some("ffn_norm.weight"),
@@ -105,6 +116,10 @@ pub(crate) fn source(hf: &str, c: &Content) -> Option<GgufSource> {
         if let Some(g) = gemma {
             return Some(GgufSource::Whole(blk(g)));
         }
+    }
+    // GPT-OSS's norm before the experts is `post_attention_norm`.
+    if tail == "post_attention_layernorm.weight" && architecture(h) == Some("gpt-oss") {
+        return Some(GgufSource::Whole(blk("post_attention_norm.weight")));
     }
     let mapped = match tail {
         "input_layernorm.weight" => "attn_norm.weight",
@@ -128,7 +143,9 @@ pub(crate) fn source(hf: &str, c: &Content) -> Option<GgufSource> {
         "mlp.gate_proj.weight" => "ffn_gate.weight",
         "mlp.up_proj.weight" => "ffn_up.weight",
         "mlp.down_proj.weight" => "ffn_down.weight",
+        "self_attn.sinks" => "attn_sinks.weight",
         "mlp.gate.weight" => "ffn_gate_inp.weight",
+        "mlp.gate.bias" => "ffn_gate_inp.bias",
         "mlp.gate.e_score_correction_bias" => "exp_probs_b.bias",
         "mlp.shared_experts.gate_proj.weight" => "ffn_gate_shexp.weight",
         "mlp.shared_experts.up_proj.weight" => "ffn_up_shexp.weight",

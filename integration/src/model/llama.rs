@@ -74,6 +74,8 @@ struct MhaWeights {
     o_proj: Proj,
     q_norm: Option<Tensor>,
     k_norm: Option<Tensor>,
+    /// GPT-OSS's sink logit per query head.
+    sinks: Option<Vec<f32>>,
 }
 
 /// A layer's attention.
@@ -287,13 +289,17 @@ impl Llama {
                     )?,
                     q_norm: if cfg.qk_norm { Some(norm(&format!("{p}.self_attn.q_norm.weight"), hd)?) } else { None },
                     k_norm: if cfg.qk_norm { Some(norm(&format!("{p}.self_attn.k_norm.weight"), hd)?) } else { None },
+                    sinks: match cfg.arch.has_attention_sinks() {
+                        true => Some(get(&format!("{p}.self_attn.sinks"), &[cfg.num_heads])?.to_vec1::<f32>()?),
+                        false => None,
+                    },
                 }),
             };
             let moe = cfg.moe.as_ref().filter(|m| m.is_moe_layer(i));
             let ffn = match moe {
-                Some(m) => FeedForward::Moe(Box::new(Moe::load(&format!("{p}.mlp"), h, m, &get, &mlp_proj, &|n| {
-                    w.contains(n)
-                })?)),
+                Some(m) => {
+                    FeedForward::Moe(Box::new(Moe::load(&format!("{p}.mlp"), h, m, &get, &linear, &|n| w.contains(n))?))
+                }
                 None => FeedForward::Dense(
                     Mlp::load(&format!("{p}.mlp"), h, cfg.intermediate_size, &mlp_proj)?.with_activation(act),
                 ),
@@ -447,6 +453,7 @@ impl Llama {
                     o_proj: lin(h, cfg.num_heads * hd)?,
                     q_norm: if cfg.qk_norm { Some(ones(hd)?) } else { None },
                     k_norm: if cfg.qk_norm { Some(ones(hd)?) } else { None },
+                    sinks: cfg.arch.has_attention_sinks().then(|| vec![0.0; cfg.num_heads]),
                 }),
             };
             let moe = cfg.moe.as_ref().filter(|m| m.is_moe_layer(i));
@@ -512,6 +519,7 @@ impl Llama {
                             o_proj: m.o_proj.to_dtype(dtype)?,
                             q_norm: m.q_norm.as_ref().map(c).transpose()?,
                             k_norm: m.k_norm.as_ref().map(c).transpose()?,
+                            sinks: m.sinks.clone(),
                         }),
                         Attention::Mla(m) => Attention::Mla(Box::new(m.to_dtype(dtype)?)),
                     },
@@ -668,7 +676,11 @@ impl Llama {
             let AttnInputs { q, k, v, decision, key_norms } =
                 self.attn_inputs(li, &x, (cos, sin, neuron_mask.as_ref()), (&runs, &lora_runs), need)?;
             let (decision, key_norms) = (decision.as_ref(), key_norms.as_ref());
-            let step = LayerStep { q: &q, k: &k, v: &v, decision, key_norms, scale, softcap };
+            let sinks = match &self.layers[li].attn {
+                Attention::Mha(m) => m.sinks.as_deref(),
+                Attention::Mla(_) => None,
+            };
+            let step = LayerStep { q: &q, k: &k, v: &v, decision, key_norms, scale, softcap, sinks };
             let attn = backend.attend(li, step)?;
             x = self.finish_layer(li, &x, &attn, &lora_runs)?;
         }

@@ -1,6 +1,6 @@
 //! Model runtimes on candle: config, weights, tokenizer and chat template, the per-head Llama
-//! family, DeepSeek latent attention and MoE, dense or quantized weight matrices, and the masked
-//! prompt pass.
+//! family, DeepSeek latent attention and MoE (GPT-OSS's too), dense or quantized weight matrices,
+//! and the masked prompt pass.
 
 pub mod chat_template;
 pub mod config;
@@ -15,6 +15,8 @@ pub mod llama;
 pub mod lora;
 pub mod mla;
 pub mod moe;
+pub mod mxfp4;
+mod oai_experts;
 pub mod prefill;
 pub mod py_json;
 pub mod q4_1;

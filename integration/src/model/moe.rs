@@ -1,20 +1,23 @@
 //! Feed-forward blocks: the SwiGLU MLP and the mixture of experts (DeepSeek, Qwen2/Qwen3-MoE,
-//! Mixtral).
+//! Mixtral, GPT-OSS).
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::Linear;
 
-use super::config::MoeConfig;
+use super::config::{MoeConfig, OaiExperts};
 use super::linear::{frozen_matmul, Proj};
 
 /// The gate's activation in a gated MLP.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Activation {
     /// SiLU (SwiGLU: Llama, Mistral, Qwen, Phi-3, DeepSeek).
     Silu,
     /// GELU in its tanh approximation (GeGLU: Gemma's `gelu_pytorch_tanh`).
     GeluTanh,
+    /// GPT-OSS's clamped SwiGLU, which also shifts the up projection by one (see
+    /// [`OaiExperts`]).
+    Oai(OaiExperts),
 }
 
 /// Gated MLP: `down(act(gate(x)) * up(x))`, SwiGLU unless [`Mlp::with_activation`] says else.
@@ -73,21 +76,23 @@ impl Mlp {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let [gate, up]: [Tensor; 2] =
             Proj::forward_many(&[&self.gate, &self.up], x)?.try_into().expect("two projections");
-        let gate = match self.act {
-            Activation::Silu => candle_nn::ops::silu(&gate)?,
-            Activation::GeluTanh => gate.gelu()?,
+        let gated = match self.act {
+            Activation::Silu => (candle_nn::ops::silu(&gate)? * up)?,
+            Activation::GeluTanh => (gate.gelu()? * up)?,
+            Activation::Oai(o) => oai_glu(&gate, &up, o, false)?,
         };
-        self.down.forward(&(gate * up)?)
+        self.down.forward(&gated)
     }
 
     /// [`Self::forward`] with `Tensor::silu` (which has a gradient).
     pub fn forward_differentiable(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.gate.forward_frozen(x)?;
-        let gate = match self.act {
-            Activation::Silu => gate.silu()?,
-            Activation::GeluTanh => gate.gelu()?,
+        let (gate, up) = (self.gate.forward_frozen(x)?, self.up.forward_frozen(x)?);
+        let gated = match self.act {
+            Activation::Silu => (gate.silu()? * up)?,
+            Activation::GeluTanh => (gate.gelu()? * up)?,
+            Activation::Oai(o) => oai_glu(&gate, &up, o, true)?,
         };
-        self.down.forward_frozen(&(gate * self.up.forward_frozen(x)?)?)
+        self.down.forward_frozen(&gated)
     }
 
     /// Number of weights.
@@ -101,10 +106,22 @@ impl Mlp {
     }
 }
 
-/// Mixture of experts (DeepSeek V2/V3, Qwen2/Qwen3-MoE, Mixtral): a router over
+/// GPT-OSS's `(clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g)`, `g = min(gate, limit)`;
+/// `differentiable`: the sigmoid by elementary ops (which have gradients).
+fn oai_glu(gate: &Tensor, up: &Tensor, o: OaiExperts, differentiable: bool) -> Result<Tensor> {
+    let g = gate.minimum(o.limit)?;
+    let up = (up.clamp(-o.limit, o.limit)? + 1.0)?;
+    let s = (&g * o.alpha)?;
+    let sigmoid = if differentiable { (s.neg()?.exp()? + 1.0)?.recip()? } else { candle_nn::ops::sigmoid(&s)? };
+    Ok(((g * sigmoid)? * up)?)
+}
+
+/// Mixture of experts (DeepSeek V2/V3, Qwen2/Qwen3-MoE, Mixtral, GPT-OSS): a router over
 /// `n_routed_experts` MLPs plus shared experts.
 pub struct Moe {
     router: Tensor,
+    /// GPT-OSS's router bias, added to the logits.
+    router_bias: Option<Tensor>,
     correction_bias: Option<Vec<f32>>,
     experts: Vec<Mlp>,
     shared: Option<Mlp>,
@@ -120,16 +137,24 @@ impl Moe {
     /// Loads `{prefix}` (`model.layers.N.mlp`): `gate.weight` and optional
     /// `gate.e_score_correction_bias` (V3) with `get(name, shape)`, the experts' projections
     /// (`experts.E.*`, `shared_experts.*`, or Qwen2-MoE's `shared_expert.*` with
-    /// `shared_expert_gate.weight`) with `proj(name, out, in)`, dense or quantized.
+    /// `shared_expert_gate.weight`) with `proj(name, out, in, biased)`, dense or quantized.
+    /// GPT-OSS's experts and router (`gate.bias`) are biased.
     pub fn load(
         prefix: &str,
         hidden: usize,
         cfg: &MoeConfig,
         get: &dyn Fn(&str, &[usize]) -> Result<Tensor>,
-        proj: &dyn Fn(&str, usize, usize) -> Result<Proj>,
+        proj: &dyn Fn(&str, usize, usize, bool) -> Result<Proj>,
         has: &dyn Fn(&str) -> bool,
     ) -> Result<Self> {
         let router = get(&format!("{prefix}.gate.weight"), &[cfg.n_routed_experts, hidden])?;
+        let router_bias = match cfg.oai {
+            Some(_) => Some(get(&format!("{prefix}.gate.bias"), &[cfg.n_routed_experts])?),
+            None => None,
+        };
+        let biased = cfg.oai.is_some();
+        let expert_proj = |name: &str, out: usize, inp: usize| proj(name, out, inp, biased);
+        let plain_proj = |name: &str, out: usize, inp: usize| proj(name, out, inp, false);
         let bias_name = format!("{prefix}.gate.e_score_correction_bias");
         let correction_bias = if has(&bias_name) {
             Some(get(&bias_name, &[cfg.n_routed_experts])?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
@@ -138,27 +163,41 @@ impl Moe {
         } else {
             None
         };
+        let act = cfg.oai.map_or(Activation::Silu, Activation::Oai);
         let experts = (0..cfg.n_routed_experts)
-            .map(|e| Mlp::load(&format!("{prefix}.experts.{e}"), hidden, cfg.moe_intermediate_size, proj))
+            .map(|e| {
+                let mlp = Mlp::load(&format!("{prefix}.experts.{e}"), hidden, cfg.moe_intermediate_size, &expert_proj)?;
+                Ok(mlp.with_activation(act))
+            })
             .collect::<Result<Vec<_>>>()?;
         let (shared, shared_gate) = match cfg.gated_shared_width {
             Some(w) => (
-                Some(Mlp::load(&format!("{prefix}.shared_expert"), hidden, w, proj)?),
+                Some(Mlp::load(&format!("{prefix}.shared_expert"), hidden, w, &plain_proj)?),
                 Some(get(&format!("{prefix}.shared_expert_gate.weight"), &[1, hidden])?),
             ),
             None if cfg.n_shared_experts > 0 => {
                 let width = cfg.moe_intermediate_size * cfg.n_shared_experts;
-                (Some(Mlp::load(&format!("{prefix}.shared_experts"), hidden, width, proj)?), None)
+                (Some(Mlp::load(&format!("{prefix}.shared_experts"), hidden, width, &plain_proj)?), None)
             }
             None => (None, None),
         };
-        Ok(Self { router, correction_bias, experts, shared, shared_gate, cfg: cfg.clone(), shared_weights: false })
+        Ok(Self {
+            router,
+            router_bias,
+            correction_bias,
+            experts,
+            shared,
+            shared_gate,
+            cfg: cfg.clone(),
+            shared_weights: false,
+        })
     }
 
     /// Random router and one random expert weight set shared by every routed expert (routing and
     /// compute are those of the real shape; memory stays small).
     pub fn random(hidden: usize, cfg: &MoeConfig, device: &Device, dtype: DType) -> Result<Self> {
-        let one = Mlp::random(hidden, cfg.moe_intermediate_size, device, dtype)?;
+        let act = cfg.oai.map_or(Activation::Silu, Activation::Oai);
+        let one = Mlp::random(hidden, cfg.moe_intermediate_size, device, dtype)?.with_activation(act);
         let shared_width = cfg.gated_shared_width.unwrap_or(cfg.moe_intermediate_size * cfg.n_shared_experts);
         let shared = if shared_width > 0 { Some(Mlp::random(hidden, shared_width, device, dtype)?) } else { None };
         let shared_gate = match cfg.gated_shared_width {
@@ -167,6 +206,7 @@ impl Moe {
         };
         Ok(Self {
             router: Tensor::randn(0f32, 0.02, (cfg.n_routed_experts, hidden), device)?.to_dtype(dtype)?,
+            router_bias: None,
             correction_bias: (cfg.topk_method == "noaux_tc").then(|| vec![0.0; cfg.n_routed_experts]),
             experts: vec![one; cfg.n_routed_experts],
             shared,
@@ -185,6 +225,7 @@ impl Moe {
         };
         Ok(Self {
             router: self.router.to_dtype(dtype)?,
+            router_bias: self.router_bias.as_ref().map(|b| b.to_dtype(dtype)).transpose()?,
             correction_bias: self.correction_bias.clone(),
             experts,
             shared: self.shared.as_ref().map(|s| s.to_dtype(dtype)).transpose()?,
@@ -202,6 +243,7 @@ impl Moe {
             self.experts.iter().map(Mlp::weight_count).sum()
         };
         self.router.elem_count()
+            + self.router_bias.as_ref().map_or(0, Tensor::elem_count)
             + routed
             + self.shared.as_ref().map_or(0, Mlp::weight_count)
             + self.shared_gate.as_ref().map_or(0, Tensor::elem_count)
@@ -216,6 +258,7 @@ impl Moe {
         };
         let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
         bytes(&self.router)
+            + self.router_bias.as_ref().map_or(0, bytes)
             + routed
             + self.shared.as_ref().map_or(0, Mlp::byte_count)
             + self.shared_gate.as_ref().map_or(0, bytes)
@@ -239,7 +282,11 @@ impl Moe {
         let n = x.dim(0)?;
         let matmul = |w: &Tensor| if differentiable { frozen_matmul(x, w) } else { Ok(x.matmul(&w.t()?)?) };
         let mlp = |m: &Mlp, x: &Tensor| if differentiable { m.forward_differentiable(x) } else { m.forward(x) };
-        let logits_t = matmul(&self.router)?.to_dtype(DType::F32)?;
+        let logits_t = match &self.router_bias {
+            Some(b) => matmul(&self.router)?.broadcast_add(&b.to_dtype(x.dtype())?)?,
+            None => matmul(&self.router)?,
+        }
+        .to_dtype(DType::F32)?;
         let logits = logits_t.to_vec2::<f32>()?;
         let mut per_expert: Vec<(Vec<u32>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); self.experts.len()];
         for (t, l) in logits.iter().enumerate() {
@@ -389,6 +436,7 @@ mod tests {
             topk_method: method.into(),
             n_group: groups,
             topk_group,
+            oai: None,
         }
     }
 
@@ -416,12 +464,15 @@ mod tests {
             seed.set(seed.get() + 1);
             Ok(Proj::Dense(Linear::new(seeded(seed.get(), o, i, 0.8)?, None)))
         };
-        let mlp = |i: usize| -> Result<Mlp> {
-            Ok(Mlp { gate: w(i, 8)?, up: w(i, 8)?, down: w(8, i)?, act: Activation::Silu })
-        };
+        let act = c.oai.map_or(Activation::Silu, Activation::Oai);
+        let mlp = |i: usize| -> Result<Mlp> { Ok(Mlp { gate: w(i, 8)?, up: w(i, 8)?, down: w(8, i)?, act }) };
         let bias = (c.topk_method == "noaux_tc").then(|| vec![0.1, -0.2, 0.0, 0.3, 0.0, 0.1, -0.1, 0.2]);
         Ok(Moe {
             router: seeded(100, 8, 8, 1.7)?,
+            router_bias: match c.oai {
+                Some(_) => Some(seeded(400, 1, 8, 1.0)?.squeeze(0)?),
+                None => None,
+            },
             correction_bias: bias,
             experts: (0..8).map(|_| mlp(4)).collect::<Result<_>>()?,
             shared: Some(mlp(4)?),
@@ -433,12 +484,15 @@ mod tests {
 
     /// The differentiable block gives the fast block's values, and its gradient with respect to
     /// its input is the central finite difference of the block (routing weights included), for
-    /// V2-style (softmax, scaled) and V3-style (sigmoid, renormalised and scaled) routing.
+    /// V2-style (softmax, scaled) and V3-style (sigmoid, renormalised and scaled) routing, and
+    /// GPT-OSS's (biased router, clamped activation: a limit of 0.5 clamps most of these gates).
     #[test]
     fn differentiable_block_has_the_finite_difference_gradient() -> Result<()> {
         let dev = Device::Cpu;
         let qwen2 = MoeConfig { gated_shared_width: Some(4), ..cfg("softmax", "greedy", 1, 1, false) };
-        for c in [cfg("softmax", "greedy", 1, 1, false), cfg("sigmoid", "noaux_tc", 4, 2, true), qwen2] {
+        let oai =
+            MoeConfig { oai: Some(OaiExperts { limit: 0.5, alpha: 1.702 }), ..cfg("softmax", "greedy", 1, 1, true) };
+        for c in [cfg("softmax", "greedy", 1, 1, false), cfg("sigmoid", "noaux_tc", 4, 2, true), qwen2, oai] {
             let moe = strong_block(MoeConfig { n_shared_experts: 1, ..c })?;
             let x = candle_core::Var::from_tensor(&seeded(200, 3, 8, 1.7)?)?;
             let y = moe.forward_differentiable(x.as_tensor())?;

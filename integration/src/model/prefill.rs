@@ -142,6 +142,9 @@ impl<F: FnMut(usize, &Tensor, &Tensor, &Tensor) -> Result<()>> KvBackend for Mas
         if let Some(cap) = step.softcap {
             bail!("the masked one-pass prompt has no attention soft-capping (the model's is {cap})");
         }
+        if step.sinks.is_some() {
+            bail!("the masked one-pass prompt has no attention sinks (the model has them)");
+        }
         let (t, rows, _) = step.k.dims3()?;
         let raw = if self.program.flags.needs_key_norms() { step.key_norms } else { step.decision };
         let f = prompt_flags(self.program, li, t, rows, raw, &self.device)?;

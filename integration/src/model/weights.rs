@@ -15,10 +15,12 @@ use candle_nn::Linear;
 use super::config::{ModelConfig, RopeScaling};
 use super::fp8::{self, Fp8Scheme};
 use super::fused::FusedPart;
-use super::gguf_header::read_gguf_header;
+use super::gguf_header::{read_gguf_header, GgufHeader};
 use super::gguf_meta::{longrope, meta_str, model_config, LONGROPE_SHORT};
 use super::gguf_names::{source, GgufSource};
 use super::linear::Proj;
+use super::mxfp4;
+use super::oai_experts::OaiExpert;
 
 /// How a model holds its linear layers (and its embedding table) after loading.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,7 +97,7 @@ pub enum Weights {
     /// One GGUF file, dequantised tensor by tensor.
     Gguf {
         /// Parsed header.
-        content: gguf_file::Content,
+        header: GgufHeader,
         /// Open file.
         file: Mutex<File>,
         /// Path (for messages).
@@ -164,9 +166,10 @@ impl Weights {
     /// Opens a GGUF file, checks its header (every tensor lies inside it, see
     /// [`read_gguf_header`]), and returns its config.
     pub fn open_gguf(path: &Path) -> Result<(Self, ModelConfig)> {
-        let content = read_gguf_header(path)?;
+        let header = read_gguf_header(path)?;
+        let content = &header.content;
         let file = File::open(path).with_context(|| format!("cannot open GGUF file {}", path.display()))?;
-        let mut cfg = model_config(&content).with_context(|| format!("reading metadata of {}", path.display()))?;
+        let mut cfg = model_config(content).with_context(|| format!("reading metadata of {}", path.display()))?;
         let vector = |name: &str| -> Result<Vec<f64>> {
             let v = content
                 .tensor(&mut &file, name, &Device::Cpu)
@@ -187,16 +190,16 @@ impl Weights {
         }
         // `model_config` accepts the table only where it applies (a `phi3` file, no other scaling).
         if content.tensor_infos.contains_key(LONGROPE_SHORT) {
-            let l = longrope(&content, vector(LONGROPE_SHORT)?)?;
+            let l = longrope(content, vector(LONGROPE_SHORT)?)?;
             cfg.max_position_embeddings = cfg.max_position_embeddings.min(l.original_max_position_embeddings);
             cfg.rope_scaling = Some(RopeScaling::LongRope(l));
             cfg.validate().with_context(|| format!("tensor `{LONGROPE_SHORT}` of {}", path.display()))?;
         }
-        let arch_meta = meta_str(&content, "general.architecture")?;
+        let arch_meta = meta_str(content, "general.architecture")?;
         // llama.cpp's converter permutes `llama`, `smollm3` and `granite` files (its LlamaModel).
         let permuted = matches!(arch_meta.as_str(), "llama" | "smollm3" | "granite");
         let unpermute = permuted.then_some((cfg.num_heads, cfg.num_kv_heads));
-        Ok((Weights::Gguf { content, file: Mutex::new(file), path: path.to_path_buf(), unpermute }, cfg))
+        Ok((Weights::Gguf { header, file: Mutex::new(file), path: path.to_path_buf(), unpermute }, cfg))
     }
 
     /// True for a GGUF file.
@@ -210,18 +213,19 @@ impl Weights {
             Weights::Safetensors { files, .. } => match stored_name(files, name) {
                 Stored::Named(_) | Stored::Fused { .. } => true,
                 Stored::Packed(p) => files.get(&p.packed).is_ok_and(|v| v.shape().len() == 3 && p.index < v.shape()[0]),
+                Stored::Oai(o) => o.exists(files),
                 Stored::Missing => false,
             },
-            Weights::Gguf { content, .. } => match source(name, content) {
-                Some(GgufSource::Whole(g)) => content.tensor_infos.contains_key(&g),
-                Some(GgufSource::Expert { stacked, index, .. }) => content
-                    .tensor_infos
-                    .get(&stacked)
-                    .is_some_and(|i| i.shape.dims().len() == 3 && index < i.shape.dims()[0]),
-                Some(GgufSource::SplitKvB { k_b, v_b }) => {
-                    content.tensor_infos.contains_key(&k_b) && content.tensor_infos.contains_key(&v_b)
+            Weights::Gguf { header, .. } => match source(name, header) {
+                Some(GgufSource::Whole(g)) => header.contains(&g),
+                Some(GgufSource::Expert { stacked, index, .. }) => {
+                    header.dims(&stacked).is_some_and(|d| d.len() == 3 && index < d[0])
                 }
-                Some(GgufSource::Rows { fused, .. }) => content.tensor_infos.contains_key(&fused),
+                Some(GgufSource::ExpertBias { stacked, index, .. }) => {
+                    header.dims(&stacked).is_some_and(|d| d.len() == 2 && index < d[0])
+                }
+                Some(GgufSource::SplitKvB { k_b, v_b }) => header.contains(&k_b) && header.contains(&v_b),
+                Some(GgufSource::Rows { fused, .. }) => header.contains(&fused),
                 None => false,
             },
         }
@@ -238,9 +242,9 @@ impl Weights {
                 }
                 _ => None,
             },
-            Weights::Gguf { content, .. } => match source(&q, content) {
+            Weights::Gguf { header, .. } => match source(&q, header) {
                 Some(GgufSource::Rows { fused, .. }) => {
-                    content.tensor_infos.get(&fused).and_then(|i| i.shape.dims().first().copied()).map(|r| (fused, r))
+                    header.dims(&fused).and_then(|d| d.first().copied()).map(|r| (fused, r))
                 }
                 _ => None,
             },
@@ -259,6 +263,7 @@ impl Weights {
                         return p.load(view.shape(), dtype, view.data(), shape, dev);
                     }
                     Stored::Fused { fused, part } => return fused_rows(files, &fused, part, shape, dev),
+                    Stored::Oai(o) => return Ok(o.load(files, shape)?.to_device(dev)?),
                     Stored::Missing => bail!("tensor `{name}` is missing from {}", display_paths(paths)),
                 };
                 let name = name.as_str();
@@ -274,9 +279,9 @@ impl Weights {
                 }
                 files.load(name, dev).with_context(|| format!("cannot load tensor `{name}`"))?
             }
-            Weights::Gguf { content, file, path, unpermute } => {
-                let gguf = GgufFile { content, file, path };
-                let t = match source(name, content).with_context(|| format!("no GGUF name for tensor `{name}`"))? {
+            Weights::Gguf { header, file, path, unpermute } => {
+                let gguf = GgufFile { header, file, path };
+                let t = match source(name, header).with_context(|| format!("no GGUF name for tensor `{name}`"))? {
                     GgufSource::SplitKvB { k_b, v_b } => gguf.kv_b(&k_b, &v_b, shape)?,
                     src => gguf.blocks(&src, shape)?.dequantize(&Device::Cpu)?,
                 };
@@ -297,12 +302,12 @@ impl Weights {
     /// A tensor by HF name in its GGUF block format (rows un-permuted like [`Self::get`]), or
     /// `None` for safetensors and for GGUF tensors stored as plain floats.
     pub fn get_blocks(&self, name: &str, shape: &[usize]) -> Result<Option<QTensor>> {
-        let Weights::Gguf { content, file, path, unpermute } = self else { return Ok(None) };
-        let src = source(name, content).with_context(|| format!("no GGUF name for tensor `{name}`"))?;
+        let Weights::Gguf { header, file, path, unpermute } = self else { return Ok(None) };
+        let src = source(name, header).with_context(|| format!("no GGUF name for tensor `{name}`"))?;
         if matches!(src, GgufSource::SplitKvB { .. }) {
             return Ok(None);
         }
-        let q = GgufFile { content, file, path }.blocks(&src, shape)?;
+        let q = GgufFile { header, file, path }.blocks(&src, shape)?;
         if matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
             return Ok(None);
         }
@@ -386,6 +391,8 @@ enum Stored {
     Named(String),
     /// One expert of a packed layer.
     Packed(PackedExpert),
+    /// One expert's weight or bias in a GPT-OSS layer.
+    Oai(OaiExpert),
     /// One projection's rows of a fused tensor (Phi-3's `qkv_proj`, `gate_up_proj`).
     Fused {
         /// The fused tensor.
@@ -402,6 +409,9 @@ fn stored_name(files: &candle_core::safetensors::MmapedSafetensors, name: &str) 
     if files.get(name).is_ok() {
         return Stored::Named(name.to_string());
     }
+    if let Some(o) = OaiExpert::of(name, files) {
+        return Stored::Oai(o);
+    }
     if let Some(p) = PackedExpert::of(name).filter(|p| files.get(&p.packed).is_ok()) {
         return Stored::Packed(p);
     }
@@ -410,6 +420,12 @@ fn stored_name(files: &candle_core::safetensors::MmapedSafetensors, name: &str) 
     }
     if let Some(m) = mixtral_name(name).filter(|m| files.get(m).is_ok()) {
         return Stored::Named(m);
+    }
+    // GPT-OSS names its router `mlp.router`.
+    if let Some(r) = name.split_once(".mlp.gate.").map(|(layer, what)| format!("{layer}.mlp.router.{what}")) {
+        if files.get(&r).is_ok() {
+            return Stored::Named(r);
+        }
     }
     match language_model_names(name).into_iter().find(|m| files.get(m).is_ok()) {
         Some(m) => Stored::Named(m),
@@ -562,7 +578,7 @@ impl PackedExpert {
 
 /// An open GGUF file, read tensor by tensor.
 struct GgufFile<'a> {
-    content: &'a gguf_file::Content,
+    header: &'a GgufHeader,
     file: &'a Mutex<File>,
     path: &'a Path,
 }
@@ -585,6 +601,7 @@ impl GgufFile<'_> {
                 }
                 let mut f = self.file.lock().expect("weights file lock poisoned");
                 let q = self
+                    .header
                     .content
                     .tensor(&mut *f, g, &Device::Cpu)
                     .with_context(|| format!("cannot read tensor `{g}` from {}", self.path.display()))?;
@@ -593,7 +610,11 @@ impl GgufFile<'_> {
                 }
                 Ok(QTensor::quantize(&q.dequantize(&Device::Cpu)?.reshape(shape)?, GgmlDType::F32)?)
             }
+            GgufSource::Expert { stacked, index, half } if self.header.mxfp4.contains_key(stacked) => {
+                self.mxfp4_expert(stacked, *index, shape)
+            }
             GgufSource::Expert { stacked, index, half } => self.expert(stacked, *index, *half, shape),
+            GgufSource::ExpertBias { stacked, index, half } => self.expert_bias(stacked, *index, *half, shape),
             GgufSource::Rows { fused, part } => self.rows(fused, *part, shape),
             GgufSource::SplitKvB { .. } => {
                 bail!("`kv_b_proj` of {} is split: it has no single format", self.path.display())
@@ -602,7 +623,8 @@ impl GgufFile<'_> {
     }
 
     fn info(&self, g: &str) -> Result<&gguf_file::TensorInfo> {
-        self.content
+        self.header
+            .content
             .tensor_infos
             .get(g)
             .with_context(|| format!("tensor `{g}` is missing from {}", self.path.display()))
@@ -629,13 +651,51 @@ impl GgufFile<'_> {
         }
         let slab = out * (inp / dt.block_size()) * dt.type_size();
         let start =
-            self.content.tensor_data_offset + info.offset + ((index * halves + half.unwrap_or(0)) * slab) as u64;
+            self.header.content.tensor_data_offset + info.offset + ((index * halves + half.unwrap_or(0)) * slab) as u64;
         let mut bytes = vec![0u8; slab];
         let mut f = self.file.lock().expect("weights file lock poisoned");
         f.seek(SeekFrom::Start(start))
             .and_then(|_| f.read_exact(&mut bytes))
             .with_context(|| format!("cannot read expert {index} of `{stacked}` from {}", self.path.display()))?;
         block_tensor(bytes, dt, (out, inp))
+    }
+
+    /// Expert `index` (`shape`, `[out, in]`) of the MXFP4 tensor `stacked` (`[experts, out, in]`),
+    /// dequantized (candle has no MXFP4 kernel): only its bytes are read.
+    fn mxfp4_expert(&self, stacked: &str, index: usize, shape: &[usize]) -> Result<QTensor> {
+        let t = &self.header.mxfp4[stacked];
+        let (dims, path) = (&t.shape, self.path.display());
+        let &[out, inp] = shape else { bail!("tensor `{stacked}`: experts are matrices, not {shape:?}") };
+        if !matches!(dims.as_slice(), [n, o, i] if index < *n && *o == out && *i == inp) {
+            bail!("tensor `{stacked}` has shape {dims:?} in {path}, but the metadata implies expert {index} of shape {shape:?}");
+        }
+        let slab = out * inp / mxfp4::BLOCK * mxfp4::GGML_BLOCK_BYTES;
+        let start = self.header.content.tensor_data_offset + t.offset + (index * slab) as u64;
+        let mut bytes = vec![0u8; slab];
+        let mut f = self.file.lock().expect("weights file lock poisoned");
+        f.seek(SeekFrom::Start(start))
+            .and_then(|_| f.read_exact(&mut bytes))
+            .with_context(|| format!("cannot read expert {index} of `{stacked}` from {path}"))?;
+        let mut values = Vec::with_capacity(out * inp);
+        mxfp4::dequantize_ggml(&bytes, &mut values);
+        Ok(QTensor::quantize(&Tensor::from_vec(values, (out, inp), &Device::Cpu)?, GgmlDType::F32)?)
+    }
+
+    /// Row `index` of the stacked expert biases `stacked` (`[experts, out]`, or for a fused
+    /// gate/up `[experts, 2 x out]` with `half`), checked to have `shape` (`[out]`).
+    fn expert_bias(&self, stacked: &str, index: usize, half: Option<usize>, shape: &[usize]) -> Result<QTensor> {
+        let dims = self.info(stacked)?.shape.dims().to_vec();
+        let halves = if half.is_some() { 2 } else { 1 };
+        if !matches!((dims.as_slice(), shape), ([n, o], [so]) if index < *n && *o == halves * so) {
+            bail!(
+                "tensor `{stacked}` has shape {dims:?} in {}, but the metadata implies expert {index}'s bias of shape {shape:?}",
+                self.path.display()
+            );
+        }
+        let all = self.blocks(&GgufSource::Whole(stacked.to_string()), &dims)?.dequantize(&Device::Cpu)?;
+        // A fresh tensor: candle's `QTensor::quantize` reads a view's storage from its start.
+        let row = all.get(index)?.narrow(0, half.unwrap_or(0) * shape[0], shape[0])?.to_vec1::<f32>()?;
+        Ok(QTensor::quantize(&Tensor::from_vec(row, shape[0], &Device::Cpu)?, GgmlDType::F32)?)
     }
 
     /// The `shape` (`[out, in]`) rows of `part` in the fused tensor `fused`: only those rows'
@@ -659,7 +719,7 @@ impl GgufFile<'_> {
         }
         let row = (inp / dt.block_size()) * dt.type_size();
         let mut bytes = vec![0u8; out * row];
-        let start = self.content.tensor_data_offset + info.offset + (first * row) as u64;
+        let start = self.header.content.tensor_data_offset + info.offset + (first * row) as u64;
         let mut f = self.file.lock().expect("weights file lock poisoned");
         f.seek(SeekFrom::Start(start))
             .and_then(|_| f.read_exact(&mut bytes))

@@ -258,7 +258,7 @@ mod tests {
         let expected: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
         for file in ["llama3_tiny.gguf", "spm_vocab.gguf"] {
-            let content = crate::model::gguf_header::read_gguf_header(&dir.join(file)).unwrap();
+            let content = crate::model::gguf_header::read_gguf_header(&dir.join(file)).unwrap().content;
             let t = crate::model::gguf_tokenizer::from_gguf(&content).unwrap();
             let e = &expected[file];
             for (i, ids) in e["ids"].as_array().unwrap().iter().enumerate() {

@@ -62,9 +62,14 @@ pub fn ids(t: &Tensor) -> Vec<u32> {
 /// Builds an engine with the policy given as a TOML table.
 pub fn engine(model_dir: &Path, policy_toml: &str, block_size: usize) -> Engine {
     let loaded = load_model(model_dir, &Device::Cpu, WeightForm::Dense).expect("model loads");
+    engine_of(loaded.model, policy_toml, block_size)
+}
+
+/// [`engine`] over a model already loaded.
+pub fn engine_of(model: dms_integration::model::Llama, policy_toml: &str, block_size: usize) -> Engine {
     let table: toml::Table = toml::from_str(policy_toml).unwrap();
     let policy: Arc<_> = Registry::with_builtins().build(&table).unwrap();
-    Engine::new(loaded.model, policy, block_size, 1 << 16).unwrap()
+    Engine::new(model, policy, block_size, 1 << 16).unwrap()
 }
 
 /// Largest absolute difference between two equal-length slices.

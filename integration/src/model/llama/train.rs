@@ -103,9 +103,10 @@ impl Llama {
     pub fn dense_forward(&self, ids: &[u32], student: Option<(&AdapterParams, &StudentOpts)>) -> Result<DenseOut> {
         let cfg = &self.cfg;
         let t = ids.len();
-        if cfg.gemma.is_some() || cfg.granite.is_some() {
+        if cfg.gemma.is_some() || cfg.granite.is_some() || cfg.arch.has_attention_sinks() {
             anyhow::bail!(
-                "the dense (training) forward does not run Gemma's or Granite's layers; retrofit a Llama-family model"
+                "the dense (training) forward does not run Gemma's, Granite's or GPT-OSS's layers; retrofit a \
+                 Llama-family model"
             );
         }
         // Dense attention is the model's own only where no window hides a key.

@@ -239,6 +239,7 @@ fn model_configs() -> Vec<String> {
         "gguf/smollm3_tiny",
         "gguf/granite_tiny",
         "gguf/phi4_mini_tiny",
+        "gguf/gpt_oss_tiny",
     ]
     .iter()
     .map(|f| std::fs::read_to_string(fixture(f).join("config.json")).unwrap())
@@ -305,6 +306,8 @@ proptest! {
             "gguf/gemma3_tiny",
             "gguf/gemma2_tiny",
             "gguf/phi4_mini_tiny",
+            "gguf/gpt_oss_tiny",
+            "gguf/gpt_oss_dense_tiny",
         ]),
         edits in prop::collection::vec(byte_edit(), 1..4),
         in_header in any::<bool>(),
@@ -716,12 +719,12 @@ proptest! {
 
     /// Mutated headers of the GGUF fixtures with experts or RoPE scaling (DeepSeek-V3-shaped:
     /// latent attention, stacked experts, split `kv_b`; Qwen2-MoE; Qwen3-MoE; Mixtral; Qwen3 with
-    /// YaRN) load
-    /// or are refused; nothing panics.
+    /// YaRN; GPT-OSS with f32 or MXFP4 experts) load or are refused; nothing panics.
     #[test]
     fn moe_and_scaled_gguf_never_panics(
         file in prop::sample::select(vec![
             "deepseek_v3_moe", "qwen2_moe", "qwen3_moe", "mixtral", "qwen3_yarn", "gemma3", "gemma2", "smollm3", "granite", "phi4_mini",
+            "gpt_oss", "gpt_oss_mxfp4",
         ]),
         edits in prop::collection::vec(byte_edit(), 1..4),
     ) {

@@ -105,6 +105,8 @@ fn the_published_gpt_oss_20b_config_is_read() {
         (r#""swiglu_limit": 7.0"#, r#""swiglu_limit": -1.0"#, "swiglu_limit"),
         (r#""num_experts_per_tok": 4"#, r#""num_experts_per_tok": 1"#, "num_experts_per_tok 1"),
         (r#""model_type": "gpt_oss""#, r#""model_type": "llama""#, "mxfp4"),
+        // Per-layer flags are allocated from the count: an edited one is refused first.
+        (r#""num_hidden_layers": 24"#, r#""num_hidden_layers": 9223372036854775807"#, "num_hidden_layers"),
     ] {
         let text = GPT_OSS_20B.replace(from, to).replace(r#""experts_per_token": 4"#, r#""experts_per_token": 1"#);
         let text = if words == "mxfp4" { text.replace("GptOssForCausalLM", "LlamaForCausalLM") } else { text };

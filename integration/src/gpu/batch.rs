@@ -134,6 +134,9 @@ impl<'m> DeviceEngine<'m> {
                  soft-capping"
             );
         }
+        if cfg.arch.has_attention_sinks() {
+            bail!("GPT-OSS runs on the CPU engine only: the device engine has no attention sinks");
+        }
         if cfg.windows.is_some() && cfg.device_context().is_none() {
             bail!(
                 "the device engine runs a model's attention window only where every layer has it (the context then \

@@ -635,6 +635,10 @@ struct HfConfig {
     dms: DmsCheckpointFields,
 }
 
+/// Most layers a model may declare: per-layer flags are allocated from the count, so it is
+/// bounded before anything is (no model has a thousandth of this many layers).
+pub(crate) const MAX_LAYERS: usize = 1 << 16;
+
 impl ModelConfig {
     /// Parses an HF `config.json` text.
     pub fn from_hf_json(text: &str) -> Result<Self> {
@@ -643,6 +647,9 @@ impl ModelConfig {
         lift_rope_parameters(&mut v);
         fill_gemma_defaults(&mut v);
         let c: HfConfig = serde_json::from_value(v).context("config.json is not a valid model config")?;
+        if c.num_hidden_layers > MAX_LAYERS {
+            bail!("model config: num_hidden_layers {} is above the {MAX_LAYERS} layers supported", c.num_hidden_layers);
+        }
         let model_type = c.model_type.clone().unwrap_or_default();
         let arch_name = c.architectures.first().cloned().unwrap_or_default();
         let arch = match (model_type.as_str(), arch_name.as_str()) {

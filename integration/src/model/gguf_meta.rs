@@ -8,7 +8,7 @@ use candle_core::quantized::gguf_file::{Content, Value};
 
 use super::config::{
     model_windows, served_context, Arch, DmsCheckpointFields, GemmaConfig, GraniteScales, LongRopeScaling, MlaConfig,
-    ModelConfig, MoeConfig, OaiExperts, RopeScaling, YarnScaling,
+    ModelConfig, MoeConfig, OaiExperts, RopeScaling, YarnScaling, MAX_LAYERS,
 };
 
 fn meta<'a>(c: &'a Content, key: &str) -> Result<&'a Value> {
@@ -126,9 +126,6 @@ pub(crate) fn longrope(c: &Content, short_factor: Vec<f64>) -> Result<LongRopeSc
     let attention_factor = meta_f64(c, &format!("{a}.rope.scaling.attn_factor"))?.unwrap_or(1.0);
     Ok(LongRopeScaling { short_factor, attention_factor, original_max_position_embeddings: original })
 }
-
-/// Most layers a GGUF file may declare.
-const MAX_LAYERS: usize = 1 << 16;
 
 /// Model config from GGUF metadata.
 pub(crate) fn model_config(c: &Content) -> Result<ModelConfig> {

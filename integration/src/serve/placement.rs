@@ -81,9 +81,9 @@ fn on_device(engine: &Engine, policies: &[ServedPolicy], max_batch: usize, rows:
     use crate::gpu::policy::DevicePolicy;
 
     let cfg = engine.model.config();
-    if cfg.gemma.is_some() || cfg.device_context().is_none() {
-        let why =
-            "the device engine has no per-layer windows or soft-capping (Gemma's local layers, windows on some layers)";
+    if cfg.gemma.is_some() || cfg.arch.has_attention_sinks() || cfg.device_context().is_none() {
+        let why = "the device engine has no per-layer windows, soft-capping or attention sinks (Gemma's local \
+                   layers, GPT-OSS, windows on some layers)";
         if engine.model.dtype() != candle_core::DType::F32 {
             bail!("this model runs in the host store ({why}), which needs [model] dtype = \"f32\" on a CUDA device");
         }

@@ -61,29 +61,40 @@ fn gpt_oss_gguf_with_llama_cpps_ramp_gives_llama_cpps_logits() {
     }
 }
 
-/// With `weights = "quantized"` the MXFP4 experts (which candle has no kernel for) are repacked
-/// into Q8_0, as every f32 layer of the file is: the GGUF with MXFP4 experts then gives exactly
-/// the logits of its dense copy and of OpenAI's MXFP4 directory requantized into Q8_0 (the same
-/// values, so the same blocks). (This random model is too sensitive for a bound against the
-/// float64 reference: llama.cpp's own MXFP4 path, which rounds activations to 8 bits, lies 1.7
-/// from it.)
+/// With `weights = "quantized"` the MXFP4 experts stay in their blocks (17 bytes per 32 weights,
+/// run by our kernel, whose products are checked against the exact ones in its unit tests) and
+/// every f32 layer is repacked into Q8_0: OpenAI's MXFP4 directory (its blocks repacked into
+/// ggml's layout) and the GGUF with MXFP4 experts give the same logits, prompt and decode steps,
+/// and the model holds the
+/// experts' bytes of MXFP4, not Q8_0's (34 bytes per 32 weights) as a Q8_0 requantization does.
+/// (This random model is too sensitive for a bound against the float64 reference: llama.cpp's
+/// own MXFP4 path, which rounds activations to 8 bits too, lies 1.7 from it.)
 #[test]
-fn gpt_oss_mxfp4_experts_run_quantized() {
-    let run = |model: &str, form: WeightForm| -> Vec<Vec<f32>> {
+fn gpt_oss_mxfp4_experts_run_in_their_blocks() {
+    let run = |model: &str, form: WeightForm| -> (Vec<Vec<f32>>, u64) {
         let loaded = load_model(&fixture(&format!("gguf/{model}")), &candle_core::Device::Cpu, form).unwrap();
         assert!(loaded.model.is_quantized());
+        let bytes = loaded.model.weight_bytes();
         let mut eng = engine_of(loaded.model, "name = \"full\"", 4);
         let g = golden(&fixture("gguf/gpt_oss_reference.safetensors"));
         let mut seq = eng.new_sequence();
-        eng.step(&mut seq, &ids(&g["prompt_ids"]), true).unwrap().to_vec2::<f32>().unwrap()
-    };
-    let quantized = run("gpt_oss_mxfp4.gguf", WeightForm::Quantized);
-    let q8 = WeightForm::parse("q8_0").unwrap();
-    for other in [run("gpt_oss_dense_tiny", q8), run("gpt_oss_tiny", q8)] {
-        for (t, (a, b)) in quantized.iter().zip(&other).enumerate() {
-            assert!(max_abs(a, b) < 1e-5, "position {t}: {}", max_abs(a, b));
+        let mut logits = eng.step(&mut seq, &ids(&g["prompt_ids"]), true).unwrap().to_vec2::<f32>().unwrap();
+        // Decode steps: one row per expert, where the kernel runs (long prompts dequantize).
+        for t in ids(&g["greedy_ids"]) {
+            logits.push(eng.step(&mut seq, &[t], false).unwrap().squeeze(0).unwrap().to_vec1().unwrap());
         }
+        (logits, bytes)
+    };
+    let (gguf, gguf_bytes) = run("gpt_oss_mxfp4.gguf", WeightForm::Quantized);
+    let (hf, hf_bytes) = run("gpt_oss_tiny", WeightForm::Quantized);
+    for (t, (a, b)) in gguf.iter().zip(&hf).enumerate() {
+        assert!(max_abs(a, b) < 1e-5, "position {t}: {}", max_abs(a, b));
     }
+    let (_, q8_bytes) = run("gpt_oss_tiny", WeightForm::parse("q8_0").unwrap());
+    // 4 layers x 4 experts x (gate, up: 32 x 64; down: 64 x 32).
+    let expert_weights = 4 * 4 * (2 * 32 * 64 + 64 * 32);
+    assert_eq!(gguf_bytes, hf_bytes);
+    assert_eq!(q8_bytes - gguf_bytes, expert_weights * (34 - 17) / 32);
 }
 
 /// openai/gpt-oss-20b's published config.json is read as transformers reads it.

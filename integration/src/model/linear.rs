@@ -1,7 +1,8 @@
 //! Weight matrices that are dense or kept in a GGUF block format: linear layers ([`Proj`]) and the
 //! token embedding ([`Embedding`]). Quantized weights use candle's `QMatMul` kernels (ours in
-//! [`super::q4_1`] for Q4_1) for short inputs (decode) and are dequantized for long ones (prompt
-//! chunks), where a dense matmul is faster than a quantized loop.
+//! [`super::q4_1`] for Q4_1 and [`super::mxfp4`] for MXFP4) for short inputs (decode) and are
+//! dequantized for long ones (prompt chunks), where a dense matmul is faster than a quantized
+//! loop.
 
 use std::sync::Arc;
 
@@ -31,6 +32,23 @@ pub enum Proj {
         /// Optional bias `[out]`, f32.
         bias: Option<Tensor>,
     },
+    /// A weight in ggml's MXFP4 blocks (GPT-OSS's experts), which candle cannot hold: our kernel
+    /// ([`super::mxfp4::matmul`]) for short inputs, dequantized for long ones.
+    Mxfp4 {
+        /// The blocks, row after row.
+        blocks: Arc<Vec<u8>>,
+        /// `(out, in)`.
+        shape: (usize, usize),
+        /// Optional bias `[out]`, f32.
+        bias: Option<Tensor>,
+    },
+}
+
+/// The kernels of ours a layer's weight format has (see [`Proj::forward_many`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kernel {
+    Q4_1,
+    Mxfp4,
 }
 
 impl Proj {
@@ -69,37 +87,74 @@ impl Proj {
                     None => Ok(y),
                 }
             }
+            Proj::Mxfp4 { blocks, shape: (n, k), bias } => {
+                let x = x.contiguous()?;
+                let rows = x.elem_count() / k.max(&1);
+                let y = if rows >= DENSE_FROM_ROWS {
+                    x.broadcast_matmul(&self.dequantized_mxfp4(x.device())?.t()?)?
+                } else {
+                    let mut y = vec![0f32; rows * n];
+                    super::mxfp4::matmul(blocks, (*n, *k), &x.flatten_all()?.to_vec1::<f32>()?, &mut y)?;
+                    let mut dims = x.dims().to_vec();
+                    *dims.last_mut().expect("rank >= 1") = *n;
+                    Tensor::from_vec(y, dims, x.device())?
+                };
+                match bias {
+                    Some(b) => add_bias(&y, b),
+                    None => Ok(y),
+                }
+            }
         }
     }
 
-    /// Applies several layers to the same `[n, in]` rows: Q4_1 layers over short inputs share one
-    /// pass of our kernel ([`super::q4_1::matmul_many`]), the others run one by one.
+    /// An MXFP4 layer's weight `[out, in]` in f32 on `device`.
+    fn dequantized_mxfp4(&self, device: &Device) -> Result<Tensor> {
+        let Proj::Mxfp4 { blocks, shape, .. } = self else { bail!("not an MXFP4 layer") };
+        let mut w = Vec::with_capacity(shape.0 * shape.1);
+        super::mxfp4::dequantize_ggml(blocks, &mut w);
+        Ok(Tensor::from_vec(w, *shape, device)?)
+    }
+
+    /// This layer's weight bytes, rows and our kernel for them, where it runs on `rows` inputs.
+    fn kernel_input(&self, rows: usize) -> Option<(Kernel, &[u8], usize, Option<&Tensor>)> {
+        if rows >= DENSE_FROM_ROWS {
+            return None;
+        }
+        match self {
+            Proj::Quantized { weight, bias, .. } if weight.dtype() == GgmlDType::Q4_1 => {
+                let data = weight.data().ok()?;
+                let std::borrow::Cow::Borrowed(bytes) = data else { return None };
+                Some((Kernel::Q4_1, bytes, weight.shape().dims2().ok()?.0, bias.as_ref()))
+            }
+            Proj::Mxfp4 { blocks, shape, bias } => Some((Kernel::Mxfp4, blocks.as_slice(), shape.0, bias.as_ref())),
+            _ => None,
+        }
+    }
+
+    /// Applies several layers to the same `[n, in]` rows: layers of one format our kernels run
+    /// (Q4_1, MXFP4) over short inputs share one pass ([`super::q4_1::matmul_many`],
+    /// [`super::mxfp4::matmul_many`]), the others run one by one.
     pub fn forward_many(projs: &[&Proj], x: &Tensor) -> Result<Vec<Tensor>> {
         let x = x.contiguous()?;
         let k = x.dim(candle_core::D::Minus1)?;
         let rows = x.elem_count() / k.max(1);
-        let shared: Vec<(&[u8], usize, Option<&Tensor>)> = projs
-            .iter()
-            .filter_map(|p| match p {
-                Proj::Quantized { weight, bias, .. } if weight.dtype() == GgmlDType::Q4_1 && rows < DENSE_FROM_ROWS => {
-                    let data = weight.data().ok()?;
-                    let std::borrow::Cow::Borrowed(bytes) = data else { return None };
-                    Some((bytes, weight.shape().dims2().ok()?.0, bias.as_ref()))
-                }
-                _ => None,
-            })
-            .collect();
-        if shared.len() != projs.len() || projs.len() < 2 {
+        let shared: Vec<(Kernel, &[u8], usize, Option<&Tensor>)> =
+            projs.iter().filter_map(|p| p.kernel_input(rows)).collect();
+        let kernel = shared.first().map(|s| s.0);
+        if shared.len() != projs.len() || projs.len() < 2 || shared.iter().any(|s| Some(s.0) != kernel) {
             return projs.iter().map(|p| p.forward(&x)).collect();
         }
         let xs = x.flatten_all()?.to_vec1::<f32>()?;
-        let mut ys: Vec<Vec<f32>> = shared.iter().map(|(_, n, _)| vec![0f32; rows * n]).collect();
-        let ws: Vec<(&[u8], usize)> = shared.iter().map(|(b, n, _)| (*b, *n)).collect();
+        let mut ys: Vec<Vec<f32>> = shared.iter().map(|(_, _, n, _)| vec![0f32; rows * n]).collect();
+        let ws: Vec<(&[u8], usize)> = shared.iter().map(|(_, b, n, _)| (*b, *n)).collect();
         let mut outs: Vec<&mut [f32]> = ys.iter_mut().map(|y| y.as_mut_slice()).collect();
-        super::q4_1::matmul_many(&ws, k, &xs, &mut outs)?;
+        match kernel {
+            Some(Kernel::Mxfp4) => super::mxfp4::matmul_many(&ws, k, &xs, &mut outs)?,
+            _ => super::q4_1::matmul_many(&ws, k, &xs, &mut outs)?,
+        }
         ys.into_iter()
             .zip(&shared)
-            .map(|(y, (_, n, bias))| {
+            .map(|(y, (_, _, n, bias))| {
                 let mut dims = x.dims().to_vec();
                 *dims.last_mut().expect("rank >= 1") = *n;
                 let y = Tensor::from_vec(y, dims, x.device())?;
@@ -123,7 +178,7 @@ impl Proj {
                     None => Ok(y),
                 }
             }
-            Proj::Quantized { .. } => self.forward(x),
+            Proj::Quantized { .. } | Proj::Mxfp4 { .. } => self.forward(x),
         }
     }
 
@@ -131,7 +186,7 @@ impl Proj {
     pub fn dense_weight(&self) -> Result<&Tensor> {
         match self {
             Proj::Dense(l) => Ok(l.weight()),
-            Proj::Quantized { .. } => {
+            Proj::Quantized { .. } | Proj::Mxfp4 { .. } => {
                 bail!("this operation needs dense weights; load the model with weights = \"dense\"")
             }
         }
@@ -144,7 +199,7 @@ impl Proj {
             Proj::Dense(l) => {
                 Proj::Dense(Linear::new(l.weight().to_dtype(dtype)?, l.bias().map(|b| b.to_dtype(dtype)).transpose()?))
             }
-            Proj::Quantized { .. } => self.clone(),
+            Proj::Quantized { .. } | Proj::Mxfp4 { .. } => self.clone(),
         })
     }
 
@@ -155,6 +210,7 @@ impl Proj {
             Proj::Quantized { weight, bias, .. } => {
                 weight.shape().elem_count() + bias.as_ref().map_or(0, |b| b.elem_count())
             }
+            Proj::Mxfp4 { shape, bias, .. } => shape.0 * shape.1 + bias.as_ref().map_or(0, |b| b.elem_count()),
         }
     }
 
@@ -168,13 +224,14 @@ impl Proj {
             Proj::Quantized { weight, bias, .. } => {
                 weight.storage_size_in_bytes() + bias.as_ref().map_or(0, |b| b.elem_count() * 4)
             }
+            Proj::Mxfp4 { blocks, bias, .. } => blocks.len() + bias.as_ref().map_or(0, |b| b.elem_count() * 4),
         }
     }
 
-    /// The block format of a quantized weight.
+    /// The block format of a weight candle holds quantized (None for dense and MXFP4 layers).
     pub fn quant_dtype(&self) -> Option<GgmlDType> {
         match self {
-            Proj::Dense(_) => None,
+            Proj::Dense(_) | Proj::Mxfp4 { .. } => None,
             Proj::Quantized { weight, .. } => Some(weight.dtype()),
         }
     }

@@ -2,6 +2,7 @@
 //! family, DeepSeek latent attention and MoE (GPT-OSS's too), dense or quantized weight matrices,
 //! and the masked prompt pass.
 
+mod block_kernel;
 pub mod chat_template;
 pub mod config;
 pub mod fp8;

@@ -125,8 +125,36 @@ impl OaiExpert {
         Ok(row.narrow(1, if self.part == Part::Up { 1 } else { 0 }, 1)?.squeeze(1)?.contiguous()?)
     }
 
+    /// The expert's weight (`shape`, `[out, in]`) in ggml's MXFP4 blocks, when the checkpoint
+    /// stores it in MXFP4 (`None` for a bias or a dense copy).
+    pub(crate) fn mxfp4_blocks(&self, files: &MmapedSafetensors, shape: &[usize]) -> Result<Option<Vec<u8>>> {
+        let blocks = format!("{}_blocks", self.packed);
+        if self.bias || files.get(&blocks).is_err() {
+            return Ok(None);
+        }
+        let &[out, inp] = shape else { bail!("tensor `{}`: experts are matrices, not {shape:?}", self.packed) };
+        let mut bytes = Vec::with_capacity(out * inp / mxfp4::BLOCK * mxfp4::GGML_BLOCK_BYTES);
+        self.mxfp4_rows(files, &blocks, out, inp, &mut |b, s| mxfp4::hf_row_to_ggml(b, s, &mut bytes))?;
+        Ok(Some(bytes))
+    }
+
     /// A weight from its MXFP4 blocks (`[experts, rows, in / 32, 16]`) and scales.
     fn load_mxfp4(&self, files: &MmapedSafetensors, blocks: &str, out: usize, inp: usize) -> Result<Tensor> {
+        let mut values = Vec::with_capacity(out * inp);
+        self.mxfp4_rows(files, blocks, out, inp, &mut |b, s| mxfp4::dequantize_hf_row(b, s, &mut values))?;
+        Ok(Tensor::from_vec(values, (out, inp), &Device::Cpu)?)
+    }
+
+    /// Hands each of the expert's `out` rows (of `inp` values) to `row` as its MXFP4 blocks and
+    /// scales, after checking the tensors' shapes and types.
+    fn mxfp4_rows(
+        &self,
+        files: &MmapedSafetensors,
+        blocks: &str,
+        out: usize,
+        inp: usize,
+        row: &mut dyn FnMut(&[u8], &[u8]),
+    ) -> Result<()> {
         let scales = format!("{}_scales", self.packed);
         let (bv, sv) =
             (files.get(blocks)?, files.get(&scales).with_context(|| format!("tensor `{scales}` is missing"))?);
@@ -166,14 +194,9 @@ impl OaiExpert {
             Part::Up => (1, 2),
             Part::Down => (0, 1),
         };
-        let mut values = Vec::with_capacity(out * inp);
         for r in (first..rows).step_by(step) {
-            mxfp4::dequantize_hf_row(
-                &expert_blocks[r * row_bytes..(r + 1) * row_bytes],
-                &expert_scales[r * groups..(r + 1) * groups],
-                &mut values,
-            );
+            row(&expert_blocks[r * row_bytes..(r + 1) * row_bytes], &expert_scales[r * groups..(r + 1) * groups]);
         }
-        Ok(Tensor::from_vec(values, (out, inp), &Device::Cpu)?)
+        Ok(())
     }
 }

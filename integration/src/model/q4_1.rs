@@ -1,35 +1,21 @@
-//! A vectorised matmul for weights in GGUF's Q4_1 format (the default model's). candle 0.10.2
-//! has no SIMD path for Q4_1 (`BlockQ4_1::vec_dot` is its scalar loop) and no crate offers one
-//! over this block layout, hence this file: activations are rounded to 8 bits per block of 32
-//! (Q8_1: a scale and the block's sum), and a block's dot product is
-//! `d_w d_a Σ q_w q_a + m_w s_a`, with AVX2 integer multiply-adds when the CPU has them (checked
-//! at run time, so one binary runs anywhere) and a scalar loop otherwise. Every weight row is
-//! read once per call whatever the number of input rows (candle re-reads the matrix per row).
+//! Our kernel for weights in GGUF's Q4_1 format (the default model's): candle 0.10.2 has no SIMD
+//! path for Q4_1 (`BlockQ4_1::vec_dot` is its scalar loop) and no crate offers one over this
+//! block layout, hence this file. A block's dot product with 8-bit activations
+//! ([`super::block_kernel`]) is `d_w d_a Σ q_w q_a + m_w s_a`, with AVX2 integer multiply-adds
+//! when the CPU has them (checked at run time, so one binary runs anywhere) and a scalar loop
+//! otherwise.
 
 use half::f16;
-use rayon::prelude::*;
 
-/// Values per block.
-const QK: usize = 32;
+#[cfg(test)]
+use super::block_kernel::quantize_row;
+use super::block_kernel::{self, BlockFormat, Q8Block, QK, ROW_GROUP};
+
 /// Bytes per Q4_1 block: `d` (f16), `m` (f16), 16 bytes of nibbles (value `j` in the low nibble
 /// of byte `j`, value `j + 16` in its high nibble).
 const BLOCK_BYTES: usize = 20;
-/// Weight rows the kernel reads together (one pass over the activations serves them all, and
-/// their sums are reduced together).
-const ROW_GROUP: usize = 4;
-/// Parallel tasks per thread: enough to even out uneven threads, few enough that rayon hand-offs
-/// stay cheap (a decode step runs hundreds of these matmuls).
-const TASKS_PER_THREAD: usize = 3;
 /// How far ahead in each row the kernel asks for weights.
 const PREFETCH_BYTES: usize = 640;
-
-/// One block of activations rounded to 8 bits: `x ≈ d q`, and `s = d Σ q`.
-#[derive(Clone, Copy)]
-struct Q8Block {
-    d: f32,
-    s: f32,
-    q: [i8; QK],
-}
 
 /// `y = x W^T` for the `[n, k]` Q4_1 matrix `w` (GGUF bytes, row after row) and `x` of `m` rows
 /// of `k` values, into `y` (`m * n`, row-major); an error when the sizes do not agree.
@@ -41,78 +27,23 @@ pub fn matmul(w: &[u8], (n, k): (usize, usize), x: &[f32], y: &mut [f32]) -> any
 /// one parallel pass, into `ys[i]` (`m * rows_i`): the activations are rounded once and the
 /// threads are handed work once (the attention's q/k/v and the MLP's gate/up).
 pub fn matmul_many(ws: &[(&[u8], usize)], k: usize, x: &[f32], ys: &mut [&mut [f32]]) -> anyhow::Result<()> {
-    let m = x.len() / k.max(1);
-    if !k.is_multiple_of(QK) || x.len() != m * k || ws.len() != ys.len() {
-        anyhow::bail!("Q4_1 matmul: {} inputs of width {k}, {} matrices, {} outputs", x.len(), ws.len(), ys.len());
-    }
-    let row_bytes = k / QK * BLOCK_BYTES;
-    for ((w, n), y) in ws.iter().zip(ys.iter()) {
-        if w.len() != n * row_bytes || y.len() != m * n {
-            anyhow::bail!(
-                "Q4_1 matmul: {} weight bytes for [{n}, {k}], {} inputs, {} outputs",
-                w.len(),
-                x.len(),
-                y.len()
-            );
-        }
-    }
-    let acts: Vec<Vec<Q8Block>> = x.chunks_exact(k).map(quantize_row).collect();
-    let fast = crate::cpu::has_avx2_fma();
-    let total: usize = ws.iter().map(|(_, n)| n).sum();
-    let per_task =
-        total.div_ceil(rayon::current_num_threads() * TASKS_PER_THREAD).next_multiple_of(ROW_GROUP).max(ROW_GROUP);
-    // Tasks own runs of one matrix's rows; results land in a row-per-weight scratch so that each
-    // task writes one contiguous slice, then are transposed into the outputs.
-    let mut by_weight: Vec<Vec<f32>> = ws.iter().map(|(_, n)| vec![0f32; n * m]).collect();
-    let tasks: Vec<(&[u8], usize, &mut [f32])> = ws
-        .iter()
-        .zip(by_weight.iter_mut())
-        .flat_map(|(&(w, _), out)| out.chunks_mut(per_task * m).enumerate().map(move |(t, o)| (w, t * per_task, o)))
-        .collect();
-    tasks.into_par_iter().for_each(|(w, first, out)| {
-        for (g, o) in out.chunks_mut(ROW_GROUP * m).enumerate() {
-            let r0 = first + g * ROW_GROUP;
-            let rows = o.len() / m;
-            let w = &w[r0 * row_bytes..(r0 + rows) * row_bytes];
-            for (a_i, a) in acts.iter().enumerate() {
-                if rows == ROW_GROUP {
-                    for (r, v) in dot_group(w, row_bytes, a, fast).into_iter().enumerate() {
-                        o[r * m + a_i] = v;
-                    }
-                } else {
-                    for r in 0..rows {
-                        o[r * m + a_i] = dot(&w[r * row_bytes..(r + 1) * row_bytes], a, fast);
-                    }
-                }
-            }
-        }
-    });
-    for ((bw, (_, n)), y) in by_weight.iter().zip(ws).zip(ys.iter_mut()) {
-        for (i, c) in bw.chunks_exact(m).enumerate() {
-            for (r, v) in c.iter().enumerate() {
-                y[r * n + i] = *v;
-            }
-        }
-    }
-    Ok(())
+    block_kernel::matmul_many::<Q41>(ws, k, x, ys)
 }
 
-/// Rounds a row to Q8_1 blocks.
-fn quantize_row(x: &[f32]) -> Vec<Q8Block> {
-    x.chunks_exact(QK)
-        .map(|b| {
-            let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let d = amax / 127.0;
-            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-            let mut q = [0i8; QK];
-            let mut sum = 0i32;
-            for (q, v) in q.iter_mut().zip(b) {
-                *q = (v * inv).round() as i8;
-                sum += *q as i32;
-            }
-            Q8Block { d, s: d * sum as f32, q }
-        })
-        .collect()
+/// The Q4_1 format for [`block_kernel::matmul_many`].
+pub(crate) struct Q41;
+
+impl BlockFormat for Q41 {
+    const NAME: &'static str = "Q4_1";
+    const BLOCK_BYTES: usize = BLOCK_BYTES;
+
+    fn dot(w: &[u8], a: &[Q8Block], fast: bool) -> f32 {
+        dot(w, a, fast)
+    }
+
+    fn dot_group(w: &[u8], row_bytes: usize, a: &[Q8Block], fast: bool) -> [f32; ROW_GROUP] {
+        dot_group(w, row_bytes, a, fast)
+    }
 }
 
 /// Dot product of one weight row (Q4_1 bytes) with one activation row.
@@ -191,11 +122,7 @@ unsafe fn dot_avx2(w: &[u8], a: &[Q8Block]) -> f32 {
         let last = a.len() - 1;
         acc0 = block(&w[last * BLOCK_BYTES..], &a[last], acc0, &mut mins0);
     }
-    let acc = _mm256_add_ps(acc0, acc1);
-    let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    _mm_cvtss_f32(s) + mins0 + mins1
+    block_kernel::avx2::sum(_mm256_add_ps(acc0, acc1)) + mins0 + mins1
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -224,13 +151,7 @@ unsafe fn dot_group_avx2(w: &[u8], row_bytes: usize, a: &[Q8Block]) -> [f32; ROW
             mins[r] += m * act.s;
         }
     }
-    // Four horizontal sums at once: pairwise adds leave row r's total in lane r.
-    let h01 = _mm256_hadd_ps(acc[0], acc[1]);
-    let h23 = _mm256_hadd_ps(acc[2], acc[3]);
-    let h = _mm256_hadd_ps(h01, h23);
-    let s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-    let mut out = [0f32; ROW_GROUP];
-    _mm_storeu_ps(out.as_mut_ptr(), s);
+    let mut out = block_kernel::avx2::sum4(acc);
     for (o, m) in out.iter_mut().zip(mins) {
         *o += m;
     }

@@ -31,7 +31,8 @@ pub enum WeightForm {
     /// copies of the same weights).
     DenseRoundedF16,
     /// GGUF block formats kept as the file has them where a vectorised CPU kernel exists for
-    /// them; the others (Q5_0, Q5_1) and dense tensors are repacked into Q8_0.
+    /// them (MXFP4 experts included, from GGUF or OpenAI's safetensors); the others (Q5_0, Q5_1)
+    /// and dense tensors are repacked into Q8_0.
     Quantized,
     /// Every linear layer requantized at load into this format (into Q8_0 where a row does not
     /// split into whole blocks of it).
@@ -318,6 +319,23 @@ impl Weights {
         }))
     }
 
+    /// A weight by HF name (`shape`, `[out, in]`) in ggml's MXFP4 blocks, where the file stores it
+    /// in MXFP4 (GPT-OSS's experts); `None` otherwise.
+    pub fn get_mxfp4(&self, name: &str, shape: &[usize]) -> Result<Option<Vec<u8>>> {
+        match self {
+            Weights::Safetensors { files, .. } => match stored_name(files, name) {
+                Stored::Oai(o) => o.mxfp4_blocks(files, shape),
+                _ => Ok(None),
+            },
+            Weights::Gguf { header, file, path, .. } => match source(name, header) {
+                Some(GgufSource::Expert { stacked, index, half }) if header.mxfp4.contains_key(&stacked) => {
+                    Ok(Some(GgufFile { header, file, path }.mxfp4_expert_bytes(&stacked, index, half, shape)?))
+                }
+                _ => Ok(None),
+            },
+        }
+    }
+
     /// The linear layer `name` (`name.weight` `[out, in]`, and `name.bias` when `bias`) in `form`,
     /// its weight on `dev` when dense (quantized layers live on the CPU).
     pub fn proj(&self, name: &str, out: usize, inp: usize, bias: bool, form: WeightForm, dev: &Device) -> Result<Proj> {
@@ -334,11 +352,17 @@ impl Weights {
                 return Ok(Proj::Dense(Linear::new(dense_f32(&wname, &[out, inp])?, b)));
             }
             _ if !blockable => return Ok(Proj::Dense(Linear::new(dense_f32(&wname, &[out, inp])?, b))),
-            WeightForm::Quantized => match self.get_blocks(&wname, &[out, inp])? {
-                Some(q) if has_fast_kernel(q.dtype()) => q,
-                Some(q) => quantize_rows(&q.dequantize(&Device::Cpu)?, GgmlDType::Q8_0)?,
-                None => quantize_rows(&dense_f32(&wname, &[out, inp])?, GgmlDType::Q8_0)?,
-            },
+            WeightForm::Quantized => {
+                // MXFP4 (GPT-OSS's experts) runs in its own blocks, which candle cannot hold.
+                if let Some(blocks) = self.get_mxfp4(&wname, &[out, inp])? {
+                    return Ok(Proj::Mxfp4 { blocks: std::sync::Arc::new(blocks), shape: (out, inp), bias: b });
+                }
+                match self.get_blocks(&wname, &[out, inp])? {
+                    Some(q) if has_fast_kernel(q.dtype()) => q,
+                    Some(q) => quantize_rows(&q.dequantize(&Device::Cpu)?, GgmlDType::Q8_0)?,
+                    None => quantize_rows(&dense_f32(&wname, &[out, inp])?, GgmlDType::Q8_0)?,
+                }
+            }
             WeightForm::Requantized(dt) => quantize_rows(&dense_f32(&wname, &[out, inp])?, dt)?,
         };
         Proj::quantized(blocks, b)
@@ -611,7 +635,12 @@ impl GgufFile<'_> {
                 Ok(QTensor::quantize(&q.dequantize(&Device::Cpu)?.reshape(shape)?, GgmlDType::F32)?)
             }
             GgufSource::Expert { stacked, index, half } if self.header.mxfp4.contains_key(stacked) => {
-                self.mxfp4_expert(stacked, *index, shape)
+                let (&[out, inp], bytes) = (shape, self.mxfp4_expert_bytes(stacked, *index, *half, shape)?) else {
+                    bail!("tensor `{stacked}`: experts are matrices, not {shape:?}")
+                };
+                let mut values = Vec::with_capacity(out * inp);
+                mxfp4::dequantize_ggml(&bytes, &mut values);
+                Ok(QTensor::quantize(&Tensor::from_vec(values, (out, inp), &Device::Cpu)?, GgmlDType::F32)?)
             }
             GgufSource::Expert { stacked, index, half } => self.expert(stacked, *index, *half, shape),
             GgufSource::ExpertBias { stacked, index, half } => self.expert_bias(stacked, *index, *half, shape),
@@ -660,25 +689,26 @@ impl GgufFile<'_> {
         block_tensor(bytes, dt, (out, inp))
     }
 
-    /// Expert `index` (`shape`, `[out, in]`) of the MXFP4 tensor `stacked` (`[experts, out, in]`),
-    /// dequantized (candle has no MXFP4 kernel): only its bytes are read.
-    fn mxfp4_expert(&self, stacked: &str, index: usize, shape: &[usize]) -> Result<QTensor> {
+    /// The MXFP4 blocks of expert `index` (`shape`, `[out, in]`) of `stacked` (`[experts, out,
+    /// in]`, or a fused gate/up stack `[experts, 2 x out, in]` with `half`): only its bytes are
+    /// read.
+    fn mxfp4_expert_bytes(&self, stacked: &str, index: usize, half: Option<usize>, shape: &[usize]) -> Result<Vec<u8>> {
         let t = &self.header.mxfp4[stacked];
         let (dims, path) = (&t.shape, self.path.display());
         let &[out, inp] = shape else { bail!("tensor `{stacked}`: experts are matrices, not {shape:?}") };
-        if !matches!(dims.as_slice(), [n, o, i] if index < *n && *o == out && *i == inp) {
+        let halves = if half.is_some() { 2 } else { 1 };
+        if !matches!(dims.as_slice(), [n, o, i] if index < *n && *o == halves * out && *i == inp) {
             bail!("tensor `{stacked}` has shape {dims:?} in {path}, but the metadata implies expert {index} of shape {shape:?}");
         }
         let slab = out * inp / mxfp4::BLOCK * mxfp4::GGML_BLOCK_BYTES;
-        let start = self.header.content.tensor_data_offset + t.offset + (index * slab) as u64;
+        let start =
+            self.header.content.tensor_data_offset + t.offset + ((index * halves + half.unwrap_or(0)) * slab) as u64;
         let mut bytes = vec![0u8; slab];
         let mut f = self.file.lock().expect("weights file lock poisoned");
         f.seek(SeekFrom::Start(start))
             .and_then(|_| f.read_exact(&mut bytes))
             .with_context(|| format!("cannot read expert {index} of `{stacked}` from {path}"))?;
-        let mut values = Vec::with_capacity(out * inp);
-        mxfp4::dequantize_ggml(&bytes, &mut values);
-        Ok(QTensor::quantize(&Tensor::from_vec(values, (out, inp), &Device::Cpu)?, GgmlDType::F32)?)
+        Ok(bytes)
     }
 
     /// Row `index` of the stacked expert biases `stacked` (`[experts, out]`, or for a fused

@@ -1,11 +1,13 @@
 //! One decode step's quantized matrix-vector products at SmolLM2-135M's shapes: our Q4_1 kernel
 //! on the MLP's gate (`[1536, 576]`) and down (`[576, 1536]`) projections, and candle's Q8_0
-//! kernel on the tied LM head (`[49152, 576]`), as weight bytes read per second.
+//! kernel on the tied LM head (`[49152, 576]`), as weight bytes read per second; and one
+//! GPT-OSS-20B expert projection (`[2880, 2880]`) in MXFP4 by our kernel beside candle's Q8_0 (the
+//! format it would be repacked into otherwise).
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use dms_integration::model::q4_1;
+use dms_integration::model::{mxfp4, q4_1};
 
 fn weights(n: usize, k: usize, dtype: GgmlDType) -> QTensor {
     let vals: Vec<f32> = (0..n * k).map(|i| ((i as f32) * 0.618).sin() * 0.05).collect();
@@ -46,6 +48,28 @@ fn bench(c: &mut Criterion) {
                 let mut o: Vec<&mut [f32]> = ys.iter_mut().map(|y| y.as_mut_slice()).collect();
                 q4_1::matmul_many(&ws, k, &x, &mut o).unwrap()
             })
+        });
+    }
+    {
+        let (n, k) = (2880, 2880);
+        // Seeded codes and scales in ggml's layout: per 32 weights a scale byte, 16 bytes of codes.
+        let blocks: Vec<u8> = (0..n * k / mxfp4::BLOCK)
+            .flat_map(|b| {
+                std::iter::once(118 + (b % 5) as u8).chain((0..16).map(move |j| ((b * 37 + j * 11) % 256) as u8))
+            })
+            .collect();
+        let x: Vec<f32> = (0..k).map(|i| (i as f32 * 0.37).cos()).collect();
+        let mut y = vec![0f32; n];
+        group.throughput(Throughput::Bytes(blocks.len() as u64));
+        group.bench_function(BenchmarkId::from_parameter("mxfp4_expert_2880x2880"), |b| {
+            b.iter(|| mxfp4::matmul(&blocks, (n, k), &x, &mut y).unwrap())
+        });
+        let w = weights(n, k, GgmlDType::Q8_0);
+        group.throughput(Throughput::Bytes(w.storage_size_in_bytes() as u64));
+        let mm = QMatMul::from_qtensor(w).unwrap();
+        let xt = Tensor::from_vec(x, (1, k), &Device::Cpu).unwrap();
+        group.bench_function(BenchmarkId::from_parameter("candle_q8_0_expert_2880x2880"), |b| {
+            b.iter(|| mm.forward(&xt).unwrap())
         });
     }
     let (n, k) = (49152, 576);

@@ -37,7 +37,7 @@ pub const GGML_BLOCK_BYTES: usize = 1 + BLOCK / 2;
 /// ([`dequantize_ggml`]'s): the same values, the codes moved between the layouts' nibbles.
 pub fn hf_row_to_ggml(blocks: &[u8], scales: &[u8], out: &mut Vec<u8>) {
     for (block, &e) in blocks.chunks_exact(BLOCK / 2).zip(scales) {
-        let code = |i: usize| if i % 2 == 0 { block[i / 2] & 0x0f } else { block[i / 2] >> 4 };
+        let code = |i: usize| if i.is_multiple_of(2) { block[i / 2] & 0x0f } else { block[i / 2] >> 4 };
         out.push(e);
         out.extend((0..BLOCK / 2).map(|j| code(j) | (code(j + BLOCK / 2) << 4)));
     }

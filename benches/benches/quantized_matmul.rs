@@ -71,6 +71,23 @@ fn bench(c: &mut Criterion) {
         group.bench_function(BenchmarkId::from_parameter("candle_q8_0_expert_2880x2880"), |b| {
             b.iter(|| mm.forward(&xt).unwrap())
         });
+        // Where a layer's dequantized f32 product overtakes the kernel as an expert's rows grow
+        // (`MXFP4_DENSE_FROM_ROWS` in `linear.rs`).
+        for m in [8usize, 16, 32, 64] {
+            let xs: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).cos()).collect();
+            let mut ys = vec![0f32; m * n];
+            group.bench_function(BenchmarkId::new("mxfp4_rows_kernel", m), |b| {
+                b.iter(|| mxfp4::matmul(&blocks, (n, k), &xs, &mut ys).unwrap())
+            });
+            let xt = Tensor::from_vec(xs.clone(), (m, k), &Device::Cpu).unwrap();
+            group.bench_function(BenchmarkId::new("mxfp4_rows_dequantized", m), |b| {
+                b.iter(|| {
+                    let mut w = Vec::with_capacity(n * k);
+                    mxfp4::dequantize_ggml(&blocks, &mut w);
+                    xt.matmul(&Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap().t().unwrap()).unwrap()
+                })
+            });
+        }
     }
     let (n, k) = (49152, 576);
     let w = weights(n, k, GgmlDType::Q8_0);

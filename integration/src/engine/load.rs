@@ -119,8 +119,9 @@ fn check_dense_fits(cfg: &ModelConfig, form: WeightForm) -> Result<()> {
     if form.is_quantized() {
         return Ok(());
     }
-    check_fits_in_memory(cfg.loaded_weight_count() * 4)
-        .context("dequantized to f32; [model] weights = \"quantized\" keeps a GGUF file's block formats")
+    check_fits_in_memory(cfg.loaded_weight_count() * 4).context(
+        "dequantized to f32; [model] weights = \"quantized\" keeps a GGUF file's block formats (and MXFP4 experts)",
+    )
 }
 
 fn check_fits_in_memory(bytes: u128) -> Result<()> {

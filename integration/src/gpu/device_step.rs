@@ -54,7 +54,7 @@ impl KvBackend for DeviceStep<'_> {
         if let Some(cap) = step.softcap {
             bail!("the device cache has no attention soft-capping (the model's is {cap})");
         }
-        if step.sinks.is_some() {
+        if step.sink_logits.is_some() {
             bail!("the device cache has no attention sinks (the model has them)");
         }
         let signal = self.signal(&step)?;

@@ -17,7 +17,7 @@ const CHUNK_SLOTS: usize = 128;
 
 /// How a query-key dot product becomes an attention score: times `scale`, then with a `softcap`
 /// `cap * tanh(score / cap)` (Gemma 2's attention soft-capping), before the softmax; and with
-/// `sinks`, one more logit per query head in the softmax's sum (GPT-OSS's attention sinks: a key
+/// `sink_logits`, one more logit per query head in the softmax's sum (GPT-OSS's attention sinks: a key
 /// every query sees whose value is zero, so the weights of the real keys sum to less than one).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Scoring<'a> {
@@ -27,13 +27,13 @@ pub struct Scoring<'a> {
     pub softcap: Option<f64>,
     /// The sink logit of each query head of the call's queries (all the heads a call attends
     /// with, in order), when the model has them.
-    pub sinks: Option<&'a [f32]>,
+    pub sink_logits: Option<&'a [f32]>,
 }
 
 impl Scoring<'_> {
     /// Scores scaled by `scale`, not capped, without sinks.
     pub fn scaled(scale: f64) -> Self {
-        Self { scale, softcap: None, sinks: None }
+        Self { scale, softcap: None, sink_logits: None }
     }
 
     /// The score of dot product `dot`.
@@ -96,7 +96,7 @@ pub fn decode_rows(
     let d = store.head_dim();
     let g = q.len() / d / rows.len().max(1);
     let dv = out.len() / (g * rows.len()).max(1);
-    if let Some(s) = scoring.sinks {
+    if let Some(s) = scoring.sink_logits {
         if s.len() != g * rows.len() {
             return Err(StoreError::Unsupported(format!(
                 "decode attention: {} sink logits for {} query heads",
@@ -134,7 +134,7 @@ pub fn decode_rows(
         let parts = &partials[at..at + n_chunks];
         at += n_chunks;
         let w = weights.as_mut().map(|w| &mut *w[r]);
-        let sinks = scoring.sinks.map(|s| &s[r * g..(r + 1) * g]);
+        let sinks = scoring.sink_logits.map(|s| &s[r * g..(r + 1) * g]);
         merge(parts, g, dv, store.block_size() * chunk_blocks, sinks, o, w);
     }
     Ok(())
@@ -348,7 +348,8 @@ fn tiled(
     let qv = (q * scoring.scale)?.flatten_all()?.to_vec1::<f32>()?;
     let mut out = vec![0f32; t * n_heads * dv];
     let softcap = scoring.softcap.map(|c| c as f32);
-    let queries = crate::kv::tiled::Queries { q: &qv, q_pos, heads: n_heads, softcap, sinks: scoring.sinks };
+    let queries =
+        crate::kv::tiled::Queries { q: &qv, q_pos, heads: n_heads, softcap, sink_logits: scoring.sink_logits };
     let w = crate::kv::tiled::prompt_attention(store, &row_refs, &queries, dv, &mut out, weights);
     Ok(Some((Tensor::from_vec(out, (t, n_heads * dv), &Device::Cpu)?, w)))
 }
@@ -412,7 +413,7 @@ fn chunk_attention(
         None => scores,
     };
     let scores = scores.broadcast_add(&mask)?;
-    let probs = match scoring.sinks {
+    let probs = match scoring.sink_logits {
         // The sink is one more column of every query's scores, dropped after the softmax.
         Some(s) => {
             let sink = Tensor::new(s, &Device::Cpu)?.to_device(dev)?.reshape((kv, g, 1, 1))?;
@@ -437,7 +438,7 @@ fn chunk_attention(
 
 /// An error unless `scoring` has no sinks or one per query head of `n_heads`.
 fn check_sinks(scoring: Scoring, n_heads: usize) -> candle_core::Result<()> {
-    match scoring.sinks {
+    match scoring.sink_logits {
         Some(s) if s.len() != n_heads => {
             candle_core::bail!("chunk attention: {} sink logits for {n_heads} query heads", s.len())
         }
@@ -519,9 +520,9 @@ mod tests {
     /// With and without Gemma 2's soft-capping (a cap of 0.5 bends most of these scores), and
     /// with and without sinks (`sinks`: one per query head; some above every score, some below).
     fn scorings(sinks: &[f32]) -> [Scoring<'_>; 4] {
-        let plain = Scoring { scale: 0.2, softcap: None, sinks: None };
+        let plain = Scoring { scale: 0.2, softcap: None, sink_logits: None };
         let capped = Scoring { softcap: Some(0.5), ..plain };
-        [plain, capped, Scoring { sinks: Some(sinks), ..plain }, Scoring { sinks: Some(sinks), ..capped }]
+        [plain, capped, Scoring { sink_logits: Some(sinks), ..plain }, Scoring { sink_logits: Some(sinks), ..capped }]
     }
 
     /// Sink logits for `heads` query heads: above, among and below the test scores.
@@ -549,7 +550,7 @@ mod tests {
                     let mut want_w = vec![0f64; n];
                     for h in 0..g {
                         let qh = &q[(r * g + h) * d..(r * g + h + 1) * d];
-                        let sink = scoring.sinks.map(|s| s[r * g + h]);
+                        let sink = scoring.sink_logits.map(|s| s[r * g + h]);
                         let (o, p) = reference(qh, &ks[r], &vs[r], d, &visible, scoring, sink);
                         let got = &out[(r * g + h) * d..(r * g + h + 1) * d];
                         for (a, b) in got.iter().zip(&o) {
@@ -634,7 +635,7 @@ mod tests {
         }
         let Rows { store, ids, .. } = store_with_rows(8, 200, 1, &|_| true);
         let q = Tensor::from_vec(seeded(4, 2 * 8), (2, 1, 8), &Device::Cpu).unwrap();
-        for half in [Scoring::scaled(0.5), Scoring { sinks: Some(&[0.7]), ..Scoring::scaled(0.5) }] {
+        for half in [Scoring::scaled(0.5), Scoring { sink_logits: Some(&[0.7]), ..Scoring::scaled(0.5) }] {
             let (out, w) = chunk_rows_weighted(&store, &ids, &q, &[10, 199], half, None).unwrap();
             let mut dense_w = Vec::new();
             let dense = chunk_attention(&store, &ids, &q, &[10, 199], half, 8, Some(&mut dense_w)).unwrap();
@@ -656,14 +657,14 @@ mod tests {
         let sink = [score + 1.0];
         let mut out = vec![0f32; 8];
         let mut w = vec![0f32; 1];
-        let scoring = Scoring { sinks: Some(&sink), ..Scoring::scaled(0.5) };
+        let scoring = Scoring { sink_logits: Some(&sink), ..Scoring::scaled(0.5) };
         decode_row_weighted(&store, ids[0], &q, 0, scoring, &mut out, Some(&mut w)).unwrap();
         let share = 1.0 / (1.0 + 1f32.exp());
         assert!((w[0] - share).abs() < 1e-6, "{} vs {share}", w[0]);
         for (o, v) in out.iter().zip(&values[0]) {
             assert!((o - share * v).abs() < 1e-6);
         }
-        let two = Scoring { sinks: Some(&[0.0, 0.0]), ..Scoring::scaled(0.5) };
+        let two = Scoring { sink_logits: Some(&[0.0, 0.0]), ..Scoring::scaled(0.5) };
         let e = decode_row(&store, ids[0], &q, 0, two, &mut out).unwrap_err().to_string();
         assert!(e.contains("2 sink logits for 1 query heads"), "{e}");
         let qt = Tensor::from_vec(q.clone(), (1, 1, 8), &Device::Cpu).unwrap();

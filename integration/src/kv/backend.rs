@@ -48,7 +48,7 @@ pub struct LayerStep<'a> {
     /// Soft-capping of the scaled scores (Gemma 2), when the model has one.
     pub softcap: Option<f64>,
     /// The layer's sink logit per query head (GPT-OSS), when the model has them.
-    pub sinks: Option<&'a [f32]>,
+    pub sink_logits: Option<&'a [f32]>,
 }
 
 /// A KV cache the model's layers write to and attend over, one step at a time.

@@ -91,7 +91,7 @@ impl KvBackend for HostStep<'_, '_> {
         let k_host = step.k.flatten_all()?.to_vec1::<f32>()?;
         let v_host = if dv > 0 { step.v.flatten_all()?.to_vec1::<f32>()? } else { Vec::new() };
         let q_host = if self.spans.iter().any(|&(_, t)| t == 1) { host(Some(step.q))? } else { None };
-        let scoring = attention::Scoring { scale: step.scale, softcap: step.softcap, sinks: step.sinks };
+        let scoring = attention::Scoring { scale: step.scale, softcap: step.softcap, sink_logits: step.sink_logits };
         let mut outs = Vec::with_capacity(self.seqs.len());
         for (s, &(start, t)) in self.seqs.iter_mut().zip(&self.spans) {
             let kv_slice = start * nkv * hd..(start + t) * nkv * hd;

@@ -33,7 +33,7 @@ pub struct Queries<'a> {
     pub softcap: Option<f32>,
     /// One more logit per query head (`heads` of them) in each softmax's sum, with a value of
     /// zero (attention sinks), when given.
-    pub sinks: Option<&'a [f32]>,
+    pub sink_logits: Option<&'a [f32]>,
 }
 
 /// Attention of every query over `rows` (row `r` serves query heads `r * g .. (r + 1) * g`, with
@@ -171,7 +171,7 @@ fn attend_tile(
             kept.push((first, s.to_vec(), chunk_max));
         }
     }
-    if let Some(sinks) = queries.sinks {
+    if let Some(sinks) = queries.sink_logits {
         // The sink joins each query's softmax as a last key of value zero.
         for mi in 0..m {
             let sink = sinks[h0 + mi % g];

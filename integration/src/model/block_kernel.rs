@@ -26,17 +26,37 @@ pub(crate) struct Q8Block {
     pub(crate) q: [i8; QK],
 }
 
+/// Which kernels this CPU runs. Only [`Simd::detect`] makes one, so a value that says AVX2 proves
+/// the CPU has it (AVX2, FMA and F16C): the safe functions that take one may run those
+/// instructions.
+#[derive(Clone, Copy)]
+pub(crate) struct Simd {
+    avx2: bool,
+}
+
+impl Simd {
+    /// What this CPU has (checked once per process).
+    pub(crate) fn detect() -> Self {
+        Self { avx2: crate::cpu::has_avx2_fma() }
+    }
+
+    /// Whether AVX2, FMA and F16C may run.
+    pub(crate) fn avx2(self) -> bool {
+        self.avx2
+    }
+}
+
 /// A weight block format the kernels read: rows of `BLOCK_BYTES`-byte blocks of 32 values.
 pub(crate) trait BlockFormat {
     /// Its name in errors.
     const NAME: &'static str;
     /// Bytes per block of 32 weights.
     const BLOCK_BYTES: usize;
-    /// Dot product of one weight row with one activation row (`fast`: AVX2, FMA and F16C).
-    fn dot(w: &[u8], a: &[Q8Block], fast: bool) -> f32;
+    /// Dot product of one weight row with one activation row.
+    fn dot(w: &[u8], a: &[Q8Block], simd: Simd) -> f32;
     /// Dot products of `ROW_GROUP` consecutive weight rows (`w`, `row_bytes` each) with one
     /// activation row.
-    fn dot_group(w: &[u8], row_bytes: usize, a: &[Q8Block], fast: bool) -> [f32; ROW_GROUP];
+    fn dot_group(w: &[u8], row_bytes: usize, a: &[Q8Block], simd: Simd) -> [f32; ROW_GROUP];
 }
 
 /// `y_i = x W_i^T` for matrices `ws` (`(bytes, rows)` each, all `k` wide, in format `F`) and `x`
@@ -50,6 +70,9 @@ pub(crate) fn matmul_many<F: BlockFormat>(
     ys: &mut [&mut [f32]],
 ) -> anyhow::Result<()> {
     let m = x.len() / k.max(1);
+    if m == 0 && ws.len() == ys.len() && ys.iter().all(|y| y.is_empty()) {
+        return Ok(());
+    }
     if !k.is_multiple_of(QK) || x.len() != m * k || ws.len() != ys.len() {
         anyhow::bail!(
             "{} matmul: {} inputs of width {k}, {} matrices, {} outputs",
@@ -72,7 +95,7 @@ pub(crate) fn matmul_many<F: BlockFormat>(
         }
     }
     let acts: Vec<Vec<Q8Block>> = x.chunks_exact(k).map(quantize_row).collect();
-    let fast = crate::cpu::has_avx2_fma();
+    let simd = Simd::detect();
     let total: usize = ws.iter().map(|(_, n)| n).sum();
     let per_task =
         total.div_ceil(rayon::current_num_threads() * TASKS_PER_THREAD).next_multiple_of(ROW_GROUP).max(ROW_GROUP);
@@ -91,12 +114,12 @@ pub(crate) fn matmul_many<F: BlockFormat>(
             let w = &w[r0 * row_bytes..(r0 + rows) * row_bytes];
             for (a_i, a) in acts.iter().enumerate() {
                 if rows == ROW_GROUP {
-                    for (r, v) in F::dot_group(w, row_bytes, a, fast).into_iter().enumerate() {
+                    for (r, v) in F::dot_group(w, row_bytes, a, simd).into_iter().enumerate() {
                         o[r * m + a_i] = v;
                     }
                 } else {
                     for r in 0..rows {
-                        o[r * m + a_i] = F::dot(&w[r * row_bytes..(r + 1) * row_bytes], a, fast);
+                        o[r * m + a_i] = F::dot(&w[r * row_bytes..(r + 1) * row_bytes], a, simd);
                     }
                 }
             }

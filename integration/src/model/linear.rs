@@ -17,6 +17,11 @@ use super::weights::block_tensor;
 /// matmul. Measured on the 2-core development machine (SmolLM2-135M, Q8_0): see
 /// `benches/results/quantized-smollm2-cpu-*.json`.
 const DENSE_FROM_ROWS: usize = 16;
+/// The same for MXFP4 layers (GPT-OSS's experts, which each see a share of a prompt chunk's
+/// rows), where dequantizing costs more: on GPT-OSS-20B's `[2880, 2880]` the kernel took 8.6 ms
+/// for 32 rows against 11.0 ms dequantized, 15.4 against 13.0 for 64 (`cargo bench -p
+/// dms-benches --bench quantized_matmul -- mxfp4_rows`, the 2-core development machine).
+const MXFP4_DENSE_FROM_ROWS: usize = 48;
 
 /// A linear layer `y = x W^T (+ b)`.
 #[derive(Clone)]
@@ -51,6 +56,39 @@ enum Kernel {
     Mxfp4,
 }
 
+/// A layer's weight as one of our kernels reads it.
+struct KernelInput<'a> {
+    kernel: Kernel,
+    /// The blocks, row after row.
+    bytes: &'a [u8],
+    /// Output rows.
+    rows: usize,
+    bias: Option<&'a Tensor>,
+}
+
+/// `x W_i^T` (no bias) for layers `inputs` of one kernel, in one pass over `x` (`[.., in]`).
+fn run_kernel(inputs: &[KernelInput], x: &Tensor) -> Result<Vec<Tensor>> {
+    let k = x.dim(candle_core::D::Minus1)?;
+    let m = x.elem_count() / k.max(1);
+    let xs = x.flatten_all()?.to_vec1::<f32>()?;
+    let mut ys: Vec<Vec<f32>> = inputs.iter().map(|i| vec![0f32; m * i.rows]).collect();
+    let ws: Vec<(&[u8], usize)> = inputs.iter().map(|i| (i.bytes, i.rows)).collect();
+    let mut outs: Vec<&mut [f32]> = ys.iter_mut().map(|y| y.as_mut_slice()).collect();
+    match inputs.first().map(|i| i.kernel) {
+        Some(Kernel::Mxfp4) => super::mxfp4::matmul_many(&ws, k, &xs, &mut outs)?,
+        Some(Kernel::Q4_1) => super::q4_1::matmul_many(&ws, k, &xs, &mut outs)?,
+        None => {}
+    }
+    ys.into_iter()
+        .zip(inputs)
+        .map(|(y, i)| {
+            let mut dims = x.dims().to_vec();
+            *dims.last_mut().expect("rank >= 1") = i.rows;
+            Ok(Tensor::from_vec(y, dims, x.device())?)
+        })
+        .collect()
+}
+
 impl Proj {
     /// A quantized projection over `weight` (`[out, in]`).
     pub fn quantized(weight: QTensor, bias: Option<Tensor>) -> Result<Self> {
@@ -66,38 +104,16 @@ impl Proj {
                 Some(b) => add_bias(&x.broadcast_matmul(&l.weight().t()?)?, b),
                 None => Ok(l.forward(x)?),
             },
-            Proj::Quantized { weight, matmul, bias } => {
+            Proj::Quantized { bias, .. } | Proj::Mxfp4 { bias, .. } => {
                 let x = x.contiguous()?;
                 let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?.max(1);
-                let y = if rows >= DENSE_FROM_ROWS {
-                    let w = weight.dequantize(&x.device().clone())?;
-                    x.broadcast_matmul(&w.t()?)?
-                } else if weight.dtype() == GgmlDType::Q4_1 {
-                    let (n, k) = weight.shape().dims2()?;
-                    let mut y = vec![0f32; rows * n];
-                    super::q4_1::matmul(&weight.data()?, (n, k), &x.flatten_all()?.to_vec1::<f32>()?, &mut y)?;
-                    let mut dims = x.dims().to_vec();
-                    *dims.last_mut().expect("rank >= 1") = n;
-                    Tensor::from_vec(y, dims, x.device())?
-                } else {
-                    matmul.forward(&x)?
-                };
-                match bias {
-                    Some(b) => add_bias(&y, b),
-                    None => Ok(y),
-                }
-            }
-            Proj::Mxfp4 { blocks, shape: (n, k), bias } => {
-                let x = x.contiguous()?;
-                let rows = x.elem_count() / k.max(&1);
-                let y = if rows >= DENSE_FROM_ROWS {
-                    x.broadcast_matmul(&self.dequantized_mxfp4(x.device())?.t()?)?
-                } else {
-                    let mut y = vec![0f32; rows * n];
-                    super::mxfp4::matmul(blocks, (*n, *k), &x.flatten_all()?.to_vec1::<f32>()?, &mut y)?;
-                    let mut dims = x.dims().to_vec();
-                    *dims.last_mut().expect("rank >= 1") = *n;
-                    Tensor::from_vec(y, dims, x.device())?
+                let y = match (self, self.kernel_input(rows)) {
+                    (_, Some(input)) => run_kernel(&[input], &x)?.pop().expect("one output"),
+                    (Proj::Quantized { weight, .. }, None) if rows >= DENSE_FROM_ROWS => {
+                        x.broadcast_matmul(&weight.dequantize(x.device())?.t()?)?
+                    }
+                    (Proj::Quantized { matmul, .. }, None) => matmul.forward(&x)?,
+                    (_, None) => x.broadcast_matmul(&self.dequantized_mxfp4(x.device())?.t()?)?,
                 };
                 match bias {
                     Some(b) => add_bias(&y, b),
@@ -115,18 +131,25 @@ impl Proj {
         Ok(Tensor::from_vec(w, *shape, device)?)
     }
 
-    /// This layer's weight bytes, rows and our kernel for them, where it runs on `rows` inputs.
-    fn kernel_input(&self, rows: usize) -> Option<(Kernel, &[u8], usize, Option<&Tensor>)> {
-        if rows >= DENSE_FROM_ROWS {
-            return None;
-        }
+    /// This layer's weight for our kernel, where one runs it on `rows` inputs.
+    fn kernel_input(&self, rows: usize) -> Option<KernelInput<'_>> {
         match self {
-            Proj::Quantized { weight, bias, .. } if weight.dtype() == GgmlDType::Q4_1 => {
+            Proj::Quantized { weight, bias, .. } if weight.dtype() == GgmlDType::Q4_1 && rows < DENSE_FROM_ROWS => {
                 let data = weight.data().ok()?;
                 let std::borrow::Cow::Borrowed(bytes) = data else { return None };
-                Some((Kernel::Q4_1, bytes, weight.shape().dims2().ok()?.0, bias.as_ref()))
+                Some(KernelInput {
+                    kernel: Kernel::Q4_1,
+                    bytes,
+                    rows: weight.shape().dims2().ok()?.0,
+                    bias: bias.as_ref(),
+                })
             }
-            Proj::Mxfp4 { blocks, shape, bias } => Some((Kernel::Mxfp4, blocks.as_slice(), shape.0, bias.as_ref())),
+            Proj::Mxfp4 { blocks, shape, bias } if rows < MXFP4_DENSE_FROM_ROWS => Some(KernelInput {
+                kernel: Kernel::Mxfp4,
+                bytes: blocks.as_slice(),
+                rows: shape.0,
+                bias: bias.as_ref(),
+            }),
             _ => None,
         }
     }
@@ -138,30 +161,17 @@ impl Proj {
         let x = x.contiguous()?;
         let k = x.dim(candle_core::D::Minus1)?;
         let rows = x.elem_count() / k.max(1);
-        let shared: Vec<(Kernel, &[u8], usize, Option<&Tensor>)> =
-            projs.iter().filter_map(|p| p.kernel_input(rows)).collect();
-        let kernel = shared.first().map(|s| s.0);
-        if shared.len() != projs.len() || projs.len() < 2 || shared.iter().any(|s| Some(s.0) != kernel) {
+        let shared: Vec<KernelInput> = projs.iter().filter_map(|p| p.kernel_input(rows)).collect();
+        let one_kernel = shared.windows(2).all(|w| w[0].kernel == w[1].kernel);
+        if shared.len() != projs.len() || projs.len() < 2 || !one_kernel {
             return projs.iter().map(|p| p.forward(&x)).collect();
         }
-        let xs = x.flatten_all()?.to_vec1::<f32>()?;
-        let mut ys: Vec<Vec<f32>> = shared.iter().map(|(_, _, n, _)| vec![0f32; rows * n]).collect();
-        let ws: Vec<(&[u8], usize)> = shared.iter().map(|(_, b, n, _)| (*b, *n)).collect();
-        let mut outs: Vec<&mut [f32]> = ys.iter_mut().map(|y| y.as_mut_slice()).collect();
-        match kernel {
-            Some(Kernel::Mxfp4) => super::mxfp4::matmul_many(&ws, k, &xs, &mut outs)?,
-            _ => super::q4_1::matmul_many(&ws, k, &xs, &mut outs)?,
-        }
-        ys.into_iter()
+        run_kernel(&shared, &x)?
+            .into_iter()
             .zip(&shared)
-            .map(|(y, (_, _, n, bias))| {
-                let mut dims = x.dims().to_vec();
-                *dims.last_mut().expect("rank >= 1") = *n;
-                let y = Tensor::from_vec(y, dims, x.device())?;
-                match bias {
-                    Some(b) => add_bias(&y, b),
-                    None => Ok(y),
-                }
+            .map(|(y, input)| match input.bias {
+                Some(b) => add_bias(&y, b),
+                None => Ok(y),
             })
             .collect()
     }

@@ -676,11 +676,11 @@ impl Llama {
             let AttnInputs { q, k, v, decision, key_norms } =
                 self.attn_inputs(li, &x, (cos, sin, neuron_mask.as_ref()), (&runs, &lora_runs), need)?;
             let (decision, key_norms) = (decision.as_ref(), key_norms.as_ref());
-            let sinks = match &self.layers[li].attn {
+            let sink_logits = match &self.layers[li].attn {
                 Attention::Mha(m) => m.sinks.as_deref(),
                 Attention::Mla(_) => None,
             };
-            let step = LayerStep { q: &q, k: &k, v: &v, decision, key_norms, scale, softcap, sinks };
+            let step = LayerStep { q: &q, k: &k, v: &v, decision, key_norms, scale, softcap, sink_logits };
             let attn = backend.attend(li, step)?;
             x = self.finish_layer(li, &x, &attn, &lora_runs)?;
         }

@@ -1,10 +1,11 @@
 //! MXFP4 (OCP microscaling FP4): blocks of 32 four-bit E2M1 values sharing one power-of-two
-//! scale byte (E8M0, bias 127), as GPT-OSS ships its experts. Neither candle 0.10 nor the
-//! `safetensors` crate knows the format: its dequantization is here (a table lookup and an
-//! exponent), and a matmul kernel over ggml's blocks ([`matmul`]) so that a model keeps its
-//! experts in 4.25 bits per weight instead of Q8_0's 8.5.
+//! scale byte (E8M0, bias 127), as GPT-OSS ships its experts. candle 0.10 holds FP4 and E8M0
+//! only as raw storage (no dequantization, no quantized matmul, no GGUF type 39), and no crate
+//! fills that in: the dequantization is here (a table lookup and an exponent), and a matmul
+//! kernel over ggml's blocks ([`matmul`]) so that a model keeps its experts in 4.25 bits per
+//! weight instead of Q8_0's 8.5.
 
-use super::block_kernel::{self, BlockFormat, Q8Block, QK, ROW_GROUP};
+use super::block_kernel::{self, BlockFormat, Q8Block, Simd, QK, ROW_GROUP};
 
 /// Values per block.
 pub const BLOCK: usize = 32;
@@ -86,24 +87,24 @@ impl BlockFormat for Mxfp4 {
     const NAME: &'static str = "MXFP4";
     const BLOCK_BYTES: usize = GGML_BLOCK_BYTES;
 
-    fn dot(w: &[u8], a: &[Q8Block], fast: bool) -> f32 {
+    fn dot(w: &[u8], a: &[Q8Block], simd: Simd) -> f32 {
         #[cfg(target_arch = "x86_64")]
-        if fast {
-            // SAFETY: `fast` is true only when the CPU has AVX2, FMA and F16C; one row is
+        if simd.avx2() {
+            // SAFETY: `simd` says AVX2 only when the CPU has AVX2, FMA and F16C; one row is
             // `a.len()` blocks.
             return unsafe { dot_group_avx2::<1>(w, GGML_BLOCK_BYTES * a.len(), a)[0] };
         }
-        let _ = fast;
+        let _ = simd;
         dot_scalar(w, a)
     }
 
-    fn dot_group(w: &[u8], row_bytes: usize, a: &[Q8Block], fast: bool) -> [f32; ROW_GROUP] {
+    fn dot_group(w: &[u8], row_bytes: usize, a: &[Q8Block], simd: Simd) -> [f32; ROW_GROUP] {
         #[cfg(target_arch = "x86_64")]
-        if fast {
+        if simd.avx2() {
             // SAFETY: as above; `w` holds `ROW_GROUP` rows of `row_bytes`.
             return unsafe { dot_group_avx2::<ROW_GROUP>(w, row_bytes, a) };
         }
-        let _ = fast;
+        let _ = simd;
         std::array::from_fn(|r| dot_scalar(&w[r * row_bytes..(r + 1) * row_bytes], a))
     }
 }

@@ -106,13 +106,14 @@ impl OaiExpert {
         Ok(t.t()?.contiguous()?)
     }
 
-    /// A bias: row `index` of `{packed}_bias`, its even or odd entries for gate or up.
+    /// A bias: row `index` of `{packed}_bias`, its even or odd entries for gate or up; only that
+    /// row's bytes are read.
     fn load_bias(&self, files: &MmapedSafetensors, shape: &[usize]) -> Result<Tensor> {
         let name = format!("{}_bias", self.packed);
         let &[out] = shape else { bail!("tensor `{name}`: an expert's bias is a vector, not {shape:?}") };
         let pairs = if self.part == Part::Down { 1 } else { 2 };
-        let t = files.load(&name, &Device::Cpu).with_context(|| format!("cannot load tensor `{name}`"))?;
-        let dims = t.dims().to_vec();
+        let view = files.get(&name).with_context(|| format!("tensor `{name}` is missing"))?;
+        let dims = view.shape();
         if dims.len() != 2 || dims[1] != pairs * out || self.index >= dims[0] {
             bail!(
                 "GPT-OSS expert bias `{name}` has shape {dims:?}, but expert {} of {} is asked for \
@@ -121,7 +122,13 @@ impl OaiExpert {
                 pairs * out
             );
         }
-        let row = t.get(self.index)?.to_dtype(DType::F32)?.reshape((out, pairs))?;
+        let dtype = DType::try_from(view.dtype()).with_context(|| format!("tensor `{name}`"))?;
+        let row_bytes = pairs * out * dtype.size_in_bytes();
+        let bytes = view
+            .data()
+            .get(self.index * row_bytes..(self.index + 1) * row_bytes)
+            .with_context(|| format!("tensor `{name}` is truncated"))?;
+        let row = Tensor::from_raw_buffer(bytes, dtype, &[out, pairs], &Device::Cpu)?.to_dtype(DType::F32)?;
         Ok(row.narrow(1, if self.part == Part::Up { 1 } else { 0 }, 1)?.squeeze(1)?.contiguous()?)
     }
 

@@ -142,7 +142,7 @@ impl<F: FnMut(usize, &Tensor, &Tensor, &Tensor) -> Result<()>> KvBackend for Mas
         if let Some(cap) = step.softcap {
             bail!("the masked one-pass prompt has no attention soft-capping (the model's is {cap})");
         }
-        if step.sinks.is_some() {
+        if step.sink_logits.is_some() {
             bail!("the masked one-pass prompt has no attention sinks (the model has them)");
         }
         let (t, rows, _) = step.k.dims3()?;

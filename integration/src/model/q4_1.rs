@@ -9,7 +9,7 @@ use half::f16;
 
 #[cfg(test)]
 use super::block_kernel::quantize_row;
-use super::block_kernel::{self, BlockFormat, Q8Block, QK, ROW_GROUP};
+use super::block_kernel::{self, BlockFormat, Q8Block, Simd, QK, ROW_GROUP};
 
 /// Bytes per Q4_1 block: `d` (f16), `m` (f16), 16 bytes of nibbles (value `j` in the low nibble
 /// of byte `j`, value `j + 16` in its high nibble).
@@ -37,38 +37,38 @@ impl BlockFormat for Q41 {
     const NAME: &'static str = "Q4_1";
     const BLOCK_BYTES: usize = BLOCK_BYTES;
 
-    fn dot(w: &[u8], a: &[Q8Block], fast: bool) -> f32 {
-        dot(w, a, fast)
+    fn dot(w: &[u8], a: &[Q8Block], simd: Simd) -> f32 {
+        dot(w, a, simd)
     }
 
-    fn dot_group(w: &[u8], row_bytes: usize, a: &[Q8Block], fast: bool) -> [f32; ROW_GROUP] {
-        dot_group(w, row_bytes, a, fast)
+    fn dot_group(w: &[u8], row_bytes: usize, a: &[Q8Block], simd: Simd) -> [f32; ROW_GROUP] {
+        dot_group(w, row_bytes, a, simd)
     }
 }
 
 /// Dot product of one weight row (Q4_1 bytes) with one activation row.
 #[inline]
-fn dot(w: &[u8], a: &[Q8Block], fast: bool) -> f32 {
+fn dot(w: &[u8], a: &[Q8Block], simd: Simd) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if fast {
-        // SAFETY: `fast` is true only when the CPU has AVX2, FMA and F16C (`has_avx2_fma`).
+    if simd.avx2() {
+        // SAFETY: `simd` says AVX2 only when the CPU has AVX2, FMA and F16C ([`Simd`]).
         return unsafe { dot_avx2(w, a) };
     }
-    let _ = fast;
+    let _ = simd;
     dot_scalar(w, a)
 }
 
 /// Dot products of `ROW_GROUP` consecutive weight rows (`w`, `row_bytes` each) with one
 /// activation row.
 #[inline]
-fn dot_group(w: &[u8], row_bytes: usize, a: &[Q8Block], fast: bool) -> [f32; ROW_GROUP] {
+fn dot_group(w: &[u8], row_bytes: usize, a: &[Q8Block], simd: Simd) -> [f32; ROW_GROUP] {
     #[cfg(target_arch = "x86_64")]
-    if fast {
-        // SAFETY: `fast` is true only when the CPU has AVX2, FMA and F16C (`has_avx2_fma`);
+    if simd.avx2() {
+        // SAFETY: `simd` says AVX2 only when the CPU has AVX2, FMA and F16C ([`Simd`]);
         // `w` holds `ROW_GROUP` rows of `a.len()` blocks each.
         return unsafe { dot_group_avx2(w, row_bytes, a) };
     }
-    let _ = fast;
+    let _ = simd;
     std::array::from_fn(|r| dot_scalar(&w[r * row_bytes..(r + 1) * row_bytes], a))
 }
 

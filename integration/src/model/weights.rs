@@ -679,21 +679,26 @@ impl GgufFile<'_> {
             bail!("tensor `{stacked}`: rows of {inp} do not split into {dt:?} blocks");
         }
         let slab = out * (inp / dt.block_size()) * dt.type_size();
-        let start =
-            self.header.content.tensor_data_offset + info.offset + ((index * halves + half.unwrap_or(0)) * slab) as u64;
-        let mut bytes = vec![0u8; slab];
-        let mut f = self.file.lock().expect("weights file lock poisoned");
-        f.seek(SeekFrom::Start(start))
-            .and_then(|_| f.read_exact(&mut bytes))
-            .with_context(|| format!("cannot read expert {index} of `{stacked}` from {}", self.path.display()))?;
+        let at = (index * halves + half.unwrap_or(0)) * slab;
+        let bytes = self.read(info.offset, at, slab, &format!("expert {index} of `{stacked}`"))?;
         block_tensor(bytes, dt, (out, inp))
+    }
+
+    /// `len` bytes from `at` in the data of the tensor whose data starts at `offset`.
+    fn read(&self, offset: u64, at: usize, len: usize, what: &str) -> Result<Vec<u8>> {
+        let mut bytes = vec![0u8; len];
+        let mut f = self.file.lock().expect("weights file lock poisoned");
+        f.seek(SeekFrom::Start(self.header.content.tensor_data_offset + offset + at as u64))
+            .and_then(|_| f.read_exact(&mut bytes))
+            .with_context(|| format!("cannot read {what} from {}", self.path.display()))?;
+        Ok(bytes)
     }
 
     /// The MXFP4 blocks of expert `index` (`shape`, `[out, in]`) of `stacked` (`[experts, out,
     /// in]`, or a fused gate/up stack `[experts, 2 x out, in]` with `half`): only its bytes are
     /// read.
     fn mxfp4_expert_bytes(&self, stacked: &str, index: usize, half: Option<usize>, shape: &[usize]) -> Result<Vec<u8>> {
-        let t = &self.header.mxfp4[stacked];
+        let t = self.header.mxfp4.get(stacked).with_context(|| format!("tensor `{stacked}` is not MXFP4"))?;
         let (dims, path) = (&t.shape, self.path.display());
         let &[out, inp] = shape else { bail!("tensor `{stacked}`: experts are matrices, not {shape:?}") };
         let halves = if half.is_some() { 2 } else { 1 };
@@ -701,31 +706,36 @@ impl GgufFile<'_> {
             bail!("tensor `{stacked}` has shape {dims:?} in {path}, but the metadata implies expert {index} of shape {shape:?}");
         }
         let slab = out * inp / mxfp4::BLOCK * mxfp4::GGML_BLOCK_BYTES;
-        let start =
-            self.header.content.tensor_data_offset + t.offset + ((index * halves + half.unwrap_or(0)) * slab) as u64;
-        let mut bytes = vec![0u8; slab];
-        let mut f = self.file.lock().expect("weights file lock poisoned");
-        f.seek(SeekFrom::Start(start))
-            .and_then(|_| f.read_exact(&mut bytes))
-            .with_context(|| format!("cannot read expert {index} of `{stacked}` from {path}"))?;
-        Ok(bytes)
+        self.read(
+            t.offset,
+            (index * halves + half.unwrap_or(0)) * slab,
+            slab,
+            &format!("expert {index} of `{stacked}`"),
+        )
     }
 
-    /// Row `index` of the stacked expert biases `stacked` (`[experts, out]`, or for a fused
-    /// gate/up `[experts, 2 x out]` with `half`), checked to have `shape` (`[out]`).
+    /// Row `index` of the stacked expert biases `stacked` (`[experts, out]` in f32 or f16, or for
+    /// a fused gate/up `[experts, 2 x out]` with `half`), checked to have `shape` (`[out]`): only
+    /// its bytes are read.
     fn expert_bias(&self, stacked: &str, index: usize, half: Option<usize>, shape: &[usize]) -> Result<QTensor> {
-        let dims = self.info(stacked)?.shape.dims().to_vec();
+        let info = self.info(stacked)?;
+        let dims = info.shape.dims();
         let halves = if half.is_some() { 2 } else { 1 };
-        if !matches!((dims.as_slice(), shape), ([n, o], [so]) if index < *n && *o == halves * so) {
+        if !matches!((dims, shape), ([n, o], [so]) if index < *n && *o == halves * so) {
             bail!(
                 "tensor `{stacked}` has shape {dims:?} in {}, but the metadata implies expert {index}'s bias of shape {shape:?}",
                 self.path.display()
             );
         }
-        let all = self.blocks(&GgufSource::Whole(stacked.to_string()), &dims)?.dequantize(&Device::Cpu)?;
-        // A fresh tensor: candle's `QTensor::quantize` reads a view's storage from its start.
-        let row = all.get(index)?.narrow(0, half.unwrap_or(0) * shape[0], shape[0])?.to_vec1::<f32>()?;
-        Ok(QTensor::quantize(&Tensor::from_vec(row, shape[0], &Device::Cpu)?, GgmlDType::F32)?)
+        let dt = info.ggml_dtype;
+        if !matches!(dt, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
+            bail!("tensor `{stacked}` is stored as {dt:?}; expert biases are read in f32, f16 or bf16");
+        }
+        let (out, size) = (shape[0], dt.type_size());
+        let at = (index * halves + half.unwrap_or(0)) * out * size;
+        let bytes = self.read(info.offset, at, out * size, &format!("expert {index}'s bias of `{stacked}`"))?;
+        let row = block_tensor(bytes, dt, (1, out))?.dequantize(&Device::Cpu)?.reshape(out)?;
+        Ok(QTensor::quantize(&row, GgmlDType::F32)?)
     }
 
     /// The `shape` (`[out, in]`) rows of `part` in the fused tensor `fused`: only those rows'

@@ -413,7 +413,9 @@ mod tests {
                     };
                     tool_renders += usize::from(!tools.is_empty());
                     let messages: Vec<ChatMessage> = conversation.as_array().unwrap().iter().map(message).collect();
-                    let got = t.render_with(&messages, tools, &extra);
+                    // `render.py` prints `<DATE>` for `strftime_now` (gpt-oss's template asks for today).
+                    let today = strftime_now("%Y-%m-%d".into()).unwrap();
+                    let got = t.render_with(&messages, tools, &extra).map(|r| r.replace(&today, "<DATE>"));
                     match want.get("error") {
                         // The template raised: so must ours, with its message.
                         Some(message) => {

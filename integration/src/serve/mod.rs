@@ -9,6 +9,7 @@
 
 pub mod choice;
 pub mod error;
+pub mod harmony;
 pub mod metrics;
 pub mod openai;
 pub mod placement;
@@ -98,7 +99,8 @@ pub fn serve(cfg: &EngineConfig) -> Result<()> {
         tool_format,
         tool_markers_special: tool_format.is_some_and(|f| f.markers_are_special(&tokenizer)),
         reasoning: reasoning::ReasoningFormat::named(&s.reasoning_parser)?,
-        reasoning_markers_special: tool_calls::special_among(&tokenizer, &reasoning::MARKERS),
+        reasoning_markers_special: reasoning::ReasoningFormat::named(&s.reasoning_parser)?
+            .is_some_and(|f| tool_calls::special_among(&tokenizer, f.markers())),
         grammars: Grammars::new(&tokenizer, vocab_size, &mc.eos_token_ids).map_err(|e| format!("{e:#}")),
         vocab_size,
         commands: commands.clone(),

@@ -12,9 +12,13 @@
 //! (thinking switched off, as Qwen3's `enable_thinking: false` writes it) starts it in content.
 //! Line breaks right after `</think>` are dropped (vLLM keeps them). An answer cut short while
 //! reasoning stays reasoning.
+//!
+//! - `openai_gptoss` (GPT-OSS): the harmony format's analysis channel is reasoning, see
+//!   [`super::harmony`].
 
 use anyhow::{bail, Result};
 
+use super::harmony::{self, HarmonySplitter};
 use super::tool_calls::partial_marker;
 
 const OPEN: &str = "<think>";
@@ -27,6 +31,8 @@ pub enum ReasoningFormat {
     Qwen3,
     /// Reasoning from the start, until `</think>`.
     DeepSeekR1,
+    /// GPT-OSS's harmony channels.
+    Harmony,
 }
 
 impl ReasoningFormat {
@@ -35,13 +41,23 @@ impl ReasoningFormat {
         Ok(match name {
             "qwen3" => Some(Self::Qwen3),
             "deepseek_r1" => Some(Self::DeepSeekR1),
+            "openai_gptoss" => Some(Self::Harmony),
             "none" => None,
-            other => bail!("unknown reasoning_parser `{other}`; valid: qwen3, deepseek_r1, none"),
+            other => bail!("unknown reasoning_parser `{other}`; valid: qwen3, deepseek_r1, openai_gptoss, none"),
         })
+    }
+
+    /// The markers decoding must keep for this format to split.
+    pub fn markers(self) -> &'static [&'static str] {
+        match self {
+            Self::Harmony => &harmony::MARKERS,
+            Self::Qwen3 | Self::DeepSeekR1 => &MARKERS,
+        }
     }
 }
 
-/// The markers, which decoding must keep to split (a GGUF file may make them special tokens).
+/// The `<think>` markers, which decoding must keep to split (a GGUF file may make them special
+/// tokens).
 pub const MARKERS: [&str; 2] = [OPEN, CLOSE];
 
 /// Reasoning and content that became final.
@@ -75,16 +91,58 @@ enum State {
 
 /// Splits one answer's text into reasoning and content.
 #[derive(Debug, Clone)]
-pub struct ReasoningSplitter {
+pub enum ReasoningSplitter {
+    /// `<think>` tags.
+    Think(ThinkSplitter),
+    /// Harmony channels.
+    Harmony(HarmonySplitter),
+}
+
+impl ReasoningSplitter {
+    /// A splitter for one answer in `format` to a prompt rendered as `prompt`.
+    pub fn new(format: ReasoningFormat, prompt: &str) -> Self {
+        match format {
+            ReasoningFormat::Harmony => Self::Harmony(HarmonySplitter::default()),
+            _ => Self::Think(ThinkSplitter::new(format, prompt)),
+        }
+    }
+
+    /// Feeds the next piece of text; returns what became final.
+    pub fn push(&mut self, text: &str) -> Split {
+        let mut out = Split::default();
+        match self {
+            Self::Think(t) => {
+                t.buf.push_str(text);
+                t.run(false, &mut out);
+            }
+            Self::Harmony(h) => h.push(text, &mut out),
+        }
+        out
+    }
+
+    /// The answer ended: resolves what was held back.
+    pub fn finish(&mut self) -> Split {
+        let mut out = Split::default();
+        match self {
+            Self::Think(t) => t.run(true, &mut out),
+            Self::Harmony(h) => h.finish(&mut out),
+        }
+        out
+    }
+}
+
+/// Splits one answer marked with `<think>` tags.
+#[derive(Debug, Clone)]
+pub struct ThinkSplitter {
     format: ReasoningFormat,
     state: State,
     /// Text not yet resolved.
     buf: String,
 }
 
-impl ReasoningSplitter {
+impl ThinkSplitter {
     /// A splitter for one answer in `format` to a prompt rendered as `prompt`.
-    pub fn new(format: ReasoningFormat, prompt: &str) -> Self {
+    fn new(format: ReasoningFormat, prompt: &str) -> Self {
         let tail = prompt.trim_end();
         let state = if tail.ends_with(CLOSE) {
             State::Content
@@ -94,21 +152,6 @@ impl ReasoningSplitter {
             State::Start
         };
         Self { format, state, buf: String::new() }
-    }
-
-    /// Feeds the next piece of text; returns what became final.
-    pub fn push(&mut self, text: &str) -> Split {
-        self.buf.push_str(text);
-        let mut out = Split::default();
-        self.run(false, &mut out);
-        out
-    }
-
-    /// The answer ended: resolves what was held back.
-    pub fn finish(&mut self) -> Split {
-        let mut out = Split::default();
-        self.run(true, &mut out);
-        out
     }
 
     fn run(&mut self, at_end: bool, out: &mut Split) {
@@ -124,8 +167,8 @@ impl ReasoningSplitter {
                         return;
                     } else {
                         self.state = match self.format {
-                            ReasoningFormat::Qwen3 => State::Content,
                             ReasoningFormat::DeepSeekR1 => State::Reasoning,
+                            ReasoningFormat::Qwen3 | ReasoningFormat::Harmony => State::Content,
                         };
                     }
                 }

@@ -58,7 +58,8 @@ pub struct ServerSection {
     #[serde(default = "default_tool_parser")]
     pub tool_parser: String,
     /// How a thinking model's reasoning is split from its answer into `reasoning_content`:
-    /// `none` (the default: reasoning stays in `content`), `qwen3` or `deepseek_r1`.
+    /// `none` (the default: reasoning stays in `content`), `qwen3`, `deepseek_r1` or
+    /// `openai_gptoss` (GPT-OSS's harmony channels).
     #[serde(default = "default_reasoning_parser")]
     pub reasoning_parser: String,
     /// Keep sequence states in the pool for later prompts that start with the same tokens under

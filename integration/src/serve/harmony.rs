@@ -1,0 +1,202 @@
+//! GPT-OSS's answers in OpenAI's harmony format, split into reasoning and content piece by piece
+//! (streaming) or whole, with the same result either way (vLLM's `openai_gptoss` parser).
+//!
+//! An answer is a run of messages. Each has a header (`<|channel|>analysis`; a call's
+//! `<|channel|>commentary to=functions.f <|constrain|>json`; after the first, `<|start|>assistant`
+//! opens it), then `<|message|>`, then its text up to `<|end|>`, `<|return|>` or `<|call|>`. The
+//! analysis channel's text is reasoning; every other channel's (final, commentary) is content.
+//! Headers and markers are dropped. Text before any header that does not open one (a model that
+//! skipped the format) is content. An answer cut short keeps what its open message said.
+
+use super::reasoning::Split;
+use super::tool_calls::partial_marker;
+
+const MESSAGE: &str = "<|message|>";
+const CHANNEL: &str = "<|channel|>";
+/// What ends a message's text: its own end markers, or the next message's start.
+const ENDS: [&str; 4] = ["<|end|>", "<|return|>", "<|call|>", "<|start|>"];
+
+/// The markers decoding must keep to split (GPT-OSS's tokenizer makes them special tokens).
+pub const MARKERS: [&str; 7] =
+    ["<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|return|>", "<|call|>", "<|constrain|>"];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Before the answer's first `<|message|>`: a header, or plain text if it opens none.
+    First,
+    /// After a message: the next one's header, up to `<|message|>`.
+    Header,
+    /// A message's text; `reasoning` in the analysis channel.
+    Body { reasoning: bool },
+}
+
+/// Splits one harmony answer into reasoning and content.
+#[derive(Debug, Clone)]
+pub struct HarmonySplitter {
+    state: State,
+    /// Text not yet resolved.
+    buf: String,
+}
+
+impl Default for HarmonySplitter {
+    fn default() -> Self {
+        Self { state: State::First, buf: String::new() }
+    }
+}
+
+impl HarmonySplitter {
+    /// Feeds the next piece of text; what became final goes to `out`.
+    pub fn push(&mut self, text: &str, out: &mut Split) {
+        self.buf.push_str(text);
+        self.run(false, out);
+    }
+
+    /// The answer ended: resolves what was held back into `out`.
+    pub fn finish(&mut self, out: &mut Split) {
+        self.run(true, out);
+    }
+
+    fn run(&mut self, at_end: bool, out: &mut Split) {
+        loop {
+            match self.state {
+                State::First => {
+                    let start = self.buf.trim_start();
+                    // Text that cannot open a header (`<|...`): the model skipped the format.
+                    if !start.is_empty() && !start.starts_with('<') || start.len() > 1 && !start.starts_with("<|") {
+                        self.state = State::Body { reasoning: false };
+                    } else if start.len() > 1 || at_end {
+                        self.state = State::Header;
+                    } else {
+                        return;
+                    }
+                }
+                State::Header => {
+                    if let Some(at) = self.buf.find(MESSAGE) {
+                        let reasoning = channel(&self.buf[..at]) == Some("analysis");
+                        self.buf.drain(..at + MESSAGE.len());
+                        self.state = State::Body { reasoning };
+                        continue;
+                    }
+                    if at_end {
+                        // An unfinished header says nothing.
+                        self.buf.clear();
+                    }
+                    return;
+                }
+                State::Body { reasoning } => {
+                    let sink = if reasoning { &mut out.reasoning } else { &mut out.content };
+                    let end = ENDS.iter().filter_map(|m| self.buf.find(m).map(|at| (at, m.len()))).min();
+                    match end {
+                        Some((at, len)) => {
+                            sink.push_str(&self.buf[..at]);
+                            self.buf.drain(..at + len);
+                            self.state = State::Header;
+                        }
+                        None => {
+                            let hold = if at_end {
+                                0
+                            } else {
+                                ENDS.iter().map(|m| partial_marker(&self.buf, m)).max().unwrap_or(0)
+                            };
+                            sink.extend(self.buf.drain(..self.buf.len() - hold));
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The channel a header names (`<|channel|>NAME`, the name ending at a space or a marker).
+fn channel(header: &str) -> Option<&str> {
+    let rest = &header[header.find(CHANNEL)? + CHANNEL.len()..];
+    let end = rest.find([' ', '<', '\n']).unwrap_or(rest.len());
+    Some(&rest[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn whole(text: &str) -> Split {
+        let mut s = HarmonySplitter::default();
+        let mut out = Split::default();
+        s.push(text, &mut out);
+        s.finish(&mut out);
+        out
+    }
+
+    fn split(reasoning: &str, content: &str) -> Split {
+        Split { reasoning: reasoning.into(), content: content.into() }
+    }
+
+    /// Answers as gpt-oss writes them after the template's `<|start|>assistant`, split by hand
+    /// as vLLM's `openai_gptoss` parser splits them.
+    #[test]
+    fn the_analysis_channel_is_reasoning_the_others_content() {
+        let answer = "<|channel|>analysis<|message|>User greets. Reply.<|end|>\
+                      <|start|>assistant<|channel|>final<|message|>Hi there!<|return|>";
+        assert_eq!(whole(answer), split("User greets. Reply.", "Hi there!"));
+        // Generation stops at `<|return|>` (an end-of-sequence token), so it may be absent.
+        let cut = "<|channel|>analysis<|message|>Think.<|end|><|start|>assistant<|channel|>final<|message|>Done";
+        assert_eq!(whole(cut), split("Think.", "Done"));
+        // A preamble in the commentary channel, a call's header with its recipient.
+        let call = "<|channel|>analysis<|message|>Need weather.<|end|><|start|>assistant<|channel|>commentary \
+                    to=functions.get_weather <|constrain|>json<|message|>{\"city\": \"Paris\"}<|call|>";
+        assert_eq!(whole(call), split("Need weather.", "{\"city\": \"Paris\"}"));
+        assert_eq!(whole("<|channel|>analysis<|message|>cut sho"), split("cut sho", ""));
+        assert_eq!(whole("Plain text, no format."), split("", "Plain text, no format."));
+        assert_eq!(whole("<|chan"), split("", ""));
+        assert_eq!(whole(""), split("", ""));
+        // Decided only once the text shows whether it opens a header.
+        for pieces in [&[" ", "Plain"][..], &["<", "y is plain"], &["<", "|channel|>final<|message|>Hi"]] {
+            let mut s = HarmonySplitter::default();
+            let mut out = Split::default();
+            for p in pieces {
+                s.push(p, &mut out);
+            }
+            s.finish(&mut out);
+            assert_eq!(out, whole(&pieces.concat()), "{pieces:?}");
+        }
+        assert_eq!(channel("assistant<|channel|>final"), Some("final"));
+        assert_eq!(channel("<|channel|>commentary to=functions.f <|constrain|>json"), Some("commentary"));
+        assert_eq!(channel("assistant"), None);
+    }
+
+    fn answer() -> impl Strategy<Value = String> {
+        let piece = prop_oneof![
+            Just("<|channel|>analysis<|message|>".to_string()),
+            Just("<|channel|>final<|message|>".to_string()),
+            Just("<|end|><|start|>assistant".to_string()),
+            Just("<|return|>".to_string()),
+            Just("<|mess".to_string()),
+            Just("<|".to_string()),
+            Just("Héllo".to_string()),
+            Just(" \n".to_string()),
+            Just("x<y".to_string()),
+        ];
+        prop::collection::vec(piece, 0..8).prop_map(|p| p.concat())
+    }
+
+    proptest! {
+        /// However the text is cut into pieces, the split is that of the whole, and no text is
+        /// made up.
+        #[test]
+        fn streaming_in_any_pieces_equals_splitting_the_whole(
+            text in answer(),
+            cuts in prop::collection::vec(0usize..120, 0..10),
+        ) {
+            let mut s = HarmonySplitter::default();
+            let mut out = Split::default();
+            for piece in crate::serve::tool_calls::cut_into_pieces(&text, &cuts) {
+                s.push(piece, &mut out);
+            }
+            s.finish(&mut out);
+            let w = whole(&text);
+            prop_assert_eq!(&out, &w);
+            prop_assert!(w.reasoning.len() + w.content.len() <= text.len());
+        }
+    }
+}

@@ -97,6 +97,25 @@ fn gpt_oss_mxfp4_experts_run_in_their_blocks() {
     assert_eq!(q8_bytes - gguf_bytes, expert_weights * (34 - 17) / 32);
 }
 
+/// A GGUF whose experts' gate and up are fused (llama.cpp's `--fuse-gate-up-exps`:
+/// `ffn_gate_up_exps`, each expert's gate rows then its up rows, in MXFP4, and its biases
+/// likewise) gives the logits of the file that keeps them apart, dense and quantized.
+#[test]
+fn gpt_oss_fused_gate_up_experts_load() {
+    let g = golden(&fixture("gguf/gpt_oss_reference.safetensors"));
+    let run = |model: &str, form: WeightForm| -> Vec<Vec<f32>> {
+        let loaded = load_model(&fixture(&format!("gguf/{model}")), &candle_core::Device::Cpu, form).unwrap();
+        let mut eng = engine_of(loaded.model, "name = \"full\"", 4);
+        let mut seq = eng.new_sequence();
+        eng.step(&mut seq, &ids(&g["prompt_ids"]), true).unwrap().to_vec2::<f32>().unwrap()
+    };
+    for form in [WeightForm::Dense, WeightForm::Quantized] {
+        for (t, (a, b)) in run("gpt_oss_fused.gguf", form).iter().zip(run("gpt_oss_mxfp4.gguf", form)).enumerate() {
+            assert!(max_abs(a, &b) < 1e-5, "{form:?}, position {t}: {}", max_abs(a, &b));
+        }
+    }
+}
+
 /// openai/gpt-oss-20b's published config.json is read as transformers reads it.
 #[test]
 fn the_published_gpt_oss_20b_config_is_read() {

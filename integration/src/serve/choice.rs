@@ -52,7 +52,7 @@ impl ChoiceText {
     pub fn push(&mut self, text: &str) -> Vec<Piece> {
         let split = match &mut self.reasoning {
             Some(r) => r.push(text),
-            None => Split { reasoning: String::new(), content: text.to_string() },
+            None => Split { content: text.to_string(), ..Split::default() },
         };
         self.pieces(split, false)
     }
@@ -74,14 +74,20 @@ impl ChoiceText {
             out.push(Piece::Reasoning(split.reasoning));
         }
         let Some(parser) = &mut self.tools else {
-            if !split.content.is_empty() {
-                out.push(Piece::Content(split.content));
+            // Without tools, a harmony call's arguments are text like any other.
+            let content = split.calls.iter().fold(split.content, |c, call| c + &call.arguments);
+            if !content.is_empty() {
+                out.push(Piece::Content(content));
             }
             return out;
         };
         let mut parsed = parser.push(&split.content);
         if at_end {
             parsed.extend(parser.finish());
+        }
+        // Harmony's calls, from its headers.
+        for call in split.calls {
+            parser.accept(call, &mut parsed);
         }
         if !parsed.content.is_empty() {
             out.push(Piece::Content(parsed.content));
@@ -142,5 +148,51 @@ mod tests {
         pieces.extend(streamed.finish());
         assert_eq!(strip(pieces), got);
         assert!(ChoiceText::default().is_plain());
+    }
+
+    /// GPT-OSS's harmony answer: the analysis channel is reasoning, a preamble content, calls
+    /// come from their headers (one kept at `max_calls` 1, a call to a function not offered
+    /// left as content), streamed character by character as whole; without tools a call's
+    /// arguments are content.
+    #[test]
+    fn harmony_calls_come_from_their_headers_streamed_or_whole() {
+        let text = "<|channel|>analysis<|message|>Need weather.<|end|><|start|>assistant<|channel|>commentary\
+                    <|message|>Checking. <|end|><|start|>assistant<|channel|>commentary to=functions.f \
+                    <|constrain|>json<|message|>{\"a\": 1}<|call|><|start|>assistant to=functions.g<|channel|>\
+                    commentary json<|message|>{\"b\": 2}<|call|><|start|>assistant<|channel|>commentary \
+                    to=functions.f<|message|>{}<|call|>";
+        let run = |tools: bool, by_char: bool| -> Vec<Piece> {
+            let parser = tools.then(|| ToolCallParser::new(ToolFormat::Harmony, vec!["f".into()], 1));
+            let mut c = ChoiceText::new(Some(ReasoningSplitter::new(ReasoningFormat::Harmony, "")), parser);
+            let mut pieces = Vec::new();
+            if by_char {
+                for ch in text.chars() {
+                    pieces.extend(c.push(&ch.to_string()));
+                }
+            } else {
+                pieces.extend(c.push(text));
+            }
+            pieces.extend(c.finish());
+            pieces
+        };
+        let strip = |pieces: Vec<Piece>| -> (String, String, Vec<ToolCall>) {
+            let mut out = (String::new(), String::new(), Vec::new());
+            for p in pieces {
+                match p {
+                    Piece::Reasoning(r) => out.0.push_str(&r),
+                    Piece::Content(c) => out.1.push_str(&c),
+                    Piece::Call { call, .. } => out.2.push(call),
+                }
+            }
+            out
+        };
+        let whole = strip(run(true, false));
+        assert_eq!(whole.0, "Need weather.");
+        assert_eq!(whole.1, "Checking. {\"b\": 2}");
+        assert_eq!(whole.2, vec![ToolCall { name: "f".into(), arguments: "{\"a\": 1}".into() }]);
+        assert_eq!(strip(run(true, true)), whole);
+        let plain = strip(run(false, false));
+        assert_eq!((plain.1.as_str(), plain.2.len()), ("Checking. {\"a\": 1}{\"b\": 2}{}", 0));
+        assert_eq!(strip(run(false, true)), plain);
     }
 }

@@ -4,12 +4,14 @@
 //! An answer is a run of messages. Each has a header (`<|channel|>analysis`; a call's
 //! `<|channel|>commentary to=functions.f <|constrain|>json`; after the first, `<|start|>assistant`
 //! opens it), then `<|message|>`, then its text up to `<|end|>`, `<|return|>` or `<|call|>`. The
-//! analysis channel's text is reasoning; every other channel's (final, commentary) is content.
-//! Headers and markers are dropped. Text before any header that does not open one (a model that
-//! skipped the format) is content. An answer cut short keeps what its open message said.
+//! analysis channel's text is reasoning; a message to a function (`to=functions.NAME` in its
+//! header) is a call, its text the arguments; every other message's text (final, commentary) is
+//! content. Headers and markers are dropped. Text before any header that does not open one (a
+//! model that skipped the format) is content. An answer cut short keeps what its open message
+//! said (an unfinished call's text as content).
 
 use super::reasoning::Split;
-use super::tool_calls::partial_marker;
+use super::tool_calls::{partial_marker, ToolCall};
 
 const MESSAGE: &str = "<|message|>";
 const CHANNEL: &str = "<|channel|>";
@@ -20,14 +22,23 @@ const ENDS: [&str; 4] = ["<|end|>", "<|return|>", "<|call|>", "<|start|>"];
 pub const MARKERS: [&str; 7] =
     ["<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|return|>", "<|call|>", "<|constrain|>"];
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum State {
     /// Before the answer's first `<|message|>`: a header, or plain text if it opens none.
     First,
     /// After a message: the next one's header, up to `<|message|>`.
     Header,
-    /// A message's text; `reasoning` in the analysis channel.
-    Body { reasoning: bool },
+    /// A message's text.
+    Body(Kind),
+}
+
+/// What a message's text is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Kind {
+    Reasoning,
+    Content,
+    /// The arguments of a call to this function.
+    Call(String),
 }
 
 /// Splits one harmony answer into reasoning and content.
@@ -58,12 +69,12 @@ impl HarmonySplitter {
 
     fn run(&mut self, at_end: bool, out: &mut Split) {
         loop {
-            match self.state {
+            match &self.state {
                 State::First => {
                     let start = self.buf.trim_start();
                     // Text that cannot open a header (`<|...`): the model skipped the format.
                     if !start.is_empty() && !start.starts_with('<') || start.len() > 1 && !start.starts_with("<|") {
-                        self.state = State::Body { reasoning: false };
+                        self.state = State::Body(Kind::Content);
                     } else if start.len() > 1 || at_end {
                         self.state = State::Header;
                     } else {
@@ -72,9 +83,14 @@ impl HarmonySplitter {
                 }
                 State::Header => {
                     if let Some(at) = self.buf.find(MESSAGE) {
-                        let reasoning = channel(&self.buf[..at]) == Some("analysis");
+                        let header = &self.buf[..at];
+                        let kind = match (function(header), channel(header)) {
+                            (Some(name), _) => Kind::Call(name.to_string()),
+                            (None, Some("analysis")) => Kind::Reasoning,
+                            _ => Kind::Content,
+                        };
                         self.buf.drain(..at + MESSAGE.len());
-                        self.state = State::Body { reasoning };
+                        self.state = State::Body(kind);
                         continue;
                     }
                     if at_end {
@@ -83,8 +99,25 @@ impl HarmonySplitter {
                     }
                     return;
                 }
-                State::Body { reasoning } => {
-                    let sink = if reasoning { &mut out.reasoning } else { &mut out.content };
+                State::Body(Kind::Call(name)) => {
+                    // A call's arguments are read whole, at its end.
+                    let end = ENDS.iter().filter_map(|m| self.buf.find(m).map(|at| (at, m.len()))).min();
+                    match end {
+                        Some((at, len)) => {
+                            let arguments = self.buf[..at].trim().to_string();
+                            out.calls.push(ToolCall { name: name.clone(), arguments });
+                            self.buf.drain(..at + len);
+                            self.state = State::Header;
+                        }
+                        None if at_end => {
+                            out.content.push_str(&std::mem::take(&mut self.buf));
+                            return;
+                        }
+                        None => return,
+                    }
+                }
+                State::Body(kind) => {
+                    let sink = if *kind == Kind::Reasoning { &mut out.reasoning } else { &mut out.content };
                     let end = ENDS.iter().filter_map(|m| self.buf.find(m).map(|at| (at, m.len()))).min();
                     match end {
                         Some((at, len)) => {
@@ -108,6 +141,14 @@ impl HarmonySplitter {
     }
 }
 
+/// The function a header's message is sent to (`to=functions.NAME`, the name ending at a space or
+/// a marker).
+fn function(header: &str) -> Option<&str> {
+    let rest = &header[header.find("to=functions.")? + "to=functions.".len()..];
+    let end = rest.find([' ', '<', '\n']).unwrap_or(rest.len());
+    Some(&rest[..end]).filter(|n| !n.is_empty())
+}
+
 /// The channel a header names (`<|channel|>NAME`, the name ending at a space or a marker).
 fn channel(header: &str) -> Option<&str> {
     let rest = &header[header.find(CHANNEL)? + CHANNEL.len()..];
@@ -129,7 +170,7 @@ mod tests {
     }
 
     fn split(reasoning: &str, content: &str) -> Split {
-        Split { reasoning: reasoning.into(), content: content.into() }
+        Split { reasoning: reasoning.into(), content: content.into(), calls: vec![] }
     }
 
     /// Answers as gpt-oss writes them after the template's `<|start|>assistant`, split by hand
@@ -142,10 +183,19 @@ mod tests {
         // Generation stops at `<|return|>` (an end-of-sequence token), so it may be absent.
         let cut = "<|channel|>analysis<|message|>Think.<|end|><|start|>assistant<|channel|>final<|message|>Done";
         assert_eq!(whole(cut), split("Think.", "Done"));
-        // A preamble in the commentary channel, a call's header with its recipient.
+        // A call: its header names the function (after the channel, or before it as the
+        // template writes calls in a history); its text is the arguments.
         let call = "<|channel|>analysis<|message|>Need weather.<|end|><|start|>assistant<|channel|>commentary \
-                    to=functions.get_weather <|constrain|>json<|message|>{\"city\": \"Paris\"}<|call|>";
-        assert_eq!(whole(call), split("Need weather.", "{\"city\": \"Paris\"}"));
+                    to=functions.get_weather <|constrain|>json<|message|> {\"city\": \"Paris\"}<|call|>";
+        let weather = |args: &str| ToolCall { name: "get_weather".into(), arguments: args.into() };
+        let want = Split { calls: vec![weather("{\"city\": \"Paris\"}")], ..split("Need weather.", "") };
+        assert_eq!(whole(call), want);
+        let before = "<|channel|>commentary<|message|>Checking.<|end|><|start|>assistant to=functions.get_weather\
+                      <|channel|>commentary json<|message|>{}<|call|>";
+        assert_eq!(whole(before), Split { calls: vec![weather("{}")], ..split("", "Checking.") });
+        // A call cut short is text.
+        let cut_call = "<|channel|>commentary to=functions.get_weather<|message|>{\"ci";
+        assert_eq!(whole(cut_call), split("", "{\"ci"));
         assert_eq!(whole("<|channel|>analysis<|message|>cut sho"), split("cut sho", ""));
         assert_eq!(whole("Plain text, no format."), split("", "Plain text, no format."));
         assert_eq!(whole("<|chan"), split("", ""));
@@ -169,6 +219,8 @@ mod tests {
         let piece = prop_oneof![
             Just("<|channel|>analysis<|message|>".to_string()),
             Just("<|channel|>final<|message|>".to_string()),
+            Just("<|channel|>commentary to=functions.f<|message|>".to_string()),
+            Just("<|call|>".to_string()),
             Just("<|end|><|start|>assistant".to_string()),
             Just("<|return|>".to_string()),
             Just("<|mess".to_string()),

@@ -78,8 +78,11 @@ pub fn serve(cfg: &EngineConfig) -> Result<()> {
             chat_template.with_source(source, path.display().to_string())?
         }
     };
+    let reasoning_format = reasoning::ReasoningFormat::named(&s.reasoning_parser)?;
+    let harmony = reasoning_format == Some(reasoning::ReasoningFormat::Harmony);
     let tool_format = match s.tool_parser.as_str() {
-        "auto" => ToolFormat::detect(chat_template.source()),
+        // gpt-oss's calls live in headers that only the harmony splitter reads.
+        "auto" => ToolFormat::detect(chat_template.source()).filter(|f| *f != ToolFormat::Harmony || harmony),
         name => ToolFormat::named(name)?,
     };
     let names: Vec<String> = policies.iter().map(|p| p.name.clone()).collect();
@@ -98,9 +101,8 @@ pub fn serve(cfg: &EngineConfig) -> Result<()> {
         chat_template,
         tool_format,
         tool_markers_special: tool_format.is_some_and(|f| f.markers_are_special(&tokenizer)),
-        reasoning: reasoning::ReasoningFormat::named(&s.reasoning_parser)?,
-        reasoning_markers_special: reasoning::ReasoningFormat::named(&s.reasoning_parser)?
-            .is_some_and(|f| tool_calls::special_among(&tokenizer, f.markers())),
+        reasoning: reasoning_format,
+        reasoning_markers_special: reasoning_format.is_some_and(|f| tool_calls::special_among(&tokenizer, f.markers())),
         grammars: Grammars::new(&tokenizer, vocab_size, &mc.eos_token_ids).map_err(|e| format!("{e:#}")),
         vocab_size,
         commands: commands.clone(),

@@ -19,7 +19,7 @@
 use anyhow::{bail, Result};
 
 use super::harmony::{self, HarmonySplitter};
-use super::tool_calls::partial_marker;
+use super::tool_calls::{partial_marker, ToolCall};
 
 const OPEN: &str = "<think>";
 const CLOSE: &str = "</think>";
@@ -60,13 +60,15 @@ impl ReasoningFormat {
 /// tokens).
 pub const MARKERS: [&str; 2] = [OPEN, CLOSE];
 
-/// Reasoning and content that became final.
+/// Reasoning, content and (harmony's) calls that became final.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Split {
     /// Reasoning text (`reasoning_content`).
     pub reasoning: String,
     /// Answer text (`content`).
     pub content: String,
+    /// Calls to functions in harmony's headers (`to=functions.NAME`), after this piece's content.
+    pub calls: Vec<ToolCall>,
 }
 
 impl Split {
@@ -74,6 +76,7 @@ impl Split {
     pub fn extend(&mut self, later: Split) {
         self.reasoning.push_str(&later.reasoning);
         self.content.push_str(&later.content);
+        self.calls.extend(later.calls);
     }
 }
 
@@ -219,7 +222,7 @@ mod tests {
     }
 
     fn split(reasoning: &str, content: &str) -> Split {
-        Split { reasoning: reasoning.into(), content: content.into() }
+        Split { reasoning: reasoning.into(), content: content.into(), calls: vec![] }
     }
 
     /// vLLM's qwen3 and deepseek_r1 parsers on these answers, written out by hand (and the

@@ -53,7 +53,8 @@ pub struct ServerSection {
     #[serde(default)]
     pub chat_template: Option<std::path::PathBuf>,
     /// How tool calls are read from answers: `auto` (the format the chat template teaches),
-    /// `hermes`, `llama3_json`, `mistral`, `deepseek_v3`, or `none` (requests with tools and
+    /// `hermes`, `llama3_json`, `mistral`, `deepseek_v3`, `openai` (GPT-OSS's harmony calls,
+    /// with `reasoning_parser = "openai_gptoss"`), or `none` (requests with tools and
     /// `tool_choice: auto` are refused).
     #[serde(default = "default_tool_parser")]
     pub tool_parser: String,
@@ -168,6 +169,12 @@ impl ServerSection {
         }
         crate::serve::reasoning::ReasoningFormat::named(&self.reasoning_parser)
             .map_err(|e| anyhow::anyhow!("[server] {e}"))?;
+        if self.tool_parser == "openai" && self.reasoning_parser != "openai_gptoss" {
+            bail!(
+                "[server] tool_parser = \"openai\" reads calls from GPT-OSS's harmony headers, which only \
+                 reasoning_parser = \"openai_gptoss\" reads: set it too"
+            );
+        }
         let mut seen = std::collections::HashSet::new();
         for p in &self.policies {
             if p.name.trim().is_empty() {
@@ -257,6 +264,7 @@ mod tests {
             ("api_key = \" \"", "api_key"),
             ("tool_parser = \"pythonic\"", "tool_parser `pythonic`"),
             ("reasoning_parser = \"granite\"", "reasoning_parser `granite`"),
+            ("tool_parser = \"openai\"", "reasoning_parser = \"openai_gptoss\""),
         ] {
             let s: ServerSection = toml::from_str(text).unwrap();
             let e = s.validate().unwrap_err().to_string();

@@ -37,6 +37,10 @@ pub enum ToolFormat {
     Mistral,
     /// `<｜tool▁calls▁begin｜>` then DeepSeek's call blocks.
     DeepSeekV3,
+    /// GPT-OSS's harmony calls (`<|channel|>commentary to=functions.NAME ... <|message|>ARGS
+    /// <|call|>`): their headers are read by the harmony reasoning splitter
+    /// (`reasoning_parser = "openai_gptoss"`), which hands the calls to [`ToolCallParser::accept`].
+    Harmony,
 }
 
 const HERMES_OPEN: &str = "<tool_call>";
@@ -58,6 +62,7 @@ impl ToolFormat {
             "llama3_json" => Some(Self::Llama3Json),
             "mistral" => Some(Self::Mistral),
             "deepseek_v3" => Some(Self::DeepSeekV3),
+            "openai" => Some(Self::Harmony),
             "none" => None,
             other => {
                 bail!("unknown tool_parser `{other}`; valid: auto, hermes, llama3_json, mistral, deepseek_v3, none")
@@ -68,7 +73,10 @@ impl ToolFormat {
     /// The format a chat template teaches, if it is one of ours: by the markers it prints, or
     /// for Llama 3 by its `{"name": ..., "parameters": ...}` instruction.
     pub fn detect(template: &str) -> Option<Self> {
-        if template.contains(DS_CALLS_BEGIN) {
+        // gpt-oss's template writes a call's header as `"<|start|>assistant to=" + "functions." + name`.
+        if template.contains("<|call|>") && template.contains("functions.") {
+            Some(Self::Harmony)
+        } else if template.contains(DS_CALLS_BEGIN) {
             Some(Self::DeepSeekV3)
         } else if template.contains(MISTRAL_CALLS) {
             Some(Self::Mistral)
@@ -89,6 +97,7 @@ impl ToolFormat {
             Self::Llama3Json => &[PYTHON_TAG],
             Self::Mistral => &[MISTRAL_CALLS, MISTRAL_ARGS],
             Self::DeepSeekV3 => &[DS_CALLS_BEGIN, DS_CALL_BEGIN, DS_SEP],
+            Self::Harmony => &crate::serve::harmony::MARKERS,
         };
         special_among(tokenizer, markers)
     }
@@ -100,6 +109,7 @@ impl ToolFormat {
             Self::Llama3Json => "llama3_json",
             Self::Mistral => "mistral",
             Self::DeepSeekV3 => "deepseek_v3",
+            Self::Harmony => "openai",
         }
     }
 
@@ -109,7 +119,7 @@ impl ToolFormat {
             Self::Hermes => Some(HERMES_OPEN),
             Self::Mistral => Some(MISTRAL_CALLS),
             Self::DeepSeekV3 => Some(DS_CALLS_BEGIN),
-            Self::Llama3Json => None,
+            Self::Llama3Json | Self::Harmony => None,
         }
     }
 }
@@ -236,7 +246,7 @@ impl ToolCallParser {
     pub fn new(format: ToolFormat, names: Vec<String>, max_calls: usize) -> Self {
         let state = match format {
             ToolFormat::Llama3Json => State::Undecided,
-            ToolFormat::Hermes | ToolFormat::Mistral | ToolFormat::DeepSeekV3 => State::Text,
+            ToolFormat::Hermes | ToolFormat::Mistral | ToolFormat::DeepSeekV3 | ToolFormat::Harmony => State::Text,
         };
         Self {
             format,
@@ -293,6 +303,11 @@ impl ToolCallParser {
     pub fn push(&mut self, text: &str) -> Parsed {
         self.buf.push_str(text);
         let mut out = Parsed::default();
+        // Harmony's calls are read from its headers (see `accept`): the text is content.
+        if self.format == ToolFormat::Harmony && self.forced.is_none() {
+            out.content = std::mem::take(&mut self.buf);
+            return out;
+        }
         match self.format.opening() {
             Some(opening) => self.marked(opening, &mut out),
             None => self.llama3(&mut out),
@@ -305,7 +320,9 @@ impl ToolCallParser {
         let mut out = Parsed::default();
         let rest = std::mem::take(&mut self.buf);
         match self.state {
-            State::Text if self.format == ToolFormat::Llama3Json => out.content.push_str(&rest),
+            State::Text if matches!(self.format, ToolFormat::Llama3Json | ToolFormat::Harmony) => {
+                out.content.push_str(&rest)
+            }
             State::Text => self.text(&rest, &mut out),
             // An unterminated block is read as a call if it is one.
             State::InCall => self.block(&rest, &format!("{HERMES_OPEN}{rest}"), &mut out),
@@ -329,7 +346,7 @@ impl ToolCallParser {
             (None, ToolFormat::Llama3Json) => llama3_calls(rest, names).map(|c| (c, "")),
             (None, ToolFormat::Mistral) => mistral_calls(rest, names).map(|c| (c, "")),
             (None, ToolFormat::DeepSeekV3) => deepseek_calls(rest, names),
-            (None, ToolFormat::Hermes) => None,
+            (None, ToolFormat::Hermes | ToolFormat::Harmony) => None,
         };
         match (read, self.format.opening()) {
             (Some((calls, after)), _) => {
@@ -339,6 +356,16 @@ impl ToolCallParser {
             }
             (None, Some(opening)) => self.text(&format!("{opening}{rest}"), out),
             (None, _) => out.content.push_str(rest),
+        }
+    }
+
+    /// A call the answer's format carries outside the text this parser reads (harmony's
+    /// headers), into `out`: kept when fewer than `max_calls` were; a call to a function the
+    /// request did not offer is content (its arguments), as in the other formats.
+    pub fn accept(&mut self, call: ToolCall, out: &mut Parsed) {
+        match self.names.contains(&call.name) {
+            true => self.keep(call, out),
+            false => out.content.push_str(&call.arguments),
         }
     }
 
@@ -749,6 +776,8 @@ mod tests {
         assert_eq!(detect("mistralai-Mistral-Nemo-Instruct-2407.jinja"), Some(ToolFormat::Mistral));
         assert_eq!(detect("deepseek-ai-DeepSeek-V3.1.jinja"), Some(ToolFormat::DeepSeekV3));
         assert_eq!(detect("microsoft-Phi-3.5-mini-instruct.jinja"), None);
+        assert_eq!(detect("openai-gpt-oss-120b.jinja"), Some(ToolFormat::Harmony));
+        assert_eq!(ToolFormat::named("openai").unwrap(), Some(ToolFormat::Harmony));
         assert!(ToolFormat::named("pythonic").is_err());
     }
 

@@ -8,7 +8,8 @@
 //! header) is a call, its text the arguments; every other message's text (final, commentary) is
 //! content. Headers and markers are dropped. Text before any header that does not open one (a
 //! model that skipped the format) is content. An answer cut short keeps what its open message
-//! said (an unfinished call's text as content).
+//! said; one that ends inside a call (generation stops at `<|call|>`) is that call if its text is
+//! a whole JSON object, else content.
 
 use super::reasoning::Split;
 use super::tool_calls::{partial_marker, ToolCall};
@@ -109,8 +110,14 @@ impl HarmonySplitter {
                             self.buf.drain(..at + len);
                             self.state = State::Header;
                         }
+                        // Generation stops at `<|call|>` (an end-of-sequence token), so a call's
+                        // end is often the answer's: whole JSON is a call, anything else text.
                         None if at_end => {
-                            out.content.push_str(&std::mem::take(&mut self.buf));
+                            let arguments = std::mem::take(&mut self.buf).trim().to_string();
+                            match serde_json::from_str::<serde_json::Value>(&arguments).is_ok_and(|v| v.is_object()) {
+                                true => out.calls.push(ToolCall { name: name.clone(), arguments }),
+                                false => out.content.push_str(&arguments),
+                            }
                             return;
                         }
                         None => return,
@@ -193,7 +200,9 @@ mod tests {
         let before = "<|channel|>commentary<|message|>Checking.<|end|><|start|>assistant to=functions.get_weather\
                       <|channel|>commentary json<|message|>{}<|call|>";
         assert_eq!(whole(before), Split { calls: vec![weather("{}")], ..split("", "Checking.") });
-        // A call cut short is text.
+        // Generation stops at `<|call|>`: a whole object is the call, a call cut short is text.
+        let stopped = "<|channel|>commentary to=functions.get_weather<|message|>{\"city\": \"Rome\"}";
+        assert_eq!(whole(stopped), Split { calls: vec![weather("{\"city\": \"Rome\"}")], ..split("", "") });
         let cut_call = "<|channel|>commentary to=functions.get_weather<|message|>{\"ci";
         assert_eq!(whole(cut_call), split("", "{\"ci"));
         assert_eq!(whole("<|channel|>analysis<|message|>cut sho"), split("cut sho", ""));

@@ -106,6 +106,19 @@ mod tests {
     use crate::serve::reasoning::ReasoningFormat;
     use crate::serve::tool_calls::ToolFormat;
 
+    /// The reasoning, the content and the calls of `pieces`.
+    fn strip(pieces: Vec<Piece>) -> (String, String, Vec<ToolCall>) {
+        let mut out = (String::new(), String::new(), Vec::new());
+        for p in pieces {
+            match p {
+                Piece::Reasoning(r) => out.0.push_str(&r),
+                Piece::Content(c) => out.1.push_str(&c),
+                Piece::Call { call, .. } => out.2.push(call),
+            }
+        }
+        out
+    }
+
     /// Qwen3 thinking, then a call: the reasoning, the content between, the call, in order, and
     /// the same pieces (joined) streamed character by character as whole.
     #[test]
@@ -117,17 +130,6 @@ mod tests {
                 Some(ReasoningSplitter::new(ReasoningFormat::Qwen3, "")),
                 Some(ToolCallParser::new(ToolFormat::Hermes, vec!["f".into()], usize::MAX)),
             )
-        };
-        let strip = |pieces: Vec<Piece>| -> (String, String, Vec<ToolCall>) {
-            let mut out = (String::new(), String::new(), Vec::new());
-            for p in pieces {
-                match p {
-                    Piece::Reasoning(r) => out.0.push_str(&r),
-                    Piece::Content(c) => out.1.push_str(&c),
-                    Piece::Call { call, .. } => out.2.push(call),
-                }
-            }
-            out
         };
         let mut whole = choice();
         let mut pieces = whole.push(text);
@@ -174,17 +176,6 @@ mod tests {
             }
             pieces.extend(c.finish());
             pieces
-        };
-        let strip = |pieces: Vec<Piece>| -> (String, String, Vec<ToolCall>) {
-            let mut out = (String::new(), String::new(), Vec::new());
-            for p in pieces {
-                match p {
-                    Piece::Reasoning(r) => out.0.push_str(&r),
-                    Piece::Content(c) => out.1.push_str(&c),
-                    Piece::Call { call, .. } => out.2.push(call),
-                }
-            }
-            out
         };
         let whole = strip(run(true, false));
         assert_eq!(whole.0, "Need weather.");

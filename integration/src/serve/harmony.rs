@@ -15,6 +15,8 @@ use super::reasoning::Split;
 use super::tool_calls::{partial_marker, ToolCall};
 
 const MESSAGE: &str = "<|message|>";
+/// How a header may open.
+const OPENINGS: [&str; 2] = ["<|", "to="];
 const CHANNEL: &str = "<|channel|>";
 /// What ends a message's text: its own end markers, or the next message's start.
 const ENDS: [&str; 4] = ["<|end|>", "<|return|>", "<|call|>", "<|start|>"];
@@ -72,14 +74,19 @@ impl HarmonySplitter {
         loop {
             match &self.state {
                 State::First => {
+                    // A header opens with a marker, or with a recipient (`to=functions.f<|channel|>`,
+                    // as the template writes calls after `<|start|>assistant`); other text means
+                    // the model skipped the format.
                     let start = self.buf.trim_start();
-                    // Text that cannot open a header (`<|...`): the model skipped the format.
-                    if !start.is_empty() && !start.starts_with('<') || start.len() > 1 && !start.starts_with("<|") {
-                        self.state = State::Body(Kind::Content);
-                    } else if start.len() > 1 || at_end {
+                    if OPENINGS.iter().any(|o| start.starts_with(o)) {
+                        self.state = State::Header;
+                    } else if OPENINGS.iter().any(|o| o.starts_with(start)) {
+                        if !at_end {
+                            return;
+                        }
                         self.state = State::Header;
                     } else {
-                        return;
+                        self.state = State::Body(Kind::Content);
                     }
                 }
                 State::Header => {
@@ -106,7 +113,7 @@ impl HarmonySplitter {
                     match end {
                         Some((at, len)) => {
                             let arguments = self.buf[..at].trim().to_string();
-                            out.calls.push(ToolCall { name: name.clone(), arguments });
+                            read_call(name, arguments, out);
                             self.buf.drain(..at + len);
                             self.state = State::Header;
                         }
@@ -114,10 +121,7 @@ impl HarmonySplitter {
                         // end is often the answer's: whole JSON is a call, anything else text.
                         None if at_end => {
                             let arguments = std::mem::take(&mut self.buf).trim().to_string();
-                            match serde_json::from_str::<serde_json::Value>(&arguments).is_ok_and(|v| v.is_object()) {
-                                true => out.calls.push(ToolCall { name: name.clone(), arguments }),
-                                false => out.content.push_str(&arguments),
-                            }
+                            read_call(name, arguments, out);
                             return;
                         }
                         None => return,
@@ -145,6 +149,15 @@ impl HarmonySplitter {
                 }
             }
         }
+    }
+}
+
+/// A call's `arguments` into `out`: a call when they are a JSON object (as every format requires),
+/// else content.
+fn read_call(name: &str, arguments: String, out: &mut Split) {
+    match serde_json::from_str::<serde_json::Value>(&arguments).is_ok_and(|v| v.is_object()) {
+        true => out.calls.push(ToolCall { name: name.to_string(), arguments }),
+        false => out.content.push_str(&arguments),
     }
 }
 
@@ -205,6 +218,12 @@ mod tests {
         assert_eq!(whole(stopped), Split { calls: vec![weather("{\"city\": \"Rome\"}")], ..split("", "") });
         let cut_call = "<|channel|>commentary to=functions.get_weather<|message|>{\"ci";
         assert_eq!(whole(cut_call), split("", "{\"ci"));
+        // A call as the answer's first message, its recipient right after `<|start|>assistant`.
+        let first = " to=functions.get_weather<|channel|>commentary json<|message|>{}<|call|>";
+        assert_eq!(whole(first), Split { calls: vec![weather("{}")], ..split("", "") });
+        // Arguments that are no JSON object are text.
+        let bad = "<|channel|>commentary to=functions.get_weather<|message|>[1]<|call|>";
+        assert_eq!(whole(bad), split("", "[1]"));
         assert_eq!(whole("<|channel|>analysis<|message|>cut sho"), split("cut sho", ""));
         assert_eq!(whole("Plain text, no format."), split("", "Plain text, no format."));
         assert_eq!(whole("<|chan"), split("", ""));
@@ -230,6 +249,8 @@ mod tests {
             Just("<|channel|>final<|message|>".to_string()),
             Just("<|channel|>commentary to=functions.f<|message|>".to_string()),
             Just("<|call|>".to_string()),
+            Just(" to=functions.f<|channel|>c<|message|>{}".to_string()),
+            Just("t".to_string()),
             Just("<|end|><|start|>assistant".to_string()),
             Just("<|return|>".to_string()),
             Just("<|mess".to_string()),

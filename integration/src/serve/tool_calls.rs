@@ -1,7 +1,9 @@
 //! Tool calls in a model's output, as OpenAI's `tool_calls`: a parser fed the decoded text piece
 //! by piece (streaming) or whole, which gives the same content and calls either way.
 //!
-//! Four formats, named after vLLM's parsers for them:
+//! Five formats, named after vLLM's parsers for them (the fifth, `openai`, GPT-OSS's harmony calls,
+//! is read from message headers by [`crate::serve::harmony`] and handed to
+//! [`ToolCallParser::accept`]):
 //! - `hermes` (Qwen2.5, Qwen3, QwQ, Hermes): `<tool_call>{"name": N, "arguments": {...}}</tool_call>`
 //!   anywhere in the text; an unterminated block at the end is read too.
 //! - `llama3_json` (Llama 3.1 to 3.3): the whole answer is `{"name": N, "parameters": {...}}`
@@ -65,7 +67,7 @@ impl ToolFormat {
             "openai" => Some(Self::Harmony),
             "none" => None,
             other => {
-                bail!("unknown tool_parser `{other}`; valid: auto, hermes, llama3_json, mistral, deepseek_v3, none")
+                bail!("unknown tool_parser `{other}`; valid: auto, hermes, llama3_json, mistral, deepseek_v3, openai, none")
             }
         })
     }
@@ -361,7 +363,7 @@ impl ToolCallParser {
 
     /// A call the answer's format carries outside the text this parser reads (harmony's
     /// headers), into `out`: kept when fewer than `max_calls` were; a call to a function the
-    /// request did not offer is content (its arguments), as in the other formats.
+    /// request did not offer is content (its arguments; its header is gone).
     pub fn accept(&mut self, call: ToolCall, out: &mut Parsed) {
         match self.names.contains(&call.name) {
             true => self.keep(call, out),

@@ -242,7 +242,7 @@ fn tiny_llama3_server_with(name: &str, server: &str) -> Server {
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("llama3.toml");
     let text = format!(
-        "[model]\nsource = {:?}\n[cache]\nblock_size = 4\nmax_tokens = 256\n[cache.policy]\nname = \"full\"\n[server]\nport = 0\nmodel_name = \"tiny\"\n{server}\n",
+        "[model]\nsource = {:?}\n[cache]\nblock_size = 4\nmax_tokens = 512\n[cache.policy]\nname = \"full\"\n[server]\nport = 0\nmodel_name = \"tiny\"\n{server}\n",
         model.display().to_string()
     );
     std::fs::write(&config, text).unwrap();
@@ -303,6 +303,28 @@ fn a_completion_prompt_gets_the_tokenizers_special_tokens_and_chat_takes_templat
     let (status, r) = chat(serde_json::json!({"add_generation_prompt": false}));
     assert_eq!(status, 400, "{r}");
     assert_eq!(r["error"]["param"], "chat_template_kwargs", "{r}");
+}
+
+/// gpt-oss's template served with `tool_parser = "auto"`: without the harmony reasoning parser a
+/// request with tools is refused naming the setting it needs; with it the request is answered.
+#[test]
+fn harmony_tool_calls_name_the_reasoning_parser_they_need() {
+    let template =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/chat_templates/openai-gpt-oss-120b.jinja");
+    let tools = serde_json::json!([{"type": "function", "function": {"name": "f", "description": "F.", "parameters": {"type": "object"}}}]);
+    let body = serde_json::json!({"model": "tiny", "max_tokens": 2, "tools": tools,
+        "messages": [{"role": "user", "content": "Hello world"}]});
+    let with_template = format!("chat_template = {:?}", template.display().to_string());
+    let server = tiny_llama3_server_with("harmony-auto", &with_template);
+    let (status, r) = post_json(&server.base, "/v1/chat/completions", &body);
+    assert_eq!((status, r["error"]["param"].as_str()), (400, Some("tools")), "{r}");
+    let msg = r["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("reasoning_parser = \"openai_gptoss\""), "{msg}");
+    drop(server);
+    let server =
+        tiny_llama3_server_with("harmony-split", &format!("{with_template}\nreasoning_parser = \"openai_gptoss\""));
+    let (status, r) = post_json(&server.base, "/v1/chat/completions", &body);
+    assert_eq!(status, 200, "{r}");
 }
 
 /// The tiny Llama 3 GGUF and the ids llama.cpp gives "Hello world" with its BOS

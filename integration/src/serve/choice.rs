@@ -2,7 +2,7 @@
 //! read from the answer, the same pieces whether the answer is streamed or sent whole.
 
 use super::reasoning::{ReasoningSplitter, Split};
-use super::tool_calls::{ToolCall, ToolCallParser};
+use super::tool_calls::{Parsed, ToolCall, ToolCallParser};
 
 /// A part of an answer that became final.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,20 +74,27 @@ impl ChoiceText {
             out.push(Piece::Reasoning(split.reasoning));
         }
         let Some(parser) = &mut self.tools else {
-            // Without tools, a harmony call's arguments are text like any other.
-            let content = split.calls.iter().fold(split.content, |c, call| c + &call.arguments);
+            // Without tools, a harmony call's arguments are text like any other, where it came.
+            let mut content = split.content;
+            for placed in split.calls.iter().rev() {
+                content.insert_str(placed.at, &placed.call.arguments);
+            }
             if !content.is_empty() {
                 out.push(Piece::Content(content));
             }
             return out;
         };
-        let mut parsed = parser.push(&split.content);
+        // Harmony's calls, from its headers, each after the content before it.
+        let mut parsed = Parsed::default();
+        let mut from = 0;
+        for placed in split.calls {
+            parsed.extend(parser.push(&split.content[from..placed.at]));
+            parser.accept(placed.call, &mut parsed);
+            from = placed.at;
+        }
+        parsed.extend(parser.push(&split.content[from..]));
         if at_end {
             parsed.extend(parser.finish());
-        }
-        // Harmony's calls, from its headers.
-        for call in split.calls {
-            parser.accept(call, &mut parsed);
         }
         if !parsed.content.is_empty() {
             out.push(Piece::Content(parsed.content));
@@ -154,15 +161,15 @@ mod tests {
 
     /// GPT-OSS's harmony answer: the analysis channel is reasoning, a preamble content, calls
     /// come from their headers (one kept at `max_calls` 1, a call to a function not offered
-    /// left as content), streamed character by character as whole; without tools a call's
-    /// arguments are content.
+    /// left as content where it came), streamed character by character as whole; without tools
+    /// a call's arguments are content, where it came.
     #[test]
     fn harmony_calls_come_from_their_headers_streamed_or_whole() {
         let text = "<|channel|>analysis<|message|>Need weather.<|end|><|start|>assistant<|channel|>commentary\
                     <|message|>Checking. <|end|><|start|>assistant<|channel|>commentary to=functions.f \
                     <|constrain|>json<|message|>{\"a\": 1}<|call|><|start|>assistant to=functions.g<|channel|>\
                     commentary json<|message|>{\"b\": 2}<|call|><|start|>assistant<|channel|>commentary \
-                    to=functions.f<|message|>{}<|call|>";
+                    to=functions.f<|message|>{}<|call|><|start|>assistant<|channel|>final<|message|> Done.";
         let run = |tools: bool, by_char: bool| -> Vec<Piece> {
             let parser = tools.then(|| ToolCallParser::new(ToolFormat::Harmony, vec!["f".into()], 1));
             let mut c = ChoiceText::new(Some(ReasoningSplitter::new(ReasoningFormat::Harmony, "")), parser);
@@ -179,11 +186,11 @@ mod tests {
         };
         let whole = strip(run(true, false));
         assert_eq!(whole.0, "Need weather.");
-        assert_eq!(whole.1, "Checking. {\"b\": 2}");
+        assert_eq!(whole.1, "Checking. {\"b\": 2} Done.");
         assert_eq!(whole.2, vec![ToolCall { name: "f".into(), arguments: "{\"a\": 1}".into() }]);
         assert_eq!(strip(run(true, true)), whole);
         let plain = strip(run(false, false));
-        assert_eq!((plain.1.as_str(), plain.2.len()), ("Checking. {\"a\": 1}{\"b\": 2}{}", 0));
+        assert_eq!((plain.1.as_str(), plain.2.len()), ("Checking. {\"a\": 1}{\"b\": 2}{} Done.", 0));
         assert_eq!(strip(run(false, true)), plain);
     }
 }

@@ -9,9 +9,10 @@
 //! content. Headers and markers are dropped. Text before any header that does not open one (a
 //! model that skipped the format) is content. An answer cut short keeps what its open message
 //! said; one that ends inside a call (generation stops at `<|call|>`) is that call if its text is
-//! a whole JSON object, else content.
+//! a whole JSON object, else content. An answer that ends in an unfinished first header holding no
+//! marker (`to=` was plain text) is content.
 
-use super::reasoning::Split;
+use super::reasoning::{PlacedCall, Split};
 use super::tool_calls::{partial_marker, ToolCall};
 
 const MESSAGE: &str = "<|message|>";
@@ -50,11 +51,16 @@ pub struct HarmonySplitter {
     state: State,
     /// Text not yet resolved.
     buf: String,
+    /// How much of `buf` was searched for the marker ending it, so a long header or call is
+    /// scanned once, not once per piece.
+    scanned: usize,
+    /// Whether a message has begun (a header ended by `<|message|>`, or plain text).
+    begun: bool,
 }
 
 impl Default for HarmonySplitter {
     fn default() -> Self {
-        Self { state: State::First, buf: String::new() }
+        Self { state: State::First, buf: String::new(), scanned: 0, begun: false }
     }
 }
 
@@ -86,31 +92,36 @@ impl HarmonySplitter {
                         }
                         self.state = State::Header;
                     } else {
+                        self.begun = true;
                         self.state = State::Body(Kind::Content);
                     }
                 }
                 State::Header => {
-                    if let Some(at) = self.buf.find(MESSAGE) {
+                    if let Some((at, len)) = find(&self.buf, &mut self.scanned, &[MESSAGE]) {
                         let header = &self.buf[..at];
                         let kind = match (function(header), channel(header)) {
                             (Some(name), _) => Kind::Call(name.to_string()),
                             (None, Some("analysis")) => Kind::Reasoning,
                             _ => Kind::Content,
                         };
-                        self.buf.drain(..at + MESSAGE.len());
+                        self.buf.drain(..at + len);
+                        self.begun = true;
                         self.state = State::Body(kind);
                         continue;
                     }
                     if at_end {
-                        // An unfinished header says nothing.
-                        self.buf.clear();
+                        // An unfinished header says nothing, unless the answer never began and
+                        // holds no marker: then it was text that happened to start with `to=`.
+                        let text = std::mem::take(&mut self.buf);
+                        if !self.begun && !text.contains("<|") {
+                            out.content.push_str(&text);
+                        }
                     }
                     return;
                 }
                 State::Body(Kind::Call(name)) => {
                     // A call's arguments are read whole, at its end.
-                    let end = ENDS.iter().filter_map(|m| self.buf.find(m).map(|at| (at, m.len()))).min();
-                    match end {
+                    match find(&self.buf, &mut self.scanned, &ENDS) {
                         Some((at, len)) => {
                             let arguments = self.buf[..at].trim().to_string();
                             read_call(name, arguments, out);
@@ -128,6 +139,8 @@ impl HarmonySplitter {
                     }
                 }
                 State::Body(kind) => {
+                    // What is held back here is at most a partial marker, so a search from the
+                    // start costs little.
                     let sink = if *kind == Kind::Reasoning { &mut out.reasoning } else { &mut out.content };
                     let end = ENDS.iter().filter_map(|m| self.buf.find(m).map(|at| (at, m.len()))).min();
                     match end {
@@ -152,11 +165,28 @@ impl HarmonySplitter {
     }
 }
 
+/// The first of `markers` in `buf` (its offset and length), searching only what earlier calls had
+/// not searched (`scanned` bytes, less a marker's length, which may have been cut). Resets
+/// `scanned` when one is found; remembers how far it looked when none is.
+fn find(buf: &str, scanned: &mut usize, markers: &[&str]) -> Option<(usize, usize)> {
+    let overlap = markers.iter().map(|m| m.len()).max().unwrap_or(0);
+    let mut from = scanned.saturating_sub(overlap);
+    while !buf.is_char_boundary(from) {
+        from -= 1;
+    }
+    let found = markers.iter().filter_map(|m| buf[from..].find(m).map(|at| (from + at, m.len()))).min();
+    *scanned = if found.is_some() { 0 } else { buf.len() };
+    found
+}
+
 /// A call's `arguments` into `out`: a call when they are a JSON object (as every format requires),
 /// else content.
 fn read_call(name: &str, arguments: String, out: &mut Split) {
     match serde_json::from_str::<serde_json::Value>(&arguments).is_ok_and(|v| v.is_object()) {
-        true => out.calls.push(ToolCall { name: name.to_string(), arguments }),
+        true => {
+            let call = ToolCall { name: name.to_string(), arguments };
+            out.calls.push(PlacedCall { at: out.content.len(), call });
+        }
         false => out.content.push_str(&arguments),
     }
 }
@@ -207,12 +237,16 @@ mod tests {
         // template writes calls in a history); its text is the arguments.
         let call = "<|channel|>analysis<|message|>Need weather.<|end|><|start|>assistant<|channel|>commentary \
                     to=functions.get_weather <|constrain|>json<|message|> {\"city\": \"Paris\"}<|call|>";
-        let weather = |args: &str| ToolCall { name: "get_weather".into(), arguments: args.into() };
+        let weather =
+            |args: &str| PlacedCall { at: 0, call: ToolCall { name: "get_weather".into(), arguments: args.into() } };
         let want = Split { calls: vec![weather("{\"city\": \"Paris\"}")], ..split("Need weather.", "") };
         assert_eq!(whole(call), want);
         let before = "<|channel|>commentary<|message|>Checking.<|end|><|start|>assistant to=functions.get_weather\
                       <|channel|>commentary json<|message|>{}<|call|>";
-        assert_eq!(whole(before), Split { calls: vec![weather("{}")], ..split("", "Checking.") });
+        assert_eq!(
+            whole(before),
+            Split { calls: vec![PlacedCall { at: 9, ..weather("{}") }], ..split("", "Checking.") }
+        );
         // Generation stops at `<|call|>`: a whole object is the call, a call cut short is text.
         let stopped = "<|channel|>commentary to=functions.get_weather<|message|>{\"city\": \"Rome\"}";
         assert_eq!(whole(stopped), Split { calls: vec![weather("{\"city\": \"Rome\"}")], ..split("", "") });
@@ -226,6 +260,15 @@ mod tests {
         assert_eq!(whole(bad), split("", "[1]"));
         assert_eq!(whole("<|channel|>analysis<|message|>cut sho"), split("cut sho", ""));
         assert_eq!(whole("Plain text, no format."), split("", "Plain text, no format."));
+        // Text that only starts like a recipient, and never becomes a header, is content.
+        assert_eq!(whole("to=whom it may concern"), split("", "to=whom it may concern"));
+        assert_eq!(whole(" to=functions.f<|chan"), split("", ""));
+        // Two calls in one piece are placed in the content around them.
+        let two = "<|channel|>final<|message|>A<|end|><|start|>assistant to=functions.f<|channel|>c<|message|>{}\
+                   <|call|><|start|>assistant<|channel|>final<|message|>B<|end|><|start|>assistant \
+                   to=functions.g<|channel|>c<|message|>{}<|call|>";
+        let placed = |at, name: &str| PlacedCall { at, call: ToolCall { name: name.into(), arguments: "{}".into() } };
+        assert_eq!(whole(two), Split { calls: vec![placed(1, "f"), placed(2, "g")], ..split("", "AB") });
         assert_eq!(whole("<|chan"), split("", ""));
         assert_eq!(whole(""), split("", ""));
         // Decided only once the text shows whether it opens a header.

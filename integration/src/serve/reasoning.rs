@@ -67,16 +67,27 @@ pub struct Split {
     pub reasoning: String,
     /// Answer text (`content`).
     pub content: String,
-    /// Calls to functions in harmony's headers (`to=functions.NAME`), after this piece's content.
-    pub calls: Vec<ToolCall>,
+    /// Calls to functions in harmony's headers (`to=functions.NAME`), in order, each placed in
+    /// `content`.
+    pub calls: Vec<PlacedCall>,
+}
+
+/// A harmony call and where the answer wrote it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlacedCall {
+    /// The byte offset in its [`Split`]'s `content` at which the call came.
+    pub at: usize,
+    /// The call.
+    pub call: ToolCall,
 }
 
 impl Split {
     /// Appends `later`.
     pub fn extend(&mut self, later: Split) {
+        let shift = self.content.len();
         self.reasoning.push_str(&later.reasoning);
         self.content.push_str(&later.content);
-        self.calls.extend(later.calls);
+        self.calls.extend(later.calls.into_iter().map(|c| PlacedCall { at: c.at + shift, ..c }));
     }
 }
 

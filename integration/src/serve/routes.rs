@@ -298,9 +298,18 @@ impl App {
             return Err(ApiError::bad_request(msg, Some("tools")));
         }
         let Some(format) = self.tool_format else {
-            let msg = "this server reads no tool calls from this model's answers: its chat template shows no format \
-                       it knows (`<tool_call>` blocks, Llama 3's JSON, Mistral's `[TOOL_CALLS]` or DeepSeek's \
-                       tool-call blocks) and `[server] tool_parser` names none";
+            let msg = match ToolFormat::detect(self.chat_template.source()) {
+                // `auto` leaves harmony alone without the splitter that reads its headers.
+                Some(ToolFormat::Harmony) => {
+                    "this server reads no tool calls from this model's answers: its chat template writes GPT-OSS's \
+                     harmony calls, which the server reads only with `[server] reasoning_parser = \"openai_gptoss\"`"
+                }
+                _ => {
+                    "this server reads no tool calls from this model's answers: its chat template shows no format \
+                     it knows (`<tool_call>` blocks, Llama 3's JSON, Mistral's `[TOOL_CALLS]`, DeepSeek's \
+                     tool-call blocks or GPT-OSS's harmony calls) and `[server] tool_parser` names none"
+                }
+            };
             return Err(ApiError::bad_request(msg, Some("tools")));
         };
         Ok(Some(ToolCallParser::new(format, tools.names.clone(), tools.max_calls)))

@@ -305,8 +305,9 @@ impl ToolCallParser {
     pub fn push(&mut self, text: &str) -> Parsed {
         self.buf.push_str(text);
         let mut out = Parsed::default();
-        // Harmony's calls are read from its headers (see `accept`): the text is content.
-        if self.format == ToolFormat::Harmony && self.forced.is_none() {
+        // Harmony's calls are read from its headers (see `accept`): the text is content. (A
+        // forced parser reads its answer as llama3_json.)
+        if self.format == ToolFormat::Harmony {
             out.content = std::mem::take(&mut self.buf);
             return out;
         }
@@ -322,9 +323,7 @@ impl ToolCallParser {
         let mut out = Parsed::default();
         let rest = std::mem::take(&mut self.buf);
         match self.state {
-            State::Text if matches!(self.format, ToolFormat::Llama3Json | ToolFormat::Harmony) => {
-                out.content.push_str(&rest)
-            }
+            State::Text if self.format == ToolFormat::Llama3Json => out.content.push_str(&rest),
             State::Text => self.text(&rest, &mut out),
             // An unterminated block is read as a call if it is one.
             State::InCall => self.block(&rest, &format!("{HERMES_OPEN}{rest}"), &mut out),

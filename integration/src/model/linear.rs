@@ -19,9 +19,10 @@ use super::weights::block_tensor;
 const DENSE_FROM_ROWS: usize = 16;
 /// The same for MXFP4 layers (GPT-OSS's experts, which each see a share of a prompt chunk's
 /// rows), where dequantizing costs more: on GPT-OSS-20B's `[2880, 2880]` the kernel took 8.6 ms
-/// for 32 rows against 11.0 ms dequantized, 15.4 against 13.0 for 64 (`cargo bench -p
-/// dms-benches --bench quantized_matmul -- mxfp4_rows`, the 2-core development machine).
-const MXFP4_DENSE_FROM_ROWS: usize = 48;
+/// for 64 rows against 14.2 ms dequantized, 12.7 against 13.5 for 96 and 17.8 against 18.2 for
+/// 128 (`cargo bench -p dms-benches --bench quantized_matmul -- mxfp4_rows`, the 2-core
+/// development machine, 2026-12-08); dequantizing also allocates the whole f32 matrix.
+const MXFP4_DENSE_FROM_ROWS: usize = 128;
 
 /// A linear layer `y = x W^T (+ b)`.
 #[derive(Clone)]
@@ -397,6 +398,48 @@ mod tests {
         let want = linear.forward(&x)?.flatten_all()?.to_vec1::<f32>()?;
         let got = Proj::Dense(linear).forward(&x)?.flatten_all()?.to_vec1::<f32>()?;
         assert_eq!(got, want);
+        Ok(())
+    }
+
+    /// An MXFP4 layer gives the product of its dequantized weights plus its bias: exactly (f32
+    /// rounding) from `MXFP4_DENSE_FROM_ROWS` rows on, where it dequantizes; within the
+    /// activations' 8-bit rounding below, where the kernel runs.
+    #[test]
+    fn an_mxfp4_layer_is_its_dequantized_product_long_or_short() -> Result<()> {
+        let dev = Device::Cpu;
+        let (out, k) = (6, 64);
+        let blocks: Vec<u8> = (0..out * k / 32)
+            .flat_map(|b| {
+                std::iter::once(124 + (b % 5) as u8).chain((0..16).map(move |j| ((b * 37 + j * 11) % 256) as u8))
+            })
+            .collect();
+        let mut w = Vec::new();
+        super::super::mxfp4::dequantize_ggml(&blocks, &mut w);
+        let bias: Vec<f32> = (0..out).map(|o| o as f32 * 0.25 - 0.5).collect();
+        let proj =
+            Proj::Mxfp4 { blocks: Arc::new(blocks), shape: (out, k), bias: Some(Tensor::new(bias.as_slice(), &dev)?) };
+        let rows = MXFP4_DENSE_FROM_ROWS + 3;
+        let x: Vec<f32> = (0..rows * k).map(|i| (i as f32 * 0.61).sin() * (1.0 + (i % 5) as f32)).collect();
+        let naive = |r: usize, o: usize| -> f64 {
+            (0..k).map(|i| x[r * k + i] as f64 * w[o * k + i] as f64).sum::<f64>() + bias[o] as f64
+        };
+        for n in [rows, 2] {
+            let y = proj.forward(&Tensor::from_slice(&x[..n * k], (n, k), &dev)?)?.to_vec2::<f32>()?;
+            for (r, row) in y.iter().enumerate() {
+                for (o, &got) in row.iter().enumerate() {
+                    // An activation rounded to 8 bits moves by at most its block's max / 254.
+                    let rounding: f64 = (0..k)
+                        .map(|i| {
+                            let block = &x[r * k + i / 32 * 32..r * k + i / 32 * 32 + 32];
+                            let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+                            w[o * k + i].abs() as f64 * amax as f64 / 254.0
+                        })
+                        .sum();
+                    let tol = if n >= MXFP4_DENSE_FROM_ROWS { 1e-4 } else { rounding + 1e-4 };
+                    assert!((got as f64 - naive(r, o)).abs() <= tol, "{n} rows, [{r}, {o}]: {got} vs {}", naive(r, o));
+                }
+            }
+        }
         Ok(())
     }
 }

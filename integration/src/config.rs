@@ -46,9 +46,31 @@ pub struct ModelSection {
     /// layer is requantized into (`q8_0`, `q4_0`, `q4_k`, ...). See [`crate::model::WeightForm`].
     #[serde(default = "default_weights")]
     pub weights: String,
+    /// The most tokens a sequence may hold (prompt and answer), as vLLM's `max_model_len`: at
+    /// most what the model serves, except under LongRoPE, where up to the declared context is
+    /// allowed and a context past the original one rotates every position by the long factors
+    /// (as llama.cpp's `n_ctx` does). Unset: what the model serves.
+    #[serde(default)]
+    pub context: Option<usize>,
 }
 
 impl ModelSection {
+    /// Applies [`Self::context`] to `model`, where it is set; says when a LongRoPE model could
+    /// serve more than it does.
+    pub fn apply_context(&self, model: &mut crate::model::Llama) -> Result<()> {
+        if let Some(tokens) = self.context {
+            return model.set_context(tokens).context("[model] context");
+        }
+        let (served, limit) = (model.config().max_position_embeddings, model.config().context_limit());
+        if limit > served {
+            eprintln!(
+                "model: serving {served} tokens (LongRoPE's original context); [model] context = {limit} serves its \
+                 declared context, every position then rotated by the long factors"
+            );
+        }
+        Ok(())
+    }
+
     /// The element type the model computes in: `f32`, or `bf16` on a CUDA device.
     pub fn compute_dtype(&self) -> Result<candle_core::DType> {
         let on_gpu = device_ordinal(&self.device)?.is_some();

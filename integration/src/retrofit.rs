@@ -612,7 +612,8 @@ pub fn training_tokens(cfg: &RetrofitConfig, tok: &tokenizers::Tokenizer) -> Res
 pub fn run(cfg: &RetrofitConfig) -> Result<PathBuf> {
     let device = open_device(&cfg.model.device)?;
     let path = crate::assets::resolve_model(&cfg.model.source, cfg.base_dir.as_deref())?;
-    let loaded = load_model(&path, &device, WeightForm::Dense)?;
+    let mut loaded = load_model(&path, &device, WeightForm::Dense)?;
+    cfg.model.apply_context(&mut loaded.model)?;
     let tok = loaded.tokenizer.clone().context("retrofit needs a model with a tokenizer")?;
     let tokens = training_tokens(cfg, &tok)?;
     let out = match &cfg.base_dir {

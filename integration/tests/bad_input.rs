@@ -57,6 +57,30 @@ fn config_errors_name_the_key() {
     assert!(EngineConfig::parse("[model]\nsource = \"x\"\n[server]\nrequest_timeout_secs = 86400\n").is_ok());
 }
 
+/// `[model] context` caps what one sequence may hold (a request past it is refused naming it);
+/// 0, or more than the model serves, is refused naming the limit.
+#[test]
+fn model_context_caps_a_sequence_within_what_the_model_serves() {
+    let text = |ctx: &str| {
+        GOOD.replace(
+            "source = \"x\"",
+            &format!("source = {:?}\ncontext = {ctx}", fixture("qwen3_tiny").display().to_string()),
+        )
+    };
+    let mut built = build_engine(&EngineConfig::parse(&text("16")).unwrap()).unwrap();
+    assert_eq!(built.engine.model.config().max_position_embeddings, 16);
+    let params = dms_integration::engine::GenParams::greedy(4, 0);
+    assert_eq!(built.engine.generate(&[5; 12], &params, None).unwrap().tokens.len(), 4);
+    let e = err_of(built.engine.generate(&[5; 13], &params, None));
+    assert!(e.contains("context length (16 tokens)"), "{e}");
+    for bad in ["0", "100000"] {
+        let e = err_of(build_engine(&EngineConfig::parse(&text(bad)).unwrap()));
+        assert!(e.contains("[model] context") && e.contains("1 to 512 tokens"), "{bad}: {e}");
+    }
+    let e = err_of(EngineConfig::parse(&text("-1")));
+    assert!(e.contains("context"), "{e}");
+}
+
 #[test]
 fn unknown_policy_lists_valid_names() {
     let mut cfg = EngineConfig::parse(&GOOD.replace("\"full\"", "\"fulll\"")).unwrap();

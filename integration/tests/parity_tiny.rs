@@ -69,8 +69,16 @@ fn llama3_tiny_gguf_with_rope_freqs_matches_transformers() {
 /// `model` against llama.cpp's outputs for it in `runs` (a `fixtures/gguf/*_llama_cpp.safetensors`):
 /// the logits at every prompt position and through 8 greedy steps. Returns the engine.
 fn check_llama_cpp(runs: &str, model: &std::path::Path) -> dms_integration::engine::Engine {
+    check_engine_llama_cpp(runs, engine(model, "name = \"full\"", 4), model)
+}
+
+/// [`check_llama_cpp`] on an engine already built (from `model`).
+fn check_engine_llama_cpp(
+    runs: &str,
+    mut eng: dms_integration::engine::Engine,
+    model: &std::path::Path,
+) -> dms_integration::engine::Engine {
     let g = golden(&fixture(runs));
-    let mut eng = engine(model, "name = \"full\"", 4);
     let mut seq = eng.new_sequence();
     let all = eng.step(&mut seq, &ids(&g["prompt_ids"]), true).unwrap().to_vec2::<f32>().unwrap();
     for (t, (got, want)) in all.iter().zip(&g["prompt_logits"].to_vec2::<f32>().unwrap()).enumerate() {
@@ -235,6 +243,56 @@ fn phi3_longrope_matches_llama_cpp_below_its_original_context() {
         assert!(matches!(cfg.rope_scaling, Some(dms_integration::model::config::RopeScaling::LongRope(_))), "{path}");
         assert!((cfg.rope_attention_factor() - 1.25f64.sqrt()).abs() < 1e-6, "{path}: {}", cfg.rope_attention_factor());
     }
+}
+
+/// LongRoPE past its original context: `[model] context = 512` (over an original 256; 1024
+/// declared) rotates every position by `long_factor`, as llama.cpp does in a 512-token context
+/// (`fixtures/gguf/phi3_longrope_long_llama_cpp.safetensors`, 0.098 from the short-factor run's
+/// logits), from the GGUF's `rope_factors_long` and from config.json's `long_factor`, and the
+/// engine serves 512 positions. A context past the declared one, or past the original one without
+/// long factors, is refused naming the limit; one within the original keeps the short factors.
+#[test]
+fn phi3_longrope_past_its_original_context_takes_the_long_factors_as_llama_cpp_does() {
+    use dms_integration::config::EngineConfig;
+    use dms_integration::model::WeightForm;
+    let runs = "gguf/phi3_longrope_long_llama_cpp.safetensors";
+    for path in ["gguf/phi3_longrope.gguf", "gguf/phi3_longrope_tiny"] {
+        let text = format!(
+            "[model]\nsource = {:?}\ncontext = 512\n[cache]\nblock_size = 4\nmax_tokens = 1024\n[cache.policy]\nname = \"full\"\n",
+            fixture(path).display().to_string()
+        );
+        let built = dms_integration::engine::from_config::build_engine(&EngineConfig::parse(&text).unwrap()).unwrap();
+        let eng = check_engine_llama_cpp(runs, built.engine, &fixture(path));
+        let cfg = eng.model.config();
+        assert_eq!((cfg.max_position_embeddings, cfg.context_limit()), (512, 1024), "{path}");
+        let mut model =
+            dms_integration::engine::load_model(&fixture(path), &candle_core::Device::Cpu, WeightForm::Dense)
+                .unwrap()
+                .model;
+        let e = format!("{:#}", model.set_context(1025).unwrap_err());
+        assert!(e.contains("1 to 1024 tokens"), "{path}: {e}");
+        // Within the original context: the short factors, as before.
+        model.set_context(200).unwrap();
+        check_engine_llama_cpp(
+            "gguf/phi3_longrope_llama_cpp.safetensors",
+            engine_of(model, "name = \"full\"", 4),
+            &fixture(path),
+        );
+    }
+    // Without long factors, the original context is the limit.
+    let dir = std::env::temp_dir().join(format!("dms-phi3-short-only-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(fixture("gguf/phi3_longrope_tiny/model.safetensors"), dir.join("model.safetensors")).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("gguf/phi3_longrope_tiny/config.json")).unwrap())
+            .unwrap();
+    config["rope_scaling"].as_object_mut().unwrap().remove("long_factor");
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let mut model =
+        dms_integration::engine::load_model(&dir, &candle_core::Device::Cpu, WeightForm::Dense).unwrap().model;
+    let e = format!("{:#}", model.set_context(512).unwrap_err());
+    assert!(e.contains("1 to 256 tokens") && e.contains("no long factors"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Phi-4-mini's choices on a random Phi-3 (`fixtures/gguf/phi4_mini_tiny`, `phi4_mini.gguf`): RoPE

@@ -124,7 +124,7 @@ fn write_folder(out: &Path, cfg: &ModelConfig, tensors: &HashMap<String, Tensor>
 
 /// config.json's `rope_scaling` for `c`'s scaling, so that another engine reading the exported
 /// folder runs the same frequencies; per-frequency factors (llama.cpp's `rope_freqs.weight`) and
-/// LongRoPE's short-context half have no config.json form and are refused.
+/// LongRoPE without its long factors have no config.json form and are refused.
 fn rope_scaling_json(c: &ModelConfig) -> Result<serde_json::Value> {
     Ok(match &c.rope_scaling {
         None => serde_json::Value::Null,
@@ -149,10 +149,19 @@ fn rope_scaling_json(c: &ModelConfig) -> Result<serde_json::Value> {
             "this model's RoPE scaling is per-frequency factors (`rope_freqs.weight`), which config.json cannot \
              express: export its HF directory instead"
         ),
-        Some(RopeScaling::LongRope(_)) => bail!(
-            "this model's LongRoPE keeps only its short-context factors here, which config.json cannot express \
-             alone: export its HF directory instead"
-        ),
+        Some(RopeScaling::LongRope(l)) => match &l.long_factor {
+            Some(long) => json!({
+                "rope_type": "longrope",
+                "short_factor": l.short_factor,
+                "long_factor": long,
+                "original_max_position_embeddings": l.original_max_position_embeddings,
+                "attention_factor": l.attention_factor,
+            }),
+            None => bail!(
+                "this model's LongRoPE has only its short-context factors, which config.json cannot express alone: \
+                 export its HF directory instead"
+            ),
+        },
     })
 }
 
@@ -170,7 +179,11 @@ fn hf_config(c: &ModelConfig, dtype: DType) -> Result<serde_json::Value> {
         "rms_norm_eps": c.rms_norm_eps,
         "rope_theta": c.rope_theta,
         "rope_scaling": rope_scaling_json(c)?,
-        "max_position_embeddings": c.max_position_embeddings,
+        "max_position_embeddings": match &c.rope_scaling {
+            // The declared context, which LongRoPE's served one derives from.
+            Some(RopeScaling::LongRope(l)) => l.max_position_embeddings.max(c.max_position_embeddings),
+            _ => c.max_position_embeddings,
+        },
         "vocab_size": c.vocab_size,
         "tie_word_embeddings": c.tie_word_embeddings,
         "bos_token_id": c.bos_token_id,
@@ -221,7 +234,8 @@ mod tests {
     }
 
     /// The exported config.json reads back with the same RoPE frequencies and table factor for
-    /// every scaling it can express (Llama 3, linear, YaRN with its attention factor); llama.cpp's
+    /// every scaling it can express (Llama 3, linear, YaRN with its attention factor, LongRoPE with
+    /// its long factors and declared context); llama.cpp's
     /// per-frequency factors are refused by name.
     #[test]
     fn exported_rope_scaling_reads_back_to_the_same_rotation() {
@@ -232,6 +246,8 @@ mod tests {
             r#"{"rope_type": "linear", "factor": 2.0}"#,
             r#"{"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "beta_fast": 16}"#,
             r#"{"rope_type": "yarn", "factor": 4.0, "attention_factor": 1.3, "truncate": false}"#,
+            r#"{"rope_type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.7], "long_factor": [1.0, 2.0, 4.0, 8.0],
+                "original_max_position_embeddings": 32}"#,
         ];
         for scaling in scalings {
             let text = TINY.replace(
@@ -243,6 +259,7 @@ mod tests {
             assert_eq!(back.rope_inv_freq(), cfg.rope_inv_freq(), "{scaling}");
             assert_eq!(back.rope_attention_factor(), cfg.rope_attention_factor(), "{scaling}");
             assert_eq!(back.max_position_embeddings, cfg.max_position_embeddings, "{scaling}");
+            assert_eq!(back.context_limit(), cfg.context_limit(), "{scaling}");
         }
         let cfg = ModelConfig::from_hf_json(TINY).unwrap();
         let freqs = ModelConfig { rope_scaling: Some(RopeScaling::FreqFactors(vec![2.0; 4])), ..cfg };

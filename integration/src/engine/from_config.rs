@@ -39,6 +39,7 @@ pub fn build_engine(cfg: &EngineConfig) -> Result<BuiltEngine> {
     let path = resolve_model(&cfg.model.source, cfg.base_dir.as_deref())?;
     let mut loaded =
         load_model(&path, &device, cfg.weight_form()?).with_context(|| format!("loading model {}", path.display()))?;
+    cfg.model.apply_context(&mut loaded.model)?;
     let table = resolve_policy_table(&cfg.cache.policy, &mut loaded.model, cfg.base_dir.as_deref())?;
     if cfg.model.dtype == "bf16" {
         loaded.model = loaded.model.to_dtype(candle_core::DType::BF16)?;

@@ -417,7 +417,8 @@ pub fn run_ab(cfg: &AbConfig) -> Result<(Vec<ArmResult>, Vec<PeerResult>)> {
     let default_tok = {
         let path = resolve_model(&cfg.model.source, base)?;
         let form = WeightForm::parse(&cfg.model.weights)?;
-        let loaded = load_model(&path, &device, form).with_context(|| format!("loading {}", path.display()))?;
+        let mut loaded = load_model(&path, &device, form).with_context(|| format!("loading {}", path.display()))?;
+        cfg.model.apply_context(&mut loaded.model)?;
         let tok = loaded.tokenizer.clone();
         let key = (cfg.model.source.clone(), cfg.model.weights.clone(), "f32".to_string());
         engines.insert(key, (arm_engine(loaded.model, &cfg.cache, KvDtype::F32)?, tok.clone()));
@@ -432,7 +433,8 @@ pub fn run_ab(cfg: &AbConfig) -> Result<(Vec<ArmResult>, Vec<PeerResult>)> {
         if !engines.contains_key(&key) {
             let path = resolve_model(&source, base)?;
             let form = WeightForm::parse(&key.1)?;
-            let loaded = load_model(&path, &device, form).with_context(|| format!("loading {}", path.display()))?;
+            let mut loaded = load_model(&path, &device, form).with_context(|| format!("loading {}", path.display()))?;
+            cfg.model.apply_context(&mut loaded.model).with_context(|| format!("arm `{}`", arm.name))?;
             let kv = KvDtype::parse(&key.2).map_err(anyhow::Error::msg)?;
             engines.insert(key.clone(), (arm_engine(loaded.model, &cfg.cache, kv)?, loaded.tokenizer));
         }

@@ -228,7 +228,7 @@ fn load_bench_model(
     device: &candle_core::Device,
 ) -> Result<Llama> {
     let dtype = cfg.model.compute_dtype()?;
-    let model = match (shared, source.strip_prefix("shape:")) {
+    let mut model = match (shared, source.strip_prefix("shape:")) {
         (Some(dir), _) => load_model(dir, device, WeightForm::Dense)?.model.to_dtype(dtype)?,
         (None, Some(name)) => Llama::random(named_shape(name)?, device, dtype)?,
         (None, None) => {
@@ -236,6 +236,7 @@ fn load_bench_model(
             load_model(&path, device, WeightForm::Dense)?.model.to_dtype(dtype)?
         }
     };
+    cfg.model.apply_context(&mut model)?;
     Ok(model)
 }
 

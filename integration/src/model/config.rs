@@ -348,24 +348,31 @@ pub enum RopeScaling {
     Linear(f64),
     /// YaRN (Qwen's long-context setting): see [`YarnScaling`].
     Yarn(YarnScaling),
-    /// LongRoPE (Phi-3 128K, Phi-3.5) below its original context: see [`LongRopeScaling`].
+    /// LongRoPE (Phi-3 128K, Phi-3.5): see [`LongRopeScaling`].
     LongRope(LongRopeScaling),
 }
 
-/// LongRoPE, as transformers applies it up to `original_max_position_embeddings`: every
-/// frequency divided by its `short_factor`, the rotary tables multiplied by the attention factor.
-/// Past the original context transformers switches to `long_factor` for the tokens that come
-/// next, while the keys already cached keep their short-factor rotation, so the served context
-/// stops at the original one.
+/// LongRoPE: every frequency divided by its factor, the rotary tables multiplied by the attention
+/// factor. Up to `original_max_position_embeddings` (the served context by default) the factors
+/// are `short_factor`, as transformers applies them. transformers switches to `long_factor` only
+/// for the tokens past the original context, while the keys already cached keep their
+/// short-factor rotation; here, as in llama.cpp, the served context decides for every position:
+/// a context set beyond the original one (`[model] context`, up to `max_position_embeddings`)
+/// rotates every token by `long_factor`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LongRopeScaling {
-    /// One divisor per frequency (`rope_dim / 2`).
+    /// One divisor per frequency (`rope_dim / 2`), up to the original context.
     pub short_factor: Vec<f64>,
+    /// One divisor per frequency for contexts past the original one, where the checkpoint has
+    /// them.
+    pub long_factor: Option<Vec<f64>>,
     /// Factor on the rotary cos/sin tables: `attention_factor` when given, else
     /// `sqrt(1 + ln(max_position_embeddings / original) / ln(original))`, 1 below a ratio of 1.
     pub attention_factor: f64,
-    /// The context the model was first trained at, and the most this serves.
+    /// The context the model was first trained at, and the most the short factors serve.
     pub original_max_position_embeddings: usize,
+    /// The context the model declares, which the long factors serve.
+    pub max_position_embeddings: usize,
 }
 
 impl LongRopeScaling {
@@ -709,7 +716,12 @@ impl ModelConfig {
         let context = served_context(declared, rope_scaling.as_ref());
         let (window, windowed) = windowed_layers(&c, arch, default_window)?;
         let gemma = if arch.is_gemma() { Some(parse_gemma(&c, arch, windowed.clone())?) } else { None };
-        let windows = model_windows(window, windowed, context, "model config: sliding_window")?;
+        // A window is kept against the longest context `[model] context` may set.
+        let longest = match &rope_scaling {
+            Some(RopeScaling::LongRope(l)) if l.long_factor.is_some() => declared.max(context),
+            _ => context,
+        };
+        let windows = model_windows(window, windowed, longest, "model config: sliding_window")?;
         let (num_kv_heads, head_dim) = match &mla {
             Some(m) => (1, m.kv_lora_rank + m.qk_rope_head_dim),
             None => (
@@ -819,12 +831,12 @@ impl ModelConfig {
                 );
             }
         }
-        let divisors = match &self.rope_scaling {
-            Some(RopeScaling::FreqFactors(div)) => Some(div),
-            Some(RopeScaling::LongRope(l)) => Some(&l.short_factor),
-            _ => None,
+        let divisors: Vec<&Vec<f64>> = match &self.rope_scaling {
+            Some(RopeScaling::FreqFactors(div)) => vec![div],
+            Some(RopeScaling::LongRope(l)) => std::iter::once(&l.short_factor).chain(&l.long_factor).collect(),
+            _ => vec![],
         };
-        if let Some(div) = divisors {
+        for div in divisors {
             if div.len() != self.rope_dim() / 2 || !div.iter().all(|d| d.is_finite() && *d > 0.0) {
                 bail!(
                     "RoPE frequency factors: need {} / 2 = {} positive, finite values; got {} ({div:?})",
@@ -957,6 +969,35 @@ impl ModelConfig {
         self
     }
 
+    /// The longest context [`Self::set_context`] takes: the declared one under LongRoPE with long
+    /// factors, else the served one.
+    pub fn context_limit(&self) -> usize {
+        match &self.rope_scaling {
+            Some(RopeScaling::LongRope(l)) if l.long_factor.is_some() => {
+                l.max_position_embeddings.max(self.max_position_embeddings)
+            }
+            _ => self.max_position_embeddings,
+        }
+    }
+
+    /// Serves at most `tokens` positions (`[model] context`), up to [`Self::context_limit`]: fewer
+    /// than the model serves, or under LongRoPE more, every position then rotated by the long
+    /// factors (see [`LongRopeScaling`]).
+    pub fn set_context(&mut self, tokens: usize) -> Result<()> {
+        let limit = self.context_limit();
+        if tokens == 0 || tokens > limit {
+            let why = match &self.rope_scaling {
+                Some(RopeScaling::LongRope(l)) if l.long_factor.is_none() => {
+                    " (its LongRoPE has no long factors, so it serves its original context)"
+                }
+                _ => "",
+            };
+            bail!("[model] context = {tokens}: this model serves 1 to {limit} tokens{why}");
+        }
+        self.max_position_embeddings = tokens;
+        Ok(())
+    }
+
     /// The context an engine without per-layer windows serves exactly: the whole context when
     /// the model has no window, the window when every layer has it (full attention over at
     /// most that many tokens is windowed attention); `None` when only some layers have one.
@@ -987,7 +1028,13 @@ impl ModelConfig {
             None => base.collect(),
             Some(RopeScaling::Llama3(s)) => base.map(|f| llama3_scale(f, s)).collect(),
             Some(RopeScaling::FreqFactors(div)) => base.zip(div).map(|(f, k)| f / k).collect(),
-            Some(RopeScaling::LongRope(l)) => base.zip(&l.short_factor).map(|(f, k)| f / k).collect(),
+            Some(RopeScaling::LongRope(l)) => {
+                let factors = match &l.long_factor {
+                    Some(long) if self.max_position_embeddings > l.original_max_position_embeddings => long,
+                    _ => &l.short_factor,
+                };
+                base.zip(factors).map(|(f, k)| f / k).collect()
+            }
             Some(RopeScaling::Linear(factor)) => base.map(|f| f / factor).collect(),
             Some(RopeScaling::Yarn(y)) => y.inv_freq(self.rope_theta, d),
         }
@@ -1168,7 +1215,8 @@ fn llama3_scale(freq: f64, s: &Llama3RopeScaling) -> f64 {
 
 /// The context a model declares, extended to `original_max_position_embeddings x factor` under
 /// YaRN (as vLLM serves it: Qwen3 declares 40960 and reaches 131072 with YaRN x4 over 32768),
-/// cut to the original context under LongRoPE (see [`LongRopeScaling`]).
+/// cut to the original context under LongRoPE (see [`LongRopeScaling`]; `[model] context` may
+/// raise it).
 pub(crate) fn served_context(declared: usize, scaling: Option<&RopeScaling>) -> usize {
     match scaling {
         Some(RopeScaling::Yarn(y)) => declared.max(y.extended_context()),
@@ -1435,12 +1483,26 @@ fn parse_longrope(v: &serde_json::Value, declared: usize, original: Option<usize
         .and_then(|a| a.iter().map(|x| x.as_f64()).collect::<Option<Vec<f64>>>())
         .context("model config: rope_scaling (longrope) needs `short_factor`, a list of numbers")?;
     let own = v.get("original_max_position_embeddings").and_then(|x| x.as_u64()).and_then(|x| usize::try_from(x).ok());
+    let long_factor = match v.get("long_factor") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(x) => Some(
+            x.as_array()
+                .and_then(|a| a.iter().map(|x| x.as_f64()).collect::<Option<Vec<f64>>>())
+                .context("model config: rope_scaling (longrope) `long_factor` must be a list of numbers")?,
+        ),
+    };
     let original = original.or(own).unwrap_or(declared);
     let attention_factor = match v.get("attention_factor") {
         None | Some(serde_json::Value::Null) => LongRopeScaling::default_attention_factor(declared, original),
         Some(x) => x.as_f64().context("model config: rope_scaling.attention_factor is not a number")?,
     };
-    Ok(LongRopeScaling { short_factor, attention_factor, original_max_position_embeddings: original })
+    Ok(LongRopeScaling {
+        short_factor,
+        long_factor,
+        attention_factor,
+        original_max_position_embeddings: original,
+        max_position_embeddings: declared,
+    })
 }
 
 /// YaRN from config.json's `rope_scaling`, read as transformers' `_compute_yarn_parameters`

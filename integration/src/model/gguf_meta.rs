@@ -115,16 +115,25 @@ fn stop_tokens(c: &Content) -> Vec<u32> {
 
 /// The short-context LongRoPE table of a `phi3` file (Phi-3 128K, Phi-3.5).
 pub(crate) const LONGROPE_SHORT: &str = "rope_factors_short.weight";
+/// Its long-context table.
+pub(crate) const LONGROPE_LONG: &str = "rope_factors_long.weight";
 
-/// The LongRoPE of a `phi3` file whose `rope_factors_short` table holds `short_factor` (read by
-/// the caller with the tensors): the attention factor (`rope.scaling.attn_factor`) and the
-/// original context (`rope.scaling.original_context_length`), as llama.cpp's converter writes them.
-pub(crate) fn longrope(c: &Content, short_factor: Vec<f64>) -> Result<LongRopeScaling> {
+/// The LongRoPE of a `phi3` file whose `rope_factors_short` and `rope_factors_long` tables hold
+/// `short_factor` and `long_factor` (read by the caller with the tensors): the attention factor
+/// (`rope.scaling.attn_factor`), the original context (`rope.scaling.original_context_length`)
+/// and the declared one (`context_length`), as llama.cpp's converter writes them.
+pub(crate) fn longrope(c: &Content, short_factor: Vec<f64>, long_factor: Option<Vec<f64>>) -> Result<LongRopeScaling> {
     let a = meta_str(c, "general.architecture")?;
     let context = meta_opt_usize(c, &format!("{a}.context_length"))?.unwrap_or(4096);
     let original = meta_opt_usize(c, &format!("{a}.rope.scaling.original_context_length"))?.unwrap_or(context);
     let attention_factor = meta_f64(c, &format!("{a}.rope.scaling.attn_factor"))?.unwrap_or(1.0);
-    Ok(LongRopeScaling { short_factor, attention_factor, original_max_position_embeddings: original })
+    Ok(LongRopeScaling {
+        short_factor,
+        long_factor,
+        attention_factor,
+        original_max_position_embeddings: original,
+        max_position_embeddings: context,
+    })
 }
 
 /// Model config from GGUF metadata.
@@ -181,10 +190,10 @@ pub(crate) fn model_config(c: &Content) -> Result<ModelConfig> {
     };
     let context = meta_opt_usize(c, &format!("{a}.context_length"))?.unwrap_or(4096);
     // LongRoPE rescales every frequency by these tables, so plain RoPE would be silently wrong at
-    // any length: only a `phi3` file's short-context table is read (with the tensors, see
-    // `longrope`).
+    // any length: only a `phi3` file's tables are read (with the tensors, see `longrope`), the
+    // short one required.
     let longrope = arch == Arch::Phi3 && c.tensor_infos.contains_key(LONGROPE_SHORT);
-    let tables = ["rope_factors_long.weight", LONGROPE_SHORT];
+    let tables = [LONGROPE_LONG, LONGROPE_SHORT];
     if let Some(t) = tables.iter().find(|t| c.tensor_infos.contains_key(**t)).filter(|_| !longrope) {
         bail!("GGUF tensor `{t}`: LongRoPE scaling is supported in `phi3` files with `{LONGROPE_SHORT}` only");
     }

@@ -565,6 +565,14 @@ impl Llama {
         &self.cfg
     }
 
+    /// Serves at most `tokens` positions (`[model] context`; see [`ModelConfig::set_context`]),
+    /// with the RoPE frequencies that context takes.
+    pub fn set_context(&mut self, tokens: usize) -> Result<()> {
+        self.cfg.set_context(tokens)?;
+        self.inv_freq = rope_freqs(&self.cfg);
+        Ok(())
+    }
+
     /// Where the model's DMS decision scores come from.
     pub fn decision_source(&self) -> &DecisionSource {
         &self.decision

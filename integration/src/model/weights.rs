@@ -16,7 +16,7 @@ use super::config::{ModelConfig, RopeScaling};
 use super::fp8::{self, Fp8Scheme};
 use super::fused::FusedPart;
 use super::gguf_header::{read_gguf_header, GgufHeader};
-use super::gguf_meta::{longrope, meta_str, model_config, LONGROPE_SHORT};
+use super::gguf_meta::{longrope, meta_str, model_config, LONGROPE_LONG, LONGROPE_SHORT};
 use super::gguf_names::{source, GgufSource};
 use super::linear::Proj;
 use super::mxfp4;
@@ -191,10 +191,13 @@ impl Weights {
         }
         // `model_config` accepts the table only where it applies (a `phi3` file, no other scaling).
         if content.tensor_infos.contains_key(LONGROPE_SHORT) {
-            let l = longrope(content, vector(LONGROPE_SHORT)?)?;
+            let long = content.tensor_infos.contains_key(LONGROPE_LONG).then(|| vector(LONGROPE_LONG)).transpose()?;
+            let l = longrope(content, vector(LONGROPE_SHORT)?, long)?;
             cfg.max_position_embeddings = cfg.max_position_embeddings.min(l.original_max_position_embeddings);
             cfg.rope_scaling = Some(RopeScaling::LongRope(l));
-            cfg.validate().with_context(|| format!("tensor `{LONGROPE_SHORT}` of {}", path.display()))?;
+            cfg.validate().with_context(|| {
+                format!("LongRoPE tables `{LONGROPE_SHORT}`, `{LONGROPE_LONG}` of {}", path.display())
+            })?;
         }
         let arch_meta = meta_str(content, "general.architecture")?;
         // llama.cpp's converter permutes `llama`, `smollm3` and `granite` files (its LlamaModel).

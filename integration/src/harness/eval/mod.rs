@@ -384,8 +384,9 @@ pub fn run_eval(cfg: &EvalConfig) -> Result<EvalReport> {
     let device = open_device(&cfg.model.device)?;
     let base = cfg.base_dir.as_deref();
     let path = resolve_model(&cfg.model.source, base)?;
-    let loaded =
+    let mut loaded =
         load_model(&path, &device, WeightForm::Dense).with_context(|| format!("loading {}", path.display()))?;
+    cfg.model.apply_context(&mut loaded.model)?;
     let tok = loaded.tokenizer.clone().context("the eval workload is text: the model needs a tokenizer")?;
     let mc = loaded.model.config();
     let blocks = crate::config::PoolSize::MiB(cfg.cache.memory_mb as f64).blocks(

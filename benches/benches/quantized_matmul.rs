@@ -73,7 +73,7 @@ fn bench(c: &mut Criterion) {
         });
         // Where a layer's dequantized f32 product overtakes the kernel as an expert's rows grow
         // (`MXFP4_DENSE_FROM_ROWS` in `linear.rs`).
-        for m in [8usize, 16, 32, 64, 96, 128] {
+        for m in [8usize, 16, 32, 64, 128, 256] {
             let xs: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).cos()).collect();
             let mut ys = vec![0f32; m * n];
             group.bench_function(BenchmarkId::new("mxfp4_rows_kernel", m), |b| {

@@ -47,7 +47,7 @@ impl Simd {
 }
 
 /// A weight block format the kernels read: rows of `BLOCK_BYTES`-byte blocks of 32 values.
-pub(crate) trait BlockFormat {
+pub(crate) trait BlockFormat: Sized {
     /// Its name in errors.
     const NAME: &'static str;
     /// Bytes per block of 32 weights.
@@ -57,6 +57,42 @@ pub(crate) trait BlockFormat {
     /// Dot products of `ROW_GROUP` consecutive weight rows (`w`, `row_bytes` each) with one
     /// activation row.
     fn dot_group(w: &[u8], row_bytes: usize, a: &[Q8Block], simd: Simd) -> [f32; ROW_GROUP];
+    /// The activation rows laid out for [`Self::dot_rows`], built once per product.
+    type Prepared: Sync;
+    /// Lays out `acts` for [`Self::dot_rows`].
+    fn prepare(acts: &[Vec<Q8Block>], simd: Simd) -> Self::Prepared;
+    /// Dot products of the `out.len() / acts.len()` consecutive weight rows of `w` (at most
+    /// `ROW_GROUP`, `row_bytes` each) with every activation row, into `out[r * m + i]`; by
+    /// default [`dot_each`].
+    fn dot_rows(
+        w: &[u8],
+        row_bytes: usize,
+        acts: &[Vec<Q8Block>],
+        prepared: &Self::Prepared,
+        out: &mut [f32],
+        simd: Simd,
+    ) {
+        let _ = prepared;
+        dot_each::<Self>(w, row_bytes, acts, out, simd)
+    }
+}
+
+/// [`BlockFormat::dot_rows`] one activation row at a time: a whole group of weight rows per
+/// [`BlockFormat::dot_group`], fewer one by one.
+pub(crate) fn dot_each<F: BlockFormat>(w: &[u8], row_bytes: usize, acts: &[Vec<Q8Block>], out: &mut [f32], simd: Simd) {
+    let m = acts.len();
+    let rows = out.len() / m;
+    for (a_i, a) in acts.iter().enumerate() {
+        if rows == ROW_GROUP {
+            for (r, v) in F::dot_group(w, row_bytes, a, simd).into_iter().enumerate() {
+                out[r * m + a_i] = v;
+            }
+        } else {
+            for r in 0..rows {
+                out[r * m + a_i] = F::dot(&w[r * row_bytes..(r + 1) * row_bytes], a, simd);
+            }
+        }
+    }
 }
 
 /// `y_i = x W_i^T` for matrices `ws` (`(bytes, rows)` each, all `k` wide, in format `F`) and `x`
@@ -96,6 +132,7 @@ pub(crate) fn matmul_many<F: BlockFormat>(
     }
     let acts: Vec<Vec<Q8Block>> = x.chunks_exact(k).map(quantize_row).collect();
     let simd = Simd::detect();
+    let prepared = F::prepare(&acts, simd);
     let total: usize = ws.iter().map(|(_, n)| n).sum();
     let per_task =
         total.div_ceil(rayon::current_num_threads() * TASKS_PER_THREAD).next_multiple_of(ROW_GROUP).max(ROW_GROUP);
@@ -111,18 +148,7 @@ pub(crate) fn matmul_many<F: BlockFormat>(
         for (g, o) in out.chunks_mut(ROW_GROUP * m).enumerate() {
             let r0 = first + g * ROW_GROUP;
             let rows = o.len() / m;
-            let w = &w[r0 * row_bytes..(r0 + rows) * row_bytes];
-            for (a_i, a) in acts.iter().enumerate() {
-                if rows == ROW_GROUP {
-                    for (r, v) in F::dot_group(w, row_bytes, a, simd).into_iter().enumerate() {
-                        o[r * m + a_i] = v;
-                    }
-                } else {
-                    for r in 0..rows {
-                        o[r * m + a_i] = F::dot(&w[r * row_bytes..(r + 1) * row_bytes], a, simd);
-                    }
-                }
-            }
+            F::dot_rows(&w[r0 * row_bytes..(r0 + rows) * row_bytes], row_bytes, &acts, &prepared, o, simd);
         }
     });
     for ((bw, (_, n)), y) in by_weight.iter().zip(ws).zip(ys.iter_mut()) {

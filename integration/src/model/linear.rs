@@ -17,12 +17,6 @@ use super::weights::block_tensor;
 /// matmul. Measured on the 2-core development machine (SmolLM2-135M, Q8_0): see
 /// `benches/results/quantized-smollm2-cpu-*.json`.
 const DENSE_FROM_ROWS: usize = 16;
-/// The same for MXFP4 layers (GPT-OSS's experts, which each see a share of a prompt chunk's
-/// rows), where dequantizing costs more: on GPT-OSS-20B's `[2880, 2880]` the kernel took 8.6 ms
-/// for 64 rows against 14.2 ms dequantized, 12.7 against 13.5 for 96 and 17.8 against 18.2 for
-/// 128 (`cargo bench -p dms-benches --bench quantized_matmul -- mxfp4_rows`, the 2-core
-/// development machine, 2026-12-08); dequantizing also allocates the whole f32 matrix.
-const MXFP4_DENSE_FROM_ROWS: usize = 128;
 
 /// A linear layer `y = x W^T (+ b)`.
 #[derive(Clone)]
@@ -105,31 +99,33 @@ impl Proj {
                 Some(b) => add_bias(&x.broadcast_matmul(&l.weight().t()?)?, b),
                 None => Ok(l.forward(x)?),
             },
-            Proj::Quantized { bias, .. } | Proj::Mxfp4 { bias, .. } => {
+            Proj::Quantized { weight, matmul, bias } => {
                 let x = x.contiguous()?;
                 let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?.max(1);
-                let y = match (self, self.kernel_input(rows)) {
-                    (_, Some(input)) => run_kernel(&[input], &x)?.pop().expect("one output"),
-                    (Proj::Quantized { weight, .. }, None) if rows >= DENSE_FROM_ROWS => {
-                        x.broadcast_matmul(&weight.dequantize(x.device())?.t()?)?
-                    }
-                    (Proj::Quantized { matmul, .. }, None) => matmul.forward(&x)?,
-                    (_, None) => x.broadcast_matmul(&self.dequantized_mxfp4(x.device())?.t()?)?,
+                let y = match self.kernel_input(rows) {
+                    Some(input) => run_kernel(&[input], &x)?.pop().expect("one output"),
+                    None if rows >= DENSE_FROM_ROWS => x.broadcast_matmul(&weight.dequantize(x.device())?.t()?)?,
+                    None => matmul.forward(&x)?,
                 };
                 match bias {
                     Some(b) => add_bias(&y, b),
                     None => Ok(y),
                 }
             }
+            // Our kernel at every length: on GPT-OSS-20B's `[2880, 2880]` it took 13.7 ms for 128
+            // rows against 18.5 dequantized and 27.7 against 33.2 for 256, each row costing about
+            // what it costs dequantized (`cargo bench -p dms-benches --bench quantized_matmul --
+            // mxfp4_rows`, the 2-core development machine, 2026-12-08), and dequantizing would
+            // allocate the whole f32 matrix.
+            Proj::Mxfp4 { blocks, shape, bias } => {
+                let input = KernelInput { kernel: Kernel::Mxfp4, bytes: blocks, rows: shape.0, bias: bias.as_ref() };
+                let y = run_kernel(&[input], &x.contiguous()?)?.pop().expect("one output");
+                match bias {
+                    Some(b) => add_bias(&y, b),
+                    None => Ok(y),
+                }
+            }
         }
-    }
-
-    /// An MXFP4 layer's weight `[out, in]` in f32 on `device`.
-    fn dequantized_mxfp4(&self, device: &Device) -> Result<Tensor> {
-        let Proj::Mxfp4 { blocks, shape, .. } = self else { bail!("not an MXFP4 layer") };
-        let mut w = Vec::with_capacity(shape.0 * shape.1);
-        super::mxfp4::dequantize_ggml(blocks, &mut w);
-        Ok(Tensor::from_vec(w, *shape, device)?)
     }
 
     /// This layer's weight for our kernel, where one runs it on `rows` inputs.
@@ -145,7 +141,7 @@ impl Proj {
                     bias: bias.as_ref(),
                 })
             }
-            Proj::Mxfp4 { blocks, shape, bias } if rows < MXFP4_DENSE_FROM_ROWS => Some(KernelInput {
+            Proj::Mxfp4 { blocks, shape, bias } => Some(KernelInput {
                 kernel: Kernel::Mxfp4,
                 bytes: blocks.as_slice(),
                 rows: shape.0,
@@ -401,9 +397,8 @@ mod tests {
         Ok(())
     }
 
-    /// An MXFP4 layer gives the product of its dequantized weights plus its bias: exactly (f32
-    /// rounding) from `MXFP4_DENSE_FROM_ROWS` rows on, where it dequantizes; within the
-    /// activations' 8-bit rounding below, where the kernel runs.
+    /// An MXFP4 layer gives the product of its dequantized weights plus its bias within the
+    /// activations' 8-bit rounding, for one row, a few, and more than a tile of them.
     #[test]
     fn an_mxfp4_layer_is_its_dequantized_product_long_or_short() -> Result<()> {
         let dev = Device::Cpu;
@@ -418,12 +413,12 @@ mod tests {
         let bias: Vec<f32> = (0..out).map(|o| o as f32 * 0.25 - 0.5).collect();
         let proj =
             Proj::Mxfp4 { blocks: Arc::new(blocks), shape: (out, k), bias: Some(Tensor::new(bias.as_slice(), &dev)?) };
-        let rows = MXFP4_DENSE_FROM_ROWS + 3;
+        let rows = 9;
         let x: Vec<f32> = (0..rows * k).map(|i| (i as f32 * 0.61).sin() * (1.0 + (i % 5) as f32)).collect();
         let naive = |r: usize, o: usize| -> f64 {
             (0..k).map(|i| x[r * k + i] as f64 * w[o * k + i] as f64).sum::<f64>() + bias[o] as f64
         };
-        for n in [rows, 2] {
+        for n in [rows, 2, 1] {
             let y = proj.forward(&Tensor::from_slice(&x[..n * k], (n, k), &dev)?)?.to_vec2::<f32>()?;
             for (r, row) in y.iter().enumerate() {
                 for (o, &got) in row.iter().enumerate() {
@@ -435,7 +430,7 @@ mod tests {
                             w[o * k + i].abs() as f64 * amax as f64 / 254.0
                         })
                         .sum();
-                    let tol = if n >= MXFP4_DENSE_FROM_ROWS { 1e-4 } else { rounding + 1e-4 };
+                    let tol = rounding + 1e-4;
                     assert!((got as f64 - naive(r, o)).abs() <= tol, "{n} rows, [{r}, {o}]: {got} vs {}", naive(r, o));
                 }
             }

@@ -130,6 +130,97 @@ impl BlockFormat for Mxfp4 {
         let _ = simd;
         std::array::from_fn(|r| dot_scalar(&w[r * row_bytes..(r + 1) * row_bytes], a))
     }
+
+    /// Each activation row's block pairs, as the tiled kernel reads them (several rows, AVX2).
+    type Prepared = Option<Vec<Vec<PairActs>>>;
+
+    fn prepare(acts: &[Vec<Q8Block>], simd: Simd) -> Self::Prepared {
+        (simd.avx2() && acts.len() > 1)
+            .then(|| acts.iter().map(|a| a.chunks_exact(2).map(PairActs::new).collect()).collect())
+    }
+
+    fn dot_rows(
+        w: &[u8],
+        row_bytes: usize,
+        acts: &[Vec<Q8Block>],
+        prepared: &Self::Prepared,
+        out: &mut [f32],
+        simd: Simd,
+    ) {
+        let Some(pairs) = prepared else {
+            return block_kernel::dot_each::<Self>(w, row_bytes, acts, out, simd);
+        };
+        #[cfg(target_arch = "x86_64")]
+        {
+            let m = acts.len();
+            let rows = out.len() / m;
+            let last = acts[0].len() / 2 * 2;
+            // A tile of activation rows (a few KiB of pairs) stays in L1 while the group's weight
+            // rows pass over it; taking the weight rows outside would stream every activation
+            // row from L2 once per weight row.
+            let mut i = 0;
+            while i < m {
+                let n = ACT_TILE.min(m - i);
+                for r in 0..rows {
+                    let row = &w[r * row_bytes..(r + 1) * row_bytes];
+                    // SAFETY: `prepare` lays pairs out only when `simd` says AVX2 (with FMA and
+                    // F16C); every activation row has `k / 64` pairs, which `row` holds.
+                    let sums: [f32; ACT_TILE] = if n == ACT_TILE {
+                        unsafe { dot_tile_avx2(row, std::array::from_fn(|j| pairs[i + j].as_slice())) }
+                    } else {
+                        std::array::from_fn(|j| {
+                            let one = |p: &[PairActs]| unsafe { dot_tile_avx2(row, [p]) }[0];
+                            pairs.get(i + j).filter(|_| j < n).map_or(0.0, |p| one(p))
+                        })
+                    };
+                    for (j, v) in sums.into_iter().take(n).enumerate() {
+                        // An odd last block, for every activation row.
+                        let tail = match last < acts[i + j].len() {
+                            true => dot_scalar(&row[last * GGML_BLOCK_BYTES..], &acts[i + j][last..]),
+                            false => 0.0,
+                        };
+                        out[r * m + i + j] = v + tail;
+                    }
+                }
+                i += n;
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = pairs;
+            block_kernel::dot_each::<Self>(w, row_bytes, acts, out, simd)
+        }
+    }
+}
+
+/// Activation rows the tiled kernel multiplies with each unpacked weight row.
+const ACT_TILE: usize = 4;
+
+/// Two consecutive activation blocks as [`dot_tile_avx2`] reads them, laid out once per product
+/// so that each weight row's pair of blocks, unpacked once, multiplies several activation rows
+/// (prompt rows through one expert): values 0..16 of both blocks (what the weights' low nibbles
+/// hold), values 16..32, the offset sums `12 (a_2j + a_2j+1)` of both halves as the i16 lanes
+/// of the products, and the scales spread over each block's four i32 lanes.
+#[derive(Clone, Copy)]
+#[repr(C, align(32))]
+pub(crate) struct PairActs {
+    lo: [i8; 32],
+    hi: [i8; 32],
+    offset: [i16; 16],
+    d: [f32; 8],
+}
+
+impl PairActs {
+    fn new(pair: &[Q8Block]) -> Self {
+        let (a0, a1) = (&pair[0], &pair[1]);
+        let lo: [i8; 32] = std::array::from_fn(|j| if j < 16 { a0.q[j] } else { a1.q[j - 16] });
+        let hi: [i8; 32] = std::array::from_fn(|j| if j < 16 { a0.q[j + 16] } else { a1.q[j] });
+        let offset = std::array::from_fn(|j| {
+            12 * (i16::from(lo[2 * j]) + i16::from(lo[2 * j + 1]) + i16::from(hi[2 * j]) + i16::from(hi[2 * j + 1]))
+        });
+        let d = std::array::from_fn(|j| if j < 4 { a0.d } else { a1.d });
+        Self { lo, hi, offset, d }
+    }
 }
 
 /// The reference loop (and the path of CPUs without AVX2).
@@ -195,6 +286,45 @@ unsafe fn dot_group_avx2<const R: usize>(w: &[u8], row_bytes: usize, a: &[Q8Bloc
     })
 }
 
+/// Dot products of one weight row with `A` activation rows (their pairs laid out by
+/// [`PairActs::new`]), as [`dot_group_avx2`] computes them with the roles turned: each pair of
+/// weight blocks is unpacked once (codes to unsigned bytes, scales) and multiplies the `A` rows'
+/// pairs. Only whole pairs: an odd last block is the caller's.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_tile_avx2<const A: usize>(row: &[u8], acts: [&[PairActs]; A]) -> [f32; A] {
+    use std::arch::x86_64::*;
+    let pairs = acts[0].len();
+    assert!(row.len() >= 2 * pairs * GGML_BLOCK_BYTES && acts.iter().all(|a| a.len() == pairs));
+    let lut = _mm256_broadcastsi128_si256(_mm_loadu_si128(KVALUES_PLUS_12.as_ptr() as *const __m128i));
+    let mask = _mm256_set1_epi8(0x0F);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); A];
+    for pair in 0..pairs {
+        let p = row.as_ptr().add(2 * pair * GGML_BLOCK_BYTES);
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH_BYTES) as *const i8);
+        let nib = _mm256_loadu2_m128i(p.add(GGML_BLOCK_BYTES + 1) as *const __m128i, p.add(1) as *const __m128i);
+        let lo = _mm256_shuffle_epi8(lut, _mm256_and_si256(nib, mask));
+        let hi = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(nib, 4), mask));
+        let dw = _mm256_set_m128(
+            _mm_set1_ps(HALF_SCALES[usize::from(*p.add(GGML_BLOCK_BYTES))]),
+            _mm_set1_ps(HALF_SCALES[usize::from(*p)]),
+        );
+        for (acc, a) in acc.iter_mut().zip(&acts) {
+            // `PairActs` is 32-byte aligned, each field at a multiple of 32.
+            let a = &a[pair];
+            let a_lo = _mm256_load_si256(a.lo.as_ptr() as *const __m256i);
+            let a_hi = _mm256_load_si256(a.hi.as_ptr() as *const __m256i);
+            let products = _mm256_add_epi16(_mm256_maddubs_epi16(lo, a_lo), _mm256_maddubs_epi16(hi, a_hi));
+            let offset = _mm256_load_si256(a.offset.as_ptr() as *const __m256i);
+            let sum = _mm256_madd_epi16(_mm256_sub_epi16(products, offset), ones);
+            let da = _mm256_load_ps(a.d.as_ptr());
+            *acc = _mm256_fmadd_ps(_mm256_mul_ps(dw, da), _mm256_cvtepi32_ps(sum), *acc);
+        }
+    }
+    std::array::from_fn(|i| block_kernel::avx2::sum(acc[i]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -252,10 +382,12 @@ mod tests {
 
     #[test]
     fn both_kernels_match_the_dequantized_product_within_the_activation_rounding() {
-        // 70 rows: groups of four and a remainder of two; three input rows; an even and an odd
-        // number of blocks per row.
+        // 70 rows: groups of four and a remainder of two; one input row (one activation row per
+        // pass) or six (a tile of four and two more); an even and an odd number of blocks per row.
         for cols in [256, 288] {
-            check_kernels(70, cols, 3);
+            for m in [1, 6] {
+                check_kernels(70, cols, m);
+            }
         }
     }
 

@@ -44,6 +44,10 @@ impl BlockFormat for Q41 {
     fn dot_group(w: &[u8], row_bytes: usize, a: &[Q8Block], simd: Simd) -> [f32; ROW_GROUP] {
         dot_group(w, row_bytes, a, simd)
     }
+
+    type Prepared = ();
+
+    fn prepare(_: &[Vec<Q8Block>], _: Simd) {}
 }
 
 /// Dot product of one weight row (Q4_1 bytes) with one activation row.

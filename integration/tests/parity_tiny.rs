@@ -216,6 +216,11 @@ fn phi3_matches_llama_cpp_from_gguf_and_hf_directory() {
     refused("partial_rotary_factor", serde_json::json!(0.7), &["partial_rotary_factor", "rotates 11 channels"]);
     let longrope = serde_json::json!({"type": "longrope", "short_factor": [1.0], "long_factor": [1.0]});
     refused("rope_scaling", longrope, &["head_dim / 2 = 8"]);
+    let short = [1.0; 8];
+    let long_too_short = serde_json::json!({"type": "longrope", "short_factor": short, "long_factor": [1.0]});
+    refused("rope_scaling", long_too_short, &["head_dim / 2 = 8", "got 1"]);
+    let long_not_numbers = serde_json::json!({"type": "longrope", "short_factor": short, "long_factor": "x"});
+    refused("rope_scaling", long_not_numbers, &["long_factor"]);
     let windowed = load("sliding_window", serde_json::json!(100)).unwrap();
     let cfg = windowed.model.config();
     assert_eq!((cfg.max_position_embeddings, cfg.device_context()), (512, Some(100)));

@@ -56,6 +56,35 @@ fn dense_teacher_equals_the_transformers_fixture() {
     }
 }
 
+/// Gemma 3 and Granite retrofit: the dense teacher gives the float64 reference's logits from the
+/// HF directory and the GGUF (Gemma 3: local layers windowed to 8 of the 40 tokens, their own
+/// RoPE base, sandwich norms, scaled embeddings; Granite: its four multipliers), and training
+/// raises the evicted fraction toward the target.
+#[test]
+fn gemma3_and_granite_retrofit_from_the_reference_teacher() {
+    let cases = [
+        ("gguf/gemma3_tiny", "gemma3"),
+        ("gguf/gemma3.gguf", "gemma3"),
+        ("gguf/granite_tiny", "granite"),
+        ("gguf/granite.gguf", "granite"),
+    ];
+    for (model, name) in cases {
+        let loaded = load_model(&fixture(model), &Device::Cpu, WeightForm::Dense).unwrap().model;
+        let g = golden(&fixture(&format!("gguf/{name}_reference.safetensors")));
+        let prompt = ids(&g["prompt_ids"]);
+        let want = g["prompt_logits"].to_vec2::<f32>().unwrap();
+        let got = loaded.dense_forward(&prompt, None).unwrap().logits.to_vec2::<f32>().unwrap();
+        for p in 0..prompt.len() {
+            assert!(max_abs(&got[p], &want[p]) < 1e-4, "{model}: position {p}: {}", max_abs(&got[p], &want[p]));
+        }
+        let mut t = Trainer::new(loaded, section(20, 4.0, 0.05), tokens(4000, 1)).unwrap();
+        let stats: Vec<_> = (0..20).map(|_| t.train_step().unwrap()).collect();
+        assert!(stats.iter().all(|s| s.loss.is_finite()), "{model}");
+        let (e0, e1) = (stats[0].evicted, stats[17..].iter().map(|s| s.evicted).sum::<f64>() / 3.0);
+        assert!(e1 > e0 + 0.2, "{model}: evicted fraction {e0} -> {e1} (target 0.75)");
+    }
+}
+
 #[test]
 fn soft_mask_gradient_matches_finite_differences() {
     let t = smooth_trainer();

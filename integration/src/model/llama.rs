@@ -879,10 +879,18 @@ impl Llama {
             bail!("token id {t} is outside the model's vocabulary of {} tokens", self.cfg.vocab_size);
         }
         let x = self.embed.lookup(tokens, &self.device)?;
+        match self.embedding_scale() {
+            Some(m) => Ok((x * m)?),
+            None => Ok(x),
+        }
+    }
+
+    /// What embeddings are multiplied by: Gemma's `sqrt(hidden)`, Granite's multiplier.
+    fn embedding_scale(&self) -> Option<f64> {
         match (&self.cfg.gemma, &self.cfg.granite) {
-            (Some(_), _) => Ok((x * (self.cfg.hidden_size as f64).sqrt())?),
-            (None, Some(g)) => Ok((x * g.embedding)?),
-            (None, None) => Ok(x),
+            (Some(_), _) => Some((self.cfg.hidden_size as f64).sqrt()),
+            (None, Some(g)) => Some(g.embedding),
+            (None, None) => None,
         }
     }
 

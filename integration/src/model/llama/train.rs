@@ -5,7 +5,7 @@
 use anyhow::Result;
 use candle_core::{DType, Tensor, Var};
 
-use super::train_attention::masked_attention;
+use super::train_attention::{masked_attention, Mask};
 use super::{Attention, Layer, Llama};
 use crate::model::linear::frozen_matmul;
 use crate::model::lora::{AttentionLora, LoraTarget};
@@ -97,25 +97,16 @@ fn softplus(z: &Tensor) -> Result<Tensor> {
 }
 
 impl Llama {
-    /// Logits of every position of `ids` with dense attention. With `student`, each layer's
-    /// adapter produces noisy relaxed decisions; a key k outside the window of query q
-    /// (q - k > W) gets `log(1 - sigmoid(logit_{k+1}))` added to its score.
+    /// Logits of every position of `ids` with dense attention (each layer's own window kept).
+    /// With `student`, each layer's adapter produces noisy relaxed decisions; a key k outside the
+    /// window of query q (q - k > W) gets `log(1 - sigmoid(logit_{k+1}))` added to its score.
     pub fn dense_forward(&self, ids: &[u32], student: Option<(&AdapterParams, &StudentOpts)>) -> Result<DenseOut> {
         let cfg = &self.cfg;
         let t = ids.len();
-        if cfg.gemma.is_some() || cfg.granite.is_some() || cfg.arch.has_attention_sinks() {
+        if cfg.gemma.as_ref().is_some_and(|g| g.attn_softcap.is_some()) || cfg.arch.has_attention_sinks() {
             anyhow::bail!(
-                "the dense (training) forward does not run Gemma's, Granite's or GPT-OSS's layers; retrofit a \
-                 Llama-family model"
-            );
-        }
-        // Dense attention is the model's own only where no window hides a key.
-        if let Some(w) = cfg.windows.as_ref().filter(|w| t > w.window() as usize) {
-            anyhow::bail!(
-                "the dense (training) forward attends to every token, but this model's window is {} tokens and the \
-                 sequence has {t}: use sequences of at most {} tokens",
-                w.window(),
-                w.window()
+                "the dense (training) forward has no soft-capped attention scores (Gemma 2) or attention sinks \
+                 (GPT-OSS); retrofit another model"
             );
         }
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
@@ -124,10 +115,18 @@ impl Llama {
         let dev = &self.device;
         let positions: Vec<u32> = (0..t as u32).collect();
         let (cos, sin) = self.rope_tables(&positions)?;
+        // Gemma 3's local layers rotate at their own base.
+        let local = match &self.local_inv_freq {
+            Some(f) => Some(self.rope_table(f, 1.0, &positions)?),
+            None => None,
+        };
         // A layer without RoPE (SmolLM3's) rotates by nothing: cosines 1, sines 0.
         let (ones, zeros) = (cos.ones_like()?, sin.zeros_like()?);
         let w = student.map_or(usize::MAX, |(_, o)| o.window);
         let mut x = self.embed.dense()?.index_select(&Tensor::new(ids, dev)?, 0)?;
+        if let Some(m) = self.embedding_scale() {
+            x = (x * m)?;
+        }
         let scale = self.softmax_scale();
         let mut decisions = Vec::new();
         let lora = student.and_then(|(ad, _)| ad.lora.as_ref()).map(LoraVars::view);
@@ -151,12 +150,28 @@ impl Llama {
                 None => None,
             };
             let lora = lora.as_ref().map(|l| (l, li));
-            let (cos, sin) =
-                if cfg.nope_layers.get(li).copied().unwrap_or(false) { (&ones, &zeros) } else { (&cos, &sin) };
-            x = self.dense_layer(layer, &x, cos, sin, w, penalty.as_ref(), lora, scale, (nh, nkv, hd, g))?;
+            let is_local = cfg.gemma.as_ref().is_some_and(|g| g.local_layers.get(li).copied().unwrap_or(false));
+            let (cos, sin) = match (&local, is_local) {
+                _ if cfg.nope_layers.get(li).copied().unwrap_or(false) => (&ones, &zeros),
+                (Some((c, s)), true) => (c, s),
+                _ => (&cos, &sin),
+            };
+            let model_window = match &cfg.windows {
+                Some(mw) if mw.layers().get(li).copied().unwrap_or(false) => mw.window() as usize,
+                _ => usize::MAX,
+            };
+            let mask = Mask { window: w, model_window };
+            x = self.dense_layer(layer, &x, cos, sin, mask, penalty.as_ref(), lora, scale, (nh, nkv, hd, g))?;
         }
         let xs = rms(&x, &self.norm, eps)?;
-        Ok(DenseOut { logits: frozen_matmul(&xs, self.lm_head.dense_weight()?)?, decisions })
+        let mut logits = frozen_matmul(&xs, self.lm_head.dense_weight()?)?;
+        if let Some(g) = cfg.granite {
+            logits = (logits / g.logits)?;
+        }
+        if let Some(cap) = cfg.gemma.as_ref().and_then(|g| g.final_softcap) {
+            logits = ((logits / cap)?.tanh()? * cap)?;
+        }
+        Ok(DenseOut { logits, decisions })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -166,7 +181,7 @@ impl Llama {
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        window: usize,
+        mask: Mask,
         penalty: Option<&Tensor>,
         lora: Option<(&AttentionLora, usize)>,
         scale: f64,
@@ -212,7 +227,7 @@ impl Llama {
         let k = k.transpose(0, 1)?.contiguous()?;
         let v = v.transpose(0, 1)?.contiguous()?;
         let none = Tensor::zeros((nkv, t), DType::F32, x.device())?;
-        let out = masked_attention(&q, &k, &v, penalty.unwrap_or(&none), window, scale)?
+        let out = masked_attention(&q, &k, &v, penalty.unwrap_or(&none), mask, scale)?
             .reshape((nh, t, dv))?
             .transpose(0, 1)?
             .contiguous()?
@@ -221,8 +236,20 @@ impl Llama {
             Attention::Mha(m) => project(&m.o_proj, LoraTarget::O, &out)?,
             Attention::Mla(m) => m.output(&out)?,
         };
-        let x = (x + o)?;
+        // Gemma normalizes each branch's output; Granite scales it.
+        let branch = |y: Tensor, norm: Option<&Tensor>| -> Result<Tensor> {
+            match (norm, self.cfg.granite) {
+                (Some(n), _) => rms(&y, n, eps),
+                (None, Some(g)) => Ok((y * g.residual)?),
+                (None, None) => Ok(y),
+            }
+        };
+        let (attn_norm, ffn_norm) = match &layer.sandwich {
+            Some((a, f)) => (Some(a), Some(f)),
+            None => (None, None),
+        };
+        let x = (x + branch(o, attn_norm)?)?;
         let h = rms(&x, &layer.post_norm, eps)?;
-        Ok((x + layer.ffn.forward_differentiable(&h)?)?)
+        Ok((&x + branch(layer.ffn.forward_differentiable(&h)?, ffn_norm)?)?)
     }
 }

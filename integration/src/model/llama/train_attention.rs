@@ -21,16 +21,26 @@ use crate::kv::vector::dot;
 /// summed at the end (so no two threads write one key's gradient).
 const BLOCK_ROWS: usize = 64;
 
+/// How a layer's queries see its keys: causally, within the model's own window (query `i` sees
+/// key `j` iff `i - j < model_window`; `usize::MAX` for none), key `j` getting `penalty[kvh, j]`
+/// added to its score for every query `i` with `i - j > window` (DMS's delay).
+#[derive(Debug, Clone, Copy)]
+pub struct Mask {
+    /// DMS's delay W.
+    pub window: usize,
+    /// The model's own window on this layer.
+    pub model_window: usize,
+}
+
 /// Causal attention of `q [nkv, g, T, dq]` over `k [nkv, T, dq]` and `v [nkv, T, dv]` (`g` query
-/// heads share a KV head), where key `j` gets `penalty[kvh, j]` added to its score for every
-/// query `i` with `i - j > window`. Returns `[nkv, g, T, dv]`; differentiable in `q`, `k`, `v`
-/// and `penalty`.
+/// heads share a KV head), masked as `mask` says. Returns `[nkv, g, T, dv]`; differentiable in
+/// `q`, `k`, `v` and `penalty`.
 pub fn masked_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     penalty: &Tensor,
-    window: usize,
+    mask: Mask,
     scale: f64,
 ) -> Result<Tensor> {
     let (nkv, g, t, dq) = q.dims4()?;
@@ -43,26 +53,29 @@ pub fn masked_attention(
             v.dims()
         );
     }
+    if mask.model_window == 0 {
+        bail!("a model window of 0 tokens hides every key");
+    }
     if !q.device().is_cpu() {
-        return composed(q, k, v, penalty, window, scale);
+        return composed(q, k, v, penalty, mask, scale);
     }
     let kv = Tensor::cat(&[k, v], D::Minus1)?.contiguous()?;
-    let op = MaskedAttention { nkv, g, t, dq, dv, window, scale: scale as f32 };
+    let op = MaskedAttention { nkv, g, t, dq, dv, mask, scale: scale as f32 };
     let out = q.contiguous()?.apply_op3(&kv, &penalty.contiguous()?, op)?;
     Ok(out.narrow(3, 0, dv)?)
 }
 
-/// The same attention composed of candle ops (dense scores, an additive causal mask, the
-/// penalty broadcast over the far keys, softmax): any device, `[heads, T, T]` memory.
-pub fn composed(q: &Tensor, k: &Tensor, v: &Tensor, penalty: &Tensor, window: usize, scale: f64) -> Result<Tensor> {
+/// The same attention composed of candle ops (dense scores, an additive causal and window mask,
+/// the penalty broadcast over the far keys, softmax): any device, `[heads, T, T]` memory.
+pub fn composed(q: &Tensor, k: &Tensor, v: &Tensor, penalty: &Tensor, mask: Mask, scale: f64) -> Result<Tensor> {
     let t = q.dim(2)?;
     let mut causal = vec![0f32; t * t];
     let mut far = vec![0f32; t * t];
     for i in 0..t {
         for j in 0..t {
-            if j > i {
+            if j > i || i - j >= mask.model_window {
                 causal[i * t + j] = -50000.0;
-            } else if i - j > window {
+            } else if i - j > mask.window {
                 far[i * t + j] = 1.0;
             }
         }
@@ -86,7 +99,7 @@ struct MaskedAttention {
     t: usize,
     dq: usize,
     dv: usize,
-    window: usize,
+    mask: Mask,
     scale: f32,
 }
 
@@ -125,7 +138,10 @@ impl MaskedAttention {
             let (seen, future) = row.split_at_mut(i + 1);
             future.iter_mut().for_each(|x| *x = 0.0);
             for (j, x) in seen.iter_mut().enumerate() {
-                if i - j > self.window {
+                if i - j >= self.mask.model_window {
+                    // Outside the model's window: probability 0 (key `i` is always seen).
+                    *x = f32::NEG_INFINITY;
+                } else if i - j > self.mask.window {
                     *x += pen[j];
                 }
             }
@@ -186,7 +202,7 @@ impl MaskedAttention {
                 let d = dot(&dout[r * width..r * width + dv], &out[r * width..r * width + dv]);
                 for (j, (x, &pj)) in ds_row.iter_mut().zip(p_row).enumerate().take(i + 1) {
                     *x = pj * (*x - d);
-                    if i - j > self.window {
+                    if i - j > self.mask.window {
                         dpen[j] += *x;
                     }
                 }
@@ -288,7 +304,7 @@ mod tests {
 
     /// Values and all four gradients of the fused op against candle's autograd of the composed
     /// form, for a loss `sum(out * r)` with random `r`.
-    fn check(nkv: usize, g: usize, t: usize, dq: usize, dv: usize, window: usize) -> Result<()> {
+    fn check(nkv: usize, g: usize, t: usize, dq: usize, dv: usize, mask: Mask) -> Result<()> {
         let rng = &mut StdRng::seed_from_u64((nkv * 1000 + t) as u64);
         let q = Var::from_tensor(&uniform(rng, (nkv, g, t, dq), 1.7)?)?;
         let k = Var::from_tensor(&uniform(rng, (nkv, t, dq), 1.7)?)?;
@@ -305,8 +321,8 @@ mod tests {
                 .collect::<candle_core::Result<_>>()?;
             Ok((host_vec(&out)?, gs))
         };
-        let (want, want_g) = run(&|| composed(&q, &k, &v, &pen, window, scale))?;
-        let (got, got_g) = run(&|| masked_attention(&q, &k, &v, &pen, window, scale))?;
+        let (want, want_g) = run(&|| composed(&q, &k, &v, &pen, mask, scale))?;
+        let (got, got_g) = run(&|| masked_attention(&q, &k, &v, &pen, mask, scale))?;
         let close = |a: &[f32], b: &[f32], what: &str| {
             assert_eq!(a.len(), b.len());
             for (i, (x, y)) in a.iter().zip(b).enumerate() {
@@ -320,10 +336,41 @@ mod tests {
         Ok(())
     }
 
+    /// The composed form against a direct softmax over the keys each query may see.
+    #[test]
+    fn the_composed_mask_hides_future_keys_and_keys_outside_the_model_window() -> Result<()> {
+        let rng = &mut StdRng::seed_from_u64(7);
+        let (t, d) = (12, 4);
+        let (q, k, v) =
+            (uniform(rng, (1, 1, t, d), 1.5)?, uniform(rng, (1, t, d), 1.5)?, uniform(rng, (1, t, d), 1.5)?);
+        let pen = uniform(rng, (1, t), 2.0)?.abs()?.neg()?;
+        let mask = Mask { window: 2, model_window: 5 };
+        let got = host_vec(&composed(&q, &k, &v, &pen, mask, 0.5)?)?;
+        let (qh, kh, vh, ph) = (host_vec(&q)?, host_vec(&k)?, host_vec(&v)?, host_vec(&pen)?);
+        for i in 0..t {
+            let seen: Vec<usize> = (0..=i).filter(|&j| i - j < mask.model_window).collect();
+            let score = |j: usize| {
+                let s: f32 = (0..d).map(|c| qh[i * d + c] * kh[j * d + c]).sum::<f32>() * 0.5;
+                s + if i - j > mask.window { ph[j] } else { 0.0 }
+            };
+            let m = seen.iter().map(|&j| score(j)).fold(f32::NEG_INFINITY, f32::max);
+            let z: f32 = seen.iter().map(|&j| (score(j) - m).exp()).sum();
+            for c in 0..d {
+                let want: f32 = seen.iter().map(|&j| (score(j) - m).exp() / z * vh[j * d + c]).sum();
+                assert!((got[i * d + c] - want).abs() < 1e-5, "query {i}, channel {c}: {} vs {want}", got[i * d + c]);
+            }
+        }
+        Ok(())
+    }
+
     #[test]
     fn fused_attention_and_its_gradients_equal_the_composed_autograd() -> Result<()> {
-        check(2, 3, 150, 16, 16, 5)?;
-        check(1, 2, 70, 24, 8, 0)?;
-        check(3, 1, 9, 8, 8, 100)
+        let none = usize::MAX;
+        check(2, 3, 150, 16, 16, Mask { window: 5, model_window: none })?;
+        check(1, 2, 70, 24, 8, Mask { window: 0, model_window: none })?;
+        check(3, 1, 9, 8, 8, Mask { window: 100, model_window: none })?;
+        // A model window shorter than the delay and one longer.
+        check(2, 2, 90, 8, 8, Mask { window: 10, model_window: 7 })?;
+        check(1, 3, 80, 8, 8, Mask { window: 4, model_window: 33 })
     }
 }

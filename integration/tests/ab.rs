@@ -99,6 +99,12 @@ fn bad_ab_files_are_reported() {
     assert!(format!("{e:#}").contains("`vs = \"nope\"` names no arm"), "{e:#}");
     let e = AbConfig::load(&write("vs-alone", &format!("{AB}{PEER}vs = \"window\"\n"))).unwrap_err();
     assert!(format!("{e:#}").contains("needs `concurrency`"), "{e:#}");
+    // `[model] context` is ours alone: refused beside a peer, taken without one.
+    let with_context = AB.replacen("[model]\n", "[model]\ncontext = 64\n", 1);
+    assert!(with_context.contains("context = 64"));
+    let e = AbConfig::load(&write("context-peer", &format!("{with_context}{PEER}"))).unwrap_err();
+    assert!(format!("{e:#}").contains("[model] context applies to our arms only"), "{e:#}");
+    assert!(AbConfig::load(&write("context-alone", &with_context)).is_ok());
 }
 
 const PEER: &str = "\n[[arm]]\nname = \"mistral.rs\"\nengine = \"mistralrs\"\n";

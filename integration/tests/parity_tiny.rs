@@ -218,7 +218,7 @@ fn phi3_matches_llama_cpp_from_gguf_and_hf_directory() {
     refused("rope_scaling", longrope, &["head_dim / 2 = 8"]);
     let short = [1.0; 8];
     let long_too_short = serde_json::json!({"type": "longrope", "short_factor": short, "long_factor": [1.0]});
-    refused("rope_scaling", long_too_short, &["head_dim / 2 = 8", "got 1"]);
+    refused("rope_scaling", long_too_short, &["long_factor", "head_dim / 2 = 8", "got 1"]);
     let long_not_numbers = serde_json::json!({"type": "longrope", "short_factor": short, "long_factor": "x"});
     refused("rope_scaling", long_not_numbers, &["long_factor"]);
     let windowed = load("sliding_window", serde_json::json!(100)).unwrap();

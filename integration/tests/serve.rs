@@ -306,7 +306,8 @@ fn a_completion_prompt_gets_the_tokenizers_special_tokens_and_chat_takes_templat
 }
 
 /// gpt-oss's template served with `tool_parser = "auto"`: without the harmony reasoning parser a
-/// request with tools is refused naming the setting it needs; with it the request is answered.
+/// request with tools is refused naming the setting it needs; with it the request is answered;
+/// with it and `tool_parser = "none"` the refusal says no format is set.
 #[test]
 fn harmony_tool_calls_name_the_reasoning_parser_they_need() {
     let template =
@@ -325,6 +326,14 @@ fn harmony_tool_calls_name_the_reasoning_parser_they_need() {
         tiny_llama3_server_with("harmony-split", &format!("{with_template}\nreasoning_parser = \"openai_gptoss\""));
     let (status, r) = post_json(&server.base, "/v1/chat/completions", &body);
     assert_eq!(status, 200, "{r}");
+    drop(server);
+    // With the splitter on and calls switched off, the message says so, not to set it.
+    let none = format!("{with_template}\nreasoning_parser = \"openai_gptoss\"\ntool_parser = \"none\"");
+    let server = tiny_llama3_server_with("harmony-none", &none);
+    let (status, r) = post_json(&server.base, "/v1/chat/completions", &body);
+    assert_eq!(status, 400, "{r}");
+    let msg = r["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("`[server] tool_parser` names none") && !msg.contains("only with"), "{msg}");
 }
 
 /// The tiny Llama 3 GGUF and the ids llama.cpp gives "Hello world" with its BOS

@@ -259,6 +259,15 @@ impl AbConfig {
             if !seen.insert(&a.name) {
                 bail!("two arms are named `{}`", a.name);
             }
+            // A LongRoPE model past its original context rotates by other factors than a peer
+            // sized for the run would: the comparison would measure that.
+            if self.model.context.is_some() && a.engine != "dms" {
+                bail!(
+                    "[[arm]] `{}`: [model] context applies to our arms only; peer arms run the model as their engine \
+                     sizes it, so leave `context` out of an A/B with peers",
+                    a.name
+                );
+            }
             if let Some(w) = &a.weights {
                 WeightForm::parse(w).with_context(|| format!("[[arm]] `{}`", a.name))?;
             }

@@ -831,15 +831,17 @@ impl ModelConfig {
                 );
             }
         }
-        let divisors: Vec<&Vec<f64>> = match &self.rope_scaling {
-            Some(RopeScaling::FreqFactors(div)) => vec![div],
-            Some(RopeScaling::LongRope(l)) => std::iter::once(&l.short_factor).chain(&l.long_factor).collect(),
+        let divisors: Vec<(&str, &Vec<f64>)> = match &self.rope_scaling {
+            Some(RopeScaling::FreqFactors(div)) => vec![("RoPE frequency factors", div)],
+            Some(RopeScaling::LongRope(l)) => std::iter::once(("LongRoPE short_factor", &l.short_factor))
+                .chain(l.long_factor.iter().map(|f| ("LongRoPE long_factor", f)))
+                .collect(),
             _ => vec![],
         };
-        for div in divisors {
+        for (what, div) in divisors {
             if div.len() != self.rope_dim() / 2 || !div.iter().all(|d| d.is_finite() && *d > 0.0) {
                 bail!(
-                    "RoPE frequency factors: need {} / 2 = {} positive, finite values; got {} ({div:?})",
+                    "{what}: need {} / 2 = {} positive, finite values; got {} ({div:?})",
                     if self.partial_rotary_dim.is_some() { "the rotated channels" } else { "head_dim" },
                     self.rope_dim() / 2,
                     div.len()
@@ -995,6 +997,8 @@ impl ModelConfig {
             bail!("[model] context = {tokens}: this model serves 1 to {limit} tokens{why}");
         }
         self.max_position_embeddings = tokens;
+        // A window as long as the context hides nothing (as at load).
+        self.windows = self.windows.take().filter(|w| (w.window() as usize) < tokens);
         Ok(())
     }
 

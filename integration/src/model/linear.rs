@@ -1,8 +1,8 @@
 //! Weight matrices that are dense or kept in a GGUF block format: linear layers ([`Proj`]) and the
 //! token embedding ([`Embedding`]). Quantized weights use candle's `QMatMul` kernels (ours in
-//! [`super::q4_1`] for Q4_1 and [`super::mxfp4`] for MXFP4) for short inputs (decode) and are
-//! dequantized for long ones (prompt chunks), where a dense matmul is faster than a quantized
-//! loop.
+//! [`super::q4_1`] for Q4_1) for short inputs (decode) and are dequantized for long ones (prompt
+//! chunks), where a dense matmul is faster than a quantized loop; MXFP4 weights always run our
+//! kernel ([`super::mxfp4`]), faster than dequantizing at every length measured.
 
 use std::sync::Arc;
 
@@ -33,7 +33,7 @@ pub enum Proj {
         bias: Option<Tensor>,
     },
     /// A weight in ggml's MXFP4 blocks (GPT-OSS's experts), which candle cannot hold: our kernel
-    /// ([`super::mxfp4::matmul`]) for short inputs, dequantized for long ones.
+    /// ([`super::mxfp4::matmul`]) at every length.
     Mxfp4 {
         /// The blocks, row after row.
         blocks: Arc<Vec<u8>>,
@@ -152,7 +152,7 @@ impl Proj {
     }
 
     /// Applies several layers to the same `[n, in]` rows: layers of one format our kernels run
-    /// (Q4_1, MXFP4) over short inputs share one pass ([`super::q4_1::matmul_many`],
+    /// (Q4_1 over short inputs, MXFP4 over any) share one pass ([`super::q4_1::matmul_many`],
     /// [`super::mxfp4::matmul_many`]), the others run one by one.
     pub fn forward_many(projs: &[&Proj], x: &Tensor) -> Result<Vec<Tensor>> {
         let x = x.contiguous()?;

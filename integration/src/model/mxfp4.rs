@@ -194,6 +194,7 @@ impl BlockFormat for Mxfp4 {
 }
 
 /// Activation rows the tiled kernel multiplies with each unpacked weight row.
+#[cfg(target_arch = "x86_64")]
 const ACT_TILE: usize = 4;
 
 /// Two consecutive activation blocks as [`dot_tile_avx2`] reads them, laid out once per product
@@ -384,9 +385,37 @@ mod tests {
     fn both_kernels_match_the_dequantized_product_within_the_activation_rounding() {
         // 70 rows: groups of four and a remainder of two; one input row (one activation row per
         // pass) or six (a tile of four and two more); an even and an odd number of blocks per row.
-        for cols in [256, 288] {
+        for cols in [32, 256, 288] {
             for m in [1, 6] {
                 check_kernels(70, cols, m);
+            }
+        }
+    }
+
+    /// Codes of the largest magnitude (±6, doubled ±12) against activations that round to ±127
+    /// fill the kernels' 16-bit sums closest to their limit: still the exact product (the
+    /// activations are exact at 8 bits here).
+    #[test]
+    fn the_largest_codes_and_activations_do_not_overflow() {
+        let (rows, cols) = (5, 128);
+        // Per row: every code 7 (+6), every code 15 (-6), or alternating by byte.
+        let bytes: Vec<u8> = (0..rows * cols / BLOCK)
+            .flat_map(|b| {
+                let code = [0x77u8, 0xFF, 0x7F, 0xF7, 0x77][b / (cols / BLOCK)];
+                std::iter::once(127u8).chain(std::iter::repeat_n(code, 16))
+            })
+            .collect();
+        let mut w = Vec::new();
+        dequantize_ggml(&bytes, &mut w);
+        for m in [1, 5] {
+            let x: Vec<f32> = (0..m * cols).map(|i| if (i / 3) % 2 == 0 { 1.0 } else { -1.0 }).collect();
+            let mut y = vec![0f32; m * rows];
+            matmul(&bytes, (rows, cols), &x, &mut y).unwrap();
+            for r in 0..m {
+                for o in 0..rows {
+                    let exact: f32 = (0..cols).map(|i| x[r * cols + i] * w[o * cols + i]).sum();
+                    assert_eq!(y[r * rows + o], exact, "{m} rows: [{r}, {o}]");
+                }
             }
         }
     }

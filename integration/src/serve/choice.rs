@@ -112,6 +112,7 @@ mod tests {
     use super::*;
     use crate::serve::reasoning::ReasoningFormat;
     use crate::serve::tool_calls::ToolFormat;
+    use proptest::prelude::*;
 
     /// The reasoning, the content and the calls of `pieces`.
     fn strip(pieces: Vec<Piece>) -> (String, String, Vec<ToolCall>) {
@@ -192,5 +193,46 @@ mod tests {
         let plain = strip(run(false, false));
         assert_eq!((plain.1.as_str(), plain.2.len()), ("Checking. {\"a\": 1}{\"b\": 2}{} Done.", 0));
         assert_eq!(strip(run(false, true)), plain);
+    }
+
+    fn harmony_answer() -> impl Strategy<Value = String> {
+        let piece = prop_oneof![
+            Just("<|channel|>analysis<|message|>Think.<|end|><|start|>assistant".to_string()),
+            Just("<|channel|>final<|message|>".to_string()),
+            Just("<|channel|>commentary to=functions.f<|message|>{\"a\": 1}<|call|><|start|>assistant".to_string()),
+            Just(" to=functions.g<|channel|>commentary json<|message|>{}<|call|><|start|>assistant".to_string()),
+            Just("<|channel|>commentary to=functions.f<|message|>[2]<|call|><|start|>assistant".to_string()),
+            Just("<|end|><|start|>assistant".to_string()),
+            Just("text é ".to_string()),
+            Just("<|".to_string()),
+        ];
+        prop::collection::vec(piece, 0..8).prop_map(|p| p.concat())
+    }
+
+    proptest! {
+        /// Through the choice (a fresh split per piece, calls placed in the content around them),
+        /// with tools (calls to `f` kept, to `g` content) and without, however the answer is
+        /// cut: the same reasoning, content and calls as the whole answer.
+        #[test]
+        fn harmony_choices_stream_as_whole_in_any_pieces(
+            text in harmony_answer(),
+            cuts in prop::collection::vec(0usize..200, 0..10),
+            tools in any::<bool>(),
+        ) {
+            let choice = || {
+                let parser = tools.then(|| ToolCallParser::new(ToolFormat::Harmony, vec!["f".into()], usize::MAX));
+                ChoiceText::new(Some(ReasoningSplitter::new(ReasoningFormat::Harmony, "")), parser)
+            };
+            let mut whole = choice();
+            let mut want = whole.push(&text);
+            want.extend(whole.finish());
+            let mut streamed = choice();
+            let mut got = Vec::new();
+            for piece in crate::serve::tool_calls::cut_into_pieces(&text, &cuts) {
+                got.extend(streamed.push(piece));
+            }
+            got.extend(streamed.finish());
+            prop_assert_eq!(strip(got), strip(want));
+        }
     }
 }

@@ -111,9 +111,10 @@ impl HarmonySplitter {
                     }
                     if at_end {
                         // An unfinished header says nothing, unless the answer never began and
-                        // holds no marker: then it was text that happened to start with `to=`.
+                        // holds no marker nor a function recipient: then it was text that
+                        // happened to start with `to=`.
                         let text = std::mem::take(&mut self.buf);
-                        if !self.begun && !text.contains("<|") {
+                        if !self.begun && !text.contains("<|") && !text.trim_start().starts_with("to=functions.") {
                             out.content.push_str(&text);
                         }
                     }
@@ -263,6 +264,7 @@ mod tests {
         // Text that only starts like a recipient, and never becomes a header, is content.
         assert_eq!(whole("to=whom it may concern"), split("", "to=whom it may concern"));
         assert_eq!(whole(" to=functions.f<|chan"), split("", ""));
+        assert_eq!(whole(" to=functions.get_weather"), split("", ""));
         // Two calls in one piece are placed in the content around them.
         let two = "<|channel|>final<|message|>A<|end|><|start|>assistant to=functions.f<|channel|>c<|message|>{}\
                    <|call|><|start|>assistant<|channel|>final<|message|>B<|end|><|start|>assistant \

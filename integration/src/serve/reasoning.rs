@@ -81,8 +81,9 @@ pub struct PlacedCall {
     pub call: ToolCall,
 }
 
+#[cfg(test)]
 impl Split {
-    /// Appends `later`.
+    /// Appends `later` (tests join the pieces of a streamed answer).
     pub fn extend(&mut self, later: Split) {
         let shift = self.content.len();
         self.reasoning.push_str(&later.reasoning);

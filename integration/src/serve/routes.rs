@@ -300,7 +300,7 @@ impl App {
         let Some(format) = self.tool_format else {
             let msg = match ToolFormat::detect(self.chat_template.source()) {
                 // `auto` leaves harmony alone without the splitter that reads its headers.
-                Some(ToolFormat::Harmony) => {
+                Some(ToolFormat::Harmony) if self.reasoning != Some(ReasoningFormat::Harmony) => {
                     "this server reads no tool calls from this model's answers: its chat template writes GPT-OSS's \
                      harmony calls, which the server reads only with `[server] reasoning_parser = \"openai_gptoss\"`"
                 }

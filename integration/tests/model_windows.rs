@@ -30,6 +30,13 @@ fn gemma3_matches_the_reference_and_llama_cpp_from_its_hf_directory_and_gguf() {
         let cfg = eng.model.config();
         assert_eq!(cfg.device_context(), None, "some layers are windowed, some are not");
         assert_eq!(cfg.max_position_embeddings, 512);
+        // `[model] context` no longer than the window: the window hides nothing and is dropped,
+        // as at load; one token longer keeps it.
+        let mut cfg = cfg.clone();
+        cfg.set_context(9).unwrap();
+        assert_eq!(cfg.device_context(), None);
+        cfg.set_context(8).unwrap();
+        assert_eq!((cfg.windows.as_ref(), cfg.device_context()), (None, Some(8)));
     }
 }
 

@@ -179,10 +179,23 @@ pub(crate) fn quantize_row(x: &[f32]) -> Vec<Q8Block> {
         .collect()
 }
 
-/// Horizontal sums the AVX2 kernels share.
+/// Horizontal sums and activation loads the AVX2 kernels share.
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2 {
     use std::arch::x86_64::*;
+
+    use super::Q8Block;
+
+    /// Two consecutive activation blocks as the two-blocks-per-register kernels read them:
+    /// values 0..16 of both (what a block's low nibbles multiply), values 16..32 (the high
+    /// nibbles'), and the scales spread over each block's four i32 lanes.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(crate) unsafe fn pair(a0: &Q8Block, a1: &Q8Block) -> (__m256i, __m256i, __m256) {
+        let (p0, p1) = (a0.q.as_ptr(), a1.q.as_ptr());
+        let lo = _mm256_loadu2_m128i(p1 as *const __m128i, p0 as *const __m128i);
+        let hi = _mm256_loadu2_m128i(p1.add(16) as *const __m128i, p0.add(16) as *const __m128i);
+        (lo, hi, _mm256_set_m128(_mm_set1_ps(a1.d), _mm_set1_ps(a0.d)))
+    }
 
     /// The sum of the eight lanes of `v`.
     #[target_feature(enable = "avx2,fma,f16c")]

@@ -257,13 +257,8 @@ unsafe fn dot_group_avx2<const R: usize>(w: &[u8], row_bytes: usize, a: &[Q8Bloc
     let mut acc = [_mm256_setzero_ps(); 4];
     let pairs = a.len() / 2;
     for pair in 0..pairs {
-        let (a0, a1) = (&a[2 * pair], &a[2 * pair + 1]);
-        // Values 0..16 of both blocks (what the low nibbles hold), then 16..32 (the high).
-        let a_lo = _mm256_loadu2_m128i(a1.q.as_ptr() as *const __m128i, a0.q.as_ptr() as *const __m128i);
-        let a_hi =
-            _mm256_loadu2_m128i(a1.q.as_ptr().add(16) as *const __m128i, a0.q.as_ptr().add(16) as *const __m128i);
+        let (a_lo, a_hi, da) = block_kernel::avx2::pair(&a[2 * pair], &a[2 * pair + 1]);
         let offset = _mm256_add_epi16(_mm256_maddubs_epi16(twelve, a_lo), _mm256_maddubs_epi16(twelve, a_hi));
-        let da = _mm256_set_m128(_mm_set1_ps(a1.d), _mm_set1_ps(a0.d));
         for (r, acc) in acc.iter_mut().enumerate().take(R) {
             let p = w.as_ptr().add(r * row_bytes + 2 * pair * GGML_BLOCK_BYTES);
             _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH_BYTES) as *const i8);

@@ -148,11 +148,7 @@ unsafe fn dot_group_avx2(w: &[u8], row_bytes: usize, a: &[Q8Block]) -> [f32; ROW
     let pairs = a.len() / 2;
     for pair in 0..pairs {
         let (a0, a1) = (&a[2 * pair], &a[2 * pair + 1]);
-        // Values 0..16 of both blocks (what the low nibbles hold), then 16..32 (the high).
-        let a_lo = _mm256_loadu2_m128i(a1.q.as_ptr() as *const __m128i, a0.q.as_ptr() as *const __m128i);
-        let a_hi =
-            _mm256_loadu2_m128i(a1.q.as_ptr().add(16) as *const __m128i, a0.q.as_ptr().add(16) as *const __m128i);
-        let da = _mm256_set_m128(_mm_set1_ps(a1.d), _mm_set1_ps(a0.d));
+        let (a_lo, a_hi, da) = block_kernel::avx2::pair(a0, a1);
         let sa = _mm_setr_ps(0.0, a0.s, 0.0, a1.s);
         for r in 0..ROW_GROUP {
             let p = w.as_ptr().add(r * row_bytes + 2 * pair * BLOCK_BYTES);

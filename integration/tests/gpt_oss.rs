@@ -145,13 +145,39 @@ fn the_published_gpt_oss_20b_config_is_read() {
     }
 }
 
-/// The dense (training) forward refuses GPT-OSS by name rather than run it without its sinks.
+/// GPT-OSS retrofit: the dense training forward (sinks in every softmax, windowed even layers,
+/// biased projections and router, clamped experts) gives the float64 reference's logits from the
+/// MXFP4 directory (dequantized), its dense copy and the f32-expert GGUF, and training raises the
+/// evicted fraction toward the target.
 #[test]
-fn the_dense_forward_refuses_gpt_oss() {
-    let loaded = load_model(&fixture("gguf/gpt_oss_tiny"), &candle_core::Device::Cpu, WeightForm::Dense).unwrap();
-    let Err(e) = loaded.model.dense_forward(&[3, 4, 5], None) else { panic!("the dense forward ran GPT-OSS") };
-    let e = e.to_string();
-    assert!(e.contains("GPT-OSS"), "{e}");
+fn gpt_oss_retrofits_from_the_reference_teacher() {
+    use dms_integration::retrofit::{RetrofitSection, Trainer};
+    let g = golden(&fixture("gguf/gpt_oss_reference.safetensors"));
+    let prompt = ids(&g["prompt_ids"]);
+    let want = g["prompt_logits"].to_vec2::<f32>().unwrap();
+    for model in ["gguf/gpt_oss_tiny", "gguf/gpt_oss_dense_tiny", "gguf/gpt_oss.gguf"] {
+        let loaded = load_model(&fixture(model), &candle_core::Device::Cpu, WeightForm::Dense).unwrap().model;
+        let got = loaded.dense_forward(&prompt, None).unwrap().logits.to_vec2::<f32>().unwrap();
+        for p in 0..prompt.len() {
+            assert!(max_abs(&got[p], &want[p]) < 1e-4, "{model}: position {p}: {}", max_abs(&got[p], &want[p]));
+        }
+        let section: RetrofitSection = toml::from_str::<toml::Table>(
+            "window = 4\ntarget_cr = 4.0\nsteps = 20\nramp_steps = 1\nseq_len = 32\nlr = 0.05\noutput = 'unused'",
+        )
+        .unwrap()
+        .try_into()
+        .unwrap();
+        let tokens: Vec<u32> = (0..4000).map(|i| ((i * 7919 + 104729) % 509) as u32 + 2).collect();
+        let mut t = Trainer::new(loaded, section, tokens).unwrap();
+        let stats: Vec<_> = (0..20).map(|_| t.train_step().unwrap()).collect();
+        assert!(
+            stats.iter().all(|s| s.loss.is_finite()),
+            "{model}: {:?}",
+            stats.iter().map(|s| (s.loss, s.kl, s.evicted)).collect::<Vec<_>>()
+        );
+        let (e0, e1) = (stats[0].evicted, stats[17..].iter().map(|s| s.evicted).sum::<f64>() / 3.0);
+        assert!(e1 > e0 + 0.2, "{model}: evicted fraction {e0} -> {e1} (target 0.75)");
+    }
 }
 
 /// openai/gpt-oss-20b's config.json as published.

@@ -79,7 +79,7 @@ impl Mlp {
         let gated = match self.act {
             Activation::Silu => (candle_nn::ops::silu(&gate)? * up)?,
             Activation::GeluTanh => (gate.gelu()? * up)?,
-            Activation::Oai(o) => oai_glu(&gate, &up, o, false)?,
+            Activation::Oai(o) => oai_glu(&gate, &up, o)?,
         };
         self.down.forward(&gated)
     }
@@ -90,7 +90,7 @@ impl Mlp {
         let gated = match self.act {
             Activation::Silu => (gate.silu()? * up)?,
             Activation::GeluTanh => (gate.gelu()? * up)?,
-            Activation::Oai(o) => oai_glu(&gate, &up, o, true)?,
+            Activation::Oai(o) => oai_glu(&gate, &up, o)?,
         };
         self.down.forward_frozen(&gated)
     }
@@ -106,13 +106,14 @@ impl Mlp {
     }
 }
 
-/// GPT-OSS's `(clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g)`, `g = min(gate, limit)`;
-/// `differentiable`: the sigmoid by elementary ops (which have gradients).
-fn oai_glu(gate: &Tensor, up: &Tensor, o: OaiExperts, differentiable: bool) -> Result<Tensor> {
+/// GPT-OSS's `(clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g)`, `g = min(gate, limit)`.
+/// candle-nn's sigmoid has a gradient, and unlike `1 / (1 + exp(-x))` composed of ops, whose
+/// backward multiplies 0 by an overflowed `exp` (NaN) once `x` is far below zero, it stays finite.
+fn oai_glu(gate: &Tensor, up: &Tensor, o: OaiExperts) -> Result<Tensor> {
     let g = gate.minimum(o.limit)?;
     let up = (up.clamp(-o.limit, o.limit)? + 1.0)?;
     let s = (&g * o.alpha)?;
-    let sigmoid = if differentiable { (s.neg()?.exp()? + 1.0)?.recip()? } else { candle_nn::ops::sigmoid(&s)? };
+    let sigmoid = candle_nn::ops::sigmoid(&s)?;
     Ok(((g * sigmoid)? * up)?)
 }
 
@@ -312,8 +313,8 @@ impl Moe {
         if let Some(s) = &self.shared {
             let y = mlp(s, x)?;
             out = match &self.shared_gate {
-                // sigmoid by elementary ops, which have gradients.
-                Some(g) => (out + y.broadcast_mul(&(matmul(g)?.neg()?.exp()? + 1.0)?.recip()?)?)?,
+                // candle-nn's sigmoid: finite gradients (see `oai_glu`).
+                Some(g) => (out + y.broadcast_mul(&candle_nn::ops::sigmoid(&matmul(g)?)?)?)?,
                 None => (out + y)?,
             };
         }
@@ -335,7 +336,7 @@ impl Moe {
         let mask = Tensor::from_vec(mask, (n, ne), logits.device())?;
         let sigmoid = self.cfg.scoring_func == "sigmoid";
         let scores = if sigmoid {
-            (logits.neg()?.exp()? + 1.0)?.recip()?
+            candle_nn::ops::sigmoid(logits)?
         } else {
             candle_nn::ops::softmax(logits, candle_core::D::Minus1)?
         };

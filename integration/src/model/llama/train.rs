@@ -103,10 +103,9 @@ impl Llama {
     pub fn dense_forward(&self, ids: &[u32], student: Option<(&AdapterParams, &StudentOpts)>) -> Result<DenseOut> {
         let cfg = &self.cfg;
         let t = ids.len();
-        if cfg.gemma.as_ref().is_some_and(|g| g.attn_softcap.is_some()) || cfg.arch.has_attention_sinks() {
+        if cfg.gemma.as_ref().is_some_and(|g| g.attn_softcap.is_some()) {
             anyhow::bail!(
-                "the dense (training) forward has no soft-capped attention scores (Gemma 2) or attention sinks \
-                 (GPT-OSS); retrofit another model"
+                "the dense (training) forward has no soft-capped attention scores (Gemma 2); retrofit another model"
             );
         }
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
@@ -160,7 +159,11 @@ impl Llama {
                 Some(mw) if mw.layers().get(li).copied().unwrap_or(false) => mw.window() as usize,
                 _ => usize::MAX,
             };
-            let mask = Mask { window: w, model_window };
+            let sink_logits = match &layer.attn {
+                Attention::Mha(m) => m.sinks.as_deref(),
+                Attention::Mla(_) => None,
+            };
+            let mask = Mask { window: w, model_window, sink_logits };
             x = self.dense_layer(layer, &x, cos, sin, mask, penalty.as_ref(), lora, scale, (nh, nkv, hd, g))?;
         }
         let xs = rms(&x, &self.norm, eps)?;

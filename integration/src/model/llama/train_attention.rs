@@ -23,13 +23,16 @@ const BLOCK_ROWS: usize = 64;
 
 /// How a layer's queries see its keys: causally, within the model's own window (query `i` sees
 /// key `j` iff `i - j < model_window`; `usize::MAX` for none), key `j` getting `penalty[kvh, j]`
-/// added to its score for every query `i` with `i - j > window` (DMS's delay).
+/// added to its score for every query `i` with `i - j > window` (DMS's delay), and with GPT-OSS's
+/// sinks one more logit per query head in each softmax's sum, with a value of zero.
 #[derive(Debug, Clone, Copy)]
-pub struct Mask {
+pub struct Mask<'a> {
     /// DMS's delay W.
     pub window: usize,
     /// The model's own window on this layer.
     pub model_window: usize,
+    /// One sink logit per query head (`nkv * g`, KV group by group), where the model has them.
+    pub sink_logits: Option<&'a [f32]>,
 }
 
 /// Causal attention of `q [nkv, g, T, dq]` over `k [nkv, T, dq]` and `v [nkv, T, dv]` (`g` query
@@ -56,19 +59,33 @@ pub fn masked_attention(
     if mask.model_window == 0 {
         bail!("a model window of 0 tokens hides every key");
     }
+    if let Some(s) = mask.sink_logits.filter(|s| s.len() != nkv * g) {
+        bail!("masked attention: {} sink logits for {} query heads", s.len(), nkv * g);
+    }
     if !q.device().is_cpu() {
         return composed(q, k, v, penalty, mask, scale);
     }
     let kv = Tensor::cat(&[k, v], D::Minus1)?.contiguous()?;
-    let op = MaskedAttention { nkv, g, t, dq, dv, mask, scale: scale as f32 };
+    let op = MaskedAttention {
+        nkv,
+        g,
+        t,
+        dq,
+        dv,
+        window: mask.window,
+        model_window: mask.model_window,
+        sink_logits: mask.sink_logits.map(<[f32]>::to_vec),
+        scale: scale as f32,
+    };
     let out = q.contiguous()?.apply_op3(&kv, &penalty.contiguous()?, op)?;
     Ok(out.narrow(3, 0, dv)?)
 }
 
 /// The same attention composed of candle ops (dense scores, an additive causal and window mask,
-/// the penalty broadcast over the far keys, softmax): any device, `[heads, T, T]` memory.
+/// the penalty broadcast over the far keys, the sinks as one more column, softmax): any device,
+/// `[heads, T, T]` memory.
 pub fn composed(q: &Tensor, k: &Tensor, v: &Tensor, penalty: &Tensor, mask: Mask, scale: f64) -> Result<Tensor> {
-    let t = q.dim(2)?;
+    let (nkv, g, t, _) = q.dims4()?;
     let mut causal = vec![0f32; t * t];
     let mut far = vec![0f32; t * t];
     for i in 0..t {
@@ -86,7 +103,14 @@ pub fn composed(q: &Tensor, k: &Tensor, v: &Tensor, penalty: &Tensor, mask: Mask
     let (k, v) = (k.unsqueeze(1)?, v.unsqueeze(1)?);
     let scores = (q.broadcast_matmul(&k.transpose(2, 3)?)? * scale)?.broadcast_add(&causal)?;
     let pen = far.unsqueeze(0)?.broadcast_mul(&penalty.unsqueeze(1)?)?.unsqueeze(1)?;
-    let probs = candle_nn::ops::softmax(&scores.broadcast_add(&pen)?, D::Minus1)?;
+    let scores = scores.broadcast_add(&pen)?;
+    let probs = match mask.sink_logits {
+        Some(s) => {
+            let sinks = Tensor::from_slice(s, (nkv, g, 1, 1), dev)?.broadcast_as((nkv, g, t, 1))?;
+            candle_nn::ops::softmax(&Tensor::cat(&[&scores, &sinks], 3)?, D::Minus1)?.narrow(3, 0, t)?
+        }
+        None => candle_nn::ops::softmax(&scores, D::Minus1)?,
+    };
     Ok(probs.broadcast_matmul(&v)?)
 }
 
@@ -99,7 +123,10 @@ struct MaskedAttention {
     t: usize,
     dq: usize,
     dv: usize,
-    mask: Mask,
+    window: usize,
+    model_window: usize,
+    /// One per query head.
+    sink_logits: Option<Vec<f32>>,
     scale: f32,
 }
 
@@ -138,18 +165,20 @@ impl MaskedAttention {
             let (seen, future) = row.split_at_mut(i + 1);
             future.iter_mut().for_each(|x| *x = 0.0);
             for (j, x) in seen.iter_mut().enumerate() {
-                if i - j >= self.mask.model_window {
+                if i - j >= self.model_window {
                     // Outside the model's window: probability 0 (key `i` is always seen).
                     *x = f32::NEG_INFINITY;
-                } else if i - j > self.mask.window {
+                } else if i - j > self.window {
                     *x += pen[j];
                 }
             }
             let z = match lse {
                 Some(l) => l[r],
                 None => {
-                    let m = seen.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    m + seen.iter().map(|x| (x - m).exp()).sum::<f32>().ln()
+                    // A sink takes its share of the sum and gives nothing back.
+                    let sink = self.sink_logits.as_ref().map_or(f32::NEG_INFINITY, |s| s[head]);
+                    let m = seen.iter().copied().fold(sink, f32::max);
+                    m + (seen.iter().map(|x| (x - m).exp()).sum::<f32>() + (sink - m).exp()).ln()
                 }
             };
             seen.iter_mut().for_each(|x| *x = (*x - z).exp());
@@ -202,7 +231,7 @@ impl MaskedAttention {
                 let d = dot(&dout[r * width..r * width + dv], &out[r * width..r * width + dv]);
                 for (j, (x, &pj)) in ds_row.iter_mut().zip(p_row).enumerate().take(i + 1) {
                     *x = pj * (*x - d);
-                    if i - j > self.mask.window {
+                    if i - j > self.window {
                         dpen[j] += *x;
                     }
                 }
@@ -336,7 +365,7 @@ mod tests {
         Ok(())
     }
 
-    /// The composed form against a direct softmax over the keys each query may see.
+    /// The composed form against a direct softmax over the keys each query may see (and a sink).
     #[test]
     fn the_composed_mask_hides_future_keys_and_keys_outside_the_model_window() -> Result<()> {
         let rng = &mut StdRng::seed_from_u64(7);
@@ -344,20 +373,24 @@ mod tests {
         let (q, k, v) =
             (uniform(rng, (1, 1, t, d), 1.5)?, uniform(rng, (1, t, d), 1.5)?, uniform(rng, (1, t, d), 1.5)?);
         let pen = uniform(rng, (1, t), 2.0)?.abs()?.neg()?;
-        let mask = Mask { window: 2, model_window: 5 };
-        let got = host_vec(&composed(&q, &k, &v, &pen, mask, 0.5)?)?;
         let (qh, kh, vh, ph) = (host_vec(&q)?, host_vec(&k)?, host_vec(&v)?, host_vec(&pen)?);
-        for i in 0..t {
-            let seen: Vec<usize> = (0..=i).filter(|&j| i - j < mask.model_window).collect();
-            let score = |j: usize| {
-                let s: f32 = (0..d).map(|c| qh[i * d + c] * kh[j * d + c]).sum::<f32>() * 0.5;
-                s + if i - j > mask.window { ph[j] } else { 0.0 }
-            };
-            let m = seen.iter().map(|&j| score(j)).fold(f32::NEG_INFINITY, f32::max);
-            let z: f32 = seen.iter().map(|&j| (score(j) - m).exp()).sum();
-            for c in 0..d {
-                let want: f32 = seen.iter().map(|&j| (score(j) - m).exp() / z * vh[j * d + c]).sum();
-                assert!((got[i * d + c] - want).abs() < 1e-5, "query {i}, channel {c}: {} vs {want}", got[i * d + c]);
+        for sink in [None, Some(0.7f32)] {
+            let sinks = sink.map(|s| [s]);
+            let mask = Mask { window: 2, model_window: 5, sink_logits: sinks.as_ref().map(|s| &s[..]) };
+            let got = host_vec(&composed(&q, &k, &v, &pen, mask, 0.5)?)?;
+            for i in 0..t {
+                let seen: Vec<usize> = (0..=i).filter(|&j| i - j < mask.model_window).collect();
+                let score = |j: usize| {
+                    let s: f32 = (0..d).map(|c| qh[i * d + c] * kh[j * d + c]).sum::<f32>() * 0.5;
+                    s + if i - j > mask.window { ph[j] } else { 0.0 }
+                };
+                // The sink joins the sum with a value of zero.
+                let z: f32 = seen.iter().map(|&j| score(j).exp()).sum::<f32>() + sink.map_or(0.0, f32::exp);
+                for c in 0..d {
+                    let want: f32 = seen.iter().map(|&j| score(j).exp() / z * vh[j * d + c]).sum();
+                    let g = got[i * d + c];
+                    assert!((g - want).abs() < 1e-5, "sink {sink:?}, query {i}, channel {c}: {g} vs {want}");
+                }
             }
         }
         Ok(())
@@ -366,11 +399,15 @@ mod tests {
     #[test]
     fn fused_attention_and_its_gradients_equal_the_composed_autograd() -> Result<()> {
         let none = usize::MAX;
-        check(2, 3, 150, 16, 16, Mask { window: 5, model_window: none })?;
-        check(1, 2, 70, 24, 8, Mask { window: 0, model_window: none })?;
-        check(3, 1, 9, 8, 8, Mask { window: 100, model_window: none })?;
+        let mask = |window, model_window| Mask { window, model_window, sink_logits: None };
+        check(2, 3, 150, 16, 16, mask(5, none))?;
+        check(1, 2, 70, 24, 8, mask(0, none))?;
+        check(3, 1, 9, 8, 8, mask(100, none))?;
         // A model window shorter than the delay and one longer.
-        check(2, 2, 90, 8, 8, Mask { window: 10, model_window: 7 })?;
-        check(1, 3, 80, 8, 8, Mask { window: 4, model_window: 33 })
+        check(2, 2, 90, 8, 8, mask(10, 7))?;
+        check(1, 3, 80, 8, 8, mask(4, 33))?;
+        // Sinks (one per query head, some above every score, some far below), with a window.
+        let sinks = [2.5, -1.0, 0.3, -30.0, 4.0, 0.0];
+        check(2, 3, 60, 8, 8, Mask { window: 3, model_window: 20, sink_logits: Some(&sinks) })
     }
 }

@@ -59,9 +59,6 @@ fn gemma2_matches_the_reference_and_llama_cpp_from_its_hf_directory_and_gguf() {
         }
         let g = eng.model.config().gemma.clone().unwrap();
         assert_eq!((g.attn_softcap, g.final_softcap, g.local_rope_theta), (Some(0.5), Some(1.5), None));
-        // The dense training forward has no soft-capped scores.
-        let e = format!("{:#}", eng.model.dense_forward(&[1, 2, 3], None).err().unwrap());
-        assert!(e.contains("Gemma 2"), "{e}");
     }
 }
 

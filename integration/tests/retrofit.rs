@@ -56,13 +56,16 @@ fn dense_teacher_equals_the_transformers_fixture() {
     }
 }
 
-/// Gemma 3 and Granite retrofit: the dense teacher gives the float64 reference's logits from the
-/// HF directory and the GGUF (Gemma 3: local layers windowed to 8 of the 40 tokens, their own
-/// RoPE base, sandwich norms, scaled embeddings; Granite: its four multipliers), and training
+/// Gemma 2, Gemma 3 and Granite retrofit: the dense teacher gives the float64 reference's logits
+/// from the HF directory and the GGUF (Gemma 2: scores soft-capped at 0.5 and logits at 1.5,
+/// even layers windowed; Gemma 3: local layers windowed to 8 of the 40 tokens, their own RoPE
+/// base; both: sandwich norms, scaled embeddings; Granite: its four multipliers), and training
 /// raises the evicted fraction toward the target.
 #[test]
-fn gemma3_and_granite_retrofit_from_the_reference_teacher() {
+fn gemma_and_granite_retrofit_from_the_reference_teacher() {
     let cases = [
+        ("gguf/gemma2_tiny", "gemma2"),
+        ("gguf/gemma2.gguf", "gemma2"),
         ("gguf/gemma3_tiny", "gemma3"),
         ("gguf/gemma3.gguf", "gemma3"),
         ("gguf/granite_tiny", "granite"),

@@ -103,11 +103,6 @@ impl Llama {
     pub fn dense_forward(&self, ids: &[u32], student: Option<(&AdapterParams, &StudentOpts)>) -> Result<DenseOut> {
         let cfg = &self.cfg;
         let t = ids.len();
-        if cfg.gemma.as_ref().is_some_and(|g| g.attn_softcap.is_some()) {
-            anyhow::bail!(
-                "the dense (training) forward has no soft-capped attention scores (Gemma 2); retrofit another model"
-            );
-        }
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let g = nh / nkv;
         let eps = cfg.rms_norm_eps;
@@ -163,7 +158,8 @@ impl Llama {
                 Attention::Mha(m) => m.sinks.as_deref(),
                 Attention::Mla(_) => None,
             };
-            let mask = Mask { window: w, model_window, sink_logits };
+            let softcap = cfg.gemma.as_ref().and_then(|g| g.attn_softcap);
+            let mask = Mask { window: w, model_window, sink_logits, softcap };
             x = self.dense_layer(layer, &x, cos, sin, mask, penalty.as_ref(), lora, scale, (nh, nkv, hd, g))?;
         }
         let xs = rms(&x, &self.norm, eps)?;

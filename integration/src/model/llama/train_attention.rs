@@ -24,7 +24,8 @@ const BLOCK_ROWS: usize = 64;
 /// How a layer's queries see its keys: causally, within the model's own window (query `i` sees
 /// key `j` iff `i - j < model_window`; `usize::MAX` for none), key `j` getting `penalty[kvh, j]`
 /// added to its score for every query `i` with `i - j > window` (DMS's delay), and with GPT-OSS's
-/// sinks one more logit per query head in each softmax's sum, with a value of zero.
+/// sinks one more logit per query head in each softmax's sum, with a value of zero. With Gemma 2's
+/// soft-cap, each score becomes `cap * tanh(score / cap)` before any of that.
 #[derive(Debug, Clone, Copy)]
 pub struct Mask<'a> {
     /// DMS's delay W.
@@ -33,6 +34,8 @@ pub struct Mask<'a> {
     pub model_window: usize,
     /// One sink logit per query head (`nkv * g`, KV group by group), where the model has them.
     pub sink_logits: Option<&'a [f32]>,
+    /// Gemma 2's `attn_logit_softcapping`.
+    pub softcap: Option<f64>,
 }
 
 /// Causal attention of `q [nkv, g, T, dq]` over `k [nkv, T, dq]` and `v [nkv, T, dv]` (`g` query
@@ -59,6 +62,9 @@ pub fn masked_attention(
     if mask.model_window == 0 {
         bail!("a model window of 0 tokens hides every key");
     }
+    if let Some(c) = mask.softcap.filter(|c| !(c.is_finite() && *c > 0.0)) {
+        bail!("masked attention: a soft-cap must be positive, not {c}");
+    }
     if let Some(s) = mask.sink_logits.filter(|s| s.len() != nkv * g) {
         bail!("masked attention: {} sink logits for {} query heads", s.len(), nkv * g);
     }
@@ -75,6 +81,7 @@ pub fn masked_attention(
         window: mask.window,
         model_window: mask.model_window,
         sink_logits: mask.sink_logits.map(<[f32]>::to_vec),
+        softcap: mask.softcap.map(|c| c as f32),
         scale: scale as f32,
     };
     let out = q.contiguous()?.apply_op3(&kv, &penalty.contiguous()?, op)?;
@@ -101,7 +108,12 @@ pub fn composed(q: &Tensor, k: &Tensor, v: &Tensor, penalty: &Tensor, mask: Mask
     let causal = Tensor::from_vec(causal, (t, t), dev)?;
     let far = Tensor::from_vec(far, (t, t), dev)?;
     let (k, v) = (k.unsqueeze(1)?, v.unsqueeze(1)?);
-    let scores = (q.broadcast_matmul(&k.transpose(2, 3)?)? * scale)?.broadcast_add(&causal)?;
+    let scores = (q.broadcast_matmul(&k.transpose(2, 3)?)? * scale)?;
+    let scores = match mask.softcap {
+        Some(cap) => ((scores / cap)?.tanh()? * cap)?,
+        None => scores,
+    };
+    let scores = scores.broadcast_add(&causal)?;
     let pen = far.unsqueeze(0)?.broadcast_mul(&penalty.unsqueeze(1)?)?.unsqueeze(1)?;
     let scores = scores.broadcast_add(&pen)?;
     let probs = match mask.sink_logits {
@@ -127,6 +139,7 @@ struct MaskedAttention {
     model_window: usize,
     /// One per query head.
     sink_logits: Option<Vec<f32>>,
+    softcap: Option<f32>,
     scale: f32,
 }
 
@@ -140,7 +153,9 @@ struct Operands<'a> {
 impl MaskedAttention {
     /// Probabilities of query rows `i0..i1` of query head `head` over keys `0..i1`, into `p`
     /// (`[i1 - i0, i1]`, zero above the diagonal): with `lse = None` the forward's softmax, whose
-    /// log-sum-exp per row it returns; with `Some` the backward's recomputation from it.
+    /// log-sum-exp per row it returns; with `Some` the backward's recomputation from it. With a
+    /// soft-cap and `capped` given, `capped` gets each score's `d capped / d raw = 1 - tanh^2`.
+    #[allow(clippy::too_many_arguments)]
     fn probabilities(
         &self,
         ops: &Operands,
@@ -149,6 +164,7 @@ impl MaskedAttention {
         i1: usize,
         lse: Option<&[f32]>,
         p: &mut Vec<f32>,
+        capped: Option<&mut Vec<f32>>,
     ) -> Vec<f32> {
         let (t, dq, w) = (self.t, self.dq, self.dq + self.dv);
         let kvh = head / self.g;
@@ -159,6 +175,20 @@ impl MaskedAttention {
         p.clear();
         p.resize((i1 - i0) * n, 0.0);
         matmul(i1 - i0, n, dq, p, n, false, (q, dq, 1), (kv, 1, w), self.scale);
+        if let Some(cap) = self.softcap {
+            let mut slope = capped;
+            if let Some(d) = slope.as_deref_mut() {
+                d.clear();
+                d.resize(p.len(), 0.0);
+            }
+            for (e, x) in p.iter_mut().enumerate() {
+                let t = (*x / cap).tanh();
+                *x = cap * t;
+                if let Some(d) = slope.as_deref_mut() {
+                    d[e] = 1.0 - t * t;
+                }
+            }
+        }
         let mut sums = Vec::with_capacity(i1 - i0);
         for (r, row) in p.chunks_mut(n).enumerate() {
             let i = i0 + r;
@@ -193,7 +223,7 @@ impl MaskedAttention {
         out.par_chunks_mut(t * width).enumerate().for_each(|(head, out_head)| {
             out_head.par_chunks_mut(BLOCK_ROWS * width).enumerate().for_each_init(Vec::new, |p, (c, o)| {
                 let (i0, i1) = (c * BLOCK_ROWS, ((c + 1) * BLOCK_ROWS).min(t));
-                let lse = self.probabilities(ops, head, i0, i1, None, p);
+                let lse = self.probabilities(ops, head, i0, i1, None, p, None);
                 let kv = &ops.kv[(head / self.g) * t * w..];
                 matmul(i1 - i0, dv, i1, o, width, false, (p, i1, 1), (&kv[dq..], w, 1), 1.0);
                 for (row, z) in o.chunks_mut(width).zip(lse) {
@@ -219,8 +249,8 @@ impl MaskedAttention {
             let rows = (head * t + i0) * width..(head * t + i1) * width;
             let (out, dout) = (&res[rows.clone()], &dres[rows]);
             let lse: Vec<f32> = out.chunks(width).map(|r| r[dv]).collect();
-            let mut p = Vec::new();
-            self.probabilities(ops, head, i0, i1, Some(&lse), &mut p);
+            let (mut p, mut slope) = (Vec::new(), Vec::new());
+            self.probabilities(ops, head, i0, i1, Some(&lse), &mut p, Some(&mut slope));
             let kv = &ops.kv[kvh * t * w..(kvh + 1) * t * w];
             let q = &ops.q[(head * t + i0) * dq..(head * t + i1) * dq];
             let mut ds = vec![0f32; m * n];
@@ -236,6 +266,10 @@ impl MaskedAttention {
                     }
                 }
                 ds_row[i + 1..].iter_mut().for_each(|x| *x = 0.0);
+            }
+            // Through the soft-cap to the raw scores (the penalty is added after it).
+            if self.softcap.is_some() {
+                ds.iter_mut().zip(&slope).for_each(|(x, s)| *x *= s);
             }
             matmul(m, dq, n, dq_rows, dq, false, (&ds, n, 1), (kv, w, 1), self.scale);
             let mut dkv = vec![0f32; n * w];
@@ -376,7 +410,7 @@ mod tests {
         let (qh, kh, vh, ph) = (host_vec(&q)?, host_vec(&k)?, host_vec(&v)?, host_vec(&pen)?);
         for sink in [None, Some(0.7f32)] {
             let sinks = sink.map(|s| [s]);
-            let mask = Mask { window: 2, model_window: 5, sink_logits: sinks.as_ref().map(|s| &s[..]) };
+            let mask = Mask { window: 2, model_window: 5, sink_logits: sinks.as_ref().map(|s| &s[..]), softcap: None };
             let got = host_vec(&composed(&q, &k, &v, &pen, mask, 0.5)?)?;
             for i in 0..t {
                 let seen: Vec<usize> = (0..=i).filter(|&j| i - j < mask.model_window).collect();
@@ -399,7 +433,7 @@ mod tests {
     #[test]
     fn fused_attention_and_its_gradients_equal_the_composed_autograd() -> Result<()> {
         let none = usize::MAX;
-        let mask = |window, model_window| Mask { window, model_window, sink_logits: None };
+        let mask = |window, model_window| Mask { window, model_window, sink_logits: None, softcap: None };
         check(2, 3, 150, 16, 16, mask(5, none))?;
         check(1, 2, 70, 24, 8, mask(0, none))?;
         check(3, 1, 9, 8, 8, mask(100, none))?;
@@ -408,6 +442,8 @@ mod tests {
         check(1, 3, 80, 8, 8, mask(4, 33))?;
         // Sinks (one per query head, some above every score, some far below), with a window.
         let sinks = [2.5, -1.0, 0.3, -30.0, 4.0, 0.0];
-        check(2, 3, 60, 8, 8, Mask { window: 3, model_window: 20, sink_logits: Some(&sinks) })
+        check(2, 3, 60, 8, 8, Mask { window: 3, model_window: 20, sink_logits: Some(&sinks), softcap: None })?;
+        // Gemma 2's soft-cap, low enough that the scores reach it, with a model window.
+        check(2, 2, 70, 16, 8, Mask { window: 6, model_window: 9, sink_logits: None, softcap: Some(0.8) })
     }
 }
